@@ -1,0 +1,17 @@
+/* errors.c -- the one error channel: negative errno or PYDR_E_*. */
+#include <string.h>
+
+#include "pydr.h"
+
+const char *pydr_strerror(int code)
+{
+    switch (code) {
+    case 0: return "success";
+    case PYDR_E_CANCELLED: return "operation cancelled";
+    case PYDR_E_FILE_CHANGED: return "file ended before its expected size (changed while being read?)";
+    case PYDR_E_UNSUPPORTED: return "not a regular file or block device";
+    }
+    if (code < 0 && code > -PYDR_E_BASE)
+        return strerror(-code); /* glibc returns static strings for errnos */
+    return "unknown pydr error";
+}

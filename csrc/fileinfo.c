@@ -1,0 +1,47 @@
+/* fileinfo.c -- size of regular files and block devices; progress record. */
+#include <errno.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <linux/fs.h>
+
+#include "pydr.h"
+
+int pydr_fd_size(int fd, uint64_t *size, int *is_block_device)
+{
+    struct stat st;
+    if (!size || !is_block_device)
+        return -EINVAL;
+    if (fstat(fd, &st) != 0)
+        return -errno;
+    if (S_ISREG(st.st_mode)) {
+        *size = (uint64_t)st.st_size;
+        *is_block_device = 0;
+        return 0;
+    }
+    if (S_ISBLK(st.st_mode)) {
+        uint64_t bytes = 0;
+        if (ioctl(fd, BLKGETSIZE64, &bytes) != 0)
+            return -errno;
+        *size = bytes;
+        *is_block_device = 1;
+        return 0;
+    }
+    if (S_ISDIR(st.st_mode))
+        return -EISDIR;
+    return PYDR_E_UNSUPPORTED;
+}
+
+uint64_t pydr_progress_done(const pydr_progress *p)
+{
+    return __atomic_load_n(&p->done, __ATOMIC_RELAXED);
+}
+
+uint64_t pydr_progress_read(const pydr_progress *p)
+{
+    return __atomic_load_n(&p->read, __ATOMIC_RELAXED);
+}
+
+void pydr_progress_request_cancel(pydr_progress *p)
+{
+    __atomic_store_n(&p->cancel, 1, __ATOMIC_RELEASE);
+}

@@ -1,0 +1,150 @@
+/*
+ * pydr.h -- the one public header of pydr's C core.
+ *
+ * Conventions (the same for every function below):
+ *  - Every symbol starts with pydr_ / PYDR_.
+ *  - Functions that can fail return int: 0 on success, a negative errno
+ *    (-EIO, -ENOMEM, ...) or one of pydr's own codes (PYDR_E_*, all below
+ *    -1000). pydr_strerror() names any of them.
+ *  - The caller owns every buffer it passes in. State lives in opaque
+ *    handles created with pydr_X_create() and released with pydr_X_free();
+ *    free accepts NULL.
+ *  - All functions are reentrant: distinct handles may be used from distinct
+ *    threads at the same time. A pydr_progress may be shared by all threads.
+ */
+#ifndef PYDR_H
+#define PYDR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#  define PYDR_API __attribute__((visibility("default")))
+#else
+#  define PYDR_API
+#endif
+
+#define PYDR_VERSION_MAJOR 0
+#define PYDR_VERSION_MINOR 1
+#define PYDR_VERSION_PATCH 0
+
+/* pydr's own error codes. Stable: never renumbered, only appended. */
+#define PYDR_E_BASE          1000
+#define PYDR_E_CANCELLED     (-1001) /* the pydr_progress cancel flag was set */
+#define PYDR_E_FILE_CHANGED  (-1002) /* file ended before its expected size  */
+#define PYDR_E_UNSUPPORTED   (-1003) /* not a regular file or block device   */
+
+/* Returns a static, human-readable description of any code returned by a
+ * pydr function (negative errno included). Never returns NULL. */
+PYDR_API const char *pydr_strerror(int code);
+
+/* Hash algorithms. A signature stores 1 (xxh3-64) or 2 (xxh3-128) uint64
+ * words per block; for xxh3-128 the words are [low64, high64]. Seed is 0, so
+ * every value equals xxhash's xxh3_64/xxh3_128 digest of the block's bytes. */
+#define PYDR_XXH3_64   1
+#define PYDR_XXH3_128  2
+
+/* Block sizes are powers of two in [PYDR_BLOCK_MIN, PYDR_BLOCK_MAX]. */
+#define PYDR_BLOCK_MIN 512u
+#define PYDR_BLOCK_MAX (16u * 1024u * 1024u)
+
+/* Number of uint64 words per block for an algorithm, or 0 if unknown. */
+PYDR_API unsigned pydr_hash_words(int algorithm);
+
+/* One-shot hash of a buffer: writes pydr_hash_words(algorithm) words. */
+PYDR_API int pydr_hash(int algorithm, const void *data, size_t size,
+                       uint64_t *out);
+
+/* Name of the hash kernel chosen for this CPU ("avx2", "sse2", ...). */
+PYDR_API const char *pydr_kernel_name(void);
+
+/*
+ * Shared progress and cancellation, owned by the caller (zero it before use).
+ * Many threads may update one record; read it only through the accessors.
+ */
+typedef struct pydr_progress {
+    uint64_t done;   /* bytes of the range covered so far (holes included) */
+    uint64_t read;   /* bytes actually read from the file                  */
+    int cancel;      /* set non-zero to make running calls stop            */
+} pydr_progress;
+
+PYDR_API uint64_t pydr_progress_done(const pydr_progress *p);
+PYDR_API uint64_t pydr_progress_read(const pydr_progress *p);
+PYDR_API void pydr_progress_request_cancel(pydr_progress *p);
+
+/*
+ * Size of an open file: st_size for regular files, BLKGETSIZE64 for block
+ * devices. *is_block_device is set to 1 or 0. Other file types give
+ * PYDR_E_UNSUPPORTED.
+ */
+PYDR_API int pydr_fd_size(int fd, uint64_t *size, int *is_block_device);
+
+/*
+ * Block signer: hashes a byte range of a file in fixed blocks.
+ * One signer per thread; it owns an aligned I/O buffer of about io_size bytes
+ * (0 picks the default), rounded up to a multiple of block_size.
+ * By default data is hashed from guarded mmap windows (faster: no copy); an
+ * I/O error there is caught (SIGBUS) and the window re-read with pread so the
+ * error comes back as -EIO with its offset. The first signer created installs
+ * a process-wide SIGBUS handler that passes every other SIGBUS on to the
+ * handler that was there before. PYDR_SIGN_NO_MMAP uses pread only.
+ */
+typedef struct pydr_signer pydr_signer;
+
+#define PYDR_SIGN_NO_MMAP 1u
+
+PYDR_API int pydr_signer_create(pydr_signer **out, uint32_t block_size,
+                                int algorithm, size_t io_size, unsigned flags);
+PYDR_API void pydr_signer_free(pydr_signer *signer);
+
+/*
+ * Hashes [offset, offset + length) of fd.
+ *  - offset must be a multiple of the block size; length may end on a partial
+ *    block only where the file ends, and that block is hashed over its real
+ *    (short) length.
+ *  - hashes receives nblocks * pydr_hash_words(algorithm) words, zero_mask one
+ *    byte per block (1 when the block is all zeros, hole or data), where
+ *    nblocks must equal ceil(length / block_size).
+ *  - Holes (SEEK_DATA/SEEK_HOLE) are not read: their hash is the precomputed
+ *    hash of a zero block. Files without hole support are read in full.
+ *  - progress may be NULL. When its cancel flag is set the call stops within
+ *    one I/O buffer and returns PYDR_E_CANCELLED.
+ * On failure, pydr_signer_error_offset() tells the file offset concerned.
+ */
+PYDR_API int pydr_signer_sign(pydr_signer *signer, int fd, uint64_t offset,
+                              uint64_t length, uint64_t *hashes,
+                              uint8_t *zero_mask, size_t nblocks,
+                              pydr_progress *progress);
+PYDR_API uint64_t pydr_signer_error_offset(const pydr_signer *signer);
+
+/*
+ * Zero masks: in memory one byte per block (0 or 1), on disk one bit per
+ * block, block i in bit (i % 8) of byte i / 8. pack writes (nblocks + 7) / 8
+ * bytes, unpack nblocks; both return the number of set blocks.
+ * tail_clear tells whether the unused bits of the last packed byte are 0.
+ */
+PYDR_API size_t pydr_mask_pack(const uint8_t *mask, size_t nblocks,
+                               uint8_t *packed);
+PYDR_API size_t pydr_mask_unpack(const uint8_t *packed, size_t nblocks,
+                                 uint8_t *mask);
+PYDR_API int pydr_mask_tail_clear(const uint8_t *packed, size_t nblocks);
+
+/* Streaming XXH3-128 (seed 0) for checksums of pydr's file formats. */
+typedef struct pydr_digest pydr_digest;
+
+PYDR_API int pydr_digest_create(pydr_digest **out);
+PYDR_API void pydr_digest_free(pydr_digest *digest);
+PYDR_API int pydr_digest_reset(pydr_digest *digest);
+PYDR_API int pydr_digest_update(pydr_digest *digest, const void *data,
+                                size_t size);
+/* Writes [low64, high64]; the digest may keep being updated afterwards. */
+PYDR_API void pydr_digest_final(const pydr_digest *digest, uint64_t out[2]);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PYDR_H */

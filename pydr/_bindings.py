@@ -1,0 +1,166 @@
+"""Thin bindings over pydr._core: check arguments, convert types, nothing else.
+
+The classes users see (pydr.signature, pydr.Signature) are built on these.
+Buffers are anything with the buffer protocol (bytearray, memoryview, numpy);
+this module does not import numpy, so the CLI starts fast.
+"""
+
+from ._core import ffi, lib
+from .errors import raise_for_code
+
+ALGORITHMS = {"xxh3-64": lib.PYDR_XXH3_64, "xxh3-128": lib.PYDR_XXH3_128}
+ALGORITHM_NAMES = {code: name for name, code in ALGORITHMS.items()}
+BLOCK_MIN = lib.PYDR_BLOCK_MIN
+BLOCK_MAX = lib.PYDR_BLOCK_MAX
+C_VERSION = (lib.PYDR_VERSION_MAJOR, lib.PYDR_VERSION_MINOR, lib.PYDR_VERSION_PATCH)
+
+
+def algorithm_code(name):
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown algorithm {name!r}: choose one of {', '.join(ALGORITHMS)}"
+        ) from None
+
+
+def hash_words(code):
+    return lib.pydr_hash_words(code)
+
+
+def check_block_size(block_size):
+    if (
+        not isinstance(block_size, int)
+        or block_size < BLOCK_MIN
+        or block_size > BLOCK_MAX
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(
+            f"block size {block_size!r} must be a power of two between "
+            f"{BLOCK_MIN} and {BLOCK_MAX} bytes"
+        )
+    return block_size
+
+
+def kernel_name():
+    return ffi.string(lib.pydr_kernel_name()).decode()
+
+
+def fd_size(fd, path=None):
+    """(size in bytes, is_block_device) of an open file descriptor."""
+    size = ffi.new("uint64_t *")
+    is_blk = ffi.new("int *")
+    raise_for_code(lib.pydr_fd_size(fd, size, is_blk), path=path)
+    return int(size[0]), bool(is_blk[0])
+
+
+def hash_bytes(code, data):
+    """Tuple of uint64 words: (h,) for xxh3-64, (low, high) for xxh3-128."""
+    words = hash_words(code)
+    out = ffi.new("uint64_t[]", 2)
+    buf = ffi.from_buffer(data)
+    raise_for_code(lib.pydr_hash(code, buf, len(buf), out))
+    return tuple(out[i] for i in range(words))
+
+
+class Progress:
+    """The C progress record: shared by all threads of one operation."""
+
+    def __init__(self):
+        self._ptr = ffi.new("pydr_progress *")
+
+    @property
+    def done(self):
+        return lib.pydr_progress_done(self._ptr)
+
+    @property
+    def read(self):
+        return lib.pydr_progress_read(self._ptr)
+
+    def request_cancel(self):
+        lib.pydr_progress_request_cancel(self._ptr)
+
+
+class Signer:
+    """One C signer (one thread's I/O buffer); use from a single thread."""
+
+    def __init__(self, block_size, code, io_size=0, use_mmap=True):
+        out = ffi.new("pydr_signer **")
+        flags = 0 if use_mmap else lib.PYDR_SIGN_NO_MMAP
+        raise_for_code(lib.pydr_signer_create(out, block_size, code, io_size, flags))
+        self._ptr = ffi.gc(out[0], lib.pydr_signer_free)
+        self.block_size = block_size
+        self.words = hash_words(code)
+
+    def sign(self, fd, offset, length, hashes, zero_mask, progress, path=None):
+        """Hash [offset, offset+length) into the writable buffers given:
+        ``hashes`` of nblocks*words uint64, ``zero_mask`` of nblocks bytes."""
+        h = ffi.from_buffer("uint64_t[]", hashes, require_writable=True)
+        z = ffi.from_buffer("uint8_t[]", zero_mask, require_writable=True)
+        nblocks = len(z)
+        if len(h) != nblocks * self.words:
+            raise ValueError("hashes/zero_mask do not match the block count")
+        rc = lib.pydr_signer_sign(
+            self._ptr,
+            fd,
+            offset,
+            length,
+            h,
+            z,
+            nblocks,
+            progress._ptr if progress is not None else ffi.NULL,
+        )
+        if rc:
+            raise_for_code(
+                rc, path=path, offset=lib.pydr_signer_error_offset(self._ptr)
+            )
+
+    def close(self):
+        if self._ptr is not None:
+            ffi.release(self._ptr)
+            self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def mask_pack(mask):
+    """(packed bytes, number of set blocks) of a one-byte-per-block mask."""
+    src = ffi.from_buffer("uint8_t[]", mask)
+    packed = bytearray((len(src) + 7) // 8)
+    count = lib.pydr_mask_pack(src, len(src), ffi.from_buffer("uint8_t[]", packed))
+    return packed, count
+
+
+def mask_unpack(packed, nblocks):
+    """(one-byte-per-block bytearray, number of set blocks); None if the
+    unused bits of the last byte are not zero."""
+    src = ffi.from_buffer("uint8_t[]", packed)
+    if len(src) != (nblocks + 7) // 8 or not lib.pydr_mask_tail_clear(src, nblocks):
+        return None, 0
+    mask = bytearray(nblocks)
+    count = lib.pydr_mask_unpack(src, nblocks, ffi.from_buffer("uint8_t[]", mask))
+    return mask, count
+
+
+class Digest:
+    """Streaming XXH3-128 used for the checksums of pydr's file formats."""
+
+    def __init__(self):
+        out = ffi.new("pydr_digest **")
+        raise_for_code(lib.pydr_digest_create(out))
+        self._ptr = ffi.gc(out[0], lib.pydr_digest_free)
+
+    def update(self, data):
+        buf = ffi.from_buffer(data)
+        raise_for_code(lib.pydr_digest_update(self._ptr, buf, len(buf)))
+        return self
+
+    def digest(self):
+        """16 bytes: low64 then high64, each little-endian."""
+        out = ffi.new("uint64_t[2]")
+        lib.pydr_digest_final(self._ptr, out)
+        return int(out[0]).to_bytes(8, "little") + int(out[1]).to_bytes(8, "little")

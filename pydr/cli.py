@@ -1,0 +1,396 @@
+"""The ``pydr`` command: a thin shell over the Python API.
+
+Every command turns its arguments into one API call and presents the result;
+errors become one line on stderr and a stable exit code (see ``EXIT STATUS``
+in ``pydr --help``), never a traceback (set PYDR_DEBUG=1 to see one).
+"""
+
+import argparse
+import json
+import os
+import sys
+import threading
+
+from . import __version__
+from . import errors as E
+
+EXIT_STATUS = """\
+exit status:
+  0    success
+  1    internal error (a bug: please report it; PYDR_DEBUG=1 shows a traceback)
+  2    usage error: bad option or argument
+  3    file or directory not found
+  4    permission denied or read-only file system
+  5    I/O error
+  6    no space left on device
+  7    corrupt, truncated or foreign pydr file
+  8    incompatible inputs (e.g. signatures of different block sizes)
+  9    a file changed while it was being read
+  10   not a regular file or block device (a directory, a FIFO, ...)
+  130  interrupted or cancelled
+"""
+
+
+# -- presentation helpers ----------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text):
+    """'65536', '64K', '64KiB', '1M' -> bytes (binary units)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b") if text else ""
+    num, unit = t, ""
+    if t and t[-1] in _UNITS:
+        num, unit = t[:-1], t[-1]
+    try:
+        value = int(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r} (examples: 4096, 64K, 1M)"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, not {text!r}")
+    return value
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return value
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # unreachable
+
+
+class ProgressBar:
+    """One self-rewriting line on stderr, only when stderr is a terminal."""
+
+    def __init__(self, label, enabled):
+        self.label = label
+        self.enabled = enabled
+        self.shown = False
+
+    def __call__(self, rec):
+        if not self.enabled:
+            return
+        rate = rec.bytes_per_second
+        eta = (rec.total_bytes - rec.done_bytes) / rate if rate > 0 else 0
+        line = (
+            f"\r{self.label} {rec.fraction * 100:5.1f}%  "
+            f"{human_bytes(rec.done_bytes)} / {human_bytes(rec.total_bytes)}  "
+            f"{human_bytes(rate)}/s  eta {int(eta) // 60}:{int(eta) % 60:02d} "
+        )
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self):
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _print_json(obj):
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+# -- commands ----------------------------------------------------------------
+
+
+def cmd_signature(args):
+    from .signature import signature
+
+    if args.output != "-" and os.path.exists(args.output) and os.path.exists(args.image):
+        if os.path.samefile(args.output, args.image):
+            raise E.UnsupportedFile(
+                "refusing to write the signature over the image itself", path=args.output
+            )
+    bar = ProgressBar(f"signing {args.image}", not args.quiet and sys.stderr.isatty())
+    cancel = threading.Event()
+    try:
+        sig = signature(
+            args.image,
+            block_size=args.block_size,
+            algorithm=args.algorithm,
+            threads=args.threads,
+            progress=bar,
+            cancel=cancel,
+            use_mmap=not args.no_mmap,
+        )
+    finally:
+        bar.close()
+    sig.save(args.output)
+    st = sig.stats
+    result = {
+        "image": args.image,
+        "output": args.output,
+        "size": sig.size,
+        "block_size": sig.block_size,
+        "algorithm": sig.algorithm,
+        "blocks": sig.block_count,
+        "zero_blocks": sig.zero_blocks,
+        "bytes_read": st.bytes_read,
+        "bytes_skipped": st.bytes_skipped,
+        "seconds": round(st.seconds, 6),
+        "threads": st.threads,
+        "kernel": st.kernel,
+    }
+    out = sys.stderr if args.output == "-" else sys.stdout
+    if args.json:
+        if args.output == "-":
+            raise AssertionError("unreachable: --json with -o - is refused by the parser")
+        _print_json(result)
+    elif not args.quiet:
+        rate = sig.size / st.seconds if st.seconds > 0 else 0
+        print(
+            f"{args.image}: {human_bytes(sig.size)} in {sig.block_count} blocks of "
+            f"{human_bytes(sig.block_size)} ({sig.algorithm}), {sig.zero_blocks} zero; "
+            f"read {human_bytes(st.bytes_read)}, skipped {human_bytes(st.bytes_skipped)} "
+            f"of holes; {st.seconds:.3f} s ({human_bytes(rate)}/s, {st.threads} threads)",
+            file=out,
+        )
+    return 0
+
+
+def _describe_file(path):
+    """Kind and details of a pydr file, verified in full."""
+    from .signature import MAGIC, Signature
+
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if magic != MAGIC:
+        # Signature.load gives the precise error (empty, bad magic, ...)
+        Signature.load(path)
+    sig = Signature.load(path)
+    return {
+        "path": path,
+        "kind": "signature",
+        "format_version": 1,
+        "algorithm": sig.algorithm,
+        "block_size": sig.block_size,
+        "image_size": sig.size,
+        "blocks": sig.block_count,
+        "zero_blocks": sig.zero_blocks,
+        "file_size": os.path.getsize(path),
+        "checksum": "ok",
+    }
+
+
+def cmd_info(args):
+    info = _describe_file(args.file)
+    if args.json:
+        _print_json(info)
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if key in ("block_size", "image_size", "file_size"):
+            value = f"{value} ({human_bytes(value)})"
+        print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def cmd_diff(args):
+    from .signature import Signature
+
+    old = Signature.load(args.old)
+    new = Signature.load(args.new)
+    ranges = old.diff(new)
+    changed = int(ranges[:, 1].sum()) if len(ranges) else 0
+    if args.json:
+        _print_json({
+            "old": args.old, "new": args.new, "block_size": old.block_size,
+            "old_size": old.size, "new_size": new.size, "changed_bytes": changed,
+            "ranges": [[int(o), int(n)] for o, n in ranges],
+        })
+        return 0
+    for offset, length in ranges:
+        print(f"{int(offset)}\t{int(length)}")
+    print(
+        f"{len(ranges)} changed ranges, {human_bytes(changed)} of "
+        f"{human_bytes(max(old.size, new.size))}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    return run_demo(args.dir, args.size, keep=args.keep, as_json=args.json, threads=args.threads)
+
+
+# -- parser ------------------------------------------------------------------
+
+
+def build_parser():
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="pydr",
+        formatter_class=fmt,
+        description=(
+            "pydr keeps a copy of raw disk images and block devices in sync by\n"
+            "moving only the blocks that differ. This version computes and compares\n"
+            "block signatures (per-block XXH3 hashes, hole- and zero-aware)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  pydr demo                            sign a generated sample image\n"
+            "  pydr signature disk.img -o disk.sig  hash disk.img in 64 KiB blocks\n"
+            "  pydr info disk.sig --json            describe and verify a pydr file\n"
+            "  pydr diff old.sig new.sig            list the byte ranges that differ\n\n"
+            "Run 'pydr COMMAND --help' for the options of a command.\n\n" + EXIT_STATUS
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"pydr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "signature",
+        formatter_class=fmt,
+        help="compute the block signature of an image or block device",
+        description=(
+            "Hash IMAGE (a regular file or a block device) in fixed blocks with XXH3\n"
+            "and write the signature file FILE (format: docs/FORMAT.md).\n\n"
+            "Holes of sparse files are found with SEEK_DATA/SEEK_HOLE and never read;\n"
+            "all-zero blocks are marked in the signature's zero mask. The last block is\n"
+            "hashed over its real length, so every hash equals xxhsum's of that block.\n"
+            "The file is written atomically: FILE is either the old one or the new one."
+        ),
+        epilog=(
+            "examples:\n"
+            "  pydr signature disk.img -o disk.sig\n"
+            "  pydr signature /dev/vdb -o vdb.sig --block-size 4K --threads 2\n"
+            "  pydr signature disk.img -o - | ssh backup 'cat > disk.sig'\n\n" + EXIT_STATUS
+        ),
+    )
+    p.add_argument("image", metavar="IMAGE", help="image file or block device to sign")
+    p.add_argument("-o", "--output", metavar="FILE", required=True,
+                   help="signature file to write ('-' for standard output)")
+    p.add_argument("--block-size", metavar="N", type=parse_size, default=64 * 1024,
+                   help="block size, a power of two from 512 to 16M (default: 64K)")
+    p.add_argument("--algorithm", choices=("xxh3-64", "xxh3-128"), default="xxh3-128",
+                   help="hash per block (default: xxh3-128)")
+    p.add_argument("--threads", metavar="N", type=positive_int, default=None,
+                   help="threads hashing in parallel (default: CPUs available, at most 8)")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on standard output")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing but errors (no progress bar, no summary)")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="read with pread() instead of hashing from mmap windows (slower; "
+                        "for file systems that refuse mmap)")
+    p.set_defaults(func=cmd_signature)
+
+    p = sub.add_parser(
+        "info",
+        formatter_class=fmt,
+        help="describe and verify a pydr file",
+        description=(
+            "Read FILE, verify its checksums from end to end and describe it.\n"
+            "A corrupt, truncated or foreign file is reported with the offset of\n"
+            "the first problem and exit status 7."
+        ),
+        epilog=EXIT_STATUS,
+    )
+    p.add_argument("file", metavar="FILE", help="a pydr signature file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "diff",
+        formatter_class=fmt,
+        help="list the byte ranges where two signatures differ",
+        description=(
+            "Compare two signatures of the same block size and algorithm and print\n"
+            "the changed byte ranges, coalesced, one 'OFFSET<TAB>LENGTH' per line\n"
+            "(a summary goes to standard error). Blocks beyond the shorter image\n"
+            "count as changed."
+        ),
+        epilog=EXIT_STATUS,
+    )
+    p.add_argument("old", metavar="OLD", help="signature file")
+    p.add_argument("new", metavar="NEW", help="signature file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser(
+        "demo",
+        formatter_class=fmt,
+        help="run pydr's main job on a generated sample image",
+        description=(
+            "Generate a sample disk image (random data, text, zero runs and holes),\n"
+            "sign it, change a few scattered blocks, sign it again and show which\n"
+            "ranges changed, with the time each step took. Runs in a temporary\n"
+            "directory that is removed afterwards unless --keep or --dir is given."
+        ),
+        epilog=EXIT_STATUS,
+    )
+    p.add_argument("--dir", metavar="DIR", default=None,
+                   help="work in DIR (created if missing) and keep the files")
+    p.add_argument("--size", metavar="SIZE", type=parse_size, default=256 << 20,
+                   help="size of the sample image (default: 256M)")
+    p.add_argument("--threads", metavar="N", type=positive_int, default=None,
+                   help="threads hashing in parallel")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "json", False) and getattr(args, "output", None) == "-":
+        parser.error("--json cannot be combined with -o - (both use standard output)")
+    try:
+        return args.func(args)
+    except BaseException as exc:  # the one place errors meet the user
+        if os.environ.get("PYDR_DEBUG"):
+            raise
+        return report_error(exc)
+
+
+def report_error(exc):
+    if isinstance(exc, SystemExit):
+        raise exc
+    if isinstance(exc, BrokenPipeError):
+        # e.g. `pydr diff ... | head`: not an error worth a message
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    if isinstance(exc, E.PydrError):
+        message = str(exc)
+    elif isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else ""
+        if exc.filename2 is not None:
+            where = f"{where} -> {exc.filename2}"
+        message = f"{where}: {exc.strerror}" if where else (exc.strerror or str(exc))
+    elif isinstance(exc, KeyboardInterrupt):
+        message = "interrupted"
+    elif isinstance(exc, ValueError):
+        print(f"pydr: {exc}", file=sys.stderr)
+        return E.EXIT_USAGE
+    else:
+        message = (
+            f"internal error: {type(exc).__name__}: {exc} "
+            "(please report it; PYDR_DEBUG=1 shows a traceback)"
+        )
+    print(f"pydr: {message}", file=sys.stderr)
+    return E.exit_code_for(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
