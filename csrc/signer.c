@@ -166,6 +166,24 @@ static void fill_hole(pydr_signer *s, uint64_t *hashes, uint8_t *zero_mask,
     }
 }
 
+/* After a failed large read: re-read block by block so that the error names
+ * the first block that really fails, not the start of the buffer. */
+static void locate_error(pydr_signer *s, int fd, uint8_t *dst, size_t len,
+                         uint64_t off)
+{
+    for (size_t at = 0; at < len; at += s->block_size) {
+        size_t n = len - at < s->block_size ? len - at : s->block_size;
+        ssize_t r;
+        do {
+            r = pread(fd, dst + at, n, (off_t)(off + at));
+        } while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            s->error_offset = off + at;
+            return;
+        }
+    }
+}
+
 /* Reads exactly `len` bytes at `off`, retrying short reads and EINTR. */
 static int read_full(pydr_signer *s, int fd, uint8_t *dst, size_t len,
                      uint64_t off)
@@ -176,8 +194,10 @@ static int read_full(pydr_signer *s, int fd, uint8_t *dst, size_t len,
         if (n < 0) {
             if (errno == EINTR)
                 continue;
+            int err = errno;
             s->error_offset = off + got;
-            return -errno;
+            locate_error(s, fd, dst + got, len - got, off + got);
+            return -err;
         }
         if (n == 0) {
             s->error_offset = off + got;

@@ -17,7 +17,7 @@ from .errors import (
     UnsupportedFile,
 )
 from .progress import ProgressRecord
-from .signature import DEFAULT_ALGORITHM, DEFAULT_BLOCK_SIZE, Signature, SignStats, signature
+from .signatures import DEFAULT_ALGORITHM, DEFAULT_BLOCK_SIZE, Signature, SignStats, signature
 
 __version__ = "0.1.0"
 

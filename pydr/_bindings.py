@@ -92,22 +92,12 @@ class Signer:
         self.block_size = block_size
         self.words = hash_words(code)
 
-    def sign(self, fd, offset, length, hashes, zero_mask, progress, path=None):
-        """Hash [offset, offset+length) into the writable buffers given:
-        ``hashes`` of nblocks*words uint64, ``zero_mask`` of nblocks bytes."""
-        h = ffi.from_buffer("uint64_t[]", hashes, require_writable=True)
-        z = ffi.from_buffer("uint8_t[]", zero_mask, require_writable=True)
-        nblocks = len(z)
-        if len(h) != nblocks * self.words:
-            raise ValueError("hashes/zero_mask do not match the block count")
+    def sign(self, fd, offset, length, hashes, zero_mask, nblocks, progress, path=None):
+        """Hash [offset, offset+length) into ``nblocks`` blocks at the cffi
+        pointers ``hashes`` (uint64_t *) and ``zero_mask`` (uint8_t *), as
+        given by :class:`OutputBuffers`."""
         rc = lib.pydr_signer_sign(
-            self._ptr,
-            fd,
-            offset,
-            length,
-            h,
-            z,
-            nblocks,
+            self._ptr, fd, offset, length, hashes, zero_mask, nblocks,
             progress._ptr if progress is not None else ffi.NULL,
         )
         if rc:
@@ -144,6 +134,35 @@ def mask_unpack(packed, nblocks):
     mask = bytearray(nblocks)
     count = lib.pydr_mask_unpack(src, nblocks, ffi.from_buffer("uint8_t[]", mask))
     return mask, count
+
+
+class OutputBuffers:
+    """cffi views of a signature's output buffers, released on close().
+
+    ``at(block)`` gives the (hashes, zero_mask) pointers of a block, so that
+    threads can fill disjoint slices without creating views per chunk.
+    """
+
+    def __init__(self, hashes, zero_mask, words):
+        self._h = ffi.from_buffer("uint64_t[]", hashes, require_writable=True)
+        self._z = ffi.from_buffer("uint8_t[]", zero_mask, require_writable=True)
+        if len(self._h) != len(self._z) * words:
+            self.close()
+            raise ValueError("hash and mask buffers do not match")
+        self.words = words
+
+    def at(self, block):
+        return self._h + block * self.words, self._z + block
+
+    def close(self):
+        for view in (self._h, self._z):
+            ffi.release(view)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class Digest:

@@ -66,6 +66,8 @@ def run_chunks(nchunks, threads, make_worker_state, do_chunk, progress, throttle
         threading.Thread(target=worker, name=f"pydr-worker-{k}", daemon=True)
         for k in range(max(1, min(threads, nchunks)))
     ]
+    if cancel is not None and cancel.is_set():
+        progress.request_cancel()
     for t in pool:
         t.start()
     interrupted = None

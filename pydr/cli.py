@@ -108,7 +108,7 @@ def _print_json(obj):
 
 
 def cmd_signature(args):
-    from .signature import signature
+    from .signatures import signature
 
     if args.output != "-" and os.path.exists(args.output) and os.path.exists(args.image):
         if os.path.samefile(args.output, args.image):
@@ -164,7 +164,7 @@ def cmd_signature(args):
 
 def _describe_file(path):
     """Kind and details of a pydr file, verified in full."""
-    from .signature import MAGIC, Signature
+    from .signatures import MAGIC, Signature
 
     with open(path, "rb") as f:
         magic = f.read(8)
@@ -200,7 +200,7 @@ def cmd_info(args):
 
 
 def cmd_diff(args):
-    from .signature import Signature
+    from .signatures import Signature
 
     old = Signature.load(args.old)
     new = Signature.load(args.new)

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from .signature import Signature, signature
+from .signatures import Signature, signature
 
 
 def _human(n):

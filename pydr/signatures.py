@@ -339,7 +339,7 @@ def signature(path, *, block_size=DEFAULT_BLOCK_SIZE, algorithm=DEFAULT_ALGORITH
         words = B.hash_words(code)
         hashes = bytearray(n * words * 8)  # native endian, like the C core
         zero_mask = bytearray(n)
-        hash_view, mask_view = memoryview(hashes), memoryview(zero_mask)
+        out = B.OutputBuffers(hashes, zero_mask, words)
         per_chunk = max(1, CHUNK_BYTES // block_size)
         nchunks = (n + per_chunk - 1) // per_chunk
         shared = B.Progress()
@@ -350,15 +350,15 @@ def signature(path, *, block_size=DEFAULT_BLOCK_SIZE, algorithm=DEFAULT_ALGORITH
             b1 = min(n, b0 + per_chunk)
             offset = b0 * block_size
             length = min(size, b1 * block_size) - offset
-            signer.sign(fd, offset, length, hash_view[b0 * words * 8:b1 * words * 8],
-                        mask_view[b0:b1], shared, path)
+            h, z = out.at(b0)
+            signer.sign(fd, offset, length, h, z, b1 - b0, shared, path)
 
         used = max(1, min(threads, nchunks))
-        run_chunks(nchunks, used, lambda: B.Signer(block_size, code, use_mmap=use_mmap), do_chunk,
-                   shared, throttle, cancel)
+        with out:
+            run_chunks(nchunks, used, lambda: B.Signer(block_size, code, use_mmap=use_mmap),
+                       do_chunk, shared, throttle, cancel)
         bytes_read = shared.read
     finally:
         os.close(fd)
-    del hash_view, mask_view
     stats = SignStats(bytes_read, size - bytes_read, time.monotonic() - start, used, B.kernel_name())
     return Signature(block_size, size, algorithm, hashes, zero_mask, stats)

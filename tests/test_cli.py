@@ -1,0 +1,153 @@
+"""The `pydr` command: outputs, exit codes, one-line errors, no tracebacks."""
+
+import json
+import os
+
+import pytest
+
+import pydr
+
+from conftest import run_cli
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "disk.img"
+    p.write_bytes(os.urandom(300_000) + bytes(200_000))
+    return p
+
+
+def assert_clean_error(r, code, *needles):
+    err = r.stderr.decode()
+    assert r.returncode == code, (r.returncode, err)
+    assert "Traceback" not in err
+    assert err.startswith("pydr: ") and err.count("\n") == 1, err
+    for n in needles:
+        assert str(n) in err, (n, err)
+
+
+def test_signature_then_info(image, tmp_path):
+    out = tmp_path / "disk.sig"
+    r = run_cli("signature", image, "-o", out, "--block-size", "4K")
+    assert r.returncode == 0, r.stderr
+    assert pydr.Signature.load(out) == pydr.signature(image, block_size=4096)
+    assert b"\r" not in r.stderr  # no progress bar when stderr is not a terminal
+    r = run_cli("info", out, "--json")
+    info = json.loads(r.stdout)
+    assert info["kind"] == "signature" and info["block_size"] == 4096
+    assert info["image_size"] == 500_000 and info["checksum"] == "ok"
+    r = run_cli("info", out)
+    assert r.returncode == 0 and b"xxh3-128" in r.stdout
+
+
+def test_signature_json(image, tmp_path):
+    r = run_cli("signature", image, "-o", tmp_path / "s", "--json", "--threads", "2",
+                "--algorithm", "xxh3-64")
+    res = json.loads(r.stdout)
+    assert res["size"] == 500_000 and res["algorithm"] == "xxh3-64"
+    assert res["blocks"] == -(-500_000 // 65536) and res["bytes_read"] == 500_000
+    assert set(res) >= {"seconds", "threads", "zero_blocks", "bytes_skipped", "kernel"}
+
+
+def test_signature_to_stdout(image):
+    r = run_cli("signature", image, "-o", "-", "-q")
+    assert r.returncode == 0 and r.stdout[:8] == b"PYDRSIG\x00"
+
+
+def test_diff_command(image, tmp_path):
+    a, b = tmp_path / "a.sig", tmp_path / "b.sig"
+    run_cli("signature", image, "-o", a, "--block-size", "4096")
+    with open(image, "r+b") as f:
+        f.seek(8192 + 5)
+        f.write(b"changed")
+    run_cli("signature", image, "-o", b, "--block-size", "4096")
+    r = run_cli("diff", a, b)
+    assert r.returncode == 0 and r.stdout == b"8192\t4096\n"
+    r = run_cli("diff", a, b, "--json")
+    assert json.loads(r.stdout)["ranges"] == [[8192, 4096]]
+
+
+def test_demo_runs_and_checks_itself():
+    r = run_cli("demo", "--size", "16M", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["check_passed"] is True
+    assert [s["step"] for s in res["steps"]][:2] == ["generate sample image", "sign (64 KiB blocks)"]
+    assert not os.path.exists(res["directory"])  # temporary dir removed
+
+
+@pytest.mark.parametrize("cmd", [[], ["signature"], ["info"], ["diff"], ["demo"]])
+def test_help_for_every_command(cmd):
+    r = run_cli(*cmd, "--help")
+    assert r.returncode == 0
+    text = r.stdout.decode()
+    assert "usage: pydr" in text and "exit status" in text
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.decode().startswith("pydr ")
+
+
+def test_missing_image(tmp_path):
+    assert_clean_error(run_cli("signature", tmp_path / "nope", "-o", tmp_path / "s"), 3,
+                       tmp_path / "nope")
+    assert not (tmp_path / "s").exists()
+
+
+def test_directory_image(tmp_path):
+    assert_clean_error(run_cli("signature", tmp_path, "-o", tmp_path / "s"), 10, tmp_path)
+
+
+def test_output_over_image_is_refused(image):
+    before = image.read_bytes()
+    assert_clean_error(run_cli("signature", image, "-o", image), 10, "over the image")
+    assert image.read_bytes() == before
+
+
+def test_output_directory_missing(image, tmp_path):
+    assert_clean_error(run_cli("signature", image, "-o", tmp_path / "no" / "s"), 3)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "empty file"), (b"garbage" * 20, "bad magic"), (b"PYDRSIG\x00", "truncated"),
+])
+def test_info_on_bad_files(tmp_path, content, needle):
+    p = tmp_path / "bad.sig"
+    p.write_bytes(content)
+    assert_clean_error(run_cli("info", p), 7, p, needle)
+
+
+def test_info_on_flipped_payload(image, tmp_path):
+    out = tmp_path / "s"
+    run_cli("signature", image, "-o", out)
+    raw = bytearray(out.read_bytes())
+    raw[70] ^= 1
+    out.write_bytes(bytes(raw))
+    assert_clean_error(run_cli("info", out), 7, out, "checksum mismatch", "offset")
+
+
+def test_diff_incompatible(image, tmp_path):
+    run_cli("signature", image, "-o", tmp_path / "a", "--block-size", "4K")
+    run_cli("signature", image, "-o", tmp_path / "b", "--block-size", "8K")
+    assert_clean_error(run_cli("diff", tmp_path / "a", tmp_path / "b"), 8, "cannot compare")
+
+
+@pytest.mark.parametrize("args", [
+    ["signature", "x", "-o", "y", "--block-size", "3000"],
+    ["signature", "x", "-o", "y", "--block-size", "banana"],
+    ["signature", "x", "-o", "y", "--threads", "0"],
+    ["signature", "x", "-o", "-", "--json"],
+    ["frobnicate"],
+])
+def test_usage_errors(args):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr.decode()
+
+
+def test_eio_exit_code(faulty_image, tmp_path):
+    path, _ = faulty_image(5 << 20, (5 << 20) + 1)
+    r = run_cli("signature", path, "-o", tmp_path / "s")
+    assert_clean_error(r, 5, path, "Input/output error", f"at offset {5 << 20}")
+    assert not (tmp_path / "s").exists()
