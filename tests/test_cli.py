@@ -151,3 +151,20 @@ def test_eio_exit_code(faulty_image, tmp_path):
     r = run_cli("signature", path, "-o", tmp_path / "s")
     assert_clean_error(r, 5, path, "Input/output error", f"at offset {5 << 20}")
     assert not (tmp_path / "s").exists()
+
+
+def test_permission_denied_exit_code(tmp_path):
+    import shutil
+    import subprocess
+
+    p = tmp_path / "locked"
+    p.write_bytes(b"x")
+    p.chmod(0)
+    exe = shutil.which("pydr")
+    cmd = [exe, "signature", str(p), "-o", str(tmp_path / "s")]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE")
+        cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] + cmd
+    r = subprocess.run(cmd, capture_output=True, timeout=60)
+    assert_clean_error(r, 4, p, "Permission denied")

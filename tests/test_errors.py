@@ -36,13 +36,25 @@ def test_fifo_is_unsupported(tmp_path):
 
 
 def test_unreadable_file(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root can read any file")
+    """Permission denied: as root, drop the capabilities that bypass file
+    modes (setpriv), so the mode-000 file is really unreadable."""
+    import shutil
+    import subprocess
+    import sys
+
     p = tmp_path / "locked"
     p.write_bytes(b"x")
     p.chmod(0)
-    with pytest.raises(PermissionError):
-        pydr.signature(p)
+    code = ("import pydr, sys\n"
+            "try: pydr.signature(sys.argv[1])\n"
+            "except PermissionError as e: print('EACCES', e.filename)\n")
+    cmd = [sys.executable, "-c", code, str(p)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE")
+        cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] + cmd
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.stdout.strip() == f"EACCES {p}", r.stderr
 
 
 @pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "pread"])
