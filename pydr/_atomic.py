@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import tempfile
 
 
 @contextlib.contextmanager
@@ -11,6 +10,8 @@ def atomic_write(path):
 
     On any error the temp file is removed and ``path`` is left as it was.
     """
+    import tempfile  # lazily: 4 ms of start-up for every command otherwise
+
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".pydr-", suffix=".tmp", dir=directory)

@@ -5,7 +5,16 @@ Buffers are anything with the buffer protocol (bytearray, memoryview, numpy);
 this module does not import numpy, so the CLI starts fast.
 """
 
-from ._core import ffi, lib
+try:
+    from ._core import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on how pydr is run
+    import os as _os
+
+    raise ImportError(
+        f"pydr's compiled core (pydr._core) is missing from {_os.path.dirname(__file__)}: "
+        "this looks like a source tree. Build and install pydr first "
+        "(./scripts/bootstrap, or pip install .) and run from outside the source directory."
+    ) from exc
 from .errors import raise_for_code
 
 ALGORITHMS = {"xxh3-64": lib.PYDR_XXH3_64, "xxh3-128": lib.PYDR_XXH3_128}

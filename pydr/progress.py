@@ -1,27 +1,50 @@
 """Progress records passed to ``progress=`` callbacks, and their throttling."""
 
 import time
-from dataclasses import dataclass
 
 # Callbacks are called at most this often (plus once at the end).
 REPORT_INTERVAL = 0.1
 
 
-@dataclass(frozen=True)
-class ProgressRecord:
+class Record:
+    """A small immutable record (dataclasses would cost 16 ms of start-up)."""
+
+    __slots__ = ()
+    _fields = ()
+
+    def __init__(self, *args, **kwargs):
+        values = dict(zip(self._fields, args), **kwargs)
+        for name in self._fields:
+            object.__setattr__(self, name, values.get(name, getattr(type(self), "_default_" + name, None)))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(
+            getattr(self, f) == getattr(other, f) for f in self._fields)
+
+    __hash__ = None
+
+    def _asdict(self):
+        return {f: getattr(self, f) for f in self._fields}
+
+    def __repr__(self):
+        body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
+        return f"{type(self).__name__}({body})"
+
+
+class ProgressRecord(Record):
     """What a long operation has done so far.
 
     ``done_bytes`` of ``total_bytes`` are covered (holes included);
     ``read_bytes`` were actually read from disk; ``elapsed`` is in seconds.
     """
 
-    operation: str
-    path: str
-    done_bytes: int
-    total_bytes: int
-    read_bytes: int
-    elapsed: float
-    finished: bool = False
+    _fields = ("operation", "path", "done_bytes", "total_bytes", "read_bytes",
+               "elapsed", "finished")
+    __slots__ = _fields
+    _default_finished = False
 
     @property
     def fraction(self):

@@ -9,13 +9,12 @@ import os
 import struct
 import sys
 import time
-from dataclasses import dataclass
 
 from . import _bindings as B
 from ._atomic import atomic_write
 from ._parallel import check_threads, run_chunks
 from .errors import FormatError, IncompatibleSignatures
-from .progress import Throttle
+from .progress import Record, Throttle
 
 #: Default block size, chosen by measurement (README "Choosing the block
 #: size"): signing at 64 KiB runs at the speed of reading; 4 KiB costs ~3%
@@ -39,15 +38,12 @@ _MAX_IMAGE = 1 << 62
 _LITTLE = sys.byteorder == "little"
 
 
-@dataclass(frozen=True)
-class SignStats:
-    """How a signature was computed (not stored in the file)."""
+class SignStats(Record):
+    """How a signature was computed (not stored in the file): bytes_read,
+    bytes_skipped (holes, never read), seconds, threads, kernel."""
 
-    bytes_read: int
-    bytes_skipped: int  # holes, never read
-    seconds: float
-    threads: int
-    kernel: str
+    _fields = ("bytes_read", "bytes_skipped", "seconds", "threads", "kernel")
+    __slots__ = _fields
 
 
 def _raw(buf):
