@@ -110,12 +110,16 @@ def _print_json(obj):
 def cmd_signature(args):
     from .signatures import signature
 
+    if args.output == "-" and sys.stdout.isatty():
+        raise E.UnsupportedFile("refusing to write a binary signature to a terminal; "
+                                "redirect standard output or use -o FILE", path="-")
     if args.output != "-" and os.path.exists(args.output) and os.path.exists(args.image):
         if os.path.samefile(args.output, args.image):
             raise E.UnsupportedFile(
                 "refusing to write the signature over the image itself", path=args.output
             )
-    bar = ProgressBar(f"signing {args.image}", not args.quiet and sys.stderr.isatty())
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    bar = ProgressBar(f"signing {args.image}", show and not args.quiet)
     cancel = threading.Event()
     try:
         sig = signature(
@@ -164,13 +168,10 @@ def cmd_signature(args):
 
 def _describe_file(path):
     """Kind and details of a pydr file, verified in full."""
-    from .signatures import MAGIC, Signature
+    from .signatures import Signature
 
-    with open(path, "rb") as f:
-        magic = f.read(8)
-    if magic != MAGIC:
-        # Signature.load gives the precise error (empty, bad magic, ...)
-        Signature.load(path)
+    # Only signatures exist so far; load() names the problem (empty file, bad
+    # magic, truncation, checksum) for anything else. Deltas come next.
     sig = Signature.load(path)
     return {
         "path": path,
@@ -287,6 +288,8 @@ def build_parser():
                    help="print the result as one JSON object on standard output")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print nothing but errors (no progress bar, no summary)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw a progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("--no-mmap", action="store_true",
                    help="read with pread() instead of hashing from mmap windows (slower; "
                         "for file systems that refuse mmap)")

@@ -1,5 +1,4 @@
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -78,12 +77,22 @@ def holes(tmp_path):
     return tmp_path
 
 
+def pydr_command():
+    """The `pydr` console script installed with the pydr under test: the one
+    beside this interpreter (a venv's bin/), never another one on PATH."""
+    exe = os.path.join(os.path.dirname(sys.executable), "pydr")
+    if os.access(exe, os.X_OK):
+        return [exe]
+    return [sys.executable, "-m", "pydr.cli"]
+
+
 def run_cli(*args, input=None, env=None):
-    """Run the installed `pydr` console script; returns CompletedProcess."""
-    exe = shutil.which("pydr")
-    cmd = [exe] if exe else [sys.executable, "-m", "pydr.cli"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, input=input,
-                          env=env, timeout=300)
+    """Run the installed `pydr` command; returns CompletedProcess. It runs in
+    the temp dir, so `python -m` can never pick up the source tree."""
+    import tempfile
+
+    return subprocess.run(pydr_command() + [str(a) for a in args], capture_output=True,
+                          input=input, env=env, timeout=300, cwd=tempfile.gettempdir())
 
 
 @pytest.fixture

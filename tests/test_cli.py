@@ -7,7 +7,7 @@ import pytest
 
 import pydr
 
-from conftest import run_cli
+from conftest import pydr_command, run_cli
 
 
 @pytest.fixture
@@ -160,11 +160,37 @@ def test_permission_denied_exit_code(tmp_path):
     p = tmp_path / "locked"
     p.write_bytes(b"x")
     p.chmod(0)
-    exe = shutil.which("pydr")
-    cmd = [exe, "signature", str(p), "-o", str(tmp_path / "s")]
+    cmd = pydr_command() + ["signature", str(p), "-o", str(tmp_path / "s")]
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE")
         cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] + cmd
-    r = subprocess.run(cmd, capture_output=True, timeout=60)
+    r = subprocess.run(cmd, capture_output=True, timeout=60, cwd=tmp_path)
     assert_clean_error(r, 4, p, "Permission denied")
+
+
+def test_progress_and_ctrl_c(tmp_path):
+    """--progress draws on stderr; SIGINT stops with 130, no output file."""
+    import shutil
+    import signal
+    import subprocess
+
+    img = tmp_path / "big.img"
+    with open(img, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(1024):
+            f.write(chunk)
+    out = tmp_path / "big.sig"
+    proc = subprocess.Popen(
+        pydr_command() + ["signature", str(img), "-o", str(out), "--progress",
+         "--no-mmap", "--block-size", "512", "--threads", "1"],
+        stderr=subprocess.PIPE, cwd=tmp_path)
+    first = proc.stderr.read(1)
+    assert first == b"\r", "no progress line before the signing ended"
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read().decode()
+    assert proc.wait(timeout=30) == 130
+    assert "%" in rest and rest.rstrip().endswith("interrupted"), rest
+    assert "Traceback" not in rest
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".pydr-")]
