@@ -171,7 +171,6 @@ def test_permission_denied_exit_code(tmp_path):
 
 def test_progress_and_ctrl_c(tmp_path):
     """--progress draws on stderr; SIGINT stops with 130, no output file."""
-    import shutil
     import signal
     import subprocess
 
