@@ -50,7 +50,7 @@ PYDR_API const char *pydr_strerror(int code);
 
 /* Block sizes are powers of two in [PYDR_BLOCK_MIN, PYDR_BLOCK_MAX]. */
 #define PYDR_BLOCK_MIN 512u
-#define PYDR_BLOCK_MAX (16u * 1024u * 1024u)
+#define PYDR_BLOCK_MAX (64u * 1024u * 1024u)
 
 /* Number of uint64 words per block for an algorithm, or 0 if unknown. */
 PYDR_API unsigned pydr_hash_words(int algorithm);

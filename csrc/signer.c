@@ -27,8 +27,9 @@
  * multiple of every block size up to 1 MiB, and few syscalls per GiB. */
 #define DEFAULT_IO_SIZE (1u << 20)
 #define IO_ALIGN 4096u
-/* mmap window: a multiple of every block size (PYDR_BLOCK_MAX included);
- * 16 MiB measured as fast as 64 MiB and keeps the mapped RSS small. */
+/* mmap window: 16 MiB measured as fast as 64 MiB and keeps the mapped RSS
+ * small. Larger blocks get a window of one block (sizes are powers of two,
+ * so the window is always a whole number of blocks). */
 #define MAP_WINDOW (16u << 20)
 
 /* ---- SIGBUS guard ------------------------------------------------------ */
@@ -72,6 +73,7 @@ struct pydr_signer {
     const pydr_kernel *kernel;
     uint8_t *buf;
     size_t buf_size;
+    size_t window;             /* mmap window, a multiple of block_size */
     uint64_t zero_hash[2];     /* hash of a full block of zeros */
     uint64_t error_offset;
     int use_mmap;
@@ -109,6 +111,7 @@ int pydr_signer_create(pydr_signer **out, uint32_t block_size, int algorithm,
     s->kernel = pydr_kernel_get();
     s->buf_size = io_size;
     s->page_size = sysconf(_SC_PAGESIZE);
+    s->window = block_size > MAP_WINDOW ? block_size : MAP_WINDOW;
     if (!(flags & PYDR_SIGN_NO_MMAP) && s->page_size > 0) {
         pthread_once(&guard_once, install_guard);
         s->use_mmap = guard_installed;
@@ -254,7 +257,7 @@ static int sign_data(pydr_signer *s, int fd, uint64_t base, uint64_t start,
         uint64_t *h = hashes + first * s->words;
         uint8_t *z = zero_mask + first;
         if (s->use_mmap) {
-            size_t len = end - pos < MAP_WINDOW ? (size_t)(end - pos) : MAP_WINDOW;
+            size_t len = end - pos < s->window ? (size_t)(end - pos) : s->window;
             if (hash_mapped(s, fd, pos, len, h, z) == 0) {
                 advance(progress, len, len);
                 pos += len;

@@ -279,7 +279,7 @@ def build_parser():
     p.add_argument("-o", "--output", metavar="FILE", required=True,
                    help="signature file to write ('-' for standard output)")
     p.add_argument("--block-size", metavar="N", type=parse_size, default=64 * 1024,
-                   help="block size, a power of two from 512 to 16M (default: 64K)")
+                   help="block size, a power of two from 512 to 64M (default: 64K)")
     p.add_argument("--algorithm", choices=("xxh3-64", "xxh3-128"), default="xxh3-128",
                    help="hash per block (default: xxh3-128)")
     p.add_argument("--threads", metavar="N", type=positive_int, default=None,

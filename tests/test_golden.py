@@ -91,3 +91,15 @@ def test_digest_streaming_matches_one_shot():
 
 def test_kernel_is_named():
     assert B.kernel_name() in {"generic", "avx2"}
+
+
+@pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "pread"])
+def test_largest_block_size(tmp_path, use_mmap):
+    bs = 64 << 20
+    rng = random.Random(3)
+    data = rng.randbytes(1 << 20) + bytes(bs - (1 << 20)) + rng.randbytes(1000)
+    path = tmp_path / "img"
+    path.write_bytes(data)
+    sig = pydr.signature(path, block_size=bs, threads=2, use_mmap=use_mmap)
+    assert as_ints(sig) == oracle(data, bs, "xxh3-128")
+    assert list(sig.zero_mask) == [False, False]

@@ -104,6 +104,6 @@ def test_invalid_arguments(mixed):
     with pytest.raises(ValueError):
         pydr.signature(mixed, block_size=256)
     with pytest.raises(ValueError):
-        pydr.signature(mixed, block_size=32 << 20)
+        pydr.signature(mixed, block_size=128 << 20)
     with pytest.raises(ValueError):
         pydr.signature(mixed, algorithm="md5")
