@@ -10,6 +10,10 @@ const char *pydr_strerror(int code)
     case PYDR_E_CANCELLED: return "operation cancelled";
     case PYDR_E_FILE_CHANGED: return "file ended before its expected size (changed while being read?)";
     case PYDR_E_UNSUPPORTED: return "not a regular file or block device";
+    case PYDR_E_CORRUPT: return "corrupt record";
+    case PYDR_E_BASE_MISMATCH: return "target does not hold the base this delta was made against";
+    case PYDR_E_ALREADY_APPLIED: return "target already holds this delta's result";
+    case PYDR_E_NO_ROOM: return "output buffer too small";
     }
     if (code < 0 && code > -PYDR_E_BASE)
         return strerror(-code); /* glibc returns static strings for errnos */

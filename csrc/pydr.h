@@ -37,6 +37,10 @@ extern "C" {
 #define PYDR_E_CANCELLED     (-1001) /* the pydr_progress cancel flag was set */
 #define PYDR_E_FILE_CHANGED  (-1002) /* file ended before its expected size  */
 #define PYDR_E_UNSUPPORTED   (-1003) /* not a regular file or block device   */
+#define PYDR_E_CORRUPT       (-1004) /* a record fails its checks            */
+#define PYDR_E_BASE_MISMATCH (-1005) /* target blocks are not the delta base */
+#define PYDR_E_ALREADY_APPLIED (-1006) /* target already holds the result    */
+#define PYDR_E_NO_ROOM       (-1007) /* caller's output buffer is too small  */
 
 /* Returns a static, human-readable description of any code returned by a
  * pydr function (negative errno included). Never returns NULL. */
@@ -143,6 +147,88 @@ PYDR_API int pydr_digest_update(pydr_digest *digest, const void *data,
                                 size_t size);
 /* Writes [low64, high64]; the digest may keep being updated afterwards. */
 PYDR_API void pydr_digest_final(const pydr_digest *digest, uint64_t out[2]);
+
+/*
+ * Delta and undo-journal records (docs/FORMAT.md). A record is a 64-byte
+ * little-endian header, followed for DATA records by `length` payload bytes.
+ */
+#define PYDR_RECORD_HEADER 64u
+#define PYDR_RECORD_MAX (16u * 1024u * 1024u) /* payload bytes per record */
+#define PYDR_RECORD_DATA 1u
+#define PYDR_RECORD_ZERO 2u
+#define PYDR_RECORD_END 3u
+#define PYDR_RECORD_COMMIT 4u
+
+typedef struct pydr_record {
+    uint32_t type;
+    uint64_t offset;
+    uint64_t length;
+    uint64_t base_hash[2];  /* digest of the base's block hashes it replaces */
+    uint64_t payload_hash;  /* xxh3-64 of the payload (DATA)                 */
+    uint64_t seq;           /* record number, from 0                          */
+} pydr_record;
+
+/* Fills the 64-byte header at out, checksum included. */
+PYDR_API void pydr_record_build(uint8_t *out, const pydr_record *record);
+/* Checks and decodes a 64-byte header; PYDR_E_CORRUPT if it is not valid. */
+PYDR_API int pydr_record_parse(const uint8_t *in, pydr_record *record);
+
+typedef struct pydr_scan {
+    size_t complete;        /* bytes of whole records at the start of buf   */
+    size_t records;         /* how many                                     */
+    size_t journal_bound;   /* journal bytes their apply may need at most   */
+    int end;                /* the last one is END (or COMMIT)              */
+    size_t error_position;  /* where a corrupt header starts                */
+} pydr_scan;
+
+/* Finds the whole records at the start of buf (stopping after END/COMMIT).
+ * PYDR_E_CORRUPT when a header is invalid (at scan->error_position). */
+PYDR_API int pydr_records_scan(const uint8_t *buf, size_t len, pydr_scan *scan);
+
+/* Digest of the per-block XXH3-128 hashes of data (blocks from its start). */
+PYDR_API void pydr_blocks_digest(const void *data, size_t len,
+                                 uint32_t block_size, uint64_t out[2]);
+/* For each extent [off, off+len) (pairs in `extents`), the digest of the
+ * signature hashes (2 words per block, nblocks of them) of the blocks it
+ * covers, clipped to nblocks: what pydr_blocks_digest gives on those bytes. */
+PYDR_API void pydr_hashes_digest_ranges(const uint64_t *hashes, size_t nblocks,
+                                        uint32_t block_size,
+                                        const uint64_t *extents, size_t n,
+                                        uint64_t *out);
+
+/* Encodes extents of src_fd as records into out[0, cap): ZERO where zero[i],
+ * else DATA read from src_fd; base_hashes gives 2 words per extent; records
+ * are numbered from first_seq. Stops at the first record that does not fit:
+ * *done extents were written in *used bytes. */
+PYDR_API int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
+                         const uint64_t *base_hashes, size_t n, uint64_t first_seq,
+                         uint8_t *out, size_t cap, size_t *used, size_t *done,
+                         uint64_t *error_offset);
+
+typedef struct pydr_apply_state {
+    uint64_t next_offset;   /* records must start at or after this         */
+    uint64_t next_seq;      /* and carry this sequence number              */
+    uint64_t records, data_bytes, zero_bytes;
+    uint64_t error_offset;  /* image offset (or batch position) of a failure */
+} pydr_apply_state;
+
+/* Checks every DATA/ZERO record of a batch (header and payload checksums,
+ * order, bounds, alignment) and, before anything is written, reads the old
+ * content each one replaces, verifies it against the record's base hash
+ * (PYDR_E_BASE_MISMATCH, or PYDR_E_ALREADY_APPLIED when the new content is
+ * already there), and appends it to `journal` as undo records. Writes
+ * nothing to the target. */
+PYDR_API int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
+                                uint32_t block_size, uint64_t old_size,
+                                uint64_t new_size, pydr_apply_state *state,
+                                uint8_t *journal, size_t journal_cap,
+                                size_t *journal_used);
+
+/* Writes DATA records with pwrite and ZERO records as holes (files), with
+ * BLKZEROOUT (devices) or as written zeros where neither works. Used for
+ * deltas and for undo journals alike. No fsync: the caller decides when. */
+PYDR_API int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
+                              int is_block_device, uint64_t *error_offset);
 
 #ifdef __cplusplus
 }

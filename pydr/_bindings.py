@@ -174,6 +174,100 @@ class OutputBuffers:
         self.close()
 
 
+RECORD_HEADER = lib.PYDR_RECORD_HEADER
+RECORD_MAX = lib.PYDR_RECORD_MAX
+DATA, ZERO, END, COMMIT = (lib.PYDR_RECORD_DATA, lib.PYDR_RECORD_ZERO,
+                           lib.PYDR_RECORD_END, lib.PYDR_RECORD_COMMIT)
+
+
+def record_build(type, offset=0, length=0, base_hash=(0, 0), payload_hash=0, seq=0):
+    r = ffi.new("pydr_record *")
+    r.type, r.offset, r.length, r.payload_hash, r.seq = type, offset, length, payload_hash, seq
+    r.base_hash[0], r.base_hash[1] = base_hash
+    out = bytearray(RECORD_HEADER)
+    lib.pydr_record_build(ffi.from_buffer("uint8_t[]", out), r)
+    return out
+
+
+def record_parse(header):
+    """dict of a 64-byte record header, or None when it fails its checks."""
+    r = ffi.new("pydr_record *")
+    if lib.pydr_record_parse(ffi.from_buffer("uint8_t[]", header), r) != 0:
+        return None
+    return {"type": r.type, "offset": r.offset, "length": r.length,
+            "base_hash": (r.base_hash[0], r.base_hash[1]),
+            "payload_hash": r.payload_hash, "seq": r.seq}
+
+
+def records_scan(buf):
+    """(complete bytes, records, journal bound, saw END) of whole records at
+    the start of buf; raises CorruptDelta with the position of a bad header."""
+    scan = ffi.new("pydr_scan *")
+    with ffi.from_buffer("uint8_t[]", buf) as view:
+        rc = lib.pydr_records_scan(view, len(view), scan)
+    if rc:
+        raise_for_code(rc, offset=scan.error_position)
+    return scan.complete, scan.records, scan.journal_bound, bool(scan.end)
+
+
+def hashes_digest_ranges(hashes, nblocks, block_size, extents):
+    """Digests (2 words per extent) of the base block hashes under extents."""
+    n = len(extents) // 2
+    out = bytearray(16 * n)
+    with ffi.from_buffer("uint64_t[]", hashes) as h, ffi.from_buffer("uint64_t[]", extents) as e:
+        lib.pydr_hashes_digest_ranges(h, nblocks, block_size, e, n,
+                                      ffi.from_buffer("uint64_t[]", out, require_writable=True))
+    return out
+
+
+def blocks_digest(data, block_size):
+    out = ffi.new("uint64_t[2]")
+    with ffi.from_buffer("uint8_t[]", data) as view:
+        lib.pydr_blocks_digest(view, len(view), block_size, out)
+    return int(out[0]), int(out[1])
+
+
+def encode(src_fd, extents, zero, base_hashes, first_seq, out, path=None):
+    """Encode as many extents as fit into `out`; returns (used, done)."""
+    used, done, err = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint64_t *")
+    n = len(zero)
+    with ffi.from_buffer("uint64_t[]", extents) as e, ffi.from_buffer("uint8_t[]", zero) as z, \
+            ffi.from_buffer("uint64_t[]", base_hashes) as b, \
+            ffi.from_buffer("uint8_t[]", out, require_writable=True) as o:
+        rc = lib.pydr_encode(src_fd, e, z, b, n, first_seq, o, len(o), used, done, err)
+    if rc:
+        raise_for_code(rc, path=path, offset=err[0])
+    return used[0], done[0]
+
+
+class ApplyState:
+    def __init__(self):
+        self._ptr = ffi.new("pydr_apply_state *")
+
+    def __getattr__(self, name):
+        return getattr(self._ptr, name)
+
+
+def apply_prepare(fd, recs, block_size, old_size, new_size, state, journal, path=None):
+    """Verify a batch and fill `journal` with undo records; returns its length."""
+    used = ffi.new("size_t *")
+    with ffi.from_buffer("uint8_t[]", recs) as r, \
+            ffi.from_buffer("uint8_t[]", journal, require_writable=True) as j:
+        rc = lib.pydr_apply_prepare(fd, r, len(r), block_size, old_size, new_size,
+                                    state._ptr, j, len(j), used)
+    if rc:
+        raise_for_code(rc, path=path, offset=state._ptr.error_offset)
+    return used[0]
+
+
+def apply_write(fd, recs, is_block_device, path=None):
+    err = ffi.new("uint64_t *")
+    with ffi.from_buffer("uint8_t[]", recs) as r:
+        rc = lib.pydr_apply_write(fd, r, len(r), int(is_block_device), err)
+    if rc:
+        raise_for_code(rc, path=path, offset=err[0])
+
+
 class Digest:
     """Streaming XXH3-128 used for the checksums of pydr's file formats."""
 

@@ -33,7 +33,7 @@ def check_threads(threads):
 
 
 def run_chunks(nchunks, threads, make_worker_state, do_chunk, progress, throttle,
-               cancel=None):
+               cancel=None, final_report=True):
     """Call ``do_chunk(state, i)`` for i in range(nchunks) on ``threads`` threads.
 
     ``make_worker_state()`` gives each thread its own state (e.g. a C signer).
@@ -90,4 +90,5 @@ def run_chunks(nchunks, threads, make_worker_state, do_chunk, progress, throttle
         raise real[0]
     if errors:
         raise Cancelled("cancelled", path=throttle.path)
-    throttle.report(progress.done, progress.read, finished=True)
+    if final_report:
+        throttle.report(progress.done, progress.read, finished=True)

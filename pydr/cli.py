@@ -27,6 +27,8 @@ exit status:
   8    incompatible inputs (e.g. signatures of different block sizes)
   9    a file changed while it was being read
   10   not a regular file or block device (a directory, a FIFO, ...)
+  11   an interrupted apply is pending on the target (pydr apply again, or pydr rollback)
+  12   the target already holds the delta's result
   130  interrupted or cancelled
 """
 
@@ -166,12 +168,75 @@ def cmd_signature(args):
     return 0
 
 
+def _describe_delta(path):
+    """Read a whole delta, checking every record and the END checksum."""
+    from . import _bindings as B
+    from .delta import HEADER_SIZE, DeltaHeader
+    import struct
+
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_SIZE)
+        header = DeltaHeader.parse(raw, path)
+        digest = B.Digest().update(raw)
+        position, buf = HEADER_SIZE, bytearray()
+        records = data = zeros = 0
+        while True:
+            chunk = f.read(32 << 20)
+            buf += chunk
+            try:
+                complete, count, _, end = B.records_scan(buf)
+            except E.CorruptDelta as exc:
+                raise E.CorruptDelta("corrupt record header", path=path, offset=position + exc.offset) from None
+            body = complete - (B.RECORD_HEADER if end else 0)
+            pos = 0
+            while pos < body:
+                info = B.record_parse(buf[pos:pos + B.RECORD_HEADER])
+                size = B.RECORD_HEADER + (info["length"] if info["type"] == B.DATA else 0)
+                if info["type"] == B.DATA:
+                    payload = bytes(buf[pos + B.RECORD_HEADER:pos + size])
+                    if B.hash_bytes(B.ALGORITHMS["xxh3-64"], payload)[0] != info["payload_hash"]:
+                        raise E.CorruptDelta("record payload checksum mismatch", path=path,
+                                             offset=position + pos)
+                    data += info["length"]
+                else:
+                    zeros += info["length"]
+                records += 1
+                pos += size
+            digest.update(memoryview(buf)[:body])
+            if end:
+                info = B.record_parse(buf[body:complete])
+                if (info["type"] != B.END or info["base_hash"] != struct.unpack("<QQ", digest.digest())
+                        or (info["seq"], info["length"], info["offset"]) != (records, data, zeros)):
+                    raise E.CorruptDelta("delta checksum or counts do not match its END record",
+                                         path=path, offset=position + body)
+                if f.read(1) or complete != len(buf):
+                    raise E.CorruptDelta("data after the end of the delta", path=path,
+                                         offset=position + complete)
+                break
+            if not chunk:
+                raise E.CorruptDelta("delta truncated: no END record", path=path,
+                                     offset=position + len(buf))
+            del buf[:complete]
+            position += complete
+    return {
+        "path": path, "kind": "delta", "format_version": 1, "block_size": header.block_size,
+        "base_size": header.base_size, "result_size": header.result_size,
+        "base_identity": header.base_id.hex(), "result_identity": header.result_id.hex(),
+        "records": records, "data_bytes": data, "zero_bytes": zeros,
+        "file_size": os.path.getsize(path), "checksum": "ok",
+    }
+
+
 def _describe_file(path):
     """Kind and details of a pydr file, verified in full."""
+    from .delta import MAGIC as DELTA_MAGIC
     from .signatures import Signature
 
-    # Only signatures exist so far; load() names the problem (empty file, bad
-    # magic, truncation, checksum) for anything else. Deltas come next.
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if magic == DELTA_MAGIC:
+        return _describe_delta(path)
+    # load() names the problem (empty file, bad magic, truncation, checksum)
     sig = Signature.load(path)
     return {
         "path": path,
@@ -194,7 +259,8 @@ def cmd_info(args):
         return 0
     width = max(len(k) for k in info)
     for key, value in info.items():
-        if key in ("block_size", "image_size", "file_size"):
+        if key in ("block_size", "image_size", "file_size", "base_size", "result_size",
+                   "data_bytes", "zero_bytes"):
             value = f"{value} ({human_bytes(value)})"
         print(f"{key.replace('_', ' '):<{width}}  {value}")
     return 0
@@ -224,6 +290,91 @@ def cmd_diff(args):
     return 0
 
 
+def _bar(label, args):
+    show = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
+    return ProgressBar(label, show and not getattr(args, "quiet", False))
+
+
+def cmd_delta(args):
+    from .delta import make_delta
+
+    if args.output == "-" and sys.stdout.isatty():
+        raise E.UnsupportedFile("refusing to write a binary delta to a terminal; "
+                                "redirect standard output or use -o FILE", path="-")
+    for p in (args.source, args.target):
+        if p and args.output != "-" and os.path.exists(args.output) and os.path.exists(p) \
+                and os.path.samefile(args.output, p):
+            raise E.UnsupportedFile("refusing to write the delta over an image", path=args.output)
+    bar = _bar(f"delta {args.source}", args)
+    try:
+        st = make_delta(args.source, args.output, against=args.against, target=args.target,
+                        block_size=args.block_size, threads=args.threads, progress=bar,
+                        cancel=threading.Event())
+    finally:
+        bar.close()
+    result = {"source": args.source, "output": args.output, **st._asdict()}
+    out = sys.stderr if args.output == "-" else sys.stdout
+    if args.json and args.output != "-":
+        _print_json(result)
+    elif not args.quiet:
+        print(f"{args.output}: {st.records} records, {human_bytes(st.data_bytes)} of data, "
+              f"{human_bytes(st.zero_bytes)} zeroed; delta {human_bytes(st.delta_bytes)} "
+              f"in {st.seconds:.3f} s", file=out)
+    return 0
+
+
+def cmd_apply(args):
+    from .apply import apply_delta
+
+    bar = _bar(f"apply to {args.target}", args)
+    try:
+        st = apply_delta(args.delta, args.target, progress=bar, verify=args.verify,
+                         cancel=threading.Event())
+    finally:
+        bar.close()
+    if args.json:
+        _print_json({"delta": args.delta, "target": args.target, **st._asdict()})
+    elif not args.quiet:
+        again = " (an interrupted apply was rolled back first)" if st.rolled_back_first else ""
+        print(f"{args.target}: {st.records} records applied, {human_bytes(st.bytes_written)} "
+              f"written, {human_bytes(st.bytes_zeroed)} zeroed in {st.seconds:.3f} s{again}")
+    return 0
+
+
+def cmd_rollback(args):
+    from .apply import rollback
+
+    restored = rollback(args.target)
+    if args.json:
+        _print_json({"target": args.target, "bytes_restored": restored})
+    else:
+        print(f"{args.target}: rolled back, {human_bytes(restored)} of old contents restored")
+    return 0
+
+
+def cmd_resync(args):
+    from .resync import resync
+
+    bar = _bar(f"resync {args.source} -> {args.target}", args)
+    try:
+        st = resync(args.source, args.target, block_size=args.block_size,
+                    signature_cache=args.signature_cache, verify=args.verify,
+                    threads=args.threads, progress=bar, cancel=threading.Event())
+    finally:
+        bar.close()
+    result = {"source": args.source, "target": args.target, **st._asdict()}
+    if args.json:
+        _print_json(result)
+    elif args.stats:
+        for k, v in result.items():
+            print(f"{k.replace('_', ' '):<16} {v}")
+    elif not args.quiet:
+        print(f"{args.target}: {st.blocks_changed} blocks changed, "
+              f"{human_bytes(st.bytes_written)} written, {human_bytes(st.bytes_zeroed)} zeroed, "
+              f"{human_bytes(st.bytes_read)} read in {st.seconds:.3f} s")
+    return 0
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -241,14 +392,17 @@ def build_parser():
         description=(
             "pydr keeps a copy of raw disk images and block devices in sync by\n"
             "moving only the blocks that differ. This version computes and compares\n"
-            "block signatures (per-block XXH3 hashes, hole- and zero-aware)."
+            "block signatures (per-block XXH3 hashes, hole- and zero-aware), deltas\n"
+            "that apply crash-safely under an undo journal, and local resync."
         ),
         epilog=(
             "examples:\n"
             "  pydr demo                            sign a generated sample image\n"
             "  pydr signature disk.img -o disk.sig  hash disk.img in 64 KiB blocks\n"
             "  pydr info disk.sig --json            describe and verify a pydr file\n"
-            "  pydr diff old.sig new.sig            list the byte ranges that differ\n\n"
+            "  pydr diff old.sig new.sig            list the byte ranges that differ\n"
+            "  pydr resync disk.img replica.img     copy only the blocks that differ\n"
+            "  pydr delta disk.img --against replica.sig -o d.delta; pydr apply d.delta replica.img\n\n"
             "Run 'pydr COMMAND --help' for the options of a command.\n\n" + EXIT_STATUS
         ),
     )
@@ -296,6 +450,111 @@ def build_parser():
     p.set_defaults(func=cmd_signature)
 
     p = sub.add_parser(
+        "delta",
+        formatter_class=fmt,
+        help="write a delta that turns a base image into SOURCE",
+        description=(
+            "Compare SOURCE with a base image, given by its signature (--against) or as the\n"
+            "image itself (--target), and write the blocks that differ as a delta (format:\n"
+            "docs/FORMAT.md). The delta can be streamed: '-o -' writes it to standard output.\n"
+            "Each record carries the hash of the base blocks it replaces, so 'pydr apply'\n"
+            "refuses to write it onto anything but that base."
+        ),
+        epilog=(
+            "examples:\n"
+            "  pydr signature replica.img -o replica.sig --block-size 4K\n"
+            "  pydr delta disk.img --against replica.sig -o disk.delta\n"
+            "  pydr delta disk.img --target replica.img -o - | ssh dr 'pydr apply - replica.img'\n\n"
+            + EXIT_STATUS
+        ),
+    )
+    p.add_argument("source", metavar="SRC", help="image whose content the delta produces")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--against", metavar="SIGFILE", help="signature file of the base (xxh3-128)")
+    base.add_argument("--target", metavar="DST", help="the base image itself")
+    p.add_argument("-o", "--output", metavar="DELTA", required=True,
+                   help="delta file to write ('-' for standard output)")
+    p.add_argument("--block-size", metavar="N", type=parse_size, default=4096,
+                   help="block size with --target (default: 4K); --against uses the signature's")
+    p.add_argument("--threads", metavar="N", type=positive_int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object with the stats")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=cmd_delta)
+
+    p = sub.add_parser(
+        "apply",
+        formatter_class=fmt,
+        help="apply a delta to a target image, crash-safely",
+        description=(
+            "Apply DELTA ('-' for standard input) to TARGET. Before any block is\n"
+            "overwritten, its old contents go to an undo journal beside the target\n"
+            "(.NAME.pydr-undo; for block devices in $PYDR_JOURNAL_DIR, default\n"
+            "/var/lib/pydr/journal), which is fsynced first. Every record is checked\n"
+            "(checksums, order, and the hash of the target blocks it replaces) before\n"
+            "it is written. On any error the target is restored and the journal removed.\n\n"
+            "If an apply was interrupted (killed, power loss), running the same command\n"
+            "again finishes it, and 'pydr rollback TARGET' instead restores the old\n"
+            "contents exactly. Other pydr commands refuse such a target until then."
+        ),
+        epilog=EXIT_STATUS,
+    )
+    p.add_argument("delta", metavar="DELTA", help="delta file, or '-' for standard input")
+    p.add_argument("target", metavar="TARGET", help="image file or block device to update")
+    p.add_argument("--verify", action="store_true",
+                   help="afterwards, read the whole target and check it equals the delta's result")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the stats")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser(
+        "rollback",
+        formatter_class=fmt,
+        help="undo an interrupted apply or resync",
+        description=("Restore TARGET's contents from before an interrupted apply or resync,\n"
+                     "using its undo journal, then remove the journal."),
+        epilog=EXIT_STATUS,
+    )
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser(
+        "resync",
+        formatter_class=fmt,
+        help="make TARGET equal to SOURCE, writing only the blocks that differ",
+        description=(
+            "Compare SOURCE and TARGET block by block (4 KiB by default, both hashed in\n"
+            "parallel, window by window, so memory stays bounded) and write only the\n"
+            "blocks that differ, through the same crash-safe undo journal as 'pydr apply'.\n"
+            "TARGET grows or shrinks to SOURCE's size (block devices cannot be resized).\n"
+            "With --signature-cache, a signature file of TARGET kept up to date by every\n"
+            "resync that uses it, TARGET is not read at all."
+        ),
+        epilog=(
+            "examples:\n"
+            "  pydr resync disk.img /srv/replica/disk.img --stats\n"
+            "  pydr resync /dev/vg/disk /dev/vg/replica --signature-cache replica.sig\n\n"
+            + EXIT_STATUS
+        ),
+    )
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("target", metavar="DST")
+    p.add_argument("--signature-cache", metavar="FILE", default=None,
+                   help="signature of DST: used when valid and newer than DST, then rewritten")
+    p.add_argument("--verify", action="store_true",
+                   help="read back every written range and compare hashes before committing")
+    p.add_argument("--block-size", metavar="N", type=parse_size, default=4096,
+                   help="comparison block size (default: 4K)")
+    p.add_argument("--threads", metavar="N", type=positive_int, default=None)
+    p.add_argument("--stats", action="store_true", help="print the statistics, one per line")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the stats")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=cmd_resync)
+
+    p = sub.add_parser(
         "info",
         formatter_class=fmt,
         help="describe and verify a pydr file",
@@ -306,7 +565,7 @@ def build_parser():
         ),
         epilog=EXIT_STATUS,
     )
-    p.add_argument("file", metavar="FILE", help="a pydr signature file")
+    p.add_argument("file", metavar="FILE", help="a pydr signature or delta file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 

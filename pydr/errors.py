@@ -22,6 +22,8 @@ EXIT_CORRUPT = 7
 EXIT_MISMATCH = 8
 EXIT_FILE_CHANGED = 9
 EXIT_UNSUPPORTED = 10
+EXIT_UNFINISHED = 11
+EXIT_ALREADY_APPLIED = 12
 EXIT_CANCELLED = 130
 
 
@@ -75,6 +77,40 @@ class IncompatibleSignatures(PydrError, ValueError):
     exit_code = EXIT_MISMATCH
 
 
+class CorruptDelta(FormatError):
+    """A delta (or undo journal) is corrupt, truncated or not ours."""
+
+
+class BaseMismatch(PydrError, ValueError):
+    """The target does not hold the image the delta was made against."""
+
+    exit_code = EXIT_MISMATCH
+
+
+class AlreadyApplied(BaseMismatch):
+    """The target already holds the delta's result."""
+
+    exit_code = EXIT_ALREADY_APPLIED
+
+
+class UnfinishedApply(PydrError, RuntimeError):
+    """An apply was interrupted on this target: finish it or roll it back."""
+
+    exit_code = EXIT_UNFINISHED
+
+
+class NothingToRollBack(PydrError, LookupError):
+    """rollback was asked for a target that has no undo journal."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class SameFile(PydrError, ValueError):
+    """Source and target are the same file."""
+
+    exit_code = EXIT_USAGE
+
+
 _ERRNO_EXIT = {
     _errno.ENOENT: EXIT_NOT_FOUND,
     _errno.ENOTDIR: EXIT_NOT_FOUND,
@@ -103,6 +139,9 @@ _CODE_CLASSES = {
     -1001: Cancelled,
     -1002: FileChanged,
     -1003: UnsupportedFile,
+    -1004: CorruptDelta,
+    -1005: BaseMismatch,
+    -1006: AlreadyApplied,
 }
 
 

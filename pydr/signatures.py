@@ -313,6 +313,34 @@ def parse_header(header, path):
     }
 
 
+def sign_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
+               threads, progress_record, throttle, cancel=None, use_mmap=True,
+               final_report=True):
+    """Sign [offset, offset+length) of an open file into caller buffers
+    (``hashes``: blocks * words uint64, ``zero_mask``: one byte per block),
+    on ``threads`` threads. offset is block aligned; the range may end on a
+    short block only at the end of the file. Returns the threads used."""
+    n = blocks_for(length, block_size)
+    words = B.hash_words(code)
+    per_chunk = max(1, CHUNK_BYTES // block_size)
+    nchunks = (n + per_chunk - 1) // per_chunk
+    end = offset + length
+
+    def do_chunk(signer, i):
+        b0 = i * per_chunk
+        b1 = min(n, b0 + per_chunk)
+        start = offset + b0 * block_size
+        h, z = out.at(b0)
+        signer.sign(fd, start, min(end, offset + b1 * block_size) - start, h, z, b1 - b0,
+                    progress_record, path)
+
+    used = max(1, min(threads, nchunks))
+    with B.OutputBuffers(hashes, zero_mask, words) as out:
+        run_chunks(nchunks, used, lambda: B.Signer(block_size, code, use_mmap=use_mmap),
+                   do_chunk, progress_record, throttle, cancel, final_report)
+    return used
+
+
 def signature(path, *, block_size=DEFAULT_BLOCK_SIZE, algorithm=DEFAULT_ALGORITHM,
               threads=None, progress=None, cancel=None, use_mmap=True):
     """Compute the block signature of a file or block device.
@@ -322,37 +350,27 @@ def signature(path, *, block_size=DEFAULT_BLOCK_SIZE, algorithm=DEFAULT_ALGORITH
     with a :class:`pydr.progress.ProgressRecord` at most ~10 times a second
     and once at the end; setting the ``cancel`` event (or Ctrl-C) stops the
     work promptly with :class:`pydr.errors.Cancelled`. ``use_mmap=False``
-    reads with pread() instead of hashing from mmap windows.
+    reads with pread() instead of hashing from mmap windows. Refuses a target
+    with an unfinished apply (:class:`pydr.errors.UnfinishedApply`).
     """
+    from .journal import check_no_unfinished_apply
+
     code = B.algorithm_code(algorithm)
     B.check_block_size(block_size)
     threads = check_threads(threads)
+    check_no_unfinished_apply(path)
     start = time.monotonic()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size, _ = B.fd_size(fd, path)
         n = blocks_for(size, block_size)
-        words = B.hash_words(code)
-        hashes = bytearray(n * words * 8)  # native endian, like the C core
+        hashes = bytearray(n * B.hash_words(code) * 8)  # native endian, like the C core
         zero_mask = bytearray(n)
-        out = B.OutputBuffers(hashes, zero_mask, words)
-        per_chunk = max(1, CHUNK_BYTES // block_size)
-        nchunks = (n + per_chunk - 1) // per_chunk
         shared = B.Progress()
         throttle = Throttle(progress, "signature", path, size)
-
-        def do_chunk(signer, i):
-            b0 = i * per_chunk
-            b1 = min(n, b0 + per_chunk)
-            offset = b0 * block_size
-            length = min(size, b1 * block_size) - offset
-            h, z = out.at(b0)
-            signer.sign(fd, offset, length, h, z, b1 - b0, shared, path)
-
-        used = max(1, min(threads, nchunks))
-        with out:
-            run_chunks(nchunks, used, lambda: B.Signer(block_size, code, use_mmap=use_mmap),
-                       do_chunk, shared, throttle, cancel)
+        used = sign_range(fd, path, 0, size, block_size, code, hashes, zero_mask,
+                          threads=threads, progress_record=shared, throttle=throttle,
+                          cancel=cancel, use_mmap=use_mmap)
         bytes_read = shared.read
     finally:
         os.close(fd)

@@ -51,6 +51,59 @@ size_t pydr_mask_pack(const uint8_t *mask, size_t nblocks, uint8_t *packed);
 size_t pydr_mask_unpack(const uint8_t *packed, size_t nblocks, uint8_t *mask);
 int pydr_mask_tail_clear(const uint8_t *packed, size_t nblocks);
 
+#define PYDR_E_CORRUPT ...
+#define PYDR_E_BASE_MISMATCH ...
+#define PYDR_E_ALREADY_APPLIED ...
+#define PYDR_E_NO_ROOM ...
+#define PYDR_RECORD_HEADER ...
+#define PYDR_RECORD_MAX ...
+#define PYDR_RECORD_DATA ...
+#define PYDR_RECORD_ZERO ...
+#define PYDR_RECORD_END ...
+#define PYDR_RECORD_COMMIT ...
+
+typedef struct pydr_record {
+    uint32_t type;
+    uint64_t offset;
+    uint64_t length;
+    uint64_t base_hash[2];
+    uint64_t payload_hash;
+    uint64_t seq;
+} pydr_record;
+void pydr_record_build(uint8_t *out, const pydr_record *record);
+int pydr_record_parse(const uint8_t *in, pydr_record *record);
+
+typedef struct pydr_scan {
+    size_t complete;
+    size_t records;
+    size_t journal_bound;
+    int end;
+    size_t error_position;
+} pydr_scan;
+int pydr_records_scan(const uint8_t *buf, size_t len, pydr_scan *scan);
+void pydr_blocks_digest(const void *data, size_t len, uint32_t block_size,
+                        uint64_t out[2]);
+void pydr_hashes_digest_ranges(const uint64_t *hashes, size_t nblocks,
+                               uint32_t block_size, const uint64_t *extents,
+                               size_t n, uint64_t *out);
+int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
+                const uint64_t *base_hashes, size_t n, uint64_t first_seq,
+                uint8_t *out, size_t cap, size_t *used, size_t *done,
+                uint64_t *error_offset);
+
+typedef struct pydr_apply_state {
+    uint64_t next_offset;
+    uint64_t next_seq;
+    uint64_t records, data_bytes, zero_bytes;
+    uint64_t error_offset;
+} pydr_apply_state;
+int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
+                       uint32_t block_size, uint64_t old_size, uint64_t new_size,
+                       pydr_apply_state *state, uint8_t *journal,
+                       size_t journal_cap, size_t *journal_used);
+int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
+                     int is_block_device, uint64_t *error_offset);
+
 typedef struct pydr_digest pydr_digest;
 int pydr_digest_create(pydr_digest **out);
 void pydr_digest_free(pydr_digest *digest);

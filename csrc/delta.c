@@ -1,0 +1,386 @@
+/* delta.c -- delta records (docs/FORMAT.md): build, parse, encode from a
+ * source file, verify-and-journal before apply, write to a target.
+ *
+ * A record is a 64-byte little-endian header, followed for DATA records by
+ * `length` bytes of payload. Undo journals use the same records (their
+ * payload is the old content), so apply and rollback share one writer. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#define XXH_INLINE_ALL
+#define XXH_STATIC_LINKING_ONLY
+#include <xxhash.h>
+
+#include "kernel.h"
+#include "pydr.h"
+
+static inline void put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static inline void put32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static inline uint64_t get64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static inline uint32_t get32(const uint8_t *p)
+{
+    uint32_t v = 0;
+    for (int i = 3; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+void pydr_record_build(uint8_t *out, const pydr_record *r)
+{
+    put32(out + 0, r->type);
+    put32(out + 4, 0);
+    put64(out + 8, r->offset);
+    put64(out + 16, r->length);
+    put64(out + 24, r->base_hash[0]);
+    put64(out + 32, r->base_hash[1]);
+    put64(out + 40, r->payload_hash);
+    put64(out + 48, r->seq);
+    put64(out + 56, XXH3_64bits(out, 56));
+}
+
+int pydr_record_parse(const uint8_t *in, pydr_record *r)
+{
+    if (get64(in + 56) != XXH3_64bits(in, 56))
+        return PYDR_E_CORRUPT;
+    r->type = get32(in + 0);
+    if (get32(in + 4) != 0 || r->type < PYDR_RECORD_DATA || r->type > PYDR_RECORD_COMMIT)
+        return PYDR_E_CORRUPT;
+    r->offset = get64(in + 8);
+    r->length = get64(in + 16);
+    r->base_hash[0] = get64(in + 24);
+    r->base_hash[1] = get64(in + 32);
+    r->payload_hash = get64(in + 40);
+    r->seq = get64(in + 48);
+    if (r->type != PYDR_RECORD_END && r->type != PYDR_RECORD_COMMIT &&
+        (r->length > PYDR_RECORD_MAX || r->offset > (uint64_t)INT64_MAX - r->length))
+        return PYDR_E_CORRUPT;
+    return 0;
+}
+
+static size_t record_size(const pydr_record *r)
+{
+    return PYDR_RECORD_HEADER + (r->type == PYDR_RECORD_DATA ? (size_t)r->length : 0);
+}
+
+int pydr_records_scan(const uint8_t *buf, size_t len, pydr_scan *scan)
+{
+    size_t pos = 0;
+    memset(scan, 0, sizeof *scan);
+    while (len - pos >= PYDR_RECORD_HEADER) {
+        pydr_record r;
+        if (pydr_record_parse(buf + pos, &r) != 0) {
+            scan->error_position = pos;
+            return PYDR_E_CORRUPT;
+        }
+        size_t size = record_size(&r);
+        if (len - pos < size)
+            break; /* payload not all here yet */
+        pos += size;
+        scan->records++;
+        if (r.type == PYDR_RECORD_DATA || r.type == PYDR_RECORD_ZERO)
+            scan->journal_bound += PYDR_RECORD_HEADER + r.length;
+        if (r.type == PYDR_RECORD_END || r.type == PYDR_RECORD_COMMIT) {
+            scan->end = 1;
+            break;
+        }
+    }
+    scan->complete = pos;
+    return 0;
+}
+
+/* Digest of the per-block XXH3-128 hashes of data[0, len), blocks relative
+ * to data (which starts on a block boundary). Same bytes as hashing the
+ * little-endian [low, high] words of a signature's blocks. */
+static void blocks_digest(const uint8_t *data, size_t len, uint32_t block_size,
+                          uint64_t out[2])
+{
+    XXH3_state_t state;
+    XXH3_INITSTATE(&state);
+    XXH3_128bits_reset(&state);
+    uint8_t le[16];
+    for (size_t pos = 0; pos < len; pos += block_size) {
+        size_t n = len - pos < block_size ? len - pos : block_size;
+        XXH128_hash_t h = XXH3_128bits(data + pos, n);
+        put64(le, h.low64);
+        put64(le + 8, h.high64);
+        XXH3_128bits_update(&state, le, 16);
+    }
+    XXH128_hash_t d = XXH3_128bits_digest(&state);
+    out[0] = d.low64;
+    out[1] = d.high64;
+}
+
+void pydr_blocks_digest(const void *data, size_t len, uint32_t block_size,
+                        uint64_t out[2])
+{
+    blocks_digest(data, len, block_size, out);
+}
+
+void pydr_hashes_digest_ranges(const uint64_t *hashes, size_t nblocks,
+                               uint32_t block_size, const uint64_t *extents,
+                               size_t n, uint64_t *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t first = extents[2 * i] / block_size;
+        uint64_t end = (extents[2 * i] + extents[2 * i + 1] + block_size - 1) / block_size;
+        if (first > nblocks)
+            first = nblocks;
+        if (end > nblocks)
+            end = nblocks;
+        XXH3_state_t state;
+        XXH3_INITSTATE(&state);
+        XXH3_128bits_reset(&state);
+        uint8_t le[16];
+        for (uint64_t b = first; b < end; b++) {
+            put64(le, hashes[2 * b]);
+            put64(le + 8, hashes[2 * b + 1]);
+            XXH3_128bits_update(&state, le, 16);
+        }
+        XXH128_hash_t d = XXH3_128bits_digest(&state);
+        out[2 * i] = d.low64;
+        out[2 * i + 1] = d.high64;
+    }
+}
+
+static int pread_full(int fd, uint8_t *dst, size_t len, uint64_t off,
+                      uint64_t *error_offset)
+{
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = pread(fd, dst + got, len - got, (off_t)(off + got));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            *error_offset = off + got;
+            return n < 0 ? -errno : PYDR_E_FILE_CHANGED;
+        }
+        got += (size_t)n;
+    }
+    return 0;
+}
+
+static int pwrite_full(int fd, const uint8_t *src, size_t len, uint64_t off,
+                       uint64_t *error_offset)
+{
+    size_t put = 0;
+    while (put < len) {
+        ssize_t n = pwrite(fd, src + put, len - put, (off_t)(off + put));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            *error_offset = off + put;
+            return n < 0 ? -errno : -EIO;
+        }
+        put += (size_t)n;
+    }
+    return 0;
+}
+
+static int all_zero(const uint8_t *p, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t v;
+        memcpy(&v, p + i, 8);
+        if (v)
+            return 0;
+    }
+    for (; i < n; i++)
+        if (p[i])
+            return 0;
+    return 1;
+}
+
+int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
+                const uint64_t *base_hashes, size_t n, uint64_t first_seq,
+                uint8_t *out, size_t cap, size_t *used, size_t *done,
+                uint64_t *error_offset)
+{
+    size_t pos = 0, i = 0;
+    *error_offset = 0;
+    for (; i < n; i++) {
+        pydr_record r;
+        r.offset = extents[2 * i];
+        r.length = extents[2 * i + 1];
+        if (r.length > PYDR_RECORD_MAX) {
+            *error_offset = r.offset;
+            return -EINVAL;
+        }
+        r.type = zero[i] ? PYDR_RECORD_ZERO : PYDR_RECORD_DATA;
+        size_t size = PYDR_RECORD_HEADER + (r.type == PYDR_RECORD_DATA ? r.length : 0);
+        if (cap - pos < size)
+            break;
+        r.base_hash[0] = base_hashes[2 * i];
+        r.base_hash[1] = base_hashes[2 * i + 1];
+        r.seq = first_seq + i;
+        r.payload_hash = 0;
+        if (r.type == PYDR_RECORD_DATA) {
+            uint8_t *payload = out + pos + PYDR_RECORD_HEADER;
+            int rc = pread_full(src_fd, payload, (size_t)r.length, r.offset, error_offset);
+            if (rc) {
+                *used = pos;
+                *done = i;
+                return rc;
+            }
+            r.payload_hash = XXH3_64bits(payload, (size_t)r.length);
+        }
+        pydr_record_build(out + pos, &r);
+        pos += size;
+    }
+    *used = pos;
+    *done = i;
+    return 0;
+}
+
+int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
+                       uint32_t block_size, uint64_t old_size,
+                       uint64_t new_size, pydr_apply_state *st,
+                       uint8_t *journal, size_t journal_cap,
+                       size_t *journal_used)
+{
+    size_t pos = 0, jpos = 0;
+    *journal_used = 0;
+    while (pos < len) {
+        pydr_record r;
+        st->error_offset = pos; /* position in the batch until we know better */
+        if (len - pos < PYDR_RECORD_HEADER || pydr_record_parse(recs + pos, &r))
+            return PYDR_E_CORRUPT;
+        size_t size = record_size(&r);
+        if (len - pos < size)
+            return PYDR_E_CORRUPT;
+        if (r.type == PYDR_RECORD_END || r.type == PYDR_RECORD_COMMIT)
+            return PYDR_E_CORRUPT; /* the caller strips END before calling */
+        const uint8_t *payload = recs + pos + PYDR_RECORD_HEADER;
+        st->error_offset = r.offset;
+        /* bounds: aligned, in order, no overlap, inside the new image */
+        if (r.seq != st->next_seq || r.offset % block_size || r.offset < st->next_offset ||
+            r.length == 0 || r.offset + r.length > new_size ||
+            (r.length % block_size && r.offset + r.length != new_size))
+            return PYDR_E_CORRUPT;
+        if (r.type == PYDR_RECORD_DATA &&
+            XXH3_64bits(payload, (size_t)r.length) != r.payload_hash)
+            return PYDR_E_CORRUPT;
+        /* old content of the part that exists in the base */
+        uint64_t old_len = 0;
+        if (r.offset < old_size)
+            old_len = old_size - r.offset < r.length ? old_size - r.offset : r.length;
+        if (journal_cap - jpos < PYDR_RECORD_HEADER + old_len)
+            return PYDR_E_NO_ROOM;
+        uint8_t *jpayload = journal + jpos + PYDR_RECORD_HEADER;
+        int rc = pread_full(target_fd, jpayload, (size_t)old_len, r.offset, &st->error_offset);
+        if (rc)
+            return rc;
+        uint64_t digest[2];
+        blocks_digest(jpayload, (size_t)old_len, block_size, digest);
+        if (digest[0] != r.base_hash[0] || digest[1] != r.base_hash[1]) {
+            /* Is the new content already there? Then say so. */
+            int applied = 0;
+            if (old_len == r.length) {
+                if (r.type == PYDR_RECORD_ZERO)
+                    applied = all_zero(jpayload, (size_t)old_len);
+                else
+                    applied = memcmp(jpayload, payload, (size_t)old_len) == 0;
+            }
+            return applied ? PYDR_E_ALREADY_APPLIED : PYDR_E_BASE_MISMATCH;
+        }
+        if (old_len) {
+            pydr_record j;
+            j.offset = r.offset;
+            j.length = old_len;
+            j.seq = r.seq;
+            j.base_hash[0] = j.base_hash[1] = 0;
+            if (all_zero(jpayload, (size_t)old_len)) {
+                j.type = PYDR_RECORD_ZERO;
+                j.payload_hash = 0;
+            } else {
+                j.type = PYDR_RECORD_DATA;
+                j.payload_hash = XXH3_64bits(jpayload, (size_t)old_len);
+            }
+            pydr_record_build(journal + jpos, &j);
+            jpos += record_size(&j);
+        }
+        st->next_offset = r.offset + r.length;
+        st->next_seq = r.seq + 1;
+        st->records++;
+        if (r.type == PYDR_RECORD_DATA)
+            st->data_bytes += r.length;
+        else
+            st->zero_bytes += r.length;
+        pos += size;
+    }
+    *journal_used = jpos;
+    return 0;
+}
+
+static const uint8_t zeros[1 << 16];
+
+static int write_zeros(int fd, uint64_t off, uint64_t len, int is_block_device,
+                       uint64_t *error_offset)
+{
+    if (is_block_device) {
+        uint64_t range[2] = {off, len};
+        if (off % 512 == 0 && len % 512 == 0 && ioctl(fd, BLKZEROOUT, range) == 0)
+            return 0;
+    } else if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+                         (off_t)len) == 0) {
+        return 0;
+    }
+    /* neither works here (e.g. tmpfs without hole punching): write zeros */
+    while (len) {
+        size_t n = len < sizeof zeros ? (size_t)len : sizeof zeros;
+        int rc = pwrite_full(fd, zeros, n, off, error_offset);
+        if (rc)
+            return rc;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
+                     int is_block_device, uint64_t *error_offset)
+{
+    size_t pos = 0;
+    *error_offset = 0;
+    while (pos < len) {
+        pydr_record r;
+        if (len - pos < PYDR_RECORD_HEADER || pydr_record_parse(recs + pos, &r))
+            return PYDR_E_CORRUPT;
+        size_t size = record_size(&r);
+        if (len - pos < size)
+            return PYDR_E_CORRUPT;
+        int rc = 0;
+        if (r.type == PYDR_RECORD_DATA)
+            rc = pwrite_full(target_fd, recs + pos + PYDR_RECORD_HEADER, (size_t)r.length,
+                             r.offset, error_offset);
+        else if (r.type == PYDR_RECORD_ZERO)
+            rc = write_zeros(target_fd, r.offset, r.length, is_block_device, error_offset);
+        if (rc)
+            return rc;
+        pos += size;
+    }
+    return 0;
+}

@@ -1,0 +1,199 @@
+"""Local resync: make a target image equal to a source image, moving only the
+blocks that differ.
+
+Both images are compared window by window (WINDOW bytes at a time, hashed at
+4 KiB on all threads), so memory stays bounded whatever their size; the
+blocks that differ are encoded as delta records and written through the same
+journaled :class:`pydr.apply.Applier` as ``pydr apply``, so an interrupted
+resync can always be finished or rolled back. With a valid signature cache of
+the target, the target is not read at all.
+"""
+
+import os
+import time
+
+from . import _bindings as B
+from . import journal as J
+from ._parallel import check_threads
+from .apply import Applier
+from .delta import changed_extents as extents_between, write_records
+from .errors import BaseMismatch, SameFile
+from .progress import Record, Throttle
+from .signatures import Signature, blocks_for, sign_range
+
+DEFAULT_RESYNC_BLOCK = 4096
+WINDOW = 256 << 20
+
+
+class ResyncStats(Record):
+    """bytes_read (both sides), bytes_written, bytes_zeroed, blocks_changed,
+    seconds, journal_bytes, used_cache, source_size."""
+
+    _fields = ("bytes_read", "bytes_written", "bytes_zeroed", "blocks_changed", "seconds",
+               "journal_bytes", "used_cache", "source_size")
+    __slots__ = _fields
+
+
+def _load_cache(cache, dst, dst_size, block_size):
+    """The cached target signature if it can be trusted, else None."""
+    if cache is None or not os.path.exists(cache):
+        return None
+    try:
+        sig = Signature.load(cache)
+    except (ValueError, OSError):
+        return None  # corrupt or unreadable: read the target instead, and rewrite it
+    if sig.block_size != block_size or sig.size != dst_size or sig.algorithm != "xxh3-128":
+        return None
+    st = os.stat(dst)
+    if not _is_block(st) and os.stat(cache).st_mtime_ns < st.st_mtime_ns:
+        return None  # the target changed after the cache was written
+    return sig
+
+
+def _is_block(st):
+    import stat
+
+    return stat.S_ISBLK(st.st_mode)
+
+
+def _coalesce(ranges, block_size, limit):
+    """Block-aligned, sorted, merged [start, end) pairs within [0, limit)."""
+    spans = []
+    for off, length in ranges:
+        start = max(0, int(off)) // block_size * block_size
+        end = min(limit, -(-(int(off) + int(length)) // block_size) * block_size)
+        if end > start:
+            spans.append([start, end])
+    spans.sort()
+    merged = []
+    for s, e in spans:
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return merged
+
+
+def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
+           changed_extents=None, verify=False, threads=None, progress=None, cancel=None):
+    """Make `dst` byte-identical to `src`; returns ResyncStats.
+
+    ``signature_cache``: a signature file of the target at ``block_size``,
+    used instead of reading the target when it is valid and newer than the
+    target, and rewritten after every resync. ``changed_extents``: (offset,
+    length) byte ranges of the source that may have changed (from a change
+    tracker); only those are compared. ``verify`` reads back every written
+    range and compares hashes before the resync is committed.
+    """
+    import numpy as np
+
+    start = time.monotonic()
+    B.check_block_size(block_size)
+    threads = check_threads(threads)
+    code = B.ALGORITHMS["xxh3-128"]
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise SameFile("source and target are the same file", path=os.fspath(dst))
+    J.check_no_unfinished_apply(src)
+    src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        src_size, _ = B.fd_size(src_fd, src)
+        applier = Applier(dst, block_size=block_size, base_size=None, result_size=src_size,
+                          kind=J.KIND_RESYNC)
+        with applier:
+            dst_size = applier.base_size  # what the target holds now
+            cached = _load_cache(signature_cache, dst, dst_size, block_size)
+            new_cache = None
+            if signature_cache is not None:
+                n_src = blocks_for(src_size, block_size)
+                new_cache = (bytearray(16 * n_src), bytearray(n_src))
+            if changed_extents is not None:
+                spans = _coalesce(changed_extents, block_size, src_size)
+                if dst_size != src_size:
+                    lo = min(dst_size, src_size) // block_size * block_size
+                    spans = _coalesce([(s, e - s) for s, e in spans] + [(lo, src_size - lo)],
+                                      block_size, src_size)
+                if new_cache is not None:
+                    if cached is None:
+                        raise BaseMismatch("changed_extents with a signature cache needs a valid "
+                                           "cache of the target", path=signature_cache)
+                    new_cache[0][:min(len(new_cache[0]), cached.hashes.nbytes)] = \
+                        memoryview(cached.hashes).cast("B")[:len(new_cache[0])]
+                    new_cache[1][:min(len(new_cache[1]), cached.block_count)] = \
+                        memoryview(cached.zero_mask).cast("B")[:len(new_cache[1])]
+            else:
+                spans = [[0, src_size]] if src_size else []
+            total = sum(e - s for s, e in spans)
+            throttle = Throttle(progress, "resync", dst, total)
+            shared = B.Progress()
+            dst_read = B.Progress()
+            seq = [0]
+            changed_blocks = 0
+            written = []  # (offset, length, digest) for verify
+            for span_start, span_end in spans:
+                for w0 in range(span_start, span_end, WINDOW):
+                    w1 = min(span_end, w0 + WINDOW)
+                    n = blocks_for(w1 - w0, block_size)
+                    src_h, src_z = bytearray(16 * n), bytearray(n)
+                    sign_range(src_fd, os.fspath(src), w0, w1 - w0, block_size, code, src_h, src_z,
+                               threads=threads, progress_record=shared, throttle=throttle,
+                               cancel=cancel, final_report=False)
+                    src_sig = Signature(block_size, w1 - w0, "xxh3-128", src_h, src_z)
+                    d1 = min(w1, dst_size) if w0 < dst_size else w0
+                    m = blocks_for(d1 - w0, block_size)
+                    if cached is not None:
+                        b0 = w0 // block_size
+                        dst_h = cached.hashes[b0:b0 + m].copy()
+                        dst_z = cached.zero_mask[b0:b0 + m].copy()
+                    else:
+                        dst_h, dst_z = bytearray(16 * m), bytearray(m)
+                        if m:
+                            sign_range(applier.fd, os.fspath(dst), w0, d1 - w0, block_size, code,
+                                       dst_h, dst_z, threads=threads, progress_record=dst_read,
+                                       throttle=Throttle(None, "resync", dst, 0), cancel=cancel,
+                                       final_report=False)
+                    # a short last block of the target only counts where the file ends
+                    dst_sig = Signature(block_size, d1 - w0, "xxh3-128", dst_h, dst_z)
+                    ext, zero = extents_between(dst_sig, src_sig)
+                    if new_cache is not None:
+                        b0 = w0 // block_size
+                        new_cache[0][16 * b0:16 * (b0 + n)] = src_h
+                        new_cache[1][b0:b0 + n] = src_z
+                    if not len(zero):
+                        continue
+                    digests = B.hashes_digest_ranges(dst_sig.hashes, m, block_size, ext)
+                    changed_blocks += int(sum(-(-int(length) // block_size) for length in ext[1::2]))
+                    if verify:
+                        src_d = B.hashes_digest_ranges(src_sig.hashes, n, block_size, ext)
+                        written += [(int(ext[2 * i]) + w0, int(ext[2 * i + 1]), bytes(src_d[16 * i:16 * i + 16]))
+                                    for i in range(len(zero))]
+                    ext = ext + np.uint64(w0)
+
+                    def emit(chunk):
+                        _, _, bound, _ = B.records_scan(chunk)
+                        applier.apply_batch(chunk, bound)
+
+                    count, _, _ = write_records(src_fd, os.fspath(src), ext, zero, digests, emit,
+                                                first_seq=seq[0])
+                    seq[0] += count
+                    throttle.report(shared.done, shared.read)
+            if verify:
+                _verify_written(applier, written, block_size)
+            applier.finish()
+        st = applier.state
+        if new_cache is not None:
+            Signature(block_size, src_size, "xxh3-128", new_cache[0], new_cache[1]).save(signature_cache)
+        bytes_read = shared.read + dst_read.read
+    finally:
+        os.close(src_fd)
+    throttle.report(total, shared.read, finished=True)
+    return ResyncStats(int(bytes_read), int(st.data_bytes), int(st.zero_bytes), changed_blocks,
+                       time.monotonic() - start, applier.journal.bytes, cached is not None, src_size)
+
+
+def _verify_written(applier, written, block_size):
+    for off, length, digest in written:
+        data = os.pread(applier.fd, length, off)
+        got = B.blocks_digest(data, block_size)
+        if got[0].to_bytes(8, "little") + got[1].to_bytes(8, "little") != digest:
+            raise BaseMismatch("read-back verification failed: the target does not hold what was "
+                               "written", path=applier.target, offset=off)
