@@ -283,10 +283,14 @@ int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
         if (r.type == PYDR_RECORD_DATA &&
             XXH3_64bits(payload, (size_t)r.length) != r.payload_hash)
             return PYDR_E_CORRUPT;
-        /* old content of the part that exists in the base */
+        /* Old content: every base block the record covers, up to the base's
+         * end. That is more than `length` only for a short last block of a
+         * shrunk result, whose base block was longer (its hash is too). */
         uint64_t old_len = 0;
-        if (r.offset < old_size)
-            old_len = old_size - r.offset < r.length ? old_size - r.offset : r.length;
+        if (r.offset < old_size) {
+            uint64_t covered = (r.length + block_size - 1) / block_size * block_size;
+            old_len = old_size - r.offset < covered ? old_size - r.offset : covered;
+        }
         if (journal_cap - jpos < PYDR_RECORD_HEADER + old_len)
             return PYDR_E_NO_ROOM;
         uint8_t *jpayload = journal + jpos + PYDR_RECORD_HEADER;

@@ -212,7 +212,8 @@ typedef struct pydr_apply_state {
     uint64_t error_offset;  /* image offset (or batch position) of a failure */
 } pydr_apply_state;
 
-/* Checks every DATA/ZERO record of a batch (header and payload checksums,
+/* journal_cap must be at least the scan's journal_bound + block_size.
+ * Checks every DATA/ZERO record of a batch (header and payload checksums,
  * order, bounds, alignment) and, before anything is written, reads the old
  * content each one replaces, verifies it against the record's base hash
  * (PYDR_E_BASE_MISMATCH, or PYDR_E_ALREADY_APPLIED when the new content is

@@ -29,8 +29,8 @@ __version__ = "0.1.0"
 
 
 def resync(src, dst, **kwargs):
-    """Make dst byte-identical to src; see pydr.resync.resync."""
-    from .resync import resync as _resync
+    """Make dst byte-identical to src; see pydr.sync.resync."""
+    from .sync import resync as _resync
 
     return _resync(src, dst, **kwargs)
 

@@ -114,7 +114,7 @@ class Applier:
         """Verify, journal (durably), then write one batch of records."""
         if not len(recs):
             return
-        undo = bytearray(journal_bound)
+        undo = bytearray(journal_bound + self.block_size)  # + a longer last base block
         used = B.apply_prepare(self.fd, recs, self.block_size, self.base_size, self.result_size,
                                self.state, undo, path=self.target)
         self.journal.append(memoryview(undo)[:used])

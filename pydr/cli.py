@@ -29,6 +29,7 @@ exit status:
   10   not a regular file or block device (a directory, a FIFO, ...)
   11   an interrupted apply is pending on the target (pydr apply again, or pydr rollback)
   12   the target already holds the delta's result
+  13   source and target are the same file
   130  interrupted or cancelled
 """
 
@@ -353,7 +354,7 @@ def cmd_rollback(args):
 
 
 def cmd_resync(args):
-    from .resync import resync
+    from .sync import resync
 
     bar = _bar(f"resync {args.source} -> {args.target}", args)
     try:

@@ -121,6 +121,7 @@ def write_records(src_fd, src_path, extents, zero, base_digests, emit, first_seq
     import numpy as np
 
     buf = bytearray(max(BATCH_BYTES, B.RECORD_HEADER + RECORD_SPLIT))
+    base_digests = np.frombuffer(base_digests, dtype=np.uint64)  # 2 words per extent
     k = len(zero)
     done_total = 0
     data_bytes = zero_bytes = 0
@@ -131,13 +132,14 @@ def write_records(src_fd, src_path, extents, zero, base_digests, emit, first_seq
                               path=src_path)
         if done == 0:
             raise AssertionError("a record larger than the encode buffer")
-        emit(memoryview(buf)[:used])
+        view = memoryview(buf)[:used]
+        emit(view)
+        view.release()
         seg = slice(done_total, done_total + done)
         z = zero[seg].astype(bool)
         data_bytes += int(lengths[seg][~z].sum())
         zero_bytes += int(lengths[seg][z].sum())
         done_total += done
-    del np
     return k, data_bytes, zero_bytes
 
 

@@ -24,6 +24,7 @@ EXIT_FILE_CHANGED = 9
 EXIT_UNSUPPORTED = 10
 EXIT_UNFINISHED = 11
 EXIT_ALREADY_APPLIED = 12
+EXIT_SAME_FILE = 13
 EXIT_CANCELLED = 130
 
 
@@ -108,7 +109,7 @@ class NothingToRollBack(PydrError, LookupError):
 class SameFile(PydrError, ValueError):
     """Source and target are the same file."""
 
-    exit_code = EXIT_USAGE
+    exit_code = EXIT_SAME_FILE
 
 
 _ERRNO_EXIT = {

@@ -1,7 +1,8 @@
 """Undo journals: the old contents of every block an apply overwrites.
 
-Kept beside the target (``DIR/.NAME.pydr-undo``; for block devices in
-``$PYDR_JOURNAL_DIR``, default ``/var/lib/pydr/journal``). The protocol, which
+Kept beside the target (``DIR/.NAME.pydr-undo``); for block devices, and
+for every target when ``$PYDR_JOURNAL_DIR`` is set, in that directory
+(default ``/var/lib/pydr/journal``), named after the target's real path. The protocol, which
 makes an interrupted apply always recoverable (docs/FORMAT.md):
 
 1. the journal header (old and new sizes, which delta) is written and fsynced,
@@ -43,8 +44,9 @@ def journal_path(target):
         is_block = stat.S_ISBLK(os.stat(target).st_mode)
     except OSError:
         is_block = False
-    if is_block:
-        directory = os.environ.get("PYDR_JOURNAL_DIR", "/var/lib/pydr/journal")
+    directory = os.environ.get("PYDR_JOURNAL_DIR")
+    if is_block or directory:
+        directory = directory or "/var/lib/pydr/journal"
         return os.path.join(directory, target.strip("/").replace("/", "_") + ".pydr-undo")
     head, tail = os.path.split(target)
     return os.path.join(head, f".{tail}.pydr-undo")
@@ -172,7 +174,7 @@ def iter_records(f):
         while pos < complete:
             info = B.record_parse(buf[pos:pos + B.RECORD_HEADER])
             size = B.RECORD_HEADER + (info["length"] if info["type"] == B.DATA else 0)
-            yield info["type"], memoryview(buf)[pos:pos + size]
+            yield info["type"], bytes(buf[pos:pos + size])  # buf is reused below
             pos += size
         if end:
             return

@@ -104,15 +104,16 @@ def faulty_image(tmp_path):
         pytest.skip("FUSE needs /dev/fuse and root here")
     mounts = []
 
-    def make(bad_start, bad_end, size=16 << 20):
-        backing = tmp_path / f"backing{len(mounts)}.img"
-        data = os.urandom(size)
-        backing.write_bytes(data)
+    def make(bad_start, bad_end, size=16 << 20, mode="read", data=None, backing=None):
+        if backing is None:
+            backing = tmp_path / f"backing{len(mounts)}.img"
+            data = os.urandom(size) if data is None else data
+            backing.write_bytes(data)
         mnt = tmp_path / f"mnt{len(mounts)}"
         mnt.mkdir()
         proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "faultyfs.py"), str(backing), str(mnt),
-             str(bad_start), str(bad_end)],
+             str(bad_start), str(bad_end), mode],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         mounts.append((proc, mnt))
@@ -125,6 +126,16 @@ def faulty_image(tmp_path):
             time.sleep(0.05)
         pytest.fail("faultyfs did not mount in 5 s")
 
+    def unmount_all():
+        for proc, mnt in mounts:
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        mounts.clear()
+
+    make.unmount_all = unmount_all
     yield make
     for proc, mnt in mounts:
         subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -3,10 +3,11 @@
 Used by the tests to inject real I/O errors (EIO) under pydr, both through
 read() and through mmap page faults (which the kernel turns into SIGBUS).
 
-    python faultyfs.py BACKING_FILE MOUNTPOINT BAD_START BAD_END
+    python faultyfs.py BACKING_FILE MOUNTPOINT BAD_START BAD_END [read|write]
 
-The mount shows the file as MOUNTPOINT/disk.img; any read that touches
-[BAD_START, BAD_END) fails with EIO. Runs in the foreground until unmounted.
+The mount shows the file as MOUNTPOINT/disk.img; any read (default) or any
+write that touches [BAD_START, BAD_END) fails with EIO. In write mode the
+file is writable. Runs in the foreground until unmounted.
 """
 
 import errno
@@ -18,10 +19,11 @@ from fuse import FUSE, FuseOSError, Operations
 
 
 class FaultyFile(Operations):
-    def __init__(self, backing, bad_start, bad_end):
+    def __init__(self, backing, bad_start, bad_end, mode="read"):
         self.backing = backing
         self.bad = (bad_start, bad_end)
-        self.fd = os.open(backing, os.O_RDONLY)
+        self.mode = mode
+        self.fd = os.open(backing, os.O_RDWR if mode == "write" else os.O_RDONLY)
 
     def getattr(self, path, fh=None):
         if path == "/":
@@ -29,7 +31,8 @@ class FaultyFile(Operations):
         if path != "/disk.img":
             raise FuseOSError(errno.ENOENT)
         st = os.fstat(self.fd)
-        return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": st.st_size,
+        perm = 0o644 if self.mode == "write" else 0o444
+        return {"st_mode": stat.S_IFREG | perm, "st_nlink": 1, "st_size": st.st_size,
                 "st_mtime": st.st_mtime, "st_ctime": st.st_ctime, "st_atime": st.st_atime}
 
     def readdir(self, path, fh):
@@ -40,13 +43,37 @@ class FaultyFile(Operations):
             raise FuseOSError(errno.ENOENT)
         return 0
 
-    def read(self, path, size, offset, fh):
+    def _hits(self, offset, size):
         lo, hi = self.bad
-        if offset < hi and offset + size > lo:
+        return offset < hi and offset + size > lo
+
+    def read(self, path, size, offset, fh):
+        if self.mode == "read" and self._hits(offset, size):
             raise FuseOSError(errno.EIO)
         return os.pread(self.fd, size, offset)
+
+    def write(self, path, data, offset, fh):
+        if self.mode != "write":
+            raise FuseOSError(errno.EROFS)
+        if self._hits(offset, len(data)):
+            raise FuseOSError(errno.EIO)
+        return os.pwrite(self.fd, data, offset)
+
+    def truncate(self, path, length, fh=None):
+        if self.mode != "write":
+            raise FuseOSError(errno.EROFS)
+        os.ftruncate(self.fd, length)
+
+    def fsync(self, path, datasync, fh):
+        os.fsync(self.fd)
+        return 0
+
+    def flush(self, path, fh):
+        return 0
 
 
 if __name__ == "__main__":
     backing, mountpoint, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    FUSE(FaultyFile(backing, lo, hi), mountpoint, foreground=True, ro=True, nothreads=True)
+    mode = sys.argv[5] if len(sys.argv) > 5 else "read"
+    FUSE(FaultyFile(backing, lo, hi, mode), mountpoint, foreground=True, ro=(mode == "read"),
+         nothreads=True)

@@ -138,7 +138,10 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                                threads=threads, progress_record=shared, throttle=throttle,
                                cancel=cancel, final_report=False)
                     src_sig = Signature(block_size, w1 - w0, "xxh3-128", src_h, src_z)
-                    d1 = min(w1, dst_size) if w0 < dst_size else w0
+                    # whole blocks of the target: where it is longer than the source,
+                    # its block at the source's end is hashed over its full length,
+                    # as apply reads it
+                    d1 = min(dst_size, -(-w1 // block_size) * block_size) if w0 < dst_size else w0
                     m = blocks_for(d1 - w0, block_size)
                     if cached is not None:
                         b0 = w0 // block_size
@@ -166,7 +169,8 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                         src_d = B.hashes_digest_ranges(src_sig.hashes, n, block_size, ext)
                         written += [(int(ext[2 * i]) + w0, int(ext[2 * i + 1]), bytes(src_d[16 * i:16 * i + 16]))
                                     for i in range(len(zero))]
-                    ext = ext + np.uint64(w0)
+                    ext = ext.copy()
+                    ext[0::2] += np.uint64(w0)  # offsets only: ext is [offset, length] pairs
 
                     def emit(chunk):
                         _, _, bound, _ = B.records_scan(chunk)
