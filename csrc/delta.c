@@ -255,9 +255,46 @@ int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
     return 0;
 }
 
+/* Turns the old content into undo records at out, one per run of all-zero
+ * or data blocks: zero runs cost a header and are restored as holes, so
+ * journaling sparse or zeroed regions takes no space. Returns the bytes
+ * written (at most old_len + 64 per block). */
+static size_t journal_runs(uint8_t *out, const uint8_t *old, uint64_t old_len,
+                           uint64_t offset, uint64_t seq, uint32_t block_size)
+{
+    size_t w = 0, pos = 0;
+    uint8_t header[PYDR_RECORD_HEADER];
+    while (pos < old_len) {
+        size_t n = old_len - pos < block_size ? (size_t)(old_len - pos) : block_size;
+        int zero = all_zero(old + pos, n);
+        size_t end = pos + n;
+        while (end < old_len) {
+            size_t m = old_len - end < block_size ? (size_t)(old_len - end) : block_size;
+            if (all_zero(old + end, m) != zero)
+                break;
+            end += m;
+        }
+        pydr_record j;
+        j.offset = offset + pos;
+        j.length = end - pos;
+        j.seq = seq;
+        j.base_hash[0] = j.base_hash[1] = 0;
+        j.type = zero ? PYDR_RECORD_ZERO : PYDR_RECORD_DATA;
+        j.payload_hash = zero ? 0 : XXH3_64bits(old + pos, end - pos);
+        pydr_record_build(header, &j);
+        if (!zero)
+            memcpy(out + w + PYDR_RECORD_HEADER, old + pos, end - pos);
+        memcpy(out + w, header, PYDR_RECORD_HEADER);
+        w += record_size(&j);
+        pos = end;
+    }
+    return w;
+}
+
 int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
                        uint32_t block_size, uint64_t old_size,
                        uint64_t new_size, pydr_apply_state *st,
+                       uint8_t *scratch, size_t scratch_cap,
                        uint8_t *journal, size_t journal_cap,
                        size_t *journal_used)
 {
@@ -291,9 +328,11 @@ int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
             uint64_t covered = (r.length + block_size - 1) / block_size * block_size;
             old_len = old_size - r.offset < covered ? old_size - r.offset : covered;
         }
-        if (journal_cap - jpos < PYDR_RECORD_HEADER + old_len)
+        uint64_t runs_max = (old_len + block_size - 1) / block_size;
+        if (old_len > scratch_cap ||
+            journal_cap - jpos < old_len + PYDR_RECORD_HEADER * runs_max)
             return PYDR_E_NO_ROOM;
-        uint8_t *jpayload = journal + jpos + PYDR_RECORD_HEADER;
+        uint8_t *jpayload = scratch;
         int rc = pread_full(target_fd, jpayload, (size_t)old_len, r.offset, &st->error_offset);
         if (rc)
             return rc;
@@ -310,22 +349,7 @@ int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
             }
             return applied ? PYDR_E_ALREADY_APPLIED : PYDR_E_BASE_MISMATCH;
         }
-        if (old_len) {
-            pydr_record j;
-            j.offset = r.offset;
-            j.length = old_len;
-            j.seq = r.seq;
-            j.base_hash[0] = j.base_hash[1] = 0;
-            if (all_zero(jpayload, (size_t)old_len)) {
-                j.type = PYDR_RECORD_ZERO;
-                j.payload_hash = 0;
-            } else {
-                j.type = PYDR_RECORD_DATA;
-                j.payload_hash = XXH3_64bits(jpayload, (size_t)old_len);
-            }
-            pydr_record_build(journal + jpos, &j);
-            jpos += record_size(&j);
-        }
+        jpos += journal_runs(journal + jpos, jpayload, old_len, r.offset, r.seq, block_size);
         st->next_offset = r.offset + r.length;
         st->next_seq = r.seq + 1;
         st->records++;

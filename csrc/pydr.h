@@ -212,7 +212,9 @@ typedef struct pydr_apply_state {
     uint64_t error_offset;  /* image offset (or batch position) of a failure */
 } pydr_apply_state;
 
-/* journal_cap must be at least the scan's journal_bound + block_size.
+/* scratch holds one record's old content (PYDR_RECORD_MAX + block_size is
+ * always enough); journal needs, per record, its length + block_size + 64
+ * bytes per block (pydr_journal_capacity).
  * Checks every DATA/ZERO record of a batch (header and payload checksums,
  * order, bounds, alignment) and, before anything is written, reads the old
  * content each one replaces, verifies it against the record's base hash
@@ -222,6 +224,7 @@ typedef struct pydr_apply_state {
 PYDR_API int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
                                 uint32_t block_size, uint64_t old_size,
                                 uint64_t new_size, pydr_apply_state *state,
+                                uint8_t *scratch, size_t scratch_cap,
                                 uint8_t *journal, size_t journal_cap,
                                 size_t *journal_used);
 

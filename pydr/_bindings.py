@@ -248,13 +248,22 @@ class ApplyState:
         return getattr(self._ptr, name)
 
 
-def apply_prepare(fd, recs, block_size, old_size, new_size, state, journal, path=None):
+def journal_capacity(journal_bound, records, block_size):
+    """Journal buffer bytes that apply_prepare may need for a scanned batch:
+    per record its length plus a longer last base block, and a 64-byte
+    header per block in the worst case (zero and data blocks alternating)."""
+    return journal_bound + records * block_size + RECORD_HEADER * (
+        journal_bound // block_size + 2 * records)
+
+
+def apply_prepare(fd, recs, block_size, old_size, new_size, state, scratch, journal, path=None):
     """Verify a batch and fill `journal` with undo records; returns its length."""
     used = ffi.new("size_t *")
     with ffi.from_buffer("uint8_t[]", recs) as r, \
+            ffi.from_buffer("uint8_t[]", scratch, require_writable=True) as s, \
             ffi.from_buffer("uint8_t[]", journal, require_writable=True) as j:
         rc = lib.pydr_apply_prepare(fd, r, len(r), block_size, old_size, new_size,
-                                    state._ptr, j, len(j), used)
+                                    state._ptr, s, len(s), j, len(j), used)
     if rc:
         raise_for_code(rc, path=path, offset=state._ptr.error_offset)
     return used[0]

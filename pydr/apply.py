@@ -52,6 +52,7 @@ class Applier:
         self.state = B.ApplyState()
         self.rolled_back_first = False
         self.finished = False
+        self.scratch = None
 
     # -- set-up ----------------------------------------------------------------
     def __enter__(self):
@@ -110,13 +111,15 @@ class Applier:
                 f"{self.base_size} to {self.result_size} bytes", path=self.target)
 
     # -- batches -----------------------------------------------------------------
-    def apply_batch(self, recs, journal_bound):
+    def apply_batch(self, recs, journal_bound, records):
         """Verify, journal (durably), then write one batch of records."""
         if not len(recs):
             return
-        undo = bytearray(journal_bound + self.block_size)  # + a longer last base block
+        if self.scratch is None:
+            self.scratch = bytearray(B.RECORD_MAX + self.block_size)
+        undo = bytearray(B.journal_capacity(journal_bound, records, self.block_size))
         used = B.apply_prepare(self.fd, recs, self.block_size, self.base_size, self.result_size,
-                               self.state, undo, path=self.target)
+                               self.state, self.scratch, undo, path=self.target)
         self.journal.append(memoryview(undo)[:used])
         B.apply_write(self.fd, recs, self.is_block, path=self.target)
 
@@ -226,7 +229,7 @@ def _feed(f, name, header, applier, throttle, cancel):
         body = complete - (B.RECORD_HEADER if end else 0)
         batch = memoryview(buf)[:body]
         try:
-            applier.apply_batch(batch, bound)
+            applier.apply_batch(batch, bound, count - (1 if end else 0))
         except CorruptDelta:
             raise CorruptDelta("corrupt or out-of-order record in the delta", path=name,
                                offset=position + int(applier.state.error_offset)
@@ -242,7 +245,7 @@ def _feed(f, name, header, applier, throttle, cancel):
         throttle.report(int(applier.state.next_offset), int(applier.state.data_bytes))
         if end:
             _check_end(bytes(buf[body:complete]), digest, applier, name, position + body)
-            if f.read(1):
+            if len(buf) > complete or f.read(1):
                 raise CorruptDelta("data after the end of the delta", path=name,
                                    offset=position + complete)
             return

@@ -195,12 +195,17 @@ def rollback_fd(fd, path, target, is_block_device):
         if not is_block_device and os.fstat(fd).st_size != header["old_size"]:
             os.ftruncate(fd, header["old_size"])
         restored = 0
-        for rec in iter_records(f):
-            if rec is None or rec[0] == B.COMMIT:
-                break
-            kind, data = rec
-            B.apply_write(fd, data, is_block_device, path=target)
-            restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
+        # Two passes: holes first, which frees space on a full file system,
+        # then data. Records never overlap, so the order is free.
+        for wanted in (B.ZERO, B.DATA):
+            f.seek(HEADER_SIZE)
+            for rec in iter_records(f):
+                if rec is None or rec[0] == B.COMMIT:
+                    break
+                kind, data = rec
+                if kind == wanted:
+                    B.apply_write(fd, data, is_block_device, path=target)
+                    restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
     os.fdatasync(fd)
     return restored
 

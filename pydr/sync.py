@@ -173,8 +173,8 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                     ext[0::2] += np.uint64(w0)  # offsets only: ext is [offset, length] pairs
 
                     def emit(chunk):
-                        _, _, bound, _ = B.records_scan(chunk)
-                        applier.apply_batch(chunk, bound)
+                        _, count, bound, _ = B.records_scan(chunk)
+                        applier.apply_batch(chunk, bound, count)
 
                     count, _, _ = write_records(src_fd, os.fspath(src), ext, zero, digests, emit,
                                                 first_seq=seq[0])

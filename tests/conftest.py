@@ -103,14 +103,17 @@ def faulty_image(tmp_path):
     if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
         pytest.skip("FUSE needs /dev/fuse and root here")
     mounts = []
+    counter = [0]
 
-    def make(bad_start, bad_end, size=16 << 20, mode="read", data=None, backing=None):
+    def make(bad_start, bad_end, size=16 << 20, mode="read", data=None, backing=None,
+             mountpoint=None):
         if backing is None:
-            backing = tmp_path / f"backing{len(mounts)}.img"
+            backing = tmp_path / f"backing{counter[0]}.img"
             data = os.urandom(size) if data is None else data
             backing.write_bytes(data)
-        mnt = tmp_path / f"mnt{len(mounts)}"
-        mnt.mkdir()
+        counter[0] += 1
+        mnt = mountpoint or tmp_path / f"mnt{counter[0]}"
+        mnt.mkdir(exist_ok=True)
         proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "faultyfs.py"), str(backing), str(mnt),
              str(bad_start), str(bad_end), mode],

@@ -99,7 +99,8 @@ typedef struct pydr_apply_state {
 } pydr_apply_state;
 int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
                        uint32_t block_size, uint64_t old_size, uint64_t new_size,
-                       pydr_apply_state *state, uint8_t *journal,
+                       pydr_apply_state *state, uint8_t *scratch,
+                       size_t scratch_cap, uint8_t *journal,
                        size_t journal_cap, size_t *journal_used);
 int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
                      int is_block_device, uint64_t *error_offset);
