@@ -1,0 +1,86 @@
+"""SIGKILL `pydr apply` / `pydr resync` at random moments: afterwards, running
+the same apply again gives the new image and `pydr rollback` the old one,
+exactly; while an apply is unfinished other commands refuse the target."""
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+import pydr
+from pydr import journal as J
+
+from conftest import pydr_command, run_cli
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = random.Random(11)
+    size = 48 << 20
+    old = rng.randbytes(size)
+    new = bytearray(old)
+    for off in range(0, size, 512 << 10):  # half of the image changes
+        new[off:off + (256 << 10)] = rng.randbytes(256 << 10)
+    new[10 << 20:14 << 20] = bytes(4 << 20)  # and a run becomes zeros
+    new += rng.randbytes(3 << 20)  # and it grows
+    (tmp_path / "old.img").write_bytes(old)
+    (tmp_path / "new.img").write_bytes(bytes(new))
+    pydr.make_delta(tmp_path / "new.img", tmp_path / "d.delta", target=tmp_path / "old.img")
+    return tmp_path, digest(tmp_path / "old.img"), digest(tmp_path / "new.img")
+
+
+def start(args, cwd):
+    return subprocess.Popen(pydr_command() + [str(a) for a in args], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def timed_run(args, cwd):
+    t = time.monotonic()
+    p = start(args, cwd)
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+    return time.monotonic() - t
+
+
+@pytest.mark.parametrize("command", ["apply", "resync"])
+def test_sigkill_then_finish_or_rollback(images, command):
+    d, old, new = images
+    target = d / "target.img"
+    args = (["apply", d / "d.delta", target] if command == "apply"
+            else ["resync", d / "new.img", target])
+    target.write_bytes((d / "old.img").read_bytes())
+    duration = timed_run(args, d)
+    rng = random.Random(3)
+    interrupted = 0
+    for i in range(14):
+        target.write_bytes((d / "old.img").read_bytes())
+        p = start(args, d)
+        time.sleep(rng.uniform(0.02, duration))
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        pending = J.pending(target) is not None
+        if not pending:
+            # killed before the journal existed, or after the commit
+            assert digest(target) in (old, new)
+            continue
+        interrupted += 1
+        # every other command refuses, naming both ways out
+        r = run_cli("signature", target, "-o", d / "x.sig")
+        assert r.returncode == 11 and b"pydr rollback" in r.stderr and b"pydr apply" in r.stderr
+        if i % 2 == 0:
+            r = run_cli(*args)  # the same command again finishes it
+            assert r.returncode == 0, r.stderr
+            assert digest(target) == new
+        else:
+            r = run_cli("rollback", target)
+            assert r.returncode == 0, r.stderr
+            assert digest(target) == old
+        assert J.pending(target) is None
+    assert interrupted >= 3, f"only {interrupted} of 14 kills landed during the {command}"
