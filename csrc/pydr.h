@@ -234,6 +234,10 @@ PYDR_API int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
 PYDR_API int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
                               int is_block_device, uint64_t *error_offset);
 
+/* Starts writing a file's dirty pages back (sync_file_range WRITE), so that
+ * a later fdatasync has less to wait for. A hint, not a durability point. */
+PYDR_API int pydr_start_writeback(int fd);
+
 #ifdef __cplusplus
 }
 #endif

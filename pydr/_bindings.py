@@ -277,6 +277,11 @@ def apply_write(fd, recs, is_block_device, path=None):
         raise_for_code(rc, path=path, offset=err[0])
 
 
+def start_writeback(fd):
+    """Kick off write-back of dirty pages; errors are ignored (a hint)."""
+    lib.pydr_start_writeback(fd)
+
+
 class Digest:
     """Streaming XXH3-128 used for the checksums of pydr's file formats."""
 

@@ -53,6 +53,9 @@ class Applier:
         self.rolled_back_first = False
         self.finished = False
         self.scratch = None
+        self.undo = None
+        self._writer = None
+        self._writer_error = None
 
     # -- set-up ----------------------------------------------------------------
     def __enter__(self):
@@ -117,14 +120,56 @@ class Applier:
             return
         if self.scratch is None:
             self.scratch = bytearray(B.RECORD_MAX + self.block_size)
-        undo = bytearray(B.journal_capacity(journal_bound, records, self.block_size))
+        need = B.journal_capacity(journal_bound, records, self.block_size)
+        if self.undo is None or len(self.undo) < need:
+            self.undo = bytearray(need)
         used = B.apply_prepare(self.fd, recs, self.block_size, self.base_size, self.result_size,
-                               self.state, self.scratch, undo, path=self.target)
-        self.journal.append(memoryview(undo)[:used])
+                               self.state, self.scratch, self.undo, path=self.target)
+        with memoryview(self.undo) as view:
+            self.journal.append(view[:used])
         B.apply_write(self.fd, recs, self.is_block, path=self.target)
+        B.start_writeback(self.fd)  # overlap the disk with the next batch
+
+    # -- pipelined batches (resync): a writer thread journals and writes while
+    # the caller hashes the next window. Same order, same guarantees: each
+    # batch's journal is durable before that batch touches the target.
+    def submit(self, recs, journal_bound, records):
+        """Queue a batch for the writer thread (the bytes are copied)."""
+        import queue
+        import threading
+
+        if self._writer is None:
+            self._queue = queue.Queue(maxsize=2)
+            self._writer = threading.Thread(target=self._write_loop, name="pydr-writer",
+                                            daemon=True)
+            self._writer.start()
+        if self._writer_error is not None:
+            raise self._writer_error
+        self._queue.put((bytes(recs), journal_bound, records))
+
+    def _write_loop(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._writer_error is None:
+                try:
+                    self.apply_batch(*item)
+                except BaseException as exc:  # handed to the caller by drain/submit
+                    self._writer_error = exc
+
+    def drain(self):
+        """Wait for queued batches; re-raise the writer's error, if any."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
+        if self._writer_error is not None:
+            raise self._writer_error
 
     def finish(self):
         """Shrink if needed, make the target durable, commit, drop the journal."""
+        self.drain()
         if self.result_size < self.base_size:
             self._journal_tail()
             os.ftruncate(self.fd, self.result_size)
@@ -152,6 +197,10 @@ class Applier:
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is not None and not self.finished:
+                try:
+                    self.drain()  # the writer must stop before anything is undone
+                except BaseException:
+                    pass
                 self._rollback_after(exc)
         finally:
             if self.journal is not None:

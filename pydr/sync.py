@@ -16,7 +16,7 @@ from . import _bindings as B
 from . import journal as J
 from ._parallel import check_threads
 from .apply import Applier
-from .delta import changed_extents as extents_between, write_records
+from .delta import changed_extents as extents_between, encode_buffer, write_records
 from .errors import BaseMismatch, SameFile
 from .progress import Record, Throttle
 from .signatures import Signature, blocks_for, sign_range
@@ -127,6 +127,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             shared = B.Progress()
             dst_read = B.Progress()
             seq = [0]
+            encode_buf = encode_buffer()
             changed_blocks = 0
             written = []  # (offset, length, digest) for verify
             for span_start, span_end in spans:
@@ -174,13 +175,14 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
 
                     def emit(chunk):
                         _, count, bound, _ = B.records_scan(chunk)
-                        applier.apply_batch(chunk, bound, count)
+                        applier.submit(chunk, bound, count)
 
                     count, _, _ = write_records(src_fd, os.fspath(src), ext, zero, digests, emit,
-                                                first_seq=seq[0])
+                                                first_seq=seq[0], buf=encode_buf)
                     seq[0] += count
                     throttle.report(shared.done, shared.read)
             if verify:
+                applier.drain()
                 _verify_written(applier, written, block_size)
             applier.finish()
         st = applier.state

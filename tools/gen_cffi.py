@@ -105,6 +105,8 @@ int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
 int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
                      int is_block_device, uint64_t *error_offset);
 
+int pydr_start_writeback(int fd);
+
 typedef struct pydr_digest pydr_digest;
 int pydr_digest_create(pydr_digest **out);
 void pydr_digest_free(pydr_digest *digest);
