@@ -593,9 +593,11 @@ def build_parser():
         help="run pydr's main job on a generated sample image",
         description=(
             "Generate a sample disk image (random data, text, zero runs and holes),\n"
-            "sign it, change a few scattered blocks, sign it again and show which\n"
-            "ranges changed, with the time each step took. Runs in a temporary\n"
-            "directory that is removed afterwards unless --keep or --dir is given."
+            "copy it to a replica with resync, sign it, change scattered blocks, sign it\n"
+            "again and show which ranges changed, resync the replica (only the changed\n"
+            "blocks move) and update a second replica with a delta, checking that both\n"
+            "equal the image; each step with what moved and how long it took. Runs in a\n"
+            "temporary directory that is removed afterwards unless --keep or --dir is given."
         ),
         epilog=EXIT_STATUS,
     )

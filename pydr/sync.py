@@ -9,6 +9,7 @@ resync can always be finished or rolled back. With a valid signature cache of
 the target, the target is not read at all.
 """
 
+import contextlib
 import os
 import time
 
@@ -76,7 +77,8 @@ def _coalesce(ranges, block_size, limit):
 
 def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
            changed_extents=None, verify=False, threads=None, progress=None, cancel=None):
-    """Make `dst` byte-identical to `src`; returns ResyncStats.
+    """Make `dst` byte-identical to `src`; returns ResyncStats. A missing
+    `dst` is created (and removed again if the first resync fails).
 
     ``signature_cache``: a signature file of the target at ``block_size``,
     used instead of reading the target when it is valid and newer than the
@@ -95,7 +97,12 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
         raise SameFile("source and target are the same file", path=os.fspath(dst))
     J.check_no_unfinished_apply(src)
     src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    created = False
     try:
+        if not os.path.lexists(dst):
+            # a first copy: start from an empty file (removed again on failure)
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+            created = True
         src_size, _ = B.fd_size(src_fd, src)
         applier = Applier(dst, block_size=block_size, base_size=None, result_size=src_size,
                           kind=J.KIND_RESYNC)
@@ -189,6 +196,11 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
         if new_cache is not None:
             Signature(block_size, src_size, "xxh3-128", new_cache[0], new_cache[1]).save(signature_cache)
         bytes_read = shared.read + dst_read.read
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(dst)
+        raise
     finally:
         os.close(src_fd)
     throttle.report(total, shared.read, finished=True)

@@ -3,7 +3,6 @@ the same apply again gives the new image and `pydr rollback` the old one,
 exactly; while an apply is unfinished other commands refuse the target."""
 
 import hashlib
-import os
 import random
 import signal
 import subprocess

@@ -159,3 +159,23 @@ def test_data_past_4gib(holes):
     stats = pydr.resync(holes / "src", holes / "dst", threads=2)
     assert stats.bytes_written <= 24 * 4096
     assert pydr.signature(holes / "src") == pydr.signature(holes / "dst")
+
+
+def test_missing_target_is_created(tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(300_000))
+    stats = pydr.resync(src, tmp_path / "new")
+    assert (tmp_path / "new").read_bytes() == src.read_bytes()
+    assert stats.bytes_written == 300_000
+
+
+def test_failed_first_copy_leaves_nothing(tmp_path):
+    import threading
+
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(300_000))
+    ev = threading.Event()
+    ev.set()
+    with pytest.raises(pydr.Cancelled):
+        pydr.resync(src, tmp_path / "new", cancel=ev)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
