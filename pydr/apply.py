@@ -73,8 +73,9 @@ class Applier:
                 J.journal_path(self.target), kind=self.kind, block_size=self.block_size,
                 old_size=size, new_size=self.result_size, base_id=self.ids[0],
                 result_id=self.ids[1])
-            if self.result_size > size:
-                os.ftruncate(self.fd, self.result_size)
+            # A larger result is sized at finish(): writes past the end extend
+            # the file anyway, and the target stays untouched until the first
+            # batch (its mtime too, which signature caches are checked against).
         except BaseException:
             os.close(self.fd)
             self.fd = None
@@ -172,6 +173,8 @@ class Applier:
         self.drain()
         if self.result_size < self.base_size:
             self._journal_tail()
+            os.ftruncate(self.fd, self.result_size)
+        elif self.result_size > self.base_size and not self.is_block:
             os.ftruncate(self.fd, self.result_size)
         os.fdatasync(self.fd)
         self.journal.commit()

@@ -35,20 +35,22 @@ class ResyncStats(Record):
     __slots__ = _fields
 
 
-def _load_cache(cache, dst, dst_size, block_size):
-    """The cached target signature if it can be trusted, else None."""
+def _open_cache(cache, dst, dst_size, block_size):
+    """A reader of the cached target signature if it can be trusted, else None."""
+    from .sigstream import SignatureReader
+
     if cache is None or not os.path.exists(cache):
         return None
     try:
-        sig = Signature.load(cache)
+        reader = SignatureReader(cache)
     except (ValueError, OSError):
         return None  # corrupt or unreadable: read the target instead, and rewrite it
-    if sig.block_size != block_size or sig.size != dst_size or sig.algorithm != "xxh3-128":
-        return None
     st = os.stat(dst)
-    if not _is_block(st) and os.stat(cache).st_mtime_ns < st.st_mtime_ns:
-        return None  # the target changed after the cache was written
-    return sig
+    if (reader.block_size != block_size or reader.size != dst_size
+            or (not _is_block(st) and os.stat(cache).st_mtime_ns < st.st_mtime_ns)):
+        reader.close()  # other geometry, or the target changed after the cache was written
+        return None
+    return reader
 
 
 def _is_block(st):
@@ -98,6 +100,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     J.check_no_unfinished_apply(src)
     src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     created = False
+    writer = cached = None
     try:
         if not os.path.lexists(dst):
             # a first copy: start from an empty file (removed again on failure)
@@ -108,28 +111,24 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                           kind=J.KIND_RESYNC)
         with applier:
             dst_size = applier.base_size  # what the target holds now
-            cached = _load_cache(signature_cache, dst, dst_size, block_size)
-            new_cache = None
+            cached = _open_cache(signature_cache, dst, dst_size, block_size)
+            writer = None
             if signature_cache is not None:
-                n_src = blocks_for(src_size, block_size)
-                new_cache = (bytearray(16 * n_src), bytearray(n_src))
+                from .sigstream import SignatureWriter
+
+                writer = SignatureWriter(signature_cache, block_size, src_size)
             if changed_extents is not None:
                 spans = _coalesce(changed_extents, block_size, src_size)
                 if dst_size != src_size:
                     lo = min(dst_size, src_size) // block_size * block_size
                     spans = _coalesce([(s, e - s) for s, e in spans] + [(lo, src_size - lo)],
                                       block_size, src_size)
-                if new_cache is not None:
-                    if cached is None:
-                        raise BaseMismatch("changed_extents with a signature cache needs a valid "
-                                           "cache of the target", path=signature_cache)
-                    new_cache[0][:min(len(new_cache[0]), cached.hashes.nbytes)] = \
-                        memoryview(cached.hashes).cast("B")[:len(new_cache[0])]
-                    new_cache[1][:min(len(new_cache[1]), cached.block_count)] = \
-                        memoryview(cached.zero_mask).cast("B")[:len(new_cache[1])]
+                if writer is not None and cached is None:
+                    raise BaseMismatch("changed_extents with a signature cache needs a valid "
+                                       "cache of the target", path=signature_cache)
             else:
-                spans = [[0, src_size]] if src_size else []
-            total = sum(e - s for s, e in spans)
+                spans = None
+            total = src_size if spans is None else sum(e - s for s, e in spans)
             throttle = Throttle(progress, "resync", dst, total)
             shared = B.Progress()
             dst_read = B.Progress()
@@ -137,48 +136,67 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             encode_buf = encode_buffer()
             changed_blocks = 0
             written = []  # (offset, length, digest) for verify
-            for span_start, span_end in spans:
-                for w0 in range(span_start, span_end, WINDOW):
-                    w1 = min(span_end, w0 + WINDOW)
-                    n = blocks_for(w1 - w0, block_size)
+            span_i = 0
+            for w0 in range(0, src_size, WINDOW):
+                w1 = min(src_size, w0 + WINDOW)
+                if spans is None:
+                    subs = [(w0, w1)]
+                else:  # the parts of the changed spans inside this window
+                    while span_i < len(spans) and spans[span_i][1] <= w0:
+                        span_i += 1
+                    subs, k = [], span_i
+                    while k < len(spans) and spans[k][0] < w1:
+                        subs.append((max(w0, spans[k][0]), min(w1, spans[k][1])))
+                        k += 1
+                    if not subs and writer is None:
+                        continue
+                win_h = win_z = None
+                if writer is not None and spans is not None:
+                    # blocks outside the spans did not change: keep their cached hashes
+                    nw = blocks_for(w1 - w0, block_size)
+                    win_h, win_z = cached.read(w0 // block_size, nw)
+                    win_h += bytes(16 * nw - len(win_h))
+                    win_z += bytes(nw - len(win_z))
+                for s0, s1 in subs:
+                    n = blocks_for(s1 - s0, block_size)
                     src_h, src_z = bytearray(16 * n), bytearray(n)
-                    sign_range(src_fd, os.fspath(src), w0, w1 - w0, block_size, code, src_h, src_z,
+                    sign_range(src_fd, os.fspath(src), s0, s1 - s0, block_size, code, src_h, src_z,
                                threads=threads, progress_record=shared, throttle=throttle,
                                cancel=cancel, final_report=False)
-                    src_sig = Signature(block_size, w1 - w0, "xxh3-128", src_h, src_z)
+                    src_sig = Signature(block_size, s1 - s0, "xxh3-128", src_h, src_z)
                     # whole blocks of the target: where it is longer than the source,
                     # its block at the source's end is hashed over its full length,
                     # as apply reads it
-                    d1 = min(dst_size, -(-w1 // block_size) * block_size) if w0 < dst_size else w0
-                    m = blocks_for(d1 - w0, block_size)
+                    d1 = min(dst_size, -(-s1 // block_size) * block_size) if s0 < dst_size else s0
+                    m = blocks_for(d1 - s0, block_size)
                     if cached is not None:
-                        b0 = w0 // block_size
-                        dst_h = cached.hashes[b0:b0 + m].copy()
-                        dst_z = cached.zero_mask[b0:b0 + m].copy()
+                        dst_h, dst_z = cached.read(s0 // block_size, m)
                     else:
                         dst_h, dst_z = bytearray(16 * m), bytearray(m)
                         if m:
-                            sign_range(applier.fd, os.fspath(dst), w0, d1 - w0, block_size, code,
+                            sign_range(applier.fd, os.fspath(dst), s0, d1 - s0, block_size, code,
                                        dst_h, dst_z, threads=threads, progress_record=dst_read,
                                        throttle=Throttle(None, "resync", dst, 0), cancel=cancel,
                                        final_report=False)
-                    # a short last block of the target only counts where the file ends
-                    dst_sig = Signature(block_size, d1 - w0, "xxh3-128", dst_h, dst_z)
+                    dst_sig = Signature(block_size, d1 - s0, "xxh3-128", dst_h, dst_z)
+                    if writer is not None:
+                        if win_h is None:
+                            win_h, win_z = src_h, src_z
+                        else:
+                            b = (s0 - w0) // block_size
+                            win_h[16 * b:16 * (b + n)] = src_h
+                            win_z[b:b + n] = src_z
                     ext, zero = extents_between(dst_sig, src_sig)
-                    if new_cache is not None:
-                        b0 = w0 // block_size
-                        new_cache[0][16 * b0:16 * (b0 + n)] = src_h
-                        new_cache[1][b0:b0 + n] = src_z
                     if not len(zero):
                         continue
                     digests = B.hashes_digest_ranges(dst_sig.hashes, m, block_size, ext)
                     changed_blocks += int(sum(-(-int(length) // block_size) for length in ext[1::2]))
                     if verify:
                         src_d = B.hashes_digest_ranges(src_sig.hashes, n, block_size, ext)
-                        written += [(int(ext[2 * i]) + w0, int(ext[2 * i + 1]), bytes(src_d[16 * i:16 * i + 16]))
+                        written += [(int(ext[2 * i]) + s0, int(ext[2 * i + 1]), bytes(src_d[16 * i:16 * i + 16]))
                                     for i in range(len(zero))]
                     ext = ext.copy()
-                    ext[0::2] += np.uint64(w0)  # offsets only: ext is [offset, length] pairs
+                    ext[0::2] += np.uint64(s0)  # offsets only: ext is [offset, length] pairs
 
                     def emit(chunk):
                         _, count, bound, _ = B.records_scan(chunk)
@@ -188,21 +206,27 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                                                 first_seq=seq[0], buf=encode_buf)
                     seq[0] += count
                     throttle.report(shared.done, shared.read)
+                if writer is not None:
+                    writer.write(win_h, win_z)
             if verify:
                 applier.drain()
                 _verify_written(applier, written, block_size)
             applier.finish()
         st = applier.state
-        if new_cache is not None:
-            Signature(block_size, src_size, "xxh3-128", new_cache[0], new_cache[1]).save(signature_cache)
+        if writer is not None:
+            writer.commit()  # after the target is durable: the cache never runs ahead of it
         bytes_read = shared.read + dst_read.read
     except BaseException:
+        if writer is not None:
+            writer.abort()
         if created:
             with contextlib.suppress(OSError):
                 os.unlink(dst)
         raise
     finally:
         os.close(src_fd)
+        if cached is not None:
+            cached.close()
     throttle.report(total, shared.read, finished=True)
     return ResyncStats(int(bytes_read), int(st.data_bytes), int(st.zero_bytes), changed_blocks,
                        time.monotonic() - start, applier.journal.bytes, cached is not None, src_size)

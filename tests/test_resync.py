@@ -179,3 +179,60 @@ def test_failed_first_copy_leaves_nothing(tmp_path):
     with pytest.raises(pydr.Cancelled):
         pydr.resync(src, tmp_path / "new", cancel=ev)
     assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+@pytest.mark.parametrize("new_size", [(1 << 20) + 333, (1 << 20) + 100_000, 500_000])
+def test_streamed_cache_across_windows(tmp_path, monkeypatch, new_size):
+    """Small windows: the cache is read and written in many pieces, and ends
+    equal to a full signature of the target, also when the image grows or
+    shrinks."""
+    from pydr import sync as R
+
+    monkeypatch.setattr(R, "WINDOW", 64 << 10)
+    rng = random.Random(new_size)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    a = rng.randbytes((1 << 20) + 333)
+    dst.write_bytes(a)
+    src.write_bytes(a)
+    pydr.resync(src, dst, signature_cache=cache)
+    b = bytearray(a[:new_size]) + rng.randbytes(max(0, new_size - len(a)))
+    for off in range(1000, min(len(b), 900_000), 70_001):
+        b[off] ^= 0xFF
+    b[200_000:270_000] = bytes(70_000)
+    src.write_bytes(bytes(b))
+    stats = pydr.resync(src, dst, signature_cache=cache)
+    assert stats.used_cache
+    assert dst.read_bytes() == bytes(b)
+    assert pydr.Signature.load(cache) == pydr.signature(dst, block_size=4096)
+
+
+def test_changed_extents_with_cache_keeps_the_other_hashes(tmp_path, monkeypatch):
+    from pydr import sync as R
+
+    monkeypatch.setattr(R, "WINDOW", 256 << 10)
+    rng = random.Random(12)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    a = rng.randbytes(2 << 20)
+    src.write_bytes(a)
+    dst.write_bytes(a)
+    pydr.resync(src, dst, signature_cache=cache)
+    b = bytearray(a)
+    b[300_000:300_010] = b"0123456789"
+    b[1_500_000:1_600_000] = rng.randbytes(100_000)
+    src.write_bytes(bytes(b))
+    stats = pydr.resync(src, dst, signature_cache=cache,
+                        changed_extents=[(300_000, 10), (1_500_000, 100_000)])
+    assert stats.used_cache and dst.read_bytes() == bytes(b)
+    assert stats.bytes_read < 200_000  # only the extents of the source were read
+    assert pydr.Signature.load(cache) == pydr.signature(dst, block_size=4096)
+
+
+def test_cache_of_another_block_size_is_not_used(tmp_path):
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    a = os.urandom(300_000)
+    src.write_bytes(a)
+    dst.write_bytes(a)
+    pydr.signature(dst, block_size=8192).save(cache)
+    stats = pydr.resync(src, dst, signature_cache=cache)
+    assert not stats.used_cache
+    assert pydr.Signature.load(cache).block_size == 4096
