@@ -168,8 +168,10 @@ class Applier:
         if self._writer_error is not None:
             raise self._writer_error
 
-    def finish(self):
-        """Shrink if needed, make the target durable, commit, drop the journal."""
+    def finish(self, keep_journal=None):
+        """Shrink if needed, make the target durable, commit, and drop the
+        journal -- or, with keep_journal=PATH, move the committed journal
+        there: it is the reverse delta of this apply (a recovery point)."""
         self.drain()
         if self.result_size < self.base_size:
             self._journal_tail()
@@ -178,7 +180,10 @@ class Applier:
             os.ftruncate(self.fd, self.result_size)
         os.fdatasync(self.fd)
         self.journal.commit()
-        self.journal.remove()
+        if keep_journal is None:
+            self.journal.remove()
+        else:
+            self.journal.keep_as(os.fspath(keep_journal))
         self.finished = True
 
     def _journal_tail(self):

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 from . import __version__
 from . import errors as E
@@ -30,6 +31,9 @@ exit status:
   11   an interrupted apply is pending on the target (pydr apply again, or pydr rollback)
   12   the target already holds the delta's result
   13   source and target are the same file
+  14   not a vault, or the vault is locked by another pydr
+  15   the operation is not valid in the item's current state
+  16   a quiesce or thaw hook failed
   130  interrupted or cancelled
 """
 
@@ -376,6 +380,151 @@ def cmd_resync(args):
     return 0
 
 
+def _vault_dir(args):
+    directory = args.vault or os.environ.get("PYDR_VAULT")
+    if not directory:
+        raise ValueError("no vault: give --vault DIR or set PYDR_VAULT")
+    return directory
+
+
+def _ts(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) if t else None
+
+
+def cmd_vault_init(args):
+    from .vault import init_vault
+
+    init_vault(args.dir)
+    if args.json:
+        _print_json({"vault": args.dir})
+    else:
+        print(f"vault created in {args.dir}")
+    return 0
+
+
+def _parse_disk(text):
+    if "=" not in text:
+        raise ValueError(f"--disk wants SOURCE=REPLICA, not {text!r}")
+    source, replica = text.split("=", 1)
+    if not source or not replica:
+        raise ValueError(f"--disk wants SOURCE=REPLICA, not {text!r}")
+    return source, replica
+
+
+def cmd_protect(args):
+    from .vault import Vault
+
+    disks = [_parse_disk(d) for d in args.disk]
+    with Vault(_vault_dir(args), writer=True) as v:
+        v.protect(args.item, disks, group=args.group, retention=args.retention,
+                  quiesce_hook=args.quiesce_hook, thaw_hook=args.thaw_hook)
+        status = v.status(args.item)
+    if args.json:
+        _print_json(status)
+    else:
+        print(f"{args.item}: protected ({len(disks)} disks), state {status['state']}; "
+              f"run 'pydr replicate {args.item}' for the initial replication")
+    return 0
+
+
+def cmd_replicate(args):
+    from .replication import replicate
+    from .vault import Vault
+
+    with Vault(_vault_dir(args), writer=True) as v:
+        if args.all:
+            names = v.items()
+            if not names:
+                raise ValueError("the vault protects no items")
+            groups = {}
+            for n in names:
+                groups.setdefault(v.item(n)["grp"] or f"item:{n}", []).append(n)
+            batches = list(groups.values())
+        elif args.group:
+            batches = [v.items(group=args.group)]
+        elif args.item:
+            row = v.item(args.item)
+            batches = [v.items(group=row["grp"]) if row["grp"] else [args.item]]
+        else:
+            raise ValueError("give ITEM, --group G or --all")
+        bar = _bar("replicate", args)
+        results = []
+        try:
+            for names in batches:
+                results.append(replicate(v, names, app_consistent=args.app_consistent,
+                                         progress=bar))
+        finally:
+            bar.close()
+    if args.json:
+        _print_json([r._asdict() for r in results])
+    else:
+        for r in results:
+            print(f"point {r.point_id} ({r.consistency}) for {', '.join(r.items)}: "
+                  f"{human_bytes(r.bytes_written)} written, {human_bytes(r.bytes_read)} read "
+                  f"in {r.seconds:.3f} s")
+    return 0
+
+
+def cmd_points(args):
+    from .vault import Vault
+
+    with Vault(_vault_dir(args)) as v:
+        points = v.points(args.item)
+    out = [{"id": p["id"], "created": _ts(p["created"]), "consistency": p["consistency"],
+            "bytes": p["bytes"]} for p in points]
+    if args.json:
+        _print_json(out)
+    else:
+        for p in out:
+            print(f"{p['id']:>6}  {p['created']}  {p['consistency']:<16}  {human_bytes(p['bytes'])}")
+    return 0
+
+
+def cmd_status(args):
+    from .vault import Vault
+
+    with Vault(_vault_dir(args)) as v:
+        names = [args.item] if args.item else v.items()
+        statuses = [v.status(n) for n in names]
+    if args.json:
+        _print_json(statuses[0] if args.item else statuses)
+    else:
+        for st in statuses:
+            print(f"{st['item']}: {st['state']}, {st['direction']}, health {st['health']}, "
+                  f"{st['points']} points" + (f", last error: {st['last_error']}" if st["last_error"] else ""))
+    return 0
+
+
+def cmd_jobs(args):
+    from .vault import Vault
+
+    with Vault(_vault_dir(args)) as v:
+        jobs = v.jobs()
+    out = [{**j, "started": _ts(j["started"]), "ended": _ts(j["ended"])} for j in jobs]
+    if args.json:
+        _print_json(out)
+    else:
+        for j in out:
+            print(f"{j['id']:>5}  {j['kind']:<10} {j['item'] or '':<16} {j['state']:<10} "
+                  f"{j['progress'] * 100:5.1f}%  {human_bytes(j['bytes_transferred'])}"
+                  + (f"  {j['error']}" if j["error"] else ""))
+    return 0
+
+
+def cmd_materialize(args):
+    from .replication import materialize
+    from .vault import Vault
+
+    with Vault(_vault_dir(args), writer=True) as v:
+        paths = materialize(v, args.item, args.point, args.to)
+    if args.json:
+        _print_json({"item": args.item, "point": args.point, "paths": paths})
+    else:
+        for p in paths:
+            print(p)
+    return 0
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -586,6 +735,87 @@ def build_parser():
     p.add_argument("new", metavar="NEW", help="signature file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_diff)
+
+    vault_help = "vault directory (default: $PYDR_VAULT)"
+    p = sub.add_parser("vault", formatter_class=fmt, help="create a vault",
+                       description="Create a vault: the directory that holds pydr's replication "
+                                   "state (SQLite, WAL),\nundo steps and signature caches.",
+                       epilog=EXIT_STATUS)
+    vsub = p.add_subparsers(dest="vault_command", metavar="init")
+    vsub.required = True
+    q = vsub.add_parser("init", help="create an empty vault in DIR")
+    q.add_argument("dir", metavar="DIR")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_vault_init)
+
+    p = sub.add_parser(
+        "protect", formatter_class=fmt, help="protect a machine's disks (a protected item)",
+        description=("Register ITEM: each --disk SOURCE=REPLICA is replicated from SOURCE (an image\n"
+                     "or block device) to REPLICA. Items sharing --group are replicated together\n"
+                     "and get recovery points with the same id. The first 'pydr replicate' is the\n"
+                     "initial replication (a sparse-aware full copy); later ones move only changes."),
+        epilog="example:\n  pydr protect web --disk /img/web-os.img=/dr/web-os.img "
+               "--disk /img/web-data.img=/dr/web-data.img --retention 48\n\n" + EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM")
+    p.add_argument("--disk", action="append", required=True, metavar="SOURCE=REPLICA")
+    p.add_argument("--group", metavar="G")
+    p.add_argument("--retention", type=positive_int, default=24, metavar="N",
+                   help="recovery points kept (default: 24)")
+    p.add_argument("--quiesce-hook", metavar="CMD", help="run before the cut (app-consistent points)")
+    p.add_argument("--thaw-hook", metavar="CMD", help="run after the cut")
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_protect)
+
+    p = sub.add_parser(
+        "replicate", formatter_class=fmt, help="run a replication cycle: ends in a recovery point",
+        description=("Replicate ITEM (with the rest of its group), a --group, or --all items, and\n"
+                     "record a recovery point. Each disk moves only the blocks that changed since the\n"
+                     "last cycle (compared with the replica's signature cache), through the crash-safe\n"
+                     "undo journal of 'pydr apply'; that journal is kept as the point's reverse delta."),
+        epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM", nargs="?")
+    p.add_argument("--group", metavar="G")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--app-consistent", action="store_true",
+                   help="run the items' quiesce hooks before and thaw hooks after reading")
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=cmd_replicate)
+
+    p = sub.add_parser("points", formatter_class=fmt, help="list an item's recovery points",
+                       description="List ITEM's recovery points, oldest first.", epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM")
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_points)
+
+    p = sub.add_parser("status", formatter_class=fmt, help="state, direction and health of items",
+                       description="Show ITEM's (or every item's) state, direction and health.",
+                       epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM", nargs="?")
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("jobs", formatter_class=fmt, help="list jobs (also while they run)",
+                       description="List every job: kind, item, state, progress and bytes moved.",
+                       epilog=EXIT_STATUS)
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser(
+        "materialize", formatter_class=fmt, help="write a recovery point's disks into a directory",
+        description=("Write each disk of ITEM as it was at recovery point P into DIR, named like\n"
+                     "its replica. The replicas are not touched."), epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM")
+    p.add_argument("--point", type=int, required=True, metavar="P")
+    p.add_argument("--to", required=True, metavar="DIR")
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_materialize)
 
     p = sub.add_parser(
         "demo",

@@ -120,6 +120,27 @@ class Journal:
             os.close(self.fd)
             self.fd = None
 
+    def keep_as(self, dest):
+        """Move the committed journal to `dest` (copied if it is on another
+        file system), durably, and remove it from beside the target."""
+        import shutil
+
+        self.close()
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        try:
+            os.replace(self.path, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = dest + ".tmp"
+            shutil.copyfile(self.path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+            os.unlink(self.path)
+        _fsync_dir(dest)
+        _fsync_dir(self.path)
+
     def remove(self):
         self.close()
         os.unlink(self.path)

@@ -78,7 +78,8 @@ def _coalesce(ranges, block_size, limit):
 
 
 def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
-           changed_extents=None, verify=False, threads=None, progress=None, cancel=None):
+           changed_extents=None, verify=False, threads=None, progress=None, cancel=None,
+           keep_undo=None):
     """Make `dst` byte-identical to `src`; returns ResyncStats. A missing
     `dst` is created (and removed again if the first resync fails).
 
@@ -87,7 +88,9 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     target, and rewritten after every resync. ``changed_extents``: (offset,
     length) byte ranges of the source that may have changed (from a change
     tracker); only those are compared. ``verify`` reads back every written
-    range and compares hashes before the resync is committed.
+    range and compares hashes before the resync is committed. ``keep_undo``:
+    a path where the committed undo journal is kept (the reverse delta that
+    turns the new target back into the old one) instead of being deleted.
     """
     import numpy as np
 
@@ -211,7 +214,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             if verify:
                 applier.drain()
                 _verify_written(applier, written, block_size)
-            applier.finish()
+            applier.finish(keep_journal=keep_undo)
         st = applier.state
         if writer is not None:
             writer.commit()  # after the target is durable: the cache never runs ahead of it

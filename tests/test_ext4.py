@@ -42,11 +42,17 @@ def fsck_clean(img):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def change(img, tmp_path):
+def change(img, tmp_path, tag=0):
+    """Write, remove and create files with debugfs. Each `tag` uses its own
+    names: debugfs damages a file system when told to mkdir an existing
+    directory, so a disk changed twice needs a new tag."""
     local = tmp_path / "payload.bin"
     local.write_bytes(os.urandom(3 << 20))
-    debugfs(img, f"write {local} /var/log/new.bin", "rm /etc/conf3.txt", "mkdir /srv",
-            f"write {local} /srv/copy.bin", "rm /var/log/big.bin", tmp_path=tmp_path)
+    commands = [f"write {local} /var/log/new{tag}.bin", f"rm /etc/conf{3 + tag}.txt",
+                f"mkdir /srv{tag}", f"write {local} /srv{tag}/copy.bin"]
+    if tag == 0:
+        commands.append("rm /var/log/big.bin")
+    debugfs(img, *commands, tmp_path=tmp_path)
 
 
 def test_resync_ext4(tmp_path):

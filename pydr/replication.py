@@ -1,0 +1,209 @@
+"""Replication cycles, recovery points, retention and materialisation.
+
+A cycle replicates every disk of one or more items (a replication group) and
+ends in one recovery point per item, all with the same id. The first cycle of
+an item is its initial replication (a sparse-aware full copy through resync);
+every later one is a delta cycle that compares each source with the replica's
+signature cache (the replica is not re-read) and keeps its undo journal as
+the disk's next undo step.
+
+Consistency: a point is "app-consistent" when the item's quiesce hook
+succeeded before the sources were read and the thaw hook ran after;
+otherwise "crash-consistent", which holds only if nothing writes to the
+sources during the cycle (pydr does not snapshot them yet; see README).
+"""
+
+import os
+import subprocess
+import time
+
+from . import journal as J
+from .errors import PydrError
+from .progress import Record
+from .sync import resync
+from .vault import HookFailed, InvalidState
+
+JOB_UPDATE_INTERVAL = 0.5
+
+
+class CycleResult(Record):
+    """point_id, items, bytes_written, bytes_read, seconds, consistency, jobs."""
+
+    _fields = ("point_id", "items", "bytes_written", "bytes_read", "seconds", "consistency",
+               "jobs")
+    __slots__ = _fields
+
+
+def _run_hook(command, item, what):
+    if not command:
+        return
+    r = subprocess.run(command, shell=True, capture_output=True, text=True)
+    if r.returncode != 0:
+        detail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+        raise HookFailed(f"{what} hook of {item!r} failed (exit {r.returncode}): {detail[0]}",
+                         path=command)
+
+
+def replicate(vault, names, *, app_consistent=False, progress=None, threads=None):
+    """Run one replication cycle for the items `names` (one point id shared
+    by all of them). Returns CycleResult. Each item gets a job; a failure
+    marks its job failed and the item's health critical, then re-raises."""
+    start = time.monotonic()
+    rows = [vault.item(n) for n in names]
+    for row in rows:
+        if row["direction"] != "forward" or row["state"] not in ("protecting", "protected",
+                                                                 "resync-required"):
+            raise InvalidState(f"item {row['name']!r} cannot replicate in state {row['state']}",
+                               path=vault.dir)
+    if app_consistent:
+        missing = [r["name"] for r in rows if not r["quiesce_hook"]]
+        if missing:
+            raise InvalidState(f"--app-consistent needs quiesce/thaw hooks; items without: "
+                               f"{', '.join(missing)}", path=vault.dir)
+    point_id = vault.next_point_id()
+    jobs = {r["name"]: vault.start_job("replicate", r["name"]) for r in rows}
+    quiesced = []
+    totals = {"written": 0, "read": 0}
+    try:
+        if app_consistent:
+            for r in rows:
+                _run_hook(r["quiesce_hook"], r["name"], "quiesce")
+                quiesced.append(r)
+        plans = []
+        for r in rows:
+            for d in vault.disks(r["name"]):
+                if not os.path.exists(d["source"]):
+                    raise FileNotFoundError(2, "source disk not found", d["source"])
+                plans.append((r, d))
+        total = sum(os.path.getsize(d["source"]) for _, d in plans) or 1
+        done_before = 0
+        per_item_bytes = {r["name"]: 0 for r in rows}
+        new_steps = []
+        for r, d in plans:
+            name, idx = r["name"], d["idx"]
+            has_point = bool(vault.points(name))
+            step = vault.current_step(name, idx) + 1
+            keep = vault.step_path(name, idx, step) if has_point else None
+            last = [0.0]
+
+            def on_progress(rec, name=name, base=done_before):
+                now = time.monotonic()
+                if now - last[0] >= JOB_UPDATE_INTERVAL or rec.finished:
+                    last[0] = now
+                    vault.update_job(jobs[name], progress=min(1.0, (base + rec.done_bytes) / total))
+                if progress is not None:
+                    progress(rec)
+
+            cache = vault.cache_path(name, idx)
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            st = resync(d["source"], d["replica"], signature_cache=cache, keep_undo=keep,
+                        progress=on_progress, threads=threads)
+            moved = st.bytes_written + st.bytes_zeroed
+            per_item_bytes[name] += moved
+            totals["written"] += moved
+            totals["read"] += st.bytes_read
+            done_before += os.path.getsize(d["source"])
+            if keep is not None:
+                new_steps.append((name, idx, step, keep))
+                vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
+                                 (name, idx, step, keep, os.path.getsize(keep)))
+            vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
+    except BaseException as exc:
+        for r in rows:
+            vault.end_job(jobs[r["name"]], "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
+                          error=str(exc), bytes_transferred=None)
+            health = "critical" if not _recoverable(exc) else "warning"
+            vault.set_item(r["name"], health=health, last_error=str(exc))
+        raise
+    finally:
+        for r in quiesced:
+            try:
+                _run_hook(r["thaw_hook"], r["name"], "thaw")
+            except HookFailed as exc:
+                vault.set_item(r["name"], health="warning", last_error=str(exc))
+    consistency = "app-consistent" if app_consistent else "crash-consistent"
+    now = time.time()
+    with vault.db:
+        vault.db.execute("BEGIN IMMEDIATE")
+        for r in rows:
+            name = r["name"]
+            vault.db.execute("INSERT INTO points VALUES (?,?,?,?,?)",
+                             (point_id, name, now, consistency, per_item_bytes[name]))
+            for d in vault.disks(name):
+                vault.db.execute("INSERT INTO point_disks VALUES (?,?,?,?)",
+                                 (point_id, name, d["idx"], vault.current_step(name, d["idx"])))
+            vault.set_item(name, state="protected", health="ok", last_error=None)
+    for r in rows:
+        apply_retention(vault, r["name"])
+        vault.end_job(jobs[r["name"]], "succeeded", bytes_transferred=per_item_bytes[r["name"]])
+    return CycleResult(point_id, [r["name"] for r in rows], totals["written"], totals["read"],
+                       time.monotonic() - start, consistency, list(jobs.values()))
+
+
+def _recoverable(exc):
+    """I/O hiccups, no space, timeouts: retried later. The rest needs an operator."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ENOSPC, errno.EAGAIN,
+                                                  errno.ETIMEDOUT, errno.ECONNRESET):
+        return True
+    return False
+
+
+def apply_retention(vault, name):
+    """Drop the oldest points beyond the item's retention, and the undo steps
+    that only they needed (the oldest kept point needs none of its own)."""
+    keep = vault.item(name)["retention"]
+    points = vault.points(name)
+    drop = points[:max(0, len(points) - keep)]
+    with vault.db:
+        vault.db.execute("BEGIN IMMEDIATE")
+        for p in drop:
+            vault.db.execute("DELETE FROM points WHERE item=? AND id=?", (name, p["id"]))
+            vault.db.execute("DELETE FROM point_disks WHERE item=? AND id=?", (name, p["id"]))
+        doomed = []
+        for d in vault.disks(name):
+            row = vault.db.execute("SELECT MIN(step) FROM point_disks WHERE item=? AND idx=?",
+                                   (name, d["idx"])).fetchone()
+            oldest = row[0] if row[0] is not None else vault.current_step(name, d["idx"])
+            for s in vault.db.execute("SELECT step, path FROM steps WHERE item=? AND idx=? AND step<=?",
+                                      (name, d["idx"], oldest)).fetchall():
+                doomed.append(s["path"])
+                vault.db.execute("DELETE FROM steps WHERE item=? AND idx=? AND step=?",
+                                 (name, d["idx"], s["step"]))
+    for path in doomed:  # after the commit: a crash here leaves files the next open removes
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def materialize(vault, name, point_id, directory, *, threads=None):
+    """Write each disk of `name` as it was at recovery point `point_id` into
+    `directory`, as DIR/<replica file name>. Returns the paths written."""
+    vault.point(name, point_id)
+    os.makedirs(directory, exist_ok=True)
+    out = []
+    for d in vault.disks(name):
+        row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
+                               (name, point_id, d["idx"])).fetchone()
+        steps = vault.db.execute(
+            "SELECT step, path FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
+            (name, d["idx"], row["step"])).fetchall()
+        dest = os.path.join(directory, os.path.basename(d["replica"]))
+        if os.path.exists(dest) and os.path.samefile(dest, d["replica"]):
+            raise InvalidState("refusing to materialise over the replica itself", path=dest)
+        if os.path.exists(dest):
+            os.unlink(dest)
+        resync(d["replica"], dest, threads=threads)  # sparse-aware copy of the latest state
+        fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for s in steps:  # newest first: each takes the copy one cycle back
+                header, committed = J.read_journal(s["path"])
+                if header is None or not committed:
+                    raise PydrError("undo step is damaged", path=s["path"])
+                J.rollback_fd(fd, s["path"], dest, False)
+        finally:
+            os.close(fd)
+        out.append(dest)
+    return out
