@@ -451,8 +451,16 @@ def cmd_replicate(args):
         results = []
         try:
             for names in batches:
-                results.append(replicate(v, names, app_consistent=args.app_consistent,
-                                         progress=bar))
+                kwargs = {"app_consistent": args.app_consistent, "progress": bar,
+                          "resync_all": args.resync}
+                if args.retry:
+                    from .replication import replicate_with_retry
+                    from .retry import RetryPolicy
+
+                    policy = RetryPolicy(max_attempts=args.max_attempts)
+                    results.append(replicate_with_retry(v, names, policy=policy, **kwargs))
+                else:
+                    results.append(replicate(v, names, **kwargs))
         finally:
             bar.close()
     if args.json:
@@ -779,6 +787,14 @@ def build_parser():
     p.add_argument("--all", action="store_true")
     p.add_argument("--app-consistent", action="store_true",
                    help="run the items' quiesce hooks before and thaw hooks after reading")
+    p.add_argument("--resync", action="store_true",
+                   help="compare both sides by checksum (re-read the replicas); needed for items "
+                        "in state resync-required")
+    p.add_argument("--retry", action="store_true",
+                   help="retry recoverable errors (I/O, space, connection, timeout) at 1, 2, 4, 8 "
+                        "and 10 minutes after the first attempt, then every 30 minutes")
+    p.add_argument("--max-attempts", type=positive_int, default=None, metavar="N",
+                   help="with --retry, give up after N attempts")
     p.add_argument("--vault", metavar="DIR", help=vault_help)
     p.add_argument("--json", action="store_true")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)

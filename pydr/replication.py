@@ -13,6 +13,7 @@ otherwise "crash-consistent", which holds only if nothing writes to the
 sources during the cycle (pydr does not snapshot them yet; see README).
 """
 
+import contextlib
 import os
 import subprocess
 import time
@@ -44,10 +45,27 @@ def _run_hook(command, item, what):
                          path=command)
 
 
-def replicate(vault, names, *, app_consistent=False, progress=None, threads=None):
+RESYNC_THRESHOLD = 0.5  # pending changes above this share of a disk need a resync
+
+
+def mark_resync_required(vault, name, reason):
+    vault.set_item(name, state="resync-required", health="warning", last_error=reason)
+
+
+def replicate(vault, names, *, app_consistent=False, progress=None, threads=None,
+              resync_all=False, changed_extents=None, tracking_lost=False):
     """Run one replication cycle for the items `names` (one point id shared
     by all of them). Returns CycleResult. Each item gets a job; a failure
-    marks its job failed and the item's health critical, then re-raises."""
+    marks its job failed and the item's health critical (or warning when the
+    error is recoverable), then re-raises.
+
+    ``changed_extents``: {item: {disk index: [(offset, length), ...]}} from a
+    change tracker; only those ranges are compared. ``tracking_lost``: the
+    tracker was reset (or the source shut down uncleanly). Either that, or
+    pending changes above half a disk, marks the items resync-required, and
+    only ``resync_all=True`` (``--resync``: a checksum comparison of both
+    sides, the replica re-read) replicates them then.
+    """
     start = time.monotonic()
     rows = [vault.item(n) for n in names]
     for row in rows:
@@ -55,12 +73,27 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                                                                  "resync-required"):
             raise InvalidState(f"item {row['name']!r} cannot replicate in state {row['state']}",
                                path=vault.dir)
+    if tracking_lost:
+        for r in rows:
+            mark_resync_required(vault, r["name"], "change tracking was lost")
+    for r in rows:
+        for d in vault.disks(r["name"]) if changed_extents and r["name"] in changed_extents else ():
+            pending = sum(int(n) for _, n in changed_extents[r["name"]].get(d["idx"], ()))
+            size = os.path.getsize(d["source"]) if os.path.exists(d["source"]) else 0
+            if size and pending > RESYNC_THRESHOLD * size:
+                mark_resync_required(vault, r["name"],
+                                     f"pending changes ({pending} bytes) exceed half of {d['source']}")
+    rows = [vault.item(n) for n in names]
+    if not resync_all:
+        stuck = [r["name"] for r in rows if r["state"] == "resync-required"]
+        if stuck:
+            raise InvalidState(f"{', '.join(stuck)} needs a resync: run 'pydr replicate "
+                               f"{stuck[0]} --resync'", path=vault.dir)
     if app_consistent:
         missing = [r["name"] for r in rows if not r["quiesce_hook"]]
         if missing:
             raise InvalidState(f"--app-consistent needs quiesce/thaw hooks; items without: "
                                f"{', '.join(missing)}", path=vault.dir)
-    point_id = vault.next_point_id()
     jobs = {r["name"]: vault.start_job("replicate", r["name"]) for r in rows}
     quiesced = []
     totals = {"written": 0, "read": 0}
@@ -96,8 +129,15 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
 
             cache = vault.cache_path(name, idx)
             os.makedirs(os.path.dirname(cache), exist_ok=True)
+            extents = None
+            if resync_all:
+                # compare both sides: the replica is read again, the cache rebuilt
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(cache)
+            elif changed_extents and name in changed_extents and has_point:
+                extents = changed_extents[name].get(idx, [])
             st = resync(d["source"], d["replica"], signature_cache=cache, keep_undo=keep,
-                        progress=on_progress, threads=threads)
+                        progress=on_progress, threads=threads, changed_extents=extents)
             moved = st.bytes_written + st.bytes_zeroed
             per_item_bytes[name] += moved
             totals["written"] += moved
@@ -125,6 +165,9 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
     now = time.time()
     with vault.db:
         vault.db.execute("BEGIN IMMEDIATE")
+        # allocated with the points, in one transaction: a failed cycle uses no id
+        point_id = vault.db.execute("SELECT value FROM counters WHERE name='point'").fetchone()[0] + 1
+        vault.db.execute("UPDATE counters SET value=? WHERE name='point'", (point_id,))
         for r in rows:
             name = r["name"]
             vault.db.execute("INSERT INTO points VALUES (?,?,?,?,?)",
@@ -141,13 +184,28 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
 
 
 def _recoverable(exc):
-    """I/O hiccups, no space, timeouts: retried later. The rest needs an operator."""
-    import errno
+    from .retry import recoverable
 
-    if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ENOSPC, errno.EAGAIN,
-                                                  errno.ETIMEDOUT, errno.ECONNRESET):
-        return True
-    return False
+    return recoverable(exc)
+
+
+def replicate_with_retry(vault, names, *, policy=None, **kwargs):
+    """replicate(), retried on the schedule of pydr.retry while the errors are
+    recoverable; each scheduled retry is recorded on the items (attempts,
+    next_retry) so `pydr status` shows it."""
+    from .retry import RetryPolicy
+
+    def record(attempt, when, exc):
+        for n in names:
+            vault.set_item(n, attempts=attempt, next_retry=when, last_error=str(exc))
+
+    policy = policy or RetryPolicy()
+    if policy.on_retry is None:
+        policy.on_retry = record
+    result = policy.run(lambda: replicate(vault, names, **kwargs))
+    for n in names:
+        vault.set_item(n, attempts=0, next_retry=None)
+    return result
 
 
 def apply_retention(vault, name):

@@ -67,7 +67,9 @@ CREATE TABLE items(
     quiesce_hook TEXT,
     thaw_hook TEXT,
     created REAL NOT NULL,
-    last_error TEXT
+    last_error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_retry REAL
 );
 CREATE TABLE disks(
     item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
@@ -252,7 +254,7 @@ class Vault:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
-                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,NULL)",
+                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,NULL,0,NULL)",
                 (name, group, "protecting", "forward", "ok", retention, quiesce_hook, thaw_hook,
                  time.time()))
             for i, (source, replica) in enumerate(disks):
@@ -292,6 +294,8 @@ class Vault:
             "points": len(points),
             "latest_point": points[-1]["id"] if points else None,
             "last_error": row["last_error"],
+            "failed_attempts": row["attempts"],
+            "next_retry": row["next_retry"],
         }
 
     # -- points and steps --------------------------------------------------------
@@ -306,13 +310,6 @@ class Vault:
         if row is None:
             raise UnknownName(f"item {name!r} has no recovery point {point_id}", path=self.dir)
         return row
-
-    def next_point_id(self):
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            value = self.db.execute("SELECT value FROM counters WHERE name='point'").fetchone()[0] + 1
-            self.db.execute("UPDATE counters SET value=? WHERE name='point'", (value,))
-        return value
 
     def current_step(self, name, idx):
         """The latest undo step of a disk, or 0 (only the initial copy)."""
