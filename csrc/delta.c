@@ -217,9 +217,11 @@ static int all_zero(const uint8_t *p, size_t n)
 int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
                 const uint64_t *base_hashes, size_t n, uint64_t first_seq,
                 uint8_t *out, size_t cap, size_t *used, size_t *done,
+                uint32_t block_size, uint64_t *payload_hashes,
+                size_t payload_hashes_cap, size_t *payload_hashes_used,
                 uint64_t *error_offset)
 {
-    size_t pos = 0, i = 0;
+    size_t pos = 0, i = 0, hpos = 0;
     *error_offset = 0;
     for (; i < n; i++) {
         pydr_record r;
@@ -231,7 +233,9 @@ int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
         }
         r.type = zero[i] ? PYDR_RECORD_ZERO : PYDR_RECORD_DATA;
         size_t size = PYDR_RECORD_HEADER + (r.type == PYDR_RECORD_DATA ? r.length : 0);
-        if (cap - pos < size)
+        size_t nb = r.type == PYDR_RECORD_DATA && block_size
+                        ? (size_t)((r.length + block_size - 1) / block_size) : 0;
+        if (cap - pos < size || (payload_hashes && payload_hashes_cap - hpos < 2 * nb))
             break;
         r.base_hash[0] = base_hashes[2 * i];
         r.base_hash[1] = base_hashes[2 * i + 1];
@@ -243,15 +247,31 @@ int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
             if (rc) {
                 *used = pos;
                 *done = i;
+                if (payload_hashes_used)
+                    *payload_hashes_used = hpos;
                 return rc;
             }
             r.payload_hash = XXH3_64bits(payload, (size_t)r.length);
+            if (payload_hashes) {
+                /* the blocks as read now: the source may have changed since
+                 * it was signed, and a signature cache must describe what
+                 * the target receives */
+                for (size_t b = 0; b < nb; b++) {
+                    size_t off = b * block_size;
+                    size_t len = r.length - off < block_size ? (size_t)(r.length - off) : block_size;
+                    XXH128_hash_t h = XXH3_128bits(payload + off, len);
+                    payload_hashes[hpos++] = h.low64;
+                    payload_hashes[hpos++] = h.high64;
+                }
+            }
         }
         pydr_record_build(out + pos, &r);
         pos += size;
     }
     *used = pos;
     *done = i;
+    if (payload_hashes_used)
+        *payload_hashes_used = hpos;
     return 0;
 }
 

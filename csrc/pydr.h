@@ -199,10 +199,16 @@ PYDR_API void pydr_hashes_digest_ranges(const uint64_t *hashes, size_t nblocks,
 /* Encodes extents of src_fd as records into out[0, cap): ZERO where zero[i],
  * else DATA read from src_fd; base_hashes gives 2 words per extent; records
  * are numbered from first_seq. Stops at the first record that does not fit:
- * *done extents were written in *used bytes. */
+ * *done extents were written in *used bytes. If payload_hashes is not NULL,
+ * the XXH3-128 of every block_size block of every DATA payload, as read,
+ * is appended there (2 words per block, in extent order; *payload_hashes_used
+ * words in all): what the target will hold, even if the source changed
+ * since it was signed. */
 PYDR_API int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
                          const uint64_t *base_hashes, size_t n, uint64_t first_seq,
                          uint8_t *out, size_t cap, size_t *used, size_t *done,
+                         uint32_t block_size, uint64_t *payload_hashes,
+                         size_t payload_hashes_cap, size_t *payload_hashes_used,
                          uint64_t *error_offset);
 
 typedef struct pydr_apply_state {

@@ -227,17 +227,26 @@ def blocks_digest(data, block_size):
     return int(out[0]), int(out[1])
 
 
-def encode(src_fd, extents, zero, base_hashes, first_seq, out, path=None):
-    """Encode as many extents as fit into `out`; returns (used, done)."""
+def encode(src_fd, extents, zero, base_hashes, first_seq, out, path=None, block_size=0,
+           payload_hashes=None):
+    """Encode as many extents as fit into `out`; returns (used, done, hash
+    words written to payload_hashes, a writable uint64 buffer, if given)."""
     used, done, err = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint64_t *")
+    hused = ffi.new("size_t *")
     n = len(zero)
     with ffi.from_buffer("uint64_t[]", extents) as e, ffi.from_buffer("uint8_t[]", zero) as z, \
             ffi.from_buffer("uint64_t[]", base_hashes) as b, \
             ffi.from_buffer("uint8_t[]", out, require_writable=True) as o:
-        rc = lib.pydr_encode(src_fd, e, z, b, n, first_seq, o, len(o), used, done, err)
+        if payload_hashes is None:
+            rc = lib.pydr_encode(src_fd, e, z, b, n, first_seq, o, len(o), used, done, 0,
+                                 ffi.NULL, 0, hused, err)
+        else:
+            with ffi.from_buffer("uint64_t[]", payload_hashes, require_writable=True) as ph:
+                rc = lib.pydr_encode(src_fd, e, z, b, n, first_seq, o, len(o), used, done,
+                                     block_size, ph, len(ph), hused, err)
     if rc:
         raise_for_code(rc, path=path, offset=err[0])
-    return used[0], done[0]
+    return used[0], done[0], hused[0]
 
 
 class ApplyState:

@@ -479,12 +479,13 @@ def cmd_points(args):
     with Vault(_vault_dir(args)) as v:
         points = v.points(args.item)
     out = [{"id": p["id"], "created": _ts(p["created"]), "consistency": p["consistency"],
-            "bytes": p["bytes"]} for p in points]
+            "cut": p["cut"], "bytes": p["bytes"]} for p in points]
     if args.json:
         _print_json(out)
     else:
         for p in out:
-            print(f"{p['id']:>6}  {p['created']}  {p['consistency']:<16}  {human_bytes(p['bytes'])}")
+            print(f"{p['id']:>6}  {p['created']}  {p['consistency']:<16}  cut: {p['cut']:<8} "
+                  f"{human_bytes(p['bytes'])}")
     return 0
 
 

@@ -121,24 +121,43 @@ def encode_buffer():
     return bytearray(max(BATCH_BYTES, B.RECORD_HEADER + RECORD_SPLIT))
 
 
-def write_records(src_fd, src_path, extents, zero, base_digests, emit, first_seq=0, buf=None):
+def write_records(src_fd, src_path, extents, zero, base_digests, emit, first_seq=0, buf=None,
+                  read_hashes=None):
     """Encode extents of the source into records, BATCH_BYTES at a time,
-    calling emit(buffer) for each batch. Returns (records, data, zero) bytes."""
+    calling emit(buffer) for each batch. Returns (records, data, zero) bytes.
+
+    read_hashes=(block_size, array, first_block): the XXH3-128 of every DATA
+    block as it was read is stored into `array` (shape (n, 2)) at its block
+    index minus first_block, so a signature cache describes what the target
+    received even if the source changed after it was signed."""
     import numpy as np
 
     if buf is None:
         buf = encode_buffer()
+    bs = read_hashes[0] if read_hashes else 0
+    hbuf = np.empty(2 * (len(buf) // max(bs, 1) + 2 * len(zero) + 2),
+                    np.uint64) if read_hashes else None
     base_digests = np.frombuffer(base_digests, dtype=np.uint64)  # 2 words per extent
     k = len(zero)
     done_total = 0
     data_bytes = zero_bytes = 0
     lengths = extents[1::2]
     while done_total < k:
-        used, done = B.encode(src_fd, extents[2 * done_total:], zero[done_total:],
-                              base_digests[2 * done_total:], first_seq + done_total, buf,
-                              path=src_path)
+        used, done, hwords = B.encode(src_fd, extents[2 * done_total:], zero[done_total:],
+                                      base_digests[2 * done_total:], first_seq + done_total, buf,
+                                      path=src_path, block_size=bs, payload_hashes=hbuf)
         if done == 0:
             raise AssertionError("a record larger than the encode buffer")
+        if read_hashes:
+            seg_ext = extents[2 * done_total:2 * (done_total + done)]
+            data = ~zero[done_total:done_total + done].astype(bool)
+            starts = (seg_ext[0::2][data] // np.uint64(bs)).astype(np.int64) - read_hashes[2]
+            counts = -(-seg_ext[1::2][data].astype(np.int64) // bs)
+            if int(counts.sum()) * 2 != hwords:
+                raise AssertionError("payload hash count does not match the extents")
+            idx = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + \
+                np.arange(int(counts.sum()))
+            read_hashes[1][idx] = hbuf[:hwords].reshape(-1, 2)
         view = memoryview(buf)[:used]
         emit(view)
         view.release()

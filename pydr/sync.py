@@ -182,6 +182,29 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                                        throttle=Throttle(None, "resync", dst, 0), cancel=cancel,
                                        final_report=False)
                     dst_sig = Signature(block_size, d1 - s0, "xxh3-128", dst_h, dst_z)
+                    ext, zero = extents_between(dst_sig, src_sig)
+                    if len(zero):
+                        digests = B.hashes_digest_ranges(dst_sig.hashes, m, block_size, ext)
+                        changed_blocks += int(sum(-(-int(length) // block_size)
+                                                  for length in ext[1::2]))
+                        if verify:
+                            src_d = B.hashes_digest_ranges(src_sig.hashes, n, block_size, ext)
+                            written += [(int(ext[2 * i]) + s0, int(ext[2 * i + 1]),
+                                         bytes(src_d[16 * i:16 * i + 16])) for i in range(len(zero))]
+                        ext = ext.copy()
+                        ext[0::2] += np.uint64(s0)  # offsets only: ext is [offset, length] pairs
+
+                        def emit(chunk):
+                            _, count, bound, _ = B.records_scan(chunk)
+                            applier.submit(chunk, bound, count)
+
+                        # read_hashes: src_h gets the hashes of the blocks as read now,
+                        # which is what the target receives (the source may have changed
+                        # since it was signed); the signature cache is made from src_h
+                        count, _, _ = write_records(
+                            src_fd, os.fspath(src), ext, zero, digests, emit, first_seq=seq[0],
+                            buf=encode_buf, read_hashes=(block_size, src_sig.hashes, s0 // block_size))
+                        seq[0] += count
                     if writer is not None:
                         if win_h is None:
                             win_h, win_z = src_h, src_z
@@ -189,25 +212,6 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                             b = (s0 - w0) // block_size
                             win_h[16 * b:16 * (b + n)] = src_h
                             win_z[b:b + n] = src_z
-                    ext, zero = extents_between(dst_sig, src_sig)
-                    if not len(zero):
-                        continue
-                    digests = B.hashes_digest_ranges(dst_sig.hashes, m, block_size, ext)
-                    changed_blocks += int(sum(-(-int(length) // block_size) for length in ext[1::2]))
-                    if verify:
-                        src_d = B.hashes_digest_ranges(src_sig.hashes, n, block_size, ext)
-                        written += [(int(ext[2 * i]) + s0, int(ext[2 * i + 1]), bytes(src_d[16 * i:16 * i + 16]))
-                                    for i in range(len(zero))]
-                    ext = ext.copy()
-                    ext[0::2] += np.uint64(s0)  # offsets only: ext is [offset, length] pairs
-
-                    def emit(chunk):
-                        _, count, bound, _ = B.records_scan(chunk)
-                        applier.submit(chunk, bound, count)
-
-                    count, _, _ = write_records(src_fd, os.fspath(src), ext, zero, digests, emit,
-                                                first_seq=seq[0], buf=encode_buf)
-                    seq[0] += count
                     throttle.report(shared.done, shared.read)
                 if writer is not None:
                     writer.write(win_h, win_z)

@@ -92,6 +92,7 @@ CREATE TABLE points(
     created REAL NOT NULL,
     consistency TEXT NOT NULL,
     bytes INTEGER NOT NULL,
+    cut TEXT NOT NULL,
     PRIMARY KEY(id, item)
 );
 CREATE TABLE point_disks(
@@ -302,7 +303,8 @@ class Vault:
     def points(self, name):
         self.item(name)
         return [dict(r) for r in self.db.execute(
-            "SELECT id, created, consistency, bytes FROM points WHERE item=? ORDER BY id", (name,))]
+            "SELECT id, created, consistency, bytes, cut FROM points WHERE item=? ORDER BY id",
+            (name,))]
 
     def point(self, name, point_id):
         row = self.db.execute("SELECT * FROM points WHERE item=? AND id=?",

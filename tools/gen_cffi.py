@@ -89,6 +89,8 @@ void pydr_hashes_digest_ranges(const uint64_t *hashes, size_t nblocks,
 int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
                 const uint64_t *base_hashes, size_t n, uint64_t first_seq,
                 uint8_t *out, size_t cap, size_t *used, size_t *done,
+                uint32_t block_size, uint64_t *payload_hashes,
+                size_t payload_hashes_cap, size_t *payload_hashes_used,
                 uint64_t *error_offset);
 
 typedef struct pydr_apply_state {
