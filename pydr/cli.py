@@ -60,6 +60,19 @@ def parse_size(text):
     return value
 
 
+def parse_duration(text):
+    """'90', '90s', '15m', '72h', '7d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 90s, 15m, 72h, 7d)")
+    return value
+
+
 def positive_int(text):
     try:
         value = int(text)
@@ -417,7 +430,8 @@ def cmd_protect(args):
     disks = [_parse_disk(d) for d in args.disk]
     with Vault(_vault_dir(args), writer=True) as v:
         v.protect(args.item, disks, group=args.group, retention=args.retention,
-                  quiesce_hook=args.quiesce_hook, thaw_hook=args.thaw_hook)
+                  retention_age=args.retention_age, quiesce_hook=args.quiesce_hook,
+                  thaw_hook=args.thaw_hook)
         status = v.status(args.item)
     if args.json:
         _print_json(status)
@@ -770,6 +784,8 @@ def build_parser():
     p.add_argument("--group", metavar="G")
     p.add_argument("--retention", type=positive_int, default=24, metavar="N",
                    help="recovery points kept (default: 24)")
+    p.add_argument("--retention-age", type=parse_duration, default=None, metavar="AGE",
+                   help="also drop points older than AGE (e.g. 72h, 7d; the newest is always kept)")
     p.add_argument("--quiesce-hook", metavar="CMD", help="run before the cut (app-consistent points)")
     p.add_argument("--thaw-hook", metavar="CMD", help="run after the cut")
     p.add_argument("--vault", metavar="DIR", help=vault_help)

@@ -264,12 +264,16 @@ def replicate_with_retry(vault, names, *, policy=None, **kwargs):
     return result
 
 
-def apply_retention(vault, name):
-    """Drop the oldest points beyond the item's retention, and the undo steps
-    that only they needed (the oldest kept point needs none of its own)."""
-    keep = vault.item(name)["retention"]
+def apply_retention(vault, name, now=None):
+    """Drop the points beyond the item's retention (count, and age when set;
+    the newest point always stays), and the undo steps that only they needed
+    (the oldest kept point needs none of its own)."""
+    row = vault.item(name)
     points = vault.points(name)
-    drop = points[:max(0, len(points) - keep)]
+    drop = points[:max(0, len(points) - row["retention"])]
+    if row["retention_age"] is not None and points:
+        limit = (time.time() if now is None else now) - row["retention_age"]
+        drop = [p for p in points[:-1] if p in drop or p["created"] < limit]
     with vault.db:
         vault.db.execute("BEGIN IMMEDIATE")
         for p in drop:

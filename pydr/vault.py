@@ -69,7 +69,8 @@ CREATE TABLE items(
     created REAL NOT NULL,
     last_error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    next_retry REAL
+    next_retry REAL,
+    retention_age REAL
 );
 CREATE TABLE disks(
     item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
@@ -227,14 +228,20 @@ class Vault:
                     os.unlink(path)
 
     # -- items -------------------------------------------------------------------
-    def protect(self, name, disks, *, group=None, retention=24, quiesce_hook=None, thaw_hook=None):
-        """Register an item: disks is a list of (source, replica) paths."""
+    def protect(self, name, disks, *, group=None, retention=24, retention_age=None,
+                quiesce_hook=None, thaw_hook=None):
+        """Register an item: disks is a list of (source, replica) paths.
+        Points are kept while they are among the newest `retention` and (if
+        `retention_age` seconds is given) younger than that; the newest point
+        is always kept."""
         if not name or "/" in name or name.startswith("-"):
             raise ValueError(f"invalid item name {name!r}")
         if not disks:
             raise ValueError("an item needs at least one --disk SOURCE=REPLICA")
         if not isinstance(retention, int) or retention < 1:
             raise ValueError("retention must be a positive number of points")
+        if retention_age is not None and retention_age <= 0:
+            raise ValueError("retention age must be positive")
         if (quiesce_hook is None) != (thaw_hook is None):
             raise ValueError("give both --quiesce-hook and --thaw-hook, or neither")
         if self.db.execute("SELECT 1 FROM items WHERE name=?", (name,)).fetchone():
@@ -255,9 +262,9 @@ class Vault:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
-                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,NULL,0,NULL)",
+                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,NULL,0,NULL,?)",
                 (name, group, "protecting", "forward", "ok", retention, quiesce_hook, thaw_hook,
-                 time.time()))
+                 time.time(), retention_age))
             for i, (source, replica) in enumerate(disks):
                 self.db.execute("INSERT INTO disks VALUES (?,?,?,?)",
                                 (name, i, os.path.abspath(source), os.path.abspath(replica)))
@@ -291,6 +298,7 @@ class Vault:
         return {
             "item": name, "state": row["state"], "direction": row["direction"],
             "health": row["health"], "group": row["grp"], "retention": row["retention"],
+            "retention_age": row["retention_age"],
             "disks": [{"source": d["source"], "replica": d["replica"]} for d in self.disks(name)],
             "points": len(points),
             "latest_point": points[-1]["id"] if points else None,

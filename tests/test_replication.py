@@ -230,3 +230,34 @@ def test_not_a_vault_and_locked_vault(tmp_path, vault):
     finally:
         os.close(fd)
 
+
+
+def test_retention_by_age(tmp_path, vault):
+    from pydr.replication import apply_retention
+
+    src, rep = tmp_path / "s.img", tmp_path / "r.img"
+    data = bytearray(os.urandom(1 << 20))
+    src.write_bytes(bytes(data))
+    r = cli("protect", "aged", "--disk", f"{src}={rep}", "--retention", "10", "--retention-age", "2h")
+    assert r.returncode == 0, r.stderr
+    with Vault(vault, writer=True) as v:
+        history = {}
+        for i in range(4):
+            data[i * 1000] ^= 1
+            src.write_bytes(bytes(data))
+            history[replicate(v, ["aged"]).point_id] = sha(src)
+        now = time.time()
+        ages = {1: 5 * 3600, 2: 3 * 3600, 3: 1 * 3600, 4: 60}  # seconds old
+        for pid, age in ages.items():
+            v.db.execute("UPDATE points SET created=? WHERE item='aged' AND id=?", (now - age, pid))
+        apply_retention(v, "aged", now=now)
+        assert [p["id"] for p in v.points("aged")] == [3, 4]
+        for pid in (3, 4):
+            path, = materialize(v, "aged", pid, tmp_path / f"m{pid}")
+            assert sha(path) == history[pid]
+        for pid in (3, 4):  # everything is old now: the newest point stays anyway
+            v.db.execute("UPDATE points SET created=? WHERE item='aged' AND id=?", (now - 9e5, pid))
+        apply_retention(v, "aged", now=now)
+        assert [p["id"] for p in v.points("aged")] == [4]
+    assert cli("protect", "bad", "--disk", f"{src}={tmp_path / 'q.img'}", "--retention-age",
+               "soon").returncode == 2
