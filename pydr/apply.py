@@ -56,6 +56,7 @@ class Applier:
         self.undo = None
         self._writer = None
         self._writer_error = None
+        self.resumed = None
 
     # -- set-up ----------------------------------------------------------------
     def __enter__(self):
@@ -69,10 +70,13 @@ class Applier:
             self._recover_interrupted()
             size, _ = B.fd_size(self.fd, self.target)
             self._check_base_size(size)
-            self.journal = J.Journal.create(
-                J.journal_path(self.target), kind=self.kind, block_size=self.block_size,
-                old_size=size, new_size=self.result_size, base_id=self.ids[0],
-                result_id=self.ids[1])
+            if self.resumed is not None:
+                self.journal = self.resumed
+            else:
+                self.journal = J.Journal.create(
+                    J.journal_path(self.target), kind=self.kind, block_size=self.block_size,
+                    old_size=size, new_size=self.result_size, base_id=self.ids[0],
+                    result_id=self.ids[1])
             # A larger result is sized at finish(): writes past the end extend
             # the file anyway, and the target stays untouched until the first
             # batch (its mtime too, which signature caches are checked against).
@@ -94,6 +98,13 @@ class Applier:
                 "an interrupted apply of another delta is pending on this target: finish it "
                 "with 'pydr apply' and that delta, or run 'pydr rollback TARGET' "
                 f"(undo journal: {path})", path=self.target)
+        if self.kind == J.KIND_RESYNC:
+            # Resume: keep the journal (it holds the original contents of
+            # everything already written) and go on appending to it; the
+            # resync compares both sides again, so finished blocks are skipped.
+            self.resumed = J.Journal.reopen(path)
+            if self.resumed is not None:
+                return
         # Finish the interrupted apply by undoing it, then applying again.
         J.rollback_fd(self.fd, path, self.target, self.is_block)
         os.unlink(path)
@@ -188,7 +199,7 @@ class Applier:
 
     def _journal_tail(self):
         """Old contents of [result_size, base_size), which a shrink drops."""
-        pos, end, seq = self.result_size, self.base_size, 1 << 62
+        pos, end, seq = self.result_size, self.base_size, (1 << 62) + self.journal.bytes
         while pos < end:
             n = min(4 << 20, end - pos)
             data = os.pread(self.fd, n, pos)

@@ -146,6 +146,28 @@ class Journal:
         os.unlink(self.path)
         _fsync_dir(self.path)
 
+    @classmethod
+    def reopen(cls, path):
+        """Continue an interrupted (uncommitted) journal: cut a torn tail
+        off, then append after the last valid record."""
+        with open(path, "rb") as f:
+            header = parse_header(f.read(HEADER_SIZE), path)
+            if header is None:
+                return None
+            index = _index(f)
+        end = index[-1][0] + index[-1][1] if index else HEADER_SIZE
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+            os.lseek(fd, end, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        journal = cls(path, fd, header)
+        journal.bytes = end
+        return journal
+
 
 def read_journal(path):
     """(header or None, committed) of a journal on disk, checking its records.
@@ -206,27 +228,65 @@ def iter_records(f):
             return
 
 
+def _index(f):
+    """[(position, size, type, offset, length)] of the valid undo records."""
+    out, pos = [], HEADER_SIZE
+    f.seek(HEADER_SIZE)
+    for rec in iter_records(f):
+        if rec is None or rec[0] == B.COMMIT:
+            break
+        kind, data = rec
+        info = B.record_parse(bytes(data[:B.RECORD_HEADER]))
+        out.append((pos, len(data), kind, info["offset"], info["length"]))
+        pos += len(data)
+    return out
+
+
+def _clip(data, old_size):
+    """A record limited to [0, old_size): rollback truncates the rest away."""
+    info = B.record_parse(bytes(data[:B.RECORD_HEADER]))
+    if info["offset"] >= old_size:
+        return None
+    if info["offset"] + info["length"] <= old_size:
+        return data
+    n = old_size - info["offset"]
+    if info["type"] == B.ZERO:
+        return B.record_build(B.ZERO, info["offset"], n, seq=info["seq"])
+    payload = bytes(data[B.RECORD_HEADER:B.RECORD_HEADER + n])
+    return B.record_build(B.DATA, info["offset"], n, seq=info["seq"],
+                          payload_hash=B.hash_bytes(B.ALGORITHMS["xxh3-64"], payload)[0]) + payload
+
+
 def rollback_fd(fd, path, target, is_block_device):
     """Restore the target from the journal at `path`; returns bytes restored.
-    Leaves the journal in place (the caller removes it once this returned)."""
+    Leaves the journal in place (the caller removes it once this returned).
+
+    A journal continued after an interruption (resumed resync) may hold
+    several records for one range; the first one has the original contents,
+    so then every record is written back newest first. Otherwise ranges are
+    disjoint and holes go first, which frees space on a full file system."""
     with open(path, "rb") as f:
         header = parse_header(f.read(HEADER_SIZE), path)
         if header is None:
             return 0  # torn header: nothing was written to the target
-        if not is_block_device and os.fstat(fd).st_size != header["old_size"]:
-            os.ftruncate(fd, header["old_size"])
+        old_size = header["old_size"]
+        if not is_block_device and os.fstat(fd).st_size != old_size:
+            os.ftruncate(fd, old_size)
+        index = _index(f)
+        spans = sorted((off, off + n) for _, _, _, off, n in index)
+        overlapping = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+        if overlapping:
+            order = list(reversed(index))
+        else:
+            order = [r for r in index if r[2] == B.ZERO] + [r for r in index if r[2] == B.DATA]
         restored = 0
-        # Two passes: holes first, which frees space on a full file system,
-        # then data. Records never overlap, so the order is free.
-        for wanted in (B.ZERO, B.DATA):
-            f.seek(HEADER_SIZE)
-            for rec in iter_records(f):
-                if rec is None or rec[0] == B.COMMIT:
-                    break
-                kind, data = rec
-                if kind == wanted:
-                    B.apply_write(fd, data, is_block_device, path=target)
-                    restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
+        for pos, size, kind, _, _ in order:
+            f.seek(pos)
+            data = _clip(f.read(size), old_size)
+            if data is None:
+                continue
+            B.apply_write(fd, data, is_block_device, path=target)
+            restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
     os.fdatasync(fd)
     return restored
 

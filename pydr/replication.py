@@ -136,7 +136,8 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
         if missing:
             raise InvalidState(f"--app-consistent needs quiesce/thaw hooks; items without: "
                                f"{', '.join(missing)}", path=vault.dir)
-    jobs = {r["name"]: vault.start_job("replicate", r["name"]) for r in rows}
+    jobs = {r["name"]: vault.start_job("replicate", r["name"], state="queued") for r in rows}
+    started = set()
     quiesced = []
     snaps = {}
     totals = {"written": 0, "read": 0}
@@ -165,6 +166,9 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
         new_steps = []
         for r, d in plans:
             name, idx = r["name"], d["idx"]
+            if name not in started:
+                vault.update_job(jobs[name], state="running", started=time.time())
+                started.add(name)
             has_point = bool(vault.points(name))
             step = vault.current_step(name, idx) + 1
             keep = vault.step_path(name, idx, step) if has_point else None
@@ -298,8 +302,14 @@ def apply_retention(vault, name, now=None):
 
 def materialize(vault, name, point_id, directory, *, threads=None):
     """Write each disk of `name` as it was at recovery point `point_id` into
-    `directory`, as DIR/<replica file name>. Returns the paths written."""
+    `directory`, as DIR/<replica file name>. Returns the paths written.
+    Runs as a job ("materialize")."""
     vault.point(name, point_id)
+    return vault.run_job("materialize", name,
+                         lambda: _materialize(vault, name, point_id, directory, threads))
+
+
+def _materialize(vault, name, point_id, directory, threads):
     os.makedirs(directory, exist_ok=True)
     out = []
     for d in vault.disks(name):

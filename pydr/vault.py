@@ -259,6 +259,7 @@ class Vault:
                 if p in taken or p in seen:
                     raise InvalidState(f"{p} is already a disk of a protected item", path=p)
                 seen.add(p)
+        job = self.start_job("protect", name)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
@@ -268,6 +269,7 @@ class Vault:
             for i, (source, replica) in enumerate(disks):
                 self.db.execute("INSERT INTO disks VALUES (?,?,?,?)",
                                 (name, i, os.path.abspath(source), os.path.abspath(replica)))
+        self.end_job(job, "succeeded")
 
     def item(self, name):
         row = self.db.execute("SELECT * FROM items WHERE name=?", (name,)).fetchone()
@@ -334,11 +336,23 @@ class Vault:
         return os.path.join(self.dir, "cache", name, f"{idx}.sig")
 
     # -- jobs --------------------------------------------------------------------
-    def start_job(self, kind, item):
+    def start_job(self, kind, item, state="running"):
         cur = self.db.execute(
             "INSERT INTO jobs(kind, item, state, started, pid) VALUES (?,?,?,?,?)",
-            (kind, item, "running", time.time(), os.getpid()))
+            (kind, item, state, time.time() if state == "running" else None, os.getpid()))
         return cur.lastrowid
+
+    def run_job(self, kind, item, fn):
+        """Run fn() as a job: running, then succeeded, failed or cancelled."""
+        job = self.start_job(kind, item)
+        try:
+            result = fn()
+        except BaseException as exc:
+            self.end_job(job, "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
+                         error=str(exc))
+            raise
+        self.end_job(job, "succeeded")
+        return result
 
     def update_job(self, job_id, **fields):
         cols = ", ".join(f"{k}=?" for k in fields)

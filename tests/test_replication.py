@@ -72,7 +72,8 @@ def test_cycles_on_ext4_points_are_exact(tmp_path, vault):
     st = json.loads(cli("status", "web", "--json").stdout)
     assert (st["state"], st["direction"], st["health"]) == ("protected", "forward", "ok")
     jobs = json.loads(cli("jobs", "--json").stdout)
-    assert len(jobs) == 4 and all(j["state"] == "succeeded" for j in jobs)
+    assert [j["kind"] for j in jobs] == ["protect"] + ["replicate"] * 4 + ["materialize"] * 4
+    assert all(j["state"] == "succeeded" for j in jobs)
     assert all({"id", "kind", "state", "bytes_transferred"} <= set(j) for j in jobs)
 
 
@@ -168,20 +169,22 @@ def test_killed_replicate_can_be_continued(tmp_path, vault):
     db = sqlite3.connect(f"file:{vault / 'vault.db'}?mode=ro", uri=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and p.poll() is None:
-        row = db.execute("SELECT state FROM jobs WHERE id=2").fetchone()
+        row = db.execute("SELECT state FROM jobs WHERE id=3").fetchone()
         if row and row[0] == "running":
             break
         time.sleep(0.005)
     db.close()
+    listed = json.loads(cli("jobs", "--json").stdout)  # listable while it runs
     assert p.poll() is None, "the cycle ended before it could be killed"
+    assert listed[-1]["kind"] == "replicate" and listed[-1]["state"] == "running"
     p.send_signal(signal.SIGKILL)
     p.wait()
     r = cli("replicate", "k", "--json")
     assert r.returncode == 0, r.stderr
     assert sha(src) == sha(rep)
     jobs = json.loads(cli("jobs", "--json").stdout)
-    assert [j["state"] for j in jobs] == ["succeeded", "failed", "succeeded"]
-    assert "interrupted" in jobs[1]["error"]
+    assert [j["state"] for j in jobs][:4] == ["succeeded", "succeeded", "failed", "succeeded"]
+    assert "interrupted" in jobs[2]["error"]
     points = json.loads(cli("points", "k", "--json").stdout)
     out = tmp_path / "m"
     assert cli("materialize", "k", "--point", points[0]["id"], "--to", out).returncode == 0
