@@ -335,6 +335,23 @@ class Vault:
     def cache_path(self, name, idx):
         return os.path.join(self.dir, "cache", name, f"{idx}.sig")
 
+    # -- operations (pydr.replication does the work) ------------------------------
+    def replicate(self, names, **kwargs):
+        """One replication cycle for the items `names`; see
+        pydr.replication.replicate (and replicate_with_retry)."""
+        from .replication import replicate, replicate_with_retry
+
+        names = [names] if isinstance(names, str) else list(names)
+        if kwargs.pop("retry", False):
+            return replicate_with_retry(self, names, **kwargs)
+        return replicate(self, names, **kwargs)
+
+    def materialize(self, name, point_id, directory, **kwargs):
+        """Write the item's disks as they were at a point into `directory`."""
+        from .replication import materialize
+
+        return materialize(self, name, point_id, directory, **kwargs)
+
     # -- jobs --------------------------------------------------------------------
     def start_job(self, kind, item, state="running"):
         cur = self.db.execute(

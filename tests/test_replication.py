@@ -264,3 +264,18 @@ def test_retention_by_age(tmp_path, vault):
         assert [p["id"] for p in v.points("aged")] == [4]
     assert cli("protect", "bad", "--disk", f"{src}={tmp_path / 'q.img'}", "--retention-age",
                "soon").returncode == 2
+
+
+def test_vault_object_api(tmp_path):
+    init_vault(tmp_path / "v")
+    src = tmp_path / "s.img"
+    src.write_bytes(os.urandom(300_000))
+    with Vault(tmp_path / "v", writer=True) as v:
+        v.protect("api", [(src, tmp_path / "r.img")])
+        first = v.replicate("api")
+        src.write_bytes(os.urandom(300_000))
+        v.replicate(["api"], retry=True)
+        path, = v.materialize("api", first.point_id, tmp_path / "m")
+        assert [p["id"] for p in v.points("api")] == [1, 2]
+        assert v.items() == ["api"] and [j["kind"] for j in v.jobs()][-1] == "materialize"
+    assert sha(path) != sha(src)
