@@ -548,6 +548,71 @@ def cmd_materialize(args):
     return 0
 
 
+def _dr(args, fn):
+    from .vault import Vault
+
+    with Vault(_vault_dir(args), writer=True) as v:
+        result = fn(v)
+    if args.json:
+        _print_json(result)
+    return result
+
+
+def cmd_test_failover(args):
+    from .failover import test_failover
+
+    def run(v):
+        pid, paths = test_failover(v, args.item, args.to, args.point)
+        return {"item": args.item, "point": pid, "paths": paths}
+
+    r = _dr(args, run)
+    if not args.json:
+        print(f"{args.item}: point {r['point']} materialised for the drill:")
+        for p in r["paths"]:
+            print(f"  {p}")
+    return 0
+
+
+def cmd_cleanup_test_failover(args):
+    from .failover import cleanup_test_failover
+
+    r = _dr(args, lambda v: {"item": args.item, "removed": cleanup_test_failover(v, args.item)})
+    if not args.json:
+        print(f"{args.item}: test failover cleaned up ({len(r['removed'])} files removed)")
+    return 0
+
+
+def cmd_failover(args):
+    from .failover import failover
+
+    r = _dr(args, lambda v: failover(v, args.item, args.point, planned=args.planned,
+                                     shutdown_hook=args.shutdown_hook))
+    if not args.json:
+        print(f"{args.item}: failed over to point {r['point']}; its replicas now hold that point "
+              f"(run 'pydr commit {args.item}' to make it final)")
+        for n in r["notes"]:
+            print(f"  note: {n}")
+    return 0
+
+
+def cmd_change_point(args):
+    from .failover import change_point
+
+    r = _dr(args, lambda v: change_point(v, args.item, args.point))
+    if not args.json:
+        print(f"{args.item}: replicas now hold point {r['point']}")
+    return 0
+
+
+def cmd_commit(args):
+    from .failover import commit
+
+    _dr(args, lambda v: commit(v, args.item))
+    if not args.json:
+        print(f"{args.item}: failover committed; the replica site is active (direction reverse)")
+    return 0
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -849,6 +914,57 @@ def build_parser():
     p.add_argument("--vault", metavar="DIR", help=vault_help)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_materialize)
+
+    point_help = "a point id, or latest, latest-processed, latest-app-consistent"
+    p = sub.add_parser(
+        "test-failover", formatter_class=fmt, help="DR drill: materialise a point into a directory",
+        description=("Write ITEM's disks as they were at a recovery point into DIR (named like the\n"
+                     "replicas), without touching the replicas or stopping replication. Remove it\n"
+                     "with 'pydr cleanup-test-failover ITEM'."), epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM")
+    p.add_argument("--to", required=True, metavar="DIR")
+    p.add_argument("--point", default="latest-processed", metavar="P", help=point_help)
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_test_failover)
+
+    p = sub.add_parser("cleanup-test-failover", formatter_class=fmt,
+                       help="remove what test-failover wrote", epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM")
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cleanup_test_failover)
+
+    p = sub.add_parser(
+        "failover", formatter_class=fmt, help="fail over to a recovery point",
+        description=("Make ITEM's replica paths hold a recovery point. 'latest' (default) replicates\n"
+                     "whatever the source still has first (lowest RPO; if that fails, the newest\n"
+                     "point is used); 'latest-processed' takes the newest existing point. --planned\n"
+                     "runs --shutdown-hook (which must succeed) and a final cycle: nothing is lost.\n"
+                     "Until 'pydr commit', 'pydr change-point' can switch to another point."),
+        epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM")
+    p.add_argument("--point", default="latest", metavar="P", help=point_help)
+    p.add_argument("--planned", action="store_true")
+    p.add_argument("--shutdown-hook", metavar="CMD")
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_failover)
+
+    p = sub.add_parser("change-point", formatter_class=fmt,
+                       help="after failover, switch the replicas to another point", epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM")
+    p.add_argument("--point", required=True, metavar="P", help=point_help)
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_change_point)
+
+    p = sub.add_parser("commit", formatter_class=fmt,
+                       help="make a failover final (discards the recovery points)", epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM")
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_commit)
 
     p = sub.add_parser(
         "demo",

@@ -309,29 +309,51 @@ def materialize(vault, name, point_id, directory, *, threads=None):
                          lambda: _materialize(vault, name, point_id, directory, threads))
 
 
+def baseline_path(replica):
+    """Where a failover keeps the replica's latest state (the baseline of all
+    undo steps): beside it, so that moving it there is an atomic rename."""
+    head, tail = os.path.split(replica)
+    return os.path.join(head, f".{tail}.pydr-base")
+
+
+def latest_state(replica):
+    """The file holding a disk's latest replicated state."""
+    base = baseline_path(replica)
+    return base if os.path.exists(base) else replica
+
+
+def materialize_disk(vault, name, point_id, disk, dest, threads=None):
+    """Write one disk as it was at `point_id` to `dest` (replaced)."""
+    row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
+                           (name, point_id, disk["idx"])).fetchone()
+    steps = vault.db.execute(
+        "SELECT step, path FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
+        (name, disk["idx"], row["step"])).fetchall()
+    source = latest_state(disk["replica"])
+    if os.path.exists(dest) and os.path.samefile(dest, source):
+        raise InvalidState("refusing to materialise over the replicated state itself", path=dest)
+    if os.path.lexists(dest):
+        os.unlink(dest)
+    resync(source, dest, threads=threads)  # sparse-aware copy of the latest state
+    fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for s in steps:  # newest first: each takes the copy one cycle back
+            header, committed = J.read_journal(s["path"])
+            if header is None or not committed:
+                raise PydrError("undo step is damaged", path=s["path"])
+            J.rollback_fd(fd, s["path"], dest, False)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return dest
+
+
 def _materialize(vault, name, point_id, directory, threads):
     os.makedirs(directory, exist_ok=True)
     out = []
     for d in vault.disks(name):
-        row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
-                               (name, point_id, d["idx"])).fetchone()
-        steps = vault.db.execute(
-            "SELECT step, path FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
-            (name, d["idx"], row["step"])).fetchall()
         dest = os.path.join(directory, os.path.basename(d["replica"]))
         if os.path.exists(dest) and os.path.samefile(dest, d["replica"]):
             raise InvalidState("refusing to materialise over the replica itself", path=dest)
-        if os.path.exists(dest):
-            os.unlink(dest)
-        resync(d["replica"], dest, threads=threads)  # sparse-aware copy of the latest state
-        fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            for s in steps:  # newest first: each takes the copy one cycle back
-                header, committed = J.read_journal(s["path"])
-                if header is None or not committed:
-                    raise PydrError("undo step is damaged", path=s["path"])
-                J.rollback_fd(fd, s["path"], dest, False)
-        finally:
-            os.close(fd)
-        out.append(dest)
+        out.append(materialize_disk(vault, name, point_id, d, dest, threads))
     return out

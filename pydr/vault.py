@@ -70,7 +70,9 @@ CREATE TABLE items(
     last_error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_retry REAL,
-    retention_age REAL
+    retention_age REAL,
+    test_dir TEXT,
+    failover_point INTEGER
 );
 CREATE TABLE disks(
     item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
@@ -263,7 +265,7 @@ class Vault:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
-                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,NULL,0,NULL,?)",
+                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,NULL,0,NULL,?,NULL,NULL)",
                 (name, group, "protecting", "forward", "ok", retention, quiesce_hook, thaw_hook,
                  time.time(), retention_age))
             for i, (source, replica) in enumerate(disks):
@@ -307,6 +309,8 @@ class Vault:
             "last_error": row["last_error"],
             "failed_attempts": row["attempts"],
             "next_retry": row["next_retry"],
+            "test_failover": row["test_dir"],
+            "failover_point": row["failover_point"],
         }
 
     # -- points and steps --------------------------------------------------------

@@ -1,0 +1,200 @@
+"""Disaster recovery on top of the vault: test failover (drills), failover,
+change-point and commit. (Reprotect, failback and recovery plans: not yet.)
+
+States of an item: protected -> failing-over -> failed-over -> (change-point)
+-> failover-committed (direction "reverse"). A failover moves each replica
+(the latest replicated state, the baseline of every undo step) aside to
+".NAME.pydr-base" beside it -- an atomic rename -- and materialises the
+chosen point at the replica's path. change-point re-materialises from that
+untouched baseline, so it is exact even after the failed-over machine wrote
+to its disks. commit discards the baseline, the points and their steps.
+Every step can be run again after a crash: the state says where it stopped.
+"""
+
+import contextlib
+import os
+import subprocess
+
+from .errors import PydrError
+from .replication import _materialize, baseline_path, materialize_disk, replicate
+from .vault import HookFailed, InvalidState, UnknownName
+
+SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
+
+
+def select_point(vault, name, point):
+    """A point id from an id or a selector (latest-processed,
+    latest-app-consistent; 'latest' is resolved by failover itself)."""
+    points = vault.points(name)
+    if not points:
+        raise InvalidState(f"item {name!r} has no recovery point yet: run 'pydr replicate {name}'",
+                           path=vault.dir)
+    if point in (None, "latest", "latest-processed"):
+        return points[-1]["id"]
+    if point == "latest-app-consistent":
+        app = [p for p in points if p["consistency"] == "app-consistent"]
+        if not app:
+            raise UnknownName(f"item {name!r} has no app-consistent recovery point", path=vault.dir)
+        return app[-1]["id"]
+    try:
+        pid = int(point)
+    except (TypeError, ValueError):
+        raise ValueError(f"--point wants an id or one of {', '.join(SELECTORS)}, not {point!r}") from None
+    vault.point(name, pid)
+    return pid
+
+
+def test_failover(vault, name, directory, point=None):
+    """Drill: materialise a point into `directory`; replicas and replication
+    are untouched. Returns (point id, paths)."""
+    row = vault.item(name)
+    if row["test_dir"]:
+        raise InvalidState(f"a test failover of {name!r} is already in {row['test_dir']}: run "
+                           f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
+    if row["state"] not in ("protected",):
+        raise InvalidState(f"item {name!r} cannot be test-failed-over in state {row['state']}",
+                           path=vault.dir)
+    pid = select_point(vault, name, point)
+    directory = os.path.abspath(directory)
+    vault.set_item(name, test_dir=directory)  # first: a killed drill is still cleaned up
+    paths = vault.run_job("test-failover", name,
+                          lambda: _materialize(vault, name, pid, directory, None))
+    return pid, paths
+
+
+def cleanup_test_failover(vault, name):
+    """Remove what test_failover wrote. Returns the paths removed."""
+    row = vault.item(name)
+    if not row["test_dir"]:
+        raise InvalidState(f"item {name!r} has no test failover to clean up", path=vault.dir)
+
+    def run():
+        removed = []
+        for d in vault.disks(name):
+            path = os.path.join(row["test_dir"], os.path.basename(d["replica"]))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(row["test_dir"])  # only if we left it empty
+        vault.set_item(name, test_dir=None)
+        return removed
+
+    return vault.run_job("cleanup-test-failover", name, run)
+
+
+def _hook(command, what):
+    r = subprocess.run(command, shell=True, capture_output=True, text=True)
+    if r.returncode != 0:
+        detail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+        raise HookFailed(f"{what} hook failed (exit {r.returncode}): {detail[0]}", path=command)
+
+
+def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None):
+    """Fail `name` over to a recovery point; afterwards its replica paths
+    hold that point. Returns a dict with the point and what happened."""
+    row = vault.item(name)
+    if row["state"] == "failing-over":
+        return _finish_failover(vault, name, row["failover_point"], notes=["resumed"])
+    if row["state"] != "protected" or row["direction"] != "forward":
+        raise InvalidState(f"item {name!r} cannot fail over in state {row['state']} "
+                           f"(direction {row['direction']})", path=vault.dir)
+    notes = []
+    if shutdown_hook:
+        try:
+            _hook(shutdown_hook, "shutdown")
+        except HookFailed as exc:
+            if planned:
+                raise
+            notes.append(f"shutdown hook failed, going on (unplanned): {exc}")
+    if planned or point in (None, "latest"):
+        try:
+            replicate(vault, [name])  # the last changes first: lowest RPO
+            notes.append("replicated the latest changes first")
+        except (OSError, PydrError) as exc:
+            if planned:
+                raise
+            notes.append(f"could not replicate the latest changes ({exc}); using the newest point")
+    pid = select_point(vault, name, "latest" if planned else point)
+    vault.set_item(name, state="failing-over", failover_point=pid)
+    return _finish_failover(vault, name, pid, notes)
+
+
+def _finish_failover(vault, name, pid, notes):
+    def run():
+        for d in vault.disks(name):
+            base = baseline_path(d["replica"])
+            if not os.path.exists(base):
+                os.rename(d["replica"], base)  # atomic; the baseline of every step
+                _fsync_dir(base)
+            _materialize_over(vault, name, pid, d)
+        vault.set_item(name, state="failed-over", failover_point=pid)
+        return {"item": name, "point": pid, "notes": notes}
+
+    return vault.run_job("failover", name, run)
+
+
+def _materialize_over(vault, name, pid, d):
+    """The point's disk at the replica path, replaced atomically."""
+    head, tail = os.path.split(d["replica"])
+    tmp = os.path.join(head, f".{tail}.pydr-new")
+    materialize_disk(vault, name, pid, d, tmp)
+    os.replace(tmp, d["replica"])
+    _fsync_dir(d["replica"])
+
+
+def change_point(vault, name, point):
+    """After a failover and before commit: the replica paths hold another point."""
+    row = vault.item(name)
+    if row["state"] != "failed-over":
+        raise InvalidState(f"change-point needs a failed-over item; {name!r} is {row['state']}",
+                           path=vault.dir)
+    pid = select_point(vault, name, point)
+
+    def run():
+        vault.set_item(name, state="failing-over", failover_point=pid)
+        for d in vault.disks(name):
+            _materialize_over(vault, name, pid, d)
+        vault.set_item(name, state="failed-over")
+        return {"item": name, "point": pid}
+
+    return vault.run_job("change-point", name, run)
+
+
+def commit(vault, name):
+    """Make the failover final: site B is active (direction reverse); the
+    recovery points, their steps and the old baselines are discarded."""
+    row = vault.item(name)
+    if row["state"] != "failed-over":
+        raise InvalidState(f"commit needs a failed-over item; {name!r} is {row['state']}",
+                           path=vault.dir)
+
+    def run():
+        steps = [r["path"] for r in vault.db.execute("SELECT path FROM steps WHERE item=?", (name,))]
+        with vault.db:
+            vault.db.execute("BEGIN IMMEDIATE")
+            vault.db.execute("DELETE FROM point_disks WHERE item=?", (name,))
+            vault.db.execute("DELETE FROM points WHERE item=?", (name,))
+            vault.db.execute("DELETE FROM steps WHERE item=?", (name,))
+            vault.set_item(name, state="failover-committed", direction="reverse",
+                           failover_point=None)
+        for path in steps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for d in vault.disks(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(baseline_path(d["replica"]))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(vault.cache_path(name, d["idx"]))
+        return {"item": name, "direction": "reverse"}
+
+    return vault.run_job("commit", name, run)
+
+
+def _fsync_dir(path):
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
