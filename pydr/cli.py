@@ -613,6 +613,29 @@ def cmd_commit(args):
     return 0
 
 
+def cmd_reprotect(args):
+    from .failover import reprotect
+
+    r = _dr(args, lambda v: reprotect(v, args.item))
+    if not args.json:
+        print(f"{args.item}: reprotected, direction {r['direction']}; first point {r['point']}: "
+              f"{human_bytes(r['bytes_written'])} written (only the differences), "
+              f"{human_bytes(r['bytes_read'])} compared")
+    return 0
+
+
+def cmd_failback(args):
+    from .failover import failback
+
+    alternates = dict(_parse_disk(a) for a in args.alternate or [])
+    r = _dr(args, lambda v: failback(v, args.item, alternates=alternates,
+                                     shutdown_hook=args.shutdown_hook))
+    if not args.json:
+        print(f"{args.item}: failed back to point {r['point']} (nothing lost); run "
+              f"'pydr commit {args.item}' then 'pydr reprotect {args.item}'")
+    return 0
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -965,6 +988,29 @@ def build_parser():
     p.add_argument("--vault", metavar="DIR", help=vault_help)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_commit)
+
+    p = sub.add_parser(
+        "reprotect", formatter_class=fmt, help="after commit, replicate in the other direction",
+        description=("Swap each disk's source and replica and replicate the other way. The old\n"
+                     "source disks are reused as replicas: the first cycle compares both sides and\n"
+                     "moves only the blocks that differ, never a full copy."), epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM")
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reprotect)
+
+    p = sub.add_parser(
+        "failback", formatter_class=fmt, help="planned failover back to the original site",
+        description=("A planned failover in the reverse direction: --shutdown-hook (must succeed),\n"
+                     "a final cycle, nothing lost. --alternate OLD=NEW brings a disk up at NEW\n"
+                     "instead of its replica path OLD (left as it is). Then 'pydr commit' and\n"
+                     "'pydr reprotect' give back the original direction."), epilog=EXIT_STATUS)
+    p.add_argument("item", metavar="ITEM")
+    p.add_argument("--alternate", action="append", metavar="OLD=NEW")
+    p.add_argument("--shutdown-hook", metavar="CMD")
+    p.add_argument("--vault", metavar="DIR", help=vault_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_failback)
 
     p = sub.add_parser(
         "demo",

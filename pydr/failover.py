@@ -1,5 +1,5 @@
 """Disaster recovery on top of the vault: test failover (drills), failover,
-change-point and commit. (Reprotect, failback and recovery plans: not yet.)
+change-point, commit, reprotect and failback.
 
 States of an item: protected -> failing-over -> failed-over -> (change-point)
 -> failover-committed (direction "reverse"). A failover moves each replica
@@ -96,7 +96,7 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None):
     row = vault.item(name)
     if row["state"] == "failing-over":
         return _finish_failover(vault, name, row["failover_point"], notes=["resumed"])
-    if row["state"] != "protected" or row["direction"] != "forward":
+    if row["state"] != "protected":
         raise InvalidState(f"item {name!r} cannot fail over in state {row['state']} "
                            f"(direction {row['direction']})", path=vault.dir)
     notes = []
@@ -176,7 +176,8 @@ def commit(vault, name):
             vault.db.execute("DELETE FROM point_disks WHERE item=?", (name,))
             vault.db.execute("DELETE FROM points WHERE item=?", (name,))
             vault.db.execute("DELETE FROM steps WHERE item=?", (name,))
-            vault.set_item(name, state="failover-committed", direction="reverse",
+            flipped = "reverse" if row["direction"] == "forward" else "forward"
+            vault.set_item(name, state="failover-committed", direction=flipped,
                            failover_point=None)
         for path in steps:
             with contextlib.suppress(FileNotFoundError):
@@ -186,9 +187,61 @@ def commit(vault, name):
                 os.unlink(baseline_path(d["replica"]))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(vault.cache_path(name, d["idx"]))
-        return {"item": name, "direction": "reverse"}
+        return {"item": name, "direction": vault.item(name)["direction"]}
 
     return vault.run_job("commit", name, run)
+
+
+def reprotect(vault, name, *, progress=None):
+    """After commit: replicate in the other direction. Each disk's replica
+    (now active) becomes the source and its old source the replica, reused:
+    the first cycle is a checksum resync that moves only differing blocks."""
+    row = vault.item(name)
+    if row["state"] != "failover-committed":
+        raise InvalidState(f"reprotect needs a committed failover; {name!r} is {row['state']}",
+                           path=vault.dir)
+    with vault.db:
+        vault.db.execute("BEGIN IMMEDIATE")
+        for d in vault.disks(name):
+            vault.db.execute("UPDATE disks SET source=?, replica=? WHERE item=? AND idx=?",
+                             (d["replica"], d["source"], name, d["idx"]))
+        vault.set_item(name, state="protecting")
+    result = replicate(vault, [name], resync_all=True, progress=progress)
+    return {"item": name, "direction": vault.item(name)["direction"], "point": result.point_id,
+            "bytes_written": result.bytes_written, "bytes_read": result.bytes_read}
+
+
+def failback(vault, name, *, alternates=None, shutdown_hook=None):
+    """A planned failover in the reverse direction: a final cycle, nothing
+    lost. With alternates {replica path: new path}, those disks are brought
+    up at the new paths instead (the old ones are left as they are)."""
+    row = vault.item(name)
+    if row["direction"] != "reverse" or row["state"] != "protected":
+        raise InvalidState(f"failback needs a reprotected item (direction reverse, protected); "
+                           f"{name!r} is {row['state']}, direction {row['direction']}",
+                           path=vault.dir)
+    alternates = {os.path.abspath(k): os.path.abspath(v) for k, v in (alternates or {}).items()}
+    replicas = {d["replica"] for d in vault.disks(name)}
+    unknown = [k for k in alternates if k not in replicas]
+    if unknown:
+        raise UnknownName(f"not a replica of {name!r}: {', '.join(unknown)}", path=vault.dir)
+    if shutdown_hook:
+        _hook(shutdown_hook, "shutdown")  # planned: it must succeed
+    pid = replicate(vault, [name]).point_id  # the final cycle: nothing is lost
+    for d in vault.disks(name):
+        new = alternates.get(d["replica"])
+        if new is None:
+            continue
+        if os.path.lexists(new):
+            raise InvalidState("the alternate location exists already", path=new)
+        os.makedirs(os.path.dirname(new), exist_ok=True)
+        # the disk comes up at the new path; the old replica is left alone
+        vault.run_job("materialize", name,
+                      lambda d=d, new=new: materialize_disk(vault, name, pid, d, new))
+        vault.db.execute("UPDATE disks SET replica=? WHERE item=? AND idx=?", (new, name, d["idx"]))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(vault.cache_path(name, d["idx"]))  # described the old path
+    return failover(vault, name, pid)
 
 
 def _fsync_dir(path):

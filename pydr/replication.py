@@ -111,8 +111,7 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
     start = time.monotonic()
     rows = [vault.item(n) for n in names]
     for row in rows:
-        if row["direction"] != "forward" or row["state"] not in ("protecting", "protected",
-                                                                 "resync-required"):
+        if row["state"] not in ("protecting", "protected", "resync-required"):
             raise InvalidState(f"item {row['name']!r} cannot replicate in state {row['state']}",
                                path=vault.dir)
     if tracking_lost:

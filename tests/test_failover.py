@@ -177,3 +177,57 @@ def test_interrupted_failover_can_be_continued(machine, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["point"] == 2 and "resumed" in json.loads(r.stdout)["notes"]
     assert replica_hashes(pairs) == history[2]
+
+
+def test_full_round_trip(machine):
+    """failover, commit, work at site B, reprotect (differences only),
+    planned failback (nothing lost), commit, reprotect: forward again."""
+    tmp_path, pairs, history = machine
+    disk_size = sum(os.path.getsize(s) for s, _ in pairs)
+    assert cli("failover", "vm", "--point", "latest-processed").returncode == 0
+    assert cli("commit", "vm").returncode == 0
+    change(pairs[0][1], tmp_path, tag=11)  # the machine runs at site B now
+    fsck_clean(pairs[0][1])
+    r = cli("reprotect", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["direction"] == "reverse"
+    assert rep["bytes_written"] < disk_size // 4  # the differences, not a copy
+    assert [sha(s) for s, _ in pairs] == replica_hashes(pairs)  # site A follows site B
+    change(pairs[1][1], tmp_path, tag=12)  # more work at site B, not yet replicated
+    site_b = replica_hashes(pairs)
+    r = cli("failback", "vm", "--shutdown-hook", "true", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [sha(s) for s, _ in pairs] == site_b  # planned: nothing lost
+    for s, _ in pairs:
+        fsck_clean(s)
+    assert cli("commit", "vm").returncode == 0
+    assert cli("reprotect", "vm").returncode == 0
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert (st["state"], st["direction"]) == ("protected", "forward")
+    assert cli("replicate", "vm").returncode == 0
+
+
+def test_failback_to_an_alternate_location(machine):
+    tmp_path, pairs, history = machine
+    assert cli("failover", "vm").returncode == 0
+    assert cli("commit", "vm").returncode == 0
+    assert cli("reprotect", "vm").returncode == 0
+    site_b = replica_hashes(pairs)
+    old_a = sha(pairs[0][0])
+    new = tmp_path / "new-site-a" / "os-restored.img"
+    r = cli("failback", "vm", "--alternate", f"{pairs[0][0]}={new}", "--json")
+    assert r.returncode == 0, r.stderr
+    assert sha(new) == site_b[0] and sha(pairs[1][0]) == site_b[1]
+    assert sha(pairs[0][0]) == old_a  # the old location is left alone
+    fsck_clean(new)
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert str(new) in [d["replica"] for d in st["disks"]]
+
+
+def test_reprotect_and_failback_refused_in_the_wrong_state(machine):
+    tmp_path, pairs, history = machine
+    assert cli("reprotect", "vm").returncode == 15  # before commit
+    assert cli("failback", "vm").returncode == 15   # not reversed
+    assert cli("failover", "vm").returncode == 0
+    assert cli("reprotect", "vm").returncode == 15  # failed over, not committed
