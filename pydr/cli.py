@@ -33,7 +33,8 @@ exit status:
   13   source and target are the same file
   14   not a vault, or the vault is locked by another pydr
   15   the operation is not valid in the item's current state
-  16   a quiesce or thaw hook failed
+  16   a quiesce, thaw or shutdown hook failed
+  17   a recovery plan stopped (its report says where)
   130  interrupted or cancelled
 """
 
@@ -636,6 +637,60 @@ def cmd_failback(args):
     return 0
 
 
+class _PlanGroupAction(argparse.Action):
+    """--group ITEMS starts a group; --pre-hook/--post-hook attach to the last one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        groups = getattr(namespace, "groups", None) or []
+        if option_string == "--group":
+            groups.append({"items": [s for s in values.split(",") if s], "pre": None, "post": None})
+        elif not groups:
+            parser.error(f"{option_string} must follow a --group")
+        else:
+            groups[-1]["pre" if option_string == "--pre-hook" else "post"] = values
+        namespace.groups = groups
+
+
+def cmd_plan_create(args):
+    from .plans import create_plan
+
+    definition = _dr(args, lambda v: {"plan": args.plan,
+                                      "groups": create_plan(v, args.plan, args.groups or [])})
+    if not args.json:
+        print(f"plan {args.plan}: " + " -> ".join(",".join(g["items"]) for g in definition["groups"]))
+    return 0
+
+
+def _print_plan_report(report):
+    for e in report:
+        what = f"{e['hook']} hook" if "hook" in e else e["item"]
+        detail = e.get("error") or ""
+        print(f"  group {e['group']}: {what:<20} {e['status']}" + (f"  {detail}" if detail else ""))
+
+
+def cmd_plan_run(args):
+    from .plans import PlanFailed, run_plan
+    from .vault import Vault
+
+    options = {k: getattr(args, k, None) for k in ("point", "planned", "shutdown_hook", "to")}
+    with Vault(_vault_dir(args), writer=True) as v:
+        try:
+            report = run_plan(v, args.plan, args.operation, **options)
+        except PlanFailed as exc:
+            if args.json:
+                _print_json({"plan": args.plan, "operation": args.operation, "ok": False,
+                             "report": exc.report})
+            else:
+                _print_plan_report(exc.report)
+            raise
+    if args.json:
+        _print_json({"plan": args.plan, "operation": args.operation, "ok": True, "report": report})
+    else:
+        print(f"plan {args.plan}: {args.operation} done")
+        _print_plan_report(report)
+    return 0
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -1011,6 +1066,42 @@ def build_parser():
     p.add_argument("--vault", metavar="DIR", help=vault_help)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_failback)
+
+    p = sub.add_parser(
+        "plan", formatter_class=fmt, help="recovery plans: ordered groups of items",
+        description=("Create a recovery plan, then run failover, test-failover, cleanup-test-failover,\n"
+                     "commit, reprotect or failback over it: groups in order, the items of a group\n"
+                     "in parallel, each group's --pre-hook before it and --post-hook after it. The\n"
+                     "first failure stops the plan with a report of what ran and what did not."),
+        epilog=("example:\n  pydr plan create shop --group db --post-hook ./wait-db.sh --group web1,web2\n"
+                "  pydr plan failover shop --planned\n\n" + EXIT_STATUS))
+    psub = p.add_subparsers(dest="plan_command", metavar="ACTION")
+    psub.required = True
+    q = psub.add_parser("create", help="define a plan")
+    q.add_argument("plan", metavar="PLAN")
+    for flag, text in (("--group", "ITEM[,ITEM...]: the next group, in order"),
+                       ("--pre-hook", "CMD run before the last --group"),
+                       ("--post-hook", "CMD run after the last --group")):
+        q.add_argument(flag, action=_PlanGroupAction, metavar="X", help=text)
+    q.add_argument("--vault", metavar="DIR", help=vault_help)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_plan_create)
+    for op in ("failover", "test-failover", "cleanup-test-failover", "commit", "reprotect",
+               "failback"):
+        q = psub.add_parser(op, help=f"run {op} over a plan")
+        q.add_argument("plan", metavar="PLAN")
+        if op in ("failover", "test-failover"):
+            q.add_argument("--point", default=None, metavar="P", help=point_help)
+        if op == "failover":
+            q.add_argument("--planned", action="store_true")
+        if op in ("failover", "failback"):
+            q.add_argument("--shutdown-hook", metavar="CMD")
+        if op == "test-failover":
+            q.add_argument("--to", required=True, metavar="DIR",
+                           help="each item's disks go to DIR/ITEM/")
+        q.add_argument("--vault", metavar="DIR", help=vault_help)
+        q.add_argument("--json", action="store_true")
+        q.set_defaults(func=cmd_plan_run, operation=op)
 
     p = sub.add_parser(
         "demo",

@@ -117,6 +117,11 @@ CREATE TABLE jobs(
     error TEXT,
     pid INTEGER
 );
+CREATE TABLE plans(
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    created REAL NOT NULL
+);
 CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO counters VALUES ('point', 0);
 """

@@ -231,3 +231,54 @@ def test_reprotect_and_failback_refused_in_the_wrong_state(machine):
     assert cli("failback", "vm").returncode == 15   # not reversed
     assert cli("failover", "vm").returncode == 0
     assert cli("reprotect", "vm").returncode == 15  # failed over, not committed
+
+
+def test_recovery_plan_runs_groups_in_order_with_hooks(tmp_path, monkeypatch):
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    monkeypatch.setenv("PYDR_VAULT", str(vault))
+    log = tmp_path / "plan.log"
+    for n in ("db", "web1", "web2"):
+        (tmp_path / f"{n}.img").write_bytes(os.urandom(1 << 20))
+        assert cli("protect", n, "--disk", f"{tmp_path / f'{n}.img'}={tmp_path / f'{n}-b.img'}").returncode == 0
+        assert cli("replicate", n).returncode == 0
+    r = cli("plan", "create", "shop", "--group", "db", "--pre-hook", f"echo pre1 >> {log}",
+            "--post-hook", f"echo post1 >> {log}", "--group", "web1,web2",
+            "--post-hook", f"echo post2 >> {log}")
+    assert r.returncode == 0, r.stderr
+    r = cli("plan", "test-failover", "shop", "--to", tmp_path / "drill", "--json")
+    assert r.returncode == 0, r.stderr
+    assert sha(tmp_path / "drill" / "web2" / "web2-b.img") == sha(tmp_path / "web2-b.img")
+    assert cli("plan", "cleanup-test-failover", "shop").returncode == 0
+    log.unlink()
+    r = cli("plan", "failover", "shop", "--point", "latest-processed", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)["report"]
+    assert [e.get("item") or e["hook"] for e in report] == ["pre", "db", "post", "web1", "web2", "post"]
+    assert log.read_text().split() == ["pre1", "post1", "post2"]
+    for n in ("db", "web1", "web2"):
+        assert json.loads(cli("status", n, "--json").stdout)["state"] == "failed-over"
+    assert cli("plan", "commit", "shop").returncode == 0
+    assert cli("plan", "reprotect", "shop").returncode == 0
+    assert json.loads(cli("status", "web1", "--json").stdout)["direction"] == "reverse"
+
+
+def test_a_failure_stops_the_plan_with_a_report(tmp_path, monkeypatch):
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    monkeypatch.setenv("PYDR_VAULT", str(vault))
+    for n in ("a", "b", "c"):
+        (tmp_path / f"{n}.img").write_bytes(os.urandom(1 << 16))
+        cli("protect", n, "--disk", f"{tmp_path / f'{n}.img'}={tmp_path / f'{n}-b.img'}")
+        if n != "b":
+            cli("replicate", n)
+    cli("plan", "create", "p", "--group", "a", "--group", "b", "--group", "c")
+    r = cli("plan", "failover", "p", "--point", "latest-processed", "--json")
+    assert r.returncode == 17 and b"stopped in group 2" in r.stderr
+    report = json.loads(r.stdout)["report"]
+    assert [(e["item"], e["status"]) for e in report] == [("a", "succeeded"), ("b", "failed"),
+                                                            ("c", "not run")]
+    assert json.loads(cli("status", "c", "--json").stdout)["state"] == "protected"
+    assert cli("plan", "failover", "nope").returncode == 3
+    assert cli("plan", "create", "q", "--group", "a", "--group", "a").returncode == 2
+    assert cli("plan", "create", "q", "--pre-hook", "true").returncode == 2
