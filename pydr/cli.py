@@ -1108,19 +1108,21 @@ def build_parser():
         formatter_class=fmt,
         help="run pydr's main job on a generated sample image",
         description=(
-            "Generate a sample disk image (random data, text, zero runs and holes),\n"
-            "copy it to a replica with resync, sign it, change scattered blocks, sign it\n"
-            "again and show which ranges changed, resync the replica (only the changed\n"
-            "blocks move) and update a second replica with a delta, checking that both\n"
-            "equal the image; each step with what moved and how long it took. Runs in a\n"
-            "temporary directory that is removed afterwards unless --keep or --dir is given."
+            "Disaster recovery of a machine with two real ext4 disks (mkfs.ext4 -d): protect\n"
+            "them, change files (debugfs), replicate, drill a test failover, fail over\n"
+            "(planned), commit, work at site B, reprotect (only differences move back) and\n"
+            "fail back; each step with what moved and how long it took, checked with hashes\n"
+            "and e2fsck -fn. Without e2fsprogs: the engine (sign, diff, resync, delta) on a\n"
+            "generated image. Runs in a temporary directory that is removed afterwards unless\n"
+            "--keep or --dir is given."
         ),
         epilog=EXIT_STATUS,
     )
     p.add_argument("--dir", metavar="DIR", default=None,
                    help="work in DIR (created if missing) and keep the files")
     p.add_argument("--size", metavar="SIZE", type=parse_size, default=256 << 20,
-                   help="size of the sample image (default: 256M)")
+                   help="size of the sample image of the engine demo (without e2fsprogs; "
+                        "default: 256M)")
     p.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="threads hashing in parallel")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")

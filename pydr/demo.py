@@ -24,6 +24,19 @@ def _human(n):
 
 
 def run_demo(directory, size, *, keep=False, as_json=False, threads=None):
+    """The disaster-recovery walk-through on real ext4 images when e2fsprogs
+    is installed; otherwise the engine walk-through on a sample image."""
+    if all(shutil.which(t) for t in ("mkfs.ext4", "debugfs", "e2fsck")):
+        from .drdemo import run_dr_demo
+
+        return run_dr_demo(directory, keep=keep, as_json=as_json)
+    if not as_json:
+        print("(mkfs.ext4/debugfs not found: showing the engine on a sample image instead; "
+              "install e2fsprogs for the disaster-recovery walk-through)")
+    return run_engine_demo(directory, size, keep=keep, as_json=as_json, threads=threads)
+
+
+def run_engine_demo(directory, size, *, keep=False, as_json=False, threads=None):
     from .sample import make_image
 
     temporary = directory is None

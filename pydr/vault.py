@@ -361,6 +361,41 @@ class Vault:
 
         return materialize(self, name, point_id, directory, **kwargs)
 
+    def test_failover(self, name, directory, point=None):
+        from . import failover as F
+
+        return F.test_failover(self, name, directory, point)
+
+    def cleanup_test_failover(self, name):
+        from . import failover as F
+
+        return F.cleanup_test_failover(self, name)
+
+    def failover(self, name, point="latest", **kwargs):
+        from . import failover as F
+
+        return F.failover(self, name, point, **kwargs)
+
+    def change_point(self, name, point):
+        from . import failover as F
+
+        return F.change_point(self, name, point)
+
+    def commit(self, name):
+        from . import failover as F
+
+        return F.commit(self, name)
+
+    def reprotect(self, name):
+        from . import failover as F
+
+        return F.reprotect(self, name)
+
+    def failback(self, name, **kwargs):
+        from . import failover as F
+
+        return F.failback(self, name, **kwargs)
+
     # -- jobs --------------------------------------------------------------------
     def start_job(self, kind, item, state="running"):
         cur = self.db.execute(

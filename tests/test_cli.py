@@ -67,16 +67,25 @@ def test_diff_command(image, tmp_path):
     assert json.loads(r.stdout)["ranges"] == [[8192, 4096]]
 
 
-def test_demo_runs_and_checks_itself():
-    r = run_cli("demo", "--size", "16M", "--json")
+def test_demo_runs_the_dr_cycle_and_checks_itself():
+    r = run_cli("demo", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["check_passed"] is True
+    assert res["check_passed"] is True and len(res["checks"]) >= 7
     steps = [s["step"] for s in res["steps"]]
-    assert steps[0] == "generate sample image"
-    for needed in ("sign (64 KiB blocks)", "resync changes to replica", "apply delta (journaled)"):
+    for needed in ("protect + initial replication", "test failover (drill) to point 1",
+                   "planned failover to site B", "reprotect B -> A (differences only)",
+                   "planned failback to site A"):
         assert needed in steps
     assert not os.path.exists(res["directory"])  # temporary dir removed
+
+
+def test_engine_demo_checks_itself(capsys):
+    from pydr.demo import run_engine_demo
+
+    assert run_engine_demo(None, 16 << 20, as_json=True) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["check_passed"] is True
 
 
 @pytest.mark.parametrize("cmd", [[], ["signature"], ["info"], ["diff"], ["demo"]])
