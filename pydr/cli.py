@@ -706,19 +706,23 @@ def build_parser():
         prog="pydr",
         formatter_class=fmt,
         description=(
-            "pydr keeps a copy of raw disk images and block devices in sync by\n"
-            "moving only the blocks that differ. This version computes and compares\n"
-            "block signatures (per-block XXH3 hashes, hole- and zero-aware), deltas\n"
-            "that apply crash-safely under an undo journal, and local resync."
+            "pydr keeps a copy of raw disk images and block devices at a second site by\n"
+            "moving only the blocks that differ, and lets an operator fail over to it and\n"
+            "back: block signatures (XXH3, hole- and zero-aware), deltas applied crash-safely\n"
+            "under an undo journal, resync, replication with recovery points kept as reverse\n"
+            "deltas, test failover, failover, commit, reprotect, failback and recovery plans.\n"
+            "Replication state lives in a vault (--vault DIR or $PYDR_VAULT)."
         ),
         epilog=(
             "examples:\n"
-            "  pydr demo                            sign a generated sample image\n"
+            "  pydr demo                            disaster recovery of a two-disk ext4 machine\n"
             "  pydr signature disk.img -o disk.sig  hash disk.img in 64 KiB blocks\n"
             "  pydr info disk.sig --json            describe and verify a pydr file\n"
             "  pydr diff old.sig new.sig            list the byte ranges that differ\n"
             "  pydr resync disk.img replica.img     copy only the blocks that differ\n"
-            "  pydr delta disk.img --against replica.sig -o d.delta; pydr apply d.delta replica.img\n\n"
+            "  pydr delta disk.img --against replica.sig -o d.delta; pydr apply d.delta replica.img\n"
+            "  pydr protect vm --disk a.img=/dr/a.img && pydr replicate vm && pydr points vm\n"
+            "  pydr failover vm --planned; pydr commit vm; pydr reprotect vm; pydr failback vm\n\n"
             "Run 'pydr COMMAND --help' for the options of a command.\n\n" + EXIT_STATUS
         ),
     )
