@@ -220,6 +220,9 @@ class Applier:
                     self.drain()  # the writer must stop before anything is undone
                 except BaseException:
                     pass
+                if self.kind == J.KIND_RESYNC and issubclass(exc_type, (ConnectionError,)):
+                    # a dropped connection: keep the journal; the next run resumes
+                    return False
                 self._rollback_after(exc)
         finally:
             if self.journal is not None:

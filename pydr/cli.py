@@ -35,6 +35,7 @@ exit status:
   15   the operation is not valid in the item's current state
   16   a quiesce, thaw or shutdown hook failed
   17   a recovery plan stopped (its report says where)
+  18   the remote side broke pydr's protocol
   130  interrupted or cancelled
 """
 
@@ -371,7 +372,33 @@ def cmd_rollback(args):
     return 0
 
 
+def _cmd_remote_resync(args):
+    from .remote import remote_resync
+
+    bar = _bar(f"resync {args.source} -> {args.target}", args)
+    try:
+        st = remote_resync(args.source, args.target, rsh=args.rsh, remote_pydr=args.remote_pydr,
+                           block_size=args.block_size, threads=args.threads, progress=bar)
+    finally:
+        bar.close()
+    result = {"source": args.source, "target": args.target, **st._asdict()}
+    if args.json:
+        _print_json(result)
+    elif args.stats:
+        for k, v in result.items():
+            print(f"{k.replace('_', ' '):<16} {v}")
+    elif not args.quiet:
+        print(f"{args.target}: {st.blocks_changed} blocks changed, {human_bytes(st.bytes_written)} "
+              f"written; {human_bytes(st.bytes_sent)} sent, {human_bytes(st.bytes_received)} "
+              f"received in {st.seconds:.3f} s")
+    return 0
+
+
 def cmd_resync(args):
+    from .remote import parse_remote
+
+    if parse_remote(args.source) or parse_remote(args.target):
+        return _cmd_remote_resync(args)
     from .sync import resync
 
     bar = _bar(f"resync {args.source} -> {args.target}", args)
@@ -691,6 +718,14 @@ def cmd_plan_run(args):
     return 0
 
 
+def cmd_serve(args):
+    from .server import main_stdio
+
+    if args.root and not os.path.isdir(args.root):
+        raise FileNotFoundError(2, "root directory not found", args.root)
+    return main_stdio(args.root)
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -863,6 +898,10 @@ def build_parser():
     p.add_argument("target", metavar="DST")
     p.add_argument("--signature-cache", metavar="FILE", default=None,
                    help="signature of DST: used when valid and newer than DST, then rewritten")
+    p.add_argument("--rsh", metavar="CMD", default="ssh",
+                   help="how to reach a [user@]host:PATH side (default: ssh)")
+    p.add_argument("--remote-pydr", metavar="PATH", default="pydr",
+                   help="pydr on the remote side (default: pydr)")
     p.add_argument("--verify", action="store_true",
                    help="read back every written range and compare hashes before committing")
     p.add_argument("--block-size", metavar="N", type=parse_size, default=4096,
@@ -1106,6 +1145,19 @@ def build_parser():
         q.add_argument("--vault", metavar="DIR", help=vault_help)
         q.add_argument("--json", action="store_true")
         q.set_defaults(func=cmd_plan_run, operation=op)
+
+    p = sub.add_parser(
+        "serve", formatter_class=fmt, help="the remote end of pydr's protocol (for ssh)",
+        description=("Speak pydr's protocol (docs/PROTOCOL.md) on standard input and output, and\n"
+                     "nothing else; run no other commands. With --root DIR, every path is resolved\n"
+                     "inside DIR and anything outside it (.., absolute paths elsewhere, symlinks that\n"
+                     "escape) is refused. Meant for a forced command in authorized_keys:\n"
+                     "  command=\"pydr serve --stdio --root /srv/replicas\",restrict ssh-ed25519 ..."),
+        epilog=EXIT_STATUS)
+    p.add_argument("--stdio", action="store_true", required=True,
+                   help="talk on standard input/output (the only transport)")
+    p.add_argument("--root", metavar="DIR", help="confine every path to DIR")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "demo",

@@ -1,0 +1,97 @@
+"""pydr's wire protocol, version 1 (docs/PROTOCOL.md): length-prefixed frames
+over a byte stream (ssh's stdin/stdout), checked before anything is allocated.
+"""
+
+import json
+import struct
+
+from . import errors as E
+
+VERSION = 1
+HEADER = struct.Struct("<IHH")  # payload length, frame type, flags (0)
+MAX_PAYLOAD = 17 << 20          # a 16 MiB batch of records plus headers
+MAX_JSON = 1 << 20
+
+HELLO, ERROR, STAT, STAT_OK, SIGN, SIGS, DONE, ENCODE, RECORDS, APPLY, END, APPLY_OK = range(1, 13)
+NAMES = {v: k for k, v in dict(HELLO=HELLO, ERROR=ERROR, STAT=STAT, STAT_OK=STAT_OK, SIGN=SIGN,
+                               SIGS=SIGS, DONE=DONE, ENCODE=ENCODE, RECORDS=RECORDS, APPLY=APPLY,
+                               END=END, APPLY_OK=APPLY_OK).items()}
+
+
+class ProtocolError(E.PydrError, ValueError):
+    """The peer broke the protocol (bad frame, size, order or version)."""
+
+    exit_code = 18
+
+
+class Channel:
+    """Frames over a pair of binary file objects."""
+
+    def __init__(self, rfile, wfile):
+        self.r, self.w = rfile, wfile
+        self.bytes_in = self.bytes_out = 0
+
+    def send(self, ftype, payload=b""):
+        if len(payload) > MAX_PAYLOAD:
+            raise ProtocolError(f"frame of {len(payload)} bytes is over the limit")
+        self.w.write(HEADER.pack(len(payload), ftype, 0))
+        if payload:
+            self.w.write(payload)
+        self.w.flush()
+        self.bytes_out += HEADER.size + len(payload)
+
+    def send_json(self, ftype, obj):
+        self.send(ftype, json.dumps(obj).encode())
+
+    def _read_exact(self, n):
+        chunks, got = [], 0
+        while got < n:
+            chunk = self.r.read(n - got)
+            if not chunk:
+                raise ConnectionResetError("the connection closed in the middle of a frame"
+                                           if got or chunks else "the connection closed")
+            chunks.append(chunk)
+            got += len(chunk)
+        self.bytes_in += n
+        return b"".join(chunks)
+
+    def recv(self):
+        """(type, payload) of the next frame. Checked before allocating."""
+        head = self._read_exact(HEADER.size)
+        length, ftype, flags = HEADER.unpack(head)
+        if flags or ftype not in NAMES:
+            raise ProtocolError(f"bad frame header (type {ftype}, flags {flags})")
+        if length > MAX_PAYLOAD or (ftype not in (SIGS, RECORDS, ENCODE) and length > MAX_JSON):
+            raise ProtocolError(f"frame of {length} bytes (type {NAMES[ftype]}) is over the limit")
+        return ftype, self._read_exact(length) if length else b""
+
+
+def parse_json(payload, what):
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(f"{what}: not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what}: not an object")
+    return obj
+
+
+def error_payload(exc):
+    """An exception as an ERROR frame's JSON."""
+    out = {"message": str(exc), "class": type(exc).__name__}
+    if isinstance(exc, E.PydrError):
+        out.update(message=exc.message, path=exc.path, offset=exc.offset)
+    elif isinstance(exc, OSError):
+        out.update(errno=exc.errno, message=exc.strerror or str(exc), path=exc.filename)
+    return out
+
+
+def raise_remote(info, host):
+    """Re-raise a server's ERROR frame here, as the same kind of exception."""
+    where = f"{host}:{info.get('path')}" if info.get("path") else None
+    if "errno" in info and info["errno"] is not None:
+        raise OSError(info["errno"], f"{info['message']} (on {host})", where)
+    cls = getattr(E, info.get("class", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, E.PydrError)):
+        cls = ProtocolError if info.get("class") == "ProtocolError" else E.PydrError
+    raise cls(f"{info.get('message')} (on {host})", path=where, offset=info.get("offset"))

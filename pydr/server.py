@@ -1,0 +1,198 @@
+"""``pydr serve --stdio``: the remote end of pydr's protocol.
+
+Speaks only the protocol on stdin/stdout (diagnostics on stderr) and runs no
+other commands. With ``--root DIR`` every path is resolved inside DIR;
+anything outside -- "..", absolute paths elsewhere, symlinks that escape --
+is refused before any file is opened or created.
+"""
+
+import contextlib
+import errno
+import os
+import struct
+import sys
+
+import numpy as np
+
+from . import _bindings as B
+from . import protocol as P
+from .apply import Applier
+from .delta import write_records
+from . import journal as J
+from .signatures import blocks_for, sign_range
+from .progress import Throttle
+from ._parallel import default_threads
+
+SIGN_WINDOW = 64 << 20
+NET_BATCH = 8 << 20  # records per RECORDS frame (under the frame limit)
+
+
+def resolve(path, root):
+    """The real path to use for `path`, confined to `root` when given."""
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise P.ProtocolError("bad path")
+    if root is None:
+        return path
+    root = os.path.realpath(root)
+    full = path if os.path.isabs(path) else os.path.join(root, path)
+    parent, name = os.path.split(os.path.normpath(full))
+    if name in ("", ".", ".."):
+        raise PermissionError(errno.EACCES, "not a file name", path)
+    real = os.path.join(os.path.realpath(parent), name)
+    if os.path.lexists(real):
+        real = os.path.realpath(real)
+    if os.path.commonpath([root, real]) != root or real == root:
+        raise PermissionError(errno.EACCES, "outside the directory this server may use", path)
+    return real
+
+
+def serve(rfile, wfile, root=None):
+    ch = P.Channel(rfile, wfile)
+    ftype, payload = ch.recv()
+    if ftype != P.HELLO:
+        raise P.ProtocolError("expected HELLO")
+    hello = P.parse_json(payload, "HELLO")
+    if hello.get("protocol") != P.VERSION:
+        ch.send_json(P.ERROR, {"class": "ProtocolError", "message":
+                               f"protocol {hello.get('protocol')} is not supported (server speaks {P.VERSION})"})
+        return
+    from . import __version__
+
+    ch.send_json(P.HELLO, {"protocol": P.VERSION, "pydr": __version__, "capabilities": []})
+    while True:
+        try:
+            ftype, payload = ch.recv()
+        except ConnectionResetError:
+            return
+        try:
+            if ftype == P.STAT:
+                _stat(ch, payload, root)
+            elif ftype == P.SIGN:
+                _sign(ch, payload, root)
+            elif ftype == P.ENCODE:
+                _encode(ch, payload, root)
+            elif ftype == P.APPLY:
+                _apply(ch, payload, root)
+            else:
+                raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} frame")
+        except (ConnectionResetError, BrokenPipeError):
+            return
+        except P.ProtocolError as exc:
+            with contextlib.suppress(OSError):
+                ch.send_json(P.ERROR, P.error_payload(exc))
+            return  # a broken peer: stop talking to it
+        except Exception as exc:
+            ch.send_json(P.ERROR, P.error_payload(exc))
+
+
+def _stat(ch, payload, root):
+    req = P.parse_json(payload, "STAT")
+    path = resolve(req.get("path"), root)
+    if not os.path.exists(path):
+        ch.send_json(P.STAT_OK, {"exists": False, "size": 0})
+        return
+    J.check_no_unfinished_apply(path) if req.get("source") else None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size, is_block = B.fd_size(fd, path)
+    finally:
+        os.close(fd)
+    ch.send_json(P.STAT_OK, {"exists": True, "size": size, "block_device": is_block})
+
+
+def _sign(ch, payload, root):
+    req = P.parse_json(payload, "SIGN")
+    path = resolve(req.get("path"), root)
+    bs = B.check_block_size(req.get("block_size"))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size, _ = B.fd_size(fd, path)
+        code = B.ALGORITHMS["xxh3-128"]
+        window = max(bs, SIGN_WINDOW // bs * bs)
+        for w0 in range(0, size, window):
+            n = blocks_for(min(size, w0 + window) - w0, bs)
+            h, z = bytearray(16 * n), bytearray(n)
+            sign_range(fd, path, w0, min(size, w0 + window) - w0, bs, code, h, z,
+                       threads=default_threads(), progress_record=B.Progress(),
+                       throttle=Throttle(None, "sign", path, 0), final_report=False)
+            ch.send(P.SIGS, struct.pack("<QQ", w0 // bs, n) + bytes(h) + bytes(z))
+    finally:
+        os.close(fd)
+    ch.send_json(P.DONE, {"size": size})
+
+
+def _encode(ch, payload, root):
+    if len(payload) < 4:
+        raise P.ProtocolError("short ENCODE")
+    (jlen,) = struct.unpack_from("<I", payload)
+    if jlen > P.MAX_JSON or 4 + jlen > len(payload):
+        raise P.ProtocolError("bad ENCODE header")
+    req = P.parse_json(payload[4:4 + jlen], "ENCODE")
+    k = req.get("extents")
+    if not isinstance(k, int) or k < 0 or len(payload) != 4 + jlen + k * 33:
+        raise P.ProtocolError("ENCODE sizes do not add up")
+    path = resolve(req.get("path"), root)
+    body = memoryview(payload)[4 + jlen:]
+    extents = np.frombuffer(body[:16 * k], dtype="<u8").astype(np.uint64)
+    zero = np.frombuffer(body[16 * k:17 * k], dtype=np.uint8)
+    digests = bytes(body[17 * k:])
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size, _ = B.fd_size(fd, path)
+        if k and int((extents[0::2] + extents[1::2]).max()) > size:
+            raise P.ProtocolError("ENCODE extent past the end of the file")
+        write_records(fd, path, extents, zero, digests, lambda chunk: ch.send(P.RECORDS, bytes(chunk)),
+                      first_seq=int(req.get("first_seq", 0)), buf=bytearray(NET_BATCH))
+    finally:
+        os.close(fd)
+    ch.send_json(P.DONE, {})
+
+
+def _apply(ch, payload, root):
+    req = P.parse_json(payload, "APPLY")
+    path = resolve(req.get("path"), root)
+    bs = B.check_block_size(req.get("block_size"))
+    result = req.get("result_size")
+    if not isinstance(result, int) or result < 0:
+        raise P.ProtocolError("bad result size")
+    created = False
+    if not os.path.lexists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        created = True
+    applier = Applier(path, block_size=bs, base_size=None, result_size=result, kind=J.KIND_RESYNC)
+    try:
+        with applier:
+            ch.send_json(P.STAT_OK, {"size": applier.base_size})  # apply can start
+            while True:
+                ftype, data = ch.recv()
+                if ftype == P.END:
+                    break
+                if ftype != P.RECORDS:
+                    raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} during APPLY")
+                complete, count, bound, end = B.records_scan(data)
+                if complete != len(data) or end:
+                    raise P.ProtocolError("a RECORDS frame must hold whole DATA/ZERO records")
+                applier.submit(data, bound, count)
+            applier.finish()
+    except (ConnectionResetError, BrokenPipeError):
+        raise  # the journal stays: the next run resumes (Applier keeps it on these)
+    except BaseException:
+        if created and os.path.exists(path) and os.path.getsize(path) == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    st = applier.state
+    ch.send_json(P.APPLY_OK, {"bytes_written": int(st.data_bytes), "bytes_zeroed": int(st.zero_bytes),
+                              "records": int(st.records)})
+
+
+def main_stdio(root=None):
+    """Entry point of `pydr serve --stdio`."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing but frames may reach the peer
+    try:
+        serve(stdin, stdout, root)
+    except P.ProtocolError as exc:
+        print(f"pydr serve: {exc}", file=sys.stderr)
+        return P.ProtocolError.exit_code
+    return 0

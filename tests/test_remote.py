@@ -1,0 +1,221 @@
+"""Remote resync over a real sshd on 127.0.0.1 (throwaway keys): push, pull,
+a forced-command key confined to a root, a killed connection resumed, the
+bytes on the wire, and fuzzed frames into the server."""
+
+import io
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pydr import protocol as P
+from pydr.remote import parse_remote
+from pydr.server import serve
+
+from conftest import pydr_command, run_cli
+
+PYDR = pydr_command()[0]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("sshd", "ssh", "ssh-keygen")):
+        pytest.skip("needs root and openssh-server/openssh-client")
+    if not os.access(PYDR, os.X_OK):
+        pytest.skip("needs the installed pydr script")
+    d = tmp_path_factory.mktemp("sshd")
+    root = d / "replicas"
+    root.mkdir()
+    for key in ("host_key", "client_key", "confined_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    confined = (d / "confined_key.pub").read_text().strip()
+    (d / "authorized_keys").write_text(
+        (d / "client_key.pub").read_text() +
+        f'command="{PYDR} serve --stdio --root {root}",restrict {confined}\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPasswordAuthentication no\n"
+        f"KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\n"
+        f"UsePAM no\nPidFile {d / 'sshd.pid'}\nAllowUsers root\n")
+    os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.Popen([shutil.which("sshd"), "-D", "-e", "-f", str(d / "sshd_config")],
+                            stderr=subprocess.PIPE)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"sshd did not start: {proc.stderr.read().decode()}")
+    base = (f"ssh -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+            f"-o BatchMode=yes -o LogLevel=ERROR")
+    yield {"rsh": f"{base} -i {d / 'client_key'}", "confined": f"{base} -i {d / 'confined_key'}",
+           "root": root}
+    proc.terminate()
+    proc.wait()
+
+
+def remote(sshd, *args, confined=False):
+    rsh = sshd["confined" if confined else "rsh"]
+    return run_cli("resync", *args, "--rsh", rsh, "--remote-pydr", PYDR, "--json",
+                   env=dict(os.environ))
+
+
+def images(tmp_path, size=8 << 20, seed=1):
+    rng = random.Random(seed)
+    a = rng.randbytes(size)
+    b = bytearray(a)
+    for off in rng.sample(range(0, size, 4096), size // 4096 // 50):
+        b[off:off + 100] = rng.randbytes(100)
+    (tmp_path / "old.img").write_bytes(a)
+    (tmp_path / "new.img").write_bytes(bytes(b))
+    return a, bytes(b)
+
+
+def test_parse_remote():
+    assert parse_remote("host:/srv/x") == ("host", "/srv/x")
+    assert parse_remote("me@h:x.img") == ("me@h", "x.img")
+    for local in ("/abs/x", "./a:b", "plain", "dir/a:b", ":x", "h:"):
+        assert parse_remote(local) is None, local
+
+
+def test_push_and_pull(sshd, tmp_path):
+    a, b = images(tmp_path)
+    target = tmp_path / "target.img"
+    target.write_bytes(a)
+    r = remote(sshd, tmp_path / "new.img", f"127.0.0.1:{target}")
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == b
+    pulled = tmp_path / "pulled.img"
+    pulled.write_bytes(a[:1 << 20])  # shorter: grows
+    r = remote(sshd, f"127.0.0.1:{tmp_path / 'new.img'}", pulled)
+    assert r.returncode == 0, r.stderr
+    assert pulled.read_bytes() == b
+    assert subprocess.run(["cmp", str(pulled), str(tmp_path / "new.img")]).returncode == 0
+    # and shrink the remote one
+    (tmp_path / "small.img").write_bytes(b[:3 << 20])
+    assert remote(sshd, tmp_path / "small.img", f"127.0.0.1:{target}").returncode == 0
+    assert target.read_bytes() == b[:3 << 20]
+
+
+def test_bytes_on_the_wire(sshd, tmp_path):
+    """1% of the 4 KiB blocks and a 1 MiB run changed: the wire carries at
+    most 1.1x the changed data plus 1% of the image."""
+    import json
+
+    size = 64 << 20
+    rng = random.Random(3)
+    a = os.urandom(size)
+    b = bytearray(a)
+    blocks = rng.sample(range(size // 4096), size // 4096 // 100)
+    for blk in blocks:
+        b[blk * 4096:blk * 4096 + 4096] = rng.randbytes(4096)
+    b[20 << 20:21 << 20] = rng.randbytes(1 << 20)
+    (tmp_path / "src.img").write_bytes(bytes(b))
+    target = tmp_path / "dst.img"
+    target.write_bytes(a)
+    r = remote(sshd, tmp_path / "src.img", f"127.0.0.1:{target}")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    changed = st["bytes_written"]
+    wire = st["bytes_sent"] + st["bytes_received"]
+    assert changed >= len(blocks) * 4096
+    assert wire <= 1.1 * changed + 0.01 * size, (wire, changed)
+    assert target.read_bytes() == bytes(b)
+
+
+def test_forced_command_is_confined_to_its_root(sshd, tmp_path):
+    root = sshd["root"]
+    a, b = images(tmp_path, size=1 << 20)
+    r = remote(sshd, tmp_path / "new.img", "127.0.0.1:disk.img", confined=True)
+    assert r.returncode == 0, r.stderr
+    assert (root / "disk.img").read_bytes() == b
+    outside = tmp_path / "outside.img"
+    os.symlink(tmp_path, root / "escape")
+    for spec in (f"127.0.0.1:{outside}", "127.0.0.1:../outside.img", "127.0.0.1:escape/outside.img",
+                 "127.0.0.1:/etc/passwd"):
+        r = remote(sshd, tmp_path / "new.img", spec, confined=True)
+        assert r.returncode == 4, (spec, r.stderr)
+        assert b"outside the directory" in r.stderr and b"Traceback" not in r.stderr
+    assert not outside.exists()
+    r = remote(sshd, "127.0.0.1:../../etc/hostname", tmp_path / "pulled", confined=True)
+    assert r.returncode == 4 and not (tmp_path / "pulled").exists()
+
+
+def test_killed_connection_then_rerun(sshd, tmp_path):
+    from pydr import journal as J
+
+    size = 192 << 20
+    a = os.urandom(size)
+    b = bytearray(a)
+    for off in range(0, size, 1 << 20):
+        b[off:off + (512 << 10)] = os.urandom(512 << 10)
+    (tmp_path / "src.img").write_bytes(bytes(b))
+    target = tmp_path / "dst.img"
+    target.write_bytes(a)
+    journal = J.journal_path(target)
+    cmd = pydr_command() + ["resync", str(tmp_path / "src.img"), f"127.0.0.1:{target}",
+                            "--rsh", sshd["rsh"], "--remote-pydr", PYDR]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None:
+        if os.path.exists(journal) and os.path.getsize(journal) > (16 << 20):
+            break
+        time.sleep(0.002)
+    assert p.poll() is None, "the push ended before it could be interrupted"
+    p.send_signal(signal.SIGKILL)  # the client dies: the connection drops
+    p.wait()
+    time.sleep(0.5)  # the server notices the closed connection
+    assert os.path.exists(journal)  # kept: the target can be finished or rolled back
+    r = remote(sshd, tmp_path / "src.img", f"127.0.0.1:{target}")
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == bytes(b)
+    assert not os.path.exists(journal)
+
+
+def _hello():
+    import json
+
+    body = json.dumps({"protocol": 1}).encode()
+    return P.HEADER.pack(len(body), P.HELLO, 0) + body
+
+
+def test_fuzzed_frames_never_crash_the_server(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    (tmp_path / "f.img").write_bytes(os.urandom(100_000))
+    frame = st.builds(lambda t, f, body: P.HEADER.pack(len(body), t, f) + body,
+                      st.integers(0, 14), st.sampled_from([0, 0, 0, 1]), st.binary(max_size=300))
+    lying = st.builds(lambda t, n: P.HEADER.pack(n, t, 0), st.integers(1, 13),
+                      st.integers(P.MAX_PAYLOAD - 5, 2**32 - 1))
+    junk = st.binary(max_size=200)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.one_of(frame, lying, junk), max_size=6))
+    def run(parts):
+        out = io.BytesIO()
+        try:
+            serve(io.BytesIO(_hello() + b"".join(parts)), out, root=str(tmp_path))
+        except (P.ProtocolError, ConnectionResetError):
+            pass
+        # whatever it answered is well-formed frames
+        data, pos = out.getvalue(), 0
+        while pos < len(data):
+            length, ftype, flags = P.HEADER.unpack_from(data, pos)
+            assert ftype in P.NAMES and flags == 0 and length <= P.MAX_PAYLOAD
+            pos += P.HEADER.size + length
+        assert pos == len(data)
+
+    run()
+    assert sorted(os.listdir(tmp_path)) == ["f.img"]
