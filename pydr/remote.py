@@ -55,7 +55,7 @@ def parse_remote(spec):
 class Connection:
     """A running `pydr serve --stdio` on `host`, with a reader thread."""
 
-    def __init__(self, host, *, rsh="ssh", remote_pydr="pydr"):
+    def __init__(self, host, *, rsh="ssh", remote_pydr="pydr", handshake=True):
         self.host = host
         cmd = shlex.split(rsh) + [host, f"{shlex.quote(remote_pydr)} serve --stdio"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -63,6 +63,13 @@ class Connection:
         self.ch = P.Channel(self.proc.stdout, self.proc.stdin)
         self.frames = queue.Queue(maxsize=64)
         self.ch.send_json(P.HELLO, {"protocol": P.VERSION, "capabilities": []})
+        if handshake:
+            self.handshake()
+
+    def handshake(self):
+        """Wait for the server's HELLO (connections can be started first and
+        shaken hands with afterwards, so that their ssh set-ups overlap)."""
+        host = self.host
         ftype, payload = self._read_direct()
         if ftype == P.ERROR:
             P.raise_remote(P.parse_json(payload, "ERROR"), host)
@@ -200,40 +207,42 @@ def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start):
         src_size, _ = B.fd_size(src_fd, src)
         throttle = Throttle(progress, "resync", f"{host}:{path}", src_size)
         shared = B.Progress()
-        with Connection(host, rsh=rsh, remote_pydr=remote_pydr) as conn:
+        # two connections, set up at the same time: records go one way on the
+        # first while the target's signatures stream back on the second
+        with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as conn, \
+                Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as sigconn:
+            conn.handshake()
+            sigconn.handshake()
             conn.ch.send_json(P.APPLY, {"path": path, "block_size": bs, "result_size": src_size})
+            sigconn.ch.send_json(P.SIGN, {"path": path, "block_size": bs})
             _, payload = conn.next(P.STAT_OK)
             dst_size = P.parse_json(payload, "STAT_OK")["size"]
-            # the target's signatures are read by the server while it applies: ask for
-            # them on a second connection, so that both streams flow at once
-            with Connection(host, rsh=rsh, remote_pydr=remote_pydr) as sigconn:
-                sigconn.ch.send_json(P.SIGN, {"path": path, "block_size": bs})
-                remote_sigs = _Remote(sigconn, bs)
-                blocks_changed = 0
-                seq = 0
-                buf = bytearray(NET_BATCH)
-                for w0 in range(0, src_size, window):
-                    w1 = min(src_size, w0 + window)
-                    n = blocks_for(w1 - w0, bs)
-                    h, z = bytearray(16 * n), bytearray(n)
-                    sign_range(src_fd, src, w0, w1 - w0, bs, code, h, z, threads=threads,
-                               progress_record=shared, throttle=throttle, final_report=False)
-                    d1 = min(dst_size, -(-w1 // bs) * bs) if w0 < dst_size else w0
-                    m = blocks_for(d1 - w0, bs)
-                    dh, dz = remote_sigs.blocks(w0 // bs, m)
-                    if len(dz) != m:
-                        raise P.ProtocolError(f"{host} sent signatures for {len(dz)} of {m} blocks")
-                    cmp = _compare_window(Signature(bs, w1 - w0, "xxh3-128", h, z),
-                                          Signature(bs, d1 - w0, "xxh3-128", dh, dz), m, w0, bs)
-                    if cmp:
-                        ext, zero, digests, blocks = cmp
-                        blocks_changed += blocks
-                        count, _, _ = write_records(src_fd, src, ext, zero, digests,
-                                                    lambda c: conn.ch.send(P.RECORDS, bytes(c)),
-                                                    first_seq=seq, buf=buf)
-                        seq += count
-                    throttle.report(shared.done, shared.read)
-                sent_sig, recv_sig = sigconn.ch.bytes_out, sigconn.ch.bytes_in
+            remote_sigs = _Remote(sigconn, bs)
+            blocks_changed = 0
+            seq = 0
+            buf = bytearray(NET_BATCH)
+            for w0 in range(0, src_size, window):
+                w1 = min(src_size, w0 + window)
+                n = blocks_for(w1 - w0, bs)
+                h, z = bytearray(16 * n), bytearray(n)
+                sign_range(src_fd, src, w0, w1 - w0, bs, code, h, z, threads=threads,
+                           progress_record=shared, throttle=throttle, final_report=False)
+                d1 = min(dst_size, -(-w1 // bs) * bs) if w0 < dst_size else w0
+                m = blocks_for(d1 - w0, bs)
+                dh, dz = remote_sigs.blocks(w0 // bs, m)
+                if len(dz) != m:
+                    raise P.ProtocolError(f"{host} sent signatures for {len(dz)} of {m} blocks")
+                cmp = _compare_window(Signature(bs, w1 - w0, "xxh3-128", h, z),
+                                      Signature(bs, d1 - w0, "xxh3-128", dh, dz), m, w0, bs)
+                if cmp:
+                    ext, zero, digests, blocks = cmp
+                    blocks_changed += blocks
+                    count, _, _ = write_records(src_fd, src, ext, zero, digests,
+                                                lambda c: conn.ch.send(P.RECORDS, bytes(c)),
+                                                first_seq=seq, buf=buf)
+                    seq += count
+                throttle.report(shared.done, shared.read)
+            sent_sig, recv_sig = sigconn.ch.bytes_out, sigconn.ch.bytes_in
             conn.ch.send(P.END)
             _, payload = conn.next(P.APPLY_OK)
             res = P.parse_json(payload, "APPLY_OK")
@@ -256,8 +265,10 @@ def _pull(remote, dst, rsh, remote_pydr, bs, threads, progress, window, start):
         os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
         created = True
     try:
-        with Connection(host, rsh=rsh, remote_pydr=remote_pydr) as conn, \
-                Connection(host, rsh=rsh, remote_pydr=remote_pydr) as sigconn:
+        with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as conn, \
+                Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as sigconn:
+            conn.handshake()
+            sigconn.handshake()
             conn.ch.send_json(P.STAT, {"path": path, "source": True})
             stat = P.parse_json(conn.next(P.STAT_OK)[1], "STAT_OK")
             if not stat["exists"]:
