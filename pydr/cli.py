@@ -378,7 +378,8 @@ def _cmd_remote_resync(args):
     bar = _bar(f"resync {args.source} -> {args.target}", args)
     try:
         st = remote_resync(args.source, args.target, rsh=args.rsh, remote_pydr=args.remote_pydr,
-                           block_size=args.block_size, threads=args.threads, progress=bar)
+                           block_size=args.block_size, threads=args.threads, progress=bar,
+                           bwlimit=args.bwlimit)
     finally:
         bar.close()
     result = {"source": args.source, "target": args.target, **st._asdict()}
@@ -902,6 +903,8 @@ def build_parser():
                    help="how to reach a [user@]host:PATH side (default: ssh)")
     p.add_argument("--remote-pydr", metavar="PATH", default="pydr",
                    help="pydr on the remote side (default: pydr)")
+    p.add_argument("--bwlimit", metavar="RATE", type=parse_size, default=None,
+                   help="with a remote target, send at most RATE bytes per second (e.g. 10M)")
     p.add_argument("--verify", action="store_true",
                    help="read back every written range and compare hashes before committing")
     p.add_argument("--block-size", metavar="N", type=parse_size, default=4096,

@@ -25,15 +25,31 @@ class ProtocolError(E.PydrError, ValueError):
 
 
 class Channel:
-    """Frames over a pair of binary file objects."""
+    """Frames over a pair of binary file objects. ``bwlimit`` (bytes/s) caps
+    what this side sends, on average over the whole connection."""
 
-    def __init__(self, rfile, wfile):
+    def __init__(self, rfile, wfile, bwlimit=None):
         self.r, self.w = rfile, wfile
         self.bytes_in = self.bytes_out = 0
+        self.bwlimit = bwlimit
+        self._started = None
+
+    def _pace(self, nbytes):
+        import time
+
+        if not self.bwlimit:
+            return
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+        due = self._started + (self.bytes_out + nbytes) / self.bwlimit
+        if due > now:
+            time.sleep(due - now)
 
     def send(self, ftype, payload=b""):
         if len(payload) > MAX_PAYLOAD:
             raise ProtocolError(f"frame of {len(payload)} bytes is over the limit")
+        self._pace(HEADER.size + len(payload))
         self.w.write(HEADER.pack(len(payload), ftype, 0))
         if payload:
             self.w.write(payload)

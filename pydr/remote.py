@@ -55,12 +55,12 @@ def parse_remote(spec):
 class Connection:
     """A running `pydr serve --stdio` on `host`, with a reader thread."""
 
-    def __init__(self, host, *, rsh="ssh", remote_pydr="pydr", handshake=True):
+    def __init__(self, host, *, rsh="ssh", remote_pydr="pydr", handshake=True, bwlimit=None):
         self.host = host
         cmd = shlex.split(rsh) + [host, f"{shlex.quote(remote_pydr)} serve --stdio"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, bufsize=0)
-        self.ch = P.Channel(self.proc.stdout, self.proc.stdin)
+        self.ch = P.Channel(self.proc.stdout, self.proc.stdin, bwlimit=bwlimit)
         self.frames = queue.Queue(maxsize=64)
         self.ch.send_json(P.HELLO, {"protocol": P.VERSION, "capabilities": []})
         if handshake:
@@ -174,16 +174,20 @@ class _Remote:
 
 
 def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, threads=None,
-                  progress=None, window=64 << 20):
-    """Make dst equal to src where exactly one of them is "[user@]host:PATH"."""
+                  progress=None, window=64 << 20, bwlimit=None):
+    """Make dst equal to src where exactly one of them is "[user@]host:PATH".
+    ``bwlimit`` (bytes/s) caps what this side sends (the records of a push)."""
     rs, rd = parse_remote(src), parse_remote(dst)
     if bool(rs) == bool(rd):
         raise ValueError("exactly one of source and target must be remote ([user@]host:PATH)")
     B.check_block_size(block_size)
     threads = check_threads(threads)
     start = time.monotonic()
+    if bwlimit is not None and bwlimit <= 0:
+        raise ValueError("bwlimit must be a positive number of bytes per second")
     if rd:
-        return _push(src, rd, rsh, remote_pydr, block_size, threads, progress, window, start)
+        return _push(src, rd, rsh, remote_pydr, block_size, threads, progress, window, start,
+                     bwlimit)
     return _pull(rs, dst, rsh, remote_pydr, block_size, threads, progress, window, start)
 
 
@@ -198,7 +202,7 @@ def _compare_window(src_sig, dst_sig, m, s0, block_size):
     return ext, zero, digests, blocks
 
 
-def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start):
+def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start, bwlimit=None):
     host, path = remote
     J.check_no_unfinished_apply(src)
     code = B.ALGORITHMS["xxh3-128"]
@@ -209,7 +213,8 @@ def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start):
         shared = B.Progress()
         # two connections, set up at the same time: records go one way on the
         # first while the target's signatures stream back on the second
-        with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as conn, \
+        with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False,
+                        bwlimit=bwlimit) as conn, \
                 Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as sigconn:
             conn.handshake()
             sigconn.handshake()

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -219,3 +218,50 @@ def test_fuzzed_frames_never_crash_the_server(tmp_path):
 
     run()
     assert sorted(os.listdir(tmp_path)) == ["f.img"]
+
+
+def test_through_a_slow_link(sshd, tmp_path):
+    """Push and pull through a relay that adds 60 ms of round trip: same
+    results (the protocol does not depend on timing)."""
+    import socket as s_
+
+    from relay import relay
+
+    a, b = images(tmp_path, size=4 << 20, seed=9)
+    port = int(sshd["rsh"].split("-p ")[1].split()[0])
+    with s_.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        relay_port = probe.getsockname()[1]
+    server = relay(relay_port, port, 0.03)
+    try:
+        slow = sshd["rsh"].replace(f"-p {port}", f"-p {relay_port}")
+        target = tmp_path / "slow.img"
+        target.write_bytes(a)
+        r = run_cli("resync", tmp_path / "new.img", f"127.0.0.1:{target}", "--rsh", slow,
+                    "--remote-pydr", PYDR, env=dict(os.environ))
+        assert r.returncode == 0, r.stderr
+        assert target.read_bytes() == b
+        back = tmp_path / "back.img"
+        r = run_cli("resync", f"127.0.0.1:{target}", back, "--rsh", slow,
+                    "--remote-pydr", PYDR, env=dict(os.environ))
+        assert r.returncode == 0, r.stderr
+        assert back.read_bytes() == b
+    finally:
+        server.close()
+
+
+def test_bwlimit_paces_the_push(sshd, tmp_path):
+    import json
+
+    (tmp_path / "src.img").write_bytes(os.urandom(3 << 20))
+    target = tmp_path / "t.img"
+    target.write_bytes(bytes(3 << 20))
+    t = time.monotonic()
+    r = run_cli("resync", tmp_path / "src.img", f"127.0.0.1:{target}", "--rsh", sshd["rsh"],
+                "--remote-pydr", PYDR, "--bwlimit", "4M", "--json", env=dict(os.environ))
+    elapsed = time.monotonic() - t
+    assert r.returncode == 0, r.stderr
+    sent = json.loads(r.stdout)["bytes_sent"]
+    assert sent > 3 << 20
+    assert elapsed >= sent / (4 << 20) * 0.9  # a lower bound: a slow machine only adds time
+    assert target.read_bytes() == (tmp_path / "src.img").read_bytes()
