@@ -379,7 +379,7 @@ def _cmd_remote_resync(args):
     try:
         st = remote_resync(args.source, args.target, rsh=args.rsh, remote_pydr=args.remote_pydr,
                            block_size=args.block_size, threads=args.threads, progress=bar,
-                           bwlimit=args.bwlimit)
+                           bwlimit=args.bwlimit, compress=args.compress)
     finally:
         bar.close()
     result = {"source": args.source, "target": args.target, **st._asdict()}
@@ -903,6 +903,9 @@ def build_parser():
                    help="how to reach a [user@]host:PATH side (default: ssh)")
     p.add_argument("--remote-pydr", metavar="PATH", default="pydr",
                    help="pydr on the remote side (default: pydr)")
+    p.add_argument("--compress", action="store_true",
+                   help="with a remote side, compress the changed blocks on the wire (zstd; both "
+                        "sides need the zstandard package)")
     p.add_argument("--bwlimit", metavar="RATE", type=parse_size, default=None,
                    help="with a remote target, send at most RATE bytes per second (e.g. 10M)")
     p.add_argument("--verify", action="store_true",

@@ -12,6 +12,8 @@ HEADER = struct.Struct("<IHH")  # payload length, frame type, flags (0)
 MAX_PAYLOAD = 17 << 20          # a 16 MiB batch of records plus headers
 MAX_JSON = 1 << 20
 
+FLAG_ZSTD = 1  # the payload is zstd-compressed (only once both HELLOs offered "zstd")
+
 HELLO, ERROR, STAT, STAT_OK, SIGN, SIGS, DONE, ENCODE, RECORDS, APPLY, END, APPLY_OK = range(1, 13)
 NAMES = {v: k for k, v in dict(HELLO=HELLO, ERROR=ERROR, STAT=STAT, STAT_OK=STAT_OK, SIGN=SIGN,
                                SIGS=SIGS, DONE=DONE, ENCODE=ENCODE, RECORDS=RECORDS, APPLY=APPLY,
@@ -33,6 +35,12 @@ class Channel:
         self.bytes_in = self.bytes_out = 0
         self.bwlimit = bwlimit
         self._started = None
+        self.zstd = None  # set by enable_zstd() once both sides agreed
+
+    def enable_zstd(self, level=3):
+        import zstandard
+
+        self.zstd = (zstandard.ZstdCompressor(level=level), zstandard.ZstdDecompressor())
 
     def _pace(self, nbytes):
         import time
@@ -49,8 +57,13 @@ class Channel:
     def send(self, ftype, payload=b""):
         if len(payload) > MAX_PAYLOAD:
             raise ProtocolError(f"frame of {len(payload)} bytes is over the limit")
+        flags = 0
+        if self.zstd is not None and ftype == RECORDS and payload:
+            packed = self.zstd[0].compress(bytes(payload))
+            if len(packed) < len(payload):
+                payload, flags = packed, FLAG_ZSTD
         self._pace(HEADER.size + len(payload))
-        self.w.write(HEADER.pack(len(payload), ftype, 0))
+        self.w.write(HEADER.pack(len(payload), ftype, flags))
         if payload:
             self.w.write(payload)
         self.w.flush()
@@ -75,11 +88,28 @@ class Channel:
         """(type, payload) of the next frame. Checked before allocating."""
         head = self._read_exact(HEADER.size)
         length, ftype, flags = HEADER.unpack(head)
-        if flags or ftype not in NAMES:
+        compressed = flags == FLAG_ZSTD and self.zstd is not None and ftype == RECORDS
+        if (flags and not compressed) or ftype not in NAMES:
             raise ProtocolError(f"bad frame header (type {ftype}, flags {flags})")
         if length > MAX_PAYLOAD or (ftype not in (SIGS, RECORDS, ENCODE) and length > MAX_JSON):
             raise ProtocolError(f"frame of {length} bytes (type {NAMES[ftype]}) is over the limit")
-        return ftype, self._read_exact(length) if length else b""
+        payload = self._read_exact(length) if length else b""
+        if compressed:
+            try:  # bounded: never more than a frame's worth of output
+                payload = self.zstd[1].decompress(payload, max_output_size=MAX_PAYLOAD)
+            except Exception:
+                raise ProtocolError("a compressed frame does not decompress (or is too large)") from None
+            if len(payload) > MAX_PAYLOAD:
+                raise ProtocolError("a compressed frame expands past the limit")
+        return ftype, payload
+
+
+def zstd_available():
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def parse_json(payload, what):

@@ -55,14 +55,19 @@ def parse_remote(spec):
 class Connection:
     """A running `pydr serve --stdio` on `host`, with a reader thread."""
 
-    def __init__(self, host, *, rsh="ssh", remote_pydr="pydr", handshake=True, bwlimit=None):
+    def __init__(self, host, *, rsh="ssh", remote_pydr="pydr", handshake=True, bwlimit=None,
+                 compress=False):
         self.host = host
         cmd = shlex.split(rsh) + [host, f"{shlex.quote(remote_pydr)} serve --stdio"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, bufsize=0)
         self.ch = P.Channel(self.proc.stdout, self.proc.stdin, bwlimit=bwlimit)
         self.frames = queue.Queue(maxsize=64)
-        self.ch.send_json(P.HELLO, {"protocol": P.VERSION, "capabilities": []})
+        if compress and not P.zstd_available():
+            raise ValueError("--compress needs the zstandard package (pip install zstandard)")
+        self.ch.send_json(P.HELLO, {"protocol": P.VERSION,
+                                    "capabilities": ["zstd"] if compress else []})
+        self.compress = compress
         if handshake:
             self.handshake()
 
@@ -73,8 +78,13 @@ class Connection:
         ftype, payload = self._read_direct()
         if ftype == P.ERROR:
             P.raise_remote(P.parse_json(payload, "ERROR"), host)
-        if ftype != P.HELLO or P.parse_json(payload, "HELLO").get("protocol") != P.VERSION:
+        hello = P.parse_json(payload, "HELLO") if ftype == P.HELLO else {}
+        if ftype != P.HELLO or hello.get("protocol") != P.VERSION:
             raise P.ProtocolError(f"{host} does not speak pydr protocol {P.VERSION}")
+        if self.compress:
+            if "zstd" not in (hello.get("capabilities") or []):
+                raise ValueError(f"--compress: pydr on {host} cannot use zstd (install zstandard there)")
+            self.ch.enable_zstd()
         self.reader = threading.Thread(target=self._read_loop, name="pydr-net-reader", daemon=True)
         self.reader.start()
 
@@ -174,7 +184,7 @@ class _Remote:
 
 
 def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, threads=None,
-                  progress=None, window=64 << 20, bwlimit=None):
+                  progress=None, window=64 << 20, bwlimit=None, compress=False):
     """Make dst equal to src where exactly one of them is "[user@]host:PATH".
     ``bwlimit`` (bytes/s) caps what this side sends (the records of a push)."""
     rs, rd = parse_remote(src), parse_remote(dst)
@@ -187,8 +197,9 @@ def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, t
         raise ValueError("bwlimit must be a positive number of bytes per second")
     if rd:
         return _push(src, rd, rsh, remote_pydr, block_size, threads, progress, window, start,
-                     bwlimit)
-    return _pull(rs, dst, rsh, remote_pydr, block_size, threads, progress, window, start)
+                     bwlimit, compress)
+    return _pull(rs, dst, rsh, remote_pydr, block_size, threads, progress, window, start,
+                 compress)
 
 
 def _compare_window(src_sig, dst_sig, m, s0, block_size):
@@ -202,7 +213,8 @@ def _compare_window(src_sig, dst_sig, m, s0, block_size):
     return ext, zero, digests, blocks
 
 
-def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start, bwlimit=None):
+def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start, bwlimit=None,
+          compress=False):
     host, path = remote
     J.check_no_unfinished_apply(src)
     code = B.ALGORITHMS["xxh3-128"]
@@ -214,7 +226,7 @@ def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start, b
         # two connections, set up at the same time: records go one way on the
         # first while the target's signatures stream back on the second
         with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False,
-                        bwlimit=bwlimit) as conn, \
+                        bwlimit=bwlimit, compress=compress) as conn, \
                 Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as sigconn:
             conn.handshake()
             sigconn.handshake()
@@ -259,7 +271,7 @@ def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start, b
                        time.monotonic() - start, "push")
 
 
-def _pull(remote, dst, rsh, remote_pydr, bs, threads, progress, window, start):
+def _pull(remote, dst, rsh, remote_pydr, bs, threads, progress, window, start, compress=False):
     """Two connections: one streams the source's signatures, the other asks
     for the records of each changed window (one round trip per changed
     window; pipelining that is for later)."""
@@ -270,7 +282,8 @@ def _pull(remote, dst, rsh, remote_pydr, bs, threads, progress, window, start):
         os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
         created = True
     try:
-        with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as conn, \
+        with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False,
+                        compress=compress) as conn, \
                 Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as sigconn:
             conn.handshake()
             sigconn.handshake()

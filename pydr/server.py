@@ -58,11 +58,19 @@ def serve(rfile, wfile, root=None):
         return
     from . import __version__
 
-    ch.send_json(P.HELLO, {"protocol": P.VERSION, "pydr": __version__, "capabilities": []})
+    offered = hello.get("capabilities") if isinstance(hello.get("capabilities"), list) else []
+    caps = ["zstd"] if "zstd" in offered and P.zstd_available() else []
+    ch.send_json(P.HELLO, {"protocol": P.VERSION, "pydr": __version__, "capabilities": caps})
+    if caps:
+        ch.enable_zstd()
     while True:
         try:
             ftype, payload = ch.recv()
         except ConnectionResetError:
+            return
+        except P.ProtocolError as exc:  # tell the peer why, then stop talking to it
+            with contextlib.suppress(OSError):
+                ch.send_json(P.ERROR, P.error_payload(exc))
             return
         try:
             if ftype == P.STAT:
