@@ -130,6 +130,21 @@ def _print_json(obj):
 
 
 def cmd_signature(args):
+    from .remote import parse_remote
+
+    if parse_remote(args.image):
+        if args.algorithm != "xxh3-128":
+            raise ValueError("a remote signature is always xxh3-128")
+        from .remote import remote_signature
+
+        res = remote_signature(args.image, args.output, rsh=args.rsh, remote_pydr=args.remote_pydr,
+                               block_size=args.block_size)
+        if args.json:
+            _print_json(res)
+        elif not args.quiet:
+            print(f"{args.image}: {res['blocks']} blocks of {human_bytes(res['block_size'])}, "
+                  f"{human_bytes(res['bytes_received'])} received in {res['seconds']:.3f} s")
+        return 0
     from .signatures import signature
 
     if args.output == "-" and sys.stdout.isatty():
@@ -800,6 +815,10 @@ def build_parser():
                    help="print nothing but errors (no progress bar, no summary)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="draw a progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument("--rsh", metavar="CMD", default="ssh",
+                   help="how to reach a [user@]host:PATH image (default: ssh)")
+    p.add_argument("--remote-pydr", metavar="PATH", default="pydr",
+                   help="pydr on the remote side (default: pydr)")
     p.add_argument("--no-mmap", action="store_true",
                    help="read with pread() instead of hashing from mmap windows (slower; "
                         "for file systems that refuse mmap)")

@@ -345,3 +345,33 @@ def _pull(remote, dst, rsh, remote_pydr, bs, threads, progress, window, start, c
     throttle.report(src_size, shared.read, finished=True)
     return RemoteStats(int(st.data_bytes), int(st.zero_bytes), blocks_changed, sent, received,
                        time.monotonic() - start, "pull")
+
+
+def remote_signature(spec, output, *, rsh="ssh", remote_pydr="pydr", block_size=4096):
+    """Write the signature of a remote image ("[user@]host:PATH", xxh3-128)
+    to the local file `output`, window by window (bounded memory)."""
+    from .sigstream import SignatureWriter
+
+    host, path = parse_remote(spec)
+    B.check_block_size(block_size)
+    start = time.monotonic()
+    with Connection(host, rsh=rsh, remote_pydr=remote_pydr) as conn:
+        conn.ch.send_json(P.STAT, {"path": path, "source": True})
+        stat = P.parse_json(conn.next(P.STAT_OK)[1], "STAT_OK")
+        if not stat["exists"]:
+            raise FileNotFoundError(2, f"not found (on {host})", spec)
+        writer = SignatureWriter(output, block_size, stat["size"])
+        try:
+            conn.ch.send_json(P.SIGN, {"path": path, "block_size": block_size})
+            for first, h, z in _window_sigs(conn):
+                if first != writer.written:
+                    raise P.ProtocolError(f"{host} sent signatures out of order")
+                writer.write(h, z)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        received = conn.ch.bytes_in
+    return {"image": spec, "output": os.fspath(output), "size": stat["size"],
+            "block_size": block_size, "blocks": writer.n, "zero_blocks": writer.zeros,
+            "bytes_received": received, "seconds": round(time.monotonic() - start, 6)}

@@ -311,3 +311,17 @@ def test_compressed_frames_are_bounded(tmp_path):
     serve(io.BytesIO(P.HEADER.pack(len(plain), P.HELLO, 0) + plain +
                      P.HEADER.pack(len(bomb), P.RECORDS, P.FLAG_ZSTD) + bomb), out, root=str(tmp_path))
     assert b"bad frame header" in out.getvalue()
+
+
+def test_remote_signature(sshd, tmp_path):
+    import pydr
+
+    a, _ = images(tmp_path, size=3 << 20)
+    r = run_cli("signature", f"127.0.0.1:{tmp_path / 'old.img'}", "-o", tmp_path / "r.sig",
+                "--block-size", "4K", "--rsh", sshd["rsh"], "--remote-pydr", PYDR,
+                env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert pydr.Signature.load(tmp_path / "r.sig") == pydr.signature(tmp_path / "old.img", block_size=4096)
+    r = run_cli("signature", "127.0.0.1:/nonexistent.img", "-o", tmp_path / "x.sig",
+                "--rsh", sshd["rsh"], "--remote-pydr", PYDR, env=dict(os.environ))
+    assert r.returncode == 3 and b"nonexistent" in r.stderr and not (tmp_path / "x.sig").exists()
