@@ -181,23 +181,22 @@ def test_permission_denied_exit_code(tmp_path):
     assert_clean_error(r, 4, p, "Permission denied")
 
 
-def test_progress_and_ctrl_c(tmp_path):
-    """--progress draws on stderr; SIGINT stops with 130, no output file."""
+def test_progress_and_ctrl_c(tmp_path, faulty_image):
+    """--progress draws on stderr; SIGINT stops with 130, no output file.
+    The image is served through FUSE (slow reads), so the signing is still
+    running when the signal arrives, however fast or loaded the machine."""
     import signal
     import subprocess
 
-    img = tmp_path / "big.img"
-    with open(img, "wb") as f:
-        chunk = os.urandom(1 << 20)
-        for _ in range(1024):
-            f.write(chunk)
+    img, _ = faulty_image(1 << 50, (1 << 50) + 1, size=48 << 20)  # no bad range: just slow
     out = tmp_path / "big.sig"
     proc = subprocess.Popen(
         pydr_command() + ["signature", str(img), "-o", str(out), "--progress",
-         "--no-mmap", "--block-size", "512", "--threads", "1"],
+                          "--no-mmap", "--block-size", "512", "--threads", "1"],
         stderr=subprocess.PIPE, cwd=tmp_path)
     first = proc.stderr.read(1)
     assert first == b"\r", "no progress line before the signing ended"
+    assert proc.poll() is None, "the signing ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == 130
