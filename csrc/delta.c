@@ -17,6 +17,7 @@
 #define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
+#include "io.h"
 #include "kernel.h"
 #include "pydr.h"
 
@@ -48,6 +49,16 @@ static inline uint32_t get32(const uint8_t *p)
     return v;
 }
 
+/* One-shot hashes go through the kernel chosen for this CPU (AVX2 where
+ * there is one); only the small streaming digests below use xxHash's state
+ * directly. */
+static uint64_t hash64(const void *data, size_t size)
+{
+    uint64_t h;
+    pydr_kernel_get()->hash(PYDR_XXH3_64, data, size, &h);
+    return h;
+}
+
 void pydr_record_build(uint8_t *out, const pydr_record *r)
 {
     put32(out + 0, r->type);
@@ -58,12 +69,12 @@ void pydr_record_build(uint8_t *out, const pydr_record *r)
     put64(out + 32, r->base_hash[1]);
     put64(out + 40, r->payload_hash);
     put64(out + 48, r->seq);
-    put64(out + 56, XXH3_64bits(out, 56));
+    put64(out + 56, hash64(out, 56));
 }
 
 int pydr_record_parse(const uint8_t *in, pydr_record *r)
 {
-    if (get64(in + 56) != XXH3_64bits(in, 56))
+    if (get64(in + 56) != hash64(in, 56))
         return PYDR_E_CORRUPT;
     r->type = get32(in + 0);
     if (get32(in + 4) != 0 || r->type < PYDR_RECORD_DATA || r->type > PYDR_RECORD_COMMIT)
@@ -111,26 +122,43 @@ int pydr_records_scan(const uint8_t *buf, size_t len, pydr_scan *scan)
     return 0;
 }
 
+/* A digest of a sequence of block hashes, each fed as 16 bytes: low64 then
+ * high64, little-endian (the bytes a signature file stores). */
+static void digest_begin(XXH3_state_t *state)
+{
+    XXH3_INITSTATE(state);
+    XXH3_128bits_reset(state);
+}
+
+static void digest_pair(XXH3_state_t *state, uint64_t low, uint64_t high)
+{
+    uint8_t le[16];
+    put64(le, low);
+    put64(le + 8, high);
+    XXH3_128bits_update(state, le, 16);
+}
+
+static void digest_end(XXH3_state_t *state, uint64_t out[2])
+{
+    XXH128_hash_t d = XXH3_128bits_digest(state);
+    out[0] = d.low64;
+    out[1] = d.high64;
+}
+
 /* Digest of the per-block XXH3-128 hashes of data[0, len), blocks relative
- * to data (which starts on a block boundary). Same bytes as hashing the
- * little-endian [low, high] words of a signature's blocks. */
+ * to data (which starts on a block boundary). */
 static void blocks_digest(const uint8_t *data, size_t len, uint32_t block_size,
                           uint64_t out[2])
 {
+    const pydr_kernel *k = pydr_kernel_get();
     XXH3_state_t state;
-    XXH3_INITSTATE(&state);
-    XXH3_128bits_reset(&state);
-    uint8_t le[16];
+    digest_begin(&state);
     for (size_t pos = 0; pos < len; pos += block_size) {
-        size_t n = len - pos < block_size ? len - pos : block_size;
-        XXH128_hash_t h = XXH3_128bits(data + pos, n);
-        put64(le, h.low64);
-        put64(le + 8, h.high64);
-        XXH3_128bits_update(&state, le, 16);
+        uint64_t h[2];
+        k->hash(PYDR_XXH3_128, data + pos, len - pos < block_size ? len - pos : block_size, h);
+        digest_pair(&state, h[0], h[1]);
     }
-    XXH128_hash_t d = XXH3_128bits_digest(&state);
-    out[0] = d.low64;
-    out[1] = d.high64;
+    digest_end(&state, out);
 }
 
 void pydr_blocks_digest(const void *data, size_t len, uint32_t block_size,
@@ -151,67 +179,16 @@ void pydr_hashes_digest_ranges(const uint64_t *hashes, size_t nblocks,
         if (end > nblocks)
             end = nblocks;
         XXH3_state_t state;
-        XXH3_INITSTATE(&state);
-        XXH3_128bits_reset(&state);
-        uint8_t le[16];
-        for (uint64_t b = first; b < end; b++) {
-            put64(le, hashes[2 * b]);
-            put64(le + 8, hashes[2 * b + 1]);
-            XXH3_128bits_update(&state, le, 16);
-        }
-        XXH128_hash_t d = XXH3_128bits_digest(&state);
-        out[2 * i] = d.low64;
-        out[2 * i + 1] = d.high64;
+        digest_begin(&state);
+        for (uint64_t b = first; b < end; b++)
+            digest_pair(&state, hashes[2 * b], hashes[2 * b + 1]);
+        digest_end(&state, out + 2 * i);
     }
-}
-
-static int pread_full(int fd, uint8_t *dst, size_t len, uint64_t off,
-                      uint64_t *error_offset)
-{
-    size_t got = 0;
-    while (got < len) {
-        ssize_t n = pread(fd, dst + got, len - got, (off_t)(off + got));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            *error_offset = off + got;
-            return n < 0 ? -errno : PYDR_E_FILE_CHANGED;
-        }
-        got += (size_t)n;
-    }
-    return 0;
-}
-
-static int pwrite_full(int fd, const uint8_t *src, size_t len, uint64_t off,
-                       uint64_t *error_offset)
-{
-    size_t put = 0;
-    while (put < len) {
-        ssize_t n = pwrite(fd, src + put, len - put, (off_t)(off + put));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            *error_offset = off + put;
-            return n < 0 ? -errno : -EIO;
-        }
-        put += (size_t)n;
-    }
-    return 0;
 }
 
 static int all_zero(const uint8_t *p, size_t n)
 {
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t v;
-        memcpy(&v, p + i, 8);
-        if (v)
-            return 0;
-    }
-    for (; i < n; i++)
-        if (p[i])
-            return 0;
-    return 1;
+    return pydr_kernel_get()->is_zero(p, n);
 }
 
 int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
@@ -243,7 +220,7 @@ int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
         r.payload_hash = 0;
         if (r.type == PYDR_RECORD_DATA) {
             uint8_t *payload = out + pos + PYDR_RECORD_HEADER;
-            int rc = pread_full(src_fd, payload, (size_t)r.length, r.offset, error_offset);
+            int rc = pydr_pread_full(src_fd, payload, (size_t)r.length, r.offset, error_offset);
             if (rc) {
                 *used = pos;
                 *done = i;
@@ -251,17 +228,16 @@ int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
                     *payload_hashes_used = hpos;
                 return rc;
             }
-            r.payload_hash = XXH3_64bits(payload, (size_t)r.length);
+            r.payload_hash = hash64(payload, (size_t)r.length);
             if (payload_hashes) {
                 /* the blocks as read now: the source may have changed since
                  * it was signed, and a signature cache must describe what
                  * the target receives */
-                for (size_t b = 0; b < nb; b++) {
+                const pydr_kernel *k = pydr_kernel_get();
+                for (size_t b = 0; b < nb; b++, hpos += 2) {
                     size_t off = b * block_size;
                     size_t len = r.length - off < block_size ? (size_t)(r.length - off) : block_size;
-                    XXH128_hash_t h = XXH3_128bits(payload + off, len);
-                    payload_hashes[hpos++] = h.low64;
-                    payload_hashes[hpos++] = h.high64;
+                    k->hash(PYDR_XXH3_128, payload + off, len, payload_hashes + hpos);
                 }
             }
         }
@@ -300,7 +276,7 @@ static size_t journal_runs(uint8_t *out, const uint8_t *old, uint64_t old_len,
         j.seq = seq;
         j.base_hash[0] = j.base_hash[1] = 0;
         j.type = zero ? PYDR_RECORD_ZERO : PYDR_RECORD_DATA;
-        j.payload_hash = zero ? 0 : XXH3_64bits(old + pos, end - pos);
+        j.payload_hash = zero ? 0 : hash64(old + pos, end - pos);
         pydr_record_build(header, &j);
         if (!zero)
             memcpy(out + w + PYDR_RECORD_HEADER, old + pos, end - pos);
@@ -338,7 +314,7 @@ int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
             (r.length % block_size && r.offset + r.length != new_size))
             return PYDR_E_CORRUPT;
         if (r.type == PYDR_RECORD_DATA &&
-            XXH3_64bits(payload, (size_t)r.length) != r.payload_hash)
+            hash64(payload, (size_t)r.length) != r.payload_hash)
             return PYDR_E_CORRUPT;
         /* Old content: every base block the record covers, up to the base's
          * end. That is more than `length` only for a short last block of a
@@ -353,7 +329,7 @@ int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
             journal_cap - jpos < old_len + PYDR_RECORD_HEADER * runs_max)
             return PYDR_E_NO_ROOM;
         uint8_t *jpayload = scratch;
-        int rc = pread_full(target_fd, jpayload, (size_t)old_len, r.offset, &st->error_offset);
+        int rc = pydr_pread_full(target_fd, jpayload, (size_t)old_len, r.offset, &st->error_offset);
         if (rc)
             return rc;
         uint64_t digest[2];
@@ -407,7 +383,7 @@ static int write_zeros(int fd, uint64_t off, uint64_t len, int is_block_device,
     /* neither works here (e.g. tmpfs without hole punching): write zeros */
     while (len) {
         size_t n = len < sizeof zeros ? (size_t)len : sizeof zeros;
-        int rc = pwrite_full(fd, zeros, n, off, error_offset);
+        int rc = pydr_pwrite_full(fd, zeros, n, off, error_offset);
         if (rc)
             return rc;
         off += n;
@@ -430,7 +406,7 @@ int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
             return PYDR_E_CORRUPT;
         int rc = 0;
         if (r.type == PYDR_RECORD_DATA)
-            rc = pwrite_full(target_fd, recs + pos + PYDR_RECORD_HEADER, (size_t)r.length,
+            rc = pydr_pwrite_full(target_fd, recs + pos + PYDR_RECORD_HEADER, (size_t)r.length,
                              r.offset, error_offset);
         else if (r.type == PYDR_RECORD_ZERO)
             rc = write_zeros(target_fd, r.offset, r.length, is_block_device, error_offset);

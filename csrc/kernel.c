@@ -88,4 +88,5 @@ const pydr_kernel PYDR_CAT(pydr_kernel_, PYDR_KERNEL_VARIANT) = {
     PYDR_STR(PYDR_KERNEL_VARIANT),
     hash_blocks,
     hash_one,
+    is_zero,
 };

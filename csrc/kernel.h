@@ -17,6 +17,8 @@ typedef struct pydr_kernel {
                           int algorithm, const uint64_t *zero_hash,
                           uint64_t *hashes, uint8_t *zero_mask);
     void (*hash)(int algorithm, const void *data, size_t size, uint64_t *out);
+    /* 1 when data[0, size) is all zeros. */
+    int (*is_zero)(const uint8_t *data, size_t size);
 } pydr_kernel;
 
 extern const pydr_kernel pydr_kernel_generic;

@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "io.h"
 #include "kernel.h"
 #include "pydr.h"
 
@@ -187,28 +188,17 @@ static void locate_error(pydr_signer *s, int fd, uint8_t *dst, size_t len,
     }
 }
 
-/* Reads exactly `len` bytes at `off`, retrying short reads and EINTR. */
+/* Reads exactly `len` bytes at `off`; a read error names its first failing
+ * block, not the start of the buffer. */
 static int read_full(pydr_signer *s, int fd, uint8_t *dst, size_t len,
                      uint64_t off)
 {
-    size_t got = 0;
-    while (got < len) {
-        ssize_t n = pread(fd, dst + got, len - got, (off_t)(off + got));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            int err = errno;
-            s->error_offset = off + got;
-            locate_error(s, fd, dst + got, len - got, off + got);
-            return -err;
-        }
-        if (n == 0) {
-            s->error_offset = off + got;
-            return PYDR_E_FILE_CHANGED;
-        }
-        got += (size_t)n;
+    int rc = pydr_pread_full(fd, dst, len, off, &s->error_offset);
+    if (rc < 0 && rc != PYDR_E_FILE_CHANGED) {
+        size_t done = (size_t)(s->error_offset - off);
+        locate_error(s, fd, dst + done, len - done, s->error_offset);
     }
-    return 0;
+    return rc;
 }
 
 /* Hashes [pos, pos + len) through a guarded mmap window. Returns 0 when

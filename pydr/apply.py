@@ -39,7 +39,7 @@ class Applier:
     """
 
     def __init__(self, target, *, block_size, base_size, result_size, kind=J.KIND_APPLY,
-                 base_id=bytes(16), result_id=bytes(16), resume_same=True):
+                 base_id=bytes(16), result_id=bytes(16), resume_same=True, create=False):
         self.target = os.fspath(target)
         self.block_size = block_size
         self.base_size = base_size
@@ -47,6 +47,8 @@ class Applier:
         self.kind = kind
         self.ids = (base_id, result_id)
         self.resume_same = resume_same
+        self.create = create  # a missing target starts empty; removed again on failure
+        self.created = False
         self.fd = None
         self.journal = None
         self.state = B.ApplyState()
@@ -60,7 +62,15 @@ class Applier:
 
     # -- set-up ----------------------------------------------------------------
     def __enter__(self):
-        self.fd = os.open(self.target, os.O_RDWR | os.O_CLOEXEC)
+        if self.create and not os.path.lexists(self.target):
+            os.close(os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o644))
+            self.created = True
+        try:
+            self.fd = os.open(self.target, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            self._forget_created()
+            raise
         try:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,14 +93,20 @@ class Applier:
         except BaseException:
             os.close(self.fd)
             self.fd = None
+            self._forget_created()
             raise
         return self
 
+    def _forget_created(self):
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.target)
+
     def _recover_interrupted(self):
-        path = J.pending(self.target)
-        if path is None:
+        found = J.pending_journal(self.target)
+        if found is None:
             return
-        header, _ = J.read_journal(path)
+        path, header = found
         same = header["kind"] == self.kind and (
             self.kind == J.KIND_RESYNC or (header["base_id"], header["result_id"]) == self.ids)
         if not (same and self.resume_same):
@@ -223,7 +239,8 @@ class Applier:
                 if self.kind == J.KIND_RESYNC and issubclass(exc_type, (ConnectionError,)):
                     # a dropped connection: keep the journal; the next run resumes
                     return False
-                self._rollback_after(exc)
+                self._rollback_after(exc)  # raises if the old contents could not be restored
+                self._forget_created()
         finally:
             if self.journal is not None:
                 self.journal.close()

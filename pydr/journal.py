@@ -291,9 +291,9 @@ def rollback_fd(fd, path, target, is_block_device):
     return restored
 
 
-def pending(target):
-    """The journal path if `target` has an unfinished apply, else None.
-    A committed journal (crash after commit) is removed on the way."""
+def pending_journal(target):
+    """(path, header) of the journal of an unfinished apply on `target`, or
+    None. A committed journal (crash after commit) is removed on the way."""
     path = journal_path(target)
     try:
         header, committed = read_journal(path)
@@ -308,7 +308,13 @@ def pending(target):
         with contextlib.suppress(OSError):
             os.unlink(path)
         return None
-    return path
+    return path, header
+
+
+def pending(target):
+    """The journal path if `target` has an unfinished apply, else None."""
+    found = pending_journal(target)
+    return found[0] if found else None
 
 
 def check_no_unfinished_apply(target):

@@ -26,9 +26,10 @@ from . import journal as J
 from . import protocol as P
 from ._parallel import check_threads
 from .apply import Applier
-from .delta import changed_extents as extents_between, write_records
+from .delta import write_records
 from .progress import Record, Throttle
 from .signatures import Signature, blocks_for, sign_range
+from .sync import compare_window
 
 NET_BATCH = 8 << 20
 
@@ -202,17 +203,6 @@ def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, t
                  compress)
 
 
-def _compare_window(src_sig, dst_sig, m, s0, block_size):
-    ext, zero = extents_between(dst_sig, src_sig)
-    if not len(zero):
-        return None
-    digests = B.hashes_digest_ranges(dst_sig.hashes, m, block_size, ext)
-    ext = ext.copy()
-    ext[0::2] += np.uint64(s0)
-    blocks = int(sum(-(-int(n) // block_size) for n in ext[1::2]))
-    return ext, zero, digests, blocks
-
-
 def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start, bwlimit=None,
           compress=False):
     host, path = remote
@@ -249,8 +239,8 @@ def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start, b
                 dh, dz = remote_sigs.blocks(w0 // bs, m)
                 if len(dz) != m:
                     raise P.ProtocolError(f"{host} sent signatures for {len(dz)} of {m} blocks")
-                cmp = _compare_window(Signature(bs, w1 - w0, "xxh3-128", h, z),
-                                      Signature(bs, d1 - w0, "xxh3-128", dh, dz), m, w0, bs)
+                cmp = compare_window(Signature(bs, w1 - w0, "xxh3-128", h, z),
+                                     Signature(bs, d1 - w0, "xxh3-128", dh, dz), w0, bs)
                 if cmp:
                     ext, zero, digests, blocks = cmp
                     blocks_changed += blocks
@@ -277,70 +267,61 @@ def _pull(remote, dst, rsh, remote_pydr, bs, threads, progress, window, start, c
     window; pipelining that is for later)."""
     host, path = remote
     code = B.ALGORITHMS["xxh3-128"]
-    created = False
-    if not os.path.lexists(dst):
-        os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-        created = True
-    try:
-        with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False,
-                        compress=compress) as conn, \
-                Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as sigconn:
-            conn.handshake()
-            sigconn.handshake()
-            conn.ch.send_json(P.STAT, {"path": path, "source": True})
-            stat = P.parse_json(conn.next(P.STAT_OK)[1], "STAT_OK")
-            if not stat["exists"]:
-                raise FileNotFoundError(2, f"source not found (on {host})", f"{host}:{path}")
-            src_size = stat["size"]
-            throttle = Throttle(progress, "resync", dst, src_size)
-            shared = B.Progress()
-            sigconn.ch.send_json(P.SIGN, {"path": path, "block_size": bs})
-            remote_sigs = _Remote(sigconn, bs)
-            applier = Applier(dst, block_size=bs, base_size=None, result_size=src_size,
-                              kind=J.KIND_RESYNC)
-            with applier:
-                dst_size = applier.base_size
-                blocks_changed = 0
-                seq = 0
-                for w0 in range(0, src_size, window):
-                    w1 = min(src_size, w0 + window)
-                    n = blocks_for(w1 - w0, bs)
-                    sh, sz = remote_sigs.blocks(w0 // bs, n)
-                    if len(sz) != n:
-                        raise P.ProtocolError(f"{host} sent signatures for {len(sz)} of {n} blocks")
-                    d1 = min(dst_size, -(-w1 // bs) * bs) if w0 < dst_size else w0
-                    m = blocks_for(d1 - w0, bs)
-                    dh, dz = bytearray(16 * m), bytearray(m)
-                    if m:
-                        sign_range(applier.fd, dst, w0, d1 - w0, bs, code, dh, dz, threads=threads,
-                                   progress_record=shared, throttle=throttle, final_report=False)
-                    cmp = _compare_window(Signature(bs, w1 - w0, "xxh3-128", sh, sz),
-                                          Signature(bs, d1 - w0, "xxh3-128", dh, dz), m, w0, bs)
-                    if not cmp:
-                        continue
-                    ext, zero, digests, blocks = cmp
-                    blocks_changed += blocks
-                    head = json.dumps({"path": path, "extents": len(zero), "first_seq": seq}).encode()
-                    conn.ch.send(P.ENCODE, struct.pack("<I", len(head)) + head +
-                                 ext.astype("<u8").tobytes() + zero.astype(np.uint8).tobytes() +
-                                 bytes(digests))
-                    seq += len(zero)
-                    while True:
-                        ftype, payload = conn.next(P.RECORDS, P.DONE)
-                        if ftype == P.DONE:
-                            break
-                        complete, count, bound, end = B.records_scan(payload)
-                        if complete != len(payload) or end:
-                            raise P.ProtocolError("a RECORDS frame must hold whole records")
-                        applier.submit(payload, bound, count)
-                    throttle.report(shared.done, shared.read)
-                applier.finish()
-            sent = conn.ch.bytes_out + sigconn.ch.bytes_out
-            received = conn.ch.bytes_in + sigconn.ch.bytes_in
-    except BaseException:
-        if created and os.path.exists(dst) and os.path.getsize(dst) == 0:
-            os.unlink(dst)
-        raise
+    with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False,
+                    compress=compress) as conn, \
+            Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as sigconn:
+        conn.handshake()
+        sigconn.handshake()
+        conn.ch.send_json(P.STAT, {"path": path, "source": True})
+        stat = P.parse_json(conn.next(P.STAT_OK)[1], "STAT_OK")
+        if not stat["exists"]:
+            raise FileNotFoundError(2, f"source not found (on {host})", f"{host}:{path}")
+        src_size = stat["size"]
+        throttle = Throttle(progress, "resync", dst, src_size)
+        shared = B.Progress()
+        sigconn.ch.send_json(P.SIGN, {"path": path, "block_size": bs})
+        remote_sigs = _Remote(sigconn, bs)
+        applier = Applier(dst, block_size=bs, base_size=None, result_size=src_size,
+                          kind=J.KIND_RESYNC, create=True)
+        with applier:
+            dst_size = applier.base_size
+            blocks_changed = 0
+            seq = 0
+            for w0 in range(0, src_size, window):
+                w1 = min(src_size, w0 + window)
+                n = blocks_for(w1 - w0, bs)
+                sh, sz = remote_sigs.blocks(w0 // bs, n)
+                if len(sz) != n:
+                    raise P.ProtocolError(f"{host} sent signatures for {len(sz)} of {n} blocks")
+                d1 = min(dst_size, -(-w1 // bs) * bs) if w0 < dst_size else w0
+                m = blocks_for(d1 - w0, bs)
+                dh, dz = bytearray(16 * m), bytearray(m)
+                if m:
+                    sign_range(applier.fd, dst, w0, d1 - w0, bs, code, dh, dz, threads=threads,
+                               progress_record=shared, throttle=throttle, final_report=False)
+                cmp = compare_window(Signature(bs, w1 - w0, "xxh3-128", sh, sz),
+                                     Signature(bs, d1 - w0, "xxh3-128", dh, dz), w0, bs)
+                if not cmp:
+                    continue
+                ext, zero, digests, blocks = cmp
+                blocks_changed += blocks
+                head = json.dumps({"path": path, "extents": len(zero), "first_seq": seq}).encode()
+                conn.ch.send(P.ENCODE, struct.pack("<I", len(head)) + head +
+                             ext.astype("<u8").tobytes() + zero.astype(np.uint8).tobytes() +
+                             bytes(digests))
+                seq += len(zero)
+                while True:
+                    ftype, payload = conn.next(P.RECORDS, P.DONE)
+                    if ftype == P.DONE:
+                        break
+                    complete, count, bound, end = B.records_scan(payload)
+                    if complete != len(payload) or end:
+                        raise P.ProtocolError("a RECORDS frame must hold whole records")
+                    applier.submit(payload, bound, count)
+                throttle.report(shared.done, shared.read)
+            applier.finish()
+        sent = conn.ch.bytes_out + sigconn.ch.bytes_out
+        received = conn.ch.bytes_in + sigconn.ch.bytes_in
     st = applier.state
     throttle.report(src_size, shared.read, finished=True)
     return RemoteStats(int(st.data_bytes), int(st.zero_bytes), blocks_changed, sent, received,

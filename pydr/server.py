@@ -163,32 +163,23 @@ def _apply(ch, payload, root):
     result = req.get("result_size")
     if not isinstance(result, int) or result < 0:
         raise P.ProtocolError("bad result size")
-    created = False
-    if not os.path.lexists(path):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-        created = True
-    applier = Applier(path, block_size=bs, base_size=None, result_size=result, kind=J.KIND_RESYNC)
-    try:
-        with applier:
-            ch.send_json(P.STAT_OK, {"size": applier.base_size})  # apply can start
-            while True:
-                ftype, data = ch.recv()
-                if ftype == P.END:
-                    break
-                if ftype != P.RECORDS:
-                    raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} during APPLY")
-                complete, count, bound, end = B.records_scan(data)
-                if complete != len(data) or end:
-                    raise P.ProtocolError("a RECORDS frame must hold whole DATA/ZERO records")
-                applier.submit(data, bound, count)
-            applier.finish()
-    except (ConnectionResetError, BrokenPipeError):
-        raise  # the journal stays: the next run resumes (Applier keeps it on these)
-    except BaseException:
-        if created and os.path.exists(path) and os.path.getsize(path) == 0:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        raise
+    # a missing target starts empty (removed again if this fails); a dropped
+    # connection keeps the journal, so the next push resumes
+    applier = Applier(path, block_size=bs, base_size=None, result_size=result, kind=J.KIND_RESYNC,
+                      create=True)
+    with applier:
+        ch.send_json(P.STAT_OK, {"size": applier.base_size})  # apply can start
+        while True:
+            ftype, data = ch.recv()
+            if ftype == P.END:
+                break
+            if ftype != P.RECORDS:
+                raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} during APPLY")
+            complete, count, bound, end = B.records_scan(data)
+            if complete != len(data) or end:
+                raise P.ProtocolError("a RECORDS frame must hold whole DATA/ZERO records")
+            applier.submit(data, bound, count)
+        applier.finish()
     st = applier.state
     ch.send_json(P.APPLY_OK, {"bytes_written": int(st.data_bytes), "bytes_zeroed": int(st.zero_bytes),
                               "records": int(st.records)})

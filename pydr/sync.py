@@ -9,7 +9,6 @@ resync can always be finished or rolled back. With a valid signature cache of
 the target, the target is not read at all.
 """
 
-import contextlib
 import os
 import time
 
@@ -51,6 +50,24 @@ def _open_cache(cache, dst, dst_size, block_size):
         reader.close()  # other geometry, or the target changed after the cache was written
         return None
     return reader
+
+
+def compare_window(src_sig, dst_sig, origin, block_size):
+    """What it takes to make a window of the target equal to the same window
+    of the source (Signatures of the window, starting at byte `origin`):
+    (extents [offset, length] with absolute offsets, zero flags, digests of
+    the target blocks they replace, blocks changed), or None if equal."""
+    import numpy as np
+
+    ext, zero = extents_between(dst_sig, src_sig)
+    if not len(zero):
+        return None
+    digests = B.hashes_digest_ranges(dst_sig.hashes, dst_sig.block_count, block_size, ext)
+    bs = np.uint64(block_size)
+    blocks = int(((ext[1::2] + bs - np.uint64(1)) // bs).sum())
+    ext = ext.copy()
+    ext[0::2] += np.uint64(origin)  # offsets only: ext is [offset, length] pairs
+    return ext, zero, digests, blocks
 
 
 def _is_block(st):
@@ -102,16 +119,11 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
         raise SameFile("source and target are the same file", path=os.fspath(dst))
     J.check_no_unfinished_apply(src)
     src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    created = False
     writer = cached = None
     try:
-        if not os.path.lexists(dst):
-            # a first copy: start from an empty file (removed again on failure)
-            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-            created = True
         src_size, _ = B.fd_size(src_fd, src)
         applier = Applier(dst, block_size=block_size, base_size=None, result_size=src_size,
-                          kind=J.KIND_RESYNC)
+                          kind=J.KIND_RESYNC, create=True)
         with applier:
             dst_size = applier.base_size  # what the target holds now
             cached = _open_cache(signature_cache, dst, dst_size, block_size)
@@ -182,17 +194,16 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                                        throttle=Throttle(None, "resync", dst, 0), cancel=cancel,
                                        final_report=False)
                     dst_sig = Signature(block_size, d1 - s0, "xxh3-128", dst_h, dst_z)
-                    ext, zero = extents_between(dst_sig, src_sig)
-                    if len(zero):
-                        digests = B.hashes_digest_ranges(dst_sig.hashes, m, block_size, ext)
-                        changed_blocks += int(sum(-(-int(length) // block_size)
-                                                  for length in ext[1::2]))
+                    cmp = compare_window(src_sig, dst_sig, s0, block_size)
+                    if cmp:
+                        ext, zero, digests, blocks = cmp
+                        changed_blocks += blocks
                         if verify:
-                            src_d = B.hashes_digest_ranges(src_sig.hashes, n, block_size, ext)
-                            written += [(int(ext[2 * i]) + s0, int(ext[2 * i + 1]),
+                            rel = ext.copy()
+                            rel[0::2] -= np.uint64(s0)
+                            src_d = B.hashes_digest_ranges(src_sig.hashes, n, block_size, rel)
+                            written += [(int(ext[2 * i]), int(ext[2 * i + 1]),
                                          bytes(src_d[16 * i:16 * i + 16])) for i in range(len(zero))]
-                        ext = ext.copy()
-                        ext[0::2] += np.uint64(s0)  # offsets only: ext is [offset, length] pairs
 
                         def emit(chunk):
                             _, count, bound, _ = B.records_scan(chunk)
@@ -226,9 +237,6 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     except BaseException:
         if writer is not None:
             writer.abort()
-        if created:
-            with contextlib.suppress(OSError):
-                os.unlink(dst)
         raise
     finally:
         os.close(src_fd)
