@@ -680,6 +680,13 @@ def cmd_failback(args):
     return 0
 
 
+def _vault_options(parser):
+    """--vault and --json, which every vault command takes."""
+    parser.add_argument("--vault", metavar="DIR",
+                        help="vault directory (default: $PYDR_VAULT)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 class _PlanGroupAction(argparse.Action):
     """--group ITEMS starts a group; --pre-hook/--post-hook attach to the last one."""
 
@@ -970,7 +977,6 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_diff)
 
-    vault_help = "vault directory (default: $PYDR_VAULT)"
     p = sub.add_parser("vault", formatter_class=fmt, help="create a vault",
                        description="Create a vault: the directory that holds pydr's replication "
                                    "state (SQLite, WAL),\nundo steps and signature caches.",
@@ -999,8 +1005,7 @@ def build_parser():
                    help="also drop points older than AGE (e.g. 72h, 7d; the newest is always kept)")
     p.add_argument("--quiesce-hook", metavar="CMD", help="run before the cut (app-consistent points)")
     p.add_argument("--thaw-hook", metavar="CMD", help="run after the cut")
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_protect)
 
     p = sub.add_parser(
@@ -1023,31 +1028,27 @@ def build_parser():
                         "and 10 minutes after the first attempt, then every 30 minutes")
     p.add_argument("--max-attempts", type=positive_int, default=None, metavar="N",
                    help="with --retry, give up after N attempts")
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     p.set_defaults(func=cmd_replicate)
 
     p = sub.add_parser("points", formatter_class=fmt, help="list an item's recovery points",
                        description="List ITEM's recovery points, oldest first.", epilog=EXIT_STATUS)
     p.add_argument("item", metavar="ITEM")
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_points)
 
     p = sub.add_parser("status", formatter_class=fmt, help="state, direction and health of items",
                        description="Show ITEM's (or every item's) state, direction and health.",
                        epilog=EXIT_STATUS)
     p.add_argument("item", metavar="ITEM", nargs="?")
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("jobs", formatter_class=fmt, help="list jobs (also while they run)",
                        description="List every job: kind, item, state, progress and bytes moved.",
                        epilog=EXIT_STATUS)
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser(
@@ -1057,8 +1058,7 @@ def build_parser():
     p.add_argument("item", metavar="ITEM")
     p.add_argument("--point", type=int, required=True, metavar="P")
     p.add_argument("--to", required=True, metavar="DIR")
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_materialize)
 
     point_help = "a point id, or latest, latest-processed, latest-app-consistent"
@@ -1070,15 +1070,13 @@ def build_parser():
     p.add_argument("item", metavar="ITEM")
     p.add_argument("--to", required=True, metavar="DIR")
     p.add_argument("--point", default="latest-processed", metavar="P", help=point_help)
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_test_failover)
 
     p = sub.add_parser("cleanup-test-failover", formatter_class=fmt,
                        help="remove what test-failover wrote", epilog=EXIT_STATUS)
     p.add_argument("item", metavar="ITEM")
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_cleanup_test_failover)
 
     p = sub.add_parser(
@@ -1093,23 +1091,20 @@ def build_parser():
     p.add_argument("--point", default="latest", metavar="P", help=point_help)
     p.add_argument("--planned", action="store_true")
     p.add_argument("--shutdown-hook", metavar="CMD")
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_failover)
 
     p = sub.add_parser("change-point", formatter_class=fmt,
                        help="after failover, switch the replicas to another point", epilog=EXIT_STATUS)
     p.add_argument("item", metavar="ITEM")
     p.add_argument("--point", required=True, metavar="P", help=point_help)
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_change_point)
 
     p = sub.add_parser("commit", formatter_class=fmt,
                        help="make a failover final (discards the recovery points)", epilog=EXIT_STATUS)
     p.add_argument("item", metavar="ITEM")
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_commit)
 
     p = sub.add_parser(
@@ -1118,8 +1113,7 @@ def build_parser():
                      "source disks are reused as replicas: the first cycle compares both sides and\n"
                      "moves only the blocks that differ, never a full copy."), epilog=EXIT_STATUS)
     p.add_argument("item", metavar="ITEM")
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_reprotect)
 
     p = sub.add_parser(
@@ -1131,8 +1125,7 @@ def build_parser():
     p.add_argument("item", metavar="ITEM")
     p.add_argument("--alternate", action="append", metavar="OLD=NEW")
     p.add_argument("--shutdown-hook", metavar="CMD")
-    p.add_argument("--vault", metavar="DIR", help=vault_help)
-    p.add_argument("--json", action="store_true")
+    _vault_options(p)
     p.set_defaults(func=cmd_failback)
 
     p = sub.add_parser(
@@ -1151,8 +1144,7 @@ def build_parser():
                        ("--pre-hook", "CMD run before the last --group"),
                        ("--post-hook", "CMD run after the last --group")):
         q.add_argument(flag, action=_PlanGroupAction, metavar="X", help=text)
-    q.add_argument("--vault", metavar="DIR", help=vault_help)
-    q.add_argument("--json", action="store_true")
+    _vault_options(q)
     q.set_defaults(func=cmd_plan_create)
     for op in ("failover", "test-failover", "cleanup-test-failover", "commit", "reprotect",
                "failback"):
@@ -1167,8 +1159,7 @@ def build_parser():
         if op == "test-failover":
             q.add_argument("--to", required=True, metavar="DIR",
                            help="each item's disks go to DIR/ITEM/")
-        q.add_argument("--vault", metavar="DIR", help=vault_help)
-        q.add_argument("--json", action="store_true")
+        _vault_options(q)
         q.set_defaults(func=cmd_plan_run, operation=op)
 
     p = sub.add_parser(
