@@ -933,7 +933,8 @@ def build_parser():
                    help="with a remote side, compress the changed blocks on the wire (zstd; both "
                         "sides need the zstandard package)")
     p.add_argument("--bwlimit", metavar="RATE", type=parse_size, default=None,
-                   help="with a remote target, send at most RATE bytes per second (e.g. 10M)")
+                   help="with a remote side, the side holding SRC sends at most RATE bytes per "
+                        "second (e.g. 10M): this one for a push, the server for a pull")
     p.add_argument("--verify", action="store_true",
                    help="read back every written range and compare hashes before committing")
     p.add_argument("--block-size", metavar="N", type=parse_size, default=4096,

@@ -1,4 +1,4 @@
-"""pydr's wire protocol, version 1 (docs/PROTOCOL.md): length-prefixed frames
+"""pydr's wire protocol, version 2 (docs/PROTOCOL.md): length-prefixed frames
 over a byte stream (ssh's stdin/stdout), checked before anything is allocated.
 """
 
@@ -7,17 +7,19 @@ import struct
 
 from . import errors as E
 
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<IHH")  # payload length, frame type, flags (0)
 MAX_PAYLOAD = 17 << 20          # a 16 MiB batch of records plus headers
 MAX_JSON = 1 << 20
 
 FLAG_ZSTD = 1  # the payload is zstd-compressed (only once both HELLOs offered "zstd")
 
-HELLO, ERROR, STAT, STAT_OK, SIGN, SIGS, DONE, ENCODE, RECORDS, APPLY, END, APPLY_OK = range(1, 13)
+HELLO, ERROR, STAT, STAT_OK, SIGN, SIGS, DONE = range(1, 8)  # 8 was version 1's ENCODE
+RECORDS, APPLY, END, APPLY_OK, SEND, COARSE, FINE = range(9, 16)
 NAMES = {v: k for k, v in dict(HELLO=HELLO, ERROR=ERROR, STAT=STAT, STAT_OK=STAT_OK, SIGN=SIGN,
-                               SIGS=SIGS, DONE=DONE, ENCODE=ENCODE, RECORDS=RECORDS, APPLY=APPLY,
-                               END=END, APPLY_OK=APPLY_OK).items()}
+                               SIGS=SIGS, DONE=DONE, RECORDS=RECORDS, APPLY=APPLY, END=END,
+                               APPLY_OK=APPLY_OK, SEND=SEND, COARSE=COARSE, FINE=FINE).items()}
+BINARY = (SIGS, RECORDS, COARSE, FINE)  # may be larger than a JSON frame
 
 
 class ProtocolError(E.PydrError, ValueError):
@@ -91,7 +93,7 @@ class Channel:
         compressed = flags == FLAG_ZSTD and self.zstd is not None and ftype == RECORDS
         if (flags and not compressed) or ftype not in NAMES:
             raise ProtocolError(f"bad frame header (type {ftype}, flags {flags})")
-        if length > MAX_PAYLOAD or (ftype not in (SIGS, RECORDS, ENCODE) and length > MAX_JSON):
+        if length > MAX_PAYLOAD or (ftype not in BINARY and length > MAX_JSON):
             raise ProtocolError(f"frame of {length} bytes (type {NAMES[ftype]}) is over the limit")
         payload = self._read_exact(length) if length else b""
         if compressed:

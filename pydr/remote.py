@@ -2,15 +2,15 @@
 and ``pydr resync host:PATH LOCAL`` (pull).
 
 The client runs ``pydr serve --stdio`` on the other side through ``--rsh``
-(default ``ssh``) and talks docs/PROTOCOL.md with it. Both directions are
-pipelined: the side holding the target streams its 4 KiB signatures, window
-by window, while the other compares and streams only the changed blocks as
-delta records -- no round trip per block or per window. Pushed records are
-applied by the server through the same journaled Applier as a local resync
-(a dropped connection keeps the journal; running the command again resumes).
+(default ``ssh``) and talks docs/PROTOCOL.md with it over that one
+connection. The comparison is pydr.exchange's: coarse digests from the side
+holding the source, 4 KiB hashes back only where they differ, then the
+changed blocks as delta records -- pipelined, so no round trip per block or
+per window. Records are applied through the same journaled Applier as a
+local resync (a dropped connection keeps the journal; running the command
+again resumes).
 """
 
-import json
 import os
 import queue
 import shlex
@@ -19,19 +19,13 @@ import subprocess
 import threading
 import time
 
-import numpy as np
-
 from . import _bindings as B
+from . import exchange as X
 from . import journal as J
 from . import protocol as P
 from ._parallel import check_threads
 from .apply import Applier
-from .delta import write_records
 from .progress import Record, Throttle
-from .signatures import Signature, blocks_for, sign_range
-from .sync import compare_window
-
-NET_BATCH = 8 << 20
 
 
 class RemoteStats(Record):
@@ -56,25 +50,23 @@ def parse_remote(spec):
 class Connection:
     """A running `pydr serve --stdio` on `host`, with a reader thread."""
 
-    def __init__(self, host, *, rsh="ssh", remote_pydr="pydr", handshake=True, bwlimit=None,
-                 compress=False):
+    def __init__(self, host, *, rsh="ssh", remote_pydr="pydr", bwlimit=None, compress=False):
         self.host = host
         cmd = shlex.split(rsh) + [host, f"{shlex.quote(remote_pydr)} serve --stdio"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, bufsize=0)
         self.ch = P.Channel(self.proc.stdout, self.proc.stdin, bwlimit=bwlimit)
-        self.frames = queue.Queue(maxsize=64)
+        self.frames = queue.Queue(maxsize=16)  # at most 16 frames (128 MiB) read ahead
         if compress and not P.zstd_available():
             raise ValueError("--compress needs the zstandard package (pip install zstandard)")
         self.ch.send_json(P.HELLO, {"protocol": P.VERSION,
                                     "capabilities": ["zstd"] if compress else []})
         self.compress = compress
-        if handshake:
-            self.handshake()
+        self.reader = None
 
     def handshake(self):
-        """Wait for the server's HELLO (connections can be started first and
-        shaken hands with afterwards, so that their ssh set-ups overlap)."""
+        """Read the server's HELLO. Done by the first next(): requests can be
+        sent right behind our HELLO, without a round trip."""
         host = self.host
         ftype, payload = self._read_direct()
         if ftype == P.ERROR:
@@ -106,6 +98,8 @@ class Connection:
 
     def next(self, *expected):
         """The next frame, which must be one of `expected` (ERROR re-raised here)."""
+        if self.reader is None:
+            self.handshake()
         item = self.frames.get()
         if isinstance(item, BaseException):
             if isinstance(item, ConnectionResetError):
@@ -152,42 +146,10 @@ def _window_sigs(conn):
         yield first, payload[16:16 + 16 * n], payload[16 + 16 * n:]
 
 
-class _Remote:
-    """Signatures of a remote file, served window by window, in order."""
-
-    def __init__(self, conn, block_size):
-        self.it = _window_sigs(conn)
-        self.bs = block_size
-        self.h = bytearray()
-        self.z = bytearray()
-        self.first = 0  # block index of h[0]
-        self.done = False
-
-    def blocks(self, first, count):
-        """(hashes, mask) for blocks [first, first+count), clipped at the end."""
-        while not self.done and self.first + len(self.z) < first + count:
-            try:
-                f, h, z = next(self.it)
-            except StopIteration:
-                self.done = True
-                break
-            if f != self.first + len(self.z):
-                raise P.ProtocolError("SIGS frames out of order")
-            self.h += h
-            self.z += z
-        drop = first - self.first  # earlier blocks are no longer needed
-        if drop > 0:
-            del self.h[:16 * drop]
-            del self.z[:drop]
-            self.first = first
-        count = max(0, min(count, len(self.z)))
-        return bytearray(self.h[:16 * count]), bytearray(self.z[:count])
-
-
 def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, threads=None,
-                  progress=None, window=64 << 20, bwlimit=None, compress=False):
+                  progress=None, window=X.WINDOW, bwlimit=None, compress=False, group=X.GROUP):
     """Make dst equal to src where exactly one of them is "[user@]host:PATH".
-    ``bwlimit`` (bytes/s) caps what this side sends (the records of a push)."""
+    ``bwlimit`` (bytes/s) caps what the side holding the source sends."""
     rs, rd = parse_remote(src), parse_remote(dst)
     if bool(rs) == bool(rd):
         raise ValueError("exactly one of source and target must be remote ([user@]host:PATH)")
@@ -196,136 +158,137 @@ def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, t
     start = time.monotonic()
     if bwlimit is not None and bwlimit <= 0:
         raise ValueError("bwlimit must be a positive number of bytes per second")
+    opts = dict(rsh=rsh, remote_pydr=remote_pydr, block_size=block_size, threads=threads,
+                progress=progress, window=window, bwlimit=bwlimit, compress=compress, group=group)
     if rd:
-        return _push(src, rd, rsh, remote_pydr, block_size, threads, progress, window, start,
-                     bwlimit, compress)
-    return _pull(rs, dst, rsh, remote_pydr, block_size, threads, progress, window, start,
-                 compress)
+        return _push(src, rd, start, **opts)
+    return _pull(rs, dst, start, **opts)
 
 
-def _push(src, remote, rsh, remote_pydr, bs, threads, progress, window, start, bwlimit=None,
-          compress=False):
+def _push(src, remote, start, *, rsh, remote_pydr, block_size, threads, progress, window, bwlimit,
+          compress, group):
+    """This side has the source: APPLY, then COARSE/RECORDS out and FINE
+    back on one connection (docs/PROTOCOL.md), then END -> APPLY_OK."""
     host, path = remote
     J.check_no_unfinished_apply(src)
-    code = B.ALGORITHMS["xxh3-128"]
     src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         src_size, _ = B.fd_size(src_fd, src)
         throttle = Throttle(progress, "resync", f"{host}:{path}", src_size)
         shared = B.Progress()
-        # two connections, set up at the same time: records go one way on the
-        # first while the target's signatures stream back on the second
-        with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False,
-                        bwlimit=bwlimit, compress=compress) as conn, \
-                Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as sigconn:
-            conn.handshake()
-            sigconn.handshake()
-            conn.ch.send_json(P.APPLY, {"path": path, "block_size": bs, "result_size": src_size})
-            sigconn.ch.send_json(P.SIGN, {"path": path, "block_size": bs})
-            _, payload = conn.next(P.STAT_OK)
-            dst_size = P.parse_json(payload, "STAT_OK")["size"]
-            remote_sigs = _Remote(sigconn, bs)
-            blocks_changed = 0
-            seq = 0
-            buf = bytearray(NET_BATCH)
-            for w0 in range(0, src_size, window):
-                w1 = min(src_size, w0 + window)
-                n = blocks_for(w1 - w0, bs)
-                h, z = bytearray(16 * n), bytearray(n)
-                sign_range(src_fd, src, w0, w1 - w0, bs, code, h, z, threads=threads,
-                           progress_record=shared, throttle=throttle, final_report=False)
-                d1 = min(dst_size, -(-w1 // bs) * bs) if w0 < dst_size else w0
-                m = blocks_for(d1 - w0, bs)
-                dh, dz = remote_sigs.blocks(w0 // bs, m)
-                if len(dz) != m:
-                    raise P.ProtocolError(f"{host} sent signatures for {len(dz)} of {m} blocks")
-                cmp = compare_window(Signature(bs, w1 - w0, "xxh3-128", h, z),
-                                     Signature(bs, d1 - w0, "xxh3-128", dh, dz), w0, bs)
-                if cmp:
-                    ext, zero, digests, blocks = cmp
-                    blocks_changed += blocks
-                    count, _, _ = write_records(src_fd, src, ext, zero, digests,
-                                                lambda c: conn.ch.send(P.RECORDS, bytes(c)),
-                                                first_seq=seq, buf=buf)
-                    seq += count
-                throttle.report(shared.done, shared.read)
-            sent_sig, recv_sig = sigconn.ch.bytes_out, sigconn.ch.bytes_in
+        with Connection(host, rsh=rsh, remote_pydr=remote_pydr, bwlimit=bwlimit,
+                        compress=compress) as conn:
+            # no waiting for the handshake: the request and the first COARSE
+            # frames travel with HELLO
+            conn.ch.send_json(P.APPLY, {"path": path, "block_size": block_size,
+                                        "result_size": src_size})
+            stat = []
+
+            def next_fine():
+                while True:
+                    ftype, payload = conn.next(P.FINE, P.STAT_OK)
+                    if ftype == P.FINE:
+                        return payload
+                    stat.append(P.parse_json(payload, "STAT_OK"))
+
+            side = X.SourceSide(src_fd, src, src_size, block_size, conn.ch.send, next_fine,
+                                threads=threads, shared=shared, throttle=throttle, window=window,
+                                group=group).run()
             conn.ch.send(P.END)
-            _, payload = conn.next(P.APPLY_OK)
+            ftype, payload = conn.next(P.APPLY_OK, P.STAT_OK)
+            if ftype == P.STAT_OK:  # an empty source: no FINE came before it
+                ftype, payload = conn.next(P.APPLY_OK)
             res = P.parse_json(payload, "APPLY_OK")
-            sent, received = conn.ch.bytes_out + sent_sig, conn.ch.bytes_in + recv_sig
+            sent, received = conn.ch.bytes_out, conn.ch.bytes_in
     finally:
         os.close(src_fd)
     throttle.report(src_size, shared.read, finished=True)
-    return RemoteStats(res["bytes_written"], res["bytes_zeroed"], blocks_changed, sent, received,
-                       time.monotonic() - start, "push")
+    return RemoteStats(res["bytes_written"], res["bytes_zeroed"], side.blocks_changed, sent,
+                       received, time.monotonic() - start, "push")
 
 
-def _pull(remote, dst, rsh, remote_pydr, bs, threads, progress, window, start, compress=False):
-    """Two connections: one streams the source's signatures, the other asks
-    for the records of each changed window (one round trip per changed
-    window; pipelining that is for later)."""
+def _pull(remote, dst, start, *, rsh, remote_pydr, block_size, threads, progress, window, bwlimit,
+          compress, group):
+    """The server has the source: SEND, then COARSE/RECORDS come in and FINE
+    answers go out (from a sender thread, so that this side always keeps
+    reading), then DONE."""
     host, path = remote
-    code = B.ALGORITHMS["xxh3-128"]
-    with Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False,
-                    compress=compress) as conn, \
-            Connection(host, rsh=rsh, remote_pydr=remote_pydr, handshake=False) as sigconn:
-        conn.handshake()
-        sigconn.handshake()
-        conn.ch.send_json(P.STAT, {"path": path, "source": True})
-        stat = P.parse_json(conn.next(P.STAT_OK)[1], "STAT_OK")
-        if not stat["exists"]:
-            raise FileNotFoundError(2, f"source not found (on {host})", f"{host}:{path}")
-        src_size = stat["size"]
+    with Connection(host, rsh=rsh, remote_pydr=remote_pydr, compress=compress) as conn:
+        req = {"path": path, "block_size": block_size, "window": window, "group": group}
+        if bwlimit:
+            req["bwlimit"] = bwlimit
+        conn.ch.send_json(P.SEND, req)
+        src_size = P.parse_json(conn.next(P.STAT_OK)[1], "STAT_OK")["size"]
         throttle = Throttle(progress, "resync", dst, src_size)
         shared = B.Progress()
-        sigconn.ch.send_json(P.SIGN, {"path": path, "block_size": bs})
-        remote_sigs = _Remote(sigconn, bs)
-        applier = Applier(dst, block_size=bs, base_size=None, result_size=src_size,
+        applier = Applier(dst, block_size=block_size, base_size=None, result_size=src_size,
                           kind=J.KIND_RESYNC, create=True)
-        with applier:
-            dst_size = applier.base_size
-            blocks_changed = 0
-            seq = 0
-            for w0 in range(0, src_size, window):
-                w1 = min(src_size, w0 + window)
-                n = blocks_for(w1 - w0, bs)
-                sh, sz = remote_sigs.blocks(w0 // bs, n)
-                if len(sz) != n:
-                    raise P.ProtocolError(f"{host} sent signatures for {len(sz)} of {n} blocks")
-                d1 = min(dst_size, -(-w1 // bs) * bs) if w0 < dst_size else w0
-                m = blocks_for(d1 - w0, bs)
-                dh, dz = bytearray(16 * m), bytearray(m)
-                if m:
-                    sign_range(applier.fd, dst, w0, d1 - w0, bs, code, dh, dz, threads=threads,
-                               progress_record=shared, throttle=throttle, final_report=False)
-                cmp = compare_window(Signature(bs, w1 - w0, "xxh3-128", sh, sz),
-                                     Signature(bs, d1 - w0, "xxh3-128", dh, dz), w0, bs)
-                if not cmp:
+        with applier, Sender(conn.ch) as sender:
+            side = X.TargetSide(applier.fd, dst, applier.base_size, block_size, sender.send,
+                                threads=threads, shared=shared, throttle=throttle)
+            while True:
+                ftype, payload = conn.next(P.COARSE, P.RECORDS, P.DONE)
+                if ftype == P.DONE:
+                    done = P.parse_json(payload, "DONE")
+                    break
+                if ftype == P.COARSE:
+                    side.coarse(payload)
                     continue
-                ext, zero, digests, blocks = cmp
-                blocks_changed += blocks
-                head = json.dumps({"path": path, "extents": len(zero), "first_seq": seq}).encode()
-                conn.ch.send(P.ENCODE, struct.pack("<I", len(head)) + head +
-                             ext.astype("<u8").tobytes() + zero.astype(np.uint8).tobytes() +
-                             bytes(digests))
-                seq += len(zero)
-                while True:
-                    ftype, payload = conn.next(P.RECORDS, P.DONE)
-                    if ftype == P.DONE:
-                        break
-                    complete, count, bound, end = B.records_scan(payload)
-                    if complete != len(payload) or end:
-                        raise P.ProtocolError("a RECORDS frame must hold whole records")
-                    applier.submit(payload, bound, count)
-                throttle.report(shared.done, shared.read)
+                complete, count, bound, end = B.records_scan(payload)
+                if complete != len(payload) or end:
+                    raise P.ProtocolError("a RECORDS frame must hold whole records")
+                applier.submit(payload, bound, count)
             applier.finish()
-        sent = conn.ch.bytes_out + sigconn.ch.bytes_out
-        received = conn.ch.bytes_in + sigconn.ch.bytes_in
+        sent, received = conn.ch.bytes_out, conn.ch.bytes_in
     st = applier.state
     throttle.report(src_size, shared.read, finished=True)
-    return RemoteStats(int(st.data_bytes), int(st.zero_bytes), blocks_changed, sent, received,
-                       time.monotonic() - start, "pull")
+    return RemoteStats(int(st.data_bytes), int(st.zero_bytes), int(done.get("blocks_changed", 0)),
+                       sent, received, time.monotonic() - start, "pull")
+
+
+class Sender:
+    """Sends frames from a thread of its own, so that the caller never blocks
+    on a full pipe and always goes on reading what its peer sends (the peer
+    may itself be blocked sending to us). What is queued is bounded by the
+    protocol: one FINE frame per COARSE frame received."""
+
+    def __init__(self, ch):
+        self.ch = ch
+        self.q = queue.Queue()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="pydr-net-sender", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            try:
+                self.ch.send(*item)
+            except BaseException as exc:  # reported by the next send() or close()
+                self.error = exc
+                return
+
+    def send(self, ftype, payload=b""):
+        if self.error is not None:
+            raise self.error
+        self.q.put((ftype, payload))
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.q.put(None)  # the connection is closed next; the thread then ends
 
 
 def remote_signature(spec, output, *, rsh="ssh", remote_pydr="pydr", block_size=4096):

@@ -12,19 +12,16 @@ import os
 import struct
 import sys
 
-import numpy as np
-
 from . import _bindings as B
+from . import exchange as X
 from . import protocol as P
 from .apply import Applier
-from .delta import write_records
 from . import journal as J
 from .signatures import blocks_for, sign_range
 from .progress import Throttle
 from ._parallel import default_threads
 
 SIGN_WINDOW = 64 << 20
-NET_BATCH = 8 << 20  # records per RECORDS frame (under the frame limit)
 
 
 def resolve(path, root):
@@ -77,8 +74,8 @@ def serve(rfile, wfile, root=None):
                 _stat(ch, payload, root)
             elif ftype == P.SIGN:
                 _sign(ch, payload, root)
-            elif ftype == P.ENCODE:
-                _encode(ch, payload, root)
+            elif ftype == P.SEND:
+                _send(ch, payload, root)
             elif ftype == P.APPLY:
                 _apply(ch, payload, root)
             else:
@@ -129,34 +126,48 @@ def _sign(ch, payload, root):
     ch.send_json(P.DONE, {"size": size})
 
 
-def _encode(ch, payload, root):
-    if len(payload) < 4:
-        raise P.ProtocolError("short ENCODE")
-    (jlen,) = struct.unpack_from("<I", payload)
-    if jlen > P.MAX_JSON or 4 + jlen > len(payload):
-        raise P.ProtocolError("bad ENCODE header")
-    req = P.parse_json(payload[4:4 + jlen], "ENCODE")
-    k = req.get("extents")
-    if not isinstance(k, int) or k < 0 or len(payload) != 4 + jlen + k * 33:
-        raise P.ProtocolError("ENCODE sizes do not add up")
+def _send(ch, payload, root):
+    """Pull: this side has the source. STAT_OK, then COARSE and RECORDS
+    frames as the client's FINE answers arrive, then DONE."""
+    req = P.parse_json(payload, "SEND")
     path = resolve(req.get("path"), root)
-    body = memoryview(payload)[4 + jlen:]
-    extents = np.frombuffer(body[:16 * k], dtype="<u8").astype(np.uint64)
-    zero = np.frombuffer(body[16 * k:17 * k], dtype=np.uint8)
-    digests = bytes(body[17 * k:])
+    bs = B.check_block_size(req.get("block_size"))
+    bwlimit = req.get("bwlimit")
+    if bwlimit is not None and (not isinstance(bwlimit, (int, float)) or bwlimit <= 0):
+        raise P.ProtocolError("bad bwlimit")
+    J.check_no_unfinished_apply(path)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size, _ = B.fd_size(fd, path)
-        if k and int((extents[0::2] + extents[1::2]).max()) > size:
-            raise P.ProtocolError("ENCODE extent past the end of the file")
-        write_records(fd, path, extents, zero, digests, lambda chunk: ch.send(P.RECORDS, bytes(chunk)),
-                      first_seq=int(req.get("first_seq", 0)), buf=bytearray(NET_BATCH))
+        ch.send_json(P.STAT_OK, {"exists": True, "size": size})
+        ch.bwlimit = bwlimit
+
+        def next_fine():
+            ftype, data = ch.recv()
+            if ftype != P.FINE:
+                raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} frame, expected FINE")
+            return data
+
+        src = X.SourceSide(fd, path, size, bs, ch.send, next_fine, threads=default_threads(),
+                           shared=B.Progress(), throttle=Throttle(None, "sign", path, 0),
+                           window=_int(req, "window", X.WINDOW), group=_int(req, "group", X.GROUP))
+        src.run()
     finally:
         os.close(fd)
-    ch.send_json(P.DONE, {})
+    ch.send_json(P.DONE, {"blocks_changed": src.blocks_changed, "records": src.seq,
+                          "data_bytes": src.data_bytes})
+
+
+def _int(req, key, default):
+    value = req.get(key, default)
+    if not isinstance(value, int) or value <= 0:
+        raise P.ProtocolError(f"bad {key}")
+    return value
 
 
 def _apply(ch, payload, root):
+    """Push: this side has the target. STAT_OK, then FINE answers to the
+    client's COARSE frames while its RECORDS are applied, then APPLY_OK."""
     req = P.parse_json(payload, "APPLY")
     path = resolve(req.get("path"), root)
     bs = B.check_block_size(req.get("block_size"))
@@ -168,11 +179,17 @@ def _apply(ch, payload, root):
     applier = Applier(path, block_size=bs, base_size=None, result_size=result, kind=J.KIND_RESYNC,
                       create=True)
     with applier:
-        ch.send_json(P.STAT_OK, {"size": applier.base_size})  # apply can start
+        ch.send_json(P.STAT_OK, {"size": applier.base_size})
+        target = X.TargetSide(applier.fd, path, applier.base_size, bs, ch.send,
+                              threads=default_threads(), shared=B.Progress(),
+                              throttle=Throttle(None, "sign", path, 0))
         while True:
             ftype, data = ch.recv()
             if ftype == P.END:
                 break
+            if ftype == P.COARSE:
+                target.coarse(data)
+                continue
             if ftype != P.RECORDS:
                 raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} during APPLY")
             complete, count, bound, end = B.records_scan(data)
@@ -182,7 +199,8 @@ def _apply(ch, payload, root):
         applier.finish()
     st = applier.state
     ch.send_json(P.APPLY_OK, {"bytes_written": int(st.data_bytes), "bytes_zeroed": int(st.zero_bytes),
-                              "records": int(st.records)})
+                              "records": int(st.records), "groups_listed": target.groups_sent,
+                              "blocks_listed": target.blocks_sent})
 
 
 def main_stdio(root=None):

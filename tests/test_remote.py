@@ -185,7 +185,7 @@ def test_killed_connection_then_rerun(sshd, tmp_path):
 def _hello():
     import json
 
-    body = json.dumps({"protocol": 1}).encode()
+    body = json.dumps({"protocol": P.VERSION}).encode()
     return P.HEADER.pack(len(body), P.HELLO, 0) + body
 
 
@@ -195,8 +195,8 @@ def test_fuzzed_frames_never_crash_the_server(tmp_path):
 
     (tmp_path / "f.img").write_bytes(os.urandom(100_000))
     frame = st.builds(lambda t, f, body: P.HEADER.pack(len(body), t, f) + body,
-                      st.integers(0, 14), st.sampled_from([0, 0, 0, 1]), st.binary(max_size=300))
-    lying = st.builds(lambda t, n: P.HEADER.pack(n, t, 0), st.integers(1, 13),
+                      st.integers(0, 17), st.sampled_from([0, 0, 0, 1]), st.binary(max_size=300))
+    lying = st.builds(lambda t, n: P.HEADER.pack(n, t, 0), st.integers(1, 16),
                       st.integers(P.MAX_PAYLOAD - 5, 2**32 - 1))
     junk = st.binary(max_size=200)
 
@@ -295,7 +295,7 @@ def test_compressed_frames_are_bounded(tmp_path):
 
     zstandard = pytest.importorskip("zstandard")
     (tmp_path / "t.img").write_bytes(bytes(4096))
-    hello = json.dumps({"protocol": 1, "capabilities": ["zstd"]}).encode()
+    hello = json.dumps({"protocol": P.VERSION, "capabilities": ["zstd"]}).encode()
     apply = json.dumps({"path": "t.img", "block_size": 4096, "result_size": 4096}).encode()
     bomb = zstandard.ZstdCompressor().compress(bytes(20 << 20))
     stream = (P.HEADER.pack(len(hello), P.HELLO, 0) + hello +
@@ -306,7 +306,7 @@ def test_compressed_frames_are_bounded(tmp_path):
     assert b"does not decompress" in out.getvalue() or b"past the limit" in out.getvalue()
     assert (tmp_path / "t.img").read_bytes() == bytes(4096)
     # without negotiating zstd, the flag itself is refused
-    plain = json.dumps({"protocol": 1}).encode()
+    plain = json.dumps({"protocol": P.VERSION}).encode()
     out = io.BytesIO()
     serve(io.BytesIO(P.HEADER.pack(len(plain), P.HELLO, 0) + plain +
                      P.HEADER.pack(len(bomb), P.RECORDS, P.FLAG_ZSTD) + bomb), out, root=str(tmp_path))
