@@ -307,7 +307,6 @@ int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
         if (r.type == PYDR_RECORD_END || r.type == PYDR_RECORD_COMMIT)
             return PYDR_E_CORRUPT; /* the caller strips END before calling */
         const uint8_t *payload = recs + pos + PYDR_RECORD_HEADER;
-        st->error_offset = r.offset;
         /* bounds: aligned, in order, no overlap, inside the new image */
         if (r.seq != st->next_seq || r.offset % block_size || r.offset < st->next_offset ||
             r.length == 0 || r.offset + r.length > new_size ||
@@ -316,6 +315,9 @@ int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
         if (r.type == PYDR_RECORD_DATA &&
             hash64(payload, (size_t)r.length) != r.payload_hash)
             return PYDR_E_CORRUPT;
+        /* from here on errors are about the target, at the record's offset
+         * (a corrupt record is reported at its position in the batch) */
+        st->error_offset = r.offset;
         /* Old content: every base block the record covers, up to the base's
          * end. That is more than `length` only for a short last block of a
          * shrunk result, whose base block was longer (its hash is too). */

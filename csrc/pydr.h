@@ -215,7 +215,8 @@ typedef struct pydr_apply_state {
     uint64_t next_offset;   /* records must start at or after this         */
     uint64_t next_seq;      /* and carry this sequence number              */
     uint64_t records, data_bytes, zero_bytes;
-    uint64_t error_offset;  /* image offset (or batch position) of a failure */
+    uint64_t error_offset;  /* PYDR_E_CORRUPT: position of the record in the
+                             * batch; other failures: its image offset      */
 } pydr_apply_state;
 
 /* scratch holds one record's old content (PYDR_RECORD_MAX + block_size is

@@ -129,6 +129,55 @@ def _print_json(obj):
 # -- commands ----------------------------------------------------------------
 
 
+def _remote_options(p):
+    p.add_argument("--rsh", metavar="CMD", default="ssh",
+                   help="how to reach the [user@]host:PATH arguments: runs "
+                        "'CMD host REMOTE_PYDR serve --stdio' (default: ssh)")
+    p.add_argument("--remote-pydr", metavar="PATH", default="pydr",
+                   help="pydr on the remote side (default: pydr)")
+
+
+def _remote(args):
+    return {"rsh": args.rsh, "remote_pydr": args.remote_pydr}
+
+
+def _output(path, args):
+    """A binary file for an output argument: local (atomic), '-', or remote."""
+    import contextlib
+
+    from ._atomic import atomic_write
+    from .remote import RemoteWriter, parse_remote
+
+    if parse_remote(path):
+        return RemoteWriter(path, **_remote(args))
+    if path == "-":
+        return contextlib.nullcontext(sys.stdout.buffer)
+    return atomic_write(path)
+
+
+def _base_signature(args, block_size):
+    """The base of `pydr delta` as a Signature when it is remote (or the
+    source is), else None: make_delta reads local files itself."""
+    from .remote import RemoteReader, parse_remote, remote_signature
+    from .signatures import Signature, signature
+
+    if args.against:
+        if parse_remote(args.against):
+            with RemoteReader(args.against, **_remote(args)) as f:
+                return Signature._read(f, args.against)
+        return Signature.load(args.against) if parse_remote(args.source) else None
+    if parse_remote(args.target):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="pydr-") as d:
+            remote_signature(args.target, os.path.join(d, "base.sig"), block_size=block_size,
+                             **_remote(args))
+            return Signature.load(os.path.join(d, "base.sig"))
+    if parse_remote(args.source):
+        return signature(args.target, block_size=block_size, threads=args.threads)
+    return None
+
+
 def cmd_signature(args):
     from .remote import parse_remote
 
@@ -137,8 +186,19 @@ def cmd_signature(args):
             raise ValueError("a remote signature is always xxh3-128")
         from .remote import remote_signature
 
-        res = remote_signature(args.image, args.output, rsh=args.rsh, remote_pydr=args.remote_pydr,
-                               block_size=args.block_size)
+        if parse_remote(args.output):  # both remote: fetch, then upload
+            import shutil
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="pydr-") as d:
+                res = remote_signature(args.image, os.path.join(d, "s"), block_size=args.block_size,
+                                       **_remote(args))
+                with open(os.path.join(d, "s"), "rb") as f, _output(args.output, args) as out:
+                    shutil.copyfileobj(f, out, 4 << 20)
+            res["output"] = args.output
+        else:
+            res = remote_signature(args.image, args.output, block_size=args.block_size,
+                                   **_remote(args))
         if args.json:
             _print_json(res)
         elif not args.quiet:
@@ -170,7 +230,11 @@ def cmd_signature(args):
         )
     finally:
         bar.close()
-    sig.save(args.output)
+    if parse_remote(args.output):
+        with _output(args.output, args) as out:
+            sig._write(out)
+    else:
+        sig.save(args.output)
     st = sig.stats
     result = {
         "image": args.image,
@@ -340,13 +404,28 @@ def cmd_delta(args):
         if p and args.output != "-" and os.path.exists(args.output) and os.path.exists(p) \
                 and os.path.samefile(args.output, p):
             raise E.UnsupportedFile("refusing to write the delta over an image", path=args.output)
-    bar = _bar(f"delta {args.source}", args)
-    try:
-        st = make_delta(args.source, args.output, against=args.against, target=args.target,
-                        block_size=args.block_size, threads=args.threads, progress=bar,
-                        cancel=threading.Event())
-    finally:
-        bar.close()
+    from .remote import parse_remote, remote_delta
+
+    if any(parse_remote(p) for p in (args.source, args.against, args.target, args.output)):
+        base = _base_signature(args, args.block_size)
+        with _output(args.output, args) as out:
+            if parse_remote(args.source):
+                st = remote_delta(args.source, out, base=base, **_remote(args))
+            else:
+                if base is None:  # only the output is remote
+                    base = args.against or None
+                st = make_delta(args.source, out, against=base,
+                                target=None if base is not None else args.target,
+                                block_size=args.block_size, threads=args.threads,
+                                cancel=threading.Event())
+    else:
+        bar = _bar(f"delta {args.source}", args)
+        try:
+            st = make_delta(args.source, args.output, against=args.against, target=args.target,
+                            block_size=args.block_size, threads=args.threads, progress=bar,
+                            cancel=threading.Event())
+        finally:
+            bar.close()
     result = {"source": args.source, "output": args.output, **st._asdict()}
     out = sys.stderr if args.output == "-" else sys.stdout
     if args.json and args.output != "-":
@@ -361,12 +440,22 @@ def cmd_delta(args):
 def cmd_apply(args):
     from .apply import apply_delta
 
-    bar = _bar(f"apply to {args.target}", args)
-    try:
-        st = apply_delta(args.delta, args.target, progress=bar, verify=args.verify,
-                         cancel=threading.Event())
-    finally:
-        bar.close()
+    import contextlib
+
+    from .remote import RemoteReader, parse_remote, remote_apply
+
+    source = (RemoteReader(args.delta, **_remote(args)) if parse_remote(args.delta)
+              else contextlib.nullcontext(args.delta))
+    with source as delta:
+        if parse_remote(args.target):
+            st = remote_apply(delta, args.target, verify=args.verify, **_remote(args))
+        else:
+            bar = _bar(f"apply to {args.target}", args)
+            try:
+                st = apply_delta(delta, args.target, progress=bar, verify=args.verify,
+                                 cancel=threading.Event())
+            finally:
+                bar.close()
     if args.json:
         _print_json({"delta": args.delta, "target": args.target, **st._asdict()})
     elif not args.quiet:
@@ -822,10 +911,7 @@ def build_parser():
                    help="print nothing but errors (no progress bar, no summary)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="draw a progress bar on stderr (default: when stderr is a terminal)")
-    p.add_argument("--rsh", metavar="CMD", default="ssh",
-                   help="how to reach a [user@]host:PATH image (default: ssh)")
-    p.add_argument("--remote-pydr", metavar="PATH", default="pydr",
-                   help="pydr on the remote side (default: pydr)")
+    _remote_options(p)
     p.add_argument("--no-mmap", action="store_true",
                    help="read with pread() instead of hashing from mmap windows (slower; "
                         "for file systems that refuse mmap)")
@@ -846,7 +932,8 @@ def build_parser():
             "examples:\n"
             "  pydr signature replica.img -o replica.sig --block-size 4K\n"
             "  pydr delta disk.img --against replica.sig -o disk.delta\n"
-            "  pydr delta disk.img --target replica.img -o - | ssh dr 'pydr apply - replica.img'\n\n"
+            "  pydr delta disk.img --target replica.img -o - | ssh dr 'pydr apply - replica.img'\n"
+            "  pydr delta disk.img --target dr:/srv/replica.img -o dr:/srv/disk.delta\n\n"
             + EXIT_STATUS
         ),
     )
@@ -862,6 +949,7 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object with the stats")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    _remote_options(p)
     p.set_defaults(func=cmd_delta)
 
     p = sub.add_parser(
@@ -879,7 +967,10 @@ def build_parser():
             "again finishes it, and 'pydr rollback TARGET' instead restores the old\n"
             "contents exactly. Other pydr commands refuse such a target until then."
         ),
-        epilog=EXIT_STATUS,
+        epilog=("examples:\n"
+                "  pydr apply disk.delta replica.img --verify\n"
+                "  pydr apply disk.delta dr:/srv/replica.img     (applied by pydr on dr)\n"
+                "  pydr apply dr:/srv/disk.delta replica.img\n\n" + EXIT_STATUS),
     )
     p.add_argument("delta", metavar="DELTA", help="delta file, or '-' for standard input")
     p.add_argument("target", metavar="TARGET", help="image file or block device to update")
@@ -888,6 +979,7 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object with the stats")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    _remote_options(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser(
@@ -925,10 +1017,7 @@ def build_parser():
     p.add_argument("target", metavar="DST")
     p.add_argument("--signature-cache", metavar="FILE", default=None,
                    help="signature of DST: used when valid and newer than DST, then rewritten")
-    p.add_argument("--rsh", metavar="CMD", default="ssh",
-                   help="how to reach a [user@]host:PATH side (default: ssh)")
-    p.add_argument("--remote-pydr", metavar="PATH", default="pydr",
-                   help="pydr on the remote side (default: pydr)")
+    _remote_options(p)
     p.add_argument("--compress", action="store_true",
                    help="with a remote side, compress the changed blocks on the wire (zstd; both "
                         "sides need the zstandard package)")

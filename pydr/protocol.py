@@ -16,10 +16,13 @@ FLAG_ZSTD = 1  # the payload is zstd-compressed (only once both HELLOs offered "
 
 HELLO, ERROR, STAT, STAT_OK, SIGN, SIGS, DONE = range(1, 8)  # 8 was version 1's ENCODE
 RECORDS, APPLY, END, APPLY_OK, SEND, COARSE, FINE = range(9, 16)
+BYTES, READ, WRITE, PATCH, DELTA = range(16, 21)
 NAMES = {v: k for k, v in dict(HELLO=HELLO, ERROR=ERROR, STAT=STAT, STAT_OK=STAT_OK, SIGN=SIGN,
                                SIGS=SIGS, DONE=DONE, RECORDS=RECORDS, APPLY=APPLY, END=END,
-                               APPLY_OK=APPLY_OK, SEND=SEND, COARSE=COARSE, FINE=FINE).items()}
-BINARY = (SIGS, RECORDS, COARSE, FINE)  # may be larger than a JSON frame
+                               APPLY_OK=APPLY_OK, SEND=SEND, COARSE=COARSE, FINE=FINE, BYTES=BYTES,
+                               READ=READ, WRITE=WRITE, PATCH=PATCH, DELTA=DELTA).items()}
+BINARY = (SIGS, RECORDS, COARSE, FINE, BYTES)  # may be larger than a JSON frame
+CHUNK = 4 << 20  # file bytes per BYTES frame
 
 
 class ProtocolError(E.PydrError, ValueError):
@@ -104,6 +107,62 @@ class Channel:
             if len(payload) > MAX_PAYLOAD:
                 raise ProtocolError("a compressed frame expands past the limit")
         return ftype, payload
+
+
+class ChunkReader:
+    """A byte stream carried in BYTES frames, read like a binary file.
+    ``next_chunk()`` returns the next frame's bytes, or None at the end."""
+
+    def __init__(self, next_chunk, name):
+        self._next = next_chunk
+        self.name = name
+        self._buf = bytearray()
+        self._eof = False
+        self.position = 0  # bytes handed out so far
+
+    def _fill(self, n):
+        while not self._eof and (n < 0 or len(self._buf) < n):
+            chunk = self._next()
+            if chunk is None:
+                self._eof = True
+            else:
+                self._buf += chunk
+
+    def read(self, n=-1):
+        """Up to n bytes (fewer only at the end); n < 0: all that is left."""
+        self._fill(n)
+        n = len(self._buf) if n < 0 else min(n, len(self._buf))
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        self.position += n
+        return out
+
+    def readinto(self, b):
+        data = self.read(len(memoryview(b).cast("B")))
+        memoryview(b).cast("B")[:len(data)] = data
+        return len(data)
+
+    def at_end(self):
+        self._fill(1)
+        return not self._buf
+
+
+class ChunkWriter:
+    """A binary file whose writes go out as BYTES frames of at most CHUNK."""
+
+    def __init__(self, send):
+        self._send = send
+        self.written = 0
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        for pos in range(0, len(view), CHUNK):
+            self._send(BYTES, bytes(view[pos:pos + CHUNK]))
+        self.written += len(view)
+        return len(view)
+
+    def flush(self):
+        pass
 
 
 def zstd_available():

@@ -37,7 +37,9 @@ class RemoteStats(Record):
 
 
 def parse_remote(spec):
-    """(host, path) for "[user@]host:PATH", else None (a local path)."""
+    """(host, path) for "[user@]host:PATH", else None (a local path, or None)."""
+    if spec is None or hasattr(spec, "read"):
+        return None
     spec = os.fspath(spec)
     if spec.startswith(("/", "./", "../")) or ":" not in spec:
         return None
@@ -112,6 +114,17 @@ class Connection:
             raise P.ProtocolError(f"{self.host} sent {P.NAMES[ftype]}, expected "
                                   f"{'/'.join(P.NAMES[e] for e in expected)}")
         return ftype, payload
+
+    def raise_pending_error(self):
+        """Raise the server's ERROR now if it has sent one (without waiting)."""
+        if self.reader is None:
+            return
+        try:
+            item = self.frames.queue[0]  # a peek: consumers are on this thread
+        except IndexError:
+            return
+        if isinstance(item, BaseException) or item[0] == P.ERROR:
+            self.next()
 
     def close(self):
         for f in (self.proc.stdin, self.proc.stdout):
@@ -319,3 +332,144 @@ def remote_signature(spec, output, *, rsh="ssh", remote_pydr="pydr", block_size=
     return {"image": spec, "output": os.fspath(output), "size": stat["size"],
             "block_size": block_size, "blocks": writer.n, "zero_blocks": writer.zeros,
             "bytes_received": received, "seconds": round(time.monotonic() - start, 6)}
+
+
+# -- remote files for signature, delta and apply ------------------------------
+
+
+class RemoteReader(P.ChunkReader):
+    """A remote file ("[user@]host:PATH") read as a binary stream (READ)."""
+
+    def __init__(self, spec, *, rsh="ssh", remote_pydr="pydr"):
+        host, path = parse_remote(spec)
+        self.conn = Connection(host, rsh=rsh, remote_pydr=remote_pydr)
+        try:
+            self.conn.ch.send_json(P.READ, {"path": path})
+            self.size = P.parse_json(self.conn.next(P.STAT_OK)[1], "STAT_OK")["size"]
+        except BaseException:
+            self.conn.close()
+            raise
+        super().__init__(self._next_chunk, spec)
+
+    def _next_chunk(self):
+        ftype, payload = self.conn.next(P.BYTES, P.DONE)
+        return None if ftype == P.DONE else payload
+
+    def close(self):
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RemoteWriter(P.ChunkWriter):
+    """A remote file replaced atomically by what is written to it (WRITE):
+    the server renames it into place only when commit() is called; on any
+    error (or a dropped connection) the old file stays as it was."""
+
+    def __init__(self, spec, *, rsh="ssh", remote_pydr="pydr"):
+        host, path = parse_remote(spec)
+        self.spec = spec
+        self.conn = Connection(host, rsh=rsh, remote_pydr=remote_pydr)
+        try:
+            self.conn.ch.send_json(P.WRITE, {"path": path})
+            self.conn.next(P.STAT_OK)  # refused paths are refused before any work is done
+        except BaseException:
+            self.conn.close()
+            raise
+        super().__init__(self._send)
+
+    def _send(self, ftype, payload):
+        self.conn.raise_pending_error()
+        self.conn.ch.send(ftype, payload)
+
+    def commit(self):
+        self.conn.ch.send(P.END)
+        self.conn.next(P.DONE)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self.conn.close()
+
+
+def _send_stream(conn, f):
+    """Copy a binary file object to the connection as BYTES frames, then END;
+    stops early if the server has already answered with an ERROR."""
+    while True:
+        chunk = f.read(P.CHUNK)
+        if not chunk:
+            break
+        conn.raise_pending_error()
+        try:
+            conn.ch.send(P.BYTES, chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            conn.next()  # the server gave up: raise what it said
+            raise
+    conn.ch.send(P.END)
+
+
+def _local_name(exc, host, name):
+    """A server's error about the stream we sent names our file, not host:file."""
+    if getattr(exc, "path", None) == f"{host}:{name}":
+        exc.path = name
+    return exc
+
+
+def remote_apply(delta, spec, *, rsh="ssh", remote_pydr="pydr", verify=False):
+    """`pydr apply DELTA host:TARGET`: stream the delta (a path, "-", or a
+    binary file object) to the server, which applies it exactly as a local
+    apply does. Returns the server's stats (dict)."""
+    import contextlib
+    import sys
+
+    from .apply import ApplyStats
+
+    host, path = parse_remote(spec)
+    if hasattr(delta, "read"):
+        opener, name = contextlib.nullcontext(delta), getattr(delta, "name", "<stream>")
+    elif os.fspath(delta) == "-":
+        opener, name = contextlib.nullcontext(sys.stdin.buffer), "<stdin>"
+    else:
+        opener, name = open(delta, "rb"), os.fspath(delta)
+    with opener as f, Connection(host, rsh=rsh, remote_pydr=remote_pydr) as conn:
+        conn.ch.send_json(P.PATCH, {"path": path, "name": name, "verify": bool(verify)})
+        try:
+            _send_stream(conn, f)
+            res = P.parse_json(conn.next(P.APPLY_OK)[1], "APPLY_OK")
+        except Exception as exc:
+            _local_name(exc, host, name)
+            raise
+    return ApplyStats(*(res[k] for k in ApplyStats._fields))
+
+
+def remote_delta(spec, out, *, base, rsh="ssh", remote_pydr="pydr"):
+    """`pydr delta host:SOURCE`: send the base's signature (a Signature) to
+    the server, which encodes the delta there and streams it back into `out`
+    (a binary file object). Returns DeltaStats."""
+    import io
+
+    from .delta import DeltaStats
+
+    host, path = parse_remote(spec)
+    sig = io.BytesIO()
+    base._write(sig)
+    sig.seek(0)
+    with Connection(host, rsh=rsh, remote_pydr=remote_pydr) as conn:
+        conn.ch.send_json(P.DELTA, {"path": path, "name": "<base signature>"})
+        _send_stream(conn, sig)
+        while True:
+            ftype, payload = conn.next(P.BYTES, P.DONE)
+            if ftype == P.DONE:
+                res = P.parse_json(payload, "DONE")
+                break
+            out.write(payload)
+    return DeltaStats(*(res[k] for k in DeltaStats._fields))

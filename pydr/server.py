@@ -76,6 +76,14 @@ def serve(rfile, wfile, root=None):
                 _sign(ch, payload, root)
             elif ftype == P.SEND:
                 _send(ch, payload, root)
+            elif ftype == P.READ:
+                _read(ch, payload, root)
+            elif ftype == P.WRITE:
+                _write(ch, payload, root)
+            elif ftype == P.PATCH:
+                _patch(ch, payload, root)
+            elif ftype == P.DELTA:
+                _delta(ch, payload, root)
             elif ftype == P.APPLY:
                 _apply(ch, payload, root)
             else:
@@ -201,6 +209,102 @@ def _apply(ch, payload, root):
     ch.send_json(P.APPLY_OK, {"bytes_written": int(st.data_bytes), "bytes_zeroed": int(st.zero_bytes),
                               "records": int(st.records), "groups_listed": target.groups_sent,
                               "blocks_listed": target.blocks_sent})
+
+
+def _stream_in(ch):
+    """The client's BYTES frames up to END, as a binary file."""
+
+    def next_chunk():
+        ftype, data = ch.recv()
+        if ftype == P.END:
+            return None
+        if ftype != P.BYTES:
+            raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} frame in a byte stream")
+        return data
+
+    return next_chunk
+
+
+def _drain(reader):
+    """After an error, read the rest of the client's stream so that it is not
+    left blocked sending it; then the ERROR frame is what it reads next."""
+    with contextlib.suppress(P.ProtocolError):
+        while reader.read(P.CHUNK):
+            pass
+
+
+def _read(ch, payload, root):
+    """A file's bytes: STAT_OK with its size, BYTES frames, DONE."""
+    req = P.parse_json(payload, "READ")
+    path = resolve(req.get("path"), root)
+    with open(path, "rb") as f:
+        size, _ = B.fd_size(f.fileno(), path)
+        ch.send_json(P.STAT_OK, {"exists": True, "size": size})
+        total = 0
+        while chunk := f.read(P.CHUNK):
+            ch.send(P.BYTES, chunk)
+            total += len(chunk)
+    ch.send_json(P.DONE, {"size": total})
+
+
+def _write(ch, payload, root):
+    """Replace a file with the client's BYTES frames, atomically: nothing
+    changes unless END arrives (a dropped connection removes the temp file)."""
+    from ._atomic import atomic_write
+
+    req = P.parse_json(payload, "WRITE")
+    path = resolve(req.get("path"), root)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+    with atomic_write(path) as f:
+        ch.send_json(P.STAT_OK, {"exists": True, "size": 0})  # the client may stream now
+        reader = P.ChunkReader(_stream_in(ch), path)
+        while chunk := reader.read(P.CHUNK):
+            f.write(chunk)
+    ch.send_json(P.DONE, {"size": reader.position})
+
+
+def _patch(ch, payload, root):
+    """`pydr apply DELTA host:TARGET`: the delta arrives as BYTES frames and
+    is applied exactly as a local apply (journal, base checks, rollback)."""
+    from .apply import apply_delta
+
+    req = P.parse_json(payload, "PATCH")
+    path = resolve(req.get("path"), root)
+    reader = P.ChunkReader(_stream_in(ch), str(req.get("name") or "<delta>"))
+    try:
+        st = apply_delta(reader, path, verify=bool(req.get("verify")))
+    except P.ProtocolError:
+        raise
+    except BaseException:
+        _drain(reader)
+        raise
+    ch.send_json(P.APPLY_OK, st._asdict())
+
+
+def _delta(ch, payload, root):
+    """`pydr delta host:SOURCE ...`: the base's signature arrives as BYTES
+    frames; the delta goes back as BYTES frames, then DONE with its stats."""
+    from .delta import make_delta
+    from .signatures import Signature
+
+    req = P.parse_json(payload, "DELTA")
+    path = resolve(req.get("path"), root)
+    name = str(req.get("name") or "<signature>")
+    reader = P.ChunkReader(_stream_in(ch), name)
+    try:
+        base = Signature._read(reader, name)
+        if not reader.at_end():
+            raise P.ProtocolError(f"data after the end of the signature {name}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "source image not found", path)
+    except P.ProtocolError:
+        raise
+    except BaseException:
+        _drain(reader)
+        raise
+    st = make_delta(path, P.ChunkWriter(ch.send), against=base, threads=default_threads())
+    ch.send_json(P.DONE, st._asdict())
 
 
 def main_stdio(root=None):

@@ -32,6 +32,7 @@ VERSION = 1
 # zero_blocks, flags, reserved -> then header checksum (xxh3-64 of the above)
 _HEADER = struct.Struct("<8sHHIQQQQQ")
 HEADER_SIZE = _HEADER.size + 8  # 64
+MAX_STREAMED = 1 << 30  # bytes of a signature read from a peer's stream
 _TRAILER = struct.Struct("<8sQ16s")  # magic, total file length, xxh3-128
 TRAILER_SIZE = _TRAILER.size  # 32
 _MAX_IMAGE = 1 << 62
@@ -231,14 +232,20 @@ class Signature:
 
     @classmethod
     def _read(cls, f, path):
+        """Read from a binary file object; ``path`` names it in errors."""
         header = f.read(HEADER_SIZE)
         info = parse_header(header, path)
         n, words = info["block_count"], B.hash_words(B.ALGORITHMS[info["algorithm"]])
         body_bytes = n * words * 8
         mask_bytes = (n + 7) // 8
         expected = HEADER_SIZE + body_bytes + mask_bytes + TRAILER_SIZE
-        actual = os.fstat(f.fileno()).st_size
-        if actual != expected:
+        # a file, a remote file (its size is known) or a stream from a peer
+        actual = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") else getattr(f, "size", None)
+        if actual is None:
+            if expected > MAX_STREAMED:  # checked before allocating what a peer claims
+                raise FormatError(f"a signature of {expected} bytes is over the {MAX_STREAMED}-byte "
+                                  "limit for one received over a connection", path=path, offset=0)
+        elif actual != expected:
             what = "truncated" if actual < expected else "has trailing data"
             raise FormatError(
                 f"signature file {what}: {actual} bytes, header says {expected}",

@@ -195,8 +195,8 @@ def test_fuzzed_frames_never_crash_the_server(tmp_path):
 
     (tmp_path / "f.img").write_bytes(os.urandom(100_000))
     frame = st.builds(lambda t, f, body: P.HEADER.pack(len(body), t, f) + body,
-                      st.integers(0, 17), st.sampled_from([0, 0, 0, 1]), st.binary(max_size=300))
-    lying = st.builds(lambda t, n: P.HEADER.pack(n, t, 0), st.integers(1, 16),
+                      st.integers(0, 22), st.sampled_from([0, 0, 0, 1]), st.binary(max_size=300))
+    lying = st.builds(lambda t, n: P.HEADER.pack(n, t, 0), st.integers(1, 21),
                       st.integers(P.MAX_PAYLOAD - 5, 2**32 - 1))
     junk = st.binary(max_size=200)
 
@@ -265,6 +265,17 @@ def test_bwlimit_paces_the_push(sshd, tmp_path):
     assert sent > 3 << 20
     assert elapsed >= sent / (4 << 20) * 0.9  # a lower bound: a slow machine only adds time
     assert target.read_bytes() == (tmp_path / "src.img").read_bytes()
+    # a pull: the server holds the source and paces what it sends
+    back = tmp_path / "back.img"
+    back.write_bytes(bytes(3 << 20))
+    t = time.monotonic()
+    r = run_cli("resync", f"127.0.0.1:{tmp_path / 'src.img'}", back, "--rsh", sshd["rsh"],
+                "--remote-pydr", PYDR, "--bwlimit", "4M", "--json", env=dict(os.environ))
+    elapsed = time.monotonic() - t
+    assert r.returncode == 0, r.stderr
+    received = json.loads(r.stdout)["bytes_received"]
+    assert received > 3 << 20 and elapsed >= received / (4 << 20) * 0.9
+    assert back.read_bytes() == (tmp_path / "src.img").read_bytes()
 
 
 def test_compress(sshd, tmp_path):
@@ -325,3 +336,129 @@ def test_remote_signature(sshd, tmp_path):
     r = run_cli("signature", "127.0.0.1:/nonexistent.img", "-o", tmp_path / "x.sig",
                 "--rsh", sshd["rsh"], "--remote-pydr", PYDR, env=dict(os.environ))
     assert r.returncode == 3 and b"nonexistent" in r.stderr and not (tmp_path / "x.sig").exists()
+
+
+def cli(sshd, *args, confined=False):
+    rsh = sshd["confined" if confined else "rsh"]
+    return run_cli(*args, "--rsh", rsh, "--remote-pydr", PYDR, env=dict(os.environ))
+
+
+def test_delta_and_apply_with_remote_paths(sshd, tmp_path):
+    """Every path of signature/delta/apply may be host:PATH; the results are
+    the bytes the local commands give."""
+    a, b = images(tmp_path)
+    old, new = tmp_path / "old.img", tmp_path / "new.img"
+    h = "127.0.0.1:"
+    # signature: local image -> remote file, remote image -> remote file
+    assert cli(sshd, "signature", old, "-o", f"{h}{tmp_path / 'r1.sig'}", "--block-size", "4K").returncode == 0
+    assert cli(sshd, "signature", f"{h}{old}", "-o", f"{h}{tmp_path / 'r2.sig'}",
+               "--block-size", "4K").returncode == 0
+    assert run_cli("signature", old, "-o", tmp_path / "l.sig", "--block-size", "4K").returncode == 0
+    assert (tmp_path / "r1.sig").read_bytes() == (tmp_path / "l.sig").read_bytes() \
+        == (tmp_path / "r2.sig").read_bytes()
+    # the reference delta, made locally
+    assert run_cli("delta", new, "--against", tmp_path / "l.sig", "-o", tmp_path / "l.delta").returncode == 0
+    ref = (tmp_path / "l.delta").read_bytes()
+    cases = {
+        "remote-out": ("delta", new, "--against", tmp_path / "l.sig", "-o", f"{h}{tmp_path / 'd1'}"),
+        "remote-sig": ("delta", new, "--against", f"{h}{tmp_path / 'l.sig'}", "-o", tmp_path / "d2"),
+        "remote-base-image": ("delta", new, "--target", f"{h}{old}", "-o", tmp_path / "d3"),
+        "remote-source": ("delta", f"{h}{new}", "--against", tmp_path / "l.sig", "-o", tmp_path / "d4"),
+        "all-remote": ("delta", f"{h}{new}", "--target", f"{h}{old}", "-o", f"{h}{tmp_path / 'd5'}"),
+    }
+    for label, args in cases.items():
+        r = cli(sshd, *args)
+        assert r.returncode == 0, (label, r.stderr)
+    for i in range(1, 6):
+        assert (tmp_path / f"d{i}").read_bytes() == ref, i
+    # apply: local delta -> remote target, remote delta -> local target
+    (tmp_path / "t1.img").write_bytes(a)
+    (tmp_path / "t2.img").write_bytes(a)
+    r = cli(sshd, "apply", tmp_path / "l.delta", f"{h}{tmp_path / 't1.img'}", "--json", "--verify")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t1.img").read_bytes() == b
+    import json
+    assert json.loads(r.stdout)["bytes_written"] > 0
+    r = cli(sshd, "apply", f"{h}{tmp_path / 'l.delta'}", tmp_path / "t2.img")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t2.img").read_bytes() == b
+    # twice: the remote target already holds the result (exit 12), untouched
+    r = cli(sshd, "apply", tmp_path / "l.delta", f"{h}{tmp_path / 't1.img'}")
+    assert r.returncode == 12, r.stderr
+    assert (tmp_path / "t1.img").read_bytes() == b
+
+
+def test_remote_apply_refuses_bad_deltas_and_loses_nothing(sshd, tmp_path):
+    a, b = images(tmp_path)
+    h = "127.0.0.1:"
+    assert run_cli("delta", tmp_path / "new.img", "--target", tmp_path / "old.img",
+                   "-o", tmp_path / "good.delta").returncode == 0
+    good = (tmp_path / "good.delta").read_bytes()
+    target = tmp_path / "t.img"
+    # a flipped byte in the middle: corrupt (exit 7), naming the local delta and an offset
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    (tmp_path / "bad.delta").write_bytes(bytes(bad))
+    target.write_bytes(a)
+    r = cli(sshd, "apply", tmp_path / "bad.delta", f"{h}{target}")
+    assert r.returncode == 7, r.stderr
+    assert str(tmp_path / "bad.delta").encode() in r.stderr and b"offset" in r.stderr
+    assert b"Traceback" not in r.stderr
+    assert target.read_bytes() == a and not any(p.name.endswith("pydr-undo") for p in tmp_path.iterdir())
+    # truncated
+    (tmp_path / "short.delta").write_bytes(good[:len(good) * 2 // 3])
+    r = cli(sshd, "apply", tmp_path / "short.delta", f"{h}{target}")
+    assert r.returncode == 7 and target.read_bytes() == a, r.stderr
+    # the wrong base: refused (exit 8), the target restored
+    other = bytearray(a)
+    other[:4096 * 64] = os.urandom(4096 * 64)
+    target.write_bytes(bytes(other))
+    r = cli(sshd, "apply", tmp_path / "good.delta", f"{h}{target}")
+    assert r.returncode == 8, r.stderr
+    assert target.read_bytes() == bytes(other)
+    # a remote output outside a confined root: refused, nothing created
+    r = cli(sshd, "delta", tmp_path / "new.img", "--target", tmp_path / "old.img",
+            "-o", f"{h}../escape.delta", confined=True)
+    assert r.returncode == 4, r.stderr
+    assert not (sshd["root"].parent / "escape.delta").exists()
+    # a remote source that does not exist: exit 3, no output left behind
+    r = cli(sshd, "delta", f"{h}{tmp_path / 'missing.img'}", "--target", tmp_path / "old.img",
+            "-o", tmp_path / "m.delta")
+    assert r.returncode == 3 and b"missing.img" in r.stderr and not (tmp_path / "m.delta").exists()
+
+
+def test_fuzzed_streams_into_file_requests(tmp_path):
+    """WRITE, PATCH and DELTA requests followed by fuzzed BYTES: the image is
+    never changed, no temp or journal file is left, and a WRITE creates its
+    file only when END arrives."""
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    image = os.urandom(64 << 10)
+    (tmp_path / "f.img").write_bytes(image)
+
+    def frame(ftype, body=b""):
+        return P.HEADER.pack(len(body), ftype, 0) + body
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(op=st.sampled_from([P.WRITE, P.PATCH, P.DELTA]),
+           chunks=st.lists(st.binary(max_size=400), max_size=4), end=st.booleans())
+    def run(op, chunks, end):
+        path = "out.bin" if op == P.WRITE else "f.img"
+        stream = _hello() + frame(op, json.dumps({"path": path}).encode())
+        stream += b"".join(frame(P.BYTES, c) for c in chunks) + (frame(P.END) if end else b"")
+        try:
+            serve(io.BytesIO(stream), io.BytesIO(), root=str(tmp_path))
+        except (P.ProtocolError, ConnectionResetError):
+            pass
+        assert (tmp_path / "f.img").read_bytes() == image
+        names = set(os.listdir(tmp_path)) - {"f.img"}
+        if op == P.WRITE and end:
+            assert names == {"out.bin"} and (tmp_path / "out.bin").read_bytes() == b"".join(chunks)
+            os.unlink(tmp_path / "out.bin")
+        else:
+            assert not names, names
+
+    run()
