@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--rtt-ms", type=float, default=100)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--streams", type=int, default=4,
+                    help="also push with --streams N (0: do not)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (it starts its own sshd)")
@@ -110,13 +112,15 @@ def main():
                     rsh += f" -o ControlPath={sock}"
                 ssh_alone = statistics.median(_timed(rsh.split() + ["127.0.0.1", "true"])
                                               for _ in range(args.repeat))
-                for direction in ("push", "pull"):
+                directions = ["push", "pull"] + ([f"push --streams {args.streams}"]
+                                                 if args.streams else [])
+                for direction in directions:
                     times, stats = [], None
                     for _ in range(args.repeat):
                         shutil.copyfile(base, dst)
                         subprocess.run(["sync"])
-                        pair = ([src, f"127.0.0.1:{dst}"] if direction == "push"
-                                else [f"127.0.0.1:{src}", dst])
+                        pair = ([f"127.0.0.1:{src}", dst] if direction == "pull"
+                                else [src, f"127.0.0.1:{dst}"] + direction.split()[1:])
                         t = time.perf_counter()
                         r = subprocess.run([pydr, "resync", *pair, "--json", "--rsh", rsh,
                                             "--remote-pydr", pydr], capture_output=True)

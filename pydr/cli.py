@@ -483,7 +483,7 @@ def _cmd_remote_resync(args):
     try:
         st = remote_resync(args.source, args.target, rsh=args.rsh, remote_pydr=args.remote_pydr,
                            block_size=args.block_size, threads=args.threads, progress=bar,
-                           bwlimit=args.bwlimit, compress=args.compress)
+                           bwlimit=args.bwlimit, compress=args.compress, streams=args.streams)
     finally:
         bar.close()
     result = {"source": args.source, "target": args.target, **st._asdict()}
@@ -1021,6 +1021,11 @@ def build_parser():
     p.add_argument("--compress", action="store_true",
                    help="with a remote side, compress the changed blocks on the wire (zstd; both "
                         "sides need the zstandard package)")
+    p.add_argument("--streams", metavar="N", type=int, default=0,
+                   help="with a remote target, send the changed blocks over N more ssh "
+                        "connections at once (up to 16; default 0: one connection). One ssh "
+                        "channel moves at most ~2 MiB per round trip; use this on long links, "
+                        "best with a reused ssh connection (ControlMaster/ControlPersist)")
     p.add_argument("--bwlimit", metavar="RATE", type=parse_size, default=None,
                    help="with a remote side, the side holding SRC sends at most RATE bytes per "
                         "second (e.g. 10M): this one for a push, the server for a pull")

@@ -72,7 +72,8 @@ class SourceSide:
     every COARSE frame without waiting for anything."""
 
     def __init__(self, fd, path, size, block_size, send, next_fine, *, threads, shared, throttle,
-                 window=WINDOW, group=GROUP, lookahead=LOOKAHEAD, first_seq=0):
+                 window=WINDOW, group=GROUP, lookahead=LOOKAHEAD, first_seq=0,
+                 batch=NET_BATCH):
         self.fd, self.path, self.size, self.bs = fd, path, size, block_size
         self.send, self.next_fine = send, next_fine
         self.threads, self.shared, self.throttle = threads, shared, throttle
@@ -83,7 +84,7 @@ class SourceSide:
         self.seq = first_seq
         self.blocks_changed = 0
         self.data_bytes = 0
-        self.buf = bytearray(NET_BATCH)
+        self.buf = bytearray(batch)  # record bytes per RECORDS frame
         self.pending = collections.deque()
 
     def run(self):

@@ -3,7 +3,9 @@ over a byte stream (ssh's stdin/stdout), checked before anything is allocated.
 """
 
 import json
+import queue
 import struct
+import threading as _threading
 
 from . import errors as E
 
@@ -16,11 +18,12 @@ FLAG_ZSTD = 1  # the payload is zstd-compressed (only once both HELLOs offered "
 
 HELLO, ERROR, STAT, STAT_OK, SIGN, SIGS, DONE = range(1, 8)  # 8 was version 1's ENCODE
 RECORDS, APPLY, END, APPLY_OK, SEND, COARSE, FINE = range(9, 16)
-BYTES, READ, WRITE, PATCH, DELTA = range(16, 21)
+BYTES, READ, WRITE, PATCH, DELTA, JOIN = range(16, 22)
 NAMES = {v: k for k, v in dict(HELLO=HELLO, ERROR=ERROR, STAT=STAT, STAT_OK=STAT_OK, SIGN=SIGN,
                                SIGS=SIGS, DONE=DONE, RECORDS=RECORDS, APPLY=APPLY, END=END,
                                APPLY_OK=APPLY_OK, SEND=SEND, COARSE=COARSE, FINE=FINE, BYTES=BYTES,
-                               READ=READ, WRITE=WRITE, PATCH=PATCH, DELTA=DELTA).items()}
+                               READ=READ, WRITE=WRITE, PATCH=PATCH, DELTA=DELTA,
+                               JOIN=JOIN).items()}
 BINARY = (SIGS, RECORDS, COARSE, FINE, BYTES)  # may be larger than a JSON frame
 CHUNK = 4 << 20  # file bytes per BYTES frame
 
@@ -41,6 +44,7 @@ class Channel:
         self.bwlimit = bwlimit
         self._started = None
         self.zstd = None  # set by enable_zstd() once both sides agreed
+        self._send_lock = _threading.Lock()  # whole frames, whichever thread sends
 
     def enable_zstd(self, level=3):
         import zstandard
@@ -67,12 +71,13 @@ class Channel:
             packed = self.zstd[0].compress(bytes(payload))
             if len(packed) < len(payload):
                 payload, flags = packed, FLAG_ZSTD
-        self._pace(HEADER.size + len(payload))
-        self.w.write(HEADER.pack(len(payload), ftype, flags))
-        if payload:
-            self.w.write(payload)
-        self.w.flush()
-        self.bytes_out += HEADER.size + len(payload)
+        with self._send_lock:
+            self._pace(HEADER.size + len(payload))
+            self.w.write(HEADER.pack(len(payload), ftype, flags))
+            if payload:
+                self.w.write(payload)
+            self.w.flush()
+            self.bytes_out += HEADER.size + len(payload)
 
     def send_json(self, ftype, obj):
         self.send(ftype, json.dumps(obj).encode())
@@ -163,6 +168,52 @@ class ChunkWriter:
 
     def flush(self):
         pass
+
+
+class Sender:
+    """Sends frames from a thread of its own, so that the caller never blocks
+    on a full pipe and always goes on reading what its peer sends (the peer
+    may itself be blocked sending to us), or so that several connections
+    send at once. ``maxsize`` bounds the frames queued (0: the protocol
+    bounds them, e.g. one FINE frame per COARSE frame received)."""
+
+    def __init__(self, ch, maxsize=0):
+        self.ch = ch
+        self.q = queue.Queue(maxsize)
+        self.error = None
+        self.thread = _threading.Thread(target=self._run, name="pydr-net-sender", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            try:
+                self.ch.send(*item)
+            except BaseException as exc:  # reported by the next send() or close()
+                self.error = exc
+                return
+
+    def send(self, ftype, payload=b""):
+        if self.error is not None:
+            raise self.error
+        self.q.put((ftype, payload))
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.q.put(None)  # the connection is closed next; the thread then ends
 
 
 def zstd_available():

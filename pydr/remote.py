@@ -11,6 +11,7 @@ local resync (a dropped connection keeps the journal; running the command
 again resumes).
 """
 
+import contextlib
 import os
 import queue
 import shlex
@@ -23,6 +24,7 @@ from . import _bindings as B
 from . import exchange as X
 from . import journal as J
 from . import protocol as P
+from . import stripes as S
 from ._parallel import check_threads
 from .apply import Applier
 from .progress import Record, Throttle
@@ -126,6 +128,25 @@ class Connection:
         if isinstance(item, BaseException) or item[0] == P.ERROR:
             self.next()
 
+    def wait_for_error(self, timeout):
+        """After a failure elsewhere: raise the server's ERROR if it sends one
+        within `timeout` seconds (frames before it are dropped)."""
+        if self.reader is None:
+            with contextlib.suppress(Exception):
+                self.handshake()
+            if self.reader is None:
+                return
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self.frames.get(timeout=left)
+            except queue.Empty:
+                return
+            if isinstance(item, BaseException):
+                return
+            if item[0] == P.ERROR:
+                P.raise_remote(P.parse_json(item[1], "ERROR"), self.host)
+
     def close(self):
         for f in (self.proc.stdin, self.proc.stdout):
             try:
@@ -160,7 +181,8 @@ def _window_sigs(conn):
 
 
 def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, threads=None,
-                  progress=None, window=X.WINDOW, bwlimit=None, compress=False, group=X.GROUP):
+                  progress=None, window=X.WINDOW, bwlimit=None, compress=False, group=X.GROUP,
+                  streams=0):
     """Make dst equal to src where exactly one of them is "[user@]host:PATH".
     ``bwlimit`` (bytes/s) caps what the side holding the source sends."""
     rs, rd = parse_remote(src), parse_remote(dst)
@@ -171,49 +193,87 @@ def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, t
     start = time.monotonic()
     if bwlimit is not None and bwlimit <= 0:
         raise ValueError("bwlimit must be a positive number of bytes per second")
+    if not isinstance(streams, int) or not 0 <= streams <= S.MAX_STREAMS:
+        raise ValueError(f"streams must be 0 to {S.MAX_STREAMS}")
     opts = dict(rsh=rsh, remote_pydr=remote_pydr, block_size=block_size, threads=threads,
                 progress=progress, window=window, bwlimit=bwlimit, compress=compress, group=group)
     if rd:
-        return _push(src, rd, start, **opts)
+        return _push(src, rd, start, streams=streams, **opts)
+    if streams:
+        raise ValueError("--streams is for pushes only (a pull uses one connection)")
     return _pull(rs, dst, start, **opts)
 
 
 def _push(src, remote, start, *, rsh, remote_pydr, block_size, threads, progress, window, bwlimit,
-          compress, group):
+          compress, group, streams=0):
     """This side has the source: APPLY, then COARSE/RECORDS out and FINE
-    back on one connection (docs/PROTOCOL.md), then END -> APPLY_OK."""
+    back on one connection (docs/PROTOCOL.md), then END -> APPLY_OK. With
+    `streams`, the RECORDS go over that many more connections instead
+    (pydr.stripes)."""
     host, path = remote
     J.check_no_unfinished_apply(src)
     src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    extra = []
     try:
         src_size, _ = B.fd_size(src_fd, src)
         throttle = Throttle(progress, "resync", f"{host}:{path}", src_size)
         shared = B.Progress()
         with Connection(host, rsh=rsh, remote_pydr=remote_pydr, bwlimit=bwlimit,
                         compress=compress) as conn:
+            request = {"path": path, "block_size": block_size, "result_size": src_size}
+            out = None
+            if streams:
+                # started now, so that their ssh set-ups overlap the main one
+                token = S.new_token()
+                request.update(streams=streams, token=token)
+                extra = [Connection(host, rsh=rsh, remote_pydr=remote_pydr, compress=compress,
+                                    bwlimit=bwlimit / streams if bwlimit else None)
+                         for _ in range(streams)]
+                for i, c in enumerate(extra):
+                    c.ch.send_json(P.JOIN, {"token": token, "index": i})
             # no waiting for the handshake: the request and the first COARSE
             # frames travel with HELLO
-            conn.ch.send_json(P.APPLY, {"path": path, "block_size": block_size,
-                                        "result_size": src_size})
-            stat = []
+            conn.ch.send_json(P.APPLY, request)
 
             def next_fine():
                 while True:
                     ftype, payload = conn.next(P.FINE, P.STAT_OK)
                     if ftype == P.FINE:
                         return payload
-                    stat.append(P.parse_json(payload, "STAT_OK"))
 
-            side = X.SourceSide(src_fd, src, src_size, block_size, conn.ch.send, next_fine,
-                                threads=threads, shared=shared, throttle=throttle, window=window,
-                                group=group).run()
+            def send(ftype, payload):
+                nonlocal out
+                if ftype != P.RECORDS or not extra:
+                    return conn.ch.send(ftype, payload)
+                if out is None:  # after the main handshake: compression is agreed on
+                    for c in extra:
+                        if conn.ch.zstd is not None:
+                            c.ch.enable_zstd()
+                    out = S.Outgoing([c.ch for c in extra])
+                out.send(ftype, payload)
+
+            try:
+                side = X.SourceSide(src_fd, src, src_size, block_size, send, next_fine,
+                                    threads=threads, shared=shared, throttle=throttle,
+                                    window=window, group=group,
+                                    batch=S.FRAME if extra else X.NET_BATCH).run()
+                if out is not None:
+                    out.finish()
+                elif extra:  # nothing changed: the streams still end properly
+                    S.Outgoing([c.ch for c in extra]).finish()
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                conn.wait_for_error(timeout=10)  # raises what the server said, if it did
+                raise ConnectionResetError(f"a connection to {host} was lost") from exc
             conn.ch.send(P.END)
             ftype, payload = conn.next(P.APPLY_OK, P.STAT_OK)
             if ftype == P.STAT_OK:  # an empty source: no FINE came before it
                 ftype, payload = conn.next(P.APPLY_OK)
             res = P.parse_json(payload, "APPLY_OK")
-            sent, received = conn.ch.bytes_out, conn.ch.bytes_in
+            sent = conn.ch.bytes_out + sum(c.ch.bytes_out for c in extra)
+            received = conn.ch.bytes_in + sum(c.ch.bytes_in for c in extra)
     finally:
+        for c in extra:
+            c.close()
         os.close(src_fd)
     throttle.report(src_size, shared.read, finished=True)
     return RemoteStats(res["bytes_written"], res["bytes_zeroed"], side.blocks_changed, sent,
@@ -236,7 +296,7 @@ def _pull(remote, dst, start, *, rsh, remote_pydr, block_size, threads, progress
         shared = B.Progress()
         applier = Applier(dst, block_size=block_size, base_size=None, result_size=src_size,
                           kind=J.KIND_RESYNC, create=True)
-        with applier, Sender(conn.ch) as sender:
+        with applier, P.Sender(conn.ch) as sender:
             side = X.TargetSide(applier.fd, dst, applier.base_size, block_size, sender.send,
                                 threads=threads, shared=shared, throttle=throttle)
             while True:
@@ -257,51 +317,6 @@ def _pull(remote, dst, start, *, rsh, remote_pydr, block_size, threads, progress
     throttle.report(src_size, shared.read, finished=True)
     return RemoteStats(int(st.data_bytes), int(st.zero_bytes), int(done.get("blocks_changed", 0)),
                        sent, received, time.monotonic() - start, "pull")
-
-
-class Sender:
-    """Sends frames from a thread of its own, so that the caller never blocks
-    on a full pipe and always goes on reading what its peer sends (the peer
-    may itself be blocked sending to us). What is queued is bounded by the
-    protocol: one FINE frame per COARSE frame received."""
-
-    def __init__(self, ch):
-        self.ch = ch
-        self.q = queue.Queue()
-        self.error = None
-        self.thread = threading.Thread(target=self._run, name="pydr-net-sender", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            try:
-                self.ch.send(*item)
-            except BaseException as exc:  # reported by the next send() or close()
-                self.error = exc
-                return
-
-    def send(self, ftype, payload=b""):
-        if self.error is not None:
-            raise self.error
-        self.q.put((ftype, payload))
-
-    def close(self):
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.q.put(None)  # the connection is closed next; the thread then ends
 
 
 def remote_signature(spec, output, *, rsh="ssh", remote_pydr="pydr", block_size=4096):

@@ -13,8 +13,8 @@ import struct
 import sys
 
 from . import _bindings as B
-from . import exchange as X
 from . import protocol as P
+from . import stripes as S
 from .apply import Applier
 from . import journal as J
 from .signatures import blocks_for, sign_range
@@ -84,6 +84,13 @@ def serve(rfile, wfile, root=None):
                 _patch(ch, payload, root)
             elif ftype == P.DELTA:
                 _delta(ch, payload, root)
+            elif ftype == P.JOIN:  # this connection is one stream of a push: relay it
+                req = P.parse_json(payload, "JOIN")
+                S.check_request(1, req.get("token"))
+                if not isinstance(req.get("index"), int) or req["index"] < 0:
+                    raise P.ProtocolError("bad stream index")
+                S.relay(ch, req["token"], req["index"])
+                return
             elif ftype == P.APPLY:
                 _apply(ch, payload, root)
             else:
@@ -137,6 +144,8 @@ def _sign(ch, payload, root):
 def _send(ch, payload, root):
     """Pull: this side has the source. STAT_OK, then COARSE and RECORDS
     frames as the client's FINE answers arrive, then DONE."""
+    from . import exchange as X  # numpy: not needed by the other requests (a JOIN relay)
+
     req = P.parse_json(payload, "SEND")
     path = resolve(req.get("path"), root)
     bs = B.check_block_size(req.get("block_size"))
@@ -175,36 +184,72 @@ def _int(req, key, default):
 
 def _apply(ch, payload, root):
     """Push: this side has the target. STAT_OK, then FINE answers to the
-    client's COARSE frames while its RECORDS are applied, then APPLY_OK."""
+    client's COARSE frames while its RECORDS are applied (from the main
+    connection, or from `streams` extra connections, see pydr.stripes),
+    then APPLY_OK."""
+    from . import exchange as X
+
     req = P.parse_json(payload, "APPLY")
     path = resolve(req.get("path"), root)
     bs = B.check_block_size(req.get("block_size"))
     result = req.get("result_size")
     if not isinstance(result, int) or result < 0:
         raise P.ProtocolError("bad result size")
+    streams = req.get("streams", 0)
+    S.check_request(streams, req.get("token"))
+    listener = S.Listener(req["token"], streams) if streams else None
     # a missing target starts empty (removed again if this fails); a dropped
     # connection keeps the journal, so the next push resumes
     applier = Applier(path, block_size=bs, base_size=None, result_size=result, kind=J.KIND_RESYNC,
                       create=True)
-    with applier:
-        ch.send_json(P.STAT_OK, {"size": applier.base_size})
-        target = X.TargetSide(applier.fd, path, applier.base_size, bs, ch.send,
-                              threads=default_threads(), shared=B.Progress(),
-                              throttle=Throttle(None, "sign", path, 0))
-        while True:
-            ftype, data = ch.recv()
-            if ftype == P.END:
-                break
-            if ftype == P.COARSE:
-                target.coarse(data)
-                continue
-            if ftype != P.RECORDS:
-                raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} during APPLY")
-            complete, count, bound, end = B.records_scan(data)
-            if complete != len(data) or end:
-                raise P.ProtocolError("a RECORDS frame must hold whole DATA/ZERO records")
-            applier.submit(data, bound, count)
-        applier.finish()
+    incoming = None
+    try:
+        with applier:
+            ch.send_json(P.STAT_OK, {"size": applier.base_size})
+            target = X.TargetSide(applier.fd, path, applier.base_size, bs, ch.send,
+                                  threads=default_threads(), shared=B.Progress(),
+                                  throttle=Throttle(None, "sign", path, 0))
+
+            def submit(data):
+                complete, count, bound, end = B.records_scan(data)
+                if complete != len(data) or end:
+                    raise P.ProtocolError("a RECORDS frame must hold whole DATA/ZERO records")
+                applier.submit(data, bound, count)
+
+            if listener is not None:
+                def connect():
+                    chans = listener.accept()
+                    for c in chans:
+                        if ch.zstd is not None:  # negotiated on the main connection
+                            c.enable_zstd()
+                    return chans
+
+                def on_error(exc):
+                    listener.shutdown()  # the client's streams fail; it then reads this:
+                    with contextlib.suppress(OSError):
+                        ch.send_json(P.ERROR, P.error_payload(exc))
+
+                incoming = S.Incoming(connect, submit, on_error)
+            while True:
+                ftype, data = ch.recv()
+                if ftype == P.END:
+                    break
+                if ftype == P.COARSE:
+                    target.coarse(data)
+                elif ftype == P.RECORDS and incoming is None:
+                    submit(data)
+                else:
+                    raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} during APPLY")
+            if incoming is not None:
+                incoming.wait()
+            applier.finish()
+    except (ConnectionResetError, BrokenPipeError):
+        if incoming is not None and incoming.error is not None:
+            return  # already reported on the main connection
+        raise
+    finally:
+        if listener is not None:
+            listener.shutdown()
     st = applier.state
     ch.send_json(P.APPLY_OK, {"bytes_written": int(st.data_bytes), "bytes_zeroed": int(st.zero_bytes),
                               "records": int(st.records), "groups_listed": target.groups_sent,

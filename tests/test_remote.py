@@ -462,3 +462,100 @@ def test_fuzzed_streams_into_file_requests(tmp_path):
             assert not names, names
 
     run()
+
+
+def test_push_over_several_streams(sshd, tmp_path):
+    """--streams 3: the records go over three more ssh connections and are
+    applied in order; same bytes as one connection, through a slow link too,
+    and a push killed in the middle is finished by running it again."""
+    import json
+
+    from relay import relay
+
+    a, b = images(tmp_path, size=24 << 20, seed=5)
+    b = b[:4 << 20] + os.urandom(9 << 20) + b[13 << 20:]  # records of the largest size too
+    (tmp_path / "new.img").write_bytes(b)
+    target = tmp_path / "t.img"
+    target.write_bytes(a)
+    r = remote(sshd, tmp_path / "new.img", f"127.0.0.1:{target}", "--streams", "3")
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == b and json.loads(r.stdout)["bytes_written"] > 0
+    port = int(sshd["rsh"].split("-p ")[1].split()[0])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        relay_port = probe.getsockname()[1]
+    server = relay(relay_port, port, 0.02)
+    try:
+        target.write_bytes(a)
+        r = run_cli("resync", tmp_path / "new.img", f"127.0.0.1:{target}", "--streams", "2",
+                    "--rsh", sshd["rsh"].replace(f"-p {port}", f"-p {relay_port}"),
+                    "--remote-pydr", PYDR, "--compress", env=dict(os.environ))
+        assert r.returncode == 0, r.stderr
+        assert target.read_bytes() == b
+    finally:
+        server.close()
+    # an empty source over streams: the target is truncated
+    (tmp_path / "empty").write_bytes(b"")
+    assert remote(sshd, tmp_path / "empty", f"127.0.0.1:{target}", "--streams", "2").returncode == 0
+    assert target.read_bytes() == b""
+
+
+def test_killed_push_over_streams_then_rerun(sshd, tmp_path):
+    from pydr import journal as J
+
+    size = 128 << 20
+    a = os.urandom(size)
+    b = bytearray(a)
+    for off in range(0, size, 1 << 20):
+        b[off:off + (512 << 10)] = os.urandom(512 << 10)
+    (tmp_path / "src.img").write_bytes(bytes(b))
+    target = tmp_path / "dst.img"
+    target.write_bytes(a)
+    journal = J.journal_path(target)
+    cmd = pydr_command() + ["resync", str(tmp_path / "src.img"), f"127.0.0.1:{target}",
+                            "--streams", "3", "--rsh", sshd["rsh"], "--remote-pydr", PYDR]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None:
+        if os.path.exists(journal) and os.path.getsize(journal) > (8 << 20):
+            break
+        time.sleep(0.002)
+    assert p.poll() is None, "the push ended before it could be interrupted"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    time.sleep(0.5)
+    assert os.path.exists(journal)
+    r = remote(sshd, tmp_path / "src.img", f"127.0.0.1:{target}", "--streams", "3")
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == bytes(b) and not os.path.exists(journal)
+
+
+def test_streams_admit_only_their_transfer():
+    """A process that connects to a transfer's socket without its token (or
+    with another index than expected) is dropped; the right one is let in."""
+    import threading
+
+    from pydr import stripes as S
+
+    token = S.new_token()
+    listener = S.Listener(token, 1)
+    got = {}
+    t = threading.Thread(target=lambda: got.update(ch=listener.accept(timeout=10)))
+    t.start()
+    for bad in (S._AUTH.pack(b"0" * 32, 0), S._AUTH.pack(token.encode(), 7), b"short"):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(S._address(token))
+            s.sendall(bad)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(1) == b""  # closed on us
+    good = socket.socket(socket.AF_UNIX)
+    good.connect(S._address(token))
+    good.sendall(S._AUTH.pack(token.encode(), 0))
+    t.join(10)
+    assert len(got["ch"]) == 1
+    good.sendall(P.HEADER.pack(0, P.END, 0))
+    assert got["ch"][0].recv() == (P.END, b"")
+    good.close()
+    listener.shutdown()
+    with pytest.raises(P.ProtocolError, match="only 0 of 2 streams"):
+        S.Listener(S.new_token(), 2).accept(timeout=0.2)
