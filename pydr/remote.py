@@ -147,12 +147,16 @@ class Connection:
             if item[0] == P.ERROR:
                 P.raise_remote(P.parse_json(item[1], "ERROR"), self.host)
 
-    def close(self):
-        for f in (self.proc.stdin, self.proc.stdout):
+    def close(self, wait=True):
+        """End our side (stdin: ssh still sends what is buffered); with
+        `wait`, also stop reading and wait for the process."""
+        for f in (self.proc.stdin, self.proc.stdout) if wait else (self.proc.stdin,):
             try:
                 f.close()
             except OSError:
                 pass
+        if not wait:
+            return
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -261,6 +265,8 @@ def _push(src, remote, start, *, rsh, remote_pydr, block_size, threads, progress
                     out.finish()
                 elif extra:  # nothing changed: the streams still end properly
                     S.Outgoing([c.ch for c in extra]).finish()
+                for c in extra:  # their teardown overlaps the rest
+                    c.close(wait=False)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 conn.wait_for_error(timeout=10)  # raises what the server said, if it did
                 raise ConnectionResetError(f"a connection to {host} was lost") from exc

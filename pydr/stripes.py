@@ -145,15 +145,15 @@ def relay(ch, token, index):
         with _quiet():
             s.shutdown(socket.SHUT_WR)
 
-    t = threading.Thread(target=upstream, daemon=True)
-    t.start()
+    threading.Thread(target=upstream, daemon=True).start()
     try:
         while chunk := s.recv(1 << 16):
             ch.w.write(chunk)
             ch.w.flush()
     except OSError:
         pass
-    t.join()
+    # the main process has ended the transfer: whatever the client still
+    # sends is of no use, and exiting now lets its ssh close at once
     s.close()
 
 
