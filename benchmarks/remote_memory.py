@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from compare_remote import free_port, start_sshd
+from compare_remote import start_sshd
 
 
 def make_images(d, size):

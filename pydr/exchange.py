@@ -28,7 +28,7 @@ WINDOW = 64 << 20       # image bytes per COARSE/FINE exchange
 GROUP = 32              # 4 KiB blocks per coarse digest (128 KiB)
 LOOKAHEAD = 4           # windows the source may run ahead of the FINE answers
 NET_BATCH = 8 << 20     # record bytes per RECORDS frame (under the frame limit)
-MAX_WINDOW_BLOCKS = 1 << 20  # 16 MiB of hashes in a FINE frame at most
+MAX_WINDOW_BLOCKS = 1 << 18  # a FINE frame stays under 5 MiB even with 1-block groups
 MAX_GROUP = 1 << 16
 
 COARSE_HEAD = struct.Struct("<QQI")  # window offset, window bytes, group (blocks)
