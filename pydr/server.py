@@ -70,31 +70,13 @@ def serve(rfile, wfile, root=None):
                 ch.send_json(P.ERROR, P.error_payload(exc))
             return
         try:
-            if ftype == P.STAT:
-                _stat(ch, payload, root)
-            elif ftype == P.SIGN:
-                _sign(ch, payload, root)
-            elif ftype == P.SEND:
-                _send(ch, payload, root)
-            elif ftype == P.READ:
-                _read(ch, payload, root)
-            elif ftype == P.WRITE:
-                _write(ch, payload, root)
-            elif ftype == P.PATCH:
-                _patch(ch, payload, root)
-            elif ftype == P.DELTA:
-                _delta(ch, payload, root)
-            elif ftype == P.JOIN:  # this connection is one stream of a push: relay it
-                req = P.parse_json(payload, "JOIN")
-                S.check_request(1, req.get("token"))
-                if not isinstance(req.get("index"), int) or req["index"] < 0:
-                    raise P.ProtocolError("bad stream index")
-                S.relay(ch, req["token"], req["index"])
+            if ftype == P.JOIN:  # this connection is one stream of a push: relay it
+                _join(ch, payload)
                 return
-            elif ftype == P.APPLY:
-                _apply(ch, payload, root)
-            else:
+            handler = REQUESTS.get(ftype)
+            if handler is None:
                 raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} frame")
+            handler(ch, payload, root)
         except (ConnectionResetError, BrokenPipeError):
             return
         except P.ProtocolError as exc:
@@ -256,6 +238,14 @@ def _apply(ch, payload, root):
                               "blocks_listed": target.blocks_sent})
 
 
+def _join(ch, payload):
+    req = P.parse_json(payload, "JOIN")
+    S.check_request(1, req.get("token"))
+    if not isinstance(req.get("index"), int) or req["index"] < 0:
+        raise P.ProtocolError("bad stream index")
+    S.relay(ch, req["token"], req["index"])
+
+
 def _stream_in(ch):
     """The client's BYTES frames up to END, as a binary file."""
 
@@ -350,6 +340,10 @@ def _delta(ch, payload, root):
         raise
     st = make_delta(path, P.ChunkWriter(ch.send), against=base, threads=default_threads())
     ch.send_json(P.DONE, st._asdict())
+
+
+REQUESTS = {P.STAT: _stat, P.SIGN: _sign, P.SEND: _send, P.APPLY: _apply, P.READ: _read,
+            P.WRITE: _write, P.PATCH: _patch, P.DELTA: _delta}
 
 
 def main_stdio(root=None):
