@@ -564,7 +564,7 @@ def cmd_protect(args):
     with Vault(_vault_dir(args), writer=True) as v:
         v.protect(args.item, disks, group=args.group, retention=args.retention,
                   retention_age=args.retention_age, quiesce_hook=args.quiesce_hook,
-                  thaw_hook=args.thaw_hook)
+                  thaw_hook=args.thaw_hook, rsh=args.rsh, remote_pydr=args.remote_pydr)
         status = v.status(args.item)
     if args.json:
         _print_json(status)
@@ -1088,9 +1088,15 @@ def build_parser():
         description=("Register ITEM: each --disk SOURCE=REPLICA is replicated from SOURCE (an image\n"
                      "or block device) to REPLICA. Items sharing --group are replicated together\n"
                      "and get recovery points with the same id. The first 'pydr replicate' is the\n"
-                     "initial replication (a sparse-aware full copy); later ones move only changes."),
-        epilog="example:\n  pydr protect web --disk /img/web-os.img=/dr/web-os.img "
-               "--disk /img/web-data.img=/dr/web-data.img --retention 48\n\n" + EXIT_STATUS)
+                     "initial replication (a sparse-aware full copy); later ones move only changes.\n\n"
+                     "A REPLICA may be [user@]host:/PATH on another machine, reached with --rsh\n"
+                     "(kept with the item): its recovery-point steps are kept beside it there, and\n"
+                     "'pydr materialize ITEM --point P --to host:DIR' recovers a point there.\n"
+                     "Failover and what follows it need local replicas for now."),
+        epilog="examples:\n  pydr protect web --disk /img/web-os.img=/dr/web-os.img "
+               "--disk /img/web-data.img=/dr/web-data.img --retention 48\n"
+               "  pydr protect db --disk /dev/vg0/db=backup@dr:/srv/replicas/db.img "
+               "--rsh 'ssh -p 2222'\n\n" + EXIT_STATUS)
     p.add_argument("item", metavar="ITEM")
     p.add_argument("--disk", action="append", required=True, metavar="SOURCE=REPLICA")
     p.add_argument("--group", metavar="G")
@@ -1100,6 +1106,7 @@ def build_parser():
                    help="also drop points older than AGE (e.g. 72h, 7d; the newest is always kept)")
     p.add_argument("--quiesce-hook", metavar="CMD", help="run before the cut (app-consistent points)")
     p.add_argument("--thaw-hook", metavar="CMD", help="run after the cut")
+    _remote_options(p)
     _vault_options(p)
     p.set_defaults(func=cmd_protect)
 
@@ -1152,7 +1159,8 @@ def build_parser():
                      "its replica. The replicas are not touched."), epilog=EXIT_STATUS)
     p.add_argument("item", metavar="ITEM")
     p.add_argument("--point", type=int, required=True, metavar="P")
-    p.add_argument("--to", required=True, metavar="DIR")
+    p.add_argument("--to", required=True, metavar="DIR",
+                   help="a directory; host:DIR on the host that holds the item's replicas")
     _vault_options(p)
     p.set_defaults(func=cmd_materialize)
 

@@ -22,6 +22,21 @@ from .vault import HookFailed, InvalidState, UnknownName
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
 
 
+def _local_only(vault, name):
+    """The item's row; refused (InvalidState) if a replica is on another host:
+    failover and what follows it need the replicas here (for now)."""
+    from .replication import is_remote
+
+    row = vault.item(name)
+    remote = [d["replica"] for d in vault.disks(name) if is_remote(d["replica"])]
+    if remote:
+        raise InvalidState(f"item {name!r} has replicas on another host ({remote[0]}): failover, "
+                           "test failover, commit, reprotect and failback are not available for "
+                           "them yet; 'pydr materialize ITEM POINT host:DIR' recovers a point there",
+                           path=vault.dir)
+    return row
+
+
 def select_point(vault, name, point):
     """A point id from an id or a selector (latest-processed,
     latest-app-consistent; 'latest' is resolved by failover itself)."""
@@ -47,7 +62,7 @@ def select_point(vault, name, point):
 def test_failover(vault, name, directory, point=None):
     """Drill: materialise a point into `directory`; replicas and replication
     are untouched. Returns (point id, paths)."""
-    row = vault.item(name)
+    row = _local_only(vault, name)
     if row["test_dir"]:
         raise InvalidState(f"a test failover of {name!r} is already in {row['test_dir']}: run "
                            f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
@@ -64,7 +79,7 @@ def test_failover(vault, name, directory, point=None):
 
 def cleanup_test_failover(vault, name):
     """Remove what test_failover wrote. Returns the paths removed."""
-    row = vault.item(name)
+    row = _local_only(vault, name)
     if not row["test_dir"]:
         raise InvalidState(f"item {name!r} has no test failover to clean up", path=vault.dir)
 
@@ -93,7 +108,7 @@ def _hook(command, what):
 def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None):
     """Fail `name` over to a recovery point; afterwards its replica paths
     hold that point. Returns a dict with the point and what happened."""
-    row = vault.item(name)
+    row = _local_only(vault, name)
     if row["state"] == "failing-over":
         return _finish_failover(vault, name, row["failover_point"], notes=["resumed"])
     if row["state"] != "protected":
@@ -145,7 +160,7 @@ def _materialize_over(vault, name, pid, d):
 
 def change_point(vault, name, point):
     """After a failover and before commit: the replica paths hold another point."""
-    row = vault.item(name)
+    row = _local_only(vault, name)
     if row["state"] != "failed-over":
         raise InvalidState(f"change-point needs a failed-over item; {name!r} is {row['state']}",
                            path=vault.dir)
@@ -164,7 +179,7 @@ def change_point(vault, name, point):
 def commit(vault, name):
     """Make the failover final: site B is active (direction reverse); the
     recovery points, their steps and the old baselines are discarded."""
-    row = vault.item(name)
+    row = _local_only(vault, name)
     if row["state"] != "failed-over":
         raise InvalidState(f"commit needs a failed-over item; {name!r} is {row['state']}",
                            path=vault.dir)
@@ -196,7 +211,7 @@ def reprotect(vault, name, *, progress=None):
     """After commit: replicate in the other direction. Each disk's replica
     (now active) becomes the source and its old source the replica, reused:
     the first cycle is a checksum resync that moves only differing blocks."""
-    row = vault.item(name)
+    row = _local_only(vault, name)
     if row["state"] != "failover-committed":
         raise InvalidState(f"reprotect needs a committed failover; {name!r} is {row['state']}",
                            path=vault.dir)
@@ -215,7 +230,7 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None):
     """A planned failover in the reverse direction: a final cycle, nothing
     lost. With alternates {replica path: new path}, those disks are brought
     up at the new paths instead (the old ones are left as they are)."""
-    row = vault.item(name)
+    row = _local_only(vault, name)
     if row["direction"] != "reverse" or row["state"] != "protected":
         raise InvalidState(f"failback needs a reprotected item (direction reverse, protected); "
                            f"{name!r} is {row['state']}, direction {row['direction']}",

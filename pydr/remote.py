@@ -186,9 +186,11 @@ def _window_sigs(conn):
 
 def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, threads=None,
                   progress=None, window=X.WINDOW, bwlimit=None, compress=False, group=X.GROUP,
-                  streams=0):
+                  streams=0, keep_undo=None):
     """Make dst equal to src where exactly one of them is "[user@]host:PATH".
-    ``bwlimit`` (bytes/s) caps what the side holding the source sends."""
+    ``bwlimit`` (bytes/s) caps what the side holding the source sends.
+    ``keep_undo`` (a push): a path on the server where the committed undo
+    journal is kept, a recovery-point step (see RemoteSite)."""
     rs, rd = parse_remote(src), parse_remote(dst)
     if bool(rs) == bool(rd):
         raise ValueError("exactly one of source and target must be remote ([user@]host:PATH)")
@@ -202,14 +204,16 @@ def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, t
     opts = dict(rsh=rsh, remote_pydr=remote_pydr, block_size=block_size, threads=threads,
                 progress=progress, window=window, bwlimit=bwlimit, compress=compress, group=group)
     if rd:
-        return _push(src, rd, start, streams=streams, **opts)
+        return _push(src, rd, start, streams=streams, keep_undo=keep_undo, **opts)
+    if keep_undo is not None:
+        raise ValueError("keep_undo is for pushes only")
     if streams:
         raise ValueError("--streams is for pushes only (a pull uses one connection)")
     return _pull(rs, dst, start, **opts)
 
 
 def _push(src, remote, start, *, rsh, remote_pydr, block_size, threads, progress, window, bwlimit,
-          compress, group, streams=0):
+          compress, group, streams=0, keep_undo=None):
     """This side has the source: APPLY, then COARSE/RECORDS out and FINE
     back on one connection (docs/PROTOCOL.md), then END -> APPLY_OK. With
     `streams`, the RECORDS go over that many more connections instead
@@ -225,6 +229,8 @@ def _push(src, remote, start, *, rsh, remote_pydr, block_size, threads, progress
         with Connection(host, rsh=rsh, remote_pydr=remote_pydr, bwlimit=bwlimit,
                         compress=compress) as conn:
             request = {"path": path, "block_size": block_size, "result_size": src_size}
+            if keep_undo is not None:
+                request["keep_undo"] = keep_undo
             out = None
             if streams:
                 # started now, so that their ssh set-ups overlap the main one
@@ -494,3 +500,40 @@ def remote_delta(spec, out, *, base, rsh="ssh", remote_pydr="pydr"):
                 break
             out.write(payload)
     return DeltaStats(*(res[k] for k in DeltaStats._fields))
+
+
+class RemoteSite:
+    """The requests the vault makes of a host holding replicas: pushes that
+    keep their undo journal as a recovery-point step beside the replica,
+    materialising a point there, and dropping steps. Paths are the host's."""
+
+    def __init__(self, host, *, rsh="ssh", remote_pydr="pydr"):
+        self.host, self.rsh, self.remote_pydr = host, rsh or "ssh", remote_pydr or "pydr"
+
+    def _request(self, ftype, body, *expected):
+        with Connection(self.host, rsh=self.rsh, remote_pydr=self.remote_pydr) as conn:
+            conn.ch.send_json(ftype, body)
+            return P.parse_json(conn.next(*expected)[1], P.NAMES[expected[0]])
+
+    @staticmethod
+    def step_path(replica_path, item, idx, step):
+        head, tail = os.path.split(replica_path)
+        return os.path.join(head, f".{tail}.pydr-steps", f"{item}-{idx}-{step}.undo")
+
+    def push(self, src, path, *, keep_undo=None, progress=None, threads=None):
+        return remote_resync(src, f"{self.host}:{path}", rsh=self.rsh,
+                             remote_pydr=self.remote_pydr, keep_undo=keep_undo,
+                             progress=progress, threads=threads)
+
+    def committed_step(self, path):
+        """Whether `path` holds a committed undo journal (False if missing)."""
+        st = self._request(P.STAT, {"path": path, "journal": True}, P.STAT_OK)
+        return bool(st.get("exists") and st.get("committed"))
+
+    def materialize(self, replica, steps, dest):
+        self._request(P.MATERIALIZE, {"replica": replica, "steps": steps, "dest": dest}, P.DONE)
+        return f"{self.host}:{dest}"
+
+    def remove(self, paths):
+        if paths:
+            self._request(P.REMOVE, {"paths": paths}, P.DONE)

@@ -32,6 +32,46 @@ from .vault import HookFailed, InvalidState
 JOB_UPDATE_INTERVAL = 0.5
 
 
+def is_remote(path):
+    from .remote import parse_remote
+
+    return parse_remote(path) is not None
+
+
+def parse_remote(path):
+    from .remote import parse_remote as parse
+
+    return parse(path)
+
+
+def _remote_site(vault, name, host):
+    from .remote import RemoteSite
+
+    row = vault.item(name)
+    return RemoteSite(host, rsh=row["rsh"], remote_pydr=row["remote_pydr"])
+
+
+def _replicate_remote(vault, name, d, source, keep_step, on_progress, threads):
+    """One disk's cycle to a replica on another host: a push whose undo
+    journal is kept beside the replica as the step `keep_step` (when the
+    item has points). A step that a killed cycle left committed there but
+    unregistered is registered first, as the vault does for local ones.
+    Returns (bytes moved, the step kept or None, its "host:path" or None)."""
+    host, path = parse_remote(d["replica"])
+    site = _remote_site(vault, name, host)
+    keep = None
+    if keep_step is not None:
+        keep = site.step_path(path, name, d["idx"], keep_step)
+        if site.committed_step(keep):  # the replica already moved past it
+            vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
+                             (name, d["idx"], keep_step, f"{host}:{keep}", 0))
+            keep_step += 1
+            keep = site.step_path(path, name, d["idx"], keep_step)
+    st = site.push(source, path, keep_undo=keep, progress=on_progress, threads=threads)
+    return st.bytes_written + st.bytes_zeroed, keep_step if keep else None, \
+        (f"{host}:{keep}" if keep else None)
+
+
 class CycleResult(Record):
     """point_id, items, bytes_written, bytes_read, seconds, consistency, jobs."""
 
@@ -181,6 +221,17 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                 if progress is not None:
                     progress(rec)
 
+            if is_remote(d["replica"]):
+                moved, step, keep = _replicate_remote(vault, name, d, snaps.get(d["source"]) or d["source"],
+                                                      step if has_point else None, on_progress, threads)
+                per_item_bytes[name] += moved
+                totals["written"] += moved
+                totals["read"] += os.path.getsize(d["source"])
+                done_before += os.path.getsize(d["source"])
+                if keep is not None:
+                    vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)", (name, idx, step, keep, 0))
+                vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
+                continue
             cache = vault.cache_path(name, idx)
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             extents = None
@@ -292,11 +343,21 @@ def apply_retention(vault, name, now=None):
                 doomed.append(s["path"])
                 vault.db.execute("DELETE FROM steps WHERE item=? AND idx=? AND step=?",
                                  (name, d["idx"], s["step"]))
+    remote = {}
     for path in doomed:  # after the commit: a crash here leaves files the next open removes
+        if is_remote(path):
+            host, p = parse_remote(path)
+            remote.setdefault(host, []).append(p)
+            continue
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+    for host, paths in remote.items():  # an unreachable host keeps them: retention is retried
+        try:
+            _remote_site(vault, name, host).remove(paths)
+        except OSError as exc:
+            vault.set_item(name, health="warning", last_error=f"could not drop old steps on {host}: {exc}")
 
 
 def materialize(vault, name, point_id, directory, *, threads=None):
@@ -328,7 +389,21 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None):
     steps = vault.db.execute(
         "SELECT step, path FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
         (name, disk["idx"], row["step"])).fetchall()
-    source = latest_state(disk["replica"])
+    paths = [s["path"] for s in steps]
+    if is_remote(disk["replica"]):
+        host, replica = parse_remote(disk["replica"])
+        there = parse_remote(dest)
+        if there is None or there[0] != host:
+            raise InvalidState(f"a point of a replica on {host} is materialised there: give "
+                               f"{host}:DIR", path=dest)
+        return _remote_site(vault, name, host).materialize(
+            replica, [parse_remote(p)[1] for p in paths], there[1])
+    return materialize_file(latest_state(disk["replica"]), paths, dest, threads)
+
+
+def materialize_file(source, steps, dest, threads=None):
+    """Copy `source` to `dest` (replaced; sparse-aware) and roll the undo
+    journals `steps` back onto the copy, newest first."""
     if os.path.exists(dest) and os.path.samefile(dest, source):
         raise InvalidState("refusing to materialise over the replicated state itself", path=dest)
     if os.path.lexists(dest):
@@ -336,11 +411,11 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None):
     resync(source, dest, threads=threads)  # sparse-aware copy of the latest state
     fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
     try:
-        for s in steps:  # newest first: each takes the copy one cycle back
-            header, committed = J.read_journal(s["path"])
+        for path in steps:  # newest first: each takes the copy one cycle back
+            header, committed = J.read_journal(path)
             if header is None or not committed:
-                raise PydrError("undo step is damaged", path=s["path"])
-            J.rollback_fd(fd, s["path"], dest, False)
+                raise PydrError("undo step is damaged", path=path)
+            J.rollback_fd(fd, path, dest, False)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -348,10 +423,17 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None):
 
 
 def _materialize(vault, name, point_id, directory, threads):
-    os.makedirs(directory, exist_ok=True)
+    if not is_remote(directory):
+        os.makedirs(directory, exist_ok=True)
     out = []
     for d in vault.disks(name):
         dest = os.path.join(directory, os.path.basename(d["replica"]))
+        if is_remote(dest) and not is_remote(d["replica"]):
+            raise InvalidState("this item's replicas are local: materialise to a local directory",
+                               path=directory)
+        if is_remote(d["replica"]):
+            out.append(materialize_disk(vault, name, point_id, d, dest, threads))
+            continue
         if os.path.exists(dest) and os.path.samefile(dest, d["replica"]):
             raise InvalidState("refusing to materialise over the replica itself", path=dest)
         out.append(materialize_disk(vault, name, point_id, d, dest, threads))

@@ -99,7 +99,10 @@ def _stat(ch, payload, root):
         size, is_block = B.fd_size(fd, path)
     finally:
         os.close(fd)
-    ch.send_json(P.STAT_OK, {"exists": True, "size": size, "block_device": is_block})
+    out = {"exists": True, "size": size, "block_device": is_block}
+    if req.get("journal"):  # is it a committed undo journal (a recovery-point step)?
+        out["committed"] = bool(J.read_journal(path)[1])
+    ch.send_json(P.STAT_OK, out)
 
 
 def _sign(ch, payload, root):
@@ -177,6 +180,8 @@ def _apply(ch, payload, root):
     result = req.get("result_size")
     if not isinstance(result, int) or result < 0:
         raise P.ProtocolError("bad result size")
+    keep = req.get("keep_undo")
+    keep = _step_path(keep, root) if keep is not None else None
     streams = req.get("streams", 0)
     S.check_request(streams, req.get("token"))
     listener = S.Listener(req["token"], streams) if streams else None
@@ -224,7 +229,7 @@ def _apply(ch, payload, root):
                     raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} during APPLY")
             if incoming is not None:
                 incoming.wait()
-            applier.finish()
+            applier.finish(keep_journal=keep)
     except (ConnectionResetError, BrokenPipeError):
         if incoming is not None and incoming.error is not None:
             return  # already reported on the main connection
@@ -236,6 +241,46 @@ def _apply(ch, payload, root):
     ch.send_json(P.APPLY_OK, {"bytes_written": int(st.data_bytes), "bytes_zeroed": int(st.zero_bytes),
                               "records": int(st.records), "groups_listed": target.groups_sent,
                               "blocks_listed": target.blocks_sent})
+
+
+def _step_path(path, root):
+    """A recovery-point step (a kept undo journal): only "*.undo" files in a
+    ".*.pydr-steps" directory may be kept, read back or removed this way."""
+    real = resolve(path, root)
+    parent = os.path.basename(os.path.dirname(real))
+    if not real.endswith(".undo") or not (parent.startswith(".") and parent.endswith(".pydr-steps")):
+        raise PermissionError(errno.EACCES, "not a recovery-point step", path)
+    return real
+
+
+def _materialize(ch, payload, root):
+    """A disk as it was at a recovery point: a sparse copy of `replica` into
+    `dest` with the undo `steps` (newest first) rolled back onto it."""
+    from .replication import materialize_file
+
+    req = P.parse_json(payload, "MATERIALIZE")
+    replica, dest = resolve(req.get("replica"), root), resolve(req.get("dest"), root)
+    steps = req.get("steps")
+    if not isinstance(steps, list):
+        raise P.ProtocolError("bad steps")
+    steps = [_step_path(p, root) for p in steps]
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    materialize_file(replica, steps, dest, threads=default_threads())
+    ch.send_json(P.DONE, {"size": os.path.getsize(dest)})
+
+
+def _remove(ch, payload, root):
+    """Drop recovery-point steps (retention)."""
+    req = P.parse_json(payload, "REMOVE")
+    paths = req.get("paths")
+    if not isinstance(paths, list):
+        raise P.ProtocolError("bad paths")
+    removed = 0
+    for p in [_step_path(p, root) for p in paths]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+            removed += 1
+    ch.send_json(P.DONE, {"removed": removed})
 
 
 def _join(ch, payload):
@@ -343,7 +388,8 @@ def _delta(ch, payload, root):
 
 
 REQUESTS = {P.STAT: _stat, P.SIGN: _sign, P.SEND: _send, P.APPLY: _apply, P.READ: _read,
-            P.WRITE: _write, P.PATCH: _patch, P.DELTA: _delta}
+            P.WRITE: _write, P.PATCH: _patch, P.DELTA: _delta, P.MATERIALIZE: _materialize,
+            P.REMOVE: _remove}
 
 
 def main_stdio(root=None):

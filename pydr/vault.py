@@ -24,7 +24,7 @@ import time
 
 from .errors import PydrError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: items.rsh, items.remote_pydr (remote replicas)
 DB_NAME = "vault.db"
 LOCK_NAME = "vault.lock"
 
@@ -72,7 +72,9 @@ CREATE TABLE items(
     next_retry REAL,
     retention_age REAL,
     test_dir TEXT,
-    failover_point INTEGER
+    failover_point INTEGER,
+    rsh TEXT,
+    remote_pydr TEXT
 );
 CREATE TABLE disks(
     item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
@@ -136,6 +138,17 @@ def _connect(path):
     return db
 
 
+def _migrate_1_to_2(db):
+    """Version 2 adds how to reach an item's remote replicas."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        if db.execute("PRAGMA user_version").fetchone()[0] == 1:  # not done meanwhile
+            db.execute("ALTER TABLE items ADD COLUMN rsh TEXT")
+            db.execute("ALTER TABLE items ADD COLUMN remote_pydr TEXT")
+            db.execute("PRAGMA user_version=2")
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
 def init_vault(directory):
     """Create an empty vault in `directory` (created if missing)."""
     directory = os.fspath(directory)
@@ -178,6 +191,8 @@ class Vault:
         try:
             self.db = _connect(path)
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 1:
+                version = _migrate_1_to_2(self.db)
             if version != SCHEMA_VERSION:
                 raise VaultError(f"vault schema version {version} is not supported "
                                  f"(this pydr uses {SCHEMA_VERSION})", path=self.dir)
@@ -236,8 +251,11 @@ class Vault:
 
     # -- items -------------------------------------------------------------------
     def protect(self, name, disks, *, group=None, retention=24, retention_age=None,
-                quiesce_hook=None, thaw_hook=None):
-        """Register an item: disks is a list of (source, replica) paths.
+                quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None):
+        """Register an item: disks is a list of (source, replica) paths; a
+        replica may be "[user@]host:PATH" (reached with `rsh`, default ssh,
+        running `remote_pydr serve --stdio` there; its recovery-point steps
+        are kept beside it).
         Points are kept while they are among the newest `retention` and (if
         `retention_age` seconds is given) younger than that; the newest point
         is always kept."""
@@ -253,14 +271,25 @@ class Vault:
             raise ValueError("give both --quiesce-hook and --thaw-hook, or neither")
         if self.db.execute("SELECT 1 FROM items WHERE name=?", (name,)).fetchone():
             raise InvalidState(f"item {name!r} is already protected", path=self.dir)
-        taken = {os.path.realpath(r["source"]) for r in self.db.execute("SELECT source FROM disks")}
-        taken |= {os.path.realpath(r["replica"]) for r in self.db.execute("SELECT replica FROM disks")}
+        from .remote import parse_remote
+
+        def canonical(path):  # a remote spec stays as given (it names another machine)
+            return path if parse_remote(path) else os.path.realpath(path)
+
+        taken = {canonical(r["source"]) for r in self.db.execute("SELECT source FROM disks")}
+        taken |= {canonical(r["replica"]) for r in self.db.execute("SELECT replica FROM disks")}
         seen = set()
         for source, replica in disks:
-            src, rep = os.path.realpath(source), os.path.realpath(replica)
+            if parse_remote(source):
+                raise ValueError(f"source disk {source} must be local (replicas may be remote)")
+            remote = parse_remote(replica)
+            if remote and not os.path.isabs(remote[1]):
+                raise ValueError(f"remote replica {replica} needs an absolute path")
+            src, rep = os.path.realpath(source), canonical(replica)
             if not os.path.exists(source):
                 raise FileNotFoundError(errno.ENOENT, "source disk not found", source)
-            if src == rep or (os.path.exists(replica) and os.path.samefile(source, replica)):
+            if src == rep or (not remote and os.path.exists(replica)
+                              and os.path.samefile(source, replica)):
                 raise ValueError(f"replica {replica} is the source disk itself")
             for p in (src, rep):
                 if p in taken or p in seen:
@@ -270,12 +299,13 @@ class Vault:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
-                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,NULL,0,NULL,?,NULL,NULL)",
+                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,NULL,0,NULL,?,NULL,NULL,?,?)",
                 (name, group, "protecting", "forward", "ok", retention, quiesce_hook, thaw_hook,
-                 time.time(), retention_age))
+                 time.time(), retention_age, rsh, remote_pydr))
             for i, (source, replica) in enumerate(disks):
                 self.db.execute("INSERT INTO disks VALUES (?,?,?,?)",
-                                (name, i, os.path.abspath(source), os.path.abspath(replica)))
+                                (name, i, os.path.abspath(source),
+                                 replica if parse_remote(replica) else os.path.abspath(replica)))
         self.end_job(job, "succeeded")
 
     def item(self, name):

@@ -279,3 +279,30 @@ def test_vault_object_api(tmp_path):
         assert [p["id"] for p in v.points("api")] == [1, 2]
         assert v.items() == ["api"] and [j["kind"] for j in v.jobs()][-1] == "materialize"
     assert sha(path) != sha(src)
+
+
+def test_a_version_1_vault_is_migrated(tmp_path):
+    """Vaults written by the first release (schema 1, no remote replicas)
+    open as version 2 with their items, points and steps intact."""
+    import sqlite3
+
+    from pydr.vault import SCHEMA_VERSION, Vault, init_vault
+
+    src = tmp_path / "d.img"
+    src.write_bytes(os.urandom(1 << 20))
+    init_vault(tmp_path / "v")
+    with Vault(tmp_path / "v", writer=True) as v:
+        v.protect("vm", [(src, tmp_path / "r.img")], retention=5)
+        replicate(v, ["vm"])
+    db = sqlite3.connect(tmp_path / "v" / "vault.db")  # back to what version 1 wrote
+    db.execute("ALTER TABLE items DROP COLUMN rsh")
+    db.execute("ALTER TABLE items DROP COLUMN remote_pydr")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with Vault(tmp_path / "v") as v:  # a reader migrates too
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert v.item("vm")["rsh"] is None and len(v.points("vm")) == 1
+    with Vault(tmp_path / "v", writer=True) as v:
+        src.write_bytes(os.urandom(1 << 20))
+        assert replicate(v, ["vm"]).point_id == 2
