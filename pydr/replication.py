@@ -408,17 +408,22 @@ def materialize_file(source, steps, dest, threads=None):
         raise InvalidState("refusing to materialise over the replicated state itself", path=dest)
     if os.path.lexists(dest):
         os.unlink(dest)
-    resync(source, dest, threads=threads)  # sparse-aware copy of the latest state
-    fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
     try:
-        for path in steps:  # newest first: each takes the copy one cycle back
-            header, committed = J.read_journal(path)
-            if header is None or not committed:
-                raise PydrError("undo step is damaged", path=path)
-            J.rollback_fd(fd, path, dest, False)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        resync(source, dest, threads=threads)  # sparse-aware copy of the latest state
+        fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for path in steps:  # newest first: each takes the copy one cycle back
+                header, committed = J.read_journal(path)
+                if header is None or not committed:
+                    raise PydrError("undo step is damaged", path=path)
+                J.rollback_fd(fd, path, dest, False)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:  # no half-made disk left behind to be mistaken for the point
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        raise
     return dest
 
 

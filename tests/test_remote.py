@@ -606,3 +606,38 @@ def test_vault_with_remote_replicas(sshd, tmp_path):
     r = run_cli("failover", "vm", "--vault", vault)
     assert r.returncode == 15 and b"not available" in r.stderr and b"Traceback" not in r.stderr
     assert (vault / "vault.db").read_bytes() == db
+
+
+def test_step_requests_touch_only_steps(tmp_path):
+    """REMOVE, MATERIALIZE and APPLY's keep_undo take only *.undo files in a
+    .*.pydr-steps directory inside the root: nothing else is deleted, read
+    or replaced through them."""
+    import json
+
+    (tmp_path / "f.img").write_bytes(b"x" * 8192)
+    steps = tmp_path / ".f.img.pydr-steps"
+    steps.mkdir()
+    (steps / "vm-0-1.undo").write_bytes(b"not a journal")
+
+    def ask(ftype, body):
+        payload = json.dumps(body).encode()
+        out = io.BytesIO()
+        serve(io.BytesIO(_hello() + P.HEADER.pack(len(payload), ftype, 0) + payload), out,
+              root=str(tmp_path))
+        return out.getvalue()
+
+    for body in ({"paths": ["f.img"]}, {"paths": [".f.img.pydr-steps/../f.img"]},
+                 {"paths": ["../etc/x.undo"]}):
+        assert b"not a recovery-point step" in ask(P.REMOVE, body) or b"outside" in ask(P.REMOVE, body)
+    assert (tmp_path / "f.img").exists()
+    reply = ask(P.MATERIALIZE, {"replica": "f.img", "steps": ["f.img"], "dest": "out.img"})
+    assert b"not a recovery-point step" in reply and not (tmp_path / "out.img").exists()
+    reply = ask(P.MATERIALIZE, {"replica": "f.img", "steps": [".f.img.pydr-steps/vm-0-1.undo"],
+                                "dest": "out.img"})
+    assert b"damaged" in reply  # a step is checked before it is rolled back
+    reply = ask(P.APPLY, {"path": "f.img", "block_size": 4096, "result_size": 8192,
+                          "keep_undo": "kept.img"})
+    assert b"not a recovery-point step" in reply
+    assert ask(P.REMOVE, {"paths": [".f.img.pydr-steps/vm-0-1.undo"]}).count(b'"removed": 1') == 1
+    assert sorted(os.listdir(tmp_path)) == [".f.img.pydr-steps", "f.img"]  # no half-made out.img
+    assert (tmp_path / "f.img").read_bytes() == b"x" * 8192
