@@ -1090,9 +1090,9 @@ def build_parser():
                      "and get recovery points with the same id. The first 'pydr replicate' is the\n"
                      "initial replication (a sparse-aware full copy); later ones move only changes.\n\n"
                      "A REPLICA may be [user@]host:/PATH on another machine, reached with --rsh\n"
-                     "(kept with the item): its recovery-point steps are kept beside it there, and\n"
-                     "'pydr materialize ITEM --point P --to host:DIR' recovers a point there.\n"
-                     "Failover and what follows it need local replicas for now."),
+                     "(kept with the item): its recovery-point steps are kept beside it there, its\n"
+                     "points are materialised there ('--to host:DIR'), and failover brings the\n"
+                     "machine up there."),
         epilog="examples:\n  pydr protect web --disk /img/web-os.img=/dr/web-os.img "
                "--disk /img/web-data.img=/dr/web-data.img --retention 48\n"
                "  pydr protect db --disk /dev/vg0/db=backup@dr:/srv/replicas/db.img "

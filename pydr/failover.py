@@ -16,25 +16,11 @@ import os
 import subprocess
 
 from .errors import PydrError
-from .replication import _materialize, baseline_path, materialize_disk, replicate
+from .replication import _materialize, baseline_path, is_remote, materialize_disk, replicate
+from .sites import site_of
 from .vault import HookFailed, InvalidState, UnknownName
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
-
-
-def _local_only(vault, name):
-    """The item's row; refused (InvalidState) if a replica is on another host:
-    failover and what follows it need the replicas here (for now)."""
-    from .replication import is_remote
-
-    row = vault.item(name)
-    remote = [d["replica"] for d in vault.disks(name) if is_remote(d["replica"])]
-    if remote:
-        raise InvalidState(f"item {name!r} has replicas on another host ({remote[0]}): failover, "
-                           "test failover, commit, reprotect and failback are not available for "
-                           "them yet; 'pydr materialize ITEM POINT host:DIR' recovers a point there",
-                           path=vault.dir)
-    return row
 
 
 def select_point(vault, name, point):
@@ -62,7 +48,7 @@ def select_point(vault, name, point):
 def test_failover(vault, name, directory, point=None):
     """Drill: materialise a point into `directory`; replicas and replication
     are untouched. Returns (point id, paths)."""
-    row = _local_only(vault, name)
+    row = vault.item(name)
     if row["test_dir"]:
         raise InvalidState(f"a test failover of {name!r} is already in {row['test_dir']}: run "
                            f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
@@ -70,28 +56,25 @@ def test_failover(vault, name, directory, point=None):
         raise InvalidState(f"item {name!r} cannot be test-failed-over in state {row['state']}",
                            path=vault.dir)
     pid = select_point(vault, name, point)
-    directory = os.path.abspath(directory)
+    if not is_remote(directory):
+        directory = os.path.abspath(directory)
     vault.set_item(name, test_dir=directory)  # first: a killed drill is still cleaned up
     paths = vault.run_job("test-failover", name,
-                          lambda: _materialize(vault, name, pid, directory, None))
+                          lambda: _materialize(vault, name, pid, directory, None, drill=True))
     return pid, paths
 
 
 def cleanup_test_failover(vault, name):
     """Remove what test_failover wrote. Returns the paths removed."""
-    row = _local_only(vault, name)
+    row = vault.item(name)
     if not row["test_dir"]:
         raise InvalidState(f"item {name!r} has no test failover to clean up", path=vault.dir)
 
     def run():
-        removed = []
-        for d in vault.disks(name):
-            path = os.path.join(row["test_dir"], os.path.basename(d["replica"]))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed.append(path)
-        with contextlib.suppress(OSError):
-            os.rmdir(row["test_dir"])  # only if we left it empty
+        site, directory = site_of(vault, name, row["test_dir"])
+        paths = [os.path.join(directory, os.path.basename(d["replica"])) for d in vault.disks(name)]
+        removed = [site.spec(p) for p in paths if site.exists(p)]
+        site.remove_drill(directory, paths)  # the directory too, if that empties it
         vault.set_item(name, test_dir=None)
         return removed
 
@@ -108,7 +91,7 @@ def _hook(command, what):
 def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None):
     """Fail `name` over to a recovery point; afterwards its replica paths
     hold that point. Returns a dict with the point and what happened."""
-    row = _local_only(vault, name)
+    row = vault.item(name)
     if row["state"] == "failing-over":
         return _finish_failover(vault, name, row["failover_point"], notes=["resumed"])
     if row["state"] != "protected":
@@ -138,10 +121,10 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None):
 def _finish_failover(vault, name, pid, notes):
     def run():
         for d in vault.disks(name):
-            base = baseline_path(d["replica"])
-            if not os.path.exists(base):
-                os.rename(d["replica"], base)  # atomic; the baseline of every step
-                _fsync_dir(base)
+            site, replica = site_of(vault, name, d["replica"])
+            base = baseline_path(replica)
+            if not site.exists(base):
+                site.rename(replica, base)  # atomic; the baseline of every step
             _materialize_over(vault, name, pid, d)
         vault.set_item(name, state="failed-over", failover_point=pid)
         return {"item": name, "point": pid, "notes": notes}
@@ -151,16 +134,16 @@ def _finish_failover(vault, name, pid, notes):
 
 def _materialize_over(vault, name, pid, d):
     """The point's disk at the replica path, replaced atomically."""
-    head, tail = os.path.split(d["replica"])
+    site, replica = site_of(vault, name, d["replica"])
+    head, tail = os.path.split(replica)
     tmp = os.path.join(head, f".{tail}.pydr-new")
-    materialize_disk(vault, name, pid, d, tmp)
-    os.replace(tmp, d["replica"])
-    _fsync_dir(d["replica"])
+    materialize_disk(vault, name, pid, d, site.spec(tmp))
+    site.rename(tmp, replica)
 
 
 def change_point(vault, name, point):
     """After a failover and before commit: the replica paths hold another point."""
-    row = _local_only(vault, name)
+    row = vault.item(name)
     if row["state"] != "failed-over":
         raise InvalidState(f"change-point needs a failed-over item; {name!r} is {row['state']}",
                            path=vault.dir)
@@ -179,7 +162,7 @@ def change_point(vault, name, point):
 def commit(vault, name):
     """Make the failover final: site B is active (direction reverse); the
     recovery points, their steps and the old baselines are discarded."""
-    row = _local_only(vault, name)
+    row = vault.item(name)
     if row["state"] != "failed-over":
         raise InvalidState(f"commit needs a failed-over item; {name!r} is {row['state']}",
                            path=vault.dir)
@@ -194,12 +177,15 @@ def commit(vault, name):
             flipped = "reverse" if row["direction"] == "forward" else "forward"
             vault.set_item(name, state="failover-committed", direction=flipped,
                            failover_point=None)
-        for path in steps:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        doomed = {}
+        for spec in steps + [d["replica"] for d in vault.disks(name)]:
+            site, path = site_of(vault, name, spec)
+            if spec not in steps:
+                path = baseline_path(path)
+            doomed.setdefault(site.host, (site, []))[1].append(path)
+        for site, paths in doomed.values():
+            site.remove(paths)
         for d in vault.disks(name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(baseline_path(d["replica"]))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(vault.cache_path(name, d["idx"]))
         return {"item": name, "direction": vault.item(name)["direction"]}
@@ -211,7 +197,7 @@ def reprotect(vault, name, *, progress=None):
     """After commit: replicate in the other direction. Each disk's replica
     (now active) becomes the source and its old source the replica, reused:
     the first cycle is a checksum resync that moves only differing blocks."""
-    row = _local_only(vault, name)
+    row = vault.item(name)
     if row["state"] != "failover-committed":
         raise InvalidState(f"reprotect needs a committed failover; {name!r} is {row['state']}",
                            path=vault.dir)
@@ -230,7 +216,7 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None):
     """A planned failover in the reverse direction: a final cycle, nothing
     lost. With alternates {replica path: new path}, those disks are brought
     up at the new paths instead (the old ones are left as they are)."""
-    row = _local_only(vault, name)
+    row = vault.item(name)
     if row["direction"] != "reverse" or row["state"] != "protected":
         raise InvalidState(f"failback needs a reprotected item (direction reverse, protected); "
                            f"{name!r} is {row['state']}, direction {row['direction']}",
@@ -257,12 +243,3 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vault.cache_path(name, d["idx"]))  # described the old path
     return failover(vault, name, pid)
-
-
-def _fsync_dir(path):
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-

@@ -18,12 +18,13 @@ FLAG_ZSTD = 1  # the payload is zstd-compressed (only once both HELLOs offered "
 
 HELLO, ERROR, STAT, STAT_OK, SIGN, SIGS, DONE = range(1, 8)  # 8 was version 1's ENCODE
 RECORDS, APPLY, END, APPLY_OK, SEND, COARSE, FINE = range(9, 16)
-BYTES, READ, WRITE, PATCH, DELTA, JOIN, MATERIALIZE, REMOVE = range(16, 24)
+BYTES, READ, WRITE, PATCH, DELTA, JOIN, MATERIALIZE, REMOVE, RENAME = range(16, 25)
 NAMES = {v: k for k, v in dict(HELLO=HELLO, ERROR=ERROR, STAT=STAT, STAT_OK=STAT_OK, SIGN=SIGN,
                                SIGS=SIGS, DONE=DONE, RECORDS=RECORDS, APPLY=APPLY, END=END,
                                APPLY_OK=APPLY_OK, SEND=SEND, COARSE=COARSE, FINE=FINE, BYTES=BYTES,
                                READ=READ, WRITE=WRITE, PATCH=PATCH, DELTA=DELTA,
-                               JOIN=JOIN, MATERIALIZE=MATERIALIZE, REMOVE=REMOVE).items()}
+                               JOIN=JOIN, MATERIALIZE=MATERIALIZE, REMOVE=REMOVE,
+                               RENAME=RENAME).items()}
 BINARY = (SIGS, RECORDS, COARSE, FINE, BYTES)  # may be larger than a JSON frame
 CHUNK = 4 << 20  # file bytes per BYTES frame
 

@@ -189,8 +189,9 @@ def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, t
                   streams=0, keep_undo=None):
     """Make dst equal to src where exactly one of them is "[user@]host:PATH".
     ``bwlimit`` (bytes/s) caps what the side holding the source sends.
-    ``keep_undo`` (a push): a path on the server where the committed undo
-    journal is kept, a recovery-point step (see RemoteSite)."""
+    ``keep_undo``: where the committed undo journal is kept (a recovery-point
+    step): a path on the server for a push (see RemoteSite), a local one for
+    a pull."""
     rs, rd = parse_remote(src), parse_remote(dst)
     if bool(rs) == bool(rd):
         raise ValueError("exactly one of source and target must be remote ([user@]host:PATH)")
@@ -205,11 +206,9 @@ def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, t
                 progress=progress, window=window, bwlimit=bwlimit, compress=compress, group=group)
     if rd:
         return _push(src, rd, start, streams=streams, keep_undo=keep_undo, **opts)
-    if keep_undo is not None:
-        raise ValueError("keep_undo is for pushes only")
     if streams:
         raise ValueError("--streams is for pushes only (a pull uses one connection)")
-    return _pull(rs, dst, start, **opts)
+    return _pull(rs, dst, start, keep_undo=keep_undo, **opts)
 
 
 def _push(src, remote, start, *, rsh, remote_pydr, block_size, threads, progress, window, bwlimit,
@@ -293,7 +292,7 @@ def _push(src, remote, start, *, rsh, remote_pydr, block_size, threads, progress
 
 
 def _pull(remote, dst, start, *, rsh, remote_pydr, block_size, threads, progress, window, bwlimit,
-          compress, group):
+          compress, group, keep_undo=None):
     """The server has the source: SEND, then COARSE/RECORDS come in and FINE
     answers go out (from a sender thread, so that this side always keeps
     reading), then DONE."""
@@ -323,7 +322,7 @@ def _pull(remote, dst, start, *, rsh, remote_pydr, block_size, threads, progress
                 if complete != len(payload) or end:
                     raise P.ProtocolError("a RECORDS frame must hold whole records")
                 applier.submit(payload, bound, count)
-            applier.finish()
+            applier.finish(keep_journal=keep_undo)
         sent, received = conn.ch.bytes_out, conn.ch.bytes_in
     st = applier.state
     throttle.report(src_size, shared.read, finished=True)
@@ -530,10 +529,29 @@ class RemoteSite:
         st = self._request(P.STAT, {"path": path, "journal": True}, P.STAT_OK)
         return bool(st.get("exists") and st.get("committed"))
 
-    def materialize(self, replica, steps, dest):
-        self._request(P.MATERIALIZE, {"replica": replica, "steps": steps, "dest": dest}, P.DONE)
-        return f"{self.host}:{dest}"
+    def spec(self, path):
+        return f"{self.host}:{path}"
+
+    def exists(self, path):
+        return bool(self._request(P.STAT, {"path": path}, P.STAT_OK).get("exists"))
+
+    def size(self, path):
+        st = self._request(P.STAT, {"path": path, "source": True}, P.STAT_OK)
+        if not st.get("exists"):
+            raise FileNotFoundError(2, f"not found (on {self.host})", self.spec(path))
+        return st["size"]
+
+    def rename(self, src, dst):
+        self._request(P.RENAME, {"src": src, "dst": dst}, P.DONE)
+
+    def materialize(self, replica, steps, dest, threads=None, drill=False):
+        self._request(P.MATERIALIZE, {"replica": replica, "steps": steps, "dest": dest,
+                                      "drill": bool(drill)}, P.DONE)
+        return self.spec(dest)
 
     def remove(self, paths):
         if paths:
             self._request(P.REMOVE, {"paths": paths}, P.DONE)
+
+    def remove_drill(self, directory, paths):
+        self._request(P.REMOVE, {"paths": paths, "drill": directory}, P.DONE)

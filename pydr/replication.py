@@ -51,6 +51,16 @@ def _remote_site(vault, name, host):
     return RemoteSite(host, rsh=row["rsh"], remote_pydr=row["remote_pydr"])
 
 
+def _pull_remote(vault, name, d, keep, on_progress, threads):
+    """One disk's cycle from an active disk on another host (reprotected)."""
+    from .remote import remote_resync
+
+    row = vault.item(name)
+    return remote_resync(d["source"], d["replica"], rsh=row["rsh"] or "ssh",
+                         remote_pydr=row["remote_pydr"] or "pydr", keep_undo=keep,
+                         progress=on_progress, threads=threads)
+
+
 def _replicate_remote(vault, name, d, source, keep_step, on_progress, threads):
     """One disk's cycle to a replica on another host: a push whose undo
     journal is kept beside the replica as the step `keep_step` (when the
@@ -186,20 +196,28 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                 _run_hook(r["quiesce_hook"], r["name"], "quiesce")
                 quiesced.append(r)
         plans = []
+        sizes = {}
         for r in rows:
             for d in vault.disks(r["name"]):
-                if not os.path.exists(d["source"]):
+                if is_remote(d["source"]):  # after a reprotect: the active disk is there
+                    from .sites import site_of
+
+                    site, path = site_of(vault, r["name"], d["source"])
+                    sizes[d["source"]] = site.size(path)
+                elif not os.path.exists(d["source"]):
                     raise FileNotFoundError(2, "source disk not found", d["source"])
+                else:
+                    sizes[d["source"]] = os.path.getsize(d["source"])
                 plans.append((r, d))
         # the cut: clone every disk first, so that all are read as of one instant
         for _, d in plans:
-            snaps[d["source"]] = snapshot(d["source"])
+            snaps[d["source"]] = None if is_remote(d["source"]) else snapshot(d["source"])
         cut = "reflink" if all(snaps.values()) else ("quiesce" if app_consistent else "none")
         if cut == "reflink":
             for r in quiesced:  # the cut is taken: the applications may go on
                 _run_hook(r["thaw_hook"], r["name"], "thaw")
             quiesced = []
-        total = sum(os.path.getsize(d["source"]) for _, d in plans) or 1
+        total = sum(sizes.values()) or 1
         done_before = 0
         per_item_bytes = {r["name"]: 0 for r in rows}
         new_steps = []
@@ -221,14 +239,20 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                 if progress is not None:
                     progress(rec)
 
-            if is_remote(d["replica"]):
-                moved, step, keep = _replicate_remote(vault, name, d, snaps.get(d["source"]) or d["source"],
-                                                      step if has_point else None, on_progress, threads)
+            if is_remote(d["replica"]) or is_remote(d["source"]):
+                if is_remote(d["replica"]):
+                    moved, step, keep = _replicate_remote(
+                        vault, name, d, snaps.get(d["source"]) or d["source"],
+                        step if has_point else None, on_progress, threads)
+                else:  # a pull from the active disk there; the step is kept here
+                    st = _pull_remote(vault, name, d, keep, on_progress, threads)
+                    moved = st.bytes_written + st.bytes_zeroed
                 per_item_bytes[name] += moved
                 totals["written"] += moved
-                totals["read"] += os.path.getsize(d["source"])
-                done_before += os.path.getsize(d["source"])
+                totals["read"] += sizes[d["source"]]
+                done_before += sizes[d["source"]]
                 if keep is not None:
+                    new_steps.append((name, idx, step, keep))
                     vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)", (name, idx, step, keep, 0))
                 vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
                 continue
@@ -248,7 +272,7 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
             per_item_bytes[name] += moved
             totals["written"] += moved
             totals["read"] += st.bytes_read
-            done_before += os.path.getsize(d["source"])
+            done_before += sizes[d["source"]]
             if keep is not None:
                 new_steps.append((name, idx, step, keep))
                 vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
@@ -382,23 +406,25 @@ def latest_state(replica):
     return base if os.path.exists(base) else replica
 
 
-def materialize_disk(vault, name, point_id, disk, dest, threads=None):
-    """Write one disk as it was at `point_id` to `dest` (replaced)."""
+def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=False):
+    """Write one disk as it was at `point_id` to `dest` (replaced), on the
+    site that holds its replica. ``drill``: a test failover's disk (a remote
+    site records it, so that cleaning up may remove it)."""
+    from .sites import site_of
+
     row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
                            (name, point_id, disk["idx"])).fetchone()
     steps = vault.db.execute(
         "SELECT step, path FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
         (name, disk["idx"], row["step"])).fetchall()
-    paths = [s["path"] for s in steps]
-    if is_remote(disk["replica"]):
-        host, replica = parse_remote(disk["replica"])
-        there = parse_remote(dest)
-        if there is None or there[0] != host:
-            raise InvalidState(f"a point of a replica on {host} is materialised there: give "
-                               f"{host}:DIR", path=dest)
-        return _remote_site(vault, name, host).materialize(
-            replica, [parse_remote(p)[1] for p in paths], there[1])
-    return materialize_file(latest_state(disk["replica"]), paths, dest, threads)
+    site, replica = site_of(vault, name, disk["replica"])
+    there, path = site_of(vault, name, dest)
+    if there.host != site.host:
+        where = site.host or "this machine"
+        raise InvalidState(f"a point of a replica on {where} is materialised there"
+                           + (f": give {site.host}:DIR" if site.host else ""), path=dest)
+    return site.materialize(replica, [site_of(vault, name, s["path"])[1] for s in steps], path,
+                            threads, drill)
 
 
 def materialize_file(source, steps, dest, threads=None):
@@ -427,19 +453,14 @@ def materialize_file(source, steps, dest, threads=None):
     return dest
 
 
-def _materialize(vault, name, point_id, directory, threads):
+def _materialize(vault, name, point_id, directory, threads, drill=False):
     if not is_remote(directory):
         os.makedirs(directory, exist_ok=True)
     out = []
     for d in vault.disks(name):
         dest = os.path.join(directory, os.path.basename(d["replica"]))
-        if is_remote(dest) and not is_remote(d["replica"]):
-            raise InvalidState("this item's replicas are local: materialise to a local directory",
-                               path=directory)
-        if is_remote(d["replica"]):
-            out.append(materialize_disk(vault, name, point_id, d, dest, threads))
-            continue
-        if os.path.exists(dest) and os.path.samefile(dest, d["replica"]):
+        if not is_remote(dest) and not is_remote(d["replica"]) and os.path.exists(dest) \
+                and os.path.samefile(dest, d["replica"]):
             raise InvalidState("refusing to materialise over the replica itself", path=dest)
-        out.append(materialize_disk(vault, name, point_id, d, dest, threads))
+        out.append(materialize_disk(vault, name, point_id, d, dest, threads, drill))
     return out

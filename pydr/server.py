@@ -253,10 +253,16 @@ def _step_path(path, root):
     return real
 
 
+DRILL_MARKER = ".pydr-drill"  # the disks a test failover wrote into a directory
+
+
 def _materialize(ch, payload, root):
-    """A disk as it was at a recovery point: a sparse copy of `replica` into
-    `dest` with the undo `steps` (newest first) rolled back onto it."""
-    from .replication import materialize_file
+    """A disk as it was at a recovery point: a sparse copy of the replica's
+    latest state (its failover baseline if there is one) into `dest`, with
+    the undo `steps` (newest first) rolled back onto it. With "drill", dest
+    is recorded in its directory's drill marker, so that cleaning up the
+    test failover may remove it again."""
+    from .replication import latest_state, materialize_file
 
     req = P.parse_json(payload, "MATERIALIZE")
     replica, dest = resolve(req.get("replica"), root), resolve(req.get("dest"), root)
@@ -265,21 +271,74 @@ def _materialize(ch, payload, root):
         raise P.ProtocolError("bad steps")
     steps = [_step_path(p, root) for p in steps]
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    materialize_file(replica, steps, dest, threads=default_threads())
+    if req.get("drill"):
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "a test failover does not overwrite files", dest)
+        with open(os.path.join(os.path.dirname(dest), DRILL_MARKER), "a") as f:
+            f.write(os.path.basename(dest) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    materialize_file(latest_state(replica), steps, dest, threads=default_threads())
     ch.send_json(P.DONE, {"size": os.path.getsize(dest)})
 
 
+def _pydr_file(real):
+    """Files pydr itself makes beside a replica: recovery-point steps, the
+    failover baseline (.NAME.pydr-base) and a disk being materialised
+    (.NAME.pydr-new)."""
+    name = os.path.basename(real)
+    parent = os.path.basename(os.path.dirname(real))
+    return ((name.endswith(".undo") and parent.startswith(".") and parent.endswith(".pydr-steps"))
+            or (name.startswith(".") and name.endswith((".pydr-base", ".pydr-new"))))
+
+
+def _rename(ch, payload, root):
+    """The two renames of a failover, and nothing else: REPLICA -> its
+    baseline .REPLICA.pydr-base, and .REPLICA.pydr-new -> REPLICA."""
+    req = P.parse_json(payload, "RENAME")
+    src, dst = resolve(req.get("src"), root), resolve(req.get("dst"), root)
+    head, tail = os.path.split(dst)
+    shead, stail = os.path.split(src)
+    if shead != head or not (tail == f".{stail}.pydr-base" or stail == f".{tail}.pydr-new"):
+        raise PermissionError(errno.EACCES, "not a rename a failover makes", req.get("src"))
+    os.replace(src, dst)
+    fd = os.open(head, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    ch.send_json(P.DONE, {})
+
+
 def _remove(ch, payload, root):
-    """Drop recovery-point steps (retention)."""
+    """Drop files pydr made: steps, baselines, half-made disks; or, with
+    "drill": DIR, the disks a test failover wrote there (its marker lists
+    them), then the marker and DIR if that leaves it empty."""
     req = P.parse_json(payload, "REMOVE")
     paths = req.get("paths")
     if not isinstance(paths, list):
         raise P.ProtocolError("bad paths")
-    removed = 0
-    for p in [_step_path(p, root) for p in paths]:
+    drill = req.get("drill")
+    listed = set()
+    if drill is not None:
+        drill = resolve(drill, root)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(p)
+            listed = set(open(os.path.join(drill, DRILL_MARKER)).read().split("\n")) - {""}
+    real = [resolve(p, root) for p in paths]
+    for r, p in zip(real, paths):
+        in_drill = drill is not None and os.path.dirname(r) == drill and os.path.basename(r) in listed
+        if not (in_drill or _pydr_file(r)):
+            raise PermissionError(errno.EACCES, "not a file pydr made", p)
+    removed = 0
+    for r in real:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(r)
             removed += 1
+    if drill is not None and listed <= {os.path.basename(r) for r in real}:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(drill, DRILL_MARKER))
+        with contextlib.suppress(OSError):
+            os.rmdir(drill)
     ch.send_json(P.DONE, {"removed": removed})
 
 
@@ -389,7 +448,7 @@ def _delta(ch, payload, root):
 
 REQUESTS = {P.STAT: _stat, P.SIGN: _sign, P.SEND: _send, P.APPLY: _apply, P.READ: _read,
             P.WRITE: _write, P.PATCH: _patch, P.DELTA: _delta, P.MATERIALIZE: _materialize,
-            P.REMOVE: _remove}
+            P.REMOVE: _remove, P.RENAME: _rename}
 
 
 def main_stdio(root=None):

@@ -535,26 +535,30 @@ def test_streams_admit_only_their_transfer():
         S.Listener(S.new_token(), 2).accept(timeout=0.2)
 
 
+def sha(path):
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def change(path, seed, blocks=25):
+    """Rewrite some 4 KiB blocks of an 8 MiB disk image."""
+    rng = random.Random(seed)
+    with open(path, "r+b") as f:
+        for _ in range(blocks):
+            f.seek(rng.randrange(0, 8 << 20, 4096))
+            f.write(rng.randbytes(4096))
+
+
 def test_vault_with_remote_replicas(sshd, tmp_path):
     """protect --disk SRC=host:/PATH: cycles push to the remote replicas and
     keep their undo steps beside them there; any retained point is
     materialised there exactly; retention drops the remote steps; failover
     is refused for such an item (not available yet) and changes nothing."""
-    import hashlib
     import json
 
     from pydr.remote import RemoteSite
     from pydr.vault import Vault
-
-    def sha(p):
-        return hashlib.sha256(open(p, "rb").read()).hexdigest()
-
-    def change(p, seed):
-        rng = random.Random(seed)
-        with open(p, "r+b") as f:
-            for _ in range(20):
-                f.seek(rng.randrange(0, 8 << 20, 4096))
-                f.write(rng.randbytes(4096))
 
     site_b = tmp_path / "site-b"
     site_b.mkdir()
@@ -599,19 +603,74 @@ def test_vault_with_remote_replicas(sshd, tmp_path):
     # retention dropped the steps only point 1 needed (on the remote side)
     kept = sorted(os.listdir(site_b / ".os.img.pydr-steps"))
     assert kept == ["vm-0-2.undo", "vm-0-3.undo", "vm-0-4.undo"], kept
-    # a local directory for remote replicas, and failover: refused, nothing changed
+    # a local directory for a point of remote replicas: refused, nothing written
     r = run_cli("materialize", "vm", "--point", "2", "--to", tmp_path / "local", "--vault", vault)
     assert r.returncode == 15 and b"127.0.0.1:DIR" in r.stderr, r.stderr
-    db = (vault / "vault.db").read_bytes()
-    r = run_cli("failover", "vm", "--vault", vault)
-    assert r.returncode == 15 and b"not available" in r.stderr and b"Traceback" not in r.stderr
-    assert (vault / "vault.db").read_bytes() == db
+    assert not (tmp_path / "local" / "os.img").exists()
 
 
-def test_step_requests_touch_only_steps(tmp_path):
-    """REMOVE, MATERIALIZE and APPLY's keep_undo take only *.undo files in a
-    .*.pydr-steps directory inside the root: nothing else is deleted, read
-    or replaced through them."""
+def test_dr_cycle_with_remote_replicas(sshd, tmp_path):
+    """The whole DR cycle with the replicas at a remote site: a drill there
+    and its clean-up, a planned failover (nothing lost), commit, work at the
+    remote site, reprotect (pulled back: only differences), a planned
+    failback and reprotect again."""
+    import json
+
+    def cli(*args):
+        r = run_cli(*args, "--vault", vault, "--json")
+        assert r.returncode == 0, (args, r.stderr)
+        return json.loads(r.stdout) if r.stdout.strip() else None
+
+    site_b = tmp_path / "site-b"
+    site_b.mkdir()
+    disks = [tmp_path / "os.img", tmp_path / "data.img"]
+    for i, d in enumerate(disks):
+        d.write_bytes(random.Random(i).randbytes(8 << 20))
+    replicas = [site_b / d.name for d in disks]
+    vault = tmp_path / "vault"
+    assert run_cli("vault", "init", vault).returncode == 0
+    h = "127.0.0.1:"
+    cli("protect", "vm", *sum((["--disk", f"{d}={h}{r}"] for d, r in zip(disks, replicas)), []),
+        "--rsh", sshd["rsh"], "--remote-pydr", PYDR)
+    cli("replicate", "vm")
+    first = [sha(d) for d in disks]
+    for i, d in enumerate(disks):
+        change(d, i + 1)
+    cli("replicate", "vm")
+    # a drill of point 1 at the remote site, then its clean-up
+    drill = tmp_path / "drill"
+    cli("test-failover", "vm", "--point", "1", "--to", f"{h}{drill}")
+    assert [sha(drill / d.name) for d in disks] == first
+    cli("cleanup-test-failover", "vm")
+    assert not drill.exists()
+    # planned failover: a final cycle, then the remote disks hold the latest state
+    change(disks[0], 7)
+    latest = [sha(d) for d in disks]
+    cli("failover", "vm", "--planned", "--shutdown-hook", "true")
+    assert [sha(r) for r in replicas] == latest
+    cli("commit", "vm")
+    assert not any(n.endswith(".pydr-base") for n in os.listdir(site_b))
+    # the machine works at the remote site; reprotect pulls only the differences
+    change(replicas[1], 8)
+    res = cli("reprotect", "vm")
+    assert res["bytes_written"] < (16 << 20) // 8
+    assert [sha(d) for d in disks] == [sha(r) for r in replicas]
+    change(replicas[0], 9)
+    there = [sha(r) for r in replicas]
+    cli("failback", "vm", "--shutdown-hook", "true")
+    assert [sha(d) for d in disks] == there  # nothing lost
+    cli("commit", "vm")
+    cli("reprotect", "vm")
+    st = cli("status", "vm")
+    assert (st["state"], st["direction"]) == ("protected", "forward")
+    assert st["disks"][0]["replica"] == f"{h}{replicas[0]}"
+
+
+def test_site_requests_touch_only_what_pydr_made(tmp_path):
+    """REMOVE, RENAME, MATERIALIZE and APPLY's keep_undo act only on files
+    pydr makes (steps: *.undo in .*.pydr-steps; .NAME.pydr-base/-new; disks
+    a drill wrote, listed in its directory's marker): replicas and other
+    files cannot be deleted, renamed or replaced through them."""
     import json
 
     (tmp_path / "f.img").write_bytes(b"x" * 8192)
@@ -626,10 +685,14 @@ def test_step_requests_touch_only_steps(tmp_path):
               root=str(tmp_path))
         return out.getvalue()
 
+    refused = (b"not a file pydr made", b"outside", b"not a recovery-point step",
+               b"not a rename a failover makes")
     for body in ({"paths": ["f.img"]}, {"paths": [".f.img.pydr-steps/../f.img"]},
-                 {"paths": ["../etc/x.undo"]}):
-        assert b"not a recovery-point step" in ask(P.REMOVE, body) or b"outside" in ask(P.REMOVE, body)
-    assert (tmp_path / "f.img").exists()
+                 {"paths": ["../etc/x.undo"]}, {"paths": ["f.img"], "drill": "."}):
+        assert any(m in ask(P.REMOVE, body) for m in refused), body
+    for src, dst in (("f.img", "g.img"), ("f.img", ".g.img.pydr-base"), ("f.img", "sub/.f.img.pydr-base")):
+        assert any(m in ask(P.RENAME, {"src": src, "dst": dst}) for m in refused)
+    assert (tmp_path / "f.img").exists() and not (tmp_path / "g.img").exists()
     reply = ask(P.MATERIALIZE, {"replica": "f.img", "steps": ["f.img"], "dest": "out.img"})
     assert b"not a recovery-point step" in reply and not (tmp_path / "out.img").exists()
     reply = ask(P.MATERIALIZE, {"replica": "f.img", "steps": [".f.img.pydr-steps/vm-0-1.undo"],
@@ -640,4 +703,13 @@ def test_step_requests_touch_only_steps(tmp_path):
     assert b"not a recovery-point step" in reply
     assert ask(P.REMOVE, {"paths": [".f.img.pydr-steps/vm-0-1.undo"]}).count(b'"removed": 1') == 1
     assert sorted(os.listdir(tmp_path)) == [".f.img.pydr-steps", "f.img"]  # no half-made out.img
+    # a drill's disks: written with the marker, removable only while listed there
+    assert b'"size": 8192' in ask(P.MATERIALIZE, {"replica": "f.img", "steps": [],
+                                                   "dest": "drill/f.img", "drill": True})
+    assert b"does not overwrite" in ask(P.MATERIALIZE, {"replica": "f.img", "steps": [],
+                                                        "dest": "drill/f.img", "drill": True})
+    (tmp_path / "drill" / "mine.txt").write_bytes(b"user file")
+    assert b"not a file pydr made" in ask(P.REMOVE, {"paths": ["drill/mine.txt"], "drill": "drill"})
+    assert b'"removed": 1' in ask(P.REMOVE, {"paths": ["drill/f.img"], "drill": "drill"})
+    assert sorted(os.listdir(tmp_path / "drill")) == ["mine.txt"]  # kept, and so is the dir
     assert (tmp_path / "f.img").read_bytes() == b"x" * 8192

@@ -1,0 +1,67 @@
+"""Where an item's disks live: on this machine, or on a host reached over
+ssh (pydr.remote.RemoteSite). The DR workflow asks a site for the few file
+operations it needs -- does a file exist, rename, remove, materialise a
+point -- so that failover, commit and the rest run the same steps for local
+and remote replicas."""
+
+import contextlib
+import os
+
+
+def fsync_dir(path):
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalSite:
+    host = None
+
+    @staticmethod
+    def spec(path):
+        return path
+
+    @staticmethod
+    def exists(path):
+        return os.path.lexists(path)
+
+    @staticmethod
+    def size(path):
+        return os.path.getsize(path)
+
+    @staticmethod
+    def rename(src, dst):
+        os.replace(src, dst)  # atomic, in one directory
+        fsync_dir(dst)
+
+    @staticmethod
+    def remove(paths):
+        for p in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+    @staticmethod
+    def remove_drill(directory, paths):
+        LocalSite.remove(paths)
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)  # only if the drill left it empty
+
+    @staticmethod
+    def materialize(replica, steps, dest, threads=None, drill=False):
+        from .replication import latest_state, materialize_file
+
+        return materialize_file(latest_state(replica), steps, dest, threads)
+
+
+def site_of(vault, name, spec):
+    """(site, path on it) for a path of item `name` (a local path or
+    "[user@]host:PATH", reached as the item says)."""
+    from .remote import RemoteSite, parse_remote
+
+    remote = parse_remote(spec)
+    if remote is None:
+        return LocalSite, spec
+    row = vault.item(name)
+    return RemoteSite(remote[0], rsh=row["rsh"], remote_pydr=row["remote_pydr"]), remote[1]
