@@ -47,6 +47,13 @@ def group_digests(hashes, nblocks, block_size, group):
     return B.hashes_digest_ranges(hashes, nblocks, block_size, ext)
 
 
+def blocks_of_groups(groups, group, nblocks):
+    """The block numbers of the (increasing) `groups`, in order, below nblocks."""
+    blocks = (np.asarray(groups, dtype=np.int64)[:, None] * group
+              + np.arange(group, dtype=np.int64)).ravel()
+    return blocks[blocks < nblocks]
+
+
 def target_bytes(target_size, w0, w1, block_size):
     """How much of the window [w0, w1) of the source the target covers, in
     whole blocks (its last block may reach past w1 when w1 is the source's
@@ -121,17 +128,13 @@ class SourceSide:
         idx = np.frombuffer(payload, dtype="<u4", count=r, offset=FINE_HEAD.size).astype(np.int64)
         if r and (np.any(np.diff(idx) <= 0) or idx[-1] >= k):
             raise P.ProtocolError("FINE group numbers out of order or range")
-        starts = np.minimum(idx * group, m)
-        counts = np.minimum(starts + group, m) - starts
+        listed = blocks_of_groups(idx, group, m)
         body = memoryview(payload)[FINE_HEAD.size + 4 * r:]
-        if len(body) != 16 * int(counts.sum()):
+        if len(body) != 16 * len(listed):
             raise P.ProtocolError("FINE frame sizes do not add up")
         # the target's hashes: equal to ours in the groups it did not list
-        dh = np.frombuffer(sh, dtype=np.uint64, count=2 * m).copy()
-        pos = 0
-        for s, c in zip(starts.tolist(), counts.tolist()):
-            dh[2 * s:2 * (s + c)] = np.frombuffer(body, dtype="<u8", count=2 * c, offset=pos)
-            pos += 16 * c
+        dh = np.frombuffer(sh, dtype=np.uint64, count=2 * m).reshape(m, 2).copy()
+        dh[listed] = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
         cmp = compare_window(Signature(bs, w1 - w0, "xxh3-128", sh, sz),
                              Signature(bs, t_len, "xxh3-128", dh.tobytes(), bytes(m)), w0, bs)
         if cmp:
@@ -184,11 +187,10 @@ class TargetSide:
         if t_len != length and min(n, m):
             differ[(min(n, m) - 1) // group] = True  # a short or longer last block
         idx = np.flatnonzero(differ)
-        hv = memoryview(h)
-        parts = [FINE_HEAD.pack(w0, t_len, len(idx)), idx.astype("<u4").tobytes()]
-        for g in idx.tolist():
-            parts.append(hv[16 * g * group:16 * min(m, (g + 1) * group)])
-            self.blocks_sent += min(m, (g + 1) * group) - g * group
+        listed = blocks_of_groups(idx, group, m)
+        hashes = np.frombuffer(h, dtype=np.uint8).reshape(m, 16)[listed]
+        self.blocks_sent += len(listed)
         self.groups_sent += len(idx)
-        self.send(P.FINE, b"".join(parts))
+        self.send(P.FINE, FINE_HEAD.pack(w0, t_len, len(idx)) + idx.astype("<u4").tobytes()
+                  + hashes.tobytes())
         self.throttle.report(self.shared.done, self.shared.read)

@@ -16,8 +16,8 @@ import os
 import subprocess
 
 from .errors import PydrError
-from .replication import _materialize, baseline_path, is_remote, materialize_disk, replicate
-from .sites import site_of
+from .replication import _materialize, baseline_path, materialize_disk, replicate
+from .sites import by_site, is_remote, site_of
 from .vault import HookFailed, InvalidState, UnknownName
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
@@ -177,13 +177,8 @@ def commit(vault, name):
             flipped = "reverse" if row["direction"] == "forward" else "forward"
             vault.set_item(name, state="failover-committed", direction=flipped,
                            failover_point=None)
-        doomed = {}
-        for spec in steps + [d["replica"] for d in vault.disks(name)]:
-            site, path = site_of(vault, name, spec)
-            if spec not in steps:
-                path = baseline_path(path)
-            doomed.setdefault(site.host, (site, []))[1].append(path)
-        for site, paths in doomed.values():
+        for site, paths in by_site(vault, name, steps + [baseline_path(d["replica"])
+                                                          for d in vault.disks(name)]):
             site.remove(paths)
         for d in vault.disks(name):
             with contextlib.suppress(FileNotFoundError):

@@ -28,6 +28,7 @@ from . import stripes as S
 from ._parallel import check_threads
 from .apply import Applier
 from .progress import Record, Throttle
+from .sites import parse_remote  # noqa: F401  (pydr.remote.parse_remote, as before)
 
 
 class RemoteStats(Record):
@@ -36,19 +37,6 @@ class RemoteStats(Record):
     _fields = ("bytes_written", "bytes_zeroed", "blocks_changed", "bytes_sent", "bytes_received",
                "seconds", "direction")
     __slots__ = _fields
-
-
-def parse_remote(spec):
-    """(host, path) for "[user@]host:PATH", else None (a local path, or None)."""
-    if spec is None or hasattr(spec, "read"):
-        return None
-    spec = os.fspath(spec)
-    if spec.startswith(("/", "./", "../")) or ":" not in spec:
-        return None
-    host, path = spec.split(":", 1)
-    if not host or "/" in host or not path:
-        return None
-    return host, path
 
 
 class Connection:
@@ -186,12 +174,13 @@ def _window_sigs(conn):
 
 def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, threads=None,
                   progress=None, window=X.WINDOW, bwlimit=None, compress=False, group=X.GROUP,
-                  streams=0, keep_undo=None):
+                  streams=0, keep_undo=None, on_kept=None):
     """Make dst equal to src where exactly one of them is "[user@]host:PATH".
     ``bwlimit`` (bytes/s) caps what the side holding the source sends.
     ``keep_undo``: where the committed undo journal is kept (a recovery-point
-    step): a path on the server for a push (see RemoteSite), a local one for
-    a pull."""
+    step): for a push, a path on the server or a list of candidates, of which
+    it takes the first that holds no committed step and tells
+    ``on_kept(index)`` (see RemoteSite); for a pull, a local path."""
     rs, rd = parse_remote(src), parse_remote(dst)
     if bool(rs) == bool(rd):
         raise ValueError("exactly one of source and target must be remote ([user@]host:PATH)")
@@ -205,14 +194,15 @@ def remote_resync(src, dst, *, rsh="ssh", remote_pydr="pydr", block_size=4096, t
     opts = dict(rsh=rsh, remote_pydr=remote_pydr, block_size=block_size, threads=threads,
                 progress=progress, window=window, bwlimit=bwlimit, compress=compress, group=group)
     if rd:
-        return _push(src, rd, start, streams=streams, keep_undo=keep_undo, **opts)
+        return _push(src, rd, start, streams=streams, keep_undo=keep_undo, on_kept=on_kept,
+                     **opts)
     if streams:
         raise ValueError("--streams is for pushes only (a pull uses one connection)")
     return _pull(rs, dst, start, keep_undo=keep_undo, **opts)
 
 
 def _push(src, remote, start, *, rsh, remote_pydr, block_size, threads, progress, window, bwlimit,
-          compress, group, streams=0, keep_undo=None):
+          compress, group, streams=0, keep_undo=None, on_kept=None):
     """This side has the source: APPLY, then COARSE/RECORDS out and FINE
     back on one connection (docs/PROTOCOL.md), then END -> APPLY_OK. With
     `streams`, the RECORDS go over that many more connections instead
@@ -249,6 +239,12 @@ def _push(src, remote, start, *, rsh, remote_pydr, block_size, threads, progress
                     ftype, payload = conn.next(P.FINE, P.STAT_OK)
                     if ftype == P.FINE:
                         return payload
+                    applying(payload)
+
+            def applying(payload):  # STAT_OK: the server has opened the target
+                kept = P.parse_json(payload, "STAT_OK").get("keep_undo")
+                if on_kept is not None and keep_undo is not None:
+                    on_kept(kept)
 
             def send(ftype, payload):
                 nonlocal out
@@ -278,6 +274,7 @@ def _push(src, remote, start, *, rsh, remote_pydr, block_size, threads, progress
             conn.ch.send(P.END)
             ftype, payload = conn.next(P.APPLY_OK, P.STAT_OK)
             if ftype == P.STAT_OK:  # an empty source: no FINE came before it
+                applying(payload)
                 ftype, payload = conn.next(P.APPLY_OK)
             res = P.parse_json(payload, "APPLY_OK")
             sent = conn.ch.bytes_out + sum(c.ch.bytes_out for c in extra)
@@ -481,17 +478,17 @@ def remote_delta(spec, out, *, base, rsh="ssh", remote_pydr="pydr"):
     """`pydr delta host:SOURCE`: send the base's signature (a Signature) to
     the server, which encodes the delta there and streams it back into `out`
     (a binary file object). Returns DeltaStats."""
-    import io
-
     from .delta import DeltaStats
 
     host, path = parse_remote(spec)
-    sig = io.BytesIO()
-    base._write(sig)
-    sig.seek(0)
     with Connection(host, rsh=rsh, remote_pydr=remote_pydr) as conn:
         conn.ch.send_json(P.DELTA, {"path": path, "name": "<base signature>"})
-        _send_stream(conn, sig)
+        try:  # written straight onto the connection, not copied in memory first
+            base._write(P.ChunkWriter(conn.ch.send))
+        except (BrokenPipeError, ConnectionResetError):
+            conn.next()  # the server gave up: raise what it said
+            raise
+        conn.ch.send(P.END)
         while True:
             ftype, payload = conn.next(P.BYTES, P.DONE)
             if ftype == P.DONE:
@@ -520,14 +517,18 @@ class RemoteSite:
         return os.path.join(head, f".{tail}.pydr-steps", f"{item}-{idx}-{step}.undo")
 
     def push(self, src, path, *, keep_undo=None, progress=None, threads=None):
-        return remote_resync(src, f"{self.host}:{path}", rsh=self.rsh,
-                             remote_pydr=self.remote_pydr, keep_undo=keep_undo,
-                             progress=progress, threads=threads)
+        """resync a local `src` onto `path` here. keep_undo: a step path here,
+        or candidates (see remote_resync). Returns (stats, index kept at)."""
+        kept = []
+        st = remote_resync(src, self.spec(path), rsh=self.rsh, remote_pydr=self.remote_pydr,
+                           keep_undo=keep_undo, on_kept=kept.append, progress=progress,
+                           threads=threads)
+        return st, (kept[0] if kept else None)
 
-    def committed_step(self, path):
-        """Whether `path` holds a committed undo journal (False if missing)."""
-        st = self._request(P.STAT, {"path": path, "journal": True}, P.STAT_OK)
-        return bool(st.get("exists") and st.get("committed"))
+    def pull(self, path, dst, *, keep_undo=None, progress=None, threads=None):
+        """resync `path` here onto a local `dst`; keep_undo: a local step path."""
+        return remote_resync(self.spec(path), dst, rsh=self.rsh, remote_pydr=self.remote_pydr,
+                             keep_undo=keep_undo, progress=progress, threads=threads)
 
     def spec(self, path):
         return f"{self.host}:{path}"

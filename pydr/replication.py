@@ -26,60 +26,48 @@ import time
 from . import journal as J
 from .errors import PydrError
 from .progress import Record
+from .sites import by_site, is_remote, site_of
 from .sync import resync
 from .vault import HookFailed, InvalidState
 
 JOB_UPDATE_INTERVAL = 0.5
 
 
-def is_remote(path):
-    from .remote import parse_remote
-
-    return parse_remote(path) is not None
-
-
-def parse_remote(path):
-    from .remote import parse_remote as parse
-
-    return parse(path)
-
-
-def _remote_site(vault, name, host):
-    from .remote import RemoteSite
-
-    row = vault.item(name)
-    return RemoteSite(host, rsh=row["rsh"], remote_pydr=row["remote_pydr"])
-
-
-def _pull_remote(vault, name, d, keep, on_progress, threads):
-    """One disk's cycle from an active disk on another host (reprotected)."""
-    from .remote import remote_resync
-
-    row = vault.item(name)
-    return remote_resync(d["source"], d["replica"], rsh=row["rsh"] or "ssh",
-                         remote_pydr=row["remote_pydr"] or "pydr", keep_undo=keep,
-                         progress=on_progress, threads=threads)
-
-
-def _replicate_remote(vault, name, d, source, keep_step, on_progress, threads):
-    """One disk's cycle to a replica on another host: a push whose undo
-    journal is kept beside the replica as the step `keep_step` (when the
-    item has points). A step that a killed cycle left committed there but
-    unregistered is registered first, as the vault does for local ones.
-    Returns (bytes moved, the step kept or None, its "host:path" or None)."""
-    host, path = parse_remote(d["replica"])
-    site = _remote_site(vault, name, host)
-    keep = None
-    if keep_step is not None:
-        keep = site.step_path(path, name, d["idx"], keep_step)
-        if site.committed_step(keep):  # the replica already moved past it
+def _cycle_disk(vault, name, d, source, step, has_point, on_progress, threads, resync_all,
+                extents):
+    """One disk's part of a cycle. Returns (bytes moved, bytes read, the step
+    kept as (number, path) or None). A replica on another host is pushed to,
+    its step kept beside it there; a step that a killed cycle left committed
+    there but unregistered is registered first, as the vault does for local
+    ones. An active disk on another host (after a reprotect) is pulled from."""
+    site, replica = site_of(vault, name, d["replica"])
+    if site.host is not None:
+        # the next step, and the one after it in case a killed cycle left the
+        # next one committed there but unregistered (the replica moved past it)
+        offered = [site.step_path(replica, name, d["idx"], step + i) for i in (0, 1)]
+        st, kept = site.push(source, replica, keep_undo=offered if has_point else None,
+                             progress=on_progress, threads=threads)
+        if kept == 1:
             vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
-                             (name, d["idx"], keep_step, f"{host}:{keep}", 0))
-            keep_step += 1
-            keep = site.step_path(path, name, d["idx"], keep_step)
-    st = site.push(source, path, keep_undo=keep, progress=on_progress, threads=threads)
-    return st.bytes_written + st.bytes_zeroed, keep_step if keep else None, \
-        (f"{host}:{keep}" if keep else None)
+                             (name, d["idx"], step, site.spec(offered[0]), 0))
+        return (st.bytes_written + st.bytes_zeroed, os.path.getsize(source),
+                (step + kept, site.spec(offered[kept])) if kept is not None else None)
+    keep = vault.step_path(name, d["idx"], step) if has_point else None
+    src_site, src_path = site_of(vault, name, source)
+    if src_site.host is not None:
+        st = src_site.pull(src_path, d["replica"], keep_undo=keep, progress=on_progress,
+                           threads=threads)
+        read = src_site.size(src_path)
+    else:
+        cache = vault.cache_path(name, d["idx"])
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        if resync_all:  # compare both sides: the replica is read again, the cache rebuilt
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cache)
+        st = resync(source, d["replica"], signature_cache=cache, keep_undo=keep,
+                    progress=on_progress, threads=threads, changed_extents=extents)
+        read = st.bytes_read
+    return st.bytes_written + st.bytes_zeroed, read, (step, keep) if keep else None
 
 
 class CycleResult(Record):
@@ -200,8 +188,6 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
         for r in rows:
             for d in vault.disks(r["name"]):
                 if is_remote(d["source"]):  # after a reprotect: the active disk is there
-                    from .sites import site_of
-
                     site, path = site_of(vault, r["name"], d["source"])
                     sizes[d["source"]] = site.size(path)
                 elif not os.path.exists(d["source"]):
@@ -220,7 +206,6 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
         total = sum(sizes.values()) or 1
         done_before = 0
         per_item_bytes = {r["name"]: 0 for r in rows}
-        new_steps = []
         for r, d in plans:
             name, idx = r["name"], d["idx"]
             if name not in started:
@@ -228,7 +213,6 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                 started.add(name)
             has_point = bool(vault.points(name))
             step = vault.current_step(name, idx) + 1
-            keep = vault.step_path(name, idx, step) if has_point else None
             last = [0.0]
 
             def on_progress(rec, name=name, base=done_before):
@@ -239,44 +223,19 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                 if progress is not None:
                     progress(rec)
 
-            if is_remote(d["replica"]) or is_remote(d["source"]):
-                if is_remote(d["replica"]):
-                    moved, step, keep = _replicate_remote(
-                        vault, name, d, snaps.get(d["source"]) or d["source"],
-                        step if has_point else None, on_progress, threads)
-                else:  # a pull from the active disk there; the step is kept here
-                    st = _pull_remote(vault, name, d, keep, on_progress, threads)
-                    moved = st.bytes_written + st.bytes_zeroed
-                per_item_bytes[name] += moved
-                totals["written"] += moved
-                totals["read"] += sizes[d["source"]]
-                done_before += sizes[d["source"]]
-                if keep is not None:
-                    new_steps.append((name, idx, step, keep))
-                    vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)", (name, idx, step, keep, 0))
-                vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
-                continue
-            cache = vault.cache_path(name, idx)
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
             extents = None
-            if resync_all:
-                # compare both sides: the replica is read again, the cache rebuilt
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(cache)
-            elif changed_extents and name in changed_extents and has_point:
+            if changed_extents and name in changed_extents and has_point and not resync_all:
                 extents = changed_extents[name].get(idx, [])
-            st = resync(snaps.get(d["source"]) or d["source"], d["replica"], signature_cache=cache,
-                        keep_undo=keep, progress=on_progress, threads=threads,
-                        changed_extents=extents)
-            moved = st.bytes_written + st.bytes_zeroed
+            moved, read, kept = _cycle_disk(vault, name, d, snaps.get(d["source"]) or d["source"],
+                                            step, has_point, on_progress, threads, resync_all,
+                                            extents)
             per_item_bytes[name] += moved
             totals["written"] += moved
-            totals["read"] += st.bytes_read
+            totals["read"] += read
             done_before += sizes[d["source"]]
-            if keep is not None:
-                new_steps.append((name, idx, step, keep))
-                vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
-                                 (name, idx, step, keep, os.path.getsize(keep)))
+            if kept is not None:
+                size = 0 if is_remote(kept[1]) else os.path.getsize(kept[1])
+                vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)", (name, idx, *kept, size))
             vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
     except BaseException as exc:
         for r in rows:
@@ -367,21 +326,14 @@ def apply_retention(vault, name, now=None):
                 doomed.append(s["path"])
                 vault.db.execute("DELETE FROM steps WHERE item=? AND idx=? AND step=?",
                                  (name, d["idx"], s["step"]))
-    remote = {}
-    for path in doomed:  # after the commit: a crash here leaves files the next open removes
-        if is_remote(path):
-            host, p = parse_remote(path)
-            remote.setdefault(host, []).append(p)
-            continue
+    # after the commit: a crash here leaves local files the next open removes;
+    # an unreachable host keeps its steps until a later retention
+    for site, paths in by_site(vault, name, doomed):
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    for host, paths in remote.items():  # an unreachable host keeps them: retention is retried
-        try:
-            _remote_site(vault, name, host).remove(paths)
+            site.remove(paths)
         except OSError as exc:
-            vault.set_item(name, health="warning", last_error=f"could not drop old steps on {host}: {exc}")
+            vault.set_item(name, health="warning",
+                           last_error=f"could not drop old steps on {site.host}: {exc}")
 
 
 def materialize(vault, name, point_id, directory, *, threads=None):
@@ -410,8 +362,6 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=Fals
     """Write one disk as it was at `point_id` to `dest` (replaced), on the
     site that holds its replica. ``drill``: a test failover's disk (a remote
     site records it, so that cleaning up may remove it)."""
-    from .sites import site_of
-
     row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
                            (name, point_id, disk["idx"])).fetchone()
     steps = vault.db.execute(

@@ -99,10 +99,7 @@ def _stat(ch, payload, root):
         size, is_block = B.fd_size(fd, path)
     finally:
         os.close(fd)
-    out = {"exists": True, "size": size, "block_device": is_block}
-    if req.get("journal"):  # is it a committed undo journal (a recovery-point step)?
-        out["committed"] = bool(J.read_journal(path)[1])
-    ch.send_json(P.STAT_OK, out)
+    ch.send_json(P.STAT_OK, {"exists": True, "size": size, "block_device": is_block})
 
 
 def _sign(ch, payload, root):
@@ -180,8 +177,7 @@ def _apply(ch, payload, root):
     result = req.get("result_size")
     if not isinstance(result, int) or result < 0:
         raise P.ProtocolError("bad result size")
-    keep = req.get("keep_undo")
-    keep = _step_path(keep, root) if keep is not None else None
+    keep, kept_at = _choose_step(req.get("keep_undo"), root)
     streams = req.get("streams", 0)
     S.check_request(streams, req.get("token"))
     listener = S.Listener(req["token"], streams) if streams else None
@@ -192,7 +188,7 @@ def _apply(ch, payload, root):
     incoming = None
     try:
         with applier:
-            ch.send_json(P.STAT_OK, {"size": applier.base_size})
+            ch.send_json(P.STAT_OK, {"size": applier.base_size, "keep_undo": kept_at})
             target = X.TargetSide(applier.fd, path, applier.base_size, bs, ch.send,
                                   threads=default_threads(), shared=B.Progress(),
                                   throttle=Throttle(None, "sign", path, 0))
@@ -254,6 +250,26 @@ def _step_path(path, root):
 
 
 DRILL_MARKER = ".pydr-drill"  # the disks a test failover wrote into a directory
+
+
+def _choose_step(candidates, root):
+    """(path, index) of the first of the offered step paths (a path or a list
+    of up to 4) that does not hold a committed step yet, or (None, None).
+    The client offers the next step and the one after it: if a killed cycle
+    left the next one committed here but unregistered, the vault learns it
+    from the index, with no extra round trip."""
+    if candidates is None:
+        return None, None
+    if isinstance(candidates, str):
+        candidates = [candidates]
+    if not isinstance(candidates, list) or not 1 <= len(candidates) <= 4:
+        raise P.ProtocolError("bad keep_undo")
+    for i, path in enumerate(candidates):
+        real = _step_path(path, root)
+        if not (os.path.exists(real) and J.read_journal(real)[1]):
+            return real, i
+    raise FileExistsError(errno.EEXIST, "every step offered holds a committed step already",
+                          candidates[-1])
 
 
 def _materialize(ch, payload, root):

@@ -15,6 +15,7 @@ that only the client and the main server know (sent over ssh); a joining
 process must be of the same user (SO_PEERCRED) and send the token first.
 """
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -65,7 +66,7 @@ class Listener:
         """Break every stream (their clients see the connection fail)."""
         self.sock.close()
         for c in self.conns:
-            with _quiet():
+            with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
 
     def accept(self, timeout=JOIN_TIMEOUT):
@@ -142,7 +143,7 @@ def relay(ch, token, index):
                 s.sendall(chunk)
         except OSError:
             pass
-        with _quiet():
+        with contextlib.suppress(OSError):
             s.shutdown(socket.SHUT_WR)
 
     threading.Thread(target=upstream, daemon=True).start()
@@ -155,14 +156,6 @@ def relay(ch, token, index):
     # the main process has ended the transfer: whatever the client still
     # sends is of no use, and exiting now lets its ssh close at once
     s.close()
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 class Outgoing:

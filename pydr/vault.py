@@ -271,7 +271,7 @@ class Vault:
             raise ValueError("give both --quiesce-hook and --thaw-hook, or neither")
         if self.db.execute("SELECT 1 FROM items WHERE name=?", (name,)).fetchone():
             raise InvalidState(f"item {name!r} is already protected", path=self.dir)
-        from .remote import parse_remote
+        from .sites import parse_remote
 
         def canonical(path):  # a remote spec stays as given (it names another machine)
             return path if parse_remote(path) else os.path.realpath(path)
