@@ -16,7 +16,6 @@ against the issue's budget (1.1x the changed data + 1% of the image).
 import argparse
 import json
 import os
-import random
 import shutil
 import socket
 import statistics
@@ -27,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from relay import relay  # noqa: E402  (the delaying TCP relay the tests use too)
+from _images import change_blocks, parse_size, random_image  # noqa: E402
 
 
 def free_port():
@@ -72,23 +72,14 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (it starts its own sshd)")
-    size = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1].upper()]
+    size = parse_size(args.size)
     pydr = shutil.which("pydr") or sys.exit("pydr is not on PATH")
     d = args.dir or tempfile.mkdtemp(prefix="pydr-bench-remote-")
     os.makedirs(d, exist_ok=True)
     base, src, dst = (os.path.join(d, n) for n in ("base.img", "src.img", "dst.img"))
-    rng = random.Random(1)
-    with open(base, "wb") as f:
-        for _ in range(size >> 24):
-            f.write(os.urandom(16 << 20))
+    random_image(base, size)
     shutil.copyfile(base, src)
-    nblocks = size // 4096
-    with open(src, "r+b") as f:
-        for b in rng.sample(range(nblocks), nblocks // 100):
-            f.seek(b * 4096)
-            f.write(rng.randbytes(4096))
-        f.seek(size // 2)
-        f.write(os.urandom(16 << 20))
+    changed = change_blocks(src, size, seed=1, run=16 << 20)
     sshd, port = start_sshd(d, pydr)
     relay_port = free_port()
     server = relay(relay_port, port, args.rtt_ms / 2000)
@@ -136,7 +127,6 @@ def main():
             m.terminate()
         server.close()
         sshd.terminate()
-    changed = nblocks // 100 * 4096 + (16 << 20)
     print(f"\n### Resync over ssh on 127.0.0.1, {size / (1 << 30):g} GiB image, ~{changed >> 20} MiB "
           f"changed, medians of {args.repeat}\n")
     print("| link | ssh connection | `ssh host true` s | direction | median s | sent | received "

@@ -17,12 +17,13 @@ end), so the table also shows both followed by `sync`.
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+from _images import change_blocks, parse_size
 
 
 def sh(cmd, **kw):
@@ -39,14 +40,7 @@ def make_pair(d, size):
         print("generating images ...", file=sys.stderr)
         make_image(base, size, seed=1)
         sh(["cp", "--sparse=always", base, src])
-        rng = random.Random(5)
-        nblocks = size // 4096
-        with open(src, "r+b") as f:
-            for b in rng.sample(range(nblocks), nblocks // 100):
-                f.seek(b * 4096)
-                f.write(rng.randbytes(4096))
-            f.seek(size // 2)
-            f.write(rng.randbytes(64 << 20))
+        change_blocks(src, size, seed=5, run=64 << 20)
     return base, src
 
 
@@ -64,7 +58,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--rsync-repeat", type=int, default=1)
     args = ap.parse_args()
-    size = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1].upper()]
+    size = parse_size(args.size)
     os.makedirs(args.dir, exist_ok=True)
     base, src = make_pair(args.dir, size)
     dst = os.path.join(args.dir, "dst.img")
@@ -95,8 +89,10 @@ def main():
         sh([pydr, "resync", base, dst, "-q", "--signature-cache", cache])
 
     cases = {
-        "rsync --inplace --no-whole-file": (["rsync", "--inplace", "--no-whole-file", src, dst], False, args.rsync_repeat),
-        "rsync --inplace --no-whole-file; sync": (["rsync", "--inplace", "--no-whole-file", src, dst], True, args.rsync_repeat),
+        # -I: rsync must compare even when size and mtime match (small images
+        # are generated within one second, and rsync would skip them)
+        "rsync --inplace --no-whole-file": (["rsync", "-I", "--inplace", "--no-whole-file", src, dst], False, args.rsync_repeat),
+        "rsync --inplace --no-whole-file; sync": (["rsync", "-I", "--inplace", "--no-whole-file", src, dst], True, args.rsync_repeat),
         "cp --sparse=always": (["cp", "--sparse=always", src, dst], False, args.repeat),
         "cp --sparse=always; sync": (["cp", "--sparse=always", src, dst], True, args.repeat),
         "pydr resync": ([pydr, "resync", src, dst, "--json"], False, args.repeat),

@@ -13,30 +13,21 @@ main one; the JOINed relays are smaller). 1% of the 4 KiB blocks and a
 import argparse
 import glob
 import os
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 
+from _images import change_blocks, parse_size, random_image
 from compare_remote import start_sshd
 
 
 def make_images(d, size):
     base, src = os.path.join(d, f"base-{size}"), os.path.join(d, f"src-{size}")
     if not os.path.exists(src):
-        with open(base, "wb") as f:
-            for _ in range(size >> 24):
-                f.write(os.urandom(16 << 20))
+        random_image(base, size)
         shutil.copyfile(base, src)
-        rng = random.Random(1)
-        n = size // 4096
-        with open(src, "r+b") as f:
-            for b in rng.sample(range(n), n // 100):
-                f.seek(b * 4096)
-                f.write(rng.randbytes(4096))
-            f.seek(size // 2)
-            f.write(os.urandom(16 << 20))
+        change_blocks(src, size, seed=1, run=16 << 20)
     return base, src
 
 
@@ -61,7 +52,7 @@ def main():
     rows = []
     try:
         for spec in args.sizes.split(","):
-            size = int(spec[:-1]) << {"M": 20, "G": 30}[spec[-1].upper()]
+            size = parse_size(spec)
             base, src = make_images(d, size)
             dst = os.path.join(d, "dst")
             cases = [("push", [src, f"127.0.0.1:{dst}"]), ("pull", [f"127.0.0.1:{src}", dst])]

@@ -76,6 +76,17 @@ def holes(tmp_path):
     return tmp_path
 
 
+def sha(path):
+    """SHA-256 of a file (to compare images)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def pydr_command():
     """The `pydr` console script installed with the pydr under test: the one
     beside this interpreter (a venv's bin/), never another one on PATH."""
@@ -140,9 +151,4 @@ def faulty_image(tmp_path):
 
     make.unmount_all = unmount_all
     yield make
-    for proc, mnt in mounts:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    unmount_all()

@@ -2,7 +2,6 @@
 the same apply again gives the new image and `pydr rollback` the old one,
 exactly; while an apply is unfinished other commands refuse the target."""
 
-import hashlib
 import os
 import random
 import signal
@@ -14,11 +13,7 @@ import pytest
 import pydr
 from pydr import journal as J
 
-from conftest import pydr_command, run_cli
-
-
-def digest(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+from conftest import pydr_command, run_cli, sha
 
 
 @pytest.fixture
@@ -34,7 +29,7 @@ def images(tmp_path):
     (tmp_path / "old.img").write_bytes(old)
     (tmp_path / "new.img").write_bytes(bytes(new))
     pydr.make_delta(tmp_path / "new.img", tmp_path / "d.delta", target=tmp_path / "old.img")
-    return tmp_path, digest(tmp_path / "old.img"), digest(tmp_path / "new.img")
+    return tmp_path, sha(tmp_path / "old.img"), sha(tmp_path / "new.img")
 
 
 def start(args, cwd):
@@ -68,7 +63,7 @@ def test_sigkill_then_finish_or_rollback(images, command):
         pending = J.pending(target) is not None
         if not pending:
             # killed before the journal existed, or after the commit
-            assert digest(target) in (old, new)
+            assert sha(target) in (old, new)
             continue
         interrupted += 1
         # every other command refuses, naming both ways out
@@ -77,11 +72,11 @@ def test_sigkill_then_finish_or_rollback(images, command):
         if i % 2 == 0:
             r = run_cli(*args)  # the same command again finishes it
             assert r.returncode == 0, r.stderr
-            assert digest(target) == new
+            assert sha(target) == new
         else:
             r = run_cli("rollback", target)
             assert r.returncode == 0, r.stderr
-            assert digest(target) == old
+            assert sha(target) == old
         assert J.pending(target) is None
     assert interrupted >= 3, f"only {interrupted} of 14 kills landed during the {command}"
 

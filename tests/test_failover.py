@@ -9,9 +9,8 @@ import pytest
 import pydr.failover as F
 from pydr.vault import Vault, init_vault
 
-from conftest import run_cli
+from conftest import run_cli, sha
 from test_ext4 import change, fsck_clean, mkfs
-from test_replication import sha
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pydr import protocol as P
 from pydr.remote import parse_remote
 from pydr.server import serve
 
-from conftest import pydr_command, run_cli
+from conftest import pydr_command, run_cli, sha
 
 PYDR = pydr_command()[0]
 
@@ -533,12 +533,6 @@ def test_streams_admit_only_their_transfer():
     listener.shutdown()
     with pytest.raises(P.ProtocolError, match="only 0 of 2 streams"):
         S.Listener(S.new_token(), 2).accept(timeout=0.2)
-
-
-def sha(path):
-    import hashlib
-
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def change(path, seed, blocks=25):

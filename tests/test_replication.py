@@ -1,7 +1,6 @@
 """Vault, replication cycles, recovery points, groups, retention, jobs."""
 
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -14,16 +13,8 @@ import pytest
 from pydr.replication import materialize, replicate
 from pydr.vault import Vault, init_vault
 
-from conftest import pydr_command, run_cli
+from conftest import pydr_command, run_cli, sha
 from test_ext4 import change, fsck_clean, mkfs
-
-
-def sha(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture
