@@ -50,7 +50,7 @@ def run_timed(cmd, stdout=subprocess.DEVNULL):
 
 
 def make_images(directory, size):
-    from pydr.sample import make_image
+    from pydr.engine.sample import make_image
 
     dense = os.path.join(directory, f"dense-{size >> 20}M.img")
     sparse = os.path.join(directory, f"sparse-{size >> 20}M.img")
@@ -141,7 +141,7 @@ def main():
     # Peak memory at two image sizes: the difference should be the hash array.
     small = os.path.join(args.dir, "small.img")
     if not os.path.exists(small) or os.path.getsize(small) != size // 4:
-        from pydr.sample import make_image
+        from pydr.engine.sample import make_image
         make_image(small, size // 4, seed=3)
     warm(small)
     mem = {}

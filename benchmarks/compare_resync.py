@@ -31,7 +31,7 @@ def sh(cmd, **kw):
 
 
 def make_pair(d, size):
-    from pydr.sample import make_image
+    from pydr.engine.sample import make_image
 
     base = os.path.join(d, "base.img")
     src = os.path.join(d, "src.img")

@@ -7,7 +7,7 @@ import pytest
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
-from pydr.sample import make_image  # noqa: E402
+from pydr.engine.sample import make_image  # noqa: E402
 
 SIZE = int(os.environ.get("PYDR_BENCH_SIZE", str(1 << 30)))
 

@@ -1,10 +1,12 @@
-"""pydr's exceptions, and the one function that turns C return codes into them.
+"""pydr's exceptions, for every layer, and the CLI's exit codes.
 
 Every pydr error is a :class:`PydrError` and also the builtin a caller would
 expect (``FormatError`` is a ``ValueError``, ...). Operating-system errors stay
 ``OSError`` subclasses with their errno and the path, so ``except
 FileNotFoundError`` works as usual. Each class carries the exit code the CLI
-uses for it; the codes are stable and listed in ``pydr --help``.
+uses for it; the codes are stable and listed in ``pydr --help``. This module
+imports nothing from pydr: every layer may use it. C return codes become these
+exceptions in one function, :func:`pydr.engine.bindings.raise_for_code`.
 """
 
 import errno as _errno
@@ -25,6 +27,11 @@ EXIT_UNSUPPORTED = 10
 EXIT_UNFINISHED = 11
 EXIT_ALREADY_APPLIED = 12
 EXIT_SAME_FILE = 13
+EXIT_VAULT = 14
+EXIT_STATE = 15
+EXIT_HOOK = 16
+EXIT_PLAN = 17
+EXIT_PROTOCOL = 18
 EXIT_CANCELLED = 130
 
 
@@ -135,34 +142,43 @@ def exit_code_for(exc):
     return EXIT_INTERNAL
 
 
-# pydr's C codes (csrc/pydr.h) -> exception classes.
-_CODE_CLASSES = {
-    -1001: Cancelled,
-    -1002: FileChanged,
-    -1003: UnsupportedFile,
-    -1004: CorruptDelta,
-    -1005: BaseMismatch,
-    -1006: AlreadyApplied,
-}
+class ProtocolError(PydrError, ValueError):
+    """The peer broke the protocol (bad frame, size, order or version)."""
+
+    exit_code = EXIT_PROTOCOL
 
 
-def raise_for_code(code, *, path=None, offset=None):
-    """Raise the exception for a C return code; return None when it is 0.
+class VaultError(PydrError, RuntimeError):
+    """Not a vault, a vault of another version, or locked by another process."""
 
-    Negative errnos become the matching ``OSError`` subclass (the builtin
-    picks it from the errno) with ``filename=path``; pydr's own codes become
-    their :class:`PydrError` class. This is the only place that does it.
-    """
-    if code == 0:
-        return
-    from ._core import ffi, lib
+    exit_code = EXIT_VAULT
 
-    message = ffi.string(lib.pydr_strerror(code)).decode()
-    if -1000 < code < 0:
-        if offset is not None:
-            message = f"{message} at offset {offset}"
-        if path is not None:
-            raise OSError(-code, message, os.fspath(path))
-        raise OSError(-code, message)
-    cls = _CODE_CLASSES.get(code, PydrError)
-    raise cls(message, path=path, offset=offset)
+
+class UnknownName(PydrError, LookupError):
+    """No such item, group or point."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class InvalidState(PydrError, RuntimeError):
+    """The operation is not valid in the item's current state."""
+
+    exit_code = EXIT_STATE
+
+
+class HookFailed(PydrError, RuntimeError):
+    """A quiesce, thaw or shutdown hook exited non-zero."""
+
+    exit_code = EXIT_HOOK
+
+
+class PlanFailed(PydrError, RuntimeError):
+    """A recovery plan stopped at a failing hook or item; .report says where."""
+
+    exit_code = EXIT_PLAN
+
+    def __init__(self, message, report, **kwargs):
+        super().__init__(message, **kwargs)
+        self.report = report
+
+

@@ -1,4 +1,6 @@
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -7,6 +9,7 @@ import pytest
 import xxhash
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+LOCAL_RSH = os.path.join(HERE, "local_rsh")  # runs the "remote" pydr here, in place of ssh
 ROOT = os.path.dirname(HERE)
 # Test the installed package (with its compiled pydr._core), never the source
 # tree that `python -m pytest` puts first on sys.path.
@@ -152,3 +155,48 @@ def faulty_image(tmp_path):
     make.unmount_all = unmount_all
     yield make
     unmount_all()
+
+
+PYDR = pydr_command()[0]
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("sshd", "ssh", "ssh-keygen")):
+        pytest.skip("needs root and openssh-server/openssh-client")
+    if not os.access(PYDR, os.X_OK):
+        pytest.skip("needs the installed pydr script")
+    d = tmp_path_factory.mktemp("sshd")
+    root = d / "replicas"
+    root.mkdir()
+    for key in ("host_key", "client_key", "confined_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    confined = (d / "confined_key.pub").read_text().strip()
+    (d / "authorized_keys").write_text(
+        (d / "client_key.pub").read_text() +
+        f'command="{PYDR} serve --stdio --root {root}",restrict {confined}\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPasswordAuthentication no\n"
+        f"KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\n"
+        f"UsePAM no\nPidFile {d / 'sshd.pid'}\nAllowUsers root\n")
+    os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.Popen([shutil.which("sshd"), "-D", "-e", "-f", str(d / "sshd_config")],
+                            stderr=subprocess.PIPE)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"sshd did not start: {proc.stderr.read().decode()}")
+    base = (f"ssh -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+            f"-o BatchMode=yes -o LogLevel=ERROR")
+    yield {"rsh": f"{base} -i {d / 'client_key'}", "confined": f"{base} -i {d / 'confined_key'}",
+           "root": root}
+    proc.terminate()
+    proc.wait()

@@ -1,0 +1,249 @@
+"""What every command family of the CLI shares: the exit statuses, sizes and
+durations, the progress bar, JSON output, the option blocks (each declared
+once here), and the one function that turns an exception into a line on
+stderr and an exit status."""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .. import errors as E
+
+EXIT_STATUS = """\
+exit status:
+  0    success
+  1    internal error (a bug: please report it; PYDR_DEBUG=1 shows a traceback)
+  2    usage error: bad option or argument
+  3    file or directory not found
+  4    permission denied or read-only file system
+  5    I/O error
+  6    no space left on device
+  7    corrupt, truncated or foreign pydr file
+  8    incompatible inputs (e.g. signatures of different block sizes)
+  9    a file changed while it was being read
+  10   not a regular file or block device (a directory, a FIFO, ...)
+  11   an interrupted apply is pending on the target (pydr apply again, or pydr rollback)
+  12   the target already holds the delta's result
+  13   source and target are the same file
+  14   not a vault, or the vault is locked by another pydr
+  15   the operation is not valid in the item's current state
+  16   a quiesce, thaw or shutdown hook failed
+  17   a recovery plan stopped (its report says where)
+  18   the remote side broke pydr's protocol
+  130  interrupted or cancelled
+"""
+
+POINT_HELP = "a point id, or latest, latest-processed, latest-app-consistent"
+
+
+def command(sub, name, *, help, description, examples, func, **kwargs):
+    """A subcommand whose --help reads like a man page: what it does, its
+    options, examples, and the exit statuses."""
+    text = "examples:\n" + "".join(f"  {e}\n" for e in examples) + "\n" + EXIT_STATUS
+    p = sub.add_parser(name, help=help, description=description, epilog=text,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    p.set_defaults(func=func)
+    return p
+
+
+# -- option blocks ----------------------------------------------------------------
+
+
+def add_json(p, what="print the result as one JSON object on standard output"):
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def add_output_options(p):
+    """-q and --progress: what a long command shows while it works."""
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing but errors (no progress bar, no summary)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw a progress bar on stderr (default: when stderr is a terminal)")
+
+
+def add_threads(p):
+    p.add_argument("--threads", metavar="N", type=positive_int, default=None,
+                   help="threads hashing in parallel (default: CPUs available, at most 8)")
+
+
+def add_block_size(p, default, what):
+    p.add_argument("--block-size", metavar="N", type=parse_size, default=default, help=what)
+
+
+def add_remote_options(p):
+    p.add_argument("--rsh", metavar="CMD", default=None,
+                   help="how to reach the [user@]host:PATH arguments: runs "
+                        "'CMD host REMOTE_PYDR serve --stdio' (default: ssh)")
+    p.add_argument("--remote-pydr", metavar="PATH", default=None,
+                   help="pydr on the remote side (default: pydr)")
+
+
+def add_vault_options(p):
+    """--vault and --json, which every vault command takes."""
+    p.add_argument("--vault", metavar="DIR", help="vault directory (default: $PYDR_VAULT)")
+    add_json(p, "print one JSON object")
+
+
+def add_item(p, what="the protected item"):
+    p.add_argument("item", metavar="ITEM", help=what)
+
+
+def reach(args):
+    """How to reach the [user@]host:PATH arguments of a command."""
+    return {"rsh": getattr(args, "rsh", None), "remote_pydr": getattr(args, "remote_pydr", None)}
+
+
+def vault_dir(args):
+    directory = args.vault or os.environ.get("PYDR_VAULT")
+    if not directory:
+        raise ValueError("no vault: give --vault DIR or set PYDR_VAULT")
+    return directory
+
+
+# -- values -----------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text):
+    """'65536', '64K', '64KiB', '1M' -> bytes (binary units)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b") if text else ""
+    num, unit = t, ""
+    if t and t[-1] in _UNITS:
+        num, unit = t[:-1], t[-1]
+    try:
+        value = int(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r} (examples: 4096, 64K, 1M)"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, not {text!r}")
+    return value
+
+
+def parse_duration(text):
+    """'90', '90s', '15m', '72h', '7d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 90s, 15m, 72h, 7d)")
+    return value
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return value
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # unreachable
+
+
+def timestamp(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) if t else None
+
+
+# -- output -----------------------------------------------------------------------
+
+
+class ProgressBar:
+    """One self-rewriting line on stderr, only when stderr is a terminal."""
+
+    def __init__(self, label, enabled):
+        self.label = label
+        self.enabled = enabled
+        self.shown = False
+
+    def __call__(self, rec):
+        if not self.enabled:
+            return
+        rate = rec.bytes_per_second
+        eta = (rec.total_bytes - rec.done_bytes) / rate if rate > 0 else 0
+        line = (
+            f"\r{self.label} {rec.fraction * 100:5.1f}%  "
+            f"{human_bytes(rec.done_bytes)} / {human_bytes(rec.total_bytes)}  "
+            f"{human_bytes(rate)}/s  eta {int(eta) // 60}:{int(eta) % 60:02d} "
+        )
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self):
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def progress_bar(label, args):
+    """The bar for a command: shown on a terminal unless -q or --no-progress."""
+    show = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
+    return ProgressBar(label, show and not getattr(args, "quiet", False))
+
+
+def print_json(obj):
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def print_fields(result):
+    """--stats: one 'name value' line per field."""
+    for k, v in result.items():
+        print(f"{k.replace('_', ' '):<16} {v}")
+
+
+# -- errors -----------------------------------------------------------------------
+
+
+def report_error(exc):
+    """The one place errors meet the user: one line on stderr, and the exit
+    status of the exception's class (EXIT_STATUS)."""
+    if isinstance(exc, SystemExit):
+        raise exc
+    if isinstance(exc, BrokenPipeError):
+        # e.g. `pydr diff ... | head`: not an error worth a message
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    if isinstance(exc, E.PydrError):
+        message = str(exc)
+    elif isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else ""
+        if exc.filename2 is not None:
+            where = f"{where} -> {exc.filename2}"
+        message = f"{where}: {exc.strerror}" if where else (exc.strerror or str(exc))
+    elif isinstance(exc, KeyboardInterrupt):
+        message = "interrupted"
+    elif isinstance(exc, ValueError):
+        print(f"pydr: {exc}", file=sys.stderr)
+        return E.EXIT_USAGE
+    else:
+        message = (
+            f"internal error: {type(exc).__name__}: {exc} "
+            "(please report it; PYDR_DEBUG=1 shows a traceback)"
+        )
+    print(f"pydr: {message}", file=sys.stderr)
+    return E.exit_code_for(exc)

@@ -1,0 +1,261 @@
+"""Disaster-recovery commands: test-failover, cleanup-test-failover,
+failover, change-point, commit, reprotect and failback, and recovery plans
+over them. Each runs one workflow call on the vault (a job) and presents
+its result."""
+
+import argparse
+
+from .common import (POINT_HELP, add_item, add_vault_options, command, human_bytes,
+                     print_json)
+from .vault import open_vault, parse_disk
+
+
+def _run(args, fn):
+    """fn(vault) with the vault's lock held; its result printed with --json."""
+    with open_vault(args, writer=True) as v:
+        result = fn(v)
+    if args.json:
+        print_json(result)
+    return result
+
+
+def cmd_test_failover(args):
+    def run(v):
+        pid, paths = v.test_failover(args.item, args.to, args.point)
+        return {"item": args.item, "point": pid, "paths": paths}
+
+    r = _run(args, run)
+    if not args.json:
+        print(f"{args.item}: point {r['point']} materialised for the drill:")
+        for p in r["paths"]:
+            print(f"  {p}")
+    return 0
+
+
+def cmd_cleanup_test_failover(args):
+    r = _run(args, lambda v: {"item": args.item, "removed": v.cleanup_test_failover(args.item)})
+    if not args.json:
+        print(f"{args.item}: test failover cleaned up ({len(r['removed'])} files removed)")
+    return 0
+
+
+def cmd_failover(args):
+    r = _run(args, lambda v: v.failover(args.item, args.point, planned=args.planned,
+                                        shutdown_hook=args.shutdown_hook))
+    if not args.json:
+        print(f"{args.item}: failed over to point {r['point']}; its replicas now hold that point "
+              f"(run 'pydr commit {args.item}' to make it final)")
+        for n in r["notes"]:
+            print(f"  note: {n}")
+    return 0
+
+
+def cmd_change_point(args):
+    r = _run(args, lambda v: v.change_point(args.item, args.point))
+    if not args.json:
+        print(f"{args.item}: replicas now hold point {r['point']}")
+    return 0
+
+
+def cmd_commit(args):
+    _run(args, lambda v: v.commit(args.item))
+    if not args.json:
+        print(f"{args.item}: failover committed; the replica site is active (direction reverse)")
+    return 0
+
+
+def cmd_reprotect(args):
+    r = _run(args, lambda v: v.reprotect(args.item))
+    if not args.json:
+        print(f"{args.item}: reprotected, direction {r['direction']}; first point {r['point']}: "
+              f"{human_bytes(r['bytes_written'])} written (only the differences), "
+              f"{human_bytes(r['bytes_read'])} compared")
+    return 0
+
+
+def cmd_failback(args):
+    alternates = dict(parse_disk(a) for a in args.alternate or [])
+    r = _run(args, lambda v: v.failback(args.item, alternates=alternates,
+                                        shutdown_hook=args.shutdown_hook))
+    if not args.json:
+        print(f"{args.item}: failed back to point {r['point']} (nothing lost); run "
+              f"'pydr commit {args.item}' then 'pydr reprotect {args.item}'")
+    return 0
+
+
+class _PlanGroupAction(argparse.Action):
+    """--group ITEMS starts a group; --pre-hook/--post-hook attach to the last one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        groups = getattr(namespace, "groups", None) or []
+        if option_string == "--group":
+            groups.append({"items": [s for s in values.split(",") if s], "pre": None, "post": None})
+        elif not groups:
+            parser.error(f"{option_string} must follow a --group")
+        else:
+            groups[-1]["pre" if option_string == "--pre-hook" else "post"] = values
+        namespace.groups = groups
+
+
+def cmd_plan_create(args):
+    definition = _run(args, lambda v: {"plan": args.plan,
+                                       "groups": v.create_plan(args.plan, args.groups or [])})
+    if not args.json:
+        print(f"plan {args.plan}: " + " -> ".join(",".join(g["items"]) for g in definition["groups"]))
+    return 0
+
+
+def _print_plan_report(report):
+    for e in report:
+        what = f"{e['hook']} hook" if "hook" in e else e["item"]
+        detail = e.get("error") or ""
+        print(f"  group {e['group']}: {what:<20} {e['status']}" + (f"  {detail}" if detail else ""))
+
+
+def cmd_plan_run(args):
+    from ..errors import PlanFailed
+
+    options = {k: getattr(args, k, None) for k in ("point", "planned", "shutdown_hook", "to")}
+    with open_vault(args, writer=True) as v:
+        try:
+            report = v.run_plan(args.plan, args.operation, **options)
+        except PlanFailed as exc:
+            if args.json:
+                print_json({"plan": args.plan, "operation": args.operation, "ok": False,
+                            "report": exc.report})
+            else:
+                _print_plan_report(exc.report)
+            raise
+    if args.json:
+        print_json({"plan": args.plan, "operation": args.operation, "ok": True, "report": report})
+    else:
+        print(f"plan {args.plan}: {args.operation} done")
+        _print_plan_report(report)
+    return 0
+
+
+def _item_command(sub, name, func, *, help, description, examples):
+    p = command(sub, name, help=help, description=description, examples=examples, func=func)
+    add_item(p)
+    return p
+
+
+def register(sub):
+    p = _item_command(
+        sub, "test-failover", cmd_test_failover,
+        help="DR drill: materialise a point into a directory",
+        description=("Write ITEM's disks as they were at a recovery point into DIR (named like the\n"
+                     "replicas), without touching the replicas or stopping replication. Remove it\n"
+                     "with 'pydr cleanup-test-failover ITEM'. A drill never overwrites a file."),
+        examples=["pydr test-failover web --to /srv/drill/web",
+                  "pydr test-failover web --to /srv/drill/web --point 12 --json",
+                  "pydr test-failover db --to dr:/srv/drill/db     (replicas on host dr)"])
+    p.add_argument("--to", required=True, metavar="DIR")
+    p.add_argument("--point", default="latest-processed", metavar="P", help=POINT_HELP)
+    add_vault_options(p)
+
+    p = _item_command(
+        sub, "cleanup-test-failover", cmd_cleanup_test_failover,
+        help="remove what test-failover wrote",
+        description=("Remove the disks a test failover of ITEM wrote, and its directory if that\n"
+                     "leaves it empty. Files the drill did not write are left alone."),
+        examples=["pydr cleanup-test-failover web"])
+    add_vault_options(p)
+
+    p = _item_command(
+        sub, "failover", cmd_failover, help="fail over to a recovery point",
+        description=("Make ITEM's replica paths hold a recovery point. 'latest' (default) replicates\n"
+                     "whatever the source still has first (lowest RPO; if that fails, the newest\n"
+                     "point is used); 'latest-processed' takes the newest existing point. --planned\n"
+                     "runs --shutdown-hook (which must succeed) and a final cycle: nothing is lost.\n"
+                     "Until 'pydr commit', 'pydr change-point' can switch to another point. An\n"
+                     "interrupted failover is finished by running it again."),
+        examples=["pydr failover web --planned --shutdown-hook 'ssh web poweroff'",
+                  "pydr failover web --point latest-processed      (site A is gone)",
+                  "pydr failover web --point 12 --json"])
+    p.add_argument("--point", default="latest", metavar="P", help=POINT_HELP)
+    p.add_argument("--planned", action="store_true",
+                   help="shut the source down and replicate it once more: nothing is lost")
+    p.add_argument("--shutdown-hook", metavar="CMD", help="run first (must succeed if --planned)")
+    add_vault_options(p)
+
+    p = _item_command(
+        sub, "change-point", cmd_change_point,
+        help="after failover, switch the replicas to another point",
+        description=("After a failover and before 'pydr commit': make the replica paths hold\n"
+                     "another recovery point. Exact even after the failed-over machine wrote\n"
+                     "to its disks (the point is rebuilt from the untouched baseline)."),
+        examples=["pydr change-point web --point 11"])
+    p.add_argument("--point", required=True, metavar="P", help=POINT_HELP)
+    add_vault_options(p)
+
+    p = _item_command(
+        sub, "commit", cmd_commit, help="make a failover final (discards the recovery points)",
+        description=("Make ITEM's failover final: the replica site is active (direction reverse);\n"
+                     "the recovery points, their undo steps and the baselines are removed. Then\n"
+                     "'pydr reprotect ITEM' replicates the other way."),
+        examples=["pydr commit web && pydr reprotect web"])
+    add_vault_options(p)
+
+    p = _item_command(
+        sub, "reprotect", cmd_reprotect, help="after commit, replicate in the other direction",
+        description=("Swap each disk's source and replica and replicate the other way. The old\n"
+                     "source disks are reused as replicas: the first cycle compares both sides and\n"
+                     "moves only the blocks that differ, never a full copy."),
+        examples=["pydr reprotect web", "pydr reprotect web --json"])
+    add_vault_options(p)
+
+    p = _item_command(
+        sub, "failback", cmd_failback, help="planned failover back to the original site",
+        description=("A planned failover in the reverse direction: --shutdown-hook (must succeed),\n"
+                     "a final cycle, nothing lost. --alternate OLD=NEW brings a disk up at NEW\n"
+                     "instead of its replica path OLD (left as it is). Then 'pydr commit' and\n"
+                     "'pydr reprotect' give back the original direction."),
+        examples=["pydr failback web --shutdown-hook 'ssh web-b poweroff'",
+                  "pydr failback web --alternate /img/web-os.img=/img2/web-os.img"])
+    p.add_argument("--alternate", action="append", metavar="OLD=NEW")
+    p.add_argument("--shutdown-hook", metavar="CMD")
+    add_vault_options(p)
+
+    p = command(
+        sub, "plan", help="recovery plans: ordered groups of items",
+        description=("Create a recovery plan, then run failover, test-failover, cleanup-test-failover,\n"
+                     "commit, reprotect or failback over it: groups in order, the items of a group\n"
+                     "in parallel, each group's --pre-hook before it and --post-hook after it. The\n"
+                     "first failure stops the plan with a report of what ran and what did not."),
+        examples=["pydr plan create shop --group db --post-hook ./wait-db.sh --group web1,web2",
+                  "pydr plan test-failover shop --to /srv/drill",
+                  "pydr plan failover shop --planned"],
+        func=None)
+    psub = p.add_subparsers(dest="plan_command", metavar="ACTION")
+    psub.required = True
+    q = command(psub, "create", help="define a plan",
+                description="Define PLAN: --group ITEM[,ITEM...] in order, each with its hooks.",
+                examples=["pydr plan create shop --group db --post-hook ./wait-db.sh "
+                          "--group web1,web2"],
+                func=cmd_plan_create)
+    q.add_argument("plan", metavar="PLAN")
+    for flag, text in (("--group", "ITEM[,ITEM...]: the next group, in order"),
+                       ("--pre-hook", "CMD run before the last --group"),
+                       ("--post-hook", "CMD run after the last --group")):
+        q.add_argument(flag, action=_PlanGroupAction, metavar="X", help=text)
+    add_vault_options(q)
+    for op in ("failover", "test-failover", "cleanup-test-failover", "commit", "reprotect",
+               "failback"):
+        q = command(psub, op, help=f"run {op} over a plan",
+                    description=f"Run '{op}' for every item of PLAN, group by group.",
+                    examples=[f"pydr plan {op} shop" + (" --to /srv/drill" if op == "test-failover"
+                                                        else "")],
+                    func=cmd_plan_run)
+        q.set_defaults(operation=op)
+        q.add_argument("plan", metavar="PLAN")
+        if op in ("failover", "test-failover"):
+            q.add_argument("--point", default=None, metavar="P", help=POINT_HELP)
+        if op == "failover":
+            q.add_argument("--planned", action="store_true")
+        if op in ("failover", "failback"):
+            q.add_argument("--shutdown-hook", metavar="CMD")
+        if op == "test-failover":
+            q.add_argument("--to", required=True, metavar="DIR",
+                           help="each item's disks go to DIR/ITEM/")
+        add_vault_options(q)

@@ -1,0 +1,245 @@
+"""The vault's commands: vault init, protect, replicate, points, status, jobs
+and materialize. Each opens the vault (pydr.dr.vault.Vault), makes one API
+call and presents the result."""
+
+import argparse
+
+from .common import (add_item, add_json, add_remote_options, add_vault_options, command,
+                     human_bytes, parse_duration, positive_int, print_json, progress_bar,
+                     timestamp, vault_dir)
+
+
+def open_vault(args, writer=False):
+    from ..dr.vault import Vault
+
+    return Vault(vault_dir(args), writer=writer)
+
+
+def parse_disk(text):
+    if "=" not in text:
+        raise ValueError(f"--disk wants SOURCE=REPLICA, not {text!r}")
+    source, replica = text.split("=", 1)
+    if not source or not replica:
+        raise ValueError(f"--disk wants SOURCE=REPLICA, not {text!r}")
+    return source, replica
+
+
+def cmd_vault_init(args):
+    from ..dr.store import init_vault
+
+    init_vault(args.dir)
+    if args.json:
+        print_json({"vault": args.dir})
+    else:
+        print(f"vault created in {args.dir}")
+    return 0
+
+
+def cmd_protect(args):
+    disks = [parse_disk(d) for d in args.disk]
+    with open_vault(args, writer=True) as v:
+        v.protect(args.item, disks, group=args.group, retention=args.retention,
+                  retention_age=args.retention_age, quiesce_hook=args.quiesce_hook,
+                  thaw_hook=args.thaw_hook, rsh=args.rsh, remote_pydr=args.remote_pydr)
+        status = v.status(args.item)
+    if args.json:
+        print_json(status)
+    else:
+        print(f"{args.item}: protected ({len(disks)} disks), state {status['state']}; "
+              f"run 'pydr replicate {args.item}' for the initial replication")
+    return 0
+
+
+def _batches(v, args):
+    """The cycles to run: each group together, each other item alone."""
+    if args.all:
+        names = v.items()
+        if not names:
+            raise ValueError("the vault protects no items")
+        groups = {}
+        for n in names:
+            groups.setdefault(v.item(n)["grp"] or f"item:{n}", []).append(n)
+        return list(groups.values())
+    if args.group:
+        return [v.items(group=args.group)]
+    if args.item:
+        row = v.item(args.item)
+        return [v.items(group=row["grp"]) if row["grp"] else [args.item]]
+    raise ValueError("give ITEM, --group G or --all")
+
+
+def cmd_replicate(args):
+    from ..dr.retry import RetryPolicy
+
+    with open_vault(args, writer=True) as v:
+        results = []
+        with progress_bar("replicate", args) as bar:
+            for names in _batches(v, args):
+                kwargs = {"app_consistent": args.app_consistent, "progress": bar,
+                          "resync_all": args.resync}
+                if args.retry:
+                    kwargs["policy"] = RetryPolicy(max_attempts=args.max_attempts)
+                results.append(v.replicate(names, retry=args.retry, **kwargs))
+    if args.json:
+        print_json([r._asdict() for r in results])
+    else:
+        for r in results:
+            print(f"point {r.point_id} ({r.consistency}) for {', '.join(r.items)}: "
+                  f"{human_bytes(r.bytes_written)} written, {human_bytes(r.bytes_read)} read "
+                  f"in {r.seconds:.3f} s")
+    return 0
+
+
+def cmd_points(args):
+    with open_vault(args) as v:
+        points = v.points(args.item)
+    out = [{"id": p["id"], "created": timestamp(p["created"]), "consistency": p["consistency"],
+            "cut": p["cut"], "bytes": p["bytes"]} for p in points]
+    if args.json:
+        print_json(out)
+    else:
+        for p in out:
+            print(f"{p['id']:>6}  {p['created']}  {p['consistency']:<16}  cut: {p['cut']:<8} "
+                  f"{human_bytes(p['bytes'])}")
+    return 0
+
+
+def cmd_status(args):
+    with open_vault(args) as v:
+        names = [args.item] if args.item else v.items()
+        statuses = [v.status(n) for n in names]
+    if args.json:
+        print_json(statuses[0] if args.item else statuses)
+    else:
+        for st in statuses:
+            print(f"{st['item']}: {st['state']}, {st['direction']}, health {st['health']}, "
+                  f"{st['points']} points"
+                  + (f", last error: {st['last_error']}" if st["last_error"] else ""))
+    return 0
+
+
+def cmd_jobs(args):
+    with open_vault(args) as v:
+        jobs = v.jobs()
+    out = [{**j, "started": timestamp(j["started"]), "ended": timestamp(j["ended"])} for j in jobs]
+    if args.json:
+        print_json(out)
+    else:
+        for j in out:
+            print(f"{j['id']:>5}  {j['kind']:<10} {j['item'] or '':<16} {j['state']:<10} "
+                  f"{j['progress'] * 100:5.1f}%  {human_bytes(j['bytes_transferred'])}"
+                  + (f"  {j['error']}" if j["error"] else ""))
+    return 0
+
+
+def cmd_materialize(args):
+    with open_vault(args, writer=True) as v:
+        paths = v.materialize(args.item, args.point, args.to)
+    if args.json:
+        print_json({"item": args.item, "point": args.point, "paths": paths})
+    else:
+        for p in paths:
+            print(p)
+    return 0
+
+
+def register(sub):
+    p = command(sub, "vault", help="create a vault",
+                description=("Create a vault: the directory that holds pydr's replication state\n"
+                             "(SQLite, WAL), undo steps and signature caches (docs/VAULT.md)."),
+                examples=["pydr vault init /srv/pydr-vault", "export PYDR_VAULT=/srv/pydr-vault"],
+                func=None)
+    vsub = p.add_subparsers(dest="vault_command", metavar="init")
+    vsub.required = True
+    q = command(vsub, "init", help="create an empty vault in DIR",
+                description="Create an empty vault in DIR (created if missing).",
+                examples=["pydr vault init /srv/pydr-vault"], func=cmd_vault_init)
+    q.add_argument("dir", metavar="DIR")
+    add_json(q)
+
+    p = command(
+        sub, "protect", help="protect a machine's disks (a protected item)",
+        description=("Register ITEM: each --disk SOURCE=REPLICA is replicated from SOURCE (an image\n"
+                     "or block device) to REPLICA. Items sharing --group are replicated together\n"
+                     "and get recovery points with the same id. The first 'pydr replicate' is the\n"
+                     "initial replication (a sparse-aware full copy); later ones move only changes.\n\n"
+                     "A REPLICA may be [user@]host:/PATH on another machine, reached with --rsh\n"
+                     "(kept with the item): its recovery-point steps are kept beside it there, its\n"
+                     "points are materialised there ('--to host:DIR'), and failover brings the\n"
+                     "machine up there."),
+        examples=["pydr protect web --disk /img/web-os.img=/dr/web-os.img "
+                  "--disk /img/web-data.img=/dr/web-data.img --retention 48",
+                  "pydr protect db --disk /dev/vg0/db=backup@dr:/srv/replicas/db.img "
+                  "--rsh 'ssh -p 2222'",
+                  "pydr protect app --disk app.img=/dr/app.img --group shop "
+                  "--quiesce-hook 'fsfreeze -f /mnt' --thaw-hook 'fsfreeze -u /mnt'"],
+        func=cmd_protect)
+    add_item(p, "a name for the machine")
+    p.add_argument("--disk", action="append", required=True, metavar="SOURCE=REPLICA")
+    p.add_argument("--group", metavar="G", help="replicate with the other items of group G")
+    p.add_argument("--retention", type=positive_int, default=24, metavar="N",
+                   help="recovery points kept (default: 24)")
+    p.add_argument("--retention-age", type=parse_duration, default=None, metavar="AGE",
+                   help="also drop points older than AGE (e.g. 72h, 7d; the newest is always kept)")
+    p.add_argument("--quiesce-hook", metavar="CMD", help="run before the cut (app-consistent points)")
+    p.add_argument("--thaw-hook", metavar="CMD", help="run after the cut")
+    add_remote_options(p)
+    add_vault_options(p)
+
+    p = command(
+        sub, "replicate", help="run a replication cycle: ends in a recovery point",
+        description=("Replicate ITEM (with the rest of its group), a --group, or --all items, and\n"
+                     "record a recovery point. Each disk moves only the blocks that changed since the\n"
+                     "last cycle (compared with the replica's signature cache), through the crash-safe\n"
+                     "undo journal of 'pydr apply'; that journal is kept as the point's reverse delta.\n"
+                     "A killed cycle is finished by running it again."),
+        examples=["pydr replicate web", "pydr replicate --group shop --app-consistent",
+                  "pydr replicate --all --retry --max-attempts 6 --json"],
+        func=cmd_replicate)
+    p.add_argument("item", metavar="ITEM", nargs="?")
+    p.add_argument("--group", metavar="G")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--app-consistent", action="store_true",
+                   help="run the items' quiesce hooks before and thaw hooks after reading")
+    p.add_argument("--resync", action="store_true",
+                   help="compare both sides by checksum (re-read the replicas); needed for items "
+                        "in state resync-required")
+    p.add_argument("--retry", action="store_true",
+                   help="retry recoverable errors (I/O, space, connection, timeout) at 1, 2, 4, 8 "
+                        "and 10 minutes after the first attempt, then every 30 minutes")
+    p.add_argument("--max-attempts", type=positive_int, default=None, metavar="N",
+                   help="with --retry, give up after N attempts")
+    add_vault_options(p)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw a progress bar on stderr (default: when stderr is a terminal)")
+
+    p = command(sub, "points", help="list an item's recovery points",
+                description="List ITEM's recovery points, oldest first.",
+                examples=["pydr points web", "pydr points web --json | jq '.[-1].id'"],
+                func=cmd_points)
+    add_item(p)
+    add_vault_options(p)
+
+    p = command(sub, "status", help="state, direction and health of items",
+                description="Show ITEM's (or every item's) state, direction and health.",
+                examples=["pydr status", "pydr status web --json"], func=cmd_status)
+    p.add_argument("item", metavar="ITEM", nargs="?")
+    add_vault_options(p)
+
+    p = command(sub, "jobs", help="list jobs (also while they run)",
+                description="List every job: kind, item, state, progress and bytes moved.",
+                examples=["pydr jobs", "pydr jobs --json"], func=cmd_jobs)
+    add_vault_options(p)
+
+    p = command(
+        sub, "materialize", help="write a recovery point's disks into a directory",
+        description=("Write each disk of ITEM as it was at recovery point P into DIR, named like\n"
+                     "its replica. The replicas are not touched."),
+        examples=["pydr materialize web --point 7 --to /tmp/web-at-7",
+                  "pydr materialize db --point 3 --to dr:/srv/restore"],
+        func=cmd_materialize)
+    add_item(p)
+    p.add_argument("--point", type=int, required=True, metavar="P")
+    p.add_argument("--to", required=True, metavar="DIR",
+                   help="a directory; host:DIR on the host that holds the item's replicas")
+    add_vault_options(p)

@@ -1,0 +1,235 @@
+"""Replication cycles, recovery points, retention and materialisation.
+
+A cycle replicates every disk of one or more items (a replication group) and
+ends in one recovery point per item, all with the same id. The first cycle of
+an item is its initial replication (a sparse-aware full copy through resync);
+every later one is a delta cycle that compares each source with the replica's
+signature cache (the replica is not re-read) and keeps its undo journal as
+the disk's next undo step.
+
+The cut: where the sources' file system can clone files (reflink: XFS,
+btrfs), every disk of every item in the cycle is cloned first (FICLONE, a
+few milliseconds whatever the size) and the cycle reads the clones, so all
+disks are read as of one instant: a crash-consistent point even while the
+sources are written. Without reflink (ext4, block devices) the sources are
+read as they are; the quiesce/thaw hooks then make the point consistent
+(the writer is paused for the whole read). Each point records its cut:
+"reflink", "quiesce" or "none" (consistent only if nothing wrote meanwhile).
+A point is "app-consistent" when the quiesce hook succeeded before the cut.
+"""
+
+import contextlib
+import os
+import time
+
+from ..engine.progress import Record
+from ..endpoints.transfer import transfer
+from ..errors import HookFailed, InvalidState
+from .hooks import run_hook
+from .points import apply_retention
+from .retry import recoverable
+
+JOB_UPDATE_INTERVAL = 0.5
+
+
+def _cycle_disk(vault, name, d, source, step, has_point, on_progress, threads, resync_all,
+                extents):
+    """One disk's part of a cycle: resync the replica from `source` (the disk
+    or its snapshot) and keep the undo journal as the disk's next step where
+    the replica's endpoint keeps steps (the vault, or beside the replica on
+    its host). The next step and the one after it are offered: a cycle killed
+    after it kept its step, before it was recorded, left the first one
+    committed, and it is recorded now. Returns (bytes moved, bytes read,
+    [(step, spec, bytes)] to record)."""
+    replica = vault.endpoint(name, d["replica"])
+    offered = [replica.step_spec(name, d["idx"], step + i, vault.dir) for i in (0, 1)]
+    cache = vault.cache_path(name, d["idx"])
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    if resync_all:  # compare both sides: the replica is read again, the cache rebuilt
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cache)
+    st, kept = transfer(source, replica, keep_undo=offered if has_point else None,
+                        signature_cache=cache, changed_extents=extents, progress=on_progress,
+                        threads=threads)
+    steps = []
+    if kept == 1:  # the one a killed cycle left
+        steps.append((step, offered[0], 0))
+    if kept is not None:
+        steps.append((step + kept, offered[kept], st.journal_bytes))
+    return st.bytes_written + st.bytes_zeroed, st.bytes_read, steps
+
+
+class CycleResult(Record):
+    """point_id, items, bytes_written, bytes_read, seconds, consistency, jobs."""
+
+    _fields = ("point_id", "items", "bytes_written", "bytes_read", "seconds", "consistency",
+               "jobs")
+    __slots__ = _fields
+
+
+RESYNC_THRESHOLD = 0.5  # pending changes above this share of a disk need a resync
+
+
+def mark_resync_required(vault, name, reason):
+    vault.set_item(name, state="resync-required", health="warning", last_error=reason)
+
+
+def replicate(vault, names, *, app_consistent=False, progress=None, threads=None,
+              resync_all=False, changed_extents=None, tracking_lost=False):
+    """Run one replication cycle for the items `names` (one point id shared
+    by all of them). Returns CycleResult. Each item gets a job; a failure
+    marks its job failed and the item's health critical (or warning when the
+    error is recoverable), then re-raises.
+
+    ``changed_extents``: {item: {disk index: [(offset, length), ...]}} from a
+    change tracker; only those ranges are compared. ``tracking_lost``: the
+    tracker was reset (or the source shut down uncleanly). Either that, or
+    pending changes above half a disk, marks the items resync-required, and
+    only ``resync_all=True`` (``--resync``: a checksum comparison of both
+    sides, the replica re-read) replicates them then.
+    """
+    start = time.monotonic()
+    rows = [vault.item(n) for n in names]
+    for row in rows:
+        if row["state"] not in ("protecting", "protected", "resync-required"):
+            raise InvalidState(f"item {row['name']!r} cannot replicate in state {row['state']}",
+                               path=vault.dir)
+    if tracking_lost:
+        for r in rows:
+            mark_resync_required(vault, r["name"], "change tracking was lost")
+    for r in rows:
+        for d in vault.disks(r["name"]) if changed_extents and r["name"] in changed_extents else ():
+            pending = sum(int(n) for _, n in changed_extents[r["name"]].get(d["idx"], ()))
+            source = vault.endpoint(r["name"], d["source"])
+            size = source.size() if source.exists() else 0
+            if size and pending > RESYNC_THRESHOLD * size:
+                mark_resync_required(vault, r["name"],
+                                     f"pending changes ({pending} bytes) exceed half of {d['source']}")
+    rows = [vault.item(n) for n in names]
+    if not resync_all:
+        stuck = [r["name"] for r in rows if r["state"] == "resync-required"]
+        if stuck:
+            raise InvalidState(f"{', '.join(stuck)} needs a resync: run 'pydr replicate "
+                               f"{stuck[0]} --resync'", path=vault.dir)
+    if app_consistent:
+        missing = [r["name"] for r in rows if not r["quiesce_hook"]]
+        if missing:
+            raise InvalidState(f"--app-consistent needs quiesce/thaw hooks; items without: "
+                               f"{', '.join(missing)}", path=vault.dir)
+    jobs = {r["name"]: vault.start_job("replicate", r["name"], state="queued") for r in rows}
+    started = set()
+    quiesced = []
+    snaps = {}
+    totals = {"written": 0, "read": 0}
+    try:
+        if app_consistent:
+            for r in rows:
+                run_hook(r["quiesce_hook"], f"quiesce hook of {r['name']!r}")
+                quiesced.append(r)
+        plans = []
+        sizes = {}
+        for r in rows:
+            for d in vault.disks(r["name"]):
+                source = vault.endpoint(r["name"], d["source"])  # here, or after a reprotect there
+                sizes[d["source"]] = source.size()
+                plans.append((r, d, source))
+        # the cut: clone every disk first, so that all are read as of one instant
+        for _, d, source in plans:
+            snaps[d["source"]] = source.snapshot()
+        cut = "reflink" if all(snaps.values()) else ("quiesce" if app_consistent else "none")
+        if cut == "reflink":
+            for r in quiesced:  # the cut is taken: the applications may go on
+                run_hook(r["thaw_hook"], f"thaw hook of {r['name']!r}")
+            quiesced = []
+        total = sum(sizes.values()) or 1
+        done_before = 0
+        per_item_bytes = {r["name"]: 0 for r in rows}
+        for r, d, source in plans:
+            name, idx = r["name"], d["idx"]
+            if name not in started:
+                vault.update_job(jobs[name], state="running", started=time.time())
+                started.add(name)
+            has_point = bool(vault.points(name))
+            step = vault.current_step(name, idx) + 1
+            last = [0.0]
+
+            def on_progress(rec, name=name, base=done_before):
+                now = time.monotonic()
+                if now - last[0] >= JOB_UPDATE_INTERVAL or rec.finished:
+                    last[0] = now
+                    vault.update_job(jobs[name], progress=min(1.0, (base + rec.done_bytes) / total))
+                if progress is not None:
+                    progress(rec)
+
+            extents = None
+            if changed_extents and name in changed_extents and has_point and not resync_all:
+                extents = changed_extents[name].get(idx, [])
+            moved, read, steps = _cycle_disk(vault, name, d, snaps.get(d["source"]) or source,
+                                             step, has_point, on_progress, threads, resync_all,
+                                             extents)
+            per_item_bytes[name] += moved
+            totals["written"] += moved
+            totals["read"] += read or sizes[d["source"]]  # 0: read on the source's host
+            done_before += sizes[d["source"]]
+            for number, spec, size in steps:
+                vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)", (name, idx, number, spec,
+                                                                         size))
+            vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
+    except BaseException as exc:
+        for r in rows:
+            vault.end_job(jobs[r["name"]], "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
+                          error=str(exc), bytes_transferred=None)
+            health = "critical" if not recoverable(exc) else "warning"
+            vault.set_item(r["name"], health=health, last_error=str(exc))
+        raise
+    finally:
+        for r in quiesced:
+            try:
+                run_hook(r["thaw_hook"], f"thaw hook of {r['name']!r}")
+            except HookFailed as exc:
+                vault.set_item(r["name"], health="warning", last_error=str(exc))
+        for snap in snaps.values():
+            if snap:
+                with contextlib.suppress(OSError):
+                    snap.remove_many([snap])
+    consistency = "app-consistent" if app_consistent else "crash-consistent"
+    now = time.time()
+    with vault.db:
+        vault.db.execute("BEGIN IMMEDIATE")
+        # allocated with the points, in one transaction: a failed cycle uses no id
+        point_id = vault.db.execute("SELECT value FROM counters WHERE name='point'").fetchone()[0] + 1
+        vault.db.execute("UPDATE counters SET value=? WHERE name='point'", (point_id,))
+        for r in rows:
+            name = r["name"]
+            vault.db.execute("INSERT INTO points VALUES (?,?,?,?,?,?)",
+                             (point_id, name, now, consistency, per_item_bytes[name], cut))
+            for d in vault.disks(name):
+                vault.db.execute("INSERT INTO point_disks VALUES (?,?,?,?)",
+                                 (point_id, name, d["idx"], vault.current_step(name, d["idx"])))
+            vault.set_item(name, state="protected", health="ok", last_error=None)
+    for r in rows:
+        apply_retention(vault, r["name"])
+        vault.end_job(jobs[r["name"]], "succeeded", bytes_transferred=per_item_bytes[r["name"]])
+    return CycleResult(point_id, [r["name"] for r in rows], totals["written"], totals["read"],
+                       time.monotonic() - start, consistency, list(jobs.values()))
+
+
+def replicate_with_retry(vault, names, *, policy=None, **kwargs):
+    """replicate(), retried on the schedule of pydr.retry while the errors are
+    recoverable; each scheduled retry is recorded on the items (attempts,
+    next_retry) so `pydr status` shows it."""
+    from .retry import RetryPolicy
+
+    def record(attempt, when, exc):
+        for n in names:
+            vault.set_item(n, attempts=attempt, next_retry=when, last_error=str(exc))
+
+    policy = policy or RetryPolicy()
+    if policy.on_retry is None:
+        policy.on_retry = record
+    result = policy.run(lambda: replicate(vault, names, **kwargs))
+    for n in names:
+        vault.set_item(n, attempts=0, next_retry=None)
+    return result
+
+

@@ -1,0 +1,66 @@
+"""Retry policy for replication: when to try again after an error.
+
+Recoverable errors (I/O hiccups, no space, lost connections, timeouts) are
+retried at 1, 2, 4, 8 and 10 minutes after the first attempt, then every 30
+minutes. Anything else (a vanished disk, permissions, a broken journal chain,
+an invalid state, ...) stops at once: the item's health is critical until an
+operator acts. The clock and the sleep are injectable for tests.
+"""
+
+import errno
+import time
+
+from ..errors import PydrError
+
+#: Seconds after the first attempt at which attempts 2..6 start.
+SCHEDULE = (60, 120, 240, 480, 600)
+#: Then one more attempt every this many seconds.
+EVERY = 1800
+
+_RECOVERABLE_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.ETIMEDOUT,
+                       errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+                       errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBUSY}
+
+
+def recoverable(exc):
+    """Whether an error is worth retrying without an operator."""
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError) and not isinstance(exc, PydrError):
+        return exc.errno in _RECOVERABLE_ERRNOS
+    return False
+
+
+def attempt_offset(n):
+    """Seconds after the first attempt at which attempt n (0-based) starts."""
+    if n == 0:
+        return 0
+    if n <= len(SCHEDULE):
+        return SCHEDULE[n - 1]
+    return SCHEDULE[-1] + EVERY * (n - len(SCHEDULE))
+
+
+class RetryPolicy:
+    """Runs a callable until it succeeds, retrying recoverable errors on the
+    schedule. ``on_retry(attempt, when, exc)`` is told of every scheduled
+    retry (the vault records it); ``max_attempts`` bounds the total."""
+
+    def __init__(self, *, clock=time.time, sleep=time.sleep, max_attempts=None, on_retry=None):
+        self.clock, self.sleep = clock, sleep
+        self.max_attempts = max_attempts
+        self.on_retry = on_retry
+
+    def run(self, fn):
+        first = self.clock()
+        n = 0
+        while True:
+            try:
+                return fn()
+            except BaseException as exc:
+                n += 1
+                if not recoverable(exc) or (self.max_attempts is not None and n >= self.max_attempts):
+                    raise
+                when = first + attempt_offset(n)
+                if self.on_retry is not None:
+                    self.on_retry(n, when, exc)
+                self.sleep(max(0.0, when - self.clock()))

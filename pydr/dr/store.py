@@ -1,0 +1,404 @@
+"""The vault's store: pydr's replication state, a directory holding a SQLite
+database. It records items, disks, steps, points, jobs and plans, and knows
+no workflow: replication, failover and plans (pydr.dr) change it through
+this class, and pydr.dr.vault.Vault puts them together for callers.
+
+Layout of a vault directory::
+
+    vault.db        SQLite (WAL): items, disks, points, undo steps, jobs
+    vault.lock      flock()ed by the command that changes the vault
+    undo/ITEM/      committed undo journals: reverse deltas, one per disk and
+                    delta cycle ("steps"); recovery points are built from them
+    cache/ITEM/     signature caches of the replicas
+
+Recovery points are not copies. Each delta cycle of a disk leaves its undo
+journal (the old contents of every block it changed) as step k of that disk;
+a point records, per disk, the step its replica was at. Materialising a point
+copies the current replica and rolls the newer steps back onto the copy,
+newest first -- cost proportional to what changed since.
+"""
+
+import contextlib
+import errno
+import fcntl
+import os
+import sqlite3
+import time
+
+from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
+
+SCHEMA_VERSION = 2  # 2: items.rsh, items.remote_pydr (remote replicas)
+DB_NAME = "vault.db"
+LOCK_NAME = "vault.lock"
+
+STATES = ("protecting", "protected", "resync-required")
+HEALTH = ("ok", "warning", "critical")
+
+
+_SCHEMA = """
+CREATE TABLE items(
+    name TEXT PRIMARY KEY,
+    grp TEXT,
+    state TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    health TEXT NOT NULL,
+    retention INTEGER NOT NULL,
+    quiesce_hook TEXT,
+    thaw_hook TEXT,
+    created REAL NOT NULL,
+    last_error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_retry REAL,
+    retention_age REAL,
+    test_dir TEXT,
+    failover_point INTEGER,
+    rsh TEXT,
+    remote_pydr TEXT
+);
+CREATE TABLE disks(
+    item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    PRIMARY KEY(item, idx)
+);
+CREATE TABLE steps(
+    item TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY(item, idx, step)
+);
+CREATE TABLE points(
+    id INTEGER NOT NULL,
+    item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
+    created REAL NOT NULL,
+    consistency TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    cut TEXT NOT NULL,
+    PRIMARY KEY(id, item)
+);
+CREATE TABLE point_disks(
+    id INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    PRIMARY KEY(id, item, idx)
+);
+CREATE TABLE jobs(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    item TEXT,
+    state TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    bytes_transferred INTEGER NOT NULL DEFAULT 0,
+    started REAL,
+    ended REAL,
+    error TEXT,
+    pid INTEGER
+);
+CREATE TABLE plans(
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO counters VALUES ('point', 0);
+"""
+
+
+def _connect(path):
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+def _migrate_1_to_2(db):
+    """Version 2 adds how to reach an item's remote replicas."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        if db.execute("PRAGMA user_version").fetchone()[0] == 1:  # not done meanwhile
+            db.execute("ALTER TABLE items ADD COLUMN rsh TEXT")
+            db.execute("ALTER TABLE items ADD COLUMN remote_pydr TEXT")
+            db.execute("PRAGMA user_version=2")
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def init_vault(directory):
+    """Create an empty vault in `directory` (created if missing)."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, DB_NAME)
+    if os.path.exists(path):
+        raise VaultError("a vault already exists here", path=directory)
+    db = _connect(path)
+    try:
+        with db:
+            db.execute("BEGIN")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    finally:
+        db.close()
+    for sub in ("undo", "cache"):
+        os.makedirs(os.path.join(directory, sub), exist_ok=True)
+    return directory
+
+
+class Store:
+    """An open vault. Use as a context manager; ``writer=True`` takes the
+    vault's lock (one changing command at a time; readers never wait)."""
+
+    def __init__(self, directory, *, writer=False):
+        self.dir = os.fspath(directory)
+        path = os.path.join(self.dir, DB_NAME)
+        if not os.path.isfile(path):
+            raise VaultError("not a pydr vault (no vault.db): create one with 'pydr vault init DIR'",
+                             path=self.dir)
+        self.lock_fd = None
+        if writer:
+            self.lock_fd = os.open(os.path.join(self.dir, LOCK_NAME),
+                                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.lock_fd)
+                raise VaultError("the vault is locked by another pydr process", path=self.dir) from None
+        try:
+            self.db = _connect(path)
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 1:
+                version = _migrate_1_to_2(self.db)
+            if version != SCHEMA_VERSION:
+                raise VaultError(f"vault schema version {version} is not supported "
+                                 f"(this pydr uses {SCHEMA_VERSION})", path=self.dir)
+            self.db.execute("SELECT 1 FROM items LIMIT 1")
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise VaultError(f"not a pydr vault or damaged: {exc}", path=self.dir) from None
+        except BaseException:
+            self.close()
+            raise
+        if writer:
+            self._recover()
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.db.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- recovery after a killed command ----------------------------------------
+    def _recover(self):
+        """Bring the vault back to a consistent state after a killed command:
+        jobs of dead processes fail; committed undo journals that were moved
+        into the vault but not yet registered are registered (the replica
+        already moved past them)."""
+        from ..engine import journal as J
+
+        for job in self.db.execute("SELECT id, pid FROM jobs WHERE state IN ('queued', 'running')"):
+            if job["pid"] is None or not _alive(job["pid"]):
+                self.db.execute("UPDATE jobs SET state='failed', ended=?, error=? WHERE id=?",
+                                (time.time(), "interrupted: the process running it is gone", job["id"]))
+        undo_root = os.path.join(self.dir, "undo")
+        for item in os.listdir(undo_root) if os.path.isdir(undo_root) else ():
+            for name in os.listdir(os.path.join(undo_root, item)):
+                if not name.endswith(".undo"):
+                    continue
+                path = os.path.join(undo_root, item, name)
+                idx, step = (int(x) for x in name[:-5].split("-"))
+                known = self.db.execute("SELECT 1 FROM steps WHERE item=? AND idx=? AND step=?",
+                                        (item, idx, step)).fetchone()
+                if known:
+                    continue
+                header, committed = J.read_journal(path)
+                if header is not None and committed:
+                    self.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
+                                    (item, idx, step, path, os.path.getsize(path)))
+                else:
+                    os.unlink(path)
+
+    # -- items -------------------------------------------------------------------
+    def protect(self, name, disks, *, group=None, retention=24, retention_age=None,
+                quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None):
+        """Register an item: disks is a list of (source, replica) paths; a
+        replica may be "[user@]host:PATH" (reached with `rsh`, default ssh,
+        running `remote_pydr serve --stdio` there; its recovery-point steps
+        are kept beside it).
+        Points are kept while they are among the newest `retention` and (if
+        `retention_age` seconds is given) younger than that; the newest point
+        is always kept."""
+        if not name or "/" in name or name.startswith("-"):
+            raise ValueError(f"invalid item name {name!r}")
+        if not disks:
+            raise ValueError("an item needs at least one --disk SOURCE=REPLICA")
+        if not isinstance(retention, int) or retention < 1:
+            raise ValueError("retention must be a positive number of points")
+        if retention_age is not None and retention_age <= 0:
+            raise ValueError("retention age must be positive")
+        if (quiesce_hook is None) != (thaw_hook is None):
+            raise ValueError("give both --quiesce-hook and --thaw-hook, or neither")
+        if self.db.execute("SELECT 1 FROM items WHERE name=?", (name,)).fetchone():
+            raise InvalidState(f"item {name!r} is already protected", path=self.dir)
+        from ..endpoints import open_endpoint
+
+        def disk(spec):
+            return open_endpoint(spec, rsh=rsh, remote_pydr=remote_pydr)
+
+        taken = {disk(r["source"]).identity for r in self.db.execute("SELECT source FROM disks")}
+        taken |= {disk(r["replica"]).identity for r in self.db.execute("SELECT replica FROM disks")}
+        seen = set()
+        stored = []
+        for source, replica in disks:
+            src, rep = disk(source), disk(replica)
+            if src.place is not None:
+                raise ValueError(f"source disk {source} must be on this machine "
+                                 "(replicas may be on another)")
+            if rep.place is not None and not os.path.isabs(rep.path):
+                raise ValueError(f"remote replica {replica} needs an absolute path")
+            if not src.exists():
+                raise FileNotFoundError(errno.ENOENT, "source disk not found", source)
+            if src.identity == rep.identity:
+                raise ValueError(f"replica {replica} is the source disk itself")
+            for p in (src.identity, rep.identity):
+                if p in taken or p in seen:
+                    raise InvalidState(f"{p} is already a disk of a protected item", path=p)
+                seen.add(p)
+            stored.append((src.spec, rep.spec))
+        job = self.start_job("protect", name)
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,NULL,0,NULL,?,NULL,NULL,?,?)",
+                (name, group, "protecting", "forward", "ok", retention, quiesce_hook, thaw_hook,
+                 time.time(), retention_age, rsh, remote_pydr))
+            for i, (source, replica) in enumerate(stored):
+                self.db.execute("INSERT INTO disks VALUES (?,?,?,?)", (name, i, source, replica))
+        self.end_job(job, "succeeded")
+
+    def item(self, name):
+        row = self.db.execute("SELECT * FROM items WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise UnknownName(f"no protected item named {name!r}", path=self.dir)
+        return row
+
+    def items(self, group=None):
+        if group is None:
+            return [r["name"] for r in self.db.execute("SELECT name FROM items ORDER BY name")]
+        names = [r["name"] for r in self.db.execute(
+            "SELECT name FROM items WHERE grp=? ORDER BY name", (group,))]
+        if not names:
+            raise UnknownName(f"no replication group named {group!r}", path=self.dir)
+        return names
+
+    def disks(self, name):
+        return [dict(r) for r in self.db.execute(
+            "SELECT idx, source, replica FROM disks WHERE item=? ORDER BY idx", (name,))]
+
+    def set_item(self, name, **fields):
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE items SET {cols} WHERE name=?", (*fields.values(), name))
+
+    def status(self, name):
+        row = self.item(name)
+        points = self.points(name)
+        return {
+            "item": name, "state": row["state"], "direction": row["direction"],
+            "health": row["health"], "group": row["grp"], "retention": row["retention"],
+            "retention_age": row["retention_age"],
+            "disks": [{"source": d["source"], "replica": d["replica"]} for d in self.disks(name)],
+            "points": len(points),
+            "latest_point": points[-1]["id"] if points else None,
+            "last_error": row["last_error"],
+            "failed_attempts": row["attempts"],
+            "next_retry": row["next_retry"],
+            "test_failover": row["test_dir"],
+            "failover_point": row["failover_point"],
+        }
+
+    # -- points and steps --------------------------------------------------------
+    def points(self, name):
+        self.item(name)
+        return [dict(r) for r in self.db.execute(
+            "SELECT id, created, consistency, bytes, cut FROM points WHERE item=? ORDER BY id",
+            (name,))]
+
+    def point(self, name, point_id):
+        row = self.db.execute("SELECT * FROM points WHERE item=? AND id=?",
+                              (name, point_id)).fetchone()
+        if row is None:
+            raise UnknownName(f"item {name!r} has no recovery point {point_id}", path=self.dir)
+        return row
+
+    def current_step(self, name, idx):
+        """The latest undo step of a disk, or 0 (only the initial copy)."""
+        row = self.db.execute("SELECT MAX(step) FROM steps WHERE item=? AND idx=?",
+                              (name, idx)).fetchone()
+        return row[0] or 0
+
+    def endpoint(self, name, spec):
+        """The endpoint of a disk (or a directory) of item `name`, reached as
+        the item says (its --rsh and --remote-pydr)."""
+        from ..endpoints import open_endpoint
+
+        row = self.item(name)
+        return open_endpoint(spec, rsh=row["rsh"], remote_pydr=row["remote_pydr"])
+
+    def cache_path(self, name, idx):
+        return os.path.join(self.dir, "cache", name, f"{idx}.sig")
+
+    # -- jobs --------------------------------------------------------------------
+    def start_job(self, kind, item, state="running"):
+        cur = self.db.execute(
+            "INSERT INTO jobs(kind, item, state, started, pid) VALUES (?,?,?,?,?)",
+            (kind, item, state, time.time() if state == "running" else None, os.getpid()))
+        return cur.lastrowid
+
+    def run_job(self, kind, item, fn):
+        """Run fn() as a job: running, then succeeded, failed or cancelled."""
+        job = self.start_job(kind, item)
+        try:
+            result = fn()
+        except BaseException as exc:
+            self.end_job(job, "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
+                         error=str(exc))
+            raise
+        self.end_job(job, "succeeded")
+        return result
+
+    def update_job(self, job_id, **fields):
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
+
+    def end_job(self, job_id, state, error=None, bytes_transferred=None):
+        fields = {"state": state, "ended": time.time(), "error": error}
+        if state == "succeeded":
+            fields["progress"] = 1.0
+        if bytes_transferred is not None:
+            fields["bytes_transferred"] = bytes_transferred
+        self.update_job(job_id, **fields)
+
+    def jobs(self):
+        return [dict(r) for r in self.db.execute(
+            "SELECT id, kind, item, state, progress, bytes_transferred, started, ended, error "
+            "FROM jobs ORDER BY id")]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

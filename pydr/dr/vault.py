@@ -1,0 +1,64 @@
+"""The vault as a caller sees it: the store (pydr.dr.store) with the DR
+workflow as methods, so that a higher-level tool needs only ``pydr.Vault``.
+
+    with pydr.Vault("/srv/vault", writer=True) as v:
+        v.protect("web", [("/img/web.img", "/dr/web.img")])
+        v.replicate("web")
+        v.test_failover("web", "/tmp/drill", point="latest-processed")
+
+The store itself knows no workflow (an import-linter contract keeps it so);
+this class only forwards to the workflow modules.
+"""
+
+from . import failover as F
+from . import plans as plans_
+from . import points as points_
+from . import replication as R
+from .store import Store, init_vault  # noqa: F401  (pydr.dr.vault.init_vault)
+
+
+class Vault(Store):
+    """An open vault with the DR workflow; see pydr.dr.store.Store."""
+
+    def replicate(self, names, *, retry=False, **kwargs):
+        """One replication cycle for the items `names` (one point id shared by
+        all); see pydr.dr.replication.replicate. ``retry``: retry recoverable
+        errors on the schedule of pydr.dr.retry."""
+        names = [names] if isinstance(names, str) else list(names)
+        if retry:
+            return R.replicate_with_retry(self, names, **kwargs)
+        return R.replicate(self, names, **kwargs)
+
+    def materialize(self, name, point_id, directory, **kwargs):
+        """Write the item's disks as they were at a point into `directory`."""
+        return points_.materialize(self, name, point_id, directory, **kwargs)
+
+    def apply_retention(self, name, now=None):
+        return points_.apply_retention(self, name, now)
+
+    def test_failover(self, name, directory, point=None):
+        return F.test_failover(self, name, directory, point)
+
+    def cleanup_test_failover(self, name):
+        return F.cleanup_test_failover(self, name)
+
+    def failover(self, name, point="latest", **kwargs):
+        return F.failover(self, name, point, **kwargs)
+
+    def change_point(self, name, point):
+        return F.change_point(self, name, point)
+
+    def commit(self, name):
+        return F.commit(self, name)
+
+    def reprotect(self, name, **kwargs):
+        return F.reprotect(self, name, **kwargs)
+
+    def failback(self, name, **kwargs):
+        return F.failback(self, name, **kwargs)
+
+    def create_plan(self, name, groups):
+        return plans_.create_plan(self, name, groups)
+
+    def run_plan(self, name, operation, **options):
+        return plans_.run_plan(self, name, operation, **options)

@@ -1,0 +1,185 @@
+"""A disk on this machine: a regular file or a block device, opened by this
+process. The engine does the work in place."""
+
+import contextlib
+import errno
+import os
+
+from ..engine import names
+from ..errors import UnsupportedFile
+from .base import Endpoint, SignResult
+
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+def fsync_dir(path):
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalEndpoint(Endpoint):
+    place = None
+
+    def __init__(self, path):
+        path = os.fspath(path)
+        super().__init__(os.path.abspath(path) if path else path)
+        self._path = self.spec
+
+    @property
+    def path(self):
+        return self._path
+
+    @property
+    def local_path(self):
+        return self._path
+
+    @property
+    def identity(self):
+        return os.path.realpath(self._path)
+
+    def _at(self, path):
+        return LocalEndpoint(path)
+
+    # -- the disk ---------------------------------------------------------------
+    def exists(self):
+        return os.path.lexists(self._path)
+
+    def size(self):
+        from ..engine import bindings as B
+
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "disk not found", self._path) from None
+        try:
+            return B.fd_size(fd, self._path)[0]
+        finally:
+            os.close(fd)
+
+    def open_source(self, *, block_size, threads, progress=None, window=None, group=None,
+                    bwlimit=None, compress=False):
+        from ..transport import exchange as X
+        from ..transport.roles import LocalSource
+
+        return LocalSource(self._path, block_size=block_size, threads=threads, progress=progress,
+                           window=window or X.WINDOW, group=group or X.GROUP)
+
+    def open_target(self, *, block_size, result_size, threads, keep_undo=None, progress=None,
+                    streams=0, bwlimit=None, compress=False):
+        from ..engine.journal import choose_undo_path
+        from ..transport.roles import LocalTarget
+
+        keep, index = choose_undo_path([LocalEndpoint(k).path for k in keep_undo or ()])
+        return LocalTarget(self._path, block_size=block_size, result_size=result_size,
+                           threads=threads, keep_undo=keep, kept=index, progress=progress)
+
+    def snapshot(self):
+        """A reflink clone beside the disk (.NAME.pydr-snap), or None where
+        the file system cannot clone (or this is not a regular file)."""
+        import fcntl
+        import stat
+
+        if not stat.S_ISREG(os.stat(self._path).st_mode):
+            return None
+        snap = names.beside(self._path, names.SNAP)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(snap)
+        src = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                dst = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return None  # e.g. a read-only directory: no snapshot
+            try:
+                fcntl.ioctl(dst, FICLONE, src)
+            except OSError as exc:
+                os.close(dst)
+                os.unlink(snap)
+                if exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY,
+                                 errno.EPERM, errno.ENOSYS):
+                    return None
+                raise
+            os.close(dst)
+            return LocalEndpoint(snap)
+        finally:
+            os.close(src)
+
+    # -- files beside it ----------------------------------------------------------
+    def rename(self, dest):
+        os.replace(self._path, dest.path)  # atomic, in one directory
+        fsync_dir(dest.path)
+
+    def remove_many(self, endpoints):
+        for ep in endpoints:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ep.path)
+
+    def remove_drill(self, disks):
+        self.remove_many(disks)
+        with contextlib.suppress(OSError):
+            os.rmdir(self._path)  # only if the drill left it empty
+
+    def materialize(self, steps, dest, *, drill=False, threads=None):
+        from ..engine.restore import materialize_file
+
+        self.check_same_place(dest)
+        if drill and os.path.lexists(dest.path):
+            raise FileExistsError(errno.EEXIST, "a test failover does not overwrite files",
+                                  dest.path)
+        os.makedirs(os.path.dirname(dest.path), exist_ok=True)
+        materialize_file(names.latest_state(self._path), [s.path for s in steps], dest.path,
+                         threads)
+        return dest
+
+    # -- files as streams; engine work --------------------------------------------
+    def open_read(self):
+        return open(self._path, "rb")
+
+    def open_write(self):
+        from ..engine.atomic import atomic_write
+
+        return atomic_write(self._path)
+
+    def signature(self, *, block_size, threads=None):
+        from ..engine.signatures import signature
+
+        return signature(self._path, block_size=block_size, threads=threads)
+
+    def write_signature(self, out, *, block_size, algorithm, threads=None, progress=None,
+                        cancel=None, use_mmap=True):
+        from ..engine.signatures import signature
+
+        target = getattr(out, "local_path", None)
+        if target and os.path.exists(target) and os.path.exists(self._path) \
+                and os.path.samefile(target, self._path):
+            raise UnsupportedFile("refusing to write the signature over the image itself",
+                                  path=target)
+        sig = signature(self._path, block_size=block_size, algorithm=algorithm, threads=threads,
+                        progress=progress, cancel=cancel, use_mmap=use_mmap)
+        if target:
+            sig.save(target)
+        elif isinstance(out, Endpoint):
+            with out.open_write() as f:
+                sig._write(f)
+        else:
+            sig._write(out)
+            out.flush()
+        st = sig.stats
+        return SignResult(self.spec, str(out) if isinstance(out, Endpoint) else "-", sig.size,
+                          sig.block_size, sig.algorithm, sig.block_count, sig.zero_blocks,
+                          st.bytes_read, st.bytes_skipped, 0, st.seconds, st.threads, st.kernel)
+
+    def make_delta(self, out, *, base, threads=None, progress=None, cancel=None):
+        from ..engine.delta import make_delta
+
+        return make_delta(self._path, out, against=base, threads=threads, progress=progress,
+                          cancel=cancel)
+
+    def apply_delta(self, stream, *, name, verify=False, progress=None, cancel=None):
+        from ..engine.apply import apply_delta
+
+        return apply_delta(stream, self._path, verify=verify, progress=progress, cancel=cancel)
+

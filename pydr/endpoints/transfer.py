@@ -1,0 +1,100 @@
+"""Resync between two endpoints: make one disk byte-identical to another,
+wherever each of them is.
+
+Two disks this process opens directly (``local_path``) go through the
+engine's resync (pydr.engine.resync: windows hashed on every thread, a
+signature cache that spares reading the target, change-tracking extents,
+read-back verification). Any other pair goes through the exchange: the
+source endpoint's role signs and sends, the target endpoint's role answers
+and applies (pydr.transport.roles), so a push, a pull and a relay between
+two hosts are the same few lines here.
+"""
+
+import time
+
+from ..engine.progress import Record
+from . import open_endpoint
+
+
+class TransferStats(Record):
+    """bytes_written, bytes_zeroed, blocks_changed, bytes_sent, bytes_received,
+    bytes_read (here; 0 when another host read the source), journal_bytes,
+    seconds, direction (push, pull, relay or local)."""
+
+    _fields = ("bytes_written", "bytes_zeroed", "blocks_changed", "bytes_sent", "bytes_received",
+               "bytes_read", "journal_bytes", "seconds", "direction")
+    __slots__ = _fields
+
+
+def resync(src, dst, *, rsh=None, remote_pydr=None, **options):
+    """Make `dst` byte-identical to `src`. Each is a path, "[user@]host:PATH"
+    (reached with `rsh` running `remote_pydr serve --stdio` there) or an
+    Endpoint. Returns pydr.engine.resync.ResyncStats for two disks on this
+    machine, TransferStats otherwise. Options: see :func:`transfer`."""
+    stats, _ = transfer(open_endpoint(src, rsh=rsh, remote_pydr=remote_pydr),
+                        open_endpoint(dst, rsh=rsh, remote_pydr=remote_pydr), **options)
+    return stats
+
+
+def transfer(src, dst, *, block_size=4096, threads=None, progress=None, cancel=None,
+             keep_undo=None, signature_cache=None, changed_extents=None, verify=False,
+             bwlimit=None, compress=False, streams=0, window=None, group=None):
+    """Resync the endpoint `dst` from `src`; returns (stats, kept): `kept` is
+    the index in `keep_undo` (specs at the target's place where the
+    committed undo journal may be kept, a recovery-point step) of the one
+    that holds it, or None.
+
+    For two disks on this machine: ``signature_cache`` (a signature file of
+    the target, used when valid), ``changed_extents`` (only these source
+    ranges may have changed), ``verify`` (read back what was written),
+    ``cancel`` (an Event). Across a connection: ``bwlimit`` (bytes/s sent by
+    the side holding the source), ``compress`` (zstd on the wire),
+    ``streams`` (a push's records over N more connections), ``window`` and
+    ``group`` (the exchange's geometry)."""
+    from ..engine import bindings as B
+    from ..engine.parallel import check_threads
+
+    if keep_undo is not None and not isinstance(keep_undo, (list, tuple)):
+        keep_undo = [keep_undo]
+    B.check_block_size(block_size)
+    threads = check_threads(threads)
+    if src.local_path and dst.local_path:
+        return _engine_resync(src, dst, block_size=block_size, threads=threads, progress=progress,
+                              cancel=cancel, keep_undo=keep_undo, signature_cache=signature_cache,
+                              changed_extents=changed_extents, verify=verify)
+    if verify:
+        raise ValueError("--verify reads the target back: only when both disks are on this "
+                         "machine")
+    if bwlimit is not None and bwlimit <= 0:
+        raise ValueError("bwlimit must be a positive number of bytes per second")
+    if streams and dst.local_path:
+        raise ValueError("--streams is for a target on another host (a pull uses one "
+                         "connection)")
+    start = time.monotonic()
+    wire = dict(bwlimit=bwlimit, compress=compress)
+    with src.open_source(block_size=block_size, threads=threads, progress=progress,
+                         window=window, group=group, **wire) as source:
+        with dst.open_target(block_size=block_size, result_size=source.size, threads=threads,
+                             keep_undo=keep_undo, streams=streams,
+                             progress=None if source.reports_progress else progress,
+                             **wire) as target:
+            source.run(target)
+            result = target.finish()
+        sent = source.bytes_sent + target.bytes_sent
+        received = source.bytes_received + target.bytes_received
+        direction = {(False, True): "push", (True, False): "pull",
+                     (True, True): "relay"}.get((bool(source.bytes_sent), bool(target.bytes_sent)),
+                                                "local")
+        stats = TransferStats(result.bytes_written, result.bytes_zeroed, source.blocks_changed,
+                              sent, received, source.bytes_read, result.journal_bytes,
+                              time.monotonic() - start, direction)
+    return stats, result.kept
+
+
+def _engine_resync(src, dst, *, keep_undo, **options):
+    from ..engine.journal import choose_undo_path
+    from ..engine.resync import resync as engine_resync
+
+    keep, kept = choose_undo_path([open_endpoint(k).local_path for k in keep_undo or ()])
+    stats = engine_resync(src.local_path, dst.local_path, keep_undo=keep, **options)
+    return stats, kept

@@ -1,0 +1,344 @@
+"""Thin bindings over pydr._core: check arguments, convert types, nothing else.
+
+The classes users see (pydr.signature, pydr.Signature) are built on these.
+Buffers are anything with the buffer protocol (bytearray, memoryview, numpy);
+this module does not import numpy, so the CLI starts fast.
+"""
+
+import os
+
+try:
+    from .._core import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on how pydr is run
+    import os as _os
+
+    raise ImportError(
+        f"pydr's compiled core (pydr._core) is missing from {_os.path.dirname(_os.path.dirname(__file__))}: "
+        "this looks like a source tree. Build and install pydr first "
+        "(./scripts/bootstrap, or pip install .) and run from outside the source directory."
+    ) from exc
+from .. import errors as E
+
+# pydr's C codes (csrc/pydr.h) -> exception classes.
+_CODE_CLASSES = {
+    -1001: E.Cancelled,
+    -1002: E.FileChanged,
+    -1003: E.UnsupportedFile,
+    -1004: E.CorruptDelta,
+    -1005: E.BaseMismatch,
+    -1006: E.AlreadyApplied,
+}
+
+
+def raise_for_code(code, *, path=None, offset=None):
+    """Raise the exception for a C return code; return None when it is 0.
+
+    Negative errnos become the matching ``OSError`` subclass (the builtin
+    picks it from the errno) with ``filename=path``; pydr's own codes become
+    their :class:`pydr.errors.PydrError` class. This is the only place that
+    does it.
+    """
+    if code == 0:
+        return
+    message = ffi.string(lib.pydr_strerror(code)).decode()
+    if -1000 < code < 0:
+        if offset is not None:
+            message = f"{message} at offset {offset}"
+        if path is not None:
+            raise OSError(-code, message, os.fspath(path))
+        raise OSError(-code, message)
+    cls = _CODE_CLASSES.get(code, E.PydrError)
+    raise cls(message, path=path, offset=offset)
+
+ALGORITHMS = {"xxh3-64": lib.PYDR_XXH3_64, "xxh3-128": lib.PYDR_XXH3_128}
+ALGORITHM_NAMES = {code: name for name, code in ALGORITHMS.items()}
+BLOCK_MIN = lib.PYDR_BLOCK_MIN
+BLOCK_MAX = lib.PYDR_BLOCK_MAX
+C_VERSION = (lib.PYDR_VERSION_MAJOR, lib.PYDR_VERSION_MINOR, lib.PYDR_VERSION_PATCH)
+
+
+def algorithm_code(name):
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown algorithm {name!r}: choose one of {', '.join(ALGORITHMS)}"
+        ) from None
+
+
+def hash_words(code):
+    return lib.pydr_hash_words(code)
+
+
+def check_block_size(block_size):
+    if (
+        not isinstance(block_size, int)
+        or block_size < BLOCK_MIN
+        or block_size > BLOCK_MAX
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(
+            f"block size {block_size!r} must be a power of two between "
+            f"{BLOCK_MIN} and {BLOCK_MAX} bytes"
+        )
+    return block_size
+
+
+def kernel_name():
+    return ffi.string(lib.pydr_kernel_name()).decode()
+
+
+def fd_size(fd, path=None):
+    """(size in bytes, is_block_device) of an open file descriptor."""
+    size = ffi.new("uint64_t *")
+    is_blk = ffi.new("int *")
+    raise_for_code(lib.pydr_fd_size(fd, size, is_blk), path=path)
+    return int(size[0]), bool(is_blk[0])
+
+
+def hash_bytes(code, data):
+    """Tuple of uint64 words: (h,) for xxh3-64, (low, high) for xxh3-128."""
+    words = hash_words(code)
+    out = ffi.new("uint64_t[]", 2)
+    buf = ffi.from_buffer(data)
+    raise_for_code(lib.pydr_hash(code, buf, len(buf), out))
+    return tuple(out[i] for i in range(words))
+
+
+class Progress:
+    """The C progress record: shared by all threads of one operation."""
+
+    def __init__(self):
+        self._ptr = ffi.new("pydr_progress *")
+
+    @property
+    def done(self):
+        return lib.pydr_progress_done(self._ptr)
+
+    @property
+    def read(self):
+        return lib.pydr_progress_read(self._ptr)
+
+    def request_cancel(self):
+        lib.pydr_progress_request_cancel(self._ptr)
+
+
+class Signer:
+    """One C signer (one thread's I/O buffer); use from a single thread."""
+
+    def __init__(self, block_size, code, io_size=0, use_mmap=True):
+        out = ffi.new("pydr_signer **")
+        flags = 0 if use_mmap else lib.PYDR_SIGN_NO_MMAP
+        raise_for_code(lib.pydr_signer_create(out, block_size, code, io_size, flags))
+        self._ptr = ffi.gc(out[0], lib.pydr_signer_free)
+        self.block_size = block_size
+        self.words = hash_words(code)
+
+    def sign(self, fd, offset, length, hashes, zero_mask, nblocks, progress, path=None):
+        """Hash [offset, offset+length) into ``nblocks`` blocks at the cffi
+        pointers ``hashes`` (uint64_t *) and ``zero_mask`` (uint8_t *), as
+        given by :class:`OutputBuffers`."""
+        rc = lib.pydr_signer_sign(
+            self._ptr, fd, offset, length, hashes, zero_mask, nblocks,
+            progress._ptr if progress is not None else ffi.NULL,
+        )
+        if rc:
+            raise_for_code(
+                rc, path=path, offset=lib.pydr_signer_error_offset(self._ptr)
+            )
+
+    def close(self):
+        if self._ptr is not None:
+            ffi.release(self._ptr)
+            self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def mask_pack(mask):
+    """(packed bytes, number of set blocks) of a one-byte-per-block mask."""
+    src = ffi.from_buffer("uint8_t[]", mask)
+    packed = bytearray((len(src) + 7) // 8)
+    count = lib.pydr_mask_pack(src, len(src), ffi.from_buffer("uint8_t[]", packed))
+    return packed, count
+
+
+def mask_unpack(packed, nblocks):
+    """(one-byte-per-block bytearray, number of set blocks); None if the
+    unused bits of the last byte are not zero."""
+    src = ffi.from_buffer("uint8_t[]", packed)
+    if len(src) != (nblocks + 7) // 8 or not lib.pydr_mask_tail_clear(src, nblocks):
+        return None, 0
+    mask = bytearray(nblocks)
+    count = lib.pydr_mask_unpack(src, nblocks, ffi.from_buffer("uint8_t[]", mask))
+    return mask, count
+
+
+class OutputBuffers:
+    """cffi views of a signature's output buffers, released on close().
+
+    ``at(block)`` gives the (hashes, zero_mask) pointers of a block, so that
+    threads can fill disjoint slices without creating views per chunk.
+    """
+
+    def __init__(self, hashes, zero_mask, words):
+        self._h = ffi.from_buffer("uint64_t[]", hashes, require_writable=True)
+        self._z = ffi.from_buffer("uint8_t[]", zero_mask, require_writable=True)
+        if len(self._h) != len(self._z) * words:
+            self.close()
+            raise ValueError("hash and mask buffers do not match")
+        self.words = words
+
+    def at(self, block):
+        return self._h + block * self.words, self._z + block
+
+    def close(self):
+        for view in (self._h, self._z):
+            ffi.release(view)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+RECORD_HEADER = lib.PYDR_RECORD_HEADER
+RECORD_MAX = lib.PYDR_RECORD_MAX
+DATA, ZERO, END, COMMIT = (lib.PYDR_RECORD_DATA, lib.PYDR_RECORD_ZERO,
+                           lib.PYDR_RECORD_END, lib.PYDR_RECORD_COMMIT)
+
+
+def record_build(type, offset=0, length=0, base_hash=(0, 0), payload_hash=0, seq=0):
+    r = ffi.new("pydr_record *")
+    r.type, r.offset, r.length, r.payload_hash, r.seq = type, offset, length, payload_hash, seq
+    r.base_hash[0], r.base_hash[1] = base_hash
+    out = bytearray(RECORD_HEADER)
+    lib.pydr_record_build(ffi.from_buffer("uint8_t[]", out), r)
+    return out
+
+
+def record_parse(header):
+    """dict of a 64-byte record header, or None when it fails its checks."""
+    r = ffi.new("pydr_record *")
+    if lib.pydr_record_parse(ffi.from_buffer("uint8_t[]", header), r) != 0:
+        return None
+    return {"type": r.type, "offset": r.offset, "length": r.length,
+            "base_hash": (r.base_hash[0], r.base_hash[1]),
+            "payload_hash": r.payload_hash, "seq": r.seq}
+
+
+def records_scan(buf):
+    """(complete bytes, records, journal bound, saw END) of whole records at
+    the start of buf; raises CorruptDelta with the position of a bad header."""
+    scan = ffi.new("pydr_scan *")
+    with ffi.from_buffer("uint8_t[]", buf) as view:
+        rc = lib.pydr_records_scan(view, len(view), scan)
+    if rc:
+        raise_for_code(rc, offset=scan.error_position)
+    return scan.complete, scan.records, scan.journal_bound, bool(scan.end)
+
+
+def hashes_digest_ranges(hashes, nblocks, block_size, extents):
+    """Digests (2 words per extent) of the base block hashes under extents."""
+    n = len(extents) // 2
+    out = bytearray(16 * n)
+    with ffi.from_buffer("uint64_t[]", hashes) as h, ffi.from_buffer("uint64_t[]", extents) as e:
+        lib.pydr_hashes_digest_ranges(h, nblocks, block_size, e, n,
+                                      ffi.from_buffer("uint64_t[]", out, require_writable=True))
+    return out
+
+
+def blocks_digest(data, block_size):
+    out = ffi.new("uint64_t[2]")
+    with ffi.from_buffer("uint8_t[]", data) as view:
+        lib.pydr_blocks_digest(view, len(view), block_size, out)
+    return int(out[0]), int(out[1])
+
+
+def encode(src_fd, extents, zero, base_hashes, first_seq, out, path=None, block_size=0,
+           payload_hashes=None):
+    """Encode as many extents as fit into `out`; returns (used, done, hash
+    words written to payload_hashes, a writable uint64 buffer, if given)."""
+    used, done, err = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint64_t *")
+    hused = ffi.new("size_t *")
+    n = len(zero)
+    with ffi.from_buffer("uint64_t[]", extents) as e, ffi.from_buffer("uint8_t[]", zero) as z, \
+            ffi.from_buffer("uint64_t[]", base_hashes) as b, \
+            ffi.from_buffer("uint8_t[]", out, require_writable=True) as o:
+        if payload_hashes is None:
+            rc = lib.pydr_encode(src_fd, e, z, b, n, first_seq, o, len(o), used, done, 0,
+                                 ffi.NULL, 0, hused, err)
+        else:
+            with ffi.from_buffer("uint64_t[]", payload_hashes, require_writable=True) as ph:
+                rc = lib.pydr_encode(src_fd, e, z, b, n, first_seq, o, len(o), used, done,
+                                     block_size, ph, len(ph), hused, err)
+    if rc:
+        raise_for_code(rc, path=path, offset=err[0])
+    return used[0], done[0], hused[0]
+
+
+class ApplyState:
+    def __init__(self):
+        self._ptr = ffi.new("pydr_apply_state *")
+
+    def __getattr__(self, name):
+        return getattr(self._ptr, name)
+
+
+def journal_capacity(journal_bound, records, block_size):
+    """Journal buffer bytes that apply_prepare may need for a scanned batch:
+    per record its length plus a longer last base block, and a 64-byte
+    header per block in the worst case (zero and data blocks alternating)."""
+    return journal_bound + records * block_size + RECORD_HEADER * (
+        journal_bound // block_size + 2 * records)
+
+
+def apply_prepare(fd, recs, block_size, old_size, new_size, state, scratch, journal, path=None):
+    """Verify a batch and fill `journal` with undo records; returns its length."""
+    used = ffi.new("size_t *")
+    with ffi.from_buffer("uint8_t[]", recs) as r, \
+            ffi.from_buffer("uint8_t[]", scratch, require_writable=True) as s, \
+            ffi.from_buffer("uint8_t[]", journal, require_writable=True) as j:
+        rc = lib.pydr_apply_prepare(fd, r, len(r), block_size, old_size, new_size,
+                                    state._ptr, s, len(s), j, len(j), used)
+    if rc:
+        raise_for_code(rc, path=path, offset=state._ptr.error_offset)
+    return used[0]
+
+
+def apply_write(fd, recs, is_block_device, path=None):
+    err = ffi.new("uint64_t *")
+    with ffi.from_buffer("uint8_t[]", recs) as r:
+        rc = lib.pydr_apply_write(fd, r, len(r), int(is_block_device), err)
+    if rc:
+        raise_for_code(rc, path=path, offset=err[0])
+
+
+def start_writeback(fd):
+    """Kick off write-back of dirty pages; errors are ignored (a hint)."""
+    lib.pydr_start_writeback(fd)
+
+
+class Digest:
+    """Streaming XXH3-128 used for the checksums of pydr's file formats."""
+
+    def __init__(self):
+        out = ffi.new("pydr_digest **")
+        raise_for_code(lib.pydr_digest_create(out))
+        self._ptr = ffi.gc(out[0], lib.pydr_digest_free)
+
+    def update(self, data):
+        buf = ffi.from_buffer(data)
+        raise_for_code(lib.pydr_digest_update(self._ptr, buf, len(buf)))
+        return self
+
+    def digest(self):
+        """16 bytes: low64 then high64, each little-endian."""
+        out = ffi.new("uint64_t[2]")
+        lib.pydr_digest_final(self._ptr, out)
+        return int(out[0]).to_bytes(8, "little") + int(out[1]).to_bytes(8, "little")

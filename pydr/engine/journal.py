@@ -1,0 +1,344 @@
+"""Undo journals: the old contents of every block an apply overwrites.
+
+Kept beside the target (``DIR/.NAME.pydr-undo``); for block devices, and
+for every target when ``$PYDR_JOURNAL_DIR`` is set, in that directory
+(default ``/var/lib/pydr/journal``), named after the target's real path. The protocol, which
+makes an interrupted apply always recoverable (docs/FORMAT.md):
+
+1. the journal header (old and new sizes, which delta) is written and fsynced,
+   with its directory, before the target is touched;
+2. for each batch, the old contents of the blocks it replaces are appended and
+   fsynced *before* the batch is written to the target;
+3. once the target is complete and fdatasynced, a COMMIT record is appended
+   and fsynced, and the journal is removed.
+
+Anything after the last valid record (a torn write at a crash) is ignored:
+the target was not touched for it. Rolling back = restoring the old size and
+writing every journaled record back. The same records are a reverse delta,
+which is what recovery points will be built from.
+"""
+
+import contextlib
+import errno
+import os
+import stat
+import struct
+
+from . import bindings as B
+from . import names
+from ..errors import CorruptDelta, UnfinishedApply
+
+MAGIC = b"PYDRUND\x00"
+VERSION = 1
+KIND_APPLY = 1
+KIND_RESYNC = 2
+# magic, version, kind, block_size, old_size, new_size, base_id, result_id, reserved
+_HEADER = struct.Struct("<8sHHIQQ16s16s24s")
+HEADER_SIZE = _HEADER.size + 8  # 96 with its xxh3-64 checksum
+READ_CHUNK = 32 << 20
+
+
+def journal_path(target):
+    """Where the undo journal of `target` lives."""
+    target = os.path.realpath(os.fspath(target))
+    try:
+        is_block = stat.S_ISBLK(os.stat(target).st_mode)
+    except OSError:
+        is_block = False
+    directory = os.environ.get("PYDR_JOURNAL_DIR")
+    if is_block or directory:
+        directory = directory or "/var/lib/pydr/journal"
+        return os.path.join(directory, target.strip("/").replace("/", "_") + ".pydr-undo")
+    return names.beside(target, names.UNDO)
+
+
+def _fsync_dir(path):
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pack_header(kind, block_size, old_size, new_size, base_id=bytes(16), result_id=bytes(16)):
+    fields = _HEADER.pack(MAGIC, VERSION, kind, block_size, old_size, new_size,
+                          base_id, result_id, bytes(24))
+    return fields + struct.pack("<Q", B.hash_bytes(B.ALGORITHMS["xxh3-64"], fields)[0])
+
+
+def parse_header(raw, path):
+    if len(raw) < HEADER_SIZE or raw[:8] != MAGIC:
+        return None
+    fields = raw[:_HEADER.size]
+    if struct.unpack_from("<Q", raw, _HEADER.size)[0] != B.hash_bytes(B.ALGORITHMS["xxh3-64"], fields)[0]:
+        return None
+    _, version, kind, bs, old, new, base_id, result_id, _ = _HEADER.unpack(fields)
+    if version != VERSION:
+        raise CorruptDelta(f"undo journal version {version} is not supported", path=path, offset=8)
+    return {"kind": kind, "block_size": bs, "old_size": old, "new_size": new,
+            "base_id": base_id, "result_id": result_id}
+
+
+class Journal:
+    """An open undo journal (append side)."""
+
+    def __init__(self, path, fd, header):
+        self.path, self.fd, self.header = path, fd, header
+        self.bytes = HEADER_SIZE
+
+    @classmethod
+    def create(cls, path, **header):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, pack_header(**header))
+            os.fsync(fd)
+            _fsync_dir(path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return cls(path, fd, header)
+
+    def append(self, records):
+        """Append undo records and make them durable before returning."""
+        if len(records):
+            view = memoryview(records)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            self.bytes += len(records)
+        os.fdatasync(self.fd)
+
+    def commit(self):
+        os.write(self.fd, B.record_build(B.COMMIT))
+        os.fdatasync(self.fd)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def keep_as(self, dest):
+        """Move the committed journal to `dest` (copied if it is on another
+        file system), durably, and remove it from beside the target."""
+        import shutil
+
+        self.close()
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        try:
+            os.replace(self.path, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = dest + ".tmp"
+            shutil.copyfile(self.path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+            os.unlink(self.path)
+        _fsync_dir(dest)
+        _fsync_dir(self.path)
+
+    def remove(self):
+        self.close()
+        os.unlink(self.path)
+        _fsync_dir(self.path)
+
+    @classmethod
+    def reopen(cls, path):
+        """Continue an interrupted (uncommitted) journal: cut a torn tail
+        off, then append after the last valid record."""
+        with open(path, "rb") as f:
+            header = parse_header(f.read(HEADER_SIZE), path)
+            if header is None:
+                return None
+            index = _index(f)
+        end = index[-1][0] + index[-1][1] if index else HEADER_SIZE
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+            os.lseek(fd, end, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        journal = cls(path, fd, header)
+        journal.bytes = end
+        return journal
+
+
+def read_journal(path):
+    """(header or None, committed) of a journal on disk, checking its records.
+
+    A header that is missing or torn means the crash came before the target
+    was touched. Records are checked up to the first invalid or incomplete
+    one (a torn tail)."""
+    with open(path, "rb") as f:
+        header = parse_header(f.read(HEADER_SIZE), path)
+        if header is None:
+            return None, False
+        committed = False
+        for rec in iter_records(f):
+            if rec is None:
+                break
+            if rec[0] == B.COMMIT:
+                committed = True
+                break
+        return header, committed
+
+
+def iter_records(f):
+    """Yield (type, record bytes) for each valid record of an open journal,
+    then None if it ends in a torn or invalid record."""
+    buf = bytearray()
+    while True:
+        chunk = f.read(READ_CHUNK)
+        buf += chunk
+        try:
+            complete, count, _, end = B.records_scan(buf)
+        except CorruptDelta:
+            complete, end = 0, False
+            # yield the valid prefix record by record before giving up
+            pos = 0
+            while len(buf) - pos >= B.RECORD_HEADER:
+                info = B.record_parse(buf[pos:pos + B.RECORD_HEADER])
+                if info is None:
+                    break
+                size = B.RECORD_HEADER + (info["length"] if info["type"] == B.DATA else 0)
+                if len(buf) - pos < size:
+                    break
+                yield info["type"], bytes(buf[pos:pos + size])
+                pos += size
+            yield None
+            return
+        pos = 0
+        while pos < complete:
+            info = B.record_parse(buf[pos:pos + B.RECORD_HEADER])
+            size = B.RECORD_HEADER + (info["length"] if info["type"] == B.DATA else 0)
+            yield info["type"], bytes(buf[pos:pos + size])  # buf is reused below
+            pos += size
+        if end:
+            return
+        del buf[:complete]
+        if not chunk:
+            if buf:
+                yield None
+            return
+
+
+def _index(f):
+    """[(position, size, type, offset, length)] of the valid undo records."""
+    out, pos = [], HEADER_SIZE
+    f.seek(HEADER_SIZE)
+    for rec in iter_records(f):
+        if rec is None or rec[0] == B.COMMIT:
+            break
+        kind, data = rec
+        info = B.record_parse(bytes(data[:B.RECORD_HEADER]))
+        out.append((pos, len(data), kind, info["offset"], info["length"]))
+        pos += len(data)
+    return out
+
+
+def _clip(data, old_size):
+    """A record limited to [0, old_size): rollback truncates the rest away."""
+    info = B.record_parse(bytes(data[:B.RECORD_HEADER]))
+    if info["offset"] >= old_size:
+        return None
+    if info["offset"] + info["length"] <= old_size:
+        return data
+    n = old_size - info["offset"]
+    if info["type"] == B.ZERO:
+        return B.record_build(B.ZERO, info["offset"], n, seq=info["seq"])
+    payload = bytes(data[B.RECORD_HEADER:B.RECORD_HEADER + n])
+    return B.record_build(B.DATA, info["offset"], n, seq=info["seq"],
+                          payload_hash=B.hash_bytes(B.ALGORITHMS["xxh3-64"], payload)[0]) + payload
+
+
+def rollback_fd(fd, path, target, is_block_device):
+    """Restore the target from the journal at `path`; returns bytes restored.
+    Leaves the journal in place (the caller removes it once this returned).
+
+    A journal continued after an interruption (resumed resync) may hold
+    several records for one range; the first one has the original contents,
+    so then every record is written back newest first. Otherwise ranges are
+    disjoint and holes go first, which frees space on a full file system."""
+    with open(path, "rb") as f:
+        header = parse_header(f.read(HEADER_SIZE), path)
+        if header is None:
+            return 0  # torn header: nothing was written to the target
+        old_size = header["old_size"]
+        if not is_block_device and os.fstat(fd).st_size != old_size:
+            os.ftruncate(fd, old_size)
+        index = _index(f)
+        spans = sorted((off, off + n) for _, _, _, off, n in index)
+        overlapping = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+        if overlapping:
+            order = list(reversed(index))
+        else:
+            order = [r for r in index if r[2] == B.ZERO] + [r for r in index if r[2] == B.DATA]
+        restored = 0
+        for pos, size, kind, _, _ in order:
+            f.seek(pos)
+            data = _clip(f.read(size), old_size)
+            if data is None:
+                continue
+            B.apply_write(fd, data, is_block_device, path=target)
+            restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
+    os.fdatasync(fd)
+    return restored
+
+
+def pending_journal(target):
+    """(path, header) of the journal of an unfinished apply on `target`, or
+    None. A committed journal (crash after commit) is removed on the way."""
+    path = journal_path(target)
+    try:
+        header, committed = read_journal(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
+    if header is None or committed:
+        # torn header (target untouched) or finished apply: nothing to undo
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+    return path, header
+
+
+def pending(target):
+    """The journal path if `target` has an unfinished apply, else None."""
+    found = pending_journal(target)
+    return found[0] if found else None
+
+
+def check_no_unfinished_apply(target):
+    """Raise UnfinishedApply if an apply on `target` was interrupted."""
+    path = pending(target)
+    if path is not None:
+        raise UnfinishedApply(
+            "an apply to this target was interrupted: run 'pydr apply DELTA TARGET' "
+            "again with the same delta to finish it, or 'pydr rollback TARGET' to "
+            f"restore the old contents (undo journal: {path})",
+            path=os.fspath(target),
+        )
+
+
+def choose_undo_path(candidates):
+    """(path, index) of the first of `candidates` that holds no committed
+    undo journal, or (None, None) when there are none. A replication cycle
+    offers the next recovery-point step and the one after it: a cycle killed
+    after it kept its step, before the vault recorded it, left the first one
+    committed (the replica already moved past it)."""
+    for i, path in enumerate(candidates):
+        if not (os.path.exists(path) and read_journal(path)[1]):
+            return path, i
+    if candidates:
+        raise FileExistsError(errno.EEXIST, "every step offered holds a committed step already",
+                              candidates[-1])
+    return None, None

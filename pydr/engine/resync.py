@@ -1,0 +1,256 @@
+"""Local resync: make a target image equal to a source image, moving only the
+blocks that differ.
+
+Both images are compared window by window (WINDOW bytes at a time, hashed at
+4 KiB on all threads), so memory stays bounded whatever their size; the
+blocks that differ are encoded as delta records and written through the same
+journaled :class:`pydr.apply.Applier` as ``pydr apply``, so an interrupted
+resync can always be finished or rolled back. With a valid signature cache of
+the target, the target is not read at all.
+"""
+
+import os
+import time
+
+from . import bindings as B
+from . import journal as J
+from .parallel import check_threads
+from .apply import Applier
+from .delta import changed_extents as extents_between, encode_buffer, write_records
+from ..errors import BaseMismatch, SameFile
+from .progress import Record, Throttle
+from .signatures import Signature, blocks_for, sign_range
+
+DEFAULT_RESYNC_BLOCK = 4096
+WINDOW = 256 << 20
+
+
+class ResyncStats(Record):
+    """bytes_read (both sides), bytes_written, bytes_zeroed, blocks_changed,
+    seconds, journal_bytes, used_cache, source_size."""
+
+    _fields = ("bytes_read", "bytes_written", "bytes_zeroed", "blocks_changed", "seconds",
+               "journal_bytes", "used_cache", "source_size")
+    __slots__ = _fields
+
+
+def _open_cache(cache, dst, dst_size, block_size):
+    """A reader of the cached target signature if it can be trusted, else None."""
+    from .sigstream import SignatureReader
+
+    if cache is None or not os.path.exists(cache):
+        return None
+    try:
+        reader = SignatureReader(cache)
+    except (ValueError, OSError):
+        return None  # corrupt or unreadable: read the target instead, and rewrite it
+    st = os.stat(dst)
+    if (reader.block_size != block_size or reader.size != dst_size
+            or (not _is_block(st) and os.stat(cache).st_mtime_ns < st.st_mtime_ns)):
+        reader.close()  # other geometry, or the target changed after the cache was written
+        return None
+    return reader
+
+
+def compare_window(src_sig, dst_sig, origin, block_size):
+    """What it takes to make a window of the target equal to the same window
+    of the source (Signatures of the window, starting at byte `origin`):
+    (extents [offset, length] with absolute offsets, zero flags, digests of
+    the target blocks they replace, blocks changed), or None if equal."""
+    import numpy as np
+
+    ext, zero = extents_between(dst_sig, src_sig)
+    if not len(zero):
+        return None
+    digests = B.hashes_digest_ranges(dst_sig.hashes, dst_sig.block_count, block_size, ext)
+    bs = np.uint64(block_size)
+    blocks = int(((ext[1::2] + bs - np.uint64(1)) // bs).sum())
+    ext = ext.copy()
+    ext[0::2] += np.uint64(origin)  # offsets only: ext is [offset, length] pairs
+    return ext, zero, digests, blocks
+
+
+def _is_block(st):
+    import stat
+
+    return stat.S_ISBLK(st.st_mode)
+
+
+def _coalesce(ranges, block_size, limit):
+    """Block-aligned, sorted, merged [start, end) pairs within [0, limit)."""
+    spans = []
+    for off, length in ranges:
+        start = max(0, int(off)) // block_size * block_size
+        end = min(limit, -(-(int(off) + int(length)) // block_size) * block_size)
+        if end > start:
+            spans.append([start, end])
+    spans.sort()
+    merged = []
+    for s, e in spans:
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return merged
+
+
+def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
+           changed_extents=None, verify=False, threads=None, progress=None, cancel=None,
+           keep_undo=None):
+    """Make `dst` byte-identical to `src`; returns ResyncStats. A missing
+    `dst` is created (and removed again if the first resync fails).
+
+    ``signature_cache``: a signature file of the target at ``block_size``,
+    used instead of reading the target when it is valid and newer than the
+    target, and rewritten after every resync. ``changed_extents``: (offset,
+    length) byte ranges of the source that may have changed (from a change
+    tracker); only those are compared. ``verify`` reads back every written
+    range and compares hashes before the resync is committed. ``keep_undo``:
+    a path where the committed undo journal is kept (the reverse delta that
+    turns the new target back into the old one) instead of being deleted.
+    """
+    import numpy as np
+
+    start = time.monotonic()
+    B.check_block_size(block_size)
+    threads = check_threads(threads)
+    code = B.ALGORITHMS["xxh3-128"]
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise SameFile("source and target are the same file", path=os.fspath(dst))
+    J.check_no_unfinished_apply(src)
+    src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    writer = cached = None
+    try:
+        src_size, _ = B.fd_size(src_fd, src)
+        applier = Applier(dst, block_size=block_size, base_size=None, result_size=src_size,
+                          kind=J.KIND_RESYNC, create=True)
+        with applier:
+            dst_size = applier.base_size  # what the target holds now
+            cached = _open_cache(signature_cache, dst, dst_size, block_size)
+            writer = None
+            if signature_cache is not None:
+                from .sigstream import SignatureWriter
+
+                writer = SignatureWriter(signature_cache, block_size, src_size)
+            if changed_extents is not None:
+                spans = _coalesce(changed_extents, block_size, src_size)
+                if dst_size != src_size:
+                    lo = min(dst_size, src_size) // block_size * block_size
+                    spans = _coalesce([(s, e - s) for s, e in spans] + [(lo, src_size - lo)],
+                                      block_size, src_size)
+                if writer is not None and cached is None:
+                    raise BaseMismatch("changed_extents with a signature cache needs a valid "
+                                       "cache of the target", path=signature_cache)
+            else:
+                spans = None
+            total = src_size if spans is None else sum(e - s for s, e in spans)
+            throttle = Throttle(progress, "resync", dst, total)
+            shared = B.Progress()
+            dst_read = B.Progress()
+            seq = [0]
+            encode_buf = encode_buffer()
+            changed_blocks = 0
+            written = []  # (offset, length, digest) for verify
+            span_i = 0
+            for w0 in range(0, src_size, WINDOW):
+                w1 = min(src_size, w0 + WINDOW)
+                if spans is None:
+                    subs = [(w0, w1)]
+                else:  # the parts of the changed spans inside this window
+                    while span_i < len(spans) and spans[span_i][1] <= w0:
+                        span_i += 1
+                    subs, k = [], span_i
+                    while k < len(spans) and spans[k][0] < w1:
+                        subs.append((max(w0, spans[k][0]), min(w1, spans[k][1])))
+                        k += 1
+                    if not subs and writer is None:
+                        continue
+                win_h = win_z = None
+                if writer is not None and spans is not None:
+                    # blocks outside the spans did not change: keep their cached hashes
+                    nw = blocks_for(w1 - w0, block_size)
+                    win_h, win_z = cached.read(w0 // block_size, nw)
+                    win_h += bytes(16 * nw - len(win_h))
+                    win_z += bytes(nw - len(win_z))
+                for s0, s1 in subs:
+                    n = blocks_for(s1 - s0, block_size)
+                    src_h, src_z = bytearray(16 * n), bytearray(n)
+                    sign_range(src_fd, os.fspath(src), s0, s1 - s0, block_size, code, src_h, src_z,
+                               threads=threads, progress_record=shared, throttle=throttle,
+                               cancel=cancel, final_report=False)
+                    src_sig = Signature(block_size, s1 - s0, "xxh3-128", src_h, src_z)
+                    # whole blocks of the target: where it is longer than the source,
+                    # its block at the source's end is hashed over its full length,
+                    # as apply reads it
+                    d1 = min(dst_size, -(-s1 // block_size) * block_size) if s0 < dst_size else s0
+                    m = blocks_for(d1 - s0, block_size)
+                    if cached is not None:
+                        dst_h, dst_z = cached.read(s0 // block_size, m)
+                    else:
+                        dst_h, dst_z = bytearray(16 * m), bytearray(m)
+                        if m:
+                            sign_range(applier.fd, os.fspath(dst), s0, d1 - s0, block_size, code,
+                                       dst_h, dst_z, threads=threads, progress_record=dst_read,
+                                       throttle=Throttle(None, "resync", dst, 0), cancel=cancel,
+                                       final_report=False)
+                    dst_sig = Signature(block_size, d1 - s0, "xxh3-128", dst_h, dst_z)
+                    cmp = compare_window(src_sig, dst_sig, s0, block_size)
+                    if cmp:
+                        ext, zero, digests, blocks = cmp
+                        changed_blocks += blocks
+                        if verify:
+                            rel = ext.copy()
+                            rel[0::2] -= np.uint64(s0)
+                            src_d = B.hashes_digest_ranges(src_sig.hashes, n, block_size, rel)
+                            written += [(int(ext[2 * i]), int(ext[2 * i + 1]),
+                                         bytes(src_d[16 * i:16 * i + 16])) for i in range(len(zero))]
+
+                        def emit(chunk):
+                            _, count, bound, _ = B.records_scan(chunk)
+                            applier.submit(chunk, bound, count)
+
+                        # read_hashes: src_h gets the hashes of the blocks as read now,
+                        # which is what the target receives (the source may have changed
+                        # since it was signed); the signature cache is made from src_h
+                        count, _, _ = write_records(
+                            src_fd, os.fspath(src), ext, zero, digests, emit, first_seq=seq[0],
+                            buf=encode_buf, read_hashes=(block_size, src_sig.hashes, s0 // block_size))
+                        seq[0] += count
+                    if writer is not None:
+                        if win_h is None:
+                            win_h, win_z = src_h, src_z
+                        else:
+                            b = (s0 - w0) // block_size
+                            win_h[16 * b:16 * (b + n)] = src_h
+                            win_z[b:b + n] = src_z
+                    throttle.report(shared.done, shared.read)
+                if writer is not None:
+                    writer.write(win_h, win_z)
+            if verify:
+                applier.drain()
+                _verify_written(applier, written, block_size)
+            applier.finish(keep_journal=keep_undo)
+        st = applier.state
+        if writer is not None:
+            writer.commit()  # after the target is durable: the cache never runs ahead of it
+        bytes_read = shared.read + dst_read.read
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        os.close(src_fd)
+        if cached is not None:
+            cached.close()
+    throttle.report(total, shared.read, finished=True)
+    return ResyncStats(int(bytes_read), int(st.data_bytes), int(st.zero_bytes), changed_blocks,
+                       time.monotonic() - start, applier.journal.bytes, cached is not None, src_size)
+
+
+def _verify_written(applier, written, block_size):
+    for off, length, digest in written:
+        data = os.pread(applier.fd, length, off)
+        got = B.blocks_digest(data, block_size)
+        if got[0].to_bytes(8, "little") + got[1].to_bytes(8, "little") != digest:
+            raise BaseMismatch("read-back verification failed: the target does not hold what was "
+                               "written", path=applier.target, offset=off)

@@ -1,0 +1,148 @@
+"""The two roles of a resync in this process, spoken in the frames of
+pydr.transport.exchange, so that either end may sit across a connection.
+
+A *source* runs the comparison: it signs its disk window by window, hands
+each window's COARSE digests to the target, takes the target's FINE answer
+and hands over the RECORDS of the blocks that differ. A *target* answers
+COARSE with FINE and applies RECORDS under the undo journal. The client's
+roles for a disk on another host (pydr.transport.client) and these have
+the same methods:
+
+    source.size, source.run(target) -> source;  source.blocks_changed
+    target.coarse(payload); target.next_fine() -> payload
+    target.records(payload); target.finish() -> TargetResult
+    target.frame_bytes: how many record bytes a RECORDS frame should carry
+
+``pydr serve`` uses these roles for its side of a transfer.
+"""
+
+import collections
+import os
+
+from ..engine import bindings as B
+from ..engine import journal as J
+from ..engine.apply import Applier
+from ..engine.progress import Record, Throttle
+from . import exchange as X
+from . import protocol as P
+
+
+class TargetResult(Record):
+    """What a target role applied: bytes_written, bytes_zeroed, records,
+    `kept` (which of the offered undo paths holds the step, or None) and
+    journal_bytes (the size of that step)."""
+
+    _fields = ("bytes_written", "bytes_zeroed", "records", "kept", "journal_bytes")
+    __slots__ = _fields
+
+
+class LocalSource:
+    """The source role over a disk this process opens (a file or block device)."""
+
+    bytes_sent = bytes_received = 0
+    reports_progress = True
+
+    def __init__(self, path, *, block_size, threads, progress=None, window=X.WINDOW,
+                 group=X.GROUP, lookahead=X.LOOKAHEAD):
+        self.path = os.fspath(path)
+        J.check_no_unfinished_apply(self.path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.size, _ = B.fd_size(self.fd, self.path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.block_size, self.threads = block_size, threads
+        self.options = dict(window=window, group=group, lookahead=lookahead)
+        self.shared = B.Progress()
+        self.throttle = Throttle(progress, "resync", self.path, self.size)
+        self.blocks_changed = self.data_bytes = 0
+
+    def run(self, target):
+        def send(ftype, payload):
+            (target.coarse if ftype == P.COARSE else target.records)(payload)
+
+        side = X.SourceSide(self.fd, self.path, self.size, self.block_size, send,
+                            target.next_fine, threads=self.threads, shared=self.shared,
+                            throttle=self.throttle, batch=target.frame_bytes,
+                            **self.options).run()
+        self.blocks_changed, self.data_bytes = side.blocks_changed, side.data_bytes
+        self.throttle.report(self.size, self.shared.read, finished=True)
+        return self
+
+    @property
+    def bytes_read(self):
+        return self.shared.read
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LocalTarget:
+    """The target role over a disk this process opens: COARSE is answered
+    from its own 4 KiB hashes, RECORDS go through the journaled Applier (a
+    missing target is created, and removed again if the first transfer
+    fails; a lost connection keeps the journal, so running the transfer
+    again resumes it). ``keep_undo``: where the committed undo journal is
+    kept (a recovery-point step)."""
+
+    bytes_sent = bytes_received = 0
+    frame_bytes = X.NET_BATCH  # record bytes per RECORDS frame it is handed
+
+    def __init__(self, path, *, block_size, result_size, threads, keep_undo=None, kept=0,
+                 progress=None):
+        self.path = os.fspath(path)
+        self.keep_undo, self.kept = keep_undo, kept
+        self.applier = Applier(self.path, block_size=block_size, base_size=None,
+                               result_size=result_size, kind=J.KIND_RESYNC, create=True)
+        self.applier.__enter__()
+        self.answers = collections.deque()
+        self.side = X.TargetSide(self.applier.fd, self.path, self.applier.base_size, block_size,
+                                 lambda ftype, payload: self.answers.append(payload),
+                                 threads=threads, shared=B.Progress(),
+                                 throttle=Throttle(progress, "resync", self.path, result_size))
+
+    @property
+    def base_size(self):
+        return self.applier.base_size
+
+    def coarse(self, payload):
+        self.side.coarse(payload)
+
+    def next_fine(self):
+        return self.answers.popleft()
+
+    def records(self, payload):
+        complete, count, bound, end = B.records_scan(payload)
+        if complete != len(payload) or end:
+            raise P.ProtocolError("a RECORDS frame must hold whole DATA/ZERO records")
+        self.applier.submit(payload, bound, count)
+
+    def finish(self):
+        self.applier.finish(keep_journal=self.keep_undo)
+        st = self.applier.state
+        return TargetResult(int(st.data_bytes), int(st.zero_bytes), int(st.records),
+                            self.kept if self.keep_undo is not None else None,
+                            self.applier.journal.bytes)
+
+    def close(self, exc=None):
+        """End the target: after an error, the Applier rolls back (or keeps
+        the journal of an interrupted transfer)."""
+        applier, self.applier = self.applier, None
+        if applier is not None:
+            exc_type = type(exc) if exc is not None else None
+            applier.__exit__(exc_type, exc, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(exc)

@@ -1,0 +1,283 @@
+"""Test failover, failover, change-point and commit on real ext4 images,
+two disks per item; contents checked by hash at every step."""
+
+import json
+import os
+
+import pytest
+
+import pydr.dr.failover as F
+from pydr.dr.vault import Vault, init_vault
+
+from conftest import run_cli, sha
+from disks import change, fsck_clean, mkfs
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """An item 'vm' with two ext4 disks, replicated in 3 cycles (changes
+    between them); returns (tmp_path, [(source, replica)], {point: hashes})."""
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    monkeypatch.setenv("PYDR_VAULT", str(vault))
+    disks = [mkfs(tmp_path, "os", size="32M"), mkfs(tmp_path, "data", size="24M")]
+    pairs = [(d, tmp_path / "site-b" / f"{d.name}") for d in disks]
+    (tmp_path / "site-b").mkdir()
+    args = ["protect", "vm", "--retention", "10"]
+    for s, r in pairs:
+        args += ["--disk", f"{s}={r}"]
+    assert cli(*args).returncode == 0
+    history = {}
+    for cycle in range(3):
+        if cycle:
+            change(disks[cycle % 2], tmp_path, tag=cycle)
+        res = json.loads(cli("replicate", "vm", "--json").stdout)[0]
+        history[res["point_id"]] = [sha(s) for s, _ in pairs]
+    return tmp_path, pairs, history
+
+
+def cli(*args):
+    return run_cli(*args, env=dict(os.environ))
+
+
+def replica_hashes(pairs):
+    return [sha(r) for _, r in pairs]
+
+
+def test_drill_shows_the_point_and_leaves_replicas_alone(machine):
+    tmp_path, pairs, history = machine
+    before = replica_hashes(pairs)
+    r = cli("test-failover", "vm", "--to", tmp_path / "drill", "--point", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    paths = json.loads(r.stdout)["paths"]
+    assert [sha(p) for p in paths] == history[1]
+    for p in paths:
+        fsck_clean(p)
+    assert replica_hashes(pairs) == before
+    # replication goes on during the drill
+    change(pairs[0][0], tmp_path, tag=7)
+    assert cli("replicate", "vm").returncode == 0
+    assert cli("test-failover", "vm", "--to", tmp_path / "d2").returncode == 15  # one at a time
+    r = cli("cleanup-test-failover", "vm")
+    assert r.returncode == 0 and not any(os.path.exists(p) for p in paths)
+    assert cli("cleanup-test-failover", "vm").returncode == 15
+
+
+def test_unplanned_failover_loses_only_unreplicated_changes(machine):
+    tmp_path, pairs, history = machine
+    change(pairs[1][0], tmp_path, tag=5)  # written at site A, never replicated
+    r = cli("failover", "vm", "--point", "latest-processed", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["point"] == 3
+    assert replica_hashes(pairs) == history[3]
+    for _, rep in pairs:
+        fsck_clean(rep)
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert st["state"] == "failed-over" and st["direction"] == "forward"
+
+
+def test_change_point_is_exact_even_after_the_replica_was_written(machine):
+    tmp_path, pairs, history = machine
+    assert cli("failover", "vm", "--point", "2").returncode == 0
+    assert replica_hashes(pairs) == history[2]
+    with open(pairs[0][1], "r+b") as f:  # the failed-over machine writes to its disk
+        f.seek(1 << 20)
+        f.write(b"written at site B" * 100)
+    for p in (1, 3, 2):
+        r = cli("change-point", "vm", "--point", p)
+        assert r.returncode == 0, r.stderr
+        assert replica_hashes(pairs) == history[p], p
+    for _, rep in pairs:
+        fsck_clean(rep)
+
+
+def test_planned_failover_loses_nothing(machine):
+    tmp_path, pairs, history = machine
+    change(pairs[0][0], tmp_path, tag=9)
+    now = [sha(s) for s, _ in pairs]
+    marker = tmp_path / "shut-down"
+    r = cli("failover", "vm", "--planned", "--shutdown-hook", f"touch {marker}", "--json")
+    assert r.returncode == 0, r.stderr
+    assert marker.exists() and replica_hashes(pairs) == now
+    assert json.loads(r.stdout)["point"] == 4
+
+
+def test_planned_failover_needs_its_shutdown_hook(machine):
+    tmp_path, pairs, history = machine
+    before = sha(tmp_path / "vault" / "vault.db"), replica_hashes(pairs)
+    r = cli("failover", "vm", "--planned", "--shutdown-hook", "exit 4")
+    assert r.returncode == 16 and b"shutdown hook" in r.stderr
+    assert json.loads(cli("status", "vm", "--json").stdout)["state"] == "protected"
+    assert replica_hashes(pairs) == before[1]
+
+
+def test_latest_without_a_source_uses_the_newest_point(machine):
+    tmp_path, pairs, history = machine
+    os.unlink(pairs[0][0])  # site A is gone
+    r = cli("failover", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["point"] == 3 and any("could not replicate" in n for n in out["notes"])
+    assert replica_hashes(pairs) == history[3]
+
+
+def test_commit(machine):
+    tmp_path, pairs, history = machine
+    assert cli("failover", "vm", "--point", "latest-processed").returncode == 0
+    r = cli("commit", "vm")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert (st["state"], st["direction"], st["points"]) == ("failover-committed", "reverse", 0)
+    assert replica_hashes(pairs) == history[3]
+    assert not [p for p in os.listdir(tmp_path / "site-b") if p.startswith(".")]
+    assert not os.listdir(tmp_path / "vault" / "undo" / "vm")
+    assert cli("replicate", "vm").returncode == 15  # reprotect comes first
+
+
+def test_invalid_states_leave_the_vault_unchanged(machine):
+    tmp_path, pairs, history = machine
+    db = tmp_path / "vault" / "vault.db"
+
+    def refused(*args):
+        before = sha(db)
+        r = cli(*args)
+        assert r.returncode == 15, (args, r.returncode, r.stderr)
+        assert b"Traceback" not in r.stderr
+        assert sha(db) == before, args
+
+    refused("commit", "vm")
+    refused("change-point", "vm", "--point", "1")
+    assert cli("failover", "vm", "--point", "1").returncode == 0
+    refused("failover", "vm")
+    refused("replicate", "vm")
+    refused("test-failover", "vm", "--to", tmp_path / "x")
+    assert cli("failover", "nope").returncode == 3
+    assert cli("change-point", "vm", "--point", "42").returncode == 3
+
+
+def test_interrupted_failover_can_be_continued(machine, monkeypatch):
+    tmp_path, pairs, history = machine
+    real = F.materialize_disk
+    calls = []
+
+    def dies_on_the_second_disk(vault, name, pid, d, dest, threads=None):
+        calls.append(d["idx"])
+        if d["idx"] == 1:
+            raise KeyboardInterrupt  # killed half-way
+        return real(vault, name, pid, d, dest, threads)
+
+    monkeypatch.setattr(F, "materialize_disk", dies_on_the_second_disk)
+    with Vault(tmp_path / "vault", writer=True) as v:
+        with pytest.raises(KeyboardInterrupt):
+            F.failover(v, "vm", "2")
+        assert v.status("vm")["state"] == "failing-over"
+    monkeypatch.setattr(F, "materialize_disk", real)
+    r = cli("failover", "vm", "--json")  # the same command finishes the job
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["point"] == 2 and "resumed" in json.loads(r.stdout)["notes"]
+    assert replica_hashes(pairs) == history[2]
+
+
+def test_full_round_trip(machine):
+    """failover, commit, work at site B, reprotect (differences only),
+    planned failback (nothing lost), commit, reprotect: forward again."""
+    tmp_path, pairs, history = machine
+    disk_size = sum(os.path.getsize(s) for s, _ in pairs)
+    assert cli("failover", "vm", "--point", "latest-processed").returncode == 0
+    assert cli("commit", "vm").returncode == 0
+    change(pairs[0][1], tmp_path, tag=11)  # the machine runs at site B now
+    fsck_clean(pairs[0][1])
+    r = cli("reprotect", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["direction"] == "reverse"
+    assert rep["bytes_written"] < disk_size // 4  # the differences, not a copy
+    assert [sha(s) for s, _ in pairs] == replica_hashes(pairs)  # site A follows site B
+    change(pairs[1][1], tmp_path, tag=12)  # more work at site B, not yet replicated
+    site_b = replica_hashes(pairs)
+    r = cli("failback", "vm", "--shutdown-hook", "true", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [sha(s) for s, _ in pairs] == site_b  # planned: nothing lost
+    for s, _ in pairs:
+        fsck_clean(s)
+    assert cli("commit", "vm").returncode == 0
+    assert cli("reprotect", "vm").returncode == 0
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert (st["state"], st["direction"]) == ("protected", "forward")
+    assert cli("replicate", "vm").returncode == 0
+
+
+def test_failback_to_an_alternate_location(machine):
+    tmp_path, pairs, history = machine
+    assert cli("failover", "vm").returncode == 0
+    assert cli("commit", "vm").returncode == 0
+    assert cli("reprotect", "vm").returncode == 0
+    site_b = replica_hashes(pairs)
+    old_a = sha(pairs[0][0])
+    new = tmp_path / "new-site-a" / "os-restored.img"
+    r = cli("failback", "vm", "--alternate", f"{pairs[0][0]}={new}", "--json")
+    assert r.returncode == 0, r.stderr
+    assert sha(new) == site_b[0] and sha(pairs[1][0]) == site_b[1]
+    assert sha(pairs[0][0]) == old_a  # the old location is left alone
+    fsck_clean(new)
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert str(new) in [d["replica"] for d in st["disks"]]
+
+
+def test_reprotect_and_failback_refused_in_the_wrong_state(machine):
+    tmp_path, pairs, history = machine
+    assert cli("reprotect", "vm").returncode == 15  # before commit
+    assert cli("failback", "vm").returncode == 15   # not reversed
+    assert cli("failover", "vm").returncode == 0
+    assert cli("reprotect", "vm").returncode == 15  # failed over, not committed
+
+
+def test_recovery_plan_runs_groups_in_order_with_hooks(tmp_path, monkeypatch):
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    monkeypatch.setenv("PYDR_VAULT", str(vault))
+    log = tmp_path / "plan.log"
+    for n in ("db", "web1", "web2"):
+        (tmp_path / f"{n}.img").write_bytes(os.urandom(1 << 20))
+        assert cli("protect", n, "--disk", f"{tmp_path / f'{n}.img'}={tmp_path / f'{n}-b.img'}").returncode == 0
+        assert cli("replicate", n).returncode == 0
+    r = cli("plan", "create", "shop", "--group", "db", "--pre-hook", f"echo pre1 >> {log}",
+            "--post-hook", f"echo post1 >> {log}", "--group", "web1,web2",
+            "--post-hook", f"echo post2 >> {log}")
+    assert r.returncode == 0, r.stderr
+    r = cli("plan", "test-failover", "shop", "--to", tmp_path / "drill", "--json")
+    assert r.returncode == 0, r.stderr
+    assert sha(tmp_path / "drill" / "web2" / "web2-b.img") == sha(tmp_path / "web2-b.img")
+    assert cli("plan", "cleanup-test-failover", "shop").returncode == 0
+    log.unlink()
+    r = cli("plan", "failover", "shop", "--point", "latest-processed", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)["report"]
+    assert [e.get("item") or e["hook"] for e in report] == ["pre", "db", "post", "web1", "web2", "post"]
+    assert log.read_text().split() == ["pre1", "post1", "post2"]
+    for n in ("db", "web1", "web2"):
+        assert json.loads(cli("status", n, "--json").stdout)["state"] == "failed-over"
+    assert cli("plan", "commit", "shop").returncode == 0
+    assert cli("plan", "reprotect", "shop").returncode == 0
+    assert json.loads(cli("status", "web1", "--json").stdout)["direction"] == "reverse"
+
+
+def test_a_failure_stops_the_plan_with_a_report(tmp_path, monkeypatch):
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    monkeypatch.setenv("PYDR_VAULT", str(vault))
+    for n in ("a", "b", "c"):
+        (tmp_path / f"{n}.img").write_bytes(os.urandom(1 << 16))
+        cli("protect", n, "--disk", f"{tmp_path / f'{n}.img'}={tmp_path / f'{n}-b.img'}")
+        if n != "b":
+            cli("replicate", n)
+    cli("plan", "create", "p", "--group", "a", "--group", "b", "--group", "c")
+    r = cli("plan", "failover", "p", "--point", "latest-processed", "--json")
+    assert r.returncode == 17 and b"stopped in group 2" in r.stderr
+    report = json.loads(r.stdout)["report"]
+    assert [(e["item"], e["status"]) for e in report] == [("a", "succeeded"), ("b", "failed"),
+                                                            ("c", "not run")]
+    assert json.loads(cli("status", "c", "--json").stdout)["state"] == "protected"
+    assert cli("plan", "failover", "nope").returncode == 3
+    assert cli("plan", "create", "q", "--group", "a", "--group", "a").returncode == 2
+    assert cli("plan", "create", "q", "--pre-hook", "true").returncode == 2

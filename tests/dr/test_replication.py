@@ -1,0 +1,301 @@
+"""Vault, replication cycles, recovery points, groups, retention, jobs."""
+
+import fcntl
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pydr.dr.points import materialize
+from pydr.dr.replication import replicate
+from pydr.dr.vault import Vault, init_vault
+
+from conftest import pydr_command, run_cli, sha
+from disks import change, fsck_clean, mkfs
+
+
+@pytest.fixture
+def vault(tmp_path, monkeypatch):
+    d = tmp_path / "vault"
+    init_vault(d)
+    monkeypatch.setenv("PYDR_VAULT", str(d))
+    return d
+
+
+def cli(*args):
+    return run_cli(*args, env=dict(os.environ))
+
+
+def test_cycles_on_ext4_points_are_exact(tmp_path, vault):
+    disks = [mkfs(tmp_path, "os"), mkfs(tmp_path, "data", size="32M")]
+    pairs = [(d, tmp_path / f"replica-{d.name}") for d in disks]
+    args = ["protect", "web", "--retention", "10"]
+    for s, r in pairs:
+        args += ["--disk", f"{s}={r}"]
+    assert cli(*args).returncode == 0
+    history = {}
+    for cycle in range(4):
+        if cycle:
+            change(disks[cycle % 2], tmp_path, tag=cycle)
+            fsck_clean(disks[cycle % 2])
+        r = cli("replicate", "web", "--json")
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)[0]
+        if cycle:
+            assert res["bytes_written"] < 12 << 20  # the change, not the disks
+        for s, rep in pairs:
+            assert sha(s) == sha(rep)
+        history[res["point_id"]] = [sha(s) for s, _ in pairs]
+    points = json.loads(cli("points", "web", "--json").stdout)
+    assert [p["id"] for p in points] == sorted(history)
+    assert all({"id", "created", "consistency"} <= set(p) for p in points)
+    for pid, hashes in history.items():
+        out = tmp_path / f"point{pid}"
+        r = cli("materialize", "web", "--point", pid, "--to", out)
+        assert r.returncode == 0, r.stderr
+        for (_, rep), h in zip(pairs, hashes):
+            copy = out / rep.name
+            assert sha(copy) == h, pid
+            fsck_clean(copy)
+    st = json.loads(cli("status", "web", "--json").stdout)
+    assert (st["state"], st["direction"], st["health"]) == ("protected", "forward", "ok")
+    jobs = json.loads(cli("jobs", "--json").stdout)
+    assert [j["kind"] for j in jobs] == ["protect"] + ["replicate"] * 4 + ["materialize"] * 4
+    assert all(j["state"] == "succeeded" for j in jobs)
+    assert all({"id", "kind", "state", "bytes_transferred"} <= set(j) for j in jobs)
+
+
+def test_retention_keeps_the_rest_exact(tmp_path, vault):
+    src, rep = tmp_path / "s.img", tmp_path / "r.img"
+    rng = random.Random(2)
+    data = bytearray(rng.randbytes(2 << 20))
+    src.write_bytes(bytes(data))
+    with Vault(vault, writer=True) as v:
+        v.protect("db", [(src, rep)], retention=3)
+        history = {}
+        for _ in range(7):
+            off = rng.randrange(len(data) - 10_000)
+            data[off:off + 10_000] = rng.randbytes(10_000)
+            src.write_bytes(bytes(data))
+            res = replicate(v, ["db"])
+            history[res.point_id] = sha(src)
+        kept = [p["id"] for p in v.points("db")]
+        assert kept == sorted(history)[-3:]
+        for pid in kept:
+            path, = materialize(v, "db", pid, tmp_path / f"m{pid}")
+            assert sha(path) == history[pid]
+        steps = v.db.execute("SELECT COUNT(*) FROM steps WHERE item='db'").fetchone()[0]
+        assert steps == 2  # the oldest kept point needs no step of its own
+        with pytest.raises(LookupError):
+            materialize(v, "db", sorted(history)[0], tmp_path / "gone")
+
+
+def test_group_shares_point_ids(tmp_path, vault):
+    for n in ("a", "b"):
+        (tmp_path / f"{n}.img").write_bytes(os.urandom(1 << 20))
+        assert cli("protect", n, "--group", "app", "--disk",
+                   f"{tmp_path / f'{n}.img'}={tmp_path / f'{n}-r.img'}").returncode == 0
+    assert cli("replicate", "--group", "app").returncode == 0
+    assert cli("replicate", "a").returncode == 0  # a's group comes along
+    ids_a = [p["id"] for p in json.loads(cli("points", "a", "--json").stdout)]
+    ids_b = [p["id"] for p in json.loads(cli("points", "b", "--json").stdout)]
+    assert ids_a == ids_b and len(ids_a) == 2
+
+
+def test_app_consistent_hooks(tmp_path, vault):
+    (tmp_path / "s.img").write_bytes(os.urandom(1 << 20))
+    log = tmp_path / "hooks.log"
+    assert cli("protect", "h", "--disk", f"{tmp_path / 's.img'}={tmp_path / 'r.img'}",
+               "--quiesce-hook", f"echo freeze >> {log}", "--thaw-hook", f"echo thaw >> {log}").returncode == 0
+    assert cli("replicate", "h", "--app-consistent").returncode == 0
+    assert log.read_text().split() == ["freeze", "thaw"]
+    assert json.loads(cli("points", "h", "--json").stdout)[0]["consistency"] == "app-consistent"
+
+
+def test_failing_quiesce_hook_makes_no_point(tmp_path, vault):
+    (tmp_path / "s.img").write_bytes(os.urandom(1 << 20))
+    cli("protect", "h", "--disk", f"{tmp_path / 's.img'}={tmp_path / 'r.img'}",
+        "--quiesce-hook", "exit 3", "--thaw-hook", "true")
+    r = cli("replicate", "h", "--app-consistent")
+    assert r.returncode == 16 and b"quiesce hook" in r.stderr
+    assert json.loads(cli("points", "h", "--json").stdout) == []
+    assert json.loads(cli("jobs", "--json").stdout)[-1]["state"] == "failed"
+
+
+def test_vanished_disk_makes_the_item_critical(tmp_path, vault):
+    src = tmp_path / "s.img"
+    src.write_bytes(os.urandom(1 << 20))
+    cli("protect", "x", "--disk", f"{src}={tmp_path / 'r.img'}")
+    assert cli("replicate", "x").returncode == 0
+    src.unlink()
+    r = cli("replicate", "x")
+    assert r.returncode == 3 and str(src).encode() in r.stderr
+    st = json.loads(cli("status", "x", "--json").stdout)
+    assert st["health"] == "critical" and "not found" in st["last_error"]
+    assert len(json.loads(cli("points", "x", "--json").stdout)) == 1
+
+
+def test_killed_replicate_can_be_continued(tmp_path, vault):
+    """SIGKILL a delta cycle while its job runs: the next replicate finishes
+    the work, the killed job shows as failed, and the earlier point is still
+    exact."""
+    import sqlite3
+
+    rng = random.Random(4)
+    size = 256 << 20
+    src, rep = tmp_path / "s.img", tmp_path / "r.img"
+    src.write_bytes(os.urandom(size))
+    assert cli("protect", "k", "--disk", f"{src}={rep}").returncode == 0
+    assert cli("replicate", "k").returncode == 0
+    first = sha(src)
+    with open(src, "r+b") as f:
+        for off in range(0, size, 1 << 20):
+            f.seek(off)
+            f.write(rng.randbytes(512 << 10))
+    p = subprocess.Popen(pydr_command() + ["replicate", "k"], cwd=tmp_path,
+                         stderr=subprocess.PIPE, env=dict(os.environ))
+    db = sqlite3.connect(f"file:{vault / 'vault.db'}?mode=ro", uri=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and p.poll() is None:
+        row = db.execute("SELECT state FROM jobs WHERE id=3").fetchone()
+        if row and row[0] == "running":
+            break
+        time.sleep(0.005)
+    db.close()
+    listed = json.loads(cli("jobs", "--json").stdout)  # listable while it runs
+    assert p.poll() is None, "the cycle ended before it could be killed"
+    assert listed[-1]["kind"] == "replicate" and listed[-1]["state"] == "running"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = cli("replicate", "k", "--json")
+    assert r.returncode == 0, r.stderr
+    assert sha(src) == sha(rep)
+    jobs = json.loads(cli("jobs", "--json").stdout)
+    assert [j["state"] for j in jobs][:4] == ["succeeded", "succeeded", "failed", "succeeded"]
+    assert "interrupted" in jobs[2]["error"]
+    points = json.loads(cli("points", "k", "--json").stdout)
+    out = tmp_path / "m"
+    assert cli("materialize", "k", "--point", points[0]["id"], "--to", out).returncode == 0
+    assert sha(out / "r.img") == first
+
+
+def test_bad_input(tmp_path, vault):
+    s = tmp_path / "s.img"
+    s.write_bytes(os.urandom(1 << 20))
+    assert cli("protect", "one", "--disk", f"{s}={tmp_path / 'r.img'}").returncode == 0
+    before = sha(vault / "vault.db")
+    cases = [
+        (["status", "nope"], 3, "no protected item"),
+        (["points", "nope"], 3, "no protected item"),
+        (["materialize", "one", "--point", "99", "--to", tmp_path / "x"], 3, "no recovery point"),
+        (["protect", "two", "--disk", f"{s}={s}"], 2, "is the source disk itself"),
+        (["protect", "two", "--disk", f"{tmp_path / 'other.img'}={tmp_path / 'r.img'}"], 3, "not found"),
+        (["protect", "one", "--disk", f"{s}={tmp_path / 'q.img'}"], 15, "already protected"),
+        (["replicate", "one", "--app-consistent"], 15, "needs quiesce"),
+        (["replicate", "--group", "nope"], 3, "no replication group"),
+    ]
+    (tmp_path / "other.img").write_bytes(b"x")
+    cases[4] = (["protect", "two", "--disk", f"{tmp_path / 'other.img'}={tmp_path / 'r.img'}"], 15,
+                "already a disk")
+    for args, code, needle in cases:
+        r = cli(*args)
+        assert r.returncode == code, (args, r.returncode, r.stderr)
+        assert needle.encode() in r.stderr and b"Traceback" not in r.stderr, (args, r.stderr)
+    assert sha(vault / "vault.db") == before
+
+
+def test_not_a_vault_and_locked_vault(tmp_path, vault):
+    r = run_cli("status", "--vault", tmp_path)
+    assert r.returncode == 14 and b"not a pydr vault" in r.stderr
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "vault.db").write_bytes(b"garbage" * 100)
+    r = run_cli("status", "--vault", tmp_path / "fake")
+    assert r.returncode == 14 and b"Traceback" not in r.stderr
+    fd = os.open(vault / "vault.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        (tmp_path / "s.img").write_bytes(b"x" * 4096)
+        r = cli("protect", "z", "--disk", f"{tmp_path / 's.img'}={tmp_path / 'r.img'}")
+        assert r.returncode == 14 and b"locked" in r.stderr
+        assert cli("status").returncode == 0  # readers do not wait for the lock
+    finally:
+        os.close(fd)
+
+
+
+def test_retention_by_age(tmp_path, vault):
+    from pydr.dr.points import apply_retention
+
+    src, rep = tmp_path / "s.img", tmp_path / "r.img"
+    data = bytearray(os.urandom(1 << 20))
+    src.write_bytes(bytes(data))
+    r = cli("protect", "aged", "--disk", f"{src}={rep}", "--retention", "10", "--retention-age", "2h")
+    assert r.returncode == 0, r.stderr
+    with Vault(vault, writer=True) as v:
+        history = {}
+        for i in range(4):
+            data[i * 1000] ^= 1
+            src.write_bytes(bytes(data))
+            history[replicate(v, ["aged"]).point_id] = sha(src)
+        now = time.time()
+        ages = {1: 5 * 3600, 2: 3 * 3600, 3: 1 * 3600, 4: 60}  # seconds old
+        for pid, age in ages.items():
+            v.db.execute("UPDATE points SET created=? WHERE item='aged' AND id=?", (now - age, pid))
+        apply_retention(v, "aged", now=now)
+        assert [p["id"] for p in v.points("aged")] == [3, 4]
+        for pid in (3, 4):
+            path, = materialize(v, "aged", pid, tmp_path / f"m{pid}")
+            assert sha(path) == history[pid]
+        for pid in (3, 4):  # everything is old now: the newest point stays anyway
+            v.db.execute("UPDATE points SET created=? WHERE item='aged' AND id=?", (now - 9e5, pid))
+        apply_retention(v, "aged", now=now)
+        assert [p["id"] for p in v.points("aged")] == [4]
+    assert cli("protect", "bad", "--disk", f"{src}={tmp_path / 'q.img'}", "--retention-age",
+               "soon").returncode == 2
+
+
+def test_vault_object_api(tmp_path):
+    init_vault(tmp_path / "v")
+    src = tmp_path / "s.img"
+    src.write_bytes(os.urandom(300_000))
+    with Vault(tmp_path / "v", writer=True) as v:
+        v.protect("api", [(src, tmp_path / "r.img")])
+        first = v.replicate("api")
+        src.write_bytes(os.urandom(300_000))
+        v.replicate(["api"], retry=True)
+        path, = v.materialize("api", first.point_id, tmp_path / "m")
+        assert [p["id"] for p in v.points("api")] == [1, 2]
+        assert v.items() == ["api"] and [j["kind"] for j in v.jobs()][-1] == "materialize"
+    assert sha(path) != sha(src)
+
+
+def test_a_version_1_vault_is_migrated(tmp_path):
+    """Vaults written by the first release (schema 1, no remote replicas)
+    open as version 2 with their items, points and steps intact."""
+    import sqlite3
+
+    from pydr.dr.store import SCHEMA_VERSION
+    from pydr.dr.vault import Vault, init_vault
+
+    src = tmp_path / "d.img"
+    src.write_bytes(os.urandom(1 << 20))
+    init_vault(tmp_path / "v")
+    with Vault(tmp_path / "v", writer=True) as v:
+        v.protect("vm", [(src, tmp_path / "r.img")], retention=5)
+        replicate(v, ["vm"])
+    db = sqlite3.connect(tmp_path / "v" / "vault.db")  # back to what version 1 wrote
+    db.execute("ALTER TABLE items DROP COLUMN rsh")
+    db.execute("ALTER TABLE items DROP COLUMN remote_pydr")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with Vault(tmp_path / "v") as v:  # a reader migrates too
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert v.item("vm")["rsh"] is None and len(v.points("vm")) == 1
+    with Vault(tmp_path / "v", writer=True) as v:
+        src.write_bytes(os.urandom(1 << 20))
+        assert replicate(v, ["vm"]).point_id == 2

@@ -1,0 +1,292 @@
+"""Retry schedule (fake clock), resync-required, change-tracker extents, and
+the point-in-time test with a writer appending numbered records."""
+
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pydr.dr.points import materialize
+from pydr.dr.replication import replicate, replicate_with_retry
+from pydr.dr.retry import RetryPolicy, attempt_offset, recoverable
+from pydr.dr.vault import Vault, init_vault
+from pydr.errors import InvalidState
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1_000_000.0
+        self.attempts = []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_schedule_offsets():
+    assert [attempt_offset(n) for n in range(9)] == [0, 60, 120, 240, 480, 600, 2400, 4200, 6000]
+
+
+def test_recoverable_errors_are_retried_on_the_schedule():
+    fake = FakeClock()
+    failures = [OSError(errno.EIO, "I/O error")] * 3 + [OSError(errno.ENOSPC, "full")] * 4
+
+    def attempt():
+        fake.attempts.append(fake.now - 1_000_000.0)
+        if failures:
+            raise failures.pop(0)
+        return "done"
+
+    assert RetryPolicy(clock=fake.clock, sleep=fake.sleep).run(attempt) == "done"
+    assert fake.attempts == [0, 60, 120, 240, 480, 600, 2400, 4200]
+
+
+def test_non_recoverable_errors_stop_at_once():
+    fake = FakeClock()
+    calls = []
+
+    def attempt():
+        calls.append(fake.now)
+        raise FileNotFoundError(errno.ENOENT, "disk not found", "/dev/sdz")
+
+    with pytest.raises(FileNotFoundError):
+        RetryPolicy(clock=fake.clock, sleep=fake.sleep).run(attempt)
+    assert len(calls) == 1
+    assert not recoverable(PermissionError(errno.EACCES, "denied"))
+    assert recoverable(TimeoutError()) and recoverable(ConnectionResetError())
+
+
+def test_max_attempts():
+    fake = FakeClock()
+    with pytest.raises(OSError):
+        RetryPolicy(clock=fake.clock, sleep=fake.sleep, max_attempts=3).run(
+            lambda: (_ for _ in ()).throw(OSError(errno.EIO, "x")))
+    assert fake.now - 1_000_000.0 == 120
+
+
+@pytest.fixture
+def item(tmp_path):
+    init_vault(tmp_path / "v")
+    src, rep = tmp_path / "s.img", tmp_path / "r.img"
+    src.write_bytes(os.urandom(1 << 20))
+    with Vault(tmp_path / "v", writer=True) as v:
+        v.protect("x", [(src, rep)])
+        replicate(v, ["x"])
+    return tmp_path, src, rep
+
+
+def test_retry_with_the_vault_records_attempts_then_succeeds(item, monkeypatch):
+    tmp_path, src, rep = item
+    import pydr.dr.replication as R
+
+    real = R.transfer
+    fails = [2]
+
+    def flaky(*a, **k):
+        if fails[0]:
+            fails[0] -= 1
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "transfer", flaky)
+    fake = FakeClock()
+    seen = []
+    with Vault(tmp_path / "v", writer=True) as v:
+        policy = RetryPolicy(clock=fake.clock, sleep=fake.sleep)
+
+        def record(attempt, when, exc):
+            seen.append((attempt, when - 1_000_000.0, v.status("x")["health"]))
+            v.set_item("x", attempts=attempt, next_retry=when)
+
+        policy.on_retry = record
+        res = replicate_with_retry(v, ["x"], policy=policy)
+        assert res.point_id == 2
+        st = v.status("x")
+        assert st["health"] == "ok" and st["failed_attempts"] == 0 and st["next_retry"] is None
+        states = [j["state"] for j in v.jobs()]
+    assert seen == [(1, 60, "warning"), (2, 120, "warning")]
+    assert states == ["succeeded", "succeeded", "failed", "failed", "succeeded"]  # protect first
+
+
+def test_tracking_lost_requires_a_resync(item):
+    tmp_path, src, rep = item
+    with Vault(tmp_path / "v", writer=True) as v:
+        with pytest.raises(InvalidState, match="--resync"):
+            replicate(v, ["x"], tracking_lost=True)
+        assert v.status("x")["state"] == "resync-required"
+        with pytest.raises(InvalidState):
+            replicate(v, ["x"])
+        with open(rep, "r+b") as f:  # the replica drifted too: a resync compares both sides
+            f.seek(5000)
+            f.write(b"drift")
+        replicate(v, ["x"], resync_all=True)
+        assert v.status("x")["state"] == "protected"
+    assert src.read_bytes() == rep.read_bytes()
+
+
+def test_changed_extents_and_the_half_disk_rule(item):
+    tmp_path, src, rep = item
+    with open(src, "r+b") as f:
+        f.seek(300_000)
+        f.write(b"tracked change")
+    with Vault(tmp_path / "v", writer=True) as v:
+        res = replicate(v, ["x"], changed_extents={"x": {0: [(300_000, 14)]}})
+        assert res.bytes_read == 4096  # only the tracked range of the source
+        assert src.read_bytes() == rep.read_bytes()
+        with pytest.raises(InvalidState, match="resync"):
+            replicate(v, ["x"], changed_extents={"x": {0: [(0, 600_000)]}})
+        assert v.status("x")["state"] == "resync-required"
+
+
+# A little log-structured store: record n goes to block n + 1, then the
+# header in block 0 is rewritten to count n + 1 committed records (like a
+# superblock). A consistent image holds an exact prefix of the records, and
+# a header counting all of them, or all but the last (written, not yet
+# committed). Reading the blocks at different moments breaks that: the
+# header, read late, counts records the image does not hold.
+WRITER = r"""
+import os, sys, time
+path, rs = sys.argv[1], 4096
+fd = os.open(path, os.O_WRONLY)
+n = 0
+while n < int(sys.argv[2]):
+    rec = (b"REC%08d" % n) * (rs // 11) + b"\n" * (rs % 11)
+    os.pwrite(fd, rec, (n + 1) * rs)
+    os.pwrite(fd, (b"HDR%08d" % (n + 1)) * (rs // 11) + bytes(rs % 11), 0)
+    n += 1
+    time.sleep(0.0002)
+"""
+
+
+def prefix_length(path):
+    """k if the image is consistent (records 0..k-1 exact, zeros after, the
+    header counting k or k-1 records); None if it is not."""
+    data = open(path, "rb").read()
+    rs = 4096
+    head = data[:rs]
+    header = int(head[3:11]) if head[:3] == b"HDR" else 0
+    if head[:3] == b"HDR" and head != (b"HDR%08d" % header) * (rs // 11) + bytes(rs % 11):
+        return None
+    k = 0
+    while (k + 2) * rs <= len(data) and data[(k + 1) * rs:(k + 1) * rs + 11] == b"REC%08d" % k:
+        expected = (b"REC%08d" % k) * (rs // 11) + b"\n" * (rs % 11)
+        if data[(k + 1) * rs:(k + 2) * rs] != expected:
+            return None
+        k += 1
+    if data[(k + 1) * rs:].count(0) != len(data) - (k + 1) * rs:
+        return None
+    return k if header in (k, k - 1) or (k == 0 and header == 0) else None
+
+
+def test_point_in_time_with_a_writer(tmp_path):
+    """A writer appends numbered records during replication; with the
+    quiesce/thaw hooks (here: SIGSTOP/SIGCONT of the writer), every recovery
+    point holds an exact prefix of the records."""
+    src, rep = tmp_path / "log.img", tmp_path / "log-replica.img"
+    nrec = 6000
+    with open(src, "wb") as f:
+        f.truncate((nrec + 1) * 4096)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(nrec)])
+    try:
+        init_vault(tmp_path / "v")
+        with Vault(tmp_path / "v", writer=True) as v:
+            v.protect("log", [(src, rep)], retention=50,
+                      quiesce_hook=f"kill -STOP {writer.pid}", thaw_hook=f"kill -CONT {writer.pid}")
+            ids = []
+            for _ in range(6):
+                ids.append(replicate(v, ["log"], app_consistent=True).point_id)
+                time.sleep(0.05)
+            prefixes = []
+            for pid in ids:
+                path, = materialize(v, "log", pid, tmp_path / f"p{pid}")
+                prefixes.append(prefix_length(path))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert None not in prefixes, prefixes
+    assert prefixes == sorted(prefixes) and prefixes[-1] > prefixes[0], prefixes
+
+
+@pytest.fixture
+def xfs_dir(tmp_path):
+    """A small XFS file system (reflink on) on a loop device, mounted."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("mkfs.xfs"):
+        pytest.skip("needs root and mkfs.xfs (xfsprogs)")
+    img, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
+    with open(img, "wb") as f:
+        f.truncate(400 << 20)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a loop device here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_reflink_cut_with_a_writer_and_no_hooks(xfs_dir, tmp_path):
+    """On XFS the cycle clones the source first: with the writer running and
+    no hooks at all, every point is still an exact prefix of the records."""
+    src, rep = xfs_dir / "log.img", tmp_path / "log-replica.img"
+    nrec = 8000
+    with open(src, "wb") as f:
+        f.truncate((nrec + 1) * 4096)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(nrec)])
+    try:
+        init_vault(tmp_path / "v")
+        with Vault(tmp_path / "v", writer=True) as v:
+            v.protect("log", [(src, rep)], retention=50)
+            ids = []
+            for _ in range(6):
+                ids.append(replicate(v, ["log"]).point_id)
+                time.sleep(0.05)
+            assert {p["cut"] for p in v.points("log")} == {"reflink"}
+            prefixes = []
+            for pid in ids:
+                path, = materialize(v, "log", pid, tmp_path / f"p{pid}")
+                prefixes.append(prefix_length(path))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert None not in prefixes, prefixes
+    assert prefixes == sorted(prefixes) and prefixes[-1] > prefixes[0], prefixes
+    assert not [p for p in os.listdir(xfs_dir) if p.endswith(".pydr-snap")]
+
+
+def test_points_on_ext4_say_their_cut(item):
+    tmp_path, src, rep = item
+    with Vault(tmp_path / "v") as v:
+        assert [p["cut"] for p in v.points("x")] == ["none"]
+
+
+def test_cache_describes_what_was_written_while_the_source_changed(tmp_path):
+    """Regression: resync signs the source, then reads the changed blocks
+    again to send them; if the source changed in between, the signature cache
+    must hold the hashes of what the target received, or the next resync
+    refuses the replica (BaseMismatch)."""
+    import pydr
+
+    src, dst, cache = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "dst.sig"
+    nrec = 6000
+    with open(src, "wb") as f:
+        f.truncate((nrec + 1) * 4096)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(nrec)])
+    try:
+        for _ in range(8):
+            pydr.resync(src, dst, signature_cache=cache)
+            assert pydr.Signature.load(cache) == pydr.signature(dst, block_size=4096)
+            time.sleep(0.02)
+    finally:
+        writer.kill()
+        writer.wait()
+    pydr.resync(src, dst, signature_cache=cache)
+    assert src.read_bytes() == dst.read_bytes()
