@@ -134,6 +134,20 @@ def cmd_plan_run(args):
     return 0
 
 
+def _add_plan(p):
+    p.add_argument("plan", metavar="PLAN", help="the recovery plan")
+
+
+def _add_planned(p):
+    p.add_argument("--planned", action="store_true",
+                   help="shut the source down and replicate it once more: nothing is lost")
+
+
+def _add_shutdown_hook(p):
+    p.add_argument("--shutdown-hook", metavar="CMD",
+                   help="run first to stop the machine (must succeed when planned)")
+
+
 def _item_command(sub, name, func, *, help, description, examples):
     p = command(sub, name, help=help, description=description, examples=examples, func=func)
     add_item(p)
@@ -174,9 +188,8 @@ def register(sub):
                   "pydr failover web --point latest-processed      (site A is gone)",
                   "pydr failover web --point 12 --json"])
     p.add_argument("--point", default="latest", metavar="P", help=POINT_HELP)
-    p.add_argument("--planned", action="store_true",
-                   help="shut the source down and replicate it once more: nothing is lost")
-    p.add_argument("--shutdown-hook", metavar="CMD", help="run first (must succeed if --planned)")
+    _add_planned(p)
+    _add_shutdown_hook(p)
     add_vault_options(p)
 
     p = _item_command(
@@ -214,7 +227,7 @@ def register(sub):
         examples=["pydr failback web --shutdown-hook 'ssh web-b poweroff'",
                   "pydr failback web --alternate /img/web-os.img=/img2/web-os.img"])
     p.add_argument("--alternate", action="append", metavar="OLD=NEW")
-    p.add_argument("--shutdown-hook", metavar="CMD")
+    _add_shutdown_hook(p)
     add_vault_options(p)
 
     p = command(
@@ -234,7 +247,7 @@ def register(sub):
                 examples=["pydr plan create shop --group db --post-hook ./wait-db.sh "
                           "--group web1,web2"],
                 func=cmd_plan_create)
-    q.add_argument("plan", metavar="PLAN")
+    _add_plan(q)
     for flag, text in (("--group", "ITEM[,ITEM...]: the next group, in order"),
                        ("--pre-hook", "CMD run before the last --group"),
                        ("--post-hook", "CMD run after the last --group")):
@@ -248,13 +261,13 @@ def register(sub):
                                                         else "")],
                     func=cmd_plan_run)
         q.set_defaults(operation=op)
-        q.add_argument("plan", metavar="PLAN")
+        _add_plan(q)
         if op in ("failover", "test-failover"):
             q.add_argument("--point", default=None, metavar="P", help=POINT_HELP)
         if op == "failover":
-            q.add_argument("--planned", action="store_true")
+            _add_planned(q)
         if op in ("failover", "failback"):
-            q.add_argument("--shutdown-hook", metavar="CMD")
+            _add_shutdown_hook(q)
         if op == "test-failover":
             q.add_argument("--to", required=True, metavar="DIR",
                            help="each item's disks go to DIR/ITEM/")

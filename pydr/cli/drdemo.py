@@ -20,13 +20,7 @@ import tempfile
 import time
 
 from ..dr.vault import Vault, init_vault
-
-
-def _human(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+from .common import human_bytes as _human
 
 
 def _sha(path):

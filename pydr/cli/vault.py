@@ -2,11 +2,9 @@
 and materialize. Each opens the vault (pydr.dr.vault.Vault), makes one API
 call and presents the result."""
 
-import argparse
-
-from .common import (add_item, add_json, add_remote_options, add_vault_options, command,
-                     human_bytes, parse_duration, positive_int, print_json, progress_bar,
-                     timestamp, vault_dir)
+from .common import (add_item, add_json, add_progress, add_remote_options, add_vault_options,
+                     command, human_bytes, parse_duration, positive_int, print_json,
+                     progress_bar, timestamp, vault_dir)
 
 
 def open_vault(args, writer=False):
@@ -196,7 +194,7 @@ def register(sub):
         examples=["pydr replicate web", "pydr replicate --group shop --app-consistent",
                   "pydr replicate --all --retry --max-attempts 6 --json"],
         func=cmd_replicate)
-    p.add_argument("item", metavar="ITEM", nargs="?")
+    add_item(p, "the item to replicate, with the rest of its group", optional=True)
     p.add_argument("--group", metavar="G")
     p.add_argument("--all", action="store_true")
     p.add_argument("--app-consistent", action="store_true",
@@ -210,8 +208,7 @@ def register(sub):
     p.add_argument("--max-attempts", type=positive_int, default=None, metavar="N",
                    help="with --retry, give up after N attempts")
     add_vault_options(p)
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="draw a progress bar on stderr (default: when stderr is a terminal)")
+    add_progress(p)
 
     p = command(sub, "points", help="list an item's recovery points",
                 description="List ITEM's recovery points, oldest first.",
@@ -223,7 +220,7 @@ def register(sub):
     p = command(sub, "status", help="state, direction and health of items",
                 description="Show ITEM's (or every item's) state, direction and health.",
                 examples=["pydr status", "pydr status web --json"], func=cmd_status)
-    p.add_argument("item", metavar="ITEM", nargs="?")
+    add_item(p, "one item (default: all)", optional=True)
     add_vault_options(p)
 
     p = command(sub, "jobs", help="list jobs (also while they run)",

@@ -6,18 +6,11 @@ import errno
 import os
 
 from ..engine import names
+from ..engine.atomic import fsync_dir
 from ..errors import UnsupportedFile
 from .base import Endpoint, SignResult
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-
-
-def fsync_dir(path):
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalEndpoint(Endpoint):

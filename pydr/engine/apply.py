@@ -390,7 +390,7 @@ def rollback(target):
         _, is_block = B.fd_size(fd, target)
         restored = J.rollback_fd(fd, path, os.fspath(target), is_block)
         os.unlink(path)
-        J._fsync_dir(path)
+        J.fsync_dir(path)
     finally:
         os.close(fd)
     return restored

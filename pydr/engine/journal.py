@@ -26,6 +26,7 @@ import struct
 
 from . import bindings as B
 from . import names
+from .atomic import fsync_dir
 from ..errors import CorruptDelta, UnfinishedApply
 
 MAGIC = b"PYDRUND\x00"
@@ -50,14 +51,6 @@ def journal_path(target):
         directory = directory or "/var/lib/pydr/journal"
         return os.path.join(directory, target.strip("/").replace("/", "_") + ".pydr-undo")
     return names.beside(target, names.UNDO)
-
-
-def _fsync_dir(path):
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def pack_header(kind, block_size, old_size, new_size, base_id=bytes(16), result_id=bytes(16)):
@@ -93,7 +86,7 @@ class Journal:
         try:
             os.write(fd, pack_header(**header))
             os.fsync(fd)
-            _fsync_dir(path)
+            fsync_dir(path)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -138,13 +131,13 @@ class Journal:
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
             os.unlink(self.path)
-        _fsync_dir(dest)
-        _fsync_dir(self.path)
+        fsync_dir(dest)
+        fsync_dir(self.path)
 
     def remove(self):
         self.close()
         os.unlink(self.path)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     @classmethod
     def reopen(cls, path):

@@ -13,6 +13,7 @@ import os
 import struct
 
 from . import bindings as B
+from .atomic import fsync_dir, make_temp
 from ..errors import FormatError
 from .signatures import (_HEADER, _TRAILER, HEADER_SIZE, MAGIC, TRAILER_MAGIC, TRAILER_SIZE,
                          VERSION, blocks_for, parse_header)
@@ -90,13 +91,10 @@ class SignatureWriter:
     order; `commit()` replaces the target file atomically."""
 
     def __init__(self, path, block_size, size):
-        import tempfile
-
         self.path = os.fspath(path)
         self.block_size, self.size = block_size, size
         self.n = blocks_for(size, block_size)
-        fd, self.tmp = tempfile.mkstemp(prefix=".pydr-", suffix=".tmp",
-                                        dir=os.path.dirname(os.path.abspath(self.path)))
+        fd, self.tmp = make_temp(os.path.dirname(os.path.abspath(self.path)))
         self.fd = fd
         self.written = 0
         self.zeros = 0
@@ -137,11 +135,7 @@ class SignatureWriter:
         os.close(self.fd)
         self.fd = None
         os.replace(self.tmp, self.path)
-        dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.path)
 
     def abort(self):
         if self.fd is not None:

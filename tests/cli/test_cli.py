@@ -81,7 +81,7 @@ def test_demo_runs_the_dr_cycle_and_checks_itself():
 
 
 def test_engine_demo_checks_itself(capsys):
-    from pydr.cli.demo import run_engine_demo
+    from pydr.cli.engine_demo import run_engine_demo
 
     assert run_engine_demo(None, 16 << 20, as_json=True) == 0
     res = json.loads(capsys.readouterr().out)
