@@ -11,7 +11,8 @@ from .vault import open_vault, parse_disk
 
 
 def _run(args, fn):
-    """fn(vault) with the vault's lock held; its result printed with --json."""
+    """fn(vault) with the vault's lock held; its result printed with --json,
+    else its notes ("already done: ...", "resumed") after the caller's line."""
     with open_vault(args, writer=True) as v:
         result = fn(v)
     if args.json:
@@ -19,23 +20,28 @@ def _run(args, fn):
     return result
 
 
-def cmd_test_failover(args):
-    def run(v):
-        pid, paths = v.test_failover(args.item, args.to, args.point)
-        return {"item": args.item, "point": pid, "paths": paths}
+def _notes(result):
+    for n in result.get("notes", ()):
+        print(f"  note: {n}")
 
-    r = _run(args, run)
+
+def cmd_test_failover(args):
+    r = _run(args, lambda v: v.test_failover(args.item, args.to, args.point))
     if not args.json:
         print(f"{args.item}: point {r['point']} materialised for the drill:")
         for p in r["paths"]:
             print(f"  {p}")
+        _notes(r)
     return 0
 
 
 def cmd_cleanup_test_failover(args):
-    r = _run(args, lambda v: {"item": args.item, "removed": v.cleanup_test_failover(args.item)})
+    r = _run(args, lambda v: v.cleanup_test_failover(args.item))
     if not args.json:
-        print(f"{args.item}: test failover cleaned up ({len(r['removed'])} files removed)")
+        if r["notes"]:
+            print(f"{args.item}: {'; '.join(r['notes'])}")
+        else:
+            print(f"{args.item}: test failover cleaned up ({len(r['removed'])} files removed)")
     return 0
 
 
@@ -45,8 +51,7 @@ def cmd_failover(args):
     if not args.json:
         print(f"{args.item}: failed over to point {r['point']}; its replicas now hold that point "
               f"(run 'pydr commit {args.item}' to make it final)")
-        for n in r["notes"]:
-            print(f"  note: {n}")
+        _notes(r)
     return 0
 
 
@@ -54,13 +59,16 @@ def cmd_change_point(args):
     r = _run(args, lambda v: v.change_point(args.item, args.point))
     if not args.json:
         print(f"{args.item}: replicas now hold point {r['point']}")
+        _notes(r)
     return 0
 
 
 def cmd_commit(args):
-    _run(args, lambda v: v.commit(args.item))
+    r = _run(args, lambda v: v.commit(args.item))
     if not args.json:
-        print(f"{args.item}: failover committed; the replica site is active (direction reverse)")
+        print(f"{args.item}: failover committed; the replica site is active (direction "
+              f"{r['direction']})")
+        _notes(r)
     return 0
 
 
@@ -70,6 +78,7 @@ def cmd_reprotect(args):
         print(f"{args.item}: reprotected, direction {r['direction']}; first point {r['point']}: "
               f"{human_bytes(r['bytes_written'])} written (only the differences), "
               f"{human_bytes(r['bytes_read'])} compared")
+        _notes(r)
     return 0
 
 
@@ -80,6 +89,7 @@ def cmd_failback(args):
     if not args.json:
         print(f"{args.item}: failed back to point {r['point']} (nothing lost); run "
               f"'pydr commit {args.item}' then 'pydr reprotect {args.item}'")
+        _notes(r)
     return 0
 
 

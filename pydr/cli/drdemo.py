@@ -139,7 +139,7 @@ def run_dr_demo(directory, *, keep=False, as_json=False):
 
             t = time.monotonic()
             drill = os.path.join(work, "drill")
-            pid, paths = v.test_failover("vm", drill, point=1)
+            paths = v.test_failover("vm", drill, point=1)["paths"]
             step("test failover (drill) to point 1", t, disks=len(paths))
             check("the drill's disks pass e2fsck -fn", all(_fsck(p) for p in paths))
             t = time.monotonic()

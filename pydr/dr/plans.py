@@ -14,7 +14,9 @@ import subprocess
 import threading
 import time
 
+from ..engine import crashpoints
 from ..errors import InvalidState, PlanFailed, UnknownName
+from . import drills as D
 from . import failover as F
 from .store import Store
 
@@ -58,10 +60,9 @@ def _operation(op, options):
                                        shutdown_hook=options.get("shutdown_hook"))
     if op == "test-failover":
         to = options["to"]
-        return lambda v, n: dict(zip(("point", "paths"), F.test_failover(
-            v, n, os.path.join(to, n), options.get("point"))))
+        return lambda v, n: D.test_failover(v, n, os.path.join(to, n), options.get("point"))
     if op == "cleanup-test-failover":
-        return lambda v, n: {"removed": F.cleanup_test_failover(v, n)}
+        return D.cleanup_test_failover
     if op == "commit":
         return F.commit
     if op == "reprotect":
@@ -124,4 +125,5 @@ def run_plan(vault, name, op, **options):
             if r.returncode:
                 stop(f"plan {name!r} stopped: the post hook of group {number} failed "
                      f"(exit {r.returncode})")
+        crashpoints.reached("plan.group")
     return report

@@ -8,13 +8,43 @@ import os
 import time
 
 from ..endpoints import remove_all
-from ..errors import InvalidState
+from ..engine import crashpoints
+from ..errors import InvalidState, UnknownName
+
+SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
+
+
+def select_point(vault, name, point):
+    """A point id from an id or a selector (latest-processed,
+    latest-app-consistent; 'latest' is resolved by failover itself)."""
+    points = vault.points(name)
+    if not points:
+        raise InvalidState(f"item {name!r} has no recovery point yet: run 'pydr replicate {name}'",
+                           path=vault.dir)
+    if point in (None, "latest", "latest-processed"):
+        return points[-1]["id"]
+    if point == "latest-app-consistent":
+        app = [p for p in points if p["consistency"] == "app-consistent"]
+        if not app:
+            raise UnknownName(f"item {name!r} has no app-consistent recovery point", path=vault.dir)
+        return app[-1]["id"]
+    try:
+        pid = int(point)
+    except (TypeError, ValueError):
+        raise ValueError(f"--point wants an id or one of {', '.join(SELECTORS)}, not {point!r}") from None
+    vault.point(name, pid)
+    return pid
 
 
 def apply_retention(vault, name, now=None):
     """Drop the points beyond the item's retention (count, and age when set;
     the newest point always stays), and the undo steps that only they needed
-    (the oldest kept point needs none of its own)."""
+    (the oldest kept point needs none of its own).
+
+    In two transactions around the removal of the files: the points go
+    first, the steps' records only once their files are gone, so that a kill
+    in between leaves records that the next retention finds again, never
+    files that nothing names (and never a point without its steps)."""
     row = vault.item(name)
     points = vault.points(name)
     drop = points[:max(0, len(points) - row["retention"])]
@@ -26,30 +56,37 @@ def apply_retention(vault, name, now=None):
         for p in drop:
             vault.db.execute("DELETE FROM points WHERE item=? AND id=?", (name, p["id"]))
             vault.db.execute("DELETE FROM point_disks WHERE item=? AND id=?", (name, p["id"]))
-        doomed = []
-        for d in vault.disks(name):
-            row = vault.db.execute("SELECT MIN(step) FROM point_disks WHERE item=? AND idx=?",
-                                   (name, d["idx"])).fetchone()
-            oldest = row[0] if row[0] is not None else vault.current_step(name, d["idx"])
-            for s in vault.db.execute("SELECT step, path FROM steps WHERE item=? AND idx=? AND step<=?",
-                                      (name, d["idx"], oldest)).fetchall():
-                doomed.append(s["path"])
-                vault.db.execute("DELETE FROM steps WHERE item=? AND idx=? AND step=?",
-                                 (name, d["idx"], s["step"]))
+    doomed = []
+    for d in vault.disks(name):
+        row = vault.db.execute("SELECT MIN(step) FROM point_disks WHERE item=? AND idx=?",
+                               (name, d["idx"])).fetchone()
+        oldest = row[0] if row[0] is not None else vault.current_step(name, d["idx"])
+        doomed += [(d["idx"], s["step"], s["path"]) for s in vault.db.execute(
+            "SELECT step, path FROM steps WHERE item=? AND idx=? AND step<=?",
+            (name, d["idx"], oldest)).fetchall()]
+    crashpoints.reached("retention.recorded")
+    failed = set()
 
-    # after the commit: a crash here leaves local files the next open removes;
-    # an unreachable host keeps its steps until a later retention
-    def unreachable(ep, exc):
+    def unreachable(ep, exc):  # that host keeps its steps until a later retention
+        failed.add(ep.place)
         vault.set_item(name, health="warning",
                        last_error=f"could not drop old steps on {ep.place}: {exc}")
 
-    remove_all([vault.endpoint(name, p) for p in doomed], on_error=unreachable)
+    steps = [(idx, step, vault.endpoint(name, path)) for idx, step, path in doomed]
+    remove_all([ep for _, _, ep in steps], on_error=unreachable)
+    with vault.db:
+        vault.db.execute("BEGIN IMMEDIATE")
+        for idx, step, ep in steps:
+            if ep.place not in failed:
+                vault.db.execute("DELETE FROM steps WHERE item=? AND idx=? AND step=?",
+                                 (name, idx, step))
 
 
 def materialize(vault, name, point_id, directory, *, threads=None):
     """Write each disk of `name` as it was at recovery point `point_id` into
     `directory`, as DIR/<replica file name>. Returns the specs written.
     Runs as a job ("materialize")."""
+    check_points_usable(vault, name)
     vault.point(name, point_id)
     return vault.run_job("materialize", name,
                          lambda: materialize_into(vault, name, point_id, directory, threads))
@@ -70,9 +107,18 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=Fals
                                vault.endpoint(name, dest), drill=drill, threads=threads)
 
 
+def check_points_usable(vault, name):
+    if vault.item(name)["state"] == "committing":
+        raise InvalidState(f"{name!r} is committing its failover: its points are being removed; "
+                           f"run 'pydr commit {name}' to finish", path=vault.dir)
+
+
 def materialize_into(vault, name, point_id, directory, threads=None, drill=False):
     """Every disk of the point into `directory` (a spec), named like its
-    replica; the replicas themselves are never written over."""
+    replica; the replicas themselves are never written over. A drill keeps
+    the disks that are there already (whole: a disk appears by a rename):
+    the ones a killed drill finished."""
+    check_points_usable(vault, name)
     where = vault.endpoint(name, directory)
     out = []
     for d in vault.disks(name):
@@ -80,5 +126,9 @@ def materialize_into(vault, name, point_id, directory, threads=None, drill=False
         dest = where.child(os.path.basename(replica.path))
         if dest.identity == replica.identity:
             raise InvalidState("refusing to materialise over the replica itself", path=str(dest))
-        out.append(str(materialize_disk(vault, name, point_id, d, dest, threads, drill)))
+        if not (drill and dest.exists()):
+            materialize_disk(vault, name, point_id, d, dest, threads, drill)
+            if drill:
+                crashpoints.reached("drill.disk")
+        out.append(str(dest))
     return out

@@ -22,6 +22,7 @@ import contextlib
 import os
 import time
 
+from ..engine import crashpoints
 from ..engine.progress import Record
 from ..endpoints.transfer import transfer
 from ..errors import HookFailed, InvalidState
@@ -116,6 +117,9 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
         if missing:
             raise InvalidState(f"--app-consistent needs quiesce/thaw hooks; items without: "
                                f"{', '.join(missing)}", path=vault.dir)
+    for r in rows:  # a killed cycle is finished by running this again
+        vault.begin(r["name"], "replicate",
+                    f"pydr replicate {r['name']}" + (" --resync" if resync_all else ""))
     jobs = {r["name"]: vault.start_job("replicate", r["name"], state="queued") for r in rows}
     started = set()
     quiesced = []
@@ -167,6 +171,7 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
             moved, read, steps = _cycle_disk(vault, name, d, snaps.get(d["source"]) or source,
                                              step, has_point, on_progress, threads, resync_all,
                                              extents)
+            crashpoints.reached("cycle.disk")
             per_item_bytes[name] += moved
             totals["written"] += moved
             totals["read"] += read or sizes[d["source"]]  # 0: read on the source's host
@@ -174,13 +179,14 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
             for number, spec, size in steps:
                 vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)", (name, idx, number, spec,
                                                                          size))
+            crashpoints.reached("cycle.steps")
             vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
     except BaseException as exc:
         for r in rows:
             vault.end_job(jobs[r["name"]], "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
                           error=str(exc), bytes_transferred=None)
             health = "critical" if not recoverable(exc) else "warning"
-            vault.set_item(r["name"], health=health, last_error=str(exc))
+            vault.end(r["name"], "replicate", health=health, last_error=str(exc))
         raise
     finally:
         for r in quiesced:
@@ -207,9 +213,13 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                 vault.db.execute("INSERT INTO point_disks VALUES (?,?,?,?)",
                                  (point_id, name, d["idx"], vault.current_step(name, d["idx"])))
             vault.set_item(name, state="protected", health="ok", last_error=None)
+            vault.db.execute("UPDATE items SET operation=NULL, operation_command=NULL, "
+                             "operation_args=NULL WHERE name=? AND operation='replicate'", (name,))
+    crashpoints.reached("cycle.point")
     for r in rows:
         apply_retention(vault, r["name"])
         vault.end_job(jobs[r["name"]], "succeeded", bytes_transferred=per_item_bytes[r["name"]])
+        crashpoints.reached("cycle.done")
     return CycleResult(point_id, [r["name"] for r in rows], totals["written"], totals["read"],
                        time.monotonic() - start, consistency, list(jobs.values()))
 

@@ -27,7 +27,7 @@ import time
 
 from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
 
-SCHEMA_VERSION = 2  # 2: items.rsh, items.remote_pydr (remote replicas)
+SCHEMA_VERSION = 3  # 2: items.rsh, items.remote_pydr (remote replicas); 3: operations
 DB_NAME = "vault.db"
 LOCK_NAME = "vault.lock"
 
@@ -53,7 +53,11 @@ CREATE TABLE items(
     test_dir TEXT,
     failover_point INTEGER,
     rsh TEXT,
-    remote_pydr TEXT
+    remote_pydr TEXT,
+    operation TEXT,
+    operation_command TEXT,
+    operation_args TEXT,
+    test_point INTEGER
 );
 CREATE TABLE disks(
     item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
@@ -117,15 +121,29 @@ def _connect(path):
     return db
 
 
-def _migrate_1_to_2(db):
-    """Version 2 adds how to reach an item's remote replicas."""
-    with db:
-        db.execute("BEGIN IMMEDIATE")
-        if db.execute("PRAGMA user_version").fetchone()[0] == 1:  # not done meanwhile
-            db.execute("ALTER TABLE items ADD COLUMN rsh TEXT")
-            db.execute("ALTER TABLE items ADD COLUMN remote_pydr TEXT")
-            db.execute("PRAGMA user_version=2")
-    return db.execute("PRAGMA user_version").fetchone()[0]
+_MIGRATIONS = {
+    # 2: how to reach an item's remote replicas
+    1: ("ALTER TABLE items ADD COLUMN rsh TEXT", "ALTER TABLE items ADD COLUMN remote_pydr TEXT"),
+    # 3: the operation running on an item (so that a killed one is finished by
+    # running its command again), and the point of a test failover
+    2: ("ALTER TABLE items ADD COLUMN operation TEXT",
+        "ALTER TABLE items ADD COLUMN operation_command TEXT",
+        "ALTER TABLE items ADD COLUMN operation_args TEXT",
+        "ALTER TABLE items ADD COLUMN test_point INTEGER"),
+}
+
+
+def _migrate(db, version):
+    """Bring an older vault up to SCHEMA_VERSION, one transaction a step."""
+    while version in _MIGRATIONS:
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            if db.execute("PRAGMA user_version").fetchone()[0] == version:  # not done meanwhile
+                for statement in _MIGRATIONS[version]:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={version + 1}")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    return version
 
 
 def init_vault(directory):
@@ -159,19 +177,13 @@ class Store:
             raise VaultError("not a pydr vault (no vault.db): create one with 'pydr vault init DIR'",
                              path=self.dir)
         self.lock_fd = None
+        self.writer = writer
+        self.interrupted = {}
         if writer:
-            self.lock_fd = os.open(os.path.join(self.dir, LOCK_NAME),
-                                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(self.lock_fd)
-                raise VaultError("the vault is locked by another pydr process", path=self.dir) from None
+            self._lock()
         try:
             self.db = _connect(path)
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 1:
-                version = _migrate_1_to_2(self.db)
+            version = _migrate(self.db, self.db.execute("PRAGMA user_version").fetchone()[0])
             if version != SCHEMA_VERSION:
                 raise VaultError(f"vault schema version {version} is not supported "
                                  f"(this pydr uses {SCHEMA_VERSION})", path=self.dir)
@@ -184,6 +196,40 @@ class Store:
             raise
         if writer:
             self._recover()
+
+    def _lock(self):
+        """Take the vault's lock (non-blocking) and write who holds it into
+        the lock file, so that a refused command can name the holder."""
+        path = os.path.join(self.dir, LOCK_NAME)
+        self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.lock_fd, 4096, 0).decode(errors="replace").strip()
+            os.close(self.lock_fd)
+            self.lock_fd = None
+            raise VaultError("the vault is locked by another pydr process"
+                             + (f" (pid {holder})" if holder else "")
+                             + ": wait for it to end, then run the command again",
+                             path=self.dir) from None
+        os.ftruncate(self.lock_fd, 0)
+        os.pwrite(self.lock_fd, f"{os.getpid()}: {_command_line()}\n".encode(), 0)
+
+    def locked_by_another(self):
+        """Whether another process holds the vault's lock now."""
+        if self.lock_fd is not None:
+            return False
+        try:
+            fd = os.open(os.path.join(self.dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def close(self):
         with contextlib.suppress(Exception):
@@ -206,6 +252,9 @@ class Store:
         already moved past them)."""
         from ..engine import journal as J
 
+        # what was running when the last writer died: status calls it interrupted
+        self.interrupted = {r["name"]: r["operation"] for r in self.db.execute(
+            "SELECT name, operation FROM items WHERE operation IS NOT NULL")}
         for job in self.db.execute("SELECT id, pid FROM jobs WHERE state IN ('queued', 'running')"):
             if job["pid"] is None or not _alive(job["pid"]):
                 self.db.execute("UPDATE jobs SET state='failed', ended=?, error=? WHERE id=?",
@@ -213,19 +262,23 @@ class Store:
         undo_root = os.path.join(self.dir, "undo")
         for item in os.listdir(undo_root) if os.path.isdir(undo_root) else ():
             for name in os.listdir(os.path.join(undo_root, item)):
+                path = os.path.join(undo_root, item, name)
+                if name.startswith(".pydr-") and name.endswith(".tmp"):
+                    os.unlink(path)  # a copy into the vault that a kill interrupted
+                    continue
                 if not name.endswith(".undo"):
                     continue
-                path = os.path.join(undo_root, item, name)
                 idx, step = (int(x) for x in name[:-5].split("-"))
                 known = self.db.execute("SELECT 1 FROM steps WHERE item=? AND idx=? AND step=?",
                                         (item, idx, step)).fetchone()
                 if known:
                     continue
                 header, committed = J.read_journal(path)
-                if header is not None and committed:
+                newer = step > self.current_step(item, idx)
+                if header is not None and committed and newer:
                     self.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
                                     (item, idx, step, path, os.path.getsize(path)))
-                else:
+                else:  # half-made, or one that retention dropped before a kill
                     os.unlink(path)
 
     # -- items -------------------------------------------------------------------
@@ -279,7 +332,9 @@ class Store:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
-                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,NULL,0,NULL,?,NULL,NULL,?,?)",
+                "INSERT INTO items(name, grp, state, direction, health, retention, quiesce_hook, "
+                "thaw_hook, created, retention_age, rsh, remote_pydr) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (name, group, "protecting", "forward", "ok", retention, quiesce_hook, thaw_hook,
                  time.time(), retention_age, rsh, remote_pydr))
             for i, (source, replica) in enumerate(stored):
@@ -323,8 +378,61 @@ class Store:
             "failed_attempts": row["attempts"],
             "next_retry": row["next_retry"],
             "test_failover": row["test_dir"],
+            "test_point": row["test_point"],
             "failover_point": row["failover_point"],
+            "operation": self.operation(name),
         }
+
+    # -- the operation running on an item ------------------------------------------
+    def begin(self, name, operation, command, args=None, **fields):
+        """Record, with the state changes `fields` and in one transaction,
+        that `operation` runs on item `name`, and the command that finishes
+        it when it is interrupted. An operation already recorded (the one
+        this is part of: a failover's final cycle) stays."""
+        import json
+
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.item(name)
+            if row["operation"] is None:
+                fields.update(operation=operation, operation_command=command,
+                              operation_args=json.dumps(args or {}))
+            if fields:
+                self.set_item(name, **fields)
+
+    def end(self, name, operation, **fields):
+        """The state changes `fields` and, if `operation` (a name or a tuple
+        of names) is the one recorded, its end, in one transaction."""
+        ops = (operation,) if isinstance(operation, str) else operation
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if self.item(name)["operation"] in ops:
+                fields.update(operation=None, operation_command=None, operation_args=None)
+            if fields:
+                self.set_item(name, **fields)
+
+    def pending(self, name, operation):
+        """The arguments (dict) of `operation` if it is recorded on `name`
+        (an interrupted run of it), else None."""
+        import json
+
+        row = self.item(name)
+        if row["operation"] != operation:
+            return None
+        return json.loads(row["operation_args"] or "{}")
+
+    def operation(self, name):
+        """The operation recorded on an item: {"name", "command",
+        "interrupted"} (interrupted: no process is running it), or None."""
+        row = self.item(name)
+        if row["operation"] is None:
+            return None
+        if self.writer:  # this process runs it, unless it was there when we opened
+            interrupted = self.interrupted.get(name) == row["operation"]
+        else:
+            interrupted = not self.locked_by_another()
+        return {"name": row["operation"], "command": row["operation_command"],
+                "interrupted": interrupted}
 
     # -- points and steps --------------------------------------------------------
     def points(self, name):
@@ -392,6 +500,15 @@ class Store:
         return [dict(r) for r in self.db.execute(
             "SELECT id, kind, item, state, progress, bytes_transferred, started, ended, error "
             "FROM jobs ORDER BY id")]
+
+
+def _command_line():
+    import sys
+
+    argv = list(sys.argv)
+    if argv and os.path.basename(argv[0]) == "pydr":
+        argv[0] = "pydr"
+    return " ".join(argv)
 
 
 def _alive(pid):

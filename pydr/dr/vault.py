@@ -10,6 +10,7 @@ The store itself knows no workflow (an import-linter contract keeps it so);
 this class only forwards to the workflow modules.
 """
 
+from . import drills as D
 from . import failover as F
 from . import plans as plans_
 from . import points as points_
@@ -37,10 +38,10 @@ class Vault(Store):
         return points_.apply_retention(self, name, now)
 
     def test_failover(self, name, directory, point=None):
-        return F.test_failover(self, name, directory, point)
+        return D.test_failover(self, name, directory, point)
 
     def cleanup_test_failover(self, name):
-        return F.cleanup_test_failover(self, name)
+        return D.cleanup_test_failover(self, name)
 
     def failover(self, name, point="latest", **kwargs):
         return F.failover(self, name, point, **kwargs)

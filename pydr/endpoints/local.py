@@ -65,7 +65,7 @@ class LocalEndpoint(Endpoint):
         from ..engine.journal import choose_undo_path
         from ..transport.roles import LocalTarget
 
-        keep, index = choose_undo_path([LocalEndpoint(k).path for k in keep_undo or ()])
+        keep, index = choose_undo_path(self._path, [LocalEndpoint(k).path for k in keep_undo or ()])
         return LocalTarget(self._path, block_size=block_size, result_size=result_size,
                            threads=threads, keep_undo=keep, kept=index, progress=progress)
 

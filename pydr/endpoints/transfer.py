@@ -95,6 +95,7 @@ def _engine_resync(src, dst, *, keep_undo, **options):
     from ..engine.journal import choose_undo_path
     from ..engine.resync import resync as engine_resync
 
-    keep, kept = choose_undo_path([open_endpoint(k).local_path for k in keep_undo or ()])
+    keep, kept = choose_undo_path(dst.local_path,
+                                  [open_endpoint(k).local_path for k in keep_undo or ()])
     stats = engine_resync(src.local_path, dst.local_path, keep_undo=keep, **options)
     return stats, kept

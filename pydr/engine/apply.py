@@ -14,6 +14,7 @@ import sys
 import time
 
 from . import bindings as B
+from . import crashpoints
 from . import journal as J
 from .delta import HEADER_SIZE, DeltaHeader
 from ..errors import (AlreadyApplied, BaseMismatch, Cancelled, CorruptDelta, NothingToRollBack,
@@ -123,6 +124,7 @@ class Applier:
                 return
         # Finish the interrupted apply by undoing it, then applying again.
         J.rollback_fd(self.fd, path, self.target, self.is_block)
+        crashpoints.reached("rollback.restored")
         os.unlink(path)
         self.rolled_back_first = True
 
@@ -155,7 +157,9 @@ class Applier:
                                self.state, self.scratch, self.undo, path=self.target)
         with memoryview(self.undo) as view:
             self.journal.append(view[:used])
+        crashpoints.reached("apply.journaled")
         B.apply_write(self.fd, recs, self.is_block, path=self.target)
+        crashpoints.reached("apply.written")
         B.start_writeback(self.fd)  # overlap the disk with the next batch
 
     # -- pipelined batches (resync): a writer thread journals and writes while
@@ -206,11 +210,17 @@ class Applier:
         elif self.result_size > self.base_size and not self.is_block:
             os.ftruncate(self.fd, self.result_size)
         os.fdatasync(self.fd)
+        crashpoints.reached("apply.synced")
+        if keep_journal is not None:  # where recovery moves it if we die after COMMIT
+            J.write_keep_note(self.target, keep_journal)
         self.journal.commit()
+        crashpoints.reached("apply.committed")
         if keep_journal is None:
             self.journal.remove()
         else:
             self.journal.keep_as(os.fspath(keep_journal))
+            crashpoints.reached("apply.kept")
+            J.remove_keep_note(self.target)
         self.finished = True
 
     def _journal_tail(self):
@@ -389,6 +399,7 @@ def rollback(target):
             raise UnfinishedApply("another pydr is writing to this target", path=os.fspath(target)) from None
         _, is_block = B.fd_size(fd, target)
         restored = J.rollback_fd(fd, path, os.fspath(target), is_block)
+        crashpoints.reached("rollback.restored")
         os.unlink(path)
         J.fsync_dir(path)
     finally:

@@ -26,7 +26,8 @@ import struct
 
 from . import bindings as B
 from . import names
-from .atomic import fsync_dir
+from . import crashpoints
+from .atomic import atomic_write, fsync_dir, make_temp
 from ..errors import CorruptDelta, UnfinishedApply
 
 MAGIC = b"PYDRUND\x00"
@@ -87,6 +88,7 @@ class Journal:
             os.write(fd, pack_header(**header))
             os.fsync(fd)
             fsync_dir(path)
+            crashpoints.reached("journal.created")
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -114,25 +116,9 @@ class Journal:
             self.fd = None
 
     def keep_as(self, dest):
-        """Move the committed journal to `dest` (copied if it is on another
-        file system), durably, and remove it from beside the target."""
-        import shutil
-
+        """Move the committed journal to `dest` (see move_journal)."""
         self.close()
-        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        try:
-            os.replace(self.path, dest)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            tmp = dest + ".tmp"
-            shutil.copyfile(self.path, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-            os.unlink(self.path)
-        fsync_dir(dest)
-        fsync_dir(self.path)
+        move_journal(self.path, dest)
 
     def remove(self):
         self.close()
@@ -284,22 +270,87 @@ def rollback_fd(fd, path, target, is_block_device):
     return restored
 
 
+def move_journal(path, dest):
+    """Move a committed journal to `dest`, durably (copied where `dest` is on
+    another file system): a recovery-point step."""
+    import shutil
+
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    try:
+        os.replace(path, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        fd, tmp = make_temp(os.path.dirname(os.path.abspath(dest)))
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as f:
+                shutil.copyfileobj(f, out, 4 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.unlink(path)
+    fsync_dir(dest)
+    fsync_dir(path)
+
+
+def keep_note_path(target):
+    """Where an apply that keeps its journal notes the destination, before
+    it commits: a crash between the COMMIT and the move leaves a committed
+    journal that recovery moves there instead of deleting it."""
+    return journal_path(target) + ".keep"
+
+
+def write_keep_note(target, dest):
+    with atomic_write(keep_note_path(target)) as f:
+        f.write(os.path.abspath(os.fspath(dest)).encode())
+
+
+def remove_keep_note(target):
+    note = keep_note_path(target)
+    if os.path.lexists(note):  # checked first: most targets have none (or are read-only)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(note)
+            fsync_dir(note)
+
+
+def _kept_destination(target):
+    try:
+        with open(keep_note_path(target), "rb") as f:
+            return f.read().decode() or None
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
 def pending_journal(target):
     """(path, header) of the journal of an unfinished apply on `target`, or
-    None. A committed journal (crash after commit) is removed on the way."""
+    None. A journal that was committed (a crash after the commit) is settled
+    on the way: moved where its apply meant to keep it (its keep note), or
+    removed."""
     path = journal_path(target)
     try:
         header, committed = read_journal(path)
     except FileNotFoundError:
+        remove_keep_note(target)  # a crash after the journal was kept
         return None
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
         raise
+    if header is not None and committed:
+        dest = _kept_destination(target)
+        if dest is not None:  # a recovery-point step, as its apply meant
+            move_journal(path, dest)
+            remove_keep_note(target)
+            return None
     if header is None or committed:
         # torn header (target untouched) or finished apply: nothing to undo
         with contextlib.suppress(OSError):
             os.unlink(path)
+        remove_keep_note(target)
         return None
     return path, header
 
@@ -322,12 +373,15 @@ def check_no_unfinished_apply(target):
         )
 
 
-def choose_undo_path(candidates):
+def choose_undo_path(target, candidates):
     """(path, index) of the first of `candidates` that holds no committed
     undo journal, or (None, None) when there are none. A replication cycle
     offers the next recovery-point step and the one after it: a cycle killed
     after it kept its step, before the vault recorded it, left the first one
-    committed (the replica already moved past it)."""
+    committed (the replica already moved past it). A committed journal still
+    beside `target` is settled first, so that it is found there too."""
+    if candidates:
+        pending_journal(target)
     for i, path in enumerate(candidates):
         if not (os.path.exists(path) and read_journal(path)[1]):
             return path, i

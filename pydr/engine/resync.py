@@ -13,6 +13,7 @@ import os
 import time
 
 from . import bindings as B
+from . import crashpoints
 from . import journal as J
 from .parallel import check_threads
 from .apply import Applier
@@ -233,6 +234,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
         st = applier.state
         if writer is not None:
             writer.commit()  # after the target is durable: the cache never runs ahead of it
+            crashpoints.reached("resync.cache")
         bytes_read = shared.read + dst_read.read
     except BaseException:
         if writer is not None:

@@ -15,6 +15,7 @@ import sys
 from ..engine import bindings as B
 from . import protocol as P
 from . import stripes as S
+from ..engine import crashpoints
 from ..engine import journal as J
 from ..engine import names
 from ..engine.signatures import blocks_for, sign_range
@@ -184,7 +185,7 @@ def _apply(ch, payload, root):
     result = req.get("result_size")
     if not isinstance(result, int) or result < 0:
         raise P.ProtocolError("bad result size")
-    keep, kept_at = _choose_step(req.get("keep_undo"), root)
+    keep, kept_at = _choose_step(path, req.get("keep_undo"), root)
     streams = req.get("streams", 0)
     S.check_request(streams, req.get("token"))
     listener = S.Listener(req["token"], streams) if streams else None
@@ -223,6 +224,7 @@ def _apply(ch, payload, root):
             if incoming is not None:
                 incoming.wait()
             res = target.finish()
+        crashpoints.reached("server.applied")
     except (ConnectionResetError, BrokenPipeError):
         if incoming is not None and incoming.error is not None:
             return  # already reported on the main connection
@@ -248,7 +250,7 @@ def _step_path(path, root):
 DRILL_MARKER = ".pydr-drill"  # the disks a test failover wrote into a directory
 
 
-def _choose_step(candidates, root):
+def _choose_step(target, candidates, root):
     """(path, index) of the first of the offered step paths (a path or a list
     of up to 4) that does not hold a committed step yet, or (None, None).
     The client offers the next step and the one after it: if a killed cycle
@@ -260,7 +262,7 @@ def _choose_step(candidates, root):
         candidates = [candidates]
     if not isinstance(candidates, list) or not 1 <= len(candidates) <= 4:
         raise P.ProtocolError("bad keep_undo")
-    return J.choose_undo_path([_step_path(p, root) for p in candidates])
+    return J.choose_undo_path(target, [_step_path(p, root) for p in candidates])
 
 
 def _materialize(ch, payload, root):

@@ -274,8 +274,9 @@ def test_vault_object_api(tmp_path):
 
 
 def test_a_version_1_vault_is_migrated(tmp_path):
-    """Vaults written by the first release (schema 1, no remote replicas)
-    open as version 2 with their items, points and steps intact."""
+    """Vaults written by the first release (schema 1, no remote replicas, no
+    operation records) open as the current version with their items, points
+    and steps intact."""
     import sqlite3
 
     from pydr.dr.store import SCHEMA_VERSION
@@ -288,14 +289,16 @@ def test_a_version_1_vault_is_migrated(tmp_path):
         v.protect("vm", [(src, tmp_path / "r.img")], retention=5)
         replicate(v, ["vm"])
     db = sqlite3.connect(tmp_path / "v" / "vault.db")  # back to what version 1 wrote
-    db.execute("ALTER TABLE items DROP COLUMN rsh")
-    db.execute("ALTER TABLE items DROP COLUMN remote_pydr")
+    for column in ("rsh", "remote_pydr", "operation", "operation_command", "operation_args",
+                   "test_point"):
+        db.execute(f"ALTER TABLE items DROP COLUMN {column}")
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
     with Vault(tmp_path / "v") as v:  # a reader migrates too
-        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
-        assert v.item("vm")["rsh"] is None and len(v.points("vm")) == 1
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert v.item("vm")["rsh"] is None and v.item("vm")["operation"] is None
+        assert len(v.points("vm")) == 1
     with Vault(tmp_path / "v", writer=True) as v:
         src.write_bytes(os.urandom(1 << 20))
         assert replicate(v, ["vm"]).point_id == 2

@@ -1,0 +1,73 @@
+"""Test failovers (DR drills): a recovery point's disks materialised into a
+directory while the replicas and replication go on untouched, and their
+clean-up. Both are recorded on the item while they run, so that running the
+same command again after a kill finishes them."""
+
+import os
+
+from ..engine import crashpoints, names
+from ..errors import InvalidState
+from .points import materialize_into, select_point
+
+SELECTORS = (None, "latest", "latest-processed", "latest-app-consistent")
+
+
+def test_failover(vault, name, directory, point=None):
+    """Drill: materialise a point into `directory` (a spec). Returns
+    {"item", "point", "paths", "notes"}. A drill that was interrupted is
+    finished by the same call; one that is complete is left as it is."""
+    row = vault.item(name)
+    where = vault.endpoint(name, directory).spec
+    notes = []
+    if row["test_dir"]:
+        if row["test_dir"] != where:
+            raise InvalidState(f"a test failover of {name!r} is already in {row['test_dir']}: run "
+                               f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
+        pid = row["test_point"]
+        if point not in SELECTORS and select_point(vault, name, point) != pid:
+            raise InvalidState(f"the test failover of {name!r} in {where} shows point {pid}: run "
+                               f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
+        interrupted = vault.pending(name, "test-failover") is not None
+        notes.append("resumed" if interrupted else
+                     f"already done: {where} holds point {pid}")
+    else:
+        if row["state"] != "protected":
+            raise InvalidState(f"item {name!r} cannot be test-failed-over in state {row['state']}",
+                               path=vault.dir)
+        pid = select_point(vault, name, point)
+        # first: a killed drill is finished, or cleaned up, from this record
+        vault.begin(name, "test-failover", f"pydr test-failover {name} --to {where} --point {pid}",
+                    test_dir=where, test_point=pid)
+        crashpoints.reached("drill.recorded")
+
+    def run():
+        paths = materialize_into(vault, name, pid, where, drill=True)
+        vault.end(name, "test-failover")
+        return paths
+
+    paths = vault.run_job("test-failover", name, run)
+    return {"item": name, "point": pid, "paths": paths, "notes": notes}
+
+
+def cleanup_test_failover(vault, name):
+    """Remove what test_failover wrote (its directory too, if that empties
+    it). Returns {"item", "removed", "notes"}."""
+    row = vault.item(name)
+    if not row["test_dir"]:
+        return {"item": name, "removed": [],
+                "notes": ["no test failover to clean up: nothing to do"]}
+
+    def run():
+        vault.end(name, "test-failover")  # an interrupted drill is abandoned
+        vault.begin(name, "cleanup-test-failover", f"pydr cleanup-test-failover {name}")
+        directory = vault.endpoint(name, row["test_dir"])
+        disks = [directory.child(os.path.basename(vault.endpoint(name, d["replica"]).path))
+                 for d in vault.disks(name)]
+        removed = [str(d) for d in disks if d.exists()]
+        # the disks, and what a killed drill left half-made beside them
+        directory.remove_drill(disks + [d.sidecar(names.NEW) for d in disks])
+        crashpoints.reached("drill.cleaned")
+        vault.end(name, "cleanup-test-failover", test_dir=None, test_point=None)
+        return removed
+
+    return {"item": name, "removed": vault.run_job("cleanup-test-failover", name, run), "notes": []}

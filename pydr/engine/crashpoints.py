@@ -1,0 +1,85 @@
+"""Crash points: the named durable steps of every operation, where a test can
+stop the process (a testing facility, documented in docs/RELIABILITY.md).
+
+    PYDR_CRASH_AT=NAME[:N]   SIGKILL this process the Nth time (default 1st)
+                             it passes NAME
+    PYDR_STOP_AT=NAME[:N]    SIGSTOP it there instead (a test continues it
+                             with SIGCONT): two commands at a known moment
+    PYDR_CRASH_LOG=FILE      append the name of every point passed to FILE
+
+Unset, a point costs one attribute test. Every name passed must be in
+POINTS, the registry; the crash-matrix tests reach each of them.
+"""
+
+import os
+
+#: name -> what is durable when the process passes it
+POINTS = {
+    # the engine: apply and resync under the undo journal
+    "journal.created": "the undo journal's header is on disk, the target untouched",
+    "apply.journaled": "a batch's old contents are journaled, the batch not yet written",
+    "apply.written": "a batch is written to the target",
+    "apply.synced": "the whole result is on disk, the journal not yet committed",
+    "apply.committed": "the journal ends in COMMIT, not yet removed or kept",
+    "apply.kept": "a committed journal was kept as a recovery-point step",
+    "resync.cache": "the signature cache describes the new target",
+    "rollback.restored": "an interrupted apply was undone, its journal still there",
+    "restore.copied": "a point's disk is copied from the latest state, steps not rolled back",
+    "restore.step": "one more undo step is rolled back onto a point's disk",
+    "restore.written": "a point's disk is whole beside its destination, not yet renamed over it",
+    # the vault: a replication cycle
+    "cycle.disk": "one disk of a cycle is replicated, its step not yet recorded",
+    "cycle.steps": "one disk's steps are recorded",
+    "cycle.point": "the cycle's recovery point is recorded, retention not yet applied",
+    "retention.recorded": "old points and steps are dropped from the vault, files not yet",
+    "cycle.done": "the cycle's job is ended",
+    # drills
+    "drill.recorded": "a drill's directory and point are recorded",
+    "drill.disk": "one disk of a drill is materialised",
+    "drill.cleaned": "a drill's disks are removed, the drill not yet forgotten",
+    # failover, change-point, commit, reprotect, failback
+    "failover.marked": "the item is failing over to a recorded point",
+    "failover.baseline": "one replica is moved aside to its baseline",
+    "failover.disk": "one replica path holds the point",
+    "commit.marked": "the item is committing: its points are no longer to be used",
+    "commit.removed": "the steps, baselines and caches are removed",
+    "reprotect.swapped": "sources and replicas are swapped, the first cycle not yet run",
+    "failback.cycle": "the final cycle of a failback is done",
+    "failback.alternate": "one disk is brought up at its alternate path",
+    "plan.group": "one group of a recovery plan is done",
+    # the server of pydr's protocol
+    "server.applied": "a pushed disk is committed on the server, APPLY_OK not yet sent",
+}
+
+def _arm():
+    """(action, name, n) from the environment, or None: read once, at import."""
+    for var, action in (("PYDR_CRASH_AT", "kill"), ("PYDR_STOP_AT", "stop")):
+        spec = os.environ.get(var)
+        if spec:
+            name, _, n = spec.partition(":")
+            return action, name, int(n or 1)
+    return ("log", None, 0) if os.environ.get("PYDR_CRASH_LOG") else None
+
+
+_armed = _arm()
+_counts = {}
+
+
+def reached(name):
+    """Mark the durable step `name` as passed (see the module's docstring)."""
+    if _armed is None:
+        return
+    if name not in POINTS:
+        raise AssertionError(f"crash point {name!r} is not in pydr.engine.crashpoints.POINTS")
+    log = os.environ.get("PYDR_CRASH_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{name}\n")
+    action, target, n = _armed
+    if name != target:
+        return
+    _counts[name] = _counts.get(name, 0) + 1
+    if _counts[name] == n:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
