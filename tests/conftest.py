@@ -200,3 +200,31 @@ def sshd(tmp_path_factory):
            "root": root}
     proc.terminate()
     proc.wait()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability figures of this run (README's table comes from here)."""
+    import collections
+
+    try:
+        from crashmatrix import RESULTS
+    except ImportError:
+        return
+    if not RESULTS:
+        return
+    rows = collections.OrderedDict()
+    for scenario, point, n, outcome, verified in RESULTS:
+        row = rows.setdefault(scenario, {"points": set(), "kills": 0, "cuts": 0, "verified": 0})
+        row["points"].add(point)
+        row["kills" if outcome == "killed" else "cuts"] += 1
+        row["verified"] += verified
+    terminalreporter.section("crash safety: every run was finished by running it again")
+    terminalreporter.write_line("| operation | crash points | kills survived | power cuts survived "
+                                "| recovery points verified |")
+    terminalreporter.write_line("|---|---:|---:|---:|---:|")
+    for scenario, row in rows.items():
+        terminalreporter.write_line(f"| {scenario} | {len(row['points'])} | {row['kills']} | "
+                                    f"{row['cuts']} | {row['verified']} |")
+    total = {k: sum(r[k] for r in rows.values()) for k in ("kills", "cuts", "verified")}
+    terminalreporter.write_line(f"| all | {len(set().union(*(r['points'] for r in rows.values())))}"
+                                f" | {total['kills']} | {total['cuts']} | {total['verified']} |")

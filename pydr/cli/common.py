@@ -24,7 +24,8 @@ exit status:
   9    a file changed while it was being read
   10   not a regular file or block device (a directory, a FIFO, ...)
   11   an interrupted apply is pending on the target (pydr apply again, or pydr rollback)
-  12   the target already holds the delta's result
+  12   the target holds the delta's result where it writes, but differs elsewhere
+       (a target holding all of the result is left alone: exit 0, "already holds")
   13   source and target are the same file
   14   not a vault, or the vault is locked by another pydr
   15   the operation is not valid in the item's current state

@@ -145,6 +145,8 @@ def cmd_apply(args):
                                 cancel=threading.Event())
     if args.json:
         print_json({"delta": args.delta, "target": args.target, **st._asdict()})
+    elif st.already_applied and not args.quiet:
+        print(f"{args.target}: already holds the delta's result (checked whole): nothing to do")
     elif not args.quiet:
         again = " (an interrupted apply was rolled back first)" if st.rolled_back_first else ""
         print(f"{args.target}: {st.records} records applied, {human_bytes(st.bytes_written)} "

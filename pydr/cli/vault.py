@@ -110,9 +110,15 @@ def cmd_status(args):
         print_json(statuses[0] if args.item else statuses)
     else:
         for st in statuses:
+            op = st["operation"]
+            doing = ""
+            if op and op["interrupted"]:
+                doing = f"; interrupted {op['name']}: run '{op['command']}' to finish it"
+            elif op:
+                doing = f"; {op['name']} running now"
             print(f"{st['item']}: {st['state']}, {st['direction']}, health {st['health']}, "
                   f"{st['points']} points"
-                  + (f", last error: {st['last_error']}" if st["last_error"] else ""))
+                  + (f", last error: {st['last_error']}" if st["last_error"] else "") + doing)
     return 0
 
 

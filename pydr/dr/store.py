@@ -263,7 +263,7 @@ class Store:
         for item in os.listdir(undo_root) if os.path.isdir(undo_root) else ():
             for name in os.listdir(os.path.join(undo_root, item)):
                 path = os.path.join(undo_root, item, name)
-                if name.startswith(".pydr-") and name.endswith(".tmp"):
+                if name.endswith(".pydr-new"):
                     os.unlink(path)  # a copy into the vault that a kill interrupted
                     continue
                 if not name.endswith(".undo"):

@@ -28,7 +28,7 @@ class ApplyStats(Record):
     """records, bytes written (DATA payload), bytes zeroed, journal bytes, seconds."""
 
     _fields = ("records", "bytes_written", "bytes_zeroed", "journal_bytes", "seconds",
-               "rolled_back_first")
+               "rolled_back_first", "already_applied")
     __slots__ = _fields
 
 
@@ -60,6 +60,7 @@ class Applier:
         self._writer = None
         self._writer_error = None
         self.resumed = None
+        self.base_size_seen = None
 
     # -- set-up ----------------------------------------------------------------
     def __enter__(self):
@@ -129,6 +130,7 @@ class Applier:
         self.rolled_back_first = True
 
     def _check_base_size(self, size):
+        self.base_size_seen = size
         if self.base_size is None:
             self.base_size = size
         if size != self.base_size:
@@ -290,7 +292,12 @@ def apply_delta(delta, target, *, progress=None, cancel=None, verify=False):
     target was interrupted, it is rolled back first and then done again. On
     any error the target is restored. ``verify`` re-reads the whole target
     afterwards and checks it against the delta's result identity (rolled
-    back on mismatch). Returns ApplyStats."""
+    back on mismatch). Returns ApplyStats.
+
+    A target that already holds the delta's result (all of it: checked by
+    reading it whole, as after a run killed once it had finished) is left
+    as it is, with ``already_applied`` set; one that holds it only where the
+    delta's first records land is refused (AlreadyApplied)."""
     start = time.monotonic()
     opener, name = _open_delta(delta)
     with opener as f:
@@ -299,15 +306,24 @@ def apply_delta(delta, target, *, progress=None, cancel=None, verify=False):
         applier = Applier(target, block_size=header.block_size, base_size=header.base_size,
                           result_size=header.result_size, base_id=header.base_id,
                           result_id=header.result_id)
-        with applier:
-            _feed(f, name, header, applier, throttle, cancel)
-            if verify:
-                _verify_result(applier, header)
-            applier.finish()
+        try:
+            with applier:
+                _feed(f, name, header, applier, throttle, cancel)
+                if verify:
+                    _verify_result(applier, header)
+                applier.finish()
+        except BaseMismatch as exc:
+            if not (isinstance(exc, AlreadyApplied) or applier.base_size_seen == header.result_size):
+                raise
+            if not holds_result(target, header):
+                raise
+            return ApplyStats(0, 0, 0, 0, time.monotonic() - start, applier.rolled_back_first,
+                              True)
     st = applier.state
     throttle.report(header.result_size, st.data_bytes, finished=True)
     return ApplyStats(int(st.records), int(st.data_bytes), int(st.zero_bytes),
-                      applier.journal.bytes, time.monotonic() - start, applier.rolled_back_first)
+                      applier.journal.bytes, time.monotonic() - start, applier.rolled_back_first,
+                      False)
 
 
 def _feed(f, name, header, applier, throttle, cancel):
@@ -365,19 +381,33 @@ def _check_end(raw, digest, applier, name, offset):
                            offset=offset)
 
 
-def _verify_result(applier, header):
+def _identity_of(fd, path, size, block_size):
     from .delta import identity
-    from .signatures import Signature, sign_range, blocks_for
     from .parallel import default_threads
+    from .signatures import Signature, blocks_for, sign_range
 
-    os.fdatasync(applier.fd)
-    size = header.result_size
-    n = blocks_for(size, header.block_size)
+    n = blocks_for(size, block_size)
     hashes, mask = bytearray(16 * n), bytearray(n)
-    sign_range(applier.fd, applier.target, 0, size, header.block_size, B.ALGORITHMS["xxh3-128"],
-               hashes, mask, threads=default_threads(), progress_record=B.Progress(),
-               throttle=Throttle(None, "verify", applier.target, size))
-    got = identity(Signature(header.block_size, size, "xxh3-128", hashes, mask))
+    sign_range(fd, path, 0, size, block_size, B.ALGORITHMS["xxh3-128"], hashes, mask,
+               threads=default_threads(), progress_record=B.Progress(),
+               throttle=Throttle(None, "verify", path, size))
+    return identity(Signature(block_size, size, "xxh3-128", hashes, mask))
+
+
+def holds_result(target, header):
+    """Whether `target` holds, all of it, the image the delta produces."""
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size, _ = B.fd_size(fd, target)
+        return size == header.result_size and _identity_of(
+            fd, os.fspath(target), size, header.block_size) == header.result_id
+    finally:
+        os.close(fd)
+
+
+def _verify_result(applier, header):
+    os.fdatasync(applier.fd)
+    got = _identity_of(applier.fd, applier.target, header.result_size, header.block_size)
     if got != header.result_id:
         raise BaseMismatch("after applying, the target does not equal the delta's result "
                            "(was the base different outside the changed blocks?)",

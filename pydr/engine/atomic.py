@@ -1,8 +1,16 @@
-"""Crash-safe file replacement: temp file, fsync, rename, fsync directory."""
+"""Crash-safe file replacement: temp file, fsync, rename, fsync directory.
+
+The temp file of a destination NAME is always ".NAME.pydr-new" beside it,
+locked while it is written: a process killed half-way leaves it, and the
+next writer of NAME takes it over (a live one is refused), so no temp file
+outlives the next run.
+"""
 
 import contextlib
-import errno
+import fcntl
 import os
+
+from ..errors import UnfinishedApply
 
 
 def fsync_dir(path):
@@ -14,16 +22,22 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def make_temp(directory):
-    """(fd, path) of a new, private ".pydr-*.tmp" file in `directory`: what
-    tempfile.mkstemp does, without its 3 ms of imports on every command."""
-    for _ in range(100):
-        path = os.path.join(directory, f".pydr-{os.urandom(6).hex()}.tmp")
-        try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary file name", directory)
+def open_temp(dest):
+    """(fd, path) of the empty temp file ".NAME.pydr-new" beside `dest`,
+    locked by this process; one that a killed writer left is taken over."""
+    head, tail = os.path.split(os.path.abspath(os.fspath(dest)))
+    path = os.path.join(head, f".{tail}.pydr-new")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UnfinishedApply("another pydr is writing this file now", path=dest) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    return fd, path
 
 
 @contextlib.contextmanager
@@ -33,7 +47,7 @@ def atomic_write(path):
     On any error the temp file is removed and ``path`` is left as it was.
     """
     path = os.fspath(path)
-    fd, tmp = make_temp(os.path.dirname(os.path.abspath(path)))
+    fd, tmp = open_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

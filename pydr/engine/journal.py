@@ -27,7 +27,7 @@ import struct
 from . import bindings as B
 from . import names
 from . import crashpoints
-from .atomic import atomic_write, fsync_dir, make_temp
+from .atomic import atomic_write, fsync_dir, open_temp
 from ..errors import CorruptDelta, UnfinishedApply
 
 MAGIC = b"PYDRUND\x00"
@@ -281,7 +281,7 @@ def move_journal(path, dest):
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        fd, tmp = make_temp(os.path.dirname(os.path.abspath(dest)))
+        fd, tmp = open_temp(dest)
         try:
             with os.fdopen(fd, "wb") as out, open(path, "rb") as f:
                 shutil.copyfileobj(f, out, 4 << 20)

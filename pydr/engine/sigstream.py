@@ -13,7 +13,7 @@ import os
 import struct
 
 from . import bindings as B
-from .atomic import fsync_dir, make_temp
+from .atomic import fsync_dir, open_temp
 from ..errors import FormatError
 from .signatures import (_HEADER, _TRAILER, HEADER_SIZE, MAGIC, TRAILER_MAGIC, TRAILER_SIZE,
                          VERSION, blocks_for, parse_header)
@@ -94,7 +94,7 @@ class SignatureWriter:
         self.path = os.fspath(path)
         self.block_size, self.size = block_size, size
         self.n = blocks_for(size, block_size)
-        fd, self.tmp = make_temp(os.path.dirname(os.path.abspath(self.path)))
+        fd, self.tmp = open_temp(self.path)
         self.fd = fd
         self.written = 0
         self.zeros = 0

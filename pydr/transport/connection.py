@@ -67,6 +67,7 @@ class Connection:
             self.handshake()
         item = self.frames.get()
         if isinstance(item, BaseException):
+            self.frames.put(item)  # the end of the stream stays: later reads see it at once
             if isinstance(item, ConnectionResetError):
                 raise ConnectionResetError(f"the connection to {self.host} was lost") from item
             raise item

@@ -114,11 +114,25 @@ def test_delta_for_a_base_of_another_size(pair):
 
 
 def test_same_delta_twice(pair):
+    """Applied again (as after a run killed once it had finished): the whole
+    target is checked, found to hold the result, left as it is; exit 0."""
     d, a, b = pair
     assert run_cli("apply", d / "d.delta", d / "a.img").returncode == 0
     r = run_cli("apply", d / "d.delta", d / "a.img")
-    cli_error(r, 12, "already holds")
+    assert r.returncode == 0 and b"already holds the delta's result" in r.stdout, r.stderr
     assert_untouched(d / "a.img", b)
+
+
+def test_a_target_that_holds_the_result_only_in_part_is_refused(pair):
+    """The delta's records find their result there, but the target differs
+    elsewhere: that is not "already applied", and nothing is written."""
+    d, a, b = pair
+    partly = bytearray(b)
+    partly[-1] ^= 0xFF  # past every block the delta's first record replaces
+    (d / "partly.img").write_bytes(bytes(partly))
+    r = run_cli("apply", d / "d.delta", d / "partly.img")
+    assert r.returncode in (8, 12) and b"Traceback" not in r.stderr, r.stderr
+    assert_untouched(d / "partly.img", bytes(partly))
 
 
 def test_corrupt_signature_for_delta(pair):

@@ -1,6 +1,9 @@
-"""SIGKILL `pydr apply` / `pydr resync` at random moments: afterwards, running
-the same apply again gives the new image and `pydr rollback` the old one,
-exactly; while an apply is unfinished other commands refuse the target."""
+"""SIGKILL `pydr apply` / `pydr resync` at random moments, an extra to the
+crash matrix (tests/dr/test_crash_matrix.py, which kills at every named
+point): afterwards, running the same apply again gives the new image and
+`pydr rollback` the old one, exactly; while an apply is unfinished other
+commands refuse the target. How many kills land during the work depends on
+the machine's load, so nothing is asserted about it."""
 
 import os
 import random
@@ -53,7 +56,6 @@ def test_sigkill_then_finish_or_rollback(images, command):
     target.write_bytes((d / "old.img").read_bytes())
     duration = timed_run(args, d)
     rng = random.Random(3)
-    interrupted = 0
     for i in range(14):
         target.write_bytes((d / "old.img").read_bytes())
         p = start(args, d)
@@ -65,7 +67,6 @@ def test_sigkill_then_finish_or_rollback(images, command):
             # killed before the journal existed, or after the commit
             assert sha(target) in (old, new)
             continue
-        interrupted += 1
         # every other command refuses, naming both ways out
         r = run_cli("signature", target, "-o", d / "x.sig")
         assert r.returncode == 11 and b"pydr rollback" in r.stderr and b"pydr apply" in r.stderr
@@ -78,7 +79,6 @@ def test_sigkill_then_finish_or_rollback(images, command):
             assert r.returncode == 0, r.stderr
             assert sha(target) == old
         assert J.pending(target) is None
-    assert interrupted >= 3, f"only {interrupted} of 14 kills landed during the {command}"
 
 
 def test_resync_resumes_after_an_outage(tmp_path):
@@ -99,16 +99,10 @@ def test_resync_resumes_after_an_outage(tmp_path):
         new[off:off + (768 << 10)] = rng.randbytes(768 << 10)
     src.write_bytes(bytes(new))
     changed_total = 256 * (768 << 10)
-    journal = J.journal_path(dst)
-    p = start(["resync", src, dst], tmp_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and p.poll() is None:
-        if os.path.exists(journal) and os.path.getsize(journal) > (32 << 20):
-            break
-        time.sleep(0.002)
-    assert p.poll() is None, "the resync ended before it could be interrupted"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # killed once its second batch of records is written (a crash point: no timing)
+    p = subprocess.run(pydr_command() + ["resync", str(src), str(dst)], cwd=tmp_path,
+                       env={**os.environ, "PYDR_CRASH_AT": "apply.written:2"})
+    assert p.returncode == -signal.SIGKILL
     assert J.pending(dst) is not None
     # the source changes again inside the part the killed run had written
     with open(src, "r+b") as f:

@@ -341,9 +341,9 @@ def test_delta_and_apply_with_remote_paths(sshd, tmp_path):
     r = cli(sshd, "apply", f"{h}{tmp_path / 'l.delta'}", tmp_path / "t2.img")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "t2.img").read_bytes() == b
-    # twice: the remote target already holds the result (exit 12), untouched
-    r = cli(sshd, "apply", tmp_path / "l.delta", f"{h}{tmp_path / 't1.img'}")
-    assert r.returncode == 12, r.stderr
+    # twice: the remote target already holds the result, and it says so
+    r = cli(sshd, "apply", tmp_path / "l.delta", f"{h}{tmp_path / 't1.img'}", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["already_applied"], r.stderr
     assert (tmp_path / "t1.img").read_bytes() == b
 
 
