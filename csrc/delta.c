@@ -17,6 +17,7 @@
 #define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
+#include "dev.h"
 #include "io.h"
 #include "kernel.h"
 #include "pydr.h"
@@ -198,6 +199,20 @@ int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
                 size_t payload_hashes_cap, size_t *payload_hashes_used,
                 uint64_t *error_offset)
 {
+    pydr_dev d;
+    pydr_dev_file(&d, src_fd, 0);
+    return pydr_encode_dev(&d, extents, zero, base_hashes, n, first_seq, out, cap, used, done,
+                           block_size, payload_hashes, payload_hashes_cap,
+                           payload_hashes_used, error_offset);
+}
+
+int pydr_encode_dev(const pydr_dev *src, const uint64_t *extents, const uint8_t *zero,
+                    const uint64_t *base_hashes, size_t n, uint64_t first_seq,
+                    uint8_t *out, size_t cap, size_t *used, size_t *done,
+                    uint32_t block_size, uint64_t *payload_hashes,
+                    size_t payload_hashes_cap, size_t *payload_hashes_used,
+                    uint64_t *error_offset)
+{
     size_t pos = 0, i = 0, hpos = 0;
     *error_offset = 0;
     for (; i < n; i++) {
@@ -220,7 +235,7 @@ int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
         r.payload_hash = 0;
         if (r.type == PYDR_RECORD_DATA) {
             uint8_t *payload = out + pos + PYDR_RECORD_HEADER;
-            int rc = pydr_pread_full(src_fd, payload, (size_t)r.length, r.offset, error_offset);
+            int rc = src->read(src, payload, (size_t)r.length, r.offset, error_offset);
             if (rc) {
                 *used = pos;
                 *done = i;
@@ -294,6 +309,17 @@ int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
                        uint8_t *journal, size_t journal_cap,
                        size_t *journal_used)
 {
+    pydr_dev d;
+    pydr_dev_file(&d, target_fd, 0);
+    return pydr_apply_prepare_dev(&d, recs, len, block_size, old_size, new_size, st, scratch,
+                                  scratch_cap, journal, journal_cap, journal_used);
+}
+
+int pydr_apply_prepare_dev(const pydr_dev *target, const uint8_t *recs, size_t len,
+                           uint32_t block_size, uint64_t old_size, uint64_t new_size,
+                           pydr_apply_state *st, uint8_t *scratch, size_t scratch_cap,
+                           uint8_t *journal, size_t journal_cap, size_t *journal_used)
+{
     size_t pos = 0, jpos = 0;
     *journal_used = 0;
     while (pos < len) {
@@ -331,7 +357,7 @@ int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
             journal_cap - jpos < old_len + PYDR_RECORD_HEADER * runs_max)
             return PYDR_E_NO_ROOM;
         uint8_t *jpayload = scratch;
-        int rc = pydr_pread_full(target_fd, jpayload, (size_t)old_len, r.offset, &st->error_offset);
+        int rc = target->read(target, jpayload, (size_t)old_len, r.offset, &st->error_offset);
         if (rc)
             return rc;
         uint64_t digest[2];
@@ -369,33 +395,16 @@ int pydr_start_writeback(int fd)
     return 0;
 }
 
-static const uint8_t zeros[1 << 16];
-
-static int write_zeros(int fd, uint64_t off, uint64_t len, int is_block_device,
-                       uint64_t *error_offset)
-{
-    if (is_block_device) {
-        uint64_t range[2] = {off, len};
-        if (off % 512 == 0 && len % 512 == 0 && ioctl(fd, BLKZEROOUT, range) == 0)
-            return 0;
-    } else if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
-                         (off_t)len) == 0) {
-        return 0;
-    }
-    /* neither works here (e.g. tmpfs without hole punching): write zeros */
-    while (len) {
-        size_t n = len < sizeof zeros ? (size_t)len : sizeof zeros;
-        int rc = pydr_pwrite_full(fd, zeros, n, off, error_offset);
-        if (rc)
-            return rc;
-        off += n;
-        len -= n;
-    }
-    return 0;
-}
-
 int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
                      int is_block_device, uint64_t *error_offset)
+{
+    pydr_dev d;
+    pydr_dev_file(&d, target_fd, is_block_device);
+    return pydr_apply_write_dev(&d, recs, len, error_offset);
+}
+
+int pydr_apply_write_dev(const pydr_dev *target, const uint8_t *recs, size_t len,
+                         uint64_t *error_offset)
 {
     size_t pos = 0;
     *error_offset = 0;
@@ -408,10 +417,10 @@ int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
             return PYDR_E_CORRUPT;
         int rc = 0;
         if (r.type == PYDR_RECORD_DATA)
-            rc = pydr_pwrite_full(target_fd, recs + pos + PYDR_RECORD_HEADER, (size_t)r.length,
-                             r.offset, error_offset);
+            rc = target->write(target, recs + pos + PYDR_RECORD_HEADER, (size_t)r.length,
+                               r.offset, error_offset);
         else if (r.type == PYDR_RECORD_ZERO)
-            rc = write_zeros(target_fd, r.offset, r.length, is_block_device, error_offset);
+            rc = target->zero(target, r.offset, r.length, error_offset);
         if (rc)
             return rc;
         pos += size;

@@ -14,6 +14,8 @@ const char *pydr_strerror(int code)
     case PYDR_E_BASE_MISMATCH: return "target does not hold the base this delta was made against";
     case PYDR_E_ALREADY_APPLIED: return "target already holds this delta's result";
     case PYDR_E_NO_ROOM: return "output buffer too small";
+    case PYDR_E_NO_NBD: return "pydr was built without libnbd: install libnbd-dev (Debian) and rebuild pydr";
+    case PYDR_E_NO_BITMAP: return "the NBD server does not export that dirty bitmap";
     }
     if (code < 0 && code > -PYDR_E_BASE)
         return strerror(-code); /* glibc returns static strings for errnos */

@@ -41,6 +41,8 @@ extern "C" {
 #define PYDR_E_BASE_MISMATCH (-1005) /* target blocks are not the delta base */
 #define PYDR_E_ALREADY_APPLIED (-1006) /* target already holds the result    */
 #define PYDR_E_NO_ROOM       (-1007) /* caller's output buffer is too small  */
+#define PYDR_E_NO_NBD        (-1008) /* built without libnbd                  */
+#define PYDR_E_NO_BITMAP     (-1009) /* the NBD server exports no such bitmap */
 
 /* Returns a static, human-readable description of any code returned by a
  * pydr function (negative errno included). Never returns NULL. */
@@ -244,6 +246,76 @@ PYDR_API int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
 /* Starts writing a file's dirty pages back (sync_file_range WRITE), so that
  * a later fdatasync has less to wait for. A hint, not a durability point. */
 PYDR_API int pydr_start_writeback(int fd);
+
+/*
+ * Disks behind an NBD server (qemu-nbd, qemu-storage-daemon, QEMU), through
+ * libnbd. A pydr_nbd is one connection; use it from one thread at a time.
+ * Without libnbd at build time every function returns PYDR_E_NO_NBD.
+ * Failures give a negative errno (or a PYDR_E_*); pydr_nbd_last_error()
+ * tells libnbd's message of the calling thread's last failure.
+ */
+typedef struct pydr_nbd pydr_nbd;
+
+#define PYDR_NBD_WRITE 1u               /* the export must be writable      */
+#define PYDR_NBD_CAN_FLUSH 1
+#define PYDR_NBD_CAN_ZERO 2
+#define PYDR_NBD_CAN_MULTI_CONN 3
+#define PYDR_NBD_READ_ONLY 4
+#define PYDR_NBD_STATE_HOLE 1u          /* base:allocation extent flags     */
+#define PYDR_NBD_STATE_ZERO 2u
+#define PYDR_NBD_DIRTY 1u               /* qemu:dirty-bitmap extent flag    */
+
+/* 1 when pydr was built with libnbd. */
+PYDR_API int pydr_nbd_available(void);
+PYDR_API const char *pydr_nbd_last_error(void);
+
+/* Connects to a libnbd URI (nbd://HOST[:PORT]/EXPORT,
+ * nbd+unix:///EXPORT?socket=PATH), asking for base:allocation and, when
+ * bitmap is not NULL, the dirty bitmap qemu:dirty-bitmap:BITMAP
+ * (PYDR_E_NO_BITMAP if the server does not export it). */
+PYDR_API int pydr_nbd_open(pydr_nbd **out, const char *uri, const char *bitmap,
+                           unsigned flags);
+PYDR_API void pydr_nbd_free(pydr_nbd *nbd);
+PYDR_API int pydr_nbd_size(pydr_nbd *nbd, uint64_t *size);
+/* 1 or 0 for one of PYDR_NBD_CAN_* / PYDR_NBD_READ_ONLY. */
+PYDR_API int pydr_nbd_can(pydr_nbd *nbd, int what);
+PYDR_API int pydr_nbd_flush(pydr_nbd *nbd);
+PYDR_API int pydr_nbd_pread(pydr_nbd *nbd, void *buf, size_t len, uint64_t off,
+                            uint64_t *error_offset);
+PYDR_API int pydr_nbd_pwrite(pydr_nbd *nbd, const void *buf, size_t len, uint64_t off,
+                             uint64_t *error_offset);
+
+/* Extents of [offset, offset + length) as (offset, length, flags) triples
+ * in out (cap triples at most): base:allocation (PYDR_NBD_STATE_* flags), or
+ * with dirty_bitmap the bitmap's (PYDR_NBD_DIRTY). *reached tells how far
+ * they go: less than the range's end when out was full. */
+PYDR_API int pydr_nbd_extents(pydr_nbd *nbd, int dirty_bitmap, const char *bitmap,
+                              uint64_t offset, uint64_t length, uint64_t *out,
+                              size_t cap, size_t *count, uint64_t *reached);
+
+/* pydr_signer_sign for an export: holes and zero extents are not read (the
+ * hash of a zero block); data is read with several requests in flight.
+ * *error_offset tells where a failure was. */
+PYDR_API int pydr_nbd_sign(pydr_nbd *nbd, uint64_t offset, uint64_t length,
+                           uint32_t block_size, int algorithm, uint64_t *hashes,
+                           uint8_t *zero_mask, size_t nblocks, pydr_progress *progress,
+                           uint64_t *error_offset);
+
+/* pydr_encode, pydr_apply_prepare and pydr_apply_write on an export. */
+PYDR_API int pydr_nbd_encode(pydr_nbd *nbd, const uint64_t *extents, const uint8_t *zero,
+                             const uint64_t *base_hashes, size_t n, uint64_t first_seq,
+                             uint8_t *out, size_t cap, size_t *used, size_t *done,
+                             uint32_t block_size, uint64_t *payload_hashes,
+                             size_t payload_hashes_cap, size_t *payload_hashes_used,
+                             uint64_t *error_offset);
+PYDR_API int pydr_nbd_apply_prepare(pydr_nbd *nbd, const uint8_t *recs, size_t len,
+                                    uint32_t block_size, uint64_t old_size,
+                                    uint64_t new_size, pydr_apply_state *state,
+                                    uint8_t *scratch, size_t scratch_cap,
+                                    uint8_t *journal, size_t journal_cap,
+                                    size_t *journal_used);
+PYDR_API int pydr_nbd_apply_write(pydr_nbd *nbd, const uint8_t *recs, size_t len,
+                                  uint64_t *error_offset);
 
 #ifdef __cplusplus
 }

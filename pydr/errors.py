@@ -32,6 +32,7 @@ EXIT_STATE = 15
 EXIT_HOOK = 16
 EXIT_PLAN = 17
 EXIT_PROTOCOL = 18
+EXIT_TRACKING = 19
 EXIT_CANCELLED = 130
 
 
@@ -140,6 +141,13 @@ def exit_code_for(exc):
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_CANCELLED
     return EXIT_INTERNAL
+
+
+class TrackingLost(PydrError, RuntimeError):
+    """Changed-block tracking cannot be trusted (a missing, in-use or
+    inconsistent dirty bitmap): a checksum resync is needed."""
+
+    exit_code = EXIT_TRACKING
 
 
 class ProtocolError(PydrError, ValueError):

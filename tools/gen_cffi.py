@@ -109,6 +109,45 @@ int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
 
 int pydr_start_writeback(int fd);
 
+#define PYDR_E_NO_NBD ...
+#define PYDR_E_NO_BITMAP ...
+typedef struct pydr_nbd pydr_nbd;
+#define PYDR_NBD_WRITE ...
+#define PYDR_NBD_CAN_FLUSH ...
+#define PYDR_NBD_CAN_ZERO ...
+#define PYDR_NBD_CAN_MULTI_CONN ...
+#define PYDR_NBD_READ_ONLY ...
+#define PYDR_NBD_STATE_HOLE ...
+#define PYDR_NBD_STATE_ZERO ...
+#define PYDR_NBD_DIRTY ...
+int pydr_nbd_available(void);
+const char *pydr_nbd_last_error(void);
+int pydr_nbd_open(pydr_nbd **out, const char *uri, const char *bitmap, unsigned flags);
+void pydr_nbd_free(pydr_nbd *nbd);
+int pydr_nbd_size(pydr_nbd *nbd, uint64_t *size);
+int pydr_nbd_can(pydr_nbd *nbd, int what);
+int pydr_nbd_flush(pydr_nbd *nbd);
+int pydr_nbd_pread(pydr_nbd *nbd, void *buf, size_t len, uint64_t off, uint64_t *error_offset);
+int pydr_nbd_pwrite(pydr_nbd *nbd, const void *buf, size_t len, uint64_t off,
+                    uint64_t *error_offset);
+int pydr_nbd_extents(pydr_nbd *nbd, int dirty_bitmap, const char *bitmap, uint64_t offset,
+                     uint64_t length, uint64_t *out, size_t cap, size_t *count,
+                     uint64_t *reached);
+int pydr_nbd_sign(pydr_nbd *nbd, uint64_t offset, uint64_t length, uint32_t block_size,
+                  int algorithm, uint64_t *hashes, uint8_t *zero_mask, size_t nblocks,
+                  pydr_progress *progress, uint64_t *error_offset);
+int pydr_nbd_encode(pydr_nbd *nbd, const uint64_t *extents, const uint8_t *zero,
+                    const uint64_t *base_hashes, size_t n, uint64_t first_seq,
+                    uint8_t *out, size_t cap, size_t *used, size_t *done,
+                    uint32_t block_size, uint64_t *payload_hashes, size_t payload_hashes_cap,
+                    size_t *payload_hashes_used, uint64_t *error_offset);
+int pydr_nbd_apply_prepare(pydr_nbd *nbd, const uint8_t *recs, size_t len,
+                           uint32_t block_size, uint64_t old_size, uint64_t new_size,
+                           pydr_apply_state *state, uint8_t *scratch, size_t scratch_cap,
+                           uint8_t *journal, size_t journal_cap, size_t *journal_used);
+int pydr_nbd_apply_write(pydr_nbd *nbd, const uint8_t *recs, size_t len,
+                         uint64_t *error_offset);
+
 typedef struct pydr_digest pydr_digest;
 int pydr_digest_create(pydr_digest **out);
 void pydr_digest_free(pydr_digest *digest);

@@ -32,6 +32,8 @@ exit status:
   16   a quiesce, thaw or shutdown hook failed
   17   a recovery plan stopped (its report says where)
   18   the remote side broke pydr's protocol
+  19   changed-block tracking was lost (a dirty bitmap is missing or in use): the
+       item needs 'pydr replicate ITEM --resync'
   130  interrupted or cancelled
 """
 

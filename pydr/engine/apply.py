@@ -7,7 +7,6 @@ and journaled before the target is touched; any error rolls the target back.
 """
 
 import contextlib
-import fcntl
 import os
 import struct
 import sys
@@ -35,13 +34,16 @@ class ApplyStats(Record):
 class Applier:
     """Writes verified record batches to `target` under an undo journal.
 
-    Use as a context manager: on an exception inside the block the target is
-    rolled back to its old contents; :meth:`finish` completes the apply.
+    `target` is a path (a file or block device, opened here) or an open
+    device (pydr.engine.devices: an NBD export). Use as a context manager:
+    on an exception inside the block the target is rolled back to its old
+    contents; :meth:`finish` completes the apply.
     """
 
     def __init__(self, target, *, block_size, base_size, result_size, kind=J.KIND_APPLY,
                  base_id=bytes(16), result_id=bytes(16), resume_same=True, create=False):
-        self.target = os.fspath(target)
+        self.given = target if hasattr(target, "apply_write") else None
+        self.target = self.given.name if self.given else os.fspath(target)
         self.block_size = block_size
         self.base_size = base_size
         self.result_size = result_size
@@ -50,7 +52,7 @@ class Applier:
         self.resume_same = resume_same
         self.create = create  # a missing target starts empty; removed again on failure
         self.created = False
-        self.fd = None
+        self.dev = None
         self.journal = None
         self.state = B.ApplyState()
         self.rolled_back_first = False
@@ -64,40 +66,48 @@ class Applier:
 
     # -- set-up ----------------------------------------------------------------
     def __enter__(self):
-        if self.create and not os.path.lexists(self.target):
+        from .devices import FileDevice
+
+        if self.given is None and self.create and not os.path.lexists(self.target):
             os.close(os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                              0o644))
             self.created = True
         try:
-            self.fd = os.open(self.target, os.O_RDWR | os.O_CLOEXEC)
+            self.dev = self.given or FileDevice(self.target, write=True)
         except BaseException:
             self._forget_created()
             raise
         try:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UnfinishedApply("another pydr is writing to this target", path=self.target) from None
-            size, self.is_block = B.fd_size(self.fd, self.target)
+            self.dev.lock()
+            self.is_block = not self.dev.resizable
             self._recover_interrupted()
-            size, _ = B.fd_size(self.fd, self.target)
+            size = self.dev.size_now()
             self._check_base_size(size)
             if self.resumed is not None:
                 self.journal = self.resumed
             else:
                 self.journal = J.Journal.create(
-                    J.journal_path(self.target), kind=self.kind, block_size=self.block_size,
+                    self.dev.journal_path, kind=self.kind, block_size=self.block_size,
                     old_size=size, new_size=self.result_size, base_id=self.ids[0],
                     result_id=self.ids[1])
             # A larger result is sized at finish(): writes past the end extend
             # the file anyway, and the target stays untouched until the first
             # batch (its mtime too, which signature caches are checked against).
         except BaseException:
-            os.close(self.fd)
-            self.fd = None
+            self._close_dev()
             self._forget_created()
             raise
         return self
+
+    @property
+    def fd(self):
+        """The target's file descriptor (files only)."""
+        return self.dev.fd
+
+    def _close_dev(self):
+        if self.dev is not None and self.given is None:
+            self.dev.close()
+        self.dev = None
 
     def _forget_created(self):
         if self.created:
@@ -105,7 +115,7 @@ class Applier:
                 os.unlink(self.target)
 
     def _recover_interrupted(self):
-        found = J.pending_journal(self.target)
+        found = J.pending_journal(self.dev)
         if found is None:
             return
         path, header = found
@@ -124,7 +134,7 @@ class Applier:
             if self.resumed is not None:
                 return
         # Finish the interrupted apply by undoing it, then applying again.
-        J.rollback_fd(self.fd, path, self.target, self.is_block)
+        J.rollback(self.dev, path)
         crashpoints.reached("rollback.restored")
         os.unlink(path)
         self.rolled_back_first = True
@@ -155,14 +165,14 @@ class Applier:
         need = B.journal_capacity(journal_bound, records, self.block_size)
         if self.undo is None or len(self.undo) < need:
             self.undo = bytearray(need)
-        used = B.apply_prepare(self.fd, recs, self.block_size, self.base_size, self.result_size,
-                               self.state, self.scratch, self.undo, path=self.target)
+        used = self.dev.apply_prepare(recs, self.block_size, self.base_size, self.result_size,
+                                      self.state, self.scratch, self.undo)
         with memoryview(self.undo) as view:
             self.journal.append(view[:used])
         crashpoints.reached("apply.journaled")
-        B.apply_write(self.fd, recs, self.is_block, path=self.target)
+        self.dev.apply_write(recs)
         crashpoints.reached("apply.written")
-        B.start_writeback(self.fd)  # overlap the disk with the next batch
+        self.dev.writeback()
 
     # -- pipelined batches (resync): a writer thread journals and writes while
     # the caller hashes the next window. Same order, same guarantees: each
@@ -208,13 +218,13 @@ class Applier:
         self.drain()
         if self.result_size < self.base_size:
             self._journal_tail()
-            os.ftruncate(self.fd, self.result_size)
+            self.dev.truncate(self.result_size)
         elif self.result_size > self.base_size and not self.is_block:
-            os.ftruncate(self.fd, self.result_size)
-        os.fdatasync(self.fd)
+            self.dev.truncate(self.result_size)
+        self.dev.sync()
         crashpoints.reached("apply.synced")
         if keep_journal is not None:  # where recovery moves it if we die after COMMIT
-            J.write_keep_note(self.target, keep_journal)
+            J.write_keep_note(self.dev, keep_journal)
         self.journal.commit()
         crashpoints.reached("apply.committed")
         if keep_journal is None:
@@ -222,7 +232,7 @@ class Applier:
         else:
             self.journal.keep_as(os.fspath(keep_journal))
             crashpoints.reached("apply.kept")
-            J.remove_keep_note(self.target)
+            J.remove_keep_note(self.dev)
         self.finished = True
 
     def _journal_tail(self):
@@ -230,7 +240,7 @@ class Applier:
         pos, end, seq = self.result_size, self.base_size, (1 << 62) + self.journal.bytes
         while pos < end:
             n = min(4 << 20, end - pos)
-            data = os.pread(self.fd, n, pos)
+            data = self.dev.pread(n, pos)
             if len(data) != n:
                 raise PydrError("target shrank while being journaled", path=self.target, offset=pos + len(data))
             if data.count(0) == n:
@@ -256,15 +266,13 @@ class Applier:
         finally:
             if self.journal is not None:
                 self.journal.close()
-            if self.fd is not None:
-                os.close(self.fd)
-                self.fd = None
+            self._close_dev()
         return False
 
     def _rollback_after(self, exc):
         """An error stopped the apply: put the old contents back."""
         try:
-            J.rollback_fd(self.fd, self.journal.path, self.target, self.is_block)
+            J.rollback(self.dev, self.journal.path)
             self.journal.remove()
         except BaseException as rollback_error:
             raise UnfinishedApply(
@@ -381,33 +389,37 @@ def _check_end(raw, digest, applier, name, offset):
                            offset=offset)
 
 
-def _identity_of(fd, path, size, block_size):
+def _identity_of(dev, size, block_size):
     from .delta import identity
     from .parallel import default_threads
-    from .signatures import Signature, blocks_for, sign_range
+    from .signatures import Signature, blocks_for
 
     n = blocks_for(size, block_size)
     hashes, mask = bytearray(16 * n), bytearray(n)
-    sign_range(fd, path, 0, size, block_size, B.ALGORITHMS["xxh3-128"], hashes, mask,
-               threads=default_threads(), progress_record=B.Progress(),
-               throttle=Throttle(None, "verify", path, size))
+    dev.sign(0, size, block_size, B.ALGORITHMS["xxh3-128"], hashes, mask,
+             threads=default_threads(), progress_record=B.Progress(),
+             throttle=Throttle(None, "verify", dev.name, size))
     return identity(Signature(block_size, size, "xxh3-128", hashes, mask))
 
 
 def holds_result(target, header):
-    """Whether `target` holds, all of it, the image the delta produces."""
-    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    """Whether `target` (a path or an open device) holds, all of it, the
+    image the delta produces."""
+    from .devices import FileDevice
+
+    dev = target if hasattr(target, "sign") else FileDevice(target)
     try:
-        size, _ = B.fd_size(fd, target)
+        size = dev.size_now()
         return size == header.result_size and _identity_of(
-            fd, os.fspath(target), size, header.block_size) == header.result_id
+            dev, size, header.block_size) == header.result_id
     finally:
-        os.close(fd)
+        if dev is not target:
+            dev.close()
 
 
 def _verify_result(applier, header):
-    os.fdatasync(applier.fd)
-    got = _identity_of(applier.fd, applier.target, header.result_size, header.block_size)
+    applier.dev.sync()
+    got = _identity_of(applier.dev, header.result_size, header.block_size)
     if got != header.result_id:
         raise BaseMismatch("after applying, the target does not equal the delta's result "
                            "(was the base different outside the changed blocks?)",
@@ -421,17 +433,16 @@ def rollback(target):
     if path is None:
         raise NothingToRollBack("no interrupted apply to roll back on this target (no undo journal)",
                                 path=os.fspath(target))
-    fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+    from .devices import FileDevice
+
+    dev = target if hasattr(target, "apply_write") else FileDevice(target, write=True)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UnfinishedApply("another pydr is writing to this target", path=os.fspath(target)) from None
-        _, is_block = B.fd_size(fd, target)
-        restored = J.rollback_fd(fd, path, os.fspath(target), is_block)
+        dev.lock()
+        restored = J.rollback(dev, path)
         crashpoints.reached("rollback.restored")
         os.unlink(path)
         J.fsync_dir(path)
     finally:
-        os.close(fd)
+        if dev is not target:
+            dev.close()
     return restored

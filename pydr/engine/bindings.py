@@ -27,6 +27,8 @@ _CODE_CLASSES = {
     -1004: E.CorruptDelta,
     -1005: E.BaseMismatch,
     -1006: E.AlreadyApplied,
+    -1008: E.UnsupportedFile,   # built without libnbd
+    -1009: E.TrackingLost,      # no such dirty bitmap on the NBD server
 }
 
 
@@ -342,3 +344,137 @@ class Digest:
         out = ffi.new("uint64_t[2]")
         lib.pydr_digest_final(self._ptr, out)
         return int(out[0]).to_bytes(8, "little") + int(out[1]).to_bytes(8, "little")
+
+
+# -- NBD exports (csrc/nbd.c) ----------------------------------------------------------
+
+NBD_STATE_HOLE, NBD_STATE_ZERO, NBD_DIRTY = (lib.PYDR_NBD_STATE_HOLE, lib.PYDR_NBD_STATE_ZERO,
+                                             lib.PYDR_NBD_DIRTY)
+
+
+def nbd_available():
+    return bool(lib.pydr_nbd_available())
+
+
+def _nbd_fail(rc, name, offset=None):
+    """raise_for_code with libnbd's own message, which names the cause."""
+    detail = ffi.string(lib.pydr_nbd_last_error()).decode(errors="replace")
+    try:
+        raise_for_code(rc, path=name, offset=offset)
+    except E.PydrError as exc:
+        if detail and detail not in exc.message:
+            exc.message = f"{exc.message}: {detail}"
+        raise
+    except OSError as exc:
+        if detail:
+            exc.strerror = f"{exc.strerror}: {detail}"
+        raise
+
+
+class NbdHandle:
+    """One connection to an NBD export; use from one thread at a time."""
+
+    def __init__(self, uri, *, name=None, bitmap=None, write=False):
+        self.name = name or uri
+        out = ffi.new("pydr_nbd **")
+        rc = lib.pydr_nbd_open(out, uri.encode(), bitmap.encode() if bitmap else ffi.NULL,
+                               lib.PYDR_NBD_WRITE if write else 0)
+        if rc:
+            _nbd_fail(rc, self.name)
+        self._ptr = ffi.gc(out[0], lib.pydr_nbd_free)
+        self.bitmap = bitmap
+        size = ffi.new("uint64_t *")
+        rc = lib.pydr_nbd_size(self._ptr, size)
+        if rc:
+            _nbd_fail(rc, self.name)
+        self.size = int(size[0])
+
+    def can(self, what):
+        return bool(lib.pydr_nbd_can(self._ptr, {"flush": lib.PYDR_NBD_CAN_FLUSH,
+                                                 "zero": lib.PYDR_NBD_CAN_ZERO,
+                                                 "multi-conn": lib.PYDR_NBD_CAN_MULTI_CONN,
+                                                 "read-only": lib.PYDR_NBD_READ_ONLY}[what]))
+
+    def extents(self, offset, length, *, dirty=False):
+        """[(offset, length, flags)] of base:allocation, or of the dirty
+        bitmap with `dirty`, covering [offset, offset + length)."""
+        cap = 4096
+        out = ffi.new("uint64_t[]", 3 * cap)
+        count, reached = ffi.new("size_t *"), ffi.new("uint64_t *")
+        bitmap = self.bitmap.encode() if (dirty and self.bitmap) else ffi.NULL
+        result, pos, end = [], offset, offset + length
+        while pos < end:
+            rc = lib.pydr_nbd_extents(self._ptr, 1 if dirty else 0, bitmap, pos, end - pos, out,
+                                      cap, count, reached)
+            if rc:
+                _nbd_fail(rc, self.name, pos)
+            result += [(int(out[3 * i]), int(out[3 * i + 1]), int(out[3 * i + 2]))
+                       for i in range(count[0])]
+            if reached[0] <= pos:
+                raise OSError(5, "the NBD server answered block status with nothing", self.name)
+            pos = int(reached[0])
+        return result
+
+    def sign(self, offset, length, block_size, code, hashes, zero_mask, nblocks, progress):
+        """pydr_nbd_sign into the cffi pointers hashes / zero_mask."""
+        err = ffi.new("uint64_t *")
+        rc = lib.pydr_nbd_sign(self._ptr, offset, length, block_size, code, hashes, zero_mask,
+                               nblocks, progress._ptr if progress is not None else ffi.NULL, err)
+        if rc:
+            _nbd_fail(rc, self.name, int(err[0]))
+
+    def pread(self, length, offset):
+        buf = bytearray(length)
+        err = ffi.new("uint64_t *")
+        rc = lib.pydr_nbd_pread(self._ptr, ffi.from_buffer(buf), length, offset, err)
+        if rc:
+            _nbd_fail(rc, self.name, int(err[0]))
+        return bytes(buf)
+
+    def flush(self):
+        rc = lib.pydr_nbd_flush(self._ptr)
+        if rc:
+            _nbd_fail(rc, self.name)
+
+    def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
+               payload_hashes=None):
+        """pydr_nbd_encode; the same contract as encode()."""
+        used, done, err = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint64_t *")
+        hused = ffi.new("size_t *")
+        n = len(zero)
+        with ffi.from_buffer("uint64_t[]", extents) as e, ffi.from_buffer("uint8_t[]", zero) as z, \
+                ffi.from_buffer("uint64_t[]", base_hashes) as b, \
+                ffi.from_buffer("uint8_t[]", out, require_writable=True) as o:
+            if payload_hashes is None:
+                rc = lib.pydr_nbd_encode(self._ptr, e, z, b, n, first_seq, o, len(o), used, done,
+                                         0, ffi.NULL, 0, hused, err)
+            else:
+                with ffi.from_buffer("uint64_t[]", payload_hashes, require_writable=True) as ph:
+                    rc = lib.pydr_nbd_encode(self._ptr, e, z, b, n, first_seq, o, len(o), used,
+                                             done, block_size, ph, len(ph), hused, err)
+        if rc:
+            _nbd_fail(rc, self.name, int(err[0]))
+        return used[0], done[0], hused[0]
+
+    def apply_prepare(self, recs, block_size, old_size, new_size, state, scratch, journal):
+        used = ffi.new("size_t *")
+        with ffi.from_buffer("uint8_t[]", recs) as r, \
+                ffi.from_buffer("uint8_t[]", scratch, require_writable=True) as s, \
+                ffi.from_buffer("uint8_t[]", journal, require_writable=True) as j:
+            rc = lib.pydr_nbd_apply_prepare(self._ptr, r, len(r), block_size, old_size,
+                                            new_size, state._ptr, s, len(s), j, len(j), used)
+        if rc:
+            _nbd_fail(rc, self.name, int(state._ptr.error_offset))
+        return used[0]
+
+    def apply_write(self, recs):
+        err = ffi.new("uint64_t *")
+        with ffi.from_buffer("uint8_t[]", recs) as r:
+            rc = lib.pydr_nbd_apply_write(self._ptr, r, len(r), err)
+        if rc:
+            _nbd_fail(rc, self.name, int(err[0]))
+
+    def close(self):
+        if self._ptr is not None:
+            ffi.release(self._ptr)
+            self._ptr = None

@@ -121,9 +121,10 @@ def encode_buffer():
     return bytearray(max(BATCH_BYTES, B.RECORD_HEADER + RECORD_SPLIT))
 
 
-def write_records(src_fd, src_path, extents, zero, base_digests, emit, first_seq=0, buf=None,
+def write_records(source, extents, zero, base_digests, emit, first_seq=0, buf=None,
                   read_hashes=None):
-    """Encode extents of the source into records, BATCH_BYTES at a time,
+    """Encode extents of the source (a device, pydr.engine.devices) into
+    records, BATCH_BYTES at a time,
     calling emit(buffer) for each batch. Returns (records, data, zero) bytes.
 
     read_hashes=(block_size, array, first_block): the XXH3-128 of every DATA
@@ -143,9 +144,9 @@ def write_records(src_fd, src_path, extents, zero, base_digests, emit, first_seq
     data_bytes = zero_bytes = 0
     lengths = extents[1::2]
     while done_total < k:
-        used, done, hwords = B.encode(src_fd, extents[2 * done_total:], zero[done_total:],
-                                      base_digests[2 * done_total:], first_seq + done_total, buf,
-                                      path=src_path, block_size=bs, payload_hashes=hbuf)
+        used, done, hwords = source.encode(extents[2 * done_total:], zero[done_total:],
+                                           base_digests[2 * done_total:], first_seq + done_total,
+                                           buf, block_size=bs, payload_hashes=hbuf)
         if done == 0:
             raise AssertionError("a record larger than the encode buffer")
         if read_hashes:
@@ -178,6 +179,7 @@ def make_delta(source, out, *, against=None, target=None, block_size=DEFAULT_DEL
     `out` is a path, "-" for stdout, or a binary file object. Returns
     DeltaStats."""
     from .atomic import atomic_write
+    from .devices import FileDevice
     from .signatures import Signature, signature
 
     if (against is None) == (target is None):
@@ -209,12 +211,8 @@ def make_delta(source, out, *, against=None, target=None, block_size=DEFAULT_DEL
             total[0] += len(chunk)
 
         emit(header.pack())
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            records, data, zeros = write_records(fd, os.fspath(source), extents, zero,
-                                                 base_digests, emit)
-        finally:
-            os.close(fd)
+        with FileDevice(source) as dev:
+            records, data, zeros = write_records(dev, extents, zero, base_digests, emit)
         low, high = struct.unpack("<QQ", digest.digest())
         f.write(B.record_build(B.END, offset=zeros, length=data, base_hash=(low, high),
                                seq=records))

@@ -237,8 +237,16 @@ def _clip(data, old_size):
 
 
 def rollback_fd(fd, path, target, is_block_device):
-    """Restore the target from the journal at `path`; returns bytes restored.
-    Leaves the journal in place (the caller removes it once this returned).
+    """rollback() onto an open file descriptor."""
+    from .devices import FileDevice
+
+    return rollback(FileDevice(target, fd=fd, is_block=is_block_device), path)
+
+
+def rollback(dev, path):
+    """Restore the device `dev` from the journal at `path`; returns bytes
+    restored. Leaves the journal in place (the caller removes it once this
+    returned).
 
     A journal continued after an interruption (resumed resync) may hold
     several records for one range; the first one has the original contents,
@@ -249,8 +257,8 @@ def rollback_fd(fd, path, target, is_block_device):
         if header is None:
             return 0  # torn header: nothing was written to the target
         old_size = header["old_size"]
-        if not is_block_device and os.fstat(fd).st_size != old_size:
-            os.ftruncate(fd, old_size)
+        if dev.resizable and dev.size_now() != old_size:
+            dev.truncate(old_size)
         index = _index(f)
         spans = sorted((off, off + n) for _, _, _, off, n in index)
         overlapping = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
@@ -264,9 +272,9 @@ def rollback_fd(fd, path, target, is_block_device):
             data = _clip(f.read(size), old_size)
             if data is None:
                 continue
-            B.apply_write(fd, data, is_block_device, path=target)
+            dev.apply_write(data)
             restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
-    os.fdatasync(fd)
+    dev.sync()
     return restored
 
 
@@ -297,11 +305,17 @@ def move_journal(path, dest):
     fsync_dir(path)
 
 
+def journal_of(target):
+    """The undo journal's path for a target: a path, or a device
+    (pydr.engine.devices) that knows where its journal lives."""
+    return target.journal_path if hasattr(target, "journal_path") else journal_path(target)
+
+
 def keep_note_path(target):
     """Where an apply that keeps its journal notes the destination, before
     it commits: a crash between the COMMIT and the move leaves a committed
     journal that recovery moves there instead of deleting it."""
-    return journal_path(target) + ".keep"
+    return journal_of(target) + ".keep"
 
 
 def write_keep_note(target, dest):
@@ -330,7 +344,7 @@ def pending_journal(target):
     None. A journal that was committed (a crash after the commit) is settled
     on the way: moved where its apply meant to keep it (its keep note), or
     removed."""
-    path = journal_path(target)
+    path = journal_of(target)
     try:
         header, committed = read_journal(path)
     except FileNotFoundError:

@@ -20,7 +20,7 @@ from .apply import Applier
 from .delta import changed_extents as extents_between, encode_buffer, write_records
 from ..errors import BaseMismatch, SameFile
 from .progress import Record, Throttle
-from .signatures import Signature, blocks_for, sign_range
+from .signatures import Signature, blocks_for
 
 DEFAULT_RESYNC_BLOCK = 4096
 WINDOW = 256 << 20
@@ -36,7 +36,10 @@ class ResyncStats(Record):
 
 
 def _open_cache(cache, dst, dst_size, block_size):
-    """A reader of the cached target signature if it can be trusted, else None."""
+    """A reader of the cached signature of the target (a device) if it can
+    be trusted, else None: it must be newer than the target, which a block
+    device cannot tell (it is trusted), and an NBD export neither (it is not:
+    the target is read)."""
     from .sigstream import SignatureReader
 
     if cache is None or not os.path.exists(cache):
@@ -45,9 +48,8 @@ def _open_cache(cache, dst, dst_size, block_size):
         reader = SignatureReader(cache)
     except (ValueError, OSError):
         return None  # corrupt or unreadable: read the target instead, and rewrite it
-    st = os.stat(dst)
     if (reader.block_size != block_size or reader.size != dst_size
-            or (not _is_block(st) and os.stat(cache).st_mtime_ns < st.st_mtime_ns)):
+            or not dst.cache_trusted(os.stat(cache).st_mtime_ns)):
         reader.close()  # other geometry, or the target changed after the cache was written
         return None
     return reader
@@ -71,12 +73,6 @@ def compare_window(src_sig, dst_sig, origin, block_size):
     return ext, zero, digests, blocks
 
 
-def _is_block(st):
-    import stat
-
-    return stat.S_ISBLK(st.st_mode)
-
-
 def _coalesce(ranges, block_size, limit):
     """Block-aligned, sorted, merged [start, end) pairs within [0, limit)."""
     spans = []
@@ -98,8 +94,10 @@ def _coalesce(ranges, block_size, limit):
 def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
            changed_extents=None, verify=False, threads=None, progress=None, cancel=None,
            keep_undo=None):
-    """Make `dst` byte-identical to `src`; returns ResyncStats. A missing
-    `dst` is created (and removed again if the first resync fails).
+    """Make `dst` byte-identical to `src`; returns ResyncStats. Each is a
+    path (a file or block device) or an open device (pydr.engine.devices: an
+    NBD export). A missing `dst` file is created (and removed again if the
+    first resync fails).
 
     ``signature_cache``: a signature file of the target at ``block_size``,
     used instead of reading the target when it is valid and newer than the
@@ -112,22 +110,25 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     """
     import numpy as np
 
+    from .devices import FileDevice
+
     start = time.monotonic()
     B.check_block_size(block_size)
     threads = check_threads(threads)
     code = B.ALGORITHMS["xxh3-128"]
-    if os.path.exists(dst) and os.path.samefile(src, dst):
+    if not hasattr(src, "sign") and not hasattr(dst, "sign") and os.path.exists(dst) \
+            and os.path.samefile(src, dst):
         raise SameFile("source and target are the same file", path=os.fspath(dst))
     J.check_no_unfinished_apply(src)
-    src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    source = src if hasattr(src, "sign") else FileDevice(src)
     writer = cached = None
     try:
-        src_size, _ = B.fd_size(src_fd, src)
+        src_size = source.size_now()
         applier = Applier(dst, block_size=block_size, base_size=None, result_size=src_size,
                           kind=J.KIND_RESYNC, create=True)
         with applier:
             dst_size = applier.base_size  # what the target holds now
-            cached = _open_cache(signature_cache, dst, dst_size, block_size)
+            cached = _open_cache(signature_cache, applier.dev, dst_size, block_size)
             writer = None
             if signature_cache is not None:
                 from .sigstream import SignatureWriter
@@ -145,7 +146,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             else:
                 spans = None
             total = src_size if spans is None else sum(e - s for s, e in spans)
-            throttle = Throttle(progress, "resync", dst, total)
+            throttle = Throttle(progress, "resync", applier.target, total)
             shared = B.Progress()
             dst_read = B.Progress()
             seq = [0]
@@ -176,9 +177,9 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                 for s0, s1 in subs:
                     n = blocks_for(s1 - s0, block_size)
                     src_h, src_z = bytearray(16 * n), bytearray(n)
-                    sign_range(src_fd, os.fspath(src), s0, s1 - s0, block_size, code, src_h, src_z,
-                               threads=threads, progress_record=shared, throttle=throttle,
-                               cancel=cancel, final_report=False)
+                    source.sign(s0, s1 - s0, block_size, code, src_h, src_z, threads=threads,
+                                progress_record=shared, throttle=throttle, cancel=cancel,
+                                final_report=False)
                     src_sig = Signature(block_size, s1 - s0, "xxh3-128", src_h, src_z)
                     # whole blocks of the target: where it is longer than the source,
                     # its block at the source's end is hashed over its full length,
@@ -190,10 +191,10 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                     else:
                         dst_h, dst_z = bytearray(16 * m), bytearray(m)
                         if m:
-                            sign_range(applier.fd, os.fspath(dst), s0, d1 - s0, block_size, code,
-                                       dst_h, dst_z, threads=threads, progress_record=dst_read,
-                                       throttle=Throttle(None, "resync", dst, 0), cancel=cancel,
-                                       final_report=False)
+                            applier.dev.sign(s0, d1 - s0, block_size, code, dst_h, dst_z,
+                                             threads=threads, progress_record=dst_read,
+                                             throttle=Throttle(None, "resync", applier.target, 0),
+                                             cancel=cancel, final_report=False)
                     dst_sig = Signature(block_size, d1 - s0, "xxh3-128", dst_h, dst_z)
                     cmp = compare_window(src_sig, dst_sig, s0, block_size)
                     if cmp:
@@ -214,7 +215,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                         # which is what the target receives (the source may have changed
                         # since it was signed); the signature cache is made from src_h
                         count, _, _ = write_records(
-                            src_fd, os.fspath(src), ext, zero, digests, emit, first_seq=seq[0],
+                            source, ext, zero, digests, emit, first_seq=seq[0],
                             buf=encode_buf, read_hashes=(block_size, src_sig.hashes, s0 // block_size))
                         seq[0] += count
                     if writer is not None:
@@ -241,7 +242,8 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             writer.abort()
         raise
     finally:
-        os.close(src_fd)
+        if source is not src:
+            source.close()
         if cached is not None:
             cached.close()
     throttle.report(total, shared.read, finished=True)
@@ -251,7 +253,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
 
 def _verify_written(applier, written, block_size):
     for off, length, digest in written:
-        data = os.pread(applier.fd, length, off)
+        data = applier.dev.pread(length, off)
         got = B.blocks_digest(data, block_size)
         if got[0].to_bytes(8, "little") + got[1].to_bytes(8, "little") != digest:
             raise BaseMismatch("read-back verification failed: the target does not hold what was "

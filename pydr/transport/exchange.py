@@ -21,7 +21,7 @@ import numpy as np
 from ..engine import bindings as B
 from . import protocol as P
 from ..engine.delta import write_records
-from ..engine.signatures import Signature, blocks_for, sign_range
+from ..engine.signatures import Signature, blocks_for
 from ..engine.resync import compare_window
 
 WINDOW = 64 << 20       # image bytes per COARSE/FINE exchange
@@ -78,10 +78,10 @@ class SourceSide:
     waits on its peer except for a FINE answer, and the target side answers
     every COARSE frame without waiting for anything."""
 
-    def __init__(self, fd, path, size, block_size, send, next_fine, *, threads, shared, throttle,
+    def __init__(self, dev, size, block_size, send, next_fine, *, threads, shared, throttle,
                  window=WINDOW, group=GROUP, lookahead=LOOKAHEAD, first_seq=0,
                  batch=NET_BATCH):
-        self.fd, self.path, self.size, self.bs = fd, path, size, block_size
+        self.dev, self.size, self.bs = dev, size, block_size
         self.send, self.next_fine = send, next_fine
         self.threads, self.shared, self.throttle = threads, shared, throttle
         self.window = max(block_size, min(window, MAX_WINDOW_BLOCKS * block_size)
@@ -100,8 +100,8 @@ class SourceSide:
             w1 = min(self.size, w0 + self.window)
             n = blocks_for(w1 - w0, bs)
             h, z = bytearray(16 * n), bytearray(n)
-            sign_range(self.fd, self.path, w0, w1 - w0, bs, _CODE, h, z, threads=self.threads,
-                       progress_record=self.shared, throttle=self.throttle, final_report=False)
+            self.dev.sign(w0, w1 - w0, bs, _CODE, h, z, threads=self.threads,
+                          progress_record=self.shared, throttle=self.throttle, final_report=False)
             self.send(P.COARSE, COARSE_HEAD.pack(w0, w1 - w0, self.group) +
                       bytes(group_digests(h, n, bs, self.group)))
             self.pending.append((w0, w1, h, z))
@@ -140,7 +140,7 @@ class SourceSide:
         if cmp:
             ext, zero, digests, blocks = cmp
             self.blocks_changed += blocks
-            count, data, _ = write_records(self.fd, self.path, ext, zero, digests,
+            count, data, _ = write_records(self.dev, ext, zero, digests,
                                            lambda c: self.send(P.RECORDS, bytes(c)),
                                            first_seq=self.seq, buf=self.buf)
             self.seq += count
@@ -152,8 +152,8 @@ class TargetSide:
     of that window whose digests differ from the source's (and always the
     group holding the last block when the two ends differ)."""
 
-    def __init__(self, fd, path, size, block_size, send, *, threads, shared, throttle):
-        self.fd, self.path, self.size, self.bs = fd, path, size, block_size
+    def __init__(self, dev, size, block_size, send, *, threads, shared, throttle):
+        self.dev, self.size, self.bs = dev, size, block_size
         self.send = send
         self.threads, self.shared, self.throttle = threads, shared, throttle
         self.next_offset = 0
@@ -176,8 +176,8 @@ class TargetSide:
         m = blocks_for(t_len, bs)
         h, z = bytearray(16 * m), bytearray(m)
         if m:
-            sign_range(self.fd, self.path, w0, t_len, bs, _CODE, h, z, threads=self.threads,
-                       progress_record=self.shared, throttle=self.throttle, final_report=False)
+            self.dev.sign(w0, t_len, bs, _CODE, h, z, threads=self.threads,
+                          progress_record=self.shared, throttle=self.throttle, final_report=False)
         theirs = np.frombuffer(payload, dtype=np.uint8, offset=COARSE_HEAD.size).reshape(k, 16)
         mine = np.zeros((k, 16), np.uint8)
         km = -(-m // group)

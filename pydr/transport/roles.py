@@ -17,7 +17,6 @@ the same methods:
 """
 
 import collections
-import os
 
 from ..engine import bindings as B
 from ..engine import journal as J
@@ -37,21 +36,21 @@ class TargetResult(Record):
 
 
 class LocalSource:
-    """The source role over a disk this process opens (a file or block device)."""
+    """The source role over a disk this process opens: a path (a file or
+    block device) or an open device (pydr.engine.devices: an NBD export)."""
 
     bytes_sent = bytes_received = 0
     reports_progress = True
 
-    def __init__(self, path, *, block_size, threads, progress=None, window=X.WINDOW,
+    def __init__(self, disk, *, block_size, threads, progress=None, window=X.WINDOW,
                  group=X.GROUP, lookahead=X.LOOKAHEAD):
-        self.path = os.fspath(path)
-        J.check_no_unfinished_apply(self.path)
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self.size, _ = B.fd_size(self.fd, self.path)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        from ..engine.devices import FileDevice
+
+        J.check_no_unfinished_apply(disk)
+        self.dev = disk if hasattr(disk, "sign") else FileDevice(disk)
+        self.owned = self.dev is not disk
+        self.path = self.dev.name
+        self.size = self.dev.size_now()
         self.block_size, self.threads = block_size, threads
         self.options = dict(window=window, group=group, lookahead=lookahead)
         self.shared = B.Progress()
@@ -62,7 +61,7 @@ class LocalSource:
         def send(ftype, payload):
             (target.coarse if ftype == P.COARSE else target.records)(payload)
 
-        side = X.SourceSide(self.fd, self.path, self.size, self.block_size, send,
+        side = X.SourceSide(self.dev, self.size, self.block_size, send,
                             target.next_fine, threads=self.threads, shared=self.shared,
                             throttle=self.throttle, batch=target.frame_bytes,
                             **self.options).run()
@@ -75,9 +74,9 @@ class LocalSource:
         return self.shared.read
 
     def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.owned and self.dev is not None:
+            self.dev.close()
+        self.dev = None
 
     def __enter__(self):
         return self
@@ -97,15 +96,15 @@ class LocalTarget:
     bytes_sent = bytes_received = 0
     frame_bytes = X.NET_BATCH  # record bytes per RECORDS frame it is handed
 
-    def __init__(self, path, *, block_size, result_size, threads, keep_undo=None, kept=0,
+    def __init__(self, disk, *, block_size, result_size, threads, keep_undo=None, kept=0,
                  progress=None):
-        self.path = os.fspath(path)
         self.keep_undo, self.kept = keep_undo, kept
-        self.applier = Applier(self.path, block_size=block_size, base_size=None,
+        self.applier = Applier(disk, block_size=block_size, base_size=None,
                                result_size=result_size, kind=J.KIND_RESYNC, create=True)
         self.applier.__enter__()
+        self.path = self.applier.target
         self.answers = collections.deque()
-        self.side = X.TargetSide(self.applier.fd, self.path, self.applier.base_size, block_size,
+        self.side = X.TargetSide(self.applier.dev, self.applier.base_size, block_size,
                                  lambda ftype, payload: self.answers.append(payload),
                                  threads=threads, shared=B.Progress(),
                                  throttle=Throttle(progress, "resync", self.path, result_size))

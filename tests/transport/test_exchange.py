@@ -107,10 +107,12 @@ def test_target_side_refuses_bad_coarse_frames(tmp_path):
     from pydr.engine import bindings as B
     from pydr.engine.progress import Throttle
 
+    from pydr.engine.devices import FileDevice
+
     (tmp_path / "t").write_bytes(os.urandom(1 << 20))
-    fd = os.open(tmp_path / "t", os.O_RDONLY)
+    dev = FileDevice(tmp_path / "t")
     sent = []
-    side = X.TargetSide(fd, str(tmp_path / "t"), 1 << 20, 4096, lambda *f: sent.append(f),
+    side = X.TargetSide(dev, 1 << 20, 4096, lambda *f: sent.append(f),
                         threads=1, shared=B.Progress(), throttle=Throttle(None, "x", "t", 0))
     try:
         bad = [b"",                                                     # short
@@ -126,4 +128,4 @@ def test_target_side_refuses_bad_coarse_frames(tmp_path):
         (ftype, payload), = sent
         assert ftype == P.FINE and X.FINE_HEAD.unpack_from(payload) == (0, 8192, 2)
     finally:
-        os.close(fd)
+        dev.close()

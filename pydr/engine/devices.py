@@ -1,0 +1,214 @@
+"""Where the engine reads and writes a disk: a file or block device this
+process opens (FileDevice), or an NBD export it connects to (NbdDevice,
+through libnbd). Signing, encoding records, the journaled apply, rollback
+and resync take a device; each kind does the work its own way (mmap windows
+and SEEK_DATA for files; block status and reads in flight for NBD).
+
+A device has: name (for messages), size, resizable, journal_path (where
+the undo journal of an apply to it lives), lock(), sign(), encode(),
+apply_prepare(), apply_write(), pread(), truncate(), sync(), writeback(),
+cache_trusted(mtime) (may a signature cache of it be used), close().
+"""
+
+import fcntl
+import os
+import re
+
+from ..errors import Cancelled, UnfinishedApply, UnsupportedFile
+from . import bindings as B
+
+JOURNAL_DIR = "/var/lib/pydr/journal"
+SIGN_WINDOW = 256 << 20  # an NBD export is signed this much at a time
+
+
+def journal_dir():
+    """Where journals of disks without a directory of their own live
+    (block devices, NBD exports): $PYDR_JOURNAL_DIR or /var/lib/pydr/journal."""
+    return os.environ.get("PYDR_JOURNAL_DIR") or JOURNAL_DIR
+
+
+class FileDevice:
+    """A regular file or block device, open in this process."""
+
+    def __init__(self, path, *, write=False, fd=None, is_block=None):
+        self.name = os.fspath(path)
+        self.owned = fd is None
+        self.fd = os.open(self.name, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC) \
+            if fd is None else fd
+        try:
+            size, blk = B.fd_size(self.fd, self.name)
+        except BaseException:
+            self.close()
+            raise
+        self.size = size
+        self.is_block = blk if is_block is None else is_block
+        self.resizable = not self.is_block
+
+    @property
+    def journal_path(self):
+        from .journal import journal_path
+
+        return journal_path(self.name)
+
+    def lock(self):
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UnfinishedApply("another pydr is writing to this target", path=self.name) from None
+
+    def size_now(self):
+        self.size = B.fd_size(self.fd, self.name)[0]
+        return self.size
+
+    def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
+             progress_record, throttle, cancel=None, use_mmap=True, final_report=True):
+        from .signatures import sign_range
+
+        return sign_range(self.fd, self.name, offset, length, block_size, code, hashes,
+                          zero_mask, threads=threads, progress_record=progress_record,
+                          throttle=throttle, cancel=cancel, use_mmap=use_mmap,
+                          final_report=final_report)
+
+    def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
+               payload_hashes=None):
+        return B.encode(self.fd, extents, zero, base_hashes, first_seq, out, path=self.name,
+                        block_size=block_size, payload_hashes=payload_hashes)
+
+    def apply_prepare(self, recs, block_size, old_size, new_size, state, scratch, journal):
+        return B.apply_prepare(self.fd, recs, block_size, old_size, new_size, state, scratch,
+                               journal, path=self.name)
+
+    def apply_write(self, recs):
+        B.apply_write(self.fd, recs, self.is_block, path=self.name)
+
+    def pread(self, length, offset):
+        return os.pread(self.fd, length, offset)
+
+    def truncate(self, size):
+        os.ftruncate(self.fd, size)
+
+    def sync(self):
+        os.fdatasync(self.fd)
+
+    def writeback(self):
+        B.start_writeback(self.fd)  # a hint: overlap the disk with the next batch
+
+    def cache_trusted(self, cache_mtime_ns):
+        """Whether a signature cache written at that time still describes
+        this disk: a file must not have changed since; a block device cannot
+        tell, and is trusted (pydr is meant to be its only writer)."""
+        return self.is_block or cache_mtime_ns >= os.fstat(self.fd).st_mtime_ns
+
+    def close(self):
+        if self.owned and self.fd is not None:
+            os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class NbdDevice:
+    """An NBD export, through libnbd (one connection): a disk of fixed size.
+    ``bitmap``: a QEMU dirty bitmap exported with it (changed-block
+    tracking). Its undo journal and lock live in journal_dir()."""
+
+    resizable = False
+    is_block = True
+
+    def __init__(self, uri, *, name=None, write=False, bitmap=None, journal=None):
+        self.uri = uri
+        self.name = name or uri
+        self.handle = B.NbdHandle(uri, name=self.name, bitmap=bitmap, write=write)
+        self.size = self.handle.size
+        self.bitmap = bitmap
+        self._journal = journal
+        self._lock_fd = None
+
+    @property
+    def journal_path(self):
+        if self._journal is not None:
+            return self._journal
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("_")
+        return os.path.join(journal_dir(), safe + ".pydr-undo")
+
+    def lock(self):
+        path = self.journal_path + ".lock"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise UnfinishedApply("another pydr is writing to this export", path=self.name) from None
+
+    def size_now(self):
+        return self.size
+
+    def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
+             progress_record, throttle, cancel=None, use_mmap=True, final_report=True):
+        """Signs window by window (progress and cancellation between them);
+        the reads in flight give the parallelism, so `threads` is not used."""
+        from .signatures import blocks_for
+
+        step = max(block_size, SIGN_WINDOW // block_size * block_size)
+        with B.OutputBuffers(hashes, zero_mask, B.hash_words(code)) as out:
+            for w0 in range(0, length, step):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled", path=self.name)
+                w1 = min(length, w0 + step)
+                h, z = out.at(w0 // block_size)
+                self.handle.sign(offset + w0, w1 - w0, block_size, code, h, z,
+                                 blocks_for(w1 - w0, block_size), progress_record)
+                throttle.report(progress_record.done, progress_record.read)
+        if final_report:
+            throttle.report(progress_record.done, progress_record.read, finished=True)
+        return 1
+
+    def extents(self, offset, length, *, dirty=False):
+        return self.handle.extents(offset, length, dirty=dirty)
+
+    def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
+               payload_hashes=None):
+        return self.handle.encode(extents, zero, base_hashes, first_seq, out, block_size,
+                                  payload_hashes)
+
+    def apply_prepare(self, recs, block_size, old_size, new_size, state, scratch, journal):
+        return self.handle.apply_prepare(recs, block_size, old_size, new_size, state, scratch,
+                                         journal)
+
+    def apply_write(self, recs):
+        self.handle.apply_write(recs)
+
+    def pread(self, length, offset):
+        return self.handle.pread(length, offset)
+
+    def truncate(self, size):
+        if size != self.size:
+            raise UnsupportedFile(f"an NBD export cannot be resized (from {self.size} to {size} "
+                                  "bytes)", path=self.name)
+
+    def sync(self):
+        self.handle.flush()
+
+    def writeback(self):
+        pass
+
+    def cache_trusted(self, cache_mtime_ns):
+        return False  # an export tells no change time: its blocks are read
+
+    def close(self):
+        self.handle.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
