@@ -38,7 +38,8 @@ def cmd_protect(args):
     with open_vault(args, writer=True) as v:
         v.protect(args.item, disks, group=args.group, retention=args.retention,
                   retention_age=args.retention_age, quiesce_hook=args.quiesce_hook,
-                  thaw_hook=args.thaw_hook, rsh=args.rsh, remote_pydr=args.remote_pydr)
+                  thaw_hook=args.thaw_hook, rsh=args.rsh, remote_pydr=args.remote_pydr,
+                  cbt=args.cbt)
         status = v.status(args.item)
     if args.json:
         print_json(status)
@@ -170,13 +171,21 @@ def register(sub):
                      "A REPLICA may be [user@]host:/PATH on another machine, reached with --rsh\n"
                      "(kept with the item): its recovery-point steps are kept beside it there, its\n"
                      "points are materialised there ('--to host:DIR'), and failover brings the\n"
-                     "machine up there."),
+                     "machine up there.\n\n"
+                     "A SOURCE may be a QEMU image (qcow2, vmdk, vhdx, vpc, vdi), read through a\n"
+                     "qemu-nbd pydr starts, an NBD export (nbd://HOST/EXPORT,\n"
+                     "nbd+unix:///EXPORT?socket=PATH) or a live disk, qmp:SOCKET:NODE (a block\n"
+                     "node of a running QEMU, read through a point-in-time export). With --cbt\n"
+                     "each cycle reads only what a QEMU dirty bitmap says changed (qcow2 images\n"
+                     "and live disks): docs/QEMU.md."),
         examples=["pydr protect web --disk /img/web-os.img=/dr/web-os.img "
                   "--disk /img/web-data.img=/dr/web-data.img --retention 48",
                   "pydr protect db --disk /dev/vg0/db=backup@dr:/srv/replicas/db.img "
                   "--rsh 'ssh -p 2222'",
                   "pydr protect app --disk app.img=/dr/app.img --group shop "
-                  "--quiesce-hook 'fsfreeze -f /mnt' --thaw-hook 'fsfreeze -u /mnt'"],
+                  "--quiesce-hook 'fsfreeze -f /mnt' --thaw-hook 'fsfreeze -u /mnt'",
+                  "pydr protect vm --disk /vm/os.qcow2=/dr/os.img --cbt",
+                  "pydr protect vm --disk qmp:/run/vm.qmp:drive0=/dr/drive0.img --cbt"],
         func=cmd_protect)
     add_item(p, "a name for the machine")
     p.add_argument("--disk", action="append", required=True, metavar="SOURCE=REPLICA")
@@ -187,6 +196,9 @@ def register(sub):
                    help="also drop points older than AGE (e.g. 72h, 7d; the newest is always kept)")
     p.add_argument("--quiesce-hook", metavar="CMD", help="run before the cut (app-consistent points)")
     p.add_argument("--thaw-hook", metavar="CMD", help="run after the cut")
+    p.add_argument("--cbt", action="store_true",
+                   help="changed-block tracking: each cycle compares only what a QEMU dirty "
+                        "bitmap says changed (qcow2 images, qmp:SOCKET:NODE live disks)")
     add_remote_options(p)
     add_vault_options(p)
 

@@ -25,7 +25,8 @@ import time
 from ..engine import crashpoints
 from ..engine.progress import Record
 from ..endpoints.transfer import transfer
-from ..errors import HookFailed, InvalidState
+from ..errors import HookFailed, InvalidState, TrackingLost
+from . import tracking
 from .hooks import run_hook
 from .points import apply_retention
 from .retry import recoverable
@@ -106,6 +107,18 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
             if size and pending > RESYNC_THRESHOLD * size:
                 mark_resync_required(vault, r["name"],
                                      f"pending changes ({pending} bytes) exceed half of {d['source']}")
+    trackers = {}  # (item, disk index) -> its changed-block tracker
+    for r in rows:
+        for d in vault.disks(r["name"]):
+            t = tracking.tracker(vault, r["name"], d)
+            if t is None:
+                continue
+            trackers[(r["name"], d["idx"])] = t
+            if not resync_all and vault.points(r["name"]):
+                try:
+                    t.validate()
+                except TrackingLost as exc:  # never a cycle that sends less than what changed
+                    mark_resync_required(vault, r["name"], str(exc))
     rows = [vault.item(n) for n in names]
     if not resync_all:
         stuck = [r["name"] for r in rows if r["state"] == "resync-required"]
@@ -124,6 +137,8 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
     started = set()
     quiesced = []
     snaps = {}
+    views = contextlib.ExitStack()  # the cuts of tracked disks, held while they are read
+    cuts = {}
     totals = {"written": 0, "read": 0}
     try:
         if app_consistent:
@@ -137,11 +152,29 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                 source = vault.endpoint(r["name"], d["source"])  # here, or after a reprotect there
                 sizes[d["source"]] = source.size()
                 plans.append((r, d, source))
-        # the cut: clone every disk first, so that all are read as of one instant
-        for _, d, source in plans:
-            snaps[d["source"]] = source.snapshot()
-        cut = "reflink" if all(snaps.values()) else ("quiesce" if app_consistent else "none")
-        if cut == "reflink":
+        # the cut: clone every disk first, so that all are read as of one instant; a
+        # tracked disk starts its next dirty bitmap instead (and a live one is fleeced)
+        kinds = set()
+        for r, d, source in plans:
+            t = trackers.get((r["name"], d["idx"]))
+            if t is not None:
+                cuts[d["source"]] = views.enter_context(
+                    t.cut(full=resync_all or not vault.points(r["name"])))
+                kinds.add("fleece" if t.kind == "qmp" else None)
+            else:
+                snaps[d["source"]] = source.snapshot()
+                kinds.add("reflink" if snaps[d["source"]] else None)
+        for r, d, source in plans:
+            changed = cuts[d["source"]].changed if d["source"] in cuts else None
+            pending = sum(n for _, n in changed or ())
+            if changed is not None and pending > RESYNC_THRESHOLD * sizes[d["source"]]:
+                mark_resync_required(vault, r["name"], f"tracked changes ({pending} bytes) "
+                                                       f"exceed half of {d['source']}")
+                raise InvalidState(f"{r['name']} needs a resync: run 'pydr replicate "
+                                   f"{r['name']} --resync'", path=vault.dir)
+        cut = kinds.pop() if len(kinds) == 1 and None not in kinds else (
+            "quiesce" if app_consistent else "none")
+        if cut in ("reflink", "fleece"):
             for r in quiesced:  # the cut is taken: the applications may go on
                 run_hook(r["thaw_hook"], f"thaw hook of {r['name']!r}")
             quiesced = []
@@ -168,7 +201,10 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
             extents = None
             if changed_extents and name in changed_extents and has_point and not resync_all:
                 extents = changed_extents[name].get(idx, [])
-            moved, read, steps = _cycle_disk(vault, name, d, snaps.get(d["source"]) or source,
+            view = source
+            if d["source"] in cuts:  # a tracked disk: its cut, and what changed before it
+                view, extents = cuts[d["source"]].view, cuts[d["source"]].changed
+            moved, read, steps = _cycle_disk(vault, name, d, snaps.get(d["source"]) or view,
                                              step, has_point, on_progress, threads, resync_all,
                                              extents)
             crashpoints.reached("cycle.disk")
@@ -181,7 +217,14 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                                                                          size))
             crashpoints.reached("cycle.steps")
             vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
+        views.close()
     except BaseException as exc:
+        views.close()
+        for t in trackers.values():  # what they tracked goes back into the recording bitmaps
+            try:
+                t.abort()
+            except Exception as lost:  # the next cycle finds the bitmap lost, and resyncs
+                vault.set_item(t.item, last_error=f"dirty bitmap not merged back: {lost}")
         for r in rows:
             vault.end_job(jobs[r["name"]], "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
                           error=str(exc), bytes_transferred=None)
@@ -215,7 +258,11 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
             vault.set_item(name, state="protected", health="ok", last_error=None)
             vault.db.execute("UPDATE items SET operation=NULL, operation_command=NULL, "
                              "operation_args=NULL WHERE name=? AND operation='replicate'", (name,))
+        for t in trackers.values():  # the new bitmaps are the current ones, with the point
+            t.record(vault.db)
     crashpoints.reached("cycle.point")
+    for t in trackers.values():
+        t.commit()
     for r in rows:
         apply_retention(vault, r["name"])
         vault.end_job(jobs[r["name"]], "succeeded", bytes_transferred=per_item_bytes[r["name"]])

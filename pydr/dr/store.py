@@ -27,7 +27,7 @@ import time
 
 from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
 
-SCHEMA_VERSION = 3  # 2: items.rsh, items.remote_pydr (remote replicas); 3: operations
+SCHEMA_VERSION = 4  # 2: remote replicas; 3: operations; 4: changed-block tracking
 DB_NAME = "vault.db"
 LOCK_NAME = "vault.lock"
 
@@ -64,6 +64,9 @@ CREATE TABLE disks(
     idx INTEGER NOT NULL,
     source TEXT NOT NULL,
     replica TEXT NOT NULL,
+    tracking TEXT,
+    bitmap TEXT,
+    generation INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY(item, idx)
 );
 CREATE TABLE steps(
@@ -130,6 +133,10 @@ _MIGRATIONS = {
         "ALTER TABLE items ADD COLUMN operation_command TEXT",
         "ALTER TABLE items ADD COLUMN operation_args TEXT",
         "ALTER TABLE items ADD COLUMN test_point INTEGER"),
+    # 4: changed-block tracking of a disk (its kind, its current dirty bitmap)
+    3: ("ALTER TABLE disks ADD COLUMN tracking TEXT",
+        "ALTER TABLE disks ADD COLUMN bitmap TEXT",
+        "ALTER TABLE disks ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"),
 }
 
 
@@ -283,14 +290,16 @@ class Store:
 
     # -- items -------------------------------------------------------------------
     def protect(self, name, disks, *, group=None, retention=24, retention_age=None,
-                quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None):
+                quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None, cbt=False):
         """Register an item: disks is a list of (source, replica) paths; a
         replica may be "[user@]host:PATH" (reached with `rsh`, default ssh,
         running `remote_pydr serve --stdio` there; its recovery-point steps
         are kept beside it).
         Points are kept while they are among the newest `retention` and (if
         `retention_age` seconds is given) younger than that; the newest point
-        is always kept."""
+        is always kept. `cbt`: each cycle takes its changed extents from a
+        QEMU dirty bitmap (sources: qcow2 images or qmp:SOCKET:NODE; see
+        pydr.dr.tracking)."""
         if not name or "/" in name or name.startswith("-"):
             raise ValueError(f"invalid item name {name!r}")
         if not disks:
@@ -327,7 +336,10 @@ class Store:
                 if p in taken or p in seen:
                     raise InvalidState(f"{p} is already a disk of a protected item", path=p)
                 seen.add(p)
-            stored.append((src.spec, rep.spec))
+            if cbt and not src.tracking:
+                raise ValueError(f"changed-block tracking (--cbt) needs a qcow2 image or a live "
+                                 f"disk (qmp:SOCKET:NODE) as the source, not {source}")
+            stored.append((src.spec, rep.spec, src.tracking if cbt else None))
         job = self.start_job("protect", name)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
@@ -337,8 +349,9 @@ class Store:
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (name, group, "protecting", "forward", "ok", retention, quiesce_hook, thaw_hook,
                  time.time(), retention_age, rsh, remote_pydr))
-            for i, (source, replica) in enumerate(stored):
-                self.db.execute("INSERT INTO disks VALUES (?,?,?,?)", (name, i, source, replica))
+            for i, (source, replica, tracking) in enumerate(stored):
+                self.db.execute("INSERT INTO disks(item, idx, source, replica, tracking) "
+                                "VALUES (?,?,?,?,?)", (name, i, source, replica, tracking))
         self.end_job(job, "succeeded")
 
     def item(self, name):
@@ -358,7 +371,8 @@ class Store:
 
     def disks(self, name):
         return [dict(r) for r in self.db.execute(
-            "SELECT idx, source, replica FROM disks WHERE item=? ORDER BY idx", (name,))]
+            "SELECT idx, source, replica, tracking, bitmap, generation FROM disks WHERE item=? "
+            "ORDER BY idx", (name,))]
 
     def set_item(self, name, **fields):
         cols = ", ".join(f"{k}=?" for k in fields)
@@ -371,7 +385,9 @@ class Store:
             "item": name, "state": row["state"], "direction": row["direction"],
             "health": row["health"], "group": row["grp"], "retention": row["retention"],
             "retention_age": row["retention_age"],
-            "disks": [{"source": d["source"], "replica": d["replica"]} for d in self.disks(name)],
+            "disks": [{"source": d["source"], "replica": d["replica"],
+                       "tracking": {"mode": d["tracking"], "bitmap": d["bitmap"]}
+                       if d["tracking"] else None} for d in self.disks(name)],
             "points": len(points),
             "latest_point": points[-1]["id"] if points else None,
             "last_error": row["last_error"],

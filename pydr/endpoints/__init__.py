@@ -29,22 +29,65 @@ def parse_remote(spec):
     return host, path
 
 
-def open_endpoint(spec, *, rsh=None, remote_pydr=None):
-    """The endpoint a spec names: "[user@]host:PATH" (reached with `rsh`,
-    default ssh, running `remote_pydr serve --stdio` there) or a local path.
+def open_endpoint(spec, *, rsh=None, remote_pydr=None, format=None):
+    """The endpoint a spec names:
+
+    * ``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``: an NBD
+      export (pydr.endpoints.qemu);
+    * ``qmp:SOCKET:NODE``: a block node of a running QEMU, read through a
+      point-in-time export (pydr.endpoints.qemu);
+    * ``[user@]host:PATH``: a disk on another host, reached with `rsh`
+      (default ssh) running `remote_pydr serve --stdio` there;
+    * a local path: a raw file or block device, or an image in a QEMU format
+      (qcow2, vmdk, vhdx, vpc, vdi: detected from its first bytes, or from
+      its extension if it does not exist yet; `format` says it instead).
+
     An Endpoint is returned as it is."""
     from .base import Endpoint
 
     if isinstance(spec, Endpoint):
         return spec
+    spec = os.fspath(spec) if spec is not None else spec
+    if isinstance(spec, str) and spec.startswith(("nbd://", "nbd+", "nbds://", "nbds+")):
+        from .qemu import NbdEndpoint
+
+        return NbdEndpoint(spec)
+    if isinstance(spec, str) and spec.startswith("qmp:"):
+        from .qemu import QmpEndpoint
+
+        return QmpEndpoint.parse(spec)
     remote = parse_remote(spec)
     if remote is not None:
         from .ssh import SshEndpoint
 
         return SshEndpoint(remote[0], remote[1], rsh=rsh, remote_pydr=remote_pydr)
+    fmt = format or _image_format(spec)
+    if fmt != "raw":
+        from .qemu import QemuImageEndpoint
+
+        return QemuImageEndpoint(spec, fmt)
     from .local import LocalEndpoint
 
-    return LocalEndpoint(os.fspath(spec))
+    return LocalEndpoint(spec)
+
+
+def _image_format(path):
+    """A local disk's QEMU format from its magic bytes (no import of the
+    transport for a raw file: a few bytes read here)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(72)
+    except OSError:
+        head = b""
+    ext = os.path.splitext(path)[1].lower() if isinstance(path, str) else ""
+    if head[:4] in (b"QFI\xfb", b"KDMV") or head[:8] in (b"vhdxfile", b"conectix") \
+            or head.startswith(b"# Disk DescriptorFile") or head[0x40:0x44] == b"\x7f\x10\xda\xbe" \
+            or (not head and ext in (".qcow2", ".qcow", ".vmdk", ".vhdx", ".vhd", ".vpc", ".vdi")) \
+            or ext == ".vhd":
+        from ..transport.qemu import detect_format
+
+        return detect_format(path)
+    return "raw"
 
 
 def remove_all(endpoints, on_error=None):

@@ -21,12 +21,15 @@ Files as streams, and engine work done where the data is
     ``open_read()``, ``open_write()``, ``write_signature(out, ...)``,
     ``make_delta(out, ...)``, ``apply_delta(stream, ...)``.
 Capabilities
-    ``local_path``: the path of a file or block device this process opens
-    directly (resync between two such uses the engine's own fast path, with
-    its signature cache and change-tracking extents), else None.
+    ``in_process``: this process reads and writes the disk itself
+    (InProcess: a local file, a QEMU image, an NBD export); a resync
+    between two such uses the engine's own resync, with its signature cache
+    and change-tracking extents.
+    ``local_path``: the path of a file this process opens directly, else None.
     ``snapshot()``: a point-in-time clone beside the disk, or None.
 """
 
+import contextlib
 import os
 
 from ..engine import names
@@ -41,6 +44,8 @@ class Endpoint:
 
     local_path = None
     place = None
+    in_process = False  # see InProcess
+    tracking = None     # the kind of changed-block tracking it offers (pydr.dr.tracking)
 
     def __init__(self, spec):
         self.spec = spec
@@ -175,3 +180,120 @@ class SignResult(Record):
     _fields = ("image", "output", "size", "block_size", "algorithm", "blocks", "zero_blocks",
                "bytes_read", "bytes_skipped", "bytes_received", "seconds", "threads", "kernel")
     __slots__ = _fields
+
+
+class InProcess:
+    """What every endpoint whose disk this process reads and writes itself
+    (a local file, a QEMU image through its own qemu-nbd, an NBD export)
+    does the same way, given ``engine_disk()``: a context manager yielding
+    what the engine takes -- a path, or an open device (pydr.engine.devices).
+    ``engine_disk(write=True, size=N)`` may create the disk (N bytes)."""
+
+    in_process = True
+
+    def engine_disk(self, *, write=False, size=None, bitmap=None):
+        raise NotImplementedError
+
+    def choose_undo(self, keep_undo):
+        """(path, index) of the first offered undo-step path that holds no
+        committed step (see Endpoint.open_target)."""
+        from ..engine.journal import choose_undo_path
+        from . import open_endpoint
+
+        return choose_undo_path(self.journal_target(), [open_endpoint(k).path
+                                                        for k in keep_undo or ()])
+
+    def journal_target(self):
+        return self.path
+
+    @contextlib.contextmanager
+    def open_source(self, *, block_size, threads, progress=None, window=None, group=None,
+                    bwlimit=None, compress=False):
+        from ..transport import exchange as X
+        from ..transport.roles import LocalSource
+
+        with self.engine_disk() as disk, LocalSource(
+                disk, block_size=block_size, threads=threads, progress=progress,
+                window=window or X.WINDOW, group=group or X.GROUP) as source:
+            yield source
+
+    @contextlib.contextmanager
+    def open_target(self, *, block_size, result_size, threads, keep_undo=None, progress=None,
+                    streams=0, bwlimit=None, compress=False):
+        from ..transport.roles import LocalTarget
+
+        keep, index = self.choose_undo(keep_undo)
+        with self.engine_disk(write=True, size=result_size) as disk, LocalTarget(
+                disk, block_size=block_size, result_size=result_size, threads=threads,
+                keep_undo=keep, kept=index, progress=progress) as target:
+            yield target
+
+    def signature(self, *, block_size, threads=None):
+        from ..engine.signatures import signature
+
+        with self.engine_disk() as disk:
+            return signature(disk, block_size=block_size, threads=threads)
+
+    def write_signature(self, out, *, block_size, algorithm, threads=None, progress=None,
+                        cancel=None, use_mmap=True):
+        from ..engine.signatures import signature
+
+        self.check_not_over(out)
+        with self.engine_disk() as disk:
+            sig = signature(disk, block_size=block_size, algorithm=algorithm, threads=threads,
+                            progress=progress, cancel=cancel, use_mmap=use_mmap)
+        target = getattr(out, "local_path", None)
+        if target:
+            sig.save(target)
+        elif isinstance(out, Endpoint):
+            with out.open_write() as f:
+                sig._write(f)
+        else:
+            sig._write(out)
+            out.flush()
+        st = sig.stats
+        return SignResult(self.spec, str(out) if isinstance(out, Endpoint) else "-", sig.size,
+                          sig.block_size, sig.algorithm, sig.block_count, sig.zero_blocks,
+                          st.bytes_read, st.bytes_skipped, 0, st.seconds, st.threads, st.kernel)
+
+    def check_not_over(self, out):
+        """Refuse an output that is this very disk."""
+
+    def make_delta(self, out, *, base, threads=None, progress=None, cancel=None):
+        from ..engine.delta import make_delta
+
+        with self.engine_disk() as disk:
+            return make_delta(disk, out, against=base, threads=threads, progress=progress,
+                              cancel=cancel)
+
+    def apply_delta(self, stream, *, name, verify=False, progress=None, cancel=None):
+        from ..engine.apply import apply_delta
+
+        with self.engine_disk(write=True) as disk:
+            return apply_delta(stream, disk, verify=verify, progress=progress, cancel=cancel)
+
+
+class DeviceEndpoint(InProcess, Endpoint):
+    """A disk that is open already, as an endpoint: the point-in-time view
+    of a cut (changed-block tracking), read while the cut holds it."""
+
+    def __init__(self, dev, spec):
+        super().__init__(spec)
+        self.dev = dev
+
+    @property
+    def path(self):
+        return self.spec
+
+    def engine_disk(self, *, write=False, size=None, bitmap=None):
+        from ..errors import UnsupportedFile
+
+        if write:
+            raise UnsupportedFile("a point-in-time view is read, never written", path=self.spec)
+        return contextlib.nullcontext(self.dev)
+
+    def exists(self):
+        return True
+
+    def size(self):
+        return self.dev.size

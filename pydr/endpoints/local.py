@@ -8,12 +8,15 @@ import os
 from ..engine import names
 from ..engine.atomic import fsync_dir
 from ..errors import UnsupportedFile
-from .base import Endpoint, SignResult
+from .base import Endpoint, InProcess
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
-class LocalEndpoint(Endpoint):
+class LocalEndpoint(InProcess, Endpoint):
+    """A raw disk: a regular file or a block device (QEMU-format files are
+    QemuImageEndpoint, pydr.endpoints.qemu)."""
+
     place = None
 
     def __init__(self, path):
@@ -52,22 +55,8 @@ class LocalEndpoint(Endpoint):
         finally:
             os.close(fd)
 
-    def open_source(self, *, block_size, threads, progress=None, window=None, group=None,
-                    bwlimit=None, compress=False):
-        from ..transport import exchange as X
-        from ..transport.roles import LocalSource
-
-        return LocalSource(self._path, block_size=block_size, threads=threads, progress=progress,
-                           window=window or X.WINDOW, group=group or X.GROUP)
-
-    def open_target(self, *, block_size, result_size, threads, keep_undo=None, progress=None,
-                    streams=0, bwlimit=None, compress=False):
-        from ..engine.journal import choose_undo_path
-        from ..transport.roles import LocalTarget
-
-        keep, index = choose_undo_path(self._path, [LocalEndpoint(k).path for k in keep_undo or ()])
-        return LocalTarget(self._path, block_size=block_size, result_size=result_size,
-                           threads=threads, keep_undo=keep, kept=index, progress=progress)
+    def engine_disk(self, *, write=False, size=None, bitmap=None):
+        return contextlib.nullcontext(self._path)  # the engine opens (and creates) files itself
 
     def snapshot(self):
         """A reflink clone beside the disk (.NAME.pydr-snap), or None where
@@ -136,43 +125,9 @@ class LocalEndpoint(Endpoint):
 
         return atomic_write(self._path)
 
-    def signature(self, *, block_size, threads=None):
-        from ..engine.signatures import signature
-
-        return signature(self._path, block_size=block_size, threads=threads)
-
-    def write_signature(self, out, *, block_size, algorithm, threads=None, progress=None,
-                        cancel=None, use_mmap=True):
-        from ..engine.signatures import signature
-
+    def check_not_over(self, out):
         target = getattr(out, "local_path", None)
         if target and os.path.exists(target) and os.path.exists(self._path) \
                 and os.path.samefile(target, self._path):
             raise UnsupportedFile("refusing to write the signature over the image itself",
                                   path=target)
-        sig = signature(self._path, block_size=block_size, algorithm=algorithm, threads=threads,
-                        progress=progress, cancel=cancel, use_mmap=use_mmap)
-        if target:
-            sig.save(target)
-        elif isinstance(out, Endpoint):
-            with out.open_write() as f:
-                sig._write(f)
-        else:
-            sig._write(out)
-            out.flush()
-        st = sig.stats
-        return SignResult(self.spec, str(out) if isinstance(out, Endpoint) else "-", sig.size,
-                          sig.block_size, sig.algorithm, sig.block_count, sig.zero_blocks,
-                          st.bytes_read, st.bytes_skipped, 0, st.seconds, st.threads, st.kernel)
-
-    def make_delta(self, out, *, base, threads=None, progress=None, cancel=None):
-        from ..engine.delta import make_delta
-
-        return make_delta(self._path, out, against=base, threads=threads, progress=progress,
-                          cancel=cancel)
-
-    def apply_delta(self, stream, *, name, verify=False, progress=None, cancel=None):
-        from ..engine.apply import apply_delta
-
-        return apply_delta(stream, self._path, verify=verify, progress=progress, cancel=cancel)
-

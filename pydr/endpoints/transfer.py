@@ -1,8 +1,8 @@
 """Resync between two endpoints: make one disk byte-identical to another,
 wherever each of them is.
 
-Two disks this process opens directly (``local_path``) go through the
-engine's resync (pydr.engine.resync: windows hashed on every thread, a
+Two disks this process reads and writes itself (``in_process``: files, QEMU
+images, NBD exports) go through the engine's resync (pydr.engine.resync: windows hashed on every thread, a
 signature cache that spares reading the target, change-tracking extents,
 read-back verification). Any other pair goes through the exchange: the
 source endpoint's role signs and sends, the target endpoint's role answers
@@ -58,7 +58,7 @@ def transfer(src, dst, *, block_size=4096, threads=None, progress=None, cancel=N
         keep_undo = [keep_undo]
     B.check_block_size(block_size)
     threads = check_threads(threads)
-    if src.local_path and dst.local_path:
+    if src.in_process and dst.in_process:
         return _engine_resync(src, dst, block_size=block_size, threads=threads, progress=progress,
                               cancel=cancel, keep_undo=keep_undo, signature_cache=signature_cache,
                               changed_extents=changed_extents, verify=verify)
@@ -67,7 +67,7 @@ def transfer(src, dst, *, block_size=4096, threads=None, progress=None, cancel=N
                          "machine")
     if bwlimit is not None and bwlimit <= 0:
         raise ValueError("bwlimit must be a positive number of bytes per second")
-    if streams and dst.local_path:
+    if streams and dst.in_process:
         raise ValueError("--streams is for a target on another host (a pull uses one "
                          "connection)")
     start = time.monotonic()
@@ -92,10 +92,22 @@ def transfer(src, dst, *, block_size=4096, threads=None, progress=None, cancel=N
 
 
 def _engine_resync(src, dst, *, keep_undo, **options):
-    from ..engine.journal import choose_undo_path
+    """Two disks this process opens: the engine's resync, on paths or on the
+    devices the endpoints open (a QEMU image's qemu-nbd, an NBD export)."""
     from ..engine.resync import resync as engine_resync
 
-    keep, kept = choose_undo_path(dst.local_path,
-                                  [open_endpoint(k).local_path for k in keep_undo or ()])
-    stats = engine_resync(src.local_path, dst.local_path, keep_undo=keep, **options)
+    keep, kept = dst.choose_undo(keep_undo)
+    with src.engine_disk() as source:
+        with dst.engine_disk(write=True, size=disk_size(source)) as target:
+            stats = engine_resync(source, target, keep_undo=keep, **options)
     return stats, kept
+
+
+def disk_size(disk):
+    """The size of what engine_disk() yielded: a path or an open device."""
+    from ..engine.devices import FileDevice
+
+    if hasattr(disk, "size_now"):
+        return disk.size_now()
+    with FileDevice(disk) as dev:
+        return dev.size

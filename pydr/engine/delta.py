@@ -186,7 +186,8 @@ def make_delta(source, out, *, against=None, target=None, block_size=DEFAULT_DEL
         raise ValueError("give exactly one of against= (a signature) or target= (an image)")
     start = time.monotonic()
     if target is not None:
-        if os.path.exists(target) and os.path.exists(source) and os.path.samefile(source, target):
+        if not hasattr(source, "sign") and os.path.exists(target) and os.path.exists(source) \
+                and os.path.samefile(source, target):
             raise SameFile("source and target are the same file", path=os.fspath(target))
         base = signature(target, block_size=block_size, threads=threads, cancel=cancel)
     else:
@@ -211,8 +212,11 @@ def make_delta(source, out, *, against=None, target=None, block_size=DEFAULT_DEL
             total[0] += len(chunk)
 
         emit(header.pack())
-        with FileDevice(source) as dev:
-            records, data, zeros = write_records(dev, extents, zero, base_digests, emit)
+        if hasattr(source, "sign"):  # an open device (an NBD export)
+            records, data, zeros = write_records(source, extents, zero, base_digests, emit)
+        else:
+            with FileDevice(source) as dev:
+                records, data, zeros = write_records(dev, extents, zero, base_digests, emit)
         low, high = struct.unpack("<QQ", digest.digest())
         f.write(B.record_build(B.END, offset=zeros, length=data, base_hash=(low, high),
                                seq=records))

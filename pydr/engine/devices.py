@@ -119,7 +119,8 @@ class NbdDevice:
     resizable = False
     is_block = True
 
-    def __init__(self, uri, *, name=None, write=False, bitmap=None, journal=None):
+    def __init__(self, uri, *, name=None, write=False, bitmap=None, journal=None, lock=None):
+        self.lock_path = lock
         self.uri = uri
         self.name = name or uri
         self.handle = B.NbdHandle(uri, name=self.name, bitmap=bitmap, write=write)
@@ -130,13 +131,18 @@ class NbdDevice:
 
     @property
     def journal_path(self):
-        if self._journal is not None:
-            return self._journal
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("_")
+        return self._journal if self._journal is not None else self.journal_for(self.name)
+
+    @staticmethod
+    def journal_for(name):
+        """Where the undo journal of an export named `name` lives."""
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
         return os.path.join(journal_dir(), safe + ".pydr-undo")
 
     def lock(self):
-        path = self.journal_path + ".lock"
+        """Exclusive writer: a lock file in the journal directory, or the
+        image file itself (lock) for a QEMU image pydr serves."""
+        path = self.lock_path or self.journal_path + ".lock"
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

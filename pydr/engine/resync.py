@@ -9,6 +9,7 @@ resync can always be finished or rolled back. With a valid signature cache of
 the target, the target is not read at all.
 """
 
+import contextlib
 import os
 import time
 
@@ -130,7 +131,12 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             dst_size = applier.base_size  # what the target holds now
             cached = _open_cache(signature_cache, applier.dev, dst_size, block_size)
             writer = None
-            if signature_cache is not None:
+            if signature_cache is not None and changed_extents is not None and cached is None:
+                # only the changed ranges are compared, and nothing describes the
+                # rest of the target: no cache can be written, and the old one goes
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(signature_cache)
+            elif signature_cache is not None:
                 from .sigstream import SignatureWriter
 
                 writer = SignatureWriter(signature_cache, block_size, src_size)
@@ -140,9 +146,6 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                     lo = min(dst_size, src_size) // block_size * block_size
                     spans = _coalesce([(s, e - s) for s, e in spans] + [(lo, src_size - lo)],
                                       block_size, src_size)
-                if writer is not None and cached is None:
-                    raise BaseMismatch("changed_extents with a signature cache needs a valid "
-                                       "cache of the target", path=signature_cache)
             else:
                 spans = None
             total = src_size if spans is None else sum(e - s for s, e in spans)

@@ -350,7 +350,8 @@ def sign_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
 
 def signature(path, *, block_size=DEFAULT_BLOCK_SIZE, algorithm=DEFAULT_ALGORITHM,
               threads=None, progress=None, cancel=None, use_mmap=True):
-    """Compute the block signature of a file or block device.
+    """Compute the block signature of a file or block device (or of an open
+    device of pydr.engine.devices: an NBD export).
 
     ``threads`` (default: the CPUs available, at most 8) sign disjoint chunks
     in parallel; the result is the same for any count. ``progress`` is called
@@ -367,19 +368,23 @@ def signature(path, *, block_size=DEFAULT_BLOCK_SIZE, algorithm=DEFAULT_ALGORITH
     threads = check_threads(threads)
     check_no_unfinished_apply(path)
     start = time.monotonic()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    device = path if hasattr(path, "sign") else None  # an open device: an NBD export
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if device is None else None
     try:
-        size, _ = B.fd_size(fd, path)
+        size = B.fd_size(fd, path)[0] if device is None else device.size_now()
+        name = path if device is None else device.name
         n = blocks_for(size, block_size)
         hashes = bytearray(n * B.hash_words(code) * 8)  # native endian, like the C core
         zero_mask = bytearray(n)
         shared = B.Progress()
-        throttle = Throttle(progress, "signature", path, size)
-        used = sign_range(fd, path, 0, size, block_size, code, hashes, zero_mask,
-                          threads=threads, progress_record=shared, throttle=throttle,
-                          cancel=cancel, use_mmap=use_mmap)
+        throttle = Throttle(progress, "signature", name, size)
+        sign = device.sign if device is not None else (
+            lambda *a, **k: sign_range(fd, path, *a, **k))
+        used = sign(0, size, block_size, code, hashes, zero_mask, threads=threads,
+                    progress_record=shared, throttle=throttle, cancel=cancel, use_mmap=use_mmap)
         bytes_read = shared.read
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     stats = SignStats(bytes_read, size - bytes_read, time.monotonic() - start, used, B.kernel_name())
     return Signature(block_size, size, algorithm, hashes, zero_mask, stats)

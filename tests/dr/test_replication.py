@@ -292,11 +292,13 @@ def test_a_version_1_vault_is_migrated(tmp_path):
     for column in ("rsh", "remote_pydr", "operation", "operation_command", "operation_args",
                    "test_point"):
         db.execute(f"ALTER TABLE items DROP COLUMN {column}")
+    for column in ("tracking", "bitmap", "generation"):
+        db.execute(f"ALTER TABLE disks DROP COLUMN {column}")
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
     with Vault(tmp_path / "v") as v:  # a reader migrates too
-        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert v.item("vm")["rsh"] is None and v.item("vm")["operation"] is None
         assert len(v.points("vm")) == 1
     with Vault(tmp_path / "v", writer=True) as v:

@@ -1,0 +1,224 @@
+"""Changed-block tracking: QEMU dirty bitmaps, so that a replication cycle
+reads what changed since the last one, not the whole disk.
+
+A tracked disk has one bitmap recording its writes ("current", named
+pydr-GENERATION, recorded in the vault). At a cut a new bitmap starts
+recording and the current one is frozen, at one instant; the cycle compares
+only the frozen bitmap's extents; once the point is recorded the frozen
+bitmap is dropped. If the cycle fails, the frozen bitmap is merged into the
+new one, so no change is ever lost; a kill leaves bitmaps that the next cut
+merges back the same way. A bitmap that is missing, in use or inconsistent
+(QEMU killed, the image moved or restarted) is lost tracking: the item
+becomes resync-required, and a checksum resync starts a fresh bitmap.
+
+Two kinds (docs/QEMU.md):
+  * qcow2: a qcow2 image's persistent bitmaps, with qemu-img bitmap; the
+    image must not be open read-write elsewhere during a cycle;
+  * qmp: a live disk, qmp:SOCKET:NODE: non-persistent bitmaps by QMP, the
+    cut one QMP transaction with the fleecing export it is read through.
+"""
+
+import contextlib
+
+from ..engine.bindings import NBD_DIRTY
+from ..errors import TrackingLost
+
+PREFIX = "pydr-"
+
+
+def tracker(vault, item, disk):
+    """The tracker of a disk row, or None when it is not tracked."""
+    if not disk.get("tracking"):
+        return None
+    source = vault.endpoint(item, disk["source"])
+    cls = {"qcow2": Qcow2Tracker, "qmp": QmpTracker}[disk["tracking"]]
+    return cls(vault, item, disk, source)
+
+
+class Cut:
+    """What a cycle reads: `view` (an endpoint holding the disk as it was at
+    the cut) and `changed` ([(offset, length)] written since the last cut,
+    or None: compare everything)."""
+
+    def __init__(self, view, changed):
+        self.view, self.changed = view, changed
+
+
+class Tracker:
+    kind = None
+
+    def __init__(self, vault, item, disk, source):
+        self.vault, self.item, self.disk, self.source = vault, item, disk, source
+        self.current = disk.get("bitmap")
+        self.generation = disk.get("generation") or 0
+        self.new = self.frozen = None
+        self.full = False
+
+    @property
+    def where(self):
+        return str(self.source)
+
+    def validate(self):
+        """TrackingLost when the current bitmap cannot be trusted."""
+        if self.current is None:
+            raise TrackingLost(f"{self.where} has no dirty bitmap yet", path=self.where)
+        found = self.bitmaps()
+        if self.current not in found:
+            raise TrackingLost(f"the dirty bitmap {self.current} of {self.where} is missing "
+                               "(QEMU restarted, or the image was replaced)", path=self.where)
+        problem = self.problem(found[self.current])
+        if problem:
+            raise TrackingLost(f"the dirty bitmap {self.current} of {self.where} {problem}",
+                               path=self.where)
+
+    def normalize(self):
+        """After a kill: merge any other pydr bitmap of this disk into the
+        current one (a superset: nothing lost) and make it record again."""
+        found = self.bitmaps()
+        for name in [n for n in found if n.startswith(PREFIX) and n != self.current]:
+            if self.current in found:
+                self.merge(name, self.current)
+            self.remove(name)
+        if self.current in found:
+            self.enable(self.current)
+
+    @contextlib.contextmanager
+    def cut(self, full):
+        """Start a new bitmap at this instant and yield the Cut to read."""
+        self.full = full or self.current is None
+        if not self.full:
+            self.normalize()
+        self.generation += 1
+        self.new = f"{PREFIX}{self.generation}"
+        if self.new in self.bitmaps():  # left by a killed cut that got this far
+            self.remove(self.new)
+        self.frozen = None if self.full else self.current
+        with self.view() as cut:
+            yield cut
+
+    def record(self, db):
+        """In the point's transaction: the new bitmap is the current one."""
+        db.execute("UPDATE disks SET bitmap=?, generation=? WHERE item=? AND idx=?",
+                   (self.new, self.generation, self.item, self.disk["idx"]))
+
+    def commit(self):
+        """After the point is recorded: the frozen (or the replaced) bitmap goes."""
+        old = self.current
+        self.current = self.new
+        if old is not None and old != self.new:
+            with contextlib.suppress(Exception):  # a stray one is merged by the next cut
+                self.remove(old)
+
+    def abort(self):
+        """The cycle failed: nothing it tracked may be lost."""
+        if self.new is None:
+            return
+        if self.frozen is not None:  # the frozen changes go back into the recording bitmap
+            self.merge(self.frozen, self.new)
+            with self.vault.db:
+                self.vault.db.execute("BEGIN IMMEDIATE")
+                self.record(self.vault.db)
+            self.remove(self.frozen)
+            self.current = self.new
+        else:  # a full cycle: the old current bitmap (if any) still records
+            with contextlib.suppress(Exception):
+                self.remove(self.new)
+        self.new = self.frozen = None
+
+    @staticmethod
+    def dirty_extents(dev):
+        return [(off, n) for off, n, flags in dev.extents(0, dev.size, dirty=True)
+                if flags & NBD_DIRTY]
+
+
+class Qcow2Tracker(Tracker):
+    """Persistent bitmaps of a qcow2 image, managed with qemu-img bitmap."""
+
+    kind = "qcow2"
+
+    def _bitmap(self, *operations, name):
+        """qemu-img bitmap OPERATIONS -f qcow2 IMAGE NAME."""
+        from ..transport.qemu import qemu_img
+
+        qemu_img("bitmap", *operations, "-f", "qcow2", self.source.path, name,
+                 path=self.source.path)
+
+    def bitmaps(self):
+        from ..transport.qemu import bitmaps
+
+        return bitmaps(self.source.path)
+
+    @staticmethod
+    def problem(flags):
+        if "in-use" in flags:
+            return "is in use: QEMU did not close the image cleanly"
+        if "inconsistent" in flags:
+            return "is inconsistent"
+        return None
+
+    def merge(self, source, target):
+        self._bitmap("--merge", source, name=target)
+
+    def remove(self, name):
+        self._bitmap("--remove", name=name)
+
+    def enable(self, name):
+        self._bitmap("--enable", name=name)
+
+    @contextlib.contextmanager
+    def view(self):
+        from ..endpoints.base import DeviceEndpoint
+
+        self._bitmap("--add", "--enable", name=self.new)  # from here on, writes land in it too
+        if self.frozen is not None:
+            self._bitmap("--disable", name=self.frozen)  # the cut: frozen from here on
+        with self.source.engine_disk(bitmap=self.frozen) as dev:
+            changed = None if self.frozen is None else self.dirty_extents(dev)
+            yield Cut(DeviceEndpoint(dev, self.where), changed)
+
+
+class QmpTracker(Tracker):
+    """Non-persistent bitmaps of a block node of a running QEMU, by QMP."""
+
+    kind = "qmp"
+
+    def _qmp(self, command, **args):
+        with self.source.qmp() as q:
+            return q.execute(command, node=self.source.node, **args)
+
+    def bitmaps(self):
+        from ..transport.qemu import node_bitmaps
+
+        with self.source.qmp() as q:
+            return node_bitmaps(q, self.source.node)
+
+    @staticmethod
+    def problem(info):
+        if info.get("inconsistent"):
+            return "is inconsistent"
+        if info.get("busy"):
+            return "is in use by another job"
+        return None
+
+    def merge(self, source, target):
+        self._qmp("block-dirty-bitmap-merge", target=target, bitmaps=[source])
+
+    def remove(self, name):
+        self._qmp("block-dirty-bitmap-remove", name=name)
+
+    def enable(self, name):
+        self._qmp("block-dirty-bitmap-enable", name=name)
+
+    @contextlib.contextmanager
+    def view(self):
+        from ..endpoints.base import DeviceEndpoint
+
+        node = self.source.node
+        actions = [("block-dirty-bitmap-add", {"node": node, "name": self.new,
+                                               "persistent": False})]
+        if self.frozen is not None:
+            actions.append(("block-dirty-bitmap-disable", {"node": node, "name": self.frozen}))
+        # one QMP transaction: the new bitmap, the frozen one and the export's cut
+        with self.source.engine_disk(actions=actions, bitmap=self.frozen) as dev:
+            changed = None if self.frozen is None else self.dirty_extents(dev)
+            yield Cut(DeviceEndpoint(dev, self.where), changed)

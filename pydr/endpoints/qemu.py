@@ -1,0 +1,229 @@
+"""QEMU disks: an NBD export (``nbd://HOST[:PORT]/EXPORT``,
+``nbd+unix:///EXPORT?socket=PATH``: a running QEMU, qemu-nbd or
+qemu-storage-daemon), and a disk image file in a QEMU format (qcow2, vmdk,
+vhdx, vpc, vdi) that pydr reads and writes through a qemu-nbd child of its
+own. Either way the engine works through libnbd (pydr.engine.devices)."""
+
+import contextlib
+import os
+
+from ..engine import names
+from ..errors import UnsupportedFile
+from .base import Endpoint, InProcess
+from .local import LocalEndpoint
+
+SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://", "nbd+vsock://")
+
+
+def is_nbd_uri(spec):
+    return isinstance(spec, str) and spec.startswith(SCHEMES)
+
+
+class NbdEndpoint(InProcess, Endpoint):
+    """An NBD export: a disk of fixed size with no files beside it (its undo
+    journals and steps live on this machine)."""
+
+    def __init__(self, uri):
+        super().__init__(uri)
+
+    @property
+    def path(self):
+        return self.spec
+
+    def journal_target(self):
+        from ..engine.devices import NbdDevice
+
+        return _JournalOnly(NbdDevice.journal_for(self.spec))
+
+    @contextlib.contextmanager
+    def engine_disk(self, *, write=False, size=None, bitmap=None):
+        from ..engine.devices import NbdDevice
+
+        with NbdDevice(self.spec, write=write, bitmap=bitmap) as dev:
+            yield dev
+
+    def exists(self):
+        try:
+            with self.engine_disk():
+                return True
+        except OSError:
+            return False
+
+    def size(self):
+        with self.engine_disk() as dev:
+            return dev.size
+
+    def _at(self, path):
+        raise UnsupportedFile("an NBD export has no files beside it", path=self.spec)
+
+    def rename(self, dest):
+        raise UnsupportedFile("an NBD export cannot be renamed", path=self.spec)
+
+    def materialize(self, steps, dest, *, drill=False, threads=None):
+        raise UnsupportedFile("a point of a replica that is an NBD export cannot be "
+                              "materialised there (no files beside it)", path=self.spec)
+
+
+class _JournalOnly:
+    """What choose_undo_path needs of a target: where its journal lives."""
+
+    def __init__(self, journal_path):
+        self.journal_path = journal_path
+
+
+class QemuImageEndpoint(LocalEndpoint):
+    """A disk image file in a QEMU format on this machine. Its blocks are
+    read and written through a qemu-nbd that pydr starts on a private unix
+    socket (read-only unless written to) and stops when the work ends; its
+    undo journal is beside the file, as for raw files."""
+
+    def __init__(self, path, fmt):
+        super().__init__(path)
+        self.format = fmt
+        self.tracking = "qcow2" if fmt == "qcow2" else None  # persistent dirty bitmaps
+
+    def _at(self, path):
+        from ..transport.qemu import detect_format
+
+        fmt = detect_format(path)
+        return QemuImageEndpoint(path, fmt) if fmt != "raw" else LocalEndpoint(path)
+
+    @contextlib.contextmanager
+    def engine_disk(self, *, write=False, size=None, bitmap=None, path=None):
+        from ..engine.devices import NbdDevice
+        from ..transport.qemu import QemuNbd, qemu_img
+
+        path = path or self.path
+        if write and not os.path.exists(path):
+            if size is None:
+                raise FileNotFoundError(2, "disk image not found", path)
+            qemu_img("create", "-q", "-f", self.format, path, str(size), path=path)
+        with QemuNbd(path, self.format, read_only=not write, bitmap=bitmap) as server, \
+                NbdDevice(server.uri, name=path, write=write, bitmap=bitmap,
+                          journal=names.beside(path, names.UNDO), lock=path) as dev:
+            if write and size is not None and dev.size != size:
+                raise UnsupportedFile(f"the {self.format} image is {dev.size} bytes and the source "
+                                      f"{size}: resize it first (qemu-img resize)", path=path)
+            yield dev
+
+    def size(self):
+        with self.engine_disk() as dev:
+            return dev.size
+
+    def snapshot(self):
+        return None  # a reflink clone of a QEMU image is not a point-in-time disk of its own
+
+    def materialize(self, steps, dest, *, drill=False, threads=None):
+        """The point as an image of the same format: the latest state (the
+        baseline after a failover) copied through qemu-nbd into a new image
+        beside `dest`, the undo steps rolled back onto it, then renamed."""
+        import errno
+
+        from ..engine import journal as J
+        from ..engine.atomic import fsync_dir
+        from ..engine.resync import resync
+
+        self.check_same_place(dest)
+        if drill and os.path.lexists(dest.path):
+            raise FileExistsError(errno.EEXIST, "a test failover does not overwrite files",
+                                  dest.path)
+        os.makedirs(os.path.dirname(dest.path), exist_ok=True)
+        tmp = names.beside(dest.path, names.NEW)
+        for leftover in (tmp, names.beside(tmp, names.UNDO)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        try:
+            with self.engine_disk(path=names.latest_state(self.path)) as src:
+                with self.engine_disk(write=True, size=src.size, path=tmp) as out:
+                    resync(src, out, threads=threads)
+                    for step in steps:  # newest first
+                        header, committed = J.read_journal(step.path)
+                        if header is None or not committed:
+                            from ..errors import PydrError
+
+                            raise PydrError("undo step is damaged", path=step.path)
+                        J.rollback(out, step.path)
+                    out.sync()
+            os.replace(tmp, dest.path)
+            fsync_dir(dest.path)
+        except BaseException:
+            for leftover in (tmp, names.beside(tmp, names.UNDO)):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+            raise
+        return dest
+
+
+class QmpEndpoint(InProcess, Endpoint):
+    """A block node of a running QEMU or qemu-storage-daemon,
+    ``qmp:SOCKET:NODE``: read -- never written -- through a point-in-time
+    fleecing export over NBD that pydr sets up by QMP for each use
+    (pydr.transport.qemu.Fleece). Its changed-block tracking (dirty
+    bitmaps added and rotated by QMP) is pydr.dr.tracking's."""
+
+    tracking = "qmp"  # dirty bitmaps added and rotated by QMP
+
+    def __init__(self, socket_path, node):
+        super().__init__(f"qmp:{socket_path}:{node}")
+        self.socket, self.node = socket_path, node
+
+    @classmethod
+    def parse(cls, spec):
+        body = spec[len("qmp:"):]
+        socket_path, sep, node = body.rpartition(":")
+        if not sep or not socket_path or not node:
+            raise ValueError(f"a live disk is qmp:SOCKET:NODE, not {spec!r}")
+        return cls(os.path.abspath(socket_path), node)
+
+    @property
+    def path(self):
+        return self.spec
+
+    def qmp(self):
+        from ..transport.qemu import Qmp
+
+        return Qmp(self.socket)
+
+    @contextlib.contextmanager
+    def engine_disk(self, *, write=False, size=None, bitmap=None, actions=()):
+        from ..engine.devices import NbdDevice
+        from ..transport.qemu import Fleece
+
+        if write:
+            raise UnsupportedFile("a live disk is read by pydr, never written", path=self.spec)
+        with self.qmp() as q:
+            fleece = Fleece(q, self.node, actions=actions, bitmap=bitmap)
+            try:
+                with NbdDevice(fleece.uri, name=self.spec, bitmap=bitmap) as dev:
+                    yield dev
+            finally:
+                fleece.close()
+
+    def exists(self):
+        from ..transport.qemu import node_size
+
+        try:
+            with self.qmp() as q:
+                node_size(q, self.node)
+            return True
+        except OSError:
+            return False
+
+    def size(self):
+        from ..transport.qemu import node_size
+
+        with self.qmp() as q:
+            return node_size(q, self.node)
+
+    @property
+    def identity(self):
+        return f"qmp:{os.path.realpath(self.socket)}:{self.node}"
+
+    def _at(self, path):
+        raise UnsupportedFile("a live disk has no files beside it", path=self.spec)
+
+    def rename(self, dest):
+        raise UnsupportedFile("a live disk cannot be renamed", path=self.spec)
+
+    def materialize(self, steps, dest, *, drill=False, threads=None):
+        raise UnsupportedFile("a live disk is a source, not a replica", path=self.spec)

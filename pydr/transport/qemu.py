@@ -1,0 +1,298 @@
+"""QEMU's own tools, driven by pydr: a qemu-nbd child serving a disk image
+on a private unix socket (it dies with pydr, even on SIGKILL), qemu-img for
+images and persistent dirty bitmaps, and a QMP client for a running QEMU or
+qemu-storage-daemon (docs/QEMU.md)."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+from ..errors import PydrError, TrackingLost, UnsupportedFile
+
+FORMATS = ("qcow2", "vmdk", "vhdx", "vpc", "vdi")
+EXTENSIONS = {".qcow2": "qcow2", ".qcow": "qcow2", ".vmdk": "vmdk", ".vhdx": "vhdx",
+              ".vhd": "vpc", ".vpc": "vpc", ".vdi": "vdi"}
+START_TIMEOUT = 20.0  # seconds a qemu-nbd may take to listen (it is killed after)
+
+
+class QemuError(PydrError, RuntimeError):
+    """A QEMU tool refused what pydr asked (its own message is included)."""
+
+    exit_code = 5
+
+
+def detect_format(path):
+    """The QEMU format of a disk image file, from its magic ("raw" when it
+    has none); for a file that does not exist yet, from its extension."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 512))
+            tail = f.read(512)
+    except FileNotFoundError:
+        return EXTENSIONS.get(os.path.splitext(path)[1].lower(), "raw")
+    except (IsADirectoryError, PermissionError, OSError):
+        return "raw"  # let the engine name the problem
+    if head[:4] == b"QFI\xfb":
+        return "qcow2"
+    if head[:4] == b"KDMV" or head.startswith(b"# Disk DescriptorFile"):
+        return "vmdk"
+    if head[:8] == b"vhdxfile":
+        return "vhdx"
+    if head[:8] == b"conectix" or (size >= 512 and tail[:8] == b"conectix"):
+        return "vpc"  # dynamic VHDs start with the footer's copy, fixed ones end with it
+    if head[0x40:0x44] == b"\x7f\x10\xda\xbe":
+        return "vdi"
+    return "raw"
+
+
+def tool(name, package="qemu-utils"):
+    path = shutil.which(name)
+    if path is None:
+        raise UnsupportedFile(f"{name} is not installed: install {package} (Debian: apt-get "
+                              f"install --no-install-recommends {package})", path=name)
+    return path
+
+
+def _last_line(text):
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def qemu_img(*args, path=None):
+    """Run qemu-img; QemuError with its own last line if it fails."""
+    r = subprocess.run([tool("qemu-img"), *map(str, args)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise QemuError(f"qemu-img {args[0]} failed: {_last_line(r.stderr or r.stdout)}",
+                        path=path)
+    return r.stdout
+
+
+def image_info(path, fmt=None):
+    out = qemu_img("info", "--output=json", "-U", *(["-f", fmt] if fmt else []), path, path=path)
+    return json.loads(out)
+
+
+def bitmaps(path):
+    """{name: flags} of the persistent dirty bitmaps of a qcow2 image."""
+    info = image_info(path, "qcow2")
+    found = (info.get("format-specific", {}).get("data", {}) or {}).get("bitmaps", []) or []
+    return {b["name"]: list(b.get("flags", [])) for b in found}
+
+
+def _die_with_parent():
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class QemuNbd:
+    """A qemu-nbd serving `path` (in `fmt`) on a private unix socket, as a
+    child of this process: stopped by close(), and by the kernel if pydr
+    dies. ``bitmap``: a persistent dirty bitmap exported with it."""
+
+    def __init__(self, path, fmt, *, read_only=True, bitmap=None):
+        self.path = os.fspath(path)
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="pydr-qemu-")
+        self.socket = os.path.join(self.dir, "nbd.sock")
+        # writes are made durable by NBD flushes (pydr flushes before it commits)
+        cmd = [tool("qemu-nbd"), "--format", fmt, "--socket", self.socket, "--shared", "4",
+               "--cache", "writeback"]
+        cmd += ["--read-only"] if read_only else ["--discard", "unmap"]
+        if bitmap:
+            cmd += ["--bitmap", bitmap]
+        cmd.append(self.path)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None:
+                err = _last_line(self.proc.stderr.read().decode(errors="replace"))
+                self.close()
+                if bitmap and "itmap" in err:
+                    raise TrackingLost(f"qemu-nbd cannot export the dirty bitmap {bitmap}: {err}",
+                                       path=self.path)
+                raise QemuError(f"qemu-nbd could not open it as {fmt}: {err}", path=self.path)
+            if time.monotonic() > deadline:
+                self.close()
+                raise QemuError(f"qemu-nbd did not listen within {START_TIMEOUT:.0f} s",
+                                path=self.path)
+            time.sleep(0.005)
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///?socket={self.socket}"
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class QmpError(QemuError):
+    """QEMU answered a QMP command with an error."""
+
+
+class Qmp:
+    """A QMP connection to a running QEMU or qemu-storage-daemon."""
+
+    def __init__(self, path, timeout=60):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            self.sock.close()
+            raise ConnectionRefusedError(exc.errno, f"QMP socket refuses: {exc.strerror}",
+                                         path) from None
+        self.file = self.sock.makefile("rwb")
+        self._read()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self):
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionResetError(f"QMP connection closed by {self.path}")
+            msg = json.loads(line)
+            if "event" not in msg:  # events are not answers
+                return msg
+
+    def execute(self, command, **arguments):
+        msg = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise QmpError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}",
+                           path=self.path)
+        return reply.get("return")
+
+    def transaction(self, actions):
+        """Several QMP actions at once: all of them or none (QEMU's own)."""
+        return self.execute("transaction", actions=[{"type": t, "data": d} for t, d in actions])
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.file.close()
+            self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Fleece:
+    """A point-in-time view of the block node `node` of a running QEMU (or
+    qemu-storage-daemon), exported over NBD on a private unix socket, as
+    libvirt's pull-mode backup does: a scratch qcow2 overlay over the node,
+    filled by a "blockdev-backup sync=none" job (copy-before-write), so the
+    export keeps the node's content of the cut while the guest writes on.
+
+    ``actions``: more QMP transaction actions that must happen at the same
+    instant (dirty-bitmap rotation); ``bitmap``: one exported with the view.
+    close() tears everything down (the export, pydr's NBD server, the job,
+    the overlay and its file)."""
+
+    def __init__(self, qmp, node, *, actions=(), bitmap=None):
+        import tempfile
+        import uuid
+
+        self.qmp, self.node = qmp, node
+        tag = uuid.uuid4().hex[:8]
+        self.overlay, self.job, self.export = f"pydr-fleece-{tag}", f"pydr-job-{tag}", f"pydr-{tag}"
+        self.dir = tempfile.mkdtemp(prefix="pydr-fleece-")
+        self.socket = os.path.join(self.dir, "nbd.sock")
+        self.done = []
+        try:
+            size = node_size(qmp, node)
+            scratch = os.path.join(self.dir, "overlay.qcow2")
+            qemu_img("create", "-q", "-f", "qcow2", scratch, str(size), path=scratch)
+            qmp.execute("blockdev-add", driver="qcow2", **{"node-name": self.overlay},
+                        file={"driver": "file", "filename": scratch}, backing=node)
+            self.done.append("overlay")
+            qmp.transaction(list(actions) + [("blockdev-backup", {
+                "device": node, "target": self.overlay, "sync": "none", "job-id": self.job})])
+            self.done.append("job")
+            try:
+                qmp.execute("nbd-server-start", addr={"type": "unix", "data": {"path": self.socket}})
+            except QmpError as exc:
+                raise QemuError(f"QEMU at {qmp.path} runs an NBD server already: pydr needs its "
+                                f"own for the point-in-time export ({exc})", path=qmp.path) from None
+            self.done.append("server")
+            export = {"type": "nbd", "id": self.export, "node-name": self.overlay,
+                      "name": self.export, "writable": False}
+            if bitmap:
+                export["bitmaps"] = [{"node": node, "name": bitmap}]
+            qmp.execute("block-export-add", **export)
+            self.done.append("export")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///{self.export}?socket={self.socket}"
+
+    def close(self):
+        q = self.qmp
+        with contextlib.suppress(QemuError, OSError):
+            if "export" in self.done:
+                q.execute("block-export-del", id=self.export)
+        with contextlib.suppress(QemuError, OSError):
+            if "server" in self.done:
+                q.execute("nbd-server-stop")
+        with contextlib.suppress(QemuError, OSError):
+            if "job" in self.done:
+                q.execute("block-job-cancel", device=self.job, force=True)
+                for _ in range(400):  # the job ends asynchronously; the overlay waits for it
+                    if not any(j.get("device") == self.job for j in q.execute("query-block-jobs")):
+                        break
+                    time.sleep(0.01)
+        with contextlib.suppress(QemuError, OSError):
+            if "overlay" in self.done:
+                q.execute("blockdev-del", **{"node-name": self.overlay})
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.done = []
+
+
+def node_size(qmp, node):
+    for n in qmp.execute("query-named-block-nodes"):
+        if n.get("node-name") == node:
+            return n["image"]["virtual-size"]
+    raise FileNotFoundError(2, f"no block node {node!r} in QEMU", qmp.path)
+
+
+def node_bitmaps(qmp, node):
+    """{name: info} of the dirty bitmaps of a block node (query-named-block-nodes)."""
+    for n in qmp.execute("query-named-block-nodes"):
+        if n.get("node-name") == node:
+            return {b["name"]: b for b in n.get("dirty-bitmaps") or []}
+    raise FileNotFoundError(2, f"no block node {node!r} in QEMU", qmp.path)
