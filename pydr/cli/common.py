@@ -107,6 +107,16 @@ def add_remote_options(p):
                    help="pydr on the remote side (default: pydr)")
 
 
+FORMATS = ("raw", "qcow2", "vmdk", "vhdx", "vpc", "vdi")
+
+
+def add_format(p, flag="--format", what="IMAGE"):
+    p.add_argument(flag, metavar="FMT", choices=FORMATS, default=None,
+                   help=f"the disk format of {what} (default: detected from its first bytes; "
+                        f"QEMU formats are read through a qemu-nbd pydr starts): "
+                        f"{', '.join(FORMATS)}")
+
+
 def add_vault_options(p):
     """--vault and --json, which every vault command takes."""
     p.add_argument("--vault", metavar="DIR", help="vault directory (default: $PYDR_VAULT)")

@@ -7,17 +7,18 @@ import sys
 import threading
 
 from .. import errors as E
-from .common import (add_block_size, add_json, add_output_options, add_remote_options,
-                     add_threads, command, human_bytes, parse_size, print_fields, print_json,
-                     progress_bar, reach)
+from .common import (add_block_size, add_format, add_json, add_output_options,
+                     add_remote_options, add_threads, command, human_bytes, parse_size,
+                     print_fields, print_json, progress_bar, reach)
 
-ANYWHERE = "a local path, or [user@]host:PATH on a host with pydr (see --rsh)"
+ANYWHERE = ("a local path (a raw file, a block device or a QEMU image), nbd://HOST/EXPORT, "
+            "nbd+unix:///EXPORT?socket=PATH, or [user@]host:PATH on a host with pydr (--rsh)")
 
 
-def _endpoint(spec, args):
+def _endpoint(spec, args, format=None):
     from ..endpoints import open_endpoint
 
-    return open_endpoint(spec, **reach(args))
+    return open_endpoint(spec, **reach(args), format=format)
 
 
 def _refuse_binary_to_terminal(output, what):
@@ -36,7 +37,7 @@ def _output(spec, args):
 
 def cmd_signature(args):
     _refuse_binary_to_terminal(args.output, "signature")
-    image = _endpoint(args.image, args)
+    image = _endpoint(args.image, args, args.format)
     out = sys.stdout.buffer if args.output == "-" else _endpoint(args.output, args)
     with progress_bar(f"signing {args.image}", args) as bar:
         res = image.write_signature(out, block_size=args.block_size, algorithm=args.algorithm,
@@ -112,7 +113,7 @@ def _base_signature(args, source):
 
 def cmd_delta(args):
     _refuse_binary_to_terminal(args.output, "delta")
-    source = _endpoint(args.source, args)
+    source = _endpoint(args.source, args, args.format)
     if args.output != "-":
         out = _endpoint(args.output, args)
         for p in (args.source, args.target):
@@ -135,7 +136,7 @@ def cmd_delta(args):
 
 
 def cmd_apply(args):
-    target = _endpoint(args.target, args)
+    target = _endpoint(args.target, args, args.format)
     if args.delta == "-":
         source, name = contextlib.nullcontext(sys.stdin.buffer), "<stdin>"
     else:
@@ -169,7 +170,8 @@ def cmd_resync(args):
     from ..endpoints.transfer import transfer
 
     with progress_bar(f"resync {args.source} -> {args.target}", args) as bar:
-        st, _ = transfer(_endpoint(args.source, args), _endpoint(args.target, args),
+        st, _ = transfer(_endpoint(args.source, args, args.format),
+                         _endpoint(args.target, args, args.target_format),
                          block_size=args.block_size, signature_cache=args.signature_cache,
                          verify=args.verify, threads=args.threads, progress=bar,
                          cancel=threading.Event(), bwlimit=args.bwlimit, compress=args.compress,
@@ -216,6 +218,7 @@ def register(sub):
     add_json(p)
     add_output_options(p)
     add_remote_options(p)
+    add_format(p)
     p.add_argument("--no-mmap", action="store_true",
                    help="read with pread() instead of hashing from mmap windows (slower; "
                         "for file systems that refuse mmap)")
@@ -241,6 +244,7 @@ def register(sub):
                    help="delta file to write ('-' for standard output)")
     add_block_size(p, 4096, "block size with --target (default: 4K); --against uses the "
                             "signature's")
+    add_format(p, what="SRC")
     add_threads(p)
     add_json(p, "print one JSON object with the stats")
     add_output_options(p)
@@ -266,6 +270,7 @@ def register(sub):
     p.add_argument("target", metavar="TARGET", help="image file or block device to update")
     p.add_argument("--verify", action="store_true",
                    help="afterwards, read the whole target and check it equals the delta's result")
+    add_format(p, what="TARGET")
     add_json(p, "print one JSON object with the stats")
     add_output_options(p)
     add_remote_options(p)
@@ -294,7 +299,9 @@ def register(sub):
         examples=["pydr resync disk.img /srv/replica/disk.img --stats",
                   "pydr resync /dev/vg/disk /dev/vg/replica --signature-cache replica.sig",
                   "pydr resync disk.img backup@dr:/srv/disk.img --compress --streams 4",
-                  "pydr resync dr:/srv/disk.img restored.img --bwlimit 20M"],
+                  "pydr resync dr:/srv/disk.img restored.img --bwlimit 20M",
+                  "pydr resync vm.qcow2 /dr/vm.img                 (through pydr's own qemu-nbd)",
+                  "pydr resync nbd+unix:///drive0?socket=/run/vm.nbd /dr/drive0.img"],
         func=cmd_resync)
     p.add_argument("source", metavar="SRC", help=ANYWHERE)
     p.add_argument("target", metavar="DST", help=ANYWHERE)
@@ -316,6 +323,8 @@ def register(sub):
                    help="read back every written range and compare hashes before committing "
                         "(both disks on this machine)")
     add_block_size(p, 4096, "comparison block size (default: 4K)")
+    add_format(p, what="SRC")
+    add_format(p, "--target-format", what="DST")
     add_threads(p)
     p.add_argument("--stats", action="store_true", help="print the statistics, one per line")
     add_json(p, "print one JSON object with the stats")

@@ -14,9 +14,16 @@ def open_vault(args, writer=False):
 
 
 def parse_disk(text):
-    if "=" not in text:
+    """SOURCE=REPLICA, where either may be a URI with a query of its own
+    (qmp:SOCKET:NODE?nbd=PATH, nbd+unix:///EXPORT?socket=PATH): the '=' that
+    separates them is the first one that does not follow a query key."""
+    import re
+
+    at = next((m.start() for m in re.finditer("=", text)
+               if not re.search(r"[?&][A-Za-z_-]+$", text[:m.start()])), None)
+    if at is None:
         raise ValueError(f"--disk wants SOURCE=REPLICA, not {text!r}")
-    source, replica = text.split("=", 1)
+    source, replica = text[:at], text[at + 1:]
     if not source or not replica:
         raise ValueError(f"--disk wants SOURCE=REPLICA, not {text!r}")
     return source, replica

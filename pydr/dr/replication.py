@@ -121,10 +121,11 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                     mark_resync_required(vault, r["name"], str(exc))
     rows = [vault.item(n) for n in names]
     if not resync_all:
-        stuck = [r["name"] for r in rows if r["state"] == "resync-required"]
+        stuck = [r for r in rows if r["state"] == "resync-required"]
         if stuck:
-            raise InvalidState(f"{', '.join(stuck)} needs a resync: run 'pydr replicate "
-                               f"{stuck[0]} --resync'", path=vault.dir)
+            why = f" ({stuck[0]['last_error']})" if stuck[0]["last_error"] else ""
+            raise InvalidState(f"{', '.join(r['name'] for r in stuck)} needs a resync{why}: run "
+                               f"'pydr replicate {stuck[0]['name']} --resync'", path=vault.dir)
     if app_consistent:
         missing = [r["name"] for r in rows if not r["quiesce_hook"]]
         if missing:
@@ -168,12 +169,13 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
             changed = cuts[d["source"]].changed if d["source"] in cuts else None
             pending = sum(n for _, n in changed or ())
             if changed is not None and pending > RESYNC_THRESHOLD * sizes[d["source"]]:
-                mark_resync_required(vault, r["name"], f"tracked changes ({pending} bytes) "
-                                                       f"exceed half of {d['source']}")
-                raise InvalidState(f"{r['name']} needs a resync: run 'pydr replicate "
-                                   f"{r['name']} --resync'", path=vault.dir)
+                reason = f"tracked changes ({pending} bytes) exceed half of {d['source']}"
+                mark_resync_required(vault, r["name"], reason)
+                raise InvalidState(f"{r['name']} needs a resync ({reason}): run 'pydr "
+                                   f"replicate {r['name']} --resync'", path=vault.dir)
         cut = kinds.pop() if len(kinds) == 1 and None not in kinds else (
             "quiesce" if app_consistent else "none")
+        crashpoints.reached("cycle.cut")
         if cut in ("reflink", "fleece"):
             for r in quiesced:  # the cut is taken: the applications may go on
                 run_hook(r["thaw_hook"], f"thaw hook of {r['name']!r}")

@@ -8,7 +8,7 @@ import contextlib
 import os
 
 from ..engine import names
-from ..errors import UnsupportedFile
+from ..errors import PydrError, UnsupportedFile
 from .base import Endpoint, InProcess
 from .local import LocalEndpoint
 
@@ -98,13 +98,20 @@ class QemuImageEndpoint(LocalEndpoint):
             if size is None:
                 raise FileNotFoundError(2, "disk image not found", path)
             qemu_img("create", "-q", "-f", self.format, path, str(size), path=path)
-        with QemuNbd(path, self.format, read_only=not write, bitmap=bitmap) as server, \
-                NbdDevice(server.uri, name=path, write=write, bitmap=bitmap,
-                          journal=names.beside(path, names.UNDO), lock=path) as dev:
-            if write and size is not None and dev.size != size:
-                raise UnsupportedFile(f"the {self.format} image is {dev.size} bytes and the source "
-                                      f"{size}: resize it first (qemu-img resize)", path=path)
-            yield dev
+        with QemuNbd(path, self.format, read_only=not write, bitmap=bitmap) as server:
+            try:
+                dev = NbdDevice(server.uri, name=path, write=write, bitmap=bitmap,
+                                journal=names.beside(path, names.UNDO), lock=path)
+            except (OSError, PydrError):
+                server.proc.wait(timeout=10)  # it is exiting: say why, not "refused"
+                server.check()
+                raise
+            with dev:
+                if write and size is not None and dev.size != size:
+                    raise UnsupportedFile(f"the {self.format} image is {dev.size} bytes and the "
+                                          f"source {size}: resize it first (qemu-img resize)",
+                                          path=path)
+                yield dev
 
     def size(self):
         with self.engine_disk() as dev:
@@ -163,17 +170,23 @@ class QmpEndpoint(InProcess, Endpoint):
 
     tracking = "qmp"  # dirty bitmaps added and rotated by QMP
 
-    def __init__(self, socket_path, node):
-        super().__init__(f"qmp:{socket_path}:{node}")
-        self.socket, self.node = socket_path, node
+    def __init__(self, socket_path, node, nbd_socket=None):
+        super().__init__(f"qmp:{socket_path}:{node}" + (f"?nbd={nbd_socket}" if nbd_socket
+                                                        else ""))
+        self.socket, self.node, self.nbd_socket = socket_path, node, nbd_socket
 
     @classmethod
     def parse(cls, spec):
-        body = spec[len("qmp:"):]
+        """qmp:SOCKET:NODE, or qmp:SOCKET:NODE?nbd=PATH when QEMU runs an NBD
+        server already (on the unix socket PATH): pydr then adds its export
+        there instead of starting one."""
+        body, _, query = spec[len("qmp:"):].partition("?")
         socket_path, sep, node = body.rpartition(":")
-        if not sep or not socket_path or not node:
-            raise ValueError(f"a live disk is qmp:SOCKET:NODE, not {spec!r}")
-        return cls(os.path.abspath(socket_path), node)
+        nbd = query[len("nbd="):] if query.startswith("nbd=") else None
+        if not sep or not socket_path or not node or (query and not nbd):
+            raise ValueError(f"a live disk is qmp:SOCKET:NODE[?nbd=PATH], not {spec!r}")
+        return cls(os.path.abspath(socket_path), node,
+                   os.path.abspath(nbd) if nbd else None)
 
     @property
     def path(self):
@@ -192,7 +205,8 @@ class QmpEndpoint(InProcess, Endpoint):
         if write:
             raise UnsupportedFile("a live disk is read by pydr, never written", path=self.spec)
         with self.qmp() as q:
-            fleece = Fleece(q, self.node, actions=actions, bitmap=bitmap)
+            fleece = Fleece(q, self.node, actions=actions, bitmap=bitmap,
+                            nbd_socket=self.nbd_socket)
             try:
                 with NbdDevice(fleece.uri, name=self.spec, bitmap=bitmap) as dev:
                     yield dev

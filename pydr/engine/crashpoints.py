@@ -28,6 +28,7 @@ POINTS = {
     "restore.step": "one more undo step is rolled back onto a point's disk",
     "restore.written": "a point's disk is whole beside its destination, not yet renamed over it",
     # the vault: a replication cycle
+    "cycle.cut": "every disk of a cycle is cut (cloned, fleeced or a new bitmap started), none read",
     "cycle.disk": "one disk of a cycle is replicated, its step not yet recorded",
     "cycle.steps": "one disk's steps are recorded",
     "cycle.point": "the cycle's recovery point is recorded, retention not yet applied",

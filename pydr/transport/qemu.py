@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 
-from ..errors import PydrError, TrackingLost, UnsupportedFile
+from ..errors import FormatError, PydrError, TrackingLost, UnsupportedFile
 
 FORMATS = ("qcow2", "vmdk", "vhdx", "vpc", "vdi")
 EXTENSIONS = {".qcow2": "qcow2", ".qcow": "qcow2", ".vmdk": "vmdk", ".vhdx": "vhdx",
@@ -113,20 +113,27 @@ class QemuNbd:
         cmd.append(self.path)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        self.fmt, self.bitmap = fmt, bitmap
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(self.socket):
-            if self.proc.poll() is not None:
-                err = _last_line(self.proc.stderr.read().decode(errors="replace"))
-                self.close()
-                if bitmap and "itmap" in err:
-                    raise TrackingLost(f"qemu-nbd cannot export the dirty bitmap {bitmap}: {err}",
-                                       path=self.path)
-                raise QemuError(f"qemu-nbd could not open it as {fmt}: {err}", path=self.path)
+            self.check()
             if time.monotonic() > deadline:
                 self.close()
                 raise QemuError(f"qemu-nbd did not listen within {START_TIMEOUT:.0f} s",
                                 path=self.path)
             time.sleep(0.005)
+
+    def check(self):
+        """Raise what made qemu-nbd exit (it may listen first and then fail to
+        open the image), if it did."""
+        if self.proc.poll() is None:
+            return
+        err = _last_line(self.proc.stderr.read().decode(errors="replace"))
+        self.close()
+        if self.bitmap and "itmap" in err:
+            raise TrackingLost(f"qemu-nbd cannot export the dirty bitmap {self.bitmap}: {err}",
+                               path=self.path)
+        raise FormatError(f"qemu-nbd could not open it as {self.fmt}: {err}", path=self.path)
 
     @property
     def uri(self):
@@ -221,7 +228,7 @@ class Fleece:
     close() tears everything down (the export, pydr's NBD server, the job,
     the overlay and its file)."""
 
-    def __init__(self, qmp, node, *, actions=(), bitmap=None):
+    def __init__(self, qmp, node, *, actions=(), bitmap=None, nbd_socket=None):
         import tempfile
         import uuid
 
@@ -229,7 +236,8 @@ class Fleece:
         tag = uuid.uuid4().hex[:8]
         self.overlay, self.job, self.export = f"pydr-fleece-{tag}", f"pydr-job-{tag}", f"pydr-{tag}"
         self.dir = tempfile.mkdtemp(prefix="pydr-fleece-")
-        self.socket = os.path.join(self.dir, "nbd.sock")
+        # QEMU runs one NBD server: pydr's own, or the one it runs already (nbd_socket)
+        self.socket = nbd_socket or os.path.join(self.dir, "nbd.sock")
         self.done = []
         try:
             size = node_size(qmp, node)
@@ -241,12 +249,15 @@ class Fleece:
             qmp.transaction(list(actions) + [("blockdev-backup", {
                 "device": node, "target": self.overlay, "sync": "none", "job-id": self.job})])
             self.done.append("job")
-            try:
-                qmp.execute("nbd-server-start", addr={"type": "unix", "data": {"path": self.socket}})
-            except QmpError as exc:
-                raise QemuError(f"QEMU at {qmp.path} runs an NBD server already: pydr needs its "
-                                f"own for the point-in-time export ({exc})", path=qmp.path) from None
-            self.done.append("server")
+            if nbd_socket is None:
+                try:
+                    qmp.execute("nbd-server-start",
+                                addr={"type": "unix", "data": {"path": self.socket}})
+                except QmpError as exc:
+                    raise QemuError(f"QEMU at {qmp.path} runs an NBD server already: name its "
+                                    "unix socket as qmp:SOCKET:NODE?nbd=PATH so that pydr adds "
+                                    f"its export there ({exc})", path=qmp.path) from None
+                self.done.append("server")
             export = {"type": "nbd", "id": self.export, "node-name": self.overlay,
                       "name": self.export, "writable": False}
             if bitmap:

@@ -204,3 +204,16 @@ def test_progress_and_ctrl_c(tmp_path, faulty_image):
     assert "Traceback" not in rest
     assert not out.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".pydr-")]
+
+
+def test_disk_pairs_split_where_no_uri_query_is():
+    from pydr.cli.vault import parse_disk
+
+    assert parse_disk("/a.img=/b.img") == ("/a.img", "/b.img")
+    assert parse_disk("qmp:/run/q.sock:drive0?nbd=/run/n.sock=/dr/d.img") == \
+        ("qmp:/run/q.sock:drive0?nbd=/run/n.sock", "/dr/d.img")
+    assert parse_disk("/a.img=nbd+unix:///r?socket=/run/r.sock") == \
+        ("/a.img", "nbd+unix:///r?socket=/run/r.sock")
+    for bad in ("/a.img", "=/b.img", "/a.img="):
+        with pytest.raises(ValueError):
+            parse_disk(bad)

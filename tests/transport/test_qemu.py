@@ -1,0 +1,204 @@
+"""QEMU disks with real QEMU tools: images in every QEMU format read through
+pydr's own qemu-nbd, NBD exports of qemu-nbd and qemu-storage-daemon on unix
+sockets, replicas that are qcow2 images, bad input, and pydr built without
+libnbd."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import pydr
+
+from conftest import ROOT, run_cli, sha
+
+QEMU = ("qemu-img", "qemu-nbd", "qemu-io")
+pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in QEMU),
+                                reason="needs qemu-utils (scripts/bootstrap installs it)")
+MiB = 1 << 20
+
+
+def qemu_io(image, *commands, fmt="qcow2"):
+    args = ["qemu-io", "-f", fmt]
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run(args + [str(image)], check=True, capture_output=True)
+
+
+def raw_of(image, tmp_path, name="converted.raw"):
+    out = tmp_path / name
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True)
+    return out
+
+
+def qcow2(tmp_path, name="disk.qcow2", size="64M"):
+    img = tmp_path / name
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), size], check=True)
+    qemu_io(img, "write -P 0x11 0 8M", "write -P 0x22 20M 1M", "write -z 30M 2M")
+    return img
+
+
+@pytest.fixture
+def qemu_nbd(tmp_path):
+    """Start qemu-nbd on a unix socket for an image; yields a function
+    (image, fmt, read_only) -> URI; stops them all afterwards."""
+    procs = []
+
+    def start(image, fmt="raw", read_only=True):
+        sock = tmp_path / f"nbd{len(procs)}.sock"
+        cmd = ["qemu-nbd", "-f", fmt, "-k", str(sock), "-t", "-e", "4", str(image)]
+        procs.append(subprocess.Popen(cmd + (["-r"] if read_only else []),
+                                      stderr=subprocess.PIPE))
+        for _ in range(400):  # until it listens
+            if sock.exists():
+                return f"nbd+unix:///?socket={sock}"
+            if procs[-1].poll() is not None:
+                pytest.fail(procs[-1].stderr.read().decode())
+            subprocess.run(["sleep", "0.01"])
+        pytest.fail("qemu-nbd did not listen")
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait()
+
+
+def servers_left():
+    import tempfile
+
+    qemu_nbd = subprocess.run(["pgrep", "-f", "qemu-nbd --format"], capture_output=True).stdout
+    return (len(qemu_nbd.split()),
+            sorted(p for p in os.listdir(tempfile.gettempdir()) if p.startswith("pydr-qemu-")))
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vhdx", "vpc", "vdi"])
+def test_every_qemu_format_replicates_to_raw(tmp_path, fmt):
+    """The image is detected from its first bytes, read through pydr's own
+    qemu-nbd, and the raw replica equals qemu-img convert -O raw."""
+    src = tmp_path / f"src.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(src), "32M"], check=True)
+    qemu_io(src, "write -P 0x5a 1M 3M", "write -P 0xa5 17M 64k", fmt=fmt)
+    replica = tmp_path / "replica.img"
+    before = servers_left()
+    r = run_cli("resync", src, replica, "--json")
+    assert r.returncode == 0, r.stderr
+    expected = raw_of(src, tmp_path)
+    assert os.path.getsize(replica) == os.path.getsize(expected)
+    assert sha(replica) == sha(expected)
+    assert servers_left() == before  # pydr's qemu-nbd is gone, and its socket directory
+    # again, after a write: only the change moves
+    qemu_io(src, "write -P 0x77 9M 4k", fmt=fmt)
+    st = json.loads(run_cli("resync", src, replica, "--json").stdout)
+    assert st["bytes_written"] == 4096 and sha(replica) == sha(raw_of(src, tmp_path, "2.raw"))
+
+
+def test_qcow2_signature_equals_the_raw_images(tmp_path):
+    img = qcow2(tmp_path)
+    raw = raw_of(img, tmp_path)
+    a, b = tmp_path / "a.sig", tmp_path / "b.sig"
+    assert run_cli("signature", img, "-o", a, "--block-size", "4K").returncode == 0
+    assert run_cli("signature", raw, "-o", b, "--block-size", "4K").returncode == 0
+    assert pydr.Signature.load(a) == pydr.Signature.load(b)
+
+
+def test_an_nbd_export_signs_like_the_file_and_skips_its_holes(tmp_path, qemu_nbd):
+    img = tmp_path / "sparse.img"
+    rng = random.Random(3)
+    with open(img, "wb") as f:
+        f.truncate(96 * MiB)
+        for mib in range(0, 96, 8):
+            f.seek(mib * MiB)
+            f.write(rng.randbytes(MiB))
+    uri = qemu_nbd(img)
+    out = tmp_path / "n.sig"
+    r = run_cli("signature", uri, "-o", out, "--block-size", "4K", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert pydr.Signature.load(out) == pydr.signature(img, block_size=4096)
+    assert res["bytes_read"] == 12 * MiB  # the holes came from block status, unread
+
+
+def test_an_nbd_export_as_a_resync_target_under_the_journal(tmp_path, qemu_nbd):
+    """A writable export of qemu-nbd is a replica: written through the same
+    journaled apply (the journal in $PYDR_JOURNAL_DIR), and a second resync
+    writes only what changed."""
+    src = tmp_path / "src.img"
+    src.write_bytes(random.Random(1).randbytes(16 * MiB))
+    target = tmp_path / "target.img"
+    target.write_bytes(bytes(16 * MiB))
+    uri = qemu_nbd(target, read_only=False)
+    env = {**os.environ, "PYDR_JOURNAL_DIR": str(tmp_path / "journals")}
+    r = run_cli("resync", src, uri, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert sha(target) == sha(src)
+    with open(src, "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(b"\x01" * 4096)
+    st = json.loads(run_cli("resync", src, uri, "--json", env=env).stdout)
+    assert st["bytes_written"] == 4096 and sha(target) == sha(src)
+    assert not [n for n in os.listdir(tmp_path / "journals") if n.endswith(".pydr-undo")]
+
+
+def test_a_qcow2_replica_is_made_and_kept_equal(tmp_path):
+    src = tmp_path / "src.img"
+    src.write_bytes(random.Random(2).randbytes(24 * MiB))
+    replica = tmp_path / "replica.qcow2"  # made by qemu-img at the source's size
+    assert run_cli("resync", src, replica).returncode == 0
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(replica)],
+                                     capture_output=True, check=True).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 24 * MiB
+    assert sha(raw_of(replica, tmp_path)) == sha(src)
+    assert not [n for n in os.listdir(tmp_path) if "pydr" in n]  # no journal or lock left
+
+
+def clean_error(r, code, *needles):
+    err = r.stderr.decode()
+    assert r.returncode == code, (r.returncode, err)
+    assert "Traceback" not in err and err.startswith("pydr: ") and err.count("\n") == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_bad_input_gets_one_line_and_writes_nothing(tmp_path):
+    raw = tmp_path / "plain.img"
+    raw.write_bytes(os.urandom(MiB))
+    out = tmp_path / "x.sig"
+    # a file that is not what --format says
+    clean_error(run_cli("signature", raw, "-o", out, "--format", "qcow2"), 7, str(raw),
+                "not in qcow2 format")
+    # a socket that refuses
+    clean_error(run_cli("signature", f"nbd+unix:///?socket={tmp_path / 'none.sock'}", "-o", out),
+                5, "none.sock")
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_built_without_libnbd_nbd_disks_name_the_package(tmp_path):
+    """pydr still builds without libnbd (pkg-config does not find it here),
+    and an NBD disk then gets a clear error naming libnbd-dev."""
+    import sysconfig
+
+    build = tmp_path / "build"
+    env = {**os.environ, "PKG_CONFIG_LIBDIR": str(tmp_path / "nowhere"), "PKG_CONFIG_PATH": ""}
+    cfg = subprocess.run(["cmake", "-S", ROOT, "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                          f"-DPython_EXECUTABLE={sys.executable}"], env=env,
+                         capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    assert "libnbd not found" in cfg.stdout
+    made = subprocess.run(["cmake", "--build", str(build), "-j2"], env=env, capture_output=True,
+                          text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    package = tmp_path / "alt" / "pydr"
+    shutil.copytree(os.path.dirname(pydr.__file__), package,
+                    ignore=shutil.ignore_patterns("_core*", "__pycache__"))
+    shutil.copy(build / f"_core{suffix}", package / f"_core{suffix}")
+    r = subprocess.run([sys.executable, "-c", "import sys; from pydr.cli import main; "
+                        "sys.exit(main(sys.argv[1:]))", "signature",
+                        "nbd+unix:///?socket=/x.sock", "-o", str(tmp_path / "x.sig")],
+                       env={**os.environ, "PYTHONPATH": str(tmp_path / "alt")},
+                       cwd=tmp_path, capture_output=True)
+    clean_error(r, 10, "built without libnbd", "libnbd-dev")
