@@ -132,21 +132,15 @@ class Tracker:
 
 
 class Qcow2Tracker(Tracker):
-    """Persistent bitmaps of a qcow2 image, managed with qemu-img bitmap."""
+    """Persistent bitmaps of a qcow2 image (the endpoint runs qemu-img)."""
 
     kind = "qcow2"
 
     def _bitmap(self, *operations, name):
-        """qemu-img bitmap OPERATIONS -f qcow2 IMAGE NAME."""
-        from ..transport.qemu import qemu_img
-
-        qemu_img("bitmap", *operations, "-f", "qcow2", self.source.path, name,
-                 path=self.source.path)
+        self.source.bitmap(*operations, name=name)
 
     def bitmaps(self):
-        from ..transport.qemu import bitmaps
-
-        return bitmaps(self.source.path)
+        return self.source.bitmaps()
 
     @staticmethod
     def problem(flags):
@@ -183,14 +177,10 @@ class QmpTracker(Tracker):
     kind = "qmp"
 
     def _qmp(self, command, **args):
-        with self.source.qmp() as q:
-            return q.execute(command, node=self.source.node, **args)
+        return self.source.bitmap_command(command, **args)
 
     def bitmaps(self):
-        from ..transport.qemu import node_bitmaps
-
-        with self.source.qmp() as q:
-            return node_bitmaps(q, self.source.node)
+        return self.source.bitmaps()
 
     @staticmethod
     def problem(info):

@@ -8,7 +8,7 @@ import contextlib
 import os
 
 from ..engine import names
-from ..errors import PydrError, UnsupportedFile
+from ..errors import UnsupportedFile
 from .base import Endpoint, InProcess
 from .local import LocalEndpoint
 
@@ -99,13 +99,9 @@ class QemuImageEndpoint(LocalEndpoint):
                 raise FileNotFoundError(2, "disk image not found", path)
             qemu_img("create", "-q", "-f", self.format, path, str(size), path=path)
         with QemuNbd(path, self.format, read_only=not write, bitmap=bitmap) as server:
-            try:
-                dev = NbdDevice(server.uri, name=path, write=write, bitmap=bitmap,
-                                journal=names.beside(path, names.UNDO), lock=path)
-            except (OSError, PydrError):
-                server.proc.wait(timeout=10)  # it is exiting: say why, not "refused"
-                server.check()
-                raise
+            dev = server.connect(lambda uri: NbdDevice(
+                uri, name=path, write=write, bitmap=bitmap,
+                journal=names.beside(path, names.UNDO), lock=path))
             with dev:
                 if write and size is not None and dev.size != size:
                     raise UnsupportedFile(f"the {self.format} image is {dev.size} bytes and the "
@@ -116,6 +112,20 @@ class QemuImageEndpoint(LocalEndpoint):
     def size(self):
         with self.engine_disk() as dev:
             return dev.size
+
+    # -- persistent dirty bitmaps (changed-block tracking, pydr.dr.tracking) ---------
+    def bitmaps(self):
+        """{name: flags} of the image's persistent dirty bitmaps."""
+        from ..transport.qemu import bitmaps
+
+        return bitmaps(self.path)
+
+    def bitmap(self, *operations, name):
+        """qemu-img bitmap OPERATIONS (--add, --enable, --disable, --remove,
+        --merge SOURCE) on the bitmap `name`; the image must not be in use."""
+        from ..transport.qemu import qemu_img
+
+        qemu_img("bitmap", *operations, "-f", self.format, self.path, name, path=self.path)
 
     def snapshot(self):
         return None  # a reflink clone of a QEMU image is not a point-in-time disk of its own
@@ -212,6 +222,18 @@ class QmpEndpoint(InProcess, Endpoint):
                     yield dev
             finally:
                 fleece.close()
+
+    def bitmaps(self):
+        """{name: info} of the node's dirty bitmaps (recording, busy, count, ...)."""
+        from ..transport.qemu import node_bitmaps
+
+        with self.qmp() as q:
+            return node_bitmaps(q, self.node)
+
+    def bitmap_command(self, command, **arguments):
+        """A block-dirty-bitmap-* QMP command on this node."""
+        with self.qmp() as q:
+            return q.execute(command, node=self.node, **arguments)
 
     def exists(self):
         from ..transport.qemu import node_size

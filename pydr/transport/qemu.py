@@ -139,6 +139,25 @@ class QemuNbd:
     def uri(self):
         return f"nbd+unix:///?socket={self.socket}"
 
+    def connect(self, opener):
+        """opener(uri), retried while the socket refuses: its file exists
+        from bind() on, before qemu-nbd listens. What made qemu-nbd exit,
+        if it did, is raised instead of "connection refused"."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                return opener(self.uri)
+            except ConnectionRefusedError:
+                self.check()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+            except (OSError, PydrError):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=1)  # exiting? then say why
+                self.check()
+                raise
+
     def close(self):
         if self.proc.poll() is None:
             self.proc.terminate()

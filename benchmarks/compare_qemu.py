@@ -1,0 +1,207 @@
+"""Side by side: QEMU disks through NBD, and cycles with changed-block tracking.
+
+    python benchmarks/compare_qemu.py [--dir DIR] [--size 16G] [--sign-size 4G] [--repeat 3]
+
+Part 1 -- changed-block tracking. A qcow2 image of --size with half of it
+allocated (random data) is protected twice, in two vaults: once with --cbt
+(cycles read the extents of a QEMU dirty bitmap) and once without (cycles
+read the whole source and compare it with the replica's signature cache).
+Each round writes 0.1% or 1% of the disk in 64 KiB pieces through a writable
+qemu-nbd (so the persistent bitmap records them), then runs one cycle of each
+vault as a whole `pydr replicate` process. Also a tracked cycle with nothing
+changed: the constant cost of a cycle.
+
+Part 2 -- reading through NBD. `pydr signature` of a raw image of
+--sign-size, directly and through a read-only qemu-nbd on a unix socket, and
+`nbdcopy EXPORT null:` on the same export. Whole processes, interleaved,
+warm page cache, medians. Prints Markdown for README.md.
+"""
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+MiB = 1 << 20
+
+
+def run(cmd, **kw):
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kw)
+    return time.perf_counter() - t
+
+
+def parse_size(text):
+    return int(text[:-1]) << {"M": 20, "G": 30}[text[-1].upper()]
+
+
+def make_qcow2(path, size, seed=1):
+    """`size` bytes, half of them random data in 4 MiB runs every 8 MiB."""
+    import numpy as np
+
+    raw = path + ".raw"
+    rng = np.random.default_rng(seed)
+    with open(raw, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, 8 * MiB):
+            f.seek(off)
+            f.write(rng.integers(0, 256, 4 * MiB, dtype=np.uint8).tobytes())
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path], check=True)
+    os.unlink(raw)
+
+
+class WritableExport:
+    """A writable qemu-nbd of the image, to write to it as a guest would."""
+
+    def __init__(self, image, workdir):
+        self.sock = os.path.join(workdir, "writer.sock")
+        self.proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", self.sock, "-t", image])
+        while not os.path.exists(self.sock):
+            time.sleep(0.01)
+        from pydr.engine.bindings import NbdHandle
+
+        self.h = NbdHandle(f"nbd+unix:///?socket={self.sock}", write=True)
+
+    def scribble(self, size, fraction, seed):
+        rng = random.Random(seed)
+        n = max(1, int(size * fraction) // (64 << 10))
+        payload = os.urandom(64 << 10)
+        from pydr.engine.bindings import ffi, lib
+
+        err = ffi.new("uint64_t *")
+        for _ in range(n):
+            off = rng.randrange(size // (64 << 10)) * (64 << 10)
+            lib.pydr_nbd_pwrite(self.h._ptr, ffi.from_buffer(payload), len(payload), off, err)
+        self.h.flush()
+        return n * (64 << 10)
+
+    def close(self):
+        self.h.close()
+        self.proc.terminate()  # a clean exit stores the persistent bitmap
+        self.proc.wait()
+        os.unlink(self.sock) if os.path.exists(self.sock) else None
+
+
+def cbt_part(args, pydr):
+    d = os.path.join(args.dir, "cbt")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    size = parse_size(args.size)
+    image = os.path.join(d, "vm.qcow2")
+    print(f"making a {args.size} qcow2 image, half allocated ...", file=sys.stderr)
+    make_qcow2(image, size)
+    vaults = {}
+    for mode in ("cbt", "full"):
+        v = os.path.join(d, f"vault-{mode}")
+        subprocess.run([pydr, "vault", "init", v], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([pydr, "protect", "vm", "--disk", f"{image}={d}/replica-{mode}.img",
+                        "--vault", v] + (["--cbt"] if mode == "cbt" else []), check=True,
+                       stdout=subprocess.DEVNULL)
+        print(f"initial copy ({mode}) ...", file=sys.stderr)
+        subprocess.run([pydr, "replicate", "vm", "--vault", v], check=True,
+                       stdout=subprocess.DEVNULL)
+        vaults[mode] = v
+    times = {}
+    for frac in (0.0, 0.001, 0.01):
+        for rnd in range(args.repeat):
+            changed = 0
+            if frac:
+                w = WritableExport(image, d)
+                changed = w.scribble(size, frac, seed=int(frac * 1e6) + rnd)
+                w.close()
+            order = ("cbt", "full") if rnd % 2 == 0 else ("full", "cbt")
+            for mode in order:
+                if mode == "full" and not frac:
+                    continue
+                t = run([pydr, "replicate", "vm", "--vault", vaults[mode]])
+                times.setdefault((mode, frac), []).append(t)
+            times.setdefault(("changed", frac), []).append(changed)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n### Changed-block tracking: a {args.size} qcow2 disk, "
+          f"{size // 2 >> 30} GiB allocated, medians of {args.repeat}\n")
+    print("| changed | cycle with --cbt (s) | cycle comparing the whole disk (s) | speed-up |")
+    print("|---|---:|---:|---:|")
+    const = med[("cbt", 0.0)]
+    print(f"| nothing | {const:.3f} | | |")
+    for frac in (0.001, 0.01):
+        c, f = med[("cbt", frac)], med[("full", frac)]
+        print(f"| {frac * 100:g}% ({med[('changed', frac)] / MiB:.0f} MiB) | {c:.3f} | {f:.3f} | "
+              f"{f / c:.1f}x |")
+    small, big = (med[("cbt", f)] - const for f in (0.001, 0.01))
+    per = [(med[("cbt", f)] - const) / med[("changed", f)] for f in (0.001, 0.01)]
+    print(f"\nConstant (a tracked cycle with nothing changed): {const:.3f} s. "
+          f"Time above it: {small:.3f} s at 0.1%, {big:.3f} s at 1% "
+          f"({big / small if small > 0 else float('inf'):.1f}x for 10x the change; per MiB "
+          f"{per[0] * MiB * 1e3:.1f} and {per[1] * MiB * 1e3:.1f} ms: ratio "
+          f"{max(per) / min(per) if min(per) > 0 else float('inf'):.2f}).")
+
+
+def sign_part(args, pydr):
+    d = os.path.join(args.dir, "sign")
+    os.makedirs(d, exist_ok=True)
+    size = parse_size(args.sign_size)
+    image = os.path.join(d, f"dense-{size >> 20}M.img")
+    if not os.path.exists(image) or os.path.getsize(image) != size:
+        from pydr.engine.sample import make_image
+
+        print(f"making a {args.sign_size} raw image ...", file=sys.stderr)
+        make_image(image, size, seed=1, allocated=1.0)
+    with open(image, "rb") as f:
+        while f.readinto(bytearray(16 << 20)):
+            pass
+    sock = os.path.join(d, "export.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    server = subprocess.Popen(["qemu-nbd", "-r", "-f", "raw", "-k", sock, "-t", "-e", "8",
+                               "--cache", "writeback", image])
+    while not os.path.exists(sock):
+        time.sleep(0.01)
+    uri = f"nbd+unix:///?socket={sock}"
+    out = os.path.join(d, "out.sig")
+    cases = [("`pydr signature FILE`", [pydr, "signature", image, "-o", out, "-q"]),
+             ("`pydr signature nbd+unix://...`", [pydr, "signature", uri, "-o", out, "-q"]),
+             ("`nbdcopy nbd+unix://... null:`", ["nbdcopy", uri, "null:"])]
+    samples = {name: [] for name, _ in cases}
+    try:
+        for _ in range(args.repeat + 2):
+            for name, cmd in cases:
+                samples[name].append(run(cmd))
+    finally:
+        server.terminate()
+        server.wait()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    gib = size / (1 << 30)
+    print(f"\n### Signing a {args.sign_size} raw image, directly and through qemu-nbd on a unix "
+          f"socket, medians of {args.repeat + 2}\n")
+    print("| command | median s | GiB/s |")
+    print("|---|---:|---:|")
+    for name, t in med.items():
+        print(f"| {name} | {t:.3f} | {gib / t:.2f} |")
+    direct, nbd = med["`pydr signature FILE`"], med["`pydr signature nbd+unix://...`"]
+    print(f"\nThrough NBD / direct: {direct / nbd:.2f}x the speed (target: at least 0.5x); "
+          f"nbdcopy to null: {med['`nbdcopy nbd+unix://... null:`']:.3f} s.")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default=os.environ.get("PYDR_BENCH_DIR", "/tmp/pydr-bench"))
+    ap.add_argument("--size", default="16G")
+    ap.add_argument("--sign-size", default="4G")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", choices=("cbt", "sign"))
+    args = ap.parse_args()
+    pydr = shutil.which("pydr") or sys.exit("pydr is not on PATH")
+    os.makedirs(args.dir, exist_ok=True)
+    if args.only != "cbt":
+        sign_part(args, pydr)
+    if args.only != "sign":
+        cbt_part(args, pydr)
+
+
+if __name__ == "__main__":
+    main()
