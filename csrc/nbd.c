@@ -28,6 +28,8 @@
 #define NBD_CHUNK (2u << 20)      /* bytes per read request                  */
 #define NBD_IN_FLIGHT 8           /* read requests in flight while signing   */
 #define NBD_STATUS_SPAN (1u << 30) /* bytes asked per block-status request   */
+#define NBD_STATUS_MIN (8u << 20)  /* shorter ranges are read, not asked about:
+                                      a round trip costs more than the read */
 
 struct pydr_nbd {
     struct nbd_handle *h;
@@ -328,7 +330,8 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
     uint64_t zero_hash[2];
     if (!rc) {
         k->hash(algorithm, zero_block, block_size, zero_hash);
-        zero_blocks_from(n, offset, offset + length, block_size, skip, scratch, 4096, &rc);
+        if (length >= NBD_STATUS_MIN)
+            zero_blocks_from(n, offset, offset + length, block_size, skip, scratch, 4096, &rc);
     }
     /* blocks to read, as runs of at most `chunk` bytes, several in flight */
     int64_t cookies[NBD_IN_FLIGHT];

@@ -212,7 +212,8 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
             crashpoints.reached("cycle.disk")
             per_item_bytes[name] += moved
             totals["written"] += moved
-            totals["read"] += read or sizes[d["source"]]  # 0: read on the source's host
+            # 0 is "read on the source's host", unless a tracker said nothing changed
+            totals["read"] += read if read or extents is not None else sizes[d["source"]]
             done_before += sizes[d["source"]]
             for number, spec, size in steps:
                 vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)", (name, idx, number, spec,

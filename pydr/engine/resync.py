@@ -18,7 +18,7 @@ from . import crashpoints
 from . import journal as J
 from .parallel import check_threads
 from .apply import Applier
-from .delta import changed_extents as extents_between, encode_buffer, write_records
+from .delta import BATCH_BYTES, changed_extents as extents_between, encode_buffer, write_records
 from ..errors import BaseMismatch, SameFile
 from .progress import Record, Throttle
 from .signatures import Signature, blocks_for
@@ -153,7 +153,8 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             shared = B.Progress()
             dst_read = B.Progress()
             seq = [0]
-            encode_buf = encode_buffer()
+            encode_buf = None  # 32 MiB, made when first needed: a quiet cycle needs none
+            pending = _Batcher(applier)
             changed_blocks = 0
             written = []  # (offset, length, digest) for verify
             span_i = 0
@@ -170,67 +171,66 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                         k += 1
                     if not subs and writer is None:
                         continue
-                win_h = win_z = None
-                if writer is not None and spans is not None:
-                    # blocks outside the spans did not change: keep their cached hashes
-                    nw = blocks_for(w1 - w0, block_size)
-                    win_h, win_z = cached.read(w0 // block_size, nw)
-                    win_h += bytes(16 * nw - len(win_h))
-                    win_z += bytes(nw - len(win_z))
+                # one signature pair for the whole window: blocks outside the
+                # changed spans get the target's hashes on both sides (so they
+                # compare equal), and the window is compared and encoded in one
+                # pass however many short spans a tracker reported
+                n = blocks_for(w1 - w0, block_size)
+                # whole blocks of the target: where it is longer than the source,
+                # its block at the source's end is hashed over its full length,
+                # as apply reads it
+                d1 = min(dst_size, -(-w1 // block_size) * block_size) if w0 < dst_size else w0
+                m = blocks_for(d1 - w0, block_size)
+                if cached is not None:
+                    dst_h, dst_z = cached.read(w0 // block_size, m)
+                    dst_h += bytes(16 * m - len(dst_h))
+                    dst_z = bytearray(dst_z) + bytes(m - len(dst_z))
+                else:
+                    dst_h, dst_z = bytearray(16 * m), bytearray(m)
+                k = min(n, m)
+                src_h = bytearray(dst_h[:16 * k]) + bytes(16 * (n - k))
+                src_z = bytearray(dst_z[:k]) + bytes(n - k)
                 for s0, s1 in subs:
-                    n = blocks_for(s1 - s0, block_size)
-                    src_h, src_z = bytearray(16 * n), bytearray(n)
-                    source.sign(s0, s1 - s0, block_size, code, src_h, src_z, threads=threads,
-                                progress_record=shared, throttle=throttle, cancel=cancel,
-                                final_report=False)
-                    src_sig = Signature(block_size, s1 - s0, "xxh3-128", src_h, src_z)
-                    # whole blocks of the target: where it is longer than the source,
-                    # its block at the source's end is hashed over its full length,
-                    # as apply reads it
-                    d1 = min(dst_size, -(-s1 // block_size) * block_size) if s0 < dst_size else s0
-                    m = blocks_for(d1 - s0, block_size)
-                    if cached is not None:
-                        dst_h, dst_z = cached.read(s0 // block_size, m)
-                    else:
-                        dst_h, dst_z = bytearray(16 * m), bytearray(m)
-                        if m:
-                            applier.dev.sign(s0, d1 - s0, block_size, code, dst_h, dst_z,
+                    b0, nb = (s0 - w0) // block_size, blocks_for(s1 - s0, block_size)
+                    with memoryview(src_h) as h, memoryview(src_z) as z:
+                        source.sign(s0, s1 - s0, block_size, code, h[16 * b0:16 * (b0 + nb)],
+                                    z[b0:b0 + nb], threads=threads, progress_record=shared,
+                                    throttle=throttle, cancel=cancel, final_report=False)
+                    t1 = min(d1, -(-s1 // block_size) * block_size)
+                    if cached is None and s0 < t1:
+                        mb = blocks_for(t1 - s0, block_size)
+                        with memoryview(dst_h) as h, memoryview(dst_z) as z:
+                            applier.dev.sign(s0, t1 - s0, block_size, code,
+                                             h[16 * b0:16 * (b0 + mb)], z[b0:b0 + mb],
                                              threads=threads, progress_record=dst_read,
                                              throttle=Throttle(None, "resync", applier.target, 0),
                                              cancel=cancel, final_report=False)
-                    dst_sig = Signature(block_size, d1 - s0, "xxh3-128", dst_h, dst_z)
-                    cmp = compare_window(src_sig, dst_sig, s0, block_size)
-                    if cmp:
-                        ext, zero, digests, blocks = cmp
-                        changed_blocks += blocks
-                        if verify:
-                            rel = ext.copy()
-                            rel[0::2] -= np.uint64(s0)
-                            src_d = B.hashes_digest_ranges(src_sig.hashes, n, block_size, rel)
-                            written += [(int(ext[2 * i]), int(ext[2 * i + 1]),
-                                         bytes(src_d[16 * i:16 * i + 16])) for i in range(len(zero))]
-
-                        def emit(chunk):
-                            _, count, bound, _ = B.records_scan(chunk)
-                            applier.submit(chunk, bound, count)
-
-                        # read_hashes: src_h gets the hashes of the blocks as read now,
-                        # which is what the target receives (the source may have changed
-                        # since it was signed); the signature cache is made from src_h
-                        count, _, _ = write_records(
-                            source, ext, zero, digests, emit, first_seq=seq[0],
-                            buf=encode_buf, read_hashes=(block_size, src_sig.hashes, s0 // block_size))
-                        seq[0] += count
-                    if writer is not None:
-                        if win_h is None:
-                            win_h, win_z = src_h, src_z
-                        else:
-                            b = (s0 - w0) // block_size
-                            win_h[16 * b:16 * (b + n)] = src_h
-                            win_z[b:b + n] = src_z
                     throttle.report(shared.done, shared.read)
+                src_sig = Signature(block_size, w1 - w0, "xxh3-128", src_h, src_z)
+                dst_sig = Signature(block_size, d1 - w0, "xxh3-128", dst_h, dst_z)
+                cmp = compare_window(src_sig, dst_sig, w0, block_size) if subs else None
+                if cmp:
+                    ext, zero, digests, blocks = cmp
+                    changed_blocks += blocks
+                    if verify:
+                        rel = ext.copy()
+                        rel[0::2] -= np.uint64(w0)
+                        src_d = B.hashes_digest_ranges(src_sig.hashes, n, block_size, rel)
+                        written += [(int(ext[2 * i]), int(ext[2 * i + 1]),
+                                     bytes(src_d[16 * i:16 * i + 16])) for i in range(len(zero))]
+                    if encode_buf is None:
+                        encode_buf = encode_buffer()
+                    # read_hashes: src_h gets the hashes of the blocks as read now,
+                    # which is what the target receives (the source may have changed
+                    # since it was signed); the signature cache is made from src_h
+                    count, _, _ = write_records(
+                        source, ext, zero, digests, pending.add, first_seq=seq[0],
+                        buf=encode_buf, read_hashes=(block_size, src_sig.hashes, w0 // block_size))
+                    seq[0] += count
+                win_h, win_z = src_h, src_z
                 if writer is not None:
                     writer.write(win_h, win_z)
+            pending.flush()
             if verify:
                 applier.drain()
                 _verify_written(applier, written, block_size)
@@ -252,6 +252,34 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     throttle.report(total, shared.read, finished=True)
     return ResyncStats(int(bytes_read), int(st.data_bytes), int(st.zero_bytes), changed_blocks,
                        time.monotonic() - start, applier.journal.bytes, cached is not None, src_size)
+
+
+class _Batcher:
+    """Gathers the records of many small changed spans into batches of about
+    BATCH_BYTES: each batch costs one durable journal write, so a tracker's
+    thousands of short extents must not each pay for one."""
+
+    def __init__(self, applier):
+        self.applier = applier
+        self.buf = bytearray()
+        self.bound = self.count = 0
+
+    def add(self, chunk):
+        _, count, bound, _ = B.records_scan(chunk)
+        if not self.buf and len(chunk) >= BATCH_BYTES:  # a full batch already
+            self.applier.submit(chunk, bound, count)
+            return
+        self.buf += chunk
+        self.bound += bound
+        self.count += count
+        if len(self.buf) >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self):
+        if self.count:
+            self.applier.submit(self.buf, self.bound, self.count)
+        self.buf = bytearray()
+        self.bound = self.count = 0
 
 
 def _verify_written(applier, written, block_size):
