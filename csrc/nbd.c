@@ -119,6 +119,28 @@ static int nbd_dev_zero(const pydr_dev *d, uint64_t off, uint64_t len, uint64_t 
     return 0;
 }
 
+/* An additional connection, given up if the server does not start its
+ * handshake: it is at its client limit (qemu-nbd --shared) and would
+ * leave us waiting until another client leaves. */
+static int connect_extra(struct nbd_handle *h, const char *uri)
+{
+    if (nbd_aio_connect_uri(h, uri) == -1)
+        return fail(ECONNREFUSED);
+    int idle_ms = 0;
+    while (nbd_aio_is_connecting(h) == 1) {
+        int r = nbd_poll(h, 100);
+        if (r == -1)
+            return fail(ECONNREFUSED);
+        if (r == 0 && (idle_ms += 100) >= PYDR_NBD_EXTRA_WAIT_MS) {
+            snprintf(last_error, sizeof last_error, "the NBD server takes no more clients");
+            return -EAGAIN;
+        }
+    }
+    if (nbd_aio_is_ready(h) != 1)
+        return fail(ECONNREFUSED);
+    return 0;
+}
+
 int pydr_nbd_open(pydr_nbd **out, const char *uri, const char *bitmap, unsigned flags)
 {
     *out = NULL;
@@ -140,8 +162,10 @@ int pydr_nbd_open(pydr_nbd **out, const char *uri, const char *bitmap, unsigned 
         if (nbd_add_meta_context(n->h, context) == -1)
             rc = fail(0);
     }
-    if (!rc && nbd_connect_uri(n->h, uri) == -1)
+    if (!rc && !(flags & PYDR_NBD_EXTRA) && nbd_connect_uri(n->h, uri) == -1)
         rc = fail(ECONNREFUSED);
+    if (!rc && (flags & PYDR_NBD_EXTRA))
+        rc = connect_extra(n->h, uri);
     if (!rc && (flags & PYDR_NBD_WRITE) && nbd_is_read_only(n->h) == 1) {
         snprintf(last_error, sizeof last_error, "the NBD export is read-only");
         rc = -EROFS;

@@ -257,6 +257,12 @@ PYDR_API int pydr_start_writeback(int fd);
 typedef struct pydr_nbd pydr_nbd;
 
 #define PYDR_NBD_WRITE 1u               /* the export must be writable      */
+#define PYDR_NBD_EXTRA 2u               /* one more connection to a server:
+                                           -EAGAIN if its handshake has not
+                                           begun in PYDR_NBD_EXTRA_WAIT_MS (a
+                                           server at its client limit leaves
+                                           it waiting for good)              */
+#define PYDR_NBD_EXTRA_WAIT_MS 2000
 #define PYDR_NBD_CAN_FLUSH 1
 #define PYDR_NBD_CAN_ZERO 2
 #define PYDR_NBD_CAN_MULTI_CONN 3

@@ -374,11 +374,13 @@ def _nbd_fail(rc, name, offset=None):
 class NbdHandle:
     """One connection to an NBD export; use from one thread at a time."""
 
-    def __init__(self, uri, *, name=None, bitmap=None, write=False):
+    def __init__(self, uri, *, name=None, bitmap=None, write=False, extra=False):
+        """extra: one more connection to a server we hold one to already;
+        BlockingIOError (EAGAIN) if the server takes no more clients."""
         self.name = name or uri
         out = ffi.new("pydr_nbd **")
-        rc = lib.pydr_nbd_open(out, uri.encode(), bitmap.encode() if bitmap else ffi.NULL,
-                               lib.PYDR_NBD_WRITE if write else 0)
+        flags = (lib.PYDR_NBD_WRITE if write else 0) | (lib.PYDR_NBD_EXTRA if extra else 0)
+        rc = lib.pydr_nbd_open(out, uri.encode(), bitmap.encode() if bitmap else ffi.NULL, flags)
         if rc:
             _nbd_fail(rc, self.name)
         self._ptr = ffi.gc(out[0], lib.pydr_nbd_free)

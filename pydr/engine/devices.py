@@ -19,6 +19,10 @@ from . import bindings as B
 
 JOURNAL_DIR = "/var/lib/pydr/journal"
 SIGN_WINDOW = 256 << 20  # an NBD export is signed this much at a time
+# connections that sign one export side by side where the server offers
+# multi-conn. Each costs a server thread and a client thread: on 2 cores one
+# connection was fastest (2.6 s for 4 GiB against 3.1 s with two or four)
+NBD_CONNECTIONS = max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
 def journal_dir():
@@ -128,6 +132,9 @@ class NbdDevice:
         self.bitmap = bitmap
         self._journal = journal
         self._lock_fd = None
+        # read connections beside self.handle (a writer uses only its own)
+        self._extra = None if write else []
+        self._extra_full = False
 
     @property
     def journal_path(self):
@@ -157,23 +164,73 @@ class NbdDevice:
 
     def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
              progress_record, throttle, cancel=None, use_mmap=True, final_report=True):
-        """Signs window by window (progress and cancellation between them);
-        the reads in flight give the parallelism, so `threads` is not used."""
+        """Signs window by window (progress and cancellation between them).
+        Each connection keeps several reads in flight; where the server
+        offers multi-conn, up to NBD_CONNECTIONS sign windows side by side.
+        `threads` is not used."""
+        import threading
+
         from .signatures import blocks_for
 
         step = max(block_size, SIGN_WINDOW // block_size * block_size)
+        windows = [(w0, min(length, w0 + step)) for w0 in range(0, length, step)]
+        handles = self._readers(min(NBD_CONNECTIONS, len(windows)))
+        failure, lock = [], threading.Lock()
+
         with B.OutputBuffers(hashes, zero_mask, B.hash_words(code)) as out:
-            for w0 in range(0, length, step):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("cancelled", path=self.name)
-                w1 = min(length, w0 + step)
-                h, z = out.at(w0 // block_size)
-                self.handle.sign(offset + w0, w1 - w0, block_size, code, h, z,
-                                 blocks_for(w1 - w0, block_size), progress_record)
-                throttle.report(progress_record.done, progress_record.read)
+            def work(handle):
+                while not failure:
+                    with lock:
+                        if not windows:
+                            return
+                        w0, w1 = windows.pop(0)
+                    if cancel is not None and cancel.is_set():
+                        failure.append(Cancelled("cancelled", path=self.name))
+                        return
+                    h, z = out.at(w0 // block_size)
+                    try:
+                        handle.sign(offset + w0, w1 - w0, block_size, code, h, z,
+                                    blocks_for(w1 - w0, block_size), progress_record)
+                    except BaseException as exc:  # raised again in the caller's thread
+                        failure.append(exc)
+                        return
+                    if len(handles) == 1:
+                        throttle.report(progress_record.done, progress_record.read)
+
+            if len(handles) == 1:
+                work(handles[0])
+            else:
+                workers = [threading.Thread(target=work, args=(h,), daemon=True,
+                                            name="pydr-nbd-sign") for h in handles]
+                for t in workers:
+                    t.start()
+                for t in workers:
+                    while t.is_alive():
+                        t.join(0.1)
+                        throttle.report(progress_record.done, progress_record.read)
+        if failure:
+            raise failure[0]
         if final_report:
             throttle.report(progress_record.done, progress_record.read, finished=True)
         return 1
+
+    @property
+    def connections(self):
+        """Connections open to the server (signing opens more, see sign)."""
+        return 1 + len(self._extra or ())
+
+    def _readers(self, count):
+        """This device's connection and up to count-1 more, kept for later
+        calls; more only where the server offers multi-conn, and as many as
+        it takes."""
+        if count <= 1 or self._extra is None or not self.handle.can("multi-conn"):
+            return [self.handle]
+        while not self._extra_full and len(self._extra) < count - 1:
+            try:
+                self._extra.append(B.NbdHandle(self.uri, name=self.name, extra=True))
+            except BlockingIOError:  # at its client limit: sign with what we have
+                self._extra_full = True
+        return [self.handle] + self._extra[:count - 1]
 
     def extents(self, offset, length, *, dirty=False):
         return self.handle.extents(offset, length, dirty=dirty)
@@ -209,6 +266,9 @@ class NbdDevice:
 
     def close(self):
         self.handle.close()
+        for extra in self._extra or ():
+            extra.close()
+        self._extra = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

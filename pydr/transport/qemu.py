@@ -105,7 +105,7 @@ class QemuNbd:
         self.dir = tempfile.mkdtemp(prefix="pydr-qemu-")
         self.socket = os.path.join(self.dir, "nbd.sock")
         # writes are made durable by NBD flushes (pydr flushes before it commits)
-        cmd = [tool("qemu-nbd"), "--format", fmt, "--socket", self.socket, "--shared", "4",
+        cmd = [tool("qemu-nbd"), "--format", fmt, "--socket", self.socket, "--shared", "8",
                "--cache", "writeback"]
         cmd += ["--read-only"] if read_only else ["--discard", "unmap"]
         if bitmap:

@@ -48,9 +48,9 @@ def qemu_nbd(tmp_path):
     (image, fmt, read_only) -> URI; stops them all afterwards."""
     procs = []
 
-    def start(image, fmt="raw", read_only=True):
+    def start(image, fmt="raw", read_only=True, shared=4):
         sock = tmp_path / f"nbd{len(procs)}.sock"
-        cmd = ["qemu-nbd", "-f", fmt, "-k", str(sock), "-t", "-e", "4", str(image)]
+        cmd = ["qemu-nbd", "-f", fmt, "-k", str(sock), "-t", "-e", str(shared), str(image)]
         procs.append(subprocess.Popen(cmd + (["-r"] if read_only else []),
                                       stderr=subprocess.PIPE))
         for _ in range(400):  # until it listens
@@ -120,6 +120,37 @@ def test_an_nbd_export_signs_like_the_file_and_skips_its_holes(tmp_path, qemu_nb
     res = json.loads(r.stdout)
     assert pydr.Signature.load(out) == pydr.signature(img, block_size=4096)
     assert res["bytes_read"] == 12 * MiB  # the holes came from block status, unread
+
+
+@pytest.mark.parametrize("shared, connections", [(8, 3), (2, 2)])
+def test_multi_conn_signs_windows_side_by_side_within_the_servers_limit(
+        tmp_path, qemu_nbd, shared, connections, monkeypatch):
+    """A read-only qemu-nbd offers multi-conn: a 600 MiB export (three
+    signing windows) is signed over three connections; a server that takes
+    two clients gets two (the third connection is given up, not waited on
+    for good), and the signature is the file's either way."""
+    from pydr.engine import bindings as B, devices
+    from pydr.engine.devices import NbdDevice
+    from pydr.engine.progress import Throttle
+
+    monkeypatch.setattr(devices, "NBD_CONNECTIONS", 4)  # the default follows the cores
+    img = tmp_path / "wide.img"
+    rng = random.Random(shared)
+    with open(img, "wb") as f:
+        f.truncate(600 * MiB)
+        for mib in range(0, 600, 37):
+            f.seek(mib * MiB)
+            f.write(rng.randbytes(MiB))
+    uri = qemu_nbd(img, shared=shared)
+    with NbdDevice(uri) as dev:
+        assert dev.handle.can("multi-conn")
+        n = dev.size // 4096
+        h, z = bytearray(16 * n), bytearray(n)
+        dev.sign(0, dev.size, 4096, B.ALGORITHMS["xxh3-128"], h, z, threads=1,
+                 progress_record=B.Progress(), throttle=Throttle(None, "sign", uri, 0))
+        assert dev.connections == connections
+    got = pydr.Signature(4096, 600 * MiB, "xxh3-128", h, z)
+    assert got == pydr.signature(img, block_size=4096)
 
 
 def test_an_nbd_export_as_a_resync_target_under_the_journal(tmp_path, qemu_nbd):
