@@ -79,6 +79,28 @@ def holes(tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def xfs_dir(tmp_path):
+    """A 1 GiB XFS file system with reflink on a loop device, mounted (the
+    tests run as root: .ci/run); unmounted afterwards."""
+    import shutil
+
+    if not shutil.which("mkfs.xfs"):
+        pytest.fail("mkfs.xfs is missing: scripts/bootstrap installs xfsprogs")
+    img, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
+    with open(img, "wb") as f:
+        f.truncate(1 << 30)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.fail(f"cannot mount a loop device (the tests run as root): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
 def sha(path):
     """SHA-256 of a file (to compare images)."""
     import hashlib

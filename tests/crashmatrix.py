@@ -41,9 +41,10 @@ class Scenario:
 
     remote = False  # the kill may land in the server: the client then fails on its own
 
-    def __init__(self, name, prepare, command, check, remote=False):
+    def __init__(self, name, prepare, command, check, remote=False, fs=None):
         self.name, self.prepare, self.command, self.check = name, prepare, command, check
         self.remote = remote
+        self.fs = fs  # "xfs": the work directory is on XFS with reflink
 
 
 def run(args, work, extra_env=None):

@@ -83,6 +83,32 @@ def add_progress(p):
                    help="draw a progress bar on stderr (default: when stderr is a terminal)")
 
 
+def add_method(p, *, change_point=False):
+    """How a point's disks are made: --as qcow2, --copy or --reflink."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--as", dest="as_format", choices=("raw", "qcow2"), default=None,
+                   help="qcow2: each disk is a qcow2 overlay backed by the replica "
+                        "(its baseline after a failover) that holds only the blocks that "
+                        "differ, on any file system; for VMs QEMU runs. raw (default): a "
+                        "raw disk, cloned (reflink) where the file system can, else copied"
+                        + ("; by default as the failover made them" if change_point else ""))
+    g.add_argument("--copy", action="store_true",
+                   help="copy the disks even where the file system could clone them")
+    g.add_argument("--reflink", action="store_true",
+                   help="clone the disks (XFS with reflink=1, btrfs), or fail")
+    add_progress(p)
+
+
+def method_of(args, default="auto"):
+    if getattr(args, "as_format", None) == "qcow2":
+        return "qcow2"
+    if getattr(args, "copy", False):
+        return "copy"
+    if getattr(args, "reflink", False):
+        return "reflink"
+    return "auto" if getattr(args, "as_format", None) == "raw" else default
+
+
 def add_output_options(p):
     """-q and --progress: what a long command shows while it works."""
     p.add_argument("-q", "--quiet", action="store_true",

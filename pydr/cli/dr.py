@@ -5,8 +5,8 @@ its result."""
 
 import argparse
 
-from .common import (POINT_HELP, add_item, add_vault_options, command, human_bytes,
-                     print_json)
+from .common import (POINT_HELP, add_item, add_method, add_vault_options, command, human_bytes,
+                     method_of, print_json, progress_bar)
 from .vault import open_vault, parse_disk
 
 
@@ -25,10 +25,16 @@ def _notes(result):
         print(f"  note: {n}")
 
 
+def _made(r):
+    return f" ({r['method']})" if r.get("method") else ""
+
+
 def cmd_test_failover(args):
-    r = _run(args, lambda v: v.test_failover(args.item, args.to, args.point))
+    with progress_bar("test-failover", args) as bar:
+        r = _run(args, lambda v: v.test_failover(args.item, args.to, args.point,
+                                                 method=method_of(args), progress=bar))
     if not args.json:
-        print(f"{args.item}: point {r['point']} materialised for the drill:")
+        print(f"{args.item}: point {r['point']} materialised for the drill{_made(r)}:")
         for p in r["paths"]:
             print(f"  {p}")
         _notes(r)
@@ -46,19 +52,23 @@ def cmd_cleanup_test_failover(args):
 
 
 def cmd_failover(args):
-    r = _run(args, lambda v: v.failover(args.item, args.point, planned=args.planned,
-                                        shutdown_hook=args.shutdown_hook))
+    with progress_bar("failover", args) as bar:
+        r = _run(args, lambda v: v.failover(args.item, args.point, planned=args.planned,
+                                            shutdown_hook=args.shutdown_hook,
+                                            method=method_of(args), progress=bar))
     if not args.json:
-        print(f"{args.item}: failed over to point {r['point']}; its replicas now hold that point "
-              f"(run 'pydr commit {args.item}' to make it final)")
+        print(f"{args.item}: failed over to point {r['point']}{_made(r)}; its replicas now hold "
+              f"that point (run 'pydr commit {args.item}' to make it final)")
         _notes(r)
     return 0
 
 
 def cmd_change_point(args):
-    r = _run(args, lambda v: v.change_point(args.item, args.point))
+    with progress_bar("change-point", args) as bar:
+        r = _run(args, lambda v: v.change_point(args.item, args.point,
+                                                method=method_of(args, None), progress=bar))
     if not args.json:
-        print(f"{args.item}: replicas now hold point {r['point']}")
+        print(f"{args.item}: replicas now hold point {r['point']}{_made(r)}")
         _notes(r)
     return 0
 
@@ -170,12 +180,20 @@ def register(sub):
         help="DR drill: materialise a point into a directory",
         description=("Write ITEM's disks as they were at a recovery point into DIR (named like the\n"
                      "replicas), without touching the replicas or stopping replication. Remove it\n"
-                     "with 'pydr cleanup-test-failover ITEM'. A drill never overwrites a file."),
+                     "with 'pydr cleanup-test-failover ITEM'. A drill never overwrites a file.\n"
+                     "Where DIR is on the replicas' file system and it clones files (XFS with\n"
+                     "reflink=1, btrfs), each disk is a reflink clone and costs what changed since\n"
+                     "the point; elsewhere a copy, with progress. --as qcow2 makes overlays backed\n"
+                     "by the replicas instead (any file system; replication of ITEM waits until\n"
+                     "the drill is cleaned up). The method used is printed and in --json."),
         examples=["pydr test-failover web --to /srv/drill/web",
                   "pydr test-failover web --to /srv/drill/web --point 12 --json",
+                  "pydr test-failover vm --to /srv/drill/vm --as qcow2   (then qemu -drive "
+                  "file=...,format=qcow2)",
                   "pydr test-failover db --to dr:/srv/drill/db     (replicas on host dr)"])
     p.add_argument("--to", required=True, metavar="DIR")
     p.add_argument("--point", default="latest-processed", metavar="P", help=POINT_HELP)
+    add_method(p)
     add_vault_options(p)
 
     p = _item_command(
@@ -193,13 +211,19 @@ def register(sub):
                      "point is used); 'latest-processed' takes the newest existing point. --planned\n"
                      "runs --shutdown-hook (which must succeed) and a final cycle: nothing is lost.\n"
                      "Until 'pydr commit', 'pydr change-point' can switch to another point. An\n"
-                     "interrupted failover is finished by running it again."),
+                     "interrupted failover is finished by running it again.\n"
+                     "Each replica moves aside as the baseline (.NAME.pydr-base) and the point is\n"
+                     "made from it: a reflink clone where the file system can (seconds, whatever\n"
+                     "the disk's size), a qcow2 overlay on the baseline with --as qcow2, else a\n"
+                     "copy. The method used is printed and in --json."),
         examples=["pydr failover web --planned --shutdown-hook 'ssh web poweroff'",
                   "pydr failover web --point latest-processed      (site A is gone)",
-                  "pydr failover web --point 12 --json"])
+                  "pydr failover vm --point 12 --as qcow2 --json",
+                  "pydr failover web --copy        (an independent copy even on XFS)"])
     p.add_argument("--point", default="latest", metavar="P", help=POINT_HELP)
     _add_planned(p)
     _add_shutdown_hook(p)
+    add_method(p)
     add_vault_options(p)
 
     p = _item_command(
@@ -207,16 +231,22 @@ def register(sub):
         help="after failover, switch the replicas to another point",
         description=("After a failover and before 'pydr commit': make the replica paths hold\n"
                      "another recovery point. Exact even after the failed-over machine wrote\n"
-                     "to its disks (the point is rebuilt from the untouched baseline)."),
-        examples=["pydr change-point web --point 11"])
+                     "to its disks (the point is rebuilt from the untouched baseline), by the\n"
+                     "method the failover used unless one is given."),
+        examples=["pydr change-point web --point 11",
+                  "pydr change-point vm --point 9 --as qcow2 --json"])
     p.add_argument("--point", required=True, metavar="P", help=POINT_HELP)
+    add_method(p, change_point=True)
     add_vault_options(p)
 
     p = _item_command(
         sub, "commit", cmd_commit, help="make a failover final (discards the recovery points)",
         description=("Make ITEM's failover final: the replica site is active (direction reverse);\n"
                      "the recovery points, their undo steps and the baselines are removed. Then\n"
-                     "'pydr reprotect ITEM' replicates the other way."),
+                     "'pydr reprotect ITEM' replicates the other way. A disk that is a qcow2\n"
+                     "overlay (failover --as qcow2) is flattened: its blocks are written into the\n"
+                     "baseline (qemu-img commit), which becomes the raw disk at the replica path;\n"
+                     "stop a VM that runs on it first."),
         examples=["pydr commit web && pydr reprotect web"])
     add_vault_options(p)
 

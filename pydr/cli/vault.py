@@ -2,9 +2,11 @@
 and materialize. Each opens the vault (pydr.dr.vault.Vault), makes one API
 call and presents the result."""
 
-from .common import (add_item, add_json, add_progress, add_remote_options, add_vault_options,
-                     command, human_bytes, parse_duration, positive_int, print_json,
-                     progress_bar, timestamp, vault_dir)
+import sys
+
+from .common import (add_item, add_json, add_method, add_progress, add_remote_options,
+                     add_vault_options, command, human_bytes, method_of, parse_duration,
+                     positive_int, print_json, progress_bar, timestamp, vault_dir)
 
 
 def open_vault(args, writer=False):
@@ -145,13 +147,17 @@ def cmd_jobs(args):
 
 
 def cmd_materialize(args):
-    with open_vault(args, writer=True) as v:
-        paths = v.materialize(args.item, args.point, args.to)
+    methods = []
+    with open_vault(args, writer=True) as v, progress_bar("materialize", args) as bar:
+        paths = v.materialize(args.item, args.point, args.to, method=method_of(args),
+                              progress=bar, methods=methods)
+    method = "+".join(sorted(set(methods)))
     if args.json:
-        print_json({"item": args.item, "point": args.point, "paths": paths})
+        print_json({"item": args.item, "point": args.point, "paths": paths, "method": method})
     else:
         for p in paths:
             print(p)
+        print(f"  ({method})", file=sys.stderr)
     return 0
 
 
@@ -256,12 +262,17 @@ def register(sub):
     p = command(
         sub, "materialize", help="write a recovery point's disks into a directory",
         description=("Write each disk of ITEM as it was at recovery point P into DIR, named like\n"
-                     "its replica. The replicas are not touched."),
+                     "its replica. The replicas are not touched. A reflink clone of the replica\n"
+                     "where DIR's file system can clone it, a qcow2 overlay on the replica with\n"
+                     "--as qcow2 (the replica must then stay as it is while the overlay is used),\n"
+                     "else a copy; the method is printed (on stderr) and in --json."),
         examples=["pydr materialize web --point 7 --to /tmp/web-at-7",
+                  "pydr materialize web --point 7 --to /tmp/web-at-7 --copy --json",
                   "pydr materialize db --point 3 --to dr:/srv/restore"],
         func=cmd_materialize)
     add_item(p)
     p.add_argument("--point", type=int, required=True, metavar="P")
     p.add_argument("--to", required=True, metavar="DIR",
                    help="a directory; host:DIR on the host that holds the item's replicas")
+    add_method(p)
     add_vault_options(p)

@@ -12,10 +12,43 @@ from .points import materialize_into, select_point
 SELECTORS = (None, "latest", "latest-processed", "latest-app-consistent")
 
 
-def test_failover(vault, name, directory, point=None):
-    """Drill: materialise a point into `directory` (a spec). Returns
-    {"item", "point", "paths", "notes"}. A drill that was interrupted is
-    finished by the same call; one that is complete is left as it is."""
+def method_flags(method):
+    """The command-line options that ask for `method`."""
+    return {"auto": "", "qcow2": " --as qcow2", "copy": " --copy", "reflink": " --reflink"}[method]
+
+
+def overlay_drill(vault, name):
+    """The first disk of a test failover of `name` that is a qcow2 overlay
+    backed by its replica itself (a drill made with --as qcow2), or None."""
+    row = vault.item(name)
+    if not row["test_dir"]:
+        return None
+    where = vault.endpoint(name, row["test_dir"])
+    for d in vault.disks(name):
+        replica = vault.endpoint(name, d["replica"])
+        disk = where.child(os.path.basename(replica.path))
+        if disk.exists() and disk.backing() == replica.path:
+            return disk
+    return None
+
+
+def check_no_overlay_drill(vault, name, what):
+    """Refuse to write to (or move) the replicas while a drill's qcow2
+    overlays read them as their backing files."""
+    disk = overlay_drill(vault, name)
+    if disk is not None:
+        raise InvalidState(f"the test failover of {name!r} is a qcow2 overlay on the replica "
+                           f"({disk}): {what} would change the drill's disks under it; run "
+                           f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
+
+
+def test_failover(vault, name, directory, point=None, *, method="auto", progress=None):
+    """Drill: materialise a point into `directory` (a spec) by `method`
+    ("auto": reflink where the file system can clone, else a copy; "qcow2":
+    overlays backed by the replicas, which then are not replicated to until
+    the drill is cleaned up; "copy"). Returns {"item", "point", "paths",
+    "method", "notes"}. A drill that was interrupted is finished by the same
+    call; one that is complete is left as it is."""
     row = vault.item(name)
     where = vault.endpoint(name, directory).spec
     notes = []
@@ -36,17 +69,23 @@ def test_failover(vault, name, directory, point=None):
                                path=vault.dir)
         pid = select_point(vault, name, point)
         # first: a killed drill is finished, or cleaned up, from this record
-        vault.begin(name, "test-failover", f"pydr test-failover {name} --to {where} --point {pid}",
-                    test_dir=where, test_point=pid)
+        vault.begin(name, "test-failover", f"pydr test-failover {name} --to {where} --point "
+                    f"{pid}{method_flags(method)}", test_dir=where, test_point=pid)
         crashpoints.reached("drill.recorded")
+    methods = []
 
     def run():
-        paths = materialize_into(vault, name, pid, where, drill=True)
+        paths = materialize_into(vault, name, pid, where, drill=True, method=method,
+                                 progress=progress, methods=methods)
+        # a resumed drill: also how the disks made before the kill were made
+        for m in filter(None, (vault.item(name)["test_method"] or "").split("+")):
+            vault.note_method(m)
         vault.end(name, "test-failover")
         return paths
 
     paths = vault.run_job("test-failover", name, run)
-    return {"item": name, "point": pid, "paths": paths, "notes": notes}
+    return {"item": name, "point": pid, "paths": paths,
+            "method": vault.item(name)["test_method"], "notes": notes}
 
 
 def cleanup_test_failover(vault, name):
@@ -67,7 +106,7 @@ def cleanup_test_failover(vault, name):
         # the disks, and what a killed drill left half-made beside them
         directory.remove_drill(disks + [d.sidecar(names.NEW) for d in disks])
         crashpoints.reached("drill.cleaned")
-        vault.end(name, "cleanup-test-failover", test_dir=None, test_point=None)
+        vault.end(name, "cleanup-test-failover", test_dir=None, test_point=None, test_method=None)
         return removed
 
     return {"item": name, "removed": vault.run_job("cleanup-test-failover", name, run), "notes": []}

@@ -23,6 +23,7 @@ import os
 from ..endpoints import remove_all
 from ..engine import crashpoints, names
 from ..errors import InvalidState, PydrError, UnknownName
+from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
 from .points import SELECTORS, materialize_disk, select_point
 from .replication import replicate
@@ -40,12 +41,16 @@ def _already(vault, name, kinds):
     return row is not None and row["kind"] in kinds
 
 
-def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None):
+def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, method="auto",
+             progress=None):
     """Fail `name` over to a recovery point; afterwards its replica paths
-    hold that point. Returns {"item", "point", "notes"}."""
+    hold that point, made by `method` (see materialize_disk; "qcow2": an
+    overlay on the baseline, which a VM then writes into). Returns {"item",
+    "point", "method", "notes"}."""
     row = vault.item(name)
     if row["state"] == "failing-over":
-        return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"])
+        return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"], method,
+                         progress)
     if row["state"] == "failed-over":
         at = row["failover_point"]
         wanted = at if point in (None, "latest", "latest-processed") else select_point(
@@ -58,8 +63,9 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None):
     if row["state"] != "protected":
         raise InvalidState(f"item {name!r} cannot fail over in state {row['state']} "
                            f"(direction {row['direction']})", path=vault.dir)
+    check_no_overlay_drill(vault, name, "a failover")
     command = f"pydr failover {name}" + (" --planned" if planned else "") + (
-        f" --point {point}" if point not in (None, "latest") else "")
+        f" --point {point}" if point not in (None, "latest") else "") + method_flags(method)
     vault.begin(name, "failover", command)
     notes = []
     try:
@@ -85,13 +91,15 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None):
         raise
     vault.set_item(name, state="failing-over", failover_point=pid)
     crashpoints.reached("failover.marked")
-    return _bring_up(vault, name, pid, "failover", notes)
+    return _bring_up(vault, name, pid, "failover", notes, method, progress)
 
 
-def _bring_up(vault, name, pid, operation, notes):
+def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None):
     """Make every replica path hold point `pid`: each replica moves aside to
     its baseline first (unless it did already), then the point's disk is
-    written over the replica path. Ends in failed-over."""
+    made from the baseline, by `method`, and renamed over the replica path.
+    Ends in failed-over."""
+    methods = []
 
     def run():
         for d in vault.disks(name):
@@ -100,18 +108,32 @@ def _bring_up(vault, name, pid, operation, notes):
             if not base.exists():
                 replica.rename(base)  # atomic; the baseline of every step
                 crashpoints.reached("failover.baseline")
-            materialize_disk(vault, name, pid, d, replica)  # whole, by a rename
+            methods.append(materialize_disk(vault, name, pid, d, replica, method=method,
+                                            progress=progress))  # whole, by a rename
             crashpoints.reached("failover.disk")
         vault.end(name, (operation, "failover", "change-point"), state="failed-over",
                   failover_point=pid)
-        return {"item": name, "point": pid, "notes": notes}
+        return {"item": name, "point": pid, "method": "+".join(sorted(set(methods))),
+                "notes": notes}
 
     return vault.run_job(operation, name, run)
 
 
-def change_point(vault, name, point):
+def current_method(vault, name):
+    """How the failed-over disks were made, as far as it matters for making
+    them again: "qcow2" where the first is an overlay on its baseline."""
+    for d in vault.disks(name):
+        replica = vault.endpoint(name, d["replica"])
+        if replica.exists() and replica.backing() == replica.sidecar(names.BASE).path:
+            return "qcow2"
+    return "auto"
+
+
+def change_point(vault, name, point, *, method=None, progress=None):
     """After a failover and before commit: the replica paths hold another
-    point. Returns {"item", "point", "notes"}."""
+    point, made again from the untouched baselines by `method` (by default
+    the way the failover made them). Returns {"item", "point", "method",
+    "notes"}."""
     row = vault.item(name)
     if row["state"] not in ("failed-over", "failing-over"):
         raise InvalidState(f"change-point needs a failed-over item; {name!r} is {row['state']}",
@@ -120,10 +142,11 @@ def change_point(vault, name, point):
     if row["state"] == "failed-over" and row["failover_point"] == pid:
         return {"item": name, "point": pid,
                 "notes": [f"already at point {pid}: nothing to do"]}
-    vault.begin(name, "change-point", f"pydr change-point {name} --point {pid}",
-                state="failing-over", failover_point=pid)
+    method = method or current_method(vault, name)
+    vault.begin(name, "change-point", f"pydr change-point {name} --point {pid}"
+                f"{method_flags(method)}", state="failing-over", failover_point=pid)
     crashpoints.reached("failover.marked")
-    return _bring_up(vault, name, pid, "change-point", [])
+    return _bring_up(vault, name, pid, "change-point", [], method, progress)
 
 
 def commit(vault, name):
@@ -146,10 +169,18 @@ def commit(vault, name):
         vault.begin(name, "commit", f"pydr commit {name}", state="committing")
         crashpoints.reached("commit.marked")
 
+    notes = []
+
     def run():
         steps = [r["path"] for r in vault.db.execute("SELECT path FROM steps WHERE item=?",
                                                       (name,))]
         replicas = [vault.endpoint(name, d["replica"]) for d in vault.disks(name)]
+        for replica in replicas:  # an overlay on its baseline becomes one raw disk
+            base = replica.sidecar(names.BASE)
+            if replica.exists() and base.exists() and replica.backing() == base.path:
+                replica.flatten(base)
+                notes.append(f"flattened the qcow2 overlay {replica} into its baseline "
+                             "(qemu-img commit): one raw disk")
         remove_all([vault.endpoint(name, p) for p in steps]
                    + [r.sidecar(names.BASE) for r in replicas])
         for d in vault.disks(name):
@@ -165,7 +196,7 @@ def commit(vault, name):
             vault.set_item(name, state="failover-committed", direction=flipped,
                            failover_point=None, operation=None, operation_command=None,
                            operation_args=None)
-        return {"item": name, "direction": flipped, "notes": []}
+        return {"item": name, "direction": flipped, "notes": notes}
 
     return vault.run_job("commit", name, run)
 

@@ -82,29 +82,37 @@ def apply_retention(vault, name, now=None):
                                  (name, idx, step))
 
 
-def materialize(vault, name, point_id, directory, *, threads=None):
+def materialize(vault, name, point_id, directory, *, threads=None, method="auto",
+                progress=None, methods=None):
     """Write each disk of `name` as it was at recovery point `point_id` into
-    `directory`, as DIR/<replica file name>. Returns the specs written.
-    Runs as a job ("materialize")."""
+    `directory`, as DIR/<replica file name>, by `method` (see
+    pydr.endpoints.base.Endpoint.materialize). Returns the specs written;
+    the methods used are appended to the list `methods`, if given, and
+    recorded on the job ("materialize")."""
     check_points_usable(vault, name)
     vault.point(name, point_id)
-    return vault.run_job("materialize", name,
-                         lambda: materialize_into(vault, name, point_id, directory, threads))
+    return vault.run_job("materialize", name, lambda: materialize_into(
+        vault, name, point_id, directory, threads, method=method, progress=progress,
+        methods=methods))
 
 
-def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=False):
+def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=False, *,
+                     method="auto", progress=None):
     """Write one disk as it was at `point_id` to `dest` (a spec; replaced),
     at the place that holds its replica. ``drill``: a test failover's disk
     (never written over a file; a remote site records it, so that cleaning
-    up may remove it). Returns the endpoint written."""
+    up may remove it). Returns the method used, also noted on the job."""
     row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
                            (name, point_id, disk["idx"])).fetchone()
     steps = vault.db.execute(
         "SELECT step, path FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
         (name, disk["idx"], row["step"])).fetchall()
     replica = vault.endpoint(name, disk["replica"])
-    return replica.materialize([vault.endpoint(name, s["path"]) for s in steps],
-                               vault.endpoint(name, dest), drill=drill, threads=threads)
+    used = replica.materialize([vault.endpoint(name, s["path"]) for s in steps],
+                               vault.endpoint(name, dest), drill=drill, threads=threads,
+                               method=method, progress=progress)
+    vault.note_method(used)
+    return used
 
 
 def check_points_usable(vault, name):
@@ -113,7 +121,8 @@ def check_points_usable(vault, name):
                            f"run 'pydr commit {name}' to finish", path=vault.dir)
 
 
-def materialize_into(vault, name, point_id, directory, threads=None, drill=False):
+def materialize_into(vault, name, point_id, directory, threads=None, drill=False, *,
+                     method="auto", progress=None, methods=None):
     """Every disk of the point into `directory` (a spec), named like its
     replica; the replicas themselves are never written over. A drill keeps
     the disks that are there already (whole: a disk appears by a rename):
@@ -127,8 +136,13 @@ def materialize_into(vault, name, point_id, directory, threads=None, drill=False
         if dest.identity == replica.identity:
             raise InvalidState("refusing to materialise over the replica itself", path=str(dest))
         if not (drill and dest.exists()):
-            materialize_disk(vault, name, point_id, d, dest, threads, drill)
-            if drill:
+            used = materialize_disk(vault, name, point_id, d, dest, threads, drill,
+                                    method=method, progress=progress)
+            if methods is not None:
+                methods.append(used)
+            if drill:  # recorded with the disk: a resumed drill still says how it was made
+                made = set(filter(None, (vault.item(name)["test_method"] or "").split("+")))
+                vault.set_item(name, test_method="+".join(sorted(made | {used})))
                 crashpoints.reached("drill.disk")
         out.append(str(dest))
     return out

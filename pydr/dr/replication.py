@@ -27,6 +27,7 @@ from ..engine.progress import Record
 from ..endpoints.transfer import transfer
 from ..errors import HookFailed, InvalidState, TrackingLost
 from . import tracking
+from .drills import check_no_overlay_drill
 from .hooks import run_hook
 from .points import apply_retention
 from .retry import recoverable
@@ -96,6 +97,7 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
         if row["state"] not in ("protecting", "protected", "resync-required"):
             raise InvalidState(f"item {row['name']!r} cannot replicate in state {row['state']}",
                                path=vault.dir)
+        check_no_overlay_drill(vault, row["name"], "a replication cycle")
     if tracking_lost:
         for r in rows:
             mark_resync_required(vault, r["name"], "change tracking was lost")

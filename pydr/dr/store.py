@@ -27,7 +27,8 @@ import time
 
 from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
 
-SCHEMA_VERSION = 4  # 2: remote replicas; 3: operations; 4: changed-block tracking
+SCHEMA_VERSION = 5  # 2: remote replicas; 3: operations; 4: changed-block tracking;
+# 5: how a job made disks (reflink, qcow2, copy)
 DB_NAME = "vault.db"
 LOCK_NAME = "vault.lock"
 
@@ -57,7 +58,8 @@ CREATE TABLE items(
     operation TEXT,
     operation_command TEXT,
     operation_args TEXT,
-    test_point INTEGER
+    test_point INTEGER,
+    test_method TEXT
 );
 CREATE TABLE disks(
     item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
@@ -103,7 +105,8 @@ CREATE TABLE jobs(
     started REAL,
     ended REAL,
     error TEXT,
-    pid INTEGER
+    pid INTEGER,
+    method TEXT
 );
 CREATE TABLE plans(
     name TEXT PRIMARY KEY,
@@ -137,6 +140,9 @@ _MIGRATIONS = {
     3: ("ALTER TABLE disks ADD COLUMN tracking TEXT",
         "ALTER TABLE disks ADD COLUMN bitmap TEXT",
         "ALTER TABLE disks ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"),
+    # 5: how a materialising job made its disks
+    4: ("ALTER TABLE jobs ADD COLUMN method TEXT",
+        "ALTER TABLE items ADD COLUMN test_method TEXT"),
 }
 
 
@@ -395,6 +401,7 @@ class Store:
             "next_retry": row["next_retry"],
             "test_failover": row["test_dir"],
             "test_point": row["test_point"],
+            "test_method": row["test_method"],
             "failover_point": row["failover_point"],
             "operation": self.operation(name),
         }
@@ -491,14 +498,27 @@ class Store:
     def run_job(self, kind, item, fn):
         """Run fn() as a job: running, then succeeded, failed or cancelled."""
         job = self.start_job(kind, item)
+        outer, self.current_job = getattr(self, "current_job", None), job
         try:
             result = fn()
         except BaseException as exc:
             self.end_job(job, "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
                          error=str(exc))
             raise
+        finally:
+            self.current_job = outer
         self.end_job(job, "succeeded")
         return result
+
+    def note_method(self, method):
+        """Record on the running job how it made a disk ("reflink", "qcow2",
+        "copy"; several, joined by "+", for disks made differently)."""
+        job = getattr(self, "current_job", None)
+        if job is None:
+            return
+        row = self.db.execute("SELECT method FROM jobs WHERE id=?", (job,)).fetchone()
+        seen = set(filter(None, (row["method"] or "").split("+"))) | {method}
+        self.update_job(job, method="+".join(sorted(seen)))
 
     def update_job(self, job_id, **fields):
         cols = ", ".join(f"{k}=?" for k in fields)
@@ -514,8 +534,8 @@ class Store:
 
     def jobs(self):
         return [dict(r) for r in self.db.execute(
-            "SELECT id, kind, item, state, progress, bytes_transferred, started, ended, error "
-            "FROM jobs ORDER BY id")]
+            "SELECT id, kind, item, state, progress, bytes_transferred, started, ended, error, "
+            "method FROM jobs ORDER BY id")]
 
 
 def _command_line():

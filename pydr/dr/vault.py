@@ -37,8 +37,8 @@ class Vault(Store):
     def apply_retention(self, name, now=None):
         return points_.apply_retention(self, name, now)
 
-    def test_failover(self, name, directory, point=None):
-        return D.test_failover(self, name, directory, point)
+    def test_failover(self, name, directory, point=None, **kwargs):
+        return D.test_failover(self, name, directory, point, **kwargs)
 
     def cleanup_test_failover(self, name):
         return D.cleanup_test_failover(self, name)
@@ -46,8 +46,8 @@ class Vault(Store):
     def failover(self, name, point="latest", **kwargs):
         return F.failover(self, name, point, **kwargs)
 
-    def change_point(self, name, point):
-        return F.change_point(self, name, point)
+    def change_point(self, name, point, **kwargs):
+        return F.change_point(self, name, point, **kwargs)
 
     def commit(self, name):
         return F.commit(self, name)

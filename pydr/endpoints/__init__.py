@@ -14,6 +14,8 @@ command never loads the transport.
 
 import os
 
+from ..engine import names
+
 
 def parse_remote(spec):
     """(host, path) for "[user@]host:PATH", else None (a local path, or None).
@@ -61,7 +63,9 @@ def open_endpoint(spec, *, rsh=None, remote_pydr=None, format=None):
         from .ssh import SshEndpoint
 
         return SshEndpoint(remote[0], remote[1], rsh=rsh, remote_pydr=remote_pydr)
-    fmt = format or _image_format(spec)
+    # the kind of a replica is that of its replicated state: after a failover
+    # its path may hold a qcow2 overlay on a raw baseline (--as qcow2)
+    fmt = format or _image_format(names.latest_state(spec) if isinstance(spec, str) else spec)
     if fmt != "raw":
         from .qemu import QemuImageEndpoint
 

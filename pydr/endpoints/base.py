@@ -34,7 +34,7 @@ import os
 
 from ..engine import names
 from ..engine.progress import Record
-from ..errors import InvalidState
+from ..errors import InvalidState, UnsupportedFile
 
 
 class Endpoint:
@@ -136,11 +136,26 @@ class Endpoint:
         failover wrote there, then the directory if that empties it."""
         raise NotImplementedError
 
-    def materialize(self, steps, dest, *, drill=False, threads=None):
+    def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
+                    progress=None):
         """Write this disk's latest state with the undo `steps` (endpoints,
-        newest first) rolled back onto it to `dest`, at this place.
-        ``drill``: a test failover's disk (never overwrites a file)."""
+        newest first) rolled back onto it to `dest`, at this place, by
+        ``method``: "auto" (a reflink clone where the file system can, else a
+        copy), "reflink", "copy" or "qcow2" (an overlay backed by the latest
+        state). ``drill``: a test failover's disk (never overwrites a file).
+        Returns the method used."""
         raise NotImplementedError
+
+    def backing(self):
+        """The path of the backing file where this disk is a qcow2 overlay
+        (a point made with --as qcow2), else None."""
+        return None
+
+    def flatten(self, backing):
+        """Write this qcow2 overlay's blocks into its backing file (the
+        endpoint `backing`) and make that file this disk: one raw disk."""
+        raise UnsupportedFile("only a qcow2 overlay on this machine can be flattened",
+                              path=self.spec)
 
     # -- files as streams; engine work where the data is ------------------------
     def open_read(self):

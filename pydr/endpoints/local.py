@@ -10,9 +10,6 @@ from ..engine.atomic import fsync_dir
 from ..errors import UnsupportedFile
 from .base import Endpoint, InProcess
 
-FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-
-
 class LocalEndpoint(InProcess, Endpoint):
     """A raw disk: a regular file or a block device (QEMU-format files are
     QemuImageEndpoint, pydr.endpoints.qemu)."""
@@ -61,33 +58,22 @@ class LocalEndpoint(InProcess, Endpoint):
     def snapshot(self):
         """A reflink clone beside the disk (.NAME.pydr-snap), or None where
         the file system cannot clone (or this is not a regular file)."""
-        import fcntl
         import stat
+
+        from ..engine.clone import clone_file
 
         if not stat.S_ISREG(os.stat(self._path).st_mode):
             return None
         snap = names.beside(self._path, names.SNAP)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(snap)
-        src = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            try:
-                dst = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except OSError:
+            cloned = clone_file(self._path, snap)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 return None  # e.g. a read-only directory: no snapshot
-            try:
-                fcntl.ioctl(dst, FICLONE, src)
-            except OSError as exc:
-                os.close(dst)
-                os.unlink(snap)
-                if exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY,
-                                 errno.EPERM, errno.ENOSYS):
-                    return None
-                raise
-            os.close(dst)
-            return LocalEndpoint(snap)
-        finally:
-            os.close(src)
+            raise
+        return LocalEndpoint(snap) if cloned else None
 
     # -- files beside it ----------------------------------------------------------
     def rename(self, dest):
@@ -104,7 +90,8 @@ class LocalEndpoint(InProcess, Endpoint):
         with contextlib.suppress(OSError):
             os.rmdir(self._path)  # only if the drill left it empty
 
-    def materialize(self, steps, dest, *, drill=False, threads=None):
+    def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
+                    progress=None):
         from ..engine.restore import materialize_file
 
         self.check_same_place(dest)
@@ -112,9 +99,23 @@ class LocalEndpoint(InProcess, Endpoint):
             raise FileExistsError(errno.EEXIST, "a test failover does not overwrite files",
                                   dest.path)
         os.makedirs(os.path.dirname(dest.path), exist_ok=True)
-        materialize_file(names.latest_state(self._path), [s.path for s in steps], dest.path,
-                         threads)
-        return dest
+        latest = names.latest_state(self._path)
+        if method == "qcow2":
+            from ..transport.overlay import materialize_overlay
+
+            return materialize_overlay(latest, [s.path for s in steps], dest.path)
+        return materialize_file(latest, [s.path for s in steps], dest.path, threads,
+                                method=method, progress=progress)
+
+    def backing(self):
+        from ..transport.overlay import backing_of
+
+        return backing_of(self._path) if os.path.isfile(self._path) else None
+
+    def flatten(self, backing):
+        from ..transport.overlay import flatten
+
+        flatten(self._path, backing.path)
 
     # -- files as streams; engine work --------------------------------------------
     def open_read(self):

@@ -59,7 +59,8 @@ class NbdEndpoint(InProcess, Endpoint):
     def rename(self, dest):
         raise UnsupportedFile("an NBD export cannot be renamed", path=self.spec)
 
-    def materialize(self, steps, dest, *, drill=False, threads=None):
+    def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
+                    progress=None):
         raise UnsupportedFile("a point of a replica that is an NBD export cannot be "
                               "materialised there (no files beside it)", path=self.spec)
 
@@ -130,16 +131,22 @@ class QemuImageEndpoint(LocalEndpoint):
     def snapshot(self):
         return None  # a reflink clone of a QEMU image is not a point-in-time disk of its own
 
-    def materialize(self, steps, dest, *, drill=False, threads=None):
+    def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
+                    progress=None):
         """The point as an image of the same format: the latest state (the
-        baseline after a failover) copied through qemu-nbd into a new image
-        beside `dest`, the undo steps rolled back onto it, then renamed."""
+        baseline after a failover) cloned (reflink) where the file system
+        can, else copied through qemu-nbd, into a new image beside `dest`;
+        the undo steps rolled back onto it through qemu-nbd; then renamed."""
         import errno
 
         from ..engine import journal as J
         from ..engine.atomic import fsync_dir
+        from ..engine.clone import clone_file
         from ..engine.resync import resync
 
+        if method == "qcow2":
+            raise UnsupportedFile(f"the replica is a {self.format} image already: its points are "
+                                  "images of that format; leave out --as qcow2", path=self.spec)
         self.check_same_place(dest)
         if drill and os.path.lexists(dest.path):
             raise FileExistsError(errno.EEXIST, "a test failover does not overwrite files",
@@ -150,9 +157,18 @@ class QemuImageEndpoint(LocalEndpoint):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
         try:
-            with self.engine_disk(path=names.latest_state(self.path)) as src:
+            latest = names.latest_state(self.path)
+            used = "copy"
+            if method != "copy" and clone_file(latest, tmp):
+                used = "reflink"
+            elif method == "reflink":
+                raise UnsupportedFile(f"the file system cannot clone {latest} into "
+                                      f"{os.path.dirname(dest.path)}: leave out --reflink to copy",
+                                      path=dest.path)
+            with self.engine_disk(path=latest) as src:
                 with self.engine_disk(write=True, size=src.size, path=tmp) as out:
-                    resync(src, out, threads=threads)
+                    if used == "copy":
+                        resync(src, out, threads=threads, progress=progress)
                     for step in steps:  # newest first
                         header, committed = J.read_journal(step.path)
                         if header is None or not committed:
@@ -168,7 +184,7 @@ class QemuImageEndpoint(LocalEndpoint):
                 with contextlib.suppress(OSError):
                     os.unlink(leftover)
             raise
-        return dest
+        return used
 
 
 class QmpEndpoint(InProcess, Endpoint):
@@ -261,5 +277,6 @@ class QmpEndpoint(InProcess, Endpoint):
     def rename(self, dest):
         raise UnsupportedFile("a live disk cannot be renamed", path=self.spec)
 
-    def materialize(self, steps, dest, *, drill=False, threads=None):
+    def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
+                    progress=None):
         raise UnsupportedFile("a live disk is a source, not a replica", path=self.spec)

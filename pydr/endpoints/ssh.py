@@ -9,6 +9,7 @@ import tempfile
 import time
 
 from ..engine import names
+from ..errors import UnsupportedFile
 from .base import Endpoint, SignResult
 
 
@@ -84,11 +85,14 @@ class SshEndpoint(Endpoint):
     def remove_drill(self, disks):
         self.host.remove([self._here(d) for d in disks], drill=self._path)
 
-    def materialize(self, steps, dest, *, drill=False, threads=None):
+    def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
+                    progress=None):
         self.check_same_place(dest)
-        self.host.materialize(self._path, [self._here(s) for s in steps], self._here(dest),
-                              drill=drill)
-        return dest
+        if method == "qcow2":
+            raise UnsupportedFile("qcow2 overlays of a replica on another host are not made "
+                                  "yet: leave out --as qcow2 there", path=self.spec)
+        return self.host.materialize(self._path, [self._here(s) for s in steps],
+                                     self._here(dest), drill=drill, method=method)
 
     # -- files as streams; engine work there -----------------------------------------
     def open_read(self):

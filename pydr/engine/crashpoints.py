@@ -24,7 +24,8 @@ POINTS = {
     "apply.kept": "a committed journal was kept as a recovery-point step",
     "resync.cache": "the signature cache describes the new target",
     "rollback.restored": "an interrupted apply was undone, its journal still there",
-    "restore.copied": "a point's disk is copied from the latest state, steps not rolled back",
+    "restore.copied": "a point's disk is cloned, copied or overlaid on the latest state, steps "
+                      "not rolled back",
     "restore.step": "one more undo step is rolled back onto a point's disk",
     "restore.written": "a point's disk is whole beside its destination, not yet renamed over it",
     # the vault: a replication cycle
@@ -43,6 +44,7 @@ POINTS = {
     "failover.baseline": "one replica is moved aside to its baseline",
     "failover.disk": "one replica path holds the point",
     "commit.marked": "the item is committing: its points are no longer to be used",
+    "commit.flattened": "a qcow2 overlay's blocks are in its baseline, not yet renamed over it",
     "commit.removed": "the steps, baselines and caches are removed",
     "reprotect.swapped": "sources and replicas are swapped, the first cycle not yet run",
     "failback.cycle": "the final cycle of a failback is done",

@@ -1,39 +1,67 @@
-"""A disk as it was at a recovery point: the latest state, copied, with the
-newer undo steps (reverse deltas) rolled back onto the copy, newest first.
-The cost is the copy plus what changed since the point."""
+"""A disk as it was at a recovery point: the latest state, with the newer
+undo steps (reverse deltas) rolled back onto it, newest first.
+
+The latest state is cloned (reflink) where the file system can, so the cost
+is what changed since the point; elsewhere it is copied (sparse-aware), and
+the cost is the disk. pydr.transport.qemu makes the third kind, a qcow2
+overlay on the latest state."""
 
 import contextlib
 import os
 
-from ..errors import InvalidState, PydrError
+from ..errors import InvalidState, PydrError, UnsupportedFile
 from . import crashpoints
 from . import journal as J
 from . import names
 from .atomic import fsync_dir
 from .resync import resync
 
+METHODS = ("auto", "reflink", "copy")
 
-def materialize_file(source, steps, dest, threads=None):
+
+def check_steps(steps):
+    """Every step must be a whole, committed undo journal."""
+    for path in steps:
+        header, committed = J.read_journal(path)
+        if header is None or not committed:
+            raise PydrError("undo step is damaged", path=path)
+
+
+def materialize_file(source, steps, dest, threads=None, *, method="auto", progress=None):
     """Write `source` with the undo journals `steps` rolled back onto it,
-    newest first, to `dest`. It is made beside `dest` (.NAME.pydr-new) and
-    renamed over it when whole, so `dest` is only ever the old file or the
-    point; a half-made one is removed on an error, and replaced by the next
-    run after a kill."""
+    newest first, to `dest`; returns the method used: "reflink" (a clone of
+    `source`, then only the steps written) or "copy". ``method`` "auto"
+    clones where it can and copies elsewhere; "reflink" refuses where the
+    file system cannot clone; "copy" always copies (``progress`` gets its
+    records).
+
+    It is made beside `dest` (.NAME.pydr-new) and renamed over it when
+    whole, so `dest` is only ever the old file or the point; a half-made one
+    is removed on an error, and replaced by the next run after a kill."""
+    from .clone import clone_file
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
     if os.path.exists(dest) and os.path.samefile(dest, source):
         raise InvalidState("refusing to materialise over the replicated state itself", path=dest)
+    check_steps(steps)
     tmp = names.beside(dest, names.NEW)
-    for leftover in (tmp, J.journal_path(tmp)):  # of a run that was killed
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(leftover)
+    remove_leftovers(tmp)  # of a run that was killed
     try:
-        resync(source, tmp, threads=threads)  # sparse-aware copy of the latest state
+        used = "copy"
+        if method != "copy" and clone_file(source, tmp):
+            used = "reflink"
+        elif method == "reflink":
+            raise UnsupportedFile(f"the file system cannot clone {source} into "
+                                  f"{os.path.dirname(dest) or '.'} (reflink needs XFS with "
+                                  "reflink=1 or btrfs, and both in one file system); leave out "
+                                  "--reflink to copy instead", path=dest)
+        else:
+            resync(source, tmp, threads=threads, progress=progress)  # sparse-aware
         crashpoints.reached("restore.copied")
         fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
         try:
-            for path in steps:  # newest first: each takes the copy one cycle back
-                header, committed = J.read_journal(path)
-                if header is None or not committed:
-                    raise PydrError("undo step is damaged", path=path)
+            for path in steps:  # newest first: each takes the disk one cycle back
                 J.rollback_fd(fd, path, tmp, False)
                 crashpoints.reached("restore.step")
             os.fsync(fd)
@@ -43,8 +71,13 @@ def materialize_file(source, steps, dest, threads=None):
         os.replace(tmp, dest)
         fsync_dir(dest)
     except BaseException:
-        for leftover in (tmp, J.journal_path(tmp)):
-            with contextlib.suppress(OSError):
-                os.unlink(leftover)
+        with contextlib.suppress(OSError):
+            remove_leftovers(tmp)
         raise
-    return dest
+    return used
+
+
+def remove_leftovers(tmp):
+    for leftover in (tmp, J.journal_path(tmp)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)

@@ -59,9 +59,13 @@ class Host:
         if body["paths"] or drill is not None:
             self.request(P.REMOVE, body, P.DONE)
 
-    def materialize(self, replica, steps, dest, *, drill=False):
-        self.request(P.MATERIALIZE, {"replica": replica, "steps": list(steps), "dest": dest,
-                                     "drill": bool(drill)}, P.DONE)
+    def materialize(self, replica, steps, dest, *, drill=False, method="auto"):
+        """Returns the method the server used ("copy" from a server that
+        does not say: it predates the others)."""
+        done = self.request(P.MATERIALIZE, {"replica": replica, "steps": list(steps),
+                                            "dest": dest, "drill": bool(drill),
+                                            "method": method}, P.DONE)
+        return (done or {}).get("method", "copy")
 
     # -- signatures and files ----------------------------------------------------------
     def signature_to(self, path, writer, *, block_size):

@@ -266,7 +266,8 @@ def _choose_step(target, candidates, root):
 
 
 def _materialize(ch, payload, root):
-    """A disk as it was at a recovery point: a sparse copy of the replica's
+    """A disk as it was at a recovery point: a reflink clone (or, by method
+    or where the file system cannot clone, a sparse copy) of the replica's
     latest state (its failover baseline if there is one) into `dest`, with
     the undo `steps` (newest first) rolled back onto it. With "drill", dest
     is recorded in its directory's drill marker, so that cleaning up the
@@ -288,8 +289,12 @@ def _materialize(ch, payload, root):
             f.write(os.path.basename(dest) + "\n")
             f.flush()
             os.fsync(f.fileno())
-    materialize_file(latest_state(replica), steps, dest, threads=default_threads())
-    ch.send_json(P.DONE, {"size": os.path.getsize(dest)})
+    method = req.get("method", "auto")
+    if method not in ("auto", "reflink", "copy"):
+        raise P.ProtocolError("bad method")
+    used = materialize_file(latest_state(replica), steps, dest, threads=default_threads(),
+                            method=method)
+    ch.send_json(P.DONE, {"size": os.path.getsize(dest), "method": used})
 
 
 def _rename(ch, payload, root):

@@ -8,6 +8,7 @@ reaches every point of the registry."""
 
 import os
 import random
+import subprocess
 
 import pytest
 
@@ -239,6 +240,74 @@ def check_rolled_back(ctx):
     assert sha(ctx["work"] / "target.img") == sha(ctx["work"] / "old.img")
 
 
+# -- copy-on-write methods: qcow2 overlays (any file system), reflink (XFS) ---------
+
+
+def raw_hashes(paths, ctx):
+    """sha of each disk as QEMU reads it (an overlay through its backing)."""
+    out = []
+    for p in paths:
+        raw = ctx["work"] / "converted.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(p), str(raw)], check=True)
+        out.append(sha(raw))
+        raw.unlink()
+    return out
+
+
+def last_method(ctx, kind):
+    with Vault(ctx["vault"]) as v:
+        return [j for j in v.jobs() if j["kind"] == kind and j["state"] == "succeeded"][-1][
+            "method"]
+
+
+def check_overlays_at(pid, kind="failover"):
+    def check(ctx):
+        rep = sources(ctx)[1]
+        assert all(open(r, "rb").read(4) == b"QFI\xfb" for r in rep)
+        assert raw_hashes(rep, ctx) == ctx["history"]["vm"][pid]
+        assert state(ctx)[0] == "failed-over" and last_method(ctx, kind) == "qcow2"
+    return check
+
+
+def prepare_overlay_failed_over(work):
+    ctx = machine(work)
+    with Vault(ctx["vault"], writer=True) as v:
+        v.failover("vm", "2", method="qcow2")
+    # the VM writes into its overlay at site B
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 64k 128k",
+                    sources(ctx)[1][0]], check=True, capture_output=True)
+    ctx["expected"] = raw_hashes(sources(ctx)[1], ctx)
+    return ctx
+
+
+def check_flattened(ctx):
+    check_committed(ctx)
+    rep = sources(ctx)[1]
+    assert all(open(r, "rb").read(4) != b"QFI\xfb" for r in rep)  # raw again
+    assert hashes(rep) == ctx["expected"]  # with what the VM wrote into the overlay
+
+
+def check_overlay_drill(ctx):
+    drill = ctx["work"] / "drill"
+    rep = sources(ctx)[1]
+    assert raw_hashes([drill / os.path.basename(r) for r in rep], ctx) == ctx["history"]["vm"][1]
+    assert hashes(rep) == ctx["history"]["vm"][3]
+    assert last_method(ctx, "test-failover") == "qcow2"
+
+
+def reflinked(check, kind):
+    def both(ctx):
+        check(ctx)
+        assert last_method(ctx, kind) == "reflink"
+    return both
+
+
+def prepare_failed_over_reflink(work):
+    ctx = prepare_failed_over(work)
+    assert last_method(ctx, "failover") == "reflink"
+    return ctx
+
+
 REMOTE = ["--rsh", LOCAL_RSH, "--remote-pydr", PYDR]
 
 SCENARIOS = [
@@ -271,6 +340,26 @@ SCENARIOS = [
                         *vault_args(c)], check_failed_back_to_alternate),
     Scenario("plan failover", prepare_plan,
              lambda c: ["plan", "failover", "shop", "--planned", *vault_args(c)], check_plan),
+    Scenario("failover --as qcow2", lambda w: machine(w),
+             lambda c: ["failover", "vm", "--point", "2", "--as", "qcow2", *vault_args(c)],
+             check_overlays_at(2)),
+    Scenario("change-point (qcow2)", prepare_overlay_failed_over,
+             lambda c: ["change-point", "vm", "--point", "1", *vault_args(c)],
+             check_overlays_at(1, "change-point")),
+    Scenario("commit (qcow2 overlay)", prepare_overlay_failed_over,
+             lambda c: ["commit", "vm", *vault_args(c)], check_flattened),
+    Scenario("test-failover --as qcow2", lambda w: machine(w),
+             lambda c: ["test-failover", "vm", "--to", c["work"] / "drill", "--point", "1",
+                        "--as", "qcow2", *vault_args(c)], check_overlay_drill),
+    Scenario("failover (reflink, XFS)", lambda w: machine(w),
+             lambda c: ["failover", "vm", "--point", "2", *vault_args(c)],
+             reflinked(check_at_point(2), "failover"), fs="xfs"),
+    Scenario("change-point (reflink, XFS)", prepare_failed_over_reflink,
+             lambda c: ["change-point", "vm", "--point", "1", *vault_args(c)],
+             reflinked(check_at_point(1), "change-point"), fs="xfs"),
+    Scenario("test-failover (reflink, XFS)", lambda w: machine(w),
+             lambda c: ["test-failover", "vm", "--to", c["work"] / "drill", "--point", "1",
+                        *vault_args(c)], reflinked(check_drill, "test-failover"), fs="xfs"),
     Scenario("apply", prepare_images,
              lambda c: ["apply", c["work"] / "d.delta", c["work"] / "target.img"],
              check_target_is_new),
@@ -292,19 +381,23 @@ SCENARIOS = [
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-def test_killed_at_every_crash_point(scenario, tmp_path):
-    REACHED[scenario.name] = run_matrix(scenario, tmp_path)
+def test_killed_at_every_crash_point(scenario, tmp_path, request):
+    work = None
+    if scenario.fs == "xfs":  # a file system that clones: the reflink method
+        work = request.getfixturevalue("xfs_dir") / "work"
+    REACHED[scenario.name] = run_matrix(scenario, tmp_path, work=work)
     assert REACHED[scenario.name], "the operation passed no crash point"
 
 
-def test_the_matrix_reaches_every_crash_point(tmp_path):
+def test_the_matrix_reaches_every_crash_point(tmp_path, request):
     """Every point in the registry is passed by some operation above (run
     here too when this test runs on its own)."""
     from crashmatrix import points_passed
 
     for scenario in SCENARIOS:
         if scenario.name not in REACHED:
-            work = tmp_path / scenario.name.replace(" ", "_")
+            base = request.getfixturevalue("xfs_dir") if scenario.fs == "xfs" else tmp_path
+            work = base / scenario.name.replace(" ", "_")
             work.mkdir()
             ctx = scenario.prepare(work)
             REACHED[scenario.name] = set(points_passed(scenario, work, ctx, work / "log"))

@@ -166,11 +166,11 @@ def test_interrupted_failover_can_be_continued(machine, monkeypatch):
     real = F.materialize_disk
     calls = []
 
-    def dies_on_the_second_disk(vault, name, pid, d, dest, threads=None):
+    def dies_on_the_second_disk(vault, name, pid, d, dest, threads=None, **options):
         calls.append(d["idx"])
         if d["idx"] == 1:
             raise KeyboardInterrupt  # killed half-way
-        return real(vault, name, pid, d, dest, threads)
+        return real(vault, name, pid, d, dest, threads, **options)
 
     monkeypatch.setattr(F, "materialize_disk", dies_on_the_second_disk)
     with Vault(tmp_path / "vault", writer=True) as v:

@@ -212,27 +212,6 @@ def test_point_in_time_with_a_writer(tmp_path):
     assert prefixes == sorted(prefixes) and prefixes[-1] > prefixes[0], prefixes
 
 
-@pytest.fixture
-def xfs_dir(tmp_path):
-    """A small XFS file system (reflink on) on a loop device, mounted."""
-    import shutil
-
-    if os.geteuid() != 0 or not shutil.which("mkfs.xfs"):
-        pytest.skip("needs root and mkfs.xfs (xfsprogs)")
-    img, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
-    with open(img, "wb") as f:
-        f.truncate(400 << 20)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a loop device here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)])
-
-
 def test_reflink_cut_with_a_writer_and_no_hooks(xfs_dir, tmp_path):
     """On XFS the cycle clones the source first: with the writer running and
     no hooks at all, every point is still an exact prefix of the records."""
