@@ -27,3 +27,16 @@ def change_blocks(path, size, *, seed, run):
         f.seek(size // 2)
         f.write(rng.randbytes(run))
     return nblocks // 100 * 4096 + run  # bytes changed (at most)
+
+
+def scribble(path, nbytes, seed):
+    """Write `nbytes` of random data in 64 KiB runs at random places (the
+    changes of the DR benchmarks), then fsync."""
+    rng = random.Random(seed)
+    size = os.path.getsize(path)
+    run = 64 << 10
+    with open(path, "r+b") as f:
+        for _ in range(max(1, nbytes // run)):
+            f.seek(rng.randrange(size // run) * run)
+            f.write(rng.randbytes(run))
+        os.fsync(f.fileno())

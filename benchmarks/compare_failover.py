@@ -25,18 +25,17 @@ not the disk. Prints Markdown for README.md.
 
 import argparse
 import os
-import random
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 
+from _images import parse_size, scribble
+
 MiB = 1 << 20
 
 
-def parse_size(text):
-    return int(float(text[:-1]) * (1 << {"M": 20, "G": 30}[text[-1].upper()]))
 
 
 def timed(cmd):
@@ -47,15 +46,6 @@ def timed(cmd):
     return time.perf_counter() - t
 
 
-def scribble(path, nbytes, seed):
-    rng = random.Random(seed)
-    size = os.path.getsize(path)
-    run = 64 << 10
-    with open(path, "r+b") as f:
-        for _ in range(nbytes // run):
-            f.seek(rng.randrange(size // run) * run)
-            f.write(rng.randbytes(run))
-        os.fsync(f.fileno())
 
 
 def used(path):

@@ -33,6 +33,7 @@ EXIT_HOOK = 16
 EXIT_PLAN = 17
 EXIT_PROTOCOL = 18
 EXIT_TRACKING = 19
+EXIT_FLEET = 20
 EXIT_CANCELLED = 130
 
 
@@ -190,3 +191,15 @@ class PlanFailed(PydrError, RuntimeError):
         self.report = report
 
 
+
+
+class FleetError(PydrError, RuntimeError):
+    """A fleet cycle could not run through its Dask scheduler, or some of
+    its items failed (each item's job and status say why)."""
+
+    exit_code = EXIT_FLEET
+
+
+class NoWorkerForHost(FleetError, ConnectionError):
+    """No Dask worker served an item's host within the host timeout: worth
+    retrying once a worker (``pydr worker --host NAME``) is up."""

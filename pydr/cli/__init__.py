@@ -61,7 +61,7 @@ class _OnlyCommand:
 def build_parser(command=None):
     """The parser of every command, or with `command` of that one only (None
     when no command has that name; "" builds none, for --version)."""
-    from . import demo, dr, engine, serve, vault
+    from . import demo, dr, engine, fleet, objects, serve, vault
 
     parser = argparse.ArgumentParser(prog="pydr", formatter_class=HelpFormatter,
                                      description=DESCRIPTION, epilog=EXAMPLES + EXIT_STATUS)
@@ -69,7 +69,7 @@ def build_parser(command=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     only = _OnlyCommand(sub, command) if command is not None else sub
-    for family in (engine, vault, dr, serve, demo):
+    for family in (engine, vault, dr, objects, fleet, serve, demo):
         family.register(only)
     if command and not only.found:
         return None

@@ -7,6 +7,7 @@ import argparse
 
 from .common import (POINT_HELP, add_item, add_method, add_vault_options, command, human_bytes,
                      method_of, print_json, progress_bar)
+from .fleet import add_fleet_options
 from .vault import open_vault, parse_disk
 
 
@@ -55,7 +56,7 @@ def cmd_failover(args):
     with progress_bar("failover", args) as bar:
         r = _run(args, lambda v: v.failover(args.item, args.point, planned=args.planned,
                                             shutdown_hook=args.shutdown_hook,
-                                            method=method_of(args), progress=bar))
+                                            method=method_of(args), progress=bar, to=args.to))
     if not args.json:
         print(f"{args.item}: failed over to point {r['point']}{_made(r)}; its replicas now hold "
               f"that point (run 'pydr commit {args.item}' to make it final)")
@@ -135,10 +136,12 @@ def _print_plan_report(report):
 def cmd_plan_run(args):
     from ..errors import PlanFailed
 
+    from .fleet import open_fleet
+
     options = {k: getattr(args, k, None) for k in ("point", "planned", "shutdown_hook", "to")}
-    with open_vault(args, writer=True) as v:
+    with open_vault(args, writer=True) as v, open_fleet(args) as fleet:
         try:
-            report = v.run_plan(args.plan, args.operation, **options)
+            report = v.run_plan(args.plan, args.operation, fleet=fleet, **options)
         except PlanFailed as exc:
             if args.json:
                 print_json({"plan": args.plan, "operation": args.operation, "ok": False,
@@ -215,12 +218,19 @@ def register(sub):
                      "Each replica moves aside as the baseline (.NAME.pydr-base) and the point is\n"
                      "made from it: a reflink clone where the file system can (seconds, whatever\n"
                      "the disk's size), a qcow2 overlay on the baseline with --as qcow2, else a\n"
-                     "copy. The method used is printed and in --json."),
+                     "copy. The method used is printed and in --json.\n\n"
+                     "An item replicated to an object store (s3://...) is brought up in --to DIR:\n"
+                     "its point is downloaded there (chunks verified, zeros as holes), and those\n"
+                     "disks are its replicas from then on (commit, reprotect and failback as\n"
+                     "for any item)."),
         examples=["pydr failover web --planned --shutdown-hook 'ssh web poweroff'",
+                  "pydr failover cloudvm --to /srv/site-b/cloudvm   (points in S3)",
                   "pydr failover web --point latest-processed      (site A is gone)",
                   "pydr failover vm --point 12 --as qcow2 --json",
                   "pydr failover web --copy        (an independent copy even on XFS)"])
     p.add_argument("--point", default="latest", metavar="P", help=POINT_HELP)
+    p.add_argument("--to", metavar="DIR", help="for an item replicated to an object store: "
+                   "the local directory where its disks are made")
     _add_planned(p)
     _add_shutdown_hook(p)
     add_method(p)
@@ -296,9 +306,17 @@ def register(sub):
     for op in ("failover", "test-failover", "cleanup-test-failover", "commit", "reprotect",
                "failback"):
         q = command(psub, op, help=f"run {op} over a plan",
-                    description=f"Run '{op}' for every item of PLAN, group by group.",
+                    description=(f"Run '{op}' for every item of PLAN, group by group: groups in\n"
+                                 "order, the items of a group in parallel, each group's pre and\n"
+                                 "post hooks around it; the first failure stops the plan, and the\n"
+                                 "report says what ran. With --scheduler, an item's replication\n"
+                                 "(a planned failover's last cycle) runs on a Dask worker of its\n"
+                                 "host; site B's work runs here."),
                     examples=[f"pydr plan {op} shop" + (" --to /srv/drill" if op == "test-failover"
-                                                        else "")],
+                                                        else ""),
+                              f"pydr plan {op} shop --scheduler tcp://dr-manager:8786 --events"
+                              + (" --planned" if op == "failover" else "")
+                              + (" --to /srv/drill" if op == "test-failover" else "")],
                     func=cmd_plan_run)
         q.set_defaults(operation=op)
         _add_plan(q)
@@ -311,4 +329,5 @@ def register(sub):
         if op == "test-failover":
             q.add_argument("--to", required=True, metavar="DIR",
                            help="each item's disks go to DIR/ITEM/")
+        add_fleet_options(q)
         add_vault_options(q)

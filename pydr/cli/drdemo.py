@@ -237,6 +237,9 @@ def run_dr_demo(directory, *, keep=False, as_json=False):
             check("back to the start: protected, direction forward",
                   (st["state"], st["direction"]) == ("protected", "forward"))
             _cbt(work, v, disks[1], step, check, say)
+            from .fleetdemo import fleet_step
+
+            fleet_step(work, v, disks[1], step, check, say, _sha)
             jobs = len(v.jobs())
         _offsite(work, disks, step, check, say)
         ok = all(c["ok"] for c in checks)

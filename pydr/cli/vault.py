@@ -6,7 +6,9 @@ import sys
 
 from .common import (add_item, add_json, add_method, add_progress, add_remote_options,
                      add_vault_options, command, human_bytes, method_of, parse_duration,
-                     positive_int, print_json, progress_bar, timestamp, vault_dir)
+                     parse_size, positive_int, print_json, progress_bar, timestamp,
+                     vault_dir)
+from .fleet import add_fleet_options
 
 
 def open_vault(args, writer=False):
@@ -48,7 +50,7 @@ def cmd_protect(args):
         v.protect(args.item, disks, group=args.group, retention=args.retention,
                   retention_age=args.retention_age, quiesce_hook=args.quiesce_hook,
                   thaw_hook=args.thaw_hook, rsh=args.rsh, remote_pydr=args.remote_pydr,
-                  cbt=args.cbt)
+                  cbt=args.cbt, host=args.host)
         status = v.status(args.item)
     if args.json:
         print_json(status)
@@ -78,24 +80,53 @@ def _batches(v, args):
 
 def cmd_replicate(args):
     from ..dr.retry import RetryPolicy
+    from ..errors import FleetError
+    from .fleet import open_fleet
 
-    with open_vault(args, writer=True) as v:
-        results = []
-        with progress_bar("replicate", args) as bar:
-            for names in _batches(v, args):
-                kwargs = {"app_consistent": args.app_consistent, "progress": bar,
-                          "resync_all": args.resync}
-                if args.retry:
-                    kwargs["policy"] = RetryPolicy(max_attempts=args.max_attempts)
-                results.append(v.replicate(names, retry=args.retry, **kwargs))
+    results = []
+    try:
+        with open_vault(args, writer=True) as v, open_fleet(args) as fleet:
+            v.fleet = fleet
+            batches = _batches(v, args)
+            if fleet is not None:  # one cycle: every host's items at once
+                def stored(n):  # object-store items replicate here, by themselves
+                    return any(d["replica"].startswith("s3://") for d in v.disks(n))
+
+                hosted = [n for names in batches for n in names if not stored(n)]
+                batches = [b for b in batches if all(stored(n) for n in b)] + (
+                    [hosted] if hosted else [])
+            with progress_bar("replicate", args) as bar:
+                for names in batches:
+                    kwargs = {"app_consistent": args.app_consistent, "progress": bar,
+                              "resync_all": args.resync}
+                    if args.bwlimit:
+                        kwargs["bwlimit"] = args.bwlimit
+                    if args.retry:
+                        kwargs["policy"] = RetryPolicy(max_attempts=args.max_attempts)
+                    results.append(v.replicate(names, retry=args.retry, **kwargs))
+    except FleetError as exc:
+        if getattr(exc, "result", None) is not None:  # the items that made it are recorded
+            results.append(exc.result)
+            _print_cycles(args, results, exc.failed)
+        raise
+    _print_cycles(args, results, {})
+    return 0
+
+
+def _print_cycles(args, results, failed):
     if args.json:
-        print_json([r._asdict() for r in results])
-    else:
-        for r in results:
+        out = [r._asdict() for r in results]
+        if failed:
+            out.append({"failed": failed})
+        print_json(out)
+        return
+    for r in results:
+        if r.items:
             print(f"point {r.point_id} ({r.consistency}) for {', '.join(r.items)}: "
                   f"{human_bytes(r.bytes_written)} written, {human_bytes(r.bytes_read)} read "
                   f"in {r.seconds:.3f} s")
-    return 0
+    for name, why in failed.items():
+        print(f"{name}: failed: {why}")
 
 
 def cmd_points(args):
@@ -126,7 +157,8 @@ def cmd_status(args):
                 doing = f"; interrupted {op['name']}: run '{op['command']}' to finish it"
             elif op:
                 doing = f"; {op['name']} running now"
-            print(f"{st['item']}: {st['state']}, {st['direction']}, health {st['health']}, "
+            host = f" on {st['host']}" if st["host"] else ""
+            print(f"{st['item']}{host}: {st['state']}, {st['direction']}, health {st['health']}, "
                   f"{st['points']} points"
                   + (f", last error: {st['last_error']}" if st["last_error"] else "") + doing)
     return 0
@@ -142,6 +174,7 @@ def cmd_jobs(args):
         for j in out:
             print(f"{j['id']:>5}  {j['kind']:<10} {j['item'] or '':<16} {j['state']:<10} "
                   f"{j['progress'] * 100:5.1f}%  {human_bytes(j['bytes_transferred'])}"
+                  + (f"  on {j['host']}" if j["host"] else "")
                   + (f"  {j['error']}" if j["error"] else ""))
     return 0
 
@@ -198,7 +231,8 @@ def register(sub):
                   "pydr protect app --disk app.img=/dr/app.img --group shop "
                   "--quiesce-hook 'fsfreeze -f /mnt' --thaw-hook 'fsfreeze -u /mnt'",
                   "pydr protect vm --disk /vm/os.qcow2=/dr/os.img --cbt",
-                  "pydr protect vm --disk qmp:/run/vm.qmp:drive0=/dr/drive0.img --cbt"],
+                  "pydr protect vm --disk qmp:/run/vm.qmp:drive0=/dr/drive0.img --cbt",
+                  "pydr protect web01 --host hv01 --disk /vm/web01.img=dr:/srv/dr/web01.img"],
         func=cmd_protect)
     add_item(p, "a name for the machine")
     p.add_argument("--disk", action="append", required=True, metavar="SOURCE=REPLICA")
@@ -209,6 +243,9 @@ def register(sub):
                    help="also drop points older than AGE (e.g. 72h, 7d; the newest is always kept)")
     p.add_argument("--quiesce-hook", metavar="CMD", help="run before the cut (app-consistent points)")
     p.add_argument("--thaw-hook", metavar="CMD", help="run after the cut")
+    p.add_argument("--host", metavar="NAME",
+                   help="the sources are paths on host NAME, read there by its Dask workers "
+                        "('pydr worker --host NAME'; replicate with --scheduler): docs/SCALE.md")
     p.add_argument("--cbt", action="store_true",
                    help="changed-block tracking: each cycle compares only what a QEMU dirty "
                         "bitmap says changed (qcow2 images, qmp:SOCKET:NODE live disks)")
@@ -221,9 +258,14 @@ def register(sub):
                      "record a recovery point. Each disk moves only the blocks that changed since the\n"
                      "last cycle (compared with the replica's signature cache), through the crash-safe\n"
                      "undo journal of 'pydr apply'; that journal is kept as the point's reverse delta.\n"
-                     "A killed cycle is finished by running it again."),
+                     "A killed cycle is finished by running it again.\n\n"
+                     "With --scheduler ADDR, each item's cycle runs on a Dask worker of its --host\n"
+                     "('pydr worker'), all hosts at once, and this process records the results;\n"
+                     "an item whose host has no worker fails after --host-timeout, the others go\n"
+                     "on (docs/SCALE.md)."),
         examples=["pydr replicate web", "pydr replicate --group shop --app-consistent",
-                  "pydr replicate --all --retry --max-attempts 6 --json"],
+                  "pydr replicate --all --retry --max-attempts 6 --json",
+                  "pydr replicate --all --scheduler tcp://dr-manager:8786 --events"],
         func=cmd_replicate)
     add_item(p, "the item to replicate, with the rest of its group", optional=True)
     p.add_argument("--group", metavar="G")
@@ -238,6 +280,9 @@ def register(sub):
                         "and 10 minutes after the first attempt, then every 30 minutes")
     p.add_argument("--max-attempts", type=positive_int, default=None, metavar="N",
                    help="with --retry, give up after N attempts")
+    p.add_argument("--bwlimit", type=parse_size, default=None, metavar="RATE",
+                   help="bytes a second for uploads to an object store (e.g. 50M)")
+    add_fleet_options(p)
     add_vault_options(p)
     add_progress(p)
 

@@ -23,6 +23,7 @@ import os
 from ..endpoints import remove_all
 from ..engine import crashpoints, names
 from ..errors import InvalidState, PydrError, UnknownName
+from . import objectstore
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
 from .points import SELECTORS, materialize_disk, select_point
@@ -42,12 +43,18 @@ def _already(vault, name, kinds):
 
 
 def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, method="auto",
-             progress=None):
+             progress=None, to=None):
     """Fail `name` over to a recovery point; afterwards its replica paths
     hold that point, made by `method` (see materialize_disk; "qcow2": an
-    overlay on the baseline, which a VM then writes into). Returns {"item",
-    "point", "method", "notes"}."""
+    overlay on the baseline, which a VM then writes into). An item
+    replicated to an object store is brought up in the local directory `to`
+    (its points downloaded there; the disks there are its replicas from then
+    on). Returns {"item", "point", "method", "notes"}."""
     row = vault.item(name)
+    if to is not None and not objectstore.is_object_item(vault, name) and \
+            row["state"] == "protected":
+        raise ValueError("--to is for items replicated to an object store: the others fail "
+                         "over at their replicas' paths")
     if row["state"] == "failing-over":
         return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"], method,
                          progress)
@@ -64,8 +71,14 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         raise InvalidState(f"item {name!r} cannot fail over in state {row['state']} "
                            f"(direction {row['direction']})", path=vault.dir)
     check_no_overlay_drill(vault, name, "a failover")
+    if objectstore.is_object_item(vault, name):
+        if to is None:
+            raise ValueError(f"{name!r} is replicated to an object store: give --to DIR, the "
+                             f"directory on this machine where its disks are made")
+        to = os.path.abspath(os.fspath(to))
     command = f"pydr failover {name}" + (" --planned" if planned else "") + (
-        f" --point {point}" if point not in (None, "latest") else "") + method_flags(method)
+        f" --point {point}" if point not in (None, "latest") else "") + method_flags(method) + (
+        f" --to {to}" if to else "")
     vault.begin(name, "failover", command)
     notes = []
     try:
@@ -89,7 +102,7 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
     except BaseException:
         vault.end(name, "failover")  # nothing changed yet: not an interrupted failover
         raise
-    vault.set_item(name, state="failing-over", failover_point=pid)
+    vault.set_item(name, state="failing-over", failover_point=pid, failover_dir=to)
     crashpoints.reached("failover.marked")
     return _bring_up(vault, name, pid, "failover", notes, method, progress)
 
@@ -100,6 +113,8 @@ def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None):
     made from the baseline, by `method`, and renamed over the replica path.
     Ends in failed-over."""
     methods = []
+    if objectstore.has_object_points(vault, name):
+        return _bring_up_downloaded(vault, name, pid, operation, notes)
 
     def run():
         for d in vault.disks(name):
@@ -115,6 +130,29 @@ def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None):
                   failover_point=pid)
         return {"item": name, "point": pid, "method": "+".join(sorted(set(methods))),
                 "notes": notes}
+
+    return vault.run_job(operation, name, run)
+
+
+def _bring_up_downloaded(vault, name, pid, operation, notes):
+    """The same for points in an object store: each disk is downloaded into
+    the failover directory (atomically, by a rename), and from then on that
+    local disk is its replica. Run again, it downloads again: exact."""
+    where = vault.item(name)["failover_dir"]
+
+    def run():
+        for d in vault.disks(name):
+            replica = vault.endpoint(name, d["replica"])
+            dest = os.path.join(where, replica.path) if d["replica"].startswith("s3://") \
+                else replica.local_path
+            objectstore.restore_disk(vault, name, pid, d, dest)
+            vault.note_method("download")
+            vault.db.execute("UPDATE disks SET replica=? WHERE item=? AND idx=?",
+                             (dest, name, d["idx"]))
+            crashpoints.reached("failover.disk")
+        vault.end(name, (operation, "failover", "change-point"), state="failed-over",
+                  failover_point=pid)
+        return {"item": name, "point": pid, "method": "download", "notes": notes}
 
     return vault.run_job(operation, name, run)
 
@@ -181,6 +219,11 @@ def commit(vault, name):
                 replica.flatten(base)
                 notes.append(f"flattened the qcow2 overlay {replica} into its baseline "
                              "(qemu-img commit): one raw disk")
+        if objectstore.has_object_points(vault, name):  # its points were in an object store
+            store = objectstore.store_of(vault, name).spec
+            dropped = objectstore.drop_indexes(vault, name)
+            notes.append(f"removed the {dropped} point indexes from {store}: 'pydr gc {store}' "
+                         f"sweeps their chunks")
         remove_all([vault.endpoint(name, p) for p in steps]
                    + [r.sidecar(names.BASE) for r in replicas])
         for d in vault.disks(name):

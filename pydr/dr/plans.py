@@ -6,6 +6,11 @@ its own thread with its own connection to the vault (the calling process
 holds the vault's lock). A group's pre hook runs before it and its post hook
 after it; the first failure -- a hook or an item -- stops the plan, and the
 report says what ran, what failed and what did not run.
+
+With a fleet (``fleet=``, pydr.dr.fleet), an item's replication cycles (a
+planned failover's last one) run on its host's Dask workers; everything at
+site B (bringing disks up, drills, commit) runs here. ``events``: fn(dict)
+called as groups start and items end.
 """
 
 import json
@@ -75,9 +80,15 @@ def _operation(op, options):
 def run_plan(vault, name, op, **options):
     """Run `op` over the plan; returns the report (a list of per-item and
     per-hook entries). Raises PlanFailed, carrying the report, on a failure."""
+    fleet = options.pop("fleet", None)
+    events = options.pop("events", None) or (fleet.events if fleet is not None else None)
     groups = get_plan(vault, name)
     fn = _operation(op, options)
     report = []
+
+    def emit(**event):
+        if events is not None:
+            events({"event": "plan", "plan": name, "operation": op, **event})
 
     def stop(message):
         for later in groups[len({e["group"] for e in report}):]:
@@ -95,13 +106,16 @@ def run_plan(vault, name, op, **options):
                 stop(f"plan {name!r} stopped: the pre hook of group {number} failed "
                      f"(exit {r.returncode})")
         results = {}
+        emit(group=number, groups=len(groups), status="started", items=list(group["items"]))
 
         def work(item):
             try:
                 with Store(vault.dir) as v:  # a connection of its own
+                    v.fleet = fleet
                     results[item] = ("succeeded", fn(v, item))
             except Exception as exc:  # reported per item below
                 results[item] = ("failed", str(exc))
+            emit(group=number, item=item, status=results[item][0])
 
         threads = [threading.Thread(target=work, args=(i,), name=f"pydr-plan-{i}")
                    for i in group["items"]]

@@ -74,12 +74,30 @@ def apply_retention(vault, name, now=None):
 
     steps = [(idx, step, vault.endpoint(name, path)) for idx, step, path in doomed]
     remove_all([ep for _, _, ep in steps], on_error=unreachable)
+    _drop_indexes(vault, name)
     with vault.db:
         vault.db.execute("BEGIN IMMEDIATE")
         for idx, step, ep in steps:
             if ep.place not in failed:
                 vault.db.execute("DELETE FROM steps WHERE item=? AND idx=? AND step=?",
                                  (name, idx, step))
+
+
+def _drop_indexes(vault, name):
+    """The point indexes in an object store of points no longer kept: the
+    objects first, then their records (a failure keeps both for later)."""
+    stale = {r["point"] for r in vault.db.execute(
+        "SELECT point FROM object_indexes o WHERE item=? AND NOT EXISTS "
+        "(SELECT 1 FROM points p WHERE p.item=o.item AND p.id=o.point)", (name,))}
+    if not stale:
+        return
+    from .objectstore import drop_indexes, store_of
+
+    try:
+        drop_indexes(vault, name, stale)
+    except OSError as exc:  # kept for a later retention
+        vault.set_item(name, health="warning", last_error=f"could not drop old point indexes "
+                       f"in {store_of(vault, name).spec}: {exc}")
 
 
 def materialize(vault, name, point_id, directory, *, threads=None, method="auto",
@@ -108,6 +126,19 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=Fals
         "SELECT step, path FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
         (name, disk["idx"], row["step"])).fetchall()
     replica = vault.endpoint(name, disk["replica"])
+    if getattr(replica, "point_store", False):  # a point index over chunks: downloaded
+        from .objectstore import restore_disk
+
+        dest_ep = vault.endpoint(name, dest)
+        if dest_ep.local_path is None:
+            raise InvalidState(f"{dest}: points of an object store are materialised on this "
+                               f"machine: give a local directory", path=str(dest))
+        if drill and dest_ep.exists():
+            raise InvalidState("a drill never writes over a file", path=str(dest))
+        used = restore_disk(vault, name, point_id, disk, dest_ep.local_path, threads=threads,
+                            progress=progress)
+        vault.note_method(used)
+        return used
     used = replica.materialize([vault.endpoint(name, s["path"]) for s in steps],
                                vault.endpoint(name, dest), drill=drill, threads=threads,
                                method=method, progress=progress)

@@ -19,14 +19,13 @@ A point is "app-consistent" when the quiesce hook succeeded before the cut.
 """
 
 import contextlib
-import os
 import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..endpoints.transfer import transfer
 from ..errors import HookFailed, InvalidState, TrackingLost
-from . import tracking
+from . import objectstore, tracking
+from .agent import steps_kept, transfer_disk
 from .drills import check_no_overlay_drill
 from .hooks import run_hook
 from .points import apply_retention
@@ -46,20 +45,73 @@ def _cycle_disk(vault, name, d, source, step, has_point, on_progress, threads, r
     [(step, spec, bytes)] to record)."""
     replica = vault.endpoint(name, d["replica"])
     offered = [replica.step_spec(name, d["idx"], step + i, vault.dir) for i in (0, 1)]
-    cache = vault.cache_path(name, d["idx"])
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    if resync_all:  # compare both sides: the replica is read again, the cache rebuilt
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(cache)
-    st, kept = transfer(source, replica, keep_undo=offered if has_point else None,
-                        signature_cache=cache, changed_extents=extents, progress=on_progress,
-                        threads=threads)
-    steps = []
-    if kept == 1:  # the one a killed cycle left
-        steps.append((step, offered[0], 0))
-    if kept is not None:
-        steps.append((step + kept, offered[kept], st.journal_bytes))
-    return st.bytes_written + st.bytes_zeroed, st.bytes_read, steps
+    moved, read, kept, journal = transfer_disk(
+        source, replica, offered=offered, cache=vault.cache_path(name, d["idx"]),
+        has_point=has_point, resync_all=resync_all, extents=extents, progress=on_progress,
+        threads=threads)
+    return moved, read, steps_kept(step, offered, kept, journal)
+
+
+def record_steps(vault, name, idx, steps):
+    for number, spec, size in steps:
+        vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)", (name, idx, number, spec, size))
+
+
+def record_point(vault, names, *, consistency, cuts, bytes_by_item, trackers=(), point_id=None,
+                 steps=(), extra=None):
+    """Record, in one transaction, the `steps` [(item, disk index, [(number,
+    spec, bytes)])] not yet recorded and a recovery point of each item in
+    `names` (cuts and bytes_by_item: by item) at the disks' current steps; the items
+    become protected and their replicate operation ends. A new point id is
+    allocated with them unless `point_id` is given (a fleet cycle's items
+    share one). Returns the point id."""
+    now = time.time()
+    with vault.db:
+        vault.db.execute("BEGIN IMMEDIATE")
+        if point_id is None:  # allocated with the points: a failed cycle uses no id
+            point_id = vault.db.execute(
+                "SELECT value FROM counters WHERE name='point'").fetchone()[0] + 1
+            vault.db.execute("UPDATE counters SET value=? WHERE name='point'", (point_id,))
+        for name, idx, kept in steps:
+            record_steps(vault, name, idx, kept)
+        for name in names:
+            vault.db.execute("INSERT INTO points VALUES (?,?,?,?,?,?)",
+                             (point_id, name, now, consistency, bytes_by_item[name], cuts[name]))
+            for d in vault.disks(name):
+                vault.db.execute("INSERT INTO point_disks VALUES (?,?,?,?)",
+                                 (point_id, name, d["idx"], vault.current_step(name, d["idx"])))
+            vault.set_item(name, state="protected", health="ok", last_error=None)
+            vault.db.execute("UPDATE items SET operation=NULL, operation_command=NULL, "
+                             "operation_args=NULL WHERE name=? AND operation='replicate'", (name,))
+        for t in trackers:  # the new bitmaps are the current ones, with the point
+            t.record(vault.db)
+        if extra is not None:  # more rows of the point (an object store's index): extra(db, id)
+            extra(vault.db, point_id)
+    return point_id
+
+
+def check_can_replicate(vault, rows):
+    for row in rows:
+        if row["state"] not in ("protecting", "protected", "resync-required"):
+            raise InvalidState(f"item {row['name']!r} cannot replicate in state {row['state']}",
+                               path=vault.dir)
+        check_no_overlay_drill(vault, row["name"], "a replication cycle")
+
+
+def check_not_stuck(vault, names, resync_all):
+    """Items in state resync-required replicate only with --resync."""
+    stuck = [r for r in (vault.item(n) for n in names) if r["state"] == "resync-required"]
+    if stuck and not resync_all:
+        why = f" ({stuck[0]['last_error']})" if stuck[0]["last_error"] else ""
+        raise InvalidState(f"{', '.join(r['name'] for r in stuck)} needs a resync{why}: run "
+                           f"'pydr replicate {stuck[0]['name']} --resync'", path=vault.dir)
+
+
+def check_hooks(vault, rows):
+    missing = [r["name"] for r in rows if not r["quiesce_hook"]]
+    if missing:
+        raise InvalidState(f"--app-consistent needs quiesce/thaw hooks; items without: "
+                           f"{', '.join(missing)}", path=vault.dir)
 
 
 class CycleResult(Record):
@@ -78,7 +130,7 @@ def mark_resync_required(vault, name, reason):
 
 
 def replicate(vault, names, *, app_consistent=False, progress=None, threads=None,
-              resync_all=False, changed_extents=None, tracking_lost=False):
+              resync_all=False, changed_extents=None, tracking_lost=False, bwlimit=None):
     """Run one replication cycle for the items `names` (one point id shared
     by all of them). Returns CycleResult. Each item gets a job; a failure
     marks its job failed and the item's health critical (or warning when the
@@ -89,15 +141,24 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
     tracker was reset (or the source shut down uncleanly). Either that, or
     pending changes above half a disk, marks the items resync-required, and
     only ``resync_all=True`` (``--resync``: a checksum comparison of both
-    sides, the replica re-read) replicates them then.
+    sides, the replica re-read) replicates them then. ``bwlimit``: bytes a
+    second for uploads to an object store (pydr.dr.objectstore).
     """
     start = time.monotonic()
     rows = [vault.item(n) for n in names]
-    for row in rows:
-        if row["state"] not in ("protecting", "protected", "resync-required"):
-            raise InvalidState(f"item {row['name']!r} cannot replicate in state {row['state']}",
-                               path=vault.dir)
-        check_no_overlay_drill(vault, row["name"], "a replication cycle")
+    objects = [n for n in names if objectstore.is_object_item(vault, n)]
+    if objects and len(objects) < len(names):
+        raise InvalidState(f"a cycle cannot mix items replicated to object stores "
+                           f"({', '.join(objects)}) with others: replicate them apart",
+                           path=vault.dir)
+    if objects:
+        return objectstore.replicate(vault, names, app_consistent=app_consistent,
+                                     resync_all=resync_all, bwlimit=bwlimit)
+    fleet = getattr(vault, "fleet", None)
+    if fleet is not None and all(r["direction"] == "forward" for r in rows):
+        return fleet.replicate(vault, names, app_consistent=app_consistent, progress=progress,
+                               threads=threads, resync_all=resync_all)
+    check_can_replicate(vault, rows)
     if tracking_lost:
         for r in rows:
             mark_resync_required(vault, r["name"], "change tracking was lost")
@@ -121,18 +182,10 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                     t.validate()
                 except TrackingLost as exc:  # never a cycle that sends less than what changed
                     mark_resync_required(vault, r["name"], str(exc))
+    check_not_stuck(vault, names, resync_all)
     rows = [vault.item(n) for n in names]
-    if not resync_all:
-        stuck = [r for r in rows if r["state"] == "resync-required"]
-        if stuck:
-            why = f" ({stuck[0]['last_error']})" if stuck[0]["last_error"] else ""
-            raise InvalidState(f"{', '.join(r['name'] for r in stuck)} needs a resync{why}: run "
-                               f"'pydr replicate {stuck[0]['name']} --resync'", path=vault.dir)
     if app_consistent:
-        missing = [r["name"] for r in rows if not r["quiesce_hook"]]
-        if missing:
-            raise InvalidState(f"--app-consistent needs quiesce/thaw hooks; items without: "
-                               f"{', '.join(missing)}", path=vault.dir)
+        check_hooks(vault, rows)
     for r in rows:  # a killed cycle is finished by running this again
         vault.begin(r["name"], "replicate",
                     f"pydr replicate {r['name']}" + (" --resync" if resync_all else ""))
@@ -217,9 +270,7 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
             # 0 is "read on the source's host", unless a tracker said nothing changed
             totals["read"] += read if read or extents is not None else sizes[d["source"]]
             done_before += sizes[d["source"]]
-            for number, spec, size in steps:
-                vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)", (name, idx, number, spec,
-                                                                         size))
+            record_steps(vault, name, idx, steps)
             crashpoints.reached("cycle.steps")
             vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
         views.close()
@@ -247,24 +298,9 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                 with contextlib.suppress(OSError):
                     snap.remove_many([snap])
     consistency = "app-consistent" if app_consistent else "crash-consistent"
-    now = time.time()
-    with vault.db:
-        vault.db.execute("BEGIN IMMEDIATE")
-        # allocated with the points, in one transaction: a failed cycle uses no id
-        point_id = vault.db.execute("SELECT value FROM counters WHERE name='point'").fetchone()[0] + 1
-        vault.db.execute("UPDATE counters SET value=? WHERE name='point'", (point_id,))
-        for r in rows:
-            name = r["name"]
-            vault.db.execute("INSERT INTO points VALUES (?,?,?,?,?,?)",
-                             (point_id, name, now, consistency, per_item_bytes[name], cut))
-            for d in vault.disks(name):
-                vault.db.execute("INSERT INTO point_disks VALUES (?,?,?,?)",
-                                 (point_id, name, d["idx"], vault.current_step(name, d["idx"])))
-            vault.set_item(name, state="protected", health="ok", last_error=None)
-            vault.db.execute("UPDATE items SET operation=NULL, operation_command=NULL, "
-                             "operation_args=NULL WHERE name=? AND operation='replicate'", (name,))
-        for t in trackers.values():  # the new bitmaps are the current ones, with the point
-            t.record(vault.db)
+    point_id = record_point(vault, [r["name"] for r in rows], consistency=consistency,
+                            cuts={r["name"]: cut for r in rows}, bytes_by_item=per_item_bytes,
+                            trackers=trackers.values())
     crashpoints.reached("cycle.point")
     for t in trackers.values():
         t.commit()

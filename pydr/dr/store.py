@@ -22,16 +22,19 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import sqlite3
 import time
 
 from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
 
-SCHEMA_VERSION = 5  # 2: remote replicas; 3: operations; 4: changed-block tracking;
-# 5: how a job made disks (reflink, qcow2, copy)
+SCHEMA_VERSION = 7  # 2: remote replicas; 3: operations; 4: changed-block tracking;
+# 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
+# 7: the point indexes of replicas in object stores
 DB_NAME = "vault.db"
 LOCK_NAME = "vault.lock"
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 STATES = ("protecting", "protected", "resync-required")
 HEALTH = ("ok", "warning", "critical")
 
@@ -59,7 +62,9 @@ CREATE TABLE items(
     operation_command TEXT,
     operation_args TEXT,
     test_point INTEGER,
-    test_method TEXT
+    test_method TEXT,
+    host TEXT,
+    failover_dir TEXT
 );
 CREATE TABLE disks(
     item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
@@ -106,12 +111,21 @@ CREATE TABLE jobs(
     ended REAL,
     error TEXT,
     pid INTEGER,
-    method TEXT
+    method TEXT,
+    host TEXT
 );
 CREATE TABLE plans(
     name TEXT PRIMARY KEY,
     definition TEXT NOT NULL,
     created REAL NOT NULL
+);
+CREATE TABLE object_indexes(
+    item TEXT NOT NULL,
+    point INTEGER NOT NULL,
+    store TEXT NOT NULL,
+    key TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY(item, point)
 );
 CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO counters VALUES ('point', 0);
@@ -143,6 +157,14 @@ _MIGRATIONS = {
     # 5: how a materialising job made its disks
     4: ("ALTER TABLE jobs ADD COLUMN method TEXT",
         "ALTER TABLE items ADD COLUMN test_method TEXT"),
+    # 6: the host that holds an item's sources, and the host that ran a job
+    5: ("ALTER TABLE items ADD COLUMN host TEXT",
+        "ALTER TABLE jobs ADD COLUMN host TEXT"),
+    # 7: which point index in an object store belongs to which point
+    6: ("CREATE TABLE object_indexes(item TEXT NOT NULL, point INTEGER NOT NULL, "
+        "store TEXT NOT NULL, key TEXT NOT NULL, bytes INTEGER NOT NULL, "
+        "PRIMARY KEY(item, point))",
+        "ALTER TABLE items ADD COLUMN failover_dir TEXT"),
 }
 
 
@@ -296,7 +318,8 @@ class Store:
 
     # -- items -------------------------------------------------------------------
     def protect(self, name, disks, *, group=None, retention=24, retention_age=None,
-                quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None, cbt=False):
+                quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None, cbt=False,
+                host=None):
         """Register an item: disks is a list of (source, replica) paths; a
         replica may be "[user@]host:PATH" (reached with `rsh`, default ssh,
         running `remote_pydr serve --stdio` there; its recovery-point steps
@@ -305,7 +328,9 @@ class Store:
         `retention_age` seconds is given) younger than that; the newest point
         is always kept. `cbt`: each cycle takes its changed extents from a
         QEMU dirty bitmap (sources: qcow2 images or qmp:SOCKET:NODE; see
-        pydr.dr.tracking)."""
+        pydr.dr.tracking). `host`: the sources are paths on that host, read
+        there by a Dask worker of a fleet (pydr.dr.fleet); they are not
+        looked for on this machine."""
         if not name or "/" in name or name.startswith("-"):
             raise ValueError(f"invalid item name {name!r}")
         if not disks:
@@ -316,6 +341,11 @@ class Store:
             raise ValueError("retention age must be positive")
         if (quiesce_hook is None) != (thaw_hook is None):
             raise ValueError("give both --quiesce-hook and --thaw-hook, or neither")
+        if host is not None and not _HOST_NAME.fullmatch(host):
+            raise ValueError(f"invalid host name {host!r}: letters, digits, '.', '_' and '-'")
+        if host is not None and cbt:
+            raise ValueError("--cbt items cannot have a --host yet: changed-block tracking "
+                             "runs on the vault's machine")
         if self.db.execute("SELECT 1 FROM items WHERE name=?", (name,)).fetchone():
             raise InvalidState(f"item {name!r} is already protected", path=self.dir)
         from ..endpoints import open_endpoint
@@ -327,14 +357,22 @@ class Store:
         taken |= {disk(r["replica"]).identity for r in self.db.execute("SELECT replica FROM disks")}
         seen = set()
         stored = []
+        stores = set()
         for source, replica in disks:
             src, rep = disk(source), disk(replica)
+            if getattr(rep, "point_store", False):  # s3://...: named by item and file name
+                stores.add(rep.store.spec)
+                if cbt or host is not None or src.local_path is None:
+                    raise ValueError(f"{replica}: an object-store replica needs a raw file or "
+                                     f"block device here as its source, without --cbt or --host")
+                rep = rep.for_disk(name, os.path.basename(src.local_path))
             if src.place is not None:
                 raise ValueError(f"source disk {source} must be on this machine "
                                  "(replicas may be on another)")
-            if rep.place is not None and not os.path.isabs(rep.path):
+            if rep.place is not None and not getattr(rep, "point_store", False) \
+                    and not os.path.isabs(rep.path):
                 raise ValueError(f"remote replica {replica} needs an absolute path")
-            if not src.exists():
+            if host is None and not src.exists():  # a host's disks are its worker's to find
                 raise FileNotFoundError(errno.ENOENT, "source disk not found", source)
             if src.identity == rep.identity:
                 raise ValueError(f"replica {replica} is the source disk itself")
@@ -346,15 +384,18 @@ class Store:
                 raise ValueError(f"changed-block tracking (--cbt) needs a qcow2 image or a live "
                                  f"disk (qmp:SOCKET:NODE) as the source, not {source}")
             stored.append((src.spec, rep.spec, src.tracking if cbt else None))
+        if stores and (len(stores) > 1 or any(
+                not r.startswith("s3://") for _, r, _ in stored)):
+            raise ValueError("the disks of an item are all in one object store, or none is")
         job = self.start_job("protect", name)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
                 "INSERT INTO items(name, grp, state, direction, health, retention, quiesce_hook, "
-                "thaw_hook, created, retention_age, rsh, remote_pydr) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "thaw_hook, created, retention_age, rsh, remote_pydr, host) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (name, group, "protecting", "forward", "ok", retention, quiesce_hook, thaw_hook,
-                 time.time(), retention_age, rsh, remote_pydr))
+                 time.time(), retention_age, rsh, remote_pydr, host))
             for i, (source, replica, tracking) in enumerate(stored):
                 self.db.execute("INSERT INTO disks(item, idx, source, replica, tracking) "
                                 "VALUES (?,?,?,?,?)", (name, i, source, replica, tracking))
@@ -389,7 +430,8 @@ class Store:
         points = self.points(name)
         return {
             "item": name, "state": row["state"], "direction": row["direction"],
-            "health": row["health"], "group": row["grp"], "retention": row["retention"],
+            "health": row["health"], "group": row["grp"], "host": row["host"],
+            "retention": row["retention"],
             "retention_age": row["retention_age"],
             "disks": [{"source": d["source"], "replica": d["replica"],
                        "tracking": {"mode": d["tracking"], "bitmap": d["bitmap"]}
@@ -535,7 +577,7 @@ class Store:
     def jobs(self):
         return [dict(r) for r in self.db.execute(
             "SELECT id, kind, item, state, progress, bytes_transferred, started, ended, error, "
-            "method FROM jobs ORDER BY id")]
+            "method, host FROM jobs ORDER BY id")]
 
 
 def _command_line():

@@ -12,6 +12,7 @@ this class only forwards to the workflow modules.
 
 from . import drills as D
 from . import failover as F
+from . import objectstore as O
 from . import plans as plans_
 from . import points as points_
 from . import replication as R
@@ -57,6 +58,22 @@ class Vault(Store):
 
     def failback(self, name, **kwargs):
         return F.failback(self, name, **kwargs)
+
+    def verify(self, name, point=None, sample=100.0):
+        """Check an object-store item's indexes and chunks; see
+        pydr.dr.objectstore.verify."""
+        return O.verify(self, name, point, sample)
+
+    def collect_garbage(self, target, **kwargs):
+        """Mark and sweep the chunks of an object store: s3://BUCKET/PREFIX,
+        or the one of item `target`; see pydr.dr.objectstore.collect_garbage."""
+        if target.startswith("s3://"):
+            from ..endpoints.s3 import ObjectStore
+
+            return O.collect_garbage(ObjectStore(target), **kwargs)
+        if not O.is_object_item(self, target):
+            raise ValueError(f"{target!r} is not replicated to an object store")
+        return O.collect_garbage(O.store_of(self, target), **kwargs)
 
     def create_plan(self, name, groups):
         return plans_.create_plan(self, name, groups)

@@ -36,6 +36,8 @@ def open_endpoint(spec, *, rsh=None, remote_pydr=None, format=None):
 
     * ``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``: an NBD
       export (pydr.endpoints.qemu);
+    * ``s3://BUCKET/PREFIX``: an object store holding recovery points
+      (pydr.endpoints.s3);
     * ``qmp:SOCKET:NODE``: a block node of a running QEMU, read through a
       point-in-time export (pydr.endpoints.qemu);
     * ``[user@]host:PATH``: a disk on another host, reached with `rsh`
@@ -54,6 +56,10 @@ def open_endpoint(spec, *, rsh=None, remote_pydr=None, format=None):
         from .qemu import NbdEndpoint
 
         return NbdEndpoint(spec)
+    if isinstance(spec, str) and spec.startswith("s3://"):
+        from .s3 import ObjectEndpoint
+
+        return ObjectEndpoint(spec)
     if isinstance(spec, str) and spec.startswith("qmp:"):
         from .qemu import QmpEndpoint
 

@@ -6,6 +6,9 @@ stop the process (a testing facility, documented in docs/RELIABILITY.md).
     PYDR_STOP_AT=NAME[:N]    SIGSTOP it there instead (a test continues it
                              with SIGCONT): two commands at a known moment
     PYDR_CRASH_LOG=FILE      append the name of every point passed to FILE
+    PYDR_CRASH_ONCE=FILE     with PYDR_CRASH_AT: only the process that creates
+                             FILE (O_EXCL) is killed, so a process started
+                             again (a Dask worker its Nanny restarts) is not
 
 Unset, a point costs one attribute test. Every name passed must be in
 POINTS, the registry; the crash-matrix tests reach each of them.
@@ -35,6 +38,12 @@ POINTS = {
     "cycle.point": "the cycle's recovery point is recorded, retention not yet applied",
     "retention.recorded": "old points and steps are dropped from the vault, files not yet",
     "cycle.done": "the cycle's job is ended",
+    # a fleet: the work on an item's host, and its record by the coordinator
+    "agent.disk": "a fleet task replicated one disk on its host, nothing recorded",
+    "fleet.recorded": "a fleet task's steps and point are recorded, its job not yet ended",
+    # a cycle to an object store
+    "s3.chunk": "one more chunk is uploaded (and logged as pending), no index names it yet",
+    "s3.index": "the cycle's point index is uploaded, the point not yet recorded",
     # drills
     "drill.recorded": "a drill's directory and point are recorded",
     "drill.disk": "one disk of a drill is materialised",
@@ -84,5 +93,12 @@ def reached(name):
     _counts[name] = _counts.get(name, 0) + 1
     if _counts[name] == n:
         import signal
+
+        once = os.environ.get("PYDR_CRASH_ONCE")
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return  # another process was killed here already
 
         os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)

@@ -290,16 +290,18 @@ def test_a_version_1_vault_is_migrated(tmp_path):
         replicate(v, ["vm"])
     db = sqlite3.connect(tmp_path / "v" / "vault.db")  # back to what version 1 wrote
     for column in ("rsh", "remote_pydr", "operation", "operation_command", "operation_args",
-                   "test_point", "test_method"):
+                   "test_point", "test_method", "host", "failover_dir"):
         db.execute(f"ALTER TABLE items DROP COLUMN {column}")
     for column in ("tracking", "bitmap", "generation"):
         db.execute(f"ALTER TABLE disks DROP COLUMN {column}")
-    db.execute("ALTER TABLE jobs DROP COLUMN method")
+    for column in ("method", "host"):
+        db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+    db.execute("DROP TABLE object_indexes")
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
     with Vault(tmp_path / "v") as v:  # a reader migrates too
-        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
         assert v.item("vm")["rsh"] is None and v.item("vm")["operation"] is None
         assert len(v.points("vm")) == 1
     with Vault(tmp_path / "v", writer=True) as v:

@@ -82,7 +82,7 @@ def item(tmp_path):
 
 def test_retry_with_the_vault_records_attempts_then_succeeds(item, monkeypatch):
     tmp_path, src, rep = item
-    import pydr.dr.replication as R
+    import pydr.dr.agent as R  # where a cycle's disk transfer is made
 
     real = R.transfer
     fails = [2]

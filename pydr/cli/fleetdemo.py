@@ -1,0 +1,48 @@
+"""The fleet step of `pydr demo`: four machines on two emulated hosts,
+replicated through a Dask cluster (a scheduler and one worker per host, in
+this process), each cycle run by its host's worker."""
+
+import logging
+import os
+import shutil
+import time
+
+
+def fleet_step(work, vault, disk, step, check, say, sha):
+    try:
+        from distributed import Scheduler, SpecCluster, Worker
+    except ImportError:
+        say("  (Dask distributed missing: the fleet step is left out; "
+            "pip install 'pydr[fleet]')")
+        return
+    from ..dr.fleet import Fleet
+
+    hosts = ("hv01", "hv02")
+    items = []
+    for n in range(4):
+        host = hosts[n % 2]
+        os.makedirs(os.path.join(work, host), exist_ok=True)
+        source = os.path.join(work, host, f"web{n}.img")
+        shutil.copyfile(disk, source)
+        with open(source, "r+b") as f:  # each machine a little different
+            f.seek((n + 1) << 20)
+            f.write(os.urandom(64 << 10))
+        replica = os.path.join(work, "site-b", f"web{n}.img")
+        vault.protect(f"web{n}", [(source, replica)], host=host)
+        items.append((f"web{n}", host, source, replica))
+    workers = {f"worker-{h}": {"cls": Worker, "options": {
+        "nthreads": 1, "resources": {f"pydr-host-{h}": 1}}} for h in hosts}
+    t = time.monotonic()
+    with SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {
+            "host": "127.0.0.1", "dashboard_address": None}}, silence_logs=logging.ERROR) as c:
+        with Fleet(c.scheduler_address, host_timeout=60) as fleet:
+            vault.fleet = fleet
+            try:
+                r = vault.replicate([i[0] for i in items])
+            finally:
+                vault.fleet = None
+    step("fleet: 4 machines on 2 hosts via Dask", t, point=r.point_id,
+         written=f"{r.bytes_written / (1 << 20):.2f} MiB")
+    check("each replica equals its machine's disk", all(sha(s) == sha(d) for _, _, s, d in items))
+    ran = {j["item"]: j["host"] for j in vault.jobs() if j["kind"] == "replicate"}
+    check("each cycle ran on its own host's worker", all(ran[n] == h for n, h, _, _ in items))

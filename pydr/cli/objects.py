@@ -1,0 +1,87 @@
+"""Object-store commands: verify (indexes and chunks of an item's points)
+and gc (mark and sweep of unreferenced chunks). docs/FORMAT.md describes
+the layout, and its garbage collection."""
+
+from .common import (add_item, add_vault_options, command, human_bytes,
+                     parse_duration, print_json)
+from .vault import open_vault
+
+
+def _percent(text):
+    value = float(text)
+    if not 0 < value <= 100:
+        raise ValueError(f"--sample wants a percentage in (0, 100], not {text}")
+    return value
+
+
+def _grace(text):
+    """A duration, or 0: sweep every unreferenced chunk (only when no cycle runs)."""
+    return 0.0 if text.strip() in ("0", "0s") else parse_duration(text)
+
+
+def cmd_verify(args):
+    from ..errors import FormatError
+
+    with open_vault(args) as v:
+        report = v.verify(args.item, int(args.point) if args.point else None, args.sample)
+    if args.json:
+        print_json(report)
+    else:
+        print(f"{args.item}: {report['points']} points, {report['chunks']} chunks, "
+              f"{report['checked']} checked")
+        for p in report["problems"]:
+            print(f"  problem: {p}")
+    if report["problems"]:
+        raise FormatError(f"{len(report['problems'])} problems in the object store of "
+                          f"{args.item!r}: {report['problems'][0]}")
+    return 0
+
+
+def cmd_gc(args):
+    with open_vault(args) as v:
+        report = v.collect_garbage(args.item, grace=args.grace, dry_run=args.dry_run)
+    if args.json:
+        print_json(report)
+    else:
+        verb = "would sweep" if args.dry_run else "swept"
+        print(f"{report['store']}: {report['indexes']} indexes name {report['referenced']} of "
+              f"{report['chunks']} chunks; {verb} {report['swept']} "
+              f"({human_bytes(report['bytes'])}), kept {report['young']} younger than the "
+              f"grace period")
+    return 0
+
+
+def register(sub):
+    p = command(
+        sub, "verify", help="check an object-store item's points and chunks",
+        description=("Download ITEM's point indexes from its object store (all, or --point P's)\n"
+                     "and check their checksums, then download every chunk they name (or a\n"
+                     "random --sample percent of them) and check that it hashes to its id.\n"
+                     "Problems name the chunk, its point, disk and offset; the exit status is\n"
+                     "then 7."),
+        examples=["pydr verify web", "pydr verify web --point 12",
+                  "pydr verify web --sample 5 --json"],
+        func=cmd_verify)
+    add_item(p)
+    p.add_argument("--point", metavar="P", help="one point (default: all)")
+    p.add_argument("--sample", type=_percent, default=100.0, metavar="PCT",
+                   help="check PCT percent of the chunks, chosen at random (default: 100)")
+    add_vault_options(p)
+
+    p = command(
+        sub, "gc", help="sweep the chunks no point index names",
+        description=("Garbage collection of the object store that holds ITEM's replicas: mark\n"
+                     "every chunk named by any point index under its prefix (any item's), then\n"
+                     "delete the others -- but never one younger than --grace (default 24h),\n"
+                     "which a cycle running meanwhile may have uploaded and not yet indexed.\n"
+                     "Safe while cycles run, if a cycle takes less than the grace period.\n"
+                     "Retention removes the indexes of dropped points; gc their chunks."),
+        examples=["pydr gc web --dry-run", "pydr gc web --grace 48h --json",
+                  "pydr gc s3://dr-bucket/site-b"],
+        func=cmd_gc)
+    add_item(p, "an item replicated to the object store to collect, or s3://BUCKET/PREFIX")
+    p.add_argument("--grace", type=_grace, default=24 * 3600.0, metavar="AGE",
+                   help="keep unreferenced chunks younger than AGE (default: 24h; 0 sweeps "
+                        "them all: only when no cycle of this store runs)")
+    p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    add_vault_options(p)

@@ -1,0 +1,498 @@
+"""Replication cycles, points and materialisation for items whose replicas
+are in an object store (s3://BUCKET/PREFIX; pydr.endpoints.s3, layout in
+docs/FORMAT.md).
+
+A cycle signs each source at 4 KiB and compares it with the signature of
+the last point, kept in the vault (vault/objects/ITEM/), so the store is
+never read back. The 4 MiB chunks holding a changed block are read, named
+by their XXH3-128, and uploaded unless the store has that id already (the
+last point names it, or this cycle's interrupted predecessor uploaded it:
+its ids are logged in vault/objects/ITEM/pending). All-zero chunks are not
+stored. Then the point index is uploaded, and only then the vault records
+the point with the index's key: no recorded point names a chunk that is
+not stored.
+
+Garbage collection (:func:`collect_garbage`) marks every chunk named by any
+index under the prefix and sweeps the others, but never one younger than
+the grace period: a cycle running meanwhile has uploaded its new chunks
+within it (docs/FORMAT.md, "Garbage collection").
+"""
+
+import concurrent.futures as cf
+import contextlib
+import os
+import threading
+import time
+import uuid
+
+from ..engine import crashpoints
+from ..engine.chunks import (CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count, chunk_id,
+                             decode_chunk, encode_chunk)
+from ..errors import FormatError, InvalidState
+from .hooks import run_hook
+
+BLOCK = 4096  # the comparison's block: what changed, in 4 KiB blocks
+UPLOADS = 8   # chunks in flight
+DEFAULT_GRACE = 24 * 3600.0
+PENDING_TRUST = 0.5  # a logged upload is trusted for this share of the grace period
+
+
+def is_object_item(vault, name):
+    """Whether the item replicates to an object store."""
+    return any(d["replica"].startswith("s3://") for d in vault.disks(name))
+
+
+def has_object_points(vault, name):
+    """Whether the item's points are in an object store (also after its
+    failover moved its replicas to local disks)."""
+    return vault.db.execute("SELECT 1 FROM object_indexes WHERE item=? LIMIT 1",
+                            (name,)).fetchone() is not None
+
+
+def store_of(vault, name):
+    """The ObjectStore of the item's replicas, or of its points."""
+    from ..endpoints.s3 import ObjectStore
+
+    row = vault.db.execute("SELECT store FROM object_indexes WHERE item=? ORDER BY point DESC "
+                           "LIMIT 1", (name,)).fetchone()
+    if row is not None and not is_object_item(vault, name):
+        return ObjectStore(row["store"])
+    return vault.endpoint(name, vault.disks(name)[0]["replica"]).store
+
+
+def _dir(vault, name):
+    path = os.path.join(vault.dir, "objects", name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def latest_index(vault, name):
+    """(point id, index key, local name) of the item's newest point, or None."""
+    row = vault.db.execute("SELECT point, key FROM object_indexes WHERE item=? ORDER BY point "
+                           "DESC LIMIT 1", (name,)).fetchone()
+    if row is None:
+        return None
+    return row["point"], row["key"], os.path.basename(row["key"])[:-len(".pidx")]
+
+
+class _Limiter:
+    """At most `rate` bytes a second across the upload threads (--bwlimit)."""
+
+    def __init__(self, rate):
+        self.rate, self.lock, self.next = rate, threading.Lock(), time.monotonic()
+
+    def take(self, n):
+        if not self.rate:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next)
+            self.next = start + n / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+class _Pending:
+    """The chunk ids this item's cycles uploaded that no recorded point names
+    yet: a cycle killed half-way is resumed without uploading them again."""
+
+    def __init__(self, path, grace):
+        self.path, self.ids, self.lock = path, set(), threading.Lock()
+        trusted = time.time() - grace * PENDING_TRUST
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            for line in f:
+                when, _, hexid = line.strip().partition(" ")
+                with contextlib.suppress(ValueError):
+                    if float(when) >= trusted and len(hexid) == 32:
+                        self.ids.add(bytes.fromhex(hexid))
+        self.f = open(path, "a")
+
+    def add(self, ident):
+        with self.lock:
+            self.ids.add(ident)
+            self.f.write(f"{time.time():.3f} {ident.hex()}\n")
+            self.f.flush()
+
+    def close(self, done):
+        self.f.close()
+        if done:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limiter, stats,
+                 uploads):
+    """The chunk ids of one disk; uploads the ones the store lacks."""
+    import numpy as np
+    import zstandard
+
+    size = sig.size
+    n = chunk_count(size)
+    per = CHUNK_SIZE // BLOCK
+    zero = sig.zero_mask
+    if prev_sig is not None and prev_ids is not None and prev_sig.size == size:
+        changed_blocks = sig.changed_blocks(prev_sig)
+    else:
+        changed_blocks = np.ones(sig.block_count, dtype=np.bool_)
+    ids = [None] * n
+    fd = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    local = threading.local()
+    counted = threading.Lock()
+
+    def count(**n):
+        with counted:
+            for k, v in n.items():
+                stats[k] += v
+
+    try:
+        def one(i):
+            start = i * per
+            if zero[start:start + per].all():
+                return i, ZERO_ID
+            if not changed_blocks[start:start + per].any():
+                return i, prev_ids[i]
+            length = min(CHUNK_SIZE, size - i * CHUNK_SIZE)
+            data = os.pread(fd, length, i * CHUNK_SIZE)
+            count(read=len(data))
+            ident = chunk_id(data)
+            if ident in known or ident in pending.ids:
+                count(reused=1)
+                return i, ident
+            if not hasattr(local, "zc"):
+                local.zc = zstandard.ZstdCompressor(level=3)
+            blob = encode_chunk(data, ident, local.zc)
+            limiter.take(len(blob))
+            store.put(store.chunk_key(ident), blob)
+            pending.add(ident)
+            count(uploaded=1, bytes=len(blob))
+            crashpoints.reached("s3.chunk")
+            return i, ident
+
+        with cf.ThreadPoolExecutor(max_workers=uploads) as pool:
+            for i, ident in pool.map(one, range(n)):
+                ids[i] = ident
+    finally:
+        os.close(fd)
+    return ids
+
+
+def cycle_item(vault, name, *, app_consistent=False, resync_all=False, bwlimit=None,
+               uploads=UPLOADS, grace=DEFAULT_GRACE):
+    """The disks of one item into its object store; returns (index key,
+    local name, stats, cut) for the caller to record."""
+    from ..engine.signatures import Signature, signature
+
+    store = store_of(vault, name)
+    store.check()
+    row = vault.item(name)
+    here = _dir(vault, name)
+    prev = None if resync_all else latest_index(vault, name)
+    prev_index = None
+    if prev is not None:
+        local = os.path.join(here, f"{prev[2]}.pidx")
+        try:
+            with open(local, "rb") as f:
+                prev_index = PointIndex.decode(f.read(), local)
+        except (OSError, FormatError):  # the local copy is gone: the store has it
+            prev_index = PointIndex.decode(store.get(prev[1]), store.url(prev[1]))
+    known = prev_index.chunk_ids() if prev_index is not None else set()
+    pending = _Pending(os.path.join(here, "pending"), grace)
+    stats = {"read": 0, "uploaded": 0, "reused": 0, "bytes": 0}
+    limiter = _Limiter(bwlimit)
+    disks = vault.disks(name)
+    sources = [vault.endpoint(name, d["source"]) for d in disks]
+    for d, src in zip(disks, sources):
+        if src.local_path is None:
+            raise InvalidState(f"{d['source']}: an object-store replica needs a raw file or "
+                               f"block device on this machine as its source", path=d["source"])
+    snaps, frozen = [], False
+    try:
+        if app_consistent and row["quiesce_hook"]:
+            run_hook(row["quiesce_hook"], f"quiesce hook of {name!r}")
+            frozen = True
+        snaps = [s.snapshot() for s in sources]
+        cut = "reflink" if all(snaps) else ("quiesce" if frozen else "none")
+        if frozen and cut == "reflink":
+            frozen = False
+            run_hook(row["thaw_hook"], f"thaw hook of {name!r}")
+        crashpoints.reached("cycle.cut")
+        new_name = uuid.uuid4().hex
+        entries, sigs = {}, {}
+        for d, src, snap in zip(disks, sources, snaps):
+            path = (snap or src).local_path
+            sig = signature(path, block_size=BLOCK, algorithm="xxh3-128")
+            prev_sig = None
+            if prev is not None and prev_index is not None and d["idx"] in prev_index.disks:
+                with contextlib.suppress(OSError, FormatError):
+                    prev_sig = Signature.load(os.path.join(here, f"{prev[2]}.{d['idx']}.sig"))
+            prev_ids = prev_index.disks[d["idx"]][1] if prev_sig is not None else None
+            ids = _disk_chunks(store, path, sig, prev_sig, prev_ids, known, pending, limiter,
+                               stats, uploads)
+            entries[d["idx"]] = (sig.size, ids)
+            sigs[d["idx"]] = sig
+            crashpoints.reached("cycle.disk")
+        index = PointIndex(name, entries)
+        key = store.index_key(name, new_name)
+        store.put(key, index.encode())  # after every chunk it names
+        crashpoints.reached("s3.index")
+        for idx, sig in sigs.items():  # the next cycle's baseline, once the point is recorded
+            sig.save(os.path.join(here, f"{new_name}.{idx}.sig"))
+        from ..engine.atomic import atomic_write
+
+        with atomic_write(os.path.join(here, f"{new_name}.pidx")) as f:
+            f.write(index.encode())
+    finally:
+        if frozen:
+            run_hook(row["thaw_hook"], f"thaw hook of {name!r}")
+        for snap in snaps:
+            if snap:
+                with contextlib.suppress(OSError):
+                    snap.remove_many([snap])
+        pending.close(False)
+    return key, new_name, stats, cut
+
+
+def forget_local(vault, name, keep):
+    """Remove the item's local signatures and index copies but `keep`'s, and
+    the pending upload log (its chunks are named by the point just recorded)."""
+    here = _dir(vault, name)
+    for f in os.listdir(here):
+        if not f.startswith(keep + "."):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(here, f))
+
+
+def forget_orphans(vault, name):
+    """Delete the item's indexes in the store that no point records: those of
+    cycles killed after they uploaded their index, before the point was
+    recorded (the vault's lock keeps any other cycle of the item out)."""
+    store = store_of(vault, name)
+    recorded = {r["key"] for r in vault.db.execute(
+        "SELECT key FROM object_indexes WHERE item=?", (name,))}
+    store.delete(key for key, _, _ in store.list(f"indexes/{name}") if key not in recorded)
+
+
+def drop_indexes(vault, name, points=None):
+    """Delete the index objects of the item's points in `points` (all when
+    None), then their records. A failure keeps both, for a later try."""
+    store = store_of(vault, name)
+    rows = vault.db.execute("SELECT point, key FROM object_indexes WHERE item=?",
+                            (name,)).fetchall()
+    rows = [r for r in rows if points is None or r["point"] in points]
+    if not rows:
+        return 0
+    store.delete(r["key"] for r in rows)
+    with vault.db:
+        vault.db.execute("BEGIN IMMEDIATE")
+        for r in rows:
+            vault.db.execute("DELETE FROM object_indexes WHERE item=? AND point=?",
+                             (name, r["point"]))
+    return len(rows)
+
+
+def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=None):
+    """Write disk `disk` of `name` at `point_id` to the local path `dest`
+    (replaced atomically): every chunk downloaded in parallel and verified
+    against its id; zero chunks left as holes. A missing or corrupt chunk is
+    reported with its id and offset, and nothing is renamed over `dest`."""
+    import zstandard
+
+    row = vault.db.execute("SELECT key FROM object_indexes WHERE item=? AND point=?",
+                           (name, point_id)).fetchone()
+    if row is None:
+        raise InvalidState(f"point {point_id} of {name!r} has no index in the vault",
+                           path=vault.dir)
+    store = store_of(vault, name)
+    index = PointIndex.decode(store.get(row["key"]), store.url(row["key"]))
+    if disk["idx"] not in index.disks:
+        raise FormatError(f"the point index has no disk {disk['idx']}", path=store.url(row["key"]))
+    size, ids = index.disks[disk["idx"]]
+    tmp = dest + ".pydr-new"
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    local = threading.local()
+    try:
+        os.ftruncate(fd, size)
+
+        def fetch(i):
+            ident = ids[i]
+            key = store.chunk_key(ident)
+            try:
+                blob = store.get(key)
+            except FileNotFoundError:
+                raise FormatError(f"chunk {ident.hex()} (disk {disk['idx']}, offset "
+                                  f"{i * index.chunk_size}) is missing from the store",
+                                  path=store.url(key)) from None
+            if not hasattr(local, "zd"):
+                local.zd = zstandard.ZstdDecompressor()
+            data = decode_chunk(blob, ident, local.zd, where=store.url(key))
+            os.pwrite(fd, data, i * index.chunk_size)
+            return len(data)
+
+        wanted = [i for i, ident in enumerate(ids) if ident != ZERO_ID]
+        with cf.ThreadPoolExecutor(max_workers=threads or UPLOADS) as pool:
+            for _ in pool.map(fetch, wanted):
+                pass
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.replace(tmp, dest)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    from ..engine.atomic import fsync_dir
+
+    fsync_dir(dest)
+    return "download"
+
+
+def verify(vault, name, point_id=None, sample=100.0):
+    """Check the item's point indexes (all, or `point_id`'s) and their chunks:
+    every one downloaded and hashed, or a random `sample` percent of them.
+    Returns {"points", "chunks", "checked", "problems": [text]}."""
+    import random
+
+    import zstandard
+
+    rows = vault.db.execute("SELECT point, key FROM object_indexes WHERE item=? ORDER BY point",
+                            (name,)).fetchall()
+    if point_id is not None:
+        rows = [r for r in rows if r["point"] == point_id]
+        if not rows:
+            raise InvalidState(f"{name!r} has no point {point_id} in an object store",
+                               path=vault.dir)
+    store = store_of(vault, name)
+    problems, chunks = [], {}
+    for r in rows:
+        try:
+            index = PointIndex.decode(store.get(r["key"]), store.url(r["key"]))
+        except (FormatError, FileNotFoundError) as exc:
+            problems.append(f"point {r['point']}: {exc}")
+            continue
+        for idx, (_, ids) in index.disks.items():
+            for i, ident in enumerate(ids):
+                if ident != ZERO_ID:
+                    chunks.setdefault(ident, (r["point"], idx, i * index.chunk_size))
+    ids = sorted(chunks)
+    if sample < 100.0:
+        ids = random.sample(ids, max(1, round(len(ids) * sample / 100.0))) if ids else []
+    local = threading.local()
+
+    def check(ident):
+        key = store.chunk_key(ident)
+        point, idx, offset = chunks[ident]
+        try:
+            if not hasattr(local, "zd"):
+                local.zd = zstandard.ZstdDecompressor()
+            decode_chunk(store.get(key), ident, local.zd, where=store.url(key))
+        except FileNotFoundError:
+            return f"chunk {ident.hex()} is missing (point {point}, disk {idx}, offset {offset})"
+        except FormatError as exc:
+            return f"{exc} (point {point}, disk {idx}, offset {offset})"
+        return None
+
+    with cf.ThreadPoolExecutor(max_workers=UPLOADS) as pool:
+        problems += [p for p in pool.map(check, ids) if p]
+    return {"item": name, "points": len(rows), "chunks": len(chunks), "checked": len(ids),
+            "problems": problems}
+
+
+def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
+    """Mark and sweep: delete the chunks under the store's prefix that no
+    point index there names and that are older than `grace` seconds.
+    Refuses to sweep when an index cannot be read (it might name them).
+    Returns {"indexes", "chunks", "referenced", "swept", "young", "bytes"}."""
+    start = time.time() if now is None else now
+    referenced, indexes = set(), 0
+    for key, _, _ in store.list("indexes"):
+        if not key.endswith(".pidx"):
+            continue
+        try:
+            referenced |= PointIndex.decode(store.get(key), store.url(key)).chunk_ids()
+        except (FileNotFoundError, FormatError) as exc:
+            raise InvalidState(f"garbage collection stopped before sweeping: {exc}; run "
+                               f"'pydr verify' on the item, or remove that index",
+                               path=store.url(key)) from None
+        indexes += 1
+    doomed, young, total, swept_bytes = [], 0, 0, 0
+    for key, modified, size in store.list("chunks"):
+        total += 1
+        try:
+            ident = bytes.fromhex(key.rpartition("/")[2])
+        except ValueError:
+            continue  # not ours
+        if ident in referenced:
+            continue
+        if modified > start - grace:  # maybe a running cycle's: never swept
+            young += 1
+            continue
+        doomed.append(key)
+        swept_bytes += size
+    if not dry_run:
+        store.delete(doomed)
+    return {"store": store.spec, "indexes": indexes, "chunks": total,
+            "referenced": len(referenced), "swept": len(doomed), "young": young,
+            "bytes": swept_bytes, "dry_run": dry_run}
+
+
+def replicate(vault, names, *, app_consistent=False, progress=None, threads=None,
+              resync_all=False, bwlimit=None):
+    """One cycle of items whose replicas are in object stores: each item
+    uploads what changed, then all succeeded items are recorded with one
+    point id. A failure marks the item's job failed and its health critical
+    (refused credentials, a missing bucket) or warning (recoverable), and
+    re-raises after the others are recorded."""
+    from .replication import (CycleResult, check_can_replicate, check_hooks, check_not_stuck,
+                              record_point)
+    from .points import apply_retention
+    from .retry import recoverable
+
+    del progress, threads  # the upload's progress is its jobs'
+    start = time.monotonic()
+    rows = [vault.item(n) for n in names]
+    check_can_replicate(vault, rows)
+    check_not_stuck(vault, names, resync_all)
+    if app_consistent:
+        check_hooks(vault, rows)
+    for r in rows:
+        vault.begin(r["name"], "replicate", f"pydr replicate {r['name']}"
+                    + (" --resync" if resync_all else ""))
+    jobs = {r["name"]: vault.start_job("replicate", r["name"]) for r in rows}
+    done, point_id, totals, error = [], None, {"bytes": 0, "read": 0}, None
+    consistency = "app-consistent" if app_consistent else "crash-consistent"
+    for r in rows:
+        name = r["name"]
+        try:
+            key, local, stats, cut = cycle_item(vault, name, app_consistent=app_consistent,
+                                                resync_all=resync_all, bwlimit=bwlimit)
+            sent = stats["bytes"]
+            point_id = record_point(
+                vault, [name], consistency=consistency, cuts={name: cut},
+                bytes_by_item={name: sent}, point_id=point_id,
+                extra=lambda db, pid: db.execute(
+                    "INSERT INTO object_indexes VALUES (?,?,?,?,?)",
+                    (name, pid, store_of(vault, name).spec, key, sent)))
+            crashpoints.reached("cycle.point")
+            forget_local(vault, name, local)
+            forget_orphans(vault, name)
+            apply_retention(vault, name)
+            vault.end_job(jobs[name], "succeeded", bytes_transferred=sent)
+            crashpoints.reached("cycle.done")
+            done.append(name)
+            totals["bytes"] += sent
+            totals["read"] += stats["read"]
+        except BaseException as exc:
+            vault.end_job(jobs[name], "cancelled" if isinstance(exc, KeyboardInterrupt)
+                          else "failed", error=str(exc))
+            vault.end(name, "replicate", health="warning" if recoverable(exc) else "critical",
+                      last_error=str(exc))
+            if not isinstance(exc, Exception):
+                raise
+            error = error or exc
+    if error is not None:
+        raise error
+    return CycleResult(point_id, done, totals["bytes"], totals["read"],
+                       time.monotonic() - start, consistency, list(jobs.values()))

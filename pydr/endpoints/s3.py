@@ -1,0 +1,241 @@
+"""S3-compatible object storage as a replica site: ``s3://BUCKET/PREFIX``.
+
+The store holds chunks and point indexes (pydr.engine.chunks; layout in
+docs/FORMAT.md):
+
+    PREFIX/chunks/ABCD/<32 hex digits>   a chunk, named by its XXH3-128
+    PREFIX/indexes/ITEM/<uuid>.pidx      one recovery point of an item
+
+boto3 finds the endpoint and credentials as it always does
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
+~/.aws). PYDR_S3_ADDRESSING=path asks for path-style addressing (most
+servers other than AWS want it). Retries are botocore's "standard" mode:
+503 SlowDown, throttling, timeouts and resets are retried with backoff,
+10 attempts in all.
+
+S3 errors become pydr's in one function, :func:`s3_error`: refused
+credentials are PermissionError (EACCES: not worth retrying, the item turns
+critical), a missing bucket or object FileNotFoundError, a server that
+cannot be reached ConnectionError (retried by --retry).
+"""
+
+import errno
+import os
+import threading
+
+from .base import Endpoint
+
+SCHEME = "s3://"
+MAX_ATTEMPTS = 10
+_DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+           "ExpiredToken", "AccountProblem", "403"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+def parse(spec):
+    """(bucket, prefix) of s3://BUCKET[/PREFIX]; the prefix has no slashes
+    at its ends."""
+    if not spec.startswith(SCHEME):
+        raise ValueError(f"not an s3:// URL: {spec!r}")
+    bucket, _, prefix = spec[len(SCHEME):].partition("/")
+    if not bucket:
+        raise ValueError(f"{spec}: an S3 URL needs a bucket: s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+def s3_error(exc, what):
+    """The pydr error for a botocore exception about `what` (a URL)."""
+    from botocore import exceptions as X
+
+    if isinstance(exc, X.NoCredentialsError):
+        return PermissionError(errno.EACCES, "no S3 credentials found (set AWS_ACCESS_KEY_ID "
+                               "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)", what)
+    if isinstance(exc, X.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        message = exc.response.get("Error", {}).get("Message") or code
+        if code in _DENIED:
+            return PermissionError(errno.EACCES, f"the S3 server refused the credentials "
+                                   f"({code}: {message})", what)
+        if code == "NoSuchBucket" or (code in _MISSING and "/" not in what[len(SCHEME):]):
+            return FileNotFoundError(errno.ENOENT, "no such bucket (create it first, e.g. "
+                                     "'aws s3 mb s3://BUCKET')", what)
+        if code in _MISSING:
+            return FileNotFoundError(errno.ENOENT, "no such object", what)
+        return OSError(errno.EIO, f"S3 error {code}: {message}", what)
+    if isinstance(exc, (X.EndpointConnectionError, X.ConnectionClosedError,
+                        X.ReadTimeoutError, X.ConnectTimeoutError)):
+        return ConnectionError(errno.ECONNREFUSED, f"cannot reach the S3 server: {exc}", what)
+    if isinstance(exc, X.BotoCoreError):
+        return OSError(errno.EIO, f"S3: {exc}", what)
+    return exc
+
+
+def _content_md5(params, **_):
+    """DeleteObjects with Content-MD5, which some servers (Swift's s3api)
+    require and boto3 1.36+ no longer sends."""
+    import base64
+    import hashlib
+
+    body = params.get("body") or b""
+    if isinstance(body, str):
+        body = body.encode()
+    params["headers"]["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+class ObjectStore:
+    """Chunks and indexes under s3://BUCKET/PREFIX. Thread-safe: one boto3
+    client, shared by the threads that upload and download."""
+
+    def __init__(self, spec):
+        self.spec = spec.rstrip("/")
+        self.bucket, self.prefix = parse(spec)
+        self._client = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                self._client = self._make_client()
+            return self._client
+
+    def _make_client(self):
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise ImportError("s3:// replicas need boto3: pip install 'pydr[s3]'") from None
+        addressing = os.environ.get("PYDR_S3_ADDRESSING", "auto")
+        config = Config(retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+                        s3={"addressing_style": addressing}, max_pool_connections=32,
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required")
+        client = boto3.session.Session().client("s3", config=config)
+        client.meta.events.register("before-call.s3.DeleteObjects", _content_md5)
+        return client
+
+    def key(self, *parts):
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def url(self, key):
+        return f"{SCHEME}{self.bucket}/{key}"
+
+    def chunk_key(self, ident):
+        h = ident.hex()
+        return self.key("chunks", h[:4], h)
+
+    def index_key(self, item, name):
+        return self.key("indexes", item, f"{name}.pidx")
+
+    # -- requests: each turns botocore's errors into pydr's --------------------
+    def _call(self, what, fn, **kwargs):
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except Exception as exc:
+            raise s3_error(exc, what) from None
+
+    def check(self):
+        """The bucket exists and the credentials are good, or a clear error."""
+        self._call(f"{SCHEME}{self.bucket}", self.client.head_bucket)
+
+    def put(self, key, data):
+        self._call(self.url(key), self.client.put_object, Key=key, Body=data)
+
+    def get(self, key):
+        body = self._call(self.url(key), self.client.get_object, Key=key)["Body"]
+        try:
+            return body.read()
+        except Exception as exc:
+            raise s3_error(exc, self.url(key)) from None
+        finally:
+            body.close()
+
+    def exists(self, key):
+        try:
+            self._call(self.url(key), self.client.head_object, Key=key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list(self, under):
+        """Yield (key, last modified as a POSIX time, size) under a prefix."""
+        token = None
+        while True:
+            kwargs = {"Prefix": self.key(under) + "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call(self.url(self.key(under)), self.client.list_objects_v2, **kwargs)
+            for o in page.get("Contents", ()):
+                yield o["Key"], o["LastModified"].timestamp(), o["Size"]
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    def delete(self, keys):
+        """Delete objects, 1,000 a request; missing ones are no error."""
+        keys = list(keys)
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            r = self._call(self.url(batch[0]["Key"]), self.client.delete_objects,
+                           Delete={"Objects": batch, "Quiet": True})
+            errors = [e for e in r.get("Errors", ()) if e.get("Code") not in _MISSING]
+            if errors:
+                e = errors[0]
+                raise OSError(errno.EIO, f"S3 could not delete it: {e.get('Code')}: "
+                              f"{e.get('Message')}", self.url(e.get("Key", "")))
+
+
+class ObjectEndpoint(Endpoint):
+    """A replica in an object store: it holds recovery points (point
+    indexes over chunks, pydr.dr.objectstore), not a disk one can open.
+    ``point_store`` is the capability callers ask for.
+
+    A disk's replica is named s3://BUCKET/PREFIX#ITEM/NAME: the store, and
+    after '#' the disk (NAME: the file name its points are materialised as).
+    Without '#' the spec names an object (a point index, to remove)."""
+
+    point_store = True
+
+    def __init__(self, spec):
+        base, _, disk = spec.partition("#")
+        super().__init__(f"{base.rstrip('/')}#{disk}" if disk else base.rstrip("/"))
+        self.store = ObjectStore(base)
+        self.disk = disk or None
+        self._name = disk.rpartition("/")[2] if disk else self.store.prefix
+        self.place = ("s3", self.store.bucket)
+
+    @property
+    def path(self):
+        """The disk's file name (what its points are materialised as)."""
+        return self._name
+
+    def for_disk(self, item, name):
+        """This store as the replica of disk `name` of `item`."""
+        return ObjectEndpoint(f"{self.store.spec}#{item}/{name}")
+
+    def exists(self):
+        return True  # its points are in the vault's records; the bucket is checked by a cycle
+
+    def size(self):
+        raise InvalidReplica(self.spec)
+
+    def child(self, name):
+        return ObjectEndpoint(f"{self.store.spec}/{name}")
+
+    def remove_many(self, endpoints):
+        """The objects the endpoints name (point indexes dropped by retention)."""
+        self.store.delete(ep.store.key() for ep in endpoints)
+
+    def open_source(self, **_):
+        raise InvalidReplica(self.spec)
+
+    def open_target(self, **_):
+        raise InvalidReplica(self.spec)
+
+
+def InvalidReplica(spec):
+    from ..errors import UnsupportedFile
+
+    return UnsupportedFile(f"an object store holds recovery points, not a disk: replicate to "
+                           f"it ('pydr protect ITEM --disk SRC={spec}') and make disks from "
+                           f"its points ('pydr materialize ITEM --point P --to DIR')", path=spec)
