@@ -5,7 +5,9 @@
 serves one real file as MOUNTPOINT/disk.img; any read (default) or any write
 that touches [BAD_START, BAD_END) fails with EIO, both through read() and
 through mmap page faults (which the kernel turns into SIGBUS). In write mode
-the file is writable.
+the file is writable. In hold mode a read there waits until the file
+BACKING_FILE.release exists (BACKING_FILE.held says one waits): a process
+stopped in the middle of its reads, at a known place.
 
     python faultyfs.py lazy BACKING_DIR MOUNTPOINT
 
@@ -59,7 +61,18 @@ class FaultyFile(Operations):
     def read(self, path, size, offset, fh):
         if self.mode == "read" and self._hits(offset, size):
             raise FuseOSError(errno.EIO)
+        if self.mode == "hold" and self._hits(offset, size):
+            self._hold()
         return os.pread(self.fd, size, offset)
+
+    def _hold(self):
+        """Block the read (and the reader) until BACKING.release exists;
+        BACKING.held says that a reader is waiting."""
+        import time
+
+        open(self.backing + ".held", "w").close()
+        while not os.path.exists(self.backing + ".release"):
+            time.sleep(0.01)
 
     def write(self, path, data, offset, fh):
         if self.mode != "write":
@@ -295,5 +308,6 @@ if __name__ == "__main__" and sys.argv[1] == "lazy":
 elif __name__ == "__main__":
     backing, mountpoint, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     mode = sys.argv[5] if len(sys.argv) > 5 else "read"
-    FUSE(FaultyFile(backing, lo, hi, mode), mountpoint, foreground=True, ro=(mode == "read"),
+    FUSE(FaultyFile(backing, lo, hi, mode), mountpoint, foreground=True,
+         ro=(mode in ("read", "hold")),
          nothreads=True)
