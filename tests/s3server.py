@@ -71,12 +71,8 @@ class SwiftS3:
                 stdout=log, stderr=log, cwd=self.dir))
         deadline = time.monotonic() + 60  # a bound on start-up, not a measurement
         while True:
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/healthcheck", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
+            if self._ready():
+                break
             dead = [p for p in self.procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 self.stop()
@@ -85,6 +81,27 @@ class SwiftS3:
                 raise RuntimeError(f"Swift did not start (see {self.dir}/servers.log):\n{tail}")
             time.sleep(0.2)
         return self
+
+    def _ready(self):
+        """The proxy answers, and so do the account and container servers
+        behind it: an S3 request that creates and removes a bucket works."""
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/healthcheck", timeout=2) as r:
+                if r.status != 200:
+                    return False
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                  aws_access_key_id=self.access_key,
+                                  aws_secret_access_key=self.secret_key,
+                                  config=Config(retries={"max_attempts": 1},
+                                                s3={"addressing_style": "path"}))
+            client.create_bucket(Bucket="pydr-ready")
+            client.delete_bucket(Bucket="pydr-ready")
+            return True
+        except Exception:  # not yet: refused, 503 while the rings load, ...
+            return False
 
     def stop(self):
         for p in self.procs:
