@@ -34,6 +34,8 @@ exit status:
   18   the remote side broke pydr's protocol
   19   changed-block tracking was lost (a dirty bitmap is missing or in use): the
        item needs 'pydr replicate ITEM --resync'
+  20   a fleet could not reach its Dask scheduler, or some of its items failed
+       (no worker for their host, ...): 'pydr status' says why
   130  interrupted or cancelled
 """
 
