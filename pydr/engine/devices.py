@@ -200,14 +200,29 @@ class NbdDevice:
             if len(handles) == 1:
                 work(handles[0])
             else:
-                workers = [threading.Thread(target=work, args=(h,), daemon=True,
-                                            name="pydr-nbd-sign") for h in handles]
-                for t in workers:
-                    t.start()
-                for t in workers:
-                    while t.is_alive():
-                        t.join(0.1)
-                        throttle.report(progress_record.done, progress_record.read)
+                from .parallel import start_all, wait_all
+
+                done = [threading.Event() for _ in handles]
+
+                def run(k):
+                    try:
+                        work(handles[k])
+                    finally:
+                        done[k].set()
+
+                def stop():  # each reader stops before its next window
+                    failure.append(Cancelled("interrupted", path=self.name))
+
+                workers = [threading.Thread(target=run, args=(k,), daemon=True,
+                                            name="pydr-nbd-sign") for k in range(len(handles))]
+                try:
+                    start_all(workers, done, stop)
+                    wait_all(done, lambda: throttle.report(progress_record.done,
+                                                           progress_record.read), stop)
+                except KeyboardInterrupt:
+                    stop()  # Ctrl-C between the two: the readers still finish first
+                    wait_all(done, lambda: None, stop)
+                    raise
         if failure:
             raise failure[0]
         if final_report:

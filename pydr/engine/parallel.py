@@ -44,8 +44,16 @@ def run_chunks(nchunks, threads, make_worker_state, do_chunk, progress, throttle
     """
     counter = itertools.count()  # next() is atomic under the GIL
     errors = []
+    count = max(1, min(threads, nchunks))
+    done = [threading.Event() for _ in range(count)]
 
-    def worker():
+    def worker(k):
+        try:
+            work()
+        finally:
+            done[k].set()
+
+    def work():
         try:
             state = make_worker_state()
             try:
@@ -62,29 +70,23 @@ def run_chunks(nchunks, threads, make_worker_state, do_chunk, progress, throttle
             errors.append(exc)
             progress.request_cancel()
 
-    pool = [
-        threading.Thread(target=worker, name=f"pydr-worker-{k}", daemon=True)
-        for k in range(max(1, min(threads, nchunks)))
-    ]
+    pool = [threading.Thread(target=worker, args=(k,), name=f"pydr-worker-{k}", daemon=True)
+            for k in range(count)]
     if cancel is not None and cancel.is_set():
         progress.request_cancel()
-    for t in pool:
-        t.start()
-    interrupted = None
+
+    def tick():
+        if cancel is not None and cancel.is_set():
+            progress.request_cancel()
+        throttle.report(progress.done, progress.read)
+
     try:
-        for t in pool:
-            while t.is_alive():
-                t.join(POLL_INTERVAL)
-                if cancel is not None and cancel.is_set():
-                    progress.request_cancel()
-                throttle.report(progress.done, progress.read)
+        start_all(pool, done, progress.request_cancel)
+        wait_all(done, tick, progress.request_cancel)
     except KeyboardInterrupt as exc:
-        interrupted = exc
-        progress.request_cancel()
-        for t in pool:
-            t.join()
-    if interrupted is not None:
-        raise Cancelled("interrupted", path=throttle.path) from interrupted
+        progress.request_cancel()  # Ctrl-C between the two: the workers still finish first
+        wait_all(done, lambda: None, progress.request_cancel)
+        raise Cancelled("interrupted", path=throttle.path) from exc
     real = [e for e in errors if not isinstance(e, Cancelled)]
     if real:
         raise real[0]
@@ -92,3 +94,41 @@ def run_chunks(nchunks, threads, make_worker_state, do_chunk, progress, throttle
         raise Cancelled("cancelled", path=throttle.path)
     if final_report:
         throttle.report(progress.done, progress.read, finished=True)
+
+
+def start_all(pool, done, stop):
+    """Start the threads of `pool`. Ctrl-C part-way stops the ones started
+    (``stop()``), marks the others done, waits for all, and is re-raised."""
+    for k, t in enumerate(pool):
+        try:
+            t.start()
+        except KeyboardInterrupt:
+            stop()
+            for ev in done[k:]:
+                ev.set()
+            wait_all(done, lambda: None, stop)
+            raise
+
+
+def wait_all(done, tick, stop):
+    """Wait until every worker has set its event in `done`, calling tick()
+    every POLL_INTERVAL. Ctrl-C calls stop() (the workers then stop within
+    one buffer) and still waits for every worker -- they write into buffers
+    and read files that the caller frees and closes -- before it is raised.
+
+    It waits on events, not Thread.join(): a join interrupted by Ctrl-C may
+    leave a thread that still runs marked as stopped (CPython before 3.13),
+    and freeing its buffers then crashed pydr (SIGSEGV) under load."""
+    interrupted = None
+    for ev in done:
+        while True:
+            try:
+                if ev.wait(POLL_INTERVAL):
+                    break
+                if interrupted is None:
+                    tick()
+            except KeyboardInterrupt as exc:
+                interrupted = interrupted or exc
+                stop()
+    if interrupted is not None:
+        raise interrupted

@@ -183,15 +183,20 @@ def test_permission_denied_exit_code(tmp_path):
 
 def test_progress_and_ctrl_c(tmp_path, faulty_image):
     """--progress draws on stderr; SIGINT stops with 130, no output file.
-    The image is served through FUSE, whose reads of its second half wait
-    until the test releases them: the signing is still running when the
-    signal arrives, whatever the machine's speed (no timing)."""
+    The image is served through FUSE, whose reads at 8 MiB wait until the
+    test releases them. The signal goes to the main thread (tgkill) while
+    the reader waits there, so the main thread asks the reader to stop before
+    it can read on; 248 MiB are left after the held read, which the reader
+    checks every buffer. A process-directed signal could instead land on the
+    held reader thread, and then run only after it had finished: that
+    failed on a clean clone."""
+    import ctypes
     import signal
     import subprocess
     import time
 
-    size = 48 << 20
-    img, _ = faulty_image(size // 2, size, size=size, mode="hold")
+    size = 256 << 20
+    img, _ = faulty_image(8 << 20, (8 << 20) + 1, size=size, mode="hold")
     backing = tmp_path / "backing0.img"
     out = tmp_path / "big.sig"
     proc = subprocess.Popen(
@@ -204,7 +209,9 @@ def test_progress_and_ctrl_c(tmp_path, faulty_image):
     while not os.path.exists(f"{backing}.held"):  # until the signing waits in the held half
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    libc = ctypes.CDLL(None, use_errno=True)
+    SYS_tgkill = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
+    assert libc.syscall(SYS_tgkill, proc.pid, proc.pid, signal.SIGINT) == 0  # its main thread
     open(f"{backing}.release", "w").close()
     rest = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == 130
