@@ -202,7 +202,10 @@ def test_progress_and_ctrl_c(tmp_path, faulty_image):
     proc = subprocess.Popen(
         pydr_command() + ["signature", str(img), "-o", str(out), "--progress",
                           "--no-mmap", "--block-size", "512", "--threads", "1"],
-        stderr=subprocess.PIPE, cwd=tmp_path)
+        stderr=subprocess.PIPE, cwd=tmp_path,
+        # as from a terminal: a suite started in the background (`cmd &` in a script)
+        # inherits SIGINT ignored, and Python then keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stderr.read(1)
     assert first == b"\r", "no progress line before the signing ended"
     deadline = time.monotonic() + 120  # a bound on the wait, not an assertion on timing
