@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 
-from .common import command, human_bytes, positive_int
+from .common import command, human_bytes, positive_int, progress_bar
 
 
 def add_fleet_options(p):
@@ -27,8 +27,7 @@ class FleetProgress:
     JSON lines on stderr with --events."""
 
     def __init__(self, args):
-        shown = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
-        self.line = shown and not getattr(args, "quiet", False) and not args.events
+        self.line = progress_bar("fleet", args).enabled and not args.events
         self.json = args.events
         self.drawn = False
 

@@ -65,6 +65,33 @@ def worker_host():
     return ",".join(names) or None
 
 
+@contextlib.contextmanager
+def item_cut(item, sources, quiesce_hook=None, thaw_hook=None):
+    """The cut of one item's disks: its quiesce hook, a reflink clone of each
+    source where its file system can, and the thaw hook as soon as the cut
+    is taken (after the reads when there are no clones). Yields ([snapshot
+    or None], cut: "reflink", "quiesce" or "none"); the clones are removed
+    after."""
+    snaps, frozen = [], False
+    try:
+        if quiesce_hook:
+            run_hook(quiesce_hook, f"quiesce hook of {item!r}")
+            frozen = True
+        snaps = [s.snapshot() for s in sources]
+        cut = "reflink" if all(snaps) else ("quiesce" if frozen else "none")
+        if frozen and cut == "reflink":
+            frozen = False
+            run_hook(thaw_hook, f"thaw hook of {item!r}")
+        yield snaps, cut
+    finally:
+        if frozen:
+            run_hook(thaw_hook, f"thaw hook of {item!r}")
+        for snap in snaps:
+            if snap:
+                with contextlib.suppress(OSError, HookFailed):
+                    snap.remove_many([snap])
+
+
 def cycle_item(task):
     """One item's cycle on its host. `task`: {"item", "vault", "rsh", "remote_pydr",
     "quiesce_hook", "thaw_hook" (None unless app-consistent), "threads",
@@ -79,18 +106,8 @@ def cycle_item(task):
     reach = dict(rsh=task.get("rsh"), remote_pydr=task.get("remote_pydr"))
     disks = task["disks"]
     sources = [open_endpoint(d["source"], **reach) for d in disks]
-    snaps = []
-    frozen = False
-    try:
-        if task.get("quiesce_hook"):
-            run_hook(task["quiesce_hook"], f"quiesce hook of {item!r}")
-            frozen = True
-        sizes = [s.size() for s in sources]
-        snaps = [s.snapshot() for s in sources]
-        cut = "reflink" if all(snaps) else ("quiesce" if frozen else "none")
-        if frozen and cut == "reflink":
-            frozen = False
-            run_hook(task["thaw_hook"], f"thaw hook of {item!r}")
+    sizes = [s.size() for s in sources]
+    with item_cut(item, sources, task.get("quiesce_hook"), task.get("thaw_hook")) as (snaps, cut):
         results = []
         for d, source, snap, size in zip(disks, sources, snaps, sizes):
             replica = open_endpoint(d["replica"], **reach)
@@ -103,11 +120,4 @@ def cycle_item(task):
             crashpoints.reached("agent.disk")
             results.append({"idx": d["idx"], "size": size, "moved": moved, "read": read,
                             "steps": steps_kept(d["step"], d["offered"], kept, journal)})
-    finally:
-        if frozen:
-            run_hook(task["thaw_hook"], f"thaw hook of {item!r}")
-        for snap in snaps:
-            if snap:
-                with contextlib.suppress(OSError, HookFailed):
-                    snap.remove_many([snap])
     return {"item": item, "host": worker_host(), "cut": cut, "disks": results}

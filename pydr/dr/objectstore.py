@@ -29,7 +29,7 @@ from ..engine import crashpoints
 from ..engine.chunks import (CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count, chunk_id,
                              decode_chunk, encode_chunk)
 from ..errors import FormatError, InvalidState
-from .hooks import run_hook
+from .agent import item_cut
 
 BLOCK = 4096  # the comparison's block: what changed, in 4 KiB blocks
 UPLOADS = 8   # chunks in flight
@@ -205,49 +205,37 @@ def cycle_item(vault, name, *, app_consistent=False, resync_all=False, bwlimit=N
         if src.local_path is None:
             raise InvalidState(f"{d['source']}: an object-store replica needs a raw file or "
                                f"block device on this machine as its source", path=d["source"])
-    snaps, frozen = [], False
+    hooks = (row["quiesce_hook"], row["thaw_hook"]) if app_consistent else (None, None)
     try:
-        if app_consistent and row["quiesce_hook"]:
-            run_hook(row["quiesce_hook"], f"quiesce hook of {name!r}")
-            frozen = True
-        snaps = [s.snapshot() for s in sources]
-        cut = "reflink" if all(snaps) else ("quiesce" if frozen else "none")
-        if frozen and cut == "reflink":
-            frozen = False
-            run_hook(row["thaw_hook"], f"thaw hook of {name!r}")
-        crashpoints.reached("cycle.cut")
-        new_name = uuid.uuid4().hex
-        entries, sigs = {}, {}
-        for d, src, snap in zip(disks, sources, snaps):
-            path = (snap or src).local_path
-            sig = signature(path, block_size=BLOCK, algorithm="xxh3-128")
-            prev_sig = None
-            if prev is not None and prev_index is not None and d["idx"] in prev_index.disks:
-                with contextlib.suppress(OSError, FormatError):
-                    prev_sig = Signature.load(os.path.join(here, f"{prev[2]}.{d['idx']}.sig"))
-            prev_ids = prev_index.disks[d["idx"]][1] if prev_sig is not None else None
-            ids = _disk_chunks(store, path, sig, prev_sig, prev_ids, known, pending, limiter,
-                               stats, uploads)
-            entries[d["idx"]] = (sig.size, ids)
-            sigs[d["idx"]] = sig
-            crashpoints.reached("cycle.disk")
-        index = PointIndex(name, entries)
-        key = store.index_key(name, new_name)
-        store.put(key, index.encode())  # after every chunk it names
-        crashpoints.reached("s3.index")
-        for idx, sig in sigs.items():  # the next cycle's baseline, once the point is recorded
-            sig.save(os.path.join(here, f"{new_name}.{idx}.sig"))
-        from ..engine.atomic import atomic_write
+        with item_cut(name, sources, *hooks) as (snaps, cut):
+            crashpoints.reached("cycle.cut")
+            new_name = uuid.uuid4().hex
+            entries, sigs = {}, {}
+            for d, src, snap in zip(disks, sources, snaps):
+                path = (snap or src).local_path
+                sig = signature(path, block_size=BLOCK, algorithm="xxh3-128")
+                prev_sig = None
+                if prev_index is not None and d["idx"] in prev_index.disks:
+                    with contextlib.suppress(OSError, FormatError):
+                        prev_sig = Signature.load(
+                            os.path.join(here, f"{prev[2]}.{d['idx']}.sig"))
+                prev_ids = prev_index.disks[d["idx"]][1] if prev_sig is not None else None
+                ids = _disk_chunks(store, path, sig, prev_sig, prev_ids, known, pending, limiter,
+                                   stats, uploads)
+                entries[d["idx"]] = (sig.size, ids)
+                sigs[d["idx"]] = sig
+                crashpoints.reached("cycle.disk")
+            blob = PointIndex(name, entries).encode()
+            key = store.index_key(name, new_name)
+            store.put(key, blob)  # after every chunk it names
+            crashpoints.reached("s3.index")
+            for idx, sig in sigs.items():  # the next cycle's baseline, once the point is recorded
+                sig.save(os.path.join(here, f"{new_name}.{idx}.sig"))
+            from ..engine.atomic import atomic_write
 
-        with atomic_write(os.path.join(here, f"{new_name}.pidx")) as f:
-            f.write(index.encode())
+            with atomic_write(os.path.join(here, f"{new_name}.pidx")) as f:
+                f.write(blob)
     finally:
-        if frozen:
-            run_hook(row["thaw_hook"], f"thaw hook of {name!r}")
-        for snap in snaps:
-            if snap:
-                with contextlib.suppress(OSError):
-                    snap.remove_many([snap])
         pending.close(False)
     return key, new_name, stats, cut
 
@@ -290,13 +278,26 @@ def drop_indexes(vault, name, points=None):
     return len(rows)
 
 
+_coders = threading.local()  # a zstd decompressor per thread
+
+
+def fetch_chunk(store, ident):
+    """The verified bytes of chunk `ident`; FileNotFoundError if the store
+    lacks it, FormatError (naming its key) if it is corrupt."""
+    import zstandard
+
+    key = store.chunk_key(ident)
+    blob = store.get(key)
+    if not hasattr(_coders, "zd"):
+        _coders.zd = zstandard.ZstdDecompressor()
+    return decode_chunk(blob, ident, _coders.zd, where=store.url(key))
+
+
 def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=None):
     """Write disk `disk` of `name` at `point_id` to the local path `dest`
     (replaced atomically): every chunk downloaded in parallel and verified
     against its id; zero chunks left as holes. A missing or corrupt chunk is
     reported with its id and offset, and nothing is renamed over `dest`."""
-    import zstandard
-
     row = vault.db.execute("SELECT key FROM object_indexes WHERE item=? AND point=?",
                            (name, point_id)).fetchone()
     if row is None:
@@ -307,45 +308,35 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     if disk["idx"] not in index.disks:
         raise FormatError(f"the point index has no disk {disk['idx']}", path=store.url(row["key"]))
     size, ids = index.disks[disk["idx"]]
+    from ..engine.restore import install
+
     tmp = dest + ".pydr-new"
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    local = threading.local()
     try:
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
 
-        def fetch(i):
-            ident = ids[i]
-            key = store.chunk_key(ident)
-            try:
-                blob = store.get(key)
-            except FileNotFoundError:
-                raise FormatError(f"chunk {ident.hex()} (disk {disk['idx']}, offset "
-                                  f"{i * index.chunk_size}) is missing from the store",
-                                  path=store.url(key)) from None
-            if not hasattr(local, "zd"):
-                local.zd = zstandard.ZstdDecompressor()
-            data = decode_chunk(blob, ident, local.zd, where=store.url(key))
-            os.pwrite(fd, data, i * index.chunk_size)
-            return len(data)
+            def fetch(i):
+                try:
+                    data = fetch_chunk(store, ids[i])
+                except FileNotFoundError:
+                    raise FormatError(f"chunk {ids[i].hex()} (disk {disk['idx']}, offset "
+                                      f"{i * index.chunk_size}) is missing from the store",
+                                      path=store.url(store.chunk_key(ids[i]))) from None
+                os.pwrite(fd, data, i * index.chunk_size)
 
-        wanted = [i for i, ident in enumerate(ids) if ident != ZERO_ID]
-        with cf.ThreadPoolExecutor(max_workers=threads or UPLOADS) as pool:
-            for _ in pool.map(fetch, wanted):
-                pass
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        os.replace(tmp, dest)
-    except BaseException:
-        if fd is not None:
+            wanted = [i for i, ident in enumerate(ids) if ident != ZERO_ID]
+            with cf.ThreadPoolExecutor(max_workers=threads or UPLOADS) as pool:
+                for _ in pool.map(fetch, wanted):
+                    pass
+            install(tmp, dest, fd)
+        finally:
             os.close(fd)
+    except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    from ..engine.atomic import fsync_dir
-
-    fsync_dir(dest)
     return "download"
 
 
@@ -354,8 +345,6 @@ def verify(vault, name, point_id=None, sample=100.0):
     every one downloaded and hashed, or a random `sample` percent of them.
     Returns {"points", "chunks", "checked", "problems": [text]}."""
     import random
-
-    import zstandard
 
     rows = vault.db.execute("SELECT point, key FROM object_indexes WHERE item=? ORDER BY point",
                             (name,)).fetchall()
@@ -379,15 +368,10 @@ def verify(vault, name, point_id=None, sample=100.0):
     ids = sorted(chunks)
     if sample < 100.0:
         ids = random.sample(ids, max(1, round(len(ids) * sample / 100.0))) if ids else []
-    local = threading.local()
-
     def check(ident):
-        key = store.chunk_key(ident)
         point, idx, offset = chunks[ident]
         try:
-            if not hasattr(local, "zd"):
-                local.zd = zstandard.ZstdDecompressor()
-            decode_chunk(store.get(key), ident, local.zd, where=store.url(key))
+            fetch_chunk(store, ident)
         except FileNotFoundError:
             return f"chunk {ident.hex()} is missing (point {point}, disk {idx}, offset {offset})"
         except FormatError as exc:

@@ -64,17 +64,31 @@ def materialize_file(source, steps, dest, threads=None, *, method="auto", progre
             for path in steps:  # newest first: each takes the disk one cycle back
                 J.rollback_fd(fd, path, tmp, False)
                 crashpoints.reached("restore.step")
-            os.fsync(fd)
+            install(tmp, dest, fd)
         finally:
             os.close(fd)
-        crashpoints.reached("restore.written")
-        os.replace(tmp, dest)
-        fsync_dir(dest)
     except BaseException:
         with contextlib.suppress(OSError):
             remove_leftovers(tmp)
         raise
     return used
+
+
+def install(tmp, dest, fd=None):
+    """Put a point's disk, made whole at `tmp`, at `dest`: fsync it (`fd`,
+    or opened here), then rename it over `dest` and fsync the directory. A
+    kill before the rename leaves `dest` as it was."""
+    if fd is None:
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    else:
+        os.fsync(fd)
+    crashpoints.reached("restore.written")
+    os.replace(tmp, dest)
+    fsync_dir(dest)
 
 
 def remove_leftovers(tmp):

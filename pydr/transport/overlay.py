@@ -24,7 +24,7 @@ def materialize_overlay(backing, steps, dest):
     written into the overlay through qemu-nbd. Made beside `dest`
     (.NAME.pydr-new) and renamed over it when whole. Returns "qcow2"."""
     from ..engine.devices import NbdDevice
-    from ..engine.restore import check_steps, remove_leftovers
+    from ..engine.restore import check_steps, install, remove_leftovers
 
     tool("qemu-img")
     tool("qemu-nbd")
@@ -51,14 +51,7 @@ def materialize_overlay(backing, steps, dest):
                     for path in steps:  # newest first: each takes the disk one cycle back
                         J.rollback(dev, path)
                         crashpoints.reached("restore.step")
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        crashpoints.reached("restore.written")
-        os.replace(tmp, dest)
-        fsync_dir(dest)
+        install(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
             remove_leftovers(tmp)
