@@ -75,7 +75,7 @@ def record_point(vault, names, *, consistency, cuts, bytes_by_item, trackers=(),
         for name, idx, kept in steps:
             record_steps(vault, name, idx, kept)
         for name in names:
-            vault.db.execute("INSERT INTO points VALUES (?,?,?,?,?,?)",
+            vault.db.execute("INSERT INTO points(id, item, created, consistency, bytes, cut) VALUES (?,?,?,?,?,?)",
                              (point_id, name, now, consistency, bytes_by_item[name], cuts[name]))
             for d in vault.disks(name):
                 vault.db.execute("INSERT INTO point_disks VALUES (?,?,?,?)",

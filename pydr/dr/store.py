@@ -27,178 +27,13 @@ import sqlite3
 import time
 
 from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
+from .schema import DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault, migrate as _migrate  # noqa: F401
 
-SCHEMA_VERSION = 7  # 2: remote replicas; 3: operations; 4: changed-block tracking;
-# 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
-# 7: the point indexes of replicas in object stores
-DB_NAME = "vault.db"
 LOCK_NAME = "vault.lock"
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 STATES = ("protecting", "protected", "resync-required")
 HEALTH = ("ok", "warning", "critical")
-
-
-_SCHEMA = """
-CREATE TABLE items(
-    name TEXT PRIMARY KEY,
-    grp TEXT,
-    state TEXT NOT NULL,
-    direction TEXT NOT NULL,
-    health TEXT NOT NULL,
-    retention INTEGER NOT NULL,
-    quiesce_hook TEXT,
-    thaw_hook TEXT,
-    created REAL NOT NULL,
-    last_error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_retry REAL,
-    retention_age REAL,
-    test_dir TEXT,
-    failover_point INTEGER,
-    rsh TEXT,
-    remote_pydr TEXT,
-    operation TEXT,
-    operation_command TEXT,
-    operation_args TEXT,
-    test_point INTEGER,
-    test_method TEXT,
-    host TEXT,
-    failover_dir TEXT
-);
-CREATE TABLE disks(
-    item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    replica TEXT NOT NULL,
-    tracking TEXT,
-    bitmap TEXT,
-    generation INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY(item, idx)
-);
-CREATE TABLE steps(
-    item TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    PRIMARY KEY(item, idx, step)
-);
-CREATE TABLE points(
-    id INTEGER NOT NULL,
-    item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
-    created REAL NOT NULL,
-    consistency TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    cut TEXT NOT NULL,
-    PRIMARY KEY(id, item)
-);
-CREATE TABLE point_disks(
-    id INTEGER NOT NULL,
-    item TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    PRIMARY KEY(id, item, idx)
-);
-CREATE TABLE jobs(
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    item TEXT,
-    state TEXT NOT NULL,
-    progress REAL NOT NULL DEFAULT 0,
-    bytes_transferred INTEGER NOT NULL DEFAULT 0,
-    started REAL,
-    ended REAL,
-    error TEXT,
-    pid INTEGER,
-    method TEXT,
-    host TEXT
-);
-CREATE TABLE plans(
-    name TEXT PRIMARY KEY,
-    definition TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE object_indexes(
-    item TEXT NOT NULL,
-    point INTEGER NOT NULL,
-    store TEXT NOT NULL,
-    key TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    PRIMARY KEY(item, point)
-);
-CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT INTO counters VALUES ('point', 0);
-"""
-
-
-def _connect(path):
-    db = sqlite3.connect(path, timeout=30, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA foreign_keys=ON")
-    return db
-
-
-_MIGRATIONS = {
-    # 2: how to reach an item's remote replicas
-    1: ("ALTER TABLE items ADD COLUMN rsh TEXT", "ALTER TABLE items ADD COLUMN remote_pydr TEXT"),
-    # 3: the operation running on an item (so that a killed one is finished by
-    # running its command again), and the point of a test failover
-    2: ("ALTER TABLE items ADD COLUMN operation TEXT",
-        "ALTER TABLE items ADD COLUMN operation_command TEXT",
-        "ALTER TABLE items ADD COLUMN operation_args TEXT",
-        "ALTER TABLE items ADD COLUMN test_point INTEGER"),
-    # 4: changed-block tracking of a disk (its kind, its current dirty bitmap)
-    3: ("ALTER TABLE disks ADD COLUMN tracking TEXT",
-        "ALTER TABLE disks ADD COLUMN bitmap TEXT",
-        "ALTER TABLE disks ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"),
-    # 5: how a materialising job made its disks
-    4: ("ALTER TABLE jobs ADD COLUMN method TEXT",
-        "ALTER TABLE items ADD COLUMN test_method TEXT"),
-    # 6: the host that holds an item's sources, and the host that ran a job
-    5: ("ALTER TABLE items ADD COLUMN host TEXT",
-        "ALTER TABLE jobs ADD COLUMN host TEXT"),
-    # 7: which point index in an object store belongs to which point
-    6: ("CREATE TABLE object_indexes(item TEXT NOT NULL, point INTEGER NOT NULL, "
-        "store TEXT NOT NULL, key TEXT NOT NULL, bytes INTEGER NOT NULL, "
-        "PRIMARY KEY(item, point))",
-        "ALTER TABLE items ADD COLUMN failover_dir TEXT"),
-}
-
-
-def _migrate(db, version):
-    """Bring an older vault up to SCHEMA_VERSION, one transaction a step."""
-    while version in _MIGRATIONS:
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            if db.execute("PRAGMA user_version").fetchone()[0] == version:  # not done meanwhile
-                for statement in _MIGRATIONS[version]:
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version={version + 1}")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-    return version
-
-
-def init_vault(directory):
-    """Create an empty vault in `directory` (created if missing)."""
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, DB_NAME)
-    if os.path.exists(path):
-        raise VaultError("a vault already exists here", path=directory)
-    db = _connect(path)
-    try:
-        with db:
-            db.execute("BEGIN")
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-    finally:
-        db.close()
-    for sub in ("undo", "cache"):
-        os.makedirs(os.path.join(directory, sub), exist_ok=True)
-    return directory
 
 
 class Store:
@@ -438,6 +273,7 @@ class Store:
                        if d["tracking"] else None} for d in self.disks(name)],
             "points": len(points),
             "latest_point": points[-1]["id"] if points else None,
+            "damaged_points": [p["id"] for p in points if p["damaged"]],
             "last_error": row["last_error"],
             "failed_attempts": row["attempts"],
             "next_retry": row["next_retry"],
@@ -503,8 +339,20 @@ class Store:
     def points(self, name):
         self.item(name)
         return [dict(r) for r in self.db.execute(
-            "SELECT id, created, consistency, bytes, cut FROM points WHERE item=? ORDER BY id",
+            "SELECT id, created, consistency, bytes, cut, damaged FROM points WHERE item=? ORDER BY id",
             (name,))]
+
+    def mark_damaged(self, name, point_ids, reason):
+        """Record that points of item `name` can no longer be restored, and
+        why (a damaged step, a replica changed behind the vault's back).
+        A point already marked keeps its first reason."""
+        with self.db:
+            self.db.executemany("UPDATE points SET damaged=? WHERE item=? AND id=? AND damaged IS NULL",
+                                [(reason, name, p) for p in point_ids])
+
+    def vault_id(self):
+        """This vault's identity, which its replicas record as their owner."""
+        return self.db.execute("SELECT value FROM meta WHERE key='vault_id'").fetchone()[0]
 
     def point(self, name, point_id):
         row = self.db.execute("SELECT * FROM points WHERE item=? AND id=?",

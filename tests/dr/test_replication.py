@@ -296,14 +296,17 @@ def test_a_version_1_vault_is_migrated(tmp_path):
         db.execute(f"ALTER TABLE disks DROP COLUMN {column}")
     for column in ("method", "host"):
         db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+    db.execute("ALTER TABLE points DROP COLUMN damaged")
     db.execute("DROP TABLE object_indexes")
+    db.execute("DROP TABLE meta")
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
     with Vault(tmp_path / "v") as v:  # a reader migrates too
-        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
         assert v.item("vm")["rsh"] is None and v.item("vm")["operation"] is None
         assert len(v.points("vm")) == 1
+        assert v.points("vm")[0]["damaged"] is None and len(v.vault_id()) == 32
     with Vault(tmp_path / "v", writer=True) as v:
         src.write_bytes(os.urandom(1 << 20))
         assert replicate(v, ["vm"]).point_id == 2

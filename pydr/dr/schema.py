@@ -1,0 +1,191 @@
+"""The vault database's schema: its tables, the migrations from every older
+version, and the creation of an empty vault (pydr.dr.store reads and writes
+the tables; docs/VAULT.md describes them)."""
+
+import os
+import secrets
+import sqlite3
+
+from ..errors import VaultError
+
+SCHEMA_VERSION = 8  # 2: remote replicas; 3: operations; 4: changed-block tracking;
+# 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
+# 7: the point indexes of replicas in object stores; 8: damaged points, the vault's identity
+DB_NAME = "vault.db"
+
+_SCHEMA = """
+CREATE TABLE items(
+    name TEXT PRIMARY KEY,
+    grp TEXT,
+    state TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    health TEXT NOT NULL,
+    retention INTEGER NOT NULL,
+    quiesce_hook TEXT,
+    thaw_hook TEXT,
+    created REAL NOT NULL,
+    last_error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_retry REAL,
+    retention_age REAL,
+    test_dir TEXT,
+    failover_point INTEGER,
+    rsh TEXT,
+    remote_pydr TEXT,
+    operation TEXT,
+    operation_command TEXT,
+    operation_args TEXT,
+    test_point INTEGER,
+    test_method TEXT,
+    host TEXT,
+    failover_dir TEXT
+);
+CREATE TABLE disks(
+    item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    tracking TEXT,
+    bitmap TEXT,
+    generation INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(item, idx)
+);
+CREATE TABLE steps(
+    item TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY(item, idx, step)
+);
+CREATE TABLE points(
+    id INTEGER NOT NULL,
+    item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
+    created REAL NOT NULL,
+    consistency TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    cut TEXT NOT NULL,
+    damaged TEXT,
+    PRIMARY KEY(id, item)
+);
+CREATE TABLE point_disks(
+    id INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    PRIMARY KEY(id, item, idx)
+);
+CREATE TABLE jobs(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    item TEXT,
+    state TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    bytes_transferred INTEGER NOT NULL DEFAULT 0,
+    started REAL,
+    ended REAL,
+    error TEXT,
+    pid INTEGER,
+    method TEXT,
+    host TEXT
+);
+CREATE TABLE plans(
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE object_indexes(
+    item TEXT NOT NULL,
+    point INTEGER NOT NULL,
+    store TEXT NOT NULL,
+    key TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY(item, point)
+);
+CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO counters VALUES ('point', 0);
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def connect(path):
+    """The vault's database, in WAL mode with full syncs. SQLite makes its
+    -wal and -shm files with the database's mode: 0600."""
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
+_MIGRATIONS = {
+    # 2: how to reach an item's remote replicas
+    1: ("ALTER TABLE items ADD COLUMN rsh TEXT", "ALTER TABLE items ADD COLUMN remote_pydr TEXT"),
+    # 3: the operation running on an item (so that a killed one is finished by
+    # running its command again), and the point of a test failover
+    2: ("ALTER TABLE items ADD COLUMN operation TEXT",
+        "ALTER TABLE items ADD COLUMN operation_command TEXT",
+        "ALTER TABLE items ADD COLUMN operation_args TEXT",
+        "ALTER TABLE items ADD COLUMN test_point INTEGER"),
+    # 4: changed-block tracking of a disk (its kind, its current dirty bitmap)
+    3: ("ALTER TABLE disks ADD COLUMN tracking TEXT",
+        "ALTER TABLE disks ADD COLUMN bitmap TEXT",
+        "ALTER TABLE disks ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"),
+    # 5: how a materialising job made its disks
+    4: ("ALTER TABLE jobs ADD COLUMN method TEXT",
+        "ALTER TABLE items ADD COLUMN test_method TEXT"),
+    # 6: the host that holds an item's sources, and the host that ran a job
+    5: ("ALTER TABLE items ADD COLUMN host TEXT",
+        "ALTER TABLE jobs ADD COLUMN host TEXT"),
+    # 7: which point index in an object store belongs to which point
+    6: ("CREATE TABLE object_indexes(item TEXT NOT NULL, point INTEGER NOT NULL, "
+        "store TEXT NOT NULL, key TEXT NOT NULL, bytes INTEGER NOT NULL, "
+        "PRIMARY KEY(item, point))",
+        "ALTER TABLE items ADD COLUMN failover_dir TEXT"),
+    # 8: why a point can no longer be restored (NULL: it can), and the vault's
+    # identity, which its replicas record as their owner
+    7: ("ALTER TABLE points ADD COLUMN damaged TEXT",
+        "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        f"INSERT INTO meta VALUES ('vault_id', '{secrets.token_hex(16)}')"),
+}
+
+
+def migrate(db, version):
+    """Bring an older vault up to SCHEMA_VERSION, one transaction a step."""
+    while version in _MIGRATIONS:
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            if db.execute("PRAGMA user_version").fetchone()[0] == version:  # not done meanwhile
+                for statement in _MIGRATIONS[version]:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={version + 1}")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+def init_vault(directory):
+    """Create an empty vault in `directory` (created if missing). The vault
+    holds hook command lines and the history of private disks: its directory
+    is 0700 and its files 0600, whatever the umask."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    path = os.path.join(directory, DB_NAME)
+    if os.path.exists(path):
+        raise VaultError("a vault already exists here", path=directory)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    db = connect(path)
+    try:
+        with db:
+            db.execute("BEGIN")
+            db.executescript(_SCHEMA)
+            db.execute("INSERT INTO meta VALUES ('vault_id', ?)", (secrets.token_hex(16),))
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    finally:
+        db.close()
+    for sub in ("undo", "cache"):
+        os.makedirs(os.path.join(directory, sub), mode=0o700, exist_ok=True)
+    return directory
+
+
