@@ -10,9 +10,11 @@ apply_prepare(), apply_write(), pread(), truncate(), sync(), writeback(),
 cache_trusted(mtime) (may a signature cache of it be used), close().
 """
 
+import errno
 import fcntl
 import os
 import re
+import stat
 
 from ..errors import Cancelled, UnfinishedApply, UnsupportedFile
 from . import bindings as B
@@ -31,13 +33,51 @@ def journal_dir():
     return os.environ.get("PYDR_JOURNAL_DIR") or JOURNAL_DIR
 
 
+def kind_of(mode):
+    """What a file of this st_mode is, in words, for messages."""
+    for test, word in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return word
+    return "not a regular file or block device"
+
+
+def open_disk(path, flags=os.O_RDONLY):
+    """A descriptor of the disk at `path`, which must be a regular file or a
+    block device; anything else is refused with UnsupportedFile (a
+    directory with IsADirectoryError). Opened with O_NONBLOCK, checked with
+    fstat, then made blocking again: a FIFO opened for reading would
+    otherwise wait for a writer forever."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO and stat.S_ISFIFO(os.stat(path).st_mode):
+            raise UnsupportedFile("a FIFO is not a disk: give a regular file or a block device",
+                                  path=path) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a disk", path)
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise UnsupportedFile(f"{kind_of(mode)} is not a disk: give a regular file or a "
+                                  "block device", path=path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class FileDevice:
     """A regular file or block device, open in this process."""
 
     def __init__(self, path, *, write=False, fd=None, is_block=None):
         self.name = os.fspath(path)
         self.owned = fd is None
-        self.fd = os.open(self.name, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC) \
+        self.fd = open_disk(self.name, os.O_RDWR if write else os.O_RDONLY) \
             if fd is None else fd
         try:
             size, blk = B.fd_size(self.fd, self.name)

@@ -18,6 +18,7 @@ from . import stripes as S
 from ..engine import crashpoints
 from ..engine import journal as J
 from ..engine import names
+from ..engine.devices import open_disk
 from ..engine.signatures import blocks_for, sign_range
 from ..engine.progress import Throttle
 from ..engine.parallel import default_threads
@@ -95,7 +96,7 @@ def _stat(ch, payload, root):
         ch.send_json(P.STAT_OK, {"exists": False, "size": 0})
         return
     J.check_no_unfinished_apply(path) if req.get("source") else None
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_disk(path)  # a FIFO is refused, never waited on
     try:
         size, is_block = B.fd_size(fd, path)
     finally:
@@ -107,7 +108,7 @@ def _sign(ch, payload, root):
     req = P.parse_json(payload, "SIGN")
     path = resolve(req.get("path"), root)
     bs = B.check_block_size(req.get("block_size"))
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_disk(path)
     read = B.Progress()
     try:
         size, _ = B.fd_size(fd, path)
@@ -398,7 +399,7 @@ def _write(ch, payload, root):
     path = resolve(req.get("path"), root)
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-    with atomic_write(path) as f:
+    with atomic_write(path, through=False) as f:
         ch.send_json(P.STAT_OK, {"exists": True, "size": 0})  # the client may stream now
         reader = P.ChunkReader(_stream_in(ch), path)
         while chunk := reader.read(P.CHUNK):
