@@ -5,6 +5,7 @@ the tables; docs/VAULT.md describes them)."""
 import os
 import secrets
 import sqlite3
+import stat
 
 from ..errors import VaultError
 
@@ -162,6 +163,28 @@ def migrate(db, version):
                 db.execute(f"PRAGMA user_version={version + 1}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
     return version
+
+
+def tighten_vault(directory):
+    """Make a vault made before vaults were private (or opened up since)
+    private again: its directory, undo/ and cache/ 0700, vault.db and its
+    WAL files 0600. Done by every command that changes the vault; files
+    inside undo/ and cache/ are not walked (0700 directories keep them
+    from others, and pydr writes new ones 0600). A vault this user does
+    not own is left as it is."""
+    directory = os.fspath(directory)
+    wanted = [(directory, 0o700)]
+    wanted += [(os.path.join(directory, sub), 0o700) for sub in ("undo", "cache")]
+    wanted += [(os.path.join(directory, name), 0o600)
+               for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", "vault.lock")]
+    for path, mode in wanted:
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & ~mode \
+                    and not stat.S_ISLNK(st.st_mode):
+                os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+        except (FileNotFoundError, PermissionError):
+            pass
 
 
 def init_vault(directory):

@@ -27,7 +27,7 @@ import sqlite3
 import time
 
 from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
-from .schema import DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault, migrate as _migrate  # noqa: F401
+from .schema import DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault, migrate as _migrate, tighten_vault  # noqa: F401
 
 LOCK_NAME = "vault.lock"
 
@@ -51,6 +51,7 @@ class Store:
         self.interrupted = {}
         if writer:
             self._lock()
+            tighten_vault(self.dir)  # a vault made before vaults were private
         try:
             self.db = _connect(path)
             version = _migrate(self.db, self.db.execute("PRAGMA user_version").fetchone()[0])
@@ -209,6 +210,10 @@ class Store:
                 raise ValueError(f"remote replica {replica} needs an absolute path")
             if host is None and not src.exists():  # a host's disks are its worker's to find
                 raise FileNotFoundError(errno.ENOENT, "source disk not found", source)
+            if host is None and src.local_path is not None:
+                from ..engine.devices import check_disk
+
+                check_disk(src.local_path)  # a FIFO or socket: refused now, not at the first cycle
             if src.identity == rep.identity:
                 raise ValueError(f"replica {replica} is the source disk itself")
             for p in (src.identity, rep.identity):
@@ -431,7 +436,9 @@ class Store:
 def _command_line():
     import sys
 
-    argv = list(sys.argv)
+    from .hooks import redact_argv
+
+    argv = redact_argv(sys.argv)  # the lock file is shown to a refused command
     if argv and os.path.basename(argv[0]) == "pydr":
         argv[0] = "pydr"
     return " ".join(argv)

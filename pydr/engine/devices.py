@@ -43,6 +43,11 @@ def kind_of(mode):
     return "not a regular file or block device"
 
 
+def not_a_disk(mode):
+    text = kind_of(mode)
+    return f"{text[0].upper()}{text[1:]} is not a disk: give a regular file or a block device"
+
+
 def open_disk(path, flags=os.O_RDONLY):
     """A descriptor of the disk at `path`, which must be a regular file or a
     block device; anything else is refused with UnsupportedFile (a
@@ -52,23 +57,38 @@ def open_disk(path, flags=os.O_RDONLY):
     path = os.fspath(path)
     try:
         fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO and stat.S_ISFIFO(os.stat(path).st_mode):
-            raise UnsupportedFile("a FIFO is not a disk: give a regular file or a block device",
-                                  path=path) from None
+    except OSError as exc:  # ENXIO: a socket, or a FIFO opened for writing only
+        if exc.errno == errno.ENXIO:
+            mode = os.stat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise UnsupportedFile(not_a_disk(mode), path=path) from None
         raise
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory, not a disk", path)
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise UnsupportedFile(f"{kind_of(mode)} is not a disk: give a regular file or a "
-                                  "block device", path=path)
+            raise UnsupportedFile(not_a_disk(mode), path=path)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def disk_mode(device):
+    """The permission bits a copy of `device` gets (pydr.engine.atomic.
+    copy_mode): a file's or block device's own, PRIVATE for an NBD export."""
+    from .atomic import copy_mode
+
+    fd = getattr(device, "fd", None)
+    return copy_mode(os.fstat(fd).st_mode if fd is not None else None)
+
+
+def check_disk(path):
+    """Raise as open_disk does unless `path` is a regular file or a block
+    device (opened and closed again: nothing is read)."""
+    os.close(open_disk(path))
 
 
 class FileDevice:
