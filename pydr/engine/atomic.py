@@ -30,6 +30,21 @@ def copy_mode(st_mode):
     return PRIVATE if st_mode is None else stat.S_IMODE(st_mode) & 0o666
 
 
+def create_private(path, mode=None):
+    """Create the empty file `path` (it must not exist) with permission bits
+    `mode` (None: PRIVATE), whatever the umask: created 0600, then set
+    before any data is written, so it is never wider than asked."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE)
+    try:
+        os.fchmod(fd, PRIVATE if mode is None else mode)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
 def fsync_dir(path):
     """fsync the directory holding `path`: a rename or unlink in it is durable."""
     fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)

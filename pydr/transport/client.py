@@ -137,7 +137,7 @@ class RemoteTarget:
     reports_progress = False
 
     def __init__(self, host, path, *, block_size, result_size, keep_undo=None, streams=0,
-                 bwlimit=None, compress=False):
+                 bwlimit=None, compress=False, mode=None):
         if not isinstance(streams, int) or not 0 <= streams <= S.MAX_STREAMS:
             raise ValueError(f"streams must be 0 to {S.MAX_STREAMS}")
         self.host, self.keep_undo = host, keep_undo
@@ -149,6 +149,8 @@ class RemoteTarget:
             request = {"path": path, "block_size": block_size, "result_size": result_size}
             if keep_undo is not None:
                 request["keep_undo"] = keep_undo
+            if mode is not None:  # a target the server creates gets the source's bits
+                request["mode"] = mode
             if streams:
                 # started now, so that their ssh set-ups overlap the main one
                 token = S.new_token()
@@ -254,7 +256,9 @@ class RemoteSource:
             if bwlimit:
                 req["bwlimit"] = bwlimit
             self.conn.ch.send_json(P.SEND, req)
-            self.size = P.parse_json(self.conn.next(P.STAT_OK)[1], "STAT_OK")["size"]
+            stat = P.parse_json(self.conn.next(P.STAT_OK)[1], "STAT_OK")
+            self.size = stat["size"]
+            self.mode = P.file_mode(stat.get("mode"))
         except BaseException:
             self.conn.close()
             raise

@@ -160,7 +160,7 @@ def _send(ch, payload, root):
         raise P.ProtocolError("bad bwlimit")
     with LocalSource(path, block_size=bs, threads=default_threads(),
                      window=_int(req, "window", X.WINDOW), group=_int(req, "group", X.GROUP)) as src:
-        ch.send_json(P.STAT_OK, {"exists": True, "size": src.size})
+        ch.send_json(P.STAT_OK, {"exists": True, "size": src.size, "mode": src.mode})
         ch.bwlimit = bwlimit
         src.run(_ClientTarget(ch, X.NET_BATCH))
     ch.send_json(P.DONE, {"blocks_changed": src.blocks_changed, "data_bytes": src.data_bytes})
@@ -186,6 +186,7 @@ def _apply(ch, payload, root):
     result = req.get("result_size")
     if not isinstance(result, int) or result < 0:
         raise P.ProtocolError("bad result size")
+    mode = P.file_mode(req.get("mode"))
     keep, kept_at = _choose_step(path, req.get("keep_undo"), root)
     streams = req.get("streams", 0)
     S.check_request(streams, req.get("token"))
@@ -195,7 +196,7 @@ def _apply(ch, payload, root):
         # a missing target starts empty (removed again if this fails); a
         # dropped connection keeps the journal, so the next push resumes
         with LocalTarget(path, block_size=bs, result_size=result, threads=default_threads(),
-                         keep_undo=keep) as target:
+                         keep_undo=keep, mode=mode) as target:
             ch.send_json(P.STAT_OK, {"size": target.base_size, "keep_undo": kept_at})
             if listener is not None:
                 def connect():
