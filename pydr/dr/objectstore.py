@@ -62,7 +62,7 @@ def store_of(vault, name):
 
 def _dir(vault, name):
     path = os.path.join(vault.dir, "objects", name)
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)  # in the vault: private
     return path
 
 

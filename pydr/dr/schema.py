@@ -2,6 +2,7 @@
 version, and the creation of an empty vault (pydr.dr.store reads and writes
 the tables; docs/VAULT.md describes them)."""
 
+import contextlib
 import os
 import secrets
 import sqlite3
@@ -167,14 +168,18 @@ def migrate(db, version):
 
 def tighten_vault(directory):
     """Make a vault made before vaults were private (or opened up since)
-    private again: its directory, undo/ and cache/ 0700, vault.db and its
-    WAL files 0600. Done by every command that changes the vault; files
-    inside undo/ and cache/ are not walked (0700 directories keep them
-    from others, and pydr writes new ones 0600). A vault this user does
-    not own is left as it is."""
+    private again: its directory, undo/, cache/, objects/ and their item
+    directories 0700, vault.db, its WAL files and the lock 0600. Done by
+    every command that changes the vault; the files in the item directories
+    are not walked (0700 directories keep them from others, and pydr writes
+    new ones 0600). A vault this user does not own is left as it is."""
     directory = os.fspath(directory)
     wanted = [(directory, 0o700)]
-    wanted += [(os.path.join(directory, sub), 0o700) for sub in ("undo", "cache")]
+    for sub in ("undo", "cache", "objects"):  # and their per-item directories
+        top = os.path.join(directory, sub)
+        wanted.append((top, 0o700))
+        with contextlib.suppress(OSError):
+            wanted += [(e.path, 0o700) for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
     wanted += [(os.path.join(directory, name), 0o600)
                for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", "vault.lock")]
     for path, mode in wanted:

@@ -210,7 +210,7 @@ class NbdDevice:
         """Exclusive writer: a lock file in the journal directory, or the
         image file itself (lock) for a QEMU image pydr serves."""
         path = self.lock_path or self.journal_path + ".lock"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -82,7 +82,7 @@ class Journal:
 
     @classmethod
     def create(cls, path, **header):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, pack_header(**header))
@@ -283,7 +283,7 @@ def move_journal(path, dest):
     another file system): a recovery-point step."""
     import shutil
 
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), mode=0o700, exist_ok=True)
     try:
         os.replace(path, dest)
     except OSError as exc:
