@@ -433,10 +433,32 @@ class Store:
             "method, host FROM jobs ORDER BY id")]
 
 
+# the options whose value is a hook's command line (which may hold a password)
+HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook")
+HIDDEN = "<hook set>"
+
+
+def redact_argv(argv):
+    """`argv` with the command line of every hook option replaced by
+    HIDDEN ("--quiesce-hook CMD" and "--quiesce-hook=CMD")."""
+    out, hide_next = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if hide_next:
+            out.append(HIDDEN)
+            hide_next = False
+        elif arg in HOOK_OPTIONS:
+            out.append(arg)
+            hide_next = True
+        elif name in HOOK_OPTIONS:
+            out.append(f"{name}={HIDDEN}")
+        else:
+            out.append(arg)
+    return out
+
+
 def _command_line():
     import sys
-
-    from .hooks import redact_argv
 
     argv = redact_argv(sys.argv)  # the lock file is shown to a refused command
     if argv and os.path.basename(argv[0]) == "pydr":
