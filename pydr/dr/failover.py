@@ -56,6 +56,9 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         raise ValueError("--to is for items replicated to an object store: the others fail "
                          "over at their replicas' paths")
     if row["state"] == "failing-over":
+        check_point_restorable(vault, name, row["failover_point"],
+                               hint=f"bring another point up with 'pydr change-point {name} "
+                                    "--point N'")
         return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"], method,
                          progress)
     if row["state"] == "failed-over":

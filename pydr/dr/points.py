@@ -152,7 +152,8 @@ def steps_needed(vault, name, point_id, disk):
         (name, disk["idx"], row["step"])).fetchall()
 
 
-def check_point_restorable(vault, name, point_id):
+def check_point_restorable(vault, name, point_id,
+                           hint="nothing was changed, choose another point with --point"):
     """Before a failover, change-point or drill moves or writes anything:
     every undo step point `point_id` needs is there, has the size the vault
     recorded and (where this process can read it) ends in its commit. A
@@ -164,7 +165,7 @@ def check_point_restorable(vault, name, point_id):
     point = vault.point(name, point_id)
     if point["damaged"]:
         raise FormatError(f"point {point_id} of {name!r} cannot be restored: "
-                          f"{point['damaged']}", path=vault.dir)
+                          f"{point['damaged']}; {hint}", path=vault.dir)
     if getattr(vault.endpoint(name, vault.disks(name)[0]["replica"]), "point_store", False):
         return  # chunk indexes in an object store: checked as they are downloaded
     for d in vault.disks(name):
@@ -175,8 +176,7 @@ def check_point_restorable(vault, name, point_id):
                 continue
             reason = f"undo step {s['step']} of disk {d['idx']} ({step}) {why}"
             raise FormatError(f"point {point_id} of {name!r} cannot be restored: {reason}; "
-                              "nothing was changed, choose another point with --point",
-                              path=step.spec)
+                              f"{hint}", path=step.spec)
 
 
 def _step_problem(step, recorded, J):

@@ -9,7 +9,7 @@ overlay on the latest state."""
 import contextlib
 import os
 
-from ..errors import InvalidState, PydrError, UnsupportedFile
+from ..errors import FormatError, InvalidState, UnsupportedFile
 from . import crashpoints
 from . import journal as J
 from . import names
@@ -24,7 +24,8 @@ def check_steps(steps):
     for path in steps:
         header, committed = J.read_journal(path)
         if header is None or not committed:
-            raise PydrError("undo step is damaged", path=path)
+            raise FormatError("undo step is damaged: no whole, committed undo journal",
+                              path=path)
 
 
 def materialize_file(source, steps, dest, threads=None, *, method="auto", progress=None):

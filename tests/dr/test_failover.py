@@ -388,3 +388,25 @@ def test_an_interrupted_failover_names_a_command_that_finishes_it(machine, crash
     assert replica_hashes(pairs) == history[1]
     st = json.loads(cli("status", "vm", "--json").stdout)
     assert (st["state"], st["operation"], st["failover_point"]) == ("failed-over", None, 1)
+
+
+def test_a_step_lost_during_an_interrupted_failover_is_named_with_a_way_out(machine):
+    """Killed after the first replica moved to its baseline; then a step the
+    point needs is lost. Resuming exits 7 naming it and change-point to a
+    point that needs no such step finishes the failover."""
+    tmp_path, pairs, history = machine
+    r = run_cli("failover", "vm", "--point", "1",
+                env={**os.environ, "PYDR_CRASH_AT": "failover.baseline"})
+    assert r.returncode == -9, r.stderr
+    steps_of(tmp_path)["0-2.undo"].unlink()
+    before = snapshot(tmp_path, pairs)
+    r = cli("failover", "vm")
+    assert r.returncode == 7, r.stderr
+    assert b"undo step 2 of disk 0" in r.stderr and b"pydr change-point vm --point N" in r.stderr
+    after = snapshot(tmp_path, pairs)  # the vault's database: the killed job is marked failed
+    assert (after[0], after[2]) == (before[0], before[2])
+    r = cli("change-point", "vm", "--point", "3")
+    assert r.returncode == 0, r.stderr
+    assert replica_hashes(pairs) == history[3]
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert (st["state"], st["operation"], st["failover_point"]) == ("failed-over", None, 3)
