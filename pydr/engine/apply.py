@@ -71,9 +71,9 @@ class Applier:
         from .devices import FileDevice
 
         if self.given is None and self.create and not os.path.lexists(self.target):
-            from .atomic import create_private
+            from .atomic import create_file
 
-            create_private(self.target, self.mode)
+            create_file(self.target, self.mode)
             self.created = True
         try:
             self.dev = self.given or FileDevice(self.target, write=True)

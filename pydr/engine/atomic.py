@@ -30,10 +30,10 @@ def copy_mode(st_mode):
     return PRIVATE if st_mode is None else stat.S_IMODE(st_mode) & 0o666
 
 
-def create_private(path, mode=None):
+def create_file(path, mode=None):
     """Create the empty file `path` (it must not exist) with permission bits
-    `mode` (None: PRIVATE), whatever the umask: created 0600, then set
-    before any data is written, so it is never wider than asked."""
+    `mode` (None: PRIVATE), whatever the umask: created 0600, then set with
+    fchmod before any data is written, so it is never wider than asked."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE)
     try:
         os.fchmod(fd, PRIVATE if mode is None else mode)
