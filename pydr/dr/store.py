@@ -273,6 +273,8 @@ class Store:
             "health": row["health"], "group": row["grp"], "host": row["host"],
             "retention": row["retention"],
             "retention_age": row["retention_age"],
+            # whether hooks are set, never their command lines (they may hold a password)
+            "hooks": {"quiesce": bool(row["quiesce_hook"]), "thaw": bool(row["thaw_hook"])},
             "disks": [{"source": d["source"], "replica": d["replica"],
                        "tracking": {"mode": d["tracking"], "bitmap": d["bitmap"]}
                        if d["tracking"] else None} for d in self.disks(name)],

@@ -173,4 +173,19 @@ def test_a_hook_command_is_never_shown(tmp_path, monkeypatch):
         assert r.returncode == 0, (args, r.stderr)
         assert SECRET.encode() not in r.stdout + r.stderr, args
     assert SECRET.encode() not in (vault / "vault.lock").read_bytes()
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert st["hooks"] == {"quiesce": True, "thaw": True}  # that they are set, not what
+    # a plan's hooks: neither its definition nor its report shows them
+    assert cli("replicate", "vm").returncode == 0
+    r = cli("plan", "create", "p", "--group", "vm", "--pre-hook", f"exit 5 # {SECRET}", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["groups"][0]["pre"] == "<hook set>"
+    assert SECRET.encode() not in r.stdout + r.stderr
+    r = cli("plan", "failover", "p", "--point", "latest-processed", "--json")
+    assert r.returncode == 17 and b"exit 5" in r.stderr, r.stderr
+    assert json.loads(r.stdout)["report"][0] == {"group": 1, "hook": "pre", "status": "failed",
+                                                 "exit": 5}
+    assert SECRET.encode() not in r.stdout + r.stderr
+    for args in (["status", "vm", "--json"], ["jobs", "--json"]):
+        assert SECRET.encode() not in cli(*args).stdout, args
     vault_modes_are_private(vault)
