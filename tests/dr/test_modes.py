@@ -14,6 +14,7 @@ import pytest
 
 from conftest import LOCAL_RSH, PYDR, run_cli
 from disks import change, mkfs
+from test_s3 import s3, swift  # noqa: F401  (fixtures: an object store on 127.0.0.1)
 
 
 @pytest.fixture(autouse=True)
@@ -189,3 +190,17 @@ def test_a_hook_command_is_never_shown(tmp_path, monkeypatch):
     for args in (["status", "vm", "--json"], ["jobs", "--json"]):
         assert SECRET.encode() not in cli(*args).stdout, args
     vault_modes_are_private(vault)
+
+
+def test_disks_downloaded_from_an_object_store_are_private(s3):
+    from test_s3 import cli as s3_cli, ok
+
+    src = disk(s3["tmp"] / "os.img", 0o640, 2 << 20)
+    ok(s3_cli(s3, "protect", "vm", "--disk", f"{src}={s3['url']}"))
+    ok(s3_cli(s3, "replicate", "vm"))
+    out = s3["tmp"] / "points"
+    ok(s3_cli(s3, "materialize", "vm", "--point", "1", "--to", out))
+    assert mode(out / "os.img") == 0o600  # the object store keeps no bits: private
+    ok(s3_cli(s3, "failover", "vm", "--to", s3["tmp"] / "up"))
+    assert mode(s3["tmp"] / "up" / "os.img") == 0o600
+    vault_modes_are_private(s3["vault"])
