@@ -160,8 +160,6 @@ def check_point_restorable(vault, name, point_id,
     point already marked damaged is refused with its reason. Otherwise
     FormatError (exit 7) names the step. Nothing is changed, not even the
     point's mark: a step on an unmounted file system may come back."""
-    from ..engine import journal as J
-
     point = vault.point(name, point_id)
     if point["damaged"]:
         raise FormatError(f"point {point_id} of {name!r} cannot be restored: "
@@ -171,7 +169,7 @@ def check_point_restorable(vault, name, point_id,
     for d in vault.disks(name):
         for s in steps_needed(vault, name, point_id, d):
             step = vault.endpoint(name, s["path"])
-            why = _step_problem(step, s["bytes"], J)
+            why = _step_problem(step, s["bytes"])
             if why is None:
                 continue
             reason = f"undo step {s['step']} of disk {d['idx']} ({step}) {why}"
@@ -179,12 +177,13 @@ def check_point_restorable(vault, name, point_id,
                               f"{hint}", path=step.spec)
 
 
-def _step_problem(step, recorded, J):
+def _step_problem(step, recorded):
     """Why a step cannot be used (words for a message), or None. The vault
     records a step's journal bytes without its COMMIT record (a cycle), the
     whole file (a step registered after a kill), or 0 (not known: a step a
     killed cycle kept); the file must match what was recorded."""
     from ..engine import bindings as B
+    from ..engine import journal as J
 
     try:
         size = step.size() if step.local_path is None else os.path.getsize(step.local_path)
