@@ -27,7 +27,8 @@ import sqlite3
 import time
 
 from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
-from .schema import DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault, migrate as _migrate, tighten_vault  # noqa: F401
+from .schema import (DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault,  # noqa: F401
+                     migrate as _migrate, tighten_vault)
 
 LOCK_NAME = "vault.lock"
 
