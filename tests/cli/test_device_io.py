@@ -154,3 +154,13 @@ def test_a_fifo_pulled_through_serve_is_refused(fifo, tmp_path):
 def test_a_fifo_pushed_to_through_serve_is_refused(disk, fifo):
     r = cli("resync", disk, f"127.0.0.1:{fifo}", "--rsh", LOCAL_RSH, "--remote-pydr", PYDR)
     refused(r, fifo)
+
+
+def test_serve_never_writes_through_nor_replaces_a_device_the_client_names(disk):
+    before = os.stat("/dev/null")
+    r = cli("signature", disk, "-o", "127.0.0.1:/dev/null", "--rsh", LOCAL_RSH,
+            "--remote-pydr", PYDR)
+    assert r.returncode == 10, r.stderr
+    assert b"/dev/null" in r.stderr
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_ino == before.st_ino
