@@ -315,6 +315,7 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         try:
+            os.fchmod(fd, 0o600)  # the store keeps no bits: private (also a killed run's leftover)
             os.ftruncate(fd, size)
 
             def fetch(i):
