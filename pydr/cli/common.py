@@ -4,6 +4,7 @@ once here), and the one function that turns an exception into a line on
 stderr and an exit status."""
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -283,12 +284,52 @@ def print_fields(result):
 # -- errors -----------------------------------------------------------------------
 
 
+class _GuardedOutput:
+    """Our standard output (text, or its binary buffer) whose broken pipe
+    says it is ours: StdoutClosed, the one quiet error of report_error. A
+    broken pipe anywhere else (a peer, a helper process) stays an error."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except BrokenPipeError as exc:
+            raise E.StdoutClosed(exc.errno, exc.strerror, "<stdout>") from None
+
+    def flush(self):
+        try:
+            self._f.flush()
+        except BrokenPipeError as exc:
+            raise E.StdoutClosed(exc.errno, exc.strerror, "<stdout>") from None
+
+    @property
+    def buffer(self):
+        return _GuardedOutput(self._f.buffer)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@contextlib.contextmanager
+def guarded_stdout():
+    """While a command runs, a broken pipe on sys.stdout is StdoutClosed."""
+    real = sys.stdout
+    sys.stdout = _GuardedOutput(real) if real is not None else real
+    try:
+        yield
+    finally:
+        if isinstance(sys.stdout, _GuardedOutput):
+            sys.stdout = real
+
+
 def report_error(exc):
     """The one place errors meet the user: one line on stderr, and the exit
     status of the exception's class (EXIT_STATUS)."""
     if isinstance(exc, SystemExit):
         raise exc
-    if isinstance(exc, BrokenPipeError):
+    if isinstance(exc, E.StdoutClosed):
         # e.g. `pydr diff ... | head`: not an error worth a message
         try:
             sys.stdout = open(os.devnull, "w")
@@ -297,6 +338,9 @@ def report_error(exc):
         return 0
     if isinstance(exc, E.PydrError):
         message = str(exc)
+        if isinstance(exc, E.VaultDamaged) and exc.path:
+            vault = os.path.dirname(exc.path) or "."
+            message += f"; run 'pydr vault check {vault}' to see what is damaged"
     elif isinstance(exc, OSError):
         where = exc.filename if exc.filename is not None else ""
         if exc.filename2 is not None:
