@@ -28,11 +28,13 @@ exit status:
   12   the target holds the delta's result where it writes, but differs elsewhere
        (a target holding all of the result is left alone: exit 0, "already holds")
   13   source and target are the same file
-  14   not a vault, or the vault is locked by another pydr
+  14   not a vault, the vault is locked by another pydr, or its database is
+       damaged ('pydr vault check' says where)
   15   the operation is not valid in the item's current state
   16   a quiesce, thaw or shutdown hook failed
   17   a recovery plan stopped (its report says where)
-  18   the remote side broke pydr's protocol
+  18   the remote side broke pydr's protocol, or died, refused the connection or
+       never started (the message carries ssh's own words)
   19   changed-block tracking was lost (a dirty bitmap is missing or in use): the
        item needs 'pydr replicate ITEM --resync'
   20   a fleet could not reach its Dask scheduler, or some of its items failed

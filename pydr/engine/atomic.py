@@ -11,6 +11,7 @@ import fcntl
 import os
 
 from ..errors import UnfinishedApply
+from .oserrors import NamedFile, naming
 
 
 def fsync_dir(path):
@@ -36,7 +37,8 @@ def open_temp(dest):
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
+    with naming(dest):
+        os.ftruncate(fd, 0)
     return fd, path
 
 
@@ -50,9 +52,10 @@ def atomic_write(path):
     fd, tmp = open_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            yield NamedFile(f, path)  # a full disk names the file it could not write
+            with naming(path):
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
