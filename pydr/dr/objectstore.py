@@ -28,6 +28,7 @@ import uuid
 from ..engine import crashpoints
 from ..engine.chunks import (CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count, chunk_id,
                              decode_chunk, encode_chunk)
+from ..engine.oserrors import naming
 from ..errors import FormatError, InvalidState
 from .agent import item_cut
 
@@ -315,7 +316,8 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         try:
-            os.ftruncate(fd, size)
+            with naming(dest):
+                os.ftruncate(fd, size)
 
             def fetch(i):
                 try:
@@ -324,7 +326,8 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
                     raise FormatError(f"chunk {ids[i].hex()} (disk {disk['idx']}, offset "
                                       f"{i * index.chunk_size}) is missing from the store",
                                       path=store.url(store.chunk_key(ids[i]))) from None
-                os.pwrite(fd, data, i * index.chunk_size)
+                with naming(dest):  # a full disk names the disk being restored
+                    os.pwrite(fd, data, i * index.chunk_size)
 
             wanted = [i for i, ident in enumerate(ids) if ident != ZERO_ID]
             with cf.ThreadPoolExecutor(max_workers=threads or UPLOADS) as pool:
