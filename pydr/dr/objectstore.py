@@ -109,7 +109,7 @@ class _Pending:
         self.f = open(path, "a")
 
     def add(self, ident):
-        with self.lock:
+        with self.lock, naming(self.path):
             self.ids.add(ident)
             self.f.write(f"{time.time():.3f} {ident.hex()}\n")
             self.f.flush()
