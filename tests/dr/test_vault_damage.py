@@ -211,3 +211,50 @@ def test_a_full_target_disk_in_resync_names_the_path(tmp_path, tiny_fs):
     assert r.returncode == 6, r.stderr
     assert str(tiny_fs / ".t.img.pydr-undo").encode() in r.stderr, r.stderr
     assert (tiny_fs / "t.img").read_bytes() == b"\1" * (64 << 10)
+
+
+def test_vault_check_cross_checks_the_rows(tmp_path):
+    """A steps row lost (its file stays), point_disks rows of a point that
+    is not there, a disk numbered past a gap: each is named."""
+    vault = _vault(tmp_path, cycles=4)  # points 1-4 at steps 0-3 of disk 0
+    db = sqlite3.connect(vault / "vault.db")
+    with db:
+        db.execute("DELETE FROM steps WHERE item='vm' AND idx=0 AND step=2")
+        db.execute("INSERT INTO point_disks VALUES (99, 'vm', 0, 1)")
+        db.execute("INSERT INTO disks(item, idx, source, replica) VALUES ('vm', 2, 'a', 'b')")
+    db.close()
+    code, report = _check(vault)
+    assert code == 14
+    found = sorted((p["kind"], p["where"]) for p in report["problems"])
+    assert found == [
+        ("point-chain", "item vm point 1 disk 0"),  # at step 0: rolled back through 3, 2, 1
+        ("point-chain", "item vm point 1 disk 2"),  # no step recorded for the new disk
+        ("point-chain", "item vm point 2 disk 0"),  # at step 1: through 3, 2
+        ("point-chain", "item vm point 2 disk 2"),
+        ("point-chain", "item vm point 3 disk 2"),
+        ("point-chain", "item vm point 4 disk 2"),
+        ("rows", "item vm"),                        # disks 0 and 2
+        ("rows", "item vm point 99"),
+        ("unknown-file", str(vault / "undo" / "vm" / "0-2.undo")),
+    ], report
+    assert "steps 2 it is rolled back through" in next(
+        p["message"] for p in report["problems"] if p["where"] == "item vm point 1 disk 0")
+
+
+def test_vault_check_while_another_pydr_changes_the_vault(tmp_path):
+    """A command holding the vault's lock may be making step files it has
+    not recorded yet: they are not called unknown, and the report says so."""
+    import fcntl
+
+    vault = _vault(tmp_path, cycles=2)
+    (vault / "undo" / "vm" / "0-2.undo").write_bytes(b"being copied in")
+    fd = os.open(vault / "vault.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        code, report = _check(vault)
+        assert code == 0 and report["unknown_files_checked"] is False, report
+    finally:
+        os.close(fd)
+    code, report = _check(vault)
+    assert code == 14 and report["unknown_files_checked"] is True
+    assert [p["kind"] for p in report["problems"]] == ["unknown-file"], report
