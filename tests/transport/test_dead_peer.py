@@ -209,3 +209,19 @@ def test_a_broken_pipe_that_is_not_our_stdout_is_an_error(capsys):
     assert report_error(E.PeerGone("could not start pydr on h", path="h:/x")) == 18
     assert report_error(E.StdoutClosed(32, "Broken pipe", "<stdout>")) == 0
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_peer_killed_in_the_middle_of_a_signature(tmp_path):
+    """The server is SIGKILLed after 64 KiB of a ~140 KiB signature: exit
+    18, and no signature file (not even a partial one) is left."""
+    import sys
+
+    _images(tmp_path)
+    (tmp_path / "cut_rsh.py").write_text(CUT_RSH)
+    cut = f"{sys.executable} {tmp_path / 'cut_rsh.py'} {64 << 10} {PYDR}"
+    sig = tmp_path / "f.sig"
+    r = subprocess.run([PYDR, "signature", f"h:{tmp_path / 'src.img'}", "--block-size", "4096",
+                        "-o", str(sig), "--rsh", cut], capture_output=True, env=_env())
+    assert r.returncode == 18, r.stderr
+    assert b"the connection to pydr on h was lost" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["cut_rsh.py", "dst.img", "src.img"]
