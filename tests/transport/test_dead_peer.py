@@ -225,3 +225,25 @@ def test_peer_killed_in_the_middle_of_a_signature(tmp_path):
     assert r.returncode == 18, r.stderr
     assert b"the connection to pydr on h was lost" in r.stderr, r.stderr
     assert sorted(os.listdir(tmp_path)) == ["cut_rsh.py", "dst.img", "src.img"]
+
+
+def test_replicate_through_ssh_to_a_site_whose_sshd_is_down(tmp_path):
+    """The first cycle of an item whose replica is behind a real ssh to a
+    closed port: exit 18 with ssh's words, the job failed, no point."""
+    if not shutil.which("ssh"):
+        pytest.skip("needs openssh-client")
+    disk = tmp_path / "os.img"
+    disk.write_bytes(random.Random(6).randbytes(1 << 20))
+    vault = tmp_path / "vault"
+    assert run_cli("vault", "init", vault).returncode == 0
+    rsh = "ssh -p 1 -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+    r = run_cli("protect", "vm", "--vault", vault, "--disk",
+                f"{disk}=127.0.0.1:{tmp_path / 'replica.img'}", "--rsh", rsh)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("replicate", "vm", "--vault", vault)
+    assert r.returncode == 18, r.stderr
+    assert b"Connection refused" in r.stderr and b"ssh exited with status 255" in r.stderr
+    jobs = json.loads(run_cli("jobs", "--vault", vault, "--json").stdout)
+    assert [j["state"] for j in jobs if j["kind"] == "replicate"] == ["failed"], jobs
+    assert json.loads(run_cli("points", "vm", "--vault", vault, "--json").stdout) == []
+    assert not (tmp_path / "replica.img").exists()
