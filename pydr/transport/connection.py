@@ -36,7 +36,7 @@ class _StderrTail:
 
     def _run(self):
         with contextlib.suppress(OSError, ValueError):
-            while chunk := self.f.read1(1 << 12) if hasattr(self.f, "read1") else self.f.read(1 << 12):
+            while chunk := self.f.read(1 << 12):  # unbuffered: whatever is there
                 self.tail += chunk
                 del self.tail[:-STDERR_TAIL]
 

@@ -247,3 +247,22 @@ def test_replicate_through_ssh_to_a_site_whose_sshd_is_down(tmp_path):
     assert [j["state"] for j in jobs if j["kind"] == "replicate"] == ["failed"], jobs
     assert json.loads(run_cli("points", "vm", "--vault", vault, "--json").stdout) == []
     assert not (tmp_path / "replica.img").exists()
+
+
+def test_a_chatty_rsh_neither_blocks_nor_floods_the_error(tmp_path):
+    """200 KB on the rsh command's stderr (more than a pipe holds): a push
+    still finishes; a failing one shows its last words, from the last 4 KiB
+    kept."""
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(random.Random(8).randbytes(1 << 20))
+    noise = "yes pydr-noise | head -c 200000 >&2; echo >&2"
+    r = subprocess.run([PYDR, "resync", str(src), f"h:{dst}", "--remote-pydr", PYDR,
+                        "--rsh", f"sh -c '{noise}; exec {LOCAL_RSH} \"$@\"' chatty"],
+                       capture_output=True, env=_env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert dst.read_bytes() == src.read_bytes()
+    r = run_cli("resync", src, "h:/srv/x.img",
+                "--rsh", f"sh -c '{noise}; echo last words >&2; exit 255'")
+    assert r.returncode == 18, r.stderr[-500:]
+    assert r.stderr.endswith(b"| last words (sh exited with status 255)\n"), r.stderr[-500:]
+    assert len(r.stderr) < 4096 + 500, len(r.stderr)
