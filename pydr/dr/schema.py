@@ -9,6 +9,7 @@ import sqlite3
 import stat
 
 from ..errors import VaultError
+from .dberrors import VaultConnection
 
 SCHEMA_VERSION = 8  # 2: remote replicas; 3: operations; 4: changed-block tracking;
 # 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
@@ -113,7 +114,8 @@ CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 def connect(path):
     """The vault's database, in WAL mode with full syncs. SQLite makes its
     -wal and -shm files with the database's mode: 0600."""
-    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    db = sqlite3.connect(path, timeout=30, isolation_level=None, factory=VaultConnection)
+    db.path = path  # named by its errors (pydr.dr.dberrors)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")

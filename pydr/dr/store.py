@@ -26,6 +26,7 @@ import re
 import sqlite3
 import time
 
+from ..engine.oserrors import naming
 from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
 from .schema import (DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault,  # noqa: F401
                      migrate as _migrate, tighten_vault)
@@ -84,8 +85,9 @@ class Store:
                              + (f" (pid {holder})" if holder else "")
                              + ": wait for it to end, then run the command again",
                              path=self.dir) from None
-        os.ftruncate(self.lock_fd, 0)
-        os.pwrite(self.lock_fd, f"{os.getpid()}: {_command_line()}\n".encode(), 0)
+        with naming(path):  # a full disk names the vault
+            os.ftruncate(self.lock_fd, 0)
+            os.pwrite(self.lock_fd, f"{os.getpid()}: {_command_line()}\n".encode(), 0)
 
     def locked_by_another(self):
         """Whether another process holds the vault's lock now."""

@@ -19,6 +19,7 @@ import os
 import stat
 
 from ..errors import UnfinishedApply, UnsupportedFile
+from .oserrors import NamedFile, naming
 
 PRIVATE = 0o600
 
@@ -70,7 +71,8 @@ def open_temp(dest, mode=PRIVATE):
         os.close(fd)
         raise
     try:
-        os.ftruncate(fd, 0)
+        with naming(dest):
+            os.ftruncate(fd, 0)
         os.fchmod(fd, mode)  # before any data: not the umask's, nor a leftover's mode
     except BaseException:
         os.close(fd)
@@ -117,9 +119,10 @@ def atomic_write(path, mode=PRIVATE, *, through=True):
     fd, tmp = open_temp(path, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            yield NamedFile(f, path)  # a full disk names the file it could not write
+            with naming(path):
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

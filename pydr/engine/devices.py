@@ -18,6 +18,7 @@ import stat
 
 from ..errors import Cancelled, UnfinishedApply, UnsupportedFile
 from . import bindings as B
+from .oserrors import naming
 
 JOURNAL_DIR = "/var/lib/pydr/journal"
 SIGN_WINDOW = 256 << 20  # an NBD export is signed this much at a time
@@ -149,10 +150,12 @@ class FileDevice:
         return os.pread(self.fd, length, offset)
 
     def truncate(self, size):
-        os.ftruncate(self.fd, size)
+        with naming(self.name):
+            os.ftruncate(self.fd, size)
 
     def sync(self):
-        os.fdatasync(self.fd)
+        with naming(self.name):
+            os.fdatasync(self.fd)
 
     def writeback(self):
         B.start_writeback(self.fd)  # a hint: overlap the disk with the next batch
