@@ -26,7 +26,7 @@ from ..errors import InvalidState, PydrError, UnknownName
 from . import objectstore
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
-from .points import SELECTORS, materialize_disk, select_point
+from .points import SELECTORS, check_point, materialize_disk, select_point
 from .replication import replicate
 
 __all__ = ["failover", "change_point", "commit", "reprotect", "failback", "select_point",
@@ -71,6 +71,8 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         raise InvalidState(f"item {name!r} cannot fail over in state {row['state']} "
                            f"(direction {row['direction']})", path=vault.dir)
     check_no_overlay_drill(vault, name, "a failover")
+    if not planned and point not in (None, "latest"):  # a damaged point: refused, nothing begun
+        check_point(vault, name, select_point(vault, name, point))
     if objectstore.is_object_item(vault, name):
         if to is None:
             raise ValueError(f"{name!r} is replicated to an object store: give --to DIR, the "
@@ -99,6 +101,7 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
                 notes.append(f"could not replicate the latest changes ({exc}); "
                              "using the newest point")
         pid = select_point(vault, name, "latest" if planned else point)
+        check_point(vault, name, pid)
     except BaseException:
         vault.end(name, "failover")  # nothing changed yet: not an interrupted failover
         raise
@@ -117,6 +120,7 @@ def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None):
         return _bring_up_downloaded(vault, name, pid, operation, notes)
 
     def run():
+        check_point(vault, name, pid)  # before any replica is moved aside
         for d in vault.disks(name):
             replica = vault.endpoint(name, d["replica"])
             base = replica.sidecar(names.BASE)
@@ -180,6 +184,7 @@ def change_point(vault, name, point, *, method=None, progress=None):
     if row["state"] == "failed-over" and row["failover_point"] == pid:
         return {"item": name, "point": pid,
                 "notes": [f"already at point {pid}: nothing to do"]}
+    check_point(vault, name, pid)
     method = method or current_method(vault, name)
     vault.begin(name, "change-point", f"pydr change-point {name} --point {pid}"
                 f"{method_flags(method)}", state="failing-over", failover_point=pid)

@@ -26,7 +26,7 @@ import re
 import sqlite3
 import time
 
-from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
+from ..errors import CorruptDelta, HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
 from .schema import DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault, migrate as _migrate  # noqa: F401
 
 LOCK_NAME = "vault.lock"
@@ -143,7 +143,11 @@ class Store:
                                         (item, idx, step)).fetchone()
                 if known:
                     continue
-                header, committed = J.read_journal(path)
+                try:
+                    header, committed = J.read_journal(path)
+                except CorruptDelta as exc:  # damage, not a kill: kept, and never restored from
+                    self.mark_damaged(item, self.points_needing(item, idx, step), str(exc))
+                    continue
                 newer = step > self.current_step(item, idx)
                 if header is not None and committed and newer:
                     self.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
@@ -349,6 +353,12 @@ class Store:
         with self.db:
             self.db.executemany("UPDATE points SET damaged=? WHERE item=? AND id=? AND damaged IS NULL",
                                 [(reason, name, p) for p in point_ids])
+
+    def points_needing(self, name, idx, step):
+        """The ids of the points of `name` whose disk `idx` is made with undo
+        step `step` (the points before it)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM point_disks WHERE item=? AND idx=? AND step<?", (name, idx, step))]
 
     def vault_id(self):
         """This vault's identity, which its replicas record as their owner."""
