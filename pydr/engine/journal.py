@@ -165,12 +165,14 @@ def check_step(path):
 class JournalScan:
     """What a journal holds: its header (None: torn, the target untouched),
     its valid records as (position, size, type, offset, length,
-    payload_hash), whether they end in COMMIT, and where they end."""
+    payload_hash), whether they end in COMMIT, where they end, and whether
+    a torn tail follows them (ignored)."""
 
-    __slots__ = ("header", "records", "committed", "end")
+    __slots__ = ("header", "records", "committed", "end", "torn")
 
-    def __init__(self, header, records, committed, end):
+    def __init__(self, header, records, committed, end, torn=False):
         self.header, self.records, self.committed, self.end = header, records, committed, end
+        self.torn = torn
 
 
 def scan(path, *, step=False):
@@ -211,7 +213,7 @@ def scan(path, *, step=False):
         if step and size != end:
             raise DamagedJournal(f"{what} is damaged: {size - end} bytes follow its COMMIT record",
                                  path=path, offset=end)
-        return JournalScan(header, records, committed, end)
+        return JournalScan(header, records, committed, end, torn=not committed and end < size)
 
 
 def _walk(f):
@@ -329,7 +331,24 @@ def rollback(dev, path, *, step=False):
             dev.apply_write(data)
             restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
     dev.sync()
+    if found.torn and found.header["kind"] == KIND_APPLY:
+        _check_base_restored(dev, found, path)
     return restored
+
+
+def _check_base_restored(dev, found, path):
+    """A torn tail was ignored: a crash while a batch was journaled, its
+    range untouched -- or damage to a record whose range was written. An
+    apply's journal names the image it started from (base_id), so the
+    target rolled back is compared with it (read whole: only in this case).
+    A mismatch raises DamagedJournal; the journal stays."""
+    from .apply import _identity_of
+
+    header = found.header
+    if _identity_of(dev, header["old_size"], header["block_size"]) != header["base_id"]:
+        raise DamagedJournal("undo journal is damaged: it ends in a record that fails its "
+                             "checks, and the target rolled back without it is not the image "
+                             "the apply started from", path=path, offset=found.end)
 
 
 def move_journal(path, dest):
