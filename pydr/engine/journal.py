@@ -470,9 +470,19 @@ def choose_undo_path(target, candidates):
     if candidates:
         pending_journal(target)
     for i, path in enumerate(candidates):
-        if not (os.path.exists(path) and read_journal(path)[1]):
+        if not (os.path.exists(path) and _holds_committed(path)):
             return path, i
     if candidates:
         raise FileExistsError(errno.EEXIST, "every step offered holds a committed step already",
                               candidates[-1])
     return None, None
+
+
+def _holds_committed(path):
+    """Whether `path` holds a committed journal. A damaged one counts as
+    not: it is replaced (the vault marked the points that needed it when it
+    found it, see pydr.dr.store)."""
+    try:
+        return read_journal(path)[1]
+    except CorruptDelta:
+        return False

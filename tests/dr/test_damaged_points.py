@@ -199,3 +199,41 @@ def test_damaged_vault_db_never_gives_wrong_data(item, where):
     assert r.returncode != 1 and b"Traceback" not in r.stderr, r.stderr
     if r.returncode == 0:
         assert [sha(out / r_.name) for _, r_ in pairs] == history[2]
+
+
+def test_a_damaged_step_at_a_remote_place(sshd, tmp_path, monkeypatch):
+    """Steps kept beside a replica on another host: the place that
+    materialises reads them and refuses a damaged one (exit 7 over the
+    protocol, naming host:PATH and the offset), and the vault marks the
+    points that need it; the others still materialise there exactly."""
+    from conftest import PYDR
+    from pydr.engine import names
+
+    monkeypatch.setenv("PYDR_VAULT", str(tmp_path / "vault"))
+    site_b = tmp_path / "site-b"
+    site_b.mkdir()
+    disk = tmp_path / "os.img"
+    rng = random.Random(9)
+    disk.write_bytes(rng.randbytes(2 << 20))
+    assert cli("vault", "init", tmp_path / "vault").returncode == 0
+    r = cli("protect", "vm", "--disk", f"{disk}=127.0.0.1:{site_b / 'os.img'}",
+            "--rsh", sshd["rsh"], "--remote-pydr", PYDR)
+    assert r.returncode == 0, r.stderr
+    history = {}
+    for cycle in range(3):
+        if cycle:
+            with open(disk, "r+b") as f:
+                f.seek(rng.randrange(0, 1 << 20))
+                f.write(rng.randbytes(100_000))
+        res = json.loads(cli("replicate", "vm", "--json").stdout)[0]
+        history[res["point_id"]] = sha(disk)
+    bad = names.step(str(site_b / "os.img"), "vm", 0, 1)
+    assert os.path.getsize(bad) > HEADER + RECORD + 600
+    DAMAGES["payload"](bad)
+    r = cli("materialize", "vm", "--point", "1", "--to", f"127.0.0.1:{tmp_path / 'p1'}")
+    assert_refused(r, bad, "offset")
+    assert not (tmp_path / "p1" / "os.img").exists()
+    assert points()[1] and points()[2] is None
+    r = cli("materialize", "vm", "--point", "2", "--to", f"127.0.0.1:{tmp_path / 'p2'}")
+    assert r.returncode == 0, r.stderr
+    assert sha(tmp_path / "p2" / "os.img") == history[2]
