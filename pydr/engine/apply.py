@@ -130,7 +130,7 @@ class Applier:
             # Resume: keep the journal (it holds the original contents of
             # everything already written) and go on appending to it; the
             # resync compares both sides again, so finished blocks are skipped.
-            self.resumed = J.Journal.reopen(path)
+            self.resumed = J.Journal.reopen(path, self.dev)
             if self.resumed is not None:
                 return
         # Finish the interrupted apply by undoing it, then applying again.

@@ -126,12 +126,14 @@ class Journal:
         fsync_dir(self.path)
 
     @classmethod
-    def reopen(cls, path):
-        """Continue an interrupted (uncommitted) journal: cut a torn tail
-        off, then append after the last valid record."""
+    def reopen(cls, path, dev):
+        """Continue an interrupted (uncommitted) journal of the device `dev`:
+        cut a torn tail off (checked first: check_torn_tail), then append
+        after the last valid record."""
         found = scan(path)
         if found.header is None:
             return None
+        check_torn_tail(dev, path, found)
         header, end = found.header, found.end
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -183,9 +185,10 @@ def scan(path, *, step=False):
     record by record up to its COMMIT, which ends the file; anything else is
     damage. Otherwise (crash recovery) the valid prefix counts and a torn
     header or tail is ignored -- the target was not touched for it -- except
-    where no crash explains it: a bad header with records after it, or a
-    payload that fails its hash with a valid record right after it. Damage
-    raises DamagedJournal with the file and the byte offset."""
+    a bad header with bytes after it, which no crash leaves (records are
+    appended only once the header is durable); a tail is then checked
+    against the target before it is trusted (check_torn_tail). Damage raises
+    DamagedJournal with the file and the byte offset."""
     what = "undo step" if step else "undo journal"
     with open(path, "rb") as f:
         header = parse_header(f.read(HEADER_SIZE), path)
@@ -198,9 +201,9 @@ def scan(path, *, step=False):
         records, committed, end = [], False, HEADER_SIZE
         for pos, info, problem in _walk(f):
             if problem is not None:
-                if step or _valid_record_after(f, pos, info):
+                if step:
                     raise DamagedJournal(f"{what} is damaged: {problem}", path=path, offset=pos)
-                break  # a torn tail
+                break  # a torn tail, or damage: see check_torn_tail
             end = pos + info["size"]
             if info["type"] == B.COMMIT:
                 committed = True
@@ -254,14 +257,34 @@ def _walk(f):
         pos += info["size"]
 
 
-def _valid_record_after(f, pos, info):
-    """Whether a valid record header follows the bad record at `pos`: then
-    that record was written after it, so it is not a torn tail."""
-    if info is None:
-        return False
-    f.seek(pos + info["size"])
-    head = f.read(B.RECORD_HEADER)
-    return len(head) == B.RECORD_HEADER and B.record_parse(head) is not None
+def check_torn_tail(dev, path, found):
+    """The records after the valid prefix of an uncommitted journal are
+    ignored as a torn tail: a crash tore the batch being journaled, whose
+    ranges the target (the device `dev`) still holds as they were. So each
+    of them whose header is still valid must find its old contents there
+    (the payload's hash, or zeros); one whose range was written is damage
+    to the journal, not a tear: DamagedJournal, before anything is written."""
+    if not found.torn:
+        return
+    hash64 = B.ALGORITHMS["xxh3-64"]
+    with open(path, "rb") as f:
+        pos = found.end
+        while True:
+            f.seek(pos)
+            info = B.record_parse(f.read(B.RECORD_HEADER))
+            if info is None or info["type"] not in (B.DATA, B.ZERO):
+                return  # the rest cannot be told apart from a tear
+            data = dev.pread(info["length"], info["offset"])
+            if info["type"] == B.ZERO:
+                untouched = data.count(0) == len(data)
+            else:
+                untouched = len(data) == info["length"] and \
+                    B.hash_bytes(hash64, data)[0] == info["payload_hash"]
+            if not untouched:
+                raise DamagedJournal("undo journal is damaged: a record that fails its checks "
+                                     "covers a range the apply had written already (not a torn "
+                                     "write)", path=path, offset=found.end)
+            pos += B.RECORD_HEADER + (info["length"] if info["type"] == B.DATA else 0)
 
 
 def _clip(data, old_size):
@@ -303,6 +326,7 @@ def rollback(dev, path, *, step=False):
     found = scan(path, step=step)
     if found.header is None:
         return 0  # torn header: nothing was written to the target
+    check_torn_tail(dev, path, found)
     old_size = found.header["old_size"]
     index = found.records
     hash64 = B.ALGORITHMS["xxh3-64"]

@@ -133,6 +133,59 @@ def test_uncommitted_journal_whose_batch_was_written(images, kind, command):
     assert_damage_reported(r, journal)
 
 
+def test_a_damaged_record_header_inside_an_apply_journal(images):
+    """A record header in the middle fails: its range, and those of the
+    records after it, cannot be read, so it looks like a torn tail. The
+    rollback without it does not give the apply's base back (its identity,
+    in the journal's header): exit 7, the journal kept."""
+    d, old, _ = images
+    journal = interrupted_apply(d, "apply.written")
+    second = J.scan(journal).records[1][0]
+    flip(journal, second + 10)
+    r = run_cli("rollback", d / "old.img")
+    assert_damage_reported(r, journal)
+    assert os.path.exists(journal)
+
+
+def interrupted_resync(d, crash_at):
+    """A resync of new.img onto old.img killed at `crash_at`; returns the
+    path of its (uncommitted) undo journal."""
+    r = run_cli("resync", d / "new.img", d / "old.img",
+                env={**os.environ, "PYDR_CRASH_AT": crash_at})
+    assert r.returncode == -9, r.stderr
+    path = J.journal_path(d / "old.img")
+    assert J.scan(path).header["kind"] == J.KIND_RESYNC
+    assert len(J.scan(path).records) >= 3
+    return path
+
+
+@pytest.mark.parametrize("command", ["rollback", "resync"])
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_uncommitted_resync_journal_whose_batch_was_written(images, kind, command):
+    """The same for a resync's journal, which a rerun resumes (cutting a
+    torn tail off) rather than rolls back: no base identity to check it
+    against, so the tail is checked against the target first."""
+    d, old, new = images
+    journal = interrupted_resync(d, "apply.written")
+    damage(journal, kind, first_data_payload(journal))
+    args = ("rollback", d / "old.img") if command == "rollback" else (
+        "resync", d / "new.img", d / "old.img")
+    r = run_cli(*args)
+    assert_damage_reported(r, journal)
+    assert os.path.exists(journal)
+
+
+@pytest.mark.parametrize("kind", ["end", "truncated"])
+def test_torn_tail_of_a_resync_is_cut_off_and_the_resync_finished(images, kind):
+    d, old, new = images
+    journal = interrupted_resync(d, "apply.journaled")
+    damage(journal, kind, None)
+    r = run_cli("resync", d / "new.img", d / "old.img")
+    assert r.returncode == 0, r.stderr
+    assert sha(d / "old.img") == new
+    assert not os.path.exists(journal)
+
+
 @pytest.mark.parametrize("kind", ["end", "truncated"])
 def test_torn_tail_of_a_batch_not_yet_written_is_rolled_back_exactly(images, kind):
     """Killed once the batch was journaled, before it was written: a torn
