@@ -127,22 +127,22 @@ def steps_of(vault, name, point_id, idx):
         (name, idx, row["step"])).fetchall()
 
 
-def check_point(vault, name, point_id, *, whole=True):
+def check_point(vault, name, point_id):
     """Refuse point `point_id` unless every step it needs is there and
     sound, before anything is written or renamed: DamagedPoint (exit 7) for
     a point marked damaged, DamagedJournal (exit 7, naming the step and the
     offset) for a step found damaged now, which marks every point that needs
-    it. ``whole``: steps on this machine are read through and every record
-    checked (journal.check_step); otherwise, and for steps at a remote
-    place, their size is checked against the vault's record (the place that
-    materialises checks the records before it writes)."""
+    it. Steps on this machine are read through and every record checked
+    (journal.check_step); those at a remote place by their size against the
+    vault's record (the place that materialises checks their records before
+    it writes)."""
     row = vault.point(name, point_id)
     if row["damaged"]:
         raise DamagedPoint(f"recovery point {point_id} of {name!r} is damaged and is never "
                            f"restored: {row['damaged']}", path=vault.dir)
     for d in vault.disks(name):
         for s in steps_of(vault, name, point_id, d["idx"]):
-            check_step(vault, name, d["idx"], s, whole=whole)
+            check_step(vault, name, d["idx"], s)
 
 
 def check_step(vault, name, idx, step, *, whole=True):
