@@ -143,17 +143,19 @@ class Store:
                                         (item, idx, step)).fetchone()
                 if known:
                     continue
-                try:
-                    header, committed = J.read_journal(path)
-                except CorruptDelta as exc:  # damage, not a kill: kept, and never restored from
-                    self.mark_damaged(item, self.points_needing(item, idx, step), str(exc))
+                if step <= self.current_step(item, idx):
+                    os.unlink(path)  # one that retention dropped before a kill
                     continue
-                newer = step > self.current_step(item, idx)
-                if header is not None and committed and newer:
-                    self.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
-                                    (item, idx, step, path, os.path.getsize(path)))
-                else:  # half-made, or one that retention dropped before a kill
-                    os.unlink(path)
+                # Only a committed journal is moved here (a copy from another file
+                # system arrives as .pydr-new first): this one the replica moved past.
+                # If it fails its checks, that is damage, not a kill: it is recorded
+                # all the same (the chain stays whole) and its points are marked.
+                try:
+                    J.check_step(path)
+                except CorruptDelta as exc:
+                    self.mark_damaged(item, self.points_needing(item, idx, step), str(exc))
+                self.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
+                                (item, idx, step, path, os.path.getsize(path)))
 
     # -- items -------------------------------------------------------------------
     def protect(self, name, disks, *, group=None, retention=24, retention_age=None,

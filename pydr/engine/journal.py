@@ -504,9 +504,9 @@ def choose_undo_path(target, candidates):
 
 def _holds_committed(path):
     """Whether `path` holds a committed journal. A damaged one counts as
-    not: it is replaced (the vault marked the points that needed it when it
-    found it, see pydr.dr.store)."""
+    one: it is never written over (the points that need it are found
+    damaged when they are restored or verified)."""
     try:
         return read_journal(path)[1]
     except CorruptDelta:
-        return False
+        return True

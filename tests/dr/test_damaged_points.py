@@ -158,6 +158,31 @@ def test_a_step_damaged_found_while_materialising_marks_its_points(item, monkeyp
     assert points()[1] and points()[2] and points()[3] is None
 
 
+def test_a_kept_step_the_vault_had_not_recorded_yet_and_is_damaged(item):
+    """A cycle killed after it kept its step, before the vault recorded it:
+    the next run records it. Damaged, it is recorded all the same (never
+    written over) and the points that need it are marked; the new point is
+    exact."""
+    tmp_path, pairs, history = item
+    with open(pairs[0][0], "r+b") as f:
+        f.write(random.Random(4).randbytes(40_000))
+    r = run_cli("replicate", "vm", env={**os.environ, "PYDR_CRASH_AT": "apply.kept"})
+    assert r.returncode == -9, r.stderr
+    kept = step(tmp_path, 0, 3)
+    assert kept.exists() and points() == {1: None, 2: None, 3: None}
+    DAMAGES["payload"](kept)
+    r = cli("replicate", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    new = json.loads(r.stdout)[0]["point_id"]
+    damaged = points()
+    assert all(str(kept) in damaged[p] for p in (1, 2, 3)) and damaged[new] is None
+    assert_refused(cli("materialize", "vm", "--point", "3", "--to", tmp_path / "m3"), "damaged")
+    r = cli("materialize", "vm", "--point", new, "--to", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    assert [sha(tmp_path / "m" / r_.name) for _, r_ in pairs] == [sha(s) for s, _ in pairs]
+    assert kept.exists()
+
+
 def test_verify_checks_every_step_and_marks_damaged_points(item):
     tmp_path, pairs, history = item
     r = cli("verify", "vm", "--json")
