@@ -261,9 +261,10 @@ def check_torn_tail(dev, path, found):
     """The records after the valid prefix of an uncommitted journal are
     ignored as a torn tail: a crash tore the batch being journaled, whose
     ranges the target (the device `dev`) still holds as they were. So each
-    of them whose header is still valid must find its old contents there
-    (the payload's hash, or zeros); one whose range was written is damage
-    to the journal, not a tear: DamagedJournal, before anything is written."""
+    of them, up to the first whose header fails too, must find its old
+    contents there (the payload's hash, or zeros); one whose range was
+    written is damage to the journal, not a tear: DamagedJournal, before
+    anything is written."""
     if not found.torn:
         return
     hash64 = B.ALGORITHMS["xxh3-64"]
