@@ -203,6 +203,11 @@ def test_verify_checks_every_step_and_marks_damaged_points(item):
     r = cli("verify", "vm")
     assert r.returncode == 7 and b"2 problems" in r.stderr, r.stderr
     assert r.stdout.count(b"problem:") == 2 and str(bad).encode() in r.stdout
+    # --point: only the steps that point needs (point 3 needs none)
+    r = cli("verify", "vm", "--point", "3", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["checked"] == 0, r.stdout
+    r = cli("verify", "vm", "--point", "2", "--json")
+    assert r.returncode == 7 and json.loads(r.stdout)["checked"] == 2
     # a sample checks a part of the steps, at least one
     r = cli("verify", "vm", "--sample", "25", "--json")
     assert json.loads(r.stdout)["checked"] == 1
