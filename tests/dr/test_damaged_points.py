@@ -147,9 +147,10 @@ def test_drill_failover_and_change_point_refuse_before_anything_changes(item):
 
 
 def test_a_step_damaged_found_while_materialising_marks_its_points(item, monkeypatch):
-    """Damage the vault has not seen yet, found by the engine as it reads
-    the step (no whole check first: the size is right, a payload bit is
-    not): exit 7, and the points that need the step are marked."""
+    """Damage the vault has not seen yet (the size is right, a payload bit
+    is not), found when point 2 is restored: exit 7, and every point that
+    needs the step is marked, point 1 too. (Found by the place that
+    materialises, over the protocol: test_a_damaged_step_at_a_remote_place.)"""
     tmp_path, pairs, history = item
     bad = step(tmp_path, 0, 2)
     DAMAGES["payload"](bad)
