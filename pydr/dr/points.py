@@ -149,21 +149,24 @@ def check_step(vault, name, idx, step, *, whole=True):
     """Check one step (a row of `steps`), see check_point; damage marks the
     points that need it and raises DamagedJournal."""
     ep = vault.endpoint(name, step["path"])
+    which = f"undo step {step['step']} of disk {idx}"
     try:
         size = ep.size()
         if not _size_as_recorded(size, step["bytes"]):
-            raise DamagedJournal(f"undo step is damaged: {size} bytes, the vault recorded "
+            raise DamagedJournal(f"{which} is damaged: {size} bytes, the vault recorded "
                                  f"{step['bytes']} (and a COMMIT record)", path=str(ep),
                                  offset=min(size, step["bytes"]))
         if ep.local_path is not None and whole:
             J.check_step(ep.local_path)
     except FileNotFoundError:
-        exc = DamagedJournal("undo step is missing", path=str(ep))
-        mark_step_damaged(vault, name, idx, step["step"], exc)
-        raise exc from None
-    except CorruptDelta as exc:
-        mark_step_damaged(vault, name, idx, step["step"], exc)
-        raise
+        exc = DamagedJournal(f"{which} is missing", path=str(ep))
+    except CorruptDelta as found:
+        exc = found if found.message.startswith(which) else DamagedJournal(
+            f"{which}: {found.message}", path=found.path or str(ep), offset=found.offset)
+    else:
+        return
+    mark_step_damaged(vault, name, idx, step["step"], exc)
+    raise exc
 
 
 def _size_as_recorded(size, recorded):
