@@ -233,17 +233,10 @@ def release(replica, me):
 
 # -- the replica's identity, kept in the vault -------------------------------------------
 def identity(replica):
-    """(size, mtime_ns, ctime_ns, inode, device) of a replica on this
-    machine, None where this machine cannot stat it (another host, an NBD
-    export), or "missing"."""
-    path = getattr(replica, "local_path", None)
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "missing"
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    """(size, mtime_ns, ctime_ns, inode, device) of a replica's file where
+    it is (here, or on its host through the server's STAT), None where that
+    cannot be told (an NBD export, an older server), or "missing"."""
+    return replica.file_identity()
 
 
 def state_path(vault_dir, item, idx):

@@ -74,7 +74,11 @@ def check_one_writer(vault, name, resync_all):
     for d in vault.disks(name):
         replica = vault.endpoint(name, d["replica"])
         me = owner_of(vault, name, d)
-        ownership.claim(replica, me, exists_in_vault=lambda item: item in vault.items())
+        try:
+            ownership.claim(replica, me, exists_in_vault=lambda item: item in vault.items())
+        except InvalidState as exc:  # another writer: status says so, not only this command
+            vault.set_item(name, health="critical", last_error=str(exc))
+            raise
         recorded = ownership.read_state(vault.dir, name, d["idx"])
         if recorded is None or recorded.replica != d["replica"]:
             # nothing binds the cache to this replica (an older vault, a swapped
@@ -97,6 +101,15 @@ def broken_chain(vault, name, reason, resync_all):
     vault.mark_damaged(name, [p["id"] for p in vault.points(name)], reason)
     if not resync_all:
         mark_resync_required(vault, name, reason)
+
+
+def rows_holding(vault, rows, path):
+    """The items among `rows` with a replica at `path` (all of them when
+    none is: the error did not say which)."""
+    holding = [r for r in rows if any(
+        vault.endpoint(r["name"], d["replica"]).local_path == path
+        for d in vault.disks(r["name"]))]
+    return holding or rows
 
 
 def forget_replica_states(vault, name):
@@ -349,9 +362,9 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
             health = "critical" if not recoverable(exc) else "warning"
             vault.end(r["name"], "replicate", health=health, last_error=str(exc))
         if isinstance(exc, BaseMismatch) and not isinstance(exc, AlreadyApplied):
-            # the replica does not hold what its signature cache said: the cache is
-            # dropped, and the chain of every item of the cycle is in doubt
-            for r in rows:
+            # a replica does not hold what its signature cache said: its cache is
+            # dropped, and its item's chain is in doubt
+            for r in rows_holding(vault, rows, exc.path):
                 for d in vault.disks(r["name"]):
                     drop_cache(vault, r["name"], d["idx"])
                 broken_chain(vault, r["name"], f"the replica did not hold what the vault "

@@ -55,6 +55,13 @@ class LocalEndpoint(InProcess, Endpoint):
     def engine_disk(self, *, write=False, size=None, bitmap=None):
         return contextlib.nullcontext(self._path)  # the engine opens (and creates) files itself
 
+    def file_identity(self):
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return "missing"
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
     def snapshot(self):
         """A reflink clone beside the disk (.NAME.pydr-snap), or None where
         the file system cannot clone (or this is not a regular file)."""

@@ -98,9 +98,13 @@ def _stat(ch, payload, root):
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size, is_block = B.fd_size(fd, path)
+        st = os.fstat(fd)
     finally:
         os.close(fd)
-    ch.send_json(P.STAT_OK, {"exists": True, "size": size, "block_device": is_block})
+    # identity: what tells a vault whether the file changed since (pydr.dr.ownership)
+    ch.send_json(P.STAT_OK, {"exists": True, "size": size, "block_device": is_block,
+                             "identity": [size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                                          st.st_dev]})
 
 
 def _sign(ch, payload, root):

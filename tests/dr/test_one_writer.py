@@ -305,3 +305,37 @@ def test_qcow2_replicas_have_one_writer_too(tmp_path):
     assert r.returncode == 15 and b"outside pydr since point 2" in r.stderr
     assert status(vault, "q")["damaged_points"] == [1, 2]
     assert cli(vault, "replicate", "q", "--resync").returncode == 0
+
+
+def test_a_remote_replica_has_one_writer(sshd, tmp_path):
+    """host:PATH replicas: the owner file is written there (through the
+    server's WRITE), a second vault reaching the same path is refused, and
+    a write there outside pydr is seen through the server's STAT (its
+    ctime) as it is here."""
+    from conftest import PYDR
+
+    site_b = tmp_path / "site-b"
+    site_b.mkdir()
+    src = tmp_path / "s.img"
+    src.write_bytes(os.urandom(MiB))
+    reach = ("--rsh", sshd["rsh"], "--remote-pydr", PYDR)
+    a, b = tmp_path / "a", tmp_path / "b"
+    init_vault(a)
+    init_vault(b)
+    spec = f"127.0.0.1:{site_b / 'r.img'}"
+    assert cli(a, "protect", "x", "--disk", f"{src}={spec}", *reach).returncode == 0
+    r = cli(a, "replicate", "x")
+    assert r.returncode == 0, r.stderr
+    owner = ownership.decode((site_b / ".r.img.pydr-owner").read_bytes(), "owner")
+    assert (owner.item, owner.replica) == ("x", spec)
+    r = cli(b, "protect", "y", "--disk", f"{src}={spec}", *reach)
+    assert r.returncode == 15 and b"is owned by" in r.stderr and str(a).encode() in r.stderr
+    write_at(src, 0, os.urandom(4096))
+    assert cli(a, "replicate", "x").returncode == 0
+    write_at(site_b / "r.img", 4096, b"written there by someone else")
+    write_at(src, 8192, os.urandom(4096))
+    r = cli(a, "replicate", "x")
+    assert r.returncode == 15 and b"outside pydr since point 2" in r.stderr, r.stderr
+    assert status(a, "x")["damaged_points"] == [1, 2]
+    assert cli(a, "replicate", "x", "--resync").returncode == 0
+    assert sha(site_b / "r.img") == sha(src)
