@@ -68,15 +68,19 @@ def rebind_replicas(work):
     import glob
 
     from pydr.dr import ownership
-    from pydr.endpoints.local import LocalEndpoint
+    from pydr.engine.identity import file_identity
 
     for path in glob.glob(os.path.join(work, "**", "cache", "*", "*.replica"), recursive=True):
         with open(path, "rb") as f:
             rec = ownership.decode(f.read(), path)
         if rec.identity is None:
             continue
-        # a replica "127.0.0.1:PATH" on the test's sshd is a file here too
-        now = LocalEndpoint(rec.replica.split(":", 1)[-1]).file_identity()
+        replica = rec.replica.split(":", 1)[-1]  # "127.0.0.1:PATH" on the test's sshd is here too
+        if os.path.exists(replica):  # durable first: a power-cut disk writes it back only then
+            fd = os.open(replica, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        now = file_identity(replica)
         if isinstance(now, tuple):
             rec.identity = now
             with open(path, "wb") as f:

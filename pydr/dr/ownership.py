@@ -11,8 +11,9 @@ has. Two records prevent and detect that:
     item owns; one without the file is claimed (an older vault's replicas
     are adopted on their next cycle).
 ``cache/ITEM/IDX.replica`` in the vault
-    the replica's identity as the last cycle left it (size, mtime, ctime,
-    inode, device: ctime cannot be set by a user, and any write changes it),
+    the replica's identity as the last cycle left it (size, mtime, ctime --
+    which a user cannot set, and any write or rename changes -- and, for
+    people, inode and device),
     and whether a cycle was writing it. A cycle that finds the replica
     different does not compare against it: its signature cache is bound to
     that identity, and the points that rolling steps back onto the changed
@@ -262,6 +263,8 @@ def record_state(me, replica, *, writing):
 
     path = state_path(me.vault_dir, me.item, me.idx)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    if not writing and getattr(replica, "local_path", None):
+        _sync_times(replica.local_path)
     now = None if writing else identity(replica)
     state = Owner(me.vault_id, me.vault_dir, me.item, me.idx, me.replica,
                   now if isinstance(now, tuple) else None, writing)
@@ -269,12 +272,26 @@ def record_state(me, replica, *, writing):
         f.write(encode(state))
 
 
+def _sync_times(path):
+    """fsync the replica: the cycle made its data durable with fdatasync,
+    which leaves the times; a power cut must not bring back an older ctime
+    than the one recorded (the replica would look written outside pydr)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def changed_outside(recorded, replica):
     """Why `replica` is not as the last cycle left it (a sentence), or None
     when it is, or when that cannot be told (no identity recorded, a cycle
     of this item was interrupted while writing it, a replica this machine
     cannot stat). A block device's node does not change when its blocks
-    are written: only a replaced device is seen."""
+    are written: writes to one are not seen."""
     if recorded is None or recorded.writing or recorded.identity is None:
         return None
     now = identity(replica)
@@ -282,9 +299,10 @@ def changed_outside(recorded, replica):
         return None
     if now == "missing":
         return f"replica {replica} is missing"
-    size, mtime, ctime, ino, dev = recorded.identity
-    if (ino, dev) != now[3:]:
-        return f"replica {replica} was replaced by another file"
+    # inode and device are recorded, not compared: a remount (FUSE) or a device
+    # numbered anew at boot (device mapper) changes them with no write; a file
+    # put in the replica's place has its own ctime
+    size, mtime, ctime, _, _ = recorded.identity
     if size != now[0]:
         return f"replica {replica} changed size from {size} to {now[0]} bytes"
     if (mtime, ctime) != now[1:3]:

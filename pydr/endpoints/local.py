@@ -56,11 +56,9 @@ class LocalEndpoint(InProcess, Endpoint):
         return contextlib.nullcontext(self._path)  # the engine opens (and creates) files itself
 
     def file_identity(self):
-        try:
-            st = os.stat(self._path)
-        except FileNotFoundError:
-            return "missing"
-        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        from ..engine.identity import file_identity
+
+        return file_identity(self._path)
 
     def snapshot(self):
         """A reflink clone beside the disk (.NAME.pydr-snap), or None where
@@ -139,3 +137,4 @@ class LocalEndpoint(InProcess, Endpoint):
                 and os.path.samefile(target, self._path):
             raise UnsupportedFile("refusing to write the signature over the image itself",
                                   path=target)
+

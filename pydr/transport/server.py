@@ -98,13 +98,14 @@ def _stat(ch, payload, root):
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size, is_block = B.fd_size(fd, path)
-        st = os.fstat(fd)
     finally:
         os.close(fd)
+    from ..engine.identity import file_identity
+
     # identity: what tells a vault whether the file changed since (pydr.dr.ownership)
+    ident = file_identity(path)
     ch.send_json(P.STAT_OK, {"exists": True, "size": size, "block_device": is_block,
-                             "identity": [size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-                                          st.st_dev]})
+                             "identity": list(ident) if isinstance(ident, tuple) else None})
 
 
 def _sign(ch, payload, root):

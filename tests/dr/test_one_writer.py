@@ -82,6 +82,26 @@ def test_owner_records_refuse_damage_with_the_offset(item):
     assert ownership.decode(blob, where).item == "vm"
 
 
+def test_release_removes_only_its_own_claim(item, tmp_path):
+    """What removing an item will call (no command removes items yet)."""
+    from pydr.endpoints import open_endpoint
+
+    vault, _, rep, _ = item
+    owner_path = rep.parent / ".rep.img.pydr-owner"
+    with Vault(vault) as v:
+        me = ownership.Owner(v.vault_id(), str(vault), "vm", 0, str(rep))
+    stranger = ownership.Owner("cd" * 16, "/elsewhere", "vm", 0, str(rep))
+    assert not ownership.release(open_endpoint(str(rep)), stranger)
+    assert owner_path.exists()
+    assert ownership.release(open_endpoint(str(rep)), me)
+    assert not owner_path.exists()
+    other = tmp_path / "other"
+    init_vault(other)
+    src2 = tmp_path / "s2.img"
+    src2.write_bytes(os.urandom(MiB))
+    assert cli(other, "protect", "vm2", "--disk", f"{src2}={rep}").returncode == 0
+
+
 def test_a_second_vault_protecting_the_same_replica_is_refused(item, tmp_path):
     vault, _, rep, _ = item
     other, src2 = tmp_path / "other-vault", tmp_path / "src2.img"
