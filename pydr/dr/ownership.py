@@ -186,36 +186,28 @@ def _write(ep, owner):
 
 
 def claim(replica, me, *, exists_in_vault=lambda item: True):
-    """Make `me` (an Owner) the owner of `replica`, or refuse (InvalidState
-    naming the owner) when another vault, item or disk owns it. An owner
-    file of this vault naming an item it no longer has
-    (``exists_in_vault(item)`` False) is stale and taken over."""
-    ep = owner_file(replica)
-    if ep is None:
+    """Make `me` (an Owner) the owner of `replica`, or refuse as
+    check_claimable() does."""
+    if owner_file(replica) is None:
         return
-    current = read_owner(replica)
-    if current is not None and current.same_owner(me):
-        return
-    if current is not None and not (current.vault_id == me.vault_id
-                                    and not exists_in_vault(current.item)):
-        raise InvalidState(
-            f"replica {replica} is owned by {current.describe()}: a replica has one writer. "
-            f"Protect another path, or release it there (if that vault is gone, remove "
-            f"{ep.spec})", path=replica.spec)
-    _write(ep, me)
+    current = check_claimable(replica, me, exists_in_vault=exists_in_vault)
+    if current is None or not current.same_owner(me):
+        _write(owner_file(replica), me)
 
 
 def check_claimable(replica, me, *, exists_in_vault=lambda item: True):
-    """Refuse as claim() would, without writing anything."""
+    """The Owner beside `replica` (or None) if `me` may own it: no one does,
+    `me` does, or an item this vault no longer has (``exists_in_vault(item)``
+    False: a stale file). InvalidState naming the owner otherwise."""
     current = read_owner(replica)
     if current is None or current.same_owner(me):
-        return
+        return current
     if current.vault_id == me.vault_id and not exists_in_vault(current.item):
-        return
+        return current
     raise InvalidState(
         f"replica {replica} is owned by {current.describe()}: a replica has one writer. "
-        f"Protect another path, or release it there (if that vault is gone, remove "
-        f"{owner_file(replica).spec})", path=replica.spec)
+        f"Protect another path (if that vault is gone, remove {owner_file(replica).spec})",
+        path=replica.spec)
 
 
 def release(replica, me):
