@@ -236,8 +236,8 @@ class Store:
             for i, (source, replica, tracking) in enumerate(stored):
                 self.db.execute("INSERT INTO disks(item, idx, source, replica, tracking) "
                                 "VALUES (?,?,?,?,?)", (name, i, source, replica, tracking))
-        for replica, me in owners:
-            with contextlib.suppress(OSError):  # not reachable, no directory yet: the first cycle claims it
+        for replica, me in owners:  # not reachable, no directory yet: its first cycle claims it
+            with contextlib.suppress(OSError):
                 ownership.claim(replica, me, exists_in_vault=self._has_item)
         self.end_job(job, "succeeded")
 
