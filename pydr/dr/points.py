@@ -22,13 +22,18 @@ def select_point(vault, name, point):
     if not points:
         raise InvalidState(f"item {name!r} has no recovery point yet: run 'pydr replicate {name}'",
                            path=vault.dir)
-    if point in (None, "latest", "latest-processed"):
-        return points[-1]["id"]
-    if point == "latest-app-consistent":
-        app = [p for p in points if p["consistency"] == "app-consistent"]
-        if not app:
-            raise UnknownName(f"item {name!r} has no app-consistent recovery point", path=vault.dir)
-        return app[-1]["id"]
+    if point in (None, "latest", "latest-processed", "latest-app-consistent"):
+        # a selector never picks a point known to be damaged: the newest sound one
+        kind = "app-consistent " if point == "latest-app-consistent" else ""
+        if kind:
+            points = [p for p in points if p["consistency"] == "app-consistent"]
+        if not points:
+            raise UnknownName(f"item {name!r} has no {kind}recovery point", path=vault.dir)
+        sound = [p for p in points if not p["damaged"]]
+        if not sound:
+            raise DamagedPoint(f"every {kind}recovery point of {name!r} is damaged: "
+                               f"{points[-1]['damaged']}", path=vault.dir)
+        return sound[-1]["id"]
     try:
         pid = int(point)
     except (TypeError, ValueError):

@@ -19,12 +19,13 @@ A point is "app-consistent" when the quiesce hook succeeded before the cut.
 """
 
 import contextlib
+import os
 import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import HookFailed, InvalidState, TrackingLost
-from . import objectstore, tracking
+from ..errors import AlreadyApplied, BaseMismatch, HookFailed, InvalidState, TrackingLost
+from . import objectstore, ownership, tracking
 from .agent import steps_kept, transfer_disk
 from .drills import check_no_overlay_drill
 from .hooks import run_hook
@@ -45,11 +46,81 @@ def _cycle_disk(vault, name, d, source, step, has_point, on_progress, threads, r
     [(step, spec, bytes)] to record)."""
     replica = vault.endpoint(name, d["replica"])
     offered = [replica.step_spec(name, d["idx"], step + i, vault.dir) for i in (0, 1)]
+    me = owner_of(vault, name, d)
+    ownership.record_state(me, replica, writing=True)  # what changes it now is this cycle
     moved, read, kept, journal = transfer_disk(
         source, replica, offered=offered, cache=vault.cache_path(name, d["idx"]),
         has_point=has_point, resync_all=resync_all, extents=extents, progress=on_progress,
         threads=threads)
+    ownership.record_state(me, replica, writing=False)  # binds the new cache to this replica
     return moved, read, steps_kept(step, offered, kept, journal)
+
+
+def owner_of(vault, name, d):
+    """The Owner record of disk `d` of item `name`: this vault, the item, the disk."""
+    return ownership.Owner(vault.vault_id(), vault.dir, name, d["idx"], d["replica"])
+
+
+def check_one_writer(vault, name, resync_all):
+    """Before a cycle of item `name`: each replica must be this item's
+    (claimed here when no one owns it: a vault older than schema 8 adopts
+    its replicas), and as the item's last cycle left it. A replica changed
+    outside pydr breaks every point of the item (rolling steps back onto it
+    no longer gives them): they are marked damaged, the signature cache
+    dropped, and the item becomes resync-required unless this cycle is the
+    --resync that repairs it. Returns the reason, or None."""
+    points = vault.points(name)
+    reason = None
+    for d in vault.disks(name):
+        replica = vault.endpoint(name, d["replica"])
+        me = owner_of(vault, name, d)
+        try:
+            ownership.claim(replica, me, exists_in_vault=lambda item: item in vault.items())
+        except InvalidState as exc:  # another writer: status says so, not only this command
+            vault.set_item(name, health="critical", last_error=str(exc))
+            raise
+        recorded = ownership.read_state(vault.dir, name, d["idx"])
+        if recorded is None or recorded.replica != d["replica"]:
+            # nothing binds the cache to this replica (an older vault, a swapped
+            # or moved replica): it is not used; this cycle reads the replica
+            drop_cache(vault, name, d["idx"])
+            continue
+        changed = ownership.changed_outside(recorded, replica) if points else None
+        if changed is not None and reason is None:
+            reason = f"{changed} outside pydr since point {points[-1]['id']}"
+        if changed is not None:
+            drop_cache(vault, name, d["idx"])
+    if reason is not None:
+        broken_chain(vault, name, reason, resync_all)
+    return reason
+
+
+def broken_chain(vault, name, reason, resync_all):
+    """The replicas of `name` are not what its points are rebuilt from: every
+    point is marked damaged, and a plain cycle refuses until --resync."""
+    vault.mark_damaged(name, [p["id"] for p in vault.points(name)], reason)
+    if not resync_all:
+        mark_resync_required(vault, name, reason)
+
+
+def rows_holding(vault, rows, path):
+    """The items among `rows` with a replica at `path` (all of them when
+    none is: the error did not say which)."""
+    holding = [r for r in rows if any(
+        vault.endpoint(r["name"], d["replica"]).local_path == path
+        for d in vault.disks(r["name"]))]
+    return holding or rows
+
+
+def forget_replica_states(vault, name):
+    for d in vault.disks(name):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ownership.state_path(vault.dir, name, d["idx"]))
+
+
+def drop_cache(vault, name, idx):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(vault.cache_path(name, idx))
 
 
 def record_steps(vault, name, idx, steps):
@@ -156,6 +227,8 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                                      resync_all=resync_all, bwlimit=bwlimit)
     fleet = getattr(vault, "fleet", None)
     if fleet is not None and all(r["direction"] == "forward" for r in rows):
+        for n in names:  # its workers record no replica identity: a later cycle here adopts
+            forget_replica_states(vault, n)
         return fleet.replicate(vault, names, app_consistent=app_consistent, progress=progress,
                                threads=threads, resync_all=resync_all)
     check_can_replicate(vault, rows)
@@ -182,6 +255,8 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                     t.validate()
                 except TrackingLost as exc:  # never a cycle that sends less than what changed
                     mark_resync_required(vault, r["name"], str(exc))
+    for r in rows:
+        check_one_writer(vault, r["name"], resync_all)
     check_not_stuck(vault, names, resync_all)
     rows = [vault.item(n) for n in names]
     if app_consistent:
@@ -286,6 +361,14 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                           error=str(exc), bytes_transferred=None)
             health = "critical" if not recoverable(exc) else "warning"
             vault.end(r["name"], "replicate", health=health, last_error=str(exc))
+        if isinstance(exc, BaseMismatch) and not isinstance(exc, AlreadyApplied):
+            # a replica does not hold what its signature cache said: its cache is
+            # dropped, and its item's chain is in doubt
+            for r in rows_holding(vault, rows, exc.path):
+                for d in vault.disks(r["name"]):
+                    drop_cache(vault, r["name"], d["idx"])
+                broken_chain(vault, r["name"], f"the replica did not hold what the vault "
+                             f"recorded ({exc})", resync_all=False)
         raise
     finally:
         for r in quiesced:

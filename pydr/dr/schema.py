@@ -123,6 +123,11 @@ def connect(path):
     return db
 
 
+def _new_vault_id(db):
+    """A vault's identity: drawn for each vault as it is made or migrated."""
+    db.execute("INSERT INTO meta VALUES ('vault_id', ?)", (secrets.token_hex(16),))
+
+
 _MIGRATIONS = {
     # 2: how to reach an item's remote replicas
     1: ("ALTER TABLE items ADD COLUMN rsh TEXT", "ALTER TABLE items ADD COLUMN remote_pydr TEXT"),
@@ -151,7 +156,7 @@ _MIGRATIONS = {
     # identity, which its replicas record as their owner
     7: ("ALTER TABLE points ADD COLUMN damaged TEXT",
         "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        f"INSERT INTO meta VALUES ('vault_id', '{secrets.token_hex(16)}')"),
+        _new_vault_id),
 }
 
 
@@ -162,7 +167,7 @@ def migrate(db, version):
             db.execute("BEGIN IMMEDIATE")
             if db.execute("PRAGMA user_version").fetchone()[0] == version:  # not done meanwhile
                 for statement in _MIGRATIONS[version]:
-                    db.execute(statement)
+                    statement(db) if callable(statement) else db.execute(statement)
                 db.execute(f"PRAGMA user_version={version + 1}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
     return version
@@ -210,7 +215,7 @@ def init_vault(directory):
         with db:
             db.execute("BEGIN")
             db.executescript(_SCHEMA)
-            db.execute("INSERT INTO meta VALUES ('vault_id', ?)", (secrets.token_hex(16),))
+            _new_vault_id(db)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     finally:
         db.close()

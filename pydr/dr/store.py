@@ -28,6 +28,7 @@ import time
 
 from ..engine.oserrors import naming
 from ..errors import CorruptDelta, HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
+from . import ownership
 from .schema import (DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault,  # noqa: F401
                      migrate as _migrate, tighten_vault)
 
@@ -236,6 +237,7 @@ class Store:
         if stores and (len(stores) > 1 or any(
                 not r.startswith("s3://") for _, r, _ in stored)):
             raise ValueError("the disks of an item are all in one object store, or none is")
+        owners = self._check_owners(name, stored, disk)
         job = self.start_job("protect", name)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
@@ -248,7 +250,31 @@ class Store:
             for i, (source, replica, tracking) in enumerate(stored):
                 self.db.execute("INSERT INTO disks(item, idx, source, replica, tracking) "
                                 "VALUES (?,?,?,?,?)", (name, i, source, replica, tracking))
+        for replica, me in owners:  # not reachable, no directory yet: its first cycle claims it
+            with contextlib.suppress(OSError):
+                ownership.claim(replica, me, exists_in_vault=self._has_item)
         self.end_job(job, "succeeded")
+
+    def _has_item(self, name):
+        return self.db.execute("SELECT 1 FROM items WHERE name=?", (name,)).fetchone() is not None
+
+    def _check_owners(self, name, stored, endpoint):
+        """[(replica endpoint, Owner)] of a new item's replicas (`endpoint`
+        opens a spec as the item reaches it); InvalidState naming the owner
+        if another vault or item owns one (a replica has one writer:
+        pydr.dr.ownership)."""
+        owners = []
+        for i, (_, replica, _) in enumerate(stored):
+            rep = endpoint(replica)
+            if getattr(rep, "point_store", False):
+                continue
+            me = ownership.Owner(self.vault_id(), self.dir, name, i, replica)
+            try:
+                ownership.check_claimable(rep, me, exists_in_vault=self._has_item)
+            except (ConnectionError, TimeoutError):
+                pass  # a host not reachable now: the item's first cycle checks and claims
+            owners.append((rep, me))
+        return owners
 
     def item(self, name):
         row = self.db.execute("SELECT * FROM items WHERE name=?", (name,)).fetchone()

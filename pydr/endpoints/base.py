@@ -92,6 +92,12 @@ class Endpoint:
     def snapshot(self):
         return None
 
+    def file_identity(self):
+        """(size, mtime_ns, ctime_ns, inode, device) of the disk's file where
+        it is, "missing", or None where that cannot be told (an NBD export,
+        a server that predates the question). Any write changes the ctime."""
+        return None
+
     # -- files beside it ----------------------------------------------------------
     def _at(self, path):
         """An endpoint of the same kind at another path of this place."""

@@ -56,6 +56,11 @@ class LocalEndpoint(InProcess, Endpoint):
     def engine_disk(self, *, write=False, size=None, bitmap=None):
         return contextlib.nullcontext(self._path)  # the engine opens (and creates) files itself
 
+    def file_identity(self):
+        from ..engine.identity import file_identity
+
+        return file_identity(self._path)
+
     def snapshot(self):
         """A reflink clone beside the disk (.NAME.pydr-snap), or None where
         the file system cannot clone (or this is not a regular file)."""
@@ -133,3 +138,4 @@ class LocalEndpoint(InProcess, Endpoint):
                 and os.path.samefile(target, self._path):
             raise UnsupportedFile("refusing to write the signature over the image itself",
                                   path=target)
+

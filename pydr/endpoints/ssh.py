@@ -40,6 +40,15 @@ class SshEndpoint(Endpoint):
             raise FileNotFoundError(errno.ENOENT, f"not found (on {self.place})", self.spec)
         return st["size"]
 
+    def file_identity(self):
+        st = self.host.stat(self._path)
+        if not st.get("exists"):
+            return "missing"
+        ident = st.get("identity")  # a server older than the question sends none
+        if isinstance(ident, list) and len(ident) == 5 and all(type(v) is int for v in ident):
+            return tuple(ident)
+        return None
+
     def open_source(self, *, block_size, threads, progress=None, window=None, group=None,
                     bwlimit=None, compress=False):
         from ..transport import exchange as X

@@ -60,3 +60,8 @@ def is_failover_rename(src, dst):
     head, tail = os.path.split(dst)
     shead, stail = os.path.split(src)
     return shead == head and (tail == f".{stail}{BASE}" or stail == f".{tail}{NEW}")
+
+
+#: The owner file of a replica: the vault and item that write it
+#: (pydr.dr.ownership).
+OWNER = ".pydr-owner"

@@ -101,7 +101,12 @@ def _stat(ch, payload, root):
         size, is_block = B.fd_size(fd, path)
     finally:
         os.close(fd)
-    ch.send_json(P.STAT_OK, {"exists": True, "size": size, "block_device": is_block})
+    from ..engine.identity import file_identity
+
+    # identity: what tells a vault whether the file changed since (pydr.dr.ownership)
+    ident = file_identity(path)
+    ch.send_json(P.STAT_OK, {"exists": True, "size": size, "block_device": is_block,
+                             "identity": list(ident) if isinstance(ident, tuple) else None})
 
 
 def _sign(ch, payload, root):

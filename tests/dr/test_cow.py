@@ -113,7 +113,9 @@ def test_the_dr_cycle_on_xfs_clones_and_costs_the_change(tmp_path, xfs_dir):
     assert res["method"] == "reflink" and sha(rep) == history[1] and fsck_clean(rep)
 
     res = pydr_json("commit", "vm", *v_)
-    assert not [n for n in os.listdir(xfs_dir / "site-b") if n.startswith(".")]
+    # only the owner file is left: the disk stays the item's (its source after reprotect)
+    assert [n for n in os.listdir(xfs_dir / "site-b") if n.startswith(".")] == [
+        f".{rep.name}.pydr-owner"]
     write_file(rep, "after-commit", MiB, 8)
     res = pydr_json("reprotect", "vm", *v_)
     assert res["bytes_written"] < 8 * MiB  # only the differences move back
@@ -161,7 +163,7 @@ def test_overlays_on_ext4_hold_the_point_and_take_the_vms_writes(tmp_path):
     res = pydr_json("commit", "vm", *v_)
     assert any("flattened" in n for n in res["notes"])
     assert open(rep, "rb").read(4) != b"QFI\xfb" and sha(rep) == expected
-    assert not [n for n in os.listdir(site_b) if n.startswith(".")]
+    assert [n for n in os.listdir(site_b) if n.startswith(".")] == [f".{rep.name}.pydr-owner"]
     res = pydr_json("reprotect", "vm", *v_)
     assert sha(src) == sha(rep) and res["bytes_written"] < 8 * MiB
 

@@ -130,7 +130,9 @@ def test_commit(machine):
     st = json.loads(cli("status", "vm", "--json").stdout)
     assert (st["state"], st["direction"], st["points"]) == ("failover-committed", "reverse", 0)
     assert replica_hashes(pairs) == history[3]
-    assert not [p for p in os.listdir(tmp_path / "site-b") if p.startswith(".")]
+    # only the owner files are left: the disks stay the item's (its sources after reprotect)
+    assert sorted(p for p in os.listdir(tmp_path / "site-b") if p.startswith(".")) == [
+        ".data.img.pydr-owner", ".os.img.pydr-owner"]
     assert not os.listdir(tmp_path / "vault" / "undo" / "vm")
     assert cli("replicate", "vm").returncode == 15  # reprotect comes first
 

@@ -53,6 +53,9 @@ def test_vault_with_remote_replicas(sshd, tmp_path):
     # the next cycle registers that step, so older points stay exact
     with Vault(vault, writer=True) as v:
         step = v.current_step("vm", 0) + 1
+    from pydr.dr import ownership  # what the killed cycle recorded before it wrote the replica
+
+    ownership.record_state(ownership.read_state(str(vault), "vm", 0), None, writing=True)
     change(disks[0], 99)
     pydr.resync(str(disks[0]), f"{h}{site_b / 'os.img'}", rsh=sshd["rsh"], remote_pydr=PYDR,
                 keep_undo=h + names.step(str(site_b / "os.img"), "vm", 0, step))

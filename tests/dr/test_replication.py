@@ -140,13 +140,12 @@ def test_vanished_disk_makes_the_item_critical(tmp_path, vault):
 
 
 def test_killed_replicate_can_be_continued(tmp_path, vault):
-    """SIGKILL a delta cycle while its job runs: the next replicate finishes
-    the work, the killed job shows as failed, and the earlier point is still
-    exact."""
-    import sqlite3
-
+    """SIGKILL a delta cycle while its job runs (stopped where it has
+    written a batch to the replica: PYDR_STOP_AT): the next replicate
+    finishes the work, the killed job shows as failed, and the earlier
+    point is still exact."""
     rng = random.Random(4)
-    size = 256 << 20
+    size = 32 << 20  # stopped at a known write: no need for a cycle long enough to catch
     src, rep = tmp_path / "s.img", tmp_path / "r.img"
     src.write_bytes(os.urandom(size))
     assert cli("protect", "k", "--disk", f"{src}={rep}").returncode == 0
@@ -157,20 +156,16 @@ def test_killed_replicate_can_be_continued(tmp_path, vault):
             f.seek(off)
             f.write(rng.randbytes(512 << 10))
     p = subprocess.Popen(pydr_command() + ["replicate", "k"], cwd=tmp_path,
-                         stderr=subprocess.PIPE, env=dict(os.environ))
-    db = sqlite3.connect(f"file:{vault / 'vault.db'}?mode=ro", uri=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and p.poll() is None:
-        row = db.execute("SELECT state FROM jobs WHERE id=3").fetchone()
-        if row and row[0] == "running":
-            break
-        time.sleep(0.005)
-    db.close()
-    listed = json.loads(cli("jobs", "--json").stdout)  # listable while it runs
-    assert p.poll() is None, "the cycle ended before it could be killed"
-    assert listed[-1]["kind"] == "replicate" and listed[-1]["state"] == "running"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+                         stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, PYDR_STOP_AT="apply.written"))
+    try:
+        _, how = os.waitpid(p.pid, os.WUNTRACED)  # returns once it stopped itself there
+        assert os.WIFSTOPPED(how), "the cycle ended before it reached its first write"
+        listed = json.loads(cli("jobs", "--json").stdout)  # listable while it runs
+        assert listed[-1]["kind"] == "replicate" and listed[-1]["state"] == "running"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
     r = cli("replicate", "k", "--json")
     assert r.returncode == 0, r.stderr
     assert sha(src) == sha(rep)
@@ -302,6 +297,9 @@ def test_a_version_1_vault_is_migrated(tmp_path):
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
+    owner = tmp_path / ".r.img.pydr-owner"  # nor did version 1 write an owner file or an identity
+    owner.unlink()
+    (tmp_path / "v" / "cache" / "vm" / "0.replica").unlink()
     with Vault(tmp_path / "v") as v:  # a reader migrates too
         assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
         assert v.item("vm")["rsh"] is None and v.item("vm")["operation"] is None
@@ -310,3 +308,4 @@ def test_a_version_1_vault_is_migrated(tmp_path):
     with Vault(tmp_path / "v", writer=True) as v:
         src.write_bytes(os.urandom(1 << 20))
         assert replicate(v, ["vm"]).point_id == 2
+        assert owner.exists()  # the replica is adopted by its next cycle

@@ -149,18 +149,60 @@ def test_changed_extents_and_the_half_disk_rule(item):
 # a header counting all of them, or all but the last (written, not yet
 # committed). Reading the blocks at different moments breaks that: the
 # header, read late, counts records the image does not hold.
+# Given a gate and an ack pipe (fds), it writes BATCH records each time the
+# gate lets it and acks each whole batch: the test, not the clock, says how
+# far it is.
+BATCH = 100
 WRITER = r"""
 import os, sys, time
 path, rs = sys.argv[1], 4096
+gate, ack = (int(a) for a in sys.argv[3:5]) if len(sys.argv) > 3 else (None, None)
 fd = os.open(path, os.O_WRONLY)
 n = 0
 while n < int(sys.argv[2]):
+    if gate is not None and n % int(sys.argv[5]) == 0:  # a batch when the test lets one run
+        if n:
+            os.write(ack, b"+")  # the batch before it is on the image
+        if not os.read(gate, 1):
+            break
     rec = (b"REC%08d" % n) * (rs // 11) + b"\n" * (rs % 11)
     os.pwrite(fd, rec, (n + 1) * rs)
     os.pwrite(fd, (b"HDR%08d" % (n + 1)) * (rs // 11) + bytes(rs % 11), 0)
     n += 1
     time.sleep(0.0002)
 """
+
+
+class GatedWriter:
+    """The writer above, appending records while cycles run, in batches the
+    test lets through: before each cycle one whole batch more is on the image
+    (so the points advance, whatever the machine's speed), and the next one
+    is being written during the cycle (so the cut matters)."""
+
+    def __init__(self, path, nrec):
+        self.gate_r, self.gate_w = os.pipe()
+        self.ack_r, self.ack_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(nrec), str(self.gate_r),
+             str(self.ack_w), str(BATCH)], pass_fds=(self.gate_r, self.ack_w))
+        os.close(self.gate_r)
+        os.close(self.ack_w)
+        os.write(self.gate_w, b"+")  # the first batch
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def next_batch(self):
+        """Wait until the current batch is written, then let the next one run."""
+        assert os.read(self.ack_r, 1) == b"+", "the writer died"
+        os.write(self.gate_w, b"+")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.gate_w)
+        os.close(self.ack_r)
 
 
 def prefix_length(path):
@@ -191,7 +233,7 @@ def test_point_in_time_with_a_writer(tmp_path):
     nrec = 6000
     with open(src, "wb") as f:
         f.truncate((nrec + 1) * 4096)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(nrec)])
+    writer = GatedWriter(src, nrec)
     try:
         init_vault(tmp_path / "v")
         with Vault(tmp_path / "v", writer=True) as v:
@@ -199,16 +241,17 @@ def test_point_in_time_with_a_writer(tmp_path):
                       quiesce_hook=f"kill -STOP {writer.pid}", thaw_hook=f"kill -CONT {writer.pid}")
             ids = []
             for _ in range(6):
+                writer.next_batch()
                 ids.append(replicate(v, ["log"], app_consistent=True).point_id)
-                time.sleep(0.05)
             prefixes = []
             for pid in ids:
                 path, = materialize(v, "log", pid, tmp_path / f"p{pid}")
                 prefixes.append(prefix_length(path))
     finally:
-        writer.kill()
-        writer.wait()
+        writer.stop()
     assert None not in prefixes, prefixes
+    # cycle i ran after batch i was whole, while batch i+1 could be written
+    assert all(BATCH * (i + 1) <= k <= BATCH * (i + 2) for i, k in enumerate(prefixes)), prefixes
     assert prefixes == sorted(prefixes) and prefixes[-1] > prefixes[0], prefixes
 
 
@@ -219,24 +262,24 @@ def test_reflink_cut_with_a_writer_and_no_hooks(xfs_dir, tmp_path):
     nrec = 8000
     with open(src, "wb") as f:
         f.truncate((nrec + 1) * 4096)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(nrec)])
+    writer = GatedWriter(src, nrec)
     try:
         init_vault(tmp_path / "v")
         with Vault(tmp_path / "v", writer=True) as v:
             v.protect("log", [(src, rep)], retention=50)
             ids = []
             for _ in range(6):
+                writer.next_batch()
                 ids.append(replicate(v, ["log"]).point_id)
-                time.sleep(0.05)
             assert {p["cut"] for p in v.points("log")} == {"reflink"}
             prefixes = []
             for pid in ids:
                 path, = materialize(v, "log", pid, tmp_path / f"p{pid}")
                 prefixes.append(prefix_length(path))
     finally:
-        writer.kill()
-        writer.wait()
+        writer.stop()
     assert None not in prefixes, prefixes
+    assert all(BATCH * (i + 1) <= k <= BATCH * (i + 2) for i, k in enumerate(prefixes)), prefixes
     assert prefixes == sorted(prefixes) and prefixes[-1] > prefixes[0], prefixes
     assert not [p for p in os.listdir(xfs_dir) if p.endswith(".pydr-snap")]
 
