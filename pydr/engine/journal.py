@@ -28,7 +28,7 @@ from . import bindings as B
 from . import names
 from . import crashpoints
 from .atomic import atomic_write, fsync_dir, open_temp
-from ..errors import CorruptDelta, UnfinishedApply
+from ..errors import CorruptDelta, InvalidState, UnfinishedApply
 
 MAGIC = b"PYDRUND\x00"
 VERSION = 1
@@ -278,30 +278,43 @@ def rollback(dev, path):
     return restored
 
 
-def move_journal(path, dest):
+def move_journal(path, dest, dir_fd=None):
     """Move a committed journal to `dest`, durably (copied where `dest` is on
-    another file system): a recovery-point step."""
+    another file system): a recovery-point step. With `dir_fd`, `dest` is a
+    name in that directory (opened so that it cannot lead elsewhere)."""
     import shutil
 
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    if dir_fd is None:
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(dest)), os.O_RDONLY | os.O_DIRECTORY)
+        dest = os.path.basename(dest)
+    else:
+        dir_fd = os.dup(dir_fd)
     try:
-        os.replace(path, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        fd, tmp = open_temp(dest)
         try:
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as f:
-                shutil.copyfileobj(f, out, 4 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        os.unlink(path)
-    fsync_dir(dest)
+            os.replace(path, dest, dst_dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = f".{dest}.pydr-new"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=dir_fd)
+            try:
+                with os.fdopen(fd, "wb") as out, open(path, "rb") as f:
+                    shutil.copyfileobj(f, out, 4 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+            os.unlink(path)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     fsync_dir(path)
 
 
@@ -318,9 +331,31 @@ def keep_note_path(target):
     return journal_of(target) + ".keep"
 
 
+# A keep note names the step relative to the replica's directory when the
+# step lives beside it (".REPLICA.pydr-steps/NAME.undo", the only relative
+# form honoured); a step kept elsewhere (a local replica's steps are in the
+# vault) is an absolute path, honoured only where the caller offers that very
+# path (choose_undo_path). Anything else is not followed: the note may have
+# been written by whoever can write to the replica's directory.
+KEEP_NOTE_MAX = 4096
+
+
+def _replica_dir(target):
+    name = target.name if hasattr(target, "name") else os.fspath(target)
+    return os.path.dirname(os.path.abspath(name))
+
+
+def _steps_dir_name(target):
+    name = target.name if hasattr(target, "name") else os.fspath(target)
+    return f".{os.path.basename(name)}{names.STEPS}"
+
+
 def write_keep_note(target, dest):
+    dest = os.path.abspath(os.fspath(dest))
+    rel = os.path.relpath(dest, _replica_dir(target))
+    beside = rel.split("/")[0] == _steps_dir_name(target) and ".." not in rel.split("/")
     with atomic_write(keep_note_path(target)) as f:
-        f.write(os.path.abspath(os.fspath(dest)).encode())
+        f.write((rel if beside else dest).encode())
 
 
 def remove_keep_note(target):
@@ -331,19 +366,67 @@ def remove_keep_note(target):
             fsync_dir(note)
 
 
-def _kept_destination(target):
+def _read_keep_note(note):
+    """The text of a keep note, or None; a note that is not a small regular
+    file with one link is refused, never read through."""
     try:
-        with open(keep_note_path(target), "rb") as f:
-            return f.read().decode() or None
-    except (FileNotFoundError, UnicodeDecodeError):
+        fd = os.open(note, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidState("this keep note is a symlink: not followed", path=note) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > KEEP_NOTE_MAX:
+            raise InvalidState("this keep note is not a small regular file with one link: "
+                               "not followed", path=note)
+        raw = f.read(KEEP_NOTE_MAX)
+    try:
+        return raw.decode() or None
+    except UnicodeDecodeError:
+        raise InvalidState("this keep note is not text: not followed", path=note) from None
 
 
-def pending_journal(target):
+def _kept_destination(target, allowed=()):
+    """(directory fd, name) where the committed journal of `target` is to be
+    kept, as its keep note says, or None without a note. The note must name
+    a step in the replica's own ".REPLICA.pydr-steps" (opened without
+    following links, made if missing) or one of the `allowed` paths;
+    anything else raises InvalidState naming the note."""
+    note = keep_note_path(target)
+    text = _read_keep_note(note)
+    if text is None:
+        return None
+    base, steps = _replica_dir(target), _steps_dir_name(target)
+    rel = os.path.relpath(text, base) if os.path.isabs(text) else text
+    parts = rel.split("/")
+    if len(parts) == 2 and parts[0] == steps and parts[1].endswith(".undo") \
+            and parts[1] not in (".undo",) and "\n" not in rel and "\x00" not in rel:
+        from . import beneath
+
+        base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return beneath.open_dir(base_fd, steps, create=True), parts[1]
+        finally:
+            os.close(base_fd)
+    if os.path.isabs(text) and os.path.normpath(text) in {
+            os.path.normpath(os.path.abspath(os.fspath(a))) for a in allowed}:
+        dest = os.path.normpath(text)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        return os.open(os.path.dirname(dest), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), \
+            os.path.basename(dest)
+    raise InvalidState(f"this keep note names {text[:200]!r}, which is not a step beside the "
+                       f"replica ({steps}/NAME.undo) nor one offered now: not followed; "
+                       "remove the note if it is not pydr's", path=note)
+
+
+def pending_journal(target, allowed=()):
     """(path, header) of the journal of an unfinished apply on `target`, or
     None. A journal that was committed (a crash after the commit) is settled
-    on the way: moved where its apply meant to keep it (its keep note), or
-    removed."""
+    on the way: moved where its apply meant to keep it (its keep note, see
+    _kept_destination; `allowed`: steps the caller offers), or removed."""
     path = journal_of(target)
     try:
         header, committed = read_journal(path)
@@ -355,9 +438,13 @@ def pending_journal(target):
             return None
         raise
     if header is not None and committed:
-        dest = _kept_destination(target)
-        if dest is not None:  # a recovery-point step, as its apply meant
-            move_journal(path, dest)
+        kept = _kept_destination(target, allowed)
+        if kept is not None:  # a recovery-point step, as its apply meant
+            dir_fd, name = kept
+            try:
+                move_journal(path, name, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
             remove_keep_note(target)
             return None
     if header is None or committed:
@@ -395,7 +482,7 @@ def choose_undo_path(target, candidates):
     committed (the replica already moved past it). A committed journal still
     beside `target` is settled first, so that it is found there too."""
     if candidates:
-        pending_journal(target)
+        pending_journal(target, allowed=candidates)
     for i, path in enumerate(candidates):
         if not (os.path.exists(path) and read_journal(path)[1]):
             return path, i
