@@ -45,6 +45,17 @@ def _refused(exc, rel):
     return type(exc)(exc.errno, exc.strerror, rel)
 
 
+def _walk_refused(exc, dir_fd, name, rel):
+    """O_NOFOLLOW|O_DIRECTORY on a symlink says ENOTDIR: say what openat2 says."""
+    if exc.errno == errno.ENOTDIR:
+        try:
+            if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                exc = OSError(errno.ELOOP, "a symlink")
+        except OSError:
+            pass
+    return _refused(exc, rel)
+
+
 def open_beneath(dir_fd, rel, flags, mode=0o600):
     """A file descriptor for `rel` beneath the directory `dir_fd` (open(2)
     flags and mode); PermissionError where the path would leave it."""
@@ -68,19 +79,15 @@ def _walk(dir_fd, parts, flags, mode, rel):
         for name in parts[:-1]:
             try:
                 nxt = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=current)
-            except NotADirectoryError as exc:
-                if stat.S_ISLNK(os.stat(name, dir_fd=current, follow_symlinks=False).st_mode):
-                    exc = OSError(errno.ELOOP, "a symlink")
-                raise _refused(exc, rel) from None
             except OSError as exc:
-                raise _refused(exc, rel) from None
+                raise _walk_refused(exc, current, name, rel) from None
             if current != dir_fd:
                 os.close(current)
             current = nxt
         try:
             return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=current)
         except OSError as exc:
-            raise _refused(exc, rel) from None
+            raise _walk_refused(exc, current, parts[-1], rel) from None
     finally:
         if current != dir_fd:
             os.close(current)

@@ -340,14 +340,17 @@ def keep_note_path(target):
 KEEP_NOTE_MAX = 4096
 
 
+def _target_name(target):
+    """The path of a target: a path, or a device named by its path."""
+    return os.fspath(target) if isinstance(target, (str, bytes, os.PathLike)) else target.name
+
+
 def _replica_dir(target):
-    name = target.name if hasattr(target, "name") else os.fspath(target)
-    return os.path.dirname(os.path.abspath(name))
+    return os.path.dirname(os.path.abspath(_target_name(target)))
 
 
 def _steps_dir_name(target):
-    name = target.name if hasattr(target, "name") else os.fspath(target)
-    return f".{os.path.basename(name)}{names.STEPS}"
+    return f".{os.path.basename(_target_name(target))}{names.STEPS}"
 
 
 def write_keep_note(target, dest):

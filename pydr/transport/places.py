@@ -21,7 +21,7 @@ import stat
 from ..engine import beneath
 from ..engine import names
 from ..engine.devices import FileDevice
-from ..errors import UnsupportedFile
+from ..errors import PydrError, UnsupportedFile
 from . import protocol as P
 
 _PINNED = re.compile(r"/proc/self/fd/(\d+)(/?)")
@@ -59,6 +59,8 @@ class Place:
         self.scope, self.rel, self.dir_fd, self.name = scope, rel, dir_fd, name
         self.confined = dir_fd is not None
         self.path = f"/proc/self/fd/{dir_fd}/{name}" if self.confined else rel
+        if not self.confined:
+            self.name = os.path.basename(rel)
 
     def sibling_path(self, suffix):
         """The engine's path of the hidden file `suffix` of this one."""
@@ -90,8 +92,16 @@ class Place:
     def open(self, flags, mode=0o600, name=None):
         """A file descriptor: beneath DIR, a regular file with one link only."""
         if not self.confined:
-            return os.open(self.path, flags | os.O_CLOEXEC, mode)
-        return beneath.open_file(self.dir_fd, name or self.name, flags, mode)
+            path = os.path.join(os.path.dirname(self.path), name) if name else self.path
+            return os.open(path, flags | os.O_CLOEXEC, mode)
+        try:
+            return beneath.open_file(self.dir_fd, name or self.name, flags, mode)
+        except OSError as exc:  # named from DIR, not from the directory fd
+            raise type(exc)(exc.errno, exc.strerror,
+                            self.scope.display(self.dir_fd, name or self.name)) from None
+        except PydrError as exc:
+            exc.path = self.scope.display(self.dir_fd, name or self.name)
+            raise
 
     def proc_path(self, fd):
         """A path that reopens the file open as `fd` (not a lookup by name)."""
