@@ -203,3 +203,27 @@ class FleetError(PydrError, RuntimeError):
 class NoWorkerForHost(FleetError, ConnectionError):
     """No Dask worker served an item's host within the host timeout: worth
     retrying once a worker (``pydr worker --host NAME``) is up."""
+
+
+class PeerGone(PydrError, ConnectionError):
+    """The other end of a connection died, refused it or never started: the
+    ``--rsh`` command (ssh) exited, or the pydr it ran did. ``status`` is the
+    rsh command's exit status (negative: killed by that signal; None: still
+    running), ``stderr`` the last of what it wrote there (ssh's own words)."""
+
+    exit_code = EXIT_PROTOCOL
+
+    def __init__(self, message, *, status=None, stderr="", **kwargs):
+        super().__init__(message, **kwargs)
+        self.status = status
+        self.stderr = stderr
+
+
+class VaultDamaged(VaultError):
+    """The vault's database cannot be read as it should: SQLite found it
+    damaged (or it is not SQLite). ``path`` is the database file."""
+
+
+class StdoutClosed(BrokenPipeError):
+    """pydr's own standard output was closed by its reader (``pydr ... |
+    head``): the one broken pipe that is not an error."""

@@ -12,7 +12,7 @@ import os
 import sys
 
 from .._version import __version__
-from .common import EXIT_STATUS, HelpFormatter, report_error
+from .common import EXIT_STATUS, HelpFormatter, guarded_stdout, report_error
 
 DESCRIPTION = (
     "pydr keeps a copy of raw disk images and block devices at a second site by\n"
@@ -87,7 +87,8 @@ def main(argv=None):
     if getattr(args, "json", False) and getattr(args, "output", None) == "-":
         parser.error("--json cannot be combined with -o - (both use standard output)")
     try:
-        return args.func(args)
+        with guarded_stdout():
+            return args.func(args)
     except BaseException as exc:  # the one place errors meet the user
         if os.environ.get("PYDR_DEBUG"):
             raise

@@ -4,6 +4,7 @@ once here), and the one function that turns an exception into a line on
 stderr and an exit status."""
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -27,11 +28,13 @@ exit status:
   12   the target holds the delta's result where it writes, but differs elsewhere
        (a target holding all of the result is left alone: exit 0, "already holds")
   13   source and target are the same file
-  14   not a vault, or the vault is locked by another pydr
+  14   not a vault, the vault is locked by another pydr, or its database is
+       damaged ('pydr vault check' says where)
   15   the operation is not valid in the item's current state
   16   a quiesce, thaw or shutdown hook failed
   17   a recovery plan stopped (its report says where)
-  18   the remote side broke pydr's protocol
+  18   the remote side broke pydr's protocol, or died, refused the connection or
+       never started (the message carries ssh's own words)
   19   changed-block tracking was lost (a dirty bitmap is missing or in use): the
        item needs 'pydr replicate ITEM --resync'
   20   a fleet could not reach its Dask scheduler, or some of its items failed
@@ -283,12 +286,52 @@ def print_fields(result):
 # -- errors -----------------------------------------------------------------------
 
 
+class _GuardedOutput:
+    """Our standard output (text, or its binary buffer) whose broken pipe
+    says it is ours: StdoutClosed, the one quiet error of report_error. A
+    broken pipe anywhere else (a peer, a helper process) stays an error."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except BrokenPipeError as exc:
+            raise E.StdoutClosed(exc.errno, exc.strerror, "<stdout>") from None
+
+    def flush(self):
+        try:
+            self._f.flush()
+        except BrokenPipeError as exc:
+            raise E.StdoutClosed(exc.errno, exc.strerror, "<stdout>") from None
+
+    @property
+    def buffer(self):
+        return _GuardedOutput(self._f.buffer)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@contextlib.contextmanager
+def guarded_stdout():
+    """While a command runs, a broken pipe on sys.stdout is StdoutClosed."""
+    real = sys.stdout
+    sys.stdout = _GuardedOutput(real) if real is not None else real
+    try:
+        yield
+    finally:
+        if isinstance(sys.stdout, _GuardedOutput):
+            sys.stdout = real
+
+
 def report_error(exc):
     """The one place errors meet the user: one line on stderr, and the exit
     status of the exception's class (EXIT_STATUS)."""
     if isinstance(exc, SystemExit):
         raise exc
-    if isinstance(exc, BrokenPipeError):
+    if isinstance(exc, E.StdoutClosed):
         # e.g. `pydr diff ... | head`: not an error worth a message
         try:
             sys.stdout = open(os.devnull, "w")
@@ -297,6 +340,9 @@ def report_error(exc):
         return 0
     if isinstance(exc, E.PydrError):
         message = str(exc)
+        if isinstance(exc, E.VaultDamaged) and exc.path:
+            vault = os.path.dirname(exc.path) or "."
+            message += f"; run 'pydr vault check {vault}' to see what is damaged"
     elif isinstance(exc, OSError):
         where = exc.filename if exc.filename is not None else ""
         if exc.filename2 is not None:

@@ -119,8 +119,12 @@ class _PlanGroupAction(argparse.Action):
 
 
 def cmd_plan_create(args):
-    definition = _run(args, lambda v: {"plan": args.plan,
-                                       "groups": v.create_plan(args.plan, args.groups or [])})
+    from ..dr.store import HIDDEN
+
+    # a hook's command line may hold a password: --json says that it is set, not what it is
+    definition = _run(args, lambda v: {"plan": args.plan, "groups": [
+        {**g, "pre": g["pre"] and HIDDEN, "post": g["post"] and HIDDEN}
+        for g in v.create_plan(args.plan, args.groups or [])]})
     if not args.json:
         print(f"plan {args.plan}: " + " -> ".join(",".join(g["items"]) for g in definition["groups"]))
     return 0

@@ -30,7 +30,7 @@ def transfer_disk(source, replica, *, offered, cache, has_point, resync_all, ext
     at one of the `offered` step specs when the item has a point already.
     Returns (bytes moved, bytes read, kept index or None, journal bytes)."""
     if cache is not None:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
         if resync_all:  # compare both sides: the replica is read again, the cache rebuilt
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cache)

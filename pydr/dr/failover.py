@@ -26,7 +26,7 @@ from ..errors import InvalidState, PydrError, UnknownName
 from . import objectstore
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
-from .points import SELECTORS, materialize_disk, select_point
+from .points import SELECTORS, check_point_restorable, materialize_disk, select_point
 from .replication import replicate
 
 __all__ = ["failover", "change_point", "commit", "reprotect", "failback", "select_point",
@@ -56,6 +56,9 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         raise ValueError("--to is for items replicated to an object store: the others fail "
                          "over at their replicas' paths")
     if row["state"] == "failing-over":
+        check_point_restorable(vault, name, row["failover_point"],
+                               hint=f"bring another point up with 'pydr change-point {name} "
+                                    "--point N'")
         return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"], method,
                          progress)
     if row["state"] == "failed-over":
@@ -76,6 +79,9 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
             raise ValueError(f"{name!r} is replicated to an object store: give --to DIR, the "
                              f"directory on this machine where its disks are made")
         to = os.path.abspath(os.fspath(to))
+    chosen = not planned and point not in (None, "latest")
+    if chosen:  # known now: checked before anything is recorded, moved or run
+        check_point_restorable(vault, name, select_point(vault, name, point))
     command = f"pydr failover {name}" + (" --planned" if planned else "") + (
         f" --point {point}" if point not in (None, "latest") else "") + method_flags(method) + (
         f" --to {to}" if to else "")
@@ -99,6 +105,8 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
                 notes.append(f"could not replicate the latest changes ({exc}); "
                              "using the newest point")
         pid = select_point(vault, name, "latest" if planned else point)
+        if not chosen:
+            check_point_restorable(vault, name, pid)  # before any replica moves
     except BaseException:
         vault.end(name, "failover")  # nothing changed yet: not an interrupted failover
         raise
@@ -181,6 +189,7 @@ def change_point(vault, name, point, *, method=None, progress=None):
         return {"item": name, "point": pid,
                 "notes": [f"already at point {pid}: nothing to do"]}
     method = method or current_method(vault, name)
+    check_point_restorable(vault, name, pid)  # before the failed-over disks are replaced
     vault.begin(name, "change-point", f"pydr change-point {name} --point {pid}"
                 f"{method_flags(method)}", state="failing-over", failover_point=pid)
     crashpoints.reached("failover.marked")

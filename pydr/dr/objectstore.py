@@ -28,6 +28,7 @@ import uuid
 from ..engine import crashpoints
 from ..engine.chunks import (CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count, chunk_id,
                              decode_chunk, encode_chunk)
+from ..engine.oserrors import naming
 from ..errors import FormatError, InvalidState
 from .agent import item_cut
 
@@ -62,7 +63,7 @@ def store_of(vault, name):
 
 def _dir(vault, name):
     path = os.path.join(vault.dir, "objects", name)
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)  # in the vault: private
     return path
 
 
@@ -108,7 +109,7 @@ class _Pending:
         self.f = open(path, "a")
 
     def add(self, ident):
-        with self.lock:
+        with self.lock, naming(self.path):
             self.ids.add(ident)
             self.f.write(f"{time.time():.3f} {ident.hex()}\n")
             self.f.flush()
@@ -315,7 +316,9 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         try:
-            os.ftruncate(fd, size)
+            os.fchmod(fd, 0o600)  # the store keeps no bits: private (also a killed run's leftover)
+            with naming(dest):
+                os.ftruncate(fd, size)
 
             def fetch(i):
                 try:
@@ -324,7 +327,8 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
                     raise FormatError(f"chunk {ids[i].hex()} (disk {disk['idx']}, offset "
                                       f"{i * index.chunk_size}) is missing from the store",
                                       path=store.url(store.chunk_key(ids[i]))) from None
-                os.pwrite(fd, data, i * index.chunk_size)
+                with naming(dest):  # a full disk names the disk being restored
+                    os.pwrite(fd, data, i * index.chunk_size)
 
             wanted = [i for i, ident in enumerate(ids) if ident != ZERO_ID]
             with cf.ThreadPoolExecutor(max_workers=threads or UPLOADS) as pool:

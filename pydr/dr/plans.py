@@ -99,7 +99,8 @@ def run_plan(vault, name, op, **options):
     for number, group in enumerate(groups, 1):
         if group["pre"]:
             r = subprocess.run(group["pre"], shell=True, capture_output=True, text=True)
-            report.append({"group": number, "hook": "pre", "status": "ok" if r.returncode == 0 else "failed"})
+            report.append({"group": number, "hook": "pre",
+                           "status": "ok" if r.returncode == 0 else "failed", "exit": r.returncode})
             if r.returncode:
                 for item in group["items"]:
                     report.append({"group": number, "item": item, "status": "not run"})
@@ -135,7 +136,8 @@ def run_plan(vault, name, op, **options):
             stop(f"plan {name!r} stopped in group {number}: {', '.join(failed)} failed")
         if group["post"]:
             r = subprocess.run(group["post"], shell=True, capture_output=True, text=True)
-            report.append({"group": number, "hook": "post", "status": "ok" if r.returncode == 0 else "failed"})
+            report.append({"group": number, "hook": "post",
+                           "status": "ok" if r.returncode == 0 else "failed", "exit": r.returncode})
             if r.returncode:
                 stop(f"plan {name!r} stopped: the post hook of group {number} failed "
                      f"(exit {r.returncode})")

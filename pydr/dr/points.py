@@ -9,7 +9,7 @@ import time
 
 from ..endpoints import remove_all
 from ..engine import crashpoints
-from ..errors import InvalidState, UnknownName
+from ..errors import FormatError, InvalidState, UnknownName
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
 
@@ -120,11 +120,7 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=Fals
     at the place that holds its replica. ``drill``: a test failover's disk
     (never written over a file; a remote site records it, so that cleaning
     up may remove it). Returns the method used, also noted on the job."""
-    row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
-                           (name, point_id, disk["idx"])).fetchone()
-    steps = vault.db.execute(
-        "SELECT step, path FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
-        (name, disk["idx"], row["step"])).fetchall()
+    steps = steps_needed(vault, name, point_id, disk)
     replica = vault.endpoint(name, disk["replica"])
     if getattr(replica, "point_store", False):  # a point index over chunks: downloaded
         from .objectstore import restore_disk
@@ -144,6 +140,62 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=Fals
                                method=method, progress=progress)
     vault.note_method(used)
     return used
+
+
+def steps_needed(vault, name, point_id, disk):
+    """The undo steps (rows: step, path, bytes) that take `disk` from its
+    latest state back to `point_id`, newest first."""
+    row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
+                           (name, point_id, disk["idx"])).fetchone()
+    return vault.db.execute(
+        "SELECT step, path, bytes FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
+        (name, disk["idx"], row["step"])).fetchall()
+
+
+def check_point_restorable(vault, name, point_id,
+                           hint="nothing was changed, choose another point with --point"):
+    """Before a failover, change-point or drill moves or writes anything:
+    every undo step point `point_id` needs is there, has the size the vault
+    recorded and (where this process can read it) ends in its commit. A
+    point already marked damaged is refused with its reason. Otherwise
+    FormatError (exit 7) names the step. Nothing is changed, not even the
+    point's mark: a step on an unmounted file system may come back."""
+    point = vault.point(name, point_id)
+    if point["damaged"]:
+        raise FormatError(f"point {point_id} of {name!r} cannot be restored: "
+                          f"{point['damaged']}; {hint}", path=vault.dir)
+    if getattr(vault.endpoint(name, vault.disks(name)[0]["replica"]), "point_store", False):
+        return  # chunk indexes in an object store: checked as they are downloaded
+    for d in vault.disks(name):
+        for s in steps_needed(vault, name, point_id, d):
+            step = vault.endpoint(name, s["path"])
+            why = _step_problem(step, s["bytes"])
+            if why is None:
+                continue
+            reason = f"undo step {s['step']} of disk {d['idx']} ({step}) {why}"
+            raise FormatError(f"point {point_id} of {name!r} cannot be restored: {reason}; "
+                              f"{hint}", path=step.spec)
+
+
+def _step_problem(step, recorded):
+    """Why a step cannot be used (words for a message), or None. The vault
+    records a step's journal bytes without its COMMIT record (a cycle), the
+    whole file (a step registered after a kill), or 0 (not known: a step a
+    killed cycle kept); the file must match what was recorded."""
+    from ..engine import bindings as B
+    from ..engine import journal as J
+
+    try:
+        size = step.size() if step.local_path is None else os.path.getsize(step.local_path)
+    except FileNotFoundError:
+        return "is missing"
+    if recorded and size not in (recorded, recorded + B.RECORD_HEADER):
+        return f"has {size} bytes, the vault recorded {recorded + B.RECORD_HEADER}"
+    if step.local_path is not None:
+        header, committed = J.read_journal(step.local_path)
+        if header is None or not committed:
+            return "is damaged: no whole, committed undo journal"
+    return None
 
 
 def check_points_usable(vault, name):

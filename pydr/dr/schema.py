@@ -2,11 +2,14 @@
 version, and the creation of an empty vault (pydr.dr.store reads and writes
 the tables; docs/VAULT.md describes them)."""
 
+import contextlib
 import os
 import secrets
 import sqlite3
+import stat
 
 from ..errors import VaultError
+from .dberrors import VaultConnection
 
 SCHEMA_VERSION = 8  # 2: remote replicas; 3: operations; 4: changed-block tracking;
 # 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
@@ -111,7 +114,8 @@ CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 def connect(path):
     """The vault's database, in WAL mode with full syncs. SQLite makes its
     -wal and -shm files with the database's mode: 0600."""
-    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    db = sqlite3.connect(path, timeout=30, isolation_level=None, factory=VaultConnection)
+    db.path = path  # named by its errors (pydr.dr.dberrors)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
@@ -162,6 +166,32 @@ def migrate(db, version):
                 db.execute(f"PRAGMA user_version={version + 1}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
     return version
+
+
+def tighten_vault(directory):
+    """Make a vault made before vaults were private (or opened up since)
+    private again: its directory, undo/, cache/, objects/ and their item
+    directories 0700, vault.db, its WAL files and the lock 0600. Done by
+    every command that changes the vault; the files in the item directories
+    are not walked (0700 directories keep them from others, and pydr writes
+    new ones 0600). A vault this user does not own is left as it is."""
+    directory = os.fspath(directory)
+    wanted = [(directory, 0o700)]
+    for sub in ("undo", "cache", "objects"):  # and their per-item directories
+        top = os.path.join(directory, sub)
+        wanted.append((top, 0o700))
+        with contextlib.suppress(OSError):
+            wanted += [(e.path, 0o700) for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
+    wanted += [(os.path.join(directory, name), 0o600)
+               for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", "vault.lock")]
+    for path, mode in wanted:
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & ~mode \
+                    and not stat.S_ISLNK(st.st_mode):
+                os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+        except (FileNotFoundError, PermissionError):
+            pass
 
 
 def init_vault(directory):

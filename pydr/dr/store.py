@@ -26,8 +26,10 @@ import re
 import sqlite3
 import time
 
+from ..engine.oserrors import naming
 from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
-from .schema import DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault, migrate as _migrate  # noqa: F401
+from .schema import (DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault,  # noqa: F401
+                     migrate as _migrate, tighten_vault)
 
 LOCK_NAME = "vault.lock"
 
@@ -51,6 +53,7 @@ class Store:
         self.interrupted = {}
         if writer:
             self._lock()
+            tighten_vault(self.dir)  # a vault made before vaults were private
         try:
             self.db = _connect(path)
             version = _migrate(self.db, self.db.execute("PRAGMA user_version").fetchone()[0])
@@ -82,8 +85,9 @@ class Store:
                              + (f" (pid {holder})" if holder else "")
                              + ": wait for it to end, then run the command again",
                              path=self.dir) from None
-        os.ftruncate(self.lock_fd, 0)
-        os.pwrite(self.lock_fd, f"{os.getpid()}: {_command_line()}\n".encode(), 0)
+        with naming(path):  # a full disk names the vault
+            os.ftruncate(self.lock_fd, 0)
+            os.pwrite(self.lock_fd, f"{os.getpid()}: {_command_line()}\n".encode(), 0)
 
     def locked_by_another(self):
         """Whether another process holds the vault's lock now."""
@@ -209,6 +213,10 @@ class Store:
                 raise ValueError(f"remote replica {replica} needs an absolute path")
             if host is None and not src.exists():  # a host's disks are its worker's to find
                 raise FileNotFoundError(errno.ENOENT, "source disk not found", source)
+            if host is None and src.local_path is not None:
+                from ..engine.devices import check_disk
+
+                check_disk(src.local_path)  # a FIFO or socket: refused now, not at the first cycle
             if src.identity == rep.identity:
                 raise ValueError(f"replica {replica} is the source disk itself")
             for p in (src.identity, rep.identity):
@@ -268,6 +276,8 @@ class Store:
             "health": row["health"], "group": row["grp"], "host": row["host"],
             "retention": row["retention"],
             "retention_age": row["retention_age"],
+            # whether hooks are set, never their command lines (they may hold a password)
+            "hooks": {"quiesce": bool(row["quiesce_hook"]), "thaw": bool(row["thaw_hook"])},
             "disks": [{"source": d["source"], "replica": d["replica"],
                        "tracking": {"mode": d["tracking"], "bitmap": d["bitmap"]}
                        if d["tracking"] else None} for d in self.disks(name)],
@@ -428,10 +438,34 @@ class Store:
             "method, host FROM jobs ORDER BY id")]
 
 
+# the options whose value is a hook's command line (which may hold a password)
+HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook")
+HIDDEN = "<hook set>"
+
+
+def redact_argv(argv):
+    """`argv` with the command line of every hook option replaced by
+    HIDDEN ("--quiesce-hook CMD" and "--quiesce-hook=CMD")."""
+    out, hide_next = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if hide_next:
+            out.append(HIDDEN)
+            hide_next = False
+        elif arg in HOOK_OPTIONS:
+            out.append(arg)
+            hide_next = True
+        elif name in HOOK_OPTIONS:
+            out.append(f"{name}={HIDDEN}")
+        else:
+            out.append(arg)
+    return out
+
+
 def _command_line():
     import sys
 
-    argv = list(sys.argv)
+    argv = redact_argv(sys.argv)  # the lock file is shown to a refused command
     if argv and os.path.basename(argv[0]) == "pydr":
         argv[0] = "pydr"
     return " ".join(argv)

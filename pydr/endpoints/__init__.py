@@ -84,11 +84,24 @@ def open_endpoint(spec, *, rsh=None, remote_pydr=None, format=None):
 def _image_format(path):
     """A local disk's QEMU format from its magic bytes (no import of the
     transport for a raw file: a few bytes read here)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(72)
+    import stat
+
+    head = b""
+    try:  # O_NONBLOCK: a FIFO must not wait for a writer (the engine refuses it later)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
-        head = b""
+        fd = None
+    if fd is not None:
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+                head = os.pread(fd, 72, 0)
+            else:
+                return "raw"
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     ext = os.path.splitext(path)[1].lower() if isinstance(path, str) else ""
     if head[:4] in (b"QFI\xfb", b"KDMV") or head[:8] in (b"vhdxfile", b"conectix") \
             or head.startswith(b"# Disk DescriptorFile") or head[0x40:0x44] == b"\x7f\x10\xda\xbe" \

@@ -81,10 +81,12 @@ class Endpoint:
         raise NotImplementedError
 
     def open_target(self, *, block_size, result_size, threads, keep_undo=None, progress=None,
-                    streams=0, bwlimit=None, compress=False):
+                    streams=0, bwlimit=None, compress=False, mode=None):
         """``keep_undo``: specs at this place where the committed undo journal
         may be kept (a recovery-point step); the first that holds no
-        committed step is taken, and TargetResult.kept says which."""
+        committed step is taken, and TargetResult.kept says which.
+        ``mode``: the permission bits of a target created (the source
+        role's ``mode``; None: private)."""
         raise NotImplementedError
 
     def snapshot(self):
@@ -234,13 +236,13 @@ class InProcess:
 
     @contextlib.contextmanager
     def open_target(self, *, block_size, result_size, threads, keep_undo=None, progress=None,
-                    streams=0, bwlimit=None, compress=False):
+                    streams=0, bwlimit=None, compress=False, mode=None):
         from ..transport.roles import LocalTarget
 
         keep, index = self.choose_undo(keep_undo)
         with self.engine_disk(write=True, size=result_size) as disk, LocalTarget(
                 disk, block_size=block_size, result_size=result_size, threads=threads,
-                keep_undo=keep, kept=index, progress=progress) as target:
+                keep_undo=keep, kept=index, progress=progress, mode=mode) as target:
             yield target
 
     def signature(self, *, block_size, threads=None):

@@ -42,9 +42,10 @@ class LocalEndpoint(InProcess, Endpoint):
 
     def size(self):
         from ..engine import bindings as B
+        from ..engine.devices import open_disk
 
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_disk(self._path)
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "disk not found", self._path) from None
         try:

@@ -98,6 +98,9 @@ class QemuImageEndpoint(LocalEndpoint):
         if write and not os.path.exists(path):
             if size is None:
                 raise FileNotFoundError(2, "disk image not found", path)
+            from ..engine.atomic import create_file
+
+            create_file(path)  # private: qemu-img keeps the bits of a file it truncates
             qemu_img("create", "-q", "-f", self.format, path, str(size), path=path)
         with QemuNbd(path, self.format, read_only=not write, bitmap=bitmap) as server:
             dev = server.connect(lambda uri: NbdDevice(

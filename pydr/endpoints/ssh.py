@@ -50,14 +50,14 @@ class SshEndpoint(Endpoint):
                             compress=compress)
 
     def open_target(self, *, block_size, result_size, threads, keep_undo=None, progress=None,
-                    streams=0, bwlimit=None, compress=False):
+                    streams=0, bwlimit=None, compress=False, mode=None):
         from ..transport.client import RemoteTarget
 
         keep = None
         if keep_undo:
             keep = [self._here(k) for k in keep_undo]
         return RemoteTarget(self.host, self._path, block_size=block_size,
-                            result_size=result_size, keep_undo=keep, streams=streams,
+                            result_size=result_size, keep_undo=keep, streams=streams, mode=mode,
                             bwlimit=bwlimit, compress=compress)
 
     def _here(self, spec):

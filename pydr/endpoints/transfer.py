@@ -76,6 +76,7 @@ def transfer(src, dst, *, block_size=4096, threads=None, progress=None, cancel=N
                          window=window, group=group, **wire) as source:
         with dst.open_target(block_size=block_size, result_size=source.size, threads=threads,
                              keep_undo=keep_undo, streams=streams,
+                             mode=getattr(source, "mode", None),
                              progress=None if source.reports_progress else progress,
                              **wire) as target:
             source.run(target)

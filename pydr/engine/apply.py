@@ -41,7 +41,8 @@ class Applier:
     """
 
     def __init__(self, target, *, block_size, base_size, result_size, kind=J.KIND_APPLY,
-                 base_id=bytes(16), result_id=bytes(16), resume_same=True, create=False):
+                 base_id=bytes(16), result_id=bytes(16), resume_same=True, create=False,
+                 mode=None):
         self.given = target if hasattr(target, "apply_write") else None
         self.target = self.given.name if self.given else os.fspath(target)
         self.block_size = block_size
@@ -51,6 +52,7 @@ class Applier:
         self.ids = (base_id, result_id)
         self.resume_same = resume_same
         self.create = create  # a missing target starts empty; removed again on failure
+        self.mode = mode  # the permission bits of a target created here (None: private)
         self.created = False
         self.dev = None
         self.journal = None
@@ -69,8 +71,9 @@ class Applier:
         from .devices import FileDevice
 
         if self.given is None and self.create and not os.path.lexists(self.target):
-            os.close(os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                             0o644))
+            from .atomic import create_file
+
+            create_file(self.target, self.mode)
             self.created = True
         try:
             self.dev = self.given or FileDevice(self.target, write=True)

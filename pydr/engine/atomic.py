@@ -4,14 +4,46 @@ The temp file of a destination NAME is always ".NAME.pydr-new" beside it,
 locked while it is written: a process killed half-way leaves it, and the
 next writer of NAME takes it over (a live one is refused), so no temp file
 outlives the next run.
+
+An output that is a character device or a FIFO (/dev/null, a pipe a reader
+waits on) is written through instead: renaming a file over it would
+replace the device for the whole machine. Files pydr makes get an explicit
+mode (PRIVATE unless a caller knows better, see copy_mode), whatever the
+umask.
 """
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
 
 from ..errors import UnfinishedApply, UnsupportedFile
+from .oserrors import NamedFile, naming
+
+PRIVATE = 0o600
+
+
+def copy_mode(st_mode):
+    """The permission bits of a copy of a disk of mode `st_mode` (or of
+    PRIVATE when None: not known): its read and write bits, never wider, so
+    a private disk (no group or other bits) gives a private copy."""
+    return PRIVATE if st_mode is None else stat.S_IMODE(st_mode) & 0o666
+
+
+def create_file(path, mode=None):
+    """Create the empty file `path` (it must not exist) with permission bits
+    `mode` (None: PRIVATE), whatever the umask: created 0600, then set with
+    fchmod before any data is written, so it is never wider than asked."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE)
+    try:
+        os.fchmod(fd, PRIVATE if mode is None else mode)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def fsync_dir(path):
@@ -23,9 +55,10 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def open_temp(dest):
+def open_temp(dest, mode=PRIVATE):
     """(fd, path) of the empty temp file ".NAME.pydr-new" beside `dest`,
-    locked by this process; one that a killed writer left is taken over."""
+    locked by this process, of permission bits `mode`; one that a killed
+    writer left is taken over."""
     head, tail = os.path.split(os.path.abspath(os.fspath(dest)))
     path = os.path.join(head, f".{tail}.pydr-new")
     # never through a symlink, and never into a file linked elsewhere too:
@@ -45,26 +78,79 @@ def open_temp(dest):
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
+    try:
+        with naming(dest):
+            os.ftruncate(fd, 0)
+        os.fchmod(fd, mode)  # before any data: not the umask's, nor a leftover's mode
+    except BaseException:
+        os.close(fd)
+        raise
     return fd, path
 
 
+def output_kind(path):
+    """How `path` is written as an output: "replace" (missing, or a regular
+    file: atomically, through a temp file) or "through" (a character device
+    or a FIFO: opened and written as it is). A directory (or a symlink to
+    one) raises IsADirectoryError; a block device or a socket UnsupportedFile."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "replace"
+    if stat.S_ISREG(mode):
+        return "replace"
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return "through"
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name as output", path)
+    raise UnsupportedFile("refusing to write an output over a block device or socket",
+                          path=path)
+
+
 @contextlib.contextmanager
-def atomic_write(path):
-    """Yield a binary file; on success it atomically replaces ``path``.
+def atomic_write(path, mode=PRIVATE, *, through=True):
+    """Yield a binary file; on success it atomically replaces ``path``, a
+    file of permission bits `mode`.
 
     On any error the temp file is removed and ``path`` is left as it was.
+    A character device or FIFO is written through (see output_kind), or
+    refused with ``through=False`` (a name a peer chose).
     """
     path = os.fspath(path)
-    fd, tmp = open_temp(path)
+    if output_kind(path) == "through":
+        if not through:
+            raise UnsupportedFile("refusing to write to a device or FIFO named by the peer",
+                                  path=path)
+        with _write_through(path) as f:
+            yield f
+        return
+    fd, tmp = open_temp(path, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            yield NamedFile(f, path)  # a full disk names the file it could not write
+            with naming(path):
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     fsync_dir(path)
+
+
+@contextlib.contextmanager
+def _write_through(path):
+    """The character device or FIFO at `path`, open for writing: no temp
+    file, no rename (a FIFO waits here for its reader, as `cat > FIFO`)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        kind = os.fstat(fd).st_mode
+        if not (stat.S_ISCHR(kind) or stat.S_ISFIFO(kind)):  # swapped since it was looked at
+            raise UnsupportedFile("the output changed while it was opened; run the same "
+                                  "command again", path=path)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "wb") as f:
+        yield f

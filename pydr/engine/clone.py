@@ -15,15 +15,20 @@ NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errn
 
 
 def clone_file(src, dst):
-    """Make `dst` (created; it must not exist) a reflink clone of `src`.
+    """Make `dst` (created; it must not exist) a reflink clone of `src`,
+    with its permission bits (pydr.engine.atomic.copy_mode: never wider).
     Returns True, or False where the file systems cannot clone (then `dst`
     does not exist). Other errors (a full disk, an I/O error) raise."""
     import fcntl
 
-    fd_src = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    from .atomic import copy_mode
+    from .devices import open_disk
+
+    fd_src = open_disk(src)
     try:
         fd_dst = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            os.fchmod(fd_dst, copy_mode(os.fstat(fd_src).st_mode))  # before it shares any data
             fcntl.ioctl(fd_dst, FICLONE, fd_src)
         except OSError as exc:
             os.close(fd_dst)

@@ -10,12 +10,15 @@ apply_prepare(), apply_write(), pread(), truncate(), sync(), writeback(),
 cache_trusted(mtime) (may a signature cache of it be used), close().
 """
 
+import errno
 import fcntl
 import os
 import re
+import stat
 
 from ..errors import Cancelled, UnfinishedApply, UnsupportedFile
 from . import bindings as B
+from .oserrors import naming
 
 JOURNAL_DIR = "/var/lib/pydr/journal"
 SIGN_WINDOW = 256 << 20  # an NBD export is signed this much at a time
@@ -31,13 +34,71 @@ def journal_dir():
     return os.environ.get("PYDR_JOURNAL_DIR") or JOURNAL_DIR
 
 
+def kind_of(mode):
+    """What a file of this st_mode is, in words, for messages."""
+    for test, word in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return word
+    return "not a regular file or block device"
+
+
+def not_a_disk(mode):
+    text = kind_of(mode)
+    return f"{text[0].upper()}{text[1:]} is not a disk: give a regular file or a block device"
+
+
+def open_disk(path, flags=os.O_RDONLY):
+    """A descriptor of the disk at `path`, which must be a regular file or a
+    block device; anything else is refused with UnsupportedFile (a
+    directory with IsADirectoryError). Opened with O_NONBLOCK, checked with
+    fstat, then made blocking again: a FIFO opened for reading would
+    otherwise wait for a writer forever."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:  # ENXIO: a socket, or a FIFO opened for writing only
+        if exc.errno == errno.ENXIO:
+            mode = os.stat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise UnsupportedFile(not_a_disk(mode), path=path) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a disk", path)
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise UnsupportedFile(not_a_disk(mode), path=path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def disk_mode(device):
+    """The permission bits a copy of `device` gets (pydr.engine.atomic.
+    copy_mode): a file's or block device's own, PRIVATE for an NBD export."""
+    from .atomic import copy_mode
+
+    fd = getattr(device, "fd", None)
+    return copy_mode(os.fstat(fd).st_mode if fd is not None else None)
+
+
+def check_disk(path):
+    """Raise as open_disk does unless `path` is a regular file or a block
+    device (opened and closed again: nothing is read)."""
+    os.close(open_disk(path))
+
+
 class FileDevice:
     """A regular file or block device, open in this process."""
 
     def __init__(self, path, *, write=False, fd=None, is_block=None):
         self.name = os.fspath(path)
         self.owned = fd is None
-        self.fd = os.open(self.name, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC) \
+        self.fd = open_disk(self.name, os.O_RDWR if write else os.O_RDONLY) \
             if fd is None else fd
         try:
             size, blk = B.fd_size(self.fd, self.name)
@@ -89,10 +150,12 @@ class FileDevice:
         return os.pread(self.fd, length, offset)
 
     def truncate(self, size):
-        os.ftruncate(self.fd, size)
+        with naming(self.name):
+            os.ftruncate(self.fd, size)
 
     def sync(self):
-        os.fdatasync(self.fd)
+        with naming(self.name):
+            os.fdatasync(self.fd)
 
     def writeback(self):
         B.start_writeback(self.fd)  # a hint: overlap the disk with the next batch
@@ -150,7 +213,7 @@ class NbdDevice:
         """Exclusive writer: a lock file in the journal directory, or the
         image file itself (lock) for a QEMU image pydr serves."""
         path = self.lock_path or self.journal_path + ".lock"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -27,7 +27,8 @@ import struct
 from . import bindings as B
 from . import names
 from . import crashpoints
-from .atomic import atomic_write, fsync_dir, open_temp
+from .atomic import atomic_write, fsync_dir
+from .oserrors import NamedFile, naming
 from ..errors import CorruptDelta, InvalidState, UnfinishedApply
 
 MAGIC = b"PYDRUND\x00"
@@ -82,11 +83,12 @@ class Journal:
 
     @classmethod
     def create(cls, path, **header):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, pack_header(**header))
-            os.fsync(fd)
+            with naming(path):
+                os.write(fd, pack_header(**header))
+                os.fsync(fd)
             fsync_dir(path)
             crashpoints.reached("journal.created")
         except BaseException:
@@ -98,17 +100,19 @@ class Journal:
 
     def append(self, records):
         """Append undo records and make them durable before returning."""
-        if len(records):
-            view = memoryview(records)
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-            self.bytes += len(records)
-        os.fdatasync(self.fd)
+        with naming(self.path):
+            if len(records):
+                view = memoryview(records)
+                while view:
+                    n = os.write(self.fd, view)
+                    view = view[n:]
+                self.bytes += len(records)
+            os.fdatasync(self.fd)
 
     def commit(self):
-        os.write(self.fd, B.record_build(B.COMMIT))
-        os.fdatasync(self.fd)
+        with naming(self.path):
+            os.write(self.fd, B.record_build(B.COMMIT))
+            os.fdatasync(self.fd)
 
     def close(self):
         if self.fd is not None:
@@ -137,8 +141,9 @@ class Journal:
         end = index[-1][0] + index[-1][1] if index else HEADER_SIZE
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            os.ftruncate(fd, end)
-            os.fsync(fd)
+            with naming(path):
+                os.ftruncate(fd, end)
+                os.fsync(fd)
             os.lseek(fd, end, os.SEEK_SET)
         except BaseException:
             os.close(fd)
@@ -285,7 +290,7 @@ def move_journal(path, dest, dir_fd=None):
     import shutil
 
     if dir_fd is None:
-        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), mode=0o700, exist_ok=True)
         dir_fd = os.open(os.path.dirname(os.path.abspath(dest)), os.O_RDONLY | os.O_DIRECTORY)
         dest = os.path.basename(dest)
     else:
@@ -302,8 +307,8 @@ def move_journal(path, dest, dir_fd=None):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600, dir_fd=dir_fd)
             try:
-                with os.fdopen(fd, "wb") as out, open(path, "rb") as f:
-                    shutil.copyfileobj(f, out, 4 << 20)
+                with os.fdopen(fd, "wb") as out, open(path, "rb") as f, naming(dest):
+                    shutil.copyfileobj(f, NamedFile(out, dest), 4 << 20)
                     out.flush()
                     os.fsync(out.fileno())
                 os.replace(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

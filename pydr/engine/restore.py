@@ -9,11 +9,12 @@ overlay on the latest state."""
 import contextlib
 import os
 
-from ..errors import InvalidState, PydrError, UnsupportedFile
+from ..errors import FormatError, InvalidState, UnsupportedFile
 from . import crashpoints
 from . import journal as J
 from . import names
 from .atomic import fsync_dir
+from .oserrors import naming
 from .resync import resync
 
 METHODS = ("auto", "reflink", "copy")
@@ -24,7 +25,8 @@ def check_steps(steps):
     for path in steps:
         header, committed = J.read_journal(path)
         if header is None or not committed:
-            raise PydrError("undo step is damaged", path=path)
+            raise FormatError("undo step is damaged: no whole, committed undo journal",
+                              path=path)
 
 
 def materialize_file(source, steps, dest, threads=None, *, method="auto", progress=None):
@@ -78,14 +80,15 @@ def install(tmp, dest, fd=None):
     """Put a point's disk, made whole at `tmp`, at `dest`: fsync it (`fd`,
     or opened here), then rename it over `dest` and fsync the directory. A
     kill before the rename leaves `dest` as it was."""
-    if fd is None:
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
+    with naming(dest):  # a full disk (fsync writes back) names the disk being made
+        if fd is None:
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
             os.fsync(fd)
-        finally:
-            os.close(fd)
-    else:
-        os.fsync(fd)
     crashpoints.reached("restore.written")
     os.replace(tmp, dest)
     fsync_dir(dest)

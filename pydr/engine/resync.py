@@ -16,6 +16,7 @@ import time
 from . import bindings as B
 from . import crashpoints
 from . import journal as J
+from .devices import disk_mode
 from .parallel import check_threads
 from .apply import Applier
 from .delta import BATCH_BYTES, changed_extents as extents_between, encode_buffer, write_records
@@ -126,7 +127,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     try:
         src_size = source.size_now()
         applier = Applier(dst, block_size=block_size, base_size=None, result_size=src_size,
-                          kind=J.KIND_RESYNC, create=True)
+                          kind=J.KIND_RESYNC, create=True, mode=disk_mode(source))
         with applier:
             dst_size = applier.base_size  # what the target holds now
             cached = _open_cache(signature_cache, applier.dev, dst_size, block_size)

@@ -361,6 +361,7 @@ def signature(path, *, block_size=DEFAULT_BLOCK_SIZE, algorithm=DEFAULT_ALGORITH
     reads with pread() instead of hashing from mmap windows. Refuses a target
     with an unfinished apply (:class:`pydr.errors.UnfinishedApply`).
     """
+    from .devices import open_disk
     from .journal import check_no_unfinished_apply
 
     code = B.algorithm_code(algorithm)
@@ -369,7 +370,7 @@ def signature(path, *, block_size=DEFAULT_BLOCK_SIZE, algorithm=DEFAULT_ALGORITH
     check_no_unfinished_apply(path)
     start = time.monotonic()
     device = path if hasattr(path, "sign") else None  # an open device: an NBD export
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if device is None else None
+    fd = open_disk(path) if device is None else None
     try:
         size = B.fd_size(fd, path)[0] if device is None else device.size_now()
         name = path if device is None else device.name

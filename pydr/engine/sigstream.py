@@ -14,6 +14,7 @@ import struct
 
 from . import bindings as B
 from .atomic import fsync_dir, open_temp
+from .oserrors import naming
 from ..errors import FormatError
 from .signatures import (_HEADER, _TRAILER, HEADER_SIZE, MAGIC, TRAILER_MAGIC, TRAILER_SIZE,
                          VERSION, blocks_for, parse_header)
@@ -99,14 +100,16 @@ class SignatureWriter:
         self.written = 0
         self.zeros = 0
         self.packed = bytearray((self.n + 7) // 8)
-        os.pwrite(self.fd, bytes(HEADER_SIZE), 0)
+        with naming(self.path):
+            os.pwrite(self.fd, bytes(HEADER_SIZE), 0)
 
     def write(self, hashes, mask):
         """Append the next blocks: 16 bytes each of hashes, one mask byte each."""
         count = len(mask)
         if self.written % 8 or self.written + count > self.n or len(hashes) != 16 * count:
             raise ValueError("blocks must be written in order, 8-block aligned")
-        os.pwrite(self.fd, hashes, HEADER_SIZE + 16 * self.written)
+        with naming(self.path):
+            os.pwrite(self.fd, hashes, HEADER_SIZE + 16 * self.written)
         packed, zeros = B.mask_pack(mask)
         self.packed[self.written // 8:self.written // 8 + len(packed)] = packed
         self.zeros += zeros
@@ -115,6 +118,12 @@ class SignatureWriter:
     def commit(self):
         if self.written != self.n:
             raise ValueError(f"{self.written} of {self.n} blocks written")
+        with naming(self.path):
+            self._finish()
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path)
+
+    def _finish(self):
         end = HEADER_SIZE + 16 * self.n
         os.pwrite(self.fd, bytes(self.packed), end)
         fields = _HEADER.pack(MAGIC, VERSION, B.ALGORITHMS["xxh3-128"], self.block_size,
@@ -134,8 +143,6 @@ class SignatureWriter:
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = None
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path)
 
     def abort(self):
         if self.fd is not None:

@@ -21,6 +21,7 @@ import struct
 from . import exchange as X
 from . import protocol as P
 from . import stripes as S
+from ..errors import PeerGone
 from .connection import Connection
 from .roles import TargetResult
 
@@ -31,16 +32,19 @@ class Host:
     def __init__(self, host, *, rsh=None, remote_pydr=None):
         self.host, self.rsh, self.remote_pydr = host, rsh or "ssh", remote_pydr or "pydr"
 
-    def connect(self, *, bwlimit=None, compress=False):
+    def connect(self, *, bwlimit=None, compress=False, path=None):
+        """A connection; `path` (there) is what its errors name."""
         return Connection(self.host, rsh=self.rsh, remote_pydr=self.remote_pydr,
-                          bwlimit=bwlimit, compress=compress)
+                          bwlimit=bwlimit, compress=compress,
+                          spec=self.spec(path) if path is not None else None)
 
     def spec(self, path):
         return f"{self.host}:{path}"
 
     def request(self, ftype, body, *expected):
         """One request on a connection of its own; the answer's JSON."""
-        with self.connect() as conn:
+        path = body.get("path", body.get("src", body.get("replica")))
+        with self.connect(path=path if isinstance(path, str) else None) as conn:
             conn.ch.send_json(ftype, body)
             return P.parse_json(conn.next(*expected)[1], P.NAMES[expected[0]])
 
@@ -72,7 +76,7 @@ class Host:
         """Stream the xxh3-128 signature of `path` into a SignatureWriter
         (window by window: bounded memory). Returns (bytes received, bytes
         the server read)."""
-        with self.connect() as conn:
+        with self.connect(path=path) as conn:
             conn.ch.send_json(P.SIGN, {"path": path, "block_size": block_size})
             while True:
                 ftype, payload = conn.next(P.SIGS, P.DONE)
@@ -97,7 +101,7 @@ class Host:
     def apply(self, path, stream, *, name, verify=False):
         """Stream a delta (a binary file object) to the server, which applies
         it to `path` exactly as a local apply does. Returns its stats (dict)."""
-        with self.connect() as conn:
+        with self.connect(path=path) as conn:
             conn.ch.send_json(P.PATCH, {"path": path, "name": name, "verify": bool(verify)})
             try:
                 _send_stream(conn, stream)
@@ -110,11 +114,11 @@ class Host:
     def delta(self, path, out, *, base):
         """Send the base's signature (a Signature); the server encodes the
         delta from `path` and streams it back into `out`. Returns its stats."""
-        with self.connect() as conn:
+        with self.connect(path=path) as conn:
             conn.ch.send_json(P.DELTA, {"path": path, "name": "<base signature>"})
             try:  # written straight onto the connection, not copied in memory first
                 base._write(P.ChunkWriter(conn.ch.send))
-            except (BrokenPipeError, ConnectionResetError):
+            except ConnectionError:
                 conn.next()  # the server gave up: raise what it said
                 raise
             conn.ch.send(P.END)
@@ -137,24 +141,27 @@ class RemoteTarget:
     reports_progress = False
 
     def __init__(self, host, path, *, block_size, result_size, keep_undo=None, streams=0,
-                 bwlimit=None, compress=False):
+                 bwlimit=None, compress=False, mode=None):
         if not isinstance(streams, int) or not 0 <= streams <= S.MAX_STREAMS:
             raise ValueError(f"streams must be 0 to {S.MAX_STREAMS}")
         self.host, self.keep_undo = host, keep_undo
         self.kept = None
         self.extra = []
         self.out = None
-        self.conn = host.connect(bwlimit=bwlimit, compress=compress)
+        self.conn = host.connect(bwlimit=bwlimit, compress=compress, path=path)
         try:
             request = {"path": path, "block_size": block_size, "result_size": result_size}
             if keep_undo is not None:
                 request["keep_undo"] = keep_undo
+            if mode is not None:  # a target the server creates gets the source's bits
+                request["mode"] = mode
             if streams:
                 # started now, so that their ssh set-ups overlap the main one
                 token = S.new_token()
                 request.update(streams=streams, token=token)
                 self.extra = [host.connect(bwlimit=bwlimit / streams if bwlimit else None,
-                                           compress=compress) for _ in range(streams)]
+                                           compress=compress, path=path)
+                              for _ in range(streams)]
                 for i, c in enumerate(self.extra):
                     c.ch.send_json(P.JOIN, {"token": token, "index": i})
             # no waiting for the handshake: the request and the first COARSE
@@ -169,9 +176,11 @@ class RemoteTarget:
     def _lost(self):
         try:
             yield
-        except (BrokenPipeError, ConnectionResetError) as exc:
+        except ConnectionError as exc:  # PeerGone from here on; a stream's own, if it broke
             self.conn.wait_for_error(timeout=10)  # raises what the server said, if it did
-            raise ConnectionResetError(f"a connection to {self.host.host} was lost") from exc
+            if isinstance(exc, PeerGone):
+                raise
+            raise self.conn.gone() from exc
 
     def _opened(self, payload):  # STAT_OK: the server has opened the target
         self.kept = P.parse_json(payload, "STAT_OK").get("keep_undo")
@@ -248,13 +257,15 @@ class RemoteSource:
                  compress=False):
         self.host = host
         self.blocks_changed = 0
-        self.conn = host.connect(compress=compress)
+        self.conn = host.connect(compress=compress, path=path)
         try:
             req = {"path": path, "block_size": block_size, "window": window, "group": group}
             if bwlimit:
                 req["bwlimit"] = bwlimit
             self.conn.ch.send_json(P.SEND, req)
-            self.size = P.parse_json(self.conn.next(P.STAT_OK)[1], "STAT_OK")["size"]
+            stat = P.parse_json(self.conn.next(P.STAT_OK)[1], "STAT_OK")
+            self.size = stat["size"]
+            self.mode = P.file_mode(stat.get("mode"))
         except BaseException:
             self.conn.close()
             raise
@@ -296,7 +307,7 @@ class RemoteReader(P.ChunkReader):
     """A file on a host read as a binary stream (READ)."""
 
     def __init__(self, host, path):
-        self.conn = host.connect()
+        self.conn = host.connect(path=path)
         try:
             self.conn.ch.send_json(P.READ, {"path": path})
             self.size = P.parse_json(self.conn.next(P.STAT_OK)[1], "STAT_OK")["size"]
@@ -325,7 +336,7 @@ class RemoteWriter(P.ChunkWriter):
     error (or a dropped connection) the old file stays as it was."""
 
     def __init__(self, host, path):
-        self.conn = host.connect()
+        self.conn = host.connect(path=path)
         try:
             self.conn.ch.send_json(P.WRITE, {"path": path})
             self.conn.next(P.STAT_OK)  # refused paths are refused before any work is done
@@ -363,7 +374,7 @@ def _send_stream(conn, f):
         conn.raise_pending_error()
         try:
             conn.ch.send(P.BYTES, chunk)
-        except (BrokenPipeError, ConnectionResetError):
+        except ConnectionError:
             conn.next()  # the server gave up: raise what it said
             raise
     conn.ch.send(P.END)

@@ -9,7 +9,7 @@ import os
 
 from ..engine import crashpoints, names
 from ..engine import journal as J
-from ..engine.atomic import fsync_dir
+from ..engine.atomic import copy_mode, create_file, fsync_dir
 from ..errors import InvalidState, UnsupportedFile
 from .qemu import QemuError, QemuNbd, image_info, qemu_img, tool
 
@@ -42,6 +42,9 @@ def materialize_overlay(backing, steps, dest):
     tmp = names.beside(dest, names.NEW)
     remove_leftovers(tmp)  # of a run that was killed
     try:
+        # made here first, with the backing file's bits (qemu-img keeps them,
+        # and would otherwise create it by the umask)
+        create_file(tmp, copy_mode(os.stat(backing).st_mode))
         qemu_img("create", "-q", "-f", "qcow2", "-o", CREATE_OPTIONS, "-b", backing, "-F", "raw",
                  tmp, str(size), path=tmp)
         crashpoints.reached("restore.copied")

@@ -20,7 +20,8 @@ import stat
 
 from ..engine import beneath
 from ..engine import names
-from ..engine.devices import FileDevice
+from ..engine.atomic import PRIVATE, create_file
+from ..engine.devices import FileDevice, open_disk
 from ..errors import PydrError, UnsupportedFile
 from . import protocol as P
 
@@ -92,8 +93,10 @@ class Place:
     def open(self, flags, mode=0o600, name=None):
         """A file descriptor: beneath DIR, a regular file with one link only."""
         if not self.confined:
-            path = os.path.join(os.path.dirname(self.path), name) if name else self.path
-            return os.open(path, flags | os.O_CLOEXEC, mode)
+            if name is None:
+                return open_disk(self.path, flags)  # a FIFO is refused, never waited on
+            return os.open(os.path.join(os.path.dirname(self.path), name), flags | os.O_CLOEXEC,
+                           mode)
         try:
             return beneath.open_file(self.dir_fd, name or self.name, flags, mode)
         except OSError as exc:  # named from DIR, not from the directory fd
@@ -107,23 +110,25 @@ class Place:
         """A path that reopens the file open as `fd` (not a lookup by name)."""
         return f"/proc/self/fd/{fd}" if self.confined else self.path
 
-    def device(self, write=False, create=False):
-        """(the file as an engine device, created) -- created where it did
-        not exist and `create` is given."""
+    def device(self, write=False, create=False, mode=None):
+        """(the file as an engine device, created) -- created, with
+        permission bits `mode` (None: private), where it did not exist and
+        `create` is given."""
         if not self.confined:
             created = create and not os.path.lexists(self.path)
             if created:
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                 0o644))
+                create_file(self.path, mode)
             return FileDevice(self.path, write=write), created
         flags = os.O_RDWR if write else os.O_RDONLY
         created = False
         if create:
             try:
-                fd = self.open(flags | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = self.open(flags | os.O_CREAT | os.O_EXCL, PRIVATE)
                 created = True
             except FileExistsError:
                 fd = self.open(flags)
+            else:
+                os.fchmod(fd, PRIVATE if mode is None else mode)
         else:
             fd = self.open(flags)
         return PinnedDevice(self, fd), created

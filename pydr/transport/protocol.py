@@ -230,6 +230,17 @@ def parse_json(payload, what):
     return obj
 
 
+def file_mode(value):
+    """The permission bits a peer gave for a file this side creates: an int
+    (its read and write bits only are kept, never set-id or execute), or
+    None when it gave none (the file is then private)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o7777:
+        raise ProtocolError("bad mode")
+    return value & 0o666
+
+
 def error_payload(exc):
     """An exception as an ERROR frame's JSON."""
     out = {"message": str(exc), "class": type(exc).__name__}

@@ -29,8 +29,14 @@ class QemuError(PydrError, RuntimeError):
 def detect_format(path):
     """The QEMU format of a disk image file, from its magic ("raw" when it
     has none); for a file that does not exist yet, from its extension."""
+    import stat
+
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO must not wait for a writer (the engine refuses it)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode) and not stat.S_ISBLK(os.fstat(fd).st_mode):
+                return "raw"
             head = f.read(512)
             f.seek(0, os.SEEK_END)
             size = f.tell()

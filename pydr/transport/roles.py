@@ -22,6 +22,7 @@ from ..engine import bindings as B
 from ..engine import journal as J
 from ..engine.apply import Applier
 from ..engine.progress import Record, Throttle
+from ..engine.devices import disk_mode
 from . import exchange as X
 from . import protocol as P
 
@@ -51,6 +52,7 @@ class LocalSource:
         self.owned = self.dev is not disk
         self.path = self.dev.name
         self.size = self.dev.size_now()
+        self.mode = disk_mode(self.dev)  # what a new target gets (pydr.engine.atomic.copy_mode)
         self.block_size, self.threads = block_size, threads
         self.options = dict(window=window, group=group, lookahead=lookahead)
         self.shared = B.Progress()
@@ -91,16 +93,19 @@ class LocalTarget:
     missing target is created, and removed again if the first transfer
     fails; a lost connection keeps the journal, so running the transfer
     again resumes it). ``keep_undo``: where the committed undo journal is
-    kept (a recovery-point step)."""
+    kept (a recovery-point step). ``mode``: the permission bits of a target
+    created here (the source's, see pydr.engine.atomic.copy_mode; None:
+    private)."""
 
     bytes_sent = bytes_received = 0
     frame_bytes = X.NET_BATCH  # record bytes per RECORDS frame it is handed
 
     def __init__(self, disk, *, block_size, result_size, threads, keep_undo=None, kept=0,
-                 progress=None):
+                 progress=None, mode=None):
         self.keep_undo, self.kept = keep_undo, kept
         self.applier = Applier(disk, block_size=block_size, base_size=None,
-                               result_size=result_size, kind=J.KIND_RESYNC, create=True)
+                               result_size=result_size, kind=J.KIND_RESYNC, create=True,
+                               mode=mode)
         self.applier.__enter__()
         self.path = self.applier.target
         self.answers = collections.deque()

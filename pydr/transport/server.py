@@ -158,7 +158,7 @@ def _send(ch, payload, scope):
     with dev, LocalSource(dev, block_size=bs, threads=default_threads(),
                           window=_int(req, "window", X.WINDOW),
                           group=_int(req, "group", X.GROUP)) as src:
-        ch.send_json(P.STAT_OK, {"exists": True, "size": src.size})
+        ch.send_json(P.STAT_OK, {"exists": True, "size": src.size, "mode": src.mode})
         ch.bwlimit = bwlimit
         src.run(_ClientTarget(ch, X.NET_BATCH))
     ch.send_json(P.DONE, {"blocks_changed": src.blocks_changed, "data_bytes": src.data_bytes})
@@ -184,17 +184,18 @@ def _apply(ch, payload, scope):
     result = req.get("result_size")
     if not isinstance(result, int) or result < 0:
         raise P.ProtocolError("bad result size")
+    mode = P.file_mode(req.get("mode"))
     streams = req.get("streams", 0)
     S.check_request(streams, req.get("token"))
     place.check_sidecars(*JOURNAL_SIDECARS)
     # a missing target starts empty (removed again if this fails); a
     # dropped connection keeps the journal, so the next push resumes
-    dev, created = place.device(write=True, create=True)
+    dev, created = place.device(write=True, create=True, mode=mode)
     with dev:
         try:
             keep, kept_at = _choose_step(place, dev, req.get("keep_undo"), scope)
             res, target = _apply_records(ch, req, dev, bs, result, streams, keep, kept_at,
-                                         LocalTarget)
+                                         mode, LocalTarget)
         except BaseException:
             if created and not place.exists(f".{place.name}{names.UNDO}") \
                     and os.fstat(dev.fd).st_size == 0:
@@ -209,13 +210,13 @@ def _apply(ch, payload, scope):
                               "blocks_listed": target.side.blocks_sent})
 
 
-def _apply_records(ch, req, dev, bs, result, streams, keep, kept_at, LocalTarget):
+def _apply_records(ch, req, dev, bs, result, streams, keep, kept_at, mode, LocalTarget):
     """(result, target) of the records the client sends for APPLY."""
     listener = S.Listener(req["token"], streams) if streams else None
     incoming = None
     try:
         with LocalTarget(dev, block_size=bs, result_size=result, threads=default_threads(),
-                         keep_undo=keep) as target:
+                         keep_undo=keep, mode=mode) as target:
             ch.send_json(P.STAT_OK, {"size": target.base_size, "keep_undo": kept_at})
             if listener is not None:
                 def connect():
@@ -516,7 +517,7 @@ def _write(ch, payload, scope):
     st = place.lstat()
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory", place.rel)
-    with atomic_write(place.path) as f:  # its temp file is never opened through a link
+    with atomic_write(place.path, through=False) as f:  # its temp file is never opened through a link
         ch.send_json(P.STAT_OK, {"exists": True, "size": 0})  # the client may stream now
         reader = P.ChunkReader(_stream_in(ch), place.rel)
         while chunk := reader.read(P.CHUNK):

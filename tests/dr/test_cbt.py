@@ -6,14 +6,15 @@ equals the disk at its cut, also when the disk is written during a cycle;
 lost tracking (a killed QEMU, a missing bitmap, changes over half the disk)
 makes the item resync-required, and nothing tracked is ever lost."""
 
+import contextlib
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
@@ -118,13 +119,20 @@ def test_kill_9_of_the_qemu_side_means_resync_then_tracking_again(qcow2_item, tm
     marked in use, so tracking cannot be trusted."""
     img, replica, vault = qcow2_item
     replicate(vault)
-    sock = tmp_path / "vm.sock"
-    vm = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(sock), "-t", str(img)])
-    while not sock.exists():
-        time.sleep(0.01)
-    qemu_io(f"nbd+unix:///?socket={sock}", "write -P 0x66 10M 1M", fmt="raw")
-    vm.send_signal(signal.SIGKILL)
-    vm.wait()
+    sock, pid_file = tmp_path / "vm.sock", tmp_path / "vm.pid"
+    # --fork: the parent exits once the server listens (or it failed), so
+    # there is nothing to wait for by time
+    r = subprocess.run(["qemu-nbd", "--fork", "--pid-file", str(pid_file), "-f", "qcow2",
+                        "-k", str(sock), "-t", str(img)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and pid_file.exists(), f"qemu-nbd did not start: {r.stderr}"
+    vm = os.pidfd_open(int(pid_file.read_text()))  # the server, not our child
+    try:
+        qemu_io(f"nbd+unix:///?socket={sock}", "write -P 0x66 10M 1M", fmt="raw")
+        signal.pidfd_send_signal(vm, signal.SIGKILL)
+        select.select([vm], [], [])  # a pidfd is readable once its process is gone
+    finally:
+        os.close(vm)
     r = cli(vault, "replicate", "vm")
     assert r.returncode == 15 and b"--resync" in r.stderr, r.stderr
     st = status(vault)
@@ -182,21 +190,28 @@ class LiveDisk:
         for s in (self.qmp, self.nbd):
             if s.exists():
                 s.unlink()
-        self.proc = subprocess.Popen(
-            ["qemu-storage-daemon",
+        pid_file = self.disk.with_name("qsd.pid")
+        # --daemonize: the parent exits once startup is complete (both
+        # sockets listen) or failed, so there is nothing to wait for by time
+        r = subprocess.run(
+            ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pid_file),
              "--blockdev", f"driver=file,node-name=file0,filename={self.disk}",
              "--blockdev", "driver=raw,node-name=disk0,file=file0",
              "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
              "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
              "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
-             "--monitor", "chardev=qmp0"], stderr=subprocess.PIPE)
-        for _ in range(1000):  # until both sockets answer
-            if self.qmp.exists() and self.nbd.exists():
-                return
-            if self.proc.poll() is not None:
-                pytest.fail(self.proc.stderr.read().decode())
-            time.sleep(0.01)
-        pytest.fail("qemu-storage-daemon did not start")
+             "--monitor", "chardev=qmp0"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0 or not (self.qmp.exists() and self.nbd.exists()):
+            pytest.fail(f"qemu-storage-daemon did not start: {r.stderr}")
+        self.pidfd = os.pidfd_open(int(pid_file.read_text()))  # not our child
+
+    def _signal(self, sig):
+        """Send `sig` and wait until the daemon is gone (its pidfd readable)."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, sig)
+        select.select([self.pidfd], [], [])
+        os.close(self.pidfd)
+        self.pidfd = None
 
     def write(self, offset, length, pattern):
         qemu_io(f"nbd+unix:///disk0?socket={self.nbd}", f"write -P {pattern} {offset} {length}",
@@ -216,13 +231,11 @@ class LiveDisk:
         return {b["name"]: b for b in node.get("dirty-bitmaps") or []}
 
     def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        self._signal(signal.SIGKILL)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait()
+        if self.pidfd is not None:
+            self._signal(signal.SIGTERM)
 
 
 @pytest.fixture

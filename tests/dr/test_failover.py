@@ -231,11 +231,24 @@ def test_failback_to_an_alternate_location(machine):
 
 
 def test_reprotect_and_failback_refused_in_the_wrong_state(machine):
+    """Refused: exit 15, and the item (state, direction, operation), the
+    vault's database and every file at site B and in the vault unchanged."""
     tmp_path, pairs, history = machine
-    assert cli("reprotect", "vm").returncode == 15  # before commit
-    assert cli("failback", "vm").returncode == 15   # not reversed
+
+    def refused(*args):
+        before = snapshot(tmp_path, pairs)
+        r = cli(*args)
+        assert r.returncode == 15, (args, r.returncode, r.stderr)
+        assert b"Traceback" not in r.stderr
+        assert snapshot(tmp_path, pairs) == before, args
+
+    refused("reprotect", "vm")  # before commit
+    refused("failback", "vm")   # not reversed
+    assert snapshot(tmp_path, pairs)[0][:3] == ("protected", "forward", None)
     assert cli("failover", "vm").returncode == 0
-    assert cli("reprotect", "vm").returncode == 15  # failed over, not committed
+    refused("reprotect", "vm")  # failed over, not committed
+    refused("failback", "vm")
+    assert snapshot(tmp_path, pairs)[0][:3] == ("failed-over", "forward", None)
 
 
 def test_recovery_plan_runs_groups_in_order_with_hooks(tmp_path, monkeypatch):
@@ -287,3 +300,113 @@ def test_a_failure_stops_the_plan_with_a_report(tmp_path, monkeypatch):
     assert cli("plan", "failover", "nope").returncode == 3
     assert cli("plan", "create", "q", "--group", "a", "--group", "a").returncode == 2
     assert cli("plan", "create", "q", "--pre-hook", "true").returncode == 2
+
+
+def snapshot(tmp_path, pairs):
+    """What a refused command must leave as it was: the item's state and
+    operation, the vault's database, and every file at site B and in the
+    vault's undo directory (names, sizes, contents)."""
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    files = {}
+    for top in (tmp_path / "site-b", tmp_path / "vault" / "undo"):
+        for dirpath, _, filenames in os.walk(top):
+            for n in filenames:
+                p = os.path.join(dirpath, n)
+                files[p] = sha(p)
+    return ((st["state"], st["direction"], st["operation"], st["failover_point"],
+             st["test_failover"]), sha(tmp_path / "vault" / "vault.db"), files)
+
+
+def steps_of(tmp_path):
+    """The undo step files of the item, by the step they are (1-2.undo: disk
+    1, step 2)."""
+    d = tmp_path / "vault" / "undo" / "vm"
+    return {n: d / n for n in os.listdir(d)}
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "torn commit"])
+@pytest.mark.parametrize("command", ["failover", "test-failover"])
+def test_a_damaged_step_is_found_before_anything_moves(machine, damage, command):
+    """Point 1 needs the steps of cycles 2 and 3 of disk 0; one of them is
+    damaged: exit 7 naming it, and the item, the vault and the files are
+    exactly as they were (the replica was never renamed to its baseline)."""
+    tmp_path, pairs, history = machine
+    steps = steps_of(tmp_path)
+    victim = steps["0-2.undo"]
+    if damage == "missing":
+        victim.unlink()
+    elif damage == "truncated":
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) - 1)
+    else:  # same size, but its last record (the commit) is no longer valid
+        with open(victim, "r+b") as f:
+            f.seek(-8, os.SEEK_END)
+            last = f.read(8)
+            f.seek(-8, os.SEEK_END)
+            f.write(bytes(b ^ 0xFF for b in last))
+    before = snapshot(tmp_path, pairs)
+    args = ["failover", "vm", "--point", "1"] if command == "failover" else \
+        ["test-failover", "vm", "--point", "1", "--to", tmp_path / "drill"]
+    r = cli(*args)
+    assert r.returncode == 7, r.stderr
+    assert str(victim).encode() in r.stderr and b"undo step 2 of disk 0" in r.stderr
+    assert b"Traceback" not in r.stderr
+    assert snapshot(tmp_path, pairs) == before
+    assert not (tmp_path / "drill").exists()
+    assert not [n for n in os.listdir(tmp_path / "site-b") if n.startswith(".")]
+    # a point that does not need the step is still there to be used
+    r = cli("failover", "vm", "--point", "3")
+    assert r.returncode == 0, r.stderr
+    assert replica_hashes(pairs) == history[3]
+
+
+def test_change_point_to_a_point_with_a_missing_step_changes_nothing(machine):
+    tmp_path, pairs, history = machine
+    assert cli("failover", "vm", "--point", "3").returncode == 0
+    steps_of(tmp_path)["1-2.undo"].unlink()
+    before = snapshot(tmp_path, pairs)
+    r = cli("change-point", "vm", "--point", "2")
+    assert r.returncode == 7 and b"undo step 2 of disk 1" in r.stderr, r.stderr
+    assert snapshot(tmp_path, pairs) == before
+    assert replica_hashes(pairs) == history[3]
+
+
+@pytest.mark.parametrize("crash_at", ["failover.marked", "failover.baseline", "restore.copied",
+                                      "failover.disk"])
+def test_an_interrupted_failover_names_a_command_that_finishes_it(machine, crash_at):
+    tmp_path, pairs, history = machine
+    r = run_cli("failover", "vm", "--point", "1",
+                env={**os.environ, "PYDR_CRASH_AT": crash_at})
+    assert r.returncode == -9, r.stderr  # killed at the crash point
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert st["state"] == "failing-over" and st["operation"]["interrupted"]
+    command = st["operation"]["command"].split()
+    assert command[0] == "pydr"
+    r = cli(*command[1:], "--json")  # what status tells the operator to run
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["point"] == 1
+    assert replica_hashes(pairs) == history[1]
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert (st["state"], st["operation"], st["failover_point"]) == ("failed-over", None, 1)
+
+
+def test_a_step_lost_during_an_interrupted_failover_is_named_with_a_way_out(machine):
+    """Killed after the first replica moved to its baseline; then a step the
+    point needs is lost. Resuming exits 7 naming it and change-point to a
+    point that needs no such step finishes the failover."""
+    tmp_path, pairs, history = machine
+    r = run_cli("failover", "vm", "--point", "1",
+                env={**os.environ, "PYDR_CRASH_AT": "failover.baseline"})
+    assert r.returncode == -9, r.stderr
+    steps_of(tmp_path)["0-2.undo"].unlink()
+    before = snapshot(tmp_path, pairs)
+    r = cli("failover", "vm")
+    assert r.returncode == 7, r.stderr
+    assert b"undo step 2 of disk 0" in r.stderr and b"pydr change-point vm --point N" in r.stderr
+    after = snapshot(tmp_path, pairs)  # the vault's database: the killed job is marked failed
+    assert (after[0], after[2]) == (before[0], before[2])
+    r = cli("change-point", "vm", "--point", "3")
+    assert r.returncode == 0, r.stderr
+    assert replica_hashes(pairs) == history[3]
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert (st["state"], st["operation"], st["failover_point"]) == ("failed-over", None, 3)

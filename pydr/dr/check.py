@@ -1,0 +1,212 @@
+"""``pydr vault check``: is the vault what it says it is? SQLite's own
+``PRAGMA integrity_check``, then pydr's cross-checks of its rows against
+each other and against the files they name:
+
+* every steps row has its file, of the recorded size, whose records read
+  back valid up to its COMMIT (steps kept beside a replica on another host
+  are counted, not read: that needs the host);
+* every point has a point_disks row for each disk of its item, and every
+  step after the one it names up to the disk's latest is recorded (a point
+  is materialised by rolling those back);
+* no step file in the vault that no row names;
+* items' disks rows numbered 0..n-1, and no row of a disk, step or point
+  for an item or disk that is not there.
+
+Nothing is changed. Each problem names the path (or the rows) it is about.
+"""
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+from ..errors import VaultDamaged
+from .store import Store
+
+_STEP_FILE = re.compile(r"(\d+)-(\d+)\.undo")
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str      # database, missing-step, step-size, unknown-file, point-chain, rows
+    where: str     # a path, or the rows (item, disk, point) it is about
+    message: str
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    vault: str
+    problems: list = field(default_factory=list)
+    steps_checked: int = 0
+    remote_steps: int = 0     # on other hosts: counted, not checked here
+    files_skipped: bool = False  # another pydr was changing the vault
+
+    @property
+    def ok(self):
+        return not self.problems
+
+    def to_dict(self):
+        return {"vault": self.vault, "ok": self.ok,
+                "problems": [p.to_dict() for p in self.problems],
+                "steps_checked": self.steps_checked, "remote_steps": self.remote_steps,
+                "unknown_files_checked": not self.files_skipped}
+
+
+def check_vault(directory):
+    """Check the vault in `directory`; a CheckReport (never raises for
+    damage: a database that cannot even be opened is its one problem)."""
+    directory = os.fspath(directory)
+    try:
+        store = Store(directory)
+    except VaultDamaged as exc:
+        return CheckReport(directory, [Problem("database", exc.path or directory, exc.message)])
+    with store:
+        problems = []
+        try:
+            problems += _integrity(store)
+            if problems:  # the rows cannot be trusted: cross-checks would guess
+                return CheckReport(directory, problems)
+            problems += _rows(store)
+            found, checked, remote = _step_files(store)
+            problems += found
+            skipped = store.locked_by_another()
+            if not skipped:  # a running command makes files it has not recorded yet
+                problems += _unknown_files(store)
+        except VaultDamaged as exc:  # a page integrity_check passed, a query did not
+            problems.append(Problem("database", exc.path or directory, exc.message))
+            return CheckReport(directory, problems)
+    return CheckReport(directory, problems, checked, remote, skipped)
+
+
+def _integrity(store):
+    db_path = store.db.path
+    rows = [r[0] for r in store.db.execute("PRAGMA integrity_check")]
+    if rows == ["ok"]:
+        return []
+    return [Problem("database", db_path, f"integrity_check: {r}") for r in rows]
+
+
+def _rows(store):
+    db = store.db
+    problems = []
+    items = {r["name"] for r in db.execute("SELECT name FROM items")}
+    disks = {}
+    for r in db.execute("SELECT item, idx FROM disks ORDER BY item, idx"):
+        disks.setdefault(r["item"], []).append(r["idx"])
+    for item in sorted(items):
+        idxs = disks.get(item, [])
+        if idxs != list(range(len(idxs))) or not idxs:
+            problems.append(Problem("rows", f"item {item}",
+                                    f"its disks are numbered {idxs}, not 0..n-1"))
+    for item in sorted(set(disks) - items):
+        problems.append(Problem("rows", f"item {item}", "disks rows of an item that is not there"))
+    for r in db.execute("SELECT DISTINCT item, idx FROM steps"):
+        if r["idx"] not in disks.get(r["item"], []):
+            problems.append(Problem("rows", f"item {r['item']} disk {r['idx']}",
+                                    "steps of a disk that is not there"))
+    for r in db.execute("SELECT DISTINCT item FROM points"):
+        if r["item"] not in items:
+            problems.append(Problem("rows", f"item {r['item']}", "points of an item that is not there"))
+    points = {(r["item"], r["id"]) for r in db.execute("SELECT item, id FROM points")}
+    rows = {}
+    for r in db.execute("SELECT item, id, idx, step FROM point_disks"):
+        rows[(r["item"], r["id"], r["idx"])] = r["step"]
+        if (r["item"], r["id"]) not in points:
+            problems.append(Problem("rows", f"item {r['item']} point {r['id']}",
+                                    "point_disks rows of a point that is not there"))
+    steps = {}
+    for r in db.execute("SELECT item, idx, step FROM steps"):
+        steps.setdefault((r["item"], r["idx"]), set()).add(r["step"])
+    for item, point in sorted(points):
+        for idx in disks.get(item, []):
+            where = f"item {item} point {point} disk {idx}"
+            if (item, point, idx) not in rows:
+                problems.append(Problem("point-chain", where, "the point records no step for it"))
+                continue
+            have = steps.get((item, idx), set())
+            latest = max(have, default=0)
+            at = rows[(item, point, idx)]
+            missing = [s for s in range(at + 1, latest + 1) if s not in have]
+            if at > latest:
+                problems.append(Problem("point-chain", where,
+                                        f"it names step {at}, past the latest recorded ({latest})"))
+            elif missing:
+                problems.append(Problem("point-chain", where,
+                                        f"steps {_ranges(missing)} it is rolled back through are "
+                                        f"not recorded"))
+    return problems
+
+
+def _step_files(store):
+    """Problems of the recorded steps' files; (problems, checked, remote)."""
+    from ..endpoints import parse_remote
+    from ..engine import bindings as B
+    from ..engine import journal as J
+
+    problems, checked, remote = [], 0, 0
+    for r in store.db.execute("SELECT item, idx, step, path, bytes FROM steps ORDER BY item, idx, step"):
+        path = r["path"]
+        if parse_remote(path) is not None:
+            remote += 1
+            continue
+        checked += 1
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            problems.append(Problem("missing-step", path,
+                                    f"step {r['step']} of {r['item']} disk {r['idx']} is missing"))
+            continue
+        except OSError as exc:
+            problems.append(Problem("missing-step", path, f"cannot be read: {exc.strerror}"))
+            continue
+        # recorded: the journal without its COMMIT record (a cycle), its whole
+        # size (registered by recovery), or 0 (kept by a killed run: unknown)
+        if r["bytes"] and size not in (r["bytes"], r["bytes"] + B.RECORD_HEADER):
+            problems.append(Problem("step-size", path,
+                                    f"step {r['step']} of {r['item']} disk {r['idx']} holds "
+                                    f"{size} bytes, not the {r['bytes']} recorded"))
+            continue
+        try:
+            header, committed = J.read_journal(path)
+        except OSError as exc:
+            problems.append(Problem("missing-step", path, f"cannot be read: {exc.strerror}"))
+            continue
+        if header is None or not committed:
+            problems.append(Problem("step-size", path,
+                                    f"step {r['step']} of {r['item']} disk {r['idx']} is "
+                                    f"{'not an undo journal' if header is None else 'cut short'}"
+                                    f" (no valid {'header' if header is None else 'COMMIT'})"))
+    return problems, checked, remote
+
+
+def _unknown_files(store):
+    """Files in the vault's undo/ that no steps row names."""
+    known = {os.path.normpath(r["path"]) for r in store.db.execute("SELECT path FROM steps")}
+    root = os.path.join(store.dir, "undo")
+    problems = []
+    for item in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        folder = os.path.join(root, item)
+        if not os.path.isdir(folder):
+            problems.append(Problem("unknown-file", folder, "not a step directory"))
+            continue
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.normpath(path) in known:
+                continue
+            what = "a step file" if _STEP_FILE.fullmatch(name) else "a file"
+            problems.append(Problem("unknown-file", path, f"{what} that no step of the vault names"))
+    return problems
+
+
+def _ranges(numbers):
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(f"{start}-{n}" if n != start else f"{n}")
+            start = None
+    return ", ".join(out)

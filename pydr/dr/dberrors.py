@@ -1,0 +1,128 @@
+"""The vault database's failures as pydr's errors, wherever a query meets
+them: SQLite reports damage it finds in a page only when a query reads that
+page, so every statement and every fetch is covered, not only the opening.
+
+* damage (SQLITE_CORRUPT, SQLITE_NOTADB, a missing table, ...):
+  :class:`pydr.errors.VaultDamaged` naming the database (exit 14);
+* a full disk (SQLITE_FULL, or an I/O error on a file system with no room
+  left): ``OSError(ENOSPC)`` naming it (exit 6), never "damaged": nothing
+  is wrong with the vault, it needs room;
+* an I/O error: ``OSError(EIO)``; a read-only database: ``OSError(EROFS)``;
+  another process holding it too long: :class:`pydr.errors.VaultError`.
+
+Misuse of the sqlite3 module by pydr (a ProgrammingError, an SQL syntax
+error) is a bug, and stays one.
+"""
+
+import contextlib
+import errno
+import os
+import sqlite3
+
+from ..errors import VaultDamaged, VaultError
+
+# SQLite's primary result codes (the low byte of an extended code)
+_BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8, 10, 11, 13, 14, 26
+
+
+def translate(exc, path):
+    """The pydr error for sqlite3 error `exc` on the database `path`, or
+    None when it is a bug in pydr rather than a fact about the database."""
+    if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return None
+    if not isinstance(exc, sqlite3.DatabaseError) or "syntax error" in str(exc):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary == _FULL or (primary == _IOERR and _full(path)):
+        # SQLite says "disk I/O error" where growing its -shm file failed
+        return OSError(errno.ENOSPC, f"no space left for the vault's database ({exc})", path)
+    if primary == _IOERR:
+        return OSError(errno.EIO, f"I/O error on the vault's database ({exc})", path)
+    if primary == _READONLY:
+        return OSError(errno.EROFS, f"the vault's database cannot be written ({exc})", path)
+    if primary in (_BUSY, _LOCKED):
+        return VaultError(f"the vault's database is busy ({exc}): run the command again",
+                          path=path)
+    if primary == _CANTOPEN:
+        return VaultError(f"the vault's database cannot be opened ({exc})", path=path)
+    return VaultDamaged(f"the vault's database is damaged: {exc}", path=path)
+
+
+def _full(path):
+    """Whether the file system holding `path` has no room left."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    return st.f_bavail == 0 or (st.f_files and st.f_favail == 0)
+
+
+@contextlib.contextmanager
+def _translated(path):
+    try:
+        yield
+    except sqlite3.Error as exc:
+        mine = translate(exc, path)
+        if mine is None:
+            raise
+        raise mine from exc
+
+
+class VaultCursor(sqlite3.Cursor):
+    """A cursor whose statements and fetches raise pydr's errors."""
+
+    def execute(self, *args):
+        with _translated(self.connection.path):
+            return super().execute(*args)
+
+    def executemany(self, *args):
+        with _translated(self.connection.path):
+            return super().executemany(*args)
+
+    def executescript(self, *args):
+        with _translated(self.connection.path):
+            return super().executescript(*args)
+
+    def fetchone(self):
+        with _translated(self.connection.path):
+            return super().fetchone()
+
+    def fetchmany(self, *args):
+        with _translated(self.connection.path):
+            return super().fetchmany(*args)
+
+    def fetchall(self):
+        with _translated(self.connection.path):
+            return super().fetchall()
+
+    def __next__(self):
+        with _translated(self.connection.path):
+            return super().__next__()
+
+
+class VaultConnection(sqlite3.Connection):
+    """The vault's database (sqlite3.connect(..., factory=VaultConnection)):
+    its shortcuts use VaultCursor, and a commit on a full disk says so."""
+
+    path = None  # the database file, named by the errors (set by connect)
+
+    def cursor(self, factory=VaultCursor):
+        return super().cursor(factory)
+
+    def execute(self, *args):
+        return self.cursor().execute(*args)
+
+    def executemany(self, *args):
+        return self.cursor().executemany(*args)
+
+    def executescript(self, *args):
+        return self.cursor().executescript(*args)
+
+    def commit(self):
+        with _translated(self.path):
+            super().commit()
+
+    def __exit__(self, *exc):
+        with _translated(self.path):
+            return super().__exit__(*exc)
