@@ -426,8 +426,9 @@ def _kept_destination(target, allowed=()):
         return os.open(os.path.dirname(dest), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), \
             os.path.basename(dest)
     raise InvalidState(f"this keep note names {text[:200]!r}, which is not a step beside the "
-                       f"replica ({steps}/NAME.undo) nor one offered now: not followed; "
-                       "remove the note if it is not pydr's", path=note)
+                       f"replica ({steps}/NAME.undo) nor one offered now: not followed. If "
+                       "it is pydr's, the replica's next replication cycle keeps the journal "
+                       "as its step; if not, remove the note and the journal", path=note)
 
 
 def pending_journal(target, allowed=()):
