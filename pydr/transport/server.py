@@ -403,9 +403,13 @@ def _remove(ch, payload, scope):
     listed, drill_dir = set(), None
     if drill is not None:
         drill = scope.place(drill)
-        drill_dir = scope.hold(_open_drill_dir(drill), drill.rel)
-        listed = _drill_listing(drill, drill_dir)
-    places = [scope.place(p) for p in paths]
+        with contextlib.suppress(FileNotFoundError):  # removed by a run that was killed
+            drill_dir = scope.hold(_open_drill_dir(drill), drill.rel)
+            listed = _drill_listing(drill, drill_dir)
+    places = []
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):  # its directory is gone: nothing to remove
+            places.append(scope.place(p))
     for place in places:
         in_drill = drill is not None and _parent_rel(place) == drill.rel and place.name in listed
         if not (in_drill or names.is_sidecar(place.rel)):
@@ -415,7 +419,7 @@ def _remove(ch, payload, scope):
         with contextlib.suppress(FileNotFoundError):
             place.unlink()
             removed += 1
-    if drill is not None and listed <= {p.name for p in places}:
+    if drill_dir is not None and listed <= {p.name for p in places}:
         with contextlib.suppress(FileNotFoundError):
             if drill.confined:
                 os.unlink(DRILL_MARKER, dir_fd=drill_dir)

@@ -494,3 +494,16 @@ def _committed_journal(path):
     assert J.read_journal(path) == (J.parse_header(data, path), True)
     os.unlink(path)
     return data
+
+
+def test_drill_cleanup_run_again_after_its_directory_went(peer, site):
+    """"Run the same command again": a drill's cleanup killed after it
+    removed the directory is asked again, and succeeds with nothing to do."""
+    root = site["root"]
+    assert peer.ask(P.MATERIALIZE, {"replica": "disk.img", "steps": [], "dest": "d/m.img",
+                                    "drill": True})[-1][0] == P.DONE
+    assert (root / "d" / ".pydr-drill").read_text() == "m.img\n"
+    for removed in (1, 0):
+        frames = peer.ask(P.REMOVE, {"paths": ["d/m.img", "d/.m.img.pydr-new"], "drill": "d"})
+        assert frames[-1] == (P.DONE, {"removed": removed}), frames
+        assert not (root / "d").exists()
