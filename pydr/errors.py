@@ -91,6 +91,16 @@ class CorruptDelta(FormatError):
     """A delta (or undo journal) is corrupt, truncated or not ours."""
 
 
+class DamagedJournal(CorruptDelta):
+    """An undo journal or recovery-point step fails its checks in a way no
+    torn write at a crash explains (a committed step that is not whole, a
+    payload that fails its hash with valid records after it): damage."""
+
+
+class DamagedPoint(FormatError):
+    """A recovery point needs a damaged step: it is never restored."""
+
+
 class BaseMismatch(PydrError, ValueError):
     """The target does not hold the image the delta was made against."""
 

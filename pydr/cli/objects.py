@@ -1,5 +1,5 @@
-"""Object-store commands: verify (indexes and chunks of an item's points)
-and gc (mark and sweep of unreferenced chunks). docs/FORMAT.md describes
+"""verify (an item's undo steps, or the indexes and chunks of its points in
+an object store) and gc (mark and sweep of unreferenced chunks). docs/FORMAT.md describes
 the layout, and its garbage collection."""
 
 from .common import (add_item, add_vault_options, command, human_bytes,
@@ -24,15 +24,24 @@ def cmd_verify(args):
 
     with open_vault(args) as v:
         report = v.verify(args.item, int(args.point) if args.point else None, args.sample)
+    steps = "steps" in report  # a step chain, else an object store
     if args.json:
         print_json(report)
+    elif steps:
+        remote = f", {report['size_only']} of them at a remote place by size" \
+            if report["size_only"] else ""
+        print(f"{args.item}: {report['points']} points, {report['steps']} steps, "
+              f"{report['checked']} checked ({human_bytes(report['bytes'])}{remote}), "
+              f"{report['caches']} signature caches")
     else:
         print(f"{args.item}: {report['points']} points, {report['chunks']} chunks, "
               f"{report['checked']} checked")
+    if not args.json:
         for p in report["problems"]:
             print(f"  problem: {p}")
     if report["problems"]:
-        raise FormatError(f"{len(report['problems'])} problems in the object store of "
+        where = "the steps" if steps else "the object store"
+        raise FormatError(f"{len(report['problems'])} problems in {where} of "
                           f"{args.item!r}: {report['problems'][0]}")
     return 0
 
@@ -53,19 +62,25 @@ def cmd_gc(args):
 
 def register(sub):
     p = command(
-        sub, "verify", help="check an object-store item's points and chunks",
-        description=("Download ITEM's point indexes from its object store (all, or --point P's)\n"
-                     "and check their checksums, then download every chunk they name (or a\n"
-                     "random --sample percent of them) and check that it hashes to its id.\n"
-                     "Problems name the chunk, its point, disk and offset; the exit status is\n"
-                     "then 7."),
+        sub, "verify", help="check an item's recovery points: steps, or indexes and chunks",
+        description=("An item whose points are undo steps: read every step of every disk (or\n"
+                     "those --point P needs, or a random --sample percent of them) and check\n"
+                     "its header, each record's checksum and payload hash, its COMMIT and its\n"
+                     "size against the vault's record (steps at a remote place: the size), and\n"
+                     "each signature cache's checksum. A damaged step marks the points that\n"
+                     "need it as damaged: they are never restored ('pydr points' shows them).\n"
+                     "An item in an object store: download its point indexes (all, or --point\n"
+                     "P's) and check their checksums, then download every chunk they name (or\n"
+                     "a random --sample percent of them) and check that it hashes to its id.\n"
+                     "Problems name the file or chunk and the offset; the exit status is then 7."),
         examples=["pydr verify web", "pydr verify web --point 12",
                   "pydr verify web --sample 5 --json"],
         func=cmd_verify)
     add_item(p)
     p.add_argument("--point", metavar="P", help="one point (default: all)")
     p.add_argument("--sample", type=_percent, default=100.0, metavar="PCT",
-                   help="check PCT percent of the chunks, chosen at random (default: 100)")
+                   help="check PCT percent of the steps or chunks, chosen at random "
+                        "(default: 100)")
     add_vault_options(p)
 
     p = command(

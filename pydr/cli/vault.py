@@ -155,13 +155,14 @@ def cmd_points(args):
     with open_vault(args) as v:
         points = v.points(args.item)
     out = [{"id": p["id"], "created": timestamp(p["created"]), "consistency": p["consistency"],
-            "cut": p["cut"], "bytes": p["bytes"]} for p in points]
+            "cut": p["cut"], "bytes": p["bytes"], "damaged": p["damaged"]} for p in points]
     if args.json:
         print_json(out)
     else:
         for p in out:
             print(f"{p['id']:>6}  {p['created']}  {p['consistency']:<16}  cut: {p['cut']:<8} "
-                  f"{human_bytes(p['bytes'])}")
+                  f"{human_bytes(p['bytes'])}"
+                  + (f"  DAMAGED: {p['damaged']}" if p["damaged"] else ""))
     return 0
 
 
@@ -182,6 +183,8 @@ def cmd_status(args):
             host = f" on {st['host']}" if st["host"] else ""
             print(f"{st['item']}{host}: {st['state']}, {st['direction']}, health {st['health']}, "
                   f"{st['points']} points"
+                  + (f" ({len(st['damaged_points'])} damaged: "
+                     f"{', '.join(map(str, st['damaged_points']))})" if st["damaged_points"] else "")
                   + (f", last error: {st['last_error']}" if st["last_error"] else "") + doing)
     return 0
 
@@ -321,7 +324,8 @@ def register(sub):
     add_progress(p)
 
     p = command(sub, "points", help="list an item's recovery points",
-                description="List ITEM's recovery points, oldest first.",
+                description=("List ITEM's recovery points, oldest first. A damaged point (a step\n"
+                             "it needs failed its checks) is flagged DAMAGED: never restored."),
                 examples=["pydr points web", "pydr points web --json | jq '.[-1].id'"],
                 func=cmd_points)
     add_item(p)

@@ -7,7 +7,7 @@ import os
 
 from ..engine import crashpoints, names
 from ..errors import InvalidState
-from .points import check_point_restorable, materialize_into, select_point
+from .points import check_point, materialize_into, select_point
 
 SELECTORS = (None, "latest", "latest-processed", "latest-app-consistent")
 
@@ -68,7 +68,7 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
             raise InvalidState(f"item {name!r} cannot be test-failed-over in state {row['state']}",
                                path=vault.dir)
         pid = select_point(vault, name, point)
-        check_point_restorable(vault, name, pid)  # before anything is recorded or written
+        check_point(vault, name, pid)  # a damaged point: refused before anything is recorded
         # first: a killed drill is finished, or cleaned up, from this record
         vault.begin(name, "test-failover", f"pydr test-failover {name} --to {where} --point "
                     f"{pid}{method_flags(method)}", test_dir=where, test_point=pid)

@@ -22,11 +22,11 @@ import os
 
 from ..endpoints import remove_all
 from ..engine import crashpoints, names
-from ..errors import InvalidState, PydrError, UnknownName
+from ..errors import DamagedJournal, DamagedPoint, InvalidState, PydrError, UnknownName
 from . import objectstore
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
-from .points import SELECTORS, check_point_restorable, materialize_disk, select_point
+from .points import SELECTORS, check_point, materialize_disk, select_point
 from .replication import replicate
 
 __all__ = ["failover", "change_point", "commit", "reprotect", "failback", "select_point",
@@ -56,11 +56,13 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         raise ValueError("--to is for items replicated to an object store: the others fail "
                          "over at their replicas' paths")
     if row["state"] == "failing-over":
-        check_point_restorable(vault, name, row["failover_point"],
-                               hint=f"bring another point up with 'pydr change-point {name} "
-                                    "--point N'")
+        try:  # a step lost meanwhile: this point cannot come up, another one can
+            check_point(vault, name, row["failover_point"])
+        except (DamagedJournal, DamagedPoint) as exc:
+            raise type(exc)(f"{exc.message}; bring another point up with 'pydr change-point "
+                            f"{name} --point N'", path=exc.path, offset=exc.offset) from None
         return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"], method,
-                         progress)
+                         progress, checked=True)
     if row["state"] == "failed-over":
         at = row["failover_point"]
         wanted = at if point in (None, "latest", "latest-processed") else select_point(
@@ -81,7 +83,7 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         to = os.path.abspath(os.fspath(to))
     chosen = not planned and point not in (None, "latest")
     if chosen:  # known now: checked before anything is recorded, moved or run
-        check_point_restorable(vault, name, select_point(vault, name, point))
+        check_point(vault, name, select_point(vault, name, point))
     command = f"pydr failover {name}" + (" --planned" if planned else "") + (
         f" --point {point}" if point not in (None, "latest") else "") + method_flags(method) + (
         f" --to {to}" if to else "")
@@ -106,16 +108,16 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
                              "using the newest point")
         pid = select_point(vault, name, "latest" if planned else point)
         if not chosen:
-            check_point_restorable(vault, name, pid)  # before any replica moves
+            check_point(vault, name, pid)  # before any replica moves
     except BaseException:
         vault.end(name, "failover")  # nothing changed yet: not an interrupted failover
         raise
     vault.set_item(name, state="failing-over", failover_point=pid, failover_dir=to)
     crashpoints.reached("failover.marked")
-    return _bring_up(vault, name, pid, "failover", notes, method, progress)
+    return _bring_up(vault, name, pid, "failover", notes, method, progress, checked=True)
 
 
-def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None):
+def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None, checked=False):
     """Make every replica path hold point `pid`: each replica moves aside to
     its baseline first (unless it did already), then the point's disk is
     made from the baseline, by `method`, and renamed over the replica path.
@@ -125,6 +127,8 @@ def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None):
         return _bring_up_downloaded(vault, name, pid, operation, notes)
 
     def run():
+        if not checked:  # before any replica is moved aside
+            check_point(vault, name, pid)
         for d in vault.disks(name):
             replica = vault.endpoint(name, d["replica"])
             base = replica.sidecar(names.BASE)
@@ -189,11 +193,11 @@ def change_point(vault, name, point, *, method=None, progress=None):
         return {"item": name, "point": pid,
                 "notes": [f"already at point {pid}: nothing to do"]}
     method = method or current_method(vault, name)
-    check_point_restorable(vault, name, pid)  # before the failed-over disks are replaced
+    check_point(vault, name, pid)  # before the failed-over disks are replaced
     vault.begin(name, "change-point", f"pydr change-point {name} --point {pid}"
                 f"{method_flags(method)}", state="failing-over", failover_point=pid)
     crashpoints.reached("failover.marked")
-    return _bring_up(vault, name, pid, "change-point", [], method, progress)
+    return _bring_up(vault, name, pid, "change-point", [], method, progress, checked=True)
 
 
 def commit(vault, name):

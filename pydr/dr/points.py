@@ -9,7 +9,8 @@ import time
 
 from ..endpoints import remove_all
 from ..engine import crashpoints
-from ..errors import FormatError, InvalidState, UnknownName
+from ..engine import journal as J
+from ..errors import CorruptDelta, DamagedJournal, DamagedPoint, InvalidState, UnknownName
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
 
@@ -108,10 +109,85 @@ def materialize(vault, name, point_id, directory, *, threads=None, method="auto"
     the methods used are appended to the list `methods`, if given, and
     recorded on the job ("materialize")."""
     check_points_usable(vault, name)
-    vault.point(name, point_id)
+    check_point(vault, name, point_id)
     return vault.run_job("materialize", name, lambda: materialize_into(
         vault, name, point_id, directory, threads, method=method, progress=progress,
         methods=methods))
+
+
+def steps_of(vault, name, point_id, idx):
+    """The undo steps (rows: step, path, bytes) that take disk `idx` from its
+    latest state back to point `point_id`, newest first."""
+    row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
+                           (name, point_id, idx)).fetchone()
+    if row is None:
+        return []
+    return vault.db.execute(
+        "SELECT step, path, bytes FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
+        (name, idx, row["step"])).fetchall()
+
+
+def check_point(vault, name, point_id):
+    """Refuse point `point_id` unless every step it needs is there and
+    sound, before anything is written or renamed: DamagedPoint (exit 7) for
+    a point marked damaged, DamagedJournal (exit 7, naming the step and the
+    offset) for a step found damaged now, which marks every point that needs
+    it. Steps on this machine are read through and every record checked
+    (journal.check_step); those at a remote place by their size against the
+    vault's record (the place that materialises checks their records before
+    it writes)."""
+    row = vault.point(name, point_id)
+    if row["damaged"]:
+        raise DamagedPoint(f"recovery point {point_id} of {name!r} is damaged and is never "
+                           f"restored: {row['damaged']}", path=vault.dir)
+    for d in vault.disks(name):
+        for s in steps_of(vault, name, point_id, d["idx"]):
+            check_step(vault, name, d["idx"], s)
+
+
+def check_step(vault, name, idx, step, *, whole=True):
+    """Check one step (a row of `steps`), see check_point; damage marks the
+    points that need it and raises DamagedJournal."""
+    ep = vault.endpoint(name, step["path"])
+    try:
+        size = ep.size()
+        if not _size_as_recorded(size, step["bytes"]):
+            raise DamagedJournal(f"undo step is damaged: {size} bytes, the vault recorded "
+                                 f"{step['bytes']} (and a COMMIT record)", path=str(ep),
+                                 offset=min(size, step["bytes"]))
+        if ep.local_path is not None and whole:
+            J.check_step(ep.local_path)
+    except FileNotFoundError:
+        exc = DamagedJournal("undo step is missing", path=str(ep))
+        mark_step_damaged(vault, name, idx, step["step"], exc)
+        raise exc from None
+    except CorruptDelta as exc:
+        mark_step_damaged(vault, name, idx, step["step"], exc)
+        raise
+
+
+def _size_as_recorded(size, recorded):
+    """A cycle records a step's journal before its COMMIT record (0 when a
+    killed cycle's step is recorded by the next one: unknown); the vault's
+    recovery records the whole file."""
+    return recorded == 0 or size in (recorded, recorded + J.COMMIT_SIZE)
+
+
+def mark_step_damaged(vault, name, idx, step, exc):
+    """Every point of `name` that needs step `step` of disk `idx` is damaged."""
+    vault.mark_damaged(name, vault.points_needing(name, idx, step), str(exc))
+
+
+def _step_named(steps, path):
+    """The step row whose file an error names (as here, or as host:PATH when
+    a remote place raised it), or None."""
+    def local(p):
+        return p.split(":", 1)[1] if ":" in p and not p.startswith("/") else p
+
+    for s in steps:
+        if path is not None and local(path) == local(s["path"]):
+            return s
+    return None
 
 
 def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=False, *,
@@ -119,8 +195,11 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=Fals
     """Write one disk as it was at `point_id` to `dest` (a spec; replaced),
     at the place that holds its replica. ``drill``: a test failover's disk
     (never written over a file; a remote site records it, so that cleaning
-    up may remove it). Returns the method used, also noted on the job."""
-    steps = steps_needed(vault, name, point_id, disk)
+    up may remove it). Returns the method used, also noted on the job.
+    A step found damaged marks the points that need it (DamagedJournal)."""
+    steps = steps_of(vault, name, point_id, disk["idx"])
+    for s in steps:  # cheap: sizes; the records are checked where they are read
+        check_step(vault, name, disk["idx"], s, whole=False)
     replica = vault.endpoint(name, disk["replica"])
     if getattr(replica, "point_store", False):  # a point index over chunks: downloaded
         from .objectstore import restore_disk
@@ -135,67 +214,17 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=Fals
                             progress=progress)
         vault.note_method(used)
         return used
-    used = replica.materialize([vault.endpoint(name, s["path"]) for s in steps],
-                               vault.endpoint(name, dest), drill=drill, threads=threads,
-                               method=method, progress=progress)
+    try:
+        used = replica.materialize([vault.endpoint(name, s["path"]) for s in steps],
+                                   vault.endpoint(name, dest), drill=drill, threads=threads,
+                                   method=method, progress=progress)
+    except CorruptDelta as exc:
+        damaged = _step_named(steps, exc.path)
+        if damaged is not None:
+            mark_step_damaged(vault, name, disk["idx"], damaged["step"], exc)
+        raise
     vault.note_method(used)
     return used
-
-
-def steps_needed(vault, name, point_id, disk):
-    """The undo steps (rows: step, path, bytes) that take `disk` from its
-    latest state back to `point_id`, newest first."""
-    row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
-                           (name, point_id, disk["idx"])).fetchone()
-    return vault.db.execute(
-        "SELECT step, path, bytes FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
-        (name, disk["idx"], row["step"])).fetchall()
-
-
-def check_point_restorable(vault, name, point_id,
-                           hint="nothing was changed, choose another point with --point"):
-    """Before a failover, change-point or drill moves or writes anything:
-    every undo step point `point_id` needs is there, has the size the vault
-    recorded and (where this process can read it) ends in its commit. A
-    point already marked damaged is refused with its reason. Otherwise
-    FormatError (exit 7) names the step. Nothing is changed, not even the
-    point's mark: a step on an unmounted file system may come back."""
-    point = vault.point(name, point_id)
-    if point["damaged"]:
-        raise FormatError(f"point {point_id} of {name!r} cannot be restored: "
-                          f"{point['damaged']}; {hint}", path=vault.dir)
-    if getattr(vault.endpoint(name, vault.disks(name)[0]["replica"]), "point_store", False):
-        return  # chunk indexes in an object store: checked as they are downloaded
-    for d in vault.disks(name):
-        for s in steps_needed(vault, name, point_id, d):
-            step = vault.endpoint(name, s["path"])
-            why = _step_problem(step, s["bytes"])
-            if why is None:
-                continue
-            reason = f"undo step {s['step']} of disk {d['idx']} ({step}) {why}"
-            raise FormatError(f"point {point_id} of {name!r} cannot be restored: {reason}; "
-                              f"{hint}", path=step.spec)
-
-
-def _step_problem(step, recorded):
-    """Why a step cannot be used (words for a message), or None. The vault
-    records a step's journal bytes without its COMMIT record (a cycle), the
-    whole file (a step registered after a kill), or 0 (not known: a step a
-    killed cycle kept); the file must match what was recorded."""
-    from ..engine import bindings as B
-    from ..engine import journal as J
-
-    try:
-        size = step.size() if step.local_path is None else os.path.getsize(step.local_path)
-    except FileNotFoundError:
-        return "is missing"
-    if recorded and size not in (recorded, recorded + B.RECORD_HEADER):
-        return f"has {size} bytes, the vault recorded {recorded + B.RECORD_HEADER}"
-    if step.local_path is not None:
-        header, committed = J.read_journal(step.local_path)
-        if header is None or not committed:
-            return "is damaged: no whole, committed undo journal"
-    return None
 
 
 def check_points_usable(vault, name):

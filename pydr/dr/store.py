@@ -27,7 +27,7 @@ import sqlite3
 import time
 
 from ..engine.oserrors import naming
-from ..errors import HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
+from ..errors import CorruptDelta, HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
 from .schema import (DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault,  # noqa: F401
                      migrate as _migrate, tighten_vault)
 
@@ -147,13 +147,19 @@ class Store:
                                         (item, idx, step)).fetchone()
                 if known:
                     continue
-                header, committed = J.read_journal(path)
-                newer = step > self.current_step(item, idx)
-                if header is not None and committed and newer:
-                    self.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
-                                    (item, idx, step, path, os.path.getsize(path)))
-                else:  # half-made, or one that retention dropped before a kill
-                    os.unlink(path)
+                if step <= self.current_step(item, idx):
+                    os.unlink(path)  # one that retention dropped before a kill
+                    continue
+                # Only a committed journal is moved here (a copy from another file
+                # system arrives as .pydr-new first): this one the replica moved past.
+                # If it fails its checks, that is damage, not a kill: it is recorded
+                # all the same (the chain stays whole) and its points are marked.
+                try:
+                    J.check_step(path)
+                except CorruptDelta as exc:
+                    self.mark_damaged(item, self.points_needing(item, idx, step), str(exc))
+                self.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
+                                (item, idx, step, path, os.path.getsize(path)))
 
     # -- items -------------------------------------------------------------------
     def protect(self, name, disks, *, group=None, retention=24, retention_age=None,
@@ -359,6 +365,12 @@ class Store:
         with self.db:
             self.db.executemany("UPDATE points SET damaged=? WHERE item=? AND id=? AND damaged IS NULL",
                                 [(reason, name, p) for p in point_ids])
+
+    def points_needing(self, name, idx, step):
+        """The ids of the points of `name` whose disk `idx` is made with undo
+        step `step` (the points before it)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM point_disks WHERE item=? AND idx=? AND step<?", (name, idx, step))]
 
     def vault_id(self):
         """This vault's identity, which its replicas record as their owner."""

@@ -16,6 +16,7 @@ from . import objectstore as O
 from . import plans as plans_
 from . import points as points_
 from . import replication as R
+from . import verify as verify_
 from .store import Store, init_vault  # noqa: F401  (pydr.dr.vault.init_vault)
 
 
@@ -60,9 +61,12 @@ class Vault(Store):
         return F.failback(self, name, **kwargs)
 
     def verify(self, name, point=None, sample=100.0):
-        """Check an object-store item's indexes and chunks; see
-        pydr.dr.objectstore.verify."""
-        return O.verify(self, name, point, sample)
+        """Check an item's points: an object-store item's indexes and chunks
+        (pydr.dr.objectstore.verify), or the undo steps and signature caches
+        of the others (pydr.dr.verify.verify_steps)."""
+        if O.is_object_item(self, name) or O.has_object_points(self, name):
+            return O.verify(self, name, point, sample)
+        return verify_.verify_steps(self, name, point, sample)
 
     def collect_garbage(self, target, **kwargs):
         """Mark and sweep the chunks of an object store: s3://BUCKET/PREFIX,

@@ -172,13 +172,8 @@ class QemuImageEndpoint(LocalEndpoint):
                 with self.engine_disk(write=True, size=src.size, path=tmp) as out:
                     if used == "copy":
                         resync(src, out, threads=threads, progress=progress)
-                    for step in steps:  # newest first
-                        header, committed = J.read_journal(step.path)
-                        if header is None or not committed:
-                            from ..errors import PydrError
-
-                            raise PydrError("undo step is damaged", path=step.path)
-                        J.rollback(out, step.path)
+                    for step in steps:  # newest first; checked whole before it is written
+                        J.rollback(out, step.path, step=True)
                     out.sync()
             os.replace(tmp, dest.path)
             fsync_dir(dest.path)

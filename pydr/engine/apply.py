@@ -133,7 +133,7 @@ class Applier:
             # Resume: keep the journal (it holds the original contents of
             # everything already written) and go on appending to it; the
             # resync compares both sides again, so finished blocks are skipped.
-            self.resumed = J.Journal.reopen(path)
+            self.resumed = J.Journal.reopen(path, self.dev)
             if self.resumed is not None:
                 return
         # Finish the interrupted apply by undoing it, then applying again.
@@ -308,7 +308,7 @@ def apply_delta(delta, target, *, progress=None, cancel=None, verify=False):
     A target that already holds the delta's result (all of it: checked by
     reading it whole, as after a run killed once it had finished) is left
     as it is, with ``already_applied`` set; one that holds it only where the
-    delta's first records land is refused (AlreadyApplied)."""
+    delta's first records land is refused (BaseMismatch: it is neither)."""
     start = time.monotonic()
     opener, name = _open_delta(delta)
     with opener as f:
@@ -327,6 +327,11 @@ def apply_delta(delta, target, *, progress=None, cancel=None, verify=False):
             if not (isinstance(exc, AlreadyApplied) or applier.base_size_seen == header.result_size):
                 raise
             if not holds_result(target, header):
+                if isinstance(exc, AlreadyApplied):  # only in part: not "already applied" (12)
+                    raise BaseMismatch(
+                        "the target holds this delta's result where its first records land, but "
+                        "not all of it: it is neither the image the delta was made against nor "
+                        "its result", path=exc.path, offset=exc.offset) from None
                 raise
             return ApplyStats(0, 0, 0, 0, time.monotonic() - start, applier.rolled_back_first,
                               True)

@@ -29,7 +29,7 @@ from . import names
 from . import crashpoints
 from .atomic import atomic_write, fsync_dir
 from .oserrors import NamedFile, naming
-from ..errors import CorruptDelta, InvalidState, UnfinishedApply
+from ..errors import CorruptDelta, DamagedJournal, InvalidState, UnfinishedApply
 
 MAGIC = b"PYDRUND\x00"
 VERSION = 1
@@ -38,7 +38,7 @@ KIND_RESYNC = 2
 # magic, version, kind, block_size, old_size, new_size, base_id, result_id, reserved
 _HEADER = struct.Struct("<8sHHIQQ16s16s24s")
 HEADER_SIZE = _HEADER.size + 8  # 96 with its xxh3-64 checksum
-READ_CHUNK = 32 << 20
+COMMIT_SIZE = B.RECORD_HEADER  # the record that ends a committed journal
 
 
 def journal_path(target):
@@ -130,15 +130,15 @@ class Journal:
         fsync_dir(self.path)
 
     @classmethod
-    def reopen(cls, path):
-        """Continue an interrupted (uncommitted) journal: cut a torn tail
-        off, then append after the last valid record."""
-        with open(path, "rb") as f:
-            header = parse_header(f.read(HEADER_SIZE), path)
-            if header is None:
-                return None
-            index = _index(f)
-        end = index[-1][0] + index[-1][1] if index else HEADER_SIZE
+    def reopen(cls, path, dev):
+        """Continue an interrupted (uncommitted) journal of the device `dev`:
+        cut a torn tail off (checked first: check_torn_tail), then append
+        after the last valid record."""
+        found = scan(path)
+        if found.header is None:
+            return None
+        check_torn_tail(dev, path, found)
+        header, end = found.header, found.end
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             with naming(path):
@@ -154,76 +154,143 @@ class Journal:
 
 
 def read_journal(path):
-    """(header or None, committed) of a journal on disk, checking its records.
+    """(header or None, committed) of a journal on disk, checking its records
+    as an uncommitted journal is read (see scan): a torn header or tail is
+    what a crash leaves, damage raises DamagedJournal."""
+    found = scan(path)
+    return found.header, found.committed
 
-    A header that is missing or torn means the crash came before the target
-    was touched. Records are checked up to the first invalid or incomplete
-    one (a torn tail)."""
+
+def check_step(path):
+    """Check a recovery-point step (a committed journal) whole: its header,
+    every record and its payload hash, and the COMMIT that ends it. Returns
+    its header; raises DamagedJournal naming the file and the offset of what
+    is wrong."""
+    return scan(path, step=True).header
+
+
+class JournalScan:
+    """What a journal holds: its header (None: torn, the target untouched),
+    its valid records as (position, size, type, offset, length,
+    payload_hash), whether they end in COMMIT, where they end, and whether
+    a torn tail follows them (ignored)."""
+
+    __slots__ = ("header", "records", "committed", "end", "torn")
+
+    def __init__(self, header, records, committed, end, torn=False):
+        self.header, self.records, self.committed, self.end = header, records, committed, end
+        self.torn = torn
+
+
+def scan(path, *, step=False):
+    """Read a journal through, checking every record's header and every
+    DATA payload against its payload_hash (xxh3-64, in C).
+
+    ``step``: a committed journal (a recovery-point step) must be valid
+    record by record up to its COMMIT, which ends the file; anything else is
+    damage. Otherwise (crash recovery) the valid prefix counts and a torn
+    header or tail is ignored -- the target was not touched for it -- except
+    a bad header with bytes after it, which no crash leaves (records are
+    appended only once the header is durable); a tail is then checked
+    against the target before it is trusted (check_torn_tail). Damage raises
+    DamagedJournal with the file and the byte offset."""
+    what = "undo step" if step else "undo journal"
     with open(path, "rb") as f:
         header = parse_header(f.read(HEADER_SIZE), path)
+        size = os.fstat(f.fileno()).st_size
         if header is None:
-            return None, False
-        committed = False
-        for rec in iter_records(f):
-            if rec is None:
-                break
-            if rec[0] == B.COMMIT:
+            if step or size > HEADER_SIZE:  # records are appended only after the header is durable
+                raise DamagedJournal(f"{what} is damaged: its header fails its checks", path=path,
+                                     offset=0)
+            return JournalScan(None, [], False, size)
+        records, committed, end = [], False, HEADER_SIZE
+        for pos, info, problem in _walk(f):
+            if problem is not None:
+                if step:
+                    raise DamagedJournal(f"{what} is damaged: {problem}", path=path, offset=pos)
+                break  # a torn tail, or damage: see check_torn_tail
+            end = pos + info["size"]
+            if info["type"] == B.COMMIT:
                 committed = True
                 break
-        return header, committed
+            records.append((pos, info["size"], info["type"], info["offset"], info["length"],
+                            info["payload_hash"]))
+        if step and not committed:
+            raise DamagedJournal(f"{what} is damaged: it ends without a COMMIT record (cut short?)",
+                                 path=path, offset=end)
+        if step and size != end:
+            raise DamagedJournal(f"{what} is damaged: {size - end} bytes follow its COMMIT record",
+                                 path=path, offset=end)
+        return JournalScan(header, records, committed, end, torn=not committed and end < size)
 
 
-def iter_records(f):
-    """Yield (type, record bytes) for each valid record of an open journal,
-    then None if it ends in a torn or invalid record."""
-    buf = bytearray()
+def _walk(f):
+    """Yield (position, info, None) for each whole record from HEADER_SIZE
+    whose header and payload check out, up to and including a COMMIT; then,
+    if the file does not end there, (position, info or None, what is wrong)
+    for the first one that does not. One read and one hash (in C) a record."""
+    hash64 = B.ALGORITHMS["xxh3-64"]
+    pos = HEADER_SIZE
+    f.seek(pos)
     while True:
-        chunk = f.read(READ_CHUNK)
-        buf += chunk
-        try:
-            complete, count, _, end = B.records_scan(buf)
-        except CorruptDelta:
-            complete, end = 0, False
-            # yield the valid prefix record by record before giving up
-            pos = 0
-            while len(buf) - pos >= B.RECORD_HEADER:
-                info = B.record_parse(buf[pos:pos + B.RECORD_HEADER])
-                if info is None:
-                    break
-                size = B.RECORD_HEADER + (info["length"] if info["type"] == B.DATA else 0)
-                if len(buf) - pos < size:
-                    break
-                yield info["type"], bytes(buf[pos:pos + size])
-                pos += size
-            yield None
+        head = f.read(B.RECORD_HEADER)
+        if not head:
             return
-        pos = 0
-        while pos < complete:
-            info = B.record_parse(buf[pos:pos + B.RECORD_HEADER])
-            size = B.RECORD_HEADER + (info["length"] if info["type"] == B.DATA else 0)
-            yield info["type"], bytes(buf[pos:pos + size])  # buf is reused below
-            pos += size
-        if end:
+        if len(head) < B.RECORD_HEADER:
+            yield pos, None, "a record header is cut short"
             return
-        del buf[:complete]
-        if not chunk:
-            if buf:
-                yield None
+        info = B.record_parse(head)
+        if info is None:
+            yield pos, None, "a record header fails its checksum"
             return
+        if info["type"] not in (B.DATA, B.ZERO, B.COMMIT):
+            yield pos, None, f"a record of type {info['type']} has no place in an undo journal"
+            return
+        info["size"] = B.RECORD_HEADER
+        if info["type"] == B.DATA:
+            info["size"] += info["length"]
+            payload = f.read(info["length"])
+            if len(payload) < info["length"]:
+                yield pos, info, "a record's payload is cut short"
+                return
+            if B.hash_bytes(hash64, payload)[0] != info["payload_hash"]:
+                yield pos, info, "a record's payload fails its checksum (payload_hash)"
+                return
+        yield pos, info, None
+        if info["type"] == B.COMMIT:
+            return
+        pos += info["size"]
 
 
-def _index(f):
-    """[(position, size, type, offset, length)] of the valid undo records."""
-    out, pos = [], HEADER_SIZE
-    f.seek(HEADER_SIZE)
-    for rec in iter_records(f):
-        if rec is None or rec[0] == B.COMMIT:
-            break
-        kind, data = rec
-        info = B.record_parse(bytes(data[:B.RECORD_HEADER]))
-        out.append((pos, len(data), kind, info["offset"], info["length"]))
-        pos += len(data)
-    return out
+def check_torn_tail(dev, path, found):
+    """The records after the valid prefix of an uncommitted journal are
+    ignored as a torn tail: a crash tore the batch being journaled, whose
+    ranges the target (the device `dev`) still holds as they were. So each
+    of them, up to the first whose header fails too, must find its old
+    contents there (the payload's hash, or zeros); one whose range was
+    written is damage to the journal, not a tear: DamagedJournal, before
+    anything is written."""
+    if not found.torn:
+        return
+    hash64 = B.ALGORITHMS["xxh3-64"]
+    with open(path, "rb") as f:
+        pos = found.end
+        while True:
+            f.seek(pos)
+            info = B.record_parse(f.read(B.RECORD_HEADER))
+            if info is None or info["type"] not in (B.DATA, B.ZERO):
+                return  # the rest cannot be told apart from a tear
+            data = dev.pread(info["length"], info["offset"])
+            if info["type"] == B.ZERO:
+                untouched = data.count(0) == len(data)
+            else:
+                untouched = len(data) == info["length"] and \
+                    B.hash_bytes(hash64, data)[0] == info["payload_hash"]
+            if not untouched:
+                raise DamagedJournal("undo journal is damaged: a record that fails its checks "
+                                     "covers a range the apply had written already (not a torn "
+                                     "write)", path=path, offset=found.end)
+            pos += B.RECORD_HEADER + (info["length"] if info["type"] == B.DATA else 0)
 
 
 def _clip(data, old_size):
@@ -241,46 +308,77 @@ def _clip(data, old_size):
                           payload_hash=B.hash_bytes(B.ALGORITHMS["xxh3-64"], payload)[0]) + payload
 
 
-def rollback_fd(fd, path, target, is_block_device):
+def rollback_fd(fd, path, target, is_block_device, *, step=False):
     """rollback() onto an open file descriptor."""
     from .devices import FileDevice
 
-    return rollback(FileDevice(target, fd=fd, is_block=is_block_device), path)
+    return rollback(FileDevice(target, fd=fd, is_block=is_block_device), path, step=step)
 
 
-def rollback(dev, path):
+def rollback(dev, path, *, step=False):
     """Restore the device `dev` from the journal at `path`; returns bytes
     restored. Leaves the journal in place (the caller removes it once this
-    returned).
+    returned). ``step``: the journal is a recovery-point step, which must be
+    whole and committed (see scan).
+
+    The whole journal is checked (scan) before its first byte is written,
+    and each DATA payload against its hash again as it is written back, so
+    damage raises DamagedJournal and is never written to the target.
 
     A journal continued after an interruption (resumed resync) may hold
     several records for one range; the first one has the original contents,
     so then every record is written back newest first. Otherwise ranges are
     disjoint and holes go first, which frees space on a full file system."""
+    found = scan(path, step=step)
+    if found.header is None:
+        return 0  # torn header: nothing was written to the target
+    check_torn_tail(dev, path, found)
+    old_size = found.header["old_size"]
+    index = found.records
+    hash64 = B.ALGORITHMS["xxh3-64"]
     with open(path, "rb") as f:
-        header = parse_header(f.read(HEADER_SIZE), path)
-        if header is None:
-            return 0  # torn header: nothing was written to the target
-        old_size = header["old_size"]
         if dev.resizable and dev.size_now() != old_size:
             dev.truncate(old_size)
-        index = _index(f)
-        spans = sorted((off, off + n) for _, _, _, off, n in index)
+        spans = sorted((r[3], r[3] + r[4]) for r in index)
         overlapping = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
         if overlapping:
             order = list(reversed(index))
         else:
             order = [r for r in index if r[2] == B.ZERO] + [r for r in index if r[2] == B.DATA]
         restored = 0
-        for pos, size, kind, _, _ in order:
+        for pos, size, kind, _, _, payload_hash in order:
             f.seek(pos)
-            data = _clip(f.read(size), old_size)
+            data = f.read(size)
+            if kind == B.DATA:
+                with memoryview(data) as view, view[B.RECORD_HEADER:] as payload:
+                    intact = len(data) == size and B.hash_bytes(hash64, payload)[0] == payload_hash
+                if not intact:  # changed since the scan: never written back
+                    raise DamagedJournal("undo journal is damaged: a record's payload fails its "
+                                         "checksum (payload_hash)", path=path, offset=pos)
+            data = _clip(data, old_size)
             if data is None:
                 continue
             dev.apply_write(data)
             restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
     dev.sync()
+    if found.torn and found.header["kind"] == KIND_APPLY:
+        _check_base_restored(dev, found, path)
     return restored
+
+
+def _check_base_restored(dev, found, path):
+    """A torn tail was ignored: a crash while a batch was journaled, its
+    range untouched -- or damage to a record whose range was written. An
+    apply's journal names the image it started from (base_id), so the
+    target rolled back is compared with it (read whole: only in this case).
+    A mismatch raises DamagedJournal; the journal stays."""
+    from .apply import _identity_of
+
+    header = found.header
+    if _identity_of(dev, header["old_size"], header["block_size"]) != header["base_id"]:
+        raise DamagedJournal("undo journal is damaged: it ends in a record that fails its "
+                             "checks, and the target rolled back without it is not the image "
+                             "the apply started from", path=path, offset=found.end)
 
 
 def move_journal(path, dest, dir_fd=None):
@@ -493,9 +591,19 @@ def choose_undo_path(target, candidates):
     if candidates:
         pending_journal(target, allowed=candidates)
     for i, path in enumerate(candidates):
-        if not (os.path.exists(path) and read_journal(path)[1]):
+        if not (os.path.exists(path) and _holds_committed(path)):
             return path, i
     if candidates:
         raise FileExistsError(errno.EEXIST, "every step offered holds a committed step already",
                               candidates[-1])
     return None, None
+
+
+def _holds_committed(path):
+    """Whether `path` holds a committed journal. A damaged one counts as
+    one: it is never written over (the points that need it are found
+    damaged when they are restored or verified)."""
+    try:
+        return read_journal(path)[1]
+    except CorruptDelta:
+        return True

@@ -9,7 +9,7 @@ overlay on the latest state."""
 import contextlib
 import os
 
-from ..errors import FormatError, InvalidState, UnsupportedFile
+from ..errors import InvalidState, UnsupportedFile
 from . import crashpoints
 from . import journal as J
 from . import names
@@ -21,12 +21,11 @@ METHODS = ("auto", "reflink", "copy")
 
 
 def check_steps(steps):
-    """Every step must be a whole, committed undo journal."""
+    """Every step must be a whole, committed undo journal, every record and
+    payload checked (journal.check_step): raises DamagedJournal (exit 7)
+    naming the step and the offset, before anything is written."""
     for path in steps:
-        header, committed = J.read_journal(path)
-        if header is None or not committed:
-            raise FormatError("undo step is damaged: no whole, committed undo journal",
-                              path=path)
+        J.check_step(path)
 
 
 def materialize_file(source, steps, dest, threads=None, *, method="auto", progress=None):
@@ -64,7 +63,7 @@ def materialize_file(source, steps, dest, threads=None, *, method="auto", progre
         fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
         try:
             for path in steps:  # newest first: each takes the disk one cycle back
-                J.rollback_fd(fd, path, tmp, False)
+                J.rollback_fd(fd, path, tmp, False, step=True)
                 crashpoints.reached("restore.step")
             install(tmp, dest, fd)
         finally:

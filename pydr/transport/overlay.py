@@ -52,7 +52,7 @@ def materialize_overlay(backing, steps, dest):
             with QemuNbd(tmp, "qcow2", read_only=False) as server:
                 with server.connect(lambda uri: NbdDevice(uri, name=tmp, write=True)) as dev:
                     for path in steps:  # newest first: each takes the disk one cycle back
-                        J.rollback(dev, path)
+                        J.rollback(dev, path, step=True)
                         crashpoints.reached("restore.step")
         install(tmp, dest)
     except BaseException:

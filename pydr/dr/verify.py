@@ -1,0 +1,72 @@
+"""Scrubbing a step chain: `pydr verify ITEM` for an item whose points are
+undo steps beside its replicas (pydr.dr.objectstore.verify checks the ones
+in an object store).
+
+Every step is read through and checked as a restore would read it (header,
+every record and its payload hash, the COMMIT, the size the vault recorded;
+pydr.engine.journal.check_step), and so is every signature cache of the
+item (its whole-file checksum). A damaged step marks the points that need
+it: they are never restored."""
+
+import os
+import random
+
+from ..errors import CorruptDelta, FormatError
+from .points import check_step, steps_of
+
+
+def verify_steps(vault, name, point_id=None, sample=100.0):
+    """Check the item's steps (all, or those point `point_id` needs; a
+    random `sample` percent of them) and its signature caches. Returns
+    {"item", "points", "steps", "checked", "bytes", "size_only", "caches",
+    "problems": [text], "damaged_points": [id]}: steps at a remote place are
+    checked by size only (the place checks their records as it restores)."""
+    points = vault.points(name)
+    if point_id is not None:
+        vault.point(name, point_id)
+        points = [p for p in points if p["id"] == point_id]
+    steps = {}
+    for d in vault.disks(name):
+        if point_id is None:
+            rows = vault.db.execute("SELECT step, path, bytes FROM steps WHERE item=? AND idx=? "
+                                    "ORDER BY step", (name, d["idx"])).fetchall()
+        else:
+            rows = steps_of(vault, name, point_id, d["idx"])
+        steps.update({(d["idx"], r["step"]): r for r in rows})
+    keys = sorted(steps)
+    if sample < 100.0 and keys:
+        keys = sorted(random.sample(keys, max(1, round(len(keys) * sample / 100.0))))
+    problems, checked, size_only, nbytes = [], 0, 0, 0
+    for idx, number in keys:
+        row = steps[(idx, number)]
+        try:
+            check_step(vault, name, idx, row)  # marks the points that need a damaged one
+        except (CorruptDelta, OSError) as exc:
+            problems.append(f"disk {idx}, step {number}: {exc}")
+        checked += 1
+        nbytes += row["bytes"]
+        size_only += vault.endpoint(name, row["path"]).local_path is None
+    caches = 0
+    for d in vault.disks(name):
+        cache = vault.cache_path(name, d["idx"])
+        if not os.path.exists(cache):
+            continue
+        caches += 1
+        try:
+            from ..engine.sigstream import SignatureReader
+
+            SignatureReader(cache).close()
+        except (FormatError, OSError) as exc:
+            problems.append(f"disk {d['idx']}, signature cache: {exc} (the next cycle reads the "
+                            "replica instead and writes it again)")
+    damaged = [p["id"] for p in vault.points(name) if p["damaged"]]
+    if point_id is not None:
+        damaged = [p for p in damaged if p == point_id]
+    for pid in damaged:
+        reason = vault.point(name, pid)["damaged"]
+        line = f"point {pid} is damaged: {reason}"
+        if not any(reason in p for p in problems):  # marked by an earlier run
+            problems.append(line)
+    return {"item": name, "points": len(points), "steps": len(steps), "checked": checked,
+            "bytes": nbytes, "size_only": size_only, "caches": caches, "problems": problems,
+            "damaged_points": damaged}
