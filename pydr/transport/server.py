@@ -299,8 +299,9 @@ def _choose_step(place, dev, candidates, scope):
                                   f"({head}{steps_dir}/NAME.undo)", str(candidate))
         fd = beneath.open_dir(place.dir_fd, steps_dir, create=True)  # never through a link
         try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False) \
-                if name in os.listdir(fd) else None
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
         finally:
             os.close(fd)
         if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1):
