@@ -25,11 +25,12 @@ import stat
 import struct
 
 from . import bindings as B
+from . import keepnote
 from . import names
 from . import crashpoints
 from .atomic import atomic_write, fsync_dir
 from .oserrors import NamedFile, naming
-from ..errors import CorruptDelta, DamagedJournal, InvalidState, UnfinishedApply
+from ..errors import CorruptDelta, DamagedJournal, UnfinishedApply
 
 MAGIC = b"PYDRUND\x00"
 VERSION = 1
@@ -434,106 +435,24 @@ def keep_note_path(target):
     return journal_of(target) + ".keep"
 
 
-# A keep note names the step relative to the replica's directory when the
-# step lives beside it (".REPLICA.pydr-steps/NAME.undo", the only relative
-# form honoured); a step kept elsewhere (a local replica's steps are in the
-# vault) is an absolute path, honoured only where the caller offers that very
-# path (choose_undo_path). Anything else is not followed: the note may have
-# been written by whoever can write to the replica's directory.
-KEEP_NOTE_MAX = 4096
-
-
 def _target_name(target):
     """The path of a target: a path, or a device named by its path."""
     return os.fspath(target) if isinstance(target, (str, bytes, os.PathLike)) else target.name
 
 
-def _replica_dir(target):
-    return os.path.dirname(os.path.abspath(_target_name(target)))
-
-
-def _steps_dir_name(target):
-    return f".{os.path.basename(_target_name(target))}{names.STEPS}"
-
-
 def write_keep_note(target, dest):
-    dest = os.path.abspath(os.fspath(dest))
-    rel = os.path.relpath(dest, _replica_dir(target))
-    beside = rel.split("/")[0] == _steps_dir_name(target) and ".." not in rel.split("/")
-    with atomic_write(keep_note_path(target)) as f:
-        f.write((rel if beside else dest).encode())
+    keepnote.write(keep_note_path(target), _target_name(target), dest)
 
 
 def remove_keep_note(target):
-    note = keep_note_path(target)
-    if os.path.lexists(note):  # checked first: most targets have none (or are read-only)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(note)
-            fsync_dir(note)
-
-
-def _read_keep_note(note):
-    """The text of a keep note, or None; a note that is not a small regular
-    file with one link is refused, never read through."""
-    try:
-        fd = os.open(note, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InvalidState("this keep note is a symlink: not followed", path=note) from None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > KEEP_NOTE_MAX:
-            raise InvalidState("this keep note is not a small regular file with one link: "
-                               "not followed", path=note)
-        raw = f.read(KEEP_NOTE_MAX)
-    try:
-        return raw.decode() or None
-    except UnicodeDecodeError:
-        raise InvalidState("this keep note is not text: not followed", path=note) from None
-
-
-def _kept_destination(target, allowed=()):
-    """(directory fd, name) where the committed journal of `target` is to be
-    kept, as its keep note says, or None without a note. The note must name
-    a step in the replica's own ".REPLICA.pydr-steps" (opened without
-    following links, made if missing) or one of the `allowed` paths;
-    anything else raises InvalidState naming the note."""
-    note = keep_note_path(target)
-    text = _read_keep_note(note)
-    if text is None:
-        return None
-    base, steps = _replica_dir(target), _steps_dir_name(target)
-    rel = os.path.relpath(text, base) if os.path.isabs(text) else text
-    parts = rel.split("/")
-    if len(parts) == 2 and parts[0] == steps and parts[1].endswith(".undo") \
-            and parts[1] not in (".undo",) and "\n" not in rel and "\x00" not in rel:
-        from . import beneath
-
-        base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            return beneath.open_dir(base_fd, steps, create=True), parts[1]
-        finally:
-            os.close(base_fd)
-    if os.path.isabs(text) and os.path.normpath(text) in {
-            os.path.normpath(os.path.abspath(os.fspath(a))) for a in allowed}:
-        dest = os.path.normpath(text)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        return os.open(os.path.dirname(dest), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), \
-            os.path.basename(dest)
-    raise InvalidState(f"this keep note names {text[:200]!r}, which is not a step beside the "
-                       f"replica ({steps}/NAME.undo) nor one offered now: not followed. If "
-                       "it is pydr's, the replica's next replication cycle keeps the journal "
-                       "as its step; if not, remove the note and the journal", path=note)
+    keepnote.remove(keep_note_path(target))
 
 
 def pending_journal(target, allowed=()):
     """(path, header) of the journal of an unfinished apply on `target`, or
     None. A journal that was committed (a crash after the commit) is settled
     on the way: moved where its apply meant to keep it (its keep note, see
-    _kept_destination; `allowed`: steps the caller offers), or removed."""
+    pydr.engine.keepnote; `allowed`: steps the caller offers), or removed."""
     path = journal_of(target)
     try:
         header, committed = read_journal(path)
@@ -545,7 +464,7 @@ def pending_journal(target, allowed=()):
             return None
         raise
     if header is not None and committed:
-        kept = _kept_destination(target, allowed)
+        kept = keepnote.destination(keep_note_path(target), _target_name(target), allowed)
         if kept is not None:  # a recovery-point step, as its apply meant
             dir_fd, name = kept
             try:

@@ -25,6 +25,7 @@ from ..engine.devices import FileDevice, open_disk
 from ..errors import PydrError, UnsupportedFile
 from . import protocol as P
 
+DRILL_MARKER = ".pydr-drill"  # the disks a test failover wrote into a directory
 _PINNED = re.compile(r"/proc/self/fd/(\d+)(/?)")
 
 
@@ -216,6 +217,12 @@ class Scope:
                 pass
         self.dirs = {}
 
+    def close(self):
+        self.release()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
     def scrub(self, payload):
         """An ERROR frame's JSON with paths relative to DIR: no pinned
         /proc/self/fd path and no absolute root reaches the peer."""
@@ -233,3 +240,38 @@ class Scope:
             return text.replace(self.root + "/", "").replace(self.root, ".")
 
         return {k: relative_text(v) if isinstance(v, str) else v for k, v in payload.items()}
+
+
+def drill_name_ok(name):
+    """A name a drill marker may hold: one file of its directory, printable."""
+    return bool(name) and name not in (".", "..", DRILL_MARKER) and "/" not in name \
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+
+
+def parent_rel(place):
+    if place.confined:
+        return place.rel.rpartition("/")[0]
+    return os.path.normpath(os.path.dirname(os.path.abspath(place.path)))
+
+
+def open_drill_dir(drill):
+    if drill.confined:
+        return beneath.open_dir(drill.dir_fd, drill.name)
+    return os.open(drill.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def drill_listing(drill, dir_fd):
+    """The names a drill marker lists that are plain names (others are
+    ignored: the marker may have been written by someone else)."""
+    try:
+        if drill.confined:
+            fd = beneath.open_file(dir_fd, DRILL_MARKER, os.O_RDONLY)
+        else:
+            fd = os.open(DRILL_MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return set()
+    with os.fdopen(fd, "rb") as f:
+        lines = os.fsdecode(f.read(1 << 20)).split("\n")
+    if not drill.confined:
+        drill.rel = os.path.normpath(os.path.abspath(drill.path))
+    return {name for name in lines if drill_name_ok(name)}

@@ -24,7 +24,7 @@ from ..engine import beneath
 from ..engine import names
 from ..engine.atomic import fsync_dir
 from ..errors import UnsupportedFile
-from .places import Scope
+from .places import DRILL_MARKER, Scope, drill_listing, drill_name_ok, open_drill_dir, parent_rel
 from ..engine.signatures import blocks_for, sign_range
 from ..engine.progress import Throttle
 from ..engine.parallel import default_threads
@@ -36,7 +36,13 @@ def serve(rfile, wfile, root=None):
     """Answer one peer's requests; with `root`, only files beneath it (see
     pydr.transport.places)."""
     scope = Scope(root)
-    ch = P.Channel(rfile, wfile)
+    try:
+        _serve(P.Channel(rfile, wfile), scope)
+    finally:
+        scope.close()
+
+
+def _serve(ch, scope):
     ftype, payload = ch.recv()
     if ftype != P.HELLO:
         raise P.ProtocolError("expected HELLO")
@@ -257,9 +263,9 @@ def _apply_records(ch, req, dev, bs, result, streams, keep, kept_at, mode, Local
     return res, target
 
 
-DRILL_MARKER = ".pydr-drill"  # the disks a test failover wrote into a directory
-# what a pushed file may not be named: pydr's own files beside a disk
+# the files beside a disk the engine opens by name for its journal
 JOURNAL_SIDECARS = (names.UNDO, names.UNDO + ".keep", names.UNDO + ".keep" + names.NEW)
+# what a pushed file may not be named: pydr's own files beside a disk
 _RESERVED = (names.UNDO, names.UNDO + ".keep", names.NEW, DRILL_MARKER)
 
 
@@ -310,12 +316,6 @@ def _choose_step(place, dev, candidates, scope):
     return J.choose_undo_path(dev, steps)
 
 
-def _drill_name_ok(name):
-    """A name a drill marker may hold: one file of its directory, printable."""
-    return bool(name) and name not in (".", "..", DRILL_MARKER) and "/" not in name \
-        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
-
-
 def _materialize(ch, payload, scope):
     """A disk as it was at a recovery point: a reflink clone (or, by method
     or where the file system cannot clone, a sparse copy) of the replica's
@@ -353,7 +353,7 @@ def _materialize(ch, payload, scope):
     if req.get("drill"):
         if dest.exists():
             raise FileExistsError(errno.EEXIST, "a test failover does not overwrite files", dest.rel)
-        if not _drill_name_ok(dest.name):
+        if not drill_name_ok(dest.name):
             raise PermissionError(errno.EACCES, "a drill's disk needs a plain file name", dest.rel)
         fd = dest.open(os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600, name=DRILL_MARKER)
         with os.fdopen(fd, "ab") as f:
@@ -405,14 +405,14 @@ def _remove(ch, payload, scope):
     if drill is not None:
         drill = scope.place(drill)
         with contextlib.suppress(FileNotFoundError):  # removed by a run that was killed
-            drill_dir = scope.hold(_open_drill_dir(drill), drill.rel)
-            listed = _drill_listing(drill, drill_dir)
+            drill_dir = scope.hold(open_drill_dir(drill), drill.rel)
+            listed = drill_listing(drill, drill_dir)
     places = []
     for p in paths:
         with contextlib.suppress(FileNotFoundError):  # its directory is gone: nothing to remove
             places.append(scope.place(p))
     for place in places:
-        in_drill = drill is not None and _parent_rel(place) == drill.rel and place.name in listed
+        in_drill = drill is not None and parent_rel(place) == drill.rel and place.name in listed
         if not (in_drill or names.is_sidecar(place.rel)):
             raise PermissionError(errno.EACCES, "not a file pydr made", place.rel)
     removed = 0
@@ -432,35 +432,6 @@ def _remove(ch, payload, scope):
             else:
                 os.rmdir(drill.path)
     ch.send_json(P.DONE, {"removed": removed})
-
-
-def _parent_rel(place):
-    if place.confined:
-        return place.rel.rpartition("/")[0]
-    return os.path.normpath(os.path.dirname(os.path.abspath(place.path)))
-
-
-def _open_drill_dir(drill):
-    if drill.confined:
-        return beneath.open_dir(drill.dir_fd, drill.name)
-    return os.open(drill.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-def _drill_listing(drill, dir_fd):
-    """The names a drill marker lists that are plain names (others are
-    ignored: the marker may have been written by someone else)."""
-    try:
-        if drill.confined:
-            fd = beneath.open_file(dir_fd, DRILL_MARKER, os.O_RDONLY)
-        else:
-            fd = os.open(DRILL_MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return set()
-    with os.fdopen(fd, "rb") as f:
-        lines = os.fsdecode(f.read(1 << 20)).split("\n")
-    if not drill.confined:
-        drill.rel = os.path.normpath(os.path.abspath(drill.path))
-    return {name for name in lines if _drill_name_ok(name)}
 
 
 def _join(ch, payload):

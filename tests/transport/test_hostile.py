@@ -507,3 +507,20 @@ def test_drill_cleanup_run_again_after_its_directory_went(peer, site):
         frames = peer.ask(P.REMOVE, {"paths": ["d/m.img", "d/.m.img.pydr-new"], "drill": "d"})
         assert frames[-1] == (P.DONE, {"removed": removed}), frames
         assert not (root / "d").exists()
+
+
+def test_apply_keeps_its_step_only_in_its_own_steps_directory(peer, site):
+    """keep_undo beneath --root: only .TARGET.pydr-steps/NAME.undo beside the
+    target, a real directory (not a symlink out); there the step is kept."""
+    root, size = site["root"], 16384
+    refused(peer.apply("disk.img", size, keep_undo=".other.img.pydr-steps/vm-0-1.undo"),
+            "recovery-point step beside")
+    os.symlink(site["outside"] / "sub", root / ".disk.img.pydr-steps")
+    refused(peer.apply("disk.img", size, keep_undo=".disk.img.pydr-steps/vm-0-1.undo"),
+            "symlink")
+    os.unlink(root / ".disk.img.pydr-steps")
+    ftype, info = peer.apply("disk.img", size, keep_undo=[".disk.img.pydr-steps/vm-0-1.undo"])
+    assert ftype == P.APPLY_OK, info
+    assert J.read_journal(root / ".disk.img.pydr-steps" / "vm-0-1.undo")[1]  # committed
+    assert not (root / ".disk.img.pydr-undo").exists()
+    assert not (root / ".disk.img.pydr-undo.keep").exists()
