@@ -89,6 +89,15 @@ PYDR_API void pydr_progress_request_cancel(pydr_progress *p);
  */
 PYDR_API int pydr_fd_size(int fd, uint64_t *size, int *is_block_device);
 
+/* Open `path` relative to the directory `dir_fd` so that it cannot leave it:
+ * openat2() with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+ * ("..", an absolute path or any symlink on the way fails with -EXDEV or
+ * -ELOOP). `flags` and `mode` are those of open(2). Returns the new file
+ * descriptor (>= 0) or a negative errno; -ENOSYS (or -EPERM under a seccomp
+ * filter) where the kernel has no openat2, and the caller walks the path
+ * itself. */
+PYDR_API int pydr_open_beneath(int dir_fd, const char *path, int flags, unsigned mode);
+
 /*
  * Block signer: hashes a byte range of a file in fixed blocks.
  * One signer per thread; it owns an aligned I/O buffer of about io_size bytes

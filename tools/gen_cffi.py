@@ -36,6 +36,7 @@ uint64_t pydr_progress_read(const pydr_progress *p);
 void pydr_progress_request_cancel(pydr_progress *p);
 
 int pydr_fd_size(int fd, uint64_t *size, int *is_block_device);
+int pydr_open_beneath(int dir_fd, const char *path, int flags, unsigned mode);
 
 typedef struct pydr_signer pydr_signer;
 #define PYDR_SIGN_NO_MMAP ...

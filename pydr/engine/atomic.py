@@ -61,8 +61,16 @@ def open_temp(dest, mode=PRIVATE):
     writer left is taken over."""
     head, tail = os.path.split(os.path.abspath(os.fspath(dest)))
     path = os.path.join(head, f".{tail}.pydr-new")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # never through a symlink, and never into a file linked elsewhere too:
+    # the name is predictable, so someone else may have made it first
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                 0o600)
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise UnsupportedFile("a temp file that is not a regular file with one link: "
+                                  "refused (remove it)", path=path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)

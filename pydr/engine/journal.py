@@ -25,9 +25,10 @@ import stat
 import struct
 
 from . import bindings as B
+from . import keepnote
 from . import names
 from . import crashpoints
-from .atomic import atomic_write, fsync_dir, open_temp
+from .atomic import atomic_write, fsync_dir
 from .oserrors import NamedFile, naming
 from ..errors import CorruptDelta, DamagedJournal, UnfinishedApply
 
@@ -381,30 +382,43 @@ def _check_base_restored(dev, found, path):
                              "the apply started from", path=path, offset=found.end)
 
 
-def move_journal(path, dest):
+def move_journal(path, dest, dir_fd=None):
     """Move a committed journal to `dest`, durably (copied where `dest` is on
-    another file system): a recovery-point step."""
+    another file system): a recovery-point step. With `dir_fd`, `dest` is a
+    name in that directory (opened so that it cannot lead elsewhere)."""
     import shutil
 
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), mode=0o700, exist_ok=True)
+    if dir_fd is None:
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), mode=0o700, exist_ok=True)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(dest)), os.O_RDONLY | os.O_DIRECTORY)
+        dest = os.path.basename(dest)
+    else:
+        dir_fd = os.dup(dir_fd)
     try:
-        os.replace(path, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        fd, tmp = open_temp(dest)
         try:
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as f, naming(tmp):
-                shutil.copyfileobj(f, NamedFile(out, tmp), 4 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        os.unlink(path)
-    fsync_dir(dest)
+            os.replace(path, dest, dst_dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = f".{dest}.pydr-new"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=dir_fd)
+            try:
+                with os.fdopen(fd, "wb") as out, open(path, "rb") as f, naming(dest):
+                    shutil.copyfileobj(f, NamedFile(out, dest), 4 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+            os.unlink(path)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     fsync_dir(path)
 
 
@@ -421,32 +435,24 @@ def keep_note_path(target):
     return journal_of(target) + ".keep"
 
 
+def _target_name(target):
+    """The path of a target: a path, or a device named by its path."""
+    return os.fspath(target) if isinstance(target, (str, bytes, os.PathLike)) else target.name
+
+
 def write_keep_note(target, dest):
-    with atomic_write(keep_note_path(target)) as f:
-        f.write(os.path.abspath(os.fspath(dest)).encode())
+    keepnote.write(keep_note_path(target), _target_name(target), dest)
 
 
 def remove_keep_note(target):
-    note = keep_note_path(target)
-    if os.path.lexists(note):  # checked first: most targets have none (or are read-only)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(note)
-            fsync_dir(note)
+    keepnote.remove(keep_note_path(target))
 
 
-def _kept_destination(target):
-    try:
-        with open(keep_note_path(target), "rb") as f:
-            return f.read().decode() or None
-    except (FileNotFoundError, UnicodeDecodeError):
-        return None
-
-
-def pending_journal(target):
+def pending_journal(target, allowed=()):
     """(path, header) of the journal of an unfinished apply on `target`, or
     None. A journal that was committed (a crash after the commit) is settled
-    on the way: moved where its apply meant to keep it (its keep note), or
-    removed."""
+    on the way: moved where its apply meant to keep it (its keep note, see
+    pydr.engine.keepnote; `allowed`: steps the caller offers), or removed."""
     path = journal_of(target)
     try:
         header, committed = read_journal(path)
@@ -458,9 +464,13 @@ def pending_journal(target):
             return None
         raise
     if header is not None and committed:
-        dest = _kept_destination(target)
-        if dest is not None:  # a recovery-point step, as its apply meant
-            move_journal(path, dest)
+        kept = keepnote.destination(keep_note_path(target), _target_name(target), allowed)
+        if kept is not None:  # a recovery-point step, as its apply meant
+            dir_fd, name = kept
+            try:
+                move_journal(path, name, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
             remove_keep_note(target)
             return None
     if header is None or committed:
@@ -498,7 +508,7 @@ def choose_undo_path(target, candidates):
     committed (the replica already moved past it). A committed journal still
     beside `target` is settled first, so that it is found there too."""
     if candidates:
-        pending_journal(target)
+        pending_journal(target, allowed=candidates)
     for i, path in enumerate(candidates):
         if not (os.path.exists(path) and _holds_committed(path)):
             return path, i

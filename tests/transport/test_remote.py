@@ -2,6 +2,7 @@
 a forced-command key confined to a root, a killed connection resumed, the
 bytes on the wire, and fuzzed frames into the server."""
 
+import contextlib
 import io
 import os
 import random
@@ -109,7 +110,13 @@ def test_forced_command_is_confined_to_its_root(sshd, tmp_path):
 @pytest.mark.parametrize("streams", [0, 3])
 def test_killed_connection_then_rerun(sshd, tmp_path, streams):
     """SIGKILL of the client in the middle of a push (over one connection,
-    or with --streams 3), then the same command again: it finishes."""
+    or with --streams 3), then the same command again: it finishes. The
+    server is held (PYDR_STOP_AT) after its third journaled batch, so the
+    client always dies mid-push; then the server, continued, finds the
+    connection closed and keeps the journal."""
+    import ctypes
+    import shlex
+
     from pydr.engine import journal as J
 
     extra = ["--streams", str(streams)] if streams else []
@@ -122,23 +129,52 @@ def test_killed_connection_then_rerun(sshd, tmp_path, streams):
     target = tmp_path / "dst.img"
     target.write_bytes(a)
     journal = J.journal_path(target)
+    pidfile = tmp_path / "server.pid"
+    # the server runs here, in place of ssh, with the stop point armed
+    rsh = shlex.join(["sh", "-c", f'echo $$ >> {shlex.quote(str(pidfile))}; '
+                      'export PYDR_STOP_AT=apply.journaled:3; eval "exec $2"', "rsh"])
     cmd = pydr_command() + ["resync", str(tmp_path / "src.img"), f"127.0.0.1:{target}", *extra,
-                            "--rsh", sshd["rsh"], "--remote-pydr", PYDR]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and p.poll() is None:
-        if os.path.exists(journal) and os.path.getsize(journal) > (16 << 20):
-            break
-        time.sleep(0.002)
-    assert p.poll() is None, "the push ended before it could be interrupted"
-    p.send_signal(signal.SIGKILL)  # the client dies: the connection drops
-    p.wait()
-    time.sleep(0.5)  # the server notices the closed connection
+                            "--rsh", rsh, "--remote-pydr", PYDR]
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_CHILD_SUBREAPER = 36
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the orphaned server becomes our child
+    try:
+        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=tmp_path)
+        server = _wait_stopped(pidfile, p)
+        p.send_signal(signal.SIGKILL)  # the client dies: the connection drops
+        p.wait()
+        os.kill(server, signal.SIGCONT)
+        for pid in _pids(pidfile):  # the server and its --streams relays see it and end
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
     assert os.path.exists(journal)  # kept: the target can be finished or rolled back
+    assert J.read_journal(journal) == (J.read_journal(journal)[0], False)  # not committed
+    assert target.read_bytes() != bytes(b)
     r = remote(sshd, tmp_path / "src.img", f"127.0.0.1:{target}", *extra)
     assert r.returncode == 0, r.stderr
     assert target.read_bytes() == bytes(b)
     assert not os.path.exists(journal)
+
+
+def _pids(pidfile):
+    return [int(line) for line in pidfile.read_text().split()] if pidfile.exists() else []
+
+
+def _wait_stopped(pidfile, client):
+    """The pid of the server once it stopped at its PYDR_STOP_AT point (a
+    stop lasts until SIGCONT: waiting for it is not a race)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert client.poll() is None, client.stderr.read().decode()
+        for pid in _pids(pidfile):
+            with contextlib.suppress(FileNotFoundError, IndexError):
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                        return pid
+        time.sleep(0.01)
+    raise AssertionError("the server never reached its stop point")
 
 
 def _hello():
