@@ -96,15 +96,15 @@ def _stat(ch, payload, scope):
     if req.get("source"):
         place.check_sidecars(*JOURNAL_SIDECARS)
         J.check_no_unfinished_apply(place.journal_target())
+    from ..engine.identity import file_identity
+
     fd = place.open(os.O_RDONLY)
     try:
         size, is_block = B.fd_size(fd, place.path)
+        # identity: what tells a vault whether the file changed since (pydr.dr.ownership)
+        ident = file_identity(place.path, fd=fd)
     finally:
         os.close(fd)
-    from ..engine.identity import file_identity
-
-    # identity: what tells a vault whether the file changed since (pydr.dr.ownership)
-    ident = file_identity(path)
     ch.send_json(P.STAT_OK, {"exists": True, "size": size, "block_device": is_block,
                              "identity": list(ident) if isinstance(ident, tuple) else None})
 
