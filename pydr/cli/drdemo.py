@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+from ..dr.check import check_vault
 from ..dr.vault import Vault, init_vault
 from .common import human_bytes as _human
 
@@ -191,6 +192,13 @@ def run_dr_demo(directory, *, keep=False, as_json=False):
             r = v.replicate("vm")
             step("delta replication", t, written=_human(r.bytes_written), point=r.point_id)
             check("the replicas equal the disks", [_sha(d) for d in disks] == [_sha(x) for x in replicas])
+
+            t = time.monotonic()
+            scrub = v.verify("vm")  # every step read back and checked, as a restore reads it
+            step("verify the recovery points", t, steps=scrub["checked"],
+                 read=_human(scrub["bytes"]))
+            check("every step and signature cache is sound", not scrub["problems"])
+            check("pydr vault check finds nothing wrong", check_vault(vault_dir).ok)
 
             t = time.monotonic()
             drill = os.path.join(work, "drill")
