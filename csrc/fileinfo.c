@@ -1,5 +1,8 @@
-/* fileinfo.c -- size of regular files and block devices; progress record. */
+/* fileinfo.c -- size of regular files and block devices; a file's identity;
+ * progress record. */
+#define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <linux/fs.h>
@@ -29,6 +32,24 @@ int pydr_fd_size(int fd, uint64_t *size, int *is_block_device)
     if (S_ISDIR(st.st_mode))
         return -EISDIR;
     return PYDR_E_UNSUPPORTED;
+}
+
+int pydr_file_identity(int dir_fd, const char *path, uint64_t identity[5])
+{
+    struct statx stx;
+    int flags = AT_STATX_FORCE_SYNC;
+    if (!path || !identity)
+        return -EINVAL;
+    if (!*path)
+        flags |= AT_EMPTY_PATH;
+    if (statx(dir_fd, path, flags, STATX_BASIC_STATS, &stx) != 0)
+        return -errno;
+    identity[0] = stx.stx_size;
+    identity[1] = (uint64_t)stx.stx_mtime.tv_sec * 1000000000u + stx.stx_mtime.tv_nsec;
+    identity[2] = (uint64_t)stx.stx_ctime.tv_sec * 1000000000u + stx.stx_ctime.tv_nsec;
+    identity[3] = stx.stx_ino;
+    identity[4] = ((uint64_t)stx.stx_dev_major << 32) | stx.stx_dev_minor;
+    return 0;
 }
 
 uint64_t pydr_progress_done(const pydr_progress *p)

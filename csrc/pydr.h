@@ -98,6 +98,14 @@ PYDR_API int pydr_fd_size(int fd, uint64_t *size, int *is_block_device);
  * itself. */
 PYDR_API int pydr_open_beneath(int dir_fd, const char *path, int flags, unsigned mode);
 
+/* What tells whether a file was written since it was last looked at:
+ * identity = {size, mtime ns, ctime ns, inode, (device major << 32) | minor}
+ * of `path` relative to `dir_fd` (AT_FDCWD: -100), or of `dir_fd` itself
+ * when `path` is "". Read with statx(AT_STATX_FORCE_SYNC), so that a FUSE or
+ * network file system answers its own times, not ones its client guessed
+ * (a symlink is followed, as stat(2) does). Returns 0 or a negative errno. */
+PYDR_API int pydr_file_identity(int dir_fd, const char *path, uint64_t identity[5]);
+
 /*
  * Block signer: hashes a byte range of a file in fixed blocks.
  * One signer per thread; it owns an aligned I/O buffer of about io_size bytes

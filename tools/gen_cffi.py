@@ -37,6 +37,7 @@ void pydr_progress_request_cancel(pydr_progress *p);
 
 int pydr_fd_size(int fd, uint64_t *size, int *is_block_device);
 int pydr_open_beneath(int dir_fd, const char *path, int flags, unsigned mode);
+int pydr_file_identity(int dir_fd, const char *path, uint64_t identity[5]);
 
 typedef struct pydr_signer pydr_signer;
 #define PYDR_SIGN_NO_MMAP ...
