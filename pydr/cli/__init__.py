@@ -58,12 +58,23 @@ class _OnlyCommand:
         return self.sub.add_parser(name, **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: "--quiesce" must not be taken for
+    "--quiesce-hook" (its command line is hidden by its full name only), and
+    an option added later must not change what an old script meant.
+    Subparsers take the parser's class, so every command has the rule."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(command=None):
     """The parser of every command, or with `command` of that one only (None
     when no command has that name; "" builds none, for --version)."""
     from . import demo, dr, engine, fleet, objects, serve, vault
 
-    parser = argparse.ArgumentParser(prog="pydr", formatter_class=HelpFormatter,
+    parser = _Parser(prog="pydr", formatter_class=HelpFormatter,
                                      description=DESCRIPTION, epilog=EXAMPLES + EXIT_STATUS)
     parser.add_argument("--version", action="version", version=f"pydr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

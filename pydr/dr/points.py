@@ -241,6 +241,18 @@ def check_points_usable(vault, name):
                            f"run 'pydr commit {name}' to finish", path=vault.dir)
 
 
+def _protected_disks(vault):
+    """{identity: what it is} of every source and replica of the vault."""
+    out = {}
+    for item in vault.items():
+        for d in vault.disks(item):
+            for role in ("source", "replica"):  # files here by their real path, others as given
+                spec = d[role]
+                key = os.path.realpath(spec) if spec.startswith("/") else spec
+                out.setdefault(key, f"{role} of item {item!r}, disk {d['idx']}")
+    return out
+
+
 def materialize_into(vault, name, point_id, directory, threads=None, drill=False, *,
                      method="auto", progress=None, methods=None):
     """Every disk of the point into `directory` (a spec), named like its
@@ -249,12 +261,17 @@ def materialize_into(vault, name, point_id, directory, threads=None, drill=False
     the ones a killed drill finished."""
     check_points_usable(vault, name)
     where = vault.endpoint(name, directory)
+    protected = _protected_disks(vault)
     out = []
     for d in vault.disks(name):
         replica = vault.endpoint(name, d["replica"])
         dest = where.child(os.path.basename(replica.path))
         if dest.identity == replica.identity:
             raise InvalidState("refusing to materialise over the replica itself", path=str(dest))
+        if dest.identity in protected:  # a typo in --to must not roll production back
+            raise InvalidState(f"refusing to materialise over a disk the vault protects "
+                               f"({protected[dest.identity]}); give another directory",
+                               path=str(dest))
         if not (drill and dest.exists()):
             used = materialize_disk(vault, name, point_id, d, dest, threads, drill,
                                     method=method, progress=progress)

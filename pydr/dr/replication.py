@@ -24,7 +24,8 @@ import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import AlreadyApplied, BaseMismatch, HookFailed, InvalidState, TrackingLost
+from ..errors import (AlreadyApplied, BaseMismatch, HookFailed, InvalidState, PydrError,
+                      TrackingLost)
 from . import objectstore, ownership, tracking
 from .agent import steps_kept, transfer_disk
 from .drills import check_no_overlay_drill
@@ -256,7 +257,15 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                 except TrackingLost as exc:  # never a cycle that sends less than what changed
                     mark_resync_required(vault, r["name"], str(exc))
     for r in rows:
-        check_one_writer(vault, r["name"], resync_all)
+        try:
+            check_one_writer(vault, r["name"], resync_all)
+        except (OSError, PydrError) as exc:  # a dead site, a lost replica: a failed job, as
+            if not isinstance(exc, InvalidState):  # any cycle's (another writer: said there)
+                job = vault.start_job("replicate", r["name"])
+                vault.end_job(job, "failed", error=str(exc))
+                vault.set_item(r["name"], last_error=str(exc),
+                               health="warning" if recoverable(exc) else "critical")
+            raise
     check_not_stuck(vault, names, resync_all)
     rows = [vault.item(n) for n in names]
     if app_consistent:

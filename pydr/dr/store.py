@@ -487,6 +487,9 @@ def redact_argv(argv):
     out, hide_next = [], False
     for arg in argv:
         name = arg.split("=", 1)[0]
+        if len(name) > 3 and name.startswith("--"):  # an abbreviation names its option
+            name = next((o for o in HOOK_OPTIONS if o.startswith(name)), name)
+            arg = name if "=" not in arg else f"{name}={arg.split('=', 1)[1]}"
         if hide_next:
             out.append(HIDDEN)
             hide_next = False

@@ -55,12 +55,40 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def check_safe_dir(directory):
+    """Refuse a directory that users other than this one (and root) can
+    change, as sshd's StrictModes does: pydr keeps journals, keep notes and
+    half-made disks beside a disk under predictable names, and whoever may
+    rename entries there could swap one for a link between two system calls
+    and turn a write into one anywhere. World-writable with the sticky bit
+    (/tmp) is fine: nobody else may rename or remove what pydr made there."""
+    directory = os.fspath(directory) or "."
+    st = os.stat(directory)
+    others_write = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+    if others_write or st.st_uid not in (0, os.geteuid()):
+        raise PermissionError(
+            errno.EACCES, f"other users may change this directory (owner uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): pydr keeps its journals and half-made disks "
+            "beside a disk and will not here; make it writable by its owner only", directory)
+
+
+def check_own_file(path):
+    """Refuse a file pydr would take for its own (a journal, a step) that
+    is not a regular file with one link owned by this user: someone else
+    made it, and what it says would be restored onto a disk."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        raise PermissionError(errno.EACCES, "not a file pydr made (another owner, a link or not "
+                              "a regular file): refused; remove it if it is not pydr's", path)
+
+
 def open_temp(dest, mode=PRIVATE):
     """(fd, path) of the empty temp file ".NAME.pydr-new" beside `dest`,
     locked by this process, of permission bits `mode`; one that a killed
     writer left is taken over."""
     head, tail = os.path.split(os.path.abspath(os.fspath(dest)))
     path = os.path.join(head, f".{tail}.pydr-new")
+    check_safe_dir(head)
     # never through a symlink, and never into a file linked elsewhere too:
     # the name is predictable, so someone else may have made it first
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,

@@ -28,7 +28,7 @@ from . import bindings as B
 from . import keepnote
 from . import names
 from . import crashpoints
-from .atomic import atomic_write, fsync_dir
+from .atomic import check_own_file, check_safe_dir, fsync_dir
 from .oserrors import NamedFile, naming
 from ..errors import CorruptDelta, DamagedJournal, UnfinishedApply
 
@@ -85,7 +85,9 @@ class Journal:
     @classmethod
     def create(cls, path, **header):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        check_safe_dir(os.path.dirname(path))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
             with naming(path):
                 os.write(fd, pack_header(**header))
@@ -455,6 +457,7 @@ def pending_journal(target, allowed=()):
     pydr.engine.keepnote; `allowed`: steps the caller offers), or removed."""
     path = journal_of(target)
     try:
+        check_own_file(path)  # a journal someone else planted is never rolled back or kept
         header, committed = read_journal(path)
     except FileNotFoundError:
         remove_keep_note(target)  # a crash after the journal was kept

@@ -38,7 +38,7 @@ def write(note, target_name, dest):
     dest = os.path.abspath(os.fspath(dest))
     rel = os.path.relpath(dest, _replica_dir(target_name))
     beside = rel.split("/")[0] == _steps_dir_name(target_name) and ".." not in rel.split("/")
-    with atomic_write(note) as f:
+    with atomic_write(note, through=False) as f:  # never into a FIFO or device a link names
         f.write((rel if beside else dest).encode())
 
 

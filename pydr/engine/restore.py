@@ -13,7 +13,7 @@ from ..errors import InvalidState, UnsupportedFile
 from . import crashpoints
 from . import journal as J
 from . import names
-from .atomic import fsync_dir
+from .atomic import check_safe_dir, fsync_dir
 from .oserrors import naming
 from .resync import resync
 
@@ -46,6 +46,7 @@ def materialize_file(source, steps, dest, threads=None, *, method="auto", progre
     if os.path.exists(dest) and os.path.samefile(dest, source):
         raise InvalidState("refusing to materialise over the replicated state itself", path=dest)
     check_steps(steps)
+    check_safe_dir(os.path.dirname(os.path.abspath(dest)))
     tmp = names.beside(dest, names.NEW)
     remove_leftovers(tmp)  # of a run that was killed
     try:

@@ -262,14 +262,15 @@ def open_drill_dir(drill):
 
 def drill_listing(drill, dir_fd):
     """The names a drill marker lists that are plain names (others are
-    ignored: the marker may have been written by someone else)."""
+    ignored: the marker may have been written by someone else); None when
+    the directory has no marker (no drill made it)."""
     try:
         if drill.confined:
             fd = beneath.open_file(dir_fd, DRILL_MARKER, os.O_RDONLY)
         else:
             fd = os.open(DRILL_MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
-        return set()
+        return None
     with os.fdopen(fd, "rb") as f:
         lines = os.fsdecode(f.read(1 << 20)).split("\n")
     if not drill.confined:

@@ -223,7 +223,7 @@ def zstd_available():
 def parse_json(payload, what):
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nesting: no frame is that deep
         raise ProtocolError(f"{what}: not JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: not an object")

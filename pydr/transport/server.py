@@ -89,7 +89,11 @@ def _serve(ch, scope):
 
 def _stat(ch, payload, scope):
     req = P.parse_json(payload, "STAT")
-    place = scope.place(req.get("path"))
+    try:
+        place = scope.place(req.get("path"))
+    except (FileNotFoundError, NotADirectoryError):  # its directory is not there (yet)
+        ch.send_json(P.STAT_OK, {"exists": False, "size": 0})
+        return
     if not place.exists():
         ch.send_json(P.STAT_OK, {"exists": False, "size": 0})
         return
@@ -341,6 +345,8 @@ def _materialize(ch, payload, scope):
         raise P.ProtocolError("bad method")
     steps = [_step_place(scope, p) for p in steps]
     dest = scope.place(req.get("dest"), create_dirs=True)
+    if dest.name.endswith(_RESERVED) or names.is_sidecar(dest.rel) or names.STEPS + "/" in dest.rel:
+        raise PermissionError(errno.EACCES, "pydr's own files are not made this way", dest.rel)
     if replica.confined:
         # the source and the steps are opened here, beneath DIR, and the
         # engine reads them through their fds: no name is looked up again
@@ -406,7 +412,7 @@ def _remove(ch, payload, scope):
     if not isinstance(paths, list):
         raise P.ProtocolError("bad paths")
     drill = req.get("drill")
-    listed, drill_dir = set(), None
+    listed, drill_dir = None, None
     if drill is not None:
         drill = scope.place(drill)
         with contextlib.suppress(FileNotFoundError):  # removed by a run that was killed
@@ -416,16 +422,21 @@ def _remove(ch, payload, scope):
     for p in paths:
         with contextlib.suppress(FileNotFoundError):  # its directory is gone: nothing to remove
             places.append(scope.place(p))
+    listed = set() if listed is None else listed
     for place in places:
         in_drill = drill is not None and parent_rel(place) == drill.rel and place.name in listed
-        if not (in_drill or names.is_sidecar(place.rel)):
+        never_written = drill is not None and parent_rel(place) == drill.rel \
+            and drill_name_ok(place.name) and not place.exists()  # a drill cut off before it
+        if not (in_drill or names.is_sidecar(place.rel) or never_written):
             raise PermissionError(errno.EACCES, "not a file pydr made", place.rel)
+    places = [p for p in places if p.exists()]
     removed = 0
     for place in places:
         with contextlib.suppress(FileNotFoundError):
             place.unlink()
             removed += 1
-    if drill_dir is not None and listed <= {p.name for p in places}:
+    marked = drill_dir is not None and drill_listing(drill, drill_dir) is not None
+    if marked and listed <= {p.name for p in places}:  # a directory no drill marked stays
         with contextlib.suppress(FileNotFoundError):
             if drill.confined:
                 os.unlink(DRILL_MARKER, dir_fd=drill_dir)

@@ -524,3 +524,44 @@ def test_apply_keeps_its_step_only_in_its_own_steps_directory(peer, site):
     assert J.read_journal(root / ".disk.img.pydr-steps" / "vm-0-1.undo")[1]  # committed
     assert not (root / ".disk.img.pydr-undo").exists()
     assert not (root / ".disk.img.pydr-undo.keep").exists()
+
+
+# -- found by an adversarial review after the suite above was written ---------------------------
+def test_stat_of_a_file_in_a_directory_not_made_yet_says_it_is_not_there(peer, site):
+    """A drill into a new directory asks first: the answer is "not there",
+    not an error that wedges the drill."""
+    frames = peer.ask(P.STAT, {"path": "new/dir/disk.img"})
+    assert frames[-1] == (P.STAT_OK, {"exists": False, "size": 0}), frames
+    assert not (site["root"] / "new").exists()
+
+
+def test_materialize_never_makes_pydrs_own_files(peer, site):
+    """A forged drill marker (or journal, keep note, step) made by
+    MATERIALIZE would let REMOVE delete a replica: refused."""
+    for dest in ("d/.pydr-drill", "d/.x.pydr-undo", "d/.x.pydr-undo.keep", "d/.x.pydr-base",
+                 "d/.x.pydr-new", "d/.x.pydr-steps/1.undo"):
+        refused(peer.ask(P.MATERIALIZE, {"replica": "disk.img", "steps": [], "dest": dest}),
+                "pydr's own files")
+    assert not (site["root"] / "d" / ".pydr-drill").exists()
+
+
+def test_remove_of_a_drill_that_wrote_nothing_and_of_an_unmarked_directory(peer, site):
+    """A drill cut off before its first disk is cleaned up (its disks are
+    not there: nothing to remove); a directory no drill marked is never
+    removed, empty or not."""
+    root = site["root"]
+    (root / "empty").mkdir()
+    frames = peer.ask(P.REMOVE, {"paths": ["empty/os.img"], "drill": "empty"})
+    assert frames[-1] == (P.DONE, {"removed": 0}), frames
+    assert (root / "empty").is_dir()
+
+
+def test_a_deeply_nested_hello_is_a_protocol_error_not_a_crash(site):
+    proc = subprocess.Popen([PYDR, "serve", "--stdio", "--root", str(site["root"])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=site["env"])
+    ch = P.Channel(proc.stdout, proc.stdin)
+    ch.send(P.HELLO, b"[" * 100000 + b"]" * 100000)
+    proc.stdin.close()
+    assert proc.wait() == 18, proc.stderr.read()
+    assert b"internal error" not in proc.stderr.read()
