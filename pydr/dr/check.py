@@ -119,6 +119,8 @@ def _rows(store):
     steps = {}
     for r in db.execute("SELECT item, idx, step FROM steps"):
         steps.setdefault((r["item"], r["idx"]), set()).add(r["step"])
+    busy = {r["name"] for r in db.execute("SELECT name FROM items WHERE operation IS NOT NULL")}
+    problems += _point_order(points, disks, rows, steps, busy)
     for item, point in sorted(points):
         for idx in disks.get(item, []):
             where = f"item {item} point {point} disk {idx}"
@@ -136,6 +138,34 @@ def _rows(store):
                 problems.append(Problem("point-chain", where,
                                         f"steps {_ranges(missing)} it is rolled back through are "
                                         f"not recorded"))
+    return problems
+
+
+def _point_order(points, disks, rows, steps, busy):
+    """Each cycle keeps one step per disk and records a point at the disk's
+    newest step: a disk's steps rise strictly with point id, and the newest
+    point holds the newest step (a point row naming another step restores
+    another state). An item whose operation was interrupted may hold a step
+    its point was not recorded for yet: the next cycle records it."""
+    problems = []
+    by_item = {}
+    for item, point in points:
+        by_item.setdefault(item, []).append(point)
+    for item, ids in sorted(by_item.items()):
+        ids.sort()
+        for idx in disks.get(item, []):
+            named = [(p, rows[(item, p, idx)]) for p in ids if (item, p, idx) in rows]
+            for (before, low), (after, high) in zip(named, named[1:]):
+                if high <= low:
+                    problems.append(Problem(
+                        "point-chain", f"item {item} points {before} and {after} disk {idx}",
+                        f"the newer point names step {high}, not past the older one's {low}"))
+            newest = max(steps.get((item, idx), set()), default=0)
+            if named and item not in busy and named[-1][1] != newest:
+                problems.append(Problem(
+                    "point-chain", f"item {item} point {named[-1][0]} disk {idx}",
+                    f"the newest point names step {named[-1][1]}, not the disk's newest "
+                    f"recorded step {newest}"))
     return problems
 
 
@@ -183,8 +213,9 @@ def _step_files(store):
 
 def _unknown_files(store):
     """Files in the vault's undo/ that no steps row names."""
-    known = {os.path.normpath(r["path"]) for r in store.db.execute("SELECT path FROM steps")}
-    root = os.path.join(store.dir, "undo")
+    # rows hold absolute paths; the vault may have been named relative to here
+    known = {_real(r["path"]) for r in store.db.execute("SELECT path FROM steps")}
+    root = os.path.join(os.path.abspath(store.dir), "undo")
     problems = []
     for item in sorted(os.listdir(root)) if os.path.isdir(root) else ():
         folder = os.path.join(root, item)
@@ -193,11 +224,17 @@ def _unknown_files(store):
             continue
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
-            if os.path.normpath(path) in known:
+            if _real(path) in known:
                 continue
             what = "a step file" if _STEP_FILE.fullmatch(name) else "a file"
             problems.append(Problem("unknown-file", path, f"{what} that no step of the vault names"))
     return problems
+
+
+def _real(path):
+    """`path` with its directory resolved, its own name kept (a symlink in
+    place of a step is not the step it points to)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 def _ranges(numbers):
