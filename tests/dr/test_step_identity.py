@@ -2,25 +2,34 @@
 
 * ``pydr vault check`` finds point rows out of order: a disk's steps rise
   strictly with point id, and the newest point holds the disk's newest step;
-* ``pydr vault check`` with a relative vault path finds no unknown files."""
+* ``pydr vault check`` with a relative vault path finds no unknown files;
+* a keep note left by a cycle killed after its COMMIT names the step the
+  rerun offers first (or the second only when the first is committed):
+  one naming another is damage (exit 7, naming the note, nothing moved);
+* a committed journal beside the replica that does not leave the replica's
+  size is not adopted as the killed cycle's step (exit 7)."""
 
 import json
+import os
 import random
 import sqlite3
 import subprocess
 
+import pytest
+
 from conftest import pydr_command, run_cli
+from pydr.errors import FormatError
 
 
-def _vault(tmp_path, cycles=4, disks=1):
-    """A vault with item vm (`disks` 1 MiB disks) and `cycles` points;
+def _vault(tmp_path, cycles=4, disks=1, sizes=(1 << 20, 1 << 20)):
+    """A vault with item vm (`disks` disks of `sizes`) and `cycles` points;
     returns (vault, [disk paths])."""
     rng = random.Random(11)
     sources = []
     spec = []
     for i in range(disks):
         disk = tmp_path / f"vm{i}.img"
-        disk.write_bytes(rng.randbytes(1 << 20))
+        disk.write_bytes(rng.randbytes(sizes[i]))
         sources.append(disk)
         spec += ["--disk", f"{disk}={tmp_path / f'replica{i}.img'}"]
     vault = tmp_path / "vault"
@@ -31,7 +40,7 @@ def _vault(tmp_path, cycles=4, disks=1):
         for disk in sources:
             with open(disk, "r+b") as f:
                 for _ in range(3):
-                    f.seek(rng.randrange(0, 1 << 20, 4096))
+                    f.seek(rng.randrange(0, os.path.getsize(disk), 4096))
                     f.write(rng.randbytes(4096))
         r = run_cli("replicate", "vm", "--vault", vault)
         assert r.returncode == 0, r.stderr
@@ -82,3 +91,97 @@ def test_vault_check_with_a_relative_path(tmp_path):
                        capture_output=True, timeout=300)
     assert r.returncode == 14
     assert [p["kind"] for p in json.loads(r.stdout)["problems"]] == ["unknown-file"]
+
+
+def _killed_after_commit(tmp_path, vault, sources):
+    """Change the disks and run a cycle killed after its apply's COMMIT,
+    before the journal is kept: (replica's journal, its keep note)."""
+    for disk in sources:
+        with open(disk, "r+b") as f:
+            f.write(b"\x5a" * 8192)
+    env = dict(os.environ, PYDR_CRASH_AT="apply.committed")
+    r = run_cli("replicate", "vm", "--vault", vault, env=env)
+    assert r.returncode != 0, r.stderr
+    journal = tmp_path / ".replica0.img.pydr-undo"
+    note = tmp_path / ".replica0.img.pydr-undo.keep"
+    assert journal.exists() and note.exists()
+    return journal, note
+
+
+def _state(tmp_path, vault):
+    """What a refused rerun must leave as it was."""
+    names = sorted(os.listdir(tmp_path)) + sorted(os.listdir(vault / "undo" / "vm"))
+    return names, (tmp_path / "replica0.img").read_bytes()
+
+
+def test_a_keep_note_naming_the_second_step_is_damage(tmp_path):
+    """One bit of the note ('0-4.undo' -> '0-5.undo'): the rerun would record
+    an empty step 4 and adopt the journal as step 5."""
+    vault, sources = _vault(tmp_path)  # points 1-4 at steps 0-3: the next is 4
+    journal, note = _killed_after_commit(tmp_path, vault, sources)
+    assert note.read_text() == str(vault / "undo" / "vm" / "0-4.undo")
+    note.write_text(str(vault / "undo" / "vm" / "0-5.undo"))
+    before, kept = _state(tmp_path, vault), journal.read_bytes()
+    r = run_cli("replicate", "vm", "--vault", vault)
+    assert r.returncode == 7, r.stderr
+    assert str(note).encode() in r.stderr and b"0-5.undo" in r.stderr, r.stderr
+    assert _state(tmp_path, vault) == before and journal.read_bytes() == kept
+    # the way out the message gives: the note names the first step; the same command again
+    note.write_text(str(vault / "undo" / "vm" / "0-4.undo"))
+    r = run_cli("replicate", "vm", "--vault", vault)
+    assert r.returncode == 0, r.stderr
+    assert (vault / "undo" / "vm" / "0-4.undo").read_bytes() == kept
+    code, report = _check(vault)
+    assert code == 0, report
+
+
+def test_a_keep_note_naming_a_step_not_offered_is_damage(tmp_path):
+    vault, sources = _vault(tmp_path, cycles=3)
+    journal, note = _killed_after_commit(tmp_path, vault, sources)
+    note.write_text(str(vault / "undo" / "vm" / "0-1.undo"))  # an old step: never offered now
+    before = _state(tmp_path, vault)
+    r = run_cli("replicate", "vm", "--vault", vault)
+    assert r.returncode == 15, r.stderr  # a place not offered: refused, not followed (as before)
+    assert str(note).encode() in r.stderr
+    assert _state(tmp_path, vault) == before
+
+
+def test_the_second_step_is_honoured_after_a_kill_after_keep(tmp_path):
+    """The legitimate case: the first offered step holds a committed step
+    (kept, not recorded) and a later cycle's note names the second."""
+    from pydr.engine import journal as J
+
+    replicas, steps = tmp_path / "r", tmp_path / "steps"
+    replicas.mkdir()
+    steps.mkdir()
+    target = replicas / "disk.img"
+    target.write_bytes(bytes(4096))
+    first, second = steps / "0-4.undo", steps / "0-5.undo"
+    journal = J.journal_of(target)
+    for dest in (first, second):
+        j = J.Journal.create(journal, kind=J.KIND_RESYNC, block_size=4096, old_size=4096,
+                             new_size=4096)
+        j.commit()
+        j.close()
+        J.write_keep_note(target, second)
+        if dest == first:
+            with pytest.raises(FormatError, match="holds no committed step"):
+                J.pending_journal(target, allowed=[str(first), str(second)])
+            assert os.path.exists(journal) and not first.exists()
+            os.rename(journal, first)  # as a cycle killed after keep leaves it
+    assert J.pending_journal(target, allowed=[str(first), str(second)]) is None
+    assert second.exists() and not os.path.exists(journal)
+
+
+def test_a_journal_that_leaves_another_size_is_not_adopted(tmp_path):
+    """The killed cycle's committed journal replaced by a valid step of a
+    disk of another size."""
+    vault, sources = _vault(tmp_path, cycles=3, disks=2, sizes=(1 << 20, 2 << 20))
+    journal, note = _killed_after_commit(tmp_path, vault, sources)
+    other = vault / "undo" / "vm" / "1-1.undo"
+    journal.write_bytes(other.read_bytes())
+    before = _state(tmp_path, vault)
+    r = run_cli("replicate", "vm", "--vault", vault)
+    assert r.returncode == 7, r.stderr
+    assert str(journal).encode() in r.stderr and b"2097152" in r.stderr, r.stderr
+    assert _state(tmp_path, vault) == before
