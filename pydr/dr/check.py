@@ -2,9 +2,12 @@
 ``PRAGMA integrity_check``, then pydr's cross-checks of its rows against
 each other and against the files they name:
 
-* every steps row has its file, of the recorded size, whose records read
-  back valid up to its COMMIT (steps kept beside a replica on another host
-  are counted, not read: that needs the host);
+* every steps row has its file (a regular file, not a symlink), of the
+  recorded size, whose records read back valid up to its COMMIT, with the
+  recorded digest (steps kept beside a replica on another host are
+  counted, not read: that needs the host);
+* a disk's point steps rise with point id; the newest point holds its
+  newest step;
 * every point has a point_disks row for each disk of its item, and every
   step after the one it names up to the disk's latest is recorded (a point
   is materialised by rolling those back);
@@ -19,7 +22,8 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..errors import VaultDamaged
+from ..errors import DamagedJournal, VaultDamaged
+from . import stepdigest
 from .store import Store
 
 _STEP_FILE = re.compile(r"(\d+)-(\d+)\.undo")
@@ -27,7 +31,7 @@ _STEP_FILE = re.compile(r"(\d+)-(\d+)\.undo")
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str      # database, missing-step, step-size, unknown-file, point-chain, rows
+    kind: str      # database, missing-step, step-size, step-file, unknown-file, point-chain, rows
     where: str     # a path, or the rows (item, disk, point) it is about
     message: str
 
@@ -176,13 +180,18 @@ def _step_files(store):
     from ..engine import journal as J
 
     problems, checked, remote = [], 0, 0
-    for r in store.db.execute("SELECT item, idx, step, path, bytes FROM steps ORDER BY item, idx, step"):
+    for r in store.db.execute("SELECT item, idx, step, path, bytes, digest FROM steps "
+                              "ORDER BY item, idx, step"):
         path = r["path"]
         if parse_remote(path) is not None:
             remote += 1
             continue
         checked += 1
         try:
+            if os.path.islink(path):
+                problems.append(Problem("step-file", path, f"step {r['step']} of {r['item']} disk "
+                                        f"{r['idx']} is a symlink, not a step file"))
+                continue
             size = os.stat(path).st_size
         except FileNotFoundError:
             problems.append(Problem("missing-step", path,
@@ -208,6 +217,14 @@ def _step_files(store):
                                     f"step {r['step']} of {r['item']} disk {r['idx']} is "
                                     f"{'not an undo journal' if header is None else 'cut short'}"
                                     f" (no valid {'header' if header is None else 'COMMIT'})"))
+            continue
+        try:
+            stepdigest.check(path, r["digest"])
+        except DamagedJournal as exc:
+            problems.append(Problem("step-file", path, f"step {r['step']} of {r['item']} disk "
+                                    f"{r['idx']}: {exc.message}"))
+        except OSError as exc:
+            problems.append(Problem("missing-step", path, f"cannot be read: {exc.strerror}"))
     return problems, checked, remote
 
 

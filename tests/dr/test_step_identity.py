@@ -7,11 +7,17 @@
   rerun offers first (or the second only when the first is committed):
   one naming another is damage (exit 7, naming the note, nothing moved);
 * a committed journal beside the replica that does not leave the replica's
-  size is not adopted as the killed cycle's step (exit 7)."""
+  size is not adopted as the killed cycle's step (exit 7);
+* a step swapped for another valid step of the same size (another disk's,
+  or a symlink to one) is damage: verify, vault check, test-failover and
+  materialize refuse it (exit 7 / 14), never restore another state;
+* a step kept by a killed cycle and recorded by the next one gets its
+  digest too."""
 
 import json
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 
@@ -185,3 +191,64 @@ def test_a_journal_that_leaves_another_size_is_not_adopted(tmp_path):
     assert r.returncode == 7, r.stderr
     assert str(journal).encode() in r.stderr and b"2097152" in r.stderr, r.stderr
     assert _state(tmp_path, vault) == before
+
+
+def _digests(vault):
+    db = sqlite3.connect(vault / "vault.db")
+    try:
+        return {(r[0], r[1]): r[2] for r in db.execute("SELECT idx, step, digest FROM steps")}
+    finally:
+        db.close()
+
+
+def _refused_everywhere(tmp_path, vault, point):
+    r = run_cli("verify", "vm", "--vault", vault)
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert b"0-3.undo" in r.stdout + r.stderr
+    code, report = _check(vault)
+    assert code == 14 and report["problems"], report
+    assert [os.path.basename(p["where"]) for p in report["problems"]] == ["0-3.undo"], report
+    r = run_cli("materialize", "vm", "--vault", vault, "--point", point, "--to",
+                tmp_path / "m")
+    assert r.returncode == 7, r.stderr
+    assert not (tmp_path / "m" / "replica0.img").exists()
+    r = run_cli("test-failover", "vm", "--vault", vault, "--point", point, "--to",
+                tmp_path / "drill")
+    assert r.returncode == 7, r.stderr
+
+
+def test_a_step_swapped_for_another_disks_step_is_damage(tmp_path):
+    vault, _ = _vault(tmp_path, cycles=5, disks=2)  # points 1-5 at steps 0-4
+    digests = _digests(vault)
+    assert all(digests.values()) and len(digests) == 8, digests
+    steps = vault / "undo" / "vm"
+    assert os.path.getsize(steps / "1-3.undo") == os.path.getsize(steps / "0-3.undo")
+    code, report = _check(vault)
+    assert code == 0, report
+    shutil.copy(steps / "1-3.undo", steps / "0-3.undo")  # valid, same size, another disk's
+    _refused_everywhere(tmp_path, vault, 3)
+
+
+def test_a_step_swapped_for_a_symlink_is_damage(tmp_path):
+    vault, _ = _vault(tmp_path, cycles=5, disks=2)
+    steps = vault / "undo" / "vm"
+    os.unlink(steps / "0-3.undo")
+    os.symlink(steps / "1-3.undo", steps / "0-3.undo")
+    _refused_everywhere(tmp_path, vault, 3)
+
+
+def test_a_step_recorded_after_a_kill_gets_its_digest(tmp_path):
+    vault, sources = _vault(tmp_path, cycles=3)
+    with open(sources[0], "r+b") as f:
+        f.write(b"\x33" * 8192)
+    env = dict(os.environ, PYDR_CRASH_AT="apply.kept")
+    assert run_cli("replicate", "vm", "--vault", vault, env=env).returncode != 0
+    assert (0, 3) not in _digests(vault)
+    r = run_cli("replicate", "vm", "--vault", vault)
+    assert r.returncode == 0, r.stderr
+    digests = _digests(vault)
+    assert digests[(0, 3)] and digests[(0, 4)], digests
+    from pydr.dr import stepdigest
+    assert digests[(0, 3)] == stepdigest.digest(vault / "undo" / "vm" / "0-3.undo")
+    code, report = _check(vault)
+    assert code == 0, report
