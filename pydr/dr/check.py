@@ -179,7 +179,7 @@ def _step_files(store):
     from ..engine import bindings as B
     from ..engine import journal as J
 
-    problems, checked, remote = [], 0, 0
+    problems, checked, remote, headers = [], 0, 0, {}
     for r in store.db.execute("SELECT item, idx, step, path, bytes, digest FROM steps "
                               "ORDER BY item, idx, step"):
         path = r["path"]
@@ -218,6 +218,7 @@ def _step_files(store):
                                     f"{'not an undo journal' if header is None else 'cut short'}"
                                     f" (no valid {'header' if header is None else 'COMMIT'})"))
             continue
+        headers[(r["item"], r["idx"], r["step"])] = (path, header)
         try:
             stepdigest.check(path, r["digest"])
         except DamagedJournal as exc:
@@ -225,7 +226,26 @@ def _step_files(store):
                                     f"{r['idx']}: {exc.message}"))
         except OSError as exc:
             problems.append(Problem("missing-step", path, f"cannot be read: {exc.strerror}"))
-    return problems, checked, remote
+    return problems + _chain_of_headers(headers), checked, remote
+
+
+def _chain_of_headers(headers):
+    """Cycle n+1 starts where cycle n left the replica: a step's header
+    must begin at the size the step before it ends at, in the same block
+    size (a step from another disk or place does not fit its neighbours)."""
+    problems = []
+    for (item, idx, step), (path, header) in sorted(headers.items()):
+        before = headers.get((item, idx, step - 1))
+        if before is None:
+            continue
+        if (header["old_size"], header["block_size"]) != \
+                (before[1]["new_size"], before[1]["block_size"]):
+            problems.append(Problem(
+                "step-file", path,
+                f"step {step} of {item} disk {idx} starts at {header['old_size']} bytes in "
+                f"{header['block_size']}-byte blocks; step {step - 1} ends at "
+                f"{before[1]['new_size']} bytes in {before[1]['block_size']}-byte blocks"))
+    return problems
 
 
 def _unknown_files(store):

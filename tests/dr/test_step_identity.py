@@ -252,3 +252,18 @@ def test_a_step_recorded_after_a_kill_gets_its_digest(tmp_path):
     assert digests[(0, 3)] == stepdigest.digest(vault / "undo" / "vm" / "0-3.undo")
     code, report = _check(vault)
     assert code == 0, report
+
+
+def test_vault_check_finds_a_step_that_does_not_fit_its_neighbours(tmp_path):
+    """A step recorded without a digest (a vault from before digests)
+    swapped for a step of a disk of another size: its header does not begin
+    where the step before it ends."""
+    vault, _ = _vault(tmp_path, cycles=4, disks=2, sizes=(1 << 20, 2 << 20))
+    _sql(vault, "UPDATE steps SET digest=NULL, bytes=0")
+    steps = vault / "undo" / "vm"
+    shutil.copy(steps / "1-2.undo", steps / "0-2.undo")
+    code, report = _check(vault)
+    assert code == 14, report
+    found = [(p["kind"], os.path.basename(p["where"])) for p in report["problems"]]
+    assert found == [("step-file", "0-2.undo"), ("step-file", "0-3.undo")], report
+    assert "2097152" in report["problems"][0]["message"], report
