@@ -2,9 +2,12 @@
 ``PRAGMA integrity_check``, then pydr's cross-checks of its rows against
 each other and against the files they name:
 
-* every steps row has its file, of the recorded size, whose records read
-  back valid up to its COMMIT (steps kept beside a replica on another host
-  are counted, not read: that needs the host);
+* every steps row has its file (a regular file, not a symlink), of the
+  recorded size, whose records read back valid up to its COMMIT, with the
+  recorded digest (steps kept beside a replica on another host are
+  counted, not read: that needs the host);
+* a disk's point steps rise with point id; the newest point holds its
+  newest step;
 * every point has a point_disks row for each disk of its item, and every
   step after the one it names up to the disk's latest is recorded (a point
   is materialised by rolling those back);
@@ -19,7 +22,8 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..errors import VaultDamaged
+from ..errors import DamagedJournal, VaultDamaged
+from . import stepdigest
 from .store import Store
 
 _STEP_FILE = re.compile(r"(\d+)-(\d+)\.undo")
@@ -27,7 +31,7 @@ _STEP_FILE = re.compile(r"(\d+)-(\d+)\.undo")
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str      # database, missing-step, step-size, unknown-file, point-chain, rows
+    kind: str      # database, missing-step, step-size, step-file, unknown-file, point-chain, rows
     where: str     # a path, or the rows (item, disk, point) it is about
     message: str
 
@@ -119,6 +123,8 @@ def _rows(store):
     steps = {}
     for r in db.execute("SELECT item, idx, step FROM steps"):
         steps.setdefault((r["item"], r["idx"]), set()).add(r["step"])
+    busy = {r["name"] for r in db.execute("SELECT name FROM items WHERE operation IS NOT NULL")}
+    problems += _point_order(points, disks, rows, steps, busy)
     for item, point in sorted(points):
         for idx in disks.get(item, []):
             where = f"item {item} point {point} disk {idx}"
@@ -139,20 +145,53 @@ def _rows(store):
     return problems
 
 
+def _point_order(points, disks, rows, steps, busy):
+    """Each cycle keeps one step per disk and records a point at the disk's
+    newest step: a disk's steps rise strictly with point id, and the newest
+    point holds the newest step (a point row naming another step restores
+    another state). An item whose operation was interrupted may hold a step
+    its point was not recorded for yet: the next cycle records it."""
+    problems = []
+    by_item = {}
+    for item, point in points:
+        by_item.setdefault(item, []).append(point)
+    for item, ids in sorted(by_item.items()):
+        ids.sort()
+        for idx in disks.get(item, []):
+            named = [(p, rows[(item, p, idx)]) for p in ids if (item, p, idx) in rows]
+            for (before, low), (after, high) in zip(named, named[1:]):
+                if high <= low:
+                    problems.append(Problem(
+                        "point-chain", f"item {item} points {before} and {after} disk {idx}",
+                        f"the newer point names step {high}, not past the older one's {low}"))
+            newest = max(steps.get((item, idx), set()), default=0)
+            if named and item not in busy and named[-1][1] != newest:
+                problems.append(Problem(
+                    "point-chain", f"item {item} point {named[-1][0]} disk {idx}",
+                    f"the newest point names step {named[-1][1]}, not the disk's newest "
+                    f"recorded step {newest}"))
+    return problems
+
+
 def _step_files(store):
     """Problems of the recorded steps' files; (problems, checked, remote)."""
     from ..endpoints import parse_remote
     from ..engine import bindings as B
     from ..engine import journal as J
 
-    problems, checked, remote = [], 0, 0
-    for r in store.db.execute("SELECT item, idx, step, path, bytes FROM steps ORDER BY item, idx, step"):
+    problems, checked, remote, headers = [], 0, 0, {}
+    for r in store.db.execute("SELECT item, idx, step, path, bytes, digest FROM steps "
+                              "ORDER BY item, idx, step"):
         path = r["path"]
         if parse_remote(path) is not None:
             remote += 1
             continue
         checked += 1
         try:
+            if os.path.islink(path):
+                problems.append(Problem("step-file", path, f"step {r['step']} of {r['item']} disk "
+                                        f"{r['idx']} is a symlink, not a step file"))
+                continue
             size = os.stat(path).st_size
         except FileNotFoundError:
             problems.append(Problem("missing-step", path,
@@ -178,13 +217,42 @@ def _step_files(store):
                                     f"step {r['step']} of {r['item']} disk {r['idx']} is "
                                     f"{'not an undo journal' if header is None else 'cut short'}"
                                     f" (no valid {'header' if header is None else 'COMMIT'})"))
-    return problems, checked, remote
+            continue
+        headers[(r["item"], r["idx"], r["step"])] = (path, header)
+        try:
+            stepdigest.check(path, r["digest"])
+        except DamagedJournal as exc:
+            problems.append(Problem("step-file", path, f"step {r['step']} of {r['item']} disk "
+                                    f"{r['idx']}: {exc.message}"))
+        except OSError as exc:
+            problems.append(Problem("missing-step", path, f"cannot be read: {exc.strerror}"))
+    return problems + _chain_of_headers(headers), checked, remote
+
+
+def _chain_of_headers(headers):
+    """Cycle n+1 starts where cycle n left the replica: a step's header
+    must begin at the size the step before it ends at, in the same block
+    size (a step from another disk or place does not fit its neighbours)."""
+    problems = []
+    for (item, idx, step), (path, header) in sorted(headers.items()):
+        before = headers.get((item, idx, step - 1))
+        if before is None:
+            continue
+        if (header["old_size"], header["block_size"]) != \
+                (before[1]["new_size"], before[1]["block_size"]):
+            problems.append(Problem(
+                "step-file", path,
+                f"step {step} of {item} disk {idx} starts at {header['old_size']} bytes in "
+                f"{header['block_size']}-byte blocks; step {step - 1} ends at "
+                f"{before[1]['new_size']} bytes in {before[1]['block_size']}-byte blocks"))
+    return problems
 
 
 def _unknown_files(store):
     """Files in the vault's undo/ that no steps row names."""
-    known = {os.path.normpath(r["path"]) for r in store.db.execute("SELECT path FROM steps")}
-    root = os.path.join(store.dir, "undo")
+    # rows hold absolute paths; the vault may have been named relative to here
+    known = {_real(r["path"]) for r in store.db.execute("SELECT path FROM steps")}
+    root = os.path.join(os.path.abspath(store.dir), "undo")
     problems = []
     for item in sorted(os.listdir(root)) if os.path.isdir(root) else ():
         folder = os.path.join(root, item)
@@ -193,11 +261,17 @@ def _unknown_files(store):
             continue
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
-            if os.path.normpath(path) in known:
+            if _real(path) in known:
                 continue
             what = "a step file" if _STEP_FILE.fullmatch(name) else "a file"
             problems.append(Problem("unknown-file", path, f"{what} that no step of the vault names"))
     return problems
+
+
+def _real(path):
+    """`path` with its directory resolved, its own name kept (a symlink in
+    place of a step is not the step it points to)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 def _ranges(numbers):

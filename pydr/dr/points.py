@@ -11,6 +11,7 @@ from ..endpoints import remove_all
 from ..engine import crashpoints
 from ..engine import journal as J
 from ..errors import CorruptDelta, DamagedJournal, DamagedPoint, InvalidState, UnknownName
+from . import stepdigest
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
 
@@ -128,7 +129,8 @@ def steps_of(vault, name, point_id, idx):
     if row is None:
         return []
     return vault.db.execute(
-        "SELECT step, path, bytes FROM steps WHERE item=? AND idx=? AND step>? ORDER BY step DESC",
+        "SELECT step, path, bytes, digest FROM steps WHERE item=? AND idx=? AND step>? "
+        "ORDER BY step DESC",
         (name, idx, row["step"])).fetchall()
 
 
@@ -156,6 +158,9 @@ def check_step(vault, name, idx, step, *, whole=True):
     ep = vault.endpoint(name, step["path"])
     which = f"undo step {step['step']} of disk {idx}"
     try:
+        if ep.local_path is not None and os.path.islink(ep.local_path):
+            raise DamagedJournal(f"{which} is damaged: it is a symlink, not a step file",
+                                 path=str(ep), offset=0)
         size = ep.size()
         if not _size_as_recorded(size, step["bytes"]):
             raise DamagedJournal(f"{which} is damaged: {size} bytes, the vault recorded "
@@ -163,6 +168,7 @@ def check_step(vault, name, idx, step, *, whole=True):
                                  offset=min(size, step["bytes"]))
         if ep.local_path is not None and whole:
             J.check_step(ep.local_path)
+            stepdigest.check(ep.local_path, _digest_of(step))
     except FileNotFoundError:
         exc = DamagedJournal(f"{which} is missing", path=str(ep))
     except CorruptDelta as found:
@@ -172,6 +178,11 @@ def check_step(vault, name, idx, step, *, whole=True):
         return
     mark_step_damaged(vault, name, idx, step["step"], exc)
     raise exc
+
+
+def _digest_of(step):
+    """The digest recorded with a step row (None: not recorded, or not read)."""
+    return step["digest"] if "digest" in step.keys() else None
 
 
 def _size_as_recorded(size, recorded):

@@ -24,9 +24,9 @@ import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import (AlreadyApplied, BaseMismatch, HookFailed, InvalidState, PydrError,
-                      TrackingLost)
-from . import objectstore, ownership, tracking
+from ..errors import (AlreadyApplied, BaseMismatch, DamagedJournal, HookFailed, InvalidState,
+                      PydrError, TrackingLost)
+from . import objectstore, ownership, stepdigest, tracking
 from .agent import steps_kept, transfer_disk
 from .drills import check_no_overlay_drill
 from .hooks import run_hook
@@ -125,8 +125,19 @@ def drop_cache(vault, name, idx):
 
 
 def record_steps(vault, name, idx, steps):
+    """Record the steps [(number, spec, bytes)] of disk `idx`, each with the
+    digest of its file when it is on this machine (just written: read from
+    the page cache); a step on another host is recorded without one (NULL:
+    its size is checked)."""
     for number, spec, size in steps:
-        vault.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)", (name, idx, number, spec, size))
+        local = vault.endpoint(name, spec).local_path
+        found = None
+        if local is not None:
+            # a step that is not there or is a link: recorded without one, found by the checks
+            with contextlib.suppress(FileNotFoundError, DamagedJournal):
+                found = stepdigest.digest(local)
+        vault.db.execute("INSERT INTO steps(item, idx, step, path, bytes, digest) "
+                         "VALUES (?,?,?,?,?,?)", (name, idx, number, spec, size, found))
 
 
 def record_point(vault, names, *, consistency, cuts, bytes_by_item, trackers=(), point_id=None,

@@ -13,7 +13,8 @@ from .dberrors import VaultConnection
 
 SCHEMA_VERSION = 8  # 2: remote replicas; 3: operations; 4: changed-block tracking;
 # 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
-# 7: the point indexes of replicas in object stores; 8: damaged points, the vault's identity
+# 7: the point indexes of replicas in object stores; 8: damaged points, the vault's identity,
+# the digest of each step
 DB_NAME = "vault.db"
 
 _SCHEMA = """
@@ -59,6 +60,7 @@ CREATE TABLE steps(
     step INTEGER NOT NULL,
     path TEXT NOT NULL,
     bytes INTEGER NOT NULL,
+    digest TEXT,
     PRIMARY KEY(item, idx, step)
 );
 CREATE TABLE points(
@@ -153,8 +155,10 @@ _MIGRATIONS = {
         "PRIMARY KEY(item, point))",
         "ALTER TABLE items ADD COLUMN failover_dir TEXT"),
     # 8: why a point can no longer be restored (NULL: it can), and the vault's
-    # identity, which its replicas record as their owner
+    # identity, which its replicas record as their owner, and the digest of each
+    # step (pydr.dr.stepdigest; NULL for steps recorded before, or on other hosts)
     7: ("ALTER TABLE points ADD COLUMN damaged TEXT",
+        "ALTER TABLE steps ADD COLUMN digest TEXT",
         "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         _new_vault_id),
 }

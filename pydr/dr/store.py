@@ -28,7 +28,7 @@ import time
 
 from ..engine.oserrors import naming
 from ..errors import CorruptDelta, HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
-from . import ownership
+from . import ownership, stepdigest
 from .schema import (DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault,  # noqa: F401
                      migrate as _migrate, tighten_vault)
 
@@ -155,12 +155,15 @@ class Store:
                 # system arrives as .pydr-new first): this one the replica moved past.
                 # If it fails its checks, that is damage, not a kill: it is recorded
                 # all the same (the chain stays whole) and its points are marked.
+                found = None
                 try:
                     J.check_step(path)
+                    found = stepdigest.digest(path)  # the file as it is now: page cache
                 except CorruptDelta as exc:
                     self.mark_damaged(item, self.points_needing(item, idx, step), str(exc))
-                self.db.execute("INSERT INTO steps VALUES (?,?,?,?,?)",
-                                (item, idx, step, path, os.path.getsize(path)))
+                self.db.execute("INSERT INTO steps(item, idx, step, path, bytes, digest) "
+                                "VALUES (?,?,?,?,?,?)",
+                                (item, idx, step, path, os.lstat(path).st_size, found))
 
     # -- items -------------------------------------------------------------------
     def protect(self, name, disks, *, group=None, retention=24, retention_age=None,

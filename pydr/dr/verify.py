@@ -28,8 +28,8 @@ def verify_steps(vault, name, point_id=None, sample=100.0):
     steps = {}
     for d in vault.disks(name):
         if point_id is None:
-            rows = vault.db.execute("SELECT step, path, bytes FROM steps WHERE item=? AND idx=? "
-                                    "ORDER BY step", (name, d["idx"])).fetchall()
+            rows = vault.db.execute("SELECT step, path, bytes, digest FROM steps WHERE item=? "
+                                    "AND idx=? ORDER BY step", (name, d["idx"])).fetchall()
         else:
             rows = steps_of(vault, name, point_id, d["idx"])
         steps.update({(d["idx"], r["step"]): r for r in rows})

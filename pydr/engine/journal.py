@@ -467,7 +467,10 @@ def pending_journal(target, allowed=()):
             return None
         raise
     if header is not None and committed:
-        kept = keepnote.destination(keep_note_path(target), _target_name(target), allowed)
+        if allowed:
+            _check_fits(path, header, target)
+        kept = keepnote.destination(keep_note_path(target), _target_name(target), allowed,
+                                    holds_step=_holds_committed_step)
         if kept is not None:  # a recovery-point step, as its apply meant
             dir_fd, name = kept
             try:
@@ -519,6 +522,36 @@ def choose_undo_path(target, candidates):
         raise FileExistsError(errno.EEXIST, "every step offered holds a committed step already",
                               candidates[-1])
     return None, None
+
+
+def _check_fits(path, header, target):
+    """A committed journal beside a replica that a cycle is about to keep as
+    its step must be of that replica: its apply left the replica at the
+    header's new size. (A resync's journal carries no identity of the
+    state it made: another valid step of the same size is not told apart.)"""
+    if isinstance(target, (str, bytes, os.PathLike)):
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            size = B.fd_size(fd, os.fspath(target))[0]
+        finally:
+            os.close(fd)
+    else:  # an open device, or a place that only names the journal: its fd if it has one
+        fd = getattr(target, "fd", None)
+        if not isinstance(fd, int):
+            return
+        size = B.fd_size(fd, _target_name(target))[0]
+    if header["new_size"] != size:
+        raise DamagedJournal(f"this committed undo journal is not the last apply's on "
+                             f"{_target_name(target)}: it leaves {header['new_size']} bytes, "
+                             f"the replica holds {size}; nothing was moved", path=path, offset=24)
+
+
+def _holds_committed_step(path):
+    """Whether `path` (an offered step) already holds a committed journal."""
+    return os.path.lexists(path) and _holds_committed(path)
 
 
 def _holds_committed(path):

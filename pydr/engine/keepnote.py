@@ -20,7 +20,7 @@ import stat
 
 from . import names
 from .atomic import atomic_write, fsync_dir
-from ..errors import InvalidState
+from ..errors import FormatError, InvalidState
 
 KEEP_NOTE_MAX = 4096
 
@@ -72,12 +72,16 @@ def _read(note):
         raise InvalidState("this keep note is not text: not followed", path=note) from None
 
 
-def destination(note, target_name, allowed=()):
+def destination(note, target_name, allowed=(), holds_step=None):
     """(directory fd, name) where the committed journal of the target
     `target_name` is to be kept, as its note says, or None without a note.
     The note must name a step in the replica's own ".REPLICA.pydr-steps"
     (opened without following links, made if missing) or one of the
-    `allowed` paths; anything else raises InvalidState naming the note."""
+    `allowed` paths; anything else raises InvalidState naming the note.
+    When the caller offers steps (`allowed`, in order) the note must name
+    the first, or the second only where the first holds a committed step
+    (`holds_step(path)`: a kill after that step was kept, before the vault
+    recorded it); any other step is damage: FormatError naming the note."""
     text = _read(note)
     if text is None:
         return None
@@ -88,14 +92,20 @@ def destination(note, target_name, allowed=()):
             and parts[1] != ".undo" and "\n" not in rel and "\x00" not in rel:
         from . import beneath
 
+        if allowed and holds_step is not None:
+            _check_order(note, text, [_is_beside(a, steps, parts[1]) for a in allowed],
+                         allowed, holds_step)
+
         base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             return beneath.open_dir(base_fd, steps, create=True), parts[1]
         finally:
             os.close(base_fd)
-    if os.path.isabs(text) and os.path.normpath(text) in {
-            os.path.normpath(os.path.abspath(os.fspath(a))) for a in allowed}:
+    offered = [os.path.normpath(os.path.abspath(os.fspath(a))) for a in allowed]
+    if os.path.isabs(text) and os.path.normpath(text) in offered:
         dest = os.path.normpath(text)
+        if holds_step is not None:
+            _check_order(note, text, [dest == a for a in offered], allowed, holds_step)
         os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
         return os.open(os.path.dirname(dest), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), \
             os.path.basename(dest)
@@ -103,3 +113,29 @@ def destination(note, target_name, allowed=()):
                        f"replica ({steps}/NAME.undo) nor one offered now: not followed. If "
                        "it is pydr's, the replica's next replication cycle keeps the journal "
                        "as its step; if not, remove the note and the journal", path=note)
+
+
+def _is_beside(offered, steps, name):
+    """Whether the offered step path is STEPS/NAME (the note's relative form;
+    a confined server offers it under another spelling of the directory)."""
+    offered = os.fspath(offered)
+    return os.path.basename(offered) == name and \
+        os.path.basename(os.path.dirname(offered)) == steps
+
+
+def _check_order(note, text, matches, allowed, holds_step):
+    """The note names allowed[i] (matches[i]): i == 0, or i > 0 with every
+    earlier offered step committed. Anything else is a note that lies."""
+    if True in matches:
+        i = matches.index(True)
+        if all(holds_step(os.fspath(a)) for a in allowed[:i]):
+            return
+        why = (f"it names the offered step {i + 1} ({os.path.basename(text)}) while step "
+               f"{i} ({os.path.basename(os.fspath(allowed[i - 1]))}) holds no committed step")
+    else:
+        why = f"it names {os.path.basename(text)!r}, not the step offered now " \
+              f"({os.path.basename(os.fspath(allowed[0]))})"
+    raise FormatError(f"this keep note is damaged: {why}; nothing was moved. If the committed "
+                      f"journal beside it is this replica's last cycle, write "
+                      f"{os.fspath(allowed[0])} into the note and run the same command again",
+                      path=note)

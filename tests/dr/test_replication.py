@@ -292,6 +292,7 @@ def test_a_version_1_vault_is_migrated(tmp_path):
     for column in ("method", "host"):
         db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
     db.execute("ALTER TABLE points DROP COLUMN damaged")
+    db.execute("ALTER TABLE steps DROP COLUMN digest")
     db.execute("DROP TABLE object_indexes")
     db.execute("DROP TABLE meta")
     db.execute("PRAGMA user_version=1")
@@ -305,6 +306,7 @@ def test_a_version_1_vault_is_migrated(tmp_path):
         assert v.item("vm")["rsh"] is None and v.item("vm")["operation"] is None
         assert len(v.points("vm")) == 1
         assert v.points("vm")[0]["damaged"] is None and len(v.vault_id()) == 32
+        assert "digest" in [r["name"] for r in v.db.execute("PRAGMA table_info(steps)")]
     with Vault(tmp_path / "v", writer=True) as v:
         src.write_bytes(os.urandom(1 << 20))
         assert replicate(v, ["vm"]).point_id == 2
