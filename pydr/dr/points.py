@@ -154,7 +154,9 @@ def check_point(vault, name, point_id):
 
 def check_step(vault, name, idx, step, *, whole=True):
     """Check one step (a row of `steps`), see check_point; damage marks the
-    points that need it and raises DamagedJournal."""
+    points that need it and raises DamagedJournal. A missing step is
+    refused without a mark: a mark is for bytes proven wrong, and a step on
+    storage that is not mounted yet may come back whole."""
     ep = vault.endpoint(name, step["path"])
     which = f"undo step {step['step']} of disk {idx}"
     try:
@@ -169,8 +171,8 @@ def check_step(vault, name, idx, step, *, whole=True):
         if ep.local_path is not None and whole:
             J.check_step(ep.local_path)
             stepdigest.check(ep.local_path, _digest_of(step))
-    except FileNotFoundError:
-        exc = DamagedJournal(f"{which} is missing", path=str(ep))
+    except FileNotFoundError:  # refused, but not marked: storage not mounted yet comes back
+        raise DamagedJournal(f"{which} is missing", path=str(ep)) from None
     except CorruptDelta as found:
         exc = found if found.message.startswith(which) else DamagedJournal(
             f"{which}: {found.message}", path=found.path or str(ep), offset=found.offset)
