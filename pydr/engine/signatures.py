@@ -252,9 +252,18 @@ class Signature:
                 path=path, offset=min(actual, expected),
             )
         digest = B.Digest().update(header)
-        hashes = bytearray(body_bytes)
-        if f.readinto(hashes) != body_bytes:
-            raise FormatError("signature file truncated", path=path, offset=HEADER_SIZE)
+        if actual is None:  # a peer's stream: memory grows as its bytes arrive, not as it claims
+            hashes = bytearray()
+            while len(hashes) < body_bytes:
+                piece = f.read(min(16 << 20, body_bytes - len(hashes)))
+                if not piece:
+                    raise FormatError("signature truncated", path=path,
+                                      offset=HEADER_SIZE + len(hashes))
+                hashes += piece
+        else:
+            hashes = bytearray(body_bytes)
+            if f.readinto(hashes) != body_bytes:
+                raise FormatError("signature file truncated", path=path, offset=HEADER_SIZE)
         digest.update(hashes)
         packed = f.read(mask_bytes)
         digest.update(packed)

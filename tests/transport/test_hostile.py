@@ -565,3 +565,24 @@ def test_a_deeply_nested_hello_is_a_protocol_error_not_a_crash(site):
     proc.stdin.close()
     assert proc.wait() == 18, proc.stderr.read()
     assert b"internal error" not in proc.stderr.read()
+
+
+def test_a_signature_header_claiming_a_gigabyte_costs_no_gigabyte(site):
+    """A DELTA request's streamed signature: the buffer grows with the bytes
+    that arrive, not with what the 64-byte header claims."""
+    import struct
+
+    from pydr.engine import signatures as S
+
+    n = 60_000_000  # 960 MiB of hashes claimed, none sent
+    fields = S._HEADER.pack(S.MAGIC, S.VERSION, B.ALGORITHMS["xxh3-128"], 4096, n * 4096, n, 0, 0, 0)
+    header = fields + struct.pack("<Q", B.hash_bytes(B.ALGORITHMS["xxh3-64"], fields)[0])
+    p = Peer(site)
+    p.request(P.DELTA, {"path": "disk.img", "name": "sig"})
+    p.ch.send(P.BYTES, header)
+    p.ch.send(P.END)
+    refused(p.reply(), "truncated")
+    with open(f"/proc/{p.proc.pid}/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    assert peak < 300_000, f"peak {peak} KiB"  # a Python process with the engine: ~100 MiB
+    p.close()
