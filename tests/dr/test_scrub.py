@@ -128,3 +128,34 @@ def test_verify_finds_rot_in_a_replica_and_resync_repairs_it(item):
     assert sha(replica) == sha(pairs[0][0]) and sha(pairs[1][1]) == sha(pairs[1][0])
     report = json.loads(cli("verify", "vm", "--point", "4", "--json").stdout)
     assert not any(str(replica) in p and "signature cache says" in p for p in report["problems"])
+
+
+def test_a_bad_record_header_in_a_killed_cycles_journal(item):
+    """The reviewer's f5b (the journal side of trusting a replica): a cycle
+    killed once its batch reached the replica, one bit flipped in the first
+    record header of the replica's journal. The next cycle must not take the
+    journal for a torn one (cut it and carry on, losing the old contents the
+    points need): exit 7 naming the journal, which is kept, the replica
+    left as it is."""
+    tmp_path, pairs = item
+    for src, _ in pairs:
+        with open(src, "r+b") as f:
+            for off in (10_000, 400_000, 900_000):
+                f.seek(off)
+                f.write(random.Random(off).randbytes(20_000))
+    r = run_cli("replicate", "vm", env={**os.environ, "PYDR_CRASH_AT": "apply.synced"})
+    assert r.returncode == -9, r.stderr
+    replica = pairs[0][1]
+    journal = replica.parent / f".{replica.name}.pydr-undo"
+    with open(journal, "r+b") as f:
+        f.seek(110)
+        byte = f.read(1)
+        f.seek(110)
+        f.write(bytes([byte[0] ^ 0x10]))
+    before = sha(replica)
+    for _ in range(2):  # and again: the same answer
+        r = cli("replicate", "vm")
+        err = r.stderr.decode()
+        assert r.returncode == 7, err
+        assert str(journal) in err and "offset 96" in err, err
+        assert journal.exists() and sha(replica) == before
