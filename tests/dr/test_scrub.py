@@ -159,3 +159,58 @@ def test_a_bad_record_header_in_a_killed_cycles_journal(item):
         assert r.returncode == 7, err
         assert str(journal) in err and "offset 96" in err, err
         assert journal.exists() and sha(replica) == before
+
+
+def test_rot_in_a_remote_replica(sshd, tmp_path, monkeypatch):
+    """A replica on another host is signed there (the SIGN request) and
+    compared here with a cache. (A vault keeps no cache of a remote replica
+    today -- its cycles compare both sides -- so verify scrubs none:
+    replicas_scrubbed 0, never a claim that it was read.)"""
+    from conftest import PYDR
+    from pydr.endpoints import open_endpoint
+    from pydr.engine.signatures import signature
+
+    monkeypatch.setenv("PYDR_VAULT", str(tmp_path / "vault"))
+    site_b = tmp_path / "site-b"
+    site_b.mkdir()
+    disk = tmp_path / "os.img"
+    rng = random.Random(5)
+    disk.write_bytes(rng.randbytes(2 << 20))
+    assert cli("vault", "init", tmp_path / "vault").returncode == 0
+    r = cli("protect", "vm", "--disk", f"{disk}=127.0.0.1:{site_b / 'os.img'}",
+            "--rsh", sshd["rsh"], "--remote-pydr", PYDR)
+    assert r.returncode == 0, r.stderr
+    assert cli("replicate", "vm").returncode == 0
+    r = cli("verify", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["replicas_scrubbed"] == 0
+    sig = tmp_path / "os.sig"
+    signature(site_b / "os.img", block_size=64 << 10).save(sig)
+    remote = open_endpoint(f"127.0.0.1:{site_b / 'os.img'}", rsh=sshd["rsh"], remote_pydr=PYDR)
+    assert scrub.scrub_remote(remote, sig) == (None, 2 << 20)
+    rot(site_b / "os.img", 1_500_000)
+    found, _ = scrub.scrub_remote(remote, sig)
+    assert found.startswith("1 blocks") and f"offset {1_500_000 - 1_500_000 % (64 << 10)}" in found
+
+
+def test_rot_in_the_baseline_of_a_failed_over_item(item):
+    """Failed over, the replica path holds the point brought up (which the
+    machine may write); the steps roll back from the baseline beside it,
+    which is what the cache describes and what is scrubbed."""
+    from pydr.engine import names
+
+    tmp_path, pairs = item
+    assert cli("failover", "vm", "--point", "2").returncode == 0
+    replica = pairs[0][1]
+    base = names.beside(str(replica), names.BASE)
+    assert os.path.exists(base)
+    with open(replica, "r+b") as f:  # the failed-over machine writes: not rot
+        f.write(b"booted")
+    r = cli("verify", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["replicas_scrubbed"] == 2
+    rot(base, 12_345)
+    r = cli("verify", "vm", "--json")
+    assert r.returncode == 7, r.stderr
+    assert any(base in p and f"offset {block_of(tmp_path, 0, 12_345)}" in p
+               for p in json.loads(r.stdout)["problems"])
