@@ -256,6 +256,46 @@ def test_more_than_one_batch_after_a_bad_record_header_is_damage(images):
     assert sha(d / "old.img") == old
 
 
+def cached_resync_killed(d, crash_at):
+    """old.img with a signature cache describing it (a resync that changed
+    nothing wrote it), then a resync to new.img killed at `crash_at`."""
+    (d / "same.img").write_bytes((d / "old.img").read_bytes())
+    r = run_cli("resync", d / "same.img", d / "old.img", "--signature-cache", d / "c.sig")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("resync", d / "new.img", d / "old.img", "--signature-cache", d / "c.sig",
+                env={**os.environ, "PYDR_CRASH_AT": crash_at})
+    assert r.returncode == -9, r.stderr
+    return J.journal_path(d / "old.img")
+
+
+@pytest.mark.parametrize("records_lost", [1, 2])
+def test_records_lost_at_a_record_boundary_are_found_with_the_cache(images, records_lost):
+    """A journal cut exactly at a record boundary after its batch reached
+    the target (a lost write) looks whole. On resume, the signature cache
+    (the target before the resync) shows blocks changed that no record
+    covers: exit 7 naming the journal, which is kept."""
+    d, old, new = images
+    journal = cached_resync_killed(d, "apply.synced")
+    records = J.scan(journal).records
+    assert len(records) > records_lost
+    os.truncate(journal, records[-records_lost][0])
+    r = run_cli("resync", d / "new.img", d / "old.img", "--signature-cache", d / "c.sig")
+    assert_damage_reported(r, journal)
+    assert "records were lost" in r.stderr.decode()
+    assert os.path.exists(journal)
+
+
+@pytest.mark.parametrize("crash_at", ["apply.journaled", "apply.synced"])
+def test_a_whole_journal_resumes_with_the_cache(images, crash_at):
+    """The same check finds nothing to say about a journal that is whole."""
+    d, old, new = images
+    journal = cached_resync_killed(d, crash_at)
+    r = run_cli("resync", d / "new.img", d / "old.img", "--signature-cache", d / "c.sig")
+    assert r.returncode == 0, r.stderr
+    assert sha(d / "old.img") == new
+    assert not os.path.exists(journal)
+
+
 def test_a_torn_header_alone_means_the_target_was_not_touched(images):
     d, old, _ = images
     journal = interrupted_apply(d, "apply.journaled")
