@@ -13,7 +13,8 @@ makes an interrupted apply always recoverable (docs/FORMAT.md):
    and fsynced, and the journal is removed.
 
 Anything after the last valid record (a torn write at a crash) is ignored:
-the target was not touched for it. Rolling back = restoring the old size and
+the target was not touched for it -- once that is shown (check_torn_tail in
+pydr.engine.torntail: no record found after it was written to the target). Rolling back = restoring the old size and
 writing every journaled record back. The same records are a reverse delta,
 which is what recovery points will be built from.
 """
@@ -21,7 +22,6 @@ which is what recovery points will be built from.
 import contextlib
 import errno
 import os
-import re
 import stat
 import struct
 
@@ -31,6 +31,7 @@ from . import names
 from . import crashpoints
 from .atomic import atomic_write, fsync_dir
 from .oserrors import NamedFile, naming
+from .torntail import batch_journal_limit, check_torn_tail  # noqa: F401 (re-exported)
 from ..errors import CorruptDelta, DamagedJournal, UnfinishedApply
 
 MAGIC = b"PYDRUND\x00"
@@ -264,101 +265,6 @@ def _walk(f):
         pos += info["size"]
 
 
-def check_torn_tail(dev, path, found):
-    """The bytes after the valid prefix of an uncommitted journal are
-    ignored as a torn tail only when no crash could have left them
-    otherwise. The target is written for a batch only once the batch's
-    records are durable, so a record anywhere in that tail whose old
-    contents the target (the device `dev`) no longer holds means the target
-    was written for it: the journal is needed whole, and the bad record
-    before it is damage, not a tear (DamagedJournal naming the offset of
-    the bad record, before anything is written). The records after a bad
-    one are found by scanning for headers that pass their checksum
-    (_records_after). A tail longer than one batch's journal is damage
-    too: a crash tears only the batch being journaled."""
-    if not found.torn:
-        return
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        limit = batch_journal_limit(found.header)
-        if size - found.end > limit:
-            raise DamagedJournal(f"undo journal is damaged: {size - found.end} bytes follow a "
-                                 f"record that fails its checks, more than one batch journals "
-                                 f"(at most {limit}): not a torn write", path=path,
-                                 offset=found.end)
-        f.seek(found.end)
-        tail = f.read()
-    torn = B.record_parse(tail[:B.RECORD_HEADER]) if len(tail) >= B.RECORD_HEADER else None
-    if torn is not None and torn["type"] in (B.DATA, B.ZERO) and not _holds_old_contents(
-            dev, torn, None):
-        raise DamagedJournal("undo journal is damaged: a record that fails its checks covers a "
-                             "range the apply had written already (not a torn write)", path=path,
-                             offset=found.end)
-    for pos, info, payload in _records_after(tail):
-        if not _holds_old_contents(dev, info, payload):
-            raise DamagedJournal(
-                f"undo journal is damaged: a record that fails its checks is followed by a "
-                f"record (at offset {found.end + pos}) whose range the target no longer holds "
-                f"as it was, so the target was written for it: the journal is needed whole "
-                f"(not a torn write)", path=path, offset=found.end)
-
-
-def batch_journal_limit(header):
-    """The most journal bytes one batch can append: the old contents of
-    every block of the target once (a batch's ranges do not overlap; one
-    ZERO record of the delta may stand for megabytes of old data), with a
-    record header per block and two more per record edge."""
-    bs = max(header["block_size"], 1)
-    blocks = -(-max(header["old_size"], header["new_size"]) // bs) + 1
-    return blocks * bs + B.RECORD_HEADER * (2 * blocks + 2)
-
-
-_RECORD_START = re.compile(rb"(?=[%c%c]\x00{7})" % (B.DATA, B.ZERO))
-
-
-def _records_after(tail):
-    """(position in `tail`, info, payload) of each record found in the bytes
-    after a bad record: any position (records need not stay 8-byte aligned
-    after a short last block) where a DATA or ZERO header passes its
-    checksum and, for DATA, its payload passes payload_hash. Scanning
-    resumes after each record found, so a payload is not searched."""
-    hash64 = B.ALGORITHMS["xxh3-64"]
-    view = memoryview(tail)
-    pos = 1  # the record at 0 failed its checks (see _torn_record)
-    while True:
-        match = _RECORD_START.search(tail, pos)
-        if match is None or match.start() + B.RECORD_HEADER > len(tail):
-            return
-        at = match.start()
-        info = B.record_parse(bytes(view[at:at + B.RECORD_HEADER]))
-        if info is None or info["type"] not in (B.DATA, B.ZERO):
-            pos = at + 1
-            continue
-        size = B.RECORD_HEADER + (info["length"] if info["type"] == B.DATA else 0)
-        payload = None
-        if info["type"] == B.DATA:
-            payload = view[at + B.RECORD_HEADER:at + size]
-            if len(payload) < info["length"] or \
-                    B.hash_bytes(hash64, payload)[0] != info["payload_hash"]:
-                pos = at + 1
-                continue
-        yield at, info, payload
-        pos = at + size
-
-
-def _holds_old_contents(dev, info, payload):
-    """Whether the target still holds a record's old contents at its range:
-    its payload (or, when that failed its check, the payload_hash), or
-    zeros."""
-    data = dev.pread(info["length"], info["offset"])
-    if info["type"] == B.ZERO:
-        return data.count(0) == len(data)
-    if payload is None:  # the payload failed its check: its header's hash still says what it was
-        return len(data) == info["length"] and \
-            B.hash_bytes(B.ALGORITHMS["xxh3-64"], data)[0] == info["payload_hash"]
-    return bytes(data) == bytes(payload)
-
-
 def _clip(data, old_size):
     """A record limited to [0, old_size): rollback truncates the rest away."""
     info = B.record_parse(bytes(data[:B.RECORD_HEADER]))
@@ -427,24 +333,28 @@ def rollback(dev, path, *, step=False):
             dev.apply_write(data)
             restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
     dev.sync()
-    if found.torn and found.header["kind"] == KIND_APPLY:
+    if not step and found.header["kind"] == KIND_APPLY and any(found.header["base_id"]):
         _check_base_restored(dev, found, path)
     return restored
 
 
 def _check_base_restored(dev, found, path):
-    """A torn tail was ignored: a crash while a batch was journaled, its
-    range untouched -- or damage to a record whose range was written. An
-    apply's journal names the image it started from (base_id), so the
-    target rolled back is compared with it (read whole: only in this case).
-    A mismatch raises DamagedJournal; the journal stays."""
+    """An uncommitted apply journal was rolled back. Its tail may have been
+    ignored (a crash while a batch was journaled, its range untouched -- or
+    damage to a record whose range was written), or it may end early at a
+    record boundary (a lost write) and look whole. An apply's journal names
+    the image it started from (base_id), so the target rolled back is
+    compared with it (read whole). A mismatch raises DamagedJournal; the
+    journal stays."""
     from .apply import _identity_of
 
     header = found.header
     if _identity_of(dev, header["old_size"], header["block_size"]) != header["base_id"]:
-        raise DamagedJournal("undo journal is damaged: it ends in a record that fails its "
-                             "checks, and the target rolled back without it is not the image "
-                             "the apply started from", path=path, offset=found.end)
+        what = "ends in a record that fails its checks" if found.torn else \
+            "was rolled back whole"
+        raise DamagedJournal(f"undo journal is damaged: it {what}, and the target rolled back "
+                             f"is not the image the apply started from (records lost or "
+                             f"damaged)", path=path, offset=found.end)
 
 
 def move_journal(path, dest, dir_fd=None):
