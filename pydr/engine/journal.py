@@ -333,28 +333,26 @@ def rollback(dev, path, *, step=False):
             dev.apply_write(data)
             restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
     dev.sync()
-    if not step and found.header["kind"] == KIND_APPLY and any(found.header["base_id"]):
+    if found.torn and found.header["kind"] == KIND_APPLY:
         _check_base_restored(dev, found, path)
     return restored
 
 
 def _check_base_restored(dev, found, path):
-    """An uncommitted apply journal was rolled back. Its tail may have been
-    ignored (a crash while a batch was journaled, its range untouched -- or
-    damage to a record whose range was written), or it may end early at a
-    record boundary (a lost write) and look whole. An apply's journal names
-    the image it started from (base_id), so the target rolled back is
-    compared with it (read whole). A mismatch raises DamagedJournal; the
-    journal stays."""
+    """A torn tail was ignored: a crash while a batch was journaled, its
+    range untouched -- or damage to a record whose range was written. An
+    apply's journal names the image it started from (base_id), so the
+    target rolled back is compared with it (read whole: only in this case).
+    A mismatch raises DamagedJournal; the journal stays. (Not after every
+    rollback: an apply stopped because the target was not its base rolls
+    back to what the target held, which is not base_id.)"""
     from .apply import _identity_of
 
     header = found.header
     if _identity_of(dev, header["old_size"], header["block_size"]) != header["base_id"]:
-        what = "ends in a record that fails its checks" if found.torn else \
-            "was rolled back whole"
-        raise DamagedJournal(f"undo journal is damaged: it {what}, and the target rolled back "
-                             f"is not the image the apply started from (records lost or "
-                             f"damaged)", path=path, offset=found.end)
+        raise DamagedJournal("undo journal is damaged: it ends in a record that fails its "
+                             "checks, and the target rolled back without it is not the image "
+                             "the apply started from", path=path, offset=found.end)
 
 
 def move_journal(path, dest, dir_fd=None):

@@ -256,19 +256,6 @@ def test_more_than_one_batch_after_a_bad_record_header_is_damage(images):
     assert sha(d / "old.img") == old
 
 
-def test_an_apply_journal_cut_at_a_record_boundary(images):
-    """A lost write exactly at a record boundary leaves an apply's journal
-    that looks whole: the rollback is checked against the apply's base
-    identity all the same -- exit 7, the journal kept, never "restored"."""
-    d, old, _ = images
-    journal = interrupted_apply(d, "apply.written")
-    os.truncate(journal, J.scan(journal).records[-1][0])
-    assert not J.scan(journal).torn
-    r = run_cli("rollback", d / "old.img")
-    assert_damage_reported(r, journal)
-    assert os.path.exists(journal)
-
-
 def cached_resync_killed(d, crash_at):
     """old.img with a signature cache describing it (a resync that changed
     nothing wrote it), then a resync to new.img killed at `crash_at`."""
