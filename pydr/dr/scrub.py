@@ -14,6 +14,8 @@ several threads (pydr.engine.signatures.sign_range); `sample` percent of
 its windows are read. A remote one is signed where it lives (the SIGN
 request) and compared whole."""
 
+import contextlib
+import fcntl
 import os
 import random
 
@@ -23,7 +25,8 @@ from ..engine.journal import journal_path
 from ..engine.parallel import check_threads
 from ..engine.progress import Throttle
 from ..engine.signatures import CHUNK_BYTES, sign_range
-from ..errors import FormatError
+from ..errors import FormatError, VaultError
+from .store import LOCK_NAME
 
 #: bytes of a replica signed at a time (and the unit --sample picks from)
 WINDOW_BYTES = 4 * CHUNK_BYTES
@@ -36,6 +39,37 @@ def scrub_item(vault, name, sample=100.0, threads=None):
     (disks scrubbed, bytes read, [problem text]); a replica that differs
     from its cache has marked the points damaged and the item
     resync-required on the way."""
+    with _no_cycle_running(vault):
+        return _scrub_disks(vault, name, sample, threads)
+
+
+@contextlib.contextmanager
+def _no_cycle_running(vault):
+    """Hold the vault's lock shared while the replicas are read: a cycle
+    (which takes it exclusive) writing a replica meanwhile would read as rot
+    and mark every point damaged. A command that holds it already (the
+    demo's vault) needs nothing more."""
+    if vault.lock_fd is not None:
+        yield
+        return
+    try:
+        fd = os.open(os.path.join(vault.dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VaultError("the vault is locked by another pydr process (a cycle may be "
+                             "writing the replicas), so they cannot be scrubbed now: run "
+                             "'pydr verify' again once it ends", path=vault.dir) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _scrub_disks(vault, name, sample, threads):
     from ..engine.sigstream import SignatureReader
 
     scrubbed, nbytes, problems = 0, 0, []

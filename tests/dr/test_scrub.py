@@ -214,3 +214,27 @@ def test_rot_in_the_baseline_of_a_failed_over_item(item):
     assert r.returncode == 7, r.stderr
     assert any(base in p and f"offset {block_of(tmp_path, 0, 12_345)}" in p
                for p in json.loads(r.stdout)["problems"])
+
+
+def test_no_scrub_while_a_cycle_may_write_the_replicas(item):
+    """A replica read while a cycle writes it would look rotten: with the
+    vault locked by another process, verify refuses (exit 14, the vault's
+    error) and marks nothing; run again once it ends."""
+    import fcntl
+
+    tmp_path, pairs = item
+    with open(tmp_path / "vault" / "vault.lock", "r+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = cli("verify", "vm", "--json")
+    assert r.returncode == 14 and b"run 'pydr verify' again" in r.stderr, r.stderr
+    assert all(p is None for p in json_points())
+    r = cli("verify", "vm", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["replicas_scrubbed"] == 2, r.stderr
+
+
+def json_points():
+    r = cli("points", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 3
+    return [row["damaged"] for row in rows]
