@@ -28,8 +28,10 @@ from ..engine.signatures import CHUNK_BYTES, sign_range
 from ..errors import FormatError, VaultError
 from .store import LOCK_NAME
 
-#: bytes of a replica signed at a time (and the unit --sample picks from)
+#: bytes of a replica signed at a time (on several threads, CHUNK_BYTES each)
 WINDOW_BYTES = 4 * CHUNK_BYTES
+#: the unit --sample picks from (finer, so that a small percentage reads little)
+SAMPLE_WINDOW_BYTES = 16 << 20
 #: differing offsets named in a report
 SHOWN = 5
 
@@ -127,7 +129,8 @@ def scrub_file(path, cache, *, sample=100.0, threads=None, rng=random):
                 return (f"it has {size} bytes, its cache {reader.size} "
                         f"(offset {min(size, reader.size)})"), 0
             bs = reader.block_size
-            per_window = max(1, WINDOW_BYTES // bs)
+            window = WINDOW_BYTES if sample >= 100.0 else SAMPLE_WINDOW_BYTES
+            per_window = max(1, window // bs)
             windows = list(range(0, reader.n, per_window))
             if sample < 100.0 and windows:
                 windows = sorted(rng.sample(windows, max(1, round(len(windows) * sample / 100.0))))

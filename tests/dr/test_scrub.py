@@ -94,7 +94,7 @@ class Pick:
 def test_a_sample_reads_only_the_windows_it_picks(item, monkeypatch):
     tmp_path, pairs = item
     replica = pairs[0][1]
-    monkeypatch.setattr(scrub, "WINDOW_BYTES", 128 << 10)  # 8 windows of the 1 MiB disk
+    monkeypatch.setattr(scrub, "SAMPLE_WINDOW_BYTES", 128 << 10)  # 8 windows of the 1 MiB disk
     rot(replica, 5 * (128 << 10) + 3)  # in window 5
     found, read = scrub.scrub_file(replica, cache(tmp_path, 0), sample=25, rng=Pick(1, 2))
     assert found is None and read == 2 * (128 << 10)
