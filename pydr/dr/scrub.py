@@ -179,4 +179,5 @@ def _describe(offsets, total, block_size):
         return None
     shown = ", ".join(f"offset {o}" for o in offsets)
     more = f" and {total - len(offsets)} more" if total > len(offsets) else ""
-    return f"{total} blocks of {block_size} bytes differ, at {shown}{more}"
+    blocks = "1 block" if total == 1 else f"{total} blocks"
+    return f"{blocks} of {block_size} bytes differ, at {shown}{more}"

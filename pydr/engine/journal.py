@@ -14,8 +14,9 @@ makes an interrupted apply always recoverable (docs/FORMAT.md):
 
 Anything after the last valid record (a torn write at a crash) is ignored:
 the target was not touched for it -- once that is shown (check_torn_tail in
-pydr.engine.torntail: no record found after it was written to the target). Rolling back = restoring the old size and
-writing every journaled record back. The same records are a reverse delta,
+pydr.engine.torntail: no record found after it was written to the target).
+Rolling back = restoring the old size and writing every journaled record
+back. The same records are a reverse delta,
 which is what recovery points will be built from.
 """
 

@@ -77,7 +77,7 @@ def test_scrub_file_finds_the_rotten_block(item):
     rot(replica, 700_001)
     found, read = scrub.scrub_file(replica, cache(tmp_path, 1), threads=2)
     assert found is not None and read == 1 << 20
-    assert found.startswith("1 blocks") and f"offset {block_of(tmp_path, 1, 700_001)}" in found
+    assert found.startswith("1 block of") and f"offset {block_of(tmp_path, 1, 700_001)}" in found
 
 
 class Pick:
@@ -190,7 +190,8 @@ def test_rot_in_a_remote_replica(sshd, tmp_path, monkeypatch):
     assert scrub.scrub_remote(remote, sig) == (None, 2 << 20)
     rot(site_b / "os.img", 1_500_000)
     found, _ = scrub.scrub_remote(remote, sig)
-    assert found.startswith("1 blocks") and f"offset {1_500_000 - 1_500_000 % (64 << 10)}" in found
+    block = 1_500_000 - 1_500_000 % (64 << 10)
+    assert found.startswith("1 block of") and f"offset {block}" in found
 
 
 def test_rot_in_the_baseline_of_a_failed_over_item(item):
