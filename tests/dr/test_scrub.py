@@ -293,3 +293,30 @@ def test_rot_below_a_file_system_keeps_the_replicas_identity(tmp_path, monkeypat
 def block_size(tmp_path):
     with SignatureReader(cache(tmp_path, 0)) as reader:
         return reader.block_size
+
+
+def test_a_killed_cycles_journal_cut_at_a_record_boundary(item):
+    """A lost write exactly at a record boundary of a replica's journal: the
+    next cycle resumes it, and the disk's signature cache (the replica
+    before the killed cycle) shows blocks changed that no record covers:
+    exit 7 naming the journal, which is kept."""
+    from pydr.engine import journal as J
+
+    tmp_path, pairs = item
+    for src, _ in pairs:
+        with open(src, "r+b") as f:
+            for off in (10_000, 400_000, 900_000):
+                f.seek(off)
+                f.write(random.Random(off + 1).randbytes(20_000))
+    r = run_cli("replicate", "vm", env={**os.environ, "PYDR_CRASH_AT": "apply.synced"})
+    assert r.returncode == -9, r.stderr
+    replica = pairs[0][1]
+    journal = replica.parent / f".{replica.name}.pydr-undo"
+    records = J.scan(journal).records
+    assert len(records) >= 2
+    os.truncate(journal, records[-1][0])
+    r = cli("replicate", "vm")
+    err = r.stderr.decode()
+    assert r.returncode == 7, err
+    assert str(journal) in err and "records were lost" in err, err
+    assert journal.exists()
