@@ -6,13 +6,15 @@ Every step is read through and checked as a restore would read it (header,
 every record and its payload hash, the COMMIT, the size the vault recorded;
 pydr.engine.journal.check_step), and so is every signature cache of the
 item (its whole-file checksum). A damaged step marks the points that need
-it: they are never restored."""
+it: they are never restored. The replicas themselves are read back and
+compared with their signature caches (pydr.dr.scrub)."""
 
 import os
 import random
 
 from ..errors import CorruptDelta, FormatError
 from .points import check_step, steps_of
+from .scrub import scrub_item
 
 
 def verify_steps(vault, name, point_id=None, sample=100.0):
@@ -59,6 +61,8 @@ def verify_steps(vault, name, point_id=None, sample=100.0):
         except (FormatError, OSError) as exc:
             problems.append(f"disk {d['idx']}, signature cache: {exc} (the next cycle reads the "
                             "replica instead and writes it again)")
+    scrubbed, scrub_bytes, scrub_problems = scrub_item(vault, name, sample)
+    problems += scrub_problems
     damaged = [p["id"] for p in vault.points(name) if p["damaged"]]
     if point_id is not None:
         damaged = [p for p in damaged if p == point_id]
@@ -69,4 +73,5 @@ def verify_steps(vault, name, point_id=None, sample=100.0):
             problems.append(line)
     return {"item": name, "points": len(points), "steps": len(steps), "checked": checked,
             "bytes": nbytes, "size_only": size_only, "caches": caches, "problems": problems,
-            "damaged_points": damaged}
+            "damaged_points": damaged, "replicas_scrubbed": scrubbed,
+            "replica_bytes_read": scrub_bytes}

@@ -16,8 +16,8 @@ from . import bindings as B
 from . import crashpoints
 from . import journal as J
 from .delta import HEADER_SIZE, DeltaHeader
-from ..errors import (AlreadyApplied, BaseMismatch, Cancelled, CorruptDelta, NothingToRollBack,
-                     PydrError, UnfinishedApply, UnsupportedFile)
+from ..errors import (AlreadyApplied, BaseMismatch, Cancelled, CorruptDelta, DamagedJournal,
+                     NothingToRollBack, PydrError, UnfinishedApply, UnsupportedFile)
 from .progress import Record, Throttle
 
 READ_BYTES = 32 << 20  # delta bytes read per batch (records up to 4 MiB + header)
@@ -264,6 +264,8 @@ class Applier:
                 if self.kind == J.KIND_RESYNC and issubclass(exc_type, (ConnectionError,)):
                     # a dropped connection: keep the journal; the next run resumes
                     return False
+                if issubclass(exc_type, DamagedJournal):
+                    return False  # never rolled back with, nor removed: the evidence stays
                 self._rollback_after(exc)  # raises if the old contents could not be restored
                 self._forget_created()
         finally:

@@ -13,8 +13,10 @@ makes an interrupted apply always recoverable (docs/FORMAT.md):
    and fsynced, and the journal is removed.
 
 Anything after the last valid record (a torn write at a crash) is ignored:
-the target was not touched for it. Rolling back = restoring the old size and
-writing every journaled record back. The same records are a reverse delta,
+the target was not touched for it -- once that is shown (check_torn_tail in
+pydr.engine.torntail: no record found after it was written to the target).
+Rolling back = restoring the old size and writing every journaled record
+back. The same records are a reverse delta,
 which is what recovery points will be built from.
 """
 
@@ -30,6 +32,7 @@ from . import names
 from . import crashpoints
 from .atomic import check_own_file, check_safe_dir, fsync_dir
 from .oserrors import NamedFile, naming
+from .torntail import batch_journal_limit, check_torn_tail  # noqa: F401 (re-exported)
 from ..errors import CorruptDelta, DamagedJournal, UnfinishedApply
 
 MAGIC = b"PYDRUND\x00"
@@ -265,37 +268,6 @@ def _walk(f):
         pos += info["size"]
 
 
-def check_torn_tail(dev, path, found):
-    """The records after the valid prefix of an uncommitted journal are
-    ignored as a torn tail: a crash tore the batch being journaled, whose
-    ranges the target (the device `dev`) still holds as they were. So each
-    of them, up to the first whose header fails too, must find its old
-    contents there (the payload's hash, or zeros); one whose range was
-    written is damage to the journal, not a tear: DamagedJournal, before
-    anything is written."""
-    if not found.torn:
-        return
-    hash64 = B.ALGORITHMS["xxh3-64"]
-    with open(path, "rb") as f:
-        pos = found.end
-        while True:
-            f.seek(pos)
-            info = B.record_parse(f.read(B.RECORD_HEADER))
-            if info is None or info["type"] not in (B.DATA, B.ZERO):
-                return  # the rest cannot be told apart from a tear
-            data = dev.pread(info["length"], info["offset"])
-            if info["type"] == B.ZERO:
-                untouched = data.count(0) == len(data)
-            else:
-                untouched = len(data) == info["length"] and \
-                    B.hash_bytes(hash64, data)[0] == info["payload_hash"]
-            if not untouched:
-                raise DamagedJournal("undo journal is damaged: a record that fails its checks "
-                                     "covers a range the apply had written already (not a torn "
-                                     "write)", path=path, offset=found.end)
-            pos += B.RECORD_HEADER + (info["length"] if info["type"] == B.DATA else 0)
-
-
 def _clip(data, old_size):
     """A record limited to [0, old_size): rollback truncates the rest away."""
     info = B.record_parse(bytes(data[:B.RECORD_HEADER]))
@@ -374,7 +346,9 @@ def _check_base_restored(dev, found, path):
     range untouched -- or damage to a record whose range was written. An
     apply's journal names the image it started from (base_id), so the
     target rolled back is compared with it (read whole: only in this case).
-    A mismatch raises DamagedJournal; the journal stays."""
+    A mismatch raises DamagedJournal; the journal stays. (Not after every
+    rollback: an apply stopped because the target was not its base rolls
+    back to what the target held, which is not base_id.)"""
     from .apply import _identity_of
 
     header = found.header

@@ -57,6 +57,68 @@ def _open_cache(cache, dst, dst_size, block_size):
     return reader
 
 
+def check_no_lost_records(applier, cache, block_size, threads):
+    """Resuming an interrupted resync: a journal cut short exactly at a
+    record boundary (a lost write) looks whole, and its lost records would
+    never be rolled back. The signature cache still describes the target as
+    it was before the interrupted resync (it is rewritten only once a resync
+    finishes), so every block that differs from it now must be covered by a
+    journal record; one that is not raises DamagedJournal naming the offset.
+    Costs one read of the target, only on a resume with a valid cache of
+    the same geometry; without one nothing is checked."""
+    import numpy as np
+
+    from .signatures import sign_range
+    from .sigstream import SignatureReader
+    from ..errors import DamagedJournal
+
+    dev, journal = applier.dev, applier.resumed
+    if getattr(dev, "fd", None) is None or hasattr(dev, "handle"):
+        return  # an NBD export: its blocks are read by the resync anyway
+    try:
+        reader = SignatureReader(cache)
+    except (ValueError, OSError):
+        return
+    with reader:
+        old_size, now = journal.header["old_size"], dev.size_now()
+        if reader.block_size != block_size or reader.size != old_size:
+            return
+        # blocks both sizes hold whole (a short last block is hashed over its length)
+        n = reader.n if now == old_size else min(now, old_size) // block_size
+        if n == 0:
+            return
+        length = min(n * block_size, now)
+        hashes, mask = bytearray(16 * n), bytearray(n)
+        sign_range(dev.fd, applier.target, 0, length, block_size, B.ALGORITHMS["xxh3-128"],
+                   hashes, mask, threads=threads, progress_record=B.Progress(),
+                   throttle=Throttle(None, "resync", applier.target, length))
+        want, _ = reader.read(0, n)
+    got = np.frombuffer(hashes, dtype=np.uint64).reshape(n, 2)
+    differ = np.nonzero((got != np.frombuffer(bytes(want), dtype="<u8").reshape(n, 2))
+                        .any(axis=1))[0]
+    if not len(differ):
+        return
+    covered = np.zeros(n, dtype=bool)
+    spans = sorted((r[3], r[3] + r[4]) for r in J.scan(journal.path).records)
+    merged = []
+    for s, e in spans:
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    for s, e in merged:
+        last = n if e >= old_size else min(n, e // block_size)
+        covered[-(-s // block_size):last] = True
+    lost = differ[~covered[differ]]
+    if len(lost):
+        raise DamagedJournal(
+            f"undo journal is damaged: {len(lost)} blocks of the target differ from its "
+            f"signature cache (the target before the interrupted resync), the first at offset "
+            f"{int(lost[0]) * block_size}, and no record of the journal holds their old "
+            f"contents: records were lost (a write cut short), or the target was changed "
+            f"outside pydr", path=journal.path, offset=journal.bytes)
+
+
 def compare_window(src_sig, dst_sig, origin, block_size):
     """What it takes to make a window of the target equal to the same window
     of the source (Signatures of the window, starting at byte `origin`):
@@ -130,6 +192,8 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                           kind=J.KIND_RESYNC, create=True, mode=disk_mode(source))
         with applier:
             dst_size = applier.base_size  # what the target holds now
+            if applier.resumed is not None and signature_cache is not None:
+                check_no_lost_records(applier, signature_cache, block_size, threads)
             cached = _open_cache(signature_cache, applier.dev, dst_size, block_size)
             writer = None
             if signature_cache is not None and changed_extents is not None and cached is None:

@@ -200,6 +200,102 @@ def test_torn_tail_of_a_batch_not_yet_written_is_rolled_back_exactly(images, kin
     assert not os.path.exists(journal)
 
 
+@pytest.mark.parametrize("command", ["rollback", "resync"])
+@pytest.mark.parametrize("crash_at", ["apply.written", "apply.synced"])
+def test_a_bad_first_record_header_of_a_written_resync_batch(images, crash_at, command):
+    """The reviewer's C6: one bit in the first record header of a resync
+    journal whose batch reached the target. No record before it is valid,
+    but the records found after it no longer match the target: the journal
+    was needed whole. Exit 7 naming the journal, kept, the target left as it
+    is -- never "0 B restored" with exit 0."""
+    d, old, new = images
+    journal = interrupted_resync(d, crash_at)
+    flip(journal, HEADER + 14)
+    assert J.scan(journal).records == []  # what the valid prefix alone would restore
+    before = sha(d / "old.img")
+    args = ("rollback", d / "old.img") if command == "rollback" else (
+        "resync", d / "new.img", d / "old.img")
+    r = run_cli(*args)
+    assert_damage_reported(r, journal)
+    assert "offset 96" in r.stderr.decode()
+    assert os.path.exists(journal)
+    assert sha(d / "old.img") == before  # nothing written on the strength of it
+
+
+@pytest.mark.parametrize("record", [0, 1])
+def test_a_bad_record_header_in_a_batch_not_yet_written_is_a_tear(images, record):
+    """Killed once the batch was journaled, before it was written: the
+    records after a bad header still find their old contents in the target,
+    so it is a torn write -- a rerun finishes the resync, a rollback gives
+    the old image back."""
+    d, old, new = images
+    journal = interrupted_resync(d, "apply.journaled")
+    flip(journal, J.scan(journal).records[record][0] + 14)
+    r = run_cli("rollback", d / "old.img")
+    assert r.returncode == 0, r.stderr
+    assert sha(d / "old.img") == old
+    journal = interrupted_resync(d, "apply.journaled")
+    flip(journal, J.scan(journal).records[record][0] + 14)
+    r = run_cli("resync", d / "new.img", d / "old.img")
+    assert r.returncode == 0, r.stderr
+    assert sha(d / "old.img") == new
+
+
+def test_more_than_one_batch_after_a_bad_record_header_is_damage(images):
+    """A crash tears only the batch being journaled: more bytes after a bad
+    record header than one batch can journal is damage, even where no
+    valid record can be found in them."""
+    d, old, _ = images
+    journal = interrupted_resync(d, "apply.journaled")
+    flip(journal, HEADER + 14)
+    header = J.scan(journal).header
+    with open(journal, "ab") as f:
+        f.write(bytes(J.batch_journal_limit(header)))
+    r = run_cli("rollback", d / "old.img")
+    assert_damage_reported(r, journal)
+    assert sha(d / "old.img") == old
+
+
+def cached_resync_killed(d, crash_at):
+    """old.img with a signature cache describing it (a resync that changed
+    nothing wrote it), then a resync to new.img killed at `crash_at`."""
+    (d / "same.img").write_bytes((d / "old.img").read_bytes())
+    r = run_cli("resync", d / "same.img", d / "old.img", "--signature-cache", d / "c.sig")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("resync", d / "new.img", d / "old.img", "--signature-cache", d / "c.sig",
+                env={**os.environ, "PYDR_CRASH_AT": crash_at})
+    assert r.returncode == -9, r.stderr
+    return J.journal_path(d / "old.img")
+
+
+@pytest.mark.parametrize("records_lost", [1, 2])
+def test_records_lost_at_a_record_boundary_are_found_with_the_cache(images, records_lost):
+    """A journal cut exactly at a record boundary after its batch reached
+    the target (a lost write) looks whole. On resume, the signature cache
+    (the target before the resync) shows blocks changed that no record
+    covers: exit 7 naming the journal, which is kept."""
+    d, old, new = images
+    journal = cached_resync_killed(d, "apply.synced")
+    records = J.scan(journal).records
+    assert len(records) > records_lost
+    os.truncate(journal, records[-records_lost][0])
+    r = run_cli("resync", d / "new.img", d / "old.img", "--signature-cache", d / "c.sig")
+    assert_damage_reported(r, journal)
+    assert "records were lost" in r.stderr.decode()
+    assert os.path.exists(journal)
+
+
+@pytest.mark.parametrize("crash_at", ["apply.journaled", "apply.synced"])
+def test_a_whole_journal_resumes_with_the_cache(images, crash_at):
+    """The same check finds nothing to say about a journal that is whole."""
+    d, old, new = images
+    journal = cached_resync_killed(d, crash_at)
+    r = run_cli("resync", d / "new.img", d / "old.img", "--signature-cache", d / "c.sig")
+    assert r.returncode == 0, r.stderr
+    assert sha(d / "old.img") == new
+    assert not os.path.exists(journal)
+
+
 def test_a_torn_header_alone_means_the_target_was_not_touched(images):
     d, old, _ = images
     journal = interrupted_apply(d, "apply.journaled")

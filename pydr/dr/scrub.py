@@ -1,0 +1,183 @@
+"""Scrubbing the replicas: `pydr verify ITEM` reads each replica (its
+baseline, when the item is failed over) and compares it block by block with
+the item's signature cache of that disk, which holds the replica's block
+hashes as the last cycle left it.
+
+Bit rot below the file system changes neither size nor mtime, so nothing
+else notices it: the next cycle trusts the cache and writes nothing, and
+every point (rolled back from the replica) is wrong. A replica that differs
+from its cache marks all the item's points damaged and the item
+resync-required (a `pydr replicate --resync` reads both sides again).
+
+A local replica is read window by window and signed by the engine on
+several threads (pydr.engine.signatures.sign_range); `sample` percent of
+its windows are read. A remote one is signed where it lives (the SIGN
+request) and compared whole."""
+
+import contextlib
+import fcntl
+import os
+import random
+
+from ..engine import bindings as B
+from ..engine import names
+from ..engine.journal import journal_path
+from ..engine.parallel import check_threads
+from ..engine.progress import Throttle
+from ..engine.signatures import CHUNK_BYTES, sign_range
+from ..errors import FormatError, VaultError
+from .store import LOCK_NAME
+
+#: bytes of a replica signed at a time (on several threads, CHUNK_BYTES each)
+WINDOW_BYTES = 4 * CHUNK_BYTES
+#: the unit --sample picks from (finer, so that a small percentage reads little)
+SAMPLE_WINDOW_BYTES = 16 << 20
+#: differing offsets named in a report
+SHOWN = 5
+
+
+def scrub_item(vault, name, sample=100.0, threads=None):
+    """Scrub every disk of item `name` that has a signature cache. Returns
+    (disks scrubbed, bytes read, [problem text]); a replica that differs
+    from its cache has marked the points damaged and the item
+    resync-required on the way."""
+    with _no_cycle_running(vault):
+        return _scrub_disks(vault, name, sample, threads)
+
+
+@contextlib.contextmanager
+def _no_cycle_running(vault):
+    """Hold the vault's lock shared while the replicas are read: a cycle
+    (which takes it exclusive) writing a replica meanwhile would read as rot
+    and mark every point damaged. A command that holds it already (the
+    demo's vault) needs nothing more."""
+    if vault.lock_fd is not None:
+        yield
+        return
+    try:
+        fd = os.open(os.path.join(vault.dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VaultError("the vault is locked by another pydr process (a cycle may be "
+                             "writing the replicas), so they cannot be scrubbed now: run "
+                             "'pydr verify' again once it ends", path=vault.dir) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _scrub_disks(vault, name, sample, threads):
+    from ..engine.sigstream import SignatureReader
+
+    scrubbed, nbytes, problems = 0, 0, []
+    for d in vault.disks(name):
+        cache = vault.cache_path(name, d["idx"])
+        try:
+            SignatureReader(cache).close()
+        except (FormatError, OSError):
+            continue  # none, or damaged (verify_steps reports that): nothing says what to expect
+        replica = vault.endpoint(name, d["replica"])
+        base = replica.sidecar(names.BASE)
+        disk = base if base.exists() else replica  # failed over: the baseline holds the steps' base
+        try:
+            if disk.local_path is not None:
+                if os.path.exists(journal_path(disk.local_path)):
+                    continue  # a cycle was interrupted: the cache describes no state yet
+                found, read = scrub_file(disk.local_path, cache, sample=sample, threads=threads)
+            else:
+                found, read = scrub_remote(disk, cache, threads=threads)
+        except (FormatError, OSError) as exc:
+            problems.append(f"disk {d['idx']}, scrub of {disk}: {exc}")
+            continue
+        scrubbed += 1
+        nbytes += read
+        if found:
+            problem = (f"disk {d['idx']}: the replica {disk} does not hold what its signature "
+                       f"cache says the last cycle left: {found}")
+            problems.append(problem)
+            _mark_rotten(vault, name, problem)
+    return scrubbed, nbytes, problems
+
+
+def _mark_rotten(vault, name, reason):
+    from .replication import mark_resync_required
+
+    vault.mark_damaged(name, [p["id"] for p in vault.points(name)], reason)
+    mark_resync_required(vault, name, reason)
+
+
+def scrub_file(path, cache, *, sample=100.0, threads=None, rng=random):
+    """Compare the file or block device `path` with the signature file
+    `cache` (a random `sample` percent of its windows). Returns (text naming
+    the first differing offsets, or None when they agree; bytes read)."""
+    import numpy as np
+
+    from ..engine.sigstream import SignatureReader
+
+    threads = check_threads(threads)
+    code = B.algorithm_code("xxh3-128")
+    with SignatureReader(cache) as reader:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = B.fd_size(fd, path)[0]
+            if size != reader.size:
+                return (f"it has {size} bytes, its cache {reader.size} "
+                        f"(offset {min(size, reader.size)})"), 0
+            bs = reader.block_size
+            window = WINDOW_BYTES if sample >= 100.0 else SAMPLE_WINDOW_BYTES
+            per_window = max(1, window // bs)
+            windows = list(range(0, reader.n, per_window))
+            if sample < 100.0 and windows:
+                windows = sorted(rng.sample(windows, max(1, round(len(windows) * sample / 100.0))))
+            differ, total, read = [], 0, 0
+            for first in windows:
+                count = min(per_window, reader.n - first)
+                offset = first * bs
+                length = min(size, offset + count * bs) - offset
+                hashes, mask = bytearray(count * 16), bytearray(count)
+                sign_range(fd, path, offset, length, bs, code, hashes, mask, threads=threads,
+                           progress_record=B.Progress(), throttle=Throttle(None, "scrub", path,
+                                                                            length))
+                read += length
+                want, _ = reader.read(first, count)
+                got = np.frombuffer(hashes, dtype=np.uint64).reshape(count, 2)
+                expected = np.frombuffer(bytes(want), dtype="<u8").reshape(count, 2)
+                bad = np.nonzero((got != expected).any(axis=1))[0]
+                total += len(bad)
+                differ.extend(int(first + b) * bs for b in bad[:SHOWN - len(differ)])
+        finally:
+            os.close(fd)
+    return _describe(differ, total, bs), read
+
+
+def scrub_remote(disk, cache, *, threads=None):
+    """scrub_file for a disk at a remote place: signed there (the SIGN
+    request), compared here, whole."""
+    import numpy as np
+
+    from ..engine.sigstream import SignatureReader
+
+    with SignatureReader(cache) as reader:
+        sig = disk.signature(block_size=reader.block_size, threads=threads)
+        if sig.size != reader.size:
+            return (f"it has {sig.size} bytes, its cache {reader.size} "
+                    f"(offset {min(sig.size, reader.size)})"), 0
+        want, _ = reader.read(0, reader.n)
+        expected = np.frombuffer(bytes(want), dtype="<u8").reshape(reader.n, 2)
+        bad = np.nonzero((sig.hashes.reshape(reader.n, 2) != expected).any(axis=1))[0]
+        return _describe([int(b) * reader.block_size for b in bad[:SHOWN]], len(bad),
+                         reader.block_size), sig.size
+
+
+def _describe(offsets, total, block_size):
+    if not total:
+        return None
+    shown = ", ".join(f"offset {o}" for o in offsets)
+    more = f" and {total - len(offsets)} more" if total > len(offsets) else ""
+    blocks = "1 block" if total == 1 else f"{total} blocks"
+    return f"{blocks} of {block_size} bytes differ, at {shown}{more}"
