@@ -23,11 +23,11 @@ import os
 from ..endpoints import remove_all
 from ..engine import crashpoints, names
 from ..errors import DamagedJournal, DamagedPoint, InvalidState, PydrError, UnknownName
-from . import objectstore
+from . import objectstore, ownership
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
 from .points import SELECTORS, check_point, materialize_disk, select_point
-from .replication import replicate
+from .replication import owner_of, replicate
 
 __all__ = ["failover", "change_point", "commit", "reprotect", "failback", "select_point",
            "SELECTORS"]
@@ -134,6 +134,10 @@ def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None, 
             base = replica.sidecar(names.BASE)
             if not base.exists():
                 replica.rename(base)  # atomic; the baseline of every step
+                # the rename changed its ctime: recorded (durably) before any point is
+                # made from it, so that a resumed failover and change-point check it
+                ownership.record_state(owner_of(vault, name, d), base, writing=False,
+                                       which=ownership.BASELINE)
                 crashpoints.reached("failover.baseline")
             methods.append(materialize_disk(vault, name, pid, d, replica, method=method,
                                             progress=progress))  # whole, by a rename
@@ -242,6 +246,7 @@ def commit(vault, name):
         for d in vault.disks(name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(vault.cache_path(name, d["idx"]))
+            ownership.forget_state(vault.dir, name, d["idx"], ownership.BASELINE)
         crashpoints.reached("commit.removed")
         flipped = "reverse" if row["direction"] == "forward" else "forward"
         with vault.db:

@@ -232,28 +232,44 @@ def identity(replica):
     return replica.file_identity()
 
 
-def state_path(vault_dir, item, idx):
-    return os.path.join(vault_dir, "cache", item, f"{idx}.replica")
+REPLICA, BASELINE = "replica", "baseline"  # whose identity a state record holds
 
 
-def read_state(vault_dir, item, idx):
-    """The Owner the vault recorded for a disk's replica after its last
-    cycle, or None (none recorded, or a damaged record: the replica is then
-    adopted as it is, and its signature cache not used)."""
-    path = state_path(vault_dir, item, idx)
+def state_path(vault_dir, item, idx, which=REPLICA):
+    """``cache/ITEM/IDX.replica``, or ``IDX.baseline``: the identity of the
+    replica's baseline, which a failover records right after its rename."""
+    return os.path.join(vault_dir, "cache", item, f"{idx}.{which}")
+
+
+def read_state(vault_dir, item, idx, which=REPLICA):
+    """The Owner the vault recorded for a disk's replica (or its baseline)
+    after its last cycle (rename), or None when none is recorded.
+    FormatError naming the file and the offset for a damaged record: the
+    caller decides (an item with points cannot trust its replica)."""
+    path = state_path(vault_dir, item, idx, which)
     try:
         with open(path, "rb") as f:
             return decode(f.read(MAX_BYTES + 1), path)
-    except (FileNotFoundError, FormatError):
+    except FileNotFoundError:
         return None
 
 
-def record_state(me, replica, *, writing):
+def read_state_exists(vault_dir, item, idx, which=REPLICA):
+    return os.path.exists(state_path(vault_dir, item, idx, which))
+
+
+def forget_state(vault_dir, item, idx, which=REPLICA):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state_path(vault_dir, item, idx, which))
+
+
+def record_state(me, replica, *, writing, which=REPLICA):
     """Record in the vault (``me.vault_dir``) the replica's identity now, or,
-    with ``writing``, that a cycle is about to write it."""
+    with ``writing``, that a cycle is about to write it. ``which``
+    BASELINE: `replica` is the endpoint of the replica's baseline."""
     from ..engine.atomic import atomic_write
 
-    path = state_path(me.vault_dir, me.item, me.idx)
+    path = state_path(me.vault_dir, me.item, me.idx, which)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     if not writing and getattr(replica, "local_path", None):
         _sync_times(replica.local_path)
@@ -278,7 +294,7 @@ def _sync_times(path):
         os.close(fd)
 
 
-def changed_outside(recorded, replica):
+def changed_outside(recorded, replica, what="replica"):
     """Why `replica` is not as the last cycle left it (a sentence), or None
     when it is, or when that cannot be told (no identity recorded, a cycle
     of this item was interrupted while writing it, a replica this machine
@@ -290,13 +306,13 @@ def changed_outside(recorded, replica):
     if now is None:
         return None
     if now == "missing":
-        return f"replica {replica} is missing"
+        return f"{what} {replica} is missing"
     # inode and device are recorded, not compared: a remount (FUSE) or a device
     # numbered anew at boot (device mapper) changes them with no write; a file
     # put in the replica's place has its own ctime
     size, mtime, ctime, _, _ = recorded.identity
     if size != now[0]:
-        return f"replica {replica} changed size from {size} to {now[0]} bytes"
+        return f"{what} {replica} changed size from {size} to {now[0]} bytes"
     if (mtime, ctime) != now[1:3]:
-        return f"replica {replica} was written"
+        return f"{what} {replica} was written"
     return None

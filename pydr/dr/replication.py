@@ -24,8 +24,9 @@ import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import AlreadyApplied, BaseMismatch, HookFailed, InvalidState, TrackingLost
-from . import objectstore, ownership, tracking
+from ..errors import (AlreadyApplied, BaseMismatch, FormatError, HookFailed, InvalidState,
+                      TrackingLost)
+from . import objectstore, ownership, replica_check, tracking
 from .agent import steps_kept, transfer_disk
 from .drills import check_no_overlay_drill
 from .hooks import run_hook
@@ -53,6 +54,7 @@ def _cycle_disk(vault, name, d, source, step, has_point, on_progress, threads, r
         has_point=has_point, resync_all=resync_all, extents=extents, progress=on_progress,
         threads=threads)
     ownership.record_state(me, replica, writing=False)  # binds the new cache to this replica
+    replica_check.adopted(vault, name)
     return moved, read, steps_kept(step, offered, kept, journal)
 
 
@@ -79,7 +81,13 @@ def check_one_writer(vault, name, resync_all):
         except InvalidState as exc:  # another writer: status says so, not only this command
             vault.set_item(name, health="critical", last_error=str(exc))
             raise
-        recorded = ownership.read_state(vault.dir, name, d["idx"])
+        try:
+            recorded = ownership.read_state(vault.dir, name, d["idx"])
+        except FormatError as exc:
+            recorded = unknown_identity(vault, name, points, resync_all, exc.message, exc.path)
+        if recorded is None and points and not replica_check.adopting(vault, name):
+            recorded = unknown_identity(vault, name, points, resync_all, "it is missing",
+                                        ownership.state_path(vault.dir, name, d["idx"]))
         if recorded is None or recorded.replica != d["replica"]:
             # nothing binds the cache to this replica (an older vault, a swapped
             # or moved replica): it is not used; this cycle reads the replica
@@ -93,6 +101,19 @@ def check_one_writer(vault, name, resync_all):
     if reason is not None:
         broken_chain(vault, name, reason, resync_all)
     return reason
+
+
+def unknown_identity(vault, name, points, resync_all, why, path):
+    """A disk's identity record is damaged or missing while the item has
+    points: whether its replica was written outside pydr cannot be told.
+    A plain cycle refuses (exit 7, the item resync-required); --resync, the
+    repair, goes on without the cache. Returns None."""
+    if points and not resync_all:
+        reason = (f"the identity record {path} is damaged or missing ({why}): whether the "
+                  f"replica was written outside pydr cannot be told")
+        mark_resync_required(vault, name, reason)
+        raise FormatError(f"{reason}: run 'pydr replicate {name} --resync'", path=path)
+    return None
 
 
 def broken_chain(vault, name, reason, resync_all):
