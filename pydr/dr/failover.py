@@ -59,6 +59,8 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         try:  # a step lost meanwhile: this point cannot come up, another one can
             check_point(vault, name, row["failover_point"])
         except (DamagedJournal, DamagedPoint) as exc:
+            if all(p["damaged"] for p in vault.points(name)):
+                raise  # no other point can come up either
             raise type(exc)(f"{exc.message}; bring another point up with 'pydr change-point "
                             f"{name} --point N'", path=exc.path, offset=exc.offset) from None
         return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"], method,
