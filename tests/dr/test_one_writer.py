@@ -296,6 +296,8 @@ def test_an_older_vault_adopts_its_replica(item, tmp_path):
     vault, src, rep, history = item
     (rep.parent / ".rep.img.pydr-owner").unlink()
     (vault / "cache" / "vm" / "0.replica").unlink()
+    with Vault(vault, writer=True) as v, v.db:  # what the migration from schema 7 marks
+        v.db.execute("INSERT INTO meta VALUES ('adopt-identity:vm', 'schema 7')")
     write_at(src, 0, os.urandom(4096))
     r = cli(vault, "replicate", "vm", "--json")
     assert r.returncode == 0, r.stderr
