@@ -352,6 +352,9 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None):
         # the disk comes up at the new path; the old replica is left alone
         vault.run_job("materialize", name,
                       lambda d=d, new=new: materialize_disk(vault, name, pid, d, new))
+        # the point's steps are rolled back onto it from now on: its identity is recorded
+        ownership.record_state(owner_of(vault, name, dict(d, replica=new)),
+                               vault.endpoint(name, new), writing=False)
         vault.db.execute("UPDATE disks SET replica=? WHERE item=? AND idx=?", (new, name, d["idx"]))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vault.cache_path(name, d["idx"]))  # described the old path

@@ -84,10 +84,13 @@ def check_one_writer(vault, name, resync_all):
         try:
             recorded = ownership.read_state(vault.dir, name, d["idx"])
         except FormatError as exc:
-            recorded = unknown_identity(vault, name, points, resync_all, exc.message, exc.path)
+            recorded = unknown_identity(vault, name, points, resync_all, replica, exc.path,
+                                        f"of disk {d['idx']} is damaged ({exc.message} at "
+                                        f"offset {exc.offset})")
         if recorded is None and points and not replica_check.adopting(vault, name):
-            recorded = unknown_identity(vault, name, points, resync_all, "it is missing",
-                                        ownership.state_path(vault.dir, name, d["idx"]))
+            recorded = unknown_identity(vault, name, points, resync_all, replica,
+                                        ownership.state_path(vault.dir, name, d["idx"]),
+                                        f"of disk {d['idx']} is missing")
         if recorded is None or recorded.replica != d["replica"]:
             # nothing binds the cache to this replica (an older vault, a swapped
             # or moved replica): it is not used; this cycle reads the replica
@@ -103,14 +106,14 @@ def check_one_writer(vault, name, resync_all):
     return reason
 
 
-def unknown_identity(vault, name, points, resync_all, why, path):
+def unknown_identity(vault, name, points, resync_all, replica, path, what):
     """A disk's identity record is damaged or missing while the item has
     points: whether its replica was written outside pydr cannot be told.
     A plain cycle refuses (exit 7, the item resync-required); --resync, the
     repair, goes on without the cache. Returns None."""
     if points and not resync_all:
-        reason = (f"the identity record {path} is damaged or missing ({why}): whether the "
-                  f"replica was written outside pydr cannot be told")
+        reason = (f"the identity record {what}: whether replica {replica} was written "
+                  f"outside pydr cannot be told")
         mark_resync_required(vault, name, reason)
         raise FormatError(f"{reason}: run 'pydr replicate {name} --resync'", path=path)
     return None
