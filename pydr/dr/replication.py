@@ -53,7 +53,8 @@ def _cycle_disk(vault, name, d, source, step, has_point, on_progress, threads, r
         source, replica, offered=offered, cache=vault.cache_path(name, d["idx"]),
         has_point=has_point, resync_all=resync_all, extents=extents, progress=on_progress,
         threads=threads)
-    ownership.record_state(me, replica, writing=False)  # binds the new cache to this replica
+    ownership.record_state(me, replica, writing=False,  # binds the new cache to this replica
+                           cache=vault.cache_path(name, d["idx"]))
     replica_check.adopted(vault, name)
     return moved, read, steps_kept(step, offered, kept, journal)
 
@@ -96,6 +97,8 @@ def check_one_writer(vault, name, resync_all):
             # or moved replica): it is not used; this cycle reads the replica
             drop_cache(vault, name, d["idx"])
             continue
+        if ownership.cache_unbound(recorded, vault.cache_path(name, d["idx"])):
+            drop_cache(vault, name, d["idx"])  # put back or swapped: the replica is read
         changed = ownership.changed_outside(recorded, replica) if points else None
         if changed is not None and reason is None:
             reason = f"{changed} outside pydr since point {points[-1]['id']}"
