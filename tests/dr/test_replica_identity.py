@@ -188,3 +188,62 @@ def test_only_an_item_from_before_identity_records_adopts_without_one(item, tmp_
                             ).fetchone()[0] == 0
     flip_bit(rep)
     assert cli(vault, "verify", "vm").returncode == 7
+
+
+def test_a_stale_cache_put_back_is_not_used(tmp_path):
+    """The vault's disk returns an older, valid signature cache: the cycle
+    reads the replica instead, which ends equal to the source."""
+    vault, src, rep = tmp_path / "vault", tmp_path / "src.img", tmp_path / "rep.img"
+    init_vault(vault)
+    src.write_bytes(os.urandom(4 * MiB))
+    assert cli(vault, "protect", "vm", "--disk", f"{src}={rep}").returncode == 0
+    assert cli(vault, "replicate", "vm").returncode == 0
+    cache = vault / "cache" / "vm" / "0.sig"
+    old_cache, old_block = cache.read_bytes(), src.read_bytes()[10 * 4096:11 * 4096]
+    with open(src, "r+b") as f:
+        f.seek(10 * 4096)
+        f.write(os.urandom(4096))
+    assert cli(vault, "replicate", "vm").returncode == 0
+    with open(src, "r+b") as f:  # the source puts the block back
+        f.seek(10 * 4096)
+        f.write(old_block)
+    cache.write_bytes(old_cache)
+    r = cli(vault, "replicate", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    assert sha(rep) == sha(src)
+    point = json.loads(r.stdout)[0]["point_id"]
+    r = cli(vault, "materialize", "vm", "--point", str(point), "--to", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    assert sha(tmp_path / "m" / "rep.img") == sha(src)
+
+
+def test_swapped_caches_do_not_damage_points(tmp_path):
+    vault, rep_dir = tmp_path / "vault", tmp_path / "dr"
+    init_vault(vault)
+    rep_dir.mkdir()
+    srcs = [tmp_path / f"{n}.img" for n in "ab"]
+    for s in srcs:
+        s.write_bytes(os.urandom(4 * MiB))
+    assert cli(vault, "protect", "vm", *sum((["--disk", f"{s}={rep_dir / s.name}"]
+                                             for s in srcs), [])).returncode == 0
+    history = {}
+    for n in range(2):
+        for s in srcs:
+            with open(s, "r+b") as f:
+                f.seek(n * MiB)
+                f.write(os.urandom(8192))
+        r = cli(vault, "replicate", "vm", "--json")
+        assert r.returncode == 0, r.stderr
+        history[json.loads(r.stdout)[0]["point_id"]] = [sha(s) for s in srcs]
+    caches = vault / "cache" / "vm"
+    a, b = (caches / "0.sig").read_bytes(), (caches / "1.sig").read_bytes()
+    (caches / "0.sig").write_bytes(b)
+    (caches / "1.sig").write_bytes(a)
+    r = cli(vault, "replicate", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    history[json.loads(r.stdout)[0]["point_id"]] = [sha(s) for s in srcs]
+    assert status(vault)["damaged_points"] == []
+    for point, digests in history.items():
+        out = tmp_path / f"m{point}"
+        assert cli(vault, "materialize", "vm", "--point", str(point), "--to", out).returncode == 0
+        assert [sha(out / s.name) for s in srcs] == digests
