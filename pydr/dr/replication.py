@@ -139,12 +139,6 @@ def rows_holding(vault, rows, path):
     return holding or rows
 
 
-def forget_replica_states(vault, name):
-    for d in vault.disks(name):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ownership.state_path(vault.dir, name, d["idx"]))
-
-
 def drop_cache(vault, name, idx):
     with contextlib.suppress(FileNotFoundError):
         os.unlink(vault.cache_path(name, idx))
@@ -254,8 +248,7 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                                      resync_all=resync_all, bwlimit=bwlimit)
     fleet = getattr(vault, "fleet", None)
     if fleet is not None and all(r["direction"] == "forward" for r in rows):
-        for n in names:  # its workers record no replica identity: a later cycle here adopts
-            forget_replica_states(vault, n)
+        # the fleet checks and records the replicas' identities too
         return fleet.replicate(vault, names, app_consistent=app_consistent, progress=progress,
                                threads=threads, resync_all=resync_all)
     check_can_replicate(vault, rows)
