@@ -70,12 +70,18 @@ def rebind_replicas(work):
     from pydr.dr import ownership
     from pydr.engine.identity import file_identity
 
-    for path in glob.glob(os.path.join(work, "**", "cache", "*", "*.replica"), recursive=True):
+    from pydr.engine import names
+
+    records = glob.glob(os.path.join(work, "**", "cache", "*", "*.replica"), recursive=True)
+    records += glob.glob(os.path.join(work, "**", "cache", "*", "*.baseline"), recursive=True)
+    for path in records:
         with open(path, "rb") as f:
             rec = ownership.decode(f.read(), path)
         if rec.identity is None:
             continue
         replica = rec.replica.split(":", 1)[-1]  # "127.0.0.1:PATH" on the test's sshd is here too
+        if path.endswith(".baseline"):  # a failover's baseline beside the replica
+            replica = names.beside(replica, names.BASE)
         if os.path.exists(replica):  # durable first: a power-cut disk writes it back only then
             fd = os.open(replica, os.O_RDONLY)
             os.fsync(fd)

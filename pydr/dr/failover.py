@@ -23,11 +23,11 @@ import os
 from ..endpoints import remove_all
 from ..engine import crashpoints, names
 from ..errors import DamagedJournal, DamagedPoint, InvalidState, PydrError, UnknownName
-from . import objectstore
+from . import objectstore, ownership
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
 from .points import SELECTORS, check_point, materialize_disk, select_point
-from .replication import replicate
+from .replication import owner_of, replicate
 
 __all__ = ["failover", "change_point", "commit", "reprotect", "failback", "select_point",
            "SELECTORS"]
@@ -59,6 +59,8 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         try:  # a step lost meanwhile: this point cannot come up, another one can
             check_point(vault, name, row["failover_point"])
         except (DamagedJournal, DamagedPoint) as exc:
+            if all(p["damaged"] for p in vault.points(name)):
+                raise  # no other point can come up either
             raise type(exc)(f"{exc.message}; bring another point up with 'pydr change-point "
                             f"{name} --point N'", path=exc.path, offset=exc.offset) from None
         return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"], method,
@@ -134,6 +136,10 @@ def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None, 
             base = replica.sidecar(names.BASE)
             if not base.exists():
                 replica.rename(base)  # atomic; the baseline of every step
+                # the rename changed its ctime: recorded (durably) before any point is
+                # made from it, so that a resumed failover and change-point check it
+                ownership.record_state(owner_of(vault, name, d), base, writing=False,
+                                       which=ownership.BASELINE)
                 crashpoints.reached("failover.baseline")
             methods.append(materialize_disk(vault, name, pid, d, replica, method=method,
                                             progress=progress))  # whole, by a rename
@@ -242,6 +248,7 @@ def commit(vault, name):
         for d in vault.disks(name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(vault.cache_path(name, d["idx"]))
+            ownership.forget_state(vault.dir, name, d["idx"], ownership.BASELINE)
         crashpoints.reached("commit.removed")
         flipped = "reverse" if row["direction"] == "forward" else "forward"
         with vault.db:
@@ -345,6 +352,9 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None):
         # the disk comes up at the new path; the old replica is left alone
         vault.run_job("materialize", name,
                       lambda d=d, new=new: materialize_disk(vault, name, pid, d, new))
+        # the point's steps are rolled back onto it from now on: its identity is recorded
+        ownership.record_state(owner_of(vault, name, dict(d, replica=new)),
+                               vault.endpoint(name, new), writing=False)
         vault.db.execute("UPDATE disks SET replica=? WHERE item=? AND idx=?", (new, name, d["idx"]))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vault.cache_path(name, d["idx"]))  # described the old path

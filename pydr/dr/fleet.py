@@ -25,10 +25,11 @@ import uuid
 
 from ..engine import crashpoints
 from ..errors import FleetError, InvalidState, NoWorkerForHost
+from . import ownership, replica_check
 from .agent import RESOURCE_PREFIX, cycle_item
 from .points import apply_retention
 from .replication import (CycleResult, check_can_replicate, check_hooks, check_not_stuck,
-                          record_point)
+                          check_one_writer, owner_of, record_point)
 from .retry import recoverable
 
 DEFAULT_HOST_TIMEOUT = 300.0  # seconds a host may be without a worker
@@ -135,6 +136,8 @@ def replicate(fleet, vault, names, *, app_consistent=False, progress=None, threa
     if tracked:
         raise InvalidState(f"{', '.join(tracked)} uses changed-block tracking, which a fleet "
                            f"does not run yet: replicate it without --scheduler", path=vault.dir)
+    for r in rows:  # one writer, and each replica as its last cycle left it
+        check_one_writer(vault, r["name"], resync_all)
     check_not_stuck(vault, names, resync_all)
     if app_consistent:
         check_hooks(vault, rows)
@@ -149,6 +152,9 @@ def replicate(fleet, vault, names, *, app_consistent=False, progress=None, threa
     futures = {}
     cycle = uuid.uuid4().hex[:12]
     for r in rows:
+        for d in vault.disks(r["name"]):  # what changes the replica now is this cycle
+            ownership.record_state(owner_of(vault, r["name"], d),
+                                   vault.endpoint(r["name"], d["replica"]), writing=True)
         task = _task(vault, r, app_consistent=app_consistent, threads=threads,
                      resync_all=resync_all)
         f = fleet.client.submit(cycle_item, task, key=f"pydr-cycle-{r['name']}-{cycle}",
@@ -225,6 +231,10 @@ def replicate(fleet, vault, names, *, app_consistent=False, progress=None, threa
 def _record(vault, name, result, job, consistency, point_id, moved):
     """Record one task's result: its steps and point in one transaction,
     then retention, then its job. Returns the cycle's point id."""
+    for d in vault.disks(name):  # binds the cache the task wrote to the replica it left
+        ownership.record_state(owner_of(vault, name, d), vault.endpoint(name, d["replica"]),
+                               writing=False, cache=vault.cache_path(name, d["idx"]))
+    replica_check.adopted(vault, name)
     steps = [(name, d["idx"], [tuple(s) for s in d["steps"]]) for d in result["disks"]]
     item_bytes = sum(d["moved"] for d in result["disks"])
     point_id = record_point(vault, [name], consistency=consistency, cuts={name: result["cut"]},

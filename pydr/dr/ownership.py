@@ -37,14 +37,16 @@ from ..errors import FormatError, InvalidState, UnsupportedFile
 
 MAGIC = b"PYDROWN\0"
 END_MAGIC = b"PYDREND\0"
-VERSION = 1
+VERSION = 2  # 2: the digest of the signature cache the last cycle left
 WRITING = 1   # flag: a cycle was writing the replica (its identity is not known)
 IDENTIFIED = 2  # flag: the identity fields are the replica's after the last cycle
+CACHED = 4  # flag: the cache digest is the one of the signature cache the cycle wrote
 MAX_BYTES = 64 << 10  # three names of at most ~4 KiB each, and the fixed fields
 
-_HEADER = struct.Struct("<8sHHI16sQqqQQHHHH")
+_HEADER_V1 = struct.Struct("<8sHHI16sQqqQQHHHH")
 # magic, version, flags, disk index, vault id, size, mtime_ns, ctime_ns, inode, device,
-# item length, replica length, vault path length, reserved
+# item length, replica length, vault path length, reserved; version 2 then:
+_HEADER = struct.Struct(_HEADER_V1.format + "16s")  # the cache digest
 _END = struct.Struct("<8sQ")  # magic, total length; then the xxh3-128 checksum
 
 
@@ -53,11 +55,14 @@ class Owner:
     the item and disk index, the replica's spec, and (the vault's copy) the
     replica's identity after the last cycle, or None."""
 
-    __slots__ = ("vault_id", "vault_dir", "item", "idx", "replica", "identity", "writing")
+    __slots__ = ("vault_id", "vault_dir", "item", "idx", "replica", "identity", "writing",
+                 "cache")
 
-    def __init__(self, vault_id, vault_dir, item, idx, replica, identity=None, writing=False):
+    def __init__(self, vault_id, vault_dir, item, idx, replica, identity=None, writing=False,
+                 cache=None):
         self.vault_id, self.vault_dir, self.item, self.idx = vault_id, vault_dir, item, idx
         self.replica, self.identity, self.writing = replica, identity, writing
+        self.cache = cache  # cache_digest() of the signature cache the cycle left, or None
 
     def same_owner(self, other):
         return (self.vault_id, self.item, self.idx) == (other.vault_id, other.item, other.idx)
@@ -78,10 +83,11 @@ def encode(owner):
     texts = [s.encode() for s in (owner.item, owner.replica, owner.vault_dir)]
     if any(len(t) > 0xFFFF for t in texts):
         raise ValueError("a name in an owner record is longer than 65535 bytes")
-    flags = (WRITING if owner.writing else 0) | (IDENTIFIED if owner.identity else 0)
+    flags = (WRITING if owner.writing else 0) | (IDENTIFIED if owner.identity else 0) | (
+        CACHED if owner.cache else 0)
     ident = owner.identity or (0, 0, 0, 0, 0)
     body = _HEADER.pack(MAGIC, VERSION, flags, owner.idx, bytes.fromhex(owner.vault_id), *ident,
-                        *(len(t) for t in texts), 0) + b"".join(texts)
+                        *(len(t) for t in texts), 0, owner.cache or bytes(16)) + b"".join(texts)
     body += _END.pack(END_MAGIC, len(body) + _END.size + 16)
     return body + _checksum(body)
 
@@ -89,19 +95,24 @@ def encode(owner):
 def decode(blob, where):
     """The Owner in `blob`; FormatError naming `where` and the offset of the
     first problem otherwise."""
-    if len(blob) < _HEADER.size + _END.size + 16:
+    if len(blob) < _HEADER_V1.size + _END.size + 16:
         raise FormatError(f"owner record is truncated ({len(blob)} bytes)", path=where, offset=0)
-    fields = _HEADER.unpack_from(blob)
-    magic, version, flags, idx, vault_id, *ident = fields[:10]
-    lengths = fields[10:13]
-    if magic != MAGIC:
+    if blob[:8] != MAGIC:
         raise FormatError("not a pydr owner record", path=where, offset=0)
-    if version != VERSION:
+    version = struct.unpack_from("<H", blob, 8)[0]
+    if version not in (1, VERSION):
         raise FormatError(f"owner record version {version} is not supported", path=where,
                           offset=8)
-    if flags & ~(WRITING | IDENTIFIED) or fields[13]:
+    header = _HEADER if version == VERSION else _HEADER_V1
+    if len(blob) < header.size + _END.size + 16:
+        raise FormatError(f"owner record is truncated ({len(blob)} bytes)", path=where, offset=0)
+    fields = header.unpack_from(blob)
+    magic, version, flags, idx, vault_id, *ident = fields[:10]
+    lengths = fields[10:13]
+    cache = fields[14] if version == VERSION and flags & CACHED else None
+    if flags & ~(WRITING | IDENTIFIED | CACHED) or fields[13]:
         raise FormatError("owner record has unknown flags", path=where, offset=10)
-    end = _HEADER.size + sum(lengths)
+    end = header.size + sum(lengths)
     if len(blob) != end + _END.size + 16:
         raise FormatError(f"owner record is {len(blob)} bytes, its header says "
                           f"{end + _END.size + 16}", path=where, offset=_HEADER.size)
@@ -111,7 +122,7 @@ def decode(blob, where):
     if blob[-16:] != _checksum(blob[:-16]):
         raise FormatError("owner record checksum mismatch: the file is damaged", path=where,
                           offset=len(blob) - 16)
-    texts, at = [], _HEADER.size
+    texts, at = [], header.size
     for n in lengths:
         try:
             texts.append(blob[at:at + n].decode())
@@ -121,7 +132,7 @@ def decode(blob, where):
         at += n
     item, replica, vault_dir = texts
     return Owner(vault_id.hex(), vault_dir, item, idx, replica,
-                 tuple(ident) if flags & IDENTIFIED else None, bool(flags & WRITING))
+                 tuple(ident) if flags & IDENTIFIED else None, bool(flags & WRITING), cache)
 
 
 # -- the owner file beside a replica ------------------------------------------------
@@ -232,34 +243,69 @@ def identity(replica):
     return replica.file_identity()
 
 
-def state_path(vault_dir, item, idx):
-    return os.path.join(vault_dir, "cache", item, f"{idx}.replica")
+REPLICA, BASELINE = "replica", "baseline"  # whose identity a state record holds
 
 
-def read_state(vault_dir, item, idx):
-    """The Owner the vault recorded for a disk's replica after its last
-    cycle, or None (none recorded, or a damaged record: the replica is then
-    adopted as it is, and its signature cache not used)."""
-    path = state_path(vault_dir, item, idx)
+def state_path(vault_dir, item, idx, which=REPLICA):
+    """``cache/ITEM/IDX.replica``, or ``IDX.baseline``: the identity of the
+    replica's baseline, which a failover records right after its rename."""
+    return os.path.join(vault_dir, "cache", item, f"{idx}.{which}")
+
+
+def read_state(vault_dir, item, idx, which=REPLICA):
+    """The Owner the vault recorded for a disk's replica (or its baseline)
+    after its last cycle (rename), or None when none is recorded.
+    FormatError naming the file and the offset for a damaged record: the
+    caller decides (an item with points cannot trust its replica)."""
+    path = state_path(vault_dir, item, idx, which)
     try:
         with open(path, "rb") as f:
             return decode(f.read(MAX_BYTES + 1), path)
-    except (FileNotFoundError, FormatError):
+    except FileNotFoundError:
         return None
 
 
-def record_state(me, replica, *, writing):
+def read_state_exists(vault_dir, item, idx, which=REPLICA):
+    return os.path.exists(state_path(vault_dir, item, idx, which))
+
+
+def forget_state(vault_dir, item, idx, which=REPLICA):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state_path(vault_dir, item, idx, which))
+
+
+def cache_digest(path):
+    """A digest of the signature cache at `path` (of its trailer, which
+    holds the checksum of the whole file), or None when there is none."""
+    from ..engine.signatures import TRAILER_SIZE
+
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < TRAILER_SIZE:
+                return _checksum(b"")
+            f.seek(-TRAILER_SIZE, os.SEEK_END)
+            return _checksum(f.read(TRAILER_SIZE))
+    except FileNotFoundError:
+        return None
+
+
+def record_state(me, replica, *, writing, which=REPLICA, cache=None):
     """Record in the vault (``me.vault_dir``) the replica's identity now, or,
-    with ``writing``, that a cycle is about to write it."""
+    with ``writing``, that a cycle is about to write it. ``which``
+    BASELINE: `replica` is the endpoint of the replica's baseline. `cache`:
+    the path of the signature cache the cycle wrote, bound to the replica
+    by its digest (a cache put back from elsewhere is then not used)."""
     from ..engine.atomic import atomic_write
 
-    path = state_path(me.vault_dir, me.item, me.idx)
+    path = state_path(me.vault_dir, me.item, me.idx, which)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     if not writing and getattr(replica, "local_path", None):
         _sync_times(replica.local_path)
     now = None if writing else identity(replica)
     state = Owner(me.vault_id, me.vault_dir, me.item, me.idx, me.replica,
-                  now if isinstance(now, tuple) else None, writing)
+                  now if isinstance(now, tuple) else None, writing,
+                  None if writing or cache is None else cache_digest(cache))
     with atomic_write(path) as f:
         f.write(encode(state))
 
@@ -278,7 +324,20 @@ def _sync_times(path):
         os.close(fd)
 
 
-def changed_outside(recorded, replica):
+def cache_unbound(recorded, cache):
+    """Why the signature cache at `cache` is not the one the last cycle left
+    with the replica recorded in `recorded` (a sentence), or None when it is
+    (or when there is none)."""
+    if not os.path.exists(cache):
+        return None
+    if recorded is None or recorded.writing or recorded.identity is None:
+        return f"signature cache {cache} is not bound to the replica"
+    if recorded.cache != cache_digest(cache):
+        return f"signature cache {cache} is not the one the last cycle left"
+    return None
+
+
+def changed_outside(recorded, replica, what="replica"):
     """Why `replica` is not as the last cycle left it (a sentence), or None
     when it is, or when that cannot be told (no identity recorded, a cycle
     of this item was interrupted while writing it, a replica this machine
@@ -290,13 +349,13 @@ def changed_outside(recorded, replica):
     if now is None:
         return None
     if now == "missing":
-        return f"replica {replica} is missing"
+        return f"{what} {replica} is missing"
     # inode and device are recorded, not compared: a remount (FUSE) or a device
     # numbered anew at boot (device mapper) changes them with no write; a file
     # put in the replica's place has its own ctime
     size, mtime, ctime, _, _ = recorded.identity
     if size != now[0]:
-        return f"replica {replica} changed size from {size} to {now[0]} bytes"
+        return f"{what} {replica} changed size from {size} to {now[0]} bytes"
     if (mtime, ctime) != now[1:3]:
-        return f"replica {replica} was written"
+        return f"{what} {replica} was written"
     return None

@@ -12,6 +12,7 @@ from ..engine import crashpoints
 from ..engine import journal as J
 from ..errors import CorruptDelta, DamagedJournal, DamagedPoint, InvalidState, UnknownName
 from . import stepdigest
+from .replica_check import check_replicas
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
 
@@ -139,7 +140,8 @@ def check_point(vault, name, point_id):
     sound, before anything is written or renamed: DamagedPoint (exit 7) for
     a point marked damaged, DamagedJournal (exit 7, naming the step and the
     offset) for a step found damaged now, which marks every point that needs
-    it. Steps on this machine are read through and every record checked
+    it; DamagedPoint (exit 7) when the replica (or its baseline) is not the
+    file the points were made on (pydr.dr.replica_check). Steps on this machine are read through and every record checked
     (journal.check_step); those at a remote place by their size against the
     vault's record (the place that materialises checks their records before
     it writes)."""
@@ -150,6 +152,7 @@ def check_point(vault, name, point_id):
     for d in vault.disks(name):
         for s in steps_of(vault, name, point_id, d["idx"]):
             check_step(vault, name, d["idx"], s)
+    check_replicas(vault, name)  # the file the steps are rolled back onto
 
 
 def check_step(vault, name, idx, step, *, whole=True):

@@ -24,9 +24,9 @@ import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import (AlreadyApplied, BaseMismatch, DamagedJournal, HookFailed, InvalidState,
-                      PydrError, TrackingLost)
-from . import objectstore, ownership, stepdigest, tracking
+from ..errors import (AlreadyApplied, BaseMismatch, DamagedJournal, FormatError, HookFailed,
+                      InvalidState, PydrError, TrackingLost)
+from . import objectstore, ownership, replica_check, stepdigest, tracking
 from .agent import steps_kept, transfer_disk
 from .drills import check_no_overlay_drill
 from .hooks import run_hook
@@ -53,7 +53,9 @@ def _cycle_disk(vault, name, d, source, step, has_point, on_progress, threads, r
         source, replica, offered=offered, cache=vault.cache_path(name, d["idx"]),
         has_point=has_point, resync_all=resync_all, extents=extents, progress=on_progress,
         threads=threads)
-    ownership.record_state(me, replica, writing=False)  # binds the new cache to this replica
+    ownership.record_state(me, replica, writing=False,  # binds the new cache to this replica
+                           cache=vault.cache_path(name, d["idx"]))
+    replica_check.adopted(vault, name)
     return moved, read, steps_kept(step, offered, kept, journal)
 
 
@@ -80,12 +82,23 @@ def check_one_writer(vault, name, resync_all):
         except InvalidState as exc:  # another writer: status says so, not only this command
             vault.set_item(name, health="critical", last_error=str(exc))
             raise
-        recorded = ownership.read_state(vault.dir, name, d["idx"])
+        try:
+            recorded = ownership.read_state(vault.dir, name, d["idx"])
+        except FormatError as exc:
+            recorded = unknown_identity(vault, name, points, resync_all, replica, exc.path,
+                                        f"of disk {d['idx']} is damaged ({exc.message} at "
+                                        f"offset {exc.offset})")
+        if recorded is None and points and not replica_check.adopting(vault, name):
+            recorded = unknown_identity(vault, name, points, resync_all, replica,
+                                        ownership.state_path(vault.dir, name, d["idx"]),
+                                        f"of disk {d['idx']} is missing")
         if recorded is None or recorded.replica != d["replica"]:
             # nothing binds the cache to this replica (an older vault, a swapped
             # or moved replica): it is not used; this cycle reads the replica
             drop_cache(vault, name, d["idx"])
             continue
+        if ownership.cache_unbound(recorded, vault.cache_path(name, d["idx"])):
+            drop_cache(vault, name, d["idx"])  # put back or swapped: the replica is read
         changed = ownership.changed_outside(recorded, replica) if points else None
         if changed is not None and reason is None:
             reason = f"{changed} outside pydr since point {points[-1]['id']}"
@@ -94,6 +107,19 @@ def check_one_writer(vault, name, resync_all):
     if reason is not None:
         broken_chain(vault, name, reason, resync_all)
     return reason
+
+
+def unknown_identity(vault, name, points, resync_all, replica, path, what):
+    """A disk's identity record is damaged or missing while the item has
+    points: whether its replica was written outside pydr cannot be told.
+    A plain cycle refuses (exit 7, the item resync-required); --resync, the
+    repair, goes on without the cache. Returns None."""
+    if points and not resync_all:
+        reason = (f"the identity record {what}: whether replica {replica} was written "
+                  f"outside pydr cannot be told")
+        mark_resync_required(vault, name, reason)
+        raise FormatError(f"{reason}: run 'pydr replicate {name} --resync'", path=path)
+    return None
 
 
 def broken_chain(vault, name, reason, resync_all):
@@ -111,12 +137,6 @@ def rows_holding(vault, rows, path):
         vault.endpoint(r["name"], d["replica"]).local_path == path
         for d in vault.disks(r["name"]))]
     return holding or rows
-
-
-def forget_replica_states(vault, name):
-    for d in vault.disks(name):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ownership.state_path(vault.dir, name, d["idx"]))
 
 
 def drop_cache(vault, name, idx):
@@ -239,8 +259,7 @@ def replicate(vault, names, *, app_consistent=False, progress=None, threads=None
                                      resync_all=resync_all, bwlimit=bwlimit)
     fleet = getattr(vault, "fleet", None)
     if fleet is not None and all(r["direction"] == "forward" for r in rows):
-        for n in names:  # its workers record no replica identity: a later cycle here adopts
-            forget_replica_states(vault, n)
+        # the fleet checks and records the replicas' identities too
         return fleet.replicate(vault, names, app_consistent=app_consistent, progress=progress,
                                threads=threads, resync_all=resync_all)
     check_can_replicate(vault, rows)

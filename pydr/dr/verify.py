@@ -5,15 +5,18 @@ in an object store).
 Every step is read through and checked as a restore would read it (header,
 every record and its payload hash, the COMMIT, the size the vault recorded;
 pydr.engine.journal.check_step), and so is every signature cache of the
-item (its whole-file checksum). A damaged step marks the points that need
-it: they are never restored. The replicas themselves are read back and
-compared with their signature caches (pydr.dr.scrub)."""
+item (its whole-file checksum), and the identity of the replica (or its
+baseline) against the vault's record (pydr.dr.replica_check). A damaged
+step marks the points that need it: they are never restored. The replicas
+themselves are read back and compared with their signature caches
+(pydr.dr.scrub)."""
 
 import os
 import random
 
 from ..errors import CorruptDelta, FormatError
 from .points import check_step, steps_of
+from .replica_check import check_replicas
 from .scrub import scrub_item
 
 
@@ -43,11 +46,17 @@ def verify_steps(vault, name, point_id=None, sample=100.0):
         row = steps[(idx, number)]
         try:
             check_step(vault, name, idx, row)  # marks the points that need a damaged one
+        except ConnectionError:  # a site that cannot be reached says nothing of its steps
+            raise
         except (CorruptDelta, OSError) as exc:
             problems.append(f"disk {idx}, step {number}: {exc}")
         checked += 1
         nbytes += row["bytes"]
         size_only += vault.endpoint(name, row["path"]).local_path is None
+    try:  # the file the steps are rolled back onto is the one they were made on
+        check_replicas(vault, name)
+    except (FormatError, OSError) as exc:
+        problems.append(f"{exc}")
     caches = 0
     for d in vault.disks(name):
         cache = vault.cache_path(name, d["idx"])
