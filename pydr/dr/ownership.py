@@ -303,9 +303,12 @@ def record_state(me, replica, *, writing, which=REPLICA, cache=None):
     if not writing and getattr(replica, "local_path", None):
         _sync_times(replica.local_path)
     now = None if writing else identity(replica)
+    # writing: the cache is the one the cycle starts from (it is replaced only
+    # when the cycle is whole), which a resumed cycle still trusts to find
+    # blocks its journal lost
     state = Owner(me.vault_id, me.vault_dir, me.item, me.idx, me.replica,
                   now if isinstance(now, tuple) else None, writing,
-                  None if writing or cache is None else cache_digest(cache))
+                  None if cache is None else cache_digest(cache))
     with atomic_write(path) as f:
         f.write(encode(state))
 
@@ -330,9 +333,9 @@ def cache_unbound(recorded, cache):
     (or when there is none)."""
     if not os.path.exists(cache):
         return None
-    if recorded is None or recorded.writing or recorded.identity is None:
+    if recorded is None or (recorded.identity is None and not recorded.writing):
         return f"signature cache {cache} is not bound to the replica"
-    if recorded.cache != cache_digest(cache):
+    if recorded.cache != cache_digest(cache):  # writing: the cache its cycle started from
         return f"signature cache {cache} is not the one the last cycle left"
     return None
 

@@ -48,7 +48,8 @@ def _cycle_disk(vault, name, d, source, step, has_point, on_progress, threads, r
     replica = vault.endpoint(name, d["replica"])
     offered = [replica.step_spec(name, d["idx"], step + i, vault.dir) for i in (0, 1)]
     me = owner_of(vault, name, d)
-    ownership.record_state(me, replica, writing=True)  # what changes it now is this cycle
+    ownership.record_state(me, replica, writing=True,  # what changes it now is this cycle
+                           cache=vault.cache_path(name, d["idx"]))
     moved, read, kept, journal = transfer_disk(
         source, replica, offered=offered, cache=vault.cache_path(name, d["idx"]),
         has_point=has_point, resync_all=resync_all, extents=extents, progress=on_progress,

@@ -100,13 +100,7 @@ def check_no_lost_records(applier, cache, block_size, threads):
         return
     covered = np.zeros(n, dtype=bool)
     spans = sorted((r[3], r[3] + r[4]) for r in J.scan(journal.path).records)
-    merged = []
-    for s, e in spans:
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    for s, e in merged:
+    for s, e in merge_spans(spans):
         last = n if e >= old_size else min(n, e // block_size)
         covered[-(-s // block_size):last] = True
     lost = differ[~covered[differ]]
@@ -145,7 +139,11 @@ def _coalesce(ranges, block_size, limit):
         end = min(limit, -(-(int(off) + int(length)) // block_size) * block_size)
         if end > start:
             spans.append([start, end])
-    spans.sort()
+    return merge_spans(sorted(spans))
+
+
+def merge_spans(spans):
+    """Sorted [start, end) spans, those that touch or overlap made one."""
     merged = []
     for s, e in spans:
         if merged and s <= merged[-1][1]:
