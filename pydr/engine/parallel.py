@@ -80,6 +80,7 @@ def run_chunks(nchunks, threads, make_worker_state, do_chunk, progress, throttle
             progress.request_cancel()
         throttle.report(progress.done, progress.read)
 
+    tick()  # a first record before any read: a caller sees the start, whatever the load
     try:
         start_all(pool, done, progress.request_cancel)
         wait_all(done, tick, progress.request_cancel)
