@@ -42,3 +42,36 @@ def change(img, tmp_path, tag=0):
     if tag == 0:
         commands.append("rm /var/log/big.bin")
     debugfs(img, *commands, tmp_path=tmp_path)
+
+
+def cycled_item(tmp_path, cli, sha, *, seed, written):
+    """Item 'vm' of the vault PYDR_VAULT names (made at tmp_path/vault):
+    two 1 MiB random disks a.img and c.img replicated to tmp_path/site-b,
+    3 cycles, `written(n)` random bytes changed in disk n before cycles 2
+    and 3. Returns ([(source, replica)], {point: [sha of each source]})."""
+    import json
+
+    rng = random.Random(seed)
+    (tmp_path / "site-b").mkdir()
+    pairs = []
+    for name in ("a", "c"):
+        src = tmp_path / f"{name}.img"
+        src.write_bytes(rng.randbytes(1 << 20))
+        pairs.append((src, tmp_path / "site-b" / f"{name}.img"))
+    assert cli("vault", "init", tmp_path / "vault").returncode == 0
+    args = ["protect", "vm"]
+    for s, r in pairs:
+        args += ["--disk", f"{s}={r}"]
+    assert cli(*args).returncode == 0
+    history = {}
+    for cycle in range(3):
+        for n, (src, _) in enumerate(pairs):
+            if cycle:
+                with open(src, "r+b") as f:
+                    f.seek(rng.randrange(0, (1 << 20) - 60_000))
+                    f.write(rng.randbytes(written(n)))
+        r = cli("replicate", "vm", "--json")
+        assert r.returncode == 0, r.stderr
+        history[json.loads(r.stdout)[0]["point_id"]] = [sha(s) for s, _ in pairs]
+    assert sorted(history) == [1, 2, 3]
+    return pairs, history

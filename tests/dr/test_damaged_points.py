@@ -15,6 +15,7 @@ import random
 import pytest
 
 from conftest import run_cli, sha
+from disks import cycled_item
 
 HEADER, RECORD = 96, 64
 
@@ -25,28 +26,7 @@ def item(tmp_path, monkeypatch):
     (disk 0) and 1-1, 1-2 (disk 1); point 2 needs 0-2 and 1-2; point 3 none.
     Returns (tmp_path, [(source, replica)], {point: [sha of each disk]})."""
     monkeypatch.setenv("PYDR_VAULT", str(tmp_path / "vault"))
-    rng = random.Random(7)
-    (tmp_path / "site-b").mkdir()
-    pairs = []
-    for name in ("a", "c"):
-        src = tmp_path / f"{name}.img"
-        src.write_bytes(rng.randbytes(1 << 20))
-        pairs.append((src, tmp_path / "site-b" / f"{name}.img"))
-    assert cli("vault", "init", tmp_path / "vault").returncode == 0
-    args = ["protect", "vm"]
-    for s, r in pairs:
-        args += ["--disk", f"{s}={r}"]
-    assert cli(*args).returncode == 0
-    history = {}
-    for cycle in range(3):
-        for n, (src, _) in enumerate(pairs):
-            if cycle:
-                with open(src, "r+b") as f:
-                    f.seek(rng.randrange(0, (1 << 20) - 60_000))
-                    f.write(rng.randbytes(50_000 * (n + 1)))
-        res = json.loads(cli("replicate", "vm", "--json").stdout)[0]
-        history[res["point_id"]] = [sha(s) for s, _ in pairs]
-    assert sorted(history) == [1, 2, 3]
+    pairs, history = cycled_item(tmp_path, cli, sha, seed=7, written=lambda n: 50_000 * (n + 1))
     return tmp_path, pairs, history
 
 

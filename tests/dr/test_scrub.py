@@ -12,6 +12,7 @@ import random
 import pytest
 
 from conftest import run_cli, sha
+from disks import cycled_item
 from pydr.dr import scrub
 from pydr.engine.sigstream import SignatureReader
 
@@ -21,25 +22,7 @@ def item(tmp_path, monkeypatch):
     """Item 'vm', two 1 MiB disks, 3 cycles. Returns (tmp_path, [(source,
     replica)])."""
     monkeypatch.setenv("PYDR_VAULT", str(tmp_path / "vault"))
-    rng = random.Random(11)
-    (tmp_path / "site-b").mkdir()
-    pairs = []
-    for name in ("a", "c"):
-        src = tmp_path / f"{name}.img"
-        src.write_bytes(rng.randbytes(1 << 20))
-        pairs.append((src, tmp_path / "site-b" / f"{name}.img"))
-    assert cli("vault", "init", tmp_path / "vault").returncode == 0
-    args = ["protect", "vm"]
-    for s, r in pairs:
-        args += ["--disk", f"{s}={r}"]
-    assert cli(*args).returncode == 0
-    for cycle in range(3):
-        for src, _ in pairs:
-            if cycle:
-                with open(src, "r+b") as f:
-                    f.seek(rng.randrange(0, (1 << 20) - 60_000))
-                    f.write(rng.randbytes(50_000))
-        assert cli("replicate", "vm").returncode == 0
+    pairs, history = cycled_item(tmp_path, cli, sha, seed=11, written=lambda n: 50_000)
     return tmp_path, pairs
 
 
