@@ -31,22 +31,27 @@ def status(vault, item):
     return json.loads(cli(vault, "status", item, "--json").stdout)
 
 
-@pytest.fixture
-def item(tmp_path):
-    """A vault with item "vm" (one 4 MiB disk) and two points; returns
-    (vault, source, replica, {point id: sha256 of the source at it})."""
+def protected_item(tmp_path, points, skew=0):
+    """A vault with item "vm" (one 4 MiB disk) and `points` points, cycle n
+    changing 64 KiB at n MiB + `skew`; returns (vault, source, replica,
+    {point id: sha256 of the source at it})."""
     vault, src, rep = tmp_path / "vault", tmp_path / "src.img", tmp_path / "dr" / "rep.img"
     init_vault(vault)
     rep.parent.mkdir()
     src.write_bytes(os.urandom(4 * MiB))
     assert cli(vault, "protect", "vm", "--disk", f"{src}={rep}").returncode == 0
     history = {}
-    for n in range(2):
-        write_at(src, n * MiB, os.urandom(64 << 10))
+    for n in range(points):
+        write_at(src, n * MiB + skew, os.urandom(64 << 10))
         r = cli(vault, "replicate", "vm", "--json")
         assert r.returncode == 0, r.stderr
         history[json.loads(r.stdout)[0]["point_id"]] = sha(src)
     return vault, src, rep, history
+
+
+@pytest.fixture
+def item(tmp_path):
+    return protected_item(tmp_path, 2)
 
 
 def materialized(vault, tmp_path, point):

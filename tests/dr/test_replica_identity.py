@@ -13,6 +13,7 @@ from pydr.dr import ownership
 from pydr.dr.vault import Vault, init_vault
 
 from conftest import run_cli, sha
+from test_one_writer import protected_item
 
 MiB = 1 << 20
 
@@ -35,22 +36,8 @@ def status(vault, item="vm"):
 
 @pytest.fixture
 def item(tmp_path):
-    """A vault with item "vm" (one 4 MiB disk) and three points; returns
-    (vault, source, replica, {point id: sha256 of the source at it})."""
-    vault, src, rep = tmp_path / "vault", tmp_path / "src.img", tmp_path / "dr" / "rep.img"
-    init_vault(vault)
-    rep.parent.mkdir()
-    src.write_bytes(os.urandom(4 * MiB))
-    assert cli(vault, "protect", "vm", "--disk", f"{src}={rep}").returncode == 0
-    history = {}
-    for n in range(3):
-        with open(src, "r+b") as f:
-            f.seek(n * MiB + 4096)
-            f.write(os.urandom(64 << 10))
-        r = cli(vault, "replicate", "vm", "--json")
-        assert r.returncode == 0, r.stderr
-        history[json.loads(r.stdout)[0]["point_id"]] = sha(src)
-    return vault, src, rep, history
+    """A vault with item "vm" (one 4 MiB disk) and three points."""
+    return protected_item(tmp_path, 3, skew=4096)
 
 
 def test_an_outside_write_to_the_replica_stops_every_restore(item, tmp_path):
