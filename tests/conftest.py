@@ -206,8 +206,12 @@ def sshd(tmp_path_factory):
         f"KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\n"
         f"UsePAM no\nPidFile {d / 'sshd.pid'}\nAllowUsers root\n")
     os.makedirs("/run/sshd", exist_ok=True)
+    # its log goes to a file: a pipe nobody reads fills after ~250 connections
+    # and then every sshd process blocks on its next log line
+    log = open(d / "sshd.log", "wb")
     proc = subprocess.Popen([shutil.which("sshd"), "-D", "-e", "-f", str(d / "sshd_config")],
-                            stderr=subprocess.PIPE)
+                            stdout=log, stderr=log)
+    log.close()
     for _ in range(100):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -215,7 +219,7 @@ def sshd(tmp_path_factory):
         time.sleep(0.05)
     else:
         proc.kill()
-        pytest.fail(f"sshd did not start: {proc.stderr.read().decode()}")
+        pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
     base = (f"ssh -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
             f"-o BatchMode=yes -o LogLevel=ERROR")
     yield {"rsh": f"{base} -i {d / 'client_key'}", "confined": f"{base} -i {d / 'confined_key'}",
