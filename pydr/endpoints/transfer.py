@@ -12,6 +12,7 @@ two hosts are the same few lines here.
 
 import time
 
+from ..engine.devices import using_device
 from ..engine.progress import Record
 from . import open_endpoint
 
@@ -106,9 +107,5 @@ def _engine_resync(src, dst, *, keep_undo, **options):
 
 def disk_size(disk):
     """The size of what engine_disk() yielded: a path or an open device."""
-    from ..engine.devices import FileDevice
-
-    if hasattr(disk, "size_now"):
-        return disk.size_now()
-    with FileDevice(disk) as dev:
-        return dev.size
+    with using_device(disk) as dev:
+        return dev.size_now()
