@@ -219,12 +219,13 @@ class InProcess:
 
     def choose_undo(self, keep_undo):
         """(path, index) of the first offered undo-step path that holds no
-        committed step (see Endpoint.open_target)."""
+        committed step (see Endpoint.open_target): an Endpoint, or the path
+        of a file on this machine."""
         from ..engine.journal import choose_undo_path
-        from . import open_endpoint
 
-        return choose_undo_path(self.journal_target(), [open_endpoint(k).path
-                                                        for k in keep_undo or ()])
+        return choose_undo_path(self.journal_target(), [
+            k.path if isinstance(k, Endpoint) else os.path.abspath(os.fspath(k))
+            for k in keep_undo or ()])
 
     def journal_target(self):
         return self.path

@@ -11,6 +11,7 @@ import time
 from ..engine import names
 from ..errors import UnsupportedFile
 from .base import Endpoint, SignResult
+from .specs import parse_remote
 
 
 class SshEndpoint(Endpoint):
@@ -74,8 +75,6 @@ class SshEndpoint(Endpoint):
         if isinstance(spec, Endpoint):
             place, path = spec.place, spec.path
         else:
-            from . import parse_remote
-
             place, path = parse_remote(spec) or (None, spec)
         if place != self.place:
             raise ValueError(f"{spec} is not on {self.place}")
