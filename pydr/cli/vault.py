@@ -8,7 +8,8 @@ from .common import (add_item, add_json, add_method, add_progress, add_remote_op
                      add_vault_options, command, human_bytes, method_of, parse_duration,
                      parse_size, positive_int, print_json, progress_bar, timestamp,
                      vault_dir)
-from .fleet import add_fleet_options
+from ..errors import EXIT_VAULT, FleetError
+from .fleet import add_fleet_options, open_fleet
 
 
 def open_vault(args, writer=False):
@@ -46,7 +47,6 @@ def cmd_vault_init(args):
 
 def cmd_vault_check(args):
     from ..dr.check import check_vault
-    from ..errors import EXIT_VAULT
 
     directory = args.dir or vault_dir(args)
     report = check_vault(directory)
@@ -102,8 +102,6 @@ def _batches(v, args):
 
 def cmd_replicate(args):
     from ..dr.retry import RetryPolicy
-    from ..errors import FleetError
-    from .fleet import open_fleet
 
     results = []
     try:
