@@ -228,3 +228,33 @@ def test_each_cli_option_block_is_declared_once():
                 seen.setdefault(key, []).append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
     repeated = [places for places in seen.values() if len(places) > 1]
     assert not repeated, f"declare these once, in pydr/cli/common.py: {repeated}"
+
+
+# what every device has (pydr.engine.devices): asking a value for one of them
+# is telling a device from a path, which is as_device()'s job
+DEVICE_METHODS = {"sign", "apply_write", "apply_prepare", "size_now", "encode", "pread"}
+
+
+def test_devices_are_told_from_paths_by_as_device():
+    asked = []
+    for path in python_modules():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "hasattr" \
+                    and len(node.args) == 2 and isinstance(node.args[1], ast.Constant) \
+                    and node.args[1].value in DEVICE_METHODS:
+                asked.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not asked, f"use pydr.engine.devices.as_device (or isinstance Device): {asked}"
+
+
+def test_undo_journal_names_are_made_in_names_py():
+    """Every undo journal's path comes from pydr.engine.names (journal,
+    export_journal, or beside(path, UNDO)): no other module spells the suffix."""
+    spelled = []
+    for path in python_modules():
+        if path == os.path.join(PACKAGE, "engine", "names.py"):
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and node.value.rstrip("\"'").endswith(".pydr-undo"):
+                spelled.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not spelled, f"ask pydr.engine.names for these journal paths: {spelled}"
