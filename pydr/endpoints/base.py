@@ -34,6 +34,7 @@ import os
 
 from ..engine import names
 from ..engine.progress import Record
+from ..engine.signatures import signature
 from ..errors import InvalidState, UnsupportedFile
 
 
@@ -253,15 +254,11 @@ class InProcess:
             yield target
 
     def signature(self, *, block_size, threads=None):
-        from ..engine.signatures import signature
-
         with self.engine_disk() as disk:
             return signature(disk, block_size=block_size, threads=threads)
 
     def write_signature(self, out, *, block_size, algorithm, threads=None, progress=None,
                         cancel=None, use_mmap=True):
-        from ..engine.signatures import signature
-
         self.check_not_over(out)
         with self.engine_disk() as disk:
             sig = signature(disk, block_size=block_size, algorithm=algorithm, threads=threads,
@@ -310,8 +307,6 @@ class DeviceEndpoint(InProcess, Endpoint):
         return self.spec
 
     def engine_disk(self, *, write=False, size=None, bitmap=None):
-        from ..errors import UnsupportedFile
-
         if write:
             raise UnsupportedFile("a point-in-time view is read, never written", path=self.spec)
         return contextlib.nullcontext(self.dev)
