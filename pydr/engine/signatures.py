@@ -12,7 +12,8 @@ import time
 
 from . import bindings as B
 from .atomic import atomic_write
-from .devices import CHUNK_BYTES, blocks_for, sign_range, using_device  # noqa: F401 (re-exported)
+# CHUNK_BYTES and sign_range are re-exported (pydr.dr.scrub signs ranges of a replica)
+from .devices import CHUNK_BYTES, blocks_for, sign_range, using_device  # noqa: F401
 from .parallel import check_threads
 from ..errors import FormatError, IncompatibleSignatures
 from .progress import Record, Throttle
