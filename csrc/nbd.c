@@ -328,6 +328,28 @@ static void zero_blocks_from(pydr_nbd *n, uint64_t start, uint64_t end, uint32_t
     }
 }
 
+/* The first block of the requests still out, or `otherwise`. */
+static uint64_t lowest_out(const int *busy, const uint64_t *first, uint64_t otherwise)
+{
+    for (int slot = 0; slot < NBD_IN_FLIGHT; slot++)
+        if (busy[slot] && first[slot] < otherwise)
+            otherwise = first[slot];
+    return otherwise;
+}
+
+/* A request could not be made or waited for, at block `block` of the range:
+ * a server that closed the connection (qemu-nbd does on a read error) is
+ * -ENOTCONN, said so; anything else is libnbd's error. */
+static int nbd_request_failed(pydr_nbd *n, pydr_error *error, uint64_t block, uint64_t offset,
+                              uint32_t block_size)
+{
+    uint64_t at = offset + block * block_size;
+    if (nbd_aio_is_dead(n->h) == 1 || nbd_aio_is_closed(n->h) == 1)
+        return nbd_refused_at(error, -ENOTCONN, at,
+                              "the NBD server closed the connection before this was read");
+    return nbd_failed_at(error, 0, at);
+}
+
 /* The signer's work on an export (pydr_signer_sign checked the arguments). */
 int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_size,
                   int algorithm, uint64_t *hashes, uint8_t *zero_mask, size_t nblocks,
@@ -393,7 +415,8 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
             cookies[slot] = nbd_aio_pread(n->h, n->bufs + (size_t)slot * n->buf_size,
                                           (size_t)len, pos, NBD_NULL_COMPLETION, 0);
             if (cookies[slot] == -1) {
-                rc = nbd_failed_at(error, 0, pos);
+                rc = nbd_request_failed(n, error, lowest_out(busy, first, b), offset,
+                                        block_size);
                 break;
             }
             first[slot] = b;
@@ -404,22 +427,31 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
         }
         if (rc || !in_flight)
             continue;
-        if (nbd_poll(n->h, -1) == -1) {
-            rc = nbd_failed_at(error, 0, offset + (uint64_t)b * block_size);
-            break;
-        }
+        /* A server may drop the connection on a read error (qemu-nbd does):
+         * poll then fails and libnbd ends every request in flight. Report the
+         * first failed request (its errno, its offset), else poll's failure
+         * at the first request still out. */
+        int polled = nbd_poll(n->h, -1);
+        uint64_t failed_first = UINT64_MAX, out_first = b;
         for (int slot = 0; slot < NBD_IN_FLIGHT; slot++) {
             if (!busy[slot])
                 continue;
             int done = nbd_aio_command_completed(n->h, (uint64_t)cookies[slot]);
-            if (done == 0)
+            if (done == 0) {
+                out_first = first[slot] < out_first ? first[slot] : out_first;
                 continue;
+            }
             busy[slot] = 0;
             in_flight--;
             if (done == -1) {
-                rc = nbd_failed_at(error, 0, offset + first[slot] * block_size);
-                break;
+                if (first[slot] < failed_first) {
+                    failed_first = first[slot];
+                    rc = nbd_failed_at(error, 0, offset + first[slot] * block_size);
+                }
+                continue;
             }
+            if (rc)
+                continue;
             k->hash_blocks(n->bufs + (size_t)slot * n->buf_size, (size_t)bytes[slot],
                            block_size, algorithm, zero_hash,
                            hashes + (size_t)first[slot] * words, zero_mask + first[slot]);
@@ -428,6 +460,8 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
                 __atomic_fetch_add(&progress->read, bytes[slot], __ATOMIC_RELAXED);
             }
         }
+        if (polled == -1 && !rc)
+            rc = nbd_request_failed(n, error, out_first, offset, block_size);
     }
     /* requests still out after an error: let them finish into our buffers */
     while (in_flight) {
