@@ -5,6 +5,7 @@ Buffers are anything with the buffer protocol (bytearray, memoryview, numpy);
 this module does not import numpy, so the CLI starts fast.
 """
 
+import errno
 import os
 import re
 
@@ -395,6 +396,7 @@ class Device:
         self._ptr = ffi.gc(ptr, lib.pydr_device_free)
         self.name = name
         self.fd = fd
+        self.size = None  # an NBD export's, from open_nbd
         self.bitmap = None
         self._signer = None  # (block_size, code, Signer) of the last sign()
 
@@ -448,7 +450,7 @@ class Device:
             result += [(int(out[3 * i]), int(out[3 * i + 1]), int(out[3 * i + 2]))
                        for i in range(count[0])]
             if reached[0] <= pos:  # the core refuses this already; never spin
-                raise_for_code(-5, path=self.name, offset=pos,
+                raise_for_code(-errno.EIO, path=self.name, offset=pos,
                                detail="the NBD server answered block status with nothing")
             pos = int(reached[0])
         return result
