@@ -167,6 +167,8 @@ typedef struct pydr_device pydr_device;
 /* 1 when pydr was built with libnbd. */
 PYDR_API int pydr_nbd_available(void);
 
+/* A device over an open regular file or block device (check it with
+ * pydr_fd_size first); -EINVAL for a negative fd or an unknown flag. */
 PYDR_API int pydr_device_open_fd(pydr_device **out, int fd, unsigned flags);
 /* Connects to a libnbd URI (nbd://HOST[:PORT]/EXPORT,
  * nbd+unix:///EXPORT?socket=PATH), asking for base:allocation and, when
@@ -187,7 +189,8 @@ PYDR_API int pydr_device_size(pydr_device *device, uint64_t *size, pydr_error *e
 PYDR_API int pydr_device_can(pydr_device *device, int what);
 /* Makes writes durable (fdatasync, NBD flush where the server has one). */
 PYDR_API int pydr_device_flush(pydr_device *device, pydr_error *error);
-/* Exactly len bytes at off: PYDR_E_FILE_CHANGED when a file ends first. */
+/* Exactly len bytes at off: PYDR_E_FILE_CHANGED when a file ends first;
+ * error->offset is where the transfer stopped. */
 PYDR_API int pydr_device_pread(pydr_device *device, void *buf, size_t len, uint64_t off,
                                pydr_error *error);
 PYDR_API int pydr_device_pwrite(pydr_device *device, const void *buf, size_t len,
