@@ -361,10 +361,11 @@ def _feed(f, name, header, applier, throttle, cancel):
         batch = memoryview(buf)[:body]
         try:
             applier.apply_batch(batch, bound, count - (1 if end else 0))
-        except CorruptDelta:
+        except CorruptDelta as exc:  # exc.offset: the record's position in the batch
             raise CorruptDelta("corrupt or out-of-order record in the delta", path=name,
-                               offset=position + int(applier.state.error_offset)
-                               if applier.state.error_offset < len(buf) else None) from None
+                               offset=position + exc.offset
+                               if exc.offset is not None and exc.offset < len(buf) else None
+                               ) from None
         except AlreadyApplied as exc:
             raise AlreadyApplied("the target already holds this delta's result", path=applier.target,
                                  offset=exc.offset) from None

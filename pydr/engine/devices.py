@@ -168,13 +168,15 @@ class FileDevice(Device):
         self.owned = fd is None
         self.fd = open_disk(self.name, os.O_RDWR if write else os.O_RDONLY) \
             if fd is None else fd
+        self.core = None
         try:
             size, blk = B.fd_size(self.fd, self.name)
+            self.size = size
+            self.is_block = blk if is_block is None else is_block
+            self.core = B.Device.open_fd(self.fd, name=self.name, is_block=self.is_block)
         except BaseException:
             self.close()
             raise
-        self.size = size
-        self.is_block = blk if is_block is None else is_block
         self.resizable = not self.is_block
 
     @property
@@ -200,15 +202,15 @@ class FileDevice(Device):
 
     def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
                payload_hashes=None):
-        return B.encode(self.fd, extents, zero, base_hashes, first_seq, out, path=self.name,
-                        block_size=block_size, payload_hashes=payload_hashes)
+        return self.core.encode(extents, zero, base_hashes, first_seq, out, block_size,
+                                payload_hashes)
 
     def apply_prepare(self, recs, block_size, old_size, new_size, state, scratch, journal):
-        return B.apply_prepare(self.fd, recs, block_size, old_size, new_size, state, scratch,
-                               journal, path=self.name)
+        return self.core.apply_prepare(recs, block_size, old_size, new_size, state, scratch,
+                                       journal)
 
     def apply_write(self, recs):
-        B.apply_write(self.fd, recs, self.is_block, path=self.name)
+        self.core.apply_write(recs)
 
     def pread(self, length, offset):
         return os.pread(self.fd, length, offset)
@@ -231,6 +233,9 @@ class FileDevice(Device):
         return self.is_block or cache_mtime_ns >= os.fstat(self.fd).st_mtime_ns
 
     def close(self):
+        if self.core is not None:
+            self.core.close()
+            self.core = None
         if self.owned and self.fd is not None:
             os.close(self.fd)
         self.fd = None
@@ -248,7 +253,7 @@ class NbdDevice(Device):
         self.lock_path = lock
         self.uri = uri
         self.name = name or uri
-        self.handle = B.NbdHandle(uri, name=self.name, bitmap=bitmap, write=write)
+        self.handle = B.Device.open_nbd(uri, name=self.name, bitmap=bitmap, write=write)
         self.size = self.handle.size
         self.bitmap = bitmap
         self._journal = journal
@@ -356,7 +361,7 @@ class NbdDevice(Device):
             return [self.handle]
         while not self._extra_full and len(self._extra) < count - 1:
             try:
-                self._extra.append(B.NbdHandle(self.uri, name=self.name, extra=True))
+                self._extra.append(B.Device.open_nbd(self.uri, name=self.name, extra=True))
             except BlockingIOError:  # at its client limit: sign with what we have
                 self._extra_full = True
         return [self.handle] + self._extra[:count - 1]
