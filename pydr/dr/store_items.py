@@ -9,7 +9,7 @@ from .store_records import DiskRecord, ItemRecord, assignments
 
 
 class ItemTables:
-    """Items and their disks; needs ``self.db`` and ``self.dir``."""
+    """Items and their disks; needs ``self.db``, ``self.dir`` and ``self.transaction``."""
 
     # -- items -------------------------------------------------------------------
     def item(self, name):
@@ -43,8 +43,7 @@ class ItemTables:
         (numbered from 0) in one transaction. `fields`: its other columns."""
         row = {"name": name, **fields}
         assignments(ItemRecord, row, "items")
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self.transaction():
             self.db.execute(f"INSERT INTO items({', '.join(row)}) "
                             f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
             for i, (source, replica, tracking) in enumerate(disks):
@@ -79,8 +78,7 @@ class ItemTables:
         that `operation` runs on item `name`, and the command that finishes
         it when it is interrupted. An operation already recorded (the one
         this is part of: a failover's final cycle) stays."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self.transaction():
             row = self.item(name)
             if row.operation is None:
                 fields.update(operation=operation, operation_command=command,
@@ -92,8 +90,7 @@ class ItemTables:
         """The state changes `fields` and, if `operation` (a name or a tuple
         of names) is the one recorded, its end, in one transaction."""
         ops = (operation,) if isinstance(operation, str) else operation
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self.transaction():
             if self.item(name).operation in ops:
                 fields.update(operation=None, operation_command=None, operation_args=None)
             if fields:

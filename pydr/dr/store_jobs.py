@@ -11,7 +11,7 @@ from .store_records import JobRecord, PlanRecord, assignments
 
 
 class JobTables:
-    """Jobs and plans; needs ``self.db`` and ``self.dir``."""
+    """Jobs and plans; needs ``self.db``, ``self.dir`` and ``self.transaction``."""
 
     # -- jobs --------------------------------------------------------------------
     def start_job(self, kind, item, state="running"):
@@ -73,8 +73,7 @@ class JobTables:
     def add_plan(self, name, definition):
         """Record plan `name` ({"items", "pre", "post"} groups); InvalidState
         if a plan of that name exists."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self.transaction():
             if self.db.execute("SELECT 1 FROM plans WHERE name=?", (name,)).fetchone():
                 raise InvalidState(f"a recovery plan named {name!r} exists already", path=self.dir)
             self.db.execute("INSERT INTO plans(name, definition, created) VALUES (?,?,?)",
