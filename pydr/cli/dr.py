@@ -120,7 +120,7 @@ class _PlanGroupAction(argparse.Action):
 
 
 def cmd_plan_create(args):
-    from ..dr.store import HIDDEN
+    from ..dr.store_lock import HIDDEN
 
     # a hook's command line may hold a password: --json says that it is set, not what it is
     definition = _run(args, lambda v: {"plan": args.plan, "groups": [

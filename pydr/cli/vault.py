@@ -90,13 +90,13 @@ def _batches(v, args):
             raise ValueError("the vault protects no items")
         groups = {}
         for n in names:
-            groups.setdefault(v.item(n)["grp"] or f"item:{n}", []).append(n)
+            groups.setdefault(v.item(n).grp or f"item:{n}", []).append(n)
         return list(groups.values())
     if args.group:
         return [v.items(group=args.group)]
     if args.item:
         row = v.item(args.item)
-        return [v.items(group=row["grp"]) if row["grp"] else [args.item]]
+        return [v.items(group=row.grp) if row.grp else [args.item]]
     raise ValueError("give ITEM, --group G or --all")
 
 
@@ -152,8 +152,8 @@ def _print_cycles(args, results, failed):
 def cmd_points(args):
     with open_vault(args) as v:
         points = v.points(args.item)
-    out = [{"id": p["id"], "created": timestamp(p["created"]), "consistency": p["consistency"],
-            "cut": p["cut"], "bytes": p["bytes"], "damaged": p["damaged"]} for p in points]
+    out = [{"id": p.id, "created": timestamp(p.created), "consistency": p.consistency,
+            "cut": p.cut, "bytes": p.bytes, "damaged": p.damaged} for p in points]
     if args.json:
         print_json(out)
     else:
@@ -190,7 +190,10 @@ def cmd_status(args):
 def cmd_jobs(args):
     with open_vault(args) as v:
         jobs = v.jobs()
-    out = [{**j, "started": timestamp(j["started"]), "ended": timestamp(j["ended"])} for j in jobs]
+    out = [{"id": j.id, "kind": j.kind, "item": j.item, "state": j.state, "progress": j.progress,
+            "bytes_transferred": j.bytes_transferred, "started": timestamp(j.started),
+            "ended": timestamp(j.ended), "error": j.error, "method": j.method, "host": j.host}
+           for j in jobs]
     if args.json:
         print_json(out)
     else:

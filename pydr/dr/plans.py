@@ -13,14 +13,12 @@ site B (bringing disks up, drills, commit) runs here. ``events``: fn(dict)
 called as groups start and items end.
 """
 
-import json
 import os
 import subprocess
 import threading
-import time
 
 from ..engine import crashpoints
-from ..errors import InvalidState, PlanFailed, UnknownName
+from ..errors import PlanFailed
 from . import drills as D
 from . import failover as F
 from .store import Store
@@ -42,19 +40,14 @@ def create_plan(vault, name, groups):
             if item in seen:
                 raise ValueError(f"item {item!r} is in two groups of the plan")
             seen.add(item)
-    if vault.db.execute("SELECT 1 FROM plans WHERE name=?", (name,)).fetchone():
-        raise InvalidState(f"a recovery plan named {name!r} exists already", path=vault.dir)
     definition = [{"items": list(g["items"]), "pre": g.get("pre"), "post": g.get("post")}
                   for g in groups]
-    vault.db.execute("INSERT INTO plans VALUES (?,?,?)", (name, json.dumps(definition), time.time()))
+    vault.add_plan(name, definition)  # InvalidState if one of that name exists
     return definition
 
 
 def get_plan(vault, name):
-    row = vault.db.execute("SELECT definition FROM plans WHERE name=?", (name,)).fetchone()
-    if row is None:
-        raise UnknownName(f"no recovery plan named {name!r}", path=vault.dir)
-    return json.loads(row["definition"])
+    return vault.plan(name).definition
 
 
 def _operation(op, options):

@@ -15,13 +15,25 @@ from . import failover as F
 from . import objectstore as O
 from . import plans as plans_
 from . import points as points_
+from . import protection
 from . import replication as R
+from . import report
 from . import verify as verify_
 from .store import Store, init_vault  # noqa: F401  (pydr.dr.vault.init_vault)
 
 
 class Vault(Store):
     """An open vault with the DR workflow; see pydr.dr.store.Store."""
+
+    def protect(self, name, disks, **kwargs):
+        """Register item `name` with its disks [(source, replica)]; see
+        pydr.dr.protection.protect (what may be protected, and the options)."""
+        return protection.protect(self, name, disks, **kwargs)
+
+    def status(self, name):
+        """Item `name`'s state, health, disks, points and the operation
+        running on it, as a dict (pydr.dr.report.item_status)."""
+        return report.item_status(self, name)
 
     def replicate(self, names, *, retry=False, **kwargs):
         """One replication cycle for the items `names` (one point id shared by
