@@ -30,7 +30,7 @@ from ..engine.chunks import (CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count, chunk
                              encode_chunk)
 from ..engine.oserrors import naming
 from ..errors import FormatError, InvalidState
-from .agent import item_cut, worker_host
+from .agent import cut, worker_host
 from .objectstore import DEFAULT_GRACE, UPLOADS, _dir, latest_index, store_of
 
 BLOCK = 4096  # the comparison's block: what changed, in 4 KiB blocks
@@ -193,12 +193,13 @@ def capture_item(task):
     sources = [open_endpoint(d["source"], rsh=task["rsh"], remote_pydr=task["remote_pydr"])
                for d in disks]
     try:
-        with item_cut(name, sources, task["quiesce_hook"], task["thaw_hook"]) as (snaps, cut):
+        hooks = [(name, task["quiesce_hook"], task["thaw_hook"])]
+        with cut(sources, hooks=hooks) as taken:
             crashpoints.reached("cycle.cut")
             new_name = uuid.uuid4().hex
             entries, sigs = {}, {}
-            for d, src, snap in zip(disks, sources, snaps):
-                path = (snap or src).local_path
+            for d, view in zip(disks, taken.views):
+                path = view.local_path
                 sig = signature(path, block_size=BLOCK, algorithm="xxh3-128")
                 prev_sig = None
                 if here and prev_index is not None and d["idx"] in prev_index.disks:
@@ -223,7 +224,7 @@ def capture_item(task):
     finally:
         pending.close(False)
     return {"item": name, "host": worker_host(), "key": key, "local": new_name,
-            "store": store.spec, "cut": cut, **stats}
+            "store": store.spec, "cut": taken.kind, **stats}
 
 
 def adopt(vault, name, result):

@@ -38,8 +38,9 @@ class Options(Record):
     """What every unit of a call is replicated with (see :func:`replicate`)."""
 
     _fields = ("app_consistent", "progress", "threads", "resync_all", "changed_extents",
-               "tracking_lost", "bwlimit")
+               "tracking_lost", "bwlimit", "on_hosts")
     __slots__ = _fields
+    _default_on_hosts = False  # the executor runs forward items on their hosts
     _default_app_consistent = False
     _default_resync_all = False
     _default_tracking_lost = False
@@ -64,6 +65,7 @@ class LocalExecutor:
 
     point_reached = "cycle.point"  # the crash point passed once a unit's point is recorded
     rerun = ""  # what a rerun of an interrupted cycle adds to 'pydr replicate ITEM'
+    on_hosts = False
 
     def check(self, vault, rows):
         """Refuse, before anything is recorded, an item this executor cannot run."""
@@ -166,6 +168,8 @@ class _Cycle:
         cancelled = not isinstance(exc, Exception)
         health = "warning" if recoverable(exc) else "critical"
         for n in unit.names:
+            if n in unit.jobs and hasattr(unit.capture, "failed"):
+                unit.capture.failed(vault, n, exc)
             if n in unit.jobs:
                 vault.end_job(unit.jobs[n], "cancelled" if cancelled else "failed",
                               error=str(exc) or type(exc).__name__, bytes_transferred=None)
@@ -207,7 +211,8 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
     start = time.monotonic()
     opts = Options(app_consistent=app_consistent, progress=progress, threads=threads,
                    resync_all=resync_all, changed_extents=changed_extents,
-                   tracking_lost=tracking_lost, bwlimit=bwlimit)
+                   tracking_lost=tracking_lost, bwlimit=bwlimit,
+                   on_hosts=getattr(executor, "on_hosts", False))
     executor = executor or LocalExecutor()
     cycle = _Cycle(vault, opts, executor, names)
     units = _plan(vault, cycle.names)

@@ -9,7 +9,7 @@ import time
 
 from ..engine.progress import Record
 from ..errors import DamagedJournal, FormatError, InvalidState
-from . import ownership, replica_check, stepdigest
+from . import agent, ownership, replica_check, stepdigest
 from .drills import check_no_overlay_drill
 
 
@@ -207,7 +207,7 @@ class CycleResult(Record):
     to_dict = _asdict
 
 
-RESYNC_THRESHOLD = 0.5  # pending changes above this share of a disk need a resync
+RESYNC_THRESHOLD = agent.RESYNC_THRESHOLD  # pending changes above this share need a resync
 
 
 def mark_resync_required(vault, name, reason):

@@ -103,6 +103,7 @@ class FleetExecutor:
     spent waiting for workers: checks, submitting, recording)}."""
 
     point_reached = "fleet.recorded"
+    on_hosts = True
 
     def __init__(self, fleet):
         self.fleet = fleet

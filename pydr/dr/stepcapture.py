@@ -22,10 +22,9 @@ import time
 from ..engine import crashpoints
 from ..errors import AlreadyApplied, BaseMismatch, InvalidState, PydrError, TrackingLost
 from . import ownership, replica_check, tracking
-from .agent import cycle_item, steps_kept, transfer_disk
+from .agent import NeedsResync, cut, cycle_item, steps_kept, transfer_disk
 from .cyclerecord import (RESYNC_THRESHOLD, broken_chain, check_one_writer, drop_cache,
                           mark_resync_required, owner_of, record_steps, rows_holding)
-from .hooks import run_hook
 from .retry import recoverable
 
 JOB_UPDATE_INTERVAL = 0.5
@@ -49,6 +48,8 @@ def check(vault, names, opts):
                 mark_resync_required(vault, r["name"],
                                      f"pending changes ({pending} bytes) exceed half of {d['source']}")
     for r in rows:
+        if opts.on_hosts and r["host"] and r["direction"] == "forward":
+            continue  # its host validates its bitmaps (pydr.dr.agent), where they are
         for d in vault.disks(r["name"]):
             t = tracking.tracker(vault, r["name"], d)
             if t is not None and not opts.resync_all and vault.points(r["name"]):
@@ -104,89 +105,71 @@ def capture(vault, names, opts, jobs):
             t = tracking.tracker(vault, r["name"], d)
             if t is not None:
                 trackers[(r["name"], d["idx"])] = t
-    started, quiesced, snaps, cuts = set(), [], {}, {}
-    views = contextlib.ExitStack()  # the cuts of tracked disks, held while they are read
+    started = set()
     totals = {"written": 0, "read": 0}
     per_item_bytes = {r["name"]: 0 for r in rows}
+    plans = [(r, d, vault.endpoint(r["name"], d["source"]))  # here, or after a reprotect there
+             for r in rows for d in vault.disks(r["name"])]
+    hooks = [(r["name"], r["quiesce_hook"], r["thaw_hook"]) for r in rows] \
+        if opts.app_consistent else []
+
+    def thaw_failed(name, exc):
+        vault.set_item(name, health="warning", last_error=str(exc))
+
     try:
-        if opts.app_consistent:
-            for r in rows:
-                run_hook(r["quiesce_hook"], f"quiesce hook of {r['name']!r}")
-                quiesced.append(r)
-        plans, sizes = [], {}
-        for r in rows:
-            for d in vault.disks(r["name"]):
-                source = vault.endpoint(r["name"], d["source"])  # here, or after a reprotect there
-                sizes[d["source"]] = source.size()
-                plans.append((r, d, source))
-        # the cut: clone every disk first, so that all are read as of one instant; a
-        # tracked disk starts its next dirty bitmap instead (and a live one is fleeced)
-        kinds = set()
-        for r, d, source in plans:
-            t = trackers.get((r["name"], d["idx"]))
-            if t is not None:
-                cuts[d["source"]] = views.enter_context(
-                    t.cut(full=opts.resync_all or not vault.points(r["name"])))
-                kinds.add("fleece" if t.kind == "qmp" else None)
-            else:
-                snaps[d["source"]] = source.snapshot()
-                kinds.add("reflink" if snaps[d["source"]] else None)
-        for r, d, source in plans:
-            changed = cuts[d["source"]].changed if d["source"] in cuts else None
-            pending = sum(n for _, n in changed or ())
-            if changed is not None and pending > RESYNC_THRESHOLD * sizes[d["source"]]:
-                reason = f"tracked changes ({pending} bytes) exceed half of {d['source']}"
-                mark_resync_required(vault, r["name"], reason)
-                raise InvalidState(f"{r['name']} needs a resync ({reason}): run 'pydr "
-                                   f"replicate {r['name']} --resync'", path=vault.dir)
-        cut = kinds.pop() if len(kinds) == 1 and None not in kinds else (
-            "quiesce" if opts.app_consistent else "none")
-        crashpoints.reached("cycle.cut")
-        if cut in ("reflink", "fleece"):
-            for r in quiesced:  # the cut is taken: the applications may go on
-                run_hook(r["thaw_hook"], f"thaw hook of {r['name']!r}")
-            quiesced = []
-        total = sum(sizes.values()) or 1
-        done_before = 0
-        for r, d, source in plans:
-            name, idx = r["name"], d["idx"]
-            if name not in started:
-                vault.update_job(jobs[name], state="running", started=time.time())
-                started.add(name)
-            has_point = bool(vault.points(name))
-            step = vault.current_step(name, idx) + 1
-            last = [0.0]
+        sizes = [source.size() for _, _, source in plans]
+        # the cut: every disk at one instant (a clone, or a tracker's next bitmap)
+        with cut([source for _, _, source in plans],
+                 trackers=[trackers.get((r["name"], d["idx"])) for r, d, _ in plans],
+                 full=[opts.resync_all or not vault.points(r["name"]) for r, _, _ in plans],
+                 hooks=hooks, on_thaw_error=thaw_failed) as taken:
+            for (r, d, _), size, changed in zip(plans, sizes, taken.changed):
+                pending = sum(n for _, n in changed or ())
+                if changed is not None and pending > RESYNC_THRESHOLD * size:
+                    reason = f"tracked changes ({pending} bytes) exceed half of {d['source']}"
+                    mark_resync_required(vault, r["name"], reason)
+                    raise InvalidState(f"{r['name']} needs a resync ({reason}): run 'pydr "
+                                       f"replicate {r['name']} --resync'", path=vault.dir)
+            crashpoints.reached("cycle.cut")
+            total = sum(sizes) or 1
+            done_before = 0
+            for (r, d, _), size, view, changed in zip(plans, sizes, taken.views, taken.changed):
+                name, idx = r["name"], d["idx"]
+                if name not in started:
+                    vault.update_job(jobs[name], state="running", started=time.time())
+                    started.add(name)
+                has_point = bool(vault.points(name))
+                step = vault.current_step(name, idx) + 1
+                last = [0.0]
 
-            def on_progress(rec, name=name, base=done_before):
-                now = time.monotonic()
-                if now - last[0] >= JOB_UPDATE_INTERVAL or rec.finished:
-                    last[0] = now
-                    vault.update_job(jobs[name], progress=min(1.0, (base + rec.done_bytes) / total))
-                if opts.progress is not None:
-                    opts.progress(rec)
+                def on_progress(rec, name=name, base=done_before):
+                    now = time.monotonic()
+                    if now - last[0] >= JOB_UPDATE_INTERVAL or rec.finished:
+                        last[0] = now
+                        vault.update_job(jobs[name],
+                                         progress=min(1.0, (base + rec.done_bytes) / total))
+                    if opts.progress is not None:
+                        opts.progress(rec)
 
-            extents = None
-            given = opts.changed_extents or {}
-            if name in given and has_point and not opts.resync_all:
-                extents = given[name].get(idx, [])
-            view = source
-            if d["source"] in cuts:  # a tracked disk: its cut, and what changed before it
-                view, extents = cuts[d["source"]].view, cuts[d["source"]].changed
-            moved, read, steps = _cycle_disk(vault, name, d, snaps.get(d["source"]) or view,
-                                             step, has_point, on_progress, opts.threads,
-                                             opts.resync_all, extents)
-            crashpoints.reached("cycle.disk")
-            per_item_bytes[name] += moved
-            totals["written"] += moved
-            # 0 is "read on the source's host", unless a tracker said nothing changed
-            totals["read"] += read if read or extents is not None else sizes[d["source"]]
-            done_before += sizes[d["source"]]
-            record_steps(vault, name, idx, steps)
-            crashpoints.reached("cycle.steps")
-            vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
-        views.close()
+                extents = changed  # a tracked disk: what changed before its cut
+                given = opts.changed_extents or {}
+                if (r["name"], idx) not in trackers and name in given and has_point \
+                        and not opts.resync_all:
+                    extents = given[name].get(idx, [])
+                moved, read, steps = _cycle_disk(vault, name, d, view, step, has_point,
+                                                 on_progress, opts.threads, opts.resync_all,
+                                                 extents)
+                crashpoints.reached("cycle.disk")
+                per_item_bytes[name] += moved
+                totals["written"] += moved
+                # 0 is "read on the source's host", unless a tracker said nothing changed
+                totals["read"] += read if read or extents is not None else size
+                done_before += size
+                record_steps(vault, name, idx, steps)
+                crashpoints.reached("cycle.steps")
+                vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
+            kind = taken.kind
     except BaseException as exc:
-        views.close()
         for t in trackers.values():  # what they tracked goes back into the recording bitmaps
             try:
                 t.abort()
@@ -201,19 +184,9 @@ def capture(vault, names, opts, jobs):
                 broken_chain(vault, r["name"], f"the replica did not hold what the vault "
                              f"recorded ({exc})", resync_all=False)
         raise
-    finally:
-        for r in quiesced:
-            try:
-                run_hook(r["thaw_hook"], f"thaw hook of {r['name']!r}")
-            except PydrError as exc:
-                vault.set_item(r["name"], health="warning", last_error=str(exc))
-        for snap in snaps.values():
-            if snap:
-                with contextlib.suppress(OSError):
-                    snap.remove_many([snap])
     read_by_item = {r["name"]: 0 for r in rows}
     read_by_item[rows[0]["name"]] = totals["read"]  # the unit's reads, counted once
-    return {"items": {r["name"]: {"cut": cut, "bytes": per_item_bytes[r["name"]],
+    return {"items": {r["name"]: {"cut": kind, "bytes": per_item_bytes[r["name"]],
                                   "read": read_by_item[r["name"]]} for r in rows},
             "trackers": list(trackers.values()), "steps": [], "extra": {}, "after": []}
 
@@ -232,6 +205,10 @@ def task(vault, name, opts):
                       "offered": [replica.step_spec(name, d["idx"], step + i, vault.dir)
                                   for i in (0, 1)],
                       "cache": vault.cache_path(name, d["idx"])})
+        if d["tracking"]:  # its bitmaps are cut on the host
+            disks[-1].update(tracking=d["tracking"], bitmap=d["bitmap"],
+                             generation=d["generation"] or 0,
+                             full=opts.resync_all or not has_point)
         # what changes the replica now is this cycle
         ownership.record_state(owner_of(vault, name, d), replica, writing=True)
     return cycle_item, {
@@ -253,4 +230,30 @@ def adopt(vault, name, result):
                              "read": sum(d["read"] or d["size"] for d in result["disks"]),
                              "host": result["host"]}},
             "steps": [(name, d["idx"], [tuple(s) for s in d["steps"]]) for d in result["disks"]],
-            "trackers": [], "extra": {}, "after": []}
+            "trackers": [_HostBitmap(name, d["idx"], d["bitmap"], d["generation"])
+                         for d in result["disks"] if d.get("bitmap")],
+            "extra": {}, "after": []}
+
+
+def failed(vault, name, exc):
+    """A capture of `name` failed: tracking found lost or overflowing on its
+    host makes it resync-required, as here."""
+    if isinstance(exc, NeedsResync):
+        mark_resync_required(vault, name, exc.reason)
+    elif isinstance(exc, TrackingLost):
+        mark_resync_required(vault, name, str(exc))
+
+
+class _HostBitmap:
+    """The bitmap a host's cut started, recorded with the point as the disk's
+    current one. The one it replaced is dropped by the host's next cut."""
+
+    def __init__(self, item, idx, bitmap, generation):
+        self.item, self.idx, self.bitmap, self.generation = item, idx, bitmap, generation
+
+    def record(self, db):
+        db.execute("UPDATE disks SET bitmap=?, generation=? WHERE item=? AND idx=?",
+                   (self.bitmap, self.generation, self.item, self.idx))
+
+    def commit(self):
+        pass
