@@ -238,12 +238,16 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
             with contextlib.suppress(AttributeError):  # for --json: every item's outcome
                 exc.cycle_result = result
             raise exc
-        failed = result.failed
-        raise CycleFailed(f"{len(failed)} of {len(result.outcomes)} items failed ("
-                          + "; ".join(f"{o.item}: {o.error}" for o in failed[:3])
-                          + ("; ..." if len(failed) > 3 else "")
-                          + "); the others have their points", result, path=vault.dir)
+        raise _some_failed(vault, result)
     return result
+
+
+def _some_failed(vault, result):
+    failed = result.failed
+    return CycleFailed(f"{len(failed)} of {len(result.outcomes)} items failed ("
+                       + "; ".join(f"{o.item}: {o.error}" for o in failed[:3])
+                       + ("; ..." if len(failed) > 3 else "")
+                       + "); the others have their points", result, path=vault.dir)
 
 
 def replicate_with_retry(vault, names, *, policy=None, **kwargs):
@@ -302,6 +306,8 @@ def replicate_with_retry(vault, names, *, policy=None, **kwargs):
         policy.on_retry = record
     try:
         result = policy.run(attempt)
+        if result.failed:  # the last attempt retried the others, and they made it
+            raise _some_failed(vault, result)
     except CycleFailed as exc:  # the items that made it are done retrying
         for n in exc.result.items:
             vault.set_item(n, attempts=0, next_retry=None)
