@@ -151,7 +151,8 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
         src = vault.endpoint(name, d["source"])
         if src.local_path is None:
             raise InvalidState(f"{d['source']}: an object-store replica needs a raw file or "
-                               f"block device as its source (here, or on its --host)", path=d["source"])
+                               f"block device as its source (here, or on its --host)",
+                               path=d["source"])
     prev = None if opts.resync_all else latest_index(vault, name)
     return capture_item, {
         "item": name, "store": store_of(vault, name).spec, "here": _dir(vault, name),

@@ -16,7 +16,6 @@ sources are read as they are; the quiesce/thaw hooks then make the point
 consistent (the writer is paused for the whole read). Each point records its
 cut: "reflink", "fleece", "quiesce" or "none"."""
 
-import contextlib
 import time
 
 from ..engine import crashpoints
