@@ -125,20 +125,30 @@ class _Cycle:
         self.jobs += unit.jobs.values()
 
     def finish(self, unit, captured=None, error=None):
-        """Record a unit's outcome: its points, or its failure."""
-        unit.done = True
+        """Record a unit's outcome: its points, or its failure. A failure
+        while recording (the vault's disk, retention, an object store's
+        clean-up) is that unit's failure too."""
         if error is not None:
             self.failed(unit, error, partial=captured)
             return
+        try:
+            self._record(unit, captured)
+        except Exception as exc:
+            self.failed(unit, exc)
+            return
+        unit.done = True
+
+    def _record(self, unit, captured):
         vault = self.vault
         items = captured["items"]
         extras = captured["extra"]
-        self.point_id = record_point(
+        point_id = record_point(
             vault, unit.names, consistency=self.consistency,
             cuts={n: items[n]["cut"] for n in unit.names},
             bytes_by_item={n: items[n]["bytes"] for n in unit.names},
             trackers=captured["trackers"], point_id=self.point_id, steps=captured["steps"],
             extra=(lambda db, pid: [fn(db, pid) for fn in extras.values()]) if extras else None)
+        self.point_id = point_id
         crashpoints.reached(self.executor.point_reached)
         for t in captured["trackers"]:
             t.commit()
@@ -149,7 +159,7 @@ class _Cycle:
             if items[n].get("host"):
                 vault.update_job(unit.jobs[n], host=items[n]["host"])
             vault.end_job(unit.jobs[n], "succeeded", bytes_transferred=items[n]["bytes"])
-            self.outcomes[n] = ItemOutcome(n, "succeeded", point_id=self.point_id,
+            self.outcomes[n] = ItemOutcome(n, "succeeded", point_id=point_id,
                                            bytes=items[n]["bytes"])
             self.totals["written"] += items[n]["bytes"]
             self.totals["read"] += items[n]["read"]
@@ -168,8 +178,8 @@ class _Cycle:
         cancelled = not isinstance(exc, Exception)
         health = "warning" if recoverable(exc) else "critical"
         for n in unit.names:
-            if n in unit.jobs and hasattr(unit.capture, "failed"):
-                unit.capture.failed(vault, n, exc)
+            if n in self.outcomes:  # ended already (its point and job recorded)
+                continue
             if n in unit.jobs:
                 vault.end_job(unit.jobs[n], "cancelled" if cancelled else "failed",
                               error=str(exc) or type(exc).__name__, bytes_transferred=None)

@@ -156,6 +156,8 @@ class FleetExecutor:
             if error is not None:
                 outcome[name] = error
                 counts["failed"] += 1
+                if hasattr(unit.capture, "failed"):  # what the host found, as the vault says it
+                    unit.capture.failed(vault, name, error)
             else:
                 counts["done"] += 1
                 counts["disks"] += disks_of[name]

@@ -159,6 +159,36 @@ def test_the_api_raises_one_error_with_every_outcome(tmp_path):
         assert v.status("c")["health"] == "ok"
 
 
+def test_a_failure_while_recording_an_item_is_its_own(tmp_path, monkeypatch):
+    """The vault's disk fills while a's retention runs (after its point is
+    recorded): a fails with that error, c is recorded and ends as usual."""
+    import errno
+
+    from pydr.dr import cycle
+
+    real = cycle.apply_retention
+
+    def full(vault, name, now=None):
+        if name == "a":
+            raise OSError(errno.ENOSPC, "No space left on device", vault.dir)
+        return real(vault, name, now)
+
+    monkeypatch.setattr(cycle, "apply_retention", full)
+    vault, items = setup_items(tmp_path)
+    with Vault(vault, writer=True) as v:
+        with pytest.raises(CycleFailed) as caught:
+            v.replicate(["a", "c"])
+        outcomes = {o.item: o for o in caught.value.result.outcomes}
+        assert outcomes["c"].status == "succeeded" and v.status("c")["health"] == "ok"
+        a = outcomes["a"]
+        assert (a.status, a.exit_code, a.recoverable) == ("failed", 6, True)
+        assert vault in a.error and "No space left" in a.error
+        st = v.status("a")
+        assert st["health"] == "warning" and "No space left" in st["last_error"]
+        assert [j["state"] for j in v.jobs() if j["kind"] == "replicate"] == ["failed",
+                                                                              "succeeded"]
+
+
 def test_retry_retries_only_the_items_that_may_recover(tmp_path):
     """A missing disk is not recoverable: --retry does not retry it (a retry
     would run the healthy items again and give them a second point)."""
