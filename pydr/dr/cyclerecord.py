@@ -180,7 +180,7 @@ class ItemOutcome(Record):
     _fields = ("item", "status", "point_id", "error", "exit_code", "bytes", "recoverable")
     __slots__ = _fields
     _default_bytes = 0
-    _default_recoverable = False
+    _default_recoverable = None  # said of failures only
 
 
 class CycleResult(Record):

@@ -88,7 +88,7 @@ def break_and_check(vault, items, history, tmp_path, extra=()):
     for name in ("a", "c"):
         o = outcomes[name]
         assert o["status"] == "succeeded" and o["point_id"] == result["point_id"] is not None
-        assert o["error"] is None and o["exit_code"] is None
+        assert o["error"] is None and o["exit_code"] is None and o["recoverable"] is None
     for name in BROKEN:  # each carries its own error: its disk's path, exit 3 (not found)
         o = outcomes[name]
         assert o["status"] == "failed" and o["exit_code"] == 3 and o["point_id"] is None
