@@ -284,6 +284,10 @@ def register(sub):
                      "last cycle (compared with the replica's signature cache), through the crash-safe\n"
                      "undo journal of 'pydr apply'; that journal is kept as the point's reverse delta.\n"
                      "A killed cycle is finished by running it again.\n\n"
+                     "A group is replicated all-or-nothing; every other item on its own: one that\n"
+                     "fails (a lost disk, a dead site) does not stop the others, which get their\n"
+                     "points. The command then exits 21 and names each failed item and its error;\n"
+                     "--json gives every item's outcome (status, point, error, exit code, bytes).\n\n"
                      "With --scheduler ADDR, each item's cycle runs on a Dask worker of its --host\n"
                      "('pydr worker'), all hosts at once, and this process records the results;\n"
                      "an item whose host has no worker fails after --host-timeout, the others go\n"
@@ -301,8 +305,9 @@ def register(sub):
                    help="compare both sides by checksum (re-read the replicas); needed for items "
                         "in state resync-required")
     p.add_argument("--retry", action="store_true",
-                   help="retry recoverable errors (I/O, space, connection, timeout) at 1, 2, 4, 8 "
-                        "and 10 minutes after the first attempt, then every 30 minutes")
+                   help="retry the items whose errors are recoverable (I/O, space, connection, "
+                        "timeout) at 1, 2, 4, 8 and 10 minutes after the first attempt, then "
+                        "every 30 minutes")
     p.add_argument("--max-attempts", type=positive_int, default=None, metavar="N",
                    help="with --retry, give up after N attempts")
     p.add_argument("--bwlimit", type=parse_size, default=None, metavar="RATE",
