@@ -294,24 +294,30 @@ def test_a_fleet_replicates_a_cbt_item_and_an_s3_item_on_their_hosts(s3, tmp_pat
         r = run_cli("protect", *args, "--vault", vault, env=ctx["env"])
         assert r.returncode == 0, r.stderr
     history = {"vm": {}, "obj": {}}
-    with make_cluster(["hv-a", "hv-b"], tmp_path) as cluster:
-        for cycle in range(3):
-            if cycle:
-                qemu_io(image, f"write -P 0x3{cycle} {cycle * 8}M 64k")
-                scribble(raw, cycle)
+    marker = tmp_path / "killed"
+    for cycle in range(3):
+        if cycle:
+            qemu_io(image, f"write -P 0x3{cycle} {cycle * 8}M 64k")
+            scribble(raw, cycle)
+        # the last cycle's first try dies on hv-a after its transfer, before it returns: the
+        # worker's Nanny restarts it and the task runs again from the bitmaps the vault knows
+        env = {"PYDR_CRASH_AT": "agent.disk", "PYDR_CRASH_ONCE": str(marker)} \
+            if cycle == 2 else None
+        with make_cluster(["hv-a", "hv-b"], tmp_path, env=env) as cluster:
             r = run_cli("replicate", "--all", "--scheduler", cluster.scheduler_address,
                         "--json", "--vault", vault, env=ctx["env"])
-            assert r.returncode == 0, r.stderr
-            result = json.loads(r.stdout)[0]
-            assert sorted(result["items"]) == ["obj", "vm"]
-            history["vm"][result["point_id"]] = raw_sha(image, tmp_path)
-            history["obj"][result["point_id"]] = sha(raw)
-            with sqlite3.connect(os.path.join(vault, "vault.db")) as db:
-                bitmap, generation = db.execute(
-                    "SELECT bitmap, generation FROM disks WHERE item='vm'").fetchone()
-            assert (bitmap, generation) == (f"pydr-{cycle + 1}", cycle + 1)
-            # the bitmap of the point before is dropped by the host's next cut
-            assert bitmaps(image) == sorted({f"pydr-{cycle + 1}", f"pydr-{max(cycle, 1)}"})
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)[0]
+        assert sorted(result["items"]) == ["obj", "vm"]
+        history["vm"][result["point_id"]] = raw_sha(image, tmp_path)
+        history["obj"][result["point_id"]] = sha(raw)
+        with sqlite3.connect(os.path.join(vault, "vault.db")) as db:
+            bitmap, generation = db.execute(
+                "SELECT bitmap, generation FROM disks WHERE item='vm'").fetchone()
+        assert (bitmap, generation) == (f"pydr-{cycle + 1}", cycle + 1)
+        # the bitmap of the point before is dropped by the host's next cut
+        assert bitmaps(image) == sorted({f"pydr-{cycle + 1}", f"pydr-{max(cycle, 1)}"})
+    assert marker.exists()  # a worker did die there
     with Vault(vault) as v:
         ran = [(j["item"], j["host"], j["state"]) for j in v.jobs() if j["kind"] == "replicate"]
         bytes_vm = [j["bytes_transferred"] for j in v.jobs() if j["item"] == "vm"
