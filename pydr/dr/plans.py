@@ -50,12 +50,14 @@ def get_plan(vault, name):
     return vault.plan(name).definition
 
 
-def _operation(op, options):
-    """fn(vault, item) -> result dict, for one item."""
+def _operation(op, options, executor=None):
+    """fn(vault, item) -> result dict, for one item (a failover's last cycle
+    through `executor`: a fleet's, or this process)."""
     if op == "failover":
         return lambda v, n: F.failover(v, n, options.get("point") or "latest",
                                        planned=options.get("planned", False),
-                                       shutdown_hook=options.get("shutdown_hook"))
+                                       shutdown_hook=options.get("shutdown_hook"),
+                                       executor=executor)
     if op == "test-failover":
         to = options["to"]
         return lambda v, n: D.test_failover(v, n, os.path.join(to, n), options.get("point"))
@@ -76,7 +78,7 @@ def run_plan(vault, name, op, **options):
     fleet = options.pop("fleet", None)
     events = options.pop("events", None) or (fleet.events if fleet is not None else None)
     groups = get_plan(vault, name)
-    fn = _operation(op, options)
+    fn = _operation(op, options, fleet.executor() if fleet is not None else None)
     report = []
 
     def emit(**event):
@@ -105,7 +107,6 @@ def run_plan(vault, name, op, **options):
         def work(item):
             try:
                 with Store(vault.dir) as v:  # a connection of its own
-                    v.fleet = fleet
                     results[item] = ("succeeded", fn(v, item))
             except Exception as exc:  # reported per item below
                 results[item] = ("failed", str(exc))

@@ -65,9 +65,6 @@ def _check_options(name, disks, retention, retention_age, quiesce_hook, thaw_hoo
         raise ValueError("give both --quiesce-hook and --thaw-hook, or neither")
     if host is not None and not _HOST_NAME.fullmatch(host):
         raise ValueError(f"invalid host name {host!r}: letters, digits, '.', '_' and '-'")
-    if host is not None and cbt:
-        raise ValueError("--cbt items cannot have a --host yet: changed-block tracking "
-                         "runs on the vault's machine")
 
 
 def _check_disks(store, name, disks, disk, *, cbt, host):
@@ -83,9 +80,10 @@ def _check_disks(store, name, disks, disk, *, cbt, host):
         src, rep = disk(source), disk(replica)
         if getattr(rep, "point_store", False):  # s3://...: named by item and file name
             stores.add(rep.store.spec)
-            if cbt or host is not None or src.local_path is None:
+            if cbt or src.local_path is None:
                 raise ValueError(f"{replica}: an object-store replica needs a raw file or "
-                                 f"block device here as its source, without --cbt or --host")
+                                 f"block device as its source (here, or on its --host), "
+                                 f"without --cbt")
             rep = rep.for_disk(name, os.path.basename(src.local_path))
         if src.place is not None:
             raise ValueError(f"source disk {source} must be on this machine "

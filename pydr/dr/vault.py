@@ -35,10 +35,14 @@ class Vault(Store):
         running on it, as a dict (pydr.dr.report.item_status)."""
         return report.item_status(self, name)
 
-    def replicate(self, names, *, retry=False, **kwargs):
-        """One replication cycle for the items `names` (one point id shared by
-        all); see pydr.dr.replication.replicate. ``retry``: retry recoverable
-        errors on the schedule of pydr.dr.retry."""
+    def replicate(self, names, *, retry=False, executor=None, **kwargs):
+        """One replication cycle for the items `names` (a group's members
+        together, every other item on its own; one point id shared by those
+        that succeed); see pydr.dr.cycle.replicate. ``executor``: where the
+        work runs (default: this process; a pydr.dr.fleet.FleetExecutor:
+        the items' hosts). ``retry``: retry the items whose errors are
+        recoverable, on the schedule of pydr.dr.retry."""
+        kwargs["executor"] = executor
         names = [names] if isinstance(names, str) else list(names)
         if retry:
             return R.replicate_with_retry(self, names, **kwargs)
