@@ -49,8 +49,9 @@ class Tracker:
 
     def __init__(self, vault, item, disk, source):
         self.vault, self.item, self.disk, self.source = vault, item, disk, source
-        self.current = disk.bitmap
-        self.generation = disk.generation or 0
+        # a DiskRecord in the vault, or a fleet task's plain dict on a host
+        self.current = disk.get("bitmap")
+        self.generation = disk.get("generation") or 0
         self.new = self.frozen = None
         self.full = False
 
@@ -99,8 +100,10 @@ class Tracker:
     def record(self, _db=None):
         """In the point's transaction: the new bitmap is the current one.
         (A caller that still passes the vault's connection: it is the one
-        of self.vault, which the store writes through.)"""
-        self.vault.set_bitmap(self.item, self.disk.idx, self.new, self.generation)
+        of self.vault, which the store writes through.) On a fleet's host
+        there is no vault: the coordinator records what the task returns."""
+        if self.vault is not None:
+            self.vault.set_bitmap(self.item, self.disk["idx"], self.new, self.generation)
 
     def commit(self):
         """After the point is recorded: the frozen (or the replaced) bitmap goes."""
