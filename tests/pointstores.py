@@ -61,6 +61,11 @@ class PointStore:
         """Options a failover needs (a directory for the disks, if any)."""
         return []
 
+    def refused_failover(self, directory):
+        """(options, what the refusal says) of a failover this store cannot
+        do: the disks somewhere else than where its failover puts them."""
+        return ["--to", str(directory)], b"--to is for items replicated to an object store"
+
     def local(self, spec):
         """The path on this machine of a disk spec the vault reports."""
         return spec
@@ -213,6 +218,9 @@ class S3Store(PointStore):
 
     def failover_options(self, directory):
         return ["--to", str(directory)]
+
+    def refused_failover(self, directory):
+        return [], b"give --to DIR"
 
     def footprint(self):
         out, token = set(), None

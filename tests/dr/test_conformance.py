@@ -78,6 +78,12 @@ def test_failover_to_a_point_change_point_then_commit(store, tmp_path):
     item = Item(store)
     for _ in range(2):
         item.cycle()
+    before = store.footprint()
+    options, says = store.refused_failover(tmp_path / "up")
+    r = store.cli("failover", "vm", "--point", "1", *options)
+    assert r.returncode == 2 and says in r.stderr, r.stderr  # a usage error, nothing done
+    assert item.status()["state"] == "protected" and store.footprint() == before
+    assert not (tmp_path / "up").exists()
     res = store.ok("failover", "vm", "--point", "1", *store.failover_options(tmp_path / "up"),
                    *store.method)
     assert res["point"] == 1 and res["method"] in store.methods
