@@ -48,6 +48,9 @@ def store(request, tmp_path):
 
 
 def test_every_point_materialises_as_its_cycle_left_the_sources(store, tmp_path):
+    """Three cycles with known writes between them: each point, made the
+    store's way, reads byte for byte as the sources did at its cycle, and
+    the store's own check finds nothing wrong."""
     item = Item(store)
     for _ in range(3):
         item.cycle()
@@ -87,6 +90,10 @@ def test_a_drill_shows_its_point_and_its_cleanup_leaves_nothing(store, tmp_path)
 
 
 def test_failover_to_a_point_change_point_then_commit(store, tmp_path):
+    """A failover the store cannot do is refused; failover to point 1, the
+    machine writes at site B, change-point to point 2 (exact: made again
+    from what the points were made on), commit: the disks stay, and
+    nothing any point needed is left."""
     item = Item(store)
     for _ in range(2):
         item.cycle()
@@ -121,6 +128,10 @@ def test_failover_to_a_point_change_point_then_commit(store, tmp_path):
 
 
 def test_retention_drops_what_only_the_dropped_points_needed(store, tmp_path):
+    """Retention 2 over three cycles: the footprint is exactly what the
+    kept points need (Store.needed: by the names each cycle added), and
+    they are exact. Only an object store collects garbage; a step chain
+    refuses gc clearly."""
     item = Item(store, retention=2)
     for _ in range(3):
         item.cycle()
