@@ -8,8 +8,10 @@ A store holds one item, "vm", of two small random disks at site A
 directory through an ssh host, or a bucket. Its *footprint* is every name
 the DR copy consists of: the files under the vault and site B, and the keys
 in the bucket. A case compares footprints by name (what a cycle added,
-what retention or commit must have removed), never by pydr's file names,
-so the suite holds while the layer underneath is restructured.
+what retention or commit must have removed), not by pydr's file names,
+so the suite holds while the layer underneath is restructured (the one
+exception: an object store's chunks, shared by points and removed only by
+`pydr gc`, are told by their documented prefix).
 
 Adding a point store: one class here (the hooks below), one line in
 STORES, and the suite's cases all pass.
@@ -32,7 +34,7 @@ class PointStore:
     """The hooks a kind of point store gives the cases."""
 
     name = None
-    method = []          # the CLI options that materialise its points its way
+    method = ()          # the CLI options that materialise its points its way
     methods = ()         # the method names the JSON results may report
     chain = True         # a step chain: a point needs the replica plus the later cycles' steps
     overlays = False     # points (and failed-over disks) are qcow2 overlays
@@ -187,7 +189,7 @@ class Qcow2Store(FileStore):
     (--as qcow2): drills, failovers and change-points make overlays."""
 
     name = "qcow2"
-    method = ["--as", "qcow2"]
+    method = ("--as", "qcow2")
     methods = ("qcow2",)
     overlays = True
 
