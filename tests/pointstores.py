@@ -159,16 +159,20 @@ class SshStore(PointStore):
         # one ssh connection, shared by the many sessions of each command (a handshake
         # costs most of a second on a loaded machine), as an operator's ~/.ssh/config would
         mux = ["-o", f"ControlPath={tmp / 'ssh-mux'}"]
-        self.master = shlex.split(sshd["rsh"]) + mux + ["127.0.0.1"]
-        subprocess.run(self.master[:-1] + ["-M", "-N", "-f", "-o", "ControlPersist=no",
-                                           "127.0.0.1"], check=True, timeout=120,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        self.rsh = shlex.join(shlex.split(sshd["rsh"]) + mux + ["-o", "ControlMaster=no"])
+        self.ssh = shlex.split(sshd["rsh"]) + mux
+        # until it is up, a command connects on its own (ControlMaster=no): no wait needed
+        self.master = subprocess.Popen(self.ssh + ["-M", "-N", "127.0.0.1"],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        self.rsh = shlex.join(self.ssh + ["-o", "ControlMaster=no"])
 
     def close(self):
-        subprocess.run(self.master[:-1] + ["-O", "exit", "127.0.0.1"], capture_output=True,
-                       timeout=60)
+        subprocess.run(self.ssh + ["-O", "exit", "127.0.0.1"], capture_output=True, timeout=60)
+        try:
+            self.master.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.master.kill()
+            self.master.wait()
 
     def replica(self, disk):
         return self.host + str(self.site_b / disk)
