@@ -198,6 +198,7 @@ class Store:
         if self.db.execute("SELECT 1 FROM items WHERE name=?", (name,)).fetchone():
             raise InvalidState(f"item {name!r} is already protected", path=self.dir)
         from ..endpoints import open_endpoint
+        from .pointstores import specs  # each kind's rules; imports no workflow
 
         def disk(spec):
             return open_endpoint(spec, rsh=rsh, remote_pydr=remote_pydr)
@@ -206,21 +207,12 @@ class Store:
         taken |= {disk(r["replica"]).identity for r in self.db.execute("SELECT replica FROM disks")}
         seen = set()
         stored = []
-        stores = set()
         for source, replica in disks:
-            src, rep = disk(source), disk(replica)
-            if getattr(rep, "point_store", False):  # s3://...: named by item and file name
-                stores.add(rep.store.spec)
-                if cbt or host is not None or src.local_path is None:
-                    raise ValueError(f"{replica}: an object-store replica needs a raw file or "
-                                     f"block device here as its source, without --cbt or --host")
-                rep = rep.for_disk(name, os.path.basename(src.local_path))
+            src = disk(source)
+            rep = specs.protected_replica(name, src, disk(replica), cbt=cbt, host=host)
             if src.place is not None:
                 raise ValueError(f"source disk {source} must be on this machine "
                                  "(replicas may be on another)")
-            if rep.place is not None and not getattr(rep, "point_store", False) \
-                    and not os.path.isabs(rep.path):
-                raise ValueError(f"remote replica {replica} needs an absolute path")
             if host is None and not src.exists():  # a host's disks are its worker's to find
                 raise FileNotFoundError(errno.ENOENT, "source disk not found", source)
             if host is None and src.local_path is not None:
@@ -237,9 +229,7 @@ class Store:
                 raise ValueError(f"changed-block tracking (--cbt) needs a qcow2 image or a live "
                                  f"disk (qmp:SOCKET:NODE) as the source, not {source}")
             stored.append((src.spec, rep.spec, src.tracking if cbt else None))
-        if stores and (len(stores) > 1 or any(
-                not r.startswith("s3://") for _, r, _ in stored)):
-            raise ValueError("the disks of an item are all in one object store, or none is")
+        specs.check_one_kind([r for _, r, _ in stored])
         owners = self._check_owners(name, stored, disk)
         job = self.start_job("protect", name)
         with self.db:
@@ -266,11 +256,13 @@ class Store:
         opens a spec as the item reaches it); InvalidState naming the owner
         if another vault or item owns one (a replica has one writer:
         pydr.dr.ownership)."""
+        from .pointstores import specs
+
         owners = []
         for i, (_, replica, _) in enumerate(stored):
-            rep = endpoint(replica)
-            if getattr(rep, "point_store", False):
+            if not specs.has_owner(replica):
                 continue
+            rep = endpoint(replica)
             me = ownership.Owner(self.vault_id(), self.dir, name, i, replica)
             try:
                 ownership.check_claimable(rep, me, exists_in_vault=self._has_item)
