@@ -8,9 +8,9 @@ import os
 from ..engine import names
 from ..engine.atomic import fsync_dir
 from ..errors import UnsupportedFile
-from .base import Endpoint, InProcess
+from .base import Endpoint, InProcess, StepChainPlace
 
-class LocalEndpoint(InProcess, Endpoint):
+class LocalEndpoint(StepChainPlace, InProcess, Endpoint):
     """A raw disk: a regular file or a block device (QEMU-format files are
     QemuImageEndpoint, pydr.endpoints.qemu)."""
 

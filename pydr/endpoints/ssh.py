@@ -10,10 +10,10 @@ import time
 
 from ..engine import names
 from ..errors import UnsupportedFile
-from .base import Endpoint, SignResult
+from .base import Endpoint, SignResult, StepChainPlace
 
 
-class SshEndpoint(Endpoint):
+class SshEndpoint(StepChainPlace, Endpoint):
     def __init__(self, host, path, *, rsh=None, remote_pydr=None):
         from ..transport.client import Host
 

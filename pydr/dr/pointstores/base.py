@@ -21,7 +21,18 @@ method with ``store.require("collect_garbage")``, which raises
 UnsupportedFile naming the item when the kind lacks it.
 """
 
+from ...endpoints.base import StepChainPlace
 from ...errors import UnsupportedFile
+
+
+def files_at(endpoint):
+    """`endpoint` where pydr keeps and makes files itself (a StepChainPlace:
+    a file here, host:PATH, a QEMU image), or UnsupportedFile naming it (an
+    NBD export, a live disk: no files beside it)."""
+    if not isinstance(endpoint, StepChainPlace):
+        raise UnsupportedFile(f"{endpoint} has no files beside it (an NBD export or a live "
+                              f"disk): points are not made or kept there", path=endpoint.spec)
+    return endpoint
 
 
 class PointStore:
@@ -113,7 +124,7 @@ class PointStore:
     def remove_drill(self, directory, disks):
         """Remove the drill disks `disks` (endpoints in `directory`, also
         half-made ones), then `directory` if that empties it."""
-        directory.remove_drill(disks)
+        files_at(directory).remove_drill(disks)
 
     # -- failover -----------------------------------------------------------------------
     def failover_dir(self, to):

@@ -14,13 +14,20 @@ failed-over machine wrote to its disks."""
 import os
 
 from ...endpoints import remove_all
+from ...endpoints.base import StepChainPlace
 from ...engine import crashpoints, names
 from ...errors import CorruptDelta
 from .. import ownership
 from ..replica_check import check_replicas
-from .base import PointStore
+from .base import PointStore, files_at
 from .steps import check_step, mark_step_damaged, step_named, steps_of
 from .stepverify import verify_steps
+
+
+def _backing(endpoint):
+    """The backing file of a qcow2 overlay, else None (also for an endpoint
+    with no files beside it)."""
+    return endpoint.backing() if isinstance(endpoint, StepChainPlace) else None
 
 
 class StepChain(PointStore):
@@ -50,7 +57,7 @@ class StepChain(PointStore):
         steps = steps_of(self.vault, self.name, point_id, disk["idx"])
         for s in steps:  # cheap: sizes; the records are checked where they are read
             check_step(self.vault, self.name, disk["idx"], s, whole=False)
-        replica = self._replica(disk)
+        replica = files_at(self._replica(disk))
         try:
             used = replica.materialize([self.vault.endpoint(self.name, s["path"]) for s in steps],
                                        dest, drill=drill, threads=threads, method=method,
@@ -68,7 +75,7 @@ class StepChain(PointStore):
         for d in self.vault.disks(self.name):
             replica = self._replica(d)
             disk = directory.child(os.path.basename(replica.path))
-            if disk.exists() and disk.backing() == replica.path:
+            if disk.exists() and _backing(disk) == replica.path:
                 return disk
         return None
 
@@ -92,7 +99,7 @@ class StepChain(PointStore):
         """"qcow2" where the first failed-over disk is an overlay on its baseline."""
         for d in self.vault.disks(self.name):
             replica = self._replica(d)
-            if replica.exists() and replica.backing() == replica.sidecar(names.BASE).path:
+            if replica.exists() and _backing(replica) == replica.sidecar(names.BASE).path:
                 return "qcow2"
         return "auto"
 
@@ -135,7 +142,7 @@ class StepChain(PointStore):
         replicas = [self._replica(d) for d in self.vault.disks(self.name)]
         for replica in replicas:  # an overlay on its baseline becomes one raw disk
             base = replica.sidecar(names.BASE)
-            if replica.exists() and base.exists() and replica.backing() == base.path:
+            if replica.exists() and base.exists() and _backing(replica) == base.path:
                 replica.flatten(base)
                 notes.append(f"flattened the qcow2 overlay {replica} into its baseline "
                              "(qemu-img commit): one raw disk")
