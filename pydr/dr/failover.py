@@ -3,13 +3,15 @@ reprotect and failback (drills are pydr.dr.drills).
 
 States of an item: protected -> failing-over -> failed-over (-> change-point
 ...) -> committing -> failover-committed (direction flipped) -> protecting
-(reprotect) -> protected. A failover moves each replica (the latest
+(reprotect) -> protected. Each disk is brought up by the item's point
+store (pydr.dr.pointstores): a step chain moves each replica (the latest
 replicated state, the baseline of every undo step) aside to
 ".NAME.pydr-base" beside it -- an atomic rename -- and materialises the
-chosen point at the replica's path (whole, by a rename). change-point
-re-materialises from that untouched baseline, so it is exact even after the
-failed-over machine wrote to its disks. commit discards the baselines, the
-points and their steps.
+chosen point at the replica's path (whole, by a rename); a chunk index
+downloads it into --to DIR. change-point makes the disks again from the
+untouched baselines (or the store), so it is exact even after the
+failed-over machine wrote to its disks. commit discards the points and
+what they were made from (PointStore.discard).
 
 Every operation is recorded on the item while it runs (Store.begin/end,
 with the command that finishes it), and each of its steps can be done
