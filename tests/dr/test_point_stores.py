@@ -11,10 +11,11 @@ import pytest
 from conftest import run_cli
 from pydr.dr import pointstores
 from pydr.dr.pointstores import point_store
-from pydr.dr.pointstores.base import PointStore
+from pydr.dr.pointstores.base import PointStore, files_at
 from pydr.dr.pointstores.chunkindex import ChunkIndex
 from pydr.dr.pointstores.stepchain import StepChain
 from pydr.dr.vault import Vault, init_vault
+from pydr.endpoints import open_endpoint
 from pydr.errors import EXIT_UNSUPPORTED, UnknownName, UnsupportedFile
 
 BUCKET = "s3://pydr-test-bucket/site-b"
@@ -118,3 +119,14 @@ def test_protect_rules_of_a_chunk_index(vault, tmp_path):
         vault.protect("hosted", [(str(other), BUCKET)], host="worker-1")
     assert "mixed" not in vault.items() and "two" not in vault.items()
     assert not os.path.exists(tmp_path / "dr" / "o.img")
+
+
+def test_a_step_chain_needs_a_place_with_files(tmp_path):
+    """Materialise, drill clean-up, overlays: asked of the replica's place as
+    a capability; an NBD export has none, and says so by name."""
+    nbd = open_endpoint("nbd://127.0.0.1:1/export")
+    with pytest.raises(UnsupportedFile, match="no files beside it") as err:
+        files_at(nbd)
+    assert err.value.path == nbd.spec
+    here = open_endpoint(str(tmp_path / "disk.img"))
+    assert files_at(here) is here
