@@ -70,7 +70,7 @@ def materialize(vault, name, point_id, directory, *, threads=None, method="auto"
                 progress=None, methods=None):
     """Write each disk of `name` as it was at recovery point `point_id` into
     `directory`, as DIR/<replica file name>, by `method` (see
-    pydr.endpoints.base.Endpoint.materialize). Returns the specs written;
+    pydr.dr.pointstores.base.PointStore.materialize_disk). Returns the specs written;
     the methods used are appended to the list `methods`, if given, and
     recorded on the job ("materialize")."""
     check_points_usable(vault, name)
@@ -101,7 +101,8 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=Fals
     ``drill``: a test failover's disk (never written over a file). Returns
     the method used, also noted on the job."""
     return point_store(vault, name).materialize_disk(
-        point_id, disk, vault.endpoint(name, dest), threads=threads, drill=drill, method=method, progress=progress)
+        point_id, disk, vault.endpoint(name, dest), threads=threads, drill=drill, method=method,
+        progress=progress)
 
 
 def check_points_usable(vault, name):

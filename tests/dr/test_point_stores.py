@@ -50,8 +50,8 @@ def test_points_left_in_an_object_store_keep_the_chunk_index(vault, tmp_path):
     local = str(tmp_path / "up" / "db.img")
     with vault.db:  # what failover leaves: the disk moved, the point's index recorded
         vault.db.execute("UPDATE disks SET replica=? WHERE item='db'", (local,))
-        vault.db.execute("INSERT INTO object_indexes VALUES ('db', 1, ?, 'dr/indexes/db/x.pidx', 0)",
-                         (BUCKET,))
+        vault.db.execute("INSERT INTO object_indexes VALUES ('db', 1, ?, ?, 0)",
+                         (BUCKET, "dr/indexes/db/x.pidx"))
     assert type(point_store(vault, "db")) is ChunkIndex
     with vault.db:  # what commit leaves
         vault.db.execute("DELETE FROM object_indexes WHERE item='db'")

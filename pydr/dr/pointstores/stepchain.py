@@ -52,7 +52,7 @@ class StepChain(PointStore):
 
     def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
                          method="auto", progress=None):
-        """At the replica's place (Endpoint.materialize): the steps' sizes are
+        """At the replica's place (StepChainPlace.materialize): the steps' sizes are
         checked here, their records where they are read."""
         steps = steps_of(self.vault, self.name, point_id, disk["idx"])
         for s in steps:  # cheap: sizes; the records are checked where they are read
