@@ -194,7 +194,7 @@ class ObjectEndpoint(Endpoint):
 
     A disk's replica is named s3://BUCKET/PREFIX#ITEM/NAME: the store, and
     after '#' the disk (NAME: the file name its points are materialised as).
-    Without '#' the spec names an object (a point index, to remove)."""
+    Without '#' the spec names the store itself, or an object in it."""
 
     def __init__(self, spec):
         base, _, disk = spec.partition("#")
@@ -226,10 +226,6 @@ class ObjectEndpoint(Endpoint):
         from ..errors import UnsupportedFile
 
         raise UnsupportedFile("an object store keeps no files beside a disk", path=self.spec)
-
-    def remove_many(self, endpoints):
-        """The objects the endpoints name (point indexes dropped by retention)."""
-        self.store.delete(ep.store.key() for ep in endpoints)
 
     def open_source(self, **_):
         raise InvalidReplica(self.spec)
