@@ -62,20 +62,17 @@ class WritableExport:
         self.proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", self.sock, "-t", image])
         while not os.path.exists(self.sock):
             time.sleep(0.01)
-        from pydr.engine.bindings import NbdHandle
+        from pydr.engine.bindings import Device
 
-        self.h = NbdHandle(f"nbd+unix:///?socket={self.sock}", write=True)
+        self.h = Device.open_nbd(f"nbd+unix:///?socket={self.sock}", write=True)
 
     def scribble(self, size, fraction, seed):
         rng = random.Random(seed)
         n = max(1, int(size * fraction) // (64 << 10))
         payload = os.urandom(64 << 10)
-        from pydr.engine.bindings import ffi, lib
-
-        err = ffi.new("uint64_t *")
         for _ in range(n):
             off = rng.randrange(size // (64 << 10)) * (64 << 10)
-            lib.pydr_nbd_pwrite(self.h._ptr, ffi.from_buffer(payload), len(payload), off, err)
+            self.h.pwrite(payload, off)
         self.h.flush()
         return n * (64 << 10)
 

@@ -18,7 +18,7 @@
 #include <xxhash.h>
 
 #include "dev.h"
-#include "io.h"
+#include "fail.h"
 #include "kernel.h"
 #include "pydr.h"
 
@@ -97,16 +97,15 @@ static size_t record_size(const pydr_record *r)
     return PYDR_RECORD_HEADER + (r->type == PYDR_RECORD_DATA ? (size_t)r->length : 0);
 }
 
-int pydr_records_scan(const uint8_t *buf, size_t len, pydr_scan *scan)
+int pydr_records_scan(const uint8_t *buf, size_t len, pydr_scan *scan, pydr_error *error)
 {
+    PYDR_ERROR_OR_LOCAL(error);
     size_t pos = 0;
     memset(scan, 0, sizeof *scan);
     while (len - pos >= PYDR_RECORD_HEADER) {
         pydr_record r;
-        if (pydr_record_parse(buf + pos, &r) != 0) {
-            scan->error_position = pos;
-            return PYDR_E_CORRUPT;
-        }
+        if (pydr_record_parse(buf + pos, &r) != 0)
+            return pydr_fail_at(error, PYDR_E_CORRUPT, pos);
         size_t size = record_size(&r);
         if (len - pos < size)
             break; /* payload not all here yet */
@@ -192,36 +191,31 @@ static int all_zero(const uint8_t *p, size_t n)
     return pydr_kernel_get()->is_zero(p, n);
 }
 
-int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
+int pydr_encode(pydr_device *src, const uint64_t *extents, const uint8_t *zero,
                 const uint64_t *base_hashes, size_t n, uint64_t first_seq,
                 uint8_t *out, size_t cap, size_t *used, size_t *done,
                 uint32_t block_size, uint64_t *payload_hashes,
                 size_t payload_hashes_cap, size_t *payload_hashes_used,
-                uint64_t *error_offset)
+                pydr_error *error)
 {
-    pydr_dev d;
-    pydr_dev_file(&d, src_fd, 0);
-    return pydr_encode_dev(&d, extents, zero, base_hashes, n, first_seq, out, cap, used, done,
-                           block_size, payload_hashes, payload_hashes_cap,
-                           payload_hashes_used, error_offset);
-}
-
-int pydr_encode_dev(const pydr_dev *src, const uint64_t *extents, const uint8_t *zero,
-                    const uint64_t *base_hashes, size_t n, uint64_t first_seq,
-                    uint8_t *out, size_t cap, size_t *used, size_t *done,
-                    uint32_t block_size, uint64_t *payload_hashes,
-                    size_t payload_hashes_cap, size_t *payload_hashes_used,
-                    uint64_t *error_offset)
-{
+    PYDR_ERROR_OR_LOCAL(error);
     size_t pos = 0, i = 0, hpos = 0;
-    *error_offset = 0;
+    *used = 0;
+    *done = 0;
+    if (payload_hashes_used)
+        *payload_hashes_used = 0;
+    if (!src)
+        return pydr_fail(error, -EINVAL);
     for (; i < n; i++) {
         pydr_record r;
         r.offset = extents[2 * i];
         r.length = extents[2 * i + 1];
         if (r.length > PYDR_RECORD_MAX) {
-            *error_offset = r.offset;
-            return -EINVAL;
+            *used = pos;
+            *done = i;
+            if (payload_hashes_used)
+                *payload_hashes_used = hpos;
+            return pydr_fail_at(error, -EINVAL, r.offset);
         }
         r.type = zero[i] ? PYDR_RECORD_ZERO : PYDR_RECORD_DATA;
         size_t size = PYDR_RECORD_HEADER + (r.type == PYDR_RECORD_DATA ? r.length : 0);
@@ -235,7 +229,7 @@ int pydr_encode_dev(const pydr_dev *src, const uint64_t *extents, const uint8_t 
         r.payload_hash = 0;
         if (r.type == PYDR_RECORD_DATA) {
             uint8_t *payload = out + pos + PYDR_RECORD_HEADER;
-            int rc = src->read(src, payload, (size_t)r.length, r.offset, error_offset);
+            int rc = src->read(src, payload, (size_t)r.length, r.offset, error);
             if (rc) {
                 *used = pos;
                 *done = i;
@@ -302,48 +296,37 @@ static size_t journal_runs(uint8_t *out, const uint8_t *old, uint64_t old_len,
     return w;
 }
 
-int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
-                       uint32_t block_size, uint64_t old_size,
-                       uint64_t new_size, pydr_apply_state *st,
-                       uint8_t *scratch, size_t scratch_cap,
-                       uint8_t *journal, size_t journal_cap,
-                       size_t *journal_used)
+int pydr_apply_prepare(pydr_device *target, const uint8_t *recs, size_t len,
+                       uint32_t block_size, uint64_t old_size, uint64_t new_size,
+                       pydr_apply_state *st, uint8_t *scratch, size_t scratch_cap,
+                       uint8_t *journal, size_t journal_cap, size_t *journal_used,
+                       pydr_error *error)
 {
-    pydr_dev d;
-    pydr_dev_file(&d, target_fd, 0);
-    return pydr_apply_prepare_dev(&d, recs, len, block_size, old_size, new_size, st, scratch,
-                                  scratch_cap, journal, journal_cap, journal_used);
-}
-
-int pydr_apply_prepare_dev(const pydr_dev *target, const uint8_t *recs, size_t len,
-                           uint32_t block_size, uint64_t old_size, uint64_t new_size,
-                           pydr_apply_state *st, uint8_t *scratch, size_t scratch_cap,
-                           uint8_t *journal, size_t journal_cap, size_t *journal_used)
-{
+    PYDR_ERROR_OR_LOCAL(error);
     size_t pos = 0, jpos = 0;
     *journal_used = 0;
+    if (!target || !st || block_size == 0)
+        return pydr_fail(error, -EINVAL);
     while (pos < len) {
         pydr_record r;
-        st->error_offset = pos; /* position in the batch until we know better */
+        /* a corrupt record is reported at its position in the batch */
         if (len - pos < PYDR_RECORD_HEADER || pydr_record_parse(recs + pos, &r))
-            return PYDR_E_CORRUPT;
+            return pydr_fail_at(error, PYDR_E_CORRUPT, pos);
         size_t size = record_size(&r);
         if (len - pos < size)
-            return PYDR_E_CORRUPT;
+            return pydr_fail_at(error, PYDR_E_CORRUPT, pos);
         if (r.type == PYDR_RECORD_END || r.type == PYDR_RECORD_COMMIT)
-            return PYDR_E_CORRUPT; /* the caller strips END before calling */
+            return pydr_fail_at(error, PYDR_E_CORRUPT, pos); /* the caller strips END */
         const uint8_t *payload = recs + pos + PYDR_RECORD_HEADER;
         /* bounds: aligned, in order, no overlap, inside the new image */
         if (r.seq != st->next_seq || r.offset % block_size || r.offset < st->next_offset ||
             r.length == 0 || r.offset + r.length > new_size ||
             (r.length % block_size && r.offset + r.length != new_size))
-            return PYDR_E_CORRUPT;
+            return pydr_fail_at(error, PYDR_E_CORRUPT, pos);
         if (r.type == PYDR_RECORD_DATA &&
             hash64(payload, (size_t)r.length) != r.payload_hash)
-            return PYDR_E_CORRUPT;
-        /* from here on errors are about the target, at the record's offset
-         * (a corrupt record is reported at its position in the batch) */
-        st->error_offset = r.offset;
+            return pydr_fail_at(error, PYDR_E_CORRUPT, pos);
+        /* from here on errors are about the target, at the record's offset */
         /* Old content: every base block the record covers, up to the base's
          * end. That is more than `length` only for a short last block of a
          * shrunk result, whose base block was longer (its hash is too). */
@@ -355,9 +338,9 @@ int pydr_apply_prepare_dev(const pydr_dev *target, const uint8_t *recs, size_t l
         uint64_t runs_max = (old_len + block_size - 1) / block_size;
         if (old_len > scratch_cap ||
             journal_cap - jpos < old_len + PYDR_RECORD_HEADER * runs_max)
-            return PYDR_E_NO_ROOM;
+            return pydr_fail_at(error, PYDR_E_NO_ROOM, r.offset);
         uint8_t *jpayload = scratch;
-        int rc = target->read(target, jpayload, (size_t)old_len, r.offset, &st->error_offset);
+        int rc = target->read(target, jpayload, (size_t)old_len, r.offset, error);
         if (rc)
             return rc;
         uint64_t digest[2];
@@ -371,7 +354,8 @@ int pydr_apply_prepare_dev(const pydr_dev *target, const uint8_t *recs, size_t l
                 else
                     applied = memcmp(jpayload, payload, (size_t)old_len) == 0;
             }
-            return applied ? PYDR_E_ALREADY_APPLIED : PYDR_E_BASE_MISMATCH;
+            return pydr_fail_at(error, applied ? PYDR_E_ALREADY_APPLIED : PYDR_E_BASE_MISMATCH,
+                                r.offset);
         }
         jpos += journal_runs(journal + jpos, jpayload, old_len, r.offset, r.seq, block_size);
         st->next_offset = r.offset + r.length;
@@ -395,32 +379,25 @@ int pydr_start_writeback(int fd)
     return 0;
 }
 
-int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
-                     int is_block_device, uint64_t *error_offset)
+int pydr_apply_write(pydr_device *target, const uint8_t *recs, size_t len, pydr_error *error)
 {
-    pydr_dev d;
-    pydr_dev_file(&d, target_fd, is_block_device);
-    return pydr_apply_write_dev(&d, recs, len, error_offset);
-}
-
-int pydr_apply_write_dev(const pydr_dev *target, const uint8_t *recs, size_t len,
-                         uint64_t *error_offset)
-{
+    PYDR_ERROR_OR_LOCAL(error);
     size_t pos = 0;
-    *error_offset = 0;
+    if (!target)
+        return pydr_fail(error, -EINVAL);
     while (pos < len) {
         pydr_record r;
         if (len - pos < PYDR_RECORD_HEADER || pydr_record_parse(recs + pos, &r))
-            return PYDR_E_CORRUPT;
+            return pydr_fail_at(error, PYDR_E_CORRUPT, pos);
         size_t size = record_size(&r);
         if (len - pos < size)
-            return PYDR_E_CORRUPT;
+            return pydr_fail_at(error, PYDR_E_CORRUPT, pos);
         int rc = 0;
         if (r.type == PYDR_RECORD_DATA)
             rc = target->write(target, recs + pos + PYDR_RECORD_HEADER, (size_t)r.length,
-                               r.offset, error_offset);
+                               r.offset, error);
         else if (r.type == PYDR_RECORD_ZERO)
-            rc = target->zero(target, r.offset, r.length, error_offset);
+            rc = target->zero(target, r.offset, r.length, error);
         if (rc)
             return rc;
         pos += size;

@@ -1,45 +1,47 @@
-/* dev.h -- where the core reads and writes (internal): a file descriptor or
- * an NBD connection. The delta code (encode, verify-and-journal, write) works
- * on either through these three operations. */
+/* dev.h -- the device handle (internal): a file descriptor or an NBD
+ * connection. The delta code (encode, verify-and-journal, write) and the
+ * signer work on either through these operations; errors go to the
+ * caller's pydr_error (fail.h), never into the device. */
 #ifndef PYDR_DEV_H
 #define PYDR_DEV_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-typedef struct pydr_dev pydr_dev;
+#include "pydr.h"
 
-struct pydr_dev {
-    /* Each returns 0 or a negative code, setting *error_offset on failure. */
-    int (*read)(const pydr_dev *d, void *dst, size_t len, uint64_t off,
-                uint64_t *error_offset);
-    int (*write)(const pydr_dev *d, const void *src, size_t len, uint64_t off,
-                 uint64_t *error_offset);
+typedef struct pydr_nbd pydr_nbd;
+
+struct pydr_device {
+    /* Each returns 0 or a negative code, filling *error (never NULL here)
+     * with the offset on failure. */
+    int (*read)(pydr_device *d, void *dst, size_t len, uint64_t off, pydr_error *error);
+    int (*write)(pydr_device *d, const void *src, size_t len, uint64_t off,
+                 pydr_error *error);
     /* [off, off + len) reads as zeros afterwards (a hole where possible). */
-    int (*zero)(const pydr_dev *d, uint64_t off, uint64_t len, uint64_t *error_offset);
-    int fd;
+    int (*zero)(pydr_device *d, uint64_t off, uint64_t len, pydr_error *error);
+    int fd;                /* a file's descriptor (the caller's), or -1   */
     int is_block_device;
-    void *nbd;   /* struct nbd_handle *, for an NBD connection */
+    struct pydr_nbd *nbd;  /* the NBD connection (nbd.c), or NULL         */
 };
 
-/* A device over an open file or block device. */
-void pydr_dev_file(pydr_dev *d, int fd, int is_block_device);
+/* A file device (io.c), filled in place. */
+void pydr_dev_file(pydr_device *d, int fd, int is_block_device);
 
-/* The delta code on a device (delta.c); the public pydr_encode,
- * pydr_apply_prepare and pydr_apply_write are these on a file. */
-int pydr_encode_dev(const pydr_dev *src, const uint64_t *extents, const uint8_t *zero,
-                    const uint64_t *base_hashes, size_t n, uint64_t first_seq,
-                    uint8_t *out, size_t cap, size_t *used, size_t *done,
-                    uint32_t block_size, uint64_t *payload_hashes,
-                    size_t payload_hashes_cap, size_t *payload_hashes_used,
-                    uint64_t *error_offset);
-struct pydr_apply_state;
-int pydr_apply_prepare_dev(const pydr_dev *target, const uint8_t *recs, size_t len,
-                           uint32_t block_size, uint64_t old_size, uint64_t new_size,
-                           struct pydr_apply_state *state, uint8_t *scratch,
-                           size_t scratch_cap, uint8_t *journal, size_t journal_cap,
-                           size_t *journal_used);
-int pydr_apply_write_dev(const pydr_dev *target, const uint8_t *recs, size_t len,
-                         uint64_t *error_offset);
+/* nbd.c: the NBD side of the public device functions. connect fills d
+ * (its operations and d->nbd); the others take d->nbd. */
+int pydr_nbd_connect(pydr_device *d, const char *uri, const char *bitmap, unsigned flags,
+                     pydr_error *error);
+void pydr_nbd_close(struct pydr_nbd *n);
+int pydr_nbd_size(struct pydr_nbd *n, uint64_t *size, pydr_error *error);
+int pydr_nbd_can(struct pydr_nbd *n, int what);
+int pydr_nbd_flush(struct pydr_nbd *n, pydr_error *error);
+int pydr_nbd_extents(struct pydr_nbd *n, int dirty_bitmap, const char *bitmap,
+                     uint64_t offset, uint64_t length, uint64_t *out, size_t cap,
+                     size_t *count, uint64_t *reached, pydr_error *error);
+int pydr_nbd_sign(struct pydr_nbd *n, uint64_t offset, uint64_t length,
+                  uint32_t block_size, int algorithm, uint64_t *hashes,
+                  uint8_t *zero_mask, size_t nblocks, pydr_progress *progress,
+                  pydr_error *error);
 
 #endif

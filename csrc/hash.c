@@ -30,18 +30,20 @@ const char *pydr_kernel_name(void)
     return pydr_kernel_get()->name;
 }
 
-unsigned pydr_hash_words(int algorithm)
+int pydr_hash_words(int algorithm)
 {
     switch (algorithm) {
     case PYDR_XXH3_64: return 1;
     case PYDR_XXH3_128: return 2;
-    default: return 0;
+    default: return PYDR_E_UNKNOWN_ALGORITHM;
     }
 }
 
 int pydr_hash(int algorithm, const void *data, size_t size, uint64_t *out)
 {
-    if (!pydr_hash_words(algorithm) || !out || (!data && size))
+    if (pydr_hash_words(algorithm) < 0)
+        return PYDR_E_UNKNOWN_ALGORITHM;
+    if (!out || (!data && size))
         return -EINVAL;
     pydr_kernel_get()->hash(algorithm, data, size, out);
     return 0;

@@ -10,37 +10,33 @@
 #include <unistd.h>
 
 #include "dev.h"
+#include "fail.h"
 #include "io.h"
 #include "pydr.h"
 
-int pydr_pread_full(int fd, void *dst, size_t len, uint64_t off, uint64_t *error_offset)
+int pydr_pread_full(int fd, void *dst, size_t len, uint64_t off, pydr_error *error)
 {
     size_t got = 0;
     while (got < len) {
         ssize_t n = pread(fd, (uint8_t *)dst + got, len - got, (off_t)(off + got));
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0) {
-            *error_offset = off + got;
-            return n < 0 ? -errno : PYDR_E_FILE_CHANGED;
-        }
+        if (n <= 0)
+            return pydr_fail_at(error, n < 0 ? -errno : PYDR_E_FILE_CHANGED, off + got);
         got += (size_t)n;
     }
     return 0;
 }
 
-int pydr_pwrite_full(int fd, const void *src, size_t len, uint64_t off,
-                     uint64_t *error_offset)
+int pydr_pwrite_full(int fd, const void *src, size_t len, uint64_t off, pydr_error *error)
 {
     size_t put = 0;
     while (put < len) {
         ssize_t n = pwrite(fd, (const uint8_t *)src + put, len - put, (off_t)(off + put));
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0) {
-            *error_offset = off + put;
-            return n < 0 ? -errno : -EIO;
-        }
+        if (n <= 0)
+            return pydr_fail_at(error, n < 0 ? -errno : -EIO, off + put);
         put += (size_t)n;
     }
     return 0;
@@ -48,19 +44,18 @@ int pydr_pwrite_full(int fd, const void *src, size_t len, uint64_t off,
 
 static const uint8_t zeros[1 << 16];
 
-static int file_read(const pydr_dev *d, void *dst, size_t len, uint64_t off,
-                     uint64_t *error_offset)
+static int file_read(pydr_device *d, void *dst, size_t len, uint64_t off, pydr_error *error)
 {
-    return pydr_pread_full(d->fd, dst, len, off, error_offset);
+    return pydr_pread_full(d->fd, dst, len, off, error);
 }
 
-static int file_write(const pydr_dev *d, const void *src, size_t len, uint64_t off,
-                      uint64_t *error_offset)
+static int file_write(pydr_device *d, const void *src, size_t len, uint64_t off,
+                      pydr_error *error)
 {
-    return pydr_pwrite_full(d->fd, src, len, off, error_offset);
+    return pydr_pwrite_full(d->fd, src, len, off, error);
 }
 
-static int file_zero(const pydr_dev *d, uint64_t off, uint64_t len, uint64_t *error_offset)
+static int file_zero(pydr_device *d, uint64_t off, uint64_t len, pydr_error *error)
 {
     if (d->is_block_device) {
         uint64_t range[2] = {off, len};
@@ -73,7 +68,7 @@ static int file_zero(const pydr_dev *d, uint64_t off, uint64_t len, uint64_t *er
     /* neither works here (e.g. tmpfs without hole punching): write zeros */
     while (len) {
         size_t n = len < sizeof zeros ? (size_t)len : sizeof zeros;
-        int rc = pydr_pwrite_full(d->fd, zeros, n, off, error_offset);
+        int rc = pydr_pwrite_full(d->fd, zeros, n, off, error);
         if (rc)
             return rc;
         off += n;
@@ -82,7 +77,7 @@ static int file_zero(const pydr_dev *d, uint64_t off, uint64_t len, uint64_t *er
     return 0;
 }
 
-void pydr_dev_file(pydr_dev *d, int fd, int is_block_device)
+void pydr_dev_file(pydr_device *d, int fd, int is_block_device)
 {
     d->read = file_read;
     d->write = file_write;

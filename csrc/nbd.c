@@ -7,10 +7,11 @@
  * with several requests in flight and hashed as it arrives, by the same
  * kernels as files. Changed-block tracking reads a QEMU dirty bitmap the
  * same way (qemu:dirty-bitmap:NAME). Records are encoded from, and applied
- * to, an export through the delta code's device interface (dev.h).
+ * to, an export through the device operations (dev.h); the public functions
+ * are those of pydr_device (device.c).
  *
- * Built without libnbd (PYDR_HAVE_LIBNBD undefined), every function returns
- * PYDR_E_NO_NBD.
+ * Built without libnbd (PYDR_HAVE_LIBNBD undefined), connecting fails with
+ * PYDR_E_NO_NBD, so no NBD device ever exists.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -19,6 +20,7 @@
 #include <string.h>
 
 #include "dev.h"
+#include "fail.h"
 #include "kernel.h"
 #include "pydr.h"
 
@@ -33,26 +35,44 @@
 
 struct pydr_nbd {
     struct nbd_handle *h;
-    pydr_dev dev;
     int has_bitmap;
     uint8_t *bufs;   /* NBD_IN_FLIGHT chunk buffers, made on first use */
     size_t buf_size;
 };
 
-static __thread char last_error[512];
-
-static int fail(int err)
+/* Fails with errno err (0: libnbd's), libnbd's message in error->detail. */
+static int nbd_failed(pydr_error *error, int err)
 {
     const char *msg = nbd_get_error();
-    snprintf(last_error, sizeof last_error, "%s", msg ? msg : "NBD request failed");
     if (err == 0)
         err = nbd_get_errno();
-    return err > 0 ? -err : -EIO;
+    pydr_fail(error, err > 0 ? -err : -EIO);
+    snprintf(error->detail, sizeof error->detail, "%s", msg ? msg : "NBD request failed");
+    return error->code;
 }
 
-const char *pydr_nbd_last_error(void)
+static int nbd_failed_at(pydr_error *error, int err, uint64_t offset)
 {
-    return last_error;
+    nbd_failed(error, err);
+    error->has_offset = 1;
+    error->offset = offset;
+    return error->code;
+}
+
+/* Fails with our own words. */
+static int nbd_refused(pydr_error *error, int code, const char *why)
+{
+    pydr_fail(error, code);
+    snprintf(error->detail, sizeof error->detail, "%s", why);
+    return code;
+}
+
+static int nbd_refused_at(pydr_error *error, int code, uint64_t offset, const char *why)
+{
+    nbd_refused(error, code, why);
+    error->has_offset = 1;
+    error->offset = offset;
+    return code;
 }
 
 int pydr_nbd_available(void)
@@ -60,56 +80,48 @@ int pydr_nbd_available(void)
     return 1;
 }
 
-static int nbd_dev_read(const pydr_dev *d, void *dst, size_t len, uint64_t off,
-                        uint64_t *error_offset)
+static int nbd_dev_read(pydr_device *d, void *dst, size_t len, uint64_t off,
+                        pydr_error *error)
 {
-    struct nbd_handle *h = d->nbd;
+    struct nbd_handle *h = d->nbd->h;
     size_t got = 0;
     while (got < len) {  /* requests bounded like the server's maximum */
         size_t n = len - got < NBD_CHUNK * 8 ? len - got : NBD_CHUNK * 8;
-        if (nbd_pread(h, (uint8_t *)dst + got, n, off + got, 0) == -1) {
-            *error_offset = off + got;
-            return fail(0);
-        }
+        if (nbd_pread(h, (uint8_t *)dst + got, n, off + got, 0) == -1)
+            return nbd_failed_at(error, 0, off + got);
         got += n;
     }
     return 0;
 }
 
-static int nbd_dev_write(const pydr_dev *d, const void *src, size_t len, uint64_t off,
-                         uint64_t *error_offset)
+static int nbd_dev_write(pydr_device *d, const void *src, size_t len, uint64_t off,
+                         pydr_error *error)
 {
-    struct nbd_handle *h = d->nbd;
+    struct nbd_handle *h = d->nbd->h;
     size_t put = 0;
     while (put < len) {
         size_t n = len - put < NBD_CHUNK * 8 ? len - put : NBD_CHUNK * 8;
-        if (nbd_pwrite(h, (const uint8_t *)src + put, n, off + put, 0) == -1) {
-            *error_offset = off + put;
-            return fail(0);
-        }
+        if (nbd_pwrite(h, (const uint8_t *)src + put, n, off + put, 0) == -1)
+            return nbd_failed_at(error, 0, off + put);
         put += n;
     }
     return 0;
 }
 
-static int nbd_dev_zero(const pydr_dev *d, uint64_t off, uint64_t len, uint64_t *error_offset)
+static int nbd_dev_zero(pydr_device *d, uint64_t off, uint64_t len, pydr_error *error)
 {
     static const uint8_t zeros[1 << 16];
-    struct nbd_handle *h = d->nbd;
+    struct nbd_handle *h = d->nbd->h;
     while (len) {
         uint64_t n = len < (1u << 30) ? len : (1u << 30);
         if (nbd_can_zero(h) == 1) {
-            if (nbd_zero(h, n, off, 0) == -1) {
-                *error_offset = off;
-                return fail(0);
-            }
+            if (nbd_zero(h, n, off, 0) == -1)
+                return nbd_failed_at(error, 0, off);
         } else {  /* a server without WRITE_ZEROES: write them */
             for (uint64_t done = 0; done < n;) {
                 size_t m = n - done < sizeof zeros ? (size_t)(n - done) : sizeof zeros;
-                if (nbd_pwrite(h, zeros, m, off + done, 0) == -1) {
-                    *error_offset = off + done;
-                    return fail(0);
-                }
+                if (nbd_pwrite(h, zeros, m, off + done, 0) == -1)
+                    return nbd_failed_at(error, 0, off + done);
                 done += m;
             }
         }
@@ -122,60 +134,57 @@ static int nbd_dev_zero(const pydr_dev *d, uint64_t off, uint64_t len, uint64_t 
 /* An additional connection, given up if the server does not start its
  * handshake: it is at its client limit (qemu-nbd --shared) and would
  * leave us waiting until another client leaves. */
-static int connect_extra(struct nbd_handle *h, const char *uri)
+static int connect_extra(struct nbd_handle *h, const char *uri, pydr_error *error)
 {
     if (nbd_aio_connect_uri(h, uri) == -1)
-        return fail(ECONNREFUSED);
+        return nbd_failed(error, ECONNREFUSED);
     int idle_ms = 0;
     while (nbd_aio_is_connecting(h) == 1) {
         int r = nbd_poll(h, 100);
         if (r == -1)
-            return fail(ECONNREFUSED);
-        if (r == 0 && (idle_ms += 100) >= PYDR_NBD_EXTRA_WAIT_MS) {
-            snprintf(last_error, sizeof last_error, "the NBD server takes no more clients");
-            return -EAGAIN;
-        }
+            return nbd_failed(error, ECONNREFUSED);
+        if (r == 0 && (idle_ms += 100) >= PYDR_NBD_EXTRA_WAIT_MS)
+            return nbd_refused(error, -EAGAIN, "the NBD server takes no more clients");
     }
     if (nbd_aio_is_ready(h) != 1)
-        return fail(ECONNREFUSED);
+        return nbd_failed(error, ECONNREFUSED);
     return 0;
 }
 
-int pydr_nbd_open(pydr_nbd **out, const char *uri, const char *bitmap, unsigned flags)
+int pydr_nbd_connect(pydr_device *d, const char *uri, const char *bitmap, unsigned flags,
+                     pydr_error *error)
 {
-    *out = NULL;
-    last_error[0] = 0;
+    if (flags & ~(unsigned)(PYDR_NBD_WRITE | PYDR_NBD_EXTRA))
+        return pydr_fail(error, -EINVAL);
     pydr_nbd *n = calloc(1, sizeof *n);
     if (!n)
-        return -ENOMEM;
+        return pydr_fail(error, -ENOMEM);
     n->h = nbd_create();
     if (!n->h) {
         free(n);
-        return fail(ENOMEM);
+        return nbd_failed(error, ENOMEM);
     }
     char context[256];
     int rc = 0;
     if (nbd_add_meta_context(n->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1)
-        rc = fail(0);
+        rc = nbd_failed(error, 0);
     if (!rc && bitmap) {
         snprintf(context, sizeof context, "qemu:dirty-bitmap:%s", bitmap);
         if (nbd_add_meta_context(n->h, context) == -1)
-            rc = fail(0);
+            rc = nbd_failed(error, 0);
     }
     if (!rc && !(flags & PYDR_NBD_EXTRA) && nbd_connect_uri(n->h, uri) == -1)
-        rc = fail(ECONNREFUSED);
+        rc = nbd_failed(error, ECONNREFUSED);
     if (!rc && (flags & PYDR_NBD_EXTRA))
-        rc = connect_extra(n->h, uri);
-    if (!rc && (flags & PYDR_NBD_WRITE) && nbd_is_read_only(n->h) == 1) {
-        snprintf(last_error, sizeof last_error, "the NBD export is read-only");
-        rc = -EROFS;
-    }
+        rc = connect_extra(n->h, uri, error);
+    if (!rc && (flags & PYDR_NBD_WRITE) && nbd_is_read_only(n->h) == 1)
+        rc = nbd_refused(error, -EROFS, "the NBD export is read-only");
     if (!rc && bitmap) {
         n->has_bitmap = nbd_can_meta_context(n->h, context) == 1;
         if (!n->has_bitmap) {
-            snprintf(last_error, sizeof last_error,
+            rc = nbd_refused(error, PYDR_E_NO_BITMAP, "");
+            snprintf(error->detail, sizeof error->detail,
                      "the NBD server does not export the dirty bitmap %s", bitmap);
-            rc = PYDR_E_NO_BITMAP;
         }
     }
     if (rc) {
@@ -183,17 +192,16 @@ int pydr_nbd_open(pydr_nbd **out, const char *uri, const char *bitmap, unsigned 
         free(n);
         return rc;
     }
-    n->dev.read = nbd_dev_read;
-    n->dev.write = nbd_dev_write;
-    n->dev.zero = nbd_dev_zero;
-    n->dev.fd = -1;
-    n->dev.is_block_device = 1; /* an export cannot be resized */
-    n->dev.nbd = n->h;
-    *out = n;
+    d->read = nbd_dev_read;
+    d->write = nbd_dev_write;
+    d->zero = nbd_dev_zero;
+    d->fd = -1;
+    d->is_block_device = 1; /* an export cannot be resized */
+    d->nbd = n;
     return 0;
 }
 
-void pydr_nbd_free(pydr_nbd *n)
+void pydr_nbd_close(pydr_nbd *n)
 {
     if (!n)
         return;
@@ -203,11 +211,11 @@ void pydr_nbd_free(pydr_nbd *n)
     free(n);
 }
 
-int pydr_nbd_size(pydr_nbd *n, uint64_t *size)
+int pydr_nbd_size(pydr_nbd *n, uint64_t *size, pydr_error *error)
 {
     int64_t s = nbd_get_size(n->h);
     if (s < 0)
-        return fail(0);
+        return nbd_failed(error, 0);
     *size = (uint64_t)s;
     return 0;
 }
@@ -215,30 +223,19 @@ int pydr_nbd_size(pydr_nbd *n, uint64_t *size)
 int pydr_nbd_can(pydr_nbd *n, int what)
 {
     switch (what) {
-    case PYDR_NBD_CAN_FLUSH: return nbd_can_flush(n->h) == 1;
-    case PYDR_NBD_CAN_ZERO: return nbd_can_zero(n->h) == 1;
-    case PYDR_NBD_CAN_MULTI_CONN: return nbd_can_multi_conn(n->h) == 1;
-    case PYDR_NBD_READ_ONLY: return nbd_is_read_only(n->h) == 1;
+    case PYDR_CAN_FLUSH: return nbd_can_flush(n->h) == 1;
+    case PYDR_CAN_ZERO: return nbd_can_zero(n->h) == 1;
+    case PYDR_CAN_MULTI_CONN: return nbd_can_multi_conn(n->h) == 1;
+    case PYDR_READ_ONLY: return nbd_is_read_only(n->h) == 1;
     default: return 0;
     }
 }
 
-int pydr_nbd_flush(pydr_nbd *n)
+int pydr_nbd_flush(pydr_nbd *n, pydr_error *error)
 {
     if (nbd_can_flush(n->h) != 1)
         return 0;
-    return nbd_flush(n->h, 0) == -1 ? fail(0) : 0;
-}
-
-int pydr_nbd_pread(pydr_nbd *n, void *buf, size_t len, uint64_t off, uint64_t *error_offset)
-{
-    return nbd_dev_read(&n->dev, buf, len, off, error_offset);
-}
-
-int pydr_nbd_pwrite(pydr_nbd *n, const void *buf, size_t len, uint64_t off,
-                    uint64_t *error_offset)
-{
-    return nbd_dev_write(&n->dev, buf, len, off, error_offset);
+    return nbd_flush(n->h, 0) == -1 ? nbd_failed(error, 0) : 0;
 }
 
 /* Collects the extents of one metadata context into a caller's buffer. */
@@ -274,7 +271,7 @@ static int on_extents(void *user, const char *metacontext, uint64_t offset,
 
 int pydr_nbd_extents(pydr_nbd *n, int dirty_bitmap, const char *bitmap, uint64_t offset,
                      uint64_t length, uint64_t *out, size_t cap, size_t *count,
-                     uint64_t *reached)
+                     uint64_t *reached, pydr_error *error)
 {
     char context[256];
     if (dirty_bitmap)
@@ -288,9 +285,10 @@ int pydr_nbd_extents(pydr_nbd *n, int dirty_bitmap, const char *bitmap, uint64_t
         uint64_t before = s.end;
         nbd_extent_callback cb = {.callback = on_extents, .user_data = &s};
         if (nbd_block_status(n->h, span, s.end, cb, 0) == -1)
-            return fail(0);
+            return nbd_failed_at(error, 0, s.end);
         if (s.end == before)  /* a server that answers nothing: do not spin */
-            return -EIO;
+            return nbd_refused_at(error, -EIO, s.end,
+                                  "the NBD server answered block status with nothing");
     }
     if (s.end > end && s.n) {  /* the last extent may reach past the range */
         out[3 * (s.n - 1) + 1] -= s.end - end;
@@ -304,14 +302,16 @@ int pydr_nbd_extents(pydr_nbd *n, int dirty_bitmap, const char *bitmap, uint64_t
 /* Marks the blocks of [start, end) that lie wholly in extents flagged HOLE
  * or ZERO: they are not read. */
 static void zero_blocks_from(pydr_nbd *n, uint64_t start, uint64_t end, uint32_t bs,
-                             uint8_t *skip, uint64_t *scratch, size_t cap, int *rc)
+                             uint8_t *skip, uint64_t *scratch, size_t cap, int *rc,
+                             pydr_error *error)
 {
     uint64_t pos = start;
     *rc = 0;
     while (pos < end) {
         size_t count;
         uint64_t reached;
-        *rc = pydr_nbd_extents(n, 0, NULL, pos, end - pos, scratch, cap, &count, &reached);
+        *rc = pydr_nbd_extents(n, 0, NULL, pos, end - pos, scratch, cap, &count, &reached,
+                               error);
         if (*rc)
             return;
         for (size_t i = 0; i < count; i++) {
@@ -328,16 +328,34 @@ static void zero_blocks_from(pydr_nbd *n, uint64_t start, uint64_t end, uint32_t
     }
 }
 
+/* The first block of the requests still out, or `otherwise`. */
+static uint64_t lowest_out(const int *busy, const uint64_t *first, uint64_t otherwise)
+{
+    for (int slot = 0; slot < NBD_IN_FLIGHT; slot++)
+        if (busy[slot] && first[slot] < otherwise)
+            otherwise = first[slot];
+    return otherwise;
+}
+
+/* A request could not be made or waited for, at block `block` of the range:
+ * a server that closed the connection (qemu-nbd does on a read error) is
+ * -ENOTCONN, said so; anything else is libnbd's error. */
+static int nbd_request_failed(pydr_nbd *n, pydr_error *error, uint64_t block, uint64_t offset,
+                              uint32_t block_size)
+{
+    uint64_t at = offset + block * block_size;
+    if (nbd_aio_is_dead(n->h) == 1 || nbd_aio_is_closed(n->h) == 1)
+        return nbd_refused_at(error, -ENOTCONN, at,
+                              "the NBD server closed the connection before this was read");
+    return nbd_failed_at(error, 0, at);
+}
+
+/* The signer's work on an export (pydr_signer_sign checked the arguments). */
 int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_size,
                   int algorithm, uint64_t *hashes, uint8_t *zero_mask, size_t nblocks,
-                  pydr_progress *progress, uint64_t *error_offset)
+                  pydr_progress *progress, pydr_error *error)
 {
-    *error_offset = offset;
-    unsigned words = pydr_hash_words(algorithm);
-    if (!words || block_size < PYDR_BLOCK_MIN || block_size > PYDR_BLOCK_MAX ||
-        (block_size & (block_size - 1)) || offset % block_size ||
-        nblocks != (length + block_size - 1) / block_size)
-        return -EINVAL;
+    size_t words = (size_t)pydr_hash_words(algorithm);
     const pydr_kernel *k = pydr_kernel_get();
     size_t chunk = block_size > NBD_CHUNK ? block_size : NBD_CHUNK;
     if (!n->bufs || n->buf_size < chunk) {
@@ -345,17 +363,18 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
         n->bufs = malloc(chunk * NBD_IN_FLIGHT);
         n->buf_size = n->bufs ? chunk : 0;
         if (!n->bufs)
-            return -ENOMEM;
+            return pydr_fail_at(error, -ENOMEM, offset);
     }
     uint8_t *skip = calloc(nblocks ? nblocks : 1, 1);
     uint64_t *scratch = malloc(3 * 4096 * sizeof *scratch);
     uint8_t *zero_block = calloc(block_size, 1);
-    int rc = (!skip || !scratch || !zero_block) ? -ENOMEM : 0;
+    int rc = (!skip || !scratch || !zero_block) ? pydr_fail_at(error, -ENOMEM, offset) : 0;
     uint64_t zero_hash[2];
     if (!rc) {
         k->hash(algorithm, zero_block, block_size, zero_hash);
         if (length >= NBD_STATUS_MIN)
-            zero_blocks_from(n, offset, offset + length, block_size, skip, scratch, 4096, &rc);
+            zero_blocks_from(n, offset, offset + length, block_size, skip, scratch, 4096, &rc,
+                             error);
     }
     /* blocks to read, as runs of at most `chunk` bytes, several in flight */
     int64_t cookies[NBD_IN_FLIGHT];
@@ -365,7 +384,7 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
     uint64_t end = offset + length;
     while (!rc && (b < nblocks || in_flight)) {
         if (progress && __atomic_load_n(&progress->cancel, __ATOMIC_RELAXED)) {
-            rc = PYDR_E_CANCELLED;
+            rc = pydr_fail_at(error, PYDR_E_CANCELLED, offset + (uint64_t)b * block_size);
             break;
         }
         /* skipped blocks: the hash of a zero block, never read */
@@ -396,8 +415,8 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
             cookies[slot] = nbd_aio_pread(n->h, n->bufs + (size_t)slot * n->buf_size,
                                           (size_t)len, pos, NBD_NULL_COMPLETION, 0);
             if (cookies[slot] == -1) {
-                *error_offset = pos;
-                rc = fail(0);
+                rc = nbd_request_failed(n, error, lowest_out(busy, first, b), offset,
+                                        block_size);
                 break;
             }
             first[slot] = b;
@@ -408,23 +427,31 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
         }
         if (rc || !in_flight)
             continue;
-        if (nbd_poll(n->h, -1) == -1) {
-            rc = fail(0);
-            break;
-        }
+        /* A server may drop the connection on a read error (qemu-nbd does):
+         * poll then fails and libnbd ends every request in flight. Report the
+         * first failed request (its errno, its offset), else poll's failure
+         * at the first request still out. */
+        int polled = nbd_poll(n->h, -1);
+        uint64_t failed_first = UINT64_MAX, out_first = b;
         for (int slot = 0; slot < NBD_IN_FLIGHT; slot++) {
             if (!busy[slot])
                 continue;
             int done = nbd_aio_command_completed(n->h, (uint64_t)cookies[slot]);
-            if (done == 0)
+            if (done == 0) {
+                out_first = first[slot] < out_first ? first[slot] : out_first;
                 continue;
+            }
             busy[slot] = 0;
             in_flight--;
             if (done == -1) {
-                *error_offset = offset + first[slot] * block_size;
-                rc = fail(0);
-                break;
+                if (first[slot] < failed_first) {
+                    failed_first = first[slot];
+                    rc = nbd_failed_at(error, 0, offset + first[slot] * block_size);
+                }
+                continue;
             }
+            if (rc)
+                continue;
             k->hash_blocks(n->bufs + (size_t)slot * n->buf_size, (size_t)bytes[slot],
                            block_size, algorithm, zero_hash,
                            hashes + (size_t)first[slot] * words, zero_mask + first[slot]);
@@ -433,6 +460,8 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
                 __atomic_fetch_add(&progress->read, bytes[slot], __ATOMIC_RELAXED);
             }
         }
+        if (polled == -1 && !rc)
+            rc = nbd_request_failed(n, error, out_first, offset, block_size);
     }
     /* requests still out after an error: let them finish into our buffers */
     while (in_flight) {
@@ -450,114 +479,56 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
     return rc;
 }
 
-int pydr_nbd_encode(pydr_nbd *n, const uint64_t *extents, const uint8_t *zero,
-                    const uint64_t *base_hashes, size_t count, uint64_t first_seq,
-                    uint8_t *out, size_t cap, size_t *used, size_t *done,
-                    uint32_t block_size, uint64_t *payload_hashes, size_t payload_hashes_cap,
-                    size_t *payload_hashes_used, uint64_t *error_offset)
-{
-    return pydr_encode_dev(&n->dev, extents, zero, base_hashes, count, first_seq, out, cap,
-                           used, done, block_size, payload_hashes, payload_hashes_cap,
-                           payload_hashes_used, error_offset);
-}
-
-int pydr_nbd_apply_prepare(pydr_nbd *n, const uint8_t *recs, size_t len, uint32_t block_size,
-                           uint64_t old_size, uint64_t new_size, pydr_apply_state *state,
-                           uint8_t *scratch, size_t scratch_cap, uint8_t *journal,
-                           size_t journal_cap, size_t *journal_used)
-{
-    return pydr_apply_prepare_dev(&n->dev, recs, len, block_size, old_size, new_size, state,
-                                  scratch, scratch_cap, journal, journal_cap, journal_used);
-}
-
-int pydr_nbd_apply_write(pydr_nbd *n, const uint8_t *recs, size_t len, uint64_t *error_offset)
-{
-    return pydr_apply_write_dev(&n->dev, recs, len, error_offset);
-}
-
 #else /* built without libnbd: NBD disks are refused with a clear error */
 
 struct pydr_nbd {
     int unused;
 };
 
-const char *pydr_nbd_last_error(void)
-{
-    return "pydr was built without libnbd: install libnbd-dev (Debian) and rebuild pydr";
-}
-
 int pydr_nbd_available(void) { return 0; }
 
-int pydr_nbd_open(pydr_nbd **out, const char *uri, const char *bitmap, unsigned flags)
+int pydr_nbd_connect(pydr_device *d, const char *uri, const char *bitmap, unsigned flags,
+                     pydr_error *error)
 {
-    (void)uri; (void)bitmap; (void)flags;
-    *out = NULL;
+    (void)d; (void)uri; (void)bitmap; (void)flags;
+    pydr_fail(error, PYDR_E_NO_NBD);
+    snprintf(error->detail, sizeof error->detail, "%s", pydr_strerror(PYDR_E_NO_NBD));
     return PYDR_E_NO_NBD;
 }
 
-void pydr_nbd_free(pydr_nbd *n) { (void)n; }
-int pydr_nbd_size(pydr_nbd *n, uint64_t *size) { (void)n; (void)size; return PYDR_E_NO_NBD; }
+/* Never called: without libnbd no device has an NBD connection. */
+void pydr_nbd_close(pydr_nbd *n) { (void)n; }
+
+int pydr_nbd_size(pydr_nbd *n, uint64_t *size, pydr_error *error)
+{
+    (void)n; (void)size;
+    return pydr_fail(error, PYDR_E_NO_NBD);
+}
+
 int pydr_nbd_can(pydr_nbd *n, int what) { (void)n; (void)what; return 0; }
-int pydr_nbd_flush(pydr_nbd *n) { (void)n; return PYDR_E_NO_NBD; }
 
-int pydr_nbd_pread(pydr_nbd *n, void *buf, size_t len, uint64_t off, uint64_t *error_offset)
+int pydr_nbd_flush(pydr_nbd *n, pydr_error *error)
 {
-    (void)n; (void)buf; (void)len; (void)off; (void)error_offset;
-    return PYDR_E_NO_NBD;
-}
-
-int pydr_nbd_pwrite(pydr_nbd *n, const void *buf, size_t len, uint64_t off,
-                    uint64_t *error_offset)
-{
-    (void)n; (void)buf; (void)len; (void)off; (void)error_offset;
-    return PYDR_E_NO_NBD;
+    (void)n;
+    return pydr_fail(error, PYDR_E_NO_NBD);
 }
 
 int pydr_nbd_extents(pydr_nbd *n, int dirty_bitmap, const char *bitmap, uint64_t offset,
                      uint64_t length, uint64_t *out, size_t cap, size_t *count,
-                     uint64_t *reached)
+                     uint64_t *reached, pydr_error *error)
 {
     (void)n; (void)dirty_bitmap; (void)bitmap; (void)offset; (void)length; (void)out;
     (void)cap; (void)count; (void)reached;
-    return PYDR_E_NO_NBD;
+    return pydr_fail(error, PYDR_E_NO_NBD);
 }
 
 int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_size,
                   int algorithm, uint64_t *hashes, uint8_t *zero_mask, size_t nblocks,
-                  pydr_progress *progress, uint64_t *error_offset)
+                  pydr_progress *progress, pydr_error *error)
 {
     (void)n; (void)offset; (void)length; (void)block_size; (void)algorithm; (void)hashes;
-    (void)zero_mask; (void)nblocks; (void)progress; (void)error_offset;
-    return PYDR_E_NO_NBD;
-}
-
-int pydr_nbd_encode(pydr_nbd *n, const uint64_t *extents, const uint8_t *zero,
-                    const uint64_t *base_hashes, size_t count, uint64_t first_seq,
-                    uint8_t *out, size_t cap, size_t *used, size_t *done,
-                    uint32_t block_size, uint64_t *payload_hashes, size_t payload_hashes_cap,
-                    size_t *payload_hashes_used, uint64_t *error_offset)
-{
-    (void)n; (void)extents; (void)zero; (void)base_hashes; (void)count; (void)first_seq;
-    (void)out; (void)cap; (void)used; (void)done; (void)block_size; (void)payload_hashes;
-    (void)payload_hashes_cap; (void)payload_hashes_used; (void)error_offset;
-    return PYDR_E_NO_NBD;
-}
-
-int pydr_nbd_apply_prepare(pydr_nbd *n, const uint8_t *recs, size_t len, uint32_t block_size,
-                           uint64_t old_size, uint64_t new_size, pydr_apply_state *state,
-                           uint8_t *scratch, size_t scratch_cap, uint8_t *journal,
-                           size_t journal_cap, size_t *journal_used)
-{
-    (void)n; (void)recs; (void)len; (void)block_size; (void)old_size; (void)new_size;
-    (void)state; (void)scratch; (void)scratch_cap; (void)journal; (void)journal_cap;
-    (void)journal_used;
-    return PYDR_E_NO_NBD;
-}
-
-int pydr_nbd_apply_write(pydr_nbd *n, const uint8_t *recs, size_t len, uint64_t *error_offset)
-{
-    (void)n; (void)recs; (void)len; (void)error_offset;
-    return PYDR_E_NO_NBD;
+    (void)zero_mask; (void)nblocks; (void)progress;
+    return pydr_fail(error, PYDR_E_NO_NBD);
 }
 
 #endif

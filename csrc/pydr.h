@@ -3,14 +3,26 @@
  *
  * Conventions (the same for every function below):
  *  - Every symbol starts with pydr_ / PYDR_.
- *  - Functions that can fail return int: 0 on success, a negative errno
- *    (-EIO, -ENOMEM, ...) or one of pydr's own codes (PYDR_E_*, all below
- *    -1000). pydr_strerror() names any of them.
+ *  - Functions that can fail return int: 0 (or a count, where said) on
+ *    success, a negative errno (-EIO, -ENOMEM, ...) or one of pydr's own
+ *    codes (PYDR_E_*, all at or below -1000). pydr_strerror() names any of
+ *    them.
+ *  - One error channel. The return value says WHAT failed. Where a failure
+ *    has a place -- a byte of a device, a record of a buffer -- the function
+ *    also takes a caller-owned `pydr_error *error` (NULL: not wanted) and
+ *    fills it on failure with the code, the offset and, for NBD, libnbd's
+ *    own words. Nothing else carries an error: no error fields in state
+ *    structs, no per-handle or thread-local "last error".
  *  - The caller owns every buffer it passes in. State lives in opaque
- *    handles created with pydr_X_create() and released with pydr_X_free();
- *    free accepts NULL.
+ *    handles created with pydr_X_create() / pydr_X_open_*() and released
+ *    with pydr_X_free(); free accepts NULL.
+ *  - One device handle (pydr_device) stands for where the core reads and
+ *    writes: an open file or block device, or an NBD export. Signing,
+ *    encoding and applying records take a device, whatever its kind.
  *  - All functions are reentrant: distinct handles may be used from distinct
- *    threads at the same time. A pydr_progress may be shared by all threads.
+ *    threads at the same time. A file device may be shared by threads; an NBD
+ *    device is one connection, used by one thread at a time. A pydr_progress
+ *    may be shared by all threads.
  */
 #ifndef PYDR_H
 #define PYDR_H
@@ -31,6 +43,14 @@ extern "C" {
 #define PYDR_VERSION_MAJOR 0
 #define PYDR_VERSION_MINOR 1
 #define PYDR_VERSION_PATCH 0
+#define PYDR_VERSION_NUMBER \
+    (PYDR_VERSION_MAJOR * 10000 + PYDR_VERSION_MINOR * 100 + PYDR_VERSION_PATCH)
+
+/* The version of the library actually linked, as zstd's ZSTD_versionNumber:
+ * MAJOR * 10000 + MINOR * 100 + PATCH (0.1.0 is 100), and "MAJOR.MINOR.PATCH".
+ * Compare with PYDR_VERSION_NUMBER to catch a header/library mismatch. */
+PYDR_API unsigned pydr_version_number(void);
+PYDR_API const char *pydr_version_string(void);
 
 /* pydr's own error codes. Stable: never renumbered, only appended. */
 #define PYDR_E_BASE          1000
@@ -43,6 +63,21 @@ extern "C" {
 #define PYDR_E_NO_ROOM       (-1007) /* caller's output buffer is too small  */
 #define PYDR_E_NO_NBD        (-1008) /* built without libnbd                  */
 #define PYDR_E_NO_BITMAP     (-1009) /* the NBD server exports no such bitmap */
+#define PYDR_E_UNKNOWN_ALGORITHM (-1010) /* not a PYDR_XXH3_* hash algorithm  */
+
+/* Where an error happened: the one error channel (see the top comment).
+ * Owned by the caller; a function that takes one fills it only when it
+ * fails, and always sets `code` to what it returns then. */
+typedef struct pydr_error {
+    int code;          /* the failing call's return value                     */
+    int has_offset;    /* 1 when `offset` tells where                         */
+    uint64_t offset;   /* a byte offset in the device for I/O errors, base
+                        * mismatches and the like; for PYDR_E_CORRUPT of the
+                        * records a call was given, the position of the bad
+                        * record in that buffer                               */
+    char detail[256];  /* the underlying library's words (libnbd's message),
+                        * NUL-terminated; "" when there are none              */
+} pydr_error;
 
 /* Returns a static, human-readable description of any code returned by a
  * pydr function (negative errno included). Never returns NULL. */
@@ -58,8 +93,9 @@ PYDR_API const char *pydr_strerror(int code);
 #define PYDR_BLOCK_MIN 512u
 #define PYDR_BLOCK_MAX (64u * 1024u * 1024u)
 
-/* Number of uint64 words per block for an algorithm, or 0 if unknown. */
-PYDR_API unsigned pydr_hash_words(int algorithm);
+/* Number of uint64 words per block for an algorithm (1 or 2), or
+ * PYDR_E_UNKNOWN_ALGORITHM. */
+PYDR_API int pydr_hash_words(int algorithm);
 
 /* One-shot hash of a buffer: writes pydr_hash_words(algorithm) words. */
 PYDR_API int pydr_hash(int algorithm, const void *data, size_t size,
@@ -107,42 +143,113 @@ PYDR_API int pydr_open_beneath(int dir_fd, const char *path, int flags, unsigned
 PYDR_API int pydr_file_identity(int dir_fd, const char *path, uint64_t identity[5]);
 
 /*
- * Block signer: hashes a byte range of a file in fixed blocks.
+ * Devices: where the core reads and writes. One handle for every kind:
+ *  - a file or block device this process opened (pydr_device_open_fd; the
+ *    descriptor stays the caller's, to close after pydr_device_free);
+ *  - an NBD export (qemu-nbd, qemu-storage-daemon, QEMU) through libnbd
+ *    (pydr_device_open_nbd): one connection, used from one thread at a time.
+ *    Without libnbd at build time it gives PYDR_E_NO_NBD.
+ * Signing, encoding and applying records (below) take a device.
+ */
+typedef struct pydr_device pydr_device;
+
+#define PYDR_DEVICE_BLOCK 1u            /* open_fd: zero ranges with
+                                           BLKZEROOUT, not by punching holes */
+#define PYDR_NBD_WRITE 1u               /* open_nbd: the export must be
+                                           writable                          */
+#define PYDR_NBD_EXTRA 2u               /* open_nbd: one more connection to a
+                                           server: -EAGAIN if its handshake has
+                                           not begun in PYDR_NBD_EXTRA_WAIT_MS
+                                           (a server at its client limit
+                                           leaves it waiting for good)       */
+#define PYDR_NBD_EXTRA_WAIT_MS 2000
+
+/* 1 when pydr was built with libnbd. */
+PYDR_API int pydr_nbd_available(void);
+
+/* A device over an open regular file or block device (check it with
+ * pydr_fd_size first); -EINVAL for a negative fd or an unknown flag. */
+PYDR_API int pydr_device_open_fd(pydr_device **out, int fd, unsigned flags);
+/* Connects to a libnbd URI (nbd://HOST[:PORT]/EXPORT,
+ * nbd+unix:///EXPORT?socket=PATH), asking for base:allocation and, when
+ * bitmap is not NULL, the dirty bitmap qemu:dirty-bitmap:BITMAP
+ * (PYDR_E_NO_BITMAP if the server does not export it). error->detail gets
+ * libnbd's reason for a failure. */
+PYDR_API int pydr_device_open_nbd(pydr_device **out, const char *uri, const char *bitmap,
+                                  unsigned flags, pydr_error *error);
+PYDR_API void pydr_device_free(pydr_device *device);
+
+PYDR_API int pydr_device_size(pydr_device *device, uint64_t *size, pydr_error *error);
+#define PYDR_CAN_FLUSH 1
+#define PYDR_CAN_ZERO 2
+#define PYDR_CAN_MULTI_CONN 3  /* more connections may read side by side */
+#define PYDR_READ_ONLY 4
+/* 1 or 0 for one of PYDR_CAN_* / PYDR_READ_ONLY (a file can all of them,
+ * and is read-only when opened O_RDONLY). */
+PYDR_API int pydr_device_can(pydr_device *device, int what);
+/* Makes writes durable (fdatasync, NBD flush where the server has one). */
+PYDR_API int pydr_device_flush(pydr_device *device, pydr_error *error);
+/* Exactly len bytes at off: PYDR_E_FILE_CHANGED when a file ends first;
+ * error->offset is where the transfer stopped. */
+PYDR_API int pydr_device_pread(pydr_device *device, void *buf, size_t len, uint64_t off,
+                               pydr_error *error);
+PYDR_API int pydr_device_pwrite(pydr_device *device, const void *buf, size_t len,
+                                uint64_t off, pydr_error *error);
+
+#define PYDR_NBD_STATE_HOLE 1u          /* base:allocation extent flags     */
+#define PYDR_NBD_STATE_ZERO 2u
+#define PYDR_NBD_DIRTY 1u               /* qemu:dirty-bitmap extent flag    */
+/* Extents of [offset, offset + length) as (offset, length, flags) triples
+ * in out (cap triples at most): base:allocation (PYDR_NBD_STATE_* flags), or
+ * with dirty_bitmap the bitmap's (PYDR_NBD_DIRTY). *reached tells how far
+ * they go: less than the range's end when out was full. NBD devices only
+ * (-EOPNOTSUPP for a file). */
+PYDR_API int pydr_device_extents(pydr_device *device, int dirty_bitmap, const char *bitmap,
+                                 uint64_t offset, uint64_t length, uint64_t *out,
+                                 size_t cap, size_t *count, uint64_t *reached,
+                                 pydr_error *error);
+
+/*
+ * Block signer: hashes a byte range of a device in fixed blocks.
  * One signer per thread; it owns an aligned I/O buffer of about io_size bytes
  * (0 picks the default), rounded up to a multiple of block_size.
- * By default data is hashed from guarded mmap windows (faster: no copy); an
- * I/O error there is caught (SIGBUS) and the window re-read with pread so the
- * error comes back as -EIO with its offset. The first signer created installs
- * a process-wide SIGBUS handler that passes every other SIGBUS on to the
- * handler that was there before. PYDR_SIGN_NO_MMAP uses pread only.
+ * Files: by default data is hashed from guarded mmap windows (faster: no
+ * copy); an I/O error there is caught (SIGBUS) and the window re-read with
+ * pread so the error comes back as -EIO with its offset. The first signer
+ * created installs a process-wide SIGBUS handler that passes every other
+ * SIGBUS on to the handler that was there before. PYDR_SIGN_NO_MMAP uses
+ * pread only. NBD exports: holes and zero extents are not read (the hash of
+ * a zero block); data is read with several requests in flight.
  */
 typedef struct pydr_signer pydr_signer;
 
 #define PYDR_SIGN_NO_MMAP 1u
 
+/* -EINVAL for a bad block size or flag, PYDR_E_UNKNOWN_ALGORITHM. */
 PYDR_API int pydr_signer_create(pydr_signer **out, uint32_t block_size,
                                 int algorithm, size_t io_size, unsigned flags);
 PYDR_API void pydr_signer_free(pydr_signer *signer);
 
 /*
- * Hashes [offset, offset + length) of fd.
+ * Hashes [offset, offset + length) of device.
  *  - offset must be a multiple of the block size; length may end on a partial
- *    block only where the file ends, and that block is hashed over its real
+ *    block only where the device ends, and that block is hashed over its real
  *    (short) length.
  *  - hashes receives nblocks * pydr_hash_words(algorithm) words, zero_mask one
  *    byte per block (1 when the block is all zeros, hole or data), where
  *    nblocks must equal ceil(length / block_size).
- *  - Holes (SEEK_DATA/SEEK_HOLE) are not read: their hash is the precomputed
- *    hash of a zero block. Files without hole support are read in full.
+ *  - Holes (SEEK_DATA/SEEK_HOLE, NBD block status) are not read: their hash
+ *    is the precomputed hash of a zero block. Files without hole support are
+ *    read in full.
  *  - progress may be NULL. When its cancel flag is set the call stops within
  *    one I/O buffer and returns PYDR_E_CANCELLED.
- * On failure, pydr_signer_error_offset() tells the file offset concerned.
+ * On failure error->offset tells the device offset concerned (the first
+ * failing block of a failed read).
  */
-PYDR_API int pydr_signer_sign(pydr_signer *signer, int fd, uint64_t offset,
+PYDR_API int pydr_signer_sign(pydr_signer *signer, pydr_device *device, uint64_t offset,
                               uint64_t length, uint64_t *hashes,
                               uint8_t *zero_mask, size_t nblocks,
-                              pydr_progress *progress);
-PYDR_API uint64_t pydr_signer_error_offset(const pydr_signer *signer);
+                              pydr_progress *progress, pydr_error *error);
 
 /*
  * Zero masks: in memory one byte per block (0 or 1), on disk one bit per
@@ -197,12 +304,13 @@ typedef struct pydr_scan {
     size_t records;         /* how many                                     */
     size_t journal_bound;   /* journal bytes their apply may need at most   */
     int end;                /* the last one is END (or COMMIT)              */
-    size_t error_position;  /* where a corrupt header starts                */
 } pydr_scan;
 
 /* Finds the whole records at the start of buf (stopping after END/COMMIT).
- * PYDR_E_CORRUPT when a header is invalid (at scan->error_position). */
-PYDR_API int pydr_records_scan(const uint8_t *buf, size_t len, pydr_scan *scan);
+ * PYDR_E_CORRUPT when a header is invalid (error->offset: where it starts in
+ * buf). */
+PYDR_API int pydr_records_scan(const uint8_t *buf, size_t len, pydr_scan *scan,
+                               pydr_error *error);
 
 /* Digest of the per-block XXH3-128 hashes of data (blocks from its start). */
 PYDR_API void pydr_blocks_digest(const void *data, size_t len,
@@ -215,27 +323,26 @@ PYDR_API void pydr_hashes_digest_ranges(const uint64_t *hashes, size_t nblocks,
                                         const uint64_t *extents, size_t n,
                                         uint64_t *out);
 
-/* Encodes extents of src_fd as records into out[0, cap): ZERO where zero[i],
- * else DATA read from src_fd; base_hashes gives 2 words per extent; records
+/* Encodes extents of src as records into out[0, cap): ZERO where zero[i],
+ * else DATA read from src; base_hashes gives 2 words per extent; records
  * are numbered from first_seq. Stops at the first record that does not fit:
  * *done extents were written in *used bytes. If payload_hashes is not NULL,
  * the XXH3-128 of every block_size block of every DATA payload, as read,
  * is appended there (2 words per block, in extent order; *payload_hashes_used
  * words in all): what the target will hold, even if the source changed
- * since it was signed. */
-PYDR_API int pydr_encode(int src_fd, const uint64_t *extents, const uint8_t *zero,
+ * since it was signed. A failed read is reported at its device offset;
+ * *used, *done and *payload_hashes_used then tell what was encoded before. */
+PYDR_API int pydr_encode(pydr_device *src, const uint64_t *extents, const uint8_t *zero,
                          const uint64_t *base_hashes, size_t n, uint64_t first_seq,
                          uint8_t *out, size_t cap, size_t *used, size_t *done,
                          uint32_t block_size, uint64_t *payload_hashes,
                          size_t payload_hashes_cap, size_t *payload_hashes_used,
-                         uint64_t *error_offset);
+                         pydr_error *error);
 
 typedef struct pydr_apply_state {
     uint64_t next_offset;   /* records must start at or after this         */
     uint64_t next_seq;      /* and carry this sequence number              */
     uint64_t records, data_bytes, zero_bytes;
-    uint64_t error_offset;  /* PYDR_E_CORRUPT: position of the record in the
-                             * batch; other failures: its image offset      */
 } pydr_apply_state;
 
 /* scratch holds one record's old content (PYDR_RECORD_MAX + block_size is
@@ -246,99 +353,27 @@ typedef struct pydr_apply_state {
  * content each one replaces, verifies it against the record's base hash
  * (PYDR_E_BASE_MISMATCH, or PYDR_E_ALREADY_APPLIED when the new content is
  * already there), and appends it to `journal` as undo records. Writes
- * nothing to the target. */
-PYDR_API int pydr_apply_prepare(int target_fd, const uint8_t *recs, size_t len,
+ * nothing to the target. Errors: PYDR_E_CORRUPT at the record's position in
+ * recs; anything about the target at the record's device offset (a failed
+ * read: where it failed). */
+PYDR_API int pydr_apply_prepare(pydr_device *target, const uint8_t *recs, size_t len,
                                 uint32_t block_size, uint64_t old_size,
                                 uint64_t new_size, pydr_apply_state *state,
                                 uint8_t *scratch, size_t scratch_cap,
                                 uint8_t *journal, size_t journal_cap,
-                                size_t *journal_used);
+                                size_t *journal_used, pydr_error *error);
 
-/* Writes DATA records with pwrite and ZERO records as holes (files), with
- * BLKZEROOUT (devices) or as written zeros where neither works. Used for
- * deltas and for undo journals alike. No fsync: the caller decides when. */
-PYDR_API int pydr_apply_write(int target_fd, const uint8_t *recs, size_t len,
-                              int is_block_device, uint64_t *error_offset);
+/* Writes DATA records and ZERO records: holes in a file, BLKZEROOUT on a
+ * block device (PYDR_DEVICE_BLOCK), WRITE_ZEROES on an NBD export, written
+ * zeros where none of these works. Used for deltas and for undo journals
+ * alike. No fsync: the caller decides when. Errors: PYDR_E_CORRUPT at the
+ * record's position in recs, a failed write at its device offset. */
+PYDR_API int pydr_apply_write(pydr_device *target, const uint8_t *recs, size_t len,
+                              pydr_error *error);
 
 /* Starts writing a file's dirty pages back (sync_file_range WRITE), so that
  * a later fdatasync has less to wait for. A hint, not a durability point. */
 PYDR_API int pydr_start_writeback(int fd);
-
-/*
- * Disks behind an NBD server (qemu-nbd, qemu-storage-daemon, QEMU), through
- * libnbd. A pydr_nbd is one connection; use it from one thread at a time.
- * Without libnbd at build time every function returns PYDR_E_NO_NBD.
- * Failures give a negative errno (or a PYDR_E_*); pydr_nbd_last_error()
- * tells libnbd's message of the calling thread's last failure.
- */
-typedef struct pydr_nbd pydr_nbd;
-
-#define PYDR_NBD_WRITE 1u               /* the export must be writable      */
-#define PYDR_NBD_EXTRA 2u               /* one more connection to a server:
-                                           -EAGAIN if its handshake has not
-                                           begun in PYDR_NBD_EXTRA_WAIT_MS (a
-                                           server at its client limit leaves
-                                           it waiting for good)              */
-#define PYDR_NBD_EXTRA_WAIT_MS 2000
-#define PYDR_NBD_CAN_FLUSH 1
-#define PYDR_NBD_CAN_ZERO 2
-#define PYDR_NBD_CAN_MULTI_CONN 3
-#define PYDR_NBD_READ_ONLY 4
-#define PYDR_NBD_STATE_HOLE 1u          /* base:allocation extent flags     */
-#define PYDR_NBD_STATE_ZERO 2u
-#define PYDR_NBD_DIRTY 1u               /* qemu:dirty-bitmap extent flag    */
-
-/* 1 when pydr was built with libnbd. */
-PYDR_API int pydr_nbd_available(void);
-PYDR_API const char *pydr_nbd_last_error(void);
-
-/* Connects to a libnbd URI (nbd://HOST[:PORT]/EXPORT,
- * nbd+unix:///EXPORT?socket=PATH), asking for base:allocation and, when
- * bitmap is not NULL, the dirty bitmap qemu:dirty-bitmap:BITMAP
- * (PYDR_E_NO_BITMAP if the server does not export it). */
-PYDR_API int pydr_nbd_open(pydr_nbd **out, const char *uri, const char *bitmap,
-                           unsigned flags);
-PYDR_API void pydr_nbd_free(pydr_nbd *nbd);
-PYDR_API int pydr_nbd_size(pydr_nbd *nbd, uint64_t *size);
-/* 1 or 0 for one of PYDR_NBD_CAN_* / PYDR_NBD_READ_ONLY. */
-PYDR_API int pydr_nbd_can(pydr_nbd *nbd, int what);
-PYDR_API int pydr_nbd_flush(pydr_nbd *nbd);
-PYDR_API int pydr_nbd_pread(pydr_nbd *nbd, void *buf, size_t len, uint64_t off,
-                            uint64_t *error_offset);
-PYDR_API int pydr_nbd_pwrite(pydr_nbd *nbd, const void *buf, size_t len, uint64_t off,
-                             uint64_t *error_offset);
-
-/* Extents of [offset, offset + length) as (offset, length, flags) triples
- * in out (cap triples at most): base:allocation (PYDR_NBD_STATE_* flags), or
- * with dirty_bitmap the bitmap's (PYDR_NBD_DIRTY). *reached tells how far
- * they go: less than the range's end when out was full. */
-PYDR_API int pydr_nbd_extents(pydr_nbd *nbd, int dirty_bitmap, const char *bitmap,
-                              uint64_t offset, uint64_t length, uint64_t *out,
-                              size_t cap, size_t *count, uint64_t *reached);
-
-/* pydr_signer_sign for an export: holes and zero extents are not read (the
- * hash of a zero block); data is read with several requests in flight.
- * *error_offset tells where a failure was. */
-PYDR_API int pydr_nbd_sign(pydr_nbd *nbd, uint64_t offset, uint64_t length,
-                           uint32_t block_size, int algorithm, uint64_t *hashes,
-                           uint8_t *zero_mask, size_t nblocks, pydr_progress *progress,
-                           uint64_t *error_offset);
-
-/* pydr_encode, pydr_apply_prepare and pydr_apply_write on an export. */
-PYDR_API int pydr_nbd_encode(pydr_nbd *nbd, const uint64_t *extents, const uint8_t *zero,
-                             const uint64_t *base_hashes, size_t n, uint64_t first_seq,
-                             uint8_t *out, size_t cap, size_t *used, size_t *done,
-                             uint32_t block_size, uint64_t *payload_hashes,
-                             size_t payload_hashes_cap, size_t *payload_hashes_used,
-                             uint64_t *error_offset);
-PYDR_API int pydr_nbd_apply_prepare(pydr_nbd *nbd, const uint8_t *recs, size_t len,
-                                    uint32_t block_size, uint64_t old_size,
-                                    uint64_t new_size, pydr_apply_state *state,
-                                    uint8_t *scratch, size_t scratch_cap,
-                                    uint8_t *journal, size_t journal_cap,
-                                    size_t *journal_used);
-PYDR_API int pydr_nbd_apply_write(pydr_nbd *nbd, const uint8_t *recs, size_t len,
-                                  uint64_t *error_offset);
 
 #ifdef __cplusplus
 }

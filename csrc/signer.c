@@ -1,4 +1,5 @@
-/* signer.c -- per-block signatures of a file range: find data extents with
+/* signer.c -- per-block signatures of a device range (an NBD export's are
+ * made in nbd.c); for a file: find data extents with
  * SEEK_DATA/SEEK_HOLE, hash the data in large windows, never read holes.
  *
  * Data is hashed straight from the page cache through 16 MiB mmap windows
@@ -20,6 +21,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "dev.h"
+#include "fail.h"
 #include "io.h"
 #include "kernel.h"
 #include "pydr.h"
@@ -76,7 +79,6 @@ struct pydr_signer {
     size_t buf_size;
     size_t window;             /* mmap window, a multiple of block_size */
     uint64_t zero_hash[2];     /* hash of a full block of zeros */
-    uint64_t error_offset;
     int use_mmap;
     long page_size;
 };
@@ -89,7 +91,9 @@ int pydr_signer_create(pydr_signer **out, uint32_t block_size, int algorithm,
     if (!out)
         return -EINVAL;
     *out = NULL;
-    if (!pydr_hash_words(algorithm) || !is_power_of_two(block_size) ||
+    if (pydr_hash_words(algorithm) < 0)
+        return PYDR_E_UNKNOWN_ALGORITHM;
+    if (!is_power_of_two(block_size) ||
         block_size < PYDR_BLOCK_MIN || block_size > PYDR_BLOCK_MAX ||
         (flags & ~(unsigned)PYDR_SIGN_NO_MMAP))
         return -EINVAL;
@@ -108,7 +112,7 @@ int pydr_signer_create(pydr_signer **out, uint32_t block_size, int algorithm,
     }
     s->block_size = block_size;
     s->algorithm = algorithm;
-    s->words = pydr_hash_words(algorithm);
+    s->words = (unsigned)pydr_hash_words(algorithm);
     s->kernel = pydr_kernel_get();
     s->buf_size = io_size;
     s->page_size = sysconf(_SC_PAGESIZE);
@@ -129,11 +133,6 @@ void pydr_signer_free(pydr_signer *s)
         return;
     free(s->buf);
     free(s);
-}
-
-uint64_t pydr_signer_error_offset(const pydr_signer *s)
-{
-    return s ? s->error_offset : 0;
 }
 
 static int cancelled(const pydr_progress *p)
@@ -173,7 +172,7 @@ static void fill_hole(pydr_signer *s, uint64_t *hashes, uint8_t *zero_mask,
 /* After a failed large read: re-read block by block so that the error names
  * the first block that really fails, not the start of the buffer. */
 static void locate_error(pydr_signer *s, int fd, uint8_t *dst, size_t len,
-                         uint64_t off)
+                         uint64_t off, pydr_error *error)
 {
     for (size_t at = 0; at < len; at += s->block_size) {
         size_t n = len - at < s->block_size ? len - at : s->block_size;
@@ -182,7 +181,7 @@ static void locate_error(pydr_signer *s, int fd, uint8_t *dst, size_t len,
             r = pread(fd, dst + at, n, (off_t)(off + at));
         } while (r < 0 && errno == EINTR);
         if (r < 0) {
-            s->error_offset = off + at;
+            error->offset = off + at;
             return;
         }
     }
@@ -191,12 +190,12 @@ static void locate_error(pydr_signer *s, int fd, uint8_t *dst, size_t len,
 /* Reads exactly `len` bytes at `off`; a read error names its first failing
  * block, not the start of the buffer. */
 static int read_full(pydr_signer *s, int fd, uint8_t *dst, size_t len,
-                     uint64_t off)
+                     uint64_t off, pydr_error *error)
 {
-    int rc = pydr_pread_full(fd, dst, len, off, &s->error_offset);
+    int rc = pydr_pread_full(fd, dst, len, off, error);
     if (rc < 0 && rc != PYDR_E_FILE_CHANGED) {
-        size_t done = (size_t)(s->error_offset - off);
-        locate_error(s, fd, dst + done, len - done, s->error_offset);
+        size_t done = (size_t)(error->offset - off);
+        locate_error(s, fd, dst + done, len - done, error->offset, error);
     }
     return rc;
 }
@@ -235,14 +234,12 @@ static int hash_mapped(pydr_signer *s, int fd, uint64_t pos, size_t len,
 /* Reads and hashes [start, end); start is block aligned relative to `base`. */
 static int sign_data(pydr_signer *s, int fd, uint64_t base, uint64_t start,
                      uint64_t end, uint64_t *hashes, uint8_t *zero_mask,
-                     pydr_progress *progress)
+                     pydr_progress *progress, pydr_error *error)
 {
     uint64_t pos = start;
     while (pos < end) {
-        if (cancelled(progress)) {
-            s->error_offset = pos;
-            return PYDR_E_CANCELLED;
-        }
+        if (cancelled(progress))
+            return pydr_fail_at(error, PYDR_E_CANCELLED, pos);
         size_t first = (size_t)((pos - base) / s->block_size);
         uint64_t *h = hashes + first * s->words;
         uint8_t *z = zero_mask + first;
@@ -259,7 +256,7 @@ static int sign_data(pydr_signer *s, int fd, uint64_t base, uint64_t start,
                 size_t n = window_end - pos < s->buf_size ? (size_t)(window_end - pos)
                                                           : s->buf_size;
                 first = (size_t)((pos - base) / s->block_size);
-                int rc = read_full(s, fd, s->buf, n, pos);
+                int rc = read_full(s, fd, s->buf, n, pos, error);
                 if (rc)
                     return rc;
                 s->kernel->hash_blocks(s->buf, n, s->block_size, s->algorithm,
@@ -271,7 +268,7 @@ static int sign_data(pydr_signer *s, int fd, uint64_t base, uint64_t start,
             continue;
         }
         size_t len = end - pos < s->buf_size ? (size_t)(end - pos) : s->buf_size;
-        int rc = read_full(s, fd, s->buf, len, pos);
+        int rc = read_full(s, fd, s->buf, len, pos, error);
         if (rc)
             return rc;
         s->kernel->hash_blocks(s->buf, len, s->block_size, s->algorithm,
@@ -282,20 +279,24 @@ static int sign_data(pydr_signer *s, int fd, uint64_t base, uint64_t start,
     return 0;
 }
 
-int pydr_signer_sign(pydr_signer *s, int fd, uint64_t offset, uint64_t length,
+int pydr_signer_sign(pydr_signer *s, pydr_device *device, uint64_t offset, uint64_t length,
                      uint64_t *hashes, uint8_t *zero_mask, size_t nblocks,
-                     pydr_progress *progress)
+                     pydr_progress *progress, pydr_error *error)
 {
-    if (!s || !hashes || !zero_mask)
-        return -EINVAL;
+    PYDR_ERROR_OR_LOCAL(error);
+    if (!s || !device || !hashes || !zero_mask)
+        return pydr_fail(error, -EINVAL);
     const uint64_t bs = s->block_size;
-    s->error_offset = offset;
     if (offset % bs || offset + length < offset ||
         offset + length > (uint64_t)INT64_MAX ||
         nblocks != (length + bs - 1) / bs)
-        return -EINVAL;
+        return pydr_fail_at(error, -EINVAL, offset);
     if (length == 0)
         return 0;
+    if (device->nbd)
+        return pydr_nbd_sign(device->nbd, offset, length, s->block_size, s->algorithm, hashes,
+                             zero_mask, nblocks, progress, error);
+    const int fd = device->fd;
 
     const uint64_t end = offset + length;
     const size_t tail = (size_t)(length % bs); /* short last block, if any */
@@ -313,10 +314,8 @@ int pydr_signer_sign(pydr_signer *s, int fd, uint64_t offset, uint64_t length,
                  * now shorter than the range we were asked to sign. */
                 struct stat st;
                 if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
-                    (uint64_t)st.st_size < end) {
-                    s->error_offset = (uint64_t)st.st_size;
-                    return PYDR_E_FILE_CHANGED;
-                }
+                    (uint64_t)st.st_size < end)
+                    return pydr_fail_at(error, PYDR_E_FILE_CHANGED, (uint64_t)st.st_size);
                 data = end;
             } else if (d < 0) {
                 /* EINVAL/EOPNOTSUPP (devices, old filesystems): read all */
@@ -341,10 +340,8 @@ int pydr_signer_sign(pydr_signer *s, int fd, uint64_t offset, uint64_t length,
             /* from `data`, not `pos`: pos may still lie in the hole */
             off_t h = lseek(fd, (off_t)data, SEEK_HOLE);
             if (h < 0) {
-                if (errno != ENXIO) {
-                    s->error_offset = data;
-                    return -errno;
-                }
+                if (errno != ENXIO)
+                    return pydr_fail_at(error, -errno, data);
                 /* the file shrank under us: the read below reports it */
                 hole = end;
             } else {
@@ -358,7 +355,7 @@ int pydr_signer_sign(pydr_signer *s, int fd, uint64_t offset, uint64_t length,
         if (data_end > end)
             data_end = end;
         int rc = sign_data(s, fd, offset, pos, data_end, hashes, zero_mask,
-                           progress);
+                           progress, error);
         if (rc)
             return rc;
         pos = data_end;

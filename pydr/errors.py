@@ -34,6 +34,7 @@ EXIT_PLAN = 17
 EXIT_PROTOCOL = 18
 EXIT_TRACKING = 19
 EXIT_FLEET = 20
+EXIT_SOME_FAILED = 21
 EXIT_CANCELLED = 130
 
 
@@ -213,6 +214,22 @@ class FleetError(PydrError, RuntimeError):
 class NoWorkerForHost(FleetError, ConnectionError):
     """No Dask worker served an item's host within the host timeout: worth
     retrying once a worker (``pydr worker --host NAME``) is up."""
+
+
+class CycleFailed(PydrError, RuntimeError):
+    """A replication cycle over several units (items, or groups of items)
+    in which some failed: the others got their points. ``result`` is the
+    CycleResult (pydr.dr.cycle); its ``failed`` outcomes carry each item's
+    error and the exit code that error has alone. Exit status 21 whatever
+    the items' errors: a script tells "some items failed" from one
+    operation's error, and reads each item's cause from the outcomes. A
+    call of one unit raises that unit's own error instead."""
+
+    exit_code = EXIT_SOME_FAILED
+
+    def __init__(self, message, result=None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.result = result
 
 
 class PeerGone(PydrError, ConnectionError):

@@ -12,6 +12,7 @@ import os
 import sys
 
 from .._version import __version__
+from . import demo, dr, engine, fleet, objects, serve, vault
 from .common import EXIT_STATUS, HelpFormatter, guarded_stdout, report_error
 
 DESCRIPTION = (
@@ -72,8 +73,6 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(command=None):
     """The parser of every command, or with `command` of that one only (None
     when no command has that name; "" builds none, for --version)."""
-    from . import demo, dr, engine, fleet, objects, serve, vault
-
     parser = _Parser(prog="pydr", formatter_class=HelpFormatter,
                                      description=DESCRIPTION, epilog=EXAMPLES + EXIT_STATUS)
     parser.add_argument("--version", action="version", version=f"pydr {__version__}")

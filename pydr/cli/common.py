@@ -37,8 +37,11 @@ exit status:
        never started (the message carries ssh's own words)
   19   changed-block tracking was lost (a dirty bitmap is missing or in use): the
        item needs 'pydr replicate ITEM --resync'
-  20   a fleet could not reach its Dask scheduler, or some of its items failed
-       (no worker for their host, ...): 'pydr status' says why
+  20   a fleet could not reach its Dask scheduler, or an item's work on it failed
+       (no worker for its host, ...): 'pydr status' says why
+  21   a cycle over several items (or groups) finished with some failed: the others
+       got their points; each failed item is named, and --json gives every
+       item's outcome with the exit code of its own error
   130  interrupted or cancelled
 """
 

@@ -7,7 +7,8 @@ import argparse
 
 from .common import (POINT_HELP, add_item, add_method, add_vault_options, command, human_bytes,
                      method_of, print_json, progress_bar)
-from .fleet import add_fleet_options
+from ..errors import PlanFailed
+from .fleet import add_fleet_options, open_fleet
 from .vault import open_vault, parse_disk
 
 
@@ -119,7 +120,7 @@ class _PlanGroupAction(argparse.Action):
 
 
 def cmd_plan_create(args):
-    from ..dr.store import HIDDEN
+    from ..dr.store_lock import HIDDEN
 
     # a hook's command line may hold a password: --json says that it is set, not what it is
     definition = _run(args, lambda v: {"plan": args.plan, "groups": [
@@ -138,9 +139,6 @@ def _print_plan_report(report):
 
 
 def cmd_plan_run(args):
-    from ..errors import PlanFailed
-
-    from .fleet import open_fleet
 
     options = {k: getattr(args, k, None) for k in ("point", "planned", "shutdown_hook", "to")}
     with open_vault(args, writer=True) as v, open_fleet(args) as fleet:

@@ -23,6 +23,7 @@ import time
 
 from ..dr.check import check_vault
 from ..dr.vault import Vault, init_vault
+from ..endpoints.transfer import resync
 from .common import human_bytes as _human
 
 
@@ -70,8 +71,6 @@ def _offsite(work, disks, step, check, say):
     """Site A's disks pushed to a third site with `pydr resync LOCAL host:PATH`,
     pydr's remote protocol end to end: the "remote" `pydr serve --stdio
     --root site-c` runs here through a shell in place of ssh."""
-    from ..endpoints.transfer import resync
-
     pydr = os.path.join(os.path.dirname(sys.executable), "pydr")
     if not os.access(pydr, os.X_OK):
         say("  (no pydr script beside this Python: the off-site step is left out)")

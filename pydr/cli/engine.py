@@ -7,6 +7,7 @@ import sys
 import threading
 
 from .. import errors as E
+from ..engine.signatures import Signature
 from .common import (add_block_size, add_format, add_json, add_output_options,
                      add_remote_options, add_threads, command, human_bytes, parse_size,
                      print_fields, print_json, progress_bar, reach)
@@ -76,8 +77,6 @@ def cmd_info(args):
 
 
 def cmd_diff(args):
-    from ..engine.signatures import Signature
-
     old = Signature.load(args.old)
     new = Signature.load(args.new)
     ranges = old.diff(new)
@@ -99,8 +98,6 @@ def cmd_diff(args):
 def _base_signature(args, source):
     """The base of `pydr delta`: its signature file (--against) or the image
     itself (--target), as a Signature, wherever either is."""
-    from ..engine.signatures import Signature
-
     if args.against:
         base = _endpoint(args.against, args)
         with base.open_read() as f:

@@ -14,6 +14,9 @@ import sys
 import tempfile
 import time
 
+from ..engine.apply import apply_delta
+from ..engine.delta import make_delta
+from ..engine.resync import resync
 from ..engine.signatures import Signature, signature
 from .common import human_bytes as _human
 
@@ -55,10 +58,6 @@ def run_engine_demo(directory, size, *, keep=False, as_json=False, threads=None)
         used = os.stat(image).st_blocks * 512
         step("generate sample image", time.monotonic() - t,
              size=_human(size), allocated=_human(used))
-
-        from ..engine.apply import apply_delta
-        from ..engine.delta import make_delta
-        from ..engine.resync import resync
 
         st = resync(image, replica, threads=threads)
         step("initial resync to replica", st.seconds, written=_human(st.bytes_written),

@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 
+from ..errors import FleetError
 from .common import command, human_bytes, positive_int, progress_bar
 
 
@@ -70,8 +71,6 @@ def cmd_worker(args):
     try:
         import distributed  # noqa: F401  (only to say what is missing)
     except ImportError:
-        from ..errors import FleetError
-
         raise FleetError("pydr worker needs Dask distributed: pip install 'pydr[fleet]'") from None
     import re
 

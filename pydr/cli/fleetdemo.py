@@ -36,13 +36,9 @@ def fleet_step(work, vault, disk, step, check, say, sha):
     with SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {
             "host": "127.0.0.1", "dashboard_address": None}}, silence_logs=logging.ERROR) as c:
         with Fleet(c.scheduler_address, host_timeout=60) as fleet:
-            vault.fleet = fleet
-            try:
-                r = vault.replicate([i[0] for i in items])
-            finally:
-                vault.fleet = None
+            r = vault.replicate([i[0] for i in items], executor=fleet.executor())
     step("fleet: 4 machines on 2 hosts via Dask", t, point=r.point_id,
          written=f"{r.bytes_written / (1 << 20):.2f} MiB")
     check("each replica equals its machine's disk", all(sha(s) == sha(d) for _, _, s, d in items))
-    ran = {j["item"]: j["host"] for j in vault.jobs() if j["kind"] == "replicate"}
+    ran = {j.item: j.host for j in vault.jobs() if j.kind == "replicate"}
     check("each cycle ran on its own host's worker", all(ran[n] == h for n, h, _, _ in items))

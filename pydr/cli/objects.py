@@ -4,6 +4,7 @@ the layout, and its garbage collection."""
 
 from .common import (add_item, add_vault_options, command, human_bytes,
                      parse_duration, print_json)
+from ..errors import FormatError
 from .vault import open_vault
 
 
@@ -20,8 +21,6 @@ def _grace(text):
 
 
 def cmd_verify(args):
-    from ..errors import FormatError
-
     with open_vault(args) as v:
         report = v.verify(args.item, int(args.point) if args.point else None, args.sample)
     steps = "steps" in report  # a step chain, else an object store

@@ -8,7 +8,8 @@ from .common import (add_item, add_json, add_method, add_progress, add_remote_op
                      add_vault_options, command, human_bytes, method_of, parse_duration,
                      parse_size, positive_int, print_json, progress_bar, timestamp,
                      vault_dir)
-from .fleet import add_fleet_options
+from ..errors import EXIT_VAULT, FleetError
+from .fleet import add_fleet_options, open_fleet
 
 
 def open_vault(args, writer=False):
@@ -46,7 +47,6 @@ def cmd_vault_init(args):
 
 def cmd_vault_check(args):
     from ..dr.check import check_vault
-    from ..errors import EXIT_VAULT
 
     directory = args.dir or vault_dir(args)
     report = check_vault(directory)
@@ -83,79 +83,67 @@ def cmd_protect(args):
 
 
 def _batches(v, args):
-    """The cycles to run: each group together, each other item alone."""
+    """The items to replicate, in one call: the driver runs each group's
+    members together and every other item on its own."""
     if args.all:
         names = v.items()
         if not names:
             raise ValueError("the vault protects no items")
-        groups = {}
-        for n in names:
-            groups.setdefault(v.item(n)["grp"] or f"item:{n}", []).append(n)
-        return list(groups.values())
+        return names
     if args.group:
-        return [v.items(group=args.group)]
+        return v.items(group=args.group)
     if args.item:
         row = v.item(args.item)
-        return [v.items(group=row["grp"]) if row["grp"] else [args.item]]
+        return v.items(group=row.grp) if row.grp else [args.item]
     raise ValueError("give ITEM, --group G or --all")
 
 
 def cmd_replicate(args):
     from ..dr.retry import RetryPolicy
-    from ..errors import FleetError
+    from ..errors import CycleFailed
     from .fleet import open_fleet
 
-    results = []
-    try:
-        with open_vault(args, writer=True) as v, open_fleet(args) as fleet:
-            v.fleet = fleet
-            batches = _batches(v, args)
-            if fleet is not None:  # one cycle: every host's items at once
-                def stored(n):  # object-store items replicate here, by themselves
-                    return any(d["replica"].startswith("s3://") for d in v.disks(n))
-
-                hosted = [n for names in batches for n in names if not stored(n)]
-                batches = [b for b in batches if all(stored(n) for n in b)] + (
-                    [hosted] if hosted else [])
+    with open_vault(args, writer=True) as v, open_fleet(args) as fleet:
+        names = _batches(v, args)
+        kwargs = {"app_consistent": args.app_consistent, "resync_all": args.resync,
+                  "executor": fleet.executor() if fleet is not None else None}
+        if args.bwlimit:
+            kwargs["bwlimit"] = args.bwlimit
+        if args.retry:
+            kwargs["policy"] = RetryPolicy(max_attempts=args.max_attempts)
+        try:
             with progress_bar("replicate", args) as bar:
-                for names in batches:
-                    kwargs = {"app_consistent": args.app_consistent, "progress": bar,
-                              "resync_all": args.resync}
-                    if args.bwlimit:
-                        kwargs["bwlimit"] = args.bwlimit
-                    if args.retry:
-                        kwargs["policy"] = RetryPolicy(max_attempts=args.max_attempts)
-                    results.append(v.replicate(names, retry=args.retry, **kwargs))
-    except FleetError as exc:
-        if getattr(exc, "result", None) is not None:  # the items that made it are recorded
-            results.append(exc.result)
-            _print_cycles(args, results, exc.failed)
-        raise
-    _print_cycles(args, results, {})
+                result = v.replicate(names, retry=args.retry, progress=bar, **kwargs)
+        except CycleFailed as exc:  # the items that made it are recorded: each outcome said
+            _print_cycles(args, exc.result)
+            raise
+        except Exception as exc:  # one unit (an item, a group): its own error, and --json
+            if args.json and getattr(exc, "cycle_result", None) is not None:
+                _print_cycles(args, exc.cycle_result)
+            raise
+    _print_cycles(args, result)
     return 0
 
 
-def _print_cycles(args, results, failed):
+def _print_cycles(args, result):
+    """--json: [the CycleResult], with every item's outcome; else a line for
+    the point and one for each item that failed, naming its error."""
     if args.json:
-        out = [r._asdict() for r in results]
-        if failed:
-            out.append({"failed": failed})
-        print_json(out)
+        print_json([result._asdict()])
         return
-    for r in results:
-        if r.items:
-            print(f"point {r.point_id} ({r.consistency}) for {', '.join(r.items)}: "
-                  f"{human_bytes(r.bytes_written)} written, {human_bytes(r.bytes_read)} read "
-                  f"in {r.seconds:.3f} s")
-    for name, why in failed.items():
-        print(f"{name}: failed: {why}")
+    if result.items:
+        print(f"point {result.point_id} ({result.consistency}) for {', '.join(result.items)}: "
+              f"{human_bytes(result.bytes_written)} written, {human_bytes(result.bytes_read)} "
+              f"read in {result.seconds:.3f} s")
+    for o in result.failed:
+        print(f"{o.item}: failed: {o.error}")
 
 
 def cmd_points(args):
     with open_vault(args) as v:
         points = v.points(args.item)
-    out = [{"id": p["id"], "created": timestamp(p["created"]), "consistency": p["consistency"],
-            "cut": p["cut"], "bytes": p["bytes"], "damaged": p["damaged"]} for p in points]
+    out = [{"id": p.id, "created": timestamp(p.created), "consistency": p.consistency,
+            "cut": p.cut, "bytes": p.bytes, "damaged": p.damaged} for p in points]
     if args.json:
         print_json(out)
     else:
@@ -192,7 +180,10 @@ def cmd_status(args):
 def cmd_jobs(args):
     with open_vault(args) as v:
         jobs = v.jobs()
-    out = [{**j, "started": timestamp(j["started"]), "ended": timestamp(j["ended"])} for j in jobs]
+    out = [{"id": j.id, "kind": j.kind, "item": j.item, "state": j.state, "progress": j.progress,
+            "bytes_transferred": j.bytes_transferred, "started": timestamp(j.started),
+            "ended": timestamp(j.ended), "error": j.error, "method": j.method, "host": j.host}
+           for j in jobs]
     if args.json:
         print_json(out)
     else:
@@ -296,6 +287,10 @@ def register(sub):
                      "last cycle (compared with the replica's signature cache), through the crash-safe\n"
                      "undo journal of 'pydr apply'; that journal is kept as the point's reverse delta.\n"
                      "A killed cycle is finished by running it again.\n\n"
+                     "A group is replicated all-or-nothing; every other item on its own: one that\n"
+                     "fails (a lost disk, a dead site) does not stop the others, which get their\n"
+                     "points. The command then exits 21 and names each failed item and its error;\n"
+                     "--json gives every item's outcome (status, point, error, exit code, bytes).\n\n"
                      "With --scheduler ADDR, each item's cycle runs on a Dask worker of its --host\n"
                      "('pydr worker'), all hosts at once, and this process records the results;\n"
                      "an item whose host has no worker fails after --host-timeout, the others go\n"
@@ -313,8 +308,9 @@ def register(sub):
                    help="compare both sides by checksum (re-read the replicas); needed for items "
                         "in state resync-required")
     p.add_argument("--retry", action="store_true",
-                   help="retry recoverable errors (I/O, space, connection, timeout) at 1, 2, 4, 8 "
-                        "and 10 minutes after the first attempt, then every 30 minutes")
+                   help="retry the items whose errors are recoverable (I/O, space, connection, "
+                        "timeout) at 1, 2, 4, 8 and 10 minutes after the first attempt, then "
+                        "every 30 minutes")
     p.add_argument("--max-attempts", type=positive_int, default=None, metavar="N",
                    help="with --retry, give up after N attempts")
     p.add_argument("--bwlimit", type=parse_size, default=None, metavar="RATE",

@@ -17,11 +17,12 @@ import os
 from ..engine import crashpoints
 from ..endpoints import open_endpoint
 from ..endpoints.transfer import transfer
-from ..errors import HookFailed
+from ..errors import HookFailed, InvalidState
 from .hooks import run_hook
 
 #: A Dask worker serves host NAME when it has the resource pydr-host-NAME.
 RESOURCE_PREFIX = "pydr-host-"
+RESYNC_THRESHOLD = 0.5  # tracked changes above this share of a disk need a resync
 
 
 def transfer_disk(source, replica, *, offered, cache, has_point, resync_all, extents=None,
@@ -65,59 +66,156 @@ def worker_host():
     return ",".join(names) or None
 
 
+class Taken:
+    """A cut, as :func:`cut` yields it: ``views`` (per disk, the endpoint to
+    read: a reflink clone, a tracker's view, or the source itself), ``changed``
+    (per disk, [(offset, length)] a tracker says changed since its last
+    cut, or None: compare everything) and ``kind`` ("reflink", "fleece",
+    "quiesce" or "none")."""
+
+    def __init__(self, views, changed, kind):
+        self.views, self.changed, self.kind = views, changed, kind
+
+
 @contextlib.contextmanager
-def item_cut(item, sources, quiesce_hook=None, thaw_hook=None):
-    """The cut of one item's disks: its quiesce hook, a reflink clone of each
-    source where its file system can, and the thaw hook as soon as the cut
-    is taken (after the reads when there are no clones). Yields ([snapshot
-    or None], cut: "reflink", "quiesce" or "none"); the clones are removed
-    after."""
-    snaps, frozen = [], False
+def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
+    """The one cut of a cycle's disks, here or on a host: every quiesce hook
+    in `hooks` [(label, quiesce, thaw)], then each disk of `sources` cut at
+    one instant -- a tracked disk (its tracker in `trackers`, same order)
+    starts its next dirty bitmap (`full`: compare everything, or a list
+    per disk), the others are cloned where their file system can -- and the
+    thaw hooks as soon as that is a cut ("reflink", "fleece"), else after
+    the reads. Yields a :class:`Taken`; the clones and views are released
+    after. A thaw after the reads that fails calls `on_thaw_error(label,
+    exc)` when given, else raises."""
+    trackers = trackers or [None] * len(sources)
+    fulls = full if isinstance(full, (list, tuple)) else [full] * len(sources)
+    frozen, snaps, views, changed, kinds = [], [], [], [], set()
+    held = contextlib.ExitStack()  # the tracked disks' views, held while they are read
+
+    def thaw(late=False):
+        while frozen:
+            label, thaw_hook = frozen.pop(0)
+            try:
+                run_hook(thaw_hook, f"thaw hook of {label!r}")
+            except HookFailed as exc:
+                if not late or on_thaw_error is None:
+                    raise
+                on_thaw_error(label, exc)
+
     try:
-        if quiesce_hook:
-            run_hook(quiesce_hook, f"quiesce hook of {item!r}")
-            frozen = True
-        snaps = [s.snapshot() for s in sources]
-        cut = "reflink" if all(snaps) else ("quiesce" if frozen else "none")
-        if frozen and cut == "reflink":
-            frozen = False
-            run_hook(thaw_hook, f"thaw hook of {item!r}")
-        yield snaps, cut
+        for label, quiesce_hook, thaw_hook in hooks:
+            if quiesce_hook:
+                run_hook(quiesce_hook, f"quiesce hook of {label!r}")
+                frozen.append((label, thaw_hook))
+        quiesced = bool(frozen)
+        for source, t, whole in zip(sources, trackers, fulls):
+            if t is not None:
+                c = held.enter_context(t.cut(full=whole))
+                views.append(c.view)
+                changed.append(c.changed)
+                kinds.add("fleece" if t.kind == "qmp" else None)
+            else:
+                snap = source.snapshot()
+                snaps.append(snap)
+                views.append(snap or source)
+                changed.append(None)
+                kinds.add("reflink" if snap else None)
+        kind = kinds.pop() if len(kinds) == 1 and None not in kinds else (
+            "quiesce" if quiesced else "none")
+        if kind in ("reflink", "fleece"):
+            thaw()  # the cut is taken: the applications may go on
+        yield Taken(views, changed, kind)
     finally:
-        if frozen:
-            run_hook(thaw_hook, f"thaw hook of {item!r}")
-        for snap in snaps:
-            if snap:
-                with contextlib.suppress(OSError, HookFailed):
-                    snap.remove_many([snap])
+        try:
+            held.close()
+        finally:
+            try:
+                thaw(late=True)
+            finally:
+                for snap in snaps:
+                    if snap:
+                        with contextlib.suppress(OSError, HookFailed):
+                            snap.remove_many([snap])
+
+
+def _tracker(item, d, source):
+    """The tracker of a tracked disk of a task, or None. Bitmaps older than
+    the one the vault recorded are dropped first: their changes are in the
+    item's recorded points (what the coordinator's last record left)."""
+    if not d.get("tracking"):
+        return None
+    from .tracking import PREFIX, QmpTracker, Qcow2Tracker
+
+    cls = {"qcow2": Qcow2Tracker, "qmp": QmpTracker}[d["tracking"]]
+    t = cls(None, item, d, source)
+    if t.current is not None:
+        for name in t.bitmaps():
+            number = name[len(PREFIX):] if name.startswith(PREFIX) else ""
+            if number.isdigit() and int(number) < t.generation:
+                t.remove(name)
+    if not d["full"]:
+        t.validate()  # never a cycle that sends less than what changed
+    return t
+
+
+class NeedsResync(InvalidState):
+    """Raised on a host when a tracked disk needs a checksum resync
+    (``reason``); the coordinator marks the item resync-required."""
+
+    def __init__(self, message, reason=None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.reason = reason
 
 
 def cycle_item(task):
     """One item's cycle on its host. `task`: {"item", "vault", "rsh", "remote_pydr",
     "quiesce_hook", "thaw_hook" (None unless app-consistent), "threads",
     "disks": [{"idx", "source", "replica", "step", "offered": [spec, spec],
-    "cache" (a path, or None), "has_point", "resync"}]}.
+    "cache" (a path, or None), "has_point", "resync", and for a tracked disk
+    "tracking" (qcow2 or qmp), "bitmap", "generation", "full"}]}.
 
-    The item's disks are cut together where their file system clones files
-    (reflink), after its quiesce hook; the thaw hook runs once the cut is
-    taken, or after the reads. Returns {"item", "host", "cut", "disks":
-    [{"idx", "size", "moved", "read", "steps": [[number, spec, bytes]]}]}."""
+    The item's disks are cut together (:func:`cut`). Returns {"item",
+    "host", "cut", "disks": [{"idx", "size", "moved", "read", "steps":
+    [[number, spec, bytes]], and for a tracked disk "bitmap", "generation":
+    the bitmap that records from the cut on]}. A failure after a tracked
+    cut merges what was tracked back into the bitmap the vault knows."""
     item = task["item"]
     reach = dict(rsh=task.get("rsh"), remote_pydr=task.get("remote_pydr"))
     disks = task["disks"]
     sources = [open_endpoint(d["source"], **reach) for d in disks]
     sizes = [s.size() for s in sources]
-    with item_cut(item, sources, task.get("quiesce_hook"), task.get("thaw_hook")) as (snaps, cut):
-        results = []
-        for d, source, snap, size in zip(disks, sources, snaps, sizes):
-            replica = open_endpoint(d["replica"], **reach)
-            cache = d.get("cache")
-            if cache is not None and not os.path.isdir(task.get("vault") or ""):
-                cache = None  # the vault is not on this host: compare both sides instead
-            moved, read, kept, journal = transfer_disk(
-                snap or source, replica, offered=d["offered"], cache=cache,
-                has_point=d["has_point"], resync_all=d["resync"], threads=task.get("threads"))
-            crashpoints.reached("agent.disk")
-            results.append({"idx": d["idx"], "size": size, "moved": moved, "read": read,
-                            "steps": steps_kept(d["step"], d["offered"], kept, journal)})
-    return {"item": item, "host": worker_host(), "cut": cut, "disks": results}
+    trackers = [_tracker(item, d, s) for d, s in zip(disks, sources)]
+    hooks = [(item, task.get("quiesce_hook"), task.get("thaw_hook"))]
+    try:
+        with cut(sources, trackers=trackers, full=[d.get("full", False) for d in disks],
+                 hooks=hooks) as taken:
+            for d, size, changed in zip(disks, sizes, taken.changed):
+                pending = sum(n for _, n in changed or ())
+                if changed is not None and pending > RESYNC_THRESHOLD * size:
+                    reason = f"tracked changes ({pending} bytes) exceed half of {d['source']}"
+                    raise NeedsResync(f"{item} needs a resync ({reason}): run 'pydr replicate "
+                                      f"{item} --resync'", reason, path=d["source"])
+            results = []
+            for d, view, changed, size in zip(disks, taken.views, taken.changed, sizes):
+                replica = open_endpoint(d["replica"], **reach)
+                cache = d.get("cache")
+                if cache is not None and not os.path.isdir(task.get("vault") or ""):
+                    cache = None  # the vault is not on this host: compare both sides instead
+                moved, read, kept, journal = transfer_disk(
+                    view, replica, offered=d["offered"], cache=cache,
+                    has_point=d["has_point"], resync_all=d["resync"], extents=changed,
+                    threads=task.get("threads"))
+                crashpoints.reached("agent.disk")
+                results.append({"idx": d["idx"], "size": size, "moved": moved, "read": read,
+                                "steps": steps_kept(d["step"], d["offered"], kept, journal)})
+    except BaseException:
+        for t in trackers:  # what was tracked goes back into the bitmap the vault knows
+            if t is not None and t.new is not None:
+                with contextlib.suppress(Exception):  # else the next cut merges it
+                    t.normalize()
+        raise
+    for r, t in zip(results, trackers):
+        if t is not None:
+            r.update(bitmap=t.new, generation=t.generation)
+    return {"item": item, "host": worker_host(), "cut": taken.kind, "disks": results}

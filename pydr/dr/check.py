@@ -85,20 +85,17 @@ def check_vault(directory):
 
 
 def _integrity(store):
-    db_path = store.db.path
-    rows = [r[0] for r in store.db.execute("PRAGMA integrity_check")]
-    if rows == ["ok"]:
-        return []
-    return [Problem("database", db_path, f"integrity_check: {r}") for r in rows]
+    return [Problem("database", store.db.path, f"integrity_check: {r}")
+            for r in store.integrity_check()]
 
 
 def _rows(store):
-    db = store.db
     problems = []
-    items = {r["name"] for r in db.execute("SELECT name FROM items")}
+    records = store.item_records()
+    items = {r.name for r in records}
     disks = {}
-    for r in db.execute("SELECT item, idx FROM disks ORDER BY item, idx"):
-        disks.setdefault(r["item"], []).append(r["idx"])
+    for d in store.all_disks():
+        disks.setdefault(d.item, []).append(d.idx)
     for item in sorted(items):
         idxs = disks.get(item, [])
         if idxs != list(range(len(idxs))) or not idxs:
@@ -106,24 +103,24 @@ def _rows(store):
                                     f"its disks are numbered {idxs}, not 0..n-1"))
     for item in sorted(set(disks) - items):
         problems.append(Problem("rows", f"item {item}", "disks rows of an item that is not there"))
-    for r in db.execute("SELECT DISTINCT item, idx FROM steps"):
-        if r["idx"] not in disks.get(r["item"], []):
-            problems.append(Problem("rows", f"item {r['item']} disk {r['idx']}",
+    all_steps = store.all_steps()
+    for item, idx in sorted({(s.item, s.idx) for s in all_steps}):
+        if idx not in disks.get(item, []):
+            problems.append(Problem("rows", f"item {item} disk {idx}",
                                     "steps of a disk that is not there"))
-    for r in db.execute("SELECT DISTINCT item FROM points"):
-        if r["item"] not in items:
-            problems.append(Problem("rows", f"item {r['item']}", "points of an item that is not there"))
-    points = {(r["item"], r["id"]) for r in db.execute("SELECT item, id FROM points")}
+    points = {(p.item, p.id) for p in store.all_points()}
+    for item in sorted({item for item, _ in points} - items):
+        problems.append(Problem("rows", f"item {item}", "points of an item that is not there"))
     rows = {}
-    for r in db.execute("SELECT item, id, idx, step FROM point_disks"):
-        rows[(r["item"], r["id"], r["idx"])] = r["step"]
-        if (r["item"], r["id"]) not in points:
-            problems.append(Problem("rows", f"item {r['item']} point {r['id']}",
+    for r in store.all_point_disks():
+        rows[(r.item, r.id, r.idx)] = r.step
+        if (r.item, r.id) not in points:
+            problems.append(Problem("rows", f"item {r.item} point {r.id}",
                                     "point_disks rows of a point that is not there"))
     steps = {}
-    for r in db.execute("SELECT item, idx, step FROM steps"):
-        steps.setdefault((r["item"], r["idx"]), set()).add(r["step"])
-    busy = {r["name"] for r in db.execute("SELECT name FROM items WHERE operation IS NOT NULL")}
+    for s in all_steps:
+        steps.setdefault((s.item, s.idx), set()).add(s.step)
+    busy = {r.name for r in records if r.operation is not None}
     problems += _point_order(points, disks, rows, steps, busy)
     for item, point in sorted(points):
         for idx in disks.get(item, []):
@@ -180,32 +177,31 @@ def _step_files(store):
     from ..engine import journal as J
 
     problems, checked, remote, headers = [], 0, 0, {}
-    for r in store.db.execute("SELECT item, idx, step, path, bytes, digest FROM steps "
-                              "ORDER BY item, idx, step"):
-        path = r["path"]
+    for r in store.all_steps():
+        path = r.path
         if parse_remote(path) is not None:
             remote += 1
             continue
         checked += 1
         try:
             if os.path.islink(path):
-                problems.append(Problem("step-file", path, f"step {r['step']} of {r['item']} disk "
-                                        f"{r['idx']} is a symlink, not a step file"))
+                problems.append(Problem("step-file", path, f"step {r.step} of {r.item} disk "
+                                        f"{r.idx} is a symlink, not a step file"))
                 continue
             size = os.stat(path).st_size
         except FileNotFoundError:
             problems.append(Problem("missing-step", path,
-                                    f"step {r['step']} of {r['item']} disk {r['idx']} is missing"))
+                                    f"step {r.step} of {r.item} disk {r.idx} is missing"))
             continue
         except OSError as exc:
             problems.append(Problem("missing-step", path, f"cannot be read: {exc.strerror}"))
             continue
         # recorded: the journal without its COMMIT record (a cycle), its whole
         # size (registered by recovery), or 0 (kept by a killed run: unknown)
-        if r["bytes"] and size not in (r["bytes"], r["bytes"] + B.RECORD_HEADER):
+        if r.bytes and size not in (r.bytes, r.bytes + B.RECORD_HEADER):
             problems.append(Problem("step-size", path,
-                                    f"step {r['step']} of {r['item']} disk {r['idx']} holds "
-                                    f"{size} bytes, not the {r['bytes']} recorded"))
+                                    f"step {r.step} of {r.item} disk {r.idx} holds "
+                                    f"{size} bytes, not the {r.bytes} recorded"))
             continue
         try:
             header, committed = J.read_journal(path)
@@ -214,16 +210,16 @@ def _step_files(store):
             continue
         if header is None or not committed:
             problems.append(Problem("step-size", path,
-                                    f"step {r['step']} of {r['item']} disk {r['idx']} is "
+                                    f"step {r.step} of {r.item} disk {r.idx} is "
                                     f"{'not an undo journal' if header is None else 'cut short'}"
                                     f" (no valid {'header' if header is None else 'COMMIT'})"))
             continue
-        headers[(r["item"], r["idx"], r["step"])] = (path, header)
+        headers[(r.item, r.idx, r.step)] = (path, header)
         try:
-            stepdigest.check(path, r["digest"])
+            stepdigest.check(path, r.digest)
         except DamagedJournal as exc:
-            problems.append(Problem("step-file", path, f"step {r['step']} of {r['item']} disk "
-                                    f"{r['idx']}: {exc.message}"))
+            problems.append(Problem("step-file", path, f"step {r.step} of {r.item} disk "
+                                    f"{r.idx}: {exc.message}"))
         except OSError as exc:
             problems.append(Problem("missing-step", path, f"cannot be read: {exc.strerror}"))
     return problems + _chain_of_headers(headers), checked, remote
@@ -251,7 +247,7 @@ def _chain_of_headers(headers):
 def _unknown_files(store):
     """Files in the vault's undo/ that no steps row names."""
     # rows hold absolute paths; the vault may have been named relative to here
-    known = {_real(r["path"]) for r in store.db.execute("SELECT path FROM steps")}
+    known = {_real(r.path) for r in store.all_steps()}
     root = os.path.join(os.path.abspath(store.dir), "undo")
     problems = []
     for item in sorted(os.listdir(root)) if os.path.isdir(root) else ():

@@ -45,7 +45,7 @@ def _already(vault, name, kinds):
 
 
 def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, method="auto",
-             progress=None, to=None):
+             progress=None, to=None, executor=None):
     """Fail `name` over to a recovery point; afterwards its replica paths
     hold that point, made by `method` (see materialize_disk; "qcow2": an
     overlay on the baseline, which a VM then writes into). An item
@@ -97,7 +97,7 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
                 notes.append(f"shutdown hook failed, going on (unplanned): {exc}")
         if planned or point in (None, "latest"):
             try:
-                replicate(vault, [name])  # the last changes first: lowest RPO
+                replicate(vault, [name], executor=executor)  # the last changes first: lowest RPO
                 notes.append("replicated the latest changes first")
             except (OSError, PydrError) as exc:
                 if planned:

@@ -4,7 +4,7 @@ shell commands whose failure stops what they guard.
 A hook's command line may carry credentials (a database password, a
 token): messages, job errors, status and the vault's lock file name the
 hook ("quiesce hook of 'vm'") and its exit status, never its command line
-(the lock file's command line too: pydr.dr.store.redact_argv)."""
+(the lock file's command line too: pydr.dr.store_lock.redact_argv)."""
 
 import subprocess
 

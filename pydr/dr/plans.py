@@ -13,14 +13,12 @@ site B (bringing disks up, drills, commit) runs here. ``events``: fn(dict)
 called as groups start and items end.
 """
 
-import json
 import os
 import subprocess
 import threading
-import time
 
 from ..engine import crashpoints
-from ..errors import InvalidState, PlanFailed, UnknownName
+from ..errors import PlanFailed
 from . import drills as D
 from . import failover as F
 from .store import Store
@@ -42,27 +40,24 @@ def create_plan(vault, name, groups):
             if item in seen:
                 raise ValueError(f"item {item!r} is in two groups of the plan")
             seen.add(item)
-    if vault.db.execute("SELECT 1 FROM plans WHERE name=?", (name,)).fetchone():
-        raise InvalidState(f"a recovery plan named {name!r} exists already", path=vault.dir)
     definition = [{"items": list(g["items"]), "pre": g.get("pre"), "post": g.get("post")}
                   for g in groups]
-    vault.db.execute("INSERT INTO plans VALUES (?,?,?)", (name, json.dumps(definition), time.time()))
+    vault.add_plan(name, definition)  # InvalidState if one of that name exists
     return definition
 
 
 def get_plan(vault, name):
-    row = vault.db.execute("SELECT definition FROM plans WHERE name=?", (name,)).fetchone()
-    if row is None:
-        raise UnknownName(f"no recovery plan named {name!r}", path=vault.dir)
-    return json.loads(row["definition"])
+    return vault.plan(name).definition
 
 
-def _operation(op, options):
-    """fn(vault, item) -> result dict, for one item."""
+def _operation(op, options, executor=None):
+    """fn(vault, item) -> result dict, for one item (a failover's last cycle
+    through `executor`: a fleet's, or this process)."""
     if op == "failover":
         return lambda v, n: F.failover(v, n, options.get("point") or "latest",
                                        planned=options.get("planned", False),
-                                       shutdown_hook=options.get("shutdown_hook"))
+                                       shutdown_hook=options.get("shutdown_hook"),
+                                       executor=executor)
     if op == "test-failover":
         to = options["to"]
         return lambda v, n: D.test_failover(v, n, os.path.join(to, n), options.get("point"))
@@ -83,7 +78,7 @@ def run_plan(vault, name, op, **options):
     fleet = options.pop("fleet", None)
     events = options.pop("events", None) or (fleet.events if fleet is not None else None)
     groups = get_plan(vault, name)
-    fn = _operation(op, options)
+    fn = _operation(op, options, fleet.executor() if fleet is not None else None)
     report = []
 
     def emit(**event):
@@ -112,7 +107,6 @@ def run_plan(vault, name, op, **options):
         def work(item):
             try:
                 with Store(vault.dir) as v:  # a connection of its own
-                    v.fleet = fleet
                     results[item] = ("succeeded", fn(v, item))
             except Exception as exc:  # reported per item below
                 results[item] = ("failed", str(exc))

@@ -23,7 +23,11 @@ _RECOVERABLE_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errn
 
 
 def recoverable(exc):
-    """Whether an error is worth retrying without an operator."""
+    """Whether an error is worth retrying without an operator (a cycle of
+    several items: whether one of the items that failed is)."""
+    failed = getattr(getattr(exc, "result", None), "failed", None)
+    if failed is not None and isinstance(exc, PydrError):
+        return any(o.recoverable for o in failed)
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
     if isinstance(exc, OSError) and not isinstance(exc, PydrError):

@@ -27,11 +27,11 @@ PREFIX = "pydr-"
 
 
 def tracker(vault, item, disk):
-    """The tracker of a disk row, or None when it is not tracked."""
-    if not disk.get("tracking"):
+    """The tracker of a disk (its DiskRecord), or None when it is not tracked."""
+    if not disk.tracking:
         return None
-    source = vault.endpoint(item, disk["source"])
-    cls = {"qcow2": Qcow2Tracker, "qmp": QmpTracker}[disk["tracking"]]
+    source = vault.endpoint(item, disk.source)
+    cls = {"qcow2": Qcow2Tracker, "qmp": QmpTracker}[disk.tracking]
     return cls(vault, item, disk, source)
 
 
@@ -49,6 +49,7 @@ class Tracker:
 
     def __init__(self, vault, item, disk, source):
         self.vault, self.item, self.disk, self.source = vault, item, disk, source
+        # a DiskRecord in the vault, or a fleet task's plain dict on a host
         self.current = disk.get("bitmap")
         self.generation = disk.get("generation") or 0
         self.new = self.frozen = None
@@ -96,10 +97,13 @@ class Tracker:
         with self.view() as cut:
             yield cut
 
-    def record(self, db):
-        """In the point's transaction: the new bitmap is the current one."""
-        db.execute("UPDATE disks SET bitmap=?, generation=? WHERE item=? AND idx=?",
-                   (self.new, self.generation, self.item, self.disk["idx"]))
+    def record(self, _db=None):
+        """In the point's transaction: the new bitmap is the current one.
+        (A caller that still passes the vault's connection: it is the one
+        of self.vault, which the store writes through.) On a fleet's host
+        there is no vault: the coordinator records what the task returns."""
+        if self.vault is not None:
+            self.vault.set_bitmap(self.item, self.disk["idx"], self.new, self.generation)
 
     def commit(self):
         """After the point is recorded: the frozen (or the replaced) bitmap goes."""
@@ -115,9 +119,7 @@ class Tracker:
             return
         if self.frozen is not None:  # the frozen changes go back into the recording bitmap
             self.merge(self.frozen, self.new)
-            with self.vault.db:
-                self.vault.db.execute("BEGIN IMMEDIATE")
-                self.record(self.vault.db)
+            self.record()  # one statement: committed by itself
             self.remove(self.frozen)
             self.current = self.new
         else:  # a full cycle: the old current bitmap (if any) still records

@@ -15,17 +15,33 @@ from . import failover as F
 from . import plans as plans_
 from . import pointstores
 from . import points as points_
+from . import protection
 from . import replication as R
+from . import report
 from .store import Store, init_vault  # noqa: F401  (pydr.dr.vault.init_vault)
 
 
 class Vault(Store):
     """An open vault with the DR workflow; see pydr.dr.store.Store."""
 
-    def replicate(self, names, *, retry=False, **kwargs):
-        """One replication cycle for the items `names` (one point id shared by
-        all); see pydr.dr.replication.replicate. ``retry``: retry recoverable
-        errors on the schedule of pydr.dr.retry."""
+    def protect(self, name, disks, **kwargs):
+        """Register item `name` with its disks [(source, replica)]; see
+        pydr.dr.protection.protect (what may be protected, and the options)."""
+        return protection.protect(self, name, disks, **kwargs)
+
+    def status(self, name):
+        """Item `name`'s state, health, disks, points and the operation
+        running on it, as a dict (pydr.dr.report.item_status)."""
+        return report.item_status(self, name)
+
+    def replicate(self, names, *, retry=False, executor=None, **kwargs):
+        """One replication cycle for the items `names` (a group's members
+        together, every other item on its own; one point id shared by those
+        that succeed); see pydr.dr.cycle.replicate. ``executor``: where the
+        work runs (default: this process; a pydr.dr.fleet.FleetExecutor:
+        the items' hosts). ``retry``: retry the items whose errors are
+        recoverable, on the schedule of pydr.dr.retry."""
+        kwargs["executor"] = executor
         names = [names] if isinstance(names, str) else list(names)
         if retry:
             return R.replicate_with_retry(self, names, **kwargs)

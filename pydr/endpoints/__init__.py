@@ -9,26 +9,16 @@ a recovery point materialised there -- and never ask where it is.
 implementation; a new kind of place is a new module and a line here.
 
 This module imports no implementation until a spec needs it: a local
-command never loads the transport.
+command never loads the transport. The implementations do not import it
+back (they ask pydr.endpoints.specs); pydr.endpoints.transfer, which does,
+sits above it: a resync between two endpoints is pydr.resync (or
+pydr.endpoints.transfer.resync).
 """
 
 import os
 
 from ..engine import names
-
-
-def parse_remote(spec):
-    """(host, path) for "[user@]host:PATH", else None (a local path, or None).
-    A path with a "/" before its first ":" is local ("./a:b", "dir/a:b")."""
-    if spec is None or hasattr(spec, "read"):
-        return None
-    spec = os.fspath(spec)
-    if spec.startswith(("/", "./", "../")) or ":" not in spec:
-        return None
-    host, path = spec.split(":", 1)
-    if not host or "/" in host or not path:
-        return None
-    return host, path
+from .specs import parse_remote
 
 
 def open_endpoint(spec, *, rsh=None, remote_pydr=None, format=None):
@@ -127,11 +117,3 @@ def remove_all(endpoints, on_error=None):
             if on_error is None:
                 raise
             on_error(group[0], exc)
-
-
-def resync(src, dst, **options):
-    """Make the disk `dst` byte-identical to `src`, wherever each is; see
-    pydr.endpoints.transfer.resync."""
-    from .transfer import resync as _resync
-
-    return _resync(src, dst, **options)

@@ -35,6 +35,7 @@ import os
 
 from ..engine import names
 from ..engine.progress import Record
+from ..engine.signatures import signature
 from ..errors import InvalidState, UnsupportedFile
 
 
@@ -228,12 +229,13 @@ class InProcess:
 
     def choose_undo(self, keep_undo):
         """(path, index) of the first offered undo-step path that holds no
-        committed step (see Endpoint.open_target)."""
+        committed step (see Endpoint.open_target): an Endpoint, or the path
+        of a file on this machine."""
         from ..engine.journal import choose_undo_path
-        from . import open_endpoint
 
-        return choose_undo_path(self.journal_target(), [open_endpoint(k).path
-                                                        for k in keep_undo or ()])
+        return choose_undo_path(self.journal_target(), [
+            k.path if isinstance(k, Endpoint) else os.path.abspath(os.fspath(k))
+            for k in keep_undo or ()])
 
     def journal_target(self):
         return self.path
@@ -261,15 +263,11 @@ class InProcess:
             yield target
 
     def signature(self, *, block_size, threads=None):
-        from ..engine.signatures import signature
-
         with self.engine_disk() as disk:
             return signature(disk, block_size=block_size, threads=threads)
 
     def write_signature(self, out, *, block_size, algorithm, threads=None, progress=None,
                         cancel=None, use_mmap=True):
-        from ..engine.signatures import signature
-
         self.check_not_over(out)
         with self.engine_disk() as disk:
             sig = signature(disk, block_size=block_size, algorithm=algorithm, threads=threads,
@@ -318,8 +316,6 @@ class DeviceEndpoint(InProcess, Endpoint):
         return self.spec
 
     def engine_disk(self, *, write=False, size=None, bitmap=None):
-        from ..errors import UnsupportedFile
-
         if write:
             raise UnsupportedFile("a point-in-time view is read, never written", path=self.spec)
         return contextlib.nullcontext(self.dev)

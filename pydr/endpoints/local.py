@@ -5,8 +5,10 @@ import contextlib
 import errno
 import os
 
+from ..engine import bindings as B
 from ..engine import names
-from ..engine.atomic import fsync_dir
+from ..engine.atomic import atomic_write, fsync_dir
+from ..engine.devices import open_disk
 from ..errors import UnsupportedFile
 from .base import Endpoint, InProcess, StepChainPlace
 
@@ -41,9 +43,6 @@ class LocalEndpoint(StepChainPlace, InProcess, Endpoint):
         return os.path.lexists(self._path)
 
     def size(self):
-        from ..engine import bindings as B
-        from ..engine.devices import open_disk
-
         try:
             fd = open_disk(self._path)
         except FileNotFoundError:
@@ -128,8 +127,6 @@ class LocalEndpoint(StepChainPlace, InProcess, Endpoint):
         return open(self._path, "rb")
 
     def open_write(self):
-        from ..engine.atomic import atomic_write
-
         return atomic_write(self._path)
 
     def check_not_over(self, out):

@@ -8,6 +8,8 @@ import contextlib
 import os
 
 from ..engine import names
+from ..engine.atomic import create_file
+from ..engine.devices import NbdDevice
 from ..errors import UnsupportedFile
 from .base import Endpoint, InProcess
 from .local import LocalEndpoint
@@ -31,14 +33,10 @@ class NbdEndpoint(InProcess, Endpoint):
         return self.spec
 
     def journal_target(self):
-        from ..engine.devices import NbdDevice
-
         return _JournalOnly(NbdDevice.journal_for(self.spec))
 
     @contextlib.contextmanager
     def engine_disk(self, *, write=False, size=None, bitmap=None):
-        from ..engine.devices import NbdDevice
-
         with NbdDevice(self.spec, write=write, bitmap=bitmap) as dev:
             yield dev
 
@@ -86,15 +84,12 @@ class QemuImageEndpoint(LocalEndpoint):
 
     @contextlib.contextmanager
     def engine_disk(self, *, write=False, size=None, bitmap=None, path=None):
-        from ..engine.devices import NbdDevice
         from ..transport.qemu import QemuNbd, qemu_img
 
         path = path or self.path
         if write and not os.path.exists(path):
             if size is None:
                 raise FileNotFoundError(2, "disk image not found", path)
-            from ..engine.atomic import create_file
-
             create_file(path)  # private: qemu-img keeps the bits of a file it truncates
             qemu_img("create", "-q", "-f", self.format, path, str(size), path=path)
         with QemuNbd(path, self.format, read_only=not write, bitmap=bitmap) as server:
@@ -218,7 +213,6 @@ class QmpEndpoint(InProcess, Endpoint):
 
     @contextlib.contextmanager
     def engine_disk(self, *, write=False, size=None, bitmap=None, actions=()):
-        from ..engine.devices import NbdDevice
         from ..transport.qemu import Fleece
 
         if write:

@@ -8,9 +8,12 @@ import shutil
 import tempfile
 import time
 
+from ..engine import bindings as B
 from ..engine import names
+from ..engine.signatures import Signature
 from ..errors import UnsupportedFile
 from .base import Endpoint, SignResult, StepChainPlace
+from .specs import parse_remote
 
 
 class SshEndpoint(StepChainPlace, Endpoint):
@@ -74,8 +77,6 @@ class SshEndpoint(StepChainPlace, Endpoint):
         if isinstance(spec, Endpoint):
             place, path = spec.place, spec.path
         else:
-            from . import parse_remote
-
             place, path = parse_remote(spec) or (None, spec)
         if place != self.place:
             raise ValueError(f"{spec} is not on {self.place}")
@@ -126,16 +127,12 @@ class SshEndpoint(StepChainPlace, Endpoint):
         return size, writer.n, writer.zeros, received, read
 
     def signature(self, *, block_size, threads=None):
-        from ..engine.signatures import Signature
-
         with tempfile.TemporaryDirectory(prefix="pydr-") as d:
             self._signature_into(os.path.join(d, "base.sig"), block_size)
             return Signature.load(os.path.join(d, "base.sig"))
 
     def write_signature(self, out, *, block_size, algorithm, threads=None, progress=None,
                         cancel=None, use_mmap=True):
-        from ..engine import bindings as B
-
         if algorithm != "xxh3-128":
             raise ValueError("a remote signature is always xxh3-128")
         B.check_block_size(block_size)

@@ -12,6 +12,9 @@ two hosts are the same few lines here.
 
 import time
 
+from ..engine import bindings as B
+from ..engine.devices import using_device
+from ..engine.parallel import check_threads
 from ..engine.progress import Record
 from . import open_endpoint
 
@@ -51,9 +54,6 @@ def transfer(src, dst, *, block_size=4096, threads=None, progress=None, cancel=N
     the side holding the source), ``compress`` (zstd on the wire),
     ``streams`` (a push's records over N more connections), ``window`` and
     ``group`` (the exchange's geometry)."""
-    from ..engine import bindings as B
-    from ..engine.parallel import check_threads
-
     if keep_undo is not None and not isinstance(keep_undo, (list, tuple)):
         keep_undo = [keep_undo]
     B.check_block_size(block_size)
@@ -106,9 +106,5 @@ def _engine_resync(src, dst, *, keep_undo, **options):
 
 def disk_size(disk):
     """The size of what engine_disk() yielded: a path or an open device."""
-    from ..engine.devices import FileDevice
-
-    if hasattr(disk, "size_now"):
-        return disk.size_now()
-    with FileDevice(disk) as dev:
-        return dev.size
+    with using_device(disk) as dev:
+        return dev.size_now()

@@ -15,7 +15,10 @@ import time
 from . import bindings as B
 from . import crashpoints
 from . import journal as J
+from .atomic import create_file
+from .contentid import identity_of
 from .delta import HEADER_SIZE, DeltaHeader
+from .devices import Device, as_device, using_device
 from ..errors import (AlreadyApplied, BaseMismatch, Cancelled, CorruptDelta, DamagedJournal,
                      NothingToRollBack, PydrError, UnfinishedApply, UnsupportedFile)
 from .progress import Record, Throttle
@@ -43,7 +46,7 @@ class Applier:
     def __init__(self, target, *, block_size, base_size, result_size, kind=J.KIND_APPLY,
                  base_id=bytes(16), result_id=bytes(16), resume_same=True, create=False,
                  mode=None):
-        self.given = target if hasattr(target, "apply_write") else None
+        self.given = target if isinstance(target, Device) else None
         self.target = self.given.name if self.given else os.fspath(target)
         self.block_size = block_size
         self.base_size = base_size
@@ -68,15 +71,11 @@ class Applier:
 
     # -- set-up ----------------------------------------------------------------
     def __enter__(self):
-        from .devices import FileDevice
-
         if self.given is None and self.create and not os.path.lexists(self.target):
-            from .atomic import create_file
-
             create_file(self.target, self.mode)
             self.created = True
         try:
-            self.dev = self.given or FileDevice(self.target, write=True)
+            self.dev = as_device(self.given or self.target, write=True)
         except BaseException:
             self._forget_created()
             raise
@@ -362,10 +361,11 @@ def _feed(f, name, header, applier, throttle, cancel):
         batch = memoryview(buf)[:body]
         try:
             applier.apply_batch(batch, bound, count - (1 if end else 0))
-        except CorruptDelta:
+        except CorruptDelta as exc:  # exc.offset: the record's position in the batch
             raise CorruptDelta("corrupt or out-of-order record in the delta", path=name,
-                               offset=position + int(applier.state.error_offset)
-                               if applier.state.error_offset < len(buf) else None) from None
+                               offset=position + exc.offset
+                               if exc.offset is not None and exc.offset < len(buf) else None
+                               ) from None
         except AlreadyApplied as exc:
             raise AlreadyApplied("the target already holds this delta's result", path=applier.target,
                                  offset=exc.offset) from None
@@ -399,37 +399,18 @@ def _check_end(raw, digest, applier, name, offset):
                            offset=offset)
 
 
-def _identity_of(dev, size, block_size):
-    from .delta import identity
-    from .parallel import default_threads
-    from .signatures import Signature, blocks_for
-
-    n = blocks_for(size, block_size)
-    hashes, mask = bytearray(16 * n), bytearray(n)
-    dev.sign(0, size, block_size, B.ALGORITHMS["xxh3-128"], hashes, mask,
-             threads=default_threads(), progress_record=B.Progress(),
-             throttle=Throttle(None, "verify", dev.name, size))
-    return identity(Signature(block_size, size, "xxh3-128", hashes, mask))
-
-
 def holds_result(target, header):
     """Whether `target` (a path or an open device) holds, all of it, the
     image the delta produces."""
-    from .devices import FileDevice
-
-    dev = target if hasattr(target, "sign") else FileDevice(target)
-    try:
+    with using_device(target) as dev:
         size = dev.size_now()
-        return size == header.result_size and _identity_of(
+        return size == header.result_size and identity_of(
             dev, size, header.block_size) == header.result_id
-    finally:
-        if dev is not target:
-            dev.close()
 
 
 def _verify_result(applier, header):
     applier.dev.sync()
-    got = _identity_of(applier.dev, header.result_size, header.block_size)
+    got = identity_of(applier.dev, header.result_size, header.block_size)
     if got != header.result_id:
         raise BaseMismatch("after applying, the target does not equal the delta's result "
                            "(was the base different outside the changed blocks?)",
@@ -443,16 +424,10 @@ def rollback(target):
     if path is None:
         raise NothingToRollBack("no interrupted apply to roll back on this target (no undo journal)",
                                 path=os.fspath(target))
-    from .devices import FileDevice
-
-    dev = target if hasattr(target, "apply_write") else FileDevice(target, write=True)
-    try:
+    with using_device(target, write=True) as dev:
         dev.lock()
         restored = J.rollback(dev, path)
         crashpoints.reached("rollback.restored")
         os.unlink(path)
         J.fsync_dir(path)
-    finally:
-        if dev is not target:
-            dev.close()
     return restored

@@ -5,7 +5,9 @@ Buffers are anything with the buffer protocol (bytearray, memoryview, numpy);
 this module does not import numpy, so the CLI starts fast.
 """
 
+import errno
 import os
+import re
 
 try:
     from .._core import ffi, lib
@@ -18,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on how pydr is run
         "(./scripts/bootstrap, or pip install .) and run from outside the source directory."
     ) from exc
 from .. import errors as E
+from .._version import __version__
 
 # pydr's C codes (csrc/pydr.h) -> exception classes.
 _CODE_CLASSES = {
@@ -29,28 +32,79 @@ _CODE_CLASSES = {
     -1006: E.AlreadyApplied,
     -1008: E.UnsupportedFile,   # built without libnbd
     -1009: E.TrackingLost,      # no such dirty bitmap on the NBD server
+    -1010: E.FormatError,       # an unknown hash algorithm code
 }
 
 
-def raise_for_code(code, *, path=None, offset=None):
+def new_error():
+    """A zeroed ``pydr_error``: the C core's one error channel, which a
+    failing call fills with where it failed (and libnbd's words)."""
+    return ffi.new("pydr_error *")
+
+
+def raise_for_code(code, *, path=None, offset=None, error=None, detail=None):
     """Raise the exception for a C return code; return None when it is 0.
 
     Negative errnos become the matching ``OSError`` subclass (the builtin
     picks it from the errno) with ``filename=path``; pydr's own codes become
-    their :class:`pydr.errors.PydrError` class. This is the only place that
-    does it.
+    their :class:`pydr.errors.PydrError` class. ``error`` is the
+    ``pydr_error`` the failing call filled: its offset says where, its
+    detail (libnbd's message) is added to the message; ``offset`` and
+    ``detail`` are for failures found on this side. This is the only place
+    that turns C codes into exceptions, and the only reader of pydr_error.
     """
     if code == 0:
         return
+    if error is not None:
+        if error.has_offset:
+            offset = int(error.offset)
+        said = ffi.string(error.detail).decode(errors="replace")
+        if said:
+            detail = f"{detail}: {said}" if detail else said
     message = ffi.string(lib.pydr_strerror(code)).decode()
     if -1000 < code < 0:
         if offset is not None:
             message = f"{message} at offset {offset}"
+        if detail and detail not in message:
+            message = f"{message}: {detail}"
         if path is not None:
             raise OSError(-code, message, os.fspath(path))
         raise OSError(-code, message)
+    if detail and detail not in message:
+        message = f"{message}: {detail}"
     cls = _CODE_CLASSES.get(code, E.PydrError)
     raise cls(message, path=path, offset=offset)
+
+
+def version_number(text):
+    """MAJOR * 10000 + MINOR * 100 + PATCH of a "MAJOR.MINOR.PATCH[...]"
+    version, as pydr_version_number() gives it."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", text)
+    if match is None:
+        raise ValueError(f"not a MAJOR.MINOR.PATCH version: {text!r}")
+    major, minor, patch = (int(part) for part in match.groups())
+    return major * 10000 + minor * 100 + patch
+
+
+def core_version():
+    """The version of the compiled core in use, from the library itself
+    (pydr_version_string, as zstd's ZSTD_versionString)."""
+    return ffi.string(lib.pydr_version_string()).decode()
+
+
+def check_core_version(number, text, expected):
+    """ImportError unless the core's version number is that of the Python
+    package (`expected`): a core left over from another build would
+    otherwise run with code that expects another one."""
+    if number != version_number(expected):
+        raise ImportError(
+            f"pydr's compiled core (pydr._core) is version {text} but its Python code is "
+            f"version {expected}: they come from different builds. Reinstall pydr "
+            "(pip install . from one source tree) so that both are built together."
+        )
+
+
+check_core_version(lib.pydr_version_number(), core_version(), __version__)
 
 ALGORITHMS = {"xxh3-64": lib.PYDR_XXH3_64, "xxh3-128": lib.PYDR_XXH3_128}
 ALGORITHM_NAMES = {code: name for name, code in ALGORITHMS.items()}
@@ -69,7 +123,13 @@ def algorithm_code(name):
 
 
 def hash_words(code):
-    return lib.pydr_hash_words(code)
+    """uint64 words per block of a hash algorithm code (1 or 2); FormatError
+    for a code the core does not know."""
+    words = lib.pydr_hash_words(code)
+    if words < 0:
+        raise_for_code(words, detail=f"code {code!r} (pydr knows " + ", ".join(
+            f"{c} = {n}" for n, c in ALGORITHMS.items()) + ")")
+    return words
 
 
 def check_block_size(block_size):
@@ -133,23 +193,34 @@ class Signer:
         flags = 0 if use_mmap else lib.PYDR_SIGN_NO_MMAP
         raise_for_code(lib.pydr_signer_create(out, block_size, code, io_size, flags))
         self._ptr = ffi.gc(out[0], lib.pydr_signer_free)
+        self._error = new_error()
+        self._file = None  # the Device of the last file descriptor signed
         self.block_size = block_size
         self.words = hash_words(code)
 
-    def sign(self, fd, offset, length, hashes, zero_mask, nblocks, progress, path=None):
-        """Hash [offset, offset+length) into ``nblocks`` blocks at the cffi
-        pointers ``hashes`` (uint64_t *) and ``zero_mask`` (uint8_t *), as
-        given by :class:`OutputBuffers`."""
+    def sign(self, device, offset, length, hashes, zero_mask, nblocks, progress, path=None):
+        """Hash [offset, offset+length) of `device` (a :class:`Device`, or a
+        file descriptor) into ``nblocks`` blocks at the cffi pointers
+        ``hashes`` (uint64_t *) and ``zero_mask`` (uint8_t *), as given by
+        :class:`OutputBuffers`."""
+        if not isinstance(device, Device):
+            if self._file is None or self._file.fd != device:
+                if self._file is not None:
+                    self._file.close()
+                self._file = Device.open_fd(device, name=path)
+            device = self._file
         rc = lib.pydr_signer_sign(
-            self._ptr, fd, offset, length, hashes, zero_mask, nblocks,
-            progress._ptr if progress is not None else ffi.NULL,
+            self._ptr, device._ptr, offset, length, hashes, zero_mask, nblocks,
+            progress._ptr if progress is not None else ffi.NULL, self._error,
         )
         if rc:
-            raise_for_code(
-                rc, path=path, offset=lib.pydr_signer_error_offset(self._ptr)
-            )
+            raise_for_code(rc, path=path if path is not None else device.name,
+                           error=self._error)
 
     def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._ptr is not None:
             ffi.release(self._ptr)
             self._ptr = None
@@ -237,11 +308,11 @@ def record_parse(header):
 def records_scan(buf):
     """(complete bytes, records, journal bound, saw END) of whole records at
     the start of buf; raises CorruptDelta with the position of a bad header."""
-    scan = ffi.new("pydr_scan *")
+    scan, error = ffi.new("pydr_scan *"), new_error()
     with ffi.from_buffer("uint8_t[]", buf) as view:
-        rc = lib.pydr_records_scan(view, len(view), scan)
+        rc = lib.pydr_records_scan(view, len(view), scan, error)
     if rc:
-        raise_for_code(rc, offset=scan.error_position)
+        raise_for_code(rc, error=error)
     return scan.complete, scan.records, scan.journal_bound, bool(scan.end)
 
 
@@ -262,28 +333,6 @@ def blocks_digest(data, block_size):
     return int(out[0]), int(out[1])
 
 
-def encode(src_fd, extents, zero, base_hashes, first_seq, out, path=None, block_size=0,
-           payload_hashes=None):
-    """Encode as many extents as fit into `out`; returns (used, done, hash
-    words written to payload_hashes, a writable uint64 buffer, if given)."""
-    used, done, err = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint64_t *")
-    hused = ffi.new("size_t *")
-    n = len(zero)
-    with ffi.from_buffer("uint64_t[]", extents) as e, ffi.from_buffer("uint8_t[]", zero) as z, \
-            ffi.from_buffer("uint64_t[]", base_hashes) as b, \
-            ffi.from_buffer("uint8_t[]", out, require_writable=True) as o:
-        if payload_hashes is None:
-            rc = lib.pydr_encode(src_fd, e, z, b, n, first_seq, o, len(o), used, done, 0,
-                                 ffi.NULL, 0, hused, err)
-        else:
-            with ffi.from_buffer("uint64_t[]", payload_hashes, require_writable=True) as ph:
-                rc = lib.pydr_encode(src_fd, e, z, b, n, first_seq, o, len(o), used, done,
-                                     block_size, ph, len(ph), hused, err)
-    if rc:
-        raise_for_code(rc, path=path, offset=err[0])
-    return used[0], done[0], hused[0]
-
-
 class ApplyState:
     def __init__(self):
         self._ptr = ffi.new("pydr_apply_state *")
@@ -298,27 +347,6 @@ def journal_capacity(journal_bound, records, block_size):
     header per block in the worst case (zero and data blocks alternating)."""
     return journal_bound + records * block_size + RECORD_HEADER * (
         journal_bound // block_size + 2 * records)
-
-
-def apply_prepare(fd, recs, block_size, old_size, new_size, state, scratch, journal, path=None):
-    """Verify a batch and fill `journal` with undo records; returns its length."""
-    used = ffi.new("size_t *")
-    with ffi.from_buffer("uint8_t[]", recs) as r, \
-            ffi.from_buffer("uint8_t[]", scratch, require_writable=True) as s, \
-            ffi.from_buffer("uint8_t[]", journal, require_writable=True) as j:
-        rc = lib.pydr_apply_prepare(fd, r, len(r), block_size, old_size, new_size,
-                                    state._ptr, s, len(s), j, len(j), used)
-    if rc:
-        raise_for_code(rc, path=path, offset=state._ptr.error_offset)
-    return used[0]
-
-
-def apply_write(fd, recs, is_block_device, path=None):
-    err = ffi.new("uint64_t *")
-    with ffi.from_buffer("uint8_t[]", recs) as r:
-        rc = lib.pydr_apply_write(fd, r, len(r), int(is_block_device), err)
-    if rc:
-        raise_for_code(rc, path=path, offset=err[0])
 
 
 def start_writeback(fd):
@@ -346,137 +374,162 @@ class Digest:
         return int(out[0]).to_bytes(8, "little") + int(out[1]).to_bytes(8, "little")
 
 
-# -- NBD exports (csrc/nbd.c) ----------------------------------------------------------
+# -- devices (csrc/device.c, io.c, nbd.c) ---------------------------------------------
 
 NBD_STATE_HOLE, NBD_STATE_ZERO, NBD_DIRTY = (lib.PYDR_NBD_STATE_HOLE, lib.PYDR_NBD_STATE_ZERO,
                                              lib.PYDR_NBD_DIRTY)
+_CAN = {"flush": lib.PYDR_CAN_FLUSH, "zero": lib.PYDR_CAN_ZERO,
+        "multi-conn": lib.PYDR_CAN_MULTI_CONN, "read-only": lib.PYDR_READ_ONLY}
 
 
 def nbd_available():
     return bool(lib.pydr_nbd_available())
 
 
-def _nbd_fail(rc, name, offset=None):
-    """raise_for_code with libnbd's own message, which names the cause."""
-    detail = ffi.string(lib.pydr_nbd_last_error()).decode(errors="replace")
-    try:
-        raise_for_code(rc, path=name, offset=offset)
-    except E.PydrError as exc:
-        if detail and detail not in exc.message:
-            exc.message = f"{exc.message}: {detail}"
-        raise
-    except OSError as exc:
-        if detail:
-            exc.strerror = f"{exc.strerror}: {detail}"
-        raise
+class Device:
+    """One C device (pydr_device): a file or block device open in this
+    process, or one connection to an NBD export. Signing, encoding and
+    applying records take it, whatever its kind. A file device may be used
+    by several threads; an NBD one by one thread at a time."""
 
+    def __init__(self, ptr, name, fd=None):
+        self._ptr = ffi.gc(ptr, lib.pydr_device_free)
+        self.name = name
+        self.fd = fd
+        self.size = None  # an NBD export's, from open_nbd
+        self.bitmap = None
+        self._signer = None  # (block_size, code, Signer) of the last sign()
 
-class NbdHandle:
-    """One connection to an NBD export; use from one thread at a time."""
+    @classmethod
+    def open_fd(cls, fd, *, name=None, is_block=False):
+        """A device over the open descriptor `fd`, which stays the caller's
+        to close (after this device). is_block: zero ranges with
+        BLKZEROOUT rather than by punching holes."""
+        out = ffi.new("pydr_device **")
+        flags = lib.PYDR_DEVICE_BLOCK if is_block else 0
+        raise_for_code(lib.pydr_device_open_fd(out, fd, flags), path=name)
+        return cls(out[0], name, fd)
 
-    def __init__(self, uri, *, name=None, bitmap=None, write=False, extra=False):
-        """extra: one more connection to a server we hold one to already;
-        BlockingIOError (EAGAIN) if the server takes no more clients."""
-        self.name = name or uri
-        out = ffi.new("pydr_nbd **")
+    @classmethod
+    def open_nbd(cls, uri, *, name=None, bitmap=None, write=False, extra=False):
+        """A connection to the NBD export at `uri`. extra: one more
+        connection to a server we hold one to already; BlockingIOError
+        (EAGAIN) if the server takes no more clients."""
+        name = name or uri
+        out, error = ffi.new("pydr_device **"), new_error()
         flags = (lib.PYDR_NBD_WRITE if write else 0) | (lib.PYDR_NBD_EXTRA if extra else 0)
-        rc = lib.pydr_nbd_open(out, uri.encode(), bitmap.encode() if bitmap else ffi.NULL, flags)
-        if rc:
-            _nbd_fail(rc, self.name)
-        self._ptr = ffi.gc(out[0], lib.pydr_nbd_free)
-        self.bitmap = bitmap
-        size = ffi.new("uint64_t *")
-        rc = lib.pydr_nbd_size(self._ptr, size)
-        if rc:
-            _nbd_fail(rc, self.name)
-        self.size = int(size[0])
+        rc = lib.pydr_device_open_nbd(out, uri.encode(), bitmap.encode() if bitmap else ffi.NULL,
+                                      flags, error)
+        raise_for_code(rc, path=name, error=error)
+        device = cls(out[0], name)
+        device.bitmap = bitmap
+        device.size = device.size_now()
+        return device
+
+    def size_now(self):
+        size, error = ffi.new("uint64_t *"), new_error()
+        raise_for_code(lib.pydr_device_size(self._ptr, size, error), path=self.name, error=error)
+        return int(size[0])
 
     def can(self, what):
-        return bool(lib.pydr_nbd_can(self._ptr, {"flush": lib.PYDR_NBD_CAN_FLUSH,
-                                                 "zero": lib.PYDR_NBD_CAN_ZERO,
-                                                 "multi-conn": lib.PYDR_NBD_CAN_MULTI_CONN,
-                                                 "read-only": lib.PYDR_NBD_READ_ONLY}[what]))
+        """One of "flush", "zero", "multi-conn", "read-only"."""
+        return bool(lib.pydr_device_can(self._ptr, _CAN[what]))
 
     def extents(self, offset, length, *, dirty=False):
         """[(offset, length, flags)] of base:allocation, or of the dirty
-        bitmap with `dirty`, covering [offset, offset + length)."""
+        bitmap with `dirty`, covering [offset, offset + length) (NBD)."""
         cap = 4096
         out = ffi.new("uint64_t[]", 3 * cap)
-        count, reached = ffi.new("size_t *"), ffi.new("uint64_t *")
+        count, reached, error = ffi.new("size_t *"), ffi.new("uint64_t *"), new_error()
         bitmap = self.bitmap.encode() if (dirty and self.bitmap) else ffi.NULL
         result, pos, end = [], offset, offset + length
         while pos < end:
-            rc = lib.pydr_nbd_extents(self._ptr, 1 if dirty else 0, bitmap, pos, end - pos, out,
-                                      cap, count, reached)
-            if rc:
-                _nbd_fail(rc, self.name, pos)
+            rc = lib.pydr_device_extents(self._ptr, 1 if dirty else 0, bitmap, pos, end - pos,
+                                         out, cap, count, reached, error)
+            raise_for_code(rc, path=self.name, error=error)
             result += [(int(out[3 * i]), int(out[3 * i + 1]), int(out[3 * i + 2]))
                        for i in range(count[0])]
-            if reached[0] <= pos:
-                raise OSError(5, "the NBD server answered block status with nothing", self.name)
+            if reached[0] <= pos:  # the core refuses this already; never spin
+                raise_for_code(-errno.EIO, path=self.name, offset=pos,
+                               detail="the NBD server answered block status with nothing")
             pos = int(reached[0])
         return result
 
     def sign(self, offset, length, block_size, code, hashes, zero_mask, nblocks, progress):
-        """pydr_nbd_sign into the cffi pointers hashes / zero_mask."""
-        err = ffi.new("uint64_t *")
-        rc = lib.pydr_nbd_sign(self._ptr, offset, length, block_size, code, hashes, zero_mask,
-                               nblocks, progress._ptr if progress is not None else ffi.NULL, err)
-        if rc:
-            _nbd_fail(rc, self.name, int(err[0]))
+        """pydr_signer_sign of this device into the cffi pointers hashes /
+        zero_mask, with a signer kept for the next call."""
+        if self._signer is None or self._signer[:2] != (block_size, code):
+            if self._signer is not None:
+                self._signer[2].close()
+            self._signer = (block_size, code, Signer(block_size, code))
+        self._signer[2].sign(self, offset, length, hashes, zero_mask, nblocks, progress,
+                             self.name)
 
     def pread(self, length, offset):
-        buf = bytearray(length)
-        err = ffi.new("uint64_t *")
-        rc = lib.pydr_nbd_pread(self._ptr, ffi.from_buffer(buf), length, offset, err)
-        if rc:
-            _nbd_fail(rc, self.name, int(err[0]))
+        buf, error = bytearray(length), new_error()
+        rc = lib.pydr_device_pread(self._ptr, ffi.from_buffer(buf), length, offset, error)
+        raise_for_code(rc, path=self.name, error=error)
         return bytes(buf)
 
+    def pwrite(self, data, offset):
+        error = new_error()
+        with ffi.from_buffer("uint8_t[]", data) as view:
+            rc = lib.pydr_device_pwrite(self._ptr, view, len(view), offset, error)
+        raise_for_code(rc, path=self.name, error=error)
+
     def flush(self):
-        rc = lib.pydr_nbd_flush(self._ptr)
-        if rc:
-            _nbd_fail(rc, self.name)
+        error = new_error()
+        raise_for_code(lib.pydr_device_flush(self._ptr, error), path=self.name, error=error)
 
     def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
                payload_hashes=None):
-        """pydr_nbd_encode; the same contract as encode()."""
-        used, done, err = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("uint64_t *")
-        hused = ffi.new("size_t *")
+        """Encode as many extents as fit into `out`; returns (used, done,
+        hash words written to payload_hashes, a writable uint64 buffer, if
+        given)."""
+        used, done, hused = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("size_t *")
+        error = new_error()
         n = len(zero)
         with ffi.from_buffer("uint64_t[]", extents) as e, ffi.from_buffer("uint8_t[]", zero) as z, \
                 ffi.from_buffer("uint64_t[]", base_hashes) as b, \
                 ffi.from_buffer("uint8_t[]", out, require_writable=True) as o:
             if payload_hashes is None:
-                rc = lib.pydr_nbd_encode(self._ptr, e, z, b, n, first_seq, o, len(o), used, done,
-                                         0, ffi.NULL, 0, hused, err)
+                rc = lib.pydr_encode(self._ptr, e, z, b, n, first_seq, o, len(o), used, done, 0,
+                                     ffi.NULL, 0, hused, error)
             else:
                 with ffi.from_buffer("uint64_t[]", payload_hashes, require_writable=True) as ph:
-                    rc = lib.pydr_nbd_encode(self._ptr, e, z, b, n, first_seq, o, len(o), used,
-                                             done, block_size, ph, len(ph), hused, err)
-        if rc:
-            _nbd_fail(rc, self.name, int(err[0]))
+                    rc = lib.pydr_encode(self._ptr, e, z, b, n, first_seq, o, len(o), used,
+                                         done, block_size, ph, len(ph), hused, error)
+        raise_for_code(rc, path=self.name, error=error)
         return used[0], done[0], hused[0]
 
     def apply_prepare(self, recs, block_size, old_size, new_size, state, scratch, journal):
-        used = ffi.new("size_t *")
+        """Verify a batch and fill `journal` with undo records; returns its
+        length. CorruptDelta's offset is the bad record's position in recs."""
+        used, error = ffi.new("size_t *"), new_error()
         with ffi.from_buffer("uint8_t[]", recs) as r, \
                 ffi.from_buffer("uint8_t[]", scratch, require_writable=True) as s, \
                 ffi.from_buffer("uint8_t[]", journal, require_writable=True) as j:
-            rc = lib.pydr_nbd_apply_prepare(self._ptr, r, len(r), block_size, old_size,
-                                            new_size, state._ptr, s, len(s), j, len(j), used)
-        if rc:
-            _nbd_fail(rc, self.name, int(state._ptr.error_offset))
+            rc = lib.pydr_apply_prepare(self._ptr, r, len(r), block_size, old_size, new_size,
+                                        state._ptr, s, len(s), j, len(j), used, error)
+        raise_for_code(rc, path=self.name, error=error)
         return used[0]
 
     def apply_write(self, recs):
-        err = ffi.new("uint64_t *")
+        error = new_error()
         with ffi.from_buffer("uint8_t[]", recs) as r:
-            rc = lib.pydr_nbd_apply_write(self._ptr, r, len(r), err)
-        if rc:
-            _nbd_fail(rc, self.name, int(err[0]))
+            rc = lib.pydr_apply_write(self._ptr, r, len(r), error)
+        raise_for_code(rc, path=self.name, error=error)
 
     def close(self):
+        if self._signer is not None:
+            self._signer[2].close()
+            self._signer = None
         if self._ptr is not None:
             ffi.release(self._ptr)
             self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -5,7 +5,11 @@ so it costs O(1) in time and space whatever the file's size."""
 
 import contextlib
 import errno
+import fcntl
 import os
+
+from .atomic import copy_mode
+from .devices import open_disk
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
@@ -19,11 +23,6 @@ def clone_file(src, dst):
     with its permission bits (pydr.engine.atomic.copy_mode: never wider).
     Returns True, or False where the file systems cannot clone (then `dst`
     does not exist). Other errors (a full disk, an I/O error) raise."""
-    import fcntl
-
-    from .atomic import copy_mode
-    from .devices import open_disk
-
     fd_src = open_disk(src)
     try:
         fd_dst = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -13,8 +13,12 @@ import sys
 import time
 
 from . import bindings as B
+from .atomic import atomic_write
+from .contentid import identity
+from .devices import Device, using_device
 from ..errors import CorruptDelta, IncompatibleSignatures, SameFile
 from .progress import Record
+from .signatures import Signature, signature
 
 MAGIC = b"PYDRDLT\x00"
 VERSION = 1
@@ -61,16 +65,6 @@ class DeltaHeader(Record):
         if flags or base > 1 << 62 or result > 1 << 62:
             raise CorruptDelta("inconsistent delta header", path=path, offset=10)
         return cls(bs, base, result, base_id, result_id)
-
-
-def identity(sig):
-    """16 bytes naming an image's content: xxh3-128 over its size and its
-    xxh3-128 block hashes (little-endian) at the signature's block size."""
-    if sig.algorithm != "xxh3-128":
-        raise IncompatibleSignatures("deltas need xxh3-128 signatures")
-    d = B.Digest().update(struct.pack("<Q", sig.size))
-    d.update(sig.hashes.astype("<u8", copy=False))
-    return d.digest()
 
 
 class DeltaStats(Record):
@@ -178,15 +172,12 @@ def make_delta(source, out, *, against=None, target=None, block_size=DEFAULT_DEL
     file; its block size is used) or as an image (`target`: signed here).
     `out` is a path, "-" for stdout, or a binary file object. Returns
     DeltaStats."""
-    from .atomic import atomic_write
-    from .devices import FileDevice
-    from .signatures import Signature, signature
-
     if (against is None) == (target is None):
         raise ValueError("give exactly one of against= (a signature) or target= (an image)")
     start = time.monotonic()
     if target is not None:
-        if not hasattr(source, "sign") and os.path.exists(target) and os.path.exists(source) \
+        if not isinstance(source, Device) and not isinstance(target, Device) \
+                and os.path.exists(target) and os.path.exists(source) \
                 and os.path.samefile(source, target):
             raise SameFile("source and target are the same file", path=os.fspath(target))
         base = signature(target, block_size=block_size, threads=threads, cancel=cancel)
@@ -212,11 +203,8 @@ def make_delta(source, out, *, against=None, target=None, block_size=DEFAULT_DEL
             total[0] += len(chunk)
 
         emit(header.pack())
-        if hasattr(source, "sign"):  # an open device (an NBD export)
-            records, data, zeros = write_records(source, extents, zero, base_digests, emit)
-        else:
-            with FileDevice(source) as dev:
-                records, data, zeros = write_records(dev, extents, zero, base_digests, emit)
+        with using_device(source) as dev:
+            records, data, zeros = write_records(dev, extents, zero, base_digests, emit)
         low, high = struct.unpack("<QQ", digest.digest())
         f.write(B.record_build(B.END, offset=zeros, length=data, base_hash=(low, high),
                                seq=records))

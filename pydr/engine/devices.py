@@ -4,34 +4,39 @@ through libnbd). Signing, encoding records, the journaled apply, rollback
 and resync take a device; each kind does the work its own way (mmap windows
 and SEEK_DATA for files; block status and reads in flight for NBD).
 
-A device has: name (for messages), size, resizable, journal_path (where
-the undo journal of an apply to it lives), lock(), sign(), encode(),
-apply_prepare(), apply_write(), pread(), truncate(), sync(), writeback(),
-cache_trusted(mtime) (may a signature cache of it be used), close().
+A device (a Device) has: name (for messages), size, resizable, journal_path
+(where the undo journal of an apply to it lives: pydr.engine.names), lock(),
+sign(), encode(), apply_prepare(), apply_write(), pread(), truncate(),
+sync(), writeback(), cache_trusted(mtime) (may a signature cache of it be
+used), close(). Whatever takes "a path or an open device" turns it into a
+device with as_device() (or using_device()).
+
+This module is the bottom of the engine's own modules: it imports none of
+the modules that take a device (signatures, journal, apply, resync).
 """
 
+import contextlib
 import errno
 import fcntl
 import os
-import re
 import stat
+import threading
 
 from ..errors import Cancelled, UnfinishedApply, UnsupportedFile
 from . import bindings as B
+from . import names
+from .atomic import copy_mode
 from .oserrors import naming
+from .parallel import run_chunks, start_all, wait_all
 
-JOURNAL_DIR = "/var/lib/pydr/journal"
 SIGN_WINDOW = 256 << 20  # an NBD export is signed this much at a time
 # connections that sign one export side by side where the server offers
 # multi-conn. Each costs a server thread and a client thread: on 2 cores one
 # connection was fastest (2.6 s for 4 GiB against 3.1 s with two or four)
 NBD_CONNECTIONS = max(1, min(4, (os.cpu_count() or 1) // 2))
-
-
-def journal_dir():
-    """Where journals of disks without a directory of their own live
-    (block devices, NBD exports): $PYDR_JOURNAL_DIR or /var/lib/pydr/journal."""
-    return os.environ.get("PYDR_JOURNAL_DIR") or JOURNAL_DIR
+# Each thread signing a file takes chunks of this many bytes (rounded to
+# whole blocks).
+CHUNK_BYTES = 64 * 1024 * 1024
 
 
 def kind_of(mode):
@@ -80,8 +85,6 @@ def open_disk(path, flags=os.O_RDONLY):
 def disk_mode(device):
     """The permission bits a copy of `device` gets (pydr.engine.atomic.
     copy_mode): a file's or block device's own, PRIVATE for an NBD export."""
-    from .atomic import copy_mode
-
     fd = getattr(device, "fd", None)
     return copy_mode(os.fstat(fd).st_mode if fd is not None else None)
 
@@ -92,7 +95,72 @@ def check_disk(path):
     os.close(open_disk(path))
 
 
-class FileDevice:
+def blocks_for(size, block_size):
+    """How many blocks of `block_size` bytes cover `size` bytes."""
+    return (size + block_size - 1) // block_size
+
+
+def sign_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
+               threads, progress_record, throttle, cancel=None, use_mmap=True,
+               final_report=True):
+    """Sign [offset, offset+length) of an open file into caller buffers
+    (``hashes``: blocks * words uint64, ``zero_mask``: one byte per block),
+    on ``threads`` threads. offset is block aligned; the range may end on a
+    short block only at the end of the file. Returns the threads used."""
+    n = blocks_for(length, block_size)
+    words = B.hash_words(code)
+    per_chunk = max(1, CHUNK_BYTES // block_size)
+    nchunks = (n + per_chunk - 1) // per_chunk
+    end = offset + length
+
+    def do_chunk(signer, i):
+        b0 = i * per_chunk
+        b1 = min(n, b0 + per_chunk)
+        start = offset + b0 * block_size
+        h, z = out.at(b0)
+        signer.sign(fd, start, min(end, offset + b1 * block_size) - start, h, z, b1 - b0,
+                    progress_record, path)
+
+    used = max(1, min(threads, nchunks))
+    with B.OutputBuffers(hashes, zero_mask, words) as out:
+        run_chunks(nchunks, used, lambda: B.Signer(block_size, code, use_mmap=use_mmap),
+                   do_chunk, progress_record, throttle, cancel, final_report)
+    return used
+
+
+class Device:
+    """What the engine reads and writes: see the module's docstring for
+    what each kind has. A with block closes it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def as_device(disk, *, write=False):
+    """The device `disk` is: an open device (a Device) as it is; a path (a
+    regular file or a block device) opened here as a FileDevice (for
+    writing with `write`), which the caller closes."""
+    if isinstance(disk, Device):
+        return disk
+    return FileDevice(disk, write=write)
+
+
+@contextlib.contextmanager
+def using_device(disk, *, write=False):
+    """as_device(disk) for a with block: a device opened here is closed at
+    its end; a device given stays open (its owner closes it)."""
+    device = as_device(disk, write=write)
+    try:
+        yield device
+    finally:
+        if device is not disk:
+            device.close()
+
+
+class FileDevice(Device):
     """A regular file or block device, open in this process."""
 
     def __init__(self, path, *, write=False, fd=None, is_block=None):
@@ -100,20 +168,20 @@ class FileDevice:
         self.owned = fd is None
         self.fd = open_disk(self.name, os.O_RDWR if write else os.O_RDONLY) \
             if fd is None else fd
+        self.core = None
         try:
             size, blk = B.fd_size(self.fd, self.name)
+            self.size = size
+            self.is_block = blk if is_block is None else is_block
+            self.core = B.Device.open_fd(self.fd, name=self.name, is_block=self.is_block)
         except BaseException:
             self.close()
             raise
-        self.size = size
-        self.is_block = blk if is_block is None else is_block
         self.resizable = not self.is_block
 
     @property
     def journal_path(self):
-        from .journal import journal_path
-
-        return journal_path(self.name)
+        return names.journal(self.name)
 
     def lock(self):
         try:
@@ -127,8 +195,6 @@ class FileDevice:
 
     def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
              progress_record, throttle, cancel=None, use_mmap=True, final_report=True):
-        from .signatures import sign_range
-
         return sign_range(self.fd, self.name, offset, length, block_size, code, hashes,
                           zero_mask, threads=threads, progress_record=progress_record,
                           throttle=throttle, cancel=cancel, use_mmap=use_mmap,
@@ -136,15 +202,15 @@ class FileDevice:
 
     def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
                payload_hashes=None):
-        return B.encode(self.fd, extents, zero, base_hashes, first_seq, out, path=self.name,
-                        block_size=block_size, payload_hashes=payload_hashes)
+        return self.core.encode(extents, zero, base_hashes, first_seq, out, block_size,
+                                payload_hashes)
 
     def apply_prepare(self, recs, block_size, old_size, new_size, state, scratch, journal):
-        return B.apply_prepare(self.fd, recs, block_size, old_size, new_size, state, scratch,
-                               journal, path=self.name)
+        return self.core.apply_prepare(recs, block_size, old_size, new_size, state, scratch,
+                                       journal)
 
     def apply_write(self, recs):
-        B.apply_write(self.fd, recs, self.is_block, path=self.name)
+        self.core.apply_write(recs)
 
     def pread(self, length, offset):
         return os.pread(self.fd, length, offset)
@@ -167,21 +233,18 @@ class FileDevice:
         return self.is_block or cache_mtime_ns >= os.fstat(self.fd).st_mtime_ns
 
     def close(self):
+        if self.core is not None:
+            self.core.close()
+            self.core = None
         if self.owned and self.fd is not None:
             os.close(self.fd)
         self.fd = None
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class NbdDevice:
+class NbdDevice(Device):
     """An NBD export, through libnbd (one connection): a disk of fixed size.
     ``bitmap``: a QEMU dirty bitmap exported with it (changed-block
-    tracking). Its undo journal and lock live in journal_dir()."""
+    tracking). Its undo journal and lock live in names.journal_dir()."""
 
     resizable = False
     is_block = True
@@ -190,7 +253,7 @@ class NbdDevice:
         self.lock_path = lock
         self.uri = uri
         self.name = name or uri
-        self.handle = B.NbdHandle(uri, name=self.name, bitmap=bitmap, write=write)
+        self.handle = B.Device.open_nbd(uri, name=self.name, bitmap=bitmap, write=write)
         self.size = self.handle.size
         self.bitmap = bitmap
         self._journal = journal
@@ -206,8 +269,7 @@ class NbdDevice:
     @staticmethod
     def journal_for(name):
         """Where the undo journal of an export named `name` lives."""
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
-        return os.path.join(journal_dir(), safe + ".pydr-undo")
+        return names.export_journal(name)
 
     def lock(self):
         """Exclusive writer: a lock file in the journal directory, or the
@@ -231,10 +293,6 @@ class NbdDevice:
         Each connection keeps several reads in flight; where the server
         offers multi-conn, up to NBD_CONNECTIONS sign windows side by side.
         `threads` is not used."""
-        import threading
-
-        from .signatures import blocks_for
-
         step = max(block_size, SIGN_WINDOW // block_size * block_size)
         windows = [(w0, min(length, w0 + step)) for w0 in range(0, length, step)]
         handles = self._readers(min(NBD_CONNECTIONS, len(windows)))
@@ -263,8 +321,6 @@ class NbdDevice:
             if len(handles) == 1:
                 work(handles[0])
             else:
-                from .parallel import start_all, wait_all
-
                 done = [threading.Event() for _ in handles]
 
                 def run(k):
@@ -305,7 +361,7 @@ class NbdDevice:
             return [self.handle]
         while not self._extra_full and len(self._extra) < count - 1:
             try:
-                self._extra.append(B.NbdHandle(self.uri, name=self.name, extra=True))
+                self._extra.append(B.Device.open_nbd(self.uri, name=self.name, extra=True))
             except BlockingIOError:  # at its client limit: sign with what we have
                 self._extra_full = True
         return [self.handle] + self._extra[:count - 1]
@@ -350,9 +406,3 @@ class NbdDevice:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

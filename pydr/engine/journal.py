@@ -23,7 +23,6 @@ which is what recovery points will be built from.
 import contextlib
 import errno
 import os
-import stat
 import struct
 
 from . import bindings as B
@@ -31,6 +30,8 @@ from . import keepnote
 from . import names
 from . import crashpoints
 from .atomic import check_own_file, check_safe_dir, fsync_dir
+from .contentid import identity_of
+from .devices import FileDevice
 from .oserrors import NamedFile, naming
 from .torntail import batch_journal_limit, check_torn_tail  # noqa: F401 (re-exported)
 from ..errors import CorruptDelta, DamagedJournal, UnfinishedApply
@@ -46,17 +47,9 @@ COMMIT_SIZE = B.RECORD_HEADER  # the record that ends a committed journal
 
 
 def journal_path(target):
-    """Where the undo journal of `target` lives."""
-    target = os.path.realpath(os.fspath(target))
-    try:
-        is_block = stat.S_ISBLK(os.stat(target).st_mode)
-    except OSError:
-        is_block = False
-    directory = os.environ.get("PYDR_JOURNAL_DIR")
-    if is_block or directory:
-        directory = directory or "/var/lib/pydr/journal"
-        return os.path.join(directory, target.strip("/").replace("/", "_") + ".pydr-undo")
-    return names.beside(target, names.UNDO)
+    """Where the undo journal of the disk at the path `target` lives (see
+    pydr.engine.names.journal, the one place that says)."""
+    return names.journal(target)
 
 
 def pack_header(kind, block_size, old_size, new_size, base_id=bytes(16), result_id=bytes(16)):
@@ -285,8 +278,6 @@ def _clip(data, old_size):
 
 def rollback_fd(fd, path, target, is_block_device, *, step=False):
     """rollback() onto an open file descriptor."""
-    from .devices import FileDevice
-
     return rollback(FileDevice(target, fd=fd, is_block=is_block_device), path, step=step)
 
 
@@ -349,10 +340,8 @@ def _check_base_restored(dev, found, path):
     A mismatch raises DamagedJournal; the journal stays. (Not after every
     rollback: an apply stopped because the target was not its base rolls
     back to what the target held, which is not base_id.)"""
-    from .apply import _identity_of
-
     header = found.header
-    if _identity_of(dev, header["old_size"], header["block_size"]) != header["base_id"]:
+    if identity_of(dev, header["old_size"], header["block_size"]) != header["base_id"]:
         raise DamagedJournal("undo journal is damaged: it ends in a record that fails its "
                              "checks, and the target rolled back without it is not the image "
                              "the apply started from", path=path, offset=found.end)

@@ -18,6 +18,7 @@ import errno
 import os
 import stat
 
+from . import beneath
 from . import names
 from .atomic import atomic_write, fsync_dir
 from ..errors import FormatError, InvalidState
@@ -90,8 +91,6 @@ def destination(note, target_name, allowed=(), holds_step=None):
     parts = rel.split("/")
     if len(parts) == 2 and parts[0] == steps and parts[1].endswith(".undo") \
             and parts[1] != ".undo" and "\n" not in rel and "\x00" not in rel:
-        from . import beneath
-
         if allowed and holds_step is not None:
             _check_order(note, text, [_is_beside(a, steps, parts[1]) for a in allowed],
                          allowed, holds_step)

@@ -14,6 +14,7 @@ from . import crashpoints
 from . import journal as J
 from . import names
 from .atomic import check_safe_dir, fsync_dir
+from .clone import clone_file
 from .oserrors import naming
 from .resync import resync
 
@@ -39,8 +40,6 @@ def materialize_file(source, steps, dest, threads=None, *, method="auto", progre
     It is made beside `dest` (.NAME.pydr-new) and renamed over it when
     whole, so `dest` is only ever the old file or the point; a half-made one
     is removed on an error, and replaced by the next run after a kill."""
-    from .clone import clone_file
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     if os.path.exists(dest) and os.path.samefile(dest, source):

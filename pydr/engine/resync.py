@@ -16,13 +16,14 @@ import time
 from . import bindings as B
 from . import crashpoints
 from . import journal as J
-from .devices import disk_mode
+from .devices import Device, FileDevice, as_device, blocks_for, disk_mode, sign_range
 from .parallel import check_threads
 from .apply import Applier
 from .delta import BATCH_BYTES, changed_extents as extents_between, encode_buffer, write_records
-from ..errors import BaseMismatch, SameFile
+from ..errors import BaseMismatch, DamagedJournal, SameFile
 from .progress import Record, Throttle
-from .signatures import Signature, blocks_for
+from .signatures import Signature
+from .sigstream import SignatureReader, SignatureWriter
 
 DEFAULT_RESYNC_BLOCK = 4096
 WINDOW = 256 << 20
@@ -42,8 +43,6 @@ def _open_cache(cache, dst, dst_size, block_size):
     be trusted, else None: it must be newer than the target, which a block
     device cannot tell (it is trusted), and an NBD export neither (it is not:
     the target is read)."""
-    from .sigstream import SignatureReader
-
     if cache is None or not os.path.exists(cache):
         return None
     try:
@@ -68,12 +67,8 @@ def check_no_lost_records(applier, cache, block_size, threads):
     the same geometry; without one nothing is checked."""
     import numpy as np
 
-    from .signatures import sign_range
-    from .sigstream import SignatureReader
-    from ..errors import DamagedJournal
-
     dev, journal = applier.dev, applier.resumed
-    if getattr(dev, "fd", None) is None or hasattr(dev, "handle"):
+    if not isinstance(dev, FileDevice) or dev.fd is None:
         return  # an NBD export: its blocks are read by the resync anyway
     try:
         reader = SignatureReader(cache)
@@ -172,17 +167,15 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     """
     import numpy as np
 
-    from .devices import FileDevice
-
     start = time.monotonic()
     B.check_block_size(block_size)
     threads = check_threads(threads)
     code = B.ALGORITHMS["xxh3-128"]
-    if not hasattr(src, "sign") and not hasattr(dst, "sign") and os.path.exists(dst) \
+    if not isinstance(src, Device) and not isinstance(dst, Device) and os.path.exists(dst) \
             and os.path.samefile(src, dst):
         raise SameFile("source and target are the same file", path=os.fspath(dst))
     J.check_no_unfinished_apply(src)
-    source = src if hasattr(src, "sign") else FileDevice(src)
+    source = as_device(src)
     writer = cached = None
     try:
         src_size = source.size_now()
@@ -200,8 +193,6 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(signature_cache)
             elif signature_cache is not None:
-                from .sigstream import SignatureWriter
-
                 writer = SignatureWriter(signature_cache, block_size, src_size)
             if changed_extents is not None:
                 spans = _coalesce(changed_extents, block_size, src_size)

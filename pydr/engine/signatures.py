@@ -12,7 +12,9 @@ import time
 
 from . import bindings as B
 from .atomic import atomic_write
-from .parallel import check_threads, run_chunks
+# CHUNK_BYTES and sign_range are re-exported (pydr.dr.scrub signs ranges of a replica)
+from .devices import CHUNK_BYTES, blocks_for, sign_range, using_device  # noqa: F401
+from .parallel import check_threads
 from ..errors import FormatError, IncompatibleSignatures
 from .progress import Record, Throttle
 
@@ -21,9 +23,6 @@ from .progress import Record, Throttle
 #: more and a 16x larger hash array. Resync refines to 4 KiB inside changes.
 DEFAULT_BLOCK_SIZE = 64 * 1024
 DEFAULT_ALGORITHM = "xxh3-128"
-
-# Each thread takes chunks of this many bytes (rounded to whole blocks).
-CHUNK_BYTES = 64 * 1024 * 1024
 
 MAGIC = b"PYDRSIG\x00"
 TRAILER_MAGIC = b"PYDREND\x00"
@@ -293,10 +292,6 @@ class Signature:
         return cls(info["block_size"], info["size"], info["algorithm"], hashes, zero_mask)
 
 
-def blocks_for(size, block_size):
-    return (size + block_size - 1) // block_size
-
-
 def parse_header(header, path):
     """Validate a signature header; returns its fields as a dict."""
     if len(header) < 8 or header[:8] != MAGIC:
@@ -329,34 +324,6 @@ def parse_header(header, path):
     }
 
 
-def sign_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
-               threads, progress_record, throttle, cancel=None, use_mmap=True,
-               final_report=True):
-    """Sign [offset, offset+length) of an open file into caller buffers
-    (``hashes``: blocks * words uint64, ``zero_mask``: one byte per block),
-    on ``threads`` threads. offset is block aligned; the range may end on a
-    short block only at the end of the file. Returns the threads used."""
-    n = blocks_for(length, block_size)
-    words = B.hash_words(code)
-    per_chunk = max(1, CHUNK_BYTES // block_size)
-    nchunks = (n + per_chunk - 1) // per_chunk
-    end = offset + length
-
-    def do_chunk(signer, i):
-        b0 = i * per_chunk
-        b1 = min(n, b0 + per_chunk)
-        start = offset + b0 * block_size
-        h, z = out.at(b0)
-        signer.sign(fd, start, min(end, offset + b1 * block_size) - start, h, z, b1 - b0,
-                    progress_record, path)
-
-    used = max(1, min(threads, nchunks))
-    with B.OutputBuffers(hashes, zero_mask, words) as out:
-        run_chunks(nchunks, used, lambda: B.Signer(block_size, code, use_mmap=use_mmap),
-                   do_chunk, progress_record, throttle, cancel, final_report)
-    return used
-
-
 def signature(path, *, block_size=DEFAULT_BLOCK_SIZE, algorithm=DEFAULT_ALGORITHM,
               threads=None, progress=None, cancel=None, use_mmap=True):
     """Compute the block signature of a file or block device (or of an open
@@ -370,31 +337,23 @@ def signature(path, *, block_size=DEFAULT_BLOCK_SIZE, algorithm=DEFAULT_ALGORITH
     reads with pread() instead of hashing from mmap windows. Refuses a target
     with an unfinished apply (:class:`pydr.errors.UnfinishedApply`).
     """
-    from .devices import open_disk
-    from .journal import check_no_unfinished_apply
+    from .journal import check_no_unfinished_apply  # not loaded by `import pydr`
 
     code = B.algorithm_code(algorithm)
     B.check_block_size(block_size)
     threads = check_threads(threads)
     check_no_unfinished_apply(path)
     start = time.monotonic()
-    device = path if hasattr(path, "sign") else None  # an open device: an NBD export
-    fd = open_disk(path) if device is None else None
-    try:
-        size = B.fd_size(fd, path)[0] if device is None else device.size_now()
-        name = path if device is None else device.name
+    with using_device(path) as device:
+        size = device.size_now()
         n = blocks_for(size, block_size)
         hashes = bytearray(n * B.hash_words(code) * 8)  # native endian, like the C core
         zero_mask = bytearray(n)
         shared = B.Progress()
-        throttle = Throttle(progress, "signature", name, size)
-        sign = device.sign if device is not None else (
-            lambda *a, **k: sign_range(fd, path, *a, **k))
-        used = sign(0, size, block_size, code, hashes, zero_mask, threads=threads,
-                    progress_record=shared, throttle=throttle, cancel=cancel, use_mmap=use_mmap)
+        throttle = Throttle(progress, "signature", device.name, size)
+        used = device.sign(0, size, block_size, code, hashes, zero_mask, threads=threads,
+                           progress_record=shared, throttle=throttle, cancel=cancel,
+                           use_mmap=use_mmap)
         bytes_read = shared.read
-    finally:
-        if fd is not None:
-            os.close(fd)
     stats = SignStats(bytes_read, size - bytes_read, time.monotonic() - start, used, B.kernel_name())
     return Signature(block_size, size, algorithm, hashes, zero_mask, stats)

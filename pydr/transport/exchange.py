@@ -21,7 +21,8 @@ import numpy as np
 from ..engine import bindings as B
 from . import protocol as P
 from ..engine.delta import write_records
-from ..engine.signatures import Signature, blocks_for
+from ..engine.devices import blocks_for
+from ..engine.signatures import Signature
 from ..engine.resync import compare_window
 
 WINDOW = 64 << 20       # image bytes per COARSE/FINE exchange

@@ -10,8 +10,10 @@ import os
 from ..engine import crashpoints, names
 from ..engine import journal as J
 from ..engine.atomic import copy_mode, create_file, fsync_dir
+from ..engine.devices import NbdDevice
+from ..engine.restore import check_steps, install, remove_leftovers
 from ..errors import InvalidState, UnsupportedFile
-from .qemu import QemuError, QemuNbd, image_info, qemu_img, tool
+from .qemu import QemuError, QemuNbd, detect_format, image_info, qemu_img, tool
 
 # 64 KiB clusters of 32 subclusters (extended L2): a 4 KiB change allocates
 # 4 KiB, not a whole cluster copied from the backing file
@@ -23,9 +25,6 @@ def materialize_overlay(backing, steps, dest):
     with the undo journals `steps` rolled back, newest first; the steps are
     written into the overlay through qemu-nbd. Made beside `dest`
     (.NAME.pydr-new) and renamed over it when whole. Returns "qcow2"."""
-    from ..engine.devices import NbdDevice
-    from ..engine.restore import check_steps, install, remove_leftovers
-
     tool("qemu-img")
     tool("qemu-nbd")
     backing = os.path.abspath(backing)
@@ -65,8 +64,6 @@ def materialize_overlay(backing, steps, dest):
 def backing_of(path):
     """The absolute backing file of a qcow2 image, or None (not a qcow2
     image, or none)."""
-    from .qemu import detect_format
-
     if detect_format(path) != "qcow2":
         return None
     info = image_info(path, "qcow2")

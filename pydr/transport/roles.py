@@ -22,7 +22,7 @@ from ..engine import bindings as B
 from ..engine import journal as J
 from ..engine.apply import Applier
 from ..engine.progress import Record, Throttle
-from ..engine.devices import disk_mode
+from ..engine.devices import as_device, disk_mode
 from . import exchange as X
 from . import protocol as P
 
@@ -45,10 +45,8 @@ class LocalSource:
 
     def __init__(self, disk, *, block_size, threads, progress=None, window=X.WINDOW,
                  group=X.GROUP, lookahead=X.LOOKAHEAD):
-        from ..engine.devices import FileDevice
-
         J.check_no_unfinished_apply(disk)
-        self.dev = disk if hasattr(disk, "sign") else FileDevice(disk)
+        self.dev = as_device(disk)
         self.owned = self.dev is not disk
         self.path = self.dev.name
         self.size = self.dev.size_now()

@@ -22,10 +22,13 @@ from ..engine import crashpoints
 from ..engine import journal as J
 from ..engine import beneath
 from ..engine import names
-from ..engine.atomic import fsync_dir
+from .._version import __version__
+from ..engine.atomic import atomic_write, fsync_dir
+from ..engine.devices import blocks_for, sign_range
+from ..engine.identity import file_identity
 from ..errors import UnsupportedFile
 from .places import DRILL_MARKER, Scope, drill_listing, drill_name_ok, open_drill_dir, parent_rel
-from ..engine.signatures import blocks_for, sign_range
+from ..engine.signatures import Signature
 from ..engine.progress import Throttle
 from ..engine.parallel import default_threads
 
@@ -51,7 +54,6 @@ def _serve(ch, scope):
         ch.send_json(P.ERROR, {"class": "ProtocolError", "message":
                                f"protocol {hello.get('protocol')} is not supported (server speaks {P.VERSION})"})
         return
-    from .._version import __version__
 
     offered = hello.get("capabilities") if isinstance(hello.get("capabilities"), list) else []
     caps = ["zstd"] if "zstd" in offered and P.zstd_available() else []
@@ -100,7 +102,6 @@ def _stat(ch, payload, scope):
     if req.get("source"):
         place.check_sidecars(*JOURNAL_SIDECARS)
         J.check_no_unfinished_apply(place.journal_target())
-    from ..engine.identity import file_identity
 
     fd = place.open(os.O_RDONLY)
     try:
@@ -332,8 +333,7 @@ def _materialize(ch, payload, scope):
     the undo `steps` (newest first) rolled back onto it. With "drill", dest
     is recorded in its directory's drill marker, so that cleaning up the
     test failover may remove it again."""
-    from ..engine.names import latest_state
-    from ..engine.restore import materialize_file
+    from ..engine.restore import materialize_file  # the resync: not for every request
 
     req = P.parse_json(payload, "MATERIALIZE")
     replica = scope.place(req.get("replica"))
@@ -360,7 +360,7 @@ def _materialize(ch, payload, scope):
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise UnsupportedFile("not a regular file: not replaced", path=dest.rel)
     else:
-        source, steps = latest_state(replica.path), [s.path for s in steps]
+        source, steps = names.latest_state(replica.path), [s.path for s in steps]
     if req.get("drill"):
         if dest.exists():
             raise FileExistsError(errno.EEXIST, "a test failover does not overwrite files", dest.rel)
@@ -499,7 +499,6 @@ def _write(ch, payload, scope):
     changes unless END arrives (a dropped connection removes the temp file).
     pydr's own files beside a disk (journals, keep notes, temp files, drill
     markers) are not written this way."""
-    from ..engine.atomic import atomic_write
 
     req = P.parse_json(payload, "WRITE")
     place = scope.place(req.get("path"))
@@ -520,7 +519,7 @@ def _write(ch, payload, scope):
 def _patch(ch, payload, scope):
     """`pydr apply DELTA host:TARGET`: the delta arrives as BYTES frames and
     is applied exactly as a local apply (journal, base checks, rollback)."""
-    from ..engine.apply import apply_delta
+    from ..engine.apply import apply_delta  # the apply: only for this request
 
     req = P.parse_json(payload, "PATCH")
     place = scope.place(req.get("path"))
@@ -544,8 +543,7 @@ def _patch(ch, payload, scope):
 def _delta(ch, payload, scope):
     """`pydr delta host:SOURCE ...`: the base's signature arrives as BYTES
     frames; the delta goes back as BYTES frames, then DONE with its stats."""
-    from ..engine.delta import make_delta
-    from ..engine.signatures import Signature
+    from ..engine.delta import make_delta  # only for this request
 
     req = P.parse_json(payload, "DELTA")
     place = scope.place(req.get("path"))

@@ -178,11 +178,14 @@ def test_a_host_without_a_worker_fails_its_items_and_a_rerun_finishes(fleet, tmp
             assert lone.wait(timeout=120) == -9  # killed at its crash point, not restarted
         finally:
             lone.kill()
-        assert r.returncode == 20, r.stderr
+        assert r.returncode == 21, r.stderr  # some items failed, the others have their points
         assert b"no worker for host hv-c" in r.stderr
         out = json.loads(r.stdout)
-        failed = out[-1]["failed"]
+        failed = {o["item"]: o for o in out[0]["outcomes"] if o["status"] == "failed"}
         assert sorted(failed) == sorted(n for n, i in ctx["items"].items() if i["host"] == "hv-c")
+        assert all(o["exit_code"] == 20 and o["recoverable"] and "no worker for host hv-c"
+                   in o["error"] for o in failed.values())
+        assert sorted(out[0]["items"]) == sorted(set(ctx["items"]) - set(failed))
         with Vault(ctx["vault"]) as v:
             for n, i in ctx["items"].items():
                 st = v.status(n)

@@ -115,9 +115,9 @@ def test_protect_rules_of_a_chunk_index(vault, tmp_path):
         vault.protect("mixed", [(src, BUCKET), (str(other), str(tmp_path / "dr" / "o.img"))])
     with pytest.raises(ValueError, match="all in one object store, or none is"):
         vault.protect("two", [(src, BUCKET), (str(other), "s3://another-bucket/x")])
-    with pytest.raises(ValueError, match="needs a raw file or block device here"):
-        vault.protect("hosted", [(str(other), BUCKET)], host="worker-1")
-    assert "mixed" not in vault.items() and "two" not in vault.items()
+    with pytest.raises(ValueError, match="needs a raw file or block device as its source"):
+        vault.protect("tracked", [(str(other), BUCKET)], cbt=True)
+    assert not {"mixed", "two", "tracked"} & set(vault.items())
     assert not os.path.exists(tmp_path / "dr" / "o.img")
 
 

@@ -255,6 +255,7 @@ def test_fuzz_record_parser_and_apply(tmp_path):
     target.write_bytes(content)
     good = B.record_build(B.DATA, 4096, 4096, (1, 2), 0, 0) + bytes(4096)
     fd = os.open(target, os.O_RDONLY)
+    device = B.Device.open_fd(fd, name=str(target))
     scratch = bytearray(B.RECORD_MAX + 4096)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -268,13 +269,14 @@ def test_fuzz_record_parser_and_apply(tmp_path):
             return
         journal = bytearray(B.journal_capacity(bound, count, 4096))
         try:
-            B.apply_prepare(fd, blob[:complete], 4096, len(content), len(content),
-                            B.ApplyState(), scratch, journal)
+            device.apply_prepare(blob[:complete], 4096, len(content), len(content),
+                                 B.ApplyState(), scratch, journal)
         except (pydr.CorruptDelta, pydr.BaseMismatch, OSError, pydr.PydrError):
             pass
 
     try:
         run()
     finally:
+        device.close()
         os.close(fd)
     assert target.read_bytes() == content

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import pydr
-from pydr.engine import signatures as sigmod
+from pydr.engine import devices
 from pydr.engine import bindings as B
 
 from conftest import write_sparse
@@ -28,7 +28,7 @@ def mixed(tmp_path):
 @pytest.mark.parametrize("block_size", [512, 4096, 65536])
 def test_same_result_for_every_thread_count(mixed, monkeypatch, block_size):
     # Small chunks so that many chunks (and so real interleaving) happen.
-    monkeypatch.setattr(sigmod, "CHUNK_BYTES", 256 << 10)
+    monkeypatch.setattr(devices, "CHUNK_BYTES", 256 << 10)
     ref = pydr.signature(mixed, block_size=block_size, threads=1)
     for threads in (2, 3, 4, 7, 16):
         sig = pydr.signature(mixed, block_size=block_size, threads=threads)
@@ -37,7 +37,7 @@ def test_same_result_for_every_thread_count(mixed, monkeypatch, block_size):
 
 
 def test_progress_records(mixed, monkeypatch):
-    monkeypatch.setattr(sigmod, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(devices, "CHUNK_BYTES", 64 << 10)
     records = []
     sig = pydr.signature(mixed, block_size=4096, threads=2, progress=records.append)
     assert records, "progress was never called"

@@ -3,9 +3,11 @@ pydr's own qemu-nbd, NBD exports of qemu-nbd and qemu-storage-daemon on unix
 sockets, replicas that are qcow2 images, bad input, and pydr built without
 libnbd."""
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -120,6 +122,72 @@ def test_an_nbd_export_signs_like_the_file_and_skips_its_holes(tmp_path, qemu_nb
     res = json.loads(r.stdout)
     assert pydr.Signature.load(out) == pydr.signature(img, block_size=4096)
     assert res["bytes_read"] == 12 * MiB  # the holes came from block status, unread
+
+
+def test_one_signer_signs_a_file_and_its_export_and_nbd_errors_say_where(tmp_path, qemu_nbd):
+    """One device handle: the same C signer signs an image as a file and as
+    an NBD export, to the same hashes. NBD failures come back through the
+    one error channel: the offset, and libnbd's own words."""
+    from pydr.engine import bindings as B
+
+    img = tmp_path / "d.img"
+    with open(img, "wb") as f:
+        f.truncate(24 * MiB)
+        f.seek(3 * MiB)
+        f.write(random.Random(5).randbytes(9 * MiB + 1234))
+    size, n = 24 * MiB, 24 * MiB // 4096
+    uri = qemu_nbd(img)  # read-only
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        with B.Device.open_fd(fd, name=str(img)) as file, B.Device.open_nbd(uri) as export, \
+                B.Signer(4096, B.ALGORITHMS["xxh3-128"]) as signer:
+            got = []
+            for device in (file, export):
+                hashes, mask = bytearray(16 * n), bytearray(n)
+                with B.OutputBuffers(hashes, mask, 2) as out:
+                    h, z = out.at(0)
+                    signer.sign(device, 0, size, h, z, n, None)
+                got.append((hashes, mask))
+            assert got[0] == got[1]
+            assert pydr.Signature(4096, size, "xxh3-128", *got[1]) == pydr.signature(img, block_size=4096)
+            with pytest.raises(OSError) as info:  # past the end
+                export.pread(4096, size)
+            assert info.value.filename == uri
+            assert f"at offset {size}: nbd_pread: request out of bounds" in info.value.strerror
+            with pytest.raises(PermissionError) as info:
+                export.pwrite(b"x" * 512, 1 << 20)
+            assert f"at offset {1 << 20}: nbd_pwrite: " in info.value.strerror
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        B.Device.open_nbd(uri, write=True)
+    assert info.value.errno == errno.EROFS and "the NBD export is read-only" in str(info.value)
+    missing = f"nbd+unix:///?socket={tmp_path / 'none.sock'}"
+    with pytest.raises(ConnectionRefusedError) as info:
+        B.Device.open_nbd(missing)
+    assert info.value.filename == missing and "nbd_connect_uri: " in info.value.strerror
+
+
+def test_a_read_error_in_an_export_says_the_server_left_and_from_where(faulty_image, qemu_nbd):
+    """qemu-nbd serves an image whose byte at 5 MiB + 12345 fails to read,
+    and drops the connection when it does. Signing the export then fails
+    with ENOTCONN (not EINVAL from a dead handle), at the start of a 2 MiB
+    request not read, at or before the one holding the bad byte (which
+    requests the server answered first is its own affair)."""
+    from pydr.engine import bindings as B
+
+    bad = 5 * MiB + 12345
+    path, data = faulty_image(bad, bad + 1)
+    n = len(data) // 4096
+    uri = qemu_nbd(path)
+    with B.Device.open_nbd(uri) as export, \
+            B.OutputBuffers(bytearray(16 * n), bytearray(n), 2) as out:
+        h, z = out.at(0)
+        with pytest.raises(OSError) as info:
+            export.sign(0, len(data), 4096, B.ALGORITHMS["xxh3-128"], h, z, n, None)
+    assert info.value.errno == errno.ENOTCONN and info.value.filename == uri
+    where = int(re.search(r"at offset (\d+): ", info.value.strerror).group(1))
+    assert where % (2 * MiB) == 0 and where <= bad, info.value.strerror
 
 
 @pytest.mark.parametrize("shared, connections", [(8, 3), (2, 2)])

@@ -14,19 +14,19 @@ def _in_object_store(spec):
     return spec.startswith(OBJECT_STORE)
 
 
-def protected_replica(item, source, replica, *, cbt, host):
+def protected_replica(item, source, replica, *, cbt):
     """The endpoint under which the vault records `replica` (an endpoint),
     the replica of the disk `source` (an endpoint) of the new item `item`;
     ValueError naming the replica when its kind refuses it.
 
     A chunk index (s3://BUCKET/PREFIX) is named by item and file name
-    (s3://BUCKET/PREFIX#ITEM/NAME) and needs a raw file or block device on
-    this machine as its source, without --cbt or --host. A step chain's
+    (s3://BUCKET/PREFIX#ITEM/NAME) and needs a raw file or block device as
+    its source (here, or on its --host), without --cbt. A step chain's
     replica at a remote place needs an absolute path."""
     if _in_object_store(replica.spec):
-        if cbt or host is not None or source.local_path is None:
+        if cbt or source.local_path is None:
             raise ValueError(f"{replica}: an object-store replica needs a raw file or block "
-                             f"device here as its source, without --cbt or --host")
+                             f"device as its source (here, or on its --host), without --cbt")
         return replica.for_disk(item, os.path.basename(source.local_path))
     if replica.place is not None and not os.path.isabs(replica.path):
         raise ValueError(f"remote replica {replica} needs an absolute path")

@@ -1,0 +1,290 @@
+"""The capture of a chunk index: a cycle of an item whose points are in an
+object store (s3://BUCKET/PREFIX; layout in docs/FORMAT.md, the rest in
+pydr.dr.objectstore).
+
+A cycle signs each source at 4 KiB and compares it with the signature of
+the last point, kept in the vault (vault/objects/ITEM/), so the store is
+never read back. The 4 MiB chunks holding a changed block are read, named
+by their XXH3-128, and uploaded unless the store has that id already (the
+last point names it, or this cycle's interrupted predecessor uploaded it:
+its ids are logged in vault/objects/ITEM/pending). Then the point index is
+uploaded, and only then the vault records the point with the index's key.
+
+:func:`capture_item` knows no vault: it runs here or on the item's host's
+Dask worker with the plain dict that :func:`task` builds. Where the vault
+is not on that host, the previous point's signatures are not at hand: every
+chunk is read and hashed again (only the new ones are uploaded).
+"""
+
+import concurrent.futures as cf
+import contextlib
+import os
+import threading
+import time
+import uuid
+
+from ..endpoints import open_endpoint
+from ..engine import crashpoints
+from ..engine.atomic import atomic_write
+from ..engine.chunks import (CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count, chunk_id,
+                             encode_chunk)
+from ..engine.oserrors import naming
+from ..errors import FormatError, InvalidState
+from .agent import cut, worker_host
+from .objectstore import DEFAULT_GRACE, UPLOADS, _dir, latest_index, store_of
+
+BLOCK = 4096  # the comparison's block: what changed, in 4 KiB blocks
+PENDING_TRUST = 0.5  # a logged upload is trusted for this share of the grace period
+
+
+class _Limiter:
+    """At most `rate` bytes a second across the upload threads (--bwlimit)."""
+
+    def __init__(self, rate):
+        self.rate, self.lock, self.next = rate, threading.Lock(), time.monotonic()
+
+    def take(self, n):
+        if not self.rate:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next)
+            self.next = start + n / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+class _Pending:
+    """The chunk ids this item's cycles uploaded that no recorded point names
+    yet: a cycle killed half-way is resumed without uploading them again."""
+
+    def __init__(self, path, grace):
+        self.path, self.ids, self.lock, self.f = path, set(), threading.Lock(), None
+        if path is None:  # the vault is not on this host: nothing is logged
+            return
+        trusted = time.time() - grace * PENDING_TRUST
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            for line in f:
+                when, _, hexid = line.strip().partition(" ")
+                with contextlib.suppress(ValueError):
+                    if float(when) >= trusted and len(hexid) == 32:
+                        self.ids.add(bytes.fromhex(hexid))
+        self.f = open(path, "a")
+
+    def add(self, ident):
+        with self.lock:
+            self.ids.add(ident)
+            if self.f is not None:
+                with naming(self.path):
+                    self.f.write(f"{time.time():.3f} {ident.hex()}\n")
+                    self.f.flush()
+
+    def close(self, done):
+        if self.f is not None:
+            self.f.close()
+        if done and self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limiter, stats,
+                 uploads):
+    """The chunk ids of one disk; uploads the ones the store lacks."""
+    import numpy as np
+    import zstandard
+
+    size = sig.size
+    n = chunk_count(size)
+    per = CHUNK_SIZE // BLOCK
+    zero = sig.zero_mask
+    if prev_sig is not None and prev_ids is not None and prev_sig.size == size:
+        changed_blocks = sig.changed_blocks(prev_sig)
+    else:
+        changed_blocks = np.ones(sig.block_count, dtype=np.bool_)
+    ids = [None] * n
+    fd = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    local = threading.local()
+    counted = threading.Lock()
+
+    def count(**n):
+        with counted:
+            for k, v in n.items():
+                stats[k] += v
+
+    try:
+        def one(i):
+            start = i * per
+            if zero[start:start + per].all():
+                return i, ZERO_ID
+            if not changed_blocks[start:start + per].any():
+                return i, prev_ids[i]
+            length = min(CHUNK_SIZE, size - i * CHUNK_SIZE)
+            data = os.pread(fd, length, i * CHUNK_SIZE)
+            count(read=len(data))
+            ident = chunk_id(data)
+            if ident in known or ident in pending.ids:
+                count(reused=1)
+                return i, ident
+            if not hasattr(local, "zc"):
+                local.zc = zstandard.ZstdCompressor(level=3)
+            blob = encode_chunk(data, ident, local.zc)
+            limiter.take(len(blob))
+            store.put(store.chunk_key(ident), blob)
+            pending.add(ident)
+            count(uploaded=1, bytes=len(blob))
+            crashpoints.reached("s3.chunk")
+            return i, ident
+
+        with cf.ThreadPoolExecutor(max_workers=uploads) as pool:
+            for i, ident in pool.map(one, range(n)):
+                ids[i] = ident
+    finally:
+        os.close(fd)
+    return ids
+
+
+def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
+    """The capture of item `name` as (function, plain dict) for an executor."""
+    row = vault.item(name)
+    disks = vault.disks(name)
+    for d in disks:
+        src = vault.endpoint(name, d["source"])
+        if src.local_path is None:
+            raise InvalidState(f"{d['source']}: an object-store replica needs a raw file or "
+                               f"block device as its source (here, or on its --host)",
+                               path=d["source"])
+    prev = None if opts.resync_all else latest_index(vault, name)
+    return capture_item, {
+        "item": name, "store": store_of(vault, name).spec, "here": _dir(vault, name),
+        "prev": list(prev) if prev is not None else None,
+        "disks": [{"idx": d["idx"], "source": d["source"]} for d in disks],
+        "rsh": row["rsh"], "remote_pydr": row["remote_pydr"],
+        "quiesce_hook": row["quiesce_hook"] if opts.app_consistent else None,
+        "thaw_hook": row["thaw_hook"] if opts.app_consistent else None,
+        "bwlimit": opts.bwlimit, "uploads": uploads, "grace": grace}
+
+
+def capture_item(task):
+    """The disks of one item into its object store. Returns {"item", "host",
+    "key" (the point index uploaded), "local" (its name), "store", "cut",
+    "read", "uploaded", "reused", "bytes"} for the caller to record."""
+    from ..endpoints.s3 import ObjectStore
+    from ..engine.signatures import Signature, signature
+
+    name = task["item"]
+    store = ObjectStore(task["store"])
+    store.check()
+    here = task["here"] if task["here"] and os.path.isdir(task["here"]) else None
+    prev = task["prev"]
+    prev_index = None
+    if prev is not None:
+        local = os.path.join(here, f"{prev[2]}.pidx") if here else None
+        try:
+            if local is None:
+                raise FileNotFoundError(prev[1])
+            with open(local, "rb") as f:
+                prev_index = PointIndex.decode(f.read(), local)
+        except (OSError, FormatError):  # the local copy is gone: the store has it
+            prev_index = PointIndex.decode(store.get(prev[1]), store.url(prev[1]))
+    known = prev_index.chunk_ids() if prev_index is not None else set()
+    pending = _Pending(os.path.join(here, "pending") if here else None, task["grace"])
+    stats = {"read": 0, "uploaded": 0, "reused": 0, "bytes": 0}
+    limiter = _Limiter(task["bwlimit"])
+    disks = task["disks"]
+    sources = [open_endpoint(d["source"], rsh=task["rsh"], remote_pydr=task["remote_pydr"])
+               for d in disks]
+    try:
+        hooks = [(name, task["quiesce_hook"], task["thaw_hook"])]
+        with cut(sources, hooks=hooks) as taken:
+            crashpoints.reached("cycle.cut")
+            new_name = uuid.uuid4().hex
+            entries, sigs = {}, {}
+            for d, view in zip(disks, taken.views):
+                path = view.local_path
+                sig = signature(path, block_size=BLOCK, algorithm="xxh3-128")
+                prev_sig = None
+                if here and prev_index is not None and d["idx"] in prev_index.disks:
+                    with contextlib.suppress(OSError, FormatError):
+                        prev_sig = Signature.load(
+                            os.path.join(here, f"{prev[2]}.{d['idx']}.sig"))
+                prev_ids = prev_index.disks[d["idx"]][1] if prev_sig is not None else None
+                ids = _disk_chunks(store, path, sig, prev_sig, prev_ids, known, pending, limiter,
+                                   stats, task["uploads"])
+                entries[d["idx"]] = (sig.size, ids)
+                sigs[d["idx"]] = sig
+                crashpoints.reached("cycle.disk")
+            blob = PointIndex(name, entries).encode()
+            key = store.index_key(name, new_name)
+            store.put(key, blob)  # after every chunk it names
+            crashpoints.reached("s3.index")
+            if here:  # the next cycle's baseline, once the point is recorded
+                for idx, sig in sigs.items():
+                    sig.save(os.path.join(here, f"{new_name}.{idx}.sig"))
+                with atomic_write(os.path.join(here, f"{new_name}.pidx")) as f:
+                    f.write(blob)
+    finally:
+        pending.close(False)
+    return {"item": name, "host": worker_host(), "key": key, "local": new_name,
+            "store": store.spec, "cut": taken.kind, **stats}
+
+
+def adopt(vault, name, result):
+    """What :func:`capture_item` returned, as the cycle driver records it:
+    the point's index row with the point, then the local copies of older
+    indexes and the orphans of killed cycles are forgotten."""
+    sent = result["bytes"]
+
+    def index_row(db, point_id):
+        db.execute("INSERT INTO object_indexes VALUES (?,?,?,?,?)",
+                   (name, point_id, result["store"], result["key"], sent))
+
+    def forget():
+        forget_local(vault, name, result["local"])
+        forget_orphans(vault, name)
+
+    return {"items": {name: {"cut": result["cut"], "bytes": sent, "read": result["read"],
+                             "host": result["host"]}},
+            "steps": [], "trackers": [], "extra": {name: index_row}, "after": [forget]}
+
+
+def check(vault, names, opts):
+    """Nothing to check before a cycle: the store is asked when it runs."""
+
+
+def capture(vault, names, opts, jobs):
+    """The capture of the items `names` (one, or a group's) in this process,
+    one after the other; an index uploaded for an item whose group then
+    fails is recorded by no point: the next cycle of the item deletes it."""
+    captured = {"items": {}, "steps": [], "trackers": [], "extra": {}, "after": []}
+    for name in names:
+        fn, argument = task(vault, name, opts)
+        vault.update_job(jobs[name], state="running", started=time.time())
+        one = adopt(vault, name, fn(argument))
+        for k, v in one.items():
+            if isinstance(v, dict):
+                captured[k].update(v)
+            else:
+                captured[k] += v
+    return captured
+
+
+def forget_local(vault, name, keep):
+    """Remove the item's local signatures and index copies but `keep`'s, and
+    the pending upload log (its chunks are named by the point just recorded)."""
+    here = _dir(vault, name)
+    for f in os.listdir(here):
+        if not f.startswith(keep + "."):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(here, f))
+
+
+def forget_orphans(vault, name):
+    """Delete the item's indexes in the store that no point records: those of
+    cycles killed after they uploaded their index, before the point was
+    recorded (the vault's lock keeps any other cycle of the item out)."""
+    store = store_of(vault, name)
+    recorded = {r["key"] for r in vault.db.execute(
+        "SELECT key FROM object_indexes WHERE item=?", (name,))}
+    store.delete(key for key, _, _ in store.list(f"indexes/{name}") if key not in recorded)
+
+

@@ -1,0 +1,327 @@
+"""The cycle driver: one replication cycle over many items, whatever their
+kind and wherever their work runs.
+
+A call plans once into units: the items of one group that are in the call
+form one unit (all-or-nothing, one cut, one shared point), every other item
+is a unit of its own. Each unit is checked (state, one writer, resync
+needed, hooks), then its capture runs through an executor -- this process
+(:class:`LocalExecutor`) or the item's host's Dask worker
+(pydr.dr.fleet.FleetExecutor) -- and its outcome is recorded on its own: a
+success gets its points (the items of a call share one point id, allocated
+by the first success), a failure sets only its items' health, last_error
+and jobs. When some unit failed, the others recorded, :class:`CycleFailed`
+carries the CycleResult; a call of one unit raises that unit's own error.
+
+The capture is per kind of point store, picked in :func:`_capture_for`: a
+step chain (pydr.dr.stepcapture) or a chunk index (pydr.dr.chunkcapture).
+Each offers check(vault, names, opts), capture(vault, names, opts, jobs)
+(here), task(vault, name, opts) -> (function, plain dict) and adopt(vault,
+name, result) (on a worker), and returns a "captured" dict the driver
+records: {"items": {name: {"cut", "bytes", "read", "host"?}}, "steps",
+"trackers", "extra": {name: fn(db, point id)}, "after": [fn()]}.
+"""
+
+import contextlib
+import time
+
+from ..engine import crashpoints
+from ..engine.progress import Record
+from ..errors import CycleFailed, InvalidState, exit_code_for
+from . import chunkcapture, objectstore, stepcapture
+from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_hooks,
+                          check_not_stuck, record_point, record_steps)
+from .points import apply_retention
+from .retry import RetryPolicy, recoverable
+
+
+class Options(Record):
+    """What every unit of a call is replicated with (see :func:`replicate`)."""
+
+    _fields = ("app_consistent", "progress", "threads", "resync_all", "changed_extents",
+               "tracking_lost", "bwlimit", "on_hosts")
+    __slots__ = _fields
+    _default_on_hosts = False  # the executor runs forward items on their hosts
+    _default_app_consistent = False
+    _default_resync_all = False
+    _default_tracking_lost = False
+
+
+class Unit:
+    """Items replicated all-or-nothing: a group's members in the call, or one item."""
+
+    def __init__(self, names, capture):
+        self.names, self.capture = names, capture
+        self.jobs = {}
+        self.done = False
+
+
+def _capture_for(vault, name):
+    """The capture of item `name`'s point store: the one place a kind is picked."""
+    return chunkcapture if objectstore.is_object_item(vault, name) else stepcapture
+
+
+class LocalExecutor:
+    """Runs each unit's capture in this process, one unit after the other."""
+
+    point_reached = "cycle.point"  # the crash point passed once a unit's point is recorded
+    rerun = ""  # what a rerun of an interrupted cycle adds to 'pydr replicate ITEM'
+    on_hosts = False
+
+    def check(self, vault, rows):
+        """Refuse, before anything is recorded, an item this executor cannot run."""
+
+    def run(self, vault, units, opts, finish):
+        for unit in units:
+            try:
+                captured = unit.capture.capture(vault, unit.names, opts, unit.jobs)
+            except Exception as exc:
+                finish(unit, error=exc)
+                continue
+            finish(unit, captured)
+
+
+def _plan(vault, names):
+    units, by_group = [], {}
+    for name in dict.fromkeys(names):
+        row = vault.item(name)  # an unknown name stops the call: nothing ran
+        if row["grp"] and row["grp"] in by_group:
+            by_group[row["grp"]].names.append(name)
+            continue
+        unit = Unit([name], _capture_for(vault, name))
+        units.append(unit)
+        if row["grp"]:
+            by_group[row["grp"]] = unit
+    return units
+
+
+class _Cycle:
+    def __init__(self, vault, opts, executor, names):
+        self.vault, self.opts, self.executor = vault, opts, executor
+        self.names = list(dict.fromkeys(names))
+        self.consistency = "app-consistent" if opts.app_consistent else "crash-consistent"
+        self.point_id = None
+        self.outcomes, self.errors = {}, {}
+        self.jobs = []
+        self.totals = {"written": 0, "read": 0}
+
+    def prepare(self, unit):
+        """The checks of one unit, then its operation and jobs begin."""
+        vault = self.vault
+        if any(_capture_for(vault, n) is not unit.capture for n in unit.names):
+            raise InvalidState(f"group {vault.item(unit.names[0])['grp']!r} mixes items "
+                               f"replicated to object stores with others: a group's items "
+                               f"share one kind of replica", path=vault.dir)
+        rows = [vault.item(n) for n in unit.names]
+        check_can_replicate(vault, rows)
+        self.executor.check(vault, rows)
+        unit.capture.check(vault, unit.names, self.opts)
+        check_not_stuck(vault, unit.names, self.opts.resync_all)
+        if self.opts.app_consistent:
+            check_hooks(vault, [vault.item(n) for n in unit.names])
+        again = self.executor.rerun + (" --resync" if self.opts.resync_all else "")
+        for n in unit.names:  # a killed cycle is finished by running this again
+            vault.begin(n, "replicate", f"pydr replicate {n}{again}")
+        unit.jobs = {n: vault.start_job("replicate", n, state="queued") for n in unit.names}
+        self.jobs += unit.jobs.values()
+
+    def finish(self, unit, captured=None, error=None):
+        """Record a unit's outcome: its points, or its failure. A failure
+        while recording (the vault's disk, retention, an object store's
+        clean-up) is that unit's failure too."""
+        if error is not None:
+            self.failed(unit, error, partial=captured)
+            return
+        try:
+            self._record(unit, captured)
+        except Exception as exc:
+            self.failed(unit, exc)
+            return
+        unit.done = True
+
+    def _record(self, unit, captured):
+        vault = self.vault
+        items = captured["items"]
+        extras = captured["extra"]
+        point_id = record_point(
+            vault, unit.names, consistency=self.consistency,
+            cuts={n: items[n]["cut"] for n in unit.names},
+            bytes_by_item={n: items[n]["bytes"] for n in unit.names},
+            trackers=captured["trackers"], point_id=self.point_id, steps=captured["steps"],
+            extra=(lambda db, pid: [fn(db, pid) for fn in extras.values()]) if extras else None)
+        self.point_id = point_id
+        crashpoints.reached(self.executor.point_reached)
+        for t in captured["trackers"]:
+            t.commit()
+        for fn in captured["after"]:
+            fn()
+        for n in unit.names:
+            apply_retention(vault, n)
+            if items[n].get("host"):
+                vault.update_job(unit.jobs[n], host=items[n]["host"])
+            vault.end_job(unit.jobs[n], "succeeded", bytes_transferred=items[n]["bytes"])
+            self.outcomes[n] = ItemOutcome(n, "succeeded", point_id=point_id,
+                                           bytes=items[n]["bytes"])
+            self.totals["written"] += items[n]["bytes"]
+            self.totals["read"] += items[n]["read"]
+            crashpoints.reached("cycle.done")
+
+    def failed(self, unit, exc, *, partial=None):
+        """A unit failed: only its items' jobs, health and last_error say so.
+        Steps its members kept on their hosts (a group whose other member
+        failed) are recorded, without a point."""
+        vault = self.vault
+        unit.done = True
+        for name, idx, kept in (partial or {}).get("steps", ()):
+            with vault.db:
+                vault.db.execute("BEGIN IMMEDIATE")
+                record_steps(vault, name, idx, kept)
+        cancelled = not isinstance(exc, Exception)
+        health = "warning" if recoverable(exc) else "critical"
+        for n in unit.names:
+            if n in self.outcomes:  # ended already (its point and job recorded)
+                continue
+            if n in unit.jobs:
+                vault.end_job(unit.jobs[n], "cancelled" if cancelled else "failed",
+                              error=str(exc) or type(exc).__name__, bytes_transferred=None)
+                vault.end(n, "replicate", health=health, last_error=str(exc) or None)
+            self.outcomes[n] = ItemOutcome(n, "failed", error=f"{exc}" or type(exc).__name__,
+                                           exit_code=exit_code_for(exc),
+                                           recoverable=recoverable(exc))
+        self.errors[tuple(unit.names)] = exc
+
+    def result(self, seconds):
+        outcomes = [self.outcomes[n] for n in self.names if n in self.outcomes]
+        done = [o.item for o in outcomes if o.status == "succeeded"]
+        return CycleResult(self.point_id, done, self.totals["written"], self.totals["read"],
+                           seconds, self.consistency, list(self.jobs), outcomes)
+
+
+def replicate(vault, names, *, executor=None, app_consistent=False, progress=None,
+              threads=None, resync_all=False, changed_extents=None, tracking_lost=False,
+              bwlimit=None):
+    """Run one replication cycle of the items `names`; returns CycleResult.
+
+    The items of a group that are in `names` are replicated together, all
+    or nothing, with one cut; every other item on its own. Each item gets a
+    job; a failed unit marks its items' jobs failed and their health
+    critical (or warning when the error is recoverable), and the others go
+    on. Then, if some unit failed: a call of one unit raises its error, a
+    call of several raises CycleFailed (its .result the CycleResult).
+
+    ``executor``: where the captures run (default LocalExecutor: here; a
+    pydr.dr.fleet.FleetExecutor: on each item's host's Dask worker).
+    ``changed_extents``: {item: {disk index: [(offset, length), ...]}} from a
+    change tracker; only those ranges are compared. ``tracking_lost``: the
+    tracker was reset (or the source shut down uncleanly). Either that, or
+    pending changes above half a disk, marks the items resync-required, and
+    only ``resync_all=True`` (``--resync``: a checksum comparison of both
+    sides, the replica re-read) replicates them then. ``bwlimit``: bytes a
+    second for uploads to an object store.
+    """
+    start = time.monotonic()
+    opts = Options(app_consistent=app_consistent, progress=progress, threads=threads,
+                   resync_all=resync_all, changed_extents=changed_extents,
+                   tracking_lost=tracking_lost, bwlimit=bwlimit,
+                   on_hosts=getattr(executor, "on_hosts", False))
+    executor = executor or LocalExecutor()
+    cycle = _Cycle(vault, opts, executor, names)
+    units = _plan(vault, cycle.names)
+    ready = []
+    for unit in units:
+        try:
+            cycle.prepare(unit)
+        except Exception as exc:  # this unit's failure: the others go on
+            cycle.failed(unit, exc)
+            continue
+        ready.append(unit)
+    try:
+        executor.run(vault, ready, opts, cycle.finish)
+    except BaseException as exc:  # Ctrl-C, a lost scheduler: what did not end is cancelled
+        for unit in ready:
+            if not unit.done:
+                cycle.failed(unit, exc)
+        raise
+    result = cycle.result(time.monotonic() - start)
+    if cycle.errors:
+        if len(units) == 1:
+            exc = next(iter(cycle.errors.values()))
+            with contextlib.suppress(AttributeError):  # for --json: every item's outcome
+                exc.cycle_result = result
+            raise exc
+        raise _some_failed(vault, result)
+    return result
+
+
+def _some_failed(vault, result):
+    failed = result.failed
+    return CycleFailed(f"{len(failed)} of {len(result.outcomes)} items failed ("
+                       + "; ".join(f"{o.item}: {o.error}" for o in failed[:3])
+                       + ("; ..." if len(failed) > 3 else "")
+                       + "); the others have their points", result, path=vault.dir)
+
+
+def replicate_with_retry(vault, names, *, policy=None, **kwargs):
+    """replicate(), retried on the schedule of pydr.dr.retry while some items'
+    errors are recoverable; only those items (with their groups' members in
+    the call) run again. Each scheduled retry is recorded on the items it
+    retries (attempts, next_retry) so `pydr status` shows it. The result
+    (or CycleFailed's) has every item's last outcome."""
+    pending = list(dict.fromkeys(names))
+    outcomes = {}
+    state = {"jobs": [], "written": 0, "read": 0, "point": None, "consistency": None}
+
+    def attempt():
+        try:
+            r = replicate(vault, pending, **kwargs)
+        except CycleFailed as exc:
+            keep(exc.result)
+            exc.result = merged(exc.result)
+            raise
+        keep(r)
+        return merged(r)
+
+    def keep(r):
+        outcomes.update((o.item, o) for o in r.outcomes)
+        state["jobs"] += r.jobs
+        state["written"] += r.bytes_written
+        state["read"] += r.bytes_read
+        state["point"] = r.point_id if r.point_id is not None else state["point"]
+        state["consistency"] = r.consistency
+
+    def merged(r):
+        every = [outcomes[n] for n in dict.fromkeys(names) if n in outcomes]
+        return CycleResult(state["point"], [o.item for o in every if o.status == "succeeded"],
+                           state["written"], state["read"], r.seconds, state["consistency"],
+                           list(state["jobs"]), every)
+
+    def record(n, when, exc):
+        again = retried(exc)
+        for name in again:
+            vault.set_item(name, attempts=n, next_retry=when, last_error=outcome_error(name, exc))
+        pending[:] = again
+
+    def retried(exc):
+        if isinstance(exc, CycleFailed):  # the recoverable items, each with its group
+            wanted = {o.item for o in exc.result.failed if o.recoverable}
+            groups = {vault.item(n)["grp"] for n in wanted} - {None}
+            return [n for n in pending if n in wanted or vault.item(n)["grp"] in groups]
+        return list(pending)
+
+    def outcome_error(name, exc):
+        o = outcomes.get(name)
+        return o.error if o is not None and o.error else str(exc)
+
+    policy = policy or RetryPolicy()
+    if policy.on_retry is None:
+        policy.on_retry = record
+    try:
+        result = policy.run(attempt)
+        if result.failed:  # the last attempt retried the others, and they made it
+            raise _some_failed(vault, result)
+    except CycleFailed as exc:  # the items that made it are done retrying
+        for n in exc.result.items:
+            vault.set_item(n, attempts=0, next_retry=None)
+        raise
+    for n in names:
+        vault.set_item(n, attempts=0, next_retry=None)
+    return result

@@ -1,0 +1,216 @@
+"""The vault's side of a replication cycle: the checks before it (state,
+one writer, resync-required, hooks) and the records after it (steps, points,
+the result). Used by the cycle driver (pydr.dr.cycle) whatever the kind of
+the item's point store and wherever its capture ran."""
+
+import contextlib
+import os
+import time
+
+from ..engine.progress import Record
+from ..errors import DamagedJournal, FormatError, InvalidState
+from . import agent, ownership, replica_check, stepdigest
+from .drills import check_no_overlay_drill
+
+
+def owner_of(vault, name, d):
+    """The Owner record of disk `d` of item `name`: this vault, the item, the disk."""
+    return ownership.Owner(vault.vault_id(), vault.dir, name, d["idx"], d["replica"])
+
+
+def check_one_writer(vault, name, resync_all):
+    """Before a cycle of item `name`: each replica must be this item's
+    (claimed here when no one owns it: a vault older than schema 8 adopts
+    its replicas), and as the item's last cycle left it. A replica changed
+    outside pydr breaks every point of the item (rolling steps back onto it
+    no longer gives them): they are marked damaged, the signature cache
+    dropped, and the item becomes resync-required unless this cycle is the
+    --resync that repairs it. Returns the reason, or None."""
+    points = vault.points(name)
+    reason = None
+    for d in vault.disks(name):
+        replica = vault.endpoint(name, d["replica"])
+        me = owner_of(vault, name, d)
+        try:
+            ownership.claim(replica, me, exists_in_vault=lambda item: item in vault.items())
+        except InvalidState as exc:  # another writer: status says so, not only this command
+            vault.set_item(name, health="critical", last_error=str(exc))
+            raise
+        try:
+            recorded = ownership.read_state(vault.dir, name, d["idx"])
+        except FormatError as exc:
+            recorded = unknown_identity(vault, name, points, resync_all, replica, exc.path,
+                                        f"of disk {d['idx']} is damaged ({exc.message} at "
+                                        f"offset {exc.offset})")
+        if recorded is None and points and not replica_check.adopting(vault, name):
+            recorded = unknown_identity(vault, name, points, resync_all, replica,
+                                        ownership.state_path(vault.dir, name, d["idx"]),
+                                        f"of disk {d['idx']} is missing")
+        if recorded is None or recorded.replica != d["replica"]:
+            # nothing binds the cache to this replica (an older vault, a swapped
+            # or moved replica): it is not used; this cycle reads the replica
+            drop_cache(vault, name, d["idx"])
+            continue
+        if ownership.cache_unbound(recorded, vault.cache_path(name, d["idx"])):
+            drop_cache(vault, name, d["idx"])  # put back or swapped: the replica is read
+        changed = ownership.changed_outside(recorded, replica) if points else None
+        if changed is not None and reason is None:
+            reason = f"{changed} outside pydr since point {points[-1]['id']}"
+        if changed is not None:
+            drop_cache(vault, name, d["idx"])
+    if reason is not None:
+        broken_chain(vault, name, reason, resync_all)
+    return reason
+
+
+def unknown_identity(vault, name, points, resync_all, replica, path, what):
+    """A disk's identity record is damaged or missing while the item has
+    points: whether its replica was written outside pydr cannot be told.
+    A plain cycle refuses (exit 7, the item resync-required); --resync, the
+    repair, goes on without the cache. Returns None."""
+    if points and not resync_all:
+        reason = (f"the identity record {what}: whether replica {replica} was written "
+                  f"outside pydr cannot be told")
+        mark_resync_required(vault, name, reason)
+        raise FormatError(f"{reason}: run 'pydr replicate {name} --resync'", path=path)
+    return None
+
+
+def broken_chain(vault, name, reason, resync_all):
+    """The replicas of `name` are not what its points are rebuilt from: every
+    point is marked damaged, and a plain cycle refuses until --resync."""
+    vault.mark_damaged(name, [p["id"] for p in vault.points(name)], reason)
+    if not resync_all:
+        mark_resync_required(vault, name, reason)
+
+
+def rows_holding(vault, rows, path):
+    """The items among `rows` with a replica at `path` (all of them when
+    none is: the error did not say which)."""
+    holding = [r for r in rows if any(
+        vault.endpoint(r["name"], d["replica"]).local_path == path
+        for d in vault.disks(r["name"]))]
+    return holding or rows
+
+
+def drop_cache(vault, name, idx):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(vault.cache_path(name, idx))
+
+
+def record_steps(vault, name, idx, steps):
+    """Record the steps [(number, spec, bytes)] of disk `idx`, each with the
+    digest of its file when it is on this machine (just written: read from
+    the page cache); a step on another host is recorded without one (NULL:
+    its size is checked)."""
+    for number, spec, size in steps:
+        local = vault.endpoint(name, spec).local_path
+        found = None
+        if local is not None:
+            # a step that is not there or is a link: recorded without one, found by the checks
+            with contextlib.suppress(FileNotFoundError, DamagedJournal):
+                found = stepdigest.digest(local)
+        vault.db.execute("INSERT INTO steps(item, idx, step, path, bytes, digest) "
+                         "VALUES (?,?,?,?,?,?)", (name, idx, number, spec, size, found))
+
+
+def record_point(vault, names, *, consistency, cuts, bytes_by_item, trackers=(), point_id=None,
+                 steps=(), extra=None):
+    """Record, in one transaction, the `steps` [(item, disk index, [(number,
+    spec, bytes)])] not yet recorded and a recovery point of each item in
+    `names` (cuts and bytes_by_item: by item) at the disks' current steps; the items
+    become protected and their replicate operation ends. A new point id is
+    allocated with them unless `point_id` is given (a fleet cycle's items
+    share one). Returns the point id."""
+    now = time.time()
+    with vault.db:
+        vault.db.execute("BEGIN IMMEDIATE")
+        if point_id is None:  # allocated with the points: a failed cycle uses no id
+            point_id = vault.db.execute(
+                "SELECT value FROM counters WHERE name='point'").fetchone()[0] + 1
+            vault.db.execute("UPDATE counters SET value=? WHERE name='point'", (point_id,))
+        for name, idx, kept in steps:
+            record_steps(vault, name, idx, kept)
+        for name in names:
+            vault.db.execute("INSERT INTO points(id, item, created, consistency, bytes, cut) VALUES (?,?,?,?,?,?)",
+                             (point_id, name, now, consistency, bytes_by_item[name], cuts[name]))
+            for d in vault.disks(name):
+                vault.db.execute("INSERT INTO point_disks VALUES (?,?,?,?)",
+                                 (point_id, name, d["idx"], vault.current_step(name, d["idx"])))
+            vault.set_item(name, state="protected", health="ok", last_error=None)
+            vault.db.execute("UPDATE items SET operation=NULL, operation_command=NULL, "
+                             "operation_args=NULL WHERE name=? AND operation='replicate'", (name,))
+        for t in trackers:  # the new bitmaps are the current ones, with the point
+            t.record(vault.db)
+        if extra is not None:  # more rows of the point (an object store's index): extra(db, id)
+            extra(vault.db, point_id)
+    return point_id
+
+
+def check_can_replicate(vault, rows):
+    for row in rows:
+        if row["state"] not in ("protecting", "protected", "resync-required"):
+            raise InvalidState(f"item {row['name']!r} cannot replicate in state {row['state']}",
+                               path=vault.dir)
+        check_no_overlay_drill(vault, row["name"], "a replication cycle")
+
+
+def check_not_stuck(vault, names, resync_all):
+    """Items in state resync-required replicate only with --resync."""
+    stuck = [r for r in (vault.item(n) for n in names) if r["state"] == "resync-required"]
+    if stuck and not resync_all:
+        why = f" ({stuck[0]['last_error']})" if stuck[0]["last_error"] else ""
+        raise InvalidState(f"{', '.join(r['name'] for r in stuck)} needs a resync{why}: run "
+                           f"'pydr replicate {stuck[0]['name']} --resync'", path=vault.dir)
+
+
+def check_hooks(vault, rows):
+    missing = [r["name"] for r in rows if not r["quiesce_hook"]]
+    if missing:
+        raise InvalidState(f"--app-consistent needs quiesce/thaw hooks; items without: "
+                           f"{', '.join(missing)}", path=vault.dir)
+
+
+class ItemOutcome(Record):
+    """One item's outcome in a cycle: ``status`` "succeeded" (``point_id``
+    its new point) or "failed" (``error`` the message, ``exit_code`` the
+    one pydr exits with for that error alone, ``recoverable`` whether a
+    retry may succeed without an operator); ``bytes`` moved for it."""
+
+    _fields = ("item", "status", "point_id", "error", "exit_code", "bytes", "recoverable")
+    __slots__ = _fields
+    _default_bytes = 0
+    _default_recoverable = None  # said of failures only
+
+
+class CycleResult(Record):
+    """point_id (shared by the items that succeeded; None if none did),
+    items (those that succeeded), bytes_written, bytes_read, seconds,
+    consistency, jobs, and ``outcomes``: an ItemOutcome for every item of
+    the call, in the order given."""
+
+    _fields = ("point_id", "items", "bytes_written", "bytes_read", "seconds", "consistency",
+               "jobs", "outcomes")
+    __slots__ = _fields
+    _default_outcomes = ()
+
+    @property
+    def failed(self):
+        """The outcomes of the items that failed."""
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def _asdict(self):
+        out = super()._asdict()
+        out["outcomes"] = [o._asdict() for o in self.outcomes]
+        return out
+
+    to_dict = _asdict
+
+
+RESYNC_THRESHOLD = agent.RESYNC_THRESHOLD  # pending changes above this share need a resync
+
+
+def mark_resync_required(vault, name, reason):
+    vault.set_item(name, state="resync-required", health="warning", last_error=reason)
+
+

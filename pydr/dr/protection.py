@@ -1,0 +1,120 @@
+"""``pydr protect``'s policy: what may be protected. An item's name and
+options, and each disk: its source on this machine (or on its --host), a
+replica that is not the source, not a disk of another item, not owned by
+another vault or item (pydr.dr.ownership), in one object store or none.
+What passes is recorded through the store's table methods
+(Store.add_item); nothing is recorded when anything fails."""
+
+import contextlib
+import errno
+import re
+import time
+
+from ..errors import InvalidState
+from . import ownership
+from .pointstores import specs
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
+            quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None, cbt=False,
+            host=None):
+    """Register an item: disks is a list of (source, replica) paths; a
+    replica may be "[user@]host:PATH" (reached with `rsh`, default ssh,
+    running `remote_pydr serve --stdio` there; its recovery-point steps
+    are kept beside it).
+    Points are kept while they are among the newest `retention` and (if
+    `retention_age` seconds is given) younger than that; the newest point
+    is always kept. `cbt`: each cycle takes its changed extents from a
+    QEMU dirty bitmap (sources: qcow2 images or qmp:SOCKET:NODE; see
+    pydr.dr.tracking). `host`: the sources are paths on that host, read
+    there by a Dask worker of a fleet (pydr.dr.fleet); they are not
+    looked for on this machine."""
+    _check_options(name, disks, retention, retention_age, quiesce_hook, thaw_hook, cbt, host)
+    if store.has_item(name):
+        raise InvalidState(f"item {name!r} is already protected", path=store.dir)
+    from ..endpoints import open_endpoint
+
+    def disk(spec):
+        return open_endpoint(spec, rsh=rsh, remote_pydr=remote_pydr)
+
+    stored = _check_disks(store, name, disks, disk, cbt=cbt, host=host)
+    owners = _check_owners(store, name, stored, disk)
+    job = store.start_job("protect", name)
+    store.add_item(name, stored, grp=group, state="protecting", direction="forward",
+                   health="ok", retention=retention, quiesce_hook=quiesce_hook,
+                   thaw_hook=thaw_hook, created=time.time(), retention_age=retention_age, rsh=rsh,
+                   remote_pydr=remote_pydr, host=host)
+    for replica, me in owners:  # not reachable, no directory yet: its first cycle claims it
+        with contextlib.suppress(OSError):
+            ownership.claim(replica, me, exists_in_vault=store.has_item)
+    store.end_job(job, "succeeded")
+
+
+def _check_options(name, disks, retention, retention_age, quiesce_hook, thaw_hook, cbt, host):
+    if not name or "/" in name or name.startswith("-"):
+        raise ValueError(f"invalid item name {name!r}")
+    if not disks:
+        raise ValueError("an item needs at least one --disk SOURCE=REPLICA")
+    if not isinstance(retention, int) or retention < 1:
+        raise ValueError("retention must be a positive number of points")
+    if retention_age is not None and retention_age <= 0:
+        raise ValueError("retention age must be positive")
+    if (quiesce_hook is None) != (thaw_hook is None):
+        raise ValueError("give both --quiesce-hook and --thaw-hook, or neither")
+    if host is not None and not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"invalid host name {host!r}: letters, digits, '.', '_' and '-'")
+
+
+def _check_disks(store, name, disks, disk, *, cbt, host):
+    """[(source spec, replica spec, tracking kind or None)] of a new item's
+    disks, each checked (`disk` opens a spec as the item reaches it)."""
+    taken = set()
+    for row in store.all_disks():  # a disk of another item is neither source nor replica here
+        taken |= {disk(row.source).identity, disk(row.replica).identity}
+    seen = set()
+    stored = []
+    for source, replica in disks:
+        src = disk(source)
+        rep = specs.protected_replica(name, src, disk(replica), cbt=cbt)  # the kind's rules
+        if src.place is not None:
+            raise ValueError(f"source disk {source} must be on this machine "
+                             "(replicas may be on another)")
+        if host is None and not src.exists():  # a host's disks are its worker's to find
+            raise FileNotFoundError(errno.ENOENT, "source disk not found", source)
+        if host is None and src.local_path is not None:
+            from ..engine.devices import check_disk
+
+            check_disk(src.local_path)  # a FIFO or socket: refused now, not at the first cycle
+        if src.identity == rep.identity:
+            raise ValueError(f"replica {replica} is the source disk itself")
+        for p in (src.identity, rep.identity):
+            if p in taken or p in seen:
+                raise InvalidState(f"{p} is already a disk of a protected item", path=p)
+            seen.add(p)
+        if cbt and not src.tracking:
+            raise ValueError(f"changed-block tracking (--cbt) needs a qcow2 image or a live "
+                             f"disk (qmp:SOCKET:NODE) as the source, not {source}")
+        stored.append((src.spec, rep.spec, src.tracking if cbt else None))
+    specs.check_one_kind([r for _, r, _ in stored])
+    return stored
+
+
+def _check_owners(store, name, stored, endpoint):
+    """[(replica endpoint, Owner)] of a new item's replicas (`endpoint`
+    opens a spec as the item reaches it); InvalidState naming the owner
+    if another vault or item owns one (a replica has one writer:
+    pydr.dr.ownership)."""
+    owners = []
+    for i, (_, replica, _) in enumerate(stored):
+        if not specs.has_owner(replica):
+            continue
+        rep = endpoint(replica)
+        me = ownership.Owner(store.vault_id(), store.dir, name, i, replica)
+        try:
+            ownership.check_claimable(rep, me, exists_in_vault=store.has_item)
+        except (ConnectionError, TimeoutError):
+            pass  # a host not reachable now: the item's first cycle checks and claims
+        owners.append((rep, me))
+    return owners

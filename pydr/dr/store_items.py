@@ -1,0 +1,123 @@
+"""The store's items and disks tables, and the operation recorded on an
+item while it runs (so that a killed one is finished by running its
+command again: docs/RELIABILITY.md). Part of pydr.dr.store.Store."""
+
+import json
+
+from ..errors import UnknownName
+from .store_records import DiskRecord, ItemRecord, assignments
+
+
+class ItemTables:
+    """Items and their disks; needs ``self.db``, ``self.dir`` and ``self.transaction``."""
+
+    # -- items -------------------------------------------------------------------
+    def item(self, name):
+        """The ItemRecord of `name`; UnknownName if it is not protected."""
+        row = self.db.execute(f"SELECT {ItemRecord.columns()} FROM items WHERE name=?",
+                              (name,)).fetchone()
+        if row is None:
+            raise UnknownName(f"no protected item named {name!r}", path=self.dir)
+        return ItemRecord.from_row(row)
+
+    def has_item(self, name):
+        return self.db.execute("SELECT 1 FROM items WHERE name=?", (name,)).fetchone() is not None
+
+    def items(self, group=None):
+        """The names of the items (of `group`: UnknownName if it has none), sorted."""
+        if group is None:
+            return [r["name"] for r in self.db.execute("SELECT name FROM items ORDER BY name")]
+        names = [r["name"] for r in self.db.execute(
+            "SELECT name FROM items WHERE grp=? ORDER BY name", (group,))]
+        if not names:
+            raise UnknownName(f"no replication group named {group!r}", path=self.dir)
+        return names
+
+    def item_records(self):
+        """Every item's ItemRecord, by name."""
+        return [ItemRecord.from_row(r) for r in self.db.execute(
+            f"SELECT {ItemRecord.columns()} FROM items ORDER BY name")]
+
+    def add_item(self, name, disks, **fields):
+        """Record a new item with its `disks` [(source, replica, tracking)]
+        (numbered from 0) in one transaction. `fields`: its other columns."""
+        row = {"name": name, **fields}
+        assignments(ItemRecord, row, "items")
+        with self.transaction():
+            self.db.execute(f"INSERT INTO items({', '.join(row)}) "
+                            f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+            for i, (source, replica, tracking) in enumerate(disks):
+                self.db.execute("INSERT INTO disks(item, idx, source, replica, tracking) "
+                                "VALUES (?,?,?,?,?)", (name, i, source, replica, tracking))
+
+    def set_item(self, name, **fields):
+        """Change columns of an item (in the caller's transaction, if any)."""
+        cols = assignments(ItemRecord, fields, "items")
+        self.db.execute(f"UPDATE items SET {cols} WHERE name=?", (*fields.values(), name))
+
+    # -- disks -------------------------------------------------------------------
+    def disks(self, name):
+        """The DiskRecords of an item, by index."""
+        return [DiskRecord.from_row(r) for r in self.db.execute(
+            f"SELECT {DiskRecord.columns()} FROM disks WHERE item=? ORDER BY idx", (name,))]
+
+    def all_disks(self):
+        """Every disks row (also one whose item is not there), by item and index."""
+        return [DiskRecord.from_row(r) for r in self.db.execute(
+            f"SELECT {DiskRecord.columns()} FROM disks ORDER BY item, idx")]
+
+    def set_bitmap(self, name, idx, bitmap, generation):
+        """The current dirty bitmap of a tracked disk (pydr.dr.tracking), in
+        the caller's transaction (the point's), if any."""
+        self.db.execute("UPDATE disks SET bitmap=?, generation=? WHERE item=? AND idx=?",
+                        (bitmap, generation, name, idx))
+
+    # -- the operation running on an item ------------------------------------------
+    def begin(self, name, operation, command, args=None, **fields):
+        """Record, with the state changes `fields` and in one transaction,
+        that `operation` runs on item `name`, and the command that finishes
+        it when it is interrupted. An operation already recorded (the one
+        this is part of: a failover's final cycle) stays."""
+        with self.transaction():
+            row = self.item(name)
+            if row.operation is None:
+                fields.update(operation=operation, operation_command=command,
+                              operation_args=json.dumps(args or {}))
+            if fields:
+                self.set_item(name, **fields)
+
+    def end(self, name, operation, **fields):
+        """The state changes `fields` and, if `operation` (a name or a tuple
+        of names) is the one recorded, its end, in one transaction."""
+        ops = (operation,) if isinstance(operation, str) else operation
+        with self.transaction():
+            if self.item(name).operation in ops:
+                fields.update(operation=None, operation_command=None, operation_args=None)
+            if fields:
+                self.set_item(name, **fields)
+
+    def pending(self, name, operation):
+        """The arguments (dict) of `operation` if it is recorded on `name`
+        (an interrupted run of it), else None."""
+        row = self.item(name)
+        if row.operation != operation:
+            return None
+        return json.loads(row.operation_args or "{}")
+
+    def operation(self, name):
+        """The operation recorded on an item: {"name", "command",
+        "interrupted"} (interrupted: no process is running it), or None."""
+        row = self.item(name)
+        if row.operation is None:
+            return None
+        if self.writer:  # this process runs it, unless it was there when we opened
+            interrupted = self.interrupted.get(name) == row.operation
+        else:
+            interrupted = not self.locked_by_another()
+        return {"name": row.operation, "command": row.operation_command,
+                "interrupted": interrupted}
+
+    def recorded_operations(self):
+        """{item: operation} of the items with an operation recorded."""
+        return {r["name"]: r["operation"] for r in self.db.execute(
+            "SELECT name, operation FROM items WHERE operation IS NOT NULL")}

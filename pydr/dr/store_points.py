@@ -1,0 +1,70 @@
+"""The store's steps, points and point_disks tables: the undo steps of each
+disk, and the recovery points made of them (docs/VAULT.md, "Recovery
+points are reverse deltas"). Part of pydr.dr.store.Store."""
+
+from ..errors import UnknownName
+from .store_records import PointDiskRecord, PointRecord, StepRecord
+
+
+class PointTables:
+    """Steps and points; needs ``self.db`` and ``self.dir`` (and ``self.item``)."""
+
+    # -- steps -------------------------------------------------------------------
+    def current_step(self, name, idx):
+        """The latest undo step of a disk, or 0 (only the initial copy)."""
+        row = self.db.execute("SELECT MAX(step) FROM steps WHERE item=? AND idx=?",
+                              (name, idx)).fetchone()
+        return row[0] or 0
+
+    def has_step(self, name, idx, step):
+        return self.db.execute("SELECT 1 FROM steps WHERE item=? AND idx=? AND step=?",
+                               (name, idx, step)).fetchone() is not None
+
+    def add_step(self, name, idx, step, path, size, digest):
+        """Record undo step `step` of disk `idx` (in the caller's transaction, if any)."""
+        self.db.execute("INSERT INTO steps(item, idx, step, path, bytes, digest) "
+                        "VALUES (?,?,?,?,?,?)", (name, idx, step, path, size, digest))
+
+    def all_steps(self):
+        """Every steps row (also one of a disk that is not there), by item,
+        disk and step."""
+        return [StepRecord.from_row(r) for r in self.db.execute(
+            f"SELECT {StepRecord.columns()} FROM steps ORDER BY item, idx, step")]
+
+    # -- points ------------------------------------------------------------------
+    def points(self, name):
+        """The PointRecords of item `name` (UnknownName if it is not protected), oldest first."""
+        self.item(name)
+        return [PointRecord.from_row(r) for r in self.db.execute(
+            f"SELECT {PointRecord.columns()} FROM points WHERE item=? ORDER BY id", (name,))]
+
+    def point(self, name, point_id):
+        row = self.db.execute(f"SELECT {PointRecord.columns()} FROM points WHERE item=? AND id=?",
+                              (name, point_id)).fetchone()
+        if row is None:
+            raise UnknownName(f"item {name!r} has no recovery point {point_id}", path=self.dir)
+        return PointRecord.from_row(row)
+
+    def all_points(self):
+        """Every points row (also one of an item that is not there), by item and id."""
+        return [PointRecord.from_row(r) for r in self.db.execute(
+            f"SELECT {PointRecord.columns()} FROM points ORDER BY item, id")]
+
+    def all_point_disks(self):
+        """Every point_disks row, by item, point and disk."""
+        return [PointDiskRecord.from_row(r) for r in self.db.execute(
+            f"SELECT {PointDiskRecord.columns()} FROM point_disks ORDER BY item, id, idx")]
+
+    def mark_damaged(self, name, point_ids, reason):
+        """Record that points of item `name` can no longer be restored, and
+        why (a damaged step, a replica changed behind the vault's back).
+        A point already marked keeps its first reason."""
+        with self.db:
+            self.db.executemany("UPDATE points SET damaged=? WHERE item=? AND id=? AND damaged IS NULL",
+                                [(reason, name, p) for p in point_ids])
+
+    def points_needing(self, name, idx, step):
+        """The ids of the points of `name` whose disk `idx` is made with undo
+        step `step` (the points before it)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM point_disks WHERE item=? AND idx=? AND step<?", (name, idx, step))]

@@ -1,0 +1,139 @@
+"""The rows the vault's store answers, as small typed records: one class a
+table, its attributes named like the table's columns (docs/VAULT.md), read
+only. The store reads them by column name, so a vault whose columns were
+added by migrations (in another order) gives the same records.
+
+The bridge while callers move from sqlite3.Row and dicts to attributes:
+a record also answers ``r["name"]``, ``r.get("name")``, ``r.keys()`` and
+``dict(r)``; ``to_dict()`` is its plain dict (for JSON).
+"""
+
+
+class Record:
+    """A read-only row; subclasses name their columns in ``__slots__``."""
+
+    __slots__ = ()
+
+    def __init__(self, *values, **named):
+        if len(values) > len(self.__slots__):
+            raise TypeError(f"{type(self).__name__} has {len(self.__slots__)} columns, "
+                            f"not {len(values)}")
+        given = dict(zip(self.__slots__, values))
+        twice = set(given) & set(named)
+        unknown = set(named) - set(self.__slots__)
+        if twice or unknown:
+            raise TypeError(f"{type(self).__name__}: "
+                            + (f"{sorted(twice)} given twice" if twice else
+                               f"no column {sorted(unknown)}"))
+        given.update(named)
+        missing = [c for c in self.__slots__ if c not in given]
+        if missing:
+            raise TypeError(f"{type(self).__name__}: missing {missing}")
+        for column in self.__slots__:
+            object.__setattr__(self, column, given[column])
+
+    @classmethod
+    def columns(cls):
+        """The column list of a SELECT that reads this record."""
+        return ", ".join(cls.__slots__)
+
+    @classmethod
+    def from_row(cls, row):
+        """The record of a sqlite3.Row (read by column name)."""
+        return cls(*(row[c] for c in cls.__slots__))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is read-only: the store changes rows")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"{type(self).__name__} is read-only: the store changes rows")
+
+    def _values(self):
+        return tuple(getattr(self, c) for c in self.__slots__)
+
+    # -- the bridge: a record read like the sqlite3.Row or dict it replaces ------
+    def __getitem__(self, column):
+        if not isinstance(column, str) or column not in self.__slots__:
+            raise KeyError(column)
+        return getattr(self, column)
+
+    def keys(self):
+        return list(self.__slots__)
+
+    def get(self, column, default=None):
+        return getattr(self, column) if column in self.__slots__ else default
+
+    def to_dict(self):
+        return dict(zip(self.__slots__, self._values()))
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self._values() == other._values()
+
+    def __hash__(self):
+        return hash((type(self), self._values()))
+
+    def __reduce__(self):
+        return type(self), self._values()
+
+    def __repr__(self):
+        fields = ", ".join(f"{c}={v!r}" for c, v in zip(self.__slots__, self._values()))
+        return f"{type(self).__name__}({fields})"
+
+
+def assignments(record, fields, table):
+    """The SET clause ("a=?, b=?") of an UPDATE of `fields` in `table`, each
+    a column of `record` (names come from code, never from input: one that
+    is not a column is a bug)."""
+    unknown = set(fields) - set(record.__slots__)
+    if unknown:
+        raise TypeError(f"no column {', '.join(sorted(unknown))} in table {table}")
+    return ", ".join(f"{k}=?" for k in fields)
+
+
+class ItemRecord(Record):
+    """A protected item (the items table). ``grp`` is its group."""
+
+    __slots__ = ("name", "grp", "state", "direction", "health", "retention", "quiesce_hook",
+                 "thaw_hook", "created", "last_error", "attempts", "next_retry",
+                 "retention_age", "test_dir", "failover_point", "rsh", "remote_pydr",
+                 "operation", "operation_command", "operation_args", "test_point",
+                 "test_method", "host", "failover_dir")
+
+
+class DiskRecord(Record):
+    """Disk `idx` of an item: its source, replica and tracking (the disks table)."""
+
+    __slots__ = ("item", "idx", "source", "replica", "tracking", "bitmap", "generation")
+
+
+class StepRecord(Record):
+    """Undo step `step` of disk `idx` of an item: its file (a path, or
+    host:path), its size and digest (the steps table)."""
+
+    __slots__ = ("item", "idx", "step", "path", "bytes", "digest")
+
+
+class PointRecord(Record):
+    """A recovery point of an item (the points table); `damaged`: why it
+    can no longer be restored, or None."""
+
+    __slots__ = ("id", "item", "created", "consistency", "bytes", "cut", "damaged")
+
+
+class PointDiskRecord(Record):
+    """The step disk `idx` of an item was at in point `id` (the point_disks table)."""
+
+    __slots__ = ("id", "item", "idx", "step")
+
+
+class JobRecord(Record):
+    """A job: a command's work on an item (the jobs table)."""
+
+    __slots__ = ("id", "kind", "item", "state", "progress", "bytes_transferred", "started",
+                 "ended", "error", "pid", "method", "host")
+
+
+class PlanRecord(Record):
+    """A recovery plan; `definition` is its list of groups ({"items", "pre", "post"})."""
+
+    __slots__ = ("name", "definition", "created")

@@ -1,0 +1,335 @@
+"""Each machine's failure its own: one cycle over several independent items
+and a group, with one item's and one group member's source disk gone. The
+healthy items get exact points and stay healthy, the broken item carries its
+own error, the group gets no point, --json names every item's outcome, the
+exit status is 21; once the disks are back a rerun finishes everything.
+The same through a fleet (a Dask cluster, tests/dr/test_fleet.py), and a
+fleet runs a --cbt qcow2 item and an S3 item on their hosts' workers.
+
+States are reached by removing files, never by timing."""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+
+import pytest
+
+from conftest import run_cli, sha
+from pydr.dr.vault import Vault
+from pydr.errors import CycleFailed
+from test_fleet import make_cluster, scribble, write_disk
+from test_s3 import s3, swift  # noqa: F401  (fixtures: a Swift server, a bucket)
+
+ALONE = ("a", "b", "c")
+GROUP = ("g1", "g2")
+BROKEN = ("b", "g2")  # their source disks go away
+HOSTS = {"a": "hv-a", "b": "hv-b", "c": "hv-a", "g1": "hv-a", "g2": "hv-b"}
+
+
+def setup_items(tmp_path, hosts=False):
+    vault = tmp_path / "vault"
+    assert run_cli("vault", "init", vault).returncode == 0
+    items = {}
+    for n, name in enumerate(ALONE + GROUP):
+        source, replica = tmp_path / "site-a" / f"{name}.img", tmp_path / "site-b" / f"{name}.img"
+        source.parent.mkdir(exist_ok=True)
+        replica.parent.mkdir(exist_ok=True)
+        write_disk(source, n)
+        args = ["protect", name, "--disk", f"{source}={replica}", "--vault", vault]
+        if name in GROUP:
+            args += ["--group", "shop"]
+        if hosts:
+            args += ["--host", HOSTS[name]]
+        r = run_cli(*args)
+        assert r.returncode == 0, r.stderr
+        items[name] = source
+    return str(vault), items
+
+
+def replicate_all(vault, *extra):
+    return run_cli("replicate", "--all", *extra, "--vault", vault)
+
+
+def record(vault, items, history, names):
+    """history[item][point id] = sha of its source now, for the newest point of `names`."""
+    with Vault(vault) as v:
+        for name in names:
+            history.setdefault(name, {})[v.points(name)[-1]["id"]] = sha(items[name])
+
+
+def check_points(vault, history, tmp_path):
+    """Every point of every item is exactly its source at that cycle."""
+    with Vault(vault, writer=True) as v:
+        for name, points in history.items():
+            assert [p["id"] for p in v.points(name)] == sorted(points), name
+            for pid, want in points.items():
+                out = tmp_path / "check" / name / str(pid)
+                (path,) = v.materialize(name, pid, str(out))
+                assert sha(path) == want, (name, pid)
+                shutil.rmtree(out)
+
+
+def break_and_check(vault, items, history, tmp_path, extra=()):
+    """Change every source, remove the broken ones, replicate --all: the
+    outcomes, the exit status, each item's health and points."""
+    for n, name in enumerate(items):
+        scribble(items[name], 100 + n)
+    for name in BROKEN:
+        os.rename(items[name], f"{items[name]}.gone")
+    r = replicate_all(vault, "--json", *extra)
+    assert r.returncode == 21, r.stderr
+    assert b"3 of 5 items failed" in r.stderr and b"Traceback" not in r.stderr
+    result = json.loads(r.stdout)[0]
+    outcomes = {o["item"]: o for o in result["outcomes"]}
+    assert sorted(outcomes) == sorted(items)
+    assert sorted(result["items"]) == ["a", "c"]
+    for name in ("a", "c"):
+        o = outcomes[name]
+        assert o["status"] == "succeeded" and o["point_id"] == result["point_id"] is not None
+        assert o["error"] is None and o["exit_code"] is None and o["recoverable"] is None
+    for name in BROKEN:  # each carries its own error: its disk's path, exit 3 (not found)
+        o = outcomes[name]
+        assert o["status"] == "failed" and o["exit_code"] == 3 and o["point_id"] is None
+        assert str(items[name]) in o["error"], o
+    o = outcomes["g1"]  # the group is all-or-nothing: g1 fails with g2's error
+    assert o["status"] == "failed" and str(items["g2"]) in o["error"]
+    record(vault, items, history, ["a", "c"])
+    with Vault(vault) as v:
+        for name in ("a", "c"):
+            st = v.status(name)
+            assert st["health"] == "ok" and st["last_error"] is None and st["points"] == 2
+        for name in BROKEN + ("g1",):
+            st = v.status(name)
+            assert st["points"] == 1, name  # the group gets no point
+            assert st["health"] == "critical" and st["operation"] is None
+        assert str(items["b"]) in v.status("b")["last_error"]
+        jobs = [j for j in v.jobs() if j["kind"] == "replicate"][-5:]
+        assert {j["item"]: j["state"] for j in jobs} == {
+            "a": "succeeded", "b": "failed", "c": "succeeded", "g1": "failed", "g2": "failed"}
+    return result
+
+
+def repair_and_rerun(vault, items, history, tmp_path, extra=()):
+    for name in BROKEN:
+        os.rename(f"{items[name]}.gone", items[name])
+    r = replicate_all(vault, "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)[0]
+    assert sorted(result["items"]) == sorted(items)
+    assert all(o["status"] == "succeeded" for o in result["outcomes"])
+    record(vault, items, history, list(items))
+    with Vault(vault) as v:
+        assert all(v.status(n)["health"] == "ok" for n in items)
+        assert v.points("g1")[-1]["id"] == v.points("g2")[-1]["id"]  # one point for the group
+    check_points(vault, history, tmp_path)
+
+
+def test_one_broken_machine_does_not_stop_the_others(tmp_path):
+    vault, items = setup_items(tmp_path)
+    assert replicate_all(vault).returncode == 0
+    history = {}
+    record(vault, items, history, list(items))
+    break_and_check(vault, items, history, tmp_path)
+    check_points(vault, history, tmp_path)
+    r = replicate_all(vault)  # the text says which items failed and why
+    assert r.returncode == 21
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].startswith("point ") and lines[0].endswith(" s") and "for a, c:" in lines[0]
+    assert sorted(line.split(":")[0] for line in lines[1:]) == ["b", "g1", "g2"]
+    assert "b: failed: " in lines[1] and str(items["b"]) in lines[1]
+    record(vault, items, history, ["a", "c"])
+    repair_and_rerun(vault, items, history, tmp_path)
+
+
+def test_the_api_raises_one_error_with_every_outcome(tmp_path):
+    vault, items = setup_items(tmp_path)
+    os.rename(items["b"], f"{items['b']}.gone")
+    with Vault(vault, writer=True) as v:
+        with pytest.raises(CycleFailed) as caught:
+            v.replicate(["a", "b"])
+        result = caught.value.result
+        assert [(o.item, o.status) for o in result.outcomes] == [("a", "succeeded"),
+                                                                 ("b", "failed")]
+        assert result.items == ["a"] and v.points("a") and not v.points("b")
+        with pytest.raises(FileNotFoundError):  # one item: its own error, as before
+            v.replicate("b")
+        v.replicate("c")
+        assert v.status("c")["health"] == "ok"
+
+
+def test_a_failure_while_recording_an_item_is_its_own(tmp_path, monkeypatch):
+    """The vault's disk fills while a's retention runs (after its point is
+    recorded): a fails with that error, c is recorded and ends as usual."""
+    import errno
+
+    from pydr.dr import cycle
+
+    real = cycle.apply_retention
+
+    def full(vault, name, now=None):
+        if name == "a":
+            raise OSError(errno.ENOSPC, "No space left on device", vault.dir)
+        return real(vault, name, now)
+
+    monkeypatch.setattr(cycle, "apply_retention", full)
+    vault, items = setup_items(tmp_path)
+    with Vault(vault, writer=True) as v:
+        with pytest.raises(CycleFailed) as caught:
+            v.replicate(["a", "c"])
+        outcomes = {o.item: o for o in caught.value.result.outcomes}
+        assert outcomes["c"].status == "succeeded" and v.status("c")["health"] == "ok"
+        a = outcomes["a"]
+        assert (a.status, a.exit_code, a.recoverable) == ("failed", 6, True)
+        assert vault in a.error and "No space left" in a.error
+        st = v.status("a")
+        assert st["health"] == "warning" and "No space left" in st["last_error"]
+        assert [j["state"] for j in v.jobs() if j["kind"] == "replicate"] == ["failed",
+                                                                              "succeeded"]
+
+
+def test_retry_retries_only_the_items_that_may_recover(tmp_path):
+    """A missing disk is not recoverable: --retry does not retry it (a retry
+    would run the healthy items again and give them a second point)."""
+    vault, items = setup_items(tmp_path)
+    os.rename(items["b"], f"{items['b']}.gone")
+    r = run_cli("replicate", "--all", "--retry", "--json", "--vault", vault)
+    assert r.returncode == 21, r.stderr
+    outcomes = {o["item"]: o for o in json.loads(r.stdout)[0]["outcomes"]}
+    assert outcomes["b"]["status"] == "failed" and not outcomes["b"]["recoverable"]
+    with Vault(vault) as v:
+        assert [len(v.points(n)) for n in sorted(items)] == [1, 0, 1, 1, 1]
+        assert all(v.status(n)["failed_attempts"] == 0 for n in items)
+
+
+def test_retry_retries_only_the_recoverable_items(tmp_path, monkeypatch):
+    """b's first capture loses its connection (recoverable), c's disk is
+    gone (not): the retry runs b alone, and the result has every item's
+    last outcome."""
+    from pydr.dr import stepcapture
+    from pydr.dr.retry import RetryPolicy
+
+    vault, items = setup_items(tmp_path)
+    real, calls = stepcapture.capture, []
+
+    def flaky(v, names, opts, jobs):
+        calls.append(list(names))
+        if names == ["b"] and calls.count(["b"]) == 1:
+            raise ConnectionResetError(104, "connection reset by the replica's host")
+        return real(v, names, opts, jobs)
+
+    monkeypatch.setattr(stepcapture, "capture", flaky)
+    os.rename(items["c"], f"{items['c']}.gone")
+    slept = []
+    with Vault(vault, writer=True) as v:
+        with pytest.raises(CycleFailed) as caught:
+            v.replicate(list(items), retry=True, policy=RetryPolicy(sleep=slept.append))
+        assert calls == [["a"], ["b"], ["c"], ["g1", "g2"], ["b"]]
+        assert len(slept) == 1
+        result = caught.value.result
+        assert {o.item: o.status for o in result.outcomes} == {
+            "a": "succeeded", "b": "succeeded", "c": "failed", "g1": "succeeded",
+            "g2": "succeeded"}
+        assert sorted(result.items) == ["a", "b", "g1", "g2"]
+        assert [len(v.points(n)) for n in sorted(items)] == [1, 1, 0, 1, 1]
+        assert v.status("b")["health"] == "ok" and v.status("c")["health"] == "critical"
+
+
+def test_the_same_through_a_fleet(tmp_path):
+    vault, items = setup_items(tmp_path, hosts=True)
+    with make_cluster(sorted(set(HOSTS.values())), tmp_path) as cluster:
+        fleet = ("--scheduler", cluster.scheduler_address)
+        r = replicate_all(vault, *fleet)
+        assert r.returncode == 0, r.stderr
+        history = {}
+        record(vault, items, history, list(items))
+        break_and_check(vault, items, history, tmp_path, fleet)
+        with Vault(vault) as v:  # the healthy items' work ran on their hosts
+            ran = {j["item"]: j["host"] for j in v.jobs()
+                   if j["kind"] == "replicate" and j["state"] == "succeeded"}
+        assert ran == HOSTS
+        repair_and_rerun(vault, items, history, tmp_path, fleet)
+
+
+def qcow2_image(path):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    qemu_io(path, "write -P 0x11 0 8M", "write -P 0x22 32M 4M")
+
+
+def qemu_io(path, *commands):
+    args = ["qemu-io", "-f", "qcow2"]
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run(args + [str(path)], check=True, capture_output=True)
+
+
+def raw_sha(image, tmp_path):
+    out = tmp_path / "raw-of.img"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True)
+    try:
+        return sha(out)
+    finally:
+        out.unlink()
+
+
+def bitmaps(image):
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(image)],
+                                     check=True, capture_output=True).stdout)
+    return sorted(b["name"] for b in info.get("format-specific", {}).get("data", {})
+                  .get("bitmaps", ()))
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("qemu-img", "qemu-io", "qemu-nbd")),
+                    reason="needs qemu-utils (scripts/bootstrap installs them)")
+def test_a_fleet_replicates_a_cbt_item_and_an_s3_item_on_their_hosts(s3, tmp_path):  # noqa: F811
+    ctx = s3
+    vault = ctx["vault"]
+    image = tmp_path / "vm.qcow2"
+    qcow2_image(image)
+    raw = tmp_path / "obj.img"
+    write_disk(raw, 7, size=8 << 20)
+    for args in (["vm", "--cbt", "--host", "hv-a", "--disk", f"{image}={tmp_path / 'vm.img'}"],
+                 ["obj", "--host", "hv-b", "--disk", f"{raw}={ctx['url']}"]):
+        r = run_cli("protect", *args, "--vault", vault, env=ctx["env"])
+        assert r.returncode == 0, r.stderr
+    history = {"vm": {}, "obj": {}}
+    marker = tmp_path / "killed"
+    for cycle in range(3):
+        if cycle:
+            qemu_io(image, f"write -P 0x3{cycle} {cycle * 8}M 64k")
+            scribble(raw, cycle)
+        # the last cycle's first try dies on hv-a after its transfer, before it returns: the
+        # worker's Nanny restarts it and the task runs again from the bitmaps the vault knows
+        env = {"PYDR_CRASH_AT": "agent.disk", "PYDR_CRASH_ONCE": str(marker)} \
+            if cycle == 2 else None
+        with make_cluster(["hv-a", "hv-b"], tmp_path, env=env) as cluster:
+            r = run_cli("replicate", "--all", "--scheduler", cluster.scheduler_address,
+                        "--json", "--vault", vault, env=ctx["env"])
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)[0]
+        assert sorted(result["items"]) == ["obj", "vm"]
+        history["vm"][result["point_id"]] = raw_sha(image, tmp_path)
+        history["obj"][result["point_id"]] = sha(raw)
+        with sqlite3.connect(os.path.join(vault, "vault.db")) as db:
+            bitmap, generation = db.execute(
+                "SELECT bitmap, generation FROM disks WHERE item='vm'").fetchone()
+        assert (bitmap, generation) == (f"pydr-{cycle + 1}", cycle + 1)
+        # the bitmap of the point before is dropped by the host's next cut
+        assert bitmaps(image) == sorted({f"pydr-{cycle + 1}", f"pydr-{max(cycle, 1)}"})
+    assert marker.exists()  # a worker did die there
+    with Vault(vault) as v:
+        ran = [(j["item"], j["host"], j["state"]) for j in v.jobs() if j["kind"] == "replicate"]
+        bytes_vm = [j["bytes_transferred"] for j in v.jobs() if j["item"] == "vm"
+                    and j["kind"] == "replicate"]
+    assert sorted(set(ran)) == [("obj", "hv-b", "succeeded"), ("vm", "hv-a", "succeeded")]
+    assert len(ran) == 6
+    assert all(b <= 64 << 10 for b in bytes_vm[1:]), bytes_vm  # only what the bitmap said
+    r = run_cli("verify", "obj", "--json", "--vault", vault, env=ctx["env"])
+    assert r.returncode == 0 and json.loads(r.stdout)["problems"] == []
+    with Vault(vault, writer=True) as v:
+        for name, points in history.items():
+            assert [p["id"] for p in v.points(name)] == sorted(points)
+            for pid, want in points.items():
+                (path,) = v.materialize(name, pid, str(tmp_path / "check" / name / str(pid)))
+                assert sha(path) == want, (name, pid)
