@@ -7,6 +7,7 @@ import os
 
 from ..engine import crashpoints, names
 from ..errors import InvalidState
+from .pointstores import point_store
 from .points import check_point, materialize_into, select_point
 
 SELECTORS = (None, "latest", "latest-processed", "latest-app-consistent")
@@ -18,18 +19,13 @@ def method_flags(method):
 
 
 def overlay_drill(vault, name):
-    """The first disk of a test failover of `name` that is a qcow2 overlay
-    backed by its replica itself (a drill made with --as qcow2), or None."""
+    """The first disk of a test failover of `name` that reads a replica as
+    its backing file (a drill made with --as qcow2), or None
+    (PointStore.drill_on_replicas)."""
     row = vault.item(name)
     if not row["test_dir"]:
         return None
-    where = vault.endpoint(name, row["test_dir"])
-    for d in vault.disks(name):
-        replica = vault.endpoint(name, d["replica"])
-        disk = where.child(os.path.basename(replica.path))
-        if disk.exists() and disk.backing() == replica.path:
-            return disk
-    return None
+    return point_store(vault, name).drill_on_replicas(vault.endpoint(name, row["test_dir"]))
 
 
 def check_no_overlay_drill(vault, name, what):
@@ -105,7 +101,8 @@ def cleanup_test_failover(vault, name):
                  for d in vault.disks(name)]
         removed = [str(d) for d in disks if d.exists()]
         # the disks, and what a killed drill left half-made beside them
-        directory.remove_drill(disks + [d.sidecar(names.NEW) for d in disks])
+        point_store(vault, name).remove_drill(directory,
+                                              disks + [d.sidecar(names.NEW) for d in disks])
         crashpoints.reached("drill.cleaned")
         vault.end(name, "cleanup-test-failover", test_dir=None, test_point=None, test_method=None)
         return removed

@@ -3,13 +3,15 @@ reprotect and failback (drills are pydr.dr.drills).
 
 States of an item: protected -> failing-over -> failed-over (-> change-point
 ...) -> committing -> failover-committed (direction flipped) -> protecting
-(reprotect) -> protected. A failover moves each replica (the latest
+(reprotect) -> protected. Each disk is brought up by the item's point
+store (pydr.dr.pointstores): a step chain moves each replica (the latest
 replicated state, the baseline of every undo step) aside to
 ".NAME.pydr-base" beside it -- an atomic rename -- and materialises the
-chosen point at the replica's path (whole, by a rename). change-point
-re-materialises from that untouched baseline, so it is exact even after the
-failed-over machine wrote to its disks. commit discards the baselines, the
-points and their steps.
+chosen point at the replica's path (whole, by a rename); a chunk index
+downloads it into --to DIR. change-point makes the disks again from the
+untouched baselines (or the store), so it is exact even after the
+failed-over machine wrote to its disks. commit discards the points and
+what they were made from (PointStore.discard).
 
 Every operation is recorded on the item while it runs (Store.begin/end,
 with the command that finishes it), and each of its steps can be done
@@ -20,12 +22,12 @@ after it finished says so and changes nothing.
 import contextlib
 import os
 
-from ..endpoints import remove_all
-from ..engine import crashpoints, names
+from ..engine import crashpoints
 from ..errors import DamagedJournal, DamagedPoint, InvalidState, PydrError, UnknownName
-from . import objectstore, ownership
+from . import ownership
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
+from .pointstores import point_store
 from .points import SELECTORS, check_point, materialize_disk, select_point
 from .replication import owner_of, replicate
 
@@ -51,10 +53,9 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
     (its points downloaded there; the disks there are its replicas from then
     on). Returns {"item", "point", "method", "notes"}."""
     row = vault.item(name)
-    if to is not None and not objectstore.is_object_item(vault, name) and \
-            row["state"] == "protected":
-        raise ValueError("--to is for items replicated to an object store: the others fail "
-                         "over at their replicas' paths")
+    store = point_store(vault, name)
+    if row["state"] == "protected":  # where the disks come up: --to, or the replicas' paths
+        to = store.failover_dir(to)
     if row["state"] == "failing-over":
         try:  # a step lost meanwhile: this point cannot come up, another one can
             check_point(vault, name, row["failover_point"])
@@ -78,11 +79,6 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         raise InvalidState(f"item {name!r} cannot fail over in state {row['state']} "
                            f"(direction {row['direction']})", path=vault.dir)
     check_no_overlay_drill(vault, name, "a failover")
-    if objectstore.is_object_item(vault, name):
-        if to is None:
-            raise ValueError(f"{name!r} is replicated to an object store: give --to DIR, the "
-                             f"directory on this machine where its disks are made")
-        to = os.path.abspath(os.fspath(to))
     chosen = not planned and point not in (None, "latest")
     if chosen:  # known now: checked before anything is recorded, moved or run
         check_point(vault, name, select_point(vault, name, point))
@@ -120,30 +116,19 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
 
 
 def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None, checked=False):
-    """Make every replica path hold point `pid`: each replica moves aside to
-    its baseline first (unless it did already), then the point's disk is
-    made from the baseline, by `method`, and renamed over the replica path.
-    Ends in failed-over."""
+    """Make every disk of the item hold point `pid`, by its point store
+    (PointStore.bring_up_disk: a step chain moves each replica aside to its
+    baseline and makes the point from it at the replica's path; a chunk
+    index downloads it into the failover directory). Ends in failed-over."""
+    store = point_store(vault, name)
     methods = []
-    if objectstore.has_object_points(vault, name):
-        return _bring_up_downloaded(vault, name, pid, operation, notes)
 
     def run():
         if not checked:  # before any replica is moved aside
             check_point(vault, name, pid)
         for d in vault.disks(name):
-            replica = vault.endpoint(name, d["replica"])
-            base = replica.sidecar(names.BASE)
-            if not base.exists():
-                replica.rename(base)  # atomic; the baseline of every step
-                # the rename changed its ctime: recorded (durably) before any point is
-                # made from it, so that a resumed failover and change-point check it
-                ownership.record_state(owner_of(vault, name, d), base, writing=False,
-                                       which=ownership.BASELINE)
-                crashpoints.reached("failover.baseline")
-            methods.append(materialize_disk(vault, name, pid, d, replica, method=method,
-                                            progress=progress))  # whole, by a rename
-            crashpoints.reached("failover.disk")
+            methods.append(store.bring_up_disk(pid, d, method=method, progress=progress))
+            crashpoints.reached("failover.disk")  # whole, by a rename
         vault.end(name, (operation, "failover", "change-point"), state="failed-over",
                   failover_point=pid)
         return {"item": name, "point": pid, "method": "+".join(sorted(set(methods))),
@@ -152,37 +137,10 @@ def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None, 
     return vault.run_job(operation, name, run)
 
 
-def _bring_up_downloaded(vault, name, pid, operation, notes):
-    """The same for points in an object store: each disk is downloaded into
-    the failover directory (atomically, by a rename), and from then on that
-    local disk is its replica. Run again, it downloads again: exact."""
-    where = vault.item(name)["failover_dir"]
-
-    def run():
-        for d in vault.disks(name):
-            replica = vault.endpoint(name, d["replica"])
-            dest = os.path.join(where, replica.path) if d["replica"].startswith("s3://") \
-                else replica.local_path
-            objectstore.restore_disk(vault, name, pid, d, dest)
-            vault.note_method("download")
-            vault.db.execute("UPDATE disks SET replica=? WHERE item=? AND idx=?",
-                             (dest, name, d["idx"]))
-            crashpoints.reached("failover.disk")
-        vault.end(name, (operation, "failover", "change-point"), state="failed-over",
-                  failover_point=pid)
-        return {"item": name, "point": pid, "method": "download", "notes": notes}
-
-    return vault.run_job(operation, name, run)
-
-
 def current_method(vault, name):
     """How the failed-over disks were made, as far as it matters for making
-    them again: "qcow2" where the first is an overlay on its baseline."""
-    for d in vault.disks(name):
-        replica = vault.endpoint(name, d["replica"])
-        if replica.exists() and replica.backing() == replica.sidecar(names.BASE).path:
-            return "qcow2"
-    return "auto"
+    them again (PointStore.current_method): "qcow2" or "auto"."""
+    return point_store(vault, name).current_method()
 
 
 def change_point(vault, name, point, *, method=None, progress=None):
@@ -226,25 +184,8 @@ def commit(vault, name):
         vault.begin(name, "commit", f"pydr commit {name}", state="committing")
         crashpoints.reached("commit.marked")
 
-    notes = []
-
     def run():
-        steps = [r["path"] for r in vault.db.execute("SELECT path FROM steps WHERE item=?",
-                                                      (name,))]
-        replicas = [vault.endpoint(name, d["replica"]) for d in vault.disks(name)]
-        for replica in replicas:  # an overlay on its baseline becomes one raw disk
-            base = replica.sidecar(names.BASE)
-            if replica.exists() and base.exists() and replica.backing() == base.path:
-                replica.flatten(base)
-                notes.append(f"flattened the qcow2 overlay {replica} into its baseline "
-                             "(qemu-img commit): one raw disk")
-        if objectstore.has_object_points(vault, name):  # its points were in an object store
-            store = objectstore.store_of(vault, name).spec
-            dropped = objectstore.drop_indexes(vault, name)
-            notes.append(f"removed the {dropped} point indexes from {store}: 'pydr gc {store}' "
-                         f"sweeps their chunks")
-        remove_all([vault.endpoint(name, p) for p in steps]
-                   + [r.sidecar(names.BASE) for r in replicas])
+        notes = point_store(vault, name).discard()  # steps, baselines, indexes
         for d in vault.disks(name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(vault.cache_path(name, d["idx"]))

@@ -139,8 +139,6 @@ def decode(blob, where):
 def owner_file(replica):
     """The endpoint of a replica's owner file, or None where a disk has no
     files beside it (an NBD export, an object store)."""
-    if getattr(replica, "point_store", False):
-        return None
     if replica.local_path is not None:  # a raw file or a QEMU image here: a plain file
         from ..endpoints.local import LocalEndpoint
 

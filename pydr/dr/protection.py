@@ -7,12 +7,12 @@ What passes is recorded through the store's table methods
 
 import contextlib
 import errno
-import os
 import re
 import time
 
 from ..errors import InvalidState
 from . import ownership
+from .pointstores import specs
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -75,22 +75,12 @@ def _check_disks(store, name, disks, disk, *, cbt, host):
         taken |= {disk(row.source).identity, disk(row.replica).identity}
     seen = set()
     stored = []
-    stores = set()
     for source, replica in disks:
-        src, rep = disk(source), disk(replica)
-        if getattr(rep, "point_store", False):  # s3://...: named by item and file name
-            stores.add(rep.store.spec)
-            if cbt or src.local_path is None:
-                raise ValueError(f"{replica}: an object-store replica needs a raw file or "
-                                 f"block device as its source (here, or on its --host), "
-                                 f"without --cbt")
-            rep = rep.for_disk(name, os.path.basename(src.local_path))
+        src = disk(source)
+        rep = specs.protected_replica(name, src, disk(replica), cbt=cbt)  # the kind's rules
         if src.place is not None:
             raise ValueError(f"source disk {source} must be on this machine "
                              "(replicas may be on another)")
-        if rep.place is not None and not getattr(rep, "point_store", False) \
-                and not os.path.isabs(rep.path):
-            raise ValueError(f"remote replica {replica} needs an absolute path")
         if host is None and not src.exists():  # a host's disks are its worker's to find
             raise FileNotFoundError(errno.ENOENT, "source disk not found", source)
         if host is None and src.local_path is not None:
@@ -107,9 +97,7 @@ def _check_disks(store, name, disks, disk, *, cbt, host):
             raise ValueError(f"changed-block tracking (--cbt) needs a qcow2 image or a live "
                              f"disk (qmp:SOCKET:NODE) as the source, not {source}")
         stored.append((src.spec, rep.spec, src.tracking if cbt else None))
-    if stores and (len(stores) > 1 or any(
-            not r.startswith("s3://") for _, r, _ in stored)):
-        raise ValueError("the disks of an item are all in one object store, or none is")
+    specs.check_one_kind([r for _, r, _ in stored])
     return stored
 
 
@@ -120,9 +108,9 @@ def _check_owners(store, name, stored, endpoint):
     pydr.dr.ownership)."""
     owners = []
     for i, (_, replica, _) in enumerate(stored):
-        rep = endpoint(replica)
-        if getattr(rep, "point_store", False):
+        if not specs.has_owner(replica):
             continue
+        rep = endpoint(replica)
         me = ownership.Owner(store.vault_id(), store.dir, name, i, replica)
         try:
             ownership.check_claimable(rep, me, exists_in_vault=store.has_item)

@@ -41,17 +41,16 @@ def failed_over(vault, name):
 
 
 def check_replicas(vault, name):
-    """Refuse the points of `name` (DamagedPoint, exit 7, naming the file)
-    unless every file its steps are rolled back onto is as recorded."""
+    """Refuse the points of `name`, a step chain (DamagedPoint, exit 7,
+    naming the file) unless every file its steps are rolled back onto is as
+    recorded. (A chunk index has no such file: its chunks are checked
+    against their ids as they are read.)"""
     points = vault.points(name)
-    if not points or vault.db.execute("SELECT 1 FROM object_indexes WHERE item=? LIMIT 1",
-                                      (name,)).fetchone():
-        return  # points in an object store: whole indexes, checked chunk by chunk
+    if not points:
+        return
     away = failed_over(vault, name)
     for d in vault.disks(name):
         replica = vault.endpoint(name, d["replica"])
-        if getattr(replica, "point_store", False):  # its points are whole indexes
-            continue
         target, which, what = replica, ownership.REPLICA, "replica"
         if away:
             base = replica.sidecar(names.BASE)

@@ -105,10 +105,11 @@ def _scrub_disks(vault, name, sample, threads):
 
 
 def _mark_rotten(vault, name, reason):
-    from .replication import mark_resync_required
-
+    """Every point is damaged, and the next cycle must be a --resync (as
+    pydr.dr.replication.mark_resync_required; not imported: the workflow
+    imports this module)."""
     vault.mark_damaged(name, [p["id"] for p in vault.points(name)], reason)
-    mark_resync_required(vault, name, reason)
+    vault.set_item(name, state="resync-required", health="warning", last_error=reason)
 
 
 def scrub_file(path, cache, *, sample=100.0, threads=None, rng=random):

@@ -12,13 +12,12 @@ this class only forwards to the workflow modules.
 
 from . import drills as D
 from . import failover as F
-from . import objectstore as O
 from . import plans as plans_
+from . import pointstores
 from . import points as points_
 from . import protection
 from . import replication as R
 from . import report
-from . import verify as verify_
 from .store import Store, init_vault  # noqa: F401  (pydr.dr.vault.init_vault)
 
 
@@ -77,23 +76,16 @@ class Vault(Store):
         return F.failback(self, name, **kwargs)
 
     def verify(self, name, point=None, sample=100.0):
-        """Check an item's points: an object-store item's indexes and chunks
-        (pydr.dr.objectstore.verify), or the undo steps and signature caches
-        of the others (pydr.dr.verify.verify_steps)."""
-        if O.is_object_item(self, name) or O.has_object_points(self, name):
-            return O.verify(self, name, point, sample)
-        return verify_.verify_steps(self, name, point, sample)
+        """Check an item's points where they are (the "verify" capability of
+        its point store: the undo steps, signature caches and replicas of a
+        step chain; the indexes and chunks of a chunk index)."""
+        return pointstores.point_store(self, name).require("verify")(point, sample)
 
     def collect_garbage(self, target, **kwargs):
-        """Mark and sweep the chunks of an object store: s3://BUCKET/PREFIX,
-        or the one of item `target`; see pydr.dr.objectstore.collect_garbage."""
-        if target.startswith("s3://"):
-            from ..endpoints.s3 import ObjectStore
-
-            return O.collect_garbage(ObjectStore(target), **kwargs)
-        if not O.is_object_item(self, target):
-            raise ValueError(f"{target!r} is not replicated to an object store")
-        return O.collect_garbage(O.store_of(self, target), **kwargs)
+        """Mark and sweep what no point names: in the point store of item
+        `target`, or in the store a spec names (s3://BUCKET/PREFIX); see
+        pydr.dr.pointstores.collect_garbage."""
+        return pointstores.collect_garbage(self, target, **kwargs)
 
     def create_plan(self, name, groups):
         return plans_.create_plan(self, name, groups)

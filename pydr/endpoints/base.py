@@ -14,9 +14,7 @@ The two roles of a resync (pydr.transport.roles describes them)
     pydr.endpoints.transfer pumps one into the other.
 Files beside it, at the same place
     ``sibling(name)``, ``child(name)``, ``sidecar(suffix)``, ``step_spec(...)``
-    name other files there; ``rename(dest)`` (atomic), ``remove_many(eps)``,
-    ``remove_drill(disks)``, ``materialize(steps, dest)`` (a recovery point
-    from this disk's latest state and its undo steps, written there).
+    name other files there; ``rename(dest)`` (atomic), ``remove_many(eps)``.
 Files as streams, and engine work done where the data is
     ``open_read()``, ``open_write()``, ``write_signature(out, ...)``,
     ``make_delta(out, ...)``, ``apply_delta(stream, ...)``.
@@ -27,6 +25,9 @@ Capabilities
     and change-tracking extents.
     ``local_path``: the path of a file this process opens directly, else None.
     ``snapshot()``: a point-in-time clone beside the disk, or None.
+    StepChainPlace: the place can make a step chain's points itself
+    (``materialize``, ``remove_drill``, ``backing``, ``flatten``); only
+    pydr.dr.pointstores.stepchain asks for it.
 """
 
 import contextlib
@@ -140,32 +141,6 @@ class Endpoint:
     def remove_many(self, endpoints):
         raise NotImplementedError
 
-    def remove_drill(self, disks):
-        """This endpoint is a drill's directory: remove the `disks` a test
-        failover wrote there, then the directory if that empties it."""
-        raise NotImplementedError
-
-    def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
-                    progress=None):
-        """Write this disk's latest state with the undo `steps` (endpoints,
-        newest first) rolled back onto it to `dest`, at this place, by
-        ``method``: "auto" (a reflink clone where the file system can, else a
-        copy), "reflink", "copy" or "qcow2" (an overlay backed by the latest
-        state). ``drill``: a test failover's disk (never overwrites a file).
-        Returns the method used."""
-        raise NotImplementedError
-
-    def backing(self):
-        """The path of the backing file where this disk is a qcow2 overlay
-        (a point made with --as qcow2), else None."""
-        return None
-
-    def flatten(self, backing):
-        """Write this qcow2 overlay's blocks into its backing file (the
-        endpoint `backing`) and make that file this disk: one raw disk."""
-        raise UnsupportedFile("only a qcow2 overlay on this machine can be flattened",
-                              path=self.spec)
-
     # -- files as streams; engine work where the data is ------------------------
     def open_read(self):
         raise NotImplementedError
@@ -194,6 +169,40 @@ class Endpoint:
         """Apply the delta read from `stream` to this disk, crash-safely.
         Returns ApplyStats."""
         raise NotImplementedError
+
+
+class StepChainPlace:
+    """What the step chain (pydr.dr.pointstores.stepchain, their one caller)
+    asks of the place that holds a replica and its undo steps, and which is
+    done there: a file on this machine, ``host:PATH`` (a request to ``pydr
+    serve`` there), a QEMU image. An NBD export or a live disk has no files
+    beside it and is not one."""
+
+    def remove_drill(self, disks):
+        """This endpoint is a drill's directory: remove the `disks` a test
+        failover wrote there, then the directory if that empties it."""
+        raise NotImplementedError
+
+    def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
+                    progress=None):
+        """Write this disk's latest state with the undo `steps` (endpoints,
+        newest first) rolled back onto it to `dest`, at this place, by
+        ``method``: "auto" (a reflink clone where the file system can, else a
+        copy), "reflink", "copy" or "qcow2" (an overlay backed by the latest
+        state). ``drill``: a test failover's disk (never overwrites a file).
+        Returns the method used."""
+        raise NotImplementedError
+
+    def backing(self):
+        """The path of the backing file where this disk is a qcow2 overlay
+        (a point made with --as qcow2), else None."""
+        return None
+
+    def flatten(self, backing):
+        """Write this qcow2 overlay's blocks into its backing file (the
+        endpoint `backing`) and make that file this disk: one raw disk."""
+        raise UnsupportedFile("only a qcow2 overlay on this machine can be flattened",
+                              path=self.spec)
 
 
 class SignResult(Record):

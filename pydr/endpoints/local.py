@@ -10,9 +10,9 @@ from ..engine import names
 from ..engine.atomic import atomic_write, fsync_dir
 from ..engine.devices import open_disk
 from ..errors import UnsupportedFile
-from .base import Endpoint, InProcess
+from .base import Endpoint, InProcess, StepChainPlace
 
-class LocalEndpoint(InProcess, Endpoint):
+class LocalEndpoint(StepChainPlace, InProcess, Endpoint):
     """A raw disk: a regular file or a block device (QEMU-format files are
     QemuImageEndpoint, pydr.endpoints.qemu)."""
 

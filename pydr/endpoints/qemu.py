@@ -57,11 +57,6 @@ class NbdEndpoint(InProcess, Endpoint):
     def rename(self, dest):
         raise UnsupportedFile("an NBD export cannot be renamed", path=self.spec)
 
-    def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
-                    progress=None):
-        raise UnsupportedFile("a point of a replica that is an NBD export cannot be "
-                              "materialised there (no files beside it)", path=self.spec)
-
 
 class _JournalOnly:
     """What choose_undo_path needs of a target: where its journal lives."""
@@ -268,7 +263,3 @@ class QmpEndpoint(InProcess, Endpoint):
 
     def rename(self, dest):
         raise UnsupportedFile("a live disk cannot be renamed", path=self.spec)
-
-    def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
-                    progress=None):
-        raise UnsupportedFile("a live disk is a source, not a replica", path=self.spec)

@@ -187,14 +187,14 @@ class ObjectStore:
 
 class ObjectEndpoint(Endpoint):
     """A replica in an object store: it holds recovery points (point
-    indexes over chunks, pydr.dr.objectstore), not a disk one can open.
-    ``point_store`` is the capability callers ask for.
+    indexes over chunks: the chunk index, pydr.dr.pointstores.chunkindex),
+    not a disk one can open, and no files beside one. Which point store an
+    item has is told from its replicas' specs (pydr.dr.pointstores), not
+    from this class.
 
     A disk's replica is named s3://BUCKET/PREFIX#ITEM/NAME: the store, and
     after '#' the disk (NAME: the file name its points are materialised as).
-    Without '#' the spec names an object (a point index, to remove)."""
-
-    point_store = True
+    Without '#' the spec names the store itself, or an object in it."""
 
     def __init__(self, spec):
         base, _, disk = spec.partition("#")
@@ -222,9 +222,10 @@ class ObjectEndpoint(Endpoint):
     def child(self, name):
         return ObjectEndpoint(f"{self.store.spec}/{name}")
 
-    def remove_many(self, endpoints):
-        """The objects the endpoints name (point indexes dropped by retention)."""
-        self.store.delete(ep.store.key() for ep in endpoints)
+    def sidecar(self, suffix):
+        from ..errors import UnsupportedFile
+
+        raise UnsupportedFile("an object store keeps no files beside a disk", path=self.spec)
 
     def open_source(self, **_):
         raise InvalidReplica(self.spec)

@@ -12,11 +12,11 @@ from ..engine import bindings as B
 from ..engine import names
 from ..engine.signatures import Signature
 from ..errors import UnsupportedFile
-from .base import Endpoint, SignResult
+from .base import Endpoint, SignResult, StepChainPlace
 from .specs import parse_remote
 
 
-class SshEndpoint(Endpoint):
+class SshEndpoint(StepChainPlace, Endpoint):
     def __init__(self, host, path, *, rsh=None, remote_pydr=None):
         from ..transport.client import Host
 

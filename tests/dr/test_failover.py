@@ -7,6 +7,7 @@ import os
 import pytest
 
 import pydr.dr.failover as F
+from pydr.dr.pointstores.stepchain import StepChain
 from pydr.dr.vault import Vault, init_vault
 
 from conftest import run_cli, sha
@@ -165,21 +166,22 @@ def test_invalid_states_leave_the_vault_unchanged(machine):
 
 def test_interrupted_failover_can_be_continued(machine, monkeypatch):
     tmp_path, pairs, history = machine
-    real = F.materialize_disk
+    real = StepChain.materialize_disk
     calls = []
 
-    def dies_on_the_second_disk(vault, name, pid, d, dest, threads=None, **options):
+    def dies_on_the_second_disk(store, pid, d, dest, **options):
         calls.append(d["idx"])
         if d["idx"] == 1:
             raise KeyboardInterrupt  # killed half-way
-        return real(vault, name, pid, d, dest, threads, **options)
+        return real(store, pid, d, dest, **options)
 
-    monkeypatch.setattr(F, "materialize_disk", dies_on_the_second_disk)
+    monkeypatch.setattr(StepChain, "materialize_disk", dies_on_the_second_disk)
     with Vault(tmp_path / "vault", writer=True) as v:
         with pytest.raises(KeyboardInterrupt):
             F.failover(v, "vm", "2")
         assert v.status("vm")["state"] == "failing-over"
-    monkeypatch.setattr(F, "materialize_disk", real)
+    assert calls == [0, 1]  # the first disk came up, the second was killed
+    monkeypatch.setattr(StepChain, "materialize_disk", real)
     r = cli("failover", "vm", "--json")  # the same command finishes the job
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["point"] == 2 and "resumed" in json.loads(r.stdout)["notes"]

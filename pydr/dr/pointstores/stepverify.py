@@ -1,6 +1,6 @@
-"""Scrubbing a step chain: `pydr verify ITEM` for an item whose points are
-undo steps beside its replicas (pydr.dr.objectstore.verify checks the ones
-in an object store).
+"""Verifying a step chain (StepChain.verify): `pydr verify ITEM` for an item
+whose points are undo steps beside its replicas (a chunk index checks its
+own: pydr.dr.pointstores.chunkindex).
 
 Every step is read through and checked as a restore would read it (header,
 every record and its payload hash, the COMMIT, the size the vault recorded;
@@ -14,10 +14,11 @@ themselves are read back and compared with their signature caches
 import os
 import random
 
-from ..errors import CorruptDelta, FormatError
-from .points import check_step, steps_of
-from .replica_check import check_replicas
-from .scrub import scrub_item
+from ...engine.sigstream import SignatureReader
+from ...errors import CorruptDelta, FormatError
+from ..replica_check import check_replicas
+from ..scrub import scrub_item
+from .steps import all_steps, check_step, steps_of
 
 
 def verify_steps(vault, name, point_id=None, sample=100.0):
@@ -33,8 +34,7 @@ def verify_steps(vault, name, point_id=None, sample=100.0):
     steps = {}
     for d in vault.disks(name):
         if point_id is None:
-            rows = vault.db.execute("SELECT step, path, bytes, digest FROM steps WHERE item=? "
-                                    "AND idx=? ORDER BY step", (name, d["idx"])).fetchall()
+            rows = all_steps(vault, name, d["idx"])
         else:
             rows = steps_of(vault, name, point_id, d["idx"])
         steps.update({(d["idx"], r["step"]): r for r in rows})
@@ -64,8 +64,6 @@ def verify_steps(vault, name, point_id=None, sample=100.0):
             continue
         caches += 1
         try:
-            from ..engine.sigstream import SignatureReader
-
             SignatureReader(cache).close()
         except (FormatError, OSError) as exc:
             problems.append(f"disk {d['idx']}, signature cache: {exc} (the next cycle reads the "

@@ -1,0 +1,163 @@
+"""The point store interface: where one item's disks and their recovery
+points live, and what the workflow (points, drills, failover, the vault)
+may ask of it. These docstrings are the reference.
+
+A point store is opened for one item of an open vault
+(``pydr.dr.pointstores.point_store(vault, name)``); the workflow records
+the item's state and jobs around the calls and never asks which kind of
+store it has. Two kinds exist:
+
+- the step chain (pydr.dr.pointstores.stepchain): a replica plus its undo
+  steps, on this machine, an ssh host, a QEMU image or an NBD export;
+- the chunk index (pydr.dr.pointstores.chunkindex): 4 MiB chunks and one
+  point index a point, in an object store.
+
+Every method can be run again after a kill: it finishes the work or finds
+it done. A point's disk appears whole, by a rename, or not at all.
+
+Optional capabilities (:data:`PointStore.CAPABILITIES`) are methods that a
+kind may leave as None; a caller asks ``store.can("verify")`` or takes the
+method with ``store.require("collect_garbage")``, which raises
+UnsupportedFile naming the item when the kind lacks it.
+"""
+
+from ...endpoints.base import StepChainPlace
+from ...errors import UnsupportedFile
+
+
+def files_at(endpoint):
+    """`endpoint` where pydr keeps and makes files itself (a StepChainPlace:
+    a file here, host:PATH, a QEMU image), or UnsupportedFile naming it (an
+    NBD export, a live disk: no files beside it)."""
+    if not isinstance(endpoint, StepChainPlace):
+        raise UnsupportedFile(f"{endpoint} has no files beside it (an NBD export or a live "
+                              f"disk): points are not made or kept there", path=endpoint.spec)
+    return endpoint
+
+
+class PointStore:
+    """The points of item `name` of `vault` (a pydr.dr.vault.Vault, open)."""
+
+    #: How the kind is named in messages ("step chain", "chunk index").
+    kind = None
+
+    #: Optional methods, by name: None where the kind cannot do it.
+    CAPABILITIES = {
+        "verify": "check the item's points where they are",
+        "collect_garbage": "collect garbage (unreferenced chunks)",
+    }
+
+    def __init__(self, vault, name):
+        self.vault, self.name = vault, name
+
+    def __repr__(self):
+        return f"<{type(self).__name__} of {self.name!r}>"
+
+    # -- which items ---------------------------------------------------------------
+    @classmethod
+    def holds(cls, vault, name):
+        """Whether this kind holds the points of item `name` (asked in the
+        order of pydr.dr.pointstores.KINDS; the last kind holds the rest)."""
+        raise NotImplementedError
+
+    @classmethod
+    def collector_at(cls, spec):
+        """collect_garbage for the whole store that `spec` names (such as
+        s3://BUCKET/PREFIX, shared by items), or None: not a spec of this
+        kind's stores (the default)."""
+        return None
+
+    # -- capabilities ----------------------------------------------------------------
+    def can(self, capability):
+        """Whether the optional method `capability` (a key of CAPABILITIES) is
+        there."""
+        if capability not in self.CAPABILITIES:
+            raise ValueError(f"no point store capability named {capability!r}")
+        return getattr(self, capability) is not None
+
+    def require(self, capability):
+        """The bound method `capability`, or UnsupportedFile (exit 10) naming
+        the item and its kind."""
+        if not self.can(capability):
+            raise UnsupportedFile(f"item {self.name!r} keeps its points in a {self.kind}, "
+                                  f"which cannot {self.CAPABILITIES[capability]}",
+                                  path=self.vault.dir)
+        return getattr(self, capability)
+
+    verify = None
+    """verify(point_id=None, sample=100.0) -> report dict with "problems":
+    read back the item's points (all, or `point_id`'s; a random `sample`
+    percent) and check them against what the vault recorded. Damage found
+    marks the points that need it; a report never says "sound" for bytes
+    it did not read (it counts what it checked)."""
+
+    collect_garbage = None
+    """collect_garbage(*, grace, dry_run=False, now=None) -> report dict:
+    remove what no recorded point names and that is older than `grace`
+    seconds (a running cycle's may be younger)."""
+
+    # -- a point's disks ----------------------------------------------------------
+    def check_point(self, point_id):
+        """Refuse point `point_id` (DamagedJournal / DamagedPoint, exit 7,
+        naming the file and the offset) unless what it is made from is there
+        and as recorded, before anything is written or renamed. The point's
+        own damage mark is the caller's check (pydr.dr.points.check_point)."""
+        raise NotImplementedError
+
+    def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
+                         method="auto", progress=None):
+        """Write disk `disk` (a row of the vault's disks) as it was at
+        `point_id` to the endpoint `dest`, whole (replaced by a rename), by
+        `method`: "auto", "copy", "reflink", "qcow2" (an overlay on the
+        latest state) where the kind can, else UnsupportedFile. ``drill``: a
+        test failover's disk, never written over a file. Returns the method
+        used (also noted on the job with vault.note_method). Damage found on
+        the way marks the points that need it."""
+        raise NotImplementedError
+
+    def drill_on_replicas(self, directory):
+        """The first disk the item's drill in `directory` (an endpoint) made
+        that reads a replica as its backing file (a qcow2 overlay), or None:
+        while there is one, the replicas must not be written or moved."""
+        return None
+
+    def remove_drill(self, directory, disks):
+        """Remove the drill disks `disks` (endpoints in `directory`, also
+        half-made ones), then `directory` if that empties it."""
+        files_at(directory).remove_drill(disks)
+
+    # -- failover -----------------------------------------------------------------------
+    def failover_dir(self, to):
+        """The directory a failover brings the disks up in, from its --to
+        option (`to`, or None): None where they come up at the replicas'
+        paths. ValueError when `to` is wrong for this kind."""
+        if to is not None:
+            raise ValueError("--to is for items replicated to an object store: the others "
+                             "fail over at their replicas' paths")
+        return None
+
+    def bring_up_disk(self, point_id, disk, *, method="auto", progress=None):
+        """Failover and change-point, one disk: make the place the item's
+        machine uses for disk `disk` hold point `point_id`, by `method`
+        (made again each time: exact even after the failed-over machine
+        wrote to it). Returns the method used."""
+        raise NotImplementedError
+
+    def current_method(self):
+        """How the failed-over disks were made, as far as making them again
+        matters (change-point keeps it): "qcow2" or "auto"."""
+        return "auto"
+
+    # -- letting points go ------------------------------------------------------------
+    def release(self):
+        """Retention, after the vault dropped the records of points no longer
+        kept: remove what only they needed (the records last, so that a kill
+        leaves records a later retention finds again). What cannot be
+        reached now stays for a later retention, with a warning on the item."""
+        raise NotImplementedError
+
+    def discard(self):
+        """Commit of a failover: every point goes, and what they were made
+        from (steps, baselines, indexes); the failed-over disks become the
+        item's plain disks. Returns notes (text) for the person."""
+        raise NotImplementedError

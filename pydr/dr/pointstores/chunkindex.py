@@ -1,0 +1,289 @@
+"""The chunk index: an item's points in an object store (s3://BUCKET/PREFIX;
+pydr.endpoints.s3, layout in docs/FORMAT.md). pydr.dr.pointstores.base
+describes the interface.
+
+Each point is one point index naming the 4 MiB chunks of every disk by
+their XXH3-128 (all-zero chunks are not stored). A point is materialised
+by downloading its chunks in parallel, each checked against its id, into a
+file renamed into place when whole. A failover downloads the point into
+the directory given with --to, and the disks there are the item's replicas
+from then on (its points stay in the store until commit drops their
+indexes). Garbage collection (:func:`collect_garbage`) sweeps the chunks no
+index names, never one younger than the grace period (docs/FORMAT.md,
+"Garbage collection"). Capturing a cycle is pydr.dr.objectstore's.
+"""
+
+import concurrent.futures as cf
+import contextlib
+import functools
+import os
+import random
+import threading
+import time
+
+from ...endpoints.s3 import SCHEME, ObjectStore
+from ...engine.chunks import ZERO_ID, PointIndex, decode_chunk
+from ...engine.oserrors import naming
+from ...engine.restore import install
+from ...errors import FormatError, InvalidState
+from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
+from .base import PointStore
+
+
+class ChunkIndex(PointStore):
+    kind = "chunk index"
+
+    @classmethod
+    def holds(cls, vault, name):
+        """Replicas in an object store, or points there still (a failover
+        moved the replicas to local disks; commit drops the indexes)."""
+        return is_object_item(vault, name) or has_object_points(vault, name)
+
+    @classmethod
+    def collector_at(cls, spec):
+        """collect_garbage for the store `spec` names (s3://BUCKET/PREFIX),
+        whichever items use it; None for another spec."""
+        if not spec.startswith(SCHEME):
+            return None
+        return functools.partial(collect_garbage, ObjectStore(spec))
+
+    def _index_key(self, point_id):
+        row = self.vault.db.execute("SELECT key FROM object_indexes WHERE item=? AND point=?",
+                                    (self.name, point_id)).fetchone()
+        if row is None:
+            raise InvalidState(f"point {point_id} of {self.name!r} has no index in the vault",
+                               path=self.vault.dir)
+        return row["key"]
+
+    # -- a point's disks ----------------------------------------------------------
+    def check_point(self, point_id):
+        """The vault records the point's index; the index and every chunk are
+        checked as they are downloaded (whole or not at all)."""
+        self._index_key(point_id)
+
+    def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
+                         method="auto", progress=None):
+        """Downloaded to a file on this machine ("download", whatever `method`)."""
+        if dest.local_path is None:
+            raise InvalidState(f"{dest}: points of an object store are materialised on this "
+                               f"machine: give a local directory", path=str(dest))
+        if drill and dest.exists():
+            raise InvalidState("a drill never writes over a file", path=str(dest))
+        used = restore_disk(self.vault, self.name, point_id, disk, dest.local_path,
+                            threads=threads, progress=progress)
+        self.vault.note_method(used)
+        return used
+
+    # -- failover -----------------------------------------------------------------------
+    def failover_dir(self, to):
+        """--to DIR is needed: the disks are made there, on this machine."""
+        if to is None:
+            raise ValueError(f"{self.name!r} is replicated to an object store: give --to DIR, "
+                             f"the directory on this machine where its disks are made")
+        return os.path.abspath(os.fspath(to))
+
+    def bring_up_disk(self, point_id, disk, *, method="auto", progress=None):
+        """Downloaded into the failover directory (again each time: exact);
+        from then on that local disk is the disk's replica."""
+        replica = self.vault.endpoint(self.name, disk["replica"])
+        dest = replica.local_path or os.path.join(self.vault.item(self.name)["failover_dir"],
+                                                  replica.path)
+        used = restore_disk(self.vault, self.name, point_id, disk, dest, progress=progress)
+        self.vault.note_method(used)
+        self.vault.db.execute("UPDATE disks SET replica=? WHERE item=? AND idx=?",
+                              (dest, self.name, disk["idx"]))
+        return used
+
+    # -- letting points go ------------------------------------------------------------
+    def release(self):
+        """The index objects of points no longer kept, then their records (a
+        failure keeps both for later, with a warning on the item)."""
+        stale = {r["point"] for r in self.vault.db.execute(
+            "SELECT point FROM object_indexes o WHERE item=? AND NOT EXISTS "
+            "(SELECT 1 FROM points p WHERE p.item=o.item AND p.id=o.point)", (self.name,))}
+        if not stale:
+            return
+        try:
+            drop_indexes(self.vault, self.name, stale)
+        except OSError as exc:  # kept for a later retention
+            self.vault.set_item(self.name, health="warning", last_error=f"could not drop old "
+                                f"point indexes in {store_of(self.vault, self.name).spec}: {exc}")
+
+    def discard(self):
+        """Every point index goes; the chunks are 'pydr gc''s to sweep."""
+        store = store_of(self.vault, self.name).spec
+        dropped = drop_indexes(self.vault, self.name)
+        return [f"removed the {dropped} point indexes from {store}: 'pydr gc {store}' sweeps "
+                f"their chunks"]
+
+    # -- capabilities ------------------------------------------------------------------
+    def verify(self, point_id=None, sample=100.0):
+        """Every index downloaded and checked, and its chunks (or a sample)."""
+        return verify(self.vault, self.name, point_id, sample)
+
+    def collect_garbage(self, **options):
+        """Mark and sweep the item's object store (every item's indexes there)."""
+        return collect_garbage(store_of(self.vault, self.name), **options)
+
+
+def drop_indexes(vault, name, points=None):
+    """Delete the index objects of the item's points in `points` (all when
+    None), then their records. A failure keeps both, for a later try."""
+    store = store_of(vault, name)
+    rows = vault.db.execute("SELECT point, key FROM object_indexes WHERE item=?",
+                            (name,)).fetchall()
+    rows = [r for r in rows if points is None or r["point"] in points]
+    if not rows:
+        return 0
+    store.delete(r["key"] for r in rows)
+    with vault.db:
+        vault.db.execute("BEGIN IMMEDIATE")
+        for r in rows:
+            vault.db.execute("DELETE FROM object_indexes WHERE item=? AND point=?",
+                             (name, r["point"]))
+    return len(rows)
+
+
+_coders = threading.local()  # a zstd decompressor per thread
+
+
+def fetch_chunk(store, ident):
+    """The verified bytes of chunk `ident`; FileNotFoundError if the store
+    lacks it, FormatError (naming its key) if it is corrupt."""
+    import zstandard
+
+    key = store.chunk_key(ident)
+    blob = store.get(key)
+    if not hasattr(_coders, "zd"):
+        _coders.zd = zstandard.ZstdDecompressor()
+    return decode_chunk(blob, ident, _coders.zd, where=store.url(key))
+
+
+def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=None):
+    """Write disk `disk` of `name` at `point_id` to the local path `dest`
+    (replaced atomically): every chunk downloaded in parallel and verified
+    against its id; zero chunks left as holes. A missing or corrupt chunk is
+    reported with its id and offset, and nothing is renamed over `dest`."""
+    row = vault.db.execute("SELECT key FROM object_indexes WHERE item=? AND point=?",
+                           (name, point_id)).fetchone()
+    if row is None:
+        raise InvalidState(f"point {point_id} of {name!r} has no index in the vault",
+                           path=vault.dir)
+    store = store_of(vault, name)
+    index = PointIndex.decode(store.get(row["key"]), store.url(row["key"]))
+    if disk["idx"] not in index.disks:
+        raise FormatError(f"the point index has no disk {disk['idx']}", path=store.url(row["key"]))
+    size, ids = index.disks[disk["idx"]]
+    tmp = dest + ".pydr-new"
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # the store keeps no bits: private (also a killed run's leftover)
+            with naming(dest):
+                os.ftruncate(fd, size)
+
+            def fetch(i):
+                try:
+                    data = fetch_chunk(store, ids[i])
+                except FileNotFoundError:
+                    raise FormatError(f"chunk {ids[i].hex()} (disk {disk['idx']}, offset "
+                                      f"{i * index.chunk_size}) is missing from the store",
+                                      path=store.url(store.chunk_key(ids[i]))) from None
+                with naming(dest):  # a full disk names the disk being restored
+                    os.pwrite(fd, data, i * index.chunk_size)
+
+            wanted = [i for i, ident in enumerate(ids) if ident != ZERO_ID]
+            with cf.ThreadPoolExecutor(max_workers=threads or UPLOADS) as pool:
+                for _ in pool.map(fetch, wanted):
+                    pass
+            install(tmp, dest, fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return "download"
+
+
+def verify(vault, name, point_id=None, sample=100.0):
+    """Check the item's point indexes (all, or `point_id`'s) and their chunks:
+    every one downloaded and hashed, or a random `sample` percent of them.
+    Returns {"points", "chunks", "checked", "problems": [text]}."""
+    rows = vault.db.execute("SELECT point, key FROM object_indexes WHERE item=? ORDER BY point",
+                            (name,)).fetchall()
+    if point_id is not None:
+        rows = [r for r in rows if r["point"] == point_id]
+        if not rows:
+            raise InvalidState(f"{name!r} has no point {point_id} in an object store",
+                               path=vault.dir)
+    store = store_of(vault, name)
+    problems, chunks = [], {}
+    for r in rows:
+        try:
+            index = PointIndex.decode(store.get(r["key"]), store.url(r["key"]))
+        except (FormatError, FileNotFoundError) as exc:
+            problems.append(f"point {r['point']}: {exc}")
+            continue
+        for idx, (_, ids) in index.disks.items():
+            for i, ident in enumerate(ids):
+                if ident != ZERO_ID:
+                    chunks.setdefault(ident, (r["point"], idx, i * index.chunk_size))
+    ids = sorted(chunks)
+    if sample < 100.0:
+        ids = random.sample(ids, max(1, round(len(ids) * sample / 100.0))) if ids else []
+    def check(ident):
+        point, idx, offset = chunks[ident]
+        try:
+            fetch_chunk(store, ident)
+        except FileNotFoundError:
+            return f"chunk {ident.hex()} is missing (point {point}, disk {idx}, offset {offset})"
+        except FormatError as exc:
+            return f"{exc} (point {point}, disk {idx}, offset {offset})"
+        return None
+
+    with cf.ThreadPoolExecutor(max_workers=UPLOADS) as pool:
+        problems += [p for p in pool.map(check, ids) if p]
+    return {"item": name, "points": len(rows), "chunks": len(chunks), "checked": len(ids),
+            "problems": problems}
+
+
+def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
+    """Mark and sweep: delete the chunks under the store's prefix that no
+    point index there names and that are older than `grace` seconds.
+    Refuses to sweep when an index cannot be read (it might name them).
+    Returns {"indexes", "chunks", "referenced", "swept", "young", "bytes"}."""
+    start = time.time() if now is None else now
+    referenced, indexes = set(), 0
+    for key, _, _ in store.list("indexes"):
+        if not key.endswith(".pidx"):
+            continue
+        try:
+            referenced |= PointIndex.decode(store.get(key), store.url(key)).chunk_ids()
+        except (FileNotFoundError, FormatError) as exc:
+            raise InvalidState(f"garbage collection stopped before sweeping: {exc}; run "
+                               f"'pydr verify' on the item, or remove that index",
+                               path=store.url(key)) from None
+        indexes += 1
+    doomed, young, total, swept_bytes = [], 0, 0, 0
+    for key, modified, size in store.list("chunks"):
+        total += 1
+        try:
+            ident = bytes.fromhex(key.rpartition("/")[2])
+        except ValueError:
+            continue  # not ours
+        if ident in referenced:
+            continue
+        if modified > start - grace:  # maybe a running cycle's: never swept
+            young += 1
+            continue
+        doomed.append(key)
+        swept_bytes += size
+    if not dry_run:
+        store.delete(doomed)
+    return {"store": store.spec, "indexes": indexes, "chunks": total,
+            "referenced": len(referenced), "swept": len(doomed), "young": young,
+            "bytes": swept_bytes, "dry_run": dry_run}
+
+

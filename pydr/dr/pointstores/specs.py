@@ -1,0 +1,48 @@
+"""The rules `protect` follows for each kind of point store, told from the
+replica's spec: what a replica may be, and how the vault names it.
+
+The vault store (pydr.dr.store) asks these when it records a new item, so
+this module imports nothing of the workflow (only the endpoints' spec
+syntax); the kinds themselves are in stepchain.py and chunkindex.py."""
+
+import os
+
+from ...endpoints.s3 import SCHEME as OBJECT_STORE
+
+
+def _in_object_store(spec):
+    return spec.startswith(OBJECT_STORE)
+
+
+def protected_replica(item, source, replica, *, cbt):
+    """The endpoint under which the vault records `replica` (an endpoint),
+    the replica of the disk `source` (an endpoint) of the new item `item`;
+    ValueError naming the replica when its kind refuses it.
+
+    A chunk index (s3://BUCKET/PREFIX) is named by item and file name
+    (s3://BUCKET/PREFIX#ITEM/NAME) and needs a raw file or block device as
+    its source (here, or on its --host), without --cbt. A step chain's
+    replica at a remote place needs an absolute path."""
+    if _in_object_store(replica.spec):
+        if cbt or source.local_path is None:
+            raise ValueError(f"{replica}: an object-store replica needs a raw file or block "
+                             f"device as its source (here, or on its --host), without --cbt")
+        return replica.for_disk(item, os.path.basename(source.local_path))
+    if replica.place is not None and not os.path.isabs(replica.path):
+        raise ValueError(f"remote replica {replica} needs an absolute path")
+    return replica
+
+
+def check_one_kind(replicas):
+    """ValueError unless the replica specs of one item (as recorded) are all
+    in one object store, or none is."""
+    stores = {r.partition("#")[0] for r in replicas if _in_object_store(r)}
+    if stores and (len(stores) > 1 or any(not _in_object_store(r) for r in replicas)):
+        raise ValueError("the disks of an item are all in one object store, or none is")
+
+
+def has_owner(replica):
+    """Whether the replica (a spec as recorded) is a disk with an owner
+    record beside it (pydr.dr.ownership): not a chunk index, whose points
+    are objects that each cycle writes anew."""
+    return not _in_object_store(replica)

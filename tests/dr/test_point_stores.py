@@ -1,0 +1,132 @@
+"""Point stores (pydr.dr.pointstores): the one function that picks an item's
+kind, the protect rules each kind sets, and the error a caller gets when it
+asks for a capability the item's kind lacks. No object store is reached
+here: picking a kind and refusing a capability need none (test_s3 runs the
+chunk index against a real S3 server)."""
+
+import os
+
+import pytest
+
+from conftest import run_cli
+from pydr.dr import pointstores
+from pydr.dr.pointstores import point_store
+from pydr.dr.pointstores.base import PointStore, files_at
+from pydr.dr.pointstores.chunkindex import ChunkIndex
+from pydr.dr.pointstores.stepchain import StepChain
+from pydr.dr.vault import Vault, init_vault
+from pydr.endpoints import open_endpoint
+from pydr.errors import EXIT_UNSUPPORTED, UnknownName, UnsupportedFile
+
+BUCKET = "s3://pydr-test-bucket/site-b"
+
+
+@pytest.fixture
+def vault(tmp_path):
+    """A vault with a step-chain item (web) and a chunk-index item (db)."""
+    for n in ("web", "db"):
+        with open(tmp_path / f"{n}.img", "wb") as f:
+            f.truncate(1 << 20)
+    init_vault(tmp_path / "vault")
+    with Vault(tmp_path / "vault", writer=True) as v:
+        v.protect("web", [(str(tmp_path / "web.img"), str(tmp_path / "dr" / "web.img"))])
+        v.protect("db", [(str(tmp_path / "db.img"), BUCKET)])
+        yield v
+
+
+def test_point_store_picks_the_kind_from_the_replicas(vault):
+    web, db = point_store(vault, "web"), point_store(vault, "db")
+    assert type(web) is StepChain and web.name == "web" and web.vault is vault
+    assert type(db) is ChunkIndex and db.name == "db"
+    # an object-store replica is recorded by item and file name
+    assert vault.disks("db")[0]["replica"] == f"{BUCKET}#db/db.img"
+
+
+def test_points_left_in_an_object_store_keep_the_chunk_index(vault, tmp_path):
+    """After a failover downloaded db's point, its replica is a local disk,
+    and its points are still indexes in the store until commit: the chunk
+    index still holds it. Once the indexes are gone (commit), the step chain
+    does (reprotect replicates it like any local disk)."""
+    local = str(tmp_path / "up" / "db.img")
+    with vault.db:  # what failover leaves: the disk moved, the point's index recorded
+        vault.db.execute("UPDATE disks SET replica=? WHERE item='db'", (local,))
+        vault.db.execute("INSERT INTO object_indexes VALUES ('db', 1, ?, ?, 0)",
+                         (BUCKET, "dr/indexes/db/x.pidx"))
+    assert type(point_store(vault, "db")) is ChunkIndex
+    with vault.db:  # what commit leaves
+        vault.db.execute("DELETE FROM object_indexes WHERE item='db'")
+    assert type(point_store(vault, "db")) is StepChain
+
+
+def test_point_store_of_an_unknown_item(vault):
+    with pytest.raises(UnknownName, match="nope"):
+        point_store(vault, "nope")
+
+
+def test_capabilities_are_asked_for_not_kinds(vault):
+    web, db = point_store(vault, "web"), point_store(vault, "db")
+    assert web.can("verify") and db.can("verify")
+    assert db.can("collect_garbage") and not web.can("collect_garbage")
+    with pytest.raises(ValueError, match="no point store capability named 'gc'"):
+        web.can("gc")
+    assert db.require("collect_garbage") == db.collect_garbage
+
+
+def test_a_missing_capability_names_the_item_and_its_kind(vault):
+    with pytest.raises(UnsupportedFile) as err:
+        vault.collect_garbage("web")
+    assert "item 'web'" in str(err.value) and "step chain" in str(err.value)
+    assert "collect garbage" in str(err.value) and err.value.path == vault.dir
+    assert err.value.exit_code == EXIT_UNSUPPORTED
+
+
+def test_gc_of_a_step_chain_item_on_the_command_line(vault, tmp_path):
+    r = run_cli("gc", "web", "--vault", tmp_path / "vault")
+    assert r.returncode == EXIT_UNSUPPORTED, r.stderr
+    assert b"'web'" in r.stderr and b"step chain" in r.stderr and b"Traceback" not in r.stderr
+
+
+class _NoVerify(PointStore):
+    """A kind without the verify capability, for the test below."""
+
+    kind = "test kind"
+
+    @classmethod
+    def holds(cls, vault, name):
+        return name == "web"
+
+
+def test_a_new_kind_is_one_line_in_kinds(vault, monkeypatch):
+    """A kind added to KINDS is picked, and the workflow (Vault.verify)
+    refuses what it cannot do by asking for the capability."""
+    monkeypatch.setattr(pointstores, "KINDS", (_NoVerify,) + pointstores.KINDS)
+    assert type(point_store(vault, "web")) is _NoVerify
+    assert type(point_store(vault, "db")) is ChunkIndex
+    with pytest.raises(UnsupportedFile, match="item 'web' keeps its points in a test kind, "
+                                              "which cannot check"):
+        vault.verify("web")
+
+
+def test_protect_rules_of_a_chunk_index(vault, tmp_path):
+    for n in ("a", "other"):
+        (tmp_path / f"{n}.img").write_bytes(b"\0" * 4096)
+    src, other = str(tmp_path / "a.img"), tmp_path / "other.img"
+    with pytest.raises(ValueError, match="all in one object store, or none is"):
+        vault.protect("mixed", [(src, BUCKET), (str(other), str(tmp_path / "dr" / "o.img"))])
+    with pytest.raises(ValueError, match="all in one object store, or none is"):
+        vault.protect("two", [(src, BUCKET), (str(other), "s3://another-bucket/x")])
+    with pytest.raises(ValueError, match="needs a raw file or block device as its source"):
+        vault.protect("tracked", [(str(other), BUCKET)], cbt=True)
+    assert not {"mixed", "two", "tracked"} & set(vault.items())
+    assert not os.path.exists(tmp_path / "dr" / "o.img")
+
+
+def test_a_step_chain_needs_a_place_with_files(tmp_path):
+    """Materialise, drill clean-up, overlays: asked of the replica's place as
+    a capability; an NBD export has none, and says so by name."""
+    nbd = open_endpoint("nbd://127.0.0.1:1/export")
+    with pytest.raises(UnsupportedFile, match="no files beside it") as err:
+        files_at(nbd)
+    assert err.value.path == nbd.spec
+    here = open_endpoint(str(tmp_path / "disk.img"))
+    assert files_at(here) is here
