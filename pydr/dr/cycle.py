@@ -12,8 +12,9 @@ by the first success), a failure sets only its items' health, last_error
 and jobs. When some unit failed, the others recorded, :class:`CycleFailed`
 carries the CycleResult; a call of one unit raises that unit's own error.
 
-The capture is per kind of point store, picked in :func:`_capture_for`: a
-step chain (pydr.dr.stepcapture) or a chunk index (pydr.dr.chunkcapture).
+The capture is the item's point store's (``PointStore.capture``; the kind
+is picked by pydr.dr.pointstores.point_store): a step chain's is
+pydr.dr.stepcapture, a chunk index's pydr.dr.chunkcapture.
 Each offers check(vault, names, opts), capture(vault, names, opts, jobs)
 (here), task(vault, name, opts) -> (function, plain dict) and adopt(vault,
 name, result) (on a worker), and returns a "captured" dict the driver
@@ -27,7 +28,7 @@ import time
 from ..engine import crashpoints
 from ..engine.progress import Record
 from ..errors import CycleFailed, InvalidState, exit_code_for
-from . import chunkcapture, objectstore, stepcapture
+from .pointstores import point_store
 from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_hooks,
                           check_not_stuck, record_point, record_steps)
 from .points import apply_retention
@@ -56,8 +57,9 @@ class Unit:
 
 
 def _capture_for(vault, name):
-    """The capture of item `name`'s point store: the one place a kind is picked."""
-    return chunkcapture if objectstore.is_object_item(vault, name) else stepcapture
+    """The capture of item `name`'s point store (pydr.dr.pointstores picks
+    the kind, in one place)."""
+    return point_store(vault, name).capture
 
 
 class LocalExecutor:
@@ -112,7 +114,7 @@ class _Cycle:
                                f"replicated to object stores with others: a group's items "
                                f"share one kind of replica", path=vault.dir)
         rows = [vault.item(n) for n in unit.names]
-        check_can_replicate(vault, rows)
+        check_can_replicate(vault, rows, {n: point_store(vault, n) for n in unit.names})
         self.executor.check(vault, rows)
         unit.capture.check(vault, unit.names, self.opts)
         check_not_stuck(vault, unit.names, self.opts.resync_all)

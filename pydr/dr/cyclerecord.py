@@ -10,7 +10,6 @@ import time
 from ..engine.progress import Record
 from ..errors import DamagedJournal, FormatError, InvalidState
 from . import agent, ownership, replica_check, stepdigest
-from .drills import check_no_overlay_drill
 
 
 def owner_of(vault, name, d):
@@ -147,12 +146,14 @@ def record_point(vault, names, *, consistency, cuts, bytes_by_item, trackers=(),
     return point_id
 
 
-def check_can_replicate(vault, rows):
+def check_can_replicate(vault, rows, stores):
+    """Each item's state allows a cycle, and no drill reads its replicas
+    (`stores`: the items' point stores, by name)."""
     for row in rows:
         if row["state"] not in ("protecting", "protected", "resync-required"):
             raise InvalidState(f"item {row['name']!r} cannot replicate in state {row['state']}",
                                path=vault.dir)
-        check_no_overlay_drill(vault, row["name"], "a replication cycle")
+        stores[row["name"]].refuse_writes_under_drill("a replication cycle")
 
 
 def check_not_stuck(vault, names, resync_all):

@@ -18,24 +18,10 @@ def method_flags(method):
     return {"auto": "", "qcow2": " --as qcow2", "copy": " --copy", "reflink": " --reflink"}[method]
 
 
-def overlay_drill(vault, name):
-    """The first disk of a test failover of `name` that reads a replica as
-    its backing file (a drill made with --as qcow2), or None
-    (PointStore.drill_on_replicas)."""
-    row = vault.item(name)
-    if not row["test_dir"]:
-        return None
-    return point_store(vault, name).drill_on_replicas(vault.endpoint(name, row["test_dir"]))
-
-
 def check_no_overlay_drill(vault, name, what):
     """Refuse to write to (or move) the replicas while a drill's qcow2
-    overlays read them as their backing files."""
-    disk = overlay_drill(vault, name)
-    if disk is not None:
-        raise InvalidState(f"the test failover of {name!r} is a qcow2 overlay on the replica "
-                           f"({disk}): {what} would change the drill's disks under it; run "
-                           f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
+    overlays read them (PointStore.refuse_writes_under_drill)."""
+    point_store(vault, name).refuse_writes_under_drill(what)
 
 
 def test_failover(vault, name, directory, point=None, *, method="auto", progress=None):

@@ -22,7 +22,7 @@ UnsupportedFile naming the item when the kind lacks it.
 """
 
 from ...endpoints.base import StepChainPlace
-from ...errors import UnsupportedFile
+from ...errors import InvalidState, UnsupportedFile
 
 
 def files_at(endpoint):
@@ -40,6 +40,10 @@ class PointStore:
 
     #: How the kind is named in messages ("step chain", "chunk index").
     kind = None
+
+    #: The module that captures a cycle into this kind (pydr.dr.cycle
+    #: documents what it offers: check, capture, task, adopt).
+    capture = None
 
     #: Optional methods, by name: None where the kind cannot do it.
     CAPABILITIES = {
@@ -95,6 +99,20 @@ class PointStore:
     """collect_garbage(*, grace, dry_run=False, now=None) -> report dict:
     remove what no recorded point names and that is older than `grace`
     seconds (a running cycle's may be younger)."""
+
+    def refuse_writes_under_drill(self, what):
+        """Refuse `what` (a cycle, a failover) while a drill's qcow2 overlays
+        read the replicas as their backing files: it would change the
+        drill's disks under it."""
+        row = self.vault.item(self.name)
+        disk = None
+        if row["test_dir"]:
+            disk = self.drill_on_replicas(self.vault.endpoint(self.name, row["test_dir"]))
+        if disk is not None:
+            raise InvalidState(f"the test failover of {self.name!r} is a qcow2 overlay on the "
+                               f"replica ({disk}): {what} would change the drill's disks under "
+                               f"it; run 'pydr cleanup-test-failover {self.name}' first",
+                               path=self.vault.dir)
 
     # -- a point's disks ----------------------------------------------------------
     def check_point(self, point_id):

@@ -27,10 +27,12 @@ from ...engine.oserrors import naming
 from ...engine.restore import install
 from ...errors import FormatError, InvalidState
 from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
+from .. import chunkcapture
 from .base import PointStore
 
 
 class ChunkIndex(PointStore):
+    capture = chunkcapture
     kind = "chunk index"
 
     @classmethod

@@ -19,6 +19,7 @@ from ...engine import crashpoints, names
 from ...errors import CorruptDelta
 from .. import ownership
 from ..replica_check import check_replicas
+from .. import stepcapture
 from .base import PointStore, files_at
 from .steps import check_step, mark_step_damaged, step_named, steps_of
 from .stepverify import verify_steps
@@ -31,6 +32,7 @@ def _backing(endpoint):
 
 
 class StepChain(PointStore):
+    capture = stepcapture
     kind = "step chain"
 
     @classmethod
