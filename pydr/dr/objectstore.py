@@ -21,6 +21,8 @@ cycle running meanwhile has uploaded its new chunks within it
 
 import os
 
+from ..errors import InvalidState
+
 BLOCK = 4096  # the comparison's block: what changed, in 4 KiB blocks
 UPLOADS = 8   # chunks in flight
 DEFAULT_GRACE = 24 * 3600.0
@@ -45,9 +47,13 @@ def store_of(vault, name):
 
     row = vault.db.execute("SELECT store FROM object_indexes WHERE item=? ORDER BY point DESC "
                            "LIMIT 1", (name,)).fetchone()
-    if row is not None and not is_object_item(vault, name):
+    if row is not None:  # its points' store (also half-way through a failover of its disks)
         return ObjectStore(row["store"])
-    return vault.endpoint(name, vault.disks(name)[0]["replica"]).store
+    for d in vault.disks(name):
+        if d["replica"].startswith("s3://"):
+            return vault.endpoint(name, d["replica"]).store
+    raise InvalidState(f"item {name!r} has neither replicas nor points in an object store",
+                       path=vault.dir)
 
 
 def _dir(vault, name):
