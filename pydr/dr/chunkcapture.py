@@ -234,9 +234,8 @@ def adopt(vault, name, result):
     indexes and the orphans of killed cycles are forgotten."""
     sent = result["bytes"]
 
-    def index_row(db, point_id):
-        db.execute("INSERT INTO object_indexes VALUES (?,?,?,?,?)",
-                   (name, point_id, result["store"], result["key"], sent))
+    def index_row(store, point_id):
+        store.add_index(name, point_id, result["store"], result["key"], sent)
 
     def forget():
         forget_local(vault, name, result["local"])
@@ -283,8 +282,7 @@ def forget_orphans(vault, name):
     cycles killed after they uploaded their index, before the point was
     recorded (the vault's lock keeps any other cycle of the item out)."""
     store = store_of(vault, name)
-    recorded = {r["key"] for r in vault.db.execute(
-        "SELECT key FROM object_indexes WHERE item=?", (name,))}
+    recorded = vault.index_keys(name)
     store.delete(key for key, _, _ in store.list(f"indexes/{name}") if key not in recorded)
 
 

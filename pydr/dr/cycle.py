@@ -19,7 +19,7 @@ Each offers check(vault, names, opts), capture(vault, names, opts, jobs)
 (here), task(vault, name, opts) -> (function, plain dict) and adopt(vault,
 name, result) (on a worker), and returns a "captured" dict the driver
 records: {"items": {name: {"cut", "bytes", "read", "host"?}}, "steps",
-"trackers", "extra": {name: fn(db, point id)}, "after": [fn()]}.
+"trackers", "extra": {name: fn(store, point id)}, "after": [fn()]}.
 """
 
 import contextlib
@@ -149,7 +149,7 @@ class _Cycle:
             cuts={n: items[n]["cut"] for n in unit.names},
             bytes_by_item={n: items[n]["bytes"] for n in unit.names},
             trackers=captured["trackers"], point_id=self.point_id, steps=captured["steps"],
-            extra=(lambda db, pid: [fn(db, pid) for fn in extras.values()]) if extras else None)
+            extra=(lambda store, pid: [fn(store, pid) for fn in extras.values()]) if extras else None)
         self.point_id = point_id
         crashpoints.reached(self.executor.point_reached)
         for t in captured["trackers"]:
@@ -174,8 +174,7 @@ class _Cycle:
         vault = self.vault
         unit.done = True
         for name, idx, kept in (partial or {}).get("steps", ()):
-            with vault.db:
-                vault.db.execute("BEGIN IMMEDIATE")
+            with vault.transaction():
                 record_steps(vault, name, idx, kept)
         cancelled = not isinstance(exc, Exception)
         health = "warning" if recoverable(exc) else "critical"

@@ -109,8 +109,7 @@ def record_steps(vault, name, idx, steps):
             # a step that is not there or is a link: recorded without one, found by the checks
             with contextlib.suppress(FileNotFoundError, DamagedJournal):
                 found = stepdigest.digest(local)
-        vault.db.execute("INSERT INTO steps(item, idx, step, path, bytes, digest) "
-                         "VALUES (?,?,?,?,?,?)", (name, idx, number, spec, size, found))
+        vault.add_step(name, idx, number, spec, size, found)
 
 
 def record_point(vault, names, *, consistency, cuts, bytes_by_item, trackers=(), point_id=None,
@@ -122,27 +121,20 @@ def record_point(vault, names, *, consistency, cuts, bytes_by_item, trackers=(),
     allocated with them unless `point_id` is given (a fleet cycle's items
     share one). Returns the point id."""
     now = time.time()
-    with vault.db:
-        vault.db.execute("BEGIN IMMEDIATE")
+    with vault.transaction():
         if point_id is None:  # allocated with the points: a failed cycle uses no id
-            point_id = vault.db.execute(
-                "SELECT value FROM counters WHERE name='point'").fetchone()[0] + 1
-            vault.db.execute("UPDATE counters SET value=? WHERE name='point'", (point_id,))
+            point_id = vault.allocate_point_id()
         for name, idx, kept in steps:
             record_steps(vault, name, idx, kept)
         for name in names:
-            vault.db.execute("INSERT INTO points(id, item, created, consistency, bytes, cut) VALUES (?,?,?,?,?,?)",
-                             (point_id, name, now, consistency, bytes_by_item[name], cuts[name]))
-            for d in vault.disks(name):
-                vault.db.execute("INSERT INTO point_disks VALUES (?,?,?,?)",
-                                 (point_id, name, d["idx"], vault.current_step(name, d["idx"])))
+            vault.add_point(point_id, name, created=now, consistency=consistency,
+                            size=bytes_by_item[name], cut=cuts[name])
             vault.set_item(name, state="protected", health="ok", last_error=None)
-            vault.db.execute("UPDATE items SET operation=NULL, operation_command=NULL, "
-                             "operation_args=NULL WHERE name=? AND operation='replicate'", (name,))
+            vault.clear_operation(name, "replicate")
         for t in trackers:  # the new bitmaps are the current ones, with the point
-            t.record(vault.db)
-        if extra is not None:  # more rows of the point (an object store's index): extra(db, id)
-            extra(vault.db, point_id)
+            t.record(vault)
+        if extra is not None:  # more rows of the point (an object store's index): extra(vault, id)
+            extra(vault, point_id)
     return point_id
 
 

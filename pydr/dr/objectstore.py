@@ -37,18 +37,16 @@ def is_object_item(vault, name):
 def has_object_points(vault, name):
     """Whether the item's points are in an object store (also after its
     failover moved its replicas to local disks)."""
-    return vault.db.execute("SELECT 1 FROM object_indexes WHERE item=? LIMIT 1",
-                            (name,)).fetchone() is not None
+    return vault.has_indexes(name)
 
 
 def store_of(vault, name):
     """The ObjectStore of the item's replicas, or of its points."""
     from ..endpoints.s3 import ObjectStore
 
-    row = vault.db.execute("SELECT store FROM object_indexes WHERE item=? ORDER BY point DESC "
-                           "LIMIT 1", (name,)).fetchone()
-    if row is not None:  # its points' store (also half-way through a failover of its disks)
-        return ObjectStore(row["store"])
+    latest = vault.latest_index(name)
+    if latest is not None:  # its points' store (also half-way through a failover of its disks)
+        return ObjectStore(latest.store)
     for d in vault.disks(name):
         if d["replica"].startswith("s3://"):
             return vault.endpoint(name, d["replica"]).store
@@ -64,8 +62,7 @@ def _dir(vault, name):
 
 def latest_index(vault, name):
     """(point id, index key, local name) of the item's newest point, or None."""
-    row = vault.db.execute("SELECT point, key FROM object_indexes WHERE item=? ORDER BY point "
-                           "DESC LIMIT 1", (name,)).fetchone()
-    if row is None:
+    latest = vault.latest_index(name)
+    if latest is None:
         return None
-    return row["point"], row["key"], os.path.basename(row["key"])[:-len(".pidx")]
+    return latest.point, latest.key, os.path.basename(latest.key)[:-len(".pidx")]

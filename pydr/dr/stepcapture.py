@@ -250,9 +250,8 @@ class _HostBitmap:
     def __init__(self, item, idx, bitmap, generation):
         self.item, self.idx, self.bitmap, self.generation = item, idx, bitmap, generation
 
-    def record(self, db):
-        db.execute("UPDATE disks SET bitmap=?, generation=? WHERE item=? AND idx=?",
-                   (self.bitmap, self.generation, self.item, self.idx))
+    def record(self, store):
+        store.set_bitmap(self.item, self.idx, self.bitmap, self.generation)
 
     def commit(self):
         pass

@@ -11,6 +11,7 @@ outside the store's modules:
     store_items      the items and disks tables, the operation running on an item
     store_points     the steps, points and point_disks tables
     store_jobs       the jobs and plans tables
+    store_indexes    the object_indexes table: point indexes in object stores
     store_endpoints  an item's disks as endpoints, the vault's files of a disk
     store_records    the typed records the tables answer
     schema           the tables, their migrations, an empty vault
@@ -39,6 +40,7 @@ from . import store_lock
 from .schema import (DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault,  # noqa: F401
                      migrate as _migrate, tighten_vault)
 from .store_endpoints import ItemEndpoints
+from .store_indexes import IndexTables
 from .store_items import ItemTables
 from .store_jobs import JobTables
 from .store_lock import HIDDEN, HOOK_OPTIONS, LOCK_NAME, redact_argv  # noqa: F401  (re-exported)
@@ -49,7 +51,7 @@ STATES = ("protecting", "protected", "resync-required")
 HEALTH = ("ok", "warning", "critical")
 
 
-class Store(ItemTables, PointTables, JobTables, ItemEndpoints):
+class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
     """An open vault. Use as a context manager; ``writer=True`` takes the
     vault's lock (one changing command at a time; readers never wait) and
     sets right what a killed command left (pydr.dr.store_recovery)."""

@@ -117,6 +117,12 @@ class ItemTables:
         return {"name": row.operation, "command": row.operation_command,
                 "interrupted": interrupted}
 
+    def clear_operation(self, name, operation):
+        """End `operation` on item `name` if it is the one recorded, in the
+        caller's transaction (end() is its own)."""
+        self.db.execute("UPDATE items SET operation=NULL, operation_command=NULL, "
+                        "operation_args=NULL WHERE name=? AND operation=?", (name, operation))
+
     def recorded_operations(self):
         """{item: operation} of the items with an operation recorded."""
         return {r["name"]: r["operation"] for r in self.db.execute(

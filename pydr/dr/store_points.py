@@ -32,6 +32,22 @@ class PointTables:
             f"SELECT {StepRecord.columns()} FROM steps ORDER BY item, idx, step")]
 
     # -- points ------------------------------------------------------------------
+    def allocate_point_id(self):
+        """A new point id (the counter moves on), in the caller's transaction:
+        allocated with the points, so a failed cycle uses no id."""
+        point_id = self.db.execute("SELECT value FROM counters WHERE name='point'").fetchone()[0] + 1
+        self.db.execute("UPDATE counters SET value=? WHERE name='point'", (point_id,))
+        return point_id
+
+    def add_point(self, point_id, name, *, created, consistency, size, cut):
+        """Record point `point_id` of item `name` at its disks' current steps
+        (in the caller's transaction: the point's)."""
+        self.db.execute("INSERT INTO points(id, item, created, consistency, bytes, cut) "
+                        "VALUES (?,?,?,?,?,?)", (point_id, name, created, consistency, size, cut))
+        for d in self.disks(name):
+            self.db.execute("INSERT INTO point_disks(id, item, idx, step) VALUES (?,?,?,?)",
+                            (point_id, name, d.idx, self.current_step(name, d.idx)))
+
     def points(self, name):
         """The PointRecords of item `name` (UnknownName if it is not protected), oldest first."""
         self.item(name)

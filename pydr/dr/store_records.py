@@ -137,3 +137,11 @@ class PlanRecord(Record):
     """A recovery plan; `definition` is its list of groups ({"items", "pre", "post"})."""
 
     __slots__ = ("name", "definition", "created")
+
+
+class IndexRecord(Record):
+    """The point index in an object store of point `point` of an item: the
+    store's spec, the index's key and the bytes the cycle sent (the
+    object_indexes table)."""
+
+    __slots__ = ("item", "point", "store", "key", "bytes")
