@@ -38,10 +38,8 @@ __all__ = ["failover", "change_point", "commit", "reprotect", "failback", "selec
 def _already(vault, name, kinds):
     """Whether the item's latest workflow job is one of `kinds` and ended
     well (or was killed after its last state change): it is done."""
-    row = vault.db.execute(
-        "SELECT kind FROM jobs WHERE item=? AND kind NOT IN ('replicate', 'materialize', "
-        "'protect') ORDER BY id DESC LIMIT 1", (name,)).fetchone()
-    return row is not None and row["kind"] in kinds
+    job = vault.last_job(name, excluding=("replicate", "materialize", "protect"))
+    return job is not None and job.kind in kinds
 
 
 def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, method="auto",
@@ -192,11 +190,8 @@ def commit(vault, name):
             ownership.forget_state(vault.dir, name, d["idx"], ownership.BASELINE)
         crashpoints.reached("commit.removed")
         flipped = "reverse" if row["direction"] == "forward" else "forward"
-        with vault.db:
-            vault.db.execute("BEGIN IMMEDIATE")
-            vault.db.execute("DELETE FROM point_disks WHERE item=?", (name,))
-            vault.db.execute("DELETE FROM points WHERE item=?", (name,))
-            vault.db.execute("DELETE FROM steps WHERE item=?", (name,))
+        with vault.transaction():
+            vault.drop_all_points(name)
             vault.set_item(name, state="failover-committed", direction=flipped,
                            failover_point=None, operation=None, operation_command=None,
                            operation_args=None)
@@ -218,11 +213,9 @@ def reprotect(vault, name, *, progress=None):
         if row["state"] != "failover-committed":
             raise InvalidState(f"reprotect needs a committed failover; {name!r} is "
                                f"{row['state']}", path=vault.dir)
-        with vault.db:
-            vault.db.execute("BEGIN IMMEDIATE")
+        with vault.transaction():
             for d in vault.disks(name):
-                vault.db.execute("UPDATE disks SET source=?, replica=? WHERE item=? AND idx=?",
-                                 (d["replica"], d["source"], name, d["idx"]))
+                vault.set_disk(name, d.idx, source=d.replica, replica=d.source)
             vault.set_item(name, state="protecting", operation="reprotect",
                            operation_command=f"pydr reprotect {name}", operation_args="{}")
         crashpoints.reached("reprotect.swapped")
@@ -239,9 +232,7 @@ def reprotect(vault, name, *, progress=None):
 
 
 def _end_latest_job(vault, name, kind):
-    row = vault.db.execute("SELECT id FROM jobs WHERE item=? AND kind=? ORDER BY id DESC LIMIT 1",
-                           (name, kind)).fetchone()
-    vault.end_job(row["id"], "succeeded")
+    vault.end_job(vault.last_job(name, kind).id, "succeeded")
 
 
 def failback(vault, name, *, alternates=None, shutdown_hook=None):
@@ -296,7 +287,7 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None):
         # the point's steps are rolled back onto it from now on: its identity is recorded
         ownership.record_state(owner_of(vault, name, dict(d, replica=new)),
                                vault.endpoint(name, new), writing=False)
-        vault.db.execute("UPDATE disks SET replica=? WHERE item=? AND idx=?", (new, name, d["idx"]))
+        vault.set_disk(name, d["idx"], replica=new)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vault.cache_path(name, d["idx"]))  # described the old path
         crashpoints.reached("failback.alternate")

@@ -57,11 +57,8 @@ def apply_retention(vault, name, now=None):
     if row["retention_age"] is not None and points:
         limit = (time.time() if now is None else now) - row["retention_age"]
         drop = [p for p in points[:-1] if p in drop or p["created"] < limit]
-    with vault.db:
-        vault.db.execute("BEGIN IMMEDIATE")
-        for p in drop:
-            vault.db.execute("DELETE FROM points WHERE item=? AND id=?", (name, p["id"]))
-            vault.db.execute("DELETE FROM point_disks WHERE item=? AND id=?", (name, p["id"]))
+    with vault.transaction():
+        vault.drop_points(name, [p.id for p in drop])
     crashpoints.reached("retention.recorded")
     point_store(vault, name).release()
 

@@ -25,15 +25,13 @@ ADOPT = "adopt-identity:"  # meta key prefix: an item from before identity recor
 def adopting(vault, name):
     """Whether item `name` comes from a vault older than identity records
     and has not recorded them yet."""
-    return vault.db.execute("SELECT 1 FROM meta WHERE key=?", (ADOPT + name,)).fetchone() \
-        is not None
+    return vault.has_meta(ADOPT + name)
 
 
 def adopted(vault, name):
     """Every disk of `name` has its identity recorded: no longer adopting."""
     if all(ownership.read_state_exists(vault.dir, name, d["idx"]) for d in vault.disks(name)):
-        with vault.db:
-            vault.db.execute("DELETE FROM meta WHERE key=?", (ADOPT + name,))
+        vault.drop_meta(ADOPT + name)
 
 
 def failed_over(vault, name):

@@ -117,6 +117,15 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
         rows = [r[0] for r in self.db.execute("PRAGMA integrity_check")]
         return [] if rows == ["ok"] else rows
 
+    def has_meta(self, key):
+        """Whether the meta table has `key` (a mark a migration left)."""
+        return self.db.execute("SELECT 1 FROM meta WHERE key=?", (key,)).fetchone() is not None
+
+    def drop_meta(self, key):
+        """Forget meta `key` (its own transaction)."""
+        with self.transaction():
+            self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+
     def vault_id(self):
         """This vault's identity, which its replicas record as their owner."""
         return self.db.execute("SELECT value FROM meta WHERE key='vault_id'").fetchone()[0]

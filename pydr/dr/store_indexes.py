@@ -6,7 +6,7 @@ from .store_records import IndexRecord
 
 
 class IndexTables:
-    """Point indexes in object stores; needs ``self.db``."""
+    """Point indexes in object stores; needs ``self.db`` and ``self.transaction``."""
 
     def add_index(self, name, point_id, store, key, size):
         """Record the index of point `point_id` (in the caller's transaction: the point's)."""
@@ -29,6 +29,27 @@ class IndexTables:
         return [IndexRecord.from_row(r) for r in self.db.execute(
             f"SELECT {IndexRecord.columns()} FROM object_indexes WHERE item=? ORDER BY point",
             (name,))]
+
+    def index_of(self, name, point_id):
+        """The IndexRecord of point `point_id` of `name`, or None."""
+        row = self.db.execute(f"SELECT {IndexRecord.columns()} FROM object_indexes "
+                              "WHERE item=? AND point=?", (name, point_id)).fetchone()
+        return None if row is None else IndexRecord.from_row(row)
+
+    def orphan_index_points(self, name):
+        """The points of `name` whose index rows remain while the point does
+        not (released by retention, the index not yet deleted)."""
+        return {r[0] for r in self.db.execute(
+            "SELECT point FROM object_indexes o WHERE item=? AND NOT EXISTS "
+            "(SELECT 1 FROM points p WHERE p.item=o.item AND p.id=o.point)", (name,))}
+
+    def drop_index_rows(self, name, point_ids):
+        """Forget the index rows of points `point_ids` of `name` (their
+        objects deleted first by the caller), in one transaction."""
+        with self.transaction():
+            for point_id in point_ids:
+                self.db.execute("DELETE FROM object_indexes WHERE item=? AND point=?",
+                                (name, point_id))
 
     def index_keys(self, name):
         """The keys of every index item `name`'s rows record."""

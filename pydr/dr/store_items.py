@@ -66,6 +66,12 @@ class ItemTables:
         return [DiskRecord.from_row(r) for r in self.db.execute(
             f"SELECT {DiskRecord.columns()} FROM disks ORDER BY item, idx")]
 
+    def set_disk(self, name, idx, **fields):
+        """Change columns of disk `idx` of an item (in the caller's transaction, if any)."""
+        cols = assignments(DiskRecord, fields, "disks")
+        self.db.execute(f"UPDATE disks SET {cols} WHERE item=? AND idx=?",
+                        (*fields.values(), name, idx))
+
     def set_bitmap(self, name, idx, bitmap, generation):
         """The current dirty bitmap of a tracked disk (pydr.dr.tracking), in
         the caller's transaction (the point's), if any."""

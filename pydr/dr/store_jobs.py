@@ -58,6 +58,20 @@ class JobTables:
             fields["bytes_transferred"] = bytes_transferred
         self.update_job(job_id, **fields)
 
+    def last_job(self, item, kind=None, excluding=()):
+        """The newest JobRecord of `item` (of `kind`; not of the kinds
+        `excluding`), or None."""
+        where, args = ["item=?"], [item]
+        if kind is not None:
+            where.append("kind=?")
+            args.append(kind)
+        if excluding:
+            where.append(f"kind NOT IN ({', '.join('?' * len(excluding))})")
+            args += list(excluding)
+        row = self.db.execute(f"SELECT {JobRecord.columns()} FROM jobs WHERE {' AND '.join(where)} "
+                              "ORDER BY id DESC LIMIT 1", args).fetchone()
+        return None if row is None else JobRecord.from_row(row)
+
     def jobs(self):
         """Every JobRecord, oldest first."""
         return [JobRecord.from_row(r) for r in self.db.execute(

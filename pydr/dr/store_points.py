@@ -25,6 +25,23 @@ class PointTables:
         self.db.execute("INSERT INTO steps(item, idx, step, path, bytes, digest) "
                         "VALUES (?,?,?,?,?,?)", (name, idx, step, path, size, digest))
 
+    def steps(self, name, idx=None, *, after=None, upto=None, newest_first=False):
+        """The StepRecords of item `name` (of disk `idx`; numbered above
+        `after`, up to `upto`), by disk and step (newest first if asked)."""
+        where, args = ["item=?"], [name]
+        for clause, value in (("idx=?", idx), ("step>?", after), ("step<=?", upto)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        order = "idx, step DESC" if newest_first else "idx, step"
+        return [StepRecord.from_row(r) for r in self.db.execute(
+            f"SELECT {StepRecord.columns()} FROM steps WHERE {' AND '.join(where)} ORDER BY {order}",
+            args)]
+
+    def drop_step(self, name, idx, step):
+        """Forget undo step `step` of disk `idx` (in the caller's transaction, if any)."""
+        self.db.execute("DELETE FROM steps WHERE item=? AND idx=? AND step=?", (name, idx, step))
+
     def all_steps(self):
         """Every steps row (also one of a disk that is not there), by item,
         disk and step."""
@@ -70,6 +87,31 @@ class PointTables:
         """Every point_disks row, by item, point and disk."""
         return [PointDiskRecord.from_row(r) for r in self.db.execute(
             f"SELECT {PointDiskRecord.columns()} FROM point_disks ORDER BY item, id, idx")]
+
+    def point_step(self, name, point_id, idx):
+        """The step disk `idx` was at in point `point_id`, or None (no such point)."""
+        row = self.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
+                              (name, point_id, idx)).fetchone()
+        return None if row is None else row[0]
+
+    def oldest_point_step(self, name, idx):
+        """The lowest step disk `idx` is at in a point of `name`, or None (no point)."""
+        return self.db.execute("SELECT MIN(step) FROM point_disks WHERE item=? AND idx=?",
+                               (name, idx)).fetchone()[0]
+
+    def drop_points(self, name, point_ids):
+        """Forget points of item `name` (in the caller's transaction, if any);
+        their steps stay (the point store releases them)."""
+        for point_id in point_ids:
+            self.db.execute("DELETE FROM points WHERE item=? AND id=?", (name, point_id))
+            self.db.execute("DELETE FROM point_disks WHERE item=? AND id=?", (name, point_id))
+
+    def drop_all_points(self, name):
+        """Forget every point and step of item `name` (in the caller's
+        transaction, if any): a committed failover's."""
+        self.db.execute("DELETE FROM point_disks WHERE item=?", (name,))
+        self.db.execute("DELETE FROM points WHERE item=?", (name,))
+        self.db.execute("DELETE FROM steps WHERE item=?", (name,))
 
     def mark_damaged(self, name, point_ids, reason):
         """Record that points of item `name` can no longer be restored, and

@@ -1,9 +1,8 @@
 """The store owns its tables (issue 20):
 
-* no SQL in pydr.dr or pydr.cli outside the store's modules, except in an
-  explicit allow-list that only shrinks (a module that loses its last
-  statement must leave it), and every store module is under the import
-  contract "The vault store knows no workflow";
+* no SQL in pydr.dr or pydr.cli outside the store's modules (no allow-list:
+  a workflow module asks table methods), and every store module is under
+  the import contract "The vault store knows no workflow";
 * the store answers typed, read-only records (read by column name), which
   also answer r["column"] and keys() while callers move to attributes;
 * what moved out of the store behaves as before: protect's policy records
@@ -34,14 +33,6 @@ CLI = os.path.join(ROOT, "pydr", "cli")
 
 # The store's modules: pydr/dr/store.py, pydr/dr/store_*.py, and these.
 STORE_HELPERS = {"schema", "dberrors"}
-
-# Workflow modules that still hold SQL today; each is to ask table methods
-# instead. This list only shrinks: a module here without SQL fails the test.
-STILL_HOLDING_SQL = {"points", "failover", "verify", "replica_check"}
-# Modules other engineers are rewriting for issue 20 at the same time: they
-# may hold SQL until their part is moved into the store (pydr.dr.pointstores
-# and its modules included). Empty this set as those parts land.
-BEING_REWRITTEN = {"drills", "vault", "scrub", "agent", "pointstores"}
 
 SQL_WORDS = {"SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "BEGIN", "COMMIT", "ROLLBACK",
              "SAVEPOINT", "RELEASE", "PRAGMA", "CREATE", "ALTER", "DROP", "WITH", "VACUUM"}
@@ -99,10 +90,6 @@ def sql_outside_the_store():
     return out
 
 
-def _allowed(name):
-    return name in STILL_HOLDING_SQL or name.split(".")[0] in BEING_REWRITTEN
-
-
 def test_the_census_finds_sql_and_only_sql():
     source = '''
 def f(db, q, name):
@@ -118,20 +105,18 @@ def f(db, q, name):
     assert sql_statements(source) == [3, 4, 5, 6]
 
 
-def test_no_sql_outside_the_store_but_the_shrinking_allow_list():
+def test_no_sql_outside_the_store():
     found = sql_outside_the_store()
-    unexpected = {m: lines for m, lines in found.items() if not _allowed(m)}
-    assert not unexpected, (f"SQL outside the store's modules (add a table method to "
-                            f"pydr/dr/store_*.py and call it): {unexpected}")
+    assert not found, (f"SQL outside the store's modules (add a table method to "
+                       f"pydr/dr/store_*.py and call it): {found}")
+    # the census looked where the workflow is: every module that held SQL is there
     present = modules(DR)
-    done = sorted(m for m in STILL_HOLDING_SQL if m in present and m not in found)
-    assert not done, f"these hold no SQL any more: take them off STILL_HOLDING_SQL: {done}"
-    # the modules this part of the issue moved into the store stay without SQL
     for name in ("check", "plans", "tracking", "ownership", "stepdigest", "retry", "hooks",
                  "protection", "report", "cycle", "cyclerecord", "stepcapture", "chunkcapture",
-                 "objectstore", "fleet"):
-        assert name in present and name not in found, name
-    assert not any(m.startswith("cli.") for m in found), found
+                 "objectstore", "fleet", "points", "failover", "replica_check", "drills", "vault",
+                 "scrub", "agent", "pointstores.stepchain", "pointstores.steps",
+                 "pointstores.chunkindex"):
+        assert name in present, name
 
 
 def test_every_store_module_is_under_the_store_contract():

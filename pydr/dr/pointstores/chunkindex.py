@@ -50,12 +50,11 @@ class ChunkIndex(PointStore):
         return functools.partial(collect_garbage, ObjectStore(spec))
 
     def _index_key(self, point_id):
-        row = self.vault.db.execute("SELECT key FROM object_indexes WHERE item=? AND point=?",
-                                    (self.name, point_id)).fetchone()
-        if row is None:
+        index = self.vault.index_of(self.name, point_id)
+        if index is None:
             raise InvalidState(f"point {point_id} of {self.name!r} has no index in the vault",
                                path=self.vault.dir)
-        return row["key"]
+        return index.key
 
     # -- a point's disks ----------------------------------------------------------
     def check_point(self, point_id):
@@ -92,17 +91,14 @@ class ChunkIndex(PointStore):
                                                   replica.path)
         used = restore_disk(self.vault, self.name, point_id, disk, dest, progress=progress)
         self.vault.note_method(used)
-        self.vault.db.execute("UPDATE disks SET replica=? WHERE item=? AND idx=?",
-                              (dest, self.name, disk["idx"]))
+        self.vault.set_disk(self.name, disk["idx"], replica=dest)
         return used
 
     # -- letting points go ------------------------------------------------------------
     def release(self):
         """The index objects of points no longer kept, then their records (a
         failure keeps both for later, with a warning on the item)."""
-        stale = {r["point"] for r in self.vault.db.execute(
-            "SELECT point FROM object_indexes o WHERE item=? AND NOT EXISTS "
-            "(SELECT 1 FROM points p WHERE p.item=o.item AND p.id=o.point)", (self.name,))}
+        stale = self.vault.orphan_index_points(self.name)
         if not stale:
             return
         try:
@@ -132,17 +128,11 @@ def drop_indexes(vault, name, points=None):
     """Delete the index objects of the item's points in `points` (all when
     None), then their records. A failure keeps both, for a later try."""
     store = store_of(vault, name)
-    rows = vault.db.execute("SELECT point, key FROM object_indexes WHERE item=?",
-                            (name,)).fetchall()
-    rows = [r for r in rows if points is None or r["point"] in points]
+    rows = [r for r in vault.index_rows(name) if points is None or r.point in points]
     if not rows:
         return 0
-    store.delete(r["key"] for r in rows)
-    with vault.db:
-        vault.db.execute("BEGIN IMMEDIATE")
-        for r in rows:
-            vault.db.execute("DELETE FROM object_indexes WHERE item=? AND point=?",
-                             (name, r["point"]))
+    store.delete(r.key for r in rows)
+    vault.drop_index_rows(name, [r.point for r in rows])
     return len(rows)
 
 
@@ -166,13 +156,12 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     (replaced atomically): every chunk downloaded in parallel and verified
     against its id; zero chunks left as holes. A missing or corrupt chunk is
     reported with its id and offset, and nothing is renamed over `dest`."""
-    row = vault.db.execute("SELECT key FROM object_indexes WHERE item=? AND point=?",
-                           (name, point_id)).fetchone()
+    row = vault.index_of(name, point_id)
     if row is None:
         raise InvalidState(f"point {point_id} of {name!r} has no index in the vault",
                            path=vault.dir)
     store = store_of(vault, name)
-    index = PointIndex.decode(store.get(row["key"]), store.url(row["key"]))
+    index = PointIndex.decode(store.get(row.key), store.url(row.key))
     if disk["idx"] not in index.disks:
         raise FormatError(f"the point index has no disk {disk['idx']}", path=store.url(row["key"]))
     size, ids = index.disks[disk["idx"]]
@@ -213,8 +202,7 @@ def verify(vault, name, point_id=None, sample=100.0):
     """Check the item's point indexes (all, or `point_id`'s) and their chunks:
     every one downloaded and hashed, or a random `sample` percent of them.
     Returns {"points", "chunks", "checked", "problems": [text]}."""
-    rows = vault.db.execute("SELECT point, key FROM object_indexes WHERE item=? ORDER BY point",
-                            (name,)).fetchall()
+    rows = vault.index_rows(name)
     if point_id is not None:
         rows = [r for r in rows if r["point"] == point_id]
         if not rows:

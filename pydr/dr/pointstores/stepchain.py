@@ -113,12 +113,10 @@ class StepChain(PointStore):
         vault, name = self.vault, self.name
         doomed = []
         for d in vault.disks(name):
-            row = vault.db.execute("SELECT MIN(step) FROM point_disks WHERE item=? AND idx=?",
-                                   (name, d["idx"])).fetchone()
-            oldest = row[0] if row[0] is not None else vault.current_step(name, d["idx"])
-            doomed += [(d["idx"], s["step"], s["path"]) for s in vault.db.execute(
-                "SELECT step, path FROM steps WHERE item=? AND idx=? AND step<=?",
-                (name, d["idx"], oldest)).fetchall()]
+            oldest = vault.oldest_point_step(name, d.idx)
+            if oldest is None:
+                oldest = vault.current_step(name, d.idx)
+            doomed += [(d.idx, s.step, s.path) for s in vault.steps(name, d.idx, upto=oldest)]
         failed = set()
 
         def unreachable(ep, exc):  # that host keeps its steps until a later retention
@@ -128,19 +126,16 @@ class StepChain(PointStore):
 
         steps = [(idx, step, vault.endpoint(name, path)) for idx, step, path in doomed]
         remove_all([ep for _, _, ep in steps], on_error=unreachable)
-        with vault.db:
-            vault.db.execute("BEGIN IMMEDIATE")
+        with vault.transaction():
             for idx, step, ep in steps:
                 if ep.place not in failed:
-                    vault.db.execute("DELETE FROM steps WHERE item=? AND idx=? AND step=?",
-                                     (name, idx, step))
+                    vault.drop_step(name, idx, step)
 
     def discard(self):
         """Every step and baseline goes; a qcow2 overlay on its baseline is
         first flattened into it (one raw disk)."""
         notes = []
-        steps = [r["path"] for r in self.vault.db.execute("SELECT path FROM steps WHERE item=?",
-                                                           (self.name,))]
+        steps = [s.path for s in self.vault.steps(self.name)]
         replicas = [self._replica(d) for d in self.vault.disks(self.name)]
         for replica in replicas:  # an overlay on its baseline becomes one raw disk
             base = replica.sidecar(names.BASE)

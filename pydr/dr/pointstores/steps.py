@@ -13,22 +13,17 @@ from .. import stepdigest
 
 
 def steps_of(vault, name, point_id, idx):
-    """The undo steps (rows: step, path, bytes, digest) that take disk `idx`
+    """The undo steps (StepRecords) that take disk `idx`
     from its latest state back to point `point_id`, newest first."""
-    row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
-                           (name, point_id, idx)).fetchone()
-    if row is None:
+    step = vault.point_step(name, point_id, idx)
+    if step is None:
         return []
-    return vault.db.execute(
-        "SELECT step, path, bytes, digest FROM steps WHERE item=? AND idx=? AND step>? "
-        "ORDER BY step DESC",
-        (name, idx, row["step"])).fetchall()
+    return vault.steps(name, idx, after=step, newest_first=True)
 
 
 def all_steps(vault, name, idx):
     """Every recorded undo step of disk `idx` (rows as steps_of), oldest first."""
-    return vault.db.execute("SELECT step, path, bytes, digest FROM steps WHERE item=? AND idx=? "
-                            "ORDER BY step", (name, idx)).fetchall()
+    return vault.steps(name, idx)
 
 
 def check_step(vault, name, idx, step, *, whole=True):
