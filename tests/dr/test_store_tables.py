@@ -310,3 +310,46 @@ def test_a_file_in_undo_that_is_not_a_step_does_not_stop_a_writer(vault):
     problems = json.loads(r.stdout)["problems"]
     assert r.returncode == 14 and [(p["kind"], p["where"]) for p in problems] == \
         [("unknown-file", str(stray))]
+
+
+def test_the_table_methods_answer_what_the_workflow_asked_in_sql(vault):
+    """The methods the workflow's SQL became: steps by range, a point's
+    steps, the newest job, a disk's columns, the chunk index's rows, and a
+    point recorded in one transaction (all of it, or nothing)."""
+    with Vault(vault, writer=True) as v:
+        every = [s for s in v.all_steps() if (s.item, s.idx) == ("vm", 0)]
+        assert every and v.steps("vm", 0) == every
+        at_first = v.point_step("vm", 1, 0)
+        assert at_first is not None and v.point_step("vm", 99, 0) is None
+        assert v.oldest_point_step("vm", 0) == at_first
+        newer = [s.step for s in every if s.step > at_first]
+        assert [s.step for s in v.steps("vm", 0, after=at_first, newest_first=True)] == newer[::-1]
+        assert [s.step for s in v.steps("vm", 0, upto=at_first)] == \
+            [s.step for s in every if s.step <= at_first]
+        assert v.last_job("vm").kind == "replicate"
+        assert v.last_job("vm", excluding=("replicate",)).kind == "protect"
+        assert v.last_job("vm", "materialize") is None
+        with pytest.raises(TypeError, match="no column nope in table disks"):
+            v.set_disk("vm", 0, nope=1)
+        with v.transaction():
+            v.add_index("vm", 1, "s3://b/p", "indexes/vm/1.pidx", 10)
+            v.add_index("vm", 7, "s3://b/p", "indexes/vm/7.pidx", 20)
+        assert v.has_indexes("vm") and v.orphan_index_points("vm") == {7}
+        assert v.index_of("vm", 1).key == "indexes/vm/1.pidx" and v.index_of("vm", 2) is None
+        assert v.latest_index("vm").point == 7 and [r.point for r in v.index_rows("vm")] == [1, 7]
+        v.drop_index_rows("vm", [1, 7])
+        assert not v.has_indexes("vm") and v.latest_index("vm") is None
+
+        before = v.points("vm")
+        with pytest.raises(RuntimeError), v.transaction():
+            pid = v.allocate_point_id()
+            v.add_point(pid, "vm", created=1.0, consistency="crash", size=0, cut="copy")
+            raise RuntimeError("killed before the commit")
+        assert v.points("vm") == before and v.point_step("vm", pid, 0) is None
+        with v.transaction():
+            assert v.allocate_point_id() == pid  # the failed one used no id
+            v.add_point(pid, "vm", created=1.0, consistency="crash", size=0, cut="copy")
+        assert v.point_step("vm", pid, 1) == v.current_step("vm", 1)
+        with v.transaction():
+            v.drop_points("vm", [pid])
+        assert v.points("vm") == before and v.point_step("vm", pid, 0) is None
