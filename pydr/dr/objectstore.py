@@ -47,7 +47,9 @@ def store_of(vault, name):
                            "LIMIT 1", (name,)).fetchone()
     if row is not None and not is_object_item(vault, name):
         return ObjectStore(row["store"])
-    return vault.endpoint(name, vault.disks(name)[0]["replica"]).store
+    # a failover moves the disks one by one: the first may be local already
+    replica = next(d["replica"] for d in vault.disks(name) if d["replica"].startswith("s3://"))
+    return vault.endpoint(name, replica).store
 
 
 def _dir(vault, name):
