@@ -59,7 +59,7 @@ class Unit:
 def _capture_for(vault, name):
     """The capture of item `name`'s point store (pydr.dr.pointstores picks
     the kind, in one place)."""
-    return point_store(vault, name).capture
+    return point_store(vault, name).require("capture")
 
 
 class LocalExecutor:

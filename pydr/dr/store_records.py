@@ -4,13 +4,18 @@ only. The store reads them by column name, so a vault whose columns were
 added by migrations (in another order) gives the same records.
 
 The bridge while callers move from sqlite3.Row and dicts to attributes:
-a record also answers ``r["name"]``, ``r.get("name")``, ``r.keys()`` and
-``dict(r)``; ``to_dict()`` is its plain dict (for JSON).
+a record is also a read-only dict of its columns (``r["name"]``,
+``r.get("name")``, ``"name" in r``, ``r.items()``, ``json.dumps(r)``);
+``to_dict()`` is a plain, writable copy.
 """
 
 
-class Record:
-    """A read-only row; subclasses name their columns in ``__slots__``."""
+class Record(dict):
+    """A read-only row; subclasses name their columns in ``__slots__``.
+
+    It is also a read-only dict of those columns, as the dicts the store
+    answered before (``json.dumps``, ``"id" in r``, ``r.items()``, ``dict(r)``
+    and ``r == dict(r)`` keep working); any change raises."""
 
     __slots__ = ()
 
@@ -29,6 +34,7 @@ class Record:
         missing = [c for c in self.__slots__ if c not in given]
         if missing:
             raise TypeError(f"{type(self).__name__}: missing {missing}")
+        super().__init__((c, given[c]) for c in self.__slots__)
         for column in self.__slots__:
             object.__setattr__(self, column, given[column])
 
@@ -48,10 +54,15 @@ class Record:
     def __delattr__(self, name):
         raise AttributeError(f"{type(self).__name__} is read-only: the store changes rows")
 
+    def _read_only(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is read-only: the store changes rows")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only
+    __ior__ = _read_only
+
     def _values(self):
         return tuple(getattr(self, c) for c in self.__slots__)
 
-    # -- the bridge: a record read like the sqlite3.Row or dict it replaces ------
     def __getitem__(self, column):
         if not isinstance(column, str) or column not in self.__slots__:
             raise KeyError(column)
@@ -67,13 +78,24 @@ class Record:
         return dict(zip(self.__slots__, self._values()))
 
     def __eq__(self, other):
-        return type(self) is type(other) and self._values() == other._values()
+        if isinstance(other, Record):
+            return type(self) is type(other) and self._values() == other._values()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self == other
 
     def __hash__(self):
         return hash((type(self), self._values()))
 
     def __reduce__(self):
         return type(self), self._values()
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
     def __repr__(self):
         fields = ", ".join(f"{c}={v!r}" for c, v in zip(self.__slots__, self._values()))

@@ -29,6 +29,9 @@ class Record:
     def _asdict(self):
         return {f: getattr(self, f) for f in self._fields}
 
+    def __reduce__(self):  # read-only slots: pickled (to a worker, a process pool) by value
+        return type(self), tuple(getattr(self, f) for f in self._fields)
+
     def __repr__(self):
         body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
         return f"{type(self).__name__}({body})"

@@ -353,3 +353,35 @@ def test_the_table_methods_answer_what_the_workflow_asked_in_sql(vault):
         with v.transaction():
             v.drop_points("vm", [pid])
         assert v.points("vm") == before and v.point_step("vm", pid, 0) is None
+
+
+def test_records_read_as_the_dicts_they_replace():
+    """A script written when the store answered dicts keeps working: a
+    record is a read-only dict of its columns (JSON, membership, items,
+    equality with its dict) and pickles by value."""
+    import json
+    import pickle
+
+    from pydr.dr.store_records import PointRecord
+
+    p = PointRecord(1, "web", 2.0, "crash-consistent", 10, "none", None)
+    assert json.loads(json.dumps(p))["consistency"] == "crash-consistent"
+    assert "id" in p and list(p) == list(PointRecord.__slots__) and len(p) == 7
+    assert p == dict(p) and dict(p.items())["bytes"] == 10 and p.id == 1
+    assert pickle.loads(pickle.dumps(p)) == p
+    for change in (lambda: p.__setitem__("id", 2), lambda: p.update(id=2), lambda: p.pop("id")):
+        with pytest.raises(TypeError, match="read-only"):
+            change()
+    assert p.id == 1 and p["id"] == 1
+
+
+def test_cycle_results_pickle_by_value():
+    """A CycleResult and its outcomes cross a process boundary (a process
+    pool, a worker) as they are."""
+    import pickle
+
+    from pydr.dr.cyclerecord import CycleResult, ItemOutcome
+
+    outcome = ItemOutcome("web", "failed", None, "disk not found", 3, 0, False)
+    result = CycleResult(None, [], 0, 0, 0.1, "crash-consistent", [], [outcome])
+    assert pickle.loads(pickle.dumps(result)) == result

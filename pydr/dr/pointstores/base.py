@@ -42,11 +42,13 @@ class PointStore:
     kind = None
 
     #: The module that captures a cycle into this kind (pydr.dr.cycle
-    #: documents what it offers: check, capture, task, adopt).
+    #: documents what it offers: check, capture, task, adopt); a kind
+    #: without one is refused by the driver (exit 10, naming the item).
     capture = None
 
     #: Optional methods, by name: None where the kind cannot do it.
     CAPABILITIES = {
+        "capture": "capture a replication cycle",
         "verify": "check the item's points where they are",
         "collect_garbage": "collect garbage (unreferenced chunks)",
     }
