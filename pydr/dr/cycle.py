@@ -149,7 +149,8 @@ class _Cycle:
             cuts={n: items[n]["cut"] for n in unit.names},
             bytes_by_item={n: items[n]["bytes"] for n in unit.names},
             trackers=captured["trackers"], point_id=self.point_id, steps=captured["steps"],
-            extra=(lambda store, pid: [fn(store, pid) for fn in extras.values()]) if extras else None)
+            extra=(lambda store, pid: [fn(store, pid) for fn in extras.values()])
+            if extras else None)
         self.point_id = point_id
         crashpoints.reached(self.executor.point_reached)
         for t in captured["trackers"]:

@@ -35,8 +35,8 @@ class PointTables:
                 args.append(value)
         order = "idx, step DESC" if newest_first else "idx, step"
         return [StepRecord.from_row(r) for r in self.db.execute(
-            f"SELECT {StepRecord.columns()} FROM steps WHERE {' AND '.join(where)} ORDER BY {order}",
-            args)]
+            f"SELECT {StepRecord.columns()} FROM steps WHERE {' AND '.join(where)} "
+            f"ORDER BY {order}", args)]
 
     def drop_step(self, name, idx, step):
         """Forget undo step `step` of disk `idx` (in the caller's transaction, if any)."""
@@ -52,7 +52,8 @@ class PointTables:
     def allocate_point_id(self):
         """A new point id (the counter moves on), in the caller's transaction:
         allocated with the points, so a failed cycle uses no id."""
-        point_id = self.db.execute("SELECT value FROM counters WHERE name='point'").fetchone()[0] + 1
+        point_id = self.db.execute(
+            "SELECT value FROM counters WHERE name='point'").fetchone()[0] + 1
         self.db.execute("UPDATE counters SET value=? WHERE name='point'", (point_id,))
         return point_id
 
