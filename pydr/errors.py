@@ -216,6 +216,12 @@ class NoWorkerForHost(FleetError, ConnectionError):
     retrying once a worker (``pydr worker --host NAME``) is up."""
 
 
+class SchedulerLost(FleetError, ConnectionError):
+    """The connection to the Dask scheduler was lost while a fleet cycle's
+    tasks ran: the items not yet recorded failed; worth retrying once the
+    scheduler is back."""
+
+
 class CycleFailed(PydrError, RuntimeError):
     """A replication cycle over several units (items, or groups of items)
     in which some failed: the others got their points. ``result`` is the

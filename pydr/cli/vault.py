@@ -132,9 +132,21 @@ def _print_cycles(args, result):
         print_json([result._asdict()])
         return
     if result.items:
-        print(f"point {result.point_id} ({result.consistency}) for {', '.join(result.items)}: "
-              f"{human_bytes(result.bytes_written)} written, {human_bytes(result.bytes_read)} "
-              f"read in {result.seconds:.3f} s")
+        # retried items may have points of their own: each point names its items
+        by_point = {}
+        for o in result.outcomes:
+            if o.status == "succeeded":
+                by_point.setdefault(o.point_id, []).append(o.item)
+        if len(by_point) > 1:
+            points = "points " + "; ".join(f"{p} for {', '.join(items)}"
+                                           for p, items in by_point.items())
+            print(f"{points} ({result.consistency}): "
+                  f"{human_bytes(result.bytes_written)} written, "
+                  f"{human_bytes(result.bytes_read)} read in {result.seconds:.3f} s")
+        else:
+            print(f"point {result.point_id} ({result.consistency}) for "
+                  f"{', '.join(result.items)}: {human_bytes(result.bytes_written)} written, "
+                  f"{human_bytes(result.bytes_read)} read in {result.seconds:.3f} s")
     for o in result.failed:
         print(f"{o.item}: failed: {o.error}")
 

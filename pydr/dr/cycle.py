@@ -27,7 +27,7 @@ import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import CycleFailed, InvalidState, exit_code_for
+from ..errors import Cancelled, CycleFailed, InvalidState, exit_code_for
 from .pointstores import point_store
 from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_hooks,
                           check_not_stuck, record_point, record_steps)
@@ -53,7 +53,9 @@ class Unit:
     def __init__(self, names, capture):
         self.names, self.capture = names, capture
         self.jobs = {}
+        self.started = False  # its capture began (an executor sets it)
         self.done = False
+        self.blame = ()  # the members a failed check was about (the others failed with them)
 
 
 def _capture_for(vault, name):
@@ -74,6 +76,7 @@ class LocalExecutor:
 
     def run(self, vault, units, opts, finish):
         for unit in units:
+            unit.started = True
             try:
                 captured = unit.capture.capture(vault, unit.names, opts, unit.jobs)
             except Exception as exc:
@@ -82,18 +85,27 @@ class LocalExecutor:
             finish(unit, captured)
 
 
-def _plan(vault, names):
+def _unit_names(vault, names):
+    """The names of each unit of a call: a group's members in it, or one item."""
     units, by_group = [], {}
     for name in dict.fromkeys(names):
-        row = vault.item(name)  # an unknown name stops the call: nothing ran
-        if row["grp"] and row["grp"] in by_group:
-            by_group[row["grp"]].names.append(name)
+        grp = vault.item(name)["grp"]  # an unknown name stops the call: nothing ran
+        if grp and grp in by_group:
+            by_group[grp].append(name)
             continue
-        unit = Unit([name], _capture_for(vault, name))
-        units.append(unit)
-        if row["grp"]:
-            by_group[row["grp"]] = unit
+        units.append([name])
+        if grp:
+            by_group[grp] = units[-1]
     return units
+
+
+def _plan(vault, names):
+    return [Unit(unit, _capture_for(vault, unit[0])) for unit in _unit_names(vault, names)]
+
+
+def _marks(row):
+    """What a failed check records on an item (its state, health, last_error)."""
+    return row["state"], row["health"], row["last_error"]
 
 
 class _Cycle:
@@ -114,12 +126,25 @@ class _Cycle:
                                f"replicated to object stores with others: a group's items "
                                f"share one kind of replica", path=vault.dir)
         rows = [vault.item(n) for n in unit.names]
-        check_can_replicate(vault, rows, {n: point_store(vault, n) for n in unit.names})
-        self.executor.check(vault, rows)
-        unit.capture.check(vault, unit.names, self.opts)
+        before = {r["name"]: _marks(r) for r in rows}
+        for row in rows:  # a member's own checks: a failure is about that member
+            unit.blame = (row["name"],)
+            check_can_replicate(vault, [row], {row["name"]: point_store(vault, row["name"])})
+            self.executor.check(vault, [row])
+        unit.blame = ()
+        try:
+            unit.capture.check(vault, unit.names, self.opts)
+        except BaseException:  # it records its failure on the member it is about
+            unit.blame = tuple(n for n in unit.names if _marks(vault.item(n)) != before[n])
+            raise
+        if not self.opts.resync_all:
+            unit.blame = tuple(n for n in unit.names
+                               if vault.item(n)["state"] == "resync-required")
         check_not_stuck(vault, unit.names, self.opts.resync_all)
-        if self.opts.app_consistent:
-            check_hooks(vault, [vault.item(n) for n in unit.names])
+        for row in rows if self.opts.app_consistent else ():
+            unit.blame = (row["name"],)
+            check_hooks(vault, [row])
+        unit.blame = ()
         again = self.executor.rerun + (" --resync" if self.opts.resync_all else "")
         for n in unit.names:  # a killed cycle is finished by running this again
             vault.begin(n, "replicate", f"pydr replicate {n}{again}")
@@ -177,19 +202,41 @@ class _Cycle:
         for name, idx, kept in (partial or {}).get("steps", ()):
             with vault.transaction():
                 record_steps(vault, name, idx, kept)
-        cancelled = not isinstance(exc, Exception)
-        health = "warning" if recoverable(exc) else "critical"
+        cancelled = _interrupted(exc)
+        # an interruption is not damage: running the same command again is the way out
+        health = "warning" if cancelled or recoverable(exc) else "critical"
+        error = str(exc) or (f"interrupted ({type(exc).__name__})" if cancelled
+                             else type(exc).__name__)
         for n in unit.names:
             if n in self.outcomes:  # ended already (its point and job recorded)
                 continue
-            if n in unit.jobs:
+            why = error
+            if n not in unit.jobs:  # its unit failed a check: the check recorded what it was
+                if n in unit.blame or len(unit.names) == 1:  # about; the others say why they
+                    why = None                               # failed too
+                elif unit.blame:
+                    why = f"group member {', '.join(unit.blame)} failed: {error}"
+                if why is not None:
+                    unit.jobs[n] = vault.start_job("replicate", n)
+                    self.jobs.append(unit.jobs[n])
+            if why is not None:
                 vault.end_job(unit.jobs[n], "cancelled" if cancelled else "failed",
-                              error=str(exc) or type(exc).__name__, bytes_transferred=None)
-                vault.end(n, "replicate", health=health, last_error=str(exc) or None)
-            self.outcomes[n] = ItemOutcome(n, "failed", error=f"{exc}" or type(exc).__name__,
+                              error=why, bytes_transferred=None)
+                vault.end(n, "replicate", health=health, last_error=why)
+            self.outcomes[n] = ItemOutcome(n, "failed", error=why or error,
                                            exit_code=exit_code_for(exc),
                                            recoverable=recoverable(exc))
         self.errors[tuple(unit.names)] = exc
+
+    def not_started(self, unit):
+        """A unit whose capture never began when the call stopped: its jobs
+        are cancelled and its operation ended; its health stays as it was."""
+        unit.done = True
+        for n in unit.names:
+            if n in unit.jobs:
+                self.vault.end_job(unit.jobs[n], "cancelled", error="the call stopped before "
+                                   "this item's cycle began", bytes_transferred=None)
+            self.vault.end(n, "replicate")
 
     def result(self, seconds):
         outcomes = [self.outcomes[n] for n in self.names if n in self.outcomes]
@@ -228,20 +275,24 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
     executor = executor or LocalExecutor()
     cycle = _Cycle(vault, opts, executor, names)
     units = _plan(vault, cycle.names)
-    ready = []
-    for unit in units:
-        try:
-            cycle.prepare(unit)
-        except Exception as exc:  # this unit's failure: the others go on
-            cycle.failed(unit, exc)
-            continue
-        ready.append(unit)
     try:
-        executor.run(vault, ready, opts, cycle.finish)
-    except BaseException as exc:  # Ctrl-C, a lost scheduler: what did not end is cancelled
-        for unit in ready:
-            if not unit.done:
+        ready = []
+        for unit in units:
+            try:
+                cycle.prepare(unit)
+            except Exception as exc:  # this unit's failure: the others go on
                 cycle.failed(unit, exc)
+                continue
+            ready.append(unit)
+        executor.run(vault, ready, opts, cycle.finish)
+    except BaseException as exc:  # Ctrl-C: the running units are cancelled, the rest untouched
+        for unit in units:
+            if unit.done:
+                continue
+            if unit.started:
+                cycle.failed(unit, exc)
+            else:
+                cycle.not_started(unit)
         raise
     result = cycle.result(time.monotonic() - start)
     if cycle.errors:
@@ -252,6 +303,11 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
             raise exc
         raise _some_failed(vault, result)
     return result
+
+
+def _interrupted(exc):
+    """Ctrl-C, or a cancel= event: the cycle was stopped, nothing is damaged."""
+    return not isinstance(exc, Exception) or isinstance(exc, Cancelled)
 
 
 def _some_failed(vault, result):
@@ -266,11 +322,17 @@ def replicate_with_retry(vault, names, *, policy=None, **kwargs):
     """replicate(), retried on the schedule of pydr.dr.retry while some items'
     errors are recoverable; only those items (with their groups' members in
     the call) run again. Each scheduled retry is recorded on the items it
-    retries (attempts, next_retry) so `pydr status` shows it. The result
-    (or CycleFailed's) has every item's last outcome."""
-    pending = list(dict.fromkeys(names))
+    retries (attempts, next_retry) so `pydr status` shows it; once the
+    retries end, so does every item's schedule. The result (or
+    CycleFailed's) has every item's last outcome; its point_id is the one
+    the items that succeeded share (None when attempts gave them different
+    ones: each outcome has its own). A call of several units that ends with
+    some failed raises CycleFailed, even when the last attempt retried one
+    unit; a call of one unit raises that unit's own error."""
+    names = list(dict.fromkeys(names))
+    pending = list(names)
     outcomes = {}
-    state = {"jobs": [], "written": 0, "read": 0, "point": None, "consistency": None}
+    state = {"jobs": [], "written": 0, "read": 0, "consistency": None}
 
     def attempt():
         try:
@@ -278,6 +340,11 @@ def replicate_with_retry(vault, names, *, policy=None, **kwargs):
         except CycleFailed as exc:
             keep(exc.result)
             exc.result = merged(exc.result)
+            raise
+        except Exception as exc:  # one unit's own error: its outcomes are kept all the same
+            if getattr(exc, "cycle_result", None) is not None:
+                keep(exc.cycle_result)
+                exc.cycle_result = merged(exc.cycle_result)
             raise
         keep(r)
         return merged(r)
@@ -287,12 +354,13 @@ def replicate_with_retry(vault, names, *, policy=None, **kwargs):
         state["jobs"] += r.jobs
         state["written"] += r.bytes_written
         state["read"] += r.bytes_read
-        state["point"] = r.point_id if r.point_id is not None else state["point"]
         state["consistency"] = r.consistency
 
     def merged(r):
-        every = [outcomes[n] for n in dict.fromkeys(names) if n in outcomes]
-        return CycleResult(state["point"], [o.item for o in every if o.status == "succeeded"],
+        every = [outcomes[n] for n in names if n in outcomes]
+        points = {o.point_id for o in every if o.status == "succeeded"}
+        return CycleResult(points.pop() if len(points) == 1 else None,
+                           [o.item for o in every if o.status == "succeeded"],
                            state["written"], state["read"], r.seconds, state["consistency"],
                            list(state["jobs"]), every)
 
@@ -320,10 +388,13 @@ def replicate_with_retry(vault, names, *, policy=None, **kwargs):
         result = policy.run(attempt)
         if result.failed:  # the last attempt retried the others, and they made it
             raise _some_failed(vault, result)
-    except CycleFailed as exc:  # the items that made it are done retrying
-        for n in exc.result.items:
-            vault.set_item(n, attempts=0, next_retry=None)
+    except Exception as exc:
+        last = getattr(exc, "cycle_result", None)
+        if last is not None and len(_unit_names(vault, names)) > 1:
+            # the last attempt ran one unit of several: the call's outcome is every item's
+            raise _some_failed(vault, last) from exc
         raise
-    for n in names:
-        vault.set_item(n, attempts=0, next_retry=None)
+    finally:  # no retry runs after this: none is scheduled
+        for n in names:
+            vault.set_item(n, attempts=0, next_retry=None)
     return result

@@ -7,6 +7,7 @@ import contextlib
 import os
 import time
 
+from ..endpoints import parse_remote
 from ..engine.progress import Record
 from ..errors import DamagedJournal, FormatError, InvalidState
 from . import agent, ownership, replica_check, stepdigest
@@ -84,12 +85,23 @@ def broken_chain(vault, name, reason, resync_all):
 
 
 def rows_holding(vault, rows, path):
-    """The items among `rows` with a replica at `path` (all of them when
-    none is: the error did not say which)."""
-    holding = [r for r in rows if any(
-        vault.endpoint(r["name"], d["replica"]).local_path == path
+    """The items among `rows` with a replica at `path`: a local path, or
+    host:PATH (a replica on another host, as its errors name it). All of
+    them when none is: the error did not say which."""
+    where = _place(path)
+    holding = [r for r in rows if where is not None and any(
+        where in {_place(vault.endpoint(r["name"], d["replica"]).local_path),
+                  _place(vault.endpoint(r["name"], d["replica"]).spec), _place(d["replica"])}
         for d in vault.disks(r["name"]))]
     return holding or rows
+
+
+def _place(spec):
+    """(host, path) of host:PATH, (None, path) of a local path, None of None."""
+    if spec is None:
+        return None
+    host, path = parse_remote(spec) or (None, os.fspath(spec))
+    return host, os.path.normpath(path)
 
 
 def drop_cache(vault, name, idx):

@@ -23,10 +23,13 @@ the items fail with "no worker for host NAME" (recoverable: a later run,
 once a worker is back, replicates them). The other items go on.
 """
 
+import asyncio
+import concurrent.futures
+import contextlib
 import time
 import uuid
 
-from ..errors import FleetError, InvalidState, NoWorkerForHost
+from ..errors import FleetError, InvalidState, NoWorkerForHost, SchedulerLost
 from .agent import RESOURCE_PREFIX
 from .cycle import LocalExecutor
 
@@ -127,6 +130,7 @@ class FleetExecutor:
         futures, host_of, disks_of, waiting = {}, {}, {}, {}
         cycle = uuid.uuid4().hex[:12]
         for unit in units:
+            unit.started = True
             try:  # every task of the unit is built before any is submitted
                 tasks = [(n, *unit.capture.task(vault, n, opts)) for n in unit.names]
             except Exception as exc:
@@ -175,34 +179,64 @@ class FleetExecutor:
                 del waiting[id(unit)]
                 _unit_done(unit, outcome, finish)
 
+        lost_errors = _connection_lost_errors()
         try:
             while futures:
                 from distributed import wait
 
                 waited = time.monotonic()
+                back, lost, served = [], None, None
                 try:
-                    with fleet.client.as_current():  # wait() asks for the current client
-                        wait(list(futures), timeout=POLL, return_when="FIRST_COMPLETED")
-                except TimeoutError:
-                    pass
-                idle += time.monotonic() - waited
-                for f in [f for f in futures if f.done()]:
+                    try:
+                        with fleet.client.as_current():  # wait() asks for the current client
+                            wait(list(futures), timeout=POLL, return_when="FIRST_COMPLETED")
+                    except TimeoutError:
+                        pass
+                    idle += time.monotonic() - waited
+                    for f in [f for f in futures if f.done()]:
+                        if f.status == "cancelled" and fleet.client.status != "running":
+                            raise SchedulerLost(f"the client's connection is {fleet.client.status}")
+                        back.append((f, f.result() if f.status == "finished" else None))
+                    if len(back) < len(futures):
+                        served = fleet.hosts()
+                except lost_errors as exc:  # what is not back fails, recoverably: rerun it
+                    lost = SchedulerLost(f"lost the Dask scheduler at {fleet.scheduler} before "
+                                         f"this item's cycle was back: {exc}",
+                                         path=fleet.scheduler)
+                for f, result in back:
                     unit, name = futures.pop(f)
                     if f.status == "finished":
-                        ended(unit, name, result=f.result())
+                        ended(unit, name, result=result)
                     else:
                         ended(unit, name, error=_task_error(f, host_of[name]))
-                    f.release()
-                if futures:
-                    _watch_hosts(fleet, futures, host_of, absent_since,
+                    with contextlib.suppress(*lost_errors):
+                        f.release()
+                if lost is not None:
+                    for f, (unit, name) in list(futures.items()):
+                        del futures[f]
+                        with contextlib.suppress(*lost_errors):
+                            f.cancel()
+                        ended(unit, name, error=lost)
+                elif futures:
+                    _watch_hosts(fleet, served, futures, host_of, absent_since,
                                  lambda unit, name, exc: ended(unit, name, error=exc))
         except BaseException:
             for f in futures:  # not recorded: they count as not run
-                f.cancel()
+                with contextlib.suppress(*lost_errors):
+                    f.cancel()
             raise
         seconds = time.monotonic() - start
         fleet.emit(event="done", items=items, succeeded=counts["done"], failed=counts["failed"],
                    seconds=seconds, coordinator_seconds=seconds - idle)
+
+
+def _connection_lost_errors():
+    """What distributed raises when the client has lost its scheduler."""
+    from distributed.client import FutureCancelledError, FuturesCancelledError
+    from distributed.comm.core import CommClosedError
+
+    return (FuturesCancelledError, FutureCancelledError, concurrent.futures.CancelledError,
+            asyncio.CancelledError, CommClosedError, OSError, SchedulerLost)
 
 
 def _unit_done(unit, outcome, finish):
@@ -238,9 +272,9 @@ def _task_error(future, host):
     return exc
 
 
-def _watch_hosts(fleet, futures, host_of, absent_since, fail):
-    """Fail the items of hosts that no worker has served for host_timeout."""
-    served = fleet.hosts()
+def _watch_hosts(fleet, served, futures, host_of, absent_since, fail):
+    """Fail the items of hosts that no worker has served for host_timeout
+    (`served`: Fleet.hosts())."""
     now = time.monotonic()
     for host in {host_of[name] for _, name in futures.values()}:
         if served.get(host):

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_cli, sha
+from conftest import PYDR, run_cli, sha
 from pydr.dr.vault import Vault
 from pydr.errors import CycleFailed
 from test_fleet import make_cluster, scribble, write_disk
@@ -28,7 +28,9 @@ BROKEN = ("b", "g2")  # their source disks go away
 HOSTS = {"a": "hv-a", "b": "hv-b", "c": "hv-a", "g1": "hv-a", "g2": "hv-b"}
 
 
-def setup_items(tmp_path, hosts=False):
+def setup_items(tmp_path, hosts=False, remote=()):
+    """Items a, b, c and group g1+g2; those in `remote` have their replica
+    on host "siteb", reached through dying_rsh(tmp_path)."""
     vault = tmp_path / "vault"
     assert run_cli("vault", "init", vault).returncode == 0
     items = {}
@@ -38,6 +40,9 @@ def setup_items(tmp_path, hosts=False):
         replica.parent.mkdir(exist_ok=True)
         write_disk(source, n)
         args = ["protect", name, "--disk", f"{source}={replica}", "--vault", vault]
+        if name in remote:
+            args[3] = f"{source}=siteb:{replica}"
+            args += ["--rsh", dying_rsh(tmp_path), "--remote-pydr", PYDR]
         if name in GROUP:
             args += ["--group", "shop"]
         if hosts:
@@ -46,6 +51,21 @@ def setup_items(tmp_path, hosts=False):
         assert r.returncode == 0, r.stderr
         items[name] = source
     return str(vault), items
+
+
+def dying_rsh(tmp_path):
+    """An --rsh that fails as ssh to a dead host does while tmp_path/dead
+    exists, and otherwise runs the command here (as tests/local_rsh)."""
+    rsh = tmp_path / "rsh"
+    rsh.write_text(f"""#!/bin/sh
+if [ -e '{tmp_path / "dead"}' ]; then
+    echo "ssh: connect to host $1 port 22: Connection refused" >&2; exit 255
+fi
+shift
+exec sh -c "$*"
+""")
+    rsh.chmod(0o755)
+    return str(rsh)
 
 
 def replicate_all(vault, *extra):
@@ -333,3 +353,189 @@ def test_a_fleet_replicates_a_cbt_item_and_an_s3_item_on_their_hosts(s3, tmp_pat
             for pid, want in points.items():
                 (path,) = v.materialize(name, pid, str(tmp_path / "check" / name / str(pid)))
                 assert sha(path) == want, (name, pid)
+
+
+def test_retry_that_gives_up_on_one_item_reports_every_item(tmp_path):
+    """b's site is dead on every attempt: the last attempt retries b alone,
+    and the call still ends in CycleFailed with every item's last outcome
+    (a's and c's from the first attempt), and no retry left scheduled."""
+    from pydr.dr.retry import RetryPolicy
+
+    vault, items = setup_items(tmp_path, remote={"b"})
+    (tmp_path / "dead").touch()
+    with Vault(vault, writer=True) as v:
+        with pytest.raises(CycleFailed) as caught:
+            v.replicate(["a", "b", "c"], retry=True,
+                        policy=RetryPolicy(sleep=lambda s: None, max_attempts=3))
+        result = caught.value.result
+        outcomes = {o.item: o for o in result.outcomes}
+        assert {n: o.status for n, o in outcomes.items()} == {
+            "a": "succeeded", "b": "failed", "c": "succeeded"}
+        b = outcomes["b"]
+        assert (b.exit_code, b.recoverable) == (18, True) and "Connection refused" in b.error
+        assert result.items == ["a", "c"]
+        assert result.point_id == outcomes["a"].point_id == outcomes["c"].point_id is not None
+        assert [len(v.points(n)) for n in "abc"] == [1, 0, 1]
+        assert [j["state"] for j in v.jobs() if j["item"] == "b" and j["kind"] == "replicate"] \
+            == ["failed"] * 3  # three attempts ran
+        for n in "abc":
+            st = v.status(n)
+            assert st["failed_attempts"] == 0 and st["next_retry"] is None, (n, st)
+        st = v.status("b")
+        assert st["health"] == "warning" and "Connection refused" in st["last_error"]
+
+
+def test_points_of_a_retried_call_are_named_per_item(tmp_path, capsys):
+    """b's site comes back during the wait: b's point is not a's and c's, so
+    the result has no one point id and the CLI names each point's items."""
+    import argparse
+
+    from pydr.cli.vault import _print_cycles
+    from pydr.dr.retry import RetryPolicy
+
+    vault, items = setup_items(tmp_path, remote={"b"})
+    dead = tmp_path / "dead"
+    dead.touch()
+    with Vault(vault, writer=True) as v:
+        result = v.replicate(["a", "b", "c"], retry=True,
+                             policy=RetryPolicy(sleep=lambda s: dead.unlink(missing_ok=True)))
+        ids = {o.item: o.point_id for o in result.outcomes}
+        assert all(o.status == "succeeded" for o in result.outcomes)
+        assert ids["a"] == ids["c"] != ids["b"] and None not in ids.values()
+        assert {n: v.points(n)[-1]["id"] for n in "abc"} == ids
+        assert result.point_id is None and result.items == ["a", "b", "c"]
+    _print_cycles(argparse.Namespace(json=False), result)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"points {ids['a']} for a, c; {ids['b']} for b (crash-consistent): ")
+
+
+@pytest.mark.parametrize("broken", ["replica gone", "resync required"])
+def test_a_group_member_failing_a_check_fails_the_others_on_the_record(tmp_path, broken):
+    """g2 fails a check before the group's cycle begins: g1, which failed
+    with it, has a failed job, its health and a last_error that says why."""
+    from pydr.dr.cyclerecord import mark_resync_required
+
+    vault, items = setup_items(tmp_path)
+    assert replicate_all(vault).returncode == 0
+    with Vault(vault, writer=True) as v:
+        replica = v.disks("g2")[0]["replica"]
+        if broken == "replica gone":
+            os.rename(replica, f"{replica}.gone")
+        else:
+            mark_resync_required(v, "g2", "change tracking was lost")
+    r = replicate_all(vault, "--json")
+    assert r.returncode == 21, r.stderr
+    outcomes = {o["item"]: o for o in json.loads(r.stdout)[0]["outcomes"]}
+    assert {n: o["status"] for n, o in outcomes.items()} == {
+        "a": "succeeded", "b": "succeeded", "c": "succeeded", "g1": "failed", "g2": "failed"}
+    with Vault(vault) as v:
+        g1, g2 = v.status("g1"), v.status("g2")
+        assert g1["last_error"].startswith("group member g2 failed: "), g1
+        assert outcomes["g1"]["error"] == g1["last_error"]
+        assert g1["health"] == "critical" and g1["operation"] is None and g1["points"] == 1
+        jobs = [j for j in v.jobs() if j["kind"] == "replicate" and j["item"] == "g1"]
+        assert [j["state"] for j in jobs] == ["succeeded", "failed"]
+        assert jobs[-1]["error"] == g1["last_error"]
+        assert g2["health"] != "ok" and g2["last_error"] and g2["points"] == 1
+        if broken == "replica gone":
+            assert replica in g1["last_error"] and replica in g2["last_error"]
+        else:  # g2's own record stays the check's
+            assert g2["state"] == "resync-required"
+            assert g2["last_error"] == "change tracking was lost"
+
+
+def test_ctrl_c_cancels_the_running_item_and_leaves_the_others(tmp_path):
+    """SIGINT while b's disk is replicated (the process stopped at b's
+    cycle.disk, then interrupted): b's job is cancelled and its health a
+    warning; c and the group, never started, keep their health; a, done
+    before, has its point. The same command again finishes everything."""
+    import signal
+
+    vault, items = setup_items(tmp_path)
+    assert replicate_all(vault).returncode == 0
+    for n, name in enumerate(items):
+        scribble(items[name], 200 + n)
+    p = subprocess.Popen([PYDR, "replicate", "--all", "--vault", vault], cwd=tmp_path,
+                         env=dict(os.environ, PYDR_STOP_AT="cycle.disk:2"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, status = os.waitpid(p.pid, os.WUNTRACED)  # returns once it stopped there
+        assert os.WIFSTOPPED(status)
+        os.kill(p.pid, signal.SIGINT)
+        os.kill(p.pid, signal.SIGCONT)
+        _, err = p.communicate()
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    with Vault(vault) as v:
+        st = {n: v.status(n) for n in items}
+        jobs = {j["item"]: j for j in v.jobs() if j["kind"] == "replicate"}
+        assert st["a"]["points"] == 2 and st["a"]["health"] == "ok"
+        assert st["b"]["health"] == "warning" and st["b"]["last_error"]
+        assert {n: jobs[n]["state"] for n in items} == {
+            "a": "succeeded", "b": "cancelled", "c": "cancelled", "g1": "cancelled",
+            "g2": "cancelled"}
+        for name in ("c", "g1", "g2"):  # never started: as they were
+            assert st[name]["health"] == "ok" and st[name]["last_error"] is None, st[name]
+            assert st[name]["points"] == 1
+        assert all(s["operation"] is None for s in st.values())
+    r = replicate_all(vault)
+    assert r.returncode == 0, r.stderr
+    with Vault(vault) as v:
+        assert all(v.status(n)["health"] == "ok" for n in items)
+
+
+def test_losing_the_scheduler_fails_what_is_not_back_recoverably(tmp_path):
+    """The scheduler goes away once a's task is back (b's host has no worker:
+    its task waits): a is recorded, b fails with a recoverable FleetError
+    (exit 20), health warning; a later run with a scheduler does b."""
+    from pydr.dr.fleet import Fleet
+
+    vault, items = setup_items(tmp_path, hosts=True)
+    with make_cluster(["hv-a"], tmp_path) as cluster:
+        def lose_the_scheduler(event):
+            if event["event"] == "item" and event["item"] == "a":
+                cluster.close()
+
+        with Vault(vault, writer=True) as v, \
+                Fleet(cluster.scheduler_address, events=lose_the_scheduler) as fleet:
+            with pytest.raises(CycleFailed) as caught:
+                v.replicate(["a", "b"], executor=fleet.executor())
+            outcomes = {o.item: o for o in caught.value.result.outcomes}
+            assert outcomes["a"].status == "succeeded" and len(v.points("a")) == 1
+            b = outcomes["b"]
+            assert (b.status, b.exit_code, b.recoverable) == ("failed", 20, True), b
+            assert "lost the Dask scheduler" in b.error
+            st = v.status("b")
+            assert st["health"] == "warning" and st["operation"] is None and not v.points("b")
+            assert [j["state"] for j in v.jobs()
+                    if j["item"] == "b" and j["kind"] == "replicate"] == ["failed"]
+    with make_cluster(["hv-b"], tmp_path) as cluster, Vault(vault, writer=True) as v, \
+            Fleet(cluster.scheduler_address) as fleet:
+        v.replicate(["b"], executor=fleet.executor())
+        assert v.status("b")["health"] == "ok" and len(v.points("b")) == 1
+
+
+def test_a_base_mismatch_on_a_remote_replica_is_that_item_s(tmp_path, monkeypatch):
+    """g2's replica is on host siteb: a BaseMismatch it reports (path
+    siteb:PATH) breaks g2's chain only, never g1's points."""
+    from pydr.dr import stepcapture
+    from pydr.errors import BaseMismatch
+
+    vault, items = setup_items(tmp_path, remote={"g2"})
+    assert replicate_all(vault).returncode == 0
+    real = stepcapture.transfer_disk
+
+    def lying(source, replica, **kwargs):
+        if replica.spec.startswith("siteb:"):
+            raise BaseMismatch("read-back verification failed (on siteb)", path=replica.spec,
+                               offset=0)
+        return real(source, replica, **kwargs)
+
+    monkeypatch.setattr(stepcapture, "transfer_disk", lying)
+    with Vault(vault, writer=True) as v:
+        with pytest.raises(BaseMismatch):
+            v.replicate(["g1", "g2"])
+        assert v.status("g1")["damaged_points"] == [] and v.status("g1")["state"] == "protected"
+        assert v.status("g2")["damaged_points"] == [p["id"] for p in v.points("g2")]
+        assert v.status("g2")["state"] == "resync-required"
