@@ -113,16 +113,20 @@ class FleetExecutor:
         self.rerun = f" --scheduler {fleet.scheduler}"
 
     def check(self, vault, rows):
-        homeless = [r["name"] for r in rows if not r["host"] and r["direction"] == "forward"]
-        if homeless:
-            raise InvalidState(f"{', '.join(homeless)} has no host: a fleet replicates items "
-                               f"protected with --host NAME (run without --scheduler for the "
-                               f"others)", path=vault.dir)
+        hosted = {bool(r["host"]) for r in rows if r["direction"] == "forward"}
+        if len(hosted) > 1:
+            raise InvalidState(f"group {rows[0]['grp']!r} mixes items with a --host and items "
+                               f"without: its members are read on one side", path=vault.dir)
+
+    @staticmethod
+    def _here(vault, unit):
+        """Whether a unit is read on this machine: items without a host (their
+        disks are here), and after a reprotect (the replicas' side)."""
+        return any(not vault.item(n)["host"] or vault.item(n)["direction"] != "forward"
+                   for n in unit.names)
 
     def run(self, vault, units, opts, finish):
-        # after a reprotect the sources are the replicas' side: read from here, as before
-        here = [u for u in units if any(vault.item(n)["direction"] != "forward"
-                                        for n in u.names)]
+        here = [u for u in units if self._here(vault, u)]
         LocalExecutor().run(vault, here, opts, finish)
         units = [u for u in units if u not in here]
         fleet = self.fleet

@@ -252,14 +252,16 @@ def test_fleet_refusals_are_clear(fleet, tmp_path):
     write_disk(src, 99)
     assert run_cli("protect", "plain", "--disk", f"{src}={tmp_path}/plain-replica.img",
                    "--vault", ctx["vault"]).returncode == 0
-    with make_cluster(HOSTS[:1], tmp_path) as cluster:
+    with make_cluster(HOSTS[:1], tmp_path) as cluster:  # no host: its disk is read here
         r = run_cli("replicate", "plain", "--scheduler", cluster.scheduler_address,
                     "--vault", ctx["vault"])
-    assert r.returncode == 15 and b"plain has no host" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert sha(f"{tmp_path}/plain-replica.img") == sha(src)
     r = run_cli("worker", "--scheduler", "tcp://x:1", "--host", "bad/name")
     assert r.returncode == 2 and b"invalid host name" in r.stderr
     with sqlite3.connect(os.path.join(ctx["vault"], "vault.db")) as db:
-        assert db.execute("SELECT COUNT(*) FROM jobs WHERE kind='replicate'").fetchone()[0] == 0
+        jobs = db.execute("SELECT item, host FROM jobs WHERE kind='replicate'").fetchall()
+    assert jobs == [("plain", None)]  # the one it ran, on this machine
 
 
 def workers_idle(address):
