@@ -152,6 +152,8 @@ def exit_code_for(exc):
         return _ERRNO_EXIT.get(exc.errno, EXIT_IO)
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_CANCELLED
+    if isinstance(exc, ValueError):  # a wrong argument or option, as the CLI reports it
+        return EXIT_USAGE
     return EXIT_INTERNAL
 
 

@@ -100,7 +100,7 @@ def _batches(v, args):
 
 def cmd_replicate(args):
     from ..dr.retry import RetryPolicy
-    from ..errors import CycleFailed
+    from ..errors import CycleFailed, exit_code_for
     from .fleet import open_fleet
 
     with open_vault(args, writer=True) as v, open_fleet(args) as fleet:
@@ -116,6 +116,8 @@ def cmd_replicate(args):
                 result = v.replicate(names, retry=args.retry, progress=bar, **kwargs)
         except CycleFailed as exc:  # the items that made it are recorded: each outcome said
             _print_cycles(args, exc.result)
+            if exc.__cause__ is not None and exit_code_for(exc.__cause__) == 1:
+                raise exc.__cause__  # an item hit a bug: reported as one (exit 1), not hidden
             raise
         except Exception as exc:  # one unit (an item, a group): its own error, and --json
             if args.json and getattr(exc, "cycle_result", None) is not None:

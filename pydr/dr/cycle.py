@@ -301,7 +301,10 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
             with contextlib.suppress(AttributeError):  # for --json: every item's outcome
                 exc.cycle_result = result
             raise exc
-        raise _some_failed(vault, result)
+        # chained to an item's internal error first (a bug: exit 1 at the CLI), else its first
+        errors = list(cycle.errors.values())
+        cause = next((e for e in errors if exit_code_for(e) == 1), errors[0])
+        raise _some_failed(vault, result) from cause
     return result
 
 

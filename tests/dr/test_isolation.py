@@ -539,3 +539,33 @@ def test_a_base_mismatch_on_a_remote_replica_is_that_item_s(tmp_path, monkeypatc
         assert v.status("g1")["damaged_points"] == [] and v.status("g1")["state"] == "protected"
         assert v.status("g2")["damaged_points"] == [p["id"] for p in v.points("g2")]
         assert v.status("g2")["state"] == "resync-required"
+
+
+def test_a_bug_in_one_item_is_reported_as_a_bug(tmp_path, monkeypatch):
+    """An internal error in one item's cycle is not hidden behind 'some
+    items failed': CycleFailed is chained to it (the CLI then exits 1,
+    saying it is an internal error, after every item's outcome)."""
+    import pydr.dr.stepcapture as S
+    from pydr.dr.vault import Vault, init_vault
+    from pydr.errors import CycleFailed
+
+    vault = tmp_path / "vault"
+    init_vault(str(vault))
+    for n in ("a", "b"):
+        (tmp_path / f"{n}.img").write_bytes(os.urandom(1 << 20))
+    real = S.capture
+
+    def buggy(vault, names, *args, **kwargs):
+        if "b" in names:
+            return None.missing  # an AttributeError: a bug, not damage
+        return real(vault, names, *args, **kwargs)
+
+    monkeypatch.setattr(S, "capture", buggy)
+    with Vault(str(vault), writer=True) as v:
+        for n in ("a", "b"):
+            v.protect(n, [(str(tmp_path / f"{n}.img"), str(tmp_path / f"{n}-r.img"))])
+        with pytest.raises(CycleFailed) as info:
+            v.replicate(["a", "b"])
+        assert isinstance(info.value.__cause__, AttributeError)
+        outcomes = {o.item: o for o in info.value.result.outcomes}
+        assert outcomes["a"].status == "succeeded" and outcomes["b"].exit_code == 1
