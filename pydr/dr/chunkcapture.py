@@ -25,7 +25,7 @@ import uuid
 
 from ..endpoints import open_endpoint
 from ..engine import crashpoints
-from ..engine.atomic import atomic_write
+from ..engine.atomic import atomic_write, fsync_dir
 from ..engine.chunks import (CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count, chunk_id,
                              encode_chunk)
 from ..engine.oserrors import naming
@@ -67,7 +67,7 @@ class _Pending:
             for line in f:
                 when, _, hexid = line.strip().partition(" ")
                 with contextlib.suppress(ValueError):
-                    if float(when) >= trusted and len(hexid) == 32:
+                    if float(when) >= trusted and len(hexid) == 32:  # not an "index KEY" line
                         self.ids.add(bytes.fromhex(hexid))
         self.f = open(path, "a")
 
@@ -143,8 +143,36 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limit
     return ids
 
 
+def log_index(vault, name, key):
+    """Log (durably) in the item's pending log that the index `key` is about
+    to be uploaded: only keys logged so are ever deleted as orphans (other
+    vaults may keep indexes of an item of that name in the same store)."""
+    path = os.path.join(_dir(vault, name), "pending")
+    with naming(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{time.time():.3f} index {key}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path)
+
+
+def logged_indexes(vault, name):
+    """The index keys the item's pending log names (see :func:`log_index`)."""
+    out = []
+    with contextlib.suppress(FileNotFoundError), \
+            open(os.path.join(_dir(vault, name), "pending")) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) == 3 and fields[1] == "index":
+                out.append(fields[2])
+    return out
+
+
 def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
-    """The capture of item `name` as (function, plain dict) for an executor."""
+    """The capture of item `name` as (function, plain dict) for an executor.
+    The point index's name is chosen here, and logged before any upload."""
     row = vault.item(name)
     disks = vault.disks(name)
     for d in disks:
@@ -154,8 +182,11 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
                                f"block device as its source (here, or on its --host)",
                                path=d["source"])
     prev = None if opts.resync_all else latest_index(vault, name)
+    store = store_of(vault, name)
+    index_name = uuid.uuid4().hex
+    log_index(vault, name, store.index_key(name, index_name))
     return capture_item, {
-        "item": name, "store": store_of(vault, name).spec, "here": _dir(vault, name),
+        "item": name, "store": store.spec, "here": _dir(vault, name), "index": index_name,
         "prev": list(prev) if prev is not None else None,
         "disks": [{"idx": d["idx"], "source": d["source"]} for d in disks],
         "rsh": row["rsh"], "remote_pydr": row["remote_pydr"],
@@ -197,7 +228,7 @@ def capture_item(task):
         hooks = [(name, task["quiesce_hook"], task["thaw_hook"])]
         with cut(sources, hooks=hooks) as taken:
             crashpoints.reached("cycle.cut")
-            new_name = uuid.uuid4().hex
+            new_name = task["index"]
             entries, sigs = {}, {}
             for d, view in zip(disks, taken.views):
                 path = view.local_path
@@ -238,9 +269,9 @@ def adopt(vault, name, result):
         db.execute("INSERT INTO object_indexes VALUES (?,?,?,?,?)",
                    (name, point_id, result["store"], result["key"], sent))
 
-    def forget():
-        forget_local(vault, name, result["local"])
+    def forget():  # the orphans first: the pending log that names them goes with the rest
         forget_orphans(vault, name)
+        forget_local(vault, name, result["local"])
 
     return {"items": {name: {"cut": result["cut"], "bytes": sent, "read": result["read"],
                              "host": result["host"]}},
@@ -279,12 +310,17 @@ def forget_local(vault, name, keep):
 
 
 def forget_orphans(vault, name):
-    """Delete the item's indexes in the store that no point records: those of
-    cycles killed after they uploaded their index, before the point was
-    recorded (the vault's lock keeps any other cycle of the item out)."""
+    """Delete the indexes this vault's cycles of the item logged and no point
+    records: those of cycles killed after they uploaded their index, before
+    the point was recorded (the vault's lock keeps any other cycle of the
+    item out). Never an index it did not log: another vault's item of the
+    same name may keep its points under the same prefix."""
     store = store_of(vault, name)
     recorded = {r["key"] for r in vault.db.execute(
         "SELECT key FROM object_indexes WHERE item=?", (name,))}
-    store.delete(key for key, _, _ in store.list(f"indexes/{name}") if key not in recorded)
+    mine = store.key("indexes", name) + "/"
+    store.delete(key for key in dict.fromkeys(logged_indexes(vault, name))
+                 if key not in recorded and key.startswith(mine) and key.endswith(".pidx")
+                 and "/" not in key[len(mine):])
 
 

@@ -1,0 +1,42 @@
+"""A chunk index that others share, or that lost something: another vault's
+points under the same prefix, chunks swept while a killed cycle waited, a
+disk of the vault in the way of a failover, a store nested in another, a
+chunk gone or corrupt. The same Swift as tests/dr/test_s3.py."""
+
+import os
+
+from conftest import run_cli, sha
+from test_s3 import cli, keys, ok, protect, replicate, s3, swift  # noqa: F401  (fixtures)
+
+
+def image(path, size=12 << 20):
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+    return path
+
+
+def materializes(ctx, pid, want, name="vm", disk="disk.img"):
+    out = ctx["tmp"] / f"out-{os.path.basename(ctx['vault'])}-{pid}"
+    ok(cli(ctx, "materialize", name, "--point", str(pid), "--to", out))
+    assert sha(out / disk) == want
+
+
+def test_a_cycle_never_deletes_another_vaults_indexes_in_a_shared_store(s3):
+    """Two vaults, one s3:// prefix, an item of the same name in each: the
+    cycles of one delete only the orphan indexes it logged itself."""
+    tmp = s3["tmp"]
+    other = {**s3, "vault": str(tmp / "vault2")}
+    assert run_cli("vault", "init", other["vault"]).returncode == 0
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    a, b = image(tmp / "a" / "disk.img"), image(tmp / "b" / "disk.img")
+    protect(s3, a)
+    protect(other, b)
+    history = []
+    for ctx, img in ((s3, a), (other, b), (s3, a), (other, b)):
+        history.append((ctx, replicate(ctx)["point_id"], sha(img)))
+        with open(img, "r+b") as f:
+            f.write(os.urandom(4096))
+    assert len(keys(s3, "indexes")) == 4  # every point's index is there
+    for ctx, pid, want in history:
+        materializes(ctx, pid, want)
