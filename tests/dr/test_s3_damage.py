@@ -4,8 +4,10 @@ disk of the vault in the way of a failover, a store nested in another, a
 chunk gone or corrupt. The same Swift as tests/dr/test_s3.py."""
 
 import os
+import time
 
 from conftest import run_cli, sha
+from pydr.dr.vault import Vault
 from test_s3 import cli, keys, ok, protect, replicate, s3, swift  # noqa: F401  (fixtures)
 
 
@@ -13,6 +15,13 @@ def image(path, size=12 << 20):
     with open(path, "wb") as f:
         f.write(os.urandom(size))
     return path
+
+
+def sweep(ctx, url=None):
+    """gc with no grace, as if run a minute from now: the S3 server rounds an
+    object's LastModified up to the second, which would make it "young"."""
+    with Vault(ctx["vault"]) as v:
+        return v.collect_garbage(url or ctx["url"], grace=0, now=time.time() + 60)
 
 
 def materializes(ctx, pid, want, name="vm", disk="disk.img"):
@@ -40,3 +49,19 @@ def test_a_cycle_never_deletes_another_vaults_indexes_in_a_shared_store(s3):
     assert len(keys(s3, "indexes")) == 4  # every point's index is there
     for ctx, pid, want in history:
         materializes(ctx, pid, want)
+
+
+def test_chunks_swept_after_a_killed_cycle_are_uploaded_again(s3):
+    """A killed cycle logged its uploads; 'gc --grace 0' swept them (no
+    index names them); the rerun asks the store before it reuses one."""
+    img = image(s3["tmp"] / "disk.img", 40 << 20)  # ten chunks
+    protect(s3, img)
+    r = cli(s3, "replicate", "vm", env={"PYDR_CRASH_AT": "s3.chunk:6"})
+    assert r.returncode == -9
+    assert len(keys(s3, "chunks")) >= 6
+    report = sweep(s3)
+    assert report["swept"] >= 6 and keys(s3, "chunks") == []
+    again = replicate(s3)
+    assert len(keys(s3, "chunks")) == 10
+    assert again["bytes_written"] >= 10 * (4 << 20)  # every chunk sent again
+    materializes(s3, again["point_id"], sha(img))
