@@ -65,3 +65,22 @@ def test_chunks_swept_after_a_killed_cycle_are_uploaded_again(s3):
     assert len(keys(s3, "chunks")) == 10
     assert again["bytes_written"] >= 10 * (4 << 20)  # every chunk sent again
     materializes(s3, again["point_id"], sha(img))
+
+
+def test_a_failover_never_brings_a_point_up_over_a_protected_disk(s3):
+    """--to the directory of the item's own source: refused before anything
+    is recorded or written, as materialise refuses."""
+    img = image(s3["tmp"] / "disk.img")
+    protect(s3, img)
+    pid = replicate(s3)["point_id"]
+    with open(img, "r+b") as f:
+        f.write(os.urandom(4096))  # production moved on: a point over it would roll it back
+    before = sha(img)
+    r = cli(s3, "failover", "vm", "--point", str(pid), "--to", s3["tmp"])
+    assert r.returncode == 15 and b"protects" in r.stderr and str(img).encode() in r.stderr, \
+        r.stderr
+    assert sha(img) == before
+    st = ok(cli(s3, "status", "vm", "--json"))
+    assert st["state"] == "protected" and not st["operation"]
+    site_b = s3["tmp"] / "site-b"  # another directory works
+    assert ok(cli(s3, "failover", "vm", "--point", str(pid), "--to", site_b, "--json"))["point"] == pid

@@ -28,7 +28,7 @@ from ...engine.restore import install
 from ...errors import FormatError, InvalidState
 from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
 from .. import chunkcapture
-from .base import PointStore
+from .base import PointStore, protected_disks
 
 
 class ChunkIndex(PointStore):
@@ -78,18 +78,36 @@ class ChunkIndex(PointStore):
 
     # -- failover -----------------------------------------------------------------------
     def failover_dir(self, to):
-        """--to DIR is needed: the disks are made there, on this machine."""
+        """--to DIR is needed: the disks are made there, on this machine, and
+        never over a disk the vault protects (checked before anything is
+        recorded)."""
         if to is None:
             raise ValueError(f"{self.name!r} is replicated to an object store: give --to DIR, "
                              f"the directory on this machine where its disks are made")
-        return os.path.abspath(os.fspath(to))
+        to = os.path.abspath(os.fspath(to))
+        for d in self.vault.disks(self.name):
+            self._failover_path(d, to)
+        return to
+
+    def _failover_path(self, disk, to):
+        """Where disk `disk` comes up: its replica once a failover made it a
+        local disk, else DIR/NAME in the failover directory `to`, refused
+        (InvalidState) when that is a disk the vault protects."""
+        replica = self.vault.endpoint(self.name, disk["replica"])
+        if replica.local_path is not None:  # made by this failover: the item's own replica
+            return replica.local_path
+        dest = os.path.join(to, replica.path)
+        protected = protected_disks(self.vault)
+        if os.path.realpath(dest) in protected:  # a typo in --to must not overwrite production
+            raise InvalidState(f"refusing to bring a point up over a disk the vault protects "
+                               f"({protected[os.path.realpath(dest)]}); give another directory",
+                               path=dest)
+        return dest
 
     def bring_up_disk(self, point_id, disk, *, method="auto", progress=None):
         """Downloaded into the failover directory (again each time: exact);
         from then on that local disk is the disk's replica."""
-        replica = self.vault.endpoint(self.name, disk["replica"])
-        dest = replica.local_path or os.path.join(self.vault.item(self.name)["failover_dir"],
-                                                  replica.path)
+        dest = self._failover_path(disk, self.vault.item(self.name)["failover_dir"])
         used = restore_disk(self.vault, self.name, point_id, disk, dest, progress=progress)
         self.vault.note_method(used)
         self.vault.db.execute("UPDATE disks SET replica=? WHERE item=? AND idx=?",
