@@ -84,3 +84,17 @@ def test_a_failover_never_brings_a_point_up_over_a_protected_disk(s3):
     assert st["state"] == "protected" and not st["operation"]
     site_b = s3["tmp"] / "site-b"  # another directory works
     assert ok(cli(s3, "failover", "vm", "--point", str(pid), "--to", site_b, "--json"))["point"] == pid
+
+
+def test_gc_never_sweeps_a_store_nested_under_its_chunks(s3):
+    """s3://B/dr and s3://B/dr/chunks/nest: gc of the outer store sweeps
+    only keys that are its own chunk keys."""
+    tmp = s3["tmp"]
+    outer, inner = image(tmp / "outer.img"), image(tmp / "inner.img")
+    protect(s3, outer, name="outer")
+    ok(cli(s3, "protect", "inner", "--disk", f"{inner}={s3['url']}/chunks/nest"))
+    replicate(s3, "outer")
+    pid = replicate(s3, "inner")["point_id"]
+    report = sweep(s3)
+    assert report["swept"] == 0 and report["chunks"] == 3, report
+    materializes(s3, pid, sha(inner), name="inner", disk="inner.img")

@@ -288,11 +288,13 @@ def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
         indexes += 1
     doomed, young, total, swept_bytes = [], 0, 0, 0
     for key, modified, size in store.list("chunks"):
-        total += 1
         try:
             ident = bytes.fromhex(key.rpartition("/")[2])
         except ValueError:
             continue  # not ours
+        if len(ident) != 16 or key != store.chunk_key(ident):
+            continue  # not ours: another store nested under chunks/, or a stranger's object
+        total += 1
         if ident in referenced:
             continue
         if modified > start - grace:  # maybe a running cycle's: never swept
