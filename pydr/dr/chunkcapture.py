@@ -87,9 +87,10 @@ class _Pending:
                 os.unlink(self.path)
 
 
-def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limiter, stats,
+def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, limiter, stats,
                  uploads):
-    """The chunk ids of one disk; uploads the ones the store lacks."""
+    """The chunk ids of one disk; uploads the ones the store lacks, and
+    those in `bad` (found missing or corrupt there) again."""
     import numpy as np
     import zstandard
 
@@ -116,7 +117,7 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limit
             start = i * per
             if zero[start:start + per].all():
                 return i, ZERO_ID
-            if not changed_blocks[start:start + per].any():
+            if not changed_blocks[start:start + per].any() and prev_ids[i] not in bad:
                 return i, prev_ids[i]
             length = min(CHUNK_SIZE, size - i * CHUNK_SIZE)
             data = os.pread(fd, length, i * CHUNK_SIZE)
@@ -124,7 +125,8 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limit
             ident = chunk_id(data)
             # the last point's index names it (gc keeps it); a logged upload of a killed
             # cycle may have been swept since (gc --grace shorter than our trust): asked
-            if ident in known or (ident in pending.ids and store.exists(store.chunk_key(ident))):
+            if ident not in bad and (ident in known or (
+                    ident in pending.ids and store.exists(store.chunk_key(ident)))):
                 count(reused=1)
                 return i, ident
             if not hasattr(local, "zc"):
@@ -133,6 +135,7 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limit
             limiter.take(len(blob))
             store.put(store.chunk_key(ident), blob)
             pending.add(ident)
+            bad.discard(ident)  # sound again: the rest of this cycle may reuse it
             count(uploaded=1, bytes=len(blob))
             crashpoints.reached("s3.chunk")
             return i, ident
@@ -172,6 +175,34 @@ def logged_indexes(vault, name):
     return out
 
 
+def log_suspect(vault, name, idents):
+    """Log (durably) in the item's pending log chunk ids found missing or
+    corrupt in the store: the next cycle neither reuses them nor trusts
+    the last index for the chunks that held them (it reads those again and
+    uploads them); the log goes once that cycle's point is recorded."""
+    path = os.path.join(_dir(vault, name), "pending")
+    with naming(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, "".join(f"{time.time():.3f} suspect {i.hex()}\n"
+                                 for i in idents).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def suspect_chunks(vault, name):
+    """The chunk ids (hex) the item's pending log names as missing or corrupt."""
+    out = []
+    with contextlib.suppress(FileNotFoundError), \
+            open(os.path.join(_dir(vault, name), "pending")) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) == 3 and fields[1] == "suspect" and len(fields[2]) == 32:
+                out.append(fields[2])
+    return sorted(set(out))
+
+
 def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
     """The capture of item `name` as (function, plain dict) for an executor.
     The point index's name is chosen here, and logged before any upload."""
@@ -194,7 +225,8 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
         "rsh": row["rsh"], "remote_pydr": row["remote_pydr"],
         "quiesce_hook": row["quiesce_hook"] if opts.app_consistent else None,
         "thaw_hook": row["thaw_hook"] if opts.app_consistent else None,
-        "bwlimit": opts.bwlimit, "uploads": uploads, "grace": grace}
+        "bwlimit": opts.bwlimit, "uploads": uploads, "grace": grace,
+        "suspect": suspect_chunks(vault, name)}
 
 
 def capture_item(task):
@@ -220,7 +252,13 @@ def capture_item(task):
         except (OSError, FormatError):  # the local copy is gone: the store has it
             prev_index = PointIndex.decode(store.get(prev[1]), store.url(prev[1]))
     known = prev_index.chunk_ids() if prev_index is not None else set()
+    bad = set()  # found missing or corrupt: uploaded again (then dropped from here)
+    for hexid in task.get("suspect", ()):
+        with contextlib.suppress(ValueError):
+            bad.add(bytes.fromhex(hexid))
+    known -= bad
     pending = _Pending(os.path.join(here, "pending") if here else None, task["grace"])
+    pending.ids -= bad
     stats = {"read": 0, "uploaded": 0, "reused": 0, "bytes": 0}
     limiter = _Limiter(task["bwlimit"])
     disks = task["disks"]
@@ -241,8 +279,8 @@ def capture_item(task):
                         prev_sig = Signature.load(
                             os.path.join(here, f"{prev[2]}.{d['idx']}.sig"))
                 prev_ids = prev_index.disks[d["idx"]][1] if prev_sig is not None else None
-                ids = _disk_chunks(store, path, sig, prev_sig, prev_ids, known, pending, limiter,
-                                   stats, task["uploads"])
+                ids = _disk_chunks(store, path, sig, prev_sig, prev_ids, known, bad, pending,
+                                   limiter, stats, task["uploads"])
                 entries[d["idx"]] = (sig.size, ids)
                 sigs[d["idx"]] = sig
                 crashpoints.reached("cycle.disk")

@@ -3,6 +3,7 @@ points under the same prefix, chunks swept while a killed cycle waited, a
 disk of the vault in the way of a failover, a store nested in another, a
 chunk gone or corrupt. The same Swift as tests/dr/test_s3.py."""
 
+import json
 import os
 import time
 
@@ -98,3 +99,56 @@ def test_gc_never_sweeps_a_store_nested_under_its_chunks(s3):
     report = sweep(s3)
     assert report["swept"] == 0 and report["chunks"] == 3, report
     materializes(s3, pid, sha(inner), name="inner", disk="inner.img")
+
+
+def points_damaged(ctx, name="vm"):
+    return {p["id"]: p["damaged"] for p in ok(cli(ctx, "points", name, "--json"))}
+
+
+def test_change_point_to_a_point_with_a_missing_chunk_changes_nothing(s3):
+    """The index is read and every chunk asked for before any state changes:
+    exit 7 naming the chunk and its offset; the points that name it are
+    marked; the failed-over disk and the item's state stay as they were."""
+    tmp = s3["tmp"]
+    img = image(tmp / "disk.img")
+    protect(s3, img)
+    first = replicate(s3)["point_id"]
+    at_first, before = sha(img), set(keys(s3, "chunks"))
+    with open(img, "r+b") as f:
+        f.seek(8 << 20)  # the third chunk
+        f.write(os.urandom(4096))
+    second = replicate(s3)["point_id"]
+    (new,) = set(keys(s3, "chunks")) - before
+    site_b = tmp / "site-b"
+    ok(cli(s3, "failover", "vm", "--point", str(first), "--to", site_b))
+    s3["client"].delete_object(Bucket=s3["bucket"], Key=new)
+    r = cli(s3, "change-point", "vm", "--point", str(second))
+    assert r.returncode == 7, r.stderr
+    assert new.rpartition("/")[2].encode() in r.stderr and b"offset 8388608" in r.stderr, r.stderr
+    st = ok(cli(s3, "status", "vm", "--json"))
+    assert st["state"] == "failed-over" and sha(site_b / "disk.img") == at_first
+    damaged = points_damaged(s3)
+    assert damaged[second] and not damaged[first]
+
+
+def test_a_missing_chunk_is_marked_and_the_next_cycle_uploads_it_again(s3):
+    """verify finds a chunk gone: exit 7, the points that name it marked; the
+    next cycle does not carry it over from the last index (the disk did not
+    change there): it reads and uploads it again, and its point is exact."""
+    img = image(s3["tmp"] / "disk.img")
+    protect(s3, img)
+    first = replicate(s3)["point_id"]
+    gone = sorted(keys(s3, "chunks"))[0]
+    s3["client"].delete_object(Bucket=s3["bucket"], Key=gone)
+    r = cli(s3, "verify", "vm", "--json")
+    assert r.returncode == 7, r.stderr
+    assert json.loads(r.stdout)["damaged_points"] == [first]
+    assert points_damaged(s3)[first]
+    again = replicate(s3)
+    assert gone in keys(s3, "chunks")
+    assert 4 << 20 <= again["bytes_written"] < 8 << 20  # that chunk alone
+    materializes(s3, again["point_id"], sha(img))
+    report = ok(cli(s3, "verify", "vm", "--point", str(again["point_id"]), "--json"))
+    assert report["problems"] == [] and report["damaged_points"] == []
+    r = cli(s3, "materialize", "vm", "--point", str(first), "--to", s3["tmp"] / "old")
+    assert r.returncode == 7 and b"damaged" in r.stderr, r.stderr

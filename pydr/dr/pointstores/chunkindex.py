@@ -25,7 +25,7 @@ from ...endpoints.s3 import SCHEME, ObjectStore
 from ...engine.chunks import ZERO_ID, PointIndex, decode_chunk
 from ...engine.oserrors import naming
 from ...engine.restore import install
-from ...errors import FormatError, InvalidState
+from ...errors import DamagedPoint, FormatError, InvalidState
 from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
 from .. import chunkcapture
 from .base import PointStore, protected_disks
@@ -59,9 +59,40 @@ class ChunkIndex(PointStore):
 
     # -- a point's disks ----------------------------------------------------------
     def check_point(self, point_id):
-        """The vault records the point's index; the index and every chunk are
-        checked as they are downloaded (whole or not at all)."""
-        self._index_key(point_id)
+        """The point's index is downloaded and decoded, and the store asked
+        (HEAD) for every chunk it names, before any state changes; a chunk
+        gone marks the points that name it (exit 7, naming the chunk, its
+        disk and offset). A corrupt chunk is found as it is downloaded
+        (whole or not at all)."""
+        key = self._index_key(point_id)
+        store = store_of(self.vault, self.name)
+        try:
+            index = PointIndex.decode(store.get(key), store.url(key))
+            for d in self.vault.disks(self.name):
+                if d["idx"] not in index.disks:
+                    raise FormatError(f"the point index has no disk {d['idx']}",
+                                      path=store.url(key))
+        except (FileNotFoundError, FormatError) as exc:
+            reason = f"its point index cannot be read: {exc}"
+            self.vault.mark_damaged(self.name, [point_id], reason)
+            raise DamagedPoint(f"recovery point {point_id} of {self.name!r}: {reason}",
+                               path=store.url(key)) from None
+        where = {}  # chunk id -> (disk, offset) of its first use
+        for idx, (_, ids) in sorted(index.disks.items()):
+            for i, ident in enumerate(ids):
+                if ident != ZERO_ID:
+                    where.setdefault(ident, (idx, i * index.chunk_size))
+        idents = sorted(where)
+        with cf.ThreadPoolExecutor(max_workers=UPLOADS) as pool:
+            there = list(pool.map(lambda i: store.exists(store.chunk_key(i)), idents))
+        missing = {i: f"chunk {i.hex()} (disk {where[i][0]}, offset {where[i][1]}) is missing "
+                      f"from the store" for i, ok in zip(idents, there) if not ok}
+        if missing:
+            note_damage(self.vault, self.name, store, missing)
+            first = min(missing, key=lambda i: where[i])
+            raise DamagedPoint(f"recovery point {point_id} of {self.name!r} needs "
+                               f"{missing[first]}", path=store.url(store.chunk_key(first)),
+                               offset=where[first][1])
 
     def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
                          method="auto", progress=None):
@@ -164,6 +195,26 @@ def drop_indexes(vault, name, points=None):
     return len(rows)
 
 
+def note_damage(vault, name, store, bad):
+    """Chunks found missing or corrupt (`bad`: {chunk id: why}): mark the
+    item's points whose index names one damaged (never restored), and log
+    the ids for the next cycle, which reads those chunks from the source
+    again and uploads them (chunkcapture.log_suspect)."""
+    if bad:
+        chunkcapture.log_suspect(vault, name, sorted(bad))
+    rows = vault.db.execute("SELECT point, key FROM object_indexes WHERE item=?",
+                            (name,)).fetchall()
+    for r in rows:
+        try:
+            named = PointIndex.decode(store.get(r["key"]), store.url(r["key"])).chunk_ids()
+        except (FileNotFoundError, FormatError) as exc:
+            vault.mark_damaged(name, [r["point"]], f"its point index cannot be read: {exc}")
+            continue
+        hit = sorted(i for i in bad if i in named)
+        if hit:
+            vault.mark_damaged(name, [r["point"]], bad[hit[0]])
+
+
 _coders = threading.local()  # a zstd decompressor per thread
 
 
@@ -194,6 +245,7 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     if disk["idx"] not in index.disks:
         raise FormatError(f"the point index has no disk {disk['idx']}", path=store.url(row["key"]))
     size, ids = index.disks[disk["idx"]]
+    bad = {}  # chunk id -> why, found missing or corrupt on the way
     tmp = dest + ".pydr-new"
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -207,9 +259,13 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
                 try:
                     data = fetch_chunk(store, ids[i])
                 except FileNotFoundError:
-                    raise FormatError(f"chunk {ids[i].hex()} (disk {disk['idx']}, offset "
-                                      f"{i * index.chunk_size}) is missing from the store",
+                    bad[ids[i]] = (f"chunk {ids[i].hex()} (disk {disk['idx']}, offset "
+                                   f"{i * index.chunk_size}) is missing from the store")
+                    raise FormatError(bad[ids[i]],
                                       path=store.url(store.chunk_key(ids[i]))) from None
+                except FormatError as exc:
+                    bad[ids[i]] = f"{exc} (disk {disk['idx']}, offset {i * index.chunk_size})"
+                    raise
                 with naming(dest):  # a full disk names the disk being restored
                     os.pwrite(fd, data, i * index.chunk_size)
 
@@ -223,6 +279,8 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if bad:
+            note_damage(vault, name, store, bad)
         raise
     return "download"
 
@@ -239,12 +297,13 @@ def verify(vault, name, point_id=None, sample=100.0):
             raise InvalidState(f"{name!r} has no point {point_id} in an object store",
                                path=vault.dir)
     store = store_of(vault, name)
-    problems, chunks = [], {}
+    problems, chunks, unreadable = [], {}, False
     for r in rows:
         try:
             index = PointIndex.decode(store.get(r["key"]), store.url(r["key"]))
         except (FormatError, FileNotFoundError) as exc:
             problems.append(f"point {r['point']}: {exc}")
+            unreadable = True
             continue
         for idx, (_, ids) in index.disks.items():
             for i, ident in enumerate(ids):
@@ -264,9 +323,21 @@ def verify(vault, name, point_id=None, sample=100.0):
         return None
 
     with cf.ThreadPoolExecutor(max_workers=UPLOADS) as pool:
-        problems += [p for p in pool.map(check, ids) if p]
+        found = {i: p for i, p in zip(ids, pool.map(check, ids)) if p}
+    problems += [found[i] for i in sorted(found, key=lambda i: chunks[i])]
+    if found:  # the points that name them are never restored; the next cycle uploads them again
+        note_damage(vault, name, store, found)
+    if unreadable:
+        note_damage(vault, name, store, {})
+    damaged = [p["id"] for p in vault.points(name) if p["damaged"]]
+    if point_id is not None:
+        damaged = [p for p in damaged if p == point_id]
+    for pid in damaged:
+        reason = vault.point(name, pid)["damaged"]
+        if not any(reason in p for p in problems):  # marked by an earlier run
+            problems.append(f"point {pid} is damaged: {reason}")
     return {"item": name, "points": len(rows), "chunks": len(chunks), "checked": len(ids),
-            "problems": problems}
+            "problems": problems, "damaged_points": damaged}
 
 
 def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
