@@ -7,8 +7,12 @@ the last point, kept in the vault (vault/objects/ITEM/), so the store is
 never read back. The 4 MiB chunks holding a changed block are read, named
 by their XXH3-128, and uploaded unless the store has that id already (the
 last point names it, or this cycle's interrupted predecessor uploaded it:
-its ids are logged in vault/objects/ITEM/pending). Then the point index is
-uploaded, and only then the vault records the point with the index's key.
+its ids are logged in vault/objects/ITEM/pending, and a HEAD says it is
+still there). Then the point index is uploaded -- its key logged in the
+pending log first, so that an orphan is known as this vault's own -- and
+only then the vault records the point with the index's key. Chunks found
+missing or corrupt since are logged there as suspect: read and uploaded
+again, never carried over from the last index.
 
 :func:`capture_item` knows no vault: it runs here or on the item's host's
 Dask worker with the plain dict that :func:`task` builds. Where the vault
@@ -199,7 +203,8 @@ def suspect_chunks(vault, name):
         for line in f:
             fields = line.split()
             if len(fields) == 3 and fields[1] == "suspect" and len(fields[2]) == 32:
-                out.append(fields[2])
+                with contextlib.suppress(ValueError):
+                    out.append(bytes.fromhex(fields[2]).hex())
     return sorted(set(out))
 
 
@@ -296,7 +301,8 @@ def capture_item(task):
     finally:
         pending.close(False)
     return {"item": name, "host": worker_host(), "key": key, "local": new_name,
-            "store": store.spec, "cut": taken.kind, **stats}
+            "store": store.spec, "cut": taken.kind, "suspect": list(task.get("suspect", ())),
+            **stats}
 
 
 def adopt(vault, name, result):
@@ -310,8 +316,12 @@ def adopt(vault, name, result):
                    (name, point_id, result["store"], result["key"], sent))
 
     def forget():  # the orphans first: the pending log that names them goes with the rest
+        handled = set(result.get("suspect", ()))  # a verify meanwhile may have found more
+        late = [bytes.fromhex(h) for h in suspect_chunks(vault, name) if h not in handled]
         forget_orphans(vault, name)
         forget_local(vault, name, result["local"])
+        if late:
+            log_suspect(vault, name, late)
 
     return {"items": {name: {"cut": result["cut"], "bytes": sent, "read": result["read"],
                              "host": result["host"]}},

@@ -163,6 +163,8 @@ class ChunkIndex(PointStore):
     def discard(self):
         """Every point index goes; the chunks are 'pydr gc''s to sweep."""
         store = store_of(self.vault, self.name).spec
+        # killed cycles' orphan indexes first, while the recorded ones still name the store
+        chunkcapture.forget_orphans(self.vault, self.name)
         dropped = drop_indexes(self.vault, self.name)
         return [f"removed the {dropped} point indexes from {store}: 'pydr gc {store}' sweeps "
                 f"their chunks"]
