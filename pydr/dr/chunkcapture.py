@@ -7,8 +7,12 @@ the last point, kept in the vault (vault/objects/ITEM/), so the store is
 never read back. The 4 MiB chunks holding a changed block are read, named
 by their XXH3-128, and uploaded unless the store has that id already (the
 last point names it, or this cycle's interrupted predecessor uploaded it:
-its ids are logged in vault/objects/ITEM/pending). Then the point index is
-uploaded, and only then the vault records the point with the index's key.
+its ids are logged in vault/objects/ITEM/pending, and a HEAD says it is
+still there). Then the point index is uploaded -- its key logged in the
+pending log first, so that an orphan is known as this vault's own -- and
+only then the vault records the point with the index's key. Chunks found
+missing or corrupt since are logged there as suspect: read and uploaded
+again, never carried over from the last index.
 
 :func:`capture_item` knows no vault: it runs here or on the item's host's
 Dask worker with the plain dict that :func:`task` builds. Where the vault
@@ -25,7 +29,7 @@ import uuid
 
 from ..endpoints import open_endpoint
 from ..engine import crashpoints
-from ..engine.atomic import atomic_write
+from ..engine.atomic import atomic_write, fsync_dir
 from ..engine.chunks import (CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count, chunk_id,
                              encode_chunk)
 from ..engine.oserrors import naming
@@ -67,7 +71,7 @@ class _Pending:
             for line in f:
                 when, _, hexid = line.strip().partition(" ")
                 with contextlib.suppress(ValueError):
-                    if float(when) >= trusted and len(hexid) == 32:
+                    if float(when) >= trusted and len(hexid) == 32:  # not an "index KEY" line
                         self.ids.add(bytes.fromhex(hexid))
         self.f = open(path, "a")
 
@@ -87,9 +91,10 @@ class _Pending:
                 os.unlink(self.path)
 
 
-def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limiter, stats,
+def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, limiter, stats,
                  uploads):
-    """The chunk ids of one disk; uploads the ones the store lacks."""
+    """The chunk ids of one disk; uploads the ones the store lacks, and
+    those in `bad` (found missing or corrupt there) again."""
     import numpy as np
     import zstandard
 
@@ -116,13 +121,16 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limit
             start = i * per
             if zero[start:start + per].all():
                 return i, ZERO_ID
-            if not changed_blocks[start:start + per].any():
+            if not changed_blocks[start:start + per].any() and prev_ids[i] not in bad:
                 return i, prev_ids[i]
             length = min(CHUNK_SIZE, size - i * CHUNK_SIZE)
             data = os.pread(fd, length, i * CHUNK_SIZE)
             count(read=len(data))
             ident = chunk_id(data)
-            if ident in known or ident in pending.ids:
+            # the last point's index names it (gc keeps it); a logged upload of a killed
+            # cycle may have been swept since (gc --grace shorter than our trust): asked
+            if ident not in bad and (ident in known or (
+                    ident in pending.ids and store.exists(store.chunk_key(ident)))):
                 count(reused=1)
                 return i, ident
             if not hasattr(local, "zc"):
@@ -131,6 +139,7 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limit
             limiter.take(len(blob))
             store.put(store.chunk_key(ident), blob)
             pending.add(ident)
+            bad.discard(ident)  # sound again: the rest of this cycle may reuse it
             count(uploaded=1, bytes=len(blob))
             crashpoints.reached("s3.chunk")
             return i, ident
@@ -143,8 +152,65 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, pending, limit
     return ids
 
 
+def log_index(vault, name, key):
+    """Log (durably) in the item's pending log that the index `key` is about
+    to be uploaded: only keys logged so are ever deleted as orphans (other
+    vaults may keep indexes of an item of that name in the same store)."""
+    path = os.path.join(_dir(vault, name), "pending")
+    with naming(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{time.time():.3f} index {key}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path)
+
+
+def logged_indexes(vault, name):
+    """The index keys the item's pending log names (see :func:`log_index`)."""
+    out = []
+    with contextlib.suppress(FileNotFoundError), \
+            open(os.path.join(_dir(vault, name), "pending")) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) == 3 and fields[1] == "index":
+                out.append(fields[2])
+    return out
+
+
+def log_suspect(vault, name, idents):
+    """Log (durably) in the item's pending log chunk ids found missing or
+    corrupt in the store: the next cycle neither reuses them nor trusts
+    the last index for the chunks that held them (it reads those again and
+    uploads them); the log goes once that cycle's point is recorded."""
+    path = os.path.join(_dir(vault, name), "pending")
+    with naming(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, "".join(f"{time.time():.3f} suspect {i.hex()}\n"
+                                 for i in idents).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def suspect_chunks(vault, name):
+    """The chunk ids (hex) the item's pending log names as missing or corrupt."""
+    out = []
+    with contextlib.suppress(FileNotFoundError), \
+            open(os.path.join(_dir(vault, name), "pending")) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) == 3 and fields[1] == "suspect" and len(fields[2]) == 32:
+                with contextlib.suppress(ValueError):
+                    out.append(bytes.fromhex(fields[2]).hex())
+    return sorted(set(out))
+
+
 def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
-    """The capture of item `name` as (function, plain dict) for an executor."""
+    """The capture of item `name` as (function, plain dict) for an executor.
+    The point index's name is chosen here, and logged before any upload."""
     row = vault.item(name)
     disks = vault.disks(name)
     for d in disks:
@@ -154,14 +220,18 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
                                f"block device as its source (here, or on its --host)",
                                path=d["source"])
     prev = None if opts.resync_all else latest_index(vault, name)
+    store = store_of(vault, name)
+    index_name = uuid.uuid4().hex
+    log_index(vault, name, store.index_key(name, index_name))
     return capture_item, {
-        "item": name, "store": store_of(vault, name).spec, "here": _dir(vault, name),
+        "item": name, "store": store.spec, "here": _dir(vault, name), "index": index_name,
         "prev": list(prev) if prev is not None else None,
         "disks": [{"idx": d["idx"], "source": d["source"]} for d in disks],
         "rsh": row["rsh"], "remote_pydr": row["remote_pydr"],
         "quiesce_hook": row["quiesce_hook"] if opts.app_consistent else None,
         "thaw_hook": row["thaw_hook"] if opts.app_consistent else None,
-        "bwlimit": opts.bwlimit, "uploads": uploads, "grace": grace}
+        "bwlimit": opts.bwlimit, "uploads": uploads, "grace": grace,
+        "suspect": suspect_chunks(vault, name)}
 
 
 def capture_item(task):
@@ -187,7 +257,13 @@ def capture_item(task):
         except (OSError, FormatError):  # the local copy is gone: the store has it
             prev_index = PointIndex.decode(store.get(prev[1]), store.url(prev[1]))
     known = prev_index.chunk_ids() if prev_index is not None else set()
+    bad = set()  # found missing or corrupt: uploaded again (then dropped from here)
+    for hexid in task.get("suspect", ()):
+        with contextlib.suppress(ValueError):
+            bad.add(bytes.fromhex(hexid))
+    known -= bad
     pending = _Pending(os.path.join(here, "pending") if here else None, task["grace"])
+    pending.ids -= bad
     stats = {"read": 0, "uploaded": 0, "reused": 0, "bytes": 0}
     limiter = _Limiter(task["bwlimit"])
     disks = task["disks"]
@@ -197,7 +273,7 @@ def capture_item(task):
         hooks = [(name, task["quiesce_hook"], task["thaw_hook"])]
         with cut(sources, hooks=hooks) as taken:
             crashpoints.reached("cycle.cut")
-            new_name = uuid.uuid4().hex
+            new_name = task["index"]
             entries, sigs = {}, {}
             for d, view in zip(disks, taken.views):
                 path = view.local_path
@@ -208,8 +284,8 @@ def capture_item(task):
                         prev_sig = Signature.load(
                             os.path.join(here, f"{prev[2]}.{d['idx']}.sig"))
                 prev_ids = prev_index.disks[d["idx"]][1] if prev_sig is not None else None
-                ids = _disk_chunks(store, path, sig, prev_sig, prev_ids, known, pending, limiter,
-                                   stats, task["uploads"])
+                ids = _disk_chunks(store, path, sig, prev_sig, prev_ids, known, bad, pending,
+                                   limiter, stats, task["uploads"])
                 entries[d["idx"]] = (sig.size, ids)
                 sigs[d["idx"]] = sig
                 crashpoints.reached("cycle.disk")
@@ -225,7 +301,8 @@ def capture_item(task):
     finally:
         pending.close(False)
     return {"item": name, "host": worker_host(), "key": key, "local": new_name,
-            "store": store.spec, "cut": taken.kind, **stats}
+            "store": store.spec, "cut": taken.kind, "suspect": list(task.get("suspect", ())),
+            **stats}
 
 
 def adopt(vault, name, result):
@@ -237,9 +314,13 @@ def adopt(vault, name, result):
     def index_row(store, point_id):
         store.add_index(name, point_id, result["store"], result["key"], sent)
 
-    def forget():
-        forget_local(vault, name, result["local"])
+    def forget():  # the orphans first: the pending log that names them goes with the rest
+        handled = set(result.get("suspect", ()))  # a verify meanwhile may have found more
+        late = [bytes.fromhex(h) for h in suspect_chunks(vault, name) if h not in handled]
         forget_orphans(vault, name)
+        forget_local(vault, name, result["local"])
+        if late:
+            log_suspect(vault, name, late)
 
     return {"items": {name: {"cut": result["cut"], "bytes": sent, "read": result["read"],
                              "host": result["host"]}},
@@ -278,11 +359,16 @@ def forget_local(vault, name, keep):
 
 
 def forget_orphans(vault, name):
-    """Delete the item's indexes in the store that no point records: those of
-    cycles killed after they uploaded their index, before the point was
-    recorded (the vault's lock keeps any other cycle of the item out)."""
+    """Delete the indexes this vault's cycles of the item logged and no point
+    records: those of cycles killed after they uploaded their index, before
+    the point was recorded (the vault's lock keeps any other cycle of the
+    item out). Never an index it did not log: another vault's item of the
+    same name may keep its points under the same prefix."""
     store = store_of(vault, name)
     recorded = vault.index_keys(name)
-    store.delete(key for key, _, _ in store.list(f"indexes/{name}") if key not in recorded)
+    mine = store.key("indexes", name) + "/"
+    store.delete(key for key in dict.fromkeys(logged_indexes(vault, name))
+                 if key not in recorded and key.startswith(mine) and key.endswith(".pidx")
+                 and "/" not in key[len(mine):])
 
 

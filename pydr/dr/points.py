@@ -11,6 +11,7 @@ import time
 from ..engine import crashpoints
 from ..errors import DamagedPoint, InvalidState, UnknownName
 from .pointstores import point_store
+from .pointstores.base import protected_disks
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
 
@@ -108,18 +109,6 @@ def check_points_usable(vault, name):
                            f"run 'pydr commit {name}' to finish", path=vault.dir)
 
 
-def _protected_disks(vault):
-    """{identity: what it is} of every source and replica of the vault."""
-    out = {}
-    for item in vault.items():
-        for d in vault.disks(item):
-            for role in ("source", "replica"):  # files here by their real path, others as given
-                spec = d[role]
-                key = os.path.realpath(spec) if spec.startswith("/") else spec
-                out.setdefault(key, f"{role} of item {item!r}, disk {d['idx']}")
-    return out
-
-
 def materialize_into(vault, name, point_id, directory, threads=None, drill=False, *,
                      method="auto", progress=None, methods=None):
     """Every disk of the point into `directory` (a spec), named like its
@@ -128,7 +117,7 @@ def materialize_into(vault, name, point_id, directory, threads=None, drill=False
     the ones a killed drill finished."""
     check_points_usable(vault, name)
     where = vault.endpoint(name, directory)
-    protected = _protected_disks(vault)
+    protected = protected_disks(vault)
     out = []
     for d in vault.disks(name):
         replica = vault.endpoint(name, d["replica"])

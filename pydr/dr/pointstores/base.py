@@ -21,6 +21,8 @@ method with ``store.require("collect_garbage")``, which raises
 UnsupportedFile naming the item when the kind lacks it.
 """
 
+import os
+
 from ...endpoints.base import StepChainPlace
 from ...errors import InvalidState, UnsupportedFile
 
@@ -33,6 +35,19 @@ def files_at(endpoint):
         raise UnsupportedFile(f"{endpoint} has no files beside it (an NBD export or a live "
                               f"disk): points are not made or kept there", path=endpoint.spec)
     return endpoint
+
+
+def protected_disks(vault):
+    """{identity: what it is} of every source and replica of the vault: a
+    point is never materialised or brought up over one of them."""
+    out = {}
+    for item in vault.items():
+        for d in vault.disks(item):
+            for role in ("source", "replica"):  # files here by their real path, others as given
+                spec = d[role]
+                key = os.path.realpath(spec) if spec.startswith("/") else spec
+                out.setdefault(key, f"{role} of item {item!r}, disk {d['idx']}")
+    return out
 
 
 class PointStore:

@@ -25,10 +25,10 @@ from ...endpoints.s3 import SCHEME, ObjectStore
 from ...engine.chunks import ZERO_ID, PointIndex, decode_chunk
 from ...engine.oserrors import naming
 from ...engine.restore import install
-from ...errors import FormatError, InvalidState
+from ...errors import DamagedPoint, FormatError, InvalidState
 from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
 from .. import chunkcapture
-from .base import PointStore
+from .base import PointStore, protected_disks
 
 
 class ChunkIndex(PointStore):
@@ -58,9 +58,40 @@ class ChunkIndex(PointStore):
 
     # -- a point's disks ----------------------------------------------------------
     def check_point(self, point_id):
-        """The vault records the point's index; the index and every chunk are
-        checked as they are downloaded (whole or not at all)."""
-        self._index_key(point_id)
+        """The point's index is downloaded and decoded, and the store asked
+        (HEAD) for every chunk it names, before any state changes; a chunk
+        gone marks the points that name it (exit 7, naming the chunk, its
+        disk and offset). A corrupt chunk is found as it is downloaded
+        (whole or not at all)."""
+        key = self._index_key(point_id)
+        store = store_of(self.vault, self.name)
+        try:
+            index = PointIndex.decode(store.get(key), store.url(key))
+            for d in self.vault.disks(self.name):
+                if d["idx"] not in index.disks:
+                    raise FormatError(f"the point index has no disk {d['idx']}",
+                                      path=store.url(key))
+        except (FileNotFoundError, FormatError) as exc:
+            reason = f"its point index cannot be read: {exc}"
+            self.vault.mark_damaged(self.name, [point_id], reason)
+            raise DamagedPoint(f"recovery point {point_id} of {self.name!r}: {reason}",
+                               path=store.url(key)) from None
+        where = {}  # chunk id -> (disk, offset) of its first use
+        for idx, (_, ids) in sorted(index.disks.items()):
+            for i, ident in enumerate(ids):
+                if ident != ZERO_ID:
+                    where.setdefault(ident, (idx, i * index.chunk_size))
+        idents = sorted(where)
+        with cf.ThreadPoolExecutor(max_workers=UPLOADS) as pool:
+            there = list(pool.map(lambda i: store.exists(store.chunk_key(i)), idents))
+        missing = {i: f"chunk {i.hex()} (disk {where[i][0]}, offset {where[i][1]}) is missing "
+                      f"from the store" for i, ok in zip(idents, there) if not ok}
+        if missing:
+            note_damage(self.vault, self.name, store, missing)
+            first = min(missing, key=lambda i: where[i])
+            raise DamagedPoint(f"recovery point {point_id} of {self.name!r} needs "
+                               f"{missing[first]}", path=store.url(store.chunk_key(first)),
+                               offset=where[first][1])
 
     def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
                          method="auto", progress=None):
@@ -77,18 +108,36 @@ class ChunkIndex(PointStore):
 
     # -- failover -----------------------------------------------------------------------
     def failover_dir(self, to):
-        """--to DIR is needed: the disks are made there, on this machine."""
+        """--to DIR is needed: the disks are made there, on this machine, and
+        never over a disk the vault protects (checked before anything is
+        recorded)."""
         if to is None:
             raise ValueError(f"{self.name!r} is replicated to an object store: give --to DIR, "
                              f"the directory on this machine where its disks are made")
-        return os.path.abspath(os.fspath(to))
+        to = os.path.abspath(os.fspath(to))
+        for d in self.vault.disks(self.name):
+            self._failover_path(d, to)
+        return to
+
+    def _failover_path(self, disk, to):
+        """Where disk `disk` comes up: its replica once a failover made it a
+        local disk, else DIR/NAME in the failover directory `to`, refused
+        (InvalidState) when that is a disk the vault protects."""
+        replica = self.vault.endpoint(self.name, disk["replica"])
+        if replica.local_path is not None:  # made by this failover: the item's own replica
+            return replica.local_path
+        dest = os.path.join(to, replica.path)
+        protected = protected_disks(self.vault)
+        if os.path.realpath(dest) in protected:  # a typo in --to must not overwrite production
+            raise InvalidState(f"refusing to bring a point up over a disk the vault protects "
+                               f"({protected[os.path.realpath(dest)]}); give another directory",
+                               path=dest)
+        return dest
 
     def bring_up_disk(self, point_id, disk, *, method="auto", progress=None):
         """Downloaded into the failover directory (again each time: exact);
         from then on that local disk is the disk's replica."""
-        replica = self.vault.endpoint(self.name, disk["replica"])
-        dest = replica.local_path or os.path.join(self.vault.item(self.name)["failover_dir"],
-                                                  replica.path)
+        dest = self._failover_path(disk, self.vault.item(self.name)["failover_dir"])
         used = restore_disk(self.vault, self.name, point_id, disk, dest, progress=progress)
         self.vault.note_method(used)
         self.vault.set_disk(self.name, disk["idx"], replica=dest)
@@ -110,6 +159,8 @@ class ChunkIndex(PointStore):
     def discard(self):
         """Every point index goes; the chunks are 'pydr gc''s to sweep."""
         store = store_of(self.vault, self.name).spec
+        # killed cycles' orphan indexes first, while the recorded ones still name the store
+        chunkcapture.forget_orphans(self.vault, self.name)
         dropped = drop_indexes(self.vault, self.name)
         return [f"removed the {dropped} point indexes from {store}: 'pydr gc {store}' sweeps "
                 f"their chunks"]
@@ -134,6 +185,25 @@ def drop_indexes(vault, name, points=None):
     store.delete(r.key for r in rows)
     vault.drop_index_rows(name, [r.point for r in rows])
     return len(rows)
+
+
+def note_damage(vault, name, store, bad):
+    """Chunks found missing or corrupt (`bad`: {chunk id: why}): mark the
+    item's points whose index names one damaged (never restored), and log
+    the ids for the next cycle, which reads those chunks from the source
+    again and uploads them (chunkcapture.log_suspect)."""
+    if bad:
+        chunkcapture.log_suspect(vault, name, sorted(bad))
+    rows = vault.index_rows(name)
+    for r in rows:
+        try:
+            named = PointIndex.decode(store.get(r["key"]), store.url(r["key"])).chunk_ids()
+        except (FileNotFoundError, FormatError) as exc:
+            vault.mark_damaged(name, [r["point"]], f"its point index cannot be read: {exc}")
+            continue
+        hit = sorted(i for i in bad if i in named)
+        if hit:
+            vault.mark_damaged(name, [r["point"]], bad[hit[0]])
 
 
 _coders = threading.local()  # a zstd decompressor per thread
@@ -165,6 +235,7 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     if disk["idx"] not in index.disks:
         raise FormatError(f"the point index has no disk {disk['idx']}", path=store.url(row["key"]))
     size, ids = index.disks[disk["idx"]]
+    bad = {}  # chunk id -> why, found missing or corrupt on the way
     tmp = dest + ".pydr-new"
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -178,9 +249,13 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
                 try:
                     data = fetch_chunk(store, ids[i])
                 except FileNotFoundError:
-                    raise FormatError(f"chunk {ids[i].hex()} (disk {disk['idx']}, offset "
-                                      f"{i * index.chunk_size}) is missing from the store",
+                    bad[ids[i]] = (f"chunk {ids[i].hex()} (disk {disk['idx']}, offset "
+                                   f"{i * index.chunk_size}) is missing from the store")
+                    raise FormatError(bad[ids[i]],
                                       path=store.url(store.chunk_key(ids[i]))) from None
+                except FormatError as exc:
+                    bad[ids[i]] = f"{exc} (disk {disk['idx']}, offset {i * index.chunk_size})"
+                    raise
                 with naming(dest):  # a full disk names the disk being restored
                     os.pwrite(fd, data, i * index.chunk_size)
 
@@ -194,6 +269,8 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if bad:
+            note_damage(vault, name, store, bad)
         raise
     return "download"
 
@@ -209,12 +286,13 @@ def verify(vault, name, point_id=None, sample=100.0):
             raise InvalidState(f"{name!r} has no point {point_id} in an object store",
                                path=vault.dir)
     store = store_of(vault, name)
-    problems, chunks = [], {}
+    problems, chunks, unreadable = [], {}, False
     for r in rows:
         try:
             index = PointIndex.decode(store.get(r["key"]), store.url(r["key"]))
         except (FormatError, FileNotFoundError) as exc:
             problems.append(f"point {r['point']}: {exc}")
+            unreadable = True
             continue
         for idx, (_, ids) in index.disks.items():
             for i, ident in enumerate(ids):
@@ -234,9 +312,21 @@ def verify(vault, name, point_id=None, sample=100.0):
         return None
 
     with cf.ThreadPoolExecutor(max_workers=UPLOADS) as pool:
-        problems += [p for p in pool.map(check, ids) if p]
+        found = {i: p for i, p in zip(ids, pool.map(check, ids)) if p}
+    problems += [found[i] for i in sorted(found, key=lambda i: chunks[i])]
+    if found:  # the points that name them are never restored; the next cycle uploads them again
+        note_damage(vault, name, store, found)
+    if unreadable:
+        note_damage(vault, name, store, {})
+    damaged = [p["id"] for p in vault.points(name) if p["damaged"]]
+    if point_id is not None:
+        damaged = [p for p in damaged if p == point_id]
+    for pid in damaged:
+        reason = vault.point(name, pid)["damaged"]
+        if not any(reason in p for p in problems):  # marked by an earlier run
+            problems.append(f"point {pid} is damaged: {reason}")
     return {"item": name, "points": len(rows), "chunks": len(chunks), "checked": len(ids),
-            "problems": problems}
+            "problems": problems, "damaged_points": damaged}
 
 
 def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
@@ -258,11 +348,13 @@ def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
         indexes += 1
     doomed, young, total, swept_bytes = [], 0, 0, 0
     for key, modified, size in store.list("chunks"):
-        total += 1
         try:
             ident = bytes.fromhex(key.rpartition("/")[2])
         except ValueError:
             continue  # not ours
+        if len(ident) != 16 or key != store.chunk_key(ident):
+            continue  # not ours: another store nested under chunks/, or a stranger's object
+        total += 1
         if ident in referenced:
             continue
         if modified > start - grace:  # maybe a running cycle's: never swept
