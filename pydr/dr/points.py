@@ -46,6 +46,9 @@ def apply_retention(vault, name, now=None):
     """Drop the points beyond the item's retention (count, and age when set;
     the newest point always stays), then let the item's point store release
     what only they needed (PointStore.release: undo steps, point indexes).
+    The point a drill or a failover shows stays too, whatever its age, until
+    cleanup-test-failover or commit lets it go: a resumed drill or failover
+    makes the rest of its disks from it.
 
     The points' records go first, in one transaction, and the store removes
     its files before their records, so that a kill in between leaves
@@ -57,6 +60,8 @@ def apply_retention(vault, name, now=None):
     if row["retention_age"] is not None and points:
         limit = (time.time() if now is None else now) - row["retention_age"]
         drop = [p for p in points[:-1] if p in drop or p["created"] < limit]
+    shown = {row["test_point"], row["failover_point"]}
+    drop = [p for p in drop if p["id"] not in shown]
     with vault.db:
         vault.db.execute("BEGIN IMMEDIATE")
         for p in drop:

@@ -8,17 +8,23 @@ back whole)."""
 import os
 
 from ...engine import journal as J
-from ...errors import CorruptDelta, DamagedJournal
+from ...errors import CorruptDelta, DamagedJournal, VaultDamaged
 from .. import stepdigest
 
 
 def steps_of(vault, name, point_id, idx):
     """The undo steps (rows: step, path, bytes, digest) that take disk `idx`
-    from its latest state back to point `point_id`, newest first."""
+    from its latest state back to point `point_id`, newest first.
+    UnknownName (exit 3) naming the point when the vault no longer has it
+    (retention dropped it), VaultDamaged (exit 14) when it has the point
+    but not disk `idx`'s record of it: never "no steps", which would be
+    the latest state passed off as the point."""
     row = vault.db.execute("SELECT step FROM point_disks WHERE item=? AND id=? AND idx=?",
                            (name, point_id, idx)).fetchone()
     if row is None:
-        return []
+        vault.point(name, point_id)  # UnknownName: the point is gone
+        raise VaultDamaged(f"recovery point {point_id} of {name!r} has no record of disk {idx}",
+                           path=vault.db.path)
     return vault.db.execute(
         "SELECT step, path, bytes, digest FROM steps WHERE item=? AND idx=? AND step>? "
         "ORDER BY step DESC",
