@@ -8,7 +8,7 @@ import os
 from ..engine import crashpoints, names
 from ..errors import InvalidState, UnknownName
 from .pointstores import point_store
-from .points import check_point, materialize_into, select_point
+from .points import check_point, destinations, materialize_into, select_point
 
 SELECTORS = (None, "latest", "latest-processed", "latest-app-consistent")
 
@@ -53,6 +53,7 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
                                path=vault.dir)
         pid = select_point(vault, name, point)
         check_point(vault, name, pid)  # a damaged point: refused before anything is recorded
+        destinations(vault, name, where)  # so are disks that cannot be made there
         # first: a killed drill is finished, or cleaned up, from this record
         vault.begin(name, "test-failover", f"pydr test-failover {name} --to {where} --point "
                     f"{pid}{method_flags(method)}", test_dir=where, test_point=pid)

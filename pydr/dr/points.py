@@ -128,16 +128,16 @@ def _protected_disks(vault):
     return out
 
 
-def materialize_into(vault, name, point_id, directory, threads=None, drill=False, *,
-                     method="auto", progress=None, methods=None):
-    """Every disk of the point into `directory` (a spec), named like its
-    replica; the replicas themselves are never written over. A drill keeps
-    the disks that are there already (whole: a disk appears by a rename):
-    the ones a killed drill finished."""
-    check_points_usable(vault, name)
+def destinations(vault, name, directory):
+    """[(disk row, endpoint)]: where materialize_into makes each disk of
+    `name` in `directory` (a spec), DIR/<replica file name>, every one
+    checked before any is written. InvalidState naming the path when one
+    would be made over a replica or a disk the vault protects, or two disks
+    as one file (replicas that share a file name, of an item protected
+    before protect refused them: one would silently stand for both)."""
     where = vault.endpoint(name, directory)
     protected = _protected_disks(vault)
-    out = []
+    out, made_as = [], {}
     for d in vault.disks(name):
         replica = vault.endpoint(name, d["replica"])
         dest = where.child(os.path.basename(replica.path))
@@ -147,6 +147,25 @@ def materialize_into(vault, name, point_id, directory, threads=None, drill=False
             raise InvalidState(f"refusing to materialise over a disk the vault protects "
                                f"({protected[dest.identity]}); give another directory",
                                path=str(dest))
+        if dest.identity in made_as:
+            first = made_as[dest.identity]
+            raise InvalidState(f"disks {first['idx']} and {d['idx']} of {name!r} would both be "
+                               f"made as this file: their replicas {first['replica']} and "
+                               f"{d['replica']} share a file name", path=str(dest))
+        made_as[dest.identity] = d
+        out.append((d, dest))
+    return out
+
+
+def materialize_into(vault, name, point_id, directory, threads=None, drill=False, *,
+                     method="auto", progress=None, methods=None):
+    """Every disk of the point into `directory` (a spec), named like its
+    replica (see destinations); the replicas themselves are never written
+    over. A drill keeps the disks that are there already (whole: a disk
+    appears by a rename): the ones a killed drill finished."""
+    check_points_usable(vault, name)
+    out = []
+    for d, dest in destinations(vault, name, directory):
         if not (drill and dest.exists()):
             used = materialize_disk(vault, name, point_id, d, dest, threads, drill,
                                     method=method, progress=progress)

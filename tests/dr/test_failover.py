@@ -566,3 +566,55 @@ def test_retention_keeps_the_point_a_failover_shows(kept_one):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["point"] == 1
     assert replica_hashes(pairs) == point1
+
+
+# -- one file name a disk -------------------------------------------------------------
+
+def test_protect_refuses_replicas_that_share_a_file_name(tmp_path, monkeypatch):
+    """A point's disks are made side by side, named like their replicas:
+    two replicas x/r.img and y/r.img would be one file. Refused (exit 2)
+    naming both; nothing is recorded."""
+    init_vault(tmp_path / "vault")
+    monkeypatch.setenv("PYDR_VAULT", str(tmp_path / "vault"))
+    disks = []
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "r.img").write_bytes(os.urandom(64 << 10))
+        disks += ["--disk", f"{tmp_path / d / 'r.img'}={tmp_path / 'site-b' / d / 'r.img'}"]
+    r = cli("protect", "vm", *disks)
+    assert r.returncode == 2, r.stderr
+    assert str(tmp_path / "site-b" / "x" / "r.img").encode() in r.stderr
+    assert str(tmp_path / "site-b" / "y" / "r.img").encode() in r.stderr
+    assert b"share the file name 'r.img'" in r.stderr
+    assert cli("status", "vm").returncode == 3
+
+
+def test_disks_of_an_old_item_that_share_a_file_name_are_never_made_as_one(tmp_path,
+                                                                            monkeypatch):
+    """An item recorded before protect refused it (add_item, as the old
+    protect did): materialize and a drill refuse (exit 15, naming both
+    replicas) before writing or recording anything, instead of making
+    disk 1 over disk 0 (materialize) or skipping it (a drill)."""
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    monkeypatch.setenv("PYDR_VAULT", str(vault))
+    stored = []
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        (tmp_path / "site-b" / d).mkdir(parents=True)
+        (tmp_path / d / "r.img").write_bytes(os.urandom(256 << 10))
+        stored.append((str(tmp_path / d / "r.img"), str(tmp_path / "site-b" / d / "r.img"), None))
+    with Vault(vault, writer=True) as v:
+        v.add_item("vm", stored, state="protecting", direction="forward", health="ok",
+                   retention=5, created=0.0)
+    assert cli("replicate", "vm").returncode == 0
+    for args in (["materialize", "vm", "--point", "1", "--to", tmp_path / "m"],
+                 ["test-failover", "vm", "--point", "1", "--to", tmp_path / "m"]):
+        r = cli(*args)
+        assert r.returncode == 15, r.stderr
+        assert b"disks 0 and 1 of 'vm' would both be made as this file" in r.stderr
+        assert str(tmp_path / "m" / "r.img").encode() in r.stderr
+        assert str(stored[1][1]).encode() in r.stderr
+        assert not (tmp_path / "m" / "r.img").exists()
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert (st["test_failover"], st["test_point"], st["operation"]) == (None, None, None)
