@@ -25,10 +25,14 @@ from ...endpoints.s3 import SCHEME, ObjectStore
 from ...engine.chunks import ZERO_ID, PointIndex, decode_chunk
 from ...engine.oserrors import naming
 from ...engine.restore import install
-from ...errors import FormatError, InvalidState
+from ...errors import FormatError, InvalidState, VaultDamaged
 from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
 from .. import chunkcapture
 from .base import PointStore
+from .specs import check_one_kind
+
+#: The states in which a failover has moved replicas to this machine.
+FAILED_OVER = ("failing-over", "failed-over", "committing")
 
 
 class ChunkIndex(PointStore):
@@ -40,6 +44,38 @@ class ChunkIndex(PointStore):
         """Replicas in an object store, or points there still (a failover
         moved the replicas to local disks; commit drops the indexes)."""
         return is_object_item(vault, name) or has_object_points(vault, name)
+
+    @classmethod
+    def check_records(cls, vault, name):
+        """Every replica in one object store, no undo step, and every point
+        with its index (but while a commit drops them). Replicas on this
+        machine only where a failover brought the points up: in its --to
+        directory, named like the disk, while the item is failed over."""
+        row, disks = vault.item(name), vault.disks(name)
+
+        def damaged(why):
+            return VaultDamaged(f"item {name!r} keeps its points in a chunk index, but {why}",
+                                path=vault.db.path)
+
+        try:
+            check_one_kind([d["replica"] for d in disks if d["replica"].startswith(SCHEME)])
+        except ValueError as exc:
+            raise damaged(f"its replicas are in more than one object store ({exc})") from None
+        stepped = [d["idx"] for d in disks if vault.current_step(name, d["idx"])]
+        if stepped:
+            raise damaged(f"the vault records undo steps of its disks {stepped} (a step "
+                          f"chain's points)")
+        indexed = {r[0] for r in vault.db.execute(
+            "SELECT point FROM object_indexes WHERE item=?", (name,))}
+        bare = [p["id"] for p in vault.points(name) if p["id"] not in indexed]
+        if bare and row["state"] != "committing":
+            raise damaged(f"its points {bare} have no point index (a step chain's points)")
+        up = row["failover_dir"] if row["state"] in FAILED_OVER else None
+        astray = [d["replica"] for d in disks if not d["replica"].startswith(SCHEME) and (
+            up is None or d["replica"] != os.path.join(up, os.path.basename(d["replica"])))]
+        if astray:
+            raise damaged(f"its replicas {', '.join(astray)} are not in an object store, nor "
+                          f"where a failover brought its points up")
 
     @classmethod
     def collector_at(cls, spec):
