@@ -41,6 +41,10 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
         return open_endpoint(spec, rsh=rsh, remote_pydr=remote_pydr)
 
     stored = _check_disks(store, name, disks, disk, cbt=cbt, host=host)
+    if group is not None:
+        specs.check_group_kind([r for _, r, _ in stored], {
+            r.name: [d.replica for d in store.disks(r.name)] for r in store.item_records()
+            if r.grp == group})
     owners = _check_owners(store, name, stored, disk)
     job = store.start_job("protect", name)
     store.add_item(name, stored, grp=group, state="protecting", direction="forward",

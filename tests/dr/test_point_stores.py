@@ -170,3 +170,53 @@ def test_records_of_two_kinds_are_refused(vault, tmp_path):
         vault.db.execute("UPDATE disks SET replica=? WHERE item='db'",
                          (str(tmp_path / "up" / "db.img"),))
     assert type(point_store(vault, "db")) is ChunkIndex  # what a failover leaves
+
+
+def test_a_group_is_all_in_an_object_store_or_none_is(vault, tmp_path):
+    """A group's cycle makes one point of one kind: protect refuses an item
+    of the other kind into it (ValueError: exit 2), and records nothing."""
+    for n in ("f", "o", "f2"):
+        (tmp_path / f"{n}.img").write_bytes(b"\0" * 4096)
+    vault.protect("f", [(str(tmp_path / "f.img"), str(tmp_path / "dr" / "f.img"))], group="g")
+    with pytest.raises(ValueError, match="item 'f' of the group is not, this one is"):
+        vault.protect("o", [(str(tmp_path / "o.img"), BUCKET)], group="g")
+    assert not vault.has_item("o")
+    vault.protect("o", [(str(tmp_path / "o.img"), BUCKET)], group="h")  # a group of its own
+    with pytest.raises(ValueError, match="item 'o' of the group is, this one is not"):
+        vault.protect("f2", [(str(tmp_path / "f2.img"), str(tmp_path / "dr" / "f2.img"))],
+                      group="h")
+
+
+@pytest.mark.parametrize("method", ["qcow2", "reflink"])
+def test_an_object_store_refuses_a_method_it_cannot(vault, tmp_path, method):
+    db = point_store(vault, "db")
+    dest = open_endpoint(str(tmp_path / "m" / "db.img"))
+    for call in (lambda: db.materialize_disk(1, vault.disks("db")[0], dest, method=method),
+                 lambda: db.bring_up_disk(1, vault.disks("db")[0], method=method)):
+        with pytest.raises(UnsupportedFile, match=f"never made by {method}") as err:
+            call()
+        assert err.value.exit_code == EXIT_UNSUPPORTED and "'db'" in str(err.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_io_error_checking_a_step_names_it(vault, tmp_path, monkeypatch):
+    """A disk that fails a read of a local undo step: the OSError names the
+    step's file (the CLI prints it), not a bare "Input/output error"."""
+    import errno
+
+    from pydr.dr.pointstores import steps as S
+
+    step = tmp_path / "0-1.undo"
+    step.write_bytes(b"x" * 100)
+    with vault.db:
+        vault.db.execute("INSERT INTO steps(item, idx, step, path, bytes) "
+                         "VALUES ('web', 0, 1, ?, 0)", (str(step),))
+    row = vault.db.execute("SELECT step, path, bytes, digest FROM steps WHERE item='web'").fetchone()
+
+    def eio(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(S.J, "check_step", eio)
+    with pytest.raises(OSError) as err:
+        S.check_step(vault, "web", 0, row)
+    assert err.value.errno == errno.EIO and err.value.filename == str(step)

@@ -25,7 +25,7 @@ from ...endpoints.s3 import SCHEME, ObjectStore
 from ...engine.chunks import ZERO_ID, PointIndex, decode_chunk
 from ...engine.oserrors import naming
 from ...engine.restore import install
-from ...errors import FormatError, InvalidState, VaultDamaged
+from ...errors import FormatError, InvalidState, UnsupportedFile, VaultDamaged
 from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
 from .. import chunkcapture
 from .base import PointStore
@@ -101,7 +101,9 @@ class ChunkIndex(PointStore):
 
     def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
                          method="auto", progress=None):
-        """Downloaded to a file on this machine ("download", whatever `method`)."""
+        """Downloaded to a file on this machine ("download"; `method` "auto"
+        or "copy": an object store cannot clone or overlay)."""
+        self._refuse_method(method)
         if dest.local_path is None:
             raise InvalidState(f"{dest}: points of an object store are materialised on this "
                                f"machine: give a local directory", path=str(dest))
@@ -111,6 +113,12 @@ class ChunkIndex(PointStore):
                             threads=threads, progress=progress)
         self.vault.note_method(used)
         return used
+
+    def _refuse_method(self, method):
+        if method not in ("auto", "copy"):
+            raise UnsupportedFile(f"the points of {self.name!r} are in an object store: they "
+                                  f"are downloaded, never made by {method} (--as qcow2, "
+                                  f"--reflink)", path=store_of(self.vault, self.name).spec)
 
     # -- failover -----------------------------------------------------------------------
     def failover_dir(self, to):
@@ -123,6 +131,7 @@ class ChunkIndex(PointStore):
     def bring_up_disk(self, point_id, disk, *, method="auto", progress=None):
         """Downloaded into the failover directory (again each time: exact);
         from then on that local disk is the disk's replica."""
+        self._refuse_method(method)
         replica = self.vault.endpoint(self.name, disk["replica"])
         dest = replica.local_path or os.path.join(self.vault.item(self.name)["failover_dir"],
                                                   replica.path)

@@ -8,6 +8,7 @@ back whole)."""
 import os
 
 from ...engine import journal as J
+from ...engine.oserrors import naming
 from ...errors import CorruptDelta, DamagedJournal, VaultDamaged
 from .. import stepdigest
 
@@ -57,8 +58,9 @@ def check_step(vault, name, idx, step, *, whole=True):
                                  f"{step['bytes']} (and a COMMIT record)", path=str(ep),
                                  offset=min(size, step["bytes"]))
         if ep.local_path is not None and whole:
-            J.check_step(ep.local_path)
-            stepdigest.check(ep.local_path, _digest_of(step))
+            with naming(ep.local_path):  # an EIO reading it names the step
+                J.check_step(ep.local_path)
+                stepdigest.check(ep.local_path, _digest_of(step))
     except FileNotFoundError:  # refused, but not marked: storage not mounted yet comes back
         raise DamagedJournal(f"{which} is missing", path=str(ep)) from None
     except CorruptDelta as found:
