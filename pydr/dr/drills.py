@@ -6,9 +6,9 @@ same command again after a kill finishes them."""
 import os
 
 from ..engine import crashpoints, names
-from ..errors import InvalidState
+from ..errors import InvalidState, UnknownName
 from .pointstores import point_store
-from .points import check_point, materialize_into, select_point
+from .points import check_point, destinations, materialize_into, select_point
 
 SELECTORS = (None, "latest", "latest-processed", "latest-app-consistent")
 
@@ -43,6 +43,8 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
             raise InvalidState(f"the test failover of {name!r} in {where} shows point {pid}: run "
                                f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
         interrupted = vault.pending(name, "test-failover") is not None
+        if interrupted:
+            _check_still_kept(vault, name, pid, where)
         notes.append("resumed" if interrupted else
                      f"already done: {where} holds point {pid}")
     else:
@@ -51,6 +53,7 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
                                path=vault.dir)
         pid = select_point(vault, name, point)
         check_point(vault, name, pid)  # a damaged point: refused before anything is recorded
+        destinations(vault, name, where)  # so are disks that cannot be made there
         # first: a killed drill is finished, or cleaned up, from this record
         vault.begin(name, "test-failover", f"pydr test-failover {name} --to {where} --point "
                     f"{pid}{method_flags(method)}", test_dir=where, test_point=pid)
@@ -69,6 +72,19 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
     paths = vault.run_job("test-failover", name, run)
     return {"item": name, "point": pid, "paths": paths,
             "method": vault.item(name)["test_method"], "notes": notes}
+
+
+def _check_still_kept(vault, name, pid, where):
+    """Refuse to finish a drill whose point is gone (retention of a vault
+    from before drills kept their point): its last disks would show
+    another point than its first."""
+    try:
+        vault.point(name, pid)
+    except UnknownName:
+        raise InvalidState(f"the interrupted test failover of {name!r} in {where} shows point "
+                           f"{pid}, which the vault no longer keeps: its other disks cannot be "
+                           f"made; run 'pydr cleanup-test-failover {name}' first",
+                           path=vault.dir) from None
 
 
 def cleanup_test_failover(vault, name):

@@ -47,6 +47,9 @@ def apply_retention(vault, name, now=None):
     """Drop the points beyond the item's retention (count, and age when set;
     the newest point always stays), then let the item's point store release
     what only they needed (PointStore.release: undo steps, point indexes).
+    The point a drill or a failover shows stays too, whatever its age, until
+    cleanup-test-failover or commit lets it go: a resumed drill or failover
+    makes the rest of its disks from it.
 
     The points' records go first, in one transaction, and the store removes
     its files before their records, so that a kill in between leaves
@@ -58,6 +61,8 @@ def apply_retention(vault, name, now=None):
     if row["retention_age"] is not None and points:
         limit = (time.time() if now is None else now) - row["retention_age"]
         drop = [p for p in points[:-1] if p in drop or p["created"] < limit]
+    shown = {row["test_point"], row["failover_point"]}  # a drill's or failover's point stays
+    drop = [p for p in drop if p["id"] not in shown]
     with vault.transaction():
         vault.drop_points(name, [p.id for p in drop])
     crashpoints.reached("retention.recorded")
@@ -109,16 +114,16 @@ def check_points_usable(vault, name):
                            f"run 'pydr commit {name}' to finish", path=vault.dir)
 
 
-def materialize_into(vault, name, point_id, directory, threads=None, drill=False, *,
-                     method="auto", progress=None, methods=None):
-    """Every disk of the point into `directory` (a spec), named like its
-    replica; the replicas themselves are never written over. A drill keeps
-    the disks that are there already (whole: a disk appears by a rename):
-    the ones a killed drill finished."""
-    check_points_usable(vault, name)
+def destinations(vault, name, directory):
+    """[(disk row, endpoint)]: where materialize_into makes each disk of
+    `name` in `directory` (a spec), DIR/<replica file name>, every one
+    checked before any is written. InvalidState naming the path when one
+    would be made over a replica or a disk the vault protects, or two disks
+    as one file (replicas that share a file name, of an item protected
+    before protect refused them: one would silently stand for both)."""
     where = vault.endpoint(name, directory)
     protected = protected_disks(vault)
-    out = []
+    out, made_as = [], {}
     for d in vault.disks(name):
         replica = vault.endpoint(name, d["replica"])
         dest = where.child(os.path.basename(replica.path))
@@ -128,6 +133,25 @@ def materialize_into(vault, name, point_id, directory, threads=None, drill=False
             raise InvalidState(f"refusing to materialise over a disk the vault protects "
                                f"({protected[dest.identity]}); give another directory",
                                path=str(dest))
+        if dest.identity in made_as:
+            first = made_as[dest.identity]
+            raise InvalidState(f"disks {first['idx']} and {d['idx']} of {name!r} would both be "
+                               f"made as this file: their replicas {first['replica']} and "
+                               f"{d['replica']} share a file name", path=str(dest))
+        made_as[dest.identity] = d
+        out.append((d, dest))
+    return out
+
+
+def materialize_into(vault, name, point_id, directory, threads=None, drill=False, *,
+                     method="auto", progress=None, methods=None):
+    """Every disk of the point into `directory` (a spec), named like its
+    replica (see destinations); the replicas themselves are never written
+    over. A drill keeps the disks that are there already (whole: a disk
+    appears by a rename): the ones a killed drill finished."""
+    check_points_usable(vault, name)
+    out = []
+    for d, dest in destinations(vault, name, directory):
         if not (drill and dest.exists()):
             used = materialize_disk(vault, name, point_id, d, dest, threads, drill,
                                     method=method, progress=progress)

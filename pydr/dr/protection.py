@@ -7,6 +7,7 @@ What passes is recorded through the store's table methods
 
 import contextlib
 import errno
+import os
 import re
 import time
 
@@ -40,6 +41,10 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
         return open_endpoint(spec, rsh=rsh, remote_pydr=remote_pydr)
 
     stored = _check_disks(store, name, disks, disk, cbt=cbt, host=host)
+    if group is not None:
+        specs.check_group_kind([r for _, r, _ in stored], {
+            r.name: [d.replica for d in store.disks(r.name)] for r in store.item_records()
+            if r.grp == group})
     owners = _check_owners(store, name, stored, disk)
     job = store.start_job("protect", name)
     store.add_item(name, stored, grp=group, state="protecting", direction="forward",
@@ -74,10 +79,18 @@ def _check_disks(store, name, disks, disk, *, cbt, host):
     for row in store.all_disks():  # a disk of another item is neither source nor replica here
         taken |= {disk(row.source).identity, disk(row.replica).identity}
     seen = set()
+    named = {}  # a point's disks are made as DIR/<replica file name>: one name a disk
     stored = []
     for source, replica in disks:
         src = disk(source)
         rep = specs.protected_replica(name, src, disk(replica), cbt=cbt)  # the kind's rules
+        file_name = os.path.basename(rep.path)
+        if file_name in named:
+            raise ValueError(f"the replicas of --disk {named[file_name]} and --disk "
+                             f"{source}={replica} share the file name {file_name!r}: a point's "
+                             f"disks are made side by side, named like their replicas; give "
+                             f"them distinct names")
+        named[file_name] = f"{source}={replica}"
         if src.place is not None:
             raise ValueError(f"source disk {source} must be on this machine "
                              "(replicas may be on another)")

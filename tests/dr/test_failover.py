@@ -446,3 +446,175 @@ def test_a_step_lost_during_an_interrupted_failover_is_named_with_a_way_out(mach
     assert replica_hashes(pairs) == history[3]
     st = json.loads(cli("status", "vm", "--json").stdout)
     assert (st["state"], st["operation"], st["failover_point"]) == ("failed-over", None, 3)
+
+
+# -- a drill's point outlives retention ------------------------------------------------
+
+@pytest.fixture
+def kept_one(tmp_path, monkeypatch):
+    """An item 'vm' of two random 2 MiB disks keeping 1 point, replicated
+    once, then both sources changed; returns (tmp_path, pairs, point 1's
+    hashes)."""
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    monkeypatch.setenv("PYDR_VAULT", str(vault))
+    (tmp_path / "site-b").mkdir()
+    pairs = []
+    for n in ("a.img", "b.img"):
+        (tmp_path / n).write_bytes(os.urandom(2 << 20))
+        pairs.append((tmp_path / n, tmp_path / "site-b" / n))
+    args = ["protect", "vm", "--retention", "1"]
+    for s, r in pairs:
+        args += ["--disk", f"{s}={r}"]
+    assert cli(*args).returncode == 0
+    assert cli("replicate", "vm").returncode == 0
+    point1 = [sha(s) for s, _ in pairs]
+    for s, _ in pairs:
+        with open(s, "r+b") as f:
+            f.seek(1 << 20)
+            f.write(os.urandom(64 << 10))
+    return tmp_path, pairs, point1
+
+
+def point_ids():
+    return [p["id"] for p in json.loads(cli("points", "vm", "--json").stdout)]
+
+
+def test_a_resumed_drill_shows_its_point_after_retention(kept_one):
+    """Killed after its first disk; a cycle then runs (retention 1). The
+    drill's point stays, and the resumed drill makes its second disk from
+    it: both disks are point 1, not one of point 1 and one of point 2."""
+    tmp_path, pairs, point1 = kept_one
+    drill = tmp_path / "drill"
+    r = run_cli("test-failover", "vm", "--point", "1", "--to", drill,
+                env={**os.environ, "PYDR_CRASH_AT": "drill.disk:1"})
+    assert r.returncode == -9, r.stderr
+    assert sorted(os.listdir(drill)) == ["a.img"]
+    assert cli("replicate", "vm").returncode == 0
+    assert point_ids() == [1, 2]  # the drill's point, and the newest
+    r = cli("test-failover", "vm", "--to", drill, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["point"] == 1 and out["notes"] == ["resumed"]
+    assert [sha(drill / s.name) for s, _ in pairs] == point1
+    # once the drill is cleaned up, the next cycle's retention lets point 1 go
+    assert cli("cleanup-test-failover", "vm").returncode == 0
+    assert cli("replicate", "vm").returncode == 0
+    assert point_ids() == [3]
+
+
+def test_a_resumed_drill_whose_point_is_gone_is_refused(kept_one):
+    """A vault whose retention dropped an interrupted drill's point (a pydr
+    from before drills kept it): resuming exits 15 naming the point and the
+    way out, and makes no disk of another point."""
+    tmp_path, pairs, point1 = kept_one
+    drill = tmp_path / "drill"
+    r = run_cli("test-failover", "vm", "--point", "1", "--to", drill,
+                env={**os.environ, "PYDR_CRASH_AT": "drill.disk:1"})
+    assert r.returncode == -9, r.stderr
+    assert cli("replicate", "vm").returncode == 0
+    with Vault(tmp_path / "vault", writer=True) as v, v.db:  # what the old retention did
+        v.db.execute("DELETE FROM points WHERE item='vm' AND id=1")
+        v.db.execute("DELETE FROM point_disks WHERE item='vm' AND id=1")
+    r = cli("test-failover", "vm", "--to", drill)
+    assert r.returncode == 15, r.stderr
+    assert b"point 1" in r.stderr and b"pydr cleanup-test-failover vm" in r.stderr
+    assert sorted(os.listdir(drill)) == ["a.img"] and sha(drill / "a.img") == point1[0]
+    assert cli("cleanup-test-failover", "vm").returncode == 0
+    assert not drill.exists()
+
+
+def test_the_steps_of_a_point_that_is_gone_are_refused(kept_one):
+    """steps_of never answers "no steps" (the latest state) for a point it
+    has no record of: UnknownName for a dropped point, VaultDamaged for a
+    point missing one disk's record."""
+    from pydr.dr.pointstores.steps import steps_of
+    from pydr.errors import UnknownName, VaultDamaged
+
+    tmp_path, pairs, point1 = kept_one
+    assert cli("replicate", "vm").returncode == 0  # point 2; retention drops point 1
+    with Vault(tmp_path / "vault", writer=True) as v:
+        assert [p["id"] for p in v.points("vm")] == [2]
+        with pytest.raises(UnknownName, match="no recovery point 1"):
+            steps_of(v, "vm", 1, 0)
+        assert steps_of(v, "vm", 2, 1) == []  # the latest point needs no step
+        with v.db:
+            v.db.execute("DELETE FROM point_disks WHERE item='vm' AND id=2 AND idx=1")
+        with pytest.raises(VaultDamaged, match="point 2 of 'vm' has no record of disk 1"):
+            steps_of(v, "vm", 2, 1)
+        with pytest.raises(VaultDamaged):
+            v.materialize("vm", 2, tmp_path / "m")
+        assert not (tmp_path / "m" / "b.img").exists()
+
+
+def test_retention_keeps_the_point_a_failover_shows(kept_one):
+    """A failover to the older of two points is killed once it recorded its
+    point; retention then keeps 1 point (run by the API): it keeps that
+    point too, and the failover finishes with it."""
+    tmp_path, pairs, point1 = kept_one
+    with Vault(tmp_path / "vault", writer=True) as v:
+        v.set_item("vm", retention=2)
+    assert cli("replicate", "vm").returncode == 0
+    r = run_cli("failover", "vm", "--point", "1",
+                env={**os.environ, "PYDR_CRASH_AT": "failover.marked"})
+    assert r.returncode == -9, r.stderr
+    with Vault(tmp_path / "vault", writer=True) as v:
+        v.set_item("vm", retention=1)
+        v.apply_retention("vm")
+        assert [p["id"] for p in v.points("vm")] == [1, 2]
+    r = cli("failover", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["point"] == 1
+    assert replica_hashes(pairs) == point1
+
+
+# -- one file name a disk -------------------------------------------------------------
+
+def test_protect_refuses_replicas_that_share_a_file_name(tmp_path, monkeypatch):
+    """A point's disks are made side by side, named like their replicas:
+    two replicas x/r.img and y/r.img would be one file. Refused (exit 2)
+    naming both; nothing is recorded."""
+    init_vault(tmp_path / "vault")
+    monkeypatch.setenv("PYDR_VAULT", str(tmp_path / "vault"))
+    disks = []
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "r.img").write_bytes(os.urandom(64 << 10))
+        disks += ["--disk", f"{tmp_path / d / 'r.img'}={tmp_path / 'site-b' / d / 'r.img'}"]
+    r = cli("protect", "vm", *disks)
+    assert r.returncode == 2, r.stderr
+    assert str(tmp_path / "site-b" / "x" / "r.img").encode() in r.stderr
+    assert str(tmp_path / "site-b" / "y" / "r.img").encode() in r.stderr
+    assert b"share the file name 'r.img'" in r.stderr
+    assert cli("status", "vm").returncode == 3
+
+
+def test_disks_of_an_old_item_that_share_a_file_name_are_never_made_as_one(tmp_path,
+                                                                            monkeypatch):
+    """An item recorded before protect refused it (add_item, as the old
+    protect did): materialize and a drill refuse (exit 15, naming both
+    replicas) before writing or recording anything, instead of making
+    disk 1 over disk 0 (materialize) or skipping it (a drill)."""
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    monkeypatch.setenv("PYDR_VAULT", str(vault))
+    stored = []
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        (tmp_path / "site-b" / d).mkdir(parents=True)
+        (tmp_path / d / "r.img").write_bytes(os.urandom(256 << 10))
+        stored.append((str(tmp_path / d / "r.img"), str(tmp_path / "site-b" / d / "r.img"), None))
+    with Vault(vault, writer=True) as v:
+        v.add_item("vm", stored, state="protecting", direction="forward", health="ok",
+                   retention=5, created=0.0)
+    assert cli("replicate", "vm").returncode == 0
+    for args in (["materialize", "vm", "--point", "1", "--to", tmp_path / "m"],
+                 ["test-failover", "vm", "--point", "1", "--to", tmp_path / "m"]):
+        r = cli(*args)
+        assert r.returncode == 15, r.stderr
+        assert b"disks 0 and 1 of 'vm' would both be made as this file" in r.stderr
+        assert str(tmp_path / "m" / "r.img").encode() in r.stderr
+        assert str(stored[1][1]).encode() in r.stderr
+        assert not (tmp_path / "m" / "r.img").exists()
+    st = json.loads(cli("status", "vm", "--json").stdout)
+    assert (st["test_failover"], st["test_point"], st["operation"]) == (None, None, None)

@@ -50,6 +50,7 @@ def test_points_left_in_an_object_store_keep_the_chunk_index(vault, tmp_path):
     local = str(tmp_path / "up" / "db.img")
     with vault.db:  # what failover leaves: the disk moved, the point's index recorded
         vault.db.execute("UPDATE disks SET replica=? WHERE item='db'", (local,))
+        vault.set_item("db", state="failed-over", failover_dir=str(tmp_path / "up"))
         vault.db.execute("INSERT INTO object_indexes VALUES ('db', 1, ?, ?, 0)",
                          (BUCKET, "dr/indexes/db/x.pidx"))
     assert type(point_store(vault, "db")) is ChunkIndex
@@ -130,3 +131,92 @@ def test_a_step_chain_needs_a_place_with_files(tmp_path):
     assert err.value.path == nbd.spec
     here = open_endpoint(str(tmp_path / "disk.img"))
     assert files_at(here) is here
+
+
+def test_records_of_two_kinds_are_refused(vault, tmp_path):
+    """A replica spec edited in the vault to another kind: point_store
+    refuses the item (VaultDamaged, exit 14, naming it) instead of sending
+    a cycle or a restore to the other kind's place."""
+    from pydr.errors import EXIT_VAULT, VaultDamaged
+
+    def refused(name, why):
+        with pytest.raises(VaultDamaged, match=why) as err:
+            point_store(vault, name)
+        assert f"item {name!r}" in str(err.value) and err.value.exit_code == EXIT_VAULT
+
+    with vault.db:  # a step-chain item with a step, edited to s3://
+        vault.db.execute("INSERT INTO steps(item, idx, step, path, bytes) "
+                         "VALUES ('web', 0, 1, '/x/0-1.undo', 1)")
+        vault.db.execute("UPDATE disks SET replica=? WHERE item='web'", (f"{BUCKET}#web/web.img",))
+    refused("web", "undo steps of its disks")
+    with vault.db:  # ... with a point but no step yet
+        vault.db.execute("DELETE FROM steps WHERE item='web'")
+        vault.db.execute("INSERT INTO points(id, item, created, consistency, bytes, cut) "
+                         "VALUES (5, 'web', 0, 'crash-consistent', 0, 'none')")
+    refused("web", r"points \[5\] have no point index")
+    # an object-store item with a point, one disk edited to a local path (its source!)
+    with vault.db:
+        vault.db.execute("INSERT INTO points(id, item, created, consistency, bytes, cut) "
+                         "VALUES (6, 'db', 0, 'crash-consistent', 0, 'none')")
+        vault.db.execute("INSERT INTO object_indexes VALUES ('db', 6, ?, 'k.pidx', 0)", (BUCKET,))
+    assert type(point_store(vault, "db")) is ChunkIndex
+    with vault.db:
+        vault.db.execute("UPDATE disks SET replica=? WHERE item='db'", (str(tmp_path / "db.img"),))
+    refused("db", "not in an object store, nor where a failover brought its points up")
+    # failed over, but the replica is not in the failover's directory
+    vault.set_item("db", state="failed-over", failover_dir=str(tmp_path / "up"))
+    refused("db", "nor where a failover brought its points up")
+    with vault.db:
+        vault.db.execute("UPDATE disks SET replica=? WHERE item='db'",
+                         (str(tmp_path / "up" / "db.img"),))
+    assert type(point_store(vault, "db")) is ChunkIndex  # what a failover leaves
+
+
+def test_a_group_is_all_in_an_object_store_or_none_is(vault, tmp_path):
+    """A group's cycle makes one point of one kind: protect refuses an item
+    of the other kind into it (ValueError: exit 2), and records nothing."""
+    for n in ("f", "o", "f2"):
+        (tmp_path / f"{n}.img").write_bytes(b"\0" * 4096)
+    vault.protect("f", [(str(tmp_path / "f.img"), str(tmp_path / "dr" / "f.img"))], group="g")
+    with pytest.raises(ValueError, match="item 'f' of the group is not, this one is"):
+        vault.protect("o", [(str(tmp_path / "o.img"), BUCKET)], group="g")
+    assert not vault.has_item("o")
+    vault.protect("o", [(str(tmp_path / "o.img"), BUCKET)], group="h")  # a group of its own
+    with pytest.raises(ValueError, match="item 'o' of the group is, this one is not"):
+        vault.protect("f2", [(str(tmp_path / "f2.img"), str(tmp_path / "dr" / "f2.img"))],
+                      group="h")
+
+
+@pytest.mark.parametrize("method", ["qcow2", "reflink"])
+def test_an_object_store_refuses_a_method_it_cannot(vault, tmp_path, method):
+    db = point_store(vault, "db")
+    dest = open_endpoint(str(tmp_path / "m" / "db.img"))
+    for call in (lambda: db.materialize_disk(1, vault.disks("db")[0], dest, method=method),
+                 lambda: db.bring_up_disk(1, vault.disks("db")[0], method=method)):
+        with pytest.raises(UnsupportedFile, match=f"never made by {method}") as err:
+            call()
+        assert err.value.exit_code == EXIT_UNSUPPORTED and "'db'" in str(err.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_io_error_checking_a_step_names_it(vault, tmp_path, monkeypatch):
+    """A disk that fails a read of a local undo step: the OSError names the
+    step's file (the CLI prints it), not a bare "Input/output error"."""
+    import errno
+
+    from pydr.dr.pointstores import steps as S
+
+    step = tmp_path / "0-1.undo"
+    step.write_bytes(b"x" * 100)
+    with vault.db:
+        vault.db.execute("INSERT INTO steps(item, idx, step, path, bytes) "
+                         "VALUES ('web', 0, 1, ?, 0)", (str(step),))
+    row = vault.db.execute("SELECT step, path, bytes, digest FROM steps WHERE item='web'").fetchone()
+
+    def eio(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(S.J, "check_step", eio)
+    with pytest.raises(OSError) as err:
+        S.check_step(vault, "web", 0, row)
+    assert err.value.errno == errno.EIO and err.value.filename == str(step)

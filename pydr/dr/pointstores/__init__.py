@@ -27,10 +27,12 @@ KINDS = (
 
 def point_store(vault, name):
     """The point store of item `name` of the open `vault` (UnknownName, exit
-    3, if there is no such item)."""
+    3, if there is no such item; VaultDamaged, exit 14, if its records are
+    of two kinds: PointStore.check_records)."""
     vault.item(name)
     for kind in KINDS:
         if kind.holds(vault, name):
+            kind.check_records(vault, name)
             return kind(vault, name)
     raise AssertionError(f"no point store kind holds {name!r}")  # StepChain holds all
 

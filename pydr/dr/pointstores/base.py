@@ -82,6 +82,13 @@ class PointStore:
         raise NotImplementedError
 
     @classmethod
+    def check_records(cls, vault, name):
+        """VaultDamaged (exit 14, naming the item) unless what the vault
+        records of item `name` (its replicas' specs, its points) is all of
+        this kind, which holds it: a spec edited to another kind must not
+        send a cycle or a restore elsewhere. Nothing to check by default."""
+
+    @classmethod
     def collector_at(cls, spec):
         """collect_garbage for the whole store that `spec` names (such as
         s3://BUCKET/PREFIX, shared by items), or None: not a spec of this

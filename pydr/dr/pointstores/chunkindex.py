@@ -25,10 +25,14 @@ from ...endpoints.s3 import SCHEME, ObjectStore
 from ...engine.chunks import ZERO_ID, PointIndex, decode_chunk
 from ...engine.oserrors import naming
 from ...engine.restore import install
-from ...errors import DamagedPoint, FormatError, InvalidState
+from ...errors import DamagedPoint, FormatError, InvalidState, UnsupportedFile, VaultDamaged
 from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
 from .. import chunkcapture
 from .base import PointStore, protected_disks
+from .specs import check_one_kind
+
+#: The states in which a failover has moved replicas to this machine.
+FAILED_OVER = ("failing-over", "failed-over", "committing")
 
 
 class ChunkIndex(PointStore):
@@ -40,6 +44,37 @@ class ChunkIndex(PointStore):
         """Replicas in an object store, or points there still (a failover
         moved the replicas to local disks; commit drops the indexes)."""
         return is_object_item(vault, name) or has_object_points(vault, name)
+
+    @classmethod
+    def check_records(cls, vault, name):
+        """Every replica in one object store, no undo step, and every point
+        with its index (but while a commit drops them). Replicas on this
+        machine only where a failover brought the points up: in its --to
+        directory, named like the disk, while the item is failed over."""
+        row, disks = vault.item(name), vault.disks(name)
+
+        def damaged(why):
+            return VaultDamaged(f"item {name!r} keeps its points in a chunk index, but {why}",
+                                path=vault.db.path)
+
+        try:
+            check_one_kind([d["replica"] for d in disks if d["replica"].startswith(SCHEME)])
+        except ValueError as exc:
+            raise damaged(f"its replicas are in more than one object store ({exc})") from None
+        stepped = [d["idx"] for d in disks if vault.current_step(name, d["idx"])]
+        if stepped:
+            raise damaged(f"the vault records undo steps of its disks {stepped} (a step "
+                          f"chain's points)")
+        indexed = {r.point for r in vault.index_rows(name)}
+        bare = [p["id"] for p in vault.points(name) if p["id"] not in indexed]
+        if bare and row["state"] != "committing":
+            raise damaged(f"its points {bare} have no point index (a step chain's points)")
+        up = row["failover_dir"] if row["state"] in FAILED_OVER else None
+        astray = [d["replica"] for d in disks if not d["replica"].startswith(SCHEME) and (
+            up is None or d["replica"] != os.path.join(up, os.path.basename(d["replica"])))]
+        if astray:
+            raise damaged(f"its replicas {', '.join(astray)} are not in an object store, nor "
+                          f"where a failover brought its points up")
 
     @classmethod
     def collector_at(cls, spec):
@@ -95,7 +130,9 @@ class ChunkIndex(PointStore):
 
     def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
                          method="auto", progress=None):
-        """Downloaded to a file on this machine ("download", whatever `method`)."""
+        """Downloaded to a file on this machine ("download"; `method` "auto"
+        or "copy": an object store cannot clone or overlay)."""
+        self._refuse_method(method)
         if dest.local_path is None:
             raise InvalidState(f"{dest}: points of an object store are materialised on this "
                                f"machine: give a local directory", path=str(dest))
@@ -105,6 +142,12 @@ class ChunkIndex(PointStore):
                             threads=threads, progress=progress)
         self.vault.note_method(used)
         return used
+
+    def _refuse_method(self, method):
+        if method not in ("auto", "copy"):
+            raise UnsupportedFile(f"the points of {self.name!r} are in an object store: they "
+                                  f"are downloaded, never made by {method} (--as qcow2, "
+                                  f"--reflink)", path=store_of(self.vault, self.name).spec)
 
     # -- failover -----------------------------------------------------------------------
     def failover_dir(self, to):
@@ -137,6 +180,7 @@ class ChunkIndex(PointStore):
     def bring_up_disk(self, point_id, disk, *, method="auto", progress=None):
         """Downloaded into the failover directory (again each time: exact);
         from then on that local disk is the disk's replica."""
+        self._refuse_method(method)
         dest = self._failover_path(disk, self.vault.item(self.name)["failover_dir"])
         used = restore_disk(self.vault, self.name, point_id, disk, dest, progress=progress)
         self.vault.note_method(used)

@@ -46,3 +46,16 @@ def has_owner(replica):
     record beside it (pydr.dr.ownership): not a chunk index, whose points
     are objects that each cycle writes anew."""
     return not _in_object_store(replica)
+
+
+def check_group_kind(replicas, grouped):
+    """ValueError unless a new item's replicas (specs) and those of the
+    items already in its group (`grouped`: {item: [replica spec]}) are all
+    in an object store, or none is: a group's cycle is one point of one
+    kind (it could never replicate)."""
+    mine = any(_in_object_store(r) for r in replicas)
+    for item, theirs in grouped.items():
+        if any(_in_object_store(r) for r in theirs) != mine:
+            raise ValueError(f"the items of a group are all replicated to an object store, or "
+                             f"none is: item {item!r} of the group is{' not' if mine else ''}, "
+                             f"this one is{'' if mine else ' not'}")

@@ -8,16 +8,23 @@ back whole)."""
 import os
 
 from ...engine import journal as J
-from ...errors import CorruptDelta, DamagedJournal
+from ...engine.oserrors import naming
+from ...errors import CorruptDelta, DamagedJournal, VaultDamaged
 from .. import stepdigest
 
 
 def steps_of(vault, name, point_id, idx):
-    """The undo steps (StepRecords) that take disk `idx`
-    from its latest state back to point `point_id`, newest first."""
+    """The undo steps (StepRecords) that take disk `idx` from its latest
+    state back to point `point_id`, newest first. UnknownName (exit 3)
+    naming the point when the vault no longer has it (retention dropped
+    it), VaultDamaged (exit 14) when it has the point but not disk `idx`'s
+    record of it: never "no steps", which would be the latest state passed
+    off as the point."""
     step = vault.point_step(name, point_id, idx)
     if step is None:
-        return []
+        vault.point(name, point_id)  # UnknownName: the point is gone
+        raise VaultDamaged(f"recovery point {point_id} of {name!r} has no record of disk {idx}",
+                           path=vault.dir)
     return vault.steps(name, idx, after=step, newest_first=True)
 
 
@@ -46,8 +53,9 @@ def check_step(vault, name, idx, step, *, whole=True):
                                  f"{step['bytes']} (and a COMMIT record)", path=str(ep),
                                  offset=min(size, step["bytes"]))
         if ep.local_path is not None and whole:
-            J.check_step(ep.local_path)
-            stepdigest.check(ep.local_path, _digest_of(step))
+            with naming(ep.local_path):  # an EIO reading it names the step
+                J.check_step(ep.local_path)
+                stepdigest.check(ep.local_path, _digest_of(step))
     except FileNotFoundError:  # refused, but not marked: storage not mounted yet comes back
         raise DamagedJournal(f"{which} is missing", path=str(ep)) from None
     except CorruptDelta as found:
