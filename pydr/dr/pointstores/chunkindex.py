@@ -14,6 +14,7 @@ index names, never one younger than the grace period (docs/FORMAT.md,
 """
 
 import concurrent.futures as cf
+import errno
 import contextlib
 import functools
 import os
@@ -137,7 +138,9 @@ class ChunkIndex(PointStore):
             raise InvalidState(f"{dest}: points of an object store are materialised on this "
                                f"machine: give a local directory", path=str(dest))
         if drill and dest.exists():
-            raise InvalidState("a drill never writes over a file", path=str(dest))
+            # the same error as a step chain's drill (pydr.endpoints.local)
+            raise FileExistsError(errno.EEXIST, "a test failover does not overwrite files",
+                                  str(dest))
         used = restore_disk(self.vault, self.name, point_id, disk, dest.local_path,
                             threads=threads, progress=progress)
         self.vault.note_method(used)
