@@ -140,6 +140,7 @@ _ERRNO_EXIT = {
     _errno.EROFS: EXIT_PERMISSION,
     _errno.ENOSPC: EXIT_NO_SPACE,
     _errno.EDQUOT: EXIT_NO_SPACE,
+    _errno.EEXIST: EXIT_STATE,  # a file in the way (a drill never writes over one)
     _errno.EISDIR: EXIT_UNSUPPORTED,
 }
 
