@@ -30,7 +30,7 @@ from ..engine.progress import Record
 from ..errors import Cancelled, CycleFailed, InvalidState, exit_code_for
 from .pointstores import point_store
 from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_hooks,
-                          check_not_stuck, record_point, record_steps)
+                          check_not_stuck, items_at, record_point, record_steps)
 from .points import apply_retention
 from .retry import RetryPolicy, recoverable
 
@@ -207,19 +207,23 @@ class _Cycle:
         health = "warning" if cancelled or recoverable(exc) else "critical"
         error = str(exc) or (f"interrupted ({type(exc).__name__})" if cancelled
                              else type(exc).__name__)
+        if unit.jobs and len(unit.names) > 1 and not unit.blame:
+            # the group's capture failed: the member whose disk the error names, if any
+            unit.blame = tuple(items_at(vault, unit.names, _where(exc)))
         for n in unit.names:
             if n in self.outcomes:  # ended already (its point and job recorded)
                 continue
-            why = error
-            if n not in unit.jobs:  # its unit failed a check: the check recorded what it was
-                if n in unit.blame or len(unit.names) == 1:  # about; the others say why they
-                    why = None                               # failed too
-                elif unit.blame:
-                    why = f"group member {', '.join(unit.blame)} failed: {error}"
-                if why is not None:
+            checked = n not in unit.jobs  # its unit failed a check before its jobs began
+            if unit.blame and n not in unit.blame:
+                why = f"group member {', '.join(unit.blame)} failed: {error}"
+            elif checked and (unit.blame or len(unit.names) == 1):
+                why = None  # the check recorded what it found on the item it is about
+            else:
+                why = error
+            if why is not None:
+                if checked:
                     unit.jobs[n] = vault.start_job("replicate", n)
                     self.jobs.append(unit.jobs[n])
-            if why is not None:
                 vault.end_job(unit.jobs[n], "cancelled" if cancelled else "failed",
                               error=why, bytes_transferred=None)
                 vault.end(n, "replicate", health=health, last_error=why)
@@ -306,6 +310,11 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
         cause = next((e for e in errors if exit_code_for(e) == 1), errors[0])
         raise _some_failed(vault, result) from cause
     return result
+
+
+def _where(exc):
+    """The path an error names (a PydrError's path, an OSError's file name)."""
+    return getattr(exc, "path", None) or getattr(exc, "filename", None)
 
 
 def _interrupted(exc):

@@ -88,12 +88,20 @@ def rows_holding(vault, rows, path):
     """The items among `rows` with a replica at `path`: a local path, or
     host:PATH (a replica on another host, as its errors name it). All of
     them when none is: the error did not say which."""
-    where = _place(path)
-    holding = [r for r in rows if where is not None and any(
-        where in {_place(vault.endpoint(r["name"], d["replica"]).local_path),
-                  _place(vault.endpoint(r["name"], d["replica"]).spec), _place(d["replica"])}
-        for d in vault.disks(r["name"]))]
+    holding = [r for r in rows if r["name"] in items_at(vault, [r["name"]], path, ("replica",))]
     return holding or rows
+
+
+def items_at(vault, names, path, roles=("source", "replica")):
+    """The items among `names` with a disk (its `roles`) at `path`, a local
+    path or host:PATH; none when `path` is None."""
+    where = _place(path)
+    if where is None:
+        return []
+    return [n for n in names if any(
+        where in {_place(d[role]), _place(vault.endpoint(n, d[role]).local_path),
+                  _place(vault.endpoint(n, d[role]).spec)}
+        for d in vault.disks(n) for role in roles)]
 
 
 def _place(spec):

@@ -125,6 +125,9 @@ def break_and_check(vault, items, history, tmp_path, extra=()):
             assert st["points"] == 1, name  # the group gets no point
             assert st["health"] == "critical" and st["operation"] is None
         assert str(items["b"]) in v.status("b")["last_error"]
+        g1 = v.status("g1")["last_error"]  # failed with the member whose disk is gone
+        assert g1.startswith("group member g2 failed: ") and str(items["g2"]) in g1, g1
+        assert str(items["g2"]) in v.status("g2")["last_error"]
         jobs = [j for j in v.jobs() if j["kind"] == "replicate"][-5:]
         assert {j["item"]: j["state"] for j in jobs} == {
             "a": "succeeded", "b": "failed", "c": "succeeded", "g1": "failed", "g2": "failed"}
