@@ -152,31 +152,42 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, 
     return ids
 
 
-def log_index(vault, name, key):
-    """Log (durably) in the item's pending log that the index `key` is about
-    to be uploaded: only keys logged so are ever deleted as orphans (other
-    vaults may keep indexes of an item of that name in the same store)."""
+def _log(vault, name, kind, values):
+    """Append (durably: the file and, once made, its directory) one line
+    "TIME KIND VALUE" per value to the item's pending log."""
     path = os.path.join(_dir(vault, name), "pending")
     with naming(path):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, f"{time.time():.3f} index {key}\n".encode())
+            os.write(fd, "".join(f"{time.time():.3f} {kind} {v}\n" for v in values).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
         fsync_dir(path)
 
 
-def logged_indexes(vault, name):
-    """The index keys the item's pending log names (see :func:`log_index`)."""
+def _logged(vault, name, kind):
+    """The values of the pending log's lines of `kind`, in order."""
     out = []
     with contextlib.suppress(FileNotFoundError), \
             open(os.path.join(_dir(vault, name), "pending")) as f:
         for line in f:
             fields = line.split()
-            if len(fields) == 3 and fields[1] == "index":
+            if len(fields) == 3 and fields[1] == kind:
                 out.append(fields[2])
     return out
+
+
+def log_index(vault, name, key):
+    """Log (durably) in the item's pending log that the index `key` is about
+    to be uploaded: only keys logged so are ever deleted as orphans (other
+    vaults may keep indexes of an item of that name in the same store)."""
+    _log(vault, name, "index", [key])
+
+
+def logged_indexes(vault, name):
+    """The index keys the item's pending log names (see :func:`log_index`)."""
+    return _logged(vault, name, "index")
 
 
 def log_suspect(vault, name, idents):
@@ -184,28 +195,17 @@ def log_suspect(vault, name, idents):
     corrupt in the store: the next cycle neither reuses them nor trusts
     the last index for the chunks that held them (it reads those again and
     uploads them); the log goes once that cycle's point is recorded."""
-    path = os.path.join(_dir(vault, name), "pending")
-    with naming(path):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, "".join(f"{time.time():.3f} suspect {i.hex()}\n"
-                                 for i in idents).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _log(vault, name, "suspect", [i.hex() for i in idents])
 
 
 def suspect_chunks(vault, name):
     """The chunk ids (hex) the item's pending log names as missing or corrupt."""
-    out = []
-    with contextlib.suppress(FileNotFoundError), \
-            open(os.path.join(_dir(vault, name), "pending")) as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) == 3 and fields[1] == "suspect" and len(fields[2]) == 32:
-                with contextlib.suppress(ValueError):
-                    out.append(bytes.fromhex(fields[2]).hex())
-    return sorted(set(out))
+    out = set()
+    for value in _logged(vault, name, "suspect"):
+        with contextlib.suppress(ValueError):
+            if len(value) == 32:
+                out.add(bytes.fromhex(value).hex())
+    return sorted(out)
 
 
 def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
