@@ -19,6 +19,7 @@ import pytest
 from conftest import PYDR, run_cli, sha
 from pydr.dr.vault import Vault
 from pydr.errors import CycleFailed
+from test_cbt import qemu_io, raw_sha
 from test_fleet import make_cluster, scribble, write_disk
 from test_s3 import s3, swift  # noqa: F401  (fixtures: a Swift server, a bucket)
 
@@ -278,22 +279,6 @@ def test_the_same_through_a_fleet(tmp_path):
 def qcow2_image(path):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
     qemu_io(path, "write -P 0x11 0 8M", "write -P 0x22 32M 4M")
-
-
-def qemu_io(path, *commands):
-    args = ["qemu-io", "-f", "qcow2"]
-    for c in commands:
-        args += ["-c", c]
-    subprocess.run(args + [str(path)], check=True, capture_output=True)
-
-
-def raw_sha(image, tmp_path):
-    out = tmp_path / "raw-of.img"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True)
-    try:
-        return sha(out)
-    finally:
-        out.unlink()
 
 
 def bitmaps(image):
