@@ -75,3 +75,13 @@ def cycled_item(tmp_path, cli, sha, *, seed, written):
         history[json.loads(r.stdout)[0]["point_id"]] = [sha(s) for s, _ in pairs]
     assert sorted(history) == [1, 2, 3]
     return pairs, history
+
+
+def scribble(path, seed, blocks=6):
+    """Rewrite `blocks` random 4 KiB blocks of a disk, as its machine would."""
+    rng = random.Random(seed)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        for _ in range(blocks):
+            f.seek(rng.randrange(0, size, 4096))
+            f.write(rng.randbytes(4096))

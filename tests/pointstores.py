@@ -24,6 +24,7 @@ import re
 import subprocess
 
 from conftest import PYDR, run_cli, sha
+from disks import scribble
 
 SIZES = (1 << 20, 768 << 10)  # two disks, each within one 4 MiB chunk
 DISKS = ("a.img", "c.img")
@@ -249,16 +250,6 @@ STORES = ("file", "ssh", "qcow2", "s3")
 
 
 # -- the item, its known writes and its history ----------------------------------------
-
-
-def scribble(path, seed, blocks=6):
-    """Rewrite some 4 KiB blocks of a disk, as its machine would."""
-    rng = random.Random(seed)
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        for _ in range(blocks):
-            f.seek(rng.randrange(0, size, 4096))
-            f.write(rng.randbytes(4096))
 
 
 class Item:

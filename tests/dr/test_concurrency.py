@@ -15,14 +15,15 @@ import pytest
 from pydr.dr.vault import Vault
 
 from conftest import pydr_command, run_cli, sha
-from test_crash_matrix import machine, scribble, sources
+from disks import scribble
+from test_crash_matrix import machine, sources
 
 
 @pytest.fixture
 def ctx(tmp_path):
     ctx = machine(tmp_path)
     for s in sources(ctx)[0]:
-        scribble(s, 3)
+        scribble(s, 3, blocks=12)
     return ctx
 
 

@@ -21,16 +21,7 @@ import pytest
 
 from pointstores import (DISKS, STORES, FileStore, Item, Qcow2Store, S3Store, SshStore,
                          shape)
-from s3server import SwiftS3, missing_tools
-
-
-@pytest.fixture(scope="module")
-def swift(tmp_path_factory):
-    missing = missing_tools()
-    if missing:
-        pytest.fail(f"{', '.join(missing)} missing: scripts/bootstrap installs Swift and memcached")
-    with SwiftS3(tmp_path_factory.mktemp("swift")) as server:
-        yield server
+from test_s3 import swift  # noqa: F401  (the fixture: a Swift server)
 
 
 @pytest.fixture(params=STORES)

@@ -17,20 +17,11 @@ from pydr.dr.vault import Vault, init_vault
 from pydr.engine import crashpoints
 
 from conftest import LOCAL_RSH, PYDR, sha
+from disks import scribble
 from crashmatrix import Scenario, run, run_matrix
 
 REACHED = {}  # scenario name -> points it passed (the registry test reads it)
 SIZES = (1 << 20, 768 << 10)  # two small disks: the matrix is about steps, not bytes
-
-
-def scribble(path, seed, blocks=12):
-    """Rewrite some 4 KiB blocks of a disk (as its machine would)."""
-    rng = random.Random(seed)
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        for _ in range(blocks):
-            f.seek(rng.randrange(0, size, 4096))
-            f.write(rng.randbytes(4096))
 
 
 def machine(work, items=(("vm", None),), cycles=3, retention=3):
@@ -56,7 +47,7 @@ def machine(work, items=(("vm", None),), cycles=3, retention=3):
         for cycle in range(cycles):
             for k, name in enumerate(ctx["items"]):
                 for d in v.disks(name) if cycle else ():
-                    scribble(d["source"], 100 * cycle + k)
+                    scribble(d["source"], 100 * cycle + k, blocks=12)
             for batch in groups.values():
                 res = v.replicate(batch)
                 for n in batch:
@@ -88,7 +79,7 @@ def state(ctx, item="vm"):
 def prepare_changed(work):
     ctx = machine(work)
     for s in sources(ctx)[0]:
-        scribble(s, 7)
+        scribble(s, 7, blocks=12)
     return ctx
 
 
@@ -102,7 +93,7 @@ def prepare_group(work):
     ctx = machine(work, items=(("vm", "shop"), ("db", "shop")))
     for item in ctx["items"]:
         for s in sources(ctx, item)[0]:
-            scribble(s, 8)
+            scribble(s, 8, blocks=12)
     return ctx
 
 
@@ -149,7 +140,7 @@ def prepare_failed_over(work):
     ctx = machine(work)
     with Vault(ctx["vault"], writer=True) as v:
         v.failover("vm", "2")
-    scribble(sources(ctx)[1][0], 9)  # the machine works at site B
+    scribble(sources(ctx)[1][0], 9, blocks=12)  # the machine works at site B
     return ctx
 
 
@@ -181,7 +172,7 @@ def prepare_reprotected(work):
         pid = v.reprotect("vm")["point"]
     ctx["history"]["vm"][pid] = hashes(sources(ctx)[0])
     for s in sources(ctx)[0]:
-        scribble(s, 11)  # site B goes on working
+        scribble(s, 11, blocks=12)  # site B goes on working
     return ctx
 
 
