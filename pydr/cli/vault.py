@@ -156,13 +156,15 @@ def _print_cycles(args, result):
 def cmd_points(args):
     with open_vault(args) as v:
         points = v.points(args.item)
-    out = [{"id": p.id, "created": timestamp(p.created), "consistency": p.consistency,
-            "cut": p.cut, "bytes": p.bytes, "damaged": p.damaged} for p in points]
+    out = [{"id": p.id, "created": timestamp(p.created), "cut_at": timestamp(p.cut_at),
+            "consistency": p.consistency, "cut": p.cut, "bytes": p.bytes, "damaged": p.damaged}
+           for p in points]
     if args.json:
         print_json(out)
-    else:
-        for p in out:
-            print(f"{p['id']:>6}  {p['created']}  {p['consistency']:<16}  cut: {p['cut']:<8} "
+    else:  # the time of each point's data: its cut (a point made before schema 9: its record)
+        for p, point in zip(out, points):
+            print(f"{p['id']:>6}  {timestamp(point.data_time)}  {p['consistency']:<16}  "
+                  f"cut: {p['cut']:<8} "
                   f"{human_bytes(p['bytes'])}"
                   + (f"  DAMAGED: {p['damaged']}" if p["damaged"] else ""))
     return 0
@@ -183,12 +185,24 @@ def cmd_status(args):
             elif op:
                 doing = f"; {op['name']} running now"
             host = f" on {st['host']}" if st["host"] else ""
+            rpo = st["rpo_seconds"]
             print(f"{st['item']}{host}: {st['state']}, {st['direction']}, health {st['health']}, "
                   f"{st['points']} points"
+                  + (f", newest data {_age(rpo)} old" if rpo is not None else "")
                   + (f" ({len(st['damaged_points'])} damaged: "
                      f"{', '.join(map(str, st['damaged_points']))})" if st["damaged_points"] else "")
                   + (f", last error: {st['last_error']}" if st["last_error"] else "") + doing)
     return 0
+
+
+def _age(seconds):
+    """A duration as a person reads an RPO: 42 s, 5 min 3 s, 2 h 10 min, 3 d 4 h."""
+    seconds = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                      ("min", 60, "s", 1)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} {seconds % size // sub_size} {sub}"
+    return f"{seconds} s"
 
 
 def cmd_jobs(args):

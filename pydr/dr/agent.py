@@ -13,6 +13,7 @@ coordinator records each step once whether the task ran once or twice.
 
 import contextlib
 import os
+import time
 
 from ..engine import crashpoints
 from ..endpoints import open_endpoint
@@ -66,15 +67,23 @@ def worker_host():
     return ",".join(names) or None
 
 
+#: what the dirty-bitmap cut of a tracked disk is, by its tracker's kind: a live
+#: disk is fleeced (one QMP transaction); a qcow2 image is cut while no QEMU can
+#: write it (qemu-img and the qemu-nbd that reads it take the image's lock)
+TRACKED_CUTS = {"qmp": "fleece", "qcow2": "bitmap"}
+
+
 class Taken:
     """A cut, as :func:`cut` yields it: ``views`` (per disk, the endpoint to
     read: a reflink clone, a tracker's view, or the source itself), ``changed``
     (per disk, [(offset, length)] a tracker says changed since its last
-    cut, or None: compare everything) and ``kind`` ("reflink", "fleece",
-    "quiesce" or "none")."""
+    cut, or None: compare everything), ``kind`` ("reflink", "fleece",
+    "bitmap", "quiesce" or "none") and ``at``: when it was taken (epoch
+    seconds: after the quiesce hooks, before the first disk was cut; for
+    "none", before the reads began), the time of the point's data."""
 
-    def __init__(self, views, changed, kind):
-        self.views, self.changed, self.kind = views, changed, kind
+    def __init__(self, views, changed, kind, at):
+        self.views, self.changed, self.kind, self.at = views, changed, kind, at
 
 
 @contextlib.contextmanager
@@ -85,7 +94,8 @@ def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
     starts its next dirty bitmap (`full`: compare everything, or a list
     per disk), the others are cloned where their file system can -- and the
     thaw hooks as soon as that is a cut ("reflink", "fleece"), else after
-    the reads. Yields a :class:`Taken`; the clones and views are released
+    the reads. Yields a :class:`Taken` (``at``: when the disks were cut, the
+    data's time); the clones and views are released
     after. A thaw after the reads that fails calls `on_thaw_error(label,
     exc)` when given, else raises."""
     trackers = trackers or [None] * len(sources)
@@ -109,12 +119,15 @@ def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
                 run_hook(quiesce_hook, f"quiesce hook of {label!r}")
                 frozen.append((label, thaw_hook))
         quiesced = bool(frozen)
+        # the data's time: every write that ended before it is in the point;
+        # with a clone, a bitmap or hooks no later one is (with none, some may be)
+        at = time.time()
         for source, t, whole in zip(sources, trackers, fulls):
             if t is not None:
                 c = held.enter_context(t.cut(full=whole))
                 views.append(c.view)
                 changed.append(c.changed)
-                kinds.add("fleece" if t.kind == "qmp" else None)
+                kinds.add(TRACKED_CUTS.get(t.kind))
             else:
                 snap = source.snapshot()
                 snaps.append(snap)
@@ -123,9 +136,9 @@ def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
                 kinds.add("reflink" if snap else None)
         kind = kinds.pop() if len(kinds) == 1 and None not in kinds else (
             "quiesce" if quiesced else "none")
-        if kind in ("reflink", "fleece"):
+        if kind in ("reflink", "fleece"):  # a qcow2 image stays locked while it is read
             thaw()  # the cut is taken: the applications may go on
-        yield Taken(views, changed, kind)
+        yield Taken(views, changed, kind, at)
     finally:
         try:
             held.close()
@@ -176,8 +189,9 @@ def cycle_item(task):
     "tracking" (qcow2 or qmp), "bitmap", "generation", "full"}]}.
 
     The item's disks are cut together (:func:`cut`). Returns {"item",
-    "host", "cut", "disks": [{"idx", "size", "moved", "read", "steps":
-    [[number, spec, bytes]], and for a tracked disk "bitmap", "generation":
+    "host", "cut", "cut_at" (when the cut was taken, epoch seconds),
+    "disks": [{"idx", "size", "moved", "read", "steps": [[number, spec,
+    bytes]], and for a tracked disk "bitmap", "generation":
     the bitmap that records from the cut on]}. A failure after a tracked
     cut merges what was tracked back into the bitmap the vault knows."""
     item = task["item"]
@@ -218,4 +232,5 @@ def cycle_item(task):
     for r, t in zip(results, trackers):
         if t is not None:
             r.update(bitmap=t.new, generation=t.generation)
-    return {"item": item, "host": worker_host(), "cut": taken.kind, "disks": results}
+    return {"item": item, "host": worker_host(), "cut": taken.kind, "cut_at": taken.at,
+            "disks": results}

@@ -237,7 +237,7 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
 def capture_item(task):
     """The disks of one item into its object store. Returns {"item", "host",
     "key" (the point index uploaded), "local" (its name), "store", "cut",
-    "read", "uploaded", "reused", "bytes"} for the caller to record."""
+    "cut_at", "read", "uploaded", "reused", "bytes"} for the caller to record."""
     from ..endpoints.s3 import ObjectStore
     from ..engine.signatures import Signature, signature
 
@@ -301,8 +301,8 @@ def capture_item(task):
     finally:
         pending.close(False)
     return {"item": name, "host": worker_host(), "key": key, "local": new_name,
-            "store": store.spec, "cut": taken.kind, "suspect": list(task.get("suspect", ())),
-            **stats}
+            "store": store.spec, "cut": taken.kind, "cut_at": taken.at,
+            "suspect": list(task.get("suspect", ())), **stats}
 
 
 def adopt(vault, name, result):
@@ -322,8 +322,8 @@ def adopt(vault, name, result):
         if late:
             log_suspect(vault, name, late)
 
-    return {"items": {name: {"cut": result["cut"], "bytes": sent, "read": result["read"],
-                             "host": result["host"]}},
+    return {"items": {name: {"cut": result["cut"], "cut_at": result.get("cut_at"),
+                             "bytes": sent, "read": result["read"], "host": result["host"]}},
             "steps": [], "trackers": [], "extra": {name: index_row}, "after": [forget]}
 
 

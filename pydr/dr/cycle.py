@@ -18,7 +18,7 @@ pydr.dr.stepcapture, a chunk index's pydr.dr.chunkcapture.
 Each offers check(vault, names, opts), capture(vault, names, opts, jobs)
 (here), task(vault, name, opts) -> (function, plain dict) and adopt(vault,
 name, result) (on a worker), and returns a "captured" dict the driver
-records: {"items": {name: {"cut", "bytes", "read", "host"?}}, "steps",
+records: {"items": {name: {"cut", "cut_at", "bytes", "read", "host"?}}, "steps",
 "trackers", "extra": {name: fn(store, point id)}, "after": [fn()]}.
 """
 
@@ -33,6 +33,7 @@ from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_h
                           check_not_stuck, items_at, record_point, record_steps)
 from .points import apply_retention
 from .retry import RetryPolicy, recoverable
+from .rpo import consistency_of, weakest
 
 
 class Options(Record):
@@ -112,7 +113,7 @@ class _Cycle:
     def __init__(self, vault, opts, executor, names):
         self.vault, self.opts, self.executor = vault, opts, executor
         self.names = list(dict.fromkeys(names))
-        self.consistency = "app-consistent" if opts.app_consistent else "crash-consistent"
+        self.consistency = None  # the weakest label of the points it recorded (pydr.dr.rpo)
         self.point_id = None
         self.outcomes, self.errors = {}, {}
         self.jobs = []
@@ -169,14 +170,17 @@ class _Cycle:
         vault = self.vault
         items = captured["items"]
         extras = captured["extra"]
+        cuts = {n: items[n]["cut"] for n in unit.names}
         point_id = record_point(
-            vault, unit.names, consistency=self.consistency,
-            cuts={n: items[n]["cut"] for n in unit.names},
+            vault, unit.names, cuts=cuts, hooks_ran=self.opts.app_consistent,
+            cut_times={n: items[n].get("cut_at") for n in unit.names},
             bytes_by_item={n: items[n]["bytes"] for n in unit.names},
             trackers=captured["trackers"], point_id=self.point_id, steps=captured["steps"],
             extra=(lambda store, pid: [fn(store, pid) for fn in extras.values()])
             if extras else None)
         self.point_id = point_id
+        self.consistency = weakest([self.consistency] + [
+            consistency_of(cut, hooks_ran=self.opts.app_consistent) for cut in cuts.values()])
         crashpoints.reached(self.executor.point_reached)
         for t in captured["trackers"]:
             t.commit()
@@ -366,7 +370,7 @@ def replicate_with_retry(vault, names, *, policy=None, **kwargs):
         state["jobs"] += r.jobs
         state["written"] += r.bytes_written
         state["read"] += r.bytes_read
-        state["consistency"] = r.consistency
+        state["consistency"] = weakest([state["consistency"], r.consistency])
 
     def merged(r):
         every = [outcomes[n] for n in names if n in outcomes]

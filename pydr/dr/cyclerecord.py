@@ -11,6 +11,7 @@ from ..endpoints import parse_remote
 from ..engine.progress import Record
 from ..errors import DamagedJournal, FormatError, InvalidState
 from . import agent, ownership, replica_check, stepdigest
+from .rpo import consistency_of
 
 
 def owner_of(vault, name, d):
@@ -132,24 +133,34 @@ def record_steps(vault, name, idx, steps):
         vault.add_step(name, idx, number, spec, size, found)
 
 
-def record_point(vault, names, *, consistency, cuts, bytes_by_item, trackers=(), point_id=None,
-                 steps=(), extra=None):
+def record_point(vault, names, *, cuts, bytes_by_item, hooks_ran=False, cut_times=None,
+                 trackers=(), point_id=None, steps=(), extra=None):
     """Record, in one transaction, the `steps` [(item, disk index, [(number,
     spec, bytes)])] not yet recorded and a recovery point of each item in
-    `names` (cuts and bytes_by_item: by item) at the disks' current steps; the items
-    become protected and their replicate operation ends. A new point id is
-    allocated with them unless `point_id` is given (a fleet cycle's items
-    share one). Returns the point id."""
+    `names` at the disks' current steps; the items become protected, their
+    replicate operation ends and their last_success_at is now. By item:
+    `cuts` the cut kind (pydr.dr.agent.Taken.kind), `cut_times` when it was
+    taken (epoch seconds; missing or None: not known), `bytes_by_item` the
+    bytes moved. Each point's consistency label follows from its cut and
+    `hooks_ran` (pydr.dr.rpo.consistency_of). A new point id is allocated
+    with them unless `point_id` is given (a call's items share one).
+    Returns the point id."""
     now = time.time()
+    cut_times = cut_times or {}
     with vault.transaction():
         if point_id is None:  # allocated with the points: a failed cycle uses no id
             point_id = vault.allocate_point_id()
         for name, idx, kept in steps:
             record_steps(vault, name, idx, kept)
         for name in names:
-            vault.add_point(point_id, name, created=now, consistency=consistency,
+            cut_at = cut_times.get(name)
+            if cut_at is not None:  # a host's clock ahead of ours: no data newer than its record
+                cut_at = min(float(cut_at), now)
+            vault.add_point(point_id, name, created=now, cut_at=cut_at,
+                            consistency=consistency_of(cuts[name], hooks_ran=hooks_ran),
                             size=bytes_by_item[name], cut=cuts[name])
-            vault.set_item(name, state="protected", health="ok", last_error=None)
+            vault.set_item(name, state="protected", health="ok", last_error=None,
+                           last_success_at=now)
             vault.clear_operation(name, "replicate")
         for t in trackers:  # the new bitmaps are the current ones, with the point
             t.record(vault)

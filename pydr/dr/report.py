@@ -3,11 +3,14 @@ built from the store's facts (its ItemRecord, DiskRecords, PointRecords
 and the operation recorded on it). The store answers facts; this is their
 presentation, shared by the API and the CLI."""
 
+from .rpo import rpo_facts
+
 
 def item_status(store, name):
     """The status dict of item `name` (UnknownName if it is not protected)."""
     row = store.item(name)
     points = store.points(name)
+    rpo = rpo_facts(store, name)
     return {
         "item": name, "state": row.state, "direction": row.direction,
         "health": row.health, "group": row.grp, "host": row.host,
@@ -20,6 +23,10 @@ def item_status(store, name):
                    if d.tracking else None} for d in store.disks(name)],
         "points": len(points),
         "latest_point": points[-1].id if points else None,
+        # the newest undamaged point: when its data was taken, its age (pydr.dr.rpo)
+        "latest_point_at": rpo.latest_point_at,
+        "rpo_seconds": rpo.rpo_seconds,
+        "last_success_at": rpo.last_success_at,
         "damaged_points": [p.id for p in points if p.damaged],
         "last_error": row.last_error,
         "failed_attempts": row.attempts,

@@ -11,10 +11,10 @@ import stat
 from ..errors import VaultError
 from .dberrors import VaultConnection
 
-SCHEMA_VERSION = 8  # 2: remote replicas; 3: operations; 4: changed-block tracking;
+SCHEMA_VERSION = 9  # 2: remote replicas; 3: operations; 4: changed-block tracking;
 # 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
 # 7: the point indexes of replicas in object stores; 8: damaged points, the vault's identity,
-# the digest of each step
+# the digest of each step; 9: the time of each point's cut, an item's last successful cycle
 DB_NAME = "vault.db"
 
 _SCHEMA = """
@@ -42,7 +42,8 @@ CREATE TABLE items(
     test_point INTEGER,
     test_method TEXT,
     host TEXT,
-    failover_dir TEXT
+    failover_dir TEXT,
+    last_success_at REAL
 );
 CREATE TABLE disks(
     item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
@@ -71,6 +72,7 @@ CREATE TABLE points(
     bytes INTEGER NOT NULL,
     cut TEXT NOT NULL,
     damaged TEXT,
+    cut_at REAL,
     PRIMARY KEY(id, item)
 );
 CREATE TABLE point_disks(
@@ -163,6 +165,13 @@ _MIGRATIONS = {
         _new_vault_id,
         # its items have points and no identity records yet: trusted until recorded
         "INSERT INTO meta SELECT 'adopt-identity:' || name, 'schema 7' FROM items"),
+    # 9: when each point's cut was taken (the time of its data, pydr.dr.rpo; NULL
+    # for the points made before, which read as their `created`), and when an
+    # item's last cycle that made a point ended (its newest point's, until the next)
+    8: ("ALTER TABLE points ADD COLUMN cut_at REAL",
+        "ALTER TABLE items ADD COLUMN last_success_at REAL",
+        "UPDATE items SET last_success_at = "
+        "(SELECT MAX(created) FROM points WHERE points.item = items.name)"),
 }
 
 

@@ -14,7 +14,8 @@ written. A disk with changed-block tracking starts its next dirty bitmap
 instead (a live one is fleeced). Without either (ext4, block devices) the
 sources are read as they are; the quiesce/thaw hooks then make the point
 consistent (the writer is paused for the whole read). Each point records its
-cut: "reflink", "fleece", "quiesce" or "none"."""
+cut ("reflink", "fleece", "bitmap", "quiesce" or "none") and when it was
+taken (pydr.dr.agent.cut; pydr.dr.rpo names what each cut makes a point)."""
 
 import time
 
@@ -96,7 +97,7 @@ def capture(vault, names, opts, jobs):
     """The cycle of one unit (`names`: an item, or the items of a group in
     the call) in this process: one cut of all their disks, then each disk
     replicated and its steps recorded. Returns the Captured the driver
-    records: {"items": {name: {"cut", "bytes", "read"}}, "trackers", ...}."""
+    records: {"items": {name: {"cut", "cut_at", "bytes", "read"}}, "trackers", ...}."""
     rows = [vault.item(n) for n in names]
     trackers = {}  # (item, disk index) -> its changed-block tracker
     for r in rows:
@@ -167,7 +168,7 @@ def capture(vault, names, opts, jobs):
                 record_steps(vault, name, idx, steps)
                 crashpoints.reached("cycle.steps")
                 vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
-            kind = taken.kind
+            kind, cut_at = taken.kind, taken.at
     except BaseException as exc:
         for t in trackers.values():  # what they tracked goes back into the recording bitmaps
             try:
@@ -185,7 +186,8 @@ def capture(vault, names, opts, jobs):
         raise
     read_by_item = {r["name"]: 0 for r in rows}
     read_by_item[rows[0]["name"]] = totals["read"]  # the unit's reads, counted once
-    return {"items": {r["name"]: {"cut": kind, "bytes": per_item_bytes[r["name"]],
+    return {"items": {r["name"]: {"cut": kind, "cut_at": cut_at,
+                                  "bytes": per_item_bytes[r["name"]],
                                   "read": read_by_item[r["name"]]} for r in rows},
             "trackers": list(trackers.values()), "steps": [], "extra": {}, "after": []}
 
@@ -224,7 +226,7 @@ def adopt(vault, name, result):
         ownership.record_state(owner_of(vault, name, d), vault.endpoint(name, d["replica"]),
                                writing=False, cache=vault.cache_path(name, d["idx"]))
     replica_check.adopted(vault, name)
-    return {"items": {name: {"cut": result["cut"],
+    return {"items": {name: {"cut": result["cut"], "cut_at": result.get("cut_at"),
                              "bytes": sum(d["moved"] for d in result["disks"]),
                              "read": sum(d["read"] or d["size"] for d in result["disks"]),
                              "host": result["host"]}},

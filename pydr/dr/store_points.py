@@ -57,11 +57,13 @@ class PointTables:
         self.db.execute("UPDATE counters SET value=? WHERE name='point'", (point_id,))
         return point_id
 
-    def add_point(self, point_id, name, *, created, consistency, size, cut):
+    def add_point(self, point_id, name, *, created, consistency, size, cut, cut_at=None):
         """Record point `point_id` of item `name` at its disks' current steps
-        (in the caller's transaction: the point's)."""
-        self.db.execute("INSERT INTO points(id, item, created, consistency, bytes, cut) "
-                        "VALUES (?,?,?,?,?,?)", (point_id, name, created, consistency, size, cut))
+        (in the caller's transaction: the point's). `created`: when it is
+        recorded; `cut_at`: when its cut was taken (None: not known)."""
+        self.db.execute("INSERT INTO points(id, item, created, consistency, bytes, cut, cut_at) "
+                        "VALUES (?,?,?,?,?,?,?)",
+                        (point_id, name, created, consistency, size, cut, cut_at))
         for d in self.disks(name):
             self.db.execute("INSERT INTO point_disks(id, item, idx, step) VALUES (?,?,?,?)",
                             (point_id, name, d.idx, self.current_step(name, d.idx)))

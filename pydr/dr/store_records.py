@@ -113,13 +113,15 @@ def assignments(record, fields, table):
 
 
 class ItemRecord(Record):
-    """A protected item (the items table). ``grp`` is its group."""
+    """A protected item (the items table). ``grp`` is its group;
+    ``last_success_at`` when its last cycle that made a point ended (epoch
+    seconds, None before its first; kept when a commit drops its points)."""
 
     __slots__ = ("name", "grp", "state", "direction", "health", "retention", "quiesce_hook",
                  "thaw_hook", "created", "last_error", "attempts", "next_retry",
                  "retention_age", "test_dir", "failover_point", "rsh", "remote_pydr",
                  "operation", "operation_command", "operation_args", "test_point",
-                 "test_method", "host", "failover_dir")
+                 "test_method", "host", "failover_dir", "last_success_at")
 
 
 class DiskRecord(Record):
@@ -137,9 +139,18 @@ class StepRecord(Record):
 
 class PointRecord(Record):
     """A recovery point of an item (the points table); `damaged`: why it
-    can no longer be restored, or None."""
+    can no longer be restored, or None. ``created`` is when the point was
+    recorded (the end of its cycle); ``cut_at`` when its cut was taken (the
+    time of its data, epoch seconds), None for a point made before schema 9:
+    ``data_time`` reads it as ``created`` then."""
 
-    __slots__ = ("id", "item", "created", "consistency", "bytes", "cut", "damaged")
+    __slots__ = ("id", "item", "created", "consistency", "bytes", "cut", "damaged", "cut_at")
+
+    @property
+    def data_time(self):
+        """The time of the point's data: its cut, or (a point made before
+        the cut was recorded) when it was recorded, a later time."""
+        return self.created if self.cut_at is None else self.cut_at
 
 
 class PointDiskRecord(Record):

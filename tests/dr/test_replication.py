@@ -291,6 +291,8 @@ def test_a_version_1_vault_is_migrated(tmp_path):
         db.execute(f"ALTER TABLE disks DROP COLUMN {column}")
     for column in ("method", "host"):
         db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+    db.execute("ALTER TABLE items DROP COLUMN last_success_at")
+    db.execute("ALTER TABLE points DROP COLUMN cut_at")
     db.execute("ALTER TABLE points DROP COLUMN damaged")
     db.execute("ALTER TABLE steps DROP COLUMN digest")
     db.execute("DROP TABLE object_indexes")
@@ -302,10 +304,13 @@ def test_a_version_1_vault_is_migrated(tmp_path):
     owner.unlink()
     (tmp_path / "v" / "cache" / "vm" / "0.replica").unlink()
     with Vault(tmp_path / "v") as v:  # a reader migrates too
-        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
         assert v.item("vm")["rsh"] is None and v.item("vm")["operation"] is None
         assert len(v.points("vm")) == 1
         assert v.points("vm")[0]["damaged"] is None and len(v.vault_id()) == 32
+        # no cut time was recorded: the point's data reads as its record's time
+        assert v.points("vm")[0].cut_at is None
+        assert v.item("vm").last_success_at == v.points("vm")[0].created
         assert "digest" in [r["name"] for r in v.db.execute("PRAGMA table_info(steps)")]
     with Vault(tmp_path / "v", writer=True) as v:
         src.write_bytes(os.urandom(1 << 20))
