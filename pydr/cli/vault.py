@@ -188,9 +188,9 @@ def cmd_status(args):
             rpo = st["rpo_seconds"]
             print(f"{st['item']}{host}: {st['state']}, {st['direction']}, health {st['health']}, "
                   f"{st['points']} points"
-                  + (f", newest data {_age(rpo)} old" if rpo is not None else "")
                   + (f" ({len(st['damaged_points'])} damaged: "
                      f"{', '.join(map(str, st['damaged_points']))})" if st["damaged_points"] else "")
+                  + (f", newest data {_age(rpo)} old" if rpo is not None else "")
                   + (f", last error: {st['last_error']}" if st["last_error"] else "") + doing)
     return 0
 

@@ -167,9 +167,12 @@ _MIGRATIONS = {
         "INSERT INTO meta SELECT 'adopt-identity:' || name, 'schema 7' FROM items"),
     # 9: when each point's cut was taken (the time of its data, pydr.dr.rpo; NULL
     # for the points made before, which read as their `created`), and when an
-    # item's last cycle that made a point ended (its newest point's, until the next)
+    # item's last cycle that made a point ended (its newest point's, until the
+    # next); a point whose disks were read as they changed is not crash-consistent
     8: ("ALTER TABLE points ADD COLUMN cut_at REAL",
         "ALTER TABLE items ADD COLUMN last_success_at REAL",
+        "UPDATE points SET consistency = 'inconsistent' "
+        "WHERE cut = 'none' AND consistency = 'crash-consistent'",
         "UPDATE items SET last_success_at = "
         "(SELECT MAX(created) FROM points WHERE points.item = items.name)"),
 }

@@ -298,7 +298,8 @@ INSERT INTO meta VALUES ('vault_id', '0123456789abcdef0123456789abcdef');
 
 def schema_8_vault(directory):
     """A vault as schema 8 wrote it: item "web" with points 1 (created at
-    100) and 2 (at 200, damaged), item "db" with none."""
+    100, read as the disk changed) and 2 (at 200, quiesced, damaged), item
+    "db" with none."""
     directory.mkdir(mode=0o700)
     for sub in ("undo", "cache"):
         (directory / sub).mkdir(mode=0o700)
@@ -309,7 +310,7 @@ def schema_8_vault(directory):
         db.execute("INSERT INTO items(name, state, direction, health, retention, created) "
                    "VALUES (?, 'protected', 'forward', 'ok', 24, 1)", (name,))
     db.execute("INSERT INTO points VALUES (1, 'web', 100.0, 'crash-consistent', 5, 'none', NULL)")
-    db.execute("INSERT INTO points VALUES (2, 'web', 200.0, 'crash-consistent', 5, 'none', 'x')")
+    db.execute("INSERT INTO points VALUES (2, 'web', 200.0, 'app-consistent', 5, 'quiesce', 'x')")
     db.execute("PRAGMA user_version=8")
     db.close()
     return directory
@@ -328,6 +329,9 @@ def test_a_schema_8_vault_is_migrated(tmp_path):
         assert v.db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 9
         assert [(p.id, p.cut_at, p.data_time) for p in v.points("web")] == \
             [(1, None, 100.0), (2, None, 200.0)]
+        # read as it changed (cut none): no longer crash-consistent; app-consistent stays
+        assert [(p.cut, p.consistency) for p in v.points("web")] == \
+            [("none", "inconsistent"), ("quiesce", "app-consistent")]
         assert (v.item("web").last_success_at, v.item("db").last_success_at) == (200.0, None)
         assert rpo_facts(v, "web", now=160.0) == RpoFacts(1, 100.0, 60.0, 200.0)
         assert rpo_facts(v, "db", now=160.0) == RpoFacts(None, None, None, None)
@@ -395,6 +399,8 @@ def test_a_migration_killed_halfway_leaves_schema_8(tmp_path):
         assert db.execute("PRAGMA user_version").fetchone()[0] == 8
         assert "cut_at" not in columns(db)["points"]
         assert "last_success_at" not in columns(db)["items"]
+        assert db.execute("SELECT consistency FROM points WHERE id=1").fetchone()[0] == \
+            "crash-consistent"  # its relabelling went with the rest
     finally:
         db.close()
     with Vault(vault) as v:
