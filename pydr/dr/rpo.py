@@ -30,7 +30,10 @@ whichever direction the item replicates:
 from __future__ import annotations
 
 import time
-from typing import Iterable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Optional
+
+if TYPE_CHECKING:
+    from .store import Store
 
 #: the consistency labels of points, weakest first
 CONSISTENCIES = ("inconsistent", "crash-consistent", "app-consistent")
@@ -59,7 +62,7 @@ class RpoFacts(NamedTuple):
     last_success_at: Optional[float]
 
 
-def rpo_facts(store, name: str, *, now: Optional[float] = None) -> RpoFacts:
+def rpo_facts(store: Store, name: str, *, now: Optional[float] = None) -> RpoFacts:
     """The RPO facts of item `name` (see the module's docstring for what
     they mean across failover, commit and reprotect).
 
