@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,7 +24,7 @@ from pydr.dr.cycle import LocalExecutor
 from pydr.dr.rpo import RpoFacts, consistency_of, rpo_facts, weakest
 from pydr.dr.vault import Vault, init_vault
 
-from conftest import run_cli
+from conftest import pydr_command, run_cli
 
 MiB = 1 << 20
 QEMU = all(shutil.which(t) for t in ("qemu-img", "qemu-nbd"))
@@ -70,6 +71,37 @@ def test_the_cut_time_is_before_the_reads_and_the_record(tmp_path):
             assert p.cut_at is not None and p.data_time == p.cut_at
             assert p.cut_at <= job.started <= p.created <= job.ended
             assert v.item("vm").last_success_at == p.created
+
+
+def test_a_cycle_held_after_its_cut_records_the_cut_not_the_end(tmp_path):
+    """A cycle stopped right after its cut (PYDR_STOP_AT: SIGSTOP there) for
+    as long as the test takes: the point's data time is before the moment
+    the test saw it stopped, its record after the cycle went on. Meanwhile
+    status (a reader) gives the previous point's RPO."""
+    vault = tmp_path / "v"
+    init_vault(vault)
+    with Vault(vault, writer=True) as v:
+        v.protect("vm", [(random_file(tmp_path / "d.img"), tmp_path / "r.img")])
+        _, first, _ = cycle(v, "vm")
+    p = subprocess.Popen(pydr_command() + ["replicate", "vm", "--vault", str(vault)],
+                         env={**os.environ, "PYDR_STOP_AT": "cycle.cut"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, st = os.waitpid(p.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(st)
+        held = time.time()  # the cut is taken, nothing read yet
+        with Vault(vault) as v:
+            facts = rpo_facts(v, "vm", now=held)
+        assert facts.latest_point == first["vm"].id
+        assert facts.rpo_seconds == pytest.approx(held - first["vm"].cut_at, abs=1e-6)
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    with Vault(vault) as v:
+        second = v.points("vm")[-1]
+        assert first["vm"].created <= second.cut_at <= held <= second.created
+        assert v.item("vm").last_success_at == second.created
 
 
 def test_a_quiesced_read_is_app_consistent_and_its_cut_is_the_quiesce(tmp_path):
@@ -151,14 +183,18 @@ class PickledExecutor(LocalExecutor):
 
     on_hosts = True
 
+    def __init__(self):
+        self.cut_at = {}  # what each task returned
+
     def run(self, vault, units, opts, finish):
         for unit in units:
             unit.started = True
             outcome = {}
             for name in unit.names:
                 fn, argument = unit.capture.task(vault, name, opts)
+                vault.update_job(unit.jobs[name], state="running", started=time.time())
                 result = pickle.loads(pickle.dumps(fn(pickle.loads(pickle.dumps(argument)))))
-                assert isinstance(result["cut_at"], float)
+                self.cut_at[name] = result["cut_at"]
                 outcome[name] = unit.capture.adopt(vault, name, result)
             fleet._unit_done(unit, outcome, finish)
 
@@ -170,10 +206,12 @@ def test_the_cut_time_comes_back_from_a_fleet_task(tmp_path):
     with Vault(tmp_path / "v", writer=True) as v:
         v.protect("vm", [(random_file(tmp_path / "d.img"), tmp_path / "r.img")])
         _, first, _ = cycle(v, "vm")
-        result, points, jobs = cycle(v, "vm", executor=PickledExecutor())
+        executor = PickledExecutor()
+        result, points, jobs = cycle(v, "vm", executor=executor)
     p = points["vm"]
     assert p.id == result.point_id == first["vm"].id + 1
-    assert first["vm"].created <= p.cut_at <= p.created and p.consistency == "inconsistent"
+    assert p.cut_at == executor.cut_at["vm"] and p.consistency == "inconsistent"
+    assert first["vm"].created <= jobs["vm"].started <= p.cut_at <= p.created
 
 
 # -- the RPO ----------------------------------------------------------------------------
