@@ -57,8 +57,8 @@ class Vault(Store):
     def test_failover(self, name, directory, point=None, **kwargs):
         return D.test_failover(self, name, directory, point, **kwargs)
 
-    def cleanup_test_failover(self, name):
-        return D.cleanup_test_failover(self, name)
+    def cleanup_test_failover(self, name, **kwargs):
+        return D.cleanup_test_failover(self, name, **kwargs)
 
     def failover(self, name, point="latest", **kwargs):
         return F.failover(self, name, point, **kwargs)
@@ -66,8 +66,8 @@ class Vault(Store):
     def change_point(self, name, point, **kwargs):
         return F.change_point(self, name, point, **kwargs)
 
-    def commit(self, name):
-        return F.commit(self, name)
+    def commit(self, name, **kwargs):
+        return F.commit(self, name, **kwargs)
 
     def reprotect(self, name, **kwargs):
         return F.reprotect(self, name, **kwargs)

@@ -147,14 +147,15 @@ class PointStore:
         raise NotImplementedError
 
     def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
-                         method="auto", progress=None):
+                         method="auto", progress=None, cancel=None):
         """Write disk `disk` (a row of the vault's disks) as it was at
         `point_id` to the endpoint `dest`, whole (replaced by a rename), by
         `method`: "auto", "copy", "reflink", "qcow2" (an overlay on the
         latest state) where the kind can, else UnsupportedFile. ``drill``: a
         test failover's disk, never written over a file. Returns the method
         used (also noted on the job with vault.note_method). Damage found on
-        the way marks the points that need it."""
+        the way marks the points that need it. ``cancel`` (a threading.Event)
+        stops the work (Cancelled), `dest` left as it was."""
         raise NotImplementedError
 
     def drill_on_replicas(self, directory):
@@ -178,7 +179,7 @@ class PointStore:
                              "fail over at their replicas' paths")
         return None
 
-    def bring_up_disk(self, point_id, disk, *, method="auto", progress=None):
+    def bring_up_disk(self, point_id, disk, *, method="auto", progress=None, cancel=None):
         """Failover and change-point, one disk: make the place the item's
         machine uses for disk `disk` hold point `point_id`, by `method`
         (made again each time: exact even after the failed-over machine
