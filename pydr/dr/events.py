@@ -1,6 +1,6 @@
 """Events: typed records of what a vault operation is doing, for the
 ``events=`` callback of every workflow call (replicate, test_failover,
-failover, change_point, commit, reprotect, failback, materialize,
+failover, change_point, commit, reprotect, failback, materialize, verify,
 run_plan, a Fleet), and the ``cancel=`` event those calls honour.
 
 An :class:`Event` names the operation, the item, the disk (its index), the
@@ -31,7 +31,8 @@ The phases (:data:`PHASES`): "cut" (the disks are cut at one instant),
 written to a replica), "upload" (chunks go to an object store), "record"
 (the point is recorded), "materialize" (a point's disk is made), "bring-up"
 (a failover makes a point's disk at the replica's path), "submitted" (a
-fleet task went to a host's worker).
+fleet task went to a host's worker), "verify" (a replica is read back and
+compared with its signature cache).
 
 The callback runs in the thread doing the work: the calling thread, or
 for a recovery plan the thread of each item of a group (several at
@@ -56,7 +57,7 @@ __all__ = ["Event", "EventSink", "KINDS", "PHASES"]
 KINDS = ("started", "progress", "finished", "failed", "cancelled", "hook", "plan-step")
 #: Every phase an Event may name.
 PHASES = ("cut", "compare", "transfer", "upload", "record", "materialize", "bring-up",
-          "submitted")
+          "submitted", "verify")
 
 
 def _now() -> datetime.datetime:
@@ -76,7 +77,8 @@ class Event:
         kind: one of :data:`KINDS`.
         operation: the operation: "replicate", "test-failover",
             "cleanup-test-failover", "failover", "change-point", "commit",
-            "reprotect", "failback", "materialize", or a plan's operation.
+            "reprotect", "failback", "materialize", "verify", or a plan's
+            operation.
         item: the item it is about, or None for a whole call.
         disk: the index of the disk it is about, or None.
         job: the id of the item's job (``Vault.jobs``), or None.

@@ -75,11 +75,19 @@ class Vault(Store):
     def failback(self, name, **kwargs):
         return F.failback(self, name, **kwargs)
 
-    def verify(self, name, point=None, sample=100.0):
+    def verify(self, name, point=None, sample=100.0, *, events=None, cancel=None):
         """Check an item's points where they are (the "verify" capability of
         its point store: the undo steps, signature caches and replicas of a
-        step chain; the indexes and chunks of a chunk index)."""
-        return pointstores.point_store(self, name).require("verify")(point, sample)
+        step chain; the indexes and chunks of a chunk index). ``events``: an
+        EventSink given "started", each replica's "progress" in phase
+        "verify" and "finished"/"failed"/"cancelled"; ``cancel``: a
+        threading.Event asked between steps, windows and chunks."""
+        from .events import Emitter
+
+        em = Emitter(events, "verify", name)
+        verify = pointstores.point_store(self, name).require("verify")
+        return em.run(lambda: verify(point, sample, events=em, cancel=cancel),
+                      done=lambda r: f"{len(r['problems'])} problems")
 
     def collect_garbage(self, target, **kwargs):
         """Mark and sweep what no point names: in the point store of item

@@ -168,3 +168,29 @@ def test_the_cli_prints_the_api_s_events_as_json_lines(web):
         assert {d["job"] for d in lines} == {job_of(v, "replicate")}
     for src, rep in pairs:
         assert sha(src) == sha(rep)
+
+
+def test_verify_reads_each_replica_with_events_and_stops_on_cancel(web):
+    import threading
+
+    from pydr.errors import Cancelled
+
+    vault, pairs = web
+    events = []
+    with Vault(vault, writer=True) as v:
+        v.replicate("web")
+        report = v.verify("web", events=events.append)
+        assert report["problems"] == []
+        check_events(events, "verify", None, "verify", [r for _, r in pairs])
+        stop, stopped = threading.Event(), []
+
+        def cancel_at_first(event):
+            stopped.append(event)
+            if event.kind == "progress":
+                stop.set()
+
+        with pytest.raises(Cancelled):
+            v.verify("web", events=cancel_at_first, cancel=stop)
+    # the first disk's only window was read; the second disk never was
+    assert [(e.kind, e.disk) for e in stopped] == [("started", None), ("progress", 0),
+                                                   ("cancelled", None)]

@@ -113,7 +113,9 @@ class PointStore:
         return getattr(self, capability)
 
     verify = None
-    """verify(point_id=None, sample=100.0) -> report dict with "problems":
+    """verify(point_id=None, sample=100.0, *, events=None, cancel=None) ->
+    report dict with "problems" (``events``: an Emitter of pydr.dr.events;
+    ``cancel``: a threading.Event, Cancelled once set):
     read back the item's points (all, or `point_id`'s; a random `sample`
     percent) and check them against what the vault recorded. Damage found
     marks the points that need it; a report never says "sound" for bytes

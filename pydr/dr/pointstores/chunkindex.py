@@ -216,9 +216,10 @@ class ChunkIndex(PointStore):
                 f"their chunks"]
 
     # -- capabilities ------------------------------------------------------------------
-    def verify(self, point_id=None, sample=100.0):
-        """Every index downloaded and checked, and its chunks (or a sample)."""
-        return verify(self.vault, self.name, point_id, sample)
+    def verify(self, point_id=None, sample=100.0, *, events=None, cancel=None):
+        """Every index downloaded and checked, and its chunks (or a sample);
+        ``cancel`` is asked before each chunk (``events`` get no progress)."""
+        return verify(self.vault, self.name, point_id, sample, cancel=cancel)
 
     def collect_garbage(self, **options):
         """Mark and sweep the item's object store (every item's indexes there)."""
@@ -334,7 +335,7 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     return "download"
 
 
-def verify(vault, name, point_id=None, sample=100.0):
+def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
     """Check the item's point indexes (all, or `point_id`'s) and their chunks:
     every one downloaded and hashed, or a random `sample` percent of them.
     Returns {"points", "chunks", "checked", "problems": [text]}."""
@@ -361,6 +362,8 @@ def verify(vault, name, point_id=None, sample=100.0):
     if sample < 100.0:
         ids = random.sample(ids, max(1, round(len(ids) * sample / 100.0))) if ids else []
     def check(ident):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"the verify of {name!r} cancelled", path=vault.dir)
         point, idx, offset = chunks[ident]
         try:
             fetch_chunk(store, ident)

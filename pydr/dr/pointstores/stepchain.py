@@ -149,7 +149,8 @@ class StepChain(PointStore):
         return notes
 
     # -- capabilities ------------------------------------------------------------------
-    def verify(self, point_id=None, sample=100.0):
+    def verify(self, point_id=None, sample=100.0, *, events=None, cancel=None):
         """Every step read through, the signature caches and the replicas
         read back (pydr.dr.pointstores.stepverify)."""
-        return verify_steps(self.vault, self.name, point_id, sample)
+        return verify_steps(self.vault, self.name, point_id, sample, events=events,
+                            cancel=cancel)
