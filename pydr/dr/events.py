@@ -175,11 +175,15 @@ class Emitter:
         self.emit("cancelled" if interrupted(exc) else "failed", message=message, **fields)
 
     def progress(self, *, disk: Optional[int], phase: str, path: Any,
-                 also: Optional[Callable[[Any], None]] = None) -> Callable[[Any], None]:
+                 also: Optional[Callable[[Any], None]] = None
+                 ) -> Optional[Callable[[Any], None]]:
         """A ``progress=`` callback for the engine: each ProgressRecord
         becomes a "progress" Event of disk `disk` in `phase`, named by `path`
         (the disk as the vault names it, whatever file the engine reports);
-        `also` (an older ``progress=`` callback) gets the record too."""
+        `also` (an older ``progress=`` callback) gets the record too. None
+        when there is neither a sink nor `also`: the engine reports nothing."""
+        if self.sink is None:
+            return also
         shown = person_path(path)
 
         def on_progress(rec: Any) -> None:
@@ -188,7 +192,7 @@ class Emitter:
             self.emit("progress", disk=disk, phase=phase, bytes_done=int(rec.done_bytes),
                       bytes_total=int(rec.total_bytes), path=shown)
 
-        return on_progress if (self.sink is not None or also is not None) else None  # type: ignore[return-value]
+        return on_progress
 
     def disk_done(self, *, disk: int, phase: str, endpoint: Any,
                   message: Optional[str] = None) -> None:
