@@ -170,3 +170,57 @@ def test_a_cancelled_failover_stops_mid_copy_and_a_rerun_finishes_it(item, tmp_p
         assert r["notes"] == ["resumed"] and r["point"] == 1
         assert v.item("big")["state"] == "failed-over"
     assert sha(rep) == first != latest
+
+
+@pytest.fixture
+def two_items(tmp_path):
+    """Vault tmp_path/vault with items 'a' and 'b', one 4 MiB disk each."""
+    init_vault(tmp_path / "vault")
+    (tmp_path / "site-b").mkdir()
+    rng = random.Random(7)
+    pairs = {}
+    with Vault(tmp_path / "vault", writer=True) as v:
+        for name in ("a", "b"):
+            src = tmp_path / f"{name}.img"
+            src.write_bytes(rng.randbytes(4 << 20))
+            pairs[name] = (src, tmp_path / "site-b" / f"{name}.img")
+            v.protect(name, [pairs[name]])
+    return tmp_path / "vault", pairs
+
+
+def test_a_cancelled_call_leaves_the_items_it_had_not_begun_untouched(two_items):
+    vault, pairs = two_items
+    with Vault(vault, writer=True) as v:
+        sink = CancelAtFirst("transfer")
+        with pytest.raises(Cancelled):
+            v.replicate(["a", "b"], events=sink, cancel=sink.cancel)
+        ended = {e.item: e.message for e in sink.events if e.kind == "cancelled"}
+        assert set(ended) == {"a", "b"}
+        assert ended["b"] == "the call stopped before this item's cycle began"
+        assert not [e for e in sink.events if e.item == "b" and e.kind == "progress"]
+        a, b = v.item("a"), v.item("b")
+        assert (a["health"], b["health"], b["last_error"]) == ("warning", "ok", None)
+        assert [j["state"] for j in v.jobs() if j["kind"] == "replicate"] == ["cancelled"] * 2
+        result = v.replicate(["a", "b"])  # the same call again
+        assert sorted(result.items) == ["a", "b"]
+    for src, rep in pairs.values():
+        assert sha(src) == sha(rep)
+
+
+def test_a_cancelled_plan_stops_its_items_and_runs_no_later_group(two_items, tmp_path):
+    vault, pairs = two_items
+    drills = tmp_path / "drills"
+    with Vault(vault, writer=True) as v:
+        v.replicate(["a", "b"])
+        v.create_plan("p", [{"items": ["a"]}, {"items": ["b"]}])
+        sink = CancelAtFirst("materialize")
+        with pytest.raises(Cancelled) as caught:
+            v.run_plan("p", "test-failover", to=str(drills), events=sink, cancel=sink.cancel)
+        assert [(e["item"], e["status"]) for e in caught.value.report] == [
+            ("a", "failed"), ("b", "not run")]
+        assert sink.events[-1].kind == "cancelled" and sink.events[-1].item is None
+        assert v.item("a")["operation"] == "test-failover"  # interrupted: the rerun finishes it
+        assert v.item("b")["test_dir"] is None
+        v.run_plan("p", "test-failover", to=str(drills))
+    for name, (src, _) in pairs.items():
+        assert sha(drills / name / f"{name}.img") == sha(src)
