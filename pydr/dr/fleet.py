@@ -112,8 +112,8 @@ class FleetExecutor:
     "progress" in phase "transfer" once its task is back (``bytes_done``:
     what it moved; ``message``: the host), and per disk of a step chain
     "progress" in phase "transfer" with its size done; "started" with
-    ``item`` None once every task is submitted, and "finished" with
-    ``item`` None at the end (``message``: items, succeeded, failed,
+    ``item`` None once every task is submitted, and "finished" (or
+    "cancelled" after a cancel dropped tasks) with ``item`` None at the end (``message``: items, succeeded, failed,
     seconds, and the coordinator's seconds: the time not spent waiting for
     workers)."""
 
@@ -255,7 +255,9 @@ class FleetExecutor:
                     f.cancel()
             raise
         seconds = time.monotonic() - start
-        em.emit("finished", message=f"{items} items: {counts['done']} succeeded, "
+        stopped = cancel is not None and cancel.is_set() and counts["failed"]
+        em.emit("cancelled" if stopped else "finished",
+                message=f"{items} items: {counts['done']} succeeded, "
                 f"{counts['failed']} failed in {seconds:.3f} s (coordinator "
                 f"{seconds - idle:.3f} s)")
 

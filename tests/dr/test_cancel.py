@@ -224,3 +224,48 @@ def test_a_cancelled_plan_stops_its_items_and_runs_no_later_group(two_items, tmp
         v.run_plan("p", "test-failover", to=str(drills))
     for name, (src, _) in pairs.items():
         assert sha(drills / name / f"{name}.img") == sha(src)
+
+
+def test_a_cancelled_fleet_call_drops_the_tasks_not_back(tmp_path):
+    """Host hv-b has no worker: b's task waits on the scheduler. The cancel
+    is set once a's task is back: a is recorded, b's task is cancelled and
+    b ends as a killed cycle (job cancelled); a rerun with hv-b's worker
+    replicates b."""
+    pytest.importorskip("distributed")
+    from pydr.dr.fleet import Fleet
+    from test_fleet import make_cluster, write_disk
+
+    init_vault(tmp_path / "vault")
+    (tmp_path / "site-b").mkdir()
+    pairs = {}
+    with Vault(tmp_path / "vault", writer=True) as v:
+        for n, (name, host) in enumerate((("a", "hv-a"), ("b", "hv-b"))):
+            pairs[name] = (tmp_path / f"{name}.img", tmp_path / "site-b" / f"{name}.img")
+            write_disk(pairs[name][0], n)
+            v.protect(name, [pairs[name]], host=host)
+    cancel, events = threading.Event(), []
+
+    def cancel_once_a_is_back(event):
+        events.append(event)
+        if event.item == "a" and event.phase == "transfer" and event.disk is None:
+            cancel.set()
+
+    with make_cluster(["hv-a"], tmp_path) as cluster, \
+            Vault(tmp_path / "vault", writer=True) as v, \
+            Fleet(cluster.scheduler_address) as fleet:
+        with pytest.raises(Cancelled):
+            v.replicate(["a", "b"], executor=fleet.executor(), events=cancel_once_a_is_back,
+                        cancel=cancel)
+        ended = {e.item: e.kind for e in events if e.kind in ("finished", "cancelled")}
+        assert ended == {"a": "finished", "b": "cancelled", None: "cancelled"}
+        assert len(v.points("a")) == 1 and v.points("b") == []
+        jobs = {j["item"]: j["state"] for j in v.jobs() if j["kind"] == "replicate"}
+        assert jobs == {"a": "succeeded", "b": "cancelled"}
+        assert v.item("b")["operation"] is None and v.item("b")["health"] == "warning"
+    with make_cluster(["hv-b"], tmp_path) as cluster, \
+            Vault(tmp_path / "vault", writer=True) as v, \
+            Fleet(cluster.scheduler_address) as fleet:
+        v.replicate(["b"], executor=fleet.executor())
+        assert len(v.points("b")) == 1
+    for src, rep in pairs.values():
+        assert sha(src) == sha(rep)
