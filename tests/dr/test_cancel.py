@@ -269,3 +269,26 @@ def test_a_cancelled_fleet_call_drops_the_tasks_not_back(tmp_path):
         assert len(v.points("b")) == 1
     for src, rep in pairs.values():
         assert sha(src) == sha(rep)
+
+
+def test_a_cancel_ends_the_wait_for_the_next_retry():
+    """A retry is scheduled after a recoverable error; the cancel, set while
+    the policy waits for it, ends the retries: no second attempt."""
+    import errno
+
+    from pydr.dr.retry import RetryPolicy
+
+    cancel, attempts, waits = threading.Event(), [], []
+
+    def attempt():
+        attempts.append(1)
+        raise OSError(errno.EIO, "I/O error", "/dev/lying-disk")
+
+    def sleep(seconds):  # the wait for attempt 2: the operator cancels meanwhile
+        waits.append(seconds)
+        cancel.set()
+
+    policy = RetryPolicy(clock=lambda: 0.0, sleep=sleep, cancel=cancel)
+    with pytest.raises(Cancelled):
+        policy.run(attempt)
+    assert (len(attempts), waits) == (1, [60])
