@@ -14,6 +14,7 @@ from pydr.dr.events import KINDS, PHASES, Event
 from pydr.dr.vault import Vault, init_vault
 
 from conftest import run_cli, sha
+from test_s3 import s3, swift  # noqa: F401  (fixtures: a Swift server, a bucket)
 
 SIZES = (3 << 20, 1 << 20)
 
@@ -194,3 +195,56 @@ def test_verify_reads_each_replica_with_events_and_stops_on_cancel(web):
     # the first disk's only window was read; the second disk never was
     assert [(e.kind, e.disk) for e in stopped] == [("started", None), ("progress", 0),
                                                    ("cancelled", None)]
+
+
+def test_an_object_store_item_reports_compare_upload_and_download(s3, tmp_path):
+    """A chunk index: each disk's "compare" (its signature) and "upload"
+    (its chunks) progress, named by the source; a cancel at the first upload
+    stops the cycle, and a rerun finishes it; a drill's download names its
+    own disks."""
+    import threading
+
+    from pydr.errors import Cancelled
+
+    rng = random.Random(5)
+    pairs = []
+    for name, size in zip(("a", "c"), (6 << 20, 5 << 20)):
+        src = tmp_path / f"{name}.img"
+        src.write_bytes(rng.randbytes(size))
+        pairs.append((src, s3["url"]))
+    with Vault(s3["vault"], writer=True) as v:
+        v.protect("web", pairs)
+        stop, seen = threading.Event(), []
+
+        def cancel_at_first_upload(event):
+            seen.append(event)
+            if event.phase == "upload":
+                stop.set()
+
+        with pytest.raises(Cancelled):
+            v.replicate("web", events=cancel_at_first_upload, cancel=stop)
+        assert seen[-1].kind == "cancelled" and v.points("web") == []
+        # the chunks of disk 0 in flight end; disk 1 is never signed nor uploaded
+        first = next(i for i, e in enumerate(seen) if e.phase == "upload")
+        assert seen[first].disk == 0
+        assert not [e for e in seen if e.disk == 1 and e.phase in ("compare", "upload")]
+        events = []
+        v.replicate("web", events=events.append)
+        job = job_of(v, "replicate")
+        drill, made = tmp_path / "drill", []
+        v.test_failover("web", drill, "latest", events=made.append)
+        drill_job = job_of(v, "test-failover")
+    sizes = {0: 6 << 20, 1: 5 << 20}
+    for phase in ("compare", "upload"):
+        mine = [e for e in events if e.phase == phase]
+        assert {e.disk for e in mine} == {0, 1} and {e.job for e in mine} == {job}
+        for disk, (src, _) in enumerate(pairs):
+            own = [e for e in mine if e.disk == disk]
+            assert {e.path for e in own} == {str(src)}
+            assert own[-1].bytes_done == own[-1].bytes_total == sizes[disk]
+    names = [drill / "a.img", drill / "c.img"]
+    shown = [e for e in made if e.phase == "materialize"]
+    assert {e.path for e in shown} == {str(n) for n in names}
+    assert {e.job for e in made} == {drill_job}
+    for (src, _), copy in zip(pairs, names):
+        assert sha(copy) == sha(src)
