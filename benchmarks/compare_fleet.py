@@ -13,7 +13,7 @@ process), the other with `pydr replicate --all --scheduler ADDR`. Timed:
 the initial cycle, then --repeat delta cycles with --change written into
 every source before each (random 64 KiB runs), then one `pydr plan failover
 --planned` of 4 groups. The coordinator's overhead per item is the time
-the fleet's coordinator did not spend waiting for workers (its "done"
+the fleet's coordinator did not spend waiting for workers (its "finished"
 event), divided by the items. Then the vault's commit rate: one
 transaction per recovery point (points, point_disks, items), as a cycle
 records it. Prints Markdown for README.md and docs/SCALE.md.
@@ -53,13 +53,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def coordinator_seconds(stderr):
+def coordinator_times(stderr):
+    """The coordinator's seconds of each fleet call: the message of its
+    "finished" Event about no item ("N items: ... (coordinator S s)")."""
+    import re
+
+    out = []
     for line in stderr.splitlines():
         if line.startswith("{"):
             event = json.loads(line)
-            if event.get("event") == "done":
-                return event["coordinator_seconds"]
-    return None
+            found = re.search(r"\(coordinator ([0-9.]+) s\)", event.get("message") or "")
+            if event.get("kind") == "finished" and event.get("item") is None and found:
+                out.append(float(found.group(1)))
+    return out
+
+
+def coordinator_seconds(stderr):
+    times = coordinator_times(stderr)
+    return times[0] if times else None
 
 
 def commit_rate(directory, n=500):
@@ -164,8 +175,7 @@ def main():
         t_local, _ = run([pydr, "plan", "failover", "all", "--planned", "--vault", vaults["local"]])
         t_fleet, r = run([pydr, "plan", "failover", "all", "--planned", *fleet,
                           "--vault", vaults["fleet"]])
-        coord = [json.loads(x)["coordinator_seconds"] for x in r.stderr.splitlines()
-                 if x.startswith("{") and json.loads(x).get("event") == "done"]
+        coord = coordinator_times(r.stderr)
         rows["plan failover --planned (4 groups)"] = [(t_local, t_fleet, sum(coord))]
     finally:
         for p in procs[::-1]:

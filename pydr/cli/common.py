@@ -91,6 +91,14 @@ def add_progress(p):
                    help="draw a progress bar on stderr (default: when stderr is a terminal)")
 
 
+def add_events(p):
+    """--events: every Event of the operation as a JSON line on stderr."""
+    p.add_argument("--events", action="store_true",
+                   help="write each event of the operation (item, disk, job, phase, bytes "
+                        "done and total; docs/JSON.md) as one JSON object a line on standard "
+                        "error, instead of the progress bar")
+
+
 def add_method(p, *, change_point=False):
     """How a point's disks are made: --as qcow2, --copy or --reflink."""
     g = p.add_mutually_exclusive_group()
@@ -271,6 +279,57 @@ def progress_bar(label, args):
     """The bar for a command: shown on a terminal unless -q or --no-progress."""
     show = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
     return ProgressBar(label, show and not getattr(args, "quiet", False))
+
+
+class EventOutput:
+    """The ``events=`` sink of a vault command: with --events each Event's
+    to_dict() as one JSON line on stderr; else the progress bar, drawn from
+    the "progress" Events that count bytes. Called from the threads of a
+    plan's items too: one line at a time. ``also``: more sinks (a fleet's
+    line) given every Event."""
+
+    def __init__(self, label, args, *, also=(), bar=True):
+        import threading
+
+        self.json = bool(getattr(args, "events", False))
+        self.bar = progress_bar(label, args)
+        self.bar.enabled = self.bar.enabled and bar and not self.json
+        self.label = label
+        self.also = [s for s in also if s is not None]
+        self.lock = threading.Lock()
+        self.started = {}  # (item, disk, phase) -> monotonic time of its first event
+
+    def __call__(self, event):
+        with self.lock:
+            if self.json:
+                import json
+
+                sys.stderr.write(json.dumps(event.to_dict(), sort_keys=True) + "\n")
+                sys.stderr.flush()
+            elif self.bar.enabled and event.kind == "progress" and event.bytes_total:
+                self._draw(event)
+        for sink in self.also:
+            sink(event)
+
+    def _draw(self, event):
+        from ..engine.progress import ProgressRecord
+
+        key = (event.item, event.disk, event.phase)
+        first = self.started.setdefault(key, time.monotonic())
+        where = " ".join(str(x) for x in (event.item, f"disk {event.disk}"
+                                          if event.disk is not None else None, event.phase) if x)
+        self.bar.label = f"{self.label} {where}" if where else self.label
+        self.bar(ProgressRecord(event.operation, event.path, event.bytes_done or 0,
+                                event.bytes_total, None, time.monotonic() - first))
+
+    def close(self):
+        self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def print_json(obj):

@@ -5,8 +5,8 @@ its result."""
 
 import argparse
 
-from .common import (POINT_HELP, add_item, add_method, add_vault_options, command, human_bytes,
-                     method_of, print_json, progress_bar)
+from .common import (POINT_HELP, EventOutput, add_events, add_item, add_method,
+                     add_vault_options, command, human_bytes, method_of, print_json)
 from ..errors import PlanFailed
 from .fleet import add_fleet_options, open_fleet
 from .vault import open_vault, parse_disk
@@ -32,9 +32,9 @@ def _made(r):
 
 
 def cmd_test_failover(args):
-    with progress_bar("test-failover", args) as bar:
+    with EventOutput("test-failover", args) as shown:
         r = _run(args, lambda v: v.test_failover(args.item, args.to, args.point,
-                                                 method=method_of(args), progress=bar))
+                                                 method=method_of(args), events=shown))
     if not args.json:
         print(f"{args.item}: point {r['point']} materialised for the drill{_made(r)}:")
         for p in r["paths"]:
@@ -44,7 +44,8 @@ def cmd_test_failover(args):
 
 
 def cmd_cleanup_test_failover(args):
-    r = _run(args, lambda v: v.cleanup_test_failover(args.item))
+    with EventOutput("cleanup-test-failover", args) as shown:
+        r = _run(args, lambda v: v.cleanup_test_failover(args.item, events=shown))
     if not args.json:
         if r["notes"]:
             print(f"{args.item}: {'; '.join(r['notes'])}")
@@ -54,10 +55,10 @@ def cmd_cleanup_test_failover(args):
 
 
 def cmd_failover(args):
-    with progress_bar("failover", args) as bar:
+    with EventOutput("failover", args) as shown:
         r = _run(args, lambda v: v.failover(args.item, args.point, planned=args.planned,
                                             shutdown_hook=args.shutdown_hook,
-                                            method=method_of(args), progress=bar, to=args.to))
+                                            method=method_of(args), events=shown, to=args.to))
     if not args.json:
         print(f"{args.item}: failed over to point {r['point']}{_made(r)}; its replicas now hold "
               f"that point (run 'pydr commit {args.item}' to make it final)")
@@ -66,9 +67,9 @@ def cmd_failover(args):
 
 
 def cmd_change_point(args):
-    with progress_bar("change-point", args) as bar:
+    with EventOutput("change-point", args) as shown:
         r = _run(args, lambda v: v.change_point(args.item, args.point,
-                                                method=method_of(args, None), progress=bar))
+                                                method=method_of(args, None), events=shown))
     if not args.json:
         print(f"{args.item}: replicas now hold point {r['point']}{_made(r)}")
         _notes(r)
@@ -76,7 +77,8 @@ def cmd_change_point(args):
 
 
 def cmd_commit(args):
-    r = _run(args, lambda v: v.commit(args.item))
+    with EventOutput("commit", args) as shown:
+        r = _run(args, lambda v: v.commit(args.item, events=shown))
     if not args.json:
         print(f"{args.item}: failover committed; the replica site is active (direction "
               f"{r['direction']})")
@@ -85,7 +87,8 @@ def cmd_commit(args):
 
 
 def cmd_reprotect(args):
-    r = _run(args, lambda v: v.reprotect(args.item))
+    with EventOutput("reprotect", args) as shown:
+        r = _run(args, lambda v: v.reprotect(args.item, events=shown))
     if not args.json:
         print(f"{args.item}: reprotected, direction {r['direction']}; first point {r['point']}: "
               f"{human_bytes(r['bytes_written'])} written (only the differences), "
@@ -96,8 +99,9 @@ def cmd_reprotect(args):
 
 def cmd_failback(args):
     alternates = dict(parse_disk(a) for a in args.alternate or [])
-    r = _run(args, lambda v: v.failback(args.item, alternates=alternates,
-                                        shutdown_hook=args.shutdown_hook))
+    with EventOutput("failback", args) as shown:
+        r = _run(args, lambda v: v.failback(args.item, alternates=alternates,
+                                            shutdown_hook=args.shutdown_hook, events=shown))
     if not args.json:
         print(f"{args.item}: failed back to point {r['point']} (nothing lost); run "
               f"'pydr commit {args.item}' then 'pydr reprotect {args.item}'")
@@ -141,9 +145,11 @@ def _print_plan_report(report):
 def cmd_plan_run(args):
 
     options = {k: getattr(args, k, None) for k in ("point", "planned", "shutdown_hook", "to")}
-    with open_vault(args, writer=True) as v, open_fleet(args) as fleet:
+    with open_vault(args, writer=True) as v, open_fleet(args) as fleet, \
+            EventOutput(f"plan {args.operation}", args, also=[fleet and fleet.events],
+                        bar=False) as shown:
         try:
-            report = v.run_plan(args.plan, args.operation, fleet=fleet, **options)
+            report = v.run_plan(args.plan, args.operation, fleet=fleet, events=shown, **options)
         except PlanFailed as exc:
             if args.json:
                 print_json({"plan": args.plan, "operation": args.operation, "ok": False,
@@ -176,6 +182,7 @@ def _add_shutdown_hook(p):
 def _item_command(sub, name, func, *, help, description, examples):
     p = command(sub, name, help=help, description=description, examples=examples, func=func)
     add_item(p)
+    add_events(p)
     return p
 
 
@@ -333,3 +340,4 @@ def register(sub):
                            help="each item's disks go to DIR/ITEM/")
         add_fleet_options(q)
         add_vault_options(q)
+        add_events(q)

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 
 from ..errors import FleetError
 from .common import command, human_bytes, positive_int, progress_bar
@@ -19,30 +20,42 @@ def add_fleet_options(p):
                    help="with --scheduler: items of a host that has had no worker for S seconds "
                         "fail with 'no worker for host NAME' (default: 300); the scheduler "
                         "must answer within min(S, 30) s")
-    g.add_argument("--events", action="store_true",
-                   help="with --scheduler: write progress events as JSON lines on standard error")
+
 
 
 class FleetProgress:
-    """Fleet events, shown as one self-rewriting line on a terminal, or as
-    JSON lines on stderr with --events."""
+    """A fleet's Events (pydr.dr.events) shown as one self-rewriting line on
+    a terminal: items back of items submitted, disks, bytes and rate. With
+    --events the command prints every Event as JSON instead (EventOutput),
+    and this line stays quiet."""
 
     def __init__(self, args):
-        self.line = progress_bar("fleet", args).enabled and not args.events
-        self.json = args.events
+        import threading
+
+        self.line = progress_bar("fleet", args).enabled and not getattr(args, "events", False)
         self.drawn = False
+        self.lock = threading.Lock()
+        self.start = time.monotonic()
+        self.counts = {"items": 0, "done": 0, "disks": 0, "bytes": 0}
 
     def __call__(self, event):
-        if self.json:
-            import json
-
-            sys.stderr.write(json.dumps(event, sort_keys=True) + "\n")
-            sys.stderr.flush()
-        elif self.line and event.get("event") == "item":
-            sys.stderr.write(
-                f"\rfleet {event['items_done']}/{event['items']} items, {event['disks_done']}/"
-                f"{event['disks']} disks, {human_bytes(event['bytes'])}, "
-                f"{human_bytes(event['bytes_per_second'])}/s ")
+        c = self.counts
+        with self.lock:
+            if event.phase == "submitted":
+                c["items"] += 1
+            elif event.kind == "progress" and event.phase == "transfer":
+                if event.disk is not None:
+                    c["disks"] += 1
+                elif event.bytes_done is not None:  # an item's task is back
+                    c["done"] += 1
+                    c["bytes"] += event.bytes_done
+            else:
+                return
+            if not self.line:
+                return
+            rate = c["bytes"] / max(time.monotonic() - self.start, 1e-9)
+            sys.stderr.write(f"\rfleet {c['done']}/{c['items']} items, {c['disks']} disks, "
+                             f"{human_bytes(c['bytes'])}, {human_bytes(rate)}/s ")
             sys.stderr.flush()
             self.drawn = True
 

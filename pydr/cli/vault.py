@@ -4,9 +4,9 @@ call and presents the result."""
 
 import sys
 
-from .common import (add_item, add_json, add_method, add_progress, add_remote_options,
-                     add_vault_options, command, human_bytes, method_of, parse_duration,
-                     parse_size, positive_int, print_json, progress_bar, timestamp,
+from .common import (EventOutput, add_events, add_item, add_json, add_method, add_progress,
+                     add_remote_options, add_vault_options, command, human_bytes, method_of,
+                     parse_duration, parse_size, positive_int, print_json, timestamp,
                      vault_dir)
 from ..errors import EXIT_VAULT, FleetError
 from .fleet import add_fleet_options, open_fleet
@@ -112,8 +112,9 @@ def cmd_replicate(args):
         if args.retry:
             kwargs["policy"] = RetryPolicy(max_attempts=args.max_attempts)
         try:
-            with progress_bar("replicate", args) as bar:
-                result = v.replicate(names, retry=args.retry, progress=bar, **kwargs)
+            with EventOutput("replicate", args, also=[fleet and fleet.events],
+                             bar=fleet is None) as shown:
+                result = v.replicate(names, retry=args.retry, events=shown, **kwargs)
         except CycleFailed as exc:  # the items that made it are recorded: each outcome said
             _print_cycles(args, exc.result)
             if exc.__cause__ is not None and exit_code_for(exc.__cause__) == 1:
@@ -225,9 +226,9 @@ def cmd_jobs(args):
 
 def cmd_materialize(args):
     methods = []
-    with open_vault(args, writer=True) as v, progress_bar("materialize", args) as bar:
+    with open_vault(args, writer=True) as v, EventOutput("materialize", args) as shown:
         paths = v.materialize(args.item, args.point, args.to, method=method_of(args),
-                              progress=bar, methods=methods)
+                              events=shown, methods=methods)
     method = "+".join(sorted(set(methods)))
     if args.json:
         print_json({"item": args.item, "point": args.point, "paths": paths, "method": method})
@@ -346,6 +347,7 @@ def register(sub):
     add_fleet_options(p)
     add_vault_options(p)
     add_progress(p)
+    add_events(p)
 
     p = command(sub, "points", help="list an item's recovery points",
                 description=("List ITEM's recovery points, oldest first. A damaged point (a step\n"
@@ -383,3 +385,4 @@ def register(sub):
                    help="a directory; host:DIR on the host that holds the item's replicas")
     add_method(p)
     add_vault_options(p)
+    add_events(p)

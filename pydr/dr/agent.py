@@ -27,10 +27,11 @@ RESYNC_THRESHOLD = 0.5  # tracked changes above this share of a disk need a resy
 
 
 def transfer_disk(source, replica, *, offered, cache, has_point, resync_all, extents=None,
-                  progress=None, threads=None):
+                  progress=None, threads=None, cancel=None):
     """Resync `replica` from `source` (endpoints) and keep its undo journal
     at one of the `offered` step specs when the item has a point already.
-    Returns (bytes moved, bytes read, kept index or None, journal bytes)."""
+    Returns (bytes moved, bytes read, kept index or None, journal bytes).
+    ``cancel``: a threading.Event the engine checks while it works."""
     if cache is not None:
         os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
         if resync_all:  # compare both sides: the replica is read again, the cache rebuilt
@@ -38,7 +39,7 @@ def transfer_disk(source, replica, *, offered, cache, has_point, resync_all, ext
                 os.unlink(cache)
     st, kept = transfer(source, replica, keep_undo=offered if has_point else None,
                         signature_cache=cache, changed_extents=extents, progress=progress,
-                        threads=threads)
+                        threads=threads, cancel=cancel)
     return st.bytes_written + st.bytes_zeroed, st.bytes_read, kept, st.journal_bytes
 
 

@@ -35,6 +35,7 @@ from ..engine.chunks import (CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count, chunk
 from ..engine.oserrors import naming
 from ..errors import FormatError, InvalidState
 from .agent import cut, worker_host
+from .events import Emitter, check_cancel
 from .objectstore import DEFAULT_GRACE, UPLOADS, _dir, latest_index, store_of
 
 BLOCK = 4096  # the comparison's block: what changed, in 4 KiB blocks
@@ -92,9 +93,11 @@ class _Pending:
 
 
 def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, limiter, stats,
-                 uploads):
+                 uploads, *, cancel=None, on_chunk=None):
     """The chunk ids of one disk; uploads the ones the store lacks, and
-    those in `bad` (found missing or corrupt there) again."""
+    those in `bad` (found missing or corrupt there) again. ``cancel`` is
+    checked before each chunk (Cancelled); ``on_chunk(bytes done, bytes
+    total)`` is told as chunks are done, in order."""
     import numpy as np
     import zstandard
 
@@ -118,6 +121,7 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, 
 
     try:
         def one(i):
+            check_cancel(cancel, "the upload", src_path)
             start = i * per
             if zero[start:start + per].all():
                 return i, ZERO_ID
@@ -147,6 +151,8 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, 
         with cf.ThreadPoolExecutor(max_workers=uploads) as pool:
             for i, ident in pool.map(one, range(n)):
                 ids[i] = ident
+                if on_chunk is not None:
+                    on_chunk(min(size, (i + 1) * CHUNK_SIZE), size)
     finally:
         os.close(fd)
     return ids
@@ -234,10 +240,15 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
         "suspect": suspect_chunks(vault, name)}
 
 
-def capture_item(task):
+def capture_item(task, *, events=None, cancel=None):
     """The disks of one item into its object store. Returns {"item", "host",
     "key" (the point index uploaded), "local" (its name), "store", "cut",
-    "cut_at", "read", "uploaded", "reused", "bytes"} for the caller to record."""
+    "cut_at", "read", "uploaded", "reused", "bytes"} for the caller to record.
+
+    In this process (not on a worker): ``events``, an Emitter
+    (pydr.dr.events) of the item, is given each disk's "compare" (its
+    signature) and "upload" (its chunks) progress; ``cancel`` (a
+    threading.Event) stops the work between chunks and in the signing."""
     from ..endpoints.s3 import ObjectStore
     from ..engine.signatures import Signature, signature
 
@@ -277,15 +288,25 @@ def capture_item(task):
             entries, sigs = {}, {}
             for d, view in zip(disks, taken.views):
                 path = view.local_path
-                sig = signature(path, block_size=BLOCK, algorithm="xxh3-128")
+                check_cancel(cancel, "the upload", d["source"])
+                shown = events.progress(disk=d["idx"], phase="compare", path=d["source"]) \
+                    if events else None
+                sig = signature(path, block_size=BLOCK, algorithm="xxh3-128", progress=shown,
+                                cancel=cancel)
                 prev_sig = None
                 if here and prev_index is not None and d["idx"] in prev_index.disks:
                     with contextlib.suppress(OSError, FormatError):
                         prev_sig = Signature.load(
                             os.path.join(here, f"{prev[2]}.{d['idx']}.sig"))
                 prev_ids = prev_index.disks[d["idx"]][1] if prev_sig is not None else None
+                on_chunk = None
+                if events:
+                    def on_chunk(done, total, idx=d["idx"], where=d["source"]):
+                        events.emit("progress", disk=idx, phase="upload", bytes_done=done,
+                                    bytes_total=total, path=where)
                 ids = _disk_chunks(store, path, sig, prev_sig, prev_ids, known, bad, pending,
-                                   limiter, stats, task["uploads"])
+                                   limiter, stats, task["uploads"], cancel=cancel,
+                                   on_chunk=on_chunk)
                 entries[d["idx"]] = (sig.size, ids)
                 sigs[d["idx"]] = sig
                 crashpoints.reached("cycle.disk")
@@ -337,9 +358,11 @@ def capture(vault, names, opts, jobs):
     fails is recorded by no point: the next cycle of the item deletes it."""
     captured = {"items": {}, "steps": [], "trackers": [], "extra": {}, "after": []}
     for name in names:
+        check_cancel(opts.cancel, "the replication cycle")
         fn, argument = task(vault, name, opts)
         vault.update_job(jobs[name], state="running", started=time.time())
-        one = adopt(vault, name, fn(argument))
+        shown = Emitter(opts.events, "replicate", name, jobs.get(name))
+        one = adopt(vault, name, fn(argument, events=shown, cancel=opts.cancel))
         for k, v in one.items():
             if isinstance(v, dict):
                 captured[k].update(v)

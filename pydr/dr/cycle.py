@@ -27,7 +27,8 @@ import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import Cancelled, CycleFailed, InvalidState, exit_code_for
+from ..errors import CycleFailed, InvalidState, exit_code_for
+from .events import Emitter, check_cancel, interrupted
 from .pointstores import point_store
 from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_hooks,
                           check_not_stuck, items_at, record_point, record_steps)
@@ -40,7 +41,7 @@ class Options(Record):
     """What every unit of a call is replicated with (see :func:`replicate`)."""
 
     _fields = ("app_consistent", "progress", "threads", "resync_all", "changed_extents",
-               "tracking_lost", "bwlimit", "on_hosts")
+               "tracking_lost", "bwlimit", "on_hosts", "events", "cancel")
     __slots__ = _fields
     _default_on_hosts = False  # the executor runs forward items on their hosts
     _default_app_consistent = False
@@ -77,6 +78,7 @@ class LocalExecutor:
 
     def run(self, vault, units, opts, finish):
         for unit in units:
+            check_cancel(opts.cancel, "the replication cycle")  # the units after: not started
             unit.started = True
             try:
                 captured = unit.capture.capture(vault, unit.names, opts, unit.jobs)
@@ -118,6 +120,7 @@ class _Cycle:
         self.outcomes, self.errors = {}, {}
         self.jobs = []
         self.totals = {"written": 0, "read": 0}
+        self.events = Emitter(opts.events, "replicate")
 
     def prepare(self, unit):
         """The checks of one unit, then its operation and jobs begin."""
@@ -151,6 +154,8 @@ class _Cycle:
             vault.begin(n, "replicate", f"pydr replicate {n}{again}")
         unit.jobs = {n: vault.start_job("replicate", n, state="queued") for n in unit.names}
         self.jobs += unit.jobs.values()
+        for n in unit.names:
+            self.events.for_item(n, unit.jobs[n]).emit("started")
 
     def finish(self, unit, captured=None, error=None):
         """Record a unit's outcome: its points, or its failure. A failure
@@ -171,6 +176,8 @@ class _Cycle:
         items = captured["items"]
         extras = captured["extra"]
         cuts = {n: items[n]["cut"] for n in unit.names}
+        for n in unit.names:
+            self.events.for_item(n, unit.jobs[n]).emit("progress", phase="record")
         point_id = record_point(
             vault, unit.names, cuts=cuts, hooks_ran=self.opts.app_consistent,
             cut_times={n: items[n].get("cut_at") for n in unit.names},
@@ -195,6 +202,8 @@ class _Cycle:
                                            bytes=items[n]["bytes"])
             self.totals["written"] += items[n]["bytes"]
             self.totals["read"] += items[n]["read"]
+            self.events.for_item(n, unit.jobs[n]).emit(
+                "finished", bytes_done=items[n]["bytes"], message=f"point {point_id}")
             crashpoints.reached("cycle.done")
 
     def failed(self, unit, exc, *, partial=None):
@@ -206,7 +215,7 @@ class _Cycle:
         for name, idx, kept in (partial or {}).get("steps", ()):
             with vault.transaction():
                 record_steps(vault, name, idx, kept)
-        cancelled = _interrupted(exc)
+        cancelled = interrupted(exc)
         # an interruption is not damage: running the same command again is the way out
         health = "warning" if cancelled or recoverable(exc) else "critical"
         error = str(exc) or (f"interrupted ({type(exc).__name__})" if cancelled
@@ -234,6 +243,8 @@ class _Cycle:
             self.outcomes[n] = ItemOutcome(n, "failed", error=why or error,
                                            exit_code=exit_code_for(exc),
                                            recoverable=recoverable(exc))
+            self.events.for_item(n, unit.jobs.get(n)).emit(
+                "cancelled" if cancelled else "failed", message=why or error)
         self.errors[tuple(unit.names)] = exc
 
     def not_started(self, unit):
@@ -245,6 +256,8 @@ class _Cycle:
                 self.vault.end_job(unit.jobs[n], "cancelled", error="the call stopped before "
                                    "this item's cycle began", bytes_transferred=None)
             self.vault.end(n, "replicate")
+            self.events.for_item(n, unit.jobs.get(n)).emit(
+                "cancelled", message="the call stopped before this item's cycle began")
 
     def result(self, seconds):
         outcomes = [self.outcomes[n] for n in self.names if n in self.outcomes]
@@ -255,7 +268,7 @@ class _Cycle:
 
 def replicate(vault, names, *, executor=None, app_consistent=False, progress=None,
               threads=None, resync_all=False, changed_extents=None, tracking_lost=False,
-              bwlimit=None):
+              bwlimit=None, events=None, cancel=None):
     """Run one replication cycle of the items `names`; returns CycleResult.
 
     The items of a group that are in `names` are replicated together, all
@@ -274,12 +287,22 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
     only ``resync_all=True`` (``--resync``: a checksum comparison of both
     sides, the replica re-read) replicates them then. ``bwlimit``: bytes a
     second for uploads to an object store.
+
+    ``events``: an EventSink (pydr.dr.events) given, for each item, a
+    "started" event (its job queued), "progress" events per disk and phase
+    (bytes done and total), and "finished" (its point), "failed" or
+    "cancelled". ``cancel``: a threading.Event; once set, the cycle stops
+    at the next check (between units and disks, and in the engine's reads,
+    within about 16 MiB or a second): the items being replicated end as a
+    Ctrl-C leaves them (their jobs "cancelled", health warning; a rerun
+    finishes them), the ones not begun are untouched, and Cancelled
+    (exit 130) is raised. Items recorded before it keep their points.
     """
     start = time.monotonic()
     opts = Options(app_consistent=app_consistent, progress=progress, threads=threads,
                    resync_all=resync_all, changed_extents=changed_extents,
                    tracking_lost=tracking_lost, bwlimit=bwlimit,
-                   on_hosts=getattr(executor, "on_hosts", False))
+                   on_hosts=getattr(executor, "on_hosts", False), events=events, cancel=cancel)
     executor = executor or LocalExecutor()
     cycle = _Cycle(vault, opts, executor, names)
     units = _plan(vault, cycle.names)
@@ -304,6 +327,11 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
         raise
     result = cycle.result(time.monotonic() - start)
     if cycle.errors:
+        stopped = [e for e in cycle.errors.values() if interrupted(e)]
+        if stopped:  # cancelled: the call ends as a kill would, whatever the others did
+            with contextlib.suppress(AttributeError):
+                stopped[0].cycle_result = result
+            raise stopped[0]
         if len(units) == 1:
             exc = next(iter(cycle.errors.values()))
             with contextlib.suppress(AttributeError):  # for --json: every item's outcome
@@ -321,11 +349,6 @@ def _where(exc):
     return getattr(exc, "path", None) or getattr(exc, "filename", None)
 
 
-def _interrupted(exc):
-    """Ctrl-C, or a cancel= event: the cycle was stopped, nothing is damaged."""
-    return not isinstance(exc, Exception) or isinstance(exc, Cancelled)
-
-
 def _some_failed(vault, result):
     failed = result.failed
     return CycleFailed(f"{len(failed)} of {len(result.outcomes)} items failed ("
@@ -334,7 +357,7 @@ def _some_failed(vault, result):
                        + "); the others have their points", result, path=vault.dir)
 
 
-def replicate_with_retry(vault, names, *, policy=None, **kwargs):
+def replicate_with_retry(vault, names, *, policy=None, events=None, cancel=None, **kwargs):
     """replicate(), retried on the schedule of pydr.dr.retry while some items'
     errors are recoverable; only those items (with their groups' members in
     the call) run again. Each scheduled retry is recorded on the items it
@@ -344,7 +367,12 @@ def replicate_with_retry(vault, names, *, policy=None, **kwargs):
     the items that succeeded share (None when attempts gave them different
     ones: each outcome has its own). A call of several units that ends with
     some failed raises CycleFailed, even when the last attempt retried one
-    unit; a call of one unit raises that unit's own error."""
+    unit; a call of one unit raises that unit's own error.
+
+    ``events`` and ``cancel`` are replicate()'s, for every attempt; a set
+    ``cancel`` also ends the waits between attempts (Cancelled is raised,
+    the schedule cleared)."""
+    kwargs.update(events=events, cancel=cancel)
     names = list(dict.fromkeys(names))
     pending = list(names)
     outcomes = {}
@@ -400,13 +428,15 @@ def replicate_with_retry(vault, names, *, policy=None, **kwargs):
     policy = policy or RetryPolicy()
     if policy.on_retry is None:
         policy.on_retry = record
+    if cancel is not None:
+        policy.cancel = cancel
     try:
         result = policy.run(attempt)
         if result.failed:  # the last attempt retried the others, and they made it
             raise _some_failed(vault, result)
     except Exception as exc:
         last = getattr(exc, "cycle_result", None)
-        if last is not None and len(_unit_names(vault, names)) > 1:
+        if last is not None and not interrupted(exc) and len(_unit_names(vault, names)) > 1:
             # the last attempt ran one unit of several: the call's outcome is every item's
             raise _some_failed(vault, last) from exc
         raise

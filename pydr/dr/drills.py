@@ -7,6 +7,7 @@ import os
 
 from ..engine import crashpoints, names
 from ..errors import InvalidState, UnknownName
+from .events import Emitter, check_cancel
 from .pointstores import point_store
 from .points import check_point, destinations, materialize_into, select_point
 
@@ -24,13 +25,28 @@ def check_no_overlay_drill(vault, name, what):
     point_store(vault, name).refuse_writes_under_drill(what)
 
 
-def test_failover(vault, name, directory, point=None, *, method="auto", progress=None):
+def test_failover(vault, name, directory, point=None, *, method="auto", progress=None,
+                  events=None, cancel=None):
     """Drill: materialise a point into `directory` (a spec) by `method`
     ("auto": reflink where the file system can clone, else a copy; "qcow2":
     overlays backed by the replicas, which then are not replicated to until
     the drill is cleaned up; "copy"). Returns {"item", "point", "paths",
     "method", "notes"}. A drill that was interrupted is finished by the same
-    call; one that is complete is left as it is."""
+    call; one that is complete is left as it is.
+
+    ``events``: an EventSink (pydr.dr.events) given "started" (with the
+    job), per disk "progress" in phase "materialize" (named by the drill's
+    disk), then "finished", "failed" or "cancelled". ``cancel``: a
+    threading.Event; once set, the drill stops between disks and in the
+    copy (Cancelled, exit 130) and is left as a kill leaves it: interrupted,
+    finished by running the same call again (or cleaned up)."""
+    em = Emitter(events, "test-failover", name)
+    return em.run(lambda: _test_failover(vault, name, directory, point, method, progress, em,
+                                         cancel),
+                  started=False, done=lambda r: f"point {r['point']} in {directory}")
+
+
+def _test_failover(vault, name, directory, point, method, progress, em, cancel):
     row = vault.item(name)
     where = vault.endpoint(name, directory).spec
     notes = []
@@ -54,6 +70,7 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
         pid = select_point(vault, name, point)
         check_point(vault, name, pid)  # a damaged point: refused before anything is recorded
         destinations(vault, name, where)  # so are disks that cannot be made there
+        check_cancel(cancel, "the test failover")
         # first: a killed drill is finished, or cleaned up, from this record
         vault.begin(name, "test-failover", f"pydr test-failover {name} --to {where} --point "
                     f"{pid}{method_flags(method)}", test_dir=where, test_point=pid)
@@ -61,8 +78,10 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
     methods = []
 
     def run():
+        em.job = getattr(vault, "current_job", None)
+        em.emit("started")
         paths = materialize_into(vault, name, pid, where, drill=True, method=method,
-                                 progress=progress, methods=methods)
+                                 progress=progress, methods=methods, events=em, cancel=cancel)
         # a resumed drill: also how the disks made before the kill were made
         for m in filter(None, (vault.item(name)["test_method"] or "").split("+")):
             vault.note_method(m)
@@ -87,15 +106,26 @@ def _check_still_kept(vault, name, pid, where):
                            path=vault.dir) from None
 
 
-def cleanup_test_failover(vault, name):
+def cleanup_test_failover(vault, name, *, events=None, cancel=None):
     """Remove what test_failover wrote (its directory too, if that empties
-    it). Returns {"item", "removed", "notes"}."""
+    it). Returns {"item", "removed", "notes"}. ``events``: an EventSink given
+    "started" and "finished" (or "failed"); ``cancel``: a threading.Event
+    asked before anything is removed (Cancelled: nothing was)."""
+    em = Emitter(events, "cleanup-test-failover", name)
+    return em.run(lambda: _cleanup(vault, name, em, cancel), started=False,
+                  done=lambda r: f"{len(r['removed'])} files removed")
+
+
+def _cleanup(vault, name, em, cancel):
     row = vault.item(name)
+    check_cancel(cancel, "the clean-up of the test failover")
     if not row["test_dir"]:
         return {"item": name, "removed": [],
                 "notes": ["no test failover to clean up: nothing to do"]}
 
     def run():
+        em.job = getattr(vault, "current_job", None)
+        em.emit("started")
         vault.end(name, "test-failover")  # an interrupted drill is abandoned
         vault.begin(name, "cleanup-test-failover", f"pydr cleanup-test-failover {name}")
         directory = vault.endpoint(name, row["test_dir"])

@@ -25,6 +25,7 @@ import os
 from ..engine import crashpoints
 from ..errors import DamagedJournal, DamagedPoint, InvalidState, PydrError, UnknownName
 from . import ownership
+from .events import Emitter, check_cancel, interrupted
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
 from .pointstores import point_store
@@ -42,14 +43,42 @@ def _already(vault, name, kinds):
     return job is not None and job.kind in kinds
 
 
+_EVENTS_DOC = """
+    ``events``: an EventSink (pydr.dr.events) given "started" once the
+    item's job begins, per disk "progress" in phase "bring-up" (named by the
+    disk the item's machine uses, never a temporary file), then "finished",
+    "failed" or "cancelled" (a replication cycle it runs first reports as
+    operation "replicate"). ``cancel``: a threading.Event; once set, the
+    work stops at the next check (between disks, and in the copy: within
+    about 16 MiB or a second) with Cancelled (exit 130), the item left as a
+    kill leaves it: running the same call again finishes it."""
+
+
 def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, method="auto",
-             progress=None, to=None, executor=None):
+             progress=None, to=None, executor=None, events=None, cancel=None):
     """Fail `name` over to a recovery point; afterwards its replica paths
     hold that point, made by `method` (see materialize_disk; "qcow2": an
     overlay on the baseline, which a VM then writes into). An item
     replicated to an object store is brought up in the local directory `to`
     (its points downloaded there; the disks there are its replicas from then
-    on). Returns {"item", "point", "method", "notes"}."""
+    on). Returns {"item", "point", "method", "notes"}.
+    """
+    em = Emitter(events, "failover", name)
+    return em.run(lambda: _failover(vault, name, point, planned, shutdown_hook, method, progress,
+                                    to, executor, em, cancel),
+                  started=False, done=_done)
+
+
+failover.__doc__ += _EVENTS_DOC
+
+
+def _done(result):
+    """The message of a "finished" event: the point the item is at."""
+    return f"point {result['point']}" if result.get("point") is not None else None
+
+
+def _failover(vault, name, point, planned, shutdown_hook, method, progress, to, executor, em,
+              cancel):
     row = vault.item(name)
     store = point_store(vault, name)
     if row["state"] == "protected":  # where the disks come up: --to, or the replicas' paths
@@ -63,7 +92,7 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
             raise type(exc)(f"{exc.message}; bring another point up with 'pydr change-point "
                             f"{name} --point N'", path=exc.path, offset=exc.offset) from None
         return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"], method,
-                         progress, checked=True)
+                         progress, checked=True, em=em, cancel=cancel)
     if row["state"] == "failed-over":
         at = row["failover_point"]
         wanted = at if point in (None, "latest", "latest-processed") else select_point(
@@ -77,6 +106,7 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         raise InvalidState(f"item {name!r} cannot fail over in state {row['state']} "
                            f"(direction {row['direction']})", path=vault.dir)
     check_no_overlay_drill(vault, name, "a failover")
+    check_cancel(cancel, "the failover")
     chosen = not planned and point not in (None, "latest")
     if chosen:  # known now: checked before anything is recorded, moved or run
         check_point(vault, name, select_point(vault, name, point))
@@ -95,10 +125,11 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
                 notes.append(f"shutdown hook failed, going on (unplanned): {exc}")
         if planned or point in (None, "latest"):
             try:
-                replicate(vault, [name], executor=executor)  # the last changes first: lowest RPO
+                # the last changes first: lowest RPO
+                replicate(vault, [name], executor=executor, events=em.sink, cancel=cancel)
                 notes.append("replicated the latest changes first")
             except (OSError, PydrError) as exc:
-                if planned:
+                if planned or interrupted(exc):
                     raise
                 notes.append(f"could not replicate the latest changes ({exc}); "
                              "using the newest point")
@@ -110,22 +141,35 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         raise
     vault.set_item(name, state="failing-over", failover_point=pid, failover_dir=to)
     crashpoints.reached("failover.marked")
-    return _bring_up(vault, name, pid, "failover", notes, method, progress, checked=True)
+    return _bring_up(vault, name, pid, "failover", notes, method, progress, checked=True, em=em,
+                     cancel=cancel)
 
 
-def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None, checked=False):
+def _bring_up(vault, name, pid, operation, notes, method="auto", progress=None, checked=False,
+              *, em=None, cancel=None):
     """Make every disk of the item hold point `pid`, by its point store
     (PointStore.bring_up_disk: a step chain moves each replica aside to its
     baseline and makes the point from it at the replica's path; a chunk
     index downloads it into the failover directory). Ends in failed-over."""
     store = point_store(vault, name)
     methods = []
+    em = em or Emitter(None, operation, name)
 
     def run():
+        em.job = getattr(vault, "current_job", None)
+        em.emit("started")
         if not checked:  # before any replica is moved aside
             check_point(vault, name, pid)
         for d in vault.disks(name):
-            methods.append(store.bring_up_disk(pid, d, method=method, progress=progress))
+            check_cancel(cancel, f"the {operation}")
+            shown = em.progress(disk=d["idx"], phase="bring-up", path=d["replica"],
+                                also=progress)
+            methods.append(store.bring_up_disk(pid, d, method=method, progress=shown,
+                                               cancel=cancel))
+            if em:  # where the disk is now (a chunk index's came up in the failover directory)
+                now = {x["idx"]: x["replica"] for x in vault.disks(name)}[d["idx"]]
+                em.disk_done(disk=d["idx"], phase="bring-up", endpoint=vault.endpoint(name, now),
+                             message=f"made ({methods[-1]})")
             crashpoints.reached("failover.disk")  # whole, by a rename
         vault.end(name, (operation, "failover", "change-point"), state="failed-over",
                   failover_point=pid)
@@ -141,11 +185,21 @@ def current_method(vault, name):
     return point_store(vault, name).current_method()
 
 
-def change_point(vault, name, point, *, method=None, progress=None):
+def change_point(vault, name, point, *, method=None, progress=None, events=None, cancel=None):
     """After a failover and before commit: the replica paths hold another
     point, made again from the untouched baselines by `method` (by default
     the way the failover made them). Returns {"item", "point", "method",
-    "notes"}."""
+    "notes"}.
+    """
+    em = Emitter(events, "change-point", name)
+    return em.run(lambda: _change_point(vault, name, point, method, progress, em, cancel),
+                  started=False, done=_done)
+
+
+change_point.__doc__ += _EVENTS_DOC
+
+
+def _change_point(vault, name, point, method, progress, em, cancel):
     row = vault.item(name)
     if row["state"] not in ("failed-over", "failing-over"):
         raise InvalidState(f"change-point needs a failed-over item; {name!r} is {row['state']}",
@@ -156,13 +210,15 @@ def change_point(vault, name, point, *, method=None, progress=None):
                 "notes": [f"already at point {pid}: nothing to do"]}
     method = method or current_method(vault, name)
     check_point(vault, name, pid)  # before the failed-over disks are replaced
+    check_cancel(cancel, "change-point")
     vault.begin(name, "change-point", f"pydr change-point {name} --point {pid}"
                 f"{method_flags(method)}", state="failing-over", failover_point=pid)
     crashpoints.reached("failover.marked")
-    return _bring_up(vault, name, pid, "change-point", [], method, progress, checked=True)
+    return _bring_up(vault, name, pid, "change-point", [], method, progress, checked=True,
+                     em=em, cancel=cancel)
 
 
-def commit(vault, name):
+def commit(vault, name, *, events=None, cancel=None):
     """Make the failover final: site B is active (the direction flips); the
     recovery points, their steps and the old baselines are discarded.
     Returns {"item", "direction", "notes"}.
@@ -170,7 +226,15 @@ def commit(vault, name):
     In two transactions around the removal of the files: "committing"
     first (no point may be used from then on), the records last, so that a
     kill in between is finished by committing again, and no file is left
-    that nothing names."""
+    that nothing names. ``events``: an EventSink given "started" and
+    "finished" (or "failed"); ``cancel``: a threading.Event asked before the
+    commit begins (Cancelled: nothing changed); once begun it finishes."""
+    em = Emitter(events, "commit", name)
+    return em.run(lambda: _commit(vault, name, em, cancel), started=False,
+                  done=lambda r: f"direction {r['direction']}")
+
+
+def _commit(vault, name, em, cancel):
     row = vault.item(name)
     if row["state"] == "failover-committed":
         return {"item": name, "direction": row["direction"],
@@ -179,10 +243,13 @@ def commit(vault, name):
         raise InvalidState(f"commit needs a failed-over item; {name!r} is {row['state']}",
                            path=vault.dir)
     if row["state"] == "failed-over":
+        check_cancel(cancel, "the commit")
         vault.begin(name, "commit", f"pydr commit {name}", state="committing")
         crashpoints.reached("commit.marked")
 
     def run():
+        em.job = getattr(vault, "current_job", None)
+        em.emit("started")
         notes = point_store(vault, name).discard()  # steps, baselines, indexes
         for d in vault.disks(name):
             with contextlib.suppress(FileNotFoundError):
@@ -200,10 +267,22 @@ def commit(vault, name):
     return vault.run_job("commit", name, run)
 
 
-def reprotect(vault, name, *, progress=None):
+def reprotect(vault, name, *, progress=None, events=None, cancel=None):
     """After commit: replicate in the other direction. Each disk's replica
     (now active) becomes the source and its old source the replica, reused:
-    the first cycle is a checksum resync that moves only differing blocks."""
+    the first cycle is a checksum resync that moves only differing blocks.
+
+    ``events``: an EventSink given "started" (the reprotect job), the
+    cycle's events (operation "replicate"), then "finished", "failed" or
+    "cancelled". ``cancel``: a threading.Event; once set, the cycle stops as
+    replicate's does (Cancelled), the reprotect left pending: running it
+    again finishes it."""
+    em = Emitter(events, "reprotect", name)
+    return em.run(lambda: _reprotect(vault, name, progress, em, cancel), started=False,
+                  done=_done)
+
+
+def _reprotect(vault, name, progress, em, cancel):
     row = vault.item(name)
     if vault.pending(name, "reprotect") is None:
         if row["state"] == "protected" and _already(vault, name, ("reprotect",)):
@@ -213,6 +292,7 @@ def reprotect(vault, name, *, progress=None):
         if row["state"] != "failover-committed":
             raise InvalidState(f"reprotect needs a committed failover; {name!r} is "
                                f"{row['state']}", path=vault.dir)
+        check_cancel(cancel, "the reprotect")
         with vault.transaction():
             for d in vault.disks(name):
                 vault.set_disk(name, d.idx, source=d.replica, replica=d.source)
@@ -222,8 +302,14 @@ def reprotect(vault, name, *, progress=None):
         notes = []
     else:
         notes = ["resumed"]
-    vault.start_job("reprotect", name, state="running")
-    result = replicate(vault, [name], resync_all=True, progress=progress)
+    em.job = vault.start_job("reprotect", name, state="running")
+    em.emit("started")
+    try:
+        result = replicate(vault, [name], resync_all=True, progress=progress, events=em.sink,
+                           cancel=cancel)
+    except BaseException as exc:  # the reprotect stays pending: running it again finishes it
+        vault.end_job(em.job, "cancelled" if interrupted(exc) else "failed", error=str(exc))
+        raise
     vault.end(name, "reprotect")
     _end_latest_job(vault, name, "reprotect")
     return {"item": name, "direction": vault.item(name)["direction"], "point": result.point_id,
@@ -235,14 +321,25 @@ def _end_latest_job(vault, name, kind):
     vault.end_job(vault.last_job(name, kind).id, "succeeded")
 
 
-def failback(vault, name, *, alternates=None, shutdown_hook=None):
+def failback(vault, name, *, alternates=None, shutdown_hook=None, events=None, cancel=None):
     """A planned failover in the reverse direction: a final cycle, nothing
     lost. With alternates {replica path: new path}, those disks are brought
-    up at the new paths instead (the old ones are left as they are)."""
+    up at the new paths instead (the old ones are left as they are).
+    """
+    em = Emitter(events, "failback", name)
+    return em.run(lambda: _failback(vault, name, alternates, shutdown_hook, em, cancel),
+                  started=False, done=_done)
+
+
+failback.__doc__ += _EVENTS_DOC
+
+
+def _failback(vault, name, alternates, shutdown_hook, em, cancel):
     row = vault.item(name)
     pending = vault.pending(name, "failback")
     if row["state"] == "failing-over" and pending is not None:
-        return _bring_up(vault, name, row["failover_point"], "failback", ["resumed"])
+        return _bring_up(vault, name, row["failover_point"], "failback", ["resumed"], em=em,
+                         cancel=cancel)
     if pending is None and row["state"] == "failed-over" and row["direction"] == "reverse" \
             and _already(vault, name, ("failback",)):
         return {"item": name, "point": row["failover_point"],
@@ -271,7 +368,9 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None):
     try:
         if shutdown_hook:
             run_hook(shutdown_hook, "shutdown hook")  # planned: it must succeed
-        pid = replicate(vault, [name]).point_id  # the final cycle: nothing is lost
+        check_cancel(cancel, "the failback")
+        # the final cycle: nothing is lost
+        pid = replicate(vault, [name], events=em.sink, cancel=cancel).point_id
     except BaseException:
         if pending is None:
             vault.end(name, "failback")  # nothing changed yet
@@ -283,7 +382,8 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None):
             continue
         # the disk comes up at the new path; the old replica is left alone
         vault.run_job("materialize", name,
-                      lambda d=d, new=new: materialize_disk(vault, name, pid, d, new))
+                      lambda d=d, new=new: materialize_disk(vault, name, pid, d, new,
+                                                            cancel=cancel))
         # the point's steps are rolled back onto it from now on: its identity is recorded
         ownership.record_state(owner_of(vault, name, dict(d, replica=new)),
                                vault.endpoint(name, new), writing=False)
@@ -293,4 +393,4 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None):
         crashpoints.reached("failback.alternate")
     vault.set_item(name, state="failing-over", failover_point=pid)
     crashpoints.reached("failover.marked")
-    return _bring_up(vault, name, pid, "failback", [])
+    return _bring_up(vault, name, pid, "failback", [], em=em, cancel=cancel)

@@ -21,6 +21,15 @@ A host without a live worker does not hang the cycle: once no worker has
 served it for ``host_timeout`` seconds, its items' tasks are cancelled and
 the items fail with "no worker for host NAME" (recoverable: a later run,
 once a worker is back, replicates them). The other items go on.
+
+Cancel (replicate's ``cancel=``): once the event is set, the coordinator
+stops waiting (it looks every half second): the tasks not back are
+cancelled on the scheduler -- one not yet started never runs; one running
+on a worker cannot be stopped there, it runs to its end and what it
+returns is dropped -- and their items end as a killed cycle leaves them
+(jobs "cancelled", health warning). What a dropped task did on its host
+(a replica resynced, an undo step kept) is what a rerun finds and
+finishes: the work is idempotent, its step is offered again.
 """
 
 import asyncio
@@ -29,9 +38,10 @@ import contextlib
 import time
 import uuid
 
-from ..errors import FleetError, InvalidState, NoWorkerForHost, SchedulerLost
+from ..errors import Cancelled, FleetError, InvalidState, NoWorkerForHost, SchedulerLost
 from .agent import RESOURCE_PREFIX
 from .cycle import LocalExecutor
+from .events import Emitter
 
 DEFAULT_HOST_TIMEOUT = 300.0  # seconds a host may be without a worker
 POLL = 0.5  # seconds between looks at the cluster while tasks run
@@ -43,9 +53,10 @@ def resource(host):
 
 
 class Fleet:
-    """A connection to a Dask scheduler. ``events``: fn(dict) called with
-    progress events (see :func:`replicate`). Use as a context manager, or
-    call close()."""
+    """A connection to a Dask scheduler. ``events``: an EventSink
+    (pydr.dr.events) given the fleet's Events (see :class:`FleetExecutor`)
+    when the call itself was given none. Use as a context manager, or call
+    close()."""
 
     def __init__(self, scheduler, *, host_timeout=DEFAULT_HOST_TIMEOUT, events=None):
         try:
@@ -84,10 +95,6 @@ class Fleet:
                     served[host] = served.get(host, 0) + 1
         return served
 
-    def emit(self, **event):
-        if self.events is not None:
-            self.events(event)
-
     def executor(self):
         """The executor that runs cycles on this fleet (pydr.dr.cycle)."""
         return FleetExecutor(self)
@@ -98,12 +105,17 @@ class FleetExecutor:
     per item, pinned by the host's resource) and gives each unit to the
     driver (pydr.dr.cycle) once all of its items' tasks ended.
 
-    Events (``fleet.events``): {"event": "submitted", "items", "disks"},
-    then per item {"event": "item", "item", "host", "status": "succeeded" |
-    "failed", "error"?, "items_done", "items", "disks_done", "disks",
-    "bytes", "bytes_per_second"}, and at the end {"event": "done", "items",
-    "succeeded", "failed", "seconds", "coordinator_seconds" (the time not
-    spent waiting for workers: checks, submitting, recording)}."""
+    Events (pydr.dr.events, to the call's ``events`` or else
+    ``fleet.events``), besides the cycle driver's per item ("started",
+    "finished" with its point, "failed", "cancelled"): per item "progress"
+    in phase "submitted" (its task went to host H: ``message``), per item
+    "progress" in phase "transfer" once its task is back (``bytes_done``:
+    what it moved; ``message``: the host), and per disk of a step chain
+    "progress" in phase "transfer" with its size done; "started" with
+    ``item`` None once every task is submitted, and "finished" (or
+    "cancelled" after a cancel dropped tasks) with ``item`` None at the end (``message``: items, succeeded, failed,
+    seconds, and the coordinator's seconds: the time not spent waiting for
+    workers)."""
 
     point_reached = "fleet.recorded"
     on_hosts = True
@@ -130,10 +142,14 @@ class FleetExecutor:
         LocalExecutor().run(vault, here, opts, finish)
         units = [u for u in units if u not in here]
         fleet = self.fleet
+        em = Emitter(opts.events or fleet.events, "replicate")
+        cancel = opts.cancel
         start = time.monotonic()
         futures, host_of, disks_of, waiting = {}, {}, {}, {}
         cycle = uuid.uuid4().hex[:12]
         for unit in units:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the replication cycle cancelled")  # the rest: not started
             unit.started = True
             try:  # every task of the unit is built before any is submitted
                 tasks = [(n, *unit.capture.task(vault, n, opts)) for n in unit.names]
@@ -148,8 +164,10 @@ class FleetExecutor:
                                         resources={resource(host_of[name]): 1}, pure=False)
                 futures[f] = (unit, name)
                 vault.update_job(unit.jobs[name], state="running", started=time.time())
+                em.for_item(name, unit.jobs[name]).emit(
+                    "progress", phase="submitted", message=f"to host {host_of[name]}")
         items, total_disks = len(host_of), sum(disks_of.values())
-        fleet.emit(event="submitted", items=items, disks=total_disks)
+        em.emit("started", message=f"{items} items ({total_disks} disks) submitted")
         counts = {"done": 0, "failed": 0, "disks": 0, "bytes": 0}
         absent_since = {}  # host -> when it was first seen without a worker
         idle = 0.0  # seconds spent waiting for the workers: the rest is the coordinator's
@@ -161,6 +179,8 @@ class FleetExecutor:
                     outcome[name] = unit.capture.adopt(vault, name, result)
                 except Exception as exc:  # what a worker returned cannot be recorded
                     error = exc
+            if error is None and em:
+                _disks_back(em.for_item(name, unit.jobs.get(name)), vault, name, result)
             if error is not None:
                 outcome[name] = error
                 counts["failed"] += 1
@@ -170,15 +190,10 @@ class FleetExecutor:
                 counts["done"] += 1
                 counts["disks"] += disks_of[name]
                 counts["bytes"] += outcome[name]["items"][name]["bytes"]
-            event = {"event": "item", "item": name, "host": host_of[name],
-                     "status": "failed" if error is not None else "succeeded",
-                     "items_done": counts["done"] + counts["failed"], "items": items,
-                     "disks_done": counts["disks"], "disks": total_disks,
-                     "bytes": counts["bytes"],
-                     "bytes_per_second": counts["bytes"] / max(time.monotonic() - start, 1e-9)}
-            if error is not None:
-                event["error"] = str(error)
-            fleet.emit(**event)
+                em.for_item(name, unit.jobs.get(name)).emit(
+                    "progress", phase="transfer",
+                    bytes_done=outcome[name]["items"][name]["bytes"],
+                    message=f"back from host {host_of[name]}")
             if len(outcome) == len(unit.names):  # the whole unit is back: recorded now
                 del waiting[id(unit)]
                 _unit_done(unit, outcome, finish)
@@ -187,6 +202,16 @@ class FleetExecutor:
         try:
             while futures:
                 from distributed import wait
+
+                if cancel is not None and cancel.is_set():  # what is not back: dropped
+                    for f, (unit, name) in list(futures.items()):
+                        del futures[f]
+                        with contextlib.suppress(*lost_errors):
+                            f.cancel()
+                        ended(unit, name, error=Cancelled(
+                            f"the replication cycle cancelled before {name}'s task on host "
+                            f"{host_of[name]} was back", path=fleet.scheduler))
+                    break
 
                 waited = time.monotonic()
                 back, lost, served = [], None, None
@@ -230,8 +255,21 @@ class FleetExecutor:
                     f.cancel()
             raise
         seconds = time.monotonic() - start
-        fleet.emit(event="done", items=items, succeeded=counts["done"], failed=counts["failed"],
-                   seconds=seconds, coordinator_seconds=seconds - idle)
+        stopped = cancel is not None and cancel.is_set() and counts["failed"]
+        em.emit("cancelled" if stopped else "finished",
+                message=f"{items} items: {counts['done']} succeeded, "
+                f"{counts['failed']} failed in {seconds:.3f} s (coordinator "
+                f"{seconds - idle:.3f} s)")
+
+
+def _disks_back(em, vault, name, result):
+    """A "progress" Event for each disk a step chain's task reports (its
+    whole size compared, named by its replica)."""
+    replicas = {d["idx"]: d["replica"] for d in vault.disks(name)}
+    for d in result.get("disks", ()) if isinstance(result, dict) else ():
+        if isinstance(d, dict) and "idx" in d and "size" in d:
+            em.emit("progress", disk=d["idx"], phase="transfer", bytes_done=d["size"],
+                    bytes_total=d["size"], path=replicas.get(d["idx"]))
 
 
 def _connection_lost_errors():

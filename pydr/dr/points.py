@@ -10,6 +10,7 @@ import time
 
 from ..engine import crashpoints
 from ..errors import DamagedPoint, InvalidState, UnknownName
+from .events import Emitter, check_cancel
 from .pointstores import point_store
 from .pointstores.base import protected_disks
 
@@ -70,17 +71,33 @@ def apply_retention(vault, name, now=None):
 
 
 def materialize(vault, name, point_id, directory, *, threads=None, method="auto",
-                progress=None, methods=None):
+                progress=None, methods=None, events=None, cancel=None):
     """Write each disk of `name` as it was at recovery point `point_id` into
     `directory`, as DIR/<replica file name>, by `method` (see
     pydr.dr.pointstores.base.PointStore.materialize_disk). Returns the specs written;
     the methods used are appended to the list `methods`, if given, and
-    recorded on the job ("materialize")."""
-    check_points_usable(vault, name)
-    check_point(vault, name, point_id)
-    return vault.run_job("materialize", name, lambda: materialize_into(
-        vault, name, point_id, directory, threads, method=method, progress=progress,
-        methods=methods))
+    recorded on the job ("materialize").
+
+    ``events``: an EventSink (pydr.dr.events) given "started", per disk
+    "progress" in phase "materialize" (named by the disk made, never its
+    temporary file), then "finished", "failed" or "cancelled".
+    ``cancel``: a threading.Event; once set, the work stops between disks
+    and in the copy (Cancelled), every disk either made whole or not at all;
+    running it again makes the rest."""
+    em = Emitter(events, "materialize", name)
+
+    def run():
+        em.job = getattr(vault, "current_job", None)
+        em.emit("started")
+        return materialize_into(vault, name, point_id, directory, threads, method=method,
+                                progress=progress, methods=methods, events=em, cancel=cancel)
+
+    def checked():
+        check_points_usable(vault, name)
+        check_point(vault, name, point_id)
+        return vault.run_job("materialize", name, run)
+
+    return em.run(checked, started=False, done=lambda paths: f"point {point_id}")
 
 
 def check_point(vault, name, point_id):
@@ -98,14 +115,16 @@ def check_point(vault, name, point_id):
 
 
 def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=False, *,
-                     method="auto", progress=None):
+                     method="auto", progress=None, cancel=None):
     """Write one disk as it was at `point_id` to `dest` (a spec or an
     endpoint; replaced), by its point store (PointStore.materialize_disk).
     ``drill``: a test failover's disk (never written over a file). Returns
-    the method used, also noted on the job."""
+    the method used, also noted on the job. ``cancel``: a threading.Event
+    (Cancelled once set; `dest` is left as it was)."""
+    check_cancel(cancel, "materialising the disk", dest)
     return point_store(vault, name).materialize_disk(
         point_id, disk, vault.endpoint(name, dest), threads=threads, drill=drill, method=method,
-        progress=progress)
+        progress=progress, cancel=cancel)
 
 
 def check_points_usable(vault, name):
@@ -144,17 +163,24 @@ def destinations(vault, name, directory):
 
 
 def materialize_into(vault, name, point_id, directory, threads=None, drill=False, *,
-                     method="auto", progress=None, methods=None):
+                     method="auto", progress=None, methods=None, events=None, cancel=None):
     """Every disk of the point into `directory` (a spec), named like its
     replica (see destinations); the replicas themselves are never written
     over. A drill keeps the disks that are there already (whole: a disk
-    appears by a rename): the ones a killed drill finished."""
+    appears by a rename): the ones a killed drill finished. ``events``: an
+    Emitter (pydr.dr.events) given each disk's progress in phase
+    "materialize"; ``cancel``: checked between disks and in the copy."""
     check_points_usable(vault, name)
+    events = events or Emitter(None, "materialize", name)
     out = []
     for d, dest in destinations(vault, name, directory):
         if not (drill and dest.exists()):
+            shown = events.progress(disk=d["idx"], phase="materialize", path=str(dest),
+                                    also=progress)
             used = materialize_disk(vault, name, point_id, d, dest, threads, drill,
-                                    method=method, progress=progress)
+                                    method=method, progress=shown, cancel=cancel)
+            events.disk_done(disk=d["idx"], phase="materialize", endpoint=dest,
+                             message=f"made ({used})")
             if methods is not None:
                 methods.append(used)
             if drill:  # recorded with the disk: a resumed drill still says how it was made

@@ -10,7 +10,7 @@ operator acts. The clock and the sleep are injectable for tests.
 import errno
 import time
 
-from ..errors import PydrError
+from ..errors import Cancelled, PydrError
 
 #: Seconds after the first attempt at which attempts 2..6 start.
 SCHEDULE = (60, 120, 240, 480, 600)
@@ -47,12 +47,27 @@ def attempt_offset(n):
 class RetryPolicy:
     """Runs a callable until it succeeds, retrying recoverable errors on the
     schedule. ``on_retry(attempt, when, exc)`` is told of every scheduled
-    retry (the vault records it); ``max_attempts`` bounds the total."""
+    retry (the vault records it); ``max_attempts`` bounds the total.
+    ``cancel`` (a threading.Event): once set, no attempt starts and a wait
+    for one ends with Cancelled."""
 
-    def __init__(self, *, clock=time.time, sleep=time.sleep, max_attempts=None, on_retry=None):
+    def __init__(self, *, clock=time.time, sleep=time.sleep, max_attempts=None, on_retry=None,
+                 cancel=None):
         self.clock, self.sleep = clock, sleep
         self.max_attempts = max_attempts
         self.on_retry = on_retry
+        self.cancel = cancel
+
+    def _wait(self, seconds):
+        """Sleep `seconds`, or until `cancel` is set (then Cancelled)."""
+        if self.cancel is None:
+            self.sleep(seconds)
+        elif self.sleep is time.sleep:
+            self.cancel.wait(seconds)
+        else:  # an injected clock's sleep (tests): cancel is asked after it
+            self.sleep(seconds)
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("the retries were cancelled")
 
     def run(self, fn):
         first = self.clock()
@@ -67,4 +82,4 @@ class RetryPolicy:
                 when = first + attempt_offset(n)
                 if self.on_retry is not None:
                     self.on_retry(n, when, exc)
-                self.sleep(max(0.0, when - self.clock()))
+                self._wait(max(0.0, when - self.clock()))

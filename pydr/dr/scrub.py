@@ -25,7 +25,7 @@ from ..engine.journal import journal_path
 from ..engine.parallel import check_threads
 from ..engine.progress import Throttle
 from ..engine.signatures import CHUNK_BYTES, sign_range
-from ..errors import FormatError, VaultError
+from ..errors import Cancelled, FormatError, VaultError
 from .store import LOCK_NAME
 
 #: bytes of a replica signed at a time (on several threads, CHUNK_BYTES each)
@@ -36,13 +36,15 @@ SAMPLE_WINDOW_BYTES = 16 << 20
 SHOWN = 5
 
 
-def scrub_item(vault, name, sample=100.0, threads=None):
+def scrub_item(vault, name, sample=100.0, threads=None, *, events=None, cancel=None):
     """Scrub every disk of item `name` that has a signature cache. Returns
     (disks scrubbed, bytes read, [problem text]); a replica that differs
     from its cache has marked the points damaged and the item
-    resync-required on the way."""
+    resync-required on the way. ``events``: an Emitter (pydr.dr.events)
+    given each disk's "progress" in phase "verify"; ``cancel``: a
+    threading.Event asked between windows (Cancelled)."""
     with _no_cycle_running(vault):
-        return _scrub_disks(vault, name, sample, threads)
+        return _scrub_disks(vault, name, sample, threads, events, cancel)
 
 
 @contextlib.contextmanager
@@ -71,7 +73,7 @@ def _no_cycle_running(vault):
         os.close(fd)
 
 
-def _scrub_disks(vault, name, sample, threads):
+def _scrub_disks(vault, name, sample, threads, events=None, cancel=None):
     from ..engine.sigstream import SignatureReader
 
     scrubbed, nbytes, problems = 0, 0, []
@@ -88,7 +90,13 @@ def _scrub_disks(vault, name, sample, threads):
             if disk.local_path is not None:
                 if os.path.exists(journal_path(disk.local_path)):
                     continue  # a cycle was interrupted: the cache describes no state yet
-                found, read = scrub_file(disk.local_path, cache, sample=sample, threads=threads)
+                shown = None
+                if events:
+                    def shown(done, total, idx=d["idx"], where=d["replica"]):
+                        events.emit("progress", disk=idx, phase="verify", bytes_done=done,
+                                    bytes_total=total, path=where)
+                found, read = scrub_file(disk.local_path, cache, sample=sample, threads=threads,
+                                         cancel=cancel, on_window=shown)
             else:
                 found, read = scrub_remote(disk, cache, threads=threads)
         except (FormatError, OSError) as exc:
@@ -112,10 +120,13 @@ def _mark_rotten(vault, name, reason):
     vault.set_item(name, state="resync-required", health="warning", last_error=reason)
 
 
-def scrub_file(path, cache, *, sample=100.0, threads=None, rng=random):
+def scrub_file(path, cache, *, sample=100.0, threads=None, rng=random, cancel=None,
+               on_window=None):
     """Compare the file or block device `path` with the signature file
     `cache` (a random `sample` percent of its windows). Returns (text naming
-    the first differing offsets, or None when they agree; bytes read)."""
+    the first differing offsets, or None when they agree; bytes read).
+    ``cancel`` (a threading.Event) is asked before each window (Cancelled);
+    ``on_window(bytes read, bytes to read)`` is told after each."""
     import numpy as np
 
     from ..engine.sigstream import SignatureReader
@@ -136,7 +147,10 @@ def scrub_file(path, cache, *, sample=100.0, threads=None, rng=random):
             if sample < 100.0 and windows:
                 windows = sorted(rng.sample(windows, max(1, round(len(windows) * sample / 100.0))))
             differ, total, read = [], 0, 0
+            wanted = sum(min(size, (w + per_window) * bs) - w * bs for w in windows)
             for first in windows:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("the scrub cancelled", path=path)
                 count = min(per_window, reader.n - first)
                 offset = first * bs
                 length = min(size, offset + count * bs) - offset
@@ -151,6 +165,8 @@ def scrub_file(path, cache, *, sample=100.0, threads=None, rng=random):
                 bad = np.nonzero((got != expected).any(axis=1))[0]
                 total += len(bad)
                 differ.extend(int(first + b) * bs for b in bad[:SHOWN - len(differ)])
+                if on_window is not None:
+                    on_window(read, wanted)
         finally:
             os.close(fd)
     return _describe(differ, total, bs), read

@@ -23,6 +23,7 @@ from ..engine import crashpoints
 from ..errors import AlreadyApplied, BaseMismatch, InvalidState, PydrError, TrackingLost
 from . import ownership, replica_check, tracking
 from .agent import NeedsResync, cut, cycle_item, steps_kept, transfer_disk
+from .events import Emitter, check_cancel
 from .cyclerecord import (RESYNC_THRESHOLD, broken_chain, check_one_writer, drop_cache,
                           mark_resync_required, owner_of, record_steps, rows_holding)
 from .retry import recoverable
@@ -70,7 +71,7 @@ def check(vault, names, opts):
 
 
 def _cycle_disk(vault, name, d, source, step, has_point, on_progress, threads, resync_all,
-                extents):
+                extents, cancel=None):
     """One disk's part of a cycle: resync the replica from `source` (the disk
     or its snapshot) and keep the undo journal as the disk's next step where
     the replica's endpoint keeps steps (the vault, or beside the replica on
@@ -86,7 +87,7 @@ def _cycle_disk(vault, name, d, source, step, has_point, on_progress, threads, r
     moved, read, kept, journal = transfer_disk(
         source, replica, offered=offered, cache=vault.cache_path(name, d["idx"]),
         has_point=has_point, resync_all=resync_all, extents=extents, progress=on_progress,
-        threads=threads)
+        threads=threads, cancel=cancel)
     ownership.record_state(me, replica, writing=False,  # binds the new cache to this replica
                            cache=vault.cache_path(name, d["idx"]))
     replica_check.adopted(vault, name)
@@ -97,8 +98,15 @@ def capture(vault, names, opts, jobs):
     """The cycle of one unit (`names`: an item, or the items of a group in
     the call) in this process: one cut of all their disks, then each disk
     replicated and its steps recorded. Returns the Captured the driver
-    records: {"items": {name: {"cut", "cut_at", "bytes", "read"}}, "trackers", ...}."""
+    records: {"items": {name: {"cut", "cut_at", "bytes", "read"}}, "trackers", ...}.
+
+    Events (opts.events): per item a "cut" step, then per disk "progress"
+    in phase "transfer" (bytes done of the bytes compared, named by the
+    replica). opts.cancel is checked before the cut, between disks and by
+    the engine while it reads (Cancelled)."""
     rows = [vault.item(n) for n in names]
+    emitters = {n: Emitter(opts.events, "replicate", n, jobs.get(n)) for n in names}
+    check_cancel(opts.cancel, "the replication cycle")
     trackers = {}  # (item, disk index) -> its changed-block tracker
     for r in rows:
         for d in vault.disks(r["name"]):
@@ -118,6 +126,8 @@ def capture(vault, names, opts, jobs):
 
     try:
         sizes = [source.size() for _, _, source in plans]
+        for n in names:
+            emitters[n].emit("progress", phase="cut")
         # the cut: every disk at one instant (a clone, or a tracker's next bitmap)
         with cut([source for _, _, source in plans],
                  trackers=[trackers.get((r["name"], d["idx"])) for r, d, _ in plans],
@@ -135,21 +145,24 @@ def capture(vault, names, opts, jobs):
             done_before = 0
             for (r, d, _), size, view, changed in zip(plans, sizes, taken.views, taken.changed):
                 name, idx = r["name"], d["idx"]
+                check_cancel(opts.cancel, "the replication cycle")
                 if name not in started:
                     vault.update_job(jobs[name], state="running", started=time.time())
                     started.add(name)
                 has_point = bool(vault.points(name))
                 step = vault.current_step(name, idx) + 1
                 last = [0.0]
+                shown = emitters[name].progress(disk=idx, phase="transfer", path=d["replica"],
+                                                also=opts.progress)
 
-                def on_progress(rec, name=name, base=done_before):
+                def on_progress(rec, name=name, base=done_before, shown=shown):
                     now = time.monotonic()
                     if now - last[0] >= JOB_UPDATE_INTERVAL or rec.finished:
                         last[0] = now
                         vault.update_job(jobs[name],
                                          progress=min(1.0, (base + rec.done_bytes) / total))
-                    if opts.progress is not None:
-                        opts.progress(rec)
+                    if shown is not None:
+                        shown(rec)
 
                 extents = changed  # a tracked disk: what changed before its cut
                 given = opts.changed_extents or {}
@@ -158,7 +171,7 @@ def capture(vault, names, opts, jobs):
                     extents = given[name].get(idx, [])
                 moved, read, steps = _cycle_disk(vault, name, d, view, step, has_point,
                                                  on_progress, opts.threads, opts.resync_all,
-                                                 extents)
+                                                 extents, opts.cancel)
                 crashpoints.reached("cycle.disk")
                 per_item_bytes[name] += moved
                 totals["written"] += moved

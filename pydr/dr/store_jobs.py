@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from ..errors import InvalidState, UnknownName, VaultDamaged
+from ..errors import Cancelled, InvalidState, UnknownName, VaultDamaged
 from .store_records import JobRecord, PlanRecord, assignments
 
 
@@ -28,8 +28,8 @@ class JobTables:
         try:
             result = fn()
         except BaseException as exc:
-            self.end_job(job, "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
-                         error=str(exc))
+            stopped = isinstance(exc, (KeyboardInterrupt, Cancelled))  # ended as a kill ends it
+            self.end_job(job, "cancelled" if stopped else "failed", error=str(exc))
             raise
         finally:
             self.current_job = outer

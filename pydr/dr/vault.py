@@ -57,8 +57,8 @@ class Vault(Store):
     def test_failover(self, name, directory, point=None, **kwargs):
         return D.test_failover(self, name, directory, point, **kwargs)
 
-    def cleanup_test_failover(self, name):
-        return D.cleanup_test_failover(self, name)
+    def cleanup_test_failover(self, name, **kwargs):
+        return D.cleanup_test_failover(self, name, **kwargs)
 
     def failover(self, name, point="latest", **kwargs):
         return F.failover(self, name, point, **kwargs)
@@ -66,8 +66,8 @@ class Vault(Store):
     def change_point(self, name, point, **kwargs):
         return F.change_point(self, name, point, **kwargs)
 
-    def commit(self, name):
-        return F.commit(self, name)
+    def commit(self, name, **kwargs):
+        return F.commit(self, name, **kwargs)
 
     def reprotect(self, name, **kwargs):
         return F.reprotect(self, name, **kwargs)
@@ -75,11 +75,19 @@ class Vault(Store):
     def failback(self, name, **kwargs):
         return F.failback(self, name, **kwargs)
 
-    def verify(self, name, point=None, sample=100.0):
+    def verify(self, name, point=None, sample=100.0, *, events=None, cancel=None):
         """Check an item's points where they are (the "verify" capability of
         its point store: the undo steps, signature caches and replicas of a
-        step chain; the indexes and chunks of a chunk index)."""
-        return pointstores.point_store(self, name).require("verify")(point, sample)
+        step chain; the indexes and chunks of a chunk index). ``events``: an
+        EventSink given "started", each replica's "progress" in phase
+        "verify" and "finished"/"failed"/"cancelled"; ``cancel``: a
+        threading.Event asked between steps, windows and chunks."""
+        from .events import Emitter
+
+        em = Emitter(events, "verify", name)
+        verify = pointstores.point_store(self, name).require("verify")
+        return em.run(lambda: verify(point, sample, events=em, cancel=cancel),
+                      done=lambda r: f"{len(r['problems'])} problems")
 
     def collect_garbage(self, target, **kwargs):
         """Mark and sweep what no point names: in the point store of item

@@ -184,13 +184,14 @@ class StepChainPlace:
         raise NotImplementedError
 
     def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
-                    progress=None):
+                    progress=None, cancel=None):
         """Write this disk's latest state with the undo `steps` (endpoints,
         newest first) rolled back onto it to `dest`, at this place, by
         ``method``: "auto" (a reflink clone where the file system can, else a
         copy), "reflink", "copy" or "qcow2" (an overlay backed by the latest
         state). ``drill``: a test failover's disk (never overwrites a file).
-        Returns the method used."""
+        ``cancel``: a threading.Event; once set, the copy stops (Cancelled)
+        and nothing is renamed over `dest`. Returns the method used."""
         raise NotImplementedError
 
     def backing(self):

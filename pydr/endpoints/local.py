@@ -96,7 +96,7 @@ class LocalEndpoint(StepChainPlace, InProcess, Endpoint):
             os.rmdir(self._path)  # only if the drill left it empty
 
     def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
-                    progress=None):
+                    progress=None, cancel=None):
         from ..engine.restore import materialize_file
 
         self.check_same_place(dest)
@@ -110,7 +110,7 @@ class LocalEndpoint(StepChainPlace, InProcess, Endpoint):
 
             return materialize_overlay(latest, [s.path for s in steps], dest.path)
         return materialize_file(latest, [s.path for s in steps], dest.path, threads,
-                                method=method, progress=progress)
+                                method=method, progress=progress, cancel=cancel)
 
     def backing(self):
         from ..transport.overlay import backing_of

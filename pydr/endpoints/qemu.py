@@ -125,7 +125,7 @@ class QemuImageEndpoint(LocalEndpoint):
         return None  # a reflink clone of a QEMU image is not a point-in-time disk of its own
 
     def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
-                    progress=None):
+                    progress=None, cancel=None):
         """The point as an image of the same format: the latest state (the
         baseline after a failover) cloned (reflink) where the file system
         can, else copied through qemu-nbd, into a new image beside `dest`;
@@ -161,7 +161,7 @@ class QemuImageEndpoint(LocalEndpoint):
             with self.engine_disk(path=latest) as src:
                 with self.engine_disk(write=True, size=src.size, path=tmp) as out:
                     if used == "copy":
-                        resync(src, out, threads=threads, progress=progress)
+                        resync(src, out, threads=threads, progress=progress, cancel=cancel)
                     for step in steps:  # newest first; checked whole before it is written
                         J.rollback(out, step.path, step=True)
                     out.sync()

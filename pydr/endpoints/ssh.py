@@ -11,7 +11,7 @@ import time
 from ..engine import bindings as B
 from ..engine import names
 from ..engine.signatures import Signature
-from ..errors import UnsupportedFile
+from ..errors import Cancelled, UnsupportedFile
 from .base import Endpoint, SignResult, StepChainPlace
 from .specs import parse_remote
 
@@ -96,11 +96,13 @@ class SshEndpoint(StepChainPlace, Endpoint):
         self.host.remove([self._here(d) for d in disks], drill=self._path)
 
     def materialize(self, steps, dest, *, drill=False, threads=None, method="auto",
-                    progress=None):
+                    progress=None, cancel=None):
         self.check_same_place(dest)
         if method == "qcow2":
             raise UnsupportedFile("qcow2 overlays of a replica on another host are not made "
                                   "yet: leave out --as qcow2 there", path=self.spec)
+        if cancel is not None and cancel.is_set():  # the work there is not stopped half-way
+            raise Cancelled("cancelled", path=dest.spec)
         return self.host.materialize(self._path, [self._here(s) for s in steps],
                                      self._here(dest), drill=drill, method=method)
 

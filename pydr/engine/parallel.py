@@ -76,9 +76,10 @@ def run_chunks(nchunks, threads, make_worker_state, do_chunk, progress, throttle
         progress.request_cancel()
 
     def tick():
+        throttle.report(progress.done, progress.read)
+        # after the report: a cancel its callback set stops the workers now, not a tick later
         if cancel is not None and cancel.is_set():
             progress.request_cancel()
-        throttle.report(progress.done, progress.read)
 
     tick()  # a first record before any read: a caller sees the start, whatever the load
     try:

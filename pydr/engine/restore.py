@@ -29,13 +29,14 @@ def check_steps(steps):
         J.check_step(path)
 
 
-def materialize_file(source, steps, dest, threads=None, *, method="auto", progress=None):
+def materialize_file(source, steps, dest, threads=None, *, method="auto", progress=None,
+                     cancel=None):
     """Write `source` with the undo journals `steps` rolled back onto it,
     newest first, to `dest`; returns the method used: "reflink" (a clone of
     `source`, then only the steps written) or "copy". ``method`` "auto"
     clones where it can and copies elsewhere; "reflink" refuses where the
     file system cannot clone; "copy" always copies (``progress`` gets its
-    records).
+    records; a set ``cancel`` event stops it with Cancelled).
 
     It is made beside `dest` (.NAME.pydr-new) and renamed over it when
     whole, so `dest` is only ever the old file or the point; a half-made one
@@ -58,7 +59,8 @@ def materialize_file(source, steps, dest, threads=None, *, method="auto", progre
                                   "reflink=1 or btrfs, and both in one file system); leave out "
                                   "--reflink to copy instead", path=dest)
         else:
-            resync(source, tmp, threads=threads, progress=progress)  # sparse-aware
+            resync(source, tmp, threads=threads, progress=progress,  # sparse-aware
+                   cancel=cancel)
         crashpoints.reached("restore.copied")
         fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
         try:

@@ -117,9 +117,21 @@ def test_replicate_all_runs_each_item_on_its_host(fleet, tmp_path):
         r = replicate(ctx, cluster.scheduler_address, "--events")
         assert r.returncode == 0, r.stderr
     events = [json.loads(line) for line in r.stderr.splitlines()]
-    done = [e for e in events if e["event"] == "item"]
-    assert len(done) == 30 and done[-1]["items_done"] == 30 and done[-1]["disks_done"] == 30
-    assert all(e["status"] == "succeeded" for e in done)
+    assert all((e["type"], e["version"], e["operation"]) == ("event", 1, "replicate")
+               for e in events)
+    submitted = [e["item"] for e in events if e["phase"] == "submitted"]
+    back = [e["item"] for e in events if e["kind"] == "progress" and e["phase"] == "transfer"
+            and e["disk"] is None]
+    disks = [e for e in events if e["kind"] == "progress" and e["disk"] is not None]
+    done = [e for e in events if e["kind"] == "finished" and e["item"] is not None]
+    assert sorted(submitted) == sorted(back) == sorted(e["item"] for e in done) == sorted(
+        ctx["items"])
+    assert len(disks) == 30 and all(e["bytes_done"] == e["bytes_total"] > 0 for e in disks)
+    assert all(e["job"] is not None and e["message"].startswith("point ") for e in done)
+    assert not [e for e in events if e["kind"] in ("failed", "cancelled")]
+    summary = [e for e in events if e["kind"] == "finished" and e["item"] is None]
+    assert len(summary) == 1 and summary[0]["message"].startswith("30 items: 30 succeeded, "
+                                                                   "0 failed")
     for n, i in ctx["items"].items():
         assert sha(i["replica"]) == sha(i["source"])
     jobs = replicate_jobs(ctx)
@@ -231,8 +243,9 @@ def test_plan_failover_over_three_hosts_keeps_group_order_and_hooks(fleet, tmp_p
         assert r.returncode == 0, r.stderr
     assert log.read_text().split() == ["pre1", "post1", "pre2", "post2", "pre3", "post3"]
     events = [json.loads(line) for line in r.stderr.splitlines()]
-    starts = [e["group"] for e in events if e["event"] == "plan" and e["status"] == "started"]
-    assert starts == [1, 2, 3]
+    starts = [e["message"].split(":")[1].split("(")[0].strip() for e in events
+              if e["kind"] == "plan-step" and e["item"] is None]
+    assert starts == ["group 1 of 3 started", "group 2 of 3 started", "group 3 of 3 started"]
     report = json.loads(r.stdout)["report"]
     assert all(e["status"] in ("ok", "succeeded") for e in report)
     last_cycles = [j for j in replicate_jobs(ctx) if j["item"] in planned][-9:]

@@ -483,7 +483,7 @@ def test_losing_the_scheduler_fails_what_is_not_back_recoverably(tmp_path):
     vault, items = setup_items(tmp_path, hosts=True)
     with make_cluster(["hv-a"], tmp_path) as cluster:
         def lose_the_scheduler(event):
-            if event["event"] == "item" and event["item"] == "a":
+            if event.item == "a" and event.phase == "transfer" and event.disk is None:
                 cluster.close()
 
         with Vault(vault, writer=True) as v, \

@@ -113,7 +113,9 @@ class PointStore:
         return getattr(self, capability)
 
     verify = None
-    """verify(point_id=None, sample=100.0) -> report dict with "problems":
+    """verify(point_id=None, sample=100.0, *, events=None, cancel=None) ->
+    report dict with "problems" (``events``: an Emitter of pydr.dr.events;
+    ``cancel``: a threading.Event, Cancelled once set):
     read back the item's points (all, or `point_id`'s; a random `sample`
     percent) and check them against what the vault recorded. Damage found
     marks the points that need it; a report never says "sound" for bytes
@@ -147,14 +149,15 @@ class PointStore:
         raise NotImplementedError
 
     def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
-                         method="auto", progress=None):
+                         method="auto", progress=None, cancel=None):
         """Write disk `disk` (a row of the vault's disks) as it was at
         `point_id` to the endpoint `dest`, whole (replaced by a rename), by
         `method`: "auto", "copy", "reflink", "qcow2" (an overlay on the
         latest state) where the kind can, else UnsupportedFile. ``drill``: a
         test failover's disk, never written over a file. Returns the method
         used (also noted on the job with vault.note_method). Damage found on
-        the way marks the points that need it."""
+        the way marks the points that need it. ``cancel`` (a threading.Event)
+        stops the work (Cancelled), `dest` left as it was."""
         raise NotImplementedError
 
     def drill_on_replicas(self, directory):
@@ -178,7 +181,7 @@ class PointStore:
                              "fail over at their replicas' paths")
         return None
 
-    def bring_up_disk(self, point_id, disk, *, method="auto", progress=None):
+    def bring_up_disk(self, point_id, disk, *, method="auto", progress=None, cancel=None):
         """Failover and change-point, one disk: make the place the item's
         machine uses for disk `disk` hold point `point_id`, by `method`
         (made again each time: exact even after the failed-over machine

@@ -25,8 +25,10 @@ import time
 from ...endpoints.s3 import SCHEME, ObjectStore
 from ...engine.chunks import ZERO_ID, PointIndex, decode_chunk
 from ...engine.oserrors import naming
+from ...engine.progress import Throttle
 from ...engine.restore import install
-from ...errors import DamagedPoint, FormatError, InvalidState, UnsupportedFile, VaultDamaged
+from ...errors import (Cancelled, DamagedPoint, FormatError, InvalidState, UnsupportedFile,
+                       VaultDamaged)
 from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
 from .. import chunkcapture
 from .base import PointStore, protected_disks
@@ -130,7 +132,7 @@ class ChunkIndex(PointStore):
                                offset=where[first][1])
 
     def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
-                         method="auto", progress=None):
+                         method="auto", progress=None, cancel=None):
         """Downloaded to a file on this machine ("download"; `method` "auto"
         or "copy": an object store cannot clone or overlay)."""
         self._refuse_method(method)
@@ -142,7 +144,7 @@ class ChunkIndex(PointStore):
             raise FileExistsError(errno.EEXIST, "a test failover does not overwrite files",
                                   str(dest))
         used = restore_disk(self.vault, self.name, point_id, disk, dest.local_path,
-                            threads=threads, progress=progress)
+                            threads=threads, progress=progress, cancel=cancel)
         self.vault.note_method(used)
         return used
 
@@ -180,12 +182,13 @@ class ChunkIndex(PointStore):
                                path=dest)
         return dest
 
-    def bring_up_disk(self, point_id, disk, *, method="auto", progress=None):
+    def bring_up_disk(self, point_id, disk, *, method="auto", progress=None, cancel=None):
         """Downloaded into the failover directory (again each time: exact);
         from then on that local disk is the disk's replica."""
         self._refuse_method(method)
         dest = self._failover_path(disk, self.vault.item(self.name)["failover_dir"])
-        used = restore_disk(self.vault, self.name, point_id, disk, dest, progress=progress)
+        used = restore_disk(self.vault, self.name, point_id, disk, dest, progress=progress,
+                            cancel=cancel)
         self.vault.note_method(used)
         self.vault.set_disk(self.name, disk["idx"], replica=dest)
         return used
@@ -213,9 +216,10 @@ class ChunkIndex(PointStore):
                 f"their chunks"]
 
     # -- capabilities ------------------------------------------------------------------
-    def verify(self, point_id=None, sample=100.0):
-        """Every index downloaded and checked, and its chunks (or a sample)."""
-        return verify(self.vault, self.name, point_id, sample)
+    def verify(self, point_id=None, sample=100.0, *, events=None, cancel=None):
+        """Every index downloaded and checked, and its chunks (or a sample);
+        ``cancel`` is asked before each chunk (``events`` get no progress)."""
+        return verify(self.vault, self.name, point_id, sample, cancel=cancel)
 
     def collect_garbage(self, **options):
         """Mark and sweep the item's object store (every item's indexes there)."""
@@ -268,11 +272,14 @@ def fetch_chunk(store, ident):
     return decode_chunk(blob, ident, _coders.zd, where=store.url(key))
 
 
-def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=None):
+def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=None,
+                 cancel=None):
     """Write disk `disk` of `name` at `point_id` to the local path `dest`
     (replaced atomically): every chunk downloaded in parallel and verified
     against its id; zero chunks left as holes. A missing or corrupt chunk is
-    reported with its id and offset, and nothing is renamed over `dest`."""
+    reported with its id and offset, and nothing is renamed over `dest`.
+    ``progress`` gets ProgressRecords as chunks arrive; a set ``cancel``
+    event stops the downloads (Cancelled), `dest` left as it was."""
     row = vault.index_of(name, point_id)
     if row is None:
         raise InvalidState(f"point {point_id} of {name!r} has no index in the vault",
@@ -293,6 +300,8 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
                 os.ftruncate(fd, size)
 
             def fetch(i):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled", path=dest)
                 try:
                     data = fetch_chunk(store, ids[i])
                 except FileNotFoundError:
@@ -307,9 +316,13 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
                     os.pwrite(fd, data, i * index.chunk_size)
 
             wanted = [i for i, ident in enumerate(ids) if ident != ZERO_ID]
+            throttle = Throttle(progress, "download", dest, size)
+            done = 0
             with cf.ThreadPoolExecutor(max_workers=threads or UPLOADS) as pool:
-                for _ in pool.map(fetch, wanted):
-                    pass
+                for n, _ in enumerate(pool.map(fetch, wanted), 1):
+                    done = min(size, (wanted[n - 1] + 1) * index.chunk_size)
+                    throttle.report(done, n * index.chunk_size)
+            throttle.report(size, done, finished=True)
             install(tmp, dest, fd)
         finally:
             os.close(fd)
@@ -322,7 +335,7 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     return "download"
 
 
-def verify(vault, name, point_id=None, sample=100.0):
+def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
     """Check the item's point indexes (all, or `point_id`'s) and their chunks:
     every one downloaded and hashed, or a random `sample` percent of them.
     Returns {"points", "chunks", "checked", "problems": [text]}."""
@@ -349,6 +362,8 @@ def verify(vault, name, point_id=None, sample=100.0):
     if sample < 100.0:
         ids = random.sample(ids, max(1, round(len(ids) * sample / 100.0))) if ids else []
     def check(ident):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"the verify of {name!r} cancelled", path=vault.dir)
         point, idx, offset = chunks[ident]
         try:
             fetch_chunk(store, ident)

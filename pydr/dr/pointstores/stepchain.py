@@ -53,7 +53,7 @@ class StepChain(PointStore):
         check_replicas(self.vault, self.name)  # the file the steps are rolled back onto
 
     def materialize_disk(self, point_id, disk, dest, *, threads=None, drill=False,
-                         method="auto", progress=None):
+                         method="auto", progress=None, cancel=None):
         """At the replica's place (StepChainPlace.materialize): the steps' sizes are
         checked here, their records where they are read."""
         steps = steps_of(self.vault, self.name, point_id, disk["idx"])
@@ -63,7 +63,7 @@ class StepChain(PointStore):
         try:
             used = replica.materialize([self.vault.endpoint(self.name, s["path"]) for s in steps],
                                        dest, drill=drill, threads=threads, method=method,
-                                       progress=progress)
+                                       progress=progress, cancel=cancel)
         except CorruptDelta as exc:
             damaged = step_named(steps, exc.path)
             if damaged is not None:
@@ -82,7 +82,7 @@ class StepChain(PointStore):
         return None
 
     # -- failover -----------------------------------------------------------------------
-    def bring_up_disk(self, point_id, disk, *, method="auto", progress=None):
+    def bring_up_disk(self, point_id, disk, *, method="auto", progress=None, cancel=None):
         """The replica moves aside to its baseline (unless it did already),
         then the point is made from the baseline at the replica's path."""
         replica = self._replica(disk)
@@ -95,7 +95,8 @@ class StepChain(PointStore):
                                  disk["replica"])
             ownership.record_state(me, base, writing=False, which=ownership.BASELINE)
             crashpoints.reached("failover.baseline")
-        return self.materialize_disk(point_id, disk, replica, method=method, progress=progress)
+        return self.materialize_disk(point_id, disk, replica, method=method, progress=progress,
+                                     cancel=cancel)
 
     def current_method(self):
         """"qcow2" where the first failed-over disk is an overlay on its baseline."""
@@ -148,7 +149,8 @@ class StepChain(PointStore):
         return notes
 
     # -- capabilities ------------------------------------------------------------------
-    def verify(self, point_id=None, sample=100.0):
+    def verify(self, point_id=None, sample=100.0, *, events=None, cancel=None):
         """Every step read through, the signature caches and the replicas
         read back (pydr.dr.pointstores.stepverify)."""
-        return verify_steps(self.vault, self.name, point_id, sample)
+        return verify_steps(self.vault, self.name, point_id, sample, events=events,
+                            cancel=cancel)

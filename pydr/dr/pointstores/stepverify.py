@@ -15,18 +15,20 @@ import os
 import random
 
 from ...engine.sigstream import SignatureReader
-from ...errors import CorruptDelta, FormatError
+from ...errors import Cancelled, CorruptDelta, FormatError
 from ..replica_check import check_replicas
 from ..scrub import scrub_item
 from .steps import all_steps, check_step, steps_of
 
 
-def verify_steps(vault, name, point_id=None, sample=100.0):
+def verify_steps(vault, name, point_id=None, sample=100.0, *, events=None, cancel=None):
     """Check the item's steps (all, or those point `point_id` needs; a
     random `sample` percent of them) and its signature caches. Returns
     {"item", "points", "steps", "checked", "bytes", "size_only", "caches",
     "problems": [text], "damaged_points": [id]}: steps at a remote place are
-    checked by size only (the place checks their records as it restores)."""
+    checked by size only (the place checks their records as it restores).
+    ``events`` (an Emitter) and ``cancel`` go to the replicas' scrub
+    (pydr.dr.scrub.scrub_item); ``cancel`` is also asked between steps."""
     points = vault.points(name)
     if point_id is not None:
         vault.point(name, point_id)
@@ -43,6 +45,8 @@ def verify_steps(vault, name, point_id=None, sample=100.0):
         keys = sorted(random.sample(keys, max(1, round(len(keys) * sample / 100.0))))
     problems, checked, size_only, nbytes = [], 0, 0, 0
     for idx, number in keys:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"the verify of {name!r} cancelled", path=vault.dir)
         row = steps[(idx, number)]
         try:
             check_step(vault, name, idx, row)  # marks the points that need a damaged one
@@ -68,7 +72,8 @@ def verify_steps(vault, name, point_id=None, sample=100.0):
         except (FormatError, OSError) as exc:
             problems.append(f"disk {d['idx']}, signature cache: {exc} (the next cycle reads the "
                             "replica instead and writes it again)")
-    scrubbed, scrub_bytes, scrub_problems = scrub_item(vault, name, sample)
+    scrubbed, scrub_bytes, scrub_problems = scrub_item(vault, name, sample, events=events,
+                                                       cancel=cancel)
     problems += scrub_problems
     damaged = [p["id"] for p in vault.points(name) if p["damaged"]]
     if point_id is not None:
