@@ -27,7 +27,8 @@ import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import Cancelled, CycleFailed, InvalidState, exit_code_for
+from ..errors import (Cancelled, CycleFailed, InvalidArgument, InvalidState, UnknownName,
+                      exit_code_for)
 from .pointstores import point_store
 from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_hooks,
                           check_not_stuck, items_at, record_point, record_steps)
@@ -83,6 +84,30 @@ class LocalExecutor:
                 finish(unit, error=exc)
                 continue
             finish(unit, captured)
+
+
+def item_names(vault, names):
+    """The items a call names, in order, each once: `names` is an item's
+    or a group's name, or a list of them; a group's name stands for its
+    members (protect never lets one name be both). InvalidArgument when
+    `names` is not a name or a list of names, UnknownName naming what is
+    neither an item nor a group."""
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise InvalidArgument(f"the items to replicate must be an item's or a group's name, or "
+                              f"a list of them, not {names!r}")
+    out = []
+    for name in names:
+        if vault.has_item(name):
+            out.append(name)
+            continue
+        try:
+            out += vault.items(group=name)
+        except UnknownName:
+            raise UnknownName(f"no protected item or replication group named {name!r}",
+                              path=vault.dir, item=name) from None
+    return list(dict.fromkeys(out))
 
 
 def _unit_names(vault, names):
@@ -252,7 +277,9 @@ class _Cycle:
 def replicate(vault, names, *, executor=None, app_consistent=False, progress=None,
               threads=None, resync_all=False, changed_extents=None, tracking_lost=False,
               bwlimit=None):
-    """Run one replication cycle of the items `names`; returns CycleResult.
+    """Run one replication cycle of the items `names` (an item's or a
+    group's name, or a list of them: see :func:`item_names`); returns
+    CycleResult.
 
     The items of a group that are in `names` are replicated together, all
     or nothing, with one cut; every other item on its own. Each item gets a
@@ -277,7 +304,7 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
                    tracking_lost=tracking_lost, bwlimit=bwlimit,
                    on_hosts=getattr(executor, "on_hosts", False))
     executor = executor or LocalExecutor()
-    cycle = _Cycle(vault, opts, executor, names)
+    cycle = _Cycle(vault, opts, executor, item_names(vault, names))
     units = _plan(vault, cycle.names)
     try:
         ready = []
@@ -308,7 +335,8 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
         # chained to an item's internal error first (a bug: exit 1 at the CLI), else its first
         errors = list(cycle.errors.values())
         cause = next((e for e in errors if exit_code_for(e) == 1), errors[0])
-        raise _some_failed(vault, result) from cause
+        hints = dict.fromkeys(e.hint for e in errors if getattr(e, "hint", None))
+        raise _some_failed(vault, result, "; ".join(hints) or None) from cause
     return result
 
 
@@ -322,12 +350,12 @@ def _interrupted(exc):
     return not isinstance(exc, Exception) or isinstance(exc, Cancelled)
 
 
-def _some_failed(vault, result):
+def _some_failed(vault, result, hint=None):
     failed = result.failed
     return CycleFailed(f"{len(failed)} of {len(result.outcomes)} items failed ("
                        + "; ".join(f"{o.item}: {o.error}" for o in failed[:3])
                        + ("; ..." if len(failed) > 3 else "")
-                       + "); the others have their points", result, path=vault.dir)
+                       + "); the others have their points", result, path=vault.dir, hint=hint)
 
 
 def replicate_with_retry(vault, names, *, policy=None, **kwargs):
@@ -341,7 +369,7 @@ def replicate_with_retry(vault, names, *, policy=None, **kwargs):
     ones: each outcome has its own). A call of several units that ends with
     some failed raises CycleFailed, even when the last attempt retried one
     unit; a call of one unit raises that unit's own error."""
-    names = list(dict.fromkeys(names))
+    names = item_names(vault, names)
     pending = list(names)
     outcomes = {}
     state = {"jobs": [], "written": 0, "read": 0, "consistency": None}

@@ -7,6 +7,7 @@ import os
 
 from ..engine import crashpoints, names
 from ..errors import InvalidState, UnknownName
+from . import arguments
 from .pointstores import point_store
 from .points import check_point, destinations, materialize_into, select_point
 
@@ -31,17 +32,20 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
     the drill is cleaned up; "copy"). Returns {"item", "point", "paths",
     "method", "notes"}. A drill that was interrupted is finished by the same
     call; one that is complete is left as it is."""
+    directory = arguments.directory(directory, "test_failover's directory")  # InvalidArgument
     row = vault.item(name)
     where = vault.endpoint(name, directory).spec
     notes = []
     if row["test_dir"]:
         if row["test_dir"] != where:
-            raise InvalidState(f"a test failover of {name!r} is already in {row['test_dir']}: run "
-                               f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
+            raise InvalidState(f"a test failover of {name!r} is already in {row['test_dir']}",
+                               path=vault.dir, item=name,
+                               hint=f"run 'pydr cleanup-test-failover {name}' first")
         pid = row["test_point"]
         if point not in SELECTORS and select_point(vault, name, point) != pid:
-            raise InvalidState(f"the test failover of {name!r} in {where} shows point {pid}: run "
-                               f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
+            raise InvalidState(f"the test failover of {name!r} in {where} shows point {pid}",
+                               path=vault.dir, item=name,
+                               hint=f"run 'pydr cleanup-test-failover {name}' first")
         interrupted = vault.pending(name, "test-failover") is not None
         if interrupted:
             _check_still_kept(vault, name, pid, where)
@@ -83,8 +87,8 @@ def _check_still_kept(vault, name, pid, where):
     except UnknownName:
         raise InvalidState(f"the interrupted test failover of {name!r} in {where} shows point "
                            f"{pid}, which the vault no longer keeps: its other disks cannot be "
-                           f"made; run 'pydr cleanup-test-failover {name}' first",
-                           path=vault.dir) from None
+                           f"made", path=vault.dir, item=name,
+                           hint=f"run 'pydr cleanup-test-failover {name}' first") from None
 
 
 def cleanup_test_failover(vault, name):

@@ -24,7 +24,7 @@ import os
 
 from ..engine import crashpoints
 from ..errors import DamagedJournal, DamagedPoint, InvalidState, PydrError, UnknownName
-from . import ownership
+from . import arguments, ownership
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
 from .pointstores import point_store
@@ -50,6 +50,8 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
     replicated to an object store is brought up in the local directory `to`
     (its points downloaded there; the disks there are its replicas from then
     on). Returns {"item", "point", "method", "notes"}."""
+    if to is not None:
+        to = arguments.directory(to, "failover's directory (to)")  # InvalidArgument
     row = vault.item(name)
     store = point_store(vault, name)
     if row["state"] == "protected":  # where the disks come up: --to, or the replicas' paths
@@ -60,8 +62,9 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         except (DamagedJournal, DamagedPoint) as exc:
             if all(p["damaged"] for p in vault.points(name)):
                 raise  # no other point can come up either
-            raise type(exc)(f"{exc.message}; bring another point up with 'pydr change-point "
-                            f"{name} --point N'", path=exc.path, offset=exc.offset) from None
+            raise type(exc)(exc.message, path=exc.path, offset=exc.offset, item=name,
+                            hint=f"bring another point up with 'pydr change-point {name} "
+                                 f"--point N'") from None
         return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"], method,
                          progress, checked=True)
     if row["state"] == "failed-over":
@@ -71,8 +74,8 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
         if wanted == at:
             return {"item": name, "point": at,
                     "notes": [f"already failed over to point {at}: nothing to do"]}
-        raise InvalidState(f"item {name!r} is failed over to point {at}: run 'pydr change-point "
-                           f"{name} --point {wanted}'", path=vault.dir)
+        raise InvalidState(f"item {name!r} is failed over to point {at}", path=vault.dir,
+                           item=name, hint=f"run 'pydr change-point {name} --point {wanted}'")
     if row["state"] != "protected":
         raise InvalidState(f"item {name!r} cannot fail over in state {row['state']} "
                            f"(direction {row['direction']})", path=vault.dir)
@@ -265,8 +268,9 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None):
             f" --alternate {k}={v}" for k, v in alternates.items())
         vault.begin(name, "failback", command, {"alternates": alternates})
     elif alternates and alternates != pending["alternates"]:
-        raise InvalidState(f"an interrupted failback of {name!r} is pending: run "
-                           f"'{row['operation_command']}'", path=vault.dir)
+        raise InvalidState(f"an interrupted failback of {name!r} is pending, with other "
+                           f"alternates", path=vault.dir, item=name,
+                           hint=f"run '{row['operation_command']}'")
     alternates = (pending or {}).get("alternates", alternates)
     try:
         if shutdown_hook:
