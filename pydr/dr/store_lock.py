@@ -32,6 +32,7 @@ _held_guard = threading.Lock()
 # to the last (flock has no timeout, and a blocking flock cannot be interrupted
 # at a deadline without a signal)
 _FIRST_POLL, _LAST_POLL = 0.005, 0.1
+_pause = time.sleep  # (a test pauses otherwise)
 
 
 def check_timeout(timeout):
@@ -102,7 +103,7 @@ def _wait_for(fd, timeout):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise
-        time.sleep(min(pause, left))
+        _pause(min(pause, left))
         pause = min(pause * 2, _LAST_POLL)
 
 
