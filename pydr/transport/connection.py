@@ -78,7 +78,8 @@ class Connection:
         self.spec = spec  # what the connection is for (host:PATH), named by its errors
         if compress and not P.zstd_available():
             raise InvalidArgument("compression needs the zstandard package, which is not "
-                                  "installed", hint="pip install zstandard, or leave out --compress")
+                                  "installed",
+                                  hint="pip install zstandard, or leave out --compress")
         self.cmd = shlex.split(rsh) + [host, f"{shlex.quote(remote_pydr)} serve --stdio"]
         try:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -197,7 +197,8 @@ def test_replicate_takes_a_groups_name(vault):
         assert sorted(result.items) == ["db", "web"]
         after = {n: len(v.points(n)) for n in ("db", "web", "solo")}
         assert after == {"db": before["db"] + 1, "web": before["web"] + 1, "solo": before["solo"]}
-        assert (vault.parent / "dr" / "db.img").read_bytes() == (vault.parent / "db.img").read_bytes()
+        replica = (vault.parent / "dr" / "db.img").read_bytes()
+        assert replica == (vault.parent / "db.img").read_bytes()
         with pytest.raises(UnknownName, match="no protected item or replication group named "
                                               "'nope'") as err:
             replicate(v, ["solo", "nope"])
