@@ -62,12 +62,13 @@ def create_plan(vault, name, groups):
 def _groups(groups):
     """A plan's groups as stored, [{"items", "pre", "post"}], from a list of
     dicts or of lists of item names; InvalidArgument naming the group that
-    is neither."""
+    is neither. A refusal names types, never values: a hook's command line
+    may hold a password."""
     expected = ('a list of item names, or a dict {"items": [names], "pre": CMD or None, '
                 '"post": CMD or None}')
     if isinstance(groups, (str, bytes, dict)) or not isinstance(groups, (list, tuple)):
         raise InvalidArgument(f"a plan's groups must be a list of groups, each {expected}; "
-                              f"not {groups!r}")
+                              f"not one of type {type(groups).__name__}")
     if not groups:
         raise InvalidArgument("a plan needs at least one group with at least one item",
                               hint="give --group ITEM[,ITEM...]")
@@ -77,16 +78,20 @@ def _groups(groups):
         if isinstance(group, dict):
             extra = set(group) - {"items", "pre", "post"}
             if extra:
-                raise InvalidArgument(f"{where} has keys {sorted(extra)}: expected {expected}")
+                keys = ", ".join(sorted(map(repr, extra)))
+                raise InvalidArgument(f"{where} has keys {keys}: expected {expected}")
             items, hooks = group.get("items"), {k: group.get(k) for k in ("pre", "post")}
             for key, hook in hooks.items():
                 if hook is not None and not (isinstance(hook, str) and hook.strip()):
                     raise InvalidArgument(f"{where}: its {key!r} hook must be a shell command "
-                                          f"(a non-empty str) or None, not {hook!r}")
+                                          f"(a non-empty str) or None, not "
+                                          + ("a blank str" if isinstance(hook, str) else
+                                             f"one of type {type(hook).__name__}"))
         elif isinstance(group, (list, tuple)):
             items, hooks = group, {"pre": None, "post": None}
         else:
-            raise InvalidArgument(f"{where} is {group!r}: expected {expected}")
+            raise InvalidArgument(f"{where} is of type {type(group).__name__}: "
+                                  f"expected {expected}")
         if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)) or not items \
                 or not all(isinstance(i, str) and i for i in items):
             raise InvalidArgument(f"{where} has items {items!r}: expected a non-empty list of "

@@ -77,16 +77,21 @@ def test_create_plan_takes_lists_of_item_names(vault):
 
 
 @pytest.mark.parametrize("groups, says", [
-    ("db", "a plan's groups must be a list of groups"),
-    ({"items": ["db"]}, "a plan's groups must be a list of groups"),
+    ("db", "a plan's groups must be a list of groups, each a list of item names, or a dict "
+           '{"items": [names], "pre": CMD or None, "post": CMD or None}; not one of type str'),
+    ({"items": ["db"], "pre": "SECRET"}, "a plan's groups must be a list of groups"),
     ([], "a plan needs at least one group"),
-    ([["db"], 5], "group 2 (groups[1]) is 5: expected a list of item names, or a dict"),
-    ([["db"], "web"], "group 2 (groups[1]) is 'web': expected a list of item names"),
-    ([{"item": ["db"]}], "group 1 (groups[0]) has keys ['item']: expected a list of item names"),
+    ([["db"], 5], "group 2 (groups[1]) is of type int: expected a list of item names, or a "
+                  "dict"),
+    ([["db"], "web"], "group 2 (groups[1]) is of type str: expected a list of item names"),
+    ([{"item": ["db"]}], "group 1 (groups[0]) has keys 'item': expected a list of item names"),
     ([["db"], []], "group 2 (groups[1]) has items []: expected a non-empty list of item names"),
     ([{"items": "db"}], "group 1 (groups[0]) has items 'db': expected a non-empty list"),
     ([["db", 7]], "group 1 (groups[0]) has items ['db', 7]: expected a non-empty list"),
-    ([{"items": ["db"], "pre": 3}], "its 'pre' hook must be a shell command"),
+    ([{"items": ["db"], "pre": 3}], "its 'pre' hook must be a shell command (a non-empty str) "
+                                    "or None, not one of type int"),
+    ([{"items": ["db"], "post": " "}], "its 'post' hook must be a shell command (a non-empty "
+                                       "str) or None, not a blank str"),
     ([["db"], ["web", "db"]], "item 'db' is in two groups of the plan: group 1 and group 2"),
 ])
 def test_create_plan_refuses_other_shapes_naming_the_group(vault, groups, says):
@@ -94,6 +99,7 @@ def test_create_plan_refuses_other_shapes_naming_the_group(vault, groups, says):
         with pytest.raises(InvalidArgument) as err:
             v.create_plan("p", groups)
         assert says in str(err.value)
+        assert "SECRET" not in str(err.value)  # a hook's command line is never shown
         with pytest.raises(UnknownName):
             v.plan("p")  # nothing was recorded
 
