@@ -7,6 +7,11 @@ FileNotFoundError`` works as usual. Each class carries the exit code the CLI
 uses for it; the codes are stable and listed in ``pydr --help``. This module
 imports nothing from pydr: every layer may use it. C return codes become these
 exceptions in one function, :func:`pydr.engine.bindings.raise_for_code`.
+
+A message states facts (what was found, where). Advice for a person -- the
+command that gets them further -- is apart from it, in ``hint``, which the
+CLI prints on a line of its own ("hint: ..."); a program reads ``item`` (the
+item an error is about) and the class, never the words.
 """
 
 import errno as _errno
@@ -39,15 +44,31 @@ EXIT_CANCELLED = 130
 
 
 class PydrError(Exception):
-    """Base class of pydr's own errors. ``path`` and ``offset`` say where."""
+    """Base class of pydr's own errors.
+
+    Args:
+        message: what is wrong, as facts (no advice: that is ``hint``).
+        path: the file, directory or spec the error is about, if any.
+        offset: the byte offset in ``path`` the error is about, if any.
+        item: the name of the protected item the error is about, if any.
+        hint: advice for a person, e.g. "run 'pydr cleanup-test-failover
+            web' first"; printed by the CLI on its own line, never part of
+            ``str(error)``.
+
+    ``str(error)`` is the message with the path and offset
+    ("PATH: MESSAGE (at offset N)"). ``exit_code`` is the CLI's exit status
+    for the class.
+    """
 
     exit_code = EXIT_INTERNAL
 
-    def __init__(self, message, *, path=None, offset=None):
+    def __init__(self, message, *, path=None, offset=None, item=None, hint=None):
         super().__init__(message)
         self.message = message
         self.path = os.fspath(path) if path is not None else None
         self.offset = offset
+        self.item = item
+        self.hint = hint
 
     def __str__(self):
         text = self.message
@@ -181,6 +202,26 @@ class UnknownName(PydrError, LookupError):
     """No such item, group or point."""
 
     exit_code = EXIT_NOT_FOUND
+
+
+class InvalidArgument(PydrError, ValueError):
+    """An argument of a call is not one the call accepts: a plan's groups,
+    a point selector, an operation name, an option, a path that is not a
+    path. The message names what was given and what was expected. Exit
+    status 2, as for a bad option on the command line."""
+
+    exit_code = EXIT_USAGE
+
+
+class WrongThread(PydrError, RuntimeError):
+    """A vault (pydr.Vault, its Store) was used from a thread other than
+    the one that opened it: open one Vault per thread (readers never
+    wait; one writer at a time). The message names the vault and both
+    threads. It is a caller's bug; the CLI meets it only through a bug of
+    pydr's own, hence exit status 1 (internal error), not 2: a person at
+    the command line has no option to correct."""
+
+    exit_code = EXIT_INTERNAL
 
 
 class InvalidState(PydrError, RuntimeError):

@@ -67,7 +67,8 @@ class PointStore:
     def refused_failover(self, directory):
         """(options, what the refusal says) of a failover this store cannot
         do: the disks somewhere else than where its failover puts them."""
-        return ["--to", str(directory)], b"--to is for items replicated to an object store"
+        return ["--to", str(directory)], (b"a failover directory is for items replicated to an "
+                                          b"object store")
 
     def local(self, spec):
         """The path on this machine of a disk spec the vault reports."""

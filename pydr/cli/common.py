@@ -389,8 +389,10 @@ def guarded_stdout():
 
 
 def report_error(exc):
-    """The one place errors meet the user: one line on stderr, and the exit
-    status of the exception's class (EXIT_STATUS)."""
+    """The one place errors meet the user: one line on stderr, then the
+    error's hint (advice: the command that gets further), if it has one, on
+    a line of its own ("hint: ..."), and the exit status of the
+    exception's class (EXIT_STATUS)."""
     if isinstance(exc, SystemExit):
         raise exc
     if isinstance(exc, E.StdoutClosed):
@@ -400,11 +402,12 @@ def report_error(exc):
         except OSError:
             pass
         return 0
+    hint = None
     if isinstance(exc, E.PydrError):
-        message = str(exc)
-        if isinstance(exc, E.VaultDamaged) and exc.path:
+        message, hint = str(exc), exc.hint
+        if isinstance(exc, E.VaultDamaged) and exc.path and hint is None:
             vault = os.path.dirname(exc.path) or "."
-            message += f"; run 'pydr vault check {vault}' to see what is damaged"
+            hint = f"run 'pydr vault check {vault}' to see what is damaged"
     elif isinstance(exc, OSError):
         where = exc.filename if exc.filename is not None else ""
         if exc.filename2 is not None:
@@ -421,4 +424,7 @@ def report_error(exc):
             "(please report it; PYDR_DEBUG=1 shows a traceback)"
         )
     print(f"pydr: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
     return E.exit_code_for(exc)
+

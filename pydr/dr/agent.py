@@ -209,8 +209,9 @@ def cycle_item(task):
                 pending = sum(n for _, n in changed or ())
                 if changed is not None and pending > RESYNC_THRESHOLD * size:
                     reason = f"tracked changes ({pending} bytes) exceed half of {d['source']}"
-                    raise NeedsResync(f"{item} needs a resync ({reason}): run 'pydr replicate "
-                                      f"{item} --resync'", reason, path=d["source"])
+                    raise NeedsResync(f"{item} needs a resync ({reason})", reason,
+                                      path=d["source"], item=item,
+                                      hint=f"run 'pydr replicate {item} --resync'")
             results = []
             for d, view, changed, size in zip(disks, taken.views, taken.changed, sizes):
                 replica = open_endpoint(d["replica"], **reach)

@@ -27,7 +27,7 @@ import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import CycleFailed, InvalidState, exit_code_for
+from ..errors import CycleFailed, InvalidArgument, InvalidState, UnknownName, exit_code_for
 from .events import Emitter, check_cancel, interrupted
 from .pointstores import point_store
 from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_hooks,
@@ -86,6 +86,30 @@ class LocalExecutor:
                 finish(unit, error=exc)
                 continue
             finish(unit, captured)
+
+
+def item_names(vault, names):
+    """The items a call names, in order, each once: `names` is an item's
+    or a group's name, or a list of them; a group's name stands for its
+    members (protect never lets one name be both). InvalidArgument when
+    `names` is not a name or a list of names, UnknownName naming what is
+    neither an item nor a group."""
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise InvalidArgument(f"the items to replicate must be an item's or a group's name, or "
+                              f"a list of them, not {names!r}")
+    out = []
+    for name in names:
+        if vault.has_item(name):
+            out.append(name)
+            continue
+        try:
+            out += vault.items(group=name)
+        except UnknownName:
+            raise UnknownName(f"no protected item or replication group named {name!r}",
+                              path=vault.dir, item=name) from None
+    return list(dict.fromkeys(out))
 
 
 def _unit_names(vault, names):
@@ -269,7 +293,9 @@ class _Cycle:
 def replicate(vault, names, *, executor=None, app_consistent=False, progress=None,
               threads=None, resync_all=False, changed_extents=None, tracking_lost=False,
               bwlimit=None, events=None, cancel=None):
-    """Run one replication cycle of the items `names`; returns CycleResult.
+    """Run one replication cycle of the items `names` (an item's or a
+    group's name, or a list of them: see :func:`item_names`); returns
+    CycleResult.
 
     The items of a group that are in `names` are replicated together, all
     or nothing, with one cut; every other item on its own. Each item gets a
@@ -304,7 +330,7 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
                    tracking_lost=tracking_lost, bwlimit=bwlimit,
                    on_hosts=getattr(executor, "on_hosts", False), events=events, cancel=cancel)
     executor = executor or LocalExecutor()
-    cycle = _Cycle(vault, opts, executor, names)
+    cycle = _Cycle(vault, opts, executor, item_names(vault, names))
     units = _plan(vault, cycle.names)
     try:
         ready = []
@@ -340,7 +366,8 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
         # chained to an item's internal error first (a bug: exit 1 at the CLI), else its first
         errors = list(cycle.errors.values())
         cause = next((e for e in errors if exit_code_for(e) == 1), errors[0])
-        raise _some_failed(vault, result) from cause
+        hints = dict.fromkeys(e.hint for e in errors if getattr(e, "hint", None))
+        raise _some_failed(vault, result, "; ".join(hints) or None) from cause
     return result
 
 
@@ -349,12 +376,12 @@ def _where(exc):
     return getattr(exc, "path", None) or getattr(exc, "filename", None)
 
 
-def _some_failed(vault, result):
+def _some_failed(vault, result, hint=None):
     failed = result.failed
     return CycleFailed(f"{len(failed)} of {len(result.outcomes)} items failed ("
                        + "; ".join(f"{o.item}: {o.error}" for o in failed[:3])
                        + ("; ..." if len(failed) > 3 else "")
-                       + "); the others have their points", result, path=vault.dir)
+                       + "); the others have their points", result, path=vault.dir, hint=hint)
 
 
 def replicate_with_retry(vault, names, *, policy=None, events=None, cancel=None, **kwargs):
@@ -373,7 +400,7 @@ def replicate_with_retry(vault, names, *, policy=None, events=None, cancel=None,
     ``cancel`` also ends the waits between attempts (Cancelled is raised,
     the schedule cleared)."""
     kwargs.update(events=events, cancel=cancel)
-    names = list(dict.fromkeys(names))
+    names = item_names(vault, names)
     pending = list(names)
     outcomes = {}
     state = {"jobs": [], "written": 0, "read": 0, "consistency": None}

@@ -73,7 +73,8 @@ def unknown_identity(vault, name, points, resync_all, replica, path, what):
         reason = (f"the identity record {what}: whether replica {replica} was written "
                   f"outside pydr cannot be told")
         mark_resync_required(vault, name, reason)
-        raise FormatError(f"{reason}: run 'pydr replicate {name} --resync'", path=path)
+        raise FormatError(reason, path=path, item=name,
+                          hint=f"run 'pydr replicate {name} --resync'")
     return None
 
 
@@ -184,15 +185,18 @@ def check_not_stuck(vault, names, resync_all):
     stuck = [r for r in (vault.item(n) for n in names) if r["state"] == "resync-required"]
     if stuck and not resync_all:
         why = f" ({stuck[0]['last_error']})" if stuck[0]["last_error"] else ""
-        raise InvalidState(f"{', '.join(r['name'] for r in stuck)} needs a resync{why}: run "
-                           f"'pydr replicate {stuck[0]['name']} --resync'", path=vault.dir)
+        raise InvalidState(f"{', '.join(r['name'] for r in stuck)} needs a resync{why}",
+                           path=vault.dir, item=stuck[0]["name"],
+                           hint=f"run 'pydr replicate {stuck[0]['name']} --resync'")
 
 
 def check_hooks(vault, rows):
     missing = [r["name"] for r in rows if not r["quiesce_hook"]]
     if missing:
-        raise InvalidState(f"--app-consistent needs quiesce/thaw hooks; items without: "
-                           f"{', '.join(missing)}", path=vault.dir)
+        raise InvalidState(f"an app-consistent cycle needs quiesce/thaw hooks; items without: "
+                           f"{', '.join(missing)}", path=vault.dir, item=missing[0],
+                           hint="protect them with --quiesce-hook and --thaw-hook, or replicate "
+                                "without --app-consistent")
 
 
 class ItemOutcome(Record):

@@ -11,15 +11,19 @@ page, so every statement and every fetch is covered, not only the opening.
   another process holding it too long: :class:`pydr.errors.VaultError`.
 
 Misuse of the sqlite3 module by pydr (a ProgrammingError, an SQL syntax
-error) is a bug, and stays one.
+error) is a bug, and stays one -- except the one misuse a caller makes: a
+connection used from a thread other than the one that opened it, which is
+:class:`pydr.errors.WrongThread` naming the vault and both threads (checked
+here, before SQLite's own check, for every statement, fetch and commit).
 """
 
 import contextlib
 import errno
 import os
 import sqlite3
+import threading
 
-from ..errors import VaultDamaged, VaultError
+from ..errors import VaultDamaged, VaultError, WrongThread
 
 # SQLite's primary result codes (the low byte of an extended code)
 _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8, 10, 11, 13, 14, 26
@@ -42,8 +46,8 @@ def translate(exc, path):
     if primary == _READONLY:
         return OSError(errno.EROFS, f"the vault's database cannot be written ({exc})", path)
     if primary in (_BUSY, _LOCKED):
-        return VaultError(f"the vault's database is busy ({exc}): run the command again",
-                          path=path)
+        return VaultError(f"the vault's database is busy ({exc})", path=path,
+                          hint="run the command again")
     if primary == _CANTOPEN:
         return VaultError(f"the vault's database cannot be opened ({exc})", path=path)
     return VaultDamaged(f"the vault's database is damaged: {exc}", path=path)
@@ -58,12 +62,26 @@ def _full(path):
     return st.f_bavail == 0 or (st.f_files and st.f_favail == 0)
 
 
+def check_thread(db):
+    """WrongThread unless the calling thread is the one that opened `db`
+    (a VaultConnection): SQLite connections, and so vaults, belong to the
+    thread that opened them."""
+    if threading.get_ident() == db.opener_id:
+        return
+    here = threading.current_thread()
+    vault = os.path.dirname(db.path) if db.path else None
+    raise WrongThread(f"the vault was opened in thread {db.opener_name!r} (id {db.opener_id}) "
+                      f"and used in thread {here.name!r} (id {here.ident})", path=vault,
+                      hint="open a Vault of its own in each thread (readers never wait)")
+
+
 @contextlib.contextmanager
-def _translated(path):
+def _translated(db):
+    check_thread(db)
     try:
         yield
     except sqlite3.Error as exc:
-        mine = translate(exc, path)
+        mine = translate(exc, db.path)
         if mine is None:
             raise
         raise mine from exc
@@ -73,41 +91,48 @@ class VaultCursor(sqlite3.Cursor):
     """A cursor whose statements and fetches raise pydr's errors."""
 
     def execute(self, *args):
-        with _translated(self.connection.path):
+        with _translated(self.connection):
             return super().execute(*args)
 
     def executemany(self, *args):
-        with _translated(self.connection.path):
+        with _translated(self.connection):
             return super().executemany(*args)
 
     def executescript(self, *args):
-        with _translated(self.connection.path):
+        with _translated(self.connection):
             return super().executescript(*args)
 
     def fetchone(self):
-        with _translated(self.connection.path):
+        with _translated(self.connection):
             return super().fetchone()
 
     def fetchmany(self, *args):
-        with _translated(self.connection.path):
+        with _translated(self.connection):
             return super().fetchmany(*args)
 
     def fetchall(self):
-        with _translated(self.connection.path):
+        with _translated(self.connection):
             return super().fetchall()
 
     def __next__(self):
-        with _translated(self.connection.path):
+        with _translated(self.connection):
             return super().__next__()
 
 
 class VaultConnection(sqlite3.Connection):
     """The vault's database (sqlite3.connect(..., factory=VaultConnection)):
-    its shortcuts use VaultCursor, and a commit on a full disk says so."""
+    its shortcuts use VaultCursor, a commit on a full disk says so, and a
+    use from a thread other than its opener's is WrongThread."""
 
     path = None  # the database file, named by the errors (set by connect)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        opener = threading.current_thread()
+        self.opener_id, self.opener_name = opener.ident, opener.name
+
     def cursor(self, factory=VaultCursor):
+        check_thread(self)
         return super().cursor(factory)
 
     def execute(self, *args):
@@ -120,9 +145,17 @@ class VaultConnection(sqlite3.Connection):
         return self.cursor().executescript(*args)
 
     def commit(self):
-        with _translated(self.path):
+        with _translated(self):
             super().commit()
 
+    def rollback(self):
+        check_thread(self)
+        super().rollback()
+
+    def __enter__(self):
+        check_thread(self)
+        return super().__enter__()
+
     def __exit__(self, *exc):
-        with _translated(self.path):
+        with _translated(self):
             return super().__exit__(*exc)

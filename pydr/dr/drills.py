@@ -7,6 +7,7 @@ import os
 
 from ..engine import crashpoints, names
 from ..errors import InvalidState, UnknownName
+from . import arguments
 from .events import Emitter, check_cancel
 from .pointstores import point_store
 from .points import check_point, destinations, materialize_into, select_point
@@ -40,6 +41,7 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
     threading.Event; once set, the drill stops between disks and in the
     copy (Cancelled, exit 130) and is left as a kill leaves it: interrupted,
     finished by running the same call again (or cleaned up)."""
+    directory = arguments.directory(directory, "test_failover's directory")  # InvalidArgument
     em = Emitter(events, "test-failover", name)
     return em.run(lambda: _test_failover(vault, name, directory, point, method, progress, em,
                                          cancel),
@@ -52,12 +54,14 @@ def _test_failover(vault, name, directory, point, method, progress, em, cancel):
     notes = []
     if row["test_dir"]:
         if row["test_dir"] != where:
-            raise InvalidState(f"a test failover of {name!r} is already in {row['test_dir']}: run "
-                               f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
+            raise InvalidState(f"a test failover of {name!r} is already in {row['test_dir']}",
+                               path=vault.dir, item=name,
+                               hint=f"run 'pydr cleanup-test-failover {name}' first")
         pid = row["test_point"]
         if point not in SELECTORS and select_point(vault, name, point) != pid:
-            raise InvalidState(f"the test failover of {name!r} in {where} shows point {pid}: run "
-                               f"'pydr cleanup-test-failover {name}' first", path=vault.dir)
+            raise InvalidState(f"the test failover of {name!r} in {where} shows point {pid}",
+                               path=vault.dir, item=name,
+                               hint=f"run 'pydr cleanup-test-failover {name}' first")
         interrupted = vault.pending(name, "test-failover") is not None
         if interrupted:
             _check_still_kept(vault, name, pid, where)
@@ -102,8 +106,8 @@ def _check_still_kept(vault, name, pid, where):
     except UnknownName:
         raise InvalidState(f"the interrupted test failover of {name!r} in {where} shows point "
                            f"{pid}, which the vault no longer keeps: its other disks cannot be "
-                           f"made; run 'pydr cleanup-test-failover {name}' first",
-                           path=vault.dir) from None
+                           f"made", path=vault.dir, item=name,
+                           hint=f"run 'pydr cleanup-test-failover {name}' first") from None
 
 
 def cleanup_test_failover(vault, name, *, events=None, cancel=None):

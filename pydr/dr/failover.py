@@ -24,7 +24,7 @@ import os
 
 from ..engine import crashpoints
 from ..errors import DamagedJournal, DamagedPoint, InvalidState, PydrError, UnknownName
-from . import ownership
+from . import arguments, ownership
 from .events import Emitter, check_cancel, interrupted
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
@@ -63,6 +63,8 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
     (its points downloaded there; the disks there are its replicas from then
     on). Returns {"item", "point", "method", "notes"}.
     """
+    if to is not None:
+        to = arguments.directory(to, "failover's directory (to)")  # InvalidArgument
     em = Emitter(events, "failover", name)
     return em.run(lambda: _failover(vault, name, point, planned, shutdown_hook, method, progress,
                                     to, executor, em, cancel),
@@ -89,8 +91,9 @@ def _failover(vault, name, point, planned, shutdown_hook, method, progress, to, 
         except (DamagedJournal, DamagedPoint) as exc:
             if all(p["damaged"] for p in vault.points(name)):
                 raise  # no other point can come up either
-            raise type(exc)(f"{exc.message}; bring another point up with 'pydr change-point "
-                            f"{name} --point N'", path=exc.path, offset=exc.offset) from None
+            raise type(exc)(exc.message, path=exc.path, offset=exc.offset, item=name,
+                            hint=f"bring another point up with 'pydr change-point {name} "
+                                 f"--point N'") from None
         return _bring_up(vault, name, row["failover_point"], "failover", ["resumed"], method,
                          progress, checked=True, em=em, cancel=cancel)
     if row["state"] == "failed-over":
@@ -100,8 +103,8 @@ def _failover(vault, name, point, planned, shutdown_hook, method, progress, to, 
         if wanted == at:
             return {"item": name, "point": at,
                     "notes": [f"already failed over to point {at}: nothing to do"]}
-        raise InvalidState(f"item {name!r} is failed over to point {at}: run 'pydr change-point "
-                           f"{name} --point {wanted}'", path=vault.dir)
+        raise InvalidState(f"item {name!r} is failed over to point {at}", path=vault.dir,
+                           item=name, hint=f"run 'pydr change-point {name} --point {wanted}'")
     if row["state"] != "protected":
         raise InvalidState(f"item {name!r} cannot fail over in state {row['state']} "
                            f"(direction {row['direction']})", path=vault.dir)
@@ -362,8 +365,9 @@ def _failback(vault, name, alternates, shutdown_hook, em, cancel):
             f" --alternate {k}={v}" for k, v in alternates.items())
         vault.begin(name, "failback", command, {"alternates": alternates})
     elif alternates and alternates != pending["alternates"]:
-        raise InvalidState(f"an interrupted failback of {name!r} is pending: run "
-                           f"'{row['operation_command']}'", path=vault.dir)
+        raise InvalidState(f"an interrupted failback of {name!r} is pending, with other "
+                           f"alternates", path=vault.dir, item=name,
+                           hint=f"run '{row['operation_command']}'")
     alternates = (pending or {}).get("alternates", alternates)
     try:
         if shutdown_hook:

@@ -62,8 +62,8 @@ class Fleet:
         try:
             from distributed import Client
         except ImportError:
-            raise FleetError("--scheduler needs Dask distributed: pip install 'pydr[fleet]' "
-                             "(or distributed)") from None
+            raise FleetError("a fleet needs Dask distributed, which is not installed",
+                             hint="pip install 'pydr[fleet]' (or distributed)") from None
         if host_timeout <= 0:
             raise ValueError("the host timeout must be a positive number of seconds")
         self.scheduler = scheduler
@@ -307,8 +307,8 @@ def _task_error(future, host):
     exc = future.exception()
     if type(exc).__name__ == "KilledWorker":
         return FleetError(f"the workers of host {host} died while running this item's cycle "
-                          f"(Dask gave up after repeated losses): look at their logs, then "
-                          f"run the same command again")
+                          f"(Dask gave up after repeated losses)",
+                          hint="look at their logs, then run the same command again")
     if future.status == "cancelled":
         return FleetError("its task was cancelled on the scheduler")
     return exc
@@ -329,5 +329,5 @@ def _watch_hosts(fleet, served, futures, host_of, absent_since, fail):
             f.cancel()
             del futures[f]
             fail(unit, name, NoWorkerForHost(
-                f"no worker for host {host} within {fleet.host_timeout:g} s (start one with "
-                f"'pydr worker --scheduler {fleet.scheduler} --host {host}')"))
+                f"no worker for host {host} within {fleet.host_timeout:g} s", item=name,
+                hint=f"start one with 'pydr worker --scheduler {fleet.scheduler} --host {host}'"))

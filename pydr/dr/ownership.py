@@ -158,8 +158,8 @@ def _read_local(path):
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsupportedFile("the owner file is a symbolic link: pydr does not follow it; "
-                                  "remove it", path=path) from None
+            raise UnsupportedFile("the owner file is a symbolic link: pydr does not follow it",
+                                  path=path, hint="remove it") from None
         raise
     try:
         st = os.fstat(fd)

@@ -20,10 +20,12 @@ import subprocess
 import threading
 
 from ..engine import crashpoints
-from ..errors import Cancelled, PlanFailed
+from ..errors import Cancelled, InvalidArgument, PlanFailed, UnknownName
+from . import arguments
 from .events import Emitter
 from . import drills as D
 from . import failover as F
+from .points import check_selector
 from .store import Store
 
 OPERATIONS = ("failover", "test-failover", "cleanup-test-failover", "commit", "reprotect",
@@ -31,32 +33,141 @@ OPERATIONS = ("failover", "test-failover", "cleanup-test-failover", "commit", "r
 
 
 def create_plan(vault, name, groups):
-    """groups: [{"items": [...], "pre": CMD or None, "post": CMD or None}]."""
-    if not name or "/" in name:
-        raise ValueError(f"invalid plan name {name!r}")
-    if not groups or any(not g.get("items") for g in groups):
-        raise ValueError("a plan needs at least one --group with at least one item")
-    seen = set()
-    for g in groups:
-        for item in g["items"]:
-            vault.item(item)  # UnknownName if it is not protected
-            if item in seen:
-                raise ValueError(f"item {item!r} is in two groups of the plan")
-            seen.add(item)
-    definition = [{"items": list(g["items"]), "pre": g.get("pre"), "post": g.get("post")}
-                  for g in groups]
+    """Define recovery plan `name`: its groups, run in order.
+
+    Args:
+        vault: the open vault (a writer).
+        name: the plan's name (a non-empty str without '/').
+        groups: the groups in order, each either a list of item names, or a
+            dict ``{"items": [names], "pre": CMD or None, "post": CMD or
+            None}`` with the shell commands run before and after the group.
+
+    Returns the definition stored: ``[{"items", "pre", "post"}]``.
+
+    Raises:
+        InvalidArgument: a bad name, no groups, a group of another shape or
+            with no items, an item in two groups (the message names the
+            group: "group N (groups[N-1])").
+        UnknownName: items that are not protected (all of them named).
+        InvalidState: a plan of that name exists.
+    """
+    if not isinstance(name, str) or not name or "/" in name:
+        raise InvalidArgument(f"a plan's name must be a non-empty str without '/', not {name!r}")
+    definition = _groups(groups)
+    unknown = [i for g in definition for i in g["items"] if not vault.has_item(i)]
+    if unknown:
+        raise UnknownName(f"plan {name!r} names items that are not protected: "
+                          f"{', '.join(map(repr, unknown))}", path=vault.dir, item=unknown[0])
     vault.add_plan(name, definition)  # InvalidState if one of that name exists
     return definition
+
+
+def _groups(groups):
+    """A plan's groups as stored, [{"items", "pre", "post"}], from a list of
+    dicts or of lists of item names; InvalidArgument naming the group that
+    is neither. A refusal names types, never values: a hook's command line
+    may hold a password."""
+    expected = ('a list of item names, or a dict {"items": [names], "pre": CMD or None, '
+                '"post": CMD or None}')
+    if isinstance(groups, (str, bytes, dict)) or not isinstance(groups, (list, tuple)):
+        raise InvalidArgument(f"a plan's groups must be a list of groups, each {expected}; "
+                              f"not one of type {type(groups).__name__}")
+    if not groups:
+        raise InvalidArgument("a plan needs at least one group with at least one item",
+                              hint="give --group ITEM[,ITEM...]")
+    out, seen = [], {}
+    for index, group in enumerate(groups):
+        where = f"group {index + 1} (groups[{index}])"
+        if isinstance(group, dict):
+            extra = set(group) - {"items", "pre", "post"}
+            if extra:
+                keys = ", ".join(sorted(map(repr, extra)))
+                raise InvalidArgument(f"{where} has keys {keys}: expected {expected}")
+            items, hooks = group.get("items"), {k: group.get(k) for k in ("pre", "post")}
+            for key, hook in hooks.items():
+                if hook is not None and not (isinstance(hook, str) and hook.strip()):
+                    raise InvalidArgument(f"{where}: its {key!r} hook must be a shell command "
+                                          f"(a non-empty str) or None, not "
+                                          + ("a blank str" if isinstance(hook, str) else
+                                             f"one of type {type(hook).__name__}"))
+        elif isinstance(group, (list, tuple)):
+            items, hooks = group, {"pre": None, "post": None}
+        else:
+            raise InvalidArgument(f"{where} is of type {type(group).__name__}: "
+                                  f"expected {expected}")
+        if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)) or not items \
+                or not all(isinstance(i, str) and i for i in items):
+            raise InvalidArgument(f"{where} has items {items!r}: expected a non-empty list of "
+                                  f"item names (str)", hint="give --group ITEM[,ITEM...]")
+        for item in items:
+            if item in seen:
+                raise InvalidArgument(f"item {item!r} is in two groups of the plan: group "
+                                      f"{seen[item] + 1} and {where}", item=item)
+            seen[item] = index
+        out.append({"items": list(items), **hooks})
+    return out
 
 
 def get_plan(vault, name):
     return vault.plan(name).definition
 
 
+# the options each operation takes (besides fleet=, events=, cancel=); an
+# option given as None is not given
+_OPTIONS = {
+    "failover": ("point", "planned", "shutdown_hook"),
+    "test-failover": ("directory", "to", "point"),
+    "cleanup-test-failover": (),
+    "commit": (),
+    "reprotect": (),
+    "failback": ("shutdown_hook",),
+}
+_COMMON = ("fleet", "events", "cancel")
+
+
+def check_operation(op, options):
+    """The options of plan operation `op` as _operation reads them (a
+    test-failover's ``directory``, also accepted as ``to``); InvalidArgument
+    for an unknown operation, an option it does not take, a missing
+    directory or a bad point selector."""
+    if op not in OPERATIONS:
+        near = op.replace("_", "-") if isinstance(op, str) else None
+        raise InvalidArgument(f"unknown plan operation {op!r}: expected one of "
+                              f"{', '.join(map(repr, OPERATIONS))}",
+                              hint=f"did you mean {near!r}?" if near in OPERATIONS else None)
+    known = _OPTIONS[op] + _COMMON
+    given = {k: v for k, v in options.items() if v is not None}
+    for key, value in given.items():
+        if key in known:
+            continue
+        if any(key in o for o in _OPTIONS.values()):
+            if value is False:  # a flag of another operation, not set
+                continue
+            raise InvalidArgument(f"plan operation {op!r} takes no option {key!r} (it takes "
+                                  f"{', '.join(map(repr, _OPTIONS[op])) or 'none'})")
+        raise InvalidArgument(f"unknown option {key!r} for plan operation {op!r}: expected "
+                              f"{', '.join(map(repr, _OPTIONS[op] + _COMMON))}")
+    checked = dict(given)
+    if op == "test-failover":
+        dirs = {k: arguments.directory(checked.pop(k), f"test-failover's option {k!r}")
+                for k in ("directory", "to") if k in checked}
+        if len(set(dirs.values())) > 1:
+            raise InvalidArgument(f"test-failover was given both directory={dirs['directory']!r} "
+                                  f"and to={dirs['to']!r}: expected one (directory)")
+        if not dirs:
+            raise InvalidArgument("plan operation 'test-failover' needs the option 'directory' "
+                                  "(each item's disks go to DIRECTORY/ITEM)",
+                                  hint="give --to DIR")
+        checked["directory"] = next(iter(dirs.values()))
+    if "point" in checked:
+        checked["point"] = check_selector(checked["point"])
+    return checked
+
+
 def _operation(op, options, executor=None, events=None, cancel=None):
     """fn(vault, item) -> result dict, for one item (a failover's last cycle
     through `executor`: a fleet's, or this process), given `events` and
-    `cancel`."""
+    `cancel`. `options`: as check_operation returns them."""
     watch = {"events": events, "cancel": cancel}
     if op == "failover":
         return lambda v, n: F.failover(v, n, options.get("point") or "latest",
@@ -64,7 +175,7 @@ def _operation(op, options, executor=None, events=None, cancel=None):
                                        shutdown_hook=options.get("shutdown_hook"),
                                        executor=executor, **watch)
     if op == "test-failover":
-        to = options["to"]
+        to = options["directory"]
         return lambda v, n: D.test_failover(v, n, os.path.join(to, n), options.get("point"),
                                             **watch)
     if op == "cleanup-test-failover":
@@ -76,7 +187,7 @@ def _operation(op, options, executor=None, events=None, cancel=None):
     if op == "failback":
         return lambda v, n: F.failback(v, n, shutdown_hook=options.get("shutdown_hook"),
                                        **watch)
-    raise ValueError(f"unknown plan operation {op!r}: one of {', '.join(OPERATIONS)}")
+    raise InvalidArgument(f"unknown plan operation {op!r}")  # check_operation refused it first
 
 
 def run_plan(vault, name, op, *, events=None, cancel=None, **options):
@@ -89,7 +200,15 @@ def run_plan(vault, name, op, *, events=None, cancel=None, **options):
     and "finished" or "failed" for the plan (``item`` None). ``cancel``: a
     threading.Event passed to each item's operation; once set, the running
     items stop as a kill stops them, no later group starts, and Cancelled
-    (exit 130) is raised with the report as its ``.report``."""
+    (exit 130) is raised with the report as its ``.report``.
+
+    `op` is one of OPERATIONS; ``options``: a failover's ``point``,
+    ``planned``, ``shutdown_hook``; a test-failover's ``directory`` (each
+    item's disks go to DIRECTORY/ITEM; ``to`` is the same option) and
+    ``point``; a failback's ``shutdown_hook``; ``fleet`` for any.
+    InvalidArgument, before anything runs, for an unknown operation or option, a missing directory or a bad point selector;
+    UnknownName for an unknown plan."""
+    options = check_operation(op, options)
     fleet = options.pop("fleet", None)
     if events is None and fleet is not None:
         events = fleet.events

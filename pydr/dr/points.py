@@ -9,7 +9,8 @@ import os
 import time
 
 from ..engine import crashpoints
-from ..errors import DamagedPoint, InvalidState, UnknownName
+from ..errors import DamagedPoint, InvalidArgument, InvalidState, UnknownName
+from . import arguments
 from .events import Emitter, check_cancel
 from .pointstores import point_store
 from .pointstores.base import protected_disks
@@ -17,31 +18,47 @@ from .pointstores.base import protected_disks
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
 
 
+def check_selector(point):
+    """`point` as select_point takes it: None, a selector (SELECTORS), or a
+    point id (an int, or its decimal digits as a str) as an int.
+    InvalidArgument naming the forms accepted for anything else."""
+    if point is None or point in SELECTORS:
+        return point
+    if isinstance(point, int) and not isinstance(point, bool) and point > 0:
+        return point
+    if isinstance(point, str) and point.isascii() and point.isdigit() and int(point) > 0:
+        return int(point)
+    raise InvalidArgument(f"a point must be a point id (a positive int, or its digits as a "
+                          f"str) or one of {', '.join(map(repr, SELECTORS))}, not {point!r}")
+
+
 def select_point(vault, name, point):
     """A point id from an id or a selector (latest-processed,
-    latest-app-consistent; 'latest' is resolved by failover itself)."""
+    latest-app-consistent; 'latest' is resolved by failover itself).
+    InvalidArgument for a selector of another form (check_selector);
+    InvalidState when the item has no point yet; UnknownName for an id it
+    does not have, or no app-consistent point; DamagedPoint when every
+    point the selector could pick is damaged."""
+    point = check_selector(point)
     points = vault.points(name)
     if not points:
-        raise InvalidState(f"item {name!r} has no recovery point yet: run 'pydr replicate {name}'",
-                           path=vault.dir)
+        raise InvalidState(f"item {name!r} has no recovery point yet", path=vault.dir, item=name,
+                           hint=f"run 'pydr replicate {name}'")
     if point in (None, "latest", "latest-processed", "latest-app-consistent"):
         # a selector never picks a point known to be damaged: the newest sound one
         kind = "app-consistent " if point == "latest-app-consistent" else ""
         if kind:
             points = [p for p in points if p["consistency"] == "app-consistent"]
         if not points:
-            raise UnknownName(f"item {name!r} has no {kind}recovery point", path=vault.dir)
+            raise UnknownName(f"item {name!r} has no {kind}recovery point", path=vault.dir,
+                              item=name)
         sound = [p for p in points if not p["damaged"]]
         if not sound:
             raise DamagedPoint(f"every {kind}recovery point of {name!r} is damaged: "
-                               f"{points[-1]['damaged']}", path=vault.dir)
+                               f"{points[-1]['damaged']}", path=vault.dir, item=name)
         return sound[-1]["id"]
-    try:
-        pid = int(point)
-    except (TypeError, ValueError):
-        raise ValueError(f"--point wants an id or one of {', '.join(SELECTORS)}, not {point!r}") from None
-    vault.point(name, pid)
-    return pid
+    vault.point(name, point)
+    return point
 
 
 def apply_retention(vault, name, now=None):
@@ -84,6 +101,7 @@ def materialize(vault, name, point_id, directory, *, threads=None, method="auto"
     ``cancel``: a threading.Event; once set, the work stops between disks
     and in the copy (Cancelled), every disk either made whole or not at all;
     running it again makes the rest."""
+    directory = arguments.directory(directory, "materialize's directory")  # InvalidArgument
     em = Emitter(events, "materialize", name)
 
     def run():
@@ -129,8 +147,8 @@ def materialize_disk(vault, name, point_id, disk, dest, threads=None, drill=Fals
 
 def check_points_usable(vault, name):
     if vault.item(name)["state"] == "committing":
-        raise InvalidState(f"{name!r} is committing its failover: its points are being removed; "
-                           f"run 'pydr commit {name}' to finish", path=vault.dir)
+        raise InvalidState(f"{name!r} is committing its failover: its points are being removed",
+                           path=vault.dir, item=name, hint=f"run 'pydr commit {name}' to finish")
 
 
 def destinations(vault, name, directory):
@@ -150,8 +168,8 @@ def destinations(vault, name, directory):
             raise InvalidState("refusing to materialise over the replica itself", path=str(dest))
         if dest.identity in protected:  # a typo in --to must not roll production back
             raise InvalidState(f"refusing to materialise over a disk the vault protects "
-                               f"({protected[dest.identity]}); give another directory",
-                               path=str(dest))
+                               f"({protected[dest.identity]})", path=str(dest), item=name,
+                               hint="give another directory")
         if dest.identity in made_as:
             first = made_as[dest.identity]
             raise InvalidState(f"disks {first['idx']} and {d['idx']} of {name!r} would both be "

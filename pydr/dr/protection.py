@@ -11,7 +11,7 @@ import os
 import re
 import time
 
-from ..errors import InvalidState
+from ..errors import InvalidArgument, InvalidState
 from . import ownership
 from .pointstores import specs
 
@@ -34,7 +34,15 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     looked for on this machine."""
     _check_options(name, disks, retention, retention_age, quiesce_hook, thaw_hook, cbt, host)
     if store.has_item(name):
-        raise InvalidState(f"item {name!r} is already protected", path=store.dir)
+        raise InvalidState(f"item {name!r} is already protected", path=store.dir, item=name)
+    # replicate(NAME) takes an item's or a group's name: one name is never both
+    groups = {r.grp for r in store.item_records()} | {group}
+    if name in groups:
+        raise InvalidState(f"{name!r} is the name of a replication group: an item cannot have "
+                           f"it too", path=store.dir, item=name)
+    if group is not None and store.has_item(group):
+        raise InvalidState(f"{group!r} is the name of a protected item: a group cannot have it "
+                           f"too", path=store.dir, item=name)
     from ..endpoints import open_endpoint
 
     def disk(spec):
@@ -58,18 +66,21 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
 
 
 def _check_options(name, disks, retention, retention_age, quiesce_hook, thaw_hook, cbt, host):
-    if not name or "/" in name or name.startswith("-"):
-        raise ValueError(f"invalid item name {name!r}")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("-"):
+        raise InvalidArgument(f"invalid item name {name!r}: expected a non-empty str, without "
+                              f"'/', not starting with '-'")
     if not disks:
-        raise ValueError("an item needs at least one --disk SOURCE=REPLICA")
-    if not isinstance(retention, int) or retention < 1:
-        raise ValueError("retention must be a positive number of points")
+        raise InvalidArgument("an item needs at least one disk (source, replica)",
+                              hint="give --disk SOURCE=REPLICA")
+    if isinstance(retention, bool) or not isinstance(retention, int) or retention < 1:
+        raise InvalidArgument(f"retention must be a positive number of points, not {retention!r}")
     if retention_age is not None and retention_age <= 0:
-        raise ValueError("retention age must be positive")
+        raise InvalidArgument("retention age must be positive")
     if (quiesce_hook is None) != (thaw_hook is None):
-        raise ValueError("give both --quiesce-hook and --thaw-hook, or neither")
+        raise InvalidArgument("a quiesce hook and a thaw hook go together: both, or neither",
+                              hint="give both --quiesce-hook and --thaw-hook, or neither")
     if host is not None and not _HOST_NAME.fullmatch(host):
-        raise ValueError(f"invalid host name {host!r}: letters, digits, '.', '_' and '-'")
+        raise InvalidArgument(f"invalid host name {host!r}: letters, digits, '.', '_' and '-'")
 
 
 def _check_disks(store, name, disks, disk, *, cbt, host):
@@ -86,10 +97,10 @@ def _check_disks(store, name, disks, disk, *, cbt, host):
         rep = specs.protected_replica(name, src, disk(replica), cbt=cbt)  # the kind's rules
         file_name = os.path.basename(rep.path)
         if file_name in named:
-            raise ValueError(f"the replicas of --disk {named[file_name]} and --disk "
-                             f"{source}={replica} share the file name {file_name!r}: a point's "
-                             f"disks are made side by side, named like their replicas; give "
-                             f"them distinct names")
+            raise InvalidArgument(f"the replicas of disks {named[file_name]} and "
+                                  f"{source}={replica} share the file name {file_name!r}: a "
+                                  f"point's disks are made side by side, named like their "
+                                  f"replicas", hint="give them distinct names")
         named[file_name] = f"{source}={replica}"
         if src.place is not None:
             raise ValueError(f"source disk {source} must be on this machine "
@@ -107,8 +118,8 @@ def _check_disks(store, name, disks, disk, *, cbt, host):
                 raise InvalidState(f"{p} is already a disk of a protected item", path=p)
             seen.add(p)
         if cbt and not src.tracking:
-            raise ValueError(f"changed-block tracking (--cbt) needs a qcow2 image or a live "
-                             f"disk (qmp:SOCKET:NODE) as the source, not {source}")
+            raise InvalidArgument(f"changed-block tracking (cbt) needs a qcow2 image or a live "
+                                  f"disk (qmp:SOCKET:NODE) as the source, not {source}")
         stored.append((src.spec, rep.spec, src.tracking if cbt else None))
     specs.check_one_kind([r for _, r, _ in stored])
     return stored

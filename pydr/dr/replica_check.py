@@ -101,6 +101,7 @@ def _refuse(vault, name, reason, path, away, *, damage):
     if away:
         vault.set_item(name, health="critical", last_error=reason)
         raise DamagedPoint(f"{reason}; its points cannot be made from it, and nothing was "
-                           f"moved: the failed-over disks are left as they are", path=path)
+                           f"moved: the failed-over disks are left as they are", path=path,
+                           item=name)
     vault.set_item(name, state="resync-required", health="warning", last_error=reason)
-    raise DamagedPoint(f"{reason}: run 'pydr replicate {name} --resync'", path=path)
+    raise DamagedPoint(reason, path=path, item=name, hint=f"run 'pydr replicate {name} --resync'")

@@ -9,6 +9,7 @@ import sqlite3
 import stat
 
 from ..errors import VaultError
+from . import arguments
 from .dberrors import VaultConnection
 
 SCHEMA_VERSION = 9  # 2: remote replicas; 3: operations; 4: changed-block tracking;
@@ -221,7 +222,7 @@ def init_vault(directory):
     """Create an empty vault in `directory` (created if missing). The vault
     holds hook command lines and the history of private disks: its directory
     is 0700 and its files 0600, whatever the umask."""
-    directory = os.fspath(directory)
+    directory = arguments.directory(directory, "the vault's directory")  # InvalidArgument
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)
     path = os.path.join(directory, DB_NAME)

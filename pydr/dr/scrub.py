@@ -66,8 +66,8 @@ def _no_cycle_running(vault):
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             raise VaultError("the vault is locked by another pydr process (a cycle may be "
-                             "writing the replicas), so they cannot be scrubbed now: run "
-                             "'pydr verify' again once it ends", path=vault.dir) from None
+                             "writing the replicas), so they cannot be scrubbed now",
+                             path=vault.dir, hint="run 'pydr verify' again once it ends") from None
         yield
     finally:
         os.close(fd)

@@ -138,8 +138,9 @@ def capture(vault, names, opts, jobs):
                 if changed is not None and pending > RESYNC_THRESHOLD * size:
                     reason = f"tracked changes ({pending} bytes) exceed half of {d['source']}"
                     mark_resync_required(vault, r["name"], reason)
-                    raise InvalidState(f"{r['name']} needs a resync ({reason}): run 'pydr "
-                                       f"replicate {r['name']} --resync'", path=vault.dir)
+                    raise InvalidState(f"{r['name']} needs a resync ({reason})", path=vault.dir,
+                                       item=r["name"],
+                                       hint=f"run 'pydr replicate {r['name']} --resync'")
             crashpoints.reached("cycle.cut")
             total = sum(sizes) or 1
             done_before = 0

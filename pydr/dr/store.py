@@ -36,7 +36,7 @@ import os
 import sqlite3
 
 from ..errors import CorruptDelta, HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
-from . import store_lock
+from . import arguments, store_lock
 from .schema import (DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault,  # noqa: F401
                      migrate as _migrate, tighten_vault)
 from .store_endpoints import ItemEndpoints
@@ -52,21 +52,46 @@ HEALTH = ("ok", "warning", "critical")
 
 
 class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
-    """An open vault. Use as a context manager; ``writer=True`` takes the
-    vault's lock (one changing command at a time; readers never wait) and
-    sets right what a killed command left (pydr.dr.store_recovery)."""
+    """An open vault. Use as a context manager.
 
-    def __init__(self, directory, *, writer=False):
-        self.dir = os.fspath(directory)
+    Args:
+        directory: the vault's directory (a str or os.PathLike), made by
+            :func:`init_vault` (``pydr vault init DIR``).
+        writer: take the vault's lock: one changing command at a time, in
+            every process (a second writer, also another Store of this
+            process, is refused); readers never take it and never wait.
+            A writer first sets right what a killed command left
+            (pydr.dr.store_recovery).
+        lock_timeout: for a writer, None or 0 refuses at once when another
+            holds the lock; a number of seconds waits up to that long.
+
+    The thread rule: a Store (a pydr.Vault) is used only from the thread
+    that opened it; open one Vault per thread (readers never wait, and
+    opening is cheap). Another thread's use raises
+    :class:`pydr.errors.WrongThread` naming the vault and both threads.
+
+    Raises:
+        InvalidArgument: `directory` is not a path, or `lock_timeout` is
+            not None or a number of seconds >= 0.
+        VaultError: not a vault (no vault.db), a vault of a schema version
+            this pydr does not know, or (a writer) the lock is held by
+            another process or another Store of this one, past
+            `lock_timeout`: the message names the holder.
+        VaultDamaged: the database is damaged.
+    """
+
+    def __init__(self, directory, *, writer=False, lock_timeout=None):
+        self.dir = arguments.directory(directory, "the vault's directory")
+        store_lock.check_timeout(lock_timeout)
         path = os.path.join(self.dir, DB_NAME)
         if not os.path.isfile(path):
-            raise VaultError("not a pydr vault (no vault.db): create one with 'pydr vault init DIR'",
-                             path=self.dir)
+            raise VaultError("not a pydr vault (no vault.db)", path=self.dir,
+                             hint=f"create one with 'pydr vault init {self.dir}'")
         self.lock_fd = None
         self.writer = writer
         self.interrupted = {}  # {item: operation} running when the last writer died
         if writer:
-            self.lock_fd = store_lock.take(self.dir)
+            self.lock_fd = store_lock.take(self.dir, lock_timeout)
             tighten_vault(self.dir)  # a vault made before vaults were private
         try:
             self.db = _connect(path)
@@ -94,7 +119,7 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
         with contextlib.suppress(Exception):
             self.db.close()
         if self.lock_fd is not None:
-            os.close(self.lock_fd)
+            store_lock.release(self.lock_fd)
             self.lock_fd = None
 
     def __enter__(self):

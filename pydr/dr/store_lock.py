@@ -1,13 +1,19 @@
 """The vault's lock: ``vault.lock``, flock()ed by the one command that
 changes the vault (readers never take it and never wait). The holder
 writes its pid and command line into it, hooks' command lines hidden, so
-that a refused command can name it."""
+that a refused command can name it.
+
+flock() locks belong to an open file, not to a process: a second writer
+in the same process (another Vault object on the same directory) is
+refused like another process, and told that it is this process."""
 
 import fcntl
 import os
+import threading
+import time
 
 from ..engine.oserrors import naming
-from ..errors import VaultError
+from ..errors import InvalidArgument, VaultError
 
 LOCK_NAME = "vault.lock"
 
@@ -16,21 +22,52 @@ HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook"
 HIDDEN = "<hook set>"
 
 
-def take(directory):
-    """Take the lock of the vault in `directory` (non-blocking) and record
-    this process in it; the lock's file descriptor (close it to release).
-    VaultError naming the holder when another process has it."""
+# the lock files this process holds, {(st_dev, st_ino): pid}: a refused
+# second writer of this process is told so (the pid tells a forked child
+# from its parent, which shares the lock with it)
+_held = {}
+_held_guard = threading.Lock()
+
+# polling the lock while waiting for it: from the first delay, doubling up
+# to the last (flock has no timeout, and a blocking flock cannot be interrupted
+# at a deadline without a signal)
+_FIRST_POLL, _LAST_POLL = 0.005, 0.1
+_pause = time.sleep  # (a test pauses otherwise)
+
+
+def check_timeout(timeout):
+    """`timeout` (seconds to wait for the lock, or None) if it is one;
+    InvalidArgument otherwise."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 <= timeout < float("inf")):
+        raise InvalidArgument(f"lock_timeout must be None or a number of seconds >= 0, "
+                              f"not {timeout!r}")
+    return timeout
+
+
+def take(directory, timeout=None):
+    """Take the lock of the vault in `directory` and record this process in
+    it; the lock's file descriptor (give it to :func:`release`).
+    ``timeout``: None or 0 fails at once when another holds it; a number of
+    seconds waits up to that long (polling, with a growing pause). Then
+    VaultError naming the holder: its pid and command line, or "this
+    process" when it is another Vault object of this process."""
+    check_timeout(timeout)
     path = os.path.join(directory, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _wait_for(fd, timeout)
     except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        message, hint = _holder(fd)
         os.close(fd)
-        raise VaultError("the vault is locked by another pydr process"
-                         + (f" (pid {holder})" if holder else "")
-                         + ": wait for it to end, then run the command again",
-                         path=directory) from None
+        if timeout:
+            message += f"; waited {timeout:g} s"
+        raise VaultError(message, path=directory, hint=hint) from None
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         with naming(path):  # a full disk names the vault
             os.ftruncate(fd, 0)
@@ -38,7 +75,50 @@ def take(directory):
     except BaseException:
         os.close(fd)
         raise
+    st = os.fstat(fd)
+    with _held_guard:
+        _held[st.st_dev, st.st_ino] = os.getpid()
     return fd
+
+
+def release(fd):
+    """Release the lock `fd` (from :func:`take`) and close it."""
+    st = os.fstat(fd)
+    with _held_guard:
+        if _held.get((st.st_dev, st.st_ino)) == os.getpid():
+            del _held[st.st_dev, st.st_ino]
+    os.close(fd)
+
+
+def _wait_for(fd, timeout):
+    """flock `fd` exclusively, waiting up to `timeout` seconds;
+    BlockingIOError when it is still held then."""
+    deadline = time.monotonic() + (timeout or 0)
+    pause = _FIRST_POLL
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+        _pause(min(pause, left))
+        pause = min(pause * 2, _LAST_POLL)
+
+
+def _holder(fd):
+    """(message, hint) of a refusal, naming the lock's holder (`fd`: the lock file)."""
+    st = os.fstat(fd)
+    with _held_guard:
+        ours = _held.get((st.st_dev, st.st_ino)) == os.getpid()
+    if ours:
+        return ("this process already has the vault open as a writer (another Vault "
+                f"object, pid {os.getpid()})",
+                "close that Vault first, or open this one with writer=False")
+    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    return ("the vault is locked by another pydr process" + (f" (pid {holder})" if holder else ""),
+            "wait for it to end, then run the command again")
 
 
 def held_by_another(directory):

@@ -139,7 +139,8 @@ class QemuImageEndpoint(LocalEndpoint):
 
         if method == "qcow2":
             raise UnsupportedFile(f"the replica is a {self.format} image already: its points are "
-                                  "images of that format; leave out --as qcow2", path=self.spec)
+                                  "images of that format", path=self.spec,
+                                  hint="leave out --as qcow2")
         self.check_same_place(dest)
         if drill and os.path.lexists(dest.path):
             raise FileExistsError(errno.EEXIST, "a test failover does not overwrite files",
@@ -156,8 +157,8 @@ class QemuImageEndpoint(LocalEndpoint):
                 used = "reflink"
             elif method == "reflink":
                 raise UnsupportedFile(f"the file system cannot clone {latest} into "
-                                      f"{os.path.dirname(dest.path)}: leave out --reflink to copy",
-                                      path=dest.path)
+                                      f"{os.path.dirname(dest.path)}", path=dest.path,
+                                      hint="leave out --reflink to copy")
             with self.engine_disk(path=latest) as src:
                 with self.engine_disk(write=True, size=src.size, path=tmp) as out:
                     if used == "copy":

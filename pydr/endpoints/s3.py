@@ -237,6 +237,7 @@ class ObjectEndpoint(Endpoint):
 def InvalidReplica(spec):
     from ..errors import UnsupportedFile
 
-    return UnsupportedFile(f"an object store holds recovery points, not a disk: replicate to "
-                           f"it ('pydr protect ITEM --disk SRC={spec}') and make disks from "
-                           f"its points ('pydr materialize ITEM --point P --to DIR')", path=spec)
+    return UnsupportedFile("an object store holds recovery points, not a disk", path=spec,
+                           hint=f"replicate to it ('pydr protect ITEM --disk SRC={spec}') and "
+                                f"make disks from its points ('pydr materialize ITEM --point P "
+                                f"--to DIR')")

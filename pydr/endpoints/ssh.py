@@ -100,7 +100,7 @@ class SshEndpoint(StepChainPlace, Endpoint):
         self.check_same_place(dest)
         if method == "qcow2":
             raise UnsupportedFile("qcow2 overlays of a replica on another host are not made "
-                                  "yet: leave out --as qcow2 there", path=self.spec)
+                                  "yet", path=self.spec, hint="leave out --as qcow2 there")
         if cancel is not None and cancel.is_set():  # the work there is not stopped half-way
             raise Cancelled("cancelled", path=dest.spec)
         return self.host.materialize(self._path, [self._here(s) for s in steps],

@@ -16,6 +16,7 @@ from ..engine import bindings as B
 from ..engine.devices import using_device
 from ..engine.parallel import check_threads
 from ..engine.progress import Record
+from ..errors import InvalidArgument
 from . import open_endpoint
 
 
@@ -63,13 +64,13 @@ def transfer(src, dst, *, block_size=4096, threads=None, progress=None, cancel=N
                               cancel=cancel, keep_undo=keep_undo, signature_cache=signature_cache,
                               changed_extents=changed_extents, verify=verify)
     if verify:
-        raise ValueError("--verify reads the target back: only when both disks are on this "
-                         "machine")
+        raise InvalidArgument("verify reads the target back: only when both disks are on this "
+                              "machine", hint="leave out --verify")
     if bwlimit is not None and bwlimit <= 0:
         raise ValueError("bwlimit must be a positive number of bytes per second")
     if streams and dst.in_process:
-        raise ValueError("--streams is for a target on another host (a pull uses one "
-                         "connection)")
+        raise InvalidArgument("streams are for a target on another host (a pull uses one "
+                              "connection)", hint="leave out --streams")
     start = time.monotonic()
     wire = dict(bwlimit=bwlimit, compress=compress)
     with src.open_source(block_size=block_size, threads=threads, progress=progress,

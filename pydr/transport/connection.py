@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 
-from ..errors import PeerGone
+from ..errors import InvalidArgument, PeerGone
 from . import protocol as P
 
 STDERR_TAIL = 4096  # bytes of the rsh command's stderr kept for the error
@@ -77,7 +77,9 @@ class Connection:
         self.host = host
         self.spec = spec  # what the connection is for (host:PATH), named by its errors
         if compress and not P.zstd_available():
-            raise ValueError("--compress needs the zstandard package (pip install zstandard)")
+            raise InvalidArgument("compression needs the zstandard package, which is not "
+                                  "installed",
+                                  hint="pip install zstandard, or leave out --compress")
         self.cmd = shlex.split(rsh) + [host, f"{shlex.quote(remote_pydr)} serve --stdio"]
         try:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -147,7 +149,8 @@ class Connection:
             raise P.ProtocolError(f"{host} does not speak pydr protocol {P.VERSION}")
         if self.compress:
             if "zstd" not in (hello.get("capabilities") or []):
-                raise ValueError(f"--compress: pydr on {host} cannot use zstd (install zstandard there)")
+                raise InvalidArgument(f"pydr on {host} cannot use zstd compression",
+                                      hint="install zstandard there, or leave out --compress")
             self.ch.enable_zstd()
         self.reader = threading.Thread(target=self._read_loop, name="pydr-net-reader", daemon=True)
         self.reader.start()

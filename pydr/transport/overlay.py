@@ -37,7 +37,7 @@ def materialize_overlay(backing, steps, dest):
         if header["old_size"] != size:
             raise UnsupportedFile(f"the disk was {header['old_size']} bytes before this step and "
                                   f"is {size} now: a qcow2 overlay cannot show a disk of another "
-                                  "size; leave out --as qcow2 to copy instead", path=path)
+                                  "size", path=path, hint="leave out --as qcow2 to copy instead")
     tmp = names.beside(dest, names.NEW)
     remove_leftovers(tmp)  # of a run that was killed
     try:

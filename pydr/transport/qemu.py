@@ -62,8 +62,9 @@ def detect_format(path):
 def tool(name, package="qemu-utils"):
     path = shutil.which(name)
     if path is None:
-        raise UnsupportedFile(f"{name} is not installed: install {package} (Debian: apt-get "
-                              f"install --no-install-recommends {package})", path=name)
+        raise UnsupportedFile(f"{name} is not installed", path=name,
+                              hint=f"install {package} (Debian: apt-get install "
+                                   f"--no-install-recommends {package})")
     return path
 
 

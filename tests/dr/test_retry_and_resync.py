@@ -116,8 +116,9 @@ def test_retry_with_the_vault_records_attempts_then_succeeds(item, monkeypatch):
 def test_tracking_lost_requires_a_resync(item):
     tmp_path, src, rep = item
     with Vault(tmp_path / "v", writer=True) as v:
-        with pytest.raises(InvalidState, match="--resync"):
+        with pytest.raises(InvalidState, match="x needs a resync") as err:
             replicate(v, ["x"], tracking_lost=True)
+        assert err.value.item == "x" and err.value.hint == "run 'pydr replicate x --resync'"
         assert v.status("x")["state"] == "resync-required"
         with pytest.raises(InvalidState):
             replicate(v, ["x"])

@@ -24,7 +24,7 @@ UnsupportedFile naming the item when the kind lacks it.
 import os
 
 from ...endpoints.base import StepChainPlace
-from ...errors import InvalidState, UnsupportedFile
+from ...errors import InvalidArgument, InvalidState, UnsupportedFile
 
 
 def files_at(endpoint):
@@ -137,8 +137,8 @@ class PointStore:
         if disk is not None:
             raise InvalidState(f"the test failover of {self.name!r} is a qcow2 overlay on the "
                                f"replica ({disk}): {what} would change the drill's disks under "
-                               f"it; run 'pydr cleanup-test-failover {self.name}' first",
-                               path=self.vault.dir)
+                               f"it", path=self.vault.dir, item=self.name,
+                               hint=f"run 'pydr cleanup-test-failover {self.name}' first")
 
     # -- a point's disks ----------------------------------------------------------
     def check_point(self, point_id):
@@ -177,8 +177,9 @@ class PointStore:
         option (`to`, or None): None where they come up at the replicas'
         paths. ValueError when `to` is wrong for this kind."""
         if to is not None:
-            raise ValueError("--to is for items replicated to an object store: the others "
-                             "fail over at their replicas' paths")
+            raise InvalidArgument("a failover directory is for items replicated to an object "
+                                  "store: the others fail over at their replicas' paths",
+                                  item=self.name, hint="leave out --to")
         return None
 
     def bring_up_disk(self, point_id, disk, *, method="auto", progress=None, cancel=None):

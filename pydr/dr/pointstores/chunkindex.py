@@ -27,8 +27,8 @@ from ...engine.chunks import ZERO_ID, PointIndex, decode_chunk
 from ...engine.oserrors import naming
 from ...engine.progress import Throttle
 from ...engine.restore import install
-from ...errors import (Cancelled, DamagedPoint, FormatError, InvalidState, UnsupportedFile,
-                       VaultDamaged)
+from ...errors import (Cancelled, DamagedPoint, FormatError, InvalidArgument, InvalidState,
+                       UnsupportedFile, VaultDamaged)
 from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
 from .. import chunkcapture
 from .base import PointStore, protected_disks
@@ -151,8 +151,9 @@ class ChunkIndex(PointStore):
     def _refuse_method(self, method):
         if method not in ("auto", "copy"):
             raise UnsupportedFile(f"the points of {self.name!r} are in an object store: they "
-                                  f"are downloaded, never made by {method} (--as qcow2, "
-                                  f"--reflink)", path=store_of(self.vault, self.name).spec)
+                                  f"are downloaded, never made by {method}",
+                                  path=store_of(self.vault, self.name).spec, item=self.name,
+                                  hint="leave out --as qcow2 and --reflink")
 
     # -- failover -----------------------------------------------------------------------
     def failover_dir(self, to):
@@ -160,8 +161,9 @@ class ChunkIndex(PointStore):
         never over a disk the vault protects (checked before anything is
         recorded)."""
         if to is None:
-            raise ValueError(f"{self.name!r} is replicated to an object store: give --to DIR, "
-                             f"the directory on this machine where its disks are made")
+            raise InvalidArgument(f"{self.name!r} is replicated to an object store: a failover "
+                                  f"needs a directory on this machine where its disks are made",
+                                  item=self.name, hint="give --to DIR")
         to = os.path.abspath(os.fspath(to))
         for d in self.vault.disks(self.name):
             self._failover_path(d, to)
@@ -178,8 +180,8 @@ class ChunkIndex(PointStore):
         protected = protected_disks(self.vault)
         if os.path.realpath(dest) in protected:  # a typo in --to must not overwrite production
             raise InvalidState(f"refusing to bring a point up over a disk the vault protects "
-                               f"({protected[os.path.realpath(dest)]}); give another directory",
-                               path=dest)
+                               f"({protected[os.path.realpath(dest)]})", path=dest,
+                               item=self.name, hint="give another directory")
         return dest
 
     def bring_up_disk(self, point_id, disk, *, method="auto", progress=None, cancel=None):
@@ -404,9 +406,9 @@ def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
         try:
             referenced |= PointIndex.decode(store.get(key), store.url(key)).chunk_ids()
         except (FileNotFoundError, FormatError) as exc:
-            raise InvalidState(f"garbage collection stopped before sweeping: {exc}; run "
-                               f"'pydr verify' on the item, or remove that index",
-                               path=store.url(key)) from None
+            raise InvalidState(f"garbage collection stopped before sweeping: {exc}",
+                               path=store.url(key),
+                               hint="run 'pydr verify' on the item, or remove that index") from None
         indexes += 1
     doomed, young, total, swept_bytes = [], 0, 0, 0
     for key, modified, size in store.list("chunks"):
