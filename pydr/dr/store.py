@@ -31,9 +31,12 @@ copies the current replica and rolls the newer steps back onto the copy,
 newest first -- cost proportional to what changed since.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import sqlite3
+from typing import TypeVar
 
 from ..errors import CorruptDelta, HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
 from . import store_lock
@@ -47,6 +50,7 @@ from .store_lock import HIDDEN, HOOK_OPTIONS, LOCK_NAME, redact_argv  # noqa: F4
 from .store_points import PointTables
 from .store_recovery import recover
 
+_S = TypeVar("_S", bound="Store")
 STATES = ("protecting", "protected", "resync-required")
 HEALTH = ("ok", "warning", "critical")
 
@@ -56,7 +60,7 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
     vault's lock (one changing command at a time; readers never wait) and
     sets right what a killed command left (pydr.dr.store_recovery)."""
 
-    def __init__(self, directory, *, writer=False):
+    def __init__(self, directory: str | os.PathLike[str], *, writer: bool = False) -> None:
         self.dir = os.fspath(directory)
         path = os.path.join(self.dir, DB_NAME)
         if not os.path.isfile(path):
@@ -90,17 +94,19 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
             return False
         return store_lock.held_by_another(self.dir)
 
-    def close(self):
+    def close(self) -> None:
+        """Close the database and let go of the lock (a writer's). Closing
+        twice is no error."""
         with contextlib.suppress(Exception):
             self.db.close()
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
 
-    def __enter__(self):
+    def __enter__(self: _S) -> _S:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @contextlib.contextmanager
