@@ -23,11 +23,15 @@ from __future__ import annotations
 
 from types import ModuleType as _ModuleType
 
-from . import errors
-from ._version import __version__
-from .engine.progress import ProgressRecord
-from .engine.signatures import (DEFAULT_ALGORITHM, DEFAULT_BLOCK_SIZE, Signature, SignStats,
-                                signature)
+# "X as X": re-exported, for a type checker too
+from . import errors as errors
+from ._version import __version__ as __version__
+from .engine.progress import ProgressRecord as ProgressRecord
+from .engine.signatures import DEFAULT_ALGORITHM as DEFAULT_ALGORITHM
+from .engine.signatures import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE
+from .engine.signatures import Signature as Signature
+from .engine.signatures import SignStats as SignStats
+from .engine.signatures import signature as signature
 
 # typing costs ~4 ms at start-up: the checkers honour a TYPE_CHECKING of our own
 TYPE_CHECKING = False

@@ -73,7 +73,8 @@ class ProgressRecord(Record):
 
     @property
     def bytes_per_second(self) -> float:
-        """The speed so far: ``done_bytes / elapsed`` (0.0 at the start)."""
+        """The speed so far in bytes per second, ``done_bytes / elapsed``
+        (0.0 at the start)."""
         return self.done_bytes / self.elapsed if self.elapsed > 0 else 0.0
 
 

@@ -179,7 +179,7 @@ class Signature:
 
     @property
     def block_count(self) -> int:
-        """The number of blocks: ``ceil(size / block_size)``."""
+        """The number of blocks, ``ceil(size / block_size)``."""
         return blocks_for(self.size, self.block_size)
 
     @property
