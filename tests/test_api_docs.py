@@ -121,3 +121,22 @@ def test_import_pydr_loads_no_vault_layer_until_vault_is_used(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True"]
+
+
+def guide_code():
+    with open(os.path.join(DOCS, "guide.rst")) as f:
+        text = f.read()
+    block = text.split(".. code-block:: python\n", 1)[1].split("\nWhat each part relies on", 1)[0]
+    return "\n".join(line[4:] for line in block.splitlines())
+
+
+def test_the_guide_is_50_lines_of_public_names_only():
+    import ast
+
+    code = guide_code()
+    assert len([line for line in code.splitlines() if line.strip()]) <= 50
+    used = {(node.value.id, node.attr) for node in ast.walk(ast.parse(code))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)}
+    assert {attr for owner, attr in used if owner == "pydr"} <= set(pydr.__all__)
+    vault_calls = {attr for owner, attr in used if owner == "vault"}
+    assert vault_calls and vault_calls <= set(vault_methods())

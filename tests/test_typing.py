@@ -52,6 +52,12 @@ def test_the_public_modules_pass_strict_mypy(cache):
     assert f"no issues found in {len(PUBLIC_MODULES)} source files" in r.stdout
 
 
+def test_the_installed_package_says_it_is_typed():
+    import pydr
+
+    assert os.path.isfile(os.path.join(os.path.dirname(pydr.__file__), "py.typed"))
+
+
 def test_a_client_type_checks_against_the_installed_package(cache, tmp_path):
     # run outside the source tree: mypy reads the installed pydr, which it
     # refuses without py.typed ("missing library stubs or py.typed marker")
