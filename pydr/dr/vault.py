@@ -32,7 +32,23 @@ if TYPE_CHECKING:
 
 
 class Vault(Store):
-    """An open vault with the DR workflow; see pydr.dr.store.Store."""
+    """An open vault with the DR workflow as methods.
+
+    Args:
+        directory: The vault's directory (made by :func:`pydr.init_vault`).
+        writer: Take the vault's lock: one process changes a vault at a time
+            (readers never wait). A writer also sets right what a killed
+            command left.
+
+    Raises:
+        VaultError: `directory` is not a vault, a vault of another schema
+            version, or another process holds the lock (``writer=True``).
+
+    Use it as a context manager, from the thread that opened it::
+
+        with pydr.Vault("/srv/vault", writer=True) as v:
+            v.replicate("web")
+    """
 
     def protect(self, name: str, disks: Iterable[Tuple[str, str]], **kwargs: Any) -> Any:
         """Register item `name` with its disks [(source, replica)]; see
