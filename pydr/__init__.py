@@ -352,4 +352,4 @@ __all__ = sorted([
 
 
 def __dir__() -> list[str]:
-    return __all__
+    return list(__all__)
