@@ -66,15 +66,22 @@ def test_a_client_type_checks_against_the_installed_package(cache, tmp_path):
     assert "no issues found in 1 source file" in r.stdout
 
 
-@pytest.mark.parametrize("line, complaint", [
+WRONG_CALLS = [
     ('assert_type(pydr.rollback("a.img"), str)', 'Expression is of type "int", not "str"'),
     ('pydr.signature("a.img", block_size="64k")', 'incompatible type "str"; expected "int"'),
     ('pydr.resync("a", "b", verfy=True)', 'Unexpected keyword argument "verfy"'),
     ('pydr.Vault("/srv/vault", writer=True).no_such_call()', 'has no attribute "no_such_call"'),
-])
-def test_a_wrong_call_fails_the_check(cache, tmp_path, line, complaint):
+]
+
+
+def test_each_wrong_call_fails_the_check(cache, tmp_path):
+    # one file, one wrong call a line: each line must get its own complaint
+    header = "import pydr\nfrom typing_extensions import assert_type\n"
     wrong = tmp_path / "wrong.py"
-    wrong.write_text("import pydr\nfrom typing_extensions import assert_type\n\n" + line + "\n")
-    r = mypy("--strict", str(wrong), cwd=tmp_path, cache=cache)
+    wrong.write_text(header + "".join(line + "\n" for line, _ in WRONG_CALLS))
+    r = mypy("--strict", wrong.name, cwd=tmp_path, cache=cache)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert complaint in r.stdout, r.stdout
+    first = header.count("\n") + 1
+    for number, (_, complaint) in enumerate(WRONG_CALLS, first):
+        said = [line for line in r.stdout.splitlines() if line.startswith(f"{wrong.name}:{number}:")]
+        assert any(complaint in line for line in said), (number, complaint, r.stdout)
