@@ -31,9 +31,12 @@ copies the current replica and rolls the newer steps back onto the copy,
 newest first -- cost proportional to what changed since.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import sqlite3
+from typing import TypeVar
 
 from ..errors import CorruptDelta, HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
 from . import arguments, store_lock
@@ -47,6 +50,7 @@ from .store_lock import HIDDEN, HOOK_OPTIONS, LOCK_NAME, redact_argv  # noqa: F4
 from .store_points import PointTables
 from .store_recovery import recover
 
+_S = TypeVar("_S", bound="Store")
 STATES = ("protecting", "protected", "resync-required")
 HEALTH = ("ok", "warning", "critical")
 
@@ -80,7 +84,8 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
         VaultDamaged: the database is damaged.
     """
 
-    def __init__(self, directory, *, writer=False, lock_timeout=None):
+    def __init__(self, directory: str | os.PathLike[str], *, writer: bool = False,
+                 lock_timeout: float | None = None) -> None:
         self.dir = arguments.directory(directory, "the vault's directory")
         store_lock.check_timeout(lock_timeout)
         path = os.path.join(self.dir, DB_NAME)
@@ -115,17 +120,19 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
             return False
         return store_lock.held_by_another(self.dir)
 
-    def close(self):
+    def close(self) -> None:
+        """Close the database and let go of the lock (a writer's). Closing
+        twice is no error."""
         with contextlib.suppress(Exception):
             self.db.close()
         if self.lock_fd is not None:
             store_lock.release(self.lock_fd)
             self.lock_fd = None
 
-    def __enter__(self):
+    def __enter__(self: _S) -> _S:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @contextlib.contextmanager

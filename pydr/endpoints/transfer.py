@@ -21,20 +21,37 @@ from . import open_endpoint
 
 
 class TransferStats(Record):
-    """bytes_written, bytes_zeroed, blocks_changed, bytes_sent, bytes_received,
-    bytes_read (here; 0 when another host read the source), journal_bytes,
-    seconds, direction (push, pull, relay or local)."""
+    """What a resync across a connection did (:func:`pydr.resync`). Read-only.
+
+    Attributes:
+        bytes_written: Bytes of data written to the target.
+        bytes_zeroed: Bytes of the target zeroed.
+        blocks_changed: Blocks that differed.
+        bytes_sent: Bytes this process sent (both connections of a relay).
+        bytes_received: Bytes this process received.
+        bytes_read: Bytes of the source read here (0 when another host read it).
+        journal_bytes: Size of the undo journal written.
+        seconds: Wall-clock time taken.
+        direction: ``"push"``, ``"pull"``, ``"relay"`` or ``"local"``.
+    """
 
     _fields = ("bytes_written", "bytes_zeroed", "blocks_changed", "bytes_sent", "bytes_received",
                "bytes_read", "journal_bytes", "seconds", "direction")
     __slots__ = _fields
+    bytes_written: int
+    bytes_zeroed: int
+    blocks_changed: int
+    bytes_sent: int
+    bytes_received: int
+    bytes_read: int
+    journal_bytes: int
+    seconds: float
+    direction: str
 
 
 def resync(src, dst, *, rsh=None, remote_pydr=None, **options):
-    """Make `dst` byte-identical to `src`. Each is a path, "[user@]host:PATH"
-    (reached with `rsh` running `remote_pydr serve --stdio` there) or an
-    Endpoint. Returns pydr.engine.resync.ResyncStats for two disks on this
-    machine, TransferStats otherwise. Options: see :func:`transfer`."""
+    """The implementation of :func:`pydr.resync` (documented there): `src`
+    and `dst` opened as endpoints, then :func:`transfer`."""
     stats, _ = transfer(open_endpoint(src, rsh=rsh, remote_pydr=remote_pydr),
                         open_endpoint(dst, rsh=rsh, remote_pydr=remote_pydr), **options)
     return stats

@@ -27,11 +27,30 @@ READ_BYTES = 32 << 20  # delta bytes read per batch (records up to 4 MiB + heade
 
 
 class ApplyStats(Record):
-    """records, bytes written (DATA payload), bytes zeroed, journal bytes, seconds."""
+    """What an apply did (:func:`pydr.apply_delta`). Read-only.
+
+    Attributes:
+        records: Records applied.
+        bytes_written: Bytes of data written (DATA payload).
+        bytes_zeroed: Bytes zeroed.
+        journal_bytes: Size of the undo journal written.
+        seconds: Wall-clock time taken.
+        rolled_back_first: Whether an interrupted apply of this delta was
+            rolled back first.
+        already_applied: Whether the target already held the delta's result
+            (then nothing was written).
+    """
 
     _fields = ("records", "bytes_written", "bytes_zeroed", "journal_bytes", "seconds",
                "rolled_back_first", "already_applied")
     __slots__ = _fields
+    records: int
+    bytes_written: int
+    bytes_zeroed: int
+    journal_bytes: int
+    seconds: float
+    rolled_back_first: bool
+    already_applied: bool
 
 
 class Applier:

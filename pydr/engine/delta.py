@@ -68,10 +68,23 @@ class DeltaHeader(Record):
 
 
 class DeltaStats(Record):
-    """What a delta holds: records, DATA payload bytes, ZERO bytes, its size."""
+    """What a delta holds (:func:`pydr.make_delta`). Read-only.
+
+    Attributes:
+        records: DATA and ZERO records written.
+        data_bytes: Bytes of data carried (DATA payload).
+        zero_bytes: Bytes the ZERO records zero.
+        delta_bytes: The delta's size in bytes.
+        seconds: Wall-clock time taken.
+    """
 
     _fields = ("records", "data_bytes", "zero_bytes", "delta_bytes", "seconds")
     __slots__ = _fields
+    records: int
+    data_bytes: int
+    zero_bytes: int
+    delta_bytes: int
+    seconds: float
 
 
 def changed_extents(base, source):

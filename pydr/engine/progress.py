@@ -1,5 +1,7 @@
 """Progress records passed to ``progress=`` callbacks, and their throttling."""
 
+from __future__ import annotations
+
 import time
 
 # Callbacks are called at most this often (plus once at the end).
@@ -38,23 +40,41 @@ class Record:
 
 
 class ProgressRecord(Record):
-    """What a long operation has done so far.
+    """What a long operation has done so far: what a ``progress=`` callback
+    is called with, about 10 times a second and once at the end. Read-only.
 
-    ``done_bytes`` of ``total_bytes`` are covered (holes included);
-    ``read_bytes`` were actually read from disk; ``elapsed`` is in seconds.
+    Attributes:
+        operation: What is running: ``"signature"``, ``"resync"``,
+            ``"apply"``, ...
+        path: The disk it works on.
+        done_bytes: Bytes of ``total_bytes`` covered so far (holes included).
+        total_bytes: Bytes the operation covers in all.
+        read_bytes: Bytes actually read from disk (holes are not read).
+        elapsed: Seconds since the operation started.
+        finished: True in the last record of the operation.
     """
 
     _fields = ("operation", "path", "done_bytes", "total_bytes", "read_bytes",
                "elapsed", "finished")
     __slots__ = _fields
     _default_finished = False
+    operation: str
+    path: str
+    done_bytes: int
+    total_bytes: int
+    read_bytes: int
+    elapsed: float
+    finished: bool
 
     @property
-    def fraction(self):
+    def fraction(self) -> float:
+        """``done_bytes / total_bytes`` (1.0 for an empty disk)."""
         return self.done_bytes / self.total_bytes if self.total_bytes else 1.0
 
     @property
-    def bytes_per_second(self):
+    def bytes_per_second(self) -> float:
+        """The speed so far in bytes per second, ``done_bytes / elapsed``
+        (0.0 at the start)."""
         return self.done_bytes / self.elapsed if self.elapsed > 0 else 0.0
 
 

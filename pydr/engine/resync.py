@@ -30,12 +30,31 @@ WINDOW = 256 << 20
 
 
 class ResyncStats(Record):
-    """bytes_read (both sides), bytes_written, bytes_zeroed, blocks_changed,
-    seconds, journal_bytes, used_cache, source_size."""
+    """What a resync of two disks on this machine did (:func:`pydr.resync`).
+    Read-only.
+
+    Attributes:
+        bytes_read: Bytes read, from both disks.
+        bytes_written: Bytes of data written to the target.
+        bytes_zeroed: Bytes of the target zeroed (punched or written).
+        blocks_changed: Blocks that differed.
+        seconds: Wall-clock time taken.
+        journal_bytes: Size of the undo journal written.
+        used_cache: Whether the target's signature cache was used.
+        source_size: The source's size, the target's size now.
+    """
 
     _fields = ("bytes_read", "bytes_written", "bytes_zeroed", "blocks_changed", "seconds",
                "journal_bytes", "used_cache", "source_size")
     __slots__ = _fields
+    bytes_read: int
+    bytes_written: int
+    bytes_zeroed: int
+    blocks_changed: int
+    seconds: float
+    journal_bytes: int
+    used_cache: bool
+    source_size: int
 
 
 def _open_cache(cache, dst, dst_size, block_size):
