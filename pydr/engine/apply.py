@@ -66,6 +66,7 @@ class Applier:
         self.undo = None
         self._writer = None
         self._writer_error = None
+        self._abandon = False  # set when the apply failed: queued batches are dropped
         self.resumed = None
         self.base_size_seen = None
 
@@ -198,7 +199,7 @@ class Applier:
             item = self._queue.get()
             if item is None:
                 return
-            if self._writer_error is None:
+            if self._writer_error is None and not self._abandon:
                 try:
                     self.apply_batch(*item)
                 except BaseException as exc:  # handed to the caller by drain/submit
@@ -256,12 +257,16 @@ class Applier:
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is not None and not self.finished:
+                self._abandon = True  # batches not yet journaled are never written
                 try:
                     self.drain()  # the writer must stop before anything is undone
                 except BaseException:
                     pass
-                if self.kind == J.KIND_RESYNC and issubclass(exc_type, (ConnectionError,)):
-                    # a dropped connection: keep the journal; the next run resumes
+                if self.kind == J.KIND_RESYNC and (
+                        issubclass(exc_type, ConnectionError)
+                        or issubclass(exc_type, Cancelled) and self.journal.bytes > J.HEADER_SIZE):
+                    # a dropped connection, or a cancel once something was written:
+                    # keep the journal, as a kill does; the next run resumes
                     return False
                 if issubclass(exc_type, DamagedJournal):
                     return False  # never rolled back with, nor removed: the evidence stays

@@ -17,7 +17,7 @@ from . import bindings as B
 from . import crashpoints
 from . import journal as J
 from .devices import Device, FileDevice, as_device, blocks_for, disk_mode, sign_range
-from .parallel import check_threads
+from .parallel import check_cancel, check_threads
 from .apply import Applier
 from .delta import BATCH_BYTES, changed_extents as extents_between, encode_buffer, write_records
 from ..errors import BaseMismatch, DamagedJournal, SameFile
@@ -164,6 +164,15 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     range and compares hashes before the resync is committed. ``keep_undo``:
     a path where the committed undo journal is kept (the reverse delta that
     turns the new target back into the old one) instead of being deleted.
+
+    ``progress`` gets ProgressRecords ("resync", done_bytes: the source
+    compared so far; read_bytes: read from the source, records included).
+    A set ``cancel`` event stops the resync within about CANCEL_BYTES of
+    I/O per thread (pydr.engine.parallel) and raises Cancelled; the target is
+    then left as a killed resync leaves it: what was written is journaled,
+    and running the same resync again finishes it (or ``pydr rollback``
+    undoes it). Cancelled before anything was written, a target created by
+    this resync is removed again.
     """
     import numpy as np
 
@@ -212,7 +221,16 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             changed_blocks = 0
             written = []  # (offset, length, digest) for verify
             span_i = 0
+            encoded = [0]  # DATA bytes read from the source for records, earlier windows
+
+            def check(data_bytes):
+                # every piece of records encoded: progress (reading the source
+                # is I/O too), and a set cancel stops before the next piece
+                throttle.report(shared.done, shared.read + encoded[0] + data_bytes)
+                check_cancel(cancel, applier.target)
+
             for w0 in range(0, src_size, WINDOW):
+                check_cancel(cancel, applier.target)
                 w1 = min(src_size, w0 + WINDOW)
                 if spans is None:
                     subs = [(w0, w1)]
@@ -259,7 +277,8 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                                              threads=threads, progress_record=dst_read,
                                              throttle=Throttle(None, "resync", applier.target, 0),
                                              cancel=cancel, final_report=False)
-                    throttle.report(shared.done, shared.read)
+                    throttle.report(shared.done, shared.read + encoded[0])
+                    check_cancel(cancel, applier.target)
                 src_sig = Signature(block_size, w1 - w0, "xxh3-128", src_h, src_z)
                 dst_sig = Signature(block_size, d1 - w0, "xxh3-128", dst_h, dst_z)
                 cmp = compare_window(src_sig, dst_sig, w0, block_size) if subs else None
@@ -277,13 +296,16 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                     # read_hashes: src_h gets the hashes of the blocks as read now,
                     # which is what the target receives (the source may have changed
                     # since it was signed); the signature cache is made from src_h
-                    count, _, _ = write_records(
+                    count, data, _ = write_records(
                         source, ext, zero, digests, pending.add, first_seq=seq[0],
-                        buf=encode_buf, read_hashes=(block_size, src_sig.hashes, w0 // block_size))
+                        buf=encode_buf, read_hashes=(block_size, src_sig.hashes, w0 // block_size),
+                        check=check)
                     seq[0] += count
+                    encoded[0] += data
                 win_h, win_z = src_h, src_z
                 if writer is not None:
                     writer.write(win_h, win_z)
+            check_cancel(cancel, applier.target)
             pending.flush()
             if verify:
                 applier.drain()
