@@ -45,7 +45,7 @@ class Applier:
 
     def __init__(self, target, *, block_size, base_size, result_size, kind=J.KIND_APPLY,
                  base_id=bytes(16), result_id=bytes(16), resume_same=True, create=False,
-                 mode=None):
+                 mode=None, cancel=None):
         self.given = target if isinstance(target, Device) else None
         self.target = self.given.name if self.given else os.fspath(target)
         self.block_size = block_size
@@ -67,6 +67,7 @@ class Applier:
         self._writer = None
         self._writer_error = None
         self._abandon = False  # set when the apply failed: queued batches are dropped
+        self.cancel = cancel  # a set event: the writer thread starts no other batch
         self.resumed = None
         self.base_size_seen = None
 
@@ -179,7 +180,9 @@ class Applier:
 
     # -- pipelined batches (resync): a writer thread journals and writes while
     # the caller hashes the next window. Same order, same guarantees: each
-    # batch's journal is durable before that batch touches the target.
+    # batch's journal is durable before that batch touches the target. Once
+    # `cancel` is set the writer finishes the batch it is in and drops the
+    # queued ones: what is on the target is journaled, as after a kill.
     def submit(self, recs, journal_bound, records):
         """Queue a batch for the writer thread (the bytes are copied)."""
         import queue
@@ -199,6 +202,8 @@ class Applier:
             item = self._queue.get()
             if item is None:
                 return
+            if self.cancel is not None and self.cancel.is_set():
+                self._abandon = True  # the caller raises Cancelled at its next look
             if self._writer_error is None and not self._abandon:
                 try:
                     self.apply_batch(*item)

@@ -189,7 +189,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     try:
         src_size = source.size_now()
         applier = Applier(dst, block_size=block_size, base_size=None, result_size=src_size,
-                          kind=J.KIND_RESYNC, create=True, mode=disk_mode(source))
+                          kind=J.KIND_RESYNC, create=True, mode=disk_mode(source), cancel=cancel)
         with applier:
             dst_size = applier.base_size  # what the target holds now
             if applier.resumed is not None and signature_cache is not None:
@@ -307,8 +307,9 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                     writer.write(win_h, win_z)
             check_cancel(cancel, applier.target)
             pending.flush()
+            applier.drain()
+            check_cancel(cancel, applier.target)  # the writer may have dropped batches
             if verify:
-                applier.drain()
                 _verify_written(applier, written, block_size)
             applier.finish(keep_journal=keep_undo)
         st = applier.state
