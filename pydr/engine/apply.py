@@ -19,11 +19,16 @@ from .atomic import create_file
 from .contentid import identity_of
 from .delta import HEADER_SIZE, DeltaHeader
 from .devices import Device, as_device, using_device
+from .parallel import CANCEL_BYTES
 from ..errors import (AlreadyApplied, BaseMismatch, Cancelled, CorruptDelta, DamagedJournal,
                      NothingToRollBack, PydrError, UnfinishedApply, UnsupportedFile)
 from .progress import Record, Throttle
 
-READ_BYTES = 32 << 20  # delta bytes read per batch (records up to 4 MiB + header)
+# Delta bytes read per batch (a batch holds the whole records in it; a longer
+# record, up to RECORD_MAX, waits for the next read): the apply looks at its
+# cancel event once per batch. 16 MiB measured faster than 32 (512 MiB delta:
+# 1.5-2.7 s against 3.0-6.1 s, on a shared 2-core VM).
+READ_BYTES = CANCEL_BYTES
 
 
 class ApplyStats(Record):
@@ -319,7 +324,12 @@ def apply_delta(delta, target, *, progress=None, cancel=None, verify=False):
     A target that already holds the delta's result (all of it: checked by
     reading it whole, as after a run killed once it had finished) is left
     as it is, with ``already_applied`` set; one that holds it only where the
-    delta's first records land is refused (BaseMismatch: it is neither)."""
+    delta's first records land is refused (BaseMismatch: it is neither).
+
+    ``progress`` gets a ProgressRecord after every batch of READ_BYTES of the
+    delta; a set ``cancel`` event is looked at before each batch, so the apply
+    stops within one batch, raises Cancelled and (as on any error) restores
+    the target; running it again applies the delta whole."""
     start = time.monotonic()
     opener, name = _open_delta(delta)
     with opener as f:

@@ -19,7 +19,8 @@ from . import journal as J
 from .devices import Device, FileDevice, as_device, blocks_for, disk_mode, sign_range
 from .parallel import check_cancel, check_threads
 from .apply import Applier
-from .delta import BATCH_BYTES, changed_extents as extents_between, encode_buffer, write_records
+from .delta import (BATCH_BYTES, RECORD_SPLIT, changed_extents as extents_between,
+                    encode_buffer, write_records)
 from ..errors import BaseMismatch, DamagedJournal, SameFile
 from .progress import Record, Throttle
 from .signatures import Signature
@@ -331,6 +332,12 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                        time.monotonic() - start, applier.journal.bytes, cached is not None, src_size)
 
 
+#: a chunk of records this long filled the encode buffer as far as whole
+#: records go (seven of 4 MiB in 32 MiB): a batch by itself, not merged with
+#: the next into one twice as long, which the writer would finish after a cancel
+FULL_BATCH = BATCH_BYTES - B.RECORD_HEADER - RECORD_SPLIT
+
+
 class _Batcher:
     """Gathers the records of many small changed spans into batches of about
     BATCH_BYTES: each batch costs one durable journal write, so a tracker's
@@ -343,13 +350,13 @@ class _Batcher:
 
     def add(self, chunk):
         _, count, bound, _ = B.records_scan(chunk)
-        if not self.buf and len(chunk) >= BATCH_BYTES:  # a full batch already
+        if not self.buf and len(chunk) >= FULL_BATCH:  # a full batch already
             self.applier.submit(chunk, bound, count)
             return
         self.buf += chunk
         self.bound += bound
         self.count += count
-        if len(self.buf) >= BATCH_BYTES:
+        if len(self.buf) >= FULL_BATCH:
             self.flush()
 
     def flush(self):
