@@ -327,7 +327,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             source.close()
         if cached is not None:
             cached.close()
-    throttle.report(total, shared.read, finished=True)
+    throttle.report(total, shared.read + encoded[0], finished=True)
     return ResyncStats(int(bytes_read), int(st.data_bytes), int(st.zero_bytes), changed_blocks,
                        time.monotonic() - start, applier.journal.bytes, cached is not None, src_size)
 
