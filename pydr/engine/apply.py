@@ -437,16 +437,18 @@ def _verify_result(applier, header):
                            path=applier.target)
 
 
-def rollback(target):
+def rollback(target, *, cancel=None):
     """Undo an interrupted apply on `target`. Returns bytes restored; raises
-    FileNotFoundError-like PydrError if there is nothing to roll back."""
+    FileNotFoundError-like PydrError if there is nothing to roll back. A set
+    ``cancel`` event stops it before the next journal record (Cancelled):
+    the journal stays whole, and rolling back again finishes."""
     path = J.pending(target)
     if path is None:
         raise NothingToRollBack("no interrupted apply to roll back on this target (no undo journal)",
                                 path=os.fspath(target))
     with using_device(target, write=True) as dev:
         dev.lock()
-        restored = J.rollback(dev, path)
+        restored = J.rollback(dev, path, cancel=cancel)
         crashpoints.reached("rollback.restored")
         os.unlink(path)
         J.fsync_dir(path)

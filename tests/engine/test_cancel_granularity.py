@@ -377,3 +377,49 @@ def test_apply_delta_stops_at_the_first_progress_callback(disks, name, tmp_path)
     assert sha(dst) == old_sha and J.pending(dst) is None
     pydr.apply_delta(delta, dst)
     assert sha(dst) == src_sha
+
+
+# -- rollback -------------------------------------------------------------------------------
+
+def test_rollback_stops_before_its_next_record_and_finishes_when_run_again(disks, tmp_path,
+                                                                        monkeypatch):
+    """A resync stopped once a batch is on the target leaves its journal;
+    rolling it back is stopped as its first record is written back (before
+    the next one: at most a record of 16 MiB), the journal stays whole, and
+    rolling back again restores the old image."""
+    from pydr.engine import apply as A
+    from pydr.engine.devices import FileDevice
+
+    src, src_sha, _, old_sha = disks["1G"]
+    dst = _fresh_target(disks, "1G", tmp_path)
+    stop = threading.Event()
+    real = crashpoints.reached
+
+    def reached(point):
+        if point == "apply.written":
+            stop.set()
+        real(point)
+
+    monkeypatch.setattr(crashpoints, "reached", reached)
+    with pytest.raises(pydr.Cancelled):
+        pydr.resync(src, dst, threads=THREADS, cancel=stop)
+    monkeypatch.setattr(crashpoints, "reached", real)
+    journal = J.pending(dst)
+    assert journal is not None and len(J.scan(journal).records) > 1
+    ev = threading.Event()
+    writes = []
+    real_write = FileDevice.apply_write
+
+    def apply_write(self, recs):
+        real_write(self, recs)
+        writes.append(len(recs))
+        ev.set()
+
+    monkeypatch.setattr(FileDevice, "apply_write", apply_write)
+    with pytest.raises(pydr.Cancelled):
+        A.rollback(dst, cancel=ev)
+    monkeypatch.setattr(FileDevice, "apply_write", real_write)
+    assert len(writes) == 1 and writes[0] <= B.RECORD_HEADER + B.RECORD_MAX
+    assert J.pending(dst) == journal and sha(dst) != old_sha
+    A.rollback(dst)
+    assert sha(dst) == old_sha and J.pending(dst) is None
