@@ -167,7 +167,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     turns the new target back into the old one) instead of being deleted.
 
     ``progress`` gets ProgressRecords ("resync", done_bytes: the source
-    compared so far; read_bytes: read from the source, records included).
+    compared so far; read_bytes: read from both disks, records included).
     A set ``cancel`` event stops the resync within about CANCEL_BYTES of
     I/O per thread (pydr.engine.parallel) and raises Cancelled; the target is
     then left as a killed resync leaves it: what was written is journaled,
@@ -224,10 +224,17 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             span_i = 0
             encoded = [0]  # DATA bytes read from the source for records, earlier windows
 
+            def read_so_far():  # both sides signed, and the source's records
+                return shared.read + dst_read.read + encoded[0]
+
+            # while the target is signed (slow: an NBD export, a remote disk)
+            # the resync's own record goes on being reported
+            target_throttle = _Reporting(throttle, lambda: (shared.done, read_so_far()))
+
             def check(data_bytes):
                 # every piece of records encoded: progress (reading the source
                 # is I/O too), and a set cancel stops before the next piece
-                throttle.report(shared.done, shared.read + encoded[0] + data_bytes)
+                throttle.report(shared.done, read_so_far() + data_bytes)
                 check_cancel(cancel, applier.target)
 
             for w0 in range(0, src_size, WINDOW):
@@ -276,9 +283,9 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                             applier.dev.sign(s0, t1 - s0, block_size, code,
                                              h[16 * b0:16 * (b0 + mb)], z[b0:b0 + mb],
                                              threads=threads, progress_record=dst_read,
-                                             throttle=Throttle(None, "resync", applier.target, 0),
+                                             throttle=target_throttle,
                                              cancel=cancel, final_report=False)
-                    throttle.report(shared.done, shared.read + encoded[0])
+                    throttle.report(shared.done, read_so_far())
                     check_cancel(cancel, applier.target)
                 src_sig = Signature(block_size, w1 - w0, "xxh3-128", src_h, src_z)
                 dst_sig = Signature(block_size, d1 - w0, "xxh3-128", dst_h, dst_z)
@@ -327,7 +334,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             source.close()
         if cached is not None:
             cached.close()
-    throttle.report(total, shared.read + encoded[0], finished=True)
+    throttle.report(total, read_so_far(), finished=True)
     return ResyncStats(int(bytes_read), int(st.data_bytes), int(st.zero_bytes), changed_blocks,
                        time.monotonic() - start, applier.journal.bytes, cached is not None, src_size)
 
@@ -336,6 +343,18 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
 #: records go (seven of 4 MiB in 32 MiB): a batch by itself, not merged with
 #: the next into one twice as long, which the writer would finish after a cancel
 FULL_BATCH = BATCH_BYTES - B.RECORD_HEADER - RECORD_SPLIT
+
+
+class _Reporting:
+    """A throttle for a part of the work (signing the target) that reports
+    the whole operation's progress instead of the part's counters."""
+
+    def __init__(self, throttle, counters):
+        self.throttle, self.counters, self.path = throttle, counters, throttle.path
+
+    def report(self, done, read, finished=False):
+        if not finished:
+            self.throttle.report(*self.counters())
 
 
 class _Batcher:

@@ -192,31 +192,29 @@ def test_resync_stops_at_the_first_progress_callback(disks, name, tmp_path):
     assert sha(dst) == src_sha
 
 
-def _in_write_phase():
-    """True from the first record of the write phase on: the source is
-    compared as far as it goes (done_bytes stays) while the records are read
-    from it (read_bytes grows). Signing moves both together."""
-    last = {}
-
-    def when(rec):
-        hit = last.get("done") == rec.done_bytes and rec.read_bytes > last["read"]
-        last.update(done=rec.done_bytes, read=rec.read_bytes)
-        return hit
-
-    return when
-
-
 @pytest.mark.parametrize("name", SIZES)
 def test_resync_stops_in_its_write_phase(disks, name, tmp_path, monkeypatch):
     """Every 16 MiB of records encoded reports progress and looks at the
     event (before, a 256 MiB window was encoded and written whole)."""
+    from pydr.engine import resync as R
+
     monkeypatch.setattr(P, "REPORT_INTERVAL", 0)  # every report reaches the callback
+    writing = []
+    real = R.write_records
+
+    def write_records(*args, **kwargs):  # marks the write phase of a window
+        writing.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "write_records", write_records)
     src, src_sha, _, _ = disks[name]
     dst = _fresh_target(disks, name, tmp_path)
-    cb = CancelAt(_in_write_phase())
+    cb = CancelAt(lambda rec: bool(writing))
     with pytest.raises(pydr.Cancelled):
         pydr.resync(src, dst, threads=THREADS, progress=cb, cancel=cb.event)
     assert cb.read_after() <= RESYNC_BOUND
+    # the first record of the write phase came after one piece of records
+    assert cb.records[-1].read_bytes - cb.records[-2].read_bytes <= CANCEL_BYTES
     pydr.resync(src, dst, threads=THREADS)
     assert sha(dst) == src_sha and J.pending(dst) is None
 
