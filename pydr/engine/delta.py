@@ -16,6 +16,7 @@ from . import bindings as B
 from .atomic import atomic_write
 from .contentid import identity
 from .devices import Device, using_device
+from .parallel import CANCEL_BYTES, check_cancel
 from ..errors import CorruptDelta, IncompatibleSignatures, SameFile
 from .progress import Record
 from .signatures import Signature, signature
@@ -129,7 +130,7 @@ def encode_buffer():
 
 
 def write_records(source, extents, zero, base_digests, emit, first_seq=0, buf=None,
-                  read_hashes=None):
+                  read_hashes=None, check=None):
     """Encode extents of the source (a device, pydr.engine.devices) into
     records, BATCH_BYTES at a time,
     calling emit(buffer) for each batch. Returns (records, data, zero) bytes.
@@ -137,7 +138,11 @@ def write_records(source, extents, zero, base_digests, emit, first_seq=0, buf=No
     read_hashes=(block_size, array, first_block): the XXH3-128 of every DATA
     block as it was read is stored into `array` (shape (n, 2)) at its block
     index minus first_block, so a signature cache describes what the target
-    received even if the source changed after it was signed."""
+    received even if the source changed after it was signed.
+
+    check(data_bytes): called after every piece of about CANCEL_BYTES read
+    (a batch is filled in pieces), with the DATA bytes encoded so far; it
+    reports progress and may raise (Cancelled) to stop within one piece."""
     import numpy as np
 
     if buf is None:
@@ -150,30 +155,42 @@ def write_records(source, extents, zero, base_digests, emit, first_seq=0, buf=No
     done_total = 0
     data_bytes = zero_bytes = 0
     lengths = extents[1::2]
+    piece = max(CANCEL_BYTES, B.RECORD_HEADER + RECORD_SPLIT)
     while done_total < k:
-        used, done, hwords = source.encode(extents[2 * done_total:], zero[done_total:],
-                                           base_digests[2 * done_total:], first_seq + done_total,
-                                           buf, block_size=bs, payload_hashes=hbuf)
-        if done == 0:
-            raise AssertionError("a record larger than the encode buffer")
-        if read_hashes:
-            seg_ext = extents[2 * done_total:2 * (done_total + done)]
-            data = ~zero[done_total:done_total + done].astype(bool)
-            starts = (seg_ext[0::2][data] // np.uint64(bs)).astype(np.int64) - read_hashes[2]
-            counts = -(-seg_ext[1::2][data].astype(np.int64) // bs)
-            if int(counts.sum()) * 2 != hwords:
-                raise AssertionError("payload hash count does not match the extents")
-            idx = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + \
-                np.arange(int(counts.sum()))
-            read_hashes[1][idx] = hbuf[:hwords].reshape(-1, 2)
-        view = memoryview(buf)[:used]
-        emit(view)
-        view.release()
-        seg = slice(done_total, done_total + done)
-        z = zero[seg].astype(bool)
-        data_bytes += int(lengths[seg][~z].sum())
-        zero_bytes += int(lengths[seg][z].sum())
-        done_total += done
+        used = 0
+        while done_total < k:
+            cap = min(len(buf) - used, piece)
+            with memoryview(buf) as whole, whole[used:used + cap] as out:
+                n, done, hwords = source.encode(
+                    extents[2 * done_total:], zero[done_total:], base_digests[2 * done_total:],
+                    first_seq + done_total, out, block_size=bs, payload_hashes=hbuf)
+            if done == 0:
+                if used:
+                    break  # the batch is full
+                if cap < len(buf):
+                    piece = len(buf)  # a record larger than a piece: whole batches then
+                    continue
+                raise AssertionError("a record larger than the encode buffer")
+            if read_hashes:
+                seg_ext = extents[2 * done_total:2 * (done_total + done)]
+                data = ~zero[done_total:done_total + done].astype(bool)
+                starts = (seg_ext[0::2][data] // np.uint64(bs)).astype(np.int64) - read_hashes[2]
+                counts = -(-seg_ext[1::2][data].astype(np.int64) // bs)
+                if int(counts.sum()) * 2 != hwords:
+                    raise AssertionError("payload hash count does not match the extents")
+                idx = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + \
+                    np.arange(int(counts.sum()))
+                read_hashes[1][idx] = hbuf[:hwords].reshape(-1, 2)
+            used += n
+            seg = slice(done_total, done_total + done)
+            z = zero[seg].astype(bool)
+            data_bytes += int(lengths[seg][~z].sum())
+            zero_bytes += int(lengths[seg][z].sum())
+            done_total += done
+            if check is not None:
+                check(data_bytes)
+        with memoryview(buf) as whole, whole[:used] as view:
+            emit(view)
     return k, data_bytes, zero_bytes
 
 
@@ -184,7 +201,9 @@ def make_delta(source, out, *, against=None, target=None, block_size=DEFAULT_DEL
     The base is given by its signature (`against`: a Signature or a signature
     file; its block size is used) or as an image (`target`: signed here).
     `out` is a path, "-" for stdout, or a binary file object. Returns
-    DeltaStats."""
+    DeltaStats. A set ``cancel`` event stops it within about CANCEL_BYTES
+    read (signing or encoding) with Cancelled; a file `out` is then not
+    written at all."""
     if (against is None) == (target is None):
         raise ValueError("give exactly one of against= (a signature) or target= (an image)")
     start = time.monotonic()
@@ -217,7 +236,8 @@ def make_delta(source, out, *, against=None, target=None, block_size=DEFAULT_DEL
 
         emit(header.pack())
         with using_device(source) as dev:
-            records, data, zeros = write_records(dev, extents, zero, base_digests, emit)
+            records, data, zeros = write_records(dev, extents, zero, base_digests, emit,
+                                                 check=lambda _: check_cancel(cancel, dev.name))
         low, high = struct.unpack("<QQ", digest.digest())
         f.write(B.record_build(B.END, offset=zeros, length=data, base_hash=(low, high),
                                seq=records))

@@ -27,7 +27,7 @@ from . import bindings as B
 from . import names
 from .atomic import copy_mode
 from .oserrors import naming
-from .parallel import run_chunks, start_all, wait_all
+from .parallel import CANCEL_BYTES, run_chunks, start_all, wait_all
 
 SIGN_WINDOW = 256 << 20  # an NBD export is signed this much at a time
 # connections that sign one export side by side where the server offers
@@ -106,20 +106,29 @@ def sign_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
     """Sign [offset, offset+length) of an open file into caller buffers
     (``hashes``: blocks * words uint64, ``zero_mask``: one byte per block),
     on ``threads`` threads. offset is block aligned; the range may end on a
-    short block only at the end of the file. Returns the threads used."""
+    short block only at the end of the file. Returns the threads used.
+
+    Each thread signs its chunk CANCEL_BYTES at a time and looks at
+    ``cancel`` before each piece: a set event stops it within one piece
+    (the C core looks at the flag per mmap window or I/O buffer too), and
+    a piece of holes costs no read but bounded CPU."""
     n = blocks_for(length, block_size)
     words = B.hash_words(code)
     per_chunk = max(1, CHUNK_BYTES // block_size)
+    per_piece = max(1, min(per_chunk, CANCEL_BYTES // block_size))
     nchunks = (n + per_chunk - 1) // per_chunk
     end = offset + length
 
     def do_chunk(signer, i):
-        b0 = i * per_chunk
-        b1 = min(n, b0 + per_chunk)
-        start = offset + b0 * block_size
-        h, z = out.at(b0)
-        signer.sign(fd, start, min(end, offset + b1 * block_size) - start, h, z, b1 - b0,
-                    progress_record, path)
+        b1 = min(n, (i + 1) * per_chunk)
+        for b0 in range(i * per_chunk, b1, per_piece):
+            if cancel is not None and cancel.is_set():
+                progress_record.request_cancel()  # the other workers stop too
+            b2 = min(b1, b0 + per_piece)
+            start = offset + b0 * block_size
+            h, z = out.at(b0)
+            signer.sign(fd, start, min(end, offset + b2 * block_size) - start, h, z, b2 - b0,
+                        progress_record, path)
 
     used = max(1, min(threads, nchunks))
     with B.OutputBuffers(hashes, zero_mask, words) as out:
@@ -289,14 +298,24 @@ class NbdDevice(Device):
 
     def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
              progress_record, throttle, cancel=None, use_mmap=True, final_report=True):
-        """Signs window by window (progress and cancellation between them).
-        Each connection keeps several reads in flight; where the server
-        offers multi-conn, up to NBD_CONNECTIONS sign windows side by side.
-        `threads` is not used."""
+        """Signs window by window. Each connection keeps several reads in
+        flight; where the server offers multi-conn, up to NBD_CONNECTIONS
+        sign windows side by side. The readers run on their own threads
+        while this one reports progress and passes a set ``cancel`` on to
+        the C core, which stops at its next read request (NBD_CHUNK bytes,
+        a few in flight). `threads` is not used."""
         step = max(block_size, SIGN_WINDOW // block_size * block_size)
         windows = [(w0, min(length, w0 + step)) for w0 in range(0, length, step)]
         handles = self._readers(min(NBD_CONNECTIONS, len(windows)))
         failure, lock = [], threading.Lock()
+
+        def stop():  # each reader stops within its read requests in flight
+            progress_record.request_cancel()
+
+        def tick():
+            throttle.report(progress_record.done, progress_record.read)
+            if cancel is not None and cancel.is_set():
+                stop()
 
         with B.OutputBuffers(hashes, zero_mask, B.hash_words(code)) as out:
             def work(handle):
@@ -305,45 +324,38 @@ class NbdDevice(Device):
                         if not windows:
                             return
                         w0, w1 = windows.pop(0)
-                    if cancel is not None and cancel.is_set():
-                        failure.append(Cancelled("cancelled", path=self.name))
-                        return
                     h, z = out.at(w0 // block_size)
                     try:
                         handle.sign(offset + w0, w1 - w0, block_size, code, h, z,
                                     blocks_for(w1 - w0, block_size), progress_record)
                     except BaseException as exc:  # raised again in the caller's thread
                         failure.append(exc)
+                        stop()
                         return
-                    if len(handles) == 1:
-                        throttle.report(progress_record.done, progress_record.read)
 
-            if len(handles) == 1:
-                work(handles[0])
-            else:
-                done = [threading.Event() for _ in handles]
+            done = [threading.Event() for _ in handles]
 
-                def run(k):
-                    try:
-                        work(handles[k])
-                    finally:
-                        done[k].set()
-
-                def stop():  # each reader stops before its next window
-                    failure.append(Cancelled("interrupted", path=self.name))
-
-                workers = [threading.Thread(target=run, args=(k,), daemon=True,
-                                            name="pydr-nbd-sign") for k in range(len(handles))]
+            def run(k):
                 try:
-                    start_all(workers, done, stop)
-                    wait_all(done, lambda: throttle.report(progress_record.done,
-                                                           progress_record.read), stop)
-                except KeyboardInterrupt:
-                    stop()  # Ctrl-C between the two: the readers still finish first
-                    wait_all(done, lambda: None, stop)
-                    raise
+                    work(handles[k])
+                finally:
+                    done[k].set()
+
+            workers = [threading.Thread(target=run, args=(k,), daemon=True,
+                                        name="pydr-nbd-sign") for k in range(len(handles))]
+            tick()  # a first record before any read; a cancel set there reads nothing
+            try:
+                start_all(workers, done, stop)
+                wait_all(done, tick, stop)
+            except KeyboardInterrupt:
+                stop()  # Ctrl-C between the two: the readers still finish first
+                wait_all(done, lambda: None, stop)
+                raise
+        real = [e for e in failure if not isinstance(e, Cancelled)]
+        if real:
+            raise real[0]
         if failure:
-            raise failure[0]
+            raise Cancelled("cancelled", path=self.name)
         if final_report:
             throttle.report(progress_record.done, progress_record.read, finished=True)
         return 1

@@ -34,7 +34,7 @@ from .contentid import identity_of
 from .devices import FileDevice
 from .oserrors import NamedFile, naming
 from .torntail import batch_journal_limit, check_torn_tail  # noqa: F401 (re-exported)
-from ..errors import CorruptDelta, DamagedJournal, UnfinishedApply
+from ..errors import Cancelled, CorruptDelta, DamagedJournal, UnfinishedApply
 
 MAGIC = b"PYDRUND\x00"
 VERSION = 1
@@ -281,11 +281,13 @@ def rollback_fd(fd, path, target, is_block_device, *, step=False):
     return rollback(FileDevice(target, fd=fd, is_block=is_block_device), path, step=step)
 
 
-def rollback(dev, path, *, step=False):
+def rollback(dev, path, *, step=False, cancel=None):
     """Restore the device `dev` from the journal at `path`; returns bytes
     restored. Leaves the journal in place (the caller removes it once this
     returned). ``step``: the journal is a recovery-point step, which must be
-    whole and committed (see scan).
+    whole and committed (see scan). A set ``cancel`` event stops it before
+    the next record (at most RECORD_MAX bytes) with Cancelled; the journal
+    is whole, and rolling back again restores every record.
 
     The whole journal is checked (scan) before its first byte is written,
     and each DATA payload against its hash again as it is written back, so
@@ -313,6 +315,9 @@ def rollback(dev, path, *, step=False):
             order = [r for r in index if r[2] == B.ZERO] + [r for r in index if r[2] == B.DATA]
         restored = 0
         for pos, size, kind, _, _, payload_hash in order:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled: the rollback is not finished (run it again)",
+                                path=getattr(dev, "name", None))
             f.seek(pos)
             data = f.read(size)
             if kind == B.DATA:

@@ -13,6 +13,17 @@ import threading
 from ..errors import Cancelled
 
 POLL_INTERVAL = 0.05
+#: A long operation looks at its ``cancel`` event (and gives progress a
+#: chance) at least every this many bytes of data handled per thread: a set
+#: event stops it within about this much I/O, or within POLL_INTERVAL when
+#: one piece takes longer (a slow device).
+CANCEL_BYTES = 16 << 20
+
+
+def check_cancel(cancel, path=None):
+    """Raise :class:`pydr.errors.Cancelled` if the ``cancel`` event is set."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled", path=path)
 
 
 def default_threads():
@@ -39,8 +50,11 @@ def run_chunks(nchunks, threads, make_worker_state, do_chunk, progress, throttle
     ``make_worker_state()`` gives each thread its own state (e.g. a C signer).
     ``progress`` is the shared C progress record; ``throttle`` reports it. A
     set ``cancel`` event (or Ctrl-C in the main thread) stops every worker
-    within one I/O buffer and raises :class:`pydr.errors.Cancelled`. The first
-    real error of any worker is re-raised here.
+    within one I/O buffer and raises :class:`pydr.errors.Cancelled`: set by
+    the progress callback itself, at once; by another thread, within
+    POLL_INTERVAL (a ``do_chunk`` that also looks at ``cancel`` itself, as
+    sign_range's does per CANCEL_BYTES, stops sooner). The first real error
+    of any worker is re-raised here.
     """
     counter = itertools.count()  # next() is atomic under the GIL
     errors = []
@@ -77,7 +91,7 @@ def run_chunks(nchunks, threads, make_worker_state, do_chunk, progress, throttle
 
     def tick():
         throttle.report(progress.done, progress.read)
-        # after the report: a cancel its callback set stops the workers now, not a tick later
+        # after the report: a callback that sets the event stops the workers now
         if cancel is not None and cancel.is_set():
             progress.request_cancel()
 

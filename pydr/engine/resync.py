@@ -17,9 +17,10 @@ from . import bindings as B
 from . import crashpoints
 from . import journal as J
 from .devices import Device, FileDevice, as_device, blocks_for, disk_mode, sign_range
-from .parallel import check_threads
+from .parallel import check_cancel, check_threads
 from .apply import Applier
-from .delta import BATCH_BYTES, changed_extents as extents_between, encode_buffer, write_records
+from .delta import (BATCH_BYTES, RECORD_SPLIT, changed_extents as extents_between,
+                    encode_buffer, write_records)
 from ..errors import BaseMismatch, DamagedJournal, SameFile
 from .progress import Record, Throttle
 from .signatures import Signature
@@ -183,6 +184,15 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     range and compares hashes before the resync is committed. ``keep_undo``:
     a path where the committed undo journal is kept (the reverse delta that
     turns the new target back into the old one) instead of being deleted.
+
+    ``progress`` gets ProgressRecords ("resync", done_bytes: the source
+    compared so far; read_bytes: read from both disks, records included).
+    A set ``cancel`` event stops the resync within about CANCEL_BYTES of
+    I/O per thread (pydr.engine.parallel) and raises Cancelled; the target is
+    then left as a killed resync leaves it: what was written is journaled,
+    and running the same resync again finishes it (or ``pydr rollback``
+    undoes it). Cancelled before anything was written, a target created by
+    this resync is removed again.
     """
     import numpy as np
 
@@ -199,7 +209,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     try:
         src_size = source.size_now()
         applier = Applier(dst, block_size=block_size, base_size=None, result_size=src_size,
-                          kind=J.KIND_RESYNC, create=True, mode=disk_mode(source))
+                          kind=J.KIND_RESYNC, create=True, mode=disk_mode(source), cancel=cancel)
         with applier:
             dst_size = applier.base_size  # what the target holds now
             if applier.resumed is not None and signature_cache is not None:
@@ -231,7 +241,23 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             changed_blocks = 0
             written = []  # (offset, length, digest) for verify
             span_i = 0
+            encoded = [0]  # DATA bytes read from the source for records, earlier windows
+
+            def read_so_far():  # both sides signed, and the source's records
+                return shared.read + dst_read.read + encoded[0]
+
+            # while the target is signed (slow: an NBD export, a remote disk)
+            # the resync's own record goes on being reported
+            target_throttle = _Reporting(throttle, lambda: (shared.done, read_so_far()))
+
+            def check(data_bytes):
+                # every piece of records encoded: progress (reading the source
+                # is I/O too), and a set cancel stops before the next piece
+                throttle.report(shared.done, read_so_far() + data_bytes)
+                check_cancel(cancel, applier.target)
+
             for w0 in range(0, src_size, WINDOW):
+                check_cancel(cancel, applier.target)
                 w1 = min(src_size, w0 + WINDOW)
                 if spans is None:
                     subs = [(w0, w1)]
@@ -276,9 +302,10 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                             applier.dev.sign(s0, t1 - s0, block_size, code,
                                              h[16 * b0:16 * (b0 + mb)], z[b0:b0 + mb],
                                              threads=threads, progress_record=dst_read,
-                                             throttle=Throttle(None, "resync", applier.target, 0),
+                                             throttle=target_throttle,
                                              cancel=cancel, final_report=False)
-                    throttle.report(shared.done, shared.read)
+                    throttle.report(shared.done, read_so_far())
+                    check_cancel(cancel, applier.target)
                 src_sig = Signature(block_size, w1 - w0, "xxh3-128", src_h, src_z)
                 dst_sig = Signature(block_size, d1 - w0, "xxh3-128", dst_h, dst_z)
                 cmp = compare_window(src_sig, dst_sig, w0, block_size) if subs else None
@@ -296,16 +323,20 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                     # read_hashes: src_h gets the hashes of the blocks as read now,
                     # which is what the target receives (the source may have changed
                     # since it was signed); the signature cache is made from src_h
-                    count, _, _ = write_records(
+                    count, data, _ = write_records(
                         source, ext, zero, digests, pending.add, first_seq=seq[0],
-                        buf=encode_buf, read_hashes=(block_size, src_sig.hashes, w0 // block_size))
+                        buf=encode_buf, read_hashes=(block_size, src_sig.hashes, w0 // block_size),
+                        check=check)
                     seq[0] += count
+                    encoded[0] += data
                 win_h, win_z = src_h, src_z
                 if writer is not None:
                     writer.write(win_h, win_z)
+            check_cancel(cancel, applier.target)
             pending.flush()
+            applier.drain()
+            check_cancel(cancel, applier.target)  # the writer may have dropped batches
             if verify:
-                applier.drain()
                 _verify_written(applier, written, block_size)
             applier.finish(keep_journal=keep_undo)
         st = applier.state
@@ -322,9 +353,27 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             source.close()
         if cached is not None:
             cached.close()
-    throttle.report(total, shared.read, finished=True)
+    throttle.report(total, read_so_far(), finished=True)
     return ResyncStats(int(bytes_read), int(st.data_bytes), int(st.zero_bytes), changed_blocks,
                        time.monotonic() - start, applier.journal.bytes, cached is not None, src_size)
+
+
+#: a chunk of records this long filled the encode buffer as far as whole
+#: records go (seven of 4 MiB in 32 MiB): a batch by itself, not merged with
+#: the next into one twice as long, which the writer would finish after a cancel
+FULL_BATCH = BATCH_BYTES - B.RECORD_HEADER - RECORD_SPLIT
+
+
+class _Reporting:
+    """A throttle for a part of the work (signing the target) that reports
+    the whole operation's progress instead of the part's counters."""
+
+    def __init__(self, throttle, counters):
+        self.throttle, self.counters, self.path = throttle, counters, throttle.path
+
+    def report(self, done, read, finished=False):
+        if not finished:
+            self.throttle.report(*self.counters())
 
 
 class _Batcher:
@@ -339,13 +388,13 @@ class _Batcher:
 
     def add(self, chunk):
         _, count, bound, _ = B.records_scan(chunk)
-        if not self.buf and len(chunk) >= BATCH_BYTES:  # a full batch already
+        if not self.buf and len(chunk) >= FULL_BATCH:  # a full batch already
             self.applier.submit(chunk, bound, count)
             return
         self.buf += chunk
         self.bound += bound
         self.count += count
-        if len(self.buf) >= BATCH_BYTES:
+        if len(self.buf) >= FULL_BATCH:
             self.flush()
 
     def flush(self):
