@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import threading
     from typing import BinaryIO, Callable, Iterable, Sequence, Tuple, Union
 
+    from .dr.events import Event as Event
     from .dr.vault import Vault as Vault
     from .endpoints.base import Endpoint
     from .endpoints.transfer import TransferStats
@@ -241,12 +242,14 @@ def apply_delta(delta: _Path | BinaryIO, target: _Path, *, progress: _Progress |
     return stats
 
 
-def rollback(target: _Path) -> int:
+def rollback(target: _Path, *, cancel: threading.Event | None = None) -> int:
     """Undo an interrupted apply or resync on `target`, putting back the
     blocks it had changed from its undo journal.
 
     Args:
         target: The image an apply or resync was interrupted on.
+        cancel: Once set, the rollback stops before its next journal record
+            (:class:`Cancelled`); running it again finishes it.
 
     Returns:
         The number of bytes restored.
@@ -266,7 +269,7 @@ def rollback(target: _Path) -> int:
     """
     from .engine.apply import rollback as _rollback
 
-    restored: int = _rollback(target)
+    restored: int = _rollback(target, cancel=cancel)
     return restored
 
 
@@ -336,16 +339,20 @@ def init_vault(directory: _Path) -> str:
 
 
 def __getattr__(name: str) -> object:
-    # pydr.Vault without loading the DR layer on import
+    # pydr.Vault and pydr.Event without loading the DR layer on import
     if name == "Vault":
         from .dr import vault
 
         return vault.Vault
+    if name == "Event":
+        from .dr import events
+
+        return events.Event
     raise AttributeError(f"module 'pydr' has no attribute {name!r}")
 
 
 __all__ = sorted([
-    "DEFAULT_ALGORITHM", "DEFAULT_BLOCK_SIZE", "ProgressRecord", "SignStats", "Signature",
+    "DEFAULT_ALGORITHM", "DEFAULT_BLOCK_SIZE", "Event", "ProgressRecord", "SignStats", "Signature",
     "Vault", "__version__", "apply_delta", "errors", "init_vault", "make_delta",
     "open_endpoint", "resync", "rollback", "signature", *_EXCEPTIONS,
 ])
