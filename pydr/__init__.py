@@ -352,8 +352,8 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = sorted([
-    "DEFAULT_ALGORITHM", "DEFAULT_BLOCK_SIZE", "Event", "ProgressRecord", "SignStats", "Signature",
-    "Vault", "__version__", "apply_delta", "errors", "init_vault", "make_delta",
+    "DEFAULT_ALGORITHM", "DEFAULT_BLOCK_SIZE", "Event", "ProgressRecord", "SignStats",
+    "Signature", "Vault", "__version__", "apply_delta", "errors", "init_vault", "make_delta",
     "open_endpoint", "resync", "rollback", "signature", *_EXCEPTIONS,
 ])
 
