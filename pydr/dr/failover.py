@@ -228,7 +228,7 @@ def reprotect(vault, name, *, progress=None):
     _end_latest_job(vault, name, "reprotect")
     return {"item": name, "direction": vault.item(name)["direction"], "point": result.point_id,
             "bytes_written": result.bytes_written, "bytes_read": result.bytes_read,
-            "notes": notes}
+            "cycle": result, "notes": notes}
 
 
 def _end_latest_job(vault, name, kind):

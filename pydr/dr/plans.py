@@ -109,7 +109,7 @@ def run_plan(vault, name, op, **options):
                 with Store(vault.dir) as v:  # a connection of its own
                     results[item] = ("succeeded", fn(v, item))
             except Exception as exc:  # reported per item below
-                results[item] = ("failed", str(exc))
+                results[item] = ("failed", exc)
             emit(group=number, item=item, status=results[item][0])
 
         threads = [threading.Thread(target=work, args=(i,), name=f"pydr-plan-{i}")
@@ -122,7 +122,10 @@ def run_plan(vault, name, op, **options):
         for item in group["items"]:
             status, detail = results[item]
             entry = {"group": number, "item": item, "status": status}
-            entry["result" if status == "succeeded" else "error"] = detail
+            if status == "succeeded":
+                entry["result"] = detail
+            else:  # the exception too: a caller reports its exit code and hint
+                entry.update(error=str(detail), exception=detail)
             report.append(entry)
             if status == "failed":
                 failed.append(item)
