@@ -51,12 +51,12 @@ def cli(vault, *args, env=None):
 def replicate(vault, *extra):
     r = cli(vault, "replicate", "vm", "--json", *extra)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)[0]
+    return json.loads(r.stdout)
 
 
 def check_points(vault, history, tmp_path, raw=True):
     with Vault(vault, writer=True) as v:
-        for p in v.points("vm"):
+        for p in v.store.points("vm"):
             out = tmp_path / f"p{p['id']}"
             (path,) = v.materialize("vm", p["id"], out)
             assert sha(path) == history[p["id"]], p["id"]

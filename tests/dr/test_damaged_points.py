@@ -154,7 +154,7 @@ def test_a_kept_step_the_vault_had_not_recorded_yet_and_is_damaged(item):
     DAMAGES["payload"](kept)
     r = cli("replicate", "vm", "--json")
     assert r.returncode == 0, r.stderr
-    new = json.loads(r.stdout)[0]["point_id"]
+    new = json.loads(r.stdout)["point_id"]
     damaged = points()
     assert all(str(kept) in damaged[p] for p in (1, 2, 3)) and damaged[new] is None
     assert_refused(cli("materialize", "vm", "--point", "3", "--to", tmp_path / "m3"), "damaged")
