@@ -176,7 +176,7 @@ def test_rows_come_back_as_typed_read_only_records(vault):
 
 def test_records_bridge_the_row_and_dict_reads_of_callers(vault):
     with Vault(vault) as v:
-        item, disk, point = v.item("vm"), v.disks("vm")[0], v.point("vm", 2)
+        item, disk, point = v.item("vm"), v.disks("vm")[0], v.store.point("vm", 2)
     for record in (item, disk, point):
         assert record.keys() == list(type(record).__slots__)
         assert all(record[k] == getattr(record, k) for k in record.keys())
