@@ -176,7 +176,7 @@ def test_the_api_raises_one_error_with_every_outcome(tmp_path):
         result = caught.value.result
         assert [(o.item, o.status) for o in result.outcomes] == [("a", "succeeded"),
                                                                  ("b", "failed")]
-        assert result.items == ["a"] and v.store.points("a") and not v.store.points("b")
+        assert result.items == ("a",) and v.store.points("a") and not v.store.points("b")
         with pytest.raises(FileNotFoundError):  # one item: its own error, as before
             v.replicate("b")
         v.replicate("c")
@@ -237,11 +237,11 @@ def test_retry_retries_only_the_recoverable_items(tmp_path, monkeypatch):
     vault, items = setup_items(tmp_path)
     real, calls = stepcapture.capture, []
 
-    def flaky(v.store, names, opts, jobs):
+    def flaky(v, names, opts, jobs):
         calls.append(list(names))
         if names == ["b"] and calls.count(["b"]) == 1:
             raise ConnectionResetError(104, "connection reset by the replica's host")
-        return real(v.store, names, opts, jobs)
+        return real(v, names, opts, jobs)
 
     monkeypatch.setattr(stepcapture, "capture", flaky)
     os.rename(items["c"], f"{items['c']}.gone")
@@ -362,7 +362,7 @@ def test_retry_that_gives_up_on_one_item_reports_every_item(tmp_path):
             "a": "succeeded", "b": "failed", "c": "succeeded"}
         b = outcomes["b"]
         assert (b.exit_code, b.recoverable) == (18, True) and "Connection refused" in b.error
-        assert result.items == ["a", "c"]
+        assert result.items == ("a", "c")
         assert result.point_id == outcomes["a"].point_id == outcomes["c"].point_id is not None
         assert [len(v.store.points(n)) for n in "abc"] == [1, 0, 1]
         assert [j["state"] for j in v.store.jobs() if j["item"] == "b" and j["kind"] == "replicate"] \
@@ -392,7 +392,7 @@ def test_points_of_a_retried_call_are_named_per_item(tmp_path, capsys):
         assert all(o.status == "succeeded" for o in result.outcomes)
         assert ids["a"] == ids["c"] != ids["b"] and None not in ids.values()
         assert {n: v.store.points(n)[-1]["id"] for n in "abc"} == ids
-        assert result.point_id is None and result.items == ["a", "b", "c"]
+        assert result.point_id is None and result.items == ("a", "b", "c")
     _print_cycles(argparse.Namespace(json=False), result)
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith(f"points {ids['a']} for a, c; {ids['b']} for b (crash-consistent): ")
