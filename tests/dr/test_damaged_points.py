@@ -236,7 +236,7 @@ def test_a_damaged_step_at_a_remote_place(sshd, tmp_path, monkeypatch):
             with open(disk, "r+b") as f:
                 f.seek(rng.randrange(0, 1 << 20))
                 f.write(rng.randbytes(100_000))
-        res = json.loads(cli("replicate", "vm", "--json").stdout)[0]
+        res = json.loads(cli("replicate", "vm", "--json").stdout)
         history[res["point_id"]] = sha(disk)
     bad = names.step(str(site_b / "os.img"), "vm", 0, 1)
     assert os.path.getsize(bad) > HEADER + RECORD + 600
