@@ -109,7 +109,7 @@ def test_replicate_all_runs_each_item_on_its_host(fleet, tmp_path):
         r = replicate(ctx, cluster.scheduler_address)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
-        assert sorted(out[0]["items"]) == sorted(ctx["items"])
+        assert sorted(out["items"]) == sorted(ctx["items"])
         for n, i in ctx["items"].items():
             if int(n[2:]) % 4 == 0:
                 scribble(i["source"], int(n[2:]) + 100)
@@ -181,11 +181,11 @@ def test_a_host_without_a_worker_fails_its_items_and_a_rerun_finishes(fleet, tmp
         assert r.returncode == 21, r.stderr  # some items failed, the others have their points
         assert b"no worker for host hv-c" in r.stderr
         out = json.loads(r.stdout)
-        failed = {o["item"]: o for o in out[0]["outcomes"] if o["status"] == "failed"}
+        failed = {o["item"]: o for o in out["outcomes"] if o["status"] == "failed"}
         assert sorted(failed) == sorted(n for n, i in ctx["items"].items() if i["host"] == "hv-c")
         assert all(o["exit_code"] == 20 and o["recoverable"] and "no worker for host hv-c"
                    in o["error"] for o in failed.values())
-        assert sorted(out[0]["items"]) == sorted(set(ctx["items"]) - set(failed))
+        assert sorted(out["items"]) == sorted(set(ctx["items"]) - set(failed))
         with Vault(ctx["vault"]) as v:
             for n, i in ctx["items"].items():
                 st = v.status(n).to_dict()
