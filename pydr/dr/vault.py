@@ -605,7 +605,7 @@ class Vault:
         return pointstores.point_store(self.store, name).require("verify")(point, sample)
 
     def collect_garbage(self, target: str, *, grace: Optional[float] = None,
-                        dry_run: bool = False) -> Any:
+                        dry_run: bool = False, now: Optional[float] = None) -> Any:
         """Mark and sweep what no point names: in the point store of item
         `target`, or in the store a spec names (s3://BUCKET/PREFIX).
 
@@ -614,6 +614,7 @@ class Vault:
             grace: keep unnamed chunks younger than this many seconds
                 (default: the kind's).
             dry_run: count, remove nothing.
+            now: epoch seconds the ages are measured at (default: the clock).
 
         Returns:
             The kind's report (a dict).
@@ -624,6 +625,8 @@ class Vault:
         options: Dict[str, Any] = {"dry_run": dry_run}
         if grace is not None:
             options["grace"] = grace
+        if now is not None:
+            options["now"] = now
         return pointstores.collect_garbage(self.store, target, **options)
 
     # -- recovery plans --------------------------------------------------------------
