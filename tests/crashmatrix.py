@@ -134,10 +134,10 @@ def check_points(ctx, tmp):
             if v.item(item)["state"] in ("committing", "failover-committed"):
                 continue  # its points are (being) discarded
             sources = [d["source"] for d in v.disks(item)]
-            for p in v.points(item):
+            for p in v.store.points(item):
                 expected = ctx["history"][item].get(p["id"]) or [sha(s) for s in sources]
                 out = os.path.join(tmp, f"point-{item}-{p['id']}")
-                paths = v.materialize(item, p["id"], out)
+                paths = v.materialize(item, p["id"], out).paths
                 assert [sha(x) for x in paths] == expected, (item, p["id"])
                 shutil.rmtree(out)
                 verified += 1

@@ -72,7 +72,7 @@ def cycled_item(tmp_path, cli, sha, *, seed, written):
                     f.write(rng.randbytes(written(n)))
         r = cli("replicate", "vm", "--json")
         assert r.returncode == 0, r.stderr
-        history[json.loads(r.stdout)[0]["point_id"]] = [sha(s) for s, _ in pairs]
+        history[json.loads(r.stdout)["point_id"]] = [sha(s) for s, _ in pairs]
     assert sorted(history) == [1, 2, 3]
     return pairs, history
 

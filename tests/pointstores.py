@@ -286,7 +286,7 @@ class Item:
             self.change()
         self.cycles += 1
         before = self.store.footprint()
-        res, = self.store.ok("replicate", "vm")
+        res = self.store.ok("replicate", "vm")
         assert res["point_id"] == self.cycles  # a fresh vault: point n is cycle n
         self.history[res["point_id"]] = self.now()
         self.born[self.cycles] = self.store.footprint() - before

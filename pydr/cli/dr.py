@@ -13,22 +13,23 @@ from .vault import open_vault, parse_disk
 
 
 def _run(args, fn):
-    """fn(vault) with the vault's lock held; its result printed with --json,
-    else its notes ("already done: ...", "resumed") after the caller's line."""
+    """fn(vault) with the vault's lock held; its result (an OperationResult)
+    printed with --json as its to_dict()."""
     with open_vault(args, writer=True) as v:
         result = fn(v)
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
     return result
 
 
 def _notes(result):
-    for n in result.get("notes", ()):
+    """Its notes ("already done: ...", "resumed") after the caller's line."""
+    for n in result.notes:
         print(f"  note: {n}")
 
 
 def _made(r):
-    return f" ({r['method']})" if r.get("method") else ""
+    return f" ({r.method})" if r.method else ""
 
 
 def cmd_test_failover(args):
@@ -36,8 +37,8 @@ def cmd_test_failover(args):
         r = _run(args, lambda v: v.test_failover(args.item, args.to, args.point,
                                                  method=method_of(args), events=shown))
     if not args.json:
-        print(f"{args.item}: point {r['point']} materialised for the drill{_made(r)}:")
-        for p in r["paths"]:
+        print(f"{args.item}: point {r.point} materialised for the drill{_made(r)}:")
+        for p in r.paths:
             print(f"  {p}")
         _notes(r)
     return 0
@@ -47,10 +48,10 @@ def cmd_cleanup_test_failover(args):
     with EventOutput("cleanup-test-failover", args) as shown:
         r = _run(args, lambda v: v.cleanup_test_failover(args.item, events=shown))
     if not args.json:
-        if r["notes"]:
-            print(f"{args.item}: {'; '.join(r['notes'])}")
+        if r.notes:
+            print(f"{args.item}: {'; '.join(r.notes)}")
         else:
-            print(f"{args.item}: test failover cleaned up ({len(r['removed'])} files removed)")
+            print(f"{args.item}: test failover cleaned up ({len(r.removed)} files removed)")
     return 0
 
 
@@ -58,9 +59,10 @@ def cmd_failover(args):
     with EventOutput("failover", args) as shown:
         r = _run(args, lambda v: v.failover(args.item, args.point, planned=args.planned,
                                             shutdown_hook=args.shutdown_hook,
-                                            method=method_of(args), events=shown, to=args.to))
+                                            method=method_of(args), events=shown,
+                                            directory=args.to))
     if not args.json:
-        print(f"{args.item}: failed over to point {r['point']}{_made(r)}; its replicas now hold "
+        print(f"{args.item}: failed over to point {r.point}{_made(r)}; its replicas now hold "
               f"that point (run 'pydr commit {args.item}' to make it final)")
         _notes(r)
     return 0
@@ -71,7 +73,7 @@ def cmd_change_point(args):
         r = _run(args, lambda v: v.change_point(args.item, args.point,
                                                 method=method_of(args, None), events=shown))
     if not args.json:
-        print(f"{args.item}: replicas now hold point {r['point']}{_made(r)}")
+        print(f"{args.item}: replicas now hold point {r.point}{_made(r)}")
         _notes(r)
     return 0
 
@@ -81,7 +83,7 @@ def cmd_commit(args):
         r = _run(args, lambda v: v.commit(args.item, events=shown))
     if not args.json:
         print(f"{args.item}: failover committed; the replica site is active (direction "
-              f"{r['direction']})")
+              f"{r.direction})")
         _notes(r)
     return 0
 
@@ -90,9 +92,10 @@ def cmd_reprotect(args):
     with EventOutput("reprotect", args) as shown:
         r = _run(args, lambda v: v.reprotect(args.item, events=shown))
     if not args.json:
-        print(f"{args.item}: reprotected, direction {r['direction']}; first point {r['point']}: "
-              f"{human_bytes(r['bytes_written'])} written (only the differences), "
-              f"{human_bytes(r['bytes_read'])} compared")
+        cycle = r.cycle
+        print(f"{args.item}: reprotected, direction {r.direction}; first point {r.point}: "
+              f"{human_bytes(cycle.bytes_written if cycle else 0)} written (only the "
+              f"differences), {human_bytes(cycle.bytes_read if cycle else 0)} compared")
         _notes(r)
     return 0
 
@@ -103,7 +106,7 @@ def cmd_failback(args):
         r = _run(args, lambda v: v.failback(args.item, alternates=alternates,
                                             shutdown_hook=args.shutdown_hook, events=shown))
     if not args.json:
-        print(f"{args.item}: failed back to point {r['point']} (nothing lost); run "
+        print(f"{args.item}: failed back to point {r.point} (nothing lost); run "
               f"'pydr commit {args.item}' then 'pydr reprotect {args.item}'")
         _notes(r)
     return 0
@@ -127,38 +130,57 @@ def cmd_plan_create(args):
     from ..dr.store_lock import HIDDEN
 
     # a hook's command line may hold a password: --json says that it is set, not what it is
-    definition = _run(args, lambda v: {"plan": args.plan, "groups": [
-        {**g, "pre": g["pre"] and HIDDEN, "post": g["post"] and HIDDEN}
-        for g in v.create_plan(args.plan, args.groups or [])]})
-    if not args.json:
+    with open_vault(args, writer=True) as v:
+        definition = {"plan": args.plan, "groups": [
+            {**g, "pre": g["pre"] and HIDDEN, "post": g["post"] and HIDDEN}
+            for g in v.create_plan(args.plan, args.groups or [])]}
+    if args.json:
+        print_json(definition)
+    else:
         print(f"plan {args.plan}: " + " -> ".join(",".join(g["items"]) for g in definition["groups"]))
     return 0
 
 
 def _print_plan_report(report):
-    for e in report:
-        what = f"{e['hook']} hook" if "hook" in e else e["item"]
-        detail = e.get("error") or ""
-        print(f"  group {e['group']}: {what:<20} {e['status']}" + (f"  {detail}" if detail else ""))
+    """A line per hook that ran and per item of each group of a PlanReport."""
+    from ..dr.results import ItemError
+
+    for step in report.steps:
+        lines = [(f"{h.hook} hook", "ok" if h.ok else "failed", "") for h in step.hooks
+                 if h.hook == "pre"]
+        for item in step.items:
+            outcome = step.outcomes.get(item)
+            if outcome is None:
+                lines.append((item, "not run", ""))
+            elif isinstance(outcome, ItemError):
+                lines.append((item, "failed", outcome.error))
+            else:
+                lines.append((item, "succeeded", ""))
+        lines += [(f"{h.hook} hook", "ok" if h.ok else "failed", "") for h in step.hooks
+                  if h.hook == "post"]
+        for what, status, detail in lines:
+            print(f"  group {step.group}: {what:<20} {status}" + (f"  {detail}" if detail else ""))
 
 
 def cmd_plan_run(args):
-
-    options = {k: getattr(args, k, None) for k in ("point", "planned", "shutdown_hook", "to")}
     with open_vault(args, writer=True) as v, open_fleet(args) as fleet, \
             EventOutput(f"plan {args.operation}", args, also=[fleet and fleet.events],
                         bar=False) as shown:
         try:
-            report = v.run_plan(args.plan, args.operation, fleet=fleet, events=shown, **options)
+            report = v.run_plan(args.plan, args.operation, point=getattr(args, "point", None),
+                                directory=getattr(args, "to", None),
+                                planned=bool(getattr(args, "planned", False)),
+                                shutdown_hook=getattr(args, "shutdown_hook", None), fleet=fleet,
+                                events=shown)
         except PlanFailed as exc:
-            if args.json:
-                print_json({"plan": args.plan, "operation": args.operation, "ok": False,
-                            "report": exc.report})
-            else:
-                _print_plan_report(exc.report)
+            if getattr(exc, "result", None) is not None:
+                if args.json:
+                    print_json(exc.result.to_dict())
+                else:
+                    _print_plan_report(exc.result)
             raise
     if args.json:
-        print_json({"plan": args.plan, "operation": args.operation, "ok": True, "report": report})
+        print_json(report.to_dict())
     else:
         print(f"plan {args.plan}: {args.operation} done")
         _print_plan_report(report)

@@ -124,15 +124,15 @@ def _cbt(work, vault, disk, step, check, say):
     check("the replica equals qemu-img convert -O raw", _raw_sha(work, image) == _sha(replica))
     check("the tracked cycle read the change, not the disk", r.bytes_read <= 2 * (4 << 20))
     check("the replica passes e2fsck -fn", _fsck(replica))
-    tracking = vault.status("vm2")["disks"][0]["tracking"]
-    say(f"  tracking: {tracking['mode']}, bitmap {tracking['bitmap']}")
+    tracking = vault.status("vm2").disks[0].tracking
+    say(f"  tracking: {tracking.mode}, bitmap {tracking.bitmap}")
     # a drill of the first point as a qcow2 overlay on the replica: it holds
     # only the blocks that differ, and QEMU could boot it as it is
     t = time.monotonic()
     res = vault.test_failover("vm2", os.path.join(work, "drill-vm2"), point=first_point,
                               method="qcow2")
-    overlay, = res["paths"]
-    step("qcow2 VM: drill --as qcow2 (an overlay)", t, method=res["method"],
+    overlay, = res.paths
+    step("qcow2 VM: drill --as qcow2 (an overlay)", t, method=res.method,
          size=_human(os.stat(overlay).st_blocks * 512))
     check("the overlay shows the first point", _raw_sha(work, overlay) == first)
     vault.cleanup_test_failover("vm2")
@@ -201,7 +201,7 @@ def run_dr_demo(directory, *, keep=False, as_json=False):
 
             t = time.monotonic()
             drill = os.path.join(work, "drill")
-            paths = v.test_failover("vm", drill, point=1)["paths"]
+            paths = v.test_failover("vm", drill, point=1).paths
             step("test failover (drill) to point 1", t, disks=len(paths))
             check("the drill's disks pass e2fsck -fn", all(_fsck(p) for p in paths))
             t = time.monotonic()
@@ -212,7 +212,7 @@ def run_dr_demo(directory, *, keep=False, as_json=False):
             _change(work, disks[0], 3)  # written just before the failover
             before = [_sha(d) for d in disks]
             res = v.failover("vm", planned=True, shutdown_hook="true")
-            step("planned failover to site B", t, point=res["point"])
+            step("planned failover to site B", t, point=res.point)
             check("nothing lost: site B holds site A's last state",
                   [_sha(x) for x in replicas] == before)
             t = time.monotonic()
@@ -224,25 +224,28 @@ def run_dr_demo(directory, *, keep=False, as_json=False):
             step("site B: the machine works there", t)
             t = time.monotonic()
             res = v.reprotect("vm")
-            step("reprotect B -> A (differences only)", t, written=_human(res["bytes_written"]),
-                 compared=_human(res["bytes_read"]))
+            step("reprotect B -> A (differences only)", t,
+                 written=_human(res.cycle.bytes_written), compared=_human(res.cycle.bytes_read))
             check("reprotect moved far less than the disks",
-                  res["bytes_written"] < sum(os.path.getsize(d) for d in disks) // 4)
+                  res.cycle.bytes_written < sum(os.path.getsize(d) for d in disks) // 4)
 
             t = time.monotonic()
             _change(work, replicas[0], 5)
             site_b = [_sha(x) for x in replicas]
             res = v.failback("vm", shutdown_hook="true")
-            step("planned failback to site A", t, point=res["point"])
+            step("planned failback to site A", t, point=res.point)
             check("nothing lost: site A holds site B's last state", [_sha(d) for d in disks] == site_b)
             check("site A's disks pass e2fsck -fn", all(_fsck(d) for d in disks))
             t = time.monotonic()
             v.commit("vm")
             res = v.reprotect("vm")
-            step("commit + reprotect A -> B", t, written=_human(res["bytes_written"]))
+            step("commit + reprotect A -> B", t, written=_human(res.cycle.bytes_written))
             st = v.status("vm")
             check("back to the start: protected, direction forward",
-                  (st["state"], st["direction"]) == ("protected", "forward"))
+                  (st.state, st.direction) == ("protected", "forward"))
+            check("status gives the RPO of the new point",
+                  st.latest_point == res.point and st.rpo_seconds is not None
+                  and st.rpo_seconds >= 0)
             _cbt(work, v, disks[1], step, check, say)
             from .fleetdemo import fleet_step
 

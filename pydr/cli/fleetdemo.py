@@ -42,7 +42,8 @@ def fleet_step(work, vault, disk, step, check, say, sha):
                  written=f"{r.bytes_written / (1 << 20):.2f} MiB")
             check("each replica equals its machine's disk",
                   all(sha(s) == sha(d) for _, _, s, d in items))
-            ran = {j.item: j.host for j in vault.jobs() if j.kind == "replicate"}
+            ran = {j.item: j.host for j in vault.jobs() if j.kind == "replicate"
+                   and j.id in r.jobs}
             check("each cycle ran on its own host's worker",
                   all(ran[n] == h for n, h, _, _ in items))
             _one_machine_lost(vault, fleet, items, step, check)
@@ -63,7 +64,7 @@ def _one_machine_lost(vault, fleet, items, step, check):
         vault.replicate(names, executor=fleet.executor())
         outcomes = {}
     except CycleFailed as exc:
-        outcomes = {o.item: o for o in exc.result.outcomes}
+        outcomes = exc.result.by_item
     failed = sorted(n for n, o in outcomes.items() if o.status == "failed")
     step("fleet: one machine's disk lost", t, failed=", ".join(failed) or "none")
     check("the other machines got their points and stay healthy",

@@ -69,15 +69,14 @@ def cmd_vault_check(args):
 def cmd_protect(args):
     disks = [parse_disk(d) for d in args.disk]
     with open_vault(args, writer=True) as v:
-        v.protect(args.item, disks, group=args.group, retention=args.retention,
-                  retention_age=args.retention_age, quiesce_hook=args.quiesce_hook,
-                  thaw_hook=args.thaw_hook, rsh=args.rsh, remote_pydr=args.remote_pydr,
-                  cbt=args.cbt, host=args.host)
-        status = v.status(args.item)
+        status = v.protect(args.item, disks, group=args.group, retention=args.retention,
+                           retention_age=args.retention_age, quiesce_hook=args.quiesce_hook,
+                           thaw_hook=args.thaw_hook, rsh=args.rsh, remote_pydr=args.remote_pydr,
+                           cbt=args.cbt, host=args.host)
     if args.json:
-        print_json(status)
+        print_json(status.to_dict())
     else:
-        print(f"{args.item}: protected ({len(disks)} disks), state {status['state']}; "
+        print(f"{args.item}: protected ({len(disks)} disks), state {status.state}; "
               f"run 'pydr replicate {args.item}' for the initial replication")
     return 0
 
@@ -93,28 +92,27 @@ def _batches(v, args):
     if args.group:
         return v.items(group=args.group)
     if args.item:
+        if args.item not in v.items() and v.items(group=args.item):
+            return v.items(group=args.item)  # a group's name (never also an item's)
         row = v.item(args.item)
         return v.items(group=row.grp) if row.grp else [args.item]
     raise ValueError("give ITEM, --group G or --all")
 
 
 def cmd_replicate(args):
-    from ..dr.retry import RetryPolicy
     from ..errors import CycleFailed, exit_code_for
     from .fleet import open_fleet
 
     with open_vault(args, writer=True) as v, open_fleet(args) as fleet:
         names = _batches(v, args)
-        kwargs = {"app_consistent": args.app_consistent, "resync_all": args.resync,
-                  "executor": fleet.executor() if fleet is not None else None}
-        if args.bwlimit:
-            kwargs["bwlimit"] = args.bwlimit
-        if args.retry:
-            kwargs["policy"] = RetryPolicy(max_attempts=args.max_attempts)
         try:
             with EventOutput("replicate", args, also=[fleet and fleet.events],
                              bar=fleet is None) as shown:
-                result = v.replicate(names, retry=args.retry, events=shown, **kwargs)
+                result = v.replicate(names, app_consistent=args.app_consistent,
+                                     resync=args.resync, retry=args.retry,
+                                     max_attempts=args.max_attempts,
+                                     executor=fleet.executor() if fleet is not None else None,
+                                     bwlimit=args.bwlimit or None, events=shown)
         except CycleFailed as exc:  # the items that made it are recorded: each outcome said
             _print_cycles(args, exc.result)
             if exc.__cause__ is not None and exit_code_for(exc.__cause__) == 1:
@@ -129,10 +127,10 @@ def cmd_replicate(args):
 
 
 def _print_cycles(args, result):
-    """--json: [the CycleResult], with every item's outcome; else a line for
+    """--json: the CycleResult, with every item's outcome; else a line for
     the point and one for each item that failed, naming its error."""
     if args.json:
-        print_json([result._asdict()])
+        print_json(result.to_dict())
         return
     if result.items:
         # retried items may have points of their own: each point names its items
@@ -157,17 +155,13 @@ def _print_cycles(args, result):
 def cmd_points(args):
     with open_vault(args) as v:
         points = v.points(args.item)
-    out = [{"id": p.id, "created": timestamp(p.created), "cut_at": timestamp(p.cut_at),
-            "consistency": p.consistency, "cut": p.cut, "bytes": p.bytes, "damaged": p.damaged}
-           for p in points]
     if args.json:
-        print_json(out)
+        print_json([p.to_dict() for p in points])
     else:  # the time of each point's data: its cut (a point made before schema 9: its record)
-        for p, point in zip(out, points):
-            print(f"{p['id']:>6}  {timestamp(point.data_time)}  {p['consistency']:<16}  "
-                  f"cut: {p['cut']:<8} "
-                  f"{human_bytes(p['bytes'])}"
-                  + (f"  DAMAGED: {p['damaged']}" if p["damaged"] else ""))
+        for p in points:
+            print(f"{p.id:>6}  {timestamp((p.cut_at or p.created_at).timestamp())}  "
+                  f"{p.consistency:<16}  cut: {p.cut or 'none':<8} {human_bytes(p.bytes or 0)}"
+                  + (f"  DAMAGED: {p.damaged}" if p.damaged else ""))
     return 0
 
 
@@ -176,23 +170,23 @@ def cmd_status(args):
         names = [args.item] if args.item else v.items()
         statuses = [v.status(n) for n in names]
     if args.json:
-        print_json(statuses[0] if args.item else statuses)
+        print_json(statuses[0].to_dict() if args.item else [s.to_dict() for s in statuses])
     else:
         for st in statuses:
-            op = st["operation"]
+            op = st.operation
             doing = ""
-            if op and op["interrupted"]:
-                doing = f"; interrupted {op['name']}: run '{op['command']}' to finish it"
+            if op and op.interrupted:
+                doing = f"; interrupted {op.name}: run '{op.command}' to finish it"
             elif op:
-                doing = f"; {op['name']} running now"
-            host = f" on {st['host']}" if st["host"] else ""
-            rpo = st["rpo_seconds"]
-            print(f"{st['item']}{host}: {st['state']}, {st['direction']}, health {st['health']}, "
-                  f"{st['points']} points"
-                  + (f" ({len(st['damaged_points'])} damaged: "
-                     f"{', '.join(map(str, st['damaged_points']))})" if st["damaged_points"] else "")
+                doing = f"; {op.name} running now"
+            host = f" on {st.host}" if st.host else ""
+            rpo = st.rpo_seconds
+            print(f"{st.item}{host}: {st.state}, {st.direction}, health {st.health}, "
+                  f"{st.point_count} points"
+                  + (f" ({len(st.damaged_points)} damaged: "
+                     f"{', '.join(map(str, st.damaged_points))})" if st.damaged_points else "")
                   + (f", newest data {_age(rpo)} old" if rpo is not None else "")
-                  + (f", last error: {st['last_error']}" if st["last_error"] else "") + doing)
+                  + (f", last error: {st.last_error}" if st.last_error else "") + doing)
     return 0
 
 
@@ -208,34 +202,27 @@ def _age(seconds):
 
 def cmd_jobs(args):
     with open_vault(args) as v:
-        jobs = v.jobs()
-    out = [{"id": j.id, "kind": j.kind, "item": j.item, "state": j.state, "progress": j.progress,
-            "bytes_transferred": j.bytes_transferred, "started": timestamp(j.started),
-            "ended": timestamp(j.ended), "error": j.error, "method": j.method, "host": j.host}
-           for j in jobs]
+        jobs = v.jobs(item=args.item, state=args.state, limit=args.limit)
     if args.json:
-        print_json(out)
+        print_json([j.to_dict() for j in jobs])
     else:
-        for j in out:
-            print(f"{j['id']:>5}  {j['kind']:<10} {j['item'] or '':<16} {j['state']:<10} "
-                  f"{j['progress'] * 100:5.1f}%  {human_bytes(j['bytes_transferred'])}"
-                  + (f"  on {j['host']}" if j["host"] else "")
-                  + (f"  {j['error']}" if j["error"] else ""))
+        for j in reversed(jobs):  # oldest first, the newest last, above the prompt
+            print(f"{j.id:>5}  {j.kind:<10} {j.item or '':<16} {j.state:<10} "
+                  f"{(j.progress or 0) * 100:5.1f}%  {human_bytes(j.bytes_transferred or 0)}"
+                  + (f"  on {j.host}" if j.host else "")
+                  + (f"  {j.error}" if j.error else ""))
     return 0
 
 
 def cmd_materialize(args):
-    methods = []
     with open_vault(args, writer=True) as v, EventOutput("materialize", args) as shown:
-        paths = v.materialize(args.item, args.point, args.to, method=method_of(args),
-                              events=shown, methods=methods)
-    method = "+".join(sorted(set(methods)))
+        r = v.materialize(args.item, args.point, args.to, method=method_of(args), events=shown)
     if args.json:
-        print_json({"item": args.item, "point": args.point, "paths": paths, "method": method})
+        print_json(r.to_dict())
     else:
-        for p in paths:
+        for p in r.paths:
             print(p)
-        print(f"  ({method})", file=sys.stderr)
+        print(f"  ({r.method})", file=sys.stderr)
     return 0
 
 
@@ -364,8 +351,16 @@ def register(sub):
     add_vault_options(p)
 
     p = command(sub, "jobs", help="list jobs (also while they run)",
-                description="List every job: kind, item, state, progress and bytes moved.",
-                examples=["pydr jobs", "pydr jobs --json"], func=cmd_jobs)
+                description=("List the jobs: kind, item, state, progress and bytes moved (the\n"
+                             "newest last; --json: the newest first)."),
+                examples=["pydr jobs", "pydr jobs --item web --state failed --json",
+                          "pydr jobs --limit 10"], func=cmd_jobs)
+    p.add_argument("--item", metavar="ITEM", help="only this item's jobs")
+    p.add_argument("--state", metavar="STATE",
+                   choices=("queued", "running", "succeeded", "failed", "cancelled"),
+                   help="only jobs in this state")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="only the newest N jobs")
     add_vault_options(p)
 
     p = command(

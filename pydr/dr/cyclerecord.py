@@ -8,10 +8,10 @@ import os
 import time
 
 from ..endpoints import parse_remote
-from ..engine.progress import Record
 from ..errors import DamagedJournal, FormatError, InvalidState
 from . import agent, ownership, replica_check, stepdigest
 from .rpo import consistency_of
+from .results import CycleResult, ItemOutcome  # noqa: F401  (where they were)
 
 
 def owner_of(vault, name, d):
@@ -199,46 +199,8 @@ def check_hooks(vault, rows):
                                 "without --app-consistent")
 
 
-class ItemOutcome(Record):
-    """One item's outcome in a cycle: ``status`` "succeeded" (``point_id``
-    its new point) or "failed" (``error`` the message, ``exit_code`` the
-    one pydr exits with for that error alone, ``recoverable`` whether a
-    retry may succeed without an operator); ``bytes`` moved for it."""
-
-    _fields = ("item", "status", "point_id", "error", "exit_code", "bytes", "recoverable")
-    __slots__ = _fields
-    _default_bytes = 0
-    _default_recoverable = None  # said of failures only
-
-
-class CycleResult(Record):
-    """point_id (shared by the items that succeeded; None if none did),
-    items (those that succeeded), bytes_written, bytes_read, seconds,
-    consistency, jobs, and ``outcomes``: an ItemOutcome for every item of
-    the call, in the order given."""
-
-    _fields = ("point_id", "items", "bytes_written", "bytes_read", "seconds", "consistency",
-               "jobs", "outcomes")
-    __slots__ = _fields
-    _default_outcomes = ()
-
-    @property
-    def failed(self):
-        """The outcomes of the items that failed."""
-        return [o for o in self.outcomes if o.status == "failed"]
-
-    def _asdict(self):
-        out = super()._asdict()
-        out["outcomes"] = [o._asdict() for o in self.outcomes]
-        return out
-
-    to_dict = _asdict
-
-
 RESYNC_THRESHOLD = agent.RESYNC_THRESHOLD  # pending changes above this share need a resync
 
 
 def mark_resync_required(vault, name, reason):
     vault.set_item(name, state="resync-required", health="warning", last_error=reason)
-
-

@@ -317,7 +317,7 @@ def _reprotect(vault, name, progress, em, cancel):
     _end_latest_job(vault, name, "reprotect")
     return {"item": name, "direction": vault.item(name)["direction"], "point": result.point_id,
             "bytes_written": result.bytes_written, "bytes_read": result.bytes_read,
-            "notes": notes}
+            "cycle": result, "notes": notes}
 
 
 def _end_latest_job(vault, name, kind):

@@ -255,7 +255,7 @@ def run_plan(vault, name, op, *, events=None, cancel=None, **options):
                 with Store(vault.dir) as v:  # a connection of its own
                     results[item] = ("succeeded", fn(v, item))
             except Exception as exc:  # reported per item below
-                results[item] = ("failed", str(exc))
+                results[item] = ("failed", exc)
             em.for_item(item).emit("plan-step", message=f"plan {name}: group {number}: "
                                    f"{results[item][0]}" + (f": {results[item][1]}"
                                                              if results[item][0] == "failed"
@@ -271,7 +271,10 @@ def run_plan(vault, name, op, *, events=None, cancel=None, **options):
         for item in group["items"]:
             status, detail = results[item]
             entry = {"group": number, "item": item, "status": status}
-            entry["result" if status == "succeeded" else "error"] = detail
+            if status == "succeeded":
+                entry["result"] = detail
+            else:  # the exception too: a caller reports its exit code and hint
+                entry.update(error=str(detail), exception=detail)
             report.append(entry)
             if status == "failed":
                 failed.append(item)

@@ -1,39 +1,47 @@
-"""What ``pydr status`` (and ``Vault.status``) shows of an item: a dict
-built from the store's facts (its ItemRecord, DiskRecords, PointRecords
-and the operation recorded on it). The store answers facts; this is their
-presentation, shared by the API and the CLI."""
+"""What ``pydr status`` (and ``Vault.status``) shows of an item: an
+ItemStatus (pydr.dr.results) built from the store's facts (its ItemRecord,
+DiskRecords, PointRecords, the operation recorded on it) and its RPO. The
+store answers facts; this is their presentation, shared by the API and the
+CLI."""
 
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .results import DiskStatus, Hooks, ItemStatus, RunningOperation, Tracking, utc
 from .rpo import rpo_facts
 
 
-def item_status(store, name):
-    """The status dict of item `name` (UnknownName if it is not protected)."""
+def item_status(store: Any, name: str, *, now: Optional[float] = None) -> ItemStatus:
+    """The ItemStatus of item `name` (UnknownName if it is not protected);
+    `now` (epoch seconds, default: the clock) is when rpo_seconds is
+    measured."""
     row = store.item(name)
     points = store.points(name)
-    rpo = rpo_facts(store, name)
-    return {
-        "item": name, "state": row.state, "direction": row.direction,
-        "health": row.health, "group": row.grp, "host": row.host,
-        "retention": row.retention,
-        "retention_age": row.retention_age,
+    facts = rpo_facts(store, name, now=now)  # the newest undamaged point and its age
+    op = store.operation(name)
+    return ItemStatus(
+        item=name, state=row.state, direction=row.direction, health=row.health,
+        group=row.grp, host=row.host, retention=row.retention,
+        retention_age=row.retention_age,
         # whether hooks are set, never their command lines (they may hold a password)
-        "hooks": {"quiesce": bool(row.quiesce_hook), "thaw": bool(row.thaw_hook)},
-        "disks": [{"source": d.source, "replica": d.replica,
-                   "tracking": {"mode": d.tracking, "bitmap": d.bitmap}
-                   if d.tracking else None} for d in store.disks(name)],
-        "points": len(points),
-        "latest_point": points[-1].id if points else None,
-        # the newest undamaged point: when its data was taken, its age (pydr.dr.rpo)
-        "latest_point_at": rpo.latest_point_at,
-        "rpo_seconds": rpo.rpo_seconds,
-        "last_success_at": rpo.last_success_at,
-        "damaged_points": [p.id for p in points if p.damaged],
-        "last_error": row.last_error,
-        "failed_attempts": row.attempts,
-        "next_retry": row.next_retry,
-        "test_failover": row.test_dir,
-        "test_point": row.test_point,
-        "test_method": row.test_method,
-        "failover_point": row.failover_point,
-        "operation": store.operation(name),
-    }
+        hooks=Hooks(quiesce=bool(row.quiesce_hook), thaw=bool(row.thaw_hook)),
+        disks=tuple(DiskStatus(index=d.idx, source=d.source, replica=d.replica,
+                               tracking=Tracking(d.tracking, d.bitmap) if d.tracking else None)
+                    for d in store.disks(name)),
+        point_count=len(points),
+        latest_point=facts.latest_point,
+        latest_point_at=utc(facts.latest_point_at),
+        rpo_seconds=facts.rpo_seconds,
+        last_success_at=utc(facts.last_success_at),
+        damaged_points=tuple(p.id for p in points if p.damaged),
+        last_error=row.last_error,
+        failed_attempts=row.attempts,
+        next_retry=utc(row.next_retry),
+        test_failover=row.test_dir,
+        test_point=row.test_point,
+        test_method=row.test_method,
+        failover_point=row.failover_point,
+        operation=None if op is None else RunningOperation(op["name"], op["command"],
+                                                           bool(op["interrupted"])),
+    )

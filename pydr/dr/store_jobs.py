@@ -77,6 +77,39 @@ class JobTables:
         return [JobRecord.from_row(r) for r in self.db.execute(
             f"SELECT {JobRecord.columns()} FROM jobs ORDER BY id")]
 
+    def find_jobs(self, *, item=None, state=None, since=None, limit=None):
+        """The JobRecords of `item` (any when None), in `state` (a state or a
+        collection of states; any when None), started at or after `since`
+        (epoch seconds; a job not started yet counts as started now), newest
+        first, at most `limit` of them (all when None)."""
+        where, args = [], []
+        if item is not None:
+            where.append("item=?")
+            args.append(item)
+        if state is not None:
+            states = [state] if isinstance(state, str) else list(state)
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args += states
+        if since is not None:
+            where.append("COALESCE(started, ?) >= ?")
+            args += [time.time(), float(since)]
+        sql = f"SELECT {JobRecord.columns()} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        return [JobRecord.from_row(r) for r in self.db.execute(sql, args)]
+
+    def job(self, job_id):
+        """The JobRecord of job `job_id`; UnknownName if there is none."""
+        row = self.db.execute(f"SELECT {JobRecord.columns()} FROM jobs WHERE id=?",
+                              (job_id,)).fetchone()
+        if row is None:
+            raise UnknownName(f"no job {job_id}", path=self.dir)
+        return JobRecord.from_row(row)
+
     def unfinished_jobs(self):
         """The JobRecords still queued or running (their process may be gone)."""
         return [JobRecord.from_row(r) for r in self.db.execute(

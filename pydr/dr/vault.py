@@ -1,142 +1,739 @@
-"""The vault as a caller sees it: the store (pydr.dr.store) with the DR
-workflow as methods, so that a higher-level tool needs only ``pydr.Vault``.
+"""The vault as a caller sees it: the DR workflow as methods of one object,
+each answering a result of pydr.dr.results, so that a higher-level tool
+needs only ``pydr.Vault``.
 
     with pydr.Vault("/srv/vault", writer=True) as v:
         v.protect("web", [("/img/web.img", "/dr/web.img")])
-        v.replicate("web")
-        v.test_failover("web", "/tmp/drill", point="latest-processed")
+        cycle = v.replicate("web")
+        print(v.status("web").rpo_seconds)
+        drill = v.test_failover("web", "/tmp/drill", point="latest-processed")
 
-The store itself knows no workflow (an import-linter contract keeps it so);
-this class only forwards to the workflow modules.
+A Vault holds one open store (pydr.dr.store.Store: the SQLite database and
+its lock); the workflow modules get that store, never the Vault, so the
+results here are a presentation only. The store's own methods (items,
+disks, the tables) are reachable on the Vault too, for tools that need the
+raw records.
+
+Long operations take ``events`` (a callable given each pydr.dr.events.Event)
+and ``cancel`` (a threading.Event: set, the operation stops as a kill
+would; run it again to finish it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence, Tuple, Union
+import os
+import threading
+from datetime import datetime
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
+                    Sequence, Tuple, Union)
 
+from ..errors import PlanFailed
 from . import drills as D
 from . import failover as F
 from . import plans as plans_
 from . import pointstores
 from . import points as points_
 from . import protection
-from . import cycle as R
+from . import replication as R
 from . import report
-from .store import Store
-from .schema import init_vault as init_vault  # noqa: F401  (pydr.dr.vault.init_vault)
+from .events import Emitter, EventSink
+from .retry import RetryPolicy
+from .results import (CycleResult, ItemError, ItemStatus, JobInfo, OperationResult, PlanHook,
+                      PlanReport, PlanStep, PointInfo)
+from .store import Store, init_vault  # noqa: F401  (pydr.dr.vault.init_vault)
+from .store_records import ItemRecord, PlanRecord
 
-if TYPE_CHECKING:
-    import os
-
-    _Path = Union[str, "os.PathLike[str]"]
+Progress = Callable[[Any], None]
+PointSelector = Union[int, str, None]
 
 
-class Vault(Store):
-    """An open vault with the DR workflow as methods.
+def _extra(events: Optional[EventSink], cancel: Optional[threading.Event]) -> Dict[str, Any]:
+    """events/cancel as keyword arguments of a workflow function, only when
+    given (the workflow functions take them from issue 21 on)."""
+    out: Dict[str, Any] = {}
+    if events is not None:
+        out["events"] = events
+    if cancel is not None:
+        out["cancel"] = cancel
+    return out
+
+
+def _epoch(when: Union[datetime, float, int, None]) -> Optional[float]:
+    if when is None or isinstance(when, (int, float)):
+        return when
+    if when.tzinfo is None:
+        raise ValueError(f"since={when!r} has no time zone: give a tz-aware datetime "
+                         "or epoch seconds")
+    return when.timestamp()
+
+
+class Vault:
+    """An open vault with the DR workflow.
+
+    Open it as a context manager; ``writer=True`` takes the vault's lock
+    (one changing process at a time; readers never wait) and finishes what
+    a killed command left. Every method that changes the vault needs a
+    writer. A Vault is used from the thread that opened it.
 
     Args:
-        directory: The vault's directory (made by :func:`pydr.init_vault`).
-        writer: Take the vault's lock: one process changes a vault at a time
-            (readers never wait). A writer also sets right what a killed
-            command left.
+        directory: the vault's directory (made by init_vault / ``pydr vault init``).
+        writer: take the writer lock.
+        lock_timeout: with ``writer``, seconds to wait for the lock when
+            another process holds it (None or 0: fail at once).
 
     Raises:
-        VaultError: `directory` is not a vault, a vault of another schema
-            version, or another process holds the lock (``writer=True``).
-
-    Use it as a context manager, from the thread that opened it::
-
-        with pydr.Vault("/srv/vault", writer=True) as v:
-            v.replicate("web")
+        VaultError: not a vault, a vault of another schema, or (writer) the
+            lock is held by another process.
     """
 
-    def protect(self, name: str, disks: Iterable[Tuple[str, str]], **kwargs: Any) -> Any:
-        """Register item `name` with its disks [(source, replica)]; see
-        pydr.dr.protection.protect (what may be protected, and the options)."""
-        return protection.protect(self, name, disks, **kwargs)
+    def __init__(self, directory: Union[str, "os.PathLike[str]"], *, writer: bool = False,
+                 lock_timeout: Optional[float] = None) -> None:
+        options: Dict[str, Any] = {} if lock_timeout is None else {"lock_timeout": lock_timeout}
+        self.store: Store = Store(directory, writer=writer, **options)
 
-    def status(self, name: str) -> Any:
-        """Item `name`'s state, health, disks, points and the operation
-        running on it, as a dict (pydr.dr.report.item_status)."""
-        return report.item_status(self, name)
+    # -- the store -----------------------------------------------------------------
+    @property
+    def dir(self) -> str:
+        """The vault's directory."""
+        return self.store.dir
 
-    def replicate(self, names: str | Sequence[str], *, retry: bool = False,
-                  executor: Any = None, **kwargs: Any) -> Any:
-        """One replication cycle for the items `names` (a group's members
-        together, every other item on its own; one point id shared by those
-        that succeed); see pydr.dr.cycle.replicate. ``executor``: where the
-        work runs (default: this process; a pydr.dr.fleet.FleetExecutor:
-        the items' hosts). ``retry``: retry the items whose errors are
-        recoverable, on the schedule of pydr.dr.retry."""
-        kwargs["executor"] = executor
+    @property
+    def writer(self) -> bool:
+        """Whether this Vault holds the writer lock."""
+        return bool(self.store.writer)
+
+    def close(self) -> None:
+        """Close the database and release the lock (if held)."""
+        self.store.close()
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # the store's other methods (disks, plans, the tables); never during set-up
+        if name == "store":
+            raise AttributeError(name)
+        return getattr(self.store, name)
+
+    def items(self, group: Optional[str] = None) -> List[str]:
+        """The names of the protected items (of `group`, if given), sorted.
+
+        Args:
+            group: only the members of this group.
+
+        Returns:
+            The item names; an empty list when there are none.
+        """
+        return list(self.store.items(group=group))
+
+    def item(self, name: str) -> ItemRecord:
+        """The raw record of item `name` (its row of the items table: every
+        column as an attribute, see docs/VAULT.md). For what a person or a
+        tool reads, use status().
+
+        Args:
+            name: the item.
+
+        Returns:
+            Its ItemRecord (read-only).
+
+        Raises:
+            UnknownName: no item of that name is protected.
+        """
+        return self.store.item(name)
+
+    # -- protection and status -------------------------------------------------------
+    def protect(self, name: str, disks: Sequence[Tuple[str, str]], *,
+                group: Optional[str] = None, retention: int = 24,
+                retention_age: Optional[float] = None, quiesce_hook: Optional[str] = None,
+                thaw_hook: Optional[str] = None, rsh: Optional[str] = None,
+                remote_pydr: Optional[str] = None, cbt: bool = False,
+                host: Optional[str] = None) -> ItemStatus:
+        """Register item `name`, a machine whose disks are replicated. Its
+        first replicate() is the initial (full, sparse-aware) copy.
+
+        Args:
+            name: the item's name (letters, digits, ".", "_", "-").
+            disks: [(source, replica)]: each source (an image, a block
+                device, a qcow2/vmdk image, nbd://..., qmp:SOCKET:NODE) and
+                its replica (a path, [user@]host:PATH, or s3://BUCKET/PREFIX).
+            group: replicate with the other items of this group, one cut
+                and one point id for all.
+            retention: recovery points kept (the newest `retention`).
+            retention_age: also drop points older than this many seconds
+                (the newest is always kept).
+            quiesce_hook: a shell command run before the cut (then points
+                are app-consistent with replicate(app_consistent=True)).
+            thaw_hook: a shell command run after the cut.
+            rsh: the remote shell for host:PATH replicas (default ssh).
+            remote_pydr: the pydr command on the replicas' host.
+            cbt: read only what a QEMU dirty bitmap says changed (qcow2
+                images, qmp: sources).
+            host: the sources are paths on that host, read there by a
+                Dask worker of a fleet (pydr.dr.fleet).
+
+        Returns:
+            The new item's ItemStatus (state "protecting").
+
+        Raises:
+            InvalidState: the name is taken, a replica is another item's or
+                the source itself, or another vault owns a replica.
+            ValueError: a bad name or option.
+            OSError: a source cannot be read.
+        """
+        protection.protect(self.store, name, disks, group=group, retention=retention,
+                           retention_age=retention_age, quiesce_hook=quiesce_hook,
+                           thaw_hook=thaw_hook, rsh=rsh, remote_pydr=remote_pydr, cbt=cbt,
+                           host=host)
+        return self.status(name)
+
+    def status(self, name: str) -> ItemStatus:
+        """What the vault knows of item `name`: state, direction, health,
+        disks, points, RPO, errors, retries and the operation running on it.
+
+        Args:
+            name: the item.
+
+        Returns:
+            Its ItemStatus; ``rpo_seconds`` is measured now.
+
+        Raises:
+            UnknownName: no item of that name.
+        """
+        return report.item_status(self.store, name)
+
+    def points(self, name: str) -> List[PointInfo]:
+        """Item `name`'s recovery points, oldest first.
+
+        Args:
+            name: the item.
+
+        Returns:
+            A PointInfo for each point (damaged ones say why in ``damaged``).
+
+        Raises:
+            UnknownName: no item of that name.
+        """
+        self.store.item(name)
+        return [PointInfo.from_record(p) for p in self.store.points(name)]
+
+    def point(self, name: str, point_id: int) -> PointInfo:
+        """Recovery point `point_id` of item `name`.
+
+        Args:
+            name: the item.
+            point_id: the point's id.
+
+        Returns:
+            Its PointInfo.
+
+        Raises:
+            UnknownName: no such item, or the item has no such point.
+        """
+        return PointInfo.from_record(self.store.point(name, point_id))
+
+    def jobs(self, *, item: Optional[str] = None, state: Union[str, Iterable[str], None] = None,
+             since: Union[datetime, float, None] = None,
+             limit: Optional[int] = None) -> List[JobInfo]:
+        """The jobs (what each command did to which item), newest first.
+
+        Args:
+            item: only this item's jobs.
+            state: only jobs in this state ("queued", "running",
+                "succeeded", "failed", "cancelled") or in one of these states.
+            since: only jobs started at or after this time (a tz-aware
+                datetime, or epoch seconds).
+            limit: at most this many (the newest).
+
+        Returns:
+            A JobInfo per job.
+
+        Raises:
+            ValueError: `since` is a datetime without a time zone, or
+                `limit` is negative.
+        """
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit={limit} is negative")
+        return [JobInfo.from_record(j) for j in self.store.find_jobs(
+            item=item, state=state, since=_epoch(since), limit=limit)]
+
+    def job(self, job_id: int) -> JobInfo:
+        """Job `job_id`.
+
+        Args:
+            job_id: the job's id (JobInfo.id, CycleResult.jobs).
+
+        Returns:
+            Its JobInfo.
+
+        Raises:
+            UnknownName: there is no such job.
+        """
+        return JobInfo.from_record(self.store.job(job_id))
+
+    # -- replication -----------------------------------------------------------------
+    def replicate(self, names: Union[str, Iterable[str]], *, app_consistent: bool = False,
+                  resync: bool = False, retry: bool = False, max_attempts: Optional[int] = None,
+                  policy: Optional[RetryPolicy] = None, executor: Any = None, threads: Optional[int] = None,
+                  bwlimit: Optional[int] = None, progress: Optional[Progress] = None,
+                  events: Optional[EventSink] = None,
+                  cancel: Optional[threading.Event] = None) -> CycleResult:
+        """One replication cycle of the items `names`: a group's members
+        together (all or nothing, one cut), every other item on its own;
+        each item that succeeds gets a recovery point (one id shared by
+        all of them).
+
+        Args:
+            names: an item name or several.
+            app_consistent: run the items' quiesce hooks before the cut and
+                their thaw hooks after it (app-consistent points).
+            resync: compare both sides by checksum, re-reading the replicas
+                (needed by items in state resync-required).
+            retry: retry the items whose errors are recoverable, on the
+                schedule of pydr.dr.retry (this call then sleeps).
+            max_attempts: with `retry`, give up after this many attempts.
+            policy: with `retry`, the schedule (a pydr.dr.retry.RetryPolicy;
+                its clock and sleep can be replaced); overrides `max_attempts`.
+            executor: where the captures run (default: this process; a
+                pydr.dr.fleet.FleetExecutor: each item's host).
+            threads: comparison threads per disk (default: the CPUs).
+            bwlimit: bytes a second for uploads to an object store.
+            progress: a callable given each engine ProgressRecord (a
+                progress bar; tools use `events`).
+            events: a callable given each Event of the cycle.
+            cancel: set it to stop the cycle as a kill would.
+
+        Returns:
+            The CycleResult, with an ItemOutcome for every item.
+
+        Raises:
+            CycleFailed: several units and some failed (``.result`` is the
+                CycleResult; the others got their points).
+            UnknownName: an item is not protected.
+            InvalidState: an item cannot replicate now (its state, a drill,
+                resync-required without `resync`).
+            PydrError, OSError: the error of a call of one unit.
+        """
         names = [names] if isinstance(names, str) else list(names)
+        kwargs: Dict[str, Any] = dict(executor=executor, app_consistent=app_consistent,
+                                      resync_all=resync, **_extra(events, cancel))
+        for key, value in (("threads", threads), ("bwlimit", bwlimit), ("progress", progress)):
+            if value is not None:
+                kwargs[key] = value
         if retry:
-            return R.replicate_with_retry(self, names, **kwargs)
-        return R.replicate(self, names, **kwargs)
+            if policy is None and max_attempts is not None:
+                policy = RetryPolicy(max_attempts=max_attempts)
+            if policy is not None:
+                kwargs["policy"] = policy
+            return R.replicate_with_retry(self.store, names, **kwargs)
+        return R.replicate(self.store, names, **kwargs)
 
-    def materialize(self, name: str, point_id: int, directory: _Path, **kwargs: Any) -> Any:
-        """Write the item's disks as they were at a point into `directory`."""
-        return points_.materialize(self, name, point_id, directory, **kwargs)
+    def apply_retention(self, name: str, now: Optional[float] = None) -> None:
+        """Drop the points of item `name` beyond its retention (count and
+        age) and what only they needed; a drill's or failover's point stays.
+        Every cycle does this already.
 
-    def apply_retention(self, name: str, now: float | None = None) -> Any:
-        """Drop the item's points that its retention no longer keeps (as at
-        `now`, epoch seconds; default: now)."""
-        return points_.apply_retention(self, name, now)
+        Args:
+            name: the item.
+            now: epoch seconds the ages are measured at (default: the clock).
 
-    def test_failover(self, name: str, directory: _Path, point: Any = None,
-                      **kwargs: Any) -> Any:
-        """Bring a point of the item up as copies in `directory` (a drill),
-        leaving replication running; see pydr.dr.drills.test_failover."""
-        return D.test_failover(self, name, directory, point, **kwargs)
+        Raises:
+            UnknownName: no item of that name.
+        """
+        points_.apply_retention(self.store, name, now)
 
-    def cleanup_test_failover(self, name, **kwargs):
-        return D.cleanup_test_failover(self, name, **kwargs)
+    def materialize(self, name: str, point: int, directory: str, *, method: str = "auto",
+                    threads: Optional[int] = None, progress: Optional[Progress] = None,
+                    events: Optional[EventSink] = None,
+                    cancel: Optional[threading.Event] = None) -> OperationResult:
+        """Write each disk of item `name` as it was at recovery point `point`
+        into `directory`, named like its replica. The replicas are not
+        touched.
 
-    def failover(self, name: str, point: Any = "latest", **kwargs: Any) -> Any:
-        """Fail the item over to a point: its replicas become the disks to
-        run; see pydr.dr.failover.failover."""
-        return F.failover(self, name, point, **kwargs)
+        Args:
+            name: the item.
+            point: the point's id.
+            directory: a directory (made if missing), or host:DIR on the
+                host that holds the replicas.
+            method: "auto" (a reflink clone where the file system can, else
+                a copy), "reflink", "copy" or "qcow2" (an overlay on the
+                replica, which must then stay as it is).
+            threads: copy threads.
+            progress: a callable given each engine ProgressRecord.
+            events: a callable given each Event.
+            cancel: set it to stop as a kill would.
 
-    def change_point(self, name: str, point: Any, **kwargs: Any) -> Any:
-        """Move a failed-over item to another point before it is committed."""
-        return F.change_point(self, name, point, **kwargs)
+        Returns:
+            An OperationResult ("materialize": point, paths, method).
 
-    def commit(self, name, **kwargs):
-        return F.commit(self, name, **kwargs)
+        Raises:
+            UnknownName: no such item or point.
+            DamagedPoint, DamagedJournal: the point cannot be restored.
+            InvalidState: a destination is a replica or a protected disk.
+        """
+        methods: List[str] = []
+        paths = points_.materialize(self.store, name, point, directory, threads=threads,
+                                    method=method, progress=progress, methods=methods,
+                                    **_extra(events, cancel))
+        return OperationResult(item=name, operation="materialize", point=point,
+                               paths=tuple(str(p) for p in paths),
+                               method="+".join(sorted(set(methods))) or None,
+                               direction=self.store.item(name).direction)
 
-    def reprotect(self, name: str, **kwargs: Any) -> Any:
-        """Replicate a committed item back, from the replicas to the sources."""
-        return F.reprotect(self, name, **kwargs)
+    # -- drills and failover ---------------------------------------------------------
+    def _result(self, operation: str, answer: Mapping[str, Any]) -> OperationResult:
+        return OperationResult.from_workflow(
+            operation, answer, direction=self.store.item(answer["item"]).direction)
 
-    def failback(self, name: str, **kwargs: Any) -> Any:
-        """Return a reprotected item to its original direction."""
-        return F.failback(self, name, **kwargs)
+    def test_failover(self, name: str, directory: str, point: PointSelector = None, *,
+                      method: str = "auto", progress: Optional[Progress] = None,
+                      events: Optional[EventSink] = None,
+                      cancel: Optional[threading.Event] = None) -> OperationResult:
+        """A DR drill: write item `name`'s disks as they were at a recovery
+        point into `directory`, without touching the replicas or stopping
+        replication. Undo it with cleanup_test_failover(). An interrupted
+        drill is finished by the same call; a finished one is left as it is
+        (``already_done``).
 
-    def verify(self, name, point=None, sample=100.0, *, events=None, cancel=None):
+        Args:
+            name: the item.
+            directory: where the disks go (made if missing; host:DIR for
+                replicas on another host). A drill never overwrites a file.
+            point: a point id, or "latest-processed" (None: the same), or
+                "latest-app-consistent".
+            method: "auto" (reflink clones where the file system can, else
+                copies), "reflink", "copy" or "qcow2" (overlays backed by
+                the replicas; the item is not replicated until clean-up).
+            progress: a callable given each engine ProgressRecord.
+            events: a callable given each Event.
+            cancel: set it to stop as a kill would.
+
+        Returns:
+            An OperationResult ("test-failover": point, paths, method, notes).
+
+        Raises:
+            InvalidState: another drill is in place, or the item's state
+                does not allow one.
+            UnknownName: no such item or point.
+            DamagedPoint, DamagedJournal: the point cannot be restored.
+        """
+        return self._result("test-failover", D.test_failover(
+            self.store, name, directory, point, method=method, progress=progress,
+            **_extra(events, cancel)))
+
+    def cleanup_test_failover(self, name: str, *, events: Optional[EventSink] = None,
+                              cancel: Optional[threading.Event] = None) -> OperationResult:
+        """Remove the disks test_failover() wrote for item `name` (and its
+        directory if that leaves it empty); files it did not write stay.
+
+        Args:
+            name: the item.
+            events: a callable given each Event.
+            cancel: set it to stop as a kill would.
+
+        Returns:
+            An OperationResult ("cleanup-test-failover": removed; already_done
+            when there was no drill).
+
+        Raises:
+            UnknownName: no item of that name.
+        """
+        return self._result("cleanup-test-failover",
+                            D.cleanup_test_failover(self.store, name, **_extra(events, cancel)))
+
+    def failover(self, name: str, point: PointSelector = "latest", *, planned: bool = False,
+                 shutdown_hook: Optional[str] = None, method: str = "auto",
+                 directory: Optional[str] = None, executor: Any = None,
+                 progress: Optional[Progress] = None, events: Optional[EventSink] = None,
+                 cancel: Optional[threading.Event] = None) -> OperationResult:
+        """Fail item `name` over: its replica paths (or `directory`, for an
+        item replicated to an object store) hold a recovery point, each
+        replica kept aside as the baseline. Until commit(), change_point()
+        switches to another point. Running it again after an interruption
+        finishes it; after it finished, it changes nothing (``already_done``).
+
+        Args:
+            name: the item.
+            point: "latest" (replicate what the source still has first; if
+                that fails, the newest point), "latest-processed" (the newest
+                existing point), "latest-app-consistent", or a point id.
+            planned: run `shutdown_hook` (which must then succeed) and a
+                final cycle first: nothing is lost.
+            shutdown_hook: a shell command that stops the machine.
+            method: "auto", "reflink", "copy" or "qcow2" (an overlay on the
+                baseline).
+            directory: for an item replicated to an object store: the local
+                directory its disks are made in.
+            executor: where a planned failover's last cycle runs (a fleet's).
+            progress: a callable given each engine ProgressRecord.
+            events: a callable given each Event.
+            cancel: set it to stop as a kill would.
+
+        Returns:
+            An OperationResult ("failover": point, method, notes).
+
+        Raises:
+            InvalidState: the item's state does not allow a failover (or it
+                is failed over to another point: use change_point()).
+            HookFailed: a planned failover's shutdown hook failed.
+            DamagedPoint, DamagedJournal: the point cannot be brought up.
+        """
+        return self._result("failover", F.failover(
+            self.store, name, point, planned=planned, shutdown_hook=shutdown_hook, method=method,
+            progress=progress, to=directory, executor=executor, **_extra(events, cancel)))
+
+    def change_point(self, name: str, point: PointSelector, *, method: Optional[str] = None,
+                     progress: Optional[Progress] = None, events: Optional[EventSink] = None,
+                     cancel: Optional[threading.Event] = None) -> OperationResult:
+        """After failover() and before commit(): make item `name`'s disks
+        hold another point, rebuilt from the untouched baselines (exact even
+        after the failed-over machine wrote to its disks).
+
+        Args:
+            name: the item.
+            point: a point id or a selector (see failover()).
+            method: how to make the disks (default: as the failover did).
+            progress: a callable given each engine ProgressRecord.
+            events: a callable given each Event.
+            cancel: set it to stop as a kill would.
+
+        Returns:
+            An OperationResult ("change-point": point, method, notes).
+
+        Raises:
+            InvalidState: the item is not failed over.
+            UnknownName: no such item or point.
+            DamagedPoint, DamagedJournal: the point cannot be brought up.
+        """
+        return self._result("change-point", F.change_point(
+            self.store, name, point, method=method, progress=progress, **_extra(events, cancel)))
+
+    def commit(self, name: str, *, events: Optional[EventSink] = None,
+               cancel: Optional[threading.Event] = None) -> OperationResult:
+        """Make item `name`'s failover final: the replica site is active (the
+        direction flips), the recovery points, their steps and the baselines
+        are removed. A qcow2 overlay is flattened into its baseline.
+
+        Args:
+            name: the item.
+            events: a callable given each Event.
+            cancel: set it to stop as a kill would.
+
+        Returns:
+            An OperationResult ("commit": direction, notes).
+
+        Raises:
+            InvalidState: the item is not failed over.
+        """
+        return self._result("commit", F.commit(self.store, name, **_extra(events, cancel)))
+
+    def reprotect(self, name: str, *, progress: Optional[Progress] = None,
+                  events: Optional[EventSink] = None,
+                  cancel: Optional[threading.Event] = None) -> OperationResult:
+        """After commit(): replicate item `name` the other way. Each disk's
+        source and replica swap; the old sources are reused, so the first
+        cycle (a checksum resync) moves only the blocks that differ.
+
+        Args:
+            name: the item.
+            progress: a callable given each engine ProgressRecord.
+            events: a callable given each Event.
+            cancel: set it to stop as a kill would.
+
+        Returns:
+            An OperationResult ("reprotect": direction, point, and the
+            ``cycle`` it ran; already_done with no cycle when it was done).
+
+        Raises:
+            InvalidState: the failover is not committed.
+            PydrError, OSError: the cycle's error.
+        """
+        return self._result("reprotect", F.reprotect(self.store, name, progress=progress,
+                                                     **_extra(events, cancel)))
+
+    def failback(self, name: str, *, alternates: Optional[Mapping[str, str]] = None,
+                 shutdown_hook: Optional[str] = None, events: Optional[EventSink] = None,
+                 cancel: Optional[threading.Event] = None) -> OperationResult:
+        """A planned failover of a reprotected item `name` back to its first
+        site: `shutdown_hook` (must succeed), a final cycle, nothing lost.
+        Then commit() and reprotect() give back the first direction.
+
+        Args:
+            name: the item.
+            alternates: {replica: new path}: those disks come up at the new
+                paths instead (the old ones are left as they are).
+            shutdown_hook: a shell command that stops the machine.
+            events: a callable given each Event.
+            cancel: set it to stop as a kill would.
+
+        Returns:
+            An OperationResult ("failback": point, method, notes).
+
+        Raises:
+            InvalidState: the item is not reprotected, or an alternate exists.
+            UnknownName: an alternate names no replica of the item.
+            HookFailed: the shutdown hook failed.
+        """
+        return self._result("failback", F.failback(
+            self.store, name, alternates=dict(alternates) if alternates else None,
+            shutdown_hook=shutdown_hook, **_extra(events, cancel)))
+
+    # -- checks and garbage ------------------------------------------------------------
+    def verify(self, name: str, point: Optional[int] = None, sample: float = 100.0, *,
+               events: Optional[EventSink] = None,
+               cancel: Optional[threading.Event] = None) -> Any:
         """Check an item's points where they are (the "verify" capability of
         its point store: the undo steps, signature caches and replicas of a
-        step chain; the indexes and chunks of a chunk index). ``events``: an
-        EventSink given "started", each replica's "progress" in phase
-        "verify" and "finished"/"failed"/"cancelled"; ``cancel``: a
-        threading.Event asked between steps, windows and chunks."""
-        from .events import Emitter
+        step chain; the indexes and chunks of a chunk index).
 
+        Args:
+            name: the item.
+            point: only what this point needs (default: every point).
+            sample: the percentage of steps or chunks read.
+            events: given "started", each replica's "progress" in phase
+                "verify", then "finished", "failed" or "cancelled".
+            cancel: asked between steps, windows and chunks (Cancelled).
+
+        Returns:
+            The point store's report (a dict; "problems" lists what was found).
+
+        Raises:
+            UnknownName: no such item or point.
+            Cancelled: ``cancel`` was set.
+        """
         em = Emitter(events, "verify", name)
-        verify = pointstores.point_store(self, name).require("verify")
-        return em.run(lambda: verify(point, sample, events=em, cancel=cancel),
-                      done=lambda r: f"{len(r['problems'])} problems")
+        check = pointstores.point_store(self.store, name).require("verify")
+        report: Any = em.run(lambda: check(point, sample, events=em, cancel=cancel),
+                             done=lambda r: f"{len(r['problems'])} problems")
+        return report
 
-    def collect_garbage(self, target: str, **kwargs: Any) -> Any:
+    def collect_garbage(self, target: str, *, grace: Optional[float] = None,
+                        dry_run: bool = False, now: Optional[float] = None) -> Any:
         """Mark and sweep what no point names: in the point store of item
-        `target`, or in the store a spec names (s3://BUCKET/PREFIX); see
-        pydr.dr.pointstores.collect_garbage."""
-        return pointstores.collect_garbage(self, target, **kwargs)
+        `target`, or in the store a spec names (s3://BUCKET/PREFIX).
 
-    def create_plan(self, name: str, groups: Sequence[Sequence[str]]) -> Any:
-        """Record a recovery plan: groups of items, run one group after another."""
-        return plans_.create_plan(self, name, groups)
+        Args:
+            target: an item, or an object store's spec.
+            grace: keep unnamed chunks younger than this many seconds
+                (default: the kind's).
+            dry_run: count, remove nothing.
+            now: epoch seconds the ages are measured at (default: the clock).
 
-    def run_plan(self, name: str, operation: str, **options: Any) -> Any:
-        """Run an operation ("test-failover", "failover", ...) over a plan's
-        groups in order; see pydr.dr.plans.run_plan."""
-        return plans_.run_plan(self, name, operation, **options)
+        Returns:
+            The kind's report (a dict).
+
+        Raises:
+            UnsupportedFile: the item's kind keeps no garbage.
+        """
+        options: Dict[str, Any] = {"dry_run": dry_run}
+        if grace is not None:
+            options["grace"] = grace
+        if now is not None:
+            options["now"] = now
+        return pointstores.collect_garbage(self.store, target, **options)
+
+    # -- recovery plans --------------------------------------------------------------
+    def create_plan(self, name: str, groups: Sequence[Any]) -> List[Dict[str, Any]]:
+        """Define recovery plan `name`: groups of items run in order, the
+        items of a group in parallel.
+
+        Args:
+            name: the plan's name.
+            groups: each group a dict {"items": [item, ...], "pre": CMD or
+                None, "post": CMD or None} (shell commands run before and
+                after the group).
+
+        Returns:
+            The plan's definition as stored (a list of such dicts).
+
+        Raises:
+            InvalidState: a plan of that name exists.
+            UnknownName: an item is not protected.
+            ValueError: a bad name, an empty group, an item in two groups.
+        """
+        return plans_.create_plan(self.store, name, groups)
+
+    def plan(self, name: str) -> PlanRecord:
+        """Recovery plan `name` as stored (name, definition, created).
+
+        Raises:
+            UnknownName: there is no such plan.
+        """
+        return self.store.plan(name)
+
+    def run_plan(self, name: str, operation: str, *, point: PointSelector = None,
+                 directory: Optional[str] = None, planned: bool = False,
+                 shutdown_hook: Optional[str] = None, fleet: Any = None,
+                 events: Optional[EventSink] = None,
+                 cancel: Optional[threading.Event] = None) -> PlanReport:
+        """Run `operation` over recovery plan `name`: its groups in order,
+        the items of a group in parallel, each group's pre and post hooks
+        around it. The first failure stops the plan.
+
+        Args:
+            name: the plan.
+            operation: "failover", "test-failover", "cleanup-test-failover",
+                "commit", "reprotect" or "failback".
+            point: failover / test-failover: the point (see failover()).
+            directory: test-failover: each item's disks go to DIRECTORY/ITEM.
+            planned: failover: planned (see failover()).
+            shutdown_hook: failover / failback: the machines' shutdown hook.
+            fleet: a pydr.dr.fleet.Fleet: items' replication runs on their
+                hosts' workers.
+            events: a callable given each Event.
+            cancel: set it to stop as a kill would.
+
+        Returns:
+            The PlanReport (ok), with each item's OperationResult.
+
+        Raises:
+            PlanFailed: a hook or an item failed; ``.result`` is the
+                PlanReport (not ok) saying what ran and what did not.
+            UnknownName: there is no such plan.
+            ValueError: an unknown operation, or test-failover without
+                `directory`.
+        """
+        if operation == "test-failover" and directory is None:
+            raise ValueError("a test-failover plan needs directory= (each item's disks go "
+                             "to DIRECTORY/ITEM)")
+        options: Dict[str, Any] = {"point": point, "planned": planned,
+                                   "shutdown_hook": shutdown_hook, "to": directory,
+                                   **_extra(events, cancel)}
+        if fleet is not None:
+            options["fleet"] = fleet
+        groups = self.store.plan(name).definition
+        try:
+            entries = plans_.run_plan(self.store, name, operation, **options)
+        except PlanFailed as exc:
+            exc.result = self._plan_report(name, operation, groups, exc.report, str(exc))
+            raise
+        return self._plan_report(name, operation, groups, entries, None)
+
+    def _plan_report(self, name: str, operation: str, groups: Sequence[Mapping[str, Any]],
+                     entries: Sequence[Mapping[str, Any]], error: Optional[str]) -> PlanReport:
+        """The PlanReport of run_plan's entries (pydr.dr.plans)."""
+        steps = []
+        for number, group in enumerate(groups, 1):
+            mine = [e for e in entries if e["group"] == number]
+            outcomes: Dict[str, Union[OperationResult, ItemError]] = {}
+            for e in mine:
+                if "item" not in e or e["status"] == "not run":
+                    continue
+                if e["status"] == "succeeded":
+                    outcomes[e["item"]] = self._result(operation, e["result"])
+                else:
+                    exc = e.get("exception")
+                    outcomes[e["item"]] = (ItemError.from_exception(e["item"], exc)
+                                           if exc is not None else
+                                           ItemError(item=e["item"], error=str(e.get("error")),
+                                                     exit_code=1))
+            steps.append(PlanStep(
+                group=number, items=tuple(group["items"]), outcomes=outcomes,
+                not_run=tuple(i for i in group["items"] if i not in outcomes),
+                hooks=tuple(PlanHook(hook=e["hook"], ok=e["status"] == "ok",
+                                     exit_code=e["exit"]) for e in mine if "hook" in e)))
+        return PlanReport(plan=name, operation=operation, ok=error is None, steps=tuple(steps),
+                          error=error)

@@ -51,14 +51,14 @@ def cli(vault, *args, env=None):
 def replicate(vault, *extra):
     r = cli(vault, "replicate", "vm", "--json", *extra)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)[0]
+    return json.loads(r.stdout)
 
 
 def check_points(vault, history, tmp_path, raw=True):
     with Vault(vault, writer=True) as v:
-        for p in v.points("vm"):
+        for p in v.store.points("vm"):
             out = tmp_path / f"p{p['id']}"
-            (path,) = v.materialize("vm", p["id"], out)
+            (path,) = v.materialize("vm", p["id"], out).paths
             assert sha(path) == history[p["id"]], p["id"]
             shutil.rmtree(out)
 
@@ -268,7 +268,7 @@ def test_live_disk_points_equal_the_disk_at_their_cut_even_when_written_meanwhil
     os.kill(p.pid, signal.SIGCONT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
-    res = json.loads(out)[0]
+    res = json.loads(out)
     history[res["point_id"]] = at_cut
     assert sha(replica) == at_cut  # the disk as it was at the cut, not as it is now
     res = replicate(vault)  # the writes after the cut come with the next cycle

@@ -58,7 +58,7 @@ def test_two_cycles_at_once_and_readers_during_one(ctx):
                                    "interrupted": False}
         assert len(json.loads(cli(ctx, "points", "vm", "--json").stdout)) == 3
         jobs = json.loads(cli(ctx, "jobs", "--json").stdout)
-        assert jobs[-1]["kind"] == "replicate" and jobs[-1]["state"] == "running"
+        assert jobs[0]["kind"] == "replicate" and jobs[0]["state"] == "running"  # newest first
     finally:
         code, err = go_on(first)
     assert code == 0, err
@@ -67,7 +67,7 @@ def test_two_cycles_at_once_and_readers_during_one(ctx):
     db = sqlite3.connect(os.path.join(ctx["vault"], "vault.db"))
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     with Vault(ctx["vault"]) as v:
-        assert len(v.points("vm")) == 3 and v.jobs()[-1]["state"] == "succeeded"
+        assert len(v.store.points("vm")) == 3 and v.store.jobs()[-1]["state"] == "succeeded"
 
 
 def test_a_cycle_during_a_failover_is_refused_and_the_failover_stands(ctx):

@@ -174,11 +174,11 @@ def test_a_cycle_killed_at_each_crash_point_is_finished_by_running_it_again(stor
         else:
             op = st["operation"]
             assert op["interrupted"] and op["command"] == "pydr replicate vm", (kill, op)
-        res, = store.ok("replicate", "vm")
+        res = store.ok("replicate", "vm")
         assert res["point_id"] == item.cycles, (kill, res)
         item.history[item.cycles] = item.now()
         st = item.status()
-        assert (st["state"], st["health"], st["operation"], st["points"]) == (
+        assert (st["state"], st["health"], st["operation"], st["point_count"]) == (
             "protected", "ok", None, 2), (kill, st)
         item.check_points(tmp_path / "out" / kill, [item.cycles - 1, item.cycles])
     item.cycle()

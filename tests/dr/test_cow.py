@@ -106,7 +106,7 @@ def test_the_dr_cycle_on_xfs_clones_and_costs_the_change(tmp_path, xfs_dir):
     # the baseline (the old replica, renamed) and the clone share their blocks
     assert used_bytes(xfs_dir) - before <= 3 * MiB
     with Vault(vault) as v:
-        assert [j["method"] for j in v.jobs() if j["kind"] == "failover"] == ["reflink"]
+        assert [j["method"] for j in v.store.jobs() if j["kind"] == "failover"] == ["reflink"]
 
     write_file(rep, "at-site-b", MiB, 7)  # the machine works at site B
     res = pydr_json("change-point", "vm", "--point", "1", *v_)
@@ -118,7 +118,7 @@ def test_the_dr_cycle_on_xfs_clones_and_costs_the_change(tmp_path, xfs_dir):
         f".{rep.name}.pydr-owner"]
     write_file(rep, "after-commit", MiB, 8)
     res = pydr_json("reprotect", "vm", *v_)
-    assert res["bytes_written"] < 8 * MiB  # only the differences move back
+    assert res["cycle"]["bytes_written"] < 8 * MiB  # only the differences move back
     assert sha(src) == sha(rep)
     # failback: site A's disk is on a file system that cannot clone (the temp
     # dir's): the point is copied there, and the result says so
@@ -165,7 +165,7 @@ def test_overlays_on_ext4_hold_the_point_and_take_the_vms_writes(tmp_path):
     assert open(rep, "rb").read(4) != b"QFI\xfb" and sha(rep) == expected
     assert [n for n in os.listdir(site_b) if n.startswith(".")] == [f".{rep.name}.pydr-owner"]
     res = pydr_json("reprotect", "vm", *v_)
-    assert sha(src) == sha(rep) and res["bytes_written"] < 8 * MiB
+    assert sha(src) == sha(rep) and res["cycle"]["bytes_written"] < 8 * MiB
 
 
 def test_without_reflink_it_copies_and_says_so(tmp_path):

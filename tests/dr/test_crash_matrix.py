@@ -169,7 +169,7 @@ def check_reprotected(ctx):
 def prepare_reprotected(work):
     ctx = prepare_committed(work)
     with Vault(ctx["vault"], writer=True) as v:
-        pid = v.reprotect("vm")["point"]
+        pid = v.reprotect("vm").point
     ctx["history"]["vm"][pid] = hashes(sources(ctx)[0])
     for s in sources(ctx)[0]:
         scribble(s, 11, blocks=12)  # site B goes on working
@@ -247,7 +247,7 @@ def raw_hashes(paths, ctx):
 
 def last_method(ctx, kind):
     with Vault(ctx["vault"]) as v:
-        return [j for j in v.jobs() if j["kind"] == kind and j["state"] == "succeeded"][-1][
+        return [j for j in v.store.jobs() if j["kind"] == kind and j["state"] == "succeeded"][-1][
             "method"]
 
 

@@ -154,7 +154,7 @@ def test_a_kept_step_the_vault_had_not_recorded_yet_and_is_damaged(item):
     DAMAGES["payload"](kept)
     r = cli("replicate", "vm", "--json")
     assert r.returncode == 0, r.stderr
-    new = json.loads(r.stdout)[0]["point_id"]
+    new = json.loads(r.stdout)["point_id"]
     damaged = points()
     assert all(str(kept) in damaged[p] for p in (1, 2, 3)) and damaged[new] is None
     assert_refused(cli("materialize", "vm", "--point", "3", "--to", tmp_path / "m3"), "damaged")
@@ -236,7 +236,7 @@ def test_a_damaged_step_at_a_remote_place(sshd, tmp_path, monkeypatch):
             with open(disk, "r+b") as f:
                 f.seek(rng.randrange(0, 1 << 20))
                 f.write(rng.randbytes(100_000))
-        res = json.loads(cli("replicate", "vm", "--json").stdout)[0]
+        res = json.loads(cli("replicate", "vm", "--json").stdout)
         history[res["point_id"]] = sha(disk)
     bad = names.step(str(site_b / "os.img"), "vm", 0, 1)
     assert os.path.getsize(bad) > HEADER + RECORD + 600

@@ -32,7 +32,7 @@ def machine(tmp_path, monkeypatch):
     for cycle in range(3):
         if cycle:
             change(disks[cycle % 2], tmp_path, tag=cycle)
-        res = json.loads(cli("replicate", "vm", "--json").stdout)[0]
+        res = json.loads(cli("replicate", "vm", "--json").stdout)
         history[res["point_id"]] = [sha(s) for s, _ in pairs]
     return tmp_path, pairs, history
 
@@ -129,7 +129,8 @@ def test_commit(machine):
     r = cli("commit", "vm")
     assert r.returncode == 0, r.stderr
     st = json.loads(cli("status", "vm", "--json").stdout)
-    assert (st["state"], st["direction"], st["points"]) == ("failover-committed", "reverse", 0)
+    assert (st["state"], st["direction"], st["point_count"]) == ("failover-committed", "reverse", 0)
+    assert (st["latest_point"], st["rpo_seconds"]) == (None, None)
     assert replica_hashes(pairs) == history[3]
     # only the owner files are left: the disks stay the item's (its sources after reprotect)
     assert sorted(p for p in os.listdir(tmp_path / "site-b") if p.startswith(".")) == [
@@ -178,8 +179,8 @@ def test_interrupted_failover_can_be_continued(machine, monkeypatch):
     monkeypatch.setattr(StepChain, "materialize_disk", dies_on_the_second_disk)
     with Vault(tmp_path / "vault", writer=True) as v:
         with pytest.raises(KeyboardInterrupt):
-            F.failover(v, "vm", "2")
-        assert v.status("vm")["state"] == "failing-over"
+            F.failover(v.store, "vm", "2")
+        assert v.status("vm").state == "failing-over"
     assert calls == [0, 1]  # the first disk came up, the second was killed
     monkeypatch.setattr(StepChain, "materialize_disk", real)
     r = cli("failover", "vm", "--json")  # the same command finishes the job
@@ -201,7 +202,8 @@ def test_full_round_trip(machine):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["direction"] == "reverse"
-    assert rep["bytes_written"] < disk_size // 4  # the differences, not a copy
+    assert rep["operation"] == "reprotect" and rep["cycle"]["point_id"] == rep["point"]
+    assert rep["cycle"]["bytes_written"] < disk_size // 4  # the differences, not a copy
     assert [sha(s) for s, _ in pairs] == replica_hashes(pairs)  # site A follows site B
     change(pairs[1][1], tmp_path, tag=12)  # more work at site B, not yet replicated
     site_b = replica_hashes(pairs)
@@ -275,8 +277,12 @@ def test_recovery_plan_runs_groups_in_order_with_hooks(tmp_path, monkeypatch):
     log.unlink()
     r = cli("plan", "failover", "shop", "--point", "latest-processed", "--json")
     assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)["report"]
-    assert [e.get("item") or e["hook"] for e in report] == ["pre", "db", "post", "web1", "web2", "post"]
+    report = json.loads(r.stdout)
+    assert report["ok"] and report["type"] == "plan-report" and report["operation"] == "failover"
+    assert [([h["hook"] for h in s["hooks"]], list(s["outcomes"])) for s in report["steps"]] == [
+        (["pre", "post"], ["db"]), (["post"], ["web1", "web2"])]
+    assert all(o["type"] == "operation-result" and o["operation"] == "failover"
+               for s in report["steps"] for o in s["outcomes"].values())
     assert log.read_text().split() == ["pre1", "post1", "post2"]
     for n in ("db", "web1", "web2"):
         assert json.loads(cli("status", n, "--json").stdout)["state"] == "failed-over"
@@ -297,9 +303,14 @@ def test_a_failure_stops_the_plan_with_a_report(tmp_path, monkeypatch):
     cli("plan", "create", "p", "--group", "a", "--group", "b", "--group", "c")
     r = cli("plan", "failover", "p", "--point", "latest-processed", "--json")
     assert r.returncode == 17 and b"stopped in group 2" in r.stderr
-    report = json.loads(r.stdout)["report"]
-    assert [(e["item"], e["status"]) for e in report] == [("a", "succeeded"), ("b", "failed"),
-                                                            ("c", "not run")]
+    report = json.loads(r.stdout)
+    assert not report["ok"] and "stopped in group 2" in report["error"]
+    outcomes = [(i, s["outcomes"][i]["type"] if i in s["outcomes"] else "not run")
+                for s in report["steps"] for i in s["items"]]
+    assert outcomes == [("a", "operation-result"), ("b", "item-error"), ("c", "not run")]
+    assert report["steps"][2]["not_run"] == ["c"]
+    failed = report["steps"][1]["outcomes"]["b"]
+    assert failed["item"] == "b" and failed["exit_code"] == 15 and failed["error"]
     assert json.loads(cli("status", "c", "--json").stdout)["state"] == "protected"
     assert cli("plan", "failover", "nope").returncode == 3
     assert cli("plan", "create", "q", "--group", "a", "--group", "a").returncode == 2
@@ -534,14 +545,14 @@ def test_the_steps_of_a_point_that_is_gone_are_refused(kept_one):
     tmp_path, pairs, point1 = kept_one
     assert cli("replicate", "vm").returncode == 0  # point 2; retention drops point 1
     with Vault(tmp_path / "vault", writer=True) as v:
-        assert [p["id"] for p in v.points("vm")] == [2]
+        assert [p.id for p in v.points("vm")] == [2]
         with pytest.raises(UnknownName, match="no recovery point 1"):
-            steps_of(v, "vm", 1, 0)
-        assert steps_of(v, "vm", 2, 1) == []  # the latest point needs no step
+            steps_of(v.store, "vm", 1, 0)
+        assert steps_of(v.store, "vm", 2, 1) == []  # the latest point needs no step
         with v.db:
             v.db.execute("DELETE FROM point_disks WHERE item='vm' AND id=2 AND idx=1")
         with pytest.raises(VaultDamaged, match="point 2 of 'vm' has no record of disk 1"):
-            steps_of(v, "vm", 2, 1)
+            steps_of(v.store, "vm", 2, 1)
         with pytest.raises(VaultDamaged):
             v.materialize("vm", 2, tmp_path / "m")
         assert not (tmp_path / "m" / "b.img").exists()
@@ -561,7 +572,7 @@ def test_retention_keeps_the_point_a_failover_shows(kept_one):
     with Vault(tmp_path / "vault", writer=True) as v:
         v.set_item("vm", retention=1)
         v.apply_retention("vm")
-        assert [p["id"] for p in v.points("vm")] == [1, 2]
+        assert [p.id for p in v.points("vm")] == [1, 2]
     r = cli("failover", "vm", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["point"] == 1

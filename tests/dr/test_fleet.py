@@ -88,18 +88,18 @@ def check_vault(ctx, history):
     db.close()
     with Vault(ctx["vault"], writer=True) as v:
         for name, shas in history.items():
-            points = v.points(name)
+            points = v.store.points(name)
             assert len(points) == len(shas), name
             for p, want in zip(points, shas):
                 out = ctx["tmp"] / "check" / name / str(p["id"])
-                paths = v.materialize(name, p["id"], str(out))
+                paths = v.materialize(name, p["id"], str(out)).paths
                 assert sha(paths[0]) == want, (name, p["id"])
             assert v.item(name)["state"] == "protected"
 
 
 def replicate_jobs(ctx):
     with Vault(ctx["vault"]) as v:
-        return [j for j in v.jobs() if j["kind"] == "replicate"]
+        return [j for j in v.store.jobs() if j["kind"] == "replicate"]
 
 
 def test_replicate_all_runs_each_item_on_its_host(fleet, tmp_path):
@@ -109,7 +109,7 @@ def test_replicate_all_runs_each_item_on_its_host(fleet, tmp_path):
         r = replicate(ctx, cluster.scheduler_address)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
-        assert sorted(out[0]["items"]) == sorted(ctx["items"])
+        assert sorted(out["items"]) == sorted(ctx["items"])
         for n, i in ctx["items"].items():
             if int(n[2:]) % 4 == 0:
                 scribble(i["source"], int(n[2:]) + 100)
@@ -193,19 +193,19 @@ def test_a_host_without_a_worker_fails_its_items_and_a_rerun_finishes(fleet, tmp
         assert r.returncode == 21, r.stderr  # some items failed, the others have their points
         assert b"no worker for host hv-c" in r.stderr
         out = json.loads(r.stdout)
-        failed = {o["item"]: o for o in out[0]["outcomes"] if o["status"] == "failed"}
+        failed = {o["item"]: o for o in out["outcomes"] if o["status"] == "failed"}
         assert sorted(failed) == sorted(n for n, i in ctx["items"].items() if i["host"] == "hv-c")
         assert all(o["exit_code"] == 20 and o["recoverable"] and "no worker for host hv-c"
                    in o["error"] for o in failed.values())
-        assert sorted(out[0]["items"]) == sorted(set(ctx["items"]) - set(failed))
+        assert sorted(out["items"]) == sorted(set(ctx["items"]) - set(failed))
         with Vault(ctx["vault"]) as v:
             for n, i in ctx["items"].items():
-                st = v.status(n)
+                st = v.status(n).to_dict()
                 if i["host"] == "hv-c":
-                    assert st["points"] == 0 and "no worker for host hv-c" in st["last_error"]
+                    assert st["point_count"] == 0 and "no worker for host hv-c" in st["last_error"]
                     assert st["operation"] is None or st["operation"]["interrupted"] is False
                 else:
-                    assert st["points"] == 1 and st["health"] == "ok"
+                    assert st["point_count"] == 1 and st["health"] == "ok"
         db = sqlite3.connect(os.path.join(ctx["vault"], "vault.db"))
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         db.close()
@@ -219,7 +219,7 @@ def test_a_host_without_a_worker_fails_its_items_and_a_rerun_finishes(fleet, tmp
     for n, i in ctx["items"].items():
         assert sha(i["replica"]) == sha(i["source"])
     with Vault(ctx["vault"]) as v:
-        assert all(v.status(n)["health"] == "ok" and v.status(n)["points"] >= 1
+        assert all(v.status(n).to_dict()["health"] == "ok" and v.status(n).to_dict()["point_count"] >= 1
                    for n in ctx["items"])
 
 
@@ -246,8 +246,12 @@ def test_plan_failover_over_three_hosts_keeps_group_order_and_hooks(fleet, tmp_p
     starts = [e["message"].split(":")[1].split("(")[0].strip() for e in events
               if e["kind"] == "plan-step" and e["item"] is None]
     assert starts == ["group 1 of 3 started", "group 2 of 3 started", "group 3 of 3 started"]
-    report = json.loads(r.stdout)["report"]
-    assert all(e["status"] in ("ok", "succeeded") for e in report)
+    report = json.loads(r.stdout)
+    assert report["ok"] and all(h["ok"] for s in report["steps"] for h in s["hooks"])
+    assert sorted(i for s in report["steps"] for i in s["outcomes"]) == sorted(
+        i for s in report["steps"] for i in s["items"])
+    assert all(o["type"] == "operation-result" for s in report["steps"]
+               for o in s["outcomes"].values())
     last_cycles = [j for j in replicate_jobs(ctx) if j["item"] in planned][-9:]
     for j in last_cycles:  # the planned failover's last cycle ran on the item's host
         assert j["state"] == "succeeded" and j["host"] == ctx["items"][j["item"]]["host"]
@@ -301,11 +305,11 @@ def test_a_killed_coordinator_is_finished_by_running_it_again(fleet, tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         with Vault(ctx["vault"]) as v:
-            done = [n for n in ctx["items"] if v.points(n)]
+            done = [n for n in ctx["items"] if v.store.points(n)]
             assert len(done) == 5
-            waiting = [n for n in ctx["items"] if v.status(n)["operation"]]
+            waiting = [n for n in ctx["items"] if v.status(n).to_dict()["operation"]]
             assert sorted(waiting) == sorted(set(ctx["items"]) - set(done))
-            assert all(v.status(n)["operation"]["command"].startswith(
+            assert all(v.status(n).to_dict()["operation"]["command"].startswith(
                 f"pydr replicate {n} --scheduler") for n in waiting)
         r = replicate(ctx, cluster.scheduler_address)
         assert r.returncode == 0, r.stderr
@@ -313,7 +317,8 @@ def test_a_killed_coordinator_is_finished_by_running_it_again(fleet, tmp_path):
         assert sha(i["replica"]) == sha(i["source"])
     with Vault(ctx["vault"]) as v:
         for n, i in ctx["items"].items():
-            points = v.points(n)
+            points = v.store.points(n)
             assert len(points) == (2 if n in done else 1)
             out = tmp_path / "check" / n
-            assert sha(v.materialize(n, points[-1]["id"], str(out))[0]) == sha(i["source"])
+            assert sha(v.materialize(n, points[-1]["id"], str(out)).paths[0]) == \
+                sha(i["source"])

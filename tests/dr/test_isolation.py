@@ -77,17 +77,17 @@ def record(vault, items, history, names):
     """history[item][point id] = sha of its source now, for the newest point of `names`."""
     with Vault(vault) as v:
         for name in names:
-            history.setdefault(name, {})[v.points(name)[-1]["id"]] = sha(items[name])
+            history.setdefault(name, {})[v.store.points(name)[-1]["id"]] = sha(items[name])
 
 
 def check_points(vault, history, tmp_path):
     """Every point of every item is exactly its source at that cycle."""
     with Vault(vault, writer=True) as v:
         for name, points in history.items():
-            assert [p["id"] for p in v.points(name)] == sorted(points), name
+            assert [p["id"] for p in v.store.points(name)] == sorted(points), name
             for pid, want in points.items():
                 out = tmp_path / "check" / name / str(pid)
-                (path,) = v.materialize(name, pid, str(out))
+                (path,) = v.materialize(name, pid, str(out)).paths
                 assert sha(path) == want, (name, pid)
                 shutil.rmtree(out)
 
@@ -102,7 +102,7 @@ def break_and_check(vault, items, history, tmp_path, extra=()):
     r = replicate_all(vault, "--json", *extra)
     assert r.returncode == 21, r.stderr
     assert b"3 of 5 items failed" in r.stderr and b"Traceback" not in r.stderr
-    result = json.loads(r.stdout)[0]
+    result = json.loads(r.stdout)
     outcomes = {o["item"]: o for o in result["outcomes"]}
     assert sorted(outcomes) == sorted(items)
     assert sorted(result["items"]) == ["a", "c"]
@@ -119,17 +119,17 @@ def break_and_check(vault, items, history, tmp_path, extra=()):
     record(vault, items, history, ["a", "c"])
     with Vault(vault) as v:
         for name in ("a", "c"):
-            st = v.status(name)
-            assert st["health"] == "ok" and st["last_error"] is None and st["points"] == 2
+            st = v.status(name).to_dict()
+            assert st["health"] == "ok" and st["last_error"] is None and st["point_count"] == 2
         for name in BROKEN + ("g1",):
-            st = v.status(name)
-            assert st["points"] == 1, name  # the group gets no point
+            st = v.status(name).to_dict()
+            assert st["point_count"] == 1, name  # the group gets no point
             assert st["health"] == "critical" and st["operation"] is None
-        assert str(items["b"]) in v.status("b")["last_error"]
-        g1 = v.status("g1")["last_error"]  # failed with the member whose disk is gone
+        assert str(items["b"]) in v.status("b").to_dict()["last_error"]
+        g1 = v.status("g1").to_dict()["last_error"]  # failed with the member whose disk is gone
         assert g1.startswith("group member g2 failed: ") and str(items["g2"]) in g1, g1
-        assert str(items["g2"]) in v.status("g2")["last_error"]
-        jobs = [j for j in v.jobs() if j["kind"] == "replicate"][-5:]
+        assert str(items["g2"]) in v.status("g2").to_dict()["last_error"]
+        jobs = [j for j in v.store.jobs() if j["kind"] == "replicate"][-5:]
         assert {j["item"]: j["state"] for j in jobs} == {
             "a": "succeeded", "b": "failed", "c": "succeeded", "g1": "failed", "g2": "failed"}
     return result
@@ -140,13 +140,13 @@ def repair_and_rerun(vault, items, history, tmp_path, extra=()):
         os.rename(f"{items[name]}.gone", items[name])
     r = replicate_all(vault, "--json", *extra)
     assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)[0]
+    result = json.loads(r.stdout)
     assert sorted(result["items"]) == sorted(items)
     assert all(o["status"] == "succeeded" for o in result["outcomes"])
     record(vault, items, history, list(items))
     with Vault(vault) as v:
-        assert all(v.status(n)["health"] == "ok" for n in items)
-        assert v.points("g1")[-1]["id"] == v.points("g2")[-1]["id"]  # one point for the group
+        assert all(v.status(n).to_dict()["health"] == "ok" for n in items)
+        assert v.store.points("g1")[-1]["id"] == v.store.points("g2")[-1]["id"]  # one point for the group
     check_points(vault, history, tmp_path)
 
 
@@ -176,11 +176,11 @@ def test_the_api_raises_one_error_with_every_outcome(tmp_path):
         result = caught.value.result
         assert [(o.item, o.status) for o in result.outcomes] == [("a", "succeeded"),
                                                                  ("b", "failed")]
-        assert result.items == ["a"] and v.points("a") and not v.points("b")
+        assert result.items == ("a",) and v.store.points("a") and not v.store.points("b")
         with pytest.raises(FileNotFoundError):  # one item: its own error, as before
             v.replicate("b")
         v.replicate("c")
-        assert v.status("c")["health"] == "ok"
+        assert v.status("c").to_dict()["health"] == "ok"
 
 
 def test_a_failure_while_recording_an_item_is_its_own(tmp_path, monkeypatch):
@@ -203,13 +203,13 @@ def test_a_failure_while_recording_an_item_is_its_own(tmp_path, monkeypatch):
         with pytest.raises(CycleFailed) as caught:
             v.replicate(["a", "c"])
         outcomes = {o.item: o for o in caught.value.result.outcomes}
-        assert outcomes["c"].status == "succeeded" and v.status("c")["health"] == "ok"
+        assert outcomes["c"].status == "succeeded" and v.status("c").to_dict()["health"] == "ok"
         a = outcomes["a"]
         assert (a.status, a.exit_code, a.recoverable) == ("failed", 6, True)
         assert vault in a.error and "No space left" in a.error
-        st = v.status("a")
+        st = v.status("a").to_dict()
         assert st["health"] == "warning" and "No space left" in st["last_error"]
-        assert [j["state"] for j in v.jobs() if j["kind"] == "replicate"] == ["failed",
+        assert [j["state"] for j in v.store.jobs() if j["kind"] == "replicate"] == ["failed",
                                                                               "succeeded"]
 
 
@@ -220,11 +220,11 @@ def test_retry_retries_only_the_items_that_may_recover(tmp_path):
     os.rename(items["b"], f"{items['b']}.gone")
     r = run_cli("replicate", "--all", "--retry", "--json", "--vault", vault)
     assert r.returncode == 21, r.stderr
-    outcomes = {o["item"]: o for o in json.loads(r.stdout)[0]["outcomes"]}
+    outcomes = {o["item"]: o for o in json.loads(r.stdout)["outcomes"]}
     assert outcomes["b"]["status"] == "failed" and not outcomes["b"]["recoverable"]
     with Vault(vault) as v:
-        assert [len(v.points(n)) for n in sorted(items)] == [1, 0, 1, 1, 1]
-        assert all(v.status(n)["failed_attempts"] == 0 for n in items)
+        assert [len(v.store.points(n)) for n in sorted(items)] == [1, 0, 1, 1, 1]
+        assert all(v.status(n).to_dict()["failed_attempts"] == 0 for n in items)
 
 
 def test_retry_retries_only_the_recoverable_items(tmp_path, monkeypatch):
@@ -256,8 +256,8 @@ def test_retry_retries_only_the_recoverable_items(tmp_path, monkeypatch):
             "a": "succeeded", "b": "succeeded", "c": "failed", "g1": "succeeded",
             "g2": "succeeded"}
         assert sorted(result.items) == ["a", "b", "g1", "g2"]
-        assert [len(v.points(n)) for n in sorted(items)] == [1, 1, 0, 1, 1]
-        assert v.status("b")["health"] == "ok" and v.status("c")["health"] == "critical"
+        assert [len(v.store.points(n)) for n in sorted(items)] == [1, 1, 0, 1, 1]
+        assert v.status("b").to_dict()["health"] == "ok" and v.status("c").to_dict()["health"] == "critical"
 
 
 def test_the_same_through_a_fleet(tmp_path):
@@ -270,7 +270,7 @@ def test_the_same_through_a_fleet(tmp_path):
         record(vault, items, history, list(items))
         break_and_check(vault, items, history, tmp_path, fleet)
         with Vault(vault) as v:  # the healthy items' work ran on their hosts
-            ran = {j["item"]: j["host"] for j in v.jobs()
+            ran = {j["item"]: j["host"] for j in v.store.jobs()
                    if j["kind"] == "replicate" and j["state"] == "succeeded"}
         assert ran == HOSTS
         repair_and_rerun(vault, items, history, tmp_path, fleet)
@@ -315,7 +315,7 @@ def test_a_fleet_replicates_a_cbt_item_and_an_s3_item_on_their_hosts(s3, tmp_pat
             r = run_cli("replicate", "--all", "--scheduler", cluster.scheduler_address,
                         "--json", "--vault", vault, env=ctx["env"])
         assert r.returncode == 0, r.stderr
-        result = json.loads(r.stdout)[0]
+        result = json.loads(r.stdout)
         assert sorted(result["items"]) == ["obj", "vm"]
         history["vm"][result["point_id"]] = raw_sha(image, tmp_path)
         history["obj"][result["point_id"]] = sha(raw)
@@ -327,8 +327,8 @@ def test_a_fleet_replicates_a_cbt_item_and_an_s3_item_on_their_hosts(s3, tmp_pat
         assert bitmaps(image) == sorted({f"pydr-{cycle + 1}", f"pydr-{max(cycle, 1)}"})
     assert marker.exists()  # a worker did die there
     with Vault(vault) as v:
-        ran = [(j["item"], j["host"], j["state"]) for j in v.jobs() if j["kind"] == "replicate"]
-        bytes_vm = [j["bytes_transferred"] for j in v.jobs() if j["item"] == "vm"
+        ran = [(j["item"], j["host"], j["state"]) for j in v.store.jobs() if j["kind"] == "replicate"]
+        bytes_vm = [j["bytes_transferred"] for j in v.store.jobs() if j["item"] == "vm"
                     and j["kind"] == "replicate"]
     assert sorted(set(ran)) == [("obj", "hv-b", "succeeded"), ("vm", "hv-a", "succeeded")]
     assert len(ran) == 6
@@ -337,9 +337,10 @@ def test_a_fleet_replicates_a_cbt_item_and_an_s3_item_on_their_hosts(s3, tmp_pat
     assert r.returncode == 0 and json.loads(r.stdout)["problems"] == []
     with Vault(vault, writer=True) as v:
         for name, points in history.items():
-            assert [p["id"] for p in v.points(name)] == sorted(points)
+            assert [p["id"] for p in v.store.points(name)] == sorted(points)
             for pid, want in points.items():
-                (path,) = v.materialize(name, pid, str(tmp_path / "check" / name / str(pid)))
+                (path,) = v.materialize(name, pid,
+                                        str(tmp_path / "check" / name / str(pid))).paths
                 assert sha(path) == want, (name, pid)
 
 
@@ -361,15 +362,15 @@ def test_retry_that_gives_up_on_one_item_reports_every_item(tmp_path):
             "a": "succeeded", "b": "failed", "c": "succeeded"}
         b = outcomes["b"]
         assert (b.exit_code, b.recoverable) == (18, True) and "Connection refused" in b.error
-        assert result.items == ["a", "c"]
+        assert result.items == ("a", "c")
         assert result.point_id == outcomes["a"].point_id == outcomes["c"].point_id is not None
-        assert [len(v.points(n)) for n in "abc"] == [1, 0, 1]
-        assert [j["state"] for j in v.jobs() if j["item"] == "b" and j["kind"] == "replicate"] \
+        assert [len(v.store.points(n)) for n in "abc"] == [1, 0, 1]
+        assert [j["state"] for j in v.store.jobs() if j["item"] == "b" and j["kind"] == "replicate"] \
             == ["failed"] * 3  # three attempts ran
         for n in "abc":
-            st = v.status(n)
+            st = v.status(n).to_dict()
             assert st["failed_attempts"] == 0 and st["next_retry"] is None, (n, st)
-        st = v.status("b")
+        st = v.status("b").to_dict()
         assert st["health"] == "warning" and "Connection refused" in st["last_error"]
 
 
@@ -390,8 +391,8 @@ def test_points_of_a_retried_call_are_named_per_item(tmp_path, capsys):
         ids = {o.item: o.point_id for o in result.outcomes}
         assert all(o.status == "succeeded" for o in result.outcomes)
         assert ids["a"] == ids["c"] != ids["b"] and None not in ids.values()
-        assert {n: v.points(n)[-1]["id"] for n in "abc"} == ids
-        assert result.point_id is None and result.items == ["a", "b", "c"]
+        assert {n: v.store.points(n)[-1]["id"] for n in "abc"} == ids
+        assert result.point_id is None and result.items == ("a", "b", "c")
     _print_cycles(argparse.Namespace(json=False), result)
     line = capsys.readouterr().out.splitlines()[0]
     # ext4 has no reflink and no hooks ran: the sources were read as they were
@@ -411,21 +412,21 @@ def test_a_group_member_failing_a_check_fails_the_others_on_the_record(tmp_path,
         if broken == "replica gone":
             os.rename(replica, f"{replica}.gone")
         else:
-            mark_resync_required(v, "g2", "change tracking was lost")
+            mark_resync_required(v.store, "g2", "change tracking was lost")
     r = replicate_all(vault, "--json")
     assert r.returncode == 21, r.stderr
-    outcomes = {o["item"]: o for o in json.loads(r.stdout)[0]["outcomes"]}
+    outcomes = {o["item"]: o for o in json.loads(r.stdout)["outcomes"]}
     assert {n: o["status"] for n, o in outcomes.items()} == {
         "a": "succeeded", "b": "succeeded", "c": "succeeded", "g1": "failed", "g2": "failed"}
     with Vault(vault) as v:
-        g1, g2 = v.status("g1"), v.status("g2")
+        g1, g2 = v.status("g1").to_dict(), v.status("g2").to_dict()
         assert g1["last_error"].startswith("group member g2 failed: "), g1
         assert outcomes["g1"]["error"] == g1["last_error"]
-        assert g1["health"] == "critical" and g1["operation"] is None and g1["points"] == 1
-        jobs = [j for j in v.jobs() if j["kind"] == "replicate" and j["item"] == "g1"]
+        assert g1["health"] == "critical" and g1["operation"] is None and g1["point_count"] == 1
+        jobs = [j for j in v.store.jobs() if j["kind"] == "replicate" and j["item"] == "g1"]
         assert [j["state"] for j in jobs] == ["succeeded", "failed"]
         assert jobs[-1]["error"] == g1["last_error"]
-        assert g2["health"] != "ok" and g2["last_error"] and g2["points"] == 1
+        assert g2["health"] != "ok" and g2["last_error"] and g2["point_count"] == 1
         if broken == "replica gone":
             assert replica in g1["last_error"] and replica in g2["last_error"]
         else:  # g2's own record stays the check's
@@ -457,21 +458,21 @@ def test_ctrl_c_cancels_the_running_item_and_leaves_the_others(tmp_path):
         p.kill()
     assert p.returncode == 130, err
     with Vault(vault) as v:
-        st = {n: v.status(n) for n in items}
-        jobs = {j["item"]: j for j in v.jobs() if j["kind"] == "replicate"}
-        assert st["a"]["points"] == 2 and st["a"]["health"] == "ok"
+        st = {n: v.status(n).to_dict() for n in items}
+        jobs = {j["item"]: j for j in v.store.jobs() if j["kind"] == "replicate"}
+        assert st["a"]["point_count"] == 2 and st["a"]["health"] == "ok"
         assert st["b"]["health"] == "warning" and st["b"]["last_error"]
         assert {n: jobs[n]["state"] for n in items} == {
             "a": "succeeded", "b": "cancelled", "c": "cancelled", "g1": "cancelled",
             "g2": "cancelled"}
         for name in ("c", "g1", "g2"):  # never started: as they were
             assert st[name]["health"] == "ok" and st[name]["last_error"] is None, st[name]
-            assert st[name]["points"] == 1
+            assert st[name]["point_count"] == 1
         assert all(s["operation"] is None for s in st.values())
     r = replicate_all(vault)
     assert r.returncode == 0, r.stderr
     with Vault(vault) as v:
-        assert all(v.status(n)["health"] == "ok" for n in items)
+        assert all(v.status(n).to_dict()["health"] == "ok" for n in items)
 
 
 def test_losing_the_scheduler_fails_what_is_not_back_recoverably(tmp_path):
@@ -491,18 +492,18 @@ def test_losing_the_scheduler_fails_what_is_not_back_recoverably(tmp_path):
             with pytest.raises(CycleFailed) as caught:
                 v.replicate(["a", "b"], executor=fleet.executor())
             outcomes = {o.item: o for o in caught.value.result.outcomes}
-            assert outcomes["a"].status == "succeeded" and len(v.points("a")) == 1
+            assert outcomes["a"].status == "succeeded" and len(v.store.points("a")) == 1
             b = outcomes["b"]
             assert (b.status, b.exit_code, b.recoverable) == ("failed", 20, True), b
             assert "lost the Dask scheduler" in b.error
-            st = v.status("b")
-            assert st["health"] == "warning" and st["operation"] is None and not v.points("b")
-            assert [j["state"] for j in v.jobs()
+            st = v.status("b").to_dict()
+            assert st["health"] == "warning" and st["operation"] is None and not v.store.points("b")
+            assert [j["state"] for j in v.store.jobs()
                     if j["item"] == "b" and j["kind"] == "replicate"] == ["failed"]
     with make_cluster(["hv-b"], tmp_path) as cluster, Vault(vault, writer=True) as v, \
             Fleet(cluster.scheduler_address) as fleet:
         v.replicate(["b"], executor=fleet.executor())
-        assert v.status("b")["health"] == "ok" and len(v.points("b")) == 1
+        assert v.status("b").to_dict()["health"] == "ok" and len(v.store.points("b")) == 1
 
 
 def test_a_base_mismatch_on_a_remote_replica_is_that_item_s(tmp_path, monkeypatch):
@@ -525,9 +526,9 @@ def test_a_base_mismatch_on_a_remote_replica_is_that_item_s(tmp_path, monkeypatc
     with Vault(vault, writer=True) as v:
         with pytest.raises(BaseMismatch):
             v.replicate(["g1", "g2"])
-        assert v.status("g1")["damaged_points"] == [] and v.status("g1")["state"] == "protected"
-        assert v.status("g2")["damaged_points"] == [p["id"] for p in v.points("g2")]
-        assert v.status("g2")["state"] == "resync-required"
+        assert v.status("g1").to_dict()["damaged_points"] == [] and v.status("g1").to_dict()["state"] == "protected"
+        assert v.status("g2").to_dict()["damaged_points"] == [p["id"] for p in v.store.points("g2")]
+        assert v.status("g2").to_dict()["state"] == "resync-required"
 
 
 def test_a_bug_in_one_item_is_reported_as_a_bug(tmp_path, monkeypatch):

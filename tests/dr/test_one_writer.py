@@ -45,7 +45,7 @@ def protected_item(tmp_path, points, skew=0):
         write_at(src, n * MiB + skew, os.urandom(64 << 10))
         r = cli(vault, "replicate", "vm", "--json")
         assert r.returncode == 0, r.stderr
-        history[json.loads(r.stdout)[0]["point_id"]] = sha(src)
+        history[json.loads(r.stdout)["point_id"]] = sha(src)
     return vault, src, rep, history
 
 
@@ -184,13 +184,13 @@ def test_a_manual_resync_onto_the_replica_breaks_old_points(item, tmp_path):
     assert "outside pydr since point 2" in st["last_error"]
     assert st["damaged_points"] == sorted(history)
     with Vault(vault) as v:
-        assert all("outside pydr" in p["damaged"] for p in v.points("vm"))
+        assert all("outside pydr" in p["damaged"] for p in v.store.points("vm"))
     again = cli(vault, "replicate", "vm")  # running it again does not hide it
     assert again.returncode == 15 and b"--resync" in again.stderr
 
     r = cli(vault, "replicate", "vm", "--resync", "--json")
     assert r.returncode == 0, r.stderr
-    third = json.loads(r.stdout)[0]["point_id"]
+    third = json.loads(r.stdout)["point_id"]
     assert sha(rep) == sha(src)
     history[third] = sha(src)
     st = status(vault, "vm")
@@ -199,7 +199,7 @@ def test_a_manual_resync_onto_the_replica_breaks_old_points(item, tmp_path):
     write_at(src, 3 * MiB, os.urandom(8192))
     r = cli(vault, "replicate", "vm", "--json")
     assert r.returncode == 0, r.stderr
-    fourth = json.loads(r.stdout)[0]["point_id"]
+    fourth = json.loads(r.stdout)["point_id"]
     history[fourth] = sha(src)
     assert status(vault, "vm")["damaged_points"] == [1, 2]
     for point in (third, fourth):
@@ -246,8 +246,8 @@ def test_a_cache_that_lies_is_not_used(item, tmp_path):
     write_at(src, 0, os.urandom(4096))
     r = cli(vault, "replicate", "vm", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)[0]["bytes_read"] >= 2 * 4 * MiB  # both sides read: no cache
-    history[json.loads(r.stdout)[0]["point_id"]] = sha(src)
+    assert json.loads(r.stdout)["bytes_read"] >= 2 * 4 * MiB  # both sides read: no cache
+    history[json.loads(r.stdout)["point_id"]] = sha(src)
     assert sha(rep) == sha(src)
     st = status(vault, "vm")
     assert st["state"] == "protected" and st["damaged_points"] == []
@@ -275,7 +275,7 @@ def test_a_killed_cycle_is_not_an_outside_write(item, tmp_path):
     assert r.returncode == -9
     r = cli(vault, "replicate", "vm", "--json")
     assert r.returncode == 0, r.stderr
-    history[json.loads(r.stdout)[0]["point_id"]] = sha(src)
+    history[json.loads(r.stdout)["point_id"]] = sha(src)
     assert status(vault, "vm")["damaged_points"] == []
     for point, digest in history.items():
         assert materialized(vault, tmp_path, point) == digest
@@ -289,7 +289,7 @@ def test_points_stay_exact_across_quiet_cycles(item, tmp_path):
     for _ in range(2):
         r = cli(vault, "replicate", "vm", "--json")
         assert r.returncode == 0, r.stderr
-        history[json.loads(r.stdout)[0]["point_id"]] = sha(src)
+        history[json.loads(r.stdout)["point_id"]] = sha(src)
     assert status(vault, "vm")["damaged_points"] == []
     for point, digest in history.items():
         assert materialized(vault, tmp_path, point) == digest
@@ -307,7 +307,7 @@ def test_an_older_vault_adopts_its_replica(item, tmp_path):
     write_at(src, 0, os.urandom(4096))
     r = cli(vault, "replicate", "vm", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)[0]["bytes_read"] >= 2 * 4 * MiB  # both sides read: no cache
+    assert json.loads(r.stdout)["bytes_read"] >= 2 * 4 * MiB  # both sides read: no cache
     assert (rep.parent / ".rep.img.pydr-owner").exists()
     assert ownership.read_state(str(vault), "vm", 0).identity is not None
     write_at(rep, 0, b"outside")

@@ -35,8 +35,8 @@ def vault(tmp_path):
 
 
 def test_point_store_picks_the_kind_from_the_replicas(vault):
-    web, db = point_store(vault, "web"), point_store(vault, "db")
-    assert type(web) is StepChain and web.name == "web" and web.vault is vault
+    web, db = point_store(vault.store, "web"), point_store(vault.store, "db")
+    assert type(web) is StepChain and web.name == "web" and web.vault is vault.store
     assert type(db) is ChunkIndex and db.name == "db"
     # an object-store replica is recorded by item and file name
     assert vault.disks("db")[0]["replica"] == f"{BUCKET}#db/db.img"
@@ -53,19 +53,19 @@ def test_points_left_in_an_object_store_keep_the_chunk_index(vault, tmp_path):
         vault.set_item("db", state="failed-over", failover_dir=str(tmp_path / "up"))
         vault.db.execute("INSERT INTO object_indexes VALUES ('db', 1, ?, ?, 0)",
                          (BUCKET, "dr/indexes/db/x.pidx"))
-    assert type(point_store(vault, "db")) is ChunkIndex
+    assert type(point_store(vault.store, "db")) is ChunkIndex
     with vault.db:  # what commit leaves
         vault.db.execute("DELETE FROM object_indexes WHERE item='db'")
-    assert type(point_store(vault, "db")) is StepChain
+    assert type(point_store(vault.store, "db")) is StepChain
 
 
 def test_point_store_of_an_unknown_item(vault):
     with pytest.raises(UnknownName, match="nope"):
-        point_store(vault, "nope")
+        point_store(vault.store, "nope")
 
 
 def test_capabilities_are_asked_for_not_kinds(vault):
-    web, db = point_store(vault, "web"), point_store(vault, "db")
+    web, db = point_store(vault.store, "web"), point_store(vault.store, "db")
     assert web.can("verify") and db.can("verify")
     assert db.can("collect_garbage") and not web.can("collect_garbage")
     with pytest.raises(ValueError, match="no point store capability named 'gc'"):
@@ -101,8 +101,8 @@ def test_a_new_kind_is_one_line_in_kinds(vault, monkeypatch):
     """A kind added to KINDS is picked, and the workflow (Vault.verify)
     refuses what it cannot do by asking for the capability."""
     monkeypatch.setattr(pointstores, "KINDS", (_NoVerify,) + pointstores.KINDS)
-    assert type(point_store(vault, "web")) is _NoVerify
-    assert type(point_store(vault, "db")) is ChunkIndex
+    assert type(point_store(vault.store, "web")) is _NoVerify
+    assert type(point_store(vault.store, "db")) is ChunkIndex
     with pytest.raises(UnsupportedFile, match="item 'web' keeps its points in a test kind, "
                                               "which cannot check"):
         vault.verify("web")
@@ -141,7 +141,7 @@ def test_records_of_two_kinds_are_refused(vault, tmp_path):
 
     def refused(name, why):
         with pytest.raises(VaultDamaged, match=why) as err:
-            point_store(vault, name)
+            point_store(vault.store, name)
         assert f"item {name!r}" in str(err.value) and err.value.exit_code == EXIT_VAULT
 
     with vault.db:  # a step-chain item with a step, edited to s3://
@@ -159,7 +159,7 @@ def test_records_of_two_kinds_are_refused(vault, tmp_path):
         vault.db.execute("INSERT INTO points(id, item, created, consistency, bytes, cut) "
                          "VALUES (6, 'db', 0, 'crash-consistent', 0, 'none')")
         vault.db.execute("INSERT INTO object_indexes VALUES ('db', 6, ?, 'k.pidx', 0)", (BUCKET,))
-    assert type(point_store(vault, "db")) is ChunkIndex
+    assert type(point_store(vault.store, "db")) is ChunkIndex
     with vault.db:
         vault.db.execute("UPDATE disks SET replica=? WHERE item='db'", (str(tmp_path / "db.img"),))
     refused("db", "not in an object store, nor where a failover brought its points up")
@@ -169,7 +169,7 @@ def test_records_of_two_kinds_are_refused(vault, tmp_path):
     with vault.db:
         vault.db.execute("UPDATE disks SET replica=? WHERE item='db'",
                          (str(tmp_path / "up" / "db.img"),))
-    assert type(point_store(vault, "db")) is ChunkIndex  # what a failover leaves
+    assert type(point_store(vault.store, "db")) is ChunkIndex  # what a failover leaves
 
 
 def test_a_group_is_all_in_an_object_store_or_none_is(vault, tmp_path):
@@ -189,7 +189,7 @@ def test_a_group_is_all_in_an_object_store_or_none_is(vault, tmp_path):
 
 @pytest.mark.parametrize("method", ["qcow2", "reflink"])
 def test_an_object_store_refuses_a_method_it_cannot(vault, tmp_path, method):
-    db = point_store(vault, "db")
+    db = point_store(vault.store, "db")
     dest = open_endpoint(str(tmp_path / "m" / "db.img"))
     for call in (lambda: db.materialize_disk(1, vault.disks("db")[0], dest, method=method),
                  lambda: db.bring_up_disk(1, vault.disks("db")[0], method=method)):
@@ -218,5 +218,5 @@ def test_an_io_error_checking_a_step_names_it(vault, tmp_path, monkeypatch):
 
     monkeypatch.setattr(S.J, "check_step", eio)
     with pytest.raises(OSError) as err:
-        S.check_step(vault, "web", 0, row)
+        S.check_step(vault.store, "web", 0, row)
     assert err.value.errno == errno.EIO and err.value.filename == str(step)

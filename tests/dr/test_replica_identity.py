@@ -201,7 +201,7 @@ def test_a_stale_cache_put_back_is_not_used(tmp_path):
     r = cli(vault, "replicate", "vm", "--json")
     assert r.returncode == 0, r.stderr
     assert sha(rep) == sha(src)
-    point = json.loads(r.stdout)[0]["point_id"]
+    point = json.loads(r.stdout)["point_id"]
     r = cli(vault, "materialize", "vm", "--point", str(point), "--to", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     assert sha(tmp_path / "m" / "rep.img") == sha(src)
@@ -224,14 +224,14 @@ def test_swapped_caches_do_not_damage_points(tmp_path):
                 f.write(os.urandom(8192))
         r = cli(vault, "replicate", "vm", "--json")
         assert r.returncode == 0, r.stderr
-        history[json.loads(r.stdout)[0]["point_id"]] = [sha(s) for s in srcs]
+        history[json.loads(r.stdout)["point_id"]] = [sha(s) for s in srcs]
     caches = vault / "cache" / "vm"
     a, b = (caches / "0.sig").read_bytes(), (caches / "1.sig").read_bytes()
     (caches / "0.sig").write_bytes(b)
     (caches / "1.sig").write_bytes(a)
     r = cli(vault, "replicate", "vm", "--json")
     assert r.returncode == 0, r.stderr
-    history[json.loads(r.stdout)[0]["point_id"]] = [sha(s) for s in srcs]
+    history[json.loads(r.stdout)["point_id"]] = [sha(s) for s in srcs]
     assert status(vault)["damaged_points"] == []
     for point, digests in history.items():
         out = tmp_path / f"m{point}"

@@ -44,7 +44,7 @@ def test_cycles_on_ext4_points_are_exact(tmp_path, vault):
             fsck_clean(disks[cycle % 2])
         r = cli("replicate", "web", "--json")
         assert r.returncode == 0, r.stderr
-        res = json.loads(r.stdout)[0]
+        res = json.loads(r.stdout)
         if cycle:
             assert res["bytes_written"] < 12 << 20  # the change, not the disks
         for s, rep in pairs:
@@ -52,7 +52,7 @@ def test_cycles_on_ext4_points_are_exact(tmp_path, vault):
         history[res["point_id"]] = [sha(s) for s, _ in pairs]
     points = json.loads(cli("points", "web", "--json").stdout)
     assert [p["id"] for p in points] == sorted(history)
-    assert all({"id", "created", "consistency"} <= set(p) for p in points)
+    assert all({"id", "created_at", "cut_at", "consistency"} <= set(p) for p in points)
     for pid, hashes in history.items():
         out = tmp_path / f"point{pid}"
         r = cli("materialize", "web", "--point", pid, "--to", out)
@@ -63,8 +63,15 @@ def test_cycles_on_ext4_points_are_exact(tmp_path, vault):
             fsck_clean(copy)
     st = json.loads(cli("status", "web", "--json").stdout)
     assert (st["state"], st["direction"], st["health"]) == ("protected", "forward", "ok")
-    jobs = json.loads(cli("jobs", "--json").stdout)
+    jobs = json.loads(cli("jobs", "--json").stdout)[::-1]  # newest first: reversed
     assert [j["kind"] for j in jobs] == ["protect"] + ["replicate"] * 4 + ["materialize"] * 4
+    assert [j["id"] for j in jobs] == sorted(j["id"] for j in jobs)
+    assert st["point_count"] == 4 and st["latest_point"] == max(history)
+    assert 0 <= st["rpo_seconds"] < 3600 and st["latest_point_at"].endswith("Z")
+    failed = json.loads(cli("jobs", "--json", "--state", "failed").stdout)
+    assert failed == []
+    newest = json.loads(cli("jobs", "--json", "--item", "web", "--limit", "2").stdout)
+    assert [j["id"] for j in newest] == [jobs[-1]["id"], jobs[-2]["id"]]
     assert all(j["state"] == "succeeded" for j in jobs)
     assert all({"id", "kind", "state", "bytes_transferred"} <= set(j) for j in jobs)
 
@@ -81,17 +88,17 @@ def test_retention_keeps_the_rest_exact(tmp_path, vault):
             off = rng.randrange(len(data) - 10_000)
             data[off:off + 10_000] = rng.randbytes(10_000)
             src.write_bytes(bytes(data))
-            res = replicate(v, ["db"])
+            res = replicate(v.store, ["db"])
             history[res.point_id] = sha(src)
-        kept = [p["id"] for p in v.points("db")]
+        kept = [p.id for p in v.points("db")]
         assert kept == sorted(history)[-3:]
         for pid in kept:
-            path, = materialize(v, "db", pid, tmp_path / f"m{pid}")
+            path, = materialize(v.store, "db", pid, tmp_path / f"m{pid}")
             assert sha(path) == history[pid]
         steps = v.db.execute("SELECT COUNT(*) FROM steps WHERE item='db'").fetchone()[0]
         assert steps == 2  # the oldest kept point needs no step of its own
         with pytest.raises(LookupError):
-            materialize(v, "db", sorted(history)[0], tmp_path / "gone")
+            materialize(v.store, "db", sorted(history)[0], tmp_path / "gone")
 
 
 def test_group_shares_point_ids(tmp_path, vault):
@@ -123,7 +130,7 @@ def test_failing_quiesce_hook_makes_no_point(tmp_path, vault):
     r = cli("replicate", "h", "--app-consistent")
     assert r.returncode == 16 and b"quiesce hook" in r.stderr
     assert json.loads(cli("points", "h", "--json").stdout) == []
-    assert json.loads(cli("jobs", "--json").stdout)[-1]["state"] == "failed"
+    assert json.loads(cli("jobs", "--json").stdout)[0]["state"] == "failed"  # newest first
 
 
 def test_vanished_disk_makes_the_item_critical(tmp_path, vault):
@@ -162,14 +169,14 @@ def test_killed_replicate_can_be_continued(tmp_path, vault):
         _, how = os.waitpid(p.pid, os.WUNTRACED)  # returns once it stopped itself there
         assert os.WIFSTOPPED(how), "the cycle ended before it reached its first write"
         listed = json.loads(cli("jobs", "--json").stdout)  # listable while it runs
-        assert listed[-1]["kind"] == "replicate" and listed[-1]["state"] == "running"
+        assert listed[0]["kind"] == "replicate" and listed[0]["state"] == "running"  # newest first
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
     r = cli("replicate", "k", "--json")
     assert r.returncode == 0, r.stderr
     assert sha(src) == sha(rep)
-    jobs = json.loads(cli("jobs", "--json").stdout)
+    jobs = json.loads(cli("jobs", "--json").stdout)[::-1]  # oldest first
     assert [j["state"] for j in jobs][:4] == ["succeeded", "succeeded", "failed", "succeeded"]
     assert "interrupted" in jobs[2]["error"]
     points = json.loads(cli("points", "k", "--json").stdout)
@@ -235,20 +242,20 @@ def test_retention_by_age(tmp_path, vault):
         for i in range(4):
             data[i * 1000] ^= 1
             src.write_bytes(bytes(data))
-            history[replicate(v, ["aged"]).point_id] = sha(src)
+            history[replicate(v.store, ["aged"]).point_id] = sha(src)
         now = time.time()
         ages = {1: 5 * 3600, 2: 3 * 3600, 3: 1 * 3600, 4: 60}  # seconds old
         for pid, age in ages.items():
             v.db.execute("UPDATE points SET created=? WHERE item='aged' AND id=?", (now - age, pid))
-        apply_retention(v, "aged", now=now)
-        assert [p["id"] for p in v.points("aged")] == [3, 4]
+        apply_retention(v.store, "aged", now=now)
+        assert [p.id for p in v.points("aged")] == [3, 4]
         for pid in (3, 4):
-            path, = materialize(v, "aged", pid, tmp_path / f"m{pid}")
+            path, = materialize(v.store, "aged", pid, tmp_path / f"m{pid}")
             assert sha(path) == history[pid]
         for pid in (3, 4):  # everything is old now: the newest point stays anyway
             v.db.execute("UPDATE points SET created=? WHERE item='aged' AND id=?", (now - 9e5, pid))
-        apply_retention(v, "aged", now=now)
-        assert [p["id"] for p in v.points("aged")] == [4]
+        apply_retention(v.store, "aged", now=now)
+        assert [p.id for p in v.points("aged")] == [4]
     assert cli("protect", "bad", "--disk", f"{src}={tmp_path / 'q.img'}", "--retention-age",
                "soon").returncode == 2
 
@@ -262,9 +269,13 @@ def test_vault_object_api(tmp_path):
         first = v.replicate("api")
         src.write_bytes(os.urandom(300_000))
         v.replicate(["api"], retry=True)
-        path, = v.materialize("api", first.point_id, tmp_path / "m")
-        assert [p["id"] for p in v.points("api")] == [1, 2]
-        assert v.items() == ["api"] and [j["kind"] for j in v.jobs()][-1] == "materialize"
+        made = v.materialize("api", first.point_id, tmp_path / "m")
+        path, = made.paths
+        assert (made.operation, made.point, made.method) == ("materialize", 1, made.method)
+        assert made.method in ("reflink", "copy")
+        assert [p.id for p in v.points("api")] == [1, 2]
+        assert v.items() == ["api"] and v.jobs()[0].kind == "materialize"
+        assert [j.id for j in v.jobs()] == sorted((j.id for j in v.jobs()), reverse=True)
     assert sha(path) != sha(src)
 
 
@@ -282,7 +293,7 @@ def test_a_version_1_vault_is_migrated(tmp_path):
     init_vault(tmp_path / "v")
     with Vault(tmp_path / "v", writer=True) as v:
         v.protect("vm", [(src, tmp_path / "r.img")], retention=5)
-        replicate(v, ["vm"])
+        replicate(v.store, ["vm"])
     db = sqlite3.connect(tmp_path / "v" / "vault.db")  # back to what version 1 wrote
     for column in ("rsh", "remote_pydr", "operation", "operation_command", "operation_args",
                    "test_point", "test_method", "host", "failover_dir"):
@@ -307,12 +318,12 @@ def test_a_version_1_vault_is_migrated(tmp_path):
         assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
         assert v.item("vm")["rsh"] is None and v.item("vm")["operation"] is None
         assert len(v.points("vm")) == 1
-        assert v.points("vm")[0]["damaged"] is None and len(v.vault_id()) == 32
+        assert v.points("vm")[0].damaged is None and len(v.vault_id()) == 32
         # no cut time was recorded: the point's data reads as its record's time
         assert v.points("vm")[0].cut_at is None
-        assert v.item("vm").last_success_at == v.points("vm")[0].created
+        assert v.item("vm").last_success_at == v.points("vm")[0].created_at.timestamp()
         assert "digest" in [r["name"] for r in v.db.execute("PRAGMA table_info(steps)")]
     with Vault(tmp_path / "v", writer=True) as v:
         src.write_bytes(os.urandom(1 << 20))
-        assert replicate(v, ["vm"]).point_id == 2
+        assert replicate(v.store, ["vm"]).point_id == 2
         assert owner.exists()  # the replica is adopted by its next cycle

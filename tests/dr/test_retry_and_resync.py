@@ -76,7 +76,7 @@ def item(tmp_path):
     src.write_bytes(os.urandom(1 << 20))
     with Vault(tmp_path / "v", writer=True) as v:
         v.protect("x", [(src, rep)])
-        replicate(v, ["x"])
+        replicate(v.store, ["x"])
     return tmp_path, src, rep
 
 
@@ -100,15 +100,15 @@ def test_retry_with_the_vault_records_attempts_then_succeeds(item, monkeypatch):
         policy = RetryPolicy(clock=fake.clock, sleep=fake.sleep)
 
         def record(attempt, when, exc):
-            seen.append((attempt, when - 1_000_000.0, v.status("x")["health"]))
+            seen.append((attempt, when - 1_000_000.0, v.status("x").to_dict()["health"]))
             v.set_item("x", attempts=attempt, next_retry=when)
 
         policy.on_retry = record
-        res = replicate_with_retry(v, ["x"], policy=policy)
+        res = replicate_with_retry(v.store, ["x"], policy=policy)
         assert res.point_id == 2
-        st = v.status("x")
+        st = v.status("x").to_dict()
         assert st["health"] == "ok" and st["failed_attempts"] == 0 and st["next_retry"] is None
-        states = [j["state"] for j in v.jobs()]
+        states = [j["state"] for j in v.store.jobs()]
     assert seen == [(1, 60, "warning"), (2, 120, "warning")]
     assert states == ["succeeded", "succeeded", "failed", "failed", "succeeded"]  # protect first
 
@@ -117,16 +117,16 @@ def test_tracking_lost_requires_a_resync(item):
     tmp_path, src, rep = item
     with Vault(tmp_path / "v", writer=True) as v:
         with pytest.raises(InvalidState, match="x needs a resync") as err:
-            replicate(v, ["x"], tracking_lost=True)
+            replicate(v.store, ["x"], tracking_lost=True)
         assert err.value.item == "x" and err.value.hint == "run 'pydr replicate x --resync'"
-        assert v.status("x")["state"] == "resync-required"
+        assert v.status("x").state == "resync-required"
         with pytest.raises(InvalidState):
-            replicate(v, ["x"])
+            replicate(v.store, ["x"])
         with open(rep, "r+b") as f:  # the replica drifted too: a resync compares both sides
             f.seek(5000)
             f.write(b"drift")
-        replicate(v, ["x"], resync_all=True)
-        assert v.status("x")["state"] == "protected"
+        replicate(v.store, ["x"], resync_all=True)
+        assert v.status("x").to_dict()["state"] == "protected"
     assert src.read_bytes() == rep.read_bytes()
 
 
@@ -136,12 +136,12 @@ def test_changed_extents_and_the_half_disk_rule(item):
         f.seek(300_000)
         f.write(b"tracked change")
     with Vault(tmp_path / "v", writer=True) as v:
-        res = replicate(v, ["x"], changed_extents={"x": {0: [(300_000, 14)]}})
+        res = replicate(v.store, ["x"], changed_extents={"x": {0: [(300_000, 14)]}})
         assert res.bytes_read == 4096  # only the tracked range of the source
         assert src.read_bytes() == rep.read_bytes()
         with pytest.raises(InvalidState, match="resync"):
-            replicate(v, ["x"], changed_extents={"x": {0: [(0, 600_000)]}})
-        assert v.status("x")["state"] == "resync-required"
+            replicate(v.store, ["x"], changed_extents={"x": {0: [(0, 600_000)]}})
+        assert v.status("x").to_dict()["state"] == "resync-required"
 
 
 # A little log-structured store: record n goes to block n + 1, then the
@@ -243,10 +243,10 @@ def test_point_in_time_with_a_writer(tmp_path):
             ids = []
             for _ in range(6):
                 writer.next_batch()
-                ids.append(replicate(v, ["log"], app_consistent=True).point_id)
+                ids.append(replicate(v.store, ["log"], app_consistent=True).point_id)
             prefixes = []
             for pid in ids:
-                path, = materialize(v, "log", pid, tmp_path / f"p{pid}")
+                path, = materialize(v.store, "log", pid, tmp_path / f"p{pid}")
                 prefixes.append(prefix_length(path))
     finally:
         writer.stop()
@@ -271,11 +271,11 @@ def test_reflink_cut_with_a_writer_and_no_hooks(xfs_dir, tmp_path):
             ids = []
             for _ in range(6):
                 writer.next_batch()
-                ids.append(replicate(v, ["log"]).point_id)
-            assert {p["cut"] for p in v.points("log")} == {"reflink"}
+                ids.append(replicate(v.store, ["log"]).point_id)
+            assert {p["cut"] for p in v.store.points("log")} == {"reflink"}
             prefixes = []
             for pid in ids:
-                path, = materialize(v, "log", pid, tmp_path / f"p{pid}")
+                path, = materialize(v.store, "log", pid, tmp_path / f"p{pid}")
                 prefixes.append(prefix_length(path))
     finally:
         writer.stop()
@@ -288,7 +288,7 @@ def test_reflink_cut_with_a_writer_and_no_hooks(xfs_dir, tmp_path):
 def test_points_on_ext4_say_their_cut(item):
     tmp_path, src, rep = item
     with Vault(tmp_path / "v") as v:
-        assert [p["cut"] for p in v.points("x")] == ["none"]
+        assert [p["cut"] for p in v.store.points("x")] == ["none"]
 
 
 def test_cache_describes_what_was_written_while_the_source_changed(tmp_path):

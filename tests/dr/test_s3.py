@@ -72,7 +72,7 @@ def protect(ctx, *images, name="vm"):
 
 
 def replicate(ctx, name="vm", env=None):
-    return ok(cli(ctx, "replicate", name, "--json", env=env))[0]
+    return ok(cli(ctx, "replicate", name, "--json", env=env))
 
 
 def test_cycles_points_and_drills_of_ext4_disks(s3):
@@ -106,7 +106,7 @@ def test_cycles_points_and_drills_of_ext4_disks(s3):
     report = ok(cli(ctx, "verify", "vm", "--json"))
     assert report["points"] == 3 and report["problems"] == [] and report["checked"] > 0
     status = ok(cli(ctx, "status", "vm", "--json"))
-    assert status["state"] == "protected" and status["points"] == 3
+    assert status["state"] == "protected" and status["point_count"] == 3
 
 
 def test_equal_chunks_are_stored_once_across_points_and_disks(s3):
@@ -163,7 +163,7 @@ def test_a_killed_cycle_is_finished_by_running_it_again(s3, point):
     assert len(keys(ctx, "chunks")) == 10
     with Vault(ctx["vault"]) as v:
         recorded = {row["key"] for row in v.db.execute("SELECT key FROM object_indexes")}
-        assert len(v.points("vm")) == len(recorded) == (2 if point in ("cycle.point",
+        assert len(v.store.points("vm")) == len(recorded) == (2 if point in ("cycle.point",
                                                                        "cycle.done") else 1)
     assert set(keys(ctx, "indexes")) == recorded  # no orphan index
     out = tmp / "out"
@@ -271,7 +271,7 @@ def test_wrong_keys_and_a_missing_bucket_are_clear_and_not_retried(s3):
     assert r.returncode == 3 and b"no such bucket" in r.stderr, r.stderr
     assert replicate(ctx)["point_id"]  # the right keys work
     with Vault(ctx["vault"]) as v:
-        assert v.status("vm")["health"] == "ok"
+        assert v.status("vm").to_dict()["health"] == "ok"
 
 
 def test_failover_from_the_store_then_failback_to_site_a(s3):

@@ -174,8 +174,8 @@ def test_replicate_to_a_dead_site(tmp_path):
         r = run_cli("replicate", "vm", "--vault", vault, env=_env())
         assert r.returncode == 18, (cycle, r.stderr)
         assert b"Connection refused" in r.stderr, r.stderr
-    jobs = [j for j in json.loads(run_cli("jobs", "--vault", vault, "--json").stdout)
-            if j["kind"] == "replicate"]
+    jobs = [j for j in json.loads(run_cli("jobs", "--vault", vault, "--json").stdout)[::-1]
+            if j["kind"] == "replicate"]  # oldest first
     assert [j["state"] for j in jobs] == ["succeeded"] + ["failed"] * 3, jobs
     assert all("Connection refused" in j["error"] for j in jobs[1:]), jobs
     points = json.loads(run_cli("points", "vm", "--vault", vault, "--json").stdout)
