@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
                     Sequence, Tuple, Union)
 
-from ..errors import PlanFailed
+from ..errors import Cancelled, PlanFailed
 from . import drills as D
 from . import failover as F
 from . import plans as plans_
@@ -693,22 +693,21 @@ class Vault:
             PlanFailed: a hook or an item failed; ``.result`` is the
                 PlanReport (not ok) saying what ran and what did not.
             UnknownName: there is no such plan.
-            ValueError: an unknown operation, or test-failover without
-                `directory`.
+            InvalidArgument: an unknown operation, an option it does not
+                take, test-failover without `directory`, a bad point.
         """
-        if operation == "test-failover" and directory is None:
-            raise ValueError("a test-failover plan needs directory= (each item's disks go "
-                             "to DIRECTORY/ITEM)")
+        # plans.check_operation refuses a bad operation or option (InvalidArgument)
         options: Dict[str, Any] = {"point": point, "planned": planned,
-                                   "shutdown_hook": shutdown_hook, "to": directory,
+                                   "shutdown_hook": shutdown_hook, "directory": directory,
                                    **_extra(events, cancel)}
         if fleet is not None:
             options["fleet"] = fleet
         groups = self.store.plan(name).definition
         try:
             entries = plans_.run_plan(self.store, name, operation, **options)
-        except PlanFailed as exc:
-            exc.result = self._plan_report(name, operation, groups, exc.report, str(exc))
+        except (PlanFailed, Cancelled) as exc:  # the report of what ran, as a PlanReport
+            if getattr(exc, "report", None) is not None:
+                exc.result = self._plan_report(name, operation, groups, exc.report, str(exc))
             raise
         return self._plan_report(name, operation, groups, entries, None)
 
