@@ -82,7 +82,7 @@ def command(sub, name, *, help, description, examples, func, **kwargs):
 # -- option blocks ----------------------------------------------------------------
 
 
-def add_json(p, what="print the result as one JSON object on standard output"):
+def add_json(p, what="print the result as JSON on standard output (its shapes: docs/JSON.md)"):
     p.add_argument("--json", action="store_true", help=what)
 
 
@@ -304,7 +304,7 @@ class EventOutput:
             if self.json:
                 import json
 
-                sys.stderr.write(json.dumps(event.to_dict(), sort_keys=True) + "\n")
+                sys.stderr.write(json.dumps(event.to_dict()) + "\n")  # type and version first
                 sys.stderr.flush()
             elif self.bar.enabled and event.kind == "progress" and event.bytes_total:
                 self._draw(event)
