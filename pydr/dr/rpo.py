@@ -77,6 +77,7 @@ def rpo_facts(store: Store, name: str, *, now: Optional[float] = None) -> RpoFac
     Raises pydr.errors.UnknownName if `name` is not protected, VaultError
     if the vault cannot be read.
     """
+    store = getattr(store, "store", store)  # a Vault: its points are PointInfo, read the records
     row = store.item(name)
     sound = [p for p in store.points(name) if not p.damaged]
     if not sound:

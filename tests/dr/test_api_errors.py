@@ -5,6 +5,7 @@ in ``.hint``, which the CLI prints on its own line; ``.item`` names the
 item; the thread rule (WrongThread); a second writer in this process told
 so; ``Vault(lock_timeout=)`` waiting for a holder in another process."""
 
+import inspect
 import os
 import pickle
 import subprocess
@@ -13,9 +14,10 @@ import threading
 
 import pytest
 
-from pydr.dr import store_lock
+from pydr.dr import plans, store_lock
 from pydr.dr.cycle import replicate
 from pydr.dr.points import select_point
+from pydr.dr.results import OperationResult, PlanReport
 from pydr.dr.vault import Vault, init_vault
 from pydr.errors import (EXIT_USAGE, InvalidArgument, InvalidState, PydrError, UnknownName,
                          VaultError, WrongThread, exit_code_for)
@@ -37,7 +39,7 @@ def vault(tmp_path):
             src.write_bytes(bytes([n + 1]) * SIZE)
             v.protect(name, [(str(src), str(tmp_path / "dr" / f"{name}.img"))],
                       group=None if name == "solo" else "shop")
-        replicate(v, ["db", "web", "solo"])
+        replicate(v.store, ["db", "web", "solo"])
     return directory
 
 
@@ -137,26 +139,51 @@ def test_run_plan_refuses_an_unknown_operation_listing_the_valid_ones(vault):
     ({"directory": "/a", "point": "newest"}, "a point must be a point id"),
 ])
 def test_run_plan_checks_its_options_at_the_door(vault, options, says):
+    """pydr.dr.plans.run_plan checks every option; Vault.run_plan takes the
+    ones its signature names (``directory``, not the old ``to``) and hands
+    them to it, so it gives the same errors; any other keyword is Python's
+    TypeError there."""
+    vault_keywords = set(inspect.signature(Vault.run_plan).parameters)
     with Vault(vault, writer=True) as v:
         v.create_plan("p", [["db"]])
-        with pytest.raises(InvalidArgument) as err:
-            v.run_plan("p", "test-failover", **options)
-        assert says in str(err.value)
-        assert not isinstance(err.value, KeyError)
-        assert v.item("db")["test_dir"] is None  # nothing ran
+        calls = [lambda: plans.run_plan(v.store, "p", "test-failover", **options)]
+        if set(options) <= vault_keywords:
+            calls.append(lambda: v.run_plan("p", "test-failover", **options))
+        else:
+            assert set(options) - vault_keywords <= {"to", "dirctory"}
+            with pytest.raises(TypeError, match="unexpected keyword argument"):
+                v.run_plan("p", "test-failover", **options)
+        for call in calls:
+            with pytest.raises(InvalidArgument) as err:
+                call()
+            assert says in str(err.value)
+            assert not isinstance(err.value, KeyError)
+            assert v.item("db").test_dir is None  # nothing ran
 
 
 def test_run_plan_test_failover_takes_directory_or_to(vault):
+    """Vault.run_plan takes ``directory`` (the name Vault.test_failover
+    uses); the internal pydr.dr.plans.run_plan also takes the old ``to``."""
     drill = vault.parent / "drill"
     with Vault(vault, writer=True) as v:
         v.create_plan("p", [["db"], ["solo"]])
-        v.run_plan("p", "test-failover", directory=drill)  # the name Vault.test_failover uses
+        report = v.run_plan("p", "test-failover", directory=drill)
+        assert isinstance(report, PlanReport) and report.ok and report.error is None
+        assert sorted(report.outcomes) == ["db", "solo"]
+        assert all(isinstance(o, OperationResult) and o.operation == "test-failover"
+                   for o in report.outcomes.values())
+        assert report.outcomes["db"].paths == (str(drill / "db" / "db.img"),)
         assert (drill / "db" / "db.img").read_bytes() == bytes([1]) * SIZE
         assert (drill / "solo" / "solo.img").read_bytes() == bytes([3]) * SIZE
         v.run_plan("p", "cleanup-test-failover")
         assert not (drill / "db").exists()
-        v.run_plan("p", "test-failover", to=str(drill), point="latest-processed")  # the old name
+        with pytest.raises(TypeError, match="unexpected keyword argument 'to'"):
+            v.run_plan("p", "test-failover", to=str(drill))  # the old name, not on the Vault
+        assert v.item("db").test_dir is None and not (drill / "db").exists()
+        plans.run_plan(v.store, "p", "test-failover", to=str(drill),
+                       point="latest-processed")  # the old name, kept by the plans module
         assert (drill / "db" / "db.img").read_bytes() == bytes([1]) * SIZE
+        assert (drill / "solo" / "solo.img").read_bytes() == bytes([3]) * SIZE
         with pytest.raises(InvalidArgument, match="plan operation 'commit' takes no option "
                                                   "'point'"):
             v.run_plan("p", "commit", point=1)
@@ -169,7 +196,7 @@ def test_run_plan_test_failover_takes_directory_or_to(vault):
 def test_a_bad_point_selector_lists_the_forms_accepted(vault, point):
     with Vault(vault) as v:
         with pytest.raises(InvalidArgument) as err:
-            select_point(v, "db", point)
+            select_point(v.store, "db", point)
     assert ("a point must be a point id (a positive int, or its digits as a str) or one of "
             "'latest', 'latest-processed', 'latest-app-consistent', not " + repr(point)) \
         == err.value.message
@@ -177,11 +204,12 @@ def test_a_bad_point_selector_lists_the_forms_accepted(vault, point):
 
 def test_good_point_selectors_pick_points(vault):
     with Vault(vault) as v:
-        (point,) = [p["id"] for p in v.points("db")]
-        assert select_point(v, "db", str(point)) == select_point(v, "db", point) == point
-        assert select_point(v, "db", "latest-processed") == point
+        (point,) = [p.id for p in v.points("db")]
+        assert select_point(v.store, "db", str(point)) == select_point(v.store, "db", point) \
+            == point
+        assert select_point(v.store, "db", "latest-processed") == point
         with pytest.raises(UnknownName):
-            select_point(v, "db", point + 10)
+            select_point(v.store, "db", point + 10)
 
 
 def test_a_bad_selector_at_the_cli_is_a_usage_error(vault):
@@ -207,10 +235,10 @@ def test_replicate_takes_a_groups_name(vault):
         assert replica == (vault.parent / "db.img").read_bytes()
         with pytest.raises(UnknownName, match="no protected item or replication group named "
                                               "'nope'") as err:
-            replicate(v, ["solo", "nope"])
+            replicate(v.store, ["solo", "nope"])
         assert err.value.item == "nope"
         with pytest.raises(InvalidArgument, match="an item's or a group's name, or a list"):
-            replicate(v, [3])
+            replicate(v.store, [3])
 
 
 def test_a_name_is_never_both_an_items_and_a_groups(vault):
@@ -240,8 +268,8 @@ def test_a_directory_that_is_not_a_path_is_refused_at_the_door(vault, tmp_path):
                                                   r"\(a non-empty str or os.PathLike\), not 42"):
             v.test_failover("db", 42)
         with pytest.raises(InvalidArgument, match="materialize's directory must be a path"):
-            v.materialize("db", v.points("db")[0]["id"], object())
-        assert v.item("db")["test_dir"] is None
+            v.materialize("db", v.points("db")[0].id, object())
+        assert v.item("db").test_dir is None
 
 
 # -- facts in the message, advice in the hint --------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 
 from pydr.dr import fleet, schema
 from pydr.dr.cycle import LocalExecutor
+from pydr.dr.results import CycleResult, ItemStatus, JobInfo, PointInfo, utc
 from pydr.dr.rpo import RpoFacts, consistency_of, rpo_facts, weakest
 from pydr.dr.vault import Vault, init_vault
 
@@ -46,12 +47,36 @@ def hook_time(tmp_path, name):
     return float((tmp_path / name).read_text())
 
 
+def newest_point(v, name):
+    """Item `name`'s newest point as the store records it (a PointRecord:
+    epoch seconds), checked against the PointInfo the Vault gives for it."""
+    record = v.store.points(name)[-1]
+    info = v.points(name)[-1]
+    assert isinstance(info, PointInfo) and (info.id, info.item) == (record.id, name)
+    assert (info.created_at, info.cut_at) == (utc(record.created), utc(record.data_time))
+    assert (info.cut, info.consistency, info.damaged) == \
+        (record.cut, record.consistency, record.damaged)
+    return record
+
+
 def cycle(v, names, **kwargs):
-    """One cycle; (its result, its points by item, its jobs by item)."""
+    """One cycle; (its CycleResult, its point records by item, its job
+    records by item). The records hold the epoch seconds the ordering
+    assertions compare; the Vault's PointInfo and JobInfo must say the same."""
     names = [names] if isinstance(names, str) else names
     result = v.replicate(names, **kwargs)
-    jobs = {j.item: j for j in v.jobs() if j.id in result.jobs}
-    return result, {n: v.points(n)[-1] for n in names}, jobs
+    assert isinstance(result, CycleResult)
+    assert [o.item for o in result.outcomes] == names and not result.failed
+    infos = {j.item: j for j in v.jobs() if j.id in result.jobs}
+    jobs = {j.item: j for j in v.store.jobs() if j.id in result.jobs}
+    assert sorted(infos) == sorted(jobs) == sorted(names)
+    for name, job in jobs.items():
+        info = infos[name]
+        assert isinstance(info, JobInfo) and info.id == job.id and info.state == "succeeded"
+        assert (info.started_at, info.ended_at) == (utc(job.started), utc(job.ended))
+    points = {n: newest_point(v, n) for n in names}
+    assert all(result.by_item[n].point_id == points[n].id for n in names)
+    return result, points, jobs
 
 
 # -- the cut time ---------------------------------------------------------------------
@@ -91,7 +116,8 @@ def test_a_cycle_held_after_its_cut_records_the_cut_not_the_end(tmp_path):
         assert os.WIFSTOPPED(st)
         held = time.time()  # the cut is taken, nothing read yet
         with Vault(vault) as v:
-            facts = rpo_facts(v, "vm", now=held)
+            facts = rpo_facts(v, "vm", now=held)  # a Vault is taken as its store
+            assert facts == rpo_facts(v.store, "vm", now=held)
         assert facts.latest_point == first["vm"].id
         assert facts.rpo_seconds == pytest.approx(held - first["vm"].cut_at, abs=1e-6)
     finally:
@@ -99,7 +125,7 @@ def test_a_cycle_held_after_its_cut_records_the_cut_not_the_end(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     with Vault(vault) as v:
-        second = v.points("vm")[-1]
+        second = newest_point(v, "vm")
         assert first["vm"].created <= second.cut_at <= held <= second.created
         assert v.item("vm").last_success_at == second.created
 
@@ -220,26 +246,29 @@ def test_rpo_facts_at_a_given_time(tmp_path):
     init_vault(tmp_path / "v")
     with Vault(tmp_path / "v", writer=True) as v:
         v.protect("vm", [(random_file(tmp_path / "d.img"), tmp_path / "r.img")])
-        assert rpo_facts(v, "vm", now=1e9) == RpoFacts(None, None, None, None)
+        assert rpo_facts(v.store, "vm", now=1e9) == RpoFacts(None, None, None, None)
         cycle(v, "vm")
         _, points, _ = cycle(v, "vm")
-        p1, p2 = v.points("vm")
-        facts = rpo_facts(v, "vm", now=p2.cut_at + 90.0)
+        p1, p2 = v.store.points("vm")
+        assert points["vm"] == p2
+        facts = rpo_facts(v.store, "vm", now=p2.cut_at + 90.0)
         assert (facts.latest_point, facts.latest_point_at) == (p2.id, p2.cut_at)
         assert facts.rpo_seconds == pytest.approx(90.0, abs=1e-6)
         assert facts.last_success_at == p2.created >= p2.cut_at
-        assert rpo_facts(v, "vm", now=p2.cut_at - 5).rpo_seconds == 0.0  # a clock set back
+        assert rpo_facts(v.store, "vm", now=p2.cut_at - 5).rpo_seconds == 0.0  # a clock set back
         # the newest point is damaged: the RPO is the age of the newest one that is not
         v.mark_damaged("vm", [p2.id], "a step is gone")
-        facts = rpo_facts(v, "vm", now=p2.cut_at + 90.0)
+        facts = rpo_facts(v.store, "vm", now=p2.cut_at + 90.0)
         assert (facts.latest_point, facts.latest_point_at) == (p1.id, p1.cut_at)
         assert facts.rpo_seconds == pytest.approx(p2.cut_at + 90.0 - p1.cut_at, abs=1e-6)
         assert facts.last_success_at == p2.created  # that cycle did end well
         st = v.status("vm")
-        assert (st["latest_point_at"], st["last_success_at"]) == (p1.cut_at, p2.created)
-        assert st["rpo_seconds"] > 0
+        assert isinstance(st, ItemStatus) and st.latest_point == p1.id
+        assert (st.latest_point_at, st.last_success_at) == (utc(p1.cut_at), utc(p2.created))
+        assert st.rpo_seconds > 0 and st.damaged_points == (p2.id,)
+        assert st.to_dict()["rpo_seconds"] == st.rpo_seconds
         v.mark_damaged("vm", [p1.id], "a step is gone")
-        assert rpo_facts(v, "vm", now=1e12)[:3] == (None, None, None)  # nothing restorable
+        assert rpo_facts(v.store, "vm", now=1e12)[:3] == (None, None, None)  # nothing restorable
 
 
 def test_rpo_across_failover_commit_and_reprotect(tmp_path):
@@ -250,18 +279,19 @@ def test_rpo_across_failover_commit_and_reprotect(tmp_path):
     with Vault(tmp_path / "v", writer=True) as v:
         v.protect("vm", [(random_file(tmp_path / "d.img"), tmp_path / "r.img")])
         cycle(v, "vm")
-        last = v.points("vm")[-1]
-        v.failover("vm", point=last.id)
+        last = newest_point(v, "vm")
+        assert v.failover("vm", point=last.id).point == last.id
         later = last.created + 3600.0
-        facts = rpo_facts(v, "vm", now=later)
+        facts = rpo_facts(v.store, "vm", now=later)
         assert facts.latest_point == last.id
         assert facts.rpo_seconds == pytest.approx(later - last.cut_at, abs=1e-6)
         v.commit("vm")
         assert v.item("vm").direction == "reverse"
-        assert rpo_facts(v, "vm", now=later) == RpoFacts(None, None, None, last.created)
+        assert rpo_facts(v.store, "vm", now=later) == RpoFacts(None, None, None, last.created)
+        assert v.points("vm") == [] and v.status("vm").rpo_seconds is None
         v.reprotect("vm")
-        new = v.points("vm")[-1]
-        facts = rpo_facts(v, "vm", now=later)
+        new = newest_point(v, "vm")
+        facts = rpo_facts(v.store, "vm", now=later)
         assert (facts.latest_point, facts.latest_point_at) == (new.id, new.cut_at)
         assert new.cut_at >= last.created and facts.last_success_at == new.created
         assert v.item("vm").direction == "reverse" and new.consistency == "inconsistent"
@@ -365,14 +395,18 @@ def test_a_schema_8_vault_is_migrated(tmp_path):
     vault = schema_8_vault(tmp_path / "v")
     with Vault(vault) as v:  # a reader migrates too
         assert v.db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 9
-        assert [(p.id, p.cut_at, p.data_time) for p in v.points("web")] == \
+        assert [(p.id, p.cut_at, p.data_time) for p in v.store.points("web")] == \
             [(1, None, 100.0), (2, None, 200.0)]
+        # the Vault's PointInfo: a point without a cut time gives its record time
+        assert [(p.id, p.created_at, p.cut_at) for p in v.points("web")] == \
+            [(1, utc(100.0), utc(100.0)), (2, utc(200.0), utc(200.0))]
         # read as it changed (cut none): no longer crash-consistent; app-consistent stays
-        assert [(p.cut, p.consistency) for p in v.points("web")] == \
+        assert [(p.cut, p.consistency) for p in v.store.points("web")] == \
+            [(p.cut, p.consistency) for p in v.points("web")] == \
             [("none", "inconsistent"), ("quiesce", "app-consistent")]
         assert (v.item("web").last_success_at, v.item("db").last_success_at) == (200.0, None)
-        assert rpo_facts(v, "web", now=160.0) == RpoFacts(1, 100.0, 60.0, 200.0)
-        assert rpo_facts(v, "db", now=160.0) == RpoFacts(None, None, None, None)
+        assert rpo_facts(v.store, "web", now=160.0) == RpoFacts(1, 100.0, 60.0, 200.0)
+        assert rpo_facts(v.store, "db", now=160.0) == RpoFacts(None, None, None, None)
         migrated = columns(v.db)
     init_vault(tmp_path / "new")
     new = sqlite3.connect(tmp_path / "new" / "vault.db")
@@ -398,13 +432,14 @@ def test_a_vault_made_by_schema_8_code_keeps_working(tmp_path):
     db.commit()
     db.close()
     with Vault(tmp_path / "v", writer=True) as v:
-        old, = v.points("vm")
+        old, = v.store.points("vm")
         assert old.cut_at is None and v.item("vm").last_success_at == old.created
+        assert v.points("vm")[0].cut_at == utc(old.created)  # PointInfo: its record time
         random_file(src)
         _, points, _ = cycle(v, "vm")
         new = points["vm"]
         assert new.cut_at is not None and old.created <= new.cut_at <= new.created
-        assert rpo_facts(v, "vm", now=new.created).latest_point_at == new.cut_at
+        assert rpo_facts(v.store, "vm", now=new.created).latest_point_at == new.cut_at
 
 
 KILL_IN_MIGRATION = """
@@ -443,4 +478,5 @@ def test_a_migration_killed_halfway_leaves_schema_8(tmp_path):
         db.close()
     with Vault(vault) as v:
         assert v.item("web").last_success_at == 200.0
-        assert [p.cut_at for p in v.points("web")] == [None, None]
+        assert [p.cut_at for p in v.store.points("web")] == [None, None]
+        assert [p.cut_at for p in v.points("web")] == [utc(100.0), utc(200.0)]
