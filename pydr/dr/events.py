@@ -155,7 +155,7 @@ class Emitter:
     def __bool__(self) -> bool:
         return self.sink is not None
 
-    def for_item(self, item: Optional[str], job: Optional[int] = None) -> "Emitter":
+    def for_item(self, item: Optional[str], job: Optional[int] = None) -> Emitter:
         """The same sink and operation, about `item` (and its `job`)."""
         return Emitter(self.sink, self.operation, item, job)
 

@@ -40,7 +40,8 @@ from .events import Emitter, EventSink
 from .retry import RetryPolicy
 from .results import (CycleResult, ItemError, ItemStatus, JobInfo, OperationResult, PlanHook,
                       PlanReport, PlanStep, PointInfo)
-from .store import Store, init_vault  # noqa: F401  (pydr.dr.vault.init_vault)
+from .schema import init_vault as init_vault  # pydr.dr.vault.init_vault, pydr.init_vault
+from .store import Store
 from .store_records import ItemRecord, PlanRecord
 
 Progress = Callable[[Any], None]
@@ -86,7 +87,7 @@ class Vault:
             lock is held by another process.
     """
 
-    def __init__(self, directory: Union[str, "os.PathLike[str]"], *, writer: bool = False,
+    def __init__(self, directory: Union[str, os.PathLike[str]], *, writer: bool = False,
                  lock_timeout: Optional[float] = None) -> None:
         options: Dict[str, Any] = {} if lock_timeout is None else {"lock_timeout": lock_timeout}
         self.store: Store = Store(directory, writer=writer, **options)
@@ -95,7 +96,8 @@ class Vault:
     @property
     def dir(self) -> str:
         """The vault's directory."""
-        return self.store.dir
+        directory: str = self.store.dir
+        return directory
 
     @property
     def writer(self) -> bool:
@@ -143,7 +145,8 @@ class Vault:
         Raises:
             UnknownName: no item of that name is protected.
         """
-        return self.store.item(name)
+        record: ItemRecord = self.store.item(name)
+        return record
 
     # -- protection and status -------------------------------------------------------
     def protect(self, name: str, disks: Sequence[Tuple[str, str]], *,
@@ -328,8 +331,10 @@ class Vault:
                 policy = RetryPolicy(max_attempts=max_attempts)
             if policy is not None:
                 kwargs["policy"] = policy
-            return R.replicate_with_retry(self.store, names, **kwargs)
-        return R.replicate(self.store, names, **kwargs)
+            retried: CycleResult = R.replicate_with_retry(self.store, names, **kwargs)
+            return retried
+        result: CycleResult = R.replicate(self.store, names, **kwargs)
+        return result
 
     def apply_retention(self, name: str, now: Optional[float] = None) -> None:
         """Drop the points of item `name` beyond its retention (count and
@@ -654,7 +659,8 @@ class Vault:
             UnknownName: an item is not protected.
             ValueError: a bad name, an empty group, an item in two groups.
         """
-        return plans_.create_plan(self.store, name, groups)
+        definition: List[Dict[str, Any]] = plans_.create_plan(self.store, name, groups)
+        return definition
 
     def plan(self, name: str) -> PlanRecord:
         """Recovery plan `name` as stored (name, definition, created).
@@ -662,7 +668,8 @@ class Vault:
         Raises:
             UnknownName: there is no such plan.
         """
-        return self.store.plan(name)
+        record: PlanRecord = self.store.plan(name)
+        return record
 
     def run_plan(self, name: str, operation: str, *, point: PointSelector = None,
                  directory: Optional[str] = None, planned: bool = False,
