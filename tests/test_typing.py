@@ -67,11 +67,26 @@ def test_a_client_type_checks_against_the_installed_package(cache, tmp_path):
     assert "no issues found in 1 source file" in r.stdout
 
 
+def test_the_guides_code_type_checks(cache, tmp_path):
+    # docs/api/guide.rst's orchestrator is annotated: every result attribute
+    # and keyword it uses must exist on the installed package's types
+    from test_api_docs import guide_code
+
+    (tmp_path / "guide.py").write_text(guide_code())
+    r = mypy("--strict", "guide.py", cwd=tmp_path, cache=cache)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no issues found in 1 source file" in r.stdout
+
+
 WRONG_CALLS = [
     ('assert_type(pydr.rollback("a.img"), str)', 'Expression is of type "int", not "str"'),
     ('pydr.signature("a.img", block_size="64k")', 'incompatible type "str"; expected "int"'),
     ('pydr.resync("a", "b", verfy=True)', 'Unexpected keyword argument "verfy"'),
     ('pydr.Vault("/srv/vault", writer=True).no_such_call()', 'has no attribute "no_such_call"'),
+    ('pydr.Vault("/srv/vault").status("web").points', 'has no attribute "points"'),
+    ('pydr.Vault("/srv/vault").failover("web", to="/dr")', 'Unexpected keyword argument "to"'),
+    ('pydr.Vault("/srv/vault").replicate("web").by_item["web"].nope',
+     'has no attribute "nope"'),
 ]
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 import threading
 from datetime import datetime
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
-                    Sequence, Tuple, Union)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional,
+                    Sequence, Tuple, Union, cast)
 
 from ..errors import Cancelled, PlanFailed
 from . import drills as D
@@ -96,8 +96,7 @@ class Vault:
     @property
     def dir(self) -> str:
         """The vault's directory."""
-        directory: str = self.store.dir
-        return directory
+        return cast(str, self.store.dir)
 
     @property
     def writer(self) -> bool:
@@ -114,11 +113,12 @@ class Vault:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __getattr__(self, name: str) -> Any:
-        # the store's other methods (disks, plans, the tables); never during set-up
-        if name == "store":
-            raise AttributeError(name)
-        return getattr(self.store, name)
+    if not TYPE_CHECKING:  # a typo on a Vault is a type error; typed callers use v.store
+        def __getattr__(self, name: str) -> Any:
+            # the store's other methods (disks, plans, the tables); never during set-up
+            if name == "store":
+                raise AttributeError(name)
+            return getattr(self.store, name)
 
     def items(self, group: Optional[str] = None) -> List[str]:
         """The names of the protected items (of `group`, if given), sorted.
@@ -145,8 +145,7 @@ class Vault:
         Raises:
             UnknownName: no item of that name is protected.
         """
-        record: ItemRecord = self.store.item(name)
-        return record
+        return cast(ItemRecord, self.store.item(name))
 
     # -- protection and status -------------------------------------------------------
     def protect(self, name: str, disks: Sequence[Tuple[str, str]], *,
@@ -331,10 +330,8 @@ class Vault:
                 policy = RetryPolicy(max_attempts=max_attempts)
             if policy is not None:
                 kwargs["policy"] = policy
-            retried: CycleResult = R.replicate_with_retry(self.store, names, **kwargs)
-            return retried
-        result: CycleResult = R.replicate(self.store, names, **kwargs)
-        return result
+            return cast(CycleResult, R.replicate_with_retry(self.store, names, **kwargs))
+        return cast(CycleResult, R.replicate(self.store, names, **kwargs))
 
     def apply_retention(self, name: str, now: Optional[float] = None) -> None:
         """Drop the points of item `name` beyond its retention (count and
@@ -659,8 +656,7 @@ class Vault:
             UnknownName: an item is not protected.
             ValueError: a bad name, an empty group, an item in two groups.
         """
-        definition: List[Dict[str, Any]] = plans_.create_plan(self.store, name, groups)
-        return definition
+        return cast(List[Dict[str, Any]], plans_.create_plan(self.store, name, groups))
 
     def plan(self, name: str) -> PlanRecord:
         """Recovery plan `name` as stored (name, definition, created).
@@ -668,8 +664,7 @@ class Vault:
         Raises:
             UnknownName: there is no such plan.
         """
-        record: PlanRecord = self.store.plan(name)
-        return record
+        return cast(PlanRecord, self.store.plan(name))
 
     def run_plan(self, name: str, operation: str, *, point: PointSelector = None,
                  directory: Optional[str] = None, planned: bool = False,
