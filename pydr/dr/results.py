@@ -25,8 +25,12 @@ VERSION = 1
 
 @overload
 def utc(epoch: float) -> datetime: ...
+
+
 @overload
 def utc(epoch: None) -> None: ...
+
+
 @overload
 def utc(epoch: Optional[float]) -> Optional[datetime]: ...
 

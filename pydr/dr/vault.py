@@ -12,7 +12,8 @@ A Vault holds one open store (pydr.dr.store.Store: the SQLite database and
 its lock); the workflow modules get that store, never the Vault, so the
 results here are a presentation only. The store's own methods (items,
 disks, the tables) are reachable on the Vault too, for tools that need the
-raw records.
+raw records (at run time; a type checker knows the Vault's own methods
+only: typed callers reach the store as ``v.store``).
 
 Long operations take ``events`` (a callable given each pydr.dr.events.Event)
 and ``cancel`` (a threading.Event: set, the operation stops as a kill
