@@ -22,9 +22,7 @@ import os
 # typing costs ~4 ms at start-up: the checkers honour a TYPE_CHECKING of our own
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Optional, Union
-
-    _Path = Union[str, "os.PathLike[str]"]
+    from typing import Any, Optional
 
 # CLI exit codes (stable; documented in README.md and `pydr --help`).
 EXIT_OK = 0
@@ -71,8 +69,9 @@ class PydrError(Exception):
 
     exit_code: int = EXIT_INTERNAL
 
-    def __init__(self, message: str, *, path: _Path | None = None, offset: int | None = None,
-                 item: str | None = None, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None,
+                 offset: int | None = None, item: str | None = None,
+                 hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.path: str | None = os.fspath(path) if path is not None else None
@@ -90,9 +89,16 @@ class PydrError(Exception):
 
 
 class Cancelled(PydrError):
-    """The operation was cancelled (``cancel`` event set, or Ctrl-C)."""
+    """The operation was cancelled (``cancel`` event set, or Ctrl-C).
+
+    A cancelled recovery plan's Cancelled (and only that) carries
+    ``report``, the plan's raw entries (pydr.dr.plans.run_plan), and, when
+    raised by pydr.Vault.run_plan, ``result``: the PlanReport of what ran
+    and what did not."""
 
     exit_code = EXIT_CANCELLED
+    report: Any  # set on a cancelled plan only
+    result: Any  # set by pydr.Vault.run_plan only
 
 
 class FileChanged(PydrError, RuntimeError):
@@ -247,9 +253,19 @@ class HookFailed(PydrError, RuntimeError):
 
 
 class PlanFailed(PydrError, RuntimeError):
-    """A recovery plan stopped at a failing hook or item; .report says where."""
+    """A recovery plan stopped at a failing hook or item; ``report`` (the
+    plan's raw entries) says where. Raised by pydr.Vault.run_plan, it also
+    carries ``result``: the PlanReport of what ran and what did not.
+
+    Args:
+        message: what failed.
+        report: the plan's entries (pydr.dr.plans.run_plan).
+        **kwargs: as PydrError (path, item, hint...).
+    """
 
     exit_code = EXIT_PLAN
+    report: Any
+    result: Any  # set by pydr.Vault.run_plan
 
     def __init__(self, message: str, report: Any, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)

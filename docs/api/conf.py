@@ -50,6 +50,7 @@ exclude_patterns += MISSING
 nitpicky = True
 nitpick_ignore_regex = [
     ("py:class", r"(os\.PathLike|threading\.Event|typing\.\w+|collections\.abc\.\w+)(\[.*\])?"),
+    ("py:class", r"datetime\.(datetime|timedelta|timezone)"),
     ("py:class", r"(numpy|np|npt)\..*"),
     ("py:class", r"(str|int|float|bool|bytes|bytearray|object|None|list|dict|tuple|type)"),
     ("py:class", r"(Exception|BaseException|ValueError|RuntimeError|LookupError|"

@@ -74,7 +74,7 @@ class Event:
     """One thing a vault operation did or is doing (see pydr.dr.events).
 
     Attributes:
-        kind: one of :data:`KINDS`.
+        kind: one of :data:`~pydr.dr.events.KINDS`.
         operation: the operation: "replicate", "test-failover",
             "cleanup-test-failover", "failover", "change-point", "commit",
             "reprotect", "failback", "materialize", "verify", or a plan's
@@ -82,7 +82,7 @@ class Event:
         item: the item it is about, or None for a whole call.
         disk: the index of the disk it is about, or None.
         job: the id of the item's job (``Vault.jobs``), or None.
-        phase: one of :data:`PHASES`, or None.
+        phase: one of :data:`~pydr.dr.events.PHASES`, or None.
         bytes_done: bytes covered so far (holes included), or None.
         bytes_total: bytes to cover in this phase, or None.
         path: the disk as a person knows it (the vault's name for it), or None.
@@ -155,7 +155,7 @@ class Emitter:
     def __bool__(self) -> bool:
         return self.sink is not None
 
-    def for_item(self, item: Optional[str], job: Optional[int] = None) -> "Emitter":
+    def for_item(self, item: Optional[str], job: Optional[int] = None) -> Emitter:
         """The same sink and operation, about `item` (and its `job`)."""
         return Emitter(self.sink, self.operation, item, job)
 

@@ -7,7 +7,9 @@ steps) and pydr.dr.chunkcapture (chunks in an object store); the checks and
 records of the vault's side are pydr.dr.cyclerecord.
 """
 
-from .cycle import LocalExecutor, replicate, replicate_with_retry  # noqa: F401
+from .cycle import LocalExecutor  # noqa: F401
+# re-exported explicitly (`as`): pydr.dr.vault calls them, type-checked
+from .cycle import replicate as replicate, replicate_with_retry as replicate_with_retry
 from .cyclerecord import (RESYNC_THRESHOLD, CycleResult, ItemOutcome,  # noqa: F401
                           broken_chain, check_can_replicate, check_hooks, check_not_stuck,
                           check_one_writer, drop_cache, mark_resync_required, owner_of,

@@ -16,11 +16,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Union, overload
 
 VERSION = 1
 
 # -- time ----------------------------------------------------------------------------
+
+
+@overload
+def utc(epoch: float) -> datetime: ...
+
+
+@overload
+def utc(epoch: None) -> None: ...
+
+
+@overload
+def utc(epoch: Optional[float]) -> Optional[datetime]: ...
 
 
 def utc(epoch: Optional[float]) -> Optional[datetime]:
@@ -367,7 +379,7 @@ class CycleResult(_Result):
 
     @property
     def by_item(self) -> Dict[str, ItemOutcome]:
-        """{item: its ItemOutcome}."""
+        """Each item's ItemOutcome, by the item's name."""
         return {o.item: o for o in self.outcomes}
 
 
@@ -481,7 +493,8 @@ class PlanReport(_Result):
 
     @property
     def outcomes(self) -> Dict[str, Union[OperationResult, ItemError]]:
-        """{item: outcome} of every item that ran, over all groups."""
+        """The outcome of every item that ran, over all groups, by the
+        item's name."""
         return {i: o for s in self.steps for i, o in s.outcomes.items()}
 
 
@@ -493,7 +506,7 @@ RESULTS = {cls.TYPE: cls for cls in (DiskStatus, ItemStatus, PointInfo, JobInfo,
 def result_from_dict(data: Mapping[str, Any]) -> Any:
     """The result of any to_dict() output, told by its "type"; ValueError
     for an unknown type."""
-    cls = RESULTS.get(data.get("type"))  # type: ignore[arg-type]
+    cls = RESULTS.get(data.get("type"))
     if cls is None:
         raise ValueError(f"unknown result type {data.get('type')!r}")
     return cls.from_dict(data)

@@ -12,7 +12,8 @@ A Vault holds one open store (pydr.dr.store.Store: the SQLite database and
 its lock); the workflow modules get that store, never the Vault, so the
 results here are a presentation only. The store's own methods (items,
 disks, the tables) are reachable on the Vault too, for tools that need the
-raw records.
+raw records (at run time; a type checker knows the Vault's own methods
+only: typed callers reach the store as ``v.store``).
 
 Long operations take ``events`` (a callable given each pydr.dr.events.Event)
 and ``cancel`` (a threading.Event: set, the operation stops as a kill
@@ -24,8 +25,8 @@ from __future__ import annotations
 import os
 import threading
 from datetime import datetime
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
-                    Sequence, Tuple, Union)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional,
+                    Sequence, Tuple, Union, cast)
 
 from ..errors import Cancelled, PlanFailed
 from . import drills as D
@@ -40,7 +41,8 @@ from .events import Emitter, EventSink
 from .retry import RetryPolicy
 from .results import (CycleResult, ItemError, ItemStatus, JobInfo, OperationResult, PlanHook,
                       PlanReport, PlanStep, PointInfo)
-from .store import Store, init_vault  # noqa: F401  (pydr.dr.vault.init_vault)
+from .schema import init_vault as init_vault  # pydr.dr.vault.init_vault, pydr.init_vault
+from .store import Store
 from .store_records import ItemRecord, PlanRecord
 
 Progress = Callable[[Any], None]
@@ -86,7 +88,7 @@ class Vault:
             lock is held by another process.
     """
 
-    def __init__(self, directory: Union[str, "os.PathLike[str]"], *, writer: bool = False,
+    def __init__(self, directory: Union[str, os.PathLike[str]], *, writer: bool = False,
                  lock_timeout: Optional[float] = None) -> None:
         options: Dict[str, Any] = {} if lock_timeout is None else {"lock_timeout": lock_timeout}
         self.store: Store = Store(directory, writer=writer, **options)
@@ -95,7 +97,7 @@ class Vault:
     @property
     def dir(self) -> str:
         """The vault's directory."""
-        return self.store.dir
+        return cast(str, self.store.dir)
 
     @property
     def writer(self) -> bool:
@@ -112,11 +114,12 @@ class Vault:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __getattr__(self, name: str) -> Any:
-        # the store's other methods (disks, plans, the tables); never during set-up
-        if name == "store":
-            raise AttributeError(name)
-        return getattr(self.store, name)
+    if not TYPE_CHECKING:  # a typo on a Vault is a type error; typed callers use v.store
+        def __getattr__(self, name: str) -> Any:
+            # the store's other methods (disks, plans, the tables); never during set-up
+            if name == "store":
+                raise AttributeError(name)
+            return getattr(self.store, name)
 
     def items(self, group: Optional[str] = None) -> List[str]:
         """The names of the protected items (of `group`, if given), sorted.
@@ -143,7 +146,7 @@ class Vault:
         Raises:
             UnknownName: no item of that name is protected.
         """
-        return self.store.item(name)
+        return cast(ItemRecord, self.store.item(name))
 
     # -- protection and status -------------------------------------------------------
     def protect(self, name: str, disks: Sequence[Tuple[str, str]], *,
@@ -328,8 +331,8 @@ class Vault:
                 policy = RetryPolicy(max_attempts=max_attempts)
             if policy is not None:
                 kwargs["policy"] = policy
-            return R.replicate_with_retry(self.store, names, **kwargs)
-        return R.replicate(self.store, names, **kwargs)
+            return cast(CycleResult, R.replicate_with_retry(self.store, names, **kwargs))
+        return cast(CycleResult, R.replicate(self.store, names, **kwargs))
 
     def apply_retention(self, name: str, now: Optional[float] = None) -> None:
         """Drop the points of item `name` beyond its retention (count and
@@ -654,7 +657,7 @@ class Vault:
             UnknownName: an item is not protected.
             ValueError: a bad name, an empty group, an item in two groups.
         """
-        return plans_.create_plan(self.store, name, groups)
+        return cast(List[Dict[str, Any]], plans_.create_plan(self.store, name, groups))
 
     def plan(self, name: str) -> PlanRecord:
         """Recovery plan `name` as stored (name, definition, created).
@@ -662,7 +665,7 @@ class Vault:
         Raises:
             UnknownName: there is no such plan.
         """
-        return self.store.plan(name)
+        return cast(PlanRecord, self.store.plan(name))
 
     def run_plan(self, name: str, operation: str, *, point: PointSelector = None,
                  directory: Optional[str] = None, planned: bool = False,

@@ -6,13 +6,16 @@ assert_type (an Any where a type belongs fails the check)."""
 from __future__ import annotations
 
 import threading
-from typing import Any, List
+from datetime import datetime
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import numpy.typing as npt
 from typing_extensions import assert_type
 
 import pydr
+from pydr.dr.results import (CycleResult, ItemOutcome, ItemStatus, JobInfo, OperationResult,
+                             PointInfo)
 from pydr.endpoints.base import Endpoint
 from pydr.endpoints.transfer import TransferStats
 from pydr.engine.apply import ApplyStats
@@ -20,6 +23,7 @@ from pydr.engine.delta import DeltaStats
 from pydr.engine.resync import ResyncStats
 
 seen: List[float] = []
+seen_events: List[pydr.Event] = []
 
 
 def on_progress(record: pydr.ProgressRecord) -> None:
@@ -69,9 +73,50 @@ def errors() -> int:
     return 0
 
 
-def vault() -> Any:
+def on_event(event: pydr.Event) -> None:
+    assert_type(event.kind, str)
+    assert_type(event.item, "str | None")
+    assert_type(event.bytes_done, "int | None")
+    assert_type(event.at, datetime)
+    assert_type(event.to_dict(), Dict[str, Any])
+
+
+def vault(cancel: threading.Event) -> ItemStatus:
     with pydr.Vault("/srv/vault", writer=True) as v:
         assert_type(v, pydr.Vault)
         v.protect("web", [("/img/web.img", "/dr/web.img")])
-        v.replicate(["web"])
-        return v.status("web")
+
+        cycle = v.replicate(["web"], events=on_event, cancel=cancel)
+        assert_type(cycle, CycleResult)
+        assert_type(cycle.point_id, "int | None")
+        assert_type(cycle.by_item, Dict[str, ItemOutcome])
+        assert_type(cycle.failed, Tuple[ItemOutcome, ...])
+        assert_type(v.replicate("web", resync=True, events=seen_events.append), CycleResult)
+        try:
+            v.replicate(["web", "db"])
+        except pydr.CycleFailed as exc:
+            assert_type(exc.exit_code, int)
+
+        status = v.status("web")
+        assert_type(status, ItemStatus)
+        assert_type(status.rpo_seconds, "float | None")
+        assert_type(status.point_count, int)
+        assert_type(status.latest_point_at, "datetime | None")
+
+        points = v.points("web")
+        assert_type(points, List[PointInfo])
+        assert_type(points[0].cut_at, datetime)
+
+        done = v.failover("web", point="latest", directory="/dr/web", events=on_event,
+                          cancel=cancel)
+        assert_type(done, OperationResult)
+        assert_type(done.point, "int | None")
+        assert_type(done.paths, Tuple[str, ...])
+        assert_type(v.test_failover("web", "/srv/drill", point=3), OperationResult)
+        assert_type(v.commit("web", events=on_event, cancel=cancel), OperationResult)
+
+        jobs = v.jobs(item="web", limit=3)
+        assert_type(jobs, List[JobInfo])
+        assert_type(jobs[0].state, str)
+        assert_type(jobs[0].started_at, "datetime | None")
+        return status
