@@ -216,9 +216,16 @@ def test_a_cancelled_plan_stops_its_items_and_runs_no_later_group(two_items, tmp
         v.create_plan("p", [{"items": ["a"]}, {"items": ["b"]}])
         sink = CancelAtFirst("materialize")
         with pytest.raises(Cancelled) as caught:
-            v.run_plan("p", "test-failover", directory=str(drills), events=sink, cancel=sink.cancel)
+            v.run_plan("p", "test-failover", directory=str(drills), events=sink,
+                       cancel=sink.cancel)
         assert [(e["item"], e["status"]) for e in caught.value.report] == [
             ("a", "failed"), ("b", "not run")]
+        report = caught.value.result  # the same, as the PlanReport a caller reads
+        assert (report.ok, report.operation, report.error) == (False, "test-failover",
+                                                              str(caught.value))
+        assert [(s.items, tuple(s.outcomes), s.not_run) for s in report.steps] == [
+            (("a",), ("a",), ()), (("b",), (), ("b",))]
+        assert report.steps[0].outcomes["a"].exit_code == Cancelled.exit_code
         assert sink.events[-1].kind == "cancelled" and sink.events[-1].item is None
         assert v.item("a")["operation"] == "test-failover"  # interrupted: the rerun finishes it
         assert v.item("b")["test_dir"] is None
