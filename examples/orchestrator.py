@@ -30,7 +30,7 @@ def sha(path: str) -> str:
     return h.hexdigest()
 
 
-def scribble(path: str, seed: int, size: int = 8 << 20) -> None:
+def scribble(path: str, seed: int, size: int) -> None:
     """Machine work: 64 KiB written at a few places of the disk."""
     with open(path, "r+b" if os.path.exists(path) else "wb") as f:
         f.truncate(size)
@@ -48,10 +48,12 @@ def main(work: str) -> int:
             failures.append(what)
 
     a, b = os.path.join(work, "site-a"), os.path.join(work, "site-b")
-    os.makedirs(a), os.makedirs(b)
+    for site in (a, b):
+        os.makedirs(site)
     disks = {m: (os.path.join(a, f"{m}.img"), os.path.join(b, f"{m}.img")) for m in ("db", "web")}
-    for n, (src, _) in enumerate(disks.values()):
-        scribble(src, n)
+    sizes = {"db": 8 << 20, "web": 64 << 20}  # web's is the big disk
+    for n, (machine, (src, _)) in enumerate(disks.items()):
+        scribble(src, n, sizes[machine])
     pydr.init_vault(os.path.join(work, "vault"))
     with pydr.Vault(os.path.join(work, "vault"), writer=True, lock_timeout=5) as v:
         for machine, pair in disks.items():
@@ -66,24 +68,30 @@ def main(work: str) -> int:
         check("both machines have a point", not cycle.failed)
         check("events name each item", {e.item for e in seen} >= {"db", "web"})
         status = v.status("db")
-        print(f"db: RPO {status.rpo_seconds:.1f} s, data of {status.latest_point_at:%H:%M:%S}")
-        check("RPO is measured from the cut", status.rpo_seconds is not None)
+        print(f"db: RPO {status.rpo_seconds:.1f} s, data of {status.latest_point_at:%H:%M:%S} UTC")
+        check("RPO is measured from the cut", status.rpo_seconds is not None
+              and status.rpo_seconds >= 0 and status.latest_point == cycle.point_id)
 
-        # cancel a long cycle from its first progress event; the rerun finishes it
-        scribble(disks["web"][0], 5, size=64 << 20)
+        # cancel a long cycle once its data moves (an operator's "stop"); the rerun finishes it
+        scribble(disks["web"][0], 5, sizes["web"])
         stop = threading.Event()
         try:
-            v.replicate("web", cancel=stop,
-                        events=lambda e: stop.set() if e.kind == "progress" else None)
+            v.replicate("web", cancel=stop, events=lambda e: stop.set()
+                        if e.kind == "progress" and e.phase == "transfer" else None)
             check("the cycle was cancelled", False)
         except pydr.Cancelled:
             check("the cycle was cancelled", True)
+        check("it left no point, its job cancelled", v.status("web").point_count == 1
+              and v.jobs(item="web", limit=1)[0].state == "cancelled")
         v.replicate("web")
         check("the rerun finished web exactly", sha(disks["web"][0]) == sha(disks["web"][1]))
 
         # a drill of the whole plan, checked, then cleaned up
-        report = v.run_plan("shop", "test-failover", directory=os.path.join(work, "drill"))
-        check("the drill ran every item", report.ok)
+        drill = os.path.join(work, "drill")  # each item's disks in drill/ITEM/
+        report = v.run_plan("shop", "test-failover", directory=drill)
+        check("the drill ran every item", report.ok and set(report.outcomes) == set(disks))
+        check("the drill's disks are the replicas' data", all(
+            sha(os.path.join(drill, m, f"{m}.img")) == sha(rep) for m, (_, rep) in disks.items()))
         v.run_plan("shop", "cleanup-test-failover")
 
         # db's site A is lost: fail over to the latest point, commit, work at B
@@ -92,7 +100,7 @@ def main(work: str) -> int:
         check("db failed over to its latest point", result.point == v.status("db").latest_point)
         check("site B holds db's replicated data", sha(disks["db"][1]) == before)
         v.commit("db")
-        scribble(disks["db"][1], 9)  # db works at site B
+        scribble(disks["db"][1], 9, sizes["db"])  # db works at site B
         v.reprotect("db")  # site A is back: B -> A, differences only
         v.failback("db", shutdown_hook="true")
         check("site A holds what db wrote at B", sha(disks["db"][0]) == sha(disks["db"][1]))

@@ -645,9 +645,9 @@ class Vault:
 
         Args:
             name: the plan's name.
-            groups: each group a dict {"items": [item, ...], "pre": CMD or
-                None, "post": CMD or None} (shell commands run before and
-                after the group).
+            groups: each group a list of item names, or a dict {"items":
+                [item, ...], "pre": CMD or None, "post": CMD or None} (shell
+                commands run before and after the group).
 
         Returns:
             The plan's definition as stored (a list of such dicts).

@@ -105,14 +105,15 @@ def test_a_cancelled_cycle_ends_within_a_few_mib_and_a_rerun_finishes_it(item):
         row = v.item("big")
         assert (row["state"], row["health"], row["operation"]) == ("protecting", "warning", None)
         assert v.points("big") == []
-        assert [j["state"] for j in v.jobs() if j["kind"] == "replicate"] == ["cancelled"]
+        assert [j.state for j in v.jobs() if j.kind == "replicate"] == ["cancelled"]
         uncache(src)
         before = read_bytes()
         result = v.replicate("big")  # the same call again
         assert read_bytes() - before >= len(PLACES) * REGION  # the counter counts: all data read
         assert result.point_id == 1 and v.item("big")["state"] == "protected"
-        assert [j["state"] for j in v.jobs() if j["kind"] == "replicate"] == ["cancelled",
-                                                                              "succeeded"]
+        # newest first: the rerun's job, then the cancelled one
+        assert [j.state for j in v.jobs() if j.kind == "replicate"] == ["succeeded",
+                                                                        "cancelled"]
     assert sha(rep) == sha(src)
 
 
@@ -143,9 +144,9 @@ def test_a_cancelled_drill_stops_mid_copy_and_a_rerun_finishes_it(item, tmp_path
         assert row["test_dir"] == str(drill) and row["operation"] == "test-failover"
         assert not (drill / "big.img").exists()
         assert [p.name for p in drill.iterdir()] == []  # no .big.img.pydr-new left either
-        assert [j["state"] for j in v.jobs() if j["kind"] == "test-failover"] == ["cancelled"]
+        assert [j.state for j in v.jobs() if j.kind == "test-failover"] == ["cancelled"]
         r = v.test_failover("big", drill, "1", method="copy")
-        assert r["notes"] == ["resumed"] and r["point"] == 1
+        assert r.notes == ("resumed",) and r.point == 1
         assert v.item("big")["operation"] is None
     assert sha(drill / "big.img") == first
 
@@ -165,9 +166,9 @@ def test_a_cancelled_failover_stops_mid_copy_and_a_rerun_finishes_it(item, tmp_p
         row = v.item("big")  # as a kill leaves it: failing over, to be finished
         assert (row["state"], row["operation"], row["failover_point"]) == (
             "failing-over", "failover", 1)
-        assert [j["state"] for j in v.jobs() if j["kind"] == "failover"] == ["cancelled"]
+        assert [j.state for j in v.jobs() if j.kind == "failover"] == ["cancelled"]
         r = v.failover("big", "1")
-        assert r["notes"] == ["resumed"] and r["point"] == 1
+        assert r.notes == ("resumed",) and r.point == 1
         assert v.item("big")["state"] == "failed-over"
     assert sha(rep) == first != latest
 
@@ -200,7 +201,7 @@ def test_a_cancelled_call_leaves_the_items_it_had_not_begun_untouched(two_items)
         assert not [e for e in sink.events if e.item == "b" and e.kind == "progress"]
         a, b = v.item("a"), v.item("b")
         assert (a["health"], b["health"], b["last_error"]) == ("warning", "ok", None)
-        assert [j["state"] for j in v.jobs() if j["kind"] == "replicate"] == ["cancelled"] * 2
+        assert [j.state for j in v.jobs() if j.kind == "replicate"] == ["cancelled"] * 2
         result = v.replicate(["a", "b"])  # the same call again
         assert sorted(result.items) == ["a", "b"]
     for src, rep in pairs.values():
@@ -215,13 +216,20 @@ def test_a_cancelled_plan_stops_its_items_and_runs_no_later_group(two_items, tmp
         v.create_plan("p", [{"items": ["a"]}, {"items": ["b"]}])
         sink = CancelAtFirst("materialize")
         with pytest.raises(Cancelled) as caught:
-            v.run_plan("p", "test-failover", to=str(drills), events=sink, cancel=sink.cancel)
+            v.run_plan("p", "test-failover", directory=str(drills), events=sink,
+                       cancel=sink.cancel)
         assert [(e["item"], e["status"]) for e in caught.value.report] == [
             ("a", "failed"), ("b", "not run")]
+        report = caught.value.result  # the same, as the PlanReport a caller reads
+        assert (report.ok, report.operation, report.error) == (False, "test-failover",
+                                                              str(caught.value))
+        assert [(s.items, tuple(s.outcomes), s.not_run) for s in report.steps] == [
+            (("a",), ("a",), ()), (("b",), (), ("b",))]
+        assert report.steps[0].outcomes["a"].exit_code == Cancelled.exit_code
         assert sink.events[-1].kind == "cancelled" and sink.events[-1].item is None
         assert v.item("a")["operation"] == "test-failover"  # interrupted: the rerun finishes it
         assert v.item("b")["test_dir"] is None
-        v.run_plan("p", "test-failover", to=str(drills))
+        v.run_plan("p", "test-failover", directory=str(drills))
     for name, (src, _) in pairs.items():
         assert sha(drills / name / f"{name}.img") == sha(src)
 
@@ -259,7 +267,7 @@ def test_a_cancelled_fleet_call_drops_the_tasks_not_back(tmp_path):
         ended = {e.item: e.kind for e in events if e.kind in ("finished", "cancelled")}
         assert ended == {"a": "finished", "b": "cancelled", None: "cancelled"}
         assert len(v.points("a")) == 1 and v.points("b") == []
-        jobs = {j["item"]: j["state"] for j in v.jobs() if j["kind"] == "replicate"}
+        jobs = {j.item: j.state for j in v.jobs() if j.kind == "replicate"}
         assert jobs == {"a": "succeeded", "b": "cancelled"}
         assert v.item("b")["operation"] is None and v.item("b")["health"] == "warning"
     with make_cluster(["hv-b"], tmp_path) as cluster, \
