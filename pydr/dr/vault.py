@@ -21,6 +21,7 @@ would; run it again to finish it).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from datetime import datetime
@@ -76,7 +77,7 @@ def _epoch(when: Union[datetime, float, int, None]) -> Optional[float]:
     if when is None:
         return None
     if isinstance(when, (int, float)) and not isinstance(when, bool):
-        if when != when or when in (float("inf"), float("-inf")):
+        if not math.isfinite(when):
             raise InvalidArgument(f"since={when!r} is not a time: give a tz-aware datetime "
                                   "or epoch seconds")
         return float(when)
@@ -490,8 +491,12 @@ class Vault:
             now: epoch seconds the ages are measured at (default: the clock).
 
         Raises:
+            InvalidArgument: `now` is not a finite number of seconds.
             UnknownName: no item of that name.
         """
+        if now is not None and (isinstance(now, bool) or not isinstance(now, (int, float))
+                                or not math.isfinite(now)):
+            raise InvalidArgument(f"now must be epoch seconds (a finite number), not {now!r}")
         points_.apply_retention(self.store, name, now)
 
     def materialize(self, name: str, point: PointSelector, directory: str, *,

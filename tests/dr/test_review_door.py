@@ -172,6 +172,8 @@ def test_bad_arguments_are_invalid_argument_and_use_after_close_is_vault_error(w
             (lambda: v.failover("web", point="oldest"), "a point must be"),
             (lambda: v.verify("web", sample=0), "sample must be a percentage"),
             (lambda: v.verify("web", sample=500), "sample must be a percentage"),
+            (lambda: v.apply_retention("web", now=float("nan")), "now must be epoch seconds"),
+            (lambda: v.jobs(since=float("inf")), "is not a time"),
         ]:
             with pytest.raises(InvalidArgument, match=message):
                 call()
