@@ -29,6 +29,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping,
                     Sequence, Tuple, Union)
 
 from ..errors import Cancelled, InvalidArgument, PlanFailed
+from . import arguments
 from . import drills as D
 from . import failover as F
 from . import plans as plans_
@@ -49,13 +50,6 @@ Progress = Callable[[Any], None]
 PointSelector = Union[int, str, None]
 
 
-#: the states a job can be in (JobInfo.state)
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-#: how test_failover, failover and materialize can make disks
-METHODS = ("auto", "reflink", "copy", "qcow2")
-_MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id names nothing
-
-
 def _extra(events: Optional[EventSink], cancel: Optional[threading.Event]) -> Dict[str, Any]:
     """events/cancel as keyword arguments of a workflow function, only when
     given (the workflow functions take them from issue 21 on). InvalidArgument
@@ -71,65 +65,14 @@ def _extra(events: Optional[EventSink], cancel: Optional[threading.Event]) -> Di
     return out
 
 
-def _epoch(when: Union[datetime, float, int, None]) -> Optional[float]:
-    """`since` as epoch seconds; InvalidArgument for anything but None, a
-    tz-aware datetime or a finite number."""
-    if when is None:
-        return None
-    if isinstance(when, (int, float)) and not isinstance(when, bool):
-        if not math.isfinite(when):
-            raise InvalidArgument(f"since={when!r} is not a time: give a tz-aware datetime "
-                                  "or epoch seconds")
-        return float(when)
-    if not isinstance(when, datetime):
-        raise InvalidArgument(f"since must be a tz-aware datetime or epoch seconds, "
-                              f"not {when!r}")
-    if when.tzinfo is None:
-        raise InvalidArgument(f"since={when!r} has no time zone: give a tz-aware datetime "
-                              "or epoch seconds")
-    return when.timestamp()
-
-
-def _count(value: Any, what: str, *, low: int) -> Optional[int]:
-    """`value` (None or an int >= `low`, not a bool) or InvalidArgument."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _MAX_ID:
-        raise InvalidArgument(f"{what} must be an int >= {low}, not {value!r}")
-    return value
-
-
-def _names(names: Any) -> List[str]:
-    """replicate's `names` as a list: one name (a str) or an iterable of
-    them, at least one; InvalidArgument for anything else."""
-    if isinstance(names, str):
-        listed: List[Any] = [names]
-    elif isinstance(names, Iterable) and not isinstance(names, (bytes, bytearray, Mapping)):
-        listed = list(names)
-    else:
-        listed = [names]
-    if not listed or any(not isinstance(n, str) or not n for n in listed):
-        raise InvalidArgument(f"names must be an item's name (a str) or several, not "
-                              f"{names!r}")
-    return listed
-
-
-def _method(method: Any, what: str, *, default_ok: bool = False) -> Any:
-    """`method` if it is one of METHODS (or None with `default_ok`), else InvalidArgument."""
-    if (method is None and default_ok) or (isinstance(method, str) and method in METHODS):
-        return method
-    raise InvalidArgument(f"{what}'s method must be one of {', '.join(map(repr, METHODS))}, "
-                          f"not {method!r}")
-
-
 def _point(point: Any, *, selector: bool = True) -> Any:
     """A point id or selector as the workflow takes it: an int id (its
     digits as a str become the int), or with `selector` None or one of
     points.SELECTORS. InvalidArgument for anything else, an id below 1 or
     one beyond what the vault can hold."""
-    if isinstance(point, int) and not isinstance(point, bool) and point > _MAX_ID:
-        raise InvalidArgument(f"no point id is that large: {point!r}")
-    if isinstance(point, str) and point.isascii() and point.isdigit() and int(point) > _MAX_ID:
+    digits = isinstance(point, str) and point.isascii() and point.isdigit()
+    if ((isinstance(point, int) and not isinstance(point, bool) and point > arguments.MAX_ID)
+            or (digits and int(point) > arguments.MAX_ID)):
         raise InvalidArgument(f"no point id is that large: {point!r}")
     if not selector and (point is None or point in points_.SELECTORS):
         return point
@@ -385,18 +328,11 @@ class Vault:
         """
         if item is not None and not isinstance(item, str):
             raise InvalidArgument(f"item must be an item's name (a str), not {item!r}")
-        if state is not None:
-            states = [state] if isinstance(state, str) else (
-                list(state) if isinstance(state, Iterable) else [state])
-            bad = [s for s in states if not isinstance(s, str) or s not in JOB_STATES]
-            if bad or not states:
-                raise InvalidArgument(f"state must be one of {', '.join(map(repr, JOB_STATES))} "
-                                      f"or a collection of them, not {state!r}")
-            state = states
-        since_epoch = _epoch(since)
-        limit = _count(limit, "limit", low=0)
+        states = arguments.job_states(state)
+        since_epoch = arguments.epoch(since)
+        limit = arguments.count(limit, "limit", low=0)
         return [JobInfo.from_record(j) for j in self.store.find_jobs(
-            item=item, state=state, since=since_epoch, limit=limit)]
+            item=item, state=states, since=since_epoch, limit=limit)]
 
     def job(self, job_id: int) -> JobInfo:
         """Job `job_id`.
@@ -411,7 +347,7 @@ class Vault:
             InvalidArgument: `job_id` is not an int >= 1.
             UnknownName: there is no such job.
         """
-        return JobInfo.from_record(self.store.job(_count(job_id, "a job id", low=1)))
+        return JobInfo.from_record(self.store.job(arguments.count(job_id, "a job id", low=1)))
 
     # -- replication -----------------------------------------------------------------
     def replicate(self, names: Union[str, Iterable[str]], *, app_consistent: bool = False,
@@ -460,10 +396,10 @@ class Vault:
                 resync-required without `resync`).
             PydrError, OSError: the error of a call of one unit.
         """
-        names = _names(names)
+        names = arguments.item_names(names)
         for what, count in (("threads", threads), ("bwlimit", bwlimit),
                             ("max_attempts", max_attempts)):
-            _count(count, what, low=1)
+            arguments.count(count, what, low=1)
         kwargs: Dict[str, Any] = dict(executor=executor, app_consistent=app_consistent,
                                       resync_all=resync, **_extra(events, cancel))
         for key, value in (("threads", threads), ("bwlimit", bwlimit), ("progress", progress)):
@@ -532,8 +468,8 @@ class Vault:
             DamagedPoint, DamagedJournal: the point cannot be restored.
             InvalidState: a destination is a replica or a protected disk.
         """
-        _method(method, "materialize")
-        _count(threads, "threads", low=1)
+        arguments.method(method, "materialize")
+        arguments.count(threads, "threads", low=1)
         extra = _extra(events, cancel)
         wanted = _point(point)
         point_id: int = (wanted if isinstance(wanted, int)
@@ -585,7 +521,7 @@ class Vault:
             UnknownName: no such item or point.
             DamagedPoint, DamagedJournal: the point cannot be restored.
         """
-        _method(method, "test_failover")
+        arguments.method(method, "test_failover")
         extra = _extra(events, cancel)
         return self._result("test-failover", D.test_failover(
             self.store, name, directory, _point(point), method=method, progress=progress,
@@ -649,7 +585,7 @@ class Vault:
             HookFailed: a planned failover's shutdown hook failed.
             DamagedPoint, DamagedJournal: the point cannot be brought up.
         """
-        _method(method, "failover")
+        arguments.method(method, "failover")
         extra = _extra(events, cancel)
         point = _point(point, selector=False)
         return self._result("failover", F.failover(
@@ -680,7 +616,7 @@ class Vault:
             UnknownName: no such item or point.
             DamagedPoint, DamagedJournal: the point cannot be brought up.
         """
-        _method(method, "change_point", default_ok=True)
+        arguments.method(method, "change_point", default_ok=True)
         extra = _extra(events, cancel)
         return self._result("change-point", F.change_point(
             self.store, name, _point(point, selector=False), method=method, progress=progress,
@@ -785,7 +721,7 @@ class Vault:
         _extra(events, cancel)
         if point is not None:
             _point(point)
-            point = _count(points_.check_selector(point), "point", low=1)
+            point = arguments.count(points_.check_selector(point), "point", low=1)
         if (isinstance(sample, bool) or not isinstance(sample, (int, float))
                 or not 0 < sample <= 100):
             raise InvalidArgument(f"sample must be a percentage above 0 and at most 100, "
