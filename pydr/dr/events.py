@@ -38,8 +38,9 @@ The callback runs in the thread doing the work: the calling thread, or
 for a recovery plan the thread of each item of a group (several at
 once); a callback that keeps state must lock it. It must return quickly.
 An exception it raises is the caller's bug, not a fact about the DR copy:
-it is logged (logger "pydr.events", with its traceback) and the
-operation goes on; it never fails the operation nor marks the item
+it is logged (logger "pydr.events": the first of an operation as an
+error with its traceback, the others at debug level) and the operation
+goes on; it never fails the operation nor marks the item
 unhealthy, and the callback still gets the events after it. To stop an
 operation, set ``cancel``. (Ctrl-C, a KeyboardInterrupt, still stops it.)
 
@@ -56,7 +57,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..engine import names
 from ..errors import Cancelled, InvalidArgument, PydrError
@@ -202,15 +203,18 @@ class Emitter:
     ``item`` and ``job`` are filled in for every event unless given."""
 
     def __init__(self, sink: Optional[EventSink], operation: str, item: Optional[str] = None,
-                 job: Optional[int] = None) -> None:
+                 job: Optional[int] = None, *, _failures: Optional[List[int]] = None) -> None:
         self.sink, self.operation, self.item, self.job = sink, operation, item, job
+        # the sink's errors so far, shared with for_item()'s emitters: the
+        # first is logged with its traceback, the others without flooding
+        self.failures = _failures if _failures is not None else [0]
 
     def __bool__(self) -> bool:
         return self.sink is not None
 
     def for_item(self, item: Optional[str], job: Optional[int] = None) -> "Emitter":
         """The same sink and operation, about `item` (and its `job`)."""
-        return Emitter(self.sink, self.operation, item, job)
+        return Emitter(self.sink, self.operation, item, job, _failures=self.failures)
 
     def emit(self, kind: str, **fields: Any) -> None:
         if self.sink is None:
@@ -224,10 +228,15 @@ class Emitter:
         event = Event(kind, self.operation, **fields)
         try:
             self.sink(event)
-        except Exception:  # the caller's bug: logged, never the operation's failure
-            _log.exception("the events callback %r raised on %s %s of %r (ignored: the "
-                           "operation goes on)", self.sink, event.operation, event.kind,
-                           event.item)
+        except Exception as exc:  # the caller's bug: logged, never the operation's failure
+            self.failures[0] += 1
+            if self.failures[0] == 1:
+                _log.exception("the events callback %r raised on %s %s of %r (ignored: the "
+                               "operation goes on)", self.sink, event.operation, event.kind,
+                               event.item)
+            else:
+                _log.debug("the events callback raised again on %s %s of %r: %r",
+                           event.operation, event.kind, event.item, exc)
 
     def ended(self, exc: BaseException, **fields: Any) -> None:
         """The item's operation stopped with `exc`: "cancelled" for Ctrl-C
