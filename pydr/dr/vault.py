@@ -16,7 +16,9 @@ raw records.
 
 Long operations take ``events`` (a callable given each pydr.dr.events.Event)
 and ``cancel`` (a threading.Event: set, the operation stops as a kill
-would; run it again to finish it).
+would; run it again to finish it). An exception from ``events`` is logged
+(logger "pydr.events") and never fails the operation. Arguments are checked
+before any work: a bad one is pydr.errors.InvalidArgument.
 """
 
 from __future__ import annotations
