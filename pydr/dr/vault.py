@@ -303,9 +303,11 @@ class Vault:
             Its PointInfo.
 
         Raises:
+            InvalidArgument: `point_id` is not an int >= 1.
             UnknownName: no such item, or the item has no such point.
         """
-        return PointInfo.from_record(self.store.point(name, point_id))
+        wanted = arguments.count(point_id, "a point id", low=1)
+        return PointInfo.from_record(self.store.point(name, wanted))
 
     def jobs(self, *, item: Optional[str] = None, state: Union[str, Iterable[str], None] = None,
              since: Union[datetime, float, None] = None,

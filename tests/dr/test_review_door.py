@@ -160,6 +160,8 @@ def test_bad_arguments_are_invalid_argument_and_use_after_close_is_vault_error(w
             (lambda: v.jobs(state="exploded"), "state must be one of"),
             (lambda: v.job(True), "a job id must be an int"),
             (lambda: v.job(10**30), "a job id must be an int"),
+            (lambda: v.point("web", 10**30), "a point id must be an int"),
+            (lambda: v.point("web", "1"), "a point id must be an int"),
             (lambda: v.replicate(None), "names must be"),
             (lambda: v.replicate(5), "names must be"),
             (lambda: v.replicate([]), "names must be"),
