@@ -65,14 +65,25 @@ def _full(path):
 def check_thread(db):
     """WrongThread unless the calling thread is the one that opened `db`
     (a VaultConnection): SQLite connections, and so vaults, belong to the
-    thread that opened them."""
+    thread that opened them. Then VaultError when `db` was closed: a
+    Vault used after close() (SQLite's own answer is a ProgrammingError)."""
     if threading.get_ident() == db.opener_id:
+        if db.is_closed:
+            vault = os.path.dirname(db.path) if db.path else None
+            raise VaultError("the vault is closed: it was used after close()", path=vault,
+                             hint="open it again (pydr.Vault(...))")
         return
     here = threading.current_thread()
     vault = os.path.dirname(db.path) if db.path else None
     raise WrongThread(f"the vault was opened in thread {db.opener_name!r} (id {db.opener_id}) "
                       f"and used in thread {here.name!r} (id {here.ident})", path=vault,
                       hint="open a Vault of its own in each thread (readers never wait)")
+
+
+def check_thread_only(db):
+    """check_thread without the closed check (closing twice is no error)."""
+    if threading.get_ident() != db.opener_id:
+        check_thread(db)
 
 
 @contextlib.contextmanager
@@ -125,11 +136,19 @@ class VaultConnection(sqlite3.Connection):
     use from a thread other than its opener's is WrongThread."""
 
     path = None  # the database file, named by the errors (set by connect)
+    is_closed = False  # set by close(): a later use is VaultError, not a ProgrammingError
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         opener = threading.current_thread()
         self.opener_id, self.opener_name = opener.ident, opener.name
+
+    def close(self):
+        """Close the database; only its opener's thread may (WrongThread).
+        Closing twice is no error."""
+        check_thread_only(self)
+        super().close()
+        self.is_closed = True
 
     def cursor(self, factory=VaultCursor):
         check_thread(self)

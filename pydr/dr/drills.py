@@ -6,7 +6,7 @@ same command again after a kill finishes them."""
 import os
 
 from ..engine import crashpoints, names
-from ..errors import InvalidState, UnknownName
+from ..errors import InvalidArgument, InvalidState, UnknownName
 from . import arguments
 from .events import Emitter, check_cancel
 from .pointstores import point_store
@@ -15,9 +15,17 @@ from .points import check_point, destinations, materialize_into, select_point
 SELECTORS = (None, "latest", "latest-processed", "latest-app-consistent")
 
 
+_METHOD_FLAGS = {"auto": "", "qcow2": " --as qcow2", "copy": " --copy", "reflink": " --reflink"}
+
+
 def method_flags(method):
-    """The command-line options that ask for `method`."""
-    return {"auto": "", "qcow2": " --as qcow2", "copy": " --copy", "reflink": " --reflink"}[method]
+    """The command-line options that ask for `method`; InvalidArgument
+    naming the methods for any other."""
+    try:
+        return _METHOD_FLAGS[method]
+    except (KeyError, TypeError):
+        raise InvalidArgument(f"method must be one of {', '.join(map(repr, _METHOD_FLAGS))}, "
+                              f"not {method!r}") from None
 
 
 def check_no_overlay_drill(vault, name, what):

@@ -36,22 +36,35 @@ compared with its signature cache).
 
 The callback runs in the thread doing the work: the calling thread, or
 for a recovery plan the thread of each item of a group (several at
-once); a callback that keeps state must lock it. It must return quickly
-and must not raise: an exception from it ends the operation as a failure.
+once); a callback that keeps state must lock it. It must return quickly.
+An exception it raises is the caller's bug, not a fact about the DR copy:
+it is logged (logger "pydr.events": the first of an operation as an
+error with its traceback, the others at debug level) and the operation
+goes on; it never fails the operation nor marks the item
+unhealthy, and the callback still gets the events after it. To stop an
+operation, set ``cancel``. (Ctrl-C, a KeyboardInterrupt, still stops it.)
+
+``events`` must be callable and ``cancel`` must have ``is_set()`` (a
+threading.Event): anything else is InvalidArgument before the work begins
+(:func:`check_events`, :func:`check_cancel_event`).
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..engine import names
-from ..errors import Cancelled
+from ..errors import Cancelled, InvalidArgument, PydrError
 
 __all__ = ["Event", "EventSink", "KINDS", "PHASES"]
+
+_log = logging.getLogger("pydr.events")
 
 #: Every kind of Event (see the module's docstring).
 KINDS = ("started", "progress", "finished", "failed", "cancelled", "hook", "plan-step")
@@ -132,10 +145,51 @@ def person_path(path: Any) -> Optional[str]:
     return text
 
 
+# a hidden work file beside a disk: its directory part (kept) and NAME
+_HIDDEN = re.compile(r"(^|[/\s'\"(:])\.([^/\s'\"]+?)(?:%s)(?=$|[/\s'\"):,;])"
+                     % "|".join(re.escape(s) for s in (names.NEW, names.SNAP, names.BASE,
+                                                      names.UNDO)))
+
+
+def person_text(text: Optional[str]) -> Optional[str]:
+    """`text` (a message) with every hidden work file named by its disk,
+    as person_path does for one path."""
+    if not text:
+        return text
+    return _HIDDEN.sub(lambda m: m.group(1) + m.group(2), text)
+
+
+def hide_work_files(exc: BaseException) -> BaseException:
+    """`exc` (a pydr error) naming the disks a person knows, never the hidden
+    files pydr worked through (its ``path`` and ``message`` rewritten in
+    place); returns it."""
+    if isinstance(exc, PydrError):
+        exc.path = person_path(exc.path)
+        exc.message = person_text(exc.message) or exc.message
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (exc.message,) + exc.args[1:]
+    return exc
+
+
+def check_events(events: Any) -> None:
+    """InvalidArgument unless `events` is None or callable (an EventSink)."""
+    if events is not None and not callable(events):
+        raise InvalidArgument(f"events must be a callable given each Event (or None), "
+                              f"not {events!r}")
+
+
+def check_cancel_event(cancel: Any) -> None:
+    """InvalidArgument unless `cancel` is None or has is_set() (a threading.Event)."""
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise InvalidArgument(f"cancel must be a threading.Event (anything with is_set()) "
+                              f"or None, not {cancel!r}")
+
+
 def check_cancel(cancel: Optional[threading.Event], what: str, path: Any = None) -> None:
-    """Raise Cancelled ("`what` cancelled") when `cancel` is set."""
+    """Raise Cancelled ("`what` cancelled") when `cancel` is set; `path` is
+    named as a person knows it (person_path)."""
     if cancel is not None and cancel.is_set():
-        raise Cancelled(f"{what} cancelled", path=None if path is None else str(path))
+        raise Cancelled(f"{what} cancelled", path=person_path(path))
 
 
 def interrupted(exc: BaseException) -> bool:
@@ -149,15 +203,18 @@ class Emitter:
     ``item`` and ``job`` are filled in for every event unless given."""
 
     def __init__(self, sink: Optional[EventSink], operation: str, item: Optional[str] = None,
-                 job: Optional[int] = None) -> None:
+                 job: Optional[int] = None, *, _failures: Optional[List[int]] = None) -> None:
         self.sink, self.operation, self.item, self.job = sink, operation, item, job
+        # the sink's errors so far, shared with for_item()'s emitters: the
+        # first is logged with its traceback, the others without flooding
+        self.failures = _failures if _failures is not None else [0]
 
     def __bool__(self) -> bool:
         return self.sink is not None
 
     def for_item(self, item: Optional[str], job: Optional[int] = None) -> Emitter:
         """The same sink and operation, about `item` (and its `job`)."""
-        return Emitter(self.sink, self.operation, item, job)
+        return Emitter(self.sink, self.operation, item, job, _failures=self.failures)
 
     def emit(self, kind: str, **fields: Any) -> None:
         if self.sink is None:
@@ -166,11 +223,27 @@ class Emitter:
         fields.setdefault("job", self.job)
         if "path" in fields:
             fields["path"] = person_path(fields["path"])
-        self.sink(Event(kind, self.operation, **fields))
+        if fields.get("message"):
+            fields["message"] = person_text(fields["message"])
+        event = Event(kind, self.operation, **fields)
+        try:
+            self.sink(event)
+        except Exception as exc:  # the caller's bug: logged, never the operation's failure
+            self.failures[0] += 1
+            if self.failures[0] == 1:
+                _log.exception("the events callback %r raised on %s %s of %r (ignored: the "
+                               "operation goes on)", self.sink, event.operation, event.kind,
+                               event.item)
+            else:
+                _log.debug("the events callback raised again on %s %s of %r: %r",
+                           event.operation, event.kind, event.item, exc)
 
     def ended(self, exc: BaseException, **fields: Any) -> None:
         """The item's operation stopped with `exc`: "cancelled" for Ctrl-C
-        or a cancel= event, else "failed"; the message is the error."""
+        or a cancel= event, else "failed"; the message is the error. A
+        pydr error's hidden work files are renamed in place by their disks
+        (hide_work_files), for the event and for whoever catches it."""
+        hide_work_files(exc)
         message = str(exc) or type(exc).__name__
         self.emit("cancelled" if interrupted(exc) else "failed", message=message, **fields)
 

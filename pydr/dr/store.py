@@ -38,8 +38,9 @@ import os
 import sqlite3
 from typing import TypeVar
 
-from ..errors import CorruptDelta, HookFailed, InvalidState, UnknownName, VaultError  # noqa: F401  (re-exported)
-from . import arguments, store_lock
+from ..errors import (CorruptDelta, HookFailed, InvalidArgument,  # noqa: F401  (re-exported)
+                      InvalidState, UnknownName, VaultError)
+from . import arguments, dberrors, store_lock
 from .schema import (DB_NAME, SCHEMA_VERSION, connect as _connect, init_vault,  # noqa: F401
                      migrate as _migrate, tighten_vault)
 from .store_endpoints import ItemEndpoints
@@ -67,7 +68,8 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
             A writer first sets right what a killed command left
             (pydr.dr.store_recovery).
         lock_timeout: for a writer, None or 0 refuses at once when another
-            holds the lock; a number of seconds waits up to that long.
+            holds the lock; a number of seconds waits up to that long. A
+            reader takes no lock: giving it one is InvalidArgument.
 
     The thread rule: a Store (a pydr.Vault) is used only from the thread
     that opened it; open one Vault per thread (readers never wait, and
@@ -76,7 +78,7 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
 
     Raises:
         InvalidArgument: `directory` is not a path, or `lock_timeout` is
-            not None or a number of seconds >= 0.
+            not None or a number of seconds >= 0, or is given to a reader.
         VaultError: not a vault (no vault.db), a vault of a schema version
             this pydr does not know, or (a writer) the lock is held by
             another process or another Store of this one, past
@@ -88,6 +90,9 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
                  lock_timeout: float | None = None) -> None:
         self.dir = arguments.directory(directory, "the vault's directory")
         store_lock.check_timeout(lock_timeout)
+        if lock_timeout is not None and not writer:
+            raise InvalidArgument(f"lock_timeout={lock_timeout!r} is for a writer: a reader "
+                                  "takes no lock and never waits (give writer=True)")
         path = os.path.join(self.dir, DB_NAME)
         if not os.path.isfile(path):
             raise VaultError("not a pydr vault (no vault.db)", path=self.dir,
@@ -122,9 +127,18 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
 
     def close(self) -> None:
         """Close the database and let go of the lock (a writer's). Closing
-        twice is no error."""
-        with contextlib.suppress(Exception):
-            self.db.close()
+        twice is no error.
+
+        Raises:
+            WrongThread: called from a thread other than the opener's; the
+                vault stays open and its lock held (another thread's close
+                must not let a second writer in while the owner writes).
+        """
+        db = getattr(self, "db", None)  # None when opening failed before the connection
+        if db is not None:
+            dberrors.check_thread_only(db)  # WrongThread, before anything is let go
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
         if self.lock_fd is not None:
             store_lock.release(self.lock_fd)
             self.lock_fd = None
@@ -157,6 +171,10 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
         """Forget meta `key` (its own transaction)."""
         with self.transaction():
             self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+
+    def plan_names(self):
+        """The names of the recovery plans, sorted."""
+        return [r["name"] for r in self.db.execute("SELECT name FROM plans ORDER BY name")]
 
     def vault_id(self):
         """This vault's identity, which its replicas record as their owner."""

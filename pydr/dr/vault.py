@@ -17,18 +17,22 @@ only: typed callers reach the store as ``v.store``).
 
 Long operations take ``events`` (a callable given each pydr.dr.events.Event)
 and ``cancel`` (a threading.Event: set, the operation stops as a kill
-would; run it again to finish it).
+would; run it again to finish it). An exception from ``events`` is logged
+(logger "pydr.events") and never fails the operation. Arguments are checked
+before any work: a bad one is pydr.errors.InvalidArgument.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from datetime import datetime
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional,
                     Sequence, Tuple, Union, cast)
 
-from ..errors import Cancelled, PlanFailed
+from ..errors import Cancelled, InvalidArgument, PlanFailed
+from . import arguments
 from . import drills as D
 from . import failover as F
 from . import plans as plans_
@@ -37,13 +41,13 @@ from . import points as points_
 from . import protection
 from . import replication as R
 from . import report
-from .events import Emitter, EventSink
+from .events import Emitter, EventSink, check_cancel_event, check_events
 from .retry import RetryPolicy
 from .results import (CycleResult, ItemError, ItemStatus, JobInfo, OperationResult, PlanHook,
                       PlanReport, PlanStep, PointInfo)
 from .schema import init_vault as init_vault  # pydr.dr.vault.init_vault, pydr.init_vault
 from .store import Store
-from .store_records import ItemRecord, PlanRecord
+from .store_records import DiskRecord, ItemRecord, PlanRecord
 
 Progress = Callable[[Any], None]
 PointSelector = Union[int, str, None]
@@ -51,7 +55,11 @@ PointSelector = Union[int, str, None]
 
 def _extra(events: Optional[EventSink], cancel: Optional[threading.Event]) -> Dict[str, Any]:
     """events/cancel as keyword arguments of a workflow function, only when
-    given (the workflow functions take them from issue 21 on)."""
+    given (the workflow functions take them from issue 21 on). InvalidArgument
+    when `events` is not callable or `cancel` has no is_set(): refused at the
+    door, before a job is started."""
+    check_events(events)
+    check_cancel_event(cancel)
     out: Dict[str, Any] = {}
     if events is not None:
         out["events"] = events
@@ -60,13 +68,18 @@ def _extra(events: Optional[EventSink], cancel: Optional[threading.Event]) -> Di
     return out
 
 
-def _epoch(when: Union[datetime, float, int, None]) -> Optional[float]:
-    if when is None or isinstance(when, (int, float)):
-        return when
-    if when.tzinfo is None:
-        raise ValueError(f"since={when!r} has no time zone: give a tz-aware datetime "
-                         "or epoch seconds")
-    return when.timestamp()
+def _point(point: Any, *, selector: bool = True) -> Any:
+    """A point id or selector as the workflow takes it: an int id (its
+    digits as a str become the int), or with `selector` None or one of
+    points.SELECTORS. InvalidArgument for anything else, an id below 1 or
+    one beyond what the vault can hold."""
+    digits = isinstance(point, str) and point.isascii() and point.isdigit()
+    if ((isinstance(point, int) and not isinstance(point, bool) and point > arguments.MAX_ID)
+            or (digits and int(point) > arguments.MAX_ID)):
+        raise InvalidArgument(f"no point id is that large: {point!r}")
+    if not selector and (point is None or point in points_.SELECTORS):
+        return point
+    return points_.check_selector(point)
 
 
 class Vault:
@@ -81,11 +94,17 @@ class Vault:
         directory: the vault's directory (made by init_vault / ``pydr vault init``).
         writer: take the writer lock.
         lock_timeout: with ``writer``, seconds to wait for the lock when
-            another process holds it (None or 0: fail at once).
+            another process holds it (None or 0: fail at once). A reader
+            takes no lock: giving it one is InvalidArgument.
 
     Raises:
+        InvalidArgument: `directory` is not a path; `lock_timeout` is not a
+            number of seconds >= 0, or is given without ``writer``.
         VaultError: not a vault, a vault of another schema, or (writer) the
             lock is held by another process.
+
+    Every method raises VaultError once the Vault is closed, and WrongThread
+    when called from a thread other than the one that opened it.
     """
 
     def __init__(self, directory: Union[str, os.PathLike[str]], *, writer: bool = False,
@@ -105,7 +124,13 @@ class Vault:
         return bool(self.store.writer)
 
     def close(self) -> None:
-        """Close the database and release the lock (if held)."""
+        """Close the database and release the lock (if held). Closing twice
+        is no error; any other use after it is VaultError.
+
+        Raises:
+            WrongThread: called from a thread other than the one that opened
+                the Vault: it stays open and keeps its lock.
+        """
         self.store.close()
 
     def __enter__(self) -> Vault:
@@ -114,12 +139,56 @@ class Vault:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    if not TYPE_CHECKING:  # a typo on a Vault is a type error; typed callers use v.store
+    if not TYPE_CHECKING:
+        # The store's other methods (the tables), for pydr's own tests and
+        # tools that know the store. Hidden from type checkers: a typo
+        # (v.replicat) is an error there, and the public surface is the
+        # methods defined here.
         def __getattr__(self, name: str) -> Any:
-            # the store's other methods (disks, plans, the tables); never during set-up
-            if name == "store":
-                raise AttributeError(name)
-            return getattr(self.store, name)
+            if name == "store" or name.startswith("__"):  # never during set-up or copy
+                raise AttributeError(f"'Vault' object has no attribute {name!r}")
+            try:
+                return getattr(self.store, name)
+            except AttributeError:
+                raise AttributeError(f"'Vault' object has no attribute {name!r}") from None
+
+    def disks(self, name: str) -> List[DiskRecord]:
+        """The raw records of item `name`'s disks, by index: ``idx``,
+        ``source``, ``replica`` (as protect() was given them), ``tracking``,
+        ``bitmap``, ``generation``. For what a person reads, use status().
+
+        Args:
+            name: the item.
+
+        Returns:
+            A DiskRecord per disk (read-only).
+
+        Raises:
+            UnknownName: no item of that name is protected.
+        """
+        self.store.item(name)
+        return list(self.store.disks(name))
+
+    def plans(self) -> List[str]:
+        """The names of the recovery plans, sorted (see plan(), run_plan()).
+
+        Returns:
+            The plan names; an empty list when there are none.
+        """
+        return [str(n) for n in self.store.plan_names()]
+
+    def vault_id(self) -> str:
+        """This vault's identity (a hex string), which its replicas record
+        as their owner: another vault never writes over them."""
+        return str(self.store.vault_id())
+
+    def integrity_check(self) -> List[str]:
+        """SQLite's check of the vault's database.
+
+        Returns:
+            [] when the database is sound, else SQLite's findings.
+        """
+        return list(self.store.integrity_check())
 
     def items(self, group: Optional[str] = None) -> List[str]:
         """The names of the protected items (of `group`, if given), sorted.
@@ -234,9 +303,11 @@ class Vault:
             Its PointInfo.
 
         Raises:
+            InvalidArgument: `point_id` is not an int >= 1.
             UnknownName: no such item, or the item has no such point.
         """
-        return PointInfo.from_record(self.store.point(name, point_id))
+        wanted = arguments.count(point_id, "a point id", low=1)
+        return PointInfo.from_record(self.store.point(name, wanted))
 
     def jobs(self, *, item: Optional[str] = None, state: Union[str, Iterable[str], None] = None,
              since: Union[datetime, float, None] = None,
@@ -255,13 +326,17 @@ class Vault:
             A JobInfo per job.
 
         Raises:
-            ValueError: `since` is a datetime without a time zone, or
-                `limit` is negative.
+            InvalidArgument: `item` is not a str, `state` names no job
+                state, `since` is not a tz-aware datetime or epoch seconds,
+                or `limit` is not an int >= 0.
         """
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit={limit} is negative")
+        if item is not None and not isinstance(item, str):
+            raise InvalidArgument(f"item must be an item's name (a str), not {item!r}")
+        states = arguments.job_states(state)
+        since_epoch = arguments.epoch(since)
+        limit = arguments.count(limit, "limit", low=0)
         return [JobInfo.from_record(j) for j in self.store.find_jobs(
-            item=item, state=state, since=_epoch(since), limit=limit)]
+            item=item, state=states, since=since_epoch, limit=limit)]
 
     def job(self, job_id: int) -> JobInfo:
         """Job `job_id`.
@@ -273,9 +348,10 @@ class Vault:
             Its JobInfo.
 
         Raises:
+            InvalidArgument: `job_id` is not an int >= 1.
             UnknownName: there is no such job.
         """
-        return JobInfo.from_record(self.store.job(job_id))
+        return JobInfo.from_record(self.store.job(arguments.count(job_id, "a job id", low=1)))
 
     # -- replication -----------------------------------------------------------------
     def replicate(self, names: Union[str, Iterable[str]], *, app_consistent: bool = False,
@@ -313,6 +389,10 @@ class Vault:
             The CycleResult, with an ItemOutcome for every item.
 
         Raises:
+            InvalidArgument: `names` is not a name or names (str), or is
+                empty; `threads`, `bwlimit` or `max_attempts` is not a
+                positive int; `events` is not callable; `cancel` has no
+                is_set().
             CycleFailed: several units and some failed (``.result`` is the
                 CycleResult; the others got their points).
             UnknownName: an item is not protected.
@@ -320,7 +400,10 @@ class Vault:
                 resync-required without `resync`).
             PydrError, OSError: the error of a call of one unit.
         """
-        names = [names] if isinstance(names, str) else list(names)
+        names = arguments.item_names(names)
+        for what, count in (("threads", threads), ("bwlimit", bwlimit),
+                            ("max_attempts", max_attempts)):
+            arguments.count(count, what, low=1)
         kwargs: Dict[str, Any] = dict(executor=executor, app_consistent=app_consistent,
                                       resync_all=resync, **_extra(events, cancel))
         for key, value in (("threads", threads), ("bwlimit", bwlimit), ("progress", progress)):
@@ -344,11 +427,16 @@ class Vault:
             now: epoch seconds the ages are measured at (default: the clock).
 
         Raises:
+            InvalidArgument: `now` is not a finite number of seconds.
             UnknownName: no item of that name.
         """
+        if now is not None and (isinstance(now, bool) or not isinstance(now, (int, float))
+                                or not math.isfinite(now)):
+            raise InvalidArgument(f"now must be epoch seconds (a finite number), not {now!r}")
         points_.apply_retention(self.store, name, now)
 
-    def materialize(self, name: str, point: int, directory: str, *, method: str = "auto",
+    def materialize(self, name: str, point: PointSelector, directory: str, *,
+                    method: str = "auto",
                     threads: Optional[int] = None, progress: Optional[Progress] = None,
                     events: Optional[EventSink] = None,
                     cancel: Optional[threading.Event] = None) -> OperationResult:
@@ -358,7 +446,9 @@ class Vault:
 
         Args:
             name: the item.
-            point: the point's id.
+            point: the point's id (its digits as a str: the same), or
+                "latest-processed" (None: the same) or
+                "latest-app-consistent" (the newest such sound point).
             directory: a directory (made if missing), or host:DIR on the
                 host that holds the replicas.
             method: "auto" (a reflink clone where the file system can, else
@@ -373,15 +463,22 @@ class Vault:
             An OperationResult ("materialize": point, paths, method).
 
         Raises:
+            InvalidArgument: a bad point, method, threads, events or cancel.
             UnknownName: no such item or point.
             DamagedPoint, DamagedJournal: the point cannot be restored.
             InvalidState: a destination is a replica or a protected disk.
         """
+        arguments.method(method, "materialize")
+        arguments.count(threads, "threads", low=1)
+        extra = _extra(events, cancel)
+        wanted = _point(point)
+        point_id: int = (wanted if isinstance(wanted, int)
+                         else points_.select_point(self.store, name, wanted))
         methods: List[str] = []
-        paths = points_.materialize(self.store, name, point, directory, threads=threads,
+        paths = points_.materialize(self.store, name, point_id, directory, threads=threads,
                                     method=method, progress=progress, methods=methods,
-                                    **_extra(events, cancel))
-        return OperationResult(item=name, operation="materialize", point=point,
+                                    **extra)
+        return OperationResult(item=name, operation="materialize", point=point_id,
                                paths=tuple(str(p) for p in paths),
                                method="+".join(sorted(set(methods))) or None,
                                direction=self.store.item(name).direction)
@@ -418,14 +515,17 @@ class Vault:
             An OperationResult ("test-failover": point, paths, method, notes).
 
         Raises:
+            InvalidArgument: a bad point, method, events or cancel.
             InvalidState: another drill is in place, or the item's state
                 does not allow one.
             UnknownName: no such item or point.
             DamagedPoint, DamagedJournal: the point cannot be restored.
         """
+        arguments.method(method, "test_failover")
+        extra = _extra(events, cancel)
         return self._result("test-failover", D.test_failover(
-            self.store, name, directory, point, method=method, progress=progress,
-            **_extra(events, cancel)))
+            self.store, name, directory, _point(point), method=method, progress=progress,
+            **extra))
 
     def cleanup_test_failover(self, name: str, *, events: Optional[EventSink] = None,
                               cancel: Optional[threading.Event] = None) -> OperationResult:
@@ -479,14 +579,18 @@ class Vault:
             An OperationResult ("failover": point, method, notes).
 
         Raises:
+            InvalidArgument: a bad point, method, events or cancel.
             InvalidState: the item's state does not allow a failover (or it
                 is failed over to another point: use change_point()).
             HookFailed: a planned failover's shutdown hook failed.
             DamagedPoint, DamagedJournal: the point cannot be brought up.
         """
+        arguments.method(method, "failover")
+        extra = _extra(events, cancel)
+        point = _point(point, selector=False)
         return self._result("failover", F.failover(
             self.store, name, point, planned=planned, shutdown_hook=shutdown_hook, method=method,
-            progress=progress, to=directory, executor=executor, **_extra(events, cancel)))
+            progress=progress, to=directory, executor=executor, **extra))
 
     def change_point(self, name: str, point: PointSelector, *, method: Optional[str] = None,
                      progress: Optional[Progress] = None, events: Optional[EventSink] = None,
@@ -507,12 +611,16 @@ class Vault:
             An OperationResult ("change-point": point, method, notes).
 
         Raises:
+            InvalidArgument: a bad point, method, events or cancel.
             InvalidState: the item is not failed over.
             UnknownName: no such item or point.
             DamagedPoint, DamagedJournal: the point cannot be brought up.
         """
+        arguments.method(method, "change_point", default_ok=True)
+        extra = _extra(events, cancel)
         return self._result("change-point", F.change_point(
-            self.store, name, point, method=method, progress=progress, **_extra(events, cancel)))
+            self.store, name, _point(point, selector=False), method=method, progress=progress,
+            **extra))
 
     def commit(self, name: str, *, events: Optional[EventSink] = None,
                cancel: Optional[threading.Event] = None) -> OperationResult:
@@ -595,7 +703,8 @@ class Vault:
         Args:
             name: the item.
             point: only what this point needs (default: every point).
-            sample: the percentage of steps or chunks read.
+            sample: the percentage of steps or chunks read (above 0, at
+                most 100).
             events: given "started", each replica's "progress" in phase
                 "verify", then "finished", "failed" or "cancelled".
             cancel: asked between steps, windows and chunks (Cancelled).
@@ -604,9 +713,19 @@ class Vault:
             The point store's report (a dict; "problems" lists what was found).
 
         Raises:
+            InvalidArgument: `point` is not a point id, `sample` is not a
+                percentage above 0 and at most 100, a bad events or cancel.
             UnknownName: no such item or point.
             Cancelled: ``cancel`` was set.
         """
+        _extra(events, cancel)
+        if point is not None:
+            _point(point)
+            point = arguments.count(points_.check_selector(point), "point", low=1)
+        if (isinstance(sample, bool) or not isinstance(sample, (int, float))
+                or not 0 < sample <= 100):
+            raise InvalidArgument(f"sample must be a percentage above 0 and at most 100, "
+                                  f"not {sample!r}")
         em = Emitter(events, "verify", name)
         check = pointstores.point_store(self.store, name).require("verify")
         report: Any = em.run(lambda: check(point, sample, events=em, cancel=cancel),
@@ -709,8 +828,9 @@ class Vault:
         try:
             entries = plans_.run_plan(self.store, name, operation, **options)
         except (PlanFailed, Cancelled) as exc:  # the report of what ran, as a PlanReport
-            if getattr(exc, "report", None) is not None:
-                exc.result = self._plan_report(name, operation, groups, exc.report, str(exc))
+            ran = getattr(exc, "report", None)
+            if ran is not None:
+                setattr(exc, "result", self._plan_report(name, operation, groups, ran, str(exc)))
             raise
         return self._plan_report(name, operation, groups, entries, None)
 
