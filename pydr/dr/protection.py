@@ -36,7 +36,7 @@ def check_name(value, what):
     return value
 
 
-def text(value, what, *, secret=False):
+def recordable_text(value, what, *, secret=False):
     """`value` (a str, or os.PathLike naming a str) as a str the vault can
     record: UTF-8 text without NUL. InvalidArgument naming it (its repr;
     only its type when `secret`: a hook's command line may hold one)
@@ -52,8 +52,8 @@ def text(value, what, *, secret=False):
     except UnicodeEncodeError:
         raise InvalidArgument(f"{what} {shown} is not UTF-8 text: the vault records paths "
                               f"and commands as UTF-8", path=None if secret else value,
-                              hint="rename it, or reach it through a symlink whose name is "
-                                   "UTF-8") from None
+                              hint=None if secret else "rename it, or reach it through a "
+                                                       "symlink whose name is UTF-8") from None
     if "\0" in value:
         raise InvalidArgument(f"{what} {shown} holds a NUL character",
                               path=None if secret else value)
@@ -61,7 +61,7 @@ def text(value, what, *, secret=False):
 
 
 def disk_pairs(disks):
-    """`disks` as [(source, replica)] of checked strs (:func:`text`):
+    """`disks` as [(source, replica)] of checked strs (:func:`recordable_text`):
     InvalidArgument naming what is expected unless it is a list or tuple of
     (source, replica) pairs, each a str or os.PathLike."""
     expected = "a list of (source, replica) pairs, each a str or os.PathLike path"
@@ -76,8 +76,8 @@ def disk_pairs(disks):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise InvalidArgument(f"disk {i} is {pair!r}: expected a (source, replica) pair "
                                   f"({expected})")
-        pairs.append((text(pair[0], f"the source of disk {i}"),
-                      text(pair[1], f"the replica of disk {i}")))
+        pairs.append((recordable_text(pair[0], f"the source of disk {i}"),
+                      recordable_text(pair[1], f"the replica of disk {i}")))
     return pairs
 
 
@@ -97,7 +97,7 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     looked for on this machine.
 
     The item's and the group's name follow :data:`NAME_RULE`; every path,
-    hook and command is UTF-8 text without NUL (:func:`text`).
+    hook and command is UTF-8 text without NUL (:func:`recordable_text`).
 
     Raises InvalidArgument (a ValueError) naming the argument and what is
     expected: a bad name, disks that are not a list of (source, replica)
@@ -165,7 +165,7 @@ def _check_options(name, disks, group, retention, retention_age, quiesce_hook, t
     for value, what in ((quiesce_hook, "the quiesce hook"), (thaw_hook, "the thaw hook"),
                         (rsh, "the remote shell (rsh)"), (remote_pydr, "the remote pydr command")):
         if value is not None:
-            text(value, what, secret=True)
+            recordable_text(value, what, secret=True)
     return disks
 
 

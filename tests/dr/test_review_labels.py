@@ -17,6 +17,7 @@ protect's door, each held by one test:
 import os
 import pickle
 import sqlite3
+import subprocess
 import time
 
 import pytest
@@ -27,7 +28,7 @@ from pydr.dr.rpo import CONSISTENCIES, consistency_of, weakest
 from pydr.dr.vault import Vault, init_vault
 from pydr.errors import InvalidArgument, UnknownName
 
-from conftest import run_cli
+from conftest import pydr_command, run_cli
 
 MiB = 1 << 20
 
@@ -231,6 +232,16 @@ def test_a_path_that_is_not_utf8_is_refused_naming_it(tmp_path, monkeypatch):
         assert v.items() == []
         v.protect("web", [(src, tmp_path / "r.img")])  # the same call again
         assert [j.state for j in v.jobs()] == ["succeeded", "failed"]
+    # the CLI: exit status 2, the path named (escaped), nothing recorded
+    r = subprocess.run(pydr_command() + [b"protect", b"db", b"--disk",
+                                         os.fsencode(src) + b"=" + os.fsencode(bad),
+                                         b"--vault", os.fsencode(tmp_path / "v")],
+                       capture_output=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert b"the replica of disk 0 " in r.stderr and b"rep\\udcff\\udcfe.img" in r.stderr
+    assert b"is not UTF-8 text" in r.stderr
+    with Vault(tmp_path / "v") as v:
+        assert [r.name for r in v.store.item_records()] == ["web"] and len(v.jobs()) == 2
 
 
 # -- review2 U4: protect's arguments ----------------------------------------------------------
