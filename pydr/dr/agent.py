@@ -79,9 +79,10 @@ class Taken:
     read: a reflink clone, a tracker's view, or the source itself), ``changed``
     (per disk, [(offset, length)] a tracker says changed since its last
     cut, or None: compare everything), ``kind`` ("reflink", "fleece",
-    "bitmap", "quiesce" or "none") and ``at``: when it was taken (epoch
-    seconds: after the quiesce hooks, before the first disk was cut; for
-    "none", before the reads began), the time of the point's data."""
+    "bitmap": how each disk was cut, each on its own; "quiesce" or "none")
+    and ``at``: when it was taken (epoch seconds: after the quiesce hooks,
+    before the first disk was cut; for "none", before the reads began), the
+    time of the point's data."""
 
     def __init__(self, views, changed, kind, at):
         self.views, self.changed, self.kind, self.at = views, changed, kind, at
@@ -90,15 +91,19 @@ class Taken:
 @contextlib.contextmanager
 def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
     """The one cut of a cycle's disks, here or on a host: every quiesce hook
-    in `hooks` [(label, quiesce, thaw)], then each disk of `sources` cut at
-    one instant -- a tracked disk (its tracker in `trackers`, same order)
-    starts its next dirty bitmap (`full`: compare everything, or a list
-    per disk), the others are cloned where their file system can -- and the
-    thaw hooks as soon as that is a cut ("reflink", "fleece"), else after
-    the reads. Yields a :class:`Taken` (``at``: when the disks were cut, the
-    data's time); the clones and views are released
-    after. A thaw after the reads that fails calls `on_thaw_error(label,
-    exc)` when given, else raises."""
+    in `hooks` [(label, quiesce, thaw)], then each disk of `sources` cut in
+    turn, each at its own instant -- a tracked disk (its tracker in
+    `trackers`, same order) starts its next dirty bitmap (one QMP
+    transaction, or one qemu-img call, per disk; `full`: compare everything,
+    or a list per disk), the others are cloned where their file system can
+    (one FICLONE per disk) -- and the thaw hooks as soon as that is a cut
+    ("reflink", "fleece"), else after the reads. No step takes several
+    disks at once: only the quiesce hooks, held until the last disk is cut,
+    make several disks one moment's (pydr.dr.rpo.consistency_of labels a
+    point of several disks without them "disk-consistent"). Yields a
+    :class:`Taken` (``at``: when the first disk was cut, the data's time);
+    the clones and views are released after. A thaw after the reads that
+    fails calls `on_thaw_error(label, exc)` when given, else raises."""
     trackers = trackers or [None] * len(sources)
     fulls = full if isinstance(full, (list, tuple)) else [full] * len(sources)
     frozen, snaps, views, changed, kinds = [], [], [], [], set()
@@ -189,7 +194,8 @@ def cycle_item(task):
     "cache" (a path, or None), "has_point", "resync", and for a tracked disk
     "tracking" (qcow2 or qmp), "bitmap", "generation", "full"}]}.
 
-    The item's disks are cut together (:func:`cut`). Returns {"item",
+    The item's disks are cut in one :func:`cut` (each disk in turn; a
+    group's members, each a task, at their own times). Returns {"item",
     "host", "cut", "cut_at" (when the cut was taken, epoch seconds),
     "disks": [{"idx", "size", "moved", "read", "steps": [[number, spec,
     bytes]], and for a tracked disk "bitmap", "generation":

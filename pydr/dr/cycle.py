@@ -34,7 +34,7 @@ from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_h
                           check_not_stuck, items_at, record_point, record_steps)
 from .points import apply_retention
 from .retry import RetryPolicy, recoverable
-from .rpo import consistency_of, weakest
+from .rpo import consistency_of, disks_cut_together, weakest
 
 
 class Options(Record):
@@ -211,7 +211,8 @@ class _Cycle:
             if extras else None)
         self.point_id = point_id
         self.consistency = weakest([self.consistency] + [
-            consistency_of(cut, hooks_ran=self.opts.app_consistent) for cut in cuts.values()])
+            consistency_of(cut, hooks_ran=self.opts.app_consistent,
+                           disks=disks_cut_together(vault, unit.names)) for cut in cuts.values()])
         crashpoints.reached(self.executor.point_reached)
         for t in captured["trackers"]:
             t.commit()

@@ -10,7 +10,7 @@ import time
 from ..endpoints import parse_remote
 from ..errors import DamagedJournal, FormatError, InvalidState
 from . import agent, ownership, replica_check, stepdigest
-from .rpo import consistency_of
+from .rpo import consistency_of, disks_cut_together
 from .results import CycleResult, ItemOutcome  # noqa: F401  (where they were)
 
 
@@ -142,12 +142,15 @@ def record_point(vault, names, *, cuts, bytes_by_item, hooks_ran=False, cut_time
     replicate operation ends and their last_success_at is now. By item:
     `cuts` the cut kind (pydr.dr.agent.Taken.kind), `cut_times` when it was
     taken (epoch seconds; missing or None: not known), `bytes_by_item` the
-    bytes moved. Each point's consistency label follows from its cut and
-    `hooks_ran` (pydr.dr.rpo.consistency_of). A new point id is allocated
-    with them unless `point_id` is given (a call's items share one).
+    bytes moved. Each point's consistency label follows from its cut,
+    `hooks_ran` and how many disks `names` have (all cut together: several
+    are at different instants; pydr.dr.rpo.consistency_of). A new point id
+    is allocated with them unless `point_id` is given (a call's items share
+    one).
     Returns the point id."""
     now = time.time()
     cut_times = cut_times or {}
+    disks = disks_cut_together(vault, names)
     with vault.transaction():
         if point_id is None:  # allocated with the points: a failed cycle uses no id
             point_id = vault.allocate_point_id()
@@ -158,7 +161,8 @@ def record_point(vault, names, *, cuts, bytes_by_item, hooks_ran=False, cut_time
             if cut_at is not None:  # a host's clock ahead of ours: no data newer than its record
                 cut_at = min(float(cut_at), now)
             vault.add_point(point_id, name, created=now, cut_at=cut_at,
-                            consistency=consistency_of(cuts[name], hooks_ran=hooks_ran),
+                            consistency=consistency_of(cuts[name], hooks_ran=hooks_ran,
+                                                       disks=disks),
                             size=bytes_by_item[name], cut=cuts[name])
             vault.set_item(name, state="protected", health="ok", last_error=None,
                            last_success_at=now)

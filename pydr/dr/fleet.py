@@ -13,6 +13,12 @@ host's workers by that resource, and hands each unit (an item, or a group's
 members) to the driver to record -- steps, point, job -- as soon as its
 tasks are back, then releases the tasks' futures.
 
+A group's members are each a task, cut on their own host at their own time
+(their points' cut_at differ): the group's point is "disk-consistent"
+without hooks, never crash-consistent (pydr.dr.rpo.consistency_of), and
+app-consistent with hooks means each member's application was quiesced
+at its own cut.
+
 Dask runs a task again when the worker running it dies (a Nanny restarts
 workers). The task's work is idempotent (see pydr.dr.agent), and a result
 is recorded once, whichever run delivered it.

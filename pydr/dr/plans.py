@@ -26,6 +26,7 @@ from .events import Emitter
 from . import drills as D
 from . import failover as F
 from .points import check_selector
+from .protection import check_name
 from .store import Store
 
 OPERATIONS = ("failover", "test-failover", "cleanup-test-failover", "commit", "reprotect",
@@ -37,7 +38,8 @@ def create_plan(vault, name, groups):
 
     Args:
         vault: the open vault (a writer).
-        name: the plan's name (a non-empty str without '/').
+        name: the plan's name: 1 to 128 of A-Z a-z 0-9 '.' '_' '-', not
+            starting with '-', not '.' or '..' (pydr.dr.protection.NAME_RULE).
         groups: the groups in order, each either a list of item names, or a
             dict ``{"items": [names], "pre": CMD or None, "post": CMD or
             None}`` with the shell commands run before and after the group.
@@ -51,8 +53,7 @@ def create_plan(vault, name, groups):
         UnknownName: items that are not protected (all of them named).
         InvalidState: a plan of that name exists.
     """
-    if not isinstance(name, str) or not name or "/" in name:
-        raise InvalidArgument(f"a plan's name must be a non-empty str without '/', not {name!r}")
+    check_name(name, "a plan's name")
     definition = _groups(groups)
     unknown = [i for g in definition for i in g["items"] if not vault.has_item(i)]
     if unknown:

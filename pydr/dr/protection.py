@@ -17,6 +17,69 @@ from .pointstores import specs
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
+#: what a name the vault keys on may be (an item's, a group's, a plan's): it
+#: names directories under the vault (undo/ITEM, cache/ITEM), files of points
+#: and test failovers, command lines and CLI output
+NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+NAME_RULE = ("1 to 128 of the characters A-Z a-z 0-9 '.' '_' '-', not starting with '-', "
+             "not '.' or '..'")
+
+
+def check_name(value, what):
+    """InvalidArgument unless `value` is a name as :data:`NAME_RULE` says;
+    `what` names it in the refusal ("an item's name")."""
+    if not isinstance(value, str) or not NAME.fullmatch(value) or value.startswith("-") \
+            or value in (".", ".."):
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 40 else \
+            f"{value[:40]!r}... ({len(value)} characters)"
+        raise InvalidArgument(f"{what} must be {NAME_RULE}; {shown} is not")
+    return value
+
+
+def recordable_text(value, what, *, secret=False):
+    """`value` (a str, or os.PathLike naming a str) as a str the vault can
+    record: UTF-8 text without NUL. InvalidArgument naming it (its repr;
+    only its type when `secret`: a hook's command line may hold one)
+    otherwise: a path of bytes that are not UTF-8 (os.fsdecode's escapes)
+    cannot be stored, nor named in a command line pydr prints."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    shown = f"(a {type(value).__name__})" if secret else repr(value)
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} must be a non-empty str, not {shown}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} {shown} is not UTF-8 text: the vault records paths "
+                              f"and commands as UTF-8", path=None if secret else value,
+                              hint=None if secret else "rename it, or reach it through a "
+                                                       "symlink whose name is UTF-8") from None
+    if "\0" in value:
+        raise InvalidArgument(f"{what} {shown} holds a NUL character",
+                              path=None if secret else value)
+    return value
+
+
+def disk_pairs(disks):
+    """`disks` as [(source, replica)] of checked strs (:func:`recordable_text`):
+    InvalidArgument naming what is expected unless it is a list or tuple of
+    (source, replica) pairs, each a str or os.PathLike."""
+    expected = "a list of (source, replica) pairs, each a str or os.PathLike path"
+    if isinstance(disks, (str, bytes, dict)) or not isinstance(disks, (list, tuple)):
+        raise InvalidArgument(f"disks must be {expected}, not a {type(disks).__name__}",
+                              hint="e.g. [('/dev/vg/web', '/dr/web.img')]")
+    if not disks:
+        raise InvalidArgument("an item needs at least one disk (source, replica)",
+                              hint="give --disk SOURCE=REPLICA")
+    pairs = []
+    for i, pair in enumerate(disks):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise InvalidArgument(f"disk {i} is {pair!r}: expected a (source, replica) pair "
+                                  f"({expected})")
+        pairs.append((recordable_text(pair[0], f"the source of disk {i}"),
+                      recordable_text(pair[1], f"the replica of disk {i}")))
+    return pairs
+
 
 def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
             quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None, cbt=False,
@@ -31,8 +94,20 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     QEMU dirty bitmap (sources: qcow2 images or qmp:SOCKET:NODE; see
     pydr.dr.tracking). `host`: the sources are paths on that host, read
     there by a Dask worker of a fleet (pydr.dr.fleet); they are not
-    looked for on this machine."""
-    _check_options(name, disks, retention, retention_age, quiesce_hook, thaw_hook, cbt, host)
+    looked for on this machine.
+
+    The item's and the group's name follow :data:`NAME_RULE`; every path,
+    hook and command is UTF-8 text without NUL (:func:`recordable_text`).
+
+    Raises InvalidArgument (a ValueError) naming the argument and what is
+    expected: a bad name, disks that are not a list of (source, replica)
+    pairs, a path that is not UTF-8, a replica that is its source, a
+    remote replica without an absolute path, a bad option; InvalidState: the
+    name is taken, or a disk is another item's, or another vault owns a
+    replica; FileNotFoundError: a source is missing. Nothing is recorded
+    when it raises; the protect job, once started, ends with the call."""
+    disks = _check_options(name, disks, group, retention, retention_age, quiesce_hook,
+                           thaw_hook, rsh, remote_pydr, host)
     if store.has_item(name):
         raise InvalidState(f"item {name!r} is already protected", path=store.dir, item=name)
     # replicate(NAME) takes an item's or a group's name: one name is never both
@@ -55,23 +130,29 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
             if r.grp == group})
     owners = _check_owners(store, name, stored, disk)
     job = store.start_job("protect", name)
-    store.add_item(name, stored, grp=group, state="protecting", direction="forward",
-                   health="ok", retention=retention, quiesce_hook=quiesce_hook,
-                   thaw_hook=thaw_hook, created=time.time(), retention_age=retention_age, rsh=rsh,
-                   remote_pydr=remote_pydr, host=host)
-    for replica, me in owners:  # not reachable, no directory yet: its first cycle claims it
-        with contextlib.suppress(OSError):
-            ownership.claim(replica, me, exists_in_vault=store.has_item)
+    try:
+        store.add_item(name, stored, grp=group, state="protecting", direction="forward",
+                       health="ok", retention=retention, quiesce_hook=quiesce_hook,
+                       thaw_hook=thaw_hook, created=time.time(), retention_age=retention_age,
+                       rsh=rsh, remote_pydr=remote_pydr, host=host)
+        for replica, me in owners:  # not reachable, no directory yet: its first cycle claims it
+            with contextlib.suppress(OSError):
+                ownership.claim(replica, me, exists_in_vault=store.has_item)
+    except BaseException as exc:  # the job ends with the call, whatever stopped it
+        with contextlib.suppress(Exception):
+            store.end_job(job, "failed", error=str(exc) or type(exc).__name__)
+        raise
     store.end_job(job, "succeeded")
 
 
-def _check_options(name, disks, retention, retention_age, quiesce_hook, thaw_hook, cbt, host):
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("-"):
-        raise InvalidArgument(f"invalid item name {name!r}: expected a non-empty str, without "
-                              f"'/', not starting with '-'")
-    if not disks:
-        raise InvalidArgument("an item needs at least one disk (source, replica)",
-                              hint="give --disk SOURCE=REPLICA")
+def _check_options(name, disks, group, retention, retention_age, quiesce_hook, thaw_hook, rsh,
+                   remote_pydr, host):
+    """InvalidArgument naming the first bad argument of protect; the disks
+    as [(source, replica)] strs (:func:`disk_pairs`)."""
+    check_name(name, "an item's name")
+    if group is not None:
+        check_name(group, "a group's name")
+    disks = disk_pairs(disks)
     if isinstance(retention, bool) or not isinstance(retention, int) or retention < 1:
         raise InvalidArgument(f"retention must be a positive number of points, not {retention!r}")
     if retention_age is not None and retention_age <= 0:
@@ -79,8 +160,13 @@ def _check_options(name, disks, retention, retention_age, quiesce_hook, thaw_hoo
     if (quiesce_hook is None) != (thaw_hook is None):
         raise InvalidArgument("a quiesce hook and a thaw hook go together: both, or neither",
                               hint="give both --quiesce-hook and --thaw-hook, or neither")
-    if host is not None and not _HOST_NAME.fullmatch(host):
+    if host is not None and not (isinstance(host, str) and _HOST_NAME.fullmatch(host)):
         raise InvalidArgument(f"invalid host name {host!r}: letters, digits, '.', '_' and '-'")
+    for value, what in ((quiesce_hook, "the quiesce hook"), (thaw_hook, "the thaw hook"),
+                        (rsh, "the remote shell (rsh)"), (remote_pydr, "the remote pydr command")):
+        if value is not None:
+            recordable_text(value, what, secret=True)
+    return disks
 
 
 def _check_disks(store, name, disks, disk, *, cbt, host):
@@ -103,8 +189,8 @@ def _check_disks(store, name, disks, disk, *, cbt, host):
                                   f"replicas", hint="give them distinct names")
         named[file_name] = f"{source}={replica}"
         if src.place is not None:
-            raise ValueError(f"source disk {source} must be on this machine "
-                             "(replicas may be on another)")
+            raise InvalidArgument(f"source disk {source} must be on this machine, or on the "
+                                  f"item's --host (replicas may be on another)", path=source)
         if host is None and not src.exists():  # a host's disks are its worker's to find
             raise FileNotFoundError(errno.ENOENT, "source disk not found", source)
         if host is None and src.local_path is not None:
@@ -112,7 +198,8 @@ def _check_disks(store, name, disks, disk, *, cbt, host):
 
             check_disk(src.local_path)  # a FIFO or socket: refused now, not at the first cycle
         if src.identity == rep.identity:
-            raise ValueError(f"replica {replica} is the source disk itself")
+            raise InvalidArgument(f"replica {replica} is the source disk itself: a replica is "
+                                  f"another file or device, at the other site", path=replica)
         for p in (src.identity, rep.identity):
             if p in taken or p in seen:
                 raise InvalidState(f"{p} is already a disk of a protected item", path=p)

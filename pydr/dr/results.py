@@ -237,8 +237,8 @@ class PointInfo(_Result):
 
     ``created_at``: when it was recorded; ``cut_at``: when its data was
     taken (the cut; its ``created_at`` for points recorded before cut times
-    were). ``consistency``: "app-consistent", "crash-consistent" or
-    "inconsistent" (docs/VAULT.md); ``cut``: how the cut was made;
+    were). ``consistency``: "app-consistent", "crash-consistent",
+    "disk-consistent" or "inconsistent" (docs/VAULT.md); ``cut``: how the cut was made;
     ``bytes``: what its cycle moved; ``damaged``: why it can no longer be
     restored, or None."""
 

@@ -36,12 +36,14 @@ if TYPE_CHECKING:
     from .store import Store
 
 #: the consistency labels of points, weakest first
-CONSISTENCIES = ("inconsistent", "crash-consistent", "app-consistent")
+CONSISTENCIES = ("inconsistent", "disk-consistent", "crash-consistent", "app-consistent")
 
-#: the cuts that take every disk of a point at one instant: a reflink clone
-#: ("reflink"), a QMP transaction of a live disk's bitmap and fleecing export
-#: ("fleece"), a qcow2 image's new dirty bitmap while no QEMU can write it
-#: ("bitmap")
+#: the cuts that take a disk at one instant: a reflink clone ("reflink"), a
+#: QMP transaction of a live disk's bitmap and fleecing export ("fleece"), a
+#: qcow2 image's new dirty bitmap while no QEMU can write it ("bitmap"). Each
+#: takes ONE disk: several disks (an item's, a group's members') are cut one
+#: after the other (pydr.dr.agent.cut; a fleet's or an object store's group:
+#: each member on its own), so they are at different instants
 INSTANT_CUTS = ("reflink", "fleece", "bitmap")
 
 
@@ -88,16 +90,25 @@ def rpo_facts(store: Store, name: str, *, now: Optional[float] = None) -> RpoFac
     return RpoFacts(latest.id, at, max(0.0, now - at), row.last_success_at)
 
 
-def consistency_of(cut: str, *, hooks_ran: bool) -> str:
+def consistency_of(cut: str, *, hooks_ran: bool, disks: int = 1) -> str:
     """The consistency label of a point whose disks were cut by `cut` (the
     points.cut column), `hooks_ran` telling whether the items' quiesce
-    hooks ran before it:
+    hooks ran before it, `disks` how many disks were cut with it (every
+    disk of the items recorded together: an item's, or its group's members'
+    in the call; :func:`disks_cut_together`):
 
-    * "app-consistent": the quiesce hooks ran, then either every disk was
-      cut at one instant or (cut "quiesce") the writers stayed paused for
+    * "app-consistent": the quiesce hooks ran, then either each disk was
+      cut at one instant while the writers were paused (the thaw comes after
+      the last disk's cut) or (cut "quiesce") the writers stayed paused for
       the whole read;
-    * "crash-consistent": every disk at one instant (:data:`INSTANT_CUTS`),
-      what a power cut would leave;
+    * "crash-consistent": one disk, cut at one instant
+      (:data:`INSTANT_CUTS`): what a power cut would leave;
+    * "disk-consistent": several disks, each cut at one instant but one
+      after the other (no cut of pydr takes several disks in one atomic
+      step): each disk is what a power cut would leave on it, but not at
+      the same instant as the others -- an application whose data spans
+      disks (a database and its log, a volume group, a RAID set) may not
+      recover from it; give the items hooks for app-consistent points;
     * "inconsistent": cut "none": the disks were read while they may have
       changed, so blocks of different moments may be mixed (exact only if
       nothing wrote during the cycle).
@@ -105,8 +116,15 @@ def consistency_of(cut: str, *, hooks_ran: bool) -> str:
     if cut == "quiesce" or (hooks_ran and cut in INSTANT_CUTS):
         return "app-consistent"
     if cut in INSTANT_CUTS:
-        return "crash-consistent"
+        return "crash-consistent" if disks <= 1 else "disk-consistent"
     return "inconsistent"
+
+
+def disks_cut_together(store: Store, names: Iterable[str]) -> int:
+    """How many disks the items `names` have: the disks a cycle cut and
+    recorded together when `names` are the items of one unit (an item, or
+    its group's members in the call), to give :func:`consistency_of`."""
+    return sum(len(store.disks(name)) for name in names)
 
 
 def weakest(labels: Iterable[Optional[str]]) -> Optional[str]:

@@ -169,11 +169,22 @@ _MIGRATIONS = {
     # 9: when each point's cut was taken (the time of its data, pydr.dr.rpo; NULL
     # for the points made before, which read as their `created`), and when an
     # item's last cycle that made a point ended (its newest point's, until the
-    # next); a point whose disks were read as they changed is not crash-consistent
+    # next); a point whose disks were read as they changed is not crash-consistent,
+    # nor is one of several disks, each cut on its own (pydr.dr.rpo.consistency_of):
+    # its item's disks, or its group's members' (a group's items in one call share
+    # the point id; an --all call's items do too, but those are not of one group)
     8: ("ALTER TABLE points ADD COLUMN cut_at REAL",
         "ALTER TABLE items ADD COLUMN last_success_at REAL",
         "UPDATE points SET consistency = 'inconsistent' "
         "WHERE cut = 'none' AND consistency = 'crash-consistent'",
+        "UPDATE points SET consistency = 'disk-consistent' "
+        "WHERE consistency = 'crash-consistent' AND ("
+        " (SELECT COUNT(*) FROM disks WHERE disks.item = points.item) > 1"
+        " OR EXISTS (SELECT 1 FROM points AS other"
+        "  JOIN items AS mine ON mine.name = points.item"
+        "  JOIN items AS theirs ON theirs.name = other.item"
+        "  WHERE other.id = points.id AND other.item <> points.item"
+        "  AND mine.grp IS NOT NULL AND theirs.grp = mine.grp))",
         "UPDATE items SET last_success_at = "
         "(SELECT MAX(created) FROM points WHERE points.item = items.name)"),
 }

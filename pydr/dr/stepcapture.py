@@ -7,11 +7,15 @@ on the item's host (:func:`task`, run there by pydr.dr.agent.cycle_item),
 and records what it returns.
 
 The cut: where the sources' file system can clone files (reflink: XFS,
-btrfs), every disk of the unit is cloned first (FICLONE, a few milliseconds
-whatever the size) and the cycle reads the clones, so all disks are read as
-of one instant: a crash-consistent point even while the sources are
-written. A disk with changed-block tracking starts its next dirty bitmap
-instead (a live one is fleeced). Without either (ext4, block devices) the
+btrfs), every disk of the unit is cloned first (one FICLONE per disk, a few
+milliseconds whatever the size) and the cycle reads the clones, so each disk
+is read as of one instant -- its own: the disks are cloned one after the
+other. One disk is a crash-consistent point even while it is written;
+several are "disk-consistent" (each as a power cut would leave it, not at
+one instant), app-consistent when the quiesce hooks hold the writers until
+the last disk is cut (pydr.dr.rpo.consistency_of). A disk with
+changed-block tracking starts its next dirty bitmap instead (a live one is
+fleeced, one QMP transaction per disk). Without either (ext4, block devices) the
 sources are read as they are; the quiesce/thaw hooks then make the point
 consistent (the writer is paused for the whole read). Each point records its
 cut ("reflink", "fleece", "bitmap", "quiesce" or "none") and when it was
@@ -128,7 +132,7 @@ def capture(vault, names, opts, jobs):
         sizes = [source.size() for _, _, source in plans]
         for n in names:
             emitters[n].emit("progress", phase="cut")
-        # the cut: every disk at one instant (a clone, or a tracker's next bitmap)
+        # the cut: each disk at its own instant (a clone, or a tracker's next bitmap)
         with cut([source for _, _, source in plans],
                  trackers=[trackers.get((r["name"], d["idx"])) for r, d, _ in plans],
                  full=[opts.resync_all or not vault.points(r["name"]) for r, _, _ in plans],

@@ -71,7 +71,9 @@ def take(directory, timeout=None):
     try:
         with naming(path):  # a full disk names the vault
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}: {command_line()}\n".encode(), 0)
+            # an argument of bytes that are not UTF-8 (os.fsdecode's escapes) shown escaped
+            os.pwrite(fd, f"{os.getpid()}: {command_line()}\n".encode("utf-8", "backslashreplace"),
+                      0)
     except BaseException:
         os.close(fd)
         raise
