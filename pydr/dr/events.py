@@ -46,7 +46,7 @@ operation, set ``cancel``. (Ctrl-C, a KeyboardInterrupt, still stops it.)
 
 ``events`` must be callable and ``cancel`` must have ``is_set()`` (a
 threading.Event): anything else is InvalidArgument before the work begins
-(:func:`check_events`, :func:`check_cancel_event`).
+(``check_events``, ``check_cancel_event``).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class Vault:
     @property
     def dir(self) -> str:
         """The vault's directory."""
-        return cast(str, self.store.dir)
+        return self.store.dir
 
     @property
     def writer(self) -> bool:
