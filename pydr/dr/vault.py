@@ -28,61 +28,25 @@ import math
 import os
 import threading
 from datetime import datetime
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional,
-                    Sequence, Tuple, Union, cast)
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union, cast
 
-from ..errors import Cancelled, InvalidArgument, PlanFailed
+from ..errors import InvalidArgument
 from . import arguments
-from . import drills as D
-from . import failover as F
-from . import plans as plans_
 from . import pointstores
 from . import points as points_
 from . import protection
 from . import replication as R
 from . import report
-from .events import Emitter, EventSink, check_cancel_event, check_events
+from .events import Emitter, EventSink
 from .retry import RetryPolicy
-from .results import (CycleResult, ItemError, ItemStatus, JobInfo, OperationResult, PlanHook,
-                      PlanReport, PlanStep, PointInfo)
+from .results import CycleResult, ItemStatus, JobInfo, OperationResult, PointInfo
 from .schema import init_vault as init_vault  # pydr.dr.vault.init_vault, pydr.init_vault
 from .store import Store
-from .store_records import DiskRecord, ItemRecord, PlanRecord
+from .store_records import DiskRecord, ItemRecord
+from .vault_recovery import (PointSelector, Progress, RecoveryOperations, checked_point,
+                             forwarded)
 
-Progress = Callable[[Any], None]
-PointSelector = Union[int, str, None]
-
-
-def _extra(events: Optional[EventSink], cancel: Optional[threading.Event]) -> Dict[str, Any]:
-    """events/cancel as keyword arguments of a workflow function, only when
-    given (the workflow functions take them from issue 21 on). InvalidArgument
-    when `events` is not callable or `cancel` has no is_set(): refused at the
-    door, before a job is started."""
-    check_events(events)
-    check_cancel_event(cancel)
-    out: Dict[str, Any] = {}
-    if events is not None:
-        out["events"] = events
-    if cancel is not None:
-        out["cancel"] = cancel
-    return out
-
-
-def _point(point: Any, *, selector: bool = True) -> Any:
-    """A point id or selector as the workflow takes it: an int id (its
-    digits as a str become the int), or with `selector` None or one of
-    points.SELECTORS. InvalidArgument for anything else, an id below 1 or
-    one beyond what the vault can hold."""
-    digits = isinstance(point, str) and point.isascii() and point.isdigit()
-    if ((isinstance(point, int) and not isinstance(point, bool) and point > arguments.MAX_ID)
-            or (digits and int(point) > arguments.MAX_ID)):
-        raise InvalidArgument(f"no point id is that large: {point!r}")
-    if not selector and (point is None or point in points_.SELECTORS):
-        return point
-    return points_.check_selector(point)
-
-
-class Vault:
+class Vault(RecoveryOperations):
     """An open vault with the DR workflow.
 
     Open it as a context manager; ``writer=True`` takes the vault's lock
@@ -356,8 +320,8 @@ class Vault:
     # -- replication -----------------------------------------------------------------
     def replicate(self, names: Union[str, Iterable[str]], *, app_consistent: bool = False,
                   resync: bool = False, retry: bool = False, max_attempts: Optional[int] = None,
-                  policy: Optional[RetryPolicy] = None, executor: Any = None, threads: Optional[int] = None,
-                  bwlimit: Optional[int] = None, progress: Optional[Progress] = None,
+                  policy: Optional[RetryPolicy] = None, executor: Any = None,
+                  threads: Optional[int] = None, bwlimit: Optional[int] = None, progress: Optional[Progress] = None,
                   events: Optional[EventSink] = None,
                   cancel: Optional[threading.Event] = None) -> CycleResult:
         """One replication cycle of the items `names`: a group's members
@@ -405,7 +369,7 @@ class Vault:
                             ("max_attempts", max_attempts)):
             arguments.count(count, what, low=1)
         kwargs: Dict[str, Any] = dict(executor=executor, app_consistent=app_consistent,
-                                      resync_all=resync, **_extra(events, cancel))
+                                      resync_all=resync, **forwarded(events, cancel))
         for key, value in (("threads", threads), ("bwlimit", bwlimit), ("progress", progress)):
             if value is not None:
                 kwargs[key] = value
@@ -470,8 +434,8 @@ class Vault:
         """
         arguments.method(method, "materialize")
         arguments.count(threads, "threads", low=1)
-        extra = _extra(events, cancel)
-        wanted = _point(point)
+        extra = forwarded(events, cancel)
+        wanted = checked_point(point)
         point_id: int = (wanted if isinstance(wanted, int)
                          else points_.select_point(self.store, name, wanted))
         methods: List[str] = []
@@ -482,215 +446,6 @@ class Vault:
                                paths=tuple(str(p) for p in paths),
                                method="+".join(sorted(set(methods))) or None,
                                direction=self.store.item(name).direction)
-
-    # -- drills and failover ---------------------------------------------------------
-    def _result(self, operation: str, answer: Mapping[str, Any]) -> OperationResult:
-        return OperationResult.from_workflow(
-            operation, answer, direction=self.store.item(answer["item"]).direction)
-
-    def test_failover(self, name: str, directory: str, point: PointSelector = None, *,
-                      method: str = "auto", progress: Optional[Progress] = None,
-                      events: Optional[EventSink] = None,
-                      cancel: Optional[threading.Event] = None) -> OperationResult:
-        """A DR drill: write item `name`'s disks as they were at a recovery
-        point into `directory`, without touching the replicas or stopping
-        replication. Undo it with cleanup_test_failover(). An interrupted
-        drill is finished by the same call; a finished one is left as it is
-        (``already_done``).
-
-        Args:
-            name: the item.
-            directory: where the disks go (made if missing; host:DIR for
-                replicas on another host). A drill never overwrites a file.
-            point: a point id, or "latest-processed" (None: the same), or
-                "latest-app-consistent".
-            method: "auto" (reflink clones where the file system can, else
-                copies), "reflink", "copy" or "qcow2" (overlays backed by
-                the replicas; the item is not replicated until clean-up).
-            progress: a callable given each engine ProgressRecord.
-            events: a callable given each Event.
-            cancel: set it to stop as a kill would.
-
-        Returns:
-            An OperationResult ("test-failover": point, paths, method, notes).
-
-        Raises:
-            InvalidArgument: a bad point, method, events or cancel.
-            InvalidState: another drill is in place, or the item's state
-                does not allow one.
-            UnknownName: no such item or point.
-            DamagedPoint, DamagedJournal: the point cannot be restored.
-        """
-        arguments.method(method, "test_failover")
-        extra = _extra(events, cancel)
-        return self._result("test-failover", D.test_failover(
-            self.store, name, directory, _point(point), method=method, progress=progress,
-            **extra))
-
-    def cleanup_test_failover(self, name: str, *, events: Optional[EventSink] = None,
-                              cancel: Optional[threading.Event] = None) -> OperationResult:
-        """Remove the disks test_failover() wrote for item `name` (and its
-        directory if that leaves it empty); files it did not write stay.
-
-        Args:
-            name: the item.
-            events: a callable given each Event.
-            cancel: set it to stop as a kill would.
-
-        Returns:
-            An OperationResult ("cleanup-test-failover": removed; already_done
-            when there was no drill).
-
-        Raises:
-            UnknownName: no item of that name.
-        """
-        return self._result("cleanup-test-failover",
-                            D.cleanup_test_failover(self.store, name, **_extra(events, cancel)))
-
-    def failover(self, name: str, point: PointSelector = "latest", *, planned: bool = False,
-                 shutdown_hook: Optional[str] = None, method: str = "auto",
-                 directory: Optional[str] = None, executor: Any = None,
-                 progress: Optional[Progress] = None, events: Optional[EventSink] = None,
-                 cancel: Optional[threading.Event] = None) -> OperationResult:
-        """Fail item `name` over: its replica paths (or `directory`, for an
-        item replicated to an object store) hold a recovery point, each
-        replica kept aside as the baseline. Until commit(), change_point()
-        switches to another point. Running it again after an interruption
-        finishes it; after it finished, it changes nothing (``already_done``).
-
-        Args:
-            name: the item.
-            point: "latest" (replicate what the source still has first; if
-                that fails, the newest point), "latest-processed" (the newest
-                existing point), "latest-app-consistent", or a point id.
-            planned: run `shutdown_hook` (which must then succeed) and a
-                final cycle first: nothing is lost.
-            shutdown_hook: a shell command that stops the machine.
-            method: "auto", "reflink", "copy" or "qcow2" (an overlay on the
-                baseline).
-            directory: for an item replicated to an object store: the local
-                directory its disks are made in.
-            executor: where a planned failover's last cycle runs (a fleet's).
-            progress: a callable given each engine ProgressRecord.
-            events: a callable given each Event.
-            cancel: set it to stop as a kill would.
-
-        Returns:
-            An OperationResult ("failover": point, method, notes).
-
-        Raises:
-            InvalidArgument: a bad point, method, events or cancel.
-            InvalidState: the item's state does not allow a failover (or it
-                is failed over to another point: use change_point()).
-            HookFailed: a planned failover's shutdown hook failed.
-            DamagedPoint, DamagedJournal: the point cannot be brought up.
-        """
-        arguments.method(method, "failover")
-        extra = _extra(events, cancel)
-        point = _point(point, selector=False)
-        return self._result("failover", F.failover(
-            self.store, name, point, planned=planned, shutdown_hook=shutdown_hook, method=method,
-            progress=progress, to=directory, executor=executor, **extra))
-
-    def change_point(self, name: str, point: PointSelector, *, method: Optional[str] = None,
-                     progress: Optional[Progress] = None, events: Optional[EventSink] = None,
-                     cancel: Optional[threading.Event] = None) -> OperationResult:
-        """After failover() and before commit(): make item `name`'s disks
-        hold another point, rebuilt from the untouched baselines (exact even
-        after the failed-over machine wrote to its disks).
-
-        Args:
-            name: the item.
-            point: a point id or a selector (see failover()).
-            method: how to make the disks (default: as the failover did).
-            progress: a callable given each engine ProgressRecord.
-            events: a callable given each Event.
-            cancel: set it to stop as a kill would.
-
-        Returns:
-            An OperationResult ("change-point": point, method, notes).
-
-        Raises:
-            InvalidArgument: a bad point, method, events or cancel.
-            InvalidState: the item is not failed over.
-            UnknownName: no such item or point.
-            DamagedPoint, DamagedJournal: the point cannot be brought up.
-        """
-        arguments.method(method, "change_point", default_ok=True)
-        extra = _extra(events, cancel)
-        return self._result("change-point", F.change_point(
-            self.store, name, _point(point, selector=False), method=method, progress=progress,
-            **extra))
-
-    def commit(self, name: str, *, events: Optional[EventSink] = None,
-               cancel: Optional[threading.Event] = None) -> OperationResult:
-        """Make item `name`'s failover final: the replica site is active (the
-        direction flips), the recovery points, their steps and the baselines
-        are removed. A qcow2 overlay is flattened into its baseline.
-
-        Args:
-            name: the item.
-            events: a callable given each Event.
-            cancel: set it to stop as a kill would.
-
-        Returns:
-            An OperationResult ("commit": direction, notes).
-
-        Raises:
-            InvalidState: the item is not failed over.
-        """
-        return self._result("commit", F.commit(self.store, name, **_extra(events, cancel)))
-
-    def reprotect(self, name: str, *, progress: Optional[Progress] = None,
-                  events: Optional[EventSink] = None,
-                  cancel: Optional[threading.Event] = None) -> OperationResult:
-        """After commit(): replicate item `name` the other way. Each disk's
-        source and replica swap; the old sources are reused, so the first
-        cycle (a checksum resync) moves only the blocks that differ.
-
-        Args:
-            name: the item.
-            progress: a callable given each engine ProgressRecord.
-            events: a callable given each Event.
-            cancel: set it to stop as a kill would.
-
-        Returns:
-            An OperationResult ("reprotect": direction, point, and the
-            ``cycle`` it ran; already_done with no cycle when it was done).
-
-        Raises:
-            InvalidState: the failover is not committed.
-            PydrError, OSError: the cycle's error.
-        """
-        return self._result("reprotect", F.reprotect(self.store, name, progress=progress,
-                                                     **_extra(events, cancel)))
-
-    def failback(self, name: str, *, alternates: Optional[Mapping[str, str]] = None,
-                 shutdown_hook: Optional[str] = None, events: Optional[EventSink] = None,
-                 cancel: Optional[threading.Event] = None) -> OperationResult:
-        """A planned failover of a reprotected item `name` back to its first
-        site: `shutdown_hook` (must succeed), a final cycle, nothing lost.
-        Then commit() and reprotect() give back the first direction.
-
-        Args:
-            name: the item.
-            alternates: {replica: new path}: those disks come up at the new
-                paths instead (the old ones are left as they are).
-            shutdown_hook: a shell command that stops the machine.
-            events: a callable given each Event.
-            cancel: set it to stop as a kill would.
-
-        Returns:
-            An OperationResult ("failback": point, method, notes).
-
-        Raises:
-            InvalidState: the item is not reprotected, or an alternate exists.
-            UnknownName: an alternate names no replica of the item.
-            HookFailed: the shutdown hook failed.
-        """
-        return self._result("failback", F.failback(
-            self.store, name, alternates=dict(alternates) if alternates else None,
-            shutdown_hook=shutdown_hook, **_extra(events, cancel)))
 
     # -- checks and garbage ------------------------------------------------------------
     def verify(self, name: str, point: Optional[int] = None, sample: float = 100.0, *,
@@ -718,9 +473,9 @@ class Vault:
             UnknownName: no such item or point.
             Cancelled: ``cancel`` was set.
         """
-        _extra(events, cancel)
+        forwarded(events, cancel)
         if point is not None:
-            _point(point)
+            checked_point(point)
             point = arguments.count(points_.check_selector(point), "point", low=1)
         if (isinstance(sample, bool) or not isinstance(sample, (int, float))
                 or not 0 < sample <= 100):
@@ -756,106 +511,3 @@ class Vault:
         if now is not None:
             options["now"] = now
         return pointstores.collect_garbage(self.store, target, **options)
-
-    # -- recovery plans --------------------------------------------------------------
-    def create_plan(self, name: str, groups: Sequence[Any]) -> List[Dict[str, Any]]:
-        """Define recovery plan `name`: groups of items run in order, the
-        items of a group in parallel.
-
-        Args:
-            name: the plan's name.
-            groups: each group a list of item names, or a dict {"items":
-                [item, ...], "pre": CMD or None, "post": CMD or None} (shell
-                commands run before and after the group).
-
-        Returns:
-            The plan's definition as stored (a list of such dicts).
-
-        Raises:
-            InvalidState: a plan of that name exists.
-            UnknownName: an item is not protected.
-            ValueError: a bad name, an empty group, an item in two groups.
-        """
-        return cast(List[Dict[str, Any]], plans_.create_plan(self.store, name, groups))
-
-    def plan(self, name: str) -> PlanRecord:
-        """Recovery plan `name` as stored (name, definition, created).
-
-        Raises:
-            UnknownName: there is no such plan.
-        """
-        return cast(PlanRecord, self.store.plan(name))
-
-    def run_plan(self, name: str, operation: str, *, point: PointSelector = None,
-                 directory: Optional[str] = None, planned: bool = False,
-                 shutdown_hook: Optional[str] = None, fleet: Any = None,
-                 events: Optional[EventSink] = None,
-                 cancel: Optional[threading.Event] = None) -> PlanReport:
-        """Run `operation` over recovery plan `name`: its groups in order,
-        the items of a group in parallel, each group's pre and post hooks
-        around it. The first failure stops the plan.
-
-        Args:
-            name: the plan.
-            operation: "failover", "test-failover", "cleanup-test-failover",
-                "commit", "reprotect" or "failback".
-            point: failover / test-failover: the point (see failover()).
-            directory: test-failover: each item's disks go to DIRECTORY/ITEM.
-            planned: failover: planned (see failover()).
-            shutdown_hook: failover / failback: the machines' shutdown hook.
-            fleet: a pydr.dr.fleet.Fleet: items' replication runs on their
-                hosts' workers.
-            events: a callable given each Event.
-            cancel: set it to stop as a kill would.
-
-        Returns:
-            The PlanReport (ok), with each item's OperationResult.
-
-        Raises:
-            PlanFailed: a hook or an item failed; ``.result`` is the
-                PlanReport (not ok) saying what ran and what did not.
-            UnknownName: there is no such plan.
-            InvalidArgument: an unknown operation, an option it does not
-                take, test-failover without `directory`, a bad point.
-        """
-        # plans.check_operation refuses a bad operation or option (InvalidArgument)
-        options: Dict[str, Any] = {"point": point, "planned": planned,
-                                   "shutdown_hook": shutdown_hook, "directory": directory,
-                                   **_extra(events, cancel)}
-        if fleet is not None:
-            options["fleet"] = fleet
-        groups = self.store.plan(name).definition
-        try:
-            entries = plans_.run_plan(self.store, name, operation, **options)
-        except (PlanFailed, Cancelled) as exc:  # the report of what ran, as a PlanReport
-            ran = getattr(exc, "report", None)
-            if ran is not None:
-                setattr(exc, "result", self._plan_report(name, operation, groups, ran, str(exc)))
-            raise
-        return self._plan_report(name, operation, groups, entries, None)
-
-    def _plan_report(self, name: str, operation: str, groups: Sequence[Mapping[str, Any]],
-                     entries: Sequence[Mapping[str, Any]], error: Optional[str]) -> PlanReport:
-        """The PlanReport of run_plan's entries (pydr.dr.plans)."""
-        steps = []
-        for number, group in enumerate(groups, 1):
-            mine = [e for e in entries if e["group"] == number]
-            outcomes: Dict[str, Union[OperationResult, ItemError]] = {}
-            for e in mine:
-                if "item" not in e or e["status"] == "not run":
-                    continue
-                if e["status"] == "succeeded":
-                    outcomes[e["item"]] = self._result(operation, e["result"])
-                else:
-                    exc = e.get("exception")
-                    outcomes[e["item"]] = (ItemError.from_exception(e["item"], exc)
-                                           if exc is not None else
-                                           ItemError(item=e["item"], error=str(e.get("error")),
-                                                     exit_code=1))
-            steps.append(PlanStep(
-                group=number, items=tuple(group["items"]), outcomes=outcomes,
-                not_run=tuple(i for i in group["items"] if i not in outcomes),
-                hooks=tuple(PlanHook(hook=e["hook"], ok=e["status"] == "ok",
-                                     exit_code=e["exit"]) for e in mine if "hook" in e)))
-        return PlanReport(plan=name, operation=operation, ok=error is None, steps=tuple(steps),
-                          error=error)
