@@ -90,9 +90,13 @@ class PydrError(Exception):
 
 
 class Cancelled(PydrError):
-    """The operation was cancelled (``cancel`` event set, or Ctrl-C)."""
+    """The operation was cancelled (``cancel`` event set, or Ctrl-C).
+    ``result``: what the call did before it stopped, where it has one (a
+    replication cycle's CycleResult, a recovery plan's PlanReport), else
+    None."""
 
     exit_code = EXIT_CANCELLED
+    result: Any = None
 
 
 class FileChanged(PydrError, RuntimeError):

@@ -2,6 +2,7 @@
 item while it runs (so that a killed one is finished by running its
 command again: docs/RELIABILITY.md). Part of pydr.dr.store.Store."""
 
+import contextlib
 import json
 
 from ..errors import UnknownName
@@ -17,7 +18,7 @@ class ItemTables:
         row = self.db.execute(f"SELECT {ItemRecord.columns()} FROM items WHERE name=?",
                               (name,)).fetchone()
         if row is None:
-            raise UnknownName(f"no protected item named {name!r}", path=self.dir)
+            raise UnknownName(f"no protected item named {name!r}", path=self.dir, item=name)
         return ItemRecord.from_row(row)
 
     def has_item(self, name):
@@ -79,14 +80,17 @@ class ItemTables:
                         (bitmap, generation, name, idx))
 
     # -- the operation running on an item ------------------------------------------
-    def begin(self, name, operation, command, args=None, **fields):
+    def begin(self, name, operation, command, args=None, *, keep=False, **fields):
         """Record, with the state changes `fields` and in one transaction,
         that `operation` runs on item `name`, and the command that finishes
-        it when it is interrupted. An operation already recorded (the one
-        this is part of: a failover's final cycle) stays."""
+        it when it is interrupted. It replaces an operation recorded before
+        (an interrupted one this call takes over: its record would outlive
+        it), unless `keep` (a cycle: the operation recorded may be the one
+        it is part of, a failover's final cycle, or an interrupted drill a
+        cycle must not forget)."""
         with self.transaction():
             row = self.item(name)
-            if row.operation is None:
+            if row.operation is None or not keep:
                 fields.update(operation=operation, operation_command=command,
                               operation_args=json.dumps(args or {}))
             if fields:
@@ -112,16 +116,41 @@ class ItemTables:
 
     def operation(self, name):
         """The operation recorded on an item: {"name", "command",
-        "interrupted"} (interrupted: no process is running it), or None."""
+        "interrupted"} (interrupted: no process is running it; for a
+        writer, no call of its own runs it now: one that was cancelled or
+        failed, or was there when it opened), or None."""
         row = self.item(name)
         if row.operation is None:
             return None
-        if self.writer:  # this process runs it, unless it was there when we opened
-            interrupted = self.interrupted.get(name) == row.operation
+        if self.writer:
+            interrupted = not self._runs_now(name, row.operation)
         else:
             interrupted = not self.locked_by_another()
         return {"name": row.operation, "command": row.operation_command,
                 "interrupted": interrupted}
+
+    @contextlib.contextmanager
+    def running(self, name, operation):
+        """While the block runs, this process runs `operation` on item
+        `name` (a workflow call: pydr.dr.failover, drills, cycle), so
+        operation() says the one recorded on it is not interrupted; once
+        the block ends, by a return or an exception (a cancel), it is."""
+        live = self.__dict__.setdefault("_live_operations", {})
+        live.setdefault(name, []).append(operation)
+        try:
+            yield
+        finally:
+            live[name].remove(operation)
+            if not live[name]:
+                del live[name]
+
+    def _runs_now(self, name, recorded):
+        """Whether a call of this process runs the operation `recorded` on
+        `name`: a call of it, or of a workflow operation (each takes over
+        or finishes what is recorded); a cycle or a materialize runs only
+        itself."""
+        live = self.__dict__.get("_live_operations", {}).get(name, ())
+        return any(op == recorded or op not in ("replicate", "materialize") for op in live)
 
     def clear_operation(self, name, operation):
         """End `operation` on item `name` if it is the one recorded, in the
