@@ -176,7 +176,7 @@ class _Cycle:
         unit.blame = ()
         again = self.executor.rerun + (" --resync" if self.opts.resync_all else "")
         for n in unit.names:  # a killed cycle is finished by running this again
-            vault.begin(n, "replicate", f"pydr replicate {n}{again}", keep=True)
+            vault.begin(n, "replicate", f"pydr replicate {n}{again}")
         unit.jobs = {n: vault.start_job("replicate", n, state="queued") for n in unit.names}
         self.jobs += unit.jobs.values()
         for n in unit.names:

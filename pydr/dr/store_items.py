@@ -8,6 +8,24 @@ import json
 from ..errors import UnknownName
 from .store_records import DiskRecord, ItemRecord, assignments
 
+# operations that change no state of an item: their record never replaces the
+# record of one that does (a failover, a failback once its shutdown hook ran)
+SIDE_OPERATIONS = ("replicate", "materialize", "test-failover", "cleanup-test-failover")
+
+
+def takes_over(operation, recorded):
+    """Whether `operation`, as it begins on an item, replaces the record
+    of the operation `recorded` on it (None: nothing is). A cycle never
+    does (it may be part of it: a failover's final cycle); an operation
+    that changes the item's state always does (it takes over, or ends, an
+    interrupted one: its record would outlive it); a drill or its clean-up
+    only another side operation's."""
+    if recorded is None or operation == recorded:
+        return True
+    if operation in ("replicate", "materialize"):
+        return False
+    return operation not in SIDE_OPERATIONS or recorded in SIDE_OPERATIONS
+
 
 class ItemTables:
     """Items and their disks; needs ``self.db``, ``self.dir`` and ``self.transaction``."""
@@ -80,17 +98,14 @@ class ItemTables:
                         (bitmap, generation, name, idx))
 
     # -- the operation running on an item ------------------------------------------
-    def begin(self, name, operation, command, args=None, *, keep=False, **fields):
+    def begin(self, name, operation, command, args=None, **fields):
         """Record, with the state changes `fields` and in one transaction,
         that `operation` runs on item `name`, and the command that finishes
-        it when it is interrupted. It replaces an operation recorded before
-        (an interrupted one this call takes over: its record would outlive
-        it), unless `keep` (a cycle: the operation recorded may be the one
-        it is part of, a failover's final cycle, or an interrupted drill a
-        cycle must not forget)."""
+        it when it is interrupted. An operation recorded before stays
+        unless this one takes it over (see :func:`takes_over`)."""
         with self.transaction():
             row = self.item(name)
-            if row.operation is None or not keep:
+            if takes_over(operation, row.operation):
                 fields.update(operation=operation, operation_command=command,
                               operation_args=json.dumps(args or {}))
             if fields:
@@ -146,11 +161,9 @@ class ItemTables:
 
     def _runs_now(self, name, recorded):
         """Whether a call of this process runs the operation `recorded` on
-        `name`: a call of it, or of a workflow operation (each takes over
-        or finishes what is recorded); a cycle or a materialize runs only
-        itself."""
+        `name`: a call of it, or of one that takes it over (takes_over)."""
         live = self.__dict__.get("_live_operations", {}).get(name, ())
-        return any(op == recorded or op not in ("replicate", "materialize") for op in live)
+        return any(takes_over(op, recorded) for op in live)
 
     def clear_operation(self, name, operation):
         """End `operation` on item `name` if it is the one recorded, in the

@@ -84,6 +84,13 @@ def test_a_failback_cancelled_before_its_hook_runs_nothing_and_after_it_stays_pe
             "protected", "failback", True)
         assert st.operation.command == "pydr failback web"
         assert [p.id for p in v.points("web")] == before  # the final cycle made no point
+        # a drill meanwhile, and its clean-up, do not erase the failback's record
+        drill = v.test_failover("web", tmp_path / "drill")
+        assert v.status("web").operation.name == "failback"
+        v.cleanup_test_failover("web")
+        st = v.status("web")
+        assert (drill.point, st.operation.name, st.operation.interrupted) == (
+            before[-1], "failback", True)
         r = v.failback("web")  # the same call again finishes it
         made = [p.id for p in v.points("web")]
         assert made[:-1] == before and r.point == made[-1] > before[-1] and r.notes == ()
