@@ -91,14 +91,14 @@ class PydrError(Exception):
 class Cancelled(PydrError):
     """The operation was cancelled (``cancel`` event set, or Ctrl-C).
 
-    A cancelled recovery plan's Cancelled (and only that) carries
-    ``report``, the plan's raw entries (pydr.dr.plans.run_plan), and, when
-    raised by pydr.Vault.run_plan, ``result``: the PlanReport of what ran
-    and what did not."""
+    ``result``: what the call did before it stopped, where it has one (a
+    replication cycle's CycleResult; a recovery plan's PlanReport when
+    raised by pydr.Vault.run_plan), else None. A cancelled plan's Cancelled
+    also carries ``report``, the plan's raw entries (pydr.dr.plans.run_plan)."""
 
     exit_code = EXIT_CANCELLED
+    result: Any = None
     report: Any  # set on a cancelled plan only
-    result: Any  # set by pydr.Vault.run_plan only
 
 
 class FileChanged(PydrError, RuntimeError):

@@ -27,7 +27,8 @@ import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import CycleFailed, InvalidArgument, InvalidState, UnknownName, exit_code_for
+from ..errors import (Cancelled, CycleFailed, InvalidArgument, InvalidState, UnknownName,
+                      exit_code_for)
 from .events import Emitter, check_cancel, interrupted
 from .pointstores import point_store
 from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_hooks,
@@ -241,8 +242,9 @@ class _Cycle:
             with vault.transaction():
                 record_steps(vault, name, idx, kept)
         cancelled = interrupted(exc)
-        # an interruption is not damage: running the same command again is the way out
-        health = "warning" if cancelled or recoverable(exc) else "critical"
+        # an operator's stop is no fault: as a kill, it leaves health and last_error as they
+        # were (the job says "cancelled"; running the same command again is the way out)
+        health = "warning" if recoverable(exc) else "critical"
         error = str(exc) or (f"interrupted ({type(exc).__name__})" if cancelled
                              else type(exc).__name__)
         if unit.jobs and len(unit.names) > 1 and not unit.blame:
@@ -264,7 +266,10 @@ class _Cycle:
                     self.jobs.append(unit.jobs[n])
                 vault.end_job(unit.jobs[n], "cancelled" if cancelled else "failed",
                               error=why, bytes_transferred=None)
-                vault.end(n, "replicate", health=health, last_error=why)
+                if cancelled:
+                    vault.end(n, "replicate")
+                else:
+                    vault.end(n, "replicate", health=health, last_error=why)
             self.outcomes[n] = ItemOutcome(n, "failed", error=why or error,
                                            exit_code=exit_code_for(exc),
                                            recoverable=recoverable(exc))
@@ -272,17 +277,21 @@ class _Cycle:
                 "cancelled" if cancelled else "failed", message=why or error)
         self.errors[tuple(unit.names)] = exc
 
-    def not_started(self, unit):
-        """A unit whose capture never began when the call stopped: its jobs
-        are cancelled and its operation ended; its health stays as it was."""
+    NOT_BEGUN = "the call stopped before this item's cycle began"
+
+    def not_started(self, unit, exc):
+        """A unit whose capture never began when the call stopped (with
+        `exc`): its jobs are cancelled and its operation ended; its health
+        stays as it was. Its outcome says so (exit code: `exc`'s)."""
         unit.done = True
         for n in unit.names:
             if n in unit.jobs:
-                self.vault.end_job(unit.jobs[n], "cancelled", error="the call stopped before "
-                                   "this item's cycle began", bytes_transferred=None)
+                self.vault.end_job(unit.jobs[n], "cancelled", error=self.NOT_BEGUN,
+                                   bytes_transferred=None)
             self.vault.end(n, "replicate")
-            self.events.for_item(n, unit.jobs.get(n)).emit(
-                "cancelled", message="the call stopped before this item's cycle began")
+            self.outcomes[n] = ItemOutcome(n, "failed", error=self.NOT_BEGUN,
+                                           exit_code=exit_code_for(exc), recoverable=False)
+            self.events.for_item(n, unit.jobs.get(n)).emit("cancelled", message=self.NOT_BEGUN)
 
     def result(self, seconds):
         outcomes = [self.outcomes[n] for n in self.names if n in self.outcomes]
@@ -321,9 +330,15 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
     "cancelled". ``cancel``: a threading.Event; once set, the cycle stops
     at the next check (between units and disks, and in the engine's reads,
     within about 16 MiB or a second): the items being replicated end as a
-    Ctrl-C leaves them (their jobs "cancelled", health warning; a rerun
+    kill leaves them, their jobs "cancelled" and their health and
+    last_error as they were (an operator's stop is no fault; a rerun
     finishes them), the ones not begun are untouched, and Cancelled
-    (exit 130) is raised. Items recorded before it keep their points.
+    (exit 130) is raised. Items recorded before it keep their points; its
+    ``.result`` is the CycleResult (an outcome "failed" with exit code 130
+    for each item stopped or not begun). Ctrl-C ends the same way.
+
+    An error of a call about one item carries it in ``.item`` (an
+    OSError too: it keeps its builtin type).
     """
     start = time.monotonic()
     opts = Options(app_consistent=app_consistent, progress=progress, threads=threads,
@@ -332,6 +347,14 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
                    on_hosts=getattr(executor, "on_hosts", False), events=events, cancel=cancel)
     executor = executor or LocalExecutor()
     cycle = _Cycle(vault, opts, executor, item_names(vault, names))
+    with contextlib.ExitStack() as running:  # status: the items' cycles run now, in this process
+        for n in cycle.names:
+            running.enter_context(vault.running(n, "replicate"))
+        return _run(vault, cycle, executor, opts, start)
+
+
+def _run(vault, cycle, executor, opts, start):
+    """The body of replicate(): plan, check, capture and record every unit."""
     units = _plan(vault, cycle.names)
     try:
         ready = []
@@ -350,7 +373,10 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
             if unit.started:
                 cycle.failed(unit, exc)
             else:
-                cycle.not_started(unit)
+                cycle.not_started(unit, exc)
+        if isinstance(exc, Cancelled):  # what the call did before it stopped
+            exc.result = exc.cycle_result = cycle.result(time.monotonic() - start)
+        _about_one_item(exc, cycle.names)
         raise
     result = cycle.result(time.monotonic() - start)
     if cycle.errors:
@@ -358,11 +384,15 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
         if stopped:  # cancelled: the call ends as a kill would, whatever the others did
             with contextlib.suppress(AttributeError):
                 stopped[0].cycle_result = result
+            if isinstance(stopped[0], Cancelled):  # .result, as CycleFailed's
+                stopped[0].result = result
+            _about_one_item(stopped[0], cycle.names)
             raise stopped[0]
         if len(units) == 1:
             exc = next(iter(cycle.errors.values()))
             with contextlib.suppress(AttributeError):  # for --json: every item's outcome
                 exc.cycle_result = result
+            _about_one_item(exc, cycle.names)
             raise exc
         # chained to an item's internal error first (a bug: exit 1 at the CLI), else its first
         errors = list(cycle.errors.values())
@@ -370,6 +400,14 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
         hints = dict.fromkeys(e.hint for e in errors if getattr(e, "hint", None))
         raise _some_failed(vault, result, "; ".join(hints) or None) from cause
     return result
+
+
+def _about_one_item(exc, names):
+    """A call about one item raises an error that names it (``.item``; set
+    on an OSError too, which keeps its builtin type)."""
+    if len(names) == 1 and getattr(exc, "item", None) is None:
+        with contextlib.suppress(AttributeError):
+            exc.item = names[0]
 
 
 def _where(exc):
@@ -417,6 +455,8 @@ def replicate_with_retry(vault, names, *, policy=None, events=None, cancel=None,
             if getattr(exc, "cycle_result", None) is not None:
                 keep(exc.cycle_result)
                 exc.cycle_result = merged(exc.cycle_result)
+                if isinstance(exc, Cancelled):  # .result too: every attempt's outcomes
+                    exc.result = exc.cycle_result
             raise
         keep(r)
         return merged(r)

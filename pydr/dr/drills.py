@@ -10,7 +10,7 @@ from ..errors import InvalidArgument, InvalidState, UnknownName
 from . import arguments
 from .events import Emitter, check_cancel
 from .pointstores import point_store
-from .points import check_point, destinations, materialize_into, select_point
+from .points import check_point, destinations, materialize_into, operating, select_point
 
 SELECTORS = (None, "latest", "latest-processed", "latest-app-consistent")
 
@@ -51,9 +51,10 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
     finished by running the same call again (or cleaned up)."""
     directory = arguments.directory(directory, "test_failover's directory")  # InvalidArgument
     em = Emitter(events, "test-failover", name)
-    return em.run(lambda: _test_failover(vault, name, directory, point, method, progress, em,
-                                         cancel),
-                  started=False, done=lambda r: f"point {r['point']} in {directory}")
+    with operating(vault, name, "test-failover"):
+        return em.run(lambda: _test_failover(vault, name, directory, point, method, progress,
+                                             em, cancel),
+                      started=False, done=lambda r: f"point {r['point']} in {directory}")
 
 
 def _test_failover(vault, name, directory, point, method, progress, em, cancel):
@@ -78,7 +79,7 @@ def _test_failover(vault, name, directory, point, method, progress, em, cancel):
     else:
         if row["state"] != "protected":
             raise InvalidState(f"item {name!r} cannot be test-failed-over in state {row['state']}",
-                               path=vault.dir)
+                               path=vault.dir, item=name)
         pid = select_point(vault, name, point)
         check_point(vault, name, pid)  # a damaged point: refused before anything is recorded
         destinations(vault, name, where)  # so are disks that cannot be made there
@@ -124,8 +125,9 @@ def cleanup_test_failover(vault, name, *, events=None, cancel=None):
     "started" and "finished" (or "failed"); ``cancel``: a threading.Event
     asked before anything is removed (Cancelled: nothing was)."""
     em = Emitter(events, "cleanup-test-failover", name)
-    return em.run(lambda: _cleanup(vault, name, em, cancel), started=False,
-                  done=lambda r: f"{len(r['removed'])} files removed")
+    with operating(vault, name, "cleanup-test-failover"):
+        return em.run(lambda: _cleanup(vault, name, em, cancel), started=False,
+                      done=lambda r: f"{len(r['removed'])} files removed")
 
 
 def _cleanup(vault, name, em, cancel):

@@ -29,7 +29,7 @@ from .events import Emitter, check_cancel, interrupted
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
 from .pointstores import point_store
-from .points import SELECTORS, check_point, materialize_disk, select_point
+from .points import SELECTORS, check_point, materialize_disk, operating, select_point
 from .replication import owner_of, replicate
 
 __all__ = ["failover", "change_point", "commit", "reprotect", "failback", "select_point",
@@ -66,9 +66,10 @@ def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, 
     if to is not None:
         to = arguments.directory(to, "failover's directory (to)")  # InvalidArgument
     em = Emitter(events, "failover", name)
-    return em.run(lambda: _failover(vault, name, point, planned, shutdown_hook, method, progress,
-                                    to, executor, em, cancel),
-                  started=False, done=_done)
+    with operating(vault, name, "failover"):
+        return em.run(lambda: _failover(vault, name, point, planned, shutdown_hook, method,
+                                        progress, to, executor, em, cancel),
+                      started=False, done=_done)
 
 
 failover.__doc__ += _EVENTS_DOC
@@ -107,7 +108,7 @@ def _failover(vault, name, point, planned, shutdown_hook, method, progress, to, 
                            item=name, hint=f"run 'pydr change-point {name} --point {wanted}'")
     if row["state"] != "protected":
         raise InvalidState(f"item {name!r} cannot fail over in state {row['state']} "
-                           f"(direction {row['direction']})", path=vault.dir)
+                           f"(direction {row['direction']})", path=vault.dir, item=name)
     check_no_overlay_drill(vault, name, "a failover")
     check_cancel(cancel, "the failover")
     chosen = not planned and point not in (None, "latest")
@@ -195,8 +196,9 @@ def change_point(vault, name, point, *, method=None, progress=None, events=None,
     "notes"}.
     """
     em = Emitter(events, "change-point", name)
-    return em.run(lambda: _change_point(vault, name, point, method, progress, em, cancel),
-                  started=False, done=_done)
+    with operating(vault, name, "change-point"):
+        return em.run(lambda: _change_point(vault, name, point, method, progress, em, cancel),
+                      started=False, done=_done)
 
 
 change_point.__doc__ += _EVENTS_DOC
@@ -206,7 +208,7 @@ def _change_point(vault, name, point, method, progress, em, cancel):
     row = vault.item(name)
     if row["state"] not in ("failed-over", "failing-over"):
         raise InvalidState(f"change-point needs a failed-over item; {name!r} is {row['state']}",
-                           path=vault.dir)
+                           path=vault.dir, item=name)
     pid = select_point(vault, name, point)
     if row["state"] == "failed-over" and row["failover_point"] == pid:
         return {"item": name, "point": pid,
@@ -233,8 +235,9 @@ def commit(vault, name, *, events=None, cancel=None):
     "finished" (or "failed"); ``cancel``: a threading.Event asked before the
     commit begins (Cancelled: nothing changed); once begun it finishes."""
     em = Emitter(events, "commit", name)
-    return em.run(lambda: _commit(vault, name, em, cancel), started=False,
-                  done=lambda r: f"direction {r['direction']}")
+    with operating(vault, name, "commit"):
+        return em.run(lambda: _commit(vault, name, em, cancel), started=False,
+                      done=lambda r: f"direction {r['direction']}")
 
 
 def _commit(vault, name, em, cancel):
@@ -244,7 +247,7 @@ def _commit(vault, name, em, cancel):
                 "notes": ["already committed: nothing to do"]}
     if row["state"] not in ("failed-over", "committing"):
         raise InvalidState(f"commit needs a failed-over item; {name!r} is {row['state']}",
-                           path=vault.dir)
+                           path=vault.dir, item=name)
     if row["state"] == "failed-over":
         check_cancel(cancel, "the commit")
         vault.begin(name, "commit", f"pydr commit {name}", state="committing")
@@ -281,8 +284,9 @@ def reprotect(vault, name, *, progress=None, events=None, cancel=None):
     replicate's does (Cancelled), the reprotect left pending: running it
     again finishes it."""
     em = Emitter(events, "reprotect", name)
-    return em.run(lambda: _reprotect(vault, name, progress, em, cancel), started=False,
-                  done=_done)
+    with operating(vault, name, "reprotect"):
+        return em.run(lambda: _reprotect(vault, name, progress, em, cancel), started=False,
+                      done=_done)
 
 
 def _reprotect(vault, name, progress, em, cancel):
@@ -294,7 +298,7 @@ def _reprotect(vault, name, progress, em, cancel):
                     "notes": ["already reprotected: nothing to do"]}
         if row["state"] != "failover-committed":
             raise InvalidState(f"reprotect needs a committed failover; {name!r} is "
-                               f"{row['state']}", path=vault.dir)
+                               f"{row['state']}", path=vault.dir, item=name)
         check_cancel(cancel, "the reprotect")
         with vault.transaction():
             for d in vault.disks(name):
@@ -328,10 +332,16 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None, events=None, c
     """A planned failover in the reverse direction: a final cycle, nothing
     lost. With alternates {replica path: new path}, those disks are brought
     up at the new paths instead (the old ones are left as they are).
+
+    A ``cancel`` set before the shutdown hook runs stops it with nothing
+    run or recorded. Once the hook has run (the machine is down), a cancel
+    or an error leaves the failback recorded as interrupted: running the
+    same call again (the hook need not run again) finishes it.
     """
     em = Emitter(events, "failback", name)
-    return em.run(lambda: _failback(vault, name, alternates, shutdown_hook, em, cancel),
-                  started=False, done=_done)
+    with operating(vault, name, "failback"):
+        return em.run(lambda: _failback(vault, name, alternates, shutdown_hook, em, cancel),
+                      started=False, done=_done)
 
 
 failback.__doc__ += _EVENTS_DOC
@@ -353,31 +363,38 @@ def _failback(vault, name, alternates, shutdown_hook, em, cancel):
         if row["direction"] != "reverse" or row["state"] != "protected":
             raise InvalidState(f"failback needs a reprotected item (direction reverse, "
                                f"protected); {name!r} is {row['state']}, direction "
-                               f"{row['direction']}", path=vault.dir)
+                               f"{row['direction']}", path=vault.dir, item=name)
         replicas = {d["replica"] for d in vault.disks(name)}
         unknown = [k for k in alternates if k not in replicas]
         if unknown:
-            raise UnknownName(f"not a replica of {name!r}: {', '.join(unknown)}", path=vault.dir)
+            raise UnknownName(f"not a replica of {name!r}: {', '.join(unknown)}", path=vault.dir,
+                              item=name)
         for new in alternates.values():
             if vault.endpoint(name, new).exists():
-                raise InvalidState("the alternate location exists already", path=new)
+                raise InvalidState("the alternate location exists already", path=new, item=name)
         command = f"pydr failback {name}" + "".join(
             f" --alternate {k}={v}" for k, v in alternates.items())
+        check_cancel(cancel, "the failback")  # before the hook: nothing ran, nothing recorded
         vault.begin(name, "failback", command, {"alternates": alternates})
     elif alternates and alternates != pending["alternates"]:
         raise InvalidState(f"an interrupted failback of {name!r} is pending, with other "
                            f"alternates", path=vault.dir, item=name,
                            hint=f"run '{row['operation_command']}'")
     alternates = (pending or {}).get("alternates", alternates)
+    stopped_machine = False
     try:
+        check_cancel(cancel, "the failback")  # a resumed one too: before its hook runs again
         if shutdown_hook:
             run_hook(shutdown_hook, "shutdown hook")  # planned: it must succeed
+            stopped_machine = True
         check_cancel(cancel, "the failback")
         # the final cycle: nothing is lost
         pid = replicate(vault, [name], events=em.sink, cancel=cancel).point_id
     except BaseException:
-        if pending is None:
-            vault.end(name, "failback")  # nothing changed yet
+        # nothing changed yet, unless the machine was shut down: then the failback stays
+        # recorded (interrupted), and running it again finishes it
+        if pending is None and not stopped_machine:
+            vault.end(name, "failback")
         raise
     crashpoints.reached("failback.cycle")
     for d in vault.disks(name):

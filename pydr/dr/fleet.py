@@ -33,7 +33,7 @@ stops waiting (it looks every half second): the tasks not back are
 cancelled on the scheduler -- one not yet started never runs; one running
 on a worker cannot be stopped there, it runs to its end and what it
 returns is dropped -- and their items end as a killed cycle leaves them
-(jobs "cancelled", health warning). What a dropped task did on its host
+(jobs "cancelled", health as it was). What a dropped task did on its host
 (a replica resynced, an undo step kept) is what a rerun finds and
 finishes: the work is idempotent, its step is offered again.
 """

@@ -5,6 +5,7 @@ over chunks in an object store -- is its item's point store's business
 (pydr.dr.pointstores): this module keeps the records every kind shares and
 asks the store for the rest."""
 
+import contextlib
 import os
 import time
 
@@ -16,6 +17,22 @@ from .pointstores import point_store
 from .pointstores.base import protected_disks
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
+
+
+@contextlib.contextmanager
+def operating(vault, name, operation):
+    """The block is a workflow call of `operation` on item `name`: while it
+    runs, the operation recorded on the item is not interrupted
+    (Store.running); an exception it raises is about the item, and says
+    so in ``.item`` (set on an OSError too, which keeps its builtin type)."""
+    try:
+        with vault.running(name, operation):
+            yield
+    except BaseException as exc:
+        if getattr(exc, "item", None) is None:
+            with contextlib.suppress(AttributeError):
+                exc.item = name
+        raise
 
 
 def check_selector(point):
@@ -115,7 +132,8 @@ def materialize(vault, name, point_id, directory, *, threads=None, method="auto"
         check_point(vault, name, point_id)
         return vault.run_job("materialize", name, run)
 
-    return em.run(checked, started=False, done=lambda paths: f"point {point_id}")
+    with operating(vault, name, "materialize"):
+        return em.run(checked, started=False, done=lambda paths: f"point {point_id}")
 
 
 def check_point(vault, name, point_id):
@@ -128,7 +146,7 @@ def check_point(vault, name, point_id):
     row = vault.point(name, point_id)
     if row["damaged"]:
         raise DamagedPoint(f"recovery point {point_id} of {name!r} is damaged and is never "
-                           f"restored: {row['damaged']}", path=vault.dir)
+                           f"restored: {row['damaged']}", path=vault.dir, item=name)
     point_store(vault, name).check_point(point_id)
 
 
@@ -165,7 +183,8 @@ def destinations(vault, name, directory):
         replica = vault.endpoint(name, d["replica"])
         dest = where.child(os.path.basename(replica.path))
         if dest.identity == replica.identity:
-            raise InvalidState("refusing to materialise over the replica itself", path=str(dest))
+            raise InvalidState("refusing to materialise over the replica itself", path=str(dest),
+                               item=name)
         if dest.identity in protected:  # a typo in --to must not roll production back
             raise InvalidState(f"refusing to materialise over a disk the vault protects "
                                f"({protected[dest.identity]})", path=str(dest), item=name,
@@ -174,7 +193,7 @@ def destinations(vault, name, directory):
             first = made_as[dest.identity]
             raise InvalidState(f"disks {first['idx']} and {d['idx']} of {name!r} would both be "
                                f"made as this file: their replicas {first['replica']} and "
-                               f"{d['replica']} share a file name", path=str(dest))
+                               f"{d['replica']} share a file name", path=str(dest), item=name)
         made_as[dest.identity] = d
         out.append((d, dest))
     return out

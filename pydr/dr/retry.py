@@ -24,7 +24,10 @@ _RECOVERABLE_ERRNOS = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errn
 
 def recoverable(exc):
     """Whether an error is worth retrying without an operator (a cycle of
-    several items: whether one of the items that failed is)."""
+    several items: whether one of the items that failed is). A cancel or
+    Ctrl-C never is, whatever the other items of its call did."""
+    if isinstance(exc, Cancelled) or not isinstance(exc, Exception):
+        return False
     failed = getattr(getattr(exc, "result", None), "failed", None)
     if failed is not None and isinstance(exc, PydrError):
         return any(o.recoverable for o in failed)

@@ -2,10 +2,29 @@
 item while it runs (so that a killed one is finished by running its
 command again: docs/RELIABILITY.md). Part of pydr.dr.store.Store."""
 
+import contextlib
 import json
 
 from ..errors import UnknownName
 from .store_records import DiskRecord, ItemRecord, assignments
+
+# operations that change no state of an item: their record never replaces the
+# record of one that does (a failover, a failback once its shutdown hook ran)
+SIDE_OPERATIONS = ("replicate", "materialize", "test-failover", "cleanup-test-failover")
+
+
+def takes_over(operation, recorded):
+    """Whether `operation`, as it begins on an item, replaces the record
+    of the operation `recorded` on it (None: nothing is). A cycle never
+    does (it may be part of it: a failover's final cycle); an operation
+    that changes the item's state always does (it takes over, or ends, an
+    interrupted one: its record would outlive it); a drill or its clean-up
+    only another side operation's."""
+    if recorded is None or operation == recorded:
+        return True
+    if operation in ("replicate", "materialize"):
+        return False
+    return operation not in SIDE_OPERATIONS or recorded in SIDE_OPERATIONS
 
 
 class ItemTables:
@@ -17,7 +36,7 @@ class ItemTables:
         row = self.db.execute(f"SELECT {ItemRecord.columns()} FROM items WHERE name=?",
                               (name,)).fetchone()
         if row is None:
-            raise UnknownName(f"no protected item named {name!r}", path=self.dir)
+            raise UnknownName(f"no protected item named {name!r}", path=self.dir, item=name)
         return ItemRecord.from_row(row)
 
     def has_item(self, name):
@@ -82,11 +101,11 @@ class ItemTables:
     def begin(self, name, operation, command, args=None, **fields):
         """Record, with the state changes `fields` and in one transaction,
         that `operation` runs on item `name`, and the command that finishes
-        it when it is interrupted. An operation already recorded (the one
-        this is part of: a failover's final cycle) stays."""
+        it when it is interrupted. An operation recorded before stays
+        unless this one takes it over (see :func:`takes_over`)."""
         with self.transaction():
             row = self.item(name)
-            if row.operation is None:
+            if takes_over(operation, row.operation):
                 fields.update(operation=operation, operation_command=command,
                               operation_args=json.dumps(args or {}))
             if fields:
@@ -112,16 +131,39 @@ class ItemTables:
 
     def operation(self, name):
         """The operation recorded on an item: {"name", "command",
-        "interrupted"} (interrupted: no process is running it), or None."""
+        "interrupted"} (interrupted: no process is running it; for a
+        writer, no call of its own runs it now: one that was cancelled or
+        failed, or was there when it opened), or None."""
         row = self.item(name)
         if row.operation is None:
             return None
-        if self.writer:  # this process runs it, unless it was there when we opened
-            interrupted = self.interrupted.get(name) == row.operation
+        if self.writer:
+            interrupted = not self._runs_now(name, row.operation)
         else:
             interrupted = not self.locked_by_another()
         return {"name": row.operation, "command": row.operation_command,
                 "interrupted": interrupted}
+
+    @contextlib.contextmanager
+    def running(self, name, operation):
+        """While the block runs, this process runs `operation` on item
+        `name` (a workflow call: pydr.dr.failover, drills, cycle), so
+        operation() says the one recorded on it is not interrupted; once
+        the block ends, by a return or an exception (a cancel), it is."""
+        live = self.__dict__.setdefault("_live_operations", {})
+        live.setdefault(name, []).append(operation)
+        try:
+            yield
+        finally:
+            live[name].remove(operation)
+            if not live[name]:
+                del live[name]
+
+    def _runs_now(self, name, recorded):
+        """Whether a call of this process runs the operation `recorded` on
+        `name`: a call of it, or of one that takes it over (takes_over)."""
+        live = self.__dict__.get("_live_operations", {}).get(name, ())
+        return any(takes_over(op, recorded) for op in live)
 
     def clear_operation(self, name, operation):
         """End `operation` on item `name` if it is the one recorded, in the

@@ -78,7 +78,8 @@ class PointTables:
         row = self.db.execute(f"SELECT {PointRecord.columns()} FROM points WHERE item=? AND id=?",
                               (name, point_id)).fetchone()
         if row is None:
-            raise UnknownName(f"item {name!r} has no recovery point {point_id}", path=self.dir)
+            raise UnknownName(f"item {name!r} has no recovery point {point_id}", path=self.dir,
+                              item=name)
         return PointRecord.from_row(row)
 
     def all_points(self):

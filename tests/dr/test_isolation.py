@@ -436,9 +436,11 @@ def test_a_group_member_failing_a_check_fails_the_others_on_the_record(tmp_path,
 
 def test_ctrl_c_cancels_the_running_item_and_leaves_the_others(tmp_path):
     """SIGINT while b's disk is replicated (the process stopped at b's
-    cycle.disk, then interrupted): b's job is cancelled and its health a
-    warning; c and the group, never started, keep their health; a, done
-    before, has its point. The same command again finishes everything."""
+    cycle.disk, then interrupted): b's job is cancelled (its error says so)
+    and, as after a kill, its health and last_error stay as they were (an
+    operator's stop is no fault); c and the group, never started, keep
+    their health; a, done before, has its point. The same command again
+    finishes everything."""
     import signal
 
     vault, items = setup_items(tmp_path)
@@ -461,7 +463,8 @@ def test_ctrl_c_cancels_the_running_item_and_leaves_the_others(tmp_path):
         st = {n: v.status(n).to_dict() for n in items}
         jobs = {j["item"]: j for j in v.store.jobs() if j["kind"] == "replicate"}
         assert st["a"]["point_count"] == 2 and st["a"]["health"] == "ok"
-        assert st["b"]["health"] == "warning" and st["b"]["last_error"]
+        assert st["b"]["health"] == "ok" and st["b"]["last_error"] is None, st["b"]
+        assert jobs["b"]["error"]
         assert {n: jobs[n]["state"] for n in items} == {
             "a": "succeeded", "b": "cancelled", "c": "cancelled", "g1": "cancelled",
             "g2": "cancelled"}
