@@ -154,7 +154,10 @@ def test_a_missing_bitmap_is_named_and_nothing_is_sent(qcow2_item, tmp_path):
     before = sha(replica)
     r = cli(vault, "replicate", "vm")
     err = r.stderr.decode()
-    assert r.returncode == 15 and err.count("\n") == 1 and "Traceback" not in err, err
+    # one line naming the problem, then the hint: the command that gets further
+    lines = err.splitlines()
+    assert r.returncode == 15 and len(lines) == 2 and "Traceback" not in err, err
+    assert "pydr-1" in lines[0] and lines[1] == "hint: run 'pydr replicate vm --resync'", err
     assert "pydr-1" in status(vault)["last_error"] and "missing" in status(vault)["last_error"]
     assert sha(replica) == before
 

@@ -320,8 +320,11 @@ def test_a_version_1_vault_is_migrated(tmp_path):
         assert len(v.points("vm")) == 1
         assert v.points("vm")[0].damaged is None and len(v.vault_id()) == 32
         # no cut time was recorded: the point's data reads as its record's time
-        assert v.points("vm")[0].cut_at is None
-        assert v.item("vm").last_success_at == v.points("vm")[0].created_at.timestamp()
+        record = v.store.points("vm")[0]
+        assert record.cut_at is None and record.data_time == record.created
+        assert v.points("vm")[0].cut_at == v.points("vm")[0].created_at
+        # the migration takes the last success from the point's record (epoch seconds, exact)
+        assert v.item("vm").last_success_at == record.created
         assert "digest" in [r["name"] for r in v.db.execute("PRAGMA table_info(steps)")]
     with Vault(tmp_path / "v", writer=True) as v:
         src.write_bytes(os.urandom(1 << 20))
