@@ -223,7 +223,7 @@ class Emitter:
         fields.setdefault("job", self.job)
         if "path" in fields:
             fields["path"] = person_path(fields["path"])
-        if fields.get("message"):
+        if fields.get("message") and kind != "failed":  # an error names the file it is about
             fields["message"] = person_text(fields["message"])
         event = Event(kind, self.operation, **fields)
         try:
@@ -241,9 +241,12 @@ class Emitter:
     def ended(self, exc: BaseException, **fields: Any) -> None:
         """The item's operation stopped with `exc`: "cancelled" for Ctrl-C
         or a cancel= event, else "failed"; the message is the error. A
-        pydr error's hidden work files are renamed in place by their disks
-        (hide_work_files), for the event and for whoever catches it."""
-        hide_work_files(exc)
+        cancel's hidden work files are renamed in place by their disks
+        (hide_work_files), for the event and for whoever catches it; an
+        error keeps the file it is about, hidden or not (a damaged baseline
+        or journal is that file, and a person must find it)."""
+        if interrupted(exc):
+            hide_work_files(exc)
         message = str(exc) or type(exc).__name__
         self.emit("cancelled" if interrupted(exc) else "failed", message=message, **fields)
 
