@@ -1,5 +1,6 @@
 """Real ext4 disk images for the tests: made with mkfs.ext4 -d, changed with
-debugfs -w, checked with e2fsck -fn."""
+debugfs -w, checked with e2fsck -fn; and the page cache dropped for files
+whose next reads must hit the disk (evict)."""
 
 import os
 import random
@@ -85,3 +86,14 @@ def scribble(path, seed, blocks=6):
         for _ in range(blocks):
             f.seek(rng.randrange(0, size, 4096))
             f.write(rng.randbytes(4096))
+
+
+def evict(*paths):
+    """Drop the files from the page cache: every later read is from the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

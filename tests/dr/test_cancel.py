@@ -19,6 +19,7 @@ from pydr.dr.vault import Vault, init_vault
 from pydr.errors import Cancelled
 
 from conftest import sha
+from disks import evict
 
 DISK = 1 << 30
 REGION = 32 << 20  # data written at four places of the disk; the rest is a hole
@@ -32,16 +33,6 @@ def read_bytes():
             if line.startswith("read_bytes:"):
                 return int(line.split()[1])
     raise AssertionError("no read_bytes in /proc/self/io")
-
-
-def uncache(path):
-    """Drop the file's pages from the page cache: its next reads hit the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def write_regions(path, seed):
@@ -94,7 +85,7 @@ class CancelAtFirst:
 
 def test_a_cancelled_cycle_ends_within_a_few_mib_and_a_rerun_finishes_it(item):
     vault, src, rep = item
-    uncache(src)
+    evict(src)
     with Vault(vault, writer=True) as v:
         sink = CancelAtFirst("transfer")
         with pytest.raises(Cancelled):
@@ -108,7 +99,7 @@ def test_a_cancelled_cycle_ends_within_a_few_mib_and_a_rerun_finishes_it(item):
             "protecting", "ok", None, None)
         assert v.points("big") == []
         assert [j.state for j in v.jobs() if j.kind == "replicate"] == ["cancelled"]
-        uncache(src)
+        evict(src)
         before = read_bytes()
         result = v.replicate("big")  # the same call again
         assert read_bytes() - before >= len(PLACES) * REGION  # the counter counts: all data read
@@ -134,7 +125,7 @@ def test_a_cancelled_drill_stops_mid_copy_and_a_rerun_finishes_it(item, tmp_path
     vault, src, rep = item
     first = _two_points(vault, src, tmp_path)
     drill = tmp_path / "drill"
-    uncache(rep)
+    evict(rep)
     with Vault(vault, writer=True) as v:
         sink = CancelAtFirst("materialize")
         with pytest.raises(Cancelled):
@@ -157,7 +148,7 @@ def test_a_cancelled_failover_stops_mid_copy_and_a_rerun_finishes_it(item, tmp_p
     vault, src, rep = item
     first = _two_points(vault, src, tmp_path)
     latest = sha(rep)
-    uncache(rep)
+    evict(rep)
     with Vault(vault, writer=True) as v:
         sink = CancelAtFirst("bring-up")
         with pytest.raises(Cancelled):

@@ -15,20 +15,17 @@ protect's door, each held by one test:
 """
 
 import os
-import pickle
 import sqlite3
 import subprocess
-import time
 
 import pytest
 
-from pydr.dr import fleet
-from pydr.dr.cycle import LocalExecutor
 from pydr.dr.rpo import CONSISTENCIES, consistency_of, weakest
 from pydr.dr.vault import Vault, init_vault
 from pydr.errors import InvalidArgument, UnknownName
 
 from conftest import pydr_command, run_cli
+from test_rpo import PickledExecutor  # a fleet worker's pickled task, in-process
 
 MiB = 1 << 20
 
@@ -36,25 +33,6 @@ MiB = 1 << 20
 def random_file(path, size=MiB):
     path.write_bytes(os.urandom(size))
     return path
-
-
-class PickledExecutor(LocalExecutor):
-    """Runs each item's capture as a fleet's worker does (the capture's task
-    function on a plain dict, one task per member of a group) and hands the
-    unit to the driver as the fleet executor does (pydr.dr.fleet._unit_done)."""
-
-    on_hosts = True
-
-    def run(self, vault, units, opts, finish):
-        for unit in units:
-            unit.started = True
-            outcome = {}
-            for name in unit.names:
-                fn, argument = unit.capture.task(vault, name, opts)
-                vault.update_job(unit.jobs[name], state="running", started=time.time())
-                result = pickle.loads(pickle.dumps(fn(pickle.loads(pickle.dumps(argument)))))
-                outcome[name] = unit.capture.adopt(vault, name, result)
-            fleet._unit_done(unit, outcome, finish)
 
 
 def labels(v, name):

@@ -27,6 +27,7 @@ from pydr.engine.delta import BATCH_BYTES
 from pydr.engine.parallel import CANCEL_BYTES
 
 from conftest import as_ints, oracle
+from disks import evict
 
 MiB = 1 << 20
 THREADS = 2
@@ -66,17 +67,6 @@ def sha(path):
         while chunk := f.read(16 * MiB):
             h.update(chunk)
     return h.hexdigest()
-
-
-def evict(*paths):
-    """Drop the files from the page cache: every later read is from the disk."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_bytes(pid="self"):
