@@ -183,9 +183,12 @@ def cmd_resync(args):
         if getattr(st, "direction", "local") != "local":
             wire = (f"; {human_bytes(st.bytes_sent)} sent, {human_bytes(st.bytes_received)} "
                     f"received")
+        # what was read (holes and a cached target cost nothing), not what was covered
+        read = (f"{human_bytes(st.bytes_read)} read here ({human_bytes(st.source_bytes_read)} "
+                f"of the source, {human_bytes(st.target_bytes_read)} of the target)")
         print(f"{args.target}: {st.blocks_changed} blocks changed, "
               f"{human_bytes(st.bytes_written)} written, {human_bytes(st.bytes_zeroed)} zeroed, "
-              f"{human_bytes(st.bytes_read)} read{wire} in {st.seconds:.3f} s")
+              f"{read}{wire} in {st.seconds:.3f} s")
     return 0
 
 

@@ -205,6 +205,37 @@ def _known_zero(cache, first, count):
     return len(mask) == count and not bytes(mask).count(0)
 
 
+def _both_holes(source, target, cache, w0, w1, d1, block_size):
+    """Whether the window [w0, w1) is a hole on the source and needs nothing
+    from the target: past the target's end, or a hole there too (its own
+    SEEK_DATA, or all zero in a valid signature cache). Costs no data read:
+    a sparse disk's windows of holes are neither hashed nor compared."""
+    if d1 == w0:
+        pass  # past the target's end: a hole of the source stays a hole
+    elif d1 != w1:
+        return False  # the target's end falls inside the window: compare it
+    elif cache is not None:
+        if not _known_zero(cache, w0 // block_size, blocks_for(w1 - w0, block_size)):
+            return False
+    elif target.data_extents(w0, w1 - w0):
+        return False
+    return not source.data_extents(w0, w1 - w0)
+
+
+def _zero_window(length, block_size, code):
+    """(hashes, zero mask) of `length` bytes of zeros, as signing gives
+    them: the last block may be short, and is hashed over its length."""
+    import numpy as np
+
+    n = blocks_for(length, block_size)
+    hashes = np.empty((n, 2), np.uint64)
+    hashes[:] = B.hash_bytes(code, bytes(block_size))
+    tail = length - (n - 1) * block_size
+    if tail != block_size:
+        hashes[-1] = B.hash_bytes(code, bytes(tail))
+    return bytearray(hashes.tobytes()), bytearray(b"\1" * n)
+
+
 def merge_spans(spans):
     """Sorted [start, end) spans, those that touch or overlap made one."""
     merged = []
@@ -329,21 +360,21 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                 # as apply reads it
                 d1 = min(dst_size, -(-w1 // block_size) * block_size) if w0 < dst_size else w0
                 m = blocks_for(d1 - w0, block_size)
-                if cached is not None and subs and spans is None and d1 == w1 \
-                        and _known_zero(cached, w0 // block_size, n) \
-                        and not source.data_extents(w0, w1 - w0):
-                    # a hole on the source over blocks the cache knows are zero:
-                    # equal without reading either side
+                if subs and _both_holes(source, applier.dev, cached, w0, w1, d1, block_size):
+                    # nothing to read on either side: equal (a source hole past
+                    # the target's end is left a hole), hashed as zeros
                     subs = []
-                if cached is not None:
-                    dst_h, dst_z = cached.read(w0 // block_size, m)
-                    dst_h += bytes(16 * m - len(dst_h))
-                    dst_z = bytearray(dst_z) + bytes(m - len(dst_z))
+                    src_h, src_z = _zero_window(w1 - w0, block_size, code)
                 else:
-                    dst_h, dst_z = bytearray(16 * m), bytearray(m)
-                k = min(n, m)
-                src_h = bytearray(dst_h[:16 * k]) + bytes(16 * (n - k))
-                src_z = bytearray(dst_z[:k]) + bytes(n - k)
+                    if cached is not None:
+                        dst_h, dst_z = cached.read(w0 // block_size, m)
+                        dst_h += bytes(16 * m - len(dst_h))
+                        dst_z = bytearray(dst_z) + bytes(m - len(dst_z))
+                    else:
+                        dst_h, dst_z = bytearray(16 * m), bytearray(m)
+                    k = min(n, m)
+                    src_h = bytearray(dst_h[:16 * k]) + bytes(16 * (n - k))
+                    src_z = bytearray(dst_z[:k]) + bytes(n - k)
                 if subs:
                     if keep is None:
                         keep = np.empty(WINDOW, np.uint8)  # pages touched only where read
@@ -363,9 +394,11 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                                              spans=None if spans is None else t_subs)
                     throttle.report(shared.done, read_so_far())
                     check_cancel(cancel, applier.target)
-                src_sig = Signature(block_size, w1 - w0, "xxh3-128", src_h, src_z)
-                dst_sig = Signature(block_size, d1 - w0, "xxh3-128", dst_h, dst_z)
-                cmp = compare_window(src_sig, dst_sig, w0, block_size) if subs else None
+                cmp = None
+                if subs:
+                    src_sig = Signature(block_size, w1 - w0, "xxh3-128", src_h, src_z)
+                    dst_sig = Signature(block_size, d1 - w0, "xxh3-128", dst_h, dst_z)
+                    cmp = compare_window(src_sig, dst_sig, w0, block_size)
                 if cmp:
                     ext, zero, digests, blocks = cmp
                     changed_blocks += blocks
