@@ -22,6 +22,10 @@ except ImportError as exc:  # pragma: no cover - depends on how pydr is run
     ) from exc
 from .. import errors as E
 from .._version import __version__
+# the record and mask helpers, for callers of B.record_build and the like
+from .crecords import (COMMIT, DATA, END, RECORD_HEADER, RECORD_MAX, ZERO,  # noqa: F401
+                       OutputBuffers, blocks_digest, hashes_digest_ranges, journal_capacity,
+                       mask_pack, mask_unpack, record_build, record_parse)
 
 # pydr's C codes (csrc/pydr.h) -> exception classes.
 _CODE_CLASSES = {
@@ -204,12 +208,7 @@ class Signer:
         file descriptor) into ``nblocks`` blocks at the cffi pointers
         ``hashes`` (uint64_t *) and ``zero_mask`` (uint8_t *), as given by
         :class:`OutputBuffers`."""
-        if not isinstance(device, Device):
-            if self._file is None or self._file.fd != device:
-                if self._file is not None:
-                    self._file.close()
-                self._file = Device.open_fd(device, name=path)
-            device = self._file
+        device = self._device(device, path)
         rc = lib.pydr_signer_sign(
             self._ptr, device._ptr, offset, length, hashes, zero_mask, nblocks,
             progress._ptr if progress is not None else ffi.NULL, self._error,
@@ -217,6 +216,16 @@ class Signer:
         if rc:
             raise_for_code(rc, path=path if path is not None else device.name,
                            error=self._error)
+
+    def _device(self, device, path):
+        """`device` itself, or a Device kept over the file descriptor it is."""
+        if not isinstance(device, Device):
+            if self._file is None or self._file.fd != device:
+                if self._file is not None:
+                    self._file.close()
+                self._file = Device.open_fd(device, name=path)
+            device = self._file
+        return device
 
     def sign_spans(self, device, offset, nblocks, spans, hashes, zero_mask, keep, progress,
                    path=None):
@@ -237,16 +246,10 @@ class Signer:
         (holes) stay untouched there and get zero_mask 1.
         progress: a :class:`Progress` or None. path: the name for errors.
 
-        Raises ValueError for spans or a keep the core refuses (the message
-        names the offset), OSError with the path and the offset of the first
-        failing block for a failed read, Cancelled when progress was
-        cancelled, FileChanged when a file ended first."""
-        if not isinstance(device, Device):
-            if self._file is None or self._file.fd != device:
-                if self._file is not None:
-                    self._file.close()
-                self._file = Device.open_fd(device, name=path)
-            device = self._file
+        Raises OSError with the path and the offset: EINVAL for spans or a
+        keep the core refuses (at the bad span), the errno of a failed read
+        (at its first failing block); Cancelled, FileChanged as sign()."""
+        device = self._device(device, path)
         name = path if path is not None else device.name
         with contextlib.ExitStack() as views:
             span_view = _spans_view(spans, views)
@@ -264,11 +267,6 @@ class Signer:
             rc = lib.pydr_signer_sign_spans(
                 self._ptr, device._ptr, offset, nblocks, span_view, nspans, h, z, k, klen,
                 progress._ptr if progress is not None else ffi.NULL, self._error)
-        if rc == -errno.EINVAL and self._error.has_offset:
-            raise ValueError(f"{name}: spans of the window at {offset} ({nblocks} blocks of "
-                             f"{self.block_size}) refused at offset {int(self._error.offset)}: "
-                             "spans must be block aligned, sorted, disjoint, inside the window "
-                             "and the keep buffer")
         if rc:
             raise_for_code(rc, path=name, error=self._error)
 
@@ -300,79 +298,6 @@ def _spans_view(spans, views):
     return view
 
 
-def mask_pack(mask):
-    """(packed bytes, number of set blocks) of a one-byte-per-block mask."""
-    src = ffi.from_buffer("uint8_t[]", mask)
-    packed = bytearray((len(src) + 7) // 8)
-    count = lib.pydr_mask_pack(src, len(src), ffi.from_buffer("uint8_t[]", packed))
-    return packed, count
-
-
-def mask_unpack(packed, nblocks):
-    """(one-byte-per-block bytearray, number of set blocks); None if the
-    unused bits of the last byte are not zero."""
-    src = ffi.from_buffer("uint8_t[]", packed)
-    if len(src) != (nblocks + 7) // 8 or not lib.pydr_mask_tail_clear(src, nblocks):
-        return None, 0
-    mask = bytearray(nblocks)
-    count = lib.pydr_mask_unpack(src, nblocks, ffi.from_buffer("uint8_t[]", mask))
-    return mask, count
-
-
-class OutputBuffers:
-    """cffi views of a signature's output buffers, released on close().
-
-    ``at(block)`` gives the (hashes, zero_mask) pointers of a block, so that
-    threads can fill disjoint slices without creating views per chunk.
-    """
-
-    def __init__(self, hashes, zero_mask, words):
-        self._h = ffi.from_buffer("uint64_t[]", hashes, require_writable=True)
-        self._z = ffi.from_buffer("uint8_t[]", zero_mask, require_writable=True)
-        if len(self._h) != len(self._z) * words:
-            self.close()
-            raise ValueError("hash and mask buffers do not match")
-        self.words = words
-
-    def at(self, block):
-        return self._h + block * self.words, self._z + block
-
-    def close(self):
-        for view in (self._h, self._z):
-            ffi.release(view)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-RECORD_HEADER = lib.PYDR_RECORD_HEADER
-RECORD_MAX = lib.PYDR_RECORD_MAX
-DATA, ZERO, END, COMMIT = (lib.PYDR_RECORD_DATA, lib.PYDR_RECORD_ZERO,
-                           lib.PYDR_RECORD_END, lib.PYDR_RECORD_COMMIT)
-
-
-def record_build(type, offset=0, length=0, base_hash=(0, 0), payload_hash=0, seq=0):
-    r = ffi.new("pydr_record *")
-    r.type, r.offset, r.length, r.payload_hash, r.seq = type, offset, length, payload_hash, seq
-    r.base_hash[0], r.base_hash[1] = base_hash
-    out = bytearray(RECORD_HEADER)
-    lib.pydr_record_build(ffi.from_buffer("uint8_t[]", out), r)
-    return out
-
-
-def record_parse(header):
-    """dict of a 64-byte record header, or None when it fails its checks."""
-    r = ffi.new("pydr_record *")
-    if lib.pydr_record_parse(ffi.from_buffer("uint8_t[]", header), r) != 0:
-        return None
-    return {"type": r.type, "offset": r.offset, "length": r.length,
-            "base_hash": (r.base_hash[0], r.base_hash[1]),
-            "payload_hash": r.payload_hash, "seq": r.seq}
-
-
 def records_scan(buf):
     """(complete bytes, records, journal bound, saw END) of whole records at
     the start of buf; raises CorruptDelta with the position of a bad header."""
@@ -384,37 +309,12 @@ def records_scan(buf):
     return scan.complete, scan.records, scan.journal_bound, bool(scan.end)
 
 
-def hashes_digest_ranges(hashes, nblocks, block_size, extents):
-    """Digests (2 words per extent) of the base block hashes under extents."""
-    n = len(extents) // 2
-    out = bytearray(16 * n)
-    with ffi.from_buffer("uint64_t[]", hashes) as h, ffi.from_buffer("uint64_t[]", extents) as e:
-        lib.pydr_hashes_digest_ranges(h, nblocks, block_size, e, n,
-                                      ffi.from_buffer("uint64_t[]", out, require_writable=True))
-    return out
-
-
-def blocks_digest(data, block_size):
-    out = ffi.new("uint64_t[2]")
-    with ffi.from_buffer("uint8_t[]", data) as view:
-        lib.pydr_blocks_digest(view, len(view), block_size, out)
-    return int(out[0]), int(out[1])
-
-
 class ApplyState:
     def __init__(self):
         self._ptr = ffi.new("pydr_apply_state *")
 
     def __getattr__(self, name):
         return getattr(self._ptr, name)
-
-
-def journal_capacity(journal_bound, records, block_size):
-    """Journal buffer bytes that apply_prepare may need for a scanned batch:
-    per record its length plus a longer last base block, and a 64-byte
-    header per block in the worst case (zero and data blocks alternating)."""
-    return journal_bound + records * block_size + RECORD_HEADER * (
-        journal_bound // block_size + 2 * records)
 
 
 def start_writeback(fd):
