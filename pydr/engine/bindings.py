@@ -5,6 +5,7 @@ Buffers are anything with the buffer protocol (bytearray, memoryview, numpy);
 this module does not import numpy, so the CLI starts fast.
 """
 
+import contextlib
 import errno
 import os
 import re
@@ -21,6 +22,10 @@ except ImportError as exc:  # pragma: no cover - depends on how pydr is run
     ) from exc
 from .. import errors as E
 from .._version import __version__
+# the record and mask helpers, for callers of B.record_build and the like
+from .crecords import (COMMIT, DATA, END, RECORD_HEADER, RECORD_MAX, ZERO,  # noqa: F401
+                       OutputBuffers, blocks_digest, hashes_digest_ranges, journal_capacity,
+                       mask_pack, mask_unpack, record_build, record_parse)
 
 # pydr's C codes (csrc/pydr.h) -> exception classes.
 _CODE_CLASSES = {
@@ -203,12 +208,7 @@ class Signer:
         file descriptor) into ``nblocks`` blocks at the cffi pointers
         ``hashes`` (uint64_t *) and ``zero_mask`` (uint8_t *), as given by
         :class:`OutputBuffers`."""
-        if not isinstance(device, Device):
-            if self._file is None or self._file.fd != device:
-                if self._file is not None:
-                    self._file.close()
-                self._file = Device.open_fd(device, name=path)
-            device = self._file
+        device = self._device(device, path)
         rc = lib.pydr_signer_sign(
             self._ptr, device._ptr, offset, length, hashes, zero_mask, nblocks,
             progress._ptr if progress is not None else ffi.NULL, self._error,
@@ -216,6 +216,59 @@ class Signer:
         if rc:
             raise_for_code(rc, path=path if path is not None else device.name,
                            error=self._error)
+
+    def _device(self, device, path):
+        """`device` itself, or a Device kept over the file descriptor it is."""
+        if not isinstance(device, Device):
+            if self._file is None or self._file.fd != device:
+                if self._file is not None:
+                    self._file.close()
+                self._file = Device.open_fd(device, name=path)
+            device = self._file
+        return device
+
+    def sign_spans(self, device, offset, nblocks, spans, hashes, zero_mask, keep, progress,
+                   path=None):
+        """Hash the spans of the window [offset, offset + nblocks blocks) of
+        `device`, reading each byte once (pydr_signer_sign_spans).
+
+        device: a :class:`Device` (or a file descriptor, as for sign()).
+        offset: the window's start, block aligned. nblocks: its blocks.
+        spans: (start, length) pairs, absolute, block aligned, sorted and
+        disjoint inside the window (a length may end on a short block only
+        in the window's last block): a flat uint64 buffer (a numpy uint64
+        array of pairs) or a sequence of (start, length) tuples.
+        hashes, zero_mask: the window's output (nblocks entries from
+        `offset`): cffi pointers (as OutputBuffers.at gives) or writable
+        buffers; blocks outside every span are left untouched.
+        keep: None, or a writable buffer that gets every byte read at
+        (device offset - offset); it must cover every span. Blocks not read
+        (holes) stay untouched there and get zero_mask 1.
+        progress: a :class:`Progress` or None. path: the name for errors.
+
+        Raises OSError with the path and the offset: EINVAL for spans or a
+        keep the core refuses (at the bad span), the errno of a failed read
+        (at its first failing block); Cancelled, FileChanged as sign()."""
+        device = self._device(device, path)
+        name = path if path is not None else device.name
+        with contextlib.ExitStack() as views:
+            span_view = _spans_view(spans, views)
+            nspans = len(span_view) // 2
+            h = hashes if isinstance(hashes, ffi.CData) else views.enter_context(
+                ffi.from_buffer("uint64_t[]", hashes, require_writable=True))
+            z = zero_mask if isinstance(zero_mask, ffi.CData) else views.enter_context(
+                ffi.from_buffer("uint8_t[]", zero_mask, require_writable=True))
+            if keep is None:
+                k, klen = ffi.NULL, 0
+            else:
+                k = views.enter_context(ffi.from_buffer("uint8_t[]", keep,
+                                                        require_writable=True))
+                klen = len(k)
+            rc = lib.pydr_signer_sign_spans(
+                self._ptr, device._ptr, offset, nblocks, span_view, nspans, h, z, k, klen,
+                progress._ptr if progress is not None else ffi.NULL, self._error)
+        if rc:
+            raise_for_code(rc, path=name, error=self._error)
 
     def close(self):
         if self._file is not None:
@@ -232,77 +285,17 @@ class Signer:
         self.close()
 
 
-def mask_pack(mask):
-    """(packed bytes, number of set blocks) of a one-byte-per-block mask."""
-    src = ffi.from_buffer("uint8_t[]", mask)
-    packed = bytearray((len(src) + 7) // 8)
-    count = lib.pydr_mask_pack(src, len(src), ffi.from_buffer("uint8_t[]", packed))
-    return packed, count
-
-
-def mask_unpack(packed, nblocks):
-    """(one-byte-per-block bytearray, number of set blocks); None if the
-    unused bits of the last byte are not zero."""
-    src = ffi.from_buffer("uint8_t[]", packed)
-    if len(src) != (nblocks + 7) // 8 or not lib.pydr_mask_tail_clear(src, nblocks):
-        return None, 0
-    mask = bytearray(nblocks)
-    count = lib.pydr_mask_unpack(src, nblocks, ffi.from_buffer("uint8_t[]", mask))
-    return mask, count
-
-
-class OutputBuffers:
-    """cffi views of a signature's output buffers, released on close().
-
-    ``at(block)`` gives the (hashes, zero_mask) pointers of a block, so that
-    threads can fill disjoint slices without creating views per chunk.
-    """
-
-    def __init__(self, hashes, zero_mask, words):
-        self._h = ffi.from_buffer("uint64_t[]", hashes, require_writable=True)
-        self._z = ffi.from_buffer("uint8_t[]", zero_mask, require_writable=True)
-        if len(self._h) != len(self._z) * words:
-            self.close()
-            raise ValueError("hash and mask buffers do not match")
-        self.words = words
-
-    def at(self, block):
-        return self._h + block * self.words, self._z + block
-
-    def close(self):
-        for view in (self._h, self._z):
-            ffi.release(view)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-RECORD_HEADER = lib.PYDR_RECORD_HEADER
-RECORD_MAX = lib.PYDR_RECORD_MAX
-DATA, ZERO, END, COMMIT = (lib.PYDR_RECORD_DATA, lib.PYDR_RECORD_ZERO,
-                           lib.PYDR_RECORD_END, lib.PYDR_RECORD_COMMIT)
-
-
-def record_build(type, offset=0, length=0, base_hash=(0, 0), payload_hash=0, seq=0):
-    r = ffi.new("pydr_record *")
-    r.type, r.offset, r.length, r.payload_hash, r.seq = type, offset, length, payload_hash, seq
-    r.base_hash[0], r.base_hash[1] = base_hash
-    out = bytearray(RECORD_HEADER)
-    lib.pydr_record_build(ffi.from_buffer("uint8_t[]", out), r)
-    return out
-
-
-def record_parse(header):
-    """dict of a 64-byte record header, or None when it fails its checks."""
-    r = ffi.new("pydr_record *")
-    if lib.pydr_record_parse(ffi.from_buffer("uint8_t[]", header), r) != 0:
-        return None
-    return {"type": r.type, "offset": r.offset, "length": r.length,
-            "base_hash": (r.base_hash[0], r.base_hash[1]),
-            "payload_hash": r.payload_hash, "seq": r.seq}
+def _spans_view(spans, views):
+    """A uint64_t[] cdata of (start, length) pairs: `spans` as a flat uint64
+    buffer (kept open in the ExitStack `views`), or made from a sequence of
+    pairs."""
+    try:
+        view = views.enter_context(ffi.from_buffer("uint64_t[]", spans))
+    except TypeError:  # not a buffer: a sequence of (start, length) pairs
+        return ffi.new("uint64_t[]", [int(v) for pair in spans for v in pair])
+    if len(view) % 2:
+        raise ValueError(f"spans must be (start, length) pairs: {len(view)} numbers given")
+    return view
 
 
 def records_scan(buf):
@@ -316,37 +309,12 @@ def records_scan(buf):
     return scan.complete, scan.records, scan.journal_bound, bool(scan.end)
 
 
-def hashes_digest_ranges(hashes, nblocks, block_size, extents):
-    """Digests (2 words per extent) of the base block hashes under extents."""
-    n = len(extents) // 2
-    out = bytearray(16 * n)
-    with ffi.from_buffer("uint64_t[]", hashes) as h, ffi.from_buffer("uint64_t[]", extents) as e:
-        lib.pydr_hashes_digest_ranges(h, nblocks, block_size, e, n,
-                                      ffi.from_buffer("uint64_t[]", out, require_writable=True))
-    return out
-
-
-def blocks_digest(data, block_size):
-    out = ffi.new("uint64_t[2]")
-    with ffi.from_buffer("uint8_t[]", data) as view:
-        lib.pydr_blocks_digest(view, len(view), block_size, out)
-    return int(out[0]), int(out[1])
-
-
 class ApplyState:
     def __init__(self):
         self._ptr = ffi.new("pydr_apply_state *")
 
     def __getattr__(self, name):
         return getattr(self._ptr, name)
-
-
-def journal_capacity(journal_bound, records, block_size):
-    """Journal buffer bytes that apply_prepare may need for a scanned batch:
-    per record its length plus a longer last base block, and a 64-byte
-    header per block in the worst case (zero and data blocks alternating)."""
-    return journal_bound + records * block_size + RECORD_HEADER * (
-        journal_bound // block_size + 2 * records)
 
 
 def start_writeback(fd):
@@ -388,7 +356,8 @@ def nbd_available():
 
 class Device:
     """One C device (pydr_device): a file or block device open in this
-    process, or one connection to an NBD export. Signing, encoding and
+    process, one connection to an NBD export, or caller memory standing for
+    a range of a disk (open_memory). Signing, encoding and
     applying records take it, whatever its kind. A file device may be used
     by several threads; an NBD one by one thread at a time."""
 
@@ -399,6 +368,7 @@ class Device:
         self.size = None  # an NBD export's, from open_nbd
         self.bitmap = None
         self._signer = None  # (block_size, code, Signer) of the last sign()
+        self._memory = None  # a memory device's buffer and its cffi view
 
     @classmethod
     def open_fd(cls, fd, *, name=None, is_block=False):
@@ -424,6 +394,31 @@ class Device:
         device = cls(out[0], name)
         device.bitmap = bitmap
         device.size = device.size_now()
+        return device
+
+    @classmethod
+    def open_memory(cls, buffer, offset, *, name=None):
+        """A read-only device over `buffer` (anything with the buffer
+        protocol), which reads as those bytes lying at device offset
+        `offset`: the window a sign_spans kept, so that records are encoded
+        from what was hashed. The device keeps a reference to the buffer
+        (the memory outlives it). A read outside [offset, offset + len)
+        fails with EINVAL at the first offset outside (an OSError naming
+        `name`); writes fail with EROFS. ValueError for a negative offset
+        or a range past 2**63."""
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"memory device offset {offset!r} must be an int >= 0")
+        view = ffi.from_buffer("uint8_t[]", buffer)
+        out = ffi.new("pydr_device **")
+        rc = lib.pydr_device_open_memory(out, view, len(view), offset)
+        if rc == -errno.EINVAL:
+            ffi.release(view)
+            raise ValueError(f"{name}: a memory device of {len(view)} bytes at offset {offset} "
+                             "reaches past 2**63")
+        raise_for_code(rc, path=name)
+        device = cls(out[0], name)
+        device._memory = (buffer, view)  # the C device reads them: keep them alive
+        device.size = offset + len(view)
         return device
 
     def size_now(self):
@@ -458,12 +453,22 @@ class Device:
     def sign(self, offset, length, block_size, code, hashes, zero_mask, nblocks, progress):
         """pydr_signer_sign of this device into the cffi pointers hashes /
         zero_mask, with a signer kept for the next call."""
+        self._signer_for(block_size, code).sign(self, offset, length, hashes, zero_mask,
+                                                nblocks, progress, self.name)
+
+    def sign_spans(self, offset, nblocks, block_size, code, spans, hashes, zero_mask, keep,
+                   progress):
+        """pydr_signer_sign_spans of this device (see Signer.sign_spans for
+        the arguments), with a signer kept for the next call."""
+        self._signer_for(block_size, code).sign_spans(self, offset, nblocks, spans, hashes,
+                                                      zero_mask, keep, progress, self.name)
+
+    def _signer_for(self, block_size, code):
         if self._signer is None or self._signer[:2] != (block_size, code):
             if self._signer is not None:
                 self._signer[2].close()
             self._signer = (block_size, code, Signer(block_size, code))
-        self._signer[2].sign(self, offset, length, hashes, zero_mask, nblocks, progress,
-                             self.name)
+        return self._signer[2]
 
     def pread(self, length, offset):
         buf, error = bytearray(length), new_error()
@@ -527,6 +532,9 @@ class Device:
         if self._ptr is not None:
             ffi.release(self._ptr)
             self._ptr = None
+        if self._memory is not None:  # after the device: it reads the view
+            ffi.release(self._memory[1])
+            self._memory = None
 
     def __enter__(self):
         return self
