@@ -270,3 +270,48 @@ def test_a_local_resync_onto_an_old_target_reads_each_side_once(tmp_path):
     # the source through syscalls once; the target (hashed from mmap, or
     # read) and the journal's old blocks at most once more each
     assert got["rchar"] <= 1.1 * (2 * 128 * MiB) + 16 * MiB, got
+
+
+def test_windows_of_holes_are_neither_hashed_nor_compared(tmp_path, monkeypatch):
+    """A 2 GiB sparse source holding 1 MiB (and a short last block): only its
+    data window is signed; the windows of holes are skipped, on the first
+    resync (the target has nothing there) and on the next ones (holes in the
+    target, or all zero in its signature cache), and the cache written then
+    equals the target's signature (the zero hashes of the skipped windows,
+    the short last block's included)."""
+    from pydr.engine import devices as D
+    from pydr.engine import resync as R
+    from pydr.engine.sigstream import SignatureReader
+
+    size = 2048 * MiB + 1000
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        f.truncate(size)
+        f.seek(700 * MiB)
+        f.write(random.Random(8).randbytes(MiB))
+    dst, cache = tmp_path / "dst.raw", tmp_path / "dst.sig"
+    signed = []
+    real_sign = D.FileDevice.sign
+
+    def counting_sign(self, offset, length, *args, **kw):
+        signed.append((os.path.basename(self.name), offset))
+        return real_sign(self, offset, length, *args, **kw)
+
+    monkeypatch.setattr(D.FileDevice, "sign", counting_sign)
+    data_window = 700 * MiB // R.WINDOW * R.WINDOW
+    # a first copy; the target's holes (no cache yet); the cache's zero blocks
+    for cached, target_signed in ((None, []), (cache, [data_window]), (cache, [])):
+        signed.clear()
+        st = R.resync(str(src), str(dst), signature_cache=cached)
+        assert digest(dst) == digest(src)
+        assert st.source_bytes_read == MiB
+        assert [o for name, o in signed if name == "src.raw"] == [data_window]
+        assert [o for name, o in signed if name == "dst.raw"] == target_signed
+        assert st.used_cache == (cached is not None and not target_signed)
+    monkeypatch.setattr(D.FileDevice, "sign", real_sign)
+    assert st.used_cache and st.target_bytes_read == 0
+    with SignatureReader(str(cache)) as reader:
+        hashes, mask = reader.read(0, reader.n)
+    sig = pydr.signature(str(dst), block_size=4096)
+    assert bytes(hashes) == sig.hashes.tobytes()
+    assert bytes(mask) == bytes(sig.zero_mask.astype("u1"))
