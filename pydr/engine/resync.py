@@ -228,12 +228,11 @@ def _zero_window(length, block_size, code):
     import numpy as np
 
     n = blocks_for(length, block_size)
-    hashes = np.empty((n, 2), np.uint64)
-    hashes[:] = B.hash_bytes(code, bytes(block_size))
+    hashes = np.tile(np.array(B.hash_bytes(code, bytes(block_size)), np.uint64), (n, 1))
     tail = length - (n - 1) * block_size
     if tail != block_size:
         hashes[-1] = B.hash_bytes(code, bytes(tail))
-    return bytearray(hashes.tobytes()), bytearray(b"\1" * n)
+    return bytes(hashes.tobytes()), bytes(b"\1" * n)
 
 
 def merge_spans(spans):
@@ -317,6 +316,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             seq = [0]
             encode_buf = None  # 32 MiB, made when first needed: a quiet cycle needs none
             keep = None  # the window as read from the source, made when first needed
+            zero_windows = {}  # window length -> (hashes, mask) of zeros, for the cache
             pending = _Batcher(applier)
             changed_blocks = 0
             written = []  # (offset, length, digest) for verify
@@ -364,7 +364,10 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                     # nothing to read on either side: equal (a source hole past
                     # the target's end is left a hole), hashed as zeros
                     subs = []
-                    src_h, src_z = _zero_window(w1 - w0, block_size, code)
+                    if writer is not None:  # the same for every full window: made once
+                        if w1 - w0 not in zero_windows:
+                            zero_windows[w1 - w0] = _zero_window(w1 - w0, block_size, code)
+                        src_h, src_z = zero_windows[w1 - w0]
                 else:
                     if cached is not None:
                         dst_h, dst_z = cached.read(w0 // block_size, m)
@@ -422,9 +425,8 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                         finally:
                             window.close()
                     seq[0] += count
-                win_h, win_z = src_h, src_z
                 if writer is not None:
-                    writer.write(win_h, win_z)
+                    writer.write(src_h, src_z)
             check_cancel(cancel, applier.target)
             pending.flush()
             applier.drain()
