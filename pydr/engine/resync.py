@@ -264,7 +264,8 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     turns the new target back into the old one) instead of being deleted.
 
     ``progress`` gets ProgressRecords ("resync", done_bytes: the source
-    compared so far; read_bytes: read from both disks, records included).
+    compared so far; read_bytes: read from both disks so far; the records are
+    encoded from what was read, not read again).
     A set ``cancel`` event stops the resync within about CANCEL_BYTES of
     I/O per thread (pydr.engine.parallel) and raises Cancelled; the target is
     then left as a killed resync leaves it: what was written is journaled,
