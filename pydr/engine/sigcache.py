@@ -445,7 +445,8 @@ class SignatureCache:
                 offset = capacity = 0
             elif nonzero <= capacity and old_count:
                 old = os.pread(self.fd, self.mask_bytes + 16 * old_count, offset)
-                if old[:self.mask_bytes] == packed_bits:  # same blocks hold data: the changed hashes
+                # the same blocks hold data: only the hashes that changed
+                if old[:self.mask_bytes] == packed_bits:
                     a = np.frombuffer(old[self.mask_bytes:], dtype=np.uint8).reshape(-1, 16)
                     b = hashes[bits]
                     for i in np.nonzero((a != b).any(axis=1))[0].tolist():

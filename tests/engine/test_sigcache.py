@@ -54,7 +54,8 @@ def test_the_cache_of_a_resync_is_the_signature_of_the_target(tmp_path):
         assert c.all_zero(S.SEGMENT_BLOCKS + 1, S.SEGMENT_BLOCKS)  # a whole segment: no slot
         h, m = c.read(S.SEGMENT_BLOCKS - 3, 10)  # a range across two segments
     full = pydr.signature(dst, block_size=BS)
-    assert bytes(h) == full.hashes.tobytes()[16 * (S.SEGMENT_BLOCKS - 3):16 * (S.SEGMENT_BLOCKS + 7)]
+    first = S.SEGMENT_BLOCKS - 3
+    assert bytes(h) == full.hashes.tobytes()[16 * first:16 * (first + 10)]
 
 
 def test_a_sparse_terabyte_costs_its_data(tmp_path):
