@@ -395,11 +395,12 @@ class SignatureCache:
                                   f"{seg * SEGMENT_BLOCKS}) fails its checksum",
                                   path=self.path, offset=offset)
             bits = np.unpackbits(np.frombuffer(slot[:self.mask_bytes], dtype=np.uint8),
-                                 bitorder="little")[:blocks].astype(bool)
-            if int(bits.sum()) != nonzero:
+                                 bitorder="little").astype(bool)
+            if int(bits.sum()) != nonzero or bits[blocks:].any():
                 raise FormatError(f"signature cache damaged: segment {seg} counts {nonzero} "
                                   f"data blocks, its bits {int(bits.sum())}",
                                   path=self.path, offset=offset)
+            bits = bits[:blocks]
             hashes[bits] = np.frombuffer(slot[self.mask_bytes:], dtype=np.uint8).reshape(-1, 16)
         self._seg = (seg, bits, hashes)
         return bits, hashes
@@ -446,10 +447,12 @@ class SignatureCache:
             elif nonzero <= capacity and old_count:
                 old = os.pread(self.fd, self.mask_bytes + 16 * old_count, offset)
                 # the same blocks hold data: only the hashes that changed
+                differ = None
                 if old[:self.mask_bytes] == packed_bits:
                     a = np.frombuffer(old[self.mask_bytes:], dtype=np.uint8).reshape(-1, 16)
-                    b = hashes[bits]
-                    for i in np.nonzero((a != b).any(axis=1))[0].tolist():
+                    differ = np.nonzero((a != hashes[bits]).any(axis=1))[0].tolist()
+                if differ is not None and len(differ) <= 64:  # a few: one write each
+                    for i in differ:
                         os.pwrite(self.fd, packed_h[16 * i:16 * i + 16],
                                   offset + self.mask_bytes + 16 * i)
                 else:
