@@ -77,6 +77,8 @@ class SignatureCache:
         self._pending_fd: Optional[int] = None
         self._pending_digest = None
         self._dirty = False  # the loaded segment differs from the file (created caches only)
+        self._last_read = None
+        self._empty = None  # (bits, hashes) of a segment with no data: shared, read only
 
     # -- opening ---------------------------------------------------------
 
@@ -204,7 +206,10 @@ class SignatureCache:
             at = base + lo - first
             hashes[at:at + hi - lo] = seg_hashes[lo:hi]
             mask[at:at + hi - lo] = ~bits[lo:hi] & 1
-        return bytearray(hashes.tobytes()), bytearray(mask.tobytes())
+        got_h, got_m = hashes.tobytes(), mask.tobytes()
+        # update() of the same range compares with it (bytes: the caller may change its copy)
+        self._last_read = (first, count, (got_h, got_m))
+        return bytearray(got_h), bytearray(got_m)
 
     def all_zero(self, first: int, count: int) -> bool:
         """Whether every block of [first, first + count) is known to hold
@@ -245,10 +250,16 @@ class SignatureCache:
         if self.new:
             self._apply(first, new_h, new_z)
             return
-        old_h, old_z = self.read(first, count)
-        old_h = np.frombuffer(old_h, dtype=np.uint8).reshape(count, 16)
+        last = self._last_read
+        old_h, old_z = (last[2] if last is not None and last[:2] == (first, count)
+                        else self.read(first, count))
+        if old_h == hashes and old_z == mask:
+            return  # the usual window: nothing changed (a byte compare, no per-block work)
+        old64 = np.frombuffer(old_h, dtype="<u8").reshape(count, 2)
+        new64 = np.frombuffer(hashes, dtype="<u8").reshape(count, 2)
         old_z = np.frombuffer(old_z, dtype=np.uint8) != 0
-        differ = np.nonzero((old_h != new_h).any(axis=1) | (old_z != new_z))[0]
+        differ = np.nonzero((old64[:, 0] != new64[:, 0]) | (old64[:, 1] != new64[:, 1])
+                            | (old_z != new_z))[0]
         if not len(differ):
             return
         if self._pending_fd is None:
@@ -289,6 +300,7 @@ class SignatureCache:
                 self._discard_pending()
                 return
             self._write_header(UPDATING)
+            self._last_read = None
             crashpoints.reached("sigcache.updating")
             if self._pending_fd is not None:
                 self._replay()
@@ -379,6 +391,15 @@ class SignatureCache:
         self._flush()
         blocks = self._segment_len(seg)
         offset, _, nonzero, checksum = self._read_entry(seg)
+        if nonzero == 0 and blocks == SEGMENT_BLOCKS:
+            if self._empty is None:
+                bits = np.zeros(blocks, dtype=bool)
+                hashes = np.empty((blocks, 16), dtype=np.uint8)
+                hashes[:] = np.frombuffer(self._zero, dtype=np.uint8)
+                bits.flags.writeable = hashes.flags.writeable = False
+                self._empty = bits, hashes
+            self._seg = (seg,) + self._empty
+            return self._empty
         hashes = np.empty((blocks, 16), dtype=np.uint8)
         hashes[:] = np.frombuffer(self._zero, dtype=np.uint8)
         if self._is_last(seg) and self._tail_zero != self._zero:
@@ -414,6 +435,9 @@ class SignatureCache:
         at = 0
         for seg, lo, hi in self._segments_of(first, len(new_z)):
             bits, hashes = self._load(seg)
+            if not bits.flags.writeable:  # the shared empty segment: this one's own copy
+                bits, hashes = bits.copy(), hashes.copy()
+                self._seg = (seg, bits, hashes)
             k = hi - lo
             bits[lo:hi] = ~new_z[at:at + k]
             hashes[lo:hi] = new_h[at:at + k]
