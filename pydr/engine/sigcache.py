@@ -37,8 +37,9 @@ from .atomic import fsync_dir, open_temp
 from .oserrors import naming
 from ..errors import FormatError
 from .sigcache_layout import (  # noqa: F401 (CLEAN, ... binding: this module's API too)
-    CHANGING, CLEAN, ENTRY_BYTES, HEADER_BYTES, MAGIC, PENDING_SUFFIX, SEGMENT_BLOCKS,
-    STATE_NAMES, UPDATING, VERSION, binding)
+    CHANGING, CLEAN, ENTRY_BYTES, HEADER_BYTES, MAGIC, PAGE_BYTES, PAGE_CHECK, PAGE_ENTRIES,
+    PENDING_SUFFIX, SEGMENT_BLOCKS, STATE_NAMES, UPDATING, VERSION, binding, page_checksum,
+    table_bytes)
 from .sigcache_layout import (ENTRY as _ENTRY, HEADER as _HEADER, PENDING as _PENDING,
                               XXH128 as _XXH128, capacity as _capacity,
                               parse_header as _parse_header, punch as _punch, xxh64 as _xxh64,
@@ -79,6 +80,7 @@ class SignatureCache:
         self._dirty = False  # the loaded segment differs from the file (created caches only)
         self._last_read = None
         self._empty = None  # (bits, hashes) of a segment with no data: shared, read only
+        self._table_page = None  # (index, bytes) of the table page last read, checked
 
     # -- opening ---------------------------------------------------------
 
@@ -163,7 +165,7 @@ class SignatureCache:
         n = -(-size // block_size)
         segments = -(-n // SEGMENT_BLOCKS)
         table = HEADER_BYTES
-        end = -(-(table + segments * ENTRY_BYTES) // 4096) * 4096
+        end = table + table_bytes(segments)
         header = {"block_size": block_size, "size": size, "n": n, "state": UPDATING,
                   "generation": 0, "segments": segments, "table": table, "end": end,
                   "cache_id": os.urandom(16)}  # tells this cache from a copy of another
@@ -172,11 +174,12 @@ class SignatureCache:
         try:
             with naming(tmp):
                 os.ftruncate(fd, 0)
-                chunk = 4096
-                for first in range(0, segments, chunk):
-                    entries = b"".join(cache._entry(i, 0, 0, 0, bytes(16))
-                                       for i in range(first, min(segments, first + chunk)))
-                    os.pwrite(fd, entries, table + first * ENTRY_BYTES)
+                empty = bytes(PAGE_CHECK)  # every entry: no data, no slot
+                pages = table_bytes(segments) // PAGE_BYTES
+                for first in range(0, pages, 256):
+                    os.pwrite(fd, b"".join(empty + page_checksum(i, empty)
+                                           for i in range(first, min(pages, first + 256))),
+                              table + first * PAGE_BYTES)
                 cache._write_header(UPDATING, sync=False)
         except BaseException:
             cache.abort()
@@ -359,21 +362,36 @@ class SignatureCache:
             yield seg, pos - base, hi - base
             pos = hi
 
-    def _entry(self, seg: int, offset: int, capacity: int, nonzero: int, checksum: bytes) -> bytes:
-        fields = _ENTRY.pack(offset, capacity, nonzero, checksum)
-        return fields + _xxh64(struct.pack("<Q", seg) + fields)
+    def _page(self, index: int) -> bytearray:
+        """Table page `index`, checked (the last one read is kept)."""
+        if self._table_page is not None and self._table_page[0] == index:
+            return self._table_page[1]
+        at = self.table + index * PAGE_BYTES
+        with naming(self.path):
+            raw = bytearray(os.pread(self.fd, PAGE_BYTES, at))
+        if len(raw) != PAGE_BYTES or page_checksum(index, raw) != raw[PAGE_CHECK:]:
+            raise FormatError(f"signature cache damaged: page {index} of its segment table "
+                              f"fails its checksum", path=self.path, offset=at)
+        self._table_page = (index, raw)
+        return raw
+
+    def _write_entry(self, seg: int, offset: int, capacity: int, nonzero: int,
+                     checksum: bytes) -> None:
+        index, k = divmod(seg, PAGE_ENTRIES)
+        page = self._page(index)
+        page[ENTRY_BYTES * k:ENTRY_BYTES * (k + 1)] = _ENTRY.pack(offset, capacity, nonzero,
+                                                                   checksum)
+        page[PAGE_CHECK:] = page_checksum(index, page)
+        os.pwrite(self.fd, page, self.table + index * PAGE_BYTES)
 
     def _read_entry(self, seg: int) -> Tuple[int, int, int, bytes]:
-        at = self.table + seg * ENTRY_BYTES
-        with naming(self.path):
-            raw = os.pread(self.fd, ENTRY_BYTES, at)
-        if len(raw) != ENTRY_BYTES or _xxh64(struct.pack("<Q", seg) + raw[:-8]) != raw[-8:]:
-            raise FormatError(f"signature cache damaged: the entry of segment {seg} fails its "
-                              f"checksum", path=self.path, offset=at)
-        offset, capacity, nonzero, checksum = _ENTRY.unpack(raw[:-8])
+        index, k = divmod(seg, PAGE_ENTRIES)
+        page = self._page(index)
+        at = self.table + index * PAGE_BYTES + ENTRY_BYTES * k
+        offset, capacity, nonzero, checksum = _ENTRY.unpack_from(page, ENTRY_BYTES * k)
         blocks = self._segment_len(seg)
         if nonzero > min(capacity, blocks) or (nonzero and offset < self.table
-                                                + self.segments * ENTRY_BYTES):
+                                                + table_bytes(self.segments)):
             raise FormatError(f"signature cache damaged: the entry of segment {seg} is "
                               f"impossible", path=self.path, offset=at)
         return offset, capacity, nonzero, checksum
@@ -487,8 +505,7 @@ class SignatureCache:
                 capacity = min(_capacity(nonzero), max(blocks, 4))
                 offset, self.end = self.end, self.end + self.mask_bytes + 16 * capacity
                 os.pwrite(self.fd, slot, offset)
-            os.pwrite(self.fd, self._entry(seg, offset, capacity, nonzero, checksum),
-                      self.table + seg * ENTRY_BYTES)
+            self._write_entry(seg, offset, capacity, nonzero, checksum)
 
     def _replay(self) -> None:
         """Write the side file's blocks into the cache, checking that it

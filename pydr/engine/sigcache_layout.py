@@ -23,7 +23,12 @@ STATE_NAMES = {CLEAN: "clean", CHANGING: "target being changed", UPDATING: "bein
 HEADER = struct.Struct("<8sHBBIQQIIQQQ16s")
 STATE_AT = 11  # the state byte: left out of binding()
 ENTRY = struct.Struct("<QII16s")  # slot offset, capacity (hashes), non-zero blocks, checksum
-ENTRY_BYTES = ENTRY.size + 8  # + xxh3-64 of (segment index, the entry)
+ENTRY_BYTES = ENTRY.size
+#: the segment table is in pages of PAGE_BYTES: PAGE_ENTRIES entries, zeros,
+#: and at PAGE_CHECK an xxh3-64 of (page index, the bytes before it)
+PAGE_BYTES = 4096
+PAGE_ENTRIES = 127
+PAGE_CHECK = PAGE_BYTES - 8
 PENDING_SUFFIX = ".pending"
 PENDING = struct.Struct("<QI")  # first block, block count; then mask, hashes
 XXH64 = B.ALGORITHMS["xxh3-64"]
@@ -62,6 +67,17 @@ def punch(fd: int, offset: int, length: int) -> None:
         pass
 
 
+def table_bytes(segments: int) -> int:
+    """Bytes of the segment table of `segments` segments (whole pages)."""
+    return -(-segments // PAGE_ENTRIES) * PAGE_BYTES
+
+
+def page_checksum(index: int, page: bytes) -> bytes:
+    """The xxh3-64 a table page ends with (its index hashed in: a page read
+    from elsewhere in the table fails)."""
+    return xxh64(struct.pack("<Q", index) + page[:PAGE_CHECK])
+
+
 def parse_header(raw: bytes, path: str) -> dict:
     """The fields of a v2 header block (HEADER_BYTES), checked."""
     if len(raw) < 8 or raw[:8] != MAGIC:
@@ -92,7 +108,7 @@ def parse_header(raw: bytes, path: str) -> dict:
         raise FormatError(f"signature cache block size {block_size} is not valid",
                           path=path, offset=12) from None
     if (n != -(-size // block_size) or segments != -(-n // SEGMENT_BLOCKS)
-            or table != HEADER_BYTES or end < table + segments * ENTRY_BYTES):
+            or table != HEADER_BYTES or end < table + table_bytes(segments)):
         raise FormatError("signature cache header disagrees with itself or the file's size",
                           path=path, offset=16)
     return {"block_size": block_size, "size": size, "n": n, "state": state,
