@@ -273,11 +273,16 @@ def forget_state(vault_dir, item, idx, which=REPLICA):
 
 
 def cache_digest(path):
-    """A digest of the signature cache at `path` (of its trailer, which
-    holds the checksum of the whole file), or None when there is none."""
+    """A digest of the signature cache at `path` (v2: of its header but the
+    state, pydr.engine.sigcache.binding; v1: of its trailer, which holds the
+    checksum of the whole file), or None when there is none."""
     from ..engine.signatures import TRAILER_SIZE
+    from ..engine.sigcache import binding
 
     try:
+        bound = binding(path)
+        if bound is not None:
+            return _checksum(bound)
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             if f.tell() < TRAILER_SIZE:

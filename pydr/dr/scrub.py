@@ -74,15 +74,18 @@ def _no_cycle_running(vault):
 
 
 def _scrub_disks(vault, name, sample, threads, events=None, cancel=None):
-    from ..engine.sigstream import SignatureReader
+    from ..engine.sigcache import CLEAN, load_any
 
     scrubbed, nbytes, problems = 0, 0, []
     for d in vault.disks(name):
         cache = vault.cache_path(name, d["idx"])
         try:
-            SignatureReader(cache).close()
+            with load_any(cache) as found:
+                clean = found.state == CLEAN
         except (FormatError, OSError):
             continue  # none, or damaged (verify_steps reports that): nothing says what to expect
+        if not clean:
+            continue  # left by an interrupted cycle: it may not describe the replica
         replica = vault.endpoint(name, d["replica"])
         base = replica.sidecar(names.BASE)
         disk = base if base.exists() else replica  # failed over: the baseline holds the steps' base
@@ -129,11 +132,11 @@ def scrub_file(path, cache, *, sample=100.0, threads=None, rng=random, cancel=No
     ``on_window(bytes read, bytes to read)`` is told after each."""
     import numpy as np
 
-    from ..engine.sigstream import SignatureReader
+    from ..engine.sigcache import load_any
 
     threads = check_threads(threads)
     code = B.algorithm_code("xxh3-128")
-    with SignatureReader(cache) as reader:
+    with load_any(cache) as reader:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = B.fd_size(fd, path)[0]
@@ -177,9 +180,9 @@ def scrub_remote(disk, cache, *, threads=None):
     request), compared here, whole."""
     import numpy as np
 
-    from ..engine.sigstream import SignatureReader
+    from ..engine.sigcache import load_any
 
-    with SignatureReader(cache) as reader:
+    with load_any(cache) as reader:
         sig = disk.signature(block_size=reader.block_size, threads=threads)
         if sig.size != reader.size:
             return (f"it has {sig.size} bytes, its cache {reader.size} "

@@ -25,6 +25,8 @@ POINTS = {
     "apply.synced": "the whole result is on disk, the journal not yet committed",
     "apply.committed": "the journal ends in COMMIT, not yet removed or kept",
     "apply.kept": "a committed journal was kept as a recovery-point step",
+    "sigcache.updating": "the target is durable, its signature cache marked being updated, "
+                         "the changed blocks not yet written into it",
     "resync.cache": "the signature cache describes the new target",
     "rollback.restored": "an interrupted apply was undone, its journal still there",
     "restore.copied": "a point's disk is cloned, copied or overlaid on the latest state, steps "

@@ -32,10 +32,10 @@ from .parallel import check_cancel, check_threads
 from .apply import Applier
 from .delta import (BATCH_BYTES, RECORD_SPLIT, changed_extents as extents_between,
                     encode_buffer, write_records)
-from ..errors import BaseMismatch, DamagedJournal, SameFile
+from ..errors import BaseMismatch, DamagedJournal, FormatError, SameFile
 from .progress import Record, Throttle
 from .signatures import Signature
-from .sigstream import SignatureReader, SignatureWriter
+from .sigcache import CLEAN, CHANGING, SignatureCache, load_any
 
 DEFAULT_RESYNC_BLOCK = 4096
 WINDOW = 64 << 20
@@ -84,24 +84,6 @@ class ResyncStats(Record):
     target_bytes_read: int
 
 
-def _open_cache(cache, dst, dst_size, block_size):
-    """A reader of the cached signature of the target (a device) if it can
-    be trusted, else None: it must be newer than the target, which a block
-    device cannot tell (it is trusted), and an NBD export neither (it is not:
-    the target is read)."""
-    if cache is None or not os.path.exists(cache):
-        return None
-    try:
-        reader = SignatureReader(cache)
-    except (ValueError, OSError):
-        return None  # corrupt or unreadable: read the target instead, and rewrite it
-    if (reader.block_size != block_size or reader.size != dst_size
-            or not dst.cache_trusted(os.stat(cache).st_mtime_ns)):
-        reader.close()  # other geometry, or the target changed after the cache was written
-        return None
-    return reader
-
-
 def check_no_lost_records(applier, cache, block_size, threads):
     """Resuming an interrupted resync: a journal cut short exactly at a
     record boundary (a lost write) looks whole, and its lost records would
@@ -117,39 +99,56 @@ def check_no_lost_records(applier, cache, block_size, threads):
     if not isinstance(dev, FileDevice) or dev.fd is None:
         return  # an NBD export: its blocks are read by the resync anyway
     try:
-        reader = SignatureReader(cache)
+        reader = load_any(cache)
     except (ValueError, OSError):
         return
     with reader:
         old_size, now = journal.header["old_size"], dev.size_now()
-        if reader.block_size != block_size or reader.size != old_size:
+        # "being updated": the cache may describe neither the old target nor the new
+        if (reader.block_size != block_size or reader.size != old_size
+                or reader.state not in (CLEAN, CHANGING)):
             return
         # blocks both sizes hold whole (a short last block is hashed over its length)
         n = reader.n if now == old_size else min(now, old_size) // block_size
         if n == 0:
             return
-        length = min(n * block_size, now)
-        hashes, mask = bytearray(16 * n), bytearray(n)
-        sign_range(dev.fd, applier.target, 0, length, block_size, B.ALGORITHMS["xxh3-128"],
-                   hashes, mask, threads=threads, progress_record=B.Progress(),
-                   throttle=Throttle(None, "resync", applier.target, length))
-        want, _ = reader.read(0, n)
-    got = np.frombuffer(hashes, dtype=np.uint64).reshape(n, 2)
-    differ = np.nonzero((got != np.frombuffer(bytes(want), dtype="<u8").reshape(n, 2))
-                        .any(axis=1))[0]
-    if not len(differ):
-        return
-    covered = np.zeros(n, dtype=bool)
-    spans = sorted((r[3], r[3] + r[4]) for r in J.scan(journal.path).records)
-    for s, e in merge_spans(spans):
-        last = n if e >= old_size else min(n, e // block_size)
-        covered[-(-s // block_size):last] = True
-    lost = differ[~covered[differ]]
-    if len(lost):
+        spans = merge_spans(sorted([r[3], r[3] + r[4]] for r in J.scan(journal.path).records))
+        starts = np.array([s for s, _ in spans], dtype=np.int64)
+        ends = np.array([e for _, e in spans], dtype=np.int64)
+        per_window = max(1, WINDOW // block_size)  # memory: one window, not the disk
+        lost, first_lost = 0, None
+        for first in range(0, n, per_window):
+            count = min(per_window, n - first)
+            offset = first * block_size
+            length = min(offset + count * block_size, now) - offset
+            hashes, mask = bytearray(16 * count), bytearray(count)
+            sign_range(dev.fd, applier.target, offset, length, block_size,
+                       B.ALGORITHMS["xxh3-128"], hashes, mask, threads=threads,
+                       progress_record=B.Progress(),
+                       throttle=Throttle(None, "resync", applier.target, length))
+            want, _ = reader.read(first, count)
+            got = np.frombuffer(hashes, dtype=np.uint64).reshape(count, 2)
+            differ = np.nonzero((got != np.frombuffer(bytes(want), dtype="<u8")
+                                 .reshape(count, 2)).any(axis=1))[0]
+            if not len(differ):
+                continue
+            # a block is covered when one record holds all of it (the old
+            # target's short last block: a record reaching the old end)
+            blk = differ.astype(np.int64) + first
+            b0 = blk * block_size
+            b1 = np.minimum(b0 + block_size, old_size)
+            k = np.maximum(np.searchsorted(starts, b0, side="right") - 1, 0)
+            ok = ((starts[k] <= b0) & (ends[k] >= b1)) if len(starts) else np.zeros(len(blk), bool)
+            bad = blk[~ok]
+            if len(bad):
+                lost += len(bad)
+                if first_lost is None:
+                    first_lost = int(bad[0])
+    if lost:
         raise DamagedJournal(
-            f"undo journal is damaged: {len(lost)} blocks of the target differ from its "
+            f"undo journal is damaged: {lost} blocks of the target differ from its "
             f"signature cache (the target before the interrupted resync), the first at offset "
-            f"{int(lost[0]) * block_size}, and no record of the journal holds their old "
+            f"{first_lost * block_size}, and no record of the journal holds their old "
             f"contents: records were lost (a write cut short), or the target was changed "
             f"outside pydr", path=journal.path, offset=journal.bytes)
 
@@ -198,11 +197,10 @@ def merge_close(spans, gap):
 def _known_zero(cache, first, count):
     """Whether the signature cache knows blocks [first, first+count) of the
     target are all zero."""
-    all_zero = getattr(cache, "all_zero", None)
-    if all_zero is not None:  # SignatureCache: from its zero extents, no hash read
-        return all_zero(first, count)
-    _, mask = cache.read(first, count)
-    return len(mask) == count and not bytes(mask).count(0)
+    try:
+        return cache.all_zero(first, count)
+    except FormatError:
+        return False  # damaged: the window is compared, and its read of the cache says so
 
 
 def _both_holes(source, target, cache, w0, w1, d1, block_size):
@@ -293,15 +291,21 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             dst_size = applier.base_size  # what the target holds now
             if applier.resumed is not None and signature_cache is not None:
                 check_no_lost_records(applier, signature_cache, block_size, threads)
-            cached = _open_cache(signature_cache, applier.dev, dst_size, block_size)
+            # a cache of the target it can trust, marked "target being changed" until commit
+            cached = None if signature_cache is None else SignatureCache.open(
+                signature_cache, block_size=block_size, size=dst_size,
+                trusted=applier.dev.cache_trusted)
             writer = None
             if signature_cache is not None and changed_extents is not None and cached is None:
                 # only the changed ranges are compared, and nothing describes the
                 # rest of the target: no cache can be written, and the old one goes
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(signature_cache)
+            elif cached is not None and src_size == dst_size:
+                writer = cached  # updated in place: only the windows compared
             elif signature_cache is not None:
-                writer = SignatureWriter(signature_cache, block_size, src_size)
+                writer = SignatureCache.create(signature_cache, block_size=block_size,
+                                               size=src_size)
             if changed_extents is not None:
                 spans = _coalesce(changed_extents, block_size, src_size)
                 if dst_size != src_size:
@@ -348,7 +352,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                     while k < len(spans) and spans[k][0] < w1:
                         subs.append((max(w0, spans[k][0]), min(w1, spans[k][1])))
                         k += 1
-                    if not subs and writer is None:
+                    if not subs and (writer is None or writer is cached):
                         continue
                     subs = merge_close(subs, MERGE_GAP)
                 # one signature pair for the whole window: blocks outside the
@@ -361,17 +365,25 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                 # as apply reads it
                 d1 = min(dst_size, -(-w1 // block_size) * block_size) if w0 < dst_size else w0
                 m = blocks_for(d1 - w0, block_size)
+                skipped = False
                 if subs and _both_holes(source, applier.dev, cached, w0, w1, d1, block_size):
                     # nothing to read on either side: equal (a source hole past
                     # the target's end is left a hole), hashed as zeros
-                    subs = []
-                    if writer is not None:  # the same for every full window: made once
+                    subs, skipped = [], True
+                    if writer is not None and writer is not cached:
+                        # the same for every full window: made once
                         if w1 - w0 not in zero_windows:
                             zero_windows[w1 - w0] = _zero_window(w1 - w0, block_size, code)
                         src_h, src_z = zero_windows[w1 - w0]
                 else:
+                    try:
+                        cache_window = cached and cached.read(w0 // block_size, m)
+                    except FormatError:  # damaged here: the target is read from now on
+                        writer = _without_cache(cached, writer, spans is not None,
+                                                signature_cache)
+                        cached = cache_window = None
                     if cached is not None:
-                        dst_h, dst_z = cached.read(w0 // block_size, m)
+                        dst_h, dst_z = cache_window
                         dst_h += bytes(16 * m - len(dst_h))
                         dst_z = bytearray(dst_z) + bytes(m - len(dst_z))
                     else:
@@ -426,8 +438,9 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                         finally:
                             window.close()
                     seq[0] += count
-                if writer is not None:
-                    writer.write(src_h, src_z)
+                if writer is not None and not (skipped and writer is cached):
+                    # (a skipped window the cache knows is zero stays as it is)
+                    writer.update(w0 // block_size, src_h, src_z)
             check_cancel(cancel, applier.target)
             pending.flush()
             applier.drain()
@@ -453,6 +466,22 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     return ResyncStats(source_read + target_read, int(st.data_bytes), int(st.zero_bytes),
                        changed_blocks, time.monotonic() - start, applier.journal.bytes,
                        cached is not None, src_size, source_read, target_read)
+
+
+def _without_cache(cached, writer, tracked, path):
+    """The signature cache read mid-cycle turned out damaged (each segment
+    is checked when read): it is closed and removed, and the cycle goes on
+    reading the target. Returns the cache writer to go on with: a new cache
+    of an untracked cycle (every window is compared, so it can still be
+    made whole), else None (nothing would describe the windows passed)."""
+    keep = writer if writer is not cached and not tracked else None
+    if writer is not None and writer is not keep and writer is not cached:
+        writer.abort()
+    cached.abort()
+    if keep is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return keep
 
 
 #: a chunk of records this long filled the encode buffer as far as whole

@@ -297,6 +297,7 @@ def test_cache_describes_what_was_written_while_the_source_changed(tmp_path):
     must hold the hashes of what the target received, or the next resync
     refuses the replica (BaseMismatch)."""
     import pydr
+    from pydr.engine.sigcache import cached_signature
 
     src, dst, cache = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "dst.sig"
     nrec = 6000
@@ -306,7 +307,7 @@ def test_cache_describes_what_was_written_while_the_source_changed(tmp_path):
     try:
         for _ in range(8):
             pydr.resync(src, dst, signature_cache=cache)
-            assert pydr.Signature.load(cache) == pydr.signature(dst, block_size=4096)
+            assert cached_signature(cache) == pydr.signature(dst, block_size=4096)
             time.sleep(0.02)
     finally:
         writer.kill()

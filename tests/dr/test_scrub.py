@@ -14,7 +14,7 @@ import pytest
 from conftest import run_cli, sha
 from disks import cycled_item
 from pydr.dr import scrub
-from pydr.engine.sigstream import SignatureReader
+from pydr.engine.sigcache import load_any
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def rot(path, offset):
 
 
 def block_of(tmp_path, idx, offset):
-    with SignatureReader(cache(tmp_path, idx)) as reader:
+    with load_any(cache(tmp_path, idx)) as reader:
         return offset - offset % reader.block_size
 
 
@@ -276,7 +276,7 @@ def test_rot_below_a_file_system_keeps_the_replicas_identity(tmp_path, monkeypat
 
 
 def block_size(tmp_path):
-    with SignatureReader(cache(tmp_path, 0)) as reader:
+    with load_any(cache(tmp_path, 0)) as reader:
         return reader.block_size
 
 

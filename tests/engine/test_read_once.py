@@ -287,7 +287,7 @@ def test_windows_of_holes_are_neither_hashed_nor_compared(tmp_path, monkeypatch)
     the short last block's included)."""
     from pydr.engine import devices as D
     from pydr.engine import resync as R
-    from pydr.engine.sigstream import SignatureReader
+    from pydr.engine.sigcache import load_any
 
     size = 2048 * MiB + 1000
     src = tmp_path / "src.raw"
@@ -316,7 +316,7 @@ def test_windows_of_holes_are_neither_hashed_nor_compared(tmp_path, monkeypatch)
         assert st.used_cache == (cached is not None and not target_signed)
     monkeypatch.setattr(D.FileDevice, "sign", real_sign)
     assert st.used_cache and st.target_bytes_read == 0
-    with SignatureReader(str(cache)) as reader:
+    with load_any(str(cache)) as reader:
         hashes, mask = reader.read(0, reader.n)
     sig = pydr.signature(str(dst), block_size=4096)
     assert bytes(hashes) == sig.hashes.tobytes()

@@ -7,6 +7,7 @@ import pytest
 
 import pydr
 from pydr.engine import journal as J
+from pydr.engine.sigcache import cached_signature
 
 from conftest import write_sparse
 
@@ -71,7 +72,7 @@ def test_signature_cache(tmp_path):
     src.write_bytes(bytes(b))
     first = pydr.resync(src, dst, signature_cache=cache)
     assert not first.used_cache and cache.exists()
-    assert pydr.Signature.load(cache) == pydr.signature(dst, block_size=4096)
+    assert cached_signature(cache) == pydr.signature(dst, block_size=4096)
     b[2_000_000:2_000_100] = rng.randbytes(100)
     src.write_bytes(bytes(b))
     second = pydr.resync(src, dst, signature_cache=cache)
@@ -105,7 +106,7 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path):
     cache.write_bytes(b"garbage")
     stats = pydr.resync(src, dst, signature_cache=cache)
     assert not stats.used_cache and dst.read_bytes() == a
-    assert pydr.Signature.load(cache).size == len(a)
+    assert cached_signature(cache).size == len(a)
 
 
 def test_changed_extents_only_hashes_those(tmp_path):
@@ -203,7 +204,7 @@ def test_streamed_cache_across_windows(tmp_path, monkeypatch, new_size):
     stats = pydr.resync(src, dst, signature_cache=cache)
     assert stats.used_cache
     assert dst.read_bytes() == bytes(b)
-    assert pydr.Signature.load(cache) == pydr.signature(dst, block_size=4096)
+    assert cached_signature(cache) == pydr.signature(dst, block_size=4096)
 
 
 def test_changed_extents_with_cache_keeps_the_other_hashes(tmp_path, monkeypatch):
@@ -224,7 +225,7 @@ def test_changed_extents_with_cache_keeps_the_other_hashes(tmp_path, monkeypatch
                         changed_extents=[(300_000, 10), (1_500_000, 100_000)])
     assert stats.used_cache and dst.read_bytes() == bytes(b)
     assert stats.bytes_read < 200_000  # only the extents of the source were read
-    assert pydr.Signature.load(cache) == pydr.signature(dst, block_size=4096)
+    assert cached_signature(cache) == pydr.signature(dst, block_size=4096)
 
 
 def test_cache_of_another_block_size_is_not_used(tmp_path):
@@ -235,4 +236,4 @@ def test_cache_of_another_block_size_is_not_used(tmp_path):
     pydr.signature(dst, block_size=8192).save(cache)
     stats = pydr.resync(src, dst, signature_cache=cache)
     assert not stats.used_cache
-    assert pydr.Signature.load(cache).block_size == 4096
+    assert cached_signature(cache).block_size == 4096

@@ -14,7 +14,7 @@ themselves are read back and compared with their signature caches
 import os
 import random
 
-from ...engine.sigstream import SignatureReader
+from ...engine.sigcache import load_any
 from ...errors import Cancelled, CorruptDelta, FormatError
 from ..replica_check import check_replicas
 from ..scrub import scrub_item
@@ -68,7 +68,7 @@ def verify_steps(vault, name, point_id=None, sample=100.0, *, events=None, cance
             continue
         caches += 1
         try:
-            SignatureReader(cache).close()
+            load_any(cache, verify=True).close()
         except (FormatError, OSError) as exc:
             problems.append(f"disk {d['idx']}, signature cache: {exc} (the next cycle reads the "
                             "replica instead and writes it again)")
