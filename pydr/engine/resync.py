@@ -15,8 +15,9 @@ hashed, and the records of the blocks that differ are encoded from that
 buffer (a MemoryDevice over it), never read from the source again. Memory: one
 kept window (WINDOW, 64 MiB; a numpy.empty buffer, so the pages of holes and
 of windows never read cost nothing) plus the 32 MiB encode buffer. A window
-that is a hole on the source and known all-zero in a valid signature cache of
-the target is skipped without hashing: a sparse disk costs its data.
+that is a hole on the source (Device.data_extents) and needs nothing from the
+target (past its end, a hole there too, or all zero in a valid signature
+cache of it) is skipped without hashing: a sparse disk costs its data.
 """
 
 import contextlib
