@@ -22,12 +22,15 @@ This module is the bottom of the engine's own modules: it imports none of
 the modules that take a device (signatures, journal, apply, resync).
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import fcntl
 import os
 import stat
 import threading
+from typing import Any, List, Optional, Tuple
 
 from ..errors import Cancelled, UnfinishedApply, UnsupportedFile
 from . import bindings as B
@@ -112,13 +115,13 @@ class Device:
     #: block read twice counts twice); a MemoryDevice reads none
     encoded_bytes = 0
 
-    def data_extents(self, offset, length):
+    def data_extents(self, offset: int, length: int) -> List[Tuple[int, int]]:
         """The (start, end) byte pairs of [offset, offset + length) that may
         hold data, sorted: a device that cannot tell says all of it. Cheap:
         no data is read."""
         return [(offset, offset + length)] if length > 0 else []
 
-    def _count_encoded(self, used, done):
+    def _count_encoded(self, used: int, done: int) -> None:
         """Adds the payload bytes of an encode() that wrote `done` records in
         `used` bytes (one 64-byte header per record) to encoded_bytes."""
         with self._count_lock:
@@ -224,9 +227,10 @@ class FileDevice(Device):
         self.size = B.fd_size(self.fd, self.name)[0]
         return self.size
 
-    def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
-             progress_record, throttle, cancel=None, use_mmap=True, final_report=True,
-             keep=None, spans=None):
+    def sign(self, offset: int, length: int, block_size: int, code: int, hashes: Any,
+             zero_mask: Any, *, threads: int, progress_record: B.Progress, throttle: Any,
+             cancel: Any = None, use_mmap: bool = True, final_report: bool = True,
+             keep: Any = None, spans: Optional[List[Tuple[int, int]]] = None) -> int:
         """Sign [offset, offset + length) (offset block aligned; a short
         last block only at the end of the disk) into ``hashes`` (blocks x
         words uint64) and ``zero_mask`` (a byte per block), on ``threads``
@@ -257,7 +261,7 @@ class FileDevice(Device):
             threads=threads, progress_record=progress_record, throttle=throttle,
             cancel=cancel, use_mmap=use_mmap, final_report=final_report)
 
-    def data_extents(self, offset, length):
+    def data_extents(self, offset: int, length: int) -> List[Tuple[int, int]]:
         """The (start, end) pairs of [offset, offset + length) holding data,
         found with SEEK_DATA / SEEK_HOLE (no data read); the whole range
         where the file system cannot tell (or for a block device)."""
@@ -372,9 +376,10 @@ class NbdDevice(Device):
     def size_now(self):
         return self.size
 
-    def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
-             progress_record, throttle, cancel=None, use_mmap=True, final_report=True,
-             keep=None, spans=None):
+    def sign(self, offset: int, length: int, block_size: int, code: int, hashes: Any,
+             zero_mask: Any, *, threads: int, progress_record: B.Progress, throttle: Any,
+             cancel: Any = None, use_mmap: bool = True, final_report: bool = True,
+             keep: Any = None, spans: Optional[List[Tuple[int, int]]] = None) -> int:
         """Signs window by window (arguments as FileDevice.sign; `threads`
         and `use_mmap` are not used). Each connection keeps several reads
         in flight; with spans, one call reads all the spans of a window
@@ -455,7 +460,9 @@ class NbdDevice(Device):
         return 1
 
     @staticmethod
-    def _span_windows(windows, offset, block_size, spans):
+    def _span_windows(windows: List[Tuple[int, int]], offset: int, block_size: int,
+                      spans: List[Tuple[int, int]]
+                      ) -> List[Tuple[int, int, List[Tuple[int, int]]]]:
         """(w0, w1, spans inside it) of the windows (relative to offset)
         that hold spans: a span across a window's end is cut there."""
         result, i = [], 0
@@ -472,7 +479,7 @@ class NbdDevice(Device):
                 result.append((w0, w1, inside))
         return result
 
-    def data_extents(self, offset, length):
+    def data_extents(self, offset: int, length: int) -> List[Tuple[int, int]]:
         """The (start, end) pairs of [offset, offset + length) that the
         server does not say read as zeros (base:allocation block status, no
         data read)."""
@@ -557,7 +564,7 @@ class MemoryDevice(Device):
     resizable = False
     is_block = True
 
-    def __init__(self, buffer, offset, *, name):
+    def __init__(self, buffer: Any, offset: int, *, name: Optional[str]) -> None:
         """buffer: anything with the buffer protocol (a numpy array, a
         bytearray), referenced, not copied, until close(). offset: the
         device offset of its first byte. name: the source's name, for
@@ -567,14 +574,14 @@ class MemoryDevice(Device):
         self.core = B.Device.open_memory(buffer, offset, name=name)
         self.size = self.core.size
 
-    def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
-               payload_hashes=None):
+    def encode(self, extents: Any, zero: Any, base_hashes: Any, first_seq: int, out: Any,
+               block_size: int = 0, payload_hashes: Any = None) -> Tuple[int, int, int]:
         """Encode records of the extents (inside the memory) into out, as
         B.Device.encode; returns (used, done, payload hash words)."""
         return self.core.encode(extents, zero, base_hashes, first_seq, out, block_size,
                                 payload_hashes)
 
-    def pread(self, length, offset):
+    def pread(self, length: int, offset: int) -> bytes:
         """`length` bytes at device offset `offset` (inside the memory)."""
         return self.core.pread(length, offset)
 

@@ -4,19 +4,25 @@ keeps (sign_spans_range); the whole of a range without keeping is
 devices.sign_range. FileDevice.sign (pydr.engine.devices) picks one.
 """
 
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
 from . import bindings as B
 from .parallel import CANCEL_BYTES, run_chunks
 from .spans import as_pairs, cut_units
 
 
-def blocks_for(size, block_size):
+def blocks_for(size: int, block_size: int) -> int:
     """How many blocks of `block_size` bytes cover `size` bytes."""
     return (size + block_size - 1) // block_size
 
 
-def sign_spans_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
-                     spans, keep, threads, progress_record, throttle, cancel=None,
-                     use_mmap=True, final_report=True):
+def sign_spans_range(fd: int, path: Optional[str], offset: int, length: int, block_size: int,
+                     code: int, hashes: Any, zero_mask: Any, *,
+                     spans: List[Tuple[int, int]], keep: Any, threads: int,
+                     progress_record: B.Progress, throttle: Any, cancel: Any = None,
+                     use_mmap: bool = True, final_report: bool = True) -> int:
     """Sign the spans (checked (start, end) pairs, see pydr.engine.spans) of
     [offset, offset+length) of an open file into the range's buffers, on
     ``threads`` threads, each span byte read once: with ``keep`` (a
@@ -48,7 +54,7 @@ def sign_spans_range(fd, path, offset, length, block_size, code, hashes, zero_ma
     return used
 
 
-def check_keep(keep, length, name):
+def check_keep(keep: Any, length: int, name: Optional[str]) -> None:
     """ValueError unless keep is None or a writable buffer of at least
     `length` bytes."""
     if keep is None:

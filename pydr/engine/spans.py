@@ -73,7 +73,7 @@ def as_pairs(spans: Sequence[Span]) -> "array[int]":
     return array("Q", [v for start, stop in spans for v in (start, stop - start)])
 
 
-def merge_extents(pairs):
+def merge_extents(pairs: Sequence[Span]) -> List[Span]:
     """Sorted (start, end) pairs with touching or overlapping ones merged."""
     merged = []
     for start, end in sorted(pairs):
