@@ -30,6 +30,12 @@
 #define NBD_CHUNK (2u << 20)      /* bytes per read request                  */
 #define NBD_IN_FLIGHT 8           /* read requests in flight while signing   */
 #define NBD_IN_FLIGHT_KEEP 32     /* the same, reading straight into a keep  */
+/* Waits for replies at most this long before looking at the requests again:
+ * another thread's synchronous call on the same handle (an apply beside a
+ * sign) may have taken our replies in, and a poll without a limit would then
+ * wait for good, holding the handle's lock. Costs nothing when unshared:
+ * poll returns as soon as a reply arrives. */
+#define NBD_POLL_MS 50
 #define NBD_STATUS_SPAN (1u << 30) /* bytes asked per block-status request   */
 #define NBD_STATUS_MIN (8u << 20)  /* shorter ranges are read, not asked about:
                                       a round trip costs more than the read */
@@ -498,7 +504,7 @@ int pydr_nbd_sign_spans(pydr_nbd *n, uint64_t offset, size_t nblocks, const uint
          * poll then fails and libnbd ends every request in flight. Report the
          * first failed request (its errno, its first failing block), else
          * poll's failure at the first request still out. */
-        int polled = nbd_poll(n->h, -1);
+        int polled = nbd_poll(n->h, NBD_POLL_MS);
         uint64_t failed_at = UINT64_MAX, out_at = more ? c.pos : UINT64_MAX;
         for (int i = 0; i < nslots; i++) {
             nbd_read_slot *r = &slots[i];
@@ -533,7 +539,7 @@ int pydr_nbd_sign_spans(pydr_nbd *n, uint64_t offset, size_t nblocks, const uint
     }
     /* requests still out after an error: let them finish into our buffers */
     while (in_flight) {
-        if (nbd_poll(n->h, -1) == -1)
+        if (nbd_poll(n->h, NBD_POLL_MS) == -1)
             break;
         for (int i = 0; i < nslots; i++)
             if (slots[i].busy &&

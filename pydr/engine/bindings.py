@@ -5,10 +5,13 @@ Buffers are anything with the buffer protocol (bytearray, memoryview, numpy);
 this module does not import numpy, so the CLI starts fast.
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import os
 import re
+from typing import Any, Optional, Union
 
 try:
     from .._core import ffi, lib
@@ -217,7 +220,7 @@ class Signer:
             raise_for_code(rc, path=path if path is not None else device.name,
                            error=self._error)
 
-    def _device(self, device, path):
+    def _device(self, device: Union[Device, int], path: Optional[str]) -> Device:
         """`device` itself, or a Device kept over the file descriptor it is."""
         if not isinstance(device, Device):
             if self._file is None or self._file.fd != device:
@@ -227,8 +230,9 @@ class Signer:
             device = self._file
         return device
 
-    def sign_spans(self, device, offset, nblocks, spans, hashes, zero_mask, keep, progress,
-                   path=None):
+    def sign_spans(self, device: Union[Device, int], offset: int, nblocks: int, spans: Any,
+                   hashes: Any, zero_mask: Any, keep: Any, progress: Optional[Progress],
+                   path: Optional[str] = None) -> None:
         """Hash the spans of the window [offset, offset + nblocks blocks) of
         `device`, reading each byte once (pydr_signer_sign_spans).
 
@@ -285,7 +289,7 @@ class Signer:
         self.close()
 
 
-def _spans_view(spans, views):
+def _spans_view(spans: Any, views: contextlib.ExitStack) -> Any:
     """A uint64_t[] cdata of (start, length) pairs: `spans` as a flat uint64
     buffer (kept open in the ExitStack `views`), or made from a sequence of
     pairs."""
@@ -397,7 +401,7 @@ class Device:
         return device
 
     @classmethod
-    def open_memory(cls, buffer, offset, *, name=None):
+    def open_memory(cls, buffer: Any, offset: int, *, name: Optional[str] = None) -> Device:
         """A read-only device over `buffer` (anything with the buffer
         protocol), which reads as those bytes lying at device offset
         `offset`: the window a sign_spans kept, so that records are encoded
@@ -456,14 +460,15 @@ class Device:
         self._signer_for(block_size, code).sign(self, offset, length, hashes, zero_mask,
                                                 nblocks, progress, self.name)
 
-    def sign_spans(self, offset, nblocks, block_size, code, spans, hashes, zero_mask, keep,
-                   progress):
+    def sign_spans(self, offset: int, nblocks: int, block_size: int, code: int, spans: Any,
+                   hashes: Any, zero_mask: Any, keep: Any,
+                   progress: Optional[Progress]) -> None:
         """pydr_signer_sign_spans of this device (see Signer.sign_spans for
         the arguments), with a signer kept for the next call."""
         self._signer_for(block_size, code).sign_spans(self, offset, nblocks, spans, hashes,
                                                       zero_mask, keep, progress, self.name)
 
-    def _signer_for(self, block_size, code):
+    def _signer_for(self, block_size: int, code: int) -> Signer:
         if self._signer is None or self._signer[:2] != (block_size, code):
             if self._signer is not None:
                 self._signer[2].close()

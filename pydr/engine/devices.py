@@ -22,29 +22,33 @@ This module is the bottom of the engine's own modules: it imports none of
 the modules that take a device (signatures, journal, apply, resync).
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import fcntl
 import os
 import stat
 import threading
+from typing import Any, List, Optional, Tuple
 
 from ..errors import Cancelled, UnfinishedApply, UnsupportedFile
 from . import bindings as B
 from . import names
 from .atomic import copy_mode
 from .oserrors import naming
-# how a file is signed lives in filesign; re-exported here, where callers look
-from .filesign import (CHUNK_BYTES, blocks_for, check_keep, sign_range,  # noqa: F401
-                       sign_spans_range)
-from .parallel import start_all, wait_all
-from .spans import as_pairs, check_spans
+from .filesign import blocks_for, check_keep, sign_spans_range  # noqa: F401 (blocks_for)
+from .parallel import CANCEL_BYTES, run_chunks, start_all, wait_all
+from .spans import as_pairs, check_spans, merge_extents
 
 SIGN_WINDOW = 256 << 20  # an NBD export is signed this much at a time
 # connections that sign one export side by side where the server offers
 # multi-conn. Each costs a server thread and a client thread: on 2 cores one
 # connection was fastest (2.6 s for 4 GiB against 3.1 s with two or four)
 NBD_CONNECTIONS = max(1, min(4, (os.cpu_count() or 1) // 2))
+# Each thread signing a file takes chunks of this many bytes (rounded to
+# whole blocks).
+CHUNK_BYTES = 64 * 1024 * 1024
 
 
 def kind_of(mode):
@@ -103,17 +107,6 @@ def check_disk(path):
     os.close(open_disk(path))
 
 
-def merge_extents(pairs):
-    """Sorted (start, end) pairs with touching or overlapping ones merged."""
-    merged = []
-    for start, end in sorted(pairs):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
 class Device:
     """What the engine reads and writes: see the module's docstring for
     what each kind has. A with block closes it."""
@@ -122,13 +115,13 @@ class Device:
     #: block read twice counts twice); a MemoryDevice reads none
     encoded_bytes = 0
 
-    def data_extents(self, offset, length):
+    def data_extents(self, offset: int, length: int) -> List[Tuple[int, int]]:
         """The (start, end) byte pairs of [offset, offset + length) that may
         hold data, sorted: a device that cannot tell says all of it. Cheap:
         no data is read."""
         return [(offset, offset + length)] if length > 0 else []
 
-    def _count_encoded(self, used, done):
+    def _count_encoded(self, used: int, done: int) -> None:
         """Adds the payload bytes of an encode() that wrote `done` records in
         `used` bytes (one 64-byte header per record) to encoded_bytes."""
         with self._count_lock:
@@ -141,6 +134,43 @@ class Device:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def sign_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
+               threads, progress_record, throttle, cancel=None, use_mmap=True,
+               final_report=True):
+    """Sign [offset, offset+length) of an open file into caller buffers
+    (``hashes``: blocks * words uint64, ``zero_mask``: one byte per block),
+    on ``threads`` threads. offset is block aligned; the range may end on a
+    short block only at the end of the file. Returns the threads used.
+
+    Each thread signs its chunk CANCEL_BYTES at a time and looks at
+    ``cancel`` before each piece: a set event stops it within one piece
+    (the C core looks at the flag per mmap window or I/O buffer too), and
+    a piece of holes costs no read but bounded CPU."""
+    n = blocks_for(length, block_size)
+    words = B.hash_words(code)
+    per_chunk = max(1, CHUNK_BYTES // block_size)
+    per_piece = max(1, min(per_chunk, CANCEL_BYTES // block_size))
+    nchunks = (n + per_chunk - 1) // per_chunk
+    end = offset + length
+
+    def do_chunk(signer, i):
+        b1 = min(n, (i + 1) * per_chunk)
+        for b0 in range(i * per_chunk, b1, per_piece):
+            if cancel is not None and cancel.is_set():
+                progress_record.request_cancel()  # the other workers stop too
+            b2 = min(b1, b0 + per_piece)
+            start = offset + b0 * block_size
+            h, z = out.at(b0)
+            signer.sign(fd, start, min(end, offset + b2 * block_size) - start, h, z, b2 - b0,
+                        progress_record, path)
+
+    used = max(1, min(threads, nchunks))
+    with B.OutputBuffers(hashes, zero_mask, words) as out:
+        run_chunks(nchunks, used, lambda: B.Signer(block_size, code, use_mmap=use_mmap),
+                   do_chunk, progress_record, throttle, cancel, final_report)
+    return used
 
 
 def as_device(disk, *, write=False):
@@ -197,9 +227,10 @@ class FileDevice(Device):
         self.size = B.fd_size(self.fd, self.name)[0]
         return self.size
 
-    def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
-             progress_record, throttle, cancel=None, use_mmap=True, final_report=True,
-             keep=None, spans=None):
+    def sign(self, offset: int, length: int, block_size: int, code: int, hashes: Any,
+             zero_mask: Any, *, threads: int, progress_record: B.Progress, throttle: Any,
+             cancel: Any = None, use_mmap: bool = True, final_report: bool = True,
+             keep: Any = None, spans: Optional[List[Tuple[int, int]]] = None) -> int:
         """Sign [offset, offset + length) (offset block aligned; a short
         last block only at the end of the disk) into ``hashes`` (blocks x
         words uint64) and ``zero_mask`` (a byte per block), on ``threads``
@@ -230,7 +261,7 @@ class FileDevice(Device):
             threads=threads, progress_record=progress_record, throttle=throttle,
             cancel=cancel, use_mmap=use_mmap, final_report=final_report)
 
-    def data_extents(self, offset, length):
+    def data_extents(self, offset: int, length: int) -> List[Tuple[int, int]]:
         """The (start, end) pairs of [offset, offset + length) holding data,
         found with SEEK_DATA / SEEK_HOLE (no data read); the whole range
         where the file system cannot tell (or for a block device)."""
@@ -345,9 +376,10 @@ class NbdDevice(Device):
     def size_now(self):
         return self.size
 
-    def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
-             progress_record, throttle, cancel=None, use_mmap=True, final_report=True,
-             keep=None, spans=None):
+    def sign(self, offset: int, length: int, block_size: int, code: int, hashes: Any,
+             zero_mask: Any, *, threads: int, progress_record: B.Progress, throttle: Any,
+             cancel: Any = None, use_mmap: bool = True, final_report: bool = True,
+             keep: Any = None, spans: Optional[List[Tuple[int, int]]] = None) -> int:
         """Signs window by window (arguments as FileDevice.sign; `threads`
         and `use_mmap` are not used). Each connection keeps several reads
         in flight; with spans, one call reads all the spans of a window
@@ -428,7 +460,9 @@ class NbdDevice(Device):
         return 1
 
     @staticmethod
-    def _span_windows(windows, offset, block_size, spans):
+    def _span_windows(windows: List[Tuple[int, int]], offset: int, block_size: int,
+                      spans: List[Tuple[int, int]]
+                      ) -> List[Tuple[int, int, List[Tuple[int, int]]]]:
         """(w0, w1, spans inside it) of the windows (relative to offset)
         that hold spans: a span across a window's end is cut there."""
         result, i = [], 0
@@ -445,7 +479,7 @@ class NbdDevice(Device):
                 result.append((w0, w1, inside))
         return result
 
-    def data_extents(self, offset, length):
+    def data_extents(self, offset: int, length: int) -> List[Tuple[int, int]]:
         """The (start, end) pairs of [offset, offset + length) that the
         server does not say read as zeros (base:allocation block status, no
         data read)."""
@@ -530,7 +564,7 @@ class MemoryDevice(Device):
     resizable = False
     is_block = True
 
-    def __init__(self, buffer, offset, *, name):
+    def __init__(self, buffer: Any, offset: int, *, name: Optional[str]) -> None:
         """buffer: anything with the buffer protocol (a numpy array, a
         bytearray), referenced, not copied, until close(). offset: the
         device offset of its first byte. name: the source's name, for
@@ -540,14 +574,14 @@ class MemoryDevice(Device):
         self.core = B.Device.open_memory(buffer, offset, name=name)
         self.size = self.core.size
 
-    def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
-               payload_hashes=None):
+    def encode(self, extents: Any, zero: Any, base_hashes: Any, first_seq: int, out: Any,
+               block_size: int = 0, payload_hashes: Any = None) -> Tuple[int, int, int]:
         """Encode records of the extents (inside the memory) into out, as
         B.Device.encode; returns (used, done, payload hash words)."""
         return self.core.encode(extents, zero, base_hashes, first_seq, out, block_size,
                                 payload_hashes)
 
-    def pread(self, length, offset):
+    def pread(self, length: int, offset: int) -> bytes:
         """`length` bytes at device offset `offset` (inside the memory)."""
         return self.core.pread(length, offset)
 

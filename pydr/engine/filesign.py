@@ -1,63 +1,28 @@
-"""Signing a file (or block device) open in this process on several
-threads: the whole of a range through the C signer's mmap windows
-(sign_range), or spans of it read once, straight into a buffer the caller
-keeps (sign_spans_range). FileDevice.sign (pydr.engine.devices) picks one.
+"""Signing spans of a file (or block device) open in this process on
+several threads, each byte read once, straight into a buffer the caller
+keeps (sign_spans_range); the whole of a range without keeping is
+devices.sign_range. FileDevice.sign (pydr.engine.devices) picks one.
 """
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
 
 from . import bindings as B
 from .parallel import CANCEL_BYTES, run_chunks
 from .spans import as_pairs, cut_units
 
-# Each thread signing a file takes chunks of this many bytes (rounded to
-# whole blocks).
-CHUNK_BYTES = 64 * 1024 * 1024
 
-
-def blocks_for(size, block_size):
+def blocks_for(size: int, block_size: int) -> int:
     """How many blocks of `block_size` bytes cover `size` bytes."""
     return (size + block_size - 1) // block_size
 
 
-def sign_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
-               threads, progress_record, throttle, cancel=None, use_mmap=True,
-               final_report=True):
-    """Sign [offset, offset+length) of an open file into caller buffers
-    (``hashes``: blocks * words uint64, ``zero_mask``: one byte per block),
-    on ``threads`` threads. offset is block aligned; the range may end on a
-    short block only at the end of the file. Returns the threads used.
-
-    Each thread signs its chunk CANCEL_BYTES at a time and looks at
-    ``cancel`` before each piece: a set event stops it within one piece
-    (the C core looks at the flag per mmap window or I/O buffer too), and
-    a piece of holes costs no read but bounded CPU."""
-    n = blocks_for(length, block_size)
-    words = B.hash_words(code)
-    per_chunk = max(1, CHUNK_BYTES // block_size)
-    per_piece = max(1, min(per_chunk, CANCEL_BYTES // block_size))
-    nchunks = (n + per_chunk - 1) // per_chunk
-    end = offset + length
-
-    def do_chunk(signer, i):
-        b1 = min(n, (i + 1) * per_chunk)
-        for b0 in range(i * per_chunk, b1, per_piece):
-            if cancel is not None and cancel.is_set():
-                progress_record.request_cancel()  # the other workers stop too
-            b2 = min(b1, b0 + per_piece)
-            start = offset + b0 * block_size
-            h, z = out.at(b0)
-            signer.sign(fd, start, min(end, offset + b2 * block_size) - start, h, z, b2 - b0,
-                        progress_record, path)
-
-    used = max(1, min(threads, nchunks))
-    with B.OutputBuffers(hashes, zero_mask, words) as out:
-        run_chunks(nchunks, used, lambda: B.Signer(block_size, code, use_mmap=use_mmap),
-                   do_chunk, progress_record, throttle, cancel, final_report)
-    return used
-
-
-def sign_spans_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
-                     spans, keep, threads, progress_record, throttle, cancel=None,
-                     use_mmap=True, final_report=True):
+def sign_spans_range(fd: int, path: Optional[str], offset: int, length: int, block_size: int,
+                     code: int, hashes: Any, zero_mask: Any, *,
+                     spans: List[Tuple[int, int]], keep: Any, threads: int,
+                     progress_record: B.Progress, throttle: Any, cancel: Any = None,
+                     use_mmap: bool = True, final_report: bool = True) -> int:
     """Sign the spans (checked (start, end) pairs, see pydr.engine.spans) of
     [offset, offset+length) of an open file into the range's buffers, on
     ``threads`` threads, each span byte read once: with ``keep`` (a
@@ -89,7 +54,7 @@ def sign_spans_range(fd, path, offset, length, block_size, code, hashes, zero_ma
     return used
 
 
-def check_keep(keep, length, name):
+def check_keep(keep: Any, length: int, name: Optional[str]) -> None:
     """ValueError unless keep is None or a writable buffer of at least
     `length` bytes."""
     if keep is None:

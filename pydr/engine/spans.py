@@ -71,3 +71,14 @@ def as_pairs(spans: Sequence[Span]) -> "array[int]":
     """(start, end) spans as the flat uint64 (start, length) pairs the core
     takes."""
     return array("Q", [v for start, stop in spans for v in (start, stop - start)])
+
+
+def merge_extents(pairs: Sequence[Span]) -> List[Span]:
+    """Sorted (start, end) pairs with touching or overlapping ones merged."""
+    merged = []
+    for start, end in sorted(pairs):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
