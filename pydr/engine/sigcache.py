@@ -453,10 +453,13 @@ class SignatureCache:
         at = 0
         for seg, lo, hi in self._segments_of(first, len(new_z)):
             bits, hashes = self._load(seg)
+            k = hi - lo
+            if not bits.flags.writeable and new_z[at:at + k].all():
+                at += k  # zeros into a segment with no data: nothing changes
+                continue
             if not bits.flags.writeable:  # the shared empty segment: this one's own copy
                 bits, hashes = bits.copy(), hashes.copy()
                 self._seg = (seg, bits, hashes)
-            k = hi - lo
             bits[lo:hi] = ~new_z[at:at + k]
             hashes[lo:hi] = new_h[at:at + k]
             self._dirty = True
@@ -483,8 +486,9 @@ class SignatureCache:
                     if nonzero else bytes(16))
         with naming(self.tmp or self.path):
             if nonzero == 0:
-                if old_count:
-                    _punch(self.fd, offset, self.mask_bytes + 16 * capacity)
+                if not old_count:
+                    return  # no data before, none now: the entry stays as it is
+                _punch(self.fd, offset, self.mask_bytes + 16 * capacity)
                 offset = capacity = 0
             elif nonzero <= capacity and old_count:
                 old = os.pread(self.fd, self.mask_bytes + 16 * old_count, offset)
