@@ -117,7 +117,7 @@ class SignatureCache:
                 magic = f.read(8)
             if magic != MAGIC:
                 _convert_v1(path, block_size, size)
-            cache = cls.load(path)
+            cache = cls.load(path, writable=True)
         except (FormatError, ValueError, OSError):
             return None
         if (cache.block_size != block_size or cache.size != size or cache.state != CLEAN):
@@ -131,9 +131,10 @@ class SignatureCache:
         return cache
 
     @classmethod
-    def load(cls, path: str) -> "SignatureCache":
-        """The v2 cache at `path`, read only, whatever its state (see
-        :attr:`state`); its header is checked here, each segment when read.
+    def load(cls, path: str, *, writable: bool = False) -> "SignatureCache":
+        """The v2 cache at `path`, whatever its state (see :attr:`state`);
+        its header is checked here, each segment when read. Read only unless
+        `writable` (as :meth:`open` takes it).
 
         Raises:
             FormatError: Not a v2 cache, or a damaged header (names the path
@@ -141,7 +142,8 @@ class SignatureCache:
             OSError: It cannot be opened or read.
         """
         path = os.fspath(path)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+                     | os.O_NOFOLLOW)
         try:
             with naming(path):
                 header = _parse_header(os.pread(fd, HEADER_BYTES, 0), path)
