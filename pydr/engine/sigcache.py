@@ -218,16 +218,26 @@ class SignatureCache:
 
     def all_zero(self, first: int, count: int) -> bool:
         """Whether every block of [first, first + count) is known to hold
-        zeros (clipped to the disk). Costs the table entries of a range with
-        no data, not its slots. Raises as :meth:`read`."""
+        zeros (clipped to the disk). Costs the table pages of a range with
+        no data (one per 127 segments), not its slots. Raises as :meth:`read`."""
+        import numpy as np
+
         count = max(0, min(count, self.n - first))
-        for seg, lo, hi in self._segments_of(first, count):
-            offset, _, nonzero, _ = self._read_entry(seg)
-            if nonzero == 0:
-                continue
-            bits, _ = self._load(seg)
-            if bits[lo:hi].any():
-                return False
+        if not count:
+            return True
+        seg, last = first // SEGMENT_BLOCKS, (first + count - 1) // SEGMENT_BLOCKS
+        while seg <= last:
+            index, k = divmod(seg, PAGE_ENTRIES)
+            stop = min(last + 1, (index + 1) * PAGE_ENTRIES)
+            words = np.frombuffer(self._page(index), dtype="<u4", count=8 * PAGE_ENTRIES)
+            counts = words[3::8][k:k + stop - seg]  # each entry's non-zero blocks
+            for j in np.nonzero(counts)[0].tolist():  # segments with data: their bits
+                base = (seg + j) * SEGMENT_BLOCKS
+                bits, _ = self._load(seg + j)
+                if bits[max(first, base) - base:min(first + count, base + SEGMENT_BLOCKS)
+                        - base].any():
+                    return False
+            seg = stop
         return True
 
     # -- changing --------------------------------------------------------
