@@ -94,8 +94,10 @@ def resync(src: _Path | Endpoint, dst: _Path | Endpoint, *, rsh: str | None = No
             and once at the end.
         cancel: Setting this event stops the resync promptly with
             :class:`Cancelled`; `dst` is left as a killed resync leaves it.
-        signature_cache: A signature file of `dst` (two local disks only): used
-            instead of reading `dst` when it is valid and newer, rewritten after.
+        signature_cache: A signature cache of `dst` (two local disks only,
+            docs/FORMAT.md): used instead of reading `dst` when it is valid and
+            newer, then updated in place where `dst` changed (a v1 signature
+            file is converted once).
         changed_extents: ``(offset, length)`` byte ranges of `src` that may have
             changed since the last resync (from a change tracker); only those are
             compared (two local disks only).

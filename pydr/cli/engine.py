@@ -291,8 +291,8 @@ def register(sub):
             "parallel, window by window, so memory stays bounded) and write only the\n"
             "blocks that differ, through the same crash-safe undo journal as 'pydr apply'.\n"
             "TARGET grows or shrinks to SOURCE's size (block devices cannot be resized).\n"
-            "With --signature-cache, a signature file of TARGET kept up to date by every\n"
-            "resync that uses it, TARGET is not read at all.\n\n"
+            "With --signature-cache, a signature cache of TARGET (docs/FORMAT.md) kept up\n"
+            "to date in place by every resync that uses it, TARGET is not read at all.\n\n"
             "Either side may be [user@]host:PATH: the sides compare digests per 128 KiB,\n"
             "then 4 KiB hashes only where those differ (docs/PROTOCOL.md). An interrupted\n"
             "resync is resumed by running it again."),
@@ -306,7 +306,8 @@ def register(sub):
     p.add_argument("source", metavar="SRC", help=ANYWHERE)
     p.add_argument("target", metavar="DST", help=ANYWHERE)
     p.add_argument("--signature-cache", metavar="FILE", default=None,
-                   help="signature of DST: used when valid and newer than DST, then rewritten")
+                   help="signature cache of DST: used when valid and newer than DST, then "
+                        "updated where DST changed")
     add_remote_options(p)
     p.add_argument("--compress", action="store_true",
                    help="with a remote side, compress the changed blocks on the wire (zstd; both "

@@ -117,7 +117,7 @@ class SignatureCache:
                 magic = f.read(8)
             if magic != MAGIC:
                 _convert_v1(path, block_size, size)
-            cache = cls.load(path)
+            cache = cls.load(path, writable=True)
         except (FormatError, ValueError, OSError):
             return None
         if (cache.block_size != block_size or cache.size != size or cache.state != CLEAN):
@@ -131,9 +131,10 @@ class SignatureCache:
         return cache
 
     @classmethod
-    def load(cls, path: str) -> "SignatureCache":
-        """The v2 cache at `path`, read only, whatever its state (see
-        :attr:`state`); its header is checked here, each segment when read.
+    def load(cls, path: str, *, writable: bool = False) -> "SignatureCache":
+        """The v2 cache at `path`, whatever its state (see :attr:`state`);
+        its header is checked here, each segment when read. Read only unless
+        `writable` (as :meth:`open` takes it).
 
         Raises:
             FormatError: Not a v2 cache, or a damaged header (names the path
@@ -141,7 +142,8 @@ class SignatureCache:
             OSError: It cannot be opened or read.
         """
         path = os.fspath(path)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+                     | os.O_NOFOLLOW)
         try:
             with naming(path):
                 header = _parse_header(os.pread(fd, HEADER_BYTES, 0), path)
@@ -216,16 +218,26 @@ class SignatureCache:
 
     def all_zero(self, first: int, count: int) -> bool:
         """Whether every block of [first, first + count) is known to hold
-        zeros (clipped to the disk). Costs the table entries of a range with
-        no data, not its slots. Raises as :meth:`read`."""
+        zeros (clipped to the disk). Costs the table pages of a range with
+        no data (one per 127 segments), not its slots. Raises as :meth:`read`."""
+        import numpy as np
+
         count = max(0, min(count, self.n - first))
-        for seg, lo, hi in self._segments_of(first, count):
-            offset, _, nonzero, _ = self._read_entry(seg)
-            if nonzero == 0:
-                continue
-            bits, _ = self._load(seg)
-            if bits[lo:hi].any():
-                return False
+        if not count:
+            return True
+        seg, last = first // SEGMENT_BLOCKS, (first + count - 1) // SEGMENT_BLOCKS
+        while seg <= last:
+            index, k = divmod(seg, PAGE_ENTRIES)
+            stop = min(last + 1, (index + 1) * PAGE_ENTRIES)
+            words = np.frombuffer(self._page(index), dtype="<u4", count=8 * PAGE_ENTRIES)
+            counts = words[3::8][k:k + stop - seg]  # each entry's non-zero blocks
+            for j in np.nonzero(counts)[0].tolist():  # segments with data: their bits
+                base = (seg + j) * SEGMENT_BLOCKS
+                bits, _ = self._load(seg + j)
+                if bits[max(first, base) - base:min(first + count, base + SEGMENT_BLOCKS)
+                        - base].any():
+                    return False
+            seg = stop
         return True
 
     # -- changing --------------------------------------------------------
@@ -453,10 +465,13 @@ class SignatureCache:
         at = 0
         for seg, lo, hi in self._segments_of(first, len(new_z)):
             bits, hashes = self._load(seg)
+            k = hi - lo
+            if not bits.flags.writeable and new_z[at:at + k].all():
+                at += k  # zeros into a segment with no data: nothing changes
+                continue
             if not bits.flags.writeable:  # the shared empty segment: this one's own copy
                 bits, hashes = bits.copy(), hashes.copy()
                 self._seg = (seg, bits, hashes)
-            k = hi - lo
             bits[lo:hi] = ~new_z[at:at + k]
             hashes[lo:hi] = new_h[at:at + k]
             self._dirty = True
@@ -483,8 +498,9 @@ class SignatureCache:
                     if nonzero else bytes(16))
         with naming(self.tmp or self.path):
             if nonzero == 0:
-                if old_count:
-                    _punch(self.fd, offset, self.mask_bytes + 16 * capacity)
+                if not old_count:
+                    return  # no data before, none now: the entry stays as it is
+                _punch(self.fd, offset, self.mask_bytes + 16 * capacity)
                 offset = capacity = 0
             elif nonzero <= capacity and old_count:
                 old = os.pread(self.fd, self.mask_bytes + 16 * old_count, offset)
