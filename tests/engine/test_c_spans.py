@@ -604,3 +604,39 @@ def test_a_read_error_from_a_server_that_stays_names_the_failing_block(tmp_path)
     # reads: the spans as runs of 2 MiB at most, then the failed one block by block
     assert (4 * MiB, 2 * MiB) in server.reads and (bad // BS * BS, BS) in server.reads
     assert not any(start < 1 * MiB or 2 * MiB <= start < 4 * MiB for start, _ in server.reads)
+
+
+def test_a_cancel_while_a_read_is_held_stops_at_the_next_buffer(faulty_image, tmp_path):
+    """A read at 6 MiB is held by the file system (faultyfs hold mode);
+    the cancel flag is set while it waits, then the read is let go: the
+    sign stops with PYDR_E_CANCELLED at the next buffer. Everything before
+    the offset it names is kept, nothing after it is read."""
+    import threading
+
+    held = 6 * MiB + 1
+    path, data = faulty_image(held, held + 1, mode="hold")
+    backing = tmp_path / "backing0.img"
+    spans = [(1 * MiB, 2 * MiB), (4 * MiB, 10 * MiB)]
+    progress, result = B.Progress(), {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with B.Device.open_fd(fd, name=path) as device:
+            signer = threading.Thread(target=lambda: result.update(
+                zip("rehmk", sign_spans(device, spans, size=len(data), progress=progress))))
+            signer.start()
+            while not os.path.exists(f"{backing}.held"):  # a state, not a time
+                assert signer.is_alive(), result
+                subprocess.run(["sleep", "0.01"])
+            progress.request_cancel()
+            open(f"{backing}.release", "w").close()
+            signer.join()
+    finally:
+        os.close(fd)
+    rc, error, kept = result["r"], result["e"], result["k"]
+    assert rc == lib.PYDR_E_CANCELLED == error.code
+    stop = error.offset  # the held buffer, or the one after it, was the last one read
+    assert stop in (6 * MiB, 7 * MiB)
+    assert kept[1 * MiB:2 * MiB] == data[1 * MiB:2 * MiB]
+    assert kept[4 * MiB:stop] == data[4 * MiB:stop]
+    assert set(kept[stop:]) == {KEEP_SENTINEL} and set(kept[2 * MiB:4 * MiB]) == {KEEP_SENTINEL}
+    assert progress.read == 1 * MiB + (stop - 4 * MiB)
