@@ -313,9 +313,10 @@ def test_many_small_spans_of_an_export_are_read_once_each(image, nbd_server):
 
 def test_a_read_error_in_an_export_stops_at_the_request_holding_it(faulty_image, nbd_server):
     """qemu-nbd serves a file whose byte at 5 MiB + 12345 fails, and drops
-    the connection when it does: the span holding it fails at the start of
-    the request that read it (4 MiB: the span's start), never past it; spans
-    that do not touch it are read, and equal the file."""
+    the connection when it does: the sign fails at the start of a request
+    not read, the one holding the bad byte (4 MiB) or one before it still
+    out (1 MiB: which requests the server answered first is its own affair),
+    never past it; spans that do not touch it are read, and equal the file."""
     bad = 5 * MiB + 12345
     path, data = faulty_image(bad, bad + 1)
     size = len(data)
@@ -328,7 +329,7 @@ def test_a_read_error_in_an_export_stops_at_the_request_holding_it(faulty_image,
         rc, error, _, _, kept = sign_spans(export, [(1 * MiB, 2 * MiB), (4 * MiB, 8 * MiB)],
                                            size=size)
     assert rc in (-errno.EIO, -errno.ENOTCONN) and error.code == rc
-    assert error.has_offset and error.offset == 4 * MiB
+    assert error.has_offset and error.offset in (1 * MiB, 4 * MiB)
 
 
 def test_a_cancelled_export_sign_reads_nothing(image, nbd_server):
