@@ -60,8 +60,8 @@ def nbd_server(tmp_path):
 
     def start(path):
         sock = tmp_path / f"nbd{len(procs)}.sock"
-        procs.append(subprocess.Popen(["qemu-nbd", "-f", "raw", "-r", "-t", "-k", str(sock),
-                                       str(path)], stderr=subprocess.PIPE))
+        procs.append(subprocess.Popen(["qemu-nbd", "-f", "raw", "-r", "-t", "-e", "4",
+                                       "-k", str(sock), str(path)], stderr=subprocess.PIPE))
         for _ in range(500):  # until it listens
             if sock.exists():
                 return f"nbd+unix:///?socket={sock}"
