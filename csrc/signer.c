@@ -413,7 +413,7 @@ static int check_spans(uint64_t offset, size_t nblocks, uint32_t bs, const uint6
                        size_t nspans, const uint8_t *keep, size_t keep_len,
                        pydr_error *error)
 {
-    if ((uint64_t)nblocks > ((uint64_t)INT64_MAX - offset) / bs)
+    if (offset > (uint64_t)INT64_MAX || (uint64_t)nblocks > ((uint64_t)INT64_MAX - offset) / bs)
         return pydr_fail_at(error, -EINVAL, offset);
     const uint64_t window_end = offset + (uint64_t)nblocks * bs;
     const uint64_t last_block = window_end - bs;  /* nblocks > 0 here */

@@ -23,6 +23,7 @@ from pydr.engine.bindings import ffi, lib
 from pydr.engine.progress import Throttle
 
 from conftest import oracle
+from nbdfail import FailingNbdServer
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 4096
@@ -59,8 +60,8 @@ def nbd_server(tmp_path):
 
     def start(path):
         sock = tmp_path / f"nbd{len(procs)}.sock"
-        procs.append(subprocess.Popen(["qemu-nbd", "-f", "raw", "-r", "-t", "-k", str(sock),
-                                       str(path)], stderr=subprocess.PIPE))
+        procs.append(subprocess.Popen(["qemu-nbd", "-f", "raw", "-r", "-t", "-e", "4",
+                                       "-k", str(sock), str(path)], stderr=subprocess.PIPE))
         for _ in range(500):  # until it listens
             if sock.exists():
                 return f"nbd+unix:///?socket={sock}"
@@ -312,9 +313,10 @@ def test_many_small_spans_of_an_export_are_read_once_each(image, nbd_server):
 
 def test_a_read_error_in_an_export_stops_at_the_request_holding_it(faulty_image, nbd_server):
     """qemu-nbd serves a file whose byte at 5 MiB + 12345 fails, and drops
-    the connection when it does: the span holding it fails at the start of
-    the request that read it (4 MiB: the span's start), never past it; spans
-    that do not touch it are read, and equal the file."""
+    the connection when it does: the sign fails at the start of a request
+    not read, the one holding the bad byte (4 MiB) or one before it still
+    out (1 MiB: which requests the server answered first is its own affair),
+    never past it; spans that do not touch it are read, and equal the file."""
     bad = 5 * MiB + 12345
     path, data = faulty_image(bad, bad + 1)
     size = len(data)
@@ -327,7 +329,7 @@ def test_a_read_error_in_an_export_stops_at_the_request_holding_it(faulty_image,
         rc, error, _, _, kept = sign_spans(export, [(1 * MiB, 2 * MiB), (4 * MiB, 8 * MiB)],
                                            size=size)
     assert rc in (-errno.EIO, -errno.ENOTCONN) and error.code == rc
-    assert error.has_offset and error.offset == 4 * MiB
+    assert error.has_offset and error.offset in (1 * MiB, 4 * MiB)
 
 
 def test_a_cancelled_export_sign_reads_nothing(image, nbd_server):
@@ -520,73 +522,6 @@ def test_span_errors_name_the_path_in_messages():
 
 # -- an NBD server that answers a read error and stays -----------------------------------
 
-class FailingNbdServer:
-    """A minimal fixed-newstyle NBD server (simple replies only) on a unix
-    socket, in a thread: it serves `data` and answers EIO to any read that
-    touches [bad, bad + 1), keeping the connection (qemu-nbd and
-    qemu-storage-daemon drop it), so that the client can tell which block
-    fails."""
-
-    def __init__(self, path, data, bad):
-        import socket
-        import threading
-
-        self.data, self.bad, self.reads = data, bad, []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(1)
-        self.uri = f"nbd+unix:///?socket={path}"
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def _recv(conn, n):
-        buf = b""
-        while len(buf) < n:
-            part = conn.recv(n - len(buf))
-            if not part:
-                raise EOFError
-            buf += part
-        return buf
-
-    def _serve(self):
-        import struct
-
-        conn, _ = self.listener.accept()
-        try:
-            conn.sendall(b"NBDMAGIC" + b"IHAVEOPT" + struct.pack(">H", 3))
-            self._recv(conn, 4)  # the client's flags
-            while True:  # options: refuse all but GO
-                _, opt, length = struct.unpack(">QII", self._recv(conn, 16))
-                self._recv(conn, length)
-                reply = lambda kind, payload=b"": conn.sendall(  # noqa: E731
-                    struct.pack(">QIII", 0x3E889045565A9, opt, kind, len(payload)) + payload)
-                if opt == 7:  # NBD_OPT_GO: the export's size and flags (read-only)
-                    reply(3, struct.pack(">HQH", 0, len(self.data), 1 | 2))
-                    reply(1)
-                    break
-                reply((1 << 31) + 1)  # NBD_REP_ERR_UNSUP
-            while True:
-                _, _, kind, handle, offset, length = struct.unpack(">IHHQQI",
-                                                                   self._recv(conn, 28))
-                if kind == 2:  # NBD_CMD_DISC
-                    return
-                if kind != 0:
-                    conn.sendall(struct.pack(">IIQ", 0x67446698, errno.EINVAL, handle))
-                    continue
-                self.reads.append((offset, length))
-                if offset <= self.bad < offset + length:
-                    conn.sendall(struct.pack(">IIQ", 0x67446698, errno.EIO, handle))
-                else:
-                    conn.sendall(struct.pack(">IIQ", 0x67446698, 0, handle) +
-                                 self.data[offset:offset + length])
-        except (EOFError, OSError):
-            pass
-        finally:
-            conn.close()
-            self.listener.close()
-
-
 def test_a_read_error_from_a_server_that_stays_names_the_failing_block(tmp_path):
     """The server answers EIO to the 2 MiB request holding the bad byte and
     keeps the connection: the request is read again block by block, and the
@@ -604,3 +539,39 @@ def test_a_read_error_from_a_server_that_stays_names_the_failing_block(tmp_path)
     # reads: the spans as runs of 2 MiB at most, then the failed one block by block
     assert (4 * MiB, 2 * MiB) in server.reads and (bad // BS * BS, BS) in server.reads
     assert not any(start < 1 * MiB or 2 * MiB <= start < 4 * MiB for start, _ in server.reads)
+
+
+def test_a_cancel_while_a_read_is_held_stops_at_the_next_buffer(faulty_image, tmp_path):
+    """A read at 6 MiB is held by the file system (faultyfs hold mode);
+    the cancel flag is set while it waits, then the read is let go: the
+    sign stops with PYDR_E_CANCELLED at the next buffer. Everything before
+    the offset it names is kept, nothing after it is read."""
+    import threading
+
+    held = 6 * MiB + 1
+    path, data = faulty_image(held, held + 1, mode="hold")
+    backing = tmp_path / "backing0.img"
+    spans = [(1 * MiB, 2 * MiB), (4 * MiB, 10 * MiB)]
+    progress, result = B.Progress(), {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with B.Device.open_fd(fd, name=path) as device:
+            signer = threading.Thread(target=lambda: result.update(
+                zip("rehmk", sign_spans(device, spans, size=len(data), progress=progress))))
+            signer.start()
+            while not os.path.exists(f"{backing}.held"):  # a state, not a time
+                assert signer.is_alive(), result
+                subprocess.run(["sleep", "0.01"])
+            progress.request_cancel()
+            open(f"{backing}.release", "w").close()
+            signer.join()
+    finally:
+        os.close(fd)
+    rc, error, kept = result["r"], result["e"], result["k"]
+    assert rc == lib.PYDR_E_CANCELLED == error.code
+    stop = error.offset  # the held buffer, or the one after it, was the last one read
+    assert stop in (6 * MiB, 7 * MiB)
+    assert kept[1 * MiB:2 * MiB] == data[1 * MiB:2 * MiB]
+    assert kept[4 * MiB:stop] == data[4 * MiB:stop]
+    assert set(kept[stop:]) == {KEEP_SENTINEL} and set(kept[2 * MiB:4 * MiB]) == {KEEP_SENTINEL}
+    assert progress.read == 1 * MiB + (stop - 4 * MiB)
