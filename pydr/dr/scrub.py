@@ -74,7 +74,8 @@ def _no_cycle_running(vault):
 
 
 def _scrub_disks(vault, name, sample, threads, events=None, cancel=None):
-    from ..engine.sigcache import CLEAN, load_any
+    from ..engine.sigcache import CLEAN
+    from ..engine.sigcache_any import load_any
 
     scrubbed, nbytes, problems = 0, 0, []
     for d in vault.disks(name):
@@ -132,7 +133,7 @@ def scrub_file(path, cache, *, sample=100.0, threads=None, rng=random, cancel=No
     ``on_window(bytes read, bytes to read)`` is told after each."""
     import numpy as np
 
-    from ..engine.sigcache import load_any
+    from ..engine.sigcache_any import load_any
 
     threads = check_threads(threads)
     code = B.algorithm_code("xxh3-128")
@@ -180,7 +181,7 @@ def scrub_remote(disk, cache, *, threads=None):
     request), compared here, whole."""
     import numpy as np
 
-    from ..engine.sigcache import load_any
+    from ..engine.sigcache_any import load_any
 
     with load_any(cache) as reader:
         sig = disk.signature(block_size=reader.block_size, threads=threads)

@@ -36,7 +36,8 @@ from .delta import (BATCH_BYTES, RECORD_SPLIT, changed_extents as extents_betwee
 from ..errors import BaseMismatch, DamagedJournal, FormatError, SameFile
 from .progress import Record, Throttle
 from .signatures import Signature
-from .sigcache import CLEAN, CHANGING, SignatureCache, load_any
+from .sigcache import CLEAN, CHANGING, SignatureCache
+from .sigcache_any import load_any
 
 DEFAULT_RESYNC_BLOCK = 4096
 WINDOW = 64 << 20

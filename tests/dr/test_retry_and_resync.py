@@ -297,7 +297,7 @@ def test_cache_describes_what_was_written_while_the_source_changed(tmp_path):
     must hold the hashes of what the target received, or the next resync
     refuses the replica (BaseMismatch)."""
     import pydr
-    from pydr.engine.sigcache import cached_signature
+    from pydr.engine.sigcache_any import cached_signature
 
     src, dst, cache = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "dst.sig"
     nrec = 6000

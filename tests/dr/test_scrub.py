@@ -14,7 +14,7 @@ import pytest
 from conftest import run_cli, sha
 from disks import cycled_item
 from pydr.dr import scrub
-from pydr.engine.sigcache import load_any
+from pydr.engine.sigcache_any import load_any
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 
 import pydr
 from pydr.engine import journal as J
-from pydr.engine.sigcache import cached_signature
+from pydr.engine.sigcache_any import cached_signature
 
 from conftest import write_sparse
 

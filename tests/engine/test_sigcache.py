@@ -13,7 +13,8 @@ import pytest
 import pydr
 from pydr.dr import ownership
 from pydr.engine import sigcache as S
-from pydr.engine.sigcache import SignatureCache, cached_signature, load_any
+from pydr.engine.sigcache import SignatureCache
+from pydr.engine.sigcache_any import cached_signature, load_any
 from pydr.errors import FormatError
 
 from conftest import run_cli, write_sparse

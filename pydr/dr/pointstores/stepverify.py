@@ -14,7 +14,7 @@ themselves are read back and compared with their signature caches
 import os
 import random
 
-from ...engine.sigcache import load_any
+from ...engine.sigcache_any import load_any
 from ...errors import Cancelled, CorruptDelta, FormatError
 from ..replica_check import check_replicas
 from ..scrub import scrub_item
