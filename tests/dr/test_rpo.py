@@ -428,6 +428,7 @@ def test_a_vault_made_by_schema_8_code_keeps_working(tmp_path):
     db = sqlite3.connect(tmp_path / "v" / "vault.db")
     db.execute("ALTER TABLE points DROP COLUMN cut_at")
     db.execute("ALTER TABLE items DROP COLUMN last_success_at")
+    db.execute("ALTER TABLE disks DROP COLUMN granularity")
     db.execute("PRAGMA user_version=8")
     db.commit()
     db.close()
