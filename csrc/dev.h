@@ -1,5 +1,5 @@
-/* dev.h -- the device handle (internal): a file descriptor or an NBD
- * connection. The delta code (encode, verify-and-journal, write) and the
+/* dev.h -- the device handle (internal): a file descriptor, an NBD
+ * connection, or caller memory (memory.c). The delta code (encode, verify-and-journal, write) and the
  * signer work on either through these operations; errors go to the
  * caller's pydr_error (fail.h), never into the device. */
 #ifndef PYDR_DEV_H
@@ -23,6 +23,11 @@ struct pydr_device {
     int fd;                /* a file's descriptor (the caller's), or -1   */
     int is_block_device;
     struct pydr_nbd *nbd;  /* the NBD connection (nbd.c), or NULL         */
+    /* A memory device (memory.c): it reads as mem[0, mem_len) lying at
+     * device offset mem_offset; mem is NULL for the other kinds. */
+    const uint8_t *mem;
+    size_t mem_len;
+    uint64_t mem_offset;
 };
 
 /* A file device (io.c), filled in place. */
@@ -39,9 +44,15 @@ int pydr_nbd_flush(struct pydr_nbd *n, pydr_error *error);
 int pydr_nbd_extents(struct pydr_nbd *n, int dirty_bitmap, const char *bitmap,
                      uint64_t offset, uint64_t length, uint64_t *out, size_t cap,
                      size_t *count, uint64_t *reached, pydr_error *error);
-int pydr_nbd_sign(struct pydr_nbd *n, uint64_t offset, uint64_t length,
-                  uint32_t block_size, int algorithm, uint64_t *hashes,
-                  uint8_t *zero_mask, size_t nblocks, pydr_progress *progress,
-                  pydr_error *error);
+/* Signs the spans of a window (pydr_signer_sign_spans checked them): reads
+ * go straight into keep when it is not NULL, several in flight across all
+ * spans. pydr_signer_sign is the same with one span and no keep. */
+int pydr_nbd_sign_spans(struct pydr_nbd *n, uint64_t offset, size_t nblocks,
+                        const uint64_t *spans, size_t nspans, uint32_t block_size,
+                        int algorithm, uint64_t *hashes, uint8_t *zero_mask, uint8_t *keep,
+                        pydr_progress *progress, pydr_error *error);
+
+/* memory.c: a memory device's size (where its memory ends). */
+uint64_t pydr_memory_end(const pydr_device *d);
 
 #endif

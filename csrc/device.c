@@ -1,6 +1,6 @@
 /* device.c -- the public device handle (pydr.h): one type for a file or
- * block device and an NBD export; the kind-specific work is in io.c (files)
- * and nbd.c (exports). */
+ * block device, an NBD export and caller memory; the kind-specific work is
+ * in io.c (files), nbd.c (exports) and memory.c. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -61,6 +61,10 @@ int pydr_device_size(pydr_device *d, uint64_t *size, pydr_error *error)
         return pydr_fail(error, -EINVAL);
     if (d->nbd)
         return pydr_nbd_size(d->nbd, size, error);
+    if (d->mem) {
+        *size = pydr_memory_end(d);
+        return 0;
+    }
     int is_block;
     int rc = pydr_fd_size(d->fd, size, &is_block);
     return rc ? pydr_fail(error, rc) : 0;
@@ -72,6 +76,8 @@ int pydr_device_can(pydr_device *d, int what)
         return 0;
     if (d->nbd)
         return pydr_nbd_can(d->nbd, what);
+    if (d->mem)  /* read-only; threads may read it side by side */
+        return what == PYDR_READ_ONLY || what == PYDR_CAN_MULTI_CONN;
     switch (what) {
     case PYDR_CAN_FLUSH:
     case PYDR_CAN_ZERO:
@@ -93,6 +99,8 @@ int pydr_device_flush(pydr_device *d, pydr_error *error)
         return pydr_fail(error, -EINVAL);
     if (d->nbd)
         return pydr_nbd_flush(d->nbd, error);
+    if (d->mem)
+        return 0;  /* nothing was written */
     return fdatasync(d->fd) == 0 ? 0 : pydr_fail(error, -errno);
 }
 

@@ -29,6 +29,7 @@
 
 #define NBD_CHUNK (2u << 20)      /* bytes per read request                  */
 #define NBD_IN_FLIGHT 8           /* read requests in flight while signing   */
+#define NBD_IN_FLIGHT_KEEP 32     /* the same, reading straight into a keep  */
 #define NBD_STATUS_SPAN (1u << 30) /* bytes asked per block-status request   */
 #define NBD_STATUS_MIN (8u << 20)  /* shorter ranges are read, not asked about:
                                       a round trip costs more than the read */
@@ -300,10 +301,10 @@ int pydr_nbd_extents(pydr_nbd *n, int dirty_bitmap, const char *bitmap, uint64_t
 }
 
 /* Marks the blocks of [start, end) that lie wholly in extents flagged HOLE
- * or ZERO: they are not read. */
-static void zero_blocks_from(pydr_nbd *n, uint64_t start, uint64_t end, uint32_t bs,
-                             uint8_t *skip, uint64_t *scratch, size_t cap, int *rc,
-                             pydr_error *error)
+ * or ZERO in skip (indexed in blocks from `base`): they are not read. */
+static void zero_blocks_from(pydr_nbd *n, uint64_t base, uint64_t start, uint64_t end,
+                             uint32_t bs, uint8_t *skip, uint64_t *scratch, size_t cap,
+                             int *rc, pydr_error *error)
 {
     uint64_t pos = start;
     *rc = 0;
@@ -318,9 +319,9 @@ static void zero_blocks_from(pydr_nbd *n, uint64_t start, uint64_t end, uint32_t
             uint64_t off = scratch[3 * i], len = scratch[3 * i + 1];
             if (!(scratch[3 * i + 2] & (LIBNBD_STATE_HOLE | LIBNBD_STATE_ZERO)))
                 continue;
-            uint64_t b0 = (off - start + bs - 1) / bs, b1 = (off + len - start) / bs;
+            uint64_t b0 = (off - base + bs - 1) / bs, b1 = (off + len - base) / bs;
             if (off + len >= end)  /* the short last block */
-                b1 = (end - start + bs - 1) / bs;
+                b1 = (end - base + bs - 1) / bs;
             for (uint64_t b = b0; b < b1; b++)
                 skip[b] = 1;
         }
@@ -328,37 +329,113 @@ static void zero_blocks_from(pydr_nbd *n, uint64_t start, uint64_t end, uint32_t
     }
 }
 
-/* The first block of the requests still out, or `otherwise`. */
-static uint64_t lowest_out(const int *busy, const uint64_t *first, uint64_t otherwise)
+/* A read request in flight: where it reads, into what. */
+typedef struct {
+    int64_t cookie;
+    uint64_t pos, len;
+    uint8_t *dst;
+    int busy;
+} nbd_read_slot;
+
+/* The lowest offset of the requests still out, or `otherwise`. */
+static uint64_t lowest_out(const nbd_read_slot *slots, int nslots, uint64_t otherwise)
 {
-    for (int slot = 0; slot < NBD_IN_FLIGHT; slot++)
-        if (busy[slot] && first[slot] < otherwise)
-            otherwise = first[slot];
+    for (int i = 0; i < nslots; i++)
+        if (slots[i].busy && slots[i].pos < otherwise)
+            otherwise = slots[i].pos;
     return otherwise;
 }
 
-/* A request could not be made or waited for, at block `block` of the range:
- * a server that closed the connection (qemu-nbd does on a read error) is
+/* A request could not be made or waited for, at device offset `at`: a
+ * server that closed the connection (qemu-nbd does on a read error) is
  * -ENOTCONN, said so; anything else is libnbd's error. */
-static int nbd_request_failed(pydr_nbd *n, pydr_error *error, uint64_t block, uint64_t offset,
-                              uint32_t block_size)
+static int nbd_request_failed(pydr_nbd *n, pydr_error *error, uint64_t at)
 {
-    uint64_t at = offset + block * block_size;
     if (nbd_aio_is_dead(n->h) == 1 || nbd_aio_is_closed(n->h) == 1)
         return nbd_refused_at(error, -ENOTCONN, at,
                               "the NBD server closed the connection before this was read");
     return nbd_failed_at(error, 0, at);
 }
 
-/* The signer's work on an export (pydr_signer_sign checked the arguments). */
-int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_size,
-                  int algorithm, uint64_t *hashes, uint8_t *zero_mask, size_t nblocks,
-                  pydr_progress *progress, pydr_error *error)
+/* A read request [pos, pos + len) failed: while the connection stands, read
+ * it again block by block so that the error names the first block that
+ * fails, not the start of the request. Returns the error code. */
+static int locate_read_error(pydr_nbd *n, uint8_t *dst, uint64_t pos, uint64_t len,
+                             uint32_t block_size, pydr_error *error)
+{
+    int rc = nbd_failed_at(error, 0, pos);
+    if (nbd_aio_is_ready(n->h) != 1)
+        return rc;
+    for (uint64_t at = 0; at < len; at += block_size) {
+        size_t m = len - at < block_size ? (size_t)(len - at) : block_size;
+        if (nbd_pread(n->h, dst + at, m, pos + at, 0) == -1)
+            return nbd_failed_at(error, 0, pos + at);
+    }
+    return rc;  /* it reads now: report the request as it failed */
+}
+
+/* Where the next read starts: the spans of a window, walked in order. */
+typedef struct {
+    const uint64_t *spans;
+    size_t nspans, span;
+    uint64_t pos;         /* the next byte to cover in spans[span]        */
+} span_cursor;
+
+static uint64_t span_end(const span_cursor *c)
+{
+    return c->spans[2 * c->span] + c->spans[2 * c->span + 1];
+}
+
+/* Moves the cursor past finished spans and skipped blocks (their hash is
+ * that of a zero block, never read). Returns 1 when a block to read lies at
+ * c->pos, 0 when all spans are covered. */
+static int next_read(span_cursor *c, uint64_t offset, uint32_t bs, int algorithm,
+                     const uint8_t *skip, const uint64_t zero_hash[2],
+                     const uint8_t *zero_block, uint64_t *hashes, uint8_t *zero_mask,
+                     pydr_progress *progress)
+{
+    const pydr_kernel *k = pydr_kernel_get();
+    size_t words = (size_t)pydr_hash_words(algorithm);
+    while (c->span < c->nspans) {
+        uint64_t end = span_end(c);
+        if (c->pos >= end) {
+            if (++c->span < c->nspans)
+                c->pos = c->spans[2 * c->span];
+            continue;
+        }
+        size_t b = (size_t)((c->pos - offset) / bs);
+        if (!skip[b])
+            return 1;
+        uint64_t len = end - c->pos < bs ? end - c->pos : bs;
+        if (len == bs)
+            memcpy(hashes + b * words, zero_hash, words * sizeof(uint64_t));
+        else
+            k->hash(algorithm, zero_block, (size_t)len, hashes + b * words);
+        zero_mask[b] = 1;
+        if (progress)
+            __atomic_fetch_add(&progress->done, len, __ATOMIC_RELAXED);
+        c->pos += len;
+    }
+    return 0;
+}
+
+/* The signer's work on an export (pydr_signer_sign_spans checked the
+ * arguments): the data blocks of all spans are read as runs of at most a
+ * chunk, many in flight at once (across spans, not one span at a time),
+ * straight into keep when there is one, else into the connection's buffers;
+ * each is hashed as it arrives. */
+int pydr_nbd_sign_spans(pydr_nbd *n, uint64_t offset, size_t nblocks, const uint64_t *spans,
+                        size_t nspans, uint32_t block_size, int algorithm, uint64_t *hashes,
+                        uint8_t *zero_mask, uint8_t *keep, pydr_progress *progress,
+                        pydr_error *error)
 {
     size_t words = (size_t)pydr_hash_words(algorithm);
     const pydr_kernel *k = pydr_kernel_get();
     size_t chunk = block_size > NBD_CHUNK ? block_size : NBD_CHUNK;
-    if (!n->bufs || n->buf_size < chunk) {
+    /* into keep: no buffer bounds the requests, so more are in flight (many
+     * short dirty runs cost round trips, not bandwidth) */
+    const int nslots = keep ? NBD_IN_FLIGHT_KEEP : NBD_IN_FLIGHT;
+    if (!keep && (!n->bufs || n->buf_size < chunk)) {
         free(n->bufs);
         n->bufs = malloc(chunk * NBD_IN_FLIGHT);
         n->buf_size = n->bufs ? chunk : 0;
@@ -368,114 +445,107 @@ int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_
     uint8_t *skip = calloc(nblocks ? nblocks : 1, 1);
     uint64_t *scratch = malloc(3 * 4096 * sizeof *scratch);
     uint8_t *zero_block = calloc(block_size, 1);
-    int rc = (!skip || !scratch || !zero_block) ? pydr_fail_at(error, -ENOMEM, offset) : 0;
+    nbd_read_slot *slots = calloc((size_t)nslots, sizeof *slots);
+    int rc = (!skip || !scratch || !zero_block || !slots)
+                 ? pydr_fail_at(error, -ENOMEM, offset) : 0;
     uint64_t zero_hash[2];
+    uint64_t first = spans[0], last = spans[2 * (nspans - 1)] + spans[2 * (nspans - 1) + 1];
+    uint64_t wanted = 0;
+    for (size_t i = 0; i < nspans; i++)
+        wanted += spans[2 * i + 1];
     if (!rc) {
         k->hash(algorithm, zero_block, block_size, zero_hash);
-        if (length >= NBD_STATUS_MIN)
-            zero_blocks_from(n, offset, offset + length, block_size, skip, scratch, 4096, &rc,
+        /* one block status walk over all the spans, when they are worth it */
+        if (wanted >= NBD_STATUS_MIN)
+            zero_blocks_from(n, offset, first, last, block_size, skip, scratch, 4096, &rc,
                              error);
     }
-    /* blocks to read, as runs of at most `chunk` bytes, several in flight */
-    int64_t cookies[NBD_IN_FLIGHT];
-    uint64_t first[NBD_IN_FLIGHT], bytes[NBD_IN_FLIGHT];
-    int busy[NBD_IN_FLIGHT] = {0};
-    size_t b = 0, in_flight = 0;
-    uint64_t end = offset + length;
-    while (!rc && (b < nblocks || in_flight)) {
+    span_cursor c = {spans, nspans, 0, first};
+    int in_flight = 0, more = 1;
+    while (!rc && (more || in_flight)) {
         if (progress && __atomic_load_n(&progress->cancel, __ATOMIC_RELAXED)) {
-            rc = pydr_fail_at(error, PYDR_E_CANCELLED, offset + (uint64_t)b * block_size);
+            rc = pydr_fail_at(error, PYDR_E_CANCELLED, lowest_out(slots, nslots, c.pos));
             break;
         }
-        /* skipped blocks: the hash of a zero block, never read */
-        while (b < nblocks && skip[b]) {
-            uint64_t pos = offset + (uint64_t)b * block_size;
-            uint64_t len = end - pos < block_size ? end - pos : block_size;
-            if (len == block_size)
-                memcpy(hashes + (size_t)b * words, zero_hash, words * sizeof(uint64_t));
-            else
-                k->hash(algorithm, zero_block, (size_t)len, hashes + (size_t)b * words);
-            zero_mask[b] = 1;
-            if (progress)
-                __atomic_fetch_add(&progress->done, len, __ATOMIC_RELAXED);
-            b++;
-        }
         /* fill the free slots with reads of the next data blocks */
-        for (int slot = 0; slot < NBD_IN_FLIGHT && b < nblocks && !skip[b]; slot++) {
-            if (busy[slot])
+        for (int i = 0; i < nslots && !rc; i++) {
+            if (slots[i].busy)
                 continue;
-            size_t count = 0;
-            while (b + count < nblocks && !skip[b + count] &&
-                   (count + 1) * (uint64_t)block_size <= chunk)
-                count++;
-            uint64_t pos = offset + (uint64_t)b * block_size;
-            uint64_t len = (uint64_t)count * block_size;
-            if (pos + len > end)
-                len = end - pos;
-            cookies[slot] = nbd_aio_pread(n->h, n->bufs + (size_t)slot * n->buf_size,
-                                          (size_t)len, pos, NBD_NULL_COMPLETION, 0);
-            if (cookies[slot] == -1) {
-                rc = nbd_request_failed(n, error, lowest_out(busy, first, b), offset,
-                                        block_size);
+            more = next_read(&c, offset, block_size, algorithm, skip, zero_hash, zero_block,
+                             hashes, zero_mask, progress);
+            if (!more)
+                break;
+            uint64_t end = span_end(&c), len = 0;
+            while (c.pos + len < end && len + block_size <= chunk &&
+                   !skip[(c.pos + len - offset) / block_size])
+                len += block_size;
+            if (c.pos + len > end)
+                len = end - c.pos;
+            uint8_t *dst = keep ? keep + (c.pos - offset) : n->bufs + (size_t)i * n->buf_size;
+            slots[i].cookie = nbd_aio_pread(n->h, dst, (size_t)len, c.pos,
+                                            NBD_NULL_COMPLETION, 0);
+            if (slots[i].cookie == -1) {
+                rc = nbd_request_failed(n, error, lowest_out(slots, nslots, c.pos));
                 break;
             }
-            first[slot] = b;
-            bytes[slot] = len;
-            busy[slot] = 1;
+            slots[i] = (nbd_read_slot){slots[i].cookie, c.pos, len, dst, 1};
             in_flight++;
-            b += count;
+            c.pos += len;
         }
         if (rc || !in_flight)
             continue;
         /* A server may drop the connection on a read error (qemu-nbd does):
          * poll then fails and libnbd ends every request in flight. Report the
-         * first failed request (its errno, its offset), else poll's failure
-         * at the first request still out. */
+         * first failed request (its errno, its first failing block), else
+         * poll's failure at the first request still out. */
         int polled = nbd_poll(n->h, -1);
-        uint64_t failed_first = UINT64_MAX, out_first = b;
-        for (int slot = 0; slot < NBD_IN_FLIGHT; slot++) {
-            if (!busy[slot])
+        uint64_t failed_at = UINT64_MAX, out_at = more ? c.pos : UINT64_MAX;
+        for (int i = 0; i < nslots; i++) {
+            nbd_read_slot *r = &slots[i];
+            if (!r->busy)
                 continue;
-            int done = nbd_aio_command_completed(n->h, (uint64_t)cookies[slot]);
+            int done = nbd_aio_command_completed(n->h, (uint64_t)r->cookie);
             if (done == 0) {
-                out_first = first[slot] < out_first ? first[slot] : out_first;
+                out_at = r->pos < out_at ? r->pos : out_at;
                 continue;
             }
-            busy[slot] = 0;
+            r->busy = 0;
             in_flight--;
             if (done == -1) {
-                if (first[slot] < failed_first) {
-                    failed_first = first[slot];
-                    rc = nbd_failed_at(error, 0, offset + first[slot] * block_size);
+                if (r->pos < failed_at) {
+                    failed_at = r->pos;
+                    rc = locate_read_error(n, r->dst, r->pos, r->len, block_size, error);
                 }
                 continue;
             }
             if (rc)
                 continue;
-            k->hash_blocks(n->bufs + (size_t)slot * n->buf_size, (size_t)bytes[slot],
-                           block_size, algorithm, zero_hash,
-                           hashes + (size_t)first[slot] * words, zero_mask + first[slot]);
+            size_t b = (size_t)((r->pos - offset) / block_size);
+            k->hash_blocks(r->dst, (size_t)r->len, block_size, algorithm, zero_hash,
+                           hashes + b * words, zero_mask + b);
             if (progress) {
-                __atomic_fetch_add(&progress->done, bytes[slot], __ATOMIC_RELAXED);
-                __atomic_fetch_add(&progress->read, bytes[slot], __ATOMIC_RELAXED);
+                __atomic_fetch_add(&progress->done, r->len, __ATOMIC_RELAXED);
+                __atomic_fetch_add(&progress->read, r->len, __ATOMIC_RELAXED);
             }
         }
         if (polled == -1 && !rc)
-            rc = nbd_request_failed(n, error, out_first, offset, block_size);
+            rc = nbd_request_failed(n, error, out_at == UINT64_MAX ? c.pos : out_at);
     }
     /* requests still out after an error: let them finish into our buffers */
     while (in_flight) {
         if (nbd_poll(n->h, -1) == -1)
             break;
-        for (int slot = 0; slot < NBD_IN_FLIGHT; slot++)
-            if (busy[slot] && nbd_aio_command_completed(n->h, (uint64_t)cookies[slot]) != 0) {
-                busy[slot] = 0;
+        for (int i = 0; i < nslots; i++)
+            if (slots[i].busy &&
+                nbd_aio_command_completed(n->h, (uint64_t)slots[i].cookie) != 0) {
+                slots[i].busy = 0;
                 in_flight--;
             }
     }
     free(skip);
     free(scratch);
     free(zero_block);
+    free(slots);
     return rc;
 }
 
@@ -522,12 +592,13 @@ int pydr_nbd_extents(pydr_nbd *n, int dirty_bitmap, const char *bitmap, uint64_t
     return pydr_fail(error, PYDR_E_NO_NBD);
 }
 
-int pydr_nbd_sign(pydr_nbd *n, uint64_t offset, uint64_t length, uint32_t block_size,
-                  int algorithm, uint64_t *hashes, uint8_t *zero_mask, size_t nblocks,
-                  pydr_progress *progress, pydr_error *error)
+int pydr_nbd_sign_spans(pydr_nbd *n, uint64_t offset, size_t nblocks, const uint64_t *spans,
+                        size_t nspans, uint32_t block_size, int algorithm, uint64_t *hashes,
+                        uint8_t *zero_mask, uint8_t *keep, pydr_progress *progress,
+                        pydr_error *error)
 {
-    (void)n; (void)offset; (void)length; (void)block_size; (void)algorithm; (void)hashes;
-    (void)zero_mask; (void)nblocks; (void)progress;
+    (void)n; (void)offset; (void)nblocks; (void)spans; (void)nspans; (void)block_size;
+    (void)algorithm; (void)hashes; (void)zero_mask; (void)keep; (void)progress;
     return pydr_fail(error, PYDR_E_NO_NBD);
 }
 

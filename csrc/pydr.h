@@ -148,7 +148,9 @@ PYDR_API int pydr_file_identity(int dir_fd, const char *path, uint64_t identity[
  *    descriptor stays the caller's, to close after pydr_device_free);
  *  - an NBD export (qemu-nbd, qemu-storage-daemon, QEMU) through libnbd
  *    (pydr_device_open_nbd): one connection, used from one thread at a time.
- *    Without libnbd at build time it gives PYDR_E_NO_NBD.
+ *    Without libnbd at build time it gives PYDR_E_NO_NBD;
+ *  - caller memory standing for a range of a disk (pydr_device_open_memory),
+ *    read-only.
  * Signing, encoding and applying records (below) take a device.
  */
 typedef struct pydr_device pydr_device;
@@ -177,6 +179,18 @@ PYDR_API int pydr_device_open_fd(pydr_device **out, int fd, unsigned flags);
  * libnbd's reason for a failure. */
 PYDR_API int pydr_device_open_nbd(pydr_device **out, const char *uri, const char *bitmap,
                                   unsigned flags, pydr_error *error);
+/* A read-only device over caller memory: it reads as the bytes
+ * data[0, len) lying at device offset `offset` (a window kept by
+ * pydr_signer_sign_spans), so that records are encoded (pydr_encode) from
+ * what was hashed, without reading the disk again. A read outside
+ * [offset, offset + len) fails with -EINVAL at the first offset outside it
+ * (a bug in the caller, never silently zeros). The memory must outlive the
+ * device. Writes and zeroing fail with -EROFS; flush does nothing; its size
+ * is offset + len; it is read-only and may be read by threads side by side
+ * (PYDR_CAN_MULTI_CONN); it has no extents (-EOPNOTSUPP). -EINVAL for a
+ * NULL out, NULL data with len > 0, or a range past INT64_MAX. */
+PYDR_API int pydr_device_open_memory(pydr_device **out, const void *data, size_t len,
+                                     uint64_t offset);
 PYDR_API void pydr_device_free(pydr_device *device);
 
 PYDR_API int pydr_device_size(pydr_device *device, uint64_t *size, pydr_error *error);
@@ -250,6 +264,35 @@ PYDR_API int pydr_signer_sign(pydr_signer *signer, pydr_device *device, uint64_t
                               uint64_t length, uint64_t *hashes,
                               uint8_t *zero_mask, size_t nblocks,
                               pydr_progress *progress, pydr_error *error);
+
+/*
+ * Like pydr_signer_sign, but over `nspans` spans of the window
+ * [offset, offset + nblocks blocks), reading each byte once for the caller:
+ *  - spans[2i] is a span's start (absolute, block aligned), spans[2i+1] its
+ *    length (it may end on a short block only in the window's last block,
+ *    where the device ends); spans sorted, disjoint, inside the window, else
+ *    -EINVAL at the bad span's start. Empty spans are allowed and ignored.
+ *  - hashes / zero_mask are the WINDOW's arrays (nblocks entries, indexed
+ *    from `offset`); blocks outside every span are left untouched.
+ *  - keep, when not NULL, gets every byte read at (device offset - offset);
+ *    keep_len must cover every span (keep_len >= the window's byte length
+ *    does), else -EINVAL. Blocks that were not read (file holes, NBD hole
+ *    and zero extents) are left untouched in keep and have zero_mask 1.
+ *    Files: pread straight into keep (no mmap, no bounce buffer). NBD:
+ *    reads go straight into keep, many requests in flight across all spans.
+ *    Without keep, files are hashed through mmap windows as by
+ *    pydr_signer_sign.
+ *  - A memory device (pydr_device_open_memory) is hashed from its memory.
+ * Progress, cancel and errors as pydr_signer_sign: a failed read is
+ * reported at its first failing block; on failure keep, hashes and
+ * zero_mask hold what was done before, and garbage nowhere it was not
+ * asked to write.
+ */
+PYDR_API int pydr_signer_sign_spans(pydr_signer *signer, pydr_device *device, uint64_t offset,
+                                    size_t nblocks, const uint64_t *spans, size_t nspans,
+                                    uint64_t *hashes, uint8_t *zero_mask,
+                                    uint8_t *keep, size_t keep_len,
+                                    pydr_progress *progress, pydr_error *error);
 
 /*
  * Zero masks: in memory one byte per block (0 or 1), on disk one bit per

@@ -67,6 +67,8 @@ int pydr_nbd_available(void);
 int pydr_device_open_fd(pydr_device **out, int fd, unsigned flags);
 int pydr_device_open_nbd(pydr_device **out, const char *uri, const char *bitmap,
                          unsigned flags, pydr_error *error);
+int pydr_device_open_memory(pydr_device **out, const void *data, size_t len,
+                            uint64_t offset);
 void pydr_device_free(pydr_device *device);
 int pydr_device_size(pydr_device *device, uint64_t *size, pydr_error *error);
 int pydr_device_can(pydr_device *device, int what);
@@ -87,6 +89,10 @@ void pydr_signer_free(pydr_signer *signer);
 int pydr_signer_sign(pydr_signer *signer, pydr_device *device, uint64_t offset,
                      uint64_t length, uint64_t *hashes, uint8_t *zero_mask,
                      size_t nblocks, pydr_progress *progress, pydr_error *error);
+int pydr_signer_sign_spans(pydr_signer *signer, pydr_device *device, uint64_t offset,
+                           size_t nblocks, const uint64_t *spans, size_t nspans,
+                           uint64_t *hashes, uint8_t *zero_mask, uint8_t *keep,
+                           size_t keep_len, pydr_progress *progress, pydr_error *error);
 
 size_t pydr_mask_pack(const uint8_t *mask, size_t nblocks, uint8_t *packed);
 size_t pydr_mask_unpack(const uint8_t *packed, size_t nblocks, uint8_t *mask);

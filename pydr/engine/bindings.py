@@ -5,6 +5,7 @@ Buffers are anything with the buffer protocol (bytearray, memoryview, numpy);
 this module does not import numpy, so the CLI starts fast.
 """
 
+import contextlib
 import errno
 import os
 import re
@@ -217,6 +218,60 @@ class Signer:
             raise_for_code(rc, path=path if path is not None else device.name,
                            error=self._error)
 
+    def sign_spans(self, device, offset, nblocks, spans, hashes, zero_mask, keep, progress,
+                   path=None):
+        """Hash the spans of the window [offset, offset + nblocks blocks) of
+        `device`, reading each byte once (pydr_signer_sign_spans).
+
+        device: a :class:`Device` (or a file descriptor, as for sign()).
+        offset: the window's start, block aligned. nblocks: its blocks.
+        spans: (start, length) pairs, absolute, block aligned, sorted and
+        disjoint inside the window (a length may end on a short block only
+        in the window's last block): a flat uint64 buffer (a numpy uint64
+        array of pairs) or a sequence of (start, length) tuples.
+        hashes, zero_mask: the window's output (nblocks entries from
+        `offset`): cffi pointers (as OutputBuffers.at gives) or writable
+        buffers; blocks outside every span are left untouched.
+        keep: None, or a writable buffer that gets every byte read at
+        (device offset - offset); it must cover every span. Blocks not read
+        (holes) stay untouched there and get zero_mask 1.
+        progress: a :class:`Progress` or None. path: the name for errors.
+
+        Raises ValueError for spans or a keep the core refuses (the message
+        names the offset), OSError with the path and the offset of the first
+        failing block for a failed read, Cancelled when progress was
+        cancelled, FileChanged when a file ended first."""
+        if not isinstance(device, Device):
+            if self._file is None or self._file.fd != device:
+                if self._file is not None:
+                    self._file.close()
+                self._file = Device.open_fd(device, name=path)
+            device = self._file
+        name = path if path is not None else device.name
+        with contextlib.ExitStack() as views:
+            span_view = _spans_view(spans, views)
+            nspans = len(span_view) // 2
+            h = hashes if isinstance(hashes, ffi.CData) else views.enter_context(
+                ffi.from_buffer("uint64_t[]", hashes, require_writable=True))
+            z = zero_mask if isinstance(zero_mask, ffi.CData) else views.enter_context(
+                ffi.from_buffer("uint8_t[]", zero_mask, require_writable=True))
+            if keep is None:
+                k, klen = ffi.NULL, 0
+            else:
+                k = views.enter_context(ffi.from_buffer("uint8_t[]", keep,
+                                                        require_writable=True))
+                klen = len(k)
+            rc = lib.pydr_signer_sign_spans(
+                self._ptr, device._ptr, offset, nblocks, span_view, nspans, h, z, k, klen,
+                progress._ptr if progress is not None else ffi.NULL, self._error)
+        if rc == -errno.EINVAL and self._error.has_offset:
+            raise ValueError(f"{name}: spans of the window at {offset} ({nblocks} blocks of "
+                             f"{self.block_size}) refused at offset {int(self._error.offset)}: "
+                             "spans must be block aligned, sorted, disjoint, inside the window "
+                             "and the keep buffer")
+        if rc:
+            raise_for_code(rc, path=name, error=self._error)
+
     def close(self):
         if self._file is not None:
             self._file.close()
@@ -230,6 +285,19 @@ class Signer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _spans_view(spans, views):
+    """A uint64_t[] cdata of (start, length) pairs: `spans` as a flat uint64
+    buffer (kept open in the ExitStack `views`), or made from a sequence of
+    pairs."""
+    try:
+        view = views.enter_context(ffi.from_buffer("uint64_t[]", spans))
+    except TypeError:  # not a buffer: a sequence of (start, length) pairs
+        return ffi.new("uint64_t[]", [int(v) for pair in spans for v in pair])
+    if len(view) % 2:
+        raise ValueError(f"spans must be (start, length) pairs: {len(view)} numbers given")
+    return view
 
 
 def mask_pack(mask):
@@ -388,7 +456,8 @@ def nbd_available():
 
 class Device:
     """One C device (pydr_device): a file or block device open in this
-    process, or one connection to an NBD export. Signing, encoding and
+    process, one connection to an NBD export, or caller memory standing for
+    a range of a disk (open_memory). Signing, encoding and
     applying records take it, whatever its kind. A file device may be used
     by several threads; an NBD one by one thread at a time."""
 
@@ -399,6 +468,7 @@ class Device:
         self.size = None  # an NBD export's, from open_nbd
         self.bitmap = None
         self._signer = None  # (block_size, code, Signer) of the last sign()
+        self._memory = None  # a memory device's buffer and its cffi view
 
     @classmethod
     def open_fd(cls, fd, *, name=None, is_block=False):
@@ -424,6 +494,31 @@ class Device:
         device = cls(out[0], name)
         device.bitmap = bitmap
         device.size = device.size_now()
+        return device
+
+    @classmethod
+    def open_memory(cls, buffer, offset, *, name=None):
+        """A read-only device over `buffer` (anything with the buffer
+        protocol), which reads as those bytes lying at device offset
+        `offset`: the window a sign_spans kept, so that records are encoded
+        from what was hashed. The device keeps a reference to the buffer
+        (the memory outlives it). A read outside [offset, offset + len)
+        fails with EINVAL at the first offset outside (an OSError naming
+        `name`); writes fail with EROFS. ValueError for a negative offset
+        or a range past 2**63."""
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"memory device offset {offset!r} must be an int >= 0")
+        view = ffi.from_buffer("uint8_t[]", buffer)
+        out = ffi.new("pydr_device **")
+        rc = lib.pydr_device_open_memory(out, view, len(view), offset)
+        if rc == -errno.EINVAL:
+            ffi.release(view)
+            raise ValueError(f"{name}: a memory device of {len(view)} bytes at offset {offset} "
+                             "reaches past 2**63")
+        raise_for_code(rc, path=name)
+        device = cls(out[0], name)
+        device._memory = (buffer, view)  # the C device reads them: keep them alive
+        device.size = offset + len(view)
         return device
 
     def size_now(self):
@@ -458,12 +553,22 @@ class Device:
     def sign(self, offset, length, block_size, code, hashes, zero_mask, nblocks, progress):
         """pydr_signer_sign of this device into the cffi pointers hashes /
         zero_mask, with a signer kept for the next call."""
+        self._signer_for(block_size, code).sign(self, offset, length, hashes, zero_mask,
+                                                nblocks, progress, self.name)
+
+    def sign_spans(self, offset, nblocks, block_size, code, spans, hashes, zero_mask, keep,
+                   progress):
+        """pydr_signer_sign_spans of this device (see Signer.sign_spans for
+        the arguments), with a signer kept for the next call."""
+        self._signer_for(block_size, code).sign_spans(self, offset, nblocks, spans, hashes,
+                                                      zero_mask, keep, progress, self.name)
+
+    def _signer_for(self, block_size, code):
         if self._signer is None or self._signer[:2] != (block_size, code):
             if self._signer is not None:
                 self._signer[2].close()
             self._signer = (block_size, code, Signer(block_size, code))
-        self._signer[2].sign(self, offset, length, hashes, zero_mask, nblocks, progress,
-                             self.name)
+        return self._signer[2]
 
     def pread(self, length, offset):
         buf, error = bytearray(length), new_error()
@@ -527,6 +632,9 @@ class Device:
         if self._ptr is not None:
             ffi.release(self._ptr)
             self._ptr = None
+        if self._memory is not None:  # after the device: it reads the view
+            ffi.release(self._memory[1])
+            self._memory = None
 
     def __enter__(self):
         return self

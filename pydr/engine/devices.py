@@ -6,10 +6,17 @@ and SEEK_DATA for files; block status and reads in flight for NBD).
 
 A device (a Device) has: name (for messages), size, resizable, journal_path
 (where the undo journal of an apply to it lives: pydr.engine.names), lock(),
-sign(), encode(), apply_prepare(), apply_write(), pread(), truncate(),
-sync(), writeback(), cache_trusted(mtime) (may a signature cache of it be
-used), close(). Whatever takes "a path or an open device" turns it into a
-device with as_device() (or using_device()).
+sign() (of the whole range or of spans, keeping what it read when asked),
+data_extents(), encode() (counting the bytes it reads in encoded_bytes),
+apply_prepare(), apply_write(), pread(), truncate(), sync(), writeback(),
+cache_trusted(mtime) (may a signature cache of it be used), close().
+Whatever takes "a path or an open device" turns it into a device with
+as_device() (or using_device()).
+
+A MemoryDevice stands for a window of a disk that sign(keep=...) kept: it
+has encode() and pread() only, so that the records of the blocks found to
+differ are encoded from the bytes that were hashed, without reading the
+disk again.
 
 This module is the bottom of the engine's own modules: it imports none of
 the modules that take a device (signatures, journal, apply, resync).
@@ -28,6 +35,7 @@ from . import names
 from .atomic import copy_mode
 from .oserrors import naming
 from .parallel import CANCEL_BYTES, run_chunks, start_all, wait_all
+from .spans import as_pairs, check_spans, cut_units
 
 SIGN_WINDOW = 256 << 20  # an NBD export is signed this much at a time
 # connections that sign one export side by side where the server offers
@@ -137,9 +145,83 @@ def sign_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
     return used
 
 
+def sign_spans_range(fd, path, offset, length, block_size, code, hashes, zero_mask, *,
+                     spans, keep, threads, progress_record, throttle, cancel=None,
+                     use_mmap=True, final_report=True):
+    """Sign the spans (checked (start, end) pairs, see pydr.engine.spans) of
+    [offset, offset+length) of an open file into the range's buffers, on
+    ``threads`` threads, each span byte read once: with ``keep`` (a
+    writable buffer indexed from `offset`) by pread straight into it. The
+    spans are cut into units of about CANCEL_BYTES (smaller when there is
+    less work than threads), a thread takes a unit at a time and looks at
+    ``cancel`` before each. Returns the threads used."""
+    total = sum(stop - start for start, stop in spans)
+    unit_bytes = min(CANCEL_BYTES, max(block_size, -(-total // max(1, threads))))
+    units = cut_units(spans, block_size, unit_bytes)
+    words = B.hash_words(code)
+    keep_view = memoryview(keep).cast("B") if keep is not None else None
+
+    def do_unit(signer, i):
+        if cancel is not None and cancel.is_set():
+            progress_record.request_cancel()  # the other workers stop too
+        unit = units[i]
+        first, last = unit[0][0], unit[-1][1]
+        h, z = out.at((first - offset) // block_size)
+        signer.sign_spans(fd, first, blocks_for(last - first, block_size), as_pairs(unit), h,
+                          z, None if keep_view is None else
+                          keep_view[first - offset:last - offset],
+                          progress_record, path)
+
+    used = max(1, min(threads, len(units)))
+    with B.OutputBuffers(hashes, zero_mask, words) as out:
+        run_chunks(len(units), used, lambda: B.Signer(block_size, code, use_mmap=use_mmap),
+                   do_unit, progress_record, throttle, cancel, final_report)
+    return used
+
+
+def check_keep(keep, length, name):
+    """ValueError unless keep is None or a writable buffer of at least
+    `length` bytes."""
+    if keep is None:
+        return
+    view = memoryview(keep)
+    if view.readonly or view.nbytes < length:
+        raise ValueError(f"{name}: keep must be a writable buffer of at least {length} bytes "
+                         f"(got {view.nbytes}{', read-only' if view.readonly else ''})")
+
+
+def merge_extents(pairs):
+    """Sorted (start, end) pairs with touching or overlapping ones merged."""
+    merged = []
+    for start, end in sorted(pairs):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 class Device:
     """What the engine reads and writes: see the module's docstring for
     what each kind has. A with block closes it."""
+
+    #: bytes encode() read from the disk so far on this device object (a
+    #: block read twice counts twice); a MemoryDevice reads none
+    encoded_bytes = 0
+
+    def data_extents(self, offset, length):
+        """The (start, end) byte pairs of [offset, offset + length) that may
+        hold data, sorted: a device that cannot tell says all of it. Cheap:
+        no data is read."""
+        return [(offset, offset + length)] if length > 0 else []
+
+    def _count_encoded(self, used, done):
+        """Adds the payload bytes of an encode() that wrote `done` records in
+        `used` bytes (one 64-byte header per record) to encoded_bytes."""
+        with self._count_lock:
+            self.encoded_bytes += used - B.RECORD_HEADER * done
+
+    _count_lock = threading.Lock()
 
     def __enter__(self):
         return self
@@ -203,16 +285,70 @@ class FileDevice(Device):
         return self.size
 
     def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
-             progress_record, throttle, cancel=None, use_mmap=True, final_report=True):
-        return sign_range(self.fd, self.name, offset, length, block_size, code, hashes,
-                          zero_mask, threads=threads, progress_record=progress_record,
-                          throttle=throttle, cancel=cancel, use_mmap=use_mmap,
-                          final_report=final_report)
+             progress_record, throttle, cancel=None, use_mmap=True, final_report=True,
+             keep=None, spans=None):
+        """Sign [offset, offset + length) (offset block aligned; a short
+        last block only at the end of the disk) into ``hashes`` (blocks x
+        words uint64) and ``zero_mask`` (a byte per block), on ``threads``
+        threads; progress goes to ``progress_record`` reported by
+        ``throttle``; a set ``cancel`` event stops it (Cancelled).
+
+        spans: None (the whole range) or (start, end) absolute byte pairs
+        inside the range, block aligned, sorted: only they are read, and
+        the blocks outside them are left untouched in hashes / zero_mask.
+        keep: None, or a writable buffer of at least `length` bytes indexed
+        from `offset` that gets every byte read (pread straight into it, no
+        mmap); holes are not read and stay untouched there (zero_mask 1).
+        Without keep and spans the data is hashed through mmap windows
+        (use_mmap) as before. Returns the threads used.
+
+        Raises ValueError for bad spans or keep, OSError (path, offset of
+        the first failing block) for a failed read, FileChanged when the
+        file ends first, Cancelled."""
+        if keep is None and spans is None:
+            return sign_range(self.fd, self.name, offset, length, block_size, code, hashes,
+                              zero_mask, threads=threads, progress_record=progress_record,
+                              throttle=throttle, cancel=cancel, use_mmap=use_mmap,
+                              final_report=final_report)
+        check_keep(keep, length, self.name)
+        return sign_spans_range(
+            self.fd, self.name, offset, length, block_size, code, hashes, zero_mask,
+            spans=check_spans(spans, offset, length, block_size, self.name), keep=keep,
+            threads=threads, progress_record=progress_record, throttle=throttle,
+            cancel=cancel, use_mmap=use_mmap, final_report=final_report)
+
+    def data_extents(self, offset, length):
+        """The (start, end) pairs of [offset, offset + length) holding data,
+        found with SEEK_DATA / SEEK_HOLE (no data read); the whole range
+        where the file system cannot tell (or for a block device)."""
+        end, pos, result = offset + length, offset, []
+        if self.is_block or length <= 0:
+            return super().data_extents(offset, length)
+        with naming(self.name):
+            while pos < end:
+                try:
+                    data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
+                        break
+                    if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                        return super().data_extents(offset, length)
+                    raise
+                if data >= end:
+                    break
+                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+                result.append((data, min(hole, end)))
+                pos = hole
+        return merge_extents(result)
 
     def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
                payload_hashes=None):
-        return self.core.encode(extents, zero, base_hashes, first_seq, out, block_size,
-                                payload_hashes)
+        """Encode records of the extents into out (see B.Device.encode);
+        the bytes read are added to encoded_bytes."""
+        used, done, hused = self.core.encode(extents, zero, base_hashes, first_seq, out,
+                                             block_size, payload_hashes)
+        self._count_encoded(used, done)
+        return used, done, hused
 
     def apply_prepare(self, recs, block_size, old_size, new_size, state, scratch, journal):
         return self.core.apply_prepare(recs, block_size, old_size, new_size, state, scratch,
@@ -297,15 +433,26 @@ class NbdDevice(Device):
         return self.size
 
     def sign(self, offset, length, block_size, code, hashes, zero_mask, *, threads,
-             progress_record, throttle, cancel=None, use_mmap=True, final_report=True):
-        """Signs window by window. Each connection keeps several reads in
-        flight; where the server offers multi-conn, up to NBD_CONNECTIONS
-        sign windows side by side. The readers run on their own threads
-        while this one reports progress and passes a set ``cancel`` on to
-        the C core, which stops at its next read request (NBD_CHUNK bytes,
-        a few in flight). `threads` is not used."""
+             progress_record, throttle, cancel=None, use_mmap=True, final_report=True,
+             keep=None, spans=None):
+        """Signs window by window (arguments as FileDevice.sign; `threads`
+        and `use_mmap` are not used). Each connection keeps several reads
+        in flight; with spans, one call reads all the spans of a window
+        with many requests in flight (not one span at a time), straight
+        into keep when given. Where the server offers multi-conn, up to
+        NBD_CONNECTIONS sign windows side by side. The readers run on their
+        own threads while this one reports progress and passes a set
+        ``cancel`` on to the C core, which stops at its next read request
+        (NBD_CHUNK bytes, a few in flight)."""
         step = max(block_size, SIGN_WINDOW // block_size * block_size)
         windows = [(w0, min(length, w0 + step)) for w0 in range(0, length, step)]
+        by_spans = keep is not None or spans is not None
+        if by_spans:
+            check_keep(keep, length, self.name)
+            windows = self._span_windows(windows, offset, block_size,
+                                         check_spans(spans, offset, length, block_size,
+                                                     self.name))
+            keep_view = memoryview(keep).cast("B") if keep is not None else None
         handles = self._readers(min(NBD_CONNECTIONS, len(windows)))
         failure, lock = [], threading.Lock()
 
@@ -323,11 +470,18 @@ class NbdDevice(Device):
                     with lock:
                         if not windows:
                             return
-                        w0, w1 = windows.pop(0)
+                        w0, w1, *rest = windows.pop(0)
+                        w_spans = rest[0] if rest else None
                     h, z = out.at(w0 // block_size)
                     try:
-                        handle.sign(offset + w0, w1 - w0, block_size, code, h, z,
-                                    blocks_for(w1 - w0, block_size), progress_record)
+                        if by_spans:
+                            handle.sign_spans(offset + w0, blocks_for(w1 - w0, block_size),
+                                              block_size, code, as_pairs(w_spans), h, z,
+                                              None if keep_view is None else
+                                              keep_view[w0:w1], progress_record)
+                        else:
+                            handle.sign(offset + w0, w1 - w0, block_size, code, h, z,
+                                        blocks_for(w1 - w0, block_size), progress_record)
                     except BaseException as exc:  # raised again in the caller's thread
                         failure.append(exc)
                         stop()
@@ -360,6 +514,32 @@ class NbdDevice(Device):
             throttle.report(progress_record.done, progress_record.read, finished=True)
         return 1
 
+    @staticmethod
+    def _span_windows(windows, offset, block_size, spans):
+        """(w0, w1, spans inside it) of the windows (relative to offset)
+        that hold spans: a span across a window's end is cut there."""
+        result, i = [], 0
+        for w0, w1 in windows:
+            lo, hi, inside = offset + w0, offset + w1, []
+            while i < len(spans) and spans[i][0] < hi:
+                start, stop = spans[i]
+                inside.append((max(start, lo), min(stop, hi)))
+                if stop > hi:  # the rest belongs to the next window
+                    spans[i] = (hi, stop)
+                    break
+                i += 1
+            if inside:
+                result.append((w0, w1, inside))
+        return result
+
+    def data_extents(self, offset, length):
+        """The (start, end) pairs of [offset, offset + length) that the
+        server does not say read as zeros (base:allocation block status, no
+        data read)."""
+        pairs = [(start, start + size) for start, size, flags in self.extents(offset, length)
+                 if not flags & B.NBD_STATE_ZERO]
+        return merge_extents(pairs)
+
     @property
     def connections(self):
         """Connections open to the server (signing opens more, see sign)."""
@@ -383,8 +563,12 @@ class NbdDevice(Device):
 
     def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
                payload_hashes=None):
-        return self.handle.encode(extents, zero, base_hashes, first_seq, out, block_size,
-                                  payload_hashes)
+        """Encode records of the extents into out (see B.Device.encode);
+        the bytes read are added to encoded_bytes."""
+        used, done, hused = self.handle.encode(extents, zero, base_hashes, first_seq, out,
+                                               block_size, payload_hashes)
+        self._count_encoded(used, done)
+        return used, done, hused
 
     def apply_prepare(self, recs, block_size, old_size, new_size, state, scratch, journal):
         return self.handle.apply_prepare(recs, block_size, old_size, new_size, state, scratch,
@@ -418,3 +602,43 @@ class NbdDevice(Device):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class MemoryDevice(Device):
+    """A window of a disk kept in memory by sign(keep=...): it reads as the
+    bytes of `buffer` lying at device offset `offset`, so that records are
+    encoded from what was hashed without reading the disk again. It has
+    encode() and pread() only (it is read-only); a read outside
+    [offset, offset + len(buffer)) is a bug in the caller and fails with
+    EINVAL at the first offset outside (OSError naming `name`, the source's
+    name), never reads as zeros. encoded_bytes stays 0: it reads no disk
+    (the bytes were counted by the sign() that kept them)."""
+
+    resizable = False
+    is_block = True
+
+    def __init__(self, buffer, offset, *, name):
+        """buffer: anything with the buffer protocol (a numpy array, a
+        bytearray), referenced, not copied, until close(). offset: the
+        device offset of its first byte. name: the source's name, for
+        errors. ValueError for a negative offset."""
+        self.name = name
+        self.offset = offset
+        self.core = B.Device.open_memory(buffer, offset, name=name)
+        self.size = self.core.size
+
+    def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
+               payload_hashes=None):
+        """Encode records of the extents (inside the memory) into out, as
+        B.Device.encode; returns (used, done, payload hash words)."""
+        return self.core.encode(extents, zero, base_hashes, first_seq, out, block_size,
+                                payload_hashes)
+
+    def pread(self, length, offset):
+        """`length` bytes at device offset `offset` (inside the memory)."""
+        return self.core.pread(length, offset)
+
+    def close(self):
+        if self.core is not None:
+            self.core.close()
+            self.core = None
