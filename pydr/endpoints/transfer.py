@@ -29,14 +29,21 @@ class TransferStats(Record):
         blocks_changed: Blocks that differed.
         bytes_sent: Bytes this process sent (both connections of a relay).
         bytes_received: Bytes this process received.
-        bytes_read: Bytes of the source read here (0 when another host read it).
+        bytes_read: Bytes pydr read in this process: source_bytes_read +
+            target_bytes_read.
         journal_bytes: Size of the undo journal written.
         seconds: Wall-clock time taken.
         direction: ``"push"``, ``"pull"``, ``"relay"`` or ``"local"``.
+        source_bytes_read: Bytes of the source read here (0 when another
+            host read it): each byte once, plus the blocks that differ in
+            windows beyond the exchange's keep budget (docs/PROTOCOL.md).
+        target_bytes_read: Bytes of the target read here to hash it (0 when
+            another host read it).
     """
 
     _fields = ("bytes_written", "bytes_zeroed", "blocks_changed", "bytes_sent", "bytes_received",
-               "bytes_read", "journal_bytes", "seconds", "direction")
+               "bytes_read", "journal_bytes", "seconds", "direction", "source_bytes_read",
+               "target_bytes_read")
     __slots__ = _fields
     bytes_written: int
     bytes_zeroed: int
@@ -47,6 +54,8 @@ class TransferStats(Record):
     journal_bytes: int
     seconds: float
     direction: str
+    source_bytes_read: int
+    target_bytes_read: int
 
 
 def resync(src, dst, *, rsh=None, remote_pydr=None, **options):
@@ -104,9 +113,11 @@ def transfer(src, dst, *, block_size=4096, threads=None, progress=None, cancel=N
         direction = {(False, True): "push", (True, False): "pull",
                      (True, True): "relay"}.get((bool(source.bytes_sent), bool(target.bytes_sent)),
                                                 "local")
+        source_read = int(source.bytes_read)
+        target_read = int(getattr(target, "bytes_read", 0))  # 0: read on another host
         stats = TransferStats(result.bytes_written, result.bytes_zeroed, source.blocks_changed,
-                              sent, received, source.bytes_read, result.journal_bytes,
-                              time.monotonic() - start, direction)
+                              sent, received, source_read + target_read, result.journal_bytes,
+                              time.monotonic() - start, direction, source_read, target_read)
     return stats, result.kept
 
 

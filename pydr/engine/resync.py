@@ -7,6 +7,16 @@ blocks that differ are encoded as delta records and written through the same
 journaled :class:`pydr.apply.Applier` as ``pydr apply``, so an interrupted
 resync can always be finished or rolled back. With a valid signature cache of
 the target, the target is not read at all.
+
+Each source byte is read once: a window of the source (all of it, or the
+changed spans a tracker reported, merged where the gap between two is at most
+MERGE_GAP, in disk order, in one call) is read into a kept buffer while it is
+hashed, and the records of the blocks that differ are encoded from that
+buffer (a MemoryDevice over it), never read from the source again. Memory: one
+kept window (WINDOW, 64 MiB; a numpy.empty buffer, so the pages of holes and
+of windows never read cost nothing) plus the 32 MiB encode buffer. A window
+that is a hole on the source and known all-zero in a valid signature cache of
+the target is skipped without hashing: a sparse disk costs its data.
 """
 
 import contextlib
@@ -16,7 +26,8 @@ import time
 from . import bindings as B
 from . import crashpoints
 from . import journal as J
-from .devices import Device, FileDevice, as_device, blocks_for, disk_mode, sign_range
+from .devices import (Device, FileDevice, MemoryDevice, as_device, blocks_for, disk_mode,
+                      sign_range)
 from .parallel import check_cancel, check_threads
 from .apply import Applier
 from .delta import (BATCH_BYTES, RECORD_SPLIT, changed_extents as extents_between,
@@ -27,7 +38,10 @@ from .signatures import Signature
 from .sigstream import SignatureReader, SignatureWriter
 
 DEFAULT_RESYNC_BLOCK = 4096
-WINDOW = 256 << 20
+WINDOW = 64 << 20
+#: changed spans closer than this are read as one: reading a small gap costs
+#: less than another request (a seek, an NBD round trip)
+MERGE_GAP = 64 << 10
 
 
 class ResyncStats(Record):
@@ -35,7 +49,8 @@ class ResyncStats(Record):
     Read-only.
 
     Attributes:
-        bytes_read: Bytes read, from both disks.
+        bytes_read: Bytes pydr read, from both disks: source_bytes_read +
+            target_bytes_read.
         bytes_written: Bytes of data written to the target.
         bytes_zeroed: Bytes of the target zeroed (punched or written).
         blocks_changed: Blocks that differed.
@@ -43,10 +58,19 @@ class ResyncStats(Record):
         journal_bytes: Size of the undo journal written.
         used_cache: Whether the target's signature cache was used.
         source_size: The source's size, the target's size now.
+        source_bytes_read: Bytes read from the source: each byte of the
+            compared range that holds data once (holes and NBD zero extents
+            are not read, the records are encoded from what was hashed).
+        target_bytes_read: Bytes read from the target to hash it (0 with a
+            valid signature cache). Not counted: the undo journal's reads
+            of the old contents of the blocks it saves before they are
+            overwritten (about journal_bytes), and the read-back of
+            ``verify``.
     """
 
     _fields = ("bytes_read", "bytes_written", "bytes_zeroed", "blocks_changed", "seconds",
-               "journal_bytes", "used_cache", "source_size")
+               "journal_bytes", "used_cache", "source_size", "source_bytes_read",
+               "target_bytes_read")
     __slots__ = _fields
     bytes_read: int
     bytes_written: int
@@ -56,6 +80,8 @@ class ResyncStats(Record):
     journal_bytes: int
     used_cache: bool
     source_size: int
+    source_bytes_read: int
+    target_bytes_read: int
 
 
 def _open_cache(cache, dst, dst_size, block_size):
@@ -157,6 +183,28 @@ def _coalesce(ranges, block_size, limit):
     return merge_spans(sorted(spans))
 
 
+def merge_close(spans, gap):
+    """Sorted, disjoint [start, end) spans, those at most `gap` bytes apart
+    made one (the gap between them read too): fewer, longer reads."""
+    merged = []
+    for s, e in spans:
+        if merged and s - merged[-1][1] <= gap:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def _known_zero(cache, first, count):
+    """Whether the signature cache knows blocks [first, first+count) of the
+    target are all zero."""
+    all_zero = getattr(cache, "all_zero", None)
+    if all_zero is not None:  # SignatureCache: from its zero extents, no hash read
+        return all_zero(first, count)
+    _, mask = cache.read(first, count)
+    return len(mask) == count and not bytes(mask).count(0)
+
+
 def merge_spans(spans):
     """Sorted [start, end) spans, those that touch or overlap made one."""
     merged = []
@@ -237,23 +285,23 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             dst_read = B.Progress()
             seq = [0]
             encode_buf = None  # 32 MiB, made when first needed: a quiet cycle needs none
+            keep = None  # the window as read from the source, made when first needed
             pending = _Batcher(applier)
             changed_blocks = 0
             written = []  # (offset, length, digest) for verify
             span_i = 0
-            encoded = [0]  # DATA bytes read from the source for records, earlier windows
 
-            def read_so_far():  # both sides signed, and the source's records
-                return shared.read + dst_read.read + encoded[0]
+            def read_so_far():  # both sides, as read while signing
+                return shared.read + dst_read.read
 
             # while the target is signed (slow: an NBD export, a remote disk)
             # the resync's own record goes on being reported
             target_throttle = _Reporting(throttle, lambda: (shared.done, read_so_far()))
 
             def check(data_bytes):
-                # every piece of records encoded: progress (reading the source
-                # is I/O too), and a set cancel stops before the next piece
-                throttle.report(shared.done, read_so_far() + data_bytes)
+                # every piece of records encoded: progress, and a set cancel
+                # stops before the next piece
+                throttle.report(shared.done, read_so_far())
                 check_cancel(cancel, applier.target)
 
             for w0 in range(0, src_size, WINDOW):
@@ -270,6 +318,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                         k += 1
                     if not subs and writer is None:
                         continue
+                    subs = merge_close(subs, MERGE_GAP)
                 # one signature pair for the whole window: blocks outside the
                 # changed spans get the target's hashes on both sides (so they
                 # compare equal), and the window is compared and encoded in one
@@ -280,6 +329,12 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                 # as apply reads it
                 d1 = min(dst_size, -(-w1 // block_size) * block_size) if w0 < dst_size else w0
                 m = blocks_for(d1 - w0, block_size)
+                if cached is not None and subs and spans is None and d1 == w1 \
+                        and _known_zero(cached, w0 // block_size, n) \
+                        and not source.data_extents(w0, w1 - w0):
+                    # a hole on the source over blocks the cache knows are zero:
+                    # equal without reading either side
+                    subs = []
                 if cached is not None:
                     dst_h, dst_z = cached.read(w0 // block_size, m)
                     dst_h += bytes(16 * m - len(dst_h))
@@ -289,21 +344,23 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                 k = min(n, m)
                 src_h = bytearray(dst_h[:16 * k]) + bytes(16 * (n - k))
                 src_z = bytearray(dst_z[:k]) + bytes(n - k)
-                for s0, s1 in subs:
-                    b0, nb = (s0 - w0) // block_size, blocks_for(s1 - s0, block_size)
+                if subs:
+                    if keep is None:
+                        keep = np.empty(WINDOW, np.uint8)  # pages touched only where read
                     with memoryview(src_h) as h, memoryview(src_z) as z:
-                        source.sign(s0, s1 - s0, block_size, code, h[16 * b0:16 * (b0 + nb)],
-                                    z[b0:b0 + nb], threads=threads, progress_record=shared,
-                                    throttle=throttle, cancel=cancel, final_report=False)
-                    t1 = min(d1, -(-s1 // block_size) * block_size)
-                    if cached is None and s0 < t1:
-                        mb = blocks_for(t1 - s0, block_size)
+                        source.sign(w0, w1 - w0, block_size, code, h, z, threads=threads,
+                                    progress_record=shared, throttle=throttle, cancel=cancel,
+                                    final_report=False, keep=keep,
+                                    spans=None if spans is None else subs)
+                    t_subs = [(s0, min(d1, -(-s1 // block_size) * block_size))
+                              for s0, s1 in subs if s0 < d1]
+                    if cached is None and t_subs:
                         with memoryview(dst_h) as h, memoryview(dst_z) as z:
-                            applier.dev.sign(s0, t1 - s0, block_size, code,
-                                             h[16 * b0:16 * (b0 + mb)], z[b0:b0 + mb],
+                            applier.dev.sign(w0, d1 - w0, block_size, code, h, z,
                                              threads=threads, progress_record=dst_read,
-                                             throttle=target_throttle,
-                                             cancel=cancel, final_report=False)
+                                             throttle=target_throttle, cancel=cancel,
+                                             final_report=False,
+                                             spans=None if spans is None else t_subs)
                     throttle.report(shared.done, read_so_far())
                     check_cancel(cancel, applier.target)
                 src_sig = Signature(block_size, w1 - w0, "xxh3-128", src_h, src_z)
@@ -320,15 +377,18 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                                      bytes(src_d[16 * i:16 * i + 16])) for i in range(len(zero))]
                     if encode_buf is None:
                         encode_buf = encode_buffer()
-                    # read_hashes: src_h gets the hashes of the blocks as read now,
-                    # which is what the target receives (the source may have changed
-                    # since it was signed); the signature cache is made from src_h
-                    count, data, _ = write_records(
-                        source, ext, zero, digests, pending.add, first_seq=seq[0],
-                        buf=encode_buf, read_hashes=(block_size, src_sig.hashes, w0 // block_size),
-                        check=check)
+                    # the records are encoded from the bytes that were hashed
+                    # (kept while signing): the source is not read again, and
+                    # src_h (the signature cache's source) is what the target gets
+                    with memoryview(keep) as kept:
+                        window = MemoryDevice(kept[:w1 - w0], w0, name=source.name)
+                        try:
+                            count, _, _ = write_records(
+                                window, ext, zero, digests, pending.add, first_seq=seq[0],
+                                buf=encode_buf, check=check)
+                        finally:
+                            window.close()
                     seq[0] += count
-                    encoded[0] += data
                 win_h, win_z = src_h, src_z
                 if writer is not None:
                     writer.write(win_h, win_z)
@@ -343,7 +403,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
         if writer is not None:
             writer.commit()  # after the target is durable: the cache never runs ahead of it
             crashpoints.reached("resync.cache")
-        bytes_read = shared.read + dst_read.read
+        source_read, target_read = int(shared.read), int(dst_read.read)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -354,8 +414,9 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
         if cached is not None:
             cached.close()
     throttle.report(total, read_so_far(), finished=True)
-    return ResyncStats(int(bytes_read), int(st.data_bytes), int(st.zero_bytes), changed_blocks,
-                       time.monotonic() - start, applier.journal.bytes, cached is not None, src_size)
+    return ResyncStats(source_read + target_read, int(st.data_bytes), int(st.zero_bytes),
+                       changed_blocks, time.monotonic() - start, applier.journal.bytes,
+                       cached is not None, src_size, source_read, target_read)
 
 
 #: a chunk of records this long filled the encode buffer as far as whole

@@ -11,6 +11,15 @@ and the hashes on the wire follow the changes, not the image size.
 
 The same two halves run on the client (push: it has the source) and on the
 server (pull: it has the source).
+
+The source side reads each byte once: a window is read into a kept buffer
+while it is signed, and its records are encoded from that buffer when the
+FINE answer arrives. The windows waiting for their answer are kept while
+their total stays within KEEP_BYTES (256 MiB: the LOOKAHEAD + 1 windows of
+64 MiB a transfer at the default geometry has pending, so a full copy reads
+the source once by default). A window beyond that budget (a larger window
+or lookahead asked for, e.g. by the client of a pull) is signed without
+being kept, and only the blocks found to differ in it are read again.
 """
 
 import collections
@@ -21,16 +30,19 @@ import numpy as np
 from ..engine import bindings as B
 from . import protocol as P
 from ..engine.delta import write_records
-from ..engine.devices import blocks_for
+from ..engine.devices import MemoryDevice, blocks_for
 from ..engine.signatures import Signature
 from ..engine.resync import compare_window
 
 WINDOW = 64 << 20       # image bytes per COARSE/FINE exchange
 GROUP = 32              # 4 KiB blocks per coarse digest (128 KiB)
-LOOKAHEAD = 4           # windows the source may run ahead of the FINE answers
+LOOKAHEAD = 3           # windows the source may run ahead of the FINE answers
 NET_BATCH = 8 << 20     # record bytes per RECORDS frame (under the frame limit)
 MAX_WINDOW_BLOCKS = 1 << 18  # a FINE frame stays under 5 MiB even with 1-block groups
 MAX_GROUP = 1 << 16
+#: bytes of source data the source side keeps for the windows awaiting their
+#: FINE answer (LOOKAHEAD + 1 default windows): within it nothing is read twice
+KEEP_BYTES = (LOOKAHEAD + 1) * WINDOW
 
 COARSE_HEAD = struct.Struct("<QQI")  # window offset, window bytes, group (blocks)
 FINE_HEAD = struct.Struct("<QQI")    # window offset, target bytes in the window, groups listed
@@ -77,11 +89,14 @@ class SourceSide:
     ``send(ftype, payload)`` sends a frame; ``next_fine()`` returns the
     payload of the next FINE frame (blocking). Single-threaded: it never
     waits on its peer except for a FINE answer, and the target side answers
-    every COARSE frame without waiting for anything."""
+    every COARSE frame without waiting for anything. ``keep_bytes``: how
+    much of the pending windows' data it keeps to encode their records from
+    (see the module's docstring); a window beyond it is read again for the
+    blocks that differ. ``bytes_reread``: the bytes read that second time."""
 
     def __init__(self, dev, size, block_size, send, next_fine, *, threads, shared, throttle,
                  window=WINDOW, group=GROUP, lookahead=LOOKAHEAD, first_seq=0,
-                 batch=NET_BATCH):
+                 batch=NET_BATCH, keep_bytes=KEEP_BYTES):
         self.dev, self.size, self.bs = dev, size, block_size
         self.send, self.next_fine = send, next_fine
         self.threads, self.shared, self.throttle = threads, shared, throttle
@@ -94,6 +109,20 @@ class SourceSide:
         self.data_bytes = 0
         self.buf = bytearray(batch)  # record bytes per RECORDS frame
         self.pending = collections.deque()
+        # kept window buffers: as many as keep_bytes holds, made when first
+        # needed (numpy.empty: pages cost only where data was read into them)
+        self.keep_slots = max(0, keep_bytes) // self.window
+        self.kept, self.free = 0, []
+        self.bytes_reread = 0
+
+    def _take_buffer(self):
+        """A buffer for the next window's data, or None beyond keep_bytes."""
+        if self.free:
+            return self.free.pop()
+        if self.kept < self.keep_slots:
+            self.kept += 1
+            return np.empty(self.window, np.uint8)
+        return None
 
     def run(self):
         bs = self.bs
@@ -101,11 +130,13 @@ class SourceSide:
             w1 = min(self.size, w0 + self.window)
             n = blocks_for(w1 - w0, bs)
             h, z = bytearray(16 * n), bytearray(n)
+            keep = self._take_buffer()
             self.dev.sign(w0, w1 - w0, bs, _CODE, h, z, threads=self.threads,
-                          progress_record=self.shared, throttle=self.throttle, final_report=False)
+                          progress_record=self.shared, throttle=self.throttle, final_report=False,
+                          keep=keep)
             self.send(P.COARSE, COARSE_HEAD.pack(w0, w1 - w0, self.group) +
                       bytes(group_digests(h, n, bs, self.group)))
-            self.pending.append((w0, w1, h, z))
+            self.pending.append((w0, w1, h, z, keep))
             if len(self.pending) > self.lookahead:
                 self._settle()
             self.throttle.report(self.shared.done, self.shared.read)
@@ -115,7 +146,14 @@ class SourceSide:
 
     def _settle(self):
         """Take the oldest window's FINE answer and send its changed blocks."""
-        w0, w1, sh, sz = self.pending.popleft()
+        w0, w1, sh, sz, keep = self.pending.popleft()
+        try:
+            self._answer(w0, w1, sh, sz, keep)
+        finally:
+            if keep is not None:
+                self.free.append(keep)
+
+    def _answer(self, w0, w1, sh, sz, keep):
         bs, group = self.bs, self.group
         n = len(sz)
         payload = self.next_fine()
@@ -141,9 +179,19 @@ class SourceSide:
         if cmp:
             ext, zero, digests, blocks = cmp
             self.blocks_changed += blocks
-            count, data, _ = write_records(self.dev, ext, zero, digests,
-                                           lambda c: self.send(P.RECORDS, bytes(c)),
-                                           first_seq=self.seq, buf=self.buf)
+            emit = lambda c: self.send(P.RECORDS, bytes(c))  # noqa: E731
+            if keep is None:  # not kept (beyond keep_bytes): what differs is read again
+                count, data, _ = write_records(self.dev, ext, zero, digests, emit,
+                                               first_seq=self.seq, buf=self.buf)
+                self.bytes_reread += data
+            else:  # from the bytes that were signed: the source is not read again
+                with memoryview(keep) as kept:
+                    window = MemoryDevice(kept[:w1 - w0], w0, name=self.dev.name)
+                    try:
+                        count, data, _ = write_records(window, ext, zero, digests, emit,
+                                                       first_seq=self.seq, buf=self.buf)
+                    finally:
+                        window.close()
             self.seq += count
             self.data_bytes += data
 

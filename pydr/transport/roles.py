@@ -12,6 +12,7 @@ the same methods:
     target.coarse(payload); target.next_fine() -> payload
     target.records(payload); target.finish() -> TargetResult
     target.frame_bytes: how many record bytes a RECORDS frame should carry
+    target.bytes_read (optional): bytes of the target read in this process
 
 ``pydr serve`` uses these roles for its side of a transfer.
 """
@@ -38,13 +39,17 @@ class TargetResult(Record):
 
 class LocalSource:
     """The source role over a disk this process opens: a path (a file or
-    block device) or an open device (pydr.engine.devices: an NBD export)."""
+    block device) or an open device (pydr.engine.devices: an NBD export).
+    ``keep_bytes``: how much data of the windows awaiting their answer is
+    kept to encode records from (pydr.transport.exchange.KEEP_BYTES); past
+    it, the blocks that differ are read a second time. ``bytes_read``
+    counts every byte read from the disk, second reads included."""
 
     bytes_sent = bytes_received = 0
     reports_progress = True
 
     def __init__(self, disk, *, block_size, threads, progress=None, window=X.WINDOW,
-                 group=X.GROUP, lookahead=X.LOOKAHEAD):
+                 group=X.GROUP, lookahead=X.LOOKAHEAD, keep_bytes=X.KEEP_BYTES):
         J.check_no_unfinished_apply(disk)
         self.dev = as_device(disk)
         self.owned = self.dev is not disk
@@ -52,10 +57,11 @@ class LocalSource:
         self.size = self.dev.size_now()
         self.mode = disk_mode(self.dev)  # what a new target gets (pydr.engine.atomic.copy_mode)
         self.block_size, self.threads = block_size, threads
-        self.options = dict(window=window, group=group, lookahead=lookahead)
+        self.options = dict(window=window, group=group, lookahead=lookahead,
+                            keep_bytes=keep_bytes)
         self.shared = B.Progress()
         self.throttle = Throttle(progress, "resync", self.path, self.size)
-        self.blocks_changed = self.data_bytes = 0
+        self.blocks_changed = self.data_bytes = self.bytes_reread = 0
 
     def run(self, target):
         def send(ftype, payload):
@@ -66,12 +72,15 @@ class LocalSource:
                             throttle=self.throttle, batch=target.frame_bytes,
                             **self.options).run()
         self.blocks_changed, self.data_bytes = side.blocks_changed, side.data_bytes
-        self.throttle.report(self.size, self.shared.read, finished=True)
+        self.bytes_reread = side.bytes_reread
+        self.throttle.report(self.size, self.bytes_read, finished=True)
         return self
 
     @property
     def bytes_read(self):
-        return self.shared.read
+        """Bytes read from the disk: signing, and the second reads of what
+        differs in windows that were not kept."""
+        return self.shared.read + self.bytes_reread
 
     def close(self):
         if self.owned and self.dev is not None:
@@ -115,6 +124,11 @@ class LocalTarget:
     @property
     def base_size(self):
         return self.applier.base_size
+
+    @property
+    def bytes_read(self):
+        """Bytes of the target read to answer COARSE frames."""
+        return self.side.shared.read
 
     def coarse(self, payload):
         self.side.coarse(payload)
