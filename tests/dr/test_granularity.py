@@ -70,10 +70,11 @@ def recorded_granularity(vault):
 
 def scattered(count, size, seed):
     """`count` distinct 4 KiB-aligned offsets over a disk of `size` bytes,
-    at least 256 KiB apart (no two in one 64 KiB granule, no merging)."""
-    slots = random.Random(seed).sample(range(size // (256 * KiB)), count)
-    return sorted(s * 256 * KiB + random.Random(s).randrange(0, 256 * KiB - 4 * KiB, 4 * KiB)
-                  for s in slots)
+    each in a slot of its own (512 KiB), in the slot's first 256 KiB: more
+    than 64 KiB apart (no two in one 64 KiB granule, nor in one read)."""
+    rng = random.Random(seed)
+    slots = rng.sample(range(size // (512 * KiB)), count)
+    return sorted(s * 512 * KiB + rng.randrange(0, 256 * KiB, 4 * KiB) for s in slots)
 
 
 @pytest.fixture
