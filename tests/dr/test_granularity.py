@@ -192,6 +192,37 @@ def test_an_old_64k_bitmap_keeps_working_and_the_next_cycle_replaces_it(qcow2_di
     assert image_bitmaps(img) == {"pydr-3": 4 * KiB}
 
 
+def test_a_failed_cycle_merges_an_old_64k_bitmap_into_its_4k_successor(tmp_path):
+    """The tracker's abort (a cycle that failed after its cut) merges the
+    frozen 64 KiB bitmap into the new 4 KiB one: the next cut still reads
+    every granule the old bitmap had."""
+    from pydr.dr.tracking import Qcow2Tracker
+    from pydr.endpoints import open_endpoint
+
+    img = tmp_path / "os.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "-g", "65536", "--enable", str(img),
+                    "pydr-1"], check=True)
+    qemu_io(img, "write -P 0x71 1M 4k", "write -P 0x72 9M 4k")  # recorded at 64 KiB
+    disk = {"idx": 0, "bitmap": "pydr-1", "generation": 1, "granularity": None}
+    tracker = Qcow2Tracker(None, "vm", disk, open_endpoint(str(img)))
+    tracker.validate()
+    with tracker.cut(False) as cut:
+        assert cut.changed == [(1 * MiB, 64 * KiB), (9 * MiB, 64 * KiB)]
+        assert image_bitmaps(img) == {"pydr-1": 64 * KiB, "pydr-2": 4 * KiB}
+    tracker.abort()  # the cycle failed: nothing it tracked may be lost
+    assert image_bitmaps(img) == {"pydr-2": 4 * KiB}
+    qemu_io(img, "write -P 0x73 5M 4k")  # recorded at 4 KiB
+    disk = {"idx": 0, "bitmap": "pydr-2", "generation": 2, "granularity": None}
+    tracker = Qcow2Tracker(None, "vm", disk, open_endpoint(str(img)))
+    tracker.validate()
+    with tracker.cut(False) as cut:
+        # the merged granules are 4 KiB bits now: all 16 of each old granule set
+        assert cut.changed == [(1 * MiB, 64 * KiB), (5 * MiB, 4 * KiB), (9 * MiB, 64 * KiB)]
+    tracker.commit()
+    assert image_bitmaps(img) == {"pydr-3": 4 * KiB}
+
+
 # -- a live disk: what the qemu-storage-daemon reads for a tracked cycle --------------------
 
 
@@ -240,6 +271,12 @@ class QcowDaemon:
         """Bytes the daemon has read so far (files and sockets)."""
         with open(f"/proc/{self.pid}/io") as f:
             return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+    def qmp_command(self, command, **arguments):
+        from pydr.transport.qemu import Qmp
+
+        with Qmp(str(self.qmp)) as q:
+            return q.execute(command, **arguments)
 
     def bitmap_granularities(self):
         from pydr.transport.qemu import Qmp, node_bitmaps
@@ -300,5 +337,33 @@ def test_a_tracked_cycle_reads_at_the_source_what_was_written(daemon, tmp_path):
     # 1.5 MiB plus metadata: each changed block read once (needs read-once,
     # pydr.engine.resync encoding from the buffer it hashed), at 4 KiB granules
     assert read <= 3 * MiB // 2 + METADATA_ALLOWANCE, read
+    assert daemon.bitmap_granularities() == {"pydr-3": 4 * KiB}
+    assert sha(replica) == raw_sha(daemon.uri, tmp_path, fmt="raw")
+
+
+def test_a_live_disks_old_64k_bitmap_keeps_working_and_is_replaced(daemon, tmp_path):
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    replica = tmp_path / "replica.img"
+    r = cli(vault, "protect", "vm", "--disk", f"{daemon.spec}={replica}", "--cbt")
+    assert r.returncode == 0, r.stderr
+    replicate(vault)
+    # what a release before schema 10 added: the recorded bitmap at QEMU's 64 KiB
+    daemon.qmp_command("block-dirty-bitmap-remove", node="disk0", name="pydr-1")
+    daemon.qmp_command("block-dirty-bitmap-add", node="disk0", name="pydr-1",
+                       granularity=64 * KiB, persistent=False)
+    assert daemon.bitmap_granularities() == {"pydr-1": 64 * KiB}
+    offsets = scattered(16, 512 * MiB, seed=7)
+    qemu_io(daemon.uri, *(f"write -P 0x{0x90 + i:x} {off} 4k" for i, off in enumerate(offsets)),
+            fmt="raw")
+    res = replicate(vault)
+    assert res["bytes_written"] == 16 * 4 * KiB
+    assert res["bytes_read"] >= 16 * 64 * KiB  # its extents: whole 64 KiB granules
+    assert daemon.bitmap_granularities() == {"pydr-2": 4 * KiB}
+    assert sha(replica) == raw_sha(daemon.uri, tmp_path, fmt="raw")
+    qemu_io(daemon.uri, *(f"write -P 0x{0xa0 + i:x} {off} 4k" for i, off in enumerate(offsets)),
+            fmt="raw")
+    res = replicate(vault)
+    assert res["bytes_written"] == 16 * 4 * KiB and res["bytes_read"] < 16 * 64 * KiB, res
     assert daemon.bitmap_granularities() == {"pydr-3": 4 * KiB}
     assert sha(replica) == raw_sha(daemon.uri, tmp_path, fmt="raw")
