@@ -18,7 +18,10 @@ Two kinds (docs/QEMU.md):
     cut one QMP transaction with the fleecing export it is read through.
 """
 
+from __future__ import annotations
+
 import contextlib
+from typing import Optional
 
 from ..engine.bindings import NBD_DIRTY
 from ..errors import InvalidArgument, TrackingLost, VaultError
@@ -50,20 +53,31 @@ def check_granularity(value: object) -> int:
     return value
 
 
-def granularity_of(disk) -> int:
-    """The granularity new bitmaps of a tracked disk get: its recorded one
-    (`disk`: a DiskRecord or a fleet task's dict, its "granularity" None or
-    missing for the default), or DEFAULT_GRANULARITY. A recorded value that
-    is not a valid granularity (a damaged vault) raises VaultError naming
-    the item's disk rather than reach QEMU."""
+def granularity_of(disk, item: Optional[str] = None, where: Optional[str] = None) -> int:
+    """The granularity new bitmaps of a tracked disk get.
+
+    Args:
+        disk: a DiskRecord or a fleet task's dict; its "granularity" is
+            None (or missing) for the default.
+        item: the item's name, named by the error.
+        where: the vault's directory (or the disk), named by the error.
+
+    Returns:
+        The recorded granularity, or DEFAULT_GRANULARITY.
+
+    Raises:
+        VaultError: the recorded value is not a valid granularity (a
+            damaged or hand-edited vault): refused before QEMU is asked.
+    """
     value = disk.get("granularity")
     if value is None:
         return DEFAULT_GRANULARITY
     try:
         return check_granularity(value)
     except InvalidArgument:
-        raise VaultError(f"disk {disk.get('idx')} of the item records the bitmap granularity "
-                         f"{value!r}, not a power of two from 512 bytes to 64 MiB") from None
+        raise VaultError(f"disk {disk.get('idx')} of item {item!r} records the dirty bitmap "
+                         f"granularity {value!r}, not a power of two from 512 bytes to 64 MiB",
+                         path=where, item=item) from None
 
 
 def tracker(vault, item, disk):
@@ -92,7 +106,8 @@ class Tracker:
         # a DiskRecord in the vault, or a fleet task's plain dict on a host
         self.current = disk.get("bitmap")
         self.generation = disk.get("generation") or 0
-        self.granularity = granularity_of(disk)  # of the bitmaps this tracker adds
+        # of the bitmaps this tracker adds
+        self.granularity = granularity_of(disk, item, getattr(vault, "dir", None))
         self.new = self.frozen = None
         self.full = False
 

@@ -135,7 +135,7 @@ def test_a_damaged_granularity_in_the_vault_is_a_vault_error(qcow2_disk, tmp_pat
     db.commit()
     db.close()
     r = cli(vault, "replicate", "vm")
-    assert r.returncode == 14 and b"granularity 3000" in r.stderr, r.stderr
+    assert r.returncode == 14 and b"granularity 3000" in r.stderr and b"vm" in r.stderr, r.stderr
     assert image_bitmaps(img) == {"pydr-1": 4 * KiB}  # untouched
 
 
