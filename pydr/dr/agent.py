@@ -192,7 +192,8 @@ def cycle_item(task):
     "quiesce_hook", "thaw_hook" (None unless app-consistent), "threads",
     "disks": [{"idx", "source", "replica", "step", "offered": [spec, spec],
     "cache" (a path, or None), "has_point", "resync", and for a tracked disk
-    "tracking" (qcow2 or qmp), "bitmap", "generation", "full"}]}.
+    "tracking" (qcow2 or qmp), "bitmap", "generation", "granularity" (None:
+    the default), "full"}]}.
 
     The item's disks are cut in one :func:`cut` (each disk in turn; a
     group's members, each a task, at their own times). Returns {"item",

@@ -83,7 +83,7 @@ def disk_pairs(disks):
 
 def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
             quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None, cbt=False,
-            host=None):
+            host=None, cbt_granularity=None):
     """Register an item: disks is a list of (source, replica) paths; a
     replica may be "[user@]host:PATH" (reached with `rsh`, default ssh,
     running `remote_pydr serve --stdio` there; its recovery-point steps
@@ -92,7 +92,9 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     `retention_age` seconds is given) younger than that; the newest point
     is always kept. `cbt`: each cycle takes its changed extents from a
     QEMU dirty bitmap (sources: qcow2 images or qmp:SOCKET:NODE; see
-    pydr.dr.tracking). `host`: the sources are paths on that host, read
+    pydr.dr.tracking). `cbt_granularity`: bytes per bit of those bitmaps
+    (a power of two from 512 to 64 MiB; None: 4 KiB, the block a cycle
+    compares; needs `cbt`). `host`: the sources are paths on that host, read
     there by a Dask worker of a fleet (pydr.dr.fleet); they are not
     looked for on this machine.
 
@@ -108,6 +110,13 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     when it raises; the protect job, once started, ends with the call."""
     disks = _check_options(name, disks, group, retention, retention_age, quiesce_hook,
                            thaw_hook, rsh, remote_pydr, host)
+    if cbt_granularity is not None:
+        if not cbt:
+            raise InvalidArgument("a dirty bitmap granularity is for changed-block tracking",
+                                  hint="add --cbt, or leave out --cbt-granularity")
+        from .tracking import check_granularity
+
+        check_granularity(cbt_granularity)
     if store.has_item(name):
         raise InvalidState(f"item {name!r} is already protected", path=store.dir, item=name)
     # replicate(NAME) takes an item's or a group's name: one name is never both
@@ -134,7 +143,8 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
         store.add_item(name, stored, grp=group, state="protecting", direction="forward",
                        health="ok", retention=retention, quiesce_hook=quiesce_hook,
                        thaw_hook=thaw_hook, created=time.time(), retention_age=retention_age,
-                       rsh=rsh, remote_pydr=remote_pydr, host=host)
+                       rsh=rsh, remote_pydr=remote_pydr, host=host,
+                       granularity=cbt_granularity)
         for replica, me in owners:  # not reachable, no directory yet: its first cycle claims it
             with contextlib.suppress(OSError):
                 ownership.claim(replica, me, exists_in_vault=store.has_item)

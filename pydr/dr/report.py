@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from .results import DiskStatus, Hooks, ItemStatus, RunningOperation, Tracking, utc
 from .rpo import rpo_facts
+from .tracking import DEFAULT_GRANULARITY
 
 
 def item_status(store: Any, name: str, *, now: Optional[float] = None) -> ItemStatus:
@@ -27,7 +28,9 @@ def item_status(store: Any, name: str, *, now: Optional[float] = None) -> ItemSt
         # whether hooks are set, never their command lines (they may hold a password)
         hooks=Hooks(quiesce=bool(row.quiesce_hook), thaw=bool(row.thaw_hook)),
         disks=tuple(DiskStatus(index=d.idx, source=d.source, replica=d.replica,
-                               tracking=Tracking(d.tracking, d.bitmap) if d.tracking else None)
+                               tracking=Tracking(d.tracking, d.bitmap, DEFAULT_GRANULARITY
+                                                 if d.granularity is None else d.granularity)
+                               if d.tracking else None)
                     for d in store.disks(name)),
         point_count=len(points),
         latest_point=facts.latest_point,

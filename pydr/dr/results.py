@@ -141,10 +141,14 @@ def _tuples(obj: Any, *names: str) -> None:
 class Tracking(_Result):
     """Changed-block tracking of a disk: ``mode`` ("qcow2": a dirty bitmap
     in a qcow2 image; "qmp": one of a running QEMU) and ``bitmap``, the
-    name of the bitmap the next cycle reads (None before the first)."""
+    name of the bitmap the next cycle reads (None before the first);
+    ``granularity``: bytes per bit of the bitmaps its cycles add (a bitmap
+    added before schema 10 may have another until the next cycle replaces
+    it; docs/QEMU.md), None when not known (a result of an older pydr)."""
 
     mode: str
     bitmap: Optional[str] = None
+    granularity: Optional[int] = None
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ from ..errors import VaultError
 from . import arguments
 from .dberrors import VaultConnection
 
-SCHEMA_VERSION = 9  # 2: remote replicas; 3: operations; 4: changed-block tracking;
+SCHEMA_VERSION = 10  # 2: remote replicas; 3: operations; 4: changed-block tracking;
 # 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
 # 7: the point indexes of replicas in object stores; 8: damaged points, the vault's identity,
-# the digest of each step; 9: the time of each point's cut, an item's last successful cycle
+# the digest of each step; 9: the time of each point's cut, an item's last successful cycle;
+# 10: the granularity of a tracked disk's dirty bitmaps
 DB_NAME = "vault.db"
 
 _SCHEMA = """
@@ -54,6 +55,7 @@ CREATE TABLE disks(
     tracking TEXT,
     bitmap TEXT,
     generation INTEGER NOT NULL DEFAULT 0,
+    granularity INTEGER,
     PRIMARY KEY(item, idx)
 );
 CREATE TABLE steps(
@@ -187,6 +189,10 @@ _MIGRATIONS = {
         "  AND mine.grp IS NOT NULL AND theirs.grp = mine.grp))",
         "UPDATE items SET last_success_at = "
         "(SELECT MAX(created) FROM points WHERE points.item = items.name)"),
+    # 10: the bytes per bit of a tracked disk's dirty bitmaps (pydr.dr.tracking); NULL,
+    # as for the disks tracked before, is the default (4 KiB): their bitmaps, added at
+    # QEMU's 64 KiB, keep working and are replaced at that granularity by the next cut
+    9: ("ALTER TABLE disks ADD COLUMN granularity INTEGER",),
 }
 
 

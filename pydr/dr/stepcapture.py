@@ -226,7 +226,7 @@ def task(vault, name, opts):
                       "cache": vault.cache_path(name, d["idx"])})
         if d["tracking"]:  # its bitmaps are cut on the host
             disks[-1].update(tracking=d["tracking"], bitmap=d["bitmap"],
-                             generation=d["generation"] or 0,
+                             generation=d["generation"] or 0, granularity=d["granularity"],
                              full=opts.resync_all or not has_point)
         # what changes the replica now is this cycle
         ownership.record_state(owner_of(vault, name, d), replica, writing=True)

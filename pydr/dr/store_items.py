@@ -57,17 +57,20 @@ class ItemTables:
         return [ItemRecord.from_row(r) for r in self.db.execute(
             f"SELECT {ItemRecord.columns()} FROM items ORDER BY name")]
 
-    def add_item(self, name, disks, **fields):
+    def add_item(self, name, disks, granularity=None, **fields):
         """Record a new item with its `disks` [(source, replica, tracking)]
-        (numbered from 0) in one transaction. `fields`: its other columns."""
+        (numbered from 0) in one transaction; `granularity`: of the tracked
+        disks' dirty bitmaps (None: the default). `fields`: its other columns."""
         row = {"name": name, **fields}
         assignments(ItemRecord, row, "items")
         with self.transaction():
             self.db.execute(f"INSERT INTO items({', '.join(row)}) "
                             f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
             for i, (source, replica, tracking) in enumerate(disks):
-                self.db.execute("INSERT INTO disks(item, idx, source, replica, tracking) "
-                                "VALUES (?,?,?,?,?)", (name, i, source, replica, tracking))
+                self.db.execute("INSERT INTO disks(item, idx, source, replica, tracking, "
+                                "granularity) VALUES (?,?,?,?,?,?)",
+                                (name, i, source, replica, tracking,
+                                 granularity if tracking else None))
 
     def set_item(self, name, **fields):
         """Change columns of an item (in the caller's transaction, if any)."""

@@ -125,9 +125,12 @@ class ItemRecord(Record):
 
 
 class DiskRecord(Record):
-    """Disk `idx` of an item: its source, replica and tracking (the disks table)."""
+    """Disk `idx` of an item: its source, replica and tracking (the disks
+    table); ``granularity``: bytes per bit of its dirty bitmaps, None for the
+    default (pydr.dr.tracking.DEFAULT_GRANULARITY)."""
 
-    __slots__ = ("item", "idx", "source", "replica", "tracking", "bitmap", "generation")
+    __slots__ = ("item", "idx", "source", "replica", "tracking", "bitmap", "generation",
+                 "granularity")
 
 
 class StepRecord(Record):

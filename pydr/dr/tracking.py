@@ -18,12 +18,66 @@ Two kinds (docs/QEMU.md):
     cut one QMP transaction with the fleecing export it is read through.
 """
 
+from __future__ import annotations
+
 import contextlib
+from typing import Optional
 
 from ..engine.bindings import NBD_DIRTY
-from ..errors import TrackingLost
+from ..errors import InvalidArgument, TrackingLost, VaultError
 
 PREFIX = "pydr-"
+DEFAULT_GRANULARITY = 4096  # the block a cycle compares: a bitmap's bit is one block
+MIN_GRANULARITY = 512  # QEMU's smallest
+MAX_GRANULARITY = 64 << 20  # 1 TiB at 64 MiB: 2 KiB a bitmap; larger reads far more than changed
+
+
+def check_granularity(value: object) -> int:
+    """The granularity of a disk's dirty bitmaps, checked.
+
+    Args:
+        value: bytes per bit of a bitmap: a power of two from
+            MIN_GRANULARITY (512) to MAX_GRANULARITY (64 MiB).
+
+    Returns:
+        `value`, as an int.
+
+    Raises:
+        InvalidArgument: `value` is not such a number (the message says
+            what is accepted).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not MIN_GRANULARITY <= value <= MAX_GRANULARITY or value & (value - 1):
+        raise InvalidArgument(f"a dirty bitmap's granularity is a power of two from 512 bytes "
+                              f"to 64 MiB (e.g. 4K, 64K), not {value!r}")
+    return value
+
+
+def granularity_of(disk, item: Optional[str] = None, where: Optional[str] = None) -> int:
+    """The granularity new bitmaps of a tracked disk get.
+
+    Args:
+        disk: a DiskRecord or a fleet task's dict; its "granularity" is
+            None (or missing) for the default.
+        item: the item's name, named by the error.
+        where: the vault's directory (or the disk), named by the error.
+
+    Returns:
+        The recorded granularity, or DEFAULT_GRANULARITY.
+
+    Raises:
+        VaultError: the recorded value is not a valid granularity (a
+            damaged or hand-edited vault): refused before QEMU is asked.
+    """
+    value = disk.get("granularity")
+    if value is None:
+        return DEFAULT_GRANULARITY
+    try:
+        return check_granularity(value)
+    except InvalidArgument:
+        raise VaultError(f"disk {disk.get('idx')} of item {item!r} records the dirty bitmap "
+                         f"granularity {value!r}, not a power of two from 512 bytes to 64 MiB",
+                         path=where, item=item) from None
 
 
 def tracker(vault, item, disk):
@@ -52,6 +106,8 @@ class Tracker:
         # a DiskRecord in the vault, or a fleet task's plain dict on a host
         self.current = disk.get("bitmap")
         self.generation = disk.get("generation") or 0
+        # of the bitmaps this tracker adds
+        self.granularity = granularity_of(disk, item, getattr(vault, "dir", None))
         self.new = self.frozen = None
         self.full = False
 
@@ -165,7 +221,8 @@ class Qcow2Tracker(Tracker):
     def view(self):
         from ..endpoints.base import DeviceEndpoint
 
-        self._bitmap("--add", "--enable", name=self.new)  # from here on, writes land in it too
+        # from here on, writes land in it too
+        self._bitmap("--add", "-g", str(self.granularity), "--enable", name=self.new)
         if self.frozen is not None:
             self._bitmap("--disable", name=self.frozen)  # the cut: frozen from here on
         with self.source.engine_disk(bitmap=self.frozen) as dev:
@@ -207,7 +264,8 @@ class QmpTracker(Tracker):
 
         node = self.source.node
         actions = [("block-dirty-bitmap-add", {"node": node, "name": self.new,
-                                               "persistent": False})]
+                                               "persistent": False,
+                                               "granularity": self.granularity})]
         if self.frozen is not None:
             actions.append(("block-dirty-bitmap-disable", {"node": node, "name": self.frozen}))
         # one QMP transaction: the new bitmap, the frozen one and the export's cut

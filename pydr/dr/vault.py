@@ -187,7 +187,8 @@ class Vault(RecoveryOperations):
                 retention_age: Optional[float] = None, quiesce_hook: Optional[str] = None,
                 thaw_hook: Optional[str] = None, rsh: Optional[str] = None,
                 remote_pydr: Optional[str] = None, cbt: bool = False,
-                host: Optional[str] = None) -> ItemStatus:
+                host: Optional[str] = None,
+                cbt_granularity: Optional[int] = None) -> ItemStatus:
         """Register item `name`, a machine whose disks are replicated. Its
         first replicate() is the initial (full, sparse-aware) copy.
 
@@ -210,6 +211,12 @@ class Vault(RecoveryOperations):
                 images, qmp: sources).
             host: the sources are paths on that host, read there by a
                 Dask worker of a fleet (pydr.dr.fleet).
+            cbt_granularity: bytes per bit of the dirty bitmaps (with
+                `cbt`): a power of two from 512 to 64 MiB; None: 4 KiB,
+                the block a cycle compares. Each bitmap costs one bit per
+                granule, in QEMU's memory and in a qcow2 image (1 TiB at
+                4 KiB: 32 MiB); a larger granule costs less and makes a
+                cycle read more than was written (docs/QEMU.md).
 
         Returns:
             The new item's ItemStatus (state "protecting").
@@ -217,13 +224,15 @@ class Vault(RecoveryOperations):
         Raises:
             InvalidState: the name is taken, a replica is another item's or
                 the source itself, or another vault owns a replica.
-            ValueError: a bad name or option.
+            ValueError: a bad name or option (InvalidArgument), such as
+                a granularity that is not a power of two from 512 to
+                64 MiB, or one given without `cbt`.
             OSError: a source cannot be read.
         """
         protection.protect(self.store, name, disks, group=group, retention=retention,
                            retention_age=retention_age, quiesce_hook=quiesce_hook,
                            thaw_hook=thaw_hook, rsh=rsh, remote_pydr=remote_pydr, cbt=cbt,
-                           host=host)
+                           host=host, cbt_granularity=cbt_granularity)
         return self.status(name)
 
     def status(self, name: str) -> ItemStatus:

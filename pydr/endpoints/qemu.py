@@ -115,8 +115,9 @@ class QemuImageEndpoint(LocalEndpoint):
         return bitmaps(self.path)
 
     def bitmap(self, *operations, name):
-        """qemu-img bitmap OPERATIONS (--add, --enable, --disable, --remove,
-        --merge SOURCE) on the bitmap `name`; the image must not be in use."""
+        """qemu-img bitmap OPERATIONS (--add [-g BYTES: its granularity],
+        --enable, --disable, --remove, --merge SOURCE, which may be of another
+        granularity) on the bitmap `name`; the image must not be in use."""
         from ..transport.qemu import qemu_img
 
         qemu_img("bitmap", *operations, "-f", self.format, self.path, name, path=self.path)

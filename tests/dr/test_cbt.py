@@ -95,7 +95,8 @@ def test_qcow2_cycles_read_only_what_changed(qcow2_item, tmp_path):
         assert res["bytes_read"] <= 2 * (n + 128 * 1024)  # the bitmap's extents, both sides
     check_points(vault, history, tmp_path)
     st = status(vault)
-    assert st["disks"][0]["tracking"] == {"mode": "qcow2", "bitmap": "pydr-4"}
+    assert st["disks"][0]["tracking"] == {"mode": "qcow2", "bitmap": "pydr-4",
+                                          "granularity": 4096}
     bitmaps = subprocess.run(["qemu-img", "info", str(img)], capture_output=True, text=True).stdout
     assert bitmaps.count("name: pydr-") == 1  # the frozen ones went once their point was in
 

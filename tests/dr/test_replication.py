@@ -298,7 +298,7 @@ def test_a_version_1_vault_is_migrated(tmp_path):
     for column in ("rsh", "remote_pydr", "operation", "operation_command", "operation_args",
                    "test_point", "test_method", "host", "failover_dir"):
         db.execute(f"ALTER TABLE items DROP COLUMN {column}")
-    for column in ("tracking", "bitmap", "generation"):
+    for column in ("tracking", "bitmap", "generation", "granularity"):
         db.execute(f"ALTER TABLE disks DROP COLUMN {column}")
     for column in ("method", "host"):
         db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
@@ -315,7 +315,7 @@ def test_a_version_1_vault_is_migrated(tmp_path):
     owner.unlink()
     (tmp_path / "v" / "cache" / "vm" / "0.replica").unlink()
     with Vault(tmp_path / "v") as v:  # a reader migrates too
-        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
         assert v.item("vm")["rsh"] is None and v.item("vm")["operation"] is None
         assert len(v.points("vm")) == 1
         assert v.points("vm")[0].damaged is None and len(v.vault_id()) == 32

@@ -212,11 +212,12 @@ def test_records_are_read_by_column_name(vault):
         before = v.disks("vm")
     db = sqlite3.connect(vault / "vault.db")
     db.executescript("""
-        CREATE TABLE disks2(generation INTEGER NOT NULL DEFAULT 0, bitmap TEXT, tracking TEXT,
+        CREATE TABLE disks2(granularity INTEGER, generation INTEGER NOT NULL DEFAULT 0,
+                            bitmap TEXT, tracking TEXT,
                             replica TEXT NOT NULL, source TEXT NOT NULL, idx INTEGER NOT NULL,
                             item TEXT NOT NULL, PRIMARY KEY(item, idx));
-        INSERT INTO disks2 SELECT generation, bitmap, tracking, replica, source, idx, item
-            FROM disks;
+        INSERT INTO disks2 SELECT granularity, generation, bitmap, tracking, replica, source,
+            idx, item FROM disks;
         DROP TABLE disks;
         ALTER TABLE disks2 RENAME TO disks;
     """)
