@@ -260,15 +260,20 @@ def main():
         os.makedirs(d)
         print(f"making a {args.size} qcow2, {args.allocated} allocated ...", file=sys.stderr)
         make_qcow2(image, size, allocated)
+    else:  # the image again: the rest (vaults, replicas, their owner files, bitmaps) anew
+        for name in os.listdir(d):
+            if name != os.path.basename(image):
+                path = os.path.join(d, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", image],
+                                         check=True, capture_output=True).stdout)
+        for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", []):
+            subprocess.run(["qemu-img", "bitmap", "--remove", image, b["name"]], check=True)
     modes = ("cbt", "full") if args.full else ("cbt",)
     vaults = {}
     for mode in modes:
         v = os.path.join(d, f"vault-{mode}")
         replica = os.path.join(d, f"replica-{mode}.img")
-        shutil.rmtree(v, ignore_errors=True)
-        for leftover in (replica,):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
         subprocess.run([pydr, "vault", "init", v], check=True, stdout=subprocess.DEVNULL)
         subprocess.run([pydr, "protect", "vm", "--disk", f"{image}={replica}", "--vault", v]
                        + (["--cbt"] if mode == "cbt" else []), check=True,
