@@ -13,12 +13,16 @@ would) and runs `pydr replicate vm` as a whole process twice, interleaved:
   * instrumented (this script re-run as a child with --child): every part
     of the cycle timed by wrapping the functions that do it, each part's
     own time only (a part that calls another does not count the callee's):
-    interpreter start (the process's wall time minus the time inside it),
+    interpreter start and exit (the process's wall time minus the time
+    from the first line of this script to the end of the command),
     imports (every module executed, at start and lazily), vault open,
     tracker validate / normalize / commit, each qemu-img call by its
     operation, qemu-nbd start / connect / stop, the signature cache (open
     and verify, read, write and commit), the resync's own work, the point's
     vault transaction, and what is left ("other Python").
+
+The plain run's CPU time (user + system, with its children: qemu-img,
+qemu-nbd) is printed too: on a shared machine it moves less than wall time.
 
 --full also protects the same image without --cbt in a second vault and
 times its cycles (comparing the whole disk) for the speed-up. Medians of
@@ -27,15 +31,18 @@ at the end. Prints Markdown. The machine's load average is printed with it:
 timings of a shared machine are noisy.
 """
 
-import argparse
-import json
-import os
-import random
-import shutil
-import statistics
-import subprocess
-import sys
 import time
+
+_STARTED = time.perf_counter()  # the child's clock starts before this script's own imports
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 MiB = 1 << 20
 
@@ -127,7 +134,7 @@ def child(argv):
     import importlib.abc
     import importlib.machinery
 
-    begin = time.perf_counter()
+    begin = _STARTED
     clock = _Clock()
     wanted = {}
     for module, attr, label in PARTS:
@@ -170,6 +177,7 @@ def child(argv):
         code = exc.code
     inside = time.perf_counter() - begin
     parts = dict(clock.own)
+    # "other Python": the CLI's own work, and this script's imports and set-up
     parts["other Python"] = parts.pop("cli", 0.0) + (inside - sum(clock.own.values()))
     with open(os.environ["CYCLE_COST_OUT"], "w") as f:
         json.dump({"inside": inside, "parts": parts, "calls": clock.calls, "code": code}, f)
@@ -240,7 +248,7 @@ def instrumented(pydr_python, argv, workdir):
         got = json.load(f)
     if got["code"] not in (0, None):
         raise SystemExit(f"pydr {' '.join(argv)} exited {got['code']}")
-    got["parts"]["interpreter start"] = wall - got["inside"]
+    got["parts"]["interpreter start + exit"] = wall - got["inside"]
     got["wall"] = wall
     return got
 
