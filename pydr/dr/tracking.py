@@ -128,26 +128,32 @@ class Tracker:
             raise TrackingLost(f"the dirty bitmap {self.current} of {self.where} {problem}",
                                path=self.where)
 
-    def normalize(self):
+    def normalize(self, found=None):
         """After a kill: merge any other pydr bitmap of this disk into the
-        current one (a superset: nothing lost) and make it record again."""
-        found = self.bitmaps()
+        current one (a superset: nothing lost) and make it record again.
+        ``found``: the bitmaps as just listed (bitmaps()), to list them
+        once per cut (each listing of a qcow2 image is a qemu-img process);
+        None lists them here. Returns the bitmaps as they are after it."""
+        found = dict(self.bitmaps() if found is None else found)
         for name in [n for n in found if n.startswith(PREFIX) and n != self.current]:
             if self.current in found:
                 self.merge(name, self.current)
             self.remove(name)
-        if self.current in found:
-            self.enable(self.current)
+            del found[name]
+        if self.current in found and not self.recording(found[self.current]):
+            self.enable(self.current)  # disabled by a cut that was killed after it
+        return found
 
     @contextlib.contextmanager
     def cut(self, full):
         """Start a new bitmap at this instant and yield the Cut to read."""
         self.full = full or self.current is None
+        found = self.bitmaps()  # listed once: what normalize leaves is known without another
         if not self.full:
-            self.normalize()
+            found = self.normalize(found)
         self.generation += 1
         self.new = f"{PREFIX}{self.generation}"
-        if self.new in self.bitmaps():  # left by a killed cut that got this far
+        if self.new in found:  # left by a killed cut that got this far
             self.remove(self.new)
         self.frozen = None if self.full else self.current
         with self.view() as cut:
@@ -201,6 +207,10 @@ class Qcow2Tracker(Tracker):
         return self.source.bitmaps()
 
     @staticmethod
+    def recording(flags):
+        return "auto" in flags  # qemu-img's name for an enabled bitmap
+
+    @staticmethod
     def problem(flags):
         if "in-use" in flags:
             return "is in use: QEMU did not close the image cleanly"
@@ -240,6 +250,10 @@ class QmpTracker(Tracker):
 
     def bitmaps(self):
         return self.source.bitmaps()
+
+    @staticmethod
+    def recording(info):
+        return bool(info.get("recording"))
 
     @staticmethod
     def problem(info):

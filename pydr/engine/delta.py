@@ -125,8 +125,12 @@ def changed_extents(base, source):
 
 def encode_buffer():
     """A buffer for write_records; reuse it across calls (allocating and
-    faulting in 32 MiB per call costs more than encoding)."""
-    return bytearray(max(BATCH_BYTES, B.RECORD_HEADER + RECORD_SPLIT))
+    faulting in 32 MiB per call costs more than encoding). An anonymous
+    mapping: zeros, as a bytearray, but a page costs only once it is written
+    (a bytearray wrote all 32 MiB: ~45 ms of a cycle that encodes 8 KiB)."""
+    import mmap
+
+    return mmap.mmap(-1, max(BATCH_BYTES, B.RECORD_HEADER + RECORD_SPLIT))
 
 
 def write_records(source, extents, zero, base_digests, emit, first_seq=0, buf=None,
