@@ -276,34 +276,45 @@ def _clip(data, old_size):
                           payload_hash=B.hash_bytes(B.ALGORITHMS["xxh3-64"], payload)[0]) + payload
 
 
-def rollback_fd(fd, path, target, is_block_device, *, step=False):
-    """rollback() onto an open file descriptor."""
-    return rollback(FileDevice(target, fd=fd, is_block=is_block_device), path, step=step)
+def rollback_fd(fd, path, target, is_block_device, *, step=False, found=None, sync=True):
+    """rollback() onto an open file descriptor (`found` and `sync`: as
+    rollback's)."""
+    return rollback(FileDevice(target, fd=fd, is_block=is_block_device), path, step=step,
+                    found=found, sync=sync)
 
 
-def rollback(dev, path, *, step=False, cancel=None):
+BATCH = 8 << 20  # bytes of records read, checked and written back in one go
+
+
+def rollback(dev, path, *, step=False, cancel=None, found=None, sync=True):
     """Restore the device `dev` from the journal at `path`; returns bytes
     restored. Leaves the journal in place (the caller removes it once this
     returned). ``step``: the journal is a recovery-point step, which must be
     whole and committed (see scan). A set ``cancel`` event stops it before
-    the next record (at most RECORD_MAX bytes) with Cancelled; the journal
-    is whole, and rolling back again restores every record.
+    the next batch (at most BATCH bytes, or one record) with Cancelled; the
+    journal is whole, and rolling back again restores every record.
 
     The whole journal is checked (scan) before its first byte is written,
     and each DATA payload against its hash again as it is written back, so
     damage raises DamagedJournal and is never written to the target.
+    ``found``: what scan(path, step=step) returned to a caller that checked
+    the journal just before (it is not read through twice; the payloads are
+    still checked as they are written back). ``sync``: fdatasync `dev` at
+    the end (False: the caller syncs it next, as pydr.engine.restore does).
 
     A journal continued after an interruption (resumed resync) may hold
     several records for one range; the first one has the original contents,
     so then every record is written back newest first. Otherwise ranges are
-    disjoint and holes go first, which frees space on a full file system."""
-    found = scan(path, step=step)
+    disjoint and holes go first, which frees space on a full file system;
+    records that lie side by side in the journal are read and written back
+    in batches (one read, one hash per record in C, one apply_write)."""
+    if found is None:
+        found = scan(path, step=step)
     if found.header is None:
         return 0  # torn header: nothing was written to the target
     check_torn_tail(dev, path, found)
     old_size = found.header["old_size"]
     index = found.records
-    hash64 = B.ALGORITHMS["xxh3-64"]
     with open(path, "rb") as f:
         if dev.resizable and dev.size_now() != old_size:
             dev.truncate(old_size)
@@ -314,26 +325,75 @@ def rollback(dev, path, *, step=False, cancel=None):
         else:
             order = [r for r in index if r[2] == B.ZERO] + [r for r in index if r[2] == B.DATA]
         restored = 0
-        for pos, size, kind, _, _, payload_hash in order:
+        for batch in _batches(order, old_size):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled: the rollback is not finished (run it again)",
                                 path=getattr(dev, "name", None))
-            f.seek(pos)
-            data = f.read(size)
+            restored += _write_back(dev, f, path, batch, old_size)
+    if sync:
+        dev.sync()
+    if found.torn and found.header["kind"] == KIND_APPLY:
+        _check_base_restored(dev, found, path)
+    return restored
+
+
+def _batches(order, old_size):
+    """`order` (scan's records, in the order they are written back) cut into
+    runs that lie side by side in the journal, up to BATCH bytes each; a
+    record that reaches past `old_size` (clipped) is a run of its own."""
+    batch, end, total = [], None, 0
+    for rec in order:
+        pos, size, _, offset, length, _ = rec
+        alone = offset + length > old_size
+        if batch and (alone or pos != end or total + size > BATCH):
+            yield batch
+            batch, total = [], 0
+        batch.append(rec)
+        end, total = pos + size, total + size
+        if alone:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
+
+
+def _write_back(dev, f, path, batch, old_size):
+    """Read one run of records (see _batches) with one read, check that
+    every record is the one scanned and every DATA payload against its hash,
+    and write the run to `dev`; returns the payload bytes restored. A record
+    changed since the scan raises DamagedJournal before any record of the
+    run is written."""
+    hash64 = B.ALGORITHMS["xxh3-64"]
+    first = batch[0][0]
+    size = batch[-1][0] + batch[-1][1] - first
+    f.seek(first)
+    data = f.read(size)
+    if len(data) < size:  # cut short since the scan
+        raise DamagedJournal("undo journal is damaged: a record is cut short", path=path,
+                             offset=first + len(data))
+    restored = 0
+    with memoryview(data) as view:
+        for pos, rec_size, kind, offset, length, payload_hash in batch:
+            at = pos - first
+            info = B.record_parse(bytes(view[at:at + B.RECORD_HEADER]))
+            if info is None or (info["type"], info["offset"], info["length"],
+                                info["payload_hash"]) != (kind, offset, length, payload_hash):
+                raise DamagedJournal("undo journal is damaged: a record changed since it was "
+                                     "checked", path=path, offset=pos)
             if kind == B.DATA:
-                with memoryview(data) as view, view[B.RECORD_HEADER:] as payload:
-                    intact = len(data) == size and B.hash_bytes(hash64, payload)[0] == payload_hash
+                with view[at + B.RECORD_HEADER:at + rec_size] as payload:
+                    intact = B.hash_bytes(hash64, payload)[0] == payload_hash
                 if not intact:  # changed since the scan: never written back
                     raise DamagedJournal("undo journal is damaged: a record's payload fails its "
                                          "checksum (payload_hash)", path=path, offset=pos)
-            data = _clip(data, old_size)
-            if data is None:
-                continue
-            dev.apply_write(data)
-            restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
-    dev.sync()
-    if found.torn and found.header["kind"] == KIND_APPLY:
-        _check_base_restored(dev, found, path)
+                restored += length
+        if len(batch) == 1 and batch[0][3] + batch[0][4] > old_size:
+            clipped = _clip(data, old_size)
+            if clipped is None:
+                return 0
+            dev.apply_write(clipped)
+            return len(clipped) - B.RECORD_HEADER if batch[0][2] == B.DATA else 0
+        dev.apply_write(view)
     return restored
 
 
