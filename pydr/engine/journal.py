@@ -284,6 +284,7 @@ def rollback_fd(fd, path, target, is_block_device, *, step=False, found=None, sy
 
 
 BATCH = 8 << 20  # bytes of records read, checked and written back in one go
+BATCH_GAP = 64 << 10  # other records skipped inside a batch (the holes, written first)
 
 
 def rollback(dev, path, *, step=False, cancel=None, found=None, sync=True):
@@ -306,8 +307,9 @@ def rollback(dev, path, *, step=False, cancel=None, found=None, sync=True):
     several records for one range; the first one has the original contents,
     so then every record is written back newest first. Otherwise ranges are
     disjoint and holes go first, which frees space on a full file system;
-    records that lie side by side in the journal are read and written back
-    in batches (one read, one hash per record in C, one apply_write)."""
+    records that lie close in the journal are read and checked in batches
+    (one read, one hash per record in C), then written back (one
+    apply_write for the ones side by side)."""
     if found is None:
         found = scan(path, step=step)
     if found.header is None:
@@ -339,20 +341,24 @@ def rollback(dev, path, *, step=False, cancel=None, found=None, sync=True):
 
 def _batches(order, old_size):
     """`order` (scan's records, in the order they are written back) cut into
-    runs that lie side by side in the journal, up to BATCH bytes each; a
+    runs read with one read: records that follow each other in the journal
+    with at most BATCH_GAP bytes between them (the other records there, the
+    holes written first), up to BATCH bytes from the first to the last; a
     record that reaches past `old_size` (clipped) is a run of its own."""
-    batch, end, total = [], None, 0
+    batch, first, end = [], 0, None
     for rec in order:
         pos, size, _, offset, length, _ = rec
         alone = offset + length > old_size
-        if batch and (alone or pos != end or total + size > BATCH):
+        if batch and (alone or not end <= pos <= end + BATCH_GAP or pos + size - first > BATCH):
             yield batch
-            batch, total = [], 0
+            batch = []
+        if not batch:
+            first = pos
         batch.append(rec)
-        end, total = pos + size, total + size
+        end = pos + size
         if alone:
             yield batch
-            batch, total = [], 0
+            batch = []
     if batch:
         yield batch
 
@@ -360,9 +366,9 @@ def _batches(order, old_size):
 def _write_back(dev, f, path, batch, old_size):
     """Read one run of records (see _batches) with one read, check that
     every record is the one scanned and every DATA payload against its hash,
-    and write the run to `dev`; returns the payload bytes restored. A record
-    changed since the scan raises DamagedJournal before any record of the
-    run is written."""
+    then write the run to `dev` (records side by side with one apply_write);
+    returns the payload bytes restored. A record changed since the scan
+    raises DamagedJournal before any record of the run is written."""
     hash64 = B.ALGORITHMS["xxh3-64"]
     first = batch[0][0]
     size = batch[-1][0] + batch[-1][1] - first
@@ -393,7 +399,15 @@ def _write_back(dev, f, path, batch, old_size):
                 return 0
             dev.apply_write(clipped)
             return len(clipped) - B.RECORD_HEADER if batch[0][2] == B.DATA else 0
-        dev.apply_write(view)
+        start = end = None
+        for pos, rec_size, *_ in batch:  # all checked: written, side-by-side ones at once
+            if start is not None and pos != end:
+                dev.apply_write(view[start - first:end - first])
+                start = None
+            if start is None:
+                start = pos
+            end = pos + rec_size
+        dev.apply_write(view[start - first:end - first])
     return restored
 
 
