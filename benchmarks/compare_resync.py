@@ -100,9 +100,10 @@ def find_blocksync(tools_dir, source):
             shutil.rmtree(tree)
             shutil.copytree(source, tree)
         else:  # a git repository (bare or not): its HEAD
-            archive = subprocess.run(["git", "--git-dir", source if os.path.isfile(
-                os.path.join(source, "HEAD")) else os.path.join(source, ".git"), "archive", "HEAD"],
-                check=True, capture_output=True).stdout
+            git_dir = source if os.path.isfile(os.path.join(source, "HEAD")) else \
+                os.path.join(source, ".git")
+            archive = subprocess.run(["git", "--git-dir", git_dir, "archive", "HEAD"],
+                                     check=True, capture_output=True).stdout
             sh(["tar", "-x", "-C", tree], input=archive)
         print("building blocksync-fast ...", file=sys.stderr)
         sh(["./configure", "-q"], cwd=tree, capture_output=True)
@@ -112,7 +113,9 @@ def find_blocksync(tools_dir, source):
         detail = detail.decode(errors="replace").strip().splitlines()[-1:] if detail else [str(exc)]
         shutil.rmtree(tree, ignore_errors=True)
         return None, f"not available: could not get or build it ({' '.join(detail)})"
-    return (binary, None) if os.access(binary, os.X_OK) else (None, "not available: no binary built")
+    if not os.access(binary, os.X_OK):
+        return None, "not available: its build made no binary"
+    return binary, None
 
 
 def main():
