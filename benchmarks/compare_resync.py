@@ -110,7 +110,8 @@ def find_blocksync(tools_dir, source):
         sh(["make", "-s", "-j2"], cwd=tree, capture_output=True)
     except (subprocess.CalledProcessError, OSError) as exc:
         detail = getattr(exc, "stderr", None)
-        detail = detail.decode(errors="replace").strip().splitlines()[-1:] if detail else [str(exc)]
+        detail = (detail.decode(errors="replace").strip().splitlines()[-1:] if detail
+                  else [str(exc)])
         shutil.rmtree(tree, ignore_errors=True)
         return None, f"not available: could not get or build it ({' '.join(detail)})"
     if not os.access(binary, os.X_OK):

@@ -19,8 +19,9 @@ For each, whole `pydr` processes:
   VAULT/cache/ITEM), apparent and allocated size, against the goal: at most
   2 x (allocated 4 KiB blocks x 16 bytes) + one bit per block.
 
-Every replica is compared with its source at the end (`qemu-img compare`). Prints Markdown for README.md. Needs qemu-img and
-qemu-io for the qcow2 rows (--no-qcow2 leaves them out).
+Every replica is compared with its source at the end (`qemu-img compare`).
+Prints Markdown for README.md. Needs qemu-img and qemu-io for the qcow2 rows
+(--no-qcow2 leaves them out).
 """
 
 import argparse
