@@ -33,6 +33,7 @@ from .atomic import check_own_file, check_safe_dir, fsync_dir
 from .contentid import identity_of
 from .devices import FileDevice
 from .oserrors import NamedFile, naming
+from .writeback import batches, write_back
 from .torntail import batch_journal_limit, check_torn_tail  # noqa: F401 (re-exported)
 from ..errors import Cancelled, CorruptDelta, DamagedJournal, UnfinishedApply
 
@@ -261,21 +262,6 @@ def _walk(f):
         pos += info["size"]
 
 
-def _clip(data, old_size):
-    """A record limited to [0, old_size): rollback truncates the rest away."""
-    info = B.record_parse(bytes(data[:B.RECORD_HEADER]))
-    if info["offset"] >= old_size:
-        return None
-    if info["offset"] + info["length"] <= old_size:
-        return data
-    n = old_size - info["offset"]
-    if info["type"] == B.ZERO:
-        return B.record_build(B.ZERO, info["offset"], n, seq=info["seq"])
-    payload = bytes(data[B.RECORD_HEADER:B.RECORD_HEADER + n])
-    return B.record_build(B.DATA, info["offset"], n, seq=info["seq"],
-                          payload_hash=B.hash_bytes(B.ALGORITHMS["xxh3-64"], payload)[0]) + payload
-
-
 def rollback_fd(fd, path, target, is_block_device, *, step=False, found=None, sync=True):
     """rollback() onto an open file descriptor (`found` and `sync`: as
     rollback's)."""
@@ -283,17 +269,14 @@ def rollback_fd(fd, path, target, is_block_device, *, step=False, found=None, sy
                     found=found, sync=sync)
 
 
-BATCH = 8 << 20  # bytes of records read, checked and written back in one go
-BATCH_GAP = 64 << 10  # other records skipped inside a batch (the holes, written first)
-
-
 def rollback(dev, path, *, step=False, cancel=None, found=None, sync=True):
     """Restore the device `dev` from the journal at `path`; returns bytes
     restored. Leaves the journal in place (the caller removes it once this
     returned). ``step``: the journal is a recovery-point step, which must be
     whole and committed (see scan). A set ``cancel`` event stops it before
-    the next batch (at most BATCH bytes, or one record) with Cancelled; the
-    journal is whole, and rolling back again restores every record.
+    the next batch (at most writeback.BATCH bytes, or one record) with
+    Cancelled; the journal is whole, and rolling back again restores every
+    record.
 
     The whole journal is checked (scan) before its first byte is written,
     and each DATA payload against its hash again as it is written back, so
@@ -327,87 +310,15 @@ def rollback(dev, path, *, step=False, cancel=None, found=None, sync=True):
         else:
             order = [r for r in index if r[2] == B.ZERO] + [r for r in index if r[2] == B.DATA]
         restored = 0
-        for batch in _batches(order, old_size):
+        for batch in batches(order, old_size):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled: the rollback is not finished (run it again)",
                                 path=getattr(dev, "name", None))
-            restored += _write_back(dev, f, path, batch, old_size)
+            restored += write_back(dev, f, path, batch, old_size)
     if sync:
         dev.sync()
     if found.torn and found.header["kind"] == KIND_APPLY:
         _check_base_restored(dev, found, path)
-    return restored
-
-
-def _batches(order, old_size):
-    """`order` (scan's records, in the order they are written back) cut into
-    runs read with one read: records that follow each other in the journal
-    with at most BATCH_GAP bytes between them (the other records there, the
-    holes written first), up to BATCH bytes from the first to the last; a
-    record that reaches past `old_size` (clipped) is a run of its own."""
-    batch, first, end = [], 0, None
-    for rec in order:
-        pos, size, _, offset, length, _ = rec
-        alone = offset + length > old_size
-        if batch and (alone or not end <= pos <= end + BATCH_GAP or pos + size - first > BATCH):
-            yield batch
-            batch = []
-        if not batch:
-            first = pos
-        batch.append(rec)
-        end = pos + size
-        if alone:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _write_back(dev, f, path, batch, old_size):
-    """Read one run of records (see _batches) with one read, check that
-    every record is the one scanned and every DATA payload against its hash,
-    then write the run to `dev` (records side by side with one apply_write);
-    returns the payload bytes restored. A record changed since the scan
-    raises DamagedJournal before any record of the run is written."""
-    hash64 = B.ALGORITHMS["xxh3-64"]
-    first = batch[0][0]
-    size = batch[-1][0] + batch[-1][1] - first
-    f.seek(first)
-    data = f.read(size)
-    if len(data) < size:  # cut short since the scan
-        raise DamagedJournal("undo journal is damaged: a record is cut short", path=path,
-                             offset=first + len(data))
-    restored = 0
-    with memoryview(data) as view:
-        for pos, rec_size, kind, offset, length, payload_hash in batch:
-            at = pos - first
-            info = B.record_parse(bytes(view[at:at + B.RECORD_HEADER]))
-            if info is None or (info["type"], info["offset"], info["length"],
-                                info["payload_hash"]) != (kind, offset, length, payload_hash):
-                raise DamagedJournal("undo journal is damaged: a record changed since it was "
-                                     "checked", path=path, offset=pos)
-            if kind == B.DATA:
-                with view[at + B.RECORD_HEADER:at + rec_size] as payload:
-                    intact = B.hash_bytes(hash64, payload)[0] == payload_hash
-                if not intact:  # changed since the scan: never written back
-                    raise DamagedJournal("undo journal is damaged: a record's payload fails its "
-                                         "checksum (payload_hash)", path=path, offset=pos)
-                restored += length
-        if len(batch) == 1 and batch[0][3] + batch[0][4] > old_size:
-            clipped = _clip(data, old_size)
-            if clipped is None:
-                return 0
-            dev.apply_write(clipped)
-            return len(clipped) - B.RECORD_HEADER if batch[0][2] == B.DATA else 0
-        start = end = None
-        for pos, rec_size, *_ in batch:  # all checked: written, side-by-side ones at once
-            if start is not None and pos != end:
-                dev.apply_write(view[start - first:end - first])
-                start = None
-            if start is None:
-                start = pos
-            end = pos + rec_size
-        dev.apply_write(view[start - first:end - first])
     return restored
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import pydr
 from pydr.engine import journal as J
-from pydr.engine import restore
+from pydr.engine import restore, writeback
 from pydr.errors import DamagedJournal
 
 MiB = 1 << 20
@@ -58,10 +58,10 @@ def history(where, replica_dir):
     return str(rep), steps, points
 
 
-@pytest.mark.parametrize("batch", [J.BATCH, 64 * KiB + 1, 1])
+@pytest.mark.parametrize("batch", [writeback.BATCH, 64 * KiB + 1, 1])
 def test_every_point_comes_back_exactly_by_copy_however_the_batches_are_cut(tmp_path, monkeypatch,
                                                                              batch):
-    monkeypatch.setattr(J, "BATCH", batch)  # 1: every record alone; 64K+1: cuts inside runs
+    monkeypatch.setattr(writeback, "BATCH", batch)  # 1: every record alone; 64K+1: cuts inside runs
     rep, steps, points = history(tmp_path, tmp_path)
     latest = len(steps)
     for point in range(latest, -1, -1):
@@ -109,7 +109,7 @@ def test_a_step_changed_after_its_check_is_never_written(tmp_path, what):
     found = J.scan(step, step=True)
     # the last DATA record: the ones before it in its batch must not be written either
     pos, size = [(r[0], r[1]) for r in found.records if r[2] == J.B.DATA][-1]
-    assert sum(r[1] for r in found.records) < J.BATCH  # one batch
+    assert sum(r[1] for r in found.records) < writeback.BATCH  # one batch
     with open(step, "r+b") as f:  # changed after the check: a byte of the payload or header
         f.seek(pos + (J.B.RECORD_HEADER + size // 2 if what == "payload" else 20))
         byte = f.read(1)
