@@ -33,6 +33,7 @@ from .atomic import check_own_file, check_safe_dir, fsync_dir
 from .contentid import identity_of
 from .devices import FileDevice
 from .oserrors import NamedFile, naming
+from .writeback import batches, write_back
 from .torntail import batch_journal_limit, check_torn_tail  # noqa: F401 (re-exported)
 from ..errors import Cancelled, CorruptDelta, DamagedJournal, UnfinishedApply
 
@@ -261,49 +262,44 @@ def _walk(f):
         pos += info["size"]
 
 
-def _clip(data, old_size):
-    """A record limited to [0, old_size): rollback truncates the rest away."""
-    info = B.record_parse(bytes(data[:B.RECORD_HEADER]))
-    if info["offset"] >= old_size:
-        return None
-    if info["offset"] + info["length"] <= old_size:
-        return data
-    n = old_size - info["offset"]
-    if info["type"] == B.ZERO:
-        return B.record_build(B.ZERO, info["offset"], n, seq=info["seq"])
-    payload = bytes(data[B.RECORD_HEADER:B.RECORD_HEADER + n])
-    return B.record_build(B.DATA, info["offset"], n, seq=info["seq"],
-                          payload_hash=B.hash_bytes(B.ALGORITHMS["xxh3-64"], payload)[0]) + payload
+def rollback_fd(fd, path, target, is_block_device, *, step=False, found=None, sync=True):
+    """rollback() onto an open file descriptor (`found` and `sync`: as
+    rollback's)."""
+    return rollback(FileDevice(target, fd=fd, is_block=is_block_device), path, step=step,
+                    found=found, sync=sync)
 
 
-def rollback_fd(fd, path, target, is_block_device, *, step=False):
-    """rollback() onto an open file descriptor."""
-    return rollback(FileDevice(target, fd=fd, is_block=is_block_device), path, step=step)
-
-
-def rollback(dev, path, *, step=False, cancel=None):
+def rollback(dev, path, *, step=False, cancel=None, found=None, sync=True):
     """Restore the device `dev` from the journal at `path`; returns bytes
     restored. Leaves the journal in place (the caller removes it once this
     returned). ``step``: the journal is a recovery-point step, which must be
     whole and committed (see scan). A set ``cancel`` event stops it before
-    the next record (at most RECORD_MAX bytes) with Cancelled; the journal
-    is whole, and rolling back again restores every record.
+    the next batch (at most writeback.BATCH bytes, or one record) with
+    Cancelled; the journal is whole, and rolling back again restores every
+    record.
 
     The whole journal is checked (scan) before its first byte is written,
     and each DATA payload against its hash again as it is written back, so
     damage raises DamagedJournal and is never written to the target.
+    ``found``: what scan(path, step=step) returned to a caller that checked
+    the journal just before (it is not read through twice; the payloads are
+    still checked as they are written back). ``sync``: fdatasync `dev` at
+    the end (False: the caller syncs it next, as pydr.engine.restore does).
 
     A journal continued after an interruption (resumed resync) may hold
     several records for one range; the first one has the original contents,
     so then every record is written back newest first. Otherwise ranges are
-    disjoint and holes go first, which frees space on a full file system."""
-    found = scan(path, step=step)
+    disjoint and holes go first, which frees space on a full file system;
+    records that lie close in the journal are read and checked in batches
+    (one read, one hash per record in C), then written back (one
+    apply_write for the ones side by side)."""
+    if found is None:
+        found = scan(path, step=step)
     if found.header is None:
         return 0  # torn header: nothing was written to the target
     check_torn_tail(dev, path, found)
     old_size = found.header["old_size"]
     index = found.records
-    hash64 = B.ALGORITHMS["xxh3-64"]
     with open(path, "rb") as f:
         if dev.resizable and dev.size_now() != old_size:
             dev.truncate(old_size)
@@ -314,24 +310,13 @@ def rollback(dev, path, *, step=False, cancel=None):
         else:
             order = [r for r in index if r[2] == B.ZERO] + [r for r in index if r[2] == B.DATA]
         restored = 0
-        for pos, size, kind, _, _, payload_hash in order:
+        for batch in batches(order, old_size):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled: the rollback is not finished (run it again)",
                                 path=getattr(dev, "name", None))
-            f.seek(pos)
-            data = f.read(size)
-            if kind == B.DATA:
-                with memoryview(data) as view, view[B.RECORD_HEADER:] as payload:
-                    intact = len(data) == size and B.hash_bytes(hash64, payload)[0] == payload_hash
-                if not intact:  # changed since the scan: never written back
-                    raise DamagedJournal("undo journal is damaged: a record's payload fails its "
-                                         "checksum (payload_hash)", path=path, offset=pos)
-            data = _clip(data, old_size)
-            if data is None:
-                continue
-            dev.apply_write(data)
-            restored += len(data) - B.RECORD_HEADER if kind == B.DATA else 0
-    dev.sync()
+            restored += write_back(dev, f, path, batch, old_size)
+    if sync:
+        dev.sync()
     if found.torn and found.header["kind"] == KIND_APPLY:
         _check_base_restored(dev, found, path)
     return restored

@@ -24,9 +24,10 @@ METHODS = ("auto", "reflink", "copy")
 def check_steps(steps):
     """Every step must be a whole, committed undo journal, every record and
     payload checked (journal.check_step): raises DamagedJournal (exit 7)
-    naming the step and the offset, before anything is written."""
-    for path in steps:
-        J.check_step(path)
+    naming the step and the offset, before anything is written. Returns
+    what each step holds (journal.JournalScan, in the order of `steps`), so
+    that rolling them back does not read them through again."""
+    return [J.scan(path, step=True) for path in steps]
 
 
 def materialize_file(source, steps, dest, threads=None, *, method="auto", progress=None,
@@ -45,7 +46,7 @@ def materialize_file(source, steps, dest, threads=None, *, method="auto", progre
         raise ValueError(f"unknown method {method!r}")
     if os.path.exists(dest) and os.path.samefile(dest, source):
         raise InvalidState("refusing to materialise over the replicated state itself", path=dest)
-    check_steps(steps)
+    scans = check_steps(steps)
     check_safe_dir(os.path.dirname(os.path.abspath(dest)))
     tmp = names.beside(dest, names.NEW)
     remove_leftovers(tmp)  # of a run that was killed
@@ -64,8 +65,9 @@ def materialize_file(source, steps, dest, threads=None, *, method="auto", progre
         crashpoints.reached("restore.copied")
         fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
         try:
-            for path in steps:  # newest first: each takes the disk one cycle back
-                J.rollback_fd(fd, path, tmp, False, step=True)
+            for path, found in zip(steps, scans):  # newest first: each takes it one cycle back
+                # checked above; each payload again as it is written; synced once, by install
+                J.rollback_fd(fd, path, tmp, False, step=True, found=found, sync=False)
                 crashpoints.reached("restore.step")
             install(tmp, dest, fd)
         finally:
