@@ -121,6 +121,7 @@ def test_the_schema_9_migration_relabels_points_of_several_disks(tmp_path):
                    "VALUES (?, ?, 100.0, ?, 0, ?)", [(i, n, c, k) for i, n, c, k in rows])
     db.execute("ALTER TABLE points DROP COLUMN cut_at")
     db.execute("ALTER TABLE items DROP COLUMN last_success_at")
+    db.execute("ALTER TABLE disks DROP COLUMN granularity")
     db.execute("PRAGMA user_version=8")
     db.commit()
     db.close()
