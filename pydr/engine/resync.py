@@ -451,8 +451,17 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                 _verify_written(applier, written, block_size)
             applier.finish(keep_journal=keep_undo)
         st = applier.state
+        used_cache = cached is not None
         if writer is not None:
+            if cached is not None and writer is not cached:
+                # the old cache is closed before the new one is renamed over it: a
+                # file system that keeps a file replaced while open (FUSE's
+                # .fuse_hidden) would otherwise keep it, and a power cut leaves it
+                cached.close()
+                cached = None
             writer.commit()  # after the target is durable: the cache never runs ahead of it
+            if writer is not cached:
+                writer.close()  # a new cache's file: closed here, not left to the exit
             crashpoints.reached("resync.cache")
         source_read, target_read = int(shared.read), int(dst_read.read)
     except BaseException:
@@ -467,7 +476,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     throttle.report(total, read_so_far(), finished=True)
     return ResyncStats(source_read + target_read, int(st.data_bytes), int(st.zero_bytes),
                        changed_blocks, time.monotonic() - start, applier.journal.bytes,
-                       cached is not None, src_size, source_read, target_read)
+                       used_cache, src_size, source_read, target_read)
 
 
 def _without_cache(cached, writer, tracked, path):

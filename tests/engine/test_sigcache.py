@@ -2,6 +2,7 @@
 its contents against a full signature, its size against the data, what a
 cycle writes into it, its states across kills, damage, and the v1 format."""
 
+import contextlib
 import os
 import random
 import subprocess
@@ -305,3 +306,33 @@ def test_a_loop_device_target_with_a_cache_left_changing_is_read(tmp_path):
         assert cached_signature(cache) == pydr.signature(dev, block_size=BS)
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_resync_leaves_no_cache_file_open(tmp_path):
+    """A new cache's file, and an old one replaced by it, are closed by the
+    resync itself: a descriptor left to the process's exit kept a replaced
+    cache alive on FUSE (.fuse_hidden), and a power cut then left it."""
+    import pydr
+
+    src, dst, cache = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "dst.sig"
+    src.write_bytes(os.urandom(1 << 20))
+
+    def open_caches():
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(cache)):
+                    found.append(fd)
+        return found
+
+    pydr.resync(src, dst, signature_cache=cache)  # a new cache
+    assert open_caches() == []
+    with open(src, "ab") as f:
+        f.write(b"grows")  # another size: a new cache replaces the old one
+    pydr.resync(src, dst, signature_cache=cache)
+    assert open_caches() == []
+    with open(src, "r+b") as f:
+        f.write(b"changed")  # same size: the cache is updated in place
+    st = pydr.resync(src, dst, signature_cache=cache)
+    assert st.used_cache and open_caches() == []
+    assert dst.read_bytes() == src.read_bytes()
