@@ -298,8 +298,10 @@ def register(sub):
                    help="with --cbt: bytes per bit of the dirty bitmaps, a power of two from "
                         "512 to 64M (default: 4K, the block a cycle compares). Each bitmap "
                         "costs one bit per granule in QEMU's memory and in a qcow2 image "
-                        "(1 TiB at 4K: 32 MiB; at 64K: 2 MiB); a larger granule makes a cycle "
-                        "read more than was written")
+                        "(1 TiB at 4K: 32 MiB; at 64K: 2 MiB). A larger granule makes a cycle "
+                        "read more than was written: reads are rounded up to whole granules, "
+                        "and once the dirty granules cover over half the disk the cycle "
+                        "compares all of it. Not larger than the disk (docs/QEMU.md)")
     add_remote_options(p)
     add_vault_options(p)
 

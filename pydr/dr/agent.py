@@ -23,7 +23,26 @@ from .hooks import run_hook
 
 #: A Dask worker serves host NAME when it has the resource pydr-host-NAME.
 RESOURCE_PREFIX = "pydr-host-"
-RESYNC_THRESHOLD = 0.5  # tracked changes above this share of a disk need a resync
+#: pending changes a caller reports (replicate(changed_extents=...)) above this
+#: share of a disk make its item resync-required (pydr.dr.stepcapture.check)
+RESYNC_THRESHOLD = 0.5
+#: a tracked disk whose dirty extents cover more than this share of it is
+#: compared whole in this cycle (:func:`extents_to_compare`)
+WHOLE_DISK_SHARE = 0.5
+
+
+def extents_to_compare(changed, size):
+    """What a cycle compares of a disk of `size` bytes whose cut gave
+    `changed`: its tracker's dirty extents ([(offset, length)], whole
+    granules), or None -- the whole disk, the source read in full and the
+    replica through its signature cache, as an untracked cycle does -- when
+    they cover more than WHOLE_DISK_SHARE of it (a granule rounds every
+    write up: at 64 MiB granules one 4 KiB write marks 64 MiB). Never less
+    than the tracked compare: a dirty bitmap is a superset of what changed,
+    and the whole disk a superset of the bitmap."""
+    if changed is not None and sum(n for _, n in changed) > WHOLE_DISK_SHARE * size:
+        return None
+    return changed
 
 
 def transfer_disk(source, replica, *, offered, cache, has_point, resync_all, extents=None,
@@ -180,7 +199,10 @@ def _tracker(item, d, source):
 
 class NeedsResync(InvalidState):
     """Raised on a host when a tracked disk needs a checksum resync
-    (``reason``); the coordinator marks the item resync-required."""
+    (``reason``); the coordinator marks the item resync-required. (Workers
+    before the whole-disk compare of :func:`extents_to_compare` raised it
+    for tracked changes over half a disk; kept so that their errors still
+    unpickle and are recorded.)"""
 
     def __init__(self, message, reason=None, **kwargs):
         super().__init__(message, **kwargs)
@@ -212,15 +234,9 @@ def cycle_item(task):
     try:
         with cut(sources, trackers=trackers, full=[d.get("full", False) for d in disks],
                  hooks=hooks) as taken:
-            for d, size, changed in zip(disks, sizes, taken.changed):
-                pending = sum(n for _, n in changed or ())
-                if changed is not None and pending > RESYNC_THRESHOLD * size:
-                    reason = f"tracked changes ({pending} bytes) exceed half of {d['source']}"
-                    raise NeedsResync(f"{item} needs a resync ({reason})", reason,
-                                      path=d["source"], item=item,
-                                      hint=f"run 'pydr replicate {item} --resync'")
             results = []
             for d, view, changed, size in zip(disks, taken.views, taken.changed, sizes):
+                changed = extents_to_compare(changed, size)
                 replica = open_endpoint(d["replica"], **reach)
                 cache = d.get("cache")
                 if cache is not None and not os.path.isdir(task.get("vault") or ""):

@@ -11,7 +11,7 @@ import os
 import re
 import time
 
-from ..errors import InvalidArgument, InvalidState
+from ..errors import InvalidArgument, InvalidState, PydrError
 from . import ownership
 from .pointstores import specs
 
@@ -93,8 +93,9 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     is always kept. `cbt`: each cycle takes its changed extents from a
     QEMU dirty bitmap (sources: qcow2 images or qmp:SOCKET:NODE; see
     pydr.dr.tracking). `cbt_granularity`: bytes per bit of those bitmaps
-    (a power of two from 512 to 64 MiB; None: 4 KiB, the block a cycle
-    compares; needs `cbt`). `host`: the sources are paths on that host, read
+    (a power of two from 512 to 64 MiB, not larger than a source disk whose
+    size can be read here; None: 4 KiB, the block a cycle compares; needs
+    `cbt`). `host`: the sources are paths on that host, read
     there by a Dask worker of a fleet (pydr.dr.fleet); they are not
     looked for on this machine.
 
@@ -132,7 +133,8 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     def disk(spec):
         return open_endpoint(spec, rsh=rsh, remote_pydr=remote_pydr)
 
-    stored = _check_disks(store, name, disks, disk, cbt=cbt, host=host)
+    stored = _check_disks(store, name, disks, disk, cbt=cbt, host=host,
+                          granularity=cbt_granularity)
     if group is not None:
         specs.check_group_kind([r for _, r, _ in stored], {
             r.name: [d.replica for d in store.disks(r.name)] for r in store.item_records()
@@ -179,9 +181,11 @@ def _check_options(name, disks, group, retention, retention_age, quiesce_hook, t
     return disks
 
 
-def _check_disks(store, name, disks, disk, *, cbt, host):
+def _check_disks(store, name, disks, disk, *, cbt, host, granularity=None):
     """[(source spec, replica spec, tracking kind or None)] of a new item's
-    disks, each checked (`disk` opens a spec as the item reaches it)."""
+    disks, each checked (`disk` opens a spec as the item reaches it); a
+    dirty bitmap `granularity` larger than a source whose size is known
+    here is refused."""
     taken = set()
     for row in store.all_disks():  # a disk of another item is neither source nor replica here
         taken |= {disk(row.source).identity, disk(row.replica).identity}
@@ -217,9 +221,27 @@ def _check_disks(store, name, disks, disk, *, cbt, host):
         if cbt and not src.tracking:
             raise InvalidArgument(f"changed-block tracking (cbt) needs a qcow2 image or a live "
                                   f"disk (qmp:SOCKET:NODE) as the source, not {source}")
+        if cbt and granularity is not None and host is None:
+            _check_granule_fits(src, source, granularity)
         stored.append((src.spec, rep.spec, src.tracking if cbt else None))
     specs.check_one_kind([r for _, r, _ in stored])
     return stored
+
+
+def _check_granule_fits(src, source, granularity):
+    """InvalidArgument when one granule of the dirty bitmaps would be larger
+    than the source disk `src` (every write would mark all of it). A size
+    that cannot be read now (a live disk's QEMU not running, an image
+    qemu-img cannot describe) is left to the first cycle, which reports it."""
+    try:
+        size = src.size()
+    except (OSError, PydrError):
+        return
+    if granularity > size:
+        raise InvalidArgument(f"a dirty bitmap granularity of {granularity} bytes is larger than "
+                              f"source disk {source} ({size} bytes): every write would mark the "
+                              f"whole disk", path=source,
+                              hint="give a smaller --cbt-granularity, or leave it out (4K)")
 
 
 def _check_owners(store, name, stored, endpoint):

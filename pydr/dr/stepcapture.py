@@ -26,7 +26,7 @@ import time
 from ..engine import crashpoints
 from ..errors import AlreadyApplied, BaseMismatch, InvalidState, PydrError, TrackingLost
 from . import ownership, replica_check, tracking
-from .agent import NeedsResync, cut, cycle_item, steps_kept, transfer_disk
+from .agent import NeedsResync, cut, cycle_item, extents_to_compare, steps_kept, transfer_disk
 from .events import Emitter, check_cancel
 from .cyclerecord import (RESYNC_THRESHOLD, broken_chain, check_one_writer, drop_cache,
                           mark_resync_required, owner_of, record_steps, rows_holding)
@@ -137,14 +137,6 @@ def capture(vault, names, opts, jobs):
                  trackers=[trackers.get((r["name"], d["idx"])) for r, d, _ in plans],
                  full=[opts.resync_all or not vault.points(r["name"]) for r, _, _ in plans],
                  hooks=hooks, on_thaw_error=thaw_failed) as taken:
-            for (r, d, _), size, changed in zip(plans, sizes, taken.changed):
-                pending = sum(n for _, n in changed or ())
-                if changed is not None and pending > RESYNC_THRESHOLD * size:
-                    reason = f"tracked changes ({pending} bytes) exceed half of {d['source']}"
-                    mark_resync_required(vault, r["name"], reason)
-                    raise InvalidState(f"{r['name']} needs a resync ({reason})", path=vault.dir,
-                                       item=r["name"],
-                                       hint=f"run 'pydr replicate {r['name']} --resync'")
             crashpoints.reached("cycle.cut")
             total = sum(sizes) or 1
             done_before = 0
@@ -169,7 +161,8 @@ def capture(vault, names, opts, jobs):
                     if shown is not None:
                         shown(rec)
 
-                extents = changed  # a tracked disk: what changed before its cut
+                # a tracked disk: what changed before its cut (or all of it: over half)
+                extents = extents_to_compare(changed, size)
                 given = opts.changed_extents or {}
                 if (r["name"], idx) not in trackers and name in given and has_point \
                         and not opts.resync_all:

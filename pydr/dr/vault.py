@@ -216,7 +216,9 @@ class Vault(RecoveryOperations):
                 the block a cycle compares. Each bitmap costs one bit per
                 granule, in QEMU's memory and in a qcow2 image (1 TiB at
                 4 KiB: 32 MiB); a larger granule costs less and makes a
-                cycle read more than was written (docs/QEMU.md).
+                cycle read more than was written: reads are rounded up to
+                whole granules, and dirty granules over half the disk make
+                the cycle compare all of it (docs/QEMU.md).
 
         Returns:
             The new item's ItemStatus (state "protecting").
@@ -226,7 +228,8 @@ class Vault(RecoveryOperations):
                 the source itself, or another vault owns a replica.
             ValueError: a bad name or option (InvalidArgument), such as
                 a granularity that is not a power of two from 512 to
-                64 MiB, or one given without `cbt`.
+                64 MiB, one larger than a source disk (where its size can
+                be read here), or one given without `cbt`.
             OSError: a source cannot be read.
         """
         protection.protect(self.store, name, disks, group=group, retention=retention,

@@ -223,6 +223,80 @@ def test_a_failed_cycle_merges_an_old_64k_bitmap_into_its_4k_successor(tmp_path)
     assert image_bitmaps(img) == {"pydr-3": 4 * KiB}
 
 
+# -- large granules: never a cycle that refuses for what one write marked ------------------
+
+
+def status(vault):
+    r = cli(vault, "status", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_protect_refuses_a_granularity_larger_than_the_disk(tmp_path):
+    """A granule larger than the source disk (its size known at protect)
+    is refused, exit 2 naming both sizes; nothing is recorded. A granule
+    of the disk's size is accepted."""
+    img, replica, vault = tmp_path / "small.qcow2", tmp_path / "r.img", tmp_path / "vault"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "32M"], check=True)
+    init_vault(vault)
+    r = cli(vault, "protect", "vm", "--disk", f"{img}={replica}", "--cbt",
+            "--cbt-granularity", "64M")
+    assert r.returncode == 2 and b"larger than" in r.stderr and str(img).encode() in r.stderr \
+        and b"Traceback" not in r.stderr, r.stderr
+    with Vault(vault, writer=True) as v:
+        assert not v.store.has_item("vm")
+        with pytest.raises(InvalidArgument, match="larger than"):
+            v.protect("vm", [(str(img), str(replica))], cbt=True, cbt_granularity=64 * MiB)
+        assert not v.store.has_item("vm")
+        v.protect("vm", [(str(img), str(replica))], cbt=True, cbt_granularity=32 * MiB)
+        assert [d.granularity for d in v.disks("vm")] == [32 * MiB]
+
+
+def test_granules_over_half_the_disk_make_the_cycle_compare_it_whole(qcow2_disk, tmp_path):
+    """At 64 MiB granules two 4 KiB writes mark the whole 128 MiB disk
+    dirty. The cycle compares the whole disk (the source read in full, the
+    replica through its signature cache), as an untracked cycle does,
+    instead of refusing with resync-required: the replica is exact, only
+    the written blocks are sent, and the bitmaps go on rotating."""
+    img, replica, vault = qcow2_disk
+    r = cli(vault, "protect", "vm", "--disk", f"{img}={replica}", "--cbt",
+            "--cbt-granularity", "64M")
+    assert r.returncode == 0, r.stderr
+    replicate(vault)
+    for cycle, offsets in ((2, (4 * KiB, 100 * MiB)), (3, (8 * KiB, 70 * MiB))):
+        qemu_io(img, *(f"write -P 0x{0x70 + cycle:x} {off} 4k" for off in offsets))
+        r = cli(vault, "replicate", "vm", "--json")
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert sha(replica) == raw_sha(img, tmp_path)
+        assert res["bytes_written"] == 2 * 4 * KiB, res
+        assert image_bitmaps(img) == {f"pydr-{cycle}": 64 * MiB}
+        st = status(vault)
+        assert st["state"] == "protected" and not st["last_error"], st
+    qemu_io(img, "write -P 0x7f 12K 4k")  # one granule of two: a tracked compare again
+    res = replicate(vault)
+    assert sha(replica) == raw_sha(img, tmp_path) and res["bytes_written"] == 4 * KiB
+
+
+def test_a_host_task_compares_the_whole_disk_when_granules_cover_over_half(qcow2_disk,
+                                                                            tmp_path):
+    """The same on an item's host (pydr.dr.agent.cycle_item, run as a fleet
+    worker runs it: its task and result through a pickle)."""
+    from test_rpo import PickledExecutor
+
+    img, replica, vault = qcow2_disk
+    with Vault(vault, writer=True) as v:
+        v.protect("vm", [(str(img), str(replica))], cbt=True, cbt_granularity=64 * MiB,
+                  host="hv-a")
+        assert not v.replicate("vm", executor=PickledExecutor()).failed
+        qemu_io(img, "write -P 0x77 4k 4k", "write -P 0x78 100M 4k")
+        result = v.replicate("vm", executor=PickledExecutor())
+        assert not result.failed and v.status("vm").state == "protected"
+        assert sha(replica) == raw_sha(img, tmp_path)
+        assert image_bitmaps(img)["pydr-2"] == 64 * MiB
+        assert [p.id for p in v.points("vm")] == [1, 2]
+
+
 # -- a live disk: what the qemu-storage-daemon reads for a tracked cycle --------------------
 
 
