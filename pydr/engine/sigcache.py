@@ -279,7 +279,9 @@ class SignatureCache:
             return
         if self._pending_fd is None:
             pending = self.path + PENDING_SUFFIX
-            self._pending_fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_TRUNC
+            with contextlib.suppress(FileNotFoundError):  # never write through what is there
+                os.unlink(pending)
+            self._pending_fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL
                                        | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             self._pending_digest = B.Digest()
         # runs of changed blocks, those less than 16 blocks apart taken as one

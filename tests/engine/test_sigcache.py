@@ -305,3 +305,24 @@ def test_a_loop_device_target_with_a_cache_left_changing_is_read(tmp_path):
         assert cached_signature(cache) == pydr.signature(dev, block_size=BS)
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_planted_pending_hard_link_is_never_written_through(tmp_path):
+    """A NAME.pending left beside the cache (here a hard link to another
+    file) is replaced, never truncated or written into: the other file
+    keeps its bytes and the cycle still ends exact."""
+    rng = random.Random(13)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    victim = tmp_path / "victim"
+    src.write_bytes(rng.randbytes(MiB))
+    victim.write_bytes(b"precious" * 1000)
+    pydr.resync(src, dst, signature_cache=cache)
+    os.link(victim, str(cache) + S.PENDING_SUFFIX)
+    with open(src, "r+b") as f:
+        f.seek(8192)
+        f.write(rng.randbytes(4096))
+    st = pydr.resync(src, dst, signature_cache=cache)
+    assert st.used_cache
+    assert victim.read_bytes() == b"precious" * 1000
+    assert dst.read_bytes() == src.read_bytes()
+    assert cached_signature(cache) == pydr.signature(dst, block_size=BS)
