@@ -287,7 +287,7 @@ def test_windows_of_holes_are_neither_hashed_nor_compared(tmp_path, monkeypatch)
     the short last block's included)."""
     from pydr.engine import devices as D
     from pydr.engine import resync as R
-    from pydr.engine.sigcache import load_any
+    from pydr.engine.sigcache_any import load_any
 
     size = 2048 * MiB + 1000
     src = tmp_path / "src.raw"
