@@ -31,6 +31,7 @@ from .devices import (Device, FileDevice, MemoryDevice, as_device, blocks_for, d
                       sign_range)
 from .parallel import check_cancel, check_threads
 from .apply import Applier
+from .atomic import fsync_dir
 from .delta import (BATCH_BYTES, RECORD_SPLIT, changed_extents as extents_between,
                     encode_buffer, write_records)
 from ..errors import BaseMismatch, DamagedJournal, FormatError, SameFile
@@ -298,14 +299,16 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                 signature_cache, block_size=block_size, size=dst_size,
                 trusted=applier.dev.cache_trusted)
             writer = None
-            if signature_cache is not None and changed_extents is not None and cached is None:
-                # only the changed ranges are compared, and nothing describes the
-                # rest of the target: no cache can be written, and the old one goes
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(signature_cache)
-            elif cached is not None and src_size == dst_size:
+            if signature_cache is not None and cached is None:
+                # one this cycle cannot trust (left "target being changed" by an older
+                # cycle, say) goes, durably, before the target is written: else a later
+                # resume would take it for the target before this cycle's journal
+                _remove_cache(signature_cache)
+            if cached is not None and src_size == dst_size:
                 writer = cached  # updated in place: only the windows compared
-            elif signature_cache is not None:
+            elif signature_cache is not None and (changed_extents is None or cached is not None):
+                # (with only the changed ranges compared and no cache, nothing would
+                # describe the rest of the target: no cache is written)
                 writer = SignatureCache.create(signature_cache, block_size=block_size,
                                                size=src_size)
             if changed_extents is not None:
@@ -480,10 +483,19 @@ def _without_cache(cached, writer, tracked, path):
     if writer is not None and writer is not keep and writer is not cached:
         writer.abort()
     cached.abort()
-    if keep is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    _remove_cache(path)  # a new cache (keep) replaces it only at commit
     return keep
+
+
+def _remove_cache(path):
+    """Remove the signature cache at `path` durably (nothing there: nothing
+    to do). Raises OSError when it cannot: the cycle must not write the
+    target while a cache nothing may trust is left in place."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    fsync_dir(os.fspath(path))
 
 
 #: a chunk of records this long filled the encode buffer as far as whole

@@ -326,3 +326,31 @@ def test_a_planted_pending_hard_link_is_never_written_through(tmp_path):
     assert victim.read_bytes() == b"precious" * 1000
     assert dst.read_bytes() == src.read_bytes()
     assert cached_signature(cache) == pydr.signature(dst, block_size=BS)
+
+
+def test_a_stale_changing_cache_never_blocks_a_resume(tmp_path):
+    """A cycle killed after its journal committed leaves the cache CHANGING
+    (the target before that cycle); the source changes, the next cycle is
+    killed mid-write: running the same command again finishes, exact, and
+    is not refused as a damaged journal (the stale cache is not taken as
+    the target before the journal being resumed)."""
+    rng = random.Random(14)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    data = bytearray(rng.randbytes(4 * MiB))
+    src.write_bytes(bytes(data))
+    assert run_cli("resync", src, dst, "--signature-cache", cache).returncode == 0
+    data[0:8192] = rng.randbytes(8192)
+    src.write_bytes(bytes(data))
+    r = run_cli("resync", src, dst, "--signature-cache", cache,
+                env={**os.environ, "PYDR_CRASH_AT": "apply.committed"})
+    assert r.returncode == -9, r.stderr
+    data[2 * MiB:2 * MiB + 8192] = rng.randbytes(8192)
+    src.write_bytes(bytes(data))
+    r = run_cli("resync", src, dst, "--signature-cache", cache,
+                env={**os.environ, "PYDR_CRASH_AT": "apply.written"})
+    assert r.returncode == -9, r.stderr
+    r = run_cli("resync", src, dst, "--signature-cache", cache)
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes() == bytes(data)
+    assert cached_signature(cache) == pydr.signature(dst, block_size=BS)
+
