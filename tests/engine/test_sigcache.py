@@ -354,3 +354,46 @@ def test_a_stale_changing_cache_never_blocks_a_resume(tmp_path):
     assert dst.read_bytes() == bytes(data)
     assert cached_signature(cache) == pydr.signature(dst, block_size=BS)
 
+
+def test_info_and_diff_read_a_v2_cache(tmp_path):
+    """`pydr info` describes and checks a healthy v2 cache (text and JSON),
+    calls a damaged one corrupt (exit 7), and `pydr diff` takes a v2 cache
+    as it takes a signature file."""
+    import json
+
+    rng = random.Random(15)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    src.write_bytes(rng.randbytes(2 * MiB))
+    pydr.resync(src, dst, signature_cache=cache)
+    r = run_cli("info", cache, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    with load_any(cache) as c:
+        assert info["format_version"] == 2 and info["state"] == "clean"
+        assert (info["block_size"], info["image_size"], info["blocks"]) == (BS, 2 * MiB, c.n)
+        assert info["generation"] == c.generation and info["segments"] == c.segments
+    r = run_cli("info", cache)
+    assert r.returncode == 0 and b"clean" in r.stdout, r.stderr
+    old = tmp_path / "old.sig"
+    pydr.signature(dst, block_size=BS).save(old)
+    with open(src, "r+b") as f:
+        f.seek(MiB)
+        f.write(rng.randbytes(4096))
+    pydr.resync(src, dst, signature_cache=cache)
+    r = run_cli("diff", old, cache, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ranges"] == [[MiB, 4096]]
+    SignatureCache.open(cache, block_size=BS, size=2 * MiB, trusted=always).abort()
+    r = run_cli("info", cache, "--json")  # left CHANGING: described, not trusted by diff
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "target being changed"
+    r = run_cli("diff", old, cache)
+    assert r.returncode == 10 and b"interrupted" in r.stderr, r.stderr
+    with load_any(cache) as c:
+        seg_at = c._read_entry(0)[0]
+    with open(cache, "r+b") as f:  # a flipped byte in segment 0's slot
+        f.seek(seg_at + 700)
+        b = f.read(1)
+        f.seek(seg_at + 700)
+        f.write(bytes([b[0] ^ 1]))
+    assert run_cli("info", cache).returncode == 7
+    assert run_cli("diff", old, cache).returncode == 7
