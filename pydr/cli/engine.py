@@ -321,8 +321,10 @@ def register(sub):
     p.add_argument("source", metavar="SRC", help=ANYWHERE)
     p.add_argument("target", metavar="DST", help=ANYWHERE)
     p.add_argument("--signature-cache", metavar="FILE", default=None,
-                   help="signature cache of DST: used when valid and newer than DST, then "
-                        "updated where DST changed")
+                   help="signature cache of DST: used when valid, newer than DST and bound "
+                        "to DST as the last resync left it (device, inode, size, mtime), then "
+                        "updated where DST changed. pydr must be DST's only writer: a write "
+                        "to DST in the timestamp tick of a resync's end goes unseen")
     add_remote_options(p)
     p.add_argument("--compress", action="store_true",
                    help="with a remote side, compress the changed blocks on the wire (zstd; both "

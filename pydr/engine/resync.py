@@ -256,8 +256,11 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     first resync fails).
 
     ``signature_cache``: a signature file of the target at ``block_size``,
-    used instead of reading the target when it is valid and newer than the
-    target, and rewritten after every resync. ``changed_extents``: (offset,
+    used instead of reading the target when it is valid, newer than the
+    target and bound to the target as the resync that wrote it left it (its
+    device, inode, size and mtime), and rewritten after every resync. pydr
+    must be the target's only writer: a write by another within the same
+    timestamp tick as a resync's end changes none of these and goes unseen. ``changed_extents``: (offset,
     length) byte ranges of the source that may have changed (from a change
     tracker); only those are compared. ``verify`` reads back every written
     range and compares hashes before the resync is committed. ``keep_undo``:
@@ -297,7 +300,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             # a cache of the target it can trust, marked "target being changed" until commit
             cached = None if signature_cache is None else SignatureCache.open(
                 signature_cache, block_size=block_size, size=dst_size,
-                trusted=applier.dev.cache_trusted)
+                trusted=applier.dev.cache_trusted, target=applier.dev.cache_identity())
             writer = None
             if signature_cache is not None and cached is None:
                 # one this cycle cannot trust (left "target being changed" by an older
@@ -453,9 +456,10 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             if verify:
                 _verify_written(applier, written, block_size)
             applier.finish(keep_journal=keep_undo)
+            bound = writer and applier.dev.cache_identity()  # the target as this cycle left it
         st = applier.state
         if writer is not None:
-            writer.commit()  # after the target is durable: the cache never runs ahead of it
+            writer.commit(bound)  # after the target is durable: never runs ahead of it
             crashpoints.reached("resync.cache")
         source_read, target_read = int(shared.read), int(dst_read.read)
     except BaseException:

@@ -397,3 +397,45 @@ def test_info_and_diff_read_a_v2_cache(tmp_path):
         f.write(bytes([b[0] ^ 1]))
     assert run_cli("info", cache).returncode == 7
     assert run_cli("diff", old, cache).returncode == 7
+
+
+def test_a_cache_put_back_from_an_older_cycle_is_not_trusted(tmp_path):
+    """A cache copied back from an earlier cycle (a plain copy: a new
+    mtime) after the source went back to what that cycle saw: the cache is
+    bound to the target as the cycle that wrote it left it, so it is not
+    used, the target is read, and the replica ends exact."""
+    import shutil
+
+    rng = random.Random(16)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    a, b = rng.randbytes(4096), rng.randbytes(4096)
+    rest = rng.randbytes(MiB)
+    src.write_bytes(a + rest)
+    pydr.resync(src, dst, signature_cache=cache)
+    shutil.copyfile(cache, tmp_path / "old.sig")
+    src.write_bytes(b + rest)
+    pydr.resync(src, dst, signature_cache=cache)
+    shutil.copyfile(tmp_path / "old.sig", cache)
+    os.utime(cache, ns=(os.stat(dst).st_mtime_ns + 10**9,) * 2)  # newer than the target
+    src.write_bytes(a + rest)
+    st = pydr.resync(src, dst, signature_cache=cache)
+    assert not st.used_cache
+    assert dst.read_bytes() == a + rest
+
+
+def test_a_cache_of_another_file_is_not_trusted(tmp_path):
+    """The target replaced by another file of the same size (another
+    inode) while its cache stays: the cache is not used."""
+    rng = random.Random(17)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    src.write_bytes(rng.randbytes(MiB))
+    pydr.resync(src, dst, signature_cache=cache)
+    other = tmp_path / "other"
+    other.write_bytes(rng.randbytes(MiB))
+    os.replace(other, dst)
+    os.utime(cache, ns=(os.stat(dst).st_mtime_ns + 10**9,) * 2)  # newer than the target
+    st = pydr.resync(src, dst, signature_cache=cache)
+    assert not st.used_cache
+    assert dst.read_bytes() == src.read_bytes()
+    with load_any(cache) as c:
+        assert c.target[:3] == (os.stat(dst).st_dev, os.stat(dst).st_ino, MiB)
