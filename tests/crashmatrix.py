@@ -91,6 +91,61 @@ def rebind_replicas(work):
             rec.identity = now
             with open(path, "wb") as f:
                 f.write(ownership.encode(rec))
+        if path.endswith(".replica"):
+            rebind_cache(path[:-len(".replica")] + ".sig", [replica, names.beside(
+                replica, names.BASE)])
+
+
+def rebind_cache(cache, disks):
+    """A copied replica has a new inode, which its signature cache (v2: its
+    header binds it to the device, inode, size and mtime of the disk the last
+    cycle left) takes for another file: bind the copied cache to the copy of
+    the disk it described (same size and mtime: copytree keeps mtimes), and
+    give every ownership record that named the old cache the new one's
+    digest, as if the state had never been copied."""
+    import glob
+
+    from pydr.dr import ownership
+    from pydr.engine import names
+    from pydr.engine import sigcache_layout as L
+
+    if not os.path.exists(cache):
+        return
+    with open(cache, "rb") as f:
+        raw = bytearray(f.read(L.HEADER_BYTES))
+    if raw[:8] != L.MAGIC:
+        return
+    fields = list(L.HEADER.unpack_from(raw))
+    dev, ino, size, mtime = fields[-4:]
+    if (dev, ino, size, mtime) == L.NO_TARGET:
+        return
+    for disk in disks:
+        if not os.path.exists(disk):
+            continue
+        st = os.stat(disk)
+        if st.st_size == size and st.st_mtime_ns == mtime:
+            break
+    else:
+        return  # it describes none of them: left as it is, for the cycle to refuse
+    old = ownership.cache_digest(cache)
+    packed = L.HEADER.pack(*fields[:-4], st.st_dev, st.st_ino, size, mtime)
+    raw[:L.HEADER.size + 8] = packed + L.xxh64(packed)
+    with open(cache, "r+b") as f:
+        f.write(raw)
+    new = ownership.cache_digest(cache)
+    vault = os.path.dirname(os.path.dirname(os.path.dirname(cache)))
+    records = glob.glob(os.path.join(vault, "cache", "*", "*.replica"))
+    records += glob.glob(os.path.join(vault, "cache", "*", "*.baseline"))
+    records += [names.beside(d, names.OWNER) for d in disks]
+    for path in records:
+        if not os.path.exists(path):
+            continue
+        with open(path, "rb") as f:
+            rec = ownership.decode(f.read(), path)
+        if rec.cache == old:
+            rec.cache = new
+            with open(path, "wb") as f:
+                f.write(ownership.encode(rec))
 
 
 def points_passed(scenario, work, ctx, log):

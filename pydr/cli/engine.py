@@ -76,9 +76,24 @@ def cmd_info(args):
     return 0
 
 
+def _signature_of(path):
+    """A signature file, or a signature cache (v2) in state clean, as a
+    Signature (every byte checked)."""
+    from ..engine.sigcache_any import CLEAN, MAGIC, cached_signature, load_any
+
+    with open(path, "rb") as f:
+        if f.read(8) != MAGIC:
+            return Signature.load(path)
+    with load_any(path, verify=True) as cache:
+        if cache.state != CLEAN:
+            raise E.UnsupportedFile("a signature cache left by an interrupted cycle does not "
+                                    "describe its disk (pydr info shows its state)", path=path)
+    return cached_signature(path)
+
+
 def cmd_diff(args):
-    old = Signature.load(args.old)
-    new = Signature.load(args.new)
+    old = _signature_of(args.old)
+    new = _signature_of(args.new)
     ranges = old.diff(new)
     changed = int(ranges[:, 1].sum()) if len(ranges) else 0
     if args.json:
@@ -306,8 +321,10 @@ def register(sub):
     p.add_argument("source", metavar="SRC", help=ANYWHERE)
     p.add_argument("target", metavar="DST", help=ANYWHERE)
     p.add_argument("--signature-cache", metavar="FILE", default=None,
-                   help="signature cache of DST: used when valid and newer than DST, then "
-                        "updated where DST changed")
+                   help="signature cache of DST: used when valid, newer than DST and bound "
+                        "to DST as the last resync left it (device, inode, size, mtime), then "
+                        "updated where DST changed. pydr must be DST's only writer: a write "
+                        "to DST in the timestamp tick of a resync's end goes unseen")
     add_remote_options(p)
     p.add_argument("--compress", action="store_true",
                    help="with a remote side, compress the changed blocks on the wire (zstd; both "
@@ -337,7 +354,7 @@ def register(sub):
                      "A corrupt, truncated or foreign file is reported with the offset of\n"
                      "the first problem and exit status 7."),
         examples=["pydr info disk.sig", "pydr info changes.delta --json"], func=cmd_info)
-    p.add_argument("file", metavar="FILE", help="a pydr signature or delta file")
+    p.add_argument("file", metavar="FILE", help="a pydr signature, signature cache or delta file")
     add_json(p, "print one JSON object")
 
     p = command(
@@ -348,6 +365,6 @@ def register(sub):
                      "count as changed."),
         examples=["pydr diff monday.sig tuesday.sig", "pydr diff old.sig new.sig --json | jq .changed_bytes"],
         func=cmd_diff)
-    p.add_argument("old", metavar="OLD", help="signature file")
-    p.add_argument("new", metavar="NEW", help="signature file")
+    p.add_argument("old", metavar="OLD", help="signature file (or signature cache)")
+    p.add_argument("new", metavar="NEW", help="signature file (or signature cache)")
     add_json(p, "print one JSON object")

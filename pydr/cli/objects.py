@@ -36,6 +36,8 @@ def cmd_verify(args):
         print(f"{args.item}: {report['points']} points, {report['chunks']} chunks, "
               f"{report['checked']} checked")
     if not args.json:
+        for p in report.get("scrub_skipped", ()):
+            print(f"  {p}")
         for p in report["problems"]:
             print(f"  problem: {p}")
     if report["problems"]:

@@ -38,7 +38,9 @@ SHOWN = 5
 
 def scrub_item(vault, name, sample=100.0, threads=None, *, events=None, cancel=None):
     """Scrub every disk of item `name` that has a signature cache. Returns
-    (disks scrubbed, bytes read, [problem text]); a replica that differs
+    (disks scrubbed, bytes read, [problem text], [skipped text]: replicas
+    not scrubbed because their cache is damaged, which is the cache's
+    problem, reported by the check of the caches); a replica that differs
     from its cache has marked the points damaged and the item
     resync-required on the way. ``events``: an Emitter (pydr.dr.events)
     given each disk's "progress" in phase "verify"; ``cancel``: a
@@ -77,17 +79,22 @@ def _scrub_disks(vault, name, sample, threads, events=None, cancel=None):
     from ..engine.sigcache import CLEAN
     from ..engine.sigcache_any import load_any
 
-    scrubbed, nbytes, problems = 0, 0, []
+    scrubbed, nbytes, problems, skipped = 0, 0, [], []
     for d in vault.disks(name):
         cache = vault.cache_path(name, d["idx"])
-        try:
-            with load_any(cache) as found:
+        replica = vault.endpoint(name, d["replica"])
+        try:  # every segment checked now: damage found mid-scrub would blame the replica
+            with load_any(cache, verify=True) as found:
                 clean = found.state == CLEAN
-        except (FormatError, OSError):
-            continue  # none, or damaged (verify_steps reports that): nothing says what to expect
+        except FileNotFoundError:
+            continue  # none: nothing says what to expect
+        except (FormatError, OSError) as exc:
+            # damaged (verify_steps reports that): nothing says what to expect
+            skipped.append(f"disk {d['idx']}: scrub of {replica} skipped: its signature "
+                           f"cache is damaged ({exc})")
+            continue
         if not clean:
             continue  # left by an interrupted cycle: it may not describe the replica
-        replica = vault.endpoint(name, d["replica"])
         base = replica.sidecar(names.BASE)
         disk = base if base.exists() else replica  # failed over: the baseline holds the steps' base
         try:
@@ -113,7 +120,7 @@ def _scrub_disks(vault, name, sample, threads, events=None, cancel=None):
                        f"cache says the last cycle left: {found}")
             problems.append(problem)
             _mark_rotten(vault, name, problem)
-    return scrubbed, nbytes, problems
+    return scrubbed, nbytes, problems, skipped
 
 
 def _mark_rotten(vault, name, reason):

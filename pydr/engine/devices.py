@@ -9,7 +9,7 @@ A device (a Device) has: name (for messages), size, resizable, journal_path
 sign() (of the whole range or of spans, keeping what it read when asked),
 data_extents(), encode() (counting the bytes it reads in encoded_bytes),
 apply_prepare(), apply_write(), pread(), truncate(), sync(), writeback(),
-cache_trusted(mtime) (may a signature cache of it be used), close().
+cache_trusted(mtime), cache_identity() (may a signature cache be used), close().
 Whatever takes "a path or an open device" turns it into a device with
 as_device() (or using_device()).
 
@@ -321,6 +321,12 @@ class FileDevice(Device):
         tell, and is trusted (pydr is meant to be its only writer)."""
         return self.is_block or cache_mtime_ns >= os.fstat(self.fd).st_mtime_ns
 
+    def cache_identity(self):
+        """(device, inode, size, mtime ns or 0 for a device): what a signature cache
+        is bound to. pydr must be the only writer (one in a commit's tick is unseen)."""
+        st = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino, self.size_now(), 0 if self.is_block else st.st_mtime_ns)
+
     def close(self):
         if self.core is not None:
             self.core.close()
@@ -540,6 +546,9 @@ class NbdDevice(Device):
 
     def cache_trusted(self, cache_mtime_ns):
         return False  # an export tells no change time: its blocks are read
+
+    def cache_identity(self):
+        return None
 
     def close(self):
         self.handle.close()

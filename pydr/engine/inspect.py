@@ -7,6 +7,7 @@ from ..errors import CorruptDelta
 from . import bindings as B
 from .delta import HEADER_SIZE, MAGIC as DELTA_MAGIC, DeltaHeader
 from .signatures import Signature
+from .sigcache_layout import MAGIC as SIGCACHE_MAGIC, STATE_NAMES
 
 
 def describe_delta(path):
@@ -70,6 +71,8 @@ def describe_file(path):
         magic = f.read(8)
     if magic == DELTA_MAGIC:
         return describe_delta(path)
+    if magic == SIGCACHE_MAGIC:
+        return describe_cache(path)
     # load() names the problem (empty file, bad magic, truncation, checksum)
     sig = Signature.load(path)
     return {
@@ -84,3 +87,29 @@ def describe_file(path):
         "file_size": os.path.getsize(path),
         "checksum": "ok",
     }
+
+
+def describe_cache(path):
+    """A signature cache in format v2 (docs/FORMAT.md), every segment
+    checked: its state, geometry, generation and segments. Raises
+    FormatError naming the first damage, OSError."""
+    from .sigcache_any import load_any
+
+    with load_any(path, verify=True) as cache:
+        data = sum(cache._read_entry(seg)[2] for seg in range(cache.segments))
+        return {
+            "path": path,
+            "kind": "signature cache",
+            "format_version": 2,
+            "state": STATE_NAMES[cache.state],
+            "algorithm": "xxh3-128",
+            "block_size": cache.block_size,
+            "image_size": cache.size,
+            "blocks": cache.n,
+            "zero_blocks": cache.n - data,
+            "generation": cache.generation,
+            "segments": cache.segments,
+            "cache_id": cache.cache_id.hex(),
+            "file_size": os.path.getsize(path),
+            "checksum": "ok",
+        }

@@ -31,6 +31,7 @@ from .devices import (Device, FileDevice, MemoryDevice, as_device, blocks_for, d
                       sign_range)
 from .parallel import check_cancel, check_threads
 from .apply import Applier
+from .atomic import fsync_dir
 from .delta import (BATCH_BYTES, RECORD_SPLIT, changed_extents as extents_between,
                     encode_buffer, write_records)
 from ..errors import BaseMismatch, DamagedJournal, FormatError, SameFile
@@ -255,8 +256,11 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     first resync fails).
 
     ``signature_cache``: a signature file of the target at ``block_size``,
-    used instead of reading the target when it is valid and newer than the
-    target, and rewritten after every resync. ``changed_extents``: (offset,
+    used instead of reading the target when it is valid, newer than the
+    target and bound to the target as the resync that wrote it left it (its
+    device, inode, size and mtime), and rewritten after every resync. pydr
+    must be the target's only writer: a write by another within the same
+    timestamp tick as a resync's end changes none of these and goes unseen. ``changed_extents``: (offset,
     length) byte ranges of the source that may have changed (from a change
     tracker); only those are compared. ``verify`` reads back every written
     range and compares hashes before the resync is committed. ``keep_undo``:
@@ -296,16 +300,18 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             # a cache of the target it can trust, marked "target being changed" until commit
             cached = None if signature_cache is None else SignatureCache.open(
                 signature_cache, block_size=block_size, size=dst_size,
-                trusted=applier.dev.cache_trusted)
+                trusted=applier.dev.cache_trusted, target=applier.dev.cache_identity())
             writer = None
-            if signature_cache is not None and changed_extents is not None and cached is None:
-                # only the changed ranges are compared, and nothing describes the
-                # rest of the target: no cache can be written, and the old one goes
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(signature_cache)
-            elif cached is not None and src_size == dst_size:
+            if signature_cache is not None and cached is None:
+                # one this cycle cannot trust (left "target being changed" by an older
+                # cycle, say) goes, durably, before the target is written: else a later
+                # resume would take it for the target before this cycle's journal
+                _remove_cache(signature_cache)
+            if cached is not None and src_size == dst_size:
                 writer = cached  # updated in place: only the windows compared
-            elif signature_cache is not None:
+            elif signature_cache is not None and (changed_extents is None or cached is not None):
+                # (with only the changed ranges compared and no cache, nothing would
+                # describe the rest of the target: no cache is written)
                 writer = SignatureCache.create(signature_cache, block_size=block_size,
                                                size=src_size)
             if changed_extents is not None:
@@ -450,6 +456,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             if verify:
                 _verify_written(applier, written, block_size)
             applier.finish(keep_journal=keep_undo)
+            bound = writer and applier.dev.cache_identity()  # the target as this cycle left it
         st = applier.state
         used_cache = cached is not None
         if writer is not None:
@@ -459,7 +466,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                 # .fuse_hidden) would otherwise keep it, and a power cut leaves it
                 cached.close()
                 cached = None
-            writer.commit()  # after the target is durable: the cache never runs ahead of it
+            writer.commit(bound)  # after the target is durable: never runs ahead of it
             if writer is not cached:
                 writer.close()  # a new cache's file: closed here, not left to the exit
             crashpoints.reached("resync.cache")
@@ -489,10 +496,19 @@ def _without_cache(cached, writer, tracked, path):
     if writer is not None and writer is not keep and writer is not cached:
         writer.abort()
     cached.abort()
-    if keep is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    _remove_cache(path)  # a new cache (keep) replaces it only at commit
     return keep
+
+
+def _remove_cache(path):
+    """Remove the signature cache at `path` durably (nothing there: nothing
+    to do). Raises OSError when it cannot: the cycle must not write the
+    target while a cache nothing may trust is left in place."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    fsync_dir(os.fspath(path))
 
 
 #: a chunk of records this long filled the encode buffer as far as whole

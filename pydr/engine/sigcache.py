@@ -12,11 +12,11 @@ Its size and cost follow the data and the change, not the disk:
   cache costs its header, and reading a range costs that range.
 - Crash-safe by a state field in the header: CLEAN (the cache describes the
   target), CHANGING (a cycle may be changing the target: the cache still
-  describes the target as it was before, which a resumed resync may check its
-  journal against, but no comparison may trust it), UPDATING (the cache is
-  being rewritten: nothing may trust it). The blocks a cycle changes are
-  gathered in a side file (``NAME.pending``) and written into the cache only
-  at commit(), after the target is durable.
+  describes it as it was before, which a resumed resync may check its journal
+  against, but no comparison may trust), UPDATING (being rewritten: nothing
+  may trust it). A cycle's changes wait in a side file (``NAME.pending``)
+  until commit(), after the target is durable. Each commit binds the cache to
+  the target's identity (device, inode, size, mtime) as it leaves it.
 - Memory is bounded by the ranges asked for (and one segment), never the disk.
 
 A cache in the previous format (v1, a whole-disk signature file, as written
@@ -37,9 +37,9 @@ from .atomic import fsync_dir, open_temp
 from .oserrors import naming
 from ..errors import FormatError
 from .sigcache_layout import (  # noqa: F401 (CLEAN, ... binding: this module's API too)
-    CHANGING, CLEAN, ENTRY_BYTES, HEADER_BYTES, MAGIC, PAGE_BYTES, PAGE_CHECK, PAGE_ENTRIES,
-    PENDING_SUFFIX, SEGMENT_BLOCKS, STATE_NAMES, UPDATING, VERSION, binding, page_checksum,
-    table_bytes)
+    CHANGING, CLEAN, ENTRY_BYTES, HEADER_BYTES, MAGIC, NO_TARGET, PAGE_BYTES, PAGE_CHECK,
+    PAGE_ENTRIES, PENDING_SUFFIX, SEGMENT_BLOCKS, STATE_NAMES, UPDATING, VERSION, binding,
+    page_checksum, table_bytes)
 from .sigcache_layout import (ENTRY as _ENTRY, HEADER as _HEADER, PENDING as _PENDING,
                               XXH128 as _XXH128, capacity as _capacity,
                               parse_header as _parse_header, punch as _punch, xxh64 as _xxh64,
@@ -66,7 +66,7 @@ class SignatureCache:
         self.path, self.fd, self.tmp, self.new = path, fd, tmp, new
         self.block_size, self.size, self.n = header["block_size"], header["size"], header["n"]
         self.state, self.generation = header["state"], header["generation"]
-        self.cache_id = header["cache_id"]
+        self.cache_id, self.target = header["cache_id"], header["target"]
         self.segments = header["segments"]
         self.table = header["table"]
         self.end = header["end"]
@@ -85,13 +85,14 @@ class SignatureCache:
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, *, block_size: int, size: int,
-             trusted: Callable[[int], bool]) -> Optional["SignatureCache"]:
+    def open(cls, path: str, *, block_size: int, size: int, trusted: Callable[[int], bool],
+             target: Optional[tuple] = None) -> Optional["SignatureCache"]:
         """The cache at `path` for a cycle about to change the target it
         describes, or None when it cannot be used: missing, unreadable or
         corrupt, of another block size or disk size, left by an interrupted
-        cycle (not CLEAN), or not ``trusted(mtime_ns)`` (a callable: the
-        target's Device.cache_trusted). An opened cache is marked CHANGING
+        cycle (not CLEAN), not ``trusted(mtime_ns)`` (a callable: the
+        target's Device.cache_trusted), or bound by its last commit to a
+        target other than `target` (Device.cache_identity()). An opened cache is marked CHANGING
         (durably) before this returns: until :meth:`commit`, a crash leaves it
         untrusted. A v1 cache is converted to v2 first (once).
 
@@ -100,14 +101,14 @@ class SignatureCache:
             block_size: The cycle's block size.
             size: The target's size now.
             trusted: Called with the cache file's mtime (ns); False rejects it.
+            target: The target's identity now (None: not checked).
 
         Returns:
             The cache, or None (the cycle reads the target instead).
 
         Raises:
             OSError: Only when marking it CHANGING fails (the cycle must not
-            go on with a cache that would still look clean).
-        """
+            go on with a cache that would still look clean)."""
         path = os.fspath(path)
         try:
             st = os.stat(path)
@@ -116,11 +117,12 @@ class SignatureCache:
             with open(path, "rb") as f:
                 magic = f.read(8)
             if magic != MAGIC:
-                convert_v1(path, block_size, size)
+                convert_v1(path, block_size, size, target)
             cache = cls.load(path, writable=True)
         except (FormatError, ValueError, OSError):
             return None
-        if (cache.block_size != block_size or cache.size != size or cache.state != CLEAN):
+        if (cache.block_size != block_size or cache.size != size or cache.state != CLEAN
+                or (target is not None and cache.target != tuple(target))):
             cache.close()
             return None
         try:
@@ -139,8 +141,7 @@ class SignatureCache:
         Raises:
             FormatError: Not a v2 cache, or a damaged header (names the path
             and offset).
-            OSError: It cannot be opened or read.
-        """
+            OSError: It cannot be opened or read."""
         path = os.fspath(path)
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
                      | os.O_NOFOLLOW)
@@ -160,8 +161,7 @@ class SignatureCache:
 
         Raises:
             ValueError: A block size the core does not take.
-            OSError: The file cannot be made (names the path).
-        """
+            OSError: The file cannot be made (names the path)."""
         B.check_block_size(block_size)
         path = os.fspath(path)
         n = -(-size // block_size)
@@ -170,7 +170,8 @@ class SignatureCache:
         end = table + table_bytes(segments)
         header = {"block_size": block_size, "size": size, "n": n, "state": UPDATING,
                   "generation": 0, "segments": segments, "table": table, "end": end,
-                  "cache_id": os.urandom(16)}  # tells this cache from a copy of another
+                  "cache_id": os.urandom(16),  # tells this cache from a copy of another
+                  "target": NO_TARGET}
         fd, tmp = open_temp(path)
         cache = cls(path, fd, header, new=True, tmp=tmp)
         try:
@@ -198,8 +199,7 @@ class SignatureCache:
         Raises:
             FormatError: A segment's entry or slot fails its checksum (names
             the path and the offset of what is damaged).
-            OSError: The file cannot be read.
-        """
+            OSError: The file cannot be read."""
         import numpy as np
 
         count = max(0, min(count, self.n - first))
@@ -279,7 +279,9 @@ class SignatureCache:
             return
         if self._pending_fd is None:
             pending = self.path + PENDING_SUFFIX
-            self._pending_fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_TRUNC
+            with contextlib.suppress(FileNotFoundError):  # never write through what is there
+                os.unlink(pending)
+            self._pending_fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL
                                        | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             self._pending_digest = B.Digest()
         # runs of changed blocks, those less than 16 blocks apart taken as one
@@ -294,16 +296,18 @@ class SignatureCache:
         with naming(self.path + PENDING_SUFFIX):
             os.write(self._pending_fd, out)
 
-    def commit(self) -> None:
+    def commit(self, target: Optional[tuple] = None) -> None:
         """The target is durable and holds what the updates said: write
         them into the cache and mark it CLEAN (a new cache replaces the old
-        file). Call only after the target is durable: the cache never runs
-        ahead of it.
+        file), bound to `target` (the target's Device.cache_identity() now;
+        None: bound to none, never trusted with one). Call only after the
+        target is durable: the cache never runs ahead of it.
 
         Raises:
             FormatError: The side file read back is not what was written.
             OSError: A write or fsync fails (the cache is left untrusted).
         """
+        self.target = NO_TARGET if target is None else tuple(target)
         with naming(self.tmp or self.path):
             if self.new:
                 self._flush()
@@ -566,7 +570,7 @@ class SignatureCache:
             self.generation += 1
         fields = _HEADER.pack(MAGIC, VERSION, _XXH128, state, self.block_size, self.size,
                               self.n, SEGMENT_BLOCKS, self.segments, self.table, self.end,
-                              self.generation, self.cache_id)
+                              self.generation, self.cache_id, *self.target)
         with naming(self.tmp or self.path):
             os.pwrite(self.fd, fields + _xxh64(fields), 0)
             if sync:
@@ -574,7 +578,7 @@ class SignatureCache:
         self.state = state
 
 
-def convert_v1(path: str, block_size: int, size: int) -> None:
+def convert_v1(path: str, block_size: int, size: int, target=None) -> None:
     """Rewrite a v1 cache (a whole signature file) at `path` as v2, in
     place of it, reading the old file a chunk at a time. Raises FormatError
     or OSError (the caller then does without the cache)."""
@@ -589,7 +593,7 @@ def convert_v1(path: str, block_size: int, size: int) -> None:
             for first in range(0, old.n, step):
                 hashes, mask = old.read(first, step)
                 new.update(first, hashes, mask)
-            new.commit()
+            new.commit(target)
         except BaseException:
             new.abort()
             raise

@@ -19,8 +19,11 @@ HEADER_BYTES = 4096
 CLEAN, CHANGING, UPDATING = 0, 1, 2
 STATE_NAMES = {CLEAN: "clean", CHANGING: "target being changed", UPDATING: "being updated"}
 #: magic, version, algorithm, state, block size, size, blocks, segment blocks,
-#: segments, table offset, slots end, generation, cache id; then an xxh3-64 of those
-HEADER = struct.Struct("<8sHBBIQQIIQQQ16s")
+#: segments, table offset, slots end, generation, cache id, the target as the
+#: last commit left it (device, inode, size, mtime ns: TARGET); then an xxh3-64 of those
+HEADER = struct.Struct("<8sHBBIQQIIQQQ16sQQQq")
+#: the target's identity of a cache no commit has bound to a target (never trusted)
+NO_TARGET = (0, 0, 0, 0)
 STATE_AT = 11  # the state byte: left out of binding()
 ENTRY = struct.Struct("<QII16s")  # slot offset, capacity (hashes), non-zero blocks, checksum
 ENTRY_BYTES = ENTRY.size
@@ -93,7 +96,7 @@ def parse_header(raw: bytes, path: str) -> dict:
     raw = raw[:HEADER.size + 8]
     fields = raw[:HEADER.size]
     (magic, version, algorithm, state, block_size, size, n, seg_blocks, segments, table, end,
-     generation, cache_id) = HEADER.unpack(fields)
+     generation, cache_id, *target) = HEADER.unpack(fields)
     if xxh64(fields) != raw[HEADER.size:]:
         raise FormatError("signature cache header fails its checksum", path=path, offset=0)
     if version != VERSION:
@@ -113,7 +116,7 @@ def parse_header(raw: bytes, path: str) -> dict:
                           path=path, offset=16)
     return {"block_size": block_size, "size": size, "n": n, "state": state,
             "generation": generation, "segments": segments, "table": table, "end": end,
-            "cache_id": cache_id}
+            "cache_id": cache_id, "target": tuple(target)}
 
 
 def binding(path: str) -> Optional[bytes]:

@@ -305,3 +305,28 @@ def test_a_killed_cycles_journal_cut_at_a_record_boundary(item):
     assert r.returncode == 7, err
     assert str(journal) in err and "records were lost" in err, err
     assert journal.exists()
+
+
+def test_a_damaged_cache_is_one_problem_and_no_blame_on_the_replica(item):
+    """A damaged signature cache is reported once (as the cache's problem);
+    the scrub of its replica is said to be skipped for that reason, the
+    replica is neither blamed nor its points marked damaged."""
+    tmp_path, pairs = item
+    path = cache(tmp_path, 0)
+    with load_any(path) as reader:
+        slot = reader._read_entry(0)[0]
+    with open(path, "r+b") as f:  # a byte of segment 0's hashes
+        f.seek(slot + 600)
+        byte = f.read(1)
+        f.seek(slot + 600)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    r = cli("verify", "vm", "--json")
+    assert r.returncode == 7, r.stderr
+    report = json.loads(r.stdout)
+    assert len(report["problems"]) == 1, report["problems"]
+    assert "signature cache" in report["problems"][0] and str(path) in report["problems"][0]
+    assert not any(str(pairs[0][1]) in p for p in report["problems"])
+    assert report["replicas_scrubbed"] == 1 and report["damaged_points"] == []
+    assert len(report["scrub_skipped"]) == 1 and "damaged" in report["scrub_skipped"][0]
+    r = cli("verify", "vm")
+    assert b"scrub of" in r.stdout and b"skipped" in r.stdout, r.stdout

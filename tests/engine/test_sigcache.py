@@ -336,3 +336,137 @@ def test_a_resync_leaves_no_cache_file_open(tmp_path):
     st = pydr.resync(src, dst, signature_cache=cache)
     assert st.used_cache and open_caches() == []
     assert dst.read_bytes() == src.read_bytes()
+
+
+def test_a_planted_pending_hard_link_is_never_written_through(tmp_path):
+    """A NAME.pending left beside the cache (here a hard link to another
+    file) is replaced, never truncated or written into: the other file
+    keeps its bytes and the cycle still ends exact."""
+    rng = random.Random(13)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    victim = tmp_path / "victim"
+    src.write_bytes(rng.randbytes(MiB))
+    victim.write_bytes(b"precious" * 1000)
+    pydr.resync(src, dst, signature_cache=cache)
+    os.link(victim, str(cache) + S.PENDING_SUFFIX)
+    with open(src, "r+b") as f:
+        f.seek(8192)
+        f.write(rng.randbytes(4096))
+    st = pydr.resync(src, dst, signature_cache=cache)
+    assert st.used_cache
+    assert victim.read_bytes() == b"precious" * 1000
+    assert dst.read_bytes() == src.read_bytes()
+    assert cached_signature(cache) == pydr.signature(dst, block_size=BS)
+
+
+def test_a_stale_changing_cache_never_blocks_a_resume(tmp_path):
+    """A cycle killed after its journal committed leaves the cache CHANGING
+    (the target before that cycle); the source changes, the next cycle is
+    killed mid-write: running the same command again finishes, exact, and
+    is not refused as a damaged journal (the stale cache is not taken as
+    the target before the journal being resumed)."""
+    rng = random.Random(14)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    data = bytearray(rng.randbytes(4 * MiB))
+    src.write_bytes(bytes(data))
+    assert run_cli("resync", src, dst, "--signature-cache", cache).returncode == 0
+    data[0:8192] = rng.randbytes(8192)
+    src.write_bytes(bytes(data))
+    r = run_cli("resync", src, dst, "--signature-cache", cache,
+                env={**os.environ, "PYDR_CRASH_AT": "apply.committed"})
+    assert r.returncode == -9, r.stderr
+    data[2 * MiB:2 * MiB + 8192] = rng.randbytes(8192)
+    src.write_bytes(bytes(data))
+    r = run_cli("resync", src, dst, "--signature-cache", cache,
+                env={**os.environ, "PYDR_CRASH_AT": "apply.written"})
+    assert r.returncode == -9, r.stderr
+    r = run_cli("resync", src, dst, "--signature-cache", cache)
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes() == bytes(data)
+    assert cached_signature(cache) == pydr.signature(dst, block_size=BS)
+
+
+def test_info_and_diff_read_a_v2_cache(tmp_path):
+    """`pydr info` describes and checks a healthy v2 cache (text and JSON),
+    calls a damaged one corrupt (exit 7), and `pydr diff` takes a v2 cache
+    as it takes a signature file."""
+    import json
+
+    rng = random.Random(15)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    src.write_bytes(rng.randbytes(2 * MiB))
+    pydr.resync(src, dst, signature_cache=cache)
+    r = run_cli("info", cache, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    with load_any(cache) as c:
+        assert info["format_version"] == 2 and info["state"] == "clean"
+        assert (info["block_size"], info["image_size"], info["blocks"]) == (BS, 2 * MiB, c.n)
+        assert info["generation"] == c.generation and info["segments"] == c.segments
+    r = run_cli("info", cache)
+    assert r.returncode == 0 and b"clean" in r.stdout, r.stderr
+    old = tmp_path / "old.sig"
+    pydr.signature(dst, block_size=BS).save(old)
+    with open(src, "r+b") as f:
+        f.seek(MiB)
+        f.write(rng.randbytes(4096))
+    pydr.resync(src, dst, signature_cache=cache)
+    r = run_cli("diff", old, cache, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ranges"] == [[MiB, 4096]]
+    SignatureCache.open(cache, block_size=BS, size=2 * MiB, trusted=always).abort()
+    r = run_cli("info", cache, "--json")  # left CHANGING: described, not trusted by diff
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "target being changed"
+    r = run_cli("diff", old, cache)
+    assert r.returncode == 10 and b"interrupted" in r.stderr, r.stderr
+    with load_any(cache) as c:
+        seg_at = c._read_entry(0)[0]
+    with open(cache, "r+b") as f:  # a flipped byte in segment 0's slot
+        f.seek(seg_at + 700)
+        b = f.read(1)
+        f.seek(seg_at + 700)
+        f.write(bytes([b[0] ^ 1]))
+    assert run_cli("info", cache).returncode == 7
+    assert run_cli("diff", old, cache).returncode == 7
+
+
+def test_a_cache_put_back_from_an_older_cycle_is_not_trusted(tmp_path):
+    """A cache copied back from an earlier cycle (a plain copy: a new
+    mtime) after the source went back to what that cycle saw: the cache is
+    bound to the target as the cycle that wrote it left it, so it is not
+    used, the target is read, and the replica ends exact."""
+    import shutil
+
+    rng = random.Random(16)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    a, b = rng.randbytes(4096), rng.randbytes(4096)
+    rest = rng.randbytes(MiB)
+    src.write_bytes(a + rest)
+    pydr.resync(src, dst, signature_cache=cache)
+    shutil.copyfile(cache, tmp_path / "old.sig")
+    src.write_bytes(b + rest)
+    pydr.resync(src, dst, signature_cache=cache)
+    shutil.copyfile(tmp_path / "old.sig", cache)
+    os.utime(cache, ns=(os.stat(dst).st_mtime_ns + 10**9,) * 2)  # newer than the target
+    src.write_bytes(a + rest)
+    st = pydr.resync(src, dst, signature_cache=cache)
+    assert not st.used_cache
+    assert dst.read_bytes() == a + rest
+
+
+def test_a_cache_of_another_file_is_not_trusted(tmp_path):
+    """The target replaced by another file of the same size (another
+    inode) while its cache stays: the cache is not used."""
+    rng = random.Random(17)
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    src.write_bytes(rng.randbytes(MiB))
+    pydr.resync(src, dst, signature_cache=cache)
+    other = tmp_path / "other"
+    other.write_bytes(rng.randbytes(MiB))
+    os.replace(other, dst)
+    os.utime(cache, ns=(os.stat(dst).st_mtime_ns + 10**9,) * 2)  # newer than the target
+    st = pydr.resync(src, dst, signature_cache=cache)
+    assert not st.used_cache
+    assert dst.read_bytes() == src.read_bytes()
+    with load_any(cache) as c:
+        assert c.target[:3] == (os.stat(dst).st_dev, os.stat(dst).st_ino, MiB)

@@ -25,7 +25,8 @@ def verify_steps(vault, name, point_id=None, sample=100.0, *, events=None, cance
     """Check the item's steps (all, or those point `point_id` needs; a
     random `sample` percent of them) and its signature caches. Returns
     {"item", "points", "steps", "checked", "bytes", "size_only", "caches",
-    "problems": [text], "damaged_points": [id]}: steps at a remote place are
+    "problems": [text], "damaged_points": [id], "replicas_scrubbed",
+    "replica_bytes_read", "scrub_skipped": [text]}: steps at a remote place are
     checked by size only (the place checks their records as it restores).
     ``events`` (an Emitter) and ``cancel`` go to the replicas' scrub
     (pydr.dr.scrub.scrub_item); ``cancel`` is also asked between steps."""
@@ -72,8 +73,8 @@ def verify_steps(vault, name, point_id=None, sample=100.0, *, events=None, cance
         except (FormatError, OSError) as exc:
             problems.append(f"disk {d['idx']}, signature cache: {exc} (the next cycle reads the "
                             "replica instead and writes it again)")
-    scrubbed, scrub_bytes, scrub_problems = scrub_item(vault, name, sample, events=events,
-                                                       cancel=cancel)
+    scrubbed, scrub_bytes, scrub_problems, scrub_skipped = scrub_item(
+        vault, name, sample, events=events, cancel=cancel)
     problems += scrub_problems
     damaged = [p["id"] for p in vault.points(name) if p["damaged"]]
     if point_id is not None:
@@ -86,4 +87,4 @@ def verify_steps(vault, name, point_id=None, sample=100.0, *, events=None, cance
     return {"item": name, "points": len(points), "steps": len(steps), "checked": checked,
             "bytes": nbytes, "size_only": size_only, "caches": caches, "problems": problems,
             "damaged_points": damaged, "replicas_scrubbed": scrubbed,
-            "replica_bytes_read": scrub_bytes}
+            "replica_bytes_read": scrub_bytes, "scrub_skipped": scrub_skipped}
