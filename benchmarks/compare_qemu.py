@@ -101,25 +101,40 @@ class WritableExport:
         os.unlink(self.sock) if os.path.exists(self.sock) else None
 
 
-def cbt_part(args, pydr):
-    d = os.path.join(args.dir, "cbt")
+def new_image(args, part):
+    """A fresh directory args.dir/PART holding the part's qcow2 image;
+    returns (directory, size, image)."""
+    d = os.path.join(args.dir, part)
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     size = parse_size(args.size)
     image = os.path.join(d, "vm.qcow2")
     print(f"making a {args.size} qcow2 image, {args.allocated} allocated ...", file=sys.stderr)
     make_qcow2(image, size, parse_size(args.allocated))
+    return d, size, image
+
+
+def protect_twice(pydr, d, disk, label=""):
+    """Item 'vm' (the disk `disk`) protected in two vaults under `d`, "cbt"
+    (--cbt) and "full" (without), each with its initial copy done; returns
+    {mode: vault}."""
     vaults = {}
     for mode in ("cbt", "full"):
         v = os.path.join(d, f"vault-{mode}")
         subprocess.run([pydr, "vault", "init", v], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([pydr, "protect", "vm", "--disk", f"{image}={d}/replica-{mode}.img",
+        subprocess.run([pydr, "protect", "vm", "--disk", f"{disk}={d}/replica-{mode}.img",
                         "--vault", v] + (["--cbt"] if mode == "cbt" else []), check=True,
                        stdout=subprocess.DEVNULL)
-        print(f"initial copy ({mode}) ...", file=sys.stderr)
+        print(f"initial copy ({mode}{label}) ...", file=sys.stderr)
         subprocess.run([pydr, "replicate", "vm", "--vault", v], check=True,
                        stdout=subprocess.DEVNULL)
         vaults[mode] = v
+    return vaults
+
+
+def cbt_part(args, pydr):
+    d, size, image = new_image(args, "cbt")
+    vaults = protect_twice(pydr, d, image)
     times = {}
     for frac in (0.0, 0.001, 0.01):
         for rnd in range(args.repeat):
@@ -202,26 +217,10 @@ class LiveDisk:
 
 
 def live_part(args, pydr):
-    d = os.path.join(args.dir, "live")
-    shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(d)
-    size = parse_size(args.size)
-    image = os.path.join(d, "vm.qcow2")
-    print(f"making a {args.size} qcow2 image, {args.allocated} allocated ...", file=sys.stderr)
-    make_qcow2(image, size, parse_size(args.allocated))
+    d, size, image = new_image(args, "live")
     disk = LiveDisk(image, d)
     try:
-        vaults = {}
-        for mode in ("cbt", "full"):
-            v = os.path.join(d, f"vault-{mode}")
-            subprocess.run([pydr, "vault", "init", v], check=True, stdout=subprocess.DEVNULL)
-            subprocess.run([pydr, "protect", "vm", "--disk", f"{disk.spec}={d}/replica-{mode}.img",
-                            "--vault", v] + (["--cbt"] if mode == "cbt" else []), check=True,
-                           stdout=subprocess.DEVNULL)
-            print(f"initial copy ({mode}, live) ...", file=sys.stderr)
-            subprocess.run([pydr, "replicate", "vm", "--vault", v], check=True,
-                           stdout=subprocess.DEVNULL)
-            vaults[mode] = v
+        vaults = protect_twice(pydr, d, disk.spec, ", live")
         samples = {}
         for frac in (0.001, 0.01):
             for rnd in range(args.repeat):

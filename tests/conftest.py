@@ -112,6 +112,13 @@ def sha(path):
     return h.hexdigest()
 
 
+def rchar(pid="self"):
+    """Bytes process `pid` has read through syscalls so far (/proc/PID/io
+    rchar: files and sockets, not what it reads through mmap)."""
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
 def pydr_command():
     """The `pydr` console script installed with the pydr under test: the one
     beside this interpreter (a venv's bin/), never another one on PATH."""

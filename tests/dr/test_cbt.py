@@ -7,7 +7,6 @@ lost tracking (a killed QEMU, a missing bitmap) makes the item
 resync-required, changes over half the disk make the cycle compare the whole
 disk, and nothing tracked is ever lost."""
 
-import contextlib
 import json
 import os
 import random
@@ -21,38 +20,14 @@ import pytest
 
 from pydr.dr.vault import Vault, init_vault
 
-from conftest import pydr_command, run_cli, sha
+from conftest import pydr_command, sha
+from qemuhelp import (cli, end_by_pidfd, qcow2_and_vault, qemu_io, raw_sha, replicate,
+                      start_storage_daemon)
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-img", "qemu-nbd", "qemu-io", "qemu-storage-daemon")),
     reason="needs qemu-utils and qemu-system-common (scripts/bootstrap installs them)")
 MiB = 1 << 20
-
-
-def qemu_io(target, *commands, fmt="qcow2"):
-    args = ["qemu-io", "-f", fmt]
-    for c in commands:
-        args += ["-c", c]
-    subprocess.run(args + [str(target)], check=True, capture_output=True)
-
-
-def raw_sha(image, tmp_path):
-    out = tmp_path / "raw-of.img"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True)
-    try:
-        return sha(out)
-    finally:
-        out.unlink()
-
-
-def cli(vault, *args, env=None):
-    return run_cli(*args, "--vault", vault, env=env)
-
-
-def replicate(vault, *extra):
-    r = cli(vault, "replicate", "vm", "--json", *extra)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def check_points(vault, history, tmp_path, raw=True):
@@ -70,12 +45,8 @@ def status(vault):
 
 @pytest.fixture
 def qcow2_item(tmp_path):
-    img = tmp_path / "os.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "128M"], check=True)
-    qemu_io(img, "write -P 0x11 0 16M", "write -P 0x22 64M 4M")
-    vault = tmp_path / "vault"
-    init_vault(vault)
-    replica = tmp_path / "replica.img"
+    img, replica, vault = qcow2_and_vault(tmp_path, "128M", "write -P 0x11 0 16M",
+                                          "write -P 0x22 64M 4M")
     r = cli(vault, "protect", "vm", "--disk", f"{img}={replica}", "--cbt")
     assert r.returncode == 0, r.stderr
     return img, replica, vault
@@ -195,27 +166,18 @@ class LiveDisk:
         for s in (self.qmp, self.nbd):
             if s.exists():
                 s.unlink()
-        pid_file = self.disk.with_name("qsd.pid")
-        # --daemonize: the parent exits once startup is complete (both
-        # sockets listen) or failed, so there is nothing to wait for by time
-        r = subprocess.run(
-            ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pid_file),
-             "--blockdev", f"driver=file,node-name=file0,filename={self.disk}",
-             "--blockdev", "driver=raw,node-name=disk0,file=file0",
-             "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
-             "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
-             "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
-             "--monitor", "chardev=qmp0"], capture_output=True, text=True, timeout=60)
-        if r.returncode != 0 or not (self.qmp.exists() and self.nbd.exists()):
-            pytest.fail(f"qemu-storage-daemon did not start: {r.stderr}")
-        self.pidfd = os.pidfd_open(int(pid_file.read_text()))  # not our child
+        _, self.pidfd = start_storage_daemon(
+            self.disk.with_name("qsd.pid"),
+            "--blockdev", f"driver=file,node-name=file0,filename={self.disk}",
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
+            "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
+            "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
+            "--monitor", "chardev=qmp0", sockets=(self.qmp, self.nbd))
 
     def _signal(self, sig):
         """Send `sig` and wait until the daemon is gone (its pidfd readable)."""
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self.pidfd, sig)
-        select.select([self.pidfd], [], [])
-        os.close(self.pidfd)
+        end_by_pidfd(self.pidfd, sig, gone_ok=True)
         self.pidfd = None
 
     def write(self, offset, length, pattern):

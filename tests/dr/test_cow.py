@@ -14,6 +14,7 @@ import pytest
 from pydr.dr.vault import Vault, init_vault
 
 from conftest import run_cli, sha
+from qemuhelp import raw_sha
 
 MiB = 1 << 20
 
@@ -43,15 +44,6 @@ def write_file(img, name, nbytes, seed):
 
 def fsck_clean(img):
     return subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True).returncode == 0
-
-
-def raw_sha(image, tmp_path):
-    out = tmp_path / "as-raw.img"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True)
-    try:
-        return sha(out)
-    finally:
-        out.unlink()
 
 
 def used_bytes(directory):

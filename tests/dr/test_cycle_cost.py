@@ -15,30 +15,13 @@ import sys
 
 import pytest
 
-from pydr.dr.vault import init_vault
-
 from conftest import pydr_command, run_cli, sha
+from qemuhelp import qcow2_and_vault, qemu_io, raw_sha
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-img", "qemu-nbd", "qemu-io")),
     reason="needs qemu-utils (scripts/bootstrap installs it)")
 MiB = 1 << 20
-
-
-def qemu_io(target, *commands):
-    args = ["qemu-io", "-f", "qcow2"]
-    for c in commands:
-        args += ["-c", c]
-    subprocess.run(args + [str(target)], check=True, capture_output=True)
-
-
-def raw_sha(image, tmp_path):
-    out = tmp_path / "raw-of.img"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True)
-    try:
-        return sha(out)
-    finally:
-        out.unlink()
 
 
 @pytest.fixture
@@ -71,12 +54,8 @@ def logged_tools(tmp_path):
 
 @pytest.fixture
 def qcow2_item(tmp_path):
-    img = tmp_path / "os.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
-    qemu_io(img, "write -P 0x11 0 4M", "write -P 0x22 40M 1M")
-    vault = tmp_path / "vault"
-    init_vault(vault)
-    replica = tmp_path / "replica.img"
+    img, replica, vault = qcow2_and_vault(tmp_path, "64M", "write -P 0x11 0 4M",
+                                          "write -P 0x22 40M 1M")
     r = run_cli("protect", "vm", "--disk", f"{img}={replica}", "--cbt", "--vault", vault)
     assert r.returncode == 0, r.stderr
     r = run_cli("replicate", "vm", "--vault", vault)  # the first (full) cycle

@@ -19,30 +19,14 @@ import pytest
 from pydr.dr.vault import Vault, init_vault
 from pydr.errors import InvalidArgument
 
-from conftest import pydr_command, run_cli, sha
+from conftest import pydr_command, rchar, sha
+from qemuhelp import (cli, end_by_pidfd, qcow2_and_vault, qemu_io, raw_sha, replicate,
+                      start_storage_daemon)
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-img", "qemu-nbd", "qemu-io", "qemu-storage-daemon")),
     reason="needs qemu-utils and qemu-system-common (scripts/bootstrap installs them)")
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def qemu_io(target, *commands, fmt="qcow2"):
-    args = ["qemu-io", "-f", fmt]
-    for c in commands:
-        args += ["-c", c]
-    subprocess.run(args + [str(target)], check=True, capture_output=True)
-
-
-def raw_sha(image, tmp_path, fmt="qcow2"):
-    """SHA-256 of what qemu-img reads as the image's raw content."""
-    out = tmp_path / "raw-of.img"
-    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(image), str(out)],
-                   check=True)
-    try:
-        return sha(out)
-    finally:
-        out.unlink()
 
 
 def image_bitmaps(image):
@@ -51,16 +35,6 @@ def image_bitmaps(image):
                                      check=True, capture_output=True, text=True).stdout)
     found = info.get("format-specific", {}).get("data", {}).get("bitmaps") or []
     return {b["name"]: b["granularity"] for b in found}
-
-
-def cli(vault, *args, env=None):
-    return run_cli(*args, "--vault", vault, env=env)
-
-
-def replicate(vault, *extra):
-    r = cli(vault, "replicate", "vm", "--json", *extra)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def recorded_granularity(vault):
@@ -79,12 +53,7 @@ def scattered(count, size, seed):
 
 @pytest.fixture
 def qcow2_disk(tmp_path):
-    img = tmp_path / "os.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "128M"], check=True)
-    qemu_io(img, "write -P 0x11 0 16M", "write -P 0x22 64M 4M")
-    vault = tmp_path / "vault"
-    init_vault(vault)
-    return img, tmp_path / "replica.img", vault
+    return qcow2_and_vault(tmp_path, "128M", "write -P 0x11 0 16M", "write -P 0x22 64M 4M")
 
 
 # -- protect: the granularity recorded and checked -----------------------------------------
@@ -318,20 +287,14 @@ class QcowDaemon:
                         str(self.disk)], check=True)
         raw.unlink()
         self.qmp, self.nbd = tmp_path / "qmp.sock", tmp_path / "nbd.sock"
-        pid_file = tmp_path / "qsd.pid"
-        # --daemonize: the parent exits once both sockets listen (or startup failed)
-        r = subprocess.run(
-            ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pid_file),
-             "--blockdev", f"driver=file,node-name=file0,filename={self.disk},aio=threads",
-             "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
-             "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
-             "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
-             "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
-             "--monitor", "chardev=qmp0"], capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            pytest.fail(f"qemu-storage-daemon did not start: {r.stderr}")
-        self.pid = int(pid_file.read_text())
-        self.pidfd = os.pidfd_open(self.pid)  # not our child: a pidfd, not a reused pid
+        self.pid, self.pidfd = start_storage_daemon(
+            tmp_path / "qsd.pid",
+            "--blockdev", f"driver=file,node-name=file0,filename={self.disk},aio=threads",
+            "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
+            "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
+            "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
+            "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
+            "--monitor", "chardev=qmp0", sockets=(self.qmp, self.nbd))
 
     @property
     def spec(self):
@@ -343,8 +306,7 @@ class QcowDaemon:
 
     def rchar(self):
         """Bytes the daemon has read so far (files and sockets)."""
-        with open(f"/proc/{self.pid}/io") as f:
-            return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+        return rchar(self.pid)
 
     def qmp_command(self, command, **arguments):
         from pydr.transport.qemu import Qmp
@@ -359,12 +321,7 @@ class QcowDaemon:
             return {name: b["granularity"] for name, b in node_bitmaps(q, "disk0").items()}
 
     def stop(self):
-        import select
-        import signal
-
-        signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)
-        select.select([self.pidfd], [], [])  # gone
-        os.close(self.pidfd)
+        end_by_pidfd(self.pidfd)
 
 
 @pytest.fixture
@@ -372,6 +329,19 @@ def daemon(tmp_path):
     d = QcowDaemon(tmp_path)
     yield d
     d.stop()
+
+
+@pytest.fixture
+def tracked_daemon(daemon, tmp_path):
+    """(daemon, vault, replica): the daemon's disk protected --cbt as item
+    'vm', its first cycle done."""
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    replica = tmp_path / "replica.img"
+    r = cli(vault, "protect", "vm", "--disk", f"{daemon.spec}={replica}", "--cbt")
+    assert r.returncode == 0, r.stderr
+    replicate(vault)
+    return daemon, vault, replica
 
 
 #: what else the daemon reads in a tracked cycle: the fleecing overlay's
@@ -382,13 +352,8 @@ def daemon(tmp_path):
 METADATA_ALLOWANCE = 256 * KiB
 
 
-def test_a_tracked_cycle_reads_at_the_source_what_was_written(daemon, tmp_path):
-    vault = tmp_path / "vault"
-    init_vault(vault)
-    replica = tmp_path / "replica.img"
-    r = cli(vault, "protect", "vm", "--disk", f"{daemon.spec}={replica}", "--cbt")
-    assert r.returncode == 0, r.stderr
-    replicate(vault)
+def test_a_tracked_cycle_reads_at_the_source_what_was_written(tracked_daemon, tmp_path):
+    daemon, vault, replica = tracked_daemon
     assert daemon.bitmap_granularities() == {"pydr-1": 4 * KiB}
     offsets = scattered(256, 512 * MiB, seed=22)
     commands = [f"write -P 0x{0x80 + i % 64:x} {off} 4k" for i, off in enumerate(offsets)]
@@ -415,13 +380,8 @@ def test_a_tracked_cycle_reads_at_the_source_what_was_written(daemon, tmp_path):
     assert sha(replica) == raw_sha(daemon.uri, tmp_path, fmt="raw")
 
 
-def test_a_live_disks_old_64k_bitmap_keeps_working_and_is_replaced(daemon, tmp_path):
-    vault = tmp_path / "vault"
-    init_vault(vault)
-    replica = tmp_path / "replica.img"
-    r = cli(vault, "protect", "vm", "--disk", f"{daemon.spec}={replica}", "--cbt")
-    assert r.returncode == 0, r.stderr
-    replicate(vault)
+def test_a_live_disks_old_64k_bitmap_keeps_working_and_is_replaced(tracked_daemon, tmp_path):
+    daemon, vault, replica = tracked_daemon
     # what a release before schema 10 added: the recorded bitmap at QEMU's 64 KiB
     daemon.qmp_command("block-dirty-bitmap-remove", node="disk0", name="pydr-1")
     daemon.qmp_command("block-dirty-bitmap-add", node="disk0", name="pydr-1",

@@ -8,6 +8,7 @@ caller's buffer; what lies outside the spans, and holes (never read), are left
 untouched; records encoded from the kept bytes are those encoded from the disk.
 """
 
+import contextlib
 import errno
 import os
 import re
@@ -24,6 +25,7 @@ from pydr.engine.progress import Throttle
 
 from conftest import oracle
 from nbdfail import FailingNbdServer
+from qemuhelp import qemu_nbd_servers
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 4096
@@ -56,26 +58,21 @@ def image(tmp_path):
 def nbd_server(tmp_path):
     """Start qemu-nbd (read-only, raw) on a unix socket for a file; yields a
     function(path) -> URI; stops them afterwards."""
-    procs = []
-
-    def start(path):
-        sock = tmp_path / f"nbd{len(procs)}.sock"
-        procs.append(subprocess.Popen(["qemu-nbd", "-f", "raw", "-r", "-t", "-e", "4",
-                                       "-k", str(sock), str(path)], stderr=subprocess.PIPE))
-        for _ in range(500):  # until it listens
-            if sock.exists():
-                return f"nbd+unix:///?socket={sock}"
-            if procs[-1].poll() is not None:
-                pytest.fail(procs[-1].stderr.read().decode())
-            subprocess.run(["sleep", "0.01"])
-        pytest.fail("qemu-nbd did not listen")
-
     if not B.nbd_available():
         pytest.fail("pydr was built without libnbd")
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait()
+    with qemu_nbd_servers(tmp_path) as start:
+        yield start
+
+
+@contextlib.contextmanager
+def file_device(path):
+    """A Device over a read-only descriptor of `path`, closed on exit."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with B.Device.open_fd(fd, name=path) as device:
+            yield device
+    finally:
+        os.close(fd)
 
 
 def pairs(spans):
@@ -141,14 +138,10 @@ def check_window(data, spans, hashes, mask, kept, holes, offset=0):
 @pytest.mark.parametrize("flags", [0, lib.PYDR_SIGN_NO_MMAP], ids=["mmap", "pread"])
 def test_spans_of_a_file_are_hashed_and_kept_holes_untouched(image, keep, flags):
     path, data = image
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with B.Device.open_fd(fd, name=path) as device:
-            progress = B.Progress()
-            rc, error, hashes, mask, kept = sign_spans(device, SPANS, keep=keep, flags=flags,
-                                                       progress=progress)
-    finally:
-        os.close(fd)
+    with file_device(path) as device:
+        progress = B.Progress()
+        rc, error, hashes, mask, kept = sign_spans(device, SPANS, keep=keep, flags=flags,
+                                                   progress=progress)
     assert rc == 0, B.ffi.string(lib.pydr_strerror(rc))
     check_window(data, SPANS, hashes, mask, kept, holes=[HOLE])
     span_bytes = sum(end - start for start, end in SPANS)
@@ -163,13 +156,9 @@ def test_spans_in_a_window_that_does_not_start_at_zero(image):
     path, data = image
     offset = 4 * MiB
     spans = [(4 * MiB + 8 * KiB, 6 * MiB), (8 * MiB, 8 * MiB + 4 * KiB)]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with B.Device.open_fd(fd, name=path) as device:
-            rc, _, hashes, mask, kept = sign_spans(device, spans, offset=offset,
-                                                   size=9 * MiB)
-    finally:
-        os.close(fd)
+    with file_device(path) as device:
+        rc, _, hashes, mask, kept = sign_spans(device, spans, offset=offset,
+                                               size=9 * MiB)
     assert rc == 0
     check_window(data[:9 * MiB], spans, hashes, mask, kept, holes=[], offset=offset)
 
@@ -177,17 +166,13 @@ def test_spans_in_a_window_that_does_not_start_at_zero(image):
 def test_one_span_without_keep_is_pydr_signer_sign(image):
     path, data = image
     n = (SIZE + BS - 1) // BS
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with B.Device.open_fd(fd, name=path) as device:
-            rc, _, hashes, mask, _ = sign_spans(device, [(0, SIZE)], keep=False)
-            with B.OutputBuffers(bytearray(16 * n), bytearray(n), 2) as out, \
-                    B.Signer(BS, XXH3_128) as signer:
-                h, z = out.at(0)
-                signer.sign(device, 0, SIZE, h, z, n, None)
-                whole = (bytes(ffi.buffer(h, 16 * n)), bytes(ffi.buffer(z, n)))
-    finally:
-        os.close(fd)
+    with file_device(path) as device:
+        rc, _, hashes, mask, _ = sign_spans(device, [(0, SIZE)], keep=False)
+        with B.OutputBuffers(bytearray(16 * n), bytearray(n), 2) as out, \
+                B.Signer(BS, XXH3_128) as signer:
+            h, z = out.at(0)
+            signer.sign(device, 0, SIZE, h, z, n, None)
+            whole = (bytes(ffi.buffer(h, 16 * n)), bytes(ffi.buffer(z, n)))
     assert rc == 0 and (bytes(hashes), bytes(mask)) == whole
     assert pydr.Signature(BS, SIZE, "xxh3-128", hashes, mask) == pydr.signature(path,
                                                                                 block_size=BS)
@@ -202,13 +187,9 @@ def test_one_span_without_keep_is_pydr_signer_sign(image):
 ], ids=["unsorted", "overlap", "unaligned", "short-inside", "outside"])
 def test_bad_spans_are_refused_at_the_span_before_anything_is_read(image, spans, bad):
     path, _ = image
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with B.Device.open_fd(fd, name=path) as device:
-            progress = B.Progress()
-            rc, error, hashes, mask, kept = sign_spans(device, spans, progress=progress)
-    finally:
-        os.close(fd)
+    with file_device(path) as device:
+        progress = B.Progress()
+        rc, error, hashes, mask, kept = sign_spans(device, spans, progress=progress)
     assert rc == -errno.EINVAL == error.code
     assert error.has_offset == 1 and error.offset == bad
     assert progress.read == 0 and set(kept) == {KEEP_SENTINEL} and set(mask) == {MASK_SENTINEL}
@@ -216,15 +197,11 @@ def test_bad_spans_are_refused_at_the_span_before_anything_is_read(image, spans,
 
 def test_a_keep_shorter_than_a_span_is_refused(image):
     path, _ = image
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with B.Device.open_fd(fd, name=path) as device, B.Signer(BS, XXH3_128) as signer:
-            n = 4
-            with pytest.raises(OSError) as info:
-                signer.sign_spans(device, 0, n, array("Q", [0, 4 * BS]), bytearray(16 * n),
-                                  bytearray(n), bytearray(3 * BS), None, path)
-    finally:
-        os.close(fd)
+    with file_device(path) as device, B.Signer(BS, XXH3_128) as signer:
+        n = 4
+        with pytest.raises(OSError) as info:
+            signer.sign_spans(device, 0, n, array("Q", [0, 4 * BS]), bytearray(16 * n),
+                              bytearray(n), bytearray(3 * BS), None, path)
     assert info.value.errno == errno.EINVAL and info.value.filename == path
     assert "at offset 0" in info.value.strerror
 
@@ -236,43 +213,35 @@ def test_a_read_error_in_a_span_names_its_block_and_other_spans_never_touch_it(f
     bad = 5 * MiB + 12345
     path, data = faulty_image(bad, bad + 1)
     size = len(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with B.Device.open_fd(fd, name=path) as device:
-            for keep in (True, False):
-                rc, error, _, _, kept = sign_spans(device, [(1 * MiB, 2 * MiB),
-                                                            (4 * MiB, 6 * MiB)],
-                                                   keep=keep, size=size)
-                assert rc == -errno.EIO == error.code
-                assert error.has_offset and error.offset == bad // BS * BS
-                if keep:  # the first span was read whole before
-                    assert kept[1 * MiB:2 * MiB] == data[1 * MiB:2 * MiB]
-            around = [(0, 5 * MiB), (5 * MiB + 16 * KiB, size)]
-            rc, _, hashes, mask, kept = sign_spans(device, around, size=size)
-            assert rc == 0
-            check_window(data, around, hashes, mask, kept, holes=[])
-            # and through the bindings: an OSError naming the file and the block
-            with B.Signer(BS, XXH3_128) as signer:
-                n = size // BS
-                with pytest.raises(OSError) as info:
-                    signer.sign_spans(device, 0, n, array("Q", [4 * MiB, 2 * MiB]),
-                                      bytearray(16 * n), bytearray(n), bytearray(size), None)
-    finally:
-        os.close(fd)
+    with file_device(path) as device:
+        for keep in (True, False):
+            rc, error, _, _, kept = sign_spans(device, [(1 * MiB, 2 * MiB),
+                                                        (4 * MiB, 6 * MiB)],
+                                               keep=keep, size=size)
+            assert rc == -errno.EIO == error.code
+            assert error.has_offset and error.offset == bad // BS * BS
+            if keep:  # the first span was read whole before
+                assert kept[1 * MiB:2 * MiB] == data[1 * MiB:2 * MiB]
+        around = [(0, 5 * MiB), (5 * MiB + 16 * KiB, size)]
+        rc, _, hashes, mask, kept = sign_spans(device, around, size=size)
+        assert rc == 0
+        check_window(data, around, hashes, mask, kept, holes=[])
+        # and through the bindings: an OSError naming the file and the block
+        with B.Signer(BS, XXH3_128) as signer:
+            n = size // BS
+            with pytest.raises(OSError) as info:
+                signer.sign_spans(device, 0, n, array("Q", [4 * MiB, 2 * MiB]),
+                                  bytearray(16 * n), bytearray(n), bytearray(size), None)
     assert info.value.errno == errno.EIO and info.value.filename == path
     assert f"at offset {bad // BS * BS}" in info.value.strerror
 
 
 def test_a_cancelled_sign_reads_nothing_and_says_where(image):
     path, _ = image
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with B.Device.open_fd(fd, name=path) as device:
-            progress = B.Progress()
-            progress.request_cancel()
-            rc, error, _, mask, kept = sign_spans(device, SPANS[1:], progress=progress)
-    finally:
-        os.close(fd)
+    with file_device(path) as device:
+        progress = B.Progress()
+        progress.request_cancel()
+        rc, error, _, mask, kept = sign_spans(device, SPANS[1:], progress=progress)
     assert rc == lib.PYDR_E_CANCELLED == error.code
     assert error.offset == SPANS[1][0]
     assert progress.read == 0 and set(kept) == {KEEP_SENTINEL}
@@ -553,20 +522,16 @@ def test_a_cancel_while_a_read_is_held_stops_at_the_next_buffer(faulty_image, tm
     backing = tmp_path / "backing0.img"
     spans = [(1 * MiB, 2 * MiB), (4 * MiB, 10 * MiB)]
     progress, result = B.Progress(), {}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with B.Device.open_fd(fd, name=path) as device:
-            signer = threading.Thread(target=lambda: result.update(
-                zip("rehmk", sign_spans(device, spans, size=len(data), progress=progress))))
-            signer.start()
-            while not os.path.exists(f"{backing}.held"):  # a state, not a time
-                assert signer.is_alive(), result
-                subprocess.run(["sleep", "0.01"])
-            progress.request_cancel()
-            open(f"{backing}.release", "w").close()
-            signer.join()
-    finally:
-        os.close(fd)
+    with file_device(path) as device:
+        signer = threading.Thread(target=lambda: result.update(
+            zip("rehmk", sign_spans(device, spans, size=len(data), progress=progress))))
+        signer.start()
+        while not os.path.exists(f"{backing}.held"):  # a state, not a time
+            assert signer.is_alive(), result
+            subprocess.run(["sleep", "0.01"])
+        progress.request_cancel()
+        open(f"{backing}.release", "w").close()
+        signer.join()
     rc, error, kept = result["r"], result["e"], result["k"]
     assert rc == lib.PYDR_E_CANCELLED == error.code
     stop = error.offset  # the held buffer, or the one after it, was the last one read

@@ -28,6 +28,7 @@ from pydr.engine.parallel import CANCEL_BYTES
 
 from conftest import as_ints, oracle
 from disks import evict
+from qemuhelp import qemu_nbd_servers
 
 MiB = 1 << 20
 THREADS = 2
@@ -253,24 +254,8 @@ def nbd_target(tmp_path, monkeypatch):
     if not B.nbd_available() or shutil.which("qemu-nbd") is None:
         pytest.skip("pydr built without libnbd, or no qemu-nbd")
     monkeypatch.setenv("PYDR_JOURNAL_DIR", str(tmp_path / "journals"))
-    procs = []
-
-    def start(image):
-        sock = tmp_path / f"nbd{len(procs)}.sock"
-        procs.append(subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), "-t",
-                                       "-e", "4", str(image)], stderr=subprocess.PIPE))
-        for _ in range(400):  # until it listens
-            if sock.exists():
-                return f"nbd+unix:///?socket={sock}", procs[-1].pid
-            if procs[-1].poll() is not None:
-                pytest.fail(procs[-1].stderr.read().decode())
-            subprocess.run(["sleep", "0.01"])
-        pytest.fail("qemu-nbd did not listen")
-
-    yield start
-    for p in procs:
-        p.terminate()
-        p.wait()
+    with qemu_nbd_servers(tmp_path) as start:
+        yield lambda image: (start(image, read_only=False), start.procs[-1].pid)
 
 
 @pytest.mark.parametrize("name", SIZES)

@@ -3,7 +3,7 @@ lives: the bytes a qemu-storage-daemon serving the source read (its
 /proc/PID/io rchar, its file node with aio=threads so every read is a
 syscall), and the bytes a child process running a resync of local files
 read through syscalls. The blocks found to differ are encoded from the
-buffer that was hashed, never read again; the replicas are exact (xxhash)."""
+buffer that was hashed, never read again; the replicas are exact (SHA-256)."""
 
 import json
 import os
@@ -13,26 +13,19 @@ import subprocess
 import sys
 
 import pytest
-import xxhash
 
 import pydr
 from pydr.engine.devices import NbdDevice
 from pydr.transport import exchange as X
 from pydr.transport.roles import LocalSource, LocalTarget
 
+from conftest import rchar, sha
+from qemuhelp import end_by_pidfd, start_storage_daemon
+
 MiB = 1 << 20
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-storage-daemon", "qemu-io")),
     reason="needs qemu-storage-daemon and qemu-io (scripts/bootstrap installs them)")
-
-
-def digest(path):
-    """XXH3-128 of a whole file (the oracle the replicas must match)."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_bytes(path):
@@ -66,11 +59,6 @@ def make_source(path, size, regions, seed=1):
     return path
 
 
-def rchar(pid="self"):
-    with open(f"/proc/{pid}/io") as f:
-        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
-
-
 class SourceDaemon:
     """qemu-storage-daemon serving a raw file read-only as an NBD export on a
     unix socket; its file node uses aio=threads and the page cache, so every
@@ -79,20 +67,13 @@ class SourceDaemon:
     def __init__(self, image):
         self.image = image
         self.sock = image.with_name("src.sock")
-        pid_file = image.with_name("qsd.pid")
-        # --daemonize: the parent exits once the socket listens, or failed
-        r = subprocess.run(
-            ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pid_file),
-             "--blockdev", f"driver=file,node-name=file0,filename={image},aio=threads,"
-                           "cache.direct=off",
-             "--blockdev", "driver=raw,node-name=disk0,file=file0",
-             "--nbd-server", f"addr.type=unix,addr.path={self.sock}",
-             "--export", "type=nbd,id=e0,node-name=disk0,name=disk0"],
-            capture_output=True, text=True, timeout=60)
-        if r.returncode != 0 or not self.sock.exists():
-            pytest.fail(f"qemu-storage-daemon did not start: {r.stderr}")
-        self.pid = int(pid_file.read_text())
-        self.pidfd = os.pidfd_open(self.pid)  # not our child: wait for it by its pidfd
+        self.pid, self.pidfd = start_storage_daemon(
+            image.with_name("qsd.pid"),
+            "--blockdev", f"driver=file,node-name=file0,filename={image},aio=threads,"
+                          "cache.direct=off",
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--nbd-server", f"addr.type=unix,addr.path={self.sock}",
+            "--export", "type=nbd,id=e0,node-name=disk0,name=disk0", sockets=(self.sock,))
 
     @property
     def uri(self):
@@ -102,16 +83,8 @@ class SourceDaemon:
         return rchar(self.pid)
 
     def stop(self):
-        import select
-        import signal
-
         if self.pidfd is not None:
-            try:
-                signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            select.select([self.pidfd], [], [])
-            os.close(self.pidfd)
+            end_by_pidfd(self.pidfd, gone_ok=True)
             self.pidfd = None
 
 
@@ -136,7 +109,7 @@ def test_a_full_resync_of_an_nbd_source_reads_its_data_once(daemon, tmp_path):
     before = daemon.rchar()
     st = pydr.resync(daemon.uri, str(target))
     served = daemon.rchar() - before
-    assert digest(target) == digest(daemon.image)
+    assert sha(target) == sha(daemon.image)
     # before: 2x (hashed, then the differing blocks read again to encode them)
     assert data <= served <= 1.1 * data, (served, data)
     # the stats tell what was read: all of it from the source, nothing from a new target
@@ -163,7 +136,7 @@ def test_a_tracked_resync_reads_the_changed_blocks_once(daemon, tmp_path):
     before = daemon.rchar()
     st = pydr.resync(daemon.uri, str(target), changed_extents=changed)
     served = daemon.rchar() - before
-    assert digest(target) == digest(daemon.image)
+    assert sha(target) == sha(daemon.image)
     assert st.blocks_changed == 256
     assert served <= 1.5 * MiB, served  # before: each block twice
     assert 1 * MiB <= st.source_bytes_read <= 1.5 * MiB
@@ -181,7 +154,7 @@ def test_the_exchange_source_side_reads_once(daemon, tmp_path):
             source.run(tgt)
             result = tgt.finish()
     served = daemon.rchar() - before
-    assert digest(target) == digest(daemon.image)
+    assert sha(target) == sha(daemon.image)
     assert result.bytes_written == data
     assert data <= served <= 1.1 * data, (served, data)
     assert data <= source.bytes_read <= 1.1 * data
@@ -204,7 +177,7 @@ def test_an_exchange_window_beyond_the_keep_budget_rereads_only_what_differs(dae
             source.run(tgt)
             tgt.finish()
     served = daemon.rchar() - before
-    assert digest(target) == digest(daemon.image)
+    assert sha(target) == sha(daemon.image)
     assert source.blocks_changed == MiB // 4096
     assert data + MiB <= served <= data + 2 * MiB + 0.02 * data, (served, data)
 
@@ -249,7 +222,7 @@ def test_a_local_resync_onto_a_new_target_reads_each_source_byte_once(tmp_path):
     data = data_bytes(src)
     dst = tmp_path / "dst.raw"
     got = resync_in_child(src, dst, tmp_path)
-    assert digest(dst) == digest(src)
+    assert sha(dst) == sha(src)
     # before: hashed (from mmap, which rchar does not see), then the
     # differing blocks read again by pread to encode them
     assert got["reread"] == 0
@@ -268,7 +241,7 @@ def test_a_local_resync_onto_an_old_target_reads_each_side_once(tmp_path):
             f.seek(rng.randrange(0, 128 * MiB // 4096 - 64) * 4096)
             f.write(rng.randbytes(256 * 1024))
     got = resync_in_child(src, dst, tmp_path)
-    assert digest(dst) == digest(src)
+    assert sha(dst) == sha(src)
     assert got["changed"] > 0 and got["reread"] == 0
     assert 128 * MiB <= got["source"] <= 1.1 * 128 * MiB
     assert 128 * MiB <= got["target"] <= 1.1 * 128 * MiB
@@ -309,7 +282,7 @@ def test_windows_of_holes_are_neither_hashed_nor_compared(tmp_path, monkeypatch)
     for cached, target_signed in ((None, []), (cache, [data_window]), (cache, [])):
         signed.clear()
         st = R.resync(str(src), str(dst), signature_cache=cached)
-        assert digest(dst) == digest(src)
+        assert sha(dst) == sha(src)
         assert st.source_bytes_read == MiB
         assert [o for name, o in signed if name == "src.raw"] == [data_window]
         assert [o for name, o in signed if name == "dst.raw"] == target_signed

@@ -17,12 +17,10 @@ from pydr.engine import journal as J
 from pydr.engine import restore, writeback
 from pydr.errors import DamagedJournal
 
+from conftest import rchar, sha
+
 MiB = 1 << 20
 KiB = 1 << 10
-
-
-def digest(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def history(where, replica_dir):
@@ -54,7 +52,7 @@ def history(where, replica_dir):
         if point:
             steps.insert(0, str(step))
         points[point] = hashlib.sha256(bytes(disk)).hexdigest()
-    assert digest(rep) == points[len(changes)]
+    assert sha(rep) == points[len(changes)]
     return str(rep), steps, points
 
 
@@ -68,8 +66,8 @@ def test_every_point_comes_back_exactly_by_copy_however_the_batches_are_cut(tmp_
         out = tmp_path / f"point{point}.img"
         used = restore.materialize_file(rep, steps[:latest - point], str(out), method="copy")
         assert used == "copy"
-        assert digest(out) == points[point], f"point {point}"
-    assert digest(rep) == points[latest]  # the latest state is never written
+        assert sha(out) == points[point], f"point {point}"
+    assert sha(rep) == points[latest]  # the latest state is never written
 
 
 def test_every_point_comes_back_exactly_by_reflink_reading_each_step_twice_and_syncing_once(
@@ -88,18 +86,13 @@ def test_every_point_comes_back_exactly_by_reflink_reading_each_step_twice_and_s
         read_before = rchar()
         assert restore.materialize_file(rep, chain, str(out), method="reflink") == "reflink"
         read = rchar() - read_before
-        assert digest(out) == points[point], f"point {point}"
+        assert sha(out) == points[point], f"point {point}"
         assert scans == chain  # each step scanned once, newest first; rollback reuses the scan
         assert fdatasyncs == []  # synced once, by install (fsync)
         # the clone reads nothing: each step read through to check it, then once to write it back
         assert read <= 2 * sum(os.path.getsize(s) for s in chain) + MiB  # (+ small files)
         out.unlink()
-    assert digest(rep) == points[latest]
-
-
-def rchar():
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
+    assert sha(rep) == points[latest]
 
 
 @pytest.mark.parametrize("what", ["payload", "header"])

@@ -17,18 +17,12 @@ import pytest
 import pydr
 
 from conftest import ROOT, run_cli, sha
+from qemuhelp import qemu_io, qemu_nbd_servers
 
 QEMU = ("qemu-img", "qemu-nbd", "qemu-io")
 pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in QEMU),
                                 reason="needs qemu-utils (scripts/bootstrap installs it)")
 MiB = 1 << 20
-
-
-def qemu_io(image, *commands, fmt="qcow2"):
-    args = ["qemu-io", "-f", fmt]
-    for c in commands:
-        args += ["-c", c]
-    subprocess.run(args + [str(image)], check=True, capture_output=True)
 
 
 def raw_of(image, tmp_path, name="converted.raw"):
@@ -48,25 +42,8 @@ def qcow2(tmp_path, name="disk.qcow2", size="64M"):
 def qemu_nbd(tmp_path):
     """Start qemu-nbd on a unix socket for an image; yields a function
     (image, fmt, read_only) -> URI; stops them all afterwards."""
-    procs = []
-
-    def start(image, fmt="raw", read_only=True, shared=4):
-        sock = tmp_path / f"nbd{len(procs)}.sock"
-        cmd = ["qemu-nbd", "-f", fmt, "-k", str(sock), "-t", "-e", str(shared), str(image)]
-        procs.append(subprocess.Popen(cmd + (["-r"] if read_only else []),
-                                      stderr=subprocess.PIPE))
-        for _ in range(400):  # until it listens
-            if sock.exists():
-                return f"nbd+unix:///?socket={sock}"
-            if procs[-1].poll() is not None:
-                pytest.fail(procs[-1].stderr.read().decode())
-            subprocess.run(["sleep", "0.01"])
-        pytest.fail("qemu-nbd did not listen")
-
-    yield start
-    for p in procs:
-        p.terminate()
-        p.wait()
+    with qemu_nbd_servers(tmp_path) as start:
+        yield start
 
 
 def servers_left():
