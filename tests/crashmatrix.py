@@ -119,16 +119,16 @@ def rebind_cache(cache, disks):
     dev, ino, size, mtime = fields[-4:]
     if (dev, ino, size, mtime) == L.NO_TARGET:
         return
-    for disk in disks:
-        if not os.path.exists(disk):
-            continue
-        st = os.stat(disk)
-        if st.st_size == size and st.st_mtime_ns == mtime:
-            break
-    else:
+    # the copy of the disk it described: the one of its size, or of its size
+    # and mtime where several are (the power-cut file system does not keep
+    # the times copytree sets)
+    sized = [os.stat(d) for d in disks if os.path.exists(d) and os.stat(d).st_size == size]
+    same = sized if len(sized) == 1 else [st for st in sized if st.st_mtime_ns == mtime]
+    if len(same) != 1:
         return  # it describes none of them: left as it is, for the cycle to refuse
+    st = same[0]
     old = ownership.cache_digest(cache)
-    packed = L.HEADER.pack(*fields[:-4], st.st_dev, st.st_ino, size, mtime)
+    packed = L.HEADER.pack(*fields[:-4], st.st_dev, st.st_ino, size, st.st_mtime_ns)
     raw[:L.HEADER.size + 8] = packed + L.xxh64(packed)
     with open(cache, "r+b") as f:
         f.write(raw)
