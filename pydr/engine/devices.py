@@ -39,7 +39,7 @@ from .atomic import copy_mode
 from .oserrors import naming
 from .filesign import blocks_for, check_keep, sign_spans_range  # noqa: F401 (blocks_for)
 from .parallel import CANCEL_BYTES, run_chunks, start_all, wait_all
-from .spans import as_pairs, check_spans, merge_extents
+from .spans import as_pairs, check_spans, merge_spans
 
 SIGN_WINDOW = 256 << 20  # an NBD export is signed this much at a time
 # connections that sign one export side by side where the server offers
@@ -283,7 +283,7 @@ class FileDevice(Device):
                 hole = os.lseek(self.fd, data, os.SEEK_HOLE)
                 result.append((data, min(hole, end)))
                 pos = hole
-        return merge_extents(result)
+        return merge_spans(result)
 
     def encode(self, extents, zero, base_hashes, first_seq, out, block_size=0,
                payload_hashes=None):
@@ -491,7 +491,7 @@ class NbdDevice(Device):
         data read)."""
         pairs = [(start, start + size) for start, size, flags in self.extents(offset, length)
                  if not flags & B.NBD_STATE_ZERO]
-        return merge_extents(pairs)
+        return merge_spans(pairs)
 
     @property
     def connections(self):

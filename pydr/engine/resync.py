@@ -30,6 +30,7 @@ from . import journal as J
 from .devices import (Device, FileDevice, MemoryDevice, as_device, blocks_for, disk_mode,
                       sign_range)
 from .parallel import check_cancel, check_threads
+from .spans import merge_spans
 from .apply import Applier
 from .atomic import fsync_dir
 from .delta import (BATCH_BYTES, RECORD_SPLIT, changed_extents as extents_between,
@@ -115,7 +116,7 @@ def check_no_lost_records(applier, cache, block_size, threads):
         n = reader.n if now == old_size else min(now, old_size) // block_size
         if n == 0:
             return
-        spans = merge_spans(sorted([r[3], r[3] + r[4]] for r in J.scan(journal.path).records))
+        spans = merge_spans((r[3], r[3] + r[4]) for r in J.scan(journal.path).records)
         starts = np.array([s for s, _ in spans], dtype=np.int64)
         ends = np.array([e for _, e in spans], dtype=np.int64)
         per_window = max(1, WINDOW // block_size)  # memory: one window, not the disk
@@ -182,19 +183,20 @@ def _coalesce(ranges, block_size, limit):
         end = min(limit, -(-(int(off) + int(length)) // block_size) * block_size)
         if end > start:
             spans.append([start, end])
-    return merge_spans(sorted(spans))
+    return merge_spans(spans)
 
 
-def merge_close(spans, gap):
-    """Sorted, disjoint [start, end) spans, those at most `gap` bytes apart
-    made one (the gap between them read too): fewer, longer reads."""
-    merged = []
-    for s, e in spans:
-        if merged and s - merged[-1][1] <= gap:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-        else:
-            merged.append((s, e))
-    return merged
+
+def encode_kept(keep, w0, w1, name, extents, zero, digests, emit, *, first_seq, buf,
+                check=None):
+    """write_records of the window [w0, w1) of a source from `keep`, the
+    buffer its signing kept (sign(keep=...)): the records are made of the
+    bytes that were hashed, and the source is not read again. `name` (the
+    source's) names a read outside the window, a bug. Returns what
+    write_records returns."""
+    with memoryview(keep) as kept, MemoryDevice(kept[:w1 - w0], w0, name=name) as window:
+        return write_records(window, extents, zero, digests, emit, first_seq=first_seq,
+                             buf=buf, check=check)
 
 
 def _known_zero(cache, first, count):
@@ -235,16 +237,6 @@ def _zero_window(length, block_size, code):
         hashes[-1] = B.hash_bytes(code, bytes(tail))
     return bytes(hashes.tobytes()), bytes(b"\1" * n)
 
-
-def merge_spans(spans):
-    """Sorted [start, end) spans, those that touch or overlap made one."""
-    merged = []
-    for s, e in spans:
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    return merged
 
 
 def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
@@ -362,7 +354,7 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                         k += 1
                     if not subs and (writer is None or writer is cached):
                         continue
-                    subs = merge_close(subs, MERGE_GAP)
+                    subs = merge_spans(subs, MERGE_GAP)
                 # one signature pair for the whole window: blocks outside the
                 # changed spans get the target's hashes on both sides (so they
                 # compare equal), and the window is compared and encoded in one
@@ -437,14 +429,9 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
                     # the records are encoded from the bytes that were hashed
                     # (kept while signing): the source is not read again, and
                     # src_h (the signature cache's source) is what the target gets
-                    with memoryview(keep) as kept:
-                        window = MemoryDevice(kept[:w1 - w0], w0, name=source.name)
-                        try:
-                            count, _, _ = write_records(
-                                window, ext, zero, digests, pending.add, first_seq=seq[0],
-                                buf=encode_buf, check=check)
-                        finally:
-                            window.close()
+                    count, _, _ = encode_kept(keep, w0, w1, source.name, ext, zero, digests,
+                                              pending.add, first_seq=seq[0], buf=encode_buf,
+                                              check=check)
                     seq[0] += count
                 if writer is not None and not (skipped and writer is cached):
                     # (a skipped window the cache knows is zero stays as it is)

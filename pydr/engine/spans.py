@@ -10,7 +10,7 @@ only where the disk ends). The C core takes them as (start, length) pairs
 from __future__ import annotations
 
 from array import array
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 Span = Tuple[int, int]
 
@@ -73,11 +73,13 @@ def as_pairs(spans: Sequence[Span]) -> "array[int]":
     return array("Q", [v for start, stop in spans for v in (start, stop - start)])
 
 
-def merge_extents(pairs: Sequence[Span]) -> List[Span]:
-    """Sorted (start, end) pairs with touching or overlapping ones merged."""
-    merged = []
+def merge_spans(pairs: Iterable[Span], gap: int = 0) -> List[Span]:
+    """The (start, end) pairs sorted, with those that overlap, touch or lie
+    at most `gap` bytes apart made one (the gap between them then read too:
+    fewer, longer reads)."""
+    merged: List[Span] = []
     for start, end in sorted(pairs):
-        if merged and start <= merged[-1][1]:
+        if merged and start - merged[-1][1] <= gap:
             merged[-1] = (merged[-1][0], max(merged[-1][1], end))
         else:
             merged.append((start, end))

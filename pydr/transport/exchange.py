@@ -30,9 +30,9 @@ import numpy as np
 from ..engine import bindings as B
 from . import protocol as P
 from ..engine.delta import write_records
-from ..engine.devices import MemoryDevice, blocks_for
+from ..engine.devices import blocks_for
 from ..engine.signatures import Signature
-from ..engine.resync import compare_window
+from ..engine.resync import compare_window, encode_kept
 
 WINDOW = 64 << 20       # image bytes per COARSE/FINE exchange
 GROUP = 32              # 4 KiB blocks per coarse digest (128 KiB)
@@ -185,13 +185,8 @@ class SourceSide:
                                                first_seq=self.seq, buf=self.buf)
                 self.bytes_reread += data
             else:  # from the bytes that were signed: the source is not read again
-                with memoryview(keep) as kept:
-                    window = MemoryDevice(kept[:w1 - w0], w0, name=self.dev.name)
-                    try:
-                        count, data, _ = write_records(window, ext, zero, digests, emit,
-                                                       first_seq=self.seq, buf=self.buf)
-                    finally:
-                        window.close()
+                count, data, _ = encode_kept(keep, w0, w1, self.dev.name, ext, zero, digests,
+                                             emit, first_seq=self.seq, buf=self.buf)
             self.seq += count
             self.data_bytes += data
 
