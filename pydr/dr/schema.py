@@ -12,11 +12,12 @@ from ..errors import VaultError
 from . import arguments
 from .dberrors import VaultConnection
 
-SCHEMA_VERSION = 10  # 2: remote replicas; 3: operations; 4: changed-block tracking;
+SCHEMA_VERSION = 11  # 2: remote replicas; 3: operations; 4: changed-block tracking;
 # 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
 # 7: the point indexes of replicas in object stores; 8: damaged points, the vault's identity,
 # the digest of each step; 9: the time of each point's cut, an item's last successful cycle;
-# 10: the granularity of a tracked disk's dirty bitmaps
+# 10: the granularity of a tracked disk's dirty bitmaps; 11: protection policies (pydr run),
+# the RPO health last recorded, the alerts log, files to remove once their rows are gone
 DB_NAME = "vault.db"
 
 _SCHEMA = """
@@ -45,7 +46,8 @@ CREATE TABLE items(
     test_method TEXT,
     host TEXT,
     failover_dir TEXT,
-    last_success_at REAL
+    last_success_at REAL,
+    rpo_health TEXT
 );
 CREATE TABLE disks(
     item TEXT NOT NULL REFERENCES items(name) ON DELETE CASCADE,
@@ -111,6 +113,34 @@ CREATE TABLE object_indexes(
     key TEXT NOT NULL,
     bytes INTEGER NOT NULL,
     PRIMARY KEY(item, point)
+);
+CREATE TABLE policies(
+    scope TEXT NOT NULL,
+    name TEXT NOT NULL,
+    target_rpo REAL,
+    rpo_critical REAL,
+    app_consistent_every REAL,
+    keep TEXT,
+    bwlimit INTEGER,
+    bwlimit_windows TEXT,
+    priority INTEGER,
+    alert_commands TEXT,
+    PRIMARY KEY(scope, name)
+);
+CREATE TABLE alerts(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    item TEXT NOT NULL,
+    old TEXT,
+    new TEXT NOT NULL,
+    rpo_seconds REAL,
+    target_rpo REAL,
+    message TEXT NOT NULL
+);
+CREATE TABLE doomed_files(
+    item TEXT NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY(item, path)
 );
 CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO counters VALUES ('point', 0);
@@ -193,6 +223,20 @@ _MIGRATIONS = {
     # as for the disks tracked before, is the default (4 KiB): their bitmaps, added at
     # QEMU's 64 KiB, keep working and are replaced at that granularity by the next cut
     9: ("ALTER TABLE disks ADD COLUMN granularity INTEGER",),
+    # 11: protection policies of items and groups (pydr.dr.policy: what pydr run keeps them
+    # at), the RPO health pydr run last recorded for an item (its transitions are alerts),
+    # the alerts log, and files to remove once the rows naming them are gone (a merged
+    # undo step's old files: pydr.dr.stepmerge)
+    10: ("ALTER TABLE items ADD COLUMN rpo_health TEXT",
+         "CREATE TABLE policies(scope TEXT NOT NULL, name TEXT NOT NULL, target_rpo REAL, "
+         "rpo_critical REAL, app_consistent_every REAL, keep TEXT, bwlimit INTEGER, "
+         "bwlimit_windows TEXT, priority INTEGER, alert_commands TEXT, "
+         "PRIMARY KEY(scope, name))",
+         "CREATE TABLE alerts(id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, "
+         "item TEXT NOT NULL, old TEXT, new TEXT NOT NULL, rpo_seconds REAL, target_rpo REAL, "
+         "message TEXT NOT NULL)",
+         "CREATE TABLE doomed_files(item TEXT NOT NULL, path TEXT NOT NULL, "
+         "PRIMARY KEY(item, path))"),
 }
 
 

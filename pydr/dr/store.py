@@ -49,6 +49,7 @@ from .store_items import ItemTables
 from .store_jobs import JobTables
 from .store_lock import HIDDEN, HOOK_OPTIONS, LOCK_NAME, redact_argv  # noqa: F401  (re-exported)
 from .store_points import PointTables
+from .store_policies import PolicyTables
 from .store_recovery import recover
 
 _S = TypeVar("_S", bound="Store")
@@ -56,7 +57,7 @@ STATES = ("protecting", "protected", "resync-required")
 HEALTH = ("ok", "warning", "critical")
 
 
-class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints):
+class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints, PolicyTables):
     """An open vault. Use as a context manager.
 
     Args:

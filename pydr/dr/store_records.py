@@ -121,7 +121,7 @@ class ItemRecord(Record):
                  "thaw_hook", "created", "last_error", "attempts", "next_retry",
                  "retention_age", "test_dir", "failover_point", "rsh", "remote_pydr",
                  "operation", "operation_command", "operation_args", "test_point",
-                 "test_method", "host", "failover_dir", "last_success_at")
+                 "test_method", "host", "failover_dir", "last_success_at", "rpo_health")
 
 
 class DiskRecord(Record):
@@ -181,3 +181,19 @@ class IndexRecord(Record):
     object_indexes table)."""
 
     __slots__ = ("item", "point", "store", "key", "bytes")
+
+
+class PolicyRecord(Record):
+    """The protection policy of an item or a group as stored (the policies
+    table): each field None where it is not set (pydr.dr.policy resolves
+    item over group over default). ``keep``, ``bwlimit_windows`` and
+    ``alert_commands`` are JSON text."""
+
+    __slots__ = ("scope", "name", "target_rpo", "rpo_critical", "app_consistent_every", "keep",
+                 "bwlimit", "bwlimit_windows", "priority", "alert_commands")
+
+
+class AlertRecord(Record):
+    """A change of an item's RPO health that pydr run recorded (the alerts table)."""
+
+    __slots__ = ("id", "at", "item", "old", "new", "rpo_seconds", "target_rpo", "message")

@@ -393,3 +393,27 @@ def test_cycle_results_pickle_by_value():
     outcome = ItemOutcome("web", "failed", None, "disk not found", 3, 0, False)
     result = CycleResult(None, [], 0, 0, 0.1, "crash-consistent", [], [outcome])
     assert pickle.loads(pickle.dumps(result)) == result
+
+
+def test_policies_alerts_and_doomed_files_round_trip(tmp_path):
+    from pydr.dr.schema import init_vault
+    from pydr.dr.store import Store
+
+    init_vault(tmp_path / "v")
+    with Store(tmp_path / "v", writer=True) as s:
+        assert s.policy_row("item", "web") is None
+        s.put_policy("group", "shop", target_rpo=10.0, priority=3)
+        s.put_policy("group", "shop", priority=None)
+        row = s.policy_row("group", "shop")
+        assert (row.target_rpo, row.priority, row.keep) == (10.0, None, None)
+        with pytest.raises(TypeError):
+            s.put_policy("item", "web", nonsense=1)
+        s.add_doomed("web", "/a")
+        s.add_doomed("web", "/a")  # once
+        assert s.doomed("web") == ["/a"]
+        s.drop_doomed("web", "/a")
+        assert s.doomed("web") == []
+        first = s.add_alert(1.0, "web", None, "warning", 12.0, 10.0, "RPO 12 s > target 10 s")
+        s.add_alert(2.0, "web", "warning", "ok", 1.0, 10.0, "back")
+        assert [a.id for a in s.alerts(item="web", limit=1)] == [first + 1]
+        assert [a.new for a in s.alerts(since=1.5)] == ["ok"]
