@@ -334,6 +334,17 @@ def resolve_policy(store: Any, name: str) -> Tuple[Policy, Dict[str, str]]:
     return Policy(**fields), sources
 
 
+def group_policy(store: Any, group: str) -> Tuple[Policy, Dict[str, str]]:
+    """Group `group`'s own policy (every field it does not set at the
+    default) and where each field comes from ("group" or "default").
+
+    Raises VaultError if the stored policy is damaged.
+    """
+    fields = _policy_fields(_store(store), "group", group)
+    sources = {f: "group" if f in fields else "default" for f in FIELDS}
+    return Policy(**fields), sources
+
+
 def effective_policy(store: Any, name: str) -> Policy:
     """Item `name`'s effective policy: each field from the item's own policy
     where set, else from its group's, else the default.
@@ -411,6 +422,24 @@ def set_policy(store: Any, scope: str, name: str, **fields: Any) -> None:
            [f for f, v in checked.items() if v is None])
 
 
+def check_new_item_policy(store: Any, group: Optional[str],
+                          fields: Dict[str, Any]) -> Dict[str, Any]:
+    """Check the policy `fields` of an item about to be protected (in
+    `group`, or None) as set_policy would, with its group's policy, before
+    the item is recorded. Returns the checked fields.
+
+    Raises InvalidArgument for a bad field or value.
+    """
+    store = _store(store)
+    if not isinstance(fields, dict):
+        raise InvalidArgument(f"a policy is a dict of policy fields, not {fields!r}")
+    checked = {field: check_field(field, value) for field, value in fields.items()}
+    merged = _policy_fields(store, "group", group) if group else {}
+    merged.update({f: v for f, v in checked.items() if v is not None})
+    _check_critical(Policy(**merged), "the new item's policy")
+    return checked
+
+
 def clear_policy(store: Any, scope: str, name: str, fields: Iterable[str]) -> None:
     """Clear `fields` of the policy of item or group `name` (they are then
     taken from the group, or the default). Clearing every field removes the
@@ -441,15 +470,23 @@ def is_paused(item_row: Any) -> bool:
     return item_row.state in PAUSED_STATES or item_row.test_point is not None
 
 
-def _rpo_health(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
-    """The RPO health of an item by design.md's rule: used until
-    pydr.dr.health.rpo_health is there (it then takes over)."""
+def rpo_health_now(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
+    """Item `item_row`'s (an ItemRecord) RPO health at `now` (epoch
+    seconds) under `policy`, from its pydr.dr.rpo.RpoFacts `facts`: by
+    pydr.dr.health.rpo_health where it is present, else by the same rule
+    here (see :func:`_rpo_health`)."""
     try:
-        from .health import rpo_health  # type: ignore[attr-defined]
+        from .health import rpo_health  # pydr.dr.health: the service's own rule
     except ImportError:
-        pass
-    else:
-        return rpo_health(policy, facts, item_row, now)
+        return _rpo_health(policy, facts, item_row, now)
+    return str(rpo_health(policy, facts, item_row, now))
+
+
+def _rpo_health(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
+    """"paused" for an item failed over, committing or in a drill;
+    "unknown" without a target, or without a point within one target of
+    protecting it; "critical" past critical_after(); "warning" past the
+    target; else "ok"."""
     if is_paused(item_row):
         return "paused"
     target = policy.target_rpo
