@@ -292,6 +292,8 @@ def _from_row(store: Any, record: Any) -> Dict[str, Any]:
         try:
             value = json.loads(stored) if field in ("keep", "bwlimit_windows",
                                                     "alert_commands") else stored
+            if field in ("bwlimit_windows", "alert_commands") and not isinstance(value, list):
+                raise ValueError("not a JSON list")  # as written: the lists only
             fields[field] = check_field(field, value)
         except (ValueError, TypeError) as exc:  # InvalidArgument is a ValueError
             raise VaultError(f"the {record.scope} policy of {record.name!r}: its {field} "
