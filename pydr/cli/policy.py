@@ -72,6 +72,7 @@ def policy_fields(args, current_keep=None):
     pydr.dr.policy.set_policy takes them; --keep-* options change only their
     own tier of `current_keep` (a Tiers, or None)."""
     from ..dr.policy import parse_duration
+    from ..errors import InvalidArgument
 
     given = {"target_rpo": args.rpo, "rpo_critical": args.rpo_critical,
              "priority": args.priority}
@@ -88,7 +89,10 @@ def policy_fields(args, current_keep=None):
     if any(v is not None for v in keep.values()):
         tiers = dict(current_keep.to_dict()) if current_keep is not None else {}
         if keep["keep_within"] is not None:
-            tiers["within"] = parse_duration(keep["keep_within"])
+            try:
+                tiers["within"] = parse_duration(keep["keep_within"])
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"--keep-within: {exc}") from None
         for period in KEEP_PERIODS:
             if keep[f"keep_{period}"] is not None:
                 tiers[period] = _count(keep[f"keep_{period}"], f"--keep-{period}")

@@ -201,15 +201,13 @@ def _check_window(window: Any, given: Any) -> Tuple[str, str, int]:
 # -- checking each field --------------------------------------------------------------
 def _duration_value(value: Duration, field: str) -> float:
     if isinstance(value, str):
-        try:
-            return parse_duration(value)
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"{_option(field)}: {exc}") from None
+        return parse_duration(value)
     return _check_seconds(value, value, _option(field))
 
 
 def _option(field: str) -> str:
-    return {"target_rpo": "--rpo"}.get(field, "--" + field.replace("_", "-"))
+    return {"target_rpo": "--rpo", "bwlimit_windows": "--bwlimit-window",
+            "alert_commands": "--alert-command"}.get(field, "--" + field.replace("_", "-"))
 
 
 def check_field(field: str, value: Any) -> Any:
@@ -224,6 +222,15 @@ def check_field(field: str, value: Any) -> Any:
         raise InvalidArgument(f"no policy field {field!r} (fields: {', '.join(FIELDS)})")
     if value is None:
         return None
+    try:
+        return _checked(field, value)
+    except InvalidArgument as exc:  # name the option, as the command line spells it
+        if str(exc).startswith(_option(field)):
+            raise
+        raise InvalidArgument(f"{_option(field)}: {exc}") from None
+
+
+def _checked(field: str, value: Any) -> Any:
     if field in ("target_rpo", "rpo_critical", "app_consistent_every"):
         return _duration_value(value, field)
     if field == "keep":
