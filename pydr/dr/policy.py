@@ -14,6 +14,7 @@ the vault is unchanged.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import math
 import re
@@ -52,20 +53,24 @@ Window = Union[str, Sequence[Any]]
 class Policy:
     """An item's protection policy (every field as `pydr run` uses it).
 
-    target_rpo: seconds: the newest point's data should stay younger than
-        this (None: not set; the item is not scheduled by pydr run).
-    rpo_critical: seconds: the RPO at which its health is "critical"
-        (None: twice the target).
-    app_consistent_every: seconds: a cycle runs the item's quiesce hooks
-        when its newest app-consistent point is older than this (None: never).
-    keep: retention tiers (pydr.dr.tiers.Tiers), None: the item's count/age
-        retention.
-    bwlimit: upload limit in bytes per second outside every window (None: none).
-    bwlimit_windows: (start "HH:MM", end "HH:MM", bytes per second) in local
-        time; a window whose end is not after its start wraps midnight.
-    priority: -1000 to 1000; higher runs first when more items are due
-        than there are slots.
-    alert_commands: shell command lines run on a change of RPO health.
+    Attributes:
+        target_rpo: seconds: the newest point's data should stay younger
+            than this (None: not set; pydr run does not schedule the item).
+        rpo_critical: seconds: the RPO at which its health is "critical"
+            (None: twice the target).
+        app_consistent_every: seconds: a cycle runs the item's quiesce hooks
+            when its newest app-consistent point is older than this (None:
+            never).
+        keep: retention tiers (pydr.dr.tiers.Tiers); None: the item's
+            count/age retention.
+        bwlimit: upload limit in bytes per second outside every window
+            (None: none).
+        bwlimit_windows: (start "HH:MM", end "HH:MM", bytes per second) in
+            local time; a window whose end is not after its start wraps
+            midnight.
+        priority: -1000 to 1000; higher runs first when more items are due
+            than there are slots.
+        alert_commands: shell command lines run on a change of RPO health.
     """
 
     target_rpo: Optional[float] = None
@@ -87,7 +92,7 @@ class Policy:
     def bwlimit_at(self, when: float) -> Optional[int]:
         """The upload limit (bytes/s, None: none) at `when` (epoch seconds,
         read in local time): the rate of the first window `when` falls in
-        (start included, end excluded), else :attr:`bwlimit`."""
+        (start included, end excluded), else ``bwlimit``."""
         local = datetime.datetime.fromtimestamp(when)
         minute = local.hour * 60 + local.minute
         for start, end, rate in self.bwlimit_windows:
@@ -381,7 +386,7 @@ def _scope_members(store: Any, scope: str, name: str) -> List[str]:
         store.item(name)  # UnknownName if not protected
         return [name]
     if scope == "group":
-        return store.items(group=name)  # UnknownName: a group with no members
+        return list(store.items(group=name))  # UnknownName: a group with no members
     raise InvalidArgument(f"a policy's scope is 'item' or 'group', not {scope!r}")
 
 
@@ -484,11 +489,11 @@ def rpo_health_now(policy: Policy, facts: Any, item_row: Any, now: float) -> str
     seconds) under `policy`, from its pydr.dr.rpo.RpoFacts `facts`: by
     pydr.dr.health.rpo_health where it is present, else by the same rule
     here (see :func:`_rpo_health`)."""
-    try:
-        from .health import rpo_health  # pydr.dr.health: the service's own rule
-    except ImportError:
+    try:  # pydr.dr.health: the service's own rule (imported late: it may import this)
+        health = importlib.import_module(".health", __package__)
+    except ModuleNotFoundError:
         return _rpo_health(policy, facts, item_row, now)
-    return str(rpo_health(policy, facts, item_row, now))
+    return str(health.rpo_health(policy, facts, item_row, now))
 
 
 def _rpo_health(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
