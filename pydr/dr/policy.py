@@ -29,6 +29,8 @@ FIELDS = ("target_rpo", "rpo_critical", "app_consistent_every", "keep", "bwlimit
           "bwlimit_windows", "priority", "alert_commands")
 #: where an effective policy's field comes from
 SOURCES = ("item", "group", "default")
+#: the RPO healths (pydr.dr.health's, recorded in items.rpo_health and the alerts)
+HEALTHS = ("ok", "warning", "critical", "unknown", "paused")
 #: an item in one of these states, or in a drill, is not scheduled and raises no alert
 PAUSED_STATES = ("failing-over", "failed-over", "committing", "failover-committed")
 PRIORITY_RANGE = (-1000, 1000)
@@ -311,6 +313,14 @@ def _from_row(store: Any, record: Any) -> Dict[str, Any]:
             raise VaultError(f"the {record.scope} policy of {record.name!r}: its {field} "
                              f"{stored!r} is damaged: {exc}", path=store.dir) from None
     return fields
+
+
+def check_stored(store: Any, record: Any) -> Dict[str, Any]:
+    """The fields a stored policy (a PolicyRecord) sets, checked as read.
+
+    Raises VaultError naming the policy and the field for a damaged value.
+    """
+    return _from_row(_store(store), record)
 
 
 def _policy_fields(store: Any, scope: str, name: str) -> Dict[str, Any]:

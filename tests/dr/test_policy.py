@@ -378,3 +378,44 @@ def test_a_schema_10_vault_is_migrated_and_keeps_working(tmp_path):
         v.set_policy("vm", target_rpo="1h")
         v.replicate("vm")
         assert v.status("vm").rpo_health == "ok" and v.status("vm").point_count == 2
+
+
+# -- pydr vault check ----------------------------------------------------------------------
+
+def test_vault_check_knows_the_schema_11_tables(tmp_path):
+    from pydr.dr.check import check_vault
+
+    directory = vault_with(tmp_path)
+    with Vault(directory, writer=True) as v:
+        v.replicate("solo")
+        (tmp_path / "solo.img").write_bytes(os.urandom(64 * KiB))
+        v.replicate("solo")
+        step = v.store.all_steps()[0].path
+        v.set_policy("web", target_rpo=60, alert_commands=["true"])
+        v.set_policy("shop", group=True, priority=2)
+        with v.store.transaction():
+            v.store.add_alert(1.0, "web", None, "ok", 1.0, 60.0, "fine")
+            v.store.set_rpo_health("web", "ok")
+        assert os.path.dirname(os.path.dirname(step)) == os.path.join(directory, "undo")
+        doomed = os.path.join(os.path.dirname(step), "99-0.undo")
+        with open(doomed, "wb") as f:
+            f.write(b"an old step a merge let go")
+        with v.store.transaction():
+            v.store.add_doomed("solo", doomed)
+    assert check_vault(directory).problems == []  # a doomed file is not an unknown one
+    db = sqlite3.connect(directory / "vault.db")
+    db.execute("INSERT INTO policies(scope, name, target_rpo) VALUES ('item', 'ghost', 5)")
+    db.execute("INSERT INTO policies(scope, name, priority) VALUES ('group', 'gone', 1)")
+    db.execute("UPDATE policies SET bwlimit_windows='[[\"08:00\"]]' WHERE name='web'")
+    db.execute("INSERT INTO alerts(at, item, new, message) VALUES (2, 'ghost', 'ok', 'x')")
+    db.execute("INSERT INTO doomed_files VALUES ('ghost', '/nowhere')")
+    db.execute("UPDATE items SET rpo_health='splendid' WHERE name='db'")
+    db.commit()
+    db.close()
+    found = {(p.kind, p.where) for p in check_vault(directory).problems}
+    assert found == {("rows", "item policy ghost"), ("rows", "group policy gone"),
+                     ("policy", "item policy web"), ("rows", "item ghost"),
+                     ("rows", "item db")}
+    report = check_vault(directory)
+    assert sum(p.where == "item ghost" for p in report.problems) == 2  # its alerts, its files
+    assert any("bwlimit_windows" in p.message for p in report.problems)
