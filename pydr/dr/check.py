@@ -170,8 +170,7 @@ def _policy_rows(store, records):
             problems.append(Problem("rows", f"item {r.name}",
                                     f"its recorded RPO health {r.rpo_health!r} is not one of "
                                     f"{', '.join(HEALTHS)}"))
-    for item in sorted({i for (i,) in store.db.execute("SELECT DISTINCT item FROM doomed_files")}
-                       - items):
+    for item in sorted({i for i, _ in store.all_doomed()} - items):
         problems.append(Problem("rows", f"item {item}",
                                 "doomed files of an item that is not there"))
     return problems
@@ -284,7 +283,7 @@ def _unknown_files(store):
     # rows hold absolute paths; the vault may have been named relative to here
     known = {_real(r.path) for r in store.all_steps()}
     # a doomed file (its rows are gone: the next retention removes it) is known too
-    known |= {_real(path) for (path,) in store.db.execute("SELECT path FROM doomed_files")}
+    known |= {_real(path) for _, path in store.all_doomed()}
     root = os.path.join(os.path.abspath(store.dir), "undo")
     problems = []
     for item in sorted(os.listdir(root)) if os.path.isdir(root) else ():
