@@ -89,7 +89,8 @@ def local(hour, minute):
 
 
 def test_bwlimit_at_picks_the_window_the_time_falls_in():
-    policy = P.Policy(bwlimit=50, bwlimit_windows=(("08:00", "18:00", 10), ("22:00", "06:00", 99)))
+    policy = P.Policy(bwlimit=50,
+                      bwlimit_windows=(("08:00", "18:00", 10), ("22:00", "06:00", 99)))
     assert policy.bwlimit_at(local(8, 0)) == 10       # a window's start is in it
     assert policy.bwlimit_at(local(17, 59)) == 10
     assert policy.bwlimit_at(local(18, 0)) == 50      # its end is not
