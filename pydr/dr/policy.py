@@ -31,8 +31,9 @@ FIELDS = ("target_rpo", "rpo_critical", "app_consistent_every", "keep", "bwlimit
 SOURCES = ("item", "group", "default")
 #: the RPO healths (pydr.dr.health's, recorded in items.rpo_health and the alerts)
 HEALTHS = ("ok", "warning", "critical", "unknown", "paused")
-#: an item in one of these states, or in a drill, is not scheduled and raises no alert
-PAUSED_STATES = ("failing-over", "failed-over", "committing", "failover-committed")
+#: the item states in which cycles replicate it; in any other (a failover's), or in a
+#: drill, it is not scheduled and its RPO health is "paused" (pydr.dr.health's rule)
+REPLICATING_STATES = ("protecting", "protected", "resync-required")
 PRIORITY_RANGE = (-1000, 1000)
 
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -489,9 +490,10 @@ def clear_policy(store: Any, scope: str, name: str, fields: Iterable[str]) -> No
 
 # -- RPO health -----------------------------------------------------------------------
 def is_paused(item_row: Any) -> bool:
-    """Whether the item (an ItemRecord) is failed over, committing or in a
-    drill: pydr run does not schedule it and its health is "paused"."""
-    return item_row.state in PAUSED_STATES or item_row.test_point is not None
+    """Whether the item (an ItemRecord) is in a drill, or failing over,
+    failed over, committing or committed: pydr run does not schedule it and
+    its RPO health is "paused"."""
+    return bool(item_row.test_dir) or item_row.state not in REPLICATING_STATES
 
 
 def rpo_health_now(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
