@@ -1,0 +1,107 @@
+"""Alert commands (pydr.dr.alerting): real shell commands get the alert JSON
+on stdin and PYDR_ALERT_* in their environment; a failing, hanging or
+unstartable one is reported (never by its text, which may hold a token)
+and never raises. A hanging command blocks on a FIFO nobody writes: the
+test waits on the process itself (a pidfd), never on the clock."""
+
+import datetime
+import json
+import os
+import select
+
+import pytest
+
+from pydr.dr.alerting import alert_event, run_alert_commands
+from pydr.dr.health import Transition
+
+AT = datetime.datetime(2026, 12, 7, 5, 30, 0, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def event(item="web", **changes):
+    t = Transition(item=item, old="ok", new="warning", rpo_seconds=12.5, target_rpo=10.0,
+                   at=AT, message="ok -> warning: RPO 12.5 s > target 10 s")
+    return dict(alert_event(t, "/srv/vault"), **changes)
+
+
+def test_the_command_gets_the_json_and_the_environment(tmp_path):
+    out, env = tmp_path / "stdin.json", tmp_path / "env"
+    problems = run_alert_commands(
+        [f"cat > {out}",
+         f'printf "%s|%s|%s" "$PYDR_ALERT_ITEM" "$PYDR_ALERT_HEALTH" "$PYDR_ALERT_VAULT" > {env}'],
+        event())
+    assert problems == []
+    got = json.loads(out.read_text())
+    assert got == {"type": "alert", "version": 1, "item": "web", "old": "ok", "new": "warning",
+                   "rpo_seconds": 12.5, "target_rpo": 10.0, "at": "2026-12-07T05:30:00.000000Z",
+                   "message": "ok -> warning: RPO 12.5 s > target 10 s", "vault": "/srv/vault"}
+    assert out.read_text().endswith("}\n") and out.read_text().count("\n") == 1
+    assert env.read_text() == "web|warning|/srv/vault"
+
+
+def test_an_item_name_is_never_shell_syntax(tmp_path):
+    """Values reach the command only through the environment and stdin."""
+    marker = tmp_path / "injected"
+    got = tmp_path / "item"
+    name = f"web; touch {marker}"
+    assert run_alert_commands([f'printf %s "$PYDR_ALERT_ITEM" > {got}'], event(item=name)) == []
+    assert got.read_text() == name and not marker.exists()
+
+
+def test_a_failing_command_is_reported_by_number_not_text(tmp_path):
+    secret = "token=hunter2"
+    after = tmp_path / "after"
+    problems = run_alert_commands(
+        [f"echo curl failed >&2; : {secret}; exit 3", f"touch {after}"], event())
+    assert len(problems) == 1
+    assert problems[0] == "alert command 1 of 2 of item 'web' exited with status 3: curl failed"
+    assert secret not in problems[0]
+    assert after.exists()  # the next command still ran
+
+
+def test_a_killed_command_is_reported():
+    [problem] = run_alert_commands(["kill -9 $$"], event())
+    assert problem == "alert command 1 of 1 of item 'web' was killed by signal 9"
+
+
+def test_a_hanging_command_is_killed_with_its_group(tmp_path):
+    """The command starts a child blocked opening a FIFO nobody writes and
+    waits for it: at the timeout both are killed (the process group), the
+    problem says so with what it printed, and the next command runs."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    child_pid, after = tmp_path / "child.pid", tmp_path / "after"
+    problems = run_alert_commands(
+        [f"echo waiting; cat {fifo} > /dev/null & echo $! > {child_pid}; wait",
+         f"touch {after}"], event(), timeout=0.5)
+    assert problems == ["alert command 1 of 2 of item 'web' did not finish within 0.5 s and "
+                        "was killed; it printed: waiting"]
+    assert after.exists()
+    # the child got the group's SIGKILL: wait for its end on a pidfd (no
+    # clock; the bound only turns a hang into a failure)
+    try:
+        pidfd = os.pidfd_open(int(child_pid.read_text()))
+    except ProcessLookupError:
+        return  # already dead and reaped
+    try:
+        readable, _, _ = select.select([pidfd], [], [], 60)
+        assert readable == [pidfd], "the hanging command's child outlived the kill"
+    finally:
+        os.close(pidfd)
+    # and nothing reads the FIFO any more
+    with pytest.raises(OSError) as err:
+        os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    assert err.value.errno == 6  # ENXIO: no reader
+
+
+def test_a_command_that_ignores_stdin_does_not_block():
+    """A large alert and a command that never reads it: no EPIPE, no wait."""
+    big = event(message="x" * (4 << 20))
+    assert run_alert_commands(["exit 0", "exec 0<&-; true"], big) == []
+
+
+def test_bad_input_is_reported_not_raised():
+    assert run_alert_commands(["true"], {"item": "web", "bad": object()})[0].startswith(
+        "the alert of item 'web' could not be made JSON")
+    [problem] = run_alert_commands(["echo \0"], event())  # a NUL cannot be in a command line
+    assert problem.startswith("alert command 1 of 1 of item 'web' failed:")
+    assert run_alert_commands([], event()) == []
