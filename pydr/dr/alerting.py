@@ -85,7 +85,7 @@ def _output_tail(out: Any) -> str:
     return " ".join(text.split())
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the command's process group (it leads it: start_new_session)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -150,18 +150,20 @@ def run_alert_commands(commands: Sequence[str], event: Dict[str, Any],
     item = event.get("item") if isinstance(event, dict) else None
     problems: List[str] = []
     try:
+        if not isinstance(event, dict):
+            raise TypeError(f"an alert is a dict, not {type(event).__name__}")
         payload = (json.dumps(event, sort_keys=True) + "\n").encode()
     except (TypeError, ValueError) as exc:
-        problem = f"the alert of item {item!r} could not be made JSON: {exc}"
-        _log.warning("%s", problem)
-        return [problem] if commands else []
+        bad = f"the alert of item {item!r} could not be made JSON: {exc}"
+        _log.warning("%s", bad)
+        return [bad] if commands else []
     env = dict(os.environ, PYDR_ALERT_ITEM=_env_text(item),
                PYDR_ALERT_HEALTH=_env_text(event.get("new")),
                PYDR_ALERT_VAULT=_env_text(event.get("vault")))
     for number, command in enumerate(commands, 1):
         what = f"alert command {number} of {len(commands)} of item {item!r}"
         try:
-            problem = _run_one(command, payload, env, timeout, what)
+            problem: Optional[str] = _run_one(command, payload, env, timeout, what)
         except Exception as exc:  # never let an alert stop the service
             problem = f"{what} failed: {exc}"
         if problem is not None:

@@ -28,10 +28,15 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from .events import iso_utc
 from .rpo import RpoFacts, rpo_facts
+
+if TYPE_CHECKING:
+    from .policy import Policy
+    from .store import Store
+    from .vault import Vault
 
 __all__ = ["HEALTHS", "rpo_health", "Transition", "check_transitions"]
 
@@ -54,17 +59,18 @@ def _field(row: Any, name: str) -> Any:
     return row[name] if isinstance(row, Mapping) else getattr(row, name)
 
 
-def _judge(policy: Any, facts: RpoFacts, item_row: Any, now: float) -> Tuple[str, str]:
+def _judge(policy: Optional[Policy], facts: RpoFacts, item_row: Any, now: float) -> Tuple[str, str]:
     """(health, why) for :func:`rpo_health`; `why` states the facts."""
     state = _field(item_row, "state")
     if _field(item_row, "test_dir"):
         return "paused", "in a drill"
     if state not in _REPLICATING:
         return "paused", state
-    target = policy.target_rpo if policy is not None else None
-    if target is None:
+    if policy is None or policy.target_rpo is None:
         return "unknown", "no target RPO"
+    target = policy.target_rpo
     critical = policy.critical_after()
+    assert critical is not None  # a target is set
     rpo = facts.rpo_seconds
     if rpo is None:
         since = max(0.0, now - (_field(item_row, "created") or now))
@@ -81,7 +87,7 @@ def _judge(policy: Any, facts: RpoFacts, item_row: Any, now: float) -> Tuple[str
     return "ok", f"RPO {_seconds(rpo)} <= target {_seconds(target)}"
 
 
-def rpo_health(policy: Any, facts: RpoFacts, item_row: Any, now: float) -> str:
+def rpo_health(policy: Optional[Policy], facts: RpoFacts, item_row: Any, now: float) -> str:
     """The RPO health of an item (one of :data:`HEALTHS`; the rules are in
     the module's docstring).
 
@@ -138,8 +144,8 @@ def _alerts_for(old: Optional[str], new: str) -> bool:
     return new != "paused" and (old in _TROUBLE or new in _TROUBLE)
 
 
-def check_transitions(store: Any, names: Iterable[str], now: float,
-                      policies: Mapping[str, Any]) -> List[Transition]:
+def check_transitions(store: Union[Store, Vault], names: Iterable[str], now: float,
+                      policies: Mapping[str, Policy]) -> List[Transition]:
     """Judge the RPO health of items `names` at `now` and record the changes.
 
     store: an open vault (pydr.dr.store.Store, or a Vault), open as its
@@ -163,14 +169,14 @@ def check_transitions(store: Any, names: Iterable[str], now: float,
     Raises VaultError (or sqlite3 errors the store lets through) if the
     vault cannot be read or written; nothing is recorded then.
     """
-    store = getattr(store, "store", store)  # a Vault: use its store's records
+    records: Any = getattr(store, "store", store)  # a Vault: use its store's records
     changes = []
     for name in names:
-        if not store.has_item(name):
+        if not records.has_item(name):
             continue
-        row = store.item(name)
+        row = records.item(name)
         policy = policies.get(name)
-        facts = rpo_facts(store, name, now=now)
+        facts = rpo_facts(records, name, now=now)
         new, why = _judge(policy, facts, row, now)
         old = row.rpo_health
         if new == old:
@@ -180,11 +186,11 @@ def check_transitions(store: Any, names: Iterable[str], now: float,
                                    f"{old or 'none'} -> {new}: {why}"), _alerts_for(old, new)))
     if not changes:
         return []
-    with store.transaction():
+    with records.transaction():
         for transition, alert in changes:
-            store.set_rpo_health(transition.item, transition.new)
+            records.set_rpo_health(transition.item, transition.new)
             if alert:
-                store.add_alert(transition.at, transition.item, transition.old, transition.new,
-                                transition.rpo_seconds, transition.target_rpo,
-                                transition.message)
+                records.add_alert(transition.at, transition.item, transition.old, transition.new,
+                                  transition.rpo_seconds, transition.target_rpo,
+                                  transition.message)
     return [transition for transition, alert in changes if alert]

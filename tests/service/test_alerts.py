@@ -102,6 +102,8 @@ def test_a_command_that_ignores_stdin_does_not_block():
 def test_bad_input_is_reported_not_raised():
     assert run_alert_commands(["true"], {"item": "web", "bad": object()})[0].startswith(
         "the alert of item 'web' could not be made JSON")
+    assert run_alert_commands(["true"], ["not", "a", "dict"])[0].startswith(
+        "the alert of item None could not be made JSON: an alert is a dict, not list")
     [problem] = run_alert_commands(["echo \0"], event())  # a NUL cannot be in a command line
     assert problem.startswith("alert command 1 of 1 of item 'web' failed:")
     assert run_alert_commands([], event()) == []
