@@ -1,18 +1,26 @@
 """Alert commands (pydr.dr.alerting): real shell commands get the alert JSON
 on stdin and PYDR_ALERT_* in their environment; a failing, hanging or
 unstartable one is reported (never by its text, which may hold a token)
-and never raises. A hanging command blocks on a FIFO nobody writes: the
+and never raises; and a breach end to end at the unit level (health,
+alerts, metrics over a real vault). A hanging command blocks on a FIFO nobody writes: the
 test waits on the process itself (a pidfd), never on the clock."""
 
 import datetime
 import json
 import os
 import select
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pydr.dr.alerting import alert_event, run_alert_commands
-from pydr.dr.health import Transition
+from pydr.dr.health import Transition, check_transitions, rpo_health
+from pydr.dr.metrics import ServiceMetrics
+from pydr.dr.policy import Policy
+from pydr.dr.rpo import rpo_facts
+from pydr.dr.vault import Vault, init_vault
+from pydr.errors import PydrError
 
 AT = datetime.datetime(2026, 12, 7, 5, 30, 0, tzinfo=datetime.timezone.utc).timestamp()
 
@@ -107,3 +115,68 @@ def test_bad_input_is_reported_not_raised():
     [problem] = run_alert_commands(["echo \0"], event())  # a NUL cannot be in a command line
     assert problem.startswith("alert command 1 of 1 of item 'web' failed:")
     assert run_alert_commands([], event()) == []
+
+
+def test_a_breach_alerts_twice_shows_in_metrics_and_recovers(tmp_path):
+    """The unit-level breach (pydr run's end-to-end one is F's): the item's
+    source goes missing, so its cycles fail and its point ages (the clock
+    is a fake `now`, advanced by the test). Judged past the target, then
+    past the critical RPO, each change runs the alert command once with its
+    JSON, and a real scrape shows the health; the source back, a cycle
+    makes a point and the item recovers to ok (a third alert)."""
+    received = tmp_path / "alerts.jsonl"
+    policy = Policy(target_rpo=10.0, alert_commands=(f"cat >> {received}",))
+    source = tmp_path / "web.img"
+    source.write_bytes(os.urandom(1 << 20))
+    init_vault(tmp_path / "v")
+    metrics = ServiceMetrics()
+    port = metrics.serve("127.0.0.1", 0)
+
+    def health_served():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
+            families = text_string_to_metric_families(r.read().decode())
+        return {s.labels["state"] for f in families if f.name == "pydr_health"
+                for s in f.samples if s.value == 1}
+
+    def round_at(v, now):
+        """What a pydr run round does with these parts after its cycles, at `now`."""
+        for t in check_transitions(v.store, ["web"], now, {"web": policy}):
+            assert run_alert_commands(policy.alert_commands,
+                                      alert_event(t, str(tmp_path / "v"))) == []
+        facts = rpo_facts(v, "web", now=now)
+        metrics.set_item("web", facts.rpo_seconds, policy.target_rpo,
+                         rpo_health(policy, facts, v.store.item("web"), now))
+
+    try:
+        with Vault(tmp_path / "v", writer=True) as v:
+            v.protect("web", [(str(source), str(tmp_path / "web.replica"))])
+            assert not v.replicate(["web"]).failed
+            cut = v.store.points("web")[-1].data_time
+            round_at(v, cut + 1)
+            assert health_served() == {"ok"} and not received.exists()
+
+            source.rename(tmp_path / "away.img")  # the disk is gone: cycles fail
+            with pytest.raises((OSError, PydrError)):
+                v.replicate(["web"])
+            assert len(v.store.points("web")) == 1  # the failed cycle made no point
+            metrics.observe_cycle("web", 0.1, 0, 0, 0, ok=False)
+            round_at(v, cut + 12)
+            assert health_served() == {"warning"}
+            round_at(v, cut + 15)  # still warning: no second alert
+            round_at(v, cut + 25)
+            assert health_served() == {"critical"}
+
+            (tmp_path / "away.img").rename(source)
+            assert not v.replicate(["web"]).failed
+            again = v.store.points("web")[-1].data_time
+            round_at(v, again + 1)
+            assert health_served() == {"ok"}
+    finally:
+        metrics.close()
+    got = [json.loads(line) for line in received.read_text().splitlines()]
+    assert [(a["old"], a["new"]) for a in got] == [("ok", "warning"), ("warning", "critical"),
+                                                   ("critical", "ok")]
+    assert all(a["type"] == "alert" and a["item"] == "web" and a["target_rpo"] == 10.0
+               and a["vault"] == str(tmp_path / "v") for a in got)
+    assert got[0]["rpo_seconds"] == pytest.approx(12.0)
+    assert got[1]["message"] == "warning -> critical: RPO 25 s > critical 20 s"
