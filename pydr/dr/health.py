@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
 
 from .events import iso_utc
 from .rpo import RpoFacts, rpo_facts
 
-if TYPE_CHECKING:
-    from .policy import Policy
+if TYPE_CHECKING:  # (not pydr.dr.policy nor vault: they may import this module)
     from .store import Store
-    from .vault import Vault
 
-__all__ = ["HEALTHS", "rpo_health", "Transition", "check_transitions"]
+__all__ = ["HEALTHS", "rpo_health", "Transition", "check_transitions", "RpoPolicy"]
 
 #: Every RPO health, best first ("unknown" and "paused" are not ranked).
 HEALTHS = ("ok", "warning", "critical", "unknown", "paused")
@@ -47,6 +45,17 @@ HEALTHS = ("ok", "warning", "critical", "unknown", "paused")
 _REPLICATING = ("protecting", "protected", "resync-required")
 #: the healths whose coming and going is alerted on
 _TROUBLE = ("warning", "critical")
+
+
+class RpoPolicy(Protocol):
+    """What the health rules read of a policy: pydr.dr.policy.Policy has it."""
+
+    @property
+    def target_rpo(self) -> Optional[float]:
+        """The target RPO in seconds, or None (not set)."""
+
+    def critical_after(self) -> Optional[float]:
+        """The RPO in seconds at which health is "critical" (None: no target)."""
 
 
 def _seconds(value: float) -> str:
@@ -59,7 +68,7 @@ def _field(row: Any, name: str) -> Any:
     return row[name] if isinstance(row, Mapping) else getattr(row, name)
 
 
-def _judge(policy: Optional[Policy], facts: RpoFacts, item_row: Any, now: float) -> Tuple[str, str]:
+def _judge(policy: Optional[RpoPolicy], facts: RpoFacts, item_row: Any, now: float) -> Tuple[str, str]:
     """(health, why) for :func:`rpo_health`; `why` states the facts."""
     state = _field(item_row, "state")
     if _field(item_row, "test_dir"):
@@ -87,12 +96,12 @@ def _judge(policy: Optional[Policy], facts: RpoFacts, item_row: Any, now: float)
     return "ok", f"RPO {_seconds(rpo)} <= target {_seconds(target)}"
 
 
-def rpo_health(policy: Optional[Policy], facts: RpoFacts, item_row: Any, now: float) -> str:
+def rpo_health(policy: Optional[RpoPolicy], facts: RpoFacts, item_row: Any, now: float) -> str:
     """The RPO health of an item (one of :data:`HEALTHS`; the rules are in
     the module's docstring).
 
-    policy: its effective pydr.dr.policy.Policy (``target_rpo`` and
-        ``critical_after()`` are read), or None (no policy: "unknown"
+    policy: its effective pydr.dr.policy.Policy (an :class:`RpoPolicy`:
+        ``target_rpo`` and ``critical_after()`` are read), or None (no policy: "unknown"
         unless paused).
     facts: its pydr.dr.rpo.RpoFacts, measured at `now`.
     item_row: its items row (a store ItemRecord, or the dict Vault.item
@@ -144,8 +153,8 @@ def _alerts_for(old: Optional[str], new: str) -> bool:
     return new != "paused" and (old in _TROUBLE or new in _TROUBLE)
 
 
-def check_transitions(store: Union[Store, Vault], names: Iterable[str], now: float,
-                      policies: Mapping[str, Policy]) -> List[Transition]:
+def check_transitions(store: Store, names: Iterable[str], now: float,
+                      policies: Mapping[str, RpoPolicy]) -> List[Transition]:
     """Judge the RPO health of items `names` at `now` and record the changes.
 
     store: an open vault (pydr.dr.store.Store, or a Vault), open as its

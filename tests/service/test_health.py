@@ -213,4 +213,5 @@ def test_a_failed_record_records_nothing(vault, monkeypatch):
 
 
 def test_the_module_exports():
-    assert health.__all__ == ["HEALTHS", "rpo_health", "Transition", "check_transitions"]
+    assert health.__all__ == ["HEALTHS", "rpo_health", "Transition", "check_transitions",
+                              "RpoPolicy"]
