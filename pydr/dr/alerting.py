@@ -2,7 +2,8 @@
 (a pydr.dr.health.Transition).
 
 Each command line of the item's policy (``alert_commands``) runs with
-``/bin/sh -c``, one after the other, with:
+``/bin/sh -c``, all of them at the same time (independent deliveries: a
+slow webhook does not delay the mail), with:
 
 * on stdin, the alert as one JSON object (:func:`alert_event`; the format
   is in docs/JSON.md, "Alerts (pydr run)");
@@ -16,7 +17,9 @@ Each command line of the item's policy (``alert_commands``) runs with
 stdin is a file, not a pipe: a command that never reads it cannot block
 the service, nor make it fail with EPIPE. The command runs in its own
 process group; at the timeout the whole group is killed (SIGKILL), so a
-hung command and what it started end. A command that exits leaving a
+hung command and what it started end. One call lasts at most about the
+timeout, however many commands there are (pydr run's watchdog must not
+starve). A command that exits leaving a
 background child behind is done (the child is not waited for).
 
 An alert command may carry credentials (a webhook token), like hooks: a
@@ -30,6 +33,7 @@ cannot be delivered must not stop the protection it reports on.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -37,7 +41,8 @@ import os
 import signal
 import subprocess
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .events import iso_utc
 
@@ -94,47 +99,51 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _run_one(command: str, payload: bytes, env: Dict[str, str], timeout: float,
-             what: str) -> Optional[str]:
-    """Run one alert command; None when it succeeded, else the problem."""
-    with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as out:
-        stdin.write(payload)
-        stdin.flush()
-        stdin.seek(0)
-        try:
-            proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=stdin, stdout=out,
-                                    stderr=subprocess.STDOUT, env=env, close_fds=True,
-                                    start_new_session=True)
-        except OSError as exc:
-            return f"{what} could not start: {exc}"
-        try:
-            status = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            tail = _output_tail(out)
-            return (f"{what} did not finish within {timeout:g} s and was killed"
-                    + (f"; it printed: {tail[-_QUOTE:]}" if tail else ""))
-        except BaseException:  # Ctrl-C or a stop while waiting: leave nothing running
-            _kill_group(proc)
-            raise
+def _start(command: str, payload: bytes, env: Dict[str, str],
+           files: contextlib.ExitStack) -> Tuple[subprocess.Popen[bytes], Any]:
+    """Start one alert command, stdin a file holding `payload`; (the
+    process, the file its output goes to). The files close with `files`."""
+    stdin = files.enter_context(tempfile.TemporaryFile())
+    out = files.enter_context(tempfile.TemporaryFile())
+    stdin.write(payload)
+    stdin.flush()
+    stdin.seek(0)
+    proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=stdin, stdout=out,
+                            stderr=subprocess.STDOUT, env=env, close_fds=True,
+                            start_new_session=True)
+    return proc, out
+
+
+def _finish(proc: subprocess.Popen[bytes], out: Any, deadline: float, timeout: float,
+            what: str) -> Optional[str]:
+    """Wait for a started command until `deadline` (time.monotonic());
+    None when it succeeded, else the problem."""
+    try:
+        status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
         tail = _output_tail(out)
-        if status == 0:
-            if tail:
-                _log.info("%s printed: %s", what, tail[-_QUOTE:])
-            return None
-        how = (f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
-        return f"{what} {how}" + (f": {tail[-_QUOTE:]}" if tail else "")
+        return (f"{what} did not finish within {timeout:g} s and was killed"
+                + (f"; it printed: {tail[-_QUOTE:]}" if tail else ""))
+    tail = _output_tail(out)
+    if status == 0:
+        if tail:
+            _log.info("%s printed: %s", what, tail[-_QUOTE:])
+        return None
+    how = (f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
+    return f"{what} {how}" + (f": {tail[-_QUOTE:]}" if tail else "")
 
 
 def run_alert_commands(commands: Sequence[str], event: Dict[str, Any],
                        timeout: float = 30) -> List[str]:
     """Run each alert command with `event` on stdin (see the module's docstring).
 
-    commands: shell command lines, run one after the other with /bin/sh -c.
+    commands: shell command lines, each run with /bin/sh -c, all at once.
     event: the alert (:func:`alert_event`); sent as one JSON object and a
         newline. Its "item", "new" and "vault" are also given as
         PYDR_ALERT_ITEM, PYDR_ALERT_HEALTH and PYDR_ALERT_VAULT.
-    timeout: seconds each command may run; then its process group is killed.
+    timeout: seconds the commands may run (counted from when they all
+        started); then the process group of each still running is killed.
 
     Returns the problems, one line each, naming the item and the command by
     its number (never its text): a non-zero exit status or a signal (with
@@ -144,7 +153,7 @@ def run_alert_commands(commands: Sequence[str], event: Dict[str, Any],
 
     Never raises for a command's failure (an event that is not JSON-ready
     is reported too); KeyboardInterrupt still propagates, after the running
-    command's group is killed.
+    commands' groups are killed.
     """
     commands = list(commands or ())
     item = event.get("item") if isinstance(event, dict) else None
@@ -160,15 +169,31 @@ def run_alert_commands(commands: Sequence[str], event: Dict[str, Any],
     env = dict(os.environ, PYDR_ALERT_ITEM=_env_text(item),
                PYDR_ALERT_HEALTH=_env_text(event.get("new")),
                PYDR_ALERT_VAULT=_env_text(event.get("vault")))
-    for number, command in enumerate(commands, 1):
-        what = f"alert command {number} of {len(commands)} of item {item!r}"
+    started: List[Tuple[str, Any, Any]] = []  # (what, process or None, output file or problem)
+    with contextlib.ExitStack() as files:
+        for number, command in enumerate(commands, 1):
+            what = f"alert command {number} of {len(commands)} of item {item!r}"
+            try:
+                started.append((what, *_start(command, payload, env, files)))
+            except Exception as exc:  # never let an alert stop the service
+                started.append((what, None, f"{what} could not start: {exc}"))
+        deadline = time.monotonic() + timeout  # they run at the same time: one timeout for all
         try:
-            problem: Optional[str] = _run_one(command, payload, env, timeout, what)
-        except Exception as exc:  # never let an alert stop the service
-            problem = f"{what} failed: {exc}"
-        if problem is not None:
-            _log.warning("%s", problem)
-            problems.append(problem)
-        else:
-            _log.info("%s succeeded", what)
+            for what, proc, out in started:
+                problem: Optional[str] = out if proc is None else None
+                if proc is not None:
+                    try:
+                        problem = _finish(proc, out, deadline, timeout, what)
+                    except Exception as exc:
+                        problem = f"{what} failed: {exc}"
+                if problem is not None:
+                    _log.warning("%s", problem)
+                    problems.append(problem)
+                else:
+                    _log.info("%s succeeded", what)
+        except BaseException:  # Ctrl-C or a stop while waiting: leave nothing running
+            for _, proc, _ in started:
+                if proc is not None and proc.poll() is None:
+                    _kill_group(proc)
+            raise
     return problems

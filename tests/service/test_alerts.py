@@ -101,6 +101,22 @@ def test_a_hanging_command_is_killed_with_its_group(tmp_path):
     assert err.value.errno == 6  # ENXIO: no reader
 
 
+def test_the_commands_run_at_the_same_time(tmp_path):
+    """The first command waits for what the second writes into a FIFO: run
+    one after the other, the first would never end; together both succeed.
+    Two that hang share one timeout and are both killed."""
+    fifo, got = tmp_path / "fifo", tmp_path / "got"
+    os.mkfifo(fifo)
+    assert run_alert_commands([f"cat {fifo} > {got}", f"echo handed over > {fifo}"],
+                              event(), timeout=120) == []
+    assert got.read_text() == "handed over\n"
+    other = tmp_path / "other"
+    os.mkfifo(other)
+    problems = run_alert_commands([f"cat {other}", f"cat {other}"], event(), timeout=0.5)
+    assert problems == [f"alert command {n} of 2 of item 'web' did not finish within 0.5 s "
+                        "and was killed" for n in (1, 2)]
+
+
 def test_a_command_that_ignores_stdin_does_not_block():
     """A large alert and a command that never reads it: no EPIPE, no wait."""
     big = event(message="x" * (4 << 20))
@@ -113,7 +129,7 @@ def test_bad_input_is_reported_not_raised():
     assert run_alert_commands(["true"], ["not", "a", "dict"])[0].startswith(
         "the alert of item None could not be made JSON: an alert is a dict, not list")
     [problem] = run_alert_commands(["echo \0"], event())  # a NUL cannot be in a command line
-    assert problem.startswith("alert command 1 of 1 of item 'web' failed:")
+    assert problem == "alert command 1 of 1 of item 'web' could not start: embedded null byte"
     assert run_alert_commands([], event()) == []
 
 
