@@ -46,9 +46,10 @@ def cmd_policy(args):
         if probe or cleared:
             from ..dr.policy import FIELDS
 
-            own, sources = v.policy_sources(args.name, group=args.group)
-            keep = own.keep if sources["keep"] == scope and "keep" not in cleared \
-                and "all" not in cleared else None
+            keep = None
+            if "keep" in probe and "keep" not in cleared and "all" not in cleared:
+                own, sources = v.policy_sources(args.name, group=args.group)
+                keep = own.keep if sources["keep"] == scope else None
             fields = policy_fields(args, keep)
             gone = FIELDS if "all" in cleared else cleared
             # one call, one transaction: None clears a field

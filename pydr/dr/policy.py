@@ -296,13 +296,14 @@ def _to_column(field: str, value: Any) -> Any:
     return value
 
 
-def _from_row(store: Any, record: Any) -> Dict[str, Any]:
-    """The fields `record` (a PolicyRecord) sets, checked as read: a vault
-    is a file someone may have edited."""
+def _from_row(store: Any, record: Any, skip: Iterable[str] = ()) -> Dict[str, Any]:
+    """The fields `record` (a PolicyRecord) sets, but those in `skip` (about
+    to be replaced: a damaged one can be), checked as read: a vault is a file
+    someone may have edited."""
     fields = {}
     for field in FIELDS:
         stored = getattr(record, field)
-        if stored is None:
+        if stored is None or field in skip:
             continue
         try:
             value = json.loads(stored) if field in ("keep", "bwlimit_windows",
@@ -311,8 +312,11 @@ def _from_row(store: Any, record: Any) -> Dict[str, Any]:
                 raise ValueError("not a JSON list")  # as written: the lists only
             fields[field] = check_field(field, value)
         except (ValueError, TypeError) as exc:  # InvalidArgument is a ValueError
+            group = " --group" if record.scope == "group" else ""
             raise VaultError(f"the {record.scope} policy of {record.name!r}: its {field} "
-                             f"{stored!r} is damaged: {exc}", path=store.dir) from None
+                             f"{stored!r} is damaged: {exc}", path=store.dir,
+                             hint=f"'pydr policy {record.name}{group} --clear "
+                                  f"{_option(field)[2:]}' removes it") from None
     return fields
 
 
@@ -324,9 +328,10 @@ def check_stored(store: Any, record: Any) -> Dict[str, Any]:
     return _from_row(_store(store), record)
 
 
-def _policy_fields(store: Any, scope: str, name: str) -> Dict[str, Any]:
+def _policy_fields(store: Any, scope: str, name: str,
+                   skip: Iterable[str] = ()) -> Dict[str, Any]:
     record = store.policy_row(scope, name)
-    return {} if record is None else _from_row(store, record)
+    return {} if record is None else _from_row(store, record, skip)
 
 
 def _store(store: Any) -> Any:
@@ -406,7 +411,8 @@ def _write(store: Any, scope: str, name: str, new_fields: Dict[str, Any],
     """Check the result of changing the policy of `scope` `name` for every
     item it applies to, then record it in one transaction."""
     members = _scope_members(store, scope, name)
-    merged = _policy_fields(store, scope, name)
+    cleared = list(cleared)
+    merged = _policy_fields(store, scope, name, skip=set(new_fields) | set(cleared))
     merged.update(new_fields)
     for field in cleared:
         merged.pop(field, None)

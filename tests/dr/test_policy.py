@@ -242,6 +242,14 @@ def test_a_damaged_stored_policy_is_reported_not_used(tmp_path, column, stored):
         with pytest.raises(VaultError):
             v.status("web")
         assert v.policy("db") == P.Policy()  # another item's policy is read as it is
+        assert err.value.hint is not None and "pydr policy web --clear" in err.value.hint
+    with Vault(directory, writer=True) as v:  # the way out: clear (or set) the damaged field
+        if column == "target_rpo":
+            v.set_policy("web", target_rpo=30)
+            assert v.policy("web") == P.Policy(target_rpo=30.0)
+        else:
+            v.clear_policy("web", [column])
+            assert v.policy("web") == P.Policy(target_rpo=60.0)
 
 
 # -- protect(policy=) ----------------------------------------------------------------------
