@@ -19,9 +19,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-from ..errors import InvalidArgument, UnknownName, VaultError
+from ..errors import InvalidArgument, VaultError
 from .tiers import Tiers
 
 #: the fields of a policy, in the order they are shown
@@ -48,8 +48,6 @@ _MAX_COMMANDS = 64
 _MAX_WINDOWS = 64
 
 Duration = Union[float, int, str]
-Rate = Union[int, str]
-Window = Union[str, Sequence[Any]]
 
 
 @dataclass(frozen=True)
