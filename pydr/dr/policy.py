@@ -455,7 +455,10 @@ def check_new_item_policy(store: Any, group: Optional[str],
                           fields: Dict[str, Any]) -> Dict[str, Any]:
     """Check the policy `fields` of an item about to be protected (in
     `group`, or None) as set_policy would, with its group's policy, before
-    the item is recorded. Returns the checked fields.
+    the item is recorded.
+
+    Returns the policy as columns of the policies table (the fields set,
+    for Store.put_policy in the item's own transaction).
 
     Raises InvalidArgument for a bad field or value.
     """
@@ -463,10 +466,11 @@ def check_new_item_policy(store: Any, group: Optional[str],
     if not isinstance(fields, dict):
         raise InvalidArgument(f"a policy is a dict of policy fields, not {fields!r}")
     checked = {field: check_field(field, value) for field, value in fields.items()}
+    own = {f: v for f, v in checked.items() if v is not None}
     merged = _policy_fields(store, "group", group) if group else {}
-    merged.update({f: v for f, v in checked.items() if v is not None})
+    merged.update(own)
     _check_critical(Policy(**merged), "the new item's policy")
-    return checked
+    return {f: _to_column(f, v) for f, v in own.items()}
 
 
 def clear_policy(store: Any, scope: str, name: str, fields: Iterable[str]) -> None:

@@ -276,6 +276,30 @@ def test_protect_records_the_policy_and_refuses_a_bad_one_before_the_item(tmp_pa
         assert v.items() == ["vm"]
 
 
+def test_protect_records_the_item_and_its_policy_in_one_transaction(tmp_path, monkeypatch):
+    """A failure while the policy is written (here: injected) leaves neither
+    the item nor its policy: running protect again is the way out."""
+    from pydr.dr.store import Store
+
+    init_vault(tmp_path / "v")
+    src = tmp_path / "a.img"
+    src.write_bytes(os.urandom(64 * KiB))
+    real = Store.put_policy
+
+    def failing(self, *args, **kwargs):
+        real(self, *args, **kwargs)  # written, then the transaction fails
+        raise OSError(5, "injected I/O error")
+
+    with Vault(tmp_path / "v", writer=True) as v:
+        monkeypatch.setattr(Store, "put_policy", failing)
+        with pytest.raises(OSError, match="injected"):
+            v.protect("vm", [(str(src), str(tmp_path / "r.img"))], policy={"target_rpo": 60})
+        assert v.items() == [] and v.store.policy_rows() == []
+        monkeypatch.setattr(Store, "put_policy", real)
+        v.protect("vm", [(str(src), str(tmp_path / "r.img"))], policy={"target_rpo": 60})
+        assert v.policy("vm").target_rpo == 60.0
+
+
 # -- RPO health in the status --------------------------------------------------------------
 
 def health_at(v, name, now):
