@@ -89,7 +89,12 @@ def image_info(path, fmt=None):
 
 def bitmaps(path):
     """{name: flags} of the persistent dirty bitmaps of a qcow2 image."""
-    info = image_info(path, "qcow2")
+    return bitmaps_of(image_info(path, "qcow2"))
+
+
+def bitmaps_of(info):
+    """{name: flags} of the persistent dirty bitmaps in a qcow2 image's
+    `qemu-img info` (image_info)."""
     found = (info.get("format-specific", {}).get("data", {}) or {}).get("bitmaps", []) or []
     return {b["name"]: list(b.get("flags", [])) for b in found}
 
@@ -194,6 +199,15 @@ class QemuNbd:
         self.close()
 
 
+def socket_identity(path):
+    """(device, inode) of a unix socket file, or None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class QmpError(QemuError):
     """QEMU answered a QMP command with an error."""
 
@@ -203,6 +217,9 @@ class Qmp:
 
     def __init__(self, path, timeout=60):
         self.path = path
+        self.file = None
+        # the socket file it connects through (taken first: a restarted QEMU binds a new one)
+        self.socket_identity = socket_identity(path)
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(timeout)
         try:
@@ -214,6 +231,22 @@ class Qmp:
         self.file = self.sock.makefile("rwb")
         self._read()  # the greeting
         self.execute("qmp_capabilities")
+
+    def alive(self):
+        """Whether this connection can be used again: its socket file is the
+        one it connected through (a restarted QEMU or qemu-storage-daemon
+        binds a new one) and QEMU has not closed it. Events waiting on it
+        are fine (execute() skips them)."""
+        import select
+
+        if self.file is None or socket_identity(self.path) != self.socket_identity:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            # readable with nothing to read: QEMU closed it (events are read by execute)
+            return not readable or bool(self.sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
 
     def _read(self):
         while True:
@@ -242,8 +275,10 @@ class Qmp:
 
     def close(self):
         with contextlib.suppress(OSError):
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
             self.sock.close()
+        self.file = None
 
     def __enter__(self):
         return self
@@ -261,10 +296,13 @@ class Fleece:
 
     ``actions``: more QMP transaction actions that must happen at the same
     instant (dirty-bitmap rotation); ``bitmap``: one exported with the view.
+    ``template``: a callable(size) giving an empty qcow2 image of that
+    virtual size that the scratch overlay is copied from (a service keeps
+    one: pydr.dr.warm), instead of a `qemu-img create` each time.
     close() tears everything down (the export, pydr's NBD server, the job,
     the overlay and its file)."""
 
-    def __init__(self, qmp, node, *, actions=(), bitmap=None, nbd_socket=None):
+    def __init__(self, qmp, node, *, actions=(), bitmap=None, nbd_socket=None, template=None):
         import tempfile
         import uuid
 
@@ -278,7 +316,10 @@ class Fleece:
         try:
             size = node_size(qmp, node)
             scratch = os.path.join(self.dir, "overlay.qcow2")
-            qemu_img("create", "-q", "-f", "qcow2", scratch, str(size), path=scratch)
+            if template is not None:  # a fresh copy of an empty image: what create makes
+                shutil.copyfile(template(size), scratch)
+            else:
+                qemu_img("create", "-q", "-f", "qcow2", scratch, str(size), path=scratch)
             qmp.execute("blockdev-add", driver="qcow2", **{"node-name": self.overlay},
                         file={"driver": "file", "filename": scratch}, backing=node)
             self.done.append("overlay")
