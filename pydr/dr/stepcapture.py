@@ -39,11 +39,25 @@ def check(vault, names, opts):
     """Before a unit's cycle: lost or overflowing tracking marks an item
     resync-required; each replica must be the item's and as its last cycle
     left it (pydr.dr.cyclerecord.check_one_writer)."""
+    warm = opts.warm
+    if warm is None:
+        return _check(vault, names, opts)
+    for n in names:  # an entry the vault no longer agrees with is dropped
+        warm.begin(vault, n)
+    try:
+        _check(vault, names, opts)
+    except BaseException:
+        for n in names:  # on any doubt, the next cycle is a cold one
+            warm.drop(n, vault.dir)
+        raise
+    for n in names:
+        if vault.item(n)["state"] == "resync-required":  # lost tracking, found just now
+            warm.drop(n, vault.dir)
+
+
+def _check(vault, names, opts):
     rows = [vault.item(n) for n in names]
     warm = opts.warm
-    if warm is not None:  # an entry the vault no longer agrees with is dropped
-        for n in names:
-            warm.begin(vault, n)
     if opts.tracking_lost:
         for r in rows:
             mark_resync_required(vault, r["name"], "change tracking was lost")
