@@ -225,7 +225,9 @@ class WarmState:
         with self._lock:
             keys = [k for k in self._disks if k[0] == os.path.abspath(vault.dir) and k[1] == name]
         for key in keys:
-            entry = self._disks[key]
+            entry = self._disks.get(key)
+            if entry is None:
+                continue
             if entry.expected is not None and recorded.get(key[2]) != entry.expected:
                 self._drop(key)
                 continue
