@@ -38,9 +38,11 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 #: identifies a disk in a WarmState: (vault directory, item, disk index)
 DiskKey = Tuple[str, str, int]
+#: a file's (device, inode, size, mtime ns, ctime ns)
+FileIdentity = Tuple[int, int, int, int, int]
 
 
-def file_identity(path: str) -> Optional[tuple]:
+def file_identity(path: str) -> Optional[FileIdentity]:
     """(device, inode, size, mtime ns, ctime ns) of `path`, or None when it
     cannot be stat()ed. Any write, truncation, rename over it or metadata
     change gives another identity (within the file system's timestamp
@@ -64,10 +66,10 @@ class DiskWarm:
         #: (bitmap, generation) the vault recorded for the disk after this
         #: entry's last cycle; None before its first
         self.expected: Optional[Tuple[Optional[str], int]] = None
-        self._qmp: Any = None  # pydr.transport.qemu.Qmp, held during one cycle
+        self._qmp: Any = None  # a QMP client, held during one cycle
         self._dir: Optional[str] = None  # private: the overlay templates
         self._templates: Dict[int, str] = {}
-        self._info: Optional[Tuple[tuple, dict]] = None
+        self._info: Optional[Tuple[FileIdentity, Dict[str, Any]]] = None
         self._lock = threading.Lock()
 
     # -- live disks ------------------------------------------------------------
@@ -80,13 +82,13 @@ class DiskWarm:
             socket_path: the QMP unix socket of the disk's QEMU.
 
         Returns:
-            A connected pydr.transport.qemu.Qmp (owned by this entry: the
-            caller does not close it).
+            A connected QMP client (pydr.endpoints.qemu.qmp_connection;
+            owned by this entry: the caller does not close it).
 
         Raises:
             ConnectionRefusedError: QEMU does not answer on `socket_path`.
         """
-        from ..transport.qemu import Qmp
+        from ..endpoints.qemu import qmp_connection
 
         with self._lock:
             q = self._qmp
@@ -94,7 +96,7 @@ class DiskWarm:
                 self._release_locked()
                 q = None
             if q is None:
-                q = self._qmp = Qmp(socket_path)
+                q = self._qmp = qmp_connection(socket_path)
             return q
 
     def broken(self) -> None:
@@ -127,7 +129,7 @@ class DiskWarm:
         Raises:
             QemuError: qemu-img could not create it.
         """
-        from ..transport.qemu import qemu_img
+        from ..endpoints.qemu import create_image
 
         with self._lock:
             path = self._templates.get(size)
@@ -137,14 +139,14 @@ class DiskWarm:
                 self._dir = tempfile.mkdtemp(prefix="pydr-warm-")
             path = os.path.join(self._dir, f"empty-{size}.qcow2")
             tmp = path + ".new"
-            qemu_img("create", "-q", "-f", "qcow2", tmp, str(size), path=tmp)
+            create_image(tmp, size)
             os.replace(tmp, path)  # whole or absent: a killed create leaves no template
             self._templates[size] = path
             return path
 
     # -- qcow2 images -----------------------------------------------------------
 
-    def image_info(self, path: str, read: Callable[[], dict]) -> dict:
+    def image_info(self, path: str, read: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
         """The `qemu-img info` of the image `path`: the one read last while
         the file's identity is unchanged, else ``read()`` (kept with the
         identity taken before it: a change while it runs gives another

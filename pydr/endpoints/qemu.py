@@ -21,6 +21,23 @@ def is_nbd_uri(spec):
     return isinstance(spec, str) and spec.startswith(SCHEMES)
 
 
+def qmp_connection(socket_path):
+    """A new QMP connection to the QEMU (or qemu-storage-daemon) listening
+    on the unix socket `socket_path` (pydr.transport.qemu.Qmp: execute(),
+    alive(), close()). ConnectionRefusedError when nothing answers there."""
+    from ..transport.qemu import Qmp
+
+    return Qmp(socket_path)
+
+
+def create_image(path, size, fmt="qcow2"):
+    """A new empty image of `fmt` and virtual `size` bytes at `path`
+    (qemu-img create; QemuError naming `path` when it fails)."""
+    from ..transport.qemu import qemu_img
+
+    qemu_img("create", "-q", "-f", fmt, path, str(size), path=path)
+
+
 class NbdEndpoint(InProcess, Endpoint):
     """An NBD export: a disk of fixed size with no files beside it (its undo
     journals and steps live on this machine)."""
