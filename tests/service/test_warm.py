@@ -321,3 +321,67 @@ def test_close_leaves_no_child_and_no_descriptor(live, tmp_path):
     assert not os.path.exists(template_dir)
     with pytest.raises(ValueError):
         warm.disk(str(vault), "vm", 0)
+
+
+@pytest.fixture
+def image_item(tmp_path):
+    disk = ImageFile(tmp_path / "file")
+    vault, replica = protected(disk.dir, disk)
+    return disk, vault, replica
+
+
+def qemu_img_calls(monkeypatch):
+    """The qemu-img operations run from now on (info, bitmap, create ...)."""
+    import pydr.transport.qemu as tq
+
+    calls, real = [], tq.qemu_img
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tq, "qemu_img", counted)
+    return calls
+
+
+def test_a_warm_cycle_of_a_qcow2_image_reads_its_info_once(image_item, tmp_path, monkeypatch):
+    disk, vault, replica = image_item
+    with WarmState() as warm, Vault(vault, writer=True) as v:
+        replicate(v.store, "vm")
+        calls = qemu_img_calls(monkeypatch)
+        disk.write(5 * MiB, 4096, "0x31")
+        replicate(v.store, "vm")
+        cold = list(calls)
+        del calls[:]
+        disk.write(6 * MiB, 4096, "0x32")
+        replicate(v.store, "vm", warm=warm)
+        disk.write(7 * MiB, 4096, "0x33")
+        replicate(v.store, "vm", warm=warm)
+        assert cold.count("info") == 3 and calls.count("info") == 2  # one a cycle
+        assert calls.count("bitmap") == 2 * cold.count("bitmap") > 0  # the same changes
+        assert sha(replica) == disk.content_sha(tmp_path)
+
+
+def test_image_info_is_read_again_once_the_file_changed(tmp_path):
+    from pydr.dr.warm import DiskWarm
+
+    image = tmp_path / "x.qcow2"
+    image.write_bytes(b"one")
+    reads = []
+    entry = DiskWarm((str(tmp_path), "vm", 0))
+
+    def read():
+        reads.append(1)
+        return {"n": len(reads)}
+
+    assert entry.image_info(str(image), read) == {"n": 1}
+    assert entry.image_info(str(image), read) == {"n": 1}  # unchanged: not read again
+    with open(image, "ab") as f:
+        f.write(b"two")  # another size, mtime and ctime
+    assert entry.image_info(str(image), read) == {"n": 2}
+    os.replace(image, tmp_path / "old")
+    image.write_bytes(b"one")  # another inode
+    assert entry.image_info(str(image), read) == {"n": 3}
+    entry.forget_info()
+    assert entry.image_info(str(image), read) == {"n": 4}
+    entry.close()
