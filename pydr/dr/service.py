@@ -38,7 +38,7 @@ from .service_parts import Parts
 
 _log = logging.getLogger("pydr.service")
 
-RUN_LOCK = "run.lock"
+RUN_LOCK = store_lock.RUN_LOCK
 #: the longest wait between rounds: policies and items added without a
 #: SIGHUP are seen within it
 MAX_IDLE = 60.0
