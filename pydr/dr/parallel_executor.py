@@ -7,7 +7,8 @@ A unit of one item whose capture splits as a fleet's does (pydr.dr.fleet:
 ``adopt(vault, name, result)`` recorded here) has its function run on a
 thread of a pool; the driver records it here as soon as it is back. A unit
 that cannot be split that way runs on the calling thread, while the pool
-works: a group's members (cut together, one instant: a task per member
+works (so does every unit of a call of one unit, or with ``jobs`` 1: as
+``pydr replicate``): a group's members (cut together, one instant: a task per member
 would cut each at its own time), a capture without ``task`` (an object
 store's chunks), and every unit when the call carries warm state
 (``opts.warm``: what pydr.dr.warm keeps lives with the calling thread's
@@ -63,10 +64,10 @@ class ParallelExecutor(LocalExecutor):
             Cancelled: `opts.cancel` was set before a unit run here began
                 (the driver ends the others as a kill leaves them).
         """
-        pooled = [u for u in units if self.jobs > 1 and self.splits(u, opts)]
+        pooled = [u for u in units if self.splits(u, opts)]
         here = [u for u in units if u not in pooled]
-        if not pooled:
-            super().run(vault, here, opts, finish)
+        if self.jobs < 2 or len(units) < 2 or not pooled:  # nothing to run beside another
+            super().run(vault, units, opts, finish)
             return
         em = Emitter(opts.events, "replicate")
         with concurrent.futures.ThreadPoolExecutor(self.jobs - 1 if here else self.jobs,

@@ -277,9 +277,7 @@ class Service:
         for commands, event in alerts:  # after the lock is let go: they may take a while
             self._parts.run_alert(commands, event, self.directory)
         result.seconds = time.monotonic() - started
-        em.emit("finished", message=f"round: {len(result.succeeded)} succeeded, "
-                f"{len(result.failed)} failed, {len(result.skipped)} skipped in "
-                f"{result.seconds:.3f} s")
+        em.emit("finished", message=_round_message(result))
         return result
 
     def _replicate(self, store: Any, call: "_Call", result: RoundResult) -> None:
@@ -328,6 +326,18 @@ class Service:
         worst = self._parts.worst_health()
         return (f"{len(result.succeeded)} replicated, {len(result.failed)} failed, "
                 f"{len(result.skipped)} not due or paused" + (f"; worst {worst}" if worst else ""))
+
+
+def _round_message(result: RoundResult) -> str:
+    """The "finished" Event's message of a round: what it did, by item."""
+    def names(items: Any) -> str:
+        return f" ({', '.join(items)})" if items else ""
+
+    paused = [n for n, why in result.skipped.items() if why.startswith("paused")]
+    return (f"round: {len(result.succeeded)} succeeded{names(result.succeeded)}, "
+            f"{len(result.failed)} failed{names(result.failed)}, {len(paused)} paused"
+            f"{names(paused)}, {len(result.skipped) - len(paused)} not due, in "
+            f"{result.seconds:.3f} s")
 
 
 class _Outcome:
