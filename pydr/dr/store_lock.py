@@ -26,7 +26,8 @@ WAIT_NAME = "vault.lock.wait"  # shared-locked by the writers waiting for vault.
 RUN_LOCK = "run.lock"  # flock()ed by the vault's pydr run (pydr.dr.service) for its life
 
 # the options whose value is a hook's command line (which may hold a password)
-HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook")
+HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook",
+                "--alert-command")
 HIDDEN = "<hook set>"
 
 
