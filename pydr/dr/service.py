@@ -55,7 +55,7 @@ class RoundResult:
         skipped: {item: why} of the items not replicated: "paused: STATE",
             "no target RPO", "not due until T", "retry at T (attempt N)".
         transitions: the RPO health changes recorded (each a dict: item,
-            old, new, rpo_seconds, target_rpo, message).
+            old, new, rpo_seconds, target_rpo, at (ISO 8601 UTC), message).
         seconds: how long the round took.
         exit_codes: {item: the exit code of its error alone} of the failed items.
     """
@@ -246,17 +246,17 @@ class Service:
             return None
         em = Emitter(self.events, "run")
         result = RoundResult()
-        alerts: List[Tuple[Any, Dict[str, Any]]] = []
+        alerts: List[Tuple[Any, Any]] = []
         try:
             store = vault.store
             names = store.items()
             now = self.clock()
-            policies = {n: self._parts.policy(store, n) for n in names}
+            policies, unreadable = self._parts.policies(store, names)
             plans = schedule.plans(store, policies, now, self._last_durations)
             due = [p for p in sorted((p for p in plans if p.status == "due"),
                                      key=schedule._order)]
             result.due = [p.item for p in due]
-            result.skipped = schedule.summary(plans)
+            result.skipped = dict(schedule.summary(plans), **unreadable)
             em.emit("started", message=f"round: {len(due)} of {len(names)} items due")
             self._parts.set_queue(len(due))
             for call in _calls(store, due, policies, now):
@@ -274,8 +274,8 @@ class Service:
                                                self._last_durations)
         finally:
             vault.close()
-        for commands, event in alerts:  # after the lock is let go: they may take a while
-            self._parts.run_alert(commands, event, self.directory)
+        for commands, transition in alerts:  # the lock let go: they may take a while
+            self._parts.run_alert(commands, transition, self.directory)
         result.seconds = time.monotonic() - started
         em.emit("finished", message=_round_message(result))
         return result
