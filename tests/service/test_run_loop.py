@@ -227,3 +227,100 @@ def test_once_exit_codes(vault, tmp_path):
     r = pydr("run", "--vault", vault, "--once", "--json")
     out = json.loads(r.stdout)
     assert sorted(out["failed"]) == ["b", "c"] and r.returncode == 21, r.stderr
+
+
+def test_a_second_pydr_run_on_the_vault_is_refused(vault):
+    first = Running(vault)
+    try:
+        first.round_end()
+        r = pydr("run", "--vault", vault, "--once")
+        assert r.returncode == 14, r.stderr
+        assert f"another pydr run serves this vault (pid {first.proc.pid})" in r.stderr
+    finally:
+        rc = first.stop()
+    assert rc == 0
+    assert pydr("run", "--vault", vault, "--once").returncode == 0  # its lock went with it
+
+
+def test_sigterm_while_a_cycle_is_held_ends_after_that_cycle(vault):
+    """SIGTERM reaches the service while its cycle is stopped at a crash
+    point (cycle.disk: a disk replicated, its step not recorded): the cycle
+    finishes, its point is recorded, no other round starts, exit 0."""
+    assert pydr("policy", "a", "--vault", vault, "--rpo", "1h").returncode == 0
+    run = Running(vault, env={"PYDR_STOP_AT": "cycle.disk"})
+    try:
+        _, st = os.waitpid(run.proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(st)
+        assert points(vault, "a") == []
+        os.kill(run.proc.pid, signal.SIGTERM)  # pending until it runs again
+        os.kill(run.proc.pid, signal.SIGCONT)
+        rc = run.proc.wait(timeout=300)
+        run.wait_for(lambda e: replicated(e, "a"))
+        run.round_end()
+        rest = []
+        while (e := run.lines.get(timeout=60)) is not None:
+            rest.append(e)
+    finally:
+        run.kill()
+    assert rc == 0, run.proc.stderr.read()
+    assert rest == []  # nothing after that round: no other round started
+    assert [e["kind"] for e in run.seen if e["operation"] == "run"] == ["started", "finished"]
+    assert len(points(vault, "a")) == 1
+
+
+def test_sighup_rereads_a_policy_changed_by_pydr_policy(vault):
+    """a has no target: not scheduled. `pydr policy a --rpo 1h` while the
+    service waits (it holds no lock then), SIGHUP: the next round, at once,
+    replicates a (no point yet). Without the SIGHUP the service would wait
+    its longest idle (60 s), beyond this test's bound."""
+    run = Running(vault)
+    try:
+        end = run.round_end()
+        assert end["message"].startswith("round: 0 succeeded")
+        r = pydr("policy", "a", "--vault", vault, "--rpo", "1h")
+        assert r.returncode == 0, r.stderr
+        run.proc.send_signal(signal.SIGHUP)
+        run.wait_for(lambda e: replicated(e, "a"), timeout=45)
+        assert run.round_end()["message"].startswith("round: 1 succeeded (a)")
+    finally:
+        rc = run.stop()
+    assert rc == 0
+    assert len(points(vault, "a")) == 1 and points(vault, "b") == []
+
+
+def test_a_failover_while_the_service_runs_waits_then_pauses_that_item(vault):
+    """The service is held at a crash point with the vault's lock (its 3rd
+    point recorded). `pydr failover a` waits for the lock (pydr run holds
+    it: 600 s by default), the service goes on, the failover succeeds; from
+    then on every round skips a as paused and replicates b."""
+    for n in "ab":
+        assert pydr("policy", n, "--vault", vault, "--rpo", "1s").returncode == 0
+    run = Running(vault, env={"PYDR_STOP_AT": "cycle.point:3"})
+    op = None
+    try:
+        _, st = os.waitpid(run.proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(st)
+        op = subprocess.Popen([pydr_exe(), "failover", "a", "--vault", str(vault), "--point",
+                               "latest-processed"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd="/tmp")
+        from test_lock_priority import until_a_writer_waits
+
+        until_a_writer_waits(str(vault), op)  # it waits for the service's lock
+        os.kill(run.proc.pid, signal.SIGCONT)
+        _, err = op.communicate(timeout=300)
+        assert op.returncode == 0, err
+        paused = run.wait_for(lambda e: e["operation"] == "run" and e["kind"] == "finished"
+                              and "1 paused (a)" in e["message"])
+        at = len(run.seen)
+        run.wait_for(lambda e: replicated(e, "b"))  # b goes on
+        end = run.round_end()
+        assert "1 paused (a)" in end["message"] and "succeeded (b)" in end["message"]
+    finally:
+        rc = run.stop()
+        if op is not None and op.poll() is None:
+            op.kill()
+    assert rc == 0
+    assert paused is not None
+    assert not [e for e in run.seen[at:] if e["operation"] == "replicate" and e["item"] == "a"]
+    with Vault(vault) as v:
+        assert v.item("a")["state"] == "failed-over"
