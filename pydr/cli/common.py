@@ -159,9 +159,14 @@ def add_format(p, flag="--format", what="IMAGE"):
                         f"{', '.join(FORMATS)}")
 
 
-def add_vault_options(p):
-    """--vault and --json, which every vault command takes."""
+def add_vault_dir(p):
+    """--vault DIR."""
     p.add_argument("--vault", metavar="DIR", help="vault directory (default: $PYDR_VAULT)")
+
+
+def add_vault_options(p):
+    """--vault, --lock-wait and --json, which every vault command takes."""
+    add_vault_dir(p)
     p.add_argument("--lock-wait", type=_seconds, metavar="SECONDS", default=None,
                    help="a command that changes the vault waits this long for another's lock "
                         "(default $PYDR_LOCK_WAIT, else 0; 600 while pydr run serves the vault)")
