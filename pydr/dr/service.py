@@ -158,9 +158,11 @@ class Service:
 
     # -- running ----------------------------------------------------------------------
     def run(self) -> None:
-        """Run rounds until stop(): READY=1 after the first, WATCHDOG=1
-        each loop (and every WATCHDOG_USEC/2 while waiting), STOPPING=1
-        at the end.
+        """Run rounds until stop(): READY=1 after the first, STATUS and
+        WATCHDOG=1 after each, STOPPING=1 at the end. Under a systemd
+        watchdog ($WATCHDOG_USEC) a thread also sends WATCHDOG=1 every
+        half of it, during long cycles too (a first full copy may take
+        hours): the watchdog catches a dead service, not a slow cycle.
 
         Raises:
             VaultError: another pydr run serves the vault (its pid named),
@@ -168,7 +170,11 @@ class Service:
             OSError: the metrics port cannot be bound.
         """
         with self._running():
-            watchdog = sdnotify.watchdog_interval()
+            ended = threading.Event()
+            interval = sdnotify.watchdog_interval()
+            if interval is not None:
+                threading.Thread(target=self._keep_alive, args=(interval, ended),
+                                 name="pydr-watchdog", daemon=True).start()
             ready = False
             try:
                 while not self._stopping.is_set():
@@ -179,8 +185,9 @@ class Service:
                     if result is not None:
                         self.notify(f"STATUS={self._status_line(result)}")
                     self.notify("WATCHDOG=1")
-                    self._wait_next(watchdog)
+                    self._wait_next()
             finally:
+                ended.set()
                 self.notify("STOPPING=1")
 
     def run_once(self) -> RoundResult:
@@ -196,19 +203,16 @@ class Service:
         with self._running():
             return self._round() or RoundResult()
 
-    def _wait_next(self, watchdog: Optional[float]) -> None:
-        """Wait until the next item is due, a wake-up, or the watchdog's turn."""
-        while not self._stopping.is_set():
-            left = MAX_IDLE if self._next_due is None else self._next_due - self.clock()
-            left = min(max(left, 0.0), MAX_IDLE)
-            if watchdog is not None and left > watchdog:
-                if self._wake.wait(watchdog):
-                    break
-                self.notify("WATCHDOG=1")
-                continue
-            if left > 0:
-                self._wake.wait(left)
-            break
+    def _keep_alive(self, interval: float, ended: threading.Event) -> None:
+        while not ended.wait(interval):
+            self.notify("WATCHDOG=1")
+
+    def _wait_next(self) -> None:
+        """Wait until the next item is due (at most MAX_IDLE), or a wake-up."""
+        left = MAX_IDLE if self._next_due is None else self._next_due - self.clock()
+        left = min(max(left, 0.0), MAX_IDLE)
+        if left > 0 and not self._stopping.is_set():
+            self._wake.wait(left)
         self._wake.clear()
 
     @contextlib.contextmanager
@@ -324,8 +328,10 @@ class Service:
 
     def _status_line(self, result: RoundResult) -> str:
         worst = self._parts.worst_health()
-        return (f"{len(result.succeeded)} replicated, {len(result.failed)} failed, "
-                f"{len(result.skipped)} not due or paused" + (f"; worst {worst}" if worst else ""))
+        items = len(self._parts.healths)
+        return (f"{items} items" + (f", worst RPO health {worst}" if worst else "")
+                + f"; last round: {len(result.succeeded)} replicated, "
+                f"{len(result.failed)} failed")
 
 
 def _round_message(result: RoundResult) -> str:
