@@ -324,3 +324,34 @@ def test_a_failover_while_the_service_runs_waits_then_pauses_that_item(vault):
     assert not [e for e in run.seen[at:] if e["operation"] == "replicate" and e["item"] == "a"]
     with Vault(vault) as v:
         assert v.item("a")["state"] == "failed-over"
+
+
+def test_run_serves_metrics_and_stops_from_its_events(vault):
+    """Service.run with --metrics on port 0: at the end of the first round
+    (its "finished" event) a real scrape shows the item's RPO and target;
+    stop() from that event ends run() after the round."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with Vault(vault, writer=True) as v:
+        v.set_policy("a", target_rpo=3600)
+    scraped = {}
+
+    def on_event(e):
+        if e.operation == "run" and e.kind == "finished":
+            with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics",
+                                        timeout=60) as r:
+                text = r.read().decode()
+            scraped.update({(s.name, s.labels.get("item")): s.value
+                            for f in text_string_to_metric_families(text) for s in f.samples})
+            service.stop()
+
+    notes = []
+    service = Service(vault, metrics="127.0.0.1:0", events=on_event, warm=False,
+                      notify=notes.append)
+    service.run()
+    assert scraped[("pydr_rpo_target_seconds", "a")] == 3600
+    assert 0 <= scraped[("pydr_rpo_seconds", "a")] < 3600
+    assert notes[0] == "READY=1" and notes[-1] == "STOPPING=1"
+    assert len(points(vault, "a")) == 1
