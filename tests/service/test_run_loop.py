@@ -355,3 +355,38 @@ def test_run_serves_metrics_and_stops_from_its_events(vault):
     assert 0 <= scraped[("pydr_rpo_seconds", "a")] < 3600
     assert notes[0] == "READY=1" and notes[-1] == "STOPPING=1"
     assert len(points(vault, "a")) == 1
+
+
+def test_a_due_group_member_brings_its_group_in_one_point(tmp_path):
+    init_vault(tmp_path / "v")
+    with Vault(tmp_path / "v", writer=True) as v:
+        for n in "xy":
+            (tmp_path / f"{n}.img").write_bytes(os.urandom(MiB))
+            v.protect(n, [(str(tmp_path / f"{n}.img"), str(tmp_path / f"r{n}.img"))], group="g")
+        v.set_policy("x", target_rpo=60)  # y has no target: it goes with its group all the same
+    result = Service(tmp_path / "v", jobs=2, warm=False).run_once()
+    assert sorted(result.succeeded) == ["x", "y"] and result.due == ["x"]
+    px, py = points(tmp_path / "v", "x"), points(tmp_path / "v", "y")
+    assert len(px) == len(py) == 1 and px[0].id == py[0].id
+
+
+def test_app_consistent_every_runs_the_hooks_when_the_last_such_point_is_old(tmp_path):
+    init_vault(tmp_path / "v")
+    (tmp_path / "h.img").write_bytes(os.urandom(MiB))
+    with Vault(tmp_path / "v", writer=True) as v:
+        v.protect("h", [(str(tmp_path / "h.img"), str(tmp_path / "rh.img"))],
+                  quiesce_hook="true", thaw_hook="true")
+        v.set_policy("h", target_rpo=60, app_consistent_every=3600)
+    clock = [time.time()]
+    service = Service(tmp_path / "v", clock=lambda: clock[0], warm=False)
+    assert service.run_once().succeeded == ["h"]
+    with Vault(tmp_path / "v") as v:
+        first = v.store.points("h")[-1]
+    assert first.consistency == "app-consistent"
+    clock[0] = first.data_time + 30  # due again; its app-consistent point is 30 s old
+    assert service.run_once().succeeded == ["h"]
+    clock[0] = first.data_time + 3600
+    assert service.run_once().succeeded == ["h"]
+    with Vault(tmp_path / "v") as v:
+        labels = [p.consistency for p in v.store.points("h")]
+    assert labels[0] == labels[2] == "app-consistent" and labels[1] != "app-consistent"
