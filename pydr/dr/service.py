@@ -271,6 +271,7 @@ class Service:
                             result.due.remove(n)
                     continue
                 self._replicate(store, call, result)
+            self._forget_warm(plans, result)
             now = self.clock()
             result.transitions, alerts = self._parts.health(store, names, now, policies, em)
             self._parts.update_items(store, names, now, policies)
@@ -283,6 +284,16 @@ class Service:
         result.seconds = time.monotonic() - started
         em.emit("finished", message=_round_message(result))
         return result
+
+    def _forget_warm(self, plans: List[schedule.Plan], result: RoundResult) -> None:
+        """What the warm state keeps of an item that failed, is paused or
+        gone is dropped: its next cycle starts cold (pydr.dr.warm)."""
+        warm = self._warm_state
+        if warm is None:
+            return
+        for name in result.failed:
+            warm.drop(name, self.directory)
+        warm.keep_only([p.item for p in plans if p.status != "paused"])
 
     def _replicate(self, store: Any, call: "_Call", result: RoundResult) -> None:
         """One cycle call; every outcome recorded in `result` and on the items."""
