@@ -390,3 +390,37 @@ def test_app_consistent_every_runs_the_hooks_when_the_last_such_point_is_old(tmp
     with Vault(tmp_path / "v") as v:
         labels = [p.consistency for p in v.store.points("h")]
     assert labels[0] == labels[2] == "app-consistent" and labels[1] != "app-consistent"
+
+
+def test_stop_without_finish_cancels_the_running_cycle_and_a_rerun_finishes_it(tmp_path):
+    """stop(finish=False) (a second SIGTERM) from the event of a's first disk
+    done: the cycle stops before its second disk, as a kill leaves it (job
+    cancelled, no point, no retry scheduled: no fault); the next round
+    replicates it whole."""
+    init_vault(tmp_path / "v")
+    disks = []
+    for i in range(2):
+        (tmp_path / f"d{i}.img").write_bytes(os.urandom(MiB))
+        disks.append((str(tmp_path / f"d{i}.img"), str(tmp_path / f"r{i}.img")))
+    with Vault(tmp_path / "v", writer=True) as v:
+        v.protect("a", disks)
+        v.set_policy("a", target_rpo=60)
+
+    def on_event(e):
+        if e.operation == "replicate" and e.kind == "progress" and e.disk == 0 \
+                and e.phase == "transfer" and e.bytes_done == e.bytes_total:
+            service.stop(finish=False)
+
+    service = Service(tmp_path / "v", events=on_event, warm=False)
+    result = service.run_once()
+    assert result.succeeded == [] and result.exit_codes == {"a": 130}
+    assert result.exit_code() == 130
+    with Vault(tmp_path / "v") as v:
+        assert v.points("a") == []
+        assert [(j.kind, j.state) for j in v.jobs(item="a")][0] == ("replicate", "cancelled")
+        assert (v.item("a")["attempts"], v.item("a")["next_retry"]) == (0, None)
+    again = Service(tmp_path / "v", warm=False).run_once()
+    assert again.succeeded == ["a"]
+    for src, replica in disks:
+        with open(src, "rb") as f, open(replica, "rb") as g:
+            assert f.read() == g.read()
