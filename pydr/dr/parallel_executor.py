@@ -67,12 +67,12 @@ class ParallelExecutor(LocalExecutor):
         pooled = [u for u in units if self.splits(u, opts)]
         here = [u for u in units if u not in pooled]
         if self.jobs < 2 or len(units) < 2 or not pooled:  # nothing to run beside another
-            super().run(vault, units, opts, finish)
+            super().run(vault, units, opts, finish)  # type: ignore[no-untyped-call]
             return
         em = Emitter(opts.events, "replicate")
         with concurrent.futures.ThreadPoolExecutor(self.jobs - 1 if here else self.jobs,
                                                    thread_name_prefix="pydr-cycle") as pool:
-            running: Dict[concurrent.futures.Future, Any] = {}
+            running: Dict[concurrent.futures.Future[Any], Any] = {}
             for unit in pooled:
                 check_cancel(opts.cancel, "the replication cycle")  # the rest: not started
                 unit.started = True
@@ -85,11 +85,12 @@ class ParallelExecutor(LocalExecutor):
                 vault.update_job(unit.jobs[name], state="running", started=time.time())
                 running[pool.submit(fn, argument)] = unit
             try:
-                super().run(vault, here, opts, finish)  # on this thread, while the pool works
+                # on this thread, while the pool works
+                super().run(vault, here, opts, finish)  # type: ignore[no-untyped-call]
             finally:
                 self._collect(vault, running, opts, finish, em)
 
-    def _collect(self, vault: Any, running: Dict[concurrent.futures.Future, Any], opts: Any,
+    def _collect(self, vault: Any, running: Dict[concurrent.futures.Future[Any], Any], opts: Any,
                  finish: Callable[..., None], em: Emitter) -> None:
         """Record each pooled unit as its work comes back; after a cancel,
         the ones not begun end cancelled."""

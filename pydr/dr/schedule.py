@@ -144,7 +144,7 @@ def next_due(store: Any, policies: Mapping[str, Any], now: float,
     already), or None when no item is scheduled (every one paused or
     without a target). Arguments as :func:`due_items`."""
     whens = [p.when for p in plans(store, policies, now, last_durations)
-             if p.status in ("due", "waiting", "retry")]
+             if p.status in ("due", "waiting", "retry") and p.when is not None]
     return max(now, min(whens)) if whens else None
 
 
