@@ -143,7 +143,13 @@ def next_due(store: Any, policies: Mapping[str, Any], now: float,
     """When the next item is due (epoch seconds; `now` when one is due
     already), or None when no item is scheduled (every one paused or
     without a target). Arguments as :func:`due_items`."""
-    whens = [p.when for p in plans(store, policies, now, last_durations)
+    return earliest(plans(store, policies, now, last_durations), now)
+
+
+def earliest(items_plans: List[Plan], now: float) -> Optional[float]:
+    """When the first of `items_plans` is due (`now` at the earliest), or
+    None when none is scheduled."""
+    whens = [p.when for p in items_plans
              if p.status in ("due", "waiting", "retry") and p.when is not None]
     return max(now, min(whens)) if whens else None
 

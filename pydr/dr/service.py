@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from ..errors import (EXIT_SOME_FAILED, Cancelled, CycleFailed, InvalidArgument, VaultError,
                       exit_code_for)
@@ -111,7 +111,7 @@ class Service:
 
     metrics_port: Optional[int]
 
-    def __init__(self, directory: str, *, jobs: int = 2, scheduler: Optional[str] = None,
+    def __init__(self, directory: Union[str, "os.PathLike[str]"], *, jobs: int = 2, scheduler: Optional[str] = None,
                  metrics: Optional[str] = None, events: Optional[EventSink] = None,
                  clock: Callable[[], float] = time.time, warm: bool = True,
                  notify: Optional[Callable[[str], Any]] = None) -> None:
@@ -275,8 +275,13 @@ class Service:
             now = self.clock()
             result.transitions, alerts = self._parts.health(store, names, now, policies, em)
             self._parts.update_items(store, names, now, policies)
-            self._next_due = schedule.next_due(store, policies, self.clock(),
-                                               self._last_durations)
+            # only the items replicated (or tried) changed since the plans were made
+            now = self.clock()
+            tried = set(result.succeeded) | set(result.failed)
+            self._next_due = schedule.earliest(
+                [schedule.plan_item(store, p.item, policies[p.item], now,
+                                    self._last_durations.get(p.item, 0.0))
+                 if p.item in tried and store.has_item(p.item) else p for p in plans], now)
         finally:
             vault.close()
         for commands, transition in alerts:  # the lock let go: they may take a while

@@ -77,6 +77,10 @@ class Parts:
         target and health."""
         from .health import rpo_health
 
+        if self.metrics is None:  # the STATUS line's worst health: what the round recorded
+            self.healths = {r["name"]: r["rpo_health"] for r in store.item_records()
+                            if r["rpo_health"]}
+            return
         for n in names:
             facts = rpo_facts(store, n, now=now)
             policy = policies.get(n)
