@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+from ..engine.oserrors import naming
 from ..errors import (EXIT_SOME_FAILED, Cancelled, CycleFailed, InvalidArgument, VaultError,
                       exit_code_for)
 from . import schedule, sdnotify, store_lock
@@ -457,7 +458,8 @@ def _run_lock(directory: str) -> Iterator[None]:
         raise VaultError("not a pydr vault (no vault.db)", path=directory,
                          hint=f"create one with 'pydr vault init {directory}'")
     path = os.path.join(directory, RUN_LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with naming(path):  # never a symlink: created in the vault, never followed out of it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -132,8 +132,9 @@ def _wait_for(fd, timeout, directory=None):
 
 
 def _open_wait_file(directory):
-    return os.open(os.path.join(directory, WAIT_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                   0o600)
+    # never a symlink: the file is created in the vault, never followed out of it
+    return os.open(os.path.join(directory, WAIT_NAME),
+                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
 
 def _announce_waiter(directory):

@@ -424,3 +424,10 @@ def test_stop_without_finish_cancels_the_running_cycle_and_a_rerun_finishes_it(t
     for src, replica in disks:
         with open(src, "rb") as f, open(replica, "rb") as g:
             assert f.read() == g.read()
+
+
+def test_a_run_lock_that_is_a_symlink_is_not_followed(vault, tmp_path):
+    os.symlink(tmp_path / "elsewhere", vault / "run.lock")
+    r = pydr("run", "--vault", vault, "--once")
+    assert r.returncode not in (0, 1) and "run.lock" in r.stderr, r.stderr
+    assert not (tmp_path / "elsewhere").exists()
