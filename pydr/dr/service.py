@@ -34,7 +34,7 @@ from . import schedule, sdnotify, store_lock
 from .cycle import replicate
 from .events import Emitter, EventSink, interrupted
 from .parallel_executor import ParallelExecutor
-from .retry import attempt_offset
+from .retry import attempt_offset, recoverable
 from .service_parts import Parts
 
 _log = logging.getLogger("pydr.service")
@@ -274,8 +274,10 @@ class Service:
                 self._replicate(store, call, result)
             self._forget_warm(plans, result)
             now = self.clock()
-            result.transitions, alerts = self._parts.health(store, names, now, policies, em)
-            self._parts.update_items(store, names, now, policies)
+            with _reporting("the RPO health check"):  # never stops the protection itself
+                result.transitions, alerts = self._parts.health(store, names, now, policies, em)
+            with _reporting("the metrics update"):
+                self._parts.update_items(store, names, now, policies)
             # only the items replicated (or tried) changed since the plans were made
             now = self.clock()
             tried = set(result.succeeded) | set(result.failed)
@@ -286,7 +288,8 @@ class Service:
         finally:
             vault.close()
         for commands, transition in alerts:  # the lock let go: they may take a while
-            self._parts.run_alert(commands, transition, self.directory)
+            with _reporting(f"the alert commands of {transition.item}"):
+                self._parts.run_alert(commands, transition, self.directory)
         result.seconds = time.monotonic() - started
         em.emit("finished", message=_round_message(result))
         return result
@@ -427,11 +430,29 @@ def _app_consistent_due(store: Any, name: str, policy: Any, now: float) -> bool:
 
 
 def _mark(store: Any, names: List[str], error: str, exc: BaseException) -> None:
-    """Record a failure the cycle driver did not (it escaped it) on `names`."""
+    """Record a failure the cycle driver did not (it escaped it) on
+    `names`, as the driver would: health warning when a retry may succeed,
+    else critical (a cancel leaves health as it was)."""
+    if interrupted(exc):
+        return
     for n in names:
         with contextlib.suppress(Exception):  # the vault itself may be what failed
-            store.set_item(n, health="warning" if not interrupted(exc) else None,
+            store.set_item(n, health="warning" if recoverable(exc) else "critical",
                            last_error=error)
+
+
+@contextlib.contextmanager
+def _reporting(what: str) -> Iterator[None]:
+    """Run a reporting step (health, metrics, alerts): its failure is
+    logged -- a pydr bug with its traceback -- and the service goes on:
+    reporting never stops the protection."""
+    try:
+        yield
+    except Exception as exc:
+        if exit_code_for(exc) == 1:
+            _log.error("%s hit a pydr bug", what, exc_info=exc)
+        else:
+            _log.warning("%s failed: %s", what, exc)
 
 
 def _host_port(text: str) -> Tuple[str, int]:

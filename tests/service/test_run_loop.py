@@ -431,3 +431,21 @@ def test_a_run_lock_that_is_a_symlink_is_not_followed(vault, tmp_path):
     r = pydr("run", "--vault", vault, "--once")
     assert r.returncode not in (0, 1) and "run.lock" in r.stderr, r.stderr
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_failing_health_check_is_logged_and_the_round_still_replicates(vault, monkeypatch,
+                                                                         caplog):
+    from pydr.dr import health
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the health check")
+
+    monkeypatch.setattr(health, "check_transitions", broken)
+    with Vault(vault, writer=True) as v:
+        v.set_policy("a", target_rpo=60)
+    with caplog.at_level(logging.ERROR, logger="pydr.service"):
+        result = Service(vault, warm=False).run_once()
+    assert result.succeeded == ["a"] and result.transitions == []
+    assert any("RPO health check hit a pydr bug" in r.getMessage() and r.exc_info
+               for r in caplog.records)
+    assert len(points(vault, "a")) == 1
