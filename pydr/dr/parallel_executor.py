@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List
 
 from ..errors import Cancelled, InvalidArgument
 from .cycle import LocalExecutor
-from .events import Emitter, check_cancel
+from .events import Emitter
 
 # seconds between looks at `cancel` while the pool works
 _CANCEL_LOOK = 0.2
@@ -73,8 +73,11 @@ class ParallelExecutor(LocalExecutor):
         with concurrent.futures.ThreadPoolExecutor(self.jobs - 1 if here else self.jobs,
                                                    thread_name_prefix="pydr-cycle") as pool:
             running: Dict[concurrent.futures.Future[Any], Any] = {}
+            stopped = None
             for unit in pooled:
-                check_cancel(opts.cancel, "the replication cycle")  # the rest: not started
+                if opts.cancel is not None and opts.cancel.is_set():  # the rest: not started
+                    stopped = Cancelled("the replication cycle was cancelled")
+                    break
                 unit.started = True
                 name = unit.names[0]
                 try:  # its job is running from here: its replica is being written
@@ -85,10 +88,12 @@ class ParallelExecutor(LocalExecutor):
                 vault.update_job(unit.jobs[name], state="running", started=time.time())
                 running[pool.submit(fn, argument)] = unit
             try:
-                # on this thread, while the pool works
-                super().run(vault, here, opts, finish)  # type: ignore[no-untyped-call]
-            finally:
+                if stopped is None:  # on this thread, while the pool works
+                    super().run(vault, here, opts, finish)  # type: ignore[no-untyped-call]
+            finally:  # what runs on the pool is recorded, whatever happened here
                 self._collect(vault, running, opts, finish, em)
+        if stopped is not None:
+            raise stopped
 
     def _collect(self, vault: Any, running: Dict[concurrent.futures.Future[Any], Any], opts: Any,
                  finish: Callable[..., None], em: Emitter) -> None:
