@@ -11,7 +11,7 @@ from .common import (EventOutput, add_events, add_item, add_json, add_method, ad
                      print_json, timestamp, vault_dir)
 from ..errors import EXIT_VAULT, FleetError
 from .fleet import add_fleet_options, open_fleet
-from .policy import add_policy_options
+from .policy_options import add_policy_options
 
 
 #: seconds a writer waits for the lock by default when pydr run holds it (one cycle)
@@ -86,7 +86,7 @@ def cmd_vault_check(args):
 
 
 def cmd_protect(args):
-    from .policy import policy_fields
+    from .policy_options import policy_fields
 
     disks = [parse_disk(d) for d in args.disk]
     policy = policy_fields(args)  # checked by protect before the item is recorded

@@ -19,9 +19,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-from ..errors import InvalidArgument, UnknownName, VaultError
+from ..errors import InvalidArgument, VaultError
 from .tiers import Tiers
 
 #: the fields of a policy, in the order they are shown
@@ -31,8 +31,9 @@ FIELDS = ("target_rpo", "rpo_critical", "app_consistent_every", "keep", "bwlimit
 SOURCES = ("item", "group", "default")
 #: the RPO healths (pydr.dr.health's, recorded in items.rpo_health and the alerts)
 HEALTHS = ("ok", "warning", "critical", "unknown", "paused")
-#: an item in one of these states, or in a drill, is not scheduled and raises no alert
-PAUSED_STATES = ("failing-over", "failed-over", "committing", "failover-committed")
+#: the item states in which cycles replicate it; in any other (a failover's), or in a
+#: drill, it is not scheduled and its RPO health is "paused" (pydr.dr.health's rule)
+REPLICATING_STATES = ("protecting", "protected", "resync-required")
 PRIORITY_RANGE = (-1000, 1000)
 
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -47,8 +48,6 @@ _MAX_COMMANDS = 64
 _MAX_WINDOWS = 64
 
 Duration = Union[float, int, str]
-Rate = Union[int, str]
-Window = Union[str, Sequence[Any]]
 
 
 @dataclass(frozen=True)
@@ -295,13 +294,14 @@ def _to_column(field: str, value: Any) -> Any:
     return value
 
 
-def _from_row(store: Any, record: Any) -> Dict[str, Any]:
-    """The fields `record` (a PolicyRecord) sets, checked as read: a vault
-    is a file someone may have edited."""
+def _from_row(store: Any, record: Any, skip: Iterable[str] = ()) -> Dict[str, Any]:
+    """The fields `record` (a PolicyRecord) sets, but those in `skip` (about
+    to be replaced: a damaged one can be), checked as read: a vault is a file
+    someone may have edited."""
     fields = {}
     for field in FIELDS:
         stored = getattr(record, field)
-        if stored is None:
+        if stored is None or field in skip:
             continue
         try:
             value = json.loads(stored) if field in ("keep", "bwlimit_windows",
@@ -310,8 +310,11 @@ def _from_row(store: Any, record: Any) -> Dict[str, Any]:
                 raise ValueError("not a JSON list")  # as written: the lists only
             fields[field] = check_field(field, value)
         except (ValueError, TypeError) as exc:  # InvalidArgument is a ValueError
+            group = " --group" if record.scope == "group" else ""
             raise VaultError(f"the {record.scope} policy of {record.name!r}: its {field} "
-                             f"{stored!r} is damaged: {exc}", path=store.dir) from None
+                             f"{stored!r} is damaged: {exc}", path=store.dir,
+                             hint=f"'pydr policy {record.name}{group} --clear "
+                                  f"{_option(field)[2:]}' removes it") from None
     return fields
 
 
@@ -323,9 +326,10 @@ def check_stored(store: Any, record: Any) -> Dict[str, Any]:
     return _from_row(_store(store), record)
 
 
-def _policy_fields(store: Any, scope: str, name: str) -> Dict[str, Any]:
+def _policy_fields(store: Any, scope: str, name: str,
+                   skip: Iterable[str] = ()) -> Dict[str, Any]:
     record = store.policy_row(scope, name)
-    return {} if record is None else _from_row(store, record)
+    return {} if record is None else _from_row(store, record, skip)
 
 
 def _store(store: Any) -> Any:
@@ -405,7 +409,8 @@ def _write(store: Any, scope: str, name: str, new_fields: Dict[str, Any],
     """Check the result of changing the policy of `scope` `name` for every
     item it applies to, then record it in one transaction."""
     members = _scope_members(store, scope, name)
-    merged = _policy_fields(store, scope, name)
+    cleared = list(cleared)
+    merged = _policy_fields(store, scope, name, skip=set(new_fields) | set(cleared))
     merged.update(new_fields)
     for field in cleared:
         merged.pop(field, None)
@@ -450,7 +455,10 @@ def check_new_item_policy(store: Any, group: Optional[str],
                           fields: Dict[str, Any]) -> Dict[str, Any]:
     """Check the policy `fields` of an item about to be protected (in
     `group`, or None) as set_policy would, with its group's policy, before
-    the item is recorded. Returns the checked fields.
+    the item is recorded.
+
+    Returns the policy as columns of the policies table (the fields set,
+    for Store.put_policy in the item's own transaction).
 
     Raises InvalidArgument for a bad field or value.
     """
@@ -458,10 +466,11 @@ def check_new_item_policy(store: Any, group: Optional[str],
     if not isinstance(fields, dict):
         raise InvalidArgument(f"a policy is a dict of policy fields, not {fields!r}")
     checked = {field: check_field(field, value) for field, value in fields.items()}
+    own = {f: v for f, v in checked.items() if v is not None}
     merged = _policy_fields(store, "group", group) if group else {}
-    merged.update({f: v for f, v in checked.items() if v is not None})
+    merged.update(own)
     _check_critical(Policy(**merged), "the new item's policy")
-    return checked
+    return {f: _to_column(f, v) for f, v in own.items()}
 
 
 def clear_policy(store: Any, scope: str, name: str, fields: Iterable[str]) -> None:
@@ -489,9 +498,10 @@ def clear_policy(store: Any, scope: str, name: str, fields: Iterable[str]) -> No
 
 # -- RPO health -----------------------------------------------------------------------
 def is_paused(item_row: Any) -> bool:
-    """Whether the item (an ItemRecord) is failed over, committing or in a
-    drill: pydr run does not schedule it and its health is "paused"."""
-    return item_row.state in PAUSED_STATES or item_row.test_point is not None
+    """Whether the item (an ItemRecord) is in a drill, or failing over,
+    failed over, committing or committed: pydr run does not schedule it and
+    its RPO health is "paused"."""
+    return bool(item_row.test_dir) or item_row.state not in REPLICATING_STATES
 
 
 def rpo_health_now(policy: Policy, facts: Any, item_row: Any, now: float) -> str:

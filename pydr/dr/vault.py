@@ -223,8 +223,9 @@ class Vault(RecoveryOperations, PolicyOperations):
                 whole granules, and dirty granules over half the disk make
                 the cycle compare all of it (docs/QEMU.md).
             policy: the item's protection policy, as set_policy's fields
-                ({"target_rpo": "30s", "keep": {...}, ...}): checked before
-                anything is recorded, recorded right after the item.
+                ({"target_rpo": "30s", "keep": {...}, ...}): checked (with
+                its group's) before anything is recorded, recorded in the
+                item's own transaction.
 
         Returns:
             The new item's ItemStatus (state "protecting").
@@ -238,13 +239,12 @@ class Vault(RecoveryOperations, PolicyOperations):
                 be read here), or one given without `cbt`.
             OSError: a source cannot be read.
         """
-        policy_.check_new_item_policy(self.store, group, policy or {})
+        columns = policy_.check_new_item_policy(self.store, group, policy or {})
         protection.protect(self.store, name, disks, group=group, retention=retention,
                            retention_age=retention_age, quiesce_hook=quiesce_hook,
                            thaw_hook=thaw_hook, rsh=rsh, remote_pydr=remote_pydr, cbt=cbt,
-                           host=host, cbt_granularity=cbt_granularity)
-        if policy:
-            policy_.set_policy(self.store, "item", name, **policy)
+                           host=host, cbt_granularity=cbt_granularity,
+                           policy_columns=columns)
         return self.status(name)
 
     def status(self, name: str) -> ItemStatus:

@@ -204,3 +204,21 @@ def test_help_reads_like_a_man_page(cmd):
     assert "usage: pydr" in text and "examples:" in text and "exit status" in text
     if cmd == ["protect"]:
         assert "--rpo" in text and "--keep-hourly" in text
+
+
+def test_a_damaged_policy_is_reported_and_cleared_from_the_command_line(vault):
+    import sqlite3
+
+    assert cli(vault, "policy", "web", "--rpo", "1m", "--keep-daily", "7").returncode == 0
+    db = sqlite3.connect(vault / "vault.db")
+    db.execute("UPDATE policies SET keep='{broken' WHERE name='web'")
+    db.commit()
+    db.close()
+    for args in (["policy", "web"], ["status", "web"], ["policy", "web", "--keep-daily", "3"]):
+        r = cli(vault, *args)
+        assert r.returncode == 14, (args, r.stderr)  # the vault's damage, never a bug (1)
+        assert b"keep" in r.stderr and b"'pydr policy web --clear keep' removes it" in r.stderr
+    r = cli(vault, "policy", "web", "--clear", "keep")
+    assert r.returncode == 0, r.stderr
+    assert policy_json(vault, "web")["policy"]["keep"] is None
+    assert policy_json(vault, "web")["policy"]["target_rpo"] == 60.0

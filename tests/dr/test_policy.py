@@ -89,7 +89,8 @@ def local(hour, minute):
 
 
 def test_bwlimit_at_picks_the_window_the_time_falls_in():
-    policy = P.Policy(bwlimit=50, bwlimit_windows=(("08:00", "18:00", 10), ("22:00", "06:00", 99)))
+    policy = P.Policy(bwlimit=50,
+                      bwlimit_windows=(("08:00", "18:00", 10), ("22:00", "06:00", 99)))
     assert policy.bwlimit_at(local(8, 0)) == 10       # a window's start is in it
     assert policy.bwlimit_at(local(17, 59)) == 10
     assert policy.bwlimit_at(local(18, 0)) == 50      # its end is not
@@ -241,6 +242,14 @@ def test_a_damaged_stored_policy_is_reported_not_used(tmp_path, column, stored):
         with pytest.raises(VaultError):
             v.status("web")
         assert v.policy("db") == P.Policy()  # another item's policy is read as it is
+        assert err.value.hint is not None and "pydr policy web --clear" in err.value.hint
+    with Vault(directory, writer=True) as v:  # the way out: clear (or set) the damaged field
+        if column == "target_rpo":
+            v.set_policy("web", target_rpo=30)
+            assert v.policy("web") == P.Policy(target_rpo=30.0)
+        else:
+            v.clear_policy("web", [column])
+            assert v.policy("web") == P.Policy(target_rpo=60.0)
 
 
 # -- protect(policy=) ----------------------------------------------------------------------
@@ -265,6 +274,30 @@ def test_protect_records_the_policy_and_refuses_a_bad_one_before_the_item(tmp_pa
             v.protect("vm2", [(str(src), str(tmp_path / "r2.img"))], group="g",
                       policy={"rpo_critical": 60})
         assert v.items() == ["vm"]
+
+
+def test_protect_records_the_item_and_its_policy_in_one_transaction(tmp_path, monkeypatch):
+    """A failure while the policy is written (here: injected) leaves neither
+    the item nor its policy: running protect again is the way out."""
+    from pydr.dr.store import Store
+
+    init_vault(tmp_path / "v")
+    src = tmp_path / "a.img"
+    src.write_bytes(os.urandom(64 * KiB))
+    real = Store.put_policy
+
+    def failing(self, *args, **kwargs):
+        real(self, *args, **kwargs)  # written, then the transaction fails
+        raise OSError(5, "injected I/O error")
+
+    with Vault(tmp_path / "v", writer=True) as v:
+        monkeypatch.setattr(Store, "put_policy", failing)
+        with pytest.raises(OSError, match="injected"):
+            v.protect("vm", [(str(src), str(tmp_path / "r.img"))], policy={"target_rpo": 60})
+        assert v.items() == [] and v.store.policy_rows() == []
+        monkeypatch.setattr(Store, "put_policy", real)
+        v.protect("vm", [(str(src), str(tmp_path / "r.img"))], policy={"target_rpo": 60})
+        assert v.policy("vm").target_rpo == 60.0
 
 
 # -- RPO health in the status --------------------------------------------------------------
