@@ -233,11 +233,7 @@ def main():
     ap.add_argument("--size", default="4G")
     ap.add_argument("--cycles", type=int, default=9)
     ap.add_argument("--only", choices=("live", "file"))
-    ap.add_argument("--switch-interval", type=float,
-                    help="sys.setswitchinterval(SECONDS) first (Python's default: 0.005)")
     args = ap.parse_args()
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval)
     from pydr.cli.common import parse_size
 
     size = parse_size(args.size)
