@@ -330,8 +330,10 @@ class Service:
         seconds = time.monotonic() - begun
         for o in outcomes:
             self._parts.observe_cycle(o, seconds)
+            result.skipped.pop(o.item, None)  # a group's member that came with a due one
             if o.status == "succeeded":
                 result.succeeded.append(o.item)
+                # the call's time: an upper bound of the item's (the next cut comes earlier)
                 self._last_durations[o.item] = seconds
                 store.set_item(o.item, attempts=0, next_retry=None)
                 continue

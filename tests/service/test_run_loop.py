@@ -366,6 +366,7 @@ def test_a_due_group_member_brings_its_group_in_one_point(tmp_path):
         v.set_policy("x", target_rpo=60)  # y has no target: it goes with its group all the same
     result = Service(tmp_path / "v", jobs=2, warm=False).run_once()
     assert sorted(result.succeeded) == ["x", "y"] and result.due == ["x"]
+    assert "y" not in result.skipped
     px, py = points(tmp_path / "v", "x"), points(tmp_path / "v", "y")
     assert len(px) == len(py) == 1 and px[0].id == py[0].id
 
