@@ -56,7 +56,10 @@ class _LineEvents:
         self.lock = threading.Lock()
 
     def __call__(self, event):
-        line = json.dumps(event.to_dict()) + "\n"
+        self.write_line(event.to_dict())
+
+    def write_line(self, obj):
+        line = json.dumps(obj) + "\n"
         with self.lock:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -84,6 +87,8 @@ def _install_signals(service):
 def cmd_run(args):
     from ..dr.service import Service
 
+    if args.json and not args.once:
+        raise ValueError("--json goes with --once (the service's events: --events)")
     sink = _LineEvents() if args.events else None
     service = Service(vault_dir(args), jobs=args.jobs, scheduler=args.scheduler,
                       metrics=args.metrics, events=sink, warm=args.warm)
@@ -91,7 +96,9 @@ def cmd_run(args):
     try:
         if args.once:
             result = service.run_once()
-            if args.json:
+            if args.json and args.events:  # standard output stays one JSON object a line
+                sink.write_line(result.to_dict())
+            elif args.json:
                 print_json(result.to_dict())
             elif not args.events:
                 _print_round(result)
@@ -131,4 +138,5 @@ def register(sub):
                         "(docs/JSON.md), flushed per line")
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="start every cycle cold (no state kept between cycles)")
-    add_json(p, "with --once: print the round's result as one JSON object")
+    add_json(p, "with --once: print the round's result as one JSON object (with --events: as "
+                "the last line)")

@@ -450,3 +450,15 @@ def test_a_failing_health_check_is_logged_and_the_round_still_replicates(vault, 
     assert any("RPO health check hit a pydr bug" in r.getMessage() and r.exc_info
                for r in caplog.records)
     assert len(points(vault, "a")) == 1
+
+
+def test_once_events_and_json_keep_standard_output_json_lines(vault):
+    assert pydr("policy", "a", "--vault", vault, "--rpo", "1h").returncode == 0
+    r = pydr("run", "--vault", vault, "--once", "--events", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert lines[-1]["type"] == "round" and lines[-1]["succeeded"] == ["a"]
+    assert all(e["type"] == "event" for e in lines[:-1])
+    assert [e["kind"] for e in lines[:-1] if e["operation"] == "run"] == ["started", "finished"]
+    r = pydr("run", "--vault", vault, "--json")
+    assert r.returncode == 2 and "--json goes with --once" in r.stderr
