@@ -10,9 +10,11 @@ that cannot be split that way runs on the calling thread, while the pool
 works (so does every unit of a call of one unit, or with ``jobs`` 1: as
 ``pydr replicate``): a group's members (cut together, one instant: a task per member
 would cut each at its own time), a capture without ``task`` (an object
-store's chunks), and every unit when the call carries warm state
-(``opts.warm``: what pydr.dr.warm keeps lives with the calling thread's
-capture; warm cycles are cheap).
+store's chunks), and, when the call carries warm state (``opts.warm``),
+a unit with a tracked disk or a live QEMU source: what pydr.dr.warm keeps
+for those lives with the calling thread's capture (and warm cycles are
+cheap). An untracked item of plain files or devices has nothing warm: it
+goes to the pool all the same.
 
 Cancel (``opts.cancel``): the units whose work has not begun never run
 (they end "cancelled"); the work already running on a thread cannot be
@@ -50,10 +52,17 @@ class ParallelExecutor(LocalExecutor):
         self.jobs = jobs
 
     @staticmethod
-    def splits(unit: Any, opts: Any) -> bool:
+    def splits(vault: Any, unit: Any, opts: Any) -> bool:
         """Whether `unit`'s work may run on a pool thread (see the module)."""
-        return (len(unit.names) == 1 and getattr(opts, "warm", None) is None
-                and hasattr(unit.capture, "task") and hasattr(unit.capture, "adopt"))
+        if len(unit.names) != 1 or not (hasattr(unit.capture, "task")
+                                        and hasattr(unit.capture, "adopt")):
+            return False
+        if getattr(opts, "warm", None) is None:
+            return True
+        # warm state serves tracked disks and live QEMU sources (pydr.dr.warm): those
+        # cycles stay with the calling thread's capture, which keeps it
+        return not any(d["tracking"] or str(d["source"]).startswith("qmp:")
+                       for d in vault.disks(unit.names[0]))
 
     def run(self, vault: Any, units: List[Any], opts: Any,
             finish: Callable[..., None]) -> None:
@@ -64,7 +73,7 @@ class ParallelExecutor(LocalExecutor):
             Cancelled: `opts.cancel` was set before a unit run here began
                 (the driver ends the others as a kill leaves them).
         """
-        pooled = [u for u in units if self.splits(u, opts)]
+        pooled = [u for u in units if self.splits(vault, u, opts)]
         here = [u for u in units if u not in pooled]
         if self.jobs < 2 or len(units) < 2 or not pooled:  # nothing to run beside another
             super().run(vault, units, opts, finish)  # type: ignore[no-untyped-call]

@@ -115,3 +115,15 @@ def test_jobs_must_be_a_positive_int():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(InvalidArgument):
             ParallelExecutor(bad)
+
+
+def test_with_warm_state_untracked_items_still_go_to_the_pool(vault, monkeypatch):
+    """Warm state serves tracked disks and QEMU sources only: items of plain
+    files run on the pool as without it (both in flight at once)."""
+    from pydr.dr.warm import WarmState
+
+    barrier = threading.Barrier(2, timeout=120)
+    wrap_tasks(monkeypatch, lambda name: barrier.wait())
+    with WarmState() as warm:
+        result = replicate(vault.store, ["a", "b"], executor=ParallelExecutor(2), warm=warm)
+    assert sorted(result.items) == ["a", "b"]
