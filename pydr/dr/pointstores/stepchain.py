@@ -132,6 +132,18 @@ class StepChain(PointStore):
                 if ep.place not in failed:
                     vault.drop_step(name, idx, step)
 
+    def thin(self, point_ids):
+        """Each point's undo step is merged into the next newer step where an
+        older point still needs the state before it (pydr.dr.stepmerge,
+        crash-safe: merged file, one transaction, then the old files), then
+        :meth:`release`. Steps on another host, or that cannot be merged
+        exactly, stay as they are, with a note."""
+        from .. import stepmerge  # it reads steps through this package
+
+        notes = stepmerge.thin(self.vault, self.name, point_ids).notes
+        self.release()
+        return notes
+
     def discard(self):
         """Every step and baseline goes; a qcow2 overlay on its baseline is
         first flattened into it (one raw disk)."""

@@ -1,0 +1,214 @@
+"""Retention tiers on a step chain (pydr.dr.stepmerge): the points the tiers
+let go are thinned by merging undo steps; every kept point stays exact, the
+steps directory holds one file per step, and a kill during a merge is
+finished by the next retention."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pydr.dr import stepmerge
+from pydr.dr.points import apply_retention, materialize
+from pydr.dr.policy import set_policy
+from pydr.dr.replication import replicate
+from pydr.dr.stepdigest import digest
+from pydr.dr.tiers import Tiers, points_to_keep
+from pydr.dr.vault import Vault, init_vault
+from pydr.engine import journal as J
+from pydr.errors import UnknownName
+
+from conftest import run_cli, sha
+
+T0 = 1772323200.0  # 2026-03-01 00:00:00 UTC, on an hour's boundary
+
+
+class Clock:
+    """The cycles' clock: time.time() reads it (a cut, a point's record, a
+    cycle's retention); it moves only when the test says, plus 1 ms a read
+    so that times stay in order."""
+
+    def __init__(self, start):
+        self.at = start
+
+    def __call__(self):
+        self.at += 0.001
+        return self.at
+
+    def advance(self, seconds):
+        self.at += seconds
+
+
+@pytest.fixture
+def vault_dir(tmp_path, monkeypatch):
+    d = tmp_path / "vault"
+    init_vault(d)
+    monkeypatch.setenv("PYDR_VAULT", str(d))
+    return d
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock(T0)
+    monkeypatch.setattr(time, "time", c)
+    return c
+
+
+class Source:
+    """A source disk written at random between cycles; remembers what each
+    point's source was (sha256) and when its data was cut."""
+
+    def __init__(self, tmp_path, seed, size=2 << 20):
+        self.path, self.replica = tmp_path / "src.img", tmp_path / "rep.img"
+        self.rng = random.Random(seed)
+        self.data = bytearray(self.rng.randbytes(size))
+        self.path.write_bytes(self.data)
+        self.history = {}  # point id -> (sha256 of the source, the point's data time)
+
+    def change(self, grow=0):
+        for _ in range(self.rng.randrange(1, 4)):
+            length = 64 << 10
+            off = self.rng.randrange(0, len(self.data) - length)
+            self.data[off:off + length] = self.rng.randbytes(length)
+        self.data += self.rng.randbytes(grow)
+        self.path.write_bytes(self.data)
+
+    def cycle(self, v, clock, minutes=10, grow=0):
+        clock.advance(minutes * 60)
+        self.change(grow)
+        res = replicate(v.store, ["db"])  # its retention runs at the clock's time
+        assert res.point_id not in self.history
+        self.history[res.point_id] = (sha(self.path), v.store.point("db", res.point_id).data_time)
+        return res.point_id
+
+
+def check_kept_points(v, src, tmp_path, tag):
+    """Every point the vault has materialises to its source's bytes; the
+    steps directory holds exactly the files the steps rows name (one per
+    step the kept points need); nothing is left to remove."""
+    store = v.store
+    kept = [p.id for p in store.points("db")]
+    for pid in kept:
+        path, = materialize(store, "db", pid, tmp_path / tag / f"m{pid}")
+        assert sha(path) == src.history[pid][0], (tag, pid)
+    rows = store.steps("db")
+    assert len(rows) == len(kept) - 1  # the oldest kept point needs no step of its own
+    folder = os.path.join(store.dir, "undo", "db")
+    files = {os.path.join(folder, f) for f in os.listdir(folder)}
+    assert files == {r.path for r in rows}, (files - {r.path for r in rows},
+                                             {r.path for r in rows} - files)
+    for r in rows:  # each row as recorded: a whole committed journal, its size and digest
+        J.check_step(r.path)
+        assert os.path.getsize(r.path) in (r.bytes, r.bytes + J.COMMIT_SIZE)
+        assert r.digest == digest(r.path)
+    assert store.doomed("db") == []
+    return kept
+
+
+def test_tiers_keep_their_points_exact_and_merge_the_rest(tmp_path, vault_dir, clock):
+    src = Source(tmp_path, seed=23)
+    tiers = Tiers(within=1800, hourly=3, daily=2)
+    with Vault(vault_dir, writer=True) as v:
+        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
+        set_policy(v.store, "item", "db", keep=tiers)
+        for k in range(30):  # every 10 minutes for 5 hours; the disk grows once
+            src.cycle(v, clock, grow=(256 << 10) if k == 14 else 0)
+        now = clock.at + 3600  # an hour later: within keeps nothing more than the newest
+        notes = apply_retention(v.store, "db", now)
+        assert notes == []  # every step here is on this machine and mergeable
+        expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
+        kept = check_kept_points(v, src, tmp_path, "final")
+        assert set(kept) == expected
+        dropped = set(src.history) - expected
+        assert any(pid > min(kept) for pid in dropped)  # middle points were thinned, not only old ones
+        assert any(".m" in r.path for r in v.store.steps("db"))  # by merged steps
+        for pid in dropped:
+            with pytest.raises(UnknownName):
+                v.store.point("db", pid)
+    r = run_cli("vault", "check", "--json", env=dict(os.environ))
+    assert r.returncode == 0, json.loads(r.stdout)["problems"]
+
+
+def test_without_keep_the_count_retention_stays(tmp_path, vault_dir, clock):
+    src = Source(tmp_path, seed=5)
+    with Vault(vault_dir, writer=True) as v:
+        v.protect("db", [(str(src.path), str(src.replica))], retention=3)
+        for _ in range(6):
+            src.cycle(v, clock)
+        kept = check_kept_points(v, src, tmp_path, "count")
+    assert kept == sorted(src.history)[-3:]
+    assert not any(".m" in p for p in os.listdir(vault_dir / "undo" / "db"))
+
+
+def test_steps_that_cannot_be_merged_stay_and_a_note_says_so(tmp_path, vault_dir, clock,
+                                                             monkeypatch):
+    src = Source(tmp_path, seed=7)
+    with Vault(vault_dir, writer=True) as v:
+        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
+        for _ in range(8):
+            src.cycle(v, clock)
+        set_policy(v.store, "item", "db", keep=Tiers(hourly=2))
+        before = {r.path for r in v.store.steps("db")}
+        monkeypatch.setattr(stepmerge, "_local", lambda vault, name, spec: None)  # "another host"
+        notes = apply_retention(v.store, "db", clock.at + 60)
+        assert notes and all("another host" in n and "not merged" in n for n in notes), notes
+        monkeypatch.undo()
+        kept = [p.id for p in v.store.points("db")]
+        assert len(kept) == 2  # the records went
+        rows = {r.path for r in v.store.steps("db")}
+        assert rows <= before and len(rows) > len(kept) - 1  # the steps stayed, unmerged
+        for pid in kept:
+            path, = materialize(v.store, "db", pid, tmp_path / "out" / str(pid))
+            assert sha(path) == src.history[pid][0]
+
+
+RETENTION = """
+import sys
+from pydr.dr.vault import Vault
+with Vault(sys.argv[1], writer=True) as v:
+    v.apply_retention("db", now=float(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("kill", ["retention.merged", "retention.swapped"])
+def test_a_kill_during_a_merge_is_finished_by_the_next_retention(tmp_path, vault_dir, clock,
+                                                                 kill):
+    src = Source(tmp_path, seed=11)
+    with Vault(vault_dir, writer=True) as v:
+        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
+        for _ in range(8):  # 00:10 .. 01:20
+            src.cycle(v, clock)
+        # the newest point of each of the last two hours: 00:50 and 01:20; 01:00 and
+        # 01:10 are thinned (merged), the older ones dropped
+        tiers = Tiers(hourly=2)
+        set_policy(v.store, "item", "db", keep=tiers)
+    now = clock.at + 60
+    expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
+    assert len(expected) == 2
+    assert len([pid for pid in src.history if min(expected) < pid < max(expected)]) == 2
+    env = dict(os.environ, PYDR_CRASH_AT=kill)
+    r = subprocess.run([sys.executable, "-c", RETENTION, str(vault_dir), repr(now)], env=env,
+                       capture_output=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == -9, (r.returncode, r.stderr.decode())
+    with Vault(vault_dir, writer=True) as v:
+        folder = vault_dir / "undo" / "db"
+        rows = {r.path for r in v.store.steps("db")}
+        merged = [f for f in os.listdir(folder) if ".m" in f]
+        assert len(merged) == 1, os.listdir(folder)
+        if kill == "retention.merged":  # the merged file is there, no row names it
+            assert str(folder / merged[0]) not in rows and v.store.doomed("db") == []
+        else:  # the rows name it; the two old files are still to remove
+            assert str(folder / merged[0]) in rows and len(v.store.doomed("db")) == 2
+        for pid in expected:  # the points kept are exact even before the next retention
+            path, = materialize(v.store, "db", pid, tmp_path / "killed" / str(pid))
+            assert sha(path) == src.history[pid][0]
+        v.apply_retention("db", now=now)
+        kept = check_kept_points(v, src, tmp_path, "after")
+    assert set(kept) == expected
+    r = run_cli("vault", "check", "--json", env=dict(os.environ))
+    assert r.returncode == 0, json.loads(r.stdout)["problems"]
+    assert json.loads(r.stdout)  # a report, parsed
