@@ -96,9 +96,10 @@ def remove_doomed(vault: Any, name: str) -> int:
     another host is only forgotten (merges never doom one). Returns how
     many were named."""
     doomed = vault.doomed(name)
+    named = {r.path for r in vault.steps(name)}
     for path in doomed:
         local = _local(vault, name, path)
-        if local is not None:
+        if local is not None and path not in named:  # never a file a row names again
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(local)
                 fsync_dir(local)
@@ -113,14 +114,14 @@ def remove_leftovers(vault: Any, name: str) -> List[str]:
     after ``retention.merged`` left. Only names of that form, in the
     directories of the item's own steps, are ever touched. Returns the
     paths removed."""
-    rows = vault.steps(name)
-    named = {r.path for r in rows}
-    bases: Dict[str, Set[str]] = {}  # directory -> the step file names merges start from
-    for r in rows:
+    named: Set[str] = set()  # the rows' files, by real directory and own name
+    bases: Dict[str, Set[str]] = {}  # real directory -> the step file names merges start from
+    for r in vault.steps(name):
         local = _local(vault, name, r.path)
         if local is not None:
-            bases.setdefault(os.path.dirname(local), set()).add(
-                os.path.basename(unmerged_path(local)))
+            directory = os.path.realpath(os.path.dirname(local))
+            named.add(os.path.join(directory, os.path.basename(local)))
+            bases.setdefault(directory, set()).add(os.path.basename(unmerged_path(local)))
     removed = []
     for directory, names in bases.items():
         try:
@@ -167,7 +168,12 @@ def _plan_disk(vault: Any, name: str, point_id: int, idx: int,
     return (older, newer), None
 
 
-def _merge_disk(vault: Any, name: str, idx: int, older: Any, newer: Any) -> Tuple[Optional[Dict], Optional[str]]:
+class _Retry(Exception):
+    """A merge failed for a reason that may pass (OSError): the point stays."""
+
+
+def _merge_disk(vault: Any, name: str, idx: int, older: Any,
+                newer: Any) -> Tuple[Optional[Dict], Optional[str]]:
     """Write the merge of `older` into `newer` (step rows of disk `idx`)
     beside `newer`, durably. Returns (what its row becomes, None) or
     (None, a note why they stay unmerged)."""
@@ -185,6 +191,9 @@ def _merge_disk(vault: Any, name: str, idx: int, older: Any, newer: Any) -> Tupl
         digest = stepdigest.digest(dest)
     except (NotMergeable, CorruptDelta) as exc:
         return None, f"disk {idx}: undo steps {older.step} and {newer.step} not merged: {exc}"
+    except OSError as exc:  # no space, an I/O error: tried again by the next retention
+        raise _Retry(f"disk {idx}: undo steps {older.step} and {newer.step} could not be "
+                     f"merged now ({exc}); the point stays for the next retention") from exc
     return {"idx": idx, "older": older, "newer": newer, "path": spec, "bytes": merged.bytes,
             "digest": digest}, None
 
@@ -202,10 +211,11 @@ def thin(vault: Any, name: str, drop_ids: Iterable[int]) -> ThinResult:
     drop_ids: the ids of the points to let go (never the newest point, nor
         a drill's or failover's: the caller chooses).
 
-    Returns a ThinResult. Raises UnknownName for an unknown item; OSError
-    (naming the file) where a merged step cannot be written or an old one
-    removed: the vault stays as it was for that point, and running the
-    retention again finishes it.
+    Returns a ThinResult. A merged step that cannot be written now
+    (OSError: no space, an I/O error) leaves its point as it was, with a
+    note: the next retention tries again. Raises UnknownName for an
+    unknown item; OSError (naming the file) where a doomed file cannot be
+    removed (its name stays in ``doomed_files`` for the next retention).
     """
     result = ThinResult()
     remove_doomed(vault, name)
@@ -217,17 +227,24 @@ def thin(vault: Any, name: str, drop_ids: Iterable[int]) -> ThinResult:
                         for s in [vault.point_step(name, p.id, idx)] if s is not None}
                   for idx in disks}
         merges = []
-        for idx in disks:
-            rows = vault.steps(name, idx)
-            pair, note = _plan_disk(vault, name, point.id, idx, others[idx], rows)
-            if note:
-                result.notes.append(note)
-            if pair is not None:
-                done, note = _merge_disk(vault, name, idx, *pair)
+        try:
+            for idx in disks:
+                rows = vault.steps(name, idx)
+                pair, note = _plan_disk(vault, name, point.id, idx, others[idx], rows)
                 if note:
-                    result.notes.append(f"point {point.id}, {note}")
-                if done is not None:
-                    merges.append(done)
+                    result.notes.append(note)
+                if pair is not None:
+                    done, note = _merge_disk(vault, name, idx, *pair)
+                    if note:
+                        result.notes.append(f"point {point.id}, {note}")
+                    if done is not None:
+                        merges.append(done)
+        except _Retry as exc:
+            result.notes.append(f"point {point.id}, {exc}")
+            for m in merges:  # written for nothing: no row names them
+                with contextlib.suppress(OSError):
+                    os.unlink(_local(vault, name, m["path"]))
+            continue
         if merges:
             crashpoints.reached("retention.merged")
         with vault.transaction():

@@ -3,6 +3,7 @@ let go are thinned by merging undo steps; every kept point stays exact, the
 steps directory holds one file per step, and a kill during a merge is
 finished by the next retention."""
 
+import errno
 import json
 import os
 import random
@@ -124,7 +125,7 @@ def test_tiers_keep_their_points_exact_and_merge_the_rest(tmp_path, vault_dir, c
         kept = check_kept_points(v, src, tmp_path, "final")
         assert set(kept) == expected
         dropped = set(src.history) - expected
-        assert any(pid > min(kept) for pid in dropped)  # middle points were thinned, not only old ones
+        assert any(pid > min(kept) for pid in dropped)  # middle points thinned, not only old ones
         assert any(".m" in r.path for r in v.store.steps("db"))  # by merged steps
         for pid in dropped:
             with pytest.raises(UnknownName):
@@ -164,6 +165,55 @@ def test_steps_that_cannot_be_merged_stay_and_a_note_says_so(tmp_path, vault_dir
         for pid in kept:
             path, = materialize(v.store, "db", pid, tmp_path / "out" / str(pid))
             assert sha(path) == src.history[pid][0]
+
+
+def test_a_merge_that_fails_for_now_leaves_its_point_for_the_next_retention(
+        tmp_path, vault_dir, clock, monkeypatch):
+    src = Source(tmp_path, seed=3)
+    with Vault(vault_dir, writer=True) as v:
+        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
+        for _ in range(8):
+            src.cycle(v, clock)
+        set_policy(v.store, "item", "db", keep=Tiers(hourly=2))
+        now = clock.at + 60
+
+        def no_space(older, newer, dest):
+            with open(dest, "wb") as f:  # half-written, as a full disk leaves it
+                f.write(b"PYDRUND")
+            raise OSError(errno.ENOSPC, "No space left on device", dest)
+
+        monkeypatch.setattr(stepmerge, "merge_steps", no_space)
+        notes = apply_retention(v.store, "db", now)
+        assert len(notes) == 2 and all("could not be merged now" in n for n in notes), notes
+        expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()],
+                                  Tiers(hourly=2), now)
+        middle = [pid for pid in src.history if min(expected) < pid < max(expected)]
+        assert len(middle) == 2
+        assert {p.id for p in v.store.points("db")} >= set(middle)  # they stay, for later
+        monkeypatch.undo()
+        assert apply_retention(v.store, "db", now) == []
+        kept = check_kept_points(v, src, tmp_path, "retried")  # no half-written file left
+    assert set(kept) == expected
+
+
+def test_a_damaged_step_is_not_merged_and_marks_its_points(tmp_path, vault_dir, clock):
+    src = Source(tmp_path, seed=9)
+    with Vault(vault_dir, writer=True) as v:
+        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
+        for _ in range(8):
+            src.cycle(v, clock)
+        set_policy(v.store, "item", "db", keep=Tiers(hourly=2))
+        victim = v.store.steps("db")[-2]  # the step of the 01:10 point, which is thinned
+        raw = bytearray(open(victim.path, "rb").read())
+        raw[J.HEADER_SIZE + 64 + 10] ^= 0xFF  # in the first record's payload
+        open(victim.path, "wb").write(raw)
+        notes = apply_retention(v.store, "db", clock.at + 60)
+        assert any("not merged" in n and "damaged" in n and victim.path in n for n in notes), notes
+        assert victim.path in {r.path for r in v.store.steps("db")}  # it stays as it is
+        points = v.store.points("db")
+        assert len(points) == 2 and points[0].damaged and not points[1].damaged
+        path, = materialize(v.store, "db", points[1].id, tmp_path / "newest")
+        assert sha(path) == src.history[points[1].id][0]
 
 
 RETENTION = """

@@ -129,7 +129,8 @@ def test_records_overlapping_within_a_step_keep_the_first(tmp_path):
                        kind=J.KIND_RESYNC)
     newer = write_step(tmp_path / "n", [(0, b"3" * 100)], 100, 100)
     m = merge_steps(older, newer, str(tmp_path / "m"))
-    assert rolled_back(tmp_path, b"x" * 100, m.path) == b"2" * 10 + b"1" * 20 + b"2" * 10 + b"3" * 60
+    want = b"2" * 10 + b"1" * 20 + b"2" * 10 + b"3" * 60
+    assert rolled_back(tmp_path, b"x" * 100, m.path) == want
     assert J.check_step(m.path)["kind"] == J.KIND_RESYNC  # a resync's journal has no identities
     assert m.header["base_id"] == bytes(16)
 
@@ -198,7 +199,8 @@ def journals(draw):
     return (s0, s1, s2), records(max(s0, s1)), records(max(s1, s2))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(journals())
 def test_any_two_journals_merge_to_rolling_back_both(tmp_path, case):
     (s0, s1, s2), older_records, newer_records = case
