@@ -33,14 +33,14 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..engine import crashpoints
+from ..engine import journal as J
 from ..engine.atomic import fsync_dir
 from ..engine.journalmerge import NotMergeable, merge_steps
 from ..errors import CorruptDelta
 from . import stepdigest
-from .pointstores.steps import check_step
 
 #: the suffix a merged step's file has: ``.m<the step merged into it>``
 _MERGED = re.compile(r"\.m(\d+)$")
@@ -172,11 +172,19 @@ class _Retry(Exception):
     """A merge failed for a reason that may pass (OSError): the point stays."""
 
 
-def _merge_disk(vault: Any, name: str, idx: int, older: Any,
-                newer: Any) -> Tuple[Optional[Dict], Optional[str]]:
+def _check_local(vault: Any, name: str, idx: int, row: Any) -> None:
+    """A step on this machine read through (journal.check_step) and its
+    digest as recorded: DamagedJournal naming it otherwise."""
+    path = _local(vault, name, row.path)
+    J.check_step(path)
+    stepdigest.check(path, row.digest)
+
+
+def _merge_disk(vault: Any, name: str, idx: int, older: Any, newer: Any,
+                check_step: Callable[..., None]) -> Tuple[Optional[Dict], Optional[str]]:
     """Write the merge of `older` into `newer` (step rows of disk `idx`)
-    beside `newer`, durably. Returns (what its row becomes, None) or
-    (None, a note why they stay unmerged)."""
+    beside `newer`, durably, once `check_step` passed both. Returns (what
+    its row becomes, None) or (None, a note why they stay unmerged)."""
     spec = merged_path(newer.path, first_step(older.path, older.step))
     dest = _local(vault, name, spec)
     if dest is None or spec in {r.path for r in vault.steps(name)}:
@@ -198,7 +206,8 @@ def _merge_disk(vault: Any, name: str, idx: int, older: Any,
             "digest": digest}, None
 
 
-def thin(vault: Any, name: str, drop_ids: Iterable[int]) -> ThinResult:
+def thin(vault: Any, name: str, drop_ids: Iterable[int], *,
+         check_step: Optional[Callable[..., None]] = None) -> ThinResult:
     """Let the points `drop_ids` of item `name` go, merging each one's undo
     step into the next newer step where another point still needs the
     state before it (see the module's docstring). Points are taken oldest
@@ -210,6 +219,10 @@ def thin(vault: Any, name: str, drop_ids: Iterable[int]) -> ThinResult:
     name: the item (a step chain's).
     drop_ids: the ids of the points to let go (never the newest point, nor
         a drill's or failover's: the caller chooses).
+    check_step: check_step(vault, name, idx, row) checks a step before it
+        is merged, raising CorruptDelta for damage (the step chain passes
+        pydr.dr.pointstores.steps.check_step, which also marks the points
+        that need a damaged step); default: read through, digest checked.
 
     Returns a ThinResult. A merged step that cannot be written now
     (OSError: no space, an I/O error) leaves its point as it was, with a
@@ -234,7 +247,8 @@ def thin(vault: Any, name: str, drop_ids: Iterable[int]) -> ThinResult:
                 if note:
                     result.notes.append(note)
                 if pair is not None:
-                    done, note = _merge_disk(vault, name, idx, *pair)
+                    done, note = _merge_disk(vault, name, idx, *pair,
+                                             check_step or _check_local)
                     if note:
                         result.notes.append(f"point {point.id}, {note}")
                     if done is not None:

@@ -19,7 +19,7 @@ from ...engine import crashpoints, names
 from ...errors import CorruptDelta
 from .. import ownership
 from ..replica_check import check_replicas
-from .. import stepcapture
+from .. import stepcapture, stepmerge
 from .base import PointStore, files_at
 from .steps import check_step, mark_step_damaged, step_named, steps_of
 from .stepverify import verify_steps
@@ -138,9 +138,7 @@ class StepChain(PointStore):
         crash-safe: merged file, one transaction, then the old files), then
         :meth:`release`. Steps on another host, or that cannot be merged
         exactly, stay as they are, with a note."""
-        from .. import stepmerge  # it reads steps through this package
-
-        notes = stepmerge.thin(self.vault, self.name, point_ids).notes
+        notes = stepmerge.thin(self.vault, self.name, point_ids, check_step=check_step).notes
         self.release()
         return notes
 
