@@ -71,6 +71,9 @@ class Source:
         self.history = {}  # point id -> (sha256 of the source, the point's data time)
 
     def change(self, grow=0):
+        # a hot block every cycle rewrites (as a journal or a superblock): the
+        # steps overlap there, where the older step's bytes must win
+        self.data[8192:8192 + 4096] = self.rng.randbytes(4096)
         for _ in range(self.rng.randrange(1, 4)):
             length = 64 << 10
             off = self.rng.randrange(0, len(self.data) - length)
