@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pydr.dr import stepmerge
+from pydr.dr import drills, stepmerge
 from pydr.dr.points import apply_retention, materialize
 from pydr.dr.policy import set_policy
 from pydr.dr.replication import replicate
@@ -217,6 +217,25 @@ def test_a_damaged_step_is_not_merged_and_marks_its_points(tmp_path, vault_dir, 
         assert len(points) == 2 and points[0].damaged and not points[1].damaged
         path, = materialize(v.store, "db", points[1].id, tmp_path / "newest")
         assert sha(path) == src.history[points[1].id][0]
+
+
+def test_a_drills_point_stays_whatever_the_tiers_say(tmp_path, vault_dir, clock):
+    src = Source(tmp_path, seed=13)
+    with Vault(vault_dir, writer=True) as v:
+        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
+        for _ in range(8):
+            src.cycle(v, clock)
+        tiers = Tiers(hourly=2)
+        set_policy(v.store, "item", "db", keep=tiers)
+        now = clock.at + 60
+        expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
+        drilled = min(pid for pid in src.history if pid > min(expected))  # one to be thinned
+        drills.test_failover(v.store, "db", str(tmp_path / "drill"), drilled)
+        assert apply_retention(v.store, "db", now) == []
+        kept = check_kept_points(v, src, tmp_path, "drill")
+        assert set(kept) == expected | {drilled}
+        assert any(".m" in r.path for r in v.store.steps("db"))  # the one after it merged
+        assert sha(tmp_path / "drill" / src.replica.name) == src.history[drilled][0]
 
 
 RETENTION = """
