@@ -63,8 +63,8 @@ class Source:
     """A source disk written at random between cycles; remembers what each
     point's source was (sha256) and when its data was cut."""
 
-    def __init__(self, tmp_path, seed, size=2 << 20):
-        self.path, self.replica = tmp_path / "src.img", tmp_path / "rep.img"
+    def __init__(self, tmp_path, seed, size=2 << 20, tag=""):
+        self.path, self.replica = tmp_path / f"{tag}src.img", tmp_path / f"{tag}rep.img"
         self.rng = random.Random(seed)
         self.data = bytearray(self.rng.randbytes(size))
         self.path.write_bytes(self.data)
@@ -133,6 +133,43 @@ def test_tiers_keep_their_points_exact_and_merge_the_rest(tmp_path, vault_dir, c
         for pid in dropped:
             with pytest.raises(UnknownName):
                 v.store.point("db", pid)
+    r = run_cli("vault", "check", "--json", env=dict(os.environ))
+    assert r.returncode == 0, json.loads(r.stdout)["problems"]
+
+
+def test_two_disks_one_idle_in_most_cycles(tmp_path, vault_dir, clock):
+    """A disk that did not change still gets its step each cycle (or shares
+    one with the point before): either way each disk's chain is merged on
+    its own and every kept point is exact on both disks."""
+    a, b = Source(tmp_path, seed=1, tag="a-"), Source(tmp_path, seed=2, size=1 << 20, tag="b-")
+    tiers = Tiers(within=1200, hourly=2)
+    history = {}
+    with Vault(vault_dir, writer=True) as v:
+        v.protect("db", [(str(a.path), str(a.replica)), (str(b.path), str(b.replica))],
+                  retention=1000)
+        set_policy(v.store, "item", "db", keep=tiers)
+        for k in range(16):
+            clock.advance(600)
+            a.change()
+            if k % 3 == 0:
+                b.change()
+            pid = replicate(v.store, ["db"]).point_id
+            history[pid] = ((sha(a.path), sha(b.path)), v.store.point("db", pid).data_time)
+        now = clock.at + 1800
+        apply_retention(v.store, "db", now)
+        expected = points_to_keep([(pid, at) for pid, (_, at) in history.items()], tiers, now)
+        kept = [p.id for p in v.store.points("db")]
+        assert set(kept) == expected and len(expected) < len(history) - 2
+        for pid in kept:
+            out = tmp_path / "out" / str(pid)
+            made = materialize(v.store, "db", pid, out)
+            assert (sha(out / a.replica.name), sha(out / b.replica.name)) == history[pid][0]
+            assert len(made) == 2
+        rows = v.store.steps("db")
+        assert any(".m" in r.path for r in rows if r.idx == 0)
+        folder = os.path.join(v.store.dir, "undo", "db")
+        assert {os.path.join(folder, f) for f in os.listdir(folder)} == {r.path for r in rows}
+        assert v.store.doomed("db") == []
     r = run_cli("vault", "check", "--json", env=dict(os.environ))
     assert r.returncode == 0, json.loads(r.stdout)["problems"]
 

@@ -203,8 +203,10 @@ class PointStore:
         merges each one's undo step into its newer neighbour instead
         (pydr.dr.stepmerge). Returns notes for a person (what was kept
         unmerged, and why); ids the item no longer has are skipped."""
-        with self.vault.transaction():
-            self.vault.drop_points(self.name, list(point_ids))
+        point_ids = list(point_ids)
+        if point_ids:
+            with self.vault.transaction():
+                self.vault.drop_points(self.name, point_ids)
         self.release()
         return []
 
