@@ -24,6 +24,7 @@ from pydr.engine import journal as J
 from pydr.errors import UnknownName
 
 from conftest import run_cli, sha
+from test_s3 import s3, swift  # noqa: F401 (fixtures: a bucket in a local Swift)
 
 T0 = 1772323200.0  # 2026-03-01 00:00:00 UTC, on an hour's boundary
 
@@ -321,3 +322,36 @@ def test_a_kill_during_a_merge_is_finished_by_the_next_retention(tmp_path, vault
     r = run_cli("vault", "check", "--json", env=dict(os.environ))
     assert r.returncode == 0, json.loads(r.stdout)["problems"]
     assert json.loads(r.stdout)  # a report, parsed
+
+
+def test_a_chunk_index_thins_by_dropping_the_points_indexes(s3):
+    """A point index holds its whole point: the points the tiers let go from
+    the middle lose their records and their index objects (a drill's older
+    point stays, so the others are in the middle); the kept ones are exact."""
+    from test_s3 import keys
+
+    ctx, tmp = s3, s3["tmp"]
+    img = tmp / "os.img"
+    rng = random.Random(17)
+    data = bytearray(rng.randbytes(8 << 20))
+    img.write_bytes(data)
+    history = {}
+    with Vault(ctx["vault"], writer=True) as v:
+        v.protect("vm", [(str(img), ctx["url"])])
+        for _ in range(5):
+            off = rng.randrange(0, len(data) - 4096)
+            data[off:off + 4096] = rng.randbytes(4096)
+            img.write_bytes(data)
+            pid = replicate(v.store, ["vm"]).point_id
+            history[pid] = sha(img)
+        assert len(keys(ctx, "indexes")) == 5
+        first = min(history)
+        drills.test_failover(v.store, "vm", str(tmp / "drill"), first)
+        set_policy(v.store, "item", "vm", keep=Tiers(hourly=1))
+        assert apply_retention(v.store, "vm", time.time() + 60) == []
+        kept = [p.id for p in v.store.points("vm")]
+        assert kept == [first, max(history)]
+        assert len(keys(ctx, "indexes")) == 2
+        for pid in kept:
+            path, = materialize(v.store, "vm", pid, tmp / "out" / str(pid))
+            assert sha(path) == history[pid]
