@@ -21,7 +21,7 @@ import bisect
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, List, Tuple
+from typing import BinaryIO, Dict, List, Sequence, Tuple
 
 from . import bindings as B
 from . import journal as J
@@ -139,9 +139,24 @@ def merge_steps(older: str, newer: str, dest: str) -> Merged:
     leave the disk at the size `newer` starts from; DamagedJournal for
     damage; OSError (naming `dest`) when it cannot be written. `dest` is
     removed again on any error."""
-    scans = [J.scan(older, step=True), J.scan(newer, step=True)]
-    header = _merged_header(scans[0].header, scans[1].header, older, newer)
-    old_size, middle, new_size = header["old_size"], scans[0].header["new_size"], header["new_size"]
+    return merge_chain([older, newer], dest)
+
+
+def merge_chain(steps: Sequence[str], dest: str) -> Merged:
+    """merge_steps for a run of steps, oldest first (two or more, each
+    the next cycle's after the one before it), in one pass: `dest` equals
+    rolling back every step, newest first, and the work is in proportion to
+    the steps together (not step by step, which would rewrite the merged
+    part again for each one). Arguments, result and errors as merge_steps's
+    (NotMergeable names the first step that does not follow the one
+    before it)."""
+    if len(steps) < 2:
+        raise ValueError("merge_chain needs two steps or more")
+    scans = [J.scan(path, step=True) for path in steps]
+    header = scans[0].header
+    for i in range(1, len(steps)):
+        header = _merged_header(header, scans[i].header, steps[i - 1], steps[i])
+    old_size = header["old_size"]
     covered = _Covered()
     out = J.Journal.create(dest, **header)
     try:
@@ -155,18 +170,20 @@ def merge_steps(older: str, newer: str, dest: str) -> Merged:
                 out.append(buf)
                 buf = bytearray()
 
-        # older's records clipped to the size it restores; then the range a
-        # sequential rollback zero-fills (older grew the disk back past the
-        # size newer restores: truncate, then extend); then newer's, clipped
-        # to what survives older's truncation
-        sources = [(older, scans[0].records, old_size), (None, [], 0),
-                   (newer, scans[1].records, min(middle, old_size))]
-        for path, records, limit in sources:
-            if path is None:
-                for a, b in covered.take(middle, min(old_size, new_size)):
+        # the oldest step's records clipped to the size it restores; then,
+        # for each newer step, the range a sequential rollback zero-fills
+        # (the older ones grew the disk back past the size this one
+        # restores: truncate, then extend), then its records, clipped to
+        # what survives the older ones' truncation
+        for i, (path, found) in enumerate(zip(steps, scans)):
+            limit = old_size
+            if i:
+                middle = scans[i - 1].header["new_size"]  # what the older ones start from
+                for a, b in covered.take(middle, min(old_size, found.header["new_size"])):
                     for at in range(a, b, B.RECORD_MAX):
                         emit(_record(B.ZERO, at, length=min(B.RECORD_MAX, b - at), seq=seq))
-                continue
+                limit = min(middle, old_size)
+            records = found.records
             with open(path, "rb") as f:
                 for rec in records:
                     kind, offset, length = rec[2], rec[3], rec[4]

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pydr.engine import bindings as B
 from pydr.engine import journal as J
-from pydr.engine.journalmerge import NotMergeable, merge_steps
+from pydr.engine.journalmerge import NotMergeable, merge_chain, merge_steps
 from pydr.errors import DamagedJournal
 
 BS = 4096
@@ -210,3 +210,47 @@ def test_any_two_journals_merge_to_rolling_back_both(tmp_path, case):
     merged = merge_steps(older, newer, str(tmp_path / f"m{tag}")).path
     current = bytes(random.Random(s2).randbytes(s2))
     assert rolled_back(tmp_path, current, merged) == rolled_back(tmp_path, current, newer, older)
+
+
+@st.composite
+def chains(draw):
+    sizes = [draw(st.integers(1, 3000)) for _ in range(draw(st.integers(3, 5)))]
+
+    def records(limit):
+        out = []
+        for _ in range(draw(st.integers(0, 5))):
+            off = draw(st.integers(0, limit - 1))
+            length = draw(st.integers(1, limit - off))
+            if draw(st.booleans()):
+                out.append((off, length))
+            else:
+                out.append((off, bytes([draw(st.integers(1, 255))]) * length))
+        return out
+
+    return sizes, [records(max(a, b)) for a, b in zip(sizes, sizes[1:])]
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chains())
+def test_a_chain_merged_in_one_pass_rolls_back_like_every_step(tmp_path, case):
+    sizes, steps_records = case
+    steps = [write_step(tmp_path / f"c{next(_names)}", recs, old, new)
+             for recs, old, new in zip(steps_records, sizes, sizes[1:])]
+    merged = merge_chain(steps, str(tmp_path / f"m{next(_names)}"))
+    current = bytes(random.Random(sizes[-1]).randbytes(sizes[-1]))
+    assert rolled_back(tmp_path, current, merged.path) == \
+        rolled_back(tmp_path, current, *reversed(steps))
+    pairwise = steps[0]
+    for step in steps[1:]:  # the same journal as merging two at a time
+        pairwise = merge_steps(pairwise, step, str(tmp_path / f"p{next(_names)}")).path
+    assert open(pairwise, "rb").read() == open(merged.path, "rb").read()
+
+
+def test_a_chain_that_does_not_follow_is_refused_naming_the_step(tmp_path):
+    a = write_step(tmp_path / "a", [(0, b"A")], 100, 100)
+    b = write_step(tmp_path / "b", [(0, b"B")], 100, 200)
+    c = write_step(tmp_path / "c", [(0, b"C")], 100, 100)
+    with pytest.raises(NotMergeable) as exc:
+        merge_chain([a, b, c], str(tmp_path / "m"))
+    assert exc.value.path == c and not (tmp_path / "m").exists()
