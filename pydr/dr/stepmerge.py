@@ -7,24 +7,27 @@ A point at step j of a disk is the state cycle j made. Undo step j takes
 the disk from that state back to the one before; step k, the next newer
 step that exists, takes the disk back to state j. Once no point is at
 state j, the two become one step, numbered k, that takes the disk from
-state k straight back to the one before j.
+state k straight back to the one before j. A run of such steps (every
+state between two remaining points) becomes one step in one pass
+(journalmerge.merge_chain), so that thinning many points costs the steps'
+size once, not once per point.
 
-Crash safety (docs/FORMAT.md, "Merged steps"): for each dropped point,
+Crash safety (docs/FORMAT.md, "Merged steps"), for all the points at once:
 
-1. each disk's merged journal is written beside step k as ``<k's path>.m<j>``
-   and made durable with its directory (crash point ``retention.merged``:
-   no row names it yet; the next retention removes it, or the same merge
-   writes it again);
+1. each run's merged journal is written beside its newest step k as
+   ``<k's path>.m<f>`` (f: the first step it stands for) and made durable
+   with its directory (crash point ``retention.merged``: no row names it
+   yet; the next retention removes it, or the same merge writes it again);
 2. one vault transaction: step k's row names the merged file (its bytes
-   and digest), step j's row goes, the point's rows go, and both old files
-   are noted in ``doomed_files`` (crash point ``retention.swapped``);
+   and digest), the run's other rows go, the points' rows go, and every
+   old file is noted in ``doomed_files`` (crash point ``retention.swapped``);
 3. the doomed files are removed, then forgotten.
 
 Every retention first removes what ``doomed_files`` names and merged files
 that no row names (:func:`remove_leftovers`). Steps on another host
 (host:PATH) and steps that cannot be merged exactly (different block sizes,
-sizes that do not follow, damage) are not merged: the point's record goes,
-both steps stay (correct, just not smaller), and a note says so.
+sizes that do not follow, damage) are not merged: the points' records go,
+the steps stay (correct, just not smaller), and a note says so.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 from ..engine import crashpoints
 from ..engine import journal as J
 from ..engine.atomic import fsync_dir
-from ..engine.journalmerge import NotMergeable, merge_steps
+from ..engine.journalmerge import NotMergeable, merge_chain
 from ..errors import CorruptDelta
 from . import stepdigest
 
@@ -51,12 +54,13 @@ class ThinResult:
     """What :func:`thin` did.
 
     dropped: the ids of the points whose records went.
-    merged: (point id, disk idx, step merged away, step it was merged into).
+    merged: (disk idx, first step, last step) of each run of steps merged
+        into one (numbered as the last).
     notes: for a person: the steps kept unmerged, and why.
     """
 
     dropped: List[int] = field(default_factory=list)
-    merged: List[Tuple[int, int, int, int]] = field(default_factory=list)
+    merged: List[Tuple[int, int, int]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
 
@@ -141,35 +145,30 @@ def remove_leftovers(vault: Any, name: str) -> List[str]:
     return removed
 
 
-def _row(rows: List[Any], step: int) -> Optional[Any]:
+def _groups(rows: List[Any], states: Set[int]) -> List[List[Any]]:
+    """The runs of step rows (of one disk, oldest first) that become one
+    step each: a run ends at a row whose state a remaining point is at
+    (`states`); the rows up to the oldest of them are no point's to merge
+    (release drops them). Runs of one row stay as they are."""
+    if not states:
+        return []
+    lowest = min(states)
+    groups: List[List[Any]] = []
+    run: List[Any] = []
     for r in rows:
-        if r.step == step:
-            return r
-    return None
-
-
-def _plan_disk(vault: Any, name: str, point_id: int, idx: int,
-               others: Dict[int, int], rows: List[Any]) -> Tuple[Optional[Tuple], Optional[str]]:
-    """(older row, newer row) to merge for disk `idx` of the dropped point,
-    or None with a note (None: nothing to say). `others`: the step disk
-    `idx` is at in every other point still recorded."""
-    step = vault.point_step(name, point_id, idx)
-    older = None if step is None else _row(rows, step)
-    newer = next((r for r in rows if step is not None and r.step > step), None)
-    if older is None or newer is None:
-        return None, None  # no step of its own, or the newest state: nothing to merge
-    if any(step <= s < newer.step for s in others.values()):
-        return None, None  # another point is at this state: it needs the step as it is
-    if not any(s < step for s in others.values()):
-        return None, None  # no older point needs it: release drops it
-    if _local(vault, name, older.path) is None or _local(vault, name, newer.path) is None:
-        return None, (f"point {point_id}, disk {idx}: undo steps {older.step} and "
-                      f"{newer.step} are on another host and are not merged (they stay)")
-    return (older, newer), None
+        if r.step <= lowest:
+            continue
+        run.append(r)
+        if r.step in states:
+            groups.append(run)
+            run = []
+    if run:
+        groups.append(run)
+    return [g for g in groups if len(g) > 1]
 
 
 class _Retry(Exception):
-    """A merge failed for a reason that may pass (OSError): the point stays."""
+    """A merge failed for a reason that may pass (OSError): the points stay."""
 
 
 def _check_local(vault: Any, name: str, idx: int, row: Any) -> None:
@@ -180,40 +179,45 @@ def _check_local(vault: Any, name: str, idx: int, row: Any) -> None:
     stepdigest.check(path, row.digest)
 
 
-def _merge_disk(vault: Any, name: str, idx: int, older: Any, newer: Any,
-                check_step: Callable[..., None]) -> Tuple[Optional[Dict], Optional[str]]:
-    """Write the merge of `older` into `newer` (step rows of disk `idx`)
-    beside `newer`, durably, once `check_step` passed both. Returns (what
-    its row becomes, None) or (None, a note why they stay unmerged)."""
-    spec = merged_path(newer.path, first_step(older.path, older.step))
+def _merge_group(vault: Any, name: str, idx: int, group: List[Any],
+                 check_step: Callable[..., None]) -> Tuple[Optional[Dict], Optional[str]]:
+    """Write the merge of the step rows `group` (of disk `idx`, oldest
+    first) beside the newest of them, durably, once `check_step` passed
+    each. Returns (what the newest row becomes, None) or (None, a note why
+    they stay unmerged); raises _Retry for an OSError (the file removed)."""
+    which = f"disk {idx}: undo steps {group[0].step}-{group[-1].step}"
+    if any(_local(vault, name, r.path) is None for r in group):
+        return None, f"{which} are on another host and are not merged (they stay)"
+    spec = merged_path(group[-1].path, first_step(group[0].path, group[0].step))
     dest = _local(vault, name, spec)
     if dest is None or spec in {r.path for r in vault.steps(name)}:
-        return None, f"disk {idx}: {spec} is a step's file already; steps not merged"
+        return None, f"{which}: {spec} is a step's file already; not merged"
     try:
-        for row in (older, newer):  # read through, digest too; damage marks the points
+        for row in group:  # read through, digest too; damage marks the points
             check_step(vault, name, idx, row)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(dest)  # a kill's half-made merge of this pair
-        merged = merge_steps(_local(vault, name, older.path), _local(vault, name, newer.path),
-                             dest)
+            os.unlink(dest)  # a kill's half-made merge of this run
+        merged = merge_chain([_local(vault, name, r.path) for r in group], dest)
         digest = stepdigest.digest(dest)
     except (NotMergeable, CorruptDelta) as exc:
-        return None, f"disk {idx}: undo steps {older.step} and {newer.step} not merged: {exc}"
+        return None, f"{which} not merged: {exc}"
     except OSError as exc:  # no space, an I/O error: tried again by the next retention
-        raise _Retry(f"disk {idx}: undo steps {older.step} and {newer.step} could not be "
-                     f"merged now ({exc}); the point stays for the next retention") from exc
-    return {"idx": idx, "older": older, "newer": newer, "path": spec, "bytes": merged.bytes,
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        raise _Retry(f"{which} could not be merged now ({exc}); the points stay for the next "
+                     "retention") from exc
+    return {"idx": idx, "rows": group, "path": spec, "bytes": merged.bytes,
             "digest": digest}, None
 
 
 def thin(vault: Any, name: str, drop_ids: Iterable[int], *,
          check_step: Optional[Callable[..., None]] = None) -> ThinResult:
-    """Let the points `drop_ids` of item `name` go, merging each one's undo
-    step into the next newer step where another point still needs the
-    state before it (see the module's docstring). Points are taken oldest
-    first, one transaction each; ids the item no longer has are skipped
-    (a run after a kill finds them gone). The steps no point needs any more
-    are left for PointStore.release.
+    """Let the points `drop_ids` of item `name` go, merging on each disk
+    every run of undo steps between two states a remaining point is at
+    into one step (see the module's docstring), in one pass
+    (journalmerge.merge_chain) and one transaction for them all; ids the
+    item no longer has are skipped (a run after a kill finds them gone).
+    The steps no point needs any more are left for PointStore.release.
 
     vault: the open vault (a pydr.dr.store.Store), as a writer.
     name: the item (a step chain's).
@@ -224,55 +228,52 @@ def thin(vault: Any, name: str, drop_ids: Iterable[int], *,
         pydr.dr.pointstores.steps.check_step, which also marks the points
         that need a damaged step); default: read through, digest checked.
 
-    Returns a ThinResult. A merged step that cannot be written now
-    (OSError: no space, an I/O error) leaves its point as it was, with a
-    note: the next retention tries again. Raises UnknownName for an
-    unknown item; OSError (naming the file) where a doomed file cannot be
-    removed (its name stays in ``doomed_files`` for the next retention).
+    Returns a ThinResult. Steps that cannot be merged (on another host,
+    damaged, not following each other) stay, with a note; the points go
+    all the same. A merged step that cannot be written now (OSError: no
+    space, an I/O error) leaves every point as it was, with a note: the
+    next retention tries again. Raises UnknownName for an unknown item;
+    OSError (naming the file) where a doomed file cannot be removed (its
+    name stays in ``doomed_files`` for the next retention).
     """
     result = ThinResult()
     remove_doomed(vault, name)
     remove_leftovers(vault, name)
     wanted = set(drop_ids)
-    disks = [d.idx for d in vault.disks(name)]
-    for point in [p for p in vault.points(name) if p.id in wanted]:
-        others = {idx: {p.id: s for p in vault.points(name) if p.id != point.id
-                        for s in [vault.point_step(name, p.id, idx)] if s is not None}
-                  for idx in disks}
-        merges = []
-        try:
-            for idx in disks:
-                rows = vault.steps(name, idx)
-                pair, note = _plan_disk(vault, name, point.id, idx, others[idx], rows)
+    points = vault.points(name)
+    dropped = [p.id for p in points if p.id in wanted]
+    if not dropped:
+        return result
+    remaining = [p.id for p in points if p.id not in wanted]
+    merges: List[Dict] = []
+    try:
+        for d in vault.disks(name):
+            states = {vault.point_step(name, pid, d.idx) for pid in remaining} - {None}
+            for group in _groups(vault.steps(name, d.idx), states):
+                done, note = _merge_group(vault, name, d.idx, group, check_step or _check_local)
                 if note:
                     result.notes.append(note)
-                if pair is not None:
-                    done, note = _merge_disk(vault, name, idx, *pair,
-                                             check_step or _check_local)
-                    if note:
-                        result.notes.append(f"point {point.id}, {note}")
-                    if done is not None:
-                        merges.append(done)
-        except _Retry as exc:
-            result.notes.append(f"point {point.id}, {exc}")
-            for m in merges:  # written for nothing: no row names them
-                with contextlib.suppress(OSError):
-                    os.unlink(_local(vault, name, m["path"]))
-            continue
-        if merges:
-            crashpoints.reached("retention.merged")
-        with vault.transaction():
-            for m in merges:
-                older, newer = m["older"], m["newer"]
-                vault.drop_step(name, m["idx"], newer.step)
-                vault.add_step(name, m["idx"], newer.step, m["path"], m["bytes"], m["digest"])
-                vault.drop_step(name, m["idx"], older.step)
-                vault.add_doomed(name, older.path)
-                vault.add_doomed(name, newer.path)
-            vault.drop_points(name, [point.id])
-        if merges:
-            crashpoints.reached("retention.swapped")
-        remove_doomed(vault, name)
-        result.dropped.append(point.id)
-        result.merged += [(point.id, m["idx"], m["older"].step, m["newer"].step) for m in merges]
+                if done is not None:
+                    merges.append(done)
+    except _Retry as exc:
+        result.notes.append(str(exc))
+        for m in merges:  # written for nothing: no row names them
+            with contextlib.suppress(OSError):
+                os.unlink(_local(vault, name, m["path"]))
+        return result
+    if merges:
+        crashpoints.reached("retention.merged")
+    with vault.transaction():
+        for m in merges:
+            newest = m["rows"][-1]
+            for r in m["rows"]:
+                vault.drop_step(name, m["idx"], r.step)
+                vault.add_doomed(name, r.path)
+            vault.add_step(name, m["idx"], newest.step, m["path"], m["bytes"], m["digest"])
+        vault.drop_points(name, dropped)
+    if merges:
+        crashpoints.reached("retention.swapped")
+    remove_doomed(vault, name)
+    result.dropped = dropped
+    result.merged = [(m["idx"], m["rows"][0].step, m["rows"][-1].step) for m in merges]
     return result
