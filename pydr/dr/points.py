@@ -17,7 +17,7 @@ from .events import Emitter, check_cancel
 from .pointstores import point_store
 from .pointstores.base import protected_disks
 from .policy import effective_policy
-from .tiers import points_to_keep
+from .tiers import Tiers, points_to_keep
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
 _log = logging.getLogger("pydr.retention")
@@ -92,7 +92,10 @@ def apply_retention(vault, name, now=None):
     ``keep`` (pydr.dr.tiers.points_to_keep at `now`, epoch seconds, default
     the clock): the points older than every kept one go as below; the
     others the tiers let go are thinned (PointStore.thin: a step chain
-    merges each one's undo step into its newer neighbour, pydr.dr.stepmerge).
+    merges each one's undo step into its newer neighbour, pydr.dr.stepmerge,
+    once the next newer kept point is kept for good -- the newest of a
+    period that is over -- so that the steps are merged once a period, not
+    rewritten every cycle: until then they wait; PointStore.thin_waits).
     Otherwise it is the item's count, and age when set (the newest point
     always stays). Either way, the point a drill or a failover shows stays
     too, whatever its age, until cleanup-test-failover or commit lets it
@@ -109,13 +112,17 @@ def apply_retention(vault, name, now=None):
     stepmerge.remove_doomed(vault, name)
     shown = {row["test_point"], row["failover_point"]}  # a drill's or failover's point stays
     tiers = effective_policy(vault, name).keep
+    store = point_store(vault, name)
     thinned = []
     if tiers is not None:
-        keep = points_to_keep([(p.id, p.data_time) for p in points], tiers, now) | shown
+        times = [(p.id, p.data_time) for p in points]
+        keep = points_to_keep(times, tiers, now) | shown
         oldest_kept = min((p.id for p in points if p.id in keep), default=None)
         drop = [p for p in points if oldest_kept is not None and p.id < oldest_kept]
-        thinned = [p.id for p in points if p.id not in keep and p.id not in shown
+        thinned = [p.id for p in points if p.id not in keep
                    and (oldest_kept is None or p.id > oldest_kept)]
+        if store.thin_waits:  # merged steps: once a period, not every cycle
+            thinned = _settled(thinned, keep, _kept_for_good(times, tiers, now) | (shown - {None}))
     else:
         drop = points[:max(0, len(points) - row["retention"])]
         if row["retention_age"] is not None and points:
@@ -125,10 +132,34 @@ def apply_retention(vault, name, now=None):
     with vault.transaction():
         vault.drop_points(name, [p.id for p in drop])
     crashpoints.reached("retention.recorded")
-    notes = point_store(vault, name).thin(thinned)
+    notes = store.thin(thinned)
     for note in notes:
         _log.info("retention of %s: %s", name, note)
     return notes
+
+
+def _kept_for_good(times, tiers, now):
+    """The points the period tiers keep that no newer point can displace:
+    each the newest of a period older than the newest point's (the newest
+    point, and a point kept only by `within`, are not)."""
+    newest = max(times, key=lambda t: (t[1], t[0]), default=(None, 0))[0]
+    periods = Tiers(hourly=tiers.hourly, daily=tiers.daily, weekly=tiers.weekly,
+                    monthly=tiers.monthly)
+    return points_to_keep(times, periods, now) - {newest}
+
+
+def _settled(candidates, keep, settled):
+    """The `candidates` (ids of points the tiers let go from the middle)
+    whose next newer kept point is `settled`: thinned now. The others wait
+    for it (the newest point's period is not over, or it is kept only by
+    `within`): thinning them now would merge into a step that the next
+    cycles merge again, rewriting the same bytes each cycle."""
+    out = []
+    for pid in candidates:
+        upper = min((k for k in keep if k is not None and k > pid), default=None)
+        if upper is not None and upper in settled:
+            out.append(pid)
+    return out
 
 
 def materialize(vault, name, point_id, directory, *, threads=None, method="auto",

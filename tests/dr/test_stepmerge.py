@@ -91,6 +91,19 @@ class Source:
         return res.point_id
 
 
+def hour(t):
+    return int(t // 3600)
+
+
+def waiting(history, expected):
+    """The points the tiers let go that wait for the newest point's hour to
+    end (their newer kept neighbour is the newest point, which a later
+    point of that hour would displace): the others of that hour."""
+    newest = max(history, key=lambda pid: history[pid][1])
+    return {pid for pid, (_, at) in history.items()
+            if pid not in expected and hour(at) == hour(history[newest][1])}
+
+
 def check_kept_points(v, src, tmp_path, tag):
     """Every point the vault has materialises to its source's bytes; the
     steps directory holds exactly the files the steps rows name (one per
@@ -120,14 +133,22 @@ def test_tiers_keep_their_points_exact_and_merge_the_rest(tmp_path, vault_dir, c
     with Vault(vault_dir, writer=True) as v:
         v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
         set_policy(v.store, "item", "db", keep=tiers)
-        for k in range(30):  # every 10 minutes for 5 hours; the disk grows once
+        for k in range(29):  # every 10 minutes to 04:50; the disk grows once
             src.cycle(v, clock, grow=(256 << 10) if k == 14 else 0)
         now = clock.at + 3600  # an hour later: within keeps nothing more than the newest
         notes = apply_retention(v.store, "db", now)
         assert notes == []  # every step here is on this machine and mergeable
         expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
         kept = check_kept_points(v, src, tmp_path, "final")
-        assert set(kept) == expected
+        later = waiting(src.history, expected)
+        assert later and set(kept) == expected | later
+        src.cycle(v, clock, minutes=60)  # a new hour: the last one's rep is kept for good
+        now = clock.at + 60
+        expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
+        assert apply_retention(v.store, "db", now) == []
+        kept = check_kept_points(v, src, tmp_path, "next hour")
+        assert set(kept) == expected | waiting(src.history, expected)
+        assert not later & set(kept)  # they went, merged
         dropped = set(src.history) - expected
         assert any(pid > min(kept) for pid in dropped)  # middle points thinned, not only old ones
         assert any(".m" in r.path for r in v.store.steps("db"))  # by merged steps
@@ -143,7 +164,7 @@ def test_two_disks_one_idle_in_most_cycles(tmp_path, vault_dir, clock):
     one with the point before): either way each disk's chain is merged on
     its own and every kept point is exact on both disks."""
     a, b = Source(tmp_path, seed=1, tag="a-"), Source(tmp_path, seed=2, size=1 << 20, tag="b-")
-    tiers = Tiers(within=1200, hourly=2)
+    tiers = Tiers(within=1200, hourly=3)
     history = {}
     with Vault(vault_dir, writer=True) as v:
         v.protect("db", [(str(a.path), str(a.replica)), (str(b.path), str(b.replica))],
@@ -160,7 +181,8 @@ def test_two_disks_one_idle_in_most_cycles(tmp_path, vault_dir, clock):
         apply_retention(v.store, "db", now)
         expected = points_to_keep([(pid, at) for pid, (_, at) in history.items()], tiers, now)
         kept = [p.id for p in v.store.points("db")]
-        assert set(kept) == expected and len(expected) < len(history) - 2
+        later = waiting(history, expected)
+        assert set(kept) == expected | later and len(expected | later) < len(history) - 2
         for pid in kept:
             out = tmp_path / "out" / str(pid)
             made = materialize(v.store, "db", pid, out)
@@ -191,16 +213,16 @@ def test_steps_that_cannot_be_merged_stay_and_a_note_says_so(tmp_path, vault_dir
     src = Source(tmp_path, seed=7)
     with Vault(vault_dir, writer=True) as v:
         v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
-        for _ in range(8):
+        for _ in range(12):  # 00:10 .. 02:00
             src.cycle(v, clock)
-        set_policy(v.store, "item", "db", keep=Tiers(hourly=2))
+        set_policy(v.store, "item", "db", keep=Tiers(hourly=3))
         before = {r.path for r in v.store.steps("db")}
         monkeypatch.setattr(stepmerge, "_local", lambda vault, name, spec: None)  # "another host"
         notes = apply_retention(v.store, "db", clock.at + 60)
         assert notes and all("another host" in n and "not merged" in n for n in notes), notes
         monkeypatch.undo()
         kept = [p.id for p in v.store.points("db")]
-        assert len(kept) == 2  # the records went
+        assert len(kept) == 3  # the records went
         rows = {r.path for r in v.store.steps("db")}
         assert rows <= before and len(rows) > len(kept) - 1  # the steps stayed, unmerged
         for pid in kept:
@@ -213,9 +235,9 @@ def test_a_merge_that_fails_for_now_leaves_its_point_for_the_next_retention(
     src = Source(tmp_path, seed=3)
     with Vault(vault_dir, writer=True) as v:
         v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
-        for _ in range(8):
+        for _ in range(12):  # 00:10 .. 02:00
             src.cycle(v, clock)
-        set_policy(v.store, "item", "db", keep=Tiers(hourly=2))
+        set_policy(v.store, "item", "db", keep=Tiers(hourly=3))
         now = clock.at + 60
 
         def no_space(steps, dest):
@@ -227,9 +249,10 @@ def test_a_merge_that_fails_for_now_leaves_its_point_for_the_next_retention(
         notes = apply_retention(v.store, "db", now)
         assert len(notes) == 1 and "could not be merged now" in notes[0], notes
         expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()],
-                                  Tiers(hourly=2), now)
-        middle = [pid for pid in src.history if min(expected) < pid < max(expected)]
-        assert len(middle) == 2
+                                  Tiers(hourly=3), now)
+        middle = [pid for pid in src.history if min(expected) < pid < max(expected)
+                  and pid not in expected]
+        assert len(middle) == 5
         assert {p.id for p in v.store.points("db")} >= set(middle)  # they stay, for later
         monkeypatch.undo()
         assert apply_retention(v.store, "db", now) == []
@@ -241,9 +264,9 @@ def test_a_damaged_step_is_not_merged_and_marks_its_points(tmp_path, vault_dir, 
     src = Source(tmp_path, seed=9)
     with Vault(vault_dir, writer=True) as v:
         v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
-        for _ in range(8):
+        for _ in range(12):  # 00:10 .. 02:00
             src.cycle(v, clock)
-        set_policy(v.store, "item", "db", keep=Tiers(hourly=2))
+        set_policy(v.store, "item", "db", keep=Tiers(hourly=3))
         victim = v.store.steps("db")[-2]  # the step of the 01:10 point, which is thinned
         raw = bytearray(open(victim.path, "rb").read())
         raw[J.HEADER_SIZE + 64 + 10] ^= 0xFF  # in the first record's payload
@@ -252,18 +275,20 @@ def test_a_damaged_step_is_not_merged_and_marks_its_points(tmp_path, vault_dir, 
         assert any("not merged" in n and "damaged" in n and victim.path in n for n in notes), notes
         assert victim.path in {r.path for r in v.store.steps("db")}  # it stays as it is
         points = v.store.points("db")
-        assert len(points) == 2 and points[0].damaged and not points[1].damaged
-        path, = materialize(v.store, "db", points[1].id, tmp_path / "newest")
-        assert sha(path) == src.history[points[1].id][0]
+        assert len(points) == 3 and points[0].damaged
+        assert not points[1].damaged and not points[2].damaged
+        for p in points[1:]:
+            path, = materialize(v.store, "db", p.id, tmp_path / "out" / str(p.id))
+            assert sha(path) == src.history[p.id][0]
 
 
 def test_a_drills_point_stays_whatever_the_tiers_say(tmp_path, vault_dir, clock):
     src = Source(tmp_path, seed=13)
     with Vault(vault_dir, writer=True) as v:
         v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
-        for _ in range(8):
+        for _ in range(12):  # 00:10 .. 02:00
             src.cycle(v, clock)
-        tiers = Tiers(hourly=2)
+        tiers = Tiers(hourly=3)
         set_policy(v.store, "item", "db", keep=tiers)
         now = clock.at + 60
         expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
@@ -290,16 +315,17 @@ def test_a_kill_during_a_merge_is_finished_by_the_next_retention(tmp_path, vault
     src = Source(tmp_path, seed=11)
     with Vault(vault_dir, writer=True) as v:
         v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
-        for _ in range(8):  # 00:10 .. 01:20
+        for _ in range(12):  # 00:10 .. 02:00
             src.cycle(v, clock)
-        # the newest point of each of the last two hours: 00:50 and 01:20; 01:00 and
-        # 01:10 are thinned (merged), the older ones dropped
-        tiers = Tiers(hourly=2)
+        # the newest point of each of the last three hours: 00:50, 01:50 and 02:00;
+        # 01:00 .. 01:40 are thinned (merged), the older ones dropped
+        tiers = Tiers(hourly=3)
         set_policy(v.store, "item", "db", keep=tiers)
     now = clock.at + 60
     expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
-    assert len(expected) == 2
-    assert len([pid for pid in src.history if min(expected) < pid < max(expected)]) == 2
+    assert len(expected) == 3  # 00:50, 01:50 and 02:00; 01:00 .. 01:40 thinned, merged
+    assert len([pid for pid in src.history if min(expected) < pid < max(expected)
+                and pid not in expected]) == 5
     env = dict(os.environ, PYDR_CRASH_AT=kill)
     r = subprocess.run([sys.executable, "-c", RETENTION, str(vault_dir), repr(now)], env=env,
                        capture_output=True, cwd=tmp_path, timeout=300)
@@ -312,9 +338,9 @@ def test_a_kill_during_a_merge_is_finished_by_the_next_retention(tmp_path, vault
         if kill == "retention.merged":  # the merged file is there, no row names it
             assert str(folder / merged[0]) not in rows and v.store.doomed("db") == []
         else:  # the rows name it; the two old files are still to remove
-            # the run of steps between the two kept points (one a thinned point, and
-            # the newer kept one's): all three old files
-            assert str(folder / merged[0]) in rows and len(v.store.doomed("db")) == 3
+            # the run of steps between 00:50 and 01:50 (five thinned points' and
+            # 01:50's own): all six old files
+            assert str(folder / merged[0]) in rows and len(v.store.doomed("db")) == 6
         for pid in expected:  # the points kept are exact even before the next retention
             path, = materialize(v.store, "db", pid, tmp_path / "killed" / str(pid))
             assert sha(path) == src.history[pid][0]

@@ -195,6 +195,12 @@ class PointStore:
         return "auto"
 
     # -- letting points go ------------------------------------------------------------
+    #: Whether thinning a point rewrites what thinning the next one would
+    #: rewrite again (merged undo steps): then retention lets a point go
+    #: only once its newer kept neighbour is kept for good
+    #: (pydr.dr.points.apply_retention).
+    thin_waits = False
+
     def thin(self, point_ids):
         """Retention tiers let the points `point_ids` go from the middle of
         the item's points (older ones stay): their records go, and what

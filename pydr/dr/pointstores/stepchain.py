@@ -132,6 +132,8 @@ class StepChain(PointStore):
                 if ep.place not in failed:
                     vault.drop_step(name, idx, step)
 
+    thin_waits = True  # a merged step would be merged again each cycle
+
     def thin(self, point_ids):
         """Each point's undo step is merged into the next newer step where an
         older point still needs the state before it (pydr.dr.stepmerge,
