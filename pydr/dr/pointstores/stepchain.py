@@ -135,11 +135,11 @@ class StepChain(PointStore):
     thin_waits = True  # a merged step would be merged again each cycle
 
     def thin(self, point_ids):
-        """Each point's undo step is merged into the next newer step where an
-        older point still needs the state before it (pydr.dr.stepmerge,
-        crash-safe: merged file, one transaction, then the old files), then
-        :meth:`release`. Steps on another host, or that cannot be merged
-        exactly, stay as they are, with a note."""
+        """The points' records go, and on each disk every run of undo steps
+        between two states that remaining points are at becomes one merged
+        step (pydr.dr.stepmerge, crash-safe: merged files, one transaction,
+        then the old files); then :meth:`release`. Steps on another host, or
+        that cannot be merged exactly, stay as they are, with a note."""
         notes = stepmerge.thin(self.vault, self.name, point_ids, check_step=check_step).notes
         self.release()
         return notes
