@@ -20,6 +20,9 @@ from .policy import effective_policy
 from .tiers import Tiers, points_to_keep
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
+#: points retention tiers let go that may wait for their newer kept neighbour
+#: to be kept for good (an hour of points every 10 s); more are thinned at once
+MAX_WAITING = 360
 _log = logging.getLogger("pydr.retention")
 
 
@@ -95,7 +98,8 @@ def apply_retention(vault, name, now=None):
     merges each one's undo step into its newer neighbour, pydr.dr.stepmerge,
     once the next newer kept point is kept for good -- the newest of a
     period that is over -- so that the steps are merged once a period, not
-    rewritten every cycle: until then they wait; PointStore.thin_waits).
+    rewritten every cycle: until then they wait, at most MAX_WAITING of
+    them; PointStore.thin_waits).
     Otherwise it is the item's count, and age when set (the newest point
     always stays). Either way, the point a drill or a failover shows stays
     too, whatever its age, until cleanup-test-failover or commit lets it
@@ -122,7 +126,9 @@ def apply_retention(vault, name, now=None):
         thinned = [p.id for p in points if p.id not in keep
                    and (oldest_kept is None or p.id > oldest_kept)]
         if store.thin_waits:  # merged steps: once a period, not every cycle
-            thinned = _settled(thinned, keep, _kept_for_good(times, tiers, now) | (shown - {None}))
+            now_ = _settled(thinned, keep, _kept_for_good(times, tiers, now) | (shown - {None}))
+            if len(thinned) - len(now_) <= MAX_WAITING:  # else they would pile up
+                thinned = now_
     else:
         drop = points[:max(0, len(points) - row["retention"])]
         if row["retention_age"] is not None and points:

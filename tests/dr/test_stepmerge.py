@@ -14,6 +14,7 @@ import time
 import pytest
 
 from pydr.dr import drills, stepmerge
+from pydr.dr import points as points_module
 from pydr.dr.points import apply_retention, materialize
 from pydr.dr.policy import set_policy
 from pydr.dr.replication import replicate
@@ -299,6 +300,26 @@ def test_a_drills_point_stays_whatever_the_tiers_say(tmp_path, vault_dir, clock)
         assert set(kept) == expected | {drilled}
         assert any(".m" in r.path for r in v.store.steps("db"))  # the one after it merged
         assert sha(tmp_path / "drill" / src.replica.name) == src.history[drilled][0]
+
+
+def test_points_waiting_to_be_thinned_do_not_pile_up(tmp_path, vault_dir, clock, monkeypatch):
+    """Kept only by `within` (no period tier) behind a long drill's point,
+    the points let go would wait for ever: past MAX_WAITING they go."""
+    src = Source(tmp_path, seed=21)
+    with Vault(vault_dir, writer=True) as v:
+        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
+        first = src.cycle(v, clock)
+        drills.test_failover(v.store, "db", str(tmp_path / "drill"), first)
+        set_policy(v.store, "item", "db", keep=Tiers(within=1200))
+        monkeypatch.setattr(points_module, "MAX_WAITING", 3)
+        for _ in range(4):  # each within 20 minutes of the next: they wait
+            src.cycle(v, clock)
+        now = clock.at + 1500  # the first three of them are out of `within`
+        assert apply_retention(v.store, "db", now) == []
+        assert len(v.store.points("db")) == 5  # three wait (at most MAX_WAITING)
+        src.cycle(v, clock, minutes=30)
+        kept = check_kept_points(v, src, tmp_path, "valve")  # four waiting: thinned
+    assert kept == [first, max(src.history)]
 
 
 RETENTION = """
