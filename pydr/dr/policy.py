@@ -14,13 +14,14 @@ the vault is unchanged.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-from ..errors import InvalidArgument, UnknownName, VaultError
+from ..errors import InvalidArgument, VaultError
 from .tiers import Tiers
 
 #: the fields of a policy, in the order they are shown
@@ -28,8 +29,11 @@ FIELDS = ("target_rpo", "rpo_critical", "app_consistent_every", "keep", "bwlimit
           "bwlimit_windows", "priority", "alert_commands")
 #: where an effective policy's field comes from
 SOURCES = ("item", "group", "default")
-#: an item in one of these states, or in a drill, is not scheduled and raises no alert
-PAUSED_STATES = ("failing-over", "failed-over", "committing", "failover-committed")
+#: the RPO healths (pydr.dr.health's, recorded in items.rpo_health and the alerts)
+HEALTHS = ("ok", "warning", "critical", "unknown", "paused")
+#: the item states in which cycles replicate it; in any other (a failover's), or in a
+#: drill, it is not scheduled and its RPO health is "paused" (pydr.dr.health's rule)
+REPLICATING_STATES = ("protecting", "protected", "resync-required")
 PRIORITY_RANGE = (-1000, 1000)
 
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -44,28 +48,30 @@ _MAX_COMMANDS = 64
 _MAX_WINDOWS = 64
 
 Duration = Union[float, int, str]
-Rate = Union[int, str]
-Window = Union[str, Sequence[Any]]
 
 
 @dataclass(frozen=True)
 class Policy:
     """An item's protection policy (every field as `pydr run` uses it).
 
-    target_rpo: seconds: the newest point's data should stay younger than
-        this (None: not set; the item is not scheduled by pydr run).
-    rpo_critical: seconds: the RPO at which its health is "critical"
-        (None: twice the target).
-    app_consistent_every: seconds: a cycle runs the item's quiesce hooks
-        when its newest app-consistent point is older than this (None: never).
-    keep: retention tiers (pydr.dr.tiers.Tiers), None: the item's count/age
-        retention.
-    bwlimit: upload limit in bytes per second outside every window (None: none).
-    bwlimit_windows: (start "HH:MM", end "HH:MM", bytes per second) in local
-        time; a window whose end is not after its start wraps midnight.
-    priority: -1000 to 1000; higher runs first when more items are due
-        than there are slots.
-    alert_commands: shell command lines run on a change of RPO health.
+    Attributes:
+        target_rpo: seconds: the newest point's data should stay younger
+            than this (None: not set; pydr run does not schedule the item).
+        rpo_critical: seconds: the RPO at which its health is "critical"
+            (None: twice the target).
+        app_consistent_every: seconds: a cycle runs the item's quiesce hooks
+            when its newest app-consistent point is older than this (None:
+            never).
+        keep: retention tiers (pydr.dr.tiers.Tiers); None: the item's
+            count/age retention.
+        bwlimit: upload limit in bytes per second outside every window
+            (None: none).
+        bwlimit_windows: (start "HH:MM", end "HH:MM", bytes per second) in
+            local time; a window whose end is not after its start wraps
+            midnight.
+        priority: -1000 to 1000; higher runs first when more items are due
+            than there are slots.
+        alert_commands: shell command lines run on a change of RPO health.
     """
 
     target_rpo: Optional[float] = None
@@ -87,7 +93,7 @@ class Policy:
     def bwlimit_at(self, when: float) -> Optional[int]:
         """The upload limit (bytes/s, None: none) at `when` (epoch seconds,
         read in local time): the rate of the first window `when` falls in
-        (start included, end excluded), else :attr:`bwlimit`."""
+        (start included, end excluded), else ``bwlimit``."""
         local = datetime.datetime.fromtimestamp(when)
         minute = local.hour * 60 + local.minute
         for start, end, rate in self.bwlimit_windows:
@@ -201,15 +207,13 @@ def _check_window(window: Any, given: Any) -> Tuple[str, str, int]:
 # -- checking each field --------------------------------------------------------------
 def _duration_value(value: Duration, field: str) -> float:
     if isinstance(value, str):
-        try:
-            return parse_duration(value)
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"{_option(field)}: {exc}") from None
+        return parse_duration(value)
     return _check_seconds(value, value, _option(field))
 
 
 def _option(field: str) -> str:
-    return {"target_rpo": "--rpo"}.get(field, "--" + field.replace("_", "-"))
+    return {"target_rpo": "--rpo", "bwlimit_windows": "--bwlimit-window",
+            "alert_commands": "--alert-command"}.get(field, "--" + field.replace("_", "-"))
 
 
 def check_field(field: str, value: Any) -> Any:
@@ -224,6 +228,15 @@ def check_field(field: str, value: Any) -> Any:
         raise InvalidArgument(f"no policy field {field!r} (fields: {', '.join(FIELDS)})")
     if value is None:
         return None
+    try:
+        return _checked(field, value)
+    except InvalidArgument as exc:  # name the option, as the command line spells it
+        if str(exc).startswith(_option(field)):
+            raise
+        raise InvalidArgument(f"{_option(field)}: {exc}") from None
+
+
+def _checked(field: str, value: Any) -> Any:
     if field in ("target_rpo", "rpo_critical", "app_consistent_every"):
         return _duration_value(value, field)
     if field == "keep":
@@ -281,27 +294,42 @@ def _to_column(field: str, value: Any) -> Any:
     return value
 
 
-def _from_row(store: Any, record: Any) -> Dict[str, Any]:
-    """The fields `record` (a PolicyRecord) sets, checked as read: a vault
-    is a file someone may have edited."""
+def _from_row(store: Any, record: Any, skip: Iterable[str] = ()) -> Dict[str, Any]:
+    """The fields `record` (a PolicyRecord) sets, but those in `skip` (about
+    to be replaced: a damaged one can be), checked as read: a vault is a file
+    someone may have edited."""
     fields = {}
     for field in FIELDS:
         stored = getattr(record, field)
-        if stored is None:
+        if stored is None or field in skip:
             continue
         try:
             value = json.loads(stored) if field in ("keep", "bwlimit_windows",
                                                     "alert_commands") else stored
+            if field in ("bwlimit_windows", "alert_commands") and not isinstance(value, list):
+                raise ValueError("not a JSON list")  # as written: the lists only
             fields[field] = check_field(field, value)
         except (ValueError, TypeError) as exc:  # InvalidArgument is a ValueError
+            group = " --group" if record.scope == "group" else ""
             raise VaultError(f"the {record.scope} policy of {record.name!r}: its {field} "
-                             f"{stored!r} is damaged: {exc}", path=store.dir) from None
+                             f"{stored!r} is damaged: {exc}", path=store.dir,
+                             hint=f"'pydr policy {record.name}{group} --clear "
+                                  f"{_option(field)[2:]}' removes it") from None
     return fields
 
 
-def _policy_fields(store: Any, scope: str, name: str) -> Dict[str, Any]:
+def check_stored(store: Any, record: Any) -> Dict[str, Any]:
+    """The fields a stored policy (a PolicyRecord) sets, checked as read.
+
+    Raises VaultError naming the policy and the field for a damaged value.
+    """
+    return _from_row(_store(store), record)
+
+
+def _policy_fields(store: Any, scope: str, name: str,
+                   skip: Iterable[str] = ()) -> Dict[str, Any]:
     record = store.policy_row(scope, name)
-    return {} if record is None else _from_row(store, record)
+    return {} if record is None else _from_row(store, record, skip)
 
 
 def _store(store: Any) -> Any:
@@ -334,6 +362,17 @@ def resolve_policy(store: Any, name: str) -> Tuple[Policy, Dict[str, str]]:
     return Policy(**fields), sources
 
 
+def group_policy(store: Any, group: str) -> Tuple[Policy, Dict[str, str]]:
+    """Group `group`'s own policy (every field it does not set at the
+    default) and where each field comes from ("group" or "default").
+
+    Raises VaultError if the stored policy is damaged.
+    """
+    fields = _policy_fields(_store(store), "group", group)
+    sources = {f: "group" if f in fields else "default" for f in FIELDS}
+    return Policy(**fields), sources
+
+
 def effective_policy(store: Any, name: str) -> Policy:
     """Item `name`'s effective policy: each field from the item's own policy
     where set, else from its group's, else the default.
@@ -361,7 +400,7 @@ def _scope_members(store: Any, scope: str, name: str) -> List[str]:
         store.item(name)  # UnknownName if not protected
         return [name]
     if scope == "group":
-        return store.items(group=name)  # UnknownName: a group with no members
+        return list(store.items(group=name))  # UnknownName: a group with no members
     raise InvalidArgument(f"a policy's scope is 'item' or 'group', not {scope!r}")
 
 
@@ -370,7 +409,8 @@ def _write(store: Any, scope: str, name: str, new_fields: Dict[str, Any],
     """Check the result of changing the policy of `scope` `name` for every
     item it applies to, then record it in one transaction."""
     members = _scope_members(store, scope, name)
-    merged = _policy_fields(store, scope, name)
+    cleared = list(cleared)
+    merged = _policy_fields(store, scope, name, skip=set(new_fields) | set(cleared))
     merged.update(new_fields)
     for field in cleared:
         merged.pop(field, None)
@@ -411,6 +451,28 @@ def set_policy(store: Any, scope: str, name: str, **fields: Any) -> None:
            [f for f, v in checked.items() if v is None])
 
 
+def check_new_item_policy(store: Any, group: Optional[str],
+                          fields: Dict[str, Any]) -> Dict[str, Any]:
+    """Check the policy `fields` of an item about to be protected (in
+    `group`, or None) as set_policy would, with its group's policy, before
+    the item is recorded.
+
+    Returns the policy as columns of the policies table (the fields set,
+    for Store.put_policy in the item's own transaction).
+
+    Raises InvalidArgument for a bad field or value.
+    """
+    store = _store(store)
+    if not isinstance(fields, dict):
+        raise InvalidArgument(f"a policy is a dict of policy fields, not {fields!r}")
+    checked = {field: check_field(field, value) for field, value in fields.items()}
+    own = {f: v for f, v in checked.items() if v is not None}
+    merged = _policy_fields(store, "group", group) if group else {}
+    merged.update(own)
+    _check_critical(Policy(**merged), "the new item's policy")
+    return {f: _to_column(f, v) for f, v in own.items()}
+
+
 def clear_policy(store: Any, scope: str, name: str, fields: Iterable[str]) -> None:
     """Clear `fields` of the policy of item or group `name` (they are then
     taken from the group, or the default). Clearing every field removes the
@@ -436,20 +498,29 @@ def clear_policy(store: Any, scope: str, name: str, fields: Iterable[str]) -> No
 
 # -- RPO health -----------------------------------------------------------------------
 def is_paused(item_row: Any) -> bool:
-    """Whether the item (an ItemRecord) is failed over, committing or in a
-    drill: pydr run does not schedule it and its health is "paused"."""
-    return item_row.state in PAUSED_STATES or item_row.test_point is not None
+    """Whether the item (an ItemRecord) is in a drill, or failing over,
+    failed over, committing or committed: pydr run does not schedule it and
+    its RPO health is "paused"."""
+    return bool(item_row.test_dir) or item_row.state not in REPLICATING_STATES
+
+
+def rpo_health_now(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
+    """Item `item_row`'s (an ItemRecord) RPO health at `now` (epoch
+    seconds) under `policy`, from its pydr.dr.rpo.RpoFacts `facts`: by
+    pydr.dr.health.rpo_health where it is present, else by the same rule
+    here (see :func:`_rpo_health`)."""
+    try:  # pydr.dr.health: the service's own rule (imported late: it may import this)
+        health = importlib.import_module(".health", __package__)
+    except ModuleNotFoundError:
+        return _rpo_health(policy, facts, item_row, now)
+    return str(health.rpo_health(policy, facts, item_row, now))
 
 
 def _rpo_health(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
-    """The RPO health of an item by design.md's rule: used until
-    pydr.dr.health.rpo_health is there (it then takes over)."""
-    try:
-        from .health import rpo_health  # type: ignore[attr-defined]
-    except ImportError:
-        pass
-    else:
-        return rpo_health(policy, facts, item_row, now)
+    """"paused" for an item failed over, committing or in a drill;
+    "unknown" without a target, or without a point within one target of
+    protecting it; "critical" past critical_after(); "warning" past the
+    target; else "ok"."""
     if is_paused(item_row):
         return "paused"
     target = policy.target_rpo

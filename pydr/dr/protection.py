@@ -83,7 +83,7 @@ def disk_pairs(disks):
 
 def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
             quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None, cbt=False,
-            host=None, cbt_granularity=None):
+            host=None, cbt_granularity=None, policy_columns=None):
     """Register an item: disks is a list of (source, replica) paths; a
     replica may be "[user@]host:PATH" (reached with `rsh`, default ssh,
     running `remote_pydr serve --stdio` there; its recovery-point steps
@@ -97,7 +97,9 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     size can be read here; None: 4 KiB, the block a cycle compares; needs
     `cbt`). `host`: the sources are paths on that host, read
     there by a Dask worker of a fleet (pydr.dr.fleet); they are not
-    looked for on this machine.
+    looked for on this machine. `policy_columns`: the item's policy as
+    columns of the policies table (pydr.dr.policy checked them), recorded in
+    the item's own transaction.
 
     The item's and the group's name follow :data:`NAME_RULE`; every path,
     hook and command is UTF-8 text without NUL (:func:`recordable_text`).
@@ -142,11 +144,14 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     owners = _check_owners(store, name, stored, disk)
     job = store.start_job("protect", name)
     try:
-        store.add_item(name, stored, grp=group, state="protecting", direction="forward",
-                       health="ok", retention=retention, quiesce_hook=quiesce_hook,
-                       thaw_hook=thaw_hook, created=time.time(), retention_age=retention_age,
-                       rsh=rsh, remote_pydr=remote_pydr, host=host,
-                       granularity=cbt_granularity)
+        with store.transaction():  # the item and its policy land together, or neither
+            store.add_item(name, stored, grp=group, state="protecting", direction="forward",
+                           health="ok", retention=retention, quiesce_hook=quiesce_hook,
+                           thaw_hook=thaw_hook, created=time.time(),
+                           retention_age=retention_age, rsh=rsh, remote_pydr=remote_pydr,
+                           host=host, granularity=cbt_granularity)
+            if policy_columns:
+                store.put_policy("item", name, **policy_columns)
         for replica, me in owners:  # not reachable, no directory yet: its first cycle claims it
             with contextlib.suppress(OSError):
                 ownership.claim(replica, me, exists_in_vault=store.has_item)

@@ -63,7 +63,8 @@ class ItemTables:
         disks' dirty bitmaps (None: the default). `fields`: its other columns."""
         row = {"name": name, **fields}
         assignments(ItemRecord, row, "items")
-        with self.transaction():
+        # in the caller's transaction if there is one (protect: the item with its policy)
+        with contextlib.nullcontext() if self.db.in_transaction else self.transaction():
             self.db.execute(f"INSERT INTO items({', '.join(row)}) "
                             f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
             for i, (source, replica, tracking) in enumerate(disks):

@@ -18,7 +18,8 @@ from ..errors import InvalidArgument, VaultError
 LOCK_NAME = "vault.lock"
 
 # the options whose value is a hook's command line (which may hold a password)
-HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook")
+HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook",
+                "--alert-command")
 HIDDEN = "<hook set>"
 
 

@@ -88,6 +88,11 @@ class PolicyTables:
         return [r[0] for r in self.db.execute(
             "SELECT path FROM doomed_files WHERE item=? ORDER BY path", (item,))]
 
+    def all_doomed(self):
+        """Every file still to remove, as (item, path), by item and path."""
+        return [(r[0], r[1]) for r in self.db.execute(
+            "SELECT item, path FROM doomed_files ORDER BY item, path")]
+
     def drop_doomed(self, item, path):
         """`path` is removed: forget it."""
         self.db.execute("DELETE FROM doomed_files WHERE item=? AND path=?", (item, path))
