@@ -126,9 +126,9 @@ def apply_retention(vault, name, now=None):
         thinned = [p.id for p in points if p.id not in keep
                    and (oldest_kept is None or p.id > oldest_kept)]
         if store.thin_waits:  # merged steps: once a period, not every cycle
-            now_ = _settled(thinned, keep, _kept_for_good(times, tiers, now) | (shown - {None}))
-            if len(thinned) - len(now_) <= MAX_WAITING:  # else they would pile up
-                thinned = now_
+            ready = _settled(thinned, keep, _kept_for_good(times, tiers, now) | (shown - {None}))
+            if len(thinned) - len(ready) <= MAX_WAITING:  # else they would pile up
+                thinned = ready
     else:
         drop = points[:max(0, len(points) - row["retention"])]
         if row["retention_age"] is not None and points:
