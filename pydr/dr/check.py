@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import DamagedJournal, VaultDamaged
 from . import stepdigest
+from .stepmerge import first_step
 from .store import Store
 
 _STEP_FILE = re.compile(r"(\d+)-(\d+)\.undo")
@@ -121,9 +122,11 @@ def _rows(store):
         if (r.item, r.id) not in points:
             problems.append(Problem("rows", f"item {r.item} point {r.id}",
                                     "point_disks rows of a point that is not there"))
-    steps = {}
+    steps, merged_steps = {}, {}
     for s in all_steps:
         steps.setdefault((s.item, s.idx), set()).add(s.step)
+        if first_step(s.path, s.step) < s.step:  # a merged step (pydr.dr.stepmerge)
+            merged_steps.setdefault((s.item, s.idx), {})[s.step] = first_step(s.path, s.step)
     busy = {r.name for r in records if r.operation is not None}
     problems += _point_order(points, disks, rows, steps, busy)
     problems += _policy_rows(store, records)
@@ -136,8 +139,14 @@ def _rows(store):
             have = steps.get((item, idx), set())
             latest = max(have, default=0)
             at = rows[(item, point, idx)]
-            missing = [s for s in range(at + 1, latest + 1) if s not in have]
-            if at > latest:
+            merged = merged_steps.get((item, idx), {})  # step -> first step it stands for
+            missing = [s for s in range(at + 1, latest + 1) if s not in have
+                       and not any(first <= s < k for k, first in merged.items())]
+            inside = [k for k, first in merged.items() if first <= at < k]
+            if inside:
+                problems.append(Problem("point-chain", where,
+                                        f"it names step {at}, merged into step {inside[0]}"))
+            elif at > latest:
                 problems.append(Problem("point-chain", where,
                                         f"it names step {at}, past the latest recorded ({latest})"))
             elif missing:
@@ -265,7 +274,7 @@ def _chain_of_headers(headers):
     size (a step from another disk or place does not fit its neighbours)."""
     problems = []
     for (item, idx, step), (path, header) in sorted(headers.items()):
-        before = headers.get((item, idx, step - 1))
+        before = headers.get((item, idx, first_step(path, step) - 1))  # merged: its first
         if before is None:
             continue
         if (header["old_size"], header["block_size"]) != \
@@ -273,7 +282,7 @@ def _chain_of_headers(headers):
             problems.append(Problem(
                 "step-file", path,
                 f"step {step} of {item} disk {idx} starts at {header['old_size']} bytes in "
-                f"{header['block_size']}-byte blocks; step {step - 1} ends at "
+                f"{header['block_size']}-byte blocks; step {first_step(path, step) - 1} ends at "
                 f"{before[1]['new_size']} bytes in {before[1]['block_size']}-byte blocks"))
     return problems
 

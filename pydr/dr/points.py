@@ -6,17 +6,24 @@ over chunks in an object store -- is its item's point store's business
 asks the store for the rest."""
 
 import contextlib
+import logging
 import os
 import time
 
 from ..engine import crashpoints
 from ..errors import DamagedPoint, InvalidArgument, InvalidState, UnknownName
-from . import arguments
+from . import arguments, stepmerge
 from .events import Emitter, check_cancel
 from .pointstores import point_store
 from .pointstores.base import protected_disks
+from .policy import effective_policy
+from .tiers import Tiers, points_to_keep
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
+#: points retention tiers let go that may wait for their newer kept neighbour
+#: to be kept for good (an hour of points every 10 s); more are thinned at once
+MAX_WAITING = 360
+_log = logging.getLogger("pydr.retention")
 
 
 @contextlib.contextmanager
@@ -79,12 +86,25 @@ def select_point(vault, name, point):
 
 
 def apply_retention(vault, name, now=None):
-    """Drop the points beyond the item's retention (count, and age when set;
-    the newest point always stays), then let the item's point store release
-    what only they needed (PointStore.release: undo steps, point indexes).
-    The point a drill or a failover shows stays too, whatever its age, until
-    cleanup-test-failover or commit lets it go: a resumed drill or failover
-    makes the rest of its disks from it.
+    """Drop the points beyond the item's retention, then let the item's
+    point store release what only they needed (PointStore.release: undo
+    steps, point indexes). Returns notes for a person (steps kept unmerged,
+    and why), possibly none.
+
+    The retention is the item's effective policy's tiers when it has
+    ``keep`` (pydr.dr.tiers.points_to_keep at `now`, epoch seconds, default
+    the clock): the points older than every kept one go as below; the
+    others the tiers let go are thinned (PointStore.thin: a step chain
+    merges each one's undo step into its newer neighbour, pydr.dr.stepmerge,
+    once the next newer kept point is kept for good -- the newest of a
+    period that is over -- so that the steps are merged once a period, not
+    rewritten every cycle: until then they wait, at most MAX_WAITING of
+    them; PointStore.thin_waits).
+    Otherwise it is the item's count, and age when set (the newest point
+    always stays). Either way, the point a drill or a failover shows stays
+    too, whatever its age, until cleanup-test-failover or commit lets it
+    go: a resumed drill or failover makes the rest of its disks from it.
+    Files a killed retention left to remove (``doomed_files``) go first.
 
     The points' records go first, in one transaction, and the store removes
     its files before their records, so that a kill in between leaves
@@ -92,16 +112,60 @@ def apply_retention(vault, name, now=None):
     names (and never a point without what it is made from)."""
     row = vault.item(name)
     points = vault.points(name)
-    drop = points[:max(0, len(points) - row["retention"])]
-    if row["retention_age"] is not None and points:
-        limit = (time.time() if now is None else now) - row["retention_age"]
-        drop = [p for p in points[:-1] if p in drop or p["created"] < limit]
+    now = time.time() if now is None else now
+    stepmerge.remove_doomed(vault, name)
     shown = {row["test_point"], row["failover_point"]}  # a drill's or failover's point stays
+    tiers = effective_policy(vault, name).keep
+    store = point_store(vault, name)
+    thinned = []
+    if tiers is not None:
+        times = [(p.id, p.data_time) for p in points]
+        keep = points_to_keep(times, tiers, now) | shown
+        oldest_kept = min((p.id for p in points if p.id in keep), default=None)
+        drop = [p for p in points if oldest_kept is not None and p.id < oldest_kept]
+        thinned = [p.id for p in points if p.id not in keep
+                   and (oldest_kept is None or p.id > oldest_kept)]
+        if store.thin_waits:  # merged steps: once a period, not every cycle
+            ready = _settled(thinned, keep, _kept_for_good(times, tiers, now) | (shown - {None}))
+            if len(thinned) - len(ready) <= MAX_WAITING:  # else they would pile up
+                thinned = ready
+    else:
+        drop = points[:max(0, len(points) - row["retention"])]
+        if row["retention_age"] is not None and points:
+            limit = now - row["retention_age"]
+            drop = [p for p in points[:-1] if p in drop or p["created"] < limit]
     drop = [p for p in drop if p["id"] not in shown]
     with vault.transaction():
         vault.drop_points(name, [p.id for p in drop])
     crashpoints.reached("retention.recorded")
-    point_store(vault, name).release()
+    notes = store.thin(thinned)
+    for note in notes:
+        _log.info("retention of %s: %s", name, note)
+    return notes
+
+
+def _kept_for_good(times, tiers, now):
+    """The points the period tiers keep that no newer point can displace:
+    each the newest of a period older than the newest point's (the newest
+    point, and a point kept only by `within`, are not)."""
+    newest = max(times, key=lambda t: (t[1], t[0]), default=(None, 0))[0]
+    periods = Tiers(hourly=tiers.hourly, daily=tiers.daily, weekly=tiers.weekly,
+                    monthly=tiers.monthly)
+    return points_to_keep(times, periods, now) - {newest}
+
+
+def _settled(candidates, keep, settled):
+    """The `candidates` (ids of points the tiers let go from the middle)
+    whose next newer kept point is `settled`: thinned now. The others wait
+    for it (the newest point's period is not over, or it is kept only by
+    `within`): thinning them now would merge into a step that the next
+    cycles merge again, rewriting the same bytes each cycle."""
+    out = []
+    for pid in candidates:
+        upper = min((k for k in keep if k is not None and k > pid), default=None)
+        if upper is not None and upper in settled:
+            out.append(pid)
+    return out
 
 
 def materialize(vault, name, point_id, directory, *, threads=None, method="auto",

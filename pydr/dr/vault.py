@@ -405,6 +405,9 @@ class Vault(RecoveryOperations, PolicyOperations):
     def apply_retention(self, name: str, now: Optional[float] = None) -> None:
         """Drop the points of item `name` beyond its retention (count and
         age) and what only they needed; a drill's or failover's point stays.
+        With retention tiers in its policy (``keep``), the points the tiers
+        let go are thinned instead: each one's undo step is merged into the
+        next newer one (pydr.dr.stepmerge), so the points kept stay exact.
         Every cycle does this already.
 
         Args:

@@ -39,6 +39,10 @@ POINTS = {
     "cycle.steps": "one disk's steps are recorded",
     "cycle.point": "the cycle's recovery point is recorded, retention not yet applied",
     "retention.recorded": "old points and steps are dropped from the vault, files not yet",
+    "retention.merged": "a thinned point's merged undo step is durable beside its newer step, "
+                        "no row names it yet",
+    "retention.swapped": "the merged step's row and the thinned point are recorded, the two old "
+                         "step files not yet removed (doomed_files names them)",
     "cycle.done": "the cycle's job is ended",
     # a fleet: the work on an item's host, and its record by the coordinator
     "agent.disk": "a fleet task replicated one disk on its host, nothing recorded",

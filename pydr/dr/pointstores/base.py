@@ -195,6 +195,27 @@ class PointStore:
         return "auto"
 
     # -- letting points go ------------------------------------------------------------
+    #: Whether thinning a point rewrites what thinning the next one would
+    #: rewrite again (merged undo steps): then retention lets a point go
+    #: only once its newer kept neighbour is kept for good
+    #: (pydr.dr.points.apply_retention).
+    thin_waits = False
+
+    def thin(self, point_ids):
+        """Retention tiers let the points `point_ids` go from the middle of
+        the item's points (older ones stay): their records go, and what
+        only they needed. By default: the records in one transaction, then
+        :meth:`release` (a chunk index: their point indexes). A step chain
+        merges each one's undo step into its newer neighbour instead
+        (pydr.dr.stepmerge). Returns notes for a person (what was kept
+        unmerged, and why); ids the item no longer has are skipped."""
+        point_ids = list(point_ids)
+        if point_ids:
+            with self.vault.transaction():
+                self.vault.drop_points(self.name, point_ids)
+        self.release()
+        return []
+
     def release(self):
         """Retention, after the vault dropped the records of points no longer
         kept: remove what only they needed (the records last, so that a kill

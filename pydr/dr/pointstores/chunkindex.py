@@ -196,6 +196,12 @@ class ChunkIndex(PointStore):
         return used
 
     # -- letting points go ------------------------------------------------------------
+    def thin(self, point_ids):
+        """A point index holds its whole point (no step to merge): thinning
+        is dropping, as retention drops the oldest (the records, then their
+        indexes by :meth:`release`)."""
+        return super().thin(point_ids)
+
     def release(self):
         """The index objects of points no longer kept, then their records (a
         failure keeps both for later, with a warning on the item)."""

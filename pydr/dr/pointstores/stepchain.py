@@ -19,7 +19,7 @@ from ...engine import crashpoints, names
 from ...errors import CorruptDelta
 from .. import ownership
 from ..replica_check import check_replicas
-from .. import stepcapture
+from .. import stepcapture, stepmerge
 from .base import PointStore, files_at
 from .steps import check_step, mark_step_damaged, step_named, steps_of
 from .stepverify import verify_steps
@@ -131,6 +131,18 @@ class StepChain(PointStore):
             for idx, step, ep in steps:
                 if ep.place not in failed:
                     vault.drop_step(name, idx, step)
+
+    thin_waits = True  # a merged step would be merged again each cycle
+
+    def thin(self, point_ids):
+        """The points' records go, and on each disk every run of undo steps
+        between two states that remaining points are at becomes one merged
+        step (pydr.dr.stepmerge, crash-safe: merged files, one transaction,
+        then the old files); then :meth:`release`. Steps on another host, or
+        that cannot be merged exactly, stay as they are, with a note."""
+        notes = stepmerge.thin(self.vault, self.name, point_ids, check_step=check_step).notes
+        self.release()
+        return notes
 
     def discard(self):
         """Every step and baseline goes; a qcow2 overlay on its baseline is
