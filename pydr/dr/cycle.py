@@ -42,7 +42,7 @@ class Options(Record):
     """What every unit of a call is replicated with (see :func:`replicate`)."""
 
     _fields = ("app_consistent", "progress", "threads", "resync_all", "changed_extents",
-               "tracking_lost", "bwlimit", "on_hosts", "events", "cancel")
+               "tracking_lost", "bwlimit", "on_hosts", "events", "cancel", "warm")
     __slots__ = _fields
     _default_on_hosts = False  # the executor runs forward items on their hosts
     _default_app_consistent = False
@@ -302,7 +302,7 @@ class _Cycle:
 
 def replicate(vault, names, *, executor=None, app_consistent=False, progress=None,
               threads=None, resync_all=False, changed_extents=None, tracking_lost=False,
-              bwlimit=None, events=None, cancel=None):
+              bwlimit=None, events=None, cancel=None, warm=None):
     """Run one replication cycle of the items `names` (an item's or a
     group's name, or a list of them: see :func:`item_names`); returns
     CycleResult.
@@ -344,7 +344,8 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
     opts = Options(app_consistent=app_consistent, progress=progress, threads=threads,
                    resync_all=resync_all, changed_extents=changed_extents,
                    tracking_lost=tracking_lost, bwlimit=bwlimit,
-                   on_hosts=getattr(executor, "on_hosts", False), events=events, cancel=cancel)
+                   on_hosts=getattr(executor, "on_hosts", False), events=events, cancel=cancel,
+                   warm=warm)
     executor = executor or LocalExecutor()
     cycle = _Cycle(vault, opts, executor, item_names(vault, names))
     with contextlib.ExitStack() as running:  # status: the items' cycles run now, in this process

@@ -5,7 +5,13 @@ that a refused command can name it.
 
 flock() locks belong to an open file, not to a process: a second writer
 in the same process (another Vault object on the same directory) is
-refused like another process, and told that it is this process."""
+refused like another process, and told that it is this process.
+
+Waiter priority (pydr run): a writer that finds the lock busy and waits
+for it holds a shared flock on ``vault.lock.wait`` while it waits; the
+service takes that file exclusively (:func:`take_after_waiters`) before
+each round's lock, so an operator's command that waits always gets the
+lock before the service's next round."""
 
 import fcntl
 import os
@@ -16,6 +22,7 @@ from ..engine.oserrors import naming
 from ..errors import InvalidArgument, VaultError
 
 LOCK_NAME = "vault.lock"
+WAIT_NAME = "vault.lock.wait"  # shared-locked by the writers waiting for vault.lock
 
 # the options whose value is a hook's command line (which may hold a password)
 HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook")
@@ -33,6 +40,10 @@ _held_guard = threading.Lock()
 # at a deadline without a signal)
 _FIRST_POLL, _LAST_POLL = 0.005, 0.1
 _pause = time.sleep  # (a test pauses otherwise)
+
+
+class VaultLocked(VaultError):
+    """Another process (or another Vault of this one) holds the vault's lock."""
 
 
 def check_timeout(timeout):
@@ -58,13 +69,13 @@ def take(directory, timeout=None):
     path = os.path.join(directory, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        _wait_for(fd, timeout)
+        _wait_for(fd, timeout, directory)
     except BlockingIOError:
         message, hint = _holder(fd)
         os.close(fd)
         if timeout:
             message += f"; waited {timeout:g} s"
-        raise VaultError(message, path=directory, hint=hint) from None
+        raise VaultLocked(message, path=directory, hint=hint) from None
     except BaseException:
         os.close(fd)
         raise
@@ -92,21 +103,94 @@ def release(fd):
     os.close(fd)
 
 
-def _wait_for(fd, timeout):
+def _wait_for(fd, timeout, directory=None):
     """flock `fd` exclusively, waiting up to `timeout` seconds;
-    BlockingIOError when it is still held then."""
+    BlockingIOError when it is still held then. While it waits it holds a
+    shared flock on the vault's WAIT_NAME (`directory`): the service lets
+    it go first."""
     deadline = time.monotonic() + (timeout or 0)
     pause = _FIRST_POLL
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-        _pause(min(pause, left))
-        pause = min(pause * 2, _LAST_POLL)
+    waiting = None
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+            if waiting is None and directory is not None:
+                waiting = _announce_waiter(directory)
+            _pause(min(pause, left))
+            pause = min(pause * 2, _LAST_POLL)
+    finally:
+        if waiting is not None:
+            os.close(waiting)
+
+
+def _open_wait_file(directory):
+    return os.open(os.path.join(directory, WAIT_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                   0o600)
+
+
+def _announce_waiter(directory):
+    """A shared flock on the vault's WAIT_NAME (its fd), or None when it
+    cannot be had now (the service holds it for an instant: asked again at
+    the next pause) or at all (a read-only vault: priority is a courtesy)."""
+    try:
+        fd = _open_wait_file(directory)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def take_after_waiters(directory, open_writer, *, cancel=None, pause=0.05):
+    """Open the vault in `directory` as a writer once no other writer
+    waits for it: the lowest-priority way in, pydr run's each round.
+
+    Args:
+        directory: the vault's directory.
+        open_writer: a callable that opens the vault as a writer without
+            waiting (e.g. ``lambda: Vault(directory, writer=True)``); it
+            raises VaultLocked while another process holds the lock.
+        cancel: a threading.Event; once set, the wait ends (None returned).
+        pause: seconds between attempts (a cancel ends a pause at once).
+
+    Returns:
+        What `open_writer` returned, or None when `cancel` was set first.
+
+    Raises:
+        Whatever `open_writer` raises other than VaultLocked; OSError when
+        the wait file cannot be made (the path named).
+    """
+    with naming(os.path.join(directory, WAIT_NAME)):
+        wait_fd = _open_wait_file(directory)
+    try:
+        while cancel is None or not cancel.is_set():
+            try:
+                fcntl.flock(wait_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a writer waits: it goes first
+                pass
+            else:
+                try:
+                    return open_writer()
+                except VaultLocked:
+                    pass
+                finally:
+                    fcntl.flock(wait_fd, fcntl.LOCK_UN)
+            if cancel is not None:
+                cancel.wait(pause)
+            else:
+                _pause(pause)
+        return None
+    finally:
+        os.close(wait_fd)
 
 
 def _holder(fd):
