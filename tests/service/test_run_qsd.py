@@ -5,6 +5,7 @@ time) for a point whose cut is after a known record; that point
 materialises exactly the writer's data up to it."""
 
 import json
+import signal
 import os
 import shutil
 
@@ -62,3 +63,46 @@ def test_the_writer_and_its_verifier_on_a_one_shot_cycle(protected_qsd, writer_f
     with open(replica, "rb") as f:
         assert f.read() == bytes(expected)
     assert record(5, 1, 0)[:8] == b"PYDRWREC" and len(record(5, 1, 0)) == RECORD
+
+
+def point_of(event):
+    """The point id a replicate "finished" event names ("point 7")."""
+    word, pid = event["message"].split()
+    assert word == "point"
+    return int(pid)
+
+
+def test_pydr_run_makes_a_point_after_the_writer_stops_that_holds_exactly_its_data(
+        protected_qsd, writer_factory, services, tmp_path):
+    """Target 2 s; the writer writes 64 KiB records at 2 MiB/s while pydr
+    run makes points; the writer stops at N; the first point whose cut is
+    after N's flush holds exactly records 1..N, and every point made while
+    it wrote holds every record flushed before its cut."""
+    disk, vault, _ = protected_qsd
+    set_target(vault, "vm", 2)
+    w = writer_factory(disk, seed=11, rate=2)
+    s = services(vault)
+    during = [point_of(s.wait_for(finished("vm"))) for _ in range(3)]
+    n, stopped_at = w.stop()
+    while True:
+        pid = point_of(s.wait_for(finished("vm")))
+        (p,) = [p for p in points(vault, "vm") if p.id == pid]
+        if p.cut_at.timestamp() > stopped_at:
+            break
+        during.append(pid)
+    s.signal(signal.SIGTERM)
+    assert s.drain() == 0, s.proc.stderr.read().decode()
+    assert n > 0
+    verify(materialize(vault, "vm", p.id, tmp_path / "after"), 11, n)
+    log = read_log(w.log)
+    kept = {q.id: q for q in points(vault, "vm")}
+    covered = []
+    for pid in during:
+        if pid in kept:  # retention may have thinned it
+            q = kept[pid]
+            path = materialize(vault, "vm", pid, tmp_path / f"p{pid}")
+            covered.append(check_point(path, 11, log, q.cut_at.timestamp(),
+                                       q.created_at.timestamp()))
+            shutil.rmtree(tmp_path / f"p{pid}")
+    # the points made while it wrote cover more and more of its records
+    assert covered and covered == sorted(set(covered)) and 0 < covered[-1] <= n, covered
