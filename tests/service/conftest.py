@@ -192,10 +192,17 @@ class RunService:
         self.proc.stderr.close()
 
 
-def finished(item):
-    """An event matcher: the end of a replicate of `item` that made a point."""
-    return lambda e: (e.get("kind") == "finished" and e.get("item") == item
-                      and e.get("operation") == "replicate")
+def finished(item, failed_ok=False):
+    """An event matcher: the end of a replicate of `item` that made a point.
+    A failed replicate of `item` fails the test (with its message) unless
+    `failed_ok`."""
+    def match(e):
+        if e.get("item") != item or e.get("operation") != "replicate":
+            return False
+        if e.get("kind") == "failed" and not failed_ok:
+            pytest.fail(f"a cycle of {item} failed: {e.get('message')}")
+        return e.get("kind") == "finished"
+    return match
 
 
 def points(vault, item):
