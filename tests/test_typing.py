@@ -19,7 +19,8 @@ from conftest import ROOT
 # The modules whose every line is checked strictly (pyproject.toml names the
 # same): the package's front door, its errors, and the public DR modules.
 PUBLIC_MODULES = ["pydr/__init__.py", "pydr/errors.py", "pydr/dr/vault.py",
-                  "pydr/dr/vault_recovery.py", "pydr/dr/results.py", "pydr/dr/events.py"]
+                  "pydr/dr/vault_recovery.py", "pydr/dr/results.py", "pydr/dr/events.py",
+                  "pydr/dr/vault_policy.py", "pydr/dr/policy.py"]
 CLIENT = os.path.join(ROOT, "tests", "typing", "client.py")
 
 

@@ -10,6 +10,7 @@ from .common import (EventOutput, add_events, add_item, add_json, add_method, ad
                      vault_dir)
 from ..errors import EXIT_VAULT, FleetError
 from .fleet import add_fleet_options, open_fleet
+from .policy_options import add_policy_options
 
 
 def open_vault(args, writer=False):
@@ -67,12 +68,16 @@ def cmd_vault_check(args):
 
 
 def cmd_protect(args):
+    from .policy_options import policy_fields
+
     disks = [parse_disk(d) for d in args.disk]
+    policy = policy_fields(args)  # checked by protect before the item is recorded
     with open_vault(args, writer=True) as v:
         status = v.protect(args.item, disks, group=args.group, retention=args.retention,
                            retention_age=args.retention_age, quiesce_hook=args.quiesce_hook,
                            thaw_hook=args.thaw_hook, rsh=args.rsh, remote_pydr=args.remote_pydr,
-                           cbt=args.cbt, host=args.host, cbt_granularity=args.cbt_granularity)
+                           cbt=args.cbt, host=args.host, cbt_granularity=args.cbt_granularity,
+                           policy=policy or None)
     if args.json:
         print_json(status.to_dict())
     else:
@@ -185,9 +190,18 @@ def cmd_status(args):
                   f"{st.point_count} points"
                   + (f" ({len(st.damaged_points)} damaged: "
                      f"{', '.join(map(str, st.damaged_points))})" if st.damaged_points else "")
-                  + (f", newest data {_age(rpo)} old" if rpo is not None else "")
+                  + _rpo_text(st)
                   + (f", last error: {st.last_error}" if st.last_error else "") + doing)
     return 0
+
+
+def _rpo_text(st):
+    """", RPO 3 s (target 10 s, ok)" with a target RPO; else the newest data's age."""
+    rpo = st.rpo_seconds
+    if st.target_rpo is None:
+        return f", newest data {_age(rpo)} old" if rpo is not None else ""
+    achieved = "no point yet" if rpo is None else f"RPO {_age(rpo)}"
+    return f", {achieved} (target {_age(st.target_rpo)}, {st.rpo_health})"
 
 
 def _age(seconds):
@@ -267,7 +281,10 @@ def register(sub):
                      "nbd+unix:///EXPORT?socket=PATH) or a live disk, qmp:SOCKET:NODE (a block\n"
                      "node of a running QEMU, read through a point-in-time export). With --cbt\n"
                      "each cycle reads only what a QEMU dirty bitmap says changed (qcow2 images\n"
-                     "and live disks): docs/QEMU.md."),
+                     "and live disks): docs/QEMU.md.\n\n"
+                     "--rpo, --rpo-critical, --priority and --keep-* set the item's protection\n"
+                     "policy ('pydr policy' shows and changes it; 'pydr run' keeps it), checked\n"
+                     "before the item is recorded."),
         examples=["pydr protect web --disk /img/web-os.img=/dr/web-os.img "
                   "--disk /img/web-data.img=/dr/web-data.img --retention 48",
                   "pydr protect db --disk /dev/vg0/db=backup@dr:/srv/replicas/db.img "
@@ -277,7 +294,9 @@ def register(sub):
                   "pydr protect vm --disk /vm/os.qcow2=/dr/os.img --cbt",
                   "pydr protect vm --disk qmp:/run/vm.qmp:drive0=/dr/drive0.img --cbt",
                   "pydr protect big --disk /vm/big.qcow2=/dr/big.img --cbt --cbt-granularity 64K",
-                  "pydr protect web01 --host hv01 --disk /vm/web01.img=dr:/srv/dr/web01.img"],
+                  "pydr protect web01 --host hv01 --disk /vm/web01.img=dr:/srv/dr/web01.img",
+                  "pydr protect vm --disk /vm/os.qcow2=/dr/os.img --cbt --rpo 30s "
+                  "--keep-within 1h --keep-hourly 24 --keep-daily 30"],
         func=cmd_protect)
     add_item(p, "a name for the machine")
     p.add_argument("--disk", action="append", required=True, metavar="SOURCE=REPLICA")
@@ -302,6 +321,7 @@ def register(sub):
                         "read more than was written: reads are rounded up to whole granules, "
                         "and once the dirty granules cover over half the disk the cycle "
                         "compares all of it. Not larger than the disk (docs/QEMU.md)")
+    add_policy_options(p, protect=True)  # the item's policy ('pydr policy' sets the rest)
     add_remote_options(p)
     add_vault_options(p)
 
@@ -354,7 +374,12 @@ def register(sub):
     add_vault_options(p)
 
     p = command(sub, "status", help="state, direction and health of items",
-                description="Show ITEM's (or every item's) state, direction and health.",
+                description=("Show ITEM's (or every item's) state, direction and health (its\n"
+                             "last cycle's), and its RPO: the age of its newest point's data;\n"
+                             "with a target RPO ('pydr policy') the RPO health too: ok, warning\n"
+                             "(over the target), critical (over the critical RPO), unknown (no\n"
+                             "point yet within one target of protecting it) or paused (failed\n"
+                             "over, committing or in a drill)."),
                 examples=["pydr status", "pydr status web --json"], func=cmd_status)
     add_item(p, "one item (default: all)", optional=True)
     add_vault_options(p)

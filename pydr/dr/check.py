@@ -13,7 +13,11 @@ each other and against the files they name:
   is materialised by rolling those back);
 * no step file in the vault that no row names;
 * items' disks rows numbered 0..n-1, and no row of a disk, step or point
-  for an item or disk that is not there.
+  for an item or disk that is not there;
+* every protection policy is of an item or a group that is there, and its
+  values read back valid; every alert and doomed file is of an item that is
+  there, and each item's recorded RPO health is one pydr knows (schema 11).
+  A doomed file (to remove once its rows are gone) is not an unknown file.
 
 Nothing is changed. Each problem names the path (or the rows) it is about.
 """
@@ -122,6 +126,7 @@ def _rows(store):
         steps.setdefault((s.item, s.idx), set()).add(s.step)
     busy = {r.name for r in records if r.operation is not None}
     problems += _point_order(points, disks, rows, steps, busy)
+    problems += _policy_rows(store, records)
     for item, point in sorted(points):
         for idx in disks.get(item, []):
             where = f"item {item} point {point} disk {idx}"
@@ -139,6 +144,35 @@ def _rows(store):
                 problems.append(Problem("point-chain", where,
                                         f"steps {_ranges(missing)} it is rolled back through are "
                                         f"not recorded"))
+    return problems
+
+
+def _policy_rows(store, records):
+    """The schema-11 tables: policies, alerts, doomed_files, items.rpo_health."""
+    from ..errors import VaultError
+    from .policy import HEALTHS, check_stored
+
+    items = {r.name for r in records}
+    groups = {r.grp for r in records if r.grp}
+    problems = []
+    for row in store.policy_rows():
+        where = f"{row.scope} policy {row.name}"
+        if row.name not in (items if row.scope == "item" else groups):
+            problems.append(Problem("rows", where, f"a policy of a {row.scope} that is not there"))
+        try:
+            check_stored(store, row)
+        except VaultError as exc:
+            problems.append(Problem("policy", where, exc.message))
+    for item in sorted({a.item for a in store.alerts()} - items):
+        problems.append(Problem("rows", f"item {item}", "alerts of an item that is not there"))
+    for r in records:
+        if r.rpo_health is not None and r.rpo_health not in HEALTHS:
+            problems.append(Problem("rows", f"item {r.name}",
+                                    f"its recorded RPO health {r.rpo_health!r} is not one of "
+                                    f"{', '.join(HEALTHS)}"))
+    for item in sorted({i for i, _ in store.all_doomed()} - items):
+        problems.append(Problem("rows", f"item {item}",
+                                "doomed files of an item that is not there"))
     return problems
 
 
@@ -248,6 +282,8 @@ def _unknown_files(store):
     """Files in the vault's undo/ that no steps row names."""
     # rows hold absolute paths; the vault may have been named relative to here
     known = {_real(r.path) for r in store.all_steps()}
+    # a doomed file (its rows are gone: the next retention removes it) is known too
+    known |= {_real(path) for _, path in store.all_doomed()}
     root = os.path.join(os.path.abspath(store.dir), "undo")
     problems = []
     for item in sorted(os.listdir(root)) if os.path.isdir(root) else ():

@@ -24,7 +24,10 @@ The kinds (:data:`KINDS`):
 - ``hook``: a recovery plan's pre or post hook ran (``message``: which, and
   its exit status);
 - ``plan-step``: a recovery plan's group began or ended, or an item of it
-  ended (``message`` says which).
+  ended (``message`` says which);
+- ``health``: ``pydr run`` found an item's RPO health changed (operation
+  "run"; ``message``: "ok -> warning: RPO 12 s > target 10 s", see
+  pydr.dr.health).
 
 The phases (:data:`PHASES`): "cut" (the disks are cut at one instant),
 "compare" (a source is signed and compared), "transfer" (changed blocks are
@@ -67,7 +70,8 @@ __all__ = ["Event", "EventSink", "KINDS", "PHASES"]
 _log = logging.getLogger("pydr.events")
 
 #: Every kind of Event (see the module's docstring).
-KINDS = ("started", "progress", "finished", "failed", "cancelled", "hook", "plan-step")
+KINDS = ("started", "progress", "finished", "failed", "cancelled", "hook", "plan-step",
+         "health")
 #: Every phase an Event may name.
 PHASES = ("cut", "compare", "transfer", "upload", "record", "materialize", "bring-up",
           "submitted", "verify")

@@ -6,8 +6,10 @@ CLI."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
+from .policy import effective_policy, rpo_health_now
 from .results import DiskStatus, Hooks, ItemStatus, RunningOperation, Tracking, utc
 from .rpo import rpo_facts
 from .tracking import DEFAULT_GRANULARITY
@@ -18,9 +20,11 @@ def item_status(store: Any, name: str, *, now: Optional[float] = None) -> ItemSt
     `now` (epoch seconds, default: the clock) is when rpo_seconds is
     measured."""
     row = store.item(name)
+    now = time.time() if now is None else now
     points = store.points(name)
     facts = rpo_facts(store, name, now=now)  # the newest undamaged point and its age
     op = store.operation(name)
+    policy = effective_policy(store, name)
     return ItemStatus(
         item=name, state=row.state, direction=row.direction, health=row.health,
         group=row.grp, host=row.host, retention=row.retention,
@@ -47,4 +51,6 @@ def item_status(store: Any, name: str, *, now: Optional[float] = None) -> ItemSt
         failover_point=row.failover_point,
         operation=None if op is None else RunningOperation(op["name"], op["command"],
                                                            bool(op["interrupted"])),
+        target_rpo=policy.target_rpo,
+        rpo_health=rpo_health_now(policy, facts, row, now),
     )

@@ -196,7 +196,13 @@ class ItemStatus(_Result):
     tries a failed item again. ``test_failover``/``test_point``/
     ``test_method``: the drill in place (its directory, point and method);
     ``failover_point``: the point a failover brought up; ``operation``: the
-    operation recorded on the item, or None."""
+    operation recorded on the item, or None. ``target_rpo``: the target RPO
+    of its effective policy (seconds; None: not set, pydr run does not
+    schedule it); ``rpo_health``: its RPO measured against that target now:
+    "ok", "warning" (over the target), "critical" (over the policy's
+    rpo_critical, by default twice the target), "unknown" (no target, or
+    no point yet within one target of protecting it) or "paused" (failed
+    over, committing or in a drill). ``health`` is the last cycle's own."""
 
     TYPE: ClassVar[Optional[str]] = "item-status"
     _TIMES: ClassVar[Tuple[str, ...]] = ("latest_point_at", "last_success_at", "next_retry")
@@ -227,6 +233,8 @@ class ItemStatus(_Result):
     test_method: Optional[str]
     failover_point: Optional[int]
     operation: Optional[RunningOperation]
+    target_rpo: Optional[float] = None
+    rpo_health: Optional[str] = None
 
     def __post_init__(self) -> None:
         _tuples(self, "disks", "damaged_points")
@@ -301,6 +309,37 @@ class JobInfo(_Result):
                    progress=record.progress, bytes_transferred=record.bytes_transferred,
                    started_at=utc(record.started), ended_at=utc(record.ended),
                    error=record.error, pid=record.pid, method=record.method, host=record.host)
+
+
+@dataclass(frozen=True)
+class AlertInfo(_Result):
+    """A change of an item's RPO health that pydr run recorded (Vault.alerts).
+
+    ``id``: its number in the alerts log; ``at``: when it was found;
+    ``old``/``new``: the health before and after ("ok", "warning",
+    "critical", "unknown", "paused"; ``old`` None for the item's first);
+    ``rpo_seconds``: the achieved RPO then (None: no point); ``target_rpo``:
+    the target then (seconds); ``message``: the change for a person
+    ("ok -> warning: RPO 12 s > target 10 s")."""
+
+    TYPE: ClassVar[Optional[str]] = "alert"
+    _TIMES: ClassVar[Tuple[str, ...]] = ("at",)
+
+    id: int
+    at: datetime
+    item: str
+    old: Optional[str]
+    new: str
+    rpo_seconds: Optional[float]
+    target_rpo: Optional[float]
+    message: str
+
+    @classmethod
+    def from_record(cls, record: Any) -> AlertInfo:
+        """The AlertInfo of a store AlertRecord."""
+        return cls(id=record.id, at=utc(record.at), item=record.item, old=record.old,
+                   new=record.new, rpo_seconds=record.rpo_seconds,
+                   target_rpo=record.target_rpo, message=record.message)
 
 
 # -- errors of one item among many ---------------------------------------------------
@@ -502,8 +541,8 @@ class PlanReport(_Result):
         return {i: o for s in self.steps for i, o in s.outcomes.items()}
 
 
-RESULTS = {cls.TYPE: cls for cls in (DiskStatus, ItemStatus, PointInfo, JobInfo, ItemError,
-                                     ItemOutcome, CycleResult, OperationResult, PlanStep,
+RESULTS = {cls.TYPE: cls for cls in (DiskStatus, ItemStatus, PointInfo, JobInfo, AlertInfo,
+                                     ItemError, ItemOutcome, CycleResult, OperationResult, PlanStep,
                                      PlanReport)}
 
 

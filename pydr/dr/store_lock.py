@@ -25,7 +25,8 @@ LOCK_NAME = "vault.lock"
 WAIT_NAME = "vault.lock.wait"  # shared-locked by the writers waiting for vault.lock
 
 # the options whose value is a hook's command line (which may hold a password)
-HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook")
+HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook",
+                "--alert-command")
 HIDDEN = "<hook set>"
 
 

@@ -3,6 +3,8 @@ keeps each item at (pydr.dr.policy reads them), the RPO health changes it
 recorded, and the files to remove once the rows that named them are gone
 (pydr.dr.stepmerge). Part of pydr.dr.store.Store."""
 
+import contextlib
+
 from .store_records import AlertRecord, PolicyRecord
 
 SCOPES = ("item", "group")
@@ -31,7 +33,8 @@ class PolicyTables:
         unknown = set(columns) - set(POLICY_COLUMNS)
         if unknown:
             raise TypeError(f"no column {', '.join(sorted(unknown))} in table policies")
-        with self.transaction():
+        # in the caller's transaction if there is one (pydr.dr.policy checks, then writes)
+        with contextlib.nullcontext() if self.db.in_transaction else self.transaction():
             self.db.execute("INSERT OR IGNORE INTO policies(scope, name) VALUES (?, ?)",
                             (scope, name))
             for column, value in columns.items():  # names come from code (checked above)
@@ -84,6 +87,11 @@ class PolicyTables:
         """The paths of item `item` still to remove."""
         return [r[0] for r in self.db.execute(
             "SELECT path FROM doomed_files WHERE item=? ORDER BY path", (item,))]
+
+    def all_doomed(self):
+        """Every file still to remove, as (item, path), by item and path."""
+        return [(r[0], r[1]) for r in self.db.execute(
+            "SELECT item, path FROM doomed_files ORDER BY item, path")]
 
     def drop_doomed(self, item, path):
         """`path` is removed: forget it."""

@@ -34,6 +34,7 @@ from ..errors import InvalidArgument
 from . import arguments
 from . import pointstores
 from . import points as points_
+from . import policy as policy_
 from . import protection
 from . import replication as R
 from . import report
@@ -43,10 +44,11 @@ from .results import CycleResult, ItemStatus, JobInfo, OperationResult, PointInf
 from .schema import init_vault as init_vault  # pydr.dr.vault.init_vault, pydr.init_vault
 from .store import Store
 from .store_records import DiskRecord, ItemRecord
+from .vault_policy import PolicyOperations
 from .vault_recovery import (PointSelector, Progress, RecoveryOperations, checked_point,
                              forwarded)
 
-class Vault(RecoveryOperations):
+class Vault(RecoveryOperations, PolicyOperations):
     """An open vault with the DR workflow.
 
     Open it as a context manager; ``writer=True`` takes the vault's lock
@@ -188,7 +190,8 @@ class Vault(RecoveryOperations):
                 thaw_hook: Optional[str] = None, rsh: Optional[str] = None,
                 remote_pydr: Optional[str] = None, cbt: bool = False,
                 host: Optional[str] = None,
-                cbt_granularity: Optional[int] = None) -> ItemStatus:
+                cbt_granularity: Optional[int] = None,
+                policy: Optional[Dict[str, Any]] = None) -> ItemStatus:
         """Register item `name`, a machine whose disks are replicated. Its
         first replicate() is the initial (full, sparse-aware) copy.
 
@@ -219,6 +222,9 @@ class Vault(RecoveryOperations):
                 cycle read more than was written: reads are rounded up to
                 whole granules, and dirty granules over half the disk make
                 the cycle compare all of it (docs/QEMU.md).
+            policy: the item's protection policy, as set_policy's fields
+                ({"target_rpo": "30s", "keep": {...}, ...}): checked before
+                anything is recorded, recorded right after the item.
 
         Returns:
             The new item's ItemStatus (state "protecting").
@@ -232,10 +238,13 @@ class Vault(RecoveryOperations):
                 be read here), or one given without `cbt`.
             OSError: a source cannot be read.
         """
+        policy_.check_new_item_policy(self.store, group, policy or {})
         protection.protect(self.store, name, disks, group=group, retention=retention,
                            retention_age=retention_age, quiesce_hook=quiesce_hook,
                            thaw_hook=thaw_hook, rsh=rsh, remote_pydr=remote_pydr, cbt=cbt,
                            host=host, cbt_granularity=cbt_granularity)
+        if policy:
+            policy_.set_policy(self.store, "item", name, **policy)
         return self.status(name)
 
     def status(self, name: str) -> ItemStatus:

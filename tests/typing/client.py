@@ -14,8 +14,9 @@ import numpy.typing as npt
 from typing_extensions import assert_type
 
 import pydr
-from pydr.dr.results import (CycleResult, ItemOutcome, ItemStatus, JobInfo, OperationResult,
-                             PointInfo)
+from pydr.dr.policy import Policy
+from pydr.dr.results import (AlertInfo, CycleResult, ItemOutcome, ItemStatus, JobInfo,
+                             OperationResult, PointInfo)
 from pydr.endpoints.base import Endpoint
 from pydr.endpoints.transfer import TransferStats
 from pydr.engine.apply import ApplyStats
@@ -102,6 +103,17 @@ def vault(cancel: threading.Event) -> ItemStatus:
         assert_type(status.rpo_seconds, "float | None")
         assert_type(status.point_count, int)
         assert_type(status.latest_point_at, "datetime | None")
+        assert_type(status.target_rpo, "float | None")
+        assert_type(status.rpo_health, "str | None")
+        policy = v.set_policy("web", target_rpo="30s", keep={"hourly": 24}, priority=5)
+        assert_type(policy, Policy)
+        assert_type(v.policy("shop", group=True).critical_after(), "float | None")
+        assert_type(v.policy("web").bwlimit_at(0.0), "int | None")
+        assert_type(v.policy_sources("web")[1], Dict[str, str])
+        alerts = v.alerts("web", since=0.0, limit=10)
+        assert_type(alerts, List[AlertInfo])
+        assert_type(alerts[0].at, datetime)
+        assert_type(alerts[0].rpo_seconds, "float | None")
 
         points = v.points("web")
         assert_type(points, List[PointInfo])
