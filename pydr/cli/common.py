@@ -159,9 +159,17 @@ def add_format(p, flag="--format", what="IMAGE"):
                         f"{', '.join(FORMATS)}")
 
 
-def add_vault_options(p):
-    """--vault and --json, which every vault command takes."""
+def add_vault_dir(p):
+    """--vault DIR."""
     p.add_argument("--vault", metavar="DIR", help="vault directory (default: $PYDR_VAULT)")
+
+
+def add_vault_options(p):
+    """--vault, --lock-wait and --json, which every vault command takes."""
+    add_vault_dir(p)
+    p.add_argument("--lock-wait", type=_seconds, metavar="SECONDS", default=None,
+                   help="a command that changes the vault waits this long for another's lock "
+                        "(default $PYDR_LOCK_WAIT, else 0; 600 while pydr run serves the vault)")
     add_json(p, "print one JSON object")
 
 
@@ -214,6 +222,19 @@ def parse_duration(text):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 90s, 15m, 72h, 7d)")
     return value
+
+
+def _seconds(text):
+    """'0', '30', '5m' -> seconds >= 0 (--lock-wait)."""
+    return 0.0 if text.strip() in ("0", "0s") else parse_duration(text)
+
+
+def lock_wait_seconds(text, where):
+    """$PYDR_LOCK_WAIT's seconds; ValueError (exit 2) naming `where` otherwise."""
+    try:
+        return _seconds(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def positive_int(text):

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 
-from .common import add_json, command, positive_int, print_json, vault_dir
+from .common import add_json, add_vault_dir, command, positive_int, print_json, vault_dir
 
 DESCRIPTION = """\
 Keep every protected item inside its target RPO: a service over the vault
@@ -117,7 +117,7 @@ def _print_round(result):
 def register(sub):
     p = command(sub, "run", help="the service that keeps every item inside its target RPO",
                 description=DESCRIPTION, examples=EXAMPLES, func=cmd_run)
-    p.add_argument("--vault", metavar="DIR", help="vault directory (default: $PYDR_VAULT)")
+    add_vault_dir(p)
     p.add_argument("--jobs", type=positive_int, default=2, metavar="N",
                    help="items (or groups) replicated at once (default 2)")
     p.add_argument("--scheduler", metavar="ADDR",

@@ -2,21 +2,39 @@
 and materialize. Each opens the vault (pydr.dr.vault.Vault), makes one API
 call and presents the result."""
 
+import os
 import sys
 
 from .common import (EventOutput, add_events, add_item, add_json, add_method, add_progress,
-                     add_remote_options, add_vault_options, command, human_bytes, method_of,
-                     parse_duration, parse_size, positive_int, print_json, timestamp,
-                     vault_dir)
+                     add_remote_options, add_vault_options, command, human_bytes,
+                     lock_wait_seconds, method_of, parse_duration, parse_size, positive_int,
+                     print_json, timestamp, vault_dir)
 from ..errors import EXIT_VAULT, FleetError
 from .fleet import add_fleet_options, open_fleet
 from .policy_options import add_policy_options
 
 
+#: seconds a writer waits for the lock by default when pydr run holds it (one cycle)
+SERVICE_LOCK_WAIT = 600.0
+
+
 def open_vault(args, writer=False):
+    """The vault of --vault/$PYDR_VAULT. A writer waits for the lock up to
+    --lock-wait (or $PYDR_LOCK_WAIT) seconds; by default not at all, unless
+    a pydr run serves the vault: then up to SERVICE_LOCK_WAIT, going before
+    the service's next round (pydr.dr.store_lock)."""
+    from ..dr import store_lock
     from ..dr.vault import Vault
 
-    return Vault(vault_dir(args), writer=writer)
+    directory = vault_dir(args)
+    if not writer:
+        return Vault(directory)
+    wait = getattr(args, "lock_wait", None)
+    if wait is None and os.environ.get("PYDR_LOCK_WAIT"):
+        wait = lock_wait_seconds(os.environ["PYDR_LOCK_WAIT"], "PYDR_LOCK_WAIT")
+    if wait is None and store_lock.service_running(directory):
+        wait = SERVICE_LOCK_WAIT
+    return Vault(directory, writer=True, lock_timeout=wait or None)
 
 
 def parse_disk(text):

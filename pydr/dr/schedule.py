@@ -13,6 +13,7 @@ scheduled, never alerted about.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -46,6 +47,11 @@ class Plan:
     why: str = ""
     overdue: float = 0.0
     priority: int = 0
+
+
+def _at(when: float) -> str:
+    """`when` (epoch seconds) as a person reads it: ISO 8601 UTC."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def paused_why(row: Any) -> Optional[str]:
@@ -93,12 +99,12 @@ def plan_item(store: Any, name: str, policy: Any, now: float,
         when = facts.latest_point_at + target / 2.0 - max(0.0, last_duration)
     if row["next_retry"] is not None and row["next_retry"] > max(when, now):
         return Plan(name, "retry", row["next_retry"], resync,
-                    why=f"retry at {row['next_retry']:.0f} (attempt {row['attempts'] + 1})",
+                    why=f"retry at {_at(row['next_retry'])} (attempt {(row['attempts'] or 0) + 1})",
                     priority=priority)
     if when <= now:
         return Plan(name, "due", when, resync, why="resync required" if resync else "due",
                     overdue=now - when, priority=priority)
-    return Plan(name, "waiting", when, resync, why=f"not due until {when:.0f}",
+    return Plan(name, "waiting", when, resync, why=f"not due until {_at(when)}",
                 priority=priority)
 
 

@@ -38,7 +38,7 @@ from .service_parts import Parts
 
 _log = logging.getLogger("pydr.service")
 
-RUN_LOCK = "run.lock"
+RUN_LOCK = store_lock.RUN_LOCK
 #: the longest wait between rounds: policies and items added without a
 #: SIGHUP are seen within it
 MAX_IDLE = 60.0
@@ -55,7 +55,7 @@ class RoundResult:
         skipped: {item: why} of the items not replicated: "paused: STATE",
             "no target RPO", "not due until T", "retry at T (attempt N)".
         transitions: the RPO health changes recorded (each a dict: item,
-            old, new, rpo_seconds, target_rpo, message).
+            old, new, rpo_seconds, target_rpo, at (ISO 8601 UTC), message).
         seconds: how long the round took.
         exit_codes: {item: the exit code of its error alone} of the failed items.
     """
@@ -246,17 +246,17 @@ class Service:
             return None
         em = Emitter(self.events, "run")
         result = RoundResult()
-        alerts: List[Tuple[Any, Dict[str, Any]]] = []
+        alerts: List[Tuple[Any, Any]] = []
         try:
             store = vault.store
             names = store.items()
             now = self.clock()
-            policies = {n: self._parts.policy(store, n) for n in names}
+            policies, unreadable = self._parts.policies(store, names)
             plans = schedule.plans(store, policies, now, self._last_durations)
             due = [p for p in sorted((p for p in plans if p.status == "due"),
                                      key=schedule._order)]
             result.due = [p.item for p in due]
-            result.skipped = schedule.summary(plans)
+            result.skipped = dict(schedule.summary(plans), **unreadable)
             em.emit("started", message=f"round: {len(due)} of {len(names)} items due")
             self._parts.set_queue(len(due))
             for call in _calls(store, due, policies, now):
@@ -274,12 +274,10 @@ class Service:
                                                self._last_durations)
         finally:
             vault.close()
-        for commands, event in alerts:  # after the lock is let go: they may take a while
-            self._parts.run_alert(commands, event, self.directory)
+        for commands, transition in alerts:  # the lock let go: they may take a while
+            self._parts.run_alert(commands, transition, self.directory)
         result.seconds = time.monotonic() - started
-        em.emit("finished", message=f"round: {len(result.succeeded)} succeeded, "
-                f"{len(result.failed)} failed, {len(result.skipped)} skipped in "
-                f"{result.seconds:.3f} s")
+        em.emit("finished", message=_round_message(result))
         return result
 
     def _replicate(self, store: Any, call: "_Call", result: RoundResult) -> None:
@@ -328,6 +326,18 @@ class Service:
         worst = self._parts.worst_health()
         return (f"{len(result.succeeded)} replicated, {len(result.failed)} failed, "
                 f"{len(result.skipped)} not due or paused" + (f"; worst {worst}" if worst else ""))
+
+
+def _round_message(result: RoundResult) -> str:
+    """The "finished" Event's message of a round: what it did, by item."""
+    def names(items: Any) -> str:
+        return f" ({', '.join(items)})" if items else ""
+
+    paused = [n for n, why in result.skipped.items() if why.startswith("paused")]
+    return (f"round: {len(result.succeeded)} succeeded{names(result.succeeded)}, "
+            f"{len(result.failed)} failed{names(result.failed)}, {len(paused)} paused"
+            f"{names(paused)}, {len(result.skipped) - len(paused)} not due, in "
+            f"{result.seconds:.3f} s")
 
 
 class _Outcome:

@@ -6,11 +6,11 @@ reads as the loop."""
 
 from __future__ import annotations
 
-import datetime
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
-from .events import Emitter, EventSink, KINDS, iso_utc
+from ..errors import VaultError
+from .events import Emitter, EventSink
 from .rpo import rpo_facts
 
 _log = logging.getLogger("pydr.service")
@@ -32,63 +32,62 @@ class Parts:
         self.healths: Dict[str, str] = {}
 
     # -- policies --------------------------------------------------------------------
-    def policy(self, store: Any, name: str) -> Any:
-        """Item `name`'s effective policy (pydr.dr.policy.effective_policy)."""
-        try:
-            from .policy import effective_policy
-        except ImportError:  # before pydr.dr.policy lands: the rows, item over group
-            return _RowPolicy(store, name)
-        return effective_policy(store, name)
+    def policies(self, store: Any, names: List[str]) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        """({item: its effective policy}, {item: why it has none}): a
+        damaged stored policy leaves its item unscheduled (logged), never
+        the others."""
+        from .policy import effective_policy
+
+        found, bad = {}, {}
+        for n in names:
+            try:
+                found[n] = effective_policy(store, n)
+            except VaultError as exc:
+                _log.warning("item %s is not scheduled: %s", n, exc)
+                bad[n] = f"not scheduled: its policy cannot be read: {exc}"
+        return found, bad
 
     # -- health and alerts -------------------------------------------------------------
     def health(self, store: Any, names: List[str], now: float, policies: Dict[str, Any],
-               em: Emitter) -> Tuple[List[Dict[str, Any]], List[Tuple[Any, Dict[str, Any]]]]:
+               em: Emitter) -> Tuple[List[Dict[str, Any]], List[Tuple[Any, Any]]]:
         """Record the items' RPO health changes (pydr.dr.health.check_transitions),
         emit a "health" Event for each; returns (the transitions as dicts,
-        [(alert commands, alert event)] to run once the vault is closed)."""
-        try:
-            from .health import check_transitions
-        except ImportError:
-            return [], []
+        [(alert commands, transition)] to run once the vault is closed)."""
+        from .health import check_transitions
+
         found, alerts = [], []
         for t in check_transitions(store, names, now, policies):
-            found.append({"item": t.item, "old": t.old, "new": t.new,
-                          "rpo_seconds": t.rpo_seconds, "target_rpo": t.target_rpo,
-                          "at": t.at, "message": t.message})
-            if "health" in KINDS:
-                em.for_item(t.item).emit("health", message=t.message)
+            found.append(t.to_dict())
+            em.for_item(t.item).emit("health", message=t.message)
             commands = tuple(getattr(policies.get(t.item), "alert_commands", ()) or ())
             if commands:
-                alerts.append((commands, {
-                    "type": "alert", "version": 1, "item": t.item, "old": t.old, "new": t.new,
-                    "rpo_seconds": t.rpo_seconds, "target_rpo": t.target_rpo,
-                    "at": iso_utc(datetime.datetime.fromtimestamp(t.at, datetime.timezone.utc)),
-                    "message": t.message}))
+                alerts.append((commands, t))
         return found, alerts
 
-    def run_alert(self, commands: Any, event: Dict[str, Any], vault: str) -> None:
-        """Run an item's alert commands with `event` (pydr.dr.alerting);
+    def run_alert(self, commands: Any, transition: Any, vault: str) -> None:
+        """Run an item's alert commands for `transition` (pydr.dr.alerting);
         a failing one is logged there, never the service's failure."""
-        from .alerting import run_alert_commands
+        from .alerting import alert_event, run_alert_commands
 
-        run_alert_commands(list(commands), dict(event, vault=vault))
+        run_alert_commands(list(commands), alert_event(transition, vault))
 
     def update_items(self, store: Any, names: List[str], now: float,
                      policies: Dict[str, Any]) -> None:
         """Note each item's RPO health, and give the metrics its RPO,
         target and health."""
-        try:
-            from .health import rpo_health
-        except ImportError:
-            return
+        from .health import rpo_health
+
         for n in names:
             facts = rpo_facts(store, n, now=now)
-            self.healths[n] = rpo_health(policies[n], facts, store.item(n), now)
+            policy = policies.get(n)
+            self.healths[n] = rpo_health(policy, facts, store.item(n), now)
             if self.metrics is not None:
-                self.metrics.set_item(n, facts.rpo_seconds, policies[n].target_rpo,
-                                      self.healths[n])
+                self.metrics.set_item(n, facts.rpo_seconds,
+                                      getattr(policy, "target_rpo", None), self.healths[n])
         for gone in set(self.healths) - set(names):
             del self.healths[gone]
+            if self.metrics is not None:
+                self.metrics.forget_item(gone)
 
     def worst_health(self) -> Optional[str]:
         """The worst RPO health of the items (None when there are none)."""
@@ -98,10 +97,7 @@ class Parts:
     # -- metrics ----------------------------------------------------------------------
     def serve_metrics(self, host: str, port: int) -> int:
         """Serve the metrics on `host`:`port`; returns the bound port."""
-        try:
-            from .metrics import ServiceMetrics
-        except ImportError:
-            raise OSError("this pydr has no metrics module (pydr.dr.metrics)") from None
+        from .metrics import ServiceMetrics
 
         self.metrics = ServiceMetrics()
         return int(self.metrics.serve(host, port))
@@ -121,27 +117,3 @@ class Parts:
             self.metrics.close()
             self.metrics = None
 
-
-class _RowPolicy:
-    """The policy fields the schedule reads, from the policies rows (item
-    over group), for a pydr without pydr.dr.policy."""
-
-    def __init__(self, store: Any, name: str) -> None:
-        rows = [store.policy_row("item", name)]
-        grp = store.item(name)["grp"]
-        if grp:
-            rows.append(store.policy_row("group", grp))
-        rows = [r for r in rows if r is not None]
-
-        def pick(field: str) -> Any:
-            return next((r[field] for r in rows if r[field] is not None), None)
-
-        self.target_rpo = pick("target_rpo")
-        self.rpo_critical = pick("rpo_critical")
-        self.app_consistent_every = pick("app_consistent_every")
-        self.bwlimit = pick("bwlimit")
-        self.priority = pick("priority") or 0
-        self.alert_commands = ()
-
-    def bwlimit_at(self, when: float) -> Optional[int]:
-        return self.bwlimit

@@ -23,6 +23,7 @@ from ..errors import InvalidArgument, VaultError
 
 LOCK_NAME = "vault.lock"
 WAIT_NAME = "vault.lock.wait"  # shared-locked by the writers waiting for vault.lock
+RUN_LOCK = "run.lock"  # flock()ed by the vault's pydr run (pydr.dr.service) for its life
 
 # the options whose value is a hook's command line (which may hold a password)
 HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook",
@@ -214,6 +215,22 @@ def held_by_another(directory):
     try:
         fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def service_running(directory):
+    """Whether a pydr run serves the vault in `directory` now (another
+    process holds its RUN_LOCK)."""
+    try:
+        fd = os.open(os.path.join(directory, RUN_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
