@@ -337,6 +337,10 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
     ``.result`` is the CycleResult (an outcome "failed" with exit code 130
     for each item stopped or not begun). Ctrl-C ends the same way.
 
+    ``warm``: a pydr.dr.warm.WarmState kept by a long-running service
+    (pydr run): what a tracked cycle would rebuild each time (QMP
+    connections, signature caches) is kept in it; None: a cold cycle.
+
     An error of a call about one item carries it in ``.item`` (an
     OSError too: it keeps its builtin type).
     """

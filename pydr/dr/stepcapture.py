@@ -39,7 +39,25 @@ def check(vault, names, opts):
     """Before a unit's cycle: lost or overflowing tracking marks an item
     resync-required; each replica must be the item's and as its last cycle
     left it (pydr.dr.cyclerecord.check_one_writer)."""
+    warm = opts.warm
+    if warm is None:
+        return _check(vault, names, opts)
+    for n in names:  # an entry the vault no longer agrees with is dropped
+        warm.begin(vault, n)
+    try:
+        _check(vault, names, opts)
+    except BaseException:
+        for n in names:  # on any doubt, the next cycle is a cold one
+            warm.drop(n, vault.dir)
+        raise
+    for n in names:
+        if vault.item(n)["state"] == "resync-required":  # lost tracking, found just now
+            warm.drop(n, vault.dir)
+
+
+def _check(vault, names, opts):
     rows = [vault.item(n) for n in names]
+    warm = opts.warm
     if opts.tracking_lost:
         for r in rows:
             mark_resync_required(vault, r["name"], "change tracking was lost")
@@ -56,7 +74,7 @@ def check(vault, names, opts):
         if opts.on_hosts and r["host"] and r["direction"] == "forward":
             continue  # its host validates its bitmaps (pydr.dr.agent), where they are
         for d in vault.disks(r["name"]):
-            t = tracking.tracker(vault, r["name"], d)
+            t = tracking.tracker(vault, r["name"], d, warm)
             if t is not None and not opts.resync_all and vault.points(r["name"]):
                 try:
                     t.validate()
@@ -111,17 +129,18 @@ def capture(vault, names, opts, jobs):
     rows = [vault.item(n) for n in names]
     emitters = {n: Emitter(opts.events, "replicate", n, jobs.get(n)) for n in names}
     check_cancel(opts.cancel, "the replication cycle")
+    warm = opts.warm
     trackers = {}  # (item, disk index) -> its changed-block tracker
     for r in rows:
         for d in vault.disks(r["name"]):
-            t = tracking.tracker(vault, r["name"], d)
+            t = tracking.tracker(vault, r["name"], d, warm)
             if t is not None:
                 trackers[(r["name"], d["idx"])] = t
     started = set()
     totals = {"written": 0, "read": 0}
     per_item_bytes = {r["name"]: 0 for r in rows}
-    plans = [(r, d, vault.endpoint(r["name"], d["source"]))  # here, or after a reprotect there
-             for r in rows for d in vault.disks(r["name"])]
+    plans = [(r, d, tracking.warm_endpoint(vault, r["name"], d, d["source"], warm))
+             for r in rows for d in vault.disks(r["name"])]  # here, or after a reprotect there
     hooks = [(r["name"], r["quiesce_hook"], r["thaw_hook"]) for r in rows] \
         if opts.app_consistent else []
 
@@ -181,6 +200,9 @@ def capture(vault, names, opts, jobs):
                 vault.update_job(jobs[name], bytes_transferred=per_item_bytes[name])
             kind, cut_at = taken.kind, taken.at
     except BaseException as exc:
+        if warm is not None:  # on any doubt, the next cycle is a cold one
+            for r in rows:
+                warm.drop(r["name"], vault.dir)
         for t in trackers.values():  # what they tracked goes back into the recording bitmaps
             try:
                 t.abort()
@@ -200,7 +222,9 @@ def capture(vault, names, opts, jobs):
     return {"items": {r["name"]: {"cut": kind, "cut_at": cut_at,
                                   "bytes": per_item_bytes[r["name"]],
                                   "read": read_by_item[r["name"]]} for r in rows},
-            "trackers": list(trackers.values()), "steps": [], "extra": {}, "after": []}
+            "trackers": list(trackers.values()), "steps": [], "extra": {},
+            "after": [] if warm is None else [lambda: [warm.cycle_ended(vault, r["name"])
+                                                       for r in rows]]}
 
 
 def task(vault, name, opts):

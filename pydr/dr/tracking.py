@@ -80,13 +80,27 @@ def granularity_of(disk, item: Optional[str] = None, where: Optional[str] = None
                          path=where, item=item) from None
 
 
-def tracker(vault, item, disk):
-    """The tracker of a disk (its DiskRecord), or None when it is not tracked."""
+def tracker(vault, item, disk, warm=None):
+    """The tracker of a disk (its DiskRecord), or None when it is not tracked.
+    ``warm``: a service's pydr.dr.warm.WarmState, whose entry for the disk
+    its source endpoint uses (one QMP connection a cycle, qemu-img info
+    read once)."""
     if not disk.tracking:
         return None
-    source = vault.endpoint(item, disk.source)
+    source = warm_endpoint(vault, item, disk, disk.source, warm)
     cls = {"qcow2": Qcow2Tracker, "qmp": QmpTracker}[disk.tracking]
     return cls(vault, item, disk, source)
+
+
+def warm_endpoint(vault, item, disk, spec, warm=None):
+    """The endpoint `spec` of disk `disk` of `item` (vault.endpoint), given
+    the disk's entry of the WarmState `warm` when it has one to use (the
+    QEMU endpoints: ``endpoint.warm``); as vault.endpoint when `warm` is
+    None."""
+    endpoint = vault.endpoint(item, spec)
+    if warm is not None and hasattr(endpoint, "warm"):
+        endpoint.warm = warm.disk(vault.dir, item, disk["idx"])
+    return endpoint
 
 
 class Cut:

@@ -21,6 +21,23 @@ def is_nbd_uri(spec):
     return isinstance(spec, str) and spec.startswith(SCHEMES)
 
 
+def qmp_connection(socket_path):
+    """A new QMP connection to the QEMU (or qemu-storage-daemon) listening
+    on the unix socket `socket_path` (pydr.transport.qemu.Qmp: execute(),
+    alive(), close()). ConnectionRefusedError when nothing answers there."""
+    from ..transport.qemu import Qmp
+
+    return Qmp(socket_path)
+
+
+def create_image(path, size, fmt="qcow2"):
+    """A new empty image of `fmt` and virtual `size` bytes at `path`
+    (qemu-img create; QemuError naming `path` when it fails)."""
+    from ..transport.qemu import qemu_img
+
+    qemu_img("create", "-q", "-f", fmt, path, str(size), path=path)
+
+
 class NbdEndpoint(InProcess, Endpoint):
     """An NBD export: a disk of fixed size with no files beside it (its undo
     journals and steps live on this machine)."""
@@ -75,6 +92,16 @@ class QemuImageEndpoint(LocalEndpoint):
         super().__init__(path)
         self.format = fmt
         self.tracking = "qcow2" if fmt == "qcow2" else None  # persistent dirty bitmaps
+        #: a service's pydr.dr.warm.DiskWarm: `qemu-img info` read once while the
+        #: file is unchanged (None: every call runs qemu-img)
+        self.warm = None
+
+    def _info(self):
+        from ..transport.qemu import image_info
+
+        if self.warm is None:
+            return image_info(self.path, self.format)
+        return self.warm.image_info(self.path, lambda: image_info(self.path, self.format))
 
     def _at(self, path):
         from ..transport.qemu import detect_format
@@ -108,20 +135,20 @@ class QemuImageEndpoint(LocalEndpoint):
         started: a cycle asks before its cut). An image qemu-img cannot
         describe is opened as a read would open it, so that the error is
         the same (FormatError, FileNotFoundError, ...)."""
-        from ..transport.qemu import QemuError, image_info
+        from ..transport.qemu import QemuError
 
         if os.path.isfile(self.path):
             with contextlib.suppress(QemuError, KeyError, TypeError, ValueError):
-                return int(image_info(self.path, self.format)["virtual-size"])
+                return int(self._info()["virtual-size"])
         with self.engine_disk() as dev:
             return dev.size
 
     # -- persistent dirty bitmaps (changed-block tracking, pydr.dr.tracking) ---------
     def bitmaps(self):
         """{name: flags} of the image's persistent dirty bitmaps."""
-        from ..transport.qemu import bitmaps
+        from ..transport.qemu import bitmaps_of
 
-        return bitmaps(self.path)
+        return bitmaps_of(self._info())
 
     def bitmap(self, *operations, name):
         """qemu-img bitmap OPERATIONS (--add [-g BYTES: its granularity],
@@ -129,6 +156,8 @@ class QemuImageEndpoint(LocalEndpoint):
         granularity) on the bitmap `name`; the image must not be in use."""
         from ..transport.qemu import qemu_img
 
+        if self.warm is not None:
+            self.warm.forget_info()  # it changes the image, even when it fails part-way
         qemu_img("bitmap", *operations, "-f", self.format, self.path, name, path=self.path)
 
     def snapshot(self):
@@ -199,6 +228,9 @@ class QmpEndpoint(InProcess, Endpoint):
         super().__init__(f"qmp:{socket_path}:{node}" + (f"?nbd={nbd_socket}" if nbd_socket
                                                         else ""))
         self.socket, self.node, self.nbd_socket = socket_path, node, nbd_socket
+        #: a service's pydr.dr.warm.DiskWarm: one QMP connection for the cycle's
+        #: commands and the fleece overlay's template (None: each use connects)
+        self.warm = None
 
     @classmethod
     def parse(cls, spec):
@@ -218,9 +250,14 @@ class QmpEndpoint(InProcess, Endpoint):
         return self.spec
 
     def qmp(self):
+        """A context manager giving a QMP connection to the disk's QEMU: a
+        new one closed after, or the warm entry's, kept (and dropped if a
+        command fails on the wire: the stream may be out of step)."""
         from ..transport.qemu import Qmp
 
-        return Qmp(self.socket)
+        if self.warm is None:
+            return Qmp(self.socket)
+        return _Borrowed(self.warm, self.socket)
 
     @contextlib.contextmanager
     def engine_disk(self, *, write=False, size=None, bitmap=None, actions=()):
@@ -230,7 +267,8 @@ class QmpEndpoint(InProcess, Endpoint):
             raise UnsupportedFile("a live disk is read by pydr, never written", path=self.spec)
         with self.qmp() as q:
             fleece = Fleece(q, self.node, actions=actions, bitmap=bitmap,
-                            nbd_socket=self.nbd_socket)
+                            nbd_socket=self.nbd_socket,
+                            template=None if self.warm is None else self.warm.template)
             try:
                 with NbdDevice(fleece.uri, name=self.spec, bitmap=bitmap) as dev:
                     yield dev
@@ -274,3 +312,20 @@ class QmpEndpoint(InProcess, Endpoint):
 
     def rename(self, dest):
         raise UnsupportedFile("a live disk cannot be renamed", path=self.spec)
+
+
+class _Borrowed:
+    """A warm entry's QMP connection, lent for one use (not closed after);
+    an error on the wire (not a QMP error answer) closes it."""
+
+    def __init__(self, warm, socket_path):
+        self.warm, self.socket_path = warm, socket_path
+
+    def __enter__(self):
+        return self.warm.qmp(self.socket_path)
+
+    def __exit__(self, kind, exc, tb):
+        from ..transport.qemu import QmpError
+
+        if exc is not None and not isinstance(exc, QmpError):
+            self.warm.broken()

@@ -20,6 +20,14 @@ EXTENSIONS = {".qcow2": "qcow2", ".qcow": "qcow2", ".vmdk": "vmdk", ".vhdx": "vh
 START_TIMEOUT = 20.0  # seconds a qemu-nbd may take to listen (it is killed after)
 
 
+def _pause(waited):
+    """Sleep between two looks at something QEMU is about to do: 1 ms for
+    the first 50 looks (it usually takes a few: a cycle of a service waits
+    for it), then 5 ms. Returns `waited` + 1."""
+    time.sleep(0.001 if waited < 50 else 0.005)
+    return waited + 1
+
+
 class QemuError(PydrError, RuntimeError):
     """A QEMU tool refused what pydr asked (its own message is included)."""
 
@@ -89,7 +97,12 @@ def image_info(path, fmt=None):
 
 def bitmaps(path):
     """{name: flags} of the persistent dirty bitmaps of a qcow2 image."""
-    info = image_info(path, "qcow2")
+    return bitmaps_of(image_info(path, "qcow2"))
+
+
+def bitmaps_of(info):
+    """{name: flags} of the persistent dirty bitmaps in a qcow2 image's
+    `qemu-img info` (image_info)."""
     found = (info.get("format-specific", {}).get("data", {}) or {}).get("bitmaps", []) or []
     return {b["name"]: list(b.get("flags", [])) for b in found}
 
@@ -132,13 +145,14 @@ class QemuNbd:
                                      stderr=subprocess.PIPE, preexec_fn=_die_with_parent())
         self.fmt, self.bitmap = fmt, bitmap
         deadline = time.monotonic() + START_TIMEOUT
+        waited = 0
         while not os.path.exists(self.socket):
             self.check()
             if time.monotonic() > deadline:
                 self.close()
                 raise QemuError(f"qemu-nbd did not listen within {START_TIMEOUT:.0f} s",
                                 path=self.path)
-            time.sleep(0.005)
+            waited = _pause(waited)
 
     def check(self):
         """Raise what made qemu-nbd exit (it may listen first and then fail to
@@ -161,6 +175,7 @@ class QemuNbd:
         from bind() on, before qemu-nbd listens. What made qemu-nbd exit,
         if it did, is raised instead of "connection refused"."""
         deadline = time.monotonic() + START_TIMEOUT
+        waited = 0
         while True:
             try:
                 return opener(self.uri)
@@ -168,7 +183,7 @@ class QemuNbd:
                 self.check()
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.005)
+                waited = _pause(waited)
             except (OSError, PydrError):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=1)  # exiting? then say why
@@ -194,6 +209,15 @@ class QemuNbd:
         self.close()
 
 
+def socket_identity(path):
+    """(device, inode) of a unix socket file, or None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class QmpError(QemuError):
     """QEMU answered a QMP command with an error."""
 
@@ -203,6 +227,9 @@ class Qmp:
 
     def __init__(self, path, timeout=60):
         self.path = path
+        self.file = None
+        # the socket file it connects through (taken first: a restarted QEMU binds a new one)
+        self.socket_identity = socket_identity(path)
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(timeout)
         try:
@@ -214,6 +241,22 @@ class Qmp:
         self.file = self.sock.makefile("rwb")
         self._read()  # the greeting
         self.execute("qmp_capabilities")
+
+    def alive(self):
+        """Whether this connection can be used again: its socket file is the
+        one it connected through (a restarted QEMU or qemu-storage-daemon
+        binds a new one) and QEMU has not closed it. Events waiting on it
+        are fine (execute() skips them)."""
+        import select
+
+        if self.file is None or socket_identity(self.path) != self.socket_identity:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            # readable with nothing to read: QEMU closed it (events are read by execute)
+            return not readable or bool(self.sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
 
     def _read(self):
         while True:
@@ -242,8 +285,10 @@ class Qmp:
 
     def close(self):
         with contextlib.suppress(OSError):
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
             self.sock.close()
+        self.file = None
 
     def __enter__(self):
         return self
@@ -261,10 +306,13 @@ class Fleece:
 
     ``actions``: more QMP transaction actions that must happen at the same
     instant (dirty-bitmap rotation); ``bitmap``: one exported with the view.
+    ``template``: a callable(size) giving an empty qcow2 image of that
+    virtual size that the scratch overlay is copied from (a service keeps
+    one: pydr.dr.warm), instead of a `qemu-img create` each time.
     close() tears everything down (the export, pydr's NBD server, the job,
     the overlay and its file)."""
 
-    def __init__(self, qmp, node, *, actions=(), bitmap=None, nbd_socket=None):
+    def __init__(self, qmp, node, *, actions=(), bitmap=None, nbd_socket=None, template=None):
         import tempfile
         import uuid
 
@@ -278,7 +326,10 @@ class Fleece:
         try:
             size = node_size(qmp, node)
             scratch = os.path.join(self.dir, "overlay.qcow2")
-            qemu_img("create", "-q", "-f", "qcow2", scratch, str(size), path=scratch)
+            if template is not None:  # a fresh copy of an empty image: what create makes
+                shutil.copyfile(template(size), scratch)
+            else:
+                qemu_img("create", "-q", "-f", "qcow2", scratch, str(size), path=scratch)
             qmp.execute("blockdev-add", driver="qcow2", **{"node-name": self.overlay},
                         file={"driver": "file", "filename": scratch}, backing=node)
             self.done.append("overlay")
@@ -319,10 +370,11 @@ class Fleece:
         with contextlib.suppress(QemuError, OSError):
             if "job" in self.done:
                 q.execute("block-job-cancel", device=self.job, force=True)
-                for _ in range(400):  # the job ends asynchronously; the overlay waits for it
+                waited = 0  # the job ends asynchronously; the overlay waits for it
+                while waited < 850:  # about 4 s, as before
                     if not any(j.get("device") == self.job for j in q.execute("query-block-jobs")):
                         break
-                    time.sleep(0.01)
+                    waited = _pause(waited)
         with contextlib.suppress(QemuError, OSError):
             if "overlay" in self.done:
                 q.execute("blockdev-del", **{"node-name": self.overlay})
