@@ -14,8 +14,9 @@ from pydr.dr.vault import Vault
 
 from qemuhelp import cli
 
-from .conftest import finished, materialize, needs_qemu, points, set_target
-from .writer import check_point, read_log, verify
+from service_fixtures import (finished, materialize, needs_qemu, points,  # noqa: F401
+                              protected_qsd, qsd_disk, services, set_target, writer_factory)
+from writer import check_point, read_log, verify
 
 pytestmark = needs_qemu
 

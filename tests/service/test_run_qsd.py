@@ -13,8 +13,9 @@ import pytest
 
 from qemuhelp import cli
 
-from .conftest import (finished, materialize, needs_qemu, points, set_target)
-from .writer import RECORD, check_point, expected_image, read_log, record, verify
+from service_fixtures import (finished, materialize, needs_qemu, points,  # noqa: F401
+                              protected_qsd, qsd_disk, services, set_target, writer_factory)
+from writer import RECORD, check_point, expected_image, read_log, record, verify
 
 pytestmark = needs_qemu
 

@@ -4,7 +4,12 @@ pydr), a vault protecting it with --cbt, the writer process of
 tests/service/writer.py driven through FIFOs, and a `pydr run --events`
 process whose event lines the tests wait on (never on time).
 
-Other engineers add their fixtures at the end of this file."""
+A module the tests import their fixtures from, not a conftest.py: with no
+__init__.py here (other tests import their neighbours by name), a
+tests/service/conftest.py would be imported as "conftest" in place of
+tests/conftest.py, and every `from conftest import ...` under tests/ that
+runs after it would get this file. Other engineers add their fixtures at the
+end of this file."""
 
 import json
 import os
