@@ -275,3 +275,49 @@ def services():
     yield start
     for s in made:
         s.close()
+
+
+def listening_ports(pid):
+    """The TCP ports process `pid` listens on (its sockets' inodes looked up
+    in /proc/net/tcp and tcp6): how a test finds `--metrics HOST:0`'s port."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def health_event(item, new):
+    """An event matcher: `item`'s RPO health changed to `new`."""
+    return lambda e: (e.get("kind") == "health" and e.get("item") == item
+                      and f"-> {new}" in (e.get("message") or ""))
+
+
+def round_end(e):
+    """An event matcher: the end of one of pydr run's rounds."""
+    return e.get("operation") == "run" and e.get("kind") == "finished" and e.get("item") is None
+
+
+def protect_file(vault, directory, name, size=4 * MiB, source=None):
+    """Protect item `name`: a random file disk (at `source`, or
+    DIRECTORY/NAME.img) replicated to DIRECTORY/NAME-replica.img; returns
+    (source, replica)."""
+    source = source or os.path.join(directory, f"{name}.img")
+    with open(source, "wb") as f:
+        f.write(os.urandom(size))
+    replica = os.path.join(directory, f"{name}-replica.img")
+    r = cli(vault, "protect", name, "--disk", f"{source}={replica}")
+    assert r.returncode == 0, r.stderr
+    return source, replica

@@ -1,12 +1,15 @@
-"""`pydr run` interrupted: kill -9 at each crash point of a cycle while a
+"""`pydr run` interrupted or faulty: kill -9 at each crash point of a cycle while a
 writer writes into a qemu-storage-daemon disk, then a restart (every point
 exact, none recorded twice); SIGTERM while a cycle is held (that cycle ends,
-then exit 0); SIGHUP applies a changed policy. The tests wait on the
+then exit 0); SIGHUP applies a changed policy; an RPO breach (a source that fails every
+read) warns, goes critical, alerts, shows in the metrics and recovers. The tests wait on the
 service's event lines and on crash points, never on time."""
 
+import json
 import os
 import shutil
 import signal
+import subprocess
 
 import pytest
 
@@ -14,8 +17,9 @@ from pydr.dr.vault import Vault
 
 from qemuhelp import cli
 
-from service_fixtures import (finished, materialize, needs_qemu, points,  # noqa: F401
-                              protected_qsd, qsd_disk, services, set_target, writer_factory)
+from service_fixtures import (MiB, finished, health_event, listening_ports,  # noqa: F401
+                              materialize, needs_qemu, points, protect_file, protected_qsd,
+                              qsd_disk, round_end, services, set_target, writer_factory)
 from writer import check_point, read_log, verify
 
 pytestmark = needs_qemu
@@ -132,3 +136,83 @@ def test_sighup_applies_a_policy_changed_while_it_runs(protected_qsd, services, 
     assert s.drain() == 0
     starts = [e for e in s.events if e["operation"] == "replicate" and e["kind"] == "started"]
     assert len(starts) == 1
+
+
+def scrape(port):
+    """{(item, state): value} of pydr_health from a real GET of the metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "pydr_health":
+            for s in family.samples:
+                out[(s.labels["item"], s.labels["state"])] = s.value
+    return out
+
+
+def test_an_rpo_breach_warns_then_goes_critical_alerts_and_shows_then_recovers(
+        tmp_path, faulty_image, services):
+    """Item "bad" (target 2 s, critical at 4 s) has a point; then its source
+    fails every read (a FUSE file that fails every read, bind-mounted
+    over it) and its
+    cycles fail, while item "ok" keeps the rounds coming. bad turns warning
+    then critical: a "health" event for each, its alert command gets both
+    JSON events, a real scrape of --metrics shows it critical. The fault
+    cleared and a cycle run by the operator (waiting for the service's
+    lock), bad is ok again, in the events and in the metrics."""
+    from pydr.dr.vault import init_vault
+
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    protect_file(vault, str(tmp_path), "ok", size=MiB)
+    source, _ = protect_file(vault, str(tmp_path), "bad", size=MiB)
+    alerts = tmp_path / "alerts.jsonl"
+    set_target(vault, "ok", 1)
+    set_target(vault, "bad", 2, rpo_critical=4.0,
+               alert_commands=json.dumps([f"cat >> {alerts}; echo >> {alerts}"]))
+    s = services(vault, "--metrics", "127.0.0.1:0")
+    s.wait_for(finished("bad"))
+    (port,) = listening_ports(s.proc.pid)
+    # the same bytes behind a file system that fails every read
+    backing = tmp_path / "backing.img"
+    shutil.copyfile(source, backing)
+    failing, _ = faulty_image(0, MiB, backing=backing)
+    subprocess.run(["mount", "--bind", failing, source], check=True)  # over the source
+    try:
+        breach_and_recover(s, vault, port, alerts, source)
+    finally:
+        subprocess.run(["umount", source], capture_output=True)
+
+
+def breach_and_recover(s, vault, port, alerts, source):
+    s.wait_for(health_event("bad", "warning"))
+    s.wait_for(health_event("bad", "critical"))
+    s.wait_for(round_end)  # its alert commands ran before the round's end
+    assert [e for e in s.events if e["operation"] == "replicate" and e["item"] == "bad"
+            and e["kind"] == "failed"]
+    sent = [json.loads(line) for line in alerts.read_text().splitlines() if line.strip()]
+    assert [(a["item"], a["new"]) for a in sent][-2:] == [("bad", "warning"), ("bad", "critical")]
+    assert all(a["type"] == "alert" and a["target_rpo"] == 2 for a in sent[-2:]), sent
+    assert sent[-1]["rpo_seconds"] > 4 and sent[-1]["vault"] == str(vault)
+    health = scrape(port)
+    assert health[("bad", "critical")] == 1 and health[("bad", "ok")] == 0, health
+    assert health[("ok", "ok")] == 1, health
+    subprocess.run(["umount", source], check=True)  # the fault cleared: the file itself again
+    r = cli(vault, "replicate", "bad")
+    assert r.returncode == 0, r.stderr
+    s.wait_for(health_event("bad", "ok"))
+    s.wait_for(round_end)
+    health = scrape(port)
+    assert health[("bad", "ok")] == 1 and health[("bad", "critical")] == 0, health
+    sent = [json.loads(line) for line in alerts.read_text().splitlines() if line.strip()]
+    assert (sent[-1]["old"], sent[-1]["new"]) == ("critical", "ok")
+    s.signal(signal.SIGTERM)
+    assert s.drain() == 0
+    with Vault(vault) as v:
+        logged = [(a.old, a.new) for a in v.alerts("bad")]
+    assert ("ok", "warning") in logged and ("warning", "critical") in logged, logged
+    assert ("critical", "ok") in logged, logged

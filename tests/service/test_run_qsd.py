@@ -11,10 +11,13 @@ import shutil
 
 import pytest
 
+from pydr.dr.vault import Vault
+
 from qemuhelp import cli
 
 from service_fixtures import (finished, materialize, needs_qemu, points,  # noqa: F401
-                              protected_qsd, qsd_disk, services, set_target, writer_factory)
+                              protect_file, protected_qsd, qsd_disk, services, set_target,
+                              writer_factory)
 from writer import RECORD, check_point, expected_image, read_log, record, verify
 
 pytestmark = needs_qemu
@@ -107,3 +110,50 @@ def test_pydr_run_makes_a_point_after_the_writer_stops_that_holds_exactly_its_da
             shutil.rmtree(tmp_path / f"p{pid}")
     # the points made while it wrote cover more and more of its records
     assert covered and covered == sorted(set(covered)) and 0 < covered[-1] <= n, covered
+
+
+def newest_job(vault, item, kind):
+    with Vault(vault) as v:
+        return max(j.id for j in v.jobs(item=item) if j.kind == kind)
+
+
+def test_a_failover_pauses_that_item_the_other_goes_on_and_reprotect_resumes_it(
+        protected_qsd, writer_factory, services, tmp_path):
+    """Two items under pydr run: "vm" (the live disk, written meanwhile) and
+    "b" (a file disk). `pydr failover b` while it runs waits for the
+    service's lock, then b is paused (no cycle of b after it, its RPO health
+    "paused") while vm keeps getting points; commit and reprotect b: its
+    cycles come back."""
+    disk, vault, _ = protected_qsd
+    protect_file(vault, str(tmp_path), "b")
+    set_target(vault, "vm", 2)
+    set_target(vault, "b", 2)
+    writer_factory(disk, seed=41, rate=1)
+    s = services(vault)
+    s.wait_for(finished("b"))
+    r = cli(vault, "failover", "b", "--point", "latest-processed")
+    assert r.returncode == 0, r.stderr
+    failover_job = newest_job(vault, "b", "failover")
+    # vm goes on: two of its cycles started after the failover's job
+    later = []
+    while len(later) < 2:
+        e = s.wait_for(finished("vm"))
+        if e["job"] > failover_job:
+            later.append(e["job"])
+    with Vault(vault) as v:
+        assert v.item("b")["state"] == "failed-over"
+        assert not [j for j in v.jobs(item="b") if j.kind == "replicate" and j.id > failover_job]
+    st = json.loads(cli(vault, "status", "b", "--json").stdout)
+    assert st["rpo_health"] == "paused", st
+    for op in ("commit", "reprotect"):
+        r = cli(vault, op, "b")
+        assert r.returncode == 0, (op, r.stderr)
+    reprotect_job = newest_job(vault, "b", "reprotect")
+    while True:  # b is scheduled again
+        e = s.wait_for(finished("b"))
+        if e["job"] > reprotect_job:
+            break
+    s.signal(signal.SIGTERM)
+    assert s.drain() == 0
+    with Vault(vault) as v:
+        assert v.item("b")["state"] == "protected"
