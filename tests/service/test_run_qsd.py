@@ -6,7 +6,6 @@ materialises exactly the writer's data up to it."""
 
 import json
 import signal
-import os
 import shutil
 
 import pytest
