@@ -2,11 +2,12 @@
 qcow2 disk, a writer process writes numbered, checksummed records into it
 through NBD, and the tests wait on the service's event lines (never on
 time) for a point whose cut is after a known record; that point
-materialises exactly the writer's data up to it."""
+materialises exactly the writer's data up to it. And a failover of one of
+two items while it runs pauses that item only; reprotect resumes it."""
 
 import json
-import signal
 import shutil
+import signal
 
 import pytest
 
