@@ -170,13 +170,13 @@ def main():
         result = probe(setup, a.rate, seconds, seed)
         show(result, a.target)
         if a.search:
-            good = a.rate if result["p99"] <= a.target else None
-            bad = None if good else a.rate
-            rate = a.rate * 2 if good else a.rate / 2
-            for _ in range(6):
+            good = bad = None
+            rate = a.rate
+            for _ in range(7):
+                if seed > 1:
+                    result = probe(setup, rate, seconds, seed)
+                    show(result, a.target)
                 seed += 1
-                result = probe(setup, rate, seconds, seed)
-                show(result, a.target)
                 if result["written_mib_s"] < 0.9 * rate:
                     print(f"\nthe writer reached {result['written_mib_s']:.1f} MiB/s, not "
                           f"{rate:g}: its own ceiling on this machine (one NBD connection, a "
