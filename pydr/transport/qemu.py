@@ -393,5 +393,6 @@ def node_bitmaps(qmp, node):
     """{name: info} of the dirty bitmaps of a block node (query-named-block-nodes)."""
     for n in qmp.execute("query-named-block-nodes"):
         if n.get("node-name") == node:
-            return {b["name"]: b for b in n.get("dirty-bitmaps") or []}
+            # a bitmap without a name is a block job's own (a backup's copy-before-write)
+            return {b["name"]: b for b in n.get("dirty-bitmaps") or [] if "name" in b}
     raise FileNotFoundError(2, f"no block node {node!r} in QEMU", qmp.path)
