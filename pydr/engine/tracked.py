@@ -74,6 +74,7 @@ class TrackedPass:
         self.changed_blocks = 0
         self.seq = 0
         self.written: List[Tuple[int, int, bytes]] = []
+        self._read_parts: Optional[list] = None  # the cache's (hashes, mask) of each span
 
     def run(self, spans: List[Span], window: int) -> None:
         """Resync the spans (sorted, merged, block aligned [start, end)
@@ -141,6 +142,7 @@ class TrackedPass:
                 self.writer = self.drop_cache()
                 self.cached = None
             else:
+                self._read_parts = parts  # what the cache update compares with
                 hashes = np.frombuffer(b"".join(h for h, _ in parts), "<u8").reshape(-1, 2)
                 mask = np.frombuffer(b"".join(z for _, z in parts), np.uint8) != 0
                 if len(mask) == len(idx):
@@ -148,6 +150,7 @@ class TrackedPass:
                 # the cache holds fewer blocks than the spans: a bug upstream
                 raise FormatError(f"signature cache holds {len(mask)} of the {len(idx)} "
                                   f"blocks of [{lo}, {hi})", path=self.cached.path, offset=lo)
+        self._read_parts = None
         dst_h, dst_z = np.empty((n, 2), np.uint64), np.empty(n, np.uint8)
         with memoryview(dst_h) as h, memoryview(dst_z) as z:
             self.target.sign(lo, hi - lo, bs, self.code, h, z, threads=self.threads,
@@ -167,11 +170,13 @@ class TrackedPass:
         if not differ.any():
             return
         at = 0
-        for start, stop in batch:
+        parts = self._read_parts  # the cache's own read of each span (the writer is it)
+        for i, (start, stop) in enumerate(batch):
             k = blocks_for(stop - start, bs)
             if differ[at:at + k].any():
+                old = None if parts is None else (bytes(parts[i][0]), bytes(parts[i][1]))
                 self.writer.update(start // bs, src_hp[at:at + k].astype("<u8").tobytes(),
-                                   src_zp[at:at + k].astype(np.uint8).tobytes())
+                                   src_zp[at:at + k].astype(np.uint8).tobytes(), old)
             at += k
 
 
