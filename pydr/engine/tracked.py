@@ -93,8 +93,8 @@ class TrackedPass:
         lo, hi = batch[0][0], batch[-1][1]
         n = blocks_for(hi - lo, bs)
         idx = packed_blocks(batch, lo, bs)
-        keep = np.empty(hi - lo, np.uint8)  # virtual: pages touched only where read
-        src_h, src_z = np.empty((n, 2), np.uint64), np.empty(n, np.uint8)
+        keep = sparse_array(hi - lo, np.uint8)  # virtual: pages touched only where read
+        src_h, src_z = sparse_array((n, 2), np.uint64), np.empty(n, np.uint8)
         with memoryview(src_h) as h, memoryview(src_z) as z:
             self.source.sign(lo, hi - lo, bs, self.code, h, z, threads=self.threads,
                              progress_record=self.source_read, throttle=self.throttle,
@@ -151,7 +151,7 @@ class TrackedPass:
                 raise FormatError(f"signature cache holds {len(mask)} of the {len(idx)} "
                                   f"blocks of [{lo}, {hi})", path=self.cached.path, offset=lo)
         self._read_parts = None
-        dst_h, dst_z = np.empty((n, 2), np.uint64), np.empty(n, np.uint8)
+        dst_h, dst_z = sparse_array((n, 2), np.uint64), np.empty(n, np.uint8)
         with memoryview(dst_h) as h, memoryview(dst_z) as z:
             self.target.sign(lo, hi - lo, bs, self.code, h, z, threads=self.threads,
                              progress_record=self.target_read,
@@ -178,6 +178,25 @@ class TrackedPass:
                 self.writer.update(start // bs, src_hp[at:at + k].astype("<u8").tobytes(),
                                    src_zp[at:at + k].astype(np.uint8).tobytes(), old)
             at += k
+
+
+def sparse_array(shape: Any, dtype: Any) -> Any:
+    """An uninitialised numpy array over an anonymous private mapping of
+    its own, kept out of transparent huge pages: a batch's buffers span its
+    whole address range but only the pages of its spans are touched, and
+    numpy.empty asks for huge pages for large arrays, so each touch would
+    fault in (and zero) 2 MiB, 512 MiB for 256 scattered 4 KiB spans. The
+    mapping goes with the array."""
+    import mmap
+
+    import numpy as np
+
+    count = int(np.prod(shape))
+    nbytes = max(1, count * np.dtype(dtype).itemsize)
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        area.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(area, dtype=dtype, count=count).reshape(shape)
 
 
 def use_tracked_pass(spans: Optional[List[Span]], src_size: int, dst_size: int, cached: Any,
