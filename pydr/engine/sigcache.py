@@ -47,6 +47,8 @@ from .sigcache_layout import (ENTRY as _ENTRY, HEADER as _HEADER, PENDING as _PE
 
 #: side file bytes gathered before one write (a tracked cycle's many short updates)
 PENDING_BATCH = 1 << 20
+#: segments (68 KiB each at most) one instance keeps once loaded
+MEMO_SEGMENTS = 256
 
 
 class SignatureCache:
@@ -85,6 +87,9 @@ class SignatureCache:
         self._last_read = None
         self._empty = None  # (bits, hashes) of a segment with no data: shared, read only
         self._table_page = None  # (index, bytes) of the table page last read, checked
+        # segments loaded (checked) by this instance, as they stand: a tracked cycle
+        # reads a segment to compare and again to commit; the second is not read
+        self._memo: dict = {}
 
     # -- opening ---------------------------------------------------------
 
@@ -437,6 +442,9 @@ class SignatureCache:
         if self._seg is not None and self._seg[0] == seg:
             return self._seg[1], self._seg[2]
         self._flush()
+        if seg in self._memo:
+            self._seg = (seg,) + self._memo[seg]
+            return self._memo[seg]
         blocks = self._segment_len(seg)
         offset, _, nonzero, checksum = self._read_entry(seg)
         if nonzero == 0 and blocks == SEGMENT_BLOCKS:
@@ -472,6 +480,8 @@ class SignatureCache:
             bits = bits[:blocks]
             hashes[bits] = np.frombuffer(slot[self.mask_bytes:], dtype=np.uint8).reshape(-1, 16)
         self._seg = (seg, bits, hashes)
+        if len(self._memo) < MEMO_SEGMENTS:
+            self._memo[seg] = (bits, hashes)
         return bits, hashes
 
     def _is_last(self, seg: int) -> bool:
@@ -490,6 +500,7 @@ class SignatureCache:
             if not bits.flags.writeable:  # the shared empty segment: this one's own copy
                 bits, hashes = bits.copy(), hashes.copy()
                 self._seg = (seg, bits, hashes)
+                self._memo.pop(seg, None)
             bits[lo:hi] = ~new_z[at:at + k]
             hashes[lo:hi] = new_h[at:at + k]
             self._dirty = True
