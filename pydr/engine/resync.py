@@ -372,9 +372,14 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             if use_tracked_pass(spans, src_size, dst_size, cached, writer):
                 # the changed spans batched by the bytes they hold: the windows
                 # below are not walked at all
-                tracked = _tracked_pass(source, applier, cached, writer, block_size, code,
-                                        threads, shared, dst_read, throttle, target_throttle,
-                                        cancel, check, pending, verify, signature_cache)
+                tracked = TrackedPass(
+                    source=source, target=applier.dev, cached=cached, writer=writer,
+                    block_size=block_size, code=code, threads=threads, source_read=shared,
+                    target_read=dst_read, throttle=throttle, target_throttle=target_throttle,
+                    cancel=cancel, check=check, emit=pending.add, verify=verify,
+                    drop_cache=lambda p: _without_cache(p.cached, p.writer, True,
+                                                        signature_cache),
+                    name=applier.target)
                 tracked.run(merge_spans(spans, MERGE_GAP), WINDOW)
                 cached, writer = tracked.cached, tracked.writer
                 changed_blocks, seq[0], written = (tracked.changed_blocks, tracked.seq,
@@ -512,30 +517,6 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
     return ResyncStats(source_read + target_read, int(st.data_bytes), int(st.zero_bytes),
                        changed_blocks, time.monotonic() - start, applier.journal.bytes,
                        used_cache, src_size, source_read, target_read)
-
-
-def _tracked_pass(source, applier, cached, writer, block_size, code, threads, shared,
-                  dst_read, throttle, target_throttle, cancel, check, pending, verify, path):
-    """The TrackedPass of a resync (pydr.engine.tracked), wired to its
-    writer, progress and cache."""
-    buf = []
-
-    def encode_buf():
-        if not buf:
-            buf.append(encode_buffer())
-        return buf[0]
-
-    state = {}
-
-    def drop_cache():
-        return _without_cache(state["pass"].cached, state["pass"].writer, True, path)
-
-    state["pass"] = TrackedPass(
-        source=source, target=applier.dev, cached=cached, writer=writer, block_size=block_size,
-        code=code, threads=threads, source_read=shared, target_read=dst_read, throttle=throttle,
-        target_throttle=target_throttle, cancel=cancel, check=check, emit=pending.add,
-        encode_buf=encode_buf, drop_cache=drop_cache, verify=verify, name=applier.target)
-    return state["pass"]
 
 
 def _without_cache(cached, writer, tracked, path):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional, Tuple
 
 from . import bindings as B
-from .delta import changed_extents as extents_between, write_records
+from .delta import changed_extents as extents_between, encode_buffer, write_records
 from .devices import Device, MemoryDevice, blocks_for
 from .parallel import check_cancel
 from .signatures import Signature
@@ -49,7 +49,7 @@ class TrackedPass:
                  block_size: int, code: int, threads: int, source_read: B.Progress,
                  target_read: B.Progress, throttle: Any, target_throttle: Any, cancel: Any,
                  check: Callable[[int], None], emit: Callable[[bytes], None],
-                 encode_buf: Callable[[], Any], drop_cache: Callable[[], Any],
+                 drop_cache: Callable[["TrackedPass"], Any],
                  verify: bool, name: str) -> None:
         """source, target: the devices. cached: the target's trusted
         signature cache or None; writer: None or `cached` (updated in
@@ -58,9 +58,9 @@ class TrackedPass:
         side's reads. throttle, target_throttle: as sign() takes them.
         cancel: a threading.Event or None. check: called between pieces of
         encoded records (progress, cancel). emit: takes each chunk of
-        encoded records. encode_buf: returns the encode buffer (made when
-        first needed). drop_cache: called when the cache turns out damaged
-        (closes and removes it); returns the writer to go on with.
+        encoded records. drop_cache: called with this pass when the cache
+        turns out damaged (it closes and removes it); returns the writer to
+        go on with.
         verify: keep what verification needs. name: the target's name for
         cancellation errors."""
         self.source, self.target = source, target
@@ -69,7 +69,8 @@ class TrackedPass:
         self.source_read, self.target_read = source_read, target_read
         self.throttle, self.target_throttle = throttle, target_throttle
         self.cancel, self.check, self.emit = cancel, check, emit
-        self.encode_buf, self.drop_cache = encode_buf, drop_cache
+        self.drop_cache = drop_cache
+        self._encode_buf = None  # 32 MiB, made when first needed: a quiet cycle needs none
         self.verify, self.name = verify, name
         self.changed_blocks = 0
         self.seq = 0
@@ -121,11 +122,16 @@ class TrackedPass:
             # the records are made of the bytes that were hashed: the source is not read again
             with memoryview(keep) as kept, MemoryDevice(kept, lo, name=self.source.name) as mem:
                 count, _, _ = write_records(mem, disk_ext, zero, digests, self.emit,
-                                            first_seq=self.seq, buf=self.encode_buf(),
+                                            first_seq=self.seq, buf=self._buffer(),
                                             check=self.check)
             self.seq += count
         if self.writer is not None:
             self._update_cache(batch, src_hp, src_zp, dst_hp, dst_zp)
+
+    def _buffer(self) -> Any:
+        if self._encode_buf is None:
+            self._encode_buf = encode_buffer()
+        return self._encode_buf
 
     def _target_hashes(self, batch: List[Span], lo: int, hi: int, n: int,
                        idx: Any) -> Tuple[Any, Any]:
@@ -139,7 +145,7 @@ class TrackedPass:
                 parts = [self.cached.read(start // bs, blocks_for(stop - start, bs))
                          for start, stop in batch]
             except FormatError:  # damaged here: the target is read from now on
-                self.writer = self.drop_cache()
+                self.writer = self.drop_cache(self)
                 self.cached = None
             else:
                 self._read_parts = parts  # what the cache update compares with

@@ -187,3 +187,33 @@ def test_a_batch_buffer_costs_the_pages_touched_not_huge_pages():
     assert grown < 16 << 20, f"{grown} bytes resident for 64 touched pages"
     h = T.sparse_array((1000, 2), np.uint64)
     assert h.shape == (1000, 2) and h.dtype == np.uint64 and h.flags.writeable
+
+
+def test_a_damaged_cache_met_by_a_tracked_batch_reads_the_target_and_goes(tmp_path):
+    """A segment's slot damaged: the batch that reads it signs the target
+    instead, ends exact, and the cache (nothing describes the blocks a
+    tracked cycle passed) is removed; the next cycle reads the target."""
+    from pydr.engine import sigcache as S
+
+    rng = random.Random(7)
+    size = 4 * S.SEGMENT_BLOCKS * BS
+    src, dst, cache = tmp_path / "src", tmp_path / "dst", tmp_path / "dst.sig"
+    src.write_bytes(rng.randbytes(size))
+    pydr.resync(src, dst, signature_cache=cache)
+    with open(cache, "r+b") as f:
+        f.seek(S.HEADER_BYTES + 2 * S.ENTRY_BYTES)
+        slot = S._ENTRY.unpack(f.read(S.ENTRY_BYTES))[0]
+        f.seek(slot + 700)
+        byte = f.read(1)[0]
+        f.seek(slot + 700)
+        f.write(bytes([byte ^ 1]))
+    os.utime(cache)  # newer than the target still
+    b = bytearray(src.read_bytes())
+    changed = [(10, 10), (2 * S.SEGMENT_BLOCKS * BS + 5000, 3000), (size - 4096, 4096)]
+    for at, n in changed:
+        b[at:at + n] = rng.randbytes(n)
+    src.write_bytes(bytes(b))
+    stats = pydr.resync(src, dst, signature_cache=cache, changed_extents=changed)
+    assert dst.read_bytes() == bytes(b)
+    assert not stats.used_cache and not cache.exists()
+    assert stats.blocks_changed == 3 and stats.target_bytes_read > 0
