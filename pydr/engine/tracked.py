@@ -194,12 +194,17 @@ def sparse_array(shape: Any, dtype: Any) -> Any:
     fault in (and zero) 2 MiB, 512 MiB for 256 scattered 4 KiB spans. The
     mapping goes with the array."""
     import mmap
+    import sys
 
     import numpy as np
 
     count = int(np.prod(shape))
     nbytes = max(1, count * np.dtype(dtype).itemsize)
-    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+    # no swap reserved for the untouched range: a small host's overcommit
+    # heuristic would refuse 4 GiB of address space it will never back
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | \
+        getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+    area = mmap.mmap(-1, nbytes, flags=flags)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         area.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(area, dtype=dtype, count=count).reshape(shape)

@@ -185,6 +185,18 @@ def test_a_batch_buffer_costs_the_pages_touched_not_huge_pages():
     grown = rss() - before
     assert keep.shape == (1 << 30,) and int(keep[16 << 20]) == 1
     assert grown < 16 << 20, f"{grown} bytes resident for 64 touched pages"
+    # the mapping itself: no huge pages ("nh"), no swap reserved ("nr")
+    address = keep.ctypes.data
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    flags = None
+    for i, line in enumerate(lines):
+        lo, _, hi = line.split()[0].partition("-")
+        if hi and all(c in "0123456789abcdef" for c in lo + hi) and \
+                int(lo, 16) <= address < int(hi, 16):
+            flags = next(x for x in lines[i + 1:] if x.startswith("VmFlags:")).split()[1:]
+            break
+    assert flags is not None and "nh" in flags and "nr" in flags, flags
     h = T.sparse_array((1000, 2), np.uint64)
     assert h.shape == (1000, 2) and h.dtype == np.uint64 and h.flags.writeable
 
