@@ -51,7 +51,19 @@ PARTS = [
     ("pydr.engine.sigcache", "SignatureCache.open", "  resync: signature cache open"),
     ("pydr.engine.sigcache", "SignatureCache.read", "  resync: signature cache read"),
     ("pydr.engine.sigcache", "SignatureCache.commit", "  resync: signature cache commit"),
+    ("pydr.engine.sigcache", "SignatureCache._replay", "    cache commit: replay side file"),
+    ("pydr.engine.sigcache", "SignatureCache._load", "    cache: segment loads"),
+    ("pydr.engine.sigcache", "SignatureCache._flush", "    cache: segment writes"),
+    ("pydr.engine.sigcache", "SignatureCache._write_header", "    cache: header writes"),
     ("pydr.engine.resync", "compare_window", "  resync: compare windows"),
+    ("pydr.engine.tracked", "TrackedPass._batch", "  resync: tracked batches (all of it)"),
+    ("pydr.engine.tracked", "TrackedPass._target_hashes", "  resync: target hashes"),
+    ("pydr.engine.tracked", "TrackedPass._update_cache", "  resync: signature cache update"),
+    ("pydr.engine.tracked", "extents_between", "  resync: compare (extents)"),
+    ("pydr.engine.delta", "write_records", "  resync: encode records"),
+    ("pydr.engine.apply", "Applier.__enter__", "  resync: target open, journal made"),
+    ("pydr.engine.apply", "Applier.drain", "  resync: writer drain"),
+    ("pydr.engine.apply", "Applier.finish", "  resync: journal commit (finish)"),
     ("pydr.dr.cyclerecord", "record_point", "record the point"),
     ("pydr.dr.points", "apply_retention", "retention"),
     ("pydr.dr.stepcapture", "check", "checks (stepcapture.check)"),
@@ -233,7 +245,14 @@ def main():
     ap.add_argument("--size", default="4G")
     ap.add_argument("--cycles", type=int, default=9)
     ap.add_argument("--only", choices=("live", "file"))
+    ap.add_argument("--engine", choices=("batched", "windows"), default="batched",
+                    help="windows: a tracked resync walks 64 MiB windows of address space "
+                         "(the engine before pydr.engine.tracked), for comparison")
     args = ap.parse_args()
+    if args.engine == "windows":
+        import pydr.engine.resync as resync_module
+
+        resync_module.use_tracked_pass = lambda *a: False
     from pydr.cli.common import parse_size
 
     size = parse_size(args.size)

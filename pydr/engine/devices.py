@@ -39,7 +39,7 @@ from .atomic import copy_mode
 from .oserrors import naming
 from .filesign import blocks_for, check_keep, sign_spans_range  # noqa: F401 (blocks_for)
 from .parallel import CANCEL_BYTES, run_chunks, start_all, wait_all
-from .spans import as_pairs, check_spans, merge_spans
+from .spans import as_pairs, check_spans, cut_units, merge_spans
 
 SIGN_WINDOW = 256 << 20  # an NBD export is signed this much at a time
 # connections that sign one export side by side where the server offers
@@ -400,9 +400,11 @@ class NbdDevice(Device):
         by_spans = keep is not None or spans is not None
         if by_spans:
             check_keep(keep, length, self.name)
-            windows = self._span_windows(windows, offset, block_size,
-                                         check_spans(spans, offset, length, block_size,
-                                                     self.name))
+            # windows of up to `step` bytes of spans however far apart they lie:
+            # scattered short spans are one call, their reads all in flight
+            windows = [(unit[0][0] - offset, unit[-1][1] - offset, unit) for unit in
+                       cut_units(check_spans(spans, offset, length, block_size, self.name),
+                                 block_size, step)]
             keep_view = memoryview(keep).cast("B") if keep is not None else None
         handles = self._readers(min(NBD_CONNECTIONS, len(windows)))
         failure, lock = [], threading.Lock()
@@ -464,26 +466,6 @@ class NbdDevice(Device):
         if final_report:
             throttle.report(progress_record.done, progress_record.read, finished=True)
         return 1
-
-    @staticmethod
-    def _span_windows(windows: List[Tuple[int, int]], offset: int, block_size: int,
-                      spans: List[Tuple[int, int]]
-                      ) -> List[Tuple[int, int, List[Tuple[int, int]]]]:
-        """(w0, w1, spans inside it) of the windows (relative to offset)
-        that hold spans: a span across a window's end is cut there."""
-        result, i = [], 0
-        for w0, w1 in windows:
-            lo, hi, inside = offset + w0, offset + w1, []
-            while i < len(spans) and spans[i][0] < hi:
-                start, stop = spans[i]
-                inside.append((max(start, lo), min(stop, hi)))
-                if stop > hi:  # the rest belongs to the next window
-                    spans[i] = (hi, stop)
-                    break
-                i += 1
-            if inside:
-                result.append((w0, w1, inside))
-        return result
 
     def data_extents(self, offset: int, length: int) -> List[Tuple[int, int]]:
         """The (start, end) pairs of [offset, offset + length) that the

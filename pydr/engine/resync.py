@@ -40,6 +40,7 @@ from .progress import Record, Throttle
 from .signatures import Signature
 from .sigcache import CLEAN, CHANGING, SignatureCache
 from .sigcache_any import load_any
+from .tracked import TrackedPass, use_tracked_pass
 
 DEFAULT_RESYNC_BLOCK = 4096
 WINDOW = 64 << 20
@@ -368,7 +369,25 @@ def resync(src, dst, *, block_size=DEFAULT_RESYNC_BLOCK, signature_cache=None,
             # only the changed spans: each window shrunk to them (not 64 MiB of cache
             # read and compared for one changed block)
             shaped = spans is not None and (writer is None or writer is cached)
-            for w0, w1 in _windows(src_size, spans if shaped else None):
+            if use_tracked_pass(spans, src_size, dst_size, cached, writer):
+                # the changed spans batched by the bytes they hold: the windows
+                # below are not walked at all
+                tracked = TrackedPass(
+                    source=source, target=applier.dev, cached=cached, writer=writer,
+                    block_size=block_size, code=code, threads=threads, source_read=shared,
+                    target_read=dst_read, throttle=throttle, target_throttle=target_throttle,
+                    cancel=cancel, check=check, emit=pending.add, verify=verify,
+                    drop_cache=lambda p: _without_cache(p.cached, p.writer, True,
+                                                        signature_cache),
+                    name=applier.target)
+                tracked.run(merge_spans(spans, MERGE_GAP), WINDOW)
+                cached, writer = tracked.cached, tracked.writer
+                changed_blocks, seq[0], written = (tracked.changed_blocks, tracked.seq,
+                                                   tracked.written)
+                spans_done = True
+            else:
+                spans_done = False
+            for w0, w1 in (() if spans_done else _windows(src_size, spans if shaped else None)):
                 check_cancel(cancel, applier.target)
                 if spans is None:
                     subs = [(w0, w1)]

@@ -45,6 +45,11 @@ from .sigcache_layout import (ENTRY as _ENTRY, HEADER as _HEADER, PENDING as _PE
                               parse_header as _parse_header, punch as _punch, xxh64 as _xxh64,
                               zero_hash as _zero_hash)
 
+#: side file bytes gathered before one write (a tracked cycle's many short updates)
+PENDING_BATCH = 1 << 20
+#: segments (68 KiB each at most) one instance keeps once loaded
+MEMO_SEGMENTS = 256
+
 
 class SignatureCache:
     """A v2 signature cache file (see the module docstring). Made by
@@ -77,10 +82,14 @@ class SignatureCache:
         self._seg: Optional[Tuple[int, object, object]] = None  # (index, data bits, hashes)
         self._pending_fd: Optional[int] = None
         self._pending_digest = None
+        self._pending_out = bytearray()  # side file bytes not written yet (batched)
         self._dirty = False  # the loaded segment differs from the file (created caches only)
         self._last_read = None
         self._empty = None  # (bits, hashes) of a segment with no data: shared, read only
         self._table_page = None  # (index, bytes) of the table page last read, checked
+        # segments loaded (checked) by this instance, as they stand: a tracked cycle
+        # reads a segment to compare and again to commit; the second is not read
+        self._memo: dict = {}
 
     # -- opening ---------------------------------------------------------
 
@@ -242,11 +251,14 @@ class SignatureCache:
 
     # -- changing --------------------------------------------------------
 
-    def update(self, first: int, hashes: bytes, mask: bytes) -> None:
+    def update(self, first: int, hashes: bytes, mask: bytes,
+               old: Optional[Tuple[bytes, bytes]] = None) -> None:
         """Blocks [first, first + len(mask)) of the target now hold blocks
         of these hashes (16 bytes each) and zero mask (1 = zeros). A new
         cache takes them now; an opened one keeps the blocks that differ
-        from what it holds in its side file until :meth:`commit`.
+        from what it holds in its side file until :meth:`commit`. `old`:
+        what :meth:`read` of the same blocks returned this cycle (no update
+        of them since), so they are not read again; None: read here.
 
         Raises:
             ValueError: Lengths that disagree, or blocks past the disk.
@@ -266,7 +278,8 @@ class SignatureCache:
             self._apply(first, new_h, new_z)
             return
         last = self._last_read
-        old_h, old_z = (last[2] if last is not None and last[:2] == (first, count)
+        old_h, old_z = (old if old is not None else
+                        last[2] if last is not None and last[:2] == (first, count)
                         else self.read(first, count))
         if old_h == hashes and old_z == mask:
             return  # the usual window: nothing changed (a byte compare, no per-block work)
@@ -293,8 +306,14 @@ class SignatureCache:
             out += _PENDING.pack(first + s, e - s)
             out += new_z[s:e].astype(np.uint8).tobytes() + new_h[s:e].tobytes()
         self._pending_digest.update(out)
+        self._pending_out += out  # many short updates: one write
+        if len(self._pending_out) >= PENDING_BATCH:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
         with naming(self.path + PENDING_SUFFIX):
-            os.write(self._pending_fd, out)
+            os.write(self._pending_fd, self._pending_out)
+        self._pending_out = bytearray()
 
     def commit(self, target: Optional[tuple] = None) -> None:
         """The target is durable and holds what the updates said: write
@@ -423,6 +442,9 @@ class SignatureCache:
         if self._seg is not None and self._seg[0] == seg:
             return self._seg[1], self._seg[2]
         self._flush()
+        if seg in self._memo:
+            self._seg = (seg,) + self._memo[seg]
+            return self._memo[seg]
         blocks = self._segment_len(seg)
         offset, _, nonzero, checksum = self._read_entry(seg)
         if nonzero == 0 and blocks == SEGMENT_BLOCKS:
@@ -458,6 +480,8 @@ class SignatureCache:
             bits = bits[:blocks]
             hashes[bits] = np.frombuffer(slot[self.mask_bytes:], dtype=np.uint8).reshape(-1, 16)
         self._seg = (seg, bits, hashes)
+        if len(self._memo) < MEMO_SEGMENTS:
+            self._memo[seg] = (bits, hashes)
         return bits, hashes
 
     def _is_last(self, seg: int) -> bool:
@@ -476,6 +500,7 @@ class SignatureCache:
             if not bits.flags.writeable:  # the shared empty segment: this one's own copy
                 bits, hashes = bits.copy(), hashes.copy()
                 self._seg = (seg, bits, hashes)
+                self._memo.pop(seg, None)
             bits[lo:hi] = ~new_z[at:at + k]
             hashes[lo:hi] = new_h[at:at + k]
             self._dirty = True
@@ -534,6 +559,7 @@ class SignatureCache:
 
         pending = self.path + PENDING_SUFFIX
         fd = self._pending_fd
+        self._write_pending()
         total = os.fstat(fd).st_size
         digest, pos = B.Digest(), 0
         while pos < total:
@@ -559,6 +585,7 @@ class SignatureCache:
                               path=pending, offset=0)
 
     def _discard_pending(self) -> None:
+        self._pending_out = bytearray()
         if self._pending_fd is not None:
             os.close(self._pending_fd)
             self._pending_fd = None
