@@ -36,10 +36,12 @@ from . import crashpoints
 from .atomic import fsync_dir, open_temp
 from .oserrors import naming
 from ..errors import FormatError
+from .sigcache_v1 import convert_v1
 from .sigcache_layout import (  # noqa: F401 (CLEAN, ... binding: this module's API too)
     CHANGING, CLEAN, ENTRY_BYTES, HEADER_BYTES, MAGIC, NO_TARGET, PAGE_BYTES, PAGE_CHECK,
     PAGE_ENTRIES, PENDING_SUFFIX, SEGMENT_BLOCKS, STATE_NAMES, UPDATING, VERSION, binding,
     page_checksum, table_bytes)
+from .sigcache_layout import pending_runs
 from .sigcache_layout import (ENTRY as _ENTRY, HEADER as _HEADER, PENDING as _PENDING,
                               XXH128 as _XXH128, capacity as _capacity,
                               parse_header as _parse_header, punch as _punch, xxh64 as _xxh64,
@@ -126,7 +128,7 @@ class SignatureCache:
             with open(path, "rb") as f:
                 magic = f.read(8)
             if magic != MAGIC:
-                convert_v1(path, block_size, size, target)
+                convert_v1(path, block_size, size, target, create=cls.create)
             cache = cls.load(path, writable=True)
         except (FormatError, ValueError, OSError):
             return None
@@ -558,28 +560,12 @@ class SignatureCache:
         import numpy as np
 
         pending = self.path + PENDING_SUFFIX
-        fd = self._pending_fd
         self._write_pending()
-        total = os.fstat(fd).st_size
-        digest, pos = B.Digest(), 0
-        while pos < total:
-            head = os.pread(fd, _PENDING.size, pos)
-            if len(head) != _PENDING.size:
-                raise FormatError("signature cache side file truncated", path=pending,
-                                  offset=pos)
-            first, count = _PENDING.unpack(head)
-            if first + count > self.n:
-                raise FormatError("signature cache side file damaged", path=pending,
-                                  offset=pos)
-            body = os.pread(fd, 17 * count, pos + _PENDING.size)
-            if len(body) != 17 * count:
-                raise FormatError("signature cache side file truncated", path=pending,
-                                  offset=pos)
-            digest.update(head).update(body)
+        digest = B.Digest()
+        for first, count, body in pending_runs(self._pending_fd, self.n, pending, digest):
             z = np.frombuffer(body[:count], dtype=np.uint8) != 0
             h = np.frombuffer(body[count:], dtype=np.uint8).reshape(count, 16)
             self._apply(first, h, z)
-            pos += _PENDING.size + 17 * count
         if digest.digest() != self._pending_digest.digest():
             raise FormatError("signature cache side file does not read back as written",
                               path=pending, offset=0)
@@ -604,24 +590,3 @@ class SignatureCache:
                 os.fsync(self.fd)
         self.state = state
 
-
-def convert_v1(path: str, block_size: int, size: int, target=None) -> None:
-    """Rewrite a v1 cache (a whole signature file) at `path` as v2, in
-    place of it, reading the old file a chunk at a time. Raises FormatError
-    or OSError (the caller then does without the cache)."""
-    from .sigstream import SignatureReader
-
-    with SignatureReader(path) as old:
-        if old.block_size != block_size or old.size != size:
-            raise FormatError("signature cache of another geometry", path=path, offset=0)
-        new = SignatureCache.create(path, block_size=old.block_size, size=old.size)
-        try:
-            step = 16 * SEGMENT_BLOCKS
-            for first in range(0, old.n, step):
-                hashes, mask = old.read(first, step)
-                new.update(first, hashes, mask)
-            new.commit(target)
-        except BaseException:
-            new.abort()
-            raise
-        new.close()

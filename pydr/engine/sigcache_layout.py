@@ -137,3 +137,22 @@ def binding(path: str) -> Optional[bytes]:
     return raw[:STATE_AT] + b"\0" + raw[STATE_AT + 1:]
 
 
+def pending_runs(fd: int, blocks: int, path: str, digest):
+    """The runs of the side file open at `fd` (`path`, of a cache of
+    `blocks` blocks), each as (first block, count, zero mask then hashes),
+    fed to `digest` as read. FormatError naming the offset of a run that is
+    truncated or out of the disk."""
+    total, pos = os.fstat(fd).st_size, 0
+    while pos < total:
+        head = os.pread(fd, PENDING.size, pos)
+        if len(head) != PENDING.size:
+            raise FormatError("signature cache side file truncated", path=path, offset=pos)
+        first, count = PENDING.unpack(head)
+        if first + count > blocks:
+            raise FormatError("signature cache side file damaged", path=path, offset=pos)
+        body = os.pread(fd, 17 * count, pos + PENDING.size)
+        if len(body) != 17 * count:
+            raise FormatError("signature cache side file truncated", path=path, offset=pos)
+        digest.update(head).update(body)
+        yield first, count, body
+        pos += PENDING.size + 17 * count
