@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -482,8 +483,13 @@ def _run_lock(directory: str) -> Iterator[None]:
                          hint=f"create one with 'pydr vault init {directory}'")
     path = os.path.join(directory, RUN_LOCK)
     with naming(path):  # never a symlink: created in the vault, never followed out of it
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     0o600)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise VaultError(f"{RUN_LOCK} is not a regular file", path=path,
+                             hint=f"pydr run creates {RUN_LOCK} as a regular file: "
+                                  f"remove what is there")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
