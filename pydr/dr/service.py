@@ -374,7 +374,7 @@ class _Outcome:
 
     def __init__(self, item: str, status: str, error: str, exit_code: int) -> None:
         self.item, self.status, self.error, self.exit_code = item, status, error, exit_code
-        self.bytes = 0
+        self.bytes = self.bytes_read = 0
         self.point_id = None
 
 

@@ -112,8 +112,11 @@ class Parts:
 
     def observe_cycle(self, outcome: Any, seconds: float) -> None:
         if self.metrics is not None:
-            moved = int(getattr(outcome, "bytes", 0) or 0)
-            self.metrics.observe_cycle(outcome.item, seconds, moved, moved, moved,
+            # sent: what reached the replica's place; no transfer reports more than
+            # what it wrote there, so that (for a local replica, exactly that)
+            written = int(getattr(outcome, "bytes", 0) or 0)
+            read = int(getattr(outcome, "bytes_read", 0) or 0)
+            self.metrics.observe_cycle(outcome.item, seconds, read, written, written,
                                        outcome.status == "succeeded")
 
     def close(self) -> None:
