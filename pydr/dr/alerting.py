@@ -53,6 +53,8 @@ __all__ = ["run_alert_commands", "alert_event"]
 
 _log = logging.getLogger("pydr.alerts")
 
+#: seconds the alert commands of one transition may run (then they are killed)
+TIMEOUT = 30.0
 #: how much of a failed command's output a report quotes (its end)
 _QUOTE = 400
 #: how much of the end of a command's output is kept (the rest is read and dropped)
@@ -209,7 +211,7 @@ def _finish(proc: subprocess.Popen[bytes], tail: _Tail, timeout: float,
 
 
 def run_alert_commands(commands: Sequence[str], event: Dict[str, Any],
-                       timeout: float = 30) -> List[str]:
+                       timeout: float = TIMEOUT) -> List[str]:
     """Run each alert command with `event` on stdin (see the module's docstring).
 
     commands: shell command lines, each run with /bin/sh -c, all at once.

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from ..engine.oserrors import naming
-from ..errors import (EXIT_SOME_FAILED, Cancelled, CycleFailed, InvalidArgument, VaultError,
-                      exit_code_for)
+from ..errors import (EXIT_SOME_FAILED, EXIT_VAULT, Cancelled, CycleFailed, InvalidArgument,
+                      VaultError, exit_code_for)
 from . import schedule, sdnotify, store_lock
 from .cycle import replicate
 from .events import Emitter, EventSink, interrupted
@@ -262,7 +262,11 @@ class Service:
             due = [p for p in sorted((p for p in plans if p.status == "due"),
                                      key=schedule._order)]
             result.due = [p.item for p in due]
-            result.skipped = dict(schedule.summary(plans), **unreadable)
+            result.skipped = {n: why for n, why in schedule.summary(plans).items()
+                              if n not in unreadable}
+            for n, why in unreadable.items():  # not replicated: a failure, its health critical
+                result.failed[n] = why
+                result.exit_codes[n] = EXIT_VAULT
             em.emit("started", message=f"round: {len(due)} of {len(names)} items due")
             self._parts.set_queue(len(due))
             for call in _calls(store, due, policies, now):
@@ -288,9 +292,9 @@ class Service:
                  if p.item in tried and store.has_item(p.item) else p for p in plans], now)
         finally:
             vault.close()
-        for commands, transition in alerts:  # the lock let go: they may take a while
+        for commands, transition in alerts:  # in the alert thread: the next round never waits
             with _reporting(f"the alert commands of {transition.item}"):
-                self._parts.run_alert(commands, transition, self.directory)
+                self._parts.queue_alert(commands, transition, self.directory)
         result.seconds = time.monotonic() - started
         em.emit("finished", message=_round_message(result))
         return result

@@ -64,3 +64,104 @@ def test_byte_metrics_count_what_the_cycle_read_and_wrote(vault, tmp_path):
     assert written == 65536
     assert read >= 4 * MiB
     assert sent == written  # a local replica: what is sent to its place is what is written
+
+
+def test_a_hanging_alert_never_holds_the_next_round_and_names_the_vault_absolutely(
+        vault, tmp_path, monkeypatch):
+    """The alert command reads its JSON, then blocks on a FIFO the test
+    writes only once the round has ended: before the fix the round (its
+    "finished" event) waited for the command (killed at its 30 s timeout),
+    so nobody read the FIFO any more. The service is given the vault by a
+    relative path: the alert names it absolutely. (Bounds only end a test
+    that failed.)"""
+    import json
+    import threading
+
+    fifo, got = tmp_path / "fifo", tmp_path / "alert.json"
+    os.mkfifo(fifo)
+    with Vault(vault, writer=True) as v:
+        v.set_policy("a", alert_commands=[f"cat > {got}; cat {fifo} > /dev/null"])
+        newest = v.store.points("a")[-1].data_time
+    monkeypatch.chdir(tmp_path)
+    rounds = threading.Event()
+
+    def on_event(e):
+        if e.operation == "run" and e.kind == "finished":
+            rounds.set()
+
+    service = Service("v", events=on_event, warm=False, clock=lambda: newest + 100000,
+                      notify=lambda s: None)
+    runner = threading.Thread(target=service.run, daemon=True)
+    runner.start()
+    try:
+        assert rounds.wait(120), "no round ended"
+        writer = threading.Thread(target=lambda: (fifo.write_text("go\n")), daemon=True)
+        writer.start()  # opening the FIFO waits for the alert command to read it
+        writer.join(120)
+        assert not writer.is_alive(), "the alert command no longer waits: the round waited for it"
+    finally:
+        service.stop()
+        runner.join(300)
+    assert not runner.is_alive()
+    alert = json.loads(got.read_text())
+    assert (alert["item"], alert["new"]) == ("a", "critical")
+    assert alert["vault"] == str(vault) and os.path.isabs(alert["vault"])
+
+
+def damage_keep(vault, item):
+    import sqlite3
+
+    db = sqlite3.connect(vault / "vault.db")
+    with db:
+        assert db.execute("UPDATE policies SET keep = '{not json' WHERE scope = 'item' AND "
+                          "name = ?", (item,)).rowcount == 1
+    db.close()
+
+
+def test_a_damaged_policy_is_critical_alerted_once_and_fails_the_round(vault, tmp_path):
+    """Before the fix the item was skipped, its RPO health unknown, no
+    alert, and --once exited 0."""
+    import json
+
+    got = tmp_path / "alerts.jsonl"
+    with Vault(vault, writer=True) as v:
+        v.set_policy("a", keep={"daily": 3}, alert_commands=[f"cat >> {got}"])
+        newest = v.store.points("a")[-1].data_time
+    damage_keep(vault, "a")
+    for _ in range(2):
+        result = Service(vault, warm=False, clock=lambda: newest + 1,
+                         notify=lambda s: None).run_once()
+        assert "a" in result.failed and "a" not in result.skipped
+        assert "keep" in result.failed["a"] and "pydr policy a --clear keep" in result.failed["a"]
+        assert result.exit_code() == 14
+    alerts = [json.loads(line) for line in got.read_text().splitlines()]
+    assert [(a["item"], a["new"]) for a in alerts] == [("a", "critical")]  # once
+    assert "pydr policy a --clear keep" in alerts[0]["message"]
+    with Vault(vault) as v:
+        assert v.store.item("a").rpo_health == "critical"
+
+
+def test_replication_and_status_go_on_with_a_damaged_keep(vault, tmp_path):
+    """apply_retention raised on the damaged keep (replicate, failover's last
+    cycle and reprotect exited 14); now retention falls back to the item's
+    count and age. `pydr status` shows every other item before exiting 14."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "b.img"
+    src.write_bytes(os.urandom(MiB))
+    with Vault(vault, writer=True) as v:
+        v.protect("b", [(str(src), str(tmp_path / "rb.img"))])
+        v.set_policy("a", keep={"daily": 3})
+    damage_keep(vault, "a")
+    with Vault(vault, writer=True) as v:
+        assert not v.replicate(["a"]).failed
+        assert len(v.points("a")) == 2
+    exe = os.path.join(os.path.dirname(sys.executable), "pydr")
+    r = subprocess.run([exe, "status", "--vault", str(vault)], capture_output=True, text=True,
+                       timeout=300, cwd="/tmp")
+    assert r.returncode == 14, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("b: ") for line in lines), r.stdout
+    assert any(line.startswith("a: ") and "keep" in line for line in lines), r.stdout
+    assert "pydr policy a --clear keep" in r.stderr + r.stdout
