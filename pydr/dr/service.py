@@ -136,6 +136,10 @@ class Service:
         self._parts = Parts(events)
         self._warm_state: Any = None
         self._fleet: Any = None
+        self._monotonic = time.monotonic  # (a test gives another)
+        self._progress_guard = threading.Lock()
+        self._progress = 0.0  # when the running cycles last gave an event (self._monotonic)
+        self._cycling = False  # whether cycles run now
 
     # -- control (any thread, or a signal handler) ------------------------------------
     def stop(self, finish: bool = True) -> None:
@@ -163,8 +167,10 @@ class Service:
         """Run rounds until stop(): READY=1 after the first, STATUS and
         WATCHDOG=1 after each, STOPPING=1 at the end. Under a systemd
         watchdog ($WATCHDOG_USEC) a thread also sends WATCHDOG=1 every
-        half of it, during long cycles too (a first full copy may take
-        hours): the watchdog catches a dead service, not a slow cycle.
+        half of it while the service makes progress: during long cycles
+        too (a first full copy may take hours) as long as their events
+        come, but not for a cycle that hangs (no event for the whole
+        watchdog time: systemd restarts the service).
 
         Raises:
             VaultError: another pydr run serves the vault (its pid named),
@@ -207,7 +213,26 @@ class Service:
 
     def _keep_alive(self, interval: float, ended: threading.Event) -> None:
         while not ended.wait(interval):
-            self.notify("WATCHDOG=1")
+            if self._progressing(2 * interval):
+                self.notify("WATCHDOG=1")
+
+    def _progressing(self, stall: float) -> bool:
+        """Whether the service makes progress (the watchdog thread pings
+        only then): between cycles it does (waiting for the next round, or
+        for an operator's command to let the vault's lock go); while cycles
+        run, only while their events come, the last less than `stall`
+        seconds ago. A hung cycle stops the pings: systemd restarts the
+        service, and the next start finishes the cycle."""
+        with self._progress_guard:
+            return not self._cycling or self._monotonic() - self._progress < stall
+
+    def _progressed(self, event: Any = None) -> None:
+        """An event of the running cycles (the EventSink they are given):
+        progress; passed on to the service's own sink."""
+        with self._progress_guard:
+            self._progress = self._monotonic()
+        if event is not None and self.events is not None:
+            self.events(event)
 
     def _wait_next(self) -> None:
         """Wait until the next item is due (at most MAX_IDLE), or a wake-up."""
@@ -222,7 +247,8 @@ class Service:
         with _run_lock(self.directory):
             try:
                 if self.metrics_address is not None:
-                    self.metrics_port = self._parts.serve_metrics(*self.metrics_address)
+                    self.metrics_port = self._parts.serve_metrics(*self.metrics_address,
+                                                                  clock=self.clock)
                 if self.warm:
                     self._warm_state = _warm_state()
                 if self.scheduler is not None:
@@ -296,6 +322,7 @@ class Service:
             with _reporting(f"the alert commands of {transition.item}"):
                 self._parts.queue_alert(commands, transition, self.directory)
         result.seconds = time.monotonic() - started
+        self._parts.round_ended(self.clock())
         em.emit("finished", message=_round_message(result))
         return result
 
@@ -314,10 +341,12 @@ class Service:
         executor = (self._fleet.executor() if self._fleet is not None
                     else ParallelExecutor(self.jobs))
         begun = time.monotonic()
+        self._progressed()
+        self._cycling = True
         try:
             cycle = replicate(store, call.names, executor=executor,
                               app_consistent=call.app_consistent, resync_all=call.resync,
-                              bwlimit=call.bwlimit, events=self.events, cancel=self._cancel,
+                              bwlimit=call.bwlimit, events=self._progressed, cancel=self._cancel,
                               warm=self._warm_state)
             outcomes = list(cycle.outcomes)
         except Exception as exc:  # each item's failure is its own: the service goes on
@@ -332,6 +361,8 @@ class Service:
                 _mark(store, call.names, outcomes[0].error, exc)
             else:
                 outcomes = list(cycle.outcomes)
+        finally:
+            self._cycling = False
         seconds = time.monotonic() - begun
         for o in outcomes:
             self._parts.observe_cycle(o, seconds)

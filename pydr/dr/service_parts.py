@@ -128,11 +128,14 @@ class Parts:
         for n in names:
             facts = rpo_facts(store, n, now=now)
             policy = policies.get(n)
-            self.healths[n] = rpo_health(policy, facts, store.item(n), now,
-                                         damaged=self.damaged.get(n))
-            if self.metrics is not None:
-                self.metrics.set_item(n, facts.rpo_seconds,
-                                      getattr(policy, "target_rpo", None), self.healths[n])
+            row = store.item(n)
+            damaged = self.damaged.get(n)
+            self.healths[n] = rpo_health(policy, facts, row, now, damaged=damaged)
+            # what a scrape judges the health from, later, without the vault
+            kept = {"state": row["state"], "test_dir": row["test_dir"],
+                    "created": row["created"]}
+            self.metrics.track_item(n, facts.latest_point_at, getattr(policy, "target_rpo", None),
+                                    _health_at(policy, facts, kept, damaged))
         for gone in set(self.healths) - set(names):
             del self.healths[gone]
             if self.metrics is not None:
@@ -144,12 +147,17 @@ class Parts:
         return next((h for h in _SEVERITY if h in found), None)
 
     # -- metrics ----------------------------------------------------------------------
-    def serve_metrics(self, host: str, port: int) -> int:
-        """Serve the metrics on `host`:`port`; returns the bound port."""
+    def serve_metrics(self, host: str, port: int, clock: Any) -> int:
+        """Serve the metrics on `host`:`port`, the RPOs measured with
+        `clock` (the service's); returns the bound port."""
         from .metrics import ServiceMetrics
 
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(clock=clock)
         return int(self.metrics.serve(host, port))
+
+    def round_ended(self, when: float) -> None:
+        if self.metrics is not None:
+            self.metrics.set_round_end(when)
 
     def set_queue(self, n: int) -> None:
         if self.metrics is not None:
@@ -189,3 +197,18 @@ def _deliver(alerts: "queue.Queue[Any]", abandon: threading.Event) -> None:
         except Exception as exc:  # alerting never stops the protection
             _log.error("the alert commands of %s hit a pydr bug", event.get("item"),
                        exc_info=exc)
+
+
+def _health_at(policy: Any, facts: Any, row: Dict[str, Any], damaged: Optional[str]) -> Any:
+    """The RPO health of an item at a later time, from what a round kept of
+    it (pydr.dr.health's rules; no vault read)."""
+    from .health import rpo_health
+    from .rpo import RpoFacts
+
+    def health_at(now: float) -> str:
+        at = facts.latest_point_at
+        later = RpoFacts(facts.latest_point, at, None if at is None else max(0.0, now - at),
+                         facts.last_success_at)
+        return rpo_health(policy, later, row, now, damaged=damaged)
+
+    return health_at

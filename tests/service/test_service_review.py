@@ -165,3 +165,62 @@ def test_replication_and_status_go_on_with_a_damaged_keep(vault, tmp_path):
     assert any(line.startswith("b: ") for line in lines), r.stdout
     assert any(line.startswith("a: ") and "keep" in line for line in lines), r.stdout
     assert "pydr policy a --clear keep" in r.stderr + r.stdout
+
+
+def test_a_scrape_during_a_held_round_shows_the_rpo_growing_and_the_watchdog_stops(
+        vault, tmp_path):
+    """Round 1 ends; in round 2 item a's cycle is held (its "started" event
+    waits for the test). The service's clock is a fake one: scrapes at two
+    instants show the RPO and the health of that instant, not the last
+    round's (before the fix: "ok" and the round's RPO until the round
+    ended). While the cycle gives no event, the watchdog stops pinging once
+    the watchdog time is over (a fake monotonic clock too)."""
+    import threading
+
+    with Vault(vault) as v:
+        newest = v.store.points("a")[-1].data_time
+    now = [newest + 10]  # round 1: a is not due (half its target: 1800 s)
+    mono = [1000.0]
+    held, release, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def on_event(e):
+        if e.operation == "run" and e.kind == "finished":
+            ended.set()
+        if e.operation == "replicate" and e.kind == "started" and e.item == "a":
+            held.set()
+            assert release.wait(120)
+
+    service = Service(vault, metrics="127.0.0.1:0", events=on_event, warm=False,
+                      clock=lambda: now[0], notify=lambda s: None)
+    service._monotonic = lambda: mono[0]
+    runner = threading.Thread(target=service.run, daemon=True)
+    runner.start()
+    try:
+        assert ended.wait(120)
+        first = scrape(service.metrics_port)
+        assert first[("pydr_rpo_seconds", "a", None)] == 10
+        assert first[("pydr_health", "a", "ok")] == 1
+        assert first[("pydr_newest_point_timestamp_seconds", "a", None)] == newest
+        assert first[("pydr_last_round_end_timestamp_seconds", None, None)] == newest + 10
+        now[0] = newest + 2000  # due now
+        service.reload()
+        assert held.wait(120)
+        assert service._progressing(stall=60)
+        seen = scrape(service.metrics_port)
+        assert seen[("pydr_rpo_seconds", "a", None)] == 2000
+        now[0] = newest + 4000  # past the target (3600), the round still held
+        seen = scrape(service.metrics_port)
+        assert seen[("pydr_rpo_seconds", "a", None)] == 4000
+        assert seen[("pydr_health", "a", "warning")] == 1
+        assert seen[("pydr_health", "a", "ok")] == 0
+        now[0] = newest + 8000  # past critical (2 x target)
+        assert scrape(service.metrics_port)[("pydr_health", "a", "critical")] == 1
+        assert seen[("pydr_last_round_end_timestamp_seconds", None, None)] == newest + 10
+        mono[0] += 61  # no event of the held cycle for longer than the watchdog time
+        assert not service._progressing(stall=60)
+    finally:
+        release.set()
+        service.stop()
+        runner.join(300)
+    assert not runner.is_alive()
+    assert service._progressing(stall=60)  # no cycle runs: idle is progress
