@@ -284,7 +284,8 @@ class Service:
             names = store.items()
             now = self.clock()
             policies, unreadable = self._parts.policies(store, names)
-            plans = schedule.plans(store, policies, now, self._last_durations)
+            drills = self._parts.find_drills(store, names)
+            plans = schedule.plans(store, policies, now, self._last_durations, drills)
             due = [p for p in sorted((p for p in plans if p.status == "due"),
                                      key=schedule._order)]
             result.due = [p.item for p in due]
@@ -295,7 +296,7 @@ class Service:
                 result.exit_codes[n] = EXIT_VAULT
             em.emit("started", message=f"round: {len(due)} of {len(names)} items due")
             self._parts.set_queue(len(due))
-            for call in _calls(store, due, policies, now):
+            for call in _calls(store, due, policies, now, drills):
                 if self._stopping.is_set():  # stop(): none starts after
                     for n in call.names:
                         result.skipped.setdefault(n, "the service is stopping")
@@ -314,7 +315,7 @@ class Service:
             tried = set(result.succeeded) | set(result.failed)
             self._next_due = schedule.earliest(
                 [schedule.plan_item(store, p.item, policies[p.item], now,
-                                    self._last_durations.get(p.item, 0.0))
+                                    self._last_durations.get(p.item, 0.0), p.item in drills)
                  if p.item in tried and store.has_item(p.item) else p for p in plans], now)
         finally:
             vault.close()
@@ -424,7 +425,7 @@ class _Call:
 
 
 def _calls(store: Any, due: List[schedule.Plan], policies: Dict[str, Any],
-           now: float) -> List[_Call]:
+           now: float, drills: Any = ()) -> List[_Call]:
     """The due items as cycle calls: the items that share options in one
     call (its units run in parallel), a due group member with its group's
     other members that may replicate (a group is all or nothing)."""
@@ -437,7 +438,7 @@ def _calls(store: Any, due: List[schedule.Plan], policies: Dict[str, Any],
         members = [plan.item]
         if row["grp"]:
             members = [n for n in store.items(group=row["grp"])
-                       if schedule.paused_why(store.item(n)) is None]
+                       if schedule.paused_why(store.item(n), n in drills) is None]
         taken.update(members)
         policy = policies.get(plan.item)
         resync = any(store.item(n)["state"] == "resync-required" for n in members)

@@ -34,6 +34,7 @@ class Parts:
         self.healths: Dict[str, str] = {}
         self.damaged: Dict[str, str] = {}  # {item: why its policy cannot be read}
         self._readable: Dict[str, Any] = {}
+        self.drills: Any = set()  # the items in a drill that lets their replicas be written
         self._alert_guard = threading.Lock()
         self._alert_thread: Optional[threading.Thread] = None
         self._alert_queue: Any = None
@@ -61,6 +62,29 @@ class Parts:
         self.damaged = bad
         return found, bad
 
+    def find_drills(self, store: Any, names: List[str]) -> Any:
+        """The items of `names` in a drill that lets their replicas be
+        written (their point store does not refuse writes under it:
+        PointStore.refuse_writes_under_drill); kept for the round's health."""
+        from ..errors import InvalidState
+        from .pointstores import point_store
+
+        found = set()
+        for n in names:
+            if not store.item(n)["test_dir"]:
+                continue
+            try:
+                point_store(store, n).refuse_writes_under_drill("a replication cycle")
+            except InvalidState:
+                continue
+            except Exception as exc:  # cannot tell: treated as blocking (paused, then critical)
+                _log.warning("whether the drill of %s blocks replication is not known: %s",
+                             n, exc)
+                continue
+            found.add(n)
+        self.drills = found
+        return found
+
     # -- health and alerts -------------------------------------------------------------
     def health(self, store: Any, names: List[str], now: float, policies: Dict[str, Any],
                em: Emitter) -> Tuple[List[Dict[str, Any]], List[Tuple[Any, Any]]]:
@@ -70,7 +94,8 @@ class Parts:
         from .health import check_transitions
 
         found, alerts = [], []
-        for t in check_transitions(store, names, now, policies, damaged=self.damaged):
+        for t in check_transitions(store, names, now, policies, damaged=self.damaged,
+                                   drills_replicated=self.drills):
             found.append(t.to_dict())
             em.for_item(t.item).emit("health", message=t.message)
             policy = policies.get(t.item, self._readable.get(t.item))
@@ -130,12 +155,14 @@ class Parts:
             policy = policies.get(n)
             row = store.item(n)
             damaged = self.damaged.get(n)
-            self.healths[n] = rpo_health(policy, facts, row, now, damaged=damaged)
+            drill = n in self.drills
+            self.healths[n] = rpo_health(policy, facts, row, now, damaged=damaged,
+                                         drill_replicated=drill)
             # what a scrape judges the health from, later, without the vault
             kept = {"state": row["state"], "test_dir": row["test_dir"],
                     "created": row["created"]}
             self.metrics.track_item(n, facts.latest_point_at, getattr(policy, "target_rpo", None),
-                                    _health_at(policy, facts, kept, damaged))
+                                    _health_at(policy, facts, kept, damaged, drill))
         for gone in set(self.healths) - set(names):
             del self.healths[gone]
             if self.metrics is not None:
@@ -199,7 +226,8 @@ def _deliver(alerts: "queue.Queue[Any]", abandon: threading.Event) -> None:
                        exc_info=exc)
 
 
-def _health_at(policy: Any, facts: Any, row: Dict[str, Any], damaged: Optional[str]) -> Any:
+def _health_at(policy: Any, facts: Any, row: Dict[str, Any], damaged: Optional[str],
+               drill: bool) -> Any:
     """The RPO health of an item at a later time, from what a round kept of
     it (pydr.dr.health's rules; no vault read)."""
     from .health import rpo_health
@@ -209,6 +237,6 @@ def _health_at(policy: Any, facts: Any, row: Dict[str, Any], damaged: Optional[s
         at = facts.latest_point_at
         later = RpoFacts(facts.latest_point, at, None if at is None else max(0.0, now - at),
                          facts.last_success_at)
-        return rpo_health(policy, later, row, now, damaged=damaged)
+        return rpo_health(policy, later, row, now, damaged=damaged, drill_replicated=drill)
 
     return health_at

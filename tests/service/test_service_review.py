@@ -224,3 +224,50 @@ def test_a_scrape_during_a_held_round_shows_the_rpo_growing_and_the_watchdog_sto
         runner.join(300)
     assert not runner.is_alive()
     assert service._progressing(stall=60)  # no cycle runs: idle is progress
+
+
+def test_an_item_in_a_drill_is_replicated_unless_the_drill_blocks_it(vault, tmp_path,
+                                                                      monkeypatch):
+    """A drill made as a copy leaves the replicas alone: pydr run goes on
+    replicating the item (before the fix: "paused", no alert, however old
+    its data). A drill that blocks replication (its point store refuses
+    writes under it: qcow2 overlays on the replicas) pauses the item up to
+    its critical RPO, then it is "critical", alerted."""
+    import json
+
+    from pydr.dr.pointstores import base
+    from pydr.errors import InvalidState
+
+    got = tmp_path / "alerts.jsonl"
+    with Vault(vault, writer=True) as v:
+        v.set_policy("a", alert_commands=[f"cat >> {got}"])
+        v.test_failover("a", str(tmp_path / "drill"), method="copy")
+        newest = v.store.points("a")[-1].data_time
+    result = Service(vault, warm=False, clock=lambda: newest + 2000,
+                     notify=lambda s: None).run_once()
+    assert result.succeeded == ["a"], result
+    assert len(points_of(vault)) == 2
+    assert not got.exists()
+
+    def refuse(self, what):
+        raise InvalidState(f"{what} would change the drill's disks under it")
+
+    monkeypatch.setattr(base.PointStore, "refuse_writes_under_drill", refuse)
+    with Vault(vault) as v:
+        newest = v.store.points("a")[-1].data_time
+    result = Service(vault, warm=False, clock=lambda: newest + 3000,
+                     notify=lambda s: None).run_once()
+    assert result.succeeded == [] and result.skipped["a"].startswith("paused")
+    with Vault(vault) as v:
+        assert v.store.item("a").rpo_health == "paused"
+    result = Service(vault, warm=False, clock=lambda: newest + 8000,
+                     notify=lambda s: None).run_once()
+    assert result.succeeded == []
+    [alert] = [json.loads(line) for line in got.read_text().splitlines()]
+    assert (alert["new"], alert["item"]) == ("critical", "a")
+    assert "drill" in alert["message"] and "blocks replication" in alert["message"]
+
+
+def points_of(vault):
+    with Vault(vault) as v:
+        return v.points("a")
