@@ -532,16 +532,19 @@ def is_paused(item_row: Any) -> bool:
     return bool(item_row.test_dir) or item_row.state not in REPLICATING_STATES
 
 
-def rpo_health_now(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
+def rpo_health_now(policy: Policy, facts: Any, item_row: Any, now: float,
+                   drill_replicated: bool = False) -> str:
     """Item `item_row`'s (an ItemRecord) RPO health at `now` (epoch
     seconds) under `policy`, from its pydr.dr.rpo.RpoFacts `facts`: by
     pydr.dr.health.rpo_health where it is present, else by the same rule
-    here (see :func:`_rpo_health`)."""
+    here (see :func:`_rpo_health`). `drill_replicated`: a drill of it,
+    if up, lets its replicas be written (pydr.dr.schedule)."""
     try:  # pydr.dr.health: the service's own rule (imported late: it may import this)
         health = importlib.import_module(".health", __package__)
     except ModuleNotFoundError:
         return _rpo_health(policy, facts, item_row, now)
-    return str(health.rpo_health(policy, facts, item_row, now))
+    return str(health.rpo_health(policy, facts, item_row, now,
+                                 drill_replicated=drill_replicated))
 
 
 def _rpo_health(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
