@@ -189,13 +189,31 @@ def cmd_points(args):
 
 
 def cmd_status(args):
+    """Every item's status; an item that cannot be shown (its stored policy
+    damaged) is named on its line, and the command fails with its error
+    after showing all the others."""
+    from ..errors import VaultError
+
+    problems = {}
     with open_vault(args) as v:
         names = [args.item] if args.item else v.items()
-        statuses = [v.status(n) for n in names]
+        statuses = []
+        for n in names:
+            try:
+                statuses.append(v.status(n))
+            except VaultError as exc:
+                if args.item:
+                    raise
+                problems[n] = exc
     if args.json:
         print_json(statuses[0].to_dict() if args.item else [s.to_dict() for s in statuses])
     else:
-        for st in statuses:
+        shown = iter(statuses)
+        for n in names:  # in the items' order, a problem on its item's line
+            if n in problems:
+                print(f"{n}: cannot be shown: {problems[n].message}")
+                continue
+            st = next(shown)
             op = st.operation
             doing = ""
             if op and op.interrupted:
@@ -210,6 +228,8 @@ def cmd_status(args):
                      f"{', '.join(map(str, st.damaged_points))})" if st.damaged_points else "")
                   + _rpo_text(st)
                   + (f", last error: {st.last_error}" if st.last_error else "") + doing)
+    if problems:
+        raise next(iter(problems.values()))
     return 0
 
 

@@ -11,8 +11,10 @@ slow webhook does not delay the mail), with:
   item), ``PYDR_ALERT_HEALTH`` (the new health), ``PYDR_ALERT_VAULT`` (the
   vault's directory) -- values are never put into the command line, so an
   item's name cannot inject shell syntax;
-* stdout and stderr together in a temporary file, logged (logger
-  "pydr.alerts") and, when the command fails, the end of it reported.
+* stdout and stderr together in a pipe, of which only the last 4 KiB
+  (:data:`KEEP`) are kept: logged (logger "pydr.alerts", control
+  characters escaped) and, when the command fails, the end of it reported.
+  A command that prints without end fills neither the disk nor the memory.
 
 stdin is a file, not a pipe: a command that never reads it cannot block
 the service, nor make it fail with EPIPE. The command runs in its own
@@ -38,6 +40,7 @@ import datetime
 import json
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import tempfile
@@ -50,10 +53,14 @@ __all__ = ["run_alert_commands", "alert_event"]
 
 _log = logging.getLogger("pydr.alerts")
 
+#: seconds the alert commands of one transition may run (then they are killed)
+TIMEOUT = 30.0
 #: how much of a failed command's output a report quotes (its end)
 _QUOTE = 400
-#: how much of a command's output is read back for the log
-_READ = 64 * 1024
+#: how much of the end of a command's output is kept (the rest is read and dropped)
+KEEP = 4096
+#: when the processes cannot be waited on with a pidfd: how often they are polled
+_POLL = 0.05
 
 
 def alert_event(transition: Any, vault: str) -> Dict[str, Any]:
@@ -78,16 +85,37 @@ def _env_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _output_tail(out: Any) -> str:
-    """The end of what a command printed, on one line."""
-    try:
-        out.seek(0, os.SEEK_END)
-        size = out.tell()
-        out.seek(max(0, size - _READ))
-        text = out.read().decode("utf-8", "replace")
-    except OSError as exc:
-        return f"(its output could not be read: {exc})"
-    return " ".join(text.split())
+class _Tail:
+    """The read end of a command's output pipe (non-blocking), keeping the
+    last KEEP bytes read from it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.data, self.open = fd, bytearray(), True
+        os.set_blocking(fd, False)
+
+    def read(self) -> None:
+        """Read what the pipe holds now; at its end, note it closed."""
+        while self.open:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.open = False
+                return
+            self.data += chunk
+            if len(self.data) > KEEP:
+                del self.data[:-KEEP]
+
+    def text(self) -> str:
+        """The end of what the command printed, on one line, control
+        characters escaped (a log line it cannot forge nor colour)."""
+        self.read()
+        words = " ".join(self.data.decode("utf-8", "replace").split())
+        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                       for c in words)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -100,42 +128,90 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _start(command: str, payload: bytes, env: Dict[str, str],
-           files: contextlib.ExitStack) -> Tuple[subprocess.Popen[bytes], Any]:
+           files: contextlib.ExitStack) -> Tuple[subprocess.Popen[bytes], _Tail]:
     """Start one alert command, stdin a file holding `payload`; (the
-    process, the file its output goes to). The files close with `files`."""
+    process, the tail of its output pipe). The files close with `files`."""
     stdin = files.enter_context(tempfile.TemporaryFile())
-    out = files.enter_context(tempfile.TemporaryFile())
     stdin.write(payload)
     stdin.flush()
     stdin.seek(0)
-    proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=stdin, stdout=out,
-                            stderr=subprocess.STDOUT, env=env, close_fds=True,
-                            start_new_session=True)
-    return proc, out
-
-
-def _finish(proc: subprocess.Popen[bytes], out: Any, deadline: float, timeout: float,
-            what: str) -> Optional[str]:
-    """Wait for a started command until `deadline` (time.monotonic());
-    None when it succeeded, else the problem."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    files.callback(os.close, read_end)
     try:
-        status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
+        proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=stdin, stdout=write_end,
+                                stderr=subprocess.STDOUT, env=env, close_fds=True,
+                                start_new_session=True)
+    finally:
+        os.close(write_end)
+    return proc, _Tail(read_end)
+
+
+def _pidfd(proc: subprocess.Popen[bytes]) -> Optional[int]:
+    try:
+        return os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _wait_all(started: List[Tuple[str, Any, Any]], deadline: float) -> None:
+    """Read the started commands' output (keeping its end) until each has
+    exited or `deadline` (time.monotonic()) has passed. A command that
+    exited is done, even if a background child still holds its pipe."""
+    running = [(proc, tail) for _, proc, tail in started if proc is not None]
+    with selectors.DefaultSelector() as sel:
+        pidfds: List[int] = []
+        try:
+            for proc, tail in running:
+                sel.register(tail.fd, selectors.EVENT_READ, tail)
+                fd = _pidfd(proc)
+                if fd is not None:
+                    pidfds.append(fd)
+                    sel.register(fd, selectors.EVENT_READ, None)
+            polled = len(pidfds) < len(running)
+            while running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                for key, _ in sel.select(min(left, _POLL) if polled else left):
+                    if key.data is not None:
+                        key.data.read()
+                        if not key.data.open:
+                            sel.unregister(key.fd)
+                    else:
+                        sel.unregister(key.fd)  # its process ended
+                for proc, tail in list(running):
+                    if proc.poll() is not None:
+                        tail.read()
+                        running.remove((proc, tail))
+                        if tail.open:
+                            sel.unregister(tail.fd)
+                            tail.open = False  # a background child may keep it open
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+
+
+def _finish(proc: subprocess.Popen[bytes], tail: _Tail, timeout: float,
+            what: str) -> Optional[str]:
+    """After _wait_all: None when the command succeeded, else the problem
+    (a command still running is killed)."""
+    status = proc.poll()
+    if status is None:
         _kill_group(proc)
-        tail = _output_tail(out)
+        text = tail.text()
         return (f"{what} did not finish within {timeout:g} s and was killed"
-                + (f"; it printed: {tail[-_QUOTE:]}" if tail else ""))
-    tail = _output_tail(out)
+                + (f"; it printed: {text[-_QUOTE:]}" if text else ""))
+    text = tail.text()
     if status == 0:
-        if tail:
-            _log.info("%s printed: %s", what, tail[-_QUOTE:])
+        if text:
+            _log.info("%s printed: %s", what, text[-_QUOTE:])
         return None
     how = (f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
-    return f"{what} {how}" + (f": {tail[-_QUOTE:]}" if tail else "")
+    return f"{what} {how}" + (f": {text[-_QUOTE:]}" if text else "")
 
 
 def run_alert_commands(commands: Sequence[str], event: Dict[str, Any],
-                       timeout: float = 30) -> List[str]:
+                       timeout: float = TIMEOUT) -> List[str]:
     """Run each alert command with `event` on stdin (see the module's docstring).
 
     commands: shell command lines, each run with /bin/sh -c, all at once.
@@ -179,11 +255,15 @@ def run_alert_commands(commands: Sequence[str], event: Dict[str, Any],
                 started.append((what, None, f"{what} could not start: {exc}"))
         deadline = time.monotonic() + timeout  # they run at the same time: one timeout for all
         try:
+            try:
+                _wait_all(started, deadline)
+            except Exception as exc:  # reported per command below (still running: killed)
+                _log.warning("waiting for the alert commands of item %r failed: %s", item, exc)
             for what, proc, out in started:
                 problem: Optional[str] = out if proc is None else None
                 if proc is not None:
                     try:
-                        problem = _finish(proc, out, deadline, timeout, what)
+                        problem = _finish(proc, out, timeout, what)
                     except Exception as exc:
                         problem = f"{what} failed: {exc}"
                 if problem is not None:

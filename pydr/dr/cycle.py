@@ -225,7 +225,8 @@ class _Cycle:
                 vault.update_job(unit.jobs[n], host=items[n]["host"])
             vault.end_job(unit.jobs[n], "succeeded", bytes_transferred=items[n]["bytes"])
             self.outcomes[n] = ItemOutcome(n, "succeeded", point_id=point_id,
-                                           bytes=items[n]["bytes"])
+                                           bytes=items[n]["bytes"],
+                                           bytes_read=items[n]["read"])
             self.totals["written"] += items[n]["bytes"]
             self.totals["read"] += items[n]["read"]
             self.events.for_item(n, unit.jobs[n]).emit(

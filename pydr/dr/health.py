@@ -6,9 +6,14 @@ the newest undamaged point's data, pydr.dr.rpo.rpo_facts), ``target`` the
 policy's target_rpo and ``critical`` its critical_after() (rpo_critical,
 else 2 x target):
 
-* "paused": the item is in a drill (a test failover's disks are up), or
-  is failing over, failed over, committing or committed: pydr run does not
-  replicate it, so its RPO is not held against it (no alert);
+* "paused": the item is failing over, failed over, committing or
+  committed: pydr run does not replicate it, so its RPO is not held
+  against it (no alert); or it is in a drill that blocks replication (a
+  qcow2 overlay on its replicas), up to its critical RPO: past it,
+  "critical" (a forgotten drill must not stop protection unnoticed). A
+  drill that does not block replication is judged as any item;
+* "critical" too when its stored policy cannot be read (damaged): pydr
+  run does not replicate it until `pydr policy ITEM --clear FIELD`;
 * "unknown": no target is set, or no point yet and the item was protected
   no more than one target ago (its first cycle may still be running);
 * "critical": rpo > critical, or no point yet more than critical after
@@ -28,7 +33,8 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
+from typing import (TYPE_CHECKING, Any, Container, Dict, Iterable, List, Mapping, Optional,
+                    Protocol, Tuple)
 
 from .events import iso_utc
 from .rpo import RpoFacts, rpo_facts
@@ -68,13 +74,21 @@ def _field(row: Any, name: str) -> Any:
     return row[name] if isinstance(row, Mapping) else getattr(row, name)
 
 
-def _judge(policy: Optional[RpoPolicy], facts: RpoFacts, item_row: Any, now: float) -> Tuple[str, str]:
+def _judge(policy: Optional[RpoPolicy], facts: RpoFacts, item_row: Any, now: float,
+           damaged: Optional[str] = None, drill_replicated: bool = False) -> Tuple[str, str]:
     """(health, why) for :func:`rpo_health`; `why` states the facts."""
     state = _field(item_row, "state")
-    if _field(item_row, "test_dir"):
-        return "paused", "in a drill"
     if state not in _REPLICATING:
         return "paused", state
+    if _field(item_row, "test_dir") and not drill_replicated:
+        critical = policy.critical_after() if policy is not None else None
+        rpo = facts.rpo_seconds
+        if critical is not None and rpo is not None and rpo > critical:
+            return "critical", (f"RPO {_seconds(rpo)} > critical {_seconds(critical)}: a drill "
+                                f"(test failover) on its replicas blocks replication")
+        return "paused", "in a drill that blocks replication"
+    if damaged:
+        return "critical", f"not replicated: {damaged}"
     if policy is None or policy.target_rpo is None:
         return "unknown", "no target RPO"
     target = policy.target_rpo
@@ -96,7 +110,8 @@ def _judge(policy: Optional[RpoPolicy], facts: RpoFacts, item_row: Any, now: flo
     return "ok", f"RPO {_seconds(rpo)} <= target {_seconds(target)}"
 
 
-def rpo_health(policy: Optional[RpoPolicy], facts: RpoFacts, item_row: Any, now: float) -> str:
+def rpo_health(policy: Optional[RpoPolicy], facts: RpoFacts, item_row: Any, now: float,
+               damaged: Optional[str] = None, drill_replicated: bool = False) -> str:
     """The RPO health of an item (one of :data:`HEALTHS`; the rules are in
     the module's docstring).
 
@@ -107,11 +122,16 @@ def rpo_health(policy: Optional[RpoPolicy], facts: RpoFacts, item_row: Any, now:
     item_row: its items row (a store ItemRecord, or the dict Vault.item
         returns): ``state``, ``test_dir`` and ``created`` are read.
     now: the time to judge at (epoch seconds).
+    damaged: why its stored policy cannot be read, if it cannot: then it
+        is not replicated, and "critical" unless paused.
+    drill_replicated: a drill of it, if up, lets its replicas be written
+        (pydr.dr.schedule): it is judged as any item; False: the drill
+        blocks replication, "paused" up to the critical RPO, then "critical".
 
     Returns the health. Raises nothing of its own (a row without those
     fields is the caller's bug: AttributeError/KeyError).
     """
-    return _judge(policy, facts, item_row, now)[0]
+    return _judge(policy, facts, item_row, now, damaged, drill_replicated)[0]
 
 
 @dataclass(frozen=True)
@@ -154,7 +174,9 @@ def _alerts_for(old: Optional[str], new: str) -> bool:
 
 
 def check_transitions(store: Store, names: Iterable[str], now: float,
-                      policies: Mapping[str, RpoPolicy]) -> List[Transition]:
+                      policies: Mapping[str, RpoPolicy],
+                      damaged: Optional[Mapping[str, str]] = None,
+                      drills_replicated: Container[str] = ()) -> List[Transition]:
     """Judge the RPO health of items `names` at `now` and record the changes.
 
     store: an open vault (pydr.dr.store.Store, or a Vault), open as its
@@ -163,6 +185,10 @@ def check_transitions(store: Store, names: Iterable[str], now: float,
     now: the time to judge at (epoch seconds).
     policies: each item's effective pydr.dr.policy.Policy by name (a name
         missing: no policy, see :func:`rpo_health`).
+    damaged: {item: why its stored policy cannot be read}: such an item is
+        "critical" (unless paused), the message saying why.
+    drills_replicated: the items whose drill lets their replicas be
+        written (see :func:`rpo_health`).
 
     Every item whose health differs from its ``items.rpo_health`` gets the
     new one recorded there. A change into, out of or between "warning" and
@@ -186,7 +212,8 @@ def check_transitions(store: Store, names: Iterable[str], now: float,
         row = records.item(name)
         policy = policies.get(name)
         facts = rpo_facts(records, name, now=now)
-        new, why = _judge(policy, facts, row, now)
+        new, why = _judge(policy, facts, row, now, (damaged or {}).get(name),
+                          name in drills_replicated)
         old = row.rpo_health
         if new == old:
             continue

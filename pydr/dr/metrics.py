@@ -3,7 +3,12 @@ prometheus-client (the ``service`` extra: pip install 'pydr[service]').
 
 The service updates a :class:`ServiceMetrics` as it works (after each
 cycle, each round); a scrape reads only these values in memory, never the
-vault, so it is cheap and never waits for the vault's lock. Each
+vault, so it is cheap and never waits for the vault's lock. The RPO and
+the RPO health are computed at each scrape (a collector) from what the
+last round kept of each item -- its newest point's data time and the rules
+of its health (:meth:`ServiceMetrics.track_item`) -- and the clock: a
+service stuck in a round (a vault lock held elsewhere, a cycle hung on NFS)
+shows its items' RPO growing and their health turning, never a stale "ok". Each
 ServiceMetrics has its own CollectorRegistry: nothing of the process's
 default registry (another library's metrics) is served, and two services
 in one process (tests) do not mix.
@@ -18,6 +23,10 @@ pydr_queue_length          gauge                 items due and not yet started
 pydr_rpo_seconds           gauge   item          achieved RPO (absent: no point)
 pydr_rpo_target_seconds    gauge   item          target RPO (absent: none set)
 pydr_health                gauge   item, state   1 for the item's RPO health, else 0
+pydr_newest_point_timestamp_seconds
+                           gauge   item          its newest point's data time (epoch s)
+pydr_last_round_end_timestamp_seconds
+                           gauge                 when the last round ended (epoch s)
 pydr_last_cycle_seconds    gauge   item          how long its last cycle took
 pydr_cycles_total          counter item          cycles run (succeeded or not)
 pydr_cycle_failures_total  counter item          cycles that failed
@@ -30,7 +39,8 @@ pydr_bytes_sent_total      counter item          bytes its cycles sent over the 
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from ..errors import InvalidArgument
 from .health import HEALTHS
@@ -47,7 +57,7 @@ class ServiceMetrics:
     Raises InvalidArgument (exit 2) when prometheus-client is not installed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge
         except ImportError:
@@ -58,12 +68,13 @@ class ServiceMetrics:
         reg = self.registry
         self._up = Gauge("pydr_up", "1 while pydr run is running", registry=reg)
         self._queue = Gauge("pydr_queue_length", "Items due and not yet started", registry=reg)
-        self._rpo = Gauge("pydr_rpo_seconds", "Achieved RPO: the age of the newest point's data",
-                          ["item"], registry=reg)
-        self._target = Gauge("pydr_rpo_target_seconds", "The policy's target RPO",
-                             ["item"], registry=reg)
-        self._health = Gauge("pydr_health", "1 for the item's RPO health (state), else 0",
-                             ["item", "state"], registry=reg)
+        self.clock = clock
+        # {item: (newest point's data time or None, fixed RPO or None, target or None,
+        #         health at a time)}: what a scrape computes the items' series from
+        self._items: Dict[str, Tuple[Optional[float], Optional[float], Optional[float],
+                                     Callable[[float], str]]] = {}
+        self._round_end = Gauge("pydr_last_round_end_timestamp_seconds",
+                                "When pydr run's last round ended (epoch seconds)", registry=reg)
         self._last_cycle = Gauge("pydr_last_cycle_seconds", "Duration of the item's last cycle",
                                  ["item"], registry=reg)
         self._cycles = Counter("pydr_cycles_total", "Cycles run", ["item"], registry=reg)
@@ -77,6 +88,7 @@ class ServiceMetrics:
                              ["item"], registry=reg)
         self._up.set(1)
         self._lock = threading.Lock()
+        reg.register(_Items(self))
         self._server: Any = None
         self._thread: Optional[threading.Thread] = None
 
@@ -96,19 +108,43 @@ class ServiceMetrics:
     def set_item(self, item: str, rpo_seconds: Optional[float], target: Optional[float],
                  health: str) -> None:
         """Set `item`'s achieved RPO (`rpo_seconds`; None: no point, the
-        series is removed), its target (None: none set, removed) and its RPO
+        series is absent), its target (None: none set, absent) and its RPO
         `health` (one of pydr.dr.health.HEALTHS: that state's series is 1,
-        the others 0). Raises InvalidArgument for an unknown health."""
-        if health not in HEALTHS:
-            raise InvalidArgument(f"unknown RPO health {health!r} (one of {', '.join(HEALTHS)})")
+        the others 0), as they stay until changed (:meth:`track_item` has
+        them follow the clock). Raises InvalidArgument for an unknown health."""
+        _check_health(health)
         with self._lock:  # a scrape sees one health at 1, never two
-            for gauge, value in ((self._rpo, rpo_seconds), (self._target, target)):
-                if value is None:
-                    _remove(gauge, item)
-                else:
-                    gauge.labels(item).set(float(value))
-            for state in HEALTHS:
-                self._health.labels(item, state).set(1 if state == health else 0)
+            self._items[item] = (None, rpo_seconds, target, lambda now: health)
+
+    def track_item(self, item: str, newest: Optional[float], target: Optional[float],
+                   health_at: Callable[[float], str]) -> None:
+        """Have `item`'s series follow the clock: at each scrape its RPO is
+        the clock minus `newest` (its newest point's data time, epoch
+        seconds; None: no point), its health ``health_at(now)`` (one of
+        pydr.dr.health.HEALTHS; it must not read the vault), its target
+        `target` (None: none set)."""
+        with self._lock:
+            self._items[item] = (newest, None, target, health_at)
+
+    def set_round_end(self, when: float) -> None:
+        """Note that a round ended at `when` (epoch seconds)."""
+        self._round_end.set(float(when))
+
+    def _item_series(self) -> Iterator[Tuple[str, Optional[float], Optional[float],
+                                             Optional[float], str]]:
+        """(item, newest, RPO, target, health) of each item, now."""
+        now = self.clock()
+        with self._lock:
+            items = dict(self._items)
+        for item, (newest, rpo, target, health_at) in sorted(items.items()):
+            if newest is not None:
+                rpo = max(0.0, now - newest)
+            try:
+                health = health_at(now)
+                _check_health(health)
+            except Exception:  # a scrape never fails for one item
+                health = "unknown"
+            yield item, newest, rpo, target, health
 
     def set_queue(self, n: int) -> None:
         """Set how many items are due and not yet started."""
@@ -117,11 +153,10 @@ class ServiceMetrics:
     def forget_item(self, item: str) -> None:
         """Drop every series of `item` (it left the vault)."""
         with self._lock:
-            for metric in (self._rpo, self._target, self._last_cycle, self._cycles,
-                           self._failures, self._read, self._written, self._sent):
+            self._items.pop(item, None)
+            for metric in (self._last_cycle, self._cycles, self._failures, self._read,
+                           self._written, self._sent):
                 _remove(metric, item)
-            for state in HEALTHS:
-                _remove(self._health, item, state)
 
     def serve(self, host: str, port: int) -> int:
         """Answer scrapes (GET /metrics, and any path) on `host`:`port` in a
@@ -176,3 +211,35 @@ def _remove(metric: Any, *labels: str) -> None:
         metric.remove(*labels)
     except KeyError:
         pass
+
+
+def _check_health(health: str) -> None:
+    if health not in HEALTHS:
+        raise InvalidArgument(f"unknown RPO health {health!r} (one of {', '.join(HEALTHS)})")
+
+
+class _Items:
+    """The collector of the items' RPO series, computed at each scrape."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        rpo = GaugeMetricFamily("pydr_rpo_seconds",
+                                "Achieved RPO: the age of the newest point's data", labels=["item"])
+        target = GaugeMetricFamily("pydr_rpo_target_seconds", "The policy's target RPO",
+                                   labels=["item"])
+        health = GaugeMetricFamily("pydr_health", "1 for the item's RPO health (state), else 0",
+                                   labels=["item", "state"])
+        newest = GaugeMetricFamily("pydr_newest_point_timestamp_seconds",
+                                   "When the item's newest point's data was taken (epoch seconds)",
+                                   labels=["item"])
+        for item, at, seconds, goal, state in self.metrics._item_series():
+            for family, value in ((rpo, seconds), (target, goal), (newest, at)):
+                if value is not None:
+                    family.add_metric([item], float(value))
+            for name in HEALTHS:
+                health.add_metric([item, name], 1.0 if name == state else 0.0)
+        return iter((rpo, target, health, newest))

@@ -16,7 +16,7 @@ from . import arguments, stepmerge
 from .events import Emitter, check_cancel
 from .pointstores import point_store
 from .pointstores.base import protected_disks
-from .policy import effective_policy
+from .policy import readable_policy
 from .tiers import Tiers, points_to_keep
 
 SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
@@ -101,7 +101,9 @@ def apply_retention(vault, name, now=None):
     rewritten every cycle: until then they wait, at most MAX_WAITING of
     them; PointStore.thin_waits).
     Otherwise it is the item's count, and age when set (the newest point
-    always stays). Either way, the point a drill or a failover shows stays
+    always stays); so too when its stored ``keep`` is damaged (a note and a
+    warning in the log say so: never an error, so that a cycle, a failover
+    or a reprotect still ends). Either way, the point a drill or a failover shows stays
     too, whatever its age, until cleanup-test-failover or commit lets it
     go: a resumed drill or failover makes the rest of its disks from it.
     Files a killed retention left to remove (``doomed_files``) go first.
@@ -115,7 +117,15 @@ def apply_retention(vault, name, now=None):
     now = time.time() if now is None else now
     stepmerge.remove_doomed(vault, name)
     shown = {row["test_point"], row["failover_point"]}  # a drill's or failover's point stays
-    tiers = effective_policy(vault, name).keep
+    policy, damaged = readable_policy(vault, name)
+    tiers = None if "keep" in damaged else policy.keep
+    warnings = []
+    if damaged:  # never a reason to stop a cycle, a failover or a reprotect
+        warnings = [f"its policy is damaged ({error}): retention by its count and age"
+                    if field == "keep" else f"its policy is damaged ({error})"
+                    for field, error in damaged.items()]
+        for warning in warnings:
+            _log.warning("retention of %s: %s", name, warning)
     store = point_store(vault, name)
     thinned = []
     if tiers is not None:
@@ -141,7 +151,7 @@ def apply_retention(vault, name, now=None):
     notes = store.thin(thinned)
     for note in notes:
         _log.info("retention of %s: %s", name, note)
-    return notes
+    return warnings + list(notes)
 
 
 def _kept_for_good(times, tiers, now):

@@ -294,10 +294,12 @@ def _to_column(field: str, value: Any) -> Any:
     return value
 
 
-def _from_row(store: Any, record: Any, skip: Iterable[str] = ()) -> Dict[str, Any]:
+def _from_row(store: Any, record: Any, skip: Iterable[str] = (),
+              damaged: Optional[Dict[str, VaultError]] = None) -> Dict[str, Any]:
     """The fields `record` (a PolicyRecord) sets, but those in `skip` (about
     to be replaced: a damaged one can be), checked as read: a vault is a file
-    someone may have edited."""
+    someone may have edited. A damaged field raises VaultError, or, given
+    `damaged`, is left out and its error put there by field."""
     fields = {}
     for field in FIELDS:
         stored = getattr(record, field)
@@ -311,10 +313,13 @@ def _from_row(store: Any, record: Any, skip: Iterable[str] = ()) -> Dict[str, An
             fields[field] = check_field(field, value)
         except (ValueError, TypeError) as exc:  # InvalidArgument is a ValueError
             group = " --group" if record.scope == "group" else ""
-            raise VaultError(f"the {record.scope} policy of {record.name!r}: its {field} "
-                             f"{stored!r} is damaged: {exc}", path=store.dir,
-                             hint=f"'pydr policy {record.name}{group} --clear "
-                                  f"{_option(field)[2:]}' removes it") from None
+            error = VaultError(f"the {record.scope} policy of {record.name!r}: its {field} "
+                               f"{stored!r} is damaged: {exc}", path=store.dir,
+                               hint=f"'pydr policy {record.name}{group} --clear "
+                                    f"{_option(field)[2:]}' removes it")
+            if damaged is None:
+                raise error from None
+            damaged[field] = error
     return fields
 
 
@@ -360,6 +365,29 @@ def resolve_policy(store: Any, name: str) -> Tuple[Policy, Dict[str, str]]:
             fields[field] = value
             sources[field] = scope
     return Policy(**fields), sources
+
+
+def readable_policy(store: Any, name: str) -> Tuple[Policy, Dict[str, VaultError]]:
+    """Item `name`'s effective policy made of what can be read: a damaged
+    stored field is left out (the next layer's, or the default, stands in),
+    and a combination of fields that is no policy gives the default one.
+
+    Returns (Policy, {field: the VaultError naming it and the policy});
+    the dict is empty when every stored policy of the item is sound.
+    Raises UnknownName if `name` is not protected.
+    """
+    store = _store(store)
+    row = store.item(name)
+    fields: Dict[str, Any] = {}
+    damaged: Dict[str, VaultError] = {}
+    for scope, key in ([("group", row.grp)] if row.grp else []) + [("item", name)]:
+        record = store.policy_row(scope, key)
+        if record is not None:
+            fields.update(_from_row(store, record, damaged=damaged))
+    try:
+        return Policy(**fields), damaged
+    except (ValueError, TypeError):
+        return Policy(), damaged
 
 
 def group_policy(store: Any, group: str) -> Tuple[Policy, Dict[str, str]]:
@@ -504,16 +532,19 @@ def is_paused(item_row: Any) -> bool:
     return bool(item_row.test_dir) or item_row.state not in REPLICATING_STATES
 
 
-def rpo_health_now(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
+def rpo_health_now(policy: Policy, facts: Any, item_row: Any, now: float,
+                   drill_replicated: bool = False) -> str:
     """Item `item_row`'s (an ItemRecord) RPO health at `now` (epoch
     seconds) under `policy`, from its pydr.dr.rpo.RpoFacts `facts`: by
     pydr.dr.health.rpo_health where it is present, else by the same rule
-    here (see :func:`_rpo_health`)."""
+    here (see :func:`_rpo_health`). `drill_replicated`: a drill of it,
+    if up, lets its replicas be written (pydr.dr.schedule)."""
     try:  # pydr.dr.health: the service's own rule (imported late: it may import this)
         health = importlib.import_module(".health", __package__)
     except ModuleNotFoundError:
         return _rpo_health(policy, facts, item_row, now)
-    return str(health.rpo_health(policy, facts, item_row, now))
+    return str(health.rpo_health(policy, facts, item_row, now,
+                                 drill_replicated=drill_replicated))
 
 
 def _rpo_health(policy: Policy, facts: Any, item_row: Any, now: float) -> str:

@@ -52,5 +52,22 @@ def item_status(store: Any, name: str, *, now: Optional[float] = None) -> ItemSt
         operation=None if op is None else RunningOperation(op["name"], op["command"],
                                                            bool(op["interrupted"])),
         target_rpo=policy.target_rpo,
-        rpo_health=rpo_health_now(policy, facts, row, now),
+        rpo_health=rpo_health_now(policy, facts, row, now,
+                                  drill_replicated=_drill_replicated(store, name, row)),
     )
+
+
+def _drill_replicated(store: Any, name: str, row: Any) -> bool:
+    """Whether item `name` is in a drill that lets its replicas be written
+    (pydr run goes on replicating it): its point store does not refuse
+    writes under the drill."""
+    if not row.test_dir:
+        return False
+    from ..errors import PydrError
+    from .pointstores import point_store
+
+    try:
+        point_store(store, name).refuse_writes_under_drill("a replication cycle")
+    except PydrError:
+        return False
+    return True

@@ -378,7 +378,8 @@ class ItemOutcome(_Result):
     """One item's outcome in a cycle: ``status`` "succeeded" (``point_id``
     its new point) or "failed" (``error`` the message, ``exit_code`` the
     one pydr exits with for that error alone, ``recoverable`` whether a
-    retry may succeed without an operator); ``bytes`` moved for it."""
+    retry may succeed without an operator); ``bytes`` moved for it (written
+    to its replicas), ``bytes_read`` what its cycle read."""
 
     TYPE: ClassVar[Optional[str]] = "item-outcome"
 
@@ -389,6 +390,7 @@ class ItemOutcome(_Result):
     exit_code: Optional[int] = None
     bytes: int = 0
     recoverable: Optional[bool] = None  # said of failures only
+    bytes_read: int = 0
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,19 @@ its last cycle's duration reaches half the target (so the next point lands
 well before the target is passed), and never before its ``next_retry`` (a
 failed cycle's back-off). An item in state resync-required is due like any
 other, its cycle a resync (``resync_all``). Items failed over (or failing
-over, committing, committed) or under a drill are **paused**: not
-scheduled, never alerted about.
+over, committing, committed) are **paused**: not scheduled, never alerted
+about. An item in a drill (a test failover) is scheduled like any other
+(its replicas go on, as ASR replicates during a test failover), unless the
+drill reads its replicas (qcow2 overlays: its point store refuses writes
+under the drill, PointStore.refuse_writes_under_drill): then it is paused
+(pydr.dr.health makes it "critical" past its critical RPO).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Container, Dict, List, Mapping, Optional, Tuple
 
 from .rpo import rpo_facts
 
@@ -54,19 +58,21 @@ def _at(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
-def paused_why(row: Any) -> Optional[str]:
+def paused_why(row: Any, drill_replicated: bool = False) -> Optional[str]:
     """Why item `row` (an ItemRecord) is paused, or None when it may
     replicate: its state is not one a cycle runs in (failed over, failing
-    over, committing, committed), or a test failover (drill) of it is up."""
+    over, committing, committed), or a test failover (drill) of it is up
+    that blocks replication (`drill_replicated` False: its point store
+    refuses writes under it)."""
     if row["state"] not in REPLICATING_STATES:
         return f"paused: {row['state']}"
-    if row["test_dir"]:
-        return "paused: test failover (drill) running"
+    if row["test_dir"] and not drill_replicated:
+        return "paused: a test failover (drill) on the replicas blocks replication"
     return None
 
 
 def plan_item(store: Any, name: str, policy: Any, now: float,
-              last_duration: float = 0.0) -> Plan:
+              last_duration: float = 0.0, drill_replicated: bool = False) -> Plan:
     """The schedule of item `name` at `now`.
 
     Args:
@@ -76,6 +82,8 @@ def plan_item(store: Any, name: str, policy: Any, now: float,
             ``priority``).
         now: epoch seconds.
         last_duration: seconds its last cycle took (0 when not known).
+        drill_replicated: a drill of it, if up, lets its replicas be
+            written (see the module's docstring); False: it pauses it.
 
     Returns:
         The item's :class:`Plan`.
@@ -85,7 +93,7 @@ def plan_item(store: Any, name: str, policy: Any, now: float,
     """
     row = store.item(name)
     priority = int(getattr(policy, "priority", 0) or 0)
-    why = paused_why(row)
+    why = paused_why(row, drill_replicated)
     if why is not None:
         return Plan(name, "paused", None, why=why, priority=priority)
     target = getattr(policy, "target_rpo", None)
@@ -109,11 +117,14 @@ def plan_item(store: Any, name: str, policy: Any, now: float,
 
 
 def plans(store: Any, policies: Mapping[str, Any], now: float,
-          last_durations: Optional[Mapping[str, float]] = None) -> List[Plan]:
+          last_durations: Optional[Mapping[str, float]] = None,
+          drills_replicated: Container[str] = ()) -> List[Plan]:
     """:func:`plan_item` of every item of `policies` ({name: Policy}), in
-    the order of `policies`."""
+    the order of `policies`; `drills_replicated`: the items whose drill
+    lets their replicas be written."""
     last_durations = last_durations or {}
-    return [plan_item(store, n, p, now, last_durations.get(n, 0.0)) for n, p in policies.items()]
+    return [plan_item(store, n, p, now, last_durations.get(n, 0.0), n in drills_replicated)
+            for n, p in policies.items()]
 
 
 def _order(plan: Plan) -> Tuple[int, float, str]:

@@ -22,14 +22,15 @@ import contextlib
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from ..engine.oserrors import naming
-from ..errors import (EXIT_SOME_FAILED, Cancelled, CycleFailed, InvalidArgument, VaultError,
-                      exit_code_for)
+from ..errors import (EXIT_SOME_FAILED, EXIT_VAULT, Cancelled, CycleFailed, InvalidArgument,
+                      VaultError, exit_code_for)
 from . import schedule, sdnotify, store_lock
 from .cycle import replicate
 from .events import Emitter, EventSink, interrupted
@@ -135,6 +136,10 @@ class Service:
         self._parts = Parts(events)
         self._warm_state: Any = None
         self._fleet: Any = None
+        self._monotonic = time.monotonic  # (a test gives another)
+        self._progress_guard = threading.Lock()
+        self._progress = 0.0  # when the running cycles last gave an event (self._monotonic)
+        self._cycling = False  # whether cycles run now
 
     # -- control (any thread, or a signal handler) ------------------------------------
     def stop(self, finish: bool = True) -> None:
@@ -162,8 +167,10 @@ class Service:
         """Run rounds until stop(): READY=1 after the first, STATUS and
         WATCHDOG=1 after each, STOPPING=1 at the end. Under a systemd
         watchdog ($WATCHDOG_USEC) a thread also sends WATCHDOG=1 every
-        half of it, during long cycles too (a first full copy may take
-        hours): the watchdog catches a dead service, not a slow cycle.
+        half of it while the service makes progress: during long cycles
+        too (a first full copy may take hours) as long as their events
+        come, but not for a cycle that hangs (no event for the whole
+        watchdog time: systemd restarts the service).
 
         Raises:
             VaultError: another pydr run serves the vault (its pid named),
@@ -206,7 +213,26 @@ class Service:
 
     def _keep_alive(self, interval: float, ended: threading.Event) -> None:
         while not ended.wait(interval):
-            self.notify("WATCHDOG=1")
+            if self._progressing(2 * interval):
+                self.notify("WATCHDOG=1")
+
+    def _progressing(self, stall: float) -> bool:
+        """Whether the service makes progress (the watchdog thread pings
+        only then): between cycles it does (waiting for the next round, or
+        for an operator's command to let the vault's lock go); while cycles
+        run, only while their events come, the last less than `stall`
+        seconds ago. A hung cycle stops the pings: systemd restarts the
+        service, and the next start finishes the cycle."""
+        with self._progress_guard:
+            return not self._cycling or self._monotonic() - self._progress < stall
+
+    def _progressed(self, event: Any = None) -> None:
+        """An event of the running cycles (the EventSink they are given):
+        progress; passed on to the service's own sink."""
+        with self._progress_guard:
+            self._progress = self._monotonic()
+        if event is not None and self.events is not None:
+            self.events(event)
 
     def _wait_next(self) -> None:
         """Wait until the next item is due (at most MAX_IDLE), or a wake-up."""
@@ -221,7 +247,8 @@ class Service:
         with _run_lock(self.directory):
             try:
                 if self.metrics_address is not None:
-                    self.metrics_port = self._parts.serve_metrics(*self.metrics_address)
+                    self.metrics_port = self._parts.serve_metrics(*self.metrics_address,
+                                                                  clock=self.clock)
                 if self.warm:
                     self._warm_state = _warm_state()
                 if self.scheduler is not None:
@@ -257,14 +284,19 @@ class Service:
             names = store.items()
             now = self.clock()
             policies, unreadable = self._parts.policies(store, names)
-            plans = schedule.plans(store, policies, now, self._last_durations)
+            drills = self._parts.find_drills(store, names)
+            plans = schedule.plans(store, policies, now, self._last_durations, drills)
             due = [p for p in sorted((p for p in plans if p.status == "due"),
                                      key=schedule._order)]
             result.due = [p.item for p in due]
-            result.skipped = dict(schedule.summary(plans), **unreadable)
+            result.skipped = {n: why for n, why in schedule.summary(plans).items()
+                              if n not in unreadable}
+            for n, why in unreadable.items():  # not replicated: a failure, its health critical
+                result.failed[n] = why
+                result.exit_codes[n] = EXIT_VAULT
             em.emit("started", message=f"round: {len(due)} of {len(names)} items due")
             self._parts.set_queue(len(due))
-            for call in _calls(store, due, policies, now):
+            for call in _calls(store, due, policies, now, drills):
                 if self._stopping.is_set():  # stop(): none starts after
                     for n in call.names:
                         result.skipped.setdefault(n, "the service is stopping")
@@ -283,14 +315,15 @@ class Service:
             tried = set(result.succeeded) | set(result.failed)
             self._next_due = schedule.earliest(
                 [schedule.plan_item(store, p.item, policies[p.item], now,
-                                    self._last_durations.get(p.item, 0.0))
+                                    self._last_durations.get(p.item, 0.0), p.item in drills)
                  if p.item in tried and store.has_item(p.item) else p for p in plans], now)
         finally:
             vault.close()
-        for commands, transition in alerts:  # the lock let go: they may take a while
+        for commands, transition in alerts:  # in the alert thread: the next round never waits
             with _reporting(f"the alert commands of {transition.item}"):
-                self._parts.run_alert(commands, transition, self.directory)
+                self._parts.queue_alert(commands, transition, self.directory)
         result.seconds = time.monotonic() - started
+        self._parts.round_ended(self.clock())
         em.emit("finished", message=_round_message(result))
         return result
 
@@ -309,10 +342,12 @@ class Service:
         executor = (self._fleet.executor() if self._fleet is not None
                     else ParallelExecutor(self.jobs))
         begun = time.monotonic()
+        self._progressed()
+        self._cycling = True
         try:
             cycle = replicate(store, call.names, executor=executor,
                               app_consistent=call.app_consistent, resync_all=call.resync,
-                              bwlimit=call.bwlimit, events=self.events, cancel=self._cancel,
+                              bwlimit=call.bwlimit, events=self._progressed, cancel=self._cancel,
                               warm=self._warm_state)
             outcomes = list(cycle.outcomes)
         except Exception as exc:  # each item's failure is its own: the service goes on
@@ -327,6 +362,8 @@ class Service:
                 _mark(store, call.names, outcomes[0].error, exc)
             else:
                 outcomes = list(cycle.outcomes)
+        finally:
+            self._cycling = False
         seconds = time.monotonic() - begun
         for o in outcomes:
             self._parts.observe_cycle(o, seconds)
@@ -373,7 +410,7 @@ class _Outcome:
 
     def __init__(self, item: str, status: str, error: str, exit_code: int) -> None:
         self.item, self.status, self.error, self.exit_code = item, status, error, exit_code
-        self.bytes = 0
+        self.bytes = self.bytes_read = 0
         self.point_id = None
 
 
@@ -388,7 +425,7 @@ class _Call:
 
 
 def _calls(store: Any, due: List[schedule.Plan], policies: Dict[str, Any],
-           now: float) -> List[_Call]:
+           now: float, drills: Any = ()) -> List[_Call]:
     """The due items as cycle calls: the items that share options in one
     call (its units run in parallel), a due group member with its group's
     other members that may replicate (a group is all or nothing)."""
@@ -401,7 +438,7 @@ def _calls(store: Any, due: List[schedule.Plan], policies: Dict[str, Any],
         members = [plan.item]
         if row["grp"]:
             members = [n for n in store.items(group=row["grp"])
-                       if schedule.paused_why(store.item(n)) is None]
+                       if schedule.paused_why(store.item(n), n in drills) is None]
         taken.update(members)
         policy = policies.get(plan.item)
         resync = any(store.item(n)["state"] == "resync-required" for n in members)
@@ -482,8 +519,13 @@ def _run_lock(directory: str) -> Iterator[None]:
                          hint=f"create one with 'pydr vault init {directory}'")
     path = os.path.join(directory, RUN_LOCK)
     with naming(path):  # never a symlink: created in the vault, never followed out of it
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     0o600)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise VaultError(f"{RUN_LOCK} is not a regular file", path=path,
+                             hint=f"pydr run creates {RUN_LOCK} as a regular file: "
+                                  f"remove what is there")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

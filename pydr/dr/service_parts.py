@@ -7,9 +7,11 @@ reads as the loop."""
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..errors import VaultError
 from .events import Emitter, EventSink
 from .rpo import rpo_facts
 
@@ -30,22 +32,58 @@ class Parts:
         self.events = events
         self.metrics: Any = None
         self.healths: Dict[str, str] = {}
+        self.damaged: Dict[str, str] = {}  # {item: why its policy cannot be read}
+        self._readable: Dict[str, Any] = {}
+        self.drills: Any = set()  # the items in a drill that lets their replicas be written
+        self._alert_guard = threading.Lock()
+        self._alert_thread: Optional[threading.Thread] = None
+        self._alert_queue: Any = None
+        self._alert_abandon = threading.Event()
 
     # -- policies --------------------------------------------------------------------
     def policies(self, store: Any, names: List[str]) -> Tuple[Dict[str, Any], Dict[str, str]]:
-        """({item: its effective policy}, {item: why it has none}): a
-        damaged stored policy leaves its item unscheduled (logged), never
-        the others."""
-        from .policy import effective_policy
+        """({item: its effective policy}, {item: why its policy cannot be
+        read}): an item whose stored policy is damaged is not scheduled, its
+        RPO health is "critical" (:meth:`health`), the message naming the
+        damaged field and how to clear it; the others go on."""
+        from .policy import readable_policy
 
         found, bad = {}, {}
+        self._readable = {}
         for n in names:
-            try:
-                found[n] = effective_policy(store, n)
-            except VaultError as exc:
-                _log.warning("item %s is not scheduled: %s", n, exc)
-                bad[n] = f"not scheduled: its policy cannot be read: {exc}"
+            policy, damaged = readable_policy(store, n)
+            if not damaged:
+                found[n] = policy
+                continue
+            self._readable[n] = policy  # its alert commands that can be read
+            bad[n] = "; ".join(f"its policy cannot be read: {e.message}: {e.hint}"
+                               for e in damaged.values())
+            _log.warning("item %s is not scheduled: %s", n, bad[n])
+        self.damaged = bad
         return found, bad
+
+    def find_drills(self, store: Any, names: List[str]) -> Any:
+        """The items of `names` in a drill that lets their replicas be
+        written (their point store does not refuse writes under it:
+        PointStore.refuse_writes_under_drill); kept for the round's health."""
+        from ..errors import InvalidState
+        from .pointstores import point_store
+
+        found = set()
+        for n in names:
+            if not store.item(n)["test_dir"]:
+                continue
+            try:
+                point_store(store, n).refuse_writes_under_drill("a replication cycle")
+            except InvalidState:
+                continue
+            except Exception as exc:  # cannot tell: treated as blocking (paused, then critical)
+                _log.warning("whether the drill of %s blocks replication is not known: %s",
+                             n, exc)
+                continue
+            found.add(n)
+        self.drills = found
+        return found
 
     # -- health and alerts -------------------------------------------------------------
     def health(self, store: Any, names: List[str], now: float, policies: Dict[str, Any],
@@ -56,20 +94,51 @@ class Parts:
         from .health import check_transitions
 
         found, alerts = [], []
-        for t in check_transitions(store, names, now, policies):
+        for t in check_transitions(store, names, now, policies, damaged=self.damaged,
+                                   drills_replicated=self.drills):
             found.append(t.to_dict())
             em.for_item(t.item).emit("health", message=t.message)
-            commands = tuple(getattr(policies.get(t.item), "alert_commands", ()) or ())
+            policy = policies.get(t.item, self._readable.get(t.item))
+            commands = tuple(getattr(policy, "alert_commands", ()) or ())
             if commands:
                 alerts.append((commands, t))
         return found, alerts
 
-    def run_alert(self, commands: Any, transition: Any, vault: str) -> None:
-        """Run an item's alert commands for `transition` (pydr.dr.alerting);
-        a failing one is logged there, never the service's failure."""
-        from .alerting import alert_event, run_alert_commands
+    def queue_alert(self, commands: Any, transition: Any, vault: str) -> None:
+        """Run an item's alert commands for `transition` (pydr.dr.alerting)
+        in the alert thread, one transition after another, off the service's
+        loop: a hanging command never holds the next round. A failing one is
+        logged there, never the service's failure. `vault`: the vault's
+        directory (the alert names it absolutely)."""
+        from .alerting import alert_event
 
-        run_alert_commands(list(commands), alert_event(transition, vault))
+        with self._alert_guard:
+            if self._alert_thread is None:
+                self._alert_queue = queue.Queue()
+                self._alert_abandon = threading.Event()
+                self._alert_thread = threading.Thread(
+                    target=_deliver, args=(self._alert_queue, self._alert_abandon),
+                    name="pydr-alerts", daemon=True)
+                self._alert_thread.start()
+            self._alert_queue.put((list(commands), alert_event(transition,
+                                                               os.path.abspath(vault))))
+
+    def finish_alerts(self, timeout: float) -> None:
+        """Let the alert thread deliver what is queued, waiting for it at
+        most `timeout` seconds; alerts it has not started by then are
+        dropped (logged), the one it runs is killed at its own timeout."""
+        with self._alert_guard:
+            thread, alerts, abandon = (self._alert_thread, self._alert_queue,
+                                       self._alert_abandon)
+            self._alert_thread = self._alert_queue = None
+        if thread is None:
+            return
+        alerts.put(None)
+        thread.join(timeout)
+        if thread.is_alive():
+            abandon.set()
+            _log.warning("the alert commands did not finish within %g s of the stop: the "
+                         "alerts not yet delivered are dropped", timeout)
 
     def update_items(self, store: Any, names: List[str], now: float,
                      policies: Dict[str, Any]) -> None:
@@ -84,10 +153,16 @@ class Parts:
         for n in names:
             facts = rpo_facts(store, n, now=now)
             policy = policies.get(n)
-            self.healths[n] = rpo_health(policy, facts, store.item(n), now)
-            if self.metrics is not None:
-                self.metrics.set_item(n, facts.rpo_seconds,
-                                      getattr(policy, "target_rpo", None), self.healths[n])
+            row = store.item(n)
+            damaged = self.damaged.get(n)
+            drill = n in self.drills
+            self.healths[n] = rpo_health(policy, facts, row, now, damaged=damaged,
+                                         drill_replicated=drill)
+            # what a scrape judges the health from, later, without the vault
+            kept = {"state": row["state"], "test_dir": row["test_dir"],
+                    "created": row["created"]}
+            self.metrics.track_item(n, facts.latest_point_at, getattr(policy, "target_rpo", None),
+                                    _health_at(policy, facts, kept, damaged, drill))
         for gone in set(self.healths) - set(names):
             del self.healths[gone]
             if self.metrics is not None:
@@ -99,12 +174,17 @@ class Parts:
         return next((h for h in _SEVERITY if h in found), None)
 
     # -- metrics ----------------------------------------------------------------------
-    def serve_metrics(self, host: str, port: int) -> int:
-        """Serve the metrics on `host`:`port`; returns the bound port."""
+    def serve_metrics(self, host: str, port: int, clock: Any) -> int:
+        """Serve the metrics on `host`:`port`, the RPOs measured with
+        `clock` (the service's); returns the bound port."""
         from .metrics import ServiceMetrics
 
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(clock=clock)
         return int(self.metrics.serve(host, port))
+
+    def round_ended(self, when: float) -> None:
+        if self.metrics is not None:
+            self.metrics.set_round_end(when)
 
     def set_queue(self, n: int) -> None:
         if self.metrics is not None:
@@ -112,12 +192,51 @@ class Parts:
 
     def observe_cycle(self, outcome: Any, seconds: float) -> None:
         if self.metrics is not None:
-            moved = int(getattr(outcome, "bytes", 0) or 0)
-            self.metrics.observe_cycle(outcome.item, seconds, moved, moved, moved,
+            # sent: what reached the replica's place; no transfer reports more than
+            # what it wrote there, so that (for a local replica, exactly that)
+            written = int(getattr(outcome, "bytes", 0) or 0)
+            read = int(getattr(outcome, "bytes_read", 0) or 0)
+            self.metrics.observe_cycle(outcome.item, seconds, read, written, written,
                                        outcome.status == "succeeded")
 
     def close(self) -> None:
+        from .alerting import TIMEOUT
+
+        self.finish_alerts(TIMEOUT)
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
 
+
+
+def _deliver(alerts: "queue.Queue[Any]", abandon: threading.Event) -> None:
+    """The alert thread: run each queued (commands, alert) until None (the
+    end), or until `abandon` is set (the rest dropped)."""
+    from .alerting import run_alert_commands
+
+    while True:
+        job = alerts.get()
+        if job is None or abandon.is_set():
+            return
+        commands, event = job
+        try:
+            run_alert_commands(commands, event)
+        except Exception as exc:  # alerting never stops the protection
+            _log.error("the alert commands of %s hit a pydr bug", event.get("item"),
+                       exc_info=exc)
+
+
+def _health_at(policy: Any, facts: Any, row: Dict[str, Any], damaged: Optional[str],
+               drill: bool) -> Any:
+    """The RPO health of an item at a later time, from what a round kept of
+    it (pydr.dr.health's rules; no vault read)."""
+    from .health import rpo_health
+    from .rpo import RpoFacts
+
+    def health_at(now: float) -> str:
+        at = facts.latest_point_at
+        later = RpoFacts(facts.latest_point, at, None if at is None else max(0.0, now - at),
+                         facts.last_success_at)
+        return rpo_health(policy, later, row, now, damaged=damaged, drill_replicated=drill)
+
+    return health_at

@@ -13,8 +13,10 @@ service takes that file exclusively (:func:`take_after_waiters`) before
 each round's lock, so an operator's command that waits always gets the
 lock before the service's next round."""
 
+import errno
 import fcntl
 import os
+import stat
 import threading
 import time
 
@@ -228,12 +230,25 @@ def held_by_another(directory):
 
 def service_running(directory):
     """Whether a pydr run serves the vault in `directory` now (another
-    process holds its RUN_LOCK)."""
+    process holds its RUN_LOCK). False when there is no RUN_LOCK.
+
+    VaultError naming it when RUN_LOCK is no regular file (a FIFO, a
+    device, a directory, a symlink) or cannot be opened: it is opened
+    without blocking and without following a symlink, so a FIFO put there
+    never makes a writer command hang."""
+    path = os.path.join(directory, RUN_LOCK)
+    hint = f"pydr run creates {RUN_LOCK} as a regular file: remove what is there"
     try:
-        fd = os.open(os.path.join(directory, RUN_LOCK), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
         return False
+    except OSError as exc:
+        what = ("is a symbolic link" if exc.errno == errno.ELOOP
+                else f"cannot be opened: {exc.strerror}")
+        raise VaultError(f"{RUN_LOCK} {what}", path=path, hint=hint) from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise VaultError(f"{RUN_LOCK} is not a regular file", path=path, hint=hint)
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
     except BlockingIOError:

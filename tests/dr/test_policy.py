@@ -340,14 +340,31 @@ def test_a_failed_over_item_is_paused_and_keeps_its_policy(tmp_path, state):
         assert v.policy("vm").target_rpo == 10.0
 
 
-def test_an_item_in_a_drill_is_paused(tmp_path):
+def test_an_item_in_a_drill_is_judged_as_pydr_run_replicates_it(tmp_path, monkeypatch):
+    """A drill that leaves the replicas alone: pydr run replicates the item,
+    its health follows the RPO. A drill that blocks replication (its point
+    store refuses writes under it): paused up to the critical RPO, then
+    critical (review 23, finding 6; before: paused whatever the RPO)."""
+    from pydr.dr.pointstores import base
+    from pydr.errors import InvalidState
+
     with Vault(vault_with(tmp_path, [("vm", None)]), writer=True) as v:
         v.set_policy("vm", target_rpo=10)
         v.replicate("vm")
         v.test_failover("vm", str(tmp_path / "drill"))
-        assert health_at(v, "vm", time.time() + 1000) == (10.0, "paused")
+        cut = v.store.points("vm")[-1].data_time
+        assert health_at(v, "vm", cut + 15) == (10.0, "warning")
+        assert health_at(v, "vm", cut + 1000) == (10.0, "critical")
+
+        def refuse(self, what):
+            raise InvalidState(f"{what} would change the drill's disks")
+
+        monkeypatch.setattr(base.PointStore, "refuse_writes_under_drill", refuse)
+        assert health_at(v, "vm", cut + 15) == (10.0, "paused")
+        assert health_at(v, "vm", cut + 1000) == (10.0, "critical")
+        monkeypatch.undo()
         v.cleanup_test_failover("vm")
-        assert health_at(v, "vm", time.time() + 1000) == (10.0, "critical")
+        assert health_at(v, "vm", cut + 1000) == (10.0, "critical")
 
 
 # -- alerts --------------------------------------------------------------------------------

@@ -196,3 +196,24 @@ def test_a_breach_alerts_twice_shows_in_metrics_and_recovers(tmp_path):
                and a["vault"] == str(tmp_path / "v") for a in got)
     assert got[0]["rpo_seconds"] == pytest.approx(12.0)
     assert got[1]["message"] == "warning -> critical: RPO 25 s > critical 20 s"
+
+
+def test_a_flooding_command_keeps_only_the_end_of_its_output():
+    """A command that prints 16 MiB: what pydr keeps of it is its last
+    4 KiB, never all of it. The command asks, after printing, how much its
+    stdout holds (before the fix: a temporary file of all of it)."""
+    [problem] = run_alert_commands(
+        ["head -c 16M /dev/zero | tr '\\0' x; echo; "
+         "echo held $(stat -L -c %s /proc/$$/fd/1) bytes; exit 3"], event(), timeout=120)
+    assert problem.startswith("alert command 1 of 1 of item 'web' exited with status 3: xxx")
+    held = int(problem.split("held ")[1].split(" bytes")[0])
+    assert held < 4096, problem
+    assert len(problem) < 600
+
+
+def test_the_logged_output_has_its_control_characters_escaped(caplog):
+    """An alert command's output could move the terminal of whoever reads
+    the log (ESC sequences) or forge lines: control characters are escaped."""
+    [problem] = run_alert_commands(["printf 'a\\033[2Jb\\001c\\rd'; exit 1"], event())
+    assert problem.endswith(": a\\x1b[2Jb\\x01c d"), problem
+    assert "\x1b" not in caplog.text and "\x01" not in caplog.text

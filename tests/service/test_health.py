@@ -80,11 +80,19 @@ def test_a_damaged_newest_point_does_not_count(vault):
 
 
 def test_a_drill_and_a_failover_pause(vault, tmp_path):
-    """An item in a drill, failed over or committed is "paused" whatever its
-    RPO (pydr run does not replicate it); back to protected it is judged again."""
+    """An item failed over or committed is "paused" whatever its RPO (pydr
+    run does not replicate it). In a drill that blocks replication it is
+    "paused" only up to its critical RPO, then "critical" (a forgotten drill
+    must not stop protection unnoticed: review 23, finding 6); in a drill
+    that lets its replicas be written it is judged as any item. Back to
+    protected it is judged again."""
     cut = replicated(vault)
     vault.test_failover("web", str(tmp_path / "drill"))
-    assert judge(vault, TEN, cut + 1000) == "paused"
+    assert judge(vault, TEN, cut + 15) == "paused"  # critical: 20 s
+    assert judge(vault, TEN, cut + 1000) == "critical"
+    row = vault.store.item("web")
+    assert rpo_health(TEN, rpo_facts(vault, "web", now=cut + 15), row, cut + 15,
+                      drill_replicated=True) == "warning"
     vault.cleanup_test_failover("web")
     assert judge(vault, TEN, cut + 1000) == "critical"
     vault.failover("web")

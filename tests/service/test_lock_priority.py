@@ -151,3 +151,24 @@ def test_a_writer_gives_up_after_lock_wait_naming_the_holder(tmp_path, vault):
         r = pydr(*protect_args(tmp_path, vault, "a"), "--lock-wait", "0.2")
     assert r.returncode == 14
     assert f"pid {os.getpid()}" in r.stderr and "waited 0.2 s" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_a_run_lock_that_is_no_regular_file_is_refused_naming_it(tmp_path, vault, kind):
+    """A FIFO at run.lock used to make every writer command hang in open();
+    a symlink was followed. Now the command is refused at once (exit 14),
+    the message naming run.lock. (The subprocess's timeout only ends a test
+    that failed.)"""
+    path = os.path.join(vault, store_lock.RUN_LOCK)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        (tmp_path / "elsewhere").write_text("")
+        os.symlink(tmp_path / "elsewhere", path)
+    else:
+        os.mkdir(path)
+    r = pydr(*protect_args(tmp_path, vault, "a"))  # before the fix: hung in open()
+    assert r.returncode == 14, r.stderr
+    assert path in r.stderr and "Invalid argument" not in r.stderr
+    with pytest.raises(VaultError, match="run.lock"):
+        store_lock.service_running(str(vault))

@@ -59,6 +59,8 @@ def served_names():
     """The sample names a ServiceMetrics with one item serves."""
     m = ServiceMetrics()
     m.set_item("web", 1.0, 10.0, "ok")
+    m.track_item("db", 100.0, 10.0, lambda now: "warning")  # RPO at the scrape: a point's age
+    m.set_round_end(100.0)
     m.observe_cycle("web", 1.0, 1, 1, 1, ok=False)
     m.set_queue(1)
     return {s.name for family in m.registry.collect() for s in family.samples}
@@ -86,11 +88,13 @@ def test_the_alerting_rules_parse_and_name_served_metrics():
         exprs = [r["expr"] for r in group["rules"]]
         assert all(isinstance(r.get("annotations", {}).get("summary"), str)
                    for r in group["rules"])
-    assert names == ["PydrRpoWarning", "PydrRpoCritical", "PydrDown", "PydrCycleFailures"]
+    assert names == ["PydrRpoWarning", "PydrRpoCritical", "PydrDown", "PydrStuck",
+                     "PydrCycleFailures"]
     assert 'pydr_health{state="warning"} == 1' in exprs[0]
     assert 'pydr_health{state="critical"} == 1' in exprs[1]
     assert "up{" in exprs[2] and "pydr_up" in exprs[2]
-    assert exprs[3] == "increase(pydr_cycle_failures_total[15m]) > 0"
+    assert exprs[3].startswith("time() - pydr_last_round_end_timestamp_seconds > ")
+    assert exprs[4] == "increase(pydr_cycle_failures_total[15m]) > 0"
     for expr in exprs:
         for metric in re.findall(r"\bpydr_\w+", expr):
             assert metric in served, f"{metric} (in {expr!r}) is not a metric pydr run serves"
