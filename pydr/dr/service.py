@@ -44,6 +44,9 @@ RUN_LOCK = store_lock.RUN_LOCK
 #: the longest wait between rounds: policies and items added without a
 #: SIGHUP are seen within it
 MAX_IDLE = 60.0
+#: the shortest wait before a failed item's cycle is tried again: the retry
+#: schedule (pydr.dr.retry), capped at half the item's target RPO, never below this
+MIN_RETRY = 5.0
 
 
 @dataclass
@@ -132,6 +135,8 @@ class Service:
         self._cancel = threading.Event()  # stop the running cycles as a kill would
         self._wake = threading.Event()
         self._last_durations: Dict[str, float] = {}
+        self._targets: Dict[str, Optional[float]] = {}  # each item's target RPO, as last read
+        self._warned_idle = False  # "nothing is scheduled" said once
         self._next_due: Optional[float] = None
         self._parts = Parts(events)
         self._warm_state: Any = None
@@ -172,9 +177,13 @@ class Service:
         come, but not for a cycle that hangs (no event for the whole
         watchdog time: systemd restarts the service).
 
+        A round that fails after the first (the vault cannot be opened or
+        read for a while: a storage hiccup, a restore of the vault) is logged
+        and tried again after 5, 10, 20, 40, then 60 s: the service stays up.
+
         Raises:
             VaultError: another pydr run serves the vault (its pid named),
-                or `directory` is not a vault.
+                or `directory` is not a vault (at the first round).
             OSError: the metrics port cannot be bound.
         """
         with self._running():
@@ -183,10 +192,23 @@ class Service:
             if interval is not None:
                 threading.Thread(target=self._keep_alive, args=(interval, ended),
                                  name="pydr-watchdog", daemon=True).start()
-            ready = False
+            ready, failures = False, 0
             try:
                 while not self._stopping.is_set():
-                    result = self._round()
+                    try:
+                        result = self._round()
+                    except Exception as exc:  # the vault could not be opened or read
+                        if not ready:  # the first round: a wrong vault, told at once
+                            raise
+                        failures += 1
+                        wait = min(MAX_IDLE, MIN_RETRY * 2 ** min(failures - 1, 4))
+                        _log.error("a round failed (%s); the next in %.0f s: %s",
+                                   type(exc).__name__, wait, exc)
+                        self.notify(f"STATUS=round failed, next in {wait:.0f} s: {exc}")
+                        self._wake.wait(wait)
+                        self._wake.clear()
+                        continue
+                    failures = 0
                     if not ready:
                         self.notify("READY=1")
                         ready = True
@@ -284,6 +306,11 @@ class Service:
             names = store.items()
             now = self.clock()
             policies, unreadable = self._parts.policies(store, names)
+            self._targets = {n: getattr(p, "target_rpo", None) for n, p in policies.items()}
+            if not self._warned_idle and names and not any(self._targets.values()):
+                _log.warning("no item of %s has a target RPO: nothing is scheduled (set one "
+                             "with 'pydr policy ITEM --rpo 5m')", self.directory)
+                self._warned_idle = True
             drills = self._parts.find_drills(store, names)
             plans = schedule.plans(store, policies, now, self._last_durations, drills)
             due = [p for p in sorted((p for p in plans if p.status == "due"),
@@ -317,12 +344,21 @@ class Service:
                 [schedule.plan_item(store, p.item, policies[p.item], now,
                                     self._last_durations.get(p.item, 0.0), p.item in drills)
                  if p.item in tried and store.has_item(p.item) else p for p in plans], now)
+            # a paused item resumes by an operator's command (cleanup-test-failover,
+            # reprotect) that wakes no one: look again within half its target
+            paused = [self._targets.get(p.item) for p in plans if p.status == "paused"]
+            paused = [t / 2 for t in paused if t]
+            if paused:
+                recheck = now + max(1.0, min(paused))
+                self._next_due = recheck if self._next_due is None else min(self._next_due,
+                                                                             recheck)
         finally:
             vault.close()
         for commands, transition in alerts:  # in the alert thread: the next round never waits
             with _reporting(f"the alert commands of {transition.item}"):
                 self._parts.queue_alert(commands, transition, self.directory)
         result.seconds = time.monotonic() - started
+        self._parts.set_queue(0)
         self._parts.round_ended(self.clock())
         em.emit("finished", message=_round_message(result))
         return result
@@ -382,8 +418,13 @@ class Service:
             attempts = (row["attempts"] or 0) + 1
             # the retry schedule's gap after this attempt (pydr.dr.retry, as replicate_with_retry)
             wait = attempt_offset(attempts) - attempt_offset(attempts - 1)
+            target = self._targets.get(o.item)
+            if target is not None:  # a minutes-long back-off would breach a seconds-long RPO
+                wait = min(wait, max(MIN_RETRY, target / 2))
             store.set_item(o.item, attempts=attempts, next_retry=self.clock() + wait,
                            last_error=o.error)
+            _log.warning("%s: cycle failed (exit %s), retry in %.0f s: %s", o.item,
+                         o.exit_code, wait, o.error)
 
     def _status_line(self, result: RoundResult) -> str:
         worst = self._parts.worst_health()

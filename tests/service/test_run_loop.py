@@ -173,7 +173,8 @@ def test_a_pydr_bug_in_one_items_cycle_is_logged_and_the_others_go_on(vault, mon
     assert bug and bug[0].exc_info[0] is RuntimeError
     with Vault(vault) as v:
         a = v.item("a")
-        assert a["attempts"] == 1 and a["next_retry"] == pytest.approx(clock[0] + 60, abs=5)
+        # the retry schedule's first minute, capped at half the 60 s target
+        assert a["attempts"] == 1 and a["next_retry"] == pytest.approx(clock[0] + 30, abs=1)
         assert "a bug in the capture" in a["last_error"]
     # the next round: a waits for its retry, b is not due; nothing fails
     result = service.run_once()
@@ -462,3 +463,42 @@ def test_once_events_and_json_keep_standard_output_json_lines(vault):
     assert [e["kind"] for e in lines[:-1] if e["operation"] == "run"] == ["started", "finished"]
     r = pydr("run", "--vault", vault, "--json")
     assert r.returncode == 2 and "--json goes with --once" in r.stderr
+
+
+def test_a_failed_items_retry_is_capped_by_its_target_and_a_later_round_failure_is_survived(
+        tmp_path, monkeypatch):
+    """A seconds-long target is not left minutes behind by the retry
+    schedule; a round that cannot open the vault after the first is logged
+    and tried again, the service stays up."""
+    from pydr.dr import service as S
+
+    init_vault(tmp_path / "v")
+    src = tmp_path / "gone.img"
+    src.write_bytes(b"x" * 65536)
+    with Vault(tmp_path / "v", writer=True) as v:
+        v.protect("a", [(str(src), str(tmp_path / "r.img"))])
+        v.set_policy("a", target_rpo=8)
+    src.unlink()
+    now = [1_000_000.0]
+    svc = S.Service(tmp_path / "v", clock=lambda: now[0], notify=lambda s: None)
+    result = svc.run_once()
+    assert list(result.failed) == ["a"]
+    with Vault(tmp_path / "v") as v:
+        assert v.store.item("a")["next_retry"] == pytest.approx(now[0] + 5)  # max(5, 8 / 2)
+
+    rounds = []
+    real = S.Service._round
+
+    def flaky(self):
+        rounds.append(len(rounds))
+        if len(rounds) == 2:
+            raise S.VaultError("the vault's storage went away", path=str(tmp_path / "v"))
+        if len(rounds) == 3:
+            self.stop()
+        return real(self)
+
+    monkeypatch.setattr(S.Service, "_round", flaky)
+    waits = []
+    monkeypatch.setattr(svc._wake, "wait", lambda t=None: waits.append(t) or True)
+    svc.run()  # the second round's failure did not end it: the third ran and stopped it
+    assert rounds == [0, 1, 2] and S.MIN_RETRY in waits
