@@ -15,7 +15,8 @@ Keep every protected item inside its target RPO: a service over the vault
 due -- an item is due when its newest point's data age plus its last cycle's
 duration reaches half its target ('pydr policy ITEM --rpo 5m'), or when it has
 no point yet -- at most --jobs at once, records failures with their retry
-time (1, 2, 4, 8, 10 minutes, then every 30), schedules the resync of an item
+time (1, 2, 4, 8, 10 minutes, then every 30, but at most half the target,
+at least 5 s), schedules the resync of an item
 in state resync-required, checks each item's RPO health (alert commands run on
 a change), and closes the vault so that operator commands get in between.
 Items without a target are not scheduled; items failed over, committed or
