@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import DamagedJournal, VaultDamaged
 from . import stepdigest
-from .stepmerge import first_step
+from ..endpoints import parse_remote
+from .stepmerge import first_step, not_doomable
 from .store import Store
 
 _STEP_FILE = re.compile(r"(\d+)-(\d+)\.undo")
@@ -185,6 +186,10 @@ def _policy_rows(store, records):
     for item in sorted({i for i, _ in store.all_doomed()} - items):
         problems.append(Problem("rows", f"item {item}",
                                 "doomed files of an item that is not there"))
+    for item, path in store.all_doomed():  # never removed: the next retention drops the row
+        why = None if parse_remote(path) is not None else not_doomable(store.dir, item, path)
+        if why is not None:
+            problems.append(Problem("rows", f"item {item}", why))
     return problems
 
 
@@ -219,7 +224,6 @@ def _point_order(points, disks, rows, steps, busy, highest):
 
 def _step_files(store):
     """Problems of the recorded steps' files; (problems, checked, remote)."""
-    from ..endpoints import parse_remote
     from ..engine import bindings as B
     from ..engine import journal as J
 
