@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -168,12 +169,15 @@ def _local_or_none(vault: Any, name: str, spec: str) -> Optional[str]:
         return None
 
 
-def remove_leftovers(vault: Any, name: str) -> List[str]:
+def remove_leftovers(vault: Any, name: str,
+                     notes: Optional[List[str]] = None) -> List[str]:
     """Remove the merged step files (``<a step's path>.m<j>``) beside item
     `name`'s steps on this machine that no steps row names: what a kill
     after ``retention.merged`` left. Only names of that form, in the
-    directories of the item's own steps, are ever touched. Returns the
-    paths removed."""
+    directories of the item's own steps, are ever touched, and only a
+    regular file or a symlink (the link itself); anything else there (a
+    directory, a FIFO: not pydr's) is left, with a note appended to
+    `notes`. Returns the paths removed."""
     named: Set[str] = set()  # the rows' files, by real directory and own name
     bases: Dict[str, Set[str]] = {}  # real directory -> the step file names merges start from
     for r in vault.steps(name):
@@ -192,6 +196,15 @@ def remove_leftovers(vault: Any, name: str) -> List[str]:
             path = os.path.join(directory, entry)
             if path in named or unmerged_path(entry) == entry \
                     or unmerged_path(entry) not in names:
+                continue
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                if notes is not None:
+                    notes.append(f"{path} is named like a merged step but is not a file; "
+                                 "left alone")
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -294,7 +307,7 @@ def thin(vault: Any, name: str, drop_ids: Iterable[int], *,
     """
     result = ThinResult()
     remove_doomed(vault, name)
-    remove_leftovers(vault, name)
+    remove_leftovers(vault, name, result.notes)
     wanted = set(drop_ids)
     points = vault.points(name)
     dropped = [p.id for p in points if p.id in wanted]
