@@ -187,7 +187,9 @@ def _policy_rows(store, records):
         problems.append(Problem("rows", f"item {item}",
                                 "doomed files of an item that is not there"))
     for item, path in store.all_doomed():  # never removed: the next retention drops the row
-        why = None if parse_remote(path) is not None else not_doomable(store.dir, item, path)
+        if item not in items or parse_remote(path) is not None:
+            continue  # an item that is not there: said above
+        why = not_doomable(store.dir, item, path)
         if why is not None:
             problems.append(Problem("rows", f"item {item}", why))
     return problems
