@@ -15,8 +15,7 @@ from conftest import run_cli
 
 
 def _cli(*args):
-    r = run_cli(*args, env=dict(os.environ))
-    return r
+    return run_cli(*args, env=dict(os.environ))
 
 
 def test_doomed_rows_outside_the_items_step_directory_unlink_nothing(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from pydr.dr.tiers import Tiers
 from pydr.dr.vault import Vault
 from pydr.errors import VaultDamaged
 
-from conftest import run_cli, sha
+from conftest import run_cli
 from test_stepmerge import Source, check_kept_points, clock, vault_dir  # noqa: F401 (fixtures)
 
 
