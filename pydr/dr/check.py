@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import DamagedJournal, VaultDamaged
 from . import stepdigest
-from .stepmerge import first_step
+from ..endpoints import parse_remote
+from .stepmerge import first_step, not_doomable
 from .store import Store
 
 _STEP_FILE = re.compile(r"(\d+)-(\d+)\.undo")
@@ -123,12 +124,15 @@ def _rows(store):
             problems.append(Problem("rows", f"item {r.item} point {r.id}",
                                     "point_disks rows of a point that is not there"))
     steps, merged_steps = {}, {}
+    highest = {}  # (item, disk) -> the highest step a point names: step numbers never go down
+    for (item, _, idx), step in rows.items():
+        highest[(item, idx)] = max(step, highest.get((item, idx), 0))
     for s in all_steps:
         steps.setdefault((s.item, s.idx), set()).add(s.step)
         if first_step(s.path, s.step) < s.step:  # a merged step (pydr.dr.stepmerge)
             merged_steps.setdefault((s.item, s.idx), {})[s.step] = first_step(s.path, s.step)
     busy = {r.name for r in records if r.operation is not None}
-    problems += _point_order(points, disks, rows, steps, busy)
+    problems += _point_order(points, disks, rows, steps, busy, highest)
     problems += _policy_rows(store, records)
     for item, point in sorted(points):
         for idx in disks.get(item, []):
@@ -137,7 +141,7 @@ def _rows(store):
                 problems.append(Problem("point-chain", where, "the point records no step for it"))
                 continue
             have = steps.get((item, idx), set())
-            latest = max(have, default=0)
+            latest = max(max(have, default=0), highest.get((item, idx), 0))
             at = rows[(item, point, idx)]
             merged = merged_steps.get((item, idx), {})  # step -> first step it stands for
             missing = [s for s in range(at + 1, latest + 1) if s not in have
@@ -182,10 +186,16 @@ def _policy_rows(store, records):
     for item in sorted({i for i, _ in store.all_doomed()} - items):
         problems.append(Problem("rows", f"item {item}",
                                 "doomed files of an item that is not there"))
+    for item, path in store.all_doomed():  # never removed: the next retention drops the row
+        if item not in items or parse_remote(path) is not None:
+            continue  # an item that is not there: said above
+        why = not_doomable(store.dir, item, path)
+        if why is not None:
+            problems.append(Problem("rows", f"item {item}", why))
     return problems
 
 
-def _point_order(points, disks, rows, steps, busy):
+def _point_order(points, disks, rows, steps, busy, highest):
     """Each cycle keeps one step per disk and records a point at the disk's
     newest step: a disk's steps rise strictly with point id, and the newest
     point holds the newest step (a point row naming another step restores
@@ -204,7 +214,8 @@ def _point_order(points, disks, rows, steps, busy):
                     problems.append(Problem(
                         "point-chain", f"item {item} points {before} and {after} disk {idx}",
                         f"the newer point names step {high}, not past the older one's {low}"))
-            newest = max(steps.get((item, idx), set()), default=0)
+            newest = max(max(steps.get((item, idx), set()), default=0),
+                         highest.get((item, idx), 0))
             if named and item not in busy and named[-1][1] != newest:
                 problems.append(Problem(
                     "point-chain", f"item {item} point {named[-1][0]} disk {idx}",
@@ -215,7 +226,6 @@ def _point_order(points, disks, rows, steps, busy):
 
 def _step_files(store):
     """Problems of the recorded steps' files; (problems, checked, remote)."""
-    from ..endpoints import parse_remote
     from ..engine import bindings as B
     from ..engine import journal as J
 

@@ -23,6 +23,7 @@ records: {"items": {name: {"cut", "cut_at", "bytes", "read", "host"?}}, "steps",
 """
 
 import contextlib
+import logging
 import time
 
 from ..engine import crashpoints
@@ -36,6 +37,8 @@ from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_h
 from .points import apply_retention
 from .retry import RetryPolicy, recoverable
 from .rpo import consistency_of, disks_cut_together, weakest
+
+_log = logging.getLogger("pydr.retention")
 
 
 class Options(Record):
@@ -220,7 +223,7 @@ class _Cycle:
         for fn in captured["after"]:
             fn()
         for n in unit.names:
-            apply_retention(vault, n)
+            note = self._retain(n)
             if items[n].get("host"):
                 vault.update_job(unit.jobs[n], host=items[n]["host"])
             vault.end_job(unit.jobs[n], "succeeded", bytes_transferred=items[n]["bytes"])
@@ -230,8 +233,27 @@ class _Cycle:
             self.totals["written"] += items[n]["bytes"]
             self.totals["read"] += items[n]["read"]
             self.events.for_item(n, unit.jobs[n]).emit(
-                "finished", bytes_done=items[n]["bytes"], message=f"point {point_id}")
+                "finished", bytes_done=items[n]["bytes"],
+                message=f"point {point_id}" + (f"; {note}" if note else ""))
             crashpoints.reached("cycle.done")
+
+    def _retain(self, name):
+        """The item's retention once its point is recorded. A failure (an
+        I/O error, a file it cannot remove) fails no cycle: the point is
+        there, the item protected. The item's health becomes warning, its
+        last_error names the problem, and the next retention tries again.
+        Returns that note, or None. A stop (Ctrl-C, cancel) goes on up."""
+        try:
+            apply_retention(self.vault, name)
+        except Exception as exc:
+            if interrupted(exc):
+                raise
+            note = f"retention failed after the point was recorded: {exc}"
+            _log.warning("%s: %s", name, note)
+            with self.vault.transaction():
+                self.vault.set_item(name, health="warning", last_error=note)
+            return note
+        return None
 
     def failed(self, unit, exc, *, partial=None):
         """A unit failed: only its items' jobs, health and last_error say so.

@@ -35,9 +35,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+from ..endpoints import parse_remote
 from ..engine import crashpoints
 from ..engine import journal as J
 from ..engine.atomic import fsync_dir
@@ -94,30 +96,88 @@ def _local(vault: Any, name: str, spec: str) -> Optional[str]:
     return vault.endpoint(name, spec).local_path
 
 
+#: the names a step file of the vault has: ``<idx>-<step>.undo``, merged ``.m<j>`` after it
+STEP_NAME = re.compile(r"\d+-\d+\.undo(?:\.m\d+)*")
+
+
+def step_directory(vault_dir: str, name: str) -> str:
+    """The real path of item `name`'s step directory in the vault (undo/ITEM)."""
+    return os.path.realpath(os.path.join(vault_dir, "undo", name))
+
+
+def not_doomable(vault_dir: str, name: str, path: str) -> Optional[str]:
+    """Why a doomed_files row of item `name` naming `path` must not be
+    unlinked (a damaged or hostile row), or None: only a step file's name
+    (:data:`STEP_NAME`) whose real parent directory is the item's own step
+    directory is ever removed. ``pydr vault check`` reports the others."""
+    base = os.path.basename(path)
+    if not os.path.isabs(path) or not STEP_NAME.fullmatch(base):
+        return f"the doomed file {path!r} of {name!r} is not named like a step file"
+    if os.path.realpath(os.path.dirname(path)) != step_directory(vault_dir, name):
+        return (f"the doomed file {path!r} of {name!r} is not in its step directory "
+                f"{step_directory(vault_dir, name)}")
+    return None
+
+
+def _unlink_step(directory: str, base: str) -> None:
+    """Unlink `base` (a name, never a path) in the real directory
+    `directory`, opened without following a symlink: a symlink in the
+    file's place goes itself, never what it points to."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(base, dir_fd=fd)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_doomed(vault: Any, name: str) -> int:
     """Remove the files of item `name` that ``doomed_files`` names (their
     rows are gone; a missing file is fine), then forget them. A file on
-    another host is only forgotten (merges never doom one). Returns how
-    many were named."""
+    another host is only forgotten (merges never doom one). A row naming
+    anything but a step file in the item's own step directory
+    (:func:`not_doomable`: a damaged or hostile row) is forgotten with a
+    warning on the item, and nothing is unlinked. Returns how many were
+    named."""
     doomed = vault.doomed(name)
     named = {r.path for r in vault.steps(name)}
+    refused = []
     for path in doomed:
-        local = _local(vault, name, path)
-        if local is not None and path not in named:  # never a file a row names again
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(local)
-                fsync_dir(local)
+        remote = parse_remote(path) is not None
+        local = None if remote else _local_or_none(vault, name, path)
+        why = None if remote else not_doomable(vault.dir, name, local or path)
+        if why is not None:
+            refused.append(why)
+        elif local is not None and path not in named:  # never a file a row names again
+            _unlink_step(os.path.realpath(os.path.dirname(local)), os.path.basename(local))
         with vault.transaction():
             vault.drop_doomed(name, path)
+    if refused:
+        with vault.transaction():
+            vault.set_item(name, health="warning",
+                           last_error="; ".join(refused) + " (the row was dropped; nothing "
+                           "was removed)")
     return len(doomed)
 
 
-def remove_leftovers(vault: Any, name: str) -> List[str]:
+def _local_or_none(vault: Any, name: str, spec: str) -> Optional[str]:
+    """:func:`_local`, or None for a spec no endpoint takes (a damaged row)."""
+    try:
+        return _local(vault, name, spec)
+    except ValueError:
+        return None
+
+
+def remove_leftovers(vault: Any, name: str,
+                     notes: Optional[List[str]] = None) -> List[str]:
     """Remove the merged step files (``<a step's path>.m<j>``) beside item
     `name`'s steps on this machine that no steps row names: what a kill
     after ``retention.merged`` left. Only names of that form, in the
-    directories of the item's own steps, are ever touched. Returns the
-    paths removed."""
+    directories of the item's own steps, are ever touched, and only a
+    regular file or a symlink (the link itself); anything else there (a
+    directory, a FIFO: not pydr's) is left, with a note appended to
+    `notes`. Returns the paths removed."""
     named: Set[str] = set()  # the rows' files, by real directory and own name
     bases: Dict[str, Set[str]] = {}  # real directory -> the step file names merges start from
     for r in vault.steps(name):
@@ -136,6 +196,15 @@ def remove_leftovers(vault: Any, name: str) -> List[str]:
             path = os.path.join(directory, entry)
             if path in named or unmerged_path(entry) == entry \
                     or unmerged_path(entry) not in names:
+                continue
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                if notes is not None:
+                    notes.append(f"{path} is named like a merged step but is not a file; "
+                                 "left alone")
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -238,7 +307,7 @@ def thin(vault: Any, name: str, drop_ids: Iterable[int], *,
     """
     result = ThinResult()
     remove_doomed(vault, name)
-    remove_leftovers(vault, name)
+    remove_leftovers(vault, name, result.notes)
     wanted = set(drop_ids)
     points = vault.points(name)
     dropped = [p.id for p in points if p.id in wanted]

@@ -11,9 +11,16 @@ class PointTables:
 
     # -- steps -------------------------------------------------------------------
     def current_step(self, name, idx):
-        """The latest undo step of a disk, or 0 (only the initial copy)."""
-        row = self.db.execute("SELECT MAX(step) FROM steps WHERE item=? AND idx=?",
-                              (name, idx)).fetchone()
+        """The latest step of a disk: the highest a steps row or a point
+        names, or 0 (only the initial copy). It never goes down: once
+        retention released every step, the kept point still names its own,
+        and the next cycle's step is numbered past it (a number used again
+        would be released with the old ones, its point silently the latest
+        state)."""
+        row = self.db.execute(
+            "SELECT MAX(s) FROM (SELECT MAX(step) AS s FROM steps WHERE item=? AND idx=? "
+            "UNION ALL SELECT MAX(step) FROM point_disks WHERE item=? AND idx=?)",
+            (name, idx, name, idx)).fetchone()
         return row[0] or 0
 
     def has_step(self, name, idx, step):

@@ -11,6 +11,7 @@ from ...engine import journal as J
 from ...engine.oserrors import naming
 from ...errors import CorruptDelta, DamagedJournal, VaultDamaged
 from .. import stepdigest
+from ..stepmerge import first_step
 
 
 def steps_of(vault, name, point_id, idx):
@@ -25,7 +26,29 @@ def steps_of(vault, name, point_id, idx):
         vault.point(name, point_id)  # UnknownName: the point is gone
         raise VaultDamaged(f"recovery point {point_id} of {name!r} has no record of disk {idx}",
                            path=vault.dir)
-    return vault.steps(name, idx, after=step, newest_first=True)
+    rows = vault.steps(name, idx, after=step, newest_first=True)
+    gaps = _gaps(rows, step, vault.current_step(name, idx))
+    if gaps:
+        raise VaultDamaged(f"recovery point {point_id} of {name!r}, disk {idx}: undo steps "
+                           f"{gaps} it is rolled back through are not recorded (the vault is "
+                           "damaged; never the latest state passed off as the point)",
+                           path=vault.dir)
+    return rows
+
+
+def _gaps(rows, step, current):
+    """The step numbers in (`step`, `current`] that no row covers, as text
+    ('3-5, 9'), or ''. A merged row (``<path>.m<j>``) covers j up to its
+    own number (pydr.dr.stepmerge.first_step)."""
+    missing, expected = [], step + 1
+    for r in sorted(rows, key=lambda r: r["step"]):
+        first = first_step(r["path"], r["step"])
+        if first > expected:
+            missing.append((expected, first - 1))
+        expected = max(expected, r["step"] + 1)
+    if expected <= current:
+        missing.append((expected, current))
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in missing)
 
 
 def all_steps(vault, name, idx):
