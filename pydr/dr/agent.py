@@ -19,7 +19,7 @@ from ..engine import crashpoints
 from ..endpoints import open_endpoint
 from ..endpoints.transfer import transfer
 from ..errors import HookFailed, InvalidState
-from .hooks import run_hook
+from .hooks import HookTimedOut, run_hook
 
 #: A Dask worker serves host NAME when it has the resource pydr-host-NAME.
 RESOURCE_PREFIX = "pydr-host-"
@@ -141,7 +141,11 @@ def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
     try:
         for label, quiesce_hook, thaw_hook in hooks:
             if quiesce_hook:
-                run_hook(quiesce_hook, f"quiesce hook of {label!r}")
+                try:
+                    run_hook(quiesce_hook, f"quiesce hook of {label!r}")
+                except HookTimedOut:  # it may have frozen before it hung: thaw (below)
+                    frozen.append((label, thaw_hook))
+                    raise
                 frozen.append((label, thaw_hook))
         quiesced = bool(frozen)
         # the data's time: every write that ended before it is in the point;

@@ -30,6 +30,7 @@ from ..engine.progress import Record
 from ..errors import (Cancelled, CycleFailed, InvalidArgument, InvalidState, UnknownName,
                       exit_code_for)
 from .events import Emitter, check_cancel, interrupted
+from .hooks import hook_timeout
 from .pointstores import point_store
 from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_hooks,
                           check_not_stuck, items_at, record_point, record_steps)
@@ -345,6 +346,8 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
     OSError too: it keeps its builtin type).
     """
     start = time.monotonic()
+    if app_consistent:
+        hook_timeout()  # a bad PYDR_HOOK_TIMEOUT stops the call before any item ran
     opts = Options(app_consistent=app_consistent, progress=progress, threads=threads,
                    resync_all=resync_all, changed_extents=changed_extents,
                    tracking_lost=tracking_lost, bwlimit=bwlimit,
