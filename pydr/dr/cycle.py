@@ -60,6 +60,7 @@ class Unit:
         self.started = False  # its capture began (an executor sets it)
         self.done = False
         self.blame = ()  # the members a failed check was about (the others failed with them)
+        self.check_recorded = True  # a failed check recorded its finding on the item itself
 
 
 def _capture_for(vault, name):
@@ -166,6 +167,8 @@ class _Cycle:
             unit.capture.check(vault, unit.names, self.opts)
         except BaseException:  # it records its failure on the member it is about
             unit.blame = tuple(n for n in unit.names if _marks(vault.item(n)) != before[n])
+            # or nothing (an image that cannot be read): then failed() records it
+            unit.check_recorded = bool(unit.blame)
             raise
         if not self.opts.resync_all:
             unit.blame = tuple(n for n in unit.names
@@ -257,7 +260,7 @@ class _Cycle:
             checked = n not in unit.jobs  # its unit failed a check before its jobs began
             if unit.blame and n not in unit.blame:
                 why = f"group member {', '.join(unit.blame)} failed: {error}"
-            elif checked and (unit.blame or len(unit.names) == 1):
+            elif checked and unit.check_recorded and (unit.blame or len(unit.names) == 1):
                 why = None  # the check recorded what it found on the item it is about
             else:
                 why = error
