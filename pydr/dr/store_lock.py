@@ -210,12 +210,12 @@ def _holder(fd):
             "wait for it to end, then run the command again")
 
 
-def held_by_another(directory):
-    """Whether a process holds the lock of the vault in `directory` now
-    (ask only when this process does not hold it)."""
+def _locked_by_another(path, absent):
+    """Whether another process holds a flock on `path` now; False when
+    opening it fails with one of `absent` (exception classes)."""
     try:
-        fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except absent:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -224,22 +224,18 @@ def held_by_another(directory):
         return True
     finally:
         os.close(fd)
+
+
+def held_by_another(directory):
+    """Whether a process holds the lock of the vault in `directory` now
+    (ask only when this process does not hold it)."""
+    return _locked_by_another(os.path.join(directory, LOCK_NAME), FileNotFoundError)
 
 
 def service_running(directory):
     """Whether a pydr run serves the vault in `directory` now (another
     process holds its RUN_LOCK)."""
-    try:
-        fd = os.open(os.path.join(directory, RUN_LOCK), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return _locked_by_another(os.path.join(directory, RUN_LOCK), OSError)
 
 
 def redact_argv(argv):
