@@ -236,12 +236,12 @@ def run_plan(vault, name, op, *, events=None, cancel=None, **options):
         try:
             status, _ = run_command(command, what)
             problem = f"{what} failed (exit {status})" if status else None
-        except HookTimedOut as exc:
-            status, problem = None, str(exc)
+        except HookTimedOut as exc:  # killed: its exit status is SIGKILL's, as subprocess says
+            status, problem = -9, str(exc)
         report.append({"group": number, "hook": which,
                        "status": "failed" if problem else "ok", "exit": status})
         em.emit("hook", message=f"plan {name}: {which} hook of group {number}: "
-                + (f"exit {status}" if status is not None else "timed out"))
+                + (f"exit {status}" if status != -9 else "timed out, killed (exit -9)"))
         return problem
 
     for number, group in enumerate(groups, 1):

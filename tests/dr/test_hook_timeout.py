@@ -95,3 +95,14 @@ def test_a_bad_timeout_stops_the_cycle_before_it_runs(tmp_path, item):
     r = cli("replicate", "h", "--app-consistent", PYDR_HOOK_TIMEOUT="soon")
     assert r.returncode == 2 and b"PYDR_HOOK_TIMEOUT" in r.stderr
     assert not (tmp_path / "q.pid").exists()  # no hook ran
+
+
+def test_a_plan_whose_pre_hook_hangs_stops_and_says_why(tmp_path, item):
+    hook = _blocking_hook(tmp_path, "pre")
+    assert cli("plan", "create", "p", "--group", "h", "--pre-hook", hook).returncode == 0
+    r = cli("plan", "test-failover", "p", "--to", str(tmp_path / "drill"), "--json",
+            PYDR_HOOK_TIMEOUT="1")
+    assert r.returncode != 0
+    assert b"the pre hook of group 1 did not finish within 1 s" in r.stdout + r.stderr
+    assert all(_gone(p) for p in _pids(tmp_path, "pre"))
+    assert not (tmp_path / "drill").exists() or not os.listdir(tmp_path / "drill")
