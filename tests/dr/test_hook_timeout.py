@@ -106,3 +106,16 @@ def test_a_plan_whose_pre_hook_hangs_stops_and_says_why(tmp_path, item):
     assert b"the pre hook of group 1 did not finish within 1 s" in r.stdout + r.stderr
     assert all(_gone(p) for p in _pids(tmp_path, "pre"))
     assert not (tmp_path / "drill").exists() or not os.listdir(tmp_path / "drill")
+
+
+def test_a_failing_thaw_after_a_hung_quiesce_does_not_hide_why(tmp_path, monkeypatch):
+    """The cut thaws a quiesce hook that timed out; if that thaw fails too
+    (nothing was frozen), the error reported is still the timeout."""
+    from pydr.dr.agent import cut
+    monkeypatch.setenv("PYDR_HOOK_TIMEOUT", "1")
+    log = tmp_path / "thaw.log"
+    hooks = [("x", _blocking_hook(tmp_path, "q"), f"echo thaw >> {log}; exit 1")]
+    with pytest.raises(HookTimedOut, match="quiesce hook of 'x' did not finish"):
+        with cut([], hooks=hooks):
+            pass
+    assert log.read_text().split() == ["thaw"]
