@@ -205,8 +205,9 @@ def register(sub):
         description=(
             "List the alerts log: each change of an item's RPO health that 'pydr run'\n"
             "found into, out of or between warning and critical (a recovery to ok too;\n"
-            "never into paused), oldest first, with the RPO and the target at that moment. The same events went to the policy's\n"
-            "--alert-command(s) and to the event log."),
+            "never into paused), oldest first, with the RPO and the target at that\n"
+            "moment. The same events went to the policy's --alert-command(s) and to the\n"
+            "event log."),
         examples=["pydr alerts", "pydr alerts web --since 2h",
                   "pydr alerts --since 2026-12-07T05:00:00Z --limit 20 --json"],
         func=cmd_alerts)
