@@ -133,6 +133,12 @@ def _plan(vault, names):
     return [Unit(unit, _capture_for(vault, unit[0])) for unit in _unit_names(vault, names)]
 
 
+def _last_job(vault, name):
+    """The id of item `name`'s newest job, or None."""
+    newest = vault.find_jobs(item=name, limit=1)
+    return newest[0].id if newest else None
+
+
 def _marks(row):
     """What a failed check records on an item (its state, health, last_error)."""
     return row["state"], row["health"], row["last_error"]
@@ -163,12 +169,15 @@ class _Cycle:
             check_can_replicate(vault, [row], {row["name"]: point_store(vault, row["name"])})
             self.executor.check(vault, [row])
         unit.blame = ()
+        jobs_before = {n: _last_job(vault, n) for n in unit.names}
         try:
             unit.capture.check(vault, unit.names, self.opts)
         except BaseException:  # it records its failure on the member it is about
             unit.blame = tuple(n for n in unit.names if _marks(vault.item(n)) != before[n])
-            # or nothing (an image that cannot be read): then failed() records it
-            unit.check_recorded = bool(unit.blame)
+            # (its marks, or a failed job: the same failure again leaves the marks as they
+            # were) -- or nothing (an image that cannot be read): then failed() records it
+            unit.check_recorded = bool(unit.blame) or any(
+                _last_job(vault, n) != jobs_before[n] for n in unit.names)
             raise
         if not self.opts.resync_all:
             unit.blame = tuple(n for n in unit.names
