@@ -105,6 +105,36 @@ def start_storage_daemon(pid_file, *args, sockets=()):
     return pid, os.pidfd_open(pid)
 
 
+def start_qcow2_daemon(pid_file, image, qmp, nbd, file_options=""):
+    """A qemu-storage-daemon holding qcow2 `image` as node disk0: a writable
+    NBD export "disk0" on unix socket `nbd` (the guest's writer) and a QMP
+    monitor on `qmp` (pydr's); `file_options` go on its file node
+    (",aio=threads"). Returns (pid, pidfd), as start_storage_daemon."""
+    return start_storage_daemon(
+        pid_file,
+        "--blockdev", f"driver=file,node-name=file0,filename={image}{file_options}",
+        "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
+        "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+        "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
+        "--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0",
+        "--monitor", "chardev=qmp0", sockets=(qmp, nbd))
+
+
+class DaemonSockets:
+    """What a disk held by :func:`start_qcow2_daemon` offers, from its
+    sockets ``self.qmp`` and ``self.nbd``."""
+
+    @property
+    def spec(self):
+        """The disk as `pydr protect --disk` takes it."""
+        return f"qmp:{self.qmp}:disk0?nbd={self.nbd}"
+
+    @property
+    def uri(self):
+        """The writer's NBD URI."""
+        return f"nbd+unix:///disk0?socket={self.nbd}"
+
+
 def end_by_pidfd(pidfd, sig=signal.SIGTERM, *, gone_ok=False):
     """Send `sig` to the process of `pidfd`, wait until it is gone (its
     pidfd readable), close the pidfd. A process already gone raises

@@ -164,12 +164,15 @@ def add_vault_dir(p):
     p.add_argument("--vault", metavar="DIR", help="vault directory (default: $PYDR_VAULT)")
 
 
-def add_vault_options(p):
-    """--vault, --lock-wait and --json, which every vault command takes."""
+def add_vault_options(p, writer=True):
+    """--vault and --json, which every vault command takes, and --lock-wait
+    for one that may change the vault (`writer`): a reader never waits."""
     add_vault_dir(p)
-    p.add_argument("--lock-wait", type=_seconds, metavar="SECONDS", default=None,
-                   help="a command that changes the vault waits this long for another's lock "
-                        "(default $PYDR_LOCK_WAIT, else 0; 600 while pydr run serves the vault)")
+    if writer:
+        p.add_argument("--lock-wait", type=_seconds, metavar="SECONDS", default=None,
+                       help="a command that changes the vault waits this long for another's "
+                            "lock (default $PYDR_LOCK_WAIT, else 0; 600 while pydr run serves "
+                            "the vault)")
     add_json(p, "print one JSON object")
 
 

@@ -3,6 +3,7 @@ of an item or a group: what `pydr run` keeps it at) and `pydr alerts` (the
 changes of RPO health `pydr run` recorded). Each opens the vault
 (pydr.dr.vault.Vault), makes its API calls and presents the result."""
 
+import re
 import time
 
 from .common import add_vault_options, command, human_bytes, print_json, timestamp
@@ -125,6 +126,28 @@ def parse_when(text, now=None):
     return when.timestamp()
 
 
+def _secs(value):
+    """Seconds for a person: one decimal below 10 s ("5.2 s"), whole above."""
+    return f"{round(value, 1):g} s" if value < 10 else f"{value:.0f} s"
+
+
+# what check_transitions says when it says no more than the RPO and the target
+_PLAIN = re.compile(r"RPO [\d.]+ s (>|<=) target [\d.]+ s")
+
+
+def alert_line(a):
+    """One alert as one line: id, time, item, old -> new, RPO and target,
+    and its message only where it says more (a threshold, "no point ...")."""
+    rpo = "no point" if a.rpo_seconds is None else f"RPO {_secs(a.rpo_seconds)}"
+    target = "" if a.target_rpo is None else f", target {_secs(a.target_rpo)}"
+    why = a.message or ""
+    prefix = f"{a.old or 'none'} -> {a.new}: "
+    why = why[len(prefix):] if why.startswith(prefix) else why
+    more = "" if not why or _PLAIN.fullmatch(why) else f": {why}"
+    return (f"{a.id:>5}  {timestamp(a.at.timestamp())}  {a.item:<16} "
+            f"{a.old or '-'} -> {a.new}  {rpo}{target}{more}")
+
+
 def cmd_alerts(args):
     from .vault import open_vault
 
@@ -136,10 +159,7 @@ def cmd_alerts(args):
         print_json([a.to_dict() for a in alerts])
         return 0
     for a in alerts:  # oldest first, the newest last, above the prompt
-        rpo = "no point" if a.rpo_seconds is None else f"RPO {a.rpo_seconds:.0f} s"
-        target = "" if a.target_rpo is None else f", target {a.target_rpo:g} s"
-        print(f"{a.id:>5}  {timestamp(a.at.timestamp())}  {a.item:<16} "
-              f"{a.old or '-'} -> {a.new}  ({rpo}{target}): {a.message}")
+        print(alert_line(a))
     return 0
 
 
@@ -184,9 +204,10 @@ def register(sub):
         sub, "alerts", help="list the changes of RPO health pydr run recorded",
         description=(
             "List the alerts log: each change of an item's RPO health that 'pydr run'\n"
-            "found (ok, warning, critical, unknown, paused), oldest first, with the RPO and\n"
-            "the target at that moment. The same events went to the policy's\n"
-            "--alert-command(s) and to the event log."),
+            "found into, out of or between warning and critical (a recovery to ok too;\n"
+            "never into paused), oldest first, with the RPO and the target at that\n"
+            "moment. The same events went to the policy's --alert-command(s) and to the\n"
+            "event log."),
         examples=["pydr alerts", "pydr alerts web --since 2h",
                   "pydr alerts --since 2026-12-07T05:00:00Z --limit 20 --json"],
         func=cmd_alerts)
@@ -195,4 +216,4 @@ def register(sub):
                    help="only alerts at or after WHEN: an ISO 8601 time "
                         "(2026-12-07T05:00:00Z), epoch seconds, or a duration ago (2h, 7d)")
     p.add_argument("--limit", metavar="N", help="only the newest N")
-    add_vault_options(p)
+    add_vault_options(p, writer=False)

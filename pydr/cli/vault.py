@@ -227,10 +227,20 @@ def cmd_status(args):
                   + (f" ({len(st.damaged_points)} damaged: "
                      f"{', '.join(map(str, st.damaged_points))})" if st.damaged_points else "")
                   + _rpo_text(st)
-                  + (f", last error: {st.last_error}" if st.last_error else "") + doing)
+                  + (f", last error: {st.last_error}" if st.last_error else "")
+                  + _retry_text(st) + doing)
     if problems:
         raise next(iter(problems.values()))
     return 0
+
+
+def _retry_text(st):
+    """", retry at 06:02:00 (attempt 3)" while a failed item waits for its next
+    try (pydr run, --retry: the attempt is the one that retry makes)."""
+    if st.next_retry is None:
+        return ""
+    return (f", retry at {st.next_retry.astimezone().strftime('%H:%M:%S')} "
+            f"(attempt {st.failed_attempts + 1})")
 
 
 def _rpo_text(st):

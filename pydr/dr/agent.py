@@ -12,6 +12,7 @@ coordinator records each step once whether the task ran once or twice.
 """
 
 import contextlib
+import logging
 import os
 import time
 
@@ -19,7 +20,9 @@ from ..engine import crashpoints
 from ..endpoints import open_endpoint
 from ..endpoints.transfer import transfer
 from ..errors import HookFailed, InvalidState
-from .hooks import run_hook
+from .hooks import HookTimedOut, run_hook
+
+_log = logging.getLogger(__name__)
 
 #: A Dask worker serves host NAME when it has the resource pydr-host-NAME.
 RESOURCE_PREFIX = "pydr-host-"
@@ -127,6 +130,7 @@ def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
     fulls = full if isinstance(full, (list, tuple)) else [full] * len(sources)
     frozen, snaps, views, changed, kinds = [], [], [], [], set()
     held = contextlib.ExitStack()  # the tracked disks' views, held while they are read
+    failing = []  # the cut is stopped by an error: a late thaw's failure must not hide it
 
     def thaw(late=False):
         while frozen:
@@ -141,7 +145,11 @@ def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
     try:
         for label, quiesce_hook, thaw_hook in hooks:
             if quiesce_hook:
-                run_hook(quiesce_hook, f"quiesce hook of {label!r}")
+                try:
+                    run_hook(quiesce_hook, f"quiesce hook of {label!r}")
+                except HookTimedOut:  # it may have frozen before it hung: thaw (below)
+                    frozen.append((label, thaw_hook))
+                    raise
                 frozen.append((label, thaw_hook))
         quiesced = bool(frozen)
         # the data's time: every write that ended before it is in the point;
@@ -164,12 +172,20 @@ def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
         if kind in ("reflink", "fleece"):  # a qcow2 image stays locked while it is read
             thaw()  # the cut is taken: the applications may go on
         yield Taken(views, changed, kind, at)
+    except BaseException:
+        failing.append(True)
+        raise
     finally:
         try:
             held.close()
         finally:
             try:
                 thaw(late=True)
+            except HookFailed as exc:
+                if not failing:
+                    raise
+                # the error that stopped the cut is the one to report (a hung quiesce)
+                _log.warning("%s (after: the cut failed)", exc)
             finally:
                 for snap in snaps:
                     if snap:

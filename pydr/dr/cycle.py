@@ -31,6 +31,7 @@ from ..engine.progress import Record
 from ..errors import (Cancelled, CycleFailed, InvalidArgument, InvalidState, UnknownName,
                       exit_code_for)
 from .events import Emitter, check_cancel, interrupted
+from .hooks import hook_timeout
 from .pointstores import point_store
 from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_hooks,
                           check_not_stuck, items_at, record_point, record_steps)
@@ -62,6 +63,7 @@ class Unit:
         self.started = False  # its capture began (an executor sets it)
         self.done = False
         self.blame = ()  # the members a failed check was about (the others failed with them)
+        self.check_recorded = True  # a failed check recorded its finding on the item itself
 
 
 def _capture_for(vault, name):
@@ -134,6 +136,12 @@ def _plan(vault, names):
     return [Unit(unit, _capture_for(vault, unit[0])) for unit in _unit_names(vault, names)]
 
 
+def _last_job(vault, name):
+    """The id of item `name`'s newest job, or None."""
+    newest = vault.find_jobs(item=name, limit=1)
+    return newest[0].id if newest else None
+
+
 def _marks(row):
     """What a failed check records on an item (its state, health, last_error)."""
     return row["state"], row["health"], row["last_error"]
@@ -164,10 +172,15 @@ class _Cycle:
             check_can_replicate(vault, [row], {row["name"]: point_store(vault, row["name"])})
             self.executor.check(vault, [row])
         unit.blame = ()
+        jobs_before = {n: _last_job(vault, n) for n in unit.names}
         try:
             unit.capture.check(vault, unit.names, self.opts)
         except BaseException:  # it records its failure on the member it is about
             unit.blame = tuple(n for n in unit.names if _marks(vault.item(n)) != before[n])
+            # (its marks, or a failed job: the same failure again leaves the marks as they
+            # were) -- or nothing (an image that cannot be read): then failed() records it
+            unit.check_recorded = bool(unit.blame) or any(
+                _last_job(vault, n) != jobs_before[n] for n in unit.names)
             raise
         if not self.opts.resync_all:
             unit.blame = tuple(n for n in unit.names
@@ -279,7 +292,7 @@ class _Cycle:
             checked = n not in unit.jobs  # its unit failed a check before its jobs began
             if unit.blame and n not in unit.blame:
                 why = f"group member {', '.join(unit.blame)} failed: {error}"
-            elif checked and (unit.blame or len(unit.names) == 1):
+            elif checked and unit.check_recorded and (unit.blame or len(unit.names) == 1):
                 why = None  # the check recorded what it found on the item it is about
             else:
                 why = error
@@ -368,6 +381,8 @@ def replicate(vault, names, *, executor=None, app_consistent=False, progress=Non
     OSError too: it keeps its builtin type).
     """
     start = time.monotonic()
+    if app_consistent:
+        hook_timeout()  # a bad PYDR_HOOK_TIMEOUT stops the call before any item ran
     opts = Options(app_consistent=app_consistent, progress=progress, threads=threads,
                    resync_all=resync_all, changed_extents=changed_extents,
                    tracking_lost=tracking_lost, bwlimit=bwlimit,

@@ -23,7 +23,7 @@ import contextlib
 import os
 
 from ..engine import crashpoints
-from ..errors import DamagedJournal, DamagedPoint, InvalidState, PydrError, UnknownName
+from ..errors import DamagedJournal, DamagedPoint, HookFailed, InvalidState, PydrError, UnknownName
 from . import arguments, ownership
 from .events import Emitter, check_cancel, interrupted
 from .drills import check_no_overlay_drill, method_flags
@@ -123,7 +123,7 @@ def _failover(vault, name, point, planned, shutdown_hook, method, progress, to, 
         if shutdown_hook:
             try:
                 run_hook(shutdown_hook, "shutdown hook")
-            except PydrError as exc:
+            except HookFailed as exc:  # not a bad PYDR_HOOK_TIMEOUT: that stops it (exit 2)
                 if planned:
                     raise
                 notes.append(f"shutdown hook failed, going on (unplanned): {exc}")

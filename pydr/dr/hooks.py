@@ -4,22 +4,87 @@ shell commands whose failure stops what they guard.
 A hook's command line may carry credentials (a database password, a
 token): messages, job errors, status and the vault's lock file name the
 hook ("quiesce hook of 'vm'") and its exit status, never its command line
-(the lock file's command line too: pydr.dr.store_lock.redact_argv)."""
+(the lock file's command line too: pydr.dr.store_lock.redact_argv).
 
+Every hook runs in a session (process group) of its own and has
+:func:`hook_timeout` seconds to finish (``PYDR_HOOK_TIMEOUT``, default
+300): then its whole group is killed and it fails (:class:`HookTimedOut`),
+so a hook that never returns cannot stop the cycle, or a ``pydr run``'s
+other items, for good."""
+
+import math
+import os
+import signal
 import subprocess
+import tempfile
 
-from ..errors import HookFailed
+from ..errors import HookFailed, InvalidArgument
+
+DEFAULT_TIMEOUT = 300.0
+TIMEOUT_VARIABLE = "PYDR_HOOK_TIMEOUT"
+_TAIL = 4096  # the bytes of a hook's output read back for its last line
 
 
-def run_hook(command, what):
+class HookTimedOut(HookFailed):
+    """A hook did not finish within its timeout and was killed with its
+    process group (it may have done part of its work: a quiesce hook that
+    timed out is still thawed)."""
+
+
+def hook_timeout():
+    """Seconds a hook may run: $PYDR_HOOK_TIMEOUT (a positive number) or
+    300; InvalidArgument (exit 2) naming the variable for anything else."""
+    text = os.environ.get(TIMEOUT_VARIABLE)
+    if text is None or not text.strip():
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise InvalidArgument(f"{TIMEOUT_VARIABLE}={text!r}: expected a positive number of "
+                              f"seconds (default {DEFAULT_TIMEOUT:g})")
+    return value
+
+
+def _tail(f):
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - _TAIL))
+    return f.read().decode("utf-8", "replace")
+
+
+def run_command(command, what, timeout=None):
+    """Run `command` with the shell in its own session, up to `timeout`
+    seconds (default :func:`hook_timeout`); (exit status, the last line it
+    printed, stderr first). At the timeout its process group is killed and
+    HookTimedOut names `what` (never the command)."""
+    timeout = hook_timeout() if timeout is None else timeout
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, close_fds=True, start_new_session=True)
+        try:
+            status = proc.wait(timeout=timeout)
+        except BaseException as exc:  # the timeout, or an interrupt: leave nothing behind
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise HookTimedOut(f"{what} did not finish within {timeout:g} s "
+                                   f"and was killed") from None
+            raise
+        detail = (_tail(err).strip() or _tail(out).strip()).splitlines()[-1:] or [""]
+    return status, detail[0]
+
+
+def run_hook(command, what, timeout=None):
     """Run `command` with the shell; HookFailed naming `what` ("shutdown
     hook"), its exit status and the last line it printed if it exits
-    non-zero (not the command). No command: nothing to do."""
+    non-zero (not the command), HookTimedOut if it runs past `timeout`
+    (:func:`run_command`). No command: nothing to do."""
     if not command:
         return
-    r = subprocess.run(command, shell=True, capture_output=True, text=True)
-    if r.returncode != 0:
-        detail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
-        raise HookFailed(f"{what} failed (exit {r.returncode})"
-                         + (f": {detail[0]}" if detail[0] else ""))
-
+    status, detail = run_command(command, what, timeout)
+    if status != 0:
+        raise HookFailed(f"{what} failed (exit {status})" + (f": {detail}" if detail else ""))

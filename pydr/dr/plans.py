@@ -16,13 +16,13 @@ group starts and as each item of it ends, "hook" for each pre/post hook,
 """
 
 import os
-import subprocess
 import threading
 
 from ..engine import crashpoints
 from ..errors import Cancelled, InvalidArgument, PlanFailed, UnknownName
 from . import arguments
 from .events import Emitter
+from .hooks import HookTimedOut, hook_timeout, run_command
 from . import drills as D
 from . import failover as F
 from .points import check_selector
@@ -214,6 +214,7 @@ def run_plan(vault, name, op, *, events=None, cancel=None, **options):
     if events is None and fleet is not None:
         events = fleet.events
     groups = get_plan(vault, name)
+    hook_timeout()  # a bad PYDR_HOOK_TIMEOUT stops it before anything ran
     fn = _operation(op, options, fleet.executor() if fleet is not None else None, events, cancel)
     report = []
     em = Emitter(events, op)
@@ -230,23 +231,28 @@ def run_plan(vault, name, op, *, events=None, cancel=None, **options):
         raise PlanFailed(message, report, path=name)
 
     def hook(number, which, command):
-        r = subprocess.run(command, shell=True, capture_output=True, text=True)
+        """Run a group's hook; None, or why it failed (PYDR_HOOK_TIMEOUT: pydr.dr.hooks)."""
+        what = f"the {which} hook of group {number}"
+        try:
+            status, _ = run_command(command, what)
+            problem = f"{what} failed (exit {status})" if status else None
+        except HookTimedOut as exc:  # killed: its exit status is SIGKILL's, as subprocess says
+            status, problem = -9, str(exc)
         report.append({"group": number, "hook": which,
-                       "status": "ok" if r.returncode == 0 else "failed", "exit": r.returncode})
-        em.emit("hook", message=f"plan {name}: {which} hook of group {number}: exit "
-                f"{r.returncode}")
-        return r
+                       "status": "failed" if problem else "ok", "exit": status})
+        em.emit("hook", message=f"plan {name}: {which} hook of group {number}: "
+                + (f"exit {status}" if status != -9 else "timed out, killed (exit -9)"))
+        return problem
 
     for number, group in enumerate(groups, 1):
         if cancel is not None and cancel.is_set():
             stop(f"plan {name!r} cancelled before group {number}", Cancelled)
         if group["pre"]:
-            r = hook(number, "pre", group["pre"])
-            if r.returncode:
+            problem = hook(number, "pre", group["pre"])
+            if problem:
                 for item in group["items"]:
                     report.append({"group": number, "item": item, "status": "not run"})
-                stop(f"plan {name!r} stopped: the pre hook of group {number} failed "
-                     f"(exit {r.returncode})")
+                stop(f"plan {name!r} stopped: {problem}")
         results = {}
         em.emit("plan-step", message=f"plan {name}: group {number} of {len(groups)} started ("
                 f"{', '.join(group['items'])})")
@@ -285,10 +291,9 @@ def run_plan(vault, name, op, *, events=None, cancel=None, **options):
         if failed:
             stop(f"plan {name!r} stopped in group {number}: {', '.join(failed)} failed")
         if group["post"]:
-            r = hook(number, "post", group["post"])
-            if r.returncode:
-                stop(f"plan {name!r} stopped: the post hook of group {number} failed "
-                     f"(exit {r.returncode})")
+            problem = hook(number, "post", group["post"])
+            if problem:
+                stop(f"plan {name!r} stopped: {problem}")
         crashpoints.reached("plan.group")
     em.emit("finished", message=f"plan {name}: {op} done")
     return report

@@ -212,12 +212,12 @@ def _holder(fd):
             "wait for it to end, then run the command again")
 
 
-def held_by_another(directory):
-    """Whether a process holds the lock of the vault in `directory` now
-    (ask only when this process does not hold it)."""
+def _locked_by_another(path, absent):
+    """Whether another process holds a flock on `path` now; False when
+    opening it fails with one of `absent` (exception classes)."""
     try:
-        fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except absent:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -226,6 +226,12 @@ def held_by_another(directory):
         return True
     finally:
         os.close(fd)
+
+
+def held_by_another(directory):
+    """Whether a process holds the lock of the vault in `directory` now
+    (ask only when this process does not hold it)."""
+    return _locked_by_another(os.path.join(directory, LOCK_NAME), FileNotFoundError)
 
 
 def service_running(directory):

@@ -188,12 +188,39 @@ def test_alerts_lists_the_log(vault):
         cli(vault, "alerts", "--limit", "1", "--json").stdout)] == [3]
     assert json.loads(cli(vault, "alerts", "--since", "1h", "--json").stdout) == []
     text = cli(vault, "alerts").stdout.decode().splitlines()
-    assert len(text) == 3 and "db" in text[1] and "ok -> warning  (RPO 12 s, target 10 s)" \
-        in text[1]
+    assert len(text) == 3 and "db" in text[1]
+    assert text[1].endswith("ok -> warning  RPO 12 s, target 10 s")  # the message says no more
+    assert text[2].endswith("ok -> critical  no point, target 10 s: no point")
     for bad in (["--since", "yesterday"], ["--since", "0s"], ["--limit", "-1"],
                 ["--limit", "many"]):
         r = cli(vault, "alerts", *bad)
         assert r.returncode == 2, (bad, r.stderr)
+
+
+def test_alerts_text_is_one_line_that_does_not_round(vault):
+    with Vault(vault, writer=True) as v:
+        with v.store.transaction():
+            v.store.add_alert(1000.0, "vm", "ok", "warning", 5.24, 5.0,
+                              "ok -> warning: RPO 5.2 s > target 5 s")
+            v.store.add_alert(2000.0, "vm", "warning", "critical", 15.5, 5.0,
+                              "warning -> critical: RPO 15.5 s > critical 15 s")
+            v.store.add_alert(3000.0, "vm", "critical", "ok", 0.4, 2.5,
+                              "critical -> ok: RPO 0.4 s <= target 2.5 s")
+    text = cli(vault, "alerts").stdout.decode().splitlines()
+    assert text[0].endswith("  vm               ok -> warning  RPO 5.2 s, target 5 s"), text
+    assert text[1].endswith("warning -> critical  RPO 16 s, target 5 s: "
+                            "RPO 15.5 s > critical 15 s"), text  # it says more: the threshold
+    assert text[2].endswith("critical -> ok  RPO 0.4 s, target 2.5 s"), text
+    assert all(line.count("->") == 1 for line in text)
+
+
+def test_alerts_offers_no_lock_wait():
+    """A reader never waits for the writer's lock: --lock-wait is not its option."""
+    r = run_cli("alerts", "--help")
+    assert b"--lock-wait" not in r.stdout
+    text = " ".join(r.stdout.decode().split())
+    assert "between warning and critical" in text and "unknown, paused" not in text
+    assert run_cli("alerts", "--lock-wait", "5", "--vault", "/nonexistent").returncode == 2
 
 
 @pytest.mark.parametrize("cmd", [["policy"], ["alerts"], ["protect"], ["status"]])
@@ -222,3 +249,17 @@ def test_a_damaged_policy_is_reported_and_cleared_from_the_command_line(vault):
     assert r.returncode == 0, r.stderr
     assert policy_json(vault, "web")["policy"]["keep"] is None
     assert policy_json(vault, "web")["policy"]["target_rpo"] == 60.0
+
+
+def test_status_text_shows_the_next_retry_and_its_attempt(vault):
+    """docs/SERVICE.md: attempts and next_retry are shown by pydr status."""
+    import time as _time
+    when = 1_900_000_000.0
+    with Vault(vault, writer=True) as v:
+        v.set_item("solo", attempts=2, next_retry=when, health="warning", last_error="boom")
+    line = next(s for s in cli(vault, "status").stdout.decode().splitlines()
+                if s.startswith("solo:"))
+    assert f"retry at {_time.strftime('%H:%M:%S', _time.localtime(when))} (attempt 3)" in line
+    other = next(s for s in cli(vault, "status").stdout.decode().splitlines()
+                 if s.startswith("web:"))
+    assert "retry" not in other

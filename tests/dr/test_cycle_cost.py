@@ -184,3 +184,17 @@ def test_a_qemu_nbd_still_dies_with_pydr(tmp_path):
         assert ready == [pidfd], f"qemu-nbd {pid} outlived the pydr that started it"
     finally:
         os.close(pidfd)
+
+
+def test_a_vanished_source_sets_health_and_last_error(tmp_path, qcow2_item):
+    """A cycle that fails in its check (qemu-img info of a missing image)
+    records that on the item, as any failed cycle: health and last_error."""
+    img, _, vault = qcow2_item
+    img.rename(tmp_path / "away.qcow2")
+    r = run_cli("replicate", "vm", "--vault", vault)
+    assert r.returncode != 0
+    st = json.loads(run_cli("status", "vm", "--json", "--vault", vault).stdout)
+    st = st[0] if isinstance(st, list) else st
+    assert st["health"] in ("warning", "critical")
+    assert st["last_error"] and "No such file" in st["last_error"]
+    assert json.loads(run_cli("jobs", "--json", "--vault", vault).stdout)[0]["state"] == "failed"

@@ -20,8 +20,8 @@ from pydr.dr.vault import Vault, init_vault
 from pydr.errors import InvalidArgument
 
 from conftest import pydr_command, rchar, sha
-from qemuhelp import (cli, end_by_pidfd, qcow2_and_vault, qemu_io, raw_sha, replicate,
-                      start_storage_daemon)
+from qemuhelp import (DaemonSockets, cli, end_by_pidfd, qcow2_and_vault, qemu_io, raw_sha,
+                      replicate, start_qcow2_daemon)
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-img", "qemu-nbd", "qemu-io", "qemu-storage-daemon")),
@@ -269,7 +269,7 @@ def test_a_host_task_compares_the_whole_disk_when_granules_cover_over_half(qcow2
 # -- a live disk: what the qemu-storage-daemon reads for a tracked cycle --------------------
 
 
-class QcowDaemon:
+class QcowDaemon(DaemonSockets):
     """A 512 MiB qcow2 image held by qemu-storage-daemon (its file node with
     aio=threads, so every read is a read the daemon's threads count in
     /proc/PID/io rchar): an NBD export for its writer, a QMP socket for pydr."""
@@ -287,22 +287,8 @@ class QcowDaemon:
                         str(self.disk)], check=True)
         raw.unlink()
         self.qmp, self.nbd = tmp_path / "qmp.sock", tmp_path / "nbd.sock"
-        self.pid, self.pidfd = start_storage_daemon(
-            tmp_path / "qsd.pid",
-            "--blockdev", f"driver=file,node-name=file0,filename={self.disk},aio=threads",
-            "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
-            "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
-            "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
-            "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
-            "--monitor", "chardev=qmp0", sockets=(self.qmp, self.nbd))
-
-    @property
-    def spec(self):
-        return f"qmp:{self.qmp}:disk0?nbd={self.nbd}"
-
-    @property
-    def uri(self):
-        return f"nbd+unix:///disk0?socket={self.nbd}"
+        self.pid, self.pidfd = start_qcow2_daemon(tmp_path / "qsd.pid", self.disk, self.qmp,
+                                                  self.nbd, ",aio=threads")
 
     def rchar(self):
         """Bytes the daemon has read so far (files and sockets)."""

@@ -105,6 +105,29 @@ def waiting(history, expected):
             if pid not in expected and hour(at) == hour(history[newest][1])}
 
 
+def two_hours_of_points(v, src, clock):
+    """Item db protected, a point every 10 minutes (00:10 .. 02:00), then kept
+    by three hourly tiers: 00:50, 01:50 and 02:00 stay, 01:00 .. 01:40 are
+    thinned (merged), the older ones dropped. Returns the tiers."""
+    v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
+    for _ in range(12):  # 00:10 .. 02:00
+        src.cycle(v, clock)
+    tiers = Tiers(hourly=3)
+    set_policy(v.store, "item", "db", keep=tiers)
+    return tiers
+
+
+def to_keep(src, tiers, now):
+    """The points the tiers keep of those `src` made (its history)."""
+    return points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
+
+
+def thinned(src, expected):
+    """The points between the oldest and newest kept ones that are let go."""
+    return [pid for pid in src.history if min(expected) < pid < max(expected)
+            and pid not in expected]
+
+
 def check_kept_points(v, src, tmp_path, tag):
     """Every point the vault has materialises to its source's bytes; the
     steps directory holds exactly the files the steps rows name (one per
@@ -139,13 +162,13 @@ def test_tiers_keep_their_points_exact_and_merge_the_rest(tmp_path, vault_dir, c
         now = clock.at + 3600  # an hour later: within keeps nothing more than the newest
         notes = apply_retention(v.store, "db", now)
         assert notes == []  # every step here is on this machine and mergeable
-        expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
+        expected = to_keep(src, tiers, now)
         kept = check_kept_points(v, src, tmp_path, "final")
         later = waiting(src.history, expected)
         assert later and set(kept) == expected | later
         src.cycle(v, clock, minutes=60)  # a new hour: the last one's rep is kept for good
         now = clock.at + 60
-        expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
+        expected = to_keep(src, tiers, now)
         assert apply_retention(v.store, "db", now) == []
         kept = check_kept_points(v, src, tmp_path, "next hour")
         assert set(kept) == expected | waiting(src.history, expected)
@@ -213,10 +236,7 @@ def test_steps_that_cannot_be_merged_stay_and_a_note_says_so(tmp_path, vault_dir
                                                              monkeypatch):
     src = Source(tmp_path, seed=7)
     with Vault(vault_dir, writer=True) as v:
-        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
-        for _ in range(12):  # 00:10 .. 02:00
-            src.cycle(v, clock)
-        set_policy(v.store, "item", "db", keep=Tiers(hourly=3))
+        two_hours_of_points(v, src, clock)
         before = {r.path for r in v.store.steps("db")}
         monkeypatch.setattr(stepmerge, "_local", lambda vault, name, spec: None)  # "another host"
         notes = apply_retention(v.store, "db", clock.at + 60)
@@ -235,10 +255,7 @@ def test_a_merge_that_fails_for_now_leaves_its_point_for_the_next_retention(
         tmp_path, vault_dir, clock, monkeypatch):
     src = Source(tmp_path, seed=3)
     with Vault(vault_dir, writer=True) as v:
-        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
-        for _ in range(12):  # 00:10 .. 02:00
-            src.cycle(v, clock)
-        set_policy(v.store, "item", "db", keep=Tiers(hourly=3))
+        tiers = two_hours_of_points(v, src, clock)
         now = clock.at + 60
 
         def no_space(steps, dest):
@@ -249,10 +266,8 @@ def test_a_merge_that_fails_for_now_leaves_its_point_for_the_next_retention(
         monkeypatch.setattr(stepmerge, "merge_chain", no_space)
         notes = apply_retention(v.store, "db", now)
         assert len(notes) == 1 and "could not be merged now" in notes[0], notes
-        expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()],
-                                  Tiers(hourly=3), now)
-        middle = [pid for pid in src.history if min(expected) < pid < max(expected)
-                  and pid not in expected]
+        expected = to_keep(src, tiers, now)
+        middle = thinned(src, expected)
         assert len(middle) == 5
         assert {p.id for p in v.store.points("db")} >= set(middle)  # they stay, for later
         monkeypatch.undo()
@@ -264,10 +279,7 @@ def test_a_merge_that_fails_for_now_leaves_its_point_for_the_next_retention(
 def test_a_damaged_step_is_not_merged_and_marks_its_points(tmp_path, vault_dir, clock):
     src = Source(tmp_path, seed=9)
     with Vault(vault_dir, writer=True) as v:
-        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
-        for _ in range(12):  # 00:10 .. 02:00
-            src.cycle(v, clock)
-        set_policy(v.store, "item", "db", keep=Tiers(hourly=3))
+        two_hours_of_points(v, src, clock)
         victim = v.store.steps("db")[-2]  # the step of the 01:10 point, which is thinned
         raw = bytearray(open(victim.path, "rb").read())
         raw[J.HEADER_SIZE + 64 + 10] ^= 0xFF  # in the first record's payload
@@ -286,13 +298,9 @@ def test_a_damaged_step_is_not_merged_and_marks_its_points(tmp_path, vault_dir, 
 def test_a_drills_point_stays_whatever_the_tiers_say(tmp_path, vault_dir, clock):
     src = Source(tmp_path, seed=13)
     with Vault(vault_dir, writer=True) as v:
-        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
-        for _ in range(12):  # 00:10 .. 02:00
-            src.cycle(v, clock)
-        tiers = Tiers(hourly=3)
-        set_policy(v.store, "item", "db", keep=tiers)
+        tiers = two_hours_of_points(v, src, clock)
         now = clock.at + 60
-        expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
+        expected = to_keep(src, tiers, now)
         drilled = min(pid for pid in src.history if pid > min(expected))  # one to be thinned
         drills.test_failover(v.store, "db", str(tmp_path / "drill"), drilled)
         assert apply_retention(v.store, "db", now) == []
@@ -335,18 +343,11 @@ def test_a_kill_during_a_merge_is_finished_by_the_next_retention(tmp_path, vault
                                                                  kill):
     src = Source(tmp_path, seed=11)
     with Vault(vault_dir, writer=True) as v:
-        v.protect("db", [(str(src.path), str(src.replica))], retention=1000)
-        for _ in range(12):  # 00:10 .. 02:00
-            src.cycle(v, clock)
-        # the newest point of each of the last three hours: 00:50, 01:50 and 02:00;
-        # 01:00 .. 01:40 are thinned (merged), the older ones dropped
-        tiers = Tiers(hourly=3)
-        set_policy(v.store, "item", "db", keep=tiers)
+        tiers = two_hours_of_points(v, src, clock)
     now = clock.at + 60
-    expected = points_to_keep([(pid, at) for pid, (_, at) in src.history.items()], tiers, now)
+    expected = to_keep(src, tiers, now)
     assert len(expected) == 3  # 00:50, 01:50 and 02:00; 01:00 .. 01:40 thinned, merged
-    assert len([pid for pid in src.history if min(expected) < pid < max(expected)
-                and pid not in expected]) == 5
+    assert len(thinned(src, expected)) == 5
     env = dict(os.environ, PYDR_CRASH_AT=kill)
     r = subprocess.run([sys.executable, "-c", RETENTION, str(vault_dir), repr(now)], env=env,
                        capture_output=True, cwd=tmp_path, timeout=300)

@@ -181,22 +181,24 @@ def test_damage_is_refused_naming_the_step_and_nothing_is_left(tmp_path):
         merge_steps(older, older, str(tmp_path / "m"))
 
 
+def draw_records(draw, limit, most):
+    """Up to `most` records of a step within `limit` bytes: (offset, length)
+    of zeros, or (offset, bytes) of one drawn value."""
+    out = []
+    for _ in range(draw(st.integers(0, most))):
+        off = draw(st.integers(0, limit - 1))
+        length = draw(st.integers(1, limit - off))
+        if draw(st.booleans()):
+            out.append((off, length))
+        else:
+            out.append((off, bytes([draw(st.integers(1, 255))]) * length))
+    return out
+
+
 @st.composite
 def journals(draw):
     s0, s1, s2 = (draw(st.integers(1, 3000)) for _ in range(3))
-
-    def records(limit):
-        out = []
-        for _ in range(draw(st.integers(0, 6))):
-            off = draw(st.integers(0, limit - 1))
-            length = draw(st.integers(1, limit - off))
-            if draw(st.booleans()):
-                out.append((off, length))
-            else:
-                out.append((off, bytes([draw(st.integers(1, 255))]) * length))
-        return out
-
-    return (s0, s1, s2), records(max(s0, s1)), records(max(s1, s2))
+    return (s0, s1, s2), draw_records(draw, max(s0, s1), 6), draw_records(draw, max(s1, s2), 6)
 
 
 @settings(max_examples=60, deadline=None,
@@ -215,19 +217,7 @@ def test_any_two_journals_merge_to_rolling_back_both(tmp_path, case):
 @st.composite
 def chains(draw):
     sizes = [draw(st.integers(1, 3000)) for _ in range(draw(st.integers(3, 5)))]
-
-    def records(limit):
-        out = []
-        for _ in range(draw(st.integers(0, 5))):
-            off = draw(st.integers(0, limit - 1))
-            length = draw(st.integers(1, limit - off))
-            if draw(st.booleans()):
-                out.append((off, length))
-            else:
-                out.append((off, bytes([draw(st.integers(1, 255))]) * length))
-        return out
-
-    return sizes, [records(max(a, b)) for a, b in zip(sizes, sizes[1:])]
+    return sizes, [draw_records(draw, max(a, b), 5) for a, b in zip(sizes, sizes[1:])]
 
 
 @settings(max_examples=60, deadline=None,

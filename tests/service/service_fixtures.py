@@ -25,7 +25,7 @@ import pytest
 from pydr.dr.vault import Vault, init_vault
 
 from conftest import pydr_command
-from qemuhelp import cli, end_by_pidfd, start_storage_daemon
+from qemuhelp import DaemonSockets, cli, end_by_pidfd, start_qcow2_daemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
@@ -37,7 +37,7 @@ needs_qemu = pytest.mark.skipif(
     reason="needs qemu-utils and qemu-system-common (scripts/bootstrap installs them)")
 
 
-class QsdDisk:
+class QsdDisk(DaemonSockets):
     """A qcow2 image held by qemu-storage-daemon: node disk0, an NBD export
     "disk0" (writable, for the guest's writer) and a QMP socket; its dirty
     bitmaps live in the daemon."""
@@ -53,28 +53,11 @@ class QsdDisk:
         self.pidfd = None
         self.start()
 
-    @property
-    def spec(self):
-        """The disk as `pydr protect --disk` takes it."""
-        return f"qmp:{self.qmp}:disk0?nbd={self.nbd}"
-
-    @property
-    def uri(self):
-        """The writer's NBD URI."""
-        return f"nbd+unix:///disk0?socket={self.nbd}"
-
     def start(self):
         for s in (self.qmp, self.nbd):
             if os.path.exists(s):
                 os.unlink(s)
-        _, self.pidfd = start_storage_daemon(
-            self.image + ".pid",
-            "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
-            "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
-            "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
-            "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
-            "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
-            "--monitor", "chardev=qmp0", sockets=(self.qmp, self.nbd))
+        _, self.pidfd = start_qcow2_daemon(self.image + ".pid", self.image, self.qmp, self.nbd)
 
     def stop(self):
         if self.pidfd is not None:

@@ -17,7 +17,7 @@ from pydr.dr.warm import WarmState
 from pydr.errors import InvalidState, TrackingLost
 
 from conftest import sha
-from qemuhelp import cli, end_by_pidfd, qemu_io, start_storage_daemon
+from qemuhelp import DaemonSockets, cli, end_by_pidfd, qemu_io, start_qcow2_daemon
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-img", "qemu-nbd", "qemu-io", "qemu-storage-daemon")),
@@ -37,7 +37,7 @@ def make_image(path):
     qemu_io(path, "write -P 0x11 0 8M", "write -P 0x12 32M 1M")
 
 
-class LiveDisk:
+class LiveDisk(DaemonSockets):
     """A qcow2 image held by qemu-storage-daemon: NBD for its writer, QMP for pydr."""
 
     def __init__(self, d):
@@ -52,18 +52,8 @@ class LiveDisk:
         for s in (self.qmp, self.nbd):
             if s.exists():
                 s.unlink()
-        self.pid, self.pidfd = start_storage_daemon(
-            self.dir / "qsd.pid",
-            "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
-            "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
-            "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
-            "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
-            "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
-            "--monitor", "chardev=qmp0", sockets=(self.qmp, self.nbd))
-
-    @property
-    def spec(self):
-        return f"qmp:{self.qmp}:disk0?nbd={self.nbd}"
+        self.pid, self.pidfd = start_qcow2_daemon(self.dir / "qsd.pid", self.image,
+                                                  self.qmp, self.nbd)
 
     def write(self, offset, length, pattern):
         qemu_io(f"nbd+unix:///disk0?socket={self.nbd}",
