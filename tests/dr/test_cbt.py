@@ -282,3 +282,109 @@ def test_changes_over_half_the_disk_are_compared_whole_and_stay_tracked(live, tm
     disk.write(50 * MiB, 4096, "0x42")
     again = replicate(vault)
     assert again["bytes_read"] < MiB and sha(replica) == sha(disk.disk)
+
+
+def qmp_lists(disk):
+    """{command: its list} of the daemon's block jobs, named nodes and exports."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(disk.qmp))
+        f = s.makefile("rwb")
+        f.readline()
+        out = {}
+        for cmd in ("qmp_capabilities", "query-block-jobs", "query-named-block-nodes",
+                    "query-block-exports"):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while "event" in (reply := json.loads(f.readline())):
+                pass
+            out[cmd] = reply["return"]
+    return out
+
+
+def pydr_names(disk):
+    """Every job, node and export of pydr's in the daemon (by their names)."""
+    lists = qmp_lists(disk)
+    return ([j["device"] for j in lists["query-block-jobs"] if j["device"].startswith("pydr")]
+            + [n["node-name"] for n in lists["query-named-block-nodes"]
+               if n["node-name"].startswith("pydr")]
+            + [e["id"] for e in lists["query-block-exports"] if e["id"].startswith("pydr")])
+
+
+#: the crash points of a cycle while its fleece is held (between its set-up and tear-down)
+FLEECE_POINTS = ("cycle.cut", "cycle.disk", "cycle.steps")
+
+
+@pytest.mark.parametrize("crash_point", FLEECE_POINTS)
+def test_a_cycle_killed_while_its_fleece_is_held_then_the_same_command_again(
+        crash_point, live, tmp_path):
+    """kill -9 of a tracked cycle of a live disk while its fleece is held
+    leaves the backup job, overlay and export in the daemon (pydr-N busy);
+    the same command again removes them before its cut and succeeds, its
+    point exact, and nothing of pydr's is left in the daemon."""
+    disk, vault, replica = live
+    replicate(vault)
+    disk.write(7 * MiB, 8192, "0x51")
+    r = cli(vault, "replicate", "vm", env={**os.environ, "PYDR_CRASH_AT": crash_point})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert pydr_names(disk), "the kill left no fleece: the test tests nothing"
+    disk.write(9 * MiB, 4096, "0x52")
+    res = replicate(vault)
+    assert sha(replica) == sha(disk.disk)
+    assert res["bytes_read"] < 2 * MiB, res  # still a tracked cycle
+    assert pydr_names(disk) == []
+    st = status(vault)
+    assert st["state"] == "protected" and not st["last_error"], st
+    assert list(disk.bitmaps()) == [st["disks"][0]["tracking"]["bitmap"]]
+    disk.write(11 * MiB, 4096, "0x53")
+    again = replicate(vault)
+    assert again["bytes_read"] < MiB and sha(replica) == sha(disk.disk)
+    assert pydr_names(disk) == []
+
+
+def test_another_programs_job_node_and_export_are_left_alone(live, tmp_path):
+    """What pydr did not name for this node stays through its cycles: a
+    backup job, overlay and export of other names (another program's
+    fleece of another node), pydr's own names for another node (another
+    pydr's fleece), an overlay and an export of this node of other names."""
+    from pydr.transport.qemu import Qmp, fleece_tag, qemu_img
+
+    disk, vault, replica = live
+    other = tmp_path / "other.img"
+    with open(other, "wb") as f:
+        f.truncate(64 * MiB)
+    scratch = {}
+    for name in ("theirs", "pydrs", "pydrish"):
+        scratch[name] = tmp_path / f"{name}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", str(scratch[name]), str(64 * MiB))
+    tag = f"{fleece_tag('disk1')}-aaaaaa"
+    with Qmp(str(disk.qmp)) as q:
+        q.execute("blockdev-add", driver="raw", **{"node-name": "disk1"},
+                  file={"driver": "file", "filename": str(other)})
+        for overlay, base, name, job in (("fleece-theirs", "disk1", "theirs", "job-theirs"),
+                                         (f"pydr-fleece-{tag}", "disk1", "pydrs",
+                                          f"pydr-job-{tag}")):
+            q.execute("blockdev-add", driver="qcow2", **{"node-name": overlay},
+                      file={"driver": "file", "filename": str(scratch[name])}, backing=base)
+            q.execute("blockdev-backup", device=base, target=overlay, sync="none",
+                      **{"job-id": job})
+        q.execute("block-export-add", type="nbd", id="export-theirs",
+                  **{"node-name": "fleece-theirs"}, name="theirs", writable=False)
+        q.execute("block-export-add", type="nbd", id=f"pydr-{tag}",
+                  **{"node-name": f"pydr-fleece-{tag}"}, name=f"pydr-{tag}", writable=False)
+        q.execute("blockdev-add", driver="qcow2", **{"node-name": "pydrish"},
+                  file={"driver": "file", "filename": str(scratch["pydrish"])}, backing="disk0",
+                  **{"read-only": True})
+        q.execute("block-export-add", type="nbd", id="pydr-of-disk0",
+                  **{"node-name": "disk0"}, name="pydr-of-disk0", writable=False)
+    before = qmp_lists(disk)
+    for _ in range(2):
+        res = replicate(vault)
+        assert res["point_id"] and sha(replica) == sha(disk.disk)
+    after = qmp_lists(disk)
+    assert sorted(j["device"] for j in after["query-block-jobs"]) == \
+        sorted(j["device"] for j in before["query-block-jobs"]) == ["job-theirs", f"pydr-job-{tag}"]
+    assert sorted(e["id"] for e in after["query-block-exports"]) == \
+        sorted(e["id"] for e in before["query-block-exports"])
+    assert {n["node-name"] for n in after["query-named-block-nodes"]} == \
+        {n["node-name"] for n in before["query-named-block-nodes"]}
+    assert all(p.exists() for p in scratch.values())
