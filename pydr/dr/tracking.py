@@ -263,6 +263,10 @@ class QmpTracker(Tracker):
         return self.source.bitmap_command(command, **args)
 
     def bitmaps(self):
+        # a killed cycle's fleece holds its bitmaps busy: gone first (validate, cut)
+        clear = getattr(self.source, "clear_left_fleeces", None)
+        if clear is not None:
+            clear()
         return self.source.bitmaps()
 
     @staticmethod
