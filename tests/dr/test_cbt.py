@@ -426,3 +426,45 @@ def test_normalize_records_a_write_made_while_it_merges(live, tmp_path):
     assert after["pydr-1"]["count"] >= 4096, after
     res = replicate(vault)
     assert sha(replica) == sha(disk.disk) and res["bytes_read"] < 2 * MiB, res
+
+
+class OwnServerDisk(LiveDisk):
+    """A LiveDisk whose daemon runs no NBD server: pydr starts its own for
+    each fleece (qmp:SOCKET:NODE without ?nbd=); nothing writes to it."""
+
+    @property
+    def spec(self):
+        return f"qmp:{self.qmp}:disk0"
+
+    def start(self):
+        if self.qmp.exists():
+            self.qmp.unlink()
+        _, self.pidfd = start_storage_daemon(
+            self.disk.with_name("qsd.pid"),
+            "--blockdev", f"driver=file,node-name=file0,filename={self.disk}",
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
+            "--monitor", "chardev=qmp0", sockets=(self.qmp,))
+
+
+def test_a_killed_cycle_with_pydrs_own_nbd_server_then_the_same_command_again(tmp_path):
+    """Without ?nbd= the killed cycle's NBD server (pydr's, on a socket in its
+    fleece's directory) stays too: the next cycle stops it with the rest."""
+    disk = OwnServerDisk(tmp_path)
+    try:
+        vault = tmp_path / "vault"
+        init_vault(vault)
+        replica = tmp_path / "replica.img"
+        r = cli(vault, "protect", "vm", "--disk", f"{disk.spec}={replica}", "--cbt")
+        assert r.returncode == 0, r.stderr
+        replicate(vault)
+        r = cli(vault, "replicate", "vm", env={**os.environ, "PYDR_CRASH_AT": "cycle.disk"})
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        assert pydr_names(disk)
+        for _ in range(2):
+            res = replicate(vault)
+            assert sha(replica) == sha(disk.disk) and res["point_id"]
+            assert pydr_names(disk) == []
+        assert status(vault)["state"] == "protected"
+    finally:
+        disk.stop()
