@@ -156,6 +156,7 @@ class LiveDisk:
             f.truncate(64 * MiB)
             f.write(random.Random(9).randbytes(8 * MiB))
         self.qmp, self.nbd = tmp_path / "qmp.sock", tmp_path / "nbd.sock"
+        self.qmp2 = tmp_path / "qmp2.sock"
         self.start()
 
     @property
@@ -163,7 +164,7 @@ class LiveDisk:
         return f"qmp:{self.qmp}:disk0?nbd={self.nbd}"
 
     def start(self):
-        for s in (self.qmp, self.nbd):
+        for s in (self.qmp, self.nbd, self.qmp2):
             if s.exists():
                 s.unlink()
         _, self.pidfd = start_storage_daemon(
@@ -173,7 +174,10 @@ class LiveDisk:
             "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
             "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
             "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
-            "--monitor", "chardev=qmp0", sockets=(self.qmp, self.nbd))
+            "--monitor", "chardev=qmp0",
+            # a second monitor: a test looks while a stopped pydr holds the first
+            "--chardev", f"socket,path={self.qmp2},server=on,wait=off,id=qmp1",
+            "--monitor", "chardev=qmp1", sockets=(self.qmp, self.nbd, self.qmp2))
 
     def _signal(self, sig):
         """Send `sig` and wait until the daemon is gone (its pidfd readable)."""
@@ -284,10 +288,11 @@ def test_changes_over_half_the_disk_are_compared_whole_and_stay_tracked(live, tm
     assert again["bytes_read"] < MiB and sha(replica) == sha(disk.disk)
 
 
-def qmp_lists(disk):
-    """{command: its list} of the daemon's block jobs, named nodes and exports."""
+def qmp_lists(disk, monitor=None):
+    """{command: its list} of the daemon's block jobs, named nodes and exports
+    (through `monitor`, default the first)."""
     with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(disk.qmp))
+        s.connect(str(monitor or disk.qmp))
         f = s.makefile("rwb")
         f.readline()
         out = {}
@@ -301,13 +306,24 @@ def qmp_lists(disk):
     return out
 
 
-def pydr_names(disk):
+def pydr_names(disk, monitor=None):
     """Every job, node and export of pydr's in the daemon (by their names)."""
-    lists = qmp_lists(disk)
+    lists = qmp_lists(disk, monitor)
     return ([j["device"] for j in lists["query-block-jobs"] if j["device"].startswith("pydr")]
             + [n["node-name"] for n in lists["query-named-block-nodes"]
                if n["node-name"].startswith("pydr")]
             + [e["id"] for e in lists["query-block-exports"] if e["id"].startswith("pydr")])
+
+
+def scratch_files(disk):
+    """The scratch files of pydr's overlays in the daemon (their node's file,
+    a json: pseudo-filename when the backing is a node)."""
+    out = []
+    for n in qmp_lists(disk)["query-named-block-nodes"]:
+        if n["node-name"].startswith("pydr-fleece-"):
+            f = n["file"]
+            out.append(json.loads(f[5:])["file"]["filename"] if f.startswith("json:") else f)
+    return out
 
 
 #: the crash points of a cycle while its fleece is held (between its set-up and tear-down)
@@ -327,8 +343,11 @@ def test_a_cycle_killed_while_its_fleece_is_held_then_the_same_command_again(
     r = cli(vault, "replicate", "vm", env={**os.environ, "PYDR_CRASH_AT": crash_point})
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert pydr_names(disk), "the kill left no fleece: the test tests nothing"
+    scratch = scratch_files(disk)
+    assert scratch and all(os.path.exists(f) for f in scratch), scratch
     disk.write(9 * MiB, 4096, "0x52")
     res = replicate(vault)
+    assert not [f for f in scratch if os.path.exists(os.path.dirname(f))], scratch
     assert sha(replica) == sha(disk.disk)
     assert res["bytes_read"] < 2 * MiB, res  # still a tracked cycle
     assert pydr_names(disk) == []
@@ -468,3 +487,31 @@ def test_a_killed_cycle_with_pydrs_own_nbd_server_then_the_same_command_again(tm
         assert status(vault)["state"] == "protected"
     finally:
         disk.stop()
+
+
+def test_a_fleece_a_live_pydr_holds_is_not_cleared_as_left(live, tmp_path):
+    """A cycle stopped while it holds its fleece (PYDR_STOP_AT=cycle.cut): a
+    clearing of the node's left fleeces (what another pydr's fleece of the
+    node does first) leaves it alone; the stopped cycle then ends well."""
+    from pydr.transport.qemu import Qmp, clear_left_fleeces
+
+    disk, vault, replica = live
+    replicate(vault)
+    disk.write(13 * MiB, 4096, "0x71")
+    p = subprocess.Popen(pydr_command() + ["replicate", "vm", "--vault", str(vault), "--json"],
+                         env={**os.environ, "PYDR_STOP_AT": "cycle.cut"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, st = os.waitpid(p.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(st)
+        held = pydr_names(disk, disk.qmp2)  # the first monitor: the stopped pydr's
+        assert len(held) == 3, held  # its job, overlay and export
+        with Qmp(str(disk.qmp2)) as q:
+            assert clear_left_fleeces(q, "disk0", nbd_socket=str(disk.nbd)) == []
+        assert pydr_names(disk, disk.qmp2) == held
+        at_cut = sha(disk.disk)
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert sha(replica) == at_cut and pydr_names(disk) == []
