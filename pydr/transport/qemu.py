@@ -321,6 +321,8 @@ class Fleece:
         tag = f"{fleece_tag(node)}-{uuid.uuid4().hex[:6]}"  # node-names: 31 characters at most
         self.overlay, self.job, self.export = f"pydr-fleece-{tag}", f"pydr-job-{tag}", f"pydr-{tag}"
         self.dir = tempfile.mkdtemp(prefix="pydr-fleece-")
+        # held while this process lives: clear_left_fleeces leaves a held fleece alone
+        self._held = _hold(os.path.join(self.dir, "held"))
         # QEMU runs one NBD server: pydr's own, or the one it runs already (nbd_socket)
         self.socket = nbd_socket or os.path.join(self.dir, "nbd.sock")
         self.done = []
@@ -381,6 +383,9 @@ class Fleece:
                 q.execute("blockdev-del", **{"node-name": self.overlay})
         shutil.rmtree(self.dir, ignore_errors=True)
         self.done = []
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
 
 def fleece_tag(node):
@@ -404,6 +409,33 @@ def _wait_gone(qmp, command, key, value):
         waited = _pause(waited)
 
 
+def _hold(path):
+    """An fd of `path` (created) with an exclusive flock on it: a process's
+    mark that lasts exactly as long as it does."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _held(directory):
+    """Whether a live process holds the fleece of `directory` (_hold)."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(directory, "held"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False  # none: made by a pydr killed before it held it, or gone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _scratch_file(filename):
     """The scratch file of an overlay from its node's filename (a json:
     pseudo-filename when its backing is another node)."""
@@ -422,15 +454,22 @@ def clear_left_fleeces(qmp, node, *, nbd_socket=None):
     wait for their end, remove its NBD exports, the NBD server pydr started
     (when `nbd_socket` is None and the server's socket is in the left
     fleece's directory), its overlay nodes and their scratch directories.
-    Another program's jobs, exports and nodes are never touched. Returns
+    A fleece a live pydr holds (the flock in its directory) is not left:
+    it stays. Another program's jobs, exports and nodes are never touched. Returns
     the names removed (jobs, exports, overlays)."""
     tag = fleece_tag(node)
-    jobs = [j["device"] for j in qmp.execute("query-block-jobs")
-            if str(j.get("device", "")).startswith(f"pydr-job-{tag}-")]
-    exports = [e["id"] for e in qmp.execute("query-block-exports")
-               if str(e.get("id", "")).startswith(f"pydr-{tag}-")]
     overlays = {n["node-name"]: n.get("file", "") for n in qmp.execute("query-named-block-nodes")
                 if str(n.get("node-name", "")).startswith(f"pydr-fleece-{tag}-")}
+    # a fleece another pydr holds now (its directory's flock) is its, not left
+    live = {name[len(f"pydr-fleece-{tag}-"):] for name, f in overlays.items()
+            if _held(os.path.dirname(_scratch_file(f)))}
+    overlays = {n: f for n, f in overlays.items() if n[len(f"pydr-fleece-{tag}-"):] not in live}
+    jobs = [j["device"] for j in qmp.execute("query-block-jobs")
+            if str(j.get("device", "")).startswith(f"pydr-job-{tag}-")
+            and j["device"][len(f"pydr-job-{tag}-"):] not in live]
+    exports = [e["id"] for e in qmp.execute("query-block-exports")
+               if str(e.get("id", "")).startswith(f"pydr-{tag}-")
+               and e["id"][len(f"pydr-{tag}-"):] not in live]
     for job in jobs:  # first: the job writes into the overlay
         with contextlib.suppress(QmpError):  # it may have ended meanwhile
             qmp.execute("block-job-cancel", device=job, force=True)
