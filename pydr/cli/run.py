@@ -2,6 +2,7 @@
 (pydr.dr.service). Signals: SIGTERM or SIGINT ends it after the running
 cycles (a second one cancels them), SIGHUP re-reads the policies."""
 
+import dataclasses
 import json
 import signal
 import sys
@@ -66,6 +67,28 @@ class _LineEvents:
             sys.stdout.flush()
 
 
+class _SaysMetrics:
+    """--metrics: at the first round's "started" event (the port is bound by
+    then: Service.metrics_port), one line on standard error naming the
+    metrics' URL, which that event's message names too; every event then
+    goes on to `sink` (None: none)."""
+
+    def __init__(self, sink):
+        self.sink, self.service, self.said = sink, None, False
+
+    def __call__(self, event):
+        if not self.said and event.operation == "run" and event.kind == "started" \
+                and self.service is not None and self.service.metrics_port is not None:
+            self.said = True
+            host = self.service.metrics_address[0]
+            host = f"[{host}]" if ":" in host else host
+            url = f"http://{host}:{self.service.metrics_port}/metrics"
+            print(f"pydr run: metrics at {url}", file=sys.stderr, flush=True)
+            event = dataclasses.replace(event, message=f"{event.message}; metrics at {url}")
+        if self.sink is not None:
+            self.sink(event)
+
+
 def _install_signals(service):
     """SIGTERM/SIGINT: stop (finish), a second: cancel; SIGHUP: reload.
     The previous handlers, to restore."""
@@ -91,8 +114,11 @@ def cmd_run(args):
     if args.json and not args.once:
         raise ValueError("--json goes with --once (the service's events: --events)")
     sink = _LineEvents() if args.events else None
+    says = _SaysMetrics(sink) if args.metrics is not None else None
     service = Service(vault_dir(args), jobs=args.jobs, scheduler=args.scheduler,
-                      metrics=args.metrics, events=sink, warm=args.warm)
+                      metrics=args.metrics, events=says or sink, warm=args.warm)
+    if says is not None:
+        says.service = service
     old = _install_signals(service)
     try:
         if args.once:

@@ -149,13 +149,15 @@ class Tracker:
         once per cut (each listing of a qcow2 image is a qemu-img process);
         None lists them here. Returns the bitmaps as they are after it."""
         found = dict(self.bitmaps() if found is None else found)
+        # recording again before the others are merged and removed: a write
+        # in between is in both, never in neither
+        if self.current in found and not self.recording(found[self.current]):
+            self.enable(self.current)  # disabled by a cut that was killed after it
         for name in [n for n in found if n.startswith(PREFIX) and n != self.current]:
             if self.current in found:
                 self.merge(name, self.current)
             self.remove(name)
             del found[name]
-        if self.current in found and not self.recording(found[self.current]):
-            self.enable(self.current)  # disabled by a cut that was killed after it
         return found
 
     @contextlib.contextmanager
@@ -263,6 +265,10 @@ class QmpTracker(Tracker):
         return self.source.bitmap_command(command, **args)
 
     def bitmaps(self):
+        # a killed cycle's fleece holds its bitmaps busy: gone first (validate, cut)
+        clear = getattr(self.source, "clear_left_fleeces", None)
+        if clear is not None:
+            clear()
         return self.source.bitmaps()
 
     @staticmethod

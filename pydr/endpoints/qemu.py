@@ -282,6 +282,14 @@ class QmpEndpoint(InProcess, Endpoint):
         with self.qmp() as q:
             return node_bitmaps(q, self.node)
 
+    def clear_left_fleeces(self):
+        """Remove what a killed pydr left of its fleeces of this node (its
+        backup job keeps pydr's bitmaps busy): pydr.transport.qemu's."""
+        from ..transport.qemu import clear_left_fleeces
+
+        with self.qmp() as q:
+            return clear_left_fleeces(q, self.node, nbd_socket=self.nbd_socket)
+
     def bitmap_command(self, command, **arguments):
         """A block-dirty-bitmap-* QMP command on this node."""
         with self.qmp() as q:

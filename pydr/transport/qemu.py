@@ -317,9 +317,12 @@ class Fleece:
         import uuid
 
         self.qmp, self.node = qmp, node
-        tag = uuid.uuid4().hex[:8]
+        clear_left_fleeces(qmp, node, nbd_socket=nbd_socket)  # a killed pydr's, on this node
+        tag = f"{fleece_tag(node)}-{uuid.uuid4().hex[:6]}"  # node-names: 31 characters at most
         self.overlay, self.job, self.export = f"pydr-fleece-{tag}", f"pydr-job-{tag}", f"pydr-{tag}"
         self.dir = tempfile.mkdtemp(prefix="pydr-fleece-")
+        # held while this process lives: clear_left_fleeces leaves a held fleece alone
+        self._held = _hold(os.path.join(self.dir, "held"))
         # QEMU runs one NBD server: pydr's own, or the one it runs already (nbd_socket)
         self.socket = nbd_socket or os.path.join(self.dir, "nbd.sock")
         self.done = []
@@ -380,6 +383,112 @@ class Fleece:
                 q.execute("blockdev-del", **{"node-name": self.overlay})
         shutil.rmtree(self.dir, ignore_errors=True)
         self.done = []
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+
+def fleece_tag(node):
+    """The part of the names of a fleece of block node `node` (its overlay
+    pydr-fleece-TAG-*, backup job pydr-job-TAG-*, export pydr-TAG-*) that
+    says which node it is of: 8 hex digits of the node name's SHA-256 (a
+    node name may be longer than a node name may hold, or start with '#')."""
+    import hashlib
+
+    return hashlib.sha256(node.encode()).hexdigest()[:8]
+
+
+def _wait_gone(qmp, command, key, value):
+    """Wait until no entry of `command`'s list has `key` == `value` (about 4 s);
+    QemuError if it stays."""
+    waited = 0
+    while any(e.get(key) == value for e in qmp.execute(command)):
+        if waited >= 850:
+            raise QemuError(f"QEMU at {qmp.path} still lists {value!r} ({command})",
+                            path=qmp.path)
+        waited = _pause(waited)
+
+
+def _hold(path):
+    """An fd of `path` (created) with an exclusive flock on it: a process's
+    mark that lasts exactly as long as it does."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _held(directory):
+    """Whether a live process holds the fleece of `directory` (_hold)."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(directory, "held"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False  # none: made by a pydr killed before it held it, or gone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _scratch_file(filename):
+    """The scratch file of an overlay from its node's filename (a json:
+    pseudo-filename when its backing is another node)."""
+    if filename.startswith("json:"):
+        try:
+            child = json.loads(filename[len("json:"):]).get("file") or {}
+        except ValueError:
+            return ""
+        return child.get("filename", "") if isinstance(child, dict) else ""
+    return filename
+
+
+def clear_left_fleeces(qmp, node, *, nbd_socket=None):
+    """Remove what a killed pydr left of its fleeces of block node `node`
+    (found by their names only: fleece_tag): cancel its backup jobs and
+    wait for their end, remove its NBD exports, the NBD server pydr started
+    (when `nbd_socket` is None and the server's socket is in the left
+    fleece's directory), its overlay nodes and their scratch directories.
+    A fleece a live pydr holds (the flock in its directory) is not left:
+    it stays. Another program's jobs, exports and nodes are never touched. Returns
+    the names removed (jobs, exports, overlays)."""
+    tag = fleece_tag(node)
+    overlays = {n["node-name"]: n.get("file", "") for n in qmp.execute("query-named-block-nodes")
+                if str(n.get("node-name", "")).startswith(f"pydr-fleece-{tag}-")}
+    # a fleece another pydr holds now (its directory's flock) is its, not left
+    live = {name[len(f"pydr-fleece-{tag}-"):] for name, f in overlays.items()
+            if _held(os.path.dirname(_scratch_file(f)))}
+    overlays = {n: f for n, f in overlays.items() if n[len(f"pydr-fleece-{tag}-"):] not in live}
+    jobs = [j["device"] for j in qmp.execute("query-block-jobs")
+            if str(j.get("device", "")).startswith(f"pydr-job-{tag}-")
+            and j["device"][len(f"pydr-job-{tag}-"):] not in live]
+    exports = [e["id"] for e in qmp.execute("query-block-exports")
+               if str(e.get("id", "")).startswith(f"pydr-{tag}-")
+               and e["id"][len(f"pydr-{tag}-"):] not in live]
+    for job in jobs:  # first: the job writes into the overlay
+        with contextlib.suppress(QmpError):  # it may have ended meanwhile
+            qmp.execute("block-job-cancel", device=job, force=True)
+        _wait_gone(qmp, "query-block-jobs", "device", job)
+    for export in exports:
+        with contextlib.suppress(QmpError):
+            qmp.execute("block-export-del", id=export)
+        _wait_gone(qmp, "query-block-exports", "id", export)
+    dirs = [os.path.dirname(f) for f in map(_scratch_file, overlays.values())
+            if os.path.basename(f) == "overlay.qcow2"
+            and os.path.basename(os.path.dirname(f)).startswith("pydr-fleece-")]
+    if nbd_socket is None and any(os.path.exists(os.path.join(d, "nbd.sock")) for d in dirs):
+        with contextlib.suppress(QmpError):  # pydr's own server, on a socket in its directory
+            qmp.execute("nbd-server-stop")
+    for overlay in overlays:
+        qmp.execute("blockdev-del", **{"node-name": overlay})
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    return jobs + exports + list(overlays)
 
 
 def node_size(qmp, node):

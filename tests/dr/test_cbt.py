@@ -156,6 +156,7 @@ class LiveDisk:
             f.truncate(64 * MiB)
             f.write(random.Random(9).randbytes(8 * MiB))
         self.qmp, self.nbd = tmp_path / "qmp.sock", tmp_path / "nbd.sock"
+        self.qmp2 = tmp_path / "qmp2.sock"
         self.start()
 
     @property
@@ -163,7 +164,7 @@ class LiveDisk:
         return f"qmp:{self.qmp}:disk0?nbd={self.nbd}"
 
     def start(self):
-        for s in (self.qmp, self.nbd):
+        for s in (self.qmp, self.nbd, self.qmp2):
             if s.exists():
                 s.unlink()
         _, self.pidfd = start_storage_daemon(
@@ -173,7 +174,10 @@ class LiveDisk:
             "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
             "--export", "type=nbd,id=writer,node-name=disk0,name=disk0,writable=on",
             "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
-            "--monitor", "chardev=qmp0", sockets=(self.qmp, self.nbd))
+            "--monitor", "chardev=qmp0",
+            # a second monitor: a test looks while a stopped pydr holds the first
+            "--chardev", f"socket,path={self.qmp2},server=on,wait=off,id=qmp1",
+            "--monitor", "chardev=qmp1", sockets=(self.qmp, self.nbd, self.qmp2))
 
     def _signal(self, sig):
         """Send `sig` and wait until the daemon is gone (its pidfd readable)."""
@@ -282,3 +286,232 @@ def test_changes_over_half_the_disk_are_compared_whole_and_stay_tracked(live, tm
     disk.write(50 * MiB, 4096, "0x42")
     again = replicate(vault)
     assert again["bytes_read"] < MiB and sha(replica) == sha(disk.disk)
+
+
+def qmp_lists(disk, monitor=None):
+    """{command: its list} of the daemon's block jobs, named nodes and exports
+    (through `monitor`, default the first)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(monitor or disk.qmp))
+        f = s.makefile("rwb")
+        f.readline()
+        out = {}
+        for cmd in ("qmp_capabilities", "query-block-jobs", "query-named-block-nodes",
+                    "query-block-exports"):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while "event" in (reply := json.loads(f.readline())):
+                pass
+            out[cmd] = reply["return"]
+    return out
+
+
+def pydr_names(disk, monitor=None):
+    """Every job, node and export of pydr's in the daemon (by their names)."""
+    lists = qmp_lists(disk, monitor)
+    return ([j["device"] for j in lists["query-block-jobs"] if j["device"].startswith("pydr")]
+            + [n["node-name"] for n in lists["query-named-block-nodes"]
+               if n["node-name"].startswith("pydr")]
+            + [e["id"] for e in lists["query-block-exports"] if e["id"].startswith("pydr")])
+
+
+def scratch_files(disk):
+    """The scratch files of pydr's overlays in the daemon (their node's file,
+    a json: pseudo-filename when the backing is a node)."""
+    out = []
+    for n in qmp_lists(disk)["query-named-block-nodes"]:
+        if n["node-name"].startswith("pydr-fleece-"):
+            f = n["file"]
+            out.append(json.loads(f[5:])["file"]["filename"] if f.startswith("json:") else f)
+    return out
+
+
+#: the crash points of a cycle while its fleece is held (between its set-up and tear-down)
+FLEECE_POINTS = ("cycle.cut", "cycle.disk", "cycle.steps")
+
+
+@pytest.mark.parametrize("crash_point", FLEECE_POINTS)
+def test_a_cycle_killed_while_its_fleece_is_held_then_the_same_command_again(
+        crash_point, live, tmp_path):
+    """kill -9 of a tracked cycle of a live disk while its fleece is held
+    leaves the backup job, overlay and export in the daemon (pydr-N busy);
+    the same command again removes them before its cut and succeeds, its
+    point exact, and nothing of pydr's is left in the daemon."""
+    disk, vault, replica = live
+    replicate(vault)
+    disk.write(7 * MiB, 8192, "0x51")
+    r = cli(vault, "replicate", "vm", env={**os.environ, "PYDR_CRASH_AT": crash_point})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert pydr_names(disk), "the kill left no fleece: the test tests nothing"
+    scratch = scratch_files(disk)
+    assert scratch and all(os.path.exists(f) for f in scratch), scratch
+    disk.write(9 * MiB, 4096, "0x52")
+    res = replicate(vault)
+    assert not [f for f in scratch if os.path.exists(os.path.dirname(f))], scratch
+    assert sha(replica) == sha(disk.disk)
+    assert res["bytes_read"] < 2 * MiB, res  # still a tracked cycle
+    assert pydr_names(disk) == []
+    st = status(vault)
+    assert st["state"] == "protected" and not st["last_error"], st
+    assert list(disk.bitmaps()) == [st["disks"][0]["tracking"]["bitmap"]]
+    disk.write(11 * MiB, 4096, "0x53")
+    again = replicate(vault)
+    assert again["bytes_read"] < MiB and sha(replica) == sha(disk.disk)
+    assert pydr_names(disk) == []
+
+
+def test_another_programs_job_node_and_export_are_left_alone(live, tmp_path):
+    """What pydr did not name for this node stays through its cycles: a
+    backup job, overlay and export of other names (another program's
+    fleece of another node), pydr's own names for another node (another
+    pydr's fleece), an overlay and an export of this node of other names."""
+    from pydr.transport.qemu import Qmp, fleece_tag, qemu_img
+
+    disk, vault, replica = live
+    other = tmp_path / "other.img"
+    with open(other, "wb") as f:
+        f.truncate(64 * MiB)
+    scratch = {}
+    for name in ("theirs", "pydrs", "pydrish"):
+        scratch[name] = tmp_path / f"{name}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", str(scratch[name]), str(64 * MiB))
+    tag = f"{fleece_tag('disk1')}-aaaaaa"
+    with Qmp(str(disk.qmp)) as q:
+        q.execute("blockdev-add", driver="raw", **{"node-name": "disk1"},
+                  file={"driver": "file", "filename": str(other)})
+        for overlay, base, name, job in (("fleece-theirs", "disk1", "theirs", "job-theirs"),
+                                         (f"pydr-fleece-{tag}", "disk1", "pydrs",
+                                          f"pydr-job-{tag}")):
+            q.execute("blockdev-add", driver="qcow2", **{"node-name": overlay},
+                      file={"driver": "file", "filename": str(scratch[name])}, backing=base)
+            q.execute("blockdev-backup", device=base, target=overlay, sync="none",
+                      **{"job-id": job})
+        q.execute("block-export-add", type="nbd", id="export-theirs",
+                  **{"node-name": "fleece-theirs"}, name="theirs", writable=False)
+        q.execute("block-export-add", type="nbd", id=f"pydr-{tag}",
+                  **{"node-name": f"pydr-fleece-{tag}"}, name=f"pydr-{tag}", writable=False)
+        q.execute("blockdev-add", driver="qcow2", **{"node-name": "pydrish"},
+                  file={"driver": "file", "filename": str(scratch["pydrish"])}, backing="disk0",
+                  **{"read-only": True})
+        q.execute("block-export-add", type="nbd", id="pydr-of-disk0",
+                  **{"node-name": "disk0"}, name="pydr-of-disk0", writable=False)
+    before = qmp_lists(disk)
+    for _ in range(2):
+        res = replicate(vault)
+        assert res["point_id"] and sha(replica) == sha(disk.disk)
+    after = qmp_lists(disk)
+    assert sorted(j["device"] for j in after["query-block-jobs"]) == \
+        sorted(j["device"] for j in before["query-block-jobs"]) == ["job-theirs", f"pydr-job-{tag}"]
+    assert sorted(e["id"] for e in after["query-block-exports"]) == \
+        sorted(e["id"] for e in before["query-block-exports"])
+    assert {n["node-name"] for n in after["query-named-block-nodes"]} == \
+        {n["node-name"] for n in before["query-named-block-nodes"]}
+    assert all(p.exists() for p in scratch.values())
+
+
+def named_bitmaps(disk):
+    """{name: info} of the named dirty bitmaps of disk0 (pydr's)."""
+    from pydr.transport.qemu import Qmp, node_bitmaps
+
+    with Qmp(str(disk.qmp)) as q:
+        return node_bitmaps(q, "disk0")
+
+
+def test_normalize_records_a_write_made_while_it_merges(live, tmp_path):
+    """After a cycle killed at its cut (pydr-1 frozen, pydr-2 recording),
+    the next cut's normalize makes pydr-1 record again before pydr-2 is
+    merged and removed: a guest write in between (made here just before
+    the remove) is in pydr-1, not lost with pydr-2."""
+    from pydr.dr import tracking
+
+    disk, vault, replica = live
+    replicate(vault)
+    r = cli(vault, "replicate", "vm", env={**os.environ, "PYDR_CRASH_AT": "cycle.cut"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    before = named_bitmaps(disk)  # the killed cut's fleece holds an unnamed one too
+    assert not before["pydr-1"]["recording"] and before["pydr-1"]["count"] == 0, before
+    with Vault(vault, writer=True) as v:
+        t = tracking.tracker(v, "vm", v.disks("vm")[0])
+        remove = t.remove
+
+        def write_then_remove(name):
+            disk.write(20 * MiB, 4096, "0x61")
+            remove(name)
+
+        t.remove = write_then_remove
+        t.normalize()
+    after = named_bitmaps(disk)
+    assert list(after) == ["pydr-1"] and after["pydr-1"]["recording"], after
+    assert after["pydr-1"]["count"] >= 4096, after
+    res = replicate(vault)
+    assert sha(replica) == sha(disk.disk) and res["bytes_read"] < 2 * MiB, res
+
+
+class OwnServerDisk(LiveDisk):
+    """A LiveDisk whose daemon runs no NBD server: pydr starts its own for
+    each fleece (qmp:SOCKET:NODE without ?nbd=); nothing writes to it."""
+
+    @property
+    def spec(self):
+        return f"qmp:{self.qmp}:disk0"
+
+    def start(self):
+        if self.qmp.exists():
+            self.qmp.unlink()
+        _, self.pidfd = start_storage_daemon(
+            self.disk.with_name("qsd.pid"),
+            "--blockdev", f"driver=file,node-name=file0,filename={self.disk}",
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
+            "--monitor", "chardev=qmp0", sockets=(self.qmp,))
+
+
+def test_a_killed_cycle_with_pydrs_own_nbd_server_then_the_same_command_again(tmp_path):
+    """Without ?nbd= the killed cycle's NBD server (pydr's, on a socket in its
+    fleece's directory) stays too: the next cycle stops it with the rest."""
+    disk = OwnServerDisk(tmp_path)
+    try:
+        vault = tmp_path / "vault"
+        init_vault(vault)
+        replica = tmp_path / "replica.img"
+        r = cli(vault, "protect", "vm", "--disk", f"{disk.spec}={replica}", "--cbt")
+        assert r.returncode == 0, r.stderr
+        replicate(vault)
+        r = cli(vault, "replicate", "vm", env={**os.environ, "PYDR_CRASH_AT": "cycle.disk"})
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        assert pydr_names(disk)
+        for _ in range(2):
+            res = replicate(vault)
+            assert sha(replica) == sha(disk.disk) and res["point_id"]
+            assert pydr_names(disk) == []
+        assert status(vault)["state"] == "protected"
+    finally:
+        disk.stop()
+
+
+def test_a_fleece_a_live_pydr_holds_is_not_cleared_as_left(live, tmp_path):
+    """A cycle stopped while it holds its fleece (PYDR_STOP_AT=cycle.cut): a
+    clearing of the node's left fleeces (what another pydr's fleece of the
+    node does first) leaves it alone; the stopped cycle then ends well."""
+    from pydr.transport.qemu import Qmp, clear_left_fleeces
+
+    disk, vault, replica = live
+    replicate(vault)
+    disk.write(13 * MiB, 4096, "0x71")
+    p = subprocess.Popen(pydr_command() + ["replicate", "vm", "--vault", str(vault), "--json"],
+                         env={**os.environ, "PYDR_STOP_AT": "cycle.cut"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, st = os.waitpid(p.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(st)
+        held = pydr_names(disk, disk.qmp2)  # the first monitor: the stopped pydr's
+        assert len(held) == 3, held  # its job, overlay and export
+        with Qmp(str(disk.qmp2)) as q:
+            assert clear_left_fleeces(q, "disk0", nbd_socket=str(disk.nbd)) == []
+        assert pydr_names(disk, disk.qmp2) == held
+        at_cut = sha(disk.disk)
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert sha(replica) == at_cut and pydr_names(disk) == []

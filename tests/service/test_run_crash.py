@@ -49,17 +49,7 @@ def check_all_points(vault, seed, log, tmp_path):
     return covered
 
 
-#: kill -9 while a live disk's fleece is held leaves it in the qemu-storage-daemon (its
-#: backup job, overlay and NBD export, and pydr's frozen bitmap busy): every later tracked
-#: cycle fails "bitmap in use", and a resync's next cycle too. A known bug (reported):
-#: strict, so that these turn into failures once it is fixed.
-LEFT_FLEECE = pytest.mark.xfail(strict=True, reason="a killed cycle's fleece stays in QEMU: "
-                                "pydr-N 'is in use by another job'")
-
-
-@pytest.mark.parametrize("crash_point", [
-    pytest.param(p, marks=LEFT_FLEECE) if p in ("cycle.cut", "cycle.disk", "cycle.steps") else p
-    for p in CYCLE_POINTS])
+@pytest.mark.parametrize("crash_point", CYCLE_POINTS)
 def test_kill_9_at_a_cycle_crash_point_then_a_restart_loses_nothing_and_records_nothing_twice(
         crash_point, protected_qsd, writer_factory, services, tmp_path):
     disk, vault, _ = protected_qsd

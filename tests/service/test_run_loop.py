@@ -502,3 +502,31 @@ def test_a_failed_items_retry_is_capped_by_its_target_and_a_later_round_failure_
     monkeypatch.setattr(svc._wake, "wait", lambda t=None: waits.append(t) or True)
     svc.run()  # the second round's failure did not end it: the third ran and stopped it
     assert rounds == [0, 1, 2] and S.MIN_RETRY in waits
+
+
+def test_metrics_on_port_0_names_its_port_on_stderr_and_in_the_first_started_event(vault):
+    """--metrics HOST:0: the port bound is told once, on standard error
+    ("pydr run: metrics at http://HOST:PORT/metrics") and in the first
+    round's "started" event; it is the port the service listens on."""
+    import re
+    import urllib.request
+
+    from service_fixtures import listening_ports
+
+    run = Running(vault, "--metrics", "127.0.0.1:0")
+    try:
+        started = run.wait_for(lambda e: e["operation"] == "run" and e["kind"] == "started")
+        m = re.search(r"metrics at (http://127\.0\.0\.1:(\d+)/metrics)", started["message"])
+        assert m, started
+        assert int(m[2]) in listening_ports(run.proc.pid)
+        with urllib.request.urlopen(m[1], timeout=60) as resp:
+            assert b"pydr_" in resp.read()
+        run.round_end()
+        assert run.stop() == 0
+    finally:
+        run.kill()
+    lines = run.proc.stderr.read().splitlines()
+    assert lines.count(f"pydr run: metrics at {m[1]}") == 1, lines
+    r = pydr("run", "--vault", vault, "--once", "--metrics", "127.0.0.1:0")
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"pydr run: metrics at http://127\.0\.0\.1:[1-9]\d*/metrics\n", r.stderr)
