@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 
@@ -448,6 +449,28 @@ def _scratch_file(filename):
     return filename
 
 
+def _own_scratch_dir(overlay):
+    """The scratch directory of a left fleece whose overlay file QEMU names
+    `overlay`, if it is one pydr could have made (Fleece: mkdtemp with the
+    prefix pydr-fleece- in the temporary directory, owned by this user, no
+    symlink on the way); else None: a name from a QMP reply is not trusted
+    with a recursive removal."""
+    import tempfile
+
+    if not overlay or os.path.basename(overlay) != "overlay.qcow2":
+        return None
+    d = os.path.dirname(overlay)
+    top = os.path.realpath(tempfile.gettempdir())
+    if (not os.path.basename(d).startswith("pydr-fleece-") or os.path.realpath(d) != d
+            or os.path.dirname(d) != top):
+        return None
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return None
+    return d if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() else None
+
+
 def clear_left_fleeces(qmp, node, *, nbd_socket=None):
     """Remove what a killed pydr left of its fleeces of block node `node`
     (found by their names only: fleece_tag): cancel its backup jobs and
@@ -478,9 +501,7 @@ def clear_left_fleeces(qmp, node, *, nbd_socket=None):
         with contextlib.suppress(QmpError):
             qmp.execute("block-export-del", id=export)
         _wait_gone(qmp, "query-block-exports", "id", export)
-    dirs = [os.path.dirname(f) for f in map(_scratch_file, overlays.values())
-            if os.path.basename(f) == "overlay.qcow2"
-            and os.path.basename(os.path.dirname(f)).startswith("pydr-fleece-")]
+    dirs = [d for d in (_own_scratch_dir(_scratch_file(f)) for f in overlays.values()) if d]
     if nbd_socket is None and any(os.path.exists(os.path.join(d, "nbd.sock")) for d in dirs):
         with contextlib.suppress(QmpError):  # pydr's own server, on a socket in its directory
             qmp.execute("nbd-server-stop")

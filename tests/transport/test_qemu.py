@@ -278,3 +278,39 @@ def test_built_without_libnbd_nbd_disks_name_the_package(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(tmp_path / "alt")},
                        cwd=tmp_path, capture_output=True)
     clean_error(r, 10, "built without libnbd", "libnbd-dev")
+
+
+def test_a_qmp_reply_cannot_make_pydr_remove_a_directory_it_did_not_make(tmp_path):
+    """clear_left_fleeces removes a left fleece's scratch directory only
+    where pydr makes them (pydr-fleece-* right in the temporary directory,
+    ours, no symlink): an overlay file a hostile or confused QMP names
+    elsewhere removes nothing."""
+    import tempfile
+
+    from pydr.transport.qemu import clear_left_fleeces, fleece_tag
+
+    outside = tmp_path / "pydr-fleece-userdata"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("data")
+    ours = tempfile.mkdtemp(prefix="pydr-fleece-")
+    linked = os.path.join(tempfile.gettempdir(), f"pydr-fleece-link-{os.getpid()}")
+    os.symlink(outside, linked)
+    tag = fleece_tag("drive0")
+    files = {"a": str(outside / "overlay.qcow2"), "b": os.path.join(ours, "overlay.qcow2"),
+             "c": os.path.join(linked, "overlay.qcow2")}
+
+    class FakeQmp:
+        path = "/fake.sock"
+
+        def execute(self, cmd, **kw):
+            if cmd == "query-named-block-nodes":
+                return [{"node-name": f"pydr-fleece-{tag}-{k}", "file": f} for k, f in files.items()]
+            return [] if cmd.startswith("query-") else {}
+
+    try:
+        clear_left_fleeces(FakeQmp(), "drive0")
+        assert (outside / "precious.txt").read_text() == "data"  # named directly, or through a link
+        assert os.path.islink(linked)
+        assert not os.path.exists(ours)  # pydr's own scratch directory goes
+    finally:
+        os.unlink(linked)
