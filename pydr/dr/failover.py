@@ -300,13 +300,21 @@ def _reprotect(vault, name, progress, em, cancel):
             raise InvalidState(f"reprotect needs a committed failover; {name!r} is "
                                f"{row['state']}", path=vault.dir, item=name)
         check_cancel(cancel, "the reprotect")
+        # changed-block tracking belongs to a source: the new one (the old replica) keeps it
+        # only if it can hold dirty bitmaps itself (a qcow2 image, a live disk), from a new
+        # bitmap; a raw replica cannot, and its cycles compare as untracked ones do
+        tracking = {d.idx: vault.endpoint(name, d.replica).tracking if d.tracking else None
+                    for d in vault.disks(name)}
+        dropped = [d.idx for d in vault.disks(name) if d.tracking and not tracking[d.idx]]
         with vault.transaction():
             for d in vault.disks(name):
-                vault.set_disk(name, d.idx, source=d.replica, replica=d.source)
+                vault.set_disk(name, d.idx, source=d.replica, replica=d.source,
+                               tracking=tracking[d.idx], bitmap=None)
             vault.set_item(name, state="protecting", operation="reprotect",
                            operation_command=f"pydr reprotect {name}", operation_args="{}")
         crashpoints.reached("reprotect.swapped")
-        notes = []
+        notes = [f"changed-block tracking is off for disk {i} in the new direction: its new "
+                 f"source cannot hold dirty bitmaps (cycles compare it whole)" for i in dropped]
     else:
         notes = ["resumed"]
     em.job = vault.start_job("reprotect", name, state="running")

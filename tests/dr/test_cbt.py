@@ -515,3 +515,31 @@ def test_a_fleece_a_live_pydr_holds_is_not_cleared_as_left(live, tmp_path):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert sha(replica) == at_cut and pydr_names(disk) == []
+
+
+def test_a_tracked_item_is_reprotected_and_failed_back_with_its_replicas_exact(tmp_path):
+    """Reprotect swaps source and replica: a raw replica cannot hold dirty
+    bitmaps, so the new direction is untracked (a note says so) -- it used
+    to crash with an AttributeError (exit 1) and leave the item stuck."""
+    img, replica, vault = qcow2_and_vault(tmp_path, "16M", "write -P 0x11 0 1M")
+    assert cli(vault, "protect", "vm", "--disk", f"{img}={replica}", "--cbt").returncode == 0
+    replicate(vault)
+    for args in (["failover", "vm", "--point", "latest-processed"], ["commit", "vm"]):
+        r = cli(vault, *args)
+        assert r.returncode == 0, r.stderr
+    r = cli(vault, "reprotect", "vm", "--json")
+    assert r.returncode == 0, r.stderr
+    assert any("changed-block tracking is off for disk 0" in n for n in json.loads(r.stdout)["notes"])
+    with Vault(vault) as v:
+        assert v.disks("vm")[0]["tracking"] is None
+    with open(replica, "r+b") as f:  # site B writes
+        f.seek(2 << 20)
+        f.write(b"\x5a" * 4096)
+    replicate(vault)
+    assert raw_sha(img, tmp_path) == sha(replica)
+    for args in (["failback", "vm"], ["commit", "vm"], ["reprotect", "vm"]):
+        r = cli(vault, *args)
+        assert r.returncode == 0, r.stderr
+    qemu_io(img, "write -P 0x22 4M 1M")
+    replicate(vault)
+    assert raw_sha(img, tmp_path) == sha(replica)
