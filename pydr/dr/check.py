@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import DamagedJournal, VaultDamaged
 from . import stepdigest
 from ..endpoints import parse_remote
-from .stepmerge import first_step, not_doomable
+from .stepmerge import first_step, not_doomable, unmerged_path
 from .store import Store
 
 _STEP_FILE = re.compile(r"(\d+)-(\d+)\.undo")
@@ -303,6 +303,9 @@ def _unknown_files(store):
     known = {_real(r.path) for r in store.all_steps()}
     # a doomed file (its rows are gone: the next retention removes it) is known too
     known |= {_real(path) for _, path in store.all_doomed()}
+    # a merge a kill cut short after its file was written (retention.merged) leaves
+    # <step>.m<j> beside a step the rows name: the next retention removes it
+    bases = {unmerged_path(p) for p in known}
     root = os.path.join(os.path.abspath(store.dir), "undo")
     problems = []
     for item in sorted(os.listdir(root)) if os.path.isdir(root) else ():
@@ -312,7 +315,9 @@ def _unknown_files(store):
             continue
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
-            if _real(path) in known:
+            if _real(path) in known or (
+                    unmerged_path(_real(path)) != _real(path) and os.path.isfile(path)
+                    and unmerged_path(_real(path)) in bases):
                 continue
             what = "a step file" if _STEP_FILE.fullmatch(name) else "a file"
             problems.append(Problem("unknown-file", path, f"{what} that no step of the vault names"))
