@@ -99,9 +99,10 @@ def test_a_tracked_cycle_starts_one_qemu_nbd_and_rotates_with_three_bitmap_calls
 def test_after_a_kill_at_the_cut_the_frozen_bitmap_is_merged_and_records_again(
         qcow2_item, logged_tools, tmp_path):
     """Killed after its cut, a cycle leaves pydr-1 frozen and pydr-2
-    recording: the next cut's one listing merges pydr-2 into pydr-1, removes
-    it, enables pydr-1 (it was disabled) before it rotates, and every change
-    (before and after the kill) reaches the replica."""
+    recording: the next cut's one listing enables pydr-1 (it was disabled:
+    first, so that a write while the others go is in one of them), merges
+    pydr-2 into it, removes it, then rotates, and every change (before and
+    after the kill) reaches the replica."""
     img, replica, vault = qcow2_item
     env, read_log = logged_tools
     qemu_io(img, "write -P 0x55 12M 64k")
@@ -115,7 +116,7 @@ def test_after_a_kill_at_the_cut_the_frozen_bitmap_is_merged_and_records_again(
     assert r.returncode == 0, r.stderr
     assert sha(replica) == raw_sha(img, tmp_path)
     assert bitmap_ops(read_log()) == [
-        (("--merge",), "pydr-1"), (("--remove",), "pydr-2"), (("--enable",), "pydr-1"),
+        (("--enable",), "pydr-1"), (("--merge",), "pydr-1"), (("--remove",), "pydr-2"),
         (("--add", "--enable"), "pydr-2"), (("--disable",), "pydr-1"), (("--remove",), "pydr-1")]
     assert image_bitmaps(img) == {"pydr-2": ["auto"]}
 
