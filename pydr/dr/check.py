@@ -163,7 +163,8 @@ def _rows(store):
 def _policy_rows(store, records):
     """The schema-11 tables: policies, alerts, doomed_files, items.rpo_health."""
     from ..errors import VaultError
-    from .policy import HEALTHS, check_stored
+    from .health import HEALTHS
+    from .policy import check_stored
 
     items = {r.name for r in records}
     groups = {r.grp for r in records if r.grp}

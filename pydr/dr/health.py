@@ -48,7 +48,8 @@ __all__ = ["HEALTHS", "rpo_health", "Transition", "check_transitions", "RpoPolic
 HEALTHS = ("ok", "warning", "critical", "unknown", "paused")
 
 #: the item states in which cycles replicate it (the others are a failover's)
-_REPLICATING = ("protecting", "protected", "resync-required")
+#: the states an item replicates in (pydr run schedules it; any other pauses it)
+REPLICATING_STATES = ("protecting", "protected", "resync-required")
 #: the healths whose coming and going is alerted on
 _TROUBLE = ("warning", "critical")
 
@@ -78,7 +79,7 @@ def _judge(policy: Optional[RpoPolicy], facts: RpoFacts, item_row: Any, now: flo
            damaged: Optional[str] = None, drill_replicated: bool = False) -> Tuple[str, str]:
     """(health, why) for :func:`rpo_health`; `why` states the facts."""
     state = _field(item_row, "state")
-    if state not in _REPLICATING:
+    if state not in REPLICATING_STATES:
         return "paused", state
     if _field(item_row, "test_dir") and not drill_replicated:
         critical = policy.critical_after() if policy is not None else None

@@ -14,7 +14,6 @@ the vault is unchanged.
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import math
 import re
@@ -29,11 +28,6 @@ FIELDS = ("target_rpo", "rpo_critical", "app_consistent_every", "keep", "bwlimit
           "bwlimit_windows", "priority", "alert_commands")
 #: where an effective policy's field comes from
 SOURCES = ("item", "group", "default")
-#: the RPO healths (pydr.dr.health's, recorded in items.rpo_health and the alerts)
-HEALTHS = ("ok", "warning", "critical", "unknown", "paused")
-#: the item states in which cycles replicate it; in any other (a failover's), or in a
-#: drill, it is not scheduled and its RPO health is "paused" (pydr.dr.health's rule)
-REPLICATING_STATES = ("protecting", "protected", "resync-required")
 PRIORITY_RANGE = (-1000, 1000)
 
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -522,47 +516,3 @@ def clear_policy(store: Any, scope: str, name: str, fields: Iterable[str]) -> No
         if field not in FIELDS:
             raise InvalidArgument(f"no policy field {field!r} (fields: {', '.join(FIELDS)}, all)")
     _write(store, scope, name, {}, fields)
-
-
-# -- RPO health -----------------------------------------------------------------------
-def is_paused(item_row: Any) -> bool:
-    """Whether the item (an ItemRecord) is in a drill, or failing over,
-    failed over, committing or committed: pydr run does not schedule it and
-    its RPO health is "paused"."""
-    return bool(item_row.test_dir) or item_row.state not in REPLICATING_STATES
-
-
-def rpo_health_now(policy: Policy, facts: Any, item_row: Any, now: float,
-                   drill_replicated: bool = False) -> str:
-    """Item `item_row`'s (an ItemRecord) RPO health at `now` (epoch
-    seconds) under `policy`, from its pydr.dr.rpo.RpoFacts `facts`: by
-    pydr.dr.health.rpo_health where it is present, else by the same rule
-    here (see :func:`_rpo_health`). `drill_replicated`: a drill of it,
-    if up, lets its replicas be written (pydr.dr.schedule)."""
-    try:  # pydr.dr.health: the service's own rule (imported late: it may import this)
-        health = importlib.import_module(".health", __package__)
-    except ModuleNotFoundError:
-        return _rpo_health(policy, facts, item_row, now)
-    return str(health.rpo_health(policy, facts, item_row, now,
-                                 drill_replicated=drill_replicated))
-
-
-def _rpo_health(policy: Policy, facts: Any, item_row: Any, now: float) -> str:
-    """"paused" for an item failed over, committing or in a drill;
-    "unknown" without a target, or without a point within one target of
-    protecting it; "critical" past critical_after(); "warning" past the
-    target; else "ok"."""
-    if is_paused(item_row):
-        return "paused"
-    target = policy.target_rpo
-    if target is None:
-        return "unknown"
-    critical = policy.critical_after()
-    age = facts.rpo_seconds
-    if age is None:  # no point yet: initial for one target, then overdue
-        age = now - (item_row.created or now)
-        if age <= target:
-            return "unknown"
-    if critical is not None and age > critical:
-        return "critical"
-    return "warning" if age > target else "ok"

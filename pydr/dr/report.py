@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from .policy import effective_policy, rpo_health_now
+from .health import rpo_health
+from .policy import effective_policy
 from .results import DiskStatus, Hooks, ItemStatus, RunningOperation, Tracking, utc
 from .rpo import rpo_facts
 from .tracking import DEFAULT_GRANULARITY
@@ -52,8 +53,8 @@ def item_status(store: Any, name: str, *, now: Optional[float] = None) -> ItemSt
         operation=None if op is None else RunningOperation(op["name"], op["command"],
                                                            bool(op["interrupted"])),
         target_rpo=policy.target_rpo,
-        rpo_health=rpo_health_now(policy, facts, row, now,
-                                  drill_replicated=_drill_replicated(store, name, row)),
+        rpo_health=rpo_health(policy, facts, row, now,
+                              drill_replicated=_drill_replicated(store, name, row)),
     )
 
 

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Container, Dict, List, Mapping, Optional, Tuple
 
+from .health import REPLICATING_STATES
 from .rpo import rpo_facts
 
 #: the item states a replication cycle runs in (pydr.dr.cyclerecord.check_can_replicate)
-REPLICATING_STATES = ("protecting", "protected", "resync-required")
 
 
 @dataclass(frozen=True)
