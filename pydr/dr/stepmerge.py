@@ -181,8 +181,10 @@ def remove_leftovers(vault: Any, name: str,
     named: Set[str] = set()  # the rows' files, by real directory and own name
     bases: Dict[str, Set[str]] = {}  # real directory -> the step file names merges start from
     for r in vault.steps(name):
-        local = _local(vault, name, r.path)
-        if local is not None:
+        local = _local_or_none(vault, name, r.path)
+        # a row naming a file outside the item's step directory (damaged or hostile)
+        # points to no directory this cleans: the same confinement as a doomed row's
+        if local is not None and not_doomable(vault.dir, name, local) is None:
             directory = os.path.realpath(os.path.dirname(local))
             named.add(os.path.join(directory, os.path.basename(local)))
             bases.setdefault(directory, set()).add(os.path.basename(unmerged_path(local)))

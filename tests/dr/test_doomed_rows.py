@@ -77,3 +77,29 @@ def test_a_doomed_step_file_of_the_item_is_removed(tmp_path, monkeypatch):
         assert stepmerge.remove_doomed(v.store, "db") == 2
         assert v.store.doomed("db") == [] and not any(p.exists() for p in left)
         assert v.store.item("db")["health"] == "ok"
+
+
+def test_a_step_row_outside_the_step_directory_points_leftover_removal_nowhere(tmp_path,
+                                                                              monkeypatch):
+    """The leftovers of a killed merge (``<step>.m<j>`` no row names) are
+    looked for only beside step rows in the item's own step directory: a
+    damaged or hostile steps row naming a file elsewhere does not make
+    ``<that file>.m1`` a leftover to remove."""
+    vault = tmp_path / "vault"
+    monkeypatch.setenv("PYDR_VAULT", str(vault))
+    assert _cli("vault", "init", vault).returncode == 0
+    src, rep = tmp_path / "src.img", tmp_path / "rep.img"
+    src.write_bytes(os.urandom(1 << 20))
+    assert _cli("protect", "db", "--disk", f"{src}={rep}").returncode == 0
+    assert _cli("replicate", "db").returncode == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "0-7.undo.m1").write_text("precious")
+    db = sqlite3.connect(vault / "vault.db")
+    with db:
+        db.execute("INSERT INTO steps(item, idx, step, path, bytes) VALUES('db', 0, 7, ?, 0)",
+                   (str(elsewhere / "0-7.undo"),))
+    db.close()
+    with Vault(vault, writer=True) as v:
+        assert stepmerge.remove_leftovers(v.store, "db") == []
+    assert (elsewhere / "0-7.undo.m1").read_text() == "precious"
