@@ -483,9 +483,12 @@ def clear_left_fleeces(qmp, node, *, nbd_socket=None):
     tag = fleece_tag(node)
     overlays = {n["node-name"]: n.get("file", "") for n in qmp.execute("query-named-block-nodes")
                 if str(n.get("node-name", "")).startswith(f"pydr-fleece-{tag}-")}
-    # a fleece another pydr holds now (its directory's flock) is its, not left
-    live = {name[len(f"pydr-fleece-{tag}-"):] for name, f in overlays.items()
-            if _held(os.path.dirname(_scratch_file(f)))}
+    # each overlay's scratch directory, where it is one pydr makes (a name from a QMP
+    # reply is looked into only then); a fleece another pydr holds now (its
+    # directory's flock) is its, not left
+    scratch = {n: _own_scratch_dir(_scratch_file(f)) for n, f in overlays.items()}
+    live = {name[len(f"pydr-fleece-{tag}-"):] for name, d in scratch.items()
+            if d is not None and _held(d)}
     overlays = {n: f for n, f in overlays.items() if n[len(f"pydr-fleece-{tag}-"):] not in live}
     jobs = [j["device"] for j in qmp.execute("query-block-jobs")
             if str(j.get("device", "")).startswith(f"pydr-job-{tag}-")
@@ -501,7 +504,7 @@ def clear_left_fleeces(qmp, node, *, nbd_socket=None):
         with contextlib.suppress(QmpError):
             qmp.execute("block-export-del", id=export)
         _wait_gone(qmp, "query-block-exports", "id", export)
-    dirs = [d for d in (_own_scratch_dir(_scratch_file(f)) for f in overlays.values()) if d]
+    dirs = [scratch[n] for n in overlays if scratch[n] is not None]
     if nbd_socket is None and any(os.path.exists(os.path.join(d, "nbd.sock")) for d in dirs):
         with contextlib.suppress(QmpError):  # pydr's own server, on a socket in its directory
             qmp.execute("nbd-server-stop")
