@@ -220,12 +220,18 @@ def _locked_by_another(path, absent):
     except absent:
         return False
     try:
+        return _flocked(fd)
+    finally:
+        os.close(fd)
+
+
+def _flocked(fd):
+    """Whether another open file holds a flock on the file `fd` is open on."""
+    try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
     except BlockingIOError:
         return True
-    finally:
-        os.close(fd)
 
 
 def held_by_another(directory):
@@ -255,10 +261,7 @@ def service_running(directory):
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise VaultError(f"{RUN_LOCK} is not a regular file", path=path, hint=hint)
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
+        return _flocked(fd)
     finally:
         os.close(fd)
 
