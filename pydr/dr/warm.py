@@ -139,6 +139,8 @@ class DiskWarm:
                 self._dir = tempfile.mkdtemp(prefix="pydr-warm-")
             path = os.path.join(self._dir, f"empty-{size}.qcow2")
             tmp = path + ".new"
+            with contextlib.suppress(FileNotFoundError):  # a failed create's (made private)
+                os.unlink(tmp)
             create_image(tmp, size)
             os.replace(tmp, path)  # whole or absent: a killed create leaves no template
             self._templates[size] = path

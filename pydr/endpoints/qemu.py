@@ -31,10 +31,12 @@ def qmp_connection(socket_path):
 
 
 def create_image(path, size, fmt="qcow2"):
-    """A new empty image of `fmt` and virtual `size` bytes at `path`
-    (qemu-img create; QemuError naming `path` when it fails)."""
+    """A new empty image of `fmt` and virtual `size` bytes at `path`, private
+    (0600: qemu-img keeps the bits of a file it truncates; qemu-img create,
+    QemuError naming `path` when it fails)."""
     from ..transport.qemu import qemu_img
 
+    create_file(path)
     qemu_img("create", "-q", "-f", fmt, path, str(size), path=path)
 
 
@@ -117,8 +119,7 @@ class QemuImageEndpoint(LocalEndpoint):
         if write and not os.path.exists(path):
             if size is None:
                 raise FileNotFoundError(2, "disk image not found", path)
-            create_file(path)  # private: qemu-img keeps the bits of a file it truncates
-            qemu_img("create", "-q", "-f", self.format, path, str(size), path=path)
+            create_image(path, size, self.format)
         with QemuNbd(path, self.format, read_only=not write, bitmap=bitmap) as server:
             dev = server.connect(lambda uri: NbdDevice(
                 uri, name=path, write=write, bitmap=bitmap,

@@ -315,3 +315,19 @@ def test_a_qmp_reply_cannot_make_pydr_remove_a_directory_it_did_not_make(tmp_pat
         assert not os.path.exists(ours)  # pydr's own scratch directory goes
     finally:
         os.unlink(linked)
+
+
+def test_an_image_pydr_creates_is_private_whatever_the_umask(tmp_path):
+    """create_image (the warm state's fleece template, a qcow2 replica)
+    makes the file 0600 before qemu-img writes it: qemu-img keeps the
+    bits of a file it truncates, and would make it 0644 under umask 022."""
+    import stat
+
+    from pydr.endpoints.qemu import create_image
+
+    old = os.umask(0o022)
+    try:
+        create_image(str(tmp_path / "t.qcow2"), 1 << 20)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "t.qcow2").st_mode) == 0o600
