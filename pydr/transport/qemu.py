@@ -13,6 +13,7 @@ import stat
 import subprocess
 import time
 
+from ..engine.atomic import create_file
 from ..errors import FormatError, PydrError, TrackingLost, UnsupportedFile
 
 FORMATS = ("qcow2", "vmdk", "vhdx", "vpc", "vdi")
@@ -330,6 +331,8 @@ class Fleece:
         try:
             size = node_size(qmp, node)
             scratch = os.path.join(self.dir, "overlay.qcow2")
+            # private: it takes the disk's old blocks; copyfile and qemu-img keep these bits
+            create_file(scratch)
             if template is not None:  # a fresh copy of an empty image: what create makes
                 shutil.copyfile(template(size), scratch)
             else:
