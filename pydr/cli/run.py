@@ -34,7 +34,8 @@ SIGHUP: re-read the policies now. Under systemd (Type=notify) it sends
 READY=1 after its first round, STATUS, WATCHDOG=1 and STOPPING=1.
 
 --once runs one round and exits: 0 when every due cycle succeeded (or none was
-due), the failed item's exit status for one, 21 for several (for cron).
+due), the failed item's exit status for one, 21 for several, 130 when a
+signal stopped it before every due cycle began (for cron).
 --events prints every event (each cycle's, a "started" and "finished" per
 round, a "health" per RPO health change) as a JSON line on standard output,
 flushed per line."""

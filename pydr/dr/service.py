@@ -44,6 +44,8 @@ RUN_LOCK = store_lock.RUN_LOCK
 #: the longest wait between rounds: policies and items added without a
 #: SIGHUP are seen within it
 MAX_IDLE = 60.0
+#: why a due item was not begun: the service was told to stop (--once exits 130)
+STOPPING = "the service is stopping"
 #: the shortest wait before a failed item's cycle is tried again: the retry
 #: schedule (pydr.dr.retry), capped at half the item's target RPO, never below this
 MIN_RETRY = 5.0
@@ -76,7 +78,10 @@ class RoundResult:
     def exit_code(self) -> int:
         """The round's outcome as ``pydr run --once`` exits: 0 when every
         due cycle succeeded (or none was due), the failed item's exit code
-        for one, CycleFailed's (21) for several."""
+        for one, CycleFailed's (21) for several; Cancelled's (130) when a
+        stop left due items not begun (their work was not done)."""
+        if STOPPING in self.skipped.values():
+            return Cancelled.exit_code
         if not self.failed:
             return 0
         if len(self.failed) == 1:
@@ -225,13 +230,19 @@ class Service:
         lock taken as run() does.
 
         Returns:
-            The RoundResult (an empty one when stop() came first).
+            The RoundResult.
 
         Raises:
             VaultError: another pydr run serves the vault, or not a vault.
+            Cancelled: stop() came before the round began (while it waited
+                for the vault's lock): nothing was looked at.
         """
         with self._running():
-            return self._round() or RoundResult()
+            result = self._round()
+        if result is None:
+            raise Cancelled("pydr run --once was stopped before its round began",
+                            path=self.directory)
+        return result
 
     def _keep_alive(self, interval: float, ended: threading.Event) -> None:
         while not ended.wait(interval):
@@ -326,7 +337,7 @@ class Service:
             for call in _calls(store, due, policies, now, drills):
                 if self._stopping.is_set():  # stop(): none starts after
                     for n in call.names:
-                        result.skipped.setdefault(n, "the service is stopping")
+                        result.skipped.setdefault(n, STOPPING)
                         if n in result.due:
                             result.due.remove(n)
                     continue

@@ -533,3 +533,20 @@ def test_metrics_on_port_0_names_its_port_on_stderr_and_in_the_first_started_eve
     assert len(said) == 1 and re.fullmatch(
         r"pydr run: metrics at http://127\.0\.0\.1:[1-9]\d*/metrics", said[0]), r.stderr
     assert "has a target RPO: nothing is scheduled" in r.stderr  # (the vault has no target)
+
+
+def test_once_stopped_before_its_due_cycles_began_is_no_success(tmp_path):
+    """A stop that leaves due items not begun, or comes before the round
+    began, is not "every due cycle succeeded": --once says 130, as a
+    cancelled command does."""
+    from pydr.dr import service as S
+    from pydr.errors import Cancelled
+
+    assert S.RoundResult(due=["a"], skipped={"a": S.STOPPING}).exit_code() == 130
+    assert S.RoundResult(due=["a"], succeeded=["a"]).exit_code() == 0
+    init_vault(tmp_path / "v")
+    svc = Service(tmp_path / "v", notify=lambda s: None)
+    svc.stop()  # before the round: it waits for the lock no more
+    with pytest.raises(Cancelled) as caught:
+        svc.run_once()
+    assert caught.value.exit_code == 130
