@@ -195,6 +195,21 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_INTERNAL
 
 
+class WrongPassphrase(PydrError, PermissionError):
+    """No key of an encrypted object store opens with the passphrase given
+    (``path``: the store's URL). Nothing was read beyond the store's config
+    and key files, nothing written."""
+
+    exit_code = EXIT_PERMISSION
+
+
+class PassphraseRequired(PydrError, PermissionError):
+    """An encrypted object store was to be opened or created and no
+    passphrase was given (``path``: the store's URL)."""
+
+    exit_code = EXIT_PERMISSION
+
+
 class TrackingLost(PydrError, RuntimeError):
     """Changed-block tracking cannot be trusted (a missing, in-use or
     inconsistent dirty bitmap): a checksum resync is needed."""
