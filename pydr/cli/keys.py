@@ -30,6 +30,7 @@ def _objects(args):
     from .vault import open_vault
 
     with open_vault(args) as v:
+        v.store.item(args.store)  # UnknownName (exit 3) when there is no such item
         return ObjectStore(store_of(v.store, args.store).spec)
 
 

@@ -82,7 +82,10 @@ def _secret(keys: DataKeys) -> Tuple[bytes, bytes]:
 def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
             expect_id: Optional[str] = None) -> Tuple[StoreConfig, Opened]:
     config, opened, keys, search = find_keys(objects, passphrase, expect_id=expect_id)
-    if config is None and not keys and not search.damaged:
+    if not opened and config is None and not keys and not search.damaged and not search.tried:
+        if expect_id is not None:
+            raise FormatError(f"no config and no key file: the store recorded as {expect_id} "
+                              f"is gone", path=objects.spec)
         raise FileNotFoundError(2, "no pydr store config and no key file here (an "
                                    "unencrypted version-1 store, or nothing)", objects.spec)
     if not opened:
@@ -250,17 +253,20 @@ def add_key(objects: ObjectStore, keys: DataKeys, new_passphrase: bytes,
     return info
 
 
-def _resolve(objects: ObjectStore, key_id: str) -> str:
-    """The key id a full id or a unique prefix of one names."""
+def _resolve(objects: ObjectStore, key_id: str) -> Optional[str]:
+    """The key id a full id or a unique prefix of one names; None for a
+    full id that is not there (removed already)."""
     names = [n.rpartition("/")[2] for n in key_names(objects)]
     if key_id in names:
         return key_id
-    found = [n for n in names if key_id and n.startswith(key_id)] if len(key_id) >= 4 else []
+    found = [n for n in names if n.startswith(key_id)] if len(key_id) >= 4 else []
     if len(found) == 1:
         return found[0]
     if found:
         raise InvalidArgument(f"key id {key_id!r} names {len(found)} keys: give more digits",
                               path=objects.spec)
+    if kf.is_key_id(key_id):
+        return None
     raise UnknownName(f"no key {key_id!r} (see 'pydr key list')", path=objects.spec)
 
 
@@ -272,17 +278,28 @@ def remove_key(objects: ObjectStore, keys: DataKeys, key_id: str) -> str:
     Args:
         objects: the store.
         keys: its data keys, from :func:`unlock` (proof of a passphrase).
-        key_id: the key's id, or a unique prefix of at least 4 digits.
+        key_id: the key's id, or a unique prefix of at least 4 digits. A
+            full id that is not there is removed already: done (run again
+            after a kill, the call succeeds).
 
     Returns:
         The full id of the key removed.
 
     Raises:
-        UnknownName: no such key. InvalidArgument: the prefix is ambiguous.
+        UnknownName: no key has that prefix. InvalidArgument: the prefix
+            is ambiguous.
         InvalidState: it is the store's last passphrase key.
+        FormatError: `keys` are another store's than the config's.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
-    key_id = _resolve(objects, key_id)
+    config = read_config(objects)
+    if config is not None and _secret(keys)[1] != config.store_id:
+        raise FormatError(f"the keys given are of store {_secret(keys)[1].hex()}, the config "
+                          f"names {config.id}", path=objects.url(objects.key(CONFIG)))
+    found = _resolve(objects, key_id)
+    if found is None:
+        return key_id
+    key_id = found
     good, _ = read_keys(objects)
     others = [k for k in good if k.info.kind == kf.PASSPHRASE and k.info.id != key_id]
     if not others:
