@@ -195,21 +195,6 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-class WrongPassphrase(PydrError, PermissionError):
-    """No key of an encrypted object store opens with the passphrase given
-    (``path``: the store's URL). Nothing was read beyond the store's config
-    and key files, nothing written."""
-
-    exit_code = EXIT_PERMISSION
-
-
-class PassphraseRequired(PydrError, PermissionError):
-    """An encrypted object store was to be opened or created and no
-    passphrase was given (``path``: the store's URL)."""
-
-    exit_code = EXIT_PERMISSION
-
-
 class TrackingLost(PydrError, RuntimeError):
     """Changed-block tracking cannot be trusted (a missing, in-use or
     inconsistent dirty bitmap): a checksum resync is needed."""
@@ -336,6 +321,22 @@ class PeerGone(PydrError, ConnectionError):
         super().__init__(message, **kwargs)
         self.status = status
         self.stderr = stderr
+
+
+class WrongPassphrase(PydrError, PermissionError):
+    """No key of an encrypted object store opens with the passphrase given:
+    refused before any chunk or index is read or written. ``path`` is the
+    store (s3://BUCKET/PREFIX)."""
+
+    exit_code = EXIT_PERMISSION
+
+
+class PassphraseRequired(PydrError, PermissionError):
+    """An encrypted object store is to be read or written and no passphrase
+    was given (--passphrase-file, PYDR_PASSPHRASE_FILE, PYDR_PASSPHRASE).
+    ``path`` is the store."""
+
+    exit_code = EXIT_PERMISSION
 
 
 class VaultDamaged(VaultError):

@@ -60,9 +60,10 @@ def encode_chunk(data, ident, compressor=None):
     return b"".join((fields, check, payload))
 
 
-def decode_chunk(blob, ident, decompressor=None, *, where="chunk"):
-    """The bytes of a stored chunk, verified to hash to `ident`; FormatError
-    naming `where` (its object key) otherwise."""
+def decode_chunk(blob, ident, decompressor=None, *, where="chunk", ident_of=None):
+    """The bytes of a stored chunk, verified to hash to `ident` (by
+    `ident_of`, default :func:`chunk_id`; an encrypted store's is keyed);
+    FormatError naming `where` (its object key) otherwise."""
     hexid = ident.hex()
     if len(blob) < CHUNK_HEADER_SIZE:
         raise FormatError(f"chunk {hexid} is truncated ({len(blob)} bytes)", path=where, offset=0)
@@ -90,21 +91,41 @@ def decode_chunk(blob, ident, decompressor=None, *, where="chunk"):
                               offset=CHUNK_HEADER_SIZE) from None
     else:
         data = payload
-    if len(data) != raw_len or stored_id != ident or chunk_id(data) != ident:
+    if len(data) != raw_len or stored_id != ident or (ident_of or chunk_id)(data) != ident:
         raise FormatError(f"chunk {hexid} does not hash to its id: corrupt", path=where,
                           offset=CHUNK_HEADER_SIZE)
     return data
 
 
+class ObjectRef:
+    """Which stored object a point needs: its S3 ``version`` (None in an
+    unversioned bucket, or not known) and the time its lock ends
+    (``retain_until``, POSIX seconds; None when not locked)."""
+
+    __slots__ = ("version", "retain_until")
+
+    def __init__(self, version=None, retain_until=None):
+        self.version, self.retain_until = version, retain_until
+
+    def __repr__(self):
+        return f"ObjectRef({self.version!r}, {self.retain_until!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, ObjectRef) and (self.version, self.retain_until) == (
+            other.version, other.retain_until)
+
+
 class PointIndex:
     """The chunk ids of every disk of an item at one point.
 
-    ``disks``: {disk index: (size, [16-byte id, ...])}."""
+    ``disks``: {disk index: (size, [16-byte id, ...])}; ``refs``: {id:
+    ObjectRef} of the chunks whose version or lock the point records."""
 
-    __slots__ = ("item", "chunk_size", "created", "disks")
+    __slots__ = ("item", "chunk_size", "created", "disks", "refs")
 
-    def __init__(self, item, disks, chunk_size=CHUNK_SIZE, created=None):
+    def __init__(self, item, disks, chunk_size=CHUNK_SIZE, created=None, refs=None):
         self.item, self.chunk_size, self.disks = item, chunk_size, dict(disks)
+        self.refs = dict(refs or {})
         self.created = time.time_ns() if created is None else created
         for idx, (size, ids) in self.disks.items():
             if len(ids) != chunk_count(size, chunk_size):
