@@ -75,8 +75,9 @@ def _data_keys(master: bytes, store_id: bytes) -> DataKeys:
 
 
 def _secret(keys: DataKeys) -> Tuple[bytes, bytes]:
-    """(master, store id) of DataKeys made by this module."""
-    return keys.master, keys.store_id
+    """(master, store id) of a store's DataKeys."""
+    exported = keys.export()
+    return bytes.fromhex(exported["master"]), bytes.fromhex(exported["store"])
 
 
 def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
