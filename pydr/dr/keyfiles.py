@@ -321,12 +321,12 @@ def unseal(kek: bytes, key: KeyFile) -> Optional[bytes]:
 
 def key_file_bytes(fields: Dict[str, Any]) -> bytes:
     """A key file's bytes: its fields (bytes values as base64), in order."""
-    out = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
-           for k, v in fields.items()}
-    if isinstance(out.get("kdf"), dict):
-        out["kdf"] = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
-                      for k, v in out["kdf"].items()}
-    return (json.dumps(out, indent=2) + "\n").encode()
+    def text(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: text(v) for k, v in value.items()}
+        return base64.b64encode(value).decode() if isinstance(value, bytes) else value
+
+    return (json.dumps(text(fields), indent=2) + "\n").encode()
 
 
 def recipient_of(public_raw: bytes) -> str:

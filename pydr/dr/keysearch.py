@@ -83,7 +83,8 @@ def older_key_versions(objects: ObjectStore) -> Iterator[Tuple[str, bytes]]:
                    if not latest and not marker)
         for key, version in listing:
             try:
-                yield f"{objects.url(key)}?versionId={version}", objects.get(key, version=version)
+                data = objects.get(key, version=version)  # type: ignore[call-arg]
+                yield f"{objects.url(key)}?versionId={version}", data
             except FileNotFoundError:
                 continue
         return
@@ -117,6 +118,7 @@ def older_key_versions(objects: ObjectStore) -> Iterator[Tuple[str, bytes]]:
 
 def open_with(key: KeyFile, passphrase: bytes) -> Optional[Opened]:
     """What passphrase key `key` seals, if `passphrase` opens it."""
+    assert key.kdf is not None  # a passphrase key's
     payload = kf.unseal(kf.passphrase_kek(passphrase, key.kdf), key)
     if payload is None:
         return None
@@ -128,18 +130,22 @@ class Search:
     """One search of a store's passphrase keys: what opened, and what did
     not, for the error when nothing does."""
 
-    def __init__(self, objects, config, expect_id):
+    def __init__(self, objects: ObjectStore, config: Optional[StoreConfig],
+                 expect_id: Optional[str]) -> None:
         self.objects, self.config, self.expect_id = objects, config, expect_id
         self.tried: List[str] = []        # URLs of keys that did not open
         self.damaged: List[KeyInfo] = []  # files that are no key
         self.foreign: List[Tuple[str, bytes]] = []  # opened, but another store's
 
     def want(self) -> Optional[bytes]:
+        """The store id a key's payload must name (None: any)."""
         if self.config is not None:
             return self.config.store_id
         return bytes.fromhex(self.expect_id) if self.expect_id else None
 
     def opens(self, key: KeyFile, passphrase: bytes) -> Optional[Opened]:
+        """What passphrase key `key` seals, if `passphrase` opens it and it
+        is the store's; else None, and the key is noted for failure()."""
         if key.info.kind != kf.PASSPHRASE:
             return None
         try:
@@ -154,8 +160,9 @@ class Search:
             return None
         return opened
 
-    def failure(self, objects) -> Exception:
-        url = objects.spec
+    def failure(self) -> Exception:
+        """The error for a search in which no key opened."""
+        objects, url = self.objects, self.objects.spec
         if self.foreign:
             where, other = self.foreign[0]
             if self.config is not None:
@@ -169,17 +176,19 @@ class Search:
                 d = self.damaged[0]
                 more = f" (and {len(self.damaged) - 1} more)" if len(self.damaged) > 1 else ""
                 return FormatError(f"no usable passphrase key: {d.problem}{more}", path=d.url)
-            return FormatError("an encrypted store without any passphrase key "
-                               f"(nothing under {KEYS}/)", path=url)
+            return FormatError("an encrypted store without any passphrase key",
+                               path=url, hint="'pydr key recover' adds one with the "
+                                              "store's recovery private key")
+        tried = list(dict.fromkeys(self.tried))
         damaged = "".join(f"; {d.url}: {d.problem}" for d in self.damaged)
         return WrongPassphrase(f"no key of the store opens with this passphrase (tried "
-                               f"{len(self.tried)}: {', '.join(self.tried)}; a damaged key "
-                               f"file fails the same way){damaged}", path=url, hint=WRONG_HINT)
+                               f"{len(tried)}: {', '.join(tried)}; a damaged key file fails "
+                               f"the same way){damaged}", path=url, hint=WRONG_HINT)
 
 
-def find_keys(objects: ObjectStore, passphrase: Optional[bytes], *, expect_id=None,
-            want_all=False) -> Tuple[Optional[StoreConfig], List[Opened], List[KeyFile],
-                                     Search]:
+def find_keys(objects: ObjectStore, passphrase: Optional[bytes], *,
+              expect_id: Optional[str] = None, want_all: bool = False
+              ) -> Tuple[Optional[StoreConfig], List[Opened], List[KeyFile], Search]:
     """(config, keys `passphrase` opens, every usable key file, the search):
     the first key that opens (every one with `want_all`), else the older
     versions of the key files. Nothing opening is not an error here."""
@@ -213,7 +222,8 @@ def find_keys(objects: ObjectStore, passphrase: Optional[bytes], *, expect_id=No
     return config, opened, keys, search
 
 
-def search_versions(objects, passphrase, search) -> List[Opened]:
+def search_versions(objects: ObjectStore, passphrase: bytes, search: Search) -> List[Opened]:
+    """The first older version of a key file that `passphrase` opens."""
     for url, data in older_key_versions(objects):
         key_id = url.rpartition("/")[2].partition("?")[0]
         try:

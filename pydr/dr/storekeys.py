@@ -29,7 +29,7 @@ from ..engine import crashpoints
 from ..errors import (FormatError, InvalidArgument, InvalidState, PassphraseRequired,
                       UnknownName, WrongPassphrase)
 from . import keyfiles as kf, recoverykey
-from .keyfiles import KeyInfo, StoreConfig
+from .keyfiles import KeyFile, KeyInfo, StoreConfig
 from .keysearch import (CONFIG, KEYS, WRONG_HINT, Opened, Search, key_names, older_key_versions,
                         find_keys, read_config, read_keys)
 from .passphrases import passphrase_from
@@ -37,7 +37,7 @@ from .recoverykey import make_recovery_pair
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Iterator, List, Optional, Tuple
+    from typing import Any, Dict, Iterator, List, Optional, Tuple
 
     from ..endpoints.s3 import ObjectStore
     from ..engine.sealing import DataKeys
@@ -65,7 +65,7 @@ def _config_from(opened: Opened) -> StoreConfig:
     """The config a creation cut short after its first key would have
     written: the same a rerun writes."""
     return StoreConfig(opened.store_id.hex(), kf.ENCRYPTED, kf.CHUNK_IDS[kf.ENCRYPTED],
-                       opened.key.info.created)
+                       opened.key.info.created or 0)
 
 
 def _data_keys(master: bytes, store_id: bytes) -> DataKeys:
@@ -90,7 +90,7 @@ def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
         raise FileNotFoundError(2, "no pydr store config and no key file here (an "
                                    "unencrypted version-1 store, or nothing)", objects.spec)
     if not opened:
-        raise search.failure(objects)
+        raise search.failure()
     return config or _config_from(opened[0]), opened[0]
 
 
@@ -132,12 +132,12 @@ def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
 # -- writing ---------------------------------------------------------------------------
 
 
-def _new_key_fields(kind: str, label: Optional[str]) -> dict:
+def _new_key_fields(kind: str, label: Optional[str]) -> Dict[str, Any]:
     return {"version": kf.KEY_VERSION, "id": os.urandom(16).hex(), "kind": kind,
             "created": int(time.time()), "host": socket.gethostname(), "label": label}
 
 
-def _put_key(objects: ObjectStore, fields: dict) -> KeyInfo:
+def _put_key(objects: ObjectStore, fields: Dict[str, Any]) -> KeyInfo:
     name = objects.key(KEYS, fields["id"])
     data = kf.key_file_bytes(fields)
     objects.put(name, data)
@@ -199,11 +199,11 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
         if not config.encrypted:
             return config, None
         if not opened:
-            raise search.failure(objects)
+            raise search.failure()
         return config, _data_keys(opened[0].master, opened[0].store_id)
     if keys or search.damaged:  # a creation cut short after its key
         if not opened:
-            raise search.failure(objects)
+            raise search.failure()
         config = _config_from(opened[0])
         _write_config(objects, config)
         return config, _data_keys(opened[0].master, opened[0].store_id)
@@ -223,7 +223,7 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
     info = _write_passphrase_key(objects, store_id, master, passphrase, label)
     crashpoints.reached("keys.created")
     config = StoreConfig(store_id.hex(), kf.ENCRYPTED, kf.CHUNK_IDS[kf.ENCRYPTED],
-                         info.created)
+                         info.created or 0)
     _write_config(objects, config)
     return config, _data_keys(master, store_id)
 
@@ -343,7 +343,7 @@ def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
     if not with_old:
         if with_new:
             return with_new[0].key.info  # done already (the old keys are removed)
-        raise search.failure(objects)
+        raise search.failure()
     first = with_old[0]
     if with_new:
         info = with_new[0].key.info
@@ -437,12 +437,14 @@ def recover(objects: ObjectStore, private_pem: bytes, private_passphrase: Option
     return info
 
 
-def _recovered(objects, config, private, keys, versions) -> Optional[Tuple[bytes, bytes]]:
+def _recovered(objects: ObjectStore, config: Optional[StoreConfig], private: Any,
+               keys: List[KeyFile], versions: Iterator[Tuple[str, bytes]]
+               ) -> Optional[Tuple[bytes, bytes]]:
     """(store id, master) from the first recovery key file sealed to
     `private` that belongs to the store: the current files, then older
     versions. Anyone may seal a master key to a public key: where the store
     has a point index, the master must open it."""
-    def candidates():
+    def candidates() -> Iterator[KeyFile]:
         yield from keys
         for url, data in versions:
             try:
