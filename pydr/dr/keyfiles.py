@@ -128,6 +128,7 @@ class KeyFile:
     ephemeral: Optional[bytes]
     nonce: bytes
     sealed: bytes
+    data: bytes = dataclasses.field(default=b"", repr=False)  # the file as read
 
 
 # -- parsing -------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def parse_key_file(data: bytes, key_id: str, url: str) -> KeyFile:
     nonce = _b64(obj, "nonce", url, what, NONCE_BYTES)
     sealed = _b64(obj, "sealed", url, what, minimum=16)
     info = KeyInfo(key_id, kind, created, host, label, recipient, url)
-    return KeyFile(info, kdf, ephemeral, nonce, sealed)
+    return KeyFile(info, kdf, ephemeral, nonce, sealed, bytes(data))
 
 
 def _parse_kdf(kdf: Any, url: str) -> Dict[str, Any]:

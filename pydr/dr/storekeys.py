@@ -30,8 +30,8 @@ from ..errors import (FormatError, InvalidArgument, InvalidState, PassphraseRequ
                       UnknownName, WrongPassphrase)
 from . import keyfiles as kf, recoverykey
 from .keyfiles import KeyFile, KeyInfo, StoreConfig
-from .keysearch import (CONFIG, KEYS, WRONG_HINT, Opened, Search, key_names, older_key_versions,
-                        find_keys, read_config, read_keys)
+from .keysearch import (CONFIG, KEYS, WRONG_HINT, Opened, Search, find_keys, forget_versions,
+                        key_names, older_key_versions, read_config, read_keys)
 from .passphrases import passphrase_from
 from .recoverykey import make_recovery_pair
 
@@ -172,8 +172,10 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
     file sealing them under `passphrase` (crash point ``keys.created``),
     then the config (``keys.config``). A prefix with a key and no config
     (a creation cut short) is finished: the config is written from the key
-    the passphrase opens. A store already there is opened as it is,
-    whatever `encrypt` says (:func:`unlock`).
+    the passphrase opens; so is a store whose key files and config were
+    deleted or overwritten, in a versioned bucket (the key is put back from
+    its older version). A store already there is opened as it is, whatever
+    `encrypt` says (:func:`unlock`).
 
     Args:
         objects: where: s3://BUCKET/PREFIX.
@@ -201,12 +203,15 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
         if not opened:
             raise search.failure()
         return config, _data_keys(opened[0].master, opened[0].store_id)
-    if keys or search.damaged:  # a creation cut short after its key
+    if keys or search.damaged or opened or search.tried:  # a store's key, without config
         if not opened:
             raise search.failure()
-        config = _config_from(opened[0])
+        found = opened[0]
+        if "?versionId=" in found.key.info.url:  # deleted or overwritten: put it back
+            objects.put(objects.key(KEYS, found.key.info.id), found.key.data)
+        config = _config_from(found)
         _write_config(objects, config)
-        return config, _data_keys(opened[0].master, opened[0].store_id)
+        return config, _data_keys(found.master, found.store_id)
     if _holds_objects(objects):
         raise InvalidState("a version-1 store (chunks or indexes, no config) is here: it "
                            "stays unencrypted", path=objects.spec)
@@ -281,7 +286,8 @@ def remove_key(objects: ObjectStore, keys: DataKeys, key_id: str) -> str:
         keys: its data keys, from :func:`unlock` (proof of a passphrase).
         key_id: the key's id, or a unique prefix of at least 4 digits. A
             full id that is not there is removed already: done (run again
-            after a kill, the call succeeds).
+            after a kill, the call succeeds). In a versioned bucket every
+            version of the file is deleted too: an older one would open.
 
     Returns:
         The full id of the key removed.
@@ -289,7 +295,9 @@ def remove_key(objects: ObjectStore, keys: DataKeys, key_id: str) -> str:
     Raises:
         UnknownName: no key has that prefix. InvalidArgument: the prefix
             is ambiguous.
-        InvalidState: it is the store's last passphrase key.
+        InvalidState: it is the store's last passphrase key; or older
+            versions of it are under Object Lock retention (the current
+            one is removed; those still open the store until it ends).
         FormatError: `keys` are another store's than the config's.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
@@ -298,25 +306,37 @@ def remove_key(objects: ObjectStore, keys: DataKeys, key_id: str) -> str:
         raise FormatError(f"the keys given are of store {_secret(keys)[1].hex()}, the config "
                           f"names {config.id}", path=objects.url(objects.key(CONFIG)))
     found = _resolve(objects, key_id)
-    if found is None:
-        return key_id
-    key_id = found
-    good, _ = read_keys(objects)
-    others = [k for k in good if k.info.kind == kf.PASSPHRASE and k.info.id != key_id]
-    if not others:
-        raise InvalidState(f"key {key_id} is the store's last passphrase key: add another "
-                           f"first ('pydr key add')", path=objects.spec)
-    objects.delete([objects.key(KEYS, key_id)])
-    crashpoints.reached("keys.removed")
+    if found is not None:
+        key_id = found
+        good, _ = read_keys(objects)
+        others = [k for k in good if k.info.kind == kf.PASSPHRASE and k.info.id != key_id]
+        if not others:
+            raise InvalidState(f"key {key_id} is the store's last passphrase key: add another "
+                               f"first ('pydr key add')", path=objects.spec)
+    _remove(objects, [key_id])
     return key_id
+
+
+def _remove(objects: ObjectStore, key_ids: List[str]) -> None:
+    """Delete key files, and in a versioned bucket every version of them (an
+    older version would still open); crash point ``keys.removed``."""
+    names = [objects.key(KEYS, i) for i in key_ids]
+    objects.delete(names)
+    refused = forget_versions(objects, names)
+    crashpoints.reached("keys.removed")
+    if refused:
+        raise InvalidState(f"{refused} older versions of the removed key files are under "
+                           f"Object Lock retention: until it ends they still open the store",
+                           path=objects.spec)
 
 
 def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
     """Replace the keys `old` opens by one `new` opens: the new key first
     (crash point ``keys.added``), then the old ones removed
-    (``keys.removed``). Run again after a kill it finishes: a key `new`
-    already opens is not added twice, and when only `new` opens a key the
-    change is done.
+    (``keys.removed``; in a versioned bucket with every version of them,
+    as :func:`remove_key`). Run again after a kill it finishes: a key
+    `new` already opens is not added twice, and when only `new` opens a
+    key the change is done.
 
     Args:
         objects: the store.
@@ -330,6 +350,8 @@ def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
         InvalidArgument: `new` is empty or equals `old`.
         WrongPassphrase: neither passphrase opens a key (nothing written).
         FormatError: damaged key files or config, and no key opens.
+        InvalidState: older versions of the old keys are under Object Lock
+            retention (the new key is added, the current old ones removed).
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
     if not new or new == old:
@@ -351,10 +373,7 @@ def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
         info = _write_passphrase_key(objects, first.store_id, first.master, new,
                                      first.key.info.label)
         crashpoints.reached("keys.added")
-    current = [o.key for o in with_old if "?versionId=" not in o.key.info.url]
-    if current:
-        objects.delete([objects.key(KEYS, k.info.id) for k in current])
-        crashpoints.reached("keys.removed")
+    _remove(objects, sorted({o.key.info.id for o in with_old}))
     return info
 
 

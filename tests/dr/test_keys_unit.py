@@ -57,6 +57,11 @@ class MemoryStore:
             self.objects.pop(k, None)
             self.history.append((k, f"v{len(self.history)}", None))  # a delete marker
 
+    def delete_versions(self, pairs):
+        doomed = set(pairs)
+        self.history = [h for h in self.history if (h[0], h[1]) not in doomed]
+        return []
+
     def versions(self, under):
         latest = {k: v for k, v, _ in self.history}
         for k, v, d in self.history:
@@ -233,6 +238,33 @@ def test_keys_an_attacker_deleted_or_overwrote_open_from_their_older_versions():
     assert master_of(storekeys.unlock(store, b"one", expect_id=config.id)[1]) == master_of(keys)
     with pytest.raises(WrongPassphrase):
         storekeys.unlock(store, b"two", expect_id=config.id)
+
+
+def test_creating_the_store_again_after_an_attackers_deletes_brings_it_back():
+    store = MemoryStore(versioned=True)
+    config, keys = storekeys.create_store(store, b"one")
+    [key_id] = key_ids(store)
+    store.delete(list(store.objects))
+    with pytest.raises(WrongPassphrase):  # never a new store over the old one's versions
+        storekeys.create_store(store, b"two")
+    assert store.objects == {}
+    again, keys2 = storekeys.create_store(store, b"one")
+    assert again == config and master_of(keys2) == master_of(keys)
+    assert key_ids(store) == [key_id]  # the key is put back from its version
+
+
+def test_a_removed_or_changed_passphrase_does_not_open_from_an_older_version():
+    store = MemoryStore(versioned=True)
+    _, keys = storekeys.create_store(store, b"one")
+    doomed = storekeys.add_key(store, keys, b"two").id
+    store.put(f"dr/keys/{doomed}", store.objects[f"dr/keys/{doomed}"])  # a second version
+    storekeys.remove_key(store, keys, doomed)
+    assert not [h for h in store.history if doomed in h[0]]  # no version, no marker
+    storekeys.change_passphrase(store, b"one", b"three")
+    for gone in (b"one", b"two"):
+        with pytest.raises(WrongPassphrase):
+            storekeys.unlock(store, gone)
+    assert master_of(storekeys.unlock(store, b"three")[1]) == master_of(keys)
 
 
 def ed25519_public_pem():
