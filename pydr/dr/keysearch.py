@@ -15,7 +15,7 @@ from .keyfiles import KeyFile, KeyInfo, StoreConfig
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Iterator, List, Optional, Tuple
+    from typing import Any, Iterator, List, Optional, Tuple
 
     from ..endpoints.s3 import ObjectStore
 
@@ -133,7 +133,8 @@ class _Boto3Versions:
     versions() (before pydr.endpoints.s3 had them)."""
 
     def __init__(self, objects: ObjectStore) -> None:
-        self.objects, self.client = objects, getattr(objects, "client", None)
+        self.objects = objects
+        self.client: Any = getattr(objects, "client", None)  # None: not S3 (a test's store)
 
     def list(self) -> List[Tuple[str, str, bool, bool]]:
         if self.client is None:

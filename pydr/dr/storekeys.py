@@ -81,8 +81,11 @@ def _secret(keys: DataKeys) -> Tuple[bytes, bytes]:
 
 
 def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
-            expect_id: Optional[str] = None) -> Tuple[StoreConfig, Opened]:
+            expect_id: Optional[str] = None) -> Tuple[StoreConfig, Optional[Opened]]:
+    """(config, the key that opened; None for an unencrypted store)."""
     config, opened, keys, search = find_keys(objects, passphrase, expect_id=expect_id)
+    if config is not None and not config.encrypted:
+        return config, None
     if not opened and config is None and not keys and not search.damaged and not search.tried:
         if expect_id is not None:
             raise FormatError(f"no config and no key file: the store recorded as {expect_id} "
@@ -121,12 +124,8 @@ def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
         FileNotFoundError: neither a config nor a key file is there.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
-    config = read_config(objects)
-    if config is not None and not config.encrypted:
-        find_keys(objects, None, expect_id=expect_id)  # the id, and no keys beside "none"
-        return config, None
     config, opened = _unlock(objects, passphrase, expect_id)
-    return config, _data_keys(opened.master, opened.store_id)
+    return config, None if opened is None else _data_keys(opened.master, opened.store_id)
 
 
 # -- writing ---------------------------------------------------------------------------
@@ -358,10 +357,10 @@ def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
         raise InvalidArgument("the new passphrase is empty or the same as the old one",
                               path=objects.spec)
     config, with_old, keys, search = find_keys(objects, old, want_all=True)
-    others = [k for k in keys if k not in [o.key for o in with_old]]
-    with_new = [o for o in (search.opens(k, new) for k in others) if o is not None]
-    with_new = [o for o in with_new if config is not None or not with_old
-                or o.store_id == with_old[0].store_id]
+    opened_ids = {o.key.info.id for o in with_old}
+    same_store = with_old[0].store_id if with_old else None
+    with_new = [o for o in (search.opens(k, new) for k in keys if k.info.id not in opened_ids)
+                if o is not None and same_store in (None, o.store_id)]
     if not with_old:
         if with_new:
             return with_new[0].key.info  # done already (the old keys are removed)
@@ -373,7 +372,7 @@ def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
         info = _write_passphrase_key(objects, first.store_id, first.master, new,
                                      first.key.info.label)
         crashpoints.reached("keys.added")
-    _remove(objects, sorted({o.key.info.id for o in with_old}))
+    _remove(objects, sorted(opened_ids - {info.id}))
     return info
 
 
