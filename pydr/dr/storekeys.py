@@ -131,7 +131,13 @@ def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
 # -- writing ---------------------------------------------------------------------------
 
 
+MAX_LABEL = 200  # characters: a key file stays far below keyfiles.MAX_FILE
+
+
 def _new_key_fields(kind: str, label: Optional[str]) -> Dict[str, Any]:
+    if label is not None and len(label) > MAX_LABEL:
+        raise InvalidArgument(f"a key's label has at most {MAX_LABEL} characters, not "
+                              f"{len(label)}")
     return {"version": kf.KEY_VERSION, "id": os.urandom(16).hex(), "kind": kind,
             "created": int(time.time()), "host": socket.gethostname(), "label": label}
 
@@ -181,7 +187,8 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
         passphrase: the passphrase of the first key (needed when the store
             is or becomes encrypted; None for an unencrypted one).
         encrypt: for a new store: sealed objects (True) or plain ones.
-        label: the first key's label (e.g. who holds the passphrase).
+        label: the first key's label (e.g. who holds the passphrase; at most
+            200 characters).
 
     Returns:
         (config, DataKeys), or (config, None) for an unencrypted store.
@@ -241,13 +248,13 @@ def add_key(objects: ObjectStore, keys: DataKeys, new_passphrase: bytes,
         objects: the store.
         keys: its data keys, from :func:`unlock` (proof of a passphrase).
         new_passphrase: the passphrase of the new key.
-        label: the new key's label.
+        label: the new key's label (at most 200 characters).
 
     Returns:
         The new key's KeyInfo.
 
     Raises:
-        InvalidArgument: an empty passphrase.
+        InvalidArgument: an empty passphrase, or a label too long.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
     if not new_passphrase:
@@ -389,7 +396,7 @@ def add_recovery(objects: ObjectStore, keys: DataKeys, public_pem: bytes, *,
         objects: the store.
         keys: its data keys, from :func:`unlock`.
         public_pem: the recovery public key, PEM (SubjectPublicKeyInfo).
-        label: the key's label.
+        label: the key's label (at most 200 characters).
 
     Returns:
         The new key's KeyInfo (``recipient`` names the public key).
@@ -421,7 +428,7 @@ def recover(objects: ObjectStore, private_pem: bytes, private_passphrase: Option
         private_passphrase: the private key's own passphrase.
         new_passphrase: the passphrase of the key added.
         where: how messages name the private key (its file).
-        label: the new key's label.
+        label: the new key's label (at most 200 characters).
 
     Returns:
         The KeyInfo of the passphrase key `new_passphrase` opens.

@@ -208,6 +208,8 @@ def test_the_last_passphrase_key_is_never_removed(store):
         storekeys.remove_key(store, keys, only)
     with pytest.raises(UnknownName):
         storekeys.remove_key(store, keys, "zzzz")
+    with pytest.raises(InvalidArgument, match="label"):
+        storekeys.add_key(store, keys, b"two", label="x" * 201)
     assert storekeys.remove_key(store, keys, "f" * 32) == "f" * 32  # not there: done
     assert key_ids(store) == [only]
 
