@@ -14,7 +14,7 @@ import uuid
 import boto3
 import pytest
 
-from conftest import run_cli
+from conftest import pydr_command, run_cli
 from pydr.dr import storekeys
 from pydr.endpoints.s3 import ObjectStore
 from pydr.errors import WrongPassphrase
@@ -352,3 +352,45 @@ def test_help_reads_like_a_man_page():
         text = r.stdout.decode()
         assert "examples:" in text and "exit status" in text and "PYDR_PASSPHRASE_FILE" in text
     assert "--passphrase " not in text  # never on the command line
+
+
+def test_passphrases_typed_at_a_terminal(s3):
+    """With nothing else given and standard input a terminal, the store's
+    passphrase is asked once and a new one twice; two that differ are
+    refused before anything is written. Each answer is typed once its
+    prompt is on standard error (getpass flushes what was typed before)."""
+    import pty
+
+    ctx = s3
+    _, keys = storekeys.create_store(ctx["objects"], OLD)
+
+    def typed(answers, *args):
+        controller, terminal = pty.openpty()
+        p = subprocess.Popen([*pydr_command(), "key", *args], stdin=terminal,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ctx["env"],
+                             start_new_session=True)  # no controlling terminal: stdin is asked
+        try:
+            for prompt, answer in answers:
+                seen = b""
+                while not seen.endswith(prompt):
+                    byte = p.stderr.read(1)
+                    assert byte, f"no prompt {prompt!r}: {seen!r}"
+                    seen += byte
+                os.write(controller, answer + b"\n")
+            out, err = p.communicate(timeout=120)
+        finally:
+            p.kill()
+            os.close(controller)
+            os.close(terminal)
+        return p.returncode, out, err
+
+    before = snapshot(ctx)
+    store = f"passphrase of {ctx['url']}: ".encode()
+    code, _, err = typed([(store, OLD), (b"the new passphrase: ", NEW), (b"again: ", THIRD)],
+                         "add", ctx["url"])
+    assert code == 2 and b"the two passphrases typed differ" in err
+    assert snapshot(ctx) == before
+    code, out, err = typed([(store, OLD), (b"the new passphrase: ", NEW), (b"again: ", NEW)],
+                           "add", ctx["url"], "--json")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "passphrase" and opens(ctx, NEW) == master_of(keys)
