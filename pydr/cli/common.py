@@ -160,8 +160,26 @@ def add_format(p, flag="--format", what="IMAGE"):
 
 
 def add_vault_dir(p):
-    """--vault DIR."""
+    """--vault DIR, and --passphrase-file FILE: the passphrase of the
+    encrypted object stores the command opens."""
     p.add_argument("--vault", metavar="DIR", help="vault directory (default: $PYDR_VAULT)")
+    p.add_argument("--passphrase-file", metavar="FILE", default=None,
+                   help="the passphrase of the item's encrypted object store: the file's "
+                        "contents, one trailing newline stripped (default: "
+                        "$PYDR_PASSPHRASE_FILE, else $PYDR_PASSPHRASE). Never on the command "
+                        "line; never kept in the vault")
+
+
+def given_passphrase(args):
+    """The passphrase of --passphrase-file (read now: a missing file is said
+    before the vault is opened), or None: the environment's, read when an
+    encrypted store is opened (pydr.dr.objectstore.chunk_store_at)."""
+    path = getattr(args, "passphrase_file", None)
+    if path is None:
+        return None
+    from ..dr.storekeys import passphrase_from
+
+    return passphrase_from(path)
 
 
 def add_vault_options(p, writer=True):

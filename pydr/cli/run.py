@@ -8,7 +8,8 @@ import signal
 import sys
 import threading
 
-from .common import add_json, add_vault_dir, command, positive_int, print_json, vault_dir
+from .common import (add_json, add_vault_dir, command, given_passphrase, positive_int,
+                     print_json, vault_dir)
 
 DESCRIPTION = """\
 Keep every protected item inside its target RPO: a service over the vault
@@ -117,7 +118,8 @@ def cmd_run(args):
     sink = _LineEvents() if args.events else None
     says = _SaysMetrics(sink) if args.metrics is not None else None
     service = Service(vault_dir(args), jobs=args.jobs, scheduler=args.scheduler,
-                      metrics=args.metrics, events=says or sink, warm=args.warm)
+                      metrics=args.metrics, events=says or sink, warm=args.warm,
+                      passphrase=given_passphrase(args))
     if says is not None:
         says.service = service
     old = _install_signals(service)
