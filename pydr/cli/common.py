@@ -160,9 +160,13 @@ def add_format(p, flag="--format", what="IMAGE"):
 
 
 def add_vault_dir(p):
-    """--vault DIR, and --passphrase-file FILE: the passphrase of the
-    encrypted object stores the command opens."""
+    """--vault DIR."""
     p.add_argument("--vault", metavar="DIR", help="vault directory (default: $PYDR_VAULT)")
+
+
+def add_passphrase_file(p):
+    """--passphrase-file FILE: the passphrase of the encrypted object stores
+    a vault command opens (:func:`given_passphrase`)."""
     p.add_argument("--passphrase-file", metavar="FILE", default=None,
                    help="the passphrase of the item's encrypted object store: the file's "
                         "contents, one trailing newline stripped (default: "
@@ -184,8 +188,10 @@ def given_passphrase(args):
 
 def add_vault_options(p, writer=True):
     """--vault and --json, which every vault command takes, and --lock-wait
-    for one that may change the vault (`writer`): a reader never waits."""
+    for one that may change the vault (`writer`): a reader never waits; and
+    --passphrase-file, for the encrypted object stores it opens."""
     add_vault_dir(p)
+    add_passphrase_file(p)
     if writer:
         p.add_argument("--lock-wait", type=_seconds, metavar="SECONDS", default=None,
                        help="a command that changes the vault waits this long for another's "

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from .common import (add_json, add_vault_dir, command, given_passphrase, positive_int,
+from .common import (add_json, add_passphrase_file, add_vault_dir, command, given_passphrase, positive_int,
                      print_json, vault_dir)
 
 DESCRIPTION = """\
@@ -155,6 +155,7 @@ def register(sub):
     p = command(sub, "run", help="the service that keeps every item inside its target RPO",
                 description=DESCRIPTION, examples=EXAMPLES, func=cmd_run)
     add_vault_dir(p)
+    add_passphrase_file(p)
     p.add_argument("--jobs", type=positive_int, default=2, metavar="N",
                    help="items (or groups) replicated at once (default 2)")
     p.add_argument("--scheduler", metavar="ADDR",
