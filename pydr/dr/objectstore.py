@@ -168,9 +168,10 @@ def _unlock(vault, objects, record):
             return keys, (config.id, config.encryption)
         return None, (V1_ID, PLAIN)
     _compare(spec, record, config.id, config.encryption)
-    if not config.encrypted:
-        return None, (config.id, config.encryption)
-    config, keys = storekeys.unlock(objects, _passphrase(vault, spec), expect_id=config.id)
+    # an unencrypted config is checked too: key files beside "none" are a downgrade
+    passphrase = _passphrase(vault, spec) if config.encrypted else None
+    config, keys = storekeys.unlock(objects, passphrase, expect_id=config.id)
+    _compare(spec, record, config.id, config.encryption)  # as unlock read it: no race
     return keys, (config.id, config.encryption)
 
 
