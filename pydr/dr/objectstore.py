@@ -5,7 +5,8 @@ and the vault's local copies of their newest index.
 A cycle signs each source at 4 KiB and compares it with the signature of
 the last point, kept in the vault (vault/objects/ITEM/), so the store is
 never read back. The 4 MiB chunks holding a changed block are read, named
-by their XXH3-128, and uploaded unless the store has that id already (the
+by their XXH3-128 (in an encrypted store: a keyed MAC, and sealed), and
+uploaded unless the store has that id already (the
 last point names it, or this cycle's interrupted predecessor uploaded it:
 its ids are logged in vault/objects/ITEM/pending). All-zero chunks are not
 stored. Then the point index is uploaded, and only then the vault records
@@ -13,6 +14,11 @@ the point with the index's key: no recorded point names a chunk that is
 not stored. The capture is pydr.dr.chunkcapture; the points -- restore,
 failover, retention, verify and garbage collection -- are the chunk
 index's (pydr.dr.pointstores.chunkindex).
+
+A store is opened in one place, :func:`chunk_store_at`: its config is
+compared with the vault's record of it (object_stores) and an encrypted
+one unlocked with the passphrase (docs/FORMAT.md, "Which store a vault
+trusts"); :func:`prepare_store` makes a new one for ``pydr protect``.
 
 Garbage collection never sweeps a chunk younger than the grace period: a
 cycle running meanwhile has uploaded its new chunks within it

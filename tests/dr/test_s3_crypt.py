@@ -400,3 +400,25 @@ def test_a_fleet_worker_captures_with_the_keys_the_task_carries(s3, tmp_path, mo
     pid = json.loads(r.stdout)["point_id"]
     assert all(is_sealed(body(s3, k)) and MARKER not in body(s3, k) for k in keys(s3, "chunks"))
     materializes(s3, pid, sha(img), disk="hv.img")
+
+
+@pytest.mark.parametrize("point", ["keys.created", "keys.config"])
+def test_a_protect_killed_while_it_makes_the_store_is_finished_by_running_it_again(s3, point):
+    """Killed after the store's key file, or after its config: nothing is
+    recorded; the same protect again finishes the store (encrypted, one
+    passphrase key) and records it; its points are exact."""
+    img = marked_disk(s3["tmp"] / "disk.img", chunks=2)
+    r = cli(s3, "protect", "vm", "--disk", f"{img}={s3['url']}", env={"PYDR_CRASH_AT": point})
+    assert r.returncode == -9, r.stderr
+    assert len(keys(s3, "keys")) == 1 and ("dr/config" in bucket(s3)) == (point == "keys.config")
+    with Vault(s3["vault"]) as v:
+        assert v.items() == [] and v.object_store(s3["url"]) is None
+    protect(s3, img)
+    assert len(keys(s3, "keys")) == 1
+    config = json.loads(body(s3, "dr/config"))
+    with Vault(s3["vault"]) as v:
+        rec = v.object_store(s3["url"])
+        assert (rec.id, rec.encryption) == (config["id"], "aes-256-gcm")
+    pid = replicate(s3)["point_id"]
+    assert all(is_sealed(body(s3, k)) for k in keys(s3, "chunks"))
+    materializes(s3, pid, sha(img))
