@@ -239,7 +239,8 @@ class Vault(RecoveryOperations, PolicyOperations):
                 be read here), or one given without `cbt`.
             OSError: a source cannot be read.
         """
-        columns = policy_.check_new_item_policy(self.store, group, policy or {})
+        columns = policy_.check_new_item_policy(self.store, group, policy or {},
+                                                [replica for _, replica in disks])
         protection.protect(self.store, name, disks, group=group, retention=retention,
                            retention_age=retention_age, quiesce_hook=quiesce_hook,
                            thaw_hook=thaw_hook, rsh=rsh, remote_pydr=remote_pydr, cbt=cbt,
