@@ -323,6 +323,22 @@ class PeerGone(PydrError, ConnectionError):
         self.stderr = stderr
 
 
+class WrongPassphrase(PydrError, PermissionError):
+    """No key of an encrypted object store opens with the passphrase given:
+    refused before any chunk or index is read or written. ``path`` is the
+    store (s3://BUCKET/PREFIX)."""
+
+    exit_code = EXIT_PERMISSION
+
+
+class PassphraseRequired(PydrError, PermissionError):
+    """An encrypted object store is to be read or written and no passphrase
+    was given (--passphrase-file, PYDR_PASSPHRASE_FILE, PYDR_PASSPHRASE).
+    ``path`` is the store."""
+
+    exit_code = EXIT_PERMISSION
+
+
 class VaultDamaged(VaultError):
     """The vault's database cannot be read as it should: SQLite found it
     damaged (or it is not SQLite). ``path`` is the database file."""

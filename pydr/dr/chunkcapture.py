@@ -30,13 +30,12 @@ import uuid
 from ..endpoints import open_endpoint
 from ..engine import crashpoints
 from ..engine.atomic import atomic_write, fsync_dir
-from ..engine.chunks import (CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count, chunk_id,
-                             encode_chunk)
+from ..engine.chunks import CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count
 from ..engine.oserrors import naming
 from ..errors import FormatError, InvalidState
 from .agent import cut, worker_host
 from .events import Emitter, check_cancel
-from .objectstore import DEFAULT_GRACE, UPLOADS, _dir, latest_index, store_of
+from .objectstore import DEFAULT_GRACE, UPLOADS, _dir, chunk_store, latest_index, store_of
 
 BLOCK = 4096  # the comparison's block: what changed, in 4 KiB blocks
 PENDING_TRUST = 0.5  # a logged upload is trusted for this share of the grace period
@@ -130,21 +129,19 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, 
             length = min(CHUNK_SIZE, size - i * CHUNK_SIZE)
             data = os.pread(fd, length, i * CHUNK_SIZE)
             count(read=len(data))
-            ident = chunk_id(data)
+            ident = store.chunk_id(data)
             # the last point's index names it (gc keeps it); a logged upload of a killed
             # cycle may have been swept since (gc --grace shorter than our trust): asked
             if ident not in bad and (ident in known or (
-                    ident in pending.ids and store.exists(store.chunk_key(ident)))):
+                    ident in pending.ids and store.has_chunk(ident))):
                 count(reused=1)
                 return i, ident
             if not hasattr(local, "zc"):
                 local.zc = zstandard.ZstdCompressor(level=3)
-            blob = encode_chunk(data, ident, local.zc)
-            limiter.take(len(blob))
-            store.put(store.chunk_key(ident), blob)
+            ref, sent = store.put_chunk(ident, data, local.zc, throttle=limiter.take)
             pending.add(ident)
             bad.discard(ident)  # sound again: the rest of this cycle may reuse it
-            count(uploaded=1, bytes=len(blob))
+            count(uploaded=1, bytes=sent)
             crashpoints.reached("s3.chunk")
             return i, ident
 
@@ -226,7 +223,8 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
                                f"block device as its source (here, or on its --host)",
                                path=d["source"])
     prev = None if opts.resync_all else latest_index(vault, name)
-    store = store_of(vault, name)
+    chunks = chunk_store(vault, name)  # an encrypted store is unlocked here, not on a worker
+    store = chunks.objects
     index_name = uuid.uuid4().hex
     log_index(vault, name, store.index_key(name, index_name))
     return capture_item, {
@@ -237,12 +235,14 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
         "quiesce_hook": row["quiesce_hook"] if opts.app_consistent else None,
         "thaw_hook": row["thaw_hook"] if opts.app_consistent else None,
         "bwlimit": opts.bwlimit, "uploads": uploads, "grace": grace,
-        "suspect": suspect_chunks(vault, name)}
+        "suspect": suspect_chunks(vault, name),
+        "keys": chunks.keys.export() if chunks.keys is not None else None}
 
 
 def capture_item(task, *, events=None, cancel=None):
     """The disks of one item into its object store. Returns {"item", "host",
-    "key" (the point index uploaded), "local" (its name), "store", "cut",
+    "key" (the point index uploaded), "version" and "retain_until" (its
+    ObjectRef), "local" (its name), "store", "cut",
     "cut_at", "read", "uploaded", "reused", "bytes"} for the caller to record.
 
     In this process (not on a worker): ``events``, an Emitter
@@ -250,11 +250,14 @@ def capture_item(task, *, events=None, cancel=None):
     signature) and "upload" (its chunks) progress; ``cancel`` (a
     threading.Event) stops the work between chunks and in the signing."""
     from ..endpoints.s3 import ObjectStore
+    from ..engine.sealing import DataKeys
     from ..engine.signatures import Signature, signature
+    from .chunkstore import ChunkStore
 
     name = task["item"]
-    store = ObjectStore(task["store"])
-    store.check()
+    keys = DataKeys.imported(task["keys"]) if task.get("keys") else None
+    store = ChunkStore(ObjectStore(task["store"]), keys)
+    store.objects.check()
     here = task["here"] if task["here"] and os.path.isdir(task["here"]) else None
     prev = task["prev"]
     prev_index = None
@@ -264,9 +267,9 @@ def capture_item(task, *, events=None, cancel=None):
             if local is None:
                 raise FileNotFoundError(prev[1])
             with open(local, "rb") as f:
-                prev_index = PointIndex.decode(f.read(), local)
+                prev_index = store.decode_index(f.read(), prev[1], local)
         except (OSError, FormatError):  # the local copy is gone: the store has it
-            prev_index = PointIndex.decode(store.get(prev[1]), store.url(prev[1]))
+            prev_index = store.get_index(prev[1])
     known = prev_index.chunk_ids() if prev_index is not None else set()
     bad = set()  # found missing or corrupt: uploaded again (then dropped from here)
     for hexid in task.get("suspect", ()):
@@ -310,9 +313,8 @@ def capture_item(task, *, events=None, cancel=None):
                 entries[d["idx"]] = (sig.size, ids)
                 sigs[d["idx"]] = sig
                 crashpoints.reached("cycle.disk")
-            blob = PointIndex(name, entries).encode()
             key = store.index_key(name, new_name)
-            store.put(key, blob)  # after every chunk it names
+            ref, blob = store.put_index(key, PointIndex(name, entries))  # after its chunks
             crashpoints.reached("s3.index")
             if here:  # the next cycle's baseline, once the point is recorded
                 for idx, sig in sigs.items():
@@ -322,6 +324,7 @@ def capture_item(task, *, events=None, cancel=None):
     finally:
         pending.close(False)
     return {"item": name, "host": worker_host(), "key": key, "local": new_name,
+            "version": ref.version, "retain_until": ref.retain_until,
             "store": store.spec, "cut": taken.kind, "cut_at": taken.at,
             "suspect": list(task.get("suspect", ())), **stats}
 
@@ -333,7 +336,8 @@ def adopt(vault, name, result):
     sent = result["bytes"]
 
     def index_row(store, point_id):
-        store.add_index(name, point_id, result["store"], result["key"], sent)
+        store.add_index(name, point_id, result["store"], result["key"], sent,
+                        result.get("version"), result.get("retain_until"))
 
     def forget():  # the orphans first: the pending log that names them goes with the rest
         handled = set(result.get("suspect", ()))  # a verify meanwhile may have found more

@@ -54,6 +54,21 @@ def store_of(vault, name):
                        path=vault.dir)
 
 
+def chunk_store(vault, name):
+    """The ChunkStore (pydr.dr.chunkstore) of the item's replicas or points:
+    every chunk and index is read and written through it."""
+    return chunk_store_at(vault, store_of(vault, name).spec)
+
+
+def chunk_store_at(vault, spec):
+    """The ChunkStore of the store `spec` (s3://BUCKET/PREFIX), unlocked
+    with the vault's passphrase when it is encrypted."""
+    from ..endpoints.s3 import ObjectStore
+    from .chunkstore import ChunkStore
+
+    return ChunkStore(ObjectStore(spec))
+
+
 def _dir(vault, name):
     path = os.path.join(vault.dir, "objects", name)
     os.makedirs(path, mode=0o700, exist_ok=True)  # in the vault: private

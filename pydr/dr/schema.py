@@ -12,12 +12,13 @@ from ..errors import VaultError
 from . import arguments
 from .dberrors import VaultConnection
 
-SCHEMA_VERSION = 11  # 2: remote replicas; 3: operations; 4: changed-block tracking;
+SCHEMA_VERSION = 12  # 2: remote replicas; 3: operations; 4: changed-block tracking;
 # 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
 # 7: the point indexes of replicas in object stores; 8: damaged points, the vault's identity,
 # the digest of each step; 9: the time of each point's cut, an item's last successful cycle;
 # 10: the granularity of a tracked disk's dirty bitmaps; 11: protection policies (pydr run),
-# the RPO health last recorded, the alerts log, files to remove once their rows are gone
+# the RPO health last recorded, the alerts log, files to remove once their rows are gone;
+# 12: object stores' identities and encryption, index versions and locks, lock policies
 DB_NAME = "vault.db"
 
 _SCHEMA = """
@@ -112,7 +113,15 @@ CREATE TABLE object_indexes(
     store TEXT NOT NULL,
     key TEXT NOT NULL,
     bytes INTEGER NOT NULL,
+    version TEXT,
+    retain_until REAL,
     PRIMARY KEY(item, point)
+);
+CREATE TABLE object_stores(
+    store TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    encryption TEXT NOT NULL,
+    created REAL
 );
 CREATE TABLE policies(
     scope TEXT NOT NULL,
@@ -125,6 +134,8 @@ CREATE TABLE policies(
     bwlimit_windows TEXT,
     priority INTEGER,
     alert_commands TEXT,
+    lock_days REAL,
+    lock_mode TEXT,
     PRIMARY KEY(scope, name)
 );
 CREATE TABLE alerts(
@@ -237,7 +248,23 @@ _MIGRATIONS = {
          "message TEXT NOT NULL)",
          "CREATE TABLE doomed_files(item TEXT NOT NULL, path TEXT NOT NULL, "
          "PRIMARY KEY(item, path))"),
+    # 12: each object store's identity and encryption as first seen (a config that later
+    # disagrees is tampering), the S3 version and lock of each point index, and how long
+    # an item's or group's points are locked (S3 Object Lock)
+    11: ("CREATE TABLE IF NOT EXISTS object_stores(store TEXT PRIMARY KEY, id TEXT NOT NULL, "
+         "encryption TEXT NOT NULL, created REAL)",
+         lambda db: _add_columns(db, "object_indexes", "version TEXT", "retain_until REAL"),
+         lambda db: _add_columns(db, "policies", "lock_days REAL", "lock_mode TEXT")),
 }
+
+
+def _add_columns(db, table, *columns):
+    """ALTER TABLE ADD COLUMN each of `columns` ("NAME TYPE") the table lacks
+    (a vault that an older step made with today's CREATE TABLE has them)."""
+    have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+    for column in columns:
+        if column.split()[0] not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
 
 def migrate(db, version):

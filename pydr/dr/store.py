@@ -100,6 +100,11 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints, Poli
                              hint=f"create one with 'pydr vault init {self.dir}'")
         self.lock_fd = None
         self.writer = writer
+        # encrypted object stores (pydr.dr.objectstore.chunk_store): the passphrase the
+        # caller gave (None: from the environment, when a store needs one), and the data
+        # keys of the stores unlocked so far; never written anywhere
+        self.passphrase: bytes | None = None
+        self.unlocked: dict[str, object] = {}
         self.interrupted = {}  # {item: operation} running when the last writer died
         if writer:
             self.lock_fd = store_lock.take(self.dir, lock_timeout)

@@ -2,16 +2,31 @@
 (pydr.dr.pointstores.chunkindex) belongs to which point of an item. Part
 of pydr.dr.store.Store."""
 
-from .store_records import IndexRecord
+import time
+
+from .store_records import IndexRecord, ObjectStoreRecord
 
 
 class IndexTables:
     """Point indexes in object stores; needs ``self.db`` and ``self.transaction``."""
 
-    def add_index(self, name, point_id, store, key, size):
-        """Record the index of point `point_id` (in the caller's transaction: the point's)."""
-        self.db.execute("INSERT INTO object_indexes(item, point, store, key, bytes) "
-                        "VALUES (?,?,?,?,?)", (name, point_id, store, key, size))
+    def add_index(self, name, point_id, store, key, size, version=None, retain_until=None):
+        """Record the index of point `point_id` (in the caller's transaction:
+        the point's): its key, S3 `version` and lock (`retain_until`)."""
+        self.db.execute("INSERT INTO object_indexes(item, point, store, key, bytes, version, "
+                        "retain_until) VALUES (?,?,?,?,?,?,?)",
+                        (name, point_id, store, key, size, version, retain_until))
+
+    def object_store(self, spec):
+        """The ObjectStoreRecord of the store `spec` (s3://BUCKET/PREFIX), or None."""
+        row = self.db.execute(f"SELECT {ObjectStoreRecord.columns()} FROM object_stores "
+                              "WHERE store=?", (spec,)).fetchone()
+        return None if row is None else ObjectStoreRecord.from_row(row)
+
+    def add_object_store(self, spec, store_id, encryption):
+        """Record the store `spec` as first seen (kept when already recorded)."""
+        self.db.execute("INSERT OR IGNORE INTO object_stores(store, id, encryption, created) "
+                        "VALUES (?,?,?,?)", (spec, store_id, encryption, time.time()))
 
     def has_indexes(self, name):
         """Whether item `name` has points in an object store."""

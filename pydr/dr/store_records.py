@@ -178,9 +178,18 @@ class PlanRecord(Record):
 class IndexRecord(Record):
     """The point index in an object store of point `point` of an item: the
     store's spec, the index's key and the bytes the cycle sent (the
-    object_indexes table)."""
+    object_indexes table); its S3 ``version`` (None in an unversioned
+    bucket) and ``retain_until`` (POSIX seconds; None when not locked)."""
 
-    __slots__ = ("item", "point", "store", "key", "bytes")
+    __slots__ = ("item", "point", "store", "key", "bytes", "version", "retain_until")
+
+
+class ObjectStoreRecord(Record):
+    """An object store as the vault first saw it (the object_stores table):
+    its spec (s3://BUCKET/PREFIX), the id in its config, and its encryption
+    ("aes-256-gcm", or "none")."""
+
+    __slots__ = ("store", "id", "encryption", "created")
 
 
 class PolicyRecord(Record):
@@ -190,7 +199,8 @@ class PolicyRecord(Record):
     ``alert_commands`` are JSON text."""
 
     __slots__ = ("scope", "name", "target_rpo", "rpo_critical", "app_consistent_every", "keep",
-                 "bwlimit", "bwlimit_windows", "priority", "alert_commands")
+                 "bwlimit", "bwlimit_windows", "priority", "alert_commands", "lock_days",
+                 "lock_mode")
 
 
 class AlertRecord(Record):

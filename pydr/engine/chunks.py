@@ -65,9 +65,10 @@ def encode_chunk(data, ident, compressor=None):
     return b"".join((fields, check, payload))
 
 
-def decode_chunk(blob, ident, decompressor=None, *, where="chunk"):
-    """The bytes of a stored chunk, verified to hash to `ident`; FormatError
-    naming `where` (its object key) otherwise."""
+def decode_chunk(blob, ident, decompressor=None, *, where="chunk", ident_of=None):
+    """The bytes of a stored chunk, verified to hash to `ident` (by
+    `ident_of`, default :func:`chunk_id`; an encrypted store's is keyed);
+    FormatError naming `where` (its object key) otherwise."""
     hexid = ident.hex()
     if len(blob) < CHUNK_HEADER_SIZE:
         raise FormatError(f"chunk {hexid} is truncated ({len(blob)} bytes)", path=where, offset=0)
@@ -95,27 +96,44 @@ def decode_chunk(blob, ident, decompressor=None, *, where="chunk"):
                               offset=CHUNK_HEADER_SIZE) from None
     else:
         data = payload
-    if len(data) != raw_len or stored_id != ident or chunk_id(data) != ident:
+    if len(data) != raw_len or stored_id != ident or (ident_of or chunk_id)(data) != ident:
         raise FormatError(f"chunk {hexid} does not hash to its id: corrupt", path=where,
                           offset=CHUNK_HEADER_SIZE)
     return data
 
 
+class ObjectRef:
+    """Which stored object a point needs: its S3 ``version`` (None in an
+    unversioned bucket, or not known) and the time its lock ends
+    (``retain_until``, POSIX seconds; None when not locked)."""
+
+    __slots__ = ("version", "retain_until")
+
+    def __init__(self, version=None, retain_until=None):
+        self.version, self.retain_until = version, retain_until
+
+    def __repr__(self):
+        return f"ObjectRef({self.version!r}, {self.retain_until!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, ObjectRef) and (self.version, self.retain_until) == (
+            other.version, other.retain_until)
+
+
 class PointIndex:
     """The chunk ids of every disk of an item at one point.
 
-    ``disks``: {disk index: (size, [16-byte id, ...])}. ``objects``: {chunk
-    id: (S3 VersionId or None, retain until as POSIX seconds or None)}, the
-    version of each chunk object the point needs (in a versioned bucket)
-    and its Object Lock; empty in a version-1 index and in an unversioned
-    bucket."""
+    ``disks``: {disk index: (size, [16-byte id, ...])}. ``refs``: {chunk
+    id: ObjectRef}, the S3 version of each chunk object the point needs (in
+    a versioned bucket) and its Object Lock; empty in a version-1 index and
+    in an unversioned bucket."""
 
-    __slots__ = ("item", "chunk_size", "created", "disks", "objects")
+    __slots__ = ("item", "chunk_size", "created", "disks", "refs")
 
-    def __init__(self, item, disks, chunk_size=CHUNK_SIZE, created=None, objects=None):
+    def __init__(self, item, disks, chunk_size=CHUNK_SIZE, created=None, refs=None):
         self.item, self.chunk_size, self.disks = item, chunk_size, dict(disks)
         self.created = time.time_ns() if created is None else created
-        self.objects = dict(objects or {})
+        self.refs = dict(refs or {})
         for idx, (size, ids) in self.disks.items():
             if len(ids) != chunk_count(size, chunk_size):
                 raise ValueError(f"disk {idx}: {len(ids)} chunk ids for {size} bytes")
@@ -124,10 +142,10 @@ class PointIndex:
         """Every stored chunk the index names (no zero chunks), once."""
         return {i for _, ids in self.disks.values() for i in ids if i != ZERO_ID}
 
-    def version_of(self, ident):
-        """The S3 VersionId of chunk `ident` this point needs, or None (any:
-        an unversioned bucket, or a version-1 index)."""
-        return self.objects.get(ident, (None, None))[0]
+    def ref(self, ident):
+        """The ObjectRef of chunk `ident` this point needs: its version, or
+        None (the current one: an unversioned bucket, a version-1 index)."""
+        return self.refs.get(ident) or ObjectRef()
 
     def encode(self):
         """The index object, version 2."""
@@ -137,9 +155,10 @@ class PointIndex:
         for idx in sorted(self.disks):
             size, ids = self.disks[idx]
             parts += [_DISK.pack(idx, size, len(ids)), b"".join(ids)]
-        parts.append(_OBJECTS.pack(len(self.objects)))
-        for ident in sorted(self.objects):
-            version, until = self.objects[ident]
+        refs = {i: r for i, r in self.refs.items() if r.version or r.retain_until}
+        parts.append(_OBJECTS.pack(len(refs)))
+        for ident in sorted(refs):
+            version, until = refs[ident].version, refs[ident].retain_until
             raw = (version or "").encode("ascii")
             parts += [_OBJECT.pack(ident, int(until or 0), len(raw)), raw]
         body = b"".join(parts)
@@ -183,22 +202,22 @@ class PointIndex:
                                   offset=pos - _DISK.size)
             disks[idx] = (size, [bytes(blob[p:p + 16]) for p in range(pos, pos + 16 * count, 16)])
             pos += 16 * count
-        objects = {}
+        refs = {}
         if version >= 2:
-            pos, objects = _decode_objects(blob, pos, body_end, where)
+            pos, refs = _decode_refs(blob, pos, body_end, where)
         if pos != body_end:
             raise FormatError("point index has bytes after its disks", path=where, offset=pos)
-        return cls(item, disks, chunk_size, created, objects)
+        return cls(item, disks, chunk_size, created, refs)
 
 
-def _decode_objects(blob, pos, end, where):
-    """(position after it, {id: (version, retain until)}) of a version-2
-    index's object table at `pos`."""
+def _decode_refs(blob, pos, end, where):
+    """(position after it, {id: ObjectRef}) of a version-2 index's object
+    table at `pos`."""
     if pos + _OBJECTS.size > end:
         raise FormatError("point index ends before its object table", path=where, offset=pos)
     (count,) = _OBJECTS.unpack_from(blob, pos)
     pos += _OBJECTS.size
-    objects = {}
+    refs = {}
     for _ in range(count):
         if pos + _OBJECT.size > end:
             raise FormatError("point index's object table is truncated", path=where, offset=pos)
@@ -207,6 +226,7 @@ def _decode_objects(blob, pos, end, where):
         if len(raw) != n or not raw.isascii():
             raise FormatError("point index names a chunk version that is not ASCII or is "
                               "truncated", path=where, offset=pos)
-        objects[bytes(ident)] = (raw.decode("ascii") or None, float(until) if until else None)
+        refs[bytes(ident)] = ObjectRef(raw.decode("ascii") or None,
+                                       float(until) if until else None)
         pos += _OBJECT.size + n
-    return pos, objects
+    return pos, refs

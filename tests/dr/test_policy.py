@@ -414,13 +414,15 @@ def test_a_schema_10_vault_is_migrated_and_keeps_working(tmp_path):
         v.replicate("vm")
     db = sqlite3.connect(directory / "vault.db")
     db.execute("ALTER TABLE items DROP COLUMN rpo_health")
-    for table in ("policies", "alerts", "doomed_files"):
+    for table in ("policies", "alerts", "doomed_files", "object_stores"):  # 11's and 12's
         db.execute(f"DROP TABLE {table}")
+    for column in ("version", "retain_until"):  # 12's
+        db.execute(f"ALTER TABLE object_indexes DROP COLUMN {column}")
     db.execute("PRAGMA user_version=10")
     db.commit()
     db.close()
     with Vault(directory, writer=True) as v:
-        assert v.db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 11
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 12
         assert v.item("vm").rpo_health is None and v.alerts() == []
         assert v.policy("vm") == P.Policy()
         st = v.status("vm")
@@ -428,6 +430,11 @@ def test_a_schema_10_vault_is_migrated_and_keeps_working(tmp_path):
         v.set_policy("vm", target_rpo="1h")
         v.replicate("vm")
         assert v.status("vm").rpo_health == "ok" and v.status("vm").point_count == 2
+        assert v.store.object_store("s3://b/p") is None  # 12's table is there, empty
+        columns = {r[1] for r in v.db.execute("PRAGMA table_info(object_indexes)")}
+        assert {"version", "retain_until"} <= columns
+        columns = {r[1] for r in v.db.execute("PRAGMA table_info(policies)")}
+        assert {"lock_days", "lock_mode"} <= columns
 
 
 # -- pydr vault check ----------------------------------------------------------------------

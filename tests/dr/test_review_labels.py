@@ -123,7 +123,7 @@ def test_the_schema_9_migration_relabels_points_of_several_disks(tmp_path):
     db.execute("ALTER TABLE items DROP COLUMN last_success_at")
     db.execute("ALTER TABLE disks DROP COLUMN granularity")
     db.execute("ALTER TABLE items DROP COLUMN rpo_health")
-    for table in ("policies", "alerts", "doomed_files"):
+    for table in ("policies", "alerts", "doomed_files", "object_stores"):
         db.execute(f"DROP TABLE {table}")
     db.execute("PRAGMA user_version=8")
     db.commit()

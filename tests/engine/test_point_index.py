@@ -7,15 +7,15 @@ import struct
 import pytest
 import xxhash
 
-from pydr.engine.chunks import CHUNK_SIZE, ZERO_ID, PointIndex
+from pydr.engine.chunks import CHUNK_SIZE, ZERO_ID, ObjectRef, PointIndex
 from pydr.errors import FormatError
 
 A, B = bytes(range(16)), bytes(range(16, 32))
 
 
-def _index(objects=None):
+def _index(refs=None):
     return PointIndex("web", {0: (2 * CHUNK_SIZE + 5, [A, ZERO_ID, B]), 3: (10, [A])},
-                      created=123, objects=objects)
+                      created=123, refs=refs)
 
 
 def _v1_bytes(index):
@@ -32,25 +32,30 @@ def _v1_bytes(index):
 
 
 def test_version_2_round_trip_names_versions_and_locks():
-    objects = {A: ("v-a-1", 1800000000.0), B: (None, None)}
-    blob = _index(objects).encode()
+    refs = {A: ObjectRef("v-a-1", 1800000000.0), B: ObjectRef("v-b", None)}
+    blob = _index(refs).encode()
     assert struct.unpack_from("<H", blob, 8)[0] == 2
     back = PointIndex.decode(blob)
     assert back.disks == _index().disks and back.item == "web" and back.created == 123
-    assert back.objects == objects
-    assert back.version_of(A) == "v-a-1" and back.version_of(B) is None
-    assert back.version_of(ZERO_ID) is None
+    assert back.refs == refs
+    assert back.ref(A).version == "v-a-1" and back.ref(B).retain_until is None
+    assert back.ref(ZERO_ID) == ObjectRef()
+
+
+def test_refs_of_nothing_are_not_written():
+    back = PointIndex.decode(_index({A: ObjectRef(), B: ObjectRef("v", None)}).encode())
+    assert back.refs == {B: ObjectRef("v", None)}
 
 
 def test_version_1_is_still_read():
     blob = _v1_bytes(_index())
     back = PointIndex.decode(blob, "old.pidx")
-    assert back.disks == _index().disks and back.objects == {}
-    assert back.version_of(A) is None
+    assert back.disks == _index().disks and back.refs == {}
+    assert back.ref(A).version is None
 
 
 def test_every_truncation_and_a_flipped_byte_are_refused():
-    blob = _index({A: ("v1", 5.0), B: ("v2", 0)}).encode()
+    blob = _index({A: ObjectRef("v1", 5.0), B: ObjectRef("v2", None)}).encode()
     for n in range(len(blob)):
         with pytest.raises(FormatError):
             PointIndex.decode(blob[:n], "x.pidx")

@@ -43,7 +43,7 @@ def collect_garbage(vault, target, **options):
     report of the kind's collect_garbage. UnsupportedFile (exit 10) for an
     item whose kind keeps no garbage."""
     for kind in KINDS:
-        collect = kind.collector_at(target)
+        collect = kind.collector_at(vault, target)
         if collect is not None:
             return collect(**options)
     return point_store(vault, target).require("collect_garbage")(**options)

@@ -89,7 +89,7 @@ class PointStore:
         send a cycle or a restore elsewhere. Nothing to check by default."""
 
     @classmethod
-    def collector_at(cls, spec):
+    def collector_at(cls, vault, spec):
         """collect_garbage for the whole store that `spec` names (such as
         s3://BUCKET/PREFIX, shared by items), or None: not a spec of this
         kind's stores (the default)."""

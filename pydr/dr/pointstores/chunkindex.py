@@ -19,17 +19,17 @@ import contextlib
 import functools
 import os
 import random
-import threading
 import time
 
-from ...endpoints.s3 import SCHEME, ObjectStore
-from ...engine.chunks import ZERO_ID, PointIndex, decode_chunk
+from ...endpoints.s3 import SCHEME
+from ...engine.chunks import ZERO_ID, ObjectRef
 from ...engine.oserrors import naming
 from ...engine.progress import Throttle
 from ...engine.restore import install
 from ...errors import (Cancelled, DamagedPoint, FormatError, InvalidArgument, InvalidState,
                        UnsupportedFile, VaultDamaged)
-from ..objectstore import DEFAULT_GRACE, UPLOADS, has_object_points, is_object_item, store_of
+from ..objectstore import (DEFAULT_GRACE, UPLOADS, chunk_store, chunk_store_at,
+                           has_object_points, is_object_item, store_of)
 from .. import chunkcapture
 from .base import PointStore, protected_disks
 from .specs import check_one_kind
@@ -80,12 +80,12 @@ class ChunkIndex(PointStore):
                           f"where a failover brought its points up")
 
     @classmethod
-    def collector_at(cls, spec):
+    def collector_at(cls, vault, spec):
         """collect_garbage for the store `spec` names (s3://BUCKET/PREFIX),
         whichever items use it; None for another spec."""
         if not spec.startswith(SCHEME):
             return None
-        return functools.partial(collect_garbage, ObjectStore(spec))
+        return functools.partial(collect_garbage, chunk_store_at(vault, spec))
 
     def _index_key(self, point_id):
         index = self.vault.index_of(self.name, point_id)
@@ -102,9 +102,10 @@ class ChunkIndex(PointStore):
         disk and offset). A corrupt chunk is found as it is downloaded
         (whole or not at all)."""
         key = self._index_key(point_id)
-        store = store_of(self.vault, self.name)
+        row = self.vault.index_of(self.name, point_id)
+        store = chunk_store(self.vault, self.name)
         try:
-            index = PointIndex.decode(store.get(key), store.url(key))
+            index = store.get_index(key, index_ref(row))
             for d in self.vault.disks(self.name):
                 if d["idx"] not in index.disks:
                     raise FormatError(f"the point index has no disk {d['idx']}",
@@ -120,8 +121,9 @@ class ChunkIndex(PointStore):
                 if ident != ZERO_ID:
                     where.setdefault(ident, (idx, i * index.chunk_size))
         idents = sorted(where)
+        refs = index.refs
         with cf.ThreadPoolExecutor(max_workers=UPLOADS) as pool:
-            there = list(pool.map(lambda i: store.exists(store.chunk_key(i)), idents))
+            there = list(pool.map(lambda i: store.has_chunk(i, refs.get(i)), idents))
         missing = {i: f"chunk {i.hex()} (disk {where[i][0]}, offset {where[i][1]}) is missing "
                       f"from the store" for i, ok in zip(idents, there) if not ok}
         if missing:
@@ -231,7 +233,7 @@ class ChunkIndex(PointStore):
 
     def collect_garbage(self, **options):
         """Mark and sweep the item's object store (every item's indexes there)."""
-        return collect_garbage(store_of(self.vault, self.name), **options)
+        return collect_garbage(chunk_store(self.vault, self.name), **options)
 
 
 def drop_indexes(vault, name, points=None):
@@ -256,7 +258,7 @@ def note_damage(vault, name, store, bad):
     rows = vault.index_rows(name)
     for r in rows:
         try:
-            named = PointIndex.decode(store.get(r["key"]), store.url(r["key"])).chunk_ids()
+            named = store.get_index(r.key, index_ref(r)).chunk_ids()
         except (FileNotFoundError, FormatError) as exc:
             vault.mark_damaged(name, [r["point"]], f"its point index cannot be read: {exc}")
             continue
@@ -265,19 +267,9 @@ def note_damage(vault, name, store, bad):
             vault.mark_damaged(name, [r["point"]], bad[hit[0]])
 
 
-_coders = threading.local()  # a zstd decompressor per thread
-
-
-def fetch_chunk(store, ident):
-    """The verified bytes of chunk `ident`; FileNotFoundError if the store
-    lacks it, FormatError (naming its key) if it is corrupt."""
-    import zstandard
-
-    key = store.chunk_key(ident)
-    blob = store.get(key)
-    if not hasattr(_coders, "zd"):
-        _coders.zd = zstandard.ZstdDecompressor()
-    return decode_chunk(blob, ident, _coders.zd, where=store.url(key))
+def index_ref(row):
+    """The ObjectRef of the index an IndexRecord names."""
+    return ObjectRef(row.version, row.retain_until)
 
 
 def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=None,
@@ -292,8 +284,9 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
     if row is None:
         raise InvalidState(f"point {point_id} of {name!r} has no index in the vault",
                            path=vault.dir)
-    store = store_of(vault, name)
-    index = PointIndex.decode(store.get(row.key), store.url(row.key))
+    store = chunk_store(vault, name)
+    index = store.get_index(row.key, index_ref(row))
+    refs = index.refs
     if disk["idx"] not in index.disks:
         raise FormatError(f"the point index has no disk {disk['idx']}", path=store.url(row["key"]))
     size, ids = index.disks[disk["idx"]]
@@ -311,7 +304,7 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("cancelled", path=dest)
                 try:
-                    data = fetch_chunk(store, ids[i])
+                    data = store.get_chunk(ids[i], refs.get(ids[i]))
                 except FileNotFoundError:
                     bad[ids[i]] = (f"chunk {ids[i].hex()} (disk {disk['idx']}, offset "
                                    f"{i * index.chunk_size}) is missing from the store")
@@ -353,15 +346,17 @@ def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
         if not rows:
             raise InvalidState(f"{name!r} has no point {point_id} in an object store",
                                path=vault.dir)
-    store = store_of(vault, name)
-    problems, chunks, unreadable = [], {}, False
+    store = chunk_store(vault, name)
+    problems, chunks, unreadable, refs = [], {}, False, {}
     for r in rows:
         try:
-            index = PointIndex.decode(store.get(r["key"]), store.url(r["key"]))
+            index = store.get_index(r.key, index_ref(r))
         except (FormatError, FileNotFoundError) as exc:
             problems.append(f"point {r['point']}: {exc}")
             unreadable = True
             continue
+        for ident, ref in index.refs.items():
+            refs.setdefault(ident, ref)
         for idx, (_, ids) in index.disks.items():
             for i, ident in enumerate(ids):
                 if ident != ZERO_ID:
@@ -374,7 +369,7 @@ def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
             raise Cancelled(f"the verify of {name!r} cancelled", path=vault.dir)
         point, idx, offset = chunks[ident]
         try:
-            fetch_chunk(store, ident)
+            store.get_chunk(ident, refs.get(ident))
         except FileNotFoundError:
             return f"chunk {ident.hex()} is missing (point {point}, disk {idx}, offset {offset})"
         except FormatError as exc:
@@ -406,18 +401,18 @@ def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
     Returns {"indexes", "chunks", "referenced", "swept", "young", "bytes"}."""
     start = time.time() if now is None else now
     referenced, indexes = set(), 0
-    for key, _, _ in store.list("indexes"):
+    for key, _, _ in store.objects.list("indexes"):
         if not key.endswith(".pidx"):
             continue
         try:
-            referenced |= PointIndex.decode(store.get(key), store.url(key)).chunk_ids()
+            referenced |= store.get_index(key).chunk_ids()
         except (FileNotFoundError, FormatError) as exc:
             raise InvalidState(f"garbage collection stopped before sweeping: {exc}",
                                path=store.url(key),
                                hint="run 'pydr verify' on the item, or remove that index") from None
         indexes += 1
     doomed, young, total, swept_bytes = [], 0, 0, 0
-    for key, modified, size in store.list("chunks"):
+    for key, modified, size in store.objects.list("chunks"):
         try:
             ident = bytes.fromhex(key.rpartition("/")[2])
         except ValueError:
@@ -433,7 +428,7 @@ def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
         doomed.append(key)
         swept_bytes += size
     if not dry_run:
-        store.delete(doomed)
+        store.objects.delete(doomed)
     return {"store": store.spec, "indexes": indexes, "chunks": total,
             "referenced": len(referenced), "swept": len(doomed), "young": young,
             "bytes": swept_bytes, "dry_run": dry_run}

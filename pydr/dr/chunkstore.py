@@ -1,0 +1,123 @@
+"""The chunks and point indexes of one object store as pydr reads and
+writes them (layout in docs/FORMAT.md): every chunk or index a cycle, a
+restore, verify or gc moves goes through a ChunkStore, which knows how
+the store names, seals and versions its objects. Lists and deletes are the
+ObjectStore's (``.objects``).
+
+An unencrypted store names a chunk by the XXH3-128 of its bytes; an
+encrypted one (``keys``: pydr.engine.sealing.DataKeys) by a keyed MAC, and
+seals each chunk and index with its object's name as associated data.
+"""
+
+import threading
+
+from ..engine.chunks import ObjectRef, PointIndex, chunk_id, decode_chunk, encode_chunk
+from ..engine.sealing import KIND_CHUNK, KIND_INDEX, SealBroken
+from ..errors import FormatError
+
+_coders = threading.local()  # a zstd decompressor per thread
+
+
+class ChunkStore:
+    """The chunks and indexes under one ObjectStore (``objects``).
+
+    Args:
+        objects: the pydr.endpoints.s3.ObjectStore.
+        keys: the store's DataKeys when it is encrypted, else None.
+        lock: the Object Lock a new object gets, or None.
+    Thread-safe, as the ObjectStore is."""
+
+    def __init__(self, objects, keys=None, lock=None):
+        self.objects, self.keys, self.lock = objects, keys, lock
+
+    def __repr__(self):
+        return f"<ChunkStore {self.spec}{' (encrypted)' if self.keys else ''}>"
+
+    @property
+    def spec(self):
+        return self.objects.spec
+
+    @property
+    def encrypted(self):
+        return self.keys is not None
+
+    def url(self, key):
+        return self.objects.url(key)
+
+    def chunk_key(self, ident):
+        return self.objects.chunk_key(ident)
+
+    def index_key(self, item, name):
+        return self.objects.index_key(item, name)
+
+    def _name(self, key):
+        """`key` relative to the store's prefix: what a seal binds."""
+        prefix = self.objects.key()
+        return key[len(prefix) + 1:] if prefix else key
+
+    def chunk_id(self, data):
+        """The id (and object name) of a chunk's bytes in this store."""
+        return self.keys.chunk_id(data) if self.keys is not None else chunk_id(data)
+
+    # -- chunks ---------------------------------------------------------------------
+    def put_chunk(self, ident, data, compressor=None, throttle=None):
+        """Store chunk `ident` (its bytes `data`, zstd with `compressor` when
+        smaller; ``throttle(n)`` is called with the object's size before it
+        is sent). Returns (its ObjectRef, the bytes sent)."""
+        key = self.chunk_key(ident)
+        blob = encode_chunk(data, ident, compressor)
+        if self.keys is not None:
+            blob = self.keys.seal(KIND_CHUNK, blob, self._name(key))
+        if throttle is not None:
+            throttle(len(blob))
+        self.objects.put(key, blob)
+        return ObjectRef(), len(blob)
+
+    def get_chunk(self, ident, ref=None):
+        """The verified bytes of chunk `ident` (the version `ref` names, if
+        any); FileNotFoundError if the store lacks it, FormatError (naming
+        its key) if it is damaged, renamed or foreign."""
+        import zstandard
+
+        key = self.chunk_key(ident)
+        blob = self.objects.get(key)
+        where = self.url(key)
+        if self.keys is not None:
+            try:
+                blob = self.keys.open(KIND_CHUNK, blob, self._name(key))
+            except SealBroken as exc:
+                raise FormatError(f"chunk {ident.hex()} {exc}", path=where, offset=0) from None
+        if not hasattr(_coders, "zd"):
+            _coders.zd = zstandard.ZstdDecompressor()
+        return decode_chunk(blob, ident, _coders.zd, where=where,
+                            ident_of=self.keys.chunk_id if self.keys is not None else None)
+
+    def has_chunk(self, ident, ref=None):
+        """Whether the store has chunk `ident` (a HEAD; its version `ref`)."""
+        return self.objects.exists(self.chunk_key(ident))
+
+    # -- point indexes ---------------------------------------------------------------
+    def put_index(self, key, index):
+        """Store the PointIndex `index` as `key`. Returns (its ObjectRef, the
+        object as stored: what :meth:`decode_index` reads back)."""
+        blob = index.encode()
+        if self.keys is not None:
+            blob = self.keys.seal(KIND_INDEX, blob, self._name(key))
+        self.objects.put(key, blob)
+        return ObjectRef(), blob
+
+    def decode_index(self, blob, key, where=None):
+        """The PointIndex in `blob`, the object `key` of this store (or a
+        local copy of it at `where`); FormatError naming it if damaged."""
+        where = where or self.url(key)
+        if self.keys is not None:
+            try:
+                blob = self.keys.open(KIND_INDEX, blob, self._name(key))
+            except SealBroken as exc:
+                raise FormatError(f"point index {exc}", path=where, offset=0) from None
+        return PointIndex.decode(blob, where)
+
+    def get_index(self, key, ref=None):
+        """The PointIndex stored as `key` (the version `ref` names, if any);
+        FileNotFoundError if gone, FormatError naming it if damaged."""
+        return self.decode_index(self.objects.get(key), key)
