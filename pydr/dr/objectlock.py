@@ -14,6 +14,7 @@ fail on one.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -54,7 +55,13 @@ class LockTerms:
         return retain_until is None or retain_until < now + self.seconds
 
     def to_dict(self) -> dict:
+        """{"mode", "seconds"}: what :meth:`from_dict` reads (a task's)."""
         return {"mode": self.mode, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, value: Optional[dict]) -> Optional["LockTerms"]:
+        """The terms :meth:`to_dict` gave, None for None."""
+        return None if not value else cls(str(value["mode"]), float(value["seconds"]))
 
     @classmethod
     def from_policy(cls, policy: Any) -> Optional["LockTerms"]:
@@ -92,3 +99,43 @@ def check_lockable(store: Any, name: str) -> None:
     """Refuse a lock for item `name` (see :func:`check_lockable_specs`);
     `store` is the open vault's Store."""
     check_lockable_specs([d["replica"] for d in store.disks(name)], item=name)
+
+
+class CycleRefs:
+    """The ObjectRef of each chunk a cycle's new point names, gathered as
+    the upload threads go (thread-safe): the version each chunk was put as,
+    or the version an earlier point or a killed cycle's upload recorded,
+    its retention extended by the ChunkStore's lock where needed."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store  # the cycle's pydr.dr.chunkstore.ChunkStore
+        self.refs: dict = {}
+        self._lock = threading.Lock()
+
+    def added(self, ident: bytes, ref: Any) -> None:
+        """Chunk `ident` was just put as `ref`."""
+        with self._lock:
+            self.refs[ident] = ref
+
+    def reuse(self, ident: bytes, ref: Any, *, ask: bool = False) -> bool:
+        """Whether the new point may name chunk `ident`, stored as `ref` (an
+        ObjectRef, or None: its current object), without uploading it again
+        (ChunkStore.keep; with `ask`, a HEAD first says it is still there);
+        its ref is then recorded."""
+        with self._lock:
+            if ident in self.refs:
+                return True
+        if ask and not self.store.has_chunk(ident, ref):
+            return False
+        kept = self.store.keep(ident, ref)
+        if kept is None:
+            return False
+        with self._lock:
+            self.refs.setdefault(ident, kept)
+        return True
+
+    def of(self, ids: Iterable[bytes]) -> dict:
+        """{id: ObjectRef} of the chunks `ids` that have a version or a lock."""
+        with self._lock:
+            return {i: self.refs[i] for i in set(ids) if i in self.refs and (
+                self.refs[i].version or self.refs[i].retain_until)}

@@ -242,6 +242,23 @@ class ObjectStore:
             return None
         return conf
 
+    def versioned(self) -> bool:
+        """Whether the bucket keeps versions (versioning enabled or
+        suspended: older versions may be there). False where the server
+        does not say (no versioning API)."""
+        from botocore import exceptions as X
+
+        try:
+            r = self.client.get_bucket_versioning(Bucket=self.bucket)
+        except X.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NotImplemented", "InvalidRequest", "MethodNotAllowed", "501"):
+                return False
+            raise s3_error(exc, f"{SCHEME}{self.bucket}") from None
+        except Exception as exc:
+            raise s3_error(exc, f"{SCHEME}{self.bucket}") from None
+        return r.get("Status") in ("Enabled", "Suspended")
+
     def versions(self, under: str) -> Iterator[Tuple[str, Optional[str], bool, bool, float,
                                                      int]]:
         """Yield (key, version, is latest, is a delete marker, last modified
@@ -268,10 +285,11 @@ class ObjectStore:
                         ) -> List[Tuple[str, Optional[str], str]]:
         """Delete these versions ((key, VersionId); None: the current one,
         which in a versioned bucket puts a delete marker), 1,000 a request.
-        Missing ones are no error. Returns the ones the server refused as
-        (key, version, code): "AccessDenied" for a version under Object Lock
-        retention, which is the expected answer, not a failure. Raises
-        OSError (EIO) for any other refusal."""
+        Missing ones are no error. Returns the versions the server refused
+        as (key, version, code): "AccessDenied" for a version under Object
+        Lock retention, which is the expected answer, not a failure. Raises
+        PermissionError when a delete without a version is refused, OSError
+        (EIO) for any other refusal."""
         pairs = list(pairs)
         refused = []
         for start in range(0, len(pairs), 1000):
@@ -283,9 +301,14 @@ class ObjectStore:
                 code = str(e.get("Code"))
                 if code in _MISSING:
                     continue
-                if code in _LOCKED:
-                    refused.append((e.get("Key", ""), _version(e.get("VersionId")), code))
+                version = _version(e.get("VersionId"))
+                if code in _LOCKED and version is not None:
+                    refused.append((e.get("Key", ""), version, code))
                     continue
+                if code in _DENIED:
+                    raise PermissionError(errno.EACCES, f"the S3 server refused the delete "
+                                          f"({code}: {e.get('Message')})",
+                                          self.url(e.get("Key", "")))
                 raise OSError(errno.EIO, f"S3 could not delete it: {code}: "
                               f"{e.get('Message')}", self.url(e.get("Key", "")))
         return refused
