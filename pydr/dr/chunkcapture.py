@@ -438,12 +438,20 @@ def forget_orphans(vault, name):
     records: those of cycles killed after they uploaded their index, before
     the point was recorded (the vault's lock keeps any other cycle of the
     item out). Never an index it did not log: another vault's item of the
-    same name may keep its points under the same prefix."""
+    same name may keep its points under the same prefix. In a bucket with
+    versions each of their versions goes (a delete marker would leave the
+    index for gc to read); a locked one stays until its lock ends."""
     store = store_of(vault, name)
     recorded = vault.index_keys(name)
     mine = store.key("indexes", name) + "/"
-    store.delete(key for key in dict.fromkeys(logged_indexes(vault, name))
-                 if key not in recorded and key.startswith(mine) and key.endswith(".pidx")
-                 and "/" not in key[len(mine):])
+    orphans = [key for key in dict.fromkeys(logged_indexes(vault, name))
+               if key not in recorded and key.startswith(mine) and key.endswith(".pidx")
+               and "/" not in key[len(mine):]]
+    if orphans and store.versioned():
+        gone = set(orphans)
+        store.delete_versions([(k, v) for k, v, *_ in store.versions(f"indexes/{name}")
+                               if k in gone and v is not None])  # the locked are refused
+    else:
+        store.delete(orphans)
 
 

@@ -283,3 +283,41 @@ def test_governance_mode_is_what_the_objects_get(s3):
     assert got == {"governance"}
     shown = ok(cli(s3, "policy", "vm")).decode()
     assert "1 days" in shown and "governance" in shown
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_the_index_of_a_killed_cycle_goes_by_version_unless_locked(s3, locked):
+    img = disk(s3, chunks=2)
+    ok(cli(s3, "protect", "vm", "--disk", f"{img}={s3['url']}", *(
+        ["--lock", "1"] if locked else [])))
+    r = cli(s3, "replicate", "vm", env={"PYDR_CRASH_AT": "s3.index"})
+    assert r.returncode == -9
+    (orphan, version, *_), = versions(s3, "indexes")
+    ok(cli(s3, "replicate", "vm"))  # records its point, then forgets the orphan
+    left = {(k, v) for k, v, _, marker, _, _ in versions(s3, "indexes")}
+    assert ((orphan, version) in left) == locked
+    assert not any(v[3] for v in versions(s3, "indexes"))  # no delete marker either
+    assert len(left) == (2 if locked else 1)
+    assert ok(cli(s3, "status", "vm", "--json"))["health"] == "ok"
+
+
+def test_a_refused_delete_of_an_index_is_kept_for_later_not_an_error(s3):
+    """The vault says the lock has ended; the server still refuses: the row
+    stays for a later retention, and the cycle is sound."""
+    import sqlite3
+
+    img = disk(s3, chunks=1)
+    _protect_locked(s3, img, "--retention", "1")
+    ok(cli(s3, "replicate", "vm"))
+    db = sqlite3.connect(os.path.join(s3["vault"], "vault.db"))
+    db.execute("UPDATE object_indexes SET retain_until=1")
+    db.commit()
+    db.close()
+    scribble(img, 0)
+    ok(cli(s3, "replicate", "vm"))
+    assert ok(cli(s3, "status", "vm", "--json"))["health"] == "ok"
+    from pydr.dr.vault import Vault
+
+    with Vault(s3["vault"]) as v:
+        assert len(v.store.orphan_index_points("vm")) == 1
+    assert len([v for v in versions(s3, "indexes") if not v[3]]) == 2
