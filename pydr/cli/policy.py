@@ -194,6 +194,7 @@ def register(sub):
                   "pydr policy db --alert-command 'logger -t pydr' "
                   "--alert-command '/usr/local/bin/page-oncall'",
                   "pydr policy web --clear rpo-critical --clear keep",
+                  "pydr policy web --lock 30 --lock-mode governance",
                   "pydr policy web --json | jq .policy.target_rpo"],
         func=cmd_policy)
     p.add_argument("name", metavar="NAME", help="the item (with --group: the group)")

@@ -174,7 +174,12 @@ class ObjectStore:
         extra = {}
         if lock is not None:
             mode, until = lock
-            extra = {"ObjectLockMode": _lock_mode(mode), "ObjectLockRetainUntilDate": _utc(until)}
+            # AWS wants an integrity header on a put with Object Lock parameters
+            import base64
+            import hashlib
+
+            extra = {"ObjectLockMode": _lock_mode(mode), "ObjectLockRetainUntilDate": _utc(until),
+                     "ContentMD5": base64.b64encode(hashlib.md5(data).digest()).decode()}
         r = self._call(self.url(key), self.client.put_object, Key=key, Body=data, **extra)
         return _version(r.get("VersionId"))
 

@@ -283,6 +283,12 @@ def test_governance_mode_is_what_the_objects_get(s3):
     assert got == {"governance"}
     shown = ok(cli(s3, "policy", "vm")).decode()
     assert "1 days" in shown and "governance" in shown
+    cleared = ok(cli(s3, "policy", "vm", "--clear", "lock", "--clear", "lock-mode", "--json"))
+    assert (cleared["policy"]["lock_days"], cleared["policy"]["lock_mode"]) == (None, None)
+    before = {v[:2] for v in versions(s3, "indexes")}
+    ok(cli(s3, "replicate", "vm"))  # a point without a lock: versions, no retention
+    (key, version), = {v[:2] for v in versions(s3, "indexes")} - before
+    assert version and s3["objects"].head(key, version)["retain_until"] is None
 
 
 @pytest.mark.parametrize("locked", [False, True])
