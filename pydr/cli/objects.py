@@ -40,6 +40,14 @@ def cmd_verify(args):
             print(f"  {p}")
         for p in report["problems"]:
             print(f"  problem: {p}")
+        for t in report.get("tampered", ()):
+            points = ", ".join(str(p) for p in t["points"])
+            print(f"  tampered: {t['kind']} {t['object']} (points {points}): {t['text']}")
+    if report.get("tampered") and not report["problems"]:
+        t = report["tampered"][0]
+        raise FormatError(f"{len(report['tampered'])} objects of the points of {args.item!r} "
+                          f"were tampered with (their recorded versions are what a restore "
+                          f"reads): {t['kind']} {t['object']}: {t['text']}")
     if report["problems"]:
         where = "the steps" if steps else "the object store"
         raise FormatError(f"{len(report['problems'])} problems in {where} of "
@@ -57,7 +65,10 @@ def cmd_gc(args):
         print(f"{report['store']}: {report['indexes']} indexes name {report['referenced']} of "
               f"{report['chunks']} chunks; {verb} {report['swept']} "
               f"({human_bytes(report['bytes'])}), kept {report['young']} younger than the "
-              f"grace period")
+              f"grace period" + (f" and {report['locked']} under Object Lock"
+                                 if report.get("locked") else ""))
+        if report.get("foreign"):
+            print(f"  skipped {report['foreign']} index versions that are not pydr indexes")
     return 0
 
 
@@ -73,7 +84,11 @@ def register(sub):
                      "An item in an object store: download its point indexes (all, or --point\n"
                      "P's) and check their checksums, then download every chunk they name (or\n"
                      "a random --sample percent of them) and check that it hashes to its id.\n"
-                     "Problems name the file or chunk and the offset; the exit status is then 7."),
+                     "In a bucket with versions, the versions the points recorded are read,\n"
+                     "and a key whose current version is another (overwritten) or a delete\n"
+                     "marker (deleted) is reported as tampered, by point and object.\n"
+                     "Problems name the file or chunk and the offset; the exit status is then 7\n"
+                     "(also for tampering alone: the points stay restorable)."),
         examples=["pydr verify web", "pydr verify web --point 12",
                   "pydr verify web --sample 5 --json"],
         func=cmd_verify)
@@ -91,6 +106,8 @@ def register(sub):
                      "delete the others -- but never one younger than --grace (default 24h),\n"
                      "which a cycle running meanwhile may have uploaded and not yet indexed.\n"
                      "Safe while cycles run, if a cycle takes less than the grace period.\n"
+                     "In a bucket with versions: chunk versions no index version names are\n"
+                     "swept; versions under Object Lock are skipped and counted ('locked').\n"
                      "Retention removes the indexes of dropped points; gc their chunks."),
         examples=["pydr gc web --dry-run", "pydr gc web --grace 48h --json",
                   "pydr gc s3://dr-bucket/site-b"],

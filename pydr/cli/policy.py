@@ -13,11 +13,13 @@ from .policy_options import add_policy_options, policy_fields, whole_number
 CLEARABLE = {"rpo": "target_rpo", "rpo-critical": "rpo_critical",
              "app-consistent-every": "app_consistent_every", "keep": "keep",
              "bwlimit": "bwlimit", "bwlimit-window": "bwlimit_windows",
-             "priority": "priority", "alert-command": "alert_commands", "all": "all"}
+             "priority": "priority", "alert-command": "alert_commands", "lock": "lock_days",
+             "lock-mode": "lock_mode", "all": "all"}
 _LABELS = {"target_rpo": "target RPO", "rpo_critical": "critical RPO",
            "app_consistent_every": "app-consistent every", "keep": "keep",
            "bwlimit": "bandwidth limit", "bwlimit_windows": "bandwidth windows",
-           "priority": "priority", "alert_commands": "alert commands"}
+           "priority": "priority", "alert_commands": "alert commands",
+           "lock_days": "Object Lock", "lock_mode": "Object Lock mode"}
 
 
 def _cleared(names):
@@ -28,7 +30,7 @@ def _cleared(names):
     fields = []
     for name in names or ():
         key = name.strip().lower().replace("_", "-").removesuffix("s")
-        key = {"target-rpo": "rpo", "alert-commands": "alert-command",
+        key = {"target-rpo": "rpo", "alert-commands": "alert-command", "lock-day": "lock",
                "bwlimit-windows": "bwlimit-window"}.get(key, key)
         if key not in CLEARABLE:
             raise InvalidArgument(f"--clear {name!r}: not a policy field (fields: "
@@ -94,6 +96,8 @@ def _shown(policy):
                                         for s, e, r in policy.bwlimit_windows) or "none")
     yield "priority", str(policy.priority)
     yield "alert_commands", ("; ".join(repr(c) for c in policy.alert_commands) or "none")
+    yield "lock_days", "none" if policy.lock_days is None else f"{policy.lock_days:g} days"
+    yield "lock_mode", policy.to_dict()["lock_mode"] or "none"
 
 
 def parse_when(text, now=None):
@@ -190,6 +194,7 @@ def register(sub):
                   "pydr policy db --alert-command 'logger -t pydr' "
                   "--alert-command '/usr/local/bin/page-oncall'",
                   "pydr policy web --clear rpo-critical --clear keep",
+                  "pydr policy web --lock 30 --lock-mode governance",
                   "pydr policy web --json | jq .policy.target_rpo"],
         func=cmd_policy)
     p.add_argument("name", metavar="NAME", help="the item (with --group: the group)")

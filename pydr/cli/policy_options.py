@@ -28,6 +28,13 @@ def add_policy_options(p, *, protect=False):
         p.add_argument(f"--keep-{period}", metavar="N",
                        help=f"retention tiers: keep the newest point of each of the last N "
                             f"{unit}s (UTC) that have one")
+    p.add_argument("--lock", metavar="DAYS",
+                   help="S3 Object Lock: each new point's objects in the object store stay "
+                        "locked DAYS days (and a slack: 10%%, at least a day); the bucket "
+                        "needs Object Lock enabled")
+    p.add_argument("--lock-mode", metavar="MODE", choices=("compliance", "governance"),
+                   help="compliance (the default: nobody can shorten or lift the lock) or "
+                        "governance (who may bypass governance retention can)")
     if protect:
         return
     p.add_argument("--app-consistent-every", metavar="DUR",
@@ -63,7 +70,8 @@ def policy_fields(args, current_keep=None):
     from ..errors import InvalidArgument
 
     given = {"target_rpo": args.rpo, "rpo_critical": args.rpo_critical,
-             "priority": args.priority}
+             "priority": args.priority, "lock_days": getattr(args, "lock", None),
+             "lock_mode": getattr(args, "lock_mode", None)}
     for field in ("app_consistent_every", "bwlimit"):
         given[field] = getattr(args, field, None)
     windows = getattr(args, "bwlimit_window", None)

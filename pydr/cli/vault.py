@@ -348,6 +348,7 @@ def register(sub):
                   "pydr protect app --disk app.img=/dr/app.img --group shop "
                   "--quiesce-hook 'fsfreeze -f /mnt' --thaw-hook 'fsfreeze -u /mnt'",
                   "pydr protect vm --disk /vm/os.qcow2=/dr/os.img --cbt",
+                  "pydr protect web --disk /img/web.img=s3://dr-locked/site-b --lock 30",
                   "pydr protect vm --disk qmp:/run/vm.qmp:drive0=/dr/drive0.img --cbt",
                   "pydr protect big --disk /vm/big.qcow2=/dr/big.img --cbt --cbt-granularity 64K",
                   "PYDR_PASSPHRASE_FILE=/root/dr.pass pydr protect web --disk "

@@ -30,7 +30,7 @@ import uuid
 from ..endpoints import open_endpoint
 from ..engine import crashpoints
 from ..engine.atomic import atomic_write, fsync_dir
-from ..engine.chunks import CHUNK_SIZE, ZERO_ID, PointIndex, chunk_count
+from ..engine.chunks import CHUNK_SIZE, ZERO_ID, ObjectRef, PointIndex, chunk_count
 from ..engine.oserrors import naming
 from ..errors import FormatError, InvalidState
 from .agent import cut, worker_host
@@ -60,27 +60,40 @@ class _Limiter:
 
 class _Pending:
     """The chunk ids this item's cycles uploaded that no recorded point names
-    yet: a cycle killed half-way is resumed without uploading them again."""
+    yet: a cycle killed half-way is resumed without uploading them again.
+    Each line is "TIME ID [VERSION RETAIN_UNTIL]" ("-" for none): the
+    version a reuse must name, in a versioned bucket."""
 
     def __init__(self, path, grace):
         self.path, self.ids, self.lock, self.f = path, set(), threading.Lock(), None
+        self.refs = {}  # id -> ObjectRef of its logged upload
         if path is None:  # the vault is not on this host: nothing is logged
             return
         trusted = time.time() - grace * PENDING_TRUST
         with contextlib.suppress(FileNotFoundError), open(path) as f:
             for line in f:
-                when, _, hexid = line.strip().partition(" ")
-                with contextlib.suppress(ValueError):
-                    if float(when) >= trusted and len(hexid) == 32:  # not an "index KEY" line
-                        self.ids.add(bytes.fromhex(hexid))
+                fields = line.split()
+                with contextlib.suppress(ValueError, IndexError):
+                    # not an "index KEY" or "suspect ID" line
+                    if float(fields[0]) >= trusted and len(fields[1]) == 32:
+                        ident = bytes.fromhex(fields[1])
+                        version, until = (fields[2:4] + ["-", "-"])[:2]
+                        self.ids.add(ident)
+                        self.refs[ident] = ObjectRef(None if version == "-" else version,
+                                                     None if until == "-" else float(until))
         self.f = open(path, "a")
 
-    def add(self, ident):
+    def add(self, ident, ref=None):
         with self.lock:
             self.ids.add(ident)
+            if ref is not None:
+                self.refs[ident] = ref
             if self.f is not None:
+                version = ref.version if ref is not None and ref.version else "-"
+                until = ref.retain_until if ref is not None and ref.retain_until else None
                 with naming(self.path):
-                    self.f.write(f"{time.time():.3f} {ident.hex()}\n")
+                    self.f.write(f"{time.time():.3f} {ident.hex()} {version} "
+                                 f"{'-' if until is None else f'{until:.0f}'}\n")
                     self.f.flush()
 
     def close(self, done):
@@ -92,9 +105,13 @@ class _Pending:
 
 
 def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, limiter, stats,
-                 uploads, *, cancel=None, on_chunk=None):
+                 uploads, *, cancel=None, on_chunk=None, refs=None, prev_refs=None):
     """The chunk ids of one disk; uploads the ones the store lacks, and
-    those in `bad` (found missing or corrupt there) again. ``cancel`` is
+    those in `bad` (found missing or corrupt there) again. ``refs`` (a
+    pydr.dr.objectlock.CycleRefs) gathers each chunk's ObjectRef, a reuse
+    naming the version in ``prev_refs`` (the last point's) or the pending
+    log; a chunk that cannot be reused so (its lock) is read and uploaded
+    again. ``cancel`` is
     checked before each chunk (Cancelled); ``on_chunk(bytes done, bytes
     total)`` is told as chunks are done, in order."""
     import numpy as np
@@ -118,13 +135,21 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, 
             for k, v in n.items():
                 stats[k] += v
 
+    prev_refs = prev_refs or {}
+
+    def reuse(ident, ref, ask=False):
+        if refs is not None:
+            return refs.reuse(ident, ref, ask=ask)
+        return not ask or store.has_chunk(ident, ref)
+
     try:
         def one(i):
             check_cancel(cancel, "the upload", src_path)
             start = i * per
             if zero[start:start + per].all():
                 return i, ZERO_ID
-            if not changed_blocks[start:start + per].any() and prev_ids[i] not in bad:
+            if not changed_blocks[start:start + per].any() and prev_ids[i] not in bad \
+                    and reuse(prev_ids[i], prev_refs.get(prev_ids[i])):
                 return i, prev_ids[i]
             length = min(CHUNK_SIZE, size - i * CHUNK_SIZE)
             data = os.pread(fd, length, i * CHUNK_SIZE)
@@ -132,14 +157,17 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, 
             ident = store.chunk_id(data)
             # the last point's index names it (gc keeps it); a logged upload of a killed
             # cycle may have been swept since (gc --grace shorter than our trust): asked
-            if ident not in bad and (ident in known or (
-                    ident in pending.ids and store.has_chunk(ident))):
+            if ident not in bad and ((ident in known and reuse(ident, prev_refs.get(ident)))
+                                     or (ident in pending.ids and reuse(
+                                         ident, pending.refs.get(ident), ask=True))):
                 count(reused=1)
                 return i, ident
             if not hasattr(local, "zc"):
                 local.zc = zstandard.ZstdCompressor(level=3)
             ref, sent = store.put_chunk(ident, data, local.zc, throttle=limiter.take)
-            pending.add(ident)
+            pending.add(ident, ref)
+            if refs is not None:
+                refs.added(ident, ref)
             bad.discard(ident)  # sound again: the rest of this cycle may reuse it
             count(uploaded=1, bytes=sent)
             crashpoints.reached("s3.chunk")
@@ -236,7 +264,22 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
         "thaw_hook": row["thaw_hook"] if opts.app_consistent else None,
         "bwlimit": opts.bwlimit, "uploads": uploads, "grace": grace,
         "suspect": suspect_chunks(vault, name),
-        "keys": chunks.keys.export() if chunks.keys is not None else None}
+        "keys": chunks.keys.export() if chunks.keys is not None else None,
+        "lock": _lock_terms(vault, name)}
+
+
+def _lock_terms(vault, name):
+    """The Object Lock of the item's policy for a task (LockTerms.to_dict()),
+    or None; a damaged lock field of the policy is an error, not no lock."""
+    from .objectlock import LockTerms
+    from .policy import readable_policy
+
+    policy, damaged = readable_policy(vault, name)
+    for field in ("lock_days", "lock_mode"):
+        if field in damaged:
+            raise damaged[field]
+    lock = LockTerms.from_policy(policy)
+    return lock.to_dict() if lock is not None else None
 
 
 def capture_item(task, *, events=None, cancel=None):
@@ -253,10 +296,12 @@ def capture_item(task, *, events=None, cancel=None):
     from ..engine.sealing import DataKeys
     from ..engine.signatures import Signature, signature
     from .chunkstore import ChunkStore
+    from .objectlock import CycleRefs, LockTerms
 
     name = task["item"]
     keys = DataKeys.imported(task["keys"]) if task.get("keys") else None
-    store = ChunkStore(ObjectStore(task["store"]), keys)
+    store = ChunkStore(ObjectStore(task["store"]), keys, LockTerms.from_dict(task.get("lock")))
+    refs = CycleRefs(store)
     store.objects.check()
     here = task["here"] if task["here"] and os.path.isdir(task["here"]) else None
     prev = task["prev"]
@@ -269,7 +314,8 @@ def capture_item(task, *, events=None, cancel=None):
             with open(local, "rb") as f:
                 prev_index = store.decode_index(f.read(), prev[1], local)
         except (OSError, FormatError):  # the local copy is gone: the store has it
-            prev_index = store.get_index(prev[1])
+            prev_index = store.get_index(prev[1], ObjectRef(*prev[3:5]) if len(prev) > 3
+                                         else None)
     known = prev_index.chunk_ids() if prev_index is not None else set()
     bad = set()  # found missing or corrupt: uploaded again (then dropped from here)
     for hexid in task.get("suspect", ()):
@@ -309,12 +355,14 @@ def capture_item(task, *, events=None, cancel=None):
                                     bytes_total=total, path=where)
                 ids = _disk_chunks(store, path, sig, prev_sig, prev_ids, known, bad, pending,
                                    limiter, stats, task["uploads"], cancel=cancel,
-                                   on_chunk=on_chunk)
+                                   on_chunk=on_chunk, refs=refs, prev_refs=prev_index.refs
+                                   if prev_index is not None else None)
                 entries[d["idx"]] = (sig.size, ids)
                 sigs[d["idx"]] = sig
                 crashpoints.reached("cycle.disk")
             key = store.index_key(name, new_name)
-            ref, blob = store.put_index(key, PointIndex(name, entries))  # after its chunks
+            named = {i for _, ids in entries.values() for i in ids if i != ZERO_ID}
+            ref, blob = store.put_index(key, PointIndex(name, entries, refs=refs.of(named)))
             crashpoints.reached("s3.index")
             if here:  # the next cycle's baseline, once the point is recorded
                 for idx, sig in sigs.items():
@@ -390,12 +438,20 @@ def forget_orphans(vault, name):
     records: those of cycles killed after they uploaded their index, before
     the point was recorded (the vault's lock keeps any other cycle of the
     item out). Never an index it did not log: another vault's item of the
-    same name may keep its points under the same prefix."""
+    same name may keep its points under the same prefix. In a bucket with
+    versions each of their versions goes (a delete marker would leave the
+    index for gc to read); a locked one stays until its lock ends."""
     store = store_of(vault, name)
     recorded = vault.index_keys(name)
     mine = store.key("indexes", name) + "/"
-    store.delete(key for key in dict.fromkeys(logged_indexes(vault, name))
-                 if key not in recorded and key.startswith(mine) and key.endswith(".pidx")
-                 and "/" not in key[len(mine):])
+    orphans = [key for key in dict.fromkeys(logged_indexes(vault, name))
+               if key not in recorded and key.startswith(mine) and key.endswith(".pidx")
+               and "/" not in key[len(mine):]]
+    if orphans and store.versioned():
+        gone = set(orphans)
+        store.delete_versions([(k, v) for k, v, *_ in store.versions(f"indexes/{name}")
+                               if k in gone and v is not None])  # the locked are refused
+    else:
+        store.delete(orphans)
 
 

@@ -7,6 +7,12 @@ ObjectStore's (``.objects``).
 An unencrypted store names a chunk by the XXH3-128 of its bytes; an
 encrypted one (``keys``: pydr.engine.sealing.DataKeys) by a keyed MAC, and
 seals each chunk and index with its object's name as associated data.
+
+In a versioned bucket each put returns the new object's version, and a
+read names the version a point recorded (an ObjectRef), never "the current
+one" when it knows better. With a ``lock`` (pydr.dr.objectlock.LockTerms)
+every put is locked (S3 Object Lock), and :meth:`ChunkStore.keep` extends
+a reused chunk's lock (docs/FORMAT.md, "Object Lock and versions").
 """
 
 import threading
@@ -24,7 +30,8 @@ class ChunkStore:
     Args:
         objects: the pydr.endpoints.s3.ObjectStore.
         keys: the store's DataKeys when it is encrypted, else None.
-        lock: the Object Lock a new object gets, or None.
+        lock: the Object Lock a new object gets (a
+            pydr.dr.objectlock.LockTerms), or None.
     Thread-safe, as the ObjectStore is."""
 
     def __init__(self, objects, keys=None, lock=None):
@@ -55,6 +62,18 @@ class ChunkStore:
         prefix = self.objects.key()
         return key[len(prefix) + 1:] if prefix else key
 
+    def _at(self, key, ref):
+        """Where the object `key` (its version in `ref`) is, for messages."""
+        version = ref.version if ref is not None else None
+        return self.url(key) + (f"?versionId={version}" if version else "")
+
+    def _put(self, key, blob):
+        """Put `blob` as `key`, locked when the store has a lock: its ObjectRef."""
+        lock = self.lock
+        until = lock.until() if lock is not None else None
+        version = self.objects.put(key, blob, lock=(lock.mode, until) if lock else None)
+        return ObjectRef(version, until)
+
     def chunk_id(self, data):
         """The id (and object name) of a chunk's bytes in this store."""
         return self.keys.chunk_id(data) if self.keys is not None else chunk_id(data)
@@ -70,8 +89,7 @@ class ChunkStore:
             blob = self.keys.seal(KIND_CHUNK, blob, self._name(key))
         if throttle is not None:
             throttle(len(blob))
-        self.objects.put(key, blob)
-        return ObjectRef(), len(blob)
+        return self._put(key, blob), len(blob)
 
     def get_chunk(self, ident, ref=None):
         """The verified bytes of chunk `ident` (the version `ref` names, if
@@ -80,8 +98,8 @@ class ChunkStore:
         import zstandard
 
         key = self.chunk_key(ident)
-        blob = self.objects.get(key)
-        where = self.url(key)
+        blob = self.objects.get(key, ref.version if ref is not None else None)
+        where = self._at(key, ref)
         if self.keys is not None:
             try:
                 blob = self.keys.open(KIND_CHUNK, blob, self._name(key))
@@ -94,7 +112,31 @@ class ChunkStore:
 
     def has_chunk(self, ident, ref=None):
         """Whether the store has chunk `ident` (a HEAD; its version `ref`)."""
-        return self.objects.exists(self.chunk_key(ident))
+        version = ref.version if ref is not None else None
+        return self.objects.head(self.chunk_key(ident), version) is not None
+
+    def keep(self, ident, ref):
+        """The ObjectRef under which a new point may name chunk `ident`,
+        stored as `ref` (None: its current object): `ref` itself without a
+        lock; with one, `ref` with its retention extended (on its version)
+        to a new lock's end when it would end before the new point's lock.
+        None when the chunk must be uploaded again: a lock needs a version,
+        and `ref` names none, or the version is gone or refuses the new
+        lock (a mode it cannot take)."""
+        ref = ref if ref is not None else ObjectRef()
+        lock = self.lock
+        if lock is None:
+            return ref
+        if ref.version is None:
+            return None
+        if not lock.needs_extension(ref.retain_until):
+            return ref
+        until = lock.until()
+        try:
+            self.objects.set_retention(self.chunk_key(ident), ref.version, lock.mode, until)
+        except (FileNotFoundError, PermissionError):
+            return None
+        return ObjectRef(ref.version, until)
 
     # -- point indexes ---------------------------------------------------------------
     def put_index(self, key, index):
@@ -103,8 +145,7 @@ class ChunkStore:
         blob = index.encode()
         if self.keys is not None:
             blob = self.keys.seal(KIND_INDEX, blob, self._name(key))
-        self.objects.put(key, blob)
-        return ObjectRef(), blob
+        return self._put(key, blob), blob
 
     def decode_index(self, blob, key, where=None):
         """The PointIndex in `blob`, the object `key` of this store (or a
@@ -120,4 +161,5 @@ class ChunkStore:
     def get_index(self, key, ref=None):
         """The PointIndex stored as `key` (the version `ref` names, if any);
         FileNotFoundError if gone, FormatError naming it if damaged."""
-        return self.decode_index(self.objects.get(key), key)
+        version = ref.version if ref is not None else None
+        return self.decode_index(self.objects.get(key, version), key, self._at(key, ref))

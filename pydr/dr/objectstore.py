@@ -210,8 +210,10 @@ def _dir(vault, name):
 
 
 def latest_index(vault, name):
-    """(point id, index key, local name) of the item's newest point, or None."""
+    """(point id, index key, local name, index version, retain-until) of the
+    item's newest point, or None."""
     latest = vault.latest_index(name)
     if latest is None:
         return None
-    return latest.point, latest.key, os.path.basename(latest.key)[:-len(".pidx")]
+    return (latest.point, latest.key, os.path.basename(latest.key)[:-len(".pidx")],
+            latest.version, latest.retain_until)

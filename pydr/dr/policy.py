@@ -1,7 +1,8 @@
 """Protection policies: what `pydr run` keeps an item at -- its target RPO
 and the RPO at which it is critical, how often a point is app-consistent,
 retention tiers, an upload bandwidth limit with time-of-day windows, a
-priority and the commands an RPO health change runs.
+priority, the commands an RPO health change runs, and for an object store
+the Object Lock every point's objects get (pydr.dr.objectlock).
 
 A policy is kept per item and per group (the vault's policies table, one row
 per scope and name, each field NULL where it is not set). An item's
@@ -25,10 +26,13 @@ from .tiers import Tiers
 
 #: the fields of a policy, in the order they are shown
 FIELDS = ("target_rpo", "rpo_critical", "app_consistent_every", "keep", "bwlimit",
-          "bwlimit_windows", "priority", "alert_commands")
+          "bwlimit_windows", "priority", "alert_commands", "lock_days", "lock_mode")
 #: where an effective policy's field comes from
 SOURCES = ("item", "group", "default")
 PRIORITY_RANGE = (-1000, 1000)
+#: Object Lock modes (S3's, in lower case); the first is the default
+LOCK_MODES = ("compliance", "governance")
+MAX_LOCK_DAYS = 36500.0
 
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _RATE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -66,6 +70,11 @@ class Policy:
         priority: -1000 to 1000; higher runs first when more items are due
             than there are slots.
         alert_commands: shell command lines run on a change of RPO health.
+        lock_days: days each new point's objects in an object store stay
+            under S3 Object Lock retention (None: no lock).
+        lock_mode: "compliance" (nobody can shorten or remove the lock) or
+            "governance" (who has s3:BypassGovernanceRetention can); None:
+            compliance, when lock_days is set.
     """
 
     target_rpo: Optional[float] = None
@@ -76,6 +85,14 @@ class Policy:
     bwlimit_windows: Tuple[Tuple[str, str, int], ...] = ()
     priority: int = 0
     alert_commands: Tuple[str, ...] = ()
+    lock_days: Optional[float] = None
+    lock_mode: Optional[str] = None
+
+    def lock(self) -> Optional[Tuple[str, float]]:
+        """(mode, seconds) of the Object Lock new points get, or None."""
+        if self.lock_days is None:
+            return None
+        return self.lock_mode or LOCK_MODES[0], self.lock_days * 86400.0
 
     def critical_after(self) -> Optional[float]:
         """The RPO in seconds at which health turns "critical": rpo_critical,
@@ -108,6 +125,8 @@ class Policy:
             "bwlimit_windows": [list(w) for w in self.bwlimit_windows],
             "priority": self.priority,
             "alert_commands": list(self.alert_commands),
+            "lock_days": self.lock_days,
+            "lock_mode": self.lock_mode or (LOCK_MODES[0] if self.lock_days else None),
         }
 
 
@@ -207,7 +226,7 @@ def _duration_value(value: Duration, field: str) -> float:
 
 def _option(field: str) -> str:
     return {"target_rpo": "--rpo", "bwlimit_windows": "--bwlimit-window",
-            "alert_commands": "--alert-command"}.get(field, "--" + field.replace("_", "-"))
+            "alert_commands": "--alert-command", "lock_days": "--lock"}.get(field, "--" + field.replace("_", "-"))
 
 
 def check_field(field: str, value: Any) -> Any:
@@ -256,6 +275,14 @@ def _checked(field: str, value: Any) -> Any:
             raise InvalidArgument(f"--priority must be a whole number from {low} to {high}, "
                                   f"not {value!r}")
         return value
+    if field == "lock_days":
+        return _check_lock_days(value)
+    if field == "lock_mode":
+        mode = value.strip().lower() if isinstance(value, str) else value
+        if mode not in LOCK_MODES:
+            raise InvalidArgument(f"--lock-mode must be one of {', '.join(LOCK_MODES)}, "
+                                  f"not {value!r}")
+        return mode
     # alert_commands
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         value = [value]
@@ -266,6 +293,21 @@ def _checked(field: str, value: Any) -> Any:
             raise InvalidArgument(f"--alert-command must be a non-empty command line "
                                   f"without NUL, not {command!r}")
     return tuple(value)
+
+
+def _check_lock_days(value: Any) -> float:
+    given = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            value = float(text[:-1] if text.endswith("d") else text)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or not 0 < value <= MAX_LOCK_DAYS:
+        raise InvalidArgument(f"--lock must be a number of days above 0 and at most "
+                              f"{MAX_LOCK_DAYS:g}, not {given!r}")
+    return float(value)
 
 
 def _check_critical(policy: Policy, what: str) -> None:
@@ -437,6 +479,11 @@ def _write(store: Any, scope: str, name: str, new_fields: Dict[str, Any],
     for field in cleared:
         merged.pop(field, None)
     _check_critical(Policy(**merged), f"the {scope} policy of {name!r}")
+    if "lock_days" in new_fields:  # each item's store must keep locks (asked before writing)
+        from .objectlock import check_lockable
+
+        for member in members:
+            check_lockable(store, member)
     with store.transaction():
         columns = {f: _to_column(f, merged.get(f)) for f in FIELDS}
         if any(v is not None for v in columns.values()):
@@ -474,15 +521,18 @@ def set_policy(store: Any, scope: str, name: str, **fields: Any) -> None:
 
 
 def check_new_item_policy(store: Any, group: Optional[str],
-                          fields: Dict[str, Any]) -> Dict[str, Any]:
+                          fields: Dict[str, Any], replicas: Iterable[str] = ()
+                          ) -> Dict[str, Any]:
     """Check the policy `fields` of an item about to be protected (in
     `group`, or None) as set_policy would, with its group's policy, before
-    the item is recorded.
+    the item is recorded. With a lock, its `replicas` must be in object
+    stores with Object Lock (UnsupportedFile otherwise).
 
     Returns the policy as columns of the policies table (the fields set,
     for Store.put_policy in the item's own transaction).
 
-    Raises InvalidArgument for a bad field or value.
+    Raises InvalidArgument for a bad field or value, UnsupportedFile for a
+    lock the replicas cannot keep.
     """
     store = _store(store)
     if not isinstance(fields, dict):
@@ -492,6 +542,10 @@ def check_new_item_policy(store: Any, group: Optional[str],
     merged = _policy_fields(store, "group", group) if group else {}
     merged.update(own)
     _check_critical(Policy(**merged), "the new item's policy")
+    if merged.get("lock_days") is not None:
+        from .objectlock import check_lockable_specs
+
+        check_lockable_specs(replicas)
     return {f: _to_column(f, v) for f, v in own.items()}
 
 

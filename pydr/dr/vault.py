@@ -271,7 +271,8 @@ class Vault(RecoveryOperations, PolicyOperations):
             OSError: a source cannot be read; the object store's bucket
                 cannot be reached (FileNotFoundError: no such bucket).
         """
-        columns = policy_.check_new_item_policy(self.store, group, policy or {})
+        columns = policy_.check_new_item_policy(self.store, group, policy or {},
+                                                [replica for _, replica in disks])
         protection.protect(self.store, name, disks, group=group, retention=retention,
                            retention_age=retention_age, quiesce_hook=quiesce_hook,
                            thaw_hook=thaw_hook, rsh=rsh, remote_pydr=remote_pydr, cbt=cbt,

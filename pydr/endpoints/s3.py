@@ -19,9 +19,13 @@ critical), a missing bucket or object FileNotFoundError, a server that
 cannot be reached ConnectionError (retried by --retry).
 """
 
+from __future__ import annotations
+
+import datetime
 import errno
 import os
 import threading
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 from .base import Endpoint
 
@@ -29,7 +33,12 @@ SCHEME = "s3://"
 MAX_ATTEMPTS = 10
 _DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
            "ExpiredToken", "AccountProblem", "403"}
-_MISSING = {"NoSuchKey", "404", "NotFound"}
+_MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchVersion"}
+_NO_LOCK = {"ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound",
+            "InvalidRequest", "NotImplemented"}
+#: a delete refused because the version is under retention (or legal hold)
+_LOCKED = {"AccessDenied", "ObjectLocked"}
+LOCK_MODES = ("compliance", "governance")
 
 
 def parse(spec):
@@ -68,6 +77,23 @@ def s3_error(exc, what):
     if isinstance(exc, X.BotoCoreError):
         return OSError(errno.EIO, f"S3: {exc}", what)
     return exc
+
+
+def _lock_mode(mode):
+    """S3's name of an Object Lock mode ("compliance" -> "COMPLIANCE")."""
+    if str(mode).lower() not in LOCK_MODES:
+        raise ValueError(f"Object Lock mode {mode!r}: give one of {', '.join(LOCK_MODES)}")
+    return str(mode).upper()
+
+
+def _utc(when):
+    """A POSIX time as an aware UTC datetime, as boto3 sends it."""
+    return datetime.datetime.fromtimestamp(float(when), datetime.timezone.utc)
+
+
+def _version(value):
+    """A VersionId, None for an unversioned object ("null" is S3's word for it)."""
+    return None if value in (None, "", "null") else str(value)
 
 
 def _content_md5(params, **_):
@@ -138,17 +164,159 @@ class ObjectStore:
         """The bucket exists and the credentials are good, or a clear error."""
         self._call(f"{SCHEME}{self.bucket}", self.client.head_bucket)
 
-    def put(self, key, data):
-        self._call(self.url(key), self.client.put_object, Key=key, Body=data)
+    def put(self, key: str, data: bytes, *, lock: Optional[Tuple[str, float]] = None
+            ) -> Optional[str]:
+        """Store `data` as `key`. `lock`, (mode, until): Object Lock retention
+        on the new version, mode "compliance" or "governance", until a POSIX
+        time (the bucket needs Object Lock: an error otherwise). Returns the
+        new version's VersionId, None in an unversioned bucket. Raises the
+        errors of :func:`s3_error`."""
+        extra = {}
+        if lock is not None:
+            mode, until = lock
+            # AWS wants an integrity header on a put with Object Lock parameters
+            import base64
+            import hashlib
 
-    def get(self, key):
-        body = self._call(self.url(key), self.client.get_object, Key=key)["Body"]
+            extra = {"ObjectLockMode": _lock_mode(mode), "ObjectLockRetainUntilDate": _utc(until),
+                     "ContentMD5": base64.b64encode(hashlib.md5(data).digest()).decode()}
+        r = self._call(self.url(key), self.client.put_object, Key=key, Body=data, **extra)
+        return _version(r.get("VersionId"))
+
+    def get(self, key: str, version: Optional[str] = None) -> bytes:
+        """The bytes of `key` (its current version, or `version`).
+        FileNotFoundError if absent (a delete marker is absent)."""
+        what = self.url(key) + (f"?versionId={version}" if version else "")
+        extra = {"VersionId": version} if version else {}
+        body = self._call(what, self.client.get_object, Key=key, **extra)["Body"]
         try:
             return body.read()
         except Exception as exc:
-            raise s3_error(exc, self.url(key)) from None
+            raise s3_error(exc, what) from None
         finally:
             body.close()
+
+    def head(self, key: str, version: Optional[str] = None) -> Optional[dict]:
+        """What the store says of `key` (its current version, or `version`):
+        {"version": VersionId or None, "size", "modified" (POSIX time),
+        "lock_mode": "compliance"|"governance"|None, "retain_until": POSIX
+        time or None}; None when it has none (absent, or a delete marker)."""
+        what = self.url(key) + (f"?versionId={version}" if version else "")
+        extra = {"VersionId": version} if version else {}
+        try:
+            r = self._call(what, self.client.head_object, Key=key, **extra)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if "MethodNotAllowed" in str(exc) or "405" in str(exc):
+                return None  # the version asked for is a delete marker
+            raise
+        until = r.get("ObjectLockRetainUntilDate")
+        mode = r.get("ObjectLockMode")
+        return {"version": _version(r.get("VersionId")), "size": r.get("ContentLength"),
+                "modified": r["LastModified"].timestamp() if r.get("LastModified") else None,
+                "lock_mode": mode.lower() if mode else None,
+                "retain_until": until.timestamp() if until else None}
+
+    def set_retention(self, key: str, version: Optional[str], mode: str, until: float) -> None:
+        """Put Object Lock retention (`mode` "compliance"|"governance", until
+        the POSIX time `until`) on version `version` of `key`. Shortening a
+        compliance retention is refused by the server (PermissionError)."""
+        extra = {"VersionId": version} if version else {}
+        self._call(self.url(key), self.client.put_object_retention, Key=key,
+                   Retention={"Mode": _lock_mode(mode), "RetainUntilDate": _utc(until)},
+                   **extra)
+
+    def lock_configuration(self) -> Optional[dict]:
+        """The bucket's Object Lock configuration (boto3's
+        ObjectLockConfiguration: {"ObjectLockEnabled": "Enabled", ...}), or
+        None when the bucket has none (no versions are locked there)."""
+        from botocore import exceptions as X
+
+        try:
+            r = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except X.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _NO_LOCK:
+                return None
+            raise s3_error(exc, f"{SCHEME}{self.bucket}") from None
+        except Exception as exc:
+            raise s3_error(exc, f"{SCHEME}{self.bucket}") from None
+        conf = r.get("ObjectLockConfiguration") or None
+        if conf is None or conf.get("ObjectLockEnabled") != "Enabled":
+            return None
+        return conf
+
+    def versioned(self) -> bool:
+        """Whether the bucket keeps versions (versioning enabled or
+        suspended: older versions may be there). False where the server
+        does not say (no versioning API)."""
+        from botocore import exceptions as X
+
+        try:
+            r = self.client.get_bucket_versioning(Bucket=self.bucket)
+        except X.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NotImplemented", "InvalidRequest", "MethodNotAllowed", "501"):
+                return False
+            raise s3_error(exc, f"{SCHEME}{self.bucket}") from None
+        except Exception as exc:
+            raise s3_error(exc, f"{SCHEME}{self.bucket}") from None
+        return r.get("Status") in ("Enabled", "Suspended")
+
+    def versions(self, under: str) -> Iterator[Tuple[str, Optional[str], bool, bool, float,
+                                                     int]]:
+        """Yield (key, version, is latest, is a delete marker, last modified
+        as a POSIX time, size) of every version under a prefix (in an
+        unversioned bucket, one per object, version None)."""
+        prefix = self.key(under) + "/"
+        marker = {}
+        while True:
+            page = self._call(self.url(self.key(under)), self.client.list_object_versions,
+                              Prefix=prefix, **marker)
+            for o in page.get("Versions", ()):
+                yield (o["Key"], _version(o.get("VersionId")), bool(o.get("IsLatest")), False,
+                       o["LastModified"].timestamp(), o.get("Size", 0))
+            for o in page.get("DeleteMarkers", ()):
+                yield (o["Key"], _version(o.get("VersionId")), bool(o.get("IsLatest")), True,
+                       o["LastModified"].timestamp(), 0)
+            if not page.get("IsTruncated"):
+                return
+            marker = {"KeyMarker": page["NextKeyMarker"]}
+            if page.get("NextVersionIdMarker"):
+                marker["VersionIdMarker"] = page["NextVersionIdMarker"]
+
+    def delete_versions(self, pairs: Iterable[Tuple[str, Optional[str]]]
+                        ) -> List[Tuple[str, Optional[str], str]]:
+        """Delete these versions ((key, VersionId); None: the current one,
+        which in a versioned bucket puts a delete marker), 1,000 a request.
+        Missing ones are no error. Returns the versions the server refused
+        as (key, version, code): "AccessDenied" for a version under Object
+        Lock retention, which is the expected answer, not a failure. Raises
+        PermissionError when a delete without a version is refused, OSError
+        (EIO) for any other refusal."""
+        pairs = list(pairs)
+        refused = []
+        for start in range(0, len(pairs), 1000):
+            batch = [{"Key": k, **({"VersionId": v} if v else {})}
+                     for k, v in pairs[start:start + 1000]]
+            r = self._call(self.url(batch[0]["Key"]), self.client.delete_objects,
+                           Delete={"Objects": batch, "Quiet": True})
+            for e in r.get("Errors", ()):
+                code = str(e.get("Code"))
+                if code in _MISSING:
+                    continue
+                version = _version(e.get("VersionId"))
+                if code in _LOCKED and version is not None:
+                    refused.append((e.get("Key", ""), version, code))
+                    continue
+                if code in _DENIED:
+                    raise PermissionError(errno.EACCES, f"the S3 server refused the delete "
+                                          f"({code}: {e.get('Message')})",
+                                          self.url(e.get("Key", "")))
+                raise OSError(errno.EIO, f"S3 could not delete it: {code}: "
+                              f"{e.get('Message')}", self.url(e.get("Key", "")))
+        return refused
 
     def exists(self, key):
         try:

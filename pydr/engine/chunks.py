@@ -7,7 +7,9 @@ chunks -- across points, disks and items -- are one object; an all-zero
 chunk is not stored at all (its id is ZERO_ID). A stored chunk is a small
 checksummed header and the bytes, zstd-compressed when that makes them
 smaller. A point index lists, for every disk of an item, the ids of its
-chunks in order; it ends in a checksum of all of it.
+chunks in order, and (version 2) the S3 version and Object Lock
+retain-until of each chunk object it needs; it ends in a checksum of all
+of it.
 """
 
 import struct
@@ -26,13 +28,16 @@ ZERO_ID = bytes(16)
 CHUNK_MAGIC = b"PYDRCHK\0"
 INDEX_MAGIC = b"PYDRIDX\0"
 END_MAGIC = b"PYDREND\0"
-VERSION = 1
+VERSION = 1  # of a chunk object
+INDEX_VERSION = 2  # of a point index written now; version 1 is read too
 STORED, ZSTD = 0, 1
 
 _CHUNK_HEADER = struct.Struct("<8sHHI16sQ")  # magic, version, coding, raw length, id, stored length
 CHUNK_HEADER_SIZE = _CHUNK_HEADER.size + 8  # + xxh3-64 of the fields
 _INDEX_HEADER = struct.Struct("<8sHHIQH")  # magic, version, disks, chunk size, created ns, name len
 _DISK = struct.Struct("<IQQ")  # disk index, size, chunk count
+_OBJECTS = struct.Struct("<I")  # object count (version 2)
+_OBJECT = struct.Struct("<16sQH")  # chunk id, retain until (POSIX s, 0 none), version length
 _END = struct.Struct("<8sQ")  # magic, total length; then the xxh3-128 checksum
 _XXH3_64, _XXH3_128 = B.ALGORITHMS["xxh3-64"], B.ALGORITHMS["xxh3-128"]
 
@@ -118,15 +123,17 @@ class ObjectRef:
 class PointIndex:
     """The chunk ids of every disk of an item at one point.
 
-    ``disks``: {disk index: (size, [16-byte id, ...])}; ``refs``: {id:
-    ObjectRef} of the chunks whose version or lock the point records."""
+    ``disks``: {disk index: (size, [16-byte id, ...])}. ``refs``: {chunk
+    id: ObjectRef}, the S3 version of each chunk object the point needs (in
+    a versioned bucket) and its Object Lock; empty in a version-1 index and
+    in an unversioned bucket."""
 
     __slots__ = ("item", "chunk_size", "created", "disks", "refs")
 
     def __init__(self, item, disks, chunk_size=CHUNK_SIZE, created=None, refs=None):
         self.item, self.chunk_size, self.disks = item, chunk_size, dict(disks)
-        self.refs = dict(refs or {})
         self.created = time.time_ns() if created is None else created
+        self.refs = dict(refs or {})
         for idx, (size, ids) in self.disks.items():
             if len(ids) != chunk_count(size, chunk_size):
                 raise ValueError(f"disk {idx}: {len(ids)} chunk ids for {size} bytes")
@@ -135,13 +142,25 @@ class PointIndex:
         """Every stored chunk the index names (no zero chunks), once."""
         return {i for _, ids in self.disks.values() for i in ids if i != ZERO_ID}
 
+    def ref(self, ident):
+        """The ObjectRef of chunk `ident` this point needs: its version, or
+        None (the current one: an unversioned bucket, a version-1 index)."""
+        return self.refs.get(ident) or ObjectRef()
+
     def encode(self):
+        """The index object, version 2."""
         name = self.item.encode()
-        parts = [_INDEX_HEADER.pack(INDEX_MAGIC, VERSION, len(self.disks), self.chunk_size,
-                                    self.created, len(name)), name]
+        parts = [_INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, len(self.disks),
+                                    self.chunk_size, self.created, len(name)), name]
         for idx in sorted(self.disks):
             size, ids = self.disks[idx]
             parts += [_DISK.pack(idx, size, len(ids)), b"".join(ids)]
+        refs = {i: r for i, r in self.refs.items() if r.version or r.retain_until}
+        parts.append(_OBJECTS.pack(len(refs)))
+        for ident in sorted(refs):
+            version, until = refs[ident].version, refs[ident].retain_until
+            raw = (version or "").encode("ascii")
+            parts += [_OBJECT.pack(ident, int(until or 0), len(raw)), raw]
         body = b"".join(parts)
         total = len(body) + _END.size + 16
         head = body + _END.pack(END_MAGIC, total)
@@ -149,14 +168,15 @@ class PointIndex:
 
     @classmethod
     def decode(cls, blob, where="index"):
-        """Parse and verify; FormatError naming `where` and the offset."""
+        """Parse and verify a version-1 or -2 index; FormatError naming
+        `where` and the offset."""
         if len(blob) < _INDEX_HEADER.size + _END.size + 16:
             raise FormatError(f"point index is truncated ({len(blob)} bytes)", path=where,
                               offset=len(blob))
         magic, version, ndisks, chunk_size, created, name_len = _INDEX_HEADER.unpack_from(blob)
         if magic != INDEX_MAGIC:
             raise FormatError("not a pydr point index", path=where, offset=0)
-        if version != VERSION:
+        if version not in (1, 2):
             raise FormatError(f"point index version {version} is not supported", path=where,
                               offset=8)
         end = len(blob) - 16
@@ -166,18 +186,47 @@ class PointIndex:
                               offset=end - _END.size)
         if B.Digest().update(blob[:end]).digest() != blob[end:]:
             raise FormatError("point index checksum mismatch: corrupt", path=where, offset=end)
+        body_end = end - _END.size
         pos = _INDEX_HEADER.size
         item = blob[pos:pos + name_len].decode()
         pos += name_len
         disks = {}
         for _ in range(ndisks):
+            if pos + _DISK.size > body_end:
+                raise FormatError("point index ends inside a disk's header", path=where,
+                                  offset=pos)
             idx, size, count = _DISK.unpack_from(blob, pos)
             pos += _DISK.size
-            if count != chunk_count(size, chunk_size) or pos + 16 * count > end - _END.size:
+            if count != chunk_count(size, chunk_size) or pos + 16 * count > body_end:
                 raise FormatError(f"disk {idx} of the point index is inconsistent", path=where,
                                   offset=pos - _DISK.size)
             disks[idx] = (size, [bytes(blob[p:p + 16]) for p in range(pos, pos + 16 * count, 16)])
             pos += 16 * count
-        if pos != end - _END.size:
+        refs = {}
+        if version >= 2:
+            pos, refs = _decode_refs(blob, pos, body_end, where)
+        if pos != body_end:
             raise FormatError("point index has bytes after its disks", path=where, offset=pos)
-        return cls(item, disks, chunk_size, created)
+        return cls(item, disks, chunk_size, created, refs)
+
+
+def _decode_refs(blob, pos, end, where):
+    """(position after it, {id: ObjectRef}) of a version-2 index's object
+    table at `pos`."""
+    if pos + _OBJECTS.size > end:
+        raise FormatError("point index ends before its object table", path=where, offset=pos)
+    (count,) = _OBJECTS.unpack_from(blob, pos)
+    pos += _OBJECTS.size
+    refs = {}
+    for _ in range(count):
+        if pos + _OBJECT.size > end:
+            raise FormatError("point index's object table is truncated", path=where, offset=pos)
+        ident, until, n = _OBJECT.unpack_from(blob, pos)
+        raw = bytes(blob[pos + _OBJECT.size:pos + _OBJECT.size + n])
+        if len(raw) != n or not raw.isascii():
+            raise FormatError("point index names a chunk version that is not ASCII or is "
+                              "truncated", path=where, offset=pos)
+        refs[bytes(ident)] = ObjectRef(raw.decode("ascii") or None,
+                                       float(until) if until else None)
+        pos += _OBJECT.size + n
+    return pos, refs

@@ -65,7 +65,8 @@ def test_set_and_show_a_policy_with_its_sources(vault):
     assert d["sources"] == {"target_rpo": "item", "rpo_critical": "default",
                             "app_consistent_every": "default", "keep": "item",
                             "bwlimit": "group", "bwlimit_windows": "group",
-                            "priority": "group", "alert_commands": "group"}
+                            "priority": "group", "alert_commands": "group",
+                            "lock_days": "default", "lock_mode": "default"}
     text = cli(vault, "policy", "web").stdout.decode()
     assert re.search(r"target RPO\s+30 s\s+\(item\)", text)
     assert re.search(r"critical RPO\s+60 s\s+\(default: twice the target\)", text)

@@ -147,7 +147,8 @@ def test_item_fields_override_the_group_field_by_field(tmp_path):
         assert sources == {"target_rpo": "item", "rpo_critical": "default",
                            "app_consistent_every": "default", "keep": "group",
                            "bwlimit": "group", "bwlimit_windows": "item", "priority": "group",
-                           "alert_commands": "group"}
+                           "alert_commands": "group", "lock_days": "default",
+                           "lock_mode": "default"}
         # the other member has the group's; an item outside any group, the defaults
         assert v.policy("db").target_rpo == 300.0 and v.policy("db").bwlimit_windows == ()
         assert v.policy("solo") == P.Policy() and P.effective_policy(v.store, "solo") == P.Policy()

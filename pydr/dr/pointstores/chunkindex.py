@@ -221,9 +221,14 @@ class ChunkIndex(PointStore):
         store = store_of(self.vault, self.name).spec
         # killed cycles' orphan indexes first, while the recorded ones still name the store
         chunkcapture.forget_orphans(self.vault, self.name)
-        dropped = drop_indexes(self.vault, self.name)
-        return [f"removed the {dropped} point indexes from {store}: 'pydr gc {store}' sweeps "
-                f"their chunks"]
+        locked = []
+        dropped = drop_indexes(self.vault, self.name, forget_locked=True, locked=locked)
+        notes = [f"removed the {dropped} point indexes from {store}: 'pydr gc {store}' sweeps "
+                 f"their chunks"]
+        if sum(locked):
+            notes.append(f"{sum(locked)} point indexes are under Object Lock and stay in "
+                         f"{store} until it ends, with the chunks they name")
+        return notes
 
     # -- capabilities ------------------------------------------------------------------
     def verify(self, point_id=None, sample=100.0, *, events=None, cancel=None):
@@ -236,16 +241,24 @@ class ChunkIndex(PointStore):
         return collect_garbage(chunk_store(self.vault, self.name), **options)
 
 
-def drop_indexes(vault, name, points=None):
+def drop_indexes(vault, name, points=None, *, forget_locked=False, locked=None):
     """Delete the index objects of the item's points in `points` (all when
-    None), then their records. A failure keeps both, for a later try."""
+    None), each by its recorded version, then their records. A failure
+    keeps both, for a later try. An index still under Object Lock is not
+    deleted and keeps its record (a later retention deletes it), unless
+    `forget_locked`; their number is added to `locked` (a list) if given.
+    Returns how many were deleted."""
+    from .chunkversions import drop_versions
+
     store = store_of(vault, name)
     rows = [r for r in vault.index_rows(name) if points is None or r.point in points]
     if not rows:
         return 0
-    store.delete(r.key for r in rows)
-    vault.drop_index_rows(name, [r.point for r in rows])
-    return len(rows)
+    gone, kept = drop_versions(store, rows)
+    if locked is not None:
+        locked.append(len(kept))
+    vault.drop_index_rows(name, [r.point for r in (rows if forget_locked else gone)])
+    return len(gone)
 
 
 def note_damage(vault, name, store, bad):
@@ -338,8 +351,12 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
 
 def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
     """Check the item's point indexes (all, or `point_id`'s) and their chunks:
-    every one downloaded and hashed, or a random `sample` percent of them.
-    Returns {"points", "chunks", "checked", "problems": [text]}."""
+    every one downloaded and hashed (the version each point recorded), or a
+    random `sample` percent of them; in a versioned bucket, every key the
+    points name is compared with its current version (tampering).
+    Returns {"points", "chunks", "checked", "problems": [text], "tampered":
+    [{"kind", "object", "points", "versions", "current", "what", "text"}],
+    "damaged_points"}."""
     rows = vault.index_rows(name)
     if point_id is not None:
         rows = [r for r in rows if r["point"] == point_id]
@@ -347,7 +364,7 @@ def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
             raise InvalidState(f"{name!r} has no point {point_id} in an object store",
                                path=vault.dir)
     store = chunk_store(vault, name)
-    problems, chunks, unreadable, refs = [], {}, False, {}
+    problems, chunks, unreadable, recorded, points_of = [], {}, False, {}, {}
     for r in rows:
         try:
             index = store.get_index(r.key, index_ref(r))
@@ -355,21 +372,25 @@ def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
             problems.append(f"point {r['point']}: {exc}")
             unreadable = True
             continue
-        for ident, ref in index.refs.items():
-            refs.setdefault(ident, ref)
+        for ident in index.chunk_ids():
+            points_of.setdefault(ident, []).append(r.point)
+            if index.ref(ident).version:
+                recorded.setdefault(ident, set()).add(index.ref(ident).version)
         for idx, (_, ids) in index.disks.items():
             for i, ident in enumerate(ids):
-                if ident != ZERO_ID:
-                    chunks.setdefault(ident, (r["point"], idx, i * index.chunk_size))
-    ids = sorted(chunks)
+                if ident != ZERO_ID:  # each version a point names is checked
+                    chunks.setdefault((ident, index.ref(ident).version),
+                                      (r["point"], idx, i * index.chunk_size))
+    ids = sorted(chunks, key=lambda named: (named[0], named[1] or ""))
     if sample < 100.0:
         ids = random.sample(ids, max(1, round(len(ids) * sample / 100.0))) if ids else []
-    def check(ident):
+    def check(named):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"the verify of {name!r} cancelled", path=vault.dir)
-        point, idx, offset = chunks[ident]
+        point, idx, offset = chunks[named]
+        ident = named[0]
         try:
-            store.get_chunk(ident, refs.get(ident))
+            store.get_chunk(ident, ObjectRef(named[1]))
         except FileNotFoundError:
             return f"chunk {ident.hex()} is missing (point {point}, disk {idx}, offset {offset})"
         except FormatError as exc:
@@ -380,7 +401,7 @@ def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
         found = {i: p for i, p in zip(ids, pool.map(check, ids)) if p}
     problems += [found[i] for i in sorted(found, key=lambda i: chunks[i])]
     if found:  # the points that name them are never restored; the next cycle uploads them again
-        note_damage(vault, name, store, found)
+        note_damage(vault, name, store, {i[0]: p for i, p in found.items()})
     if unreadable:
         note_damage(vault, name, store, {})
     damaged = [p["id"] for p in vault.points(name) if p["damaged"]]
@@ -390,15 +411,26 @@ def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
         reason = vault.point(name, pid)["damaged"]
         if not any(reason in p for p in problems):  # marked by an earlier run
             problems.append(f"point {pid} is damaged: {reason}")
+    from .chunkversions import tampering
+
+    tampered = tampering(store, name, rows, recorded, points_of)
     return {"item": name, "points": len(rows), "chunks": len(chunks), "checked": len(ids),
-            "problems": problems, "damaged_points": damaged}
+            "problems": problems, "tampered": tampered, "damaged_points": damaged}
 
 
 def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
     """Mark and sweep: delete the chunks under the store's prefix that no
     point index there names and that are older than `grace` seconds.
     Refuses to sweep when an index cannot be read (it might name them).
-    Returns {"indexes", "chunks", "referenced", "swept", "young", "bytes"}."""
+    In a bucket that keeps versions, versions are marked and swept, and
+    locked ones skipped (pydr.dr.pointstores.chunkversions.collect_versions).
+    Returns {"indexes", "chunks", "referenced", "swept", "young", "bytes",
+    "dry_run", "locked" (versions the server refused to delete: locked),
+    "foreign" (index versions that are no pydr index), "versions"}."""
+    if store.objects.versioned():  # marked and swept by version
+        from .chunkversions import collect_versions
+
+        return collect_versions(store, grace=grace, dry_run=dry_run, now=now)
     start = time.time() if now is None else now
     referenced, indexes = set(), 0
     for key, _, _ in store.objects.list("indexes"):
@@ -431,6 +463,7 @@ def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
         store.objects.delete(doomed)
     return {"store": store.spec, "indexes": indexes, "chunks": total,
             "referenced": len(referenced), "swept": len(doomed), "young": young,
-            "bytes": swept_bytes, "dry_run": dry_run}
+            "bytes": swept_bytes, "dry_run": dry_run, "locked": 0, "foreign": 0,
+            "versions": False}
 
 
