@@ -290,6 +290,9 @@ def run_dr_demo(directory, *, keep=False, as_json=False):
         with Vault(vault_dir) as v:
             jobs = len(v.jobs())
         _offsite(work, disks, step, check, say)
+        from .demo_offsite import object_store_step
+
+        object_store_step(work, disks[1], step, check, say, _sha)
         ok = all(c["ok"] for c in checks)
         say(f"  {jobs} jobs recorded in the vault ('pydr jobs --vault {vault_dir}')")
         if as_json:
