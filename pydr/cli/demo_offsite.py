@@ -311,12 +311,24 @@ def _protect_and_restore(work: str, disk: str, pydr: str, server: LocalS3,
             f"(this pydr does not encrypt)")
     if features["lock"]:
         _show_lock(client, check)
+        t = time.monotonic()
+        hit = _attack(client)
+        step("object store: an attacker overwrites and deletes", t, objects=hit)
+        r = subprocess.run([pydr, "verify", "offsite", "--json", "--vault", vault],
+                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        try:
+            tampered = json.loads(r.stdout).get("tampered", []) if r.stdout else []
+        except ValueError:
+            tampered = []
+        check(f"pydr verify names the tampered objects ({len(tampered)}) and exits 7",
+              r.returncode == 7 and len(tampered) >= hit > 0)
     restored = os.path.join(work, "restore-offsite")
     t = time.monotonic()
     run("materialize", "offsite", "--point", str(second["point_id"]), "--to", restored)
     files = [os.path.join(restored, n) for n in os.listdir(restored)]
     step("object store: restore the newest point", t, disks=len(files))
-    check("the disk restored from the bucket equals the disk",
+    check("the disk restored from the bucket equals the disk"
+          + (" (the locked versions)" if features["lock"] else ""),
           len(files) == 1 and sha(files[0]) == sha(source))
 
 
@@ -351,6 +363,21 @@ def _show_lock(client: Any, check: Callable[[str, bool], None]) -> None:
         except client.exceptions.ClientError as exc:
             refused = exc.response.get("Error", {}).get("Code") == "AccessDenied"
         check("deleting a locked version with pydr's own credentials is refused", refused)
+
+
+def _attack(client: Any) -> int:
+    """What ransomware holding pydr's S3 credentials does to a store: every
+    chunk and point index key overwritten with garbage, then each index key
+    deleted (a delete marker). Returns how many keys it overwrote."""
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=f"{PREFIX}/") for o in page.get("Contents", ())
+        if o["Key"].startswith((f"{PREFIX}/chunks/", f"{PREFIX}/indexes/"))]
+    for key in keys:
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"encrypted by ransomware")
+    for key in keys:
+        if key.startswith(f"{PREFIX}/indexes/"):
+            client.delete_object(Bucket=BUCKET, Key=key)
+    return len(keys)
 
 
 def _human(n: int) -> str:

@@ -1,7 +1,9 @@
 """The object-store step of `pydr demo` (pydr.cli.demo_offsite): against a
-real SeaweedFS it restores the disk exactly and, where this pydr encrypts,
-no object holds a marker written into the disk; without `weed` it says so
-in one line, never silently."""
+real SeaweedFS it restores the disk exactly; where this pydr encrypts, no
+object holds a marker written into the disk; where it locks, every chunk
+version is locked, deleting one is refused, and after an attacker's
+overwrites and delete markers verify names them and the restore is still
+exact. Without `weed` it says so in one line, never silently."""
 
 import os
 import subprocess
@@ -72,10 +74,13 @@ def test_the_step_restores_the_disk_from_seaweedfs(tmp_path, site_a_disk):
     features = demo_offsite._features(pydr)
     r = Recorder()
     r.run(tmp_path, site_a_disk)
+    attack = ["object store: an attacker overwrites and deletes"] if features["lock"] else []
     assert r.steps == ["object store: SeaweedFS S3 on 127.0.0.1",
                        "object store: protect + first cycle", "object store: delta cycle",
-                       "object store: restore the newest point"], r.lines
-    assert r.checks.pop("the disk restored from the bucket equals the disk") is True
+                       *attack, "object store: restore the newest point"], r.lines
+    restored = "the disk restored from the bucket equals the disk"
+    assert r.checks.pop(restored + (" (the locked versions)" if features["lock"] else "")) \
+        is True
     if features["encrypt"]:
         assert r.checks.pop("the store's config says its objects are sealed (aes-256-gcm)")
         hidden = [c for c in r.checks if c.startswith("no object in the bucket")]
@@ -88,6 +93,8 @@ def test_the_step_restores_the_disk_from_seaweedfs(tmp_path, site_a_disk):
         assert len(locked) == 1 and r.checks.pop(locked[0]) is True
         assert r.checks.pop("deleting a locked version with pydr's own credentials is "
                             "refused") is True
+        verified = [c for c in r.checks if c.startswith("pydr verify names the tampered")]
+        assert len(verified) == 1 and r.checks.pop(verified[0]) is True
     assert r.checks == {}
     assert not any("weed" in p for p in _own_processes(tmp_path))  # stopped
 
