@@ -151,6 +151,17 @@ def store_encryption(client, prefix):
     return json.loads(blob)["encryption"]
 
 
+def unlock_seconds(spec):
+    """Median seconds of opening the encrypted store `spec` in-process as
+    each pydr process does (config, key files, one argon2id derivation)."""
+    from pydr.dr import storekeys
+    from pydr.endpoints.s3 import ObjectStore
+
+    return statistics.median(timed(lambda: storekeys.unlock(ObjectStore(spec),
+                                                            PASSPHRASE.encode()))[0]
+                             for _ in range(3))
+
+
 def one_store(pydr, env, client, root, disk, size, args, mode, n):
     """Protect `disk` (made anew) to a new store in `mode`, then time the
     first cycle, a materialize of its point, the change and the delta."""
@@ -179,6 +190,8 @@ def one_store(pydr, env, client, root, disk, size, args, mode, n):
     got["first"], first = timed(lambda: json.loads(run("replicate", "vm", "--json")))
     got["first_bytes"] = first["bytes_written"]
     got["encryption"] = store_encryption(client, prefix)
+    if mode == "encrypted":
+        got["unlock"] = unlock_seconds(f"s3://{BUCKET}/{prefix}")
     dest = os.path.join(root, f"restore-{mode}-{n}")
     got["restore"], _ = timed(lambda: run("materialize", "vm", "--point",
                                           str(first["point_id"]), "--to", dest))
@@ -242,6 +255,14 @@ def report(args, size, runs, boto, ciphers, kdf_source, load, encryption):
             p, e = med["unencrypted"][key], med["encrypted"][key]
             print(f"| {label} | {p:.2f} | {e:.2f} | {mib(size) / p:.0f} | {mib(size) / e:.0f} | "
                   f"{p / e:.2f}x |")
+    for m in runs:
+        print(f"\n{m}, each run (s): " + "; ".join(
+            f"{key} " + " ".join(f"{r[key]:.2f}" for r in runs[m])
+            for key in ("first", "delta", "restore")))
+    if "encrypted" in runs:
+        print(f"\nOpening the encrypted store (its config, key files and one argon2id "
+              f"derivation), as every timed pydr process does once: "
+              f"{med['encrypted']['unlock']:.2f} s (median, in-process)")
     print("\n| bytes (medians) | " + " | ".join(runs) + " |")
     print("|---|" + "---:|" * len(runs))
     for key, label in (("first_bytes", "first cycle uploaded (MiB)"),
@@ -313,6 +334,7 @@ def main():
     try:
         with SwiftS3(os.path.join(root, "swift")) as server:
             env = {**os.environ, **server.env(), "PYDR_S3_ADDRESSING": "path"}
+            os.environ.update(env)  # for the in-process unlock
             client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
                                   aws_access_key_id=server.access_key,
                                   aws_secret_access_key=server.secret_key)
