@@ -312,8 +312,9 @@ def _protect_and_restore(work: str, disk: str, pydr: str, server: LocalS3,
     if features["lock"]:
         _show_lock(client, check)
         t = time.monotonic()
-        hit = _attack(client)
-        step("object store: an attacker overwrites and deletes", t, objects=hit)
+        hit, marked = _attack(client)
+        step("object store: an attacker's overwrites", t, overwritten=hit,
+             delete_markers=marked)
         r = subprocess.run([pydr, "verify", "offsite", "--json", "--vault", vault],
                            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
         try:
@@ -365,19 +366,19 @@ def _show_lock(client: Any, check: Callable[[str, bool], None]) -> None:
         check("deleting a locked version with pydr's own credentials is refused", refused)
 
 
-def _attack(client: Any) -> int:
+def _attack(client: Any) -> Tuple[int, int]:
     """What ransomware holding pydr's S3 credentials does to a store: every
     chunk and point index key overwritten with garbage, then each index key
-    deleted (a delete marker). Returns how many keys it overwrote."""
+    deleted (a delete marker). Returns (keys overwritten, delete markers)."""
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
         Bucket=BUCKET, Prefix=f"{PREFIX}/") for o in page.get("Contents", ())
         if o["Key"].startswith((f"{PREFIX}/chunks/", f"{PREFIX}/indexes/"))]
     for key in keys:
         client.put_object(Bucket=BUCKET, Key=key, Body=b"encrypted by ransomware")
-    for key in keys:
-        if key.startswith(f"{PREFIX}/indexes/"):
-            client.delete_object(Bucket=BUCKET, Key=key)
-    return len(keys)
+    indexes = [k for k in keys if k.startswith(f"{PREFIX}/indexes/")]
+    for key in indexes:
+        client.delete_object(Bucket=BUCKET, Key=key)
+    return len(keys), len(indexes)
 
 
 def _human(n: int) -> str:

@@ -74,7 +74,7 @@ def test_the_step_restores_the_disk_from_seaweedfs(tmp_path, site_a_disk):
     features = demo_offsite._features(pydr)
     r = Recorder()
     r.run(tmp_path, site_a_disk)
-    attack = ["object store: an attacker overwrites and deletes"] if features["lock"] else []
+    attack = ["object store: an attacker's overwrites"] if features["lock"] else []
     assert r.steps == ["object store: SeaweedFS S3 on 127.0.0.1",
                        "object store: protect + first cycle", "object store: delta cycle",
                        *attack, "object store: restore the newest point"], r.lines
