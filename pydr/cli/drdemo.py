@@ -7,7 +7,9 @@ pydr protects them to site B, replicates, drills a test failover, fails over
 is replicated with changed-block tracking (QEMU dirty bitmaps: a cycle reads
 what changed), and a VM with a target RPO is replicated by one round of the
 service (pydr run --once); finally it pushes the disks to a third site over pydr's
-remote protocol. Every step prints what moved
+remote protocol, and one disk to a local S3 bucket, encrypted and locked
+(pydr.cli.demo_offsite; left out, saying why, without SeaweedFS's weed).
+Every step prints what moved
 and how long it took; the demo checks itself with hashes and e2fsck -fn.
 """
 
@@ -290,6 +292,9 @@ def run_dr_demo(directory, *, keep=False, as_json=False):
         with Vault(vault_dir) as v:
             jobs = len(v.jobs())
         _offsite(work, disks, step, check, say)
+        from .demo_offsite import object_store_step
+
+        object_store_step(work, disks[1], step, check, say, _sha)
         ok = all(c["ok"] for c in checks)
         say(f"  {jobs} jobs recorded in the vault ('pydr jobs --vault {vault_dir}')")
         if as_json:

