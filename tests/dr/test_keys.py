@@ -184,6 +184,7 @@ def test_recovery_key_opens_a_store_whose_passphrases_are_lost(s3):
             tmp / "other.pub", "--passphrase-file", ctx["pass"]["old"],
             "--recovery-passphrase-file", ctx["pass"]["third"])
     assert r.returncode == 15 and str(private).encode() in r.stderr
+    assert b"leave out --private-key" in r.stderr and not (tmp / "other.pub").exists()
     # the same public key sealed again (one recovery key for many stores)
     again = ok(cli(ctx, "key", "create-recovery", ctx["url"], "--public-key", public, "--json",
                    "--passphrase-file", ctx["pass"]["old"]))

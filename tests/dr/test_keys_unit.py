@@ -360,3 +360,17 @@ def test_config_parsing_refuses_what_is_not_a_version_2_config():
         with pytest.raises(FormatError):
             keyfiles.parse_config(raw, "u")
     assert base64.b64decode(json.loads(keyfiles.key_file_bytes({"a": b"\x01"}))["a"]) == b"\x01"
+
+
+def test_versions_under_object_lock_that_cannot_be_deleted_are_reported():
+    class Locked(MemoryStore):
+        def delete_versions(self, pairs):
+            return [(k, v, "AccessDenied") for k, v in pairs if v is not None]
+
+    store = Locked(versioned=True)
+    _, keys = storekeys.create_store(store, b"one")
+    doomed = storekeys.add_key(store, keys, b"two").id
+    with pytest.raises(InvalidState, match="under Object Lock retention"):
+        storekeys.remove_key(store, keys, doomed)
+    assert doomed not in key_ids(store)  # the current file is gone all the same
+    assert master_of(storekeys.unlock(store, b"two")[1]) == master_of(keys)  # as reported
