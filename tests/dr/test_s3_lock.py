@@ -220,8 +220,12 @@ def test_retention_and_gc_skip_locked_objects_and_finish(s3):
     with Vault(s3["vault"]) as v:
         assert len(v.store.index_rows("vm")) == 2  # its row too, for a later retention
         assert len(v.store.orphan_index_points("vm")) == 1
+    dry = ok(cli(s3, "gc", "vm", "--grace", "0", "--dry-run", "--json"))
+    assert dry["locked"] >= 2 and dry["swept"] == 0, dry  # known by a HEAD, never tried
     report = ok(cli(s3, "gc", "vm", "--grace", "0", "--json"))
-    assert report["locked"] >= 2 and report["swept"] == 0, report
+    assert report["locked"] == dry["locked"] and report["swept"] == 0, report
+    text = ok(cli(s3, "gc", "vm", "--grace", "0")).decode()
+    assert f"and {dry['locked']} under Object Lock" in text
     assert ok(cli(s3, "verify", "vm", "--json"))["tampered"] == []
 
 
