@@ -253,14 +253,16 @@ class ObjectStore:
     def versioned(self) -> bool:
         """Whether the bucket keeps versions (versioning enabled or
         suspended: older versions may be there). False where the server
-        does not say (no versioning API)."""
+        does not say (no versioning API, or the credentials may not ask):
+        then deletes work as in an unversioned bucket, which loses nothing."""
         from botocore import exceptions as X
 
         try:
             r = self.client.get_bucket_versioning(Bucket=self.bucket)
         except X.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NotImplemented", "InvalidRequest", "MethodNotAllowed", "501"):
+            if code in ("NotImplemented", "InvalidRequest", "MethodNotAllowed", "501",
+                        "AccessDenied"):
                 return False
             raise s3_error(exc, f"{SCHEME}{self.bucket}") from None
         except Exception as exc:
