@@ -541,7 +541,9 @@ class Vault(RecoveryOperations, PolicyOperations):
         em = Emitter(events, "verify", name)
         check = pointstores.point_store(self.store, name).require("verify")
         report: Any = em.run(lambda: check(point, sample, events=em, cancel=cancel),
-                             done=lambda r: f"{len(r['problems'])} problems")
+                             done=lambda r: f"{len(r['problems'])} problems" + (
+                                 f", {len(r['tampered'])} objects tampered with"
+                                 if r.get("tampered") else ""))
         return report
 
     def collect_garbage(self, target: str, *, grace: Optional[float] = None,

@@ -203,14 +203,17 @@ class ObjectStore:
         time or None}; None when it has none (absent, or a delete marker)."""
         what = self.url(key) + (f"?versionId={version}" if version else "")
         extra = {"VersionId": version} if version else {}
+        from botocore import exceptions as X
+
         try:
-            r = self._call(what, self.client.head_object, Key=key, **extra)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if "MethodNotAllowed" in str(exc) or "405" in str(exc):
-                return None  # the version asked for is a delete marker
-            raise
+            r = self.client.head_object(Bucket=self.bucket, Key=key, **extra)
+        except X.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _MISSING or code in ("MethodNotAllowed", "405"):
+                return None  # absent, or the version asked for is a delete marker
+            raise s3_error(exc, what) from None
+        except Exception as exc:
+            raise s3_error(exc, what) from None
         until = r.get("ObjectLockRetainUntilDate")
         mode = r.get("ObjectLockMode")
         return {"version": _version(r.get("VersionId")), "size": r.get("ContentLength"),
@@ -250,14 +253,16 @@ class ObjectStore:
     def versioned(self) -> bool:
         """Whether the bucket keeps versions (versioning enabled or
         suspended: older versions may be there). False where the server
-        does not say (no versioning API)."""
+        does not say (no versioning API, or the credentials may not ask):
+        then deletes work as in an unversioned bucket, which loses nothing."""
         from botocore import exceptions as X
 
         try:
             r = self.client.get_bucket_versioning(Bucket=self.bucket)
         except X.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NotImplemented", "InvalidRequest", "MethodNotAllowed", "501"):
+            if code in ("NotImplemented", "InvalidRequest", "MethodNotAllowed", "501",
+                        "AccessDenied"):
                 return False
             raise s3_error(exc, f"{SCHEME}{self.bucket}") from None
         except Exception as exc:

@@ -117,13 +117,27 @@ def _ours(objects: Any, key: str, version: Optional[str]) -> bool:
     return head in (INDEX_MAGIC, SEAL_MAGIC)
 
 
+def _retained(objects: Any, pairs: List[Tuple[str, Optional[str]]]) -> List[Optional[float]]:
+    """The Object Lock retain-until of each (key, version), None where it
+    has none (or is gone), asked 8 at a time."""
+    import concurrent.futures as cf
+
+    def ask(pair):
+        head = objects.head(*pair)
+        return head["retain_until"] if head else None
+
+    with cf.ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(ask, pairs))
+
+
 def collect_versions(store: Any, *, grace: float, dry_run: bool, now: Optional[float] = None
                      ) -> dict:
     """Mark and sweep in a versioned bucket (pydr.dr.pointstores.chunkindex.
     collect_garbage's, there): every version of every index marks the chunk
     versions it names (a chunk named without a version keeps all of its);
     chunk versions none names and older than `grace` are deleted, by key
-    and version. Locked ones the server refuses are counted as "locked",
+    and version, but those still under Object Lock (a HEAD each: never a
+    delete tried early) or refused by the server are counted as "locked",
     index versions that are no pydr index as "foreign"; a damaged pydr index
     stops gc before it sweeps (InvalidState)."""
     objects = store.objects
@@ -167,8 +181,13 @@ def collect_versions(store: Any, *, grace: float, dry_run: bool, now: Optional[f
             continue
         doomed.append((key, version))
         sizes[(key, version)] = size
+    # a version still under its lock is not even tried (a HEAD tells); one the server
+    # refuses anyway (a legal hold, a clock apart) is counted the same way
+    locked = {d for d, until in zip(doomed, _retained(objects, doomed))
+              if until is not None and until > start}
+    doomed = [d for d in doomed if d not in locked]
     refused = [] if dry_run else objects.delete_versions(doomed)
-    locked = {(k, v) for k, v, _ in refused}
+    locked |= {(k, v) for k, v, _ in refused}
     swept = [d for d in doomed if d not in locked]
     return {"store": store.spec, "indexes": indexes, "chunks": total,
             "referenced": len({i for i, _ in pairs} | whole), "swept": len(swept),
