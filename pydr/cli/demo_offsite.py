@@ -273,7 +273,8 @@ def _protect_and_restore(work: str, disk: str, pydr: str, server: LocalS3,
     vault = os.path.join(work, "vault-offsite")
 
     def run(*args: str) -> Any:
-        r = subprocess.run([pydr, *args, "--vault", vault], capture_output=True, text=True,
+        where = [vault] if args[:2] == ("vault", "init") else ["--vault", vault]
+        r = subprocess.run([pydr, *args, *where], capture_output=True, text=True,
                            env=env, stdin=subprocess.DEVNULL)
         if r.returncode:
             raise _Failed(f"pydr {args[0]} failed (exit {r.returncode}): {r.stderr.strip()}")
@@ -283,7 +284,7 @@ def _protect_and_restore(work: str, disk: str, pydr: str, server: LocalS3,
     shutil.copyfile(disk, source)
     marker = b"PYDR-DEMO-MARKER-" + os.urandom(8).hex().encode()
     _write_marker(work, source, marker)
-    subprocess.run([pydr, "vault", "init", vault], check=True, capture_output=True, env=env)
+    run("vault", "init")
     options = ["--lock", "1"] if features["lock"] else []
     how = ", ".join(["encrypted" if features["encrypt"] else "not encrypted (this pydr "
                      "cannot)", "locked 1 day" if features["lock"] else "no Object Lock "
@@ -293,7 +294,7 @@ def _protect_and_restore(work: str, disk: str, pydr: str, server: LocalS3,
     first = run("replicate", "offsite", "--json")
     step("object store: protect + first cycle", t, written=_human(first["bytes_written"]),
          store=how)
-    with open(source, "r+b") as f:  # the machine writes 1 MiB
+    with open(source, "r+b") as f:  # the machine writes 1 MiB in the middle of its disk
         f.seek(os.path.getsize(source) // 2)
         f.write(os.urandom(1 << 20))
     t = time.monotonic()

@@ -76,10 +76,20 @@ class DataKeys:
         return b"".join((head, self.store_id, name.encode()))
 
     def seal(self, kind, plain, name):
-        """The sealed object of `plain` (bytes-like) of `kind` (KIND_CHUNK,
+        """The sealed object (bytes-like: a bytearray where cryptography has
+        AESGCM.encrypt_into) of `plain` (bytes-like) of `kind` (KIND_CHUNK,
         KIND_INDEX) stored under `name` (relative to the store's prefix)."""
-        head = _HEAD.pack(MAGIC, VERSION, kind, os.urandom(NONCE_SIZE))
-        return head + self._aead.encrypt(head[-NONCE_SIZE:], plain, self._ad(head, name))
+        nonce = os.urandom(NONCE_SIZE)
+        head = _HEAD.pack(MAGIC, VERSION, kind, nonce)
+        ad = self._ad(head, name)
+        encrypt_into = getattr(self._aead, "encrypt_into", None)  # newer cryptography
+        if encrypt_into is None:
+            return head + self._aead.encrypt(nonce, plain, ad)
+        # one buffer for the whole object: no 4 MiB copy of the ciphertext
+        out = bytearray(len(head) + len(plain) + TAG_SIZE)
+        out[:len(head)] = head
+        encrypt_into(nonce, plain, ad, memoryview(out)[len(head):])
+        return out
 
     def open(self, kind, blob, name):
         """The plain object sealed in `blob` as `kind` under `name`;
@@ -97,7 +107,7 @@ class DataKeys:
             raise SealBroken(f"a sealed object of kind {got}, not {kind}")
         head = bytes(blob[:_HEAD.size])
         try:
-            return self._aead.decrypt(nonce, bytes(blob[_HEAD.size:]), self._ad(head, name))
+            return self._aead.decrypt(nonce, memoryview(blob)[_HEAD.size:], self._ad(head, name))
         except InvalidTag:
             raise SealBroken("fails authentication: damaged, or not this store's object of "
                              "this name") from None
