@@ -422,3 +422,25 @@ def test_a_protect_killed_while_it_makes_the_store_is_finished_by_running_it_aga
     pid = replicate(s3)["point_id"]
     assert all(is_sealed(body(s3, k)) for k in keys(s3, "chunks"))
     materializes(s3, pid, sha(img))
+
+
+def test_pydr_run_unlocks_with_its_passphrase_file(s3):
+    """The service opens the vault each round with --passphrase-file's
+    passphrase (none in its environment); without it, a cycle of another
+    item fails for want of one and is recorded so."""
+    img = marked_disk(s3["tmp"] / "disk.img", chunks=2)
+    ok(cli(s3, "protect", "vm", "--disk", f"{img}={s3['url']}", "--rpo", "1h"))
+    none = without_passphrase(s3)
+    pfile = s3["tmp"] / "passphrase"
+    pfile.write_text(PASSPHRASE)
+    r = bare(s3, "run", "--once", "--json", "--passphrase-file", pfile, env=none)
+    assert r.returncode == 0, r.stderr
+    with Vault(s3["vault"]) as v:
+        (point,) = v.points("vm")
+    materializes(s3, point.id, sha(img))
+    other = marked_disk(s3["tmp"] / "other.img", chunks=1)
+    ok(cli(s3, "protect", "other", "--disk", f"{other}={s3['url']}", "--rpo", "1h"))
+    r = bare(s3, "run", "--once", "--json", env=none)
+    assert r.returncode != 0, r.stderr
+    with Vault(s3["vault"]) as v:
+        assert v.points("other") == [] and "no passphrase" in v.item("other")["last_error"]
