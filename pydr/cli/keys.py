@@ -4,7 +4,7 @@ Passphrases come from files, the environment or a terminal prompt
 (pydr.dr.passphrases), never from the command line."""
 
 from .common import add_json, add_vault_dir, command, print_json, timestamp
-from ..errors import InvalidArgument, PassphraseRequired
+from ..errors import InvalidArgument, InvalidState, PassphraseRequired
 
 STORE_HELP = "the object store: s3://BUCKET/PREFIX, or an item replicated to it"
 
@@ -145,8 +145,14 @@ def cmd_create_recovery(args):
     objects = _objects(args)
     keys = _unlocked(args, objects)  # the store opens, before any file is made
     if args.private_key:
-        make_recovery_pair(args.private_key, args.public_key,
-                           _recovery_passphrase(args, twice=True))
+        try:
+            make_recovery_pair(args.private_key, args.public_key,
+                               _recovery_passphrase(args, twice=True))
+        except FileExistsError as exc:
+            raise InvalidState("a file is in the way: a key pair is never written over one",
+                               path=exc.filename,
+                               hint=f"to seal the store to the public key {args.public_key} "
+                                    f"already made, leave out --private-key") from None
     with open(args.public_key, "rb") as f:
         public = f.read(1 << 16)
     info = add_recovery(objects, keys, public, label=args.label).to_dict()

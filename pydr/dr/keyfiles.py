@@ -128,6 +128,7 @@ class KeyFile:
     ephemeral: Optional[bytes]
     nonce: bytes
     sealed: bytes
+    data: bytes = dataclasses.field(default=b"", repr=False)  # the file as read
 
 
 # -- parsing -------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def parse_key_file(data: bytes, key_id: str, url: str) -> KeyFile:
     nonce = _b64(obj, "nonce", url, what, NONCE_BYTES)
     sealed = _b64(obj, "sealed", url, what, minimum=16)
     info = KeyInfo(key_id, kind, created, host, label, recipient, url)
-    return KeyFile(info, kdf, ephemeral, nonce, sealed)
+    return KeyFile(info, kdf, ephemeral, nonce, sealed, bytes(data))
 
 
 def _parse_kdf(kdf: Any, url: str) -> Dict[str, Any]:
@@ -321,12 +322,12 @@ def unseal(kek: bytes, key: KeyFile) -> Optional[bytes]:
 
 def key_file_bytes(fields: Dict[str, Any]) -> bytes:
     """A key file's bytes: its fields (bytes values as base64), in order."""
-    out = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
-           for k, v in fields.items()}
-    if isinstance(out.get("kdf"), dict):
-        out["kdf"] = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
-                      for k, v in out["kdf"].items()}
-    return (json.dumps(out, indent=2) + "\n").encode()
+    def text(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: text(v) for k, v in value.items()}
+        return base64.b64encode(value).decode() if isinstance(value, bytes) else value
+
+    return (json.dumps(text(fields), indent=2) + "\n").encode()
 
 
 def recipient_of(public_raw: bytes) -> str:

@@ -15,7 +15,7 @@ from .keyfiles import KeyFile, KeyInfo, StoreConfig
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Iterator, List, Optional, Tuple
+    from typing import Any, Iterator, List, Optional, Tuple
 
     from ..endpoints.s3 import ObjectStore
 
@@ -73,43 +73,102 @@ def read_keys(objects: ObjectStore) -> Tuple[List[KeyFile], List[KeyInfo]]:
     return good, bad
 
 
-def older_key_versions(objects: ObjectStore) -> Iterator[Tuple[str, bytes]]:
-    """(URL, bytes) of each older version of a key file, in a versioned
-    bucket: the versions an overwrite or a delete marker hid. Nothing where
-    the server keeps no versions or cannot list them."""
-    versions = getattr(objects, "versions", None)
-    if versions is not None:  # pydr.endpoints.s3.ObjectStore with versions
-        listing = ((key, version) for key, version, latest, marker, *_ in versions(KEYS)
-                   if not latest and not marker)
-        for key, version in listing:
-            try:
-                yield f"{objects.url(key)}?versionId={version}", objects.get(key, version=version)
-            except FileNotFoundError:
-                continue
-        return
+def key_versions(objects: ObjectStore) -> List[Tuple[str, str, bool, bool]]:
+    """(key, version, is latest, is a delete marker) of every version of
+    every object under keys/ that has a version id: none in a bucket that
+    keeps no versions, or on a server that cannot list them."""
     from ..endpoints.s3 import s3_error
 
-    client, prefix = getattr(objects, "client", None), objects.key(KEYS) + "/"
-    if client is None:
-        return
     try:
-        pages = client.get_paginator("list_object_versions").paginate(
-            Bucket=objects.bucket, Prefix=prefix)
-        old = [(v["Key"], v["VersionId"]) for page in pages for v in page.get("Versions", ())
-               if not v.get("IsLatest") and v.get("VersionId") not in (None, "null")]
-    except Exception as exc:
-        error = s3_error(exc, objects.url(prefix))
+        if getattr(objects, "versions", None) is not None:
+            found = [(k, v, latest, marker) for k, v, latest, marker, *_ in
+                     objects.versions(KEYS)]  # type: ignore[attr-defined]
+        else:
+            found = _Boto3Versions(objects).list()
+    except ConnectionError:
+        raise
+    except OSError:  # refused, or not implemented: no older keys to be had
+        return []
+    except Exception as exc:  # botocore's, from the fallback
+        error = s3_error(exc, objects.url(objects.key(KEYS)))
         if isinstance(error, ConnectionError):
             raise error from None
-        return  # versions not kept, not listed, or not allowed: no older keys
-    for key, version in old:
+        return []
+    return [(k, v, latest, marker) for k, v, latest, marker in found
+            if v not in (None, "", "null")]
+
+
+def older_key_versions(objects: ObjectStore) -> Iterator[Tuple[str, bytes]]:
+    """(URL, bytes) of each older version of a key file, in a versioned
+    bucket: the versions an overwrite or a delete marker hid."""
+    for key, version, latest, marker in key_versions(objects):
+        if latest or marker:
+            continue
         try:
-            body = client.get_object(Bucket=objects.bucket, Key=key, VersionId=version)["Body"]
-            yield f"{objects.url(key)}?versionId={version}", body.read()
+            if getattr(objects, "versions", None) is not None:
+                data = objects.get(key, version=version)  # type: ignore[call-arg]
+            else:
+                data = _Boto3Versions(objects).get(key, version)
+        except FileNotFoundError:
+            continue
+        yield f"{objects.url(key)}?versionId={version}", data
+
+
+def forget_versions(objects: ObjectStore, names: List[str]) -> int:
+    """Delete every version and delete marker of the key files `names`
+    (object keys), in a versioned bucket: a key removed must not open from
+    an older version. Returns how many versions the server refused to
+    delete (Object Lock retention): those keys still open from them."""
+    wanted = set(names)
+    doomed = [(k, v) for k, v, _, _ in key_versions(objects) if k in wanted]
+    if not doomed:
+        return 0
+    if getattr(objects, "versions", None) is not None:
+        return len(objects.delete_versions(doomed))  # type: ignore[attr-defined]
+    return _Boto3Versions(objects).delete(doomed)
+
+
+class _Boto3Versions:
+    """Versions of objects through boto3, for an ObjectStore without
+    versions() (before pydr.endpoints.s3 had them)."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+        self.client: Any = getattr(objects, "client", None)  # None: not S3 (a test's store)
+
+    def list(self) -> List[Tuple[str, str, bool, bool]]:
+        if self.client is None:
+            return []
+        pages = self.client.get_paginator("list_object_versions").paginate(
+            Bucket=self.objects.bucket, Prefix=self.objects.key(KEYS) + "/")
+        return [(v["Key"], v.get("VersionId"), bool(v.get("IsLatest")), marker)
+                for page in pages for marker, kind in ((False, "Versions"),
+                                                       (True, "DeleteMarkers"))
+                for v in page.get(kind, ())]
+
+    def get(self, key: str, version: str) -> bytes:
+        from ..endpoints.s3 import s3_error
+
+        try:
+            body = self.client.get_object(Bucket=self.objects.bucket, Key=key,
+                                          VersionId=version)["Body"]
+            return bytes(body.read())
         except Exception as exc:
-            error = s3_error(exc, objects.url(key))
-            if isinstance(error, ConnectionError):
-                raise error from None
+            raise s3_error(exc, self.objects.url(key)) from None
+
+    def delete(self, pairs: List[Tuple[str, str]]) -> int:
+        from ..endpoints.s3 import s3_error
+
+        refused = 0
+        for start in range(0, len(pairs), 1000):
+            batch = [{"Key": k, "VersionId": v} for k, v in pairs[start:start + 1000]]
+            try:
+                r = self.client.delete_objects(Bucket=self.objects.bucket,
+                                               Delete={"Objects": batch, "Quiet": True})
+            except Exception as exc:
+                raise s3_error(exc, self.objects.url(batch[0]["Key"])) from None
+            refused += len(r.get("Errors", ()))
+        return refused
 
 
 # -- opening --------------------------------------------------------------------------
@@ -117,6 +176,7 @@ def older_key_versions(objects: ObjectStore) -> Iterator[Tuple[str, bytes]]:
 
 def open_with(key: KeyFile, passphrase: bytes) -> Optional[Opened]:
     """What passphrase key `key` seals, if `passphrase` opens it."""
+    assert key.kdf is not None  # a passphrase key's
     payload = kf.unseal(kf.passphrase_kek(passphrase, key.kdf), key)
     if payload is None:
         return None
@@ -128,18 +188,22 @@ class Search:
     """One search of a store's passphrase keys: what opened, and what did
     not, for the error when nothing does."""
 
-    def __init__(self, objects, config, expect_id):
+    def __init__(self, objects: ObjectStore, config: Optional[StoreConfig],
+                 expect_id: Optional[str]) -> None:
         self.objects, self.config, self.expect_id = objects, config, expect_id
         self.tried: List[str] = []        # URLs of keys that did not open
         self.damaged: List[KeyInfo] = []  # files that are no key
         self.foreign: List[Tuple[str, bytes]] = []  # opened, but another store's
 
     def want(self) -> Optional[bytes]:
+        """The store id a key's payload must name (None: any)."""
         if self.config is not None:
             return self.config.store_id
         return bytes.fromhex(self.expect_id) if self.expect_id else None
 
     def opens(self, key: KeyFile, passphrase: bytes) -> Optional[Opened]:
+        """What passphrase key `key` seals, if `passphrase` opens it and it
+        is the store's; else None, and the key is noted for failure()."""
         if key.info.kind != kf.PASSPHRASE:
             return None
         try:
@@ -154,8 +218,9 @@ class Search:
             return None
         return opened
 
-    def failure(self, objects) -> Exception:
-        url = objects.spec
+    def failure(self) -> Exception:
+        """The error for a search in which no key opened."""
+        objects, url = self.objects, self.objects.spec
         if self.foreign:
             where, other = self.foreign[0]
             if self.config is not None:
@@ -169,17 +234,19 @@ class Search:
                 d = self.damaged[0]
                 more = f" (and {len(self.damaged) - 1} more)" if len(self.damaged) > 1 else ""
                 return FormatError(f"no usable passphrase key: {d.problem}{more}", path=d.url)
-            return FormatError("an encrypted store without any passphrase key "
-                               f"(nothing under {KEYS}/)", path=url)
+            return FormatError("an encrypted store without any passphrase key",
+                               path=url, hint="'pydr key recover' adds one with the "
+                                              "store's recovery private key")
+        tried = list(dict.fromkeys(self.tried))
         damaged = "".join(f"; {d.url}: {d.problem}" for d in self.damaged)
         return WrongPassphrase(f"no key of the store opens with this passphrase (tried "
-                               f"{len(self.tried)}: {', '.join(self.tried)}; a damaged key "
-                               f"file fails the same way){damaged}", path=url, hint=WRONG_HINT)
+                               f"{len(tried)}: {', '.join(tried)}; a damaged key file fails "
+                               f"the same way){damaged}", path=url, hint=WRONG_HINT)
 
 
-def find_keys(objects: ObjectStore, passphrase: Optional[bytes], *, expect_id=None,
-            want_all=False) -> Tuple[Optional[StoreConfig], List[Opened], List[KeyFile],
-                                     Search]:
+def find_keys(objects: ObjectStore, passphrase: Optional[bytes], *,
+              expect_id: Optional[str] = None, want_all: bool = False
+              ) -> Tuple[Optional[StoreConfig], List[Opened], List[KeyFile], Search]:
     """(config, keys `passphrase` opens, every usable key file, the search):
     the first key that opens (every one with `want_all`), else the older
     versions of the key files. Nothing opening is not an error here."""
@@ -208,12 +275,13 @@ def find_keys(objects: ObjectStore, passphrase: Optional[bytes], *, expect_id=No
             opened.append(found)
             if not want_all:
                 break
-    if not opened and (keys or damaged or config is not None or expect_id is not None):
+    if not opened:  # also where nothing is left: delete markers may hide it all
         opened += search_versions(objects, passphrase, search)
     return config, opened, keys, search
 
 
-def search_versions(objects, passphrase, search) -> List[Opened]:
+def search_versions(objects: ObjectStore, passphrase: bytes, search: Search) -> List[Opened]:
+    """The first older version of a key file that `passphrase` opens."""
     for url, data in older_key_versions(objects):
         key_id = url.rpartition("/")[2].partition("?")[0]
         try:

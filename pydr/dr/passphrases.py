@@ -23,7 +23,7 @@ from ..errors import InvalidArgument
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Mapping, Optional
+    from typing import Mapping, Optional, Tuple
 
 #: the largest passphrase file read (a passphrase, not a disk image)
 MAX_FILE = 64 << 10
@@ -109,7 +109,8 @@ def ask_passphrase(prompt: str = "passphrase: ", *, twice: bool = False) -> Opti
     return _not_empty(os.fsencode(first), "the terminal")
 
 
-def _given(file, env, names):
+def _given(file: str | os.PathLike[str] | None, env: Mapping[str, str],
+           names: Tuple[str, str]) -> Optional[bytes]:
     file_var, text_var = names
     if file is not None:
         return read_passphrase_file(file)

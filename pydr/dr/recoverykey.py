@@ -21,16 +21,19 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Dict, Optional, Tuple
 
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (X25519PrivateKey,
+                                                                  X25519PublicKey)
+
 PRIVATE_MODE = 0o600
 
 
-def _raw(public) -> bytes:
+def _raw(public: X25519PublicKey) -> bytes:
     from cryptography.hazmat.primitives import serialization as S
 
-    return public.public_bytes(S.Encoding.Raw, S.PublicFormat.Raw)
+    return bytes(public.public_bytes(S.Encoding.Raw, S.PublicFormat.Raw))
 
 
-def load_public(pem: bytes, where: str) -> Any:
+def load_public(pem: bytes, where: str) -> X25519PublicKey:
     """The X25519 public key in PEM (SubjectPublicKeyInfo) bytes.
 
     Raises:
@@ -50,7 +53,7 @@ def load_public(pem: bytes, where: str) -> Any:
     return key
 
 
-def load_private(pem: bytes, passphrase: Optional[bytes], where: str) -> Any:
+def load_private(pem: bytes, passphrase: Optional[bytes], where: str) -> X25519PrivateKey:
     """The X25519 private key in PEM (PKCS#8) bytes, decrypted with
     `passphrase`.
 
@@ -78,12 +81,12 @@ def load_private(pem: bytes, passphrase: Optional[bytes], where: str) -> Any:
     return key
 
 
-def recipient(public) -> str:
+def recipient(public: X25519PublicKey) -> str:
     """The "recipient" field naming a public key (SHA-256 of its raw bytes, hex)."""
     return kf.recipient_of(_raw(public))
 
 
-def seal_fields(public, key_id: str, store_id: bytes, master: bytes) -> Dict[str, Any]:
+def seal_fields(public: X25519PublicKey, key_id: str, store_id: bytes, master: bytes) -> Dict[str, Any]:
     """The fields of recovery key file `key_id` sealing the master key to
     `public`: ephemeral, recipient, nonce, sealed."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -96,7 +99,7 @@ def seal_fields(public, key_id: str, store_id: bytes, master: bytes) -> Dict[str
             "sealed": sealed}
 
 
-def unseal(private, key: kf.KeyFile) -> Optional[Tuple[bytes, bytes]]:
+def unseal(private: X25519PrivateKey, key: kf.KeyFile) -> Optional[Tuple[bytes, bytes]]:
     """(store id, master) that recovery key file `key` seals to `private`'s
     public key, or None when it does not open.
 
@@ -106,7 +109,8 @@ def unseal(private, key: kf.KeyFile) -> Optional[Tuple[bytes, bytes]]:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
     public = private.public_key()
-    if key.info.kind != kf.RECOVERY or key.info.recipient != recipient(public):
+    if key.info.kind != kf.RECOVERY or key.info.recipient != recipient(public) \
+            or key.ephemeral is None:
         return None
     try:
         shared = private.exchange(X25519PublicKey.from_public_bytes(key.ephemeral))
@@ -159,7 +163,7 @@ def make_recovery_pair(private_path: str | os.PathLike[str],
     return recipient(private.public_key())
 
 
-def _write_new(path, data: bytes, mode: int) -> None:
+def _write_new(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
     """Write a file that must not exist: a private temporary beside it,
     synced, then hard-linked to its name (which fails if one appeared)."""
     path = os.fspath(path)

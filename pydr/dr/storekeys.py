@@ -29,15 +29,15 @@ from ..engine import crashpoints
 from ..errors import (FormatError, InvalidArgument, InvalidState, PassphraseRequired,
                       UnknownName, WrongPassphrase)
 from . import keyfiles as kf, recoverykey
-from .keyfiles import KeyInfo, StoreConfig
-from .keysearch import (CONFIG, KEYS, WRONG_HINT, Opened, Search, key_names, older_key_versions,
-                        find_keys, read_config, read_keys)
+from .keyfiles import KeyFile, KeyInfo, StoreConfig
+from .keysearch import (CONFIG, KEYS, WRONG_HINT, Opened, Search, find_keys, forget_versions,
+                        key_names, older_key_versions, read_config, read_keys)
 from .passphrases import passphrase_from
 from .recoverykey import make_recovery_pair
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Iterator, List, Optional, Tuple
+    from typing import Any, Dict, Iterator, List, Optional, Tuple
 
     from ..endpoints.s3 import ObjectStore
     from ..engine.sealing import DataKeys
@@ -65,7 +65,7 @@ def _config_from(opened: Opened) -> StoreConfig:
     """The config a creation cut short after its first key would have
     written: the same a rerun writes."""
     return StoreConfig(opened.store_id.hex(), kf.ENCRYPTED, kf.CHUNK_IDS[kf.ENCRYPTED],
-                       opened.key.info.created)
+                       opened.key.info.created or 0)
 
 
 def _data_keys(master: bytes, store_id: bytes) -> DataKeys:
@@ -75,13 +75,17 @@ def _data_keys(master: bytes, store_id: bytes) -> DataKeys:
 
 
 def _secret(keys: DataKeys) -> Tuple[bytes, bytes]:
-    """(master, store id) of DataKeys made by this module."""
-    return keys.master, keys.store_id
+    """(master, store id) of a store's DataKeys."""
+    exported = keys.export()
+    return bytes.fromhex(exported["master"]), bytes.fromhex(exported["store"])
 
 
 def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
-            expect_id: Optional[str] = None) -> Tuple[StoreConfig, Opened]:
+            expect_id: Optional[str] = None) -> Tuple[StoreConfig, Optional[Opened]]:
+    """(config, the key that opened; None for an unencrypted store)."""
     config, opened, keys, search = find_keys(objects, passphrase, expect_id=expect_id)
+    if config is not None and not config.encrypted:
+        return config, None
     if not opened and config is None and not keys and not search.damaged and not search.tried:
         if expect_id is not None:
             raise FormatError(f"no config and no key file: the store recorded as {expect_id} "
@@ -89,7 +93,7 @@ def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
         raise FileNotFoundError(2, "no pydr store config and no key file here (an "
                                    "unencrypted version-1 store, or nothing)", objects.spec)
     if not opened:
-        raise search.failure(objects)
+        raise search.failure()
     return config or _config_from(opened[0]), opened[0]
 
 
@@ -120,23 +124,25 @@ def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
         FileNotFoundError: neither a config nor a key file is there.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
-    config = read_config(objects)
-    if config is not None and not config.encrypted:
-        find_keys(objects, None, expect_id=expect_id)  # the id, and no keys beside "none"
-        return config, None
     config, opened = _unlock(objects, passphrase, expect_id)
-    return config, _data_keys(opened.master, opened.store_id)
+    return config, None if opened is None else _data_keys(opened.master, opened.store_id)
 
 
 # -- writing ---------------------------------------------------------------------------
 
 
-def _new_key_fields(kind: str, label: Optional[str]) -> dict:
+MAX_LABEL = 200  # characters: a key file stays far below keyfiles.MAX_FILE
+
+
+def _new_key_fields(kind: str, label: Optional[str]) -> Dict[str, Any]:
+    if label is not None and len(label) > MAX_LABEL:
+        raise InvalidArgument(f"a key's label has at most {MAX_LABEL} characters, not "
+                              f"{len(label)}")
     return {"version": kf.KEY_VERSION, "id": os.urandom(16).hex(), "kind": kind,
             "created": int(time.time()), "host": socket.gethostname(), "label": label}
 
 
-def _put_key(objects: ObjectStore, fields: dict) -> KeyInfo:
+def _put_key(objects: ObjectStore, fields: Dict[str, Any]) -> KeyInfo:
     name = objects.key(KEYS, fields["id"])
     data = kf.key_file_bytes(fields)
     objects.put(name, data)
@@ -171,15 +177,18 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
     file sealing them under `passphrase` (crash point ``keys.created``),
     then the config (``keys.config``). A prefix with a key and no config
     (a creation cut short) is finished: the config is written from the key
-    the passphrase opens. A store already there is opened as it is,
-    whatever `encrypt` says (:func:`unlock`).
+    the passphrase opens; so is a store whose key files and config were
+    deleted or overwritten, in a versioned bucket (the key is put back from
+    its older version). A store already there is opened as it is, whatever
+    `encrypt` says (:func:`unlock`).
 
     Args:
         objects: where: s3://BUCKET/PREFIX.
         passphrase: the passphrase of the first key (needed when the store
             is or becomes encrypted; None for an unencrypted one).
         encrypt: for a new store: sealed objects (True) or plain ones.
-        label: the first key's label (e.g. who holds the passphrase).
+        label: the first key's label (e.g. who holds the passphrase; at most
+            200 characters).
 
     Returns:
         (config, DataKeys), or (config, None) for an unencrypted store.
@@ -198,14 +207,17 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
         if not config.encrypted:
             return config, None
         if not opened:
-            raise search.failure(objects)
+            raise search.failure()
         return config, _data_keys(opened[0].master, opened[0].store_id)
-    if keys or search.damaged:  # a creation cut short after its key
+    if keys or search.damaged or opened or search.tried:  # a store's key, without config
         if not opened:
-            raise search.failure(objects)
-        config = _config_from(opened[0])
+            raise search.failure()
+        found = opened[0]
+        if "?versionId=" in found.key.info.url:  # deleted or overwritten: put it back
+            objects.put(objects.key(KEYS, found.key.info.id), found.key.data)
+        config = _config_from(found)
         _write_config(objects, config)
-        return config, _data_keys(opened[0].master, opened[0].store_id)
+        return config, _data_keys(found.master, found.store_id)
     if _holds_objects(objects):
         raise InvalidState("a version-1 store (chunks or indexes, no config) is here: it "
                            "stays unencrypted", path=objects.spec)
@@ -222,7 +234,7 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
     info = _write_passphrase_key(objects, store_id, master, passphrase, label)
     crashpoints.reached("keys.created")
     config = StoreConfig(store_id.hex(), kf.ENCRYPTED, kf.CHUNK_IDS[kf.ENCRYPTED],
-                         info.created)
+                         info.created or 0)
     _write_config(objects, config)
     return config, _data_keys(master, store_id)
 
@@ -236,13 +248,13 @@ def add_key(objects: ObjectStore, keys: DataKeys, new_passphrase: bytes,
         objects: the store.
         keys: its data keys, from :func:`unlock` (proof of a passphrase).
         new_passphrase: the passphrase of the new key.
-        label: the new key's label.
+        label: the new key's label (at most 200 characters).
 
     Returns:
         The new key's KeyInfo.
 
     Raises:
-        InvalidArgument: an empty passphrase.
+        InvalidArgument: an empty passphrase, or a label too long.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
     if not new_passphrase:
@@ -280,7 +292,8 @@ def remove_key(objects: ObjectStore, keys: DataKeys, key_id: str) -> str:
         keys: its data keys, from :func:`unlock` (proof of a passphrase).
         key_id: the key's id, or a unique prefix of at least 4 digits. A
             full id that is not there is removed already: done (run again
-            after a kill, the call succeeds).
+            after a kill, the call succeeds). In a versioned bucket every
+            version of the file is deleted too: an older one would open.
 
     Returns:
         The full id of the key removed.
@@ -288,7 +301,9 @@ def remove_key(objects: ObjectStore, keys: DataKeys, key_id: str) -> str:
     Raises:
         UnknownName: no key has that prefix. InvalidArgument: the prefix
             is ambiguous.
-        InvalidState: it is the store's last passphrase key.
+        InvalidState: it is the store's last passphrase key; or older
+            versions of it are under Object Lock retention (the current
+            one is removed; those still open the store until it ends).
         FormatError: `keys` are another store's than the config's.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
@@ -297,25 +312,37 @@ def remove_key(objects: ObjectStore, keys: DataKeys, key_id: str) -> str:
         raise FormatError(f"the keys given are of store {_secret(keys)[1].hex()}, the config "
                           f"names {config.id}", path=objects.url(objects.key(CONFIG)))
     found = _resolve(objects, key_id)
-    if found is None:
-        return key_id
-    key_id = found
-    good, _ = read_keys(objects)
-    others = [k for k in good if k.info.kind == kf.PASSPHRASE and k.info.id != key_id]
-    if not others:
-        raise InvalidState(f"key {key_id} is the store's last passphrase key: add another "
-                           f"first ('pydr key add')", path=objects.spec)
-    objects.delete([objects.key(KEYS, key_id)])
-    crashpoints.reached("keys.removed")
+    if found is not None:
+        key_id = found
+        good, _ = read_keys(objects)
+        others = [k for k in good if k.info.kind == kf.PASSPHRASE and k.info.id != key_id]
+        if not others:
+            raise InvalidState(f"key {key_id} is the store's last passphrase key: add another "
+                               f"first ('pydr key add')", path=objects.spec)
+    _remove(objects, [key_id])
     return key_id
+
+
+def _remove(objects: ObjectStore, key_ids: List[str]) -> None:
+    """Delete key files, and in a versioned bucket every version of them (an
+    older version would still open); crash point ``keys.removed``."""
+    names = [objects.key(KEYS, i) for i in key_ids]
+    objects.delete(names)
+    refused = forget_versions(objects, names)
+    crashpoints.reached("keys.removed")
+    if refused:
+        raise InvalidState(f"{refused} older versions of the removed key files are under "
+                           f"Object Lock retention: until it ends they still open the store",
+                           path=objects.spec)
 
 
 def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
     """Replace the keys `old` opens by one `new` opens: the new key first
     (crash point ``keys.added``), then the old ones removed
-    (``keys.removed``). Run again after a kill it finishes: a key `new`
-    already opens is not added twice, and when only `new` opens a key the
-    change is done.
+    (``keys.removed``; in a versioned bucket with every version of them,
+    as :func:`remove_key`). Run again after a kill it finishes: a key
+    `new` already opens is not added twice, and when only `new` opens a
+    key the change is done.
 
     Args:
         objects: the store.
@@ -329,20 +356,22 @@ def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
         InvalidArgument: `new` is empty or equals `old`.
         WrongPassphrase: neither passphrase opens a key (nothing written).
         FormatError: damaged key files or config, and no key opens.
+        InvalidState: older versions of the old keys are under Object Lock
+            retention (the new key is added, the current old ones removed).
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
     if not new or new == old:
         raise InvalidArgument("the new passphrase is empty or the same as the old one",
                               path=objects.spec)
     config, with_old, keys, search = find_keys(objects, old, want_all=True)
-    others = [k for k in keys if k not in [o.key for o in with_old]]
-    with_new = [o for o in (search.opens(k, new) for k in others) if o is not None]
-    with_new = [o for o in with_new if config is not None or not with_old
-                or o.store_id == with_old[0].store_id]
+    opened_ids = {o.key.info.id for o in with_old}
+    same_store = with_old[0].store_id if with_old else None
+    with_new = [o for o in (search.opens(k, new) for k in keys if k.info.id not in opened_ids)
+                if o is not None and same_store in (None, o.store_id)]
     if not with_old:
         if with_new:
             return with_new[0].key.info  # done already (the old keys are removed)
-        raise search.failure(objects)
+        raise search.failure()
     first = with_old[0]
     if with_new:
         info = with_new[0].key.info
@@ -350,10 +379,7 @@ def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
         info = _write_passphrase_key(objects, first.store_id, first.master, new,
                                      first.key.info.label)
         crashpoints.reached("keys.added")
-    current = [o.key for o in with_old if "?versionId=" not in o.key.info.url]
-    if current:
-        objects.delete([objects.key(KEYS, k.info.id) for k in current])
-        crashpoints.reached("keys.removed")
+    _remove(objects, sorted(opened_ids - {info.id}))
     return info
 
 
@@ -370,7 +396,7 @@ def add_recovery(objects: ObjectStore, keys: DataKeys, public_pem: bytes, *,
         objects: the store.
         keys: its data keys, from :func:`unlock`.
         public_pem: the recovery public key, PEM (SubjectPublicKeyInfo).
-        label: the key's label.
+        label: the key's label (at most 200 characters).
 
     Returns:
         The new key's KeyInfo (``recipient`` names the public key).
@@ -402,7 +428,7 @@ def recover(objects: ObjectStore, private_pem: bytes, private_passphrase: Option
         private_passphrase: the private key's own passphrase.
         new_passphrase: the passphrase of the key added.
         where: how messages name the private key (its file).
-        label: the new key's label.
+        label: the new key's label (at most 200 characters).
 
     Returns:
         The KeyInfo of the passphrase key `new_passphrase` opens.
@@ -436,12 +462,14 @@ def recover(objects: ObjectStore, private_pem: bytes, private_passphrase: Option
     return info
 
 
-def _recovered(objects, config, private, keys, versions) -> Optional[Tuple[bytes, bytes]]:
+def _recovered(objects: ObjectStore, config: Optional[StoreConfig], private: Any,
+               keys: List[KeyFile], versions: Iterator[Tuple[str, bytes]]
+               ) -> Optional[Tuple[bytes, bytes]]:
     """(store id, master) from the first recovery key file sealed to
     `private` that belongs to the store: the current files, then older
     versions. Anyone may seal a master key to a public key: where the store
     has a point index, the master must open it."""
-    def candidates():
+    def candidates() -> Iterator[KeyFile]:
         yield from keys
         for url, data in versions:
             try:

@@ -14,11 +14,17 @@ import uuid
 import boto3
 import pytest
 
-from conftest import run_cli
+from conftest import pydr_command, run_cli
 from pydr.dr import storekeys
 from pydr.endpoints.s3 import ObjectStore
 from pydr.errors import WrongPassphrase
 from s3server import SwiftS3, missing_tools
+
+
+def master_of(keys):
+    """The master key that DataKeys were made from."""
+    return bytes.fromhex(keys.export()["master"])
+
 
 OLD, NEW, THIRD = b"correct horse", b"battery staple", b"third one"
 
@@ -75,7 +81,7 @@ def snapshot(ctx):
 def opens(ctx, passphrase):
     """The master key `passphrase` opens the store with, or None."""
     try:
-        return storekeys.unlock(ctx["objects"], passphrase)[1].master
+        return master_of(storekeys.unlock(ctx["objects"], passphrase)[1])
     except WrongPassphrase:
         return None
 
@@ -103,11 +109,11 @@ def test_a_store_is_made_and_opens_with_its_passphrase_only(s3):
     # the master key is not in the bucket in the clear
     for k in snapshot(ctx):
         body = ctx["client"].get_object(Bucket=ctx["bucket"], Key=k)["Body"].read()
-        assert keys.master not in body and keys.master.hex().encode() not in body
-    assert opens(ctx, OLD) == keys.master and opens(ctx, NEW) is None
+        assert master_of(keys) not in body and master_of(keys).hex().encode() not in body
+    assert opens(ctx, OLD) == master_of(keys) and opens(ctx, NEW) is None
     # the same creation again opens the store, it makes no second one
     again, keys2 = storekeys.create_store(ctx["objects"], OLD)
-    assert again == config and keys2.master == keys.master and len(snapshot(ctx)) == 2
+    assert again == config and master_of(keys2) == master_of(keys) and len(snapshot(ctx)) == 2
 
 
 def test_a_wrong_passphrase_exits_4_naming_the_store_and_writes_nothing(s3):
@@ -139,18 +145,18 @@ def test_key_add_remove_and_passwd(s3):
                    env={"PYDR_NEW_PASSPHRASE_FILE": str(ctx["pass"]["new"])}))
     assert added["kind"] == "passphrase" and added["label"] == "second"
     assert {k["id"] for k in key_list(ctx)["keys"]} == {first, added["id"]}
-    assert opens(ctx, OLD) == opens(ctx, NEW) == keys.master
+    assert opens(ctx, OLD) == opens(ctx, NEW) == master_of(keys)
     # passwd: the keys OLD opens are replaced by one THIRD opens, with their label
     out = ok(cli(ctx, "key", "passwd", ctx["url"], "--json",
                  env={"PYDR_PASSPHRASE": OLD.decode(), "PYDR_NEW_PASSPHRASE": THIRD.decode()}))
     assert out["label"] == "first"
     assert {k["id"] for k in key_list(ctx)["keys"]} == {added["id"], out["id"]}
-    assert opens(ctx, OLD) is None and opens(ctx, THIRD) == opens(ctx, NEW) == keys.master
+    assert opens(ctx, OLD) is None and opens(ctx, THIRD) == opens(ctx, NEW) == master_of(keys)
     # remove by a unique prefix; the last passphrase key stays
     r = ok(cli(ctx, "key", "remove", ctx["url"], added["id"][:6], "--json",
                "--passphrase-file", ctx["pass"]["third"]))
     assert r == {"store": ctx["url"], "removed": added["id"]}
-    assert opens(ctx, NEW) is None and opens(ctx, THIRD) == keys.master
+    assert opens(ctx, NEW) is None and opens(ctx, THIRD) == master_of(keys)
     r = cli(ctx, "key", "remove", ctx["url"], out["id"], "--passphrase-file",
             ctx["pass"]["third"])
     assert r.returncode == 15 and b"last passphrase key" in r.stderr
@@ -178,6 +184,7 @@ def test_recovery_key_opens_a_store_whose_passphrases_are_lost(s3):
             tmp / "other.pub", "--passphrase-file", ctx["pass"]["old"],
             "--recovery-passphrase-file", ctx["pass"]["third"])
     assert r.returncode == 15 and str(private).encode() in r.stderr
+    assert b"leave out --private-key" in r.stderr and not (tmp / "other.pub").exists()
     # the same public key sealed again (one recovery key for many stores)
     again = ok(cli(ctx, "key", "create-recovery", ctx["url"], "--public-key", public, "--json",
                    "--passphrase-file", ctx["pass"]["old"]))
@@ -190,7 +197,7 @@ def test_recovery_key_opens_a_store_whose_passphrases_are_lost(s3):
     assert opens(ctx, NEW) is None
     out = ok(cli(ctx, *recover, "--json", "--recovery-passphrase-file", ctx["pass"]["third"]))
     assert out["kind"] == "passphrase" and out["label"] == "recovered"
-    assert opens(ctx, NEW) == keys.master  # the same master: the data keys are the store's
+    assert opens(ctx, NEW) == master_of(keys)  # the same master: the data keys are the store's
     # run again, it adds no second key
     again = ok(cli(ctx, *recover, "--json", "--recovery-passphrase-file", ctx["pass"]["third"]))
     assert again["id"] == out["id"] and len(key_list(ctx)["keys"]) == 4
@@ -211,7 +218,7 @@ def test_damaged_config_and_key_files_are_refused_naming_the_object(s3):
     body = ctx["client"].get_object(Bucket=ctx["bucket"], Key=keyfile)["Body"].read()
     # a flipped byte in the sealed payload: skipped, the other key opens...
     flip(ctx, keyfile, body.index(b'"sealed": "') + 15)
-    assert opens(ctx, NEW) == keys.master
+    assert opens(ctx, NEW) == master_of(keys)
     # ...and when none does, the error names the file that failed
     r = cli(ctx, "key", "add", ctx["url"], "--passphrase-file", ctx["pass"]["old"],
             "--new-passphrase-file", ctx["pass"]["third"])
@@ -225,7 +232,7 @@ def test_damaged_config_and_key_files_are_refused_naming_the_object(s3):
     assert r.returncode == 4 and f"{ctx['url']}/keys/{second}: not a pydr key file".encode() \
         in r.stderr
     flip(ctx, f"dr/keys/{second}", 0)  # back
-    assert opens(ctx, NEW) == keys.master
+    assert opens(ctx, NEW) == master_of(keys)
     # the config: a flipped digit of its id, then of its format
     config = ctx["client"].get_object(Bucket=ctx["bucket"], Key="dr/config")["Body"].read()
     flip(ctx, "dr/config", config.index(b'"id": "') + 8)
@@ -244,7 +251,7 @@ def test_damaged_config_and_key_files_are_refused_naming_the_object(s3):
 
 CREATE = ("import sys; from pydr.dr import storekeys; from pydr.endpoints.s3 import ObjectStore;"
           "c, k = storekeys.create_store(ObjectStore(sys.argv[1]), sys.argv[2].encode());"
-          "print(c.id, k.master.hex())")
+          "print(c.id, k.export()['master'])")
 
 
 def create(ctx, env=None):
@@ -279,11 +286,11 @@ def test_a_killed_passwd_leaves_a_passphrase_that_opens_and_finishes_when_run_ag
     r = cli(ctx, *args, env={"PYDR_CRASH_AT": point})
     assert r.returncode == -9, r.stderr
     old, new = opens(ctx, OLD), opens(ctx, NEW)
-    assert keys.master in (old, new)  # never neither
-    assert (old, new) == ((keys.master, keys.master) if point == "keys.added"
-                          else (None, keys.master))
+    assert master_of(keys) in (old, new)  # never neither
+    assert (old, new) == ((master_of(keys), master_of(keys)) if point == "keys.added"
+                          else (None, master_of(keys)))
     info = ok(cli(ctx, *args))
-    assert opens(ctx, OLD) is None and opens(ctx, NEW) == keys.master
+    assert opens(ctx, OLD) is None and opens(ctx, NEW) == master_of(keys)
     assert [k["id"] for k in key_list(ctx)["keys"]] == [info["id"]]  # no stray key
 
 
@@ -311,7 +318,7 @@ def test_a_killed_key_command_leaves_the_store_open_and_finishes_when_run_again(
                        ctx["pass"]["third"]], "keys.added"
     r = cli(ctx, "key", *args, env={"PYDR_CRASH_AT": point})
     assert r.returncode == -9, r.stderr
-    assert opens(ctx, OLD) == keys.master
+    assert opens(ctx, OLD) == master_of(keys)
     if command == "create-recovery":  # the pair is made: add its public key again
         args = [a for a in args if a not in (tmp / "r.pem", "--private-key")]
     r = cli(ctx, "key", *args, "--json")
@@ -319,9 +326,9 @@ def test_a_killed_key_command_leaves_the_store_open_and_finishes_when_run_again(
         assert ok(r) == {"store": ctx["url"], "removed": doomed} and opens(ctx, NEW) is None
     else:
         ok(r)
-        assert opens(ctx, OLD) == keys.master
+        assert opens(ctx, OLD) == master_of(keys)
         if command in ("add", "recover"):
-            assert opens(ctx, NEW) == keys.master
+            assert opens(ctx, NEW) == master_of(keys)
 
 
 def test_an_item_names_its_store(s3):
@@ -346,3 +353,45 @@ def test_help_reads_like_a_man_page():
         text = r.stdout.decode()
         assert "examples:" in text and "exit status" in text and "PYDR_PASSPHRASE_FILE" in text
     assert "--passphrase " not in text  # never on the command line
+
+
+def test_passphrases_typed_at_a_terminal(s3):
+    """With nothing else given and standard input a terminal, the store's
+    passphrase is asked once and a new one twice; two that differ are
+    refused before anything is written. Each answer is typed once its
+    prompt is on standard error (getpass flushes what was typed before)."""
+    import pty
+
+    ctx = s3
+    _, keys = storekeys.create_store(ctx["objects"], OLD)
+
+    def typed(answers, *args):
+        controller, terminal = pty.openpty()
+        p = subprocess.Popen([*pydr_command(), "key", *args], stdin=terminal,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ctx["env"],
+                             start_new_session=True)  # no controlling terminal: stdin is asked
+        try:
+            for prompt, answer in answers:
+                seen = b""
+                while not seen.endswith(prompt):
+                    byte = p.stderr.read(1)
+                    assert byte, f"no prompt {prompt!r}: {seen!r}"
+                    seen += byte
+                os.write(controller, answer + b"\n")
+            out, err = p.communicate(timeout=120)
+        finally:
+            p.kill()
+            os.close(controller)
+            os.close(terminal)
+        return p.returncode, out, err
+
+    before = snapshot(ctx)
+    store = f"passphrase of {ctx['url']}: ".encode()
+    code, _, err = typed([(store, OLD), (b"the new passphrase: ", NEW), (b"again: ", THIRD)],
+                         "add", ctx["url"])
+    assert code == 2 and b"the two passphrases typed differ" in err
+    assert snapshot(ctx) == before
+    code, out, err = typed([(store, OLD), (b"the new passphrase: ", NEW), (b"again: ", NEW)],
+                           "add", ctx["url"], "--json")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "passphrase" and opens(ctx, NEW) == master_of(keys)

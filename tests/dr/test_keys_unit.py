@@ -14,6 +14,11 @@ from pydr.errors import (FormatError, InvalidArgument, InvalidState, PassphraseR
                          UnknownName, WrongPassphrase)
 
 
+def master_of(keys):
+    """The master key that DataKeys were made from."""
+    return bytes.fromhex(keys.export()["master"])
+
+
 class MemoryStore:
     """pydr.endpoints.s3.ObjectStore's calls, in memory; with `versioned`,
     every put and delete keeps the older versions (versions(), get(version=))."""
@@ -52,6 +57,11 @@ class MemoryStore:
             self.objects.pop(k, None)
             self.history.append((k, f"v{len(self.history)}", None))  # a delete marker
 
+    def delete_versions(self, pairs):
+        doomed = set(pairs)
+        self.history = [h for h in self.history if (h[0], h[1]) not in doomed]
+        return []
+
     def versions(self, under):
         latest = {k: v for k, v, _ in self.history}
         for k, v, d in self.history:
@@ -82,7 +92,7 @@ def test_unlock_opens_with_any_passphrase_key_and_refuses_others(store):
     storekeys.add_key(store, keys, b"two")
     for passphrase in (b"one", b"two"):
         got, opened = storekeys.unlock(store, passphrase, expect_id=config.id)
-        assert got == config and opened.master == keys.master
+        assert got == config and master_of(opened) == master_of(keys)
     with pytest.raises(WrongPassphrase) as e:
         storekeys.unlock(store, b"three")
     assert e.value.path == store.spec and e.value.exit_code == 4 and "tried 2" in str(e.value)
@@ -125,7 +135,7 @@ def test_a_creation_cut_short_after_its_key_is_finished_with_the_same_config(sto
         storekeys.create_store(store, b"two")
     assert "dr/config" not in store.objects
     again, keys2 = storekeys.create_store(store, b"one")
-    assert again == config and keys2.master == keys.master
+    assert again == config and master_of(keys2) == master_of(keys)
     assert keyfiles.parse_config(store.objects["dr/config"], "c") == config
 
 
@@ -145,7 +155,7 @@ def test_a_damaged_or_hostile_key_file_is_named_and_skipped(store, damage, messa
     [bad] = key_ids(store)
     storekeys.add_key(store, keys, b"two")
     edit_key(store, bad, **damage)
-    assert storekeys.unlock(store, b"two")[1].master == keys.master  # another key opens
+    assert master_of(storekeys.unlock(store, b"two")[1]) == master_of(keys)  # another key opens
     listed = {k.id: k for k in storekeys.list_keys(store)}
     assert listed[bad].kind is None and message in listed[bad].problem
     with pytest.raises(WrongPassphrase) as e:  # none opens: the damaged one is named
@@ -185,7 +195,7 @@ def test_a_key_of_another_store_is_refused_naming_the_config(store):
     storekeys.create_store(other, b"two")
     [foreign] = key_ids(other)
     store.objects[f"dr/keys/{foreign}"] = other.objects[f"dr/keys/{foreign}"]
-    assert storekeys.unlock(store, b"one")[1].master == keys.master
+    assert master_of(storekeys.unlock(store, b"one")[1]) == master_of(keys)
     with pytest.raises(FormatError, match="is of store") as e:
         storekeys.unlock(store, b"two")
     assert e.value.path == "s3://bucket/dr/config"
@@ -198,6 +208,8 @@ def test_the_last_passphrase_key_is_never_removed(store):
         storekeys.remove_key(store, keys, only)
     with pytest.raises(UnknownName):
         storekeys.remove_key(store, keys, "zzzz")
+    with pytest.raises(InvalidArgument, match="label"):
+        storekeys.add_key(store, keys, b"two", label="x" * 201)
     assert storekeys.remove_key(store, keys, "f" * 32) == "f" * 32  # not there: done
     assert key_ids(store) == [only]
 
@@ -215,7 +227,7 @@ def test_passwd_run_again_after_each_step_finishes_without_a_stray_key(store):
     storekeys.add_key(store, keys, b"three")
     again = storekeys.change_passphrase(store, b"two", b"three")
     assert key_ids(store) == [again.id]
-    assert storekeys.unlock(store, b"three")[1].master == keys.master
+    assert master_of(storekeys.unlock(store, b"three")[1]) == master_of(keys)
 
 
 def test_keys_an_attacker_deleted_or_overwrote_open_from_their_older_versions():
@@ -223,11 +235,38 @@ def test_keys_an_attacker_deleted_or_overwrote_open_from_their_older_versions():
     config, keys = storekeys.create_store(store, b"one")
     [key_id] = key_ids(store)
     store.put(f"dr/keys/{key_id}", b"{}")  # overwritten
-    assert storekeys.unlock(store, b"one")[1].master == keys.master
+    assert master_of(storekeys.unlock(store, b"one")[1]) == master_of(keys)
     store.delete([f"dr/keys/{key_id}", "dr/config"])  # a delete marker on each
-    assert storekeys.unlock(store, b"one", expect_id=config.id)[1].master == keys.master
+    assert master_of(storekeys.unlock(store, b"one", expect_id=config.id)[1]) == master_of(keys)
     with pytest.raises(WrongPassphrase):
         storekeys.unlock(store, b"two", expect_id=config.id)
+
+
+def test_creating_the_store_again_after_an_attackers_deletes_brings_it_back():
+    store = MemoryStore(versioned=True)
+    config, keys = storekeys.create_store(store, b"one")
+    [key_id] = key_ids(store)
+    store.delete(list(store.objects))
+    with pytest.raises(WrongPassphrase):  # never a new store over the old one's versions
+        storekeys.create_store(store, b"two")
+    assert store.objects == {}
+    again, keys2 = storekeys.create_store(store, b"one")
+    assert again == config and master_of(keys2) == master_of(keys)
+    assert key_ids(store) == [key_id]  # the key is put back from its version
+
+
+def test_a_removed_or_changed_passphrase_does_not_open_from_an_older_version():
+    store = MemoryStore(versioned=True)
+    _, keys = storekeys.create_store(store, b"one")
+    doomed = storekeys.add_key(store, keys, b"two").id
+    store.put(f"dr/keys/{doomed}", store.objects[f"dr/keys/{doomed}"])  # a second version
+    storekeys.remove_key(store, keys, doomed)
+    assert not [h for h in store.history if doomed in h[0]]  # no version, no marker
+    storekeys.change_passphrase(store, b"one", b"three")
+    for gone in (b"one", b"two"):
+        with pytest.raises(WrongPassphrase):
+            storekeys.unlock(store, gone)
+    assert master_of(storekeys.unlock(store, b"three")[1]) == master_of(keys)
 
 
 def ed25519_public_pem():
@@ -257,7 +296,7 @@ def test_recovery_needs_the_private_key_and_its_passphrase(store, tmp_path):
     with pytest.raises(FormatError, match="Ed25519PublicKey, not an X25519 public key"):
         storekeys.add_recovery(store, keys, ed25519_public_pem())
     added = storekeys.recover(store, private, b"rpass", b"new")
-    assert storekeys.unlock(store, b"new")[1].master == keys.master
+    assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
     assert storekeys.recover(store, private, b"rpass", b"new") == added  # no second key
     with pytest.raises(FileExistsError):
         storekeys.make_recovery_pair(tmp_path / "r.pem", tmp_path / "s.pub", b"x")
@@ -281,7 +320,7 @@ def test_a_forged_recovery_key_is_passed_over_for_the_one_that_opens_an_index(st
     name = "indexes/vm/x.pidx"
     store.put(f"dr/{name}", keys.seal(KIND_INDEX, b"an index", name))
     storekeys.recover(store, (tmp_path / "r.pem").read_bytes(), b"rpass", b"new")
-    assert storekeys.unlock(store, b"new")[1].master == keys.master
+    assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
 
 
 def test_passphrase_sources_in_restics_order(tmp_path):
@@ -321,3 +360,17 @@ def test_config_parsing_refuses_what_is_not_a_version_2_config():
         with pytest.raises(FormatError):
             keyfiles.parse_config(raw, "u")
     assert base64.b64decode(json.loads(keyfiles.key_file_bytes({"a": b"\x01"}))["a"]) == b"\x01"
+
+
+def test_versions_under_object_lock_that_cannot_be_deleted_are_reported():
+    class Locked(MemoryStore):
+        def delete_versions(self, pairs):
+            return [(k, v, "AccessDenied") for k, v in pairs if v is not None]
+
+    store = Locked(versioned=True)
+    _, keys = storekeys.create_store(store, b"one")
+    doomed = storekeys.add_key(store, keys, b"two").id
+    with pytest.raises(InvalidState, match="under Object Lock retention"):
+        storekeys.remove_key(store, keys, doomed)
+    assert doomed not in key_ids(store)  # the current file is gone all the same
+    assert master_of(storekeys.unlock(store, b"two")[1]) == master_of(keys)  # as reported
