@@ -8,8 +8,8 @@ import signal
 import sys
 import threading
 
-from .common import (add_json, add_passphrase_file, add_vault_dir, command, given_passphrase, positive_int,
-                     print_json, vault_dir)
+from .common import (add_json, add_passphrase_file, add_vault_dir, command, given_passphrase,
+                     positive_int, print_json, vault_dir)
 
 DESCRIPTION = """\
 Keep every protected item inside its target RPO: a service over the vault

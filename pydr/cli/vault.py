@@ -22,20 +22,28 @@ def open_vault(args, writer=False):
     """The vault of --vault/$PYDR_VAULT. A writer waits for the lock up to
     --lock-wait (or $PYDR_LOCK_WAIT) seconds; by default not at all, unless
     a pydr run serves the vault: then up to SERVICE_LOCK_WAIT, going before
-    the service's next round (pydr.dr.store_lock)."""
+    the service's next round (pydr.dr.store_lock). The passphrase of its
+    encrypted stores: --passphrase-file, the environment, else typed at the
+    terminal when one is needed."""
     from ..dr import store_lock
     from ..dr.vault import Vault
+
+    from ..dr.passphrases import ask_passphrase
 
     directory = vault_dir(args)
     passphrase = given_passphrase(args)
     if not writer:
-        return Vault(directory, passphrase=passphrase)
-    wait = getattr(args, "lock_wait", None)
-    if wait is None and os.environ.get("PYDR_LOCK_WAIT"):
-        wait = lock_wait_seconds(os.environ["PYDR_LOCK_WAIT"], "PYDR_LOCK_WAIT")
-    if wait is None and store_lock.service_running(directory):
-        wait = SERVICE_LOCK_WAIT
-    return Vault(directory, writer=True, lock_timeout=wait or None, passphrase=passphrase)
+        vault = Vault(directory, passphrase=passphrase)
+    else:
+        wait = getattr(args, "lock_wait", None)
+        if wait is None and os.environ.get("PYDR_LOCK_WAIT"):
+            wait = lock_wait_seconds(os.environ["PYDR_LOCK_WAIT"], "PYDR_LOCK_WAIT")
+        if wait is None and store_lock.service_running(directory):
+            wait = SERVICE_LOCK_WAIT
+        vault = Vault(directory, writer=True, lock_timeout=wait or None, passphrase=passphrase)
+    # an encrypted store and no passphrase given: asked at the terminal, if there is one
+    vault.store.ask_passphrase = ask_passphrase
+    return vault
 
 
 def parse_disk(text):

@@ -134,12 +134,17 @@ def _has(objects, under):
 
 
 def _passphrase(vault, spec):
-    """The passphrase the caller gave the vault, else the environment's."""
+    """The passphrase the caller gave the vault, else the environment's, else
+    one typed at the terminal when the caller (the CLI) set
+    ``vault.ask_passphrase`` (asked once a command)."""
     if vault.passphrase is not None:
         return vault.passphrase
     from .storekeys import passphrase_from
 
     found = passphrase_from()
+    ask = getattr(vault, "ask_passphrase", None)
+    if found is None and ask is not None:
+        found = vault.passphrase = ask(f"passphrase of {spec}: ")
     if found is None:
         raise PassphraseRequired(
             "the object store is encrypted and no passphrase was given", path=spec,

@@ -276,8 +276,13 @@ def test_wrong_keys_and_a_missing_bucket_are_clear_and_not_retried(s3):
     # protect opens (or makes) the store: a bucket that is not there is said at once
     r = cli(ctx, "protect", "lost", "--disk", f"{src2}=s3://pydr-no-such-bucket/x")
     assert r.returncode == 3 and b"no such bucket" in r.stderr, r.stderr
+    r = cli(ctx, "protect", "lost", "--disk", f"{src2}={ctx['url']}/lost",
+            env={"AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert r.returncode == 4 and b"refused the credentials" in r.stderr, r.stderr
     with Vault(ctx["vault"]) as v:
         assert "lost" not in v.items() and v.object_store("s3://pydr-no-such-bucket/x") is None
+        assert v.object_store(f"{ctx['url']}/lost") is None
+    assert keys(ctx, "lost") == []
     # a bucket gone after protect: its cycle says so
     gone = f"pydr-{uuid.uuid4().hex[:12]}"
     ctx["client"].create_bucket(Bucket=gone)

@@ -422,3 +422,67 @@ def test_a_protect_killed_while_it_makes_the_store_is_finished_by_running_it_aga
     pid = replicate(s3)["point_id"]
     assert all(is_sealed(body(s3, k)) for k in keys(s3, "chunks"))
     materializes(s3, pid, sha(img))
+
+
+def test_pydr_run_unlocks_with_its_passphrase_file(s3):
+    """The service opens the vault each round with --passphrase-file's
+    passphrase (none in its environment); without it, a cycle of another
+    item fails for want of one and is recorded so."""
+    img = marked_disk(s3["tmp"] / "disk.img", chunks=2)
+    ok(cli(s3, "protect", "vm", "--disk", f"{img}={s3['url']}", "--rpo", "1h"))
+    none = without_passphrase(s3)
+    pfile = s3["tmp"] / "passphrase"
+    pfile.write_text(PASSPHRASE)
+    r = bare(s3, "run", "--once", "--json", "--passphrase-file", pfile, env=none)
+    assert r.returncode == 0, r.stderr
+    with Vault(s3["vault"]) as v:
+        (point,) = v.points("vm")
+    materializes(s3, point.id, sha(img))
+    other = marked_disk(s3["tmp"] / "other.img", chunks=1)
+    ok(cli(s3, "protect", "other", "--disk", f"{other}={s3['url']}", "--rpo", "1h"))
+    r = bare(s3, "run", "--once", "--json", env=none)
+    assert r.returncode != 0, r.stderr
+    with Vault(s3["vault"]) as v:
+        assert v.points("other") == [] and "no passphrase" in v.item("other")["last_error"]
+
+
+def test_a_passphrase_is_asked_at_a_terminal_once(s3):
+    """No passphrase given and standard input a terminal (a pty): asked
+    once, naming the store; typed right, the point is restored; typed
+    wrong, exit 4 and nothing written."""
+    import pty
+    import subprocess
+
+    from conftest import pydr_command
+
+    img = marked_disk(s3["tmp"] / "disk.img", chunks=2)
+    protect(s3, img)
+    pid = replicate(s3)["point_id"]
+
+    def typed(answer, out):
+        controller, terminal = pty.openpty()
+        p = subprocess.Popen([*pydr_command(), "materialize", "vm", "--point", str(pid), "--to",
+                              str(out), "--vault", s3["vault"]], stdin=terminal,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=without_passphrase(s3), start_new_session=True)
+        try:
+            seen, prompt = b"", f"passphrase of {s3['url']}: ".encode()
+            while not seen.endswith(prompt):
+                byte = p.stderr.read(1)
+                assert byte, f"no prompt: {seen!r}"
+                seen += byte
+            os.write(controller, answer + b"\n")
+            _, err = p.communicate(timeout=120)
+        finally:
+            p.kill()
+            os.close(controller)
+            os.close(terminal)
+        assert prompt not in err  # once
+        return p.returncode, err
+
+    code, err = typed(b"wrong", s3["tmp"] / "wrong")
+    assert code == 4 and s3["url"].encode() in err, err
+    assert not (s3["tmp"] / "wrong" / "disk.img").exists()
+    code, err = typed(PASSPHRASE.encode(), s3["tmp"] / "right")
+    assert code == 0, err
+    assert sha(s3["tmp"] / "right" / "disk.img") == sha(img)
