@@ -115,12 +115,14 @@ CREATE TABLE object_indexes(
     bytes INTEGER NOT NULL,
     version TEXT,
     retain_until REAL,
+    digest TEXT,
     PRIMARY KEY(item, point)
 );
 CREATE TABLE object_stores(
     store TEXT PRIMARY KEY,
     id TEXT NOT NULL,
     encryption TEXT NOT NULL,
+    key_check TEXT,
     created REAL
 );
 CREATE TABLE policies(
@@ -253,7 +255,9 @@ _MIGRATIONS = {
     # an item's or group's points are locked (S3 Object Lock)
     11: ("CREATE TABLE IF NOT EXISTS object_stores(store TEXT PRIMARY KEY, id TEXT NOT NULL, "
          "encryption TEXT NOT NULL, created REAL)",
-         lambda db: _add_columns(db, "object_indexes", "version TEXT", "retain_until REAL"),
+         lambda db: _add_columns(db, "object_stores", "key_check TEXT"),
+         lambda db: _add_columns(db, "object_indexes", "version TEXT", "retain_until REAL",
+                                 "digest TEXT"),
          lambda db: _add_columns(db, "policies", "lock_days REAL", "lock_mode TEXT")),
 }
 

@@ -10,12 +10,14 @@ from .store_records import IndexRecord, ObjectStoreRecord
 class IndexTables:
     """Point indexes in object stores; needs ``self.db`` and ``self.transaction``."""
 
-    def add_index(self, name, point_id, store, key, size, version=None, retain_until=None):
+    def add_index(self, name, point_id, store, key, size, version=None, retain_until=None,
+                  digest=None):
         """Record the index of point `point_id` (in the caller's transaction:
-        the point's): its key, S3 `version` and lock (`retain_until`)."""
+        the point's): its key, S3 `version`, lock (`retain_until`) and
+        `digest` (hex SHA-256 of the object as stored)."""
         self.db.execute("INSERT INTO object_indexes(item, point, store, key, bytes, version, "
-                        "retain_until) VALUES (?,?,?,?,?,?,?)",
-                        (name, point_id, store, key, size, version, retain_until))
+                        "retain_until, digest) VALUES (?,?,?,?,?,?,?,?)",
+                        (name, point_id, store, key, size, version, retain_until, digest))
 
     def object_store(self, spec):
         """The ObjectStoreRecord of the store `spec` (s3://BUCKET/PREFIX), or None."""
@@ -23,10 +25,16 @@ class IndexTables:
                               "WHERE store=?", (spec,)).fetchone()
         return None if row is None else ObjectStoreRecord.from_row(row)
 
-    def add_object_store(self, spec, store_id, encryption):
+    def add_object_store(self, spec, store_id, encryption, key_check=None):
         """Record the store `spec` as first seen (kept when already recorded)."""
-        self.db.execute("INSERT OR IGNORE INTO object_stores(store, id, encryption, created) "
-                        "VALUES (?,?,?,?)", (spec, store_id, encryption, time.time()))
+        self.db.execute("INSERT OR IGNORE INTO object_stores(store, id, encryption, created, "
+                        "key_check) VALUES (?,?,?,?,?)",
+                        (spec, store_id, encryption, time.time(), key_check))
+
+    def set_key_check(self, spec, key_check):
+        """Record the key check of the store `spec` where none is recorded yet."""
+        self.db.execute("UPDATE object_stores SET key_check=? WHERE store=? AND key_check IS NULL",
+                        (key_check, spec))
 
     def has_indexes(self, name):
         """Whether item `name` has points in an object store."""

@@ -179,17 +179,20 @@ class IndexRecord(Record):
     """The point index in an object store of point `point` of an item: the
     store's spec, the index's key and the bytes the cycle sent (the
     object_indexes table); its S3 ``version`` (None in an unversioned
-    bucket) and ``retain_until`` (POSIX seconds; None when not locked)."""
+    bucket), ``retain_until`` (POSIX seconds; None when not locked) and
+    ``digest`` (hex SHA-256 of the object as stored; None for an index
+    recorded before digests: every read of the index is checked against it)."""
 
-    __slots__ = ("item", "point", "store", "key", "bytes", "version", "retain_until")
+    __slots__ = ("item", "point", "store", "key", "bytes", "version", "retain_until", "digest")
 
 
 class ObjectStoreRecord(Record):
     """An object store as the vault first saw it (the object_stores table):
     its spec (s3://BUCKET/PREFIX), the id in its config, and its encryption
-    ("aes-256-gcm", or "none")."""
+    ("aes-256-gcm", or "none"), and ``key_check``: a value only its master
+    key gives (pydr.dr.storekeys; None when unencrypted or not yet known)."""
 
-    __slots__ = ("store", "id", "encryption", "created")
+    __slots__ = ("store", "id", "encryption", "created", "key_check")
 
 
 class PolicyRecord(Record):
