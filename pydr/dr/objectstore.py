@@ -74,11 +74,18 @@ def chunk_store_at(vault, spec):
     environment: PYDR_PASSPHRASE_FILE, PYDR_PASSPHRASE). The store's keys
     are kept in ``vault.unlocked`` for the vault's lifetime, never written.
 
+    When the vault recorded an encrypted store and its config is gone or
+    disagrees with the record (an attack, or an accident), a bucket that
+    keeps versions opens it from them (pydr.dr.storeversions): the
+    ChunkStore's ``tampered`` lists what was found, for verify, and
+    :func:`put_back_config` repairs it.
+
     Raises PassphraseRequired (encrypted, no passphrase given) or
     WrongPassphrase (no key opens with it), both naming the store;
     FormatError naming the store when it is not the one the vault
-    recorded (another id, its encryption changed, its config gone); the
-    S3 errors of pydr.endpoints.s3 (no bucket, credentials refused)."""
+    recorded (another id, its encryption changed, its config gone) and
+    no version of it is left; the S3 errors of pydr.endpoints.s3 (no
+    bucket, credentials refused)."""
     from ..endpoints.s3 import ObjectStore
     from .chunkstore import ChunkStore
 

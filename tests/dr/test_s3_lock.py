@@ -443,4 +443,4 @@ def test_a_store_whose_every_config_version_is_gone_opens_from_its_keys_versions
         assert ctx["objects"].get("dr/config") == config  # the recorded store's, put back
         status = ok(cli(ctx, "status", "vm", "--json"))
         assert status["health"] == "warning" and "config deleted" in status["last_error"]
-        ok(cli(ctx, "verify", "vm"))
+        ok(cli(ctx, "verify", "vm"))  # the config is back; the keys open from their versions
