@@ -114,6 +114,7 @@ def put_back_config(vault, chunks):
     from .storekeys import CONFIG
 
     chunks.objects.put(chunks.objects.key(CONFIG), found.config)
+    del vault.tampered_stores[chunks.spec]  # repaired: a long-running service says it once
     return (f"object store {chunks.spec} was tampered with ({'; '.join(found.texts())}): "
             f"its config was put back")
 
