@@ -120,12 +120,22 @@ def forget_versions(objects: ObjectStore, names: List[str]) -> int:
     an older version. Returns how many versions the server refused to
     delete (Object Lock retention): those keys still open from them."""
     wanted = set(names)
-    doomed = [(k, v) for k, v, _, _ in key_versions(objects) if k in wanted]
-    if not doomed:
+    found = [(k, v, marker) for k, v, _, marker in key_versions(objects) if k in wanted]
+    doomed = [(k, v) for k, v, marker in found if not marker]
+    markers = [(k, v) for k, v, marker in found if marker]
+    if not found:
         return 0
+    # the delete markers go last, and only where no version stays (locked): a marker
+    # deleted above a version kept would make the removed key current again
     if getattr(objects, "versions", None) is not None:
-        return len(objects.delete_versions(doomed))  # type: ignore[attr-defined]
-    return _Boto3Versions(objects).delete(doomed)
+        refused = objects.delete_versions(doomed)  # type: ignore[attr-defined]
+        kept = {k for k, *_ in refused}
+        objects.delete_versions([m for m in markers if m[0] not in kept])  # type: ignore
+        return len(refused)
+    refused_count = _Boto3Versions(objects).delete(doomed)
+    if not refused_count:
+        _Boto3Versions(objects).delete(markers)
+    return refused_count
 
 
 class _Boto3Versions:
@@ -244,13 +254,20 @@ class Search:
                                f"the same way){damaged}", path=url, hint=WRONG_HINT)
 
 
+#: find_keys's and storekeys.unlock's default: the config is the current object
+READ = "read"
+
+
 def find_keys(objects: ObjectStore, passphrase: Optional[bytes], *,
-              expect_id: Optional[str] = None, want_all: bool = False
+              expect_id: Optional[str] = None, want_all: bool = False, config: Any = READ
               ) -> Tuple[Optional[StoreConfig], List[Opened], List[KeyFile], Search]:
     """(config, keys `passphrase` opens, every usable key file, the search):
     the first key that opens (every one with `want_all`), else the older
-    versions of the key files. Nothing opening is not an error here."""
-    config = read_config(objects)
+    versions of the key files. Nothing opening is not an error here.
+    `config`: the store's config as read (READ: the current object), or
+    the one to trust instead (an older version; None: none)."""
+    if config == READ:
+        config = read_config(objects)
     if expect_id is not None and config is not None and config.id != expect_id:
         raise FormatError(f"the config names store {config.id}, but this store was recorded "
                           f"as {expect_id}", path=objects.url(objects.key(CONFIG)))

@@ -30,8 +30,9 @@ from ..errors import (FormatError, InvalidArgument, InvalidState, PassphraseRequ
                       UnknownName, WrongPassphrase)
 from . import keyfiles as kf, recoverykey
 from .keyfiles import KeyFile, KeyInfo, StoreConfig
-from .keysearch import (CONFIG, KEYS, WRONG_HINT, Opened, Search, find_keys, forget_versions,
-                        key_names, older_key_versions, read_config, read_keys)
+from .keysearch import (CONFIG, KEYS, READ, WRONG_HINT, Opened, Search, find_keys,
+                        forget_versions, key_names, key_versions, older_key_versions,
+                        read_config, read_keys)
 from .passphrases import passphrase_from
 from .recoverykey import make_recovery_pair
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from ..engine.sealing import DataKeys
 
 __all__ = ["StoreConfig", "KeyInfo", "read_config", "create_store", "unlock", "list_keys",
+           "store_lock",
            "add_key", "remove_key", "change_passphrase", "add_recovery", "recover",
            "make_recovery_pair", "passphrase_from"]
 
@@ -81,9 +83,11 @@ def _secret(keys: DataKeys) -> Tuple[bytes, bytes]:
 
 
 def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
-            expect_id: Optional[str] = None) -> Tuple[StoreConfig, Optional[Opened]]:
+            expect_id: Optional[str] = None, config: Any = READ
+            ) -> Tuple[StoreConfig, Optional[Opened]]:
     """(config, the key that opened; None for an unencrypted store)."""
-    config, opened, keys, search = find_keys(objects, passphrase, expect_id=expect_id)
+    config, opened, keys, search = find_keys(objects, passphrase, expect_id=expect_id,
+                                             config=config)
     if config is not None and not config.encrypted:
         return config, None
     if not opened and config is None and not keys and not search.damaged and not search.tried:
@@ -98,7 +102,8 @@ def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
 
 
 def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
-           expect_id: Optional[str] = None) -> Tuple[StoreConfig, Optional[DataKeys]]:
+           expect_id: Optional[str] = None, config: Any = READ
+           ) -> Tuple[StoreConfig, Optional[DataKeys]]:
     """Open an object store: its config, and its data keys from the first
     passphrase key that `passphrase` opens. Reads the config and the key
     files only; writes nothing.
@@ -108,6 +113,10 @@ def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
         passphrase: its passphrase (bytes).
         expect_id: the store id the caller recorded (the vault's
             object_stores row): a config or key of another id is refused.
+        config: the config to trust instead of the current object (an
+            older version of it, after the current one was deleted or
+            overwritten; None: none, the key files' payload must name
+            `expect_id`). By default the current config object is read.
 
     Returns:
         (config, DataKeys); (config, None) for an unencrypted store (its
@@ -124,7 +133,7 @@ def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
         FileNotFoundError: neither a config nor a key file is there.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
-    config, opened = _unlock(objects, passphrase, expect_id)
+    config, opened = _unlock(objects, passphrase, expect_id, config)
     return config, None if opened is None else _data_keys(opened.master, opened.store_id)
 
 
@@ -142,10 +151,37 @@ def _new_key_fields(kind: str, label: Optional[str]) -> Dict[str, Any]:
             "created": int(time.time()), "host": socket.gethostname(), "label": label}
 
 
+def store_lock(objects: ObjectStore, now: Optional[float] = None
+               ) -> Optional[Tuple[str, float]]:
+    """The Object Lock a new key file of the store gets, (mode, until): the
+    retention of the config's current version, which the cycles of locked
+    items keep (pydr.dr.objectlock.lock_store_keys); None when it has none
+    or it has ended. One HEAD. A key added to a store with locked points
+    is locked too: an attacker cannot erase it and so lock its owner out
+    of those points."""
+    head = getattr(objects, "head", None)
+    if head is None:  # a store without versions or locks (a test's)
+        return None
+    found = head(objects.key(CONFIG))
+    now = time.time() if now is None else now
+    if not found or not found.get("lock_mode") or (found.get("retain_until") or 0) <= now:
+        return None
+    return found["lock_mode"], float(found["retain_until"])
+
+
+def _put_locked(objects: ObjectStore, name: str, data: bytes) -> None:
+    """Put a key file, with the store's lock when it has one."""
+    lock = store_lock(objects)
+    if lock is not None:
+        objects.put(name, data, lock=lock)  # type: ignore[call-arg]
+    else:
+        objects.put(name, data)
+
+
 def _put_key(objects: ObjectStore, fields: Dict[str, Any]) -> KeyInfo:
     name = objects.key(KEYS, fields["id"])
     data = kf.key_file_bytes(fields)
-    objects.put(name, data)
+    _put_locked(objects, name, data)
     return kf.parse_key_file(data, fields["id"], objects.url(name)).info
 
 
@@ -214,7 +250,7 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
             raise search.failure()
         found = opened[0]
         if "?versionId=" in found.key.info.url:  # deleted or overwritten: put it back
-            objects.put(objects.key(KEYS, found.key.info.id), found.key.data)
+            _put_locked(objects, objects.key(KEYS, found.key.info.id), found.key.data)
         config = _config_from(found)
         _write_config(objects, config)
         return config, _data_keys(found.master, found.store_id)
@@ -331,9 +367,30 @@ def _remove(objects: ObjectStore, key_ids: List[str]) -> None:
     refused = forget_versions(objects, names)
     crashpoints.reached("keys.removed")
     if refused:
-        raise InvalidState(f"{refused} older versions of the removed key files are under "
-                           f"Object Lock retention: until it ends they still open the store",
-                           path=objects.spec)
+        until = _locked_until(objects, names)
+        when = time.strftime(" until %Y-%m-%d %H:%M:%S UTC", time.gmtime(until)) \
+            if until else ""
+        raise InvalidState(f"key {', '.join(key_ids)} is removed (a delete marker hides it), "
+                           f"but {refused} of its versions are under Object Lock retention"
+                           f"{when}: until then they stay in the bucket and still open the "
+                           f"store with the old passphrase. That is what the lock is for: "
+                           f"nobody holding these credentials can erase the keys the locked "
+                           f"points need", path=objects.spec)
+
+
+def _locked_until(objects: ObjectStore, names: List[str]) -> Optional[float]:
+    """When the last Object Lock retention of a version of the key files
+    `names` ends (None: unknown, or none)."""
+    head = getattr(objects, "head", None)
+    if head is None:
+        return None
+    wanted, until = set(names), None
+    for key, version, _, marker in key_versions(objects):
+        if key in wanted and not marker:
+            found = head(key, version)
+            if found and found.get("retain_until"):
+                until = max(until or 0.0, float(found["retain_until"]))
+    return until
 
 
 def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
