@@ -87,10 +87,10 @@ def _recovery_passphrase(args, twice=False):
     return given
 
 
-def _unlocked(args, objects):
+def _unlocked(args, objects, check=None):
     from ..dr.storekeys import unlock
 
-    config, keys = unlock(objects, _passphrase(args, objects))
+    config, keys = unlock(objects, _passphrase(args, objects), expect_check=check)
     if keys is None:
         raise InvalidArgument(f"{objects.spec}: the store is not encrypted: it has no keys")
     return keys
@@ -134,8 +134,8 @@ def _when(created):
 def cmd_add(args):
     from ..dr.storekeys import add_key
 
-    objects = _objects(args)
-    keys = _unlocked(args, objects)
+    objects, check = _objects_and_check(args)
+    keys = _unlocked(args, objects, check)
     new = _new_passphrase(args)
     info = add_key(objects, keys, new, label=args.label).to_dict()
     print_json(info) if args.json else _show(info, "added")
@@ -145,8 +145,8 @@ def cmd_add(args):
 def cmd_remove(args):
     from ..dr.storekeys import remove_key
 
-    objects = _objects(args)
-    keys = _unlocked(args, objects)
+    objects, check = _objects_and_check(args)
+    keys = _unlocked(args, objects, check)
     removed = remove_key(objects, keys, args.key_id)
     print_json({"store": objects.spec, "removed": removed}) if args.json \
         else print(f"removed key {removed}")
@@ -166,8 +166,8 @@ def cmd_passwd(args):
 def cmd_create_recovery(args):
     from ..dr.storekeys import add_recovery, make_recovery_pair
 
-    objects = _objects(args)
-    keys = _unlocked(args, objects)  # the store opens, before any file is made
+    objects, check = _objects_and_check(args)
+    keys = _unlocked(args, objects, check)  # the store opens, before any file is made
     if args.private_key:
         try:
             make_recovery_pair(args.private_key, args.public_key,
