@@ -67,7 +67,14 @@ def _config_from(opened: Opened) -> StoreConfig:
     """The config a creation cut short after its first key would have
     written: the same a rerun writes."""
     return StoreConfig(opened.store_id.hex(), kf.ENCRYPTED, kf.CHUNK_IDS[kf.ENCRYPTED],
-                       opened.key.info.created or 0)
+                       opened.key.info.created or 0,
+                       key_check=_key_check(opened.master, opened.store_id))
+
+
+def _key_check(master: bytes, store_id: bytes) -> str:
+    from ..engine.sealing import key_check
+
+    return key_check(master, store_id)
 
 
 def _data_keys(master: bytes, store_id: bytes) -> DataKeys:
@@ -83,11 +90,11 @@ def _secret(keys: DataKeys) -> Tuple[bytes, bytes]:
 
 
 def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
-            expect_id: Optional[str] = None, config: Any = READ
-            ) -> Tuple[StoreConfig, Optional[Opened]]:
+            expect_id: Optional[str] = None, config: Any = READ,
+            expect_check: Optional[str] = None) -> Tuple[StoreConfig, Optional[Opened]]:
     """(config, the key that opened; None for an unencrypted store)."""
     config, opened, keys, search = find_keys(objects, passphrase, expect_id=expect_id,
-                                             config=config)
+                                             config=config, expect_check=expect_check)
     if config is not None and not config.encrypted:
         return config, None
     if not opened and config is None and not keys and not search.damaged and not search.tried:
@@ -102,7 +109,8 @@ def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
 
 
 def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
-           expect_id: Optional[str] = None, config: Any = READ
+           expect_id: Optional[str] = None, config: Any = READ,
+           expect_check: Optional[str] = None
            ) -> Tuple[StoreConfig, Optional[DataKeys]]:
     """Open an object store: its config, and its data keys from the first
     passphrase key that `passphrase` opens. Reads the config and the key
@@ -117,23 +125,30 @@ def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
             older version of it, after the current one was deleted or
             overwritten; None: none, the key files' payload must name
             `expect_id`). By default the current config object is read.
+        expect_check: the key check the caller recorded (the vault's
+            object_stores row, ``key_check``): a key whose master key does
+            not give it is refused, as one failing the config's key check.
 
     Returns:
         (config, DataKeys); (config, None) for an unencrypted store (its
         config says "none"). A store whose creation was cut short after
         its key has no config object yet: the config returned is the one
-        create_store will write.
+        create_store will write. ``config.key_check`` is the store's key
+        check (for the vault's record); None in a config made before
+        configs had one.
 
     Raises:
         PassphraseRequired: the store is encrypted and `passphrase` is None.
         WrongPassphrase: no passphrase key opens with it (the error names
             the store and every key tried).
         FormatError: the config or every key file is damaged, of another
-            store or of another version (naming the object).
+            store or of another version (naming the object); or the key
+            the passphrase opens fails the config's or `expect_check`'s
+            key check (tampering).
         FileNotFoundError: neither a config nor a key file is there.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
-    config, opened = _unlock(objects, passphrase, expect_id, config)
+    config, opened = _unlock(objects, passphrase, expect_id, config, expect_check)
     return config, None if opened is None else _data_keys(opened.master, opened.store_id)
 
 
@@ -270,7 +285,7 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
     info = _write_passphrase_key(objects, store_id, master, passphrase, label)
     crashpoints.reached("keys.created")
     config = StoreConfig(store_id.hex(), kf.ENCRYPTED, kf.CHUNK_IDS[kf.ENCRYPTED],
-                         info.created or 0)
+                         info.created or 0, key_check=_key_check(master, store_id))
     _write_config(objects, config)
     return config, _data_keys(master, store_id)
 
@@ -473,11 +488,18 @@ def add_recovery(objects: ObjectStore, keys: DataKeys, public_pem: bytes, *,
 
 def recover(objects: ObjectStore, private_pem: bytes, private_passphrase: Optional[bytes],
             new_passphrase: bytes, *, where: str = "the recovery private key",
-            label: Optional[str] = "recovered") -> KeyInfo:
+            label: Optional[str] = "recovered", expect_check: Optional[str] = None) -> KeyInfo:
     """Open the store with its recovery private key and add a passphrase key
     for `new_passphrase` (crash point ``keys.added``): access again after
     every passphrase is lost. Run again after a kill, it adds no second key
     when `new_passphrase` opens one already.
+
+    Anyone may seal a master key of their choice to a recovery public key
+    (it is shareable), so a master key unsealed is accepted only when it
+    gives the store's key check: the config's and `expect_check`. With
+    neither (a store made before key checks), it must open one of the
+    store's point indexes (any version, in a versioned bucket); when
+    nothing can check it, recovery is refused.
 
     Args:
         objects: the store.
@@ -486,6 +508,8 @@ def recover(objects: ObjectStore, private_pem: bytes, private_passphrase: Option
         new_passphrase: the passphrase of the key added.
         where: how messages name the private key (its file).
         label: the new key's label (at most 200 characters).
+        expect_check: the key check the caller recorded (the vault's
+            object_stores row), or None.
 
     Returns:
         The KeyInfo of the passphrase key `new_passphrase` opens.
@@ -493,7 +517,10 @@ def recover(objects: ObjectStore, private_pem: bytes, private_passphrase: Option
     Raises:
         WrongPassphrase: the private key does not decrypt with its
             passphrase, or no recovery key file of the store is sealed to it.
-        FormatError: the private key is not one; damaged config.
+        FormatError: the private key is not one; damaged config; a
+            recovery key sealed to it holds a master key that fails the
+            key check (or opens no point index), naming the key file and
+            what it failed; nothing to check the master key against.
         InvalidArgument: an empty new passphrase.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
@@ -502,15 +529,10 @@ def recover(objects: ObjectStore, private_pem: bytes, private_passphrase: Option
     private = recoverykey.load_private(private_pem, private_passphrase, where)
     config = read_config(objects)
     keys, _ = read_keys(objects)
+    search = Search(objects, config, None, expect_check)
     versions = ((url, data) for url, data in older_key_versions(objects))
-    found = _recovered(objects, config, private, keys, versions)
-    if found is None:
-        raise WrongPassphrase(f"no recovery key of the store is sealed to this private key "
-                              f"(recipient {recoverykey.recipient(private.public_key())})",
-                              path=objects.spec)
-    store_id, master = found
-    search = Search(objects, config, None)
-    for key in keys:
+    store_id, master = _recovered(objects, search, private, keys, versions)
+    for key in search.ordered(keys):
         done = search.opens(key, new_passphrase)
         if done is not None and done.master == master:
             return done.key.info  # a run cut short added it
@@ -519,13 +541,18 @@ def recover(objects: ObjectStore, private_pem: bytes, private_passphrase: Option
     return info
 
 
-def _recovered(objects: ObjectStore, config: Optional[StoreConfig], private: Any,
-               keys: List[KeyFile], versions: Iterator[Tuple[str, bytes]]
-               ) -> Optional[Tuple[bytes, bytes]]:
+def _recovered(objects: ObjectStore, search: Search, private: Any,
+                        keys: List[KeyFile], versions: Iterator[Tuple[str, bytes]]
+                        ) -> Tuple[bytes, bytes]:
     """(store id, master) from the first recovery key file sealed to
-    `private` that belongs to the store: the current files, then older
-    versions. Anyone may seal a master key to a public key: where the store
-    has a point index, the master must open it."""
+    `private` whose master key passes the store's checks (the current
+    files, then older versions).
+
+    Raises:
+        WrongPassphrase: no recovery key file of the store is sealed to it.
+        FormatError: one is, but its master key fails the checks, or
+            nothing can check it (naming the key file and why).
+    """
     def candidates() -> Iterator[KeyFile]:
         yield from keys
         for url, data in versions:
@@ -534,6 +561,8 @@ def _recovered(objects: ObjectStore, config: Optional[StoreConfig], private: Any
             except FormatError:
                 continue
 
+    config = search.config
+    refused: List[str] = []
     for key in candidates():
         try:
             found = recoverykey.unseal(private, key)
@@ -541,24 +570,70 @@ def _recovered(objects: ObjectStore, config: Optional[StoreConfig], private: Any
             continue
         if found is None or (config is not None and found[0] != config.store_id):
             continue
-        if _opens_an_index(objects, *found):
+        why = _unchecked(objects, search, *found)
+        if why is None:
             return found
-    return None
+        refused.append(f"{key.info.url}: {why}")
+    if refused:
+        raise FormatError(f"a recovery key sealed to this private key was refused: "
+                          f"{'; '.join(refused)} (anyone with the recovery public key can "
+                          f"seal a master key of their own: refused, it would open the "
+                          f"store to them)", path=objects.spec)
+    raise WrongPassphrase(f"no recovery key of the store is sealed to this private key "
+                          f"(recipient {recoverykey.recipient(private.public_key())})",
+                          path=objects.spec)
 
 
-def _opens_an_index(objects: ObjectStore, store_id: bytes, master: bytes) -> bool:
-    """Whether a master key opens the store's first point index (True when
-    the store has none yet: nothing to check against)."""
-    from ..engine.sealing import KIND_INDEX, SealBroken
+def _unchecked(objects: ObjectStore, search: Search, store_id: bytes,
+               master: bytes) -> Optional[str]:
+    """Why (store id, master) is not accepted as the store's; None when a
+    key check (or, with none recorded anywhere, a point index) vouches
+    for it."""
+    if search.checks():
+        failed = search.failed_check(store_id, master)
+        return None if failed is None else f"its master key fails the key check of {failed}"
+    return _index_check(objects, store_id, master)
 
-    first = next(iter(objects.list("indexes")), None)
-    if first is None:
-        return True
-    name = first[0][len(objects.key()) + 1:] if objects.key() else first[0]
-    try:
-        _data_keys(master, store_id).open(KIND_INDEX, objects.get(first[0]), name)
-    except SealBroken:
-        return False
-    except FileNotFoundError:
-        return True
-    return True
+
+def _index_check(objects: ObjectStore, store_id: bytes, master: bytes) -> Optional[str]:
+    """None when `master` opens a point index of the store (any version, in
+    a versioned bucket; objects that are no sealed pydr object are passed
+    over), else why not."""
+    from ..engine.sealing import KIND_INDEX, SealBroken, is_sealed
+
+    keys = _data_keys(master, store_id)
+    failed = None
+    for key, version in _index_versions(objects):
+        try:
+            blob = objects.get(key, version=version) if version else objects.get(key)
+        except FileNotFoundError:
+            continue
+        if not is_sealed(blob):
+            continue  # junk, or a plain store's: proves nothing either way
+        name = key[len(objects.key()) + 1:] if objects.key() else key
+        try:
+            keys.open(KIND_INDEX, blob, name)
+            return None
+        except SealBroken:
+            failed = failed or (objects.url(key) + (f"?versionId={version}" if version else ""))
+    if failed is not None:
+        return f"its master key does not open the point index {failed}"
+    return ("nothing can check its master key: the config records no key check and no "
+            "point index is there to open (give the vault's record: 'pydr key recover ITEM')")
+
+
+def _index_versions(objects: ObjectStore) -> Iterator[Tuple[str, Optional[str]]]:
+    """(key, version or None) of each object under indexes/: every version
+    that is not a delete marker where the store lists versions."""
+    if getattr(objects, "versions", None) is not None:
+        try:
+            for key, version, _, marker, *_ in objects.versions("indexes"):
+                if not marker:
+                    yield key, version
+            return
+        except ConnectionError:
+            raise
+        except OSError:  # refused or not implemented: the current objects only
+            pass
+    for key, *_ in objects.list("indexes"):
+        yield key, None
