@@ -164,7 +164,8 @@ def cmd_passwd(args):
 
 
 def cmd_create_recovery(args):
-    from ..dr.storekeys import add_recovery, make_recovery_pair
+    from ..dr.keyrecovery import add_recovery
+    from ..dr.storekeys import make_recovery_pair
 
     objects, check = _objects_and_check(args)
     keys = _unlocked(args, objects, check)  # the store opens, before any file is made
@@ -185,7 +186,7 @@ def cmd_create_recovery(args):
 
 
 def cmd_recover(args):
-    from ..dr.storekeys import recover
+    from ..dr.keyrecovery import recover
 
     objects, check = _objects_and_check(args)
     with open(args.private_key, "rb") as f:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pydr.dr import keyfiles, storekeys
+from pydr.dr import keyfiles, keyrecovery, storekeys
 from pydr.dr.passphrases import new_passphrase_from, passphrase_from, recovery_passphrase_from
 from pydr.errors import (FormatError, InvalidArgument, InvalidState, PassphraseRequired,
                          UnknownName, WrongPassphrase)
@@ -288,23 +288,23 @@ def test_recovery_needs_the_private_key_and_its_passphrase(store, tmp_path):
     _, keys = storekeys.create_store(store, b"one")
     recipient = storekeys.make_recovery_pair(tmp_path / "r.pem", tmp_path / "r.pub", b"rpass")
     assert oct(os.stat(tmp_path / "r.pem").st_mode & 0o777) == "0o600"
-    info = storekeys.add_recovery(store, keys, (tmp_path / "r.pub").read_bytes())
+    info = keyrecovery.add_recovery(store, keys, (tmp_path / "r.pub").read_bytes())
     assert info.recipient == recipient and info.kind == "recovery"
     private = (tmp_path / "r.pem").read_bytes()
     with pytest.raises(WrongPassphrase):
-        storekeys.recover(store, private, b"wrong", b"new")
+        keyrecovery.recover(store, private, b"wrong", b"new")
     with pytest.raises(InvalidArgument):
-        storekeys.recover(store, private, None, b"new")
+        keyrecovery.recover(store, private, None, b"new")
     with pytest.raises(FormatError):
-        storekeys.recover(store, b"not pem", b"rpass", b"new")
+        keyrecovery.recover(store, b"not pem", b"rpass", b"new")
     with pytest.raises(FormatError, match="not a PEM public key"):
-        storekeys.add_recovery(store, keys, b"-----BEGIN PUBLIC KEY-----\nAAAA\n"
+        keyrecovery.add_recovery(store, keys, b"-----BEGIN PUBLIC KEY-----\nAAAA\n"
                                             b"-----END PUBLIC KEY-----\n")
     with pytest.raises(FormatError, match="Ed25519PublicKey, not an X25519 public key"):
-        storekeys.add_recovery(store, keys, ed25519_public_pem())
-    added = storekeys.recover(store, private, b"rpass", b"new")
+        keyrecovery.add_recovery(store, keys, ed25519_public_pem())
+    added = keyrecovery.recover(store, private, b"rpass", b"new")
     assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
-    assert storekeys.recover(store, private, b"rpass", b"new") == added  # no second key
+    assert keyrecovery.recover(store, private, b"rpass", b"new") == added  # no second key
     with pytest.raises(FileExistsError):
         storekeys.make_recovery_pair(tmp_path / "r.pem", tmp_path / "s.pub", b"x")
     assert not (tmp_path / "s.pub").exists()
@@ -323,10 +323,10 @@ def test_a_forged_recovery_key_is_passed_over_for_the_one_that_opens_an_index(st
     forged.update(recoverykey.seal_fields(recoverykey.load_public(public_pem, "p"), "0" * 32,
                                           config.store_id, os.urandom(32)))
     store.put("dr/keys/" + "0" * 32, keyfiles.key_file_bytes(forged))
-    storekeys.add_recovery(store, keys, public_pem)
+    keyrecovery.add_recovery(store, keys, public_pem)
     name = "indexes/vm/x.pidx"
     store.put(f"dr/{name}", keys.seal(KIND_INDEX, b"an index", name))
-    storekeys.recover(store, (tmp_path / "r.pem").read_bytes(), b"rpass", b"new")
+    keyrecovery.recover(store, (tmp_path / "r.pem").read_bytes(), b"rpass", b"new")
     assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
 
 
@@ -420,10 +420,10 @@ def test_a_recovery_key_forged_with_the_public_key_is_refused_with_no_index_to_c
     store = MemoryStore(versioned=True)
     config, keys = storekeys.create_store(store, b"one")
     private, public = recovery_pair(tmp_path)
-    storekeys.add_recovery(store, keys, public)
+    keyrecovery.add_recovery(store, keys, public)
     evil = b"E" * 32
     forge_recovery(store, config, public, master=evil)  # lists first; no index anywhere
-    storekeys.recover(store, private, b"rpass", b"new")
+    keyrecovery.recover(store, private, b"rpass", b"new")
     assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
     # the forged key alone: refused (exit 7), naming it, never accepted
     genuine = [i for i in key_ids(store) if i != "0" * 32 and
@@ -432,7 +432,7 @@ def test_a_recovery_key_forged_with_the_public_key_is_refused_with_no_index_to_c
     store.delete_versions([(k, v) for k, v, _ in store.history
                            if k.rpartition("/")[2] in genuine])
     with pytest.raises(FormatError) as e:
-        storekeys.recover(store, private, b"rpass", b"newer")
+        keyrecovery.recover(store, private, b"rpass", b"newer")
     assert e.value.exit_code == 7 and "keys/" + "0" * 32 in str(e.value)
     assert "fails the key check of the config" in str(e.value)
     with pytest.raises(WrongPassphrase):
@@ -450,7 +450,7 @@ def test_a_forged_key_that_the_config_was_changed_to_vouch_for_fails_the_vaults_
     store.objects["dr/config"] = json.dumps(
         {**config.to_dict(), "key_check": key_check(evil, config.store_id)}).encode()
     with pytest.raises(FormatError, match="fails the key check of the vault's record"):
-        storekeys.recover(store, private, b"rpass", b"new", expect_check=config.key_check)
+        keyrecovery.recover(store, private, b"rpass", b"new", expect_check=config.key_check)
     # the owner's passphrase key fails the tampered config's check: said, exit 7
     with pytest.raises(FormatError, match="fails the key check that the config") as e:
         storekeys.unlock(store, b"one")
@@ -479,23 +479,23 @@ def test_with_no_key_check_anywhere_a_master_key_must_open_an_index_version(tmp_
     forge_recovery(store, config, public)
     # nothing at all to check against: refused, not accepted, not "no key" (exit 4)
     with pytest.raises(FormatError, match="nothing can check its master key") as e:
-        storekeys.recover(store, private, b"rpass", b"new")
+        keyrecovery.recover(store, private, b"rpass", b"new")
     assert e.value.exit_code == 7
-    storekeys.add_recovery(store, keys, public)
+    keyrecovery.add_recovery(store, keys, public)
     name = "indexes/vm/x.pidx"
     store.put(f"dr/{name}", keys.seal(KIND_INDEX, b"an index", name))
     store.delete([f"dr/{name}"])  # hidden by a delete marker: the version still checks
     store.put("dr/indexes/!/0.pidx", b"ransom note")  # junk lists first: passed over
-    storekeys.recover(store, private, b"rpass", b"new")
+    keyrecovery.recover(store, private, b"rpass", b"new")
     assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
 
 
 def test_a_junk_object_under_indexes_does_not_stop_recovery(store, tmp_path):
     config, keys = storekeys.create_store(store, b"one")
     private, public = recovery_pair(tmp_path)
-    storekeys.add_recovery(store, keys, public)
+    keyrecovery.add_recovery(store, keys, public)
     store.put("dr/indexes/!/0.pidx", b"ransom note")
-    storekeys.recover(store, private, b"rpass", b"new")
+    keyrecovery.recover(store, private, b"rpass", b"new")
     assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
 
 
