@@ -12,7 +12,7 @@ import os
 import sys
 
 from .._version import __version__
-from . import demo, dr, engine, fleet, objects, policy, run, serve, vault
+from . import demo, dr, engine, fleet, keys, objects, policy, run, serve, vault
 from .common import EXIT_STATUS, HelpFormatter, guarded_stdout, report_error
 
 DESCRIPTION = (
@@ -79,7 +79,7 @@ def build_parser(command=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     only = _OnlyCommand(sub, command) if command is not None else sub
-    for family in (engine, vault, policy, dr, objects, fleet, run, serve, demo):
+    for family in (engine, vault, policy, dr, objects, keys, fleet, run, serve, demo):
         family.register(only)
     if command and not only.found:
         return None

@@ -164,10 +164,34 @@ def add_vault_dir(p):
     p.add_argument("--vault", metavar="DIR", help="vault directory (default: $PYDR_VAULT)")
 
 
+def add_passphrase_file(p):
+    """--passphrase-file FILE: the passphrase of the encrypted object stores
+    a vault command opens (:func:`given_passphrase`)."""
+    p.add_argument("--passphrase-file", metavar="FILE", default=None,
+                   help="the passphrase of the item's encrypted object store: the file's "
+                        "contents, one trailing newline stripped (default: "
+                        "$PYDR_PASSPHRASE_FILE, else $PYDR_PASSPHRASE). Never on the command "
+                        "line; never kept in the vault")
+
+
+def given_passphrase(args):
+    """The passphrase of --passphrase-file (read now: a missing file is said
+    before the vault is opened), or None: the environment's, read when an
+    encrypted store is opened (pydr.dr.objectstore.chunk_store_at)."""
+    path = getattr(args, "passphrase_file", None)
+    if path is None:
+        return None
+    from ..dr.storekeys import passphrase_from
+
+    return passphrase_from(path)
+
+
 def add_vault_options(p, writer=True):
     """--vault and --json, which every vault command takes, and --lock-wait
-    for one that may change the vault (`writer`): a reader never waits."""
+    for one that may change the vault (`writer`): a reader never waits; and
+    --passphrase-file, for the encrypted object stores it opens."""
     add_vault_dir(p)
+    add_passphrase_file(p)
     if writer:
         p.add_argument("--lock-wait", type=_seconds, metavar="SECONDS", default=None,
                        help="a command that changes the vault waits this long for another's "

@@ -8,7 +8,8 @@ import signal
 import sys
 import threading
 
-from .common import add_json, add_vault_dir, command, positive_int, print_json, vault_dir
+from .common import (add_json, add_passphrase_file, add_vault_dir, command, given_passphrase,
+                     positive_int, print_json, vault_dir)
 
 DESCRIPTION = """\
 Keep every protected item inside its target RPO: a service over the vault
@@ -117,7 +118,8 @@ def cmd_run(args):
     sink = _LineEvents() if args.events else None
     says = _SaysMetrics(sink) if args.metrics is not None else None
     service = Service(vault_dir(args), jobs=args.jobs, scheduler=args.scheduler,
-                      metrics=args.metrics, events=says or sink, warm=args.warm)
+                      metrics=args.metrics, events=says or sink, warm=args.warm,
+                      passphrase=given_passphrase(args))
     if says is not None:
         says.service = service
     old = _install_signals(service)
@@ -153,6 +155,7 @@ def register(sub):
     p = command(sub, "run", help="the service that keeps every item inside its target RPO",
                 description=DESCRIPTION, examples=EXAMPLES, func=cmd_run)
     add_vault_dir(p)
+    add_passphrase_file(p)
     p.add_argument("--jobs", type=positive_int, default=2, metavar="N",
                    help="items (or groups) replicated at once (default 2)")
     p.add_argument("--scheduler", metavar="ADDR",

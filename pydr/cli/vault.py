@@ -6,7 +6,7 @@ import os
 import sys
 
 from .common import (EventOutput, add_events, add_item, add_json, add_method, add_progress,
-                     add_remote_options, add_vault_options, command, human_bytes,
+                     add_remote_options, add_vault_options, command, given_passphrase, human_bytes,
                      lock_wait_seconds, method_of, parse_duration, parse_size, positive_int,
                      print_json, timestamp, vault_dir)
 from ..errors import EXIT_VAULT, FleetError
@@ -22,19 +22,28 @@ def open_vault(args, writer=False):
     """The vault of --vault/$PYDR_VAULT. A writer waits for the lock up to
     --lock-wait (or $PYDR_LOCK_WAIT) seconds; by default not at all, unless
     a pydr run serves the vault: then up to SERVICE_LOCK_WAIT, going before
-    the service's next round (pydr.dr.store_lock)."""
+    the service's next round (pydr.dr.store_lock). The passphrase of its
+    encrypted stores: --passphrase-file, the environment, else typed at the
+    terminal when one is needed."""
     from ..dr import store_lock
     from ..dr.vault import Vault
 
+    from ..dr.passphrases import ask_passphrase
+
     directory = vault_dir(args)
+    passphrase = given_passphrase(args)
     if not writer:
-        return Vault(directory)
-    wait = getattr(args, "lock_wait", None)
-    if wait is None and os.environ.get("PYDR_LOCK_WAIT"):
-        wait = lock_wait_seconds(os.environ["PYDR_LOCK_WAIT"], "PYDR_LOCK_WAIT")
-    if wait is None and store_lock.service_running(directory):
-        wait = SERVICE_LOCK_WAIT
-    return Vault(directory, writer=True, lock_timeout=wait or None)
+        vault = Vault(directory, passphrase=passphrase)
+    else:
+        wait = getattr(args, "lock_wait", None)
+        if wait is None and os.environ.get("PYDR_LOCK_WAIT"):
+            wait = lock_wait_seconds(os.environ["PYDR_LOCK_WAIT"], "PYDR_LOCK_WAIT")
+        if wait is None and store_lock.service_running(directory):
+            wait = SERVICE_LOCK_WAIT
+        vault = Vault(directory, writer=True, lock_timeout=wait or None, passphrase=passphrase)
+    # an encrypted store and no passphrase given: asked at the terminal, if there is one
+    vault.store.ask_passphrase = ask_passphrase
+    return vault
 
 
 def parse_disk(text):
@@ -95,7 +104,7 @@ def cmd_protect(args):
                            retention_age=args.retention_age, quiesce_hook=args.quiesce_hook,
                            thaw_hook=args.thaw_hook, rsh=args.rsh, remote_pydr=args.remote_pydr,
                            cbt=args.cbt, host=args.host, cbt_granularity=args.cbt_granularity,
-                           policy=policy or None)
+                           policy=policy or None, encrypt=args.encrypt)
     if args.json:
         print_json(status.to_dict())
     else:
@@ -330,6 +339,13 @@ def register(sub):
                      "node of a running QEMU, read through a point-in-time export). With --cbt\n"
                      "each cycle reads only what a QEMU dirty bitmap says changed (qcow2 images\n"
                      "and live disks): docs/QEMU.md.\n\n"
+                     "A REPLICA s3://BUCKET/PREFIX is a store of chunks and point indexes. An\n"
+                     "empty prefix becomes a new store, encrypted unless --no-encrypt: every chunk\n"
+                     "and index sealed with AES-256-GCM, chunks named by a keyed MAC, the store's\n"
+                     "key kept in the bucket sealed under the passphrase (--passphrase-file,\n"
+                     "PYDR_PASSPHRASE_FILE or PYDR_PASSPHRASE; never on the command line, never in\n"
+                     "the vault; 'pydr key' manages the keys). A store already there is opened as it\n"
+                     "is: a wrong passphrase is refused (exit 4) before anything is recorded.\n\n"
                      "--rpo, --rpo-critical, --priority and --keep-* set the item's protection\n"
                      "policy ('pydr policy' shows and changes it; 'pydr run' keeps it), checked\n"
                      "before the item is recorded."),
@@ -342,6 +358,8 @@ def register(sub):
                   "pydr protect vm --disk /vm/os.qcow2=/dr/os.img --cbt",
                   "pydr protect vm --disk qmp:/run/vm.qmp:drive0=/dr/drive0.img --cbt",
                   "pydr protect big --disk /vm/big.qcow2=/dr/big.img --cbt --cbt-granularity 64K",
+                  "PYDR_PASSPHRASE_FILE=/root/dr.pass pydr protect web --disk "
+                  "/dev/vg0/web=s3://dr-bucket/site-a",
                   "pydr protect web01 --host hv01 --disk /vm/web01.img=dr:/srv/dr/web01.img",
                   "pydr protect vm --disk /vm/os.qcow2=/dr/os.img --cbt --rpo 30s "
                   "--keep-within 1h --keep-hourly 24 --keep-daily 30"],
@@ -369,6 +387,10 @@ def register(sub):
                         "read more than was written: reads are rounded up to whole granules, "
                         "and once the dirty granules cover over half the disk the cycle "
                         "compares all of it. Not larger than the disk (docs/QEMU.md)")
+    p.add_argument("--no-encrypt", dest="encrypt", action="store_false",
+                   help="an s3:// replica in an empty prefix becomes an unencrypted store "
+                        "(plain chunks named by their XXH3; anyone who reads the bucket reads "
+                        "the disks). Default: encrypted")
     add_policy_options(p, protect=True)  # the item's policy ('pydr policy' sets the rest)
     add_remote_options(p)
     add_vault_options(p)

@@ -5,7 +5,8 @@ and the vault's local copies of their newest index.
 A cycle signs each source at 4 KiB and compares it with the signature of
 the last point, kept in the vault (vault/objects/ITEM/), so the store is
 never read back. The 4 MiB chunks holding a changed block are read, named
-by their XXH3-128, and uploaded unless the store has that id already (the
+by their XXH3-128 (in an encrypted store: a keyed MAC, and sealed), and
+uploaded unless the store has that id already (the
 last point names it, or this cycle's interrupted predecessor uploaded it:
 its ids are logged in vault/objects/ITEM/pending). All-zero chunks are not
 stored. Then the point index is uploaded, and only then the vault records
@@ -14,6 +15,11 @@ not stored. The capture is pydr.dr.chunkcapture; the points -- restore,
 failover, retention, verify and garbage collection -- are the chunk
 index's (pydr.dr.pointstores.chunkindex).
 
+A store is opened in one place, :func:`chunk_store_at`: its config is
+compared with the vault's record of it (object_stores) and an encrypted
+one unlocked with the passphrase (docs/FORMAT.md, "Which store a vault
+trusts"); :func:`prepare_store` makes a new one for ``pydr protect``.
+
 Garbage collection never sweeps a chunk younger than the grace period: a
 cycle running meanwhile has uploaded its new chunks within it
 (docs/FORMAT.md, "Garbage collection").
@@ -21,7 +27,7 @@ cycle running meanwhile has uploaded its new chunks within it
 
 import os
 
-from ..errors import InvalidState
+from ..errors import FormatError, InvalidState, PassphraseRequired
 
 BLOCK = 4096  # the comparison's block: what changed, in 4 KiB blocks
 UPLOADS = 8   # chunks in flight
@@ -61,12 +67,145 @@ def chunk_store(vault, name):
 
 
 def chunk_store_at(vault, spec):
-    """The ChunkStore of the store `spec` (s3://BUCKET/PREFIX), unlocked
-    with the vault's passphrase when it is encrypted."""
+    """The ChunkStore of the store `spec` (s3://BUCKET/PREFIX): THE place an
+    object store is opened. Its config is read and compared with the
+    vault's object_stores record; an encrypted store is unlocked with the
+    vault's passphrase (``vault.passphrase``, else --passphrase-file's
+    environment: PYDR_PASSPHRASE_FILE, PYDR_PASSPHRASE). The store's keys
+    are kept in ``vault.unlocked`` for the vault's lifetime, never written.
+
+    Raises PassphraseRequired (encrypted, no passphrase given) or
+    WrongPassphrase (no key opens with it), both naming the store;
+    FormatError naming the store when it is not the one the vault
+    recorded (another id, its encryption changed, its config gone); the
+    S3 errors of pydr.endpoints.s3 (no bucket, credentials refused)."""
     from ..endpoints.s3 import ObjectStore
     from .chunkstore import ChunkStore
 
-    return ChunkStore(ObjectStore(spec))
+    objects = ObjectStore(spec)
+    if objects.spec not in vault.unlocked:
+        vault.unlocked[objects.spec] = _open(vault, objects)
+    return ChunkStore(objects, vault.unlocked[objects.spec])
+
+
+def prepare_store(vault, spec, *, encrypt=True):
+    """Open the store `spec` for a new item (``pydr protect``), making it
+    when its prefix is empty: encrypted (a passphrase key and the config,
+    pydr.dr.storekeys.create_store) unless `encrypt` is False. A store
+    already there is opened as it is (a version-1 store, without a
+    config, stays unencrypted), and checked against the vault's record as
+    :func:`chunk_store_at` checks it. Writes nothing into the vault: the
+    caller records ``(spec, id, encryption)`` with the item.
+
+    Returns:
+        (store id, encryption) to record: ("", "none") for a version-1
+        store.
+
+    Raises:
+        As chunk_store_at (a wrong passphrase before anything is written);
+        the S3 errors when the bucket cannot be reached.
+    """
+    from ..endpoints.s3 import ObjectStore
+    from . import storekeys
+
+    objects = ObjectStore(spec)
+    objects.check()  # a missing bucket or refused credentials: said now, not as "no config"
+    record = vault.object_store(objects.spec)
+    fresh = record is None and storekeys.read_config(objects) is None
+    if fresh and _has(objects, "keys"):  # a creation cut short (by a kill): finished
+        config, keys = storekeys.create_store(objects, _passphrase(vault, objects.spec))
+        found = (config.id, config.encryption)
+    elif fresh and not _has(objects, "chunks") and not _has(objects, "indexes"):
+        passphrase = _passphrase(vault, objects.spec) if encrypt else None
+        config, keys = storekeys.create_store(objects, passphrase, encrypt=encrypt)
+        found = (config.id, config.encryption)
+    else:
+        keys, found = _unlock(vault, objects, record)
+    vault.unlocked[objects.spec] = keys
+    return found
+
+
+#: what the vault records for a version-1 store (chunks and indexes, no config)
+V1_ID, PLAIN = "", "none"
+
+
+def _has(objects, under):
+    return next(iter(objects.list(under)), None) is not None
+
+
+def _passphrase(vault, spec):
+    """The passphrase the caller gave the vault, else the environment's, else
+    one typed at the terminal when the caller (the CLI) set
+    ``vault.ask_passphrase`` (asked once a command)."""
+    if vault.passphrase is not None:
+        return vault.passphrase
+    from .storekeys import passphrase_from
+
+    found = passphrase_from()
+    ask = getattr(vault, "ask_passphrase", None)
+    if found is None and ask is not None:
+        found = vault.passphrase = ask(f"passphrase of {spec}: ")
+    if found is None:
+        raise PassphraseRequired(
+            "the object store is encrypted and no passphrase was given", path=spec,
+            hint="give it with --passphrase-file FILE, PYDR_PASSPHRASE_FILE or PYDR_PASSPHRASE "
+                 "(pydr.Vault(..., passphrase=...)); for a new store, --no-encrypt opts out")
+    return found
+
+
+def _open(vault, objects):
+    """The DataKeys of the store (None: unencrypted), checked against the
+    vault's record; a writer records a store it had no record of (a vault
+    older than the record: its first sight)."""
+    objects.check()
+    record = vault.object_store(objects.spec)
+    keys, found = _unlock(vault, objects, record)
+    if record is None and vault.writer:
+        vault.add_object_store(objects.spec, *found)
+    return keys
+
+
+def _unlock(vault, objects, record):
+    """(DataKeys or None, (id, encryption) found) of the store, refused
+    (FormatError) when it disagrees with `record`."""
+    from . import storekeys
+
+    spec = objects.spec
+    config = storekeys.read_config(objects)
+    if config is None:
+        _compare(spec, record, V1_ID, PLAIN)
+        if record is None and _has(objects, "keys"):  # a creation cut short: its key says
+            config, keys = storekeys.unlock(objects, _passphrase(vault, spec))
+            return keys, (config.id, config.encryption)
+        return None, (V1_ID, PLAIN)
+    _compare(spec, record, config.id, config.encryption)
+    # an unencrypted config is checked too: key files beside "none" are a downgrade
+    passphrase = _passphrase(vault, spec) if config.encrypted else None
+    config, keys = storekeys.unlock(objects, passphrase, expect_id=config.id)
+    _compare(spec, record, config.id, config.encryption)  # as unlock read it: no race
+    return keys, (config.id, config.encryption)
+
+
+def _compare(spec, record, found_id, encryption):
+    """FormatError naming the store unless (`found_id`, `encryption`) is
+    what the vault recorded (nothing recorded: any is accepted). A store
+    swapped or downgraded must never make pydr write plain chunks into it
+    or trust objects that are not its own."""
+    if record is None or (record.id, record.encryption) == (found_id, encryption):
+        return
+    was = f"store {record.id} ({record.encryption})" if record.id else \
+        "a version-1 store (no config, unencrypted)"
+    if not found_id:
+        now = "its config is gone"
+    elif record.id != found_id:
+        now = f"its config names store {found_id} ({encryption})"
+    else:
+        now = f"its config says encryption {encryption!r}"
+    raise FormatError(f"object store {spec} is not the store this vault recorded: the vault "
+                      f"recorded {was}, and {now}; refused (pydr neither writes plain chunks "
+                      f"into an encrypted store nor trusts another store's objects)", path=spec,
+                      hint="if the bucket was restored or replaced, put back its config; a "
+                           "store that is really new needs items protected anew")
 
 
 def _dir(vault, name):

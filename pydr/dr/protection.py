@@ -83,7 +83,7 @@ def disk_pairs(disks):
 
 def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
             quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None, cbt=False,
-            host=None, cbt_granularity=None, policy_columns=None):
+            host=None, cbt_granularity=None, policy_columns=None, encrypt=True):
     """Register an item: disks is a list of (source, replica) paths; a
     replica may be "[user@]host:PATH" (reached with `rsh`, default ssh,
     running `remote_pydr serve --stdio` there; its recovery-point steps
@@ -99,7 +99,10 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     there by a Dask worker of a fleet (pydr.dr.fleet); they are not
     looked for on this machine. `policy_columns`: the item's policy as
     columns of the policies table (pydr.dr.policy checked them), recorded in
-    the item's own transaction.
+    the item's own transaction. Replicas in an object store: the store is
+    opened, or made when its prefix is empty -- encrypted unless `encrypt`
+    is False (pydr.dr.objectstore.prepare_store) -- and recorded with the
+    item (its id and encryption: a later config that disagrees is refused).
 
     The item's and the group's name follow :data:`NAME_RULE`; every path,
     hook and command is UTF-8 text without NUL (:func:`recordable_text`).
@@ -109,7 +112,10 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     pairs, a path that is not UTF-8, a replica that is its source, a
     remote replica without an absolute path, a bad option; InvalidState: the
     name is taken, or a disk is another item's, or another vault owns a
-    replica; FileNotFoundError: a source is missing. Nothing is recorded
+    replica; FileNotFoundError: a source is missing; PassphraseRequired,
+    WrongPassphrase: an encrypted object store and no passphrase, or a
+    wrong one (exit 4); the S3 errors: its bucket cannot be reached.
+    Nothing is recorded
     when it raises; the protect job, once started, ends with the call."""
     disks = _check_options(name, disks, group, retention, retention_age, quiesce_hook,
                            thaw_hook, rsh, remote_pydr, host)
@@ -142,6 +148,8 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
             r.name: [d.replica for d in store.disks(r.name)] for r in store.item_records()
             if r.grp == group})
     owners = _check_owners(store, name, stored, disk)
+    # a wrong passphrase or an unreachable bucket: refused before anything is recorded
+    object_store = _open_object_store(store, stored, encrypt)
     job = store.start_job("protect", name)
     try:
         with store.transaction():  # the item and its policy land together, or neither
@@ -152,6 +160,8 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
                            host=host, granularity=cbt_granularity)
             if policy_columns:
                 store.put_policy("item", name, **policy_columns)
+            if object_store is not None:
+                store.add_object_store(*object_store)
         for replica, me in owners:  # not reachable, no directory yet: its first cycle claims it
             with contextlib.suppress(OSError):
                 ownership.claim(replica, me, exists_in_vault=store.has_item)
@@ -247,6 +257,18 @@ def _check_granule_fits(src, source, granularity):
                               f"source disk {source} ({size} bytes): every write would mark the "
                               f"whole disk", path=source,
                               hint="give a smaller --cbt-granularity, or leave it out (4K)")
+
+
+def _open_object_store(store, stored, encrypt):
+    """(spec, store id, encryption) of the object store a new item's
+    replicas are in, opened or made there (pydr.dr.objectstore.prepare_store),
+    or None when they are not in one."""
+    spec = next((r.partition("#")[0] for _, r, _ in stored if r.startswith("s3://")), None)
+    if spec is None:
+        return None
+    from .objectstore import prepare_store
+
+    return (spec, *prepare_store(store, spec, encrypt=encrypt))
 
 
 def _check_owners(store, name, stored, endpoint):

@@ -114,6 +114,8 @@ class Service:
         warm: keep per-item state between cycles (pydr.dr.warm).
         notify: called with each sd_notify state ("READY=1", ...);
             default pydr.dr.sdnotify.notify.
+        passphrase: of the encrypted object stores the cycles write
+            (Vault's `passphrase`); None: from the environment.
 
     Raises:
         InvalidArgument: `jobs` is not an int >= 1, `metrics` not HOST:PORT.
@@ -124,7 +126,8 @@ class Service:
     def __init__(self, directory: Union[str, "os.PathLike[str]"], *, jobs: int = 2, scheduler: Optional[str] = None,
                  metrics: Optional[str] = None, events: Optional[EventSink] = None,
                  clock: Callable[[], float] = time.time, warm: bool = True,
-                 notify: Optional[Callable[[str], Any]] = None) -> None:
+                 notify: Optional[Callable[[str], Any]] = None,
+                 passphrase: Optional[Union[str, bytes]] = None) -> None:
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
             raise InvalidArgument(f"jobs must be an int >= 1, not {jobs!r}")
         self.directory = os.fspath(directory)
@@ -135,6 +138,7 @@ class Service:
         self.clock = clock
         self.warm = warm
         self.notify = notify if notify is not None else sdnotify.notify
+        self._passphrase = passphrase
         self.metrics_port = None
         self._stopping = threading.Event()  # finish the running cycles, then end
         self._cancel = threading.Event()  # stop the running cycles as a kill would
@@ -302,7 +306,8 @@ class Service:
         from .vault import Vault
 
         return store_lock.take_after_waiters(
-            self.directory, lambda: Vault(self.directory, writer=True), cancel=self._stopping)
+            self.directory, lambda: Vault(self.directory, writer=True,
+                                          passphrase=self._passphrase), cancel=self._stopping)
 
     def _round(self) -> Optional[RoundResult]:
         started = time.monotonic()

@@ -48,6 +48,21 @@ from .vault_policy import PolicyOperations
 from .vault_recovery import (PointSelector, Progress, RecoveryOperations, checked_point,
                              forwarded)
 
+def _passphrase_bytes(passphrase: Optional[Union[str, bytes]]) -> Optional[bytes]:
+    """`passphrase` as bytes (a str UTF-8 encoded); InvalidArgument, never
+    showing it, when it is empty or of another type."""
+    if passphrase is None:
+        return None
+    if isinstance(passphrase, str):
+        passphrase = passphrase.encode("utf-8")
+    if not isinstance(passphrase, (bytes, bytearray)):
+        raise InvalidArgument(f"passphrase must be a str or bytes, not a "
+                              f"{type(passphrase).__name__}")
+    if not passphrase:
+        raise InvalidArgument("the passphrase is empty")
+    return bytes(passphrase)
+
+
 class Vault(RecoveryOperations, PolicyOperations):
     """An open vault with the DR workflow.
 
@@ -62,10 +77,16 @@ class Vault(RecoveryOperations, PolicyOperations):
         lock_timeout: with ``writer``, seconds to wait for the lock when
             another process holds it (None or 0: fail at once). A reader
             takes no lock: giving it one is InvalidArgument.
+        passphrase: the passphrase of the encrypted object stores this
+            Vault opens (a str is UTF-8 encoded). None: the environment's
+            (PYDR_PASSPHRASE_FILE, else PYDR_PASSPHRASE), read when an
+            encrypted store is first opened. Kept in memory only: never
+            written into the vault, never logged.
 
     Raises:
         InvalidArgument: `directory` is not a path; `lock_timeout` is not a
-            number of seconds >= 0, or is given without ``writer``.
+            number of seconds >= 0, or is given without ``writer``;
+            `passphrase` is empty or neither str nor bytes.
         VaultError: not a vault, a vault of another schema, or (writer) the
             lock is held by another process.
 
@@ -74,9 +95,12 @@ class Vault(RecoveryOperations, PolicyOperations):
     """
 
     def __init__(self, directory: Union[str, os.PathLike[str]], *, writer: bool = False,
-                 lock_timeout: Optional[float] = None) -> None:
+                 lock_timeout: Optional[float] = None,
+                 passphrase: Optional[Union[str, bytes]] = None) -> None:
         options: Dict[str, Any] = {} if lock_timeout is None else {"lock_timeout": lock_timeout}
+        secret = _passphrase_bytes(passphrase)
         self.store: Store = Store(directory, writer=writer, **options)
+        self.store.passphrase = secret
 
     # -- the store -----------------------------------------------------------------
     @property
@@ -191,7 +215,7 @@ class Vault(RecoveryOperations, PolicyOperations):
                 remote_pydr: Optional[str] = None, cbt: bool = False,
                 host: Optional[str] = None,
                 cbt_granularity: Optional[int] = None,
-                policy: Optional[Dict[str, Any]] = None) -> ItemStatus:
+                policy: Optional[Dict[str, Any]] = None, encrypt: bool = True) -> ItemStatus:
         """Register item `name`, a machine whose disks are replicated. Its
         first replicate() is the initial (full, sparse-aware) copy.
 
@@ -226,6 +250,10 @@ class Vault(RecoveryOperations, PolicyOperations):
                 ({"target_rpo": "30s", "keep": {...}, ...}): checked (with
                 its group's) before anything is recorded, recorded in the
                 item's own transaction.
+            encrypt: replicas s3://BUCKET/PREFIX in an empty prefix make a
+                new store there, encrypted (AES-256-GCM, the Vault's
+                passphrase; docs/FORMAT.md) unless False. A store already
+                there is opened as it is.
 
         Returns:
             The new item's ItemStatus (state "protecting").
@@ -237,14 +265,18 @@ class Vault(RecoveryOperations, PolicyOperations):
                 a granularity that is not a power of two from 512 to
                 64 MiB, one larger than a source disk (where its size can
                 be read here), or one given without `cbt`.
-            OSError: a source cannot be read.
+            PermissionError: the object store is encrypted and no
+                passphrase was given (PassphraseRequired), or a wrong one
+                (WrongPassphrase): nothing recorded; its credentials refused.
+            OSError: a source cannot be read; the object store's bucket
+                cannot be reached (FileNotFoundError: no such bucket).
         """
         columns = policy_.check_new_item_policy(self.store, group, policy or {})
         protection.protect(self.store, name, disks, group=group, retention=retention,
                            retention_age=retention_age, quiesce_hook=quiesce_hook,
                            thaw_hook=thaw_hook, rsh=rsh, remote_pydr=remote_pydr, cbt=cbt,
                            host=host, cbt_granularity=cbt_granularity,
-                           policy_columns=columns)
+                           policy_columns=columns, encrypt=bool(encrypt))
         return self.status(name)
 
     def status(self, name: str) -> ItemStatus:

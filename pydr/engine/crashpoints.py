@@ -50,6 +50,12 @@ POINTS = {
     # a cycle to an object store
     "s3.chunk": "one more chunk is uploaded (and logged as pending), no index names it yet",
     "s3.index": "the cycle's point index is uploaded, the point not yet recorded",
+    # the keys of an encrypted object store (pydr.dr.storekeys)
+    "keys.created": "a new store's first key file is stored, its config not yet",
+    "keys.config": "a store's config is stored: the store is made",
+    "keys.added": "a key file is added (a new passphrase's, a recovery key's), the old one "
+                  "not yet removed",
+    "keys.removed": "a key file is removed (a changed passphrase's old key)",
     # drills
     "drill.recorded": "a drill's directory and point are recorded",
     "drill.disk": "one disk of a drill is materialised",

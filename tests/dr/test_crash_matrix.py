@@ -378,6 +378,10 @@ KILLED_ELSEWHERE = {
     "fleet.recorded",  # tests/dr/test_fleet.py: the coordinator
     "s3.chunk",        # tests/dr/test_s3.py: a cycle to an object store, at each step
     "s3.index",
+    "keys.created",    # tests/dr/test_keys.py: store creation and passphrase rotation
+    "keys.config",
+    "keys.added",
+    "keys.removed",
     "retention.merged",   # tests/dr/test_stepmerge.py: a retention thinning with tier policies
     "retention.swapped",
 }

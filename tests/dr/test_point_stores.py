@@ -21,6 +21,21 @@ from pydr.errors import EXIT_UNSUPPORTED, UnknownName, UnsupportedFile
 BUCKET = "s3://pydr-test-bucket/site-b"
 
 
+@pytest.fixture(autouse=True)
+def no_server(monkeypatch):
+    """protect opens (or makes) an item's object store before it records the
+    item (pydr.dr.objectstore.prepare_store, against Swift in
+    test_s3_crypt): here it is stood in for by an unencrypted store, and
+    every call is checked to name the item's store."""
+    from pydr.dr import objectstore
+
+    def prepare_store(vault, spec, *, encrypt=True):
+        assert spec.startswith("s3://") and "#" not in spec and encrypt
+        return ("0" * 32, "none")
+
+    monkeypatch.setattr(objectstore, "prepare_store", prepare_store)
+
+
 @pytest.fixture
 def vault(tmp_path):
     """A vault with a step-chain item (web) and a chunk-index item (db)."""
@@ -51,7 +66,8 @@ def test_points_left_in_an_object_store_keep_the_chunk_index(vault, tmp_path):
     with vault.db:  # what failover leaves: the disk moved, the point's index recorded
         vault.db.execute("UPDATE disks SET replica=? WHERE item='db'", (local,))
         vault.set_item("db", state="failed-over", failover_dir=str(tmp_path / "up"))
-        vault.db.execute("INSERT INTO object_indexes VALUES ('db', 1, ?, ?, 0)",
+        vault.db.execute("INSERT INTO object_indexes(item, point, store, key, bytes) "
+                         "VALUES ('db', 1, ?, ?, 0)",
                          (BUCKET, "dr/indexes/db/x.pidx"))
     assert type(point_store(vault.store, "db")) is ChunkIndex
     with vault.db:  # what commit leaves
@@ -158,7 +174,8 @@ def test_records_of_two_kinds_are_refused(vault, tmp_path):
     with vault.db:
         vault.db.execute("INSERT INTO points(id, item, created, consistency, bytes, cut) "
                          "VALUES (6, 'db', 0, 'crash-consistent', 0, 'none')")
-        vault.db.execute("INSERT INTO object_indexes VALUES ('db', 6, ?, 'k.pidx', 0)", (BUCKET,))
+        vault.db.execute("INSERT INTO object_indexes(item, point, store, key, bytes) "
+                         "VALUES ('db', 6, ?, 'k.pidx', 0)", (BUCKET,))
     assert type(point_store(vault.store, "db")) is ChunkIndex
     with vault.db:
         vault.db.execute("UPDATE disks SET replica=? WHERE item='db'", (str(tmp_path / "db.img"),))

@@ -13,7 +13,11 @@ import pytest
 from conftest import run_cli, sha
 from disks import change, fsck_clean, mkfs
 from pydr.dr.vault import Vault
+from pydr.engine.sealing import OVERHEAD as SEAL_OVERHEAD
 from s3server import OTHER_KEY, OTHER_SECRET, SwiftS3, missing_tools
+
+
+PASSPHRASE = "correct horse battery staple"
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +31,9 @@ def swift(tmp_path_factory):
 
 @pytest.fixture
 def s3(swift, tmp_path, monkeypatch):
-    """A fresh bucket, the environment that points pydr at it, a vault."""
-    env = {**swift.env(), "PYDR_S3_ADDRESSING": "path"}
+    """A fresh bucket, the environment that points pydr at it (and the
+    passphrase: its stores are encrypted, pydr's default), a vault."""
+    env = {**swift.env(), "PYDR_S3_ADDRESSING": "path", "PYDR_PASSPHRASE": PASSPHRASE}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     client = boto3.client("s3", endpoint_url=swift.endpoint, region_name="us-east-1",
@@ -157,7 +162,8 @@ def test_a_killed_cycle_is_finished_by_running_it_again(s3, point):
     r = replicate(ctx)
     if point == "s3.chunk:6":
         assert 6 <= uploaded <= 10  # chunks in flight beside the 6th may have landed too
-        assert r["bytes_written"] <= (10 - 6) * ((4 << 20) + 64)  # not sent again
+        # not sent again: a chunk object is its header, 4 MiB and its seal's envelope
+        assert r["bytes_written"] <= (10 - 6) * ((4 << 20) + 64 + SEAL_OVERHEAD)
     elif uploaded == 10:  # every upload was done and logged before the kill
         assert r["bytes_written"] == 0
     assert len(keys(ctx, "chunks")) == 10
@@ -244,7 +250,8 @@ def test_a_corrupt_or_missing_chunk_is_caught_and_nothing_wrong_is_written(s3):
     r = cli(ctx, "verify", "vm", "--json")
     assert r.returncode == 7
     problems = json.loads(r.stdout)["problems"]
-    assert any(named[0] in p and "does not hash" in p for p in problems)
+    # sealed (the store is encrypted): the flipped byte fails the chunk's authentication
+    assert any(named[0] in p and "fails authentication" in p for p in problems), problems
     assert any(named[1] in p and "missing" in p for p in problems)
 
 
@@ -266,7 +273,23 @@ def test_wrong_keys_and_a_missing_bucket_are_clear_and_not_retried(s3):
     src2 = tmp / "two.img"
     with open(src2, "wb") as f:
         f.write(os.urandom(1 << 20))
-    ok(cli(ctx, "protect", "lost", "--disk", f"{src2}=s3://pydr-no-such-bucket/x"))
+    # protect opens (or makes) the store: a bucket that is not there is said at once
+    r = cli(ctx, "protect", "lost", "--disk", f"{src2}=s3://pydr-no-such-bucket/x")
+    assert r.returncode == 3 and b"no such bucket" in r.stderr, r.stderr
+    r = cli(ctx, "protect", "lost", "--disk", f"{src2}={ctx['url']}/lost",
+            env={"AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert r.returncode == 4 and b"refused the credentials" in r.stderr, r.stderr
+    with Vault(ctx["vault"]) as v:
+        assert "lost" not in v.items() and v.object_store("s3://pydr-no-such-bucket/x") is None
+        assert v.object_store(f"{ctx['url']}/lost") is None
+    assert keys(ctx, "lost") == []
+    # a bucket gone after protect: its cycle says so
+    gone = f"pydr-{uuid.uuid4().hex[:12]}"
+    ctx["client"].create_bucket(Bucket=gone)
+    ok(cli(ctx, "protect", "lost", "--disk", f"{src2}=s3://{gone}/x"))
+    for o in ctx["client"].list_objects_v2(Bucket=gone).get("Contents", ()):
+        ctx["client"].delete_object(Bucket=gone, Key=o["Key"])  # its config and key
+    ctx["client"].delete_bucket(Bucket=gone)
     r = cli(ctx, "replicate", "lost")
     assert r.returncode == 3 and b"no such bucket" in r.stderr, r.stderr
     assert replicate(ctx)["point_id"]  # the right keys work

@@ -1,0 +1,376 @@
+"""The keys of an object store (pydr.dr.storekeys, keyfiles, recoverykey,
+passphrases) on an in-memory store: the fine-grained and hostile cases.
+The commands against a real S3 server: tests/dr/test_keys.py."""
+
+import base64
+import json
+import os
+
+import pytest
+
+from pydr.dr import keyfiles, storekeys
+from pydr.dr.passphrases import new_passphrase_from, passphrase_from, recovery_passphrase_from
+from pydr.errors import (FormatError, InvalidArgument, InvalidState, PassphraseRequired,
+                         UnknownName, WrongPassphrase)
+
+
+def master_of(keys):
+    """The master key that DataKeys were made from."""
+    return bytes.fromhex(keys.export()["master"])
+
+
+class MemoryStore:
+    """pydr.endpoints.s3.ObjectStore's calls, in memory; with `versioned`,
+    every put and delete keeps the older versions (versions(), get(version=))."""
+
+    def __init__(self, spec="s3://bucket/dr", versioned=False):
+        self.spec = spec
+        self.bucket, _, self.prefix = spec[len("s3://"):].partition("/")
+        self.objects, self.history, self.versioned = {}, [], versioned
+        if not versioned:
+            self.versions = None
+
+    def key(self, *parts):
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def url(self, key):
+        return f"s3://{self.bucket}/{key}"
+
+    def put(self, key, data):
+        self.objects[key] = bytes(data)
+        self.history.append((key, f"v{len(self.history)}", bytes(data)))
+
+    def get(self, key, version=None):
+        if version is not None:
+            return next(d for k, v, d in self.history if (k, v) == (key, version))
+        if key not in self.objects:
+            raise FileNotFoundError(2, "no such object", self.url(key))
+        return self.objects[key]
+
+    def list(self, under):
+        for k in sorted(self.objects):
+            if k.startswith(self.key(under) + "/"):
+                yield k, 0.0, len(self.objects[k])
+
+    def delete(self, keys):
+        for k in keys:
+            self.objects.pop(k, None)
+            self.history.append((k, f"v{len(self.history)}", None))  # a delete marker
+
+    def delete_versions(self, pairs):
+        doomed = set(pairs)
+        self.history = [h for h in self.history if (h[0], h[1]) not in doomed]
+        return []
+
+    def versions(self, under):
+        latest = {k: v for k, v, _ in self.history}
+        for k, v, d in self.history:
+            if k.startswith(self.key(under) + "/"):
+                yield k, v, latest[k] == v, d is None, 0.0, len(d or b"")
+
+
+@pytest.fixture
+def store():
+    return MemoryStore()
+
+
+def key_ids(store):
+    return sorted(k.rpartition("/")[2] for k in store.objects if "/keys/" in k)
+
+
+def edit_key(store, key_id, **fields):
+    name = store.key("keys", key_id)
+    obj = json.loads(store.objects[name])
+    for k, v in fields.items():
+        obj["kdf" if k.startswith("kdf_") else k] = (
+            {**obj["kdf"], k[4:]: v} if k.startswith("kdf_") else v)
+    store.objects[name] = json.dumps(obj).encode()
+
+
+def test_unlock_opens_with_any_passphrase_key_and_refuses_others(store):
+    config, keys = storekeys.create_store(store, b"one")
+    storekeys.add_key(store, keys, b"two")
+    for passphrase in (b"one", b"two"):
+        got, opened = storekeys.unlock(store, passphrase, expect_id=config.id)
+        assert got == config and master_of(opened) == master_of(keys)
+    with pytest.raises(WrongPassphrase) as e:
+        storekeys.unlock(store, b"three")
+    assert e.value.path == store.spec and e.value.exit_code == 4 and "tried 2" in str(e.value)
+    with pytest.raises(PassphraseRequired):
+        storekeys.unlock(store, None)
+    with pytest.raises(FormatError, match="recorded as"):
+        storekeys.unlock(store, b"one", expect_id="0" * 32)
+
+
+def test_an_unencrypted_store_has_no_keys_and_a_version_1_store_is_left_alone(store):
+    config, keys = storekeys.create_store(store, None, encrypt=False)
+    assert keys is None and config.encryption == "none" and config.chunk_id == "xxh3-128"
+    assert storekeys.unlock(store, None) == (config, None)
+    assert storekeys.create_store(store, b"x") == (config, None)  # opened as it is
+    v1 = MemoryStore("s3://bucket/old")
+    v1.put("old/chunks/abcd/" + "ab" * 16, b"chunk")
+    with pytest.raises(InvalidState, match="version-1"):
+        storekeys.create_store(v1, b"x")
+    assert storekeys.read_config(v1) is None and list(v1.objects) == ["old/chunks/abcd/" + "ab" * 16]
+    with pytest.raises(FileNotFoundError):
+        storekeys.unlock(v1, b"x")
+    with pytest.raises(PassphraseRequired):
+        storekeys.create_store(MemoryStore(), None)
+
+
+def test_a_config_saying_none_beside_key_files_is_refused(store):
+    config, keys = storekeys.create_store(store, b"one")
+    store.objects["dr/config"] = json.dumps({**config.to_dict(), "encryption": "none",
+                                             "chunk_id": "xxh3-128"}).encode()
+    with pytest.raises(FormatError, match="not encrypted, yet it has 1 key files"):
+        storekeys.unlock(store, b"one")
+
+
+def test_a_creation_cut_short_after_its_key_is_finished_with_the_same_config(store):
+    config, keys = storekeys.create_store(store, b"one")
+    del store.objects["dr/config"]
+    # it opens (the config a rerun writes), and a wrong passphrase never finishes it
+    assert storekeys.unlock(store, b"one")[0] == config
+    with pytest.raises(WrongPassphrase):
+        storekeys.create_store(store, b"two")
+    assert "dr/config" not in store.objects
+    again, keys2 = storekeys.create_store(store, b"one")
+    assert again == config and master_of(keys2) == master_of(keys)
+    assert keyfiles.parse_config(store.objects["dr/config"], "c") == config
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"version": 2}, "key file of version 2"),
+    ({"id": "0" * 32}, "is not its name"),
+    ({"kind": "other"}, "unknown kind"),
+    ({"nonce": "AAAA"}, "'nonce' has 3 bytes"),
+    ({"sealed": "!!"}, "'sealed' is not base64"),
+    ({"kdf_name": "scrypt"}, "is not argon2id"),
+    ({"kdf_memory_cost": 1 << 30}, "memory_cost 1073741824 is outside"),
+    ({"kdf_time_cost": 10 ** 6}, "time_cost 1000000 is outside"),
+    ({"kdf_parallelism": 0}, "parallelism 0 is outside"),
+])
+def test_a_damaged_or_hostile_key_file_is_named_and_skipped(store, damage, message):
+    _, keys = storekeys.create_store(store, b"one")
+    [bad] = key_ids(store)
+    storekeys.add_key(store, keys, b"two")
+    edit_key(store, bad, **damage)
+    assert master_of(storekeys.unlock(store, b"two")[1]) == master_of(keys)  # another key opens
+    listed = {k.id: k for k in storekeys.list_keys(store)}
+    assert listed[bad].kind is None and message in listed[bad].problem
+    with pytest.raises(WrongPassphrase) as e:  # none opens: the damaged one is named
+        storekeys.unlock(store, b"one")
+    assert f"s3://bucket/dr/keys/{bad}" in str(e.value) and message in str(e.value)
+    storekeys.remove_key(store, keys, bad)  # a damaged file can be removed
+    assert bad not in key_ids(store)
+
+
+def test_only_damaged_keys_are_a_format_error_naming_the_file(store):
+    storekeys.create_store(store, b"one")
+    [only] = key_ids(store)
+    store.objects[f"dr/keys/{only}"] = b"\x00garbage"
+    with pytest.raises(FormatError) as e:
+        storekeys.unlock(store, b"one")
+    assert e.value.path == f"s3://bucket/dr/keys/{only}" and e.value.exit_code == 7
+    store.objects["dr/keys/readme"] = b"x"
+    assert [k.problem for k in storekeys.list_keys(store) if k.id == "readme"] == [
+        "not a key file's name (32 hex digits)"]
+
+
+def test_a_sealed_payload_moved_into_another_key_file_does_not_open(store):
+    _, keys = storekeys.create_store(store, b"one")
+    [a] = key_ids(store)
+    b = storekeys.add_key(store, keys, b"two").id
+    obj_a = json.loads(store.objects[f"dr/keys/{a}"])
+    store.objects[f"dr/keys/{b}"] = json.dumps({**obj_a, "id": b}).encode()  # a's seal, b's name
+    del store.objects[f"dr/keys/{a}"]
+    for passphrase in (b"one", b"two"):  # the associated data names the key
+        with pytest.raises(WrongPassphrase):
+            storekeys.unlock(store, passphrase)
+
+
+def test_a_key_of_another_store_is_refused_naming_the_config(store):
+    _, keys = storekeys.create_store(store, b"one")
+    other = MemoryStore()
+    storekeys.create_store(other, b"two")
+    [foreign] = key_ids(other)
+    store.objects[f"dr/keys/{foreign}"] = other.objects[f"dr/keys/{foreign}"]
+    assert master_of(storekeys.unlock(store, b"one")[1]) == master_of(keys)
+    with pytest.raises(FormatError, match="is of store") as e:
+        storekeys.unlock(store, b"two")
+    assert e.value.path == "s3://bucket/dr/config"
+
+
+def test_the_last_passphrase_key_is_never_removed(store):
+    _, keys = storekeys.create_store(store, b"one")
+    [only] = key_ids(store)
+    with pytest.raises(InvalidState, match="last passphrase key"):
+        storekeys.remove_key(store, keys, only)
+    with pytest.raises(UnknownName):
+        storekeys.remove_key(store, keys, "zzzz")
+    with pytest.raises(InvalidArgument, match="label"):
+        storekeys.add_key(store, keys, b"two", label="x" * 201)
+    assert storekeys.remove_key(store, keys, "f" * 32) == "f" * 32  # not there: done
+    assert key_ids(store) == [only]
+
+
+def test_passwd_run_again_after_each_step_finishes_without_a_stray_key(store):
+    _, keys = storekeys.create_store(store, b"one", label="ops")
+    info = storekeys.change_passphrase(store, b"one", b"two")
+    assert info.label == "ops" and key_ids(store) == [info.id]
+    assert storekeys.change_passphrase(store, b"one", b"two") == info  # done already
+    with pytest.raises(WrongPassphrase):
+        storekeys.change_passphrase(store, b"three", b"four")
+    with pytest.raises(InvalidArgument):
+        storekeys.change_passphrase(store, b"two", b"two")
+    # the state a kill at keys.added leaves: both keys
+    storekeys.add_key(store, keys, b"three")
+    again = storekeys.change_passphrase(store, b"two", b"three")
+    assert key_ids(store) == [again.id]
+    assert master_of(storekeys.unlock(store, b"three")[1]) == master_of(keys)
+
+
+def test_keys_an_attacker_deleted_or_overwrote_open_from_their_older_versions():
+    store = MemoryStore(versioned=True)
+    config, keys = storekeys.create_store(store, b"one")
+    [key_id] = key_ids(store)
+    store.put(f"dr/keys/{key_id}", b"{}")  # overwritten
+    assert master_of(storekeys.unlock(store, b"one")[1]) == master_of(keys)
+    store.delete([f"dr/keys/{key_id}", "dr/config"])  # a delete marker on each
+    assert master_of(storekeys.unlock(store, b"one", expect_id=config.id)[1]) == master_of(keys)
+    with pytest.raises(WrongPassphrase):
+        storekeys.unlock(store, b"two", expect_id=config.id)
+
+
+def test_creating_the_store_again_after_an_attackers_deletes_brings_it_back():
+    store = MemoryStore(versioned=True)
+    config, keys = storekeys.create_store(store, b"one")
+    [key_id] = key_ids(store)
+    store.delete(list(store.objects))
+    with pytest.raises(WrongPassphrase):  # never a new store over the old one's versions
+        storekeys.create_store(store, b"two")
+    assert store.objects == {}
+    again, keys2 = storekeys.create_store(store, b"one")
+    assert again == config and master_of(keys2) == master_of(keys)
+    assert key_ids(store) == [key_id]  # the key is put back from its version
+
+
+def test_a_removed_or_changed_passphrase_does_not_open_from_an_older_version():
+    store = MemoryStore(versioned=True)
+    _, keys = storekeys.create_store(store, b"one")
+    doomed = storekeys.add_key(store, keys, b"two").id
+    store.put(f"dr/keys/{doomed}", store.objects[f"dr/keys/{doomed}"])  # a second version
+    storekeys.remove_key(store, keys, doomed)
+    assert not [h for h in store.history if doomed in h[0]]  # no version, no marker
+    storekeys.change_passphrase(store, b"one", b"three")
+    for gone in (b"one", b"two"):
+        with pytest.raises(WrongPassphrase):
+            storekeys.unlock(store, gone)
+    assert master_of(storekeys.unlock(store, b"three")[1]) == master_of(keys)
+
+
+def ed25519_public_pem():
+    from cryptography.hazmat.primitives import serialization as S
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().public_key().public_bytes(
+        S.Encoding.PEM, S.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_recovery_needs_the_private_key_and_its_passphrase(store, tmp_path):
+    _, keys = storekeys.create_store(store, b"one")
+    recipient = storekeys.make_recovery_pair(tmp_path / "r.pem", tmp_path / "r.pub", b"rpass")
+    assert oct(os.stat(tmp_path / "r.pem").st_mode & 0o777) == "0o600"
+    info = storekeys.add_recovery(store, keys, (tmp_path / "r.pub").read_bytes())
+    assert info.recipient == recipient and info.kind == "recovery"
+    private = (tmp_path / "r.pem").read_bytes()
+    with pytest.raises(WrongPassphrase):
+        storekeys.recover(store, private, b"wrong", b"new")
+    with pytest.raises(InvalidArgument):
+        storekeys.recover(store, private, None, b"new")
+    with pytest.raises(FormatError):
+        storekeys.recover(store, b"not pem", b"rpass", b"new")
+    with pytest.raises(FormatError, match="not a PEM public key"):
+        storekeys.add_recovery(store, keys, b"-----BEGIN PUBLIC KEY-----\nAAAA\n"
+                                            b"-----END PUBLIC KEY-----\n")
+    with pytest.raises(FormatError, match="Ed25519PublicKey, not an X25519 public key"):
+        storekeys.add_recovery(store, keys, ed25519_public_pem())
+    added = storekeys.recover(store, private, b"rpass", b"new")
+    assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
+    assert storekeys.recover(store, private, b"rpass", b"new") == added  # no second key
+    with pytest.raises(FileExistsError):
+        storekeys.make_recovery_pair(tmp_path / "r.pem", tmp_path / "s.pub", b"x")
+    assert not (tmp_path / "s.pub").exists()
+
+
+def test_a_forged_recovery_key_is_passed_over_for_the_one_that_opens_an_index(store, tmp_path):
+    from pydr.dr import recoverykey
+    from pydr.engine.sealing import KIND_INDEX
+
+    config, keys = storekeys.create_store(store, b"one")
+    storekeys.make_recovery_pair(tmp_path / "r.pem", tmp_path / "r.pub", b"rpass")
+    public_pem = (tmp_path / "r.pub").read_bytes()
+    # anyone may seal a master key to the public key: a forged one, first in the listing
+    forged = {"version": 1, "id": "0" * 32, "kind": "recovery", "created": 0, "host": "x",
+              "label": None}
+    forged.update(recoverykey.seal_fields(recoverykey.load_public(public_pem, "p"), "0" * 32,
+                                          config.store_id, os.urandom(32)))
+    store.put("dr/keys/" + "0" * 32, keyfiles.key_file_bytes(forged))
+    storekeys.add_recovery(store, keys, public_pem)
+    name = "indexes/vm/x.pidx"
+    store.put(f"dr/{name}", keys.seal(KIND_INDEX, b"an index", name))
+    storekeys.recover(store, (tmp_path / "r.pem").read_bytes(), b"rpass", b"new")
+    assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
+
+
+def test_passphrase_sources_in_restics_order(tmp_path):
+    f = tmp_path / "p"
+    f.write_bytes(b"from file\r\n")
+    env = {"PYDR_PASSPHRASE_FILE": str(f), "PYDR_PASSPHRASE": "from env"}
+    assert passphrase_from(None, {}) is None
+    assert passphrase_from(None, {"PYDR_PASSPHRASE": "from env"}) == b"from env"
+    assert passphrase_from(None, env) == b"from file"
+    g = tmp_path / "g"
+    g.write_bytes(b"given\n\n")  # one newline stripped, not two
+    assert passphrase_from(g, env) == b"given\n"
+    assert new_passphrase_from(None, env) is None
+    assert new_passphrase_from(None, {"PYDR_NEW_PASSPHRASE": "n"}) == b"n"
+    assert recovery_passphrase_from(None, {"PYDR_RECOVERY_PASSPHRASE_FILE": str(f)}) == \
+        b"from file"
+    (tmp_path / "empty").write_bytes(b"\n")
+    for bad in ({"PYDR_PASSPHRASE": ""}, {"PYDR_PASSPHRASE_FILE": str(tmp_path / "empty")}):
+        with pytest.raises(InvalidArgument, match="empty"):
+            passphrase_from(None, bad)
+    with pytest.raises(FileNotFoundError):
+        passphrase_from(tmp_path / "missing", {})
+
+
+def test_config_parsing_refuses_what_is_not_a_version_2_config():
+    good = {"format": "pydr-object-store", "version": 2, "id": "ab" * 16,
+            "encryption": "aes-256-gcm", "chunk_id": "hmac-sha256-128", "created": 1}
+    assert keyfiles.parse_config(json.dumps(good).encode(), "u").id == "ab" * 16
+    for bad, message in [({"version": 3}, "version 3"), ({"id": "AB" * 16}, "not 32 hex"),
+                         ({"encryption": "rot13"}, "unknown encryption"),
+                         ({"chunk_id": "xxh3-128"}, "chunk ids 'xxh3-128' with"),
+                         ({"created": "today"}, "'created'"), ({"format": "x"}, "format 'x'")]:
+        with pytest.raises(FormatError, match=message) as e:
+            keyfiles.parse_config(json.dumps({**good, **bad}).encode(), "s3://b/p/config")
+        assert e.value.path == "s3://b/p/config"
+    for raw in (b"\xff", b"[]", b"x" * (keyfiles.MAX_FILE + 1)):
+        with pytest.raises(FormatError):
+            keyfiles.parse_config(raw, "u")
+    assert base64.b64decode(json.loads(keyfiles.key_file_bytes({"a": b"\x01"}))["a"]) == b"\x01"
+
+
+def test_versions_under_object_lock_that_cannot_be_deleted_are_reported():
+    class Locked(MemoryStore):
+        def delete_versions(self, pairs):
+            return [(k, v, "AccessDenied") for k, v in pairs if v is not None]
+
+    store = Locked(versioned=True)
+    _, keys = storekeys.create_store(store, b"one")
+    doomed = storekeys.add_key(store, keys, b"two").id
+    with pytest.raises(InvalidState, match="under Object Lock retention"):
+        storekeys.remove_key(store, keys, doomed)
+    assert doomed not in key_ids(store)  # the current file is gone all the same
+    assert master_of(storekeys.unlock(store, b"two")[1]) == master_of(keys)  # as reported
