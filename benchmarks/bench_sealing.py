@@ -25,7 +25,8 @@ def chunk():
 
 
 def _rate(benchmark, nbytes):
-    benchmark.extra_info["MiB/s"] = nbytes / (1 << 20) / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None with --benchmark-disable (a plain test run)
+        benchmark.extra_info["MiB/s"] = nbytes / (1 << 20) / benchmark.stats.stats.median
 
 
 def test_seal(benchmark, chunk):
