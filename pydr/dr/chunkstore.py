@@ -15,6 +15,7 @@ every put is locked (S3 Object Lock), and :meth:`ChunkStore.keep` extends
 a reused chunk's lock (docs/FORMAT.md, "Object Lock and versions").
 """
 
+import hashlib
 import threading
 
 from ..engine.chunks import ObjectRef, PointIndex, chunk_id, decode_chunk, encode_chunk
@@ -147,10 +148,16 @@ class ChunkStore:
             blob = self.keys.seal(KIND_INDEX, blob, self._name(key))
         return self._put(key, blob), blob
 
-    def decode_index(self, blob, key, where=None):
+    def decode_index(self, blob, key, where=None, digest=None):
         """The PointIndex in `blob`, the object `key` of this store (or a
-        local copy of it at `where`); FormatError naming it if damaged."""
+        local copy of it at `where`); FormatError naming it if damaged, or
+        if `digest` (the hex SHA-256 the vault recorded of the object as
+        stored; None: not recorded) does not match: an index re-encoded
+        with its chunk ids swapped passes its own, unkeyed, checksum."""
         where = where or self.url(key)
+        if digest is not None and index_digest(blob) != digest:
+            raise FormatError("point index does not match the digest the vault recorded "
+                              f"(sha256 {digest}): replaced or damaged", path=where, offset=0)
         if self.keys is not None:
             try:
                 blob = self.keys.open(KIND_INDEX, blob, self._name(key))
@@ -158,8 +165,16 @@ class ChunkStore:
                 raise FormatError(f"point index {exc}", path=where, offset=0) from None
         return PointIndex.decode(blob, where)
 
-    def get_index(self, key, ref=None):
-        """The PointIndex stored as `key` (the version `ref` names, if any);
+    def get_index(self, key, ref=None, digest=None):
+        """The PointIndex stored as `key` (the version `ref` names, if any),
+        checked against `digest` as :meth:`decode_index` checks it;
         FileNotFoundError if gone, FormatError naming it if damaged."""
         version = ref.version if ref is not None else None
-        return self.decode_index(self.objects.get(key, version), key, self._at(key, ref))
+        return self.decode_index(self.objects.get(key, version), key, self._at(key, ref),
+                                 digest)
+
+
+def index_digest(blob):
+    """The hex SHA-256 of a point index object as stored (sealed or plain):
+    what the vault records of it (object_indexes.digest)."""
+    return hashlib.sha256(blob).hexdigest()

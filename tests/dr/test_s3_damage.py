@@ -152,3 +152,52 @@ def test_a_missing_chunk_is_marked_and_the_next_cycle_uploads_it_again(s3):
     assert report["problems"] == [] and report["damaged_points"] == []
     r = cli(s3, "materialize", "vm", "--point", str(first), "--to", s3["tmp"] / "old")
     assert r.returncode == 7 and b"damaged" in r.stderr, r.stderr
+
+
+def test_an_index_re_encoded_with_its_chunk_ids_swapped_is_refused(s3):
+    """An unencrypted store's point index carries only an unkeyed checksum:
+    whoever can write the bucket re-encodes it with two chunk ids swapped.
+    The vault recorded each index's SHA-256: the next cycle (its local copy
+    gone), materialize and verify exit 7 naming the index; the point is
+    marked damaged and nothing wrong is written."""
+    from pydr.engine.chunks import PointIndex
+
+    img = image(s3["tmp"] / "disk.img")
+    ok(cli(s3, "protect", "vm", "--disk", f"{img}={s3['url']}", "--no-encrypt"))
+    first = replicate(s3)["point_id"]
+    with open(img, "r+b") as f:
+        f.write(os.urandom(4096))
+    second = replicate(s3)["point_id"]
+    with Vault(s3["vault"]) as v:
+        index_keys = {p: v.index_of("vm", p).key for p in (first, second)}
+        assert all(v.index_of("vm", p).digest for p in (first, second))
+
+    def swap(pid):
+        key = index_keys[pid].partition(f"s3://{s3['bucket']}/")[2] or index_keys[pid]
+        index = PointIndex.decode(s3["client"].get_object(Bucket=s3["bucket"],
+                                                          Key=key)["Body"].read())
+        size, ids = index.disks[0]
+        index.disks[0] = (size, [ids[1], ids[0], *ids[2:]])
+        s3["client"].put_object(Bucket=s3["bucket"], Key=key, Body=index.encode())
+        return key
+
+    said = b"does not match the digest the vault recorded"
+    here = os.path.join(s3["vault"], "objects", "vm")
+    for local in os.listdir(here):
+        if local.endswith(".pidx"):
+            os.unlink(os.path.join(here, local))
+    key = swap(second)
+    r = cli(s3, "replicate", "vm")
+    assert r.returncode == 7 and said in r.stderr and key.encode() in r.stderr, r.stderr
+    key = swap(first)
+    out = s3["tmp"] / "out"
+    r = cli(s3, "materialize", "vm", "--point", str(first), "--to", out)
+    assert r.returncode == 7 and said in r.stderr and key.encode() in r.stderr, r.stderr
+    assert not (out / "disk.img").exists()
+    r = cli(s3, "verify", "vm", "--json")
+    assert r.returncode == 7, r.stderr
+    report = json.loads(r.stdout)
+    assert sorted(report["damaged_points"]) == [first, second], report
+    assert any(said.decode() in p for p in report["problems"]), report
+    damaged = points_damaged(s3)
+    assert damaged[first] and damaged[second]
