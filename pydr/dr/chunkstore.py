@@ -18,11 +18,19 @@ a reused chunk's lock (docs/FORMAT.md, "Object Lock and versions").
 import hashlib
 import threading
 
-from ..engine.chunks import ObjectRef, PointIndex, chunk_id, decode_chunk, encode_chunk
-from ..engine.sealing import KIND_CHUNK, KIND_INDEX, SealBroken
+from ..engine.chunks import (CHUNK_HEADER_SIZE, CHUNK_SIZE, ObjectRef, PointIndex, chunk_id,
+                             decode_chunk, encode_chunk)
+from ..engine.sealing import KIND_CHUNK, KIND_INDEX, OVERHEAD, SealBroken
 from ..errors import FormatError
 
 _coders = threading.local()  # a zstd decompressor per thread
+
+#: the largest chunk object pydr writes (zstd is kept only when smaller) and
+#: some slack: a larger one is damage, refused before it is read into memory
+MAX_CHUNK_OBJECT = CHUNK_HEADER_SIZE + CHUNK_SIZE + OVERHEAD + (64 << 10)
+#: a point index names 16 bytes (and a version) per 4 MiB chunk: 1 GiB is
+#: far above any real one, yet bounds what a hostile object costs
+MAX_INDEX_OBJECT = 1 << 30
 
 
 class ChunkStore:
@@ -99,7 +107,8 @@ class ChunkStore:
         import zstandard
 
         key = self.chunk_key(ident)
-        blob = self.objects.get(key, ref.version if ref is not None else None)
+        blob = self.objects.get(key, ref.version if ref is not None else None,
+                                max_size=MAX_CHUNK_OBJECT)
         where = self._at(key, ref)
         if self.keys is not None:
             try:
@@ -170,7 +179,8 @@ class ChunkStore:
         checked against `digest` as :meth:`decode_index` checks it;
         FileNotFoundError if gone, FormatError naming it if damaged."""
         version = ref.version if ref is not None else None
-        return self.decode_index(self.objects.get(key, version), key, self._at(key, ref),
+        blob = self.objects.get(key, version, max_size=MAX_INDEX_OBJECT)
+        return self.decode_index(blob, key, self._at(key, ref),
                                  digest)
 
 

@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+import pytest
+
 from conftest import run_cli, sha
 from pydr.dr.vault import Vault
 from test_s3 import cli, keys, ok, protect, replicate, s3, swift  # noqa: F401  (fixtures)
@@ -201,3 +203,41 @@ def test_an_index_re_encoded_with_its_chunk_ids_swapped_is_refused(s3):
     assert any(said.decode() in p for p in report["problems"]), report
     damaged = points_damaged(s3)
     assert damaged[first] and damaged[second]
+
+
+def test_an_oversized_chunk_is_refused_before_it_is_read_whole(s3):
+    """A chunk object replaced by one larger than any pydr writes: verify
+    and materialize exit 7 naming it, by its Content-Length, and the bound
+    also holds while reading when the server sends no length."""
+    from pydr.dr.chunkstore import MAX_CHUNK_OBJECT
+    from pydr.endpoints.s3 import ObjectStore
+    from pydr.errors import FormatError
+
+    img = image(s3["tmp"] / "disk.img", 4 << 20)
+    protect(s3, img)
+    first = replicate(s3)["point_id"]
+    (chunk,) = keys(s3, "chunks")
+    s3["client"].put_object(Bucket=s3["bucket"], Key=chunk, Body=bytes(MAX_CHUNK_OBJECT + 1))
+    said = f"{MAX_CHUNK_OBJECT + 1} bytes or more, more than the {MAX_CHUNK_OBJECT}".encode()
+    r = cli(s3, "verify", "vm", "--json")
+    assert r.returncode == 7, r.stderr
+    problems = json.loads(r.stdout)["problems"]
+    assert any(said.decode() in p and chunk in p for p in problems), problems
+    r = cli(s3, "materialize", "vm", "--point", str(first), "--to", s3["tmp"] / "out")
+    assert r.returncode == 7 and b"damaged" in r.stderr, r.stderr
+    objects = ObjectStore(s3["url"])
+    real = objects.client
+
+    class NoLength:  # a server that sends no Content-Length: the read itself is bounded
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def get_object(self, **kw):
+            r = real.get_object(**kw)
+            r.pop("ContentLength", None)
+            return r
+
+    objects._client = NoLength()
+    with pytest.raises(FormatError, match="more than the 1000 pydr ever writes"):
+        objects.get(chunk, max_size=1000)
+    assert len(objects.get(chunk, max_size=MAX_CHUNK_OBJECT + 1)) == MAX_CHUNK_OBJECT + 1
