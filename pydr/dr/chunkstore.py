@@ -164,14 +164,15 @@ class ChunkStore:
         stored; None: not recorded) does not match: an index re-encoded
         with its chunk ids swapped passes its own, unkeyed, checksum."""
         where = where or self.url(key)
-        if digest is not None and index_digest(blob) != digest:
-            raise FormatError("point index does not match the digest the vault recorded "
-                              f"(sha256 {digest}): replaced or damaged", path=where, offset=0)
-        if self.keys is not None:
+        stored = blob
+        if self.keys is not None:  # its seal first: the more telling message
             try:
                 blob = self.keys.open(KIND_INDEX, blob, self._name(key))
             except SealBroken as exc:
                 raise FormatError(f"point index {exc}", path=where, offset=0) from None
+        if digest is not None and index_digest(stored) != digest:
+            raise FormatError("point index does not match the digest the vault recorded "
+                              f"(sha256 {digest}): replaced or damaged", path=where, offset=0)
         return PointIndex.decode(blob, where)
 
     def get_index(self, key, ref=None, digest=None):
