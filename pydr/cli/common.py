@@ -17,7 +17,7 @@ exit status:
   1    internal error (a bug: please report it; PYDR_DEBUG=1 shows a traceback)
   2    usage error: bad option or argument
   3    file or directory not found
-  4    permission denied or read-only file system
+  4    permission denied, read-only file system, or a wrong or missing passphrase
   5    I/O error
   6    no space left on device
   7    corrupt, truncated or foreign pydr file

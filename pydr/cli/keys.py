@@ -22,16 +22,33 @@ passphrases (never on the command line):
 
 def _objects(args):
     """The ObjectStore that STORE names (a URL, or an item's store)."""
+    return _objects_and_check(args)[0]
+
+
+def _objects_and_check(args):
+    """(the ObjectStore that STORE names, the key check the vault records
+    for it: None for a URL or no record)."""
     from ..endpoints.s3 import SCHEME, ObjectStore
 
     if args.store.startswith(SCHEME):
-        return ObjectStore(args.store)
+        return ObjectStore(args.store), None
     from ..dr.objectstore import store_of
     from .vault import open_vault
 
     with open_vault(args) as v:
         v.store.item(args.store)  # UnknownName (exit 3) when there is no such item
-        return ObjectStore(store_of(v.store, args.store).spec)
+        objects = ObjectStore(store_of(v.store, args.store).spec)
+        record = v.store.object_store(objects.spec)
+        return objects, getattr(record, "key_check", None)
+
+
+def _text(value):
+    """`value` for a terminal: control characters (a hostile key file's
+    label or host may hold escape sequences) shown escaped."""
+    text = "" if value is None else str(value)
+    return "".join(c if c.isprintable() else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
 
 
 def _passphrase(args, objects):
@@ -70,10 +87,10 @@ def _recovery_passphrase(args, twice=False):
     return given
 
 
-def _unlocked(args, objects):
+def _unlocked(args, objects, check=None):
     from ..dr.storekeys import unlock
 
-    config, keys = unlock(objects, _passphrase(args, objects))
+    config, keys = unlock(objects, _passphrase(args, objects), expect_check=check)
     if keys is None:
         raise InvalidArgument(f"{objects.spec}: the store is not encrypted: it has no keys")
     return keys
@@ -81,7 +98,7 @@ def _unlocked(args, objects):
 
 def _show(info, verb):
     label = f" ({info['label']})" if info.get("label") else ""
-    print(f"{verb} {info['kind']} key {info['id']}{label}")
+    print(_text(f"{verb} {info['kind']} key {info['id']}{label}"))
 
 
 def cmd_list(args):
@@ -98,20 +115,27 @@ def cmd_list(args):
         state = "no config (a version-1 store, an empty prefix, or a creation cut short)"
     else:
         state = f"store {config.id}, encryption {config.encryption}"
-    print(f"{objects.spec}: {state}, {len(keys)} keys")
+    print(_text(f"{objects.spec}: {state}, {len(keys)} keys"))
     for k in keys:
-        print(f"  {k['id']}  {k['kind'] or 'damaged':<10}  {timestamp(k['created']) or '-':<19}"
-              f"  {k['host'] or '-'}  {k['label'] or ''}")
+        print(f"  {_text(k['id'])}  {_text(k['kind'] or 'damaged'):<10}  "
+              f"{_when(k['created']):<19}  {_text(k['host'] or '-')}  {_text(k['label'])}")
         if k["problem"]:
-            print(f"    problem: {k['problem']}")
+            print(f"    problem: {_text(k['problem'])}")
     return 0
+
+
+def _when(created):
+    try:
+        return timestamp(created) or "-"
+    except (OverflowError, OSError, ValueError):  # keyfiles refuses these: never a crash
+        return "-"
 
 
 def cmd_add(args):
     from ..dr.storekeys import add_key
 
-    objects = _objects(args)
-    keys = _unlocked(args, objects)
+    objects, check = _objects_and_check(args)
+    keys = _unlocked(args, objects, check)
     new = _new_passphrase(args)
     info = add_key(objects, keys, new, label=args.label).to_dict()
     print_json(info) if args.json else _show(info, "added")
@@ -121,8 +145,8 @@ def cmd_add(args):
 def cmd_remove(args):
     from ..dr.storekeys import remove_key
 
-    objects = _objects(args)
-    keys = _unlocked(args, objects)
+    objects, check = _objects_and_check(args)
+    keys = _unlocked(args, objects, check)
     removed = remove_key(objects, keys, args.key_id)
     print_json({"store": objects.spec, "removed": removed}) if args.json \
         else print(f"removed key {removed}")
@@ -140,10 +164,11 @@ def cmd_passwd(args):
 
 
 def cmd_create_recovery(args):
-    from ..dr.storekeys import add_recovery, make_recovery_pair
+    from ..dr.keyrecovery import add_recovery
+    from ..dr.storekeys import make_recovery_pair
 
-    objects = _objects(args)
-    keys = _unlocked(args, objects)  # the store opens, before any file is made
+    objects, check = _objects_and_check(args)
+    keys = _unlocked(args, objects, check)  # the store opens, before any file is made
     if args.private_key:
         try:
             make_recovery_pair(args.private_key, args.public_key,
@@ -161,13 +186,13 @@ def cmd_create_recovery(args):
 
 
 def cmd_recover(args):
-    from ..dr.storekeys import recover
+    from ..dr.keyrecovery import recover
 
-    objects = _objects(args)
+    objects, check = _objects_and_check(args)
     with open(args.private_key, "rb") as f:
         private = f.read(1 << 16)
     info = recover(objects, private, _recovery_passphrase(args), _new_passphrase(args),
-                   where=args.private_key).to_dict()
+                   where=args.private_key, expect_check=check).to_dict()
     print_json(info) if args.json else _show(info, "recovered: the new passphrase opens")
     return 0
 

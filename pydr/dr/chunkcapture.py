@@ -35,7 +35,8 @@ from ..engine.oserrors import naming
 from ..errors import FormatError, InvalidState
 from .agent import cut, worker_host
 from .events import Emitter, check_cancel
-from .objectstore import DEFAULT_GRACE, UPLOADS, _dir, chunk_store, latest_index, store_of
+from .objectstore import (DEFAULT_GRACE, UPLOADS, _dir, chunk_store, latest_index,
+                          put_back_config, store_of)
 
 BLOCK = 4096  # the comparison's block: what changed, in 4 KiB blocks
 PENDING_TRUST = 0.5  # a logged upload is trusted for this share of the grace period
@@ -254,6 +255,12 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
     prev_row = vault.latest_index(name) if prev is not None else None
     chunks = chunk_store(vault, name)  # an encrypted store is unlocked here, not on a worker
     store = chunks.objects
+    repaired = put_back_config(vault, chunks)  # after an attack on it: the recorded config
+    lock = _lock_terms(vault, name)
+    if lock is not None and chunks.keys is not None:  # the keys the locked points need
+        from .objectlock import LockTerms, lock_store_keys
+
+        lock_store_keys(store, LockTerms.from_dict(lock))
     index_name = uuid.uuid4().hex
     log_index(vault, name, store.index_key(name, index_name))
     return capture_item, {
@@ -267,7 +274,7 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
         "bwlimit": opts.bwlimit, "uploads": uploads, "grace": grace,
         "suspect": suspect_chunks(vault, name),
         "keys": chunks.keys.export() if chunks.keys is not None else None,
-        "lock": _lock_terms(vault, name)}
+        "lock": lock, "repaired": repaired}
 
 
 def _lock_terms(vault, name):
@@ -377,8 +384,8 @@ def capture_item(task, *, events=None, cancel=None):
     return {"item": name, "host": worker_host(), "key": key, "local": new_name,
             "version": ref.version, "retain_until": ref.retain_until,
             "digest": index_digest(blob), "store": store.spec, "cut": taken.kind,
-            "cut_at": taken.at,
-            "suspect": list(task.get("suspect", ())), **stats}
+            "cut_at": taken.at, "suspect": list(task.get("suspect", ())),
+            "repaired": task.get("repaired"), **stats}
 
 
 def adopt(vault, name, result):
@@ -399,6 +406,9 @@ def adopt(vault, name, result):
         forget_local(vault, name, result["local"])
         if late:
             log_suspect(vault, name, late)
+        if result.get("repaired"):  # the point is sound; the store was attacked: say so
+            with vault.transaction():
+                vault.set_item(name, health="warning", last_error=result["repaired"])
 
     return {"items": {name: {"cut": result["cut"], "cut_at": result.get("cut_at"),
                              "bytes": sent, "read": result["read"], "host": result["host"]}},

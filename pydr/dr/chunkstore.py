@@ -45,6 +45,9 @@ class ChunkStore:
 
     def __init__(self, objects, keys=None, lock=None):
         self.objects, self.keys, self.lock = objects, keys, lock
+        # the store's config or key files found deleted or overwritten when it was
+        # opened (pydr.dr.storeversions findings; set by objectstore.chunk_store_at)
+        self.tampered = []
 
     def __repr__(self):
         return f"<ChunkStore {self.spec}{' (encrypted)' if self.keys else ''}>"

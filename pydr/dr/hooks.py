@@ -10,7 +10,11 @@ Every hook runs in a session (process group) of its own and has
 :func:`hook_timeout` seconds to finish (``PYDR_HOOK_TIMEOUT``, default
 300): then its whole group is killed and it fails (:class:`HookTimedOut`),
 so a hook that never returns cannot stop the cycle, or a ``pydr run``'s
-other items, for good."""
+other items, for good.
+
+A hook never sees a store's passphrase: the PYDR_*PASSPHRASE* variables
+(PYDR_PASSPHRASE, PYDR_NEW_PASSPHRASE_FILE, ...) are left out of its
+environment (:func:`hook_environment`)."""
 
 import math
 import os
@@ -47,6 +51,15 @@ def hook_timeout():
     return value
 
 
+def hook_environment(environ=None):
+    """The environment a hook runs with: `environ` (default os.environ)
+    without the variables that hold or name a passphrase (PYDR_ and
+    PASSPHRASE in the name): a hook may be someone else's script."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items()
+            if not (k.upper().startswith("PYDR_") and "PASSPHRASE" in k.upper())}
+
+
 def _tail(f):
     f.seek(0, os.SEEK_END)
     f.seek(max(0, f.tell() - _TAIL))
@@ -61,7 +74,8 @@ def run_command(command, what, timeout=None):
     timeout = hook_timeout() if timeout is None else timeout
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, close_fds=True, start_new_session=True)
+                                stdout=out, stderr=err, close_fds=True, start_new_session=True,
+                                env=hook_environment())
         try:
             status = proc.wait(timeout=timeout)
         except BaseException as exc:  # the timeout, or an interrupt: leave nothing behind

@@ -42,7 +42,10 @@ PASSPHRASE, RECOVERY = "passphrase", "recovery"
 KDF = {"name": "argon2id", "time_cost": 3, "memory_cost": 65536, "parallelism": 4}
 #: the bounds accepted when reading a key file: a hostile one must not make
 #: the KDF take the machine's memory or an hour
-KDF_LIMITS = {"time_cost": (1, 64), "memory_cost": (8, 1 << 20), "parallelism": (1, 64)}
+KDF_LIMITS = {"time_cost": (1, 16), "memory_cost": (8, 1 << 18), "parallelism": (1, 16)}
+#: the times a config or key file may carry (POSIX seconds): no NaN, no
+#: infinity, nothing a clock or strftime cannot hold
+TIME_LIMITS = (0, 1 << 35)
 SALT_BYTES, NONCE_BYTES, MASTER_BYTES, STORE_ID_BYTES = 16, 12, 32, 16
 MAX_FILE = 64 << 10  # a config or key file larger than this is not ours
 RECOVERY_INFO = b"pydr recovery v1"
@@ -59,6 +62,11 @@ class StoreConfig:
         chunk_id: how chunks are named: "hmac-sha256-128" or "xxh3-128".
         created: when the store was made, POSIX seconds.
         version: the config format's version (2).
+        key_check: the store's key check (32 hex digits,
+            pydr.engine.sealing.key_check of its master key and id), or
+            None in a config written before there was one (and in an
+            unencrypted store's). A master key whose check differs is not
+            the store's: it is never accepted.
     """
 
     id: str
@@ -66,6 +74,7 @@ class StoreConfig:
     chunk_id: str
     created: float
     version: int = CONFIG_VERSION
+    key_check: Optional[str] = None
 
     @property
     def encrypted(self) -> bool:
@@ -79,9 +88,12 @@ class StoreConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         """The config object's JSON fields, in the format's order."""
-        return {"format": FORMAT, "version": self.version, "id": self.id,
-                "encryption": self.encryption, "chunk_id": self.chunk_id,
-                "created": self.created}
+        fields = {"format": FORMAT, "version": self.version, "id": self.id,
+                  "encryption": self.encryption, "chunk_id": self.chunk_id,
+                  "created": self.created}
+        if self.key_check is not None:
+            fields["key_check"] = self.key_check
+        return fields
 
     def to_bytes(self) -> bytes:
         """The config object as stored."""
@@ -138,12 +150,24 @@ def _json_object(data: bytes, url: str, what: str) -> Dict[str, Any]:
     if len(data) > MAX_FILE:
         raise FormatError(f"{len(data)} bytes: too large for {what}", path=url)
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise FormatError(f"not {what}: {exc}", path=url) from None
     if not isinstance(obj, dict):
         raise FormatError(f"not {what}: not a JSON object", path=url)
     return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number pydr writes")
+
+
+def _time(obj: Dict[str, Any], name: str, url: str, what: str) -> float:
+    value = _field(obj, name, (int, float), url, what)
+    low, high = TIME_LIMITS
+    if not low <= value <= high:  # NaN compares False too
+        raise FormatError(f"{what}: field {name!r} ({value!r}) is not a time", path=url)
+    return value
 
 
 def _field(obj: Dict[str, Any], name: str, kinds: Any, url: str, what: str) -> Any:
@@ -190,8 +214,11 @@ def parse_config(data: bytes, url: str) -> StoreConfig:
     if chunk_id != CHUNK_IDS[encryption]:
         raise FormatError(f"{what}: chunk ids {chunk_id!r} with encryption {encryption!r}",
                           path=url)
-    created = _field(obj, "created", (int, float), url, what)
-    return StoreConfig(ident, encryption, chunk_id, created, version)
+    created = _time(obj, "created", url, what)
+    check = obj.get("key_check")
+    if check is not None and (not isinstance(check, str) or not _HEX32.match(check)):
+        raise FormatError(f"{what}: its key_check {check!r} is not 32 hex digits", path=url)
+    return StoreConfig(ident, encryption, chunk_id, created, version, check)
 
 
 def parse_key_file(data: bytes, key_id: str, url: str) -> KeyFile:
@@ -211,7 +238,7 @@ def parse_key_file(data: bytes, key_id: str, url: str) -> KeyFile:
     if obj.get("id") != key_id:
         raise FormatError(f"{what}: its id {obj.get('id')!r} is not its name", path=url)
     kind = _field(obj, "kind", str, url, what)
-    created = _field(obj, "created", (int, float), url, what)
+    created = _time(obj, "created", url, what)
     host = obj.get("host")
     label = obj.get("label")
     if not isinstance(host, (str, type(None))) or not isinstance(label, (str, type(None))):

@@ -120,12 +120,22 @@ def forget_versions(objects: ObjectStore, names: List[str]) -> int:
     an older version. Returns how many versions the server refused to
     delete (Object Lock retention): those keys still open from them."""
     wanted = set(names)
-    doomed = [(k, v) for k, v, _, _ in key_versions(objects) if k in wanted]
-    if not doomed:
+    found = [(k, v, marker) for k, v, _, marker in key_versions(objects) if k in wanted]
+    doomed = [(k, v) for k, v, marker in found if not marker]
+    markers = [(k, v) for k, v, marker in found if marker]
+    if not found:
         return 0
+    # the delete markers go last, and only where no version stays (locked): a marker
+    # deleted above a version kept would make the removed key current again
     if getattr(objects, "versions", None) is not None:
-        return len(objects.delete_versions(doomed))  # type: ignore[attr-defined]
-    return _Boto3Versions(objects).delete(doomed)
+        refused = objects.delete_versions(doomed)  # type: ignore[attr-defined]
+        kept = {k for k, *_ in refused}
+        objects.delete_versions([m for m in markers if m[0] not in kept])  # type: ignore
+        return len(refused)
+    refused_count = _Boto3Versions(objects).delete(doomed)
+    if not refused_count:
+        _Boto3Versions(objects).delete(markers)
+    return refused_count
 
 
 class _Boto3Versions:
@@ -184,16 +194,55 @@ def open_with(key: KeyFile, passphrase: bytes) -> Optional[Opened]:
     return Opened(key, store_id, master)
 
 
+#: passphrase keys with other KDF parameters than pydr's that one search tries
+MAX_COSTLY_KEYS = 4
+
+
+def is_default_kdf(key: KeyFile) -> bool:
+    """Whether a passphrase key's KDF has the parameters pydr writes."""
+    return key.kdf is not None and all(key.kdf.get(k) == v for k, v in kf.KDF.items())
+
+
+def kdf_cost(key: KeyFile) -> Tuple[int, int]:
+    """(0 for pydr's parameters else 1, time x memory): the order keys are tried in."""
+    if key.kdf is None or is_default_kdf(key):
+        return 0, 0
+    return 1, key.kdf["time_cost"] * key.kdf["memory_cost"]
+
+
 class Search:
     """One search of a store's passphrase keys: what opened, and what did
     not, for the error when nothing does."""
 
     def __init__(self, objects: ObjectStore, config: Optional[StoreConfig],
-                 expect_id: Optional[str]) -> None:
+                 expect_id: Optional[str], expect_check: Optional[str] = None) -> None:
         self.objects, self.config, self.expect_id = objects, config, expect_id
+        self.expect_check = expect_check
         self.tried: List[str] = []        # URLs of keys that did not open
         self.damaged: List[KeyInfo] = []  # files that are no key
         self.foreign: List[Tuple[str, bytes]] = []  # opened, but another store's
+        self.unchecked: List[Tuple[str, str]] = []  # opened, but fails a key check: (url, what)
+        self.skipped: List[str] = []      # not tried: too many costly KDFs before them
+        self.costly = 0                   # keys tried with other KDF parameters than ours
+
+    def checks(self) -> List[Tuple[str, str]]:
+        """(key check, what records it) that a master key must match: the
+        config's, and the caller's record (the vault's)."""
+        found = []
+        if self.config is not None and self.config.key_check is not None:
+            found.append((self.config.key_check,
+                          f"the config {self.objects.url(self.objects.key(CONFIG))}"))
+        if self.expect_check is not None:
+            found.append((self.expect_check, "the vault's record of the store"))
+        return found
+
+    def failed_check(self, store_id: bytes, master: bytes) -> Optional[str]:
+        """What records a key check that (store id, master) does not match;
+        None when it matches every one (or there is none)."""
+        from ..engine.sealing import key_check
+
+        mine = key_check(master, store_id)
+        return next((what for check, what in self.checks() if check != mine), None)
 
     def want(self) -> Optional[bytes]:
         """The store id a key's payload must name (None: any)."""
@@ -206,6 +255,11 @@ class Search:
         is the store's; else None, and the key is noted for failure()."""
         if key.info.kind != kf.PASSPHRASE:
             return None
+        if not is_default_kdf(key):
+            if self.costly >= MAX_COSTLY_KEYS:
+                self.skipped.append(key.info.url)
+                return None
+            self.costly += 1
         try:
             opened = open_with(key, passphrase)
         except FormatError as exc:
@@ -215,6 +269,10 @@ class Search:
             self.tried.append(key.info.url)
         elif self.want() not in (None, opened.store_id):
             self.foreign.append((key.info.url, opened.store_id))
+            return None
+        elif self.failed_check(opened.store_id, opened.master) is not None:
+            self.unchecked.append((key.info.url,
+                                   self.failed_check(opened.store_id, opened.master) or ""))
             return None
         return opened
 
@@ -229,7 +287,14 @@ class Search:
                                    f"{other.hex()}", path=objects.url(objects.key(CONFIG)))
             return FormatError(f"the key {where} that this passphrase opens is of store "
                                f"{other.hex()}, not of {self.expect_id}", path=url)
+        if self.unchecked:
+            where, what = self.unchecked[0]
+            return FormatError(f"the key {where} opens with this passphrase, but its master "
+                               f"key fails the key check that {what} records: the key file "
+                               f"or that record was tampered with", path=url)
         if not self.tried:
+            if self.skipped:
+                return WrongPassphrase(self._skipped(), path=url, hint=WRONG_HINT)
             if self.damaged:
                 d = self.damaged[0]
                 more = f" (and {len(self.damaged) - 1} more)" if len(self.damaged) > 1 else ""
@@ -241,21 +306,43 @@ class Search:
         damaged = "".join(f"; {d.url}: {d.problem}" for d in self.damaged)
         return WrongPassphrase(f"no key of the store opens with this passphrase (tried "
                                f"{len(tried)}: {', '.join(tried)}; a damaged key file fails "
-                               f"the same way){damaged}", path=url, hint=WRONG_HINT)
+                               f"the same way){damaged}"
+                               + (f"; {self._skipped()}" if self.skipped else ""),
+                               path=url, hint=WRONG_HINT)
+
+    def _skipped(self) -> str:
+        skipped = list(dict.fromkeys(self.skipped))
+        return (f"{len(skipped)} key files with costly KDF parameters were not tried (at most "
+                f"{MAX_COSTLY_KEYS} an unlock; a credential holder may have added them): "
+                f"{', '.join(skipped)}")
+
+    def ordered(self, keys: List[KeyFile]) -> List[KeyFile]:
+        """`keys` in the order to try them: those with pydr's KDF parameters
+        first, then the others cheapest first (a hostile key file with
+        costly parameters cannot make every unlock slow)."""
+        return sorted(keys, key=kdf_cost)
+
+
+#: find_keys's and storekeys.unlock's default: the config is the current object
+READ = "read"
 
 
 def find_keys(objects: ObjectStore, passphrase: Optional[bytes], *,
-              expect_id: Optional[str] = None, want_all: bool = False
+              expect_id: Optional[str] = None, want_all: bool = False, config: Any = READ,
+              expect_check: Optional[str] = None
               ) -> Tuple[Optional[StoreConfig], List[Opened], List[KeyFile], Search]:
     """(config, keys `passphrase` opens, every usable key file, the search):
     the first key that opens (every one with `want_all`), else the older
-    versions of the key files. Nothing opening is not an error here."""
-    config = read_config(objects)
+    versions of the key files. Nothing opening is not an error here.
+    `config`: the store's config as read (READ: the current object), or
+    the one to trust instead (an older version; None: none)."""
+    if config == READ:
+        config = read_config(objects)
     if expect_id is not None and config is not None and config.id != expect_id:
         raise FormatError(f"the config names store {config.id}, but this store was recorded "
                           f"as {expect_id}", path=objects.url(objects.key(CONFIG)))
     keys, damaged = read_keys(objects)
-    search = Search(objects, config, expect_id)
+    search = Search(objects, config, expect_id, expect_check)
     search.damaged += damaged
     if config is not None and not config.encrypted:
         if keys:
@@ -269,7 +356,7 @@ def find_keys(objects: ObjectStore, passphrase: Optional[bytes], *,
         raise PassphraseRequired("an encrypted store: its passphrase is needed (none given)",
                                  path=objects.spec, hint=WRONG_HINT)
     opened: List[Opened] = []
-    for key in keys:
+    for key in search.ordered(keys):
         found = search.opens(key, passphrase)
         if found is not None:
             opened.append(found)
@@ -282,12 +369,14 @@ def find_keys(objects: ObjectStore, passphrase: Optional[bytes], *,
 
 def search_versions(objects: ObjectStore, passphrase: bytes, search: Search) -> List[Opened]:
     """The first older version of a key file that `passphrase` opens."""
+    keys = []
     for url, data in older_key_versions(objects):
         key_id = url.rpartition("/")[2].partition("?")[0]
         try:
-            key = kf.parse_key_file(data, key_id, url)
+            keys.append(kf.parse_key_file(data, key_id, url))
         except FormatError:
             continue  # an old damaged version: the current ones were reported
+    for key in search.ordered(keys):
         found = search.opens(key, passphrase)
         if found is not None:
             return [found]

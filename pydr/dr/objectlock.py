@@ -139,3 +139,45 @@ class CycleRefs:
         with self._lock:
             return {i: self.refs[i] for i in set(ids) if i in self.refs and (
                 self.refs[i].version or self.refs[i].retain_until)}
+
+
+def lock_store_keys(objects: ObjectStore, lock: LockTerms, now: Optional[float] = None
+                    ) -> int:
+    """Lock the config and the current version of every key file of an
+    encrypted store as its points' chunks are locked: a point under
+    Object Lock is only as safe as the keys that open it. A HEAD of each
+    object (its version and retention); a retention that would end before
+    a point made `now` must be kept is extended to ``lock.until(now)`` (so
+    at most once per slack). A version in compliance mode stays in it. An
+    object the server will not extend (gone since listed, a mode it cannot
+    take) is left as it is: the next cycle tries again.
+
+    Args:
+        objects: the store (pydr.endpoints.s3.ObjectStore).
+        lock: the terms of the new point's lock.
+        now: the time of the point (default: now).
+
+    Returns:
+        How many objects had their retention put or extended.
+
+    Raises:
+        The S3 errors of pydr.endpoints.s3 for the list and the HEADs
+        (PermissionError, ConnectionError, OSError).
+    """
+    from .keysearch import CONFIG, key_names
+
+    now = time.time() if now is None else now
+    extended = 0
+    for name in [objects.key(CONFIG)] + key_names(objects):
+        head = objects.head(name)
+        if head is None or not head.get("version"):
+            continue  # gone since, or no versions: nothing a retention could hold
+        if not lock.needs_extension(head.get("retain_until"), now):
+            continue
+        mode = "compliance" if head.get("lock_mode") == "compliance" else lock.mode
+        try:
+            objects.set_retention(name, head["version"], mode, lock.until(now))
+        except (FileNotFoundError, PermissionError):
+            continue
+        extended += 1
+    return extended

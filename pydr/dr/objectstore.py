@@ -74,18 +74,49 @@ def chunk_store_at(vault, spec):
     environment: PYDR_PASSPHRASE_FILE, PYDR_PASSPHRASE). The store's keys
     are kept in ``vault.unlocked`` for the vault's lifetime, never written.
 
+    When the vault recorded an encrypted store and its config is gone or
+    disagrees with the record (an attack, or an accident), a bucket that
+    keeps versions opens it from them (pydr.dr.storeversions): the
+    ChunkStore's ``tampered`` lists what was found, for verify, and
+    :func:`put_back_config` repairs it.
+
     Raises PassphraseRequired (encrypted, no passphrase given) or
     WrongPassphrase (no key opens with it), both naming the store;
     FormatError naming the store when it is not the one the vault
-    recorded (another id, its encryption changed, its config gone); the
-    S3 errors of pydr.endpoints.s3 (no bucket, credentials refused)."""
+    recorded (another id, its encryption changed, its config gone) and
+    no version of it is left; the S3 errors of pydr.endpoints.s3 (no
+    bucket, credentials refused)."""
     from ..endpoints.s3 import ObjectStore
     from .chunkstore import ChunkStore
 
     objects = ObjectStore(spec)
     if objects.spec not in vault.unlocked:
         vault.unlocked[objects.spec] = _open(vault, objects)
-    return ChunkStore(objects, vault.unlocked[objects.spec])
+    chunks = ChunkStore(objects, vault.unlocked[objects.spec])
+    found = vault.tampered_stores.get(objects.spec)
+    if found is not None:
+        chunks.tampered = [dict(f) for f in found.findings]
+    return chunks
+
+
+def put_back_config(vault, chunks):
+    """Put back the config of a store found tampered with (its config
+    deleted or overwritten: see :func:`chunk_store_at`): the recorded
+    store's, as its newest good version has it. Returns what was found and
+    put back, in words, for the item's warning; None when nothing was to
+    be done. Key files deleted are not put back: their older versions still
+    open the store, and a passphrase removed on purpose must stay removed.
+
+    Raises the S3 errors of pydr.endpoints.s3 (the put refused, ...)."""
+    found = vault.tampered_stores.get(chunks.spec)
+    if found is None or not any(f["kind"] == "config" for f in found.findings):
+        return None
+    from .storekeys import CONFIG
+
+    chunks.objects.put(chunks.objects.key(CONFIG), found.config)
+    del vault.tampered_stores[chunks.spec]  # repaired: a long-running service says it once
+    return (f"object store {chunks.spec} was tampered with ({'; '.join(found.texts())}): "
+            f"its config was put back")
 
 
 def prepare_store(vault, spec, *, encrypt=True):
@@ -123,9 +154,11 @@ def prepare_store(vault, spec, *, encrypt=True):
         config, keys = storekeys.create_store(objects, passphrase, encrypt=encrypt)
         found = (config.id, config.encryption)
     else:
-        keys, found = _unlock(vault, objects, record)
+        keys, found, tampering = _unlock(vault, objects, record)
         if record is None and encrypt and found[1] == PLAIN:
             _refuse_plain(objects.spec, found)
+        if tampering is not None:
+            vault.tampered_stores[objects.spec] = tampering
     vault.unlocked[objects.spec] = keys
     return found
 
@@ -177,31 +210,55 @@ def _open(vault, objects):
     older than the record: its first sight)."""
     objects.check()
     record = vault.object_store(objects.spec)
-    keys, found = _unlock(vault, objects, record)
+    keys, found, tampering = _unlock(vault, objects, record)
+    if tampering is not None:
+        vault.tampered_stores[objects.spec] = tampering
     if record is None and vault.writer:
         vault.add_object_store(objects.spec, *found)
     return keys
 
 
 def _unlock(vault, objects, record):
-    """(DataKeys or None, (id, encryption) found) of the store, refused
-    (FormatError) when it disagrees with `record`."""
+    """(DataKeys or None, (id, encryption) found, Tampering or None) of the
+    store, refused (FormatError) when it disagrees with `record` -- unless
+    the vault recorded an encrypted store and the bucket keeps versions:
+    then it is opened from its versions (pydr.dr.storeversions), and the
+    Tampering says what was done to it."""
     from . import storekeys
 
     spec = objects.spec
-    config = storekeys.read_config(objects)
+    try:
+        config, damaged = storekeys.read_config(objects), None
+    except FormatError as exc:
+        config, damaged = None, exc
+    if _from_versions_possible(record):
+        from . import storeversions
+
+        problem = storeversions.config_problem(config, damaged, record)
+        if problem is not None and objects.versioned():
+            keys, tampering = storeversions.open_from_versions(
+                objects, record, _passphrase(vault, spec), problem)
+            return keys, (record.id, record.encryption), tampering
+    if damaged is not None:
+        raise damaged
     if config is None:
         _compare(spec, record, V1_ID, PLAIN)
         if record is None and _has(objects, "keys"):  # a creation cut short: its key says
             config, keys = storekeys.unlock(objects, _passphrase(vault, spec))
-            return keys, (config.id, config.encryption)
-        return None, (V1_ID, PLAIN)
+            return keys, (config.id, config.encryption), None
+        return None, (V1_ID, PLAIN), None
     _compare(spec, record, config.id, config.encryption)
     # an unencrypted config is checked too: key files beside "none" are a downgrade
     passphrase = _passphrase(vault, spec) if config.encrypted else None
     config, keys = storekeys.unlock(objects, passphrase, expect_id=config.id)
     _compare(spec, record, config.id, config.encryption)  # as unlock read it: no race
-    return keys, (config.id, config.encryption)
+    return keys, (config.id, config.encryption), None
+
+
+def _from_versions_possible(record):
+    """Whether the vault recorded an encrypted store (one with an id): its
+    config and keys can then be found in older versions."""
+    return record is not None and bool(record.id) and record.encryption != PLAIN
 
 
 def _compare(spec, record, found_id, encryption):

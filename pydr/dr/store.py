@@ -105,6 +105,9 @@ class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints, Poli
         # keys of the stores unlocked so far; never written anywhere
         self.passphrase: bytes | None = None
         self.unlocked: dict[str, object] = {}
+        # stores opened from their versions after their config or keys were tampered
+        # with (pydr.dr.storeversions.Tampering, by spec): verify reports, a cycle repairs
+        self.tampered_stores: dict[str, object] = {}
         self.interrupted = {}  # {item: operation} running when the last writer died
         if writer:
             self.lock_fd = store_lock.take(self.dir, lock_timeout)

@@ -15,36 +15,37 @@ same call again finishes the job.
 :func:`unlock` tries every current passphrase key, then, in a versioned
 bucket, the older versions of the key files: whoever can delete or overwrite
 objects cannot lock the owner out of a store whose keys' versions are kept.
-Nothing here writes before a passphrase has opened a key.
+Nothing here writes before a passphrase has opened a key. Recovery keys
+are pydr.dr.keyrecovery's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import time
 
 from ..engine import crashpoints
 from ..errors import (FormatError, InvalidArgument, InvalidState, PassphraseRequired,
-                      UnknownName, WrongPassphrase)
-from . import keyfiles as kf, recoverykey
-from .keyfiles import KeyFile, KeyInfo, StoreConfig
-from .keysearch import (CONFIG, KEYS, WRONG_HINT, Opened, Search, find_keys, forget_versions,
-                        key_names, older_key_versions, read_config, read_keys)
+                      UnknownName)
+from . import keyfiles as kf
+from .keyfiles import KeyInfo, StoreConfig
+from .keysearch import (CONFIG, KEYS, READ, WRONG_HINT, Opened, find_keys, forget_versions,
+                        key_names, key_versions, read_config, read_keys)
 from .passphrases import passphrase_from
 from .recoverykey import make_recovery_pair
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, Iterator, List, Optional, Tuple
+    from typing import Any, Dict, List, Optional, Tuple
 
     from ..endpoints.s3 import ObjectStore
     from ..engine.sealing import DataKeys
 
 __all__ = ["StoreConfig", "KeyInfo", "read_config", "create_store", "unlock", "list_keys",
-           "add_key", "remove_key", "change_passphrase", "add_recovery", "recover",
-           "make_recovery_pair", "passphrase_from"]
+           "store_lock",
+           "add_key", "remove_key", "change_passphrase", "make_recovery_pair",
+           "passphrase_from"]
 
 # -- reading ------------------------------------------------------------------------
 
@@ -65,7 +66,14 @@ def _config_from(opened: Opened) -> StoreConfig:
     """The config a creation cut short after its first key would have
     written: the same a rerun writes."""
     return StoreConfig(opened.store_id.hex(), kf.ENCRYPTED, kf.CHUNK_IDS[kf.ENCRYPTED],
-                       opened.key.info.created or 0)
+                       opened.key.info.created or 0,
+                       key_check=_key_check(opened.master, opened.store_id))
+
+
+def _key_check(master: bytes, store_id: bytes) -> str:
+    from ..engine.sealing import key_check
+
+    return key_check(master, store_id)
 
 
 def _data_keys(master: bytes, store_id: bytes) -> DataKeys:
@@ -81,9 +89,11 @@ def _secret(keys: DataKeys) -> Tuple[bytes, bytes]:
 
 
 def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
-            expect_id: Optional[str] = None) -> Tuple[StoreConfig, Optional[Opened]]:
+            expect_id: Optional[str] = None, config: Any = READ,
+            expect_check: Optional[str] = None) -> Tuple[StoreConfig, Optional[Opened]]:
     """(config, the key that opened; None for an unencrypted store)."""
-    config, opened, keys, search = find_keys(objects, passphrase, expect_id=expect_id)
+    config, opened, keys, search = find_keys(objects, passphrase, expect_id=expect_id,
+                                             config=config, expect_check=expect_check)
     if config is not None and not config.encrypted:
         return config, None
     if not opened and config is None and not keys and not search.damaged and not search.tried:
@@ -98,7 +108,9 @@ def _unlock(objects: ObjectStore, passphrase: Optional[bytes],
 
 
 def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
-           expect_id: Optional[str] = None) -> Tuple[StoreConfig, Optional[DataKeys]]:
+           expect_id: Optional[str] = None, config: Any = READ,
+           expect_check: Optional[str] = None
+           ) -> Tuple[StoreConfig, Optional[DataKeys]]:
     """Open an object store: its config, and its data keys from the first
     passphrase key that `passphrase` opens. Reads the config and the key
     files only; writes nothing.
@@ -108,23 +120,34 @@ def unlock(objects: ObjectStore, passphrase: Optional[bytes], *,
         passphrase: its passphrase (bytes).
         expect_id: the store id the caller recorded (the vault's
             object_stores row): a config or key of another id is refused.
+        config: the config to trust instead of the current object (an
+            older version of it, after the current one was deleted or
+            overwritten; None: none, the key files' payload must name
+            `expect_id`). By default the current config object is read.
+        expect_check: the key check the caller recorded (the vault's
+            object_stores row, ``key_check``): a key whose master key does
+            not give it is refused, as one failing the config's key check.
 
     Returns:
         (config, DataKeys); (config, None) for an unencrypted store (its
         config says "none"). A store whose creation was cut short after
         its key has no config object yet: the config returned is the one
-        create_store will write.
+        create_store will write. ``config.key_check`` is the store's key
+        check (for the vault's record); None in a config made before
+        configs had one.
 
     Raises:
         PassphraseRequired: the store is encrypted and `passphrase` is None.
         WrongPassphrase: no passphrase key opens with it (the error names
             the store and every key tried).
         FormatError: the config or every key file is damaged, of another
-            store or of another version (naming the object).
+            store or of another version (naming the object); or the key
+            the passphrase opens fails the config's or `expect_check`'s
+            key check (tampering).
         FileNotFoundError: neither a config nor a key file is there.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
-    config, opened = _unlock(objects, passphrase, expect_id)
+    config, opened = _unlock(objects, passphrase, expect_id, config, expect_check)
     return config, None if opened is None else _data_keys(opened.master, opened.store_id)
 
 
@@ -142,10 +165,37 @@ def _new_key_fields(kind: str, label: Optional[str]) -> Dict[str, Any]:
             "created": int(time.time()), "host": socket.gethostname(), "label": label}
 
 
+def store_lock(objects: ObjectStore, now: Optional[float] = None
+               ) -> Optional[Tuple[str, float]]:
+    """The Object Lock a new key file of the store gets, (mode, until): the
+    retention of the config's current version, which the cycles of locked
+    items keep (pydr.dr.objectlock.lock_store_keys); None when it has none
+    or it has ended. One HEAD. A key added to a store with locked points
+    is locked too: an attacker cannot erase it and so lock its owner out
+    of those points."""
+    head = getattr(objects, "head", None)
+    if head is None:  # a store without versions or locks (a test's)
+        return None
+    found = head(objects.key(CONFIG))
+    now = time.time() if now is None else now
+    if not found or not found.get("lock_mode") or (found.get("retain_until") or 0) <= now:
+        return None
+    return found["lock_mode"], float(found["retain_until"])
+
+
+def _put_locked(objects: ObjectStore, name: str, data: bytes) -> None:
+    """Put a key file, with the store's lock when it has one."""
+    lock = store_lock(objects)
+    if lock is not None:
+        objects.put(name, data, lock=lock)  # type: ignore[call-arg]
+    else:
+        objects.put(name, data)
+
+
 def _put_key(objects: ObjectStore, fields: Dict[str, Any]) -> KeyInfo:
     name = objects.key(KEYS, fields["id"])
     data = kf.key_file_bytes(fields)
-    objects.put(name, data)
+    _put_locked(objects, name, data)
     return kf.parse_key_file(data, fields["id"], objects.url(name)).info
 
 
@@ -214,7 +264,7 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
             raise search.failure()
         found = opened[0]
         if "?versionId=" in found.key.info.url:  # deleted or overwritten: put it back
-            objects.put(objects.key(KEYS, found.key.info.id), found.key.data)
+            _put_locked(objects, objects.key(KEYS, found.key.info.id), found.key.data)
         config = _config_from(found)
         _write_config(objects, config)
         return config, _data_keys(found.master, found.store_id)
@@ -234,7 +284,7 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
     info = _write_passphrase_key(objects, store_id, master, passphrase, label)
     crashpoints.reached("keys.created")
     config = StoreConfig(store_id.hex(), kf.ENCRYPTED, kf.CHUNK_IDS[kf.ENCRYPTED],
-                         info.created or 0)
+                         info.created or 0, key_check=_key_check(master, store_id))
     _write_config(objects, config)
     return config, _data_keys(master, store_id)
 
@@ -331,9 +381,30 @@ def _remove(objects: ObjectStore, key_ids: List[str]) -> None:
     refused = forget_versions(objects, names)
     crashpoints.reached("keys.removed")
     if refused:
-        raise InvalidState(f"{refused} older versions of the removed key files are under "
-                           f"Object Lock retention: until it ends they still open the store",
-                           path=objects.spec)
+        until = _locked_until(objects, names)
+        when = time.strftime(" until %Y-%m-%d %H:%M:%S UTC", time.gmtime(until)) \
+            if until else ""
+        raise InvalidState(f"key {', '.join(key_ids)} is removed (a delete marker hides it), "
+                           f"but {refused} of its versions are under Object Lock retention"
+                           f"{when}: until then they stay in the bucket and still open the "
+                           f"store with the old passphrase. That is what the lock is for: "
+                           f"nobody holding these credentials can erase the keys the locked "
+                           f"points need", path=objects.spec)
+
+
+def _locked_until(objects: ObjectStore, names: List[str]) -> Optional[float]:
+    """When the last Object Lock retention of a version of the key files
+    `names` ends (None: unknown, or none)."""
+    head = getattr(objects, "head", None)
+    if head is None:
+        return None
+    wanted, until = set(names), None
+    for key, version, _, marker in key_versions(objects):
+        if key in wanted and not marker:
+            found = head(key, version)
+            if found and found.get("retain_until"):
+                until = max(until or 0.0, float(found["retain_until"]))
+    return until
 
 
 def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
@@ -381,127 +452,3 @@ def change_passphrase(objects: ObjectStore, old: bytes, new: bytes) -> KeyInfo:
         crashpoints.reached("keys.added")
     _remove(objects, sorted(opened_ids - {info.id}))
     return info
-
-
-# -- recovery keys ------------------------------------------------------------------
-
-
-def add_recovery(objects: ObjectStore, keys: DataKeys, public_pem: bytes, *,
-                 label: Optional[str] = None) -> KeyInfo:
-    """Add a recovery key: the master key sealed to an X25519 public key
-    (from :func:`make_recovery_pair`; crash point ``keys.added``). Whoever
-    holds the private key can then :func:`recover` the store.
-
-    Args:
-        objects: the store.
-        keys: its data keys, from :func:`unlock`.
-        public_pem: the recovery public key, PEM (SubjectPublicKeyInfo).
-        label: the key's label (at most 200 characters).
-
-    Returns:
-        The new key's KeyInfo (``recipient`` names the public key).
-
-    Raises:
-        FormatError: `public_pem` is not an X25519 public key.
-        PermissionError, ConnectionError, OSError: S3 refused or failed.
-    """
-    public = recoverykey.load_public(public_pem, "the recovery public key")
-    master, store_id = _secret(keys)
-    fields = _new_key_fields(kf.RECOVERY, label)
-    fields.update(recoverykey.seal_fields(public, fields["id"], store_id, master))
-    info = _put_key(objects, fields)
-    crashpoints.reached("keys.added")
-    return info
-
-
-def recover(objects: ObjectStore, private_pem: bytes, private_passphrase: Optional[bytes],
-            new_passphrase: bytes, *, where: str = "the recovery private key",
-            label: Optional[str] = "recovered") -> KeyInfo:
-    """Open the store with its recovery private key and add a passphrase key
-    for `new_passphrase` (crash point ``keys.added``): access again after
-    every passphrase is lost. Run again after a kill, it adds no second key
-    when `new_passphrase` opens one already.
-
-    Args:
-        objects: the store.
-        private_pem: the recovery private key, PEM PKCS#8.
-        private_passphrase: the private key's own passphrase.
-        new_passphrase: the passphrase of the key added.
-        where: how messages name the private key (its file).
-        label: the new key's label (at most 200 characters).
-
-    Returns:
-        The KeyInfo of the passphrase key `new_passphrase` opens.
-
-    Raises:
-        WrongPassphrase: the private key does not decrypt with its
-            passphrase, or no recovery key file of the store is sealed to it.
-        FormatError: the private key is not one; damaged config.
-        InvalidArgument: an empty new passphrase.
-        PermissionError, ConnectionError, OSError: S3 refused or failed.
-    """
-    if not new_passphrase:
-        raise InvalidArgument("the new passphrase is empty", path=objects.spec)
-    private = recoverykey.load_private(private_pem, private_passphrase, where)
-    config = read_config(objects)
-    keys, _ = read_keys(objects)
-    versions = ((url, data) for url, data in older_key_versions(objects))
-    found = _recovered(objects, config, private, keys, versions)
-    if found is None:
-        raise WrongPassphrase(f"no recovery key of the store is sealed to this private key "
-                              f"(recipient {recoverykey.recipient(private.public_key())})",
-                              path=objects.spec)
-    store_id, master = found
-    search = Search(objects, config, None)
-    for key in keys:
-        done = search.opens(key, new_passphrase)
-        if done is not None and done.master == master:
-            return done.key.info  # a run cut short added it
-    info = _write_passphrase_key(objects, store_id, master, new_passphrase, label)
-    crashpoints.reached("keys.added")
-    return info
-
-
-def _recovered(objects: ObjectStore, config: Optional[StoreConfig], private: Any,
-               keys: List[KeyFile], versions: Iterator[Tuple[str, bytes]]
-               ) -> Optional[Tuple[bytes, bytes]]:
-    """(store id, master) from the first recovery key file sealed to
-    `private` that belongs to the store: the current files, then older
-    versions. Anyone may seal a master key to a public key: where the store
-    has a point index, the master must open it."""
-    def candidates() -> Iterator[KeyFile]:
-        yield from keys
-        for url, data in versions:
-            try:
-                yield kf.parse_key_file(data, url.rpartition("/")[2].partition("?")[0], url)
-            except FormatError:
-                continue
-
-    for key in candidates():
-        try:
-            found = recoverykey.unseal(private, key)
-        except FormatError:
-            continue
-        if found is None or (config is not None and found[0] != config.store_id):
-            continue
-        if _opens_an_index(objects, *found):
-            return found
-    return None
-
-
-def _opens_an_index(objects: ObjectStore, store_id: bytes, master: bytes) -> bool:
-    """Whether a master key opens the store's first point index (True when
-    the store has none yet: nothing to check against)."""
-    from ..engine.sealing import KIND_INDEX, SealBroken
-
-    first = next(iter(objects.list("indexes")), None)
-    if first is None:
-        return True
-    name = first[0][len(objects.key()) + 1:] if objects.key() else first[0]
-    try:
-        _data_keys(master, store_id).open(KIND_INDEX, objects.get(first[0]), name)
-    except SealBroken:
-        return False
-    except FileNotFoundError:
-        return True
-    return True

@@ -323,6 +323,24 @@ class ObjectStore:
             if page.get("NextVersionIdMarker"):
                 marker["VersionIdMarker"] = page["NextVersionIdMarker"]
 
+    def versions_of(self, key: str) -> List[Tuple[str, Optional[str], bool, bool, float, int]]:
+        """Every version of exactly the object `key` (not of keys beneath
+        it), newest first, as :meth:`versions` yields them."""
+        found = []
+        marker = {}
+        while True:
+            page = self._call(self.url(key), self.client.list_object_versions, Prefix=key,
+                              **marker)
+            found += [(o["Key"], _version(o.get("VersionId")), bool(o.get("IsLatest")), marker_,
+                       o["LastModified"].timestamp(), o.get("Size", 0))
+                      for marker_, kind in ((False, "Versions"), (True, "DeleteMarkers"))
+                      for o in page.get(kind, ()) if o["Key"] == key]
+            if not page.get("IsTruncated"):
+                return sorted(found, key=lambda v: (not v[2], -v[4]))
+            marker = {"KeyMarker": page["NextKeyMarker"]}
+            if page.get("NextVersionIdMarker"):
+                marker["VersionIdMarker"] = page["NextVersionIdMarker"]
+
     def delete_versions(self, pairs: Iterable[Tuple[str, Optional[str]]]
                         ) -> List[Tuple[str, Optional[str], str]]:
         """Delete these versions ((key, VersionId); None: the current one,

@@ -121,3 +121,33 @@ class DataKeys:
     def imported(cls, exported):
         """The DataKeys of :meth:`export`'s dict."""
         return cls(bytes.fromhex(exported["master"]), bytes.fromhex(exported["store"]))
+
+
+KEY_CHECK_INFO = b"pydr key check v1"
+
+
+def key_check(master, store_id):
+    """The store's key check (32 hex digits): a value only its master key
+    gives, kept in the config and the vault, so a master key sealed by
+    someone else (anyone can seal to a recovery public key) is refused.
+    HMAC-SHA-256(HKDF-SHA256(master, salt=store id, info=b"pydr key check
+    v1"), b"pydr key check"), its first 16 bytes.
+
+    Args:
+        master: the store's 32-byte master key.
+        store_id: the store's 16-byte id.
+
+    Returns:
+        32 lower-case hex digits.
+
+    Raises:
+        ValueError: a master key or store id of the wrong size.
+    """
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    if len(master) != KEY_SIZE or len(store_id) != ID_SIZE:
+        raise ValueError(f"a master key is {KEY_SIZE} bytes and a store id {ID_SIZE}")
+    checker = HKDF(hashes.SHA256(), KEY_SIZE, salt=bytes(store_id),
+                   info=KEY_CHECK_INFO).derive(bytes(master))
+    return hmac.digest(checker, b"pydr key check", "sha256")[:ID_SIZE].hex()

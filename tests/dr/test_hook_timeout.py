@@ -119,3 +119,15 @@ def test_a_failing_thaw_after_a_hung_quiesce_does_not_hide_why(tmp_path, monkeyp
         with cut([], hooks=hooks):
             pass
     assert log.read_text().split() == ["thaw"]
+
+
+def test_a_hook_never_sees_a_passphrase(tmp_path, monkeypatch):
+    for name in ("PYDR_PASSPHRASE", "PYDR_PASSPHRASE_FILE", "PYDR_NEW_PASSPHRASE",
+                 "PYDR_RECOVERY_PASSPHRASE_FILE"):
+        monkeypatch.setenv(name, "secret " + name)
+    monkeypatch.setenv("PYDR_HOOK_TIMEOUT", "60")
+    dump = tmp_path / "env"
+    run_hook(f"env > {dump}", "quiesce hook of 'vm'")
+    seen = dump.read_text()
+    assert "secret" not in seen and "PASSPHRASE" not in seen
+    assert "PYDR_HOOK_TIMEOUT=60" in seen  # the rest of the environment is kept

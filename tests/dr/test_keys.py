@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from conftest import pydr_command, run_cli
-from pydr.dr import storekeys
+from pydr.dr import keyrecovery, storekeys
 from pydr.endpoints.s3 import ObjectStore
 from pydr.errors import WrongPassphrase
 from s3server import SwiftS3, missing_tools
@@ -305,7 +305,7 @@ def test_a_killed_key_command_leaves_the_store_open_and_finishes_when_run_again(
     elif command == "recover":
         public = storekeys.make_recovery_pair(tmp / "r.pem", tmp / "r.pub", THIRD)
         assert public
-        storekeys.add_recovery(ctx["objects"], keys, (tmp / "r.pub").read_bytes())
+        keyrecovery.add_recovery(ctx["objects"], keys, (tmp / "r.pub").read_bytes())
         args, point = ["recover", ctx["url"], "--private-key", tmp / "r.pem",
                        "--recovery-passphrase-file", ctx["pass"]["third"],
                        "--new-passphrase-file", ctx["pass"]["new"]], "keys.added"

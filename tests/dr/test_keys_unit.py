@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pydr.dr import keyfiles, storekeys
+from pydr.dr import keyfiles, keyrecovery, storekeys
 from pydr.dr.passphrases import new_passphrase_from, passphrase_from, recovery_passphrase_from
 from pydr.errors import (FormatError, InvalidArgument, InvalidState, PassphraseRequired,
                          UnknownName, WrongPassphrase)
@@ -149,6 +149,13 @@ def test_a_creation_cut_short_after_its_key_is_finished_with_the_same_config(sto
     ({"kdf_memory_cost": 1 << 30}, "memory_cost 1073741824 is outside"),
     ({"kdf_time_cost": 10 ** 6}, "time_cost 1000000 is outside"),
     ({"kdf_parallelism": 0}, "parallelism 0 is outside"),
+    ({"kdf_time_cost": 17}, "time_cost 17 is outside [1, 16]"),
+    ({"kdf_memory_cost": (1 << 18) + 1}, "memory_cost 262145 is outside [8, 262144]"),
+    ({"kdf_parallelism": 17}, "parallelism 17 is outside [1, 16]"),
+    ({"created": 1e300}, "field 'created' (1e+300) is not a time"),
+    ({"created": -1}, "field 'created' (-1) is not a time"),
+    ({"created": float("nan")}, "NaN is not a number pydr writes"),
+    ({"created": float("-inf")}, "-Infinity is not a number pydr writes"),
 ])
 def test_a_damaged_or_hostile_key_file_is_named_and_skipped(store, damage, message):
     _, keys = storekeys.create_store(store, b"one")
@@ -281,23 +288,23 @@ def test_recovery_needs_the_private_key_and_its_passphrase(store, tmp_path):
     _, keys = storekeys.create_store(store, b"one")
     recipient = storekeys.make_recovery_pair(tmp_path / "r.pem", tmp_path / "r.pub", b"rpass")
     assert oct(os.stat(tmp_path / "r.pem").st_mode & 0o777) == "0o600"
-    info = storekeys.add_recovery(store, keys, (tmp_path / "r.pub").read_bytes())
+    info = keyrecovery.add_recovery(store, keys, (tmp_path / "r.pub").read_bytes())
     assert info.recipient == recipient and info.kind == "recovery"
     private = (tmp_path / "r.pem").read_bytes()
     with pytest.raises(WrongPassphrase):
-        storekeys.recover(store, private, b"wrong", b"new")
+        keyrecovery.recover(store, private, b"wrong", b"new")
     with pytest.raises(InvalidArgument):
-        storekeys.recover(store, private, None, b"new")
+        keyrecovery.recover(store, private, None, b"new")
     with pytest.raises(FormatError):
-        storekeys.recover(store, b"not pem", b"rpass", b"new")
+        keyrecovery.recover(store, b"not pem", b"rpass", b"new")
     with pytest.raises(FormatError, match="not a PEM public key"):
-        storekeys.add_recovery(store, keys, b"-----BEGIN PUBLIC KEY-----\nAAAA\n"
+        keyrecovery.add_recovery(store, keys, b"-----BEGIN PUBLIC KEY-----\nAAAA\n"
                                             b"-----END PUBLIC KEY-----\n")
     with pytest.raises(FormatError, match="Ed25519PublicKey, not an X25519 public key"):
-        storekeys.add_recovery(store, keys, ed25519_public_pem())
-    added = storekeys.recover(store, private, b"rpass", b"new")
+        keyrecovery.add_recovery(store, keys, ed25519_public_pem())
+    added = keyrecovery.recover(store, private, b"rpass", b"new")
     assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
-    assert storekeys.recover(store, private, b"rpass", b"new") == added  # no second key
+    assert keyrecovery.recover(store, private, b"rpass", b"new") == added  # no second key
     with pytest.raises(FileExistsError):
         storekeys.make_recovery_pair(tmp_path / "r.pem", tmp_path / "s.pub", b"x")
     assert not (tmp_path / "s.pub").exists()
@@ -316,10 +323,10 @@ def test_a_forged_recovery_key_is_passed_over_for_the_one_that_opens_an_index(st
     forged.update(recoverykey.seal_fields(recoverykey.load_public(public_pem, "p"), "0" * 32,
                                           config.store_id, os.urandom(32)))
     store.put("dr/keys/" + "0" * 32, keyfiles.key_file_bytes(forged))
-    storekeys.add_recovery(store, keys, public_pem)
+    keyrecovery.add_recovery(store, keys, public_pem)
     name = "indexes/vm/x.pidx"
     store.put(f"dr/{name}", keys.seal(KIND_INDEX, b"an index", name))
-    storekeys.recover(store, (tmp_path / "r.pem").read_bytes(), b"rpass", b"new")
+    keyrecovery.recover(store, (tmp_path / "r.pem").read_bytes(), b"rpass", b"new")
     assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
 
 
@@ -374,3 +381,173 @@ def test_versions_under_object_lock_that_cannot_be_deleted_are_reported():
         storekeys.remove_key(store, keys, doomed)
     assert doomed not in key_ids(store)  # the current file is gone all the same
     assert master_of(storekeys.unlock(store, b"two")[1]) == master_of(keys)  # as reported
+
+
+# -- key checks: a master key nothing vouches for is never accepted ------------------
+
+
+def forge_recovery(store, config, public_pem, key_id="0" * 32, master=None):
+    """What anyone holding the recovery public key can do: seal a master key
+    of their choice to it, with the store's id, under keys/."""
+    from pydr.dr import recoverykey
+
+    forged = {"version": 1, "id": key_id, "kind": "recovery", "created": 0, "host": "x",
+              "label": None}
+    forged.update(recoverykey.seal_fields(recoverykey.load_public(public_pem, "p"), key_id,
+                                          config.store_id, master or os.urandom(32)))
+    store.put(store.key("keys", key_id), keyfiles.key_file_bytes(forged))
+
+
+def recovery_pair(tmp_path):
+    storekeys.make_recovery_pair(tmp_path / "r.pem", tmp_path / "r.pub", b"rpass")
+    return (tmp_path / "r.pem").read_bytes(), (tmp_path / "r.pub").read_bytes()
+
+
+def test_the_config_records_the_key_check_of_the_master_key(store):
+    from pydr.engine.sealing import key_check
+
+    config, keys = storekeys.create_store(store, b"one")
+    assert config.key_check == key_check(master_of(keys), config.store_id)
+    assert json.loads(store.objects["dr/config"])["key_check"] == config.key_check
+    assert storekeys.unlock(store, b"one")[0].key_check == config.key_check
+    # a creation cut short before its config: the config written has it too
+    del store.objects["dr/config"]
+    assert storekeys.create_store(store, b"one")[0].key_check == config.key_check
+
+
+def test_a_recovery_key_forged_with_the_public_key_is_refused_with_no_index_to_check(
+        tmp_path):
+    store = MemoryStore(versioned=True)
+    config, keys = storekeys.create_store(store, b"one")
+    private, public = recovery_pair(tmp_path)
+    keyrecovery.add_recovery(store, keys, public)
+    evil = b"E" * 32
+    forge_recovery(store, config, public, master=evil)  # lists first; no index anywhere
+    keyrecovery.recover(store, private, b"rpass", b"new")
+    assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
+    # the forged key alone: refused (exit 7), naming it, never accepted
+    genuine = [i for i in key_ids(store) if i != "0" * 32 and
+               json.loads(store.objects[store.key("keys", i)])["kind"] == "recovery"]
+    store.delete([store.key("keys", i) for i in genuine])
+    store.delete_versions([(k, v) for k, v, _ in store.history
+                           if k.rpartition("/")[2] in genuine])
+    with pytest.raises(FormatError) as e:
+        keyrecovery.recover(store, private, b"rpass", b"newer")
+    assert e.value.exit_code == 7 and "keys/" + "0" * 32 in str(e.value)
+    assert "fails the key check of the config" in str(e.value)
+    with pytest.raises(WrongPassphrase):
+        storekeys.unlock(store, b"newer")  # no key was added for it
+
+
+def test_a_forged_key_that_the_config_was_changed_to_vouch_for_fails_the_vaults_check(
+        store, tmp_path):
+    from pydr.engine.sealing import key_check
+
+    config, keys = storekeys.create_store(store, b"one")
+    private, public = recovery_pair(tmp_path)
+    evil = b"E" * 32
+    forge_recovery(store, config, public, master=evil)
+    store.objects["dr/config"] = json.dumps(
+        {**config.to_dict(), "key_check": key_check(evil, config.store_id)}).encode()
+    with pytest.raises(FormatError, match="fails the key check of the vault's record"):
+        keyrecovery.recover(store, private, b"rpass", b"new", expect_check=config.key_check)
+    # the owner's passphrase key fails the tampered config's check: said, exit 7
+    with pytest.raises(FormatError, match="fails the key check that the config") as e:
+        storekeys.unlock(store, b"one")
+    assert e.value.exit_code == 7
+    store.objects["dr/config"] = config.to_bytes()
+    assert master_of(storekeys.unlock(store, b"one", expect_check=config.key_check)[1]) \
+        == master_of(keys)
+    with pytest.raises(FormatError, match="the vault's record"):
+        storekeys.unlock(store, b"one", expect_check="0" * 32)
+
+
+def without_key_check(store, config):
+    """The config of a store made before configs had a key check."""
+    fields = config.to_dict()
+    del fields["key_check"]
+    store.objects["dr/config"] = json.dumps(fields).encode()
+
+
+def test_with_no_key_check_anywhere_a_master_key_must_open_an_index_version(tmp_path):
+    from pydr.engine.sealing import KIND_INDEX
+
+    store = MemoryStore(versioned=True)
+    config, keys = storekeys.create_store(store, b"one")
+    without_key_check(store, config)
+    private, public = recovery_pair(tmp_path)
+    forge_recovery(store, config, public)
+    # nothing at all to check against: refused, not accepted, not "no key" (exit 4)
+    with pytest.raises(FormatError, match="nothing can check its master key") as e:
+        keyrecovery.recover(store, private, b"rpass", b"new")
+    assert e.value.exit_code == 7
+    keyrecovery.add_recovery(store, keys, public)
+    name = "indexes/vm/x.pidx"
+    store.put(f"dr/{name}", keys.seal(KIND_INDEX, b"an index", name))
+    store.delete([f"dr/{name}"])  # hidden by a delete marker: the version still checks
+    store.put("dr/indexes/!/0.pidx", b"ransom note")  # junk lists first: passed over
+    keyrecovery.recover(store, private, b"rpass", b"new")
+    assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
+
+
+def test_a_junk_object_under_indexes_does_not_stop_recovery(store, tmp_path):
+    config, keys = storekeys.create_store(store, b"one")
+    private, public = recovery_pair(tmp_path)
+    keyrecovery.add_recovery(store, keys, public)
+    store.put("dr/indexes/!/0.pidx", b"ransom note")
+    keyrecovery.recover(store, private, b"rpass", b"new")
+    assert master_of(storekeys.unlock(store, b"new")[1]) == master_of(keys)
+
+
+# -- hostile key files: costly KDFs, terminal escapes ------------------------------
+
+
+def test_keys_with_pydrs_kdf_are_tried_first_and_costly_ones_are_capped(store, monkeypatch):
+    import base64
+
+    config, keys = storekeys.create_store(store, b"one")
+    for i in range(6):  # in bounds, named to sort first, sealing nothing
+        kid = f"{i:032x}"
+        store.put(store.key("keys", kid), keyfiles.key_file_bytes({
+            "version": 1, "id": kid, "kind": "passphrase", "created": 1, "host": "h",
+            "label": None, "kdf": {"name": "argon2id", "time_cost": 1 + i,
+                                   "memory_cost": 64, "parallelism": 1,
+                                   "salt": base64.b64encode(os.urandom(16)).decode()},
+            "nonce": os.urandom(12), "sealed": os.urandom(80)}))
+    costs = []
+    real = keyfiles.passphrase_kek
+    monkeypatch.setattr(keyfiles, "passphrase_kek",
+                        lambda p, kdf: costs.append(kdf["time_cost"]) or real(p, kdf))
+    assert master_of(storekeys.unlock(store, b"one")[1]) == master_of(keys)
+    assert costs == [keyfiles.KDF["time_cost"]]  # the owner's key first, alone
+    costs.clear()
+    with pytest.raises(WrongPassphrase) as e:
+        storekeys.unlock(store, b"wrong")
+    assert costs == [3, 1, 2, 3, 4]  # pydr's, then the cheapest 4 (time costs 1-4)
+    assert "2 key files with costly KDF parameters were not tried" in str(e.value)
+    assert f"keys/{5:032x}" in str(e.value) and f"keys/{4:032x}" in str(e.value)
+
+
+def test_key_list_shows_no_terminal_escapes_and_no_hostile_number_crashes_it(
+        store, monkeypatch, capsys):
+    import argparse
+
+    from pydr.cli import keys as cli
+
+    _, keys = storekeys.create_store(store, b"one")
+    [first] = key_ids(store)
+    edit_key(store, first, label="\x1b[2J\x1b]0;owned\x07fake", host="\x1b[31mhost")
+    storekeys.add_key(store, keys, b"two")
+    [second] = [i for i in key_ids(store) if i != first]
+    edit_key(store, second, created=1e300)
+    store.put(store.key("keys", "f" * 32), b'{"version": 1, "id": "' + b"f" * 32
+              + b'", "created": -Infinity}')
+    monkeypatch.setattr(cli, "_objects", lambda args: store)
+    assert cli.cmd_list(argparse.Namespace(store=store.spec, json=False)) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b[2J" in out and "\\x1b[31mhost" in out
+    assert out.count("damaged") == 2 and "is not a time" in out and "-Infinity" in out
+    assert cli.cmd_list(argparse.Namespace(store=store.spec, json=True)) == 0
+    listed = json.loads(capsys.readouterr().out)["keys"]
+    assert {k["id"]: k["label"] for k in listed}[first] == "\x1b[2J\x1b]0;owned\x07fake"

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import run_cli, sha
 from pydr.endpoints.s3 import ObjectStore
+from pydr.engine.sealing import OVERHEAD
 from seaweed import SeaweedS3, weed_binary
 
 MiB = 1 << 20
@@ -145,13 +146,22 @@ def test_a_reused_chunk_is_extended_once_per_slack(s3):
     assert s3["objects"].head(key, version)["retain_until"] == extended
 
 
+def _store_objects(ctx):
+    """(key, version) of every version of the store's config and key files."""
+    return [(k, v) for k, v, _, marker, _, _ in ctx["objects"].versions_of("dr/config")
+            + versions(ctx, "keys") if not marker]
+
+
 def _attack(ctx):
-    """With pydr's own credentials: delete every key (delete markers), put
-    junk over every chunk key, and try to delete every version."""
+    """With pydr's own credentials: try to delete every version of every
+    chunk, index, key file and of the config; then delete every key (delete
+    markers), put junk over every chunk key and one index key, and another
+    store's config over the config."""
     c, bucket = ctx["client"], ctx["bucket"]
     everything = [(k, v) for k, v, _, marker, _, _ in versions(ctx, "chunks")
                   + versions(ctx, "indexes") if not marker]
-    refused = ctx["objects"].delete_versions(everything)
+    keyring = _store_objects(ctx)
+    refused = ctx["objects"].delete_versions(everything + keyring)
     indexes = sorted({k for k, _ in everything if "/indexes/" in k})
     for key in sorted({k for k, _ in everything}):
         c.delete_object(Bucket=bucket, Key=key)
@@ -159,7 +169,10 @@ def _attack(ctx):
             c.put_object(Bucket=bucket, Key=key, Body=b"ransom note " * 100)
     for key in ["dr/config"] + [k for k, *_ in versions(ctx, "keys")]:
         c.delete_object(Bucket=bucket, Key=key)
-    return refused
+    config = json.loads(ctx["objects"].get("dr/config", keyring[0][1]))
+    c.put_object(Bucket=bucket, Key="dr/config",
+                 Body=json.dumps({**config, "id": "ab" * 16}).encode())
+    return refused, keyring
 
 
 def test_locked_points_survive_an_attacker_with_the_same_credentials(s3):
@@ -171,21 +184,29 @@ def test_locked_points_survive_an_attacker_with_the_same_credentials(s3):
             scribble(img, cycle)
         r = ok(cli(s3, "replicate", "vm", "--json"))
         points.append((r["point_id"], sha(img)))
-    refused = _attack(s3)
+    refused, keyring = _attack(s3)
     assert refused and all(code == "AccessDenied" for *_, code in refused)
+    assert {(k, v) for k, v, _ in refused} >= set(keyring)  # the keys' versions are locked too
+    assert len(keyring) == 2  # the config and the passphrase key
     r = cli(s3, "verify", "vm", "--json")
     assert r.returncode == 7, r.stderr
     report = json.loads(r.stdout)
     assert report["problems"] == [] and report["damaged_points"] == []
     tampered = {(t["kind"], t["what"]) for t in report["tampered"]}
-    assert tampered == {("index", "deleted"), ("index", "overwritten"), ("chunk", "overwritten")}
+    assert tampered == {("index", "deleted"), ("index", "overwritten"), ("chunk", "overwritten"),
+                        ("config", "overwritten"), ("key", "deleted")}
     assert {p for t in report["tampered"] if t["kind"] == "index" for p in t["points"]} \
         == {p for p, _ in points}
+    store_findings = [t for t in report["tampered"] if t["kind"] in ("config", "key")]
+    assert len(store_findings) == 2 and all(
+        set(t["points"]) == {p for p, _ in points} for t in store_findings)
+    assert any(f"names store {'ab' * 16}" in t["text"] for t in store_findings)
     chunk_keys = {k for k, *_ in versions(s3, "chunks")}
     assert {t["object"].partition(f"{s3['bucket']}/")[2] for t in report["tampered"]
             if t["kind"] == "chunk"} == chunk_keys
     r = cli(s3, "verify", "vm")
     assert r.returncode == 7 and b"tampered" in r.stdout and b"overwritten" in r.stdout
+    assert b"config overwritten" in r.stdout and b"deleted" in r.stdout
     for pid, want in points:
         out = s3["tmp"] / f"point{pid}"
         ok(cli(s3, "materialize", "vm", "--point", str(pid), "--to", out))
@@ -199,6 +220,55 @@ def test_locked_points_survive_an_attacker_with_the_same_credentials(s3):
     out = s3["tmp"] / "after"
     ok(cli(s3, "materialize", "vm", "--point", str(r["point_id"]), "--to", out))
     assert sha(out / "disk.img") == sha(img)
+    # the cycle put the recorded config back, locked, and says what it found
+    assert s3["objects"].get("dr/config") == s3["objects"].get("dr/config", keyring[0][1])
+    head = s3["objects"].head("dr/config")
+    assert head["lock_mode"] == "compliance" and head["retain_until"] > head["modified"] + DAY
+    status = ok(cli(s3, "status", "vm", "--json"))
+    assert status["health"] == "warning", status
+    assert s3["url"] in status["last_error"] and "config was put back" in status["last_error"]
+    assert "config overwritten" in status["last_error"]
+    r = cli(s3, "verify", "vm", "--json")  # the chunks' and indexes' tampering stays on record
+    report = json.loads(r.stdout)
+    assert r.returncode == 7 and report["problems"] == [], r.stderr
+    assert "config" not in {t["kind"] for t in report["tampered"]}  # put back
+
+
+def test_the_config_and_keys_of_a_locked_store_are_locked_and_so_are_keys_added_later(s3,
+                                                                                        tmp_path):
+    img = disk(s3, chunks=1)
+    _protect_locked(s3, img)
+    ok(cli(s3, "replicate", "vm"))
+    keyring = _store_objects(s3)
+    assert len(keyring) == 2
+    for key, version in keyring:
+        head = s3["objects"].head(key, version)
+        assert head["lock_mode"] == "compliance"
+        assert 2 * DAY - 120 < head["retain_until"] - head["modified"] <= 2 * DAY + 2
+    assert s3["objects"].delete_versions(keyring) == [(k, v, "AccessDenied") for k, v in keyring]
+    before = {k: s3["objects"].head(k, v)["retain_until"] for k, v in keyring}
+    ok(cli(s3, "replicate", "vm"))  # within the slack: not extended again
+    assert {k: s3["objects"].head(k, v)["retain_until"] for k, v in keyring} == before
+    new = tmp_path / "new-passphrase"
+    new.write_text("a second passphrase\n")
+    added = ok(cli(s3, "key", "add", s3["url"], "--new-passphrase-file", new, "--json"))
+    (key, version), = [(k, v) for k, v in _store_objects(s3) if added["id"] in k]
+    head = s3["objects"].head(key, version)
+    assert head["lock_mode"] == "compliance"
+    assert head["retain_until"] == s3["objects"].head("dr/config")["retain_until"]
+    r = cli(s3, "key", "remove", s3["url"], added["id"])
+    assert r.returncode == 15, r.stderr
+    assert b"until 20" in r.stderr and b"what the lock is for" in r.stderr, r.stderr
+    assert s3["objects"].head(key) is None  # a delete marker on it; the locked version stays
+    assert s3["objects"].head(key, version) is not None
+    # a new passphrase: the new key is put (locked) before the old one is removed
+    old = [k for k, _ in keyring if "/keys/" in k][0]
+    r = cli(s3, "key", "passwd", s3["url"], "--new-passphrase-file", new)
+    assert r.returncode == 15 and b"what the lock is for" in r.stderr, r.stderr
+    assert s3["objects"].head(old) is None and s3["objects"].head(old, keyring[1][1])
+    current = [k for k, _, _ in s3["objects"].list("keys")]
+    assert len(current) == 1 and s3["objects"].head(current[0])["lock_mode"] == "compliance"
+    ok(cli(s3, "verify", "vm", env={"PYDR_PASSPHRASE": "a second passphrase"}))
 
 
 def test_retention_and_gc_skip_locked_objects_and_finish(s3):
@@ -257,7 +327,8 @@ def test_a_killed_locked_cycle_resumes_naming_the_versions_it_uploaded(s3):
     assert all(f"chunks/{h[:4]}/{h}" in k for h in logged for k in [
         next(k for k, ver, *_ in versions(s3, "chunks") if ver == logged[h])])
     r = ok(cli(s3, "replicate", "vm", "--json"))
-    assert r["bytes_written"] <= (6 - len(logged)) * (4 * MiB + 64)  # the logged: not again
+    # the logged: not again (each chunk sent at most its 4 MiB, its header, and the seal)
+    assert r["bytes_written"] <= (6 - len(logged)) * (4 * MiB + 64 + OVERHEAD)
     chunks = [v for v in versions(s3, "chunks") if not v[3]]
     assert len({k for k, *_ in chunks}) == 6
     from pydr.dr.pointstores.chunkindex import index_ref
@@ -332,3 +403,44 @@ def test_a_refused_delete_of_an_index_is_kept_for_later_not_an_error(s3):
     with Vault(s3["vault"]) as v:
         assert len(v.store.orphan_index_points("vm")) == 1
     assert len([v for v in versions(s3, "indexes") if not v[3]]) == 2
+
+
+def test_a_store_whose_every_config_version_is_gone_opens_from_its_keys_versions(s3, plain):
+    """No lock: the attacker deleted every version of the config and put
+    delete markers on the keys. The vault recorded the store: it opens from
+    the keys' older versions, verify names what was done (exit 7), the next
+    cycle puts the config back and warns. In a bucket without versions the
+    same attack is refused (exit 7 naming the store)."""
+    for ctx in (s3, plain):
+        img = disk(ctx, chunks=2)
+        ok(cli(ctx, "protect", "vm", "--disk", f"{img}={ctx['url']}"))
+        pid = ok(cli(ctx, "replicate", "vm", "--json"))["point_id"]
+        config = ctx["objects"].get("dr/config")
+        c = ctx["client"]
+        if ctx is s3:
+            every = [(k, v) for k, v, *_ in ctx["objects"].versions_of("dr/config")]
+            assert every and ctx["objects"].delete_versions(every) == []
+        else:
+            c.delete_object(Bucket=ctx["bucket"], Key="dr/config")
+        for key, *_ in versions(ctx, "keys"):
+            c.delete_object(Bucket=ctx["bucket"], Key=key)
+        assert ctx["objects"].head("dr/config") is None
+        r = cli(ctx, "materialize", "vm", "--point", str(pid), "--to", ctx["tmp"] / "out")
+        if ctx is plain:
+            assert r.returncode == 7 and ctx["url"].encode() in r.stderr, r.stderr
+            assert b"config is gone" in r.stderr
+            continue
+        assert r.returncode == 0, r.stderr
+        assert sha(ctx["tmp"] / "out" / "disk.img") == sha(img)
+        r = cli(ctx, "verify", "vm", "--json")
+        assert r.returncode == 7, r.stderr
+        found = {(t["kind"], t["what"]): t for t in json.loads(r.stdout)["tampered"]}
+        assert set(found) == {("config", "deleted"), ("key", "deleted")}
+        assert found[("config", "deleted")]["text"] == "config deleted"
+        assert found[("config", "deleted")]["points"] == [pid]
+        scribble(img, 0)
+        ok(cli(ctx, "replicate", "vm"))
+        assert ctx["objects"].get("dr/config") == config  # the recorded store's, put back
+        status = ok(cli(ctx, "status", "vm", "--json"))
+        assert status["health"] == "warning" and "config deleted" in status["last_error"]
+        ok(cli(ctx, "verify", "vm"))  # the config is back; the keys open from their versions

@@ -45,3 +45,17 @@ def test_chunk_names_are_keyed_and_the_keys_travel_as_a_dict():
     assert "m" * 8 not in repr(k)
     with pytest.raises(ValueError):
         DataKeys(b"short", b"s" * 16)
+
+
+def test_the_key_check_depends_on_the_master_and_the_store_and_says_nothing_else():
+    from pydr.engine.sealing import key_check
+
+    check = key_check(b"m" * 32, b"s" * 16)
+    assert len(check) == 32 and int(check, 16) >= 0
+    assert check == key_check(b"m" * 32, b"s" * 16)
+    assert check != key_check(b"n" * 32, b"s" * 16)
+    assert check != key_check(b"m" * 32, b"t" * 16)
+    # not the data keys' chunk id of anything obvious: another HKDF info
+    assert check != keys().chunk_id(b"pydr key check").hex()
+    with pytest.raises(ValueError):
+        key_check(b"short", b"s" * 16)

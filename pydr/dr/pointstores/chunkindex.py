@@ -414,6 +414,10 @@ def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
     from .chunkversions import tampering
 
     tampered = tampering(store, name, rows, recorded, points_of)
+    # the config and keys, when the store was opened from their versions (not a key's
+    # delete marker alone: `pydr key remove` leaves one above a locked version too)
+    every = sorted({r.point for r in rows})  # every point needs them
+    tampered = [{**t, "points": every} for t in store.tampered] + tampered
     return {"item": name, "points": len(rows), "chunks": len(chunks), "checked": len(ids),
             "problems": problems, "tampered": tampered, "damaged_points": damaged}
 
