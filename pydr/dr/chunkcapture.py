@@ -252,6 +252,7 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
                                f"block device as its source (here, or on its --host)",
                                path=d["source"])
     prev = None if opts.resync_all else latest_index(vault, name)
+    prev_row = vault.latest_index(name) if prev is not None else None
     chunks = chunk_store(vault, name)  # an encrypted store is unlocked here, not on a worker
     store = chunks.objects
     repaired = put_back_config(vault, chunks)  # after an attack on it: the recorded config
@@ -265,6 +266,7 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
     return capture_item, {
         "item": name, "store": store.spec, "here": _dir(vault, name), "index": index_name,
         "prev": list(prev) if prev is not None else None,
+        "prev_digest": prev_row.digest if prev_row is not None else None,
         "disks": [{"idx": d["idx"], "source": d["source"]} for d in disks],
         "rsh": row["rsh"], "remote_pydr": row["remote_pydr"],
         "quiesce_hook": row["quiesce_hook"] if opts.app_consistent else None,
@@ -292,7 +294,7 @@ def _lock_terms(vault, name):
 def capture_item(task, *, events=None, cancel=None):
     """The disks of one item into its object store. Returns {"item", "host",
     "key" (the point index uploaded), "version" and "retain_until" (its
-    ObjectRef), "local" (its name), "store", "cut",
+    ObjectRef), "digest" (hex SHA-256 of it as stored), "local" (its name), "store", "cut",
     "cut_at", "read", "uploaded", "reused", "bytes"} for the caller to record.
 
     In this process (not on a worker): ``events``, an Emitter
@@ -302,7 +304,7 @@ def capture_item(task, *, events=None, cancel=None):
     from ..endpoints.s3 import ObjectStore
     from ..engine.sealing import DataKeys
     from ..engine.signatures import Signature, signature
-    from .chunkstore import ChunkStore
+    from .chunkstore import ChunkStore, index_digest
     from .objectlock import CycleRefs, LockTerms
 
     name = task["item"]
@@ -312,6 +314,7 @@ def capture_item(task, *, events=None, cancel=None):
     store.objects.check()
     here = task["here"] if task["here"] and os.path.isdir(task["here"]) else None
     prev = task["prev"]
+    prev_digest = task.get("prev_digest")  # what the vault recorded of it: checked
     prev_index = None
     if prev is not None:
         local = os.path.join(here, f"{prev[2]}.pidx") if here else None
@@ -319,10 +322,10 @@ def capture_item(task, *, events=None, cancel=None):
             if local is None:
                 raise FileNotFoundError(prev[1])
             with open(local, "rb") as f:
-                prev_index = store.decode_index(f.read(), prev[1], local)
+                prev_index = store.decode_index(f.read(), prev[1], local, prev_digest)
         except (OSError, FormatError):  # the local copy is gone: the store has it
             prev_index = store.get_index(prev[1], ObjectRef(*prev[3:5]) if len(prev) > 3
-                                         else None)
+                                         else None, prev_digest)
     known = prev_index.chunk_ids() if prev_index is not None else set()
     bad = set()  # found missing or corrupt: uploaded again (then dropped from here)
     for hexid in task.get("suspect", ()):
@@ -380,9 +383,9 @@ def capture_item(task, *, events=None, cancel=None):
         pending.close(False)
     return {"item": name, "host": worker_host(), "key": key, "local": new_name,
             "version": ref.version, "retain_until": ref.retain_until,
-            "store": store.spec, "cut": taken.kind, "cut_at": taken.at,
-            "suspect": list(task.get("suspect", ())), "repaired": task.get("repaired"),
-            **stats}
+            "digest": index_digest(blob), "store": store.spec, "cut": taken.kind,
+            "cut_at": taken.at, "suspect": list(task.get("suspect", ())),
+            "repaired": task.get("repaired"), **stats}
 
 
 def adopt(vault, name, result):
@@ -393,7 +396,8 @@ def adopt(vault, name, result):
 
     def index_row(store, point_id):
         store.add_index(name, point_id, result["store"], result["key"], sent,
-                        result.get("version"), result.get("retain_until"))
+                        result.get("version"), result.get("retain_until"),
+                        result.get("digest"))
 
     def forget():  # the orphans first: the pending log that names them goes with the rest
         handled = set(result.get("suspect", ()))  # a verify meanwhile may have found more

@@ -15,13 +15,22 @@ every put is locked (S3 Object Lock), and :meth:`ChunkStore.keep` extends
 a reused chunk's lock (docs/FORMAT.md, "Object Lock and versions").
 """
 
+import hashlib
 import threading
 
-from ..engine.chunks import ObjectRef, PointIndex, chunk_id, decode_chunk, encode_chunk
-from ..engine.sealing import KIND_CHUNK, KIND_INDEX, SealBroken
+from ..engine.chunks import (CHUNK_HEADER_SIZE, CHUNK_SIZE, ObjectRef, PointIndex, chunk_id,
+                             decode_chunk, encode_chunk)
+from ..engine.sealing import KIND_CHUNK, KIND_INDEX, OVERHEAD, SealBroken
 from ..errors import FormatError
 
 _coders = threading.local()  # a zstd decompressor per thread
+
+#: the largest chunk object pydr writes (zstd is kept only when smaller) and
+#: some slack: a larger one is damage, refused before it is read into memory
+MAX_CHUNK_OBJECT = CHUNK_HEADER_SIZE + CHUNK_SIZE + OVERHEAD + (64 << 10)
+#: a point index names 16 bytes (and a version) per 4 MiB chunk: 1 GiB is
+#: far above any real one, yet bounds what a hostile object costs
+MAX_INDEX_OBJECT = 1 << 30
 
 
 class ChunkStore:
@@ -101,7 +110,8 @@ class ChunkStore:
         import zstandard
 
         key = self.chunk_key(ident)
-        blob = self.objects.get(key, ref.version if ref is not None else None)
+        blob = self.objects.get(key, ref.version if ref is not None else None,
+                                max_size=MAX_CHUNK_OBJECT)
         where = self._at(key, ref)
         if self.keys is not None:
             try:
@@ -150,19 +160,35 @@ class ChunkStore:
             blob = self.keys.seal(KIND_INDEX, blob, self._name(key))
         return self._put(key, blob), blob
 
-    def decode_index(self, blob, key, where=None):
+    def decode_index(self, blob, key, where=None, digest=None):
         """The PointIndex in `blob`, the object `key` of this store (or a
-        local copy of it at `where`); FormatError naming it if damaged."""
+        local copy of it at `where`); FormatError naming it if damaged, or
+        if `digest` (the hex SHA-256 the vault recorded of the object as
+        stored; None: not recorded) does not match: an index re-encoded
+        with its chunk ids swapped passes its own, unkeyed, checksum."""
         where = where or self.url(key)
-        if self.keys is not None:
+        stored = blob
+        if self.keys is not None:  # its seal first: the more telling message
             try:
                 blob = self.keys.open(KIND_INDEX, blob, self._name(key))
             except SealBroken as exc:
                 raise FormatError(f"point index {exc}", path=where, offset=0) from None
+        if digest is not None and index_digest(stored) != digest:
+            raise FormatError("point index does not match the digest the vault recorded "
+                              f"(sha256 {digest}): replaced or damaged", path=where, offset=0)
         return PointIndex.decode(blob, where)
 
-    def get_index(self, key, ref=None):
-        """The PointIndex stored as `key` (the version `ref` names, if any);
+    def get_index(self, key, ref=None, digest=None):
+        """The PointIndex stored as `key` (the version `ref` names, if any),
+        checked against `digest` as :meth:`decode_index` checks it;
         FileNotFoundError if gone, FormatError naming it if damaged."""
         version = ref.version if ref is not None else None
-        return self.decode_index(self.objects.get(key, version), key, self._at(key, ref))
+        blob = self.objects.get(key, version, max_size=MAX_INDEX_OBJECT)
+        return self.decode_index(blob, key, self._at(key, ref),
+                                 digest)
+
+
+def index_digest(blob):
+    """The hex SHA-256 of a point index object as stored (sealed or plain):
+    what the vault records of it (object_indexes.digest)."""
+    return hashlib.sha256(blob).hexdigest()

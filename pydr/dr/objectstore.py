@@ -125,7 +125,8 @@ def prepare_store(vault, spec, *, encrypt=True):
     pydr.dr.storekeys.create_store) unless `encrypt` is False. A store
     already there is opened as it is (a version-1 store, without a
     config, stays unencrypted), and checked against the vault's record as
-    :func:`chunk_store_at` checks it. Writes nothing into the vault: the
+    :func:`chunk_store_at` checks it; an unencrypted one the vault has no
+    record of is joined only when `encrypt` is False. Writes nothing into the vault: the
     caller records ``(spec, id, encryption)`` with the item.
 
     Returns:
@@ -134,7 +135,9 @@ def prepare_store(vault, spec, *, encrypt=True):
 
     Raises:
         As chunk_store_at (a wrong passphrase before anything is written);
-        the S3 errors when the bucket cannot be reached.
+        InvalidState naming the store when it is unencrypted (objects
+        without a config, or a config saying "none"), the vault has no
+        record of it and `encrypt` is True; the S3 errors when the bucket cannot be reached.
     """
     from ..endpoints.s3 import ObjectStore
     from . import storekeys
@@ -152,10 +155,25 @@ def prepare_store(vault, spec, *, encrypt=True):
         found = (config.id, config.encryption)
     else:
         keys, found, tampering = _unlock(vault, objects, record)
+        if record is None and encrypt and found[1] == PLAIN:
+            _refuse_plain(objects.spec, found)
         if tampering is not None:
             vault.tampered_stores[objects.spec] = tampering
     vault.unlocked[objects.spec] = keys
     return found
+
+
+def _refuse_plain(spec, found):
+    """InvalidState: an unencrypted store the vault has no record of is not
+    joined unless the caller opted out of encryption -- objects put in an
+    empty prefix before the first protect (by anyone who can write there)
+    must not make pydr write plain chunks."""
+    what = (f"a config of store {found[0]} saying encryption 'none'" if found[0] else
+            "objects but no config (a version-1 store, unencrypted)")
+    raise InvalidState(f"object store {spec} holds {what}: protecting into it would write "
+                       f"plain chunks, and encryption was asked for; refused", path=spec,
+                       hint="join the unencrypted store knowingly with --no-encrypt "
+                            "(pydr.Vault.protect(..., encrypt=False)), or give another prefix")
 
 
 #: what the vault records for a version-1 store (chunks and indexes, no config)

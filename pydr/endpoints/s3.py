@@ -183,14 +183,46 @@ class ObjectStore:
         r = self._call(self.url(key), self.client.put_object, Key=key, Body=data, **extra)
         return _version(r.get("VersionId"))
 
-    def get(self, key: str, version: Optional[str] = None) -> bytes:
+    def get(self, key: str, version: Optional[str] = None, *,
+            max_size: Optional[int] = None) -> bytes:
         """The bytes of `key` (its current version, or `version`).
-        FileNotFoundError if absent (a delete marker is absent)."""
+
+        Args:
+            key: the object's key.
+            version: the version to read; None for the current one.
+            max_size: the most bytes the object may hold (None: no bound):
+                a larger one is refused by its Content-Length before any of
+                it is read, and the read stops past the bound, so a hostile
+                or damaged object cannot fill the memory.
+
+        Raises:
+            FileNotFoundError if absent (a delete marker is absent);
+            FormatError naming the object when it exceeds `max_size`; the
+            errors of :func:`s3_error`.
+        """
+        from ..errors import FormatError
+
         what = self.url(key) + (f"?versionId={version}" if version else "")
         extra = {"VersionId": version} if version else {}
-        body = self._call(what, self.client.get_object, Key=key, **extra)["Body"]
+        r = self._call(what, self.client.get_object, Key=key, **extra)
+        body = r["Body"]
         try:
-            return body.read()
+            if max_size is None:
+                return body.read()
+            length = r.get("ContentLength")
+            if length is not None and length > max_size:
+                raise _too_large(what, length, max_size)
+            parts, got = [], 0
+            while True:
+                part = body.read(min(1 << 20, max_size + 1 - got))
+                if not part:
+                    return b"".join(parts)
+                parts.append(part)
+                got += len(part)
+                if got > max_size:
+                    raise _too_large(what, got, max_size)
+        except FormatError:
+            raise
         except Exception as exc:
             raise s3_error(exc, what) from None
         finally:
@@ -432,3 +464,10 @@ def InvalidReplica(spec):
                            hint=f"replicate to it ('pydr protect ITEM --disk SRC={spec}') and "
                                 f"make disks from its points ('pydr materialize ITEM --point P "
                                 f"--to DIR')")
+
+
+def _too_large(what: str, size: int, max_size: int) -> Exception:
+    from ..errors import FormatError
+
+    return FormatError(f"object holds {size} bytes or more, more than the {max_size} pydr "
+                       f"ever writes there: damaged or not pydr's; not read", path=what)

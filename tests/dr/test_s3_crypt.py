@@ -337,13 +337,42 @@ def test_no_encrypt_stores_keep_the_plain_format(s3):
         assert v.object_store(s3["url"]).encryption == "none"
 
 
+@pytest.mark.parametrize("seed", ["a junk chunk", "a config saying none"])
+def test_an_empty_prefix_seeded_unencrypted_is_refused_unless_opted_out(s3, seed):
+    """Before the owner's first protect, someone who can write the prefix
+    puts one object under chunks/ (a version-1 store, to pydr) or a config
+    saying "none": protect (encryption asked) exits 15 naming the store and
+    what is there, records nothing, and writes nothing; with --no-encrypt
+    the store is joined knowingly."""
+    if seed == "a junk chunk":
+        put(s3, "dr/chunks/0000/junk", b"x")
+        said = b"version-1 store"
+    else:
+        put(s3, "dr/config", json.dumps({"format": "pydr-object-store", "version": 2,
+                                         "id": "00" * 16, "encryption": "none",
+                                         "chunk_id": "xxh3-128", "created": 1}).encode())
+        said = b"encryption 'none'"
+    img = marked_disk(s3["tmp"] / "disk.img", chunks=1)
+    before = bucket(s3)
+    r = cli(s3, "protect", "vm", "--disk", f"{img}={s3['url']}")
+    assert r.returncode == 15 and s3["url"].encode() in r.stderr and said in r.stderr, r.stderr
+    assert b"--no-encrypt" in r.stderr, r.stderr
+    assert bucket(s3) == before
+    with Vault(s3["vault"]) as v:
+        assert v.object_store(s3["url"]) is None and v.items() == []
+    ok(cli(s3, "protect", "vm", "--disk", f"{img}={s3['url']}", "--no-encrypt"))
+    replicate(s3)
+    assert all(MARKER in body(s3, k) for k in keys(s3, "chunks") if not k.endswith("junk"))
+
+
 def test_a_version_1_store_stays_unencrypted_and_keeps_working(s3):
     """A store without a config (pydr before issue 24) and a vault without
     its record (schema 11 upgraded): made here as the plain format --
     a --no-encrypt store, its config deleted and the vault's record
     dropped. Cycles and restores go on without a passphrase and write no
-    config; another vault protecting into it keeps it plain; a config that
-    appears later is refused."""
+    config; another vault protecting into it is refused unless it passes
+    --no-encrypt, and then keeps it plain; a config that appears later is
+    refused."""
     tmp = s3["tmp"]
     img = marked_disk(tmp / "disk.img", chunks=2)
     none = without_passphrase(s3)
@@ -373,7 +402,11 @@ def test_a_version_1_store_stays_unencrypted_and_keeps_working(s3):
     (tmp / "b").mkdir()
     img2 = marked_disk(tmp / "b" / "disk.img", chunks=1)
     r = bare(other, "protect", "vm", "--disk", f"{img2}={s3['url']}", env=s3["env"])
-    assert r.returncode == 0, r.stderr  # encrypted by default, yet a version-1 store stays so
+    assert r.returncode == 15 and s3["url"].encode() in r.stderr, r.stderr  # encryption asked
+    assert b"version-1 store" in r.stderr and b"--no-encrypt" in r.stderr, r.stderr
+    r = bare(other, "protect", "vm", "--disk", f"{img2}={s3['url']}", "--no-encrypt",
+             env=s3["env"])
+    assert r.returncode == 0, r.stderr  # joined knowingly: a version-1 store stays so
     r = bare(other, "replicate", "vm", "--json", env=none)
     assert r.returncode == 0, r.stderr
     assert "dr/config" not in bucket(s3) and not keys(s3, "keys")

@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+import pytest
+
 from conftest import run_cli, sha
 from pydr.dr.vault import Vault
 from test_s3 import cli, keys, ok, protect, replicate, s3, swift  # noqa: F401  (fixtures)
@@ -152,3 +154,90 @@ def test_a_missing_chunk_is_marked_and_the_next_cycle_uploads_it_again(s3):
     assert report["problems"] == [] and report["damaged_points"] == []
     r = cli(s3, "materialize", "vm", "--point", str(first), "--to", s3["tmp"] / "old")
     assert r.returncode == 7 and b"damaged" in r.stderr, r.stderr
+
+
+def test_an_index_re_encoded_with_its_chunk_ids_swapped_is_refused(s3):
+    """An unencrypted store's point index carries only an unkeyed checksum:
+    whoever can write the bucket re-encodes it with two chunk ids swapped.
+    The vault recorded each index's SHA-256: the next cycle (its local copy
+    gone), materialize and verify exit 7 naming the index; the point is
+    marked damaged and nothing wrong is written."""
+    from pydr.engine.chunks import PointIndex
+
+    img = image(s3["tmp"] / "disk.img")
+    ok(cli(s3, "protect", "vm", "--disk", f"{img}={s3['url']}", "--no-encrypt"))
+    first = replicate(s3)["point_id"]
+    with open(img, "r+b") as f:
+        f.write(os.urandom(4096))
+    second = replicate(s3)["point_id"]
+    with Vault(s3["vault"]) as v:
+        index_keys = {p: v.index_of("vm", p).key for p in (first, second)}
+        assert all(v.index_of("vm", p).digest for p in (first, second))
+
+    def swap(pid):
+        key = index_keys[pid].partition(f"s3://{s3['bucket']}/")[2] or index_keys[pid]
+        index = PointIndex.decode(s3["client"].get_object(Bucket=s3["bucket"],
+                                                          Key=key)["Body"].read())
+        size, ids = index.disks[0]
+        index.disks[0] = (size, [ids[1], ids[0], *ids[2:]])
+        s3["client"].put_object(Bucket=s3["bucket"], Key=key, Body=index.encode())
+        return key
+
+    said = b"does not match the digest the vault recorded"
+    here = os.path.join(s3["vault"], "objects", "vm")
+    for local in os.listdir(here):
+        if local.endswith(".pidx"):
+            os.unlink(os.path.join(here, local))
+    key = swap(second)
+    r = cli(s3, "replicate", "vm")
+    assert r.returncode == 7 and said in r.stderr and key.encode() in r.stderr, r.stderr
+    key = swap(first)
+    out = s3["tmp"] / "out"
+    r = cli(s3, "materialize", "vm", "--point", str(first), "--to", out)
+    assert r.returncode == 7 and said in r.stderr and key.encode() in r.stderr, r.stderr
+    assert not (out / "disk.img").exists()
+    r = cli(s3, "verify", "vm", "--json")
+    assert r.returncode == 7, r.stderr
+    report = json.loads(r.stdout)
+    assert sorted(report["damaged_points"]) == [first, second], report
+    assert any(said.decode() in p for p in report["problems"]), report
+    damaged = points_damaged(s3)
+    assert damaged[first] and damaged[second]
+
+
+def test_an_oversized_chunk_is_refused_before_it_is_read_whole(s3):
+    """A chunk object replaced by one larger than any pydr writes: verify
+    and materialize exit 7 naming it, by its Content-Length, and the bound
+    also holds while reading when the server sends no length."""
+    from pydr.dr.chunkstore import MAX_CHUNK_OBJECT
+    from pydr.endpoints.s3 import ObjectStore
+    from pydr.errors import FormatError
+
+    img = image(s3["tmp"] / "disk.img", 4 << 20)
+    protect(s3, img)
+    first = replicate(s3)["point_id"]
+    (chunk,) = keys(s3, "chunks")
+    s3["client"].put_object(Bucket=s3["bucket"], Key=chunk, Body=bytes(MAX_CHUNK_OBJECT + 1))
+    said = f"{MAX_CHUNK_OBJECT + 1} bytes or more, more than the {MAX_CHUNK_OBJECT}".encode()
+    r = cli(s3, "verify", "vm", "--json")
+    assert r.returncode == 7, r.stderr
+    problems = json.loads(r.stdout)["problems"]
+    assert any(said.decode() in p and chunk in p for p in problems), problems
+    r = cli(s3, "materialize", "vm", "--point", str(first), "--to", s3["tmp"] / "out")
+    assert r.returncode == 7 and b"damaged" in r.stderr, r.stderr
+    objects = ObjectStore(s3["url"])
+    real = objects.client
+
+    class NoLength:  # a server that sends no Content-Length: the read itself is bounded
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def get_object(self, **kw):
+            r = real.get_object(**kw)
+            r.pop("ContentLength", None)
+            return r
+
+    objects._client = NoLength()
+    with pytest.raises(FormatError, match="more than the 1000 pydr ever writes"):
+        objects.get(chunk, max_size=1000)
+    assert len(objects.get(chunk, max_size=MAX_CHUNK_OBJECT + 1)) == MAX_CHUNK_OBJECT + 1

@@ -105,7 +105,7 @@ class ChunkIndex(PointStore):
         row = self.vault.index_of(self.name, point_id)
         store = chunk_store(self.vault, self.name)
         try:
-            index = store.get_index(key, index_ref(row))
+            index = store.get_index(key, index_ref(row), row.digest)
             for d in self.vault.disks(self.name):
                 if d["idx"] not in index.disks:
                     raise FormatError(f"the point index has no disk {d['idx']}",
@@ -271,7 +271,7 @@ def note_damage(vault, name, store, bad):
     rows = vault.index_rows(name)
     for r in rows:
         try:
-            named = store.get_index(r.key, index_ref(r)).chunk_ids()
+            named = store.get_index(r.key, index_ref(r), r.digest).chunk_ids()
         except (FileNotFoundError, FormatError) as exc:
             vault.mark_damaged(name, [r["point"]], f"its point index cannot be read: {exc}")
             continue
@@ -298,7 +298,7 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
         raise InvalidState(f"point {point_id} of {name!r} has no index in the vault",
                            path=vault.dir)
     store = chunk_store(vault, name)
-    index = store.get_index(row.key, index_ref(row))
+    index = store.get_index(row.key, index_ref(row), row.digest)
     refs = index.refs
     if disk["idx"] not in index.disks:
         raise FormatError(f"the point index has no disk {disk['idx']}", path=store.url(row["key"]))
@@ -367,7 +367,7 @@ def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
     problems, chunks, unreadable, recorded, points_of = [], {}, False, {}, {}
     for r in rows:
         try:
-            index = store.get_index(r.key, index_ref(r))
+            index = store.get_index(r.key, index_ref(r), r.digest)
         except (FormatError, FileNotFoundError) as exc:
             problems.append(f"point {r['point']}: {exc}")
             unreadable = True
