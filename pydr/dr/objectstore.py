@@ -130,8 +130,8 @@ def prepare_store(vault, spec, *, encrypt=True):
     caller records ``(spec, id, encryption)`` with the item.
 
     Returns:
-        (store id, encryption) to record: ("", "none") for a version-1
-        store.
+        (store id, encryption, key check) to record: ("", "none", None) for
+        a version-1 store.
 
     Raises:
         As chunk_store_at (a wrong passphrase before anything is written);
@@ -148,19 +148,41 @@ def prepare_store(vault, spec, *, encrypt=True):
     fresh = record is None and storekeys.read_config(objects) is None
     if fresh and _has(objects, "keys"):  # a creation cut short (by a kill): finished
         config, keys = storekeys.create_store(objects, _passphrase(vault, objects.spec))
-        found = (config.id, config.encryption)
+        found = (config.id, config.encryption, config.key_check)
     elif fresh and not _has(objects, "chunks") and not _has(objects, "indexes"):
         passphrase = _passphrase(vault, objects.spec) if encrypt else None
         config, keys = storekeys.create_store(objects, passphrase, encrypt=encrypt)
-        found = (config.id, config.encryption)
+        found = (config.id, config.encryption, config.key_check)
     else:
         keys, found, tampering = _unlock(vault, objects, record)
+        if record is None and found[:2] == (V1_ID, PLAIN):
+            _refuse_sealed_without_keys(objects)
         if record is None and encrypt and found[1] == PLAIN:
             _refuse_plain(objects.spec, found)
         if tampering is not None:
             vault.tampered_stores[objects.spec] = tampering
     vault.unlocked[objects.spec] = keys
     return found
+
+
+def _refuse_sealed_without_keys(objects):
+    """FormatError naming the store when a prefix with no config holds
+    sealed objects: an encrypted store whose config and key files are gone
+    (deleted in a bucket without versions). Joining it unencrypted would
+    write plain chunks beside the sealed ones."""
+    from ..engine.sealing import MAGIC, is_sealed
+
+    for under in ("indexes", "chunks"):
+        for key, _, size in objects.list(under):
+            if size < len(MAGIC):
+                continue
+            if is_sealed(objects.get(key, max_size=None)[:len(MAGIC)]):
+                raise FormatError(f"object store {objects.spec} holds sealed objects ({key}) "
+                                  f"but no config and no key files: an encrypted store whose "
+                                  f"keys are gone; refused", path=objects.url(key),
+                                  hint="put back copies of its config and keys/ (any S3 "
+                                       "client), or give another prefix")
+            break  # one object of each kind tells
 
 
 def _refuse_plain(spec, found):
@@ -215,6 +237,8 @@ def _open(vault, objects):
         vault.tampered_stores[objects.spec] = tampering
     if record is None and vault.writer:
         vault.add_object_store(objects.spec, *found)
+    elif record is not None and record.key_check is None and found[2] and vault.writer:
+        vault.set_key_check(objects.spec, found[2])  # recorded before key checks: first sight
     return keys
 
 
@@ -238,21 +262,24 @@ def _unlock(vault, objects, record):
         if problem is not None and objects.versioned():
             keys, tampering = storeversions.open_from_versions(
                 objects, record, _passphrase(vault, spec), problem)
-            return keys, (record.id, record.encryption), tampering
+            return keys, (record.id, record.encryption, record.key_check), tampering
     if damaged is not None:
         raise damaged
     if config is None:
         _compare(spec, record, V1_ID, PLAIN)
         if record is None and _has(objects, "keys"):  # a creation cut short: its key says
             config, keys = storekeys.unlock(objects, _passphrase(vault, spec))
-            return keys, (config.id, config.encryption), None
-        return None, (V1_ID, PLAIN), None
+            return keys, (config.id, config.encryption, config.key_check), None
+        return None, (V1_ID, PLAIN, None), None
     _compare(spec, record, config.id, config.encryption)
     # an unencrypted config is checked too: key files beside "none" are a downgrade
     passphrase = _passphrase(vault, spec) if config.encrypted else None
-    config, keys = storekeys.unlock(objects, passphrase, expect_id=config.id)
+    # the key check the vault recorded: a config rewritten to vouch for another master
+    # key (a forged key file) is refused
+    config, keys = storekeys.unlock(objects, passphrase, expect_id=config.id,
+                                    expect_check=record.key_check if record else None)
     _compare(spec, record, config.id, config.encryption)  # as unlock read it: no race
-    return keys, (config.id, config.encryption), None
+    return keys, (config.id, config.encryption, config.key_check), None
 
 
 def _from_versions_possible(record):

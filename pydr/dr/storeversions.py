@@ -130,7 +130,8 @@ def open_from_versions(objects: ObjectStore, record: Any, passphrase: Optional[b
 
     found = recorded_config(objects, record)
     config, keys = storekeys.unlock(objects, passphrase, expect_id=record.id,
-                                    config=found[0] if found else None)
+                                    config=found[0] if found else None,
+                                    expect_check=record.key_check)
     if keys is None:  # cannot be: the recorded store is encrypted
         raise FormatError(f"the store recorded as {record.id} opens as unencrypted",
                           path=objects.spec)

@@ -519,3 +519,56 @@ def test_a_passphrase_is_asked_at_a_terminal_once(s3):
     code, err = typed(PASSPHRASE.encode(), s3["tmp"] / "right")
     assert code == 0, err
     assert sha(s3["tmp"] / "right" / "disk.img") == sha(img)
+
+
+def test_the_vault_keeps_the_key_check_and_refuses_a_config_vouching_for_another_key(s3):
+    """The store's key check is recorded with it; someone who rewrites the
+    config's key check and adds a key file of their own master key under
+    the same passphrase (anyone who knows a passphrase can) is refused by
+    the vault's record, exit 7 naming the store, and nothing is written."""
+    from pydr.dr import storekeys
+    from pydr.endpoints.s3 import ObjectStore
+    from pydr.engine.sealing import key_check
+
+    img = marked_disk(s3["tmp"] / "disk.img", chunks=2)
+    protect(s3, img)
+    replicate(s3)
+    config = json.loads(body(s3, "dr/config"))
+    with Vault(s3["vault"]) as v:
+        assert v.object_store(s3["url"]).key_check == config["key_check"] is not None
+    # a key file of a master key of their own, for this store's id, and a config to match
+    store_id, master = bytes.fromhex(config["id"]), os.urandom(32)
+    for key in keys(s3, "keys"):
+        s3["client"].delete_object(Bucket=s3["bucket"], Key=key)
+    storekeys._write_passphrase_key(ObjectStore(s3["url"]), store_id, master,
+                                    PASSPHRASE.encode(), None)
+    forged = {**config, "key_check": key_check(master, store_id)}
+    assert forged["key_check"] != config["key_check"]
+    put(s3, "dr/config", json.dumps(forged).encode())
+    before_bucket, before_vault = bucket(s3), vault_rows(s3)
+    r = cli(s3, "replicate", "vm")
+    assert r.returncode == 7 and s3["url"].encode() in r.stderr, r.stderr
+    assert bucket(s3) == before_bucket and vault_rows(s3) == before_vault
+
+
+def test_sealed_objects_without_config_and_keys_are_never_joined_unencrypted(s3):
+    """An encrypted store whose config and key files were deleted (a bucket
+    without versions): a new vault's protect is refused even with
+    --no-encrypt, exit 7 naming a sealed object: plain chunks are never
+    written beside sealed ones."""
+    img = marked_disk(s3["tmp"] / "disk.img", chunks=2)
+    protect(s3, img)
+    replicate(s3)
+    for key in ["dr/config"] + keys(s3, "keys"):
+        s3["client"].delete_object(Bucket=s3["bucket"], Key=key)
+    other = s3["tmp"] / "vault2"
+    assert run_cli("vault", "init", other).returncode == 0
+    before = bucket(s3)
+    for extra in ([], ["--no-encrypt"]):
+        r = run_cli("protect", "vm", "--disk", f"{img}={s3['url']}", *extra, "--vault", other,
+                    env=s3["env"])
+        assert r.returncode == 7 and b"sealed objects" in r.stderr and b"dr/" in r.stderr, \
+            (extra, r.stderr)
+    assert bucket(s3) == before
+    with Vault(other) as v:
+        assert v.items() == []

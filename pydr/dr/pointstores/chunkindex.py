@@ -317,7 +317,7 @@ def restore_disk(vault, name, point_id, disk, dest, *, threads=None, progress=No
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("cancelled", path=dest)
                 try:
-                    data = store.get_chunk(ids[i], refs.get(ids[i]))
+                    data = store.get_chunk(ids[i], refs.get(ids[i]), check_name=False)
                 except FileNotFoundError:
                     bad[ids[i]] = (f"chunk {ids[i].hex()} (disk {disk['idx']}, offset "
                                    f"{i * index.chunk_size}) is missing from the store")
