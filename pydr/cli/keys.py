@@ -4,7 +4,7 @@ Passphrases come from files, the environment or a terminal prompt
 (pydr.dr.passphrases), never from the command line."""
 
 from .common import add_json, add_vault_dir, command, print_json, timestamp
-from ..errors import InvalidArgument, InvalidState, PassphraseRequired
+from ..errors import InvalidArgument, InvalidState, PassphraseRequired, PydrError
 
 STORE_HELP = "the object store: s3://BUCKET/PREFIX, or an item replicated to it"
 
@@ -88,12 +88,35 @@ def _recovery_passphrase(args, twice=False):
 
 
 def _unlocked(args, objects, check=None):
-    from ..dr.storekeys import unlock
+    from ..dr.storekeys import read_config, unlock
 
+    config = read_config(objects)  # before asking a passphrase that is not needed
+    if config is not None and not config.encrypted:
+        raise InvalidState("the store is unencrypted (its config says \"encryption\": "
+                           "\"none\"): it has no keys", path=objects.spec)
     config, keys = unlock(objects, _passphrase(args, objects), expect_check=check)
     if keys is None:
-        raise InvalidArgument(f"{objects.spec}: the store is not encrypted: it has no keys")
+        raise InvalidState("the store is unencrypted: it has no keys", path=objects.spec)
     return keys
+
+
+def _added(objects, add):
+    """(KeyInfo dict, whether it was there already) of `add()`, which
+    returns an existing key rather than adding a second one."""
+    from ..dr.storekeys import list_keys
+
+    before = {k.id for k in list_keys(objects)}
+    info = add().to_dict()
+    return info, info["id"] in before
+
+
+def _show_added(args, info, there):
+    if args.json:
+        print_json({**info, "already_there": there})
+    elif there:
+        _show(info, "already there:")
+    else:
+        _show(info, "added")
 
 
 def _show(info, verb):
@@ -137,8 +160,8 @@ def cmd_add(args):
     objects, check = _objects_and_check(args)
     keys = _unlocked(args, objects, check)
     new = _new_passphrase(args)
-    info = add_key(objects, keys, new, label=args.label).to_dict()
-    print_json(info) if args.json else _show(info, "added")
+    info, there = _added(objects, lambda: add_key(objects, keys, new, label=args.label))
+    _show_added(args, info, there)
     return 0
 
 
@@ -160,7 +183,14 @@ def cmd_passwd(args):
     old = _passphrase(args, objects)
     info = change_passphrase(objects, old, _new_passphrase(args)).to_dict()
     print_json(info) if args.json else _show(info, "the passphrase now opens")
+    if not args.json:
+        print(_PASSWD_NOTE)
     return 0
+
+
+_PASSWD_NOTE = ("note: only the new passphrase opens the store now: update the passphrase "
+                "file or variable that 'pydr run' (PYDR_PASSPHRASE_FILE, --passphrase-file; "
+                "it is read again each round) and your scripts use")
 
 
 def cmd_create_recovery(args):
@@ -170,19 +200,37 @@ def cmd_create_recovery(args):
     objects, check = _objects_and_check(args)
     keys = _unlocked(args, objects, check)  # the store opens, before any file is made
     if args.private_key:
+        passphrase = _recovery_passphrase(args, twice=True)
         try:
-            make_recovery_pair(args.private_key, args.public_key,
-                               _recovery_passphrase(args, twice=True))
+            make_recovery_pair(args.private_key, args.public_key, passphrase)
         except FileExistsError as exc:
-            raise InvalidState("a file is in the way: a key pair is never written over one",
-                               path=exc.filename,
-                               hint=f"to seal the store to the public key {args.public_key} "
-                                    f"already made, leave out --private-key") from None
+            if not _made_already(args, passphrase):
+                raise InvalidState("a file is in the way: a key pair is never written over one",
+                                   path=exc.filename,
+                                   hint=f"to seal the store to the public key "
+                                        f"{args.public_key} already made, leave out "
+                                        f"--private-key") from None
     with open(args.public_key, "rb") as f:
         public = f.read(1 << 16)
-    info = add_recovery(objects, keys, public, label=args.label).to_dict()
-    print_json(info) if args.json else _show(info, "added")
+    info, there = _added(objects, lambda: add_recovery(objects, keys, public, label=args.label))
+    _show_added(args, info, there)
     return 0
+
+
+def _made_already(args, passphrase):
+    """Whether --private-key and --public-key are both there and a pair:
+    the private key opens with `passphrase` and its public key is the
+    public key file's (a run killed after making them)."""
+    from ..dr import recoverykey
+
+    try:
+        with open(args.private_key, "rb") as f:
+            private = recoverykey.load_private(f.read(1 << 16), passphrase, args.private_key)
+        with open(args.public_key, "rb") as f:
+            public = recoverykey.load_public(f.read(1 << 16), args.public_key)
+    except (OSError, PydrError):
+        return False
+    return recoverykey.recipient(private.public_key()) == recoverykey.recipient(public)
 
 
 def cmd_recover(args):

@@ -33,7 +33,11 @@ def add_recovery(objects: ObjectStore, keys: DataKeys, public_pem: bytes, *,
                  label: Optional[str] = None) -> KeyInfo:
     """Add a recovery key: the master key sealed to an X25519 public key
     (from :func:`make_recovery_pair`; crash point ``keys.added``). Whoever
-    holds the private key can then :func:`recover` the store.
+    holds the private key can then :func:`recover` the store. Idempotent:
+    a store never holds two recovery keys for one public key; when one is
+    there already (a run killed after the write, or the same command
+    twice), nothing is written. (That key cannot be opened here without
+    the private key: `pydr key recover` checks what it seals.)
 
     Args:
         objects: the store.
@@ -42,13 +46,19 @@ def add_recovery(objects: ObjectStore, keys: DataKeys, public_pem: bytes, *,
         label: the key's label (at most 200 characters).
 
     Returns:
-        The new key's KeyInfo (``recipient`` names the public key).
+        The new key's KeyInfo (``recipient`` names the public key); the
+        existing key's when nothing was written.
 
     Raises:
         FormatError: `public_pem` is not an X25519 public key.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
     public = recoverykey.load_public(public_pem, "the recovery public key")
+    good, _ = read_keys(objects)
+    there = [k.info for k in good if k.info.kind == kf.RECOVERY
+             and k.info.recipient == recoverykey.recipient(public)]
+    if there:
+        return there[0]
     master, store_id = _secret(keys)
     fields = _new_key_fields(kf.RECOVERY, label)
     fields.update(recoverykey.seal_fields(public, fields["id"], store_id, master))

@@ -319,16 +319,61 @@ def test_a_killed_key_command_leaves_the_store_open_and_finishes_when_run_again(
     r = cli(ctx, "key", *args, env={"PYDR_CRASH_AT": point})
     assert r.returncode == -9, r.stderr
     assert opens(ctx, OLD) == master_of(keys)
-    if command == "create-recovery":  # the pair is made: add its public key again
-        args = [a for a in args if a not in (tmp / "r.pem", "--private-key")]
-    r = cli(ctx, "key", *args, "--json")
+    before = key_list(ctx)["keys"]
+    r = cli(ctx, "key", *args, "--json")  # the same command (the pair is made already)
     if command == "remove":  # done already: the key is gone
         assert ok(r) == {"store": ctx["url"], "removed": doomed} and opens(ctx, NEW) is None
     else:
-        ok(r)
+        info = ok(r)
         assert opens(ctx, OLD) == master_of(keys)
         if command in ("add", "recover"):
             assert opens(ctx, NEW) == master_of(keys)
+        if command in ("add", "create-recovery"):  # the key the kill left is kept, not doubled
+            assert info["already_there"] and info["id"] in [k["id"] for k in before]
+            assert key_list(ctx)["keys"] == before and len(before) == 2
+            again = ok(cli(ctx, "key", *args))  # and a third run: the same
+            assert b"already there" in again and key_list(ctx)["keys"] == before
+
+
+def test_key_commands_on_an_unencrypted_store_say_it_has_no_keys(s3):
+    ctx = s3
+    storekeys.create_store(ctx["objects"], None, encrypt=False)
+    for given in ([], ["--passphrase-file", ctx["pass"]["old"]]):  # none asked, none needed
+        r = cli(ctx, "key", "add", ctx["url"], *given, "--new-passphrase-file",
+                ctx["pass"]["new"])
+        assert r.returncode == 15, r.stderr
+        assert b"unencrypted" in r.stderr and b"no keys" in r.stderr
+        assert b"passphrase is needed" not in r.stderr
+    assert key_list(ctx)["keys"] == []
+
+
+def test_key_add_and_create_recovery_twice_add_one_key(s3):
+    ctx, tmp = s3, s3["tmp"]
+    storekeys.create_store(ctx["objects"], OLD)
+    given = ["--passphrase-file", ctx["pass"]["old"]]
+    add = ["key", "add", ctx["url"], *given, "--new-passphrase-file", ctx["pass"]["new"],
+           "--json"]
+    first = ok(cli(ctx, *add))
+    assert not first["already_there"]
+    second = ok(cli(ctx, *add))
+    assert second["already_there"] and second["id"] == first["id"]
+    recovery = ["key", "create-recovery", ctx["url"], *given, "--public-key", tmp / "r.pub",
+                "--private-key", tmp / "r.pem", "--recovery-passphrase-file",
+                ctx["pass"]["third"], "--json"]
+    made = ok(cli(ctx, *recovery))
+    assert not made["already_there"]
+    assert ok(cli(ctx, *recovery))["id"] == made["id"]  # the same command again
+    # the public key alone (without --private-key) does not add a second one either
+    pub = [a for a in recovery if a not in ("--private-key", tmp / "r.pem")]
+    assert ok(cli(ctx, *pub))["already_there"]
+    kinds = sorted(k["kind"] for k in key_list(ctx)["keys"])
+    assert kinds == ["passphrase", "passphrase", "recovery"]
+    # a pair in the way that is not one (another public key): refused, nothing added
+    storekeys.make_recovery_pair(tmp / "r2.pem", tmp / "r2.pub", THIRD)
+    mixed = [tmp / "r2.pub" if a == tmp / "r.pub" else a for a in recovery]
+    r = cli(ctx, *mixed)
+    assert r.returncode == 15 and b"in the way" in r.stderr
+    assert sorted(k["kind"] for k in key_list(ctx)["keys"]) == kinds
 
 
 def test_an_item_names_its_store(s3):
