@@ -110,6 +110,14 @@ def _install_signals(service):
     return old
 
 
+def _passphrase_file(args):
+    """--passphrase-file, checked now (a missing file is said at once) and
+    given to the service as a path: it reads the file again each round, so
+    a `pydr key passwd` and an update of the file need no restart."""
+    given_passphrase(args)
+    return getattr(args, "passphrase_file", None)
+
+
 def cmd_run(args):
     from ..dr.service import Service
 
@@ -119,7 +127,7 @@ def cmd_run(args):
     says = _SaysMetrics(sink) if args.metrics is not None else None
     service = Service(vault_dir(args), jobs=args.jobs, scheduler=args.scheduler,
                       metrics=args.metrics, events=says or sink, warm=args.warm,
-                      passphrase=given_passphrase(args))
+                      passphrase_file=_passphrase_file(args))
     if says is not None:
         says.service = service
     old = _install_signals(service)

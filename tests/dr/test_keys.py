@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import boto3
@@ -345,6 +346,41 @@ def test_key_commands_on_an_unencrypted_store_say_it_has_no_keys(s3):
         assert b"unencrypted" in r.stderr and b"no keys" in r.stderr
         assert b"passphrase is needed" not in r.stderr
     assert key_list(ctx)["keys"] == []
+
+
+def test_pydr_run_reads_the_passphrase_file_again_each_round(s3):
+    """After `pydr key passwd` and an update of the passphrase file, the
+    service's next round opens the store: no restart. Meanwhile the item's
+    failure says how to give the passphrase and its RPO health is critical
+    at once (an alert)."""
+    from pydr.dr.service import Service
+
+    ctx, tmp = s3, s3["tmp"]
+    vault = tmp / "vault"
+    ok(cli(ctx, "vault", "init", vault))
+    img = tmp / "a.img"
+    img.write_bytes(os.urandom(1 << 20))
+    given = tmp / "run.pass"
+    given.write_bytes(OLD + b"\n")
+    ok(cli(ctx, "protect", "vm", "--vault", vault, "--disk", f"{img}={ctx['url']}",
+           "--rpo", "60s", "--passphrase-file", given))
+    now = [time.time()]
+    service = Service(vault, jobs=1, passphrase_file=given, clock=lambda: now[0],
+                      warm=False, notify=lambda state: None)
+    assert service.run_once().succeeded == ["vm"]
+    storekeys.change_passphrase(ctx["objects"], OLD, NEW)
+    now[0] += 3600
+    failed = service.run_once()
+    assert list(failed.failed) == ["vm"] and failed.exit_codes["vm"] == 4
+    assert "--passphrase-file" in failed.failed["vm"]
+    assert [(t["item"], t["new"]) for t in failed.transitions] == [("vm", "critical")]
+    assert "not replicated: the object store's passphrase" in failed.transitions[0]["message"]
+    given.write_bytes(NEW + b"\n")  # what the operator does after passwd
+    now[0] += 3600
+    mended = service.run_once()
+    assert mended.succeeded == ["vm"] and not mended.failed
+    # (its health follows its RPO again: no passphrase failure is held against it)
+    assert all("passphrase" not in t["message"] for t in mended.transitions)
 
 
 def test_key_add_and_create_recovery_twice_add_one_key(s3):
