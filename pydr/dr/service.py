@@ -36,7 +36,7 @@ from .cycle import replicate
 from .events import Emitter, EventSink, interrupted
 from .parallel_executor import ParallelExecutor
 from .retry import attempt_offset, recoverable
-from .service_parts import Parts
+from .service_parts import Parts, round_passphrase
 
 _log = logging.getLogger("pydr.service")
 
@@ -115,11 +115,8 @@ class Service:
         notify: called with each sd_notify state ("READY=1", ...);
             default pydr.dr.sdnotify.notify.
         passphrase: of the encrypted object stores the cycles write
-            (Vault's `passphrase`); None: from the environment
-            (PYDR_PASSPHRASE_FILE is read again at each round).
-        passphrase_file: a file holding it (--passphrase-file), read again
-            at each round: a `pydr key passwd` and an update of the file
-            need no restart. Wins over `passphrase`.
+            (Vault's `passphrase`); None: the environment's, read each round.
+        passphrase_file: a file holding it, read each round (wins).
 
     Raises:
         InvalidArgument: `jobs` is not an int >= 1, `metrics` not HOST:PORT.
@@ -308,12 +305,9 @@ class Service:
 
     # -- one round --------------------------------------------------------------------
     def _open_vault(self) -> Any:
-        from .passphrases import passphrase_from
         from .vault import Vault
 
-        passphrase = self._passphrase  # the file's, as it is now (changed by key passwd)
-        if self._passphrase_file is not None:
-            passphrase = passphrase_from(self._passphrase_file)
+        passphrase = round_passphrase(self._passphrase, self._passphrase_file)
         return store_lock.take_after_waiters(
             self.directory, lambda: Vault(self.directory, writer=True,
                                           passphrase=passphrase), cancel=self._stopping)
@@ -427,8 +421,7 @@ class Service:
             self._cycling = False
         seconds = time.monotonic() - begun
         for o in outcomes:
-            self._parts.observe_cycle(o, seconds)
-            self._parts.note_passphrase(o)
+            self._parts.observe_cycle(o, seconds)  # and a passphrase failure kept
             result.skipped.pop(o.item, None)  # a group's member that came with a due one
             if o.status == "succeeded":
                 result.succeeded.append(o.item)

@@ -10,7 +10,7 @@ import logging
 import os
 import queue
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .events import Emitter, EventSink
 from .rpo import rpo_facts
@@ -205,6 +205,7 @@ class Parts:
             self.metrics.set_queue(n)
 
     def observe_cycle(self, outcome: Any, seconds: float) -> None:
+        self.note_passphrase(outcome)
         if self.metrics is not None:
             # sent: what reached the replica's place; no transfer reports more than
             # what it wrote there, so that (for a local replica, exactly that)
@@ -254,3 +255,19 @@ def _health_at(policy: Any, facts: Any, row: Dict[str, Any], damaged: Optional[s
         return rpo_health(policy, later, row, now, damaged=damaged, drill_replicated=drill)
 
     return health_at
+
+
+def round_passphrase(passphrase: Optional[Union[str, bytes]],
+                     path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[Union[str, bytes]]:
+    """The passphrase a round of the service opens the vault with: the
+    file's at `path` as it is now (a `pydr key passwd` and an update of the
+    file need no restart), else `passphrase` (None: the environment's, read
+    when a store is opened).
+
+    Raises:
+        FileNotFoundError, PermissionError: the file cannot be read.
+        InvalidArgument: it is empty.
+    """
+    from .passphrases import passphrase_from
+
+    return passphrase if path is None else passphrase_from(path)
