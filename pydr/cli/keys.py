@@ -199,12 +199,14 @@ def cmd_create_recovery(args):
 
     objects, check = _objects_and_check(args)
     keys = _unlocked(args, objects, check)  # the store opens, before any file is made
+    private = None  # the pair's private key, when it was made already (a rerun)
     if args.private_key:
         passphrase = _recovery_passphrase(args, twice=True)
         try:
             make_recovery_pair(args.private_key, args.public_key, passphrase)
         except FileExistsError as exc:
-            if not _made_already(args, passphrase):
+            private = _made_already(args, passphrase)
+            if private is None:
                 raise InvalidState("a file is in the way: a key pair is never written over one",
                                    path=exc.filename,
                                    hint=f"to seal the store to the public key "
@@ -212,15 +214,16 @@ def cmd_create_recovery(args):
                                         f"--private-key") from None
     with open(args.public_key, "rb") as f:
         public = f.read(1 << 16)
-    info, there = _added(objects, lambda: add_recovery(objects, keys, public, label=args.label))
+    info, there = _added(objects, lambda: add_recovery(objects, keys, public, label=args.label,
+                                                       private=private))
     _show_added(args, info, there)
     return 0
 
 
 def _made_already(args, passphrase):
-    """Whether --private-key and --public-key are both there and a pair:
-    the private key opens with `passphrase` and its public key is the
-    public key file's (a run killed after making them)."""
+    """The private key of --private-key when it and --public-key are both
+    there and a pair: the private key opens with `passphrase` and its public
+    key is the public key file's (a run killed after making them); else None."""
     from ..dr import recoverykey
 
     try:
@@ -229,8 +232,9 @@ def _made_already(args, passphrase):
         with open(args.public_key, "rb") as f:
             public = recoverykey.load_public(f.read(1 << 16), args.public_key)
     except (OSError, PydrError):
-        return False
-    return recoverykey.recipient(private.public_key()) == recoverykey.recipient(public)
+        return None
+    same = recoverykey.recipient(private.public_key()) == recoverykey.recipient(public)
+    return private if same else None
 
 
 def cmd_recover(args):
@@ -296,7 +300,9 @@ def register(sub):
 
     q = _command(ksub, "add", "add a passphrase that opens the store",
                  "Open STORE with its passphrase, then add a key sealing its master key under\n"
-                 "a new passphrase. Either passphrase opens the store afterwards.",
+                 "a new passphrase. Either passphrase opens the store afterwards. When a key\n"
+                 "for the new passphrase is there already (a rerun), nothing is added: it\n"
+                 "says \"already there\" and exits 0.",
                  ["pydr key add s3://dr-bucket/site-b --label ops",
                   "PYDR_NEW_PASSPHRASE_FILE=/root/second pydr key add web"], cmd_add)
     _common(q, new=True)
@@ -313,7 +319,8 @@ def register(sub):
     q = _command(ksub, "passwd", "change the store's passphrase",
                  "Add a key for the new passphrase, then remove the keys the old one opens.\n"
                  "Interrupted, the store opens with the old or the new passphrase; the same\n"
-                 "command again finishes the change.",
+                 "command again finishes the change. Then only the new one opens the store:\n"
+                 "update the passphrase file 'pydr run' (read each round) and scripts use.",
                  ["pydr key passwd s3://dr-bucket/site-b --passphrase-file old "
                   "--new-passphrase-file new"], cmd_passwd)
     _common(q, new=True)
@@ -325,7 +332,11 @@ def register(sub):
                  "and the public key are written to files that must not exist. Keep the\n"
                  "private key and its passphrase offline: with them 'pydr key recover' opens\n"
                  "the store when every passphrase is lost. Without --private-key, an existing\n"
-                 "public key is used (one recovery key for many stores).",
+                 "public key is used (one recovery key for many stores). The same command\n"
+                 "again (the files a matching pair) finishes, and adds no second recovery key\n"
+                 "that the private key opens (\"already there\", exit 0). (Without\n"
+                 "--private-key, one there already cannot be told from a forged one: another\n"
+                 "is added.)",
                  ["pydr key create-recovery s3://dr-bucket/site-b --private-key /media/usb/"
                   "dr.pem --public-key dr.pub",
                   "pydr key create-recovery web --public-key dr.pub"], cmd_create_recovery)
