@@ -172,4 +172,3 @@ def test_a_missing_chunk_is_marked_and_the_next_cycle_uploads_it_again(s3):
     assert report["problems"] == [] and report["damaged_points"] == []
     r = cli(s3, "materialize", "vm", "--point", str(first), "--to", s3["tmp"] / "old")
     assert r.returncode == 7 and b"damaged" in r.stderr, r.stderr
-
