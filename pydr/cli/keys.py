@@ -4,7 +4,7 @@ Passphrases come from files, the environment or a terminal prompt
 (pydr.dr.passphrases), never from the command line."""
 
 from .common import add_json, add_vault_dir, command, print_json, timestamp
-from ..errors import InvalidArgument, InvalidState, PassphraseRequired
+from ..errors import InvalidArgument, InvalidState, PassphraseRequired, PydrError
 
 STORE_HELP = "the object store: s3://BUCKET/PREFIX, or an item replicated to it"
 
@@ -88,12 +88,35 @@ def _recovery_passphrase(args, twice=False):
 
 
 def _unlocked(args, objects, check=None):
-    from ..dr.storekeys import unlock
+    from ..dr.storekeys import read_config, unlock
 
+    config = read_config(objects)  # before asking a passphrase that is not needed
+    if config is not None and not config.encrypted:
+        raise InvalidState("the store is unencrypted (its config says \"encryption\": "
+                           "\"none\"): it has no keys", path=objects.spec)
     config, keys = unlock(objects, _passphrase(args, objects), expect_check=check)
     if keys is None:
-        raise InvalidArgument(f"{objects.spec}: the store is not encrypted: it has no keys")
+        raise InvalidState("the store is unencrypted: it has no keys", path=objects.spec)
     return keys
+
+
+def _added(objects, add):
+    """(KeyInfo dict, whether it was there already) of `add()`, which
+    returns an existing key rather than adding a second one."""
+    from ..dr.storekeys import list_keys
+
+    before = {k.id for k in list_keys(objects)}
+    info = add().to_dict()
+    return info, info["id"] in before
+
+
+def _show_added(args, info, there):
+    if args.json:
+        print_json({**info, "already_there": there})
+    elif there:
+        _show(info, "already there:")
+    else:
+        _show(info, "added")
 
 
 def _show(info, verb):
@@ -137,8 +160,8 @@ def cmd_add(args):
     objects, check = _objects_and_check(args)
     keys = _unlocked(args, objects, check)
     new = _new_passphrase(args)
-    info = add_key(objects, keys, new, label=args.label).to_dict()
-    print_json(info) if args.json else _show(info, "added")
+    info, there = _added(objects, lambda: add_key(objects, keys, new, label=args.label))
+    _show_added(args, info, there)
     return 0
 
 
@@ -160,7 +183,14 @@ def cmd_passwd(args):
     old = _passphrase(args, objects)
     info = change_passphrase(objects, old, _new_passphrase(args)).to_dict()
     print_json(info) if args.json else _show(info, "the passphrase now opens")
+    if not args.json:
+        print(_PASSWD_NOTE)
     return 0
+
+
+_PASSWD_NOTE = ("note: only the new passphrase opens the store now: update the passphrase "
+                "file or variable that 'pydr run' (PYDR_PASSPHRASE_FILE, --passphrase-file; "
+                "it is read again each round) and your scripts use")
 
 
 def cmd_create_recovery(args):
@@ -169,20 +199,42 @@ def cmd_create_recovery(args):
 
     objects, check = _objects_and_check(args)
     keys = _unlocked(args, objects, check)  # the store opens, before any file is made
+    private = None  # the pair's private key, when it was made already (a rerun)
     if args.private_key:
+        passphrase = _recovery_passphrase(args, twice=True)
         try:
-            make_recovery_pair(args.private_key, args.public_key,
-                               _recovery_passphrase(args, twice=True))
+            make_recovery_pair(args.private_key, args.public_key, passphrase)
         except FileExistsError as exc:
-            raise InvalidState("a file is in the way: a key pair is never written over one",
-                               path=exc.filename,
-                               hint=f"to seal the store to the public key {args.public_key} "
-                                    f"already made, leave out --private-key") from None
+            private = _made_already(args, passphrase)
+            if private is None:
+                raise InvalidState("a file is in the way: a key pair is never written over one",
+                                   path=exc.filename,
+                                   hint=f"to seal the store to the public key "
+                                        f"{args.public_key} already made, leave out "
+                                        f"--private-key") from None
     with open(args.public_key, "rb") as f:
         public = f.read(1 << 16)
-    info = add_recovery(objects, keys, public, label=args.label).to_dict()
-    print_json(info) if args.json else _show(info, "added")
+    info, there = _added(objects, lambda: add_recovery(objects, keys, public, label=args.label,
+                                                       private=private))
+    _show_added(args, info, there)
     return 0
+
+
+def _made_already(args, passphrase):
+    """The private key of --private-key when it and --public-key are both
+    there and a pair: the private key opens with `passphrase` and its public
+    key is the public key file's (a run killed after making them); else None."""
+    from ..dr import recoverykey
+
+    try:
+        with open(args.private_key, "rb") as f:
+            private = recoverykey.load_private(f.read(1 << 16), passphrase, args.private_key)
+        with open(args.public_key, "rb") as f:
+            public = recoverykey.load_public(f.read(1 << 16), args.public_key)
+    except (OSError, PydrError):
+        return None
+    same = recoverykey.recipient(private.public_key()) == recoverykey.recipient(public)
+    return private if same else None
 
 
 def cmd_recover(args):
@@ -248,7 +300,9 @@ def register(sub):
 
     q = _command(ksub, "add", "add a passphrase that opens the store",
                  "Open STORE with its passphrase, then add a key sealing its master key under\n"
-                 "a new passphrase. Either passphrase opens the store afterwards.",
+                 "a new passphrase. Either passphrase opens the store afterwards. When a key\n"
+                 "for the new passphrase is there already (a rerun), nothing is added: it\n"
+                 "says \"already there\" and exits 0.",
                  ["pydr key add s3://dr-bucket/site-b --label ops",
                   "PYDR_NEW_PASSPHRASE_FILE=/root/second pydr key add web"], cmd_add)
     _common(q, new=True)
@@ -265,7 +319,8 @@ def register(sub):
     q = _command(ksub, "passwd", "change the store's passphrase",
                  "Add a key for the new passphrase, then remove the keys the old one opens.\n"
                  "Interrupted, the store opens with the old or the new passphrase; the same\n"
-                 "command again finishes the change.",
+                 "command again finishes the change. Then only the new one opens the store:\n"
+                 "update the passphrase file 'pydr run' (read each round) and scripts use.",
                  ["pydr key passwd s3://dr-bucket/site-b --passphrase-file old "
                   "--new-passphrase-file new"], cmd_passwd)
     _common(q, new=True)
@@ -277,7 +332,11 @@ def register(sub):
                  "and the public key are written to files that must not exist. Keep the\n"
                  "private key and its passphrase offline: with them 'pydr key recover' opens\n"
                  "the store when every passphrase is lost. Without --private-key, an existing\n"
-                 "public key is used (one recovery key for many stores).",
+                 "public key is used (one recovery key for many stores). The same command\n"
+                 "again (the files a matching pair) finishes, and adds no second recovery key\n"
+                 "that the private key opens (\"already there\", exit 0). (Without\n"
+                 "--private-key, one there already cannot be told from a forged one: another\n"
+                 "is added.)",
                  ["pydr key create-recovery s3://dr-bucket/site-b --private-key /media/usb/"
                   "dr.pem --public-key dr.pub",
                   "pydr key create-recovery web --public-key dr.pub"], cmd_create_recovery)

@@ -33,8 +33,10 @@ def cmd_verify(args):
               f"{report['checked']} checked ({human_bytes(report['bytes'])}{remote}), "
               f"{report['caches']} signature caches")
     else:
+        awaiting = report.get("locked_indexes")
         print(f"{args.item}: {report['points']} points, {report['chunks']} chunks, "
-              f"{report['checked']} checked")
+              f"{report['checked']} checked" + (f" ({awaiting} indexes of released points "
+              f"under Object Lock, awaiting deletion)" if awaiting else ""))
     if not args.json:
         for p in report.get("scrub_skipped", ()):
             print(f"  {p}")

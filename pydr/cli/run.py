@@ -31,7 +31,13 @@ holder is pydr run) and goes before the service's next round.
 
 Signals: SIGTERM or SIGINT: the running cycles finish, then exit 0; a second
 one cancels them (they end as a kill leaves them; the next run finishes them).
-SIGHUP: re-read the policies now. Under systemd (Type=notify) it sends
+SIGHUP: re-read the policies now.
+
+The passphrase of encrypted object stores: --passphrase-file FILE, else
+PYDR_PASSPHRASE_FILE, else PYDR_PASSPHRASE. A file is read again at each round:
+after 'pydr key passwd', update the file (no restart). A cycle whose store does
+not open fails saying how to give it, and the item's RPO health turns critical
+at once (an alert). Under systemd (Type=notify) it sends
 READY=1 after its first round, STATUS, WATCHDOG=1 and STOPPING=1.
 
 --once runs one round and exits: 0 when every due cycle succeeded (or none was
@@ -110,6 +116,14 @@ def _install_signals(service):
     return old
 
 
+def _passphrase_file(args):
+    """--passphrase-file, checked now (a missing file is said at once) and
+    given to the service as a path: it reads the file again each round, so
+    a `pydr key passwd` and an update of the file need no restart."""
+    given_passphrase(args)
+    return getattr(args, "passphrase_file", None)
+
+
 def cmd_run(args):
     from ..dr.service import Service
 
@@ -119,7 +133,7 @@ def cmd_run(args):
     says = _SaysMetrics(sink) if args.metrics is not None else None
     service = Service(vault_dir(args), jobs=args.jobs, scheduler=args.scheduler,
                       metrics=args.metrics, events=says or sink, warm=args.warm,
-                      passphrase=given_passphrase(args))
+                      passphrase_file=_passphrase_file(args))
     if says is not None:
         says.service = service
     old = _install_signals(service)

@@ -71,7 +71,8 @@ class _Pending:
         if path is None:  # the vault is not on this host: nothing is logged
             return
         trusted = time.time() - grace * PENDING_TRUST
-        with contextlib.suppress(FileNotFoundError), open(path) as f:
+        # errors="replace": a damaged byte spoils its line only (skipped below)
+        with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as f:
             for line in f:
                 fields = line.split()
                 with contextlib.suppress(ValueError, IndexError):
@@ -202,10 +203,10 @@ def _logged(vault, name, kind):
     """The values of the pending log's lines of `kind`, in order."""
     out = []
     with contextlib.suppress(FileNotFoundError), \
-            open(os.path.join(_dir(vault, name), "pending")) as f:
+            open(os.path.join(_dir(vault, name), "pending"), errors="replace") as f:
         for line in f:
             fields = line.split()
-            if len(fields) == 3 and fields[1] == kind:
+            if len(fields) == 3 and fields[1] == kind and "\ufffd" not in line:
                 out.append(fields[2])
     return out
 

@@ -28,8 +28,8 @@ import time
 
 from ..engine import crashpoints
 from ..engine.progress import Record
-from ..errors import (Cancelled, CycleFailed, InvalidArgument, InvalidState, UnknownName,
-                      exit_code_for)
+from ..errors import (Cancelled, CycleFailed, InvalidArgument, InvalidState, PassphraseRequired,
+                      UnknownName, WrongPassphrase, exit_code_for)
 from .events import Emitter, check_cancel, interrupted
 from .hooks import hook_timeout
 from .pointstores import point_store
@@ -37,6 +37,9 @@ from .cyclerecord import (CycleResult, ItemOutcome, check_can_replicate, check_h
                           check_not_stuck, items_at, record_point, record_steps)
 from .points import apply_retention
 from .retry import RetryPolicy, recoverable
+
+#: how an item's failure to open its encrypted object store begins (pydr run alerts on it)
+PASSPHRASE_FAILURE = "the object store's passphrase: "
 from .rpo import consistency_of, disks_cut_together, weakest
 
 _log = logging.getLogger("pydr.retention")
@@ -283,6 +286,8 @@ class _Cycle:
         health = "warning" if recoverable(exc) else "critical"
         error = str(exc) or (f"interrupted ({type(exc).__name__})" if cancelled
                              else type(exc).__name__)
+        if isinstance(exc, (PassphraseRequired, WrongPassphrase)):  # `pydr run` says how
+            error = f"{PASSPHRASE_FAILURE}{error}" + (f": {exc.hint}" if exc.hint else "")
         if unit.jobs and len(unit.names) > 1 and not unit.blame:
             # the group's capture failed: the member whose disk the error names, if any
             unit.blame = tuple(items_at(vault, unit.names, _where(exc)))

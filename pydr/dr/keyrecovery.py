@@ -12,6 +12,8 @@ holds the (shareable) public key can seal a master key of their own.
 
 from __future__ import annotations
 
+import contextlib
+
 from ..engine import crashpoints
 from ..errors import FormatError, InvalidArgument, WrongPassphrase
 from . import keyfiles as kf, recoverykey
@@ -30,26 +32,44 @@ __all__ = ["add_recovery", "recover"]
 
 
 def add_recovery(objects: ObjectStore, keys: DataKeys, public_pem: bytes, *,
-                 label: Optional[str] = None) -> KeyInfo:
+                 label: Optional[str] = None, private: Any = None) -> KeyInfo:
     """Add a recovery key: the master key sealed to an X25519 public key
     (from :func:`make_recovery_pair`; crash point ``keys.added``). Whoever
-    holds the private key can then :func:`recover` the store.
+    holds the private key can then :func:`recover` the store. Given the
+    pair's `private` key, idempotent: when a recovery key it opens to this
+    store's master key is there already (a run killed after the write, or
+    the same command twice), nothing is written. Without it a key for the
+    same public key is added again: one there already cannot be told from
+    a forged one (anyone with the public key can seal a master key of their
+    own), and passing over a forged one would leave the store without a
+    recovery key.
 
     Args:
         objects: the store.
         keys: its data keys, from :func:`unlock`.
         public_pem: the recovery public key, PEM (SubjectPublicKeyInfo).
         label: the key's label (at most 200 characters).
+        private: the pair's X25519PrivateKey (recoverykey.load_private), to
+            find a key added already; None: none is looked for.
 
     Returns:
-        The new key's KeyInfo (``recipient`` names the public key).
+        The new key's KeyInfo (``recipient`` names the public key); the
+        existing key's when nothing was written.
 
     Raises:
         FormatError: `public_pem` is not an X25519 public key.
+        InvalidArgument: `private` is not `public_pem`'s private key.
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
     public = recoverykey.load_public(public_pem, "the recovery public key")
     master, store_id = _secret(keys)
+    if private is not None:
+        if recoverykey.recipient(private.public_key()) != recoverykey.recipient(public):
+            raise InvalidArgument("the recovery private key is not the public key's")
+        for key in read_keys(objects)[0]:
+            with contextlib.suppress(FormatError):
+                if recoverykey.unseal(private, key) == (store_id, master):
+                    return key.info
     fields = _new_key_fields(kf.RECOVERY, label)
     fields.update(recoverykey.seal_fields(public, fields["id"], store_id, master))
     info = _put_key(objects, fields)

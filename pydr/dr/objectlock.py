@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from ..endpoints.s3 import SCHEME, ObjectStore
-from ..errors import UnsupportedFile
+from ..errors import InvalidState, UnsupportedFile
 
 DAY = 86400.0
 #: the slack added to a lock: 10% of it, at least a day. A shared chunk's
@@ -71,9 +71,10 @@ class LockTerms:
 
 
 def check_lockable_specs(replicas: Iterable[str], item: Optional[str] = None) -> None:
-    """Refuse a lock (UnsupportedFile, exit 10) unless every one of
-    `replicas` is in an object store whose bucket has an Object Lock
-    configuration (asked of the server: its errors are raised as they are,
+    """Refuse a lock unless every one of `replicas` is in an object store
+    (else UnsupportedFile, exit 10) whose bucket has an Object Lock
+    configuration (else InvalidState, exit 15: the bucket's state, not the
+    replica's kind, is what is wrong) (asked of the server: its errors are raised as they are,
     PermissionError, ConnectionError, ...)."""
     replicas = list(replicas)
     astray = [r for r in replicas if not r.startswith(SCHEME)]
@@ -89,7 +90,7 @@ def check_lockable_specs(replicas: Iterable[str], item: Optional[str] = None) ->
             continue
         seen.add(store.bucket)
         if store.lock_configuration() is None:
-            raise UnsupportedFile(f"bucket {store.bucket!r} has no Object Lock configuration: "
+            raise InvalidState(f"bucket {store.bucket!r} has no Object Lock configuration: "
                                   f"its objects cannot be locked", path=f"{SCHEME}{store.bucket}",
                                   item=item, hint="use a bucket made with Object Lock enabled "
                                   "('aws s3api create-bucket --object-lock-enabled-for-bucket')")

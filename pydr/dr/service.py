@@ -36,7 +36,7 @@ from .cycle import replicate
 from .events import Emitter, EventSink, interrupted
 from .parallel_executor import ParallelExecutor
 from .retry import attempt_offset, recoverable
-from .service_parts import Parts
+from .service_parts import Parts, round_passphrase
 
 _log = logging.getLogger("pydr.service")
 
@@ -115,7 +115,8 @@ class Service:
         notify: called with each sd_notify state ("READY=1", ...);
             default pydr.dr.sdnotify.notify.
         passphrase: of the encrypted object stores the cycles write
-            (Vault's `passphrase`); None: from the environment.
+            (Vault's `passphrase`); None: the environment's, read each round.
+        passphrase_file: a file holding it, read each round (wins).
 
     Raises:
         InvalidArgument: `jobs` is not an int >= 1, `metrics` not HOST:PORT.
@@ -127,7 +128,8 @@ class Service:
                  metrics: Optional[str] = None, events: Optional[EventSink] = None,
                  clock: Callable[[], float] = time.time, warm: bool = True,
                  notify: Optional[Callable[[str], Any]] = None,
-                 passphrase: Optional[Union[str, bytes]] = None) -> None:
+                 passphrase: Optional[Union[str, bytes]] = None,
+                 passphrase_file: Optional[Union[str, "os.PathLike[str]"]] = None) -> None:
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
             raise InvalidArgument(f"jobs must be an int >= 1, not {jobs!r}")
         self.directory = os.fspath(directory)
@@ -138,7 +140,7 @@ class Service:
         self.clock = clock
         self.warm = warm
         self.notify = notify if notify is not None else sdnotify.notify
-        self._passphrase = passphrase
+        self._passphrase, self._passphrase_file = passphrase, passphrase_file
         self.metrics_port = None
         self._stopping = threading.Event()  # finish the running cycles, then end
         self._cancel = threading.Event()  # stop the running cycles as a kill would
@@ -305,9 +307,10 @@ class Service:
     def _open_vault(self) -> Any:
         from .vault import Vault
 
+        passphrase = round_passphrase(self._passphrase, self._passphrase_file)
         return store_lock.take_after_waiters(
             self.directory, lambda: Vault(self.directory, writer=True,
-                                          passphrase=self._passphrase), cancel=self._stopping)
+                                          passphrase=passphrase), cancel=self._stopping)
 
     def _round(self) -> Optional[RoundResult]:
         started = time.monotonic()
@@ -418,7 +421,7 @@ class Service:
             self._cycling = False
         seconds = time.monotonic() - begun
         for o in outcomes:
-            self._parts.observe_cycle(o, seconds)
+            self._parts.observe_cycle(o, seconds)  # and a passphrase failure kept
             result.skipped.pop(o.item, None)  # a group's member that came with a due one
             if o.status == "succeeded":
                 result.succeeded.append(o.item)

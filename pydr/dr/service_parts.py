@@ -10,7 +10,7 @@ import logging
 import os
 import queue
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .events import Emitter, EventSink
 from .rpo import rpo_facts
@@ -33,6 +33,7 @@ class Parts:
         self.metrics: Any = None
         self.healths: Dict[str, str] = {}
         self.damaged: Dict[str, str] = {}  # {item: why its policy cannot be read}
+        self.locked_out: Dict[str, str] = {}  # {item: why its object store did not open}
         self._readable: Dict[str, Any] = {}
         self.drills: Any = set()  # the items in a drill that lets their replicas be written
         self._alert_guard = threading.Lock()
@@ -94,7 +95,8 @@ class Parts:
         from .health import check_transitions
 
         found, alerts = [], []
-        for t in check_transitions(store, names, now, policies, damaged=self.damaged,
+        damaged = {**self.locked_out, **self.damaged}
+        for t in check_transitions(store, names, now, policies, damaged=damaged,
                                    drills_replicated=self.drills):
             found.append(t.to_dict())
             em.for_item(t.item).emit("health", message=t.message)
@@ -103,6 +105,18 @@ class Parts:
             if commands:
                 alerts.append((commands, t))
         return found, alerts
+
+    def note_passphrase(self, outcome: Any) -> None:
+        """Keep whether an item's cycle failed to open its encrypted object
+        store (no passphrase, or a wrong one: pydr.dr.cycle.PASSPHRASE_FAILURE):
+        its RPO health is "critical" at once, an alert of its own, until a
+        cycle of it succeeds -- a retry cannot mend it, an operator must."""
+        from .cycle import PASSPHRASE_FAILURE
+
+        if outcome.status == "succeeded":
+            self.locked_out.pop(outcome.item, None)
+        elif (outcome.error or "").startswith(PASSPHRASE_FAILURE):
+            self.locked_out[outcome.item] = outcome.error
 
     def queue_alert(self, commands: Any, transition: Any, vault: str) -> None:
         """Run an item's alert commands for `transition` (pydr.dr.alerting)
@@ -154,7 +168,7 @@ class Parts:
             facts = rpo_facts(store, n, now=now)
             policy = policies.get(n)
             row = store.item(n)
-            damaged = self.damaged.get(n)
+            damaged = self.damaged.get(n) or self.locked_out.get(n)
             drill = n in self.drills
             self.healths[n] = rpo_health(policy, facts, row, now, damaged=damaged,
                                          drill_replicated=drill)
@@ -191,6 +205,7 @@ class Parts:
             self.metrics.set_queue(n)
 
     def observe_cycle(self, outcome: Any, seconds: float) -> None:
+        self.note_passphrase(outcome)
         if self.metrics is not None:
             # sent: what reached the replica's place; no transfer reports more than
             # what it wrote there, so that (for a local replica, exactly that)
@@ -240,3 +255,19 @@ def _health_at(policy: Any, facts: Any, row: Dict[str, Any], damaged: Optional[s
         return rpo_health(policy, later, row, now, damaged=damaged, drill_replicated=drill)
 
     return health_at
+
+
+def round_passphrase(passphrase: Optional[Union[str, bytes]],
+                     path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[Union[str, bytes]]:
+    """The passphrase a round of the service opens the vault with: the
+    file's at `path` as it is now (a `pydr key passwd` and an update of the
+    file need no restart), else `passphrase` (None: the environment's, read
+    when a store is opened).
+
+    Raises:
+        FileNotFoundError, PermissionError: the file cannot be read.
+        InvalidArgument: it is empty.
+    """
+    from .passphrases import passphrase_from
+
+    return passphrase if path is None else passphrase_from(path)

@@ -292,7 +292,9 @@ def create_store(objects: ObjectStore, passphrase: Optional[bytes], *, encrypt: 
 def add_key(objects: ObjectStore, keys: DataKeys, new_passphrase: bytes,
             label: Optional[str] = None) -> KeyInfo:
     """Add a passphrase key sealing the store's master key under
-    `new_passphrase` (crash point ``keys.added``).
+    `new_passphrase` (crash point ``keys.added``). Idempotent: when a
+    passphrase key of the store already opens with `new_passphrase` (a run
+    killed after the write, or the same command twice), nothing is written.
 
     Args:
         objects: the store.
@@ -301,7 +303,7 @@ def add_key(objects: ObjectStore, keys: DataKeys, new_passphrase: bytes,
         label: the new key's label (at most 200 characters).
 
     Returns:
-        The new key's KeyInfo.
+        The new key's KeyInfo; the existing key's when nothing was written.
 
     Raises:
         InvalidArgument: an empty passphrase, or a label too long.
@@ -310,9 +312,28 @@ def add_key(objects: ObjectStore, keys: DataKeys, new_passphrase: bytes,
     if not new_passphrase:
         raise InvalidArgument("the new passphrase is empty", path=objects.spec)
     master, store_id = _secret(keys)
+    there = _opening_key(objects, store_id, master, new_passphrase)
+    if there is not None:
+        return there
     info = _write_passphrase_key(objects, store_id, master, new_passphrase, label)
     crashpoints.reached("keys.added")
     return info
+
+
+def _opening_key(objects: ObjectStore, store_id: bytes, master: bytes,
+                 passphrase: bytes) -> Optional[KeyInfo]:
+    """The current passphrase key of the store that `passphrase` opens to
+    `master`, if any (tried in unlock's order and within its bound on
+    costly KDFs)."""
+    from .keysearch import Search
+
+    keys, _ = read_keys(objects)
+    search = Search(objects, None, store_id.hex())
+    for key in search.ordered(keys):
+        opened = search.opens(key, passphrase)
+        if opened is not None and opened.master == master:
+            return key.info
+    return None
 
 
 def _resolve(objects: ObjectStore, key_id: str) -> Optional[str]:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import boto3
@@ -319,16 +320,95 @@ def test_a_killed_key_command_leaves_the_store_open_and_finishes_when_run_again(
     r = cli(ctx, "key", *args, env={"PYDR_CRASH_AT": point})
     assert r.returncode == -9, r.stderr
     assert opens(ctx, OLD) == master_of(keys)
-    if command == "create-recovery":  # the pair is made: add its public key again
-        args = [a for a in args if a not in (tmp / "r.pem", "--private-key")]
-    r = cli(ctx, "key", *args, "--json")
+    before = key_list(ctx)["keys"]
+    r = cli(ctx, "key", *args, "--json")  # the same command (the pair is made already)
     if command == "remove":  # done already: the key is gone
         assert ok(r) == {"store": ctx["url"], "removed": doomed} and opens(ctx, NEW) is None
     else:
-        ok(r)
+        info = ok(r)
         assert opens(ctx, OLD) == master_of(keys)
         if command in ("add", "recover"):
             assert opens(ctx, NEW) == master_of(keys)
+        if command in ("add", "create-recovery"):  # the key the kill left is kept, not doubled
+            assert info["already_there"] and info["id"] in [k["id"] for k in before]
+            assert key_list(ctx)["keys"] == before and len(before) == 2
+            again = ok(cli(ctx, "key", *args))  # and a third run: the same
+            assert b"already there" in again and key_list(ctx)["keys"] == before
+
+
+def test_key_commands_on_an_unencrypted_store_say_it_has_no_keys(s3):
+    ctx = s3
+    storekeys.create_store(ctx["objects"], None, encrypt=False)
+    for given in ([], ["--passphrase-file", ctx["pass"]["old"]]):  # none asked, none needed
+        r = cli(ctx, "key", "add", ctx["url"], *given, "--new-passphrase-file",
+                ctx["pass"]["new"])
+        assert r.returncode == 15, r.stderr
+        assert b"unencrypted" in r.stderr and b"no keys" in r.stderr
+        assert b"passphrase is needed" not in r.stderr
+    assert key_list(ctx)["keys"] == []
+
+
+def test_pydr_run_reads_the_passphrase_file_again_each_round(s3):
+    """After `pydr key passwd` and an update of the passphrase file, the
+    service's next round opens the store: no restart. Meanwhile the item's
+    failure says how to give the passphrase and its RPO health is critical
+    at once (an alert)."""
+    from pydr.dr.service import Service
+
+    ctx, tmp = s3, s3["tmp"]
+    vault = tmp / "vault"
+    ok(cli(ctx, "vault", "init", vault))
+    img = tmp / "a.img"
+    img.write_bytes(os.urandom(1 << 20))
+    given = tmp / "run.pass"
+    given.write_bytes(OLD + b"\n")
+    ok(cli(ctx, "protect", "vm", "--vault", vault, "--disk", f"{img}={ctx['url']}",
+           "--rpo", "60s", "--passphrase-file", given))
+    now = [time.time()]
+    service = Service(vault, jobs=1, passphrase_file=given, clock=lambda: now[0],
+                      warm=False, notify=lambda state: None)
+    assert service.run_once().succeeded == ["vm"]
+    said = ok(cli(ctx, "key", "passwd", ctx["url"], "--passphrase-file", ctx["pass"]["old"],
+                  "--new-passphrase-file", ctx["pass"]["new"]))
+    assert b"'pydr run'" in said and b"scripts" in said  # they need the new one
+    now[0] += 3600
+    failed = service.run_once()
+    assert list(failed.failed) == ["vm"] and failed.exit_codes["vm"] == 4
+    assert "--passphrase-file" in failed.failed["vm"]
+    assert [(t["item"], t["new"]) for t in failed.transitions] == [("vm", "critical")]
+    assert "not replicated: the object store's passphrase" in failed.transitions[0]["message"]
+    given.write_bytes(NEW + b"\n")  # what the operator does after passwd
+    now[0] += 3600
+    mended = service.run_once()
+    assert mended.succeeded == ["vm"] and not mended.failed
+    # (its health follows its RPO again: no passphrase failure is held against it)
+    assert all("passphrase" not in t["message"] for t in mended.transitions)
+
+
+def test_key_add_and_create_recovery_twice_add_one_key(s3):
+    ctx, tmp = s3, s3["tmp"]
+    storekeys.create_store(ctx["objects"], OLD)
+    given = ["--passphrase-file", ctx["pass"]["old"]]
+    add = ["key", "add", ctx["url"], *given, "--new-passphrase-file", ctx["pass"]["new"],
+           "--json"]
+    first = ok(cli(ctx, *add))
+    assert not first["already_there"]
+    second = ok(cli(ctx, *add))
+    assert second["already_there"] and second["id"] == first["id"]
+    recovery = ["key", "create-recovery", ctx["url"], *given, "--public-key", tmp / "r.pub",
+                "--private-key", tmp / "r.pem", "--recovery-passphrase-file",
+                ctx["pass"]["third"], "--json"]
+    made = ok(cli(ctx, *recovery))
+    assert not made["already_there"]
+    assert ok(cli(ctx, *recovery))["id"] == made["id"]  # the same command again
+    kinds = sorted(k["kind"] for k in key_list(ctx)["keys"])
+    assert kinds == ["passphrase", "passphrase", "recovery"]
+    # a pair in the way that is not one (another public key): refused, nothing added
+    storekeys.make_recovery_pair(tmp / "r2.pem", tmp / "r2.pub", THIRD)
+    mixed = [tmp / "r2.pub" if a == tmp / "r.pub" else a for a in recovery]
+    r = cli(ctx, *mixed)
+    assert r.returncode == 15 and b"in the way" in r.stderr
+    assert sorted(k["kind"] for k in key_list(ctx)["keys"]) == kinds
 
 
 def test_an_item_names_its_store(s3):

@@ -310,6 +310,31 @@ def test_recovery_needs_the_private_key_and_its_passphrase(store, tmp_path):
     assert not (tmp_path / "s.pub").exists()
 
 
+def test_add_recovery_with_its_private_key_adds_one_key_and_is_not_fooled_by_a_forged_one(
+        store, tmp_path):
+    from pydr.dr import recoverykey
+
+    config, keys = storekeys.create_store(store, b"one")
+    storekeys.make_recovery_pair(tmp_path / "r.pem", tmp_path / "r.pub", b"rpass")
+    public_pem = (tmp_path / "r.pub").read_bytes()
+    private = recoverykey.load_private((tmp_path / "r.pem").read_bytes(), b"rpass", "r.pem")
+    forged = {"version": 1, "id": "0" * 32, "kind": "recovery", "created": 0, "host": "x",
+              "label": None}  # same recipient, another master key
+    forged.update(recoverykey.seal_fields(recoverykey.load_public(public_pem, "p"), "0" * 32,
+                                          config.store_id, os.urandom(32)))
+    store.put("dr/keys/" + "0" * 32, keyfiles.key_file_bytes(forged))
+    first = keyrecovery.add_recovery(store, keys, public_pem, private=private)
+    assert first.id != "0" * 32  # the forged one is no reason to skip
+    again = keyrecovery.add_recovery(store, keys, public_pem, private=private)
+    assert again.id == first.id  # found: nothing written
+    assert sorted(k.id for k in storekeys.list_keys(store) if k.kind == "recovery") == \
+        sorted(["0" * 32, first.id])
+    storekeys.make_recovery_pair(tmp_path / "s.pem", tmp_path / "s.pub", b"rpass")
+    other = recoverykey.load_private((tmp_path / "s.pem").read_bytes(), b"rpass", "s.pem")
+    with pytest.raises(InvalidArgument, match="not the public key's"):
+        keyrecovery.add_recovery(store, keys, public_pem, private=other)
+
+
 def test_a_forged_recovery_key_is_passed_over_for_the_one_that_opens_an_index(store, tmp_path):
     from pydr.dr import recoverykey
     from pydr.engine.sealing import KIND_INDEX

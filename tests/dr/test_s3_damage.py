@@ -54,6 +54,26 @@ def test_a_cycle_never_deletes_another_vaults_indexes_in_a_shared_store(s3):
         materializes(ctx, pid, want)
 
 
+def test_a_damaged_byte_in_the_pending_log_spoils_its_line_only(s3):
+    """A non-UTF-8 byte in objects/ITEM/pending (a disk that lies): the
+    next cycle and gc go on; the log's good lines still count (the chunks a
+    killed cycle uploaded are not sent again)."""
+    img = image(s3["tmp"] / "disk.img", 24 << 20)  # six chunks
+    protect(s3, img)
+    r = cli(s3, "replicate", "vm", env={"PYDR_CRASH_AT": "s3.chunk:4"})
+    assert r.returncode == -9
+    pending = os.path.join(s3["vault"], "objects", "vm", "pending")
+    with open(pending, "ab") as f:
+        f.write(b"garbage\x00\xff line\n1 index \xfe\xff\n123 chunk zz\n")
+    done = replicate(s3)
+    assert done["bytes_written"] < 6 * (4 << 20)  # the logged uploads were trusted
+    materializes(s3, done["point_id"], sha(img))
+    with open(img, "r+b") as f:
+        f.write(os.urandom(4096))
+    materializes(s3, replicate(s3)["point_id"], sha(img))
+    ok(cli(s3, "gc", "vm", "--json"))
+
+
 def test_chunks_swept_after_a_killed_cycle_are_uploaded_again(s3):
     """A killed cycle logged its uploads; 'gc --grace 0' swept them (no
     index names them); the rerun asks the store before it reuses one."""

@@ -138,6 +138,9 @@ def test_the_systemd_unit(tmp_path):
     assert service["Restart"] == "on-failure"
     assert service["TimeoutStopSec"].endswith("min")
     assert service["ExecStart"].split()[1:3] == ["run", "--vault"]
+    # the passphrase by its path (read again each round), never the passphrase itself
+    assert service["Environment"].startswith("PYDR_PASSPHRASE_FILE=/")
+    assert "PYDR_PASSPHRASE=" not in text
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     analyze = shutil.which("systemd-analyze")
     if analyze is None:  # the structural checks above stand alone

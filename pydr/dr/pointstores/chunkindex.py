@@ -356,8 +356,12 @@ def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
     points name is compared with its current version (tampering).
     Returns {"points", "chunks", "checked", "problems": [text], "tampered":
     [{"kind", "object", "points", "versions", "current", "what", "text"}],
-    "damaged_points"}."""
-    rows = vault.index_rows(name)
+    "damaged_points", "locked_indexes"}: "points" counts the points kept;
+    the indexes of points retention released whose objects are locked
+    (awaiting deletion once the lock ends) are "locked_indexes", not
+    checked."""
+    awaiting = vault.orphan_index_points(name)
+    rows = [r for r in vault.index_rows(name) if r.point not in awaiting]
     if point_id is not None:
         rows = [r for r in rows if r["point"] == point_id]
         if not rows:
@@ -419,7 +423,8 @@ def verify(vault, name, point_id=None, sample=100.0, *, cancel=None):
     every = sorted({r.point for r in rows})  # every point needs them
     tampered = [{**t, "points": every} for t in store.tampered] + tampered
     return {"item": name, "points": len(rows), "chunks": len(chunks), "checked": len(ids),
-            "problems": problems, "tampered": tampered, "damaged_points": damaged}
+            "problems": problems, "tampered": tampered, "damaged_points": damaged,
+            "locked_indexes": len(awaiting)}
 
 
 def collect_garbage(store, *, grace=DEFAULT_GRACE, dry_run=False, now=None):
