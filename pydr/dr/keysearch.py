@@ -47,7 +47,7 @@ def read_config(objects: ObjectStore) -> Optional[StoreConfig]:
         PermissionError, ConnectionError, OSError: S3 refused or failed.
     """
     try:
-        data = objects.get(objects.key(CONFIG))
+        data = objects.get(objects.key(CONFIG), max_size=kf.MAX_FILE)
     except FileNotFoundError:
         return None
     return kf.parse_config(data, objects.url(objects.key(CONFIG)))
@@ -65,7 +65,7 @@ def read_keys(objects: ObjectStore) -> Tuple[List[KeyFile], List[KeyInfo]]:
         try:
             if not kf.is_key_id(key_id):
                 raise FormatError("not a key file's name (32 hex digits)", path=url)
-            good.append(kf.parse_key_file(objects.get(name), key_id, url))
+            good.append(kf.parse_key_file(objects.get(name, max_size=kf.MAX_FILE), key_id, url))
         except FileNotFoundError:
             continue  # removed since it was listed
         except FormatError as exc:
@@ -106,7 +106,8 @@ def older_key_versions(objects: ObjectStore) -> Iterator[Tuple[str, bytes]]:
             continue
         try:
             if getattr(objects, "versions", None) is not None:
-                data = objects.get(key, version=version)  # type: ignore[call-arg]
+                data = objects.get(key, version=version,  # type: ignore[call-arg]
+                                   max_size=kf.MAX_FILE)
             else:
                 data = _Boto3Versions(objects).get(key, version)
         except FileNotFoundError:

@@ -75,7 +75,7 @@ def recorded_config(objects: ObjectStore, record: Any
             continue
         url = f"{objects.url(key)}?versionId={version}"
         try:
-            data = objects.get(key, version)
+            data = objects.get(key, version, max_size=kf.MAX_FILE)
             config = kf.parse_config(data, url)
         except (FileNotFoundError, FormatError):
             continue

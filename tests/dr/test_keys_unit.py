@@ -27,6 +27,7 @@ class MemoryStore:
         self.spec = spec
         self.bucket, _, self.prefix = spec[len("s3://"):].partition("/")
         self.objects, self.history, self.versioned = {}, [], versioned
+        self.sizes_read = []  # what get() returned: nothing over a bound it was given
         if not versioned:
             self.versions = None
 
@@ -40,12 +41,18 @@ class MemoryStore:
         self.objects[key] = bytes(data)
         self.history.append((key, f"v{len(self.history)}", bytes(data)))
 
-    def get(self, key, version=None):
+    def get(self, key, version=None, *, max_size=None):
         if version is not None:
-            return next(d for k, v, d in self.history if (k, v) == (key, version))
-        if key not in self.objects:
+            data = next(d for k, v, d in self.history if (k, v) == (key, version))
+        elif key not in self.objects:
             raise FileNotFoundError(2, "no such object", self.url(key))
-        return self.objects[key]
+        else:
+            data = self.objects[key]
+        if max_size is not None and len(data) > max_size:  # as ObjectStore.get refuses it
+            raise FormatError(f"object holds {len(data)} bytes, more than {max_size}",
+                              path=self.url(key))
+        self.sizes_read.append(len(data))
+        return data
 
     def list(self, under):
         for k in sorted(self.objects):
@@ -576,3 +583,23 @@ def test_key_list_shows_no_terminal_escapes_and_no_hostile_number_crashes_it(
     assert cli.cmd_list(argparse.Namespace(store=store.spec, json=True)) == 0
     listed = json.loads(capsys.readouterr().out)["keys"]
     assert {k["id"]: k["label"] for k in listed}[first] == "\x1b[2J\x1b]0;owned\x07fake"
+
+
+def test_an_oversized_config_or_key_file_is_refused_by_its_size_before_it_is_read():
+    """A config or key file bigger than any pydr writes (keyfiles.MAX_FILE)
+    is damage named by its object, and is never read whole (the store is
+    asked with a bound); the store still opens from its sound key."""
+    from pydr.dr.keysearch import read_keys
+
+    store = MemoryStore(versioned=True)
+    storekeys.create_store(store, b"pass")
+    store.put(store.key("keys", "ab" * 16), b"{" + b" " * (1 << 20) + b"}")
+    keys, damaged = read_keys(store)
+    assert [d.id for d in damaged] == ["ab" * 16] and len(keys) == 1
+    assert storekeys.unlock(store, b"pass")[1] is not None
+    config = store.get(store.key("config"))
+    store.put(store.key("config"), config + b" " * (1 << 20))
+    with pytest.raises(FormatError) as e:
+        storekeys.read_config(store)
+    assert e.value.path == store.url(store.key("config"))
+    assert store.sizes_read and max(store.sizes_read) <= keyfiles.MAX_FILE
