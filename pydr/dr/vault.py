@@ -271,8 +271,11 @@ class Vault(RecoveryOperations, PolicyOperations):
             OSError: a source cannot be read; the object store's bucket
                 cannot be reached (FileNotFoundError: no such bucket).
         """
-        columns = policy_.check_new_item_policy(self.store, group, policy or {},
-                                                [replica for _, replica in disks])
+        # the replicas a lock must be able to hold; malformed disks are protect's to refuse
+        replicas = [os.fspath(d[1]) for d in (disks if isinstance(disks, (list, tuple)) else ())
+                    if isinstance(d, (list, tuple)) and len(d) == 2
+                    and isinstance(d[1], (str, os.PathLike))]
+        columns = policy_.check_new_item_policy(self.store, group, policy or {}, replicas)
         protection.protect(self.store, name, disks, group=group, retention=retention,
                            retention_age=retention_age, quiesce_hook=quiesce_hook,
                            thaw_hook=thaw_hook, rsh=rsh, remote_pydr=remote_pydr, cbt=cbt,
