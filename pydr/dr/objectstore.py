@@ -171,12 +171,13 @@ def _refuse_sealed_without_keys(objects):
     (deleted in a bucket without versions). Joining it unencrypted would
     write plain chunks beside the sealed ones."""
     from ..engine.sealing import MAGIC, is_sealed
+    from .chunkstore import MAX_CHUNK_OBJECT, MAX_INDEX_OBJECT
 
-    for under in ("indexes", "chunks"):
+    for under, bound in (("indexes", MAX_INDEX_OBJECT), ("chunks", MAX_CHUNK_OBJECT)):
         for key, _, size in objects.list(under):
-            if size < len(MAGIC):
+            if size < len(MAGIC) or size > bound:  # not an object pydr writes
                 continue
-            if is_sealed(objects.get(key, max_size=None)[:len(MAGIC)]):
+            if is_sealed(objects.get(key, max_size=bound)[:len(MAGIC)]):
                 raise FormatError(f"object store {objects.spec} holds sealed objects ({key}) "
                                   f"but no config and no key files: an encrypted store whose "
                                   f"keys are gone; refused", path=objects.url(key),
