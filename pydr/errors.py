@@ -47,6 +47,8 @@ EXIT_PROTOCOL = 18
 EXIT_TRACKING = 19
 EXIT_FLEET = 20
 EXIT_SOME_FAILED = 21
+EXIT_MACHINE = 22
+EXIT_NOT_VERIFIED = 23
 EXIT_CANCELLED = 130
 
 
@@ -342,6 +344,27 @@ class PassphraseRequired(PydrError, PermissionError):
 class VaultDamaged(VaultError):
     """The vault's database cannot be read as it should: SQLite found it
     damaged (or it is not SQLite). ``path`` is the database file."""
+
+
+class MachineError(PydrError, RuntimeError):
+    """libvirt (or a bring-up hook) could not do what a machine needs: its
+    daemon is unreachable, the domain is gone or was replaced (another
+    UUID), a checkpoint or backup job was refused, a domain could not be
+    defined or started. The message carries libvirt's own words."""
+
+    exit_code = EXIT_MACHINE
+
+
+class VerificationFailed(PydrError, RuntimeError):
+    """A recovered machine did not pass its verification: ``probe`` names
+    the probe that failed (pydr.dr.probes), the message what it saw. The
+    result is recorded on the point either way."""
+
+    exit_code = EXIT_NOT_VERIFIED
+
+    def __init__(self, message: str, *, probe: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.probe = probe
 
 
 class StdoutClosed(BrokenPipeError):

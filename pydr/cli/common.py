@@ -42,6 +42,11 @@ exit status:
   21   a cycle over several items (or groups) finished with some failed: the others
        got their points; each failed item is named, and --json gives every
        item's outcome with the exit code of its own error
+  22   libvirt could not do what the machine needs (unreachable, domain gone or
+       replaced, checkpoint or backup refused, define or start failed), or a
+       bring-up hook failed
+  23   the recovered machine failed its verification (the failed probe is named;
+       the result is recorded on the point)
   130  interrupted or cancelled
 """
 

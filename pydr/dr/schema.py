@@ -12,14 +12,62 @@ from ..errors import VaultError
 from . import arguments
 from .dberrors import VaultConnection
 
-SCHEMA_VERSION = 12  # 2: remote replicas; 3: operations; 4: changed-block tracking;
+SCHEMA_VERSION = 13  # 2: remote replicas; 3: operations; 4: changed-block tracking;
 # 5: how a job made disks (reflink, qcow2, copy); 6: the host of an item and of a job (fleets);
 # 7: the point indexes of replicas in object stores; 8: damaged points, the vault's identity,
 # the digest of each step; 9: the time of each point's cut, an item's last successful cycle;
 # 10: the granularity of a tracked disk's dirty bitmaps; 11: protection policies (pydr run),
 # the RPO health last recorded, the alerts log, files to remove once their rows are gone;
-# 12: object stores' identities and encryption, index versions and locks, lock policies
+# 12: object stores' identities and encryption, index versions and locks, lock policies;
+# 13: machines (libvirt domains, bring-up hooks), each point's domain XML, verifications
 DB_NAME = "vault.db"
+
+_MACHINE_TABLES = """
+CREATE TABLE machines(
+    item TEXT PRIMARY KEY REFERENCES items(name) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    uri TEXT,
+    domain TEXT,
+    uuid TEXT,
+    agent INTEGER NOT NULL DEFAULT 0,
+    bring_up_hook TEXT,
+    recovery_uri TEXT,
+    network_map TEXT,
+    drill_network TEXT,
+    probes TEXT
+);
+CREATE TABLE point_machines(
+    id INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    xml TEXT NOT NULL,
+    frozen INTEGER NOT NULL DEFAULT 0,
+    checkpoint TEXT,
+    PRIMARY KEY(id, item)
+);
+CREATE TABLE machine_domains(
+    item TEXT NOT NULL,
+    role TEXT NOT NULL,
+    uri TEXT,
+    name TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    point INTEGER,
+    console TEXT,
+    defined REAL NOT NULL,
+    PRIMARY KEY(item, role)
+);
+CREATE TABLE verifications(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    item TEXT NOT NULL,
+    point INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL NOT NULL,
+    passed INTEGER NOT NULL,
+    rto REAL,
+    probes TEXT NOT NULL,
+    error TEXT
+);
+"""
 
 _SCHEMA = """
 CREATE TABLE items(
@@ -155,7 +203,7 @@ CREATE TABLE doomed_files(
     path TEXT NOT NULL,
     PRIMARY KEY(item, path)
 );
-CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+""" + _MACHINE_TABLES + """CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO counters VALUES ('point', 0);
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -259,6 +307,12 @@ _MIGRATIONS = {
          lambda db: _add_columns(db, "object_indexes", "version TEXT", "retain_until REAL",
                                  "digest TEXT"),
          lambda db: _add_columns(db, "policies", "lock_days REAL", "lock_mode TEXT")),
+    # 13: machines: an item that is a libvirt domain (its connection, name, UUID, whether it
+    # has a guest agent) or that a hook brings up; the domain XML and freeze of each point;
+    # the domains pydr defined at the recovery site (failover, drill) and the verifications
+    # of recovered machines (pydr.dr.machines, pydr.dr.bringup, pydr.dr.probes)
+    12: tuple("CREATE TABLE IF NOT EXISTS " + t.split("CREATE TABLE ", 1)[1]
+              for t in _MACHINE_TABLES.strip().split(";") if t.strip()),
 }
 
 

@@ -12,6 +12,7 @@ outside the store's modules:
     store_points     the steps, points and point_disks tables
     store_jobs       the jobs and plans tables
     store_indexes    the object_indexes table: point indexes in object stores
+    store_machines   machines (libvirt domains), point XML, defined domains, verifications
     store_endpoints  an item's disks as endpoints, the vault's files of a disk
     store_records    the typed records the tables answer
     schema           the tables, their migrations, an empty vault
@@ -47,6 +48,7 @@ from .store_endpoints import ItemEndpoints
 from .store_indexes import IndexTables
 from .store_items import ItemTables
 from .store_jobs import JobTables
+from .store_machines import MachineTables
 from .store_lock import HIDDEN, HOOK_OPTIONS, LOCK_NAME, redact_argv  # noqa: F401  (re-exported)
 from .store_points import PointTables
 from .store_policies import PolicyTables
@@ -57,7 +59,8 @@ STATES = ("protecting", "protected", "resync-required")
 HEALTH = ("ok", "warning", "critical")
 
 
-class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints, PolicyTables):
+class Store(ItemTables, PointTables, IndexTables, JobTables, ItemEndpoints, PolicyTables,
+            MachineTables):
     """An open vault. Use as a context manager.
 
     Args:

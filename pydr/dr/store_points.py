@@ -116,11 +116,13 @@ class PointTables:
         for point_id in point_ids:
             self.db.execute("DELETE FROM points WHERE item=? AND id=?", (name, point_id))
             self.db.execute("DELETE FROM point_disks WHERE item=? AND id=?", (name, point_id))
+            self.db.execute("DELETE FROM point_machines WHERE item=? AND id=?", (name, point_id))
 
     def drop_all_points(self, name):
         """Forget every point and step of item `name` (in the caller's
         transaction, if any): a committed failover's."""
         self.db.execute("DELETE FROM point_disks WHERE item=?", (name,))
+        self.db.execute("DELETE FROM point_machines WHERE item=?", (name,))
         self.db.execute("DELETE FROM points WHERE item=?", (name,))
         self.db.execute("DELETE FROM steps WHERE item=?", (name,))
 

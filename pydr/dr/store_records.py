@@ -210,3 +210,48 @@ class AlertRecord(Record):
     """A change of an item's RPO health that pydr run recorded (the alerts table)."""
 
     __slots__ = ("id", "at", "item", "old", "new", "rpo_seconds", "target_rpo", "message")
+
+
+class MachineRecord(Record):
+    """What an item's disks belong to (the machines table): ``kind``
+    "libvirt" (a libvirt domain: its connection ``uri``, None for libvirt's
+    default, its ``domain`` name and ``uuid`` at the protected site, and
+    ``agent``: whether it has a qemu-guest-agent channel) or "hook" (a
+    ``bring_up_hook`` command brings it up). ``recovery_uri``: where bring-up
+    defines the domain (None: ``uri``); ``network_map``: JSON {source network:
+    recovery network}; ``drill_network``: the network drill machines join
+    (None: none); ``probes``: JSON, the verification probes (pydr.dr.probes)."""
+
+    __slots__ = ("item", "kind", "uri", "domain", "uuid", "agent", "bring_up_hook",
+                 "recovery_uri", "network_map", "drill_network", "probes")
+
+
+class PointMachineRecord(Record):
+    """The machine of point `id` of an item (the point_machines table): its
+    domain ``xml`` as it was at the cut (libvirt's inactive XML), whether the
+    guest agent had its file systems ``frozen`` at the cut, and the libvirt
+    ``checkpoint`` the cut created."""
+
+    __slots__ = ("id", "item", "xml", "frozen", "checkpoint")
+
+
+class MachineDomainRecord(Record):
+    """A domain pydr defined at the recovery site (the machine_domains
+    table): for item `item` in ``role`` "failover", "failback" or "drill",
+    on connection ``uri``, its ``name`` and ``uuid`` (cleanup acts on that
+    UUID only), the ``point`` it was made from, its serial ``console`` log
+    file (the console probe reads it), when it was ``defined``."""
+
+    __slots__ = ("item", "role", "uri", "name", "uuid", "point", "console", "defined")
+
+
+class VerificationRecord(Record):
+    """One verification of a recovered machine (the verifications table):
+    item `item`'s point `point`, ``kind`` "drill" or "failover", ``started``
+    (when the command began) and ``ended``, ``passed``, ``rto`` (seconds
+    from the command's start to the last probe passing; None unless
+    passed), ``probes`` (JSON list of {"probe", "passed", "seconds",
+    "detail"}) and ``error`` (why it failed, None if it passed)."""
+
+    __slots__ = ("id", "item", "point", "kind", "started", "ended", "passed", "rto", "probes",
+                 "error")
