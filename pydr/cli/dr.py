@@ -7,9 +7,52 @@ import argparse
 
 from .common import (POINT_HELP, EventOutput, add_events, add_item, add_method,
                      add_vault_options, command, human_bytes, method_of, print_json)
-from ..errors import PlanFailed
+from ..errors import InvalidArgument, PlanFailed
 from .fleet import add_fleet_options, open_fleet
 from .vault import open_vault, parse_disk
+
+
+def _probes(args):
+    """The Probes of --verify (and its options), or None without --verify."""
+    from ..dr.probes import Probes
+
+    given = {k: getattr(args, f"verify_{k}", None) for k in ("console", "tcp", "script")}
+    if not args.verify:
+        named = [f"--verify-{k}" for k, v in given.items() if v is not None]
+        if named or args.verify_timeout is not None:
+            raise InvalidArgument(f"{', '.join(named or ['--verify-timeout'])} needs --verify")
+        return None
+    return Probes.make(timeout=args.verify_timeout, **given)
+
+
+def _machine(args, *, drill):
+    """The machine options of failover / test-failover (bringup.check_options)."""
+    from ..dr.domainxml import parse_network_map
+
+    options = {"connect": args.connect, "verify": _probes(args)}
+    if drill:
+        options["drill_network"] = args.drill_network
+    else:
+        options["network_map"] = parse_network_map(args.network_map) or None
+        options["name"] = args.domain_name
+    return options
+
+
+def _show_machine(r):
+    """The machine and verification lines of a failover or drill result."""
+    m = r.machine
+    if m:
+        if m.get("kind") == "hook":
+            print("  machine: bring-up hook ran")
+        else:
+            print(f"  machine: domain {m['domain']} ({m['uuid']}) "
+                  f"{'started' if m['started'] else 'running'} at {m['uri'] or 'libvirt default'}"
+                  + (f"; console log {m['console']}" if m.get("console") else ""))
+    v = r.verification
+    if v:
+        parts = ", ".join(f"{k} {s:.1f} s" for k, s in v["parts"].items())
+        print(f"  verified: {' '.join(p['probe'] for p in v['probes'])} passed; RTO "
+              f"{v['rto']:.1f} s ({parts})")
 
 
 def _run(args, fn):
@@ -34,12 +77,15 @@ def _made(r):
 
 def cmd_test_failover(args):
     with EventOutput("test-failover", args) as shown:
+        machine = _machine(args, drill=True)
         r = _run(args, lambda v: v.test_failover(args.item, args.to, args.point,
-                                                 method=method_of(args), events=shown))
+                                                 method=method_of(args), events=shown,
+                                                 machine=machine))
     if not args.json:
         print(f"{args.item}: point {r.point} materialised for the drill{_made(r)}:")
         for p in r.paths:
             print(f"  {p}")
+        _show_machine(r)
         _notes(r)
     return 0
 
@@ -48,22 +94,25 @@ def cmd_cleanup_test_failover(args):
     with EventOutput("cleanup-test-failover", args) as shown:
         r = _run(args, lambda v: v.cleanup_test_failover(args.item, events=shown))
     if not args.json:
-        if r.notes:
+        if r.already_done:
             print(f"{args.item}: {'; '.join(r.notes)}")
         else:
             print(f"{args.item}: test failover cleaned up ({len(r.removed)} files removed)")
+            _notes(r)
     return 0
 
 
 def cmd_failover(args):
     with EventOutput("failover", args) as shown:
+        machine = _machine(args, drill=False)
         r = _run(args, lambda v: v.failover(args.item, args.point, planned=args.planned,
                                             shutdown_hook=args.shutdown_hook,
                                             method=method_of(args), events=shown,
-                                            directory=args.to))
+                                            directory=args.to, machine=machine))
     if not args.json:
         print(f"{args.item}: failed over to point {r.point}{_made(r)}; its replicas now hold "
               f"that point (run 'pydr commit {args.item}' to make it final)")
+        _show_machine(r)
         _notes(r)
     return 0
 
@@ -108,6 +157,7 @@ def cmd_failback(args):
     if not args.json:
         print(f"{args.item}: failed back to point {r.point} (nothing lost); run "
               f"'pydr commit {args.item}' then 'pydr reprotect {args.item}'")
+        _show_machine(r)
         _notes(r)
     return 0
 
@@ -167,8 +217,13 @@ def cmd_plan_run(args):
             EventOutput(f"plan {args.operation}", args, also=[fleet and fleet.events],
                         bar=False) as shown:
         try:
+            verify = None
+            if getattr(args, "verify", False):
+                probes = _probes(args)
+                verify = {"console": probes.console, "tcp": probes.tcp,
+                          "script": probes.script, "timeout": probes.timeout}
             report = v.run_plan(args.plan, args.operation, point=getattr(args, "point", None),
-                                directory=getattr(args, "to", None),
+                                directory=getattr(args, "to", None), verify=verify,
                                 planned=bool(getattr(args, "planned", False)),
                                 shutdown_hook=getattr(args, "shutdown_hook", None), fleet=fleet,
                                 events=shown)
@@ -201,6 +256,41 @@ def _add_shutdown_hook(p):
                    help="run first to stop the machine (must succeed when planned)")
 
 
+VERIFY_TEXT = (
+    "\n\nA machine (an item protected with --libvirt, or given a --bring-up-hook) is\n"
+    "then brought up on the recovered disks: its domain defined from the point's XML\n"
+    "(disks pointing at the recovered disks, site A's console log and agent socket\n"
+    "replaced) and started at the recovery connection (--connect; default the\n"
+    "machine's recovery URI, else its URI), or its bring-up hook run with JSON on\n"
+    "stdin. Running the command again after a kill finishes the bring-up (the\n"
+    "domain is recorded by UUID before it is defined).\n"
+    "--verify then probes it within --verify-timeout (default 10m): 'userspace'\n"
+    "(--verify-console TEXT seen on its serial console, else a guest-agent ping),\n"
+    "'tcp' (--verify-tcp HOST:PORT accepts a connection), 'script' (--verify-script\n"
+    "CMD run in the guest by its agent exits 0). The result and the RTO (seconds\n"
+    "from the command's start to the last probe passing, with its parts) are\n"
+    "recorded on the point ('pydr points ITEM', 'pydr status'); a failed probe\n"
+    "exits 23 naming it.")
+
+
+def _add_verify(p):
+    p.add_argument("--verify", action="store_true",
+                   help="probe the machine after it is brought up (exit 23 if a probe fails)")
+    p.add_argument("--verify-console", metavar="TEXT",
+                   help="userspace probe: TEXT appears on the serial console")
+    p.add_argument("--verify-tcp", metavar="HOST:PORT", help="probe: a TCP port accepts")
+    p.add_argument("--verify-script", metavar="CMD",
+                   help="probe: the guest agent runs /bin/sh -c CMD in the guest; exit 0 passes")
+    p.add_argument("--verify-timeout", metavar="DUR",
+                   help="deadline of all probes (90s, 10m; default 10m)")
+
+
+def _add_connect(p):
+    p.add_argument("--connect", metavar="URI",
+                   help="libvirt connection of the recovery site (default: the machine's "
+                        "recovery URI, else its URI)")
+
+
 def _item_command(sub, name, func, *, help, description, examples):
     p = command(sub, name, help=help, description=description, examples=examples, func=func)
     add_item(p)
@@ -219,13 +309,25 @@ def register(sub):
                      "reflink=1, btrfs), each disk is a reflink clone and costs what changed since\n"
                      "the point; elsewhere a copy, with progress. --as qcow2 makes overlays backed\n"
                      "by the replicas instead (any file system; replication of ITEM waits until\n"
-                     "the drill is cleaned up). The method used is printed and in --json."),
+                     "the drill is cleaned up). The method used is printed and in --json.")
+        + VERIFY_TEXT + (
+            "\nA drill machine is the domain pydr-drill-ITEM with a fresh UUID and fresh\n"
+            "MACs, on no network (or only --drill-network NET); 'pydr cleanup-test-failover'\n"
+            "destroys and undefines it."),
         examples=["pydr test-failover web --to /srv/drill/web",
                   "pydr test-failover web --to /srv/drill/web --point 12 --json",
                   "pydr test-failover vm --to /srv/drill/vm --as qcow2   (then qemu -drive "
                   "file=...,format=qcow2)",
-                  "pydr test-failover db --to dr:/srv/drill/db     (replicas on host dr)"])
+                  "pydr test-failover db --to dr:/srv/drill/db     (replicas on host dr)",
+                  "pydr test-failover vm --to /srv/drill/vm --verify --verify-console "
+                  "'login:' --verify-timeout 5m",
+                  "pydr test-failover vm --to /srv/drill/vm --verify --verify-script "
+                  "'systemctl is-active postgresql' --drill-network isolated --json"])
     p.add_argument("--to", required=True, metavar="DIR")
+    _add_verify(p)
+    _add_connect(p)
+    p.add_argument("--drill-network", metavar="NET",
+                   help="a machine's drill joins only libvirt network NET (default: none)")
     p.add_argument("--point", default="latest-processed", metavar="P", help=POINT_HELP)
     add_method(p)
     add_vault_options(p)
@@ -234,7 +336,8 @@ def register(sub):
         sub, "cleanup-test-failover", cmd_cleanup_test_failover,
         help="remove what test-failover wrote",
         description=("Remove the disks a test failover of ITEM wrote, and its directory if that\n"
-                     "leaves it empty. Files the drill did not write are left alone."),
+                     "leaves it empty. Files the drill did not write are left alone. A machine's\n"
+                     "drill domain is destroyed and undefined first (pydr's own, by its UUID)."),
         examples=["pydr cleanup-test-failover web"])
     add_vault_options(p)
 
@@ -253,13 +356,25 @@ def register(sub):
                      "An item replicated to an object store (s3://...) is brought up in --to DIR:\n"
                      "its point is downloaded there (chunks verified, zeros as holes), and those\n"
                      "disks are its replicas from then on (commit, reprotect and failback as\n"
-                     "for any item)."),
+                     "for any item).")
+        + VERIFY_TEXT + (
+            "\nThe failover domain keeps the protected name and UUID when neither is taken\n"
+            "at the recovery connection; else it is ITEM-dr (or --name NAME) with a UUID of\n"
+            "its own. --network-map SRC=DST moves its network and bridge interfaces."),
         examples=["pydr failover web --planned --shutdown-hook 'ssh web poweroff'",
                   "pydr failover cloudvm --to /srv/site-b/cloudvm   (points in S3)",
                   "pydr failover web --point latest-processed      (site A is gone)",
                   "pydr failover vm --point 12 --as qcow2 --json",
-                  "pydr failover web --copy        (an independent copy even on XFS)"])
+                  "pydr failover web --copy        (an independent copy even on XFS)",
+                  "pydr failover vm --connect qemu+ssh://site-b/system --network-map "
+                  "prod=dr-prod --verify --json"])
     p.add_argument("--point", default="latest", metavar="P", help=POINT_HELP)
+    _add_verify(p)
+    _add_connect(p)
+    p.add_argument("--network-map", action="append", metavar="SRC=DST",
+                   help="a network or bridge of site A and the one to use here (repeatable)")
+    p.add_argument("--name", dest="domain_name", metavar="NAME",
+                   help="the failover domain's name when the protected one is taken")
     p.add_argument("--to", metavar="DIR", help="for an item replicated to an object store: "
                    "the local directory where its disks are made")
     _add_planned(p)
@@ -360,6 +475,7 @@ def register(sub):
         if op == "test-failover":
             q.add_argument("--to", required=True, metavar="DIR",
                            help="each item's disks go to DIR/ITEM/")
+            _add_verify(q)  # each group's machines verified before the next group
         add_fleet_options(q)
         add_vault_options(q)
         add_events(q)

@@ -4,10 +4,11 @@ clean-up. Both are recorded on the item while they run, so that running the
 same command again after a kill finishes them."""
 
 import os
+import time
 
 from ..engine import crashpoints, names
 from ..errors import InvalidArgument, InvalidState, UnknownName
-from . import arguments
+from . import arguments, bringup
 from .events import Emitter, check_cancel
 from .pointstores import point_store
 from .points import check_point, destinations, materialize_into, operating, select_point
@@ -35,7 +36,7 @@ def check_no_overlay_drill(vault, name, what):
 
 
 def test_failover(vault, name, directory, point=None, *, method="auto", progress=None,
-                  events=None, cancel=None):
+                  events=None, cancel=None, machine=None):
     """Drill: materialise a point into `directory` (a spec) by `method`
     ("auto": reflink where the file system can clone, else a copy; "qcow2":
     overlays backed by the replicas, which then are not replicated to until
@@ -48,13 +49,34 @@ def test_failover(vault, name, directory, point=None, *, method="auto", progress
     disk), then "finished", "failed" or "cancelled". ``cancel``: a
     threading.Event; once set, the drill stops between disks and in the
     copy (Cancelled, exit 130) and is left as a kill leaves it: interrupted,
-    finished by running the same call again (or cleaned up)."""
+    finished by running the same call again (or cleaned up).
+
+    An item that is a machine (pydr.dr.bringup) is then brought up on the
+    drill's disks as ``pydr-drill-ITEM`` (a fresh UUID and MACs, no network
+    or only the drill network), also when the drill was done before;
+    `machine`: the options of bringup.check_options (``connect``,
+    ``drill_network``, ``network_map``, ``verify``). A failed verification
+    (VerificationFailed) leaves the drill machine up for inspection until
+    the clean-up."""
+    started = time.time()
     directory = arguments.directory(directory, "test_failover's directory")  # InvalidArgument
+    machine = bringup.check_options(vault, name, machine, role="drill")
     em = Emitter(events, "test-failover", name)
     with operating(vault, name, "test-failover"):
-        return em.run(lambda: _test_failover(vault, name, directory, point, method, progress,
-                                             em, cancel),
-                      started=False, done=lambda r: f"point {r['point']} in {directory}")
+        return em.run(lambda: _drill_machine(vault, name, _test_failover(
+            vault, name, directory, point, method, progress, em, cancel), machine, started),
+            started=False, done=lambda r: f"point {r['point']} in {directory}")
+
+
+def _drill_machine(vault, name, result, options, started):
+    """The drill's machine brought up on the drill's disks."""
+    row = vault.item(name)
+    directory = vault.endpoint(name, row["test_dir"])
+    disks = [{"idx": d["idx"], "path": directory.child(
+        os.path.basename(vault.endpoint(name, d["replica"]).path)).path}
+        for d in vault.disks(name)]
+    return bringup.machine_up(vault, name, result, disks, role="drill", options=options,
+                              started=started)
 
 
 def _test_failover(vault, name, directory, point, method, progress, em, cancel):
@@ -133,9 +155,12 @@ def cleanup_test_failover(vault, name, *, events=None, cancel=None):
 def _cleanup(vault, name, em, cancel):
     row = vault.item(name)
     check_cancel(cancel, "the clean-up of the test failover")
+    # the drill machine first: it runs on the drill's disks (pydr's own domain only, by UUID)
+    gone = bringup.tear_down(vault, name, "drill")
     if not row["test_dir"]:
-        return {"item": name, "removed": [],
-                "notes": ["no test failover to clean up: nothing to do"]}
+        return {"item": name, "removed": [], "notes": [
+            f"drill domain {gone['domain']!r} removed" if gone else
+            "no test failover to clean up: nothing to do"]}
 
     def run():
         em.job = getattr(vault, "current_job", None)
@@ -153,4 +178,6 @@ def _cleanup(vault, name, em, cancel):
         vault.end(name, "cleanup-test-failover", test_dir=None, test_point=None, test_method=None)
         return removed
 
-    return {"item": name, "removed": vault.run_job("cleanup-test-failover", name, run), "notes": []}
+    notes = [f"drill domain {gone['domain']!r} destroyed and undefined"] if gone else []
+    return {"item": name, "removed": vault.run_job("cleanup-test-failover", name, run),
+            "notes": notes}

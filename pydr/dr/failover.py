@@ -21,10 +21,11 @@ after it finished says so and changes nothing.
 
 import contextlib
 import os
+import time
 
 from ..engine import crashpoints
 from ..errors import DamagedJournal, DamagedPoint, HookFailed, InvalidState, PydrError, UnknownName
-from . import arguments, ownership
+from . import arguments, bringup, ownership
 from .events import Emitter, check_cancel, interrupted
 from .drills import check_no_overlay_drill, method_flags
 from .hooks import run_hook
@@ -55,21 +56,41 @@ _EVENTS_DOC = """
 
 
 def failover(vault, name, point="latest", *, planned=False, shutdown_hook=None, method="auto",
-             progress=None, to=None, executor=None, events=None, cancel=None):
+             progress=None, to=None, executor=None, events=None, cancel=None, machine=None):
     """Fail `name` over to a recovery point; afterwards its replica paths
     hold that point, made by `method` (see materialize_disk; "qcow2": an
     overlay on the baseline, which a VM then writes into). An item
     replicated to an object store is brought up in the local directory `to`
     (its points downloaded there; the disks there are its replicas from then
-    on). Returns {"item", "point", "method", "notes"}.
+    on). Returns {"item", "point", "method", "notes"} (and "machine",
+    "verification" for a machine).
+
+    An item that is a machine (pydr.dr.bringup) is then brought up on its
+    disks (defined and started at the recovery connection, or its bring-up
+    hook run), also when the failover was done before (a kill after the
+    disks were made is finished so); `machine`: the options of
+    bringup.check_options (``connect``, ``network_map``, ``name``,
+    ``verify``).
     """
+    started = time.time()
     if to is not None:
         to = arguments.directory(to, "failover's directory (to)")  # InvalidArgument
+    machine = bringup.check_options(vault, name, machine, role="failover")
     em = Emitter(events, "failover", name)
     with operating(vault, name, "failover"):
-        return em.run(lambda: _failover(vault, name, point, planned, shutdown_hook, method,
-                                        progress, to, executor, em, cancel),
-                      started=False, done=_done)
+        return em.run(lambda: _machine_up(vault, name, _failover(
+            vault, name, point, planned, shutdown_hook, method, progress, to, executor, em,
+            cancel), "failover", machine, started), started=False, done=_done)
+
+
+def _machine_up(vault, name, result, role, options, started):
+    """The machine of a failed-over (or failed-back) item brought up on its disks."""
+    if vault.item(name)["state"] != "failed-over":
+        return result
+    disks = [{"idx": d["idx"], "path": vault.endpoint(name, d["replica"]).path}
+             for d in vault.disks(name)]
+    return bringup.machine_up(vault, name, result, disks, role=role, options=options,
+                              started=started)
 
 
 failover.__doc__ += _EVENTS_DOC
@@ -348,8 +369,8 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None, events=None, c
     """
     em = Emitter(events, "failback", name)
     with operating(vault, name, "failback"):
-        return em.run(lambda: _failback(vault, name, alternates, shutdown_hook, em, cancel),
-                      started=False, done=_done)
+        return em.run(lambda: _start_protected(vault, name, _failback(
+            vault, name, alternates, shutdown_hook, em, cancel)), started=False, done=_done)
 
 
 failback.__doc__ += _EVENTS_DOC
@@ -423,3 +444,13 @@ def _failback(vault, name, alternates, shutdown_hook, em, cancel):
     vault.set_item(name, state="failing-over", failover_point=pid)
     crashpoints.reached("failover.marked")
     return _bring_up(vault, name, pid, "failback", [], em=em, cancel=cancel)
+
+
+def _start_protected(vault, name, result):
+    """A failed-back machine: its protected domain at site A started again."""
+    if vault.item(name)["state"] == "failed-over":
+        up = bringup.start_protected(vault, name)
+        if up is not None:
+            result = dict(result, machine=up,
+                          notes=list(result.get("notes") or []) + list(up.pop("notes")))
+    return result

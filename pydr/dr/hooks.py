@@ -66,14 +66,18 @@ def _tail(f):
     return f.read().decode("utf-8", "replace")
 
 
-def run_command(command, what, timeout=None):
+def run_command(command, what, timeout=None, stdin=None):
     """Run `command` with the shell in its own session, up to `timeout`
-    seconds (default :func:`hook_timeout`); (exit status, the last line it
-    printed, stderr first). At the timeout its process group is killed and
-    HookTimedOut names `what` (never the command)."""
+    seconds (default :func:`hook_timeout`), `stdin` (bytes) on its standard
+    input (None: nothing); (exit status, the last line it printed, stderr
+    first). At the timeout its process group is killed and HookTimedOut
+    names `what` (never the command)."""
     timeout = hook_timeout() if timeout is None else timeout
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryFile() as given:
+        given.write(stdin or b"")
+        given.seek(0)
+        proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=given,
                                 stdout=out, stderr=err, close_fds=True, start_new_session=True,
                                 env=hook_environment())
         try:

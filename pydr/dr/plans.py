@@ -117,7 +117,8 @@ def get_plan(vault, name):
 # option given as None is not given
 _OPTIONS = {
     "failover": ("point", "planned", "shutdown_hook"),
-    "test-failover": ("directory", "to", "point"),
+    "test-failover": ("directory", "to", "point", "verify", "verify_console", "verify_tcp",
+                      "verify_script", "verify_timeout", "drill_network"),
     "cleanup-test-failover": (),
     "commit": (),
     "reprotect": (),
@@ -162,6 +163,15 @@ def check_operation(op, options):
         checked["directory"] = next(iter(dirs.values()))
     if "point" in checked:
         checked["point"] = check_selector(checked["point"])
+    probe_options = {k: checked.pop(k) for k in ("verify_console", "verify_tcp",
+                                                  "verify_script", "verify_timeout")
+                     if k in checked}
+    if checked.pop("verify", False) or probe_options:
+        from .probes import Probes
+
+        # each item's machine is verified inside its group: the next group waits for it
+        checked["verify"] = Probes.make(**{k[len("verify_"):]: v
+                                           for k, v in probe_options.items()})
     return checked
 
 
@@ -177,8 +187,11 @@ def _operation(op, options, executor=None, events=None, cancel=None):
                                        executor=executor, **watch)
     if op == "test-failover":
         to = options["directory"]
+        machine = {"verify": options.get("verify"),
+                   "drill_network": options.get("drill_network")}
+        # items that are only disks are drilled as before; machines are brought up (verified)
         return lambda v, n: D.test_failover(v, n, os.path.join(to, n), options.get("point"),
-                                            **watch)
+                                            machine=machine if v.machine(n) else None, **watch)
     if op == "cleanup-test-failover":
         return lambda v, n: D.cleanup_test_failover(v, n, **watch)
     if op == "commit":
@@ -205,8 +218,12 @@ def run_plan(vault, name, op, *, events=None, cancel=None, **options):
 
     `op` is one of OPERATIONS; ``options``: a failover's ``point``,
     ``planned``, ``shutdown_hook``; a test-failover's ``directory`` (each
-    item's disks go to DIRECTORY/ITEM; ``to`` is the same option) and
-    ``point``; a failback's ``shutdown_hook``; ``fleet`` for any.
+    item's disks go to DIRECTORY/ITEM; ``to`` is the same option),
+    ``point``, ``drill_network`` and ``verify`` (True, or any of
+    ``verify_console``, ``verify_tcp``, ``verify_script``, ``verify_timeout``:
+    each machine of a group is brought up and verified as part of its item,
+    so a failed verification fails the item, and the plan stops there with
+    PlanFailed before the next group); a failback's ``shutdown_hook``; ``fleet`` for any.
     InvalidArgument, before anything runs, for an unknown operation or option, a missing directory or a bad point selector;
     UnknownName for an unknown plan."""
     options = check_operation(op, options)

@@ -447,7 +447,12 @@ class OperationResult(_Result):
     "+"); ``direction``: the item's direction afterwards; ``already_done``:
     it had been done before and nothing changed; ``notes``: what a person
     should know ("resumed", ...); ``cycle``: the replication cycle it ran
-    (reprotect), or None. Fields an operation has no use for are None or ()."""
+    (reprotect), or None; ``machine``: the machine brought up (failover,
+    test-failover, failback of a machine: {"kind", "domain", "uuid", "uri",
+    "console", "agent", "started", "seconds"}), or None; ``verification``:
+    its verification ({"id", "passed", "rto", "parts", "probes", "error",
+    "failed_probe"}; pydr.dr.probes), or None. Fields an operation has no
+    use for are None or ()."""
 
     TYPE: ClassVar[Optional[str]] = "operation-result"
     _NESTED: ClassVar[Dict[str, Any]] = {"cycle": CycleResult}
@@ -462,6 +467,8 @@ class OperationResult(_Result):
     already_done: bool = False
     notes: Tuple[str, ...] = ()
     cycle: Optional[CycleResult] = None
+    machine: Optional[Dict[str, Any]] = None
+    verification: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         _tuples(self, "paths", "removed", "notes")
@@ -481,7 +488,8 @@ class OperationResult(_Result):
                    direction=answer.get("direction") or direction,
                    already_done=any(n.startswith("already") or "nothing to do" in n
                                     for n in notes),
-                   notes=notes, cycle=cycle if isinstance(cycle, CycleResult) else None)
+                   notes=notes, cycle=cycle if isinstance(cycle, CycleResult) else None,
+                   machine=answer.get("machine"), verification=answer.get("verification"))
 
 
 # -- recovery plans ------------------------------------------------------------------

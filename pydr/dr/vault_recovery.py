@@ -68,7 +68,8 @@ class RecoveryOperations:
     def test_failover(self, name: str, directory: str, point: PointSelector = None, *,
                       method: str = "auto", progress: Optional[Progress] = None,
                       events: Optional[EventSink] = None,
-                      cancel: Optional[threading.Event] = None) -> OperationResult:
+                      cancel: Optional[threading.Event] = None,
+                      machine: Optional[Mapping[str, Any]] = None) -> OperationResult:
         """A DR drill: write item `name`'s disks as they were at a recovery
         point into `directory`, without touching the replicas or stopping
         replication. Undo it with cleanup_test_failover(). An interrupted
@@ -87,9 +88,14 @@ class RecoveryOperations:
             progress: a callable given each engine ProgressRecord.
             events: a callable given each Event.
             cancel: set it to stop as a kill would.
+            machine: for an item that is a machine: {"connect": URI,
+                "drill_network": NET or "none", "verify":
+                pydr.dr.probes.Probes} (pydr.dr.bringup.check_options); its
+                drill domain pydr-drill-ITEM is defined and started.
 
         Returns:
-            An OperationResult ("test-failover": point, paths, method, notes).
+            An OperationResult ("test-failover": point, paths, method, notes,
+            and for a machine ``machine`` and ``verification``).
 
         Raises:
             InvalidArgument: a bad point, method, events or cancel.
@@ -97,12 +103,14 @@ class RecoveryOperations:
                 does not allow one.
             UnknownName: no such item or point.
             DamagedPoint, DamagedJournal: the point cannot be restored.
+            MachineError: libvirt or the bring-up hook failed (exit 22).
+            VerificationFailed: a probe failed (exit 23); the drill stays.
         """
         arguments.method(method, "test_failover")
         extra = forwarded(events, cancel)
         return self._result("test-failover", D.test_failover(
             self.store, name, directory, checked_point(point), method=method, progress=progress,
-            **extra))
+            machine=dict(machine) if machine else None, **extra))
 
     def cleanup_test_failover(self, name: str, *, events: Optional[EventSink] = None,
                               cancel: Optional[threading.Event] = None) -> OperationResult:
@@ -128,7 +136,8 @@ class RecoveryOperations:
                  shutdown_hook: Optional[str] = None, method: str = "auto",
                  directory: Optional[str] = None, executor: Any = None,
                  progress: Optional[Progress] = None, events: Optional[EventSink] = None,
-                 cancel: Optional[threading.Event] = None) -> OperationResult:
+                 cancel: Optional[threading.Event] = None,
+                 machine: Optional[Mapping[str, Any]] = None) -> OperationResult:
         """Fail item `name` over: its replica paths (or `directory`, for an
         item replicated to an object store) hold a recovery point, each
         replica kept aside as the baseline. Until commit(), change_point()
@@ -151,9 +160,14 @@ class RecoveryOperations:
             progress: a callable given each engine ProgressRecord.
             events: a callable given each Event.
             cancel: set it to stop as a kill would.
+            machine: for an item that is a machine: {"connect": URI,
+                "network_map": {SRC: DST}, "name": NAME, "verify":
+                pydr.dr.probes.Probes} (pydr.dr.bringup.check_options); its
+                domain is defined and started at the recovery connection.
 
         Returns:
-            An OperationResult ("failover": point, method, notes).
+            An OperationResult ("failover": point, method, notes, and for a
+            machine ``machine`` and ``verification``).
 
         Raises:
             InvalidArgument: a bad point, method, events or cancel.
@@ -161,13 +175,16 @@ class RecoveryOperations:
                 is failed over to another point: use change_point()).
             HookFailed: a planned failover's shutdown hook failed.
             DamagedPoint, DamagedJournal: the point cannot be brought up.
+            MachineError: libvirt or the bring-up hook failed (exit 22).
+            VerificationFailed: a probe failed (exit 23).
         """
         arguments.method(method, "failover")
         extra = forwarded(events, cancel)
         point = checked_point(point, selector=False)
         return self._result("failover", F.failover(
             self.store, name, point, planned=planned, shutdown_hook=shutdown_hook, method=method,
-            progress=progress, to=directory, executor=executor, **extra))
+            progress=progress, to=directory, executor=executor,
+            machine=dict(machine) if machine else None, **extra))
 
     def change_point(self, name: str, point: PointSelector, *, method: Optional[str] = None,
                      progress: Optional[Progress] = None, events: Optional[EventSink] = None,
@@ -302,7 +319,8 @@ class RecoveryOperations:
                  directory: Optional[str] = None, planned: bool = False,
                  shutdown_hook: Optional[str] = None, fleet: Any = None,
                  events: Optional[EventSink] = None,
-                 cancel: Optional[threading.Event] = None) -> PlanReport:
+                 cancel: Optional[threading.Event] = None,
+                 verify: Optional[Mapping[str, Any]] = None) -> PlanReport:
         """Run `operation` over recovery plan `name`: its groups in order,
         the items of a group in parallel, each group's pre and post hooks
         around it. The first failure stops the plan.
@@ -319,6 +337,9 @@ class RecoveryOperations:
                 hosts' workers.
             events: a callable given each Event.
             cancel: set it to stop as a kill would.
+            verify: test-failover: verify each machine of a group before
+                the next group starts: {} (defaults) or {"console", "tcp",
+                "script", "timeout"} (see pydr.dr.probes); None: no.
 
         Returns:
             The PlanReport (ok), with each item's OperationResult.
@@ -334,6 +355,9 @@ class RecoveryOperations:
         options: Dict[str, Any] = {"point": point, "planned": planned,
                                    "shutdown_hook": shutdown_hook, "directory": directory,
                                    **forwarded(events, cancel)}
+        if verify is not None:
+            options["verify"] = True
+            options.update({f"verify_{k}": v for k, v in verify.items()})
         if fleet is not None:
             options["fleet"] = fleet
         groups = self.store.plan(name).definition

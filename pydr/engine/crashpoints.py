@@ -71,6 +71,9 @@ POINTS = {
     "failback.cycle": "the final cycle of a failback is done",
     "failback.alternate": "one disk is brought up at its alternate path",
     "plan.group": "one group of a recovery plan is done",
+    # bring-up of a machine at the recovery site (pydr.dr.bringup)
+    "bringup.defined": "the recovered domain is defined and recorded, not yet started",
+    "bringup.started": "the recovered domain is started, the bring-up not yet reported",
     # the server of pydr's protocol
     "server.applied": "a pushed disk is committed on the server, APPLY_OK not yet sent",
 }
