@@ -105,6 +105,8 @@ def cmd_protect(args):
                            thaw_hook=args.thaw_hook, rsh=args.rsh, remote_pydr=args.remote_pydr,
                            cbt=args.cbt, host=args.host, cbt_granularity=args.cbt_granularity,
                            policy=policy or None, encrypt=args.encrypt)
+        if args.bring_up_hook:
+            v.attach_machine(args.item, bring_up_hook=args.bring_up_hook)
     if args.json:
         print_json(status.to_dict())
     else:
@@ -184,6 +186,15 @@ def _print_cycles(args, result):
         print(f"{o.item}: failed: {o.error}")
 
 
+def _verified_text(v):
+    """A point's (or an item's) last verification, as points and status show it."""
+    if not v:
+        return ""
+    if v["passed"]:
+        return f"  verified ({v['kind']}): RTO {v['rto']:.1f} s"
+    return f"  verification FAILED ({v['kind']}): probe {v['failed_probe'] or '?'}"
+
+
 def cmd_points(args):
     with open_vault(args) as v:
         points = v.points(args.item)
@@ -193,6 +204,7 @@ def cmd_points(args):
         for p in points:
             print(f"{p.id:>6}  {timestamp((p.cut_at or p.created_at).timestamp())}  "
                   f"{p.consistency:<16}  cut: {p.cut or 'none':<8} {human_bytes(p.bytes or 0)}"
+                  + _verified_text(p.verification)
                   + (f"  DAMAGED: {p.damaged}" if p.damaged else ""))
     return 0
 
@@ -236,6 +248,8 @@ def cmd_status(args):
                   + (f" ({len(st.damaged_points)} damaged: "
                      f"{', '.join(map(str, st.damaged_points))})" if st.damaged_points else "")
                   + _rpo_text(st)
+                  + (f",{_verified_text(st.verification)[1:]} of point "
+                     f"{st.verification['point']}" if st.verification else "")
                   + (f", last error: {st.last_error}" if st.last_error else "")
                   + _retry_text(st) + doing)
     if problems:
@@ -374,6 +388,10 @@ def register(sub):
                    help="also drop points older than AGE (e.g. 72h, 7d; the newest is always kept)")
     p.add_argument("--quiesce-hook", metavar="CMD", help="run before the cut (app-consistent points)")
     p.add_argument("--thaw-hook", metavar="CMD", help="run after the cut")
+    p.add_argument("--bring-up-hook", metavar="CMD",
+                   help="a machine that is not a libvirt domain: run after a failover or drill "
+                        "made its disks, with JSON on stdin ({item, point, role, disks: [{idx, "
+                        "path, format}]}); exit 0 = up, else exit 22")
     p.add_argument("--host", metavar="NAME",
                    help="the sources are paths on host NAME, read there by its Dask workers "
                         "('pydr worker --host NAME'; replicate with --scheduler): docs/SCALE.md")

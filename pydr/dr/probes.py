@@ -263,17 +263,3 @@ def verify(vault, name: str, point_id: int, *, kind: str, started: float,
         raise exc
     return record
 
-
-def verification_summary(rec) -> Optional[Dict[str, Any]]:
-    """A VerificationRecord as points/status show it: {"passed", "rto",
-    "kind", "failed_probe", "ended"} (None for None)."""
-    if rec is None:
-        return None
-    try:
-        probes = json.loads(rec.probes or "[]")
-    except ValueError:
-        probes = []
-    failed = next((p.get("probe") for p in probes if isinstance(p, dict)
-                   and not p.get("passed")), None)
-    return {"passed": bool(rec.passed), "rto": rec.rto, "kind": rec.kind,
-            "failed_probe": failed, "ended": rec.ended}

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from .health import rpo_health
 from .policy import effective_policy
-from .results import DiskStatus, Hooks, ItemStatus, RunningOperation, Tracking, utc
+from .results import (DiskStatus, Hooks, ItemStatus, RunningOperation, Tracking, utc,
+                      verification_summary)
 from .rpo import rpo_facts
 from .tracking import DEFAULT_GRANULARITY
 
@@ -52,6 +53,7 @@ def item_status(store: Any, name: str, *, now: Optional[float] = None) -> ItemSt
         failover_point=row.failover_point,
         operation=None if op is None else RunningOperation(op["name"], op["command"],
                                                            bool(op["interrupted"])),
+        verification=verification_summary(store.last_verification(name)),
         target_rpo=policy.target_rpo,
         rpo_health=rpo_health(policy, facts, row, now,
                               drill_replicated=_drill_replicated(store, name, row)),

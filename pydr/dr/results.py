@@ -202,7 +202,9 @@ class ItemStatus(_Result):
     "ok", "warning" (over the target), "critical" (over the policy's
     rpo_critical, by default twice the target), "unknown" (no target, or
     no point yet within one target of protecting it) or "paused" (failed
-    over, committing or in a drill). ``health`` is the last cycle's own."""
+    over, committing or in a drill). ``health`` is the last cycle's own.
+    ``verification``: the item's last verification of a recovered machine
+    ({"point", "kind", "passed", "rto", "failed_probe", "ended"}), or None."""
 
     TYPE: ClassVar[Optional[str]] = "item-status"
     _TIMES: ClassVar[Tuple[str, ...]] = ("latest_point_at", "last_success_at", "next_retry")
@@ -235,12 +237,30 @@ class ItemStatus(_Result):
     operation: Optional[RunningOperation]
     target_rpo: Optional[float] = None
     rpo_health: Optional[str] = None
+    verification: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         _tuples(self, "disks", "damaged_points")
 
 
 # -- points and jobs -----------------------------------------------------------------
+
+
+def verification_summary(record: Any) -> Optional[Dict[str, Any]]:
+    """A store VerificationRecord as points and status show it: {"point",
+    "kind", "passed", "rto", "failed_probe", "ended"} (None for None)."""
+    import json
+
+    if record is None:
+        return None
+    try:
+        probes = json.loads(record.probes or "[]")
+    except ValueError:
+        probes = []
+    failed = next((p.get("probe") for p in probes if isinstance(p, dict)
+                   and not p.get("passed")), None) if isinstance(probes, list) else None
+    return {"point": record.point, "kind": record.kind, "passed": bool(record.passed),
+            "rto": record.rto, "failed_probe": failed, "ended": record.ended}
 
 
 @dataclass(frozen=True)
@@ -252,7 +272,9 @@ class PointInfo(_Result):
     were). ``consistency``: "app-consistent", "crash-consistent",
     "disk-consistent" or "inconsistent" (docs/VAULT.md); ``cut``: how the cut was made;
     ``bytes``: what its cycle moved; ``damaged``: why it can no longer be
-    restored, or None."""
+    restored, or None; ``verification``: the last verification of a machine
+    recovered from it ({"point", "kind", "passed", "rto", "failed_probe",
+    "ended"}; pydr.dr.probes), or None."""
 
     TYPE: ClassVar[Optional[str]] = "point"
     _TIMES: ClassVar[Tuple[str, ...]] = ("created_at", "cut_at")
@@ -265,15 +287,17 @@ class PointInfo(_Result):
     cut: Optional[str]
     bytes: Optional[int]
     damaged: Optional[str]
+    verification: Optional[Dict[str, Any]] = None
 
     @classmethod
-    def from_record(cls, record: Any) -> PointInfo:
-        """The PointInfo of a store PointRecord."""
+    def from_record(cls, record: Any,
+                    verification: Optional[Dict[str, Any]] = None) -> PointInfo:
+        """The PointInfo of a store PointRecord (and its last verification)."""
         cut_at = getattr(record, "cut_at", None)
         return cls(id=record.id, item=record.item, created_at=utc(record.created),
                    cut_at=utc(record.created if cut_at is None else cut_at),
                    consistency=record.consistency, cut=record.cut, bytes=record.bytes,
-                   damaged=record.damaged)
+                   damaged=record.damaged, verification=verification)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ RUN_LOCK = "run.lock"  # flock()ed by the vault's pydr run (pydr.dr.service) for
 
 # the options whose value is a hook's command line (which may hold a password)
 HOOK_OPTIONS = ("--quiesce-hook", "--thaw-hook", "--shutdown-hook", "--pre-hook", "--post-hook",
-                "--alert-command")
+                "--alert-command", "--bring-up-hook", "--verify-script")
 HIDDEN = "<hook set>"
 
 

@@ -40,7 +40,8 @@ from . import replication as R
 from . import report
 from .events import Emitter, EventSink
 from .retry import RetryPolicy
-from .results import CycleResult, ItemStatus, JobInfo, OperationResult, PointInfo
+from .results import (CycleResult, ItemStatus, JobInfo, OperationResult, PointInfo,
+                      verification_summary)
 from .schema import init_vault as init_vault  # pydr.dr.vault.init_vault, pydr.init_vault
 from .store import Store
 from .store_records import DiskRecord, ItemRecord
@@ -311,7 +312,9 @@ class Vault(RecoveryOperations, PolicyOperations):
             UnknownName: no item of that name.
         """
         self.store.item(name)
-        return [PointInfo.from_record(p) for p in self.store.points(name)]
+        last = {v.point: v for v in self.store.verifications(name)}  # oldest first: the last wins
+        return [PointInfo.from_record(p, verification_summary(last.get(p.id)))
+                for p in self.store.points(name)]
 
     def point(self, name: str, point_id: int) -> PointInfo:
         """Recovery point `point_id` of item `name`.
@@ -328,7 +331,9 @@ class Vault(RecoveryOperations, PolicyOperations):
             UnknownName: no such item, or the item has no such point.
         """
         wanted = arguments.count(point_id, "a point id", low=1)
-        return PointInfo.from_record(self.store.point(name, wanted))
+        found = self.store.verifications(name, wanted)
+        return PointInfo.from_record(self.store.point(name, wanted),
+                                     verification_summary(found[-1] if found else None))
 
     def jobs(self, *, item: Optional[str] = None, state: Union[str, Iterable[str], None] = None,
              since: Union[datetime, float, None] = None,

@@ -286,6 +286,42 @@ class RecoveryOperations:
             self.store, name, alternates=dict(alternates) if alternates else None,
             shutdown_hook=shutdown_hook, **forwarded(events, cancel)))
 
+    def attach_machine(self, name: str, xml: Optional[str] = None, *, uri: Optional[str] = None,
+                       recovery_uri: Optional[str] = None,
+                       bring_up_hook: Optional[str] = None) -> None:
+        """Make the protected item `name` a machine that failover and drills
+        bring up: either the libvirt domain of `xml` (its disks, in order,
+        are the item's; the XML is kept with every point it has: for disks
+        protected while the domain was shut off), or, with `bring_up_hook`,
+        a machine that shell command brings up (JSON on its stdin; see
+        pydr.dr.bringup).
+
+        Args:
+            name: the protected item.
+            xml: the domain's XML (libvirt's inactive XML).
+            uri: the libvirt connection of the protected domain.
+            recovery_uri: where bring-up defines it (None: `uri`).
+            bring_up_hook: the command of a hook machine (then no `xml`).
+
+        Raises:
+            InvalidArgument: both or neither of `xml` and `bring_up_hook`;
+                the XML's disks do not match the item's.
+            FormatError: hostile or malformed XML.
+            UnknownName: no such item.
+        """
+        from . import bringup
+
+        self.store.item(name)
+        if (xml is None) == (bring_up_hook is None):
+            raise InvalidArgument("attach_machine needs a domain's XML or a bring-up hook "
+                                  "(one of them)", item=name)
+        if bring_up_hook is not None:
+            if not str(bring_up_hook).strip():
+                raise InvalidArgument("--bring-up-hook must not be empty", item=name)
+            self.store.put_machine(name, kind="hook", bring_up_hook=bring_up_hook)
+            return
+        bringup.attach_domain(self.store, name, xml, uri=uri, recovery_uri=recovery_uri)
+
     # -- recovery plans --------------------------------------------------------------
     def create_plan(self, name: str, groups: Sequence[Any]) -> List[Dict[str, Any]]:
         """Define recovery plan `name`: groups of items run in order, the
