@@ -179,8 +179,9 @@ def bring_up(vault, name: str, point_id: int, disks: List[Mapping[str, Any]], *,
              console_dir: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Bring item `name`'s machine up from point `point_id` on `disks`
     ([{"idx", "path"}], the recovered disks). Idempotent: a domain recorded
-    for the role is found by its UUID, defined again if missing, started if
-    not running.
+    for the role is found by its UUID; unless it runs, it is defined again
+    (same name and UUID: libvirt updates it, with this call's network
+    options) and started.
 
     Args:
         vault: the store.
@@ -235,7 +236,9 @@ def bring_up(vault, name: str, point_id: int, disks: List[Mapping[str, Any]], *,
             if not kept:
                 notes.append(f"defined as {domain!r} with a UUID of its own ({new_uuid})")
         dom = lv.find_domain_by_uuid(conn, rec.uuid, uri=uri, item=name)
-        if dom is None:
+        if dom is not None and lv.is_running(dom):
+            notes.append(f"domain {rec.name!r} was defined already")
+        else:  # (re)defined with this run's options: same name and UUID, libvirt updates it
             targets = _targets(vault, name, xml)
             new_xml = domainxml.recovery_xml(
                 xml, disks={t: (d["path"], d["format"]) for t, d in zip(targets, recovered)},
@@ -245,8 +248,6 @@ def bring_up(vault, name: str, point_id: int, disks: List[Mapping[str, Any]], *,
                 fresh_macs=role == "drill")
             new_xml = _with_uuid(new_xml, rec.uuid)
             dom = lv.define(conn, new_xml, uri=uri, item=name)
-        else:
-            notes.append(f"domain {rec.name!r} was defined already")
         crashpoints.reached("bringup.defined")
         started = lv.start(dom, uri=uri, item=name)
         if not started:
