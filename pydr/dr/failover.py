@@ -366,6 +366,11 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None, events=None, c
     run or recorded. Once the hook has run (the machine is down), a cancel
     or an error leaves the failback recorded as interrupted: running the
     same call again (the hook need not run again) finishes it.
+
+    A libvirt machine is then started again at site A (its protected
+    domain, found by its recorded UUID), and the failover domain pydr
+    defined is destroyed and undefined if the recovery site answers
+    (pydr.dr.bringup.start_protected); the result's "machine" says so.
     """
     em = Emitter(events, "failback", name)
     with operating(vault, name, "failback"):

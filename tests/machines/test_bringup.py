@@ -175,15 +175,17 @@ def test_failover_boots_the_machine_at_site_b_with_a_name_and_uuid_of_its_own(si
         [site.domain, m["domain"]], key=site.domains().index)
 
 
-def test_a_kill_after_the_domain_is_defined_is_finished_by_the_same_command(site):
+@pytest.mark.parametrize("point", ["bringup.defined", "bringup.started"])
+def test_a_kill_during_bring_up_is_finished_by_the_same_command(site, point):
     args = ["test-failover", site.item, "--to", site.tmp / "drill"]
-    r = site.pydr(*args, env={"PYDR_CRASH_AT": "bringup.defined"})
+    r = site.pydr(*args, env={"PYDR_CRASH_AT": point})
     assert r.returncode == -9, r.stdout + r.stderr
     drill = f"pydr-drill-{site.item}"
     dom = site.libvirtd.conn().lookupByName(drill)
-    assert not dom.isActive()  # defined, never started
+    assert dom.isActive() == (point == "bringup.started")  # defined; started or not
     out = json.loads(site.pydr(*args, "--json", check=0).stdout)
-    assert out["machine"]["uuid"] == dom.UUIDString() and out["machine"]["started"]
+    assert out["machine"]["uuid"] == dom.UUIDString()
+    assert out["machine"]["started"] == (point == "bringup.defined")
     assert [d for d in site.domains() if d.startswith("pydr-drill-")
             and site.item in d] == [drill]
     assert site.libvirtd.conn().lookupByName(drill).isActive()
@@ -212,3 +214,19 @@ def test_verify_needs_a_console_marker_without_an_agent(tmp_path, golden, guest_
         assert f"pydr-drill-{s.item}" not in s.domains()
     finally:
         s.close()
+
+
+def test_failback_starts_the_protected_domain_again_and_removes_the_failover_one(site):
+    out = json.loads(site.pydr("failover", site.item, "--point", "latest-processed", "--json",
+                               check=0).stdout)
+    dr = out["machine"]["domain"]
+    assert site.libvirtd.conn().lookupByName(dr).isActive()
+    site.pydr("commit", site.item, check=0)
+    site.pydr("reprotect", site.item, check=0)
+    r = site.pydr("failback", site.item, "--shutdown-hook",
+                  f"virsh -c '{site.libvirtd.uri}' destroy {dr}", "--json", check=0)
+    back = json.loads(r.stdout)
+    assert back["machine"]["domain"] == site.domain and back["machine"]["uuid"] == site.uuid
+    assert site.dom.isActive()  # site A's own domain, started again
+    assert dr not in site.domains()
+    wait_for_console(site.console_a, r"PYDR-VERIFY OK last=[1-9]", timeout=BOOT, domain=site.dom)
