@@ -315,7 +315,7 @@ class RecoveryOperations:
         if (xml is None) == (bring_up_hook is None):
             raise InvalidArgument("attach_machine needs a domain's XML or a bring-up hook "
                                   "(one of them)", item=name)
-        if bring_up_hook is not None:
+        if xml is None:
             if not str(bring_up_hook).strip():
                 raise InvalidArgument("--bring-up-hook must not be empty", item=name)
             self.store.put_machine(name, kind="hook", bring_up_hook=bring_up_hook)
