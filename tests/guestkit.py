@@ -336,6 +336,16 @@ def parse_records(data: bytes) -> int:
     return number
 
 
+def make_records(count: int, first: int = 1) -> bytes:
+    """`count` valid records numbered from `first` (format in the module's
+    docstring), as the guest writes them."""
+    out = []
+    for n in range(first, first + count):
+        payload = b"%d %s" % (n, os.urandom(8).hex().encode())
+        out.append(payload + b" " + hashlib.md5(payload).hexdigest().encode() + b"\n")
+    return b"".join(out)
+
+
 def verify_records(image: str | os.PathLike) -> int:
     """Verifies the records of a guest disk image (qcow2 or raw), as
     /bin/pydr-verify-records does in the guest, after replaying its journal
@@ -390,7 +400,8 @@ def wait_for_console(path: str | os.PathLike, pattern: str, *, timeout: float, a
         alive = domain is None or domain.isActive()
         text = console_text(path, after)
         for line in text.splitlines(keepends=True):
-            m = regex.search(line) if line.endswith("\n") else None
+            # the serial line ends in CR LF: the pattern sees the line without them
+            m = regex.search(line.rstrip("\r\n")) if line.endswith("\n") else None
             if m:
                 return m
         if not alive:
@@ -424,15 +435,17 @@ class GuestKit:
         self.modules = build_initramfs(self.kernel_version, self.initrd)
         self.build_seconds = time.monotonic() - start
 
-    def make_disk(self, path: str | os.PathLike, size: str = "64M") -> str:
-        """Makes a qcow2 image at `path` holding an ext4 file system with an
-        empty /records; returns the path."""
+    def make_disk(self, path: str | os.PathLike, size: str = "64M", records: bytes = b"") -> str:
+        """Makes a qcow2 image at `path` holding an ext4 file system whose
+        /records holds `records` (empty by default; see the module's
+        docstring, `make_records` makes valid ones); returns the path."""
         path = os.fspath(path)
         with tempfile.TemporaryDirectory(prefix="pydr-disk-",
                                          dir=os.path.dirname(path) or None) as tmp:
             root = os.path.join(tmp, "root")
             os.mkdir(root)
-            open(os.path.join(root, "records"), "wb").close()
+            with open(os.path.join(root, "records"), "wb") as f:
+                f.write(records)
             raw = os.path.join(tmp, "disk.raw")
             subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "pydr-guest", "-d", root, raw, size],
                            check=True, capture_output=True)

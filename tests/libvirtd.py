@@ -34,8 +34,10 @@ and friends): a bind mount needs a directory to cover.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -248,6 +250,70 @@ class Libvirtd:
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
                           | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                           | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+
+    def agent(self, name: str, execute: str, timeout: int = 30, **arguments) -> object:
+        """Runs the guest-agent command `execute` with `arguments` in domain
+        `name` (libvirt_qemu.qemuAgentCommand); returns its "return" value.
+        Raises libvirt.libvirtError when the agent does not answer."""
+        import libvirt_qemu
+        command = {"execute": execute}
+        if arguments:
+            command["arguments"] = arguments
+        dom = self.conn().lookupByName(name)
+        return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(command), timeout, 0))[
+            "return"]
+
+    def agent_exec(self, name: str, path: str, *args: str, timeout: float = 60) -> tuple:
+        """Runs `path ARGS...` in domain `name` through the guest agent
+        (guest-exec, then guest-exec-status until it exits, up to `timeout`
+        seconds: a bound, not a measurement); returns (exit code, stdout,
+        stderr) as (int, str, str). Raises AssertionError on timeout."""
+        pid = self.agent(name, "guest-exec", path=path, arg=list(args),
+                         **{"capture-output": True})["pid"]
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.agent(name, "guest-exec-status", pid=pid)
+            if status["exited"]:
+                out, err = (base64.b64decode(status.get(k, "")).decode(errors="replace")
+                            for k in ("out-data", "err-data"))
+                return status.get("exitcode", -1), out, err
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path} did not exit within {timeout} s in {name}")
+            time.sleep(0.1)
+
+    def qemu_pid(self, name: str) -> int:
+        """The host PID of domain `name`'s QEMU (libvirt reports the one
+        inside the namespace). Raises LookupError when it runs no QEMU."""
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+            init = int(f.read().split()[0])
+        namespace = os.readlink(f"/proc/{init}/ns/pid")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") != namespace:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"-name" in argv and argv.index(b"-name") + 1 < len(argv) and \
+                    argv[argv.index(b"-name") + 1].startswith(f"guest={name},".encode()):
+                return int(entry)
+        raise LookupError(f"no QEMU of domain {name} in {self.dir}")
+
+    def crash(self, name: str) -> None:
+        """Kills domain `name`'s QEMU with SIGKILL: a host crash for the
+        disk (no flush, no dirty bitmap stored), unlike `virsh destroy`,
+        which first sends SIGTERM and lets QEMU close its images cleanly.
+        Returns once libvirt sees the domain stopped (up to 60 s)."""
+        os.kill(self.qemu_pid(name), signal.SIGKILL)
+        dom = self.conn().lookupByName(name)
+        deadline = time.monotonic() + 60
+        while dom.isActive():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} still runs 60 s after its QEMU was killed")
+            time.sleep(0.1)
 
     @contextlib.contextmanager
     def domain(self, xml: str, *, start: bool = True) -> Iterator:
