@@ -427,6 +427,7 @@ class GuestKit:
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = os.fspath(directory)
+        os.makedirs(self.dir, exist_ok=True)
         kernel, self.kernel_version = find_kernel()
         self.kernel = os.path.join(self.dir, "vmlinuz")
         shutil.copyfile(kernel, self.kernel)
@@ -516,6 +517,14 @@ class GuestKit:
   </devices>
 </domain>
 """
+
+
+# the module's helpers, reachable from the fixture's object as well
+GuestKit.wait_for_console = staticmethod(wait_for_console)
+GuestKit.last_synced = staticmethod(last_synced)
+GuestKit.verify_records = staticmethod(verify_records)
+GuestKit.make_records = staticmethod(make_records)
+GuestKit.console_text = staticmethod(console_text)
 
 
 def missing_requirements() -> list:

@@ -160,7 +160,10 @@ def test_host_verifier_rules():
 # only, with the meta contexts base:allocation and qemu:dirty-bitmap:backup-vda
 # (`virsh backup-dumpxml DOM` shows exportname='vda' exportbitmap='backup-vda').
 # The job (domjobinfo: "Backup", unbounded) lasts until `virsh domjobabort DOM`
-# (or virDomainAbortJob); the checkpoints stay, cp2's parent is cp1.
+# (or virDomainAbortJob); the checkpoints stay, cp2's parent is cp1, and every
+# checkpoint's bitmap keeps recording (query-block: "recording":true for all).
+# The bitmaps reach the qcow2 only when QEMU closes it: `virsh destroy`
+# (SIGTERM first) keeps the chain, a killed QEMU loses it (see the test's end).
 def backup_xml(tmp_path, socket, incremental=None):
     inc = f"\n  <incremental>{incremental}</incremental>" if incremental else ""
     path = tmp_path / f"backup-{incremental or 'full'}.xml"
@@ -233,3 +236,30 @@ def test_pull_mode_backup_with_checkpoints(libvirtd, guest_kit, tmp_path):
         blocks = libvirtd.virsh("qemu-monitor-command", name, '{"execute":"query-block"}')
         for cp in ("cp1", "cp2"):
             assert re.search(rf'"name":"{cp}","recording":true,"persistent":true', blocks)
+
+        # virsh destroy sends QEMU SIGTERM first: it closes the image cleanly and
+        # stores the bitmaps, so the chain holds across a restart
+        libvirtd.virsh("destroy", name)
+        dom.create()
+        wait_for_console(log, r"^PYDR-READY$", timeout=BOOT, domain=dom)
+        libvirtd.virsh("backup-begin", name, backup_xml(tmp_path, socket, "cp2"))
+        libvirtd.virsh("domjobabort", name)
+        # a QEMU killed (SIGKILL: a host crash) stores no bitmap: the ones it
+        # loaded stay marked in-use (inconsistent) in the image; libvirt still
+        # lists the checkpoints, but an incremental backup from them is refused.
+        # (Checkpoints made in a run that ended by SIGKILL have no bitmap in the
+        # image at all: `checkpoint-delete` then fails with "bitmap 'cpN' not
+        # found in backing chain of 'vda'" and only `--metadata` removes them.)
+        libvirtd.crash(name)
+        dom.create()
+        wait_for_console(log, r"^PYDR-READY$", timeout=BOOT, domain=dom)
+        assert "cp2" in libvirtd.virsh("checkpoint-list", name, "--name")
+        r = subprocess.run(["virsh", "-c", libvirtd.uri, "backup-begin", name,
+                            backup_xml(tmp_path, socket, "cp2")], capture_output=True, text=True)
+        assert r.returncode != 0
+        assert "missing or broken bitmap 'cp2' for disk 'vda'" in r.stderr, r.stderr
+        libvirtd.virsh("checkpoint-delete", name, "cp2")  # its broken bitmap goes with it
+        libvirtd.virsh("checkpoint-delete", name, "cp1")
+        assert libvirtd.virsh("checkpoint-list", name, "--name").split() == []
+        assert "bitmaps:" not in subprocess.run(["qemu-img", "info", "-U", disk],
+                                                capture_output=True, text=True).stdout
