@@ -491,6 +491,7 @@ class GuestKit:
         elif network:
             nic = "\n    " + network
         cmdline = f"console=ttyS0 panic=-1 quiet {cmdline_extra}".strip()
+        emulator = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
         return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <memory unit='MiB'>{int(memory_mib)}</memory>
@@ -507,7 +508,7 @@ class GuestKit:
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <emulator>{escape(shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64")}</emulator>{"".join(disks)}
+    <emulator>{escape(emulator)}</emulator>{"".join(disks)}
     <serial type='file'>
       <source path={quoteattr(os.fspath(console_log))}/>
       <target port='0'/>

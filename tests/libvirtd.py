@@ -9,7 +9,13 @@ system's libvirt, and several test runs (parallel worktrees) never collide.
         libvirtd.conn()                   # a libvirt.virConnect (libvirt-python)
         libvirtd.virsh("list", "--all")   # `virsh -c URI ...`'s stdout; raises on failure
         with libvirtd.domain(xml) as dom: # defined and started; destroyed and undefined after
-            ...
+            libvirtd.agent(name, "guest-ping")                  # the agent's "return" value
+            libvirtd.agent_exec(name, "/bin/pydr-verify-records")  # (exit code, stdout, stderr)
+            libvirtd.crash(name)          # SIGKILL to its QEMU (virsh destroy is SIGTERM first)
+        libvirtd.destroy_undefine(name)   # with checkpoint and snapshot metadata; idempotent
+
+libvirtd writes its PID file inside the namespace: the number in it is not
+a host PID (never kill by it); `qemu_pid(name)` finds a domain's host PID.
 
 How: `unshare --mount --propagation private --pid --fork --kill-child
 --mount-proc` runs a small init (NS_INIT below) that bind-mounts private
