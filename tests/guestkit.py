@@ -100,6 +100,23 @@ start_agent() {
     fi
 }
 
+# a NIC (QEMU's user network): its usual address; pydr.listen=PORT on the
+# command line answers each TCP connection to PORT with "PYDR-TCP-OK"
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set lo up
+    ip link set eth0 up
+    ip addr add 10.0.2.15/24 dev eth0
+    ip route add default via 10.0.2.2
+fi
+for arg in $(cat /proc/cmdline); do
+    case $arg in pydr.listen=*)
+        printf '#!/bin/sh\necho PYDR-TCP-OK\n' >/bin/pydr-tcp-reply
+        chmod 755 /bin/pydr-tcp-reply
+        nc -ll -p ${arg#pydr.listen=} -e /bin/pydr-tcp-reply &
+        say "PYDR-LISTEN ${arg#pydr.listen=}" ;;
+    esac
+done
+
 # ext4's superblock is at 1024; feature_incompat at +0x60, RECOVER = 0x4
 flags=$(dd if=/dev/vda bs=1 skip=1120 count=1 2>/dev/null | hexdump -e '1/1 "%u"')
 if [ -z "$flags" ]; then
@@ -457,7 +474,7 @@ class GuestKit:
     def domain_xml(self, name: str, disk: str | os.PathLike, *,
                    console_log: str | os.PathLike, agent: bool = True, memory_mib: int = 256,
                    extra_disks: Sequence[str | os.PathLike] = (), network: Optional[str] = None,
-                   cmdline_extra: str = "") -> str:
+                   cmdline_extra: str = "", tcp_forward: Optional[tuple] = None) -> str:
         """Libvirt domain XML of the test guest `name`: TCG (type 'qemu'),
         machine 'pc', direct kernel boot of this kit's kernel and initramfs,
         `disk` (qcow2) as virtio vda, `extra_disks` (qcow2 or raw) as vdb,
@@ -466,8 +483,13 @@ class GuestKit:
         (libvirt picks its socket), no graphics, and every stop (poweroff,
         reboot, crash: /init never returns, a panic reboots) ends the domain.
         `network` "user" adds a virtio NIC on QEMU's user network (the
-        guest does not configure it); any other string is inserted as the
-        interface XML. Returns the XML text."""
+        guest takes 10.0.2.15/24); any other string is inserted as the
+        interface XML. `tcp_forward` (host_port, guest_port) adds, instead,
+        a user-network NIC whose QEMU forwards 127.0.0.1:host_port on the
+        host to guest_port, where the guest answers every connection with
+        "PYDR-TCP-OK" (through <qemu:commandline>, its NIC at PCI slot 0x1f: libvirt 9.0 forwards
+        ports of a user NIC only with passt). `cmdline_extra` is appended to
+        the kernel command line. Returns the XML text."""
         disks = []
         for i, d in enumerate([disk, *extra_disks]):
             d = os.fspath(d)
@@ -490,9 +512,17 @@ class GuestKit:
     </interface>"""
         elif network:
             nic = "\n    " + network
+        qemu_args = ""
+        if tcp_forward is not None:
+            host_port, guest_port = (int(p) for p in tcp_forward)
+            cmdline_extra = f"pydr.listen={guest_port} {cmdline_extra}"
+            qemu_args = "".join(f"\n    <qemu:arg value={quoteattr(a)}/>" for a in (
+                "-netdev", f"user,id=pydrnet,hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}",
+                "-device", "virtio-net-pci,netdev=pydrnet,bus=pci.0,addr=0x1f"))
+            qemu_args = f"\n  <qemu:commandline>{qemu_args}\n  </qemu:commandline>"
         cmdline = f"console=ttyS0 panic=-1 quiet {cmdline_extra}".strip()
         emulator = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
-        return f"""<domain type='qemu'>
+        return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{escape(name)}</name>
   <memory unit='MiB'>{int(memory_mib)}</memory>
   <vcpu>1</vcpu>
@@ -515,7 +545,7 @@ class GuestKit:
     </serial>{channel}{nic}
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
-  </devices>
+  </devices>{qemu_args}
 </domain>
 """
 

@@ -5,6 +5,7 @@ with every synced record, and is backed up by libvirt's pull-mode backup."""
 
 import os
 import re
+import socket
 import subprocess
 
 import pytest
@@ -263,3 +264,18 @@ def test_pull_mode_backup_with_checkpoints(libvirtd, guest_kit, tmp_path):
         assert libvirtd.virsh("checkpoint-list", name, "--name").split() == []
         assert "bitmaps:" not in subprocess.run(["qemu-img", "info", "-U", disk],
                                                 capture_output=True, text=True).stdout
+
+
+def test_guest_answers_on_a_forwarded_tcp_port(libvirtd, guest_kit, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    disk = guest_kit.make_disk(tmp_path / "vda.qcow2")
+    log = str(tmp_path / "console.log")
+    xml = guest_kit.domain_xml("pydr-tcp", disk, console_log=log, tcp_forward=(port, 7070))
+    with libvirtd.domain(xml) as dom:
+        wait_for_console(log, r"^PYDR-LISTEN 7070$", timeout=BOOT, domain=dom)
+        wait_for_console(log, r"^PYDR-READY$", timeout=BOOT, domain=dom)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+            c.settimeout(60)
+            assert c.makefile("rb").readline() == b"PYDR-TCP-OK\n"
