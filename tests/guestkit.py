@@ -393,6 +393,27 @@ def verify_records(image: str | os.PathLike) -> int:
             return parse_records(f.read())
 
 
+def damage_record(raw_image: str | os.PathLike, number: int) -> int:
+    """Damages record `number` in a raw disk image in place, as a disk that
+    lies would: the last digit of its checksum changes wherever the record's
+    line lies in the image (ext4 writes file data in place, the journal
+    holds metadata only). Returns how many copies were changed (>= 1).
+    Raises AssertionError when the image holds no such record."""
+    path = os.fspath(raw_image)
+    if _is_qcow2(path):
+        raise ValueError(f"{path} is qcow2: damage_record changes raw images only")
+    line = re.compile(rb"(?:^|\n)%d [0-9a-f]{16} [0-9a-f]{31}([0-9a-f])\n" % number)
+    with open(path, "r+b") as f:
+        data = f.read()
+        spots = [m.start(1) for m in line.finditer(data)]
+        if not spots:
+            raise AssertionError(f"no record {number} in {path}")
+        for at in spots:
+            f.seek(at)
+            f.write(b"1" if data[at:at + 1] == b"0" else b"0")
+    return len(spots)
+
+
 def console_text(path: str | os.PathLike, after: int = 0) -> str:
     """The serial log `path` from byte `after` on ('' while it does not exist)."""
     try:
@@ -555,6 +576,7 @@ GuestKit.wait_for_console = staticmethod(wait_for_console)
 GuestKit.last_synced = staticmethod(last_synced)
 GuestKit.verify_records = staticmethod(verify_records)
 GuestKit.make_records = staticmethod(make_records)
+GuestKit.damage_record = staticmethod(damage_record)
 GuestKit.console_text = staticmethod(console_text)
 
 

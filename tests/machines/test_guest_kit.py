@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from guestkit import (guest_kit, last_synced, make_records, parse_records,  # noqa: F401
-                      verify_records, wait_for_console)
+from guestkit import (damage_record, guest_kit, last_synced, make_records,  # noqa: F401
+                      parse_records, verify_records, wait_for_console)
 from libvirtd import libvirtd  # noqa: F401 (the fixture)
 
 BOOT = 180  # seconds: a generous bound on a TCG boot on a loaded machine, not a measurement
@@ -103,15 +103,18 @@ def test_torn_last_record_is_cut_and_numbering_goes_on(libvirtd, guest_kit, tmp_
 
 def test_damaged_record_fails_verification_and_the_agent_still_answers(
         libvirtd, guest_kit, tmp_path):
-    good = make_records(4)
-    lines = good.split(b"\n")
-    lines[2] = lines[2][:-1] + (b"0" if lines[2][-1:] != b"0" else b"1")  # record 3's checksum
-    damaged = b"\n".join(lines)
-    offset = len(lines[0]) + len(lines[1]) + 2
+    records = make_records(4)
+    offset = len(b"".join(records.split(b"\n")[:2])) + 2  # record 3's
+    qcow2 = guest_kit.make_disk(tmp_path / "vda.qcow2", records=records)
+    disk = str(tmp_path / "vda.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", qcow2, disk], check=True)
+    assert verify_records(disk) == 4
+    assert damage_record(disk, 3) == 1
     with pytest.raises(AssertionError, match=f"record 3 at offset {offset}: checksum mismatch"):
-        parse_records(damaged)
-    name, disk, log, xml = start_guest(libvirtd, guest_kit, tmp_path, damaged)
-    with libvirtd.domain(xml) as dom:
+        verify_records(disk)
+    name = "pydr-damaged"
+    log = str(tmp_path / "console.log")
+    with libvirtd.domain(guest_kit.domain_xml(name, disk, console_log=log)) as dom:
         wait_for_console(log, r"^PYDR-VERIFY FAIL record 3: checksum mismatch$",
                          timeout=BOOT, domain=dom)
         wait_for_console(log, r"^PYDR-AGENT /dev/vport\d+p\d+$", timeout=BOOT, domain=dom)
