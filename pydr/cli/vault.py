@@ -204,6 +204,7 @@ def cmd_points(args):
         for p in points:
             print(f"{p.id:>6}  {timestamp((p.cut_at or p.created_at).timestamp())}  "
                   f"{p.consistency:<16}  cut: {p.cut or 'none':<8} {human_bytes(p.bytes or 0)}"
+                  + ("  frozen" if p.frozen else "")
                   + _verified_text(p.verification)
                   + (f"  DAMAGED: {p.damaged}" if p.damaged else ""))
     return 0

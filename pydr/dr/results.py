@@ -274,7 +274,9 @@ class PointInfo(_Result):
     ``bytes``: what its cycle moved; ``damaged``: why it can no longer be
     restored, or None; ``verification``: the last verification of a machine
     recovered from it ({"point", "kind", "passed", "rto", "failed_probe",
-    "ended"}; pydr.dr.probes), or None."""
+    "ended"}; pydr.dr.probes), or None; ``frozen``: for a machine's point,
+    whether the guest agent had its file systems frozen at the cut (None:
+    the point keeps no domain)."""
 
     TYPE: ClassVar[Optional[str]] = "point"
     _TIMES: ClassVar[Tuple[str, ...]] = ("created_at", "cut_at")
@@ -288,16 +290,18 @@ class PointInfo(_Result):
     bytes: Optional[int]
     damaged: Optional[str]
     verification: Optional[Dict[str, Any]] = None
+    frozen: Optional[bool] = None
 
     @classmethod
-    def from_record(cls, record: Any,
-                    verification: Optional[Dict[str, Any]] = None) -> PointInfo:
-        """The PointInfo of a store PointRecord (and its last verification)."""
+    def from_record(cls, record: Any, verification: Optional[Dict[str, Any]] = None,
+                    frozen: Optional[bool] = None) -> PointInfo:
+        """The PointInfo of a store PointRecord (its last verification, and
+        whether a machine's point was frozen)."""
         cut_at = getattr(record, "cut_at", None)
         return cls(id=record.id, item=record.item, created_at=utc(record.created),
                    cut_at=utc(record.created if cut_at is None else cut_at),
                    consistency=record.consistency, cut=record.cut, bytes=record.bytes,
-                   damaged=record.damaged, verification=verification)
+                   damaged=record.damaged, verification=verification, frozen=frozen)
 
 
 @dataclass(frozen=True)

@@ -313,8 +313,14 @@ class Vault(RecoveryOperations, PolicyOperations):
         """
         self.store.item(name)
         last = {v.point: v for v in self.store.verifications(name)}  # oldest first: the last wins
-        return [PointInfo.from_record(p, verification_summary(last.get(p.id)))
+        return [PointInfo.from_record(p, verification_summary(last.get(p.id)),
+                                      self._frozen(name, p.id))
                 for p in self.store.points(name)]
+
+    def _frozen(self, name: str, point_id: int) -> Optional[bool]:
+        """Whether a machine's point was frozen (None: it keeps no domain)."""
+        rec = self.store.point_machine(name, point_id)
+        return None if rec is None else bool(rec.frozen)
 
     def point(self, name: str, point_id: int) -> PointInfo:
         """Recovery point `point_id` of item `name`.
@@ -331,9 +337,10 @@ class Vault(RecoveryOperations, PolicyOperations):
             UnknownName: no such item, or the item has no such point.
         """
         wanted = arguments.count(point_id, "a point id", low=1)
-        found = self.store.verifications(name, wanted)
-        return PointInfo.from_record(self.store.point(name, wanted),
-                                     verification_summary(found[-1] if found else None))
+        record = self.store.point(name, wanted)
+        found = self.store.verifications(name, record.id)
+        return PointInfo.from_record(record, verification_summary(found[-1] if found else None),
+                                     self._frozen(name, record.id))
 
     def jobs(self, *, item: Optional[str] = None, state: Union[str, Iterable[str], None] = None,
              since: Union[datetime, float, None] = None,

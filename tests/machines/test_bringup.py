@@ -124,6 +124,8 @@ def test_drill_with_verify_passes_and_cleanup_removes_the_drill_domain(site):
     status = json.loads(site.pydr("status", site.item, "--json", check=0).stdout)
     assert status["verification"]["passed"] is True
     assert "verified (drill)" in site.pydr("points", site.item, check=0).stdout
+    assert "verified (drill)" in site.pydr("status", site.item, check=0).stdout
+    assert points[-1]["frozen"] is False  # attached to a shut-off domain: never frozen
 
     r = site.pydr("cleanup-test-failover", site.item, "--json", check=0)
     assert drill not in site.domains()
