@@ -307,6 +307,25 @@ def start_protected(vault, name: str) -> Optional[Dict[str, Any]]:
         conn.close()
 
 
+def stop_domain(vault, name: str, role: str) -> bool:
+    """Stop (destroy, not undefine) the `role` domain pydr defined for item
+    `name`, found by its recorded UUID; returns whether it ran. Nothing when
+    none is recorded or it is gone.
+
+    Raises:
+        MachineError: libvirt could not be reached or refused.
+    """
+    rec = vault.machine_domain(name, role)
+    if rec is None:
+        return False
+    conn = lv.connect(rec.uri, item=name)
+    try:
+        dom = lv.find_domain_by_uuid(conn, rec.uuid, uri=rec.uri, item=name)
+        return dom is not None and lv.destroy(dom, uri=rec.uri, item=name)
+    finally:
+        conn.close()
+
+
 def tear_down(vault, name: str, role: str) -> Optional[Dict[str, Any]]:
     """Destroy and undefine the `role` domain pydr defined for item `name`,
     by its recorded UUID only (a domain of that name with another UUID is

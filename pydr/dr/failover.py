@@ -215,11 +215,17 @@ def change_point(vault, name, point, *, method=None, progress=None, events=None,
     point, made again from the untouched baselines by `method` (by default
     the way the failover made them). Returns {"item", "point", "method",
     "notes"}.
+
+    A machine's failover domain (the one pydr defined) is stopped before
+    its disks are replaced and started again on them afterwards (it never
+    runs on a disk being rebuilt); the result's "machine" says so.
     """
+    started = time.time()
     em = Emitter(events, "change-point", name)
     with operating(vault, name, "change-point"):
-        return em.run(lambda: _change_point(vault, name, point, method, progress, em, cancel),
-                      started=False, done=_done)
+        return em.run(lambda: _machine_up(vault, name, _change_point(
+            vault, name, point, method, progress, em, cancel), "failover", {}, started),
+            started=False, done=_done)
 
 
 change_point.__doc__ += _EVENTS_DOC
@@ -237,6 +243,7 @@ def _change_point(vault, name, point, method, progress, em, cancel):
     method = method or current_method(vault, name)
     check_point(vault, name, pid)  # before the failed-over disks are replaced
     check_cancel(cancel, "change-point")
+    bringup.stop_domain(vault, name, "failover")  # never running on disks being rebuilt
     vault.begin(name, "change-point", f"pydr change-point {name} --point {pid}"
                 f"{method_flags(method)}", state="failing-over", failover_point=pid)
     crashpoints.reached("failover.marked")

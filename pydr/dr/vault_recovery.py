@@ -191,7 +191,8 @@ class RecoveryOperations:
                      cancel: Optional[threading.Event] = None) -> OperationResult:
         """After failover() and before commit(): make item `name`'s disks
         hold another point, rebuilt from the untouched baselines (exact even
-        after the failed-over machine wrote to its disks).
+        after the failed-over machine wrote to its disks). A machine's
+        failover domain is stopped first and started again on the new disks.
 
         Args:
             name: the item.

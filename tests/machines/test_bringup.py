@@ -232,3 +232,20 @@ def test_failback_starts_the_protected_domain_again_and_removes_the_failover_one
     assert site.dom.isActive()  # site A's own domain, started again
     assert dr not in site.domains()
     wait_for_console(site.console_a, r"PYDR-VERIFY OK last=[1-9]", timeout=BOOT, domain=site.dom)
+
+
+def test_change_point_stops_the_failover_domain_and_starts_it_on_the_new_disks(site):
+    site.pydr("replicate", site.item, check=0)  # a second point
+    out = json.loads(site.pydr("failover", site.item, "--point", "latest-processed", "--json",
+                               check=0).stdout)
+    dom = site.libvirtd.conn().lookupByName(out["machine"]["domain"])
+    assert dom.isActive()
+    first = out["point"]
+    other = [p["id"] for p in json.loads(site.pydr("points", site.item, "--json",
+                                                   check=0).stdout) if p["id"] != first][0]
+    r = json.loads(site.pydr("change-point", site.item, "--point", other, "--json",
+                             check=0).stdout)
+    assert r["point"] == other
+    assert r["machine"]["uuid"] == out["machine"]["uuid"] and r["machine"]["started"]
+    assert dom.isActive()
+    wait_for_console(r["machine"]["console"], r"PYDR-READY", timeout=BOOT, domain=dom)
