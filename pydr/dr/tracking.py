@@ -11,7 +11,7 @@ merges back the same way. A bitmap that is missing, in use or inconsistent
 (QEMU killed, the image moved or restarted) is lost tracking: the item
 becomes resync-required, and a checksum resync starts a fresh bitmap.
 
-Two kinds (docs/QEMU.md):
+Three kinds (docs/QEMU.md; the third docs/MACHINES.md):
   * qcow2: a qcow2 image's persistent bitmaps, with qemu-img bitmap; the
     image must not be open read-write elsewhere during a cycle;
   * qmp: a live disk, qmp:SOCKET:NODE: non-persistent bitmaps by QMP, the
@@ -88,8 +88,17 @@ def tracker(vault, item, disk, warm=None):
     if not disk.tracking:
         return None
     source = warm_endpoint(vault, item, disk, disk.source, warm)
-    cls = {"qcow2": Qcow2Tracker, "qmp": QmpTracker}[disk.tracking]
-    return cls(vault, item, disk, source)
+    return tracker_class(disk.tracking)(vault, item, disk, source)
+
+
+def tracker_class(kind):
+    """The Tracker class of tracking `kind` ("qcow2", "qmp", "libvirt":
+    a libvirt domain's checkpoints, pydr.dr.checkpoints)."""
+    if kind == "libvirt":
+        from .checkpoints import LibvirtTracker
+
+        return LibvirtTracker
+    return {"qcow2": Qcow2Tracker, "qmp": QmpTracker}[kind]
 
 
 def warm_endpoint(vault, item, disk, spec, warm=None):

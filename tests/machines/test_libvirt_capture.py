@@ -1,0 +1,206 @@
+"""A libvirt domain as a protected item (pydr protect --libvirt), with a
+real private libvirtd and a real guest writing checksummed records: the
+first cycle copies every disk, later ones read only what libvirt's
+checkpoint says changed, every point holds every record the guest synced
+before its cut and keeps the domain's XML, a lost checkpoint chain makes
+the item resync-required (exit 19) until `replicate --resync`, and a kill
+of pydr after the backup job began leaves a job that the same command
+ends."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from guestkit import guest_kit, last_synced, verify_records, wait_for_console  # noqa: F401
+from libvirtd import libvirtd  # noqa: F401 (the fixture)
+
+from pydr.dr.vault import Vault, init_vault
+
+from conftest import run_cli
+
+BOOT = 180  # seconds: a bound on a TCG boot on a loaded machine, not a measurement
+BLOCK = 4096
+
+
+class Guest:
+    """A running test guest: `name`, `disk`, `log`, `dom`, `uri`."""
+
+
+@pytest.fixture
+def guest(libvirtd, guest_kit, tmp_path):
+    g = Guest()
+    g.disk = guest_kit.make_disk(tmp_path / "vda.qcow2")
+    g.log = str(tmp_path / "console.log")
+    g.name = "cap-" + re.sub(r"[^A-Za-z0-9_-]", "-", tmp_path.name)
+    g.uri = libvirtd.uri
+    g.libvirtd = libvirtd
+    xml = guest_kit.domain_xml(g.name, g.disk, console_log=g.log)
+    with libvirtd.domain(xml) as dom:
+        g.dom = dom
+        wait_for_console(g.log, r"PYDR-READY", timeout=BOOT, domain=dom)
+        yield g
+
+
+def cli(vault, *args, env=None):
+    return run_cli(*args, "--vault", str(vault), env=env)
+
+
+def protected(guest, tmp_path, item="vm"):
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    r = cli(vault, "protect", item, "--libvirt", guest.name, "--connect", guest.uri,
+            "--to", str(tmp_path / "dr"), "--json")
+    assert r.returncode == 0, r.stderr
+    return vault, json.loads(r.stdout)
+
+
+def replicate(vault, *extra, item="vm"):
+    r = cli(vault, "replicate", item, "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def synced_after(guest, number):
+    """Wait until the guest synced a record after `number`; returns the newest synced."""
+    wait_for_console(guest.log, rf"PYDR-SYNCED {number + 1}\b", timeout=BOOT, domain=guest.dom)
+    return last_synced(guest.log)
+
+
+def changed_bytes(old, new):
+    """Bytes of the 4 KiB blocks that differ between two raw images."""
+    n = 0
+    with open(old, "rb") as a, open(new, "rb") as b:
+        while True:
+            x, y = a.read(BLOCK << 8), b.read(BLOCK << 8)
+            if not x and not y:
+                return n
+            for i in range(0, max(len(x), len(y)), BLOCK):
+                if x[i:i + BLOCK] != y[i:i + BLOCK]:
+                    n += BLOCK
+
+
+def materialized(vault, point_id, out):
+    with Vault(vault, writer=True) as v:
+        (path,) = v.materialize("vm", point_id, out).paths
+    return path
+
+
+def test_tracked_cycles_read_what_changed_and_keep_every_synced_record(guest, tmp_path):
+    vault, done = protected(guest, tmp_path)
+    assert [d["target"] for d in done["disks"]] == ["vda"]
+    replica = done["disks"][0]["replica"]
+    assert replica == str(tmp_path / "dr" / "vm-vda.img")
+    assert done["uuid"] == guest.dom.UUIDString() and done["agent"] is True
+    size = guest.dom.blockInfo("vda")[0]
+
+    synced = synced_after(guest, last_synced(guest.log))
+    first = replicate(vault)
+    assert first["bytes_read"] > 0  # the whole disk compared (its holes skipped)
+    assert verify_records(replica) >= synced
+    before = tmp_path / "before.img"
+    shutil.copyfile(replica, before)
+
+    synced = synced_after(guest, last_synced(guest.log))  # the guest wrote since the cut
+    second = replicate(vault)
+    changed = changed_bytes(before, replica)
+    assert changed > 0
+    assert changed <= second["bytes_read"] < size  # only the dirty extents were read
+    point = materialized(vault, second["point_id"], tmp_path / "p2")
+    assert verify_records(point) >= synced  # every record synced before the cut is in it
+    assert subprocess.run(["cmp", point, replica]).returncode == 0
+    with Vault(vault) as v:
+        assert v.store.disks("vm")[0]["tracking"] == "libvirt"
+        checkpoint = v.store.disks("vm")[0]["bitmap"]
+        row = v.store.point_machine("vm", second["point_id"])
+        machine = v.store.machine("vm")
+    # the checkpoint of the newest point is the domain's only one of pydr's
+    names = guest.libvirtd.virsh("checkpoint-list", guest.name, "--name").split()
+    assert names == [checkpoint] and row.checkpoint == checkpoint
+    assert machine.kind == "libvirt" and machine.uuid == guest.dom.UUIDString()
+    assert machine.agent == 1
+    # the point keeps the domain's XML at the cut (its inactive XML, unchanged since)
+    import libvirt
+
+    assert row.xml == guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    # no backup job is left on the domain
+    assert "None" in guest.libvirtd.virsh("domjobinfo", guest.name).split("\n")[0]
+
+
+def test_a_lost_checkpoint_chain_needs_a_resync(guest, tmp_path):
+    vault, _ = protected(guest, tmp_path)
+    replicate(vault)
+    with Vault(vault) as v:
+        checkpoint = v.store.disks("vm")[0]["bitmap"]
+    guest.libvirtd.virsh("checkpoint-delete", guest.name, checkpoint, "--metadata")
+    r = cli(vault, "replicate", "vm")
+    assert r.returncode == 19, r.stderr
+    assert checkpoint in r.stderr
+    with Vault(vault) as v:
+        assert v.store.item("vm")["state"] == "resync-required"
+    r = cli(vault, "replicate", "vm")  # never a cycle that sends less than what changed
+    assert r.returncode != 0
+    synced = last_synced(guest.log)
+    third = replicate(vault, "--resync")
+    with Vault(vault) as v:
+        assert v.store.item("vm")["state"] == "protected"
+        fresh = v.store.disks("vm")[0]["bitmap"]
+    assert fresh != checkpoint
+    assert guest.libvirtd.virsh("checkpoint-list", guest.name, "--name").split() == [fresh]
+    assert verify_records(materialized(vault, third["point_id"], tmp_path / "p")) >= synced
+    replicate(vault)  # tracked again
+
+
+def test_a_kill_after_the_job_began_is_ended_by_the_same_command(guest, tmp_path):
+    vault, done = protected(guest, tmp_path)
+    replicate(vault)
+    env = dict(os.environ, PYDR_CRASH_AT="libvirt.backup-begun")
+    r = cli(vault, "replicate", "vm", env=env)
+    assert r.returncode == -9, r.stderr
+    info = guest.libvirtd.virsh("domjobinfo", guest.name)
+    assert "Backup" in info, info  # the job is still there
+    synced = last_synced(guest.log)
+    again = replicate(vault)  # the same command aborts it and succeeds
+    assert "None" in guest.libvirtd.virsh("domjobinfo", guest.name).split("\n")[0]
+    with Vault(vault) as v:
+        checkpoint = v.store.disks("vm")[0]["bitmap"]
+    # the killed cycle's checkpoint is gone; the new point's is the only one
+    assert guest.libvirtd.virsh("checkpoint-list", guest.name, "--name").split() == [checkpoint]
+    point = materialized(vault, again["point_id"], tmp_path / "p")
+    assert verify_records(point) >= synced
+
+
+def test_another_domain_under_the_name_is_refused_and_a_missing_one_not_found(guest, tmp_path):
+    vault, _ = protected(guest, tmp_path)
+    replicate(vault)
+    r = cli(vault, "protect", "other", "--libvirt", "no-such-domain", "--connect", guest.uri,
+            "--to", str(tmp_path / "dr2"))
+    assert r.returncode == 3, r.stderr
+    # the same name, another machine: refused, nothing read or recorded
+    xml = guest.dom.XMLDesc(0)
+    guest.dom.destroy()
+    guest.libvirtd.destroy_undefine(guest.name)
+    xml = re.sub(r"<uuid>[^<]*</uuid>", "", xml)
+    guest.dom = guest.libvirtd.conn().defineXML(xml)
+    guest.dom.create()
+    r = cli(vault, "replicate", "vm")
+    assert r.returncode == 22, r.stderr
+    assert "another machine" in r.stderr
+    with Vault(vault) as v:
+        assert len(v.store.points("vm")) == 1
+
+
+def test_protect_refuses_disk_options_and_object_stores(guest, tmp_path):
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    r = cli(vault, "protect", "vm", "--libvirt", guest.name, "--connect", guest.uri,
+            "--to", str(tmp_path / "dr"), "--disk", "a=b")
+    assert r.returncode == 2 or "leave out --disk" in r.stderr, r.stderr
+    r = cli(vault, "protect", "vm", "--libvirt", guest.name, "--connect", guest.uri,
+            "--to", "s3://bucket/prefix")
+    assert r.returncode == 2 or "not supported yet" in r.stderr, r.stderr
+    with Vault(vault) as v:
+        assert not v.store.has_item("vm")
