@@ -143,6 +143,8 @@ class DomainSession:
         tracked, whole = self.bitmapped()
         machine = self.vault.machine(self.item) if self.vault is not None else None
         freeze = bool(machine is not None and machine.agent)
+        if freeze:
+            self.domain.thaw_left()  # a kill while frozen (its watchdog thaws it too)
         self.stack = contextlib.ExitStack()
         try:
             self.job = self.stack.enter_context(self._backup(current if not full else None,

@@ -181,6 +181,12 @@ class LibvirtDomain:
 
         return stale_job(self.dom, where=self.where)
 
+    def thaw_left(self) -> bool:
+        """Thaw the guest if a killed pydr left it frozen (True when it was)."""
+        from ..transport.libvirt_backup import thaw_left
+
+        return thaw_left(self.dom, where=self.where)
+
     @contextlib.contextmanager
     def backup(self, checkpoint: str, *, incremental: Optional[str], tracked: List[str],
                full_only: List[str], freeze: bool, freeze_bound: float) -> Iterator:

@@ -18,7 +18,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import threading
 import time
 from typing import Dict, Iterator, List, Optional
 from xml.etree import ElementTree
@@ -216,41 +215,81 @@ def checkpoint_xml(name: str, tracked: List[str], untracked: List[str]) -> str:
             f"<disks>{''.join(disks)}</disks></domaincheckpoint>")
 
 
+#: the watchdog of a freeze, a child process of its own: it thaws the guest
+#: when pydr tells it nothing within the bound, or dies (its stdin closes)
+_WATCHDOG = r"""
+import select, sys
+import libvirt
+uri, uuid, bound = sys.argv[1], sys.argv[2], float(sys.argv[3])
+ready, _, _ = select.select([sys.stdin], [], [], bound)
+if ready and sys.stdin.readline().strip() == "thawed":
+    sys.exit(0)
+libvirt.registerErrorHandler(lambda ctx, err: None, None)
+libvirt.open(uri or None).lookupByUUIDString(uuid).fsThaw(None, 0)
+"""
+
+
 class _Freeze:
     """The guest's file systems frozen by its agent, thawed by :meth:`thaw`
-    or, at the latest, by a watchdog `bound` seconds after the freeze."""
+    or, at the latest, by a watchdog process `bound` seconds after the
+    freeze, or as soon as pydr dies (kill -9 included): a guest is never
+    left frozen."""
 
     def __init__(self, dom, bound: float, where: Optional[str]):
+        import subprocess
+        import sys
+
         self.dom, self.bound, self.where = dom, bound, where
-        self.lock = threading.Lock()
-        self.thawed = False
-        self.late = False  # the watchdog thawed: the point is not frozen
         with libvirt_errors(f"freezing the file systems of domain {dom.name()!r}", path=where):
-            dom.fsFreeze(None, 0)
-        self.timer = threading.Timer(bound, self._watchdog)
-        self.timer.daemon = True
-        self.timer.start()
+            uri = dom.connect().getURI()
+            # started first: from the freeze on, something always thaws
+            self.watchdog = subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG, uri, dom.UUIDString(), str(bound)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, text=True)
+            self.started = time.monotonic()
+            try:
+                dom.fsFreeze(None, 0)
+            except BaseException:
+                self._release()
+                raise
 
-    def _watchdog(self) -> None:
-        with self.lock:
-            if not self.thawed:
-                self.late = True
-                self._thaw()
-
-    def _thaw(self) -> None:
-        self.thawed = True
-        with libvirt_errors(f"thawing the file systems of domain {self.dom.name()!r}",
-                            path=self.where):
-            self.dom.fsThaw(None, 0)
+    def _release(self) -> None:
+        """Tell the watchdog the guest is thawed, and reap it."""
+        with contextlib.suppress(OSError, ValueError):
+            self.watchdog.stdin.write("thawed\n")
+            self.watchdog.stdin.close()
+        self.watchdog.wait()
 
     def thaw(self) -> bool:
-        """Thaw now (if the watchdog did not). Returns True when the thaw
-        came in time (before the bound)."""
-        self.timer.cancel()
-        with self.lock:
-            if not self.thawed:
-                self._thaw()
-            return not self.late
+        """Thaw now. Returns True when the thaw came in time (before the
+        bound, the watchdog not having thawed first)."""
+        in_time = self.watchdog.poll() is None \
+            and time.monotonic() - self.started < self.bound
+        try:
+            with libvirt_errors(f"thawing the file systems of domain {self.dom.name()!r}",
+                                path=self.where):
+                self.dom.fsThaw(None, 0)
+        finally:
+            self._release()
+        return in_time
+
+
+def thaw_left(dom, *, where: Optional[str] = None) -> bool:
+    """Thaw the guest's file systems if a killed pydr left them frozen
+    (its watchdog thaws them too; this makes a rerun sure). Returns True
+    when they were frozen. A guest agent that does not answer: False."""
+    from .libvirt import agent_command
+
+    try:
+        status = agent_command(dom, "guest-fsfreeze-status", timeout=5, uri=where)
+    except MachineError:
+        return False
+    if status != "frozen":
+        return False
+    with libvirt_errors(f"thawing the file systems of domain {dom.name()!r}", path=where):
+        dom.fsThaw(None, 0)
+    return True
 
 
 @contextlib.contextmanager

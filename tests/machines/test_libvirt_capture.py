@@ -46,7 +46,9 @@ def guest(libvirtd, guest_kit, tmp_path):
 
 
 def cli(vault, *args, env=None):
-    return run_cli(*args, "--vault", str(vault), env=env)
+    r = run_cli(*args, "--vault", str(vault), env=env)
+    r.stdout, r.stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    return r
 
 
 def protected(guest, tmp_path, item="vm"):
@@ -198,9 +200,9 @@ def test_protect_refuses_disk_options_and_object_stores(guest, tmp_path):
     init_vault(vault)
     r = cli(vault, "protect", "vm", "--libvirt", guest.name, "--connect", guest.uri,
             "--to", str(tmp_path / "dr"), "--disk", "a=b")
-    assert r.returncode == 2 or "leave out --disk" in r.stderr, r.stderr
+    assert r.returncode == 2 and "leave out --disk" in r.stderr, r.stderr
     r = cli(vault, "protect", "vm", "--libvirt", guest.name, "--connect", guest.uri,
             "--to", "s3://bucket/prefix")
-    assert r.returncode == 2 or "not supported yet" in r.stderr, r.stderr
+    assert r.returncode == 2 and "not supported yet" in r.stderr, r.stderr
     with Vault(vault) as v:
         assert not v.store.has_item("vm")
