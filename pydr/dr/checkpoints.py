@@ -35,7 +35,7 @@ import logging
 from typing import Dict, Optional
 
 from ..errors import MachineError, TrackingLost
-from .tracking import PREFIX, Cut, Tracker
+from .tracking import PREFIX, Cut, Tracker, register
 
 _log = logging.getLogger(__name__)
 
@@ -295,3 +295,6 @@ class LibvirtTracker(Tracker):
     def point_extra(self):
         """What the cycle records with the point: the domain's machine row."""
         return self.session.point_machine
+
+
+register("libvirt", LibvirtTracker)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from ..endpoints.libvirt import TARGET_RULE, LibvirtDomain, disk_spec, xml_disks, xml_has_agent
 from ..endpoints.specs import parse_remote
 from ..errors import InvalidArgument
 from . import protection
+from .policy import check_new_item_policy
+
+if TYPE_CHECKING:
+    from .store import Store
 
 
 @dataclass(frozen=True)
@@ -136,3 +140,54 @@ def protect_machine(store, name: str, domain: str, to: str, *, uri: Optional[str
                        machine={"kind": "libvirt", "uri": uri, "domain": domain, "uuid": uuid,
                                 "agent": int(agent)}, **options)
     return ProtectedMachine(name, domain, uuid, uri, agent, tuple(disks), tuple(notes))
+
+
+class MachineOperations:
+    """Machines as items (see pydr.Vault)."""
+
+    store: Store  # the open store (set by Vault.__init__)
+
+    def protect_machine(self, name: str, domain: str, to: str, *, uri: Optional[str] = None,
+                        group: Optional[str] = None, retention: int = 24,
+                        retention_age: Optional[float] = None,
+                        quiesce_hook: Optional[str] = None, thaw_hook: Optional[str] = None,
+                        rsh: Optional[str] = None, remote_pydr: Optional[str] = None,
+                        policy: Optional[Dict[str, Any]] = None) -> ProtectedMachine:
+        """Register item `name`, the libvirt domain `domain`: every disk of
+        it (``<disk device='disk'>`` with a file or block source; cdroms
+        and floppies are left out and named in the result's notes), its
+        replica ``to/NAME-TARGET.img``. Its cycles are tracked by libvirt's
+        checkpoints, one pull-mode backup job for all its disks; the
+        guest's file systems are frozen around it when the domain has a
+        guest agent; each point keeps the domain's XML (docs/MACHINES.md).
+
+        Args:
+            name: the item's name.
+            domain: the domain's name at `uri` (running or shut off).
+            to: a directory here, or [user@]host:DIR, for the replicas.
+            uri: the libvirt connection (None: libvirt's default).
+            group: as for protect().
+            retention: as for protect().
+            retention_age: as for protect().
+            quiesce_hook: as for protect() (a machine with a guest agent is
+                frozen by it; the hooks are for the rest).
+            thaw_hook: as for protect().
+            rsh: as for protect().
+            remote_pydr: as for protect().
+            policy: as for protect().
+
+        Returns:
+            A pydr.dr.machines.ProtectedMachine (domain, uuid, disks, notes).
+
+        Raises:
+            UnknownName: no such domain (exit 3).
+            MachineError: libvirt cannot be reached or failed (exit 22).
+            ValueError: a network disk, a domain without disks, an
+                object store or a bad option (InvalidArgument).
+            InvalidState: the name or a replica is taken.
+        """
+        columns = check_new_item_policy(self.store, group, policy or {}, [])
+        return protect_machine(self.store, name, domain, to, uri=uri, group=group,
+                               retention=retention, retention_age=retention_age,
+                               quiesce_hook=quiesce_hook, thaw_hook=thaw_hook, rsh=rsh,
+                               remote_pydr=remote_pydr, policy_columns=columns)

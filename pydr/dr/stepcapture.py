@@ -25,6 +25,7 @@ import time
 
 from ..engine import crashpoints
 from ..errors import AlreadyApplied, BaseMismatch, InvalidState, PydrError, TrackingLost
+from . import checkpoints  # noqa: F401 (registers the tracker of libvirt disks)
 from . import ownership, replica_check, tracking
 from .agent import NeedsResync, cut, cycle_item, extents_to_compare, steps_kept, transfer_disk
 from .events import Emitter, check_cancel

@@ -92,13 +92,18 @@ def tracker(vault, item, disk, warm=None):
 
 
 def tracker_class(kind):
-    """The Tracker class of tracking `kind` ("qcow2", "qmp", "libvirt":
-    a libvirt domain's checkpoints, pydr.dr.checkpoints)."""
-    if kind == "libvirt":
-        from .checkpoints import LibvirtTracker
+    """The Tracker class of tracking `kind`: "qcow2", "qmp", or one a
+    module registered (:func:`register`: "libvirt", pydr.dr.checkpoints)."""
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise VaultError(f"unknown kind of changed-block tracking {kind!r}") from None
 
-        return LibvirtTracker
-    return {"qcow2": Qcow2Tracker, "qmp": QmpTracker}[kind]
+
+def register(kind, cls):
+    """Make `cls` the Tracker of tracking `kind` (a module above this one
+    registers its own: this module imports none of them)."""
+    KINDS[kind] = cls
 
 
 def warm_endpoint(vault, item, disk, spec, warm=None):
@@ -315,3 +320,7 @@ class QmpTracker(Tracker):
         with self.source.engine_disk(actions=actions, bitmap=self.frozen) as dev:
             changed = None if self.frozen is None else self.dirty_extents(dev)
             yield Cut(DeviceEndpoint(dev, self.where), changed)
+
+
+#: the Tracker class of each kind of tracking (:func:`register` adds more)
+KINDS = {"qcow2": Qcow2Tracker, "qmp": QmpTracker}

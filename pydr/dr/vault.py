@@ -39,6 +39,7 @@ from . import protection
 from . import replication as R
 from . import report
 from .events import Emitter, EventSink
+from .machines import MachineOperations
 from .retry import RetryPolicy
 from .results import CycleResult, ItemStatus, JobInfo, OperationResult, PointInfo
 from .schema import init_vault as init_vault  # pydr.dr.vault.init_vault, pydr.init_vault
@@ -47,9 +48,6 @@ from .store_records import DiskRecord, ItemRecord
 from .vault_policy import PolicyOperations
 from .vault_recovery import (PointSelector, Progress, RecoveryOperations, checked_point,
                              forwarded)
-
-if TYPE_CHECKING:
-    from .machines import ProtectedMachine
 
 def _passphrase_bytes(passphrase: Optional[Union[str, bytes]]) -> Optional[bytes]:
     """`passphrase` as bytes (a str UTF-8 encoded); InvalidArgument, never
@@ -66,7 +64,7 @@ def _passphrase_bytes(passphrase: Optional[Union[str, bytes]]) -> Optional[bytes
     return bytes(passphrase)
 
 
-class Vault(RecoveryOperations, PolicyOperations):
+class Vault(RecoveryOperations, PolicyOperations, MachineOperations):
     """An open vault with the DR workflow.
 
     Open it as a context manager; ``writer=True`` takes the vault's lock
@@ -285,46 +283,6 @@ class Vault(RecoveryOperations, PolicyOperations):
                            host=host, cbt_granularity=cbt_granularity,
                            policy_columns=columns, encrypt=bool(encrypt))
         return self.status(name)
-
-    def protect_machine(self, name: str, domain: str, to: str, *, uri: Optional[str] = None,
-                        group: Optional[str] = None, retention: int = 24,
-                        retention_age: Optional[float] = None,
-                        quiesce_hook: Optional[str] = None, thaw_hook: Optional[str] = None,
-                        rsh: Optional[str] = None, remote_pydr: Optional[str] = None,
-                        policy: Optional[Dict[str, Any]] = None) -> "ProtectedMachine":
-        """Register item `name`, the libvirt domain `domain`: every disk of
-        it (``<disk device='disk'>`` with a file or block source; cdroms
-        and floppies are left out and named in the result's notes), its
-        replica ``to/NAME-TARGET.img``. Its cycles are tracked by libvirt's
-        checkpoints, one pull-mode backup job for all its disks; the
-        guest's file systems are frozen around it when the domain has a
-        guest agent; each point keeps the domain's XML (docs/MACHINES.md).
-
-        Args:
-            name: the item's name.
-            domain: the domain's name at `uri` (running or shut off).
-            to: a directory here, or [user@]host:DIR, for the replicas.
-            uri: the libvirt connection (None: libvirt's default).
-            group, retention, retention_age, quiesce_hook, thaw_hook, rsh,
-                remote_pydr, policy: as for protect().
-
-        Returns:
-            A pydr.dr.machines.ProtectedMachine (domain, uuid, disks, notes).
-
-        Raises:
-            UnknownName: no such domain (exit 3).
-            MachineError: libvirt cannot be reached or failed (exit 22).
-            ValueError: a network disk, a domain without disks, an
-                object store or a bad option (InvalidArgument).
-            InvalidState: the name or a replica is taken.
-        """
-        from .machines import protect_machine
-
-        columns = policy_.check_new_item_policy(self.store, group, policy or {}, [])
-        return protect_machine(self.store, name, domain, to, uri=uri, group=group,
-                               retention=retention, retention_age=retention_age,
-                               quiesce_hook=quiesce_hook, thaw_hook=thaw_hook, rsh=rsh,
-                               remote_pydr=remote_pydr, policy_columns=columns)
 
     def status(self, name: str) -> ItemStatus:
         """What the vault knows of item `name`: state, direction, health,

@@ -258,9 +258,14 @@ class LibvirtDiskEndpoint(Endpoint):
             raise UnsupportedFile(f"disk {self.target} of domain {self.domain.name!r} is a "
                                   f"{d['type']} disk: pydr reads file and block disks",
                                   path=self.spec)
-        from . import open_endpoint
+        fmt = d["format"] or "raw"
+        if fmt == "raw":
+            from .local import LocalEndpoint
 
-        return open_endpoint(d["source"], format=d["format"] or None)
+            return LocalEndpoint(d["source"])
+        from .qemu import QemuImageEndpoint
+
+        return QemuImageEndpoint(d["source"], fmt)
 
     @contextlib.contextmanager
     def engine_disk(self, *, write=False, size=None, bitmap=None):
