@@ -86,7 +86,14 @@ def delete_checkpoint(dom, name: str, *, where: Optional[str] = None) -> bool:
             return False
         raise
     with libvirt_errors(f"deleting checkpoint {name!r} of domain {dom.name()!r}", path=where):
-        cp.delete(0)
+        try:
+            cp.delete(0)
+        except libvirt.libvirtError as exc:
+            words = exc.get_error_message() or ""
+            if "bitmap" not in words or "not found" not in words:
+                raise
+            # its bitmap is gone (QEMU was killed): only libvirt's record of it is left
+            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     return True
 
 

@@ -130,6 +130,11 @@ def test_tracked_cycles_read_what_changed_and_keep_every_synced_record(guest, tm
     assert row.xml == guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     # no backup job is left on the domain
     assert "None" in guest.libvirtd.virsh("domjobinfo", guest.name).split("\n")[0]
+    # the older checkpoint was deleted by the commit: the newer one still has every change
+    synced = synced_after(guest, last_synced(guest.log))
+    third = replicate(vault)
+    assert third["bytes_read"] < size
+    assert verify_records(materialized(vault, third["point_id"], tmp_path / "p3")) >= synced
 
 
 def test_a_lost_checkpoint_chain_needs_a_resync(guest, tmp_path):
@@ -154,6 +159,53 @@ def test_a_lost_checkpoint_chain_needs_a_resync(guest, tmp_path):
     assert guest.libvirtd.virsh("checkpoint-list", guest.name, "--name").split() == [fresh]
     assert verify_records(materialized(vault, third["point_id"], tmp_path / "p")) >= synced
     replicate(vault)  # tracked again
+
+
+def test_a_crashed_qemu_breaks_the_chain_and_a_resync_mends_it(guest, tmp_path):
+    """`virsh destroy` stops QEMU with SIGTERM (its bitmaps are written back);
+    a SIGKILL, as a host crash, loses them: libvirt refuses the incremental
+    job, and the cycle says so (exit 19), never a silent gap."""
+    vault, _ = protected(guest, tmp_path)
+    replicate(vault)
+    guest.dom.destroy()  # a clean stop keeps the chain
+    guest.dom.create()
+    wait_for_console(guest.log, r"PYDR-READY", timeout=BOOT, domain=guest.dom)
+    replicate(vault)
+    with Vault(vault) as v:
+        assert v.store.points("vm")[-1]["consistency"] in ("crash-consistent", "app-consistent")
+    pids = [int(d) for d in os.listdir("/proc")
+            if d.isdigit() and f"guest={guest.name},".encode() in _reads(f"/proc/{d}/cmdline")]
+    assert len(pids) == 1, pids  # the guest's QEMU (this test's)
+    os.kill(pids[0], 9)
+    wait_for_state(guest.dom, active=False)
+    guest.dom.create()
+    wait_for_console(guest.log, r"PYDR-READY", timeout=BOOT, domain=guest.dom)
+    r = cli(vault, "replicate", "vm")
+    assert r.returncode == 19, r.stderr
+    with Vault(vault) as v:
+        assert v.store.item("vm")["state"] == "resync-required"
+    synced = last_synced(guest.log)
+    point = replicate(vault, "--resync")
+    assert verify_records(materialized(vault, point["point_id"], tmp_path / "p")) >= synced
+    replicate(vault)  # tracked again
+
+
+def _reads(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def wait_for_state(dom, *, active):
+    """Wait (bounded) until libvirt has seen the domain's QEMU end."""
+    import time
+
+    deadline = time.monotonic() + BOOT
+    while bool(dom.isActive()) != active:
+        assert time.monotonic() < deadline, "libvirt did not see QEMU end"
+        time.sleep(0.05)
 
 
 def test_a_kill_after_the_job_began_is_ended_by_the_same_command(guest, tmp_path):
