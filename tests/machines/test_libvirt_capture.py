@@ -258,3 +258,51 @@ def test_protect_refuses_disk_options_and_object_stores(guest, tmp_path):
     assert r.returncode == 2 and "not supported yet" in r.stderr, r.stderr
     with Vault(vault) as v:
         assert not v.store.has_item("vm")
+
+
+@pytest.fixture
+def guest_with_raw_disk(libvirtd, guest_kit, tmp_path):
+    g = Guest()
+    g.disk = guest_kit.make_disk(tmp_path / "vda.qcow2")
+    g.raw = str(tmp_path / "vdb.raw")
+    with open(g.raw, "wb") as f:
+        f.truncate(8 << 20)
+        f.write(b"first" * 1000)
+    g.log = str(tmp_path / "console.log")
+    g.name = "cap-" + re.sub(r"[^A-Za-z0-9_-]", "-", tmp_path.name)
+    g.uri, g.libvirtd = libvirtd.uri, libvirtd
+    xml = guest_kit.domain_xml(g.name, g.disk, console_log=g.log, extra_disks=[g.raw])
+    with libvirtd.domain(xml) as dom:
+        g.dom = dom
+        wait_for_console(g.log, r"PYDR-READY", timeout=BOOT, domain=dom)
+        yield g
+
+
+def test_a_raw_disk_is_cut_with_the_others_and_compared_whole(guest_with_raw_disk, tmp_path):
+    """A raw disk cannot hold a checkpoint's bitmap: it is exported by the
+    same backup job (the same instant) and compared whole every cycle."""
+    guest = guest_with_raw_disk
+    vault, done = protected(guest, tmp_path)
+    assert [d["target"] for d in done["disks"]] == ["vda", "vdb"]
+    replicate(vault)
+    raw_replica = done["disks"][1]["replica"]
+    assert subprocess.run(["cmp", raw_replica, guest.raw]).returncode == 0
+    with open(guest.raw, "r+b") as f:  # the host writes it (the guest leaves vdb alone)
+        f.seek(6 << 20)
+        f.write(b"second" * 1000)
+        os.fsync(f.fileno())
+    synced = last_synced(guest.log)
+    second = replicate(vault)
+    assert subprocess.run(["cmp", raw_replica, guest.raw]).returncode == 0
+    with Vault(vault) as v:
+        checkpoint = v.store.disks("vm")[0]["bitmap"]
+        point = v.store.points("vm")[-1]
+        assert [d["bitmap"] for d in v.store.disks("vm")] == [checkpoint, checkpoint]
+    assert point["cut"].startswith("checkpoint")  # one instant for both disks
+    assert second["consistency"] in ("crash-consistent", "app-consistent")
+    xml = guest.libvirtd.virsh("checkpoint-dumpxml", guest.name, checkpoint)
+    assert "<disk name='vda' checkpoint='bitmap'" in xml
+    assert "<disk name='vdb' checkpoint='no'" in xml
+    with Vault(vault, writer=True) as v:
+        paths = v.materialize("vm", second["point_id"], tmp_path / "p").paths
+    assert verify_records(paths[0]) >= synced
