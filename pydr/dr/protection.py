@@ -210,7 +210,10 @@ def _check_disks(store, name, disks, disk, *, cbt, host, granularity=None):
     here is refused."""
     taken = set()
     for row in store.all_disks():  # a disk of another item is neither source nor replica here
-        taken |= {disk(row.source).identity, disk(row.replica).identity}
+        source = disk(row.source)
+        if source.tracking == "libvirt" and store.has_item(row.item):
+            source = store.endpoint(row.item, row.source)  # reached as its own machine says
+        taken |= {source.identity, disk(row.replica).identity}
     seen = set()
     named = {}  # a point's disks are made as DIR/<replica file name>: one name a disk
     stored = []

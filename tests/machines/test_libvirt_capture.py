@@ -306,3 +306,11 @@ def test_a_raw_disk_is_cut_with_the_others_and_compared_whole(guest_with_raw_dis
     with Vault(vault, writer=True) as v:
         paths = v.materialize("vm", second["point_id"], tmp_path / "p").paths
     assert verify_records(paths[0]) >= synced
+
+
+def test_a_domain_protected_twice_is_refused(guest, tmp_path):
+    vault, _ = protected(guest, tmp_path)
+    r = cli(vault, "protect", "again", "--libvirt", guest.name, "--connect", guest.uri,
+            "--to", str(tmp_path / "dr2"))
+    assert r.returncode == 15, r.stderr  # InvalidState: its disk is the other item's
+    assert "already a disk of a protected item" in r.stderr
