@@ -187,16 +187,18 @@ class DomainSession:
             stack.close()
 
     def commit(self, old):
-        """The point is recorded: the checkpoint it replaced goes (once)."""
-        if self.committed or not self.running:
+        """The point is recorded: the checkpoint it replaced goes (once),
+        and the session's connection."""
+        if self.committed:
             return
         self.committed = True
-        if old is not None and old != self.checkpoint:
+        if self.running and old is not None and old != self.checkpoint:
             try:
                 self.domain.delete_checkpoint(old)
             except Exception as exc:  # the next cycle deletes it
                 _log.warning("checkpoint %s of domain %r not deleted: %s", old,
                              self.domain.name, exc)
+        self.domain.close()
 
     def abort(self):
         """The cycle failed: its checkpoint goes, the recorded one records on (once)."""
@@ -206,6 +208,7 @@ class DomainSession:
         self.end()
         with contextlib.suppress(Exception):  # else the next cycle deletes it
             self.domain.delete_checkpoint(self.checkpoint)
+        self.domain.close()
 
     def point_machine(self, store, point_id):
         """In the point's transaction: its machine row (XML at the cut,

@@ -333,7 +333,8 @@ def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str
     try:
         frozen = _Freeze(dom, freeze_bound, where) if freeze else None
         try:
-            crashpoints.reached("libvirt.frozen") if frozen else None
+            if frozen is not None:
+                crashpoints.reached("libvirt.frozen")
             with libvirt_errors(f"beginning a backup job of domain {dom.name()!r}", path=where):
                 dom.backupBegin(backup_xml(job, list(tracked), list(full_only)),
                                 checkpoint_xml(checkpoint, list(tracked), list(full_only)), 0)

@@ -85,3 +85,23 @@ def test_a_checkpoint_cut_is_one_instant_and_a_frozen_one_app_consistent():
     assert consistency_of("checkpoint", hooks_ran=True, disks=1) == "app-consistent"
     # two domains of a group: each at its own instant
     assert consistency_of("checkpoint", hooks_ran=False, disks=2) == "disk-consistent"
+
+
+def test_protect_without_a_libvirtd_or_with_host_is_refused(tmp_path):
+    from pydr.dr.vault import init_vault
+
+    from conftest import run_cli
+
+    vault = tmp_path / "vault"
+    init_vault(vault)
+    uri = f"qemu:///system?socket={tmp_path}/no-such-socket"
+    r = run_cli("protect", "vm", "--libvirt", "web", "--connect", uri, "--to",
+                str(tmp_path / "dr"), "--vault", str(vault))
+    assert r.returncode == 22, r.stderr  # MachineError: libvirt's words, the URI named
+    assert b"cannot connect to libvirt" in r.stderr and b"no-such-socket" in r.stderr
+    r = run_cli("protect", "vm", "--libvirt", "web", "--host", "hv1", "--to",
+                str(tmp_path / "dr"), "--vault", str(vault))
+    assert r.returncode == 2 and b"--host" in r.stderr, r.stderr
+    r = run_cli("protect", "vm", "--libvirt", "web", "--vault", str(vault))
+    assert r.returncode == 2 and b"--to" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "dr")
