@@ -44,7 +44,7 @@ class ProtectedMachine:
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (what ``pydr protect --libvirt --json`` prints)."""
-        return {"item": self.item, "domain": self.domain, "uuid": self.uuid, "uri": self.uri,
+        return {"type": "protected-machine", "version": 1, "item": self.item, "domain": self.domain, "uuid": self.uuid, "uri": self.uri,
                 "agent": self.agent,
                 "disks": [{"target": t, "source": s, "replica": r} for t, s, r in self.disks],
                 "notes": list(self.notes)}
