@@ -133,7 +133,7 @@ def _protect_machine(args, policy):
                                  retention_age=args.retention_age,
                                  quiesce_hook=args.quiesce_hook, thaw_hook=args.thaw_hook,
                                  rsh=args.rsh, remote_pydr=args.remote_pydr,
-                                 policy=policy or None)
+                                 policy=policy or None, encrypt=args.encrypt)
     if args.json:
         print_json(done.to_dict())
     else:

@@ -54,6 +54,8 @@ def replica_for(to: str, item: str, target: str) -> str:
     """The replica of disk `target` of machine `item` under `to`: DIR or
     host:DIR -> .../ITEM-TARGET.img."""
     name = f"{item}-{target}.img"
+    if to.startswith("s3://"):  # the store: protect names each disk in it (#ITEM/NAME)
+        return to
     remote = parse_remote(to)
     if remote is not None:
         host, path = remote
@@ -93,7 +95,8 @@ def protect_machine(store, name: str, domain: str, to: str, *, uri: Optional[str
         name: the item's name.
         domain: the domain's name (it may be running or shut off).
         to: where the replicas go: a directory here, or [user@]host:DIR
-            (each disk's replica is ITEM-TARGET.img in it).
+            (each disk's replica is ITEM-TARGET.img in it), or an object
+            store s3://BUCKET/PREFIX (a chunk index, each disk ITEM-TARGET.img).
         uri: the libvirt connection (None: libvirt's default).
         options: protect's other options (group, retention,
             retention_age, quiesce_hook, thaw_hook, rsh, remote_pydr,
@@ -106,13 +109,13 @@ def protect_machine(store, name: str, domain: str, to: str, *, uri: Optional[str
     Raises:
         UnknownName: no such domain (exit 3).
         MachineError: libvirt cannot be reached or failed (exit 22).
-        InvalidArgument: a network disk, no disk, a bad option, an object
-            store (not yet), --host (not yet).
+        InvalidArgument: a network disk, no disk, a bad option, --host
+            (not yet).
         InvalidState: the name or a replica is taken (protect's checks).
     """
     if not isinstance(domain, str) or not domain or "\0" in domain:
         raise InvalidArgument(f"a libvirt domain's name, not {domain!r}")
-    for refused in ("cbt", "cbt_granularity", "disks", "encrypt"):
+    for refused in ("cbt", "cbt_granularity", "disks"):
         if options.get(refused):
             raise InvalidArgument(f"{refused} is not an option of a libvirt item: its disks "
                                   f"come from the domain, always tracked by its checkpoints")
@@ -121,11 +124,8 @@ def protect_machine(store, name: str, domain: str, to: str, *, uri: Optional[str
         raise InvalidArgument("--host with --libvirt is not supported yet: pydr reaches the "
                               "domain through --connect URI from here")
     to = os.fspath(to)
-    if to.startswith("s3://"):
-        raise InvalidArgument("a libvirt item's replicas in an object store are not supported "
-                              "yet: give --to DIR or host:DIR", path=to)
     protection.recordable_text(to, "--to")
-    if parse_remote(to) is None:
+    if parse_remote(to) is None and not to.startswith("s3://"):
         to = os.path.abspath(to)
     found = LibvirtDomain(domain, uri)
     xml = found.inactive_xml()
@@ -134,7 +134,7 @@ def protect_machine(store, name: str, domain: str, to: str, *, uri: Optional[str
     disks = [(t, disk_spec(domain, t), replica_for(to, name, t)) for t in targets]
     agent = xml_has_agent(xml)
     found.close()
-    if parse_remote(to) is None:
+    if parse_remote(to) is None and not to.startswith("s3://"):
         os.makedirs(to, exist_ok=True)  # --to names a directory: made as cp -r would
     protection.protect(store, name, [(s, r) for _, s, r in disks], cbt=True,
                        machine={"kind": "libvirt", "uri": uri, "domain": domain, "uuid": uuid,
@@ -152,7 +152,8 @@ class MachineOperations:
                         retention_age: Optional[float] = None,
                         quiesce_hook: Optional[str] = None, thaw_hook: Optional[str] = None,
                         rsh: Optional[str] = None, remote_pydr: Optional[str] = None,
-                        policy: Optional[Dict[str, Any]] = None) -> ProtectedMachine:
+                        policy: Optional[Dict[str, Any]] = None,
+                        encrypt: bool = True) -> ProtectedMachine:
         """Register item `name`, the libvirt domain `domain`: every disk of
         it (``<disk device='disk'>`` with a file or block source; cdroms
         and floppies are left out and named in the result's notes), its
@@ -175,6 +176,8 @@ class MachineOperations:
             rsh: as for protect().
             remote_pydr: as for protect().
             policy: as for protect().
+            encrypt: as for protect() (`to` s3://BUCKET/PREFIX: a chunk
+                store; each cycle reads the backup job's export whole).
 
         Returns:
             A pydr.dr.machines.ProtectedMachine (domain, uuid, disks, notes).
@@ -182,12 +185,14 @@ class MachineOperations:
         Raises:
             UnknownName: no such domain (exit 3).
             MachineError: libvirt cannot be reached or failed (exit 22).
-            ValueError: a network disk, a domain without disks, an
-                object store or a bad option (InvalidArgument).
+            ValueError: a network disk, a domain without disks or a bad
+                option (InvalidArgument).
             InvalidState: the name or a replica is taken.
         """
-        columns = check_new_item_policy(self.store, group, policy or {}, [])
+        columns = check_new_item_policy(self.store, group, policy or {},
+                                        [to] if str(to).startswith("s3://") else [])
         return protect_machine(self.store, name, domain, to, uri=uri, group=group,
                                retention=retention, retention_age=retention_age,
                                quiesce_hook=quiesce_hook, thaw_hook=thaw_hook, rsh=rsh,
-                               remote_pydr=remote_pydr, policy_columns=columns)
+                               remote_pydr=remote_pydr, policy_columns=columns,
+                               encrypt=bool(encrypt))

@@ -250,15 +250,15 @@ def test_another_domain_under_the_name_is_refused_and_a_missing_one_not_found(gu
         assert len(v.store.points("vm")) == 1
 
 
-def test_protect_refuses_disk_options_and_object_stores(guest, tmp_path):
+def test_protect_refuses_disk_options(guest, tmp_path):
     vault = tmp_path / "vault"
     init_vault(vault)
     r = cli(vault, "protect", "vm", "--libvirt", guest.name, "--connect", guest.uri,
             "--to", str(tmp_path / "dr"), "--disk", "a=b")
     assert r.returncode == 2 and "leave out --disk" in r.stderr, r.stderr
     r = cli(vault, "protect", "vm", "--libvirt", guest.name, "--connect", guest.uri,
-            "--to", "s3://bucket/prefix")
-    assert r.returncode == 2 and "not supported yet" in r.stderr, r.stderr
+            "--to", str(tmp_path / "dr"), "--cbt")
+    assert r.returncode == 2 and "leave out" in r.stderr, r.stderr
     with Vault(vault) as v:
         assert not v.store.has_item("vm")
 
