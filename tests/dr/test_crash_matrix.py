@@ -384,6 +384,8 @@ KILLED_ELSEWHERE = {
     "keys.removed",
     "retention.merged",   # tests/dr/test_stepmerge.py: a retention thinning with tier policies
     "retention.swapped",
+    "libvirt.frozen",  # tests/machines/test_libvirt_capture*.py: a libvirt domain's cut
+    "libvirt.backup-begun",
 }
 
 
