@@ -18,7 +18,7 @@ import re
 from typing import Dict, Iterator, List, Optional
 from xml.etree import ElementTree
 
-from ..errors import InvalidArgument, MachineError, UnknownName, UnsupportedFile
+from ..errors import InvalidArgument, UnknownName, UnsupportedFile
 from .base import Endpoint
 
 SCHEME = "libvirt:"
@@ -287,7 +287,3 @@ class LibvirtDiskEndpoint(Endpoint):
     def rename(self, dest):
         raise UnsupportedFile("a disk of a libvirt domain cannot be renamed", path=self.spec)
 
-
-def domain_error(name: str, uri: Optional[str], problem: str) -> MachineError:
-    """A MachineError about domain `name` at `uri`."""
-    return MachineError(f"domain {name!r}: {problem}", path=uri or "libvirt")
