@@ -97,8 +97,15 @@ def cmd_vault_check(args):
 def cmd_protect(args):
     from .policy_options import policy_fields
 
-    disks = [parse_disk(d) for d in args.disk]
     policy = policy_fields(args)  # checked by protect before the item is recorded
+    if args.libvirt is not None:
+        return _protect_machine(args, policy)
+    if not args.disk:
+        raise ValueError("give each disk as --disk SOURCE=REPLICA, or a libvirt domain with "
+                         "--libvirt DOMAIN --to DIR")
+    if args.connect or args.to:
+        raise ValueError("--connect and --to go with --libvirt DOMAIN")
+    disks = [parse_disk(d) for d in args.disk]
     with open_vault(args, writer=True) as v:
         status = v.protect(args.item, disks, group=args.group, retention=args.retention,
                            retention_age=args.retention_age, quiesce_hook=args.quiesce_hook,
@@ -112,6 +119,32 @@ def cmd_protect(args):
     else:
         print(f"{args.item}: protected ({len(disks)} disks), state {status.state}; "
               f"run 'pydr replicate {args.item}' for the initial replication")
+    return 0
+
+
+def _protect_machine(args, policy):
+    """pydr protect ITEM --libvirt DOMAIN [--connect URI] --to DIR."""
+    if args.disk or args.cbt or args.cbt_granularity is not None or args.host:
+        raise ValueError("--libvirt protects every disk of the domain, always tracked by its "
+                         "checkpoints: leave out --disk, --cbt, --cbt-granularity and --host")
+    if not args.to:
+        raise ValueError("--libvirt needs --to DIR (or host:DIR): where the disks' replicas go")
+    with open_vault(args, writer=True) as v:
+        done = v.protect_machine(args.item, args.libvirt, args.to, uri=args.connect,
+                                 group=args.group, retention=args.retention,
+                                 retention_age=args.retention_age,
+                                 quiesce_hook=args.quiesce_hook, thaw_hook=args.thaw_hook,
+                                 rsh=args.rsh, remote_pydr=args.remote_pydr,
+                                 policy=policy or None, encrypt=args.encrypt)
+    if args.json:
+        print_json(done.to_dict())
+    else:
+        print(f"{args.item}: domain {done.domain} ({done.uuid}) protected, "
+              f"{len(done.disks)} disks ({', '.join(t for t, _, _ in done.disks)}), tracked by "
+              f"libvirt checkpoints{'; guest agent: frozen points' if done.agent else ''}")
+        for note in done.notes:
+            print(f"  note: {note}")
+        print(f"run 'pydr replicate {args.item}' for the initial replication")
     return 0
 
 
@@ -354,6 +387,10 @@ def register(sub):
                      "node of a running QEMU, read through a point-in-time export). With --cbt\n"
                      "each cycle reads only what a QEMU dirty bitmap says changed (qcow2 images\n"
                      "and live disks): docs/QEMU.md.\n\n"
+                     "--libvirt DOMAIN protects a libvirt domain instead of --disk: every disk\n"
+                     "of it, replicated to --to DIR as ITEM-TARGET.img, each cycle one pull-mode\n"
+                     "backup job and a checkpoint (the guest frozen by its agent when it has\n"
+                     "one), the domain's XML kept with every point: docs/MACHINES.md.\n\n"
                      "A REPLICA s3://BUCKET/PREFIX is a store of chunks and point indexes. An\n"
                      "empty prefix becomes a new store, encrypted unless --no-encrypt: every chunk\n"
                      "and index sealed with AES-256-GCM, chunks named by a keyed MAC, the store's\n"
@@ -377,11 +414,20 @@ def register(sub):
                   "PYDR_PASSPHRASE_FILE=/root/dr.pass pydr protect web --disk "
                   "/dev/vg0/web=s3://dr-bucket/site-a",
                   "pydr protect web01 --host hv01 --disk /vm/web01.img=dr:/srv/dr/web01.img",
+                  "pydr protect web --libvirt web --connect qemu:///system --to /dr/web",
                   "pydr protect vm --disk /vm/os.qcow2=/dr/os.img --cbt --rpo 30s "
                   "--keep-within 1h --keep-hourly 24 --keep-daily 30"],
         func=cmd_protect)
     add_item(p, "a name for the machine")
-    p.add_argument("--disk", action="append", required=True, metavar="SOURCE=REPLICA")
+    p.add_argument("--disk", action="append", default=[], metavar="SOURCE=REPLICA")
+    p.add_argument("--libvirt", metavar="DOMAIN",
+                   help="protect libvirt domain DOMAIN: every disk of it (replicas "
+                        "DIR/ITEM-TARGET.img under --to), tracked by libvirt's checkpoints, its "
+                        "XML kept with every point (docs/MACHINES.md)")
+    p.add_argument("--connect", metavar="URI",
+                   help="with --libvirt: the libvirt connection (default: libvirt's own)")
+    p.add_argument("--to", metavar="DIR",
+                   help="with --libvirt: where the disks' replicas go (DIR or host:DIR)")
     p.add_argument("--group", metavar="G", help="replicate with the other items of group G")
     p.add_argument("--retention", type=positive_int, default=24, metavar="N",
                    help="recovery points kept (default: 24)")

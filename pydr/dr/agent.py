@@ -93,7 +93,9 @@ def worker_host():
 #: what the dirty-bitmap cut of a tracked disk is, by its tracker's kind: a live
 #: disk is fleeced (one QMP transaction); a qcow2 image is cut while no QEMU can
 #: write it (qemu-img and the qemu-nbd that reads it take the image's lock)
-TRACKED_CUTS = {"qmp": "fleece", "qcow2": "bitmap"}
+TRACKED_CUTS = {"qmp": "fleece", "qcow2": "bitmap", "libvirt": "checkpoint"}
+#: the cuts after which the writers may go on (the disks are cut; what is read is the cut's)
+_CUT_TAKEN = ("reflink", "fleece", "checkpoint", "checkpoint-frozen")
 
 
 class Taken:
@@ -160,7 +162,8 @@ def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
                 c = held.enter_context(t.cut(full=whole))
                 views.append(c.view)
                 changed.append(c.changed)
-                kinds.add(TRACKED_CUTS.get(t.kind))
+                # a tracker may say more of its cut (a libvirt guest frozen at it)
+                kinds.add(getattr(t, "cut_kind", None) or TRACKED_CUTS.get(t.kind))
             else:
                 snap = source.snapshot()
                 snaps.append(snap)
@@ -169,7 +172,7 @@ def cut(sources, *, trackers=None, full=False, hooks=(), on_thaw_error=None):
                 kinds.add("reflink" if snap else None)
         kind = kinds.pop() if len(kinds) == 1 and None not in kinds else (
             "quiesce" if quiesced else "none")
-        if kind in ("reflink", "fleece"):  # a qcow2 image stays locked while it is read
+        if kind in _CUT_TAKEN:  # a qcow2 image stays locked while it is read
             thaw()  # the cut is taken: the applications may go on
         yield Taken(views, changed, kind, at)
     except BaseException:

@@ -33,6 +33,8 @@ from ..engine.atomic import atomic_write, fsync_dir
 from ..engine.chunks import CHUNK_SIZE, ZERO_ID, ObjectRef, PointIndex, chunk_count
 from ..engine.oserrors import naming
 from ..errors import FormatError, InvalidState
+from . import checkpoints  # noqa: F401 (registers the tracker of libvirt disks)
+from . import tracking
 from .agent import cut, worker_host
 from .events import Emitter, check_cancel
 from .objectstore import (DEFAULT_GRACE, UPLOADS, _dir, chunk_store, latest_index,
@@ -128,7 +130,19 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, 
     else:
         changed_blocks = np.ones(sig.block_count, dtype=np.bool_)
     ids = [None] * n
-    fd = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    device = None if isinstance(src_path, (str, os.PathLike)) else src_path
+    if device is not None:  # a tracker's view (a libvirt backup job's export): one reader
+        reading = threading.Lock()
+        src_path = getattr(device, "name", None) or "the source"
+
+        def pread(length, offset):
+            with reading:
+                return device.pread(length, offset)
+    else:
+        fd = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+
+        def pread(length, offset):
+            return os.pread(fd, length, offset)
     local = threading.local()
     counted = threading.Lock()
 
@@ -154,7 +168,7 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, 
                     and reuse(prev_ids[i], prev_refs.get(prev_ids[i])):
                 return i, prev_ids[i]
             length = min(CHUNK_SIZE, size - i * CHUNK_SIZE)
-            data = os.pread(fd, length, i * CHUNK_SIZE)
+            data = pread(length, i * CHUNK_SIZE)
             count(read=len(data))
             ident = store.chunk_id(data)
             # the last point's index names it (gc keeps it); a logged upload of a killed
@@ -181,7 +195,8 @@ def _disk_chunks(store, src_path, sig, prev_sig, prev_ids, known, bad, pending, 
                 if on_chunk is not None:
                     on_chunk(min(size, (i + 1) * CHUNK_SIZE), size)
     finally:
-        os.close(fd)
+        if device is None:
+            os.close(fd)
     return ids
 
 
@@ -248,7 +263,7 @@ def task(vault, name, opts, *, uploads=UPLOADS, grace=DEFAULT_GRACE):
     disks = vault.disks(name)
     for d in disks:
         src = vault.endpoint(name, d["source"])
-        if src.local_path is None:
+        if src.local_path is None and src.tracking != "libvirt":
             raise InvalidState(f"{d['source']}: an object-store replica needs a raw file or "
                                f"block device as its source (here, or on its --host)",
                                path=d["source"])
@@ -292,7 +307,7 @@ def _lock_terms(vault, name):
     return lock.to_dict() if lock is not None else None
 
 
-def capture_item(task, *, events=None, cancel=None):
+def capture_item(task, *, events=None, cancel=None, trackers=None):
     """The disks of one item into its object store. Returns {"item", "host",
     "key" (the point index uploaded), "version" and "retain_until" (its
     ObjectRef), "digest" (hex SHA-256 of it as stored), "local" (its name), "store", "cut",
@@ -301,7 +316,10 @@ def capture_item(task, *, events=None, cancel=None):
     In this process (not on a worker): ``events``, an Emitter
     (pydr.dr.events) of the item, is given each disk's "compare" (its
     signature) and "upload" (its chunks) progress; ``cancel`` (a
-    threading.Event) stops the work between chunks and in the signing."""
+    threading.Event) stops the work between chunks and in the signing.
+    ``trackers``: per disk, its changed-block tracker or None (in this
+    process: a libvirt domain's disks are cut by its backup job), each
+    view read whole."""
     from ..endpoints.s3 import ObjectStore
     from ..engine.sealing import DataKeys
     from ..engine.signatures import Signature, signature
@@ -342,12 +360,12 @@ def capture_item(task, *, events=None, cancel=None):
                for d in disks]
     try:
         hooks = [(name, task["quiesce_hook"], task["thaw_hook"])]
-        with cut(sources, hooks=hooks) as taken:
+        with cut(sources, trackers=trackers, full=True, hooks=hooks) as taken:
             crashpoints.reached("cycle.cut")
             new_name = task["index"]
             entries, sigs = {}, {}
             for d, view in zip(disks, taken.views):
-                path = view.local_path
+                path = view.local_path if view.local_path is not None else view.dev
                 check_cancel(cancel, "the upload", d["source"])
                 shown = events.progress(disk=d["idx"], phase="compare", path=d["source"]) \
                     if events else None
@@ -430,7 +448,23 @@ def capture(vault, names, opts, jobs):
         fn, argument = task(vault, name, opts)
         vault.update_job(jobs[name], state="running", started=time.time())
         shown = Emitter(opts.events, "replicate", name, jobs.get(name))
-        one = adopt(vault, name, fn(argument, events=shown, cancel=opts.cancel))
+        # a libvirt domain's disks: cut by its tracker here (never on a worker)
+        trackers = [tracking.tracker(vault, name, d) if d["tracking"] == "libvirt" else None
+                    for d in vault.disks(name)]
+        if not any(trackers):
+            trackers = None
+        try:
+            one = adopt(vault, name, fn(argument, events=shown, cancel=opts.cancel,
+                                        trackers=trackers))
+        except BaseException:
+            for t in trackers or ():
+                if t is not None:
+                    with contextlib.suppress(Exception):  # the next cycle deletes it
+                        t.abort()
+            raise
+        if trackers:  # recorded with the point: the checkpoint, the domain's XML
+            one["trackers"] = [t for t in trackers if t is not None]
+            one["extra"] = {**one["extra"], f"{name}#machine": one["trackers"][0].point_extra()}
         for k, v in one.items():
             if isinstance(v, dict):
                 captured[k].update(v)

@@ -83,7 +83,7 @@ def disk_pairs(disks):
 
 def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
             quiesce_hook=None, thaw_hook=None, rsh=None, remote_pydr=None, cbt=False,
-            host=None, cbt_granularity=None, policy_columns=None, encrypt=True):
+            host=None, cbt_granularity=None, policy_columns=None, encrypt=True, machine=None):
     """Register an item: disks is a list of (source, replica) paths; a
     replica may be "[user@]host:PATH" (reached with `rsh`, default ssh,
     running `remote_pydr serve --stdio` there; its recovery-point steps
@@ -103,6 +103,9 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
     opened, or made when its prefix is empty -- encrypted unless `encrypt`
     is False (pydr.dr.objectstore.prepare_store) -- and recorded with the
     item (its id and encryption: a later config that disagrees is refused).
+    `machine`: the item is a machine: its machines row's columns (kind,
+    uri, domain, uuid, agent; pydr.dr.machines.protect_machine), recorded
+    in the item's transaction; its libvirt disks are reached through it.
 
     The item's and the group's name follow :data:`NAME_RULE`; every path,
     hook and command is UTF-8 text without NUL (:func:`recordable_text`).
@@ -138,8 +141,10 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
                            f"too", path=store.dir, item=name)
     from ..endpoints import open_endpoint
 
+    reach = None if machine is None else (machine.get("uri"), machine.get("uuid"))
+
     def disk(spec):
-        return open_endpoint(spec, rsh=rsh, remote_pydr=remote_pydr)
+        return open_endpoint(spec, rsh=rsh, remote_pydr=remote_pydr, machine=reach)
 
     stored = _check_disks(store, name, disks, disk, cbt=cbt, host=host,
                           granularity=cbt_granularity)
@@ -160,6 +165,8 @@ def protect(store, name, disks, *, group=None, retention=24, retention_age=None,
                            host=host, granularity=cbt_granularity)
             if policy_columns:
                 store.put_policy("item", name, **policy_columns)
+            if machine is not None:
+                store.put_machine(name, **machine)
             if object_store is not None:
                 store.add_object_store(*object_store)
         for replica, me in owners:  # not reachable, no directory yet: its first cycle claims it
@@ -203,7 +210,10 @@ def _check_disks(store, name, disks, disk, *, cbt, host, granularity=None):
     here is refused."""
     taken = set()
     for row in store.all_disks():  # a disk of another item is neither source nor replica here
-        taken |= {disk(row.source).identity, disk(row.replica).identity}
+        source = disk(row.source)
+        if source.tracking == "libvirt" and store.has_item(row.item):
+            source = store.endpoint(row.item, row.source)  # reached as its own machine says
+        taken |= {source.identity, disk(row.replica).identity}
     seen = set()
     named = {}  # a point's disks are made as DIR/<replica file name>: one name a disk
     stored = []

@@ -45,6 +45,11 @@ CONSISTENCIES = ("inconsistent", "disk-consistent", "crash-consistent", "app-con
 #: after the other (pydr.dr.agent.cut; a fleet's or an object store's group:
 #: each member on its own), so they are at different instants
 INSTANT_CUTS = ("reflink", "fleece", "bitmap")
+#: the cuts of a libvirt domain: ONE backup job takes all its disks at one
+#: instant (libvirt starts them in one QMP transaction), "checkpoint-frozen"
+#: with the guest's file systems frozen by its agent around it
+#: (pydr.dr.checkpoints); :func:`disks_cut_together` counts such a domain once
+CHECKPOINT_CUTS = ("checkpoint", "checkpoint-frozen")
 
 
 class RpoFacts(NamedTuple):
@@ -101,8 +106,13 @@ def consistency_of(cut: str, *, hooks_ran: bool, disks: int = 1) -> str:
       cut at one instant while the writers were paused (the thaw comes after
       the last disk's cut) or (cut "quiesce") the writers stayed paused for
       the whole read;
+    * "app-consistent" also: a libvirt domain cut "checkpoint-frozen" (its
+      guest agent froze its file systems around the backup job's start),
+      alone in the unit;
     * "crash-consistent": one disk, cut at one instant
-      (:data:`INSTANT_CUTS`): what a power cut would leave;
+      (:data:`INSTANT_CUTS`), or one libvirt domain's disks, all at the
+      backup job's one instant (:data:`CHECKPOINT_CUTS`): what a power cut
+      would leave;
     * "disk-consistent": several disks, each cut at one instant but one
       after the other (no cut of pydr takes several disks in one atomic
       step): each disk is what a power cut would leave on it, but not at
@@ -113,9 +123,11 @@ def consistency_of(cut: str, *, hooks_ran: bool, disks: int = 1) -> str:
       changed, so blocks of different moments may be mixed (exact only if
       nothing wrote during the cycle).
     """
-    if cut == "quiesce" or (hooks_ran and cut in INSTANT_CUTS):
+    if cut == "checkpoint-frozen" and disks <= 1:
+        return "app-consistent"  # frozen by the guest's agent at the job's one instant
+    if cut == "quiesce" or (hooks_ran and cut in INSTANT_CUTS + CHECKPOINT_CUTS):
         return "app-consistent"
-    if cut in INSTANT_CUTS:
+    if cut in INSTANT_CUTS + CHECKPOINT_CUTS:
         return "crash-consistent" if disks <= 1 else "disk-consistent"
     return "inconsistent"
 
@@ -123,8 +135,15 @@ def consistency_of(cut: str, *, hooks_ran: bool, disks: int = 1) -> str:
 def disks_cut_together(store: Store, names: Iterable[str]) -> int:
     """How many disks the items `names` have: the disks a cycle cut and
     recorded together when `names` are the items of one unit (an item, or
-    its group's members in the call), to give :func:`consistency_of`."""
-    return sum(len(store.disks(name)) for name in names)
+    its group's members in the call), to give :func:`consistency_of`. A
+    libvirt domain counts once: its disks are cut at one instant."""
+    machine = getattr(store, "machine", None)
+
+    def instants(name):
+        row = machine(name) if machine is not None else None
+        return 1 if row is not None and row.kind == "libvirt" else len(store.disks(name))
+
+    return sum(instants(name) for name in names)
 
 
 def weakest(labels: Iterable[Optional[str]]) -> Optional[str]:

@@ -25,6 +25,7 @@ import time
 
 from ..engine import crashpoints
 from ..errors import AlreadyApplied, BaseMismatch, InvalidState, PydrError, TrackingLost
+from . import checkpoints  # noqa: F401 (registers the tracker of libvirt disks)
 from . import ownership, replica_check, tracking
 from .agent import NeedsResync, cut, cycle_item, extents_to_compare, steps_kept, transfer_disk
 from .events import Emitter, check_cancel
@@ -80,6 +81,8 @@ def _check(vault, names, opts):
                     t.validate()
                 except TrackingLost as exc:  # never a cycle that sends less than what changed
                     mark_resync_required(vault, r["name"], str(exc))
+                    if getattr(t, "raise_when_lost", False):  # a libvirt chain: exit 19
+                        raise
     for r in rows:
         try:
             check_one_writer(vault, r["name"], opts.resync_all)
@@ -208,6 +211,9 @@ def capture(vault, names, opts, jobs):
                 t.abort()
             except Exception as lost:  # the next cycle finds the bitmap lost, and resyncs
                 vault.set_item(t.item, last_error=f"dirty bitmap not merged back: {lost}")
+        if isinstance(exc, TrackingLost):  # found at the cut (a libvirt checkpoint chain)
+            for name in {t.item for t in trackers.values() if t.kind == "libvirt"}:
+                mark_resync_required(vault, name, str(exc))
         if isinstance(exc, BaseMismatch) and not isinstance(exc, AlreadyApplied):
             # a replica does not hold what its signature cache said: its cache is
             # dropped, and its item's chain is in doubt
@@ -217,12 +223,14 @@ def capture(vault, names, opts, jobs):
                 broken_chain(vault, r["name"], f"the replica did not hold what the vault "
                              f"recorded ({exc})", resync_all=False)
         raise
+    # what a tracker records with the point (a libvirt domain's XML at the cut)
+    extra = {t.item: t.point_extra() for t in trackers.values() if hasattr(t, "point_extra")}
     read_by_item = {r["name"]: 0 for r in rows}
     read_by_item[rows[0]["name"]] = totals["read"]  # the unit's reads, counted once
     return {"items": {r["name"]: {"cut": kind, "cut_at": cut_at,
                                   "bytes": per_item_bytes[r["name"]],
                                   "read": read_by_item[r["name"]]} for r in rows},
-            "trackers": list(trackers.values()), "steps": [], "extra": {},
+            "trackers": list(trackers.values()), "steps": [], "extra": extra,
             "after": [] if warm is None else [lambda: [warm.cycle_ended(vault, r["name"])
                                                        for r in rows]]}
 

@@ -15,7 +15,9 @@ class ItemEndpoints:
         from ..endpoints import open_endpoint
 
         row = self.item(name)
-        return open_endpoint(spec, rsh=row.rsh, remote_pydr=row.remote_pydr)
+        machine = self.machine(name) if str(spec).startswith("libvirt:") else None
+        return open_endpoint(spec, rsh=row.rsh, remote_pydr=row.remote_pydr,
+                             machine=None if machine is None else (machine.uri, machine.uuid))
 
     def cache_path(self, name, idx):
         """The signature cache of disk `idx` of item `name`, in the vault."""

@@ -11,7 +11,7 @@ merges back the same way. A bitmap that is missing, in use or inconsistent
 (QEMU killed, the image moved or restarted) is lost tracking: the item
 becomes resync-required, and a checksum resync starts a fresh bitmap.
 
-Two kinds (docs/QEMU.md):
+Three kinds (docs/QEMU.md; the third docs/MACHINES.md):
   * qcow2: a qcow2 image's persistent bitmaps, with qemu-img bitmap; the
     image must not be open read-write elsewhere during a cycle;
   * qmp: a live disk, qmp:SOCKET:NODE: non-persistent bitmaps by QMP, the
@@ -88,8 +88,22 @@ def tracker(vault, item, disk, warm=None):
     if not disk.tracking:
         return None
     source = warm_endpoint(vault, item, disk, disk.source, warm)
-    cls = {"qcow2": Qcow2Tracker, "qmp": QmpTracker}[disk.tracking]
-    return cls(vault, item, disk, source)
+    return tracker_class(disk.tracking)(vault, item, disk, source)
+
+
+def tracker_class(kind):
+    """The Tracker class of tracking `kind`: "qcow2", "qmp", or one a
+    module registered (:func:`register`: "libvirt", pydr.dr.checkpoints)."""
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise VaultError(f"unknown kind of changed-block tracking {kind!r}") from None
+
+
+def register(kind, cls):
+    """Make `cls` the Tracker of tracking `kind` (a module above this one
+    registers its own: this module imports none of them)."""
+    KINDS[kind] = cls
 
 
 def warm_endpoint(vault, item, disk, spec, warm=None):
@@ -306,3 +320,7 @@ class QmpTracker(Tracker):
         with self.source.engine_disk(actions=actions, bitmap=self.frozen) as dev:
             changed = None if self.frozen is None else self.dirty_extents(dev)
             yield Cut(DeviceEndpoint(dev, self.where), changed)
+
+
+#: the Tracker class of each kind of tracking (:func:`register` adds more)
+KINDS = {"qcow2": Qcow2Tracker, "qmp": QmpTracker}

@@ -39,6 +39,7 @@ from . import protection
 from . import replication as R
 from . import report
 from .events import Emitter, EventSink
+from .machines import MachineOperations
 from .retry import RetryPolicy
 from .results import (CycleResult, ItemStatus, JobInfo, OperationResult, PointInfo,
                       verification_summary)
@@ -64,7 +65,7 @@ def _passphrase_bytes(passphrase: Optional[Union[str, bytes]]) -> Optional[bytes
     return bytes(passphrase)
 
 
-class Vault(RecoveryOperations, PolicyOperations):
+class Vault(RecoveryOperations, PolicyOperations, MachineOperations):
     """An open vault with the DR workflow.
 
     Open it as a context manager; ``writer=True`` takes the vault's lock

@@ -21,7 +21,7 @@ from ..engine import names
 from .specs import parse_remote
 
 
-def open_endpoint(spec, *, rsh=None, remote_pydr=None, format=None):
+def open_endpoint(spec, *, rsh=None, remote_pydr=None, format=None, machine=None):
     """The endpoint a spec names:
 
     * ``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``: an NBD
@@ -30,6 +30,9 @@ def open_endpoint(spec, *, rsh=None, remote_pydr=None, format=None):
       (pydr.endpoints.s3);
     * ``qmp:SOCKET:NODE``: a block node of a running QEMU, read through a
       point-in-time export (pydr.endpoints.qemu);
+    * ``libvirt:DOMAIN:TARGET``: a disk of a libvirt domain
+      (pydr.endpoints.libvirt), reached at ``machine`` = (connection URI,
+      the domain's UUID or None) (the item's machines row);
     * ``[user@]host:PATH``: a disk on another host, reached with `rsh`
       (default ssh) running `remote_pydr serve --stdio` there;
     * a local path: a raw file or block device, or an image in a QEMU format
@@ -50,6 +53,11 @@ def open_endpoint(spec, *, rsh=None, remote_pydr=None, format=None):
         from .s3 import ObjectEndpoint
 
         return ObjectEndpoint(spec)
+    if isinstance(spec, str) and spec.startswith("libvirt:"):
+        from .libvirt import LibvirtDiskEndpoint
+
+        uri, uuid = machine or (None, None)
+        return LibvirtDiskEndpoint(spec, uri=uri, uuid=uuid)
     if isinstance(spec, str) and spec.startswith("qmp:"):
         from .qemu import QmpEndpoint
 

@@ -44,6 +44,10 @@ POINTS = {
     "retention.swapped": "the merged step's row and the thinned point are recorded, the two old "
                          "step files not yet removed (doomed_files names them)",
     "cycle.done": "the cycle's job is ended",
+    # a libvirt domain's cut (pydr.transport.libvirt_backup)
+    "libvirt.frozen": "the guest's file systems are frozen, no backup job begun yet",
+    "libvirt.backup-begun": "a pull-mode backup job and its new checkpoint are begun (the "
+                            "guest thawed), nothing read or recorded",
     # a fleet: the work on an item's host, and its record by the coordinator
     "agent.disk": "a fleet task replicated one disk on its host, nothing recorded",
     "fleet.recorded": "a fleet task's steps and point are recorded, its job not yet ended",

@@ -386,6 +386,8 @@ KILLED_ELSEWHERE = {
     "retention.swapped",
     "bringup.defined",    # tests/machines/test_bringup.py: a libvirt domain (a real libvirtd)
     "bringup.started",
+    "libvirt.frozen",  # tests/machines/test_libvirt_capture*.py: a libvirt domain's cut
+    "libvirt.backup-begun",
 }
 
 

@@ -26,6 +26,8 @@ def protected_replica(item, source, replica, *, cbt):
     its source (here, or on its --host), without --cbt. A step chain's
     replica at a remote place needs an absolute path."""
     if _in_object_store(replica.spec):
+        if source.tracking == "libvirt":  # a disk of a libvirt domain: named by its target
+            return replica.for_disk(item, f"{item}-{source.target}.img")
         if cbt or source.local_path is None:
             raise InvalidArgument(f"{replica}: an object-store replica needs a raw file or "
                                   f"block device as its source (here, or on its --host), "
