@@ -394,7 +394,7 @@ def test_a_schema_8_vault_is_migrated(tmp_path):
     success is its newest point's record, and its tables are those of a new vault."""
     vault = schema_8_vault(tmp_path / "v")
     with Vault(vault) as v:  # a reader migrates too
-        assert v.db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 12
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 13
         assert [(p.id, p.cut_at, p.data_time) for p in v.store.points("web")] == \
             [(1, None, 100.0), (2, None, 200.0)]
         # the Vault's PointInfo: a point without a cut time gives its record time
