@@ -14,10 +14,13 @@ holes, which every read skips). Each step is a whole `pydr` process.
 Part 1 -- RTO to a verified machine. The guest is protected with
 `pydr protect --libvirt` and replicated twice while it writes. Then, each
 repeat:
-  * drill: `pydr test-failover --verify` (the drill machine boots from the
-    point and its guest agent answers), then cleanup-test-failover;
+  * drill: `pydr test-failover --verify --verify-script
+    '/bin/pydr-verify-records /data/records'` (the drill machine boots from
+    the point, its guest agent answers, and every record on its disk
+    verifies), then cleanup-test-failover;
   * failover: site A's domain is destroyed (the disaster), `pydr failover
-    --verify` brings the machine up from the newest point and verifies it;
+    --point latest-processed` (site A is gone) with the same probes brings
+    the machine up from the newest point and verifies it;
     the recovered domain is then removed and site A set up again for the
     next repeat (a fresh vault).
 The RTO is the command's wall time to its exit with the probe passed; pydr's
@@ -49,6 +52,8 @@ from _images import parse_size  # noqa: E402
 MiB = 1 << 20
 # the pydr beside this Python (run this with the venv's Python: .venv/bin/python)
 PYDR = [os.path.join(os.path.dirname(sys.executable), "pydr")]
+# userspace (the guest agent answers), then every record on the disk verified in the guest
+VERIFY = ["--verify", "--verify-script", "/bin/pydr-verify-records /data/records"]
 PARTS = ("materialise", "define+start", "boot", "probes")  # verification.parts (docs/JSON.md)
 
 
@@ -156,13 +161,15 @@ def rto_rounds(site, repeat, env):
         vault, replicas, drill = (os.path.join(work, n) for n in ("vault", "replicas", "drill"))
         site.start_guest()
         protect(site, vault, replicas, env)
-        seconds, out = run("test-failover", "bench", "--to", drill, "--verify", "--connect",
+        seconds, out = run("test-failover", "bench", "--to", drill, *VERIFY, "--connect",
                            site.daemon.uri, "--vault", vault, "--json", env=env)
         rows["drill"].append((seconds, verification(out)))
         run("cleanup-test-failover", "bench", "--vault", vault, "--json", env=env)
         site.daemon.virsh("destroy", site.name)  # the disaster
-        seconds, out = run("failover", "bench", "--verify", "--connect", site.daemon.uri,
-                           "--vault", vault, "--json", env=env)
+        # site A is gone: the newest point comes up (the default, --point latest, would
+        # first copy the last changes from site A's disk, which survived here)
+        seconds, out = run("failover", "bench", "--point", "latest-processed", *VERIFY,
+                           "--connect", site.daemon.uri, "--vault", vault, "--json", env=env)
         rows["failover"].append((seconds, verification(out)))
         site.daemon.destroy_undefine(out["machine"]["domain"])  # the recovered machine
         site.remove_guest()
