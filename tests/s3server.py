@@ -14,6 +14,8 @@ import subprocess
 import time
 import urllib.request
 
+import pytest
+
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "swift")
 SERVERS = ("account", "container", "object")
 ACCESS_KEY, SECRET_KEY = "test:tester", "testing"
@@ -128,3 +130,15 @@ class SwiftS3:
                 "AWS_SECRET_ACCESS_KEY": secret_key or self.secret_key,
                 "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+
+@pytest.fixture(scope="module")
+def swift(tmp_path_factory):
+    """A one-node Swift with s3api for a test module (the pytest fixture;
+    `from s3server import swift`): fails, naming what to install, where
+    Swift or memcached is missing."""
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: scripts/bootstrap installs Swift and memcached")
+    with SwiftS3(tmp_path_factory.mktemp("swift")) as server:
+        yield server

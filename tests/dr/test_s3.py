@@ -14,19 +14,10 @@ from conftest import run_cli, sha
 from disks import change, fsck_clean, mkfs
 from pydr.dr.vault import Vault
 from pydr.engine.sealing import OVERHEAD as SEAL_OVERHEAD
-from s3server import OTHER_KEY, OTHER_SECRET, SwiftS3, missing_tools
+from s3server import OTHER_KEY, OTHER_SECRET, swift  # noqa: F401 (swift: the fixture)
 
 
 PASSPHRASE = "correct horse battery staple"
-
-
-@pytest.fixture(scope="module")
-def swift(tmp_path_factory):
-    missing = missing_tools()
-    if missing:
-        pytest.fail(f"{', '.join(missing)} missing: scripts/bootstrap installs Swift and memcached")
-    with SwiftS3(tmp_path_factory.mktemp("swift")) as server:
-        yield server
 
 
 @pytest.fixture

@@ -16,19 +16,10 @@ from libvirtd import libvirtd  # noqa: F401 (the fixture)
 from pydr.dr.vault import Vault
 
 from conftest import run_cli
-from s3server import SwiftS3, missing_tools
+from s3server import swift  # noqa: F401 (the fixture)
 from test_libvirt_capture import guest, synced_after  # noqa: F401
 
 PASSPHRASE = "correct horse battery staple"
-
-
-@pytest.fixture(scope="module")
-def swift(tmp_path_factory):
-    missing = missing_tools()
-    if missing:
-        pytest.fail(f"{', '.join(missing)} missing: scripts/bootstrap installs Swift and memcached")
-    with SwiftS3(tmp_path_factory.mktemp("swift")) as server:
-        yield server
 
 
 @pytest.fixture
