@@ -362,6 +362,12 @@ def domain_nvram(xml: str) -> Optional[str]:
     return text.strip() if text else None
 
 
+def has_serial(xml: str) -> bool:
+    """Whether domain `xml` has a ``<serial>`` port (the console probe reads
+    what the first one writes). FormatError for hostile XML."""
+    return _devices(parse(xml)).find("serial") is not None
+
+
 def kernel_cmdline(xml: str) -> str:
     """The ``<os><cmdline>`` of domain `xml` ("" without one)."""
     return parse(xml).findtext("os/cmdline") or ""

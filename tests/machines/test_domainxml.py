@@ -267,3 +267,6 @@ def test_pydr_marks_the_domains_it_defines():
     again = dx.recovery_xml(out, disks=DISKS, mark=dict(mark, role="failover"))
     assert dx.domain_mark(again)["role"] == "failover"
     assert dx.kernel_cmdline(HOSTILE) == "console=ttyS0 app=MARK"
+    assert dx.has_serial(SITE_A)
+    assert not dx.has_serial(SITE_A.replace("<serial", "<parallel").replace("</serial>",
+                                                                           "</parallel>"))
