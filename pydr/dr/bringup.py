@@ -30,6 +30,7 @@ the recorded UUID only: pydr never undefines a domain it did not define.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -265,8 +266,10 @@ def bring_up(vault, name: str, point_id: int, disks: List[Mapping[str, Any]], *,
         crashpoints.reached("bringup.defined")
         if not lv.is_running(dom) and rec.console and _owns_console(vault, name, role,
                                                                       rec.console, console_dir):
-            # a log of an earlier boot would pass the console probe: this boot's only
-            open(rec.console, "wb").close()
+            # a log of an earlier boot would pass the console probe: this boot's only (unlinked,
+            # never followed: QEMU makes it again)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rec.console)
         started = lv.start(dom, uri=uri, item=name)
         if not started:
             notes.append(f"domain {rec.name!r} runs already")

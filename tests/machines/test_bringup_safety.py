@@ -6,6 +6,7 @@ echo or on an earlier boot's log, lose the failover guest's writes at
 failback, or give up a failed probe as a libvirt error."""
 
 import json
+import os
 import re
 
 import pytest
@@ -183,6 +184,7 @@ def test_an_earlier_boot_s_console_log_never_passes_the_probe(tmp_path, golden, 
         r = s.pydr("test-failover", s.item, "--to", tmp_path / "drill", "--verify",
                    "--verify-console", "PYDR-READY", "--verify-timeout", f"{BOOT}s")
         assert r.returncode == 23 and "userspace" in r.stderr, r.stdout + r.stderr
+        assert os.path.isfile(stale) and not os.path.islink(stale)  # QEMU's log of this boot
     finally:
         s.close()
 
