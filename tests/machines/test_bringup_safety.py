@@ -208,7 +208,7 @@ def test_failback_without_a_shutdown_hook_keeps_every_write_of_the_failover_gues
 # -- 9, 11, 12: probe failures, reruns, --json ------------------------------------------------
 def test_a_guest_that_dies_during_its_script_fails_the_probe_and_json_shows_it(site):
     r = site.pydr("test-failover", site.item, "--to", site.tmp / "drill", "--verify",
-                  "--verify-script", "echo o > /proc/sysrq-trigger; sleep 60",
+                  "--verify-script", "sleep 1; echo o > /proc/sysrq-trigger; sleep 60",
                   "--verify-timeout", f"{BOOT}s", "--json")
     assert r.returncode == 23, r.stdout + r.stderr
     assert "script" in r.stderr
