@@ -24,7 +24,10 @@ is dropped, each with a note in the result:
   cdroms stay but read-only;
 - ``<filesystem>`` (host directory passthrough), ``<hostdev>``,
   ``<shmem>``, ``<redirdev>``, ``<smartcard>``, ``<memory>`` devices with
-  a ``<source>`` (an nvdimm backed by a host file);
+  a ``<source>`` (an nvdimm backed by a host file), an ``<input>`` with a
+  host ``<source>`` (evdev), an ``<audio>`` writing a file, a passthrough
+  ``<tpm>``, a vhost-user ``<interface>`` (a host socket); a
+  ``<graphics>`` loses its unix socket path (libvirt picks its own);
 - ``<qemu:commandline>`` (raw QEMU arguments: drives, netdevs, anything);
 - every chardev ``<log>`` (a host file QEMU truncates or appends to);
   chardevs that write to a host file, device, pipe or socket become null;
@@ -314,6 +317,22 @@ def _drop_host_resources(root: ET.Element, devices: ET.Element, notes: List[str]
             devices.remove(dev)
             notes.append(f"the {dev.get('model', '')} <memory> device of the point's XML was "
                          f"dropped (backed by a host file)")
+    for tag, why in (("input", "a host input device"), ("audio", "a host audio file"),
+                     ("tpm", "a host TPM"), ("interface", "a host socket")):
+        for dev in devices.findall(tag):
+            backend = dev.find("backend")
+            if (tag == "input" and dev.find("source") is not None) \
+                    or (tag == "audio" and dev.get("path")) \
+                    or (tag == "tpm" and backend is not None
+                        and backend.get("type") == "passthrough") \
+                    or (tag == "interface" and dev.get("type") == "vhostuser"):
+                devices.remove(dev)
+                notes.append(f"the <{tag}> of the point's XML was dropped ({why})")
+    for graphics in devices.findall("graphics"):  # QEMU would unlink and bind such a path
+        graphics.attrib.pop("socket", None)
+        for listen in graphics.findall("listen"):
+            if listen.get("type") == "socket" or listen.get("socket"):
+                graphics.remove(listen)
     for elem in root.findall(f"{{{QEMU_NS}}}commandline"):
         root.remove(elem)
         notes.append("the <qemu:commandline> of the point's XML was dropped (raw QEMU "

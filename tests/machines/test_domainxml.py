@@ -205,6 +205,13 @@ HOSTILE = SITE_A.replace("<memory unit='MiB'>256</memory>", """<memory unit='MiB
     <hostdev mode='subsystem' type='usb'><source><vendor id='0x1'/></source></hostdev>
     <memory model='nvdimm'><source><path>/victims/nvdimm</path></source>
       <target><size unit='KiB'>1024</size></target></memory>
+    <input type='evdev'><source dev='/dev/input/event0'/></input>
+    <audio id='1' type='file' path='/victims/audio.wav'/>
+    <tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>
+    <interface type='vhostuser'><source type='unix' path='/victims/vhost' mode='server'/>
+      <model type='virtio'/></interface>
+    <graphics type='vnc' socket='/victims/vnc'><listen type='socket' socket='/victims/vnc'/>
+    </graphics>
   </devices>
   <qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
     <qemu:arg value='-drive'/><qemu:arg value='file=/victims/qdrive,if=none,id=x'/>
@@ -217,6 +224,7 @@ def test_nothing_of_the_point_xml_gives_the_recovered_domain_a_host_file_to_writ
     out = dx.recovery_xml(HOSTILE, disks=DISKS, console="/vault/consoles/web-drill.log",
                           nvram="/vault/machines/web-drill.nvram", notes=notes)
     assert V not in out and "/dev/ttyS0" not in out and "/dev/sdz" not in out
+    assert "/dev/input" not in out and "/dev/tpm0" not in out
     root = _root(out)
     devices = root.find("devices")
     for tag in ("filesystem", "hostdev", "memory", "log"):
@@ -234,7 +242,7 @@ def test_nothing_of_the_point_xml_gives_the_recovered_domain_a_host_file_to_writ
     assert [s.get("type") for s in serials[1:]] == ["pty", "null"]
     assert devices.find("parallel").get("type") == "null"
     for what in ("floppy", "lun", "filesystem", "hostdev", "memory", "qemu:commandline", "log",
-                 "nvram"):
+                 "nvram", "<input>", "<audio>", "<tpm>", "<interface>"):
         assert any(what in n for n in notes), (what, notes)
     dropped = dx.recovery_xml(HOSTILE, disks=DISKS)
     assert _root(dropped).find("os/nvram") is None and V not in dropped
