@@ -7,7 +7,7 @@ import argparse
 
 from .common import (POINT_HELP, EventOutput, add_events, add_item, add_method,
                      add_vault_options, command, human_bytes, method_of, print_json)
-from ..errors import InvalidArgument, PlanFailed
+from ..errors import InvalidArgument, PlanFailed, VerificationFailed
 from .fleet import add_fleet_options, open_fleet
 from .vault import open_vault, parse_disk
 
@@ -59,7 +59,12 @@ def _run(args, fn):
     """fn(vault) with the vault's lock held; its result (an OperationResult)
     printed with --json as its to_dict()."""
     with open_vault(args, writer=True) as v:
-        result = fn(v)
+        try:
+            result = fn(v)
+        except VerificationFailed as exc:  # the result, with the failed verification
+            if args.json and getattr(exc, "result", None) is not None:
+                print_json(exc.result.to_dict())
+            raise
     if args.json:
         print_json(result.to_dict())
     return result
@@ -323,7 +328,8 @@ def register(sub):
                   "'login:' --verify-timeout 5m",
                   "pydr test-failover vm --to /srv/drill/vm --verify --verify-script "
                   "'systemctl is-active postgresql' --drill-network isolated --json"])
-    p.add_argument("--to", required=True, metavar="DIR")
+    p.add_argument("--to", required=True, metavar="DIR",
+                   help="the directory the drill's disks are written to")
     _add_verify(p)
     _add_connect(p)
     p.add_argument("--drill-network", metavar="NET",

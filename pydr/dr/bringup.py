@@ -30,6 +30,7 @@ the recorded UUID only: pydr never undefines a domain it did not define.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -38,7 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..endpoints import domains as lv
 from ..engine import crashpoints
-from ..errors import InvalidArgument, MachineError, UnknownName
+from ..errors import InvalidArgument, MachineError, UnknownName, VerificationFailed
 from . import domainxml
 from .hooks import run_command
 
@@ -219,11 +220,18 @@ def bring_up(vault, name: str, point_id: int, disks: List[Mapping[str, Any]], *,
                  for d in sorted(disks, key=lambda d: d["idx"])]
     if machine.kind == "hook":
         return _run_hook(machine, name, point_id, role, recovered, began)
-    uri = recovery_uri(machine, uri)
+    notes: List[str] = []
+    rec = vault.machine_domain(name, role)
+    if rec is not None:  # the recorded domain, where it was defined: never elsewhere
+        if uri is not None and uri != rec.uri:
+            notes.append(f"the {role} domain is at {rec.uri or 'the default connection'}, "
+                         f"where it was defined: --connect {uri} is not used")
+        uri = rec.uri
+    else:
+        uri = recovery_uri(machine, uri)
+    mark = {"item": name, "role": role, "vault": vault.vault_id()}
     conn = lv.connect(uri, item=name)
     try:
-        notes: List[str] = []
-        rec = vault.machine_domain(name, role)
         xml = point_xml(vault, name, point_id)
         if rec is None:
             domain, new_uuid, kept = _choose(conn, machine, xml, role, name, name_override, uri)
@@ -235,20 +243,33 @@ def bring_up(vault, name: str, point_id: int, disks: List[Mapping[str, Any]], *,
             rec = vault.machine_domain(name, role)
             if not kept:
                 notes.append(f"defined as {domain!r} with a UUID of its own ({new_uuid})")
+        _refuse_protected(machine, rec, uri, name)
+        if role != "drill" and network_map is not None:
+            # the machine's map from now on: a rerun or change-point brings it up the same way
+            vault.put_machine(name, network_map=json.dumps(dict(network_map)))
         dom = lv.find_domain_by_uuid(conn, rec.uuid, uri=uri, item=name)
+        if dom is not None:
+            check_owned(dom, rec, mark, uri=uri, item=name)
         if dom is not None and lv.is_running(dom):
             notes.append(f"domain {rec.name!r} was defined already")
-        else:  # (re)defined with this run's options: same name and UUID, libvirt updates it
+        elif dom is None or network_map is not None or isolate is not None:
+            # (re)defined with this run's options: same name and UUID, libvirt updates it
             targets = _targets(vault, name, xml)
             new_xml = domainxml.recovery_xml(
                 xml, disks={t: (d["path"], d["format"]) for t, d in zip(targets, recovered)},
-                name=rec.name, new_uuid=True, isolate=(isolate or "none") if role == "drill"
+                name=rec.name, uuid=rec.uuid, isolate=(isolate or "none") if role == "drill"
                 else False, network_map=network_map if network_map is not None
                 else json.loads(machine.network_map or "{}"), console=rec.console,
-                fresh_macs=role == "drill")
-            new_xml = _with_uuid(new_xml, rec.uuid)
+                fresh_macs=role == "drill", mark=mark, nvram=nvram_path(vault, name, role),
+                notes=notes)
             dom = lv.define(conn, new_xml, uri=uri, item=name)
         crashpoints.reached("bringup.defined")
+        if not lv.is_running(dom) and rec.console and _owns_console(vault, name, role,
+                                                                      rec.console, console_dir):
+            # a log of an earlier boot would pass the console probe: this boot's only (unlinked,
+            # never followed: QEMU makes it again)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rec.console)
         started = lv.start(dom, uri=uri, item=name)
         if not started:
             notes.append(f"domain {rec.name!r} runs already")
@@ -256,17 +277,45 @@ def bring_up(vault, name: str, point_id: int, disks: List[Mapping[str, Any]], *,
         live = lv.inactive_xml(dom, uri=uri, item=name)
         return {"kind": "libvirt", "domain": rec.name, "uuid": rec.uuid, "uri": uri,
                 "console": rec.console, "agent": domainxml.has_agent(live), "started": started,
-                "seconds": time.monotonic() - began, "notes": notes}
+                "seconds": time.monotonic() - began, "notes": notes,
+                "cmdline": domainxml.kernel_cmdline(live)}
     finally:
         conn.close()
 
 
-def _with_uuid(xml: str, uuid: str) -> str:
-    """`xml` (without a <uuid>) with `uuid` as its UUID."""
-    head, sep, tail = xml.partition("</name>")
-    if not sep:
-        raise MachineError("the recovered domain's XML has no <name>")
-    return f"{head}</name><uuid>{uuid}</uuid>{tail}"
+def nvram_path(vault, name: str, role: str) -> str:
+    """The NVRAM file pydr owns for item `name`'s `role` domain (beside its
+    console log): the only NVRAM pydr ever has libvirt delete."""
+    return os.path.join(os.path.dirname(console_path(vault, name, role)), f"{name}-{role}.nvram")
+
+
+def _owns_console(vault, name, role, path, console_dir) -> bool:
+    own = console_path(vault, name, role) if console_dir is None else \
+        os.path.join(console_dir, f"{name}-{role}.log")
+    return os.path.abspath(path) == os.path.abspath(own)
+
+
+def _refuse_protected(machine, rec, uri, name) -> None:
+    """MachineError when the recorded domain is the protected machine
+    itself (its UUID at its own connection): pydr never redefines,
+    destroys or undefines that one."""
+    if machine.uuid and rec.uuid == machine.uuid and (uri or None) == (machine.uri or None):
+        raise MachineError(f"the recorded {rec.role} domain of {name!r} ({rec.uuid}) is the "
+                           f"protected domain at its own site: not touched", path=uri, item=name,
+                           hint="the vault's machine_domains row does not describe a domain "
+                                "pydr defined")
+
+
+def check_owned(dom, rec, mark: Mapping[str, str], *, uri=None, item=None) -> None:
+    """MachineError unless `dom` is the domain pydr defined for `rec`: its
+    name and UUID are the recorded ones and its ``<metadata>`` carries
+    pydr's `mark` (item, role, this vault's id)."""
+    found = domainxml.domain_mark(lv.inactive_xml(dom, uri=uri, item=item))
+    if dom.name() != rec.name or dom.UUIDString() != rec.uuid or found != dict(mark):
+        raise MachineError(f"domain {dom.name()!r} ({dom.UUIDString()}) is not the {rec.role} "
+                           f"domain pydr defined for {item!r} (recorded: {rec.name!r}, "
+                           f"{rec.uuid}; pydr's mark: {found}): not touched", path=uri,
+                           item=item)
 
 
 def _run_hook(machine, name, point_id, role, recovered, began):
@@ -318,10 +367,51 @@ def stop_domain(vault, name: str, role: str) -> bool:
     rec = vault.machine_domain(name, role)
     if rec is None:
         return False
+    dom, conn = _recorded_domain(vault, name, rec)
+    try:
+        return dom is not None and lv.destroy(dom, uri=rec.uri, item=name)
+    finally:
+        conn.close()
+
+
+def _recorded_domain(vault, name, rec):
+    """(the domain of record `rec` or None when it is gone, its open
+    connection): MachineError when the domain with the recorded UUID is not
+    the one pydr defined (check_owned) or is the protected domain."""
+    _refuse_protected(vault.machine(name), rec, rec.uri, name)
     conn = lv.connect(rec.uri, item=name)
     try:
         dom = lv.find_domain_by_uuid(conn, rec.uuid, uri=rec.uri, item=name)
-        return dom is not None and lv.destroy(dom, uri=rec.uri, item=name)
+        if dom is not None:
+            check_owned(dom, rec, {"item": name, "role": rec.role, "vault": vault.vault_id()},
+                        uri=rec.uri, item=name)
+    except BaseException:
+        conn.close()
+        raise
+    return dom, conn
+
+
+#: seconds a failback waits for the failover domain to shut down before it pulls
+#: the plug (environment: PYDR_MACHINE_SHUTDOWN_TIMEOUT)
+SHUTDOWN_TIMEOUT = 120.0
+
+
+def shut_down(vault, name: str, role: str) -> bool:
+    """Shut the `role` domain pydr defined for item `name` down (the guest
+    is asked; after :data:`SHUTDOWN_TIMEOUT` seconds, destroyed), found by
+    its recorded UUID and checked to be pydr's; returns whether it ran.
+
+    Raises:
+        MachineError: libvirt could not be reached or refused, or the
+            domain is not the one pydr defined.
+    """
+    rec = vault.machine_domain(name, role)
+    if rec is None:
+        return False
+    timeout = float(os.environ.get("PYDR_MACHINE_SHUTDOWN_TIMEOUT") or SHUTDOWN_TIMEOUT)
+    dom, conn = _recorded_domain(vault, name, rec)
+    try:
+        return dom is not None and lv.shutdown(dom, timeout=timeout, uri=rec.uri, item=name)
     finally:
         conn.close()
 
@@ -341,12 +431,14 @@ def tear_down(vault, name: str, role: str) -> Optional[Dict[str, Any]]:
     rec = vault.machine_domain(name, role)
     if rec is None:
         return None
-    conn = lv.connect(rec.uri, item=name)
+    dom, conn = _recorded_domain(vault, name, rec)
     try:
-        dom = lv.find_domain_by_uuid(conn, rec.uuid, uri=rec.uri, item=name)
         if dom is not None:
+            nvram = domainxml.domain_nvram(lv.inactive_xml(dom, uri=rec.uri, item=name))
             lv.destroy(dom, uri=rec.uri, item=name)
-            lv.undefine(dom, uri=rec.uri, item=name)
+            # libvirt deletes the NVRAM file only when it is pydr's own copy
+            lv.undefine(dom, uri=rec.uri, item=name, nvram=nvram is not None and os.path.abspath(
+                nvram) == os.path.abspath(nvram_path(vault, name, role)))
     finally:
         conn.close()
     vault.drop_machine_domain(name, role)
@@ -408,16 +500,35 @@ def machine_up(vault, name: str, result: Dict[str, Any], disks: List[Mapping[str
         return result
     from .probes import verify
 
+    probes = options.get("verify")
+    if probes is not None and probes.console is not None and vault.machine(name).kind == "libvirt":
+        # the kernel echoes its command line on the console: a marker in it proves nothing
+        xml = point_xml(vault, name, result["point"])
+        if not domainxml.has_serial(xml):
+            raise InvalidArgument(f"--verify-console: the domain of {name!r} has no <serial> "
+                                  f"port in the point's XML: nothing would write the console "
+                                  f"log", item=name, hint="verify with the guest agent instead")
+        if probes.console in domainxml.kernel_cmdline(xml):
+            raise InvalidArgument(f"--verify-console {probes.console!r} is on the guest's kernel "
+                                  f"command line (<cmdline> of the point's XML): the kernel's "
+                                  f"echo of it would pass the probe", item=name,
+                                  hint="choose a marker that only the guest's userspace prints")
     materialise = round(time.time() - started, 3)
     up = bring_up(vault, name, result["point"], disks, role=role, uri=options.get("connect"),
                   network_map=options.get("network_map"), name_override=options.get("name"),
                   isolate=options.get("drill_network") or vault.machine(name).drill_network)
+    up.pop("cmdline", None)
     result = dict(result, machine=up,
                   notes=list(result.get("notes") or []) + list(up.pop("notes")))
-    probes = options.get("verify")
     if probes is not None:
-        result["verification"] = verify(
-            vault, name, result["point"], kind="drill" if role == "drill" else "failover",
-            started=started, machine=up, probes=probes,
-            parts={"materialise": materialise, "define+start": round(up["seconds"], 3)})
+        # an RTO only for a machine this command started: one found running was started
+        # by an earlier run, and the time from this command to its probes is no recovery time
+        try:
+            result["verification"] = verify(
+                vault, name, result["point"], kind="drill" if role == "drill" else "failover",
+                started=started, machine=up, probes=probes, measured=bool(up["started"]),
+                parts={"materialise": materialise, "define+start": round(up["seconds"], 3)})
+        except VerificationFailed as exc:  # the command's result goes with it (--json prints it)
+            exc.answer = dict(result, verification=getattr(exc, "verification", None))  # type: ignore[attr-defined]
+            raise
     return result

@@ -374,7 +374,10 @@ def failback(vault, name, *, alternates=None, shutdown_hook=None, events=None, c
     or an error leaves the failback recorded as interrupted: running the
     same call again (the hook need not run again) finishes it.
 
-    A libvirt machine is then started again at site A (its protected
+    The failover domain pydr defined for a libvirt machine is shut down
+    (pydr.dr.bringup.shut_down: asked, then destroyed after a bound) before
+    the final cycle, with or without a shutdown hook: the cycle reads
+    quiescent disks. A libvirt machine is then started again at site A (its protected
     domain, found by its recorded UUID), and the failover domain pydr
     defined is destroyed and undefined if the recovery site answers
     (pydr.dr.bringup.start_protected); the result's "machine" says so.
@@ -427,6 +430,9 @@ def _failback(vault, name, alternates, shutdown_hook, em, cancel):
         check_cancel(cancel, "the failback")  # a resumed one too: before its hook runs again
         if shutdown_hook:
             run_hook(shutdown_hook, "shutdown hook")  # planned: it must succeed
+            stopped_machine = True
+        # the failover domain pydr defined stops writing before the final cycle reads its disks
+        if bringup.shut_down(vault, name, "failover"):
             stopped_machine = True
         check_cancel(cancel, "the failback")
         # the final cycle: nothing is lost

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
 import time
 from typing import Any, Dict, List, Optional
@@ -119,13 +120,23 @@ class _Failed(Exception):
         self.detail = detail
 
 
+#: a console line the kernel printed (its printk timestamp), or its echo of its command line
+_KERNEL_LINE = re.compile(rb"\s*\[\s*\d+\.\d+\]|\s*(Kernel )?[Cc]ommand line:")
+
+
 def _console_seen(path: str, marker: str) -> bool:
+    """Whether a line of the console log at `path` that the kernel did not
+    print holds `marker` (as far as can be told: lines with a printk
+    timestamp and the kernel's echo of its command line are skipped; the
+    marker itself is refused when it is on the kernel command line)."""
     try:
         with open(path, "rb") as f:
             data = f.read(CONSOLE_LIMIT)
     except FileNotFoundError:
         return False
-    return marker.encode() in data
+    wanted = marker.encode()
+    return any(wanted in line and not _KERNEL_LINE.match(line)
+               for line in data.replace(b"\r", b"\n").split(b"\n"))
 
 
 def _wait(check, deadline: float, what: str, dom=None):
@@ -141,9 +152,9 @@ def _wait(check, deadline: float, what: str, dom=None):
         time.sleep(POLL)
 
 
-def _ping(dom) -> bool:
+def _ping(dom, uri=None) -> bool:
     try:
-        lv.agent_command(dom, "guest-ping", timeout=5)
+        lv.agent_command(dom, "guest-ping", timeout=5, uri=uri)
         return True
     except MachineError:
         return False
@@ -157,10 +168,10 @@ def _tcp(host: str, port: int) -> bool:
         return False
 
 
-def _script(dom, command: str, deadline: float) -> str:
-    pid = lv.guest_exec(dom, command)
+def _script(dom, command: str, deadline: float, uri=None) -> str:
+    pid = lv.guest_exec(dom, command, uri=uri)
     while True:
-        status = lv.guest_exec_status(dom, pid)
+        status = lv.guest_exec_status(dom, pid, uri=uri)
         if status["exited"]:
             if status["exitcode"] == 0:
                 return ""
@@ -174,7 +185,8 @@ def _script(dom, command: str, deadline: float) -> str:
 
 
 def verify(vault, name: str, point_id: int, *, kind: str, started: float,
-           machine: Dict[str, Any], probes: Probes, parts: Dict[str, float]) -> Dict[str, Any]:
+           machine: Dict[str, Any], probes: Probes, parts: Dict[str, float],
+           measured: bool = True) -> Dict[str, Any]:
     """Run `probes` against the machine bring-up started, record the
     verification on point `point_id` of item `name`, and return it.
 
@@ -188,6 +200,8 @@ def verify(vault, name: str, point_id: int, *, kind: str, started: float,
         probes: what to check.
         parts: seconds so far ({"materialise", "define+start"}); "boot"
             and "probes" are added.
+        measured: whether this command started the machine: without it
+            no RTO is recorded (a rerun finds the machine up already).
 
     Returns:
         {"passed", "rto", "parts", "probes": [{"probe", "passed",
@@ -204,7 +218,8 @@ def verify(vault, name: str, point_id: int, *, kind: str, started: float,
     check_probes(probes, agent=machine.get("agent", False), item=name)
     deadline = time.monotonic() + probes.timeout
     results: List[Dict[str, Any]] = []
-    conn = lv.connect(machine["uri"], item=name)
+    uri = machine["uri"]
+    conn = lv.connect(uri, item=name)
     error = failed = None
     t0 = time.monotonic()
     boot = None
@@ -217,26 +232,28 @@ def verify(vault, name: str, point_id: int, *, kind: str, started: float,
                                              deadline, f"console marker {probes.console!r}",
                                              dom))
                  if probes.console is not None else
-                 (lambda: _wait(lambda: _ping(dom), deadline, "guest-agent ping", dom)))]
+                 (lambda: _wait(lambda: _ping(dom, uri), deadline, "guest-agent ping", dom)))]
         if probes.tcp is not None:
             host, port = split_hostport(probes.tcp)
             plan.append(("tcp", lambda: _wait(lambda: _tcp(host, port), deadline,
                                               f"TCP {probes.tcp}", dom)))
         if probes.script is not None:
-            plan.append(("script", lambda: (_wait(lambda: _ping(dom), deadline,
+            plan.append(("script", lambda: (_wait(lambda: _ping(dom, uri), deadline,
                                                   "guest-agent ping", dom),
-                                            _script(dom, probes.script, deadline))))
+                                            _script(dom, probes.script, deadline, uri))))
         for probe, run in plan:
             begun = time.monotonic()
             try:
                 run()
                 results.append({"probe": probe, "passed": True,
                                 "seconds": round(time.monotonic() - begun, 3), "detail": None})
-            except _Failed as exc:
+            except (_Failed, MachineError) as exc:
+                # the guest died or its agent went away mid-probe: that probe failed
+                detail = exc.detail if isinstance(exc, _Failed) else str(exc)
                 results.append({"probe": probe, "passed": False,
                                 "seconds": round(time.monotonic() - begun, 3),
-                                "detail": exc.detail})
-                failed, error = probe, f"probe {probe} failed: {exc.detail}"
+                                "detail": detail})
+                failed, error = probe, f"probe {probe} failed: {detail}"
                 break
             if probe == "userspace":
                 boot = time.monotonic() - t0
@@ -244,7 +261,7 @@ def verify(vault, name: str, point_id: int, *, kind: str, started: float,
         conn.close()
     ended = time.time()
     passed = failed is None
-    rto = round(ended - started, 3) if passed else None
+    rto = round(ended - started, 3) if passed and measured else None
     parts = dict(parts)
     if boot is not None:
         parts["boot"] = round(boot, 3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union, cast
 
-from ..errors import Cancelled, InvalidArgument, PlanFailed
+from ..errors import Cancelled, InvalidArgument, PlanFailed, VerificationFailed
 from . import arguments
 from . import drills as D
 from . import failover as F
@@ -65,6 +65,17 @@ class RecoveryOperations:
         return OperationResult.from_workflow(
             operation, answer, direction=self.store.item(answer["item"]).direction)
 
+    def _verified(self, operation: str, run) -> OperationResult:
+        """self._result(operation, run()); a VerificationFailed gains
+        ``.result``: the command's OperationResult with its verification."""
+        try:
+            answer = run()
+        except VerificationFailed as exc:
+            if getattr(exc, "answer", None) is not None:
+                exc.result = self._result(operation, exc.answer)  # type: ignore[attr-defined]
+            raise
+        return self._result(operation, answer)
+
     def test_failover(self, name: str, directory: str, point: PointSelector = None, *,
                       method: str = "auto", progress: Optional[Progress] = None,
                       events: Optional[EventSink] = None,
@@ -105,10 +116,12 @@ class RecoveryOperations:
             DamagedPoint, DamagedJournal: the point cannot be restored.
             MachineError: libvirt or the bring-up hook failed (exit 22).
             VerificationFailed: a probe failed (exit 23); the drill stays.
+                Its ``.result`` is this call's OperationResult, with the
+                failed verification.
         """
         arguments.method(method, "test_failover")
         extra = forwarded(events, cancel)
-        return self._result("test-failover", D.test_failover(
+        return self._verified("test-failover", lambda: D.test_failover(
             self.store, name, directory, checked_point(point), method=method, progress=progress,
             machine=dict(machine) if machine else None, **extra))
 
@@ -176,12 +189,13 @@ class RecoveryOperations:
             HookFailed: a planned failover's shutdown hook failed.
             DamagedPoint, DamagedJournal: the point cannot be brought up.
             MachineError: libvirt or the bring-up hook failed (exit 22).
-            VerificationFailed: a probe failed (exit 23).
+            VerificationFailed: a probe failed (exit 23); its ``.result``
+                is this call's OperationResult, with the failed verification.
         """
         arguments.method(method, "failover")
         extra = forwarded(events, cancel)
         point = checked_point(point, selector=False)
-        return self._result("failover", F.failover(
+        return self._verified("failover", lambda: F.failover(
             self.store, name, point, planned=planned, shutdown_hook=shutdown_hook, method=method,
             progress=progress, to=directory, executor=executor,
             machine=dict(machine) if machine else None, **extra))

@@ -57,14 +57,43 @@ def destroy(dom, *, uri: Optional[str] = None, item: Optional[str] = None) -> bo
     return True
 
 
-def undefine(dom, *, uri: Optional[str] = None, item: Optional[str] = None) -> None:
-    """Undefine `dom` with its checkpoint and snapshot metadata, its NVRAM
-    and its managed save image (a stopped domain: destroy it first)."""
+def shutdown(dom, *, timeout: float, uri: Optional[str] = None,
+             item: Optional[str] = None) -> bool:
+    """Shut `dom` down: ask the guest (guest agent, else the ACPI power
+    button), wait at most `timeout` seconds for it to stop, then pull the
+    plug (destroy). Returns whether it ran.
+
+    Raises:
+        MachineError: libvirt could not stop it.
+    """
+    import time
+
+    if not dom.isActive():
+        return False
+    libvirt = libvirt_module()
+    try:
+        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
+                          | libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+    except libvirt.libvirtError:
+        pass  # no agent and no ACPI: the bound below ends it
+    deadline = time.monotonic() + timeout
+    while dom.isActive() and time.monotonic() < deadline:
+        time.sleep(0.5)  # a guest stops in wall-clock time
+    destroy(dom, uri=uri, item=item)
+    return True
+
+
+def undefine(dom, *, uri: Optional[str] = None, item: Optional[str] = None,
+             nvram: bool = False) -> None:
+    """Undefine `dom` with its checkpoint and snapshot metadata and its
+    managed save image (a stopped domain: destroy it first); its NVRAM file
+    is deleted only with `nvram` (the caller owns that file), else kept."""
     libvirt = libvirt_module()
     flags = (libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
              | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-             | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+             | (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if nvram
+                else libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM))
     with libvirt_errors(f"undefining domain {dom.name()!r}", path=uri or "libvirt", item=item):
         dom.undefineFlags(flags)
 

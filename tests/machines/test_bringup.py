@@ -51,7 +51,8 @@ def golden(tmp_path_factory, guest_kit, libvirtd):  # noqa: F811
 class Site:
     """One protected machine: its item, vault, the site-A domain (shut off)."""
 
-    def __init__(self, tmp, golden, guest_kit, libvirtd, *, agent=True):  # noqa: F811
+    def __init__(self, tmp, golden, guest_kit, libvirtd, *, agent=True,  # noqa: F811
+                 edit=None, **xml):
         self.tmp = tmp
         self.item = f"vm{uuid.uuid4().hex[:6]}"
         self.vault = tmp / "vault"
@@ -63,7 +64,8 @@ class Site:
         self.console_a = tmp / "a" / "console.log"
         self.domain = f"pydr-t-{self.item}"
         xml = guest_kit.domain_xml(self.domain, self.disk, console_log=self.console_a,
-                                   agent=agent)
+                                   agent=agent, **xml)
+        xml = edit(xml) if edit is not None else xml
         self.libvirtd = libvirtd
         self.dom = libvirtd.conn().defineXML(xml)  # never started: shut off
         self.uuid = self.dom.UUIDString()

@@ -142,7 +142,7 @@ def test_console_logs_go_to_the_pydr_console_never_site_a_s():
     console = root.find("devices/console")
     assert serial.find("source").get("path") == "/var/lib/pydr/c/web.log"
     assert serial.find("source").get("append") is None
-    assert console.find("source").get("path") == "/var/lib/pydr/c/web.log"
+    assert console is None  # it mirrored serial 0: libvirt makes it again from the serial
     assert "/var/log/a/web.log" not in out
     nowhere = dx.recovery_xml(SITE_A, disks=DISKS)
     assert "/var/log/a/web.log" not in nowhere
@@ -185,3 +185,96 @@ def test_parse_network_map():
     for bad in (["prod"], ["=x"], ["x="], ["a=b", "a=c"]):
         with pytest.raises(InvalidArgument):
             dx.parse_network_map(bad)
+
+
+# -- what a point's XML may not carry into the recovered domain (review findings) --------
+V = "/victims"
+HOSTILE = SITE_A.replace("<memory unit='MiB'>256</memory>", """<memory unit='MiB'>256</memory>
+  <os><type>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>
+  <nvram template='/usr/share/OVMF/OVMF_VARS.fd'>/victims/nvram</nvram>
+  <cmdline>console=ttyS0 app=MARK</cmdline></os>""").replace("</devices>", """
+    <disk type='file' device='floppy'><source file='/victims/floppy'/><target dev='fda'/></disk>
+    <disk type='block' device='lun'><source dev='/dev/sdz'/><target dev='sdz'/></disk>
+    <disk type='file' device='cdrom'><source file='/srv/iso/x.iso'/><target dev='sdb'/></disk>
+    <serial type='pty'><log file='/victims/seriallog' append='off'/><target port='1'/></serial>
+    <serial type='dev'><source path='/dev/ttyS0'/><target port='2'/></serial>
+    <parallel type='file'><source path='/victims/parallel'/><target port='0'/></parallel>
+    <channel type='file'><source path='/victims/channel'/><target type='virtio' name='x'/></channel>
+    <filesystem type='mount' accessmode='passthrough'><source dir='/etc'/><target dir='h'/>
+    </filesystem>
+    <hostdev mode='subsystem' type='usb'><source><vendor id='0x1'/></source></hostdev>
+    <memory model='nvdimm'><source><path>/victims/nvdimm</path></source>
+      <target><size unit='KiB'>1024</size></target></memory>
+    <input type='evdev'><source dev='/dev/input/event0'/></input>
+    <audio id='1' type='file' path='/victims/audio.wav'/>
+    <tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>
+    <interface type='vhostuser'><source type='unix' path='/victims/vhost' mode='server'/>
+      <model type='virtio'/></interface>
+    <graphics type='vnc' socket='/victims/vnc'><listen type='socket' socket='/victims/vnc'/>
+    </graphics>
+  </devices>
+  <qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+    <qemu:arg value='-drive'/><qemu:arg value='file=/victims/qdrive,if=none,id=x'/>
+    <qemu:arg value='-netdev'/><qemu:arg value='user,id=n'/>
+  </qemu:commandline>""")
+
+
+def test_nothing_of_the_point_xml_gives_the_recovered_domain_a_host_file_to_write():
+    notes = []
+    out = dx.recovery_xml(HOSTILE, disks=DISKS, console="/vault/consoles/web-drill.log",
+                          nvram="/vault/machines/web-drill.nvram", notes=notes)
+    assert V not in out and "/dev/ttyS0" not in out and "/dev/sdz" not in out
+    assert "/dev/input" not in out and "/dev/tpm0" not in out
+    root = _root(out)
+    devices = root.find("devices")
+    for tag in ("filesystem", "hostdev", "memory", "log"):
+        assert devices.findall(tag) == [] and devices.findall(f"*/{tag}") == []
+    assert [d.get("device") for d in devices.findall("disk")] == ["disk", "disk", "cdrom",
+                                                                    "cdrom"]
+    assert all(d.find("readonly") is not None for d in devices.findall("disk")
+               if d.get("device") == "cdrom")
+    assert root.find(f"{{{dx.QEMU_NS}}}commandline") is None and "-netdev" not in out
+    assert root.findtext("os/nvram") == "/vault/machines/web-drill.nvram"
+    assert root.find("os/loader").text == "/usr/share/OVMF/OVMF_CODE.fd"  # read-only: kept
+    serials = devices.findall("serial")
+    assert serials[0].get("type") == "file"
+    assert serials[0].find("source").get("path") == "/vault/consoles/web-drill.log"
+    assert [s.get("type") for s in serials[1:]] == ["pty", "null"]
+    assert devices.find("parallel").get("type") == "null"
+    for what in ("floppy", "lun", "filesystem", "hostdev", "memory", "qemu:commandline", "log",
+                 "nvram", "<input>", "<audio>", "<tpm>", "<interface>"):
+        assert any(what in n for n in notes), (what, notes)
+    dropped = dx.recovery_xml(HOSTILE, disks=DISKS)
+    assert _root(dropped).find("os/nvram") is None and V not in dropped
+
+
+def test_a_pty_serial_becomes_the_console_file_pydr_owns():
+    xml = SITE_A.replace("<serial type='file'>\n      <source path='/var/log/a/web.log' "
+                         "append='on'/>", "<serial type='pty'>")
+    assert "<serial type='pty'>" in xml
+    serial = _root(dx.recovery_xml(xml, disks=DISKS, console="/v/c.log")).find("devices/serial")
+    assert serial.get("type") == "file" and serial.find("source").get("path") == "/v/c.log"
+
+
+def test_name_and_uuid_are_set_as_elements_not_spliced_as_text():
+    tricky = SITE_A.replace("<name>web</name>", "<!-- </name> --><name>web</name>").replace(
+        "<memory", "<description>a &lt;/name&gt; and </description><memory")
+    out = dx.recovery_xml(tricky, disks=DISKS, name="web-dr",
+                          uuid="11111111-2222-3333-4444-555555555555")
+    root = _root(out)
+    assert root.findall("name")[0].text == "web-dr" and len(root.findall("name")) == 1
+    assert [u.text for u in root.findall("uuid")] == ["11111111-2222-3333-4444-555555555555"]
+    assert dx.domain_uuid(out) == "11111111-2222-3333-4444-555555555555"
+
+
+def test_pydr_marks_the_domains_it_defines():
+    mark = {"item": "web", "role": "drill", "vault": "v-123"}
+    out = dx.recovery_xml(SITE_A, disks=DISKS, mark=mark)
+    assert dx.domain_mark(out) == mark
+    assert dx.domain_mark(SITE_A) is None
+    again = dx.recovery_xml(out, disks=DISKS, mark=dict(mark, role="failover"))
+    assert dx.domain_mark(again)["role"] == "failover"
+    assert dx.kernel_cmdline(HOSTILE) == "console=ttyS0 app=MARK"
+    assert dx.has_serial(SITE_A)
+    assert not dx.has_serial(SITE_A.replace("<serial", "<parallel").replace("</serial>",
+                                                                           "</parallel>"))
