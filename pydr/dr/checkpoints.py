@@ -31,6 +31,7 @@ compare, its checkpoint kept as it is.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from typing import Dict, Optional
 
@@ -69,6 +70,7 @@ class DomainSession:
         self.checkpoint = None  # the one this cycle made
         self.generation = None
         self.xml = None  # the domain's inactive XML at the cut
+        self.vouch = None  # JSON: the checkpoint, its creation time, its disks' files and sizes
         self.frozen = False
         self.committed = self.aborted = False
 
@@ -95,15 +97,99 @@ class DomainSession:
         tracked = [t for t in targets if formats.get(t) in BITMAP_FORMATS]
         return tracked, [t for t in targets if t not in tracked]
 
+    def vault_targets(self):
+        """The targets of the disks the vault protects of the domain."""
+        from ..endpoints.libvirt import is_libvirt_spec, parse_spec
+
+        disks = self.vault.disks(self.item) if self.vault is not None else []
+        targets = {parse_spec(d["source"])[1] for d in disks if is_libvirt_spec(d["source"])}
+        return targets or {t.target for t in self.trackers.values()}
+
+    def check_disks(self):
+        """TrackingLost unless the domain's disks, as it runs and as it is
+        configured, are the disks the vault protects (a disk plugged in,
+        taken out or renamed: a point would name a disk it has no copy of)."""
+        from ..endpoints.libvirt import xml_disks
+
+        protected = self.vault_targets()
+        configured = {d["target"] for d in xml_disks(self.domain.inactive_xml())
+                      if d["device"] == "disk"}
+        live = configured if not self.domain.running() else {
+            d["target"] for d in xml_disks(self.domain.live_xml()) if d["device"] == "disk"}
+        if live != protected or configured != protected:
+            raise TrackingLost(
+                f"the disks of domain {self.domain.name!r} changed: the vault protects "
+                f"{sorted(protected)}, the domain runs {sorted(live)} and is configured with "
+                f"{sorted(configured)}", path=self.where,
+                hint="a disk plugged in or renamed needs the item protected again (pydr "
+                     "unprotect, then pydr protect --libvirt); a disk taken out: put it back, "
+                     "or protect the item again")
+
+    def vouched(self):
+        """What the vault's newest point of the item records of its
+        checkpoint: {"name", "created", "disks": {target: {"source",
+        "capacity"}}}, or None (no point, or one of a shut-off domain that
+        never had a checkpoint)."""
+
+        store = getattr(self.vault, "store", self.vault)  # a Vault, or its Store
+        points = store.points(self.item) if store is not None else []
+        row = store.point_machine(self.item, points[-1].id) if points else None
+        if row is None or not row.checkpoint:
+            return None
+        try:
+            found = json.loads(row.checkpoint)
+        except ValueError:
+            found = None
+        if not isinstance(found, dict) or not isinstance(found.get("disks"), dict):
+            raise TrackingLost(f"point {points[-1].id} of {self.item!r} does not record what "
+                               f"checkpoint {row.checkpoint!r} vouches for", path=self.where)
+        return found
+
+    def check_vouched(self, current):
+        """TrackingLost unless checkpoint `current` is the one the vault
+        recorded (same creation time: not deleted and made again) and each
+        disk is still the file, of the size, it was at that cut (targets
+        swapped, a source re-pointed, a disk resized: its bitmap says
+        nothing about the disk as it is)."""
+        record = self.vouched()
+        if record is None or record.get("name") != current:
+            raise TrackingLost(f"the vault records no cut of domain {self.domain.name!r} at "
+                               f"checkpoint {current}", path=self.where)
+        created = self.domain.checkpoint_created(current)
+        if created != record.get("created"):
+            raise TrackingLost(f"checkpoint {current} of domain {self.domain.name!r} was made "
+                               f"again (created {created}, the vault's was created "
+                               f"{record.get('created')}): it misses what changed before",
+                               path=self.where)
+        now = self.domain.disk_facts()
+        for target, was in sorted(record["disks"].items()):
+            is_ = now.get(target)
+            if is_ is None:
+                raise TrackingLost(f"domain {self.domain.name!r} has no disk {target} any "
+                                   f"more", path=self.where)
+            if is_["source"] != was.get("source"):
+                raise TrackingLost(f"disk {target} of domain {self.domain.name!r} is now "
+                                   f"{is_['source']} (it was {was.get('source')} at checkpoint "
+                                   f"{current})", path=self.where)
+            if is_["capacity"] != was.get("capacity"):
+                raise TrackingLost(f"disk {target} of domain {self.domain.name!r} was resized "
+                                   f"({was.get('capacity')} -> {is_['capacity']} bytes) since "
+                                   f"checkpoint {current}: its bitmap cannot be trusted",
+                                   path=self.where)
+
     def validate(self):
-        """TrackingLost unless the recorded checkpoint exists and records
-        every disk that can be tracked (once a session)."""
+        """TrackingLost unless the recorded checkpoint exists, records
+        every disk that can be tracked, and vouches for the disks as they
+        are (:meth:`check_vouched`), and the domain's disks are the vault's
+        (once a session). No checkpoint recorded (the domain was shut off at
+        every cycle): nothing to validate, the cycle is full."""
         if self.validated:
             return
+        self.check_disks()
         current = self.recorded()
         if current is None:
-            raise TrackingLost(f"domain {self.domain.name!r} has no checkpoint of pydr yet",
-                               path=self.where)
+            self.validated = True
+            return
         self.domain.clear_stale_job()  # a killed cycle's job holds the bitmaps
         found = self.domain.checkpoints()
         if current not in found:
@@ -114,6 +200,8 @@ class DomainSession:
             if found[current].get(target, "no") != "bitmap":
                 raise TrackingLost(f"checkpoint {current} of domain {self.domain.name!r} does "
                                    f"not record disk {target}", path=self.where)
+        if self.domain.running():
+            self.check_vouched(current)
         self.validated = True
 
     def begin(self, full):
@@ -121,6 +209,7 @@ class DomainSession:
         if self.began:
             return
         self.began = True
+        self.check_disks()
         current = self.recorded() if not full else next(
             iter({t.current for t in self.trackers.values()}))
         self.running = self.domain.running()
@@ -128,6 +217,9 @@ class DomainSession:
             self.checkpoint, self.generation = current, max(
                 t.generation for t in self.trackers.values())
             self.xml = self.domain.inactive_xml()
+            if current is not None:  # what it vouches for is unchanged: carried on
+                record = self.vouched()
+                self.vouch = None if record is None else json.dumps(record, sort_keys=True)
             return
         self.domain.clear_stale_job()
         if not full:
@@ -158,6 +250,9 @@ class DomainSession:
         self.frozen = self.job.frozen
         try:
             self.xml = self.domain.inactive_xml()
+            self.vouch = json.dumps({"name": self.checkpoint,
+                                     "created": self.domain.checkpoint_created(self.checkpoint),
+                                     "disks": self.domain.disk_facts()}, sort_keys=True)
         except BaseException:
             self.end()
             raise
@@ -214,7 +309,7 @@ class DomainSession:
         """In the point's transaction: its machine row (XML at the cut,
         frozen, checkpoint)."""
         store.add_point_machine(self.item, point_id, self.xml, frozen=self.frozen,
-                                checkpoint=self.checkpoint)
+                                checkpoint=self.vouch)
 
 
 def session_for(vault, item, idx, domain):

@@ -164,6 +164,29 @@ class LibvirtDomain:
 
         return checkpoints(self.dom, where=self.where)
 
+    def checkpoint_created(self, name: str) -> Optional[int]:
+        """Checkpoint `name`'s creation time (None: there is none)."""
+        from ..transport.libvirt_backup import checkpoint_created
+
+        return checkpoint_created(self.dom, name, where=self.where)
+
+    def disk_facts(self, xml: Optional[str] = None) -> Dict[str, Dict[str, object]]:
+        """{target: {"source": the file's real path, "capacity": bytes}} of
+        every <disk device='disk'> of `xml` (default: the domain's XML as it
+        runs); what a checkpoint vouches for (pydr.dr.checkpoints)."""
+        from ..transport.libvirt import libvirt_errors
+
+        facts: Dict[str, Dict[str, object]] = {}
+        for d in xml_disks(xml if xml is not None else self.live_xml()):
+            if d["device"] != "disk" or not d["target"]:
+                continue
+            with libvirt_errors(f"reading the size of disk {d['target']} of domain "
+                                f"{self.name!r}", path=self.where):
+                capacity = self.dom.blockInfo(d["target"], 0)[0]
+            facts[d["target"]] = {"source": os.path.realpath(d["source"]) if d["source"]
+                                  else None, "capacity": int(capacity)}
+        return facts
+
     def delete_checkpoint(self, name: str) -> bool:
         """Delete checkpoint `name` (its changes merge into its parent's);
         False when there is none."""

@@ -70,6 +70,27 @@ def checkpoints(dom, *, where: Optional[str] = None) -> Dict[str, Dict[str, str]
     return found
 
 
+def checkpoint_created(dom, name: str, *, where: Optional[str] = None) -> Optional[int]:
+    """The creation time libvirt gives checkpoint `name` (seconds since the
+    epoch: a checkpoint deleted and made again under the name has another),
+    or None when there is no such checkpoint.
+
+    Raises:
+        MachineError: libvirt failed.
+    """
+    libvirt = libvirt_module()
+    with libvirt_errors(f"reading checkpoint {name!r} of domain {dom.name()!r}", path=where):
+        try:
+            cp = dom.checkpointLookupByName(name, 0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                return None
+            raise
+        text = cp.getXMLDesc(0)
+    found = _parse(text, f"checkpoint {name!r}").findtext("creationTime")
+    return int(found) if found and found.strip().isdigit() else None
+
+
 def delete_checkpoint(dom, name: str, *, where: Optional[str] = None) -> bool:
     """Delete checkpoint `name` of the domain (libvirt merges its bitmap into
     its parent's, so that no change recorded is lost). Returns False when
