@@ -297,7 +297,7 @@ class DomainSession:
 
     def abort(self):
         """The cycle failed: its checkpoint goes, the recorded one records on (once)."""
-        if self.aborted or not self.running or self.checkpoint is None:
+        if self.aborted or self.committed or not self.running or self.checkpoint is None:
             return
         self.aborted = True
         self.end()
@@ -386,8 +386,9 @@ class LibvirtTracker(Tracker):
         self.session.commit(old)
 
     def abort(self):
-        if self.new is not None:
-            self.session.abort()
+        # also when the cut itself was interrupted (SIGTERM inside the job's
+        # start): the session knows whether it made a checkpoint to drop
+        self.session.abort()
         self.new = self.frozen = None
 
     def point_extra(self):

@@ -244,8 +244,14 @@ def checkpoint_xml(name: str, tracked: List[str], untracked: List[str]) -> str:
 
 
 #: the watchdog of a freeze, a child process of its own: it thaws the guest
-#: when pydr tells it nothing within the bound, or dies (its stdin closes)
+#: when pydr tells it nothing within the bound, or dies (its stdin closes);
+#: it ignores SIGTERM, SIGHUP and SIGINT (a service stop or a cgroup kill
+#: signals pydr and it together: it outlives pydr to thaw). After SIGKILL
+#: of both, the next cycle thaws (thaw_left).
 _WATCHDOG = r"""
+import signal
+for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    signal.signal(sig, signal.SIG_IGN)
 import select, sys
 import libvirt
 uri, uuid, bound = sys.argv[1], sys.argv[2], float(sys.argv[3])

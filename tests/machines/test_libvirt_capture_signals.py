@@ -1,0 +1,76 @@
+"""Signals at a libvirt item's cut: SIGTERM to `pydr replicate` after its
+backup job began ends the job and drops the cycle's checkpoint (the finally
+blocks run); the freeze's watchdog outlives a SIGTERM sent to it with pydr
+(a service stop, a cgroup kill) and thaws the guest."""
+
+import os
+import signal
+import subprocess
+
+from guestkit import guest_kit, last_synced, verify_records  # noqa: F401
+from libvirtd import libvirtd  # noqa: F401 (the fixture)
+
+from pydr.dr.vault import Vault
+
+from conftest import pydr_command
+from test_libvirt_capture import guest, materialized, protected, replicate  # noqa: F401
+from test_libvirt_capture_freeze import freeze_status
+
+
+def stopped_at(vault, point):
+    """`pydr replicate vm` stopped (SIGSTOP) at crash point `point`."""
+    p = subprocess.Popen(pydr_command() + ["replicate", "vm", "--vault", str(vault)],
+                         env={**os.environ, "PYDR_STOP_AT": point},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status = os.waitpid(p.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status)
+    return p
+
+
+def children(pid):
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(d))
+    return found
+
+
+def test_sigterm_ends_the_backup_job_and_the_watchdog_outlives_it(guest, tmp_path):
+    vault, _ = protected(guest, tmp_path)
+    replicate(vault)
+    with Vault(vault) as v:
+        checkpoint = v.store.disks("vm")[0]["bitmap"]
+
+    # SIGTERM after the job began: the job is ended, its checkpoint dropped
+    p = stopped_at(vault, "libvirt.backup-begun")
+    assert "Backup" in guest.libvirtd.virsh("domjobinfo", guest.name)
+    os.kill(p.pid, signal.SIGTERM)
+    os.kill(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode not in (0, -signal.SIGTERM), err
+    assert "None" in guest.libvirtd.virsh("domjobinfo", guest.name).split("\n")[0]
+    assert guest.libvirtd.virsh("checkpoint-list", guest.name, "--name").split() == [checkpoint]
+
+    # SIGTERM to pydr and its watchdog while frozen, then pydr SIGKILLed: the watchdog thaws
+    p = stopped_at(vault, "libvirt.frozen")
+    assert freeze_status(guest) == "frozen"
+    (watchdog,) = children(p.pid)
+    os.kill(watchdog, signal.SIGTERM)
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate(timeout=120)
+    # the watchdog, not dead of the SIGTERM, sees its pipe close and thaws
+    while os.path.exists(f"/proc/{watchdog}"):
+        with open(f"/proc/{watchdog}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        os.sched_yield()
+    assert freeze_status(guest) == "thawed"
+    synced = last_synced(guest.log)
+    point = replicate(vault)  # the same command goes on
+    assert verify_records(materialized(vault, point["point_id"], tmp_path / "p")) >= synced
