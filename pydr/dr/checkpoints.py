@@ -8,7 +8,8 @@ Each disk of a libvirt item has a tracker (:class:`LibvirtTracker`, kind
 domain share one :class:`DomainSession`, which does the domain's work once:
 
 * before the cut: a backup job a killed pydr left is aborted (another
-  tool's is refused, MachineError); the recorded checkpoint (pydr-N, the
+  tool's is refused, MachineError); the recorded checkpoint (pydr-V-N, V the
+  vault's id: another vault's are never touched; the
   disks' ``bitmap``) must exist and record every qcow2 disk, else
   TrackingLost (the item becomes resync-required: ``replicate --resync``
   starts a fresh chain); pydr's other checkpoints, left by a kill, are
@@ -36,7 +37,7 @@ import logging
 from typing import Dict, Optional
 
 from ..errors import MachineError, TrackingLost
-from .tracking import PREFIX, Cut, Tracker, register
+from .tracking import Cut, Tracker, register
 
 _log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ BITMAP_FORMATS = ("qcow2",)
 _SESSIONS: Dict[tuple, "DomainSession"] = {}
 
 
-def _generation_of(name: str) -> Optional[int]:
-    number = name[len(PREFIX):] if name.startswith(PREFIX) else ""
+def _generation_of(name: str, prefix: str) -> Optional[int]:
+    """N of checkpoint `name` when it is PREFIX-N of this vault's (`prefix`), else None."""
+    number = name[len(prefix):] if name.startswith(prefix) else ""
     return int(number) if number.isdigit() else None
 
 
@@ -77,6 +79,18 @@ class DomainSession:
     @property
     def where(self):
         return self.domain.where
+
+    @property
+    def vault_id(self):
+        """The vault's id, in its checkpoints' and backup jobs' names."""
+        return str(self.vault.vault_id())
+
+    @property
+    def prefix(self):
+        """How this vault's checkpoints of the domain are named (then N)."""
+        from ..transport.libvirt_backup import checkpoint_prefix
+
+        return checkpoint_prefix(self.vault_id)
 
     def recorded(self):
         """The checkpoint the vault records for the domain's disks (one for
@@ -190,7 +204,7 @@ class DomainSession:
         if current is None:
             self.validated = True
             return
-        self.domain.clear_stale_job()  # a killed cycle's job holds the bitmaps
+        self.domain.clear_stale_job(self.vault_id)  # a killed cycle's job holds the bitmaps
         found = self.domain.checkpoints()
         if current not in found:
             raise TrackingLost(f"checkpoint {current} of domain {self.domain.name!r} is missing "
@@ -221,17 +235,18 @@ class DomainSession:
                 record = self.vouched()
                 self.vouch = None if record is None else json.dumps(record, sort_keys=True)
             return
-        self.domain.clear_stale_job()
+        self.domain.clear_stale_job(self.vault_id)
         if not full:
             self.validate()
         found = self.domain.checkpoints()
         for name in found:  # left by a killed cycle or a failed commit: nothing is lost
-            if _generation_of(name) is not None and name != current:
+            if _generation_of(name, self.prefix) is not None and name != current:
                 self.domain.delete_checkpoint(name)
         known = [t.generation for t in self.trackers.values()]
-        known += [_generation_of(n) for n in found if _generation_of(n) is not None]
+        known += [_generation_of(n, self.prefix) for n in found
+                  if _generation_of(n, self.prefix) is not None]
         self.generation = max(known) + 1
-        self.checkpoint = f"{PREFIX}{self.generation}"
+        self.checkpoint = f"{self.prefix}{self.generation}"
         tracked, whole = self.bitmapped()
         machine = self.vault.machine(self.item) if self.vault is not None else None
         freeze = bool(machine is not None and machine.agent)
@@ -264,7 +279,7 @@ class DomainSession:
         try:
             with self.domain.backup(self.checkpoint, incremental=incremental, tracked=tracked,
                                     full_only=whole, freeze=freeze,
-                                    freeze_bound=FREEZE_BOUND) as job:
+                                    freeze_bound=FREEZE_BOUND, vault_id=self.vault_id) as job:
                 yield job
                 return
         except MachineError as exc:
@@ -272,7 +287,8 @@ class DomainSession:
                 raise
             _log.warning("%s: cut without freezing", exc)
         with self.domain.backup(self.checkpoint, incremental=incremental, tracked=tracked,
-                                full_only=whole, freeze=False, freeze_bound=FREEZE_BOUND) as job:
+                                full_only=whole, freeze=False, freeze_bound=FREEZE_BOUND,
+                                vault_id=self.vault_id) as job:
             yield job
 
     def end(self):

@@ -197,12 +197,12 @@ class LibvirtDomain:
                             path=self.where):
             return delete_checkpoint(self.dom, name, where=self.where)
 
-    def clear_stale_job(self) -> Optional[str]:
-        """End a backup job a killed pydr left (its socket is returned);
-        MachineError for another tool's job."""
+    def clear_stale_job(self, vault_id: str) -> Optional[str]:
+        """End a backup job a killed cycle of vault `vault_id` left (its
+        socket is returned); MachineError for any other job."""
         from ..transport.libvirt_backup import stale_job
 
-        return stale_job(self.dom, where=self.where)
+        return stale_job(self.dom, vault_id, where=self.where)
 
     def thaw_left(self) -> bool:
         """Thaw the guest if a killed pydr left it frozen (True when it was)."""
@@ -212,7 +212,8 @@ class LibvirtDomain:
 
     @contextlib.contextmanager
     def backup(self, checkpoint: str, *, incremental: Optional[str], tracked: List[str],
-               full_only: List[str], freeze: bool, freeze_bound: float) -> Iterator:
+               full_only: List[str], freeze: bool, freeze_bound: float,
+               vault_id: str) -> Iterator:
         """A pull-mode backup job of the domain's disks making `checkpoint`
         (pydr.transport.libvirt_backup.begin, which documents the rest);
         yields its BackupJob (uri(target), bitmap(target), frozen)."""
@@ -220,7 +221,7 @@ class LibvirtDomain:
 
         with begin(self.dom, checkpoint, incremental=incremental, tracked=tracked,
                    full_only=full_only, freeze=freeze, freeze_bound=freeze_bound,
-                   where=self.where) as job:
+                   vault_id=vault_id, where=self.where) as job:
             yield job
 
 

@@ -5,9 +5,15 @@ instant, on a unix socket in a private directory of pydr's), and the guest
 agent's file-system freeze around it (docs/MACHINES.md, "Checkpoints and
 backup jobs").
 
-A job pydr began is recognised later by its NBD socket: it is under
-:data:`SCRATCH_PREFIX` in the system's temporary directory. A job of any
-other tool is never aborted (:func:`stale_job` raises MachineError).
+Checkpoints and jobs carry the vault's id: a checkpoint of vault V is
+``pydr-V-N`` (V: the id's first 16 hex digits; :func:`checkpoint_prefix`), a job's private directory
+``pydr-libvirt-V-*`` (:func:`scratch_prefix`, in whatever temporary
+directory the cycle had), holding a lock file the cycle keeps locked
+(flock) while it runs. A job is a killed pydr's of this vault only when
+its socket is in such a directory and no process holds that lock; any
+other job (another tool's, another vault's, a running cycle's) is never
+aborted (:func:`stale_job` raises MachineError), and :func:`end_job`
+aborts only the job whose socket it is given.
 
 Every libvirt error becomes pydr's (pydr.transport.libvirt.libvirt_errors).
 """
@@ -27,7 +33,7 @@ from ..engine import crashpoints
 from ..errors import MachineError
 from .libvirt import libvirt_errors, libvirt_module
 
-#: the names of pydr's checkpoints: PREFIX + generation
+#: the names of pydr's checkpoints start so (then the vault's id: checkpoint_prefix)
 PREFIX = "pydr-"
 #: the private directories of pydr's backup jobs (socket and scratch files)
 SCRATCH_PREFIX = "pydr-libvirt-"
@@ -130,17 +136,49 @@ def job_xml(dom) -> Optional[str]:
         raise
 
 
-def _is_pydr_socket(path: Optional[str]) -> bool:
-    """Whether `path` is the socket of a job pydr began (in one of its scratch directories)."""
-    if not path:
+#: how many hex digits of the vault's id name its checkpoints and job
+#: directories (64 bits; a unix socket's path must stay under 108 bytes)
+ID_DIGITS = 16
+
+
+def checkpoint_prefix(vault_id: str) -> str:
+    """How the names of vault `vault_id`'s checkpoints start (then the generation)."""
+    return f"{PREFIX}{vault_id[:ID_DIGITS]}-"
+
+
+def scratch_prefix(vault_id: str) -> str:
+    """How the private directories of vault `vault_id`'s backup jobs are named."""
+    return f"{SCRATCH_PREFIX}{vault_id[:ID_DIGITS]}-"
+
+
+def _is_pydr_socket(path: Optional[str], vault_id: str) -> bool:
+    """Whether `path` is the socket of a job a cycle of vault `vault_id`
+    began (in one of its scratch directories, under any temporary directory)."""
+    if not path or os.path.basename(path) != "nbd.sock":
         return False
-    parent = os.path.dirname(os.path.dirname(path))
-    return (os.path.basename(os.path.dirname(path)).startswith(SCRATCH_PREFIX)
-            and os.path.realpath(parent) == os.path.realpath(tempfile.gettempdir()))
+    return os.path.basename(os.path.dirname(path)).startswith(scratch_prefix(vault_id))
 
 
-def stale_job(dom, *, where: Optional[str] = None) -> Optional[str]:
-    """End a backup job a killed pydr left on the domain.
+def _held(directory: str) -> bool:
+    """Whether a live process holds the lock of job directory `directory`
+    (a running cycle's job); a directory gone is nobody's."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(directory, "lock"), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def stale_job(dom, vault_id: str, *, where: Optional[str] = None) -> Optional[str]:
+    """End a backup job a killed cycle of vault `vault_id` left on the domain.
 
     Returns:
         The socket of the job aborted, or None when the domain had no
@@ -158,21 +196,34 @@ def stale_job(dom, *, where: Optional[str] = None) -> Optional[str]:
     root = _parse(text, f"the backup job of domain {dom.name()!r}")
     server = root.find("server")
     socket_path = server.get("socket") if server is not None else None
-    if root.get("mode") != "pull" or not _is_pydr_socket(socket_path):
-        raise MachineError(f"domain {dom.name()!r} runs a backup job that is not pydr's "
+    if root.get("mode") != "pull" or not _is_pydr_socket(socket_path, vault_id):
+        raise MachineError(f"domain {dom.name()!r} runs a backup job that is not this vault's "
                            f"(mode {root.get('mode')!r}, server "
                            f"{socket_path or (server.attrib if server is not None else None)!r})",
                            path=where, hint="wait for it to end, or end it (virsh domjobabort)")
-    end_job(dom, where=where)
+    if _held(os.path.dirname(socket_path)):
+        raise MachineError(f"domain {dom.name()!r} runs a backup job of a running cycle "
+                           f"(socket {socket_path})", path=where,
+                           hint="wait for that cycle to end")
+    end_job(dom, socket=socket_path, where=where)
     with contextlib.suppress(OSError):
         shutil.rmtree(os.path.dirname(socket_path))
     return socket_path
 
 
-def end_job(dom, *, where: Optional[str] = None) -> None:
-    """End the domain's backup job (abortJob: a pull-mode job is ended so);
-    nothing when it has none."""
+def end_job(dom, *, socket: str, where: Optional[str] = None) -> None:
+    """End the domain's backup job (abortJob: a pull-mode job is ended so)
+    if it is the one serving `socket`; nothing when it has none. Another
+    job (the domain's job ended and another began): MachineError, never
+    aborted."""
     libvirt = libvirt_module()
+    text = job_xml(dom)
+    if text is None:
+        return
+    server = _parse(text, f"the backup job of domain {dom.name()!r}").find("server")
+    if server is None or server.get("socket") != socket:
+        raise MachineError(f"domain {dom.name()!r} runs a backup job that is not the one "
+                           f"pydr began (socket {socket}): left alone", path=where)
     try:
         dom.abortJob()
     except libvirt.libvirtError as exc:
@@ -212,7 +263,7 @@ class BackupJob:
     def end(self) -> None:
         """End the job (abortJob) and remove its directory."""
         try:
-            end_job(self.dom, where=self.where)
+            end_job(self.dom, socket=self.socket, where=self.where)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -329,7 +380,7 @@ def thaw_left(dom, *, where: Optional[str] = None) -> bool:
 @contextlib.contextmanager
 def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str],
           full_only: List[str] = (), freeze: bool = False, freeze_bound: float = FREEZE_BOUND,
-          where: Optional[str] = None) -> Iterator[BackupJob]:
+          vault_id: str, where: Optional[str] = None) -> Iterator[BackupJob]:
     """Begin a pull-mode backup job of the domain's disks, making checkpoint
     `checkpoint` at the same instant, and end it when the block ends.
 
@@ -345,6 +396,8 @@ def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str
             the job's start, for at most `freeze_bound` seconds (a watchdog
             thaws then); ``job.frozen`` is True only when the thaw came
             after the job began and before the bound.
+        vault_id: the vault's id: the job's directory is named for it, and
+            locked while the job runs (a rerun knows a killed cycle's job).
         where: named by errors (the connection URI).
 
     Yields:
@@ -354,7 +407,11 @@ def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str
         MachineError: libvirt refused the job or the freeze; the guest is
             thawed and the job ended on every path.
     """
-    directory = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)  # 0700
+    import fcntl
+
+    directory = tempfile.mkdtemp(prefix=scratch_prefix(vault_id))  # 0700
+    lock = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held until the job ends: it is a running cycle's
     job = BackupJob(dom, directory, checkpoint, incremental, where)
     began = False
     try:
@@ -374,10 +431,13 @@ def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str
         _wait_listening(job)
         yield job
     finally:
-        if began:
-            job.end()
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            if began:
+                job.end()
+            else:
+                shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(lock)
 
 
 def _wait_listening(job: BackupJob, timeout: float = 20.0) -> None:

@@ -1,19 +1,23 @@
 """Signals at a libvirt item's cut: SIGTERM to `pydr replicate` after its
 backup job began ends the job and drops the cycle's checkpoint (the finally
 blocks run); the freeze's watchdog outlives a SIGTERM sent to it with pydr
-(a service stop, a cgroup kill) and thaws the guest."""
+(a service stop, a cgroup kill) and thaws the guest. Jobs and checkpoints
+carry the vault's id: a killed cycle's job is known whatever TMPDIR the
+rerun has, another tool's job is never ended, and a domain holding
+another vault's checkpoints is refused at protect."""
 
 import os
 import signal
 import subprocess
+import tempfile
 
 from guestkit import guest_kit, last_synced, verify_records  # noqa: F401
 from libvirtd import libvirtd  # noqa: F401 (the fixture)
 
-from pydr.dr.vault import Vault
+from pydr.dr.vault import Vault, init_vault
 
 from conftest import pydr_command
-from test_libvirt_capture import guest, materialized, protected, replicate  # noqa: F401
+from test_libvirt_capture import cli, guest, materialized, protected, replicate  # noqa: F401
 from test_libvirt_capture_freeze import freeze_status
 
 
@@ -74,3 +78,39 @@ def test_sigterm_ends_the_backup_job_and_the_watchdog_outlives_it(guest, tmp_pat
     synced = last_synced(guest.log)
     point = replicate(vault)  # the same command goes on
     assert verify_records(materialized(vault, point["point_id"], tmp_path / "p")) >= synced
+
+    # a kill with another TMPDIR: the rerun (its own TMPDIR) knows the job as this vault's
+    other_tmp = tempfile.mkdtemp(dir="/tmp")  # short: a unix socket's path is bounded
+    r = cli(vault, "replicate", "vm", env=dict(os.environ, TMPDIR=str(other_tmp),
+                                                PYDR_CRASH_AT="libvirt.backup-begun"))
+    assert r.returncode == -9, r.stderr
+    replicate(vault)
+    assert "None" in guest.libvirtd.virsh("domjobinfo", guest.name).split("\n")[0]
+
+    # pydr's job ended by someone else, then another tool's began: pydr leaves it running
+    p = stopped_at(vault, "libvirt.backup-begun")
+    guest.libvirtd.virsh("domjobabort", guest.name)
+    theirs = tmp_path / "theirs.xml"
+    theirs.write_text(f"<domainbackup mode='pull'><server transport='unix' "
+                      f"socket='{tmp_path}/theirs.sock'/><disks><disk name='vda' type='file'>"
+                      f"<scratch file='{tmp_path}/theirs.qcow2'/></disk></disks></domainbackup>")
+    guest.libvirtd.virsh("backup-begin", guest.name, str(theirs))
+    os.kill(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert "theirs.sock" in guest.libvirtd.virsh("backup-dumpxml", guest.name)
+    r = cli(vault, "replicate", "vm")  # nor does a rerun end it
+    assert r.returncode == 22 and "not this vault's" in r.stderr, r.stderr
+    assert "theirs.sock" in guest.libvirtd.virsh("backup-dumpxml", guest.name)
+    guest.libvirtd.virsh("domjobabort", guest.name)
+    replicate(vault)
+
+    # another vault: refused at protect, naming this vault's checkpoint
+    with Vault(vault) as v:
+        checkpoint = v.store.disks("vm")[0]["bitmap"]
+        assert checkpoint.startswith(f"pydr-{v.vault_id()[:16]}-")
+    second = tmp_path / "vault2"
+    init_vault(second)
+    r = cli(second, "protect", "vm", "--libvirt", guest.name, "--connect", guest.uri,
+            "--to", str(tmp_path / "dr2"))
+    assert r.returncode == 15 and checkpoint in r.stderr, r.stderr
