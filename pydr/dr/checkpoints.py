@@ -26,7 +26,10 @@ domain share one :class:`DomainSession`, which does the domain's work once:
   everything since it was made: nothing lost.
 
 A shut-off domain is read from its disk files (nothing writes them): a full
-compare, its checkpoint kept as it is.
+compare, its checkpoint kept as it is; a domain found running after the
+read fails the cycle (MachineError, nothing recorded: a raw file has no
+lock that keeps QEMU from starting on it). A domain never seen running has
+no checkpoint: its first cycle while it runs is a full one.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 from typing import Dict, Optional
 
 from ..errors import MachineError, TrackingLost
@@ -72,6 +76,7 @@ class DomainSession:
         self.checkpoint = None  # the one this cycle made
         self.generation = None
         self.xml = None  # the domain's inactive XML at the cut
+        self.nonce = secrets.token_hex(8)  # the description of the checkpoint it makes
         self.vouch = None  # JSON: the checkpoint, its creation time, its disks' files and sizes
         self.frozen = False
         self.committed = self.aborted = False
@@ -169,12 +174,12 @@ class DomainSession:
         if record is None or record.get("name") != current:
             raise TrackingLost(f"the vault records no cut of domain {self.domain.name!r} at "
                                f"checkpoint {current}", path=self.where)
-        created = self.domain.checkpoint_created(current)
+        created = self.domain.checkpoint_identity(current)
         if created != record.get("created"):
             raise TrackingLost(f"checkpoint {current} of domain {self.domain.name!r} was made "
-                               f"again (created {created}, the vault's was created "
-                               f"{record.get('created')}): it misses what changed before",
-                               path=self.where)
+                               f"again (it is {created!r}, the vault's was "
+                               f"{record.get('created')!r}: creation time/pydr's nonce): it "
+                               f"misses what changed before", path=self.where)
         now = self.domain.disk_facts()
         for target, was in sorted(record["disks"].items()):
             is_ = now.get(target)
@@ -266,7 +271,7 @@ class DomainSession:
         try:
             self.xml = self.domain.inactive_xml()
             self.vouch = json.dumps({"name": self.checkpoint,
-                                     "created": self.domain.checkpoint_created(self.checkpoint),
+                                     "created": self.domain.checkpoint_identity(self.checkpoint),
                                      "disks": self.domain.disk_facts()}, sort_keys=True)
         except BaseException:
             self.end()
@@ -279,7 +284,7 @@ class DomainSession:
         try:
             with self.domain.backup(self.checkpoint, incremental=incremental, tracked=tracked,
                                     full_only=whole, freeze=freeze,
-                                    freeze_bound=FREEZE_BOUND, vault_id=self.vault_id) as job:
+                                    freeze_bound=FREEZE_BOUND, vault_id=self.vault_id, nonce=self.nonce) as job:
                 yield job
                 return
         except MachineError as exc:
@@ -288,7 +293,7 @@ class DomainSession:
             _log.warning("%s: cut without freezing", exc)
         with self.domain.backup(self.checkpoint, incremental=incremental, tracked=tracked,
                                 full_only=whole, freeze=False, freeze_bound=FREEZE_BOUND,
-                                vault_id=self.vault_id) as job:
+                                vault_id=self.vault_id, nonce=self.nonce) as job:
             yield job
 
     def end(self):
@@ -380,6 +385,13 @@ class LibvirtTracker(Tracker):
             if not s.running:
                 with self.source.file_endpoint().engine_disk() as dev:
                     yield Cut(DeviceEndpoint(dev, self.where), None)
+                if s.domain.running():  # started under the read (a raw file has no lock)
+                    raise MachineError(
+                        f"domain {s.domain.name!r} was started while pydr read disk "
+                        f"{self.target} from its file: the copy is not of one instant, no "
+                        f"point is recorded", path=self.where,
+                        hint="run the same command again (the running domain is cut by a "
+                             "backup job)")
                 return
             bitmap = s.job.bitmap(self.target) if not self.full else None
             tracked, _ = s.bitmapped() if bitmap else ([], [])

@@ -164,11 +164,12 @@ class LibvirtDomain:
 
         return checkpoints(self.dom, where=self.where)
 
-    def checkpoint_created(self, name: str) -> Optional[int]:
-        """Checkpoint `name`'s creation time (None: there is none)."""
-        from ..transport.libvirt_backup import checkpoint_created
+    def checkpoint_identity(self, name: str) -> Optional[str]:
+        """Checkpoint `name`'s creation time and description (None: there
+        is none; pydr.transport.libvirt_backup.checkpoint_identity)."""
+        from ..transport.libvirt_backup import checkpoint_identity
 
-        return checkpoint_created(self.dom, name, where=self.where)
+        return checkpoint_identity(self.dom, name, where=self.where)
 
     def disk_facts(self, xml: Optional[str] = None) -> Dict[str, Dict[str, object]]:
         """{target: {"source": the file's real path, "capacity": bytes}} of
@@ -213,7 +214,7 @@ class LibvirtDomain:
     @contextlib.contextmanager
     def backup(self, checkpoint: str, *, incremental: Optional[str], tracked: List[str],
                full_only: List[str], freeze: bool, freeze_bound: float,
-               vault_id: str) -> Iterator:
+               vault_id: str, nonce: str = "") -> Iterator:
         """A pull-mode backup job of the domain's disks making `checkpoint`
         (pydr.transport.libvirt_backup.begin, which documents the rest);
         yields its BackupJob (uri(target), bitmap(target), frozen)."""
@@ -221,7 +222,7 @@ class LibvirtDomain:
 
         with begin(self.dom, checkpoint, incremental=incremental, tracked=tracked,
                    full_only=full_only, freeze=freeze, freeze_bound=freeze_bound,
-                   vault_id=vault_id, where=self.where) as job:
+                   vault_id=vault_id, nonce=nonce, where=self.where) as job:
             yield job
 
 

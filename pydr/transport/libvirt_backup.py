@@ -76,10 +76,11 @@ def checkpoints(dom, *, where: Optional[str] = None) -> Dict[str, Dict[str, str]
     return found
 
 
-def checkpoint_created(dom, name: str, *, where: Optional[str] = None) -> Optional[int]:
-    """The creation time libvirt gives checkpoint `name` (seconds since the
-    epoch: a checkpoint deleted and made again under the name has another),
-    or None when there is no such checkpoint.
+def checkpoint_identity(dom, name: str, *, where: Optional[str] = None) -> Optional[str]:
+    """Who checkpoint `name` is: "CREATIONTIME/DESCRIPTION" (libvirt's
+    creation time, in seconds, and the description pydr gave it: a nonce
+    of the cycle that made it; a checkpoint deleted and made again under
+    the name has another), or None when there is no such checkpoint.
 
     Raises:
         MachineError: libvirt failed.
@@ -93,8 +94,9 @@ def checkpoint_created(dom, name: str, *, where: Optional[str] = None) -> Option
                 return None
             raise
         text = cp.getXMLDesc(0)
-    found = _parse(text, f"checkpoint {name!r}").findtext("creationTime")
-    return int(found) if found and found.strip().isdigit() else None
+    root = _parse(text, f"checkpoint {name!r}")
+    return f"{(root.findtext('creationTime') or '').strip()}/" \
+           f"{(root.findtext('description') or '').strip()}"
 
 
 def delete_checkpoint(dom, name: str, *, where: Optional[str] = None) -> bool:
@@ -285,12 +287,15 @@ def backup_xml(job: BackupJob, tracked: List[str], full_only: List[str]) -> str:
             f"<disks>{''.join(disks)}</disks></domainbackup>")
 
 
-def checkpoint_xml(name: str, tracked: List[str], untracked: List[str]) -> str:
+def checkpoint_xml(name: str, tracked: List[str], untracked: List[str],
+                   nonce: str = "") -> str:
     """The <domaincheckpoint> `name`: a bitmap for each `tracked` disk, none
-    for the `untracked` ones."""
+    for the `untracked` ones, `nonce` as its description (the vault
+    records it: a checkpoint made again under the name has another)."""
     disks = [f"<disk name={quoteattr(t)} checkpoint='bitmap'/>" for t in tracked]
     disks += [f"<disk name={quoteattr(t)} checkpoint='no'/>" for t in untracked]
-    return (f"<domaincheckpoint><name>{escape(name)}</name>"
+    description = f"<description>{escape(nonce)}</description>" if nonce else ""
+    return (f"<domaincheckpoint><name>{escape(name)}</name>{description}"
             f"<disks>{''.join(disks)}</disks></domaincheckpoint>")
 
 
@@ -380,7 +385,7 @@ def thaw_left(dom, *, where: Optional[str] = None) -> bool:
 @contextlib.contextmanager
 def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str],
           full_only: List[str] = (), freeze: bool = False, freeze_bound: float = FREEZE_BOUND,
-          vault_id: str, where: Optional[str] = None) -> Iterator[BackupJob]:
+          vault_id: str, nonce: str = "", where: Optional[str] = None) -> Iterator[BackupJob]:
     """Begin a pull-mode backup job of the domain's disks, making checkpoint
     `checkpoint` at the same instant, and end it when the block ends.
 
@@ -398,6 +403,8 @@ def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str
             after the job began and before the bound.
         vault_id: the vault's id: the job's directory is named for it, and
             locked while the job runs (a rerun knows a killed cycle's job).
+        nonce: the new checkpoint's description (pydr.dr.checkpoints
+            records it to know the checkpoint again).
         where: named by errors (the connection URI).
 
     Yields:
@@ -421,7 +428,7 @@ def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str
                 crashpoints.reached("libvirt.frozen")
             with libvirt_errors(f"beginning a backup job of domain {dom.name()!r}", path=where):
                 dom.backupBegin(backup_xml(job, list(tracked), list(full_only)),
-                                checkpoint_xml(checkpoint, list(tracked), list(full_only)), 0)
+                                checkpoint_xml(checkpoint, list(tracked), list(full_only), nonce), 0)
             began = True
         finally:
             if frozen is not None:
@@ -444,7 +451,18 @@ def _wait_listening(job: BackupJob, timeout: float = 20.0) -> None:
     """Return when the job's NBD socket exists (QEMU makes it as the job
     starts; libvirt returns after)."""
     deadline = time.monotonic() + timeout
+    tries = 0
     while not os.path.exists(job.socket):
+        tries += 1
+        if tries % 200 == 0 or time.monotonic() > deadline:  # about every second
+            with libvirt_errors(f"looking for the backup job of domain {job.dom.name()!r}",
+                                path=job.where):
+                gone = job_xml(job.dom) is None
+            if gone:
+                raise MachineError(f"the backup job of domain {job.dom.name()!r} ended before "
+                                   f"its NBD server listened on {job.socket} (aborted by "
+                                   f"someone else, or QEMU stopped)", path=job.where,
+                                   hint="run the same command again")
         if time.monotonic() > deadline:
             raise MachineError(f"the backup job of domain {job.dom.name()!r} did not listen on "
                                f"{job.socket} within {timeout:.0f} s", path=job.where)
