@@ -93,7 +93,7 @@ class DomainSession:
     @property
     def prefix(self):
         """How this vault's checkpoints of the domain are named (then N)."""
-        from ..transport.libvirt_backup import checkpoint_prefix
+        from ..endpoints.libvirt import checkpoint_prefix
 
         return checkpoint_prefix(self.vault_id)
 

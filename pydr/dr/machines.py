@@ -87,7 +87,8 @@ def machine_disks(xml: str, domain: str, uri: Optional[str]):
 
 def _other_vaults_checkpoints(store, found: LibvirtDomain) -> List[str]:
     """The names of the domain's checkpoints made by another pydr vault."""
-    from ..transport.libvirt_backup import PREFIX, checkpoint_prefix
+    from ..endpoints.libvirt import checkpoint_prefix
+    from .tracking import PREFIX
 
     ours = checkpoint_prefix(str(store.vault_id()))
     return sorted(n for n in found.checkpoints() if n.startswith(PREFIX)

@@ -86,6 +86,14 @@ def xml_has_agent(text: str) -> bool:
     return False
 
 
+def checkpoint_prefix(vault_id: str) -> str:
+    """How vault `vault_id`'s checkpoints of a domain are named (then the
+    generation): pydr.transport.libvirt_backup.checkpoint_prefix."""
+    from ..transport.libvirt_backup import checkpoint_prefix as prefix
+
+    return prefix(vault_id)
+
+
 class LibvirtDomain:
     """A domain of a libvirt daemon, found by `name` and (when given)
     checked to be the machine of `uuid`; connected on first use."""
