@@ -140,9 +140,9 @@ class DomainSession:
                 f"the disks of domain {self.domain.name!r} changed: the vault protects "
                 f"{sorted(protected)}, the domain runs {sorted(live)} and is configured with "
                 f"{sorted(configured)}", path=self.where,
-                hint="a disk plugged in or renamed needs the item protected again (pydr "
-                     "unprotect, then pydr protect --libvirt); a disk taken out: put it back, "
-                     "or protect the item again")
+                hint="a disk plugged in or renamed is not protected: the item must be "
+                     "protected again with the domain's disks as they are (pydr has no "
+                     "command yet to add a disk to an item); a disk taken out: put it back")
 
     def vouched(self):
         """What the vault's newest point of the item records of its

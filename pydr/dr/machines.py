@@ -151,8 +151,9 @@ def protect_machine(store, name: str, domain: str, to: str, *, uri: Optional[str
         raise InvalidState(f"domain {domain!r} holds checkpoints of another pydr vault "
                            f"({', '.join(others)}): two vaults' cycles would end each other's "
                            f"jobs and checkpoints", path=uri or "libvirt", item=name,
-                           hint="protect it from one vault only: unprotect it in the other, "
-                                "and delete that vault's checkpoints (virsh checkpoint-delete)")
+                           hint="protect it from one vault only; if the other vault no longer "
+                                "protects it, delete its checkpoints (virsh checkpoint-delete "
+                                "DOMAIN NAME)")
     if parse_remote(to) is None and not to.startswith("s3://"):
         os.makedirs(to, exist_ok=True)  # --to names a directory: made as cp -r would
     protection.protect(store, name, [(s, r) for _, s, r in disks], cbt=True,

@@ -72,6 +72,6 @@ def test_a_checkpoint_vouches_only_for_the_disks_it_was_made_on(guest, tmp_path)
         f.truncate(4 << 20)
     guest.libvirtd.virsh("attach-disk", guest.name, vdb, "vdb", "--persistent")
     r = lost(vault, "vdb", "protect")
-    assert "protected again" in r.stderr
+    assert "protected again" in r.stderr and "not protected" in r.stderr
     r = cli(vault, "replicate", "vm", "--resync")  # a resync cannot mend it either
     assert r.returncode == 19 and "vdb" in r.stderr, r.stderr
