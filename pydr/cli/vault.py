@@ -2,6 +2,7 @@
 and materialize. Each opens the vault (pydr.dr.vault.Vault), makes one API
 call and presents the result."""
 
+import contextlib
 import os
 import sys
 
@@ -166,10 +167,24 @@ def _batches(v, args):
     raise ValueError("give ITEM, --group G or --all")
 
 
+def _interrupt_on_sigterm():
+    """SIGTERM raises KeyboardInterrupt, as ^C does: the cycle's finally
+    blocks run (a libvirt backup job is ended, its checkpoint dropped) rather
+    than the process vanishing with them undone (`pydr run` has its own)."""
+    import signal
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    with contextlib.suppress(ValueError):  # not the main thread: left alone
+        signal.signal(signal.SIGTERM, on_term)
+
+
 def cmd_replicate(args):
     from ..errors import CycleFailed, exit_code_for
     from .fleet import open_fleet
 
+    _interrupt_on_sigterm()
     with open_vault(args, writer=True) as v, open_fleet(args) as fleet:
         names = _batches(v, args)
         try:

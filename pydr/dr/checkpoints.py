@@ -8,7 +8,8 @@ Each disk of a libvirt item has a tracker (:class:`LibvirtTracker`, kind
 domain share one :class:`DomainSession`, which does the domain's work once:
 
 * before the cut: a backup job a killed pydr left is aborted (another
-  tool's is refused, MachineError); the recorded checkpoint (pydr-N, the
+  tool's is refused, MachineError); the recorded checkpoint (pydr-V-N, V the
+  vault's id: another vault's are never touched; the
   disks' ``bitmap``) must exist and record every qcow2 disk, else
   TrackingLost (the item becomes resync-required: ``replicate --resync``
   starts a fresh chain); pydr's other checkpoints, left by a kill, are
@@ -25,17 +26,22 @@ domain share one :class:`DomainSession`, which does the domain's work once:
   everything since it was made: nothing lost.
 
 A shut-off domain is read from its disk files (nothing writes them): a full
-compare, its checkpoint kept as it is.
+compare, its checkpoint kept as it is; a domain found running after the
+read fails the cycle (MachineError, nothing recorded: a raw file has no
+lock that keeps QEMU from starting on it). A domain never seen running has
+no checkpoint: its first cycle while it runs is a full one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import secrets
 from typing import Dict, Optional
 
 from ..errors import MachineError, TrackingLost
-from .tracking import PREFIX, Cut, Tracker, register
+from .tracking import Cut, Tracker, register
 
 _log = logging.getLogger(__name__)
 
@@ -49,8 +55,9 @@ BITMAP_FORMATS = ("qcow2",)
 _SESSIONS: Dict[tuple, "DomainSession"] = {}
 
 
-def _generation_of(name: str) -> Optional[int]:
-    number = name[len(PREFIX):] if name.startswith(PREFIX) else ""
+def _generation_of(name: str, prefix: str) -> Optional[int]:
+    """N of checkpoint `name` when it is PREFIX-N of this vault's (`prefix`), else None."""
+    number = name[len(prefix):] if name.startswith(prefix) else ""
     return int(number) if number.isdigit() else None
 
 
@@ -69,12 +76,26 @@ class DomainSession:
         self.checkpoint = None  # the one this cycle made
         self.generation = None
         self.xml = None  # the domain's inactive XML at the cut
+        self.nonce = secrets.token_hex(8)  # the description of the checkpoint it makes
+        self.vouch = None  # JSON: the checkpoint, its creation time, its disks' files and sizes
         self.frozen = False
         self.committed = self.aborted = False
 
     @property
     def where(self):
         return self.domain.where
+
+    @property
+    def vault_id(self):
+        """The vault's id, in its checkpoints' and backup jobs' names."""
+        return str(self.vault.vault_id())
+
+    @property
+    def prefix(self):
+        """How this vault's checkpoints of the domain are named (then N)."""
+        from ..endpoints.libvirt import checkpoint_prefix
+
+        return checkpoint_prefix(self.vault_id)
 
     def recorded(self):
         """The checkpoint the vault records for the domain's disks (one for
@@ -95,16 +116,100 @@ class DomainSession:
         tracked = [t for t in targets if formats.get(t) in BITMAP_FORMATS]
         return tracked, [t for t in targets if t not in tracked]
 
+    def vault_targets(self):
+        """The targets of the disks the vault protects of the domain."""
+        from ..endpoints.libvirt import is_libvirt_spec, parse_spec
+
+        disks = self.vault.disks(self.item) if self.vault is not None else []
+        targets = {parse_spec(d["source"])[1] for d in disks if is_libvirt_spec(d["source"])}
+        return targets or {t.target for t in self.trackers.values()}
+
+    def check_disks(self):
+        """TrackingLost unless the domain's disks, as it runs and as it is
+        configured, are the disks the vault protects (a disk plugged in,
+        taken out or renamed: a point would name a disk it has no copy of)."""
+        from ..endpoints.libvirt import xml_disks
+
+        protected = self.vault_targets()
+        configured = {d["target"] for d in xml_disks(self.domain.inactive_xml())
+                      if d["device"] == "disk"}
+        live = configured if not self.domain.running() else {
+            d["target"] for d in xml_disks(self.domain.live_xml()) if d["device"] == "disk"}
+        if live != protected or configured != protected:
+            raise TrackingLost(
+                f"the disks of domain {self.domain.name!r} changed: the vault protects "
+                f"{sorted(protected)}, the domain runs {sorted(live)} and is configured with "
+                f"{sorted(configured)}", path=self.where,
+                hint="a disk plugged in or renamed is not protected: the item must be "
+                     "protected again with the domain's disks as they are (pydr has no "
+                     "command yet to add a disk to an item); a disk taken out: put it back")
+
+    def vouched(self):
+        """What the vault's newest point of the item records of its
+        checkpoint: {"name", "created", "disks": {target: {"source",
+        "capacity"}}}, or None (no point, or one of a shut-off domain that
+        never had a checkpoint)."""
+
+        store = getattr(self.vault, "store", self.vault)  # a Vault, or its Store
+        points = store.points(self.item) if store is not None else []
+        row = store.point_machine(self.item, points[-1].id) if points else None
+        if row is None or not row.checkpoint:
+            return None
+        try:
+            found = json.loads(row.checkpoint)
+        except ValueError:
+            found = None
+        if not isinstance(found, dict) or not isinstance(found.get("disks"), dict):
+            raise TrackingLost(f"point {points[-1].id} of {self.item!r} does not record what "
+                               f"checkpoint {row.checkpoint!r} vouches for", path=self.where)
+        return found
+
+    def check_vouched(self, current):
+        """TrackingLost unless checkpoint `current` is the one the vault
+        recorded (same creation time: not deleted and made again) and each
+        disk is still the file, of the size, it was at that cut (targets
+        swapped, a source re-pointed, a disk resized: its bitmap says
+        nothing about the disk as it is)."""
+        record = self.vouched()
+        if record is None or record.get("name") != current:
+            raise TrackingLost(f"the vault records no cut of domain {self.domain.name!r} at "
+                               f"checkpoint {current}", path=self.where)
+        created = self.domain.checkpoint_identity(current)
+        if created != record.get("created"):
+            raise TrackingLost(f"checkpoint {current} of domain {self.domain.name!r} was made "
+                               f"again (it is {created!r}, the vault's was "
+                               f"{record.get('created')!r}: creation time/pydr's nonce): it "
+                               f"misses what changed before", path=self.where)
+        now = self.domain.disk_facts()
+        for target, was in sorted(record["disks"].items()):
+            is_ = now.get(target)
+            if is_ is None:
+                raise TrackingLost(f"domain {self.domain.name!r} has no disk {target} any "
+                                   f"more", path=self.where)
+            if is_["source"] != was.get("source"):
+                raise TrackingLost(f"disk {target} of domain {self.domain.name!r} is now "
+                                   f"{is_['source']} (it was {was.get('source')} at checkpoint "
+                                   f"{current})", path=self.where)
+            if is_["capacity"] != was.get("capacity"):
+                raise TrackingLost(f"disk {target} of domain {self.domain.name!r} was resized "
+                                   f"({was.get('capacity')} -> {is_['capacity']} bytes) since "
+                                   f"checkpoint {current}: its bitmap cannot be trusted",
+                                   path=self.where)
+
     def validate(self):
-        """TrackingLost unless the recorded checkpoint exists and records
-        every disk that can be tracked (once a session)."""
+        """TrackingLost unless the recorded checkpoint exists, records
+        every disk that can be tracked, and vouches for the disks as they
+        are (:meth:`check_vouched`), and the domain's disks are the vault's
+        (once a session). No checkpoint recorded (the domain was shut off at
+        every cycle): nothing to validate, the cycle is full."""
         if self.validated:
             return
+        self.check_disks()
         current = self.recorded()
         if current is None:
-            raise TrackingLost(f"domain {self.domain.name!r} has no checkpoint of pydr yet",
-                               path=self.where)
-        self.domain.clear_stale_job()  # a killed cycle's job holds the bitmaps
+            self.validated = True
+            return
+        self.domain.clear_stale_job(self.vault_id)  # a killed cycle's job holds the bitmaps
         found = self.domain.checkpoints()
         if current not in found:
             raise TrackingLost(f"checkpoint {current} of domain {self.domain.name!r} is missing "
@@ -114,6 +219,8 @@ class DomainSession:
             if found[current].get(target, "no") != "bitmap":
                 raise TrackingLost(f"checkpoint {current} of domain {self.domain.name!r} does "
                                    f"not record disk {target}", path=self.where)
+        if self.domain.running():
+            self.check_vouched(current)
         self.validated = True
 
     def begin(self, full):
@@ -121,6 +228,7 @@ class DomainSession:
         if self.began:
             return
         self.began = True
+        self.check_disks()
         current = self.recorded() if not full else next(
             iter({t.current for t in self.trackers.values()}))
         self.running = self.domain.running()
@@ -128,18 +236,22 @@ class DomainSession:
             self.checkpoint, self.generation = current, max(
                 t.generation for t in self.trackers.values())
             self.xml = self.domain.inactive_xml()
+            if current is not None:  # what it vouches for is unchanged: carried on
+                record = self.vouched()
+                self.vouch = None if record is None else json.dumps(record, sort_keys=True)
             return
-        self.domain.clear_stale_job()
+        self.domain.clear_stale_job(self.vault_id)
         if not full:
             self.validate()
         found = self.domain.checkpoints()
         for name in found:  # left by a killed cycle or a failed commit: nothing is lost
-            if _generation_of(name) is not None and name != current:
+            if _generation_of(name, self.prefix) is not None and name != current:
                 self.domain.delete_checkpoint(name)
         known = [t.generation for t in self.trackers.values()]
-        known += [_generation_of(n) for n in found if _generation_of(n) is not None]
+        known += [_generation_of(n, self.prefix) for n in found
+                  if _generation_of(n, self.prefix) is not None]
         self.generation = max(known) + 1
-        self.checkpoint = f"{PREFIX}{self.generation}"
+        self.checkpoint = f"{self.prefix}{self.generation}"
         tracked, whole = self.bitmapped()
         machine = self.vault.machine(self.item) if self.vault is not None else None
         freeze = bool(machine is not None and machine.agent)
@@ -158,6 +270,9 @@ class DomainSession:
         self.frozen = self.job.frozen
         try:
             self.xml = self.domain.inactive_xml()
+            self.vouch = json.dumps({"name": self.checkpoint,
+                                     "created": self.domain.checkpoint_identity(self.checkpoint),
+                                     "disks": self.domain.disk_facts()}, sort_keys=True)
         except BaseException:
             self.end()
             raise
@@ -169,7 +284,7 @@ class DomainSession:
         try:
             with self.domain.backup(self.checkpoint, incremental=incremental, tracked=tracked,
                                     full_only=whole, freeze=freeze,
-                                    freeze_bound=FREEZE_BOUND) as job:
+                                    freeze_bound=FREEZE_BOUND, vault_id=self.vault_id, nonce=self.nonce) as job:
                 yield job
                 return
         except MachineError as exc:
@@ -177,7 +292,8 @@ class DomainSession:
                 raise
             _log.warning("%s: cut without freezing", exc)
         with self.domain.backup(self.checkpoint, incremental=incremental, tracked=tracked,
-                                full_only=whole, freeze=False, freeze_bound=FREEZE_BOUND) as job:
+                                full_only=whole, freeze=False, freeze_bound=FREEZE_BOUND,
+                                vault_id=self.vault_id, nonce=self.nonce) as job:
             yield job
 
     def end(self):
@@ -202,7 +318,7 @@ class DomainSession:
 
     def abort(self):
         """The cycle failed: its checkpoint goes, the recorded one records on (once)."""
-        if self.aborted or not self.running or self.checkpoint is None:
+        if self.aborted or self.committed or not self.running or self.checkpoint is None:
             return
         self.aborted = True
         self.end()
@@ -214,7 +330,7 @@ class DomainSession:
         """In the point's transaction: its machine row (XML at the cut,
         frozen, checkpoint)."""
         store.add_point_machine(self.item, point_id, self.xml, frozen=self.frozen,
-                                checkpoint=self.checkpoint)
+                                checkpoint=self.vouch)
 
 
 def session_for(vault, item, idx, domain):
@@ -269,6 +385,13 @@ class LibvirtTracker(Tracker):
             if not s.running:
                 with self.source.file_endpoint().engine_disk() as dev:
                     yield Cut(DeviceEndpoint(dev, self.where), None)
+                if s.domain.running():  # started under the read (a raw file has no lock)
+                    raise MachineError(
+                        f"domain {s.domain.name!r} was started while pydr read disk "
+                        f"{self.target} from its file: the copy is not of one instant, no "
+                        f"point is recorded", path=self.where,
+                        hint="run the same command again (the running domain is cut by a "
+                             "backup job)")
                 return
             bitmap = s.job.bitmap(self.target) if not self.full else None
             tracked, _ = s.bitmapped() if bitmap else ([], [])
@@ -291,8 +414,9 @@ class LibvirtTracker(Tracker):
         self.session.commit(old)
 
     def abort(self):
-        if self.new is not None:
-            self.session.abort()
+        # also when the cut itself was interrupted (SIGTERM inside the job's
+        # start): the session knows whether it made a checkpoint to drop
+        self.session.abort()
         self.new = self.frozen = None
 
     def point_extra(self):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..endpoints.libvirt import TARGET_RULE, LibvirtDomain, disk_spec, xml_disks, xml_has_agent
 from ..endpoints.specs import parse_remote
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, InvalidState
 from . import protection
 from .policy import check_new_item_policy
 
@@ -85,6 +85,16 @@ def machine_disks(xml: str, domain: str, uri: Optional[str]):
     return targets, notes
 
 
+def _other_vaults_checkpoints(store, found: LibvirtDomain) -> List[str]:
+    """The names of the domain's checkpoints made by another pydr vault."""
+    from ..endpoints.libvirt import checkpoint_prefix
+    from .tracking import PREFIX
+
+    ours = checkpoint_prefix(str(store.vault_id()))
+    return sorted(n for n in found.checkpoints() if n.startswith(PREFIX)
+                  and not n.startswith(ours))
+
+
 def protect_machine(store, name: str, domain: str, to: str, *, uri: Optional[str] = None,
                     **options: Any) -> ProtectedMachine:
     """Register item `name`, the libvirt domain `domain` at `uri`, with a
@@ -133,7 +143,17 @@ def protect_machine(store, name: str, domain: str, to: str, *, uri: Optional[str
     targets, notes = machine_disks(xml, domain, uri)
     disks = [(t, disk_spec(domain, t), replica_for(to, name, t)) for t in targets]
     agent = xml_has_agent(xml)
-    found.close()
+    try:
+        others = _other_vaults_checkpoints(store, found)
+    finally:
+        found.close()
+    if others:
+        raise InvalidState(f"domain {domain!r} holds checkpoints of another pydr vault "
+                           f"({', '.join(others)}): two vaults' cycles would end each other's "
+                           f"jobs and checkpoints", path=uri or "libvirt", item=name,
+                           hint="protect it from one vault only; if the other vault no longer "
+                                "protects it, delete its checkpoints (virsh checkpoint-delete "
+                                "DOMAIN NAME)")
     if parse_remote(to) is None and not to.startswith("s3://"):
         os.makedirs(to, exist_ok=True)  # --to names a directory: made as cp -r would
     protection.protect(store, name, [(s, r) for _, s, r in disks], cbt=True,

@@ -86,6 +86,14 @@ def xml_has_agent(text: str) -> bool:
     return False
 
 
+def checkpoint_prefix(vault_id: str) -> str:
+    """How vault `vault_id`'s checkpoints of a domain are named (then the
+    generation): pydr.transport.libvirt_backup.checkpoint_prefix."""
+    from ..transport.libvirt_backup import checkpoint_prefix as prefix
+
+    return prefix(vault_id)
+
+
 class LibvirtDomain:
     """A domain of a libvirt daemon, found by `name` and (when given)
     checked to be the machine of `uuid`; connected on first use."""
@@ -164,6 +172,30 @@ class LibvirtDomain:
 
         return checkpoints(self.dom, where=self.where)
 
+    def checkpoint_identity(self, name: str) -> Optional[str]:
+        """Checkpoint `name`'s creation time and description (None: there
+        is none; pydr.transport.libvirt_backup.checkpoint_identity)."""
+        from ..transport.libvirt_backup import checkpoint_identity
+
+        return checkpoint_identity(self.dom, name, where=self.where)
+
+    def disk_facts(self, xml: Optional[str] = None) -> Dict[str, Dict[str, object]]:
+        """{target: {"source": the file's real path, "capacity": bytes}} of
+        every <disk device='disk'> of `xml` (default: the domain's XML as it
+        runs); what a checkpoint vouches for (pydr.dr.checkpoints)."""
+        from ..transport.libvirt import libvirt_errors
+
+        facts: Dict[str, Dict[str, object]] = {}
+        for d in xml_disks(xml if xml is not None else self.live_xml()):
+            if d["device"] != "disk" or not d["target"]:
+                continue
+            with libvirt_errors(f"reading the size of disk {d['target']} of domain "
+                                f"{self.name!r}", path=self.where):
+                capacity = self.dom.blockInfo(d["target"], 0)[0]
+            facts[d["target"]] = {"source": os.path.realpath(d["source"]) if d["source"]
+                                  else None, "capacity": int(capacity)}
+        return facts
+
     def delete_checkpoint(self, name: str) -> bool:
         """Delete checkpoint `name` (its changes merge into its parent's);
         False when there is none."""
@@ -174,12 +206,12 @@ class LibvirtDomain:
                             path=self.where):
             return delete_checkpoint(self.dom, name, where=self.where)
 
-    def clear_stale_job(self) -> Optional[str]:
-        """End a backup job a killed pydr left (its socket is returned);
-        MachineError for another tool's job."""
+    def clear_stale_job(self, vault_id: str) -> Optional[str]:
+        """End a backup job a killed cycle of vault `vault_id` left (its
+        socket is returned); MachineError for any other job."""
         from ..transport.libvirt_backup import stale_job
 
-        return stale_job(self.dom, where=self.where)
+        return stale_job(self.dom, vault_id, where=self.where)
 
     def thaw_left(self) -> bool:
         """Thaw the guest if a killed pydr left it frozen (True when it was)."""
@@ -189,7 +221,8 @@ class LibvirtDomain:
 
     @contextlib.contextmanager
     def backup(self, checkpoint: str, *, incremental: Optional[str], tracked: List[str],
-               full_only: List[str], freeze: bool, freeze_bound: float) -> Iterator:
+               full_only: List[str], freeze: bool, freeze_bound: float,
+               vault_id: str, nonce: str = "") -> Iterator:
         """A pull-mode backup job of the domain's disks making `checkpoint`
         (pydr.transport.libvirt_backup.begin, which documents the rest);
         yields its BackupJob (uri(target), bitmap(target), frozen)."""
@@ -197,7 +230,7 @@ class LibvirtDomain:
 
         with begin(self.dom, checkpoint, incremental=incremental, tracked=tracked,
                    full_only=full_only, freeze=freeze, freeze_bound=freeze_bound,
-                   where=self.where) as job:
+                   vault_id=vault_id, nonce=nonce, where=self.where) as job:
             yield job
 
 

@@ -5,9 +5,15 @@ instant, on a unix socket in a private directory of pydr's), and the guest
 agent's file-system freeze around it (docs/MACHINES.md, "Checkpoints and
 backup jobs").
 
-A job pydr began is recognised later by its NBD socket: it is under
-:data:`SCRATCH_PREFIX` in the system's temporary directory. A job of any
-other tool is never aborted (:func:`stale_job` raises MachineError).
+Checkpoints and jobs carry the vault's id: a checkpoint of vault V is
+``pydr-V-N`` (V: the id's first 16 hex digits; :func:`checkpoint_prefix`), a job's private directory
+``pydr-libvirt-V-*`` (:func:`scratch_prefix`, in whatever temporary
+directory the cycle had), holding a lock file the cycle keeps locked
+(flock) while it runs. A job is a killed pydr's of this vault only when
+its socket is in such a directory and no process holds that lock; any
+other job (another tool's, another vault's, a running cycle's) is never
+aborted (:func:`stale_job` raises MachineError), and :func:`end_job`
+aborts only the job whose socket it is given.
 
 Every libvirt error becomes pydr's (pydr.transport.libvirt.libvirt_errors).
 """
@@ -27,7 +33,7 @@ from ..engine import crashpoints
 from ..errors import MachineError
 from .libvirt import libvirt_errors, libvirt_module
 
-#: the names of pydr's checkpoints: PREFIX + generation
+#: the names of pydr's checkpoints start so (then the vault's id: checkpoint_prefix)
 PREFIX = "pydr-"
 #: the private directories of pydr's backup jobs (socket and scratch files)
 SCRATCH_PREFIX = "pydr-libvirt-"
@@ -70,6 +76,29 @@ def checkpoints(dom, *, where: Optional[str] = None) -> Dict[str, Dict[str, str]
     return found
 
 
+def checkpoint_identity(dom, name: str, *, where: Optional[str] = None) -> Optional[str]:
+    """Who checkpoint `name` is: "CREATIONTIME/DESCRIPTION" (libvirt's
+    creation time, in seconds, and the description pydr gave it: a nonce
+    of the cycle that made it; a checkpoint deleted and made again under
+    the name has another), or None when there is no such checkpoint.
+
+    Raises:
+        MachineError: libvirt failed.
+    """
+    libvirt = libvirt_module()
+    with libvirt_errors(f"reading checkpoint {name!r} of domain {dom.name()!r}", path=where):
+        try:
+            cp = dom.checkpointLookupByName(name, 0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                return None
+            raise
+        text = cp.getXMLDesc(0)
+    root = _parse(text, f"checkpoint {name!r}")
+    return f"{(root.findtext('creationTime') or '').strip()}/" \
+           f"{(root.findtext('description') or '').strip()}"
+
+
 def delete_checkpoint(dom, name: str, *, where: Optional[str] = None) -> bool:
     """Delete checkpoint `name` of the domain (libvirt merges its bitmap into
     its parent's, so that no change recorded is lost). Returns False when
@@ -109,17 +138,49 @@ def job_xml(dom) -> Optional[str]:
         raise
 
 
-def _is_pydr_socket(path: Optional[str]) -> bool:
-    """Whether `path` is the socket of a job pydr began (in one of its scratch directories)."""
-    if not path:
+#: how many hex digits of the vault's id name its checkpoints and job
+#: directories (64 bits; a unix socket's path must stay under 108 bytes)
+ID_DIGITS = 16
+
+
+def checkpoint_prefix(vault_id: str) -> str:
+    """How the names of vault `vault_id`'s checkpoints start (then the generation)."""
+    return f"{PREFIX}{vault_id[:ID_DIGITS]}-"
+
+
+def scratch_prefix(vault_id: str) -> str:
+    """How the private directories of vault `vault_id`'s backup jobs are named."""
+    return f"{SCRATCH_PREFIX}{vault_id[:ID_DIGITS]}-"
+
+
+def _is_pydr_socket(path: Optional[str], vault_id: str) -> bool:
+    """Whether `path` is the socket of a job a cycle of vault `vault_id`
+    began (in one of its scratch directories, under any temporary directory)."""
+    if not path or os.path.basename(path) != "nbd.sock":
         return False
-    parent = os.path.dirname(os.path.dirname(path))
-    return (os.path.basename(os.path.dirname(path)).startswith(SCRATCH_PREFIX)
-            and os.path.realpath(parent) == os.path.realpath(tempfile.gettempdir()))
+    return os.path.basename(os.path.dirname(path)).startswith(scratch_prefix(vault_id))
 
 
-def stale_job(dom, *, where: Optional[str] = None) -> Optional[str]:
-    """End a backup job a killed pydr left on the domain.
+def _held(directory: str) -> bool:
+    """Whether a live process holds the lock of job directory `directory`
+    (a running cycle's job); a directory gone is nobody's."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(directory, "lock"), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def stale_job(dom, vault_id: str, *, where: Optional[str] = None) -> Optional[str]:
+    """End a backup job a killed cycle of vault `vault_id` left on the domain.
 
     Returns:
         The socket of the job aborted, or None when the domain had no
@@ -137,21 +198,34 @@ def stale_job(dom, *, where: Optional[str] = None) -> Optional[str]:
     root = _parse(text, f"the backup job of domain {dom.name()!r}")
     server = root.find("server")
     socket_path = server.get("socket") if server is not None else None
-    if root.get("mode") != "pull" or not _is_pydr_socket(socket_path):
-        raise MachineError(f"domain {dom.name()!r} runs a backup job that is not pydr's "
+    if root.get("mode") != "pull" or not _is_pydr_socket(socket_path, vault_id):
+        raise MachineError(f"domain {dom.name()!r} runs a backup job that is not this vault's "
                            f"(mode {root.get('mode')!r}, server "
                            f"{socket_path or (server.attrib if server is not None else None)!r})",
                            path=where, hint="wait for it to end, or end it (virsh domjobabort)")
-    end_job(dom, where=where)
+    if _held(os.path.dirname(socket_path)):
+        raise MachineError(f"domain {dom.name()!r} runs a backup job of a running cycle "
+                           f"(socket {socket_path})", path=where,
+                           hint="wait for that cycle to end")
+    end_job(dom, socket=socket_path, where=where)
     with contextlib.suppress(OSError):
         shutil.rmtree(os.path.dirname(socket_path))
     return socket_path
 
 
-def end_job(dom, *, where: Optional[str] = None) -> None:
-    """End the domain's backup job (abortJob: a pull-mode job is ended so);
-    nothing when it has none."""
+def end_job(dom, *, socket: str, where: Optional[str] = None) -> None:
+    """End the domain's backup job (abortJob: a pull-mode job is ended so)
+    if it is the one serving `socket`; nothing when it has none. Another
+    job (the domain's job ended and another began): MachineError, never
+    aborted."""
     libvirt = libvirt_module()
+    text = job_xml(dom)
+    if text is None:
+        return
+    server = _parse(text, f"the backup job of domain {dom.name()!r}").find("server")
+    if server is None or server.get("socket") != socket:
+        raise MachineError(f"domain {dom.name()!r} runs a backup job that is not the one "
+                           f"pydr began (socket {socket}): left alone", path=where)
     try:
         dom.abortJob()
     except libvirt.libvirtError as exc:
@@ -191,7 +265,7 @@ class BackupJob:
     def end(self) -> None:
         """End the job (abortJob) and remove its directory."""
         try:
-            end_job(self.dom, where=self.where)
+            end_job(self.dom, socket=self.socket, where=self.where)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -213,18 +287,27 @@ def backup_xml(job: BackupJob, tracked: List[str], full_only: List[str]) -> str:
             f"<disks>{''.join(disks)}</disks></domainbackup>")
 
 
-def checkpoint_xml(name: str, tracked: List[str], untracked: List[str]) -> str:
+def checkpoint_xml(name: str, tracked: List[str], untracked: List[str],
+                   nonce: str = "") -> str:
     """The <domaincheckpoint> `name`: a bitmap for each `tracked` disk, none
-    for the `untracked` ones."""
+    for the `untracked` ones, `nonce` as its description (the vault
+    records it: a checkpoint made again under the name has another)."""
     disks = [f"<disk name={quoteattr(t)} checkpoint='bitmap'/>" for t in tracked]
     disks += [f"<disk name={quoteattr(t)} checkpoint='no'/>" for t in untracked]
-    return (f"<domaincheckpoint><name>{escape(name)}</name>"
+    description = f"<description>{escape(nonce)}</description>" if nonce else ""
+    return (f"<domaincheckpoint><name>{escape(name)}</name>{description}"
             f"<disks>{''.join(disks)}</disks></domaincheckpoint>")
 
 
 #: the watchdog of a freeze, a child process of its own: it thaws the guest
-#: when pydr tells it nothing within the bound, or dies (its stdin closes)
+#: when pydr tells it nothing within the bound, or dies (its stdin closes);
+#: it ignores SIGTERM, SIGHUP and SIGINT (a service stop or a cgroup kill
+#: signals pydr and it together: it outlives pydr to thaw). After SIGKILL
+#: of both, the next cycle thaws (thaw_left).
 _WATCHDOG = r"""
+import signal
+for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    signal.signal(sig, signal.SIG_IGN)
 import select, sys
 import libvirt
 uri, uuid, bound = sys.argv[1], sys.argv[2], float(sys.argv[3])
@@ -302,7 +385,7 @@ def thaw_left(dom, *, where: Optional[str] = None) -> bool:
 @contextlib.contextmanager
 def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str],
           full_only: List[str] = (), freeze: bool = False, freeze_bound: float = FREEZE_BOUND,
-          where: Optional[str] = None) -> Iterator[BackupJob]:
+          vault_id: str, nonce: str = "", where: Optional[str] = None) -> Iterator[BackupJob]:
     """Begin a pull-mode backup job of the domain's disks, making checkpoint
     `checkpoint` at the same instant, and end it when the block ends.
 
@@ -318,6 +401,10 @@ def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str
             the job's start, for at most `freeze_bound` seconds (a watchdog
             thaws then); ``job.frozen`` is True only when the thaw came
             after the job began and before the bound.
+        vault_id: the vault's id: the job's directory is named for it, and
+            locked while the job runs (a rerun knows a killed cycle's job).
+        nonce: the new checkpoint's description (pydr.dr.checkpoints
+            records it to know the checkpoint again).
         where: named by errors (the connection URI).
 
     Yields:
@@ -327,7 +414,11 @@ def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str
         MachineError: libvirt refused the job or the freeze; the guest is
             thawed and the job ended on every path.
     """
-    directory = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)  # 0700
+    import fcntl
+
+    directory = tempfile.mkdtemp(prefix=scratch_prefix(vault_id))  # 0700
+    lock = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held until the job ends: it is a running cycle's
     job = BackupJob(dom, directory, checkpoint, incremental, where)
     began = False
     try:
@@ -337,7 +428,7 @@ def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str
                 crashpoints.reached("libvirt.frozen")
             with libvirt_errors(f"beginning a backup job of domain {dom.name()!r}", path=where):
                 dom.backupBegin(backup_xml(job, list(tracked), list(full_only)),
-                                checkpoint_xml(checkpoint, list(tracked), list(full_only)), 0)
+                                checkpoint_xml(checkpoint, list(tracked), list(full_only), nonce), 0)
             began = True
         finally:
             if frozen is not None:
@@ -347,17 +438,31 @@ def begin(dom, checkpoint: str, *, incremental: Optional[str], tracked: List[str
         _wait_listening(job)
         yield job
     finally:
-        if began:
-            job.end()
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            if began:
+                job.end()
+            else:
+                shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(lock)
 
 
 def _wait_listening(job: BackupJob, timeout: float = 20.0) -> None:
     """Return when the job's NBD socket exists (QEMU makes it as the job
     starts; libvirt returns after)."""
     deadline = time.monotonic() + timeout
+    tries = 0
     while not os.path.exists(job.socket):
+        tries += 1
+        if tries % 200 == 0 or time.monotonic() > deadline:  # about every second
+            with libvirt_errors(f"looking for the backup job of domain {job.dom.name()!r}",
+                                path=job.where):
+                gone = job_xml(job.dom) is None
+            if gone:
+                raise MachineError(f"the backup job of domain {job.dom.name()!r} ended before "
+                                   f"its NBD server listened on {job.socket} (aborted by "
+                                   f"someone else, or QEMU stopped)", path=job.where,
+                                   hint="run the same command again")
         if time.monotonic() > deadline:
             raise MachineError(f"the backup job of domain {job.dom.name()!r} did not listen on "
                                f"{job.socket} within {timeout:.0f} s", path=job.where)

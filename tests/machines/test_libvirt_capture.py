@@ -124,7 +124,7 @@ def test_tracked_cycles_read_what_changed_and_keep_every_synced_record(guest, tm
         machine = v.store.machine("vm")
     # the checkpoint of the newest point is the domain's only one of pydr's
     names = guest.libvirtd.virsh("checkpoint-list", guest.name, "--name").split()
-    assert names == [checkpoint] and row.checkpoint == checkpoint
+    assert names == [checkpoint] and json.loads(row.checkpoint)["name"] == checkpoint
     assert machine.kind == "libvirt" and machine.uuid == guest.dom.UUIDString()
     assert machine.agent == 1
     # the point keeps the domain's XML at the cut (its inactive XML, unchanged since)

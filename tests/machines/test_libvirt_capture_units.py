@@ -73,10 +73,13 @@ def test_the_backup_and_checkpoint_xml():
 
 def test_pydr_knows_its_own_jobs_by_their_socket():
     tmp = tempfile.gettempdir()
-    assert _is_pydr_socket(os.path.join(tmp, "pydr-libvirt-abc", "nbd.sock"))
-    assert not _is_pydr_socket(os.path.join(tmp, "virtnbdbackup.123", "sock"))
-    assert not _is_pydr_socket("/var/lib/other/pydr-libvirt-abc/nbd.sock")
-    assert not _is_pydr_socket(None)
+    assert _is_pydr_socket(os.path.join(tmp, "pydr-libvirt-abc-x1", "nbd.sock"), "abc")
+    # under any temporary directory (a rerun's TMPDIR may differ), only this vault's
+    assert _is_pydr_socket("/var/tmp/other/pydr-libvirt-abc-x1/nbd.sock", "abc")
+    assert not _is_pydr_socket(os.path.join(tmp, "pydr-libvirt-def-x1", "nbd.sock"), "abc")
+    assert not _is_pydr_socket(os.path.join(tmp, "pydr-libvirt-abc-x1", "other"), "abc")
+    assert not _is_pydr_socket(os.path.join(tmp, "virtnbdbackup.123", "sock"), "abc")
+    assert not _is_pydr_socket(None, "abc")
 
 
 def test_a_checkpoint_cut_is_one_instant_and_a_frozen_one_app_consistent():
