@@ -65,7 +65,7 @@ class RecoveryOperations:
         return OperationResult.from_workflow(
             operation, answer, direction=self.store.item(answer["item"]).direction)
 
-    def _verified(self, operation: str, run) -> OperationResult:
+    def _verified(self, operation: str, run: Callable[[], Mapping[str, Any]]) -> OperationResult:
         """self._result(operation, run()); a VerificationFailed gains
         ``.result``: the command's OperationResult with its verification."""
         try:
