@@ -47,10 +47,8 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
+from ..endpoints.libvirt import MAX_XML, parse_xml  # noqa: F401 (MAX_XML: the docstring's)
 from ..errors import FormatError, InvalidArgument
-
-#: the largest domain XML pydr reads (bytes of UTF-8): real ones are a few KiB
-MAX_XML = 1 << 20
 
 #: the guest agent's virtio-serial channel name
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
@@ -64,7 +62,6 @@ _DROPPED_DEVICES = ("filesystem", "hostdev", "shmem", "redirdev", "smartcard")
 #: chardev elements (their <log>, and their host-side source)
 _CHARDEVS = ("serial", "console", "parallel", "channel")
 ET.register_namespace("pydr", MARK_NS)
-_DOCTYPE = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _TARGET = re.compile(r"[a-z][a-z0-9]*\Z")
 #: the source attribute of each disk type pydr can point at a recovered disk
 _SOURCE_ATTR = {"file": "file", "block": "dev"}
@@ -86,15 +83,7 @@ def parse(xml: str, *, what: str = "domain XML") -> ET.Element:
     """
     if not isinstance(xml, str):
         raise InvalidArgument(f"{what}: expected XML text, not {type(xml).__name__}")
-    if len(xml.encode("utf-8", "surrogatepass")) > MAX_XML:
-        raise FormatError(f"{what} is larger than {MAX_XML} bytes: refused")
-    if _DOCTYPE.search(xml):
-        raise FormatError(f"{what} has a DOCTYPE or ENTITY declaration: refused "
-                          f"(libvirt never writes one)")
-    try:  # without a DOCTYPE there are no entities to expand: only XML's own five
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise FormatError(f"{what} is not well-formed XML: {exc}") from None
+    root = parse_xml(xml, what, FormatError)
     if root.tag != "domain":
         raise FormatError(f"{what} is a <{root.tag}>, not a <domain>")
     return root

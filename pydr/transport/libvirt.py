@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+from xml.etree import ElementTree
 
 from ..errors import InvalidArgument, MachineError, UnknownName
 
@@ -22,6 +24,29 @@ INSTALL_HINT = ("install libvirt-python (pip install 'pydr[machines]'; it builds
 
 #: how long a guest-agent command may take unless the caller says (seconds)
 AGENT_TIMEOUT = 10
+
+#: the largest libvirt XML pydr reads (a domain's is a few KiB)
+MAX_XML = 1 << 20
+_DECLARATION = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+def parse_xml(text, what, error):
+    """libvirt XML text (a domain's, a checkpoint's, a backup job's) parsed:
+    the root element. Raises `error` (an exception class of pydr.errors)
+    naming `what` when the text is larger than MAX_XML, holds a DOCTYPE or
+    ENTITY declaration (libvirt never writes one; without one there are no
+    entities to expand but XML's own five) or is not well-formed."""
+    if not isinstance(text, str):
+        raise error(f"{what}: expected XML text, not {type(text).__name__}")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_XML:
+        raise error(f"{what} is larger than {MAX_XML} bytes: refused")
+    if _DECLARATION.search(text):
+        raise error(f"{what} has a DOCTYPE or ENTITY declaration: refused "
+                    f"(libvirt never writes one)")
+    try:
+        return ElementTree.fromstring(text)
+    except ElementTree.ParseError as exc:
+        raise error(f"{what} is not well-formed XML: {exc}") from None
 
 
 def libvirt_module():

@@ -31,7 +31,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from ..engine import crashpoints
 from ..errors import MachineError
-from .libvirt import libvirt_errors, libvirt_module
+from .libvirt import libvirt_errors, libvirt_module, parse_xml
 
 #: the names of pydr's checkpoints start so (then the vault's id: checkpoint_prefix)
 PREFIX = "pydr-"
@@ -44,13 +44,8 @@ _OPERATION_BACKUP = 9
 
 
 def _parse(text: str, what: str) -> ElementTree.Element:
-    """XML text libvirt gave, parsed (a DOCTYPE is refused: libvirt never sends one)."""
-    if "<!DOCTYPE" in text or "<!ENTITY" in text:
-        raise MachineError(f"{what}: libvirt's XML holds a DOCTYPE or entity")
-    try:
-        return ElementTree.fromstring(text)
-    except ElementTree.ParseError as exc:
-        raise MachineError(f"{what}: libvirt's XML does not parse: {exc}") from None
+    """XML text libvirt gave, parsed (pydr.transport.libvirt.parse_xml)."""
+    return parse_xml(text, what, MachineError)
 
 
 def checkpoints(dom, *, where: Optional[str] = None) -> Dict[str, Dict[str, str]]:
