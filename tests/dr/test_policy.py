@@ -423,7 +423,7 @@ def test_a_schema_10_vault_is_migrated_and_keeps_working(tmp_path):
     db.commit()
     db.close()
     with Vault(directory, writer=True) as v:
-        assert v.db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 12
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 13
         assert v.item("vm").rpo_health is None and v.alerts() == []
         assert v.policy("vm") == P.Policy()
         st = v.status("vm")

@@ -318,7 +318,7 @@ def test_a_version_1_vault_is_migrated(tmp_path):
     owner.unlink()
     (tmp_path / "v" / "cache" / "vm" / "0.replica").unlink()
     with Vault(tmp_path / "v") as v:  # a reader migrates too
-        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 12
+        assert v.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 13
         assert v.item("vm")["rsh"] is None and v.item("vm")["operation"] is None
         assert len(v.points("vm")) == 1
         assert v.points("vm")[0].damaged is None and len(v.vault_id()) == 32

@@ -245,8 +245,9 @@ def test_status_shows_the_same_fields_and_jobs_too(vault):
                         "latest_point", "latest_point_at", "rpo_seconds", "last_success_at",
                         "damaged_points", "last_error", "failed_attempts", "next_retry",
                         "test_failover", "test_point", "test_method", "failover_point",
-                        "operation", "target_rpo", "rpo_health"]
+                        "operation", "target_rpo", "rpo_health", "verification"]
     assert (st["target_rpo"], st["rpo_health"]) == (None, "unknown")  # no policy
+    assert st["verification"] is None  # not a machine: never verified
     assert (st["item"], st["state"], st["group"], st["point_count"], st["latest_point"]) == \
         ("vm", "protected", "g", 2, 2)
     assert st["hooks"] == {"quiesce": False, "thaw": False} and st["operation"] is None
