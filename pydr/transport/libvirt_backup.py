@@ -80,18 +80,27 @@ def checkpoint_identity(dom, name: str, *, where: Optional[str] = None) -> Optio
     Raises:
         MachineError: libvirt failed.
     """
-    libvirt = libvirt_module()
+    cp = _lookup_checkpoint(dom, name, where)
+    if cp is None:
+        return None
     with libvirt_errors(f"reading checkpoint {name!r} of domain {dom.name()!r}", path=where):
-        try:
-            cp = dom.checkpointLookupByName(name, 0)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-                return None
-            raise
         text = cp.getXMLDesc(0)
     root = _parse(text, f"checkpoint {name!r}")
     return f"{(root.findtext('creationTime') or '').strip()}/" \
            f"{(root.findtext('description') or '').strip()}"
+
+
+def _lookup_checkpoint(dom, name: str, where: Optional[str]):
+    """Checkpoint `name` of the domain, or None when there is none; any other
+    libvirt error is a MachineError naming it."""
+    libvirt = libvirt_module()
+    with libvirt_errors(f"looking up checkpoint {name!r} of domain {dom.name()!r}", path=where):
+        try:
+            return dom.checkpointLookupByName(name, 0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                return None
+            raise
 
 
 def delete_checkpoint(dom, name: str, *, where: Optional[str] = None) -> bool:
@@ -103,12 +112,9 @@ def delete_checkpoint(dom, name: str, *, where: Optional[str] = None) -> bool:
         MachineError: libvirt refused (a running job uses it, ...).
     """
     libvirt = libvirt_module()
-    try:
-        cp = dom.checkpointLookupByName(name, 0)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-            return False
-        raise
+    cp = _lookup_checkpoint(dom, name, where)
+    if cp is None:
+        return False
     with libvirt_errors(f"deleting checkpoint {name!r} of domain {dom.name()!r}", path=where):
         try:
             cp.delete(0)
